@@ -1,0 +1,306 @@
+// Package l4aegisguard is the layer4 handler `aegis_guard`: access control,
+// max_connections, byte accounting, per-connection rate limits, the idle
+// timeout and the connection log of one stream. It works in the `streams`
+// app and in a plain `layer4` config.
+package l4aegisguard
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"strconv"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/mholt/caddy-l4/layer4"
+	"go.uber.org/zap"
+
+	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
+)
+
+func init() {
+	caddy.RegisterModule(new(Handler))
+}
+
+// Handler guards a stream's connections. Put it before the handler that
+// relays (aegis_proxy, or caddy-l4's proxy).
+type Handler struct {
+	// StreamID shares counters, health and open connections with the
+	// `streams` app's stream of that id and keeps them across reloads.
+	// Default: 0 (the handler keeps its own, and a reload closes its
+	// connections).
+	StreamID int64 `json:"stream_id,omitempty"`
+
+	// StreamName names the stream in the connection log.
+	// Default: "stream-<stream_id>".
+	StreamName string `json:"stream_name,omitempty"`
+
+	// WhitelistCIDRs, when not empty, allows only sources inside them.
+	// A bare IP means /32 or /128. Default: empty (allow all).
+	WhitelistCIDRs []string `json:"whitelist_cidrs,omitempty"`
+
+	// BlacklistCIDRs rejects sources inside them. Default: empty.
+	BlacklistCIDRs []string `json:"blacklist_cidrs,omitempty"`
+
+	// MaxConnections caps concurrent connections; one beyond it is closed
+	// at once. Default: 0 (unlimited).
+	MaxConnections int `json:"max_connections,omitempty"`
+
+	// UploadRateBytes limits client→upstream bytes per second per
+	// connection. Default: 0 (unlimited).
+	UploadRateBytes int64 `json:"upload_rate_bytes,omitempty"`
+
+	// DownloadRateBytes limits upstream→client bytes per second per
+	// connection. Default: 0 (unlimited).
+	DownloadRateBytes int64 `json:"download_rate_bytes,omitempty"`
+
+	// IdleTimeout closes a connection when no byte moved either way for
+	// this long. Default: 0 (never).
+	IdleTimeout caddy.Duration `json:"idle_timeout,omitempty"`
+
+	// LogConnections writes one log entry per connection end, blocked
+	// connections included. Default: false.
+	LogConnections bool `json:"log_connections,omitempty"`
+
+	allow, deny []netip.Prefix
+	state       *streamstate.Stream
+	name        string
+	logger      *zap.Logger
+}
+
+// CaddyModule returns the Caddy module information.
+func (*Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "layer4.handlers.aegis_guard",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// Provision parses the access lists and attaches the stream's state.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	var err error
+	if h.allow, err = parseList("whitelist_cidrs", h.WhitelistCIDRs); err != nil {
+		return err
+	}
+	if h.deny, err = parseList("blacklist_cidrs", h.BlacklistCIDRs); err != nil {
+		return err
+	}
+	switch {
+	case h.MaxConnections < 0:
+		return fmt.Errorf("max_connections %d: must be >= 0 (0 = unlimited)", h.MaxConnections)
+	case h.UploadRateBytes < 0:
+		return fmt.Errorf("upload_rate_bytes %d: must be >= 0 (0 = unlimited)", h.UploadRateBytes)
+	case h.DownloadRateBytes < 0:
+		return fmt.Errorf("download_rate_bytes %d: must be >= 0 (0 = unlimited)", h.DownloadRateBytes)
+	case h.IdleTimeout < 0:
+		return fmt.Errorf("idle_timeout %s: must be >= 0 (0 = never)", time.Duration(h.IdleTimeout))
+	}
+	h.name = h.StreamName
+	if h.name == "" {
+		h.name = fmt.Sprintf("stream-%d", h.StreamID)
+	}
+	h.logger = ctx.Logger()
+	if h.StreamID > 0 {
+		h.state = streamstate.Acquire(h.StreamID)
+	} else {
+		h.state = streamstate.New(0)
+		h.state.SetGracePeriod(0)
+	}
+	return nil
+}
+
+// Cleanup lets go of the stream's state.
+func (h *Handler) Cleanup() error {
+	if h.state == nil {
+		return nil
+	}
+	if h.StreamID > 0 {
+		streamstate.Release(h.StreamID)
+	} else {
+		_ = h.state.Destruct()
+	}
+	return nil
+}
+
+// State is the stream state the handler counts into.
+func (h *Handler) State() *streamstate.Stream { return h.state }
+
+func parseList(field string, list []string) ([]netip.Prefix, error) {
+	if len(list) == 0 {
+		return nil, nil
+	}
+	out := make([]netip.Prefix, 0, len(list))
+	for _, s := range list {
+		p, err := streamstate.ParseCIDR(s)
+		if err != nil {
+			return nil, fmt.Errorf("%s %q: %v", field, s, err)
+		}
+		out = append(out, p)
+	}
+	return out, nil
+}
+
+// Allowed applies the access lists to ip: a non-empty whitelist allows only
+// its matches, then a blacklist match rejects.
+func (h *Handler) Allowed(ip netip.Addr) bool {
+	ip = ip.Unmap()
+	if len(h.allow) > 0 && !contains(h.allow, ip) {
+		return false
+	}
+	return !contains(h.deny, ip)
+}
+
+func contains(list []netip.Prefix, ip netip.Addr) bool {
+	for _, p := range list {
+		if p.Contains(ip) {
+			return true
+		}
+	}
+	return false
+}
+
+// remoteAddrPort returns the connection's source without allocating for
+// the usual TCP and UDP addresses.
+func remoteAddrPort(c net.Conn) netip.AddrPort {
+	switch a := c.RemoteAddr().(type) {
+	case *net.TCPAddr:
+		return a.AddrPort()
+	case *net.UDPAddr:
+		return a.AddrPort()
+	case nil:
+		return netip.AddrPort{}
+	default:
+		ap, _ := netip.ParseAddrPort(a.String())
+		return ap
+	}
+}
+
+// Handle checks the source and the connection limit, then runs the rest of
+// the chain with the connection wrapped for accounting, and logs its end.
+func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
+	st := h.state
+	st.Total.Add(1)
+	src := remoteAddrPort(cx.Conn)
+	if !h.Allowed(src.Addr()) {
+		return h.block(src, streamstate.ReasonACLDenied)
+	}
+	if n := st.Active.Add(1); h.MaxConnections > 0 && n > int64(h.MaxConnections) {
+		st.Active.Add(-1)
+		return h.block(src, streamstate.ReasonMaxConnections)
+	}
+	defer st.Active.Add(-1)
+
+	ss := st.NewSession(cx.Conn, src, time.Duration(h.IdleTimeout), h.logger, h.name)
+	cx.SetVar(streamstate.SessionVar, ss)
+	cx.Conn = streamstate.NewConn(cx.Conn, ss, h.UploadRateBytes, h.DownloadRateBytes)
+	err := next.Handle(cx)
+	ss.End(streamstate.ReasonClientClose, h.LogConnections)
+	return err
+}
+
+// block refuses a connection: it is counted and logged, and the caller
+// closes it.
+func (h *Handler) block(src netip.AddrPort, r streamstate.Reason) error {
+	h.state.Blocked.Add(1)
+	if h.LogConnections {
+		h.state.LogBlocked(h.logger, h.name, src.Addr().Unmap().String(), r)
+	}
+	return nil
+}
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
+//
+//	aegis_guard {
+//		stream_id <id>
+//		stream_name <name>
+//		whitelist_cidrs <cidr...>
+//		blacklist_cidrs <cidr...>
+//		max_connections <n>
+//		upload_rate_bytes <n>
+//		download_rate_bytes <n>
+//		idle_timeout <duration>
+//		log_connections [true|false]
+//	}
+func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // handler name
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	for d.NextBlock(0) {
+		opt := d.Val()
+		args := d.RemainingArgs()
+		var err error
+		switch opt {
+		case "stream_id":
+			err = oneInt(d, opt, args, &h.StreamID)
+		case "stream_name":
+			if len(args) != 1 {
+				return d.ArgErr()
+			}
+			h.StreamName = args[0]
+		case "whitelist_cidrs":
+			if len(args) == 0 {
+				return d.ArgErr()
+			}
+			h.WhitelistCIDRs = append(h.WhitelistCIDRs, args...)
+		case "blacklist_cidrs":
+			if len(args) == 0 {
+				return d.ArgErr()
+			}
+			h.BlacklistCIDRs = append(h.BlacklistCIDRs, args...)
+		case "max_connections":
+			var n int64
+			err = oneInt(d, opt, args, &n)
+			h.MaxConnections = int(n)
+		case "upload_rate_bytes":
+			err = oneInt(d, opt, args, &h.UploadRateBytes)
+		case "download_rate_bytes":
+			err = oneInt(d, opt, args, &h.DownloadRateBytes)
+		case "idle_timeout":
+			if len(args) != 1 {
+				return d.ArgErr()
+			}
+			dur, perr := caddy.ParseDuration(args[0])
+			if perr != nil {
+				return d.Errf("idle_timeout %q: %v", args[0], perr)
+			}
+			h.IdleTimeout = caddy.Duration(dur)
+		case "log_connections":
+			switch {
+			case len(args) == 0 || args[0] == "true":
+				h.LogConnections = true
+			case len(args) == 1 && args[0] == "false":
+				h.LogConnections = false
+			default:
+				return d.Errf("log_connections %q: want true or false", args[0])
+			}
+		default:
+			return d.Errf("unknown aegis_guard option %q", opt)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func oneInt(d *caddyfile.Dispenser, opt string, args []string, dst *int64) error {
+	if len(args) != 1 {
+		return d.ArgErr()
+	}
+	n, err := strconv.ParseInt(args[0], 10, 64)
+	if err != nil {
+		return d.Errf("%s %q: want a whole number", opt, args[0])
+	}
+	*dst = n
+	return nil
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner     = (*Handler)(nil)
+	_ caddy.CleanerUpper    = (*Handler)(nil)
+	_ layer4.NextHandler    = (*Handler)(nil)
+	_ caddyfile.Unmarshaler = (*Handler)(nil)
+)

@@ -1,0 +1,268 @@
+// Package l4aegisproxy is the layer4 handler `aegis_proxy`: it dials a
+// stream's upstream within a timeout, sends the PROXY protocol header,
+// relays both ways (spliced by the kernel when it can) and runs the
+// stream's health checks. It works in the `streams` app and in a plain
+// `layer4` config.
+package l4aegisproxy
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"strconv"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/mholt/caddy-l4/layer4"
+	proxyproto "github.com/pires/go-proxyproto"
+	"go.uber.org/zap"
+
+	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
+)
+
+func init() {
+	caddy.RegisterModule(new(Handler))
+}
+
+// DefaultDialTimeout bounds the dial to the upstream when none is set.
+const DefaultDialTimeout = 10 * time.Second
+
+// Handler relays a connection to one upstream.
+type Handler struct {
+	// Upstream is the address to dial, host:port. Required.
+	Upstream string `json:"upstream"`
+
+	// StreamID shares health state with the `streams` app's stream of that
+	// id. Default: 0 (the handler keeps its own).
+	StreamID int64 `json:"stream_id,omitempty"`
+
+	// DialTimeout bounds the dial to the upstream. Default: 10s.
+	DialTimeout caddy.Duration `json:"dial_timeout,omitempty"`
+
+	// ProxyProtocol sends a PROXY protocol header of this version (1 or 2)
+	// before any client byte. Default: 0 (none).
+	ProxyProtocol int `json:"proxy_protocol,omitempty"`
+
+	// HealthCheckInterval runs a TCP dial to the upstream this often.
+	// Default: 0 (no health checks).
+	HealthCheckInterval caddy.Duration `json:"health_check_interval,omitempty"`
+
+	dialer net.Dialer
+	state  *streamstate.Stream
+	logger *zap.Logger
+}
+
+// CaddyModule returns the Caddy module information.
+func (*Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "layer4.handlers.aegis_proxy",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// Provision checks the settings and starts health checks.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	if _, _, err := net.SplitHostPort(h.Upstream); err != nil || h.Upstream == "" {
+		return fmt.Errorf("upstream %q: want host:port, e.g. 10.0.0.5:5432", h.Upstream)
+	}
+	switch {
+	case h.ProxyProtocol < 0 || h.ProxyProtocol > 2:
+		return fmt.Errorf("proxy_protocol %d: must be 0 (off), 1 or 2", h.ProxyProtocol)
+	case h.DialTimeout < 0:
+		return fmt.Errorf("dial_timeout %s: must be >= 0", time.Duration(h.DialTimeout))
+	case h.HealthCheckInterval < 0:
+		return fmt.Errorf("health_check_interval %s: must be >= 0", time.Duration(h.HealthCheckInterval))
+	}
+	h.dialer.Timeout = time.Duration(h.DialTimeout)
+	if h.dialer.Timeout == 0 {
+		h.dialer.Timeout = DefaultDialTimeout
+	}
+	h.logger = ctx.Logger()
+	if h.StreamID > 0 {
+		h.state = streamstate.Acquire(h.StreamID)
+	} else {
+		h.state = streamstate.New(0)
+	}
+	if h.HealthCheckInterval > 0 {
+		go h.healthLoop(ctx, time.Duration(h.HealthCheckInterval))
+	}
+	return nil
+}
+
+// Cleanup lets go of the stream's state; the health loop ends with the
+// module's context.
+func (h *Handler) Cleanup() error {
+	if h.state == nil {
+		return nil
+	}
+	if h.StreamID > 0 {
+		streamstate.Release(h.StreamID)
+	} else {
+		_ = h.state.Destruct()
+	}
+	return nil
+}
+
+// Handle dials the upstream, sends the PROXY header and relays.
+func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
+	ss, _ := cx.GetVar(streamstate.SessionVar).(*streamstate.Session)
+	up, err := h.dialer.DialContext(h.state.Context(), "tcp", h.Upstream)
+	if err != nil {
+		if ss != nil {
+			ss.SetReason(streamstate.ReasonDialFailed)
+		}
+		h.logger.Debug("dialing upstream", zap.String("upstream", h.Upstream), zap.Error(err))
+		return nil
+	}
+	defer up.Close()
+	if ss != nil {
+		ss.SetUpstream(up)
+	}
+
+	if h.ProxyProtocol > 0 {
+		hdr := proxyproto.HeaderProxyFromAddrs(byte(h.ProxyProtocol), cx.RemoteAddr(), cx.LocalAddr())
+		if _, err := hdr.WriteTo(up); err != nil {
+			if ss != nil {
+				ss.SetReason(streamstate.ReasonProxyHeaderFailed)
+			}
+			return nil
+		}
+	}
+
+	// Bytes that a matcher already read from the client go first.
+	if n := len(cx.MatchingBytes()); n > 0 {
+		if _, err := io.CopyN(up, cx, int64(n)); err != nil {
+			if ss != nil {
+				ss.SetReason(streamstate.ReasonUpstreamError)
+			}
+			return nil
+		}
+		if ss != nil {
+			ss.AddSent(int64(n))
+		}
+	}
+
+	r := &relay{ss: ss, client: cx.Conn, up: up}
+	if ss != nil {
+		r.idle = ss.IdleTimeout
+		ss.RelayOwnsIdle()
+	}
+	// Splice between the raw sockets when nothing needs to see the bytes:
+	// no rate limit and no TLS. The session counts them then; otherwise the
+	// guard's wrapper does.
+	if w, ok := cx.Conn.(*streamstate.Conn); ok && !w.Limited() {
+		if raw, ok := w.Raw().(*net.TCPConn); ok {
+			r.client, r.count = raw, true
+		}
+	}
+	_, clientTCP := r.client.(*net.TCPConn)
+	_, upTCP := up.(*net.TCPConn)
+	r.splice = clientTCP && upTCP
+	r.run()
+	return nil
+}
+
+// healthLoop dials the upstream every interval and records the outcome,
+// until the module is unloaded.
+func (h *Handler) healthLoop(ctx caddy.Context, every time.Duration) {
+	// The first check waits a moment: at provisioning time the upstream may
+	// be a server of this same config that has not started yet.
+	t := time.NewTimer(min(every, 500*time.Millisecond))
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		h.checkHealth(ctx)
+		t.Reset(every)
+	}
+}
+
+func (h *Handler) checkHealth(ctx caddy.Context) {
+	c, err := h.dialer.DialContext(ctx, "tcp", h.Upstream)
+	if ctx.Err() != nil {
+		return
+	}
+	res := streamstate.Health{Healthy: err == nil, LastCheck: time.Now()}
+	if err != nil {
+		res.LastError = err.Error()
+	} else {
+		c.Close()
+	}
+	prev := h.state.Health()
+	h.state.SetHealth(res)
+	if prev == nil || prev.Healthy != res.Healthy {
+		if res.Healthy {
+			h.logger.Info("upstream healthy", zap.Int64("stream_id", h.StreamID), zap.String("upstream", h.Upstream))
+		} else {
+			h.logger.Warn("upstream unhealthy", zap.Int64("stream_id", h.StreamID), zap.String("upstream", h.Upstream), zap.String("error", res.LastError))
+		}
+	}
+}
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
+//
+//	aegis_proxy <host:port> {
+//		stream_id <id>
+//		dial_timeout <duration>
+//		proxy_protocol 0|1|2
+//		health_check_interval <duration>
+//	}
+func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // handler name
+	if !d.NextArg() {
+		return d.ArgErr()
+	}
+	h.Upstream = d.Val()
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	for d.NextBlock(0) {
+		opt := d.Val()
+		if !d.NextArg() {
+			return d.ArgErr()
+		}
+		val := d.Val()
+		if d.NextArg() {
+			return d.ArgErr()
+		}
+		switch opt {
+		case "stream_id":
+			n, err := strconv.ParseInt(val, 10, 64)
+			if err != nil {
+				return d.Errf("stream_id %q: want a whole number", val)
+			}
+			h.StreamID = n
+		case "proxy_protocol":
+			n, err := strconv.Atoi(val)
+			if err != nil {
+				return d.Errf("proxy_protocol %q: want 0, 1 or 2", val)
+			}
+			h.ProxyProtocol = n
+		case "dial_timeout", "health_check_interval":
+			dur, err := caddy.ParseDuration(val)
+			if err != nil {
+				return d.Errf("%s %q: %v", opt, val, err)
+			}
+			if opt == "dial_timeout" {
+				h.DialTimeout = caddy.Duration(dur)
+			} else {
+				h.HealthCheckInterval = caddy.Duration(dur)
+			}
+		default:
+			return d.Errf("unknown aegis_proxy option %q", opt)
+		}
+	}
+	return nil
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner     = (*Handler)(nil)
+	_ caddy.CleanerUpper    = (*Handler)(nil)
+	_ layer4.NextHandler    = (*Handler)(nil)
+	_ caddyfile.Unmarshaler = (*Handler)(nil)
+)

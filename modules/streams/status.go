@@ -1,0 +1,96 @@
+package streams
+
+import (
+	"time"
+
+	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
+)
+
+// Status is a stream's runtime status, as the API shows it.
+type Status struct {
+	ID       int64  `json:"id"`
+	Name     string `json:"name"`
+	Protocol string `json:"protocol"`
+	// Listening is true while a listener serves the stream.
+	Listening bool `json:"listening"`
+	// Healthy is the last health check's outcome; null when health checks
+	// are off or none has run yet.
+	Healthy *bool `json:"healthy"`
+	// HealthStatus is "healthy", "unhealthy", "pending" (checks on, none
+	// done yet) or "not_checked" (checks off).
+	HealthStatus    string     `json:"health_status"`
+	LastHealthError string     `json:"last_health_error"`
+	LastHealthCheck *time.Time `json:"last_health_check"`
+	// ActiveConnections are open now.
+	ActiveConnections int64 `json:"active_connections"`
+	// TotalConnections were accepted since the last reload, blocked ones
+	// included.
+	TotalConnections uint64 `json:"total_connections"`
+	// BlockedConnections were refused by the ACL or max_connections since
+	// the last reload.
+	BlockedConnections uint64 `json:"blocked_connections"`
+	// BytesSent went client → upstream since the last reload.
+	BytesSent uint64 `json:"bytes_sent"`
+	// BytesReceived went upstream → client since the last reload.
+	BytesReceived uint64 `json:"bytes_received"`
+	// LogEntriesDropped were not written because the log queue was full.
+	LogEntriesDropped uint64 `json:"log_entries_dropped"`
+}
+
+// StatusOf reads a stream's status from its shared state.
+func StatusOf(s *Stream, st *streamstate.Stream) Status {
+	out := Status{
+		ID:                 s.ID,
+		Name:               s.DisplayName(),
+		Protocol:           s.EffectiveProtocol(),
+		Listening:          st.Listening(),
+		HealthStatus:       "not_checked",
+		ActiveConnections:  st.Active.Load(),
+		TotalConnections:   st.Total.Load(),
+		BlockedConnections: st.Blocked.Load(),
+		BytesSent:          st.BytesSent.Load(),
+		BytesReceived:      st.BytesReceived.Load(),
+		LogEntriesDropped:  st.LogDropped.Load(),
+	}
+	if s.HealthCheckEnabled && s.Enabled {
+		out.HealthStatus = "pending"
+		if h := st.Health(); h != nil {
+			healthy := h.Healthy
+			checked := h.LastCheck
+			out.Healthy = &healthy
+			out.LastHealthError = h.LastError
+			out.LastHealthCheck = &checked
+			out.HealthStatus = "unhealthy"
+			if healthy {
+				out.HealthStatus = "healthy"
+			}
+		}
+	}
+	return out
+}
+
+// HostStatus is a stream host with its runtime status.
+type HostStatus struct {
+	*Stream
+	// Source is "config" for hosts declared in the Caddy config.
+	Source string `json:"source"`
+	Status Status `json:"status"`
+}
+
+// Statuses returns every stream's runtime status, in config order.
+func (a *App) Statuses() []Status {
+	out := make([]Status, 0, len(a.streams))
+	for _, rt := range a.streams {
+		out = append(out, StatusOf(rt.cfg, rt.state))
+	}
+	return out
+}
+
+// HostStatuses returns every stream host with its runtime status.
+func (a *App) HostStatuses() []HostStatus {
+	out := make([]HostStatus, 0, len(a.streams))
+	for _, rt := range a.streams {
+		out = append(out, HostStatus{Stream: rt.cfg, Source: "config", Status: StatusOf(rt.cfg, rt.state)})
+	}
+	return out
+}

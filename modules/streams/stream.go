@@ -1,0 +1,184 @@
+package streams
+
+import (
+	"encoding/json"
+	"net"
+	"net/netip"
+	"strconv"
+	"time"
+
+	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
+)
+
+// Protocols a stream can carry.
+const (
+	ProtocolTCP    = "tcp"
+	ProtocolUDP    = "udp"
+	ProtocolTCPUDP = "tcp+udp"
+)
+
+// Defaults applied when a setting is left at 0.
+const (
+	// DefaultConnectionTimeout bounds the dial to the upstream.
+	DefaultConnectionTimeout = 10 * time.Second
+	// DefaultHealthCheckInterval is the time between two health checks.
+	DefaultHealthCheckInterval = 30 * time.Second
+)
+
+// Stream is one stream host: a listen address and port relayed to an
+// upstream. It is the one description of a stream used by the config, the
+// API and storage. Field names and meanings are the spec's stream settings.
+type Stream struct {
+	// ID identifies the stream. Required, unique, > 0.
+	ID int64 `json:"id"`
+
+	// Name is a human-readable name. Default: "stream-<id>".
+	Name string `json:"name,omitempty"`
+
+	// Protocol is "tcp", "udp" or "tcp+udp" (one listener of each on the
+	// same port). Default: "tcp".
+	Protocol string `json:"protocol,omitempty"`
+
+	// ListenAddress is the IP address to bind. "0.0.0.0" is every IPv4
+	// address, "::" every address. Default: "" (every address, IPv4 and IPv6).
+	ListenAddress string `json:"listen_address,omitempty"`
+
+	// ListenPort is the port to listen on, 1–65535. Required.
+	ListenPort int `json:"listen_port"`
+
+	// UpstreamHost is the upstream's hostname or IP address. Required.
+	UpstreamHost string `json:"upstream_host"`
+
+	// UpstreamPort is the upstream's port, 1–65535. Required.
+	UpstreamPort int `json:"upstream_port"`
+
+	// Enabled turns the stream on. A disabled stream does not listen.
+	// Default: true.
+	Enabled bool `json:"enabled"`
+
+	// MaxConnections caps concurrent connections; a connection beyond it is
+	// closed at once. Default: 0 (unlimited).
+	MaxConnections int `json:"max_connections,omitempty"`
+
+	// ConnectionTimeoutSeconds bounds the dial to the upstream.
+	// Default: 0, meaning 10 seconds.
+	ConnectionTimeoutSeconds int `json:"connection_timeout_seconds,omitempty"`
+
+	// IdleTimeoutSeconds closes a connection after no byte moved in either
+	// direction for this long. Default: 0 (never; TCP keepalive still
+	// detects dead peers).
+	IdleTimeoutSeconds int `json:"idle_timeout_seconds,omitempty"`
+
+	// ProxyProtocolVersion sends a PROXY protocol header to the upstream
+	// before any client byte: 0 (off), 1 (text) or 2 (binary). Default: 0.
+	ProxyProtocolVersion int `json:"proxy_protocol_version,omitempty"`
+
+	// WhitelistCIDRs, when not empty, allows only sources inside one of
+	// these CIDRs. A bare IP means /32 (IPv4) or /128 (IPv6). Default: empty
+	// (allow all).
+	WhitelistCIDRs []string `json:"whitelist_cidrs,omitempty"`
+
+	// BlacklistCIDRs rejects sources inside one of these CIDRs, checked
+	// after the whitelist. Default: empty.
+	BlacklistCIDRs []string `json:"blacklist_cidrs,omitempty"`
+
+	// SSLEnabled terminates TLS on the listener. Default: false.
+	SSLEnabled bool `json:"ssl_enabled,omitempty"`
+
+	// SSLCertID is the certificate store ID used when SSLEnabled is set.
+	// Default: 0 (none).
+	SSLCertID int64 `json:"ssl_cert_id,omitempty"`
+
+	// UploadRateBytes limits client→upstream bytes per second for each
+	// connection. Default: 0 (unlimited).
+	UploadRateBytes int64 `json:"upload_rate_bytes,omitempty"`
+
+	// DownloadRateBytes limits upstream→client bytes per second for each
+	// connection. Default: 0 (unlimited).
+	DownloadRateBytes int64 `json:"download_rate_bytes,omitempty"`
+
+	// HealthCheckEnabled runs a periodic TCP dial to the upstream.
+	// Default: false.
+	HealthCheckEnabled bool `json:"health_check_enabled,omitempty"`
+
+	// HealthCheckIntervalSeconds is the time between two health checks.
+	// Default: 0, meaning 30 seconds.
+	HealthCheckIntervalSeconds int `json:"health_check_interval_seconds,omitempty"`
+
+	// LogConnections writes one log entry per connection end, blocked
+	// connections included. Default: false.
+	LogConnections bool `json:"log_connections,omitempty"`
+
+	// Notes is free-form text. Default: "".
+	Notes string `json:"notes,omitempty"`
+}
+
+// UnmarshalJSON decodes a stream, applying the defaults that the zero value
+// cannot express (enabled is true unless set to false).
+func (s *Stream) UnmarshalJSON(b []byte) error {
+	type plain Stream
+	p := plain{Enabled: true}
+	if err := json.Unmarshal(b, &p); err != nil {
+		return err
+	}
+	*s = Stream(p)
+	return nil
+}
+
+// DisplayName is the stream's name, or "stream-<id>" when it has none.
+func (s *Stream) DisplayName() string {
+	if s.Name != "" {
+		return s.Name
+	}
+	return "stream-" + strconv.FormatInt(s.ID, 10)
+}
+
+// EffectiveProtocol is the protocol with its default applied.
+func (s *Stream) EffectiveProtocol() string {
+	if s.Protocol == "" {
+		return ProtocolTCP
+	}
+	return s.Protocol
+}
+
+// HasTCP reports whether the stream has a TCP listener.
+func (s *Stream) HasTCP() bool {
+	p := s.EffectiveProtocol()
+	return p == ProtocolTCP || p == ProtocolTCPUDP
+}
+
+// HasUDP reports whether the stream has a UDP listener.
+func (s *Stream) HasUDP() bool {
+	p := s.EffectiveProtocol()
+	return p == ProtocolUDP || p == ProtocolTCPUDP
+}
+
+// ListenHostPort is the address to bind, as host:port.
+func (s *Stream) ListenHostPort() string {
+	return net.JoinHostPort(s.ListenAddress, strconv.Itoa(s.ListenPort))
+}
+
+// UpstreamHostPort is the upstream's address, as host:port.
+func (s *Stream) UpstreamHostPort() string {
+	return net.JoinHostPort(s.UpstreamHost, strconv.Itoa(s.UpstreamPort))
+}
+
+// ConnectionTimeout is the dial timeout with its default applied.
+func (s *Stream) ConnectionTimeout() time.Duration {
+	if s.ConnectionTimeoutSeconds <= 0 {
+		return DefaultConnectionTimeout
+	}
+	return time.Duration(s.ConnectionTimeoutSeconds) * time.Second
+}
+
+// HealthCheckInterval is the health check interval with its default applied.
+func (s *Stream) HealthCheckInterval() time.Duration {
+	if s.HealthCheckIntervalSeconds <= 0 {
+		return DefaultHealthCheckInterval
+	}
+	return time.Duration(s.HealthCheckIntervalSeconds) * time.Second
+}
+
+// ParseCIDR parses one whitelist/blacklist entry: a CIDR, or a bare IP that
+// means a single address (/32 for IPv4, /128 for IPv6).
+func ParseCIDR(s string) (netip.Prefix, error) { return streamstate.ParseCIDR(s) }

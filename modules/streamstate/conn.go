@@ -1,0 +1,128 @@
+package streamstate
+
+import (
+	"errors"
+	"math"
+	"net"
+	"os"
+	"time"
+
+	"golang.org/x/time/rate"
+)
+
+// Conn is the wrapper that the guard handler puts around an accepted
+// connection. Reads are client→upstream bytes and writes upstream→client
+// bytes: it counts them, applies the per-connection rate limits and, unless
+// the relay took it over, the idle timeout. CloseWrite passes through, so
+// half-close keeps working behind it.
+//
+// The aegis proxy handler unwraps it (Raw) to splice between the raw
+// sockets when no limit applies, and counts through the Session instead.
+type Conn struct {
+	net.Conn
+	S *Session
+
+	up, down           *rate.Limiter
+	upBurst, downBurst int
+}
+
+// NewLimiter makes a limiter of bytesPerSec whose burst is one second's
+// worth and whose bucket starts empty, so that a transfer never runs ahead
+// of the rate, even in its first second. It returns nil for 0 (unlimited).
+func NewLimiter(bytesPerSec int64) (*rate.Limiter, int) {
+	if bytesPerSec <= 0 {
+		return nil, 0
+	}
+	burst := int(min(bytesPerSec, math.MaxInt32))
+	l := rate.NewLimiter(rate.Limit(bytesPerSec), burst)
+	l.AllowN(time.Now(), burst)
+	return l, burst
+}
+
+// NewConn wraps c for session ss with the given per-direction limits in
+// bytes per second (0 = unlimited).
+func NewConn(c net.Conn, ss *Session, upRate, downRate int64) *Conn {
+	cc := &Conn{Conn: c, S: ss}
+	cc.up, cc.upBurst = NewLimiter(upRate)
+	cc.down, cc.downBurst = NewLimiter(downRate)
+	ss.touch()
+	return cc
+}
+
+// Raw is the wrapped connection.
+func (c *Conn) Raw() net.Conn { return c.Conn }
+
+// Limited reports whether a rate limit applies in either direction.
+func (c *Conn) Limited() bool { return c.up != nil || c.down != nil }
+
+// Read reads client bytes, counting and limiting them.
+func (c *Conn) Read(p []byte) (int, error) {
+	if c.up != nil && len(p) > c.upBurst {
+		p = p[:c.upBurst]
+	}
+	idle := c.S.IdleTimeout
+	if c.S.relayOwnsIdle.Load() {
+		idle = 0
+	}
+	for {
+		if idle > 0 {
+			_ = c.Conn.SetReadDeadline(time.Unix(0, c.S.lastActive.Load()).Add(idle))
+		}
+		n, err := c.Conn.Read(p)
+		if n > 0 {
+			c.S.touch()
+			if c.up != nil {
+				if werr := c.up.WaitN(c.S.Stream.ctx, n); werr != nil && err == nil {
+					err = net.ErrClosed
+				}
+			}
+			c.S.AddSent(int64(n))
+			return n, err
+		}
+		if idle > 0 && errors.Is(err, os.ErrDeadlineExceeded) {
+			if time.Since(time.Unix(0, c.S.lastActive.Load())) < idle {
+				continue // the other direction moved bytes meanwhile
+			}
+			c.S.SetReason(ReasonIdleTimeout)
+		}
+		return n, err
+	}
+}
+
+// Write writes upstream bytes to the client, counting and limiting them.
+func (c *Conn) Write(p []byte) (int, error) {
+	if c.down == nil {
+		n, err := c.Conn.Write(p)
+		if n > 0 {
+			c.S.touch()
+			c.S.AddReceived(int64(n))
+		}
+		return n, err
+	}
+	var written int
+	for len(p) > 0 {
+		chunk := min(len(p), c.downBurst)
+		if err := c.down.WaitN(c.S.Stream.ctx, chunk); err != nil {
+			return written, net.ErrClosed
+		}
+		n, err := c.Conn.Write(p[:chunk])
+		written += n
+		if n > 0 {
+			c.S.touch()
+			c.S.AddReceived(int64(n))
+		}
+		if err != nil {
+			return written, err
+		}
+		p = p[chunk:]
+	}
+	return written, nil
+}
+
+// CloseWrite shuts the write half of the client connection.
+func (c *Conn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return nil
+}

@@ -1,0 +1,179 @@
+package streamstate
+
+import (
+	"net"
+	"net/netip"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// Reason says why a connection ended.
+type Reason uint32
+
+// Disconnect reasons, as written in the connection log.
+const (
+	ReasonNone Reason = iota
+	ReasonClientClose
+	ReasonUpstreamClose
+	ReasonClientError
+	ReasonUpstreamError
+	ReasonIdleTimeout
+	ReasonDialFailed
+	ReasonACLDenied
+	ReasonMaxConnections
+	ReasonShutdown
+	ReasonStreamRemoved
+	ReasonAdminClosed
+	ReasonProxyHeaderFailed
+	ReasonTLSHandshakeFailed
+)
+
+var reasonNames = [...]string{
+	ReasonNone:               "",
+	ReasonClientClose:        "client_close",
+	ReasonUpstreamClose:      "upstream_close",
+	ReasonClientError:        "client_error",
+	ReasonUpstreamError:      "upstream_error",
+	ReasonIdleTimeout:        "idle_timeout",
+	ReasonDialFailed:         "dial_failed",
+	ReasonACLDenied:          "acl_denied",
+	ReasonMaxConnections:     "max_connections",
+	ReasonShutdown:           "shutdown",
+	ReasonStreamRemoved:      "stream_removed",
+	ReasonAdminClosed:        "admin_closed",
+	ReasonProxyHeaderFailed:  "proxy_header_failed",
+	ReasonTLSHandshakeFailed: "tls_handshake_failed",
+}
+
+func (r Reason) String() string {
+	if int(r) < len(reasonNames) {
+		return reasonNames[r]
+	}
+	return "unknown"
+}
+
+// SessionVar is the layer4 connection variable that holds the *Session the
+// guard made for the connection.
+const SessionVar = "aegis.session"
+
+var lastSessionID atomic.Uint64
+
+// Session is one open connection of a stream. The guard handler creates it
+// and the proxy handler relays through it. Counters are updated without
+// locks.
+type Session struct {
+	ID     uint64
+	Stream *Stream
+	Source netip.AddrPort
+	Start  time.Time
+
+	// IdleTimeout closes the connection when no byte moved either way for
+	// this long; 0 disables it.
+	IdleTimeout time.Duration
+
+	sent, received atomic.Uint64
+	lastActive     atomic.Int64 // unix nanoseconds
+	reason         atomic.Uint32
+	closed         atomic.Bool
+	relayOwnsIdle  atomic.Bool
+
+	client   net.Conn
+	upstream atomic.Pointer[net.Conn]
+
+	logger *zap.Logger
+	name   string
+}
+
+// NewSession registers an open connection on the stream. client is the
+// accepted connection; closing the session closes it.
+func (s *Stream) NewSession(client net.Conn, source netip.AddrPort, idle time.Duration, logger *zap.Logger, name string) *Session {
+	ss := &Session{
+		ID:          lastSessionID.Add(1),
+		Stream:      s,
+		Source:      source,
+		Start:       time.Now(),
+		IdleTimeout: idle,
+		client:      client,
+		logger:      logger,
+		name:        name,
+	}
+	s.sessions.Store(ss.ID, ss)
+	return ss
+}
+
+// Sent is the number of client→upstream bytes of this connection.
+func (ss *Session) Sent() uint64 { return ss.sent.Load() }
+
+// Received is the number of upstream→client bytes of this connection.
+func (ss *Session) Received() uint64 { return ss.received.Load() }
+
+// AddSent counts client→upstream bytes.
+func (ss *Session) AddSent(n int64) {
+	ss.sent.Add(uint64(n))
+	ss.Stream.BytesSent.Add(uint64(n))
+}
+
+// AddReceived counts upstream→client bytes.
+func (ss *Session) AddReceived(n int64) {
+	ss.received.Add(uint64(n))
+	ss.Stream.BytesReceived.Add(uint64(n))
+}
+
+// SetReason records why the connection ends; the first reason wins.
+func (ss *Session) SetReason(r Reason) bool {
+	return ss.reason.CompareAndSwap(uint32(ReasonNone), uint32(r))
+}
+
+// Reason is the recorded disconnect reason.
+func (ss *Session) Reason() Reason { return Reason(ss.reason.Load()) }
+
+// SetUpstream records the upstream connection so that Close reaches it. If
+// the session was closed meanwhile, the upstream is closed at once.
+func (ss *Session) SetUpstream(c net.Conn) {
+	ss.upstream.Store(&c)
+	if ss.closed.Load() {
+		c.Close()
+	}
+}
+
+// Close ends the connection now for reason r: both sides are closed and
+// the relay returns.
+func (ss *Session) Close(r Reason) {
+	ss.SetReason(r)
+	ss.closed.Store(true)
+	ss.client.Close()
+	if up := ss.upstream.Load(); up != nil {
+		(*up).Close()
+	}
+}
+
+// touch records activity now, for the idle timeout.
+func (ss *Session) touch() { ss.lastActive.Store(time.Now().UnixNano()) }
+
+// Closed reports whether Close was called.
+func (ss *Session) Closed() bool { return ss.closed.Load() }
+
+// RelayOwnsIdle tells the guard's connection wrapper that the relay
+// enforces the idle timeout itself.
+func (ss *Session) RelayOwnsIdle() { ss.relayOwnsIdle.Store(true) }
+
+// End unregisters the connection, records its reason (defaulting to r when
+// none was set) and queues its log entry when log is true.
+func (ss *Session) End(r Reason, log bool) {
+	ss.SetReason(r)
+	ss.Stream.sessions.Delete(ss.ID)
+	if log {
+		ss.Stream.enqueueLog(logEntry{
+			logger:   ss.logger,
+			stream:   ss.name,
+			connID:   ss.ID,
+			source:   ss.Source.Addr().String(),
+			sent:     ss.sent.Load(),
+			received: ss.received.Load(),
+			duration: time.Since(ss.Start),
+			reason:   ss.Reason(),
+		})
+	}
+}

@@ -1,0 +1,255 @@
+// Package streamstate holds the runtime state of a stream that outlives one
+// config load: live counters, health, the open connections and the
+// connection-log queue. The streams app and the aegis layer4 handlers share
+// it by stream ID through a reference-counted pool, so a reload or an edit
+// keeps counting the connections that are still open and keeps
+// max_connections true across the change.
+package streamstate
+
+import (
+	"context"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
+)
+
+// DefaultGracePeriod is how long a stream that goes away waits for its open
+// connections to end before closing them.
+const DefaultGracePeriod = 5 * time.Second
+
+// logQueueSize bounds the connection-log entries waiting to be written.
+const logQueueSize = 4096
+
+var pool = caddy.NewUsagePool()
+
+// Acquire returns the shared state of stream id, creating it on first use.
+// Every Acquire must be paired with one Release.
+func Acquire(id int64) *Stream {
+	v, _, _ := pool.LoadOrNew(key(id), func() (caddy.Destructor, error) {
+		return New(id), nil
+	})
+	return v.(*Stream)
+}
+
+// Release drops one reference to stream id. The last release shuts the
+// stream's state down: open connections get the grace period to end, then
+// are closed.
+func Release(id int64) {
+	_, _ = pool.Delete(key(id))
+}
+
+func key(id int64) string { return "aegis.stream." + strconv.FormatInt(id, 10) }
+
+// Stream is the runtime state of one stream. All counters are safe for
+// concurrent use without locks.
+type Stream struct {
+	ID int64
+
+	// Active is the number of connections (or UDP sessions) open now.
+	Active atomic.Int64
+	// Total counts connections accepted since the last reload, blocked ones
+	// included.
+	Total atomic.Uint64
+	// Blocked counts connections refused by the ACL or max_connections
+	// since the last reload.
+	Blocked atomic.Uint64
+	// BytesSent counts client→upstream bytes since the last reload.
+	BytesSent atomic.Uint64
+	// BytesReceived counts upstream→client bytes since the last reload.
+	BytesReceived atomic.Uint64
+	// LogDropped counts connection-log entries dropped because the log
+	// queue was full.
+	LogDropped atomic.Uint64
+
+	listeners atomic.Int32
+	health    atomic.Pointer[Health]
+	grace     atomic.Int64 // nanoseconds
+
+	sessions sync.Map // uint64 → *Session
+	conns    sync.WaitGroup
+
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	logq    chan logEntry
+	logDone chan struct{}
+}
+
+// New makes the state of a stream that is not shared through the pool (a
+// handler used in a plain layer4 config without a stream_id). Call Destruct
+// when done with it.
+func New(id int64) *Stream {
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &Stream{
+		ID:      id,
+		ctx:     ctx,
+		cancel:  cancel,
+		logq:    make(chan logEntry, logQueueSize),
+		logDone: make(chan struct{}),
+	}
+	s.grace.Store(int64(DefaultGracePeriod))
+	go s.writeLogs()
+	return s
+}
+
+// Context is cancelled when the stream's state is shut down. Dials and
+// waits on behalf of its connections use it.
+func (s *Stream) Context() context.Context { return s.ctx }
+
+// SetGracePeriod sets how long the last Release waits for open connections.
+func (s *Stream) SetGracePeriod(d time.Duration) { s.grace.Store(int64(d)) }
+
+// ListenerUp and ListenerDown track how many listeners serve the stream;
+// a reload briefly has two.
+func (s *Stream) ListenerUp()   { s.listeners.Add(1) }
+func (s *Stream) ListenerDown() { s.listeners.Add(-1) }
+
+// Listening reports whether at least one listener serves the stream.
+func (s *Stream) Listening() bool { return s.listeners.Load() > 0 }
+
+// ResetTotals zeroes the since-reload counters. Active stays as it is.
+func (s *Stream) ResetTotals() {
+	s.Total.Store(0)
+	s.Blocked.Store(0)
+	s.BytesSent.Store(0)
+	s.BytesReceived.Store(0)
+}
+
+// Health is the outcome of the last health check.
+type Health struct {
+	Healthy   bool
+	LastError string
+	LastCheck time.Time
+}
+
+// SetHealth records a health check result.
+func (s *Stream) SetHealth(h Health) { s.health.Store(&h) }
+
+// ClearHealth forgets health results (checks were turned off).
+func (s *Stream) ClearHealth() { s.health.Store(nil) }
+
+// Health returns the last health check result, or nil if none ran.
+func (s *Stream) Health() *Health { return s.health.Load() }
+
+// ConnStarted must be called before a connection's goroutine starts and
+// ConnDone when it ends, so shutdown can wait for it.
+func (s *Stream) ConnStarted() { s.conns.Add(1) }
+
+// ConnDone marks the end of a connection's goroutine.
+func (s *Stream) ConnDone() { s.conns.Done() }
+
+// Sessions calls f for each open connection until f returns false.
+func (s *Stream) Sessions(f func(*Session) bool) {
+	s.sessions.Range(func(_, v any) bool { return f(v.(*Session)) })
+}
+
+// Session returns the open connection with the given id, or nil.
+func (s *Stream) Session(id uint64) *Session {
+	v, ok := s.sessions.Load(id)
+	if !ok {
+		return nil
+	}
+	return v.(*Session)
+}
+
+// CloseAll closes every open connection with the given reason.
+func (s *Stream) CloseAll(r Reason) {
+	s.Sessions(func(ss *Session) bool {
+		ss.Close(r)
+		return true
+	})
+}
+
+// Destruct shuts the state down: it waits up to the grace period for open
+// connections to end, closes the rest, waits for their goroutines and
+// flushes the connection log. It implements caddy.Destructor.
+func (s *Stream) Destruct() error {
+	reason := ReasonStreamRemoved
+	if caddy.Exiting() {
+		reason = ReasonShutdown
+	}
+	deadline := time.Now().Add(time.Duration(s.grace.Load()))
+	for s.Active.Load() > 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	s.CloseAll(reason)
+	s.conns.Wait()
+	s.cancel()
+	<-s.logDone
+	return nil
+}
+
+// logEntry is one connection-log line waiting to be written.
+type logEntry struct {
+	logger   *zap.Logger
+	stream   string
+	connID   uint64
+	source   string
+	sent     uint64
+	received uint64
+	duration time.Duration
+	blocked  bool
+	reason   Reason
+}
+
+// writeLogs writes queued connection-log entries off the data path until
+// the state is shut down, then flushes what is queued. The queue is never
+// closed, so a late entry is dropped instead of panicking.
+func (s *Stream) writeLogs() {
+	defer close(s.logDone)
+	for {
+		select {
+		case e := <-s.logq:
+			s.writeLog(e)
+		case <-s.ctx.Done():
+			for {
+				select {
+				case e := <-s.logq:
+					s.writeLog(e)
+				default:
+					return
+				}
+			}
+		}
+	}
+}
+
+func (s *Stream) writeLog(e logEntry) {
+	{
+		action := "allowed"
+		if e.blocked {
+			action = "blocked"
+		}
+		e.logger.Info("connection",
+			zap.String("stream", e.stream),
+			zap.Int64("stream_id", s.ID),
+			zap.Uint64("conn_id", e.connID),
+			zap.String("source_ip", e.source),
+			zap.Uint64("bytes_sent", e.sent),
+			zap.Uint64("bytes_received", e.received),
+			zap.Int64("duration_ms", e.duration.Milliseconds()),
+			zap.String("action", action),
+			zap.String("disconnect_reason", e.reason.String()),
+		)
+	}
+}
+
+// enqueueLog queues a log entry without ever blocking; a full queue drops
+// the entry and counts it.
+func (s *Stream) enqueueLog(e logEntry) {
+	select {
+	case s.logq <- e:
+	default:
+		s.LogDropped.Add(1)
+	}
+}
+
+// LogBlocked queues the log entry of a connection refused before it was
+// relayed.
+func (s *Stream) LogBlocked(logger *zap.Logger, stream, source string, r Reason) {
+	s.enqueueLog(logEntry{logger: logger, stream: stream, source: source, blocked: true, reason: r})
+}
