@@ -158,7 +158,7 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	}
 	_, clientTCP := r.client.(*net.TCPConn)
 	_, upTCP := up.(*net.TCPConn)
-	r.splice = clientTCP && upTCP
+	r.splice = canSplice && clientTCP && upTCP
 	r.run()
 	return nil
 }

@@ -13,10 +13,6 @@ import (
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 )
 
-// spliceChunk bounds one splice call, so byte counters advance during a long
-// transfer instead of only at its end.
-const spliceChunk = 512 << 10
-
 // copyBufSize is the buffer of the userspace copy (rate limits, TLS).
 const copyBufSize = 32 << 10
 
@@ -32,16 +28,17 @@ const (
 )
 
 // relay moves bytes both ways between a client and an upstream until both
-// directions end. With splice set, both conns are raw *net.TCPConn and Linux
-// moves the bytes; otherwise a pooled buffer does.
+// directions end. With splice set, both conns are raw *net.TCPConn and the
+// kernel moves the bytes (counted at every splice call, so counters move
+// during a long transfer); otherwise a pooled buffer does.
 //
 // Idle timeout: each direction reads with a deadline at the last activity
 // of either direction plus the idle timeout. A direction that times out
 // without a byte votes "idle"; the connection is idle only when both
 // directions have voted (or ended) with no byte since, so a slow transfer
-// one way is never cut while the other way is quiet. A splice call reports
-// its bytes only when it returns, and its deadline makes it return in time
-// for that vote.
+// one way is never cut while the other way is quiet. A write that makes no
+// progress for the idle timeout votes too, so a peer that stopped reading
+// does not hold the connection forever.
 type relay struct {
 	ss     *streamstate.Session // nil without the guard
 	count  bool                 // count bytes into ss (the guard's wrapper is bypassed)
@@ -83,94 +80,116 @@ func (r *relay) abort(reason streamstate.Reason) {
 }
 
 func (r *relay) pump(dir int, dst, src net.Conn) {
-	var (
-		lr  io.LimitedReader
-		buf *[]byte
-	)
 	if r.splice {
-		lr.R = src
+		r.pumpSplice(dir, dst, src)
 	} else {
-		buf = copyBufs.Get().(*[]byte)
-		defer copyBufs.Put(buf)
+		r.pumpCopy(dir, dst, src)
+	}
+}
+
+// pumpSplice moves one direction with splice(2) between raw TCP sockets.
+func (r *relay) pumpSplice(dir int, dst, src net.Conn) {
+	srcRC, err1 := src.(syscall.Conn).SyscallConn()
+	dstRC, err2 := dst.(syscall.Conn).SyscallConn()
+	if err1 != nil || err2 != nil {
+		r.abort(streamstate.ReasonNone)
+		return
 	}
 	for {
 		if r.idle > 0 {
 			_ = src.SetReadDeadline(r.deadline())
 		}
-		var (
-			n        int64
-			err      error
-			writeErr bool
-		)
-		if r.splice {
-			lr.N = spliceChunk
-			n, err = dst.(*net.TCPConn).ReadFrom(&lr)
-			if err == nil && lr.N > 0 {
-				err = io.EOF // ReadFrom hides the EOF that ended it early
-			} else if err != nil && errors.Is(err, syscall.EPIPE) {
-				writeErr = true
-			}
-		} else {
-			nr, rerr := src.Read(*buf)
-			if nr > 0 {
-				nw, werr := dst.Write((*buf)[:nr])
-				n = int64(nw)
-				if werr != nil {
-					rerr, writeErr = werr, true
-				}
-			}
-			err = rerr
-		}
-		if n > 0 {
-			r.last[dir].Store(time.Now().UnixNano())
-			r.votes.Store(0)
-			if r.count {
-				if dir == dirUp {
-					r.ss.AddSent(n)
-				} else {
-					r.ss.AddReceived(n)
-				}
-			}
-		}
-		switch {
-		case err == nil:
-			continue
-		case r.idle > 0 && !writeErr && errors.Is(err, os.ErrDeadlineExceeded):
-			if n > 0 || !r.voteIdle(dir) {
+		n, writeErr, err := r.spliceStep(dir, srcRC, dstRC, dst)
+		if err == nil {
+			if n > 0 {
 				continue
 			}
-			r.abort(streamstate.ReasonIdleTimeout)
-			return
-		case err == io.EOF && !writeErr:
-			// This side finished sending: pass the half-close on and let
-			// the other direction run to its end.
-			if dir == dirUp {
-				r.setReason(streamstate.ReasonClientClose)
-			} else {
-				r.setReason(streamstate.ReasonUpstreamClose)
-			}
-			if r.done.Or(1<<dir)|1<<dir == 3 {
-				return
-			}
-			if cw, ok := dst.(interface{ CloseWrite() error }); ok && cw.CloseWrite() == nil {
-				return
-			}
-			r.abort(streamstate.ReasonNone)
-			return
-		default:
-			// A read error is the source side's, a write error the
-			// destination's.
-			srcIsClient := dir == dirUp
-			if writeErr {
-				srcIsClient = !srcIsClient
-			}
-			if srcIsClient {
-				r.abort(streamstate.ReasonClientError)
-			} else {
-				r.abort(streamstate.ReasonUpstreamError)
-			}
+			err = io.EOF
+		}
+		if r.stop(dir, dst, n, writeErr, err) {
 			return
 		}
+	}
+}
+
+// pumpCopy moves one direction through a pooled buffer: the client side is
+// a wrapper (rate limits, TLS) that must see the bytes.
+func (r *relay) pumpCopy(dir int, dst, src net.Conn) {
+	buf := copyBufs.Get().(*[]byte)
+	defer copyBufs.Put(buf)
+	for {
+		if r.idle > 0 {
+			_ = src.SetReadDeadline(r.deadline())
+		}
+		nr, err := src.Read(*buf)
+		writeErr := false
+		if nr > 0 {
+			nw, werr := dst.Write((*buf)[:nr])
+			if nw > 0 {
+				r.moved(dir, int64(nw))
+			}
+			if werr != nil {
+				err, writeErr = werr, true
+			}
+		}
+		if err != nil && r.stop(dir, dst, nr, writeErr, err) {
+			return
+		}
+	}
+}
+
+// moved records n bytes moved in direction dir.
+func (r *relay) moved(dir int, n int64) {
+	r.last[dir].Store(time.Now().UnixNano())
+	r.votes.Store(0)
+	if r.count {
+		if dir == dirUp {
+			r.ss.AddSent(n)
+		} else {
+			r.ss.AddReceived(n)
+		}
+	}
+}
+
+// stop handles the error that ended one step of direction dir and reports
+// whether the direction is over.
+func (r *relay) stop(dir int, dst net.Conn, n int, writeErr bool, err error) bool {
+	switch {
+	case r.idle > 0 && errors.Is(err, os.ErrDeadlineExceeded):
+		// A write that timed out has already been judged idle by spliceStep.
+		if !writeErr && (n > 0 || !r.voteIdle(dir)) {
+			return false
+		}
+		r.abort(streamstate.ReasonIdleTimeout)
+		return true
+	case err == io.EOF && !writeErr:
+		// This side finished sending: pass the half-close on and let the
+		// other direction run to its end.
+		if dir == dirUp {
+			r.setReason(streamstate.ReasonClientClose)
+		} else {
+			r.setReason(streamstate.ReasonUpstreamClose)
+		}
+		if r.done.Or(1<<dir)|1<<dir == 3 {
+			return true
+		}
+		if cw, ok := dst.(interface{ CloseWrite() error }); !ok || cw.CloseWrite() != nil {
+			r.abort(streamstate.ReasonNone)
+		}
+		return true
+	default:
+		// A read error is the source side's, a write error the
+		// destination's.
+		srcIsClient := dir == dirUp
+		if writeErr {
+			srcIsClient = !srcIsClient
+		}
+		if srcIsClient {
+			r.abort(streamstate.ReasonClientError)
+		} else {
+			r.abort(streamstate.ReasonUpstreamError)
+		}
+		return true
 	}
 }
 

@@ -1,0 +1,44 @@
+# Aegis Streams. `make run` builds and starts Caddyfile.example; `make test`
+# runs every test. See README.md.
+
+GO      ?= go
+BIN     := bin/aegis
+XCADDY  ?= $(shell $(GO) env GOPATH)/bin/xcaddy
+FUZZTIME ?= 60s
+
+.PHONY: all build run test vet fmt fuzz bench xcaddy clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN) ./cmd/aegis
+
+run: build
+	$(BIN) run --config Caddyfile.example --adapter caddyfile
+
+vet:
+	@test -z "$$(gofmt -l .)" || { echo "gofmt would change:"; gofmt -l .; exit 1; }
+	$(GO) vet ./...
+
+# The tests, with the race detector; fuzz targets run their committed seeds.
+test: vet build
+	$(GO) test -race -count=1 ./...
+	$(BIN) validate --config Caddyfile.example --adapter caddyfile
+
+# Each fuzz target for $(FUZZTIME).
+fuzz:
+	@for target in $$($(GO) test -list '^Fuzz' ./modules/streams | grep ^Fuzz); do \
+		echo "== $$target"; \
+		$(GO) test -run '^$$' -fuzz "^$$target$$" -fuzztime $(FUZZTIME) ./modules/streams || exit 1; \
+	done
+
+# The same binary, built by xcaddy from what xcaddy.json pins (one
+# "with" per line: module@version, or module=path for this checkout).
+xcaddy:
+	@test -x $(XCADDY) || $(GO) install github.com/caddyserver/xcaddy/cmd/xcaddy@v0.4.5
+	$(XCADDY) build $$(sed -n 's/.*"caddy_version": *"\([^"]*\)".*/\1/p' xcaddy.json) \
+		--output $(BIN) \
+		$$(sed -n 's/.*"with": *"\([^"]*\)".*/--with \1/p' xcaddy.json)
+
+clean:
+	rm -rf bin
