@@ -100,6 +100,10 @@ func (s *Stream) NewSession(client net.Conn, source netip.AddrPort, idle time.Du
 		name:        name,
 	}
 	s.sessions.Store(ss.ID, ss)
+	if s.closing.Load() {
+		// Shutdown has begun and may have missed this one.
+		ss.Close(Reason(s.closeReason.Load()))
+	}
 	return ss
 }
 

@@ -72,10 +72,13 @@ type Stream struct {
 	sessions sync.Map // uint64 → *Session
 	conns    sync.WaitGroup
 
-	ctx    context.Context
-	cancel context.CancelFunc
+	ctx         context.Context
+	cancel      context.CancelFunc
+	closing     atomic.Bool
+	closeReason atomic.Uint32
 
 	logq    chan logEntry
+	logStop chan struct{}
 	logDone chan struct{}
 }
 
@@ -89,6 +92,7 @@ func New(id int64) *Stream {
 		ctx:     ctx,
 		cancel:  cancel,
 		logq:    make(chan logEntry, logQueueSize),
+		logStop: make(chan struct{}),
 		logDone: make(chan struct{}),
 	}
 	s.grace.Store(int64(DefaultGracePeriod))
@@ -176,9 +180,12 @@ func (s *Stream) Destruct() error {
 	for s.Active.Load() > 0 && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
+	s.closeReason.Store(uint32(reason))
+	s.closing.Store(true)
 	s.CloseAll(reason)
+	s.cancel() // ends dials and rate-limit waits of connections in flight
 	s.conns.Wait()
-	s.cancel()
+	close(s.logStop)
 	<-s.logDone
 	return nil
 }
@@ -205,7 +212,7 @@ func (s *Stream) writeLogs() {
 		select {
 		case e := <-s.logq:
 			s.writeLog(e)
-		case <-s.ctx.Done():
+		case <-s.logStop:
 			for {
 				select {
 				case e := <-s.logq:
@@ -219,23 +226,21 @@ func (s *Stream) writeLogs() {
 }
 
 func (s *Stream) writeLog(e logEntry) {
-	{
-		action := "allowed"
-		if e.blocked {
-			action = "blocked"
-		}
-		e.logger.Info("connection",
-			zap.String("stream", e.stream),
-			zap.Int64("stream_id", s.ID),
-			zap.Uint64("conn_id", e.connID),
-			zap.String("source_ip", e.source),
-			zap.Uint64("bytes_sent", e.sent),
-			zap.Uint64("bytes_received", e.received),
-			zap.Int64("duration_ms", e.duration.Milliseconds()),
-			zap.String("action", action),
-			zap.String("disconnect_reason", e.reason.String()),
-		)
+	action := "allowed"
+	if e.blocked {
+		action = "blocked"
 	}
+	e.logger.Info("connection",
+		zap.String("stream", e.stream),
+		zap.Int64("stream_id", s.ID),
+		zap.Uint64("conn_id", e.connID),
+		zap.String("source_ip", e.source),
+		zap.Uint64("bytes_sent", e.sent),
+		zap.Uint64("bytes_received", e.received),
+		zap.Int64("duration_ms", e.duration.Milliseconds()),
+		zap.String("action", action),
+		zap.String("disconnect_reason", e.reason.String()),
+	)
 }
 
 // enqueueLog queues a log entry without ever blocking; a full queue drops

@@ -1,0 +1,352 @@
+package streams
+
+import (
+	"encoding/json"
+	"fmt"
+	"net"
+	"strconv"
+	"strings"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+)
+
+func init() {
+	httpcaddyfile.RegisterGlobalOption("streams", parseStreamsOption)
+}
+
+// parseStreamsOption sets up the streams app from the `streams` global
+// option (see App.UnmarshalCaddyfile). Several `streams` blocks are merged
+// into one app.
+func parseStreamsOption(d *caddyfile.Dispenser, existingVal any) (any, error) {
+	app := new(App)
+	if existingVal != nil {
+		existing, ok := existingVal.(httpcaddyfile.App)
+		if !ok {
+			return nil, d.Errf("existing streams config of unexpected type: %T", existingVal)
+		}
+		if err := json.Unmarshal(existing.Value, app); err != nil {
+			return nil, d.Errf("parsing existing streams config: %v", err)
+		}
+	}
+	if err := app.UnmarshalCaddyfile(d); err != nil {
+		return nil, err
+	}
+	return httpcaddyfile.App{
+		Name:  "streams",
+		Value: caddyconfig.JSON(app, nil),
+	}, nil
+}
+
+// UnmarshalCaddyfile sets up the app from Caddyfile tokens, appending to the
+// hosts it already has. Syntax:
+//
+//	streams {
+//		grace_period <duration>
+//		host <id> [<name>] {
+//			name <text>
+//			protocol tcp|udp|tcp+udp
+//			listen <address:port>|<port>
+//			listen_address <ip>
+//			listen_port <port>
+//			upstream <host:port>
+//			upstream_host <host>
+//			upstream_port <port>
+//			enabled [true|false]
+//			max_connections <n>
+//			connection_timeout_seconds <n>
+//			idle_timeout_seconds <n>
+//			proxy_protocol_version 0|1|2
+//			whitelist_cidrs <cidr...>
+//			blacklist_cidrs <cidr...>
+//			ssl_enabled [true|false]
+//			ssl_cert_id <n>
+//			upload_rate_bytes <n>
+//			download_rate_bytes <n>
+//			health_check_enabled [true|false]
+//			health_check_interval_seconds <n>
+//			log_connections [true|false]
+//			notes <text>
+//		}
+//	}
+//
+// Options are the JSON settings of a stream. `listen` is shorthand for
+// listen_address and listen_port ([::1]:5432, 0.0.0.0:5432, :5432 or
+// 5432), `upstream` for upstream_host and upstream_port (db.internal:5432
+// or [2001:db8::5]:5432). A boolean option alone means true; `enabled`
+// is true unless set to false. whitelist_cidrs and blacklist_cidrs may
+// repeat and append. Values are checked for syntax only; ranges and
+// consistency are checked by Validate when the config is loaded.
+func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume option name
+	if d.CountRemainingArgs() > 0 {
+		return d.Errf("streams takes no arguments, only a block")
+	}
+
+	ids := make(map[int64]bool, len(a.Hosts))
+	for _, h := range a.Hosts {
+		if h != nil {
+			ids[h.ID] = true
+		}
+	}
+	hasGracePeriod := a.GracePeriod != 0
+
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch opt := d.Val(); opt {
+		case "grace_period":
+			if hasGracePeriod {
+				return d.Errf("streams: duplicate option 'grace_period'")
+			}
+			v, err := oneArg(d, "streams")
+			if err != nil {
+				return err
+			}
+			dur, err := caddy.ParseDuration(v)
+			if err != nil {
+				return d.Errf("streams: grace_period %q: not a duration (want e.g. 5s or 1m30s)", v)
+			}
+			a.GracePeriod, hasGracePeriod = caddy.Duration(dur), true
+			if d.NextBlock(nesting + 1) {
+				return d.Errf("streams: grace_period takes no block")
+			}
+
+		case "host":
+			s, err := unmarshalHost(d, ids)
+			if err != nil {
+				return err
+			}
+			ids[s.ID] = true
+			a.Hosts = append(a.Hosts, s)
+
+		default:
+			return d.Errf("streams: unknown option '%s' (want grace_period or host)", opt)
+		}
+	}
+	return nil
+}
+
+// unmarshalHost parses one `host <id> [<name>] { ... }`, the cursor on
+// `host`. ids are the host ids already taken.
+func unmarshalHost(d *caddyfile.Dispenser, ids map[int64]bool) (*Stream, error) {
+	args := d.RemainingArgs()
+	if len(args) < 1 || len(args) > 2 {
+		return nil, d.Errf("host: want <id> [<name>], got %d arguments", len(args))
+	}
+	id, err := strconv.ParseInt(args[0], 10, 64)
+	if err != nil {
+		return nil, d.Errf("host %q: id is not an integer", args[0])
+	}
+	if ids[id] {
+		return nil, d.Errf("host %d: duplicate id; every host needs its own id", id)
+	}
+	s := &Stream{ID: id, Enabled: true}
+	where := "host " + args[0]
+	fields := hostFields(s)
+
+	// setBy records which option set each field, to refuse setting it twice.
+	setBy := make(map[string]string)
+	set := func(opt string, fields ...string) error {
+		for _, f := range fields {
+			if prev, ok := setBy[f]; ok {
+				if prev == opt {
+					return d.Errf("%s: duplicate option '%s'", where, opt)
+				}
+				return d.Errf("%s: option '%s' sets %s, already set by '%s'", where, opt, f, prev)
+			}
+			setBy[f] = opt
+		}
+		return nil
+	}
+	if len(args) == 2 {
+		s.Name = args[1]
+		setBy["name"] = "host"
+	}
+
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		opt := d.Val()
+		switch opt {
+		case "whitelist_cidrs", "blacklist_cidrs":
+			vals := d.RemainingArgs()
+			if len(vals) == 0 {
+				return nil, d.Errf("%s: %s: want one or more CIDRs", where, opt)
+			}
+			if opt == "whitelist_cidrs" {
+				s.WhitelistCIDRs = append(s.WhitelistCIDRs, vals...)
+			} else {
+				s.BlacklistCIDRs = append(s.BlacklistCIDRs, vals...)
+			}
+
+		case "listen", "upstream":
+			var err error
+			if opt == "listen" {
+				err = set(opt, "listen_address", "listen_port")
+			} else {
+				err = set(opt, "upstream_host", "upstream_port")
+			}
+			if err != nil {
+				return nil, err
+			}
+			v, err := oneArg(d, where)
+			if err != nil {
+				return nil, err
+			}
+			if opt == "listen" {
+				s.ListenAddress, s.ListenPort, err = parseListen(v)
+			} else {
+				s.UpstreamHost, s.UpstreamPort, err = parseUpstream(v)
+			}
+			if err != nil {
+				return nil, d.Errf("%s: %s %q: %v", where, opt, v, err)
+			}
+
+		default:
+			field, ok := fields[opt]
+			if !ok {
+				return nil, d.Errf("%s: unknown option '%s'", where, opt)
+			}
+			if err := set(opt, opt); err != nil {
+				return nil, err
+			}
+			var err error
+			switch p := field.(type) {
+			case *string:
+				*p, err = oneArg(d, where)
+			case *int:
+				err = intArg(d, where, p)
+			case *int64:
+				err = int64Arg(d, where, p)
+			case *bool:
+				err = boolArg(d, where, p)
+			}
+			if err != nil {
+				return nil, err
+			}
+		}
+		if d.NextBlock(nesting + 1) {
+			return nil, d.Errf("%s: option '%s' takes no block", where, opt)
+		}
+	}
+	return s, nil
+}
+
+// hostFields maps the host options that set one field, named as the
+// field's JSON name, to that field of s.
+func hostFields(s *Stream) map[string]any {
+	return map[string]any{
+		"name":                          &s.Name,
+		"protocol":                      &s.Protocol,
+		"listen_address":                &s.ListenAddress,
+		"listen_port":                   &s.ListenPort,
+		"upstream_host":                 &s.UpstreamHost,
+		"upstream_port":                 &s.UpstreamPort,
+		"enabled":                       &s.Enabled,
+		"max_connections":               &s.MaxConnections,
+		"connection_timeout_seconds":    &s.ConnectionTimeoutSeconds,
+		"idle_timeout_seconds":          &s.IdleTimeoutSeconds,
+		"proxy_protocol_version":        &s.ProxyProtocolVersion,
+		"ssl_enabled":                   &s.SSLEnabled,
+		"ssl_cert_id":                   &s.SSLCertID,
+		"upload_rate_bytes":             &s.UploadRateBytes,
+		"download_rate_bytes":           &s.DownloadRateBytes,
+		"health_check_enabled":          &s.HealthCheckEnabled,
+		"health_check_interval_seconds": &s.HealthCheckIntervalSeconds,
+		"log_connections":               &s.LogConnections,
+		"notes":                         &s.Notes,
+	}
+}
+
+// oneArg returns the one argument of the current option.
+func oneArg(d *caddyfile.Dispenser, where string) (string, error) {
+	opt := d.Val()
+	args := d.RemainingArgs()
+	if len(args) != 1 {
+		return "", d.Errf("%s: %s: want one value, got %d", where, opt, len(args))
+	}
+	return args[0], nil
+}
+
+func intArg(d *caddyfile.Dispenser, where string, dst *int) error {
+	opt := d.Val()
+	v, err := oneArg(d, where)
+	if err != nil {
+		return err
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil {
+		return d.Errf("%s: %s %q: not an integer", where, opt, v)
+	}
+	*dst = n
+	return nil
+}
+
+func int64Arg(d *caddyfile.Dispenser, where string, dst *int64) error {
+	opt := d.Val()
+	v, err := oneArg(d, where)
+	if err != nil {
+		return err
+	}
+	n, err := strconv.ParseInt(v, 10, 64)
+	if err != nil {
+		return d.Errf("%s: %s %q: not an integer", where, opt, v)
+	}
+	*dst = n
+	return nil
+}
+
+// boolArg reads an optional true|false; the option alone means true.
+func boolArg(d *caddyfile.Dispenser, where string, dst *bool) error {
+	opt := d.Val()
+	args := d.RemainingArgs()
+	switch {
+	case len(args) == 0:
+		*dst = true
+	case len(args) > 1:
+		return d.Errf("%s: %s: want true, false or nothing, got %d values", where, opt, len(args))
+	case args[0] == "true":
+		*dst = true
+	case args[0] == "false":
+		*dst = false
+	default:
+		return d.Errf("%s: %s %q: want true or false", where, opt, args[0])
+	}
+	return nil
+}
+
+// parseListen parses the `listen` shorthand: <address:port> or <port>.
+func parseListen(v string) (addr string, port int, err error) {
+	const want = "want <address:port> or <port>, e.g. 127.0.0.1:5432, [::1]:5432, :5432 or 5432"
+	if strings.Contains(v, "/") {
+		return "", 0, fmt.Errorf("%s; set tcp or udp with the protocol option", want)
+	}
+	if n, err := strconv.Atoi(v); err == nil {
+		return "", n, nil
+	}
+	host, ps, err := net.SplitHostPort(v)
+	if err != nil {
+		return "", 0, fmt.Errorf("%s", want)
+	}
+	port, err = strconv.Atoi(ps)
+	if err != nil {
+		return "", 0, fmt.Errorf("port %q is not an integer; %s", ps, want)
+	}
+	return host, port, nil
+}
+
+// parseUpstream parses the `upstream` shorthand: <host:port>.
+func parseUpstream(v string) (host string, port int, err error) {
+	const want = "want <host:port>, e.g. db.internal:5432, 10.0.0.5:5432 or [2001:db8::5]:5432"
+	host, ps, err := net.SplitHostPort(v)
+	if err != nil {
+		return "", 0, fmt.Errorf("%s", want)
+	}
+	port, err = strconv.Atoi(ps)
+	if err != nil {
+		return "", 0, fmt.Errorf("port %q is not an integer; %s", ps, want)
+	}
+	return host, port, nil
+}
+
+// Interface guard.
+var _ caddyfile.Unmarshaler = (*App)(nil)

@@ -1,0 +1,388 @@
+package streams
+
+import (
+	"bytes"
+	"encoding/json"
+	"flag"
+	"os"
+	"path/filepath"
+	"reflect"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddytest"
+)
+
+var updateGolden = flag.Bool("update-caddytest", false, "rewrite the expected JSON of testdata/caddyfile_adapt/*.caddytest")
+
+// goldenSeparator splits a .caddytest file into Caddyfile and expected JSON.
+const goldenSeparator = "----------"
+
+// readGolden returns the Caddyfile and expected JSON of a .caddytest file.
+func readGolden(t testing.TB, path string) (caddyfileText, wantJSON string) {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := regexp.MustCompile(`\r?\n`).ReplaceAllString(string(data), "\n")
+	in, want, found := strings.Cut(text, goldenSeparator)
+	if !found && !*updateGolden {
+		t.Fatalf("%s: no %q line between the Caddyfile and the JSON", path, goldenSeparator)
+	}
+	return strings.TrimSpace(in) + "\n", strings.TrimSpace(want)
+}
+
+// adapt adapts a Caddyfile to indented JSON, failing on errors and warnings.
+func adapt(t testing.TB, name, input string) []byte {
+	t.Helper()
+	out, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(input), nil)
+	if err != nil {
+		t.Fatalf("%s: adapting: %v", name, err)
+	}
+	for _, w := range warnings {
+		t.Errorf("%s:%d: adapt warning: %s: %s", name, w.Line, w.Directive, w.Message)
+	}
+	var buf bytes.Buffer
+	if err := json.Indent(&buf, out, "", "\t"); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+// streamsApp decodes the streams app out of an adapted config.
+func streamsApp(t testing.TB, config []byte) *App {
+	t.Helper()
+	var cfg struct {
+		Apps map[string]json.RawMessage `json:"apps"`
+	}
+	if err := json.Unmarshal(config, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	raw, ok := cfg.Apps["streams"]
+	if !ok {
+		t.Fatalf("no streams app in %s", config)
+	}
+	app := new(App)
+	if err := json.Unmarshal(raw, app); err != nil {
+		t.Fatalf("decoding streams app: %v", err)
+	}
+	return app
+}
+
+func TestCaddyfileAdaptGolden(t *testing.T) {
+	files, err := filepath.Glob("testdata/caddyfile_adapt/*.caddytest")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(files) == 0 {
+		t.Fatal("no testdata/caddyfile_adapt/*.caddytest files")
+	}
+	for _, path := range files {
+		name := filepath.Base(path)
+		t.Run(strings.TrimSuffix(name, ".caddytest"), func(t *testing.T) {
+			in, want := readGolden(t, path)
+			got := adapt(t, name, in)
+			if *updateGolden {
+				out := in + goldenSeparator + "\n" + string(got) + "\n"
+				if err := os.WriteFile(path, []byte(out), 0o644); err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			if !caddytest.CompareAdapt(t, name, in, "caddyfile", want) {
+				t.Errorf("%s: adapted JSON differs from the expected JSON (diff on stdout)", name)
+			}
+			// Every golden config is meant to be valid.
+			if err := streamsApp(t, got).Validate(); err != nil {
+				t.Errorf("%s: adapted config does not validate:\n%v", name, err)
+			}
+		})
+	}
+}
+
+func TestCaddyfileExample(t *testing.T) {
+	data, err := os.ReadFile(filepath.Join("..", "..", "Caddyfile.example"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := adapt(t, "Caddyfile.example", string(data))
+	app := streamsApp(t, got)
+	if len(app.Hosts) == 0 {
+		t.Fatal("Caddyfile.example has no stream host")
+	}
+	// The ports Provision would reserve for this config.
+	app.reserved = []reservedPort{{80, "Caddy's HTTP port"}, {443, "Caddy's HTTPS port"}, {2019, "Caddy's admin endpoint"}}
+	if err := app.Validate(); err != nil {
+		t.Errorf("Caddyfile.example does not validate:\n%v", err)
+	}
+	var cfg struct {
+		Admin struct {
+			Listen string `json:"listen"`
+		} `json:"admin"`
+		Apps map[string]json.RawMessage `json:"apps"`
+	}
+	if err := json.Unmarshal(got, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Admin.Listen != "localhost:2019" {
+		t.Errorf("admin listen = %q, want localhost:2019", cfg.Admin.Listen)
+	}
+	if _, ok := cfg.Apps["http"]; !ok {
+		t.Error("Caddyfile.example serves no HTTP site for the stream's upstream")
+	}
+}
+
+// TestCaddyfileHostOptionsCoverStream guards against a Stream field that
+// the Caddyfile cannot set.
+func TestCaddyfileHostOptionsCoverStream(t *testing.T) {
+	fields := hostFields(new(Stream))
+	typ := reflect.TypeFor[Stream]()
+	for i := range typ.NumField() {
+		name, _, _ := strings.Cut(typ.Field(i).Tag.Get("json"), ",")
+		switch name {
+		case "id", "whitelist_cidrs", "blacklist_cidrs": // host argument; appending options
+			continue
+		}
+		if _, ok := fields[name]; !ok {
+			t.Errorf("Stream field %s (json %q) has no Caddyfile host option", typ.Field(i).Name, name)
+		}
+	}
+}
+
+func TestUnmarshalCaddyfile(t *testing.T) {
+	d := caddyfile.NewTestDispenser(`streams {
+		grace_period 2s
+		host 4 "my db" {
+			listen [2001:db8::1]:5432
+			upstream db.internal:5432
+			whitelist_cidrs 10.0.0.0/8
+			whitelist_cidrs ::1 192.0.2.7
+			ssl_enabled false
+			health_check_enabled
+		}
+	}`)
+	var app App
+	if err := app.UnmarshalCaddyfile(d); err != nil {
+		t.Fatal(err)
+	}
+	want := &Stream{
+		ID:                 4,
+		Name:               "my db",
+		ListenAddress:      "2001:db8::1",
+		ListenPort:         5432,
+		UpstreamHost:       "db.internal",
+		UpstreamPort:       5432,
+		Enabled:            true,
+		WhitelistCIDRs:     []string{"10.0.0.0/8", "::1", "192.0.2.7"},
+		HealthCheckEnabled: true,
+	}
+	if len(app.Hosts) != 1 || !reflect.DeepEqual(app.Hosts[0], want) {
+		t.Errorf("hosts = %+v, want [%+v]", app.Hosts, want)
+	}
+	if time.Duration(app.GracePeriod) != 2*time.Second {
+		t.Errorf("grace_period = %v, want 2s", app.GracePeriod)
+	}
+}
+
+func TestUnmarshalCaddyfileErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		input string
+		want  []string // substrings of the error
+	}{
+		{"streams argument", `streams foo`, []string{"streams takes no arguments"}},
+		{"unknown streams option", `streams {
+			hosts 1
+		}`, []string{"unknown option 'hosts'", "want grace_period or host"}},
+		{"unknown host option", `streams {
+			host 1 {
+				listen_prot 5432
+			}
+		}`, []string{"host 1", "unknown option 'listen_prot'", "Testfile:3"}},
+		{"host without id", `streams {
+			host {
+				listen 5432
+			}
+		}`, []string{"host: want <id> [<name>], got 0 arguments"}},
+		{"host with three args", `streams {
+			host 1 a b
+		}`, []string{"got 3 arguments"}},
+		{"host id not int", `streams {
+			host db {
+			}
+		}`, []string{`host "db": id is not an integer`}},
+		{"duplicate host id", `streams {
+			host 2 a {
+				listen 1
+			}
+			host 2 b {
+				listen 2
+			}
+		}`, []string{"host 2: duplicate id", "Testfile:5"}},
+		{"bad int", `streams {
+			host 1 {
+				listen_port 54x
+			}
+		}`, []string{`host 1: listen_port "54x": not an integer`}},
+		{"bad int64", `streams {
+			host 1 {
+				upload_rate_bytes 1.5
+			}
+		}`, []string{`upload_rate_bytes "1.5": not an integer`}},
+		{"int overflow", `streams {
+			host 1 {
+				ssl_cert_id 99999999999999999999
+			}
+		}`, []string{`ssl_cert_id "99999999999999999999": not an integer`}},
+		{"missing arg", `streams {
+			host 1 {
+				upstream_host
+			}
+		}`, []string{"upstream_host: want one value, got 0"}},
+		{"extra arg", `streams {
+			host 1 {
+				name a b
+			}
+		}`, []string{"name: want one value, got 2"}},
+		{"empty cidrs", `streams {
+			host 1 {
+				whitelist_cidrs
+			}
+		}`, []string{"whitelist_cidrs: want one or more CIDRs"}},
+		{"bad bool", `streams {
+			host 1 {
+				enabled yes
+			}
+		}`, []string{`enabled "yes": want true or false`}},
+		{"bool extra args", `streams {
+			host 1 {
+				log_connections true false
+			}
+		}`, []string{"log_connections: want true, false or nothing, got 2 values"}},
+		{"duplicate option", `streams {
+			host 1 {
+				max_connections 1
+				max_connections 2
+			}
+		}`, []string{"host 1: duplicate option 'max_connections'"}},
+		{"name twice", `streams {
+			host 1 a {
+				name b
+			}
+		}`, []string{"option 'name' sets name, already set by 'host'"}},
+		{"listen and listen_port", `streams {
+			host 1 {
+				listen 127.0.0.1:5432
+				listen_port 5433
+			}
+		}`, []string{"option 'listen_port' sets listen_port, already set by 'listen'"}},
+		{"upstream without port", `streams {
+			host 1 {
+				upstream db.internal
+			}
+		}`, []string{`upstream "db.internal": want <host:port>`}},
+		{"upstream bad port", `streams {
+			host 1 {
+				upstream db.internal:pg
+			}
+		}`, []string{`port "pg" is not an integer`}},
+		{"listen bracket without port", `streams {
+			host 1 {
+				listen [::1]
+			}
+		}`, []string{`listen "[::1]": want <address:port> or <port>`}},
+		{"listen with network", `streams {
+			host 1 {
+				listen udp/0.0.0.0:53
+			}
+		}`, []string{"set tcp or udp with the protocol option"}},
+		{"grace period", `streams {
+			grace_period soon
+		}`, []string{`grace_period "soon": not a duration`}},
+		{"grace period twice", `streams {
+			grace_period 1s
+			grace_period 2s
+		}`, []string{"duplicate option 'grace_period'"}},
+		{"nested block", `streams {
+			host 1 {
+				notes {
+					x
+				}
+			}
+		}`, []string{"notes: want one value, got 0"}},
+		{"block after value", `streams {
+			host 1 {
+				notes x {
+					y
+				}
+			}
+		}`, []string{"option 'notes' takes no block"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var app App
+			err := app.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input))
+			if err == nil {
+				t.Fatalf("no error; hosts: %s", mustJSON(t, app.Hosts))
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not contain %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+// TestStreamsOptionErrors checks errors through the whole adapter, where
+// several `streams` blocks are merged.
+func TestStreamsOptionErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		input string
+		want  string
+	}{
+		{"duplicate id across blocks", `{
+	streams {
+		host 1 {
+			listen 1
+		}
+	}
+	streams {
+		host 1 {
+			listen 2
+		}
+	}
+}
+`, "host 1: duplicate id"},
+		{"grace_period in two blocks", `{
+	streams {
+		grace_period 1s
+	}
+	streams {
+		grace_period 2s
+	}
+}
+`, "duplicate option 'grace_period'"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(tc.input), nil)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("error = %v, want it to contain %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func mustJSON(t testing.TB, v any) []byte {
+	t.Helper()
+	b, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
