@@ -32,6 +32,24 @@ fuzz:
 		$(GO) test -run '^$$' -fuzz "^$$target$$" -fuzztime $(FUZZTIME) ./modules/streams || exit 1; \
 	done
 
+# Aegis against HAProxy, nginx and no proxy on loopback (cmd/aegis-bench).
+# Flags go in BENCH_FLAGS, e.g. BENCH_FLAGS='-only aegis,haproxy -duration 2s'.
+BENCH_FLAGS ?=
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+bench: build
+	$(GO) build -o bin/aegis-bench ./cmd/aegis-bench
+	@pkgs=""; \
+	command -v haproxy >/dev/null || test -x /usr/sbin/haproxy || pkgs="$$pkgs haproxy"; \
+	command -v nginx >/dev/null || test -x /usr/sbin/nginx || pkgs="$$pkgs nginx"; \
+	test -f /usr/lib/nginx/modules/ngx_stream_module.so || pkgs="$$pkgs libnginx-mod-stream"; \
+	if [ -n "$$pkgs" ]; then \
+		echo "installing:$$pkgs"; \
+		$(SUDO) apt-get update && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y$$pkgs || exit 1; \
+	fi
+	bin/aegis-bench -aegis $(BIN) $(BENCH_FLAGS)
+
 # The same binary, built by xcaddy from what xcaddy.json pins (one
 # "with" per line: module@version, or module=path for this checkout).
 xcaddy:

@@ -1,0 +1,229 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// window is the timing of one test: load runs for warmup+dur, and only
+// the last dur counts.
+type window struct{ warmup, dur time.Duration }
+
+const dialTimeout = 2 * time.Second
+
+// maxSamples bounds the latency samples kept per connection.
+const maxSamples = 1 << 20
+
+// measure runs load until the window ends and returns how much counter
+// grew per second during the counted part.
+func measure(w window, counter func() int64) float64 {
+	time.Sleep(w.warmup)
+	a, t0 := counter(), time.Now()
+	time.Sleep(w.dur)
+	b, t1 := counter(), time.Now()
+	return float64(b-a) / t1.Sub(t0).Seconds()
+}
+
+// dialAll opens n connections to addr, all with the deadline end.
+func dialAll(addr string, n int, end time.Time) ([]net.Conn, error) {
+	var conns []net.Conn
+	for range n {
+		c, err := net.DialTimeout("tcp", addr, dialTimeout)
+		if err != nil {
+			closeAll(conns)
+			return nil, err
+		}
+		c.SetDeadline(end)
+		conns = append(conns, c)
+	}
+	return conns, nil
+}
+
+func closeAll(conns []net.Conn) {
+	for _, c := range conns {
+		c.Close()
+	}
+}
+
+// upload writes to the sink through addr on n connections; the sink counts
+// what arrives. Result in MB/s (1 MB = 10^6 bytes).
+func upload(addr string, n int, w window, sink *upstream) (float64, error) {
+	end := time.Now().Add(w.warmup + w.dur)
+	conns, err := dialAll(addr, n, end)
+	if err != nil {
+		return 0, err
+	}
+	var wg sync.WaitGroup
+	for _, c := range conns {
+		wg.Go(func() {
+			buf := make([]byte, 64<<10)
+			for time.Now().Before(end) {
+				if _, err := c.Write(buf); err != nil {
+					return
+				}
+			}
+		})
+	}
+	rate := measure(w, sink.read.Load)
+	closeAll(conns)
+	wg.Wait()
+	return rate / 1e6, nil
+}
+
+// download reads from the source through addr on n connections. Result in MB/s.
+func download(addr string, n int, w window) (float64, error) {
+	end := time.Now().Add(w.warmup + w.dur)
+	conns, err := dialAll(addr, n, end)
+	if err != nil {
+		return 0, err
+	}
+	var got atomic.Int64
+	var wg sync.WaitGroup
+	for _, c := range conns {
+		wg.Go(func() {
+			buf := make([]byte, 64<<10)
+			for time.Now().Before(end) {
+				k, err := c.Read(buf)
+				got.Add(int64(k))
+				if err != nil {
+					return
+				}
+			}
+		})
+	}
+	rate := measure(w, got.Load)
+	closeAll(conns)
+	wg.Wait()
+	if rate == 0 {
+		return 0, errors.New("no bytes came through")
+	}
+	return rate / 1e6, nil
+}
+
+// roundTrip writes msg and reads the echo of the same length.
+func roundTrip(c net.Conn, msg, buf []byte) error {
+	if _, err := c.Write(msg); err != nil {
+		return err
+	}
+	_, err := io.ReadFull(c, buf[:len(msg)])
+	return err
+}
+
+// connRate runs workers that each connect to the echo through addr, do one
+// small round trip and close, over and over. It returns connections per
+// second and how many attempts failed in the counted part.
+func connRate(addr string, workers int, w window) (float64, int64) {
+	end := time.Now().Add(w.warmup + w.dur)
+	countFrom := time.Now().Add(w.warmup)
+	var ok, failed atomic.Int64
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Go(func() {
+			msg, buf := make([]byte, 32), make([]byte, 32)
+			d := net.Dialer{Timeout: dialTimeout, Deadline: end}
+			for time.Now().Before(end) {
+				err := func() error {
+					c, err := d.Dial("tcp", addr)
+					if err != nil {
+						return err
+					}
+					defer c.Close()
+					c.SetDeadline(end)
+					return roundTrip(c, msg, buf)
+				}()
+				if err == nil {
+					ok.Add(1)
+				} else if now := time.Now(); now.Before(end) {
+					if now.After(countFrom) {
+						failed.Add(1)
+					}
+					time.Sleep(time.Millisecond)
+				}
+			}
+		})
+	}
+	rate := measure(w, ok.Load)
+	wg.Wait()
+	return rate, failed.Load()
+}
+
+// latency runs n connections that each ping-pong 64-byte messages with the
+// echo through addr, and returns the round-trip time percentiles.
+func latency(addr string, n int, w window) (p50, p99 time.Duration, err error) {
+	end := time.Now().Add(w.warmup + w.dur)
+	countFrom := time.Now().Add(w.warmup)
+	conns, err := dialAll(addr, n, end)
+	if err != nil {
+		return 0, 0, err
+	}
+	samples := make([][]time.Duration, n)
+	var wg sync.WaitGroup
+	for i, c := range conns {
+		wg.Go(func() {
+			msg, buf := make([]byte, 64), make([]byte, 64)
+			for len(samples[i]) < maxSamples {
+				t := time.Now()
+				if !t.Before(end) || roundTrip(c, msg, buf) != nil {
+					return
+				}
+				if t.After(countFrom) {
+					samples[i] = append(samples[i], time.Since(t))
+				}
+			}
+		})
+	}
+	wg.Wait()
+	closeAll(conns)
+	all := slices.Concat(samples...)
+	if len(all) == 0 {
+		return 0, 0, errors.New("no round trip finished")
+	}
+	slices.Sort(all)
+	return percentile(all, 50), percentile(all, 99), nil
+}
+
+// percentile is the nearest-rank percentile p (0–100] of sorted samples.
+func percentile(sorted []time.Duration, p float64) time.Duration {
+	if len(sorted) == 0 {
+		return 0
+	}
+	i := int(math.Ceil(p/100*float64(len(sorted)))) - 1
+	return sorted[max(0, min(i, len(sorted)-1))]
+}
+
+// idleMemory opens n connections to the echo through addr, each with one
+// round trip, and returns how much rss grew per connection, in KB.
+func idleMemory(addr string, n int, rss func() (int64, error)) (float64, error) {
+	time.Sleep(300 * time.Millisecond)
+	before, err := rss()
+	if err != nil {
+		return 0, err
+	}
+	conns := make([]net.Conn, 0, n)
+	defer func() { closeAll(conns) }()
+	msg, buf := make([]byte, 64), make([]byte, 64)
+	for i := range n {
+		c, err := net.DialTimeout("tcp", addr, dialTimeout)
+		if err != nil {
+			return 0, fmt.Errorf("connection %d: %v", i+1, err)
+		}
+		conns = append(conns, c)
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if err := roundTrip(c, msg, buf); err != nil {
+			return 0, fmt.Errorf("connection %d: %v", i+1, err)
+		}
+	}
+	time.Sleep(time.Second) // let the proxy settle
+	after, err := rss()
+	if err != nil {
+		return 0, err
+	}
+	return float64(after-before) / float64(n), nil
+}

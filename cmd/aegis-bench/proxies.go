@@ -1,0 +1,267 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"text/template"
+)
+
+// ports holds one port per upstream kind: for a proxy its front ports, for
+// direct the upstream ports themselves.
+type ports struct{ Sink, Source, Echo int }
+
+func (p ports) list() []int { return []int{p.Sink, p.Source, p.Echo} }
+
+// setup holds what a proxy needs to start: a temp dir of its own, the
+// upstream ports, free front ports, and the path of its binary.
+type setup struct {
+	name   string
+	dir    string
+	up     ports
+	front  ports
+	binary string
+	pin    bool
+}
+
+// proxy is one proxy under test.
+type proxy struct {
+	name string
+	// binary finds the executable; "" means no process (direct).
+	binary func(cfg *config) string
+	// start writes the config and starts the process.
+	start func(s setup) (*child, error)
+	// rssPID is the process whose memory is measured.
+	rssPID func(c *child) (int, error)
+}
+
+var proxies = []proxy{
+	{name: "direct"},
+	{name: "aegis", binary: func(c *config) string { return c.aegis }, start: startAegis, rssPID: mainPID},
+	{name: "haproxy", binary: func(*config) string { return "haproxy" }, start: startHAProxy, rssPID: mainPID},
+	{name: "nginx", binary: func(*config) string { return "nginx" }, start: startNginx, rssPID: nginxWorker},
+}
+
+func mainPID(c *child) (int, error) { return c.cmd.Process.Pid, nil }
+
+// nginxWorker is the one worker process of the nginx master.
+func nginxWorker(c *child) (int, error) {
+	kids, err := childPIDs(c.cmd.Process.Pid)
+	if err != nil {
+		return 0, err
+	}
+	if len(kids) != 1 {
+		return 0, fmt.Errorf("nginx has %d worker processes, want 1", len(kids))
+	}
+	return kids[0], nil
+}
+
+// freePorts picks n free ports on 127.0.0.1.
+func freePorts(n int) ([]int, error) {
+	var lns []net.Listener
+	defer func() {
+		for _, ln := range lns {
+			ln.Close()
+		}
+	}()
+	var out []int
+	for range n {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, err
+		}
+		lns = append(lns, ln)
+		out = append(out, ln.Addr().(*net.TCPAddr).Port)
+	}
+	return out, nil
+}
+
+// --- aegis ---
+
+type aegisStream struct {
+	ID             int      `json:"id"`
+	Name           string   `json:"name"`
+	Protocol       string   `json:"protocol"`
+	ListenAddress  string   `json:"listen_address"`
+	ListenPort     int      `json:"listen_port"`
+	UpstreamHost   string   `json:"upstream_host"`
+	UpstreamPort   int      `json:"upstream_port"`
+	WhitelistCIDRs []string `json:"whitelist_cidrs"`
+	LogConnections bool     `json:"log_connections"`
+}
+
+// aegisConfig renders the Caddy JSON config for bin/aegis.
+func aegisConfig(adminPort int, logFile string, up, front ports) ([]byte, error) {
+	kinds := []string{"sink", "source", "echo"}
+	var hosts []aegisStream
+	for i, p := range front.list() {
+		hosts = append(hosts, aegisStream{
+			ID: i + 1, Name: "bench-" + kinds[i], Protocol: "tcp",
+			ListenAddress: "127.0.0.1", ListenPort: p,
+			UpstreamHost: "127.0.0.1", UpstreamPort: up.list()[i],
+			WhitelistCIDRs: []string{"127.0.0.0/8"}, LogConnections: true,
+		})
+	}
+	cfg := map[string]any{
+		"admin": map[string]any{"listen": fmt.Sprintf("127.0.0.1:%d", adminPort)},
+		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{
+			"level":  "INFO",
+			"writer": map[string]any{"output": "file", "filename": logFile},
+		}}},
+		"apps": map[string]any{"streams": map[string]any{"hosts": hosts}},
+	}
+	return json.MarshalIndent(cfg, "", "  ")
+}
+
+func startAegis(s setup) (*child, error) {
+	admin, err := freePorts(1)
+	if err != nil {
+		return nil, err
+	}
+	cfg, err := aegisConfig(admin[0], filepath.Join(s.dir, "aegis.log"), s.up, s.front)
+	if err != nil {
+		return nil, err
+	}
+	file := filepath.Join(s.dir, "aegis.json")
+	if err := os.WriteFile(file, cfg, 0o644); err != nil {
+		return nil, err
+	}
+	// Keep Caddy's autosave and data out of $HOME.
+	env := []string{"GOMAXPROCS=1", "XDG_CONFIG_HOME=" + s.dir, "XDG_DATA_HOME=" + s.dir, "HOME=" + s.dir}
+	return startChild(s, env, s.binary, "run", "--config", file)
+}
+
+// --- haproxy ---
+
+// haproxyTmpl is the HAProxy config. maxconn is 9000, not more: HAProxy
+// wants two fds per connection and will not start if it cannot raise its
+// fd limit that far (the hard limit is 20000 here).
+var haproxyTmpl = template.Must(template.New("haproxy").Parse(`global
+    nbthread 1
+    maxconn 9000
+    log stdout format raw local0
+
+defaults
+    mode tcp
+    log global
+    option tcplog
+    maxconn 9000
+    timeout connect 10s
+    timeout client 1h
+    timeout server 1h
+{{range .}}
+frontend fe_{{.Kind}}
+    bind 127.0.0.1:{{.Front}}
+    tcp-request connection reject if !{ src 127.0.0.0/8 }
+    default_backend be_{{.Kind}}
+
+backend be_{{.Kind}}
+    server up 127.0.0.1:{{.Up}}
+{{end}}`))
+
+// route is one front port relayed to one upstream port.
+type route struct {
+	Kind      string
+	Front, Up int
+}
+
+func routes(up, front ports) []route {
+	return []route{
+		{"sink", front.Sink, up.Sink},
+		{"source", front.Source, up.Source},
+		{"echo", front.Echo, up.Echo},
+	}
+}
+
+func haproxyConfig(up, front ports) (string, error) {
+	var b bytes.Buffer
+	err := haproxyTmpl.Execute(&b, routes(up, front))
+	return b.String(), err
+}
+
+func startHAProxy(s setup) (*child, error) {
+	cfg, err := haproxyConfig(s.up, s.front)
+	if err != nil {
+		return nil, err
+	}
+	file := filepath.Join(s.dir, "haproxy.cfg")
+	if err := os.WriteFile(file, []byte(cfg), 0o644); err != nil {
+		return nil, err
+	}
+	// -db: foreground. Logs go to stdout, which startChild sends to a file.
+	return startChild(s, nil, s.binary, "-db", "-f", file)
+}
+
+// --- nginx ---
+
+var nginxTmpl = template.Must(template.New("nginx").Parse(`load_module {{.Module}};
+worker_processes 1;
+worker_rlimit_nofile 20000;
+daemon off;
+master_process on;
+pid {{.Dir}}/nginx.pid;
+error_log {{.Dir}}/nginx-error.log warn;
+
+events {
+    worker_connections 10000;
+}
+
+stream {
+    log_format bench '$remote_addr [$time_local] $protocol $status '
+                     '$bytes_sent $bytes_received $session_time "$upstream_addr"';
+    access_log {{.Dir}}/nginx-access.log bench;
+{{range .Routes}}
+    server {
+        listen 127.0.0.1:{{.Front}};
+        allow 127.0.0.0/8;
+        deny all;
+        proxy_connect_timeout 10s;
+        proxy_timeout 1h;
+        proxy_pass 127.0.0.1:{{.Up}};
+    }
+{{end}}}
+`))
+
+// nginxModule is where Debian's libnginx-mod-stream puts the module.
+const nginxModule = "/usr/lib/nginx/modules/ngx_stream_module.so"
+
+func nginxConfig(dir, module string, up, front ports) (string, error) {
+	var b bytes.Buffer
+	err := nginxTmpl.Execute(&b, map[string]any{"Dir": dir, "Module": module, "Routes": routes(up, front)})
+	return b.String(), err
+}
+
+func startNginx(s setup) (*child, error) {
+	if _, err := os.Stat(nginxModule); err != nil {
+		return nil, fmt.Errorf("no stream module (apt-get install libnginx-mod-stream): %v", err)
+	}
+	cfg, err := nginxConfig(s.dir, nginxModule, s.up, s.front)
+	if err != nil {
+		return nil, err
+	}
+	file := filepath.Join(s.dir, "nginx.conf")
+	if err := os.WriteFile(file, []byte(cfg), 0o644); err != nil {
+		return nil, err
+	}
+	// -p and -e keep nginx away from /etc/nginx and /var/log/nginx.
+	return startChild(s, nil, s.binary, "-p", s.dir, "-e", filepath.Join(s.dir, "nginx-error.log"), "-c", file)
+}
+
+// lookBinary resolves a binary name or path, or says why it cannot.
+func lookBinary(name string) (string, error) {
+	path, err := exec.LookPath(name)
+	if err != nil && !strings.Contains(name, "/") {
+		// Debian puts haproxy and nginx in /usr/sbin, which may not be in $PATH.
+		path, err = exec.LookPath(filepath.Join("/usr/sbin", name))
+	}
+	if err != nil {
+		return "", fmt.Errorf("%s not found", name)
+	}
+	return filepath.Abs(path) // the child runs in its own dir
+
+}
