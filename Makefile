@@ -25,11 +25,13 @@ test: vet build
 	$(GO) test -race -count=1 ./...
 	$(BIN) validate --config Caddyfile.example --adapter caddyfile
 
-# Each fuzz target for $(FUZZTIME).
+# Each fuzz target of each package for $(FUZZTIME).
 fuzz:
-	@for target in $$($(GO) test -list '^Fuzz' ./modules/streams | grep ^Fuzz); do \
-		echo "== $$target"; \
-		$(GO) test -run '^$$' -fuzz "^$$target$$" -fuzztime $(FUZZTIME) ./modules/streams || exit 1; \
+	@for pkg in $$($(GO) list ./...); do \
+		for target in $$($(GO) test -list '^Fuzz' $$pkg | grep ^Fuzz); do \
+			echo "== $$pkg $$target"; \
+			$(GO) test -run '^$$' -fuzz "^$$target$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 5s $$pkg || exit 1; \
+		done; \
 	done
 
 # Aegis against HAProxy, nginx and no proxy on loopback (cmd/aegis-bench).

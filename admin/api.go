@@ -20,9 +20,7 @@ const basePath = "/api/v1/streams"
 
 // adminAPI is the `admin.api.streams` module: the streams REST API on
 // Caddy's admin endpoint.
-type adminAPI struct {
-	app *streams.App
-}
+type adminAPI struct{}
 
 // CaddyModule returns the Caddy module information.
 func (adminAPI) CaddyModule() caddy.ModuleInfo {
@@ -32,13 +30,17 @@ func (adminAPI) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision finds the running config's streams app, if it has one.
-func (a *adminAPI) Provision(ctx caddy.Context) error {
-	app, err := ctx.AppIfConfigured("streams")
-	if err == nil {
-		a.app = app.(*streams.App)
+// runningApp returns the streams app of the running config, or nil. It is
+// looked up on each request: Caddy builds the admin endpoint of a new config
+// before that config's apps, so an app found at provisioning time may belong
+// to a config that then fails to load and never runs.
+func runningApp() *streams.App {
+	app, err := caddy.ActiveContext().AppIfConfigured("streams")
+	if err != nil {
+		return nil
 	}
-	return nil
+	a, _ := app.(*streams.App)
+	return a
 }
 
 // Routes returns the API's routes.
@@ -60,14 +62,14 @@ func (a *adminAPI) handleStreams(w http.ResponseWriter, r *http.Request) error {
 	switch r.URL.Path {
 	case basePath, basePath + "/":
 		hosts := []streams.HostStatus{}
-		if a.app != nil {
-			hosts = a.app.HostStatuses()
+		if app := runningApp(); app != nil {
+			hosts = app.HostStatuses()
 		}
 		return writeJSON(w, hosts)
 	case basePath + "/stats":
 		stats := []streams.Status{}
-		if a.app != nil {
-			stats = a.app.Statuses()
+		if app := runningApp(); app != nil {
+			stats = app.Statuses()
 		}
 		return writeJSON(w, stats)
 	default:
@@ -82,6 +84,5 @@ func writeJSON(w http.ResponseWriter, v any) error {
 
 // Interface guards
 var (
-	_ caddy.Provisioner = (*adminAPI)(nil)
 	_ caddy.AdminRouter = (*adminAPI)(nil)
 )

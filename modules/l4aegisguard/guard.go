@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -235,8 +236,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "stream_id":
 			err = oneInt(d, opt, args, &h.StreamID)
 		case "stream_name":
-			if len(args) != 1 {
-				return d.ArgErr()
+			if err := wantOne(d, opt, args); err != nil {
+				return err
 			}
 			h.StreamName = args[0]
 		case "whitelist_cidrs":
@@ -258,8 +259,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "download_rate_bytes":
 			err = oneInt(d, opt, args, &h.DownloadRateBytes)
 		case "idle_timeout":
-			if len(args) != 1 {
-				return d.ArgErr()
+			if err := wantOne(d, opt, args); err != nil {
+				return err
 			}
 			dur, perr := caddy.ParseDuration(args[0])
 			if perr != nil {
@@ -268,12 +269,12 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.IdleTimeout = caddy.Duration(dur)
 		case "log_connections":
 			switch {
-			case len(args) == 0 || args[0] == "true":
+			case len(args) == 0 || len(args) == 1 && args[0] == "true":
 				h.LogConnections = true
 			case len(args) == 1 && args[0] == "false":
 				h.LogConnections = false
 			default:
-				return d.Errf("log_connections %q: want true or false", args[0])
+				return d.Errf("log_connections %q: want true or false", strings.Join(args, " "))
 			}
 		default:
 			return d.Errf("unknown aegis_guard option %q", opt)
@@ -285,9 +286,17 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	return nil
 }
 
-func oneInt(d *caddyfile.Dispenser, opt string, args []string, dst *int64) error {
+// wantOne returns an error that names opt unless args is one value.
+func wantOne(d *caddyfile.Dispenser, opt string, args []string) error {
 	if len(args) != 1 {
-		return d.ArgErr()
+		return d.Errf("%s: want one value, got %d", opt, len(args))
+	}
+	return nil
+}
+
+func oneInt(d *caddyfile.Dispenser, opt string, args []string, dst *int64) error {
+	if err := wantOne(d, opt, args); err != nil {
+		return err
 	}
 	n, err := strconv.ParseInt(args[0], 10, 64)
 	if err != nil {

@@ -74,6 +74,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	case h.HealthCheckInterval < 0:
 		return fmt.Errorf("health_check_interval %s: must be >= 0", time.Duration(h.HealthCheckInterval))
 	}
+	// One SO_KEEPALIVE with the system's timings instead of Go's four
+	// setsockopt calls per connection.
+	h.dialer.KeepAlive = -1
+	h.dialer.Control = KeepAliveControl
 	h.dialer.Timeout = time.Duration(h.DialTimeout)
 	if h.dialer.Timeout == 0 {
 		h.dialer.Timeout = DefaultDialTimeout
@@ -143,14 +147,15 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 		}
 	}
 
-	r := &relay{ss: ss, client: cx.Conn, up: up}
+	r := getRelay(ss, cx.Conn, up)
+	defer r.put()
 	if ss != nil {
 		r.idle = ss.IdleTimeout
 		ss.RelayOwnsIdle()
 	}
-	// Splice between the raw sockets when nothing needs to see the bytes:
-	// no rate limit and no TLS. The session counts them then; otherwise the
-	// guard's wrapper does.
+	// Drive the raw sockets (splicing bulk transfers) when nothing needs to
+	// see the bytes: no rate limit and no TLS. The session counts them then;
+	// otherwise the guard's wrapper does.
 	if w, ok := cx.Conn.(*streamstate.Conn); ok && !w.Limited() {
 		if raw, ok := w.Raw().(*net.TCPConn); ok {
 			r.client, r.count = raw, true
@@ -158,7 +163,7 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	}
 	_, clientTCP := r.client.(*net.TCPConn)
 	_, upTCP := up.(*net.TCPConn)
-	r.splice = canSplice && clientTCP && upTCP
+	r.raw = canRaw && clientTCP && upTCP
 	r.run()
 	return nil
 }
@@ -227,7 +232,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 		val := d.Val()
 		if d.NextArg() {
-			return d.ArgErr()
+			return d.Errf("%s: want one value, got more (%q)", opt, d.Val())
 		}
 		switch opt {
 		case "stream_id":

@@ -2,26 +2,30 @@ package l4aegisproxy
 
 import (
 	"errors"
+	"net"
 	"os"
 	"runtime"
 	"sync"
 	"syscall"
-	"time"
 
 	"golang.org/x/sys/unix"
 )
 
+// canRaw is true where the relay can move bytes between raw sockets itself:
+// read/write for small transfers and splice(2) for bulk ones.
+const canRaw = true
+
 // pipeSize is the pipe buffer: the most one splice call moves.
 const pipeSize = 1 << 20
 
-// canSplice is true where splice(2) moves bytes between sockets.
-const canSplice = true
+// bulkStep is the size of a step from which the next step of the same
+// direction splices: below it a plain read and write cost less than two
+// splice calls through a pipe.
+const bulkStep = 16 << 10
 
 const spliceFlags = unix.SPLICE_F_MOVE | unix.SPLICE_F_NONBLOCK
 
-// pipe is a kernel pipe that splice moves bytes through. One is taken from
-// the pool only while bytes are in flight, so idle connections hold no
-// pipe descriptors.
+// pipe is a kernel pipe that splice moves bytes through.
 type pipe struct {
 	r, w    int
 	cleanup runtime.Cleanup
@@ -53,85 +57,196 @@ func (p *pipe) discard() {
 
 var errNoPipe = errors.New("splice: cannot create a pipe")
 
-// spliceStep waits until src has bytes, then moves what it has (up to the
-// pipe's size) to dst through a pipe, counting each part written. It
-// returns the bytes moved, and (0, nil) at EOF. The read deadline on src
-// ends the wait with os.ErrDeadlineExceeded. With an idle timeout, a write
-// that makes no progress until its deadline asks the relay whether the
-// connection is idle, and gives up only then; writeErr says whether the
-// error came from writing to dst.
-func (r *relay) spliceStep(dir int, src, dst syscall.RawConn, dstConn interface{ SetWriteDeadline(time.Time) error }) (n int, writeErr bool, err error) {
-	var (
-		p    *pipe
-		serr error
-	)
-	err = src.Read(func(fd uintptr) bool {
-		if p == nil {
-			if p, _ = pipes.Get().(*pipe); p == nil {
-				serr = errNoPipe
-				return true
-			}
-		}
-		for {
-			var moved int64
-			moved, serr = unix.Splice(int(fd), nil, p.w, nil, pipeSize, spliceFlags)
-			n = int(moved)
-			if serr != unix.EINTR {
-				break
-			}
-		}
-		if serr == unix.EAGAIN {
-			// Nothing to read: wait without holding the pipe.
-			pipes.Put(p)
-			p = nil
-			return false
-		}
-		return true
-	})
-	if err == nil {
-		err = serr
+// rawDir is one direction of a relay between two raw TCP sockets. A pipe or
+// a buffer is taken from its pool only once the source has bytes and given
+// back once they are written, so an idle connection holds neither.
+type rawDir struct {
+	r        *relay
+	dir      int
+	src, dst syscall.RawConn
+	dstConn  *net.TCPConn
+	bulk     bool
+
+	// State of the step in progress, shared with the callbacks below,
+	// which are bound once so that a step allocates nothing.
+	pipe           *pipe
+	buf            *[]byte
+	n, inPipe      int
+	err            error
+	readFn, spInFn func(uintptr) bool
+	spOutFn        func(uintptr) bool
+	wrote          int
+}
+
+// bind ties d to its relay and direction once, for the relay's whole life
+// in the pool, so that its callbacks are allocated only then.
+func (d *rawDir) bind(r *relay, dir int) {
+	d.r, d.dir = r, dir
+	d.readFn, d.spInFn, d.spOutFn = d.readCB, d.spliceInCB, d.spliceOutCB
+}
+
+// start readies d to move bytes from src to dst.
+func (d *rawDir) start(dst, src *net.TCPConn) error {
+	srcRC, err := src.SyscallConn()
+	if err != nil {
+		return err
 	}
+	dstRC, err := dst.SyscallConn()
+	if err != nil {
+		return err
+	}
+	d.src, d.dst, d.dstConn, d.bulk = srcRC, dstRC, dst, false
+	return nil
+}
+
+// release drops d's references to the connection.
+func (d *rawDir) release() {
+	d.src, d.dst, d.dstConn, d.err = nil, nil, nil, nil
+}
+
+// step waits until the source has bytes and moves what it has to the
+// destination, counting each part written. It returns the bytes read, and
+// (0, false, nil) at EOF. The read deadline on the source ends the wait
+// with os.ErrDeadlineExceeded. With an idle timeout, a write that makes no
+// progress until its deadline asks the relay whether the connection is
+// idle and gives up only then; writeErr says the error came from writing.
+func (d *rawDir) step() (n int, writeErr bool, err error) {
+	if d.bulk {
+		n, writeErr, err = d.spliceStep()
+	} else {
+		n, writeErr, err = d.copyStep()
+	}
+	d.bulk = n >= bulkStep
+	return n, writeErr, err
+}
+
+func (d *rawDir) readCB(fd uintptr) bool {
+	if d.buf == nil {
+		d.buf = copyBufs.Get().(*[]byte)
+	}
+	for {
+		d.n, d.err = syscall.Read(int(fd), *d.buf)
+		if d.err != syscall.EINTR {
+			break
+		}
+	}
+	if d.err == syscall.EAGAIN {
+		// Nothing to read: wait without holding the buffer.
+		copyBufs.Put(d.buf)
+		d.buf = nil
+		return false
+	}
+	return true
+}
+
+func (d *rawDir) copyStep() (int, bool, error) {
+	d.n, d.err = 0, nil
+	err := d.src.Read(d.readFn)
+	if err == nil {
+		err = d.err
+	}
+	n := d.n
 	if err != nil || n <= 0 {
-		if p != nil {
-			pipes.Put(p) // empty: nothing was moved into it
+		if d.buf != nil {
+			copyBufs.Put(d.buf)
+			d.buf = nil
 		}
 		return 0, false, err
 	}
+	werr := d.r.write(d.dir, d.dstConn, (*d.buf)[:n])
+	copyBufs.Put(d.buf)
+	d.buf = nil
+	return n, werr != nil, werr
+}
 
-	for inPipe := n; inPipe > 0; {
-		if r.idle > 0 {
-			_ = dstConn.SetWriteDeadline(r.deadline())
-		}
-		var (
-			m    int
-			werr error
-		)
-		err = dst.Write(func(fd uintptr) bool {
-			for {
-				var moved int64
-				moved, werr = unix.Splice(p.r, nil, int(fd), nil, inPipe, spliceFlags)
-				m = int(moved)
-				if werr != unix.EINTR {
-					break
-				}
-			}
-			return werr != unix.EAGAIN
-		})
-		if err == nil {
-			err = werr
-		}
-		if m > 0 {
-			inPipe -= m
-			r.moved(dir, int64(m))
-		}
-		if err != nil {
-			if errors.Is(err, os.ErrDeadlineExceeded) && !r.voteIdle(dir) {
-				continue // the peer is slow, but the connection is not idle
-			}
-			p.discard()
-			return n - inPipe, true, err
+func (d *rawDir) spliceInCB(fd uintptr) bool {
+	if d.pipe == nil {
+		if d.pipe, _ = pipes.Get().(*pipe); d.pipe == nil {
+			d.err = errNoPipe
+			return true
 		}
 	}
-	pipes.Put(p)
+	for {
+		var moved int64
+		moved, d.err = unix.Splice(int(fd), nil, d.pipe.w, nil, pipeSize, spliceFlags)
+		d.n = int(moved)
+		if d.err != unix.EINTR {
+			break
+		}
+	}
+	if d.err == unix.EAGAIN {
+		// Nothing to read: wait without holding the pipe.
+		pipes.Put(d.pipe)
+		d.pipe = nil
+		return false
+	}
+	return true
+}
+
+func (d *rawDir) spliceOutCB(fd uintptr) bool {
+	for {
+		var moved int64
+		moved, d.err = unix.Splice(d.pipe.r, nil, int(fd), nil, d.inPipe, spliceFlags)
+		d.wrote = int(moved)
+		if d.err != unix.EINTR {
+			break
+		}
+	}
+	return d.err != unix.EAGAIN
+}
+
+func (d *rawDir) spliceStep() (int, bool, error) {
+	d.n, d.err = 0, nil
+	err := d.src.Read(d.spInFn)
+	if err == nil {
+		err = d.err
+	}
+	n := d.n
+	if err != nil || n <= 0 {
+		if d.pipe != nil {
+			pipes.Put(d.pipe) // empty: nothing was moved into it
+			d.pipe = nil
+		}
+		return 0, false, err
+	}
+	for d.inPipe = n; d.inPipe > 0; {
+		if d.r.idle > 0 {
+			_ = d.dstConn.SetWriteDeadline(d.r.deadline())
+		}
+		d.wrote, d.err = 0, nil
+		err = d.dst.Write(d.spOutFn)
+		if err == nil {
+			err = d.err
+		}
+		if d.wrote > 0 {
+			d.inPipe -= d.wrote
+			d.r.moved(d.dir, int64(d.wrote))
+		}
+		if err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) && !d.r.voteIdle(d.dir) {
+				continue // the peer is slow, but the connection is not idle
+			}
+			d.pipe.discard()
+			d.pipe = nil
+			return n - d.inPipe, true, err
+		}
+	}
+	pipes.Put(d.pipe)
+	d.pipe = nil
 	return n, false, nil
+}
+
+// KeepAliveControl turns SO_KEEPALIVE on for a socket before it connects or
+// listens (accepted sockets inherit it from their listener), with the
+// system's keepalive timings. It fits net.Dialer.Control and
+// net.ListenConfig.Control.
+func KeepAliveControl(_, _ string, c syscall.RawConn) error {
+	var serr error
+	err := c.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1)
+	})
+	if err != nil {
+		return err
+	}
+	return serr
 }

@@ -4,13 +4,27 @@ package l4aegisproxy
 
 import (
 	"errors"
+	"net"
 	"syscall"
-	"time"
 )
 
-// canSplice is false where splice(2) does not exist: the relay copies.
-const canSplice = false
+// canRaw is false where the relay cannot drive raw sockets itself: it
+// copies through net.Conn instead.
+const canRaw = false
 
-func (r *relay) spliceStep(int, syscall.RawConn, syscall.RawConn, interface{ SetWriteDeadline(time.Time) error }) (int, bool, error) {
-	return 0, false, errors.New("splice is not available on this system")
+type rawDir struct{}
+
+func (*rawDir) bind(*relay, int) {}
+
+func (*rawDir) start(_, _ *net.TCPConn) error {
+	return errors.New("raw relay is not available on this system")
 }
+
+func (*rawDir) release() {}
+
+func (*rawDir) step() (int, bool, error) {
+	return 0, false, errors.New("raw relay is not available on this system")
+}
+
+// KeepAliveControl does nothing here; Go's own keepalive settings apply.
+func KeepAliveControl(_, _ string, _ syscall.RawConn) error { return nil }

@@ -7,7 +7,6 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
@@ -28,9 +27,11 @@ const (
 )
 
 // relay moves bytes both ways between a client and an upstream until both
-// directions end. With splice set, both conns are raw *net.TCPConn and the
-// kernel moves the bytes (counted at every splice call, so counters move
-// during a long transfer); otherwise a pooled buffer does.
+// directions end. With raw set, both conns are raw *net.TCPConn and the
+// relay drives the sockets itself: small transfers are read and written,
+// bulk ones spliced by the kernel, and bytes are counted at every step, so
+// counters move during a long transfer. Otherwise it copies through the
+// client's wrapper (rate limits, TLS), which counts.
 //
 // Idle timeout: each direction reads with a deadline at the last activity
 // of either direction plus the idle timeout. A direction that times out
@@ -42,7 +43,7 @@ const (
 type relay struct {
 	ss     *streamstate.Session // nil without the guard
 	count  bool                 // count bytes into ss (the guard's wrapper is bypassed)
-	splice bool
+	raw    bool                 // both sides are raw *net.TCPConn
 	idle   time.Duration
 	client net.Conn
 	up     net.Conn
@@ -51,6 +52,33 @@ type relay struct {
 	votes atomic.Uint32   // bit per direction: timed out with nothing to move
 	done  atomic.Uint32   // bit per direction: ended
 	wg    sync.WaitGroup
+	dirs  [2]rawDir
+}
+
+// relays recycles relays, whose raw directions keep their bound callbacks.
+var relays = sync.Pool{New: func() any {
+	r := new(relay)
+	r.dirs[dirUp].bind(r, dirUp)
+	r.dirs[dirDown].bind(r, dirDown)
+	return r
+}}
+
+// getRelay returns a relay ready for a new connection.
+func getRelay(ss *streamstate.Session, client, up net.Conn) *relay {
+	r := relays.Get().(*relay)
+	r.ss, r.client, r.up = ss, client, up
+	r.count, r.raw, r.idle = false, false, 0
+	r.votes.Store(0)
+	r.done.Store(0)
+	return r
+}
+
+// put returns the relay to the pool once both directions have ended.
+func (r *relay) put() {
+	r.ss, r.client, r.up = nil, nil, nil
+	r.dirs[dirUp].release()
+	r.dirs[dirDown].release()
+	relays.Put(r)
 }
 
 func (r *relay) run() {
@@ -58,12 +86,14 @@ func (r *relay) run() {
 	r.last[dirUp].Store(now)
 	r.last[dirDown].Store(now)
 	r.wg.Add(1)
-	go func() {
-		defer r.wg.Done()
-		r.pump(dirDown, r.client, r.up)
-	}()
+	go r.runDown()
 	r.pump(dirUp, r.up, r.client)
 	r.wg.Wait()
+}
+
+func (r *relay) runDown() {
+	defer r.wg.Done()
+	r.pump(dirDown, r.client, r.up)
 }
 
 func (r *relay) setReason(reason streamstate.Reason) {
@@ -80,18 +110,18 @@ func (r *relay) abort(reason streamstate.Reason) {
 }
 
 func (r *relay) pump(dir int, dst, src net.Conn) {
-	if r.splice {
-		r.pumpSplice(dir, dst, src)
+	if r.raw {
+		r.pumpRaw(dir, dst, src)
 	} else {
 		r.pumpCopy(dir, dst, src)
 	}
 }
 
-// pumpSplice moves one direction with splice(2) between raw TCP sockets.
-func (r *relay) pumpSplice(dir int, dst, src net.Conn) {
-	srcRC, err1 := src.(syscall.Conn).SyscallConn()
-	dstRC, err2 := dst.(syscall.Conn).SyscallConn()
-	if err1 != nil || err2 != nil {
+// pumpRaw moves one direction between raw TCP sockets: read/write for
+// small transfers, splice(2) for bulk ones.
+func (r *relay) pumpRaw(dir int, dst, src net.Conn) {
+	d := &r.dirs[dir]
+	if err := d.start(dst.(*net.TCPConn), src.(*net.TCPConn)); err != nil {
 		r.abort(streamstate.ReasonNone)
 		return
 	}
@@ -99,7 +129,7 @@ func (r *relay) pumpSplice(dir int, dst, src net.Conn) {
 		if r.idle > 0 {
 			_ = src.SetReadDeadline(r.deadline())
 		}
-		n, writeErr, err := r.spliceStep(dir, srcRC, dstRC, dst)
+		n, writeErr, err := d.step()
 		if err == nil {
 			if n > 0 {
 				continue
@@ -124,17 +154,37 @@ func (r *relay) pumpCopy(dir int, dst, src net.Conn) {
 		nr, err := src.Read(*buf)
 		writeErr := false
 		if nr > 0 {
-			nw, werr := dst.Write((*buf)[:nr])
-			if nw > 0 {
-				r.moved(dir, int64(nw))
-			}
-			if werr != nil {
+			if werr := r.write(dir, dst, (*buf)[:nr]); werr != nil {
 				err, writeErr = werr, true
 			}
 		}
 		if err != nil && r.stop(dir, dst, nr, writeErr, err) {
 			return
 		}
+	}
+}
+
+// write writes b to dst for direction dir. With an idle timeout, a write
+// that makes no progress until its deadline asks whether the connection is
+// idle, and gives up only then, as spliceStep does: a peer that stopped
+// reading must not hold the connection forever.
+func (r *relay) write(dir int, dst net.Conn, b []byte) error {
+	for {
+		if r.idle > 0 {
+			_ = dst.SetWriteDeadline(r.deadline())
+		}
+		n, err := dst.Write(b)
+		if n > 0 {
+			b = b[n:]
+			r.moved(dir, int64(n))
+		}
+		if err == nil || len(b) == 0 {
+			return err
+		}
+		if r.idle > 0 && errors.Is(err, os.ErrDeadlineExceeded) && !r.voteIdle(dir) {
+			continue // the peer is slow, but the connection is not idle
+		}
+		return err
 	}
 }
 

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -238,9 +239,13 @@ func (a *App) Cleanup() error {
 	if a.cancelBase != nil {
 		a.cancelBase()
 	}
+	// Streams that go away each wait out their grace period: together,
+	// so that stopping N busy streams takes one grace period, not N.
+	var wg sync.WaitGroup
 	for _, rt := range a.streams {
-		streamstate.Release(rt.cfg.ID)
+		wg.Go(func() { streamstate.Release(rt.cfg.ID) })
 	}
+	wg.Wait()
 	a.streams = nil
 	return nil
 }

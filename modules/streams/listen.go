@@ -8,6 +8,8 @@ import (
 	"syscall"
 
 	"github.com/caddyserver/caddy/v2"
+
+	"github.com/aegis-proxy/caddy-aegis/modules/l4aegisproxy"
 )
 
 // bound counts the stream addresses that this process's stream listeners
@@ -37,7 +39,9 @@ func listen(ctx caddy.Context, s *Stream) (net.Listener, error) {
 		probe.Close()
 	}
 	na := caddy.NetworkAddress{Network: "tcp", Host: s.ListenAddress, StartPort: uint(s.ListenPort), EndPort: uint(s.ListenPort)}
-	ln, err := na.Listen(ctx, 0, net.ListenConfig{})
+	// Accepted sockets inherit SO_KEEPALIVE from the listener, which spares
+	// Go's four setsockopt calls on each of them.
+	ln, err := na.Listen(ctx, 0, net.ListenConfig{KeepAlive: -1, Control: l4aegisproxy.KeepAliveControl})
 	if err != nil {
 		return nil, bindError(s, err)
 	}

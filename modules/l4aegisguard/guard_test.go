@@ -1,0 +1,460 @@
+package l4aegisguard_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/mholt/caddy-l4/layer4"
+	"go.uber.org/zap"
+
+	"github.com/aegis-proxy/caddy-aegis/modules/l4aegisguard"
+	"github.com/aegis-proxy/caddy-aegis/modules/l4aegisproxy"
+)
+
+// provision provisions the handler in a context without a config, as a
+// plain layer4 config would, and cleans it up with the test.
+func provision(t *testing.T, h *l4aegisguard.Handler) error {
+	t.Helper()
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	if err := h.Provision(ctx); err != nil {
+		cancel()
+		return err
+	}
+	t.Cleanup(func() {
+		_ = h.Cleanup()
+		cancel()
+	})
+	return nil
+}
+
+func TestAllowed(t *testing.T) {
+	type probe struct {
+		ip    string
+		allow bool
+	}
+	cases := []struct {
+		name        string
+		white, deny []string
+		probes      []probe
+	}{
+		{"empty lists allow all", nil, nil, []probe{
+			{"10.1.2.3", true}, {"::1", true}, {"::ffff:192.0.2.1", true}, {"2001:db8::1", true},
+		}},
+		{"v4 whitelist", []string{"10.0.0.0/8"}, nil, []probe{
+			{"10.1.2.3", true}, {"10.255.255.255", true}, {"11.0.0.1", false},
+			{"::ffff:10.1.2.3", true}, // IPv4-mapped source on a dual-stack socket
+			{"::ffff:11.0.0.1", false}, {"::1", false}, {"2001:db8::1", false},
+		}},
+		{"bare v4 means /32", []string{"192.0.2.7"}, nil, []probe{
+			{"192.0.2.7", true}, {"::ffff:192.0.2.7", true}, {"192.0.2.8", false}, {"192.0.2.6", false},
+		}},
+		{"mapped whitelist entries fold to v4", []string{"::ffff:10.0.0.0/104", "::ffff:192.0.2.7"}, nil, []probe{
+			{"10.9.9.9", true}, {"::ffff:10.9.9.9", true}, {"192.0.2.7", true}, {"11.0.0.1", false}, {"192.0.2.8", false},
+		}},
+		{"v6 whitelist", []string{"2001:db8::/32"}, nil, []probe{
+			{"2001:db8::1", true}, {"2001:db8:ffff::1", true}, {"2001:db9::1", false}, {"10.0.0.1", false}, {"::ffff:10.0.0.1", false},
+		}},
+		{"bare v6 means /128", []string{"2001:db8::5"}, nil, []probe{
+			{"2001:db8::5", true}, {"2001:db8::6", false},
+		}},
+		{"blacklist only", nil, []string{"10.0.0.0/8", "2001:db8::/32"}, []probe{
+			{"10.0.0.1", false}, {"::ffff:10.0.0.1", false}, {"2001:db8::1", false},
+			{"192.0.2.1", true}, {"::ffff:192.0.2.1", true}, {"::1", true},
+		}},
+		{"bare mapped blacklist entry", nil, []string{"::ffff:192.0.2.7"}, []probe{
+			{"192.0.2.7", false}, {"::ffff:192.0.2.7", false}, {"192.0.2.8", true},
+		}},
+		{"blacklist wins inside whitelist", []string{"10.0.0.0/8", "::1"}, []string{"10.0.0.5", "10.1.0.0/16"}, []probe{
+			{"10.0.0.5", false}, {"::ffff:10.0.0.5", false}, {"10.1.2.3", false},
+			{"10.0.0.6", true}, {"::1", true}, {"11.0.0.1", false}, {"::2", false},
+		}},
+		{"spaces around entries", []string{" 10.0.0.0/8 "}, []string{"\t10.0.0.1"}, []probe{
+			{"10.0.0.2", true}, {"10.0.0.1", false},
+		}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			h := &l4aegisguard.Handler{WhitelistCIDRs: tc.white, BlacklistCIDRs: tc.deny}
+			if err := provision(t, h); err != nil {
+				t.Fatal(err)
+			}
+			for _, p := range tc.probes {
+				if got := h.Allowed(netip.MustParseAddr(p.ip)); got != p.allow {
+					t.Errorf("whitelist %q blacklist %q: Allowed(%s) = %v, want %v", tc.white, tc.deny, p.ip, got, p.allow)
+				}
+			}
+		})
+	}
+}
+
+func TestProvisionErrors(t *testing.T) {
+	cases := []struct {
+		h    l4aegisguard.Handler
+		want string
+	}{
+		{l4aegisguard.Handler{WhitelistCIDRs: []string{"10.0.0.0/8", "10.0.0.300/8"}}, `whitelist_cidrs "10.0.0.300/8"`},
+		{l4aegisguard.Handler{BlacklistCIDRs: []string{"not-an-ip"}}, `blacklist_cidrs "not-an-ip"`},
+		{l4aegisguard.Handler{BlacklistCIDRs: []string{"fe80::1%eth0"}}, `blacklist_cidrs "fe80::1%eth0"`},
+		{l4aegisguard.Handler{WhitelistCIDRs: []string{""}}, `whitelist_cidrs ""`},
+		{l4aegisguard.Handler{MaxConnections: -1}, "max_connections -1"},
+		{l4aegisguard.Handler{UploadRateBytes: -5}, "upload_rate_bytes -5"},
+		{l4aegisguard.Handler{DownloadRateBytes: -6}, "download_rate_bytes -6"},
+		{l4aegisguard.Handler{IdleTimeout: caddy.Duration(-time.Second)}, "idle_timeout -1s"},
+	}
+	for _, tc := range cases {
+		h := tc.h
+		err := provision(t, &h)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("Provision(%+v): got error %v, want one containing %q", tc.h, err, tc.want)
+		}
+	}
+}
+
+// chain runs a guard (and an aegis_proxy to an echo upstream) on a loopback
+// listener, the way a plain layer4 server would: each accepted connection
+// goes through layer4.WrapConnection and the compiled handler chain.
+type chain struct {
+	guard *l4aegisguard.Handler
+	addr  string
+
+	ln    net.Listener
+	mu    sync.Mutex
+	conns []net.Conn
+	wg    sync.WaitGroup
+}
+
+// startChain provisions guard and a proxy to upstream, and serves listen
+// ("127.0.0.1:0" or "[::1]:0"). wrap, when set, replaces each accepted
+// connection before the chain sees it.
+func startChain(t *testing.T, listen, upstream string, guard *l4aegisguard.Handler, wrap func(net.Conn) net.Conn) *chain {
+	t.Helper()
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	proxy := &l4aegisproxy.Handler{Upstream: upstream, DialTimeout: caddy.Duration(2 * time.Second)}
+	if err := guard.Provision(ctx); err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	if err := proxy.Provision(ctx); err != nil {
+		_ = guard.Cleanup()
+		cancel()
+		t.Fatal(err)
+	}
+	h := layer4.Handlers{guard, proxy}.Compile()
+	ln, err := net.Listen("tcp", listen)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &chain{guard: guard, addr: ln.Addr().String(), ln: ln}
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.mu.Lock()
+			c.conns = append(c.conns, conn)
+			c.mu.Unlock()
+			c.wg.Add(1)
+			go func() {
+				defer c.wg.Done()
+				defer conn.Close()
+				in := conn
+				if wrap != nil {
+					in = wrap(conn)
+				}
+				_ = h.Handle(layer4.WrapConnection(in, nil, zap.NewNop()))
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		c.mu.Lock()
+		for _, conn := range c.conns {
+			conn.Close()
+		}
+		c.mu.Unlock()
+		waitGroup(t, &c.wg, 10*time.Second, "the chain's connection handlers")
+		_ = proxy.Cleanup()
+		_ = guard.Cleanup()
+		cancel()
+	})
+	return c
+}
+
+func waitGroup(t *testing.T, wg *sync.WaitGroup, within time.Duration, what string) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(within):
+		t.Errorf("%s did not end within %s", what, within)
+	}
+}
+
+// echoUpstream serves an echo on listen and returns its address.
+func echoUpstream(t *testing.T, listen string) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", listen)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var (
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		conns []net.Conn
+	)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				_, _ = io.Copy(c, c)
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		waitGroup(t, &wg, 5*time.Second, "the echo upstream")
+	})
+	return ln.Addr().String()
+}
+
+func dialFrom(t *testing.T, src, addr string) net.Conn {
+	t.Helper()
+	d := net.Dialer{Timeout: 5 * time.Second}
+	if src != "" {
+		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(src)}
+	}
+	c, err := d.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func echoes(t *testing.T, c net.Conn, msg string) {
+	t.Helper()
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	defer c.SetDeadline(time.Time{})
+	if _, err := c.Write([]byte(msg)); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	buf := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, buf); err != nil {
+		t.Fatalf("read: %v", err)
+	}
+	if string(buf) != msg {
+		t.Fatalf("echo: got %q, want %q", buf, msg)
+	}
+}
+
+// refused asserts that the chain closes c at once without relaying.
+func refused(t *testing.T, c net.Conn) {
+	t.Helper()
+	_, _ = c.Write([]byte("ping"))
+	_ = c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	n, err := c.Read(make([]byte, 16))
+	if n != 0 || err == nil {
+		t.Fatalf("want the connection closed without an answer, got n=%d err=%v", n, err)
+	}
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		t.Fatalf("connection was not closed within 3s")
+	}
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("waited 5s for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// remoteAs makes a connection report another remote address, as a
+// dual-stack listener reports IPv4 clients (::ffff:a.b.c.d).
+type remoteAs struct {
+	net.Conn
+	addr net.Addr
+}
+
+func (c remoteAs) RemoteAddr() net.Addr { return c.addr }
+
+func TestGuardACLRealConnections(t *testing.T) {
+	up := echoUpstream(t, "127.0.0.1:0")
+
+	// IPv4: only 127.0.0.1 (a bare IP) and 127.0.0.16/28, minus 127.0.0.17.
+	g4 := &l4aegisguard.Handler{WhitelistCIDRs: []string{"127.0.0.1", "127.0.0.16/28"}, BlacklistCIDRs: []string{"127.0.0.17"}}
+	c4 := startChain(t, "127.0.0.1:0", up, g4, nil)
+	ok1, ok2 := dialFrom(t, "127.0.0.1", c4.addr), dialFrom(t, "127.0.0.18", c4.addr)
+	echoes(t, ok1, "from 127.0.0.1")
+	echoes(t, ok2, "from 127.0.0.18")
+	refused(t, dialFrom(t, "127.0.0.2", c4.addr))
+	refused(t, dialFrom(t, "127.0.0.17", c4.addr))
+	st := g4.State()
+	if n := st.Active.Load(); n != 2 {
+		t.Fatalf("IPv4 chain: %d active connections, want the 2 allowed ones", n)
+	}
+	ok1.Close()
+	ok2.Close()
+	waitFor(t, "no active connection", func() bool { return st.Active.Load() == 0 })
+	if tot, blk := st.Total.Load(), st.Blocked.Load(); tot != 4 || blk != 2 {
+		t.Fatalf("IPv4 chain: total %d blocked %d, want 4 and 2", tot, blk)
+	}
+
+	// IPv6: a bare ::1 in the blacklist refuses the loopback client.
+	g6 := &l4aegisguard.Handler{BlacklistCIDRs: []string{"::1"}}
+	c6 := startChain(t, "[::1]:0", up, g6, nil)
+	refused(t, dialFrom(t, "", c6.addr))
+	g6w := &l4aegisguard.Handler{WhitelistCIDRs: []string{"::1/128"}}
+	c6w := startChain(t, "[::1]:0", up, g6w, nil)
+	echoes(t, dialFrom(t, "", c6w.addr), "from ::1")
+
+	// IPv4-mapped sources, as a dual-stack listener reports them, match
+	// IPv4 entries: the accepted connections claim ::ffff:127.0.0.x.
+	mapped := func(last byte) func(net.Conn) net.Conn {
+		return func(c net.Conn) net.Conn {
+			return remoteAs{c, &net.TCPAddr{IP: net.ParseIP(fmt.Sprintf("::ffff:127.0.0.%d", last)), Port: 40000}}
+		}
+	}
+	gm := &l4aegisguard.Handler{WhitelistCIDRs: []string{"127.0.0.0/29"}, BlacklistCIDRs: []string{"127.0.0.5"}}
+	cmAllowed := startChain(t, "127.0.0.1:0", up, gm, mapped(4))
+	echoes(t, dialFrom(t, "", cmAllowed.addr), "mapped 127.0.0.4")
+	gm2 := &l4aegisguard.Handler{WhitelistCIDRs: []string{"127.0.0.0/29"}, BlacklistCIDRs: []string{"127.0.0.5"}}
+	cmDenied := startChain(t, "127.0.0.1:0", up, gm2, mapped(5))
+	refused(t, dialFrom(t, "", cmDenied.addr))
+	gm3 := &l4aegisguard.Handler{WhitelistCIDRs: []string{"127.0.0.0/29"}}
+	cmOutside := startChain(t, "127.0.0.1:0", up, gm3, mapped(9))
+	refused(t, dialFrom(t, "", cmOutside.addr))
+}
+
+func TestGuardMaxConnectionsAndCounters(t *testing.T) {
+	up := echoUpstream(t, "127.0.0.1:0")
+	g := &l4aegisguard.Handler{MaxConnections: 2}
+	c := startChain(t, "127.0.0.1:0", up, g, nil)
+	st := g.State()
+
+	a := dialFrom(t, "", c.addr)
+	echoes(t, a, "aaaa")
+	b := dialFrom(t, "", c.addr)
+	echoes(t, b, "bb")
+	refused(t, dialFrom(t, "", c.addr))
+	if n := st.Active.Load(); n != 2 {
+		t.Fatalf("active = %d, want 2", n)
+	}
+	a.Close()
+	waitFor(t, "one active connection", func() bool { return st.Active.Load() == 1 })
+	cc := dialFrom(t, "", c.addr)
+	echoes(t, cc, "c")
+	echoes(t, b, "bb")
+	b.Close()
+	cc.Close()
+	waitFor(t, "no active connection", func() bool { return st.Active.Load() == 0 })
+	// 4+2+1+2 bytes each way; the refused connection's "ping" never counts.
+	if s, r := st.BytesSent.Load(), st.BytesReceived.Load(); s != 9 || r != 9 {
+		t.Fatalf("bytes sent %d received %d, want 9 and 9", s, r)
+	}
+	if tot, blk := st.Total.Load(), st.Blocked.Load(); tot != 4 || blk != 1 {
+		t.Fatalf("total %d blocked %d, want 4 and 1", tot, blk)
+	}
+}
+
+func TestUnmarshalCaddyfile(t *testing.T) {
+	var h l4aegisguard.Handler
+	err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(`aegis_guard {
+		stream_id 7
+		stream_name postgres
+		whitelist_cidrs 10.0.0.0/8 192.0.2.7
+		whitelist_cidrs ::1
+		blacklist_cidrs 10.0.0.5
+		max_connections 100
+		upload_rate_bytes 1048576
+		download_rate_bytes 2097152
+		idle_timeout 90s
+		log_connections
+	}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := l4aegisguard.Handler{
+		StreamID:          7,
+		StreamName:        "postgres",
+		WhitelistCIDRs:    []string{"10.0.0.0/8", "192.0.2.7", "::1"},
+		BlacklistCIDRs:    []string{"10.0.0.5"},
+		MaxConnections:    100,
+		UploadRateBytes:   1 << 20,
+		DownloadRateBytes: 2 << 20,
+		IdleTimeout:       caddy.Duration(90 * time.Second),
+		LogConnections:    true,
+	}
+	if fmt.Sprintf("%+v", h) != fmt.Sprintf("%+v", want) {
+		t.Fatalf("got  %+v\nwant %+v", h, want)
+	}
+
+	var off l4aegisguard.Handler
+	if err := off.UnmarshalCaddyfile(caddyfile.NewTestDispenser("aegis_guard {\n log_connections false\n}")); err != nil || off.LogConnections {
+		t.Fatalf("log_connections false: %+v, %v", off, err)
+	}
+	var empty l4aegisguard.Handler
+	if err := empty.UnmarshalCaddyfile(caddyfile.NewTestDispenser("aegis_guard")); err != nil {
+		t.Fatalf("no options: %v", err)
+	}
+
+	for _, tc := range []struct{ in, want string }{
+		{"aegis_guard {\n stream_id seven\n}", `stream_id "seven"`},
+		{"aegis_guard {\n stream_id 1 2\n}", "stream_id"},
+		{"aegis_guard {\n max_connections many\n}", `max_connections "many"`},
+		{"aegis_guard {\n upload_rate_bytes 1.5\n}", `upload_rate_bytes "1.5"`},
+		{"aegis_guard {\n download_rate_bytes 1MB\n}", `download_rate_bytes "1MB"`},
+		{"aegis_guard {\n idle_timeout soon\n}", `idle_timeout "soon"`},
+		{"aegis_guard {\n idle_timeout\n}", "idle_timeout"},
+		{"aegis_guard {\n log_connections maybe\n}", `log_connections "maybe"`},
+		{"aegis_guard {\n log_connections true false\n}", `log_connections "true false"`},
+		{"aegis_guard {\n max_connections 1 2\n}", "max_connections"},
+		{"aegis_guard {\n idle_timeout 1s 2s\n}", "idle_timeout"},
+		{"aegis_guard {\n stream_name a b\n}", "stream_name"},
+		{"aegis_guard {\n whitelist_cidrs\n}", "whitelist_cidrs"},
+		{"aegis_guard {\n blacklist_cidrs\n}", "blacklist_cidrs"},
+		{"aegis_guard {\n stream_name\n}", "stream_name"},
+		{"aegis_guard {\n rate_limit 5\n}", `"rate_limit"`},
+		{"aegis_guard extra", "extra"},
+	} {
+		var h l4aegisguard.Handler
+		err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.in))
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: got error %v, want one naming %s", tc.in, err, tc.want)
+		}
+	}
+}
