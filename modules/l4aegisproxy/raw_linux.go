@@ -7,6 +7,7 @@ import (
 	"runtime"
 	"sync"
 	"syscall"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -69,20 +70,22 @@ type rawDir struct {
 
 	// State of the step in progress, shared with the callbacks below,
 	// which are bound once so that a step allocates nothing.
-	pipe           *pipe
-	buf            *[]byte
-	n, inPipe      int
-	err            error
-	readFn, spInFn func(uintptr) bool
-	spOutFn        func(uintptr) bool
-	wrote          int
+	pipe            *pipe
+	buf             *[]byte
+	n, inPipe       int
+	err             error
+	readFn, writeFn func(uintptr) bool
+	spInFn, spOutFn func(uintptr) bool
+	out             []byte
+	wrote           int
 }
 
 // bind ties d to its relay and direction once, for the relay's whole life
 // in the pool, so that its callbacks are allocated only then.
 func (d *rawDir) bind(r *relay, dir int) {
 	d.r, d.dir = r, dir
-	d.readFn, d.spInFn, d.spOutFn = d.readCB, d.spliceInCB, d.spliceOutCB
+	d.readFn, d.writeFn = d.readCB, d.writeCB
+	d.spInFn, d.spOutFn = d.spliceInCB, d.spliceOutCB
 }
 
 // start readies d to move bytes from src to dst.
@@ -125,7 +128,7 @@ func (d *rawDir) readCB(fd uintptr) bool {
 		d.buf = copyBufs.Get().(*[]byte)
 	}
 	for {
-		d.n, d.err = syscall.Read(int(fd), *d.buf)
+		d.n, d.err = rawRead(int(fd), *d.buf)
 		if d.err != syscall.EINTR {
 			break
 		}
@@ -153,10 +156,48 @@ func (d *rawDir) copyStep() (int, bool, error) {
 		}
 		return 0, false, err
 	}
-	werr := d.r.write(d.dir, d.dstConn, (*d.buf)[:n])
+	werr := d.writeOut((*d.buf)[:n])
 	copyBufs.Put(d.buf)
 	d.buf = nil
 	return n, werr != nil, werr
+}
+
+func (d *rawDir) writeCB(fd uintptr) bool {
+	for {
+		d.wrote, d.err = rawWrite(int(fd), d.out)
+		if d.err != unix.EINTR {
+			break
+		}
+	}
+	return d.err != unix.EAGAIN
+}
+
+// writeOut writes b to the destination, counting each part written. With
+// an idle timeout, a write that makes no progress until its deadline asks
+// the relay whether the connection is idle and gives up only then.
+func (d *rawDir) writeOut(b []byte) error {
+	defer func() { d.out = nil }()
+	for len(b) > 0 {
+		if d.r.idle > 0 {
+			_ = d.dstConn.SetWriteDeadline(d.r.deadline())
+		}
+		d.out, d.wrote, d.err = b, 0, nil
+		err := d.dst.Write(d.writeFn)
+		if err == nil {
+			err = d.err
+		}
+		if d.wrote > 0 {
+			b = b[d.wrote:]
+			d.r.moved(d.dir, int64(d.wrote))
+		}
+		if err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) && !d.r.voteIdle(d.dir) {
+				continue // the peer is slow, but the connection is not idle
+			}
+			return err
+		}
+	}
+	return nil
 }
 
 func (d *rawDir) spliceInCB(fd uintptr) bool {
@@ -167,9 +208,7 @@ func (d *rawDir) spliceInCB(fd uintptr) bool {
 		}
 	}
 	for {
-		var moved int64
-		moved, d.err = unix.Splice(int(fd), nil, d.pipe.w, nil, pipeSize, spliceFlags)
-		d.n = int(moved)
+		d.n, d.err = rawSplice(int(fd), d.pipe.w, pipeSize)
 		if d.err != unix.EINTR {
 			break
 		}
@@ -185,9 +224,7 @@ func (d *rawDir) spliceInCB(fd uintptr) bool {
 
 func (d *rawDir) spliceOutCB(fd uintptr) bool {
 	for {
-		var moved int64
-		moved, d.err = unix.Splice(d.pipe.r, nil, int(fd), nil, d.inPipe, spliceFlags)
-		d.wrote = int(moved)
+		d.wrote, d.err = rawSplice(d.pipe.r, int(fd), d.inPipe)
 		if d.err != unix.EINTR {
 			break
 		}
@@ -249,4 +286,33 @@ func KeepAliveControl(_, _ string, c syscall.RawConn) error {
 		return err
 	}
 	return serr
+}
+
+// rawRead, rawWrite and rawSplice call the kernel without telling the Go
+// scheduler (RawSyscall). The sockets and pipes are non-blocking, so a call
+// cannot block; going through entersyscall/exitsyscall instead lets the
+// scheduler hand the P to another thread during a long loopback write,
+// which on one CPU only adds context switches.
+func rawRead(fd int, b []byte) (int, error) {
+	n, _, e := unix.RawSyscall(unix.SYS_READ, uintptr(fd), uintptr(unsafe.Pointer(unsafe.SliceData(b))), uintptr(len(b)))
+	if e != 0 {
+		return 0, e
+	}
+	return int(n), nil
+}
+
+func rawWrite(fd int, b []byte) (int, error) {
+	n, _, e := unix.RawSyscall(unix.SYS_WRITE, uintptr(fd), uintptr(unsafe.Pointer(unsafe.SliceData(b))), uintptr(len(b)))
+	if e != 0 {
+		return 0, e
+	}
+	return int(n), nil
+}
+
+func rawSplice(in, out, max int) (int, error) {
+	n, _, e := unix.RawSyscall6(unix.SYS_SPLICE, uintptr(in), 0, uintptr(out), 0, uintptr(max), spliceFlags)
+	if e != 0 {
+		return 0, e
+	}
+	return int(n), nil
 }
