@@ -1,0 +1,238 @@
+package streamstate
+
+import (
+	"bufio"
+	"encoding/json"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+)
+
+// tcpPair returns the two ends of a real loopback TCP connection.
+func tcpPair(t *testing.T) (client, server *net.TCPConn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, _ := ln.Accept()
+		accepted <- c
+	}()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := <-accepted
+	if s == nil {
+		t.Fatal("accept failed")
+	}
+	t.Cleanup(func() { c.Close(); s.Close() })
+	return c.(*net.TCPConn), s.(*net.TCPConn)
+}
+
+// fileLogger writes JSON log lines to a file and returns a reader of them.
+func fileLogger(t *testing.T) (*zap.Logger, func() []map[string]any) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "log")
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	core := zapcore.NewCore(zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig()), zapcore.AddSync(f), zap.InfoLevel)
+	read := func() []map[string]any {
+		rf, err := os.Open(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rf.Close()
+		var out []map[string]any
+		sc := bufio.NewScanner(rf)
+		for sc.Scan() {
+			var m map[string]any
+			if err := json.Unmarshal(sc.Bytes(), &m); err != nil {
+				t.Fatalf("log line %q: %v", sc.Text(), err)
+			}
+			out = append(out, m)
+		}
+		return out
+	}
+	return zap.New(core), read
+}
+
+func TestReasonNames(t *testing.T) {
+	for r := ReasonClientClose; r <= ReasonTLSHandshakeFailed; r++ {
+		if r.String() == "" || r.String() == "unknown" {
+			t.Errorf("reason %d has no name", r)
+		}
+	}
+	if got := Reason(200).String(); got != "unknown" {
+		t.Errorf("out-of-range reason: %q", got)
+	}
+}
+
+func TestLimiterStartsEmptyWithOneSecondBurst(t *testing.T) {
+	if l, burst := NewLimiter(0); l != nil || burst != 0 {
+		t.Fatalf("0 must mean unlimited, got %v %d", l, burst)
+	}
+	l, burst := NewLimiter(1000)
+	if burst != 1000 {
+		t.Fatalf("burst: got %d, want one second's worth (1000)", burst)
+	}
+	if l.AllowN(time.Now(), 100) {
+		t.Fatal("a new limiter must start empty: a transfer may not run ahead of the rate")
+	}
+	if !l.AllowN(time.Now().Add(time.Second), 1000) {
+		t.Fatal("after a second the bucket holds a second's worth")
+	}
+}
+
+func TestConnCountsAndPassesHalfClose(t *testing.T) {
+	client, server := tcpPair(t)
+	st := New(1)
+	defer st.Destruct()
+	ss := st.NewSession(server, netip.MustParseAddrPort("127.0.0.1:1"), 0, zap.NewNop(), "t")
+	c := NewConn(server, ss, 0, 0)
+
+	if _, err := client.Write([]byte("12345")); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 5)
+	if _, err := io.ReadFull(c, buf); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Write([]byte("abc")); err != nil {
+		t.Fatal(err)
+	}
+	if ss.Sent() != 5 || ss.Received() != 3 || st.BytesSent.Load() != 5 || st.BytesReceived.Load() != 3 {
+		t.Fatalf("counters: session %d/%d, stream %d/%d", ss.Sent(), ss.Received(), st.BytesSent.Load(), st.BytesReceived.Load())
+	}
+	if err := c.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(client)
+	if err != nil || string(got) != "abc" {
+		t.Fatalf("client after CloseWrite: %q, %v", got, err)
+	}
+}
+
+func TestConnIdleTimeoutWithoutRelay(t *testing.T) {
+	client, server := tcpPair(t)
+	st := New(1)
+	defer st.Destruct()
+	ss := st.NewSession(server, netip.MustParseAddrPort("127.0.0.1:1"), 300*time.Millisecond, zap.NewNop(), "t")
+	c := NewConn(server, ss, 0, 0)
+
+	// Writes to the client count as activity: reads keep waiting while
+	// they happen, then time out once both directions are quiet.
+	go func() {
+		for i := 0; i < 4; i++ {
+			_, _ = c.Write([]byte{'x'})
+			time.Sleep(150 * time.Millisecond)
+		}
+	}()
+	start := time.Now()
+	_, err := c.Read(make([]byte, 1))
+	if err == nil {
+		t.Fatal("read returned data; none was sent")
+	}
+	if d := time.Since(start); d < 700*time.Millisecond {
+		t.Fatalf("read timed out after %s while the other direction was active", d)
+	}
+	if ss.Reason() != ReasonIdleTimeout {
+		t.Fatalf("reason: %s", ss.Reason())
+	}
+	_ = client
+}
+
+func TestDestructClosesLateAndOpenSessions(t *testing.T) {
+	_, server := tcpPair(t)
+	_, late := tcpPair(t)
+	logger, logs := fileLogger(t)
+	st := New(7)
+	st.SetGracePeriod(50 * time.Millisecond)
+	st.Active.Add(1)
+	ss := st.NewSession(server, netip.MustParseAddrPort("192.0.2.1:4000"), 0, logger, "db")
+	st.ConnStarted()
+	go func() {
+		// The connection's goroutine: it ends when its session is closed.
+		defer st.ConnDone()
+		_, _ = server.Read(make([]byte, 1))
+		st.Active.Add(-1)
+		ss.End(ReasonClientClose, true)
+	}()
+
+	start := time.Now()
+	if err := st.Destruct(); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d < 50*time.Millisecond {
+		t.Fatalf("Destruct returned after %s, before the grace period", d)
+	}
+	if ss.Reason() != ReasonStreamRemoved {
+		t.Fatalf("open session closed with %s, want stream_removed", ss.Reason())
+	}
+	// A session that registers after shutdown began is closed at once.
+	ls := st.NewSession(late, netip.MustParseAddrPort("192.0.2.2:4000"), 0, logger, "db")
+	if !ls.Closed() || ls.Reason() != ReasonStreamRemoved {
+		t.Fatalf("late session: closed %v, reason %s", ls.Closed(), ls.Reason())
+	}
+	entries := logs()
+	if len(entries) != 1 || entries[0]["disconnect_reason"] != "stream_removed" || entries[0]["source_ip"] != "192.0.2.1" || entries[0]["stream"] != "db" {
+		t.Fatalf("log entries: %v", entries)
+	}
+}
+
+func TestLogQueueNeverBlocks(t *testing.T) {
+	st := New(1)
+	// Stop the writer so the queue fills: enqueueing must drop, not wait.
+	close(st.logStop)
+	<-st.logDone
+	done := make(chan struct{})
+	go func() {
+		for i := 0; i < logQueueSize+100; i++ {
+			st.LogBlocked(zap.NewNop(), "t", "192.0.2.1", ReasonACLDenied)
+		}
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("logging blocked with a full queue")
+	}
+	if got := st.LogDropped.Load(); got < 100 {
+		t.Fatalf("dropped entries: got %d, want at least 100", got)
+	}
+	st.cancel()
+}
+
+func TestPoolSharesStateUntilLastRelease(t *testing.T) {
+	a := Acquire(424242)
+	b := Acquire(424242)
+	if a != b {
+		t.Fatal("two acquires of one id must share state")
+	}
+	a.Total.Add(3)
+	Release(424242)
+	if a.Context().Err() != nil {
+		t.Fatal("state shut down while still referenced")
+	}
+	Release(424242)
+	if a.Context().Err() == nil {
+		t.Fatal("last release must shut the state down")
+	}
+	if c := Acquire(424242); c == a || c.Total.Load() != 0 {
+		t.Fatal("a new acquire after the last release must start fresh")
+	}
+	Release(424242)
+}
