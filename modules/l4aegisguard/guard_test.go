@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/netip"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -19,6 +18,8 @@ import (
 
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegisguard"
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegisproxy"
+
+	"github.com/aegis-proxy/caddy-aegis/modules/internal/loopback"
 )
 
 // provision provisions the handler in a context without a config, as a
@@ -126,11 +127,6 @@ func TestProvisionErrors(t *testing.T) {
 type chain struct {
 	guard *l4aegisguard.Handler
 	addr  string
-
-	ln    net.Listener
-	mu    sync.Mutex
-	conns []net.Conn
-	wg    sync.WaitGroup
 }
 
 // startChain provisions guard and a proxy to upstream, and serves listen
@@ -150,101 +146,28 @@ func startChain(t *testing.T, listen, upstream string, guard *l4aegisguard.Handl
 		t.Fatal(err)
 	}
 	h := layer4.Handlers{guard, proxy}.Compile()
-	ln, err := net.Listen("tcp", listen)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := &chain{guard: guard, addr: ln.Addr().String(), ln: ln}
-	c.wg.Add(1)
-	go func() {
-		defer c.wg.Done()
-		for {
-			conn, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.mu.Lock()
-			c.conns = append(c.conns, conn)
-			c.mu.Unlock()
-			c.wg.Add(1)
-			go func() {
-				defer c.wg.Done()
-				defer conn.Close()
-				in := conn
-				if wrap != nil {
-					in = wrap(conn)
-				}
-				_ = h.Handle(layer4.WrapConnection(in, nil, zap.NewNop()))
-			}()
-		}
-	}()
+	// Registered first, so it runs after the server's own cleanup has
+	// closed the connections and waited for their handlers.
 	t.Cleanup(func() {
-		ln.Close()
-		c.mu.Lock()
-		for _, conn := range c.conns {
-			conn.Close()
-		}
-		c.mu.Unlock()
-		waitGroup(t, &c.wg, 10*time.Second, "the chain's connection handlers")
 		_ = proxy.Cleanup()
 		_ = guard.Cleanup()
 		cancel()
 	})
+	srv := loopback.Serve(t, listen, func(conn net.Conn) {
+		in := conn
+		if wrap != nil {
+			in = wrap(conn)
+		}
+		_ = h.Handle(layer4.WrapConnection(in, nil, zap.NewNop()))
+	})
+	c := &chain{guard: guard, addr: srv.Addr}
 	return c
-}
-
-func waitGroup(t *testing.T, wg *sync.WaitGroup, within time.Duration, what string) {
-	t.Helper()
-	done := make(chan struct{})
-	go func() { wg.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(within):
-		t.Errorf("%s did not end within %s", what, within)
-	}
 }
 
 // echoUpstream serves an echo on listen and returns its address.
 func echoUpstream(t *testing.T, listen string) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", listen)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var (
-		wg    sync.WaitGroup
-		mu    sync.Mutex
-		conns []net.Conn
-	)
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			conns = append(conns, c)
-			mu.Unlock()
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				_, _ = io.Copy(c, c)
-			}()
-		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		mu.Lock()
-		for _, c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-		waitGroup(t, &wg, 5*time.Second, "the echo upstream")
-	})
-	return ln.Addr().String()
+	return loopback.Serve(t, listen, func(c net.Conn) { _, _ = io.Copy(c, c) }).Addr
 }
 
 func dialFrom(t *testing.T, src, addr string) net.Conn {

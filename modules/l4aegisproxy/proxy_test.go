@@ -28,6 +28,8 @@ import (
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegisguard"
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegisproxy"
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
+
+	"github.com/aegis-proxy/caddy-aegis/modules/internal/loopback"
 )
 
 // ---- fixtures ------------------------------------------------------------
@@ -45,10 +47,6 @@ type chain struct {
 	guard *l4aegisguard.Handler
 	proxy *l4aegisproxy.Handler
 	addr  string
-
-	mu    sync.Mutex
-	conns []net.Conn
-	wg    sync.WaitGroup
 }
 
 func startChain(t *testing.T, listen string, guard *l4aegisguard.Handler, proxy *l4aegisproxy.Handler) *chain {
@@ -68,44 +66,19 @@ func startChain(t *testing.T, listen string, guard *l4aegisguard.Handler, proxy 
 	}
 	hs = append(hs, proxy)
 	h := hs.Compile()
-	ln, err := net.Listen("tcp", listen)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := &chain{guard: guard, proxy: proxy, addr: ln.Addr().String()}
-	c.wg.Add(1)
-	go func() {
-		defer c.wg.Done()
-		for {
-			conn, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.mu.Lock()
-			c.conns = append(c.conns, conn)
-			c.mu.Unlock()
-			c.wg.Add(1)
-			go func() {
-				defer c.wg.Done()
-				defer conn.Close()
-				_ = h.Handle(layer4.WrapConnection(conn, nil, zap.NewNop()))
-			}()
-		}
-	}()
+	// Registered first, so it runs after the server's own cleanup has
+	// closed the connections and waited for their handlers.
 	t.Cleanup(func() {
-		ln.Close()
-		c.mu.Lock()
-		for _, conn := range c.conns {
-			conn.Close()
-		}
-		c.mu.Unlock()
-		waitGroup(t, &c.wg, 10*time.Second, "the chain's connection handlers")
 		_ = proxy.Cleanup()
 		if guard != nil {
 			_ = guard.Cleanup()
 		}
 		cancel()
 	})
+	srv := loopback.Serve(t, listen, func(conn net.Conn) {
+		_ = h.Handle(layer4.WrapConnection(conn, nil, zap.NewNop()))
+	})
+	c := &chain{guard: guard, proxy: proxy, addr: srv.Addr}
 	return c
 }
 
@@ -123,17 +96,6 @@ func (c *chain) session(t *testing.T) *streamstate.Session {
 	return ss
 }
 
-func waitGroup(t *testing.T, wg *sync.WaitGroup, within time.Duration, what string) {
-	t.Helper()
-	done := make(chan struct{})
-	go func() { wg.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(within):
-		t.Errorf("%s did not end within %s", what, within)
-	}
-}
-
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
@@ -145,52 +107,9 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	}
 }
 
-// upstream is a loopback server that hands each accepted connection to
-// serve; its connections are closed with the test.
-type upstream struct {
-	addr  string
-	ln    net.Listener
-	wg    sync.WaitGroup
-	mu    sync.Mutex
-	conns []net.Conn
-}
-
-func newUpstream(t *testing.T, listen string, serve func(net.Conn)) *upstream {
+func newUpstream(t *testing.T, listen string, serve func(net.Conn)) *loopback.Server {
 	t.Helper()
-	ln, err := net.Listen("tcp", listen)
-	if err != nil {
-		t.Fatal(err)
-	}
-	u := &upstream{addr: ln.Addr().String(), ln: ln}
-	u.wg.Add(1)
-	go func() {
-		defer u.wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			u.mu.Lock()
-			u.conns = append(u.conns, c)
-			u.mu.Unlock()
-			u.wg.Add(1)
-			go func() {
-				defer u.wg.Done()
-				defer c.Close()
-				serve(c)
-			}()
-		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		u.mu.Lock()
-		for _, c := range u.conns {
-			c.Close()
-		}
-		u.mu.Unlock()
-		waitGroup(t, &u.wg, 10*time.Second, "the upstream's handlers")
-	})
-	return u
+	return loopback.Serve(t, listen, serve)
 }
 
 func dial(t *testing.T, addr string) *net.TCPConn {
@@ -275,7 +194,7 @@ func transfer(t *testing.T, guard *l4aegisguard.Handler, up, down int64) (rchar 
 		got <- result{n, h, err}
 		<-sentDown
 	})
-	ch := startChain(t, "127.0.0.1:0", guard, &l4aegisproxy.Handler{Upstream: u.addr})
+	ch := startChain(t, "127.0.0.1:0", guard, &l4aegisproxy.Handler{Upstream: u.Addr})
 
 	before, ok := procIO()
 	c := dial(t, ch.addr)
@@ -354,7 +273,7 @@ func TestCopyPathWithRateLimit(t *testing.T) {
 //	'S' stall: never read or write again
 //	'F' flood: write as fast as possible until the connection breaks
 //	'Q' quiet: read until EOF without writing
-func idleUpstream(t *testing.T, stop <-chan struct{}, floodErr chan<- error) *upstream {
+func idleUpstream(t *testing.T, stop <-chan struct{}, floodErr chan<- error) *loopback.Server {
 	return newUpstream(t, "127.0.0.1:0", func(c net.Conn) {
 		_ = c.SetDeadline(time.Now().Add(15 * time.Second))
 		mode := make([]byte, 1)
@@ -408,7 +327,7 @@ func TestIdleVoting(t *testing.T) {
 			t.Cleanup(func() { close(stop) })
 			newChain := func() *chain {
 				g := &l4aegisguard.Handler{IdleTimeout: caddy.Duration(idle), UploadRateBytes: path.rate, DownloadRateBytes: path.rate}
-				return startChain(t, "127.0.0.1:0", g, &l4aegisproxy.Handler{Upstream: u.addr})
+				return startChain(t, "127.0.0.1:0", g, &l4aegisproxy.Handler{Upstream: u.Addr})
 			}
 
 			t.Run("slow upload is not cut", func(t *testing.T) {
@@ -563,7 +482,7 @@ func TestProxyHeaderBytes(t *testing.T) {
 				raw <- b
 			})
 			ch := startChain(t, tc.listen, &l4aegisguard.Handler{},
-				&l4aegisproxy.Handler{Upstream: u.addr, ProxyProtocol: tc.version})
+				&l4aegisproxy.Handler{Upstream: u.Addr, ProxyProtocol: tc.version})
 			c := dial(t, ch.addr)
 			if _, err := c.Write(payload); err != nil {
 				t.Fatal(err)

@@ -22,13 +22,15 @@ import (
 	proxyproto "github.com/pires/go-proxyproto"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/streams"
+
+	"github.com/aegis-proxy/caddy-aegis/modules/internal/loopback"
 )
 
 // ---- helpers of these tests ------------------------------------------------
 
 // handedUpstream is an upstream whose accepted connections are handed to
 // the test, which drives them itself; they are closed with the test.
-func handedUpstream(t *testing.T) (*upstream, <-chan net.Conn) {
+func handedUpstream(t *testing.T) (*loopback.Server, <-chan net.Conn) {
 	t.Helper()
 	conns := make(chan net.Conn, 16)
 	done := make(chan struct{})
@@ -219,8 +221,8 @@ func TestRateLimits(t *testing.T) {
 	up, conns := handedUpstream(t)
 	pUp, pDown := freePort(t), freePort(t)
 	startCaddy(t, hosts(
-		host(1, pUp, up.port, map[string]any{"upload_rate_bytes": rate}),
-		host(2, pDown, up.port, map[string]any{"download_rate_bytes": rate}),
+		host(1, pUp, up.Port, map[string]any{"upload_rate_bytes": rate}),
+		host(2, pDown, up.Port, map[string]any{"download_rate_bytes": rate}),
 	))
 
 	type direction struct {
@@ -449,8 +451,8 @@ func TestHealthChecks(t *testing.T) {
 	other := newUpstream(t, echo)
 	p1, p2 := freePort(t), freePort(t)
 	inst := startCaddy(t, hosts(
-		host(1, p1, up.port, map[string]any{"health_check_enabled": true, "health_check_interval_seconds": 1}),
-		host(2, p2, other.port, nil),
+		host(1, p1, up.Port, map[string]any{"health_check_enabled": true, "health_check_interval_seconds": 1}),
+		host(2, p2, other.Port, nil),
 	))
 
 	st := inst.waitStats(1, "healthy", func(s streams.Status) bool { return s.HealthStatus == "healthy" })
@@ -459,14 +461,14 @@ func TestHealthChecks(t *testing.T) {
 	}
 	firstCheck := *st.LastHealthCheck
 
-	up.close()
+	up.Close(10 * time.Second)
 	st = inst.waitStats(1, "unhealthy", func(s streams.Status) bool { return s.HealthStatus == "unhealthy" })
 	if st.Healthy == nil || *st.Healthy || st.LastHealthError == "" || st.LastHealthCheck == nil || !st.LastHealthCheck.After(firstCheck) {
 		t.Fatalf("upstream down: %+v", st)
 	}
 	t.Logf("while down: last_health_error %q", st.LastHealthError)
 
-	ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", up.port))
+	ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", up.Port))
 	if err != nil {
 		t.Fatalf("listening again on the upstream's port: %v", err)
 	}
@@ -507,15 +509,15 @@ func TestReloadKeepsConnection(t *testing.T) {
 	checkNoLeaks(t)
 	up := newUpstream(t, echo)
 	p1, p2 := freePort(t), freePort(t)
-	inst := startCaddy(t, hosts(host(1, p1, up.port, nil)))
+	inst := startCaddy(t, hosts(host(1, p1, up.Port, nil)))
 
 	old := dial(t, p1)
 	if got := roundTrip(t, old, "before the reload"); got != "before the reload" {
 		t.Fatalf("echo: %q", got)
 	}
 	if err := inst.load(hosts(
-		host(1, p1, up.port, map[string]any{"name": "renamed", "notes": "changed by the test"}),
-		host(2, p2, up.port, nil),
+		host(1, p1, up.Port, map[string]any{"name": "renamed", "notes": "changed by the test"}),
+		host(2, p2, up.Port, nil),
 	)); err != nil {
 		t.Fatalf("reload: %v", err)
 	}
@@ -540,7 +542,7 @@ func TestReloadKeepsConnection(t *testing.T) {
 	// Remove stream 1: the connection gets the grace period (300ms), then
 	// is closed.
 	start := time.Now()
-	if err := inst.load(hosts(host(2, p2, up.port, nil))); err != nil {
+	if err := inst.load(hosts(host(2, p2, up.Port, nil))); err != nil {
 		t.Fatalf("reload without stream 1: %v", err)
 	}
 	expectClosed(t, old, 5*time.Second)
@@ -569,7 +571,7 @@ func TestReloadRefusesNothing(t *testing.T) {
 	up := newUpstream(t, echo)
 	port := freePort(t)
 	cfg := func(i int) map[string]any {
-		return hosts(host(1, port, up.port, map[string]any{"notes": fmt.Sprintf("reload %d", i%2), "log_connections": false}))
+		return hosts(host(1, port, up.Port, map[string]any{"notes": fmt.Sprintf("reload %d", i%2), "log_connections": false}))
 	}
 	inst := startCaddy(t, cfg(0))
 
@@ -666,7 +668,7 @@ func TestInvalidConfigChangesNothing(t *testing.T) {
 	checkNoLeaks(t)
 	up := newUpstream(t, echo)
 	p1, p2 := freePort(t), freePort(t)
-	good := hosts(host(1, p1, up.port, nil))
+	good := hosts(host(1, p1, up.Port, nil))
 	inst := startCaddy(t, good)
 
 	open := dial(t, p1)
@@ -683,13 +685,13 @@ func TestInvalidConfigChangesNothing(t *testing.T) {
 		cfg   map[string]any
 		parts []string
 	}{
-		{"bad CIDR", hosts(host(1, p1, up.port, map[string]any{"whitelist_cidrs": []string{"10.0.0.0/8", "10.0.0.300/8"}})),
+		{"bad CIDR", hosts(host(1, p1, up.Port, map[string]any{"whitelist_cidrs": []string{"10.0.0.0/8", "10.0.0.300/8"}})),
 			[]string{"whitelist_cidrs", `"10.0.0.300/8"`}},
-		{"duplicate port", hosts(host(1, p1, up.port, nil), host(2, p1, up.port, nil)),
+		{"duplicate port", hosts(host(1, p1, up.Port, nil), host(2, p1, up.Port, nil)),
 			[]string{"listen_port", strconv.Itoa(p1)}},
-		{"listen_port 0", hosts(host(1, p1, up.port, nil), host(2, 0, up.port, nil)),
+		{"listen_port 0", hosts(host(1, p1, up.Port, nil), host(2, 0, up.Port, nil)),
 			[]string{"listen_port 0"}},
-		{"bad CIDR on a new stream", hosts(host(1, p1, up.port, nil), host(2, p2, up.port, map[string]any{"blacklist_cidrs": []string{"::1/129"}})),
+		{"bad CIDR on a new stream", hosts(host(1, p1, up.Port, nil), host(2, p2, up.Port, map[string]any{"blacklist_cidrs": []string{"::1/129"}})),
 			[]string{"stream 2", "blacklist_cidrs", `"::1/129"`}},
 	} {
 		err := inst.load(bad.cfg)
@@ -731,11 +733,11 @@ func TestPortInUse(t *testing.T) {
 	defer held.Close()
 	heldPort := held.Addr().(*net.TCPAddr).Port
 	p1, p3 := freePort(t), freePort(t)
-	inst := startCaddy(t, hosts(host(1, p1, up.port, nil)))
+	inst := startCaddy(t, hosts(host(1, p1, up.Port, nil)))
 	open := dial(t, p1)
 	roundTrip(t, open, "x")
 
-	err = inst.load(hosts(host(1, p1, up.port, nil), host(3, p3, up.port, nil), host(2, heldPort, up.port, nil)))
+	err = inst.load(hosts(host(1, p1, up.Port, nil), host(3, p3, up.Port, nil), host(2, heldPort, up.Port, nil)))
 	mustContainAll(t, "port held by another listener", err, "stream 2", strconv.Itoa(heldPort), "in use")
 	t.Logf("held port: %v", err)
 	if !refusedAt(t, p3) {
@@ -744,7 +746,7 @@ func TestPortInUse(t *testing.T) {
 
 	_, adminPort, _ := net.SplitHostPort(inst.admin)
 	ap, _ := strconv.Atoi(adminPort)
-	err = inst.load(hosts(host(1, p1, up.port, nil), host(4, ap, up.port, nil)))
+	err = inst.load(hosts(host(1, p1, up.Port, nil), host(4, ap, up.Port, nil)))
 	mustContainAll(t, "admin endpoint's port", err, "stream 4", adminPort)
 	if !strings.Contains(err.Error(), "admin") && !strings.Contains(err.Error(), "in use") {
 		t.Fatalf("admin endpoint's port: error %q says neither that the admin endpoint holds it nor that it is in use", err)
@@ -798,7 +800,7 @@ func TestCountersMoveDuringTransfer(t *testing.T) {
 		_, _ = c.Write(make([]byte, total))
 	})
 	p1, p2 := freePort(t), freePort(t)
-	inst := startCaddy(t, hosts(host(1, p1, sink.port, nil), host(2, p2, source.port, nil)))
+	inst := startCaddy(t, hosts(host(1, p1, sink.Port, nil), host(2, p2, source.Port, nil)))
 
 	up := dial(t, p1).(*net.TCPConn)
 	down := dial(t, p2)
@@ -859,10 +861,10 @@ func TestStopClosesConnections(t *testing.T) {
 	up := newUpstream(t, echo)
 	ports := []int{freePort(t), freePort(t), freePort(t), freePort(t)}
 	startCaddy(t, hosts(
-		host(1, ports[0], up.port, nil),
-		host(2, ports[1], up.port, nil),
-		host(3, ports[2], up.port, nil),
-		host(4, ports[3], up.port, map[string]any{"upload_rate_bytes": 64 << 10}),
+		host(1, ports[0], up.Port, nil),
+		host(2, ports[1], up.Port, nil),
+		host(3, ports[2], up.Port, nil),
+		host(4, ports[3], up.Port, map[string]any{"upload_rate_bytes": 64 << 10}),
 	))
 
 	var conns []net.Conn
@@ -942,7 +944,7 @@ func TestReadOnlyAPI(t *testing.T) {
 		"health_check_enabled": true, "health_check_interval_seconds": 15, "log_connections": true,
 		"notes": "all settings",
 	}
-	first := host(1, p1, up.port, map[string]any{"notes": "the live one"})
+	first := host(1, p1, up.Port, map[string]any{"notes": "the live one"})
 	inst := startCaddy(t, hosts(first, every))
 	c := dial(t, p1)
 	roundTrip(t, c, "hello")

@@ -323,6 +323,11 @@ func parseListen(v string) (addr string, port int, err error) {
 	if n, err := strconv.Atoi(v); err == nil {
 		return "", n, nil
 	}
+	return splitHostPort(v, want)
+}
+
+// splitHostPort splits host:port; want says what was expected.
+func splitHostPort(v, want string) (host string, port int, err error) {
 	host, ps, err := net.SplitHostPort(v)
 	if err != nil {
 		return "", 0, fmt.Errorf("%s", want)
@@ -337,15 +342,7 @@ func parseListen(v string) (addr string, port int, err error) {
 // parseUpstream parses the `upstream` shorthand: <host:port>.
 func parseUpstream(v string) (host string, port int, err error) {
 	const want = "want <host:port>, e.g. db.internal:5432, 10.0.0.5:5432 or [2001:db8::5]:5432"
-	host, ps, err := net.SplitHostPort(v)
-	if err != nil {
-		return "", 0, fmt.Errorf("%s", want)
-	}
-	port, err = strconv.Atoi(ps)
-	if err != nil {
-		return "", 0, fmt.Errorf("port %q is not an integer; %s", ps, want)
-	}
-	return host, port, nil
+	return splitHostPort(v, want)
 }
 
 // Interface guard.

@@ -13,11 +13,12 @@ import (
 	"regexp"
 	"runtime"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+
+	"github.com/aegis-proxy/caddy-aegis/modules/internal/loopback"
 
 	_ "github.com/aegis-proxy/caddy-aegis/admin"
 	_ "github.com/aegis-proxy/caddy-aegis/modules/l4aegisguard"
@@ -196,55 +197,11 @@ func hosts(h ...map[string]any) map[string]any {
 	return map[string]any{"hosts": h, "grace_period": "300ms"}
 }
 
-// upstream is a TCP server on loopback that runs serve for each connection
-// and is closed with the test.
-type upstream struct {
-	ln    net.Listener
-	port  int
-	wg    sync.WaitGroup
-	mu    sync.Mutex
-	conns []net.Conn
-}
-
-func newUpstream(t *testing.T, serve func(net.Conn)) *upstream {
+// newUpstream runs serve for each connection to a loopback TCP server that
+// is closed with the test.
+func newUpstream(t *testing.T, serve func(net.Conn)) *loopback.Server {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	u := &upstream{ln: ln, port: ln.Addr().(*net.TCPAddr).Port}
-	u.wg.Add(1)
-	go func() {
-		defer u.wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			u.mu.Lock()
-			u.conns = append(u.conns, c)
-			u.mu.Unlock()
-			u.wg.Add(1)
-			go func() {
-				defer u.wg.Done()
-				defer c.Close()
-				serve(c)
-			}()
-		}
-	}()
-	t.Cleanup(u.close)
-	return u
-}
-
-// close stops the server and closes its open connections.
-func (u *upstream) close() {
-	u.ln.Close()
-	u.mu.Lock()
-	for _, c := range u.conns {
-		c.Close()
-	}
-	u.mu.Unlock()
-	u.wg.Wait()
+	return loopback.Serve(t, "127.0.0.1:0", serve)
 }
 
 func echo(c net.Conn) { _, _ = io.Copy(c, c) }

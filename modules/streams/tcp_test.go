@@ -15,7 +15,7 @@ func TestRelayCountsAndLogs(t *testing.T) {
 	checkNoLeaks(t)
 	up := newUpstream(t, echo)
 	port := freePort(t)
-	inst := startCaddy(t, hosts(host(1, port, up.port, nil)))
+	inst := startCaddy(t, hosts(host(1, port, up.Port, nil)))
 
 	c := dial(t, port)
 	if got := roundTrip(t, c, "hello, stream"); got != "hello, stream" {
@@ -39,11 +39,11 @@ func TestACL(t *testing.T) {
 	p4allow, p4deny, p6 := freePort(t), freePort(t), freePort(t)
 	inst := startCaddy(t, hosts(
 		// Only 127.0.0.1 may connect; 127.0.0.2 is outside the whitelist.
-		host(1, p4allow, up.port, map[string]any{"whitelist_cidrs": []string{"127.0.0.1"}}),
+		host(1, p4allow, up.Port, map[string]any{"whitelist_cidrs": []string{"127.0.0.1"}}),
 		// The whole loopback range is allowed but 127.0.0.3/32 is blacklisted.
-		host(2, p4deny, up.port, map[string]any{"whitelist_cidrs": []string{"127.0.0.0/8"}, "blacklist_cidrs": []string{"127.0.0.3/32"}}),
+		host(2, p4deny, up.Port, map[string]any{"whitelist_cidrs": []string{"127.0.0.0/8"}, "blacklist_cidrs": []string{"127.0.0.3/32"}}),
 		// IPv6: listen on ::1, blacklist ::1 itself.
-		host(3, p6, up.port, map[string]any{"listen_address": "::1", "blacklist_cidrs": []string{"::1/128"}}),
+		host(3, p6, up.Port, map[string]any{"listen_address": "::1", "blacklist_cidrs": []string{"::1/128"}}),
 	))
 
 	from := func(src string, port int, dst string) net.Conn {
@@ -82,7 +82,7 @@ func TestMaxConnections(t *testing.T) {
 	checkNoLeaks(t)
 	up := newUpstream(t, echo)
 	port := freePort(t)
-	inst := startCaddy(t, hosts(host(1, port, up.port, map[string]any{"max_connections": 2})))
+	inst := startCaddy(t, hosts(host(1, port, up.Port, map[string]any{"max_connections": 2})))
 
 	a, b := dial(t, port), dial(t, port)
 	roundTrip(t, a, "a")
@@ -116,7 +116,7 @@ func TestHalfClose(t *testing.T) {
 		_, _ = fmt.Fprintf(io.Discard, "%s", rest)
 	})
 	p1, p2 := freePort(t), freePort(t)
-	inst := startCaddy(t, hosts(host(1, p1, up.port, nil), host(2, p2, first.port, nil)))
+	inst := startCaddy(t, hosts(host(1, p1, up.Port, nil), host(2, p2, first.Port, nil)))
 
 	c := dial(t, p1).(*net.TCPConn)
 	if _, err := c.Write([]byte("request")); err != nil {
@@ -153,7 +153,7 @@ func TestIdleTimeout(t *testing.T) {
 	checkNoLeaks(t)
 	up := newUpstream(t, func(c net.Conn) { _, _ = io.Copy(io.Discard, c) })
 	port := freePort(t)
-	inst := startCaddy(t, hosts(host(1, port, up.port, map[string]any{"idle_timeout_seconds": 1})))
+	inst := startCaddy(t, hosts(host(1, port, up.Port, map[string]any{"idle_timeout_seconds": 1})))
 
 	// A slow, steady upload (a byte every 300 ms, nothing coming back)
 	// lasts three idle timeouts and is never cut.
