@@ -20,8 +20,10 @@ vet:
 	@test -z "$$(gofmt -l .)" || { echo "gofmt would change:"; gofmt -l .; exit 1; }
 	$(GO) vet ./...
 
-# The tests, with the race detector; fuzz targets run their committed seeds.
+# The allocation checks, which need a build without the race detector, then
+# every test with it (fuzz targets run their committed seeds).
 test: vet build
+	$(GO) test -count=1 -run 'NotAllocate' ./modules/l4aegisproxy
 	$(GO) test -race -count=1 ./...
 	$(BIN) validate --config Caddyfile.example --adapter caddyfile
 

@@ -727,3 +727,33 @@ func TestDialFailureClosesClient(t *testing.T) {
 	}
 	waitFor(t, "the session to end", func() bool { return ch.state().Active.Load() == 0 })
 }
+
+// TestRelayStepsDoNotAllocate: once a connection is relaying, moving a
+// message each way allocates nothing in the proxy (buffers, pipes and the
+// relay's callbacks are pooled or bound once).
+func TestRelayStepsDoNotAllocate(t *testing.T) {
+	if raceEnabled {
+		t.Skip("the race detector allocates; `make test` runs this without it")
+	}
+	u := newUpstream(t, "127.0.0.1:0", func(c net.Conn) { _, _ = io.Copy(c, c) })
+	ch := startChain(t, "127.0.0.1:0", &l4aegisguard.Handler{IdleTimeout: caddy.Duration(time.Minute)}, &l4aegisproxy.Handler{Upstream: u.Addr})
+	c := dial(t, ch.addr)
+	msg := make([]byte, 64)
+	buf := make([]byte, 64)
+	roundTrip := func() {
+		if _, err := c.Write(msg); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(c, buf); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := 0; i < 50; i++ {
+		roundTrip() // warm up the pools
+	}
+	// The test's own client and the echo upstream allocate nothing per
+	// message either, so whatever is counted is the proxy's.
+	if allocs := testing.AllocsPerRun(500, roundTrip); allocs > 0.05 {
+		t.Fatalf("%.2f allocations per round trip through the relay, want 0", allocs)
+	}
+}

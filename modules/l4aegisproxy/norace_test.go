@@ -1,0 +1,5 @@
+//go:build !race
+
+package l4aegisproxy_test
+
+const raceEnabled = false
