@@ -6,9 +6,11 @@
 package l4aegisproxy
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"strconv"
 	"time"
 
@@ -49,8 +51,11 @@ type Handler struct {
 	HealthCheckInterval caddy.Duration `json:"health_check_interval,omitempty"`
 
 	dialer net.Dialer
-	state  *streamstate.Stream
-	logger *zap.Logger
+	// upstreamIP is set when Upstream is an IP address and port, which is
+	// then dialed without going through name resolution.
+	upstreamIP netip.AddrPort
+	state      *streamstate.Stream
+	logger     *zap.Logger
 }
 
 // CaddyModule returns the Caddy module information.
@@ -82,6 +87,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.dialer.Timeout == 0 {
 		h.dialer.Timeout = DefaultDialTimeout
 	}
+	if ap, err := netip.ParseAddrPort(h.Upstream); err == nil {
+		h.upstreamIP = ap
+	}
 	h.logger = ctx.Logger()
 	if h.StreamID > 0 {
 		h.state = streamstate.Acquire(h.StreamID)
@@ -111,7 +119,7 @@ func (h *Handler) Cleanup() error {
 // Handle dials the upstream, sends the PROXY header and relays.
 func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	ss, _ := cx.GetVar(streamstate.SessionVar).(*streamstate.Session)
-	up, err := h.dialer.DialContext(h.state.Context(), "tcp", h.Upstream)
+	up, err := h.dial(h.state.Context())
 	if err != nil {
 		if ss != nil {
 			ss.SetReason(streamstate.ReasonDialFailed)
@@ -168,6 +176,18 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	return nil
 }
 
+// dial connects to the upstream within the dial timeout.
+func (h *Handler) dial(ctx context.Context) (net.Conn, error) {
+	if h.upstreamIP.IsValid() {
+		c, err := h.dialer.DialTCP(ctx, "tcp", netip.AddrPort{}, h.upstreamIP)
+		if err != nil {
+			return nil, err
+		}
+		return c, nil
+	}
+	return h.dialer.DialContext(ctx, "tcp", h.Upstream)
+}
+
 // healthLoop dials the upstream every interval and records the outcome,
 // until the module is unloaded.
 func (h *Handler) healthLoop(ctx caddy.Context, every time.Duration) {
@@ -187,7 +207,7 @@ func (h *Handler) healthLoop(ctx caddy.Context, every time.Duration) {
 }
 
 func (h *Handler) checkHealth(ctx caddy.Context) {
-	c, err := h.dialer.DialContext(ctx, "tcp", h.Upstream)
+	c, err := h.dial(ctx)
 	if ctx.Err() != nil {
 		return
 	}

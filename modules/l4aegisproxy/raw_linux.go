@@ -276,16 +276,15 @@ func (d *rawDir) spliceStep() (int, bool, error) {
 // KeepAliveControl turns SO_KEEPALIVE on for a socket before it connects or
 // listens (accepted sockets inherit it from their listener), with the
 // system's keepalive timings. It fits net.Dialer.Control and
-// net.ListenConfig.Control.
+// net.ListenConfig.Control. It is best effort: a socket that refuses it
+// still works.
 func KeepAliveControl(_, _ string, c syscall.RawConn) error {
-	var serr error
-	err := c.Control(func(fd uintptr) {
-		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1)
-	})
-	if err != nil {
-		return err
-	}
-	return serr
+	return c.Control(setKeepAlive)
+}
+
+// setKeepAlive captures nothing, so passing it allocates nothing.
+func setKeepAlive(fd uintptr) {
+	_ = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1)
 }
 
 // rawRead, rawWrite and rawSplice call the kernel without telling the Go
