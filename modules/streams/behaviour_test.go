@@ -447,7 +447,9 @@ func TestProxyProtocolHeaders(t *testing.T) {
 // shows a stream without checks as not_checked with healthy null.
 func TestHealthChecks(t *testing.T) {
 	checkNoLeaks(t)
-	up := newUpstream(t, echo)
+	// A port outside the ephemeral range, so no outgoing connection takes it
+	// while the upstream is down and it can listen there again.
+	up := loopback.Serve(t, fmt.Sprintf("127.0.0.1:%d", freePort(t)), echo)
 	other := newUpstream(t, echo)
 	p1, p2 := freePort(t), freePort(t)
 	inst := startCaddy(t, hosts(

@@ -12,7 +12,9 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -34,15 +36,40 @@ type instance struct {
 	logFile string
 }
 
-// freePort returns a TCP port that was free a moment ago.
+// lastPort is the last test port handed out. Test ports come from below
+// the kernel's ephemeral range (32768-60999 by default), so that an
+// outgoing connection never takes one between the moment a test picks it
+// and the moment the test binds it, and no port is handed out twice in a
+// run. The start depends on the process id so that test processes running
+// side by side rarely meet.
+var lastPort atomic.Int32
+
+func init() { lastPort.Store(int32(20000 + os.Getpid()%1200*10)) }
+
+// freePort returns a port that is free on 127.0.0.1 and ::1 and that no
+// other test of this run was given.
 func freePort(t *testing.T) int {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	for {
+		p := int(lastPort.Add(1))
+		if p >= 32768 {
+			t.Fatal("ran out of test ports below the ephemeral range")
+		}
+		if portFree(p) {
+			return p
+		}
 	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
+}
+
+func portFree(p int) bool {
+	for _, host := range []string{"127.0.0.1", "::1"} {
+		ln, err := net.Listen("tcp", net.JoinHostPort(host, strconv.Itoa(p)))
+		if err != nil {
+			return false
+		}
+		ln.Close()
+	}
+	return true
 }
 
 // startCaddy loads a config with the given streams app config (and
