@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/netip"
 	"strconv"
 	"time"
 
@@ -51,11 +50,8 @@ type Handler struct {
 	HealthCheckInterval caddy.Duration `json:"health_check_interval,omitempty"`
 
 	dialer net.Dialer
-	// upstreamIP is set when Upstream is an IP address and port, which is
-	// then dialed without going through name resolution.
-	upstreamIP netip.AddrPort
-	state      *streamstate.Stream
-	logger     *zap.Logger
+	state  *streamstate.Stream
+	logger *zap.Logger
 }
 
 // CaddyModule returns the Caddy module information.
@@ -86,9 +82,6 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.dialer.Timeout = time.Duration(h.DialTimeout)
 	if h.dialer.Timeout == 0 {
 		h.dialer.Timeout = DefaultDialTimeout
-	}
-	if ap, err := netip.ParseAddrPort(h.Upstream); err == nil {
-		h.upstreamIP = ap
 	}
 	h.logger = ctx.Logger()
 	if h.StreamID > 0 {
@@ -177,14 +170,12 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 }
 
 // dial connects to the upstream within the dial timeout.
+//
+// Not Dialer.DialTCP, though it would skip name resolution for an IP
+// upstream: it turns a zero local address into a bind to port 0 before the
+// connect, and bind cannot reuse the ports that closed connections hold in
+// TIME_WAIT, so a burst of short connections runs out of ports.
 func (h *Handler) dial(ctx context.Context) (net.Conn, error) {
-	if h.upstreamIP.IsValid() {
-		c, err := h.dialer.DialTCP(ctx, "tcp", netip.AddrPort{}, h.upstreamIP)
-		if err != nil {
-			return nil, err
-		}
-		return c, nil
-	}
 	return h.dialer.DialContext(ctx, "tcp", h.Upstream)
 }
 
