@@ -7,6 +7,7 @@ import (
 	"runtime"
 	"sync"
 	"syscall"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -156,7 +157,7 @@ func (d *rawDir) copyStep() (int, bool, error) {
 		}
 		return 0, false, err
 	}
-	werr := d.writeOut((*d.buf)[:n])
+	werr := d.r.write(d.dir, d, (*d.buf)[:n])
 	copyBufs.Put(d.buf)
 	d.buf = nil
 	return n, werr != nil, werr
@@ -172,33 +173,21 @@ func (d *rawDir) writeCB(fd uintptr) bool {
 	return d.err != unix.EAGAIN
 }
 
-// writeOut writes b to the destination, counting each part written. With
-// an idle timeout, a write that makes no progress until its deadline asks
-// the relay whether the connection is idle and gives up only then.
-func (d *rawDir) writeOut(b []byte) error {
-	defer func() { d.out = nil }()
-	for len(b) > 0 {
-		if d.r.idle > 0 {
-			_ = d.dstConn.SetWriteDeadline(d.r.deadline())
-		}
-		d.out, d.wrote, d.err = b, 0, nil
-		err := d.dst.Write(d.writeFn)
-		if err == nil {
-			err = d.err
-		}
-		if d.wrote > 0 {
-			b = b[d.wrote:]
-			d.r.moved(d.dir, int64(d.wrote))
-		}
-		if err != nil {
-			if errors.Is(err, os.ErrDeadlineExceeded) && !d.r.voteIdle(d.dir) {
-				continue // the peer is slow, but the connection is not idle
-			}
-			return err
-		}
+// Write writes b to the destination with one raw write, waiting for the
+// socket to take bytes. With SetWriteDeadline it lets relay.write drive the
+// raw socket the way it drives a net.Conn.
+func (d *rawDir) Write(b []byte) (int, error) {
+	d.out, d.wrote, d.err = b, 0, nil
+	err := d.dst.Write(d.writeFn)
+	d.out = nil
+	if err == nil {
+		err = d.err
 	}
-	return nil
+	return d.wrote, err
 }
+
+// SetWriteDeadline sets the destination's write deadline.
+func (d *rawDir) SetWriteDeadline(t time.Time) error { return d.dstConn.SetWriteDeadline(t) }
 
 func (d *rawDir) spliceInCB(fd uintptr) bool {
 	if d.pipe == nil {

@@ -164,11 +164,18 @@ func (r *relay) pumpCopy(dir int, dst, src net.Conn) {
 	}
 }
 
-// write writes b to dst for direction dir. With an idle timeout, a write
-// that makes no progress until its deadline asks whether the connection is
-// idle, and gives up only then, as spliceStep does: a peer that stopped
-// reading must not hold the connection forever.
-func (r *relay) write(dir int, dst net.Conn, b []byte) error {
+// deadlineWriter is what relay.write drives: a net.Conn, or one direction
+// of the raw relay.
+type deadlineWriter interface {
+	Write([]byte) (int, error)
+	SetWriteDeadline(time.Time) error
+}
+
+// write writes b to dst for direction dir, counting each part written. With
+// an idle timeout, a write that makes no progress until its deadline asks
+// whether the connection is idle, and gives up only then, as spliceStep
+// does: a peer that stopped reading must not hold the connection forever.
+func (r *relay) write(dir int, dst deadlineWriter, b []byte) error {
 	for {
 		if r.idle > 0 {
 			_ = dst.SetWriteDeadline(r.deadline())
@@ -206,7 +213,8 @@ func (r *relay) moved(dir int, n int64) {
 func (r *relay) stop(dir int, dst net.Conn, n int, writeErr bool, err error) bool {
 	switch {
 	case r.idle > 0 && errors.Is(err, os.ErrDeadlineExceeded):
-		// A write that timed out has already been judged idle by spliceStep.
+		// A write that timed out has already been judged idle by write or
+		// spliceStep.
 		if !writeErr && (n > 0 || !r.voteIdle(dir)) {
 			return false
 		}
