@@ -64,10 +64,10 @@ type Handler struct {
 	// connections included. Default: false.
 	LogConnections bool `json:"log_connections,omitempty"`
 
-	allow, deny []netip.Prefix
-	state       *streamstate.Stream
-	name        string
-	logger      *zap.Logger
+	acl    streamstate.ACL
+	state  *streamstate.Stream
+	name   string
+	logger *zap.Logger
 }
 
 // CaddyModule returns the Caddy module information.
@@ -81,10 +81,7 @@ func (*Handler) CaddyModule() caddy.ModuleInfo {
 // Provision parses the access lists and attaches the stream's state.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	var err error
-	if h.allow, err = parseList("whitelist_cidrs", h.WhitelistCIDRs); err != nil {
-		return err
-	}
-	if h.deny, err = parseList("blacklist_cidrs", h.BlacklistCIDRs); err != nil {
+	if h.acl, err = streamstate.NewACL(h.WhitelistCIDRs, h.BlacklistCIDRs); err != nil {
 		return err
 	}
 	switch {
@@ -127,39 +124,9 @@ func (h *Handler) Cleanup() error {
 // State is the stream state the handler counts into.
 func (h *Handler) State() *streamstate.Stream { return h.state }
 
-func parseList(field string, list []string) ([]netip.Prefix, error) {
-	if len(list) == 0 {
-		return nil, nil
-	}
-	out := make([]netip.Prefix, 0, len(list))
-	for _, s := range list {
-		p, err := streamstate.ParseCIDR(s)
-		if err != nil {
-			return nil, fmt.Errorf("%s %q: %v", field, s, err)
-		}
-		out = append(out, p)
-	}
-	return out, nil
-}
-
 // Allowed applies the access lists to ip: a non-empty whitelist allows only
 // its matches, then a blacklist match rejects.
-func (h *Handler) Allowed(ip netip.Addr) bool {
-	ip = ip.Unmap()
-	if len(h.allow) > 0 && !contains(h.allow, ip) {
-		return false
-	}
-	return !contains(h.deny, ip)
-}
-
-func contains(list []netip.Prefix, ip netip.Addr) bool {
-	for _, p := range list {
-		if p.Contains(ip) {
-			return true
-		}
-	}
-	return false
-}
+func (h *Handler) Allowed(ip netip.Addr) bool { return h.acl.Allowed(ip) }
 
 // remoteAddrPort returns the connection's source without allocating for
 // the usual TCP and UDP addresses.
@@ -205,7 +172,7 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 func (h *Handler) block(src netip.AddrPort, r streamstate.Reason) error {
 	h.state.Blocked.Add(1)
 	if h.LogConnections {
-		h.state.LogBlocked(h.logger, h.name, src.Addr().Unmap().String(), r)
+		h.state.LogBlocked(h.logger, h.name, src.Addr().Unmap().String(), r, false)
 	}
 	return nil
 }

@@ -1,6 +1,7 @@
 // Package streams is the `streams` Caddy app: it owns the listeners of every
-// stream host and runs each accepted connection through that stream's
-// layer4 handler chain (aegis_guard → aegis_proxy).
+// stream host, runs each accepted TCP connection through that stream's
+// layer4 handler chain (aegis_guard → aegis_proxy) and each UDP socket
+// through the stream's NAT relay (package udpnat).
 package streams
 
 import (
@@ -23,6 +24,7 @@ import (
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegisguard"
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegisproxy"
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
+	"github.com/aegis-proxy/caddy-aegis/modules/udpnat"
 )
 
 func init() {
@@ -64,7 +66,7 @@ type reservedPort struct {
 }
 
 // runtime is one stream of this config: its settings, shared state,
-// listener and handler chain.
+// listeners, TCP handler chain and UDP relay.
 type runtime struct {
 	cfg    *Stream
 	state  *streamstate.Stream
@@ -73,6 +75,12 @@ type runtime struct {
 	ln     net.Listener
 	done   chan struct{} // closed when the accept loop has returned
 	logger *zap.Logger
+
+	relay   *udpnat.Relay // shared with other loads of the same stream address
+	nat     udpnat.Config
+	udp     *net.UDPConn   // the socket the relay reads
+	pc      net.PacketConn // Caddy's wrapper of udp, to close it
+	serving bool           // udp was handed to the relay
 }
 
 // chainBox holds a compiled handler chain behind an atomic pointer, so that
@@ -111,7 +119,15 @@ func (a *App) Provision(ctx caddy.Context) error {
 			continue
 		}
 		if h.HasUDP() {
-			return fmt.Errorf("stream %d (%q): protocol %q: UDP streams are not available in this version yet; use tcp", h.ID, h.DisplayName(), h.EffectiveProtocol())
+			nat, err := a.natConfig(h, rt.logger)
+			if err != nil {
+				return fmt.Errorf("stream %d (%q): %v", h.ID, h.DisplayName(), err)
+			}
+			rt.nat = nat
+			rt.relay = udpnat.Acquire(rt.state, h.ListenHostPort())
+		}
+		if !h.HasTCP() {
+			continue
 		}
 		chain, cancel, err := a.buildChain(h)
 		if err != nil {
@@ -121,6 +137,26 @@ func (a *App) Provision(ctx caddy.Context) error {
 		rt.cancel = cancel
 	}
 	return nil
+}
+
+// natConfig is what the stream's settings say about its UDP NAT entries.
+func (a *App) natConfig(s *Stream, logger *zap.Logger) (udpnat.Config, error) {
+	acl, err := streamstate.NewACL(s.WhitelistCIDRs, s.BlacklistCIDRs)
+	if err != nil {
+		return udpnat.Config{}, err
+	}
+	return udpnat.Config{
+		Name:           s.DisplayName(),
+		Upstream:       s.UpstreamHostPort(),
+		ACL:            acl,
+		MaxEntries:     s.MaxConnections,
+		IdleTimeout:    time.Duration(s.IdleTimeoutSeconds) * time.Second,
+		UploadRate:     s.UploadRateBytes,
+		DownloadRate:   s.DownloadRateBytes,
+		ProxyV2:        s.ProxyProtocolVersion == 2,
+		LogConnections: s.LogConnections,
+		Logger:         logger,
+	}, nil
 }
 
 // chainConfig lets Caddy load a stream's handlers as layer4 modules.
@@ -168,19 +204,24 @@ func (a *App) buildChain(s *Stream) (layer4.Handler, context.CancelFunc, error) 
 	return handlers.Compile(), cancel, nil
 }
 
-// Start binds every enabled stream and starts accepting. If one cannot
-// bind, none is left listening and the error names the stream.
+// Start binds every enabled stream and starts serving. If one cannot bind,
+// none is left listening and the error names the stream.
 func (a *App) Start() error {
 	for _, rt := range a.streams {
-		if rt.chain.Load() == nil {
+		if !rt.cfg.Enabled {
 			continue
 		}
-		ln, err := listen(a.ctx, rt.cfg)
+		var err error
+		if rt.cfg.HasTCP() {
+			rt.ln, err = listen(a.ctx, rt.cfg)
+		}
+		if err == nil && rt.cfg.HasUDP() {
+			rt.udp, rt.pc, err = listenUDP(a.ctx, rt.cfg)
+		}
 		if err != nil {
 			a.closeListeners()
 			return err
 		}
-		rt.ln = ln
 	}
 	for _, rt := range a.streams {
 		rt.state.SetGracePeriod(a.gracePeriod())
@@ -188,17 +229,27 @@ func (a *App) Start() error {
 		if !rt.cfg.HealthCheckEnabled || !rt.cfg.Enabled {
 			rt.state.ClearHealth()
 		}
-		if rt.ln == nil {
-			continue
+		if rt.ln != nil {
+			rt.state.ListenerUp(streamstate.TCP)
+			rt.done = make(chan struct{})
+			go rt.accept(rt.ln)
 		}
-		rt.state.ListenerUp()
-		rt.done = make(chan struct{})
-		go rt.accept(rt.ln)
-		a.logger.Info("stream listening",
-			zap.Int64("stream_id", rt.cfg.ID),
-			zap.String("stream", rt.cfg.DisplayName()),
-			zap.String("listen", rt.ln.Addr().String()),
-			zap.String("upstream", rt.cfg.UpstreamHostPort()))
+		if rt.udp != nil {
+			rt.relay.SetConfig(rt.nat)
+			if err := rt.relay.AddSocket(rt.udp); err != nil {
+				rt.logger.Error("serving UDP socket", zap.Error(err))
+			} else {
+				rt.serving = true
+			}
+		}
+		if rt.ln != nil || rt.udp != nil {
+			a.logger.Info("stream listening",
+				zap.Int64("stream_id", rt.cfg.ID),
+				zap.String("stream", rt.cfg.DisplayName()),
+				zap.String("protocol", rt.cfg.EffectiveProtocol()),
+				zap.String("listen", rt.cfg.ListenHostPort()),
+				zap.String("upstream", rt.cfg.UpstreamHostPort()))
+		}
 	}
 	return nil
 }
@@ -212,18 +263,30 @@ func (a *App) Stop() error {
 		if rt.done != nil {
 			<-rt.done
 			rt.done = nil
-			rt.state.ListenerDown()
+			rt.state.ListenerDown(streamstate.TCP)
 		}
 	}
 	return nil
 }
 
+// closeListeners closes the TCP listeners and UDP sockets. A UDP socket
+// that the relay serves is taken from it first, so replies move to a newer
+// socket of the same address if a reload made one.
 func (a *App) closeListeners() {
 	for _, rt := range a.streams {
 		if rt.ln != nil {
 			rt.ln.Close()
-			unbind(rt.cfg)
+			unbind(rt.cfg, "tcp")
 			rt.ln = nil
+		}
+		if rt.udp != nil {
+			if rt.serving {
+				rt.relay.RemoveSocket(rt.udp, rt.pc.Close)
+			} else {
+				rt.pc.Close()
+			}
+			unbind(rt.cfg, "udp")
+			rt.udp, rt.pc, rt.serving = nil, nil, false
 		}
 	}
 }
@@ -243,7 +306,14 @@ func (a *App) Cleanup() error {
 	// so that stopping N busy streams takes one grace period, not N.
 	var wg sync.WaitGroup
 	for _, rt := range a.streams {
-		wg.Go(func() { streamstate.Release(rt.cfg.ID) })
+		wg.Go(func() {
+			// A relay that goes away closes its NAT entries at once: with
+			// its sockets closed, no reply could reach the clients.
+			if rt.relay != nil {
+				udpnat.Release(rt.relay)
+			}
+			streamstate.Release(rt.cfg.ID)
+		})
 	}
 	wg.Wait()
 	a.streams = nil

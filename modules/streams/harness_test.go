@@ -63,11 +63,17 @@ func freePort(t *testing.T) int {
 
 func portFree(p int) bool {
 	for _, host := range []string{"127.0.0.1", "::1"} {
-		ln, err := net.Listen("tcp", net.JoinHostPort(host, strconv.Itoa(p)))
+		addr := net.JoinHostPort(host, strconv.Itoa(p))
+		ln, err := net.Listen("tcp", addr)
 		if err != nil {
 			return false
 		}
 		ln.Close()
+		pc, err := net.ListenPacket("udp", addr)
+		if err != nil {
+			return false
+		}
+		pc.Close()
 	}
 	return true
 }
@@ -275,7 +281,7 @@ func isTimeout(err error) bool {
 }
 
 // ownCode matches a stack frame of this project's non-test code.
-var ownCode = regexp.MustCompile(`caddy-aegis/(modules/(streamstate|l4aegis[a-z]+|streams)\.|admin\.)`)
+var ownCode = regexp.MustCompile(`caddy-aegis/(modules/(streamstate|l4aegis[a-z]+|streams|udpnat)\.|admin\.)`)
 
 // checkNoLeaks fails the test if any goroutine running this project's code
 // is still alive once the test is over and Caddy has stopped.

@@ -3,6 +3,7 @@ package streams
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"sync"
 	"syscall"
@@ -10,6 +11,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegisproxy"
+	"github.com/aegis-proxy/caddy-aegis/modules/udpnat"
 )
 
 // bound counts the stream addresses that this process's stream listeners
@@ -21,37 +23,72 @@ var bound = struct {
 	m map[string]int
 }{m: map[string]int{}}
 
-func boundKey(s *Stream) string { return "tcp/" + s.ListenHostPort() }
+func boundKey(network string, s *Stream) string { return network + "/" + s.ListenHostPort() }
 
 // listen binds the stream's TCP listener. A port that something else holds
 // (another program, or Caddy's own admin endpoint or HTTP servers, which
 // also use SO_REUSEPORT and would otherwise silently share it) is refused
 // with an error that names the stream, the port and the fix.
 func listen(ctx caddy.Context, s *Stream) (net.Listener, error) {
-	key := boundKey(s)
-	bound.Lock()
-	defer bound.Unlock()
-	if bound.m[key] == 0 {
-		probe, err := net.Listen("tcp", s.ListenHostPort())
-		if err != nil {
-			return nil, bindError(s, err)
-		}
-		probe.Close()
-	}
-	na := caddy.NetworkAddress{Network: "tcp", Host: s.ListenAddress, StartPort: uint(s.ListenPort), EndPort: uint(s.ListenPort)}
 	// Accepted sockets inherit SO_KEEPALIVE from the listener, which spares
 	// Go's four setsockopt calls on each of them.
-	ln, err := na.Listen(ctx, 0, net.ListenConfig{KeepAlive: -1, Control: l4aegisproxy.KeepAliveControl})
+	ln, err := bind(ctx, s, "tcp", net.ListenConfig{KeepAlive: -1, Control: l4aegisproxy.KeepAliveControl})
 	if err != nil {
-		return nil, bindError(s, err)
+		return nil, err
 	}
-	bound.m[key]++
 	return ln.(net.Listener), nil
 }
 
+// listenUDP binds the stream's UDP socket, checked like listen. It returns
+// the socket to read and write, and Caddy's wrapper of it, to close.
+func listenUDP(ctx caddy.Context, s *Stream) (*net.UDPConn, net.PacketConn, error) {
+	v, err := bind(ctx, s, "udp", net.ListenConfig{Control: udpnat.ListenControl})
+	if err != nil {
+		return nil, nil, err
+	}
+	pc := v.(net.PacketConn)
+	inner := pc
+	if u, ok := pc.(interface{ Unwrap() net.PacketConn }); ok {
+		inner = u.Unwrap()
+	}
+	uc, ok := inner.(*net.UDPConn)
+	if !ok {
+		pc.Close()
+		unbind(s, "udp")
+		return nil, nil, fmt.Errorf("stream %d (%q): udp listener is a %T, not a UDP socket", s.ID, s.DisplayName(), inner)
+	}
+	return uc, pc, nil
+}
+
+func bind(ctx caddy.Context, s *Stream, network string, lc net.ListenConfig) (any, error) {
+	key := boundKey(network, s)
+	bound.Lock()
+	defer bound.Unlock()
+	if bound.m[key] == 0 {
+		var probe io.Closer
+		var err error
+		if network == "udp" {
+			probe, err = net.ListenPacket(network, s.ListenHostPort())
+		} else {
+			probe, err = net.Listen(network, s.ListenHostPort())
+		}
+		if err != nil {
+			return nil, bindError(s, network, err)
+		}
+		probe.Close()
+	}
+	na := caddy.NetworkAddress{Network: network, Host: s.ListenAddress, StartPort: uint(s.ListenPort), EndPort: uint(s.ListenPort)}
+	ln, err := na.Listen(ctx, 0, lc)
+	if err != nil {
+		return nil, bindError(s, network, err)
+	}
+	bound.m[key]++
+	return ln, nil
+}
+
 // unbind forgets one listener of the stream's address.
-func unbind(s *Stream) {
-	key := boundKey(s)
+func unbind(s *Stream, network string) {
+	key := boundKey(network, s)
 	bound.Lock()
 	defer bound.Unlock()
 	if bound.m[key]--; bound.m[key] <= 0 {
@@ -59,7 +96,7 @@ func unbind(s *Stream) {
 	}
 }
 
-func bindError(s *Stream, err error) error {
+func bindError(s *Stream, network string, err error) error {
 	what := "cannot listen"
 	hint := "check listen_address and listen_port"
 	switch {
@@ -73,6 +110,6 @@ func bindError(s *Stream, err error) error {
 		what = "address not available on this machine"
 		hint = "use an address of one of this machine's interfaces, or 0.0.0.0"
 	}
-	return fmt.Errorf("stream %d (%q): listen_port %d on %q: %s: %v; %s",
-		s.ID, s.DisplayName(), s.ListenPort, s.ListenAddress, what, err, hint)
+	return fmt.Errorf("stream %d (%q): listen_port %d (%s) on %q: %s: %v; %s",
+		s.ID, s.DisplayName(), s.ListenPort, network, s.ListenAddress, what, err, hint)
 }

@@ -11,7 +11,8 @@ type Status struct {
 	ID       int64  `json:"id"`
 	Name     string `json:"name"`
 	Protocol string `json:"protocol"`
-	// Listening is true while a listener serves the stream.
+	// Listening is true while the stream's listeners serve it: for tcp+udp
+	// only when both are up.
 	Listening bool `json:"listening"`
 	// Healthy is the last health check's outcome; null when health checks
 	// are off or none has run yet.
@@ -35,6 +36,9 @@ type Status struct {
 	BytesReceived uint64 `json:"bytes_received"`
 	// LogEntriesDropped were not written because the log queue was full.
 	LogEntriesDropped uint64 `json:"log_entries_dropped"`
+	// DatagramsDropped are UDP datagrams of open NAT entries dropped since
+	// the last reload: over a rate limit, or a socket buffer was full.
+	DatagramsDropped uint64 `json:"datagrams_dropped"`
 }
 
 // StatusOf reads a stream's status from its shared state.
@@ -43,7 +47,7 @@ func StatusOf(s *Stream, st *streamstate.Stream) Status {
 		ID:                 s.ID,
 		Name:               s.DisplayName(),
 		Protocol:           s.EffectiveProtocol(),
-		Listening:          st.Listening(),
+		Listening:          listening(s, st),
 		HealthStatus:       "not_checked",
 		ActiveConnections:  st.Active.Load(),
 		TotalConnections:   st.Total.Load(),
@@ -51,8 +55,11 @@ func StatusOf(s *Stream, st *streamstate.Stream) Status {
 		BytesSent:          st.BytesSent.Load(),
 		BytesReceived:      st.BytesReceived.Load(),
 		LogEntriesDropped:  st.LogDropped.Load(),
+		DatagramsDropped:   st.DatagramsDropped.Load(),
 	}
-	if s.HealthCheckEnabled && s.Enabled {
+	// Health checks are TCP dials: they say nothing about a UDP-only
+	// upstream, so such a stream is never shown healthy.
+	if s.HealthCheckEnabled && s.Enabled && s.HasTCP() {
 		out.HealthStatus = "pending"
 		if h := st.Health(); h != nil {
 			healthy := h.Healthy
@@ -67,6 +74,14 @@ func StatusOf(s *Stream, st *streamstate.Stream) Status {
 		}
 	}
 	return out
+}
+
+// listening is true when every listener the stream needs is up.
+func listening(s *Stream, st *streamstate.Stream) bool {
+	if !s.HasTCP() && !s.HasUDP() {
+		return false
+	}
+	return (!s.HasTCP() || st.Listening(streamstate.TCP)) && (!s.HasUDP() || st.Listening(streamstate.UDP))
 }
 
 // HostStatus is a stream host with its runtime status.

@@ -1,6 +1,7 @@
 package streamstate
 
 import (
+	"io"
 	"net"
 	"net/netip"
 	"sync/atomic"
@@ -28,6 +29,7 @@ const (
 	ReasonAdminClosed
 	ReasonProxyHeaderFailed
 	ReasonTLSHandshakeFailed
+	ReasonConfigChanged
 )
 
 var reasonNames = [...]string{
@@ -45,6 +47,7 @@ var reasonNames = [...]string{
 	ReasonAdminClosed:        "admin_closed",
 	ReasonProxyHeaderFailed:  "proxy_header_failed",
 	ReasonTLSHandshakeFailed: "tls_handshake_failed",
+	ReasonConfigChanged:      "config_changed",
 }
 
 func (r Reason) String() string {
@@ -60,26 +63,30 @@ const SessionVar = "aegis.session"
 
 var lastSessionID atomic.Uint64
 
-// Session is one open connection of a stream. The guard handler creates it
-// and the proxy handler relays through it. Counters are updated without
-// locks.
+// Session is one open connection of a stream: a TCP connection, which the
+// guard handler creates and the proxy handler relays through, or a UDP NAT
+// entry. Counters are updated without locks.
 type Session struct {
 	ID     uint64
 	Stream *Stream
 	Source netip.AddrPort
 	Start  time.Time
+	// UDP is true for a NAT entry of a UDP listener.
+	UDP bool
 
 	// IdleTimeout closes the connection when no byte moved either way for
 	// this long; 0 disables it.
 	IdleTimeout time.Duration
 
 	sent, received atomic.Uint64
-	lastActive     atomic.Int64 // unix nanoseconds
-	reason         atomic.Uint32
-	closed         atomic.Bool
-	relayOwnsIdle  atomic.Bool
+	// Datagrams each way, for UDP sessions.
+	dgSent, dgReceived atomic.Uint64
+	lastActive         atomic.Int64 // unix nanoseconds
+	reason             atomic.Uint32
+	closed             atomic.Bool
+	relayOwnsIdle      atomic.Bool
 
-	client   net.Conn
+	client   io.Closer
 	upstream atomic.Pointer[net.Conn]
 
 	logger *zap.Logger
@@ -87,8 +94,8 @@ type Session struct {
 }
 
 // NewSession registers an open connection on the stream. client is the
-// accepted connection; closing the session closes it.
-func (s *Stream) NewSession(client net.Conn, source netip.AddrPort, idle time.Duration, logger *zap.Logger, name string) *Session {
+// accepted connection (or the NAT entry); closing the session closes it.
+func (s *Stream) NewSession(client io.Closer, source netip.AddrPort, idle time.Duration, logger *zap.Logger, name string) *Session {
 	ss := &Session{
 		ID:          lastSessionID.Add(1),
 		Stream:      s,
@@ -124,6 +131,22 @@ func (ss *Session) AddReceived(n int64) {
 	ss.received.Add(uint64(n))
 	ss.Stream.BytesReceived.Add(uint64(n))
 }
+
+// AddDatagramSent counts one client→upstream datagram of n bytes.
+func (ss *Session) AddDatagramSent(n int) {
+	ss.dgSent.Add(1)
+	ss.AddSent(int64(n))
+}
+
+// AddDatagramReceived counts one upstream→client datagram of n bytes.
+func (ss *Session) AddDatagramReceived(n int) {
+	ss.dgReceived.Add(1)
+	ss.AddReceived(int64(n))
+}
+
+// DatagramsSent and DatagramsReceived count the datagrams of a UDP session.
+func (ss *Session) DatagramsSent() uint64     { return ss.dgSent.Load() }
+func (ss *Session) DatagramsReceived() uint64 { return ss.dgReceived.Load() }
 
 // SetReason records why the connection ends; the first reason wins.
 func (ss *Session) SetReason(r Reason) bool {
@@ -171,6 +194,9 @@ func (ss *Session) End(r Reason, log bool) {
 	if log {
 		ss.Stream.enqueueLog(logEntry{
 			logger:   ss.logger,
+			udp:      ss.UDP,
+			dgSent:   ss.dgSent.Load(),
+			dgRecv:   ss.dgReceived.Load(),
 			stream:   ss.name,
 			connID:   ss.ID,
 			source:   ss.Source.Addr().String(),

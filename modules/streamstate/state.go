@@ -64,8 +64,12 @@ type Stream struct {
 	// LogDropped counts connection-log entries dropped because the log
 	// queue was full.
 	LogDropped atomic.Uint64
+	// DatagramsDropped counts UDP datagrams of open NAT entries that were
+	// dropped (over a rate limit, socket buffer full, upstream gone) since
+	// the last reload.
+	DatagramsDropped atomic.Uint64
 
-	listeners atomic.Int32
+	listeners [2]atomic.Int32 // by Kind
 	health    atomic.Pointer[Health]
 	grace     atomic.Int64 // nanoseconds
 
@@ -107,13 +111,23 @@ func (s *Stream) Context() context.Context { return s.ctx }
 // SetGracePeriod sets how long the last Release waits for open connections.
 func (s *Stream) SetGracePeriod(d time.Duration) { s.grace.Store(int64(d)) }
 
-// ListenerUp and ListenerDown track how many listeners serve the stream;
-// a reload briefly has two.
-func (s *Stream) ListenerUp()   { s.listeners.Add(1) }
-func (s *Stream) ListenerDown() { s.listeners.Add(-1) }
+// Kind is a listener's transport.
+type Kind int
 
-// Listening reports whether at least one listener serves the stream.
-func (s *Stream) Listening() bool { return s.listeners.Load() > 0 }
+// Listener kinds.
+const (
+	TCP Kind = iota
+	UDP
+)
+
+// ListenerUp and ListenerDown track how many listeners of a kind serve the
+// stream; a reload briefly has two.
+func (s *Stream) ListenerUp(k Kind)   { s.listeners[k].Add(1) }
+func (s *Stream) ListenerDown(k Kind) { s.listeners[k].Add(-1) }
+
+// Listening reports whether at least one listener of kind k serves the
+// stream.
+func (s *Stream) Listening(k Kind) bool { return s.listeners[k].Load() > 0 }
 
 // ResetTotals zeroes the since-reload counters. Active stays as it is.
 func (s *Stream) ResetTotals() {
@@ -121,6 +135,7 @@ func (s *Stream) ResetTotals() {
 	s.Blocked.Store(0)
 	s.BytesSent.Store(0)
 	s.BytesReceived.Store(0)
+	s.DatagramsDropped.Store(0)
 }
 
 // Health is the outcome of the last health check.
@@ -201,6 +216,9 @@ type logEntry struct {
 	duration time.Duration
 	blocked  bool
 	reason   Reason
+	udp      bool
+	dgSent   uint64
+	dgRecv   uint64
 }
 
 // writeLogs writes queued connection-log entries off the data path until
@@ -230,9 +248,14 @@ func (s *Stream) writeLog(e logEntry) {
 	if e.blocked {
 		action = "blocked"
 	}
-	e.logger.Info("connection",
+	proto := "tcp"
+	if e.udp {
+		proto = "udp"
+	}
+	fields := []zap.Field{
 		zap.String("stream", e.stream),
 		zap.Int64("stream_id", s.ID),
+		zap.String("protocol", proto),
 		zap.Uint64("conn_id", e.connID),
 		zap.String("source_ip", e.source),
 		zap.Uint64("bytes_sent", e.sent),
@@ -240,7 +263,11 @@ func (s *Stream) writeLog(e logEntry) {
 		zap.Int64("duration_ms", e.duration.Milliseconds()),
 		zap.String("action", action),
 		zap.String("disconnect_reason", e.reason.String()),
-	)
+	}
+	if e.udp && !e.blocked {
+		fields = append(fields, zap.Uint64("datagrams_sent", e.dgSent), zap.Uint64("datagrams_received", e.dgRecv))
+	}
+	e.logger.Info("connection", fields...)
 }
 
 // enqueueLog queues a log entry without ever blocking; a full queue drops
@@ -253,8 +280,8 @@ func (s *Stream) enqueueLog(e logEntry) {
 	}
 }
 
-// LogBlocked queues the log entry of a connection refused before it was
-// relayed.
-func (s *Stream) LogBlocked(logger *zap.Logger, stream, source string, r Reason) {
-	s.enqueueLog(logEntry{logger: logger, stream: stream, source: source, blocked: true, reason: r})
+// LogBlocked queues the log entry of a connection (or, with udp, a new
+// client's datagram) refused before it was relayed.
+func (s *Stream) LogBlocked(logger *zap.Logger, stream, source string, r Reason, udp bool) {
+	s.enqueueLog(logEntry{logger: logger, stream: stream, source: source, blocked: true, reason: r, udp: udp})
 }

@@ -1,0 +1,567 @@
+package streams_test
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	proxyproto "github.com/pires/go-proxyproto"
+
+	"github.com/aegis-proxy/caddy-aegis/modules/streams"
+)
+
+// udpUpstream is a UDP server on loopback for tests, closed with the test.
+type udpUpstream struct {
+	pc   *net.UDPConn
+	Port int
+}
+
+// newUDPUpstream runs handle for each datagram that reaches a UDP server
+// on addr (e.g. "127.0.0.1:0"); handle may reply with pc.
+func newUDPUpstream(t *testing.T, addr string, handle func(pc *net.UDPConn, p []byte, from netip.AddrPort)) *udpUpstream {
+	t.Helper()
+	pc, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.MustParseAddrPort(addr)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, 65535)
+		for {
+			n, from, err := pc.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				if errors.Is(err, net.ErrClosed) {
+					return
+				}
+				continue
+			}
+			handle(pc, buf[:n], from)
+		}
+	}()
+	t.Cleanup(func() {
+		pc.Close()
+		<-done
+	})
+	return &udpUpstream{pc: pc, Port: pc.LocalAddr().(*net.UDPAddr).Port}
+}
+
+// udpEcho sends every datagram back.
+func udpEcho(pc *net.UDPConn, p []byte, from netip.AddrPort) { _, _ = pc.WriteToUDPAddrPort(p, from) }
+
+// udpWho answers "<source address>|<payload>", so a test can see which
+// upstream socket (NAT entry) a datagram came through.
+func udpWho(pc *net.UDPConn, p []byte, from netip.AddrPort) {
+	_, _ = pc.WriteToUDPAddrPort(append([]byte(from.String()+"|"), p...), from)
+}
+
+// udpHost is a UDP stream host config.
+func udpHost(id int64, listenPort, upstreamPort int, extra map[string]any) map[string]any {
+	h := host(id, listenPort, upstreamPort, extra)
+	if _, ok := extra["protocol"]; !ok {
+		h["protocol"] = "udp"
+	}
+	return h
+}
+
+// udpDial returns a UDP socket from src (host, "" for any) connected to
+// dst:port.
+func udpDial(t *testing.T, src, dst string, port int) *net.UDPConn {
+	t.Helper()
+	var laddr *net.UDPAddr
+	if src != "" {
+		laddr = &net.UDPAddr{IP: net.ParseIP(src)}
+	}
+	c, err := net.DialUDP("udp", laddr, &net.UDPAddr{IP: net.ParseIP(dst), Port: port})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// udpRoundTrip sends msg and returns the first reply, or "" after within.
+func udpRoundTrip(t *testing.T, c *net.UDPConn, msg string, within time.Duration) string {
+	t.Helper()
+	if _, err := c.Write([]byte(msg)); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	return udpRead(t, c, within)
+}
+
+func udpRead(t *testing.T, c *net.UDPConn, within time.Duration) string {
+	t.Helper()
+	_ = c.SetReadDeadline(time.Now().Add(within))
+	buf := make([]byte, 65535)
+	n, err := c.Read(buf)
+	if err != nil {
+		// No answer: a timeout, or an ICMP port unreachable.
+		if isTimeout(err) || errors.Is(err, syscall.ECONNREFUSED) {
+			return ""
+		}
+		t.Fatalf("read: %v", err)
+	}
+	return string(buf[:n])
+}
+
+func TestUDPEchoStatsAndIdleLog(t *testing.T) {
+	checkNoLeaks(t)
+	up := newUDPUpstream(t, "127.0.0.1:0", udpEcho)
+	port := freePort(t)
+	inst := startCaddy(t, hosts(udpHost(1, port, up.Port, map[string]any{"idle_timeout_seconds": 1})))
+
+	c := udpDial(t, "", "127.0.0.1", port)
+	for i := range 3 {
+		msg := fmt.Sprintf("datagram %d", i)
+		if got := udpRoundTrip(t, c, msg, 2*time.Second); got != msg {
+			t.Fatalf("echo through the NAT: got %q, want %q", got, msg)
+		}
+	}
+	st := inst.stats()[1]
+	if !st.Listening || st.Protocol != "udp" || st.ActiveConnections != 1 || st.TotalConnections != 1 || st.BytesSent != 30 || st.BytesReceived != 30 {
+		t.Fatalf("stats with one NAT entry: %+v", st)
+	}
+	if st.HealthStatus != "not_checked" {
+		t.Fatalf("health of a UDP stream without checks: %q", st.HealthStatus)
+	}
+	// No traffic for the idle timeout: the entry goes, with its log line.
+	inst.waitStats(1, "the entry evicted", func(s streams.Status) bool { return s.ActiveConnections == 0 })
+	e := inst.waitLog(1, "idle_timeout", func(e logEntry) bool { return e.DisconnectReason == "idle_timeout" })
+	if e.Action != "allowed" || e.SourceIP != "127.0.0.1" || e.BytesSent != 30 || e.BytesReceived != 30 || e.DurationMS < 900 {
+		t.Fatalf("eviction log entry: %+v", e)
+	}
+	// The client comes back: a new entry.
+	if got := udpRoundTrip(t, c, "again", 2*time.Second); got != "again" {
+		t.Fatalf("after eviction: got %q", got)
+	}
+	if st := inst.stats()[1]; st.TotalConnections != 2 || st.ActiveConnections != 1 {
+		t.Fatalf("stats after a second entry: %+v", st)
+	}
+}
+
+func TestUDPManyClientsOwnReplies(t *testing.T) {
+	checkNoLeaks(t)
+	up := newUDPUpstream(t, "127.0.0.1:0", udpWho)
+	port := freePort(t)
+	inst := startCaddy(t, hosts(udpHost(1, port, up.Port, nil)))
+
+	const clients, rounds = 40, 25
+	var wg sync.WaitGroup
+	errs := make(chan error, clients)
+	upstreamSources := make([]string, clients)
+	for i := range clients {
+		c := udpDial(t, "", "127.0.0.1", port)
+		wg.Go(func() {
+			buf := make([]byte, 2048)
+			for r := range rounds {
+				msg := fmt.Sprintf("client %d round %d", i, r)
+				if _, err := c.Write([]byte(msg)); err != nil {
+					errs <- err
+					return
+				}
+				_ = c.SetReadDeadline(time.Now().Add(3 * time.Second))
+				n, err := c.Read(buf)
+				if err != nil {
+					errs <- fmt.Errorf("client %d round %d: %v", i, r, err)
+					return
+				}
+				src, payload, _ := strings.Cut(string(buf[:n]), "|")
+				if payload != msg {
+					errs <- fmt.Errorf("client %d got %q, want its own %q", i, payload, msg)
+					return
+				}
+				if r == 0 {
+					upstreamSources[i] = src
+				} else if src != upstreamSources[i] {
+					errs <- fmt.Errorf("client %d: upstream saw source %s, then %s: the NAT entry changed", i, upstreamSources[i], src)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	seen := map[string]bool{}
+	for _, s := range upstreamSources {
+		if seen[s] {
+			t.Errorf("two clients share the upstream source %s", s)
+		}
+		seen[s] = true
+	}
+	st := inst.stats()[1]
+	var sent uint64
+	for i := range clients {
+		for r := range rounds {
+			sent += uint64(len(fmt.Sprintf("client %d round %d", i, r)))
+		}
+	}
+	if st.ActiveConnections != clients || st.TotalConnections != clients || st.BytesSent != sent || st.BytesReceived <= sent {
+		t.Fatalf("stats after %d clients: %+v", clients, st)
+	}
+}
+
+func TestUDPACLAndBlockedLogOncePerSource(t *testing.T) {
+	checkNoLeaks(t)
+	up := newUDPUpstream(t, "127.0.0.1:0", udpEcho)
+	port := freePort(t)
+	inst := startCaddy(t, hosts(udpHost(1, port, up.Port, map[string]any{
+		"listen_address":  "0.0.0.0",
+		"whitelist_cidrs": []string{"127.0.0.0/8"},
+		"blacklist_cidrs": []string{"127.0.0.2"},
+	})))
+
+	ok := udpDial(t, "127.0.0.1", "127.0.0.1", port)
+	if got := udpRoundTrip(t, ok, "allowed", 2*time.Second); got != "allowed" {
+		t.Fatalf("allowed client: got %q", got)
+	}
+	denied := udpDial(t, "127.0.0.2", "127.0.0.1", port)
+	for i := range 20 {
+		if got := udpRoundTrip(t, denied, fmt.Sprint("denied ", i), 50*time.Millisecond); got != "" {
+			t.Fatalf("blacklisted client got a reply: %q", got)
+		}
+	}
+	st := inst.waitStats(1, "20 blocked", func(s streams.Status) bool { return s.BlockedConnections == 20 })
+	if st.ActiveConnections != 1 || st.TotalConnections != 1 {
+		t.Fatalf("a denied source made NAT state: %+v", st)
+	}
+	inst.waitLog(1, "action blocked", func(e logEntry) bool { return e.Action == "blocked" })
+	time.Sleep(200 * time.Millisecond) // let any further lines be written
+	var blocked []logEntry
+	for _, e := range inst.connLogs() {
+		if e.Action == "blocked" {
+			blocked = append(blocked, e)
+		}
+	}
+	if len(blocked) != 1 || blocked[0].SourceIP != "127.0.0.2" || blocked[0].DisconnectReason != "acl_denied" {
+		t.Fatalf("want one blocked line for 20 datagrams of one source, got %+v", blocked)
+	}
+	// The allowed client still works.
+	if got := udpRoundTrip(t, ok, "still", 2*time.Second); got != "still" {
+		t.Fatalf("allowed client after the flood: got %q", got)
+	}
+}
+
+func TestUDPEntryCap(t *testing.T) {
+	checkNoLeaks(t)
+	up := newUDPUpstream(t, "127.0.0.1:0", udpEcho)
+	port := freePort(t)
+	inst := startCaddy(t, hosts(udpHost(1, port, up.Port, map[string]any{"max_connections": 2})))
+
+	a, b, c := udpDial(t, "", "127.0.0.1", port), udpDial(t, "", "127.0.0.1", port), udpDial(t, "", "127.0.0.1", port)
+	if udpRoundTrip(t, a, "a", 2*time.Second) != "a" || udpRoundTrip(t, b, "b", 2*time.Second) != "b" {
+		t.Fatal("the first two clients should get through")
+	}
+	if got := udpRoundTrip(t, c, "c", 200*time.Millisecond); got != "" {
+		t.Fatalf("a third client past max_connections 2 got %q", got)
+	}
+	if udpRoundTrip(t, a, "a2", 2*time.Second) != "a2" || udpRoundTrip(t, b, "b2", 2*time.Second) != "b2" {
+		t.Fatal("existing entries must keep working past the cap")
+	}
+	st := inst.stats()[1]
+	if st.ActiveConnections != 2 || st.BlockedConnections != 1 || st.TotalConnections != 2 {
+		t.Fatalf("stats at the cap: %+v", st)
+	}
+	inst.waitLog(1, "max_connections", func(e logEntry) bool { return e.Action == "blocked" && e.DisconnectReason == "max_connections" })
+}
+
+// A client that floods the stream and never reads its replies must not slow
+// another client down or cost it a datagram.
+func TestUDPFloodingClientDoesNotStallOthers(t *testing.T) {
+	checkNoLeaks(t)
+	up := newUDPUpstream(t, "127.0.0.1:0", udpEcho)
+	port := freePort(t)
+	startCaddy(t, hosts(udpHost(1, port, up.Port, nil)))
+
+	flood := udpDial(t, "", "127.0.0.1", port)
+	_ = flood.SetReadBuffer(4096) // its replies pile up and overflow
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		p := make([]byte, 1200)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			_, _ = flood.Write(p)
+		}
+	})
+	defer func() { close(stop); wg.Wait() }()
+
+	c := udpDial(t, "", "127.0.0.1", port)
+	for i := range 200 {
+		msg := fmt.Sprint("ping ", i)
+		// Loopback can drop under the flood; a lost datagram is resent,
+		// a slow answer is not accepted.
+		got := ""
+		for try := 0; try < 3 && got != msg; try++ {
+			got = udpRoundTrip(t, c, msg, time.Second)
+			for got != "" && got != msg { // a late reply to an earlier try
+				got = udpRead(t, c, time.Second)
+			}
+		}
+		if got != msg {
+			t.Fatalf("round %d beside a flooding client: got %q", i, got)
+		}
+	}
+}
+
+func TestUDPRateLimitsDrop(t *testing.T) {
+	checkNoLeaks(t)
+	up := newUDPUpstream(t, "127.0.0.1:0", udpEcho)
+	port := freePort(t)
+	// 10 kB/s with a burst of 64 KiB: of 200 kB sent at once, about 65 kB
+	// pass each way.
+	inst := startCaddy(t, hosts(udpHost(1, port, up.Port, map[string]any{"upload_rate_bytes": 10000})))
+	c := udpDial(t, "", "127.0.0.1", port)
+	_ = c.SetReadBuffer(1 << 20)
+	p := make([]byte, 1000)
+	for range 200 {
+		if _, err := c.Write(p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := 0
+	for udpRead(t, c, 300*time.Millisecond) != "" {
+		got++
+	}
+	if got < 55 || got > 80 {
+		t.Fatalf("upload limit 10000 B/s (burst 65535 B): %d of 200 datagrams of 1000 B came back, want about 65", got)
+	}
+	st := inst.stats()[1]
+	if st.DatagramsDropped != uint64(200-got) || st.BytesSent != uint64(got*1000) {
+		t.Fatalf("stats after rate dropping: %+v (got %d back)", st, got)
+	}
+}
+
+func TestUDPDownloadRateDrops(t *testing.T) {
+	checkNoLeaks(t)
+	// The upstream answers each datagram with ten of 1000 bytes.
+	up := newUDPUpstream(t, "127.0.0.1:0", func(pc *net.UDPConn, p []byte, from netip.AddrPort) {
+		big := make([]byte, 1000)
+		for range 10 {
+			_, _ = pc.WriteToUDPAddrPort(big, from)
+		}
+	})
+	port := freePort(t)
+	inst := startCaddy(t, hosts(udpHost(1, port, up.Port, map[string]any{"download_rate_bytes": 10000})))
+	c := udpDial(t, "", "127.0.0.1", port)
+	_ = c.SetReadBuffer(1 << 20)
+	for range 20 {
+		if _, err := c.Write([]byte("x")); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	got := 0
+	for udpRead(t, c, 300*time.Millisecond) != "" {
+		got++
+	}
+	if got < 55 || got > 80 {
+		t.Fatalf("download limit 10000 B/s (burst 65535 B): %d of 200 replies of 1000 B arrived, want about 65", got)
+	}
+	if st := inst.stats()[1]; st.DatagramsDropped != uint64(200-got) {
+		t.Fatalf("stats after download rate dropping: %+v (got %d)", st, got)
+	}
+}
+
+// Every datagram upstream carries a PROXY v2 header with the client's
+// address and the address it sent to, also on a wildcard listener; the
+// reply comes from that address.
+func TestUDPProxyProtocolV2(t *testing.T) {
+	checkNoLeaks(t)
+	type seen struct {
+		h       *proxyproto.Header
+		payload string
+	}
+	got := make(chan seen, 16)
+	up := newUDPUpstream(t, "127.0.0.1:0", func(pc *net.UDPConn, p []byte, from netip.AddrPort) {
+		br := bufio.NewReader(bytes.NewReader(p))
+		h, err := proxyproto.Read(br)
+		if err != nil {
+			got <- seen{}
+			return
+		}
+		rest := make([]byte, br.Buffered())
+		_, _ = br.Read(rest)
+		got <- seen{h, string(rest)}
+		_, _ = pc.WriteToUDPAddrPort(rest, from)
+	})
+	p4, p4any, p6 := freePort(t), freePort(t), freePort(t)
+	startCaddy(t, hosts(
+		udpHost(1, p4, up.Port, map[string]any{"proxy_protocol_version": 2}),
+		udpHost(2, p4any, up.Port, map[string]any{"proxy_protocol_version": 2, "listen_address": "0.0.0.0"}),
+		udpHost(3, p6, up.Port, map[string]any{"proxy_protocol_version": 2, "listen_address": "::1"}),
+	))
+
+	check := func(src, dst string, port int) {
+		t.Helper()
+		c := udpDial(t, src, dst, port)
+		for i := range 3 {
+			msg := fmt.Sprintf("to %s #%d", dst, i)
+			if r := udpRoundTrip(t, c, msg, 2*time.Second); r != msg {
+				t.Fatalf("%s→%s:%d: reply %q, want %q (a connected client only takes replies from the address it sent to)", src, dst, port, r, msg)
+			}
+			s := <-got
+			if s.h == nil {
+				t.Fatalf("%s→%s:%d: datagram %d without a valid PROXY v2 header", src, dst, port, i)
+			}
+			wantSrc := c.LocalAddr().(*net.UDPAddr).AddrPort()
+			wantDst := netip.AddrPortFrom(netip.MustParseAddr(dst), uint16(port))
+			gs, gd := s.h.SourceAddr.(*net.UDPAddr).AddrPort(), s.h.DestinationAddr.(*net.UDPAddr).AddrPort()
+			if s.h.Version != 2 || !s.h.TransportProtocol.IsDatagram() || gs != wantSrc || gd != wantDst || s.payload != msg {
+				t.Fatalf("%s→%s:%d: header %+v (%s → %s) payload %q; want %s → %s, DGRAM, %q", src, dst, port, s.h, gs, gd, s.payload, wantSrc, wantDst, msg)
+			}
+		}
+	}
+	check("127.0.0.1", "127.0.0.1", p4)
+	check("127.0.0.1", "127.0.0.1", p4any)
+	check("127.0.0.5", "127.0.0.7", p4any) // wildcard: the address actually used
+	check("::1", "::1", p6)
+}
+
+func TestUDPAndTCPOnOnePort(t *testing.T) {
+	checkNoLeaks(t)
+	tcpUp := newUpstream(t, echo)
+	// One port number for both upstream kinds, as a DNS server has.
+	udpUp := newUDPUpstream(t, fmt.Sprintf("127.0.0.1:%d", tcpUp.Port), udpEcho)
+	port := freePort(t)
+	inst := startCaddy(t, hosts(udpHost(1, port, udpUp.Port, map[string]any{"protocol": "tcp+udp"})))
+
+	tc := dial(t, port)
+	if got := roundTrip(t, tc, "over tcp"); got != "over tcp" {
+		t.Fatalf("tcp side: got %q", got)
+	}
+	uc := udpDial(t, "", "127.0.0.1", port)
+	if got := udpRoundTrip(t, uc, "over udp!", 2*time.Second); got != "over udp!" {
+		t.Fatalf("udp side: got %q", got)
+	}
+	st := inst.stats()[1]
+	if !st.Listening || st.Protocol != "tcp+udp" || st.ActiveConnections != 2 || st.TotalConnections != 2 || st.BytesSent != 17 || st.BytesReceived != 17 {
+		t.Fatalf("stats of tcp+udp with one connection each: %+v", st)
+	}
+}
+
+// A reload that keeps the stream keeps its NAT entries: the client's
+// datagrams go on through the same upstream socket. Changing the upstream
+// closes them, and the next datagram goes to the new upstream.
+func TestUDPReloadKeepsEntries(t *testing.T) {
+	checkNoLeaks(t)
+	up := newUDPUpstream(t, "127.0.0.1:0", udpWho)
+	up2 := newUDPUpstream(t, "127.0.0.1:0", udpWho)
+	port, other := freePort(t), freePort(t)
+	inst := startCaddy(t, hosts(udpHost(1, port, up.Port, nil)))
+
+	c := udpDial(t, "", "127.0.0.1", port)
+	first := udpRoundTrip(t, c, "before", 2*time.Second)
+	src, _, _ := strings.Cut(first, "|")
+	if src == "" {
+		t.Fatalf("no reply before the reload: %q", first)
+	}
+	for i := range 3 {
+		// Rename the stream and add another one: a reload of the whole app.
+		cfg := hosts(
+			udpHost(1, port, up.Port, map[string]any{"name": fmt.Sprint("renamed-", i), "idle_timeout_seconds": 30}),
+			udpHost(2, other, up.Port, nil))
+		if err := inst.load(cfg); err != nil {
+			t.Fatal(err)
+		}
+		got := udpRoundTrip(t, c, fmt.Sprint("after ", i), 2*time.Second)
+		if got != src+"|after "+fmt.Sprint(i) {
+			t.Fatalf("reload %d: got %q, want the same upstream source %s", i, got, src)
+		}
+	}
+	if st := inst.stats()[1]; st.ActiveConnections != 1 || !st.Listening {
+		t.Fatalf("stats after reloads: %+v", st)
+	}
+
+	if err := inst.load(hosts(udpHost(1, port, up2.Port, nil))); err != nil {
+		t.Fatal(err)
+	}
+	inst.waitLog(1, "config_changed", func(e logEntry) bool { return e.DisconnectReason == "config_changed" })
+	got := udpRoundTrip(t, c, "moved", 2*time.Second)
+	src2, payload, _ := strings.Cut(got, "|")
+	if payload != "moved" || src2 == src {
+		t.Fatalf("after the upstream changed: got %q", got)
+	}
+	up.pc.Close() // nothing may reach the old upstream any more
+
+	// Removing the stream closes the entry.
+	if err := inst.load(hosts(udpHost(2, other, up2.Port, nil))); err != nil {
+		t.Fatal(err)
+	}
+	inst.waitLog(1, "stream_removed", func(e logEntry) bool { return e.DisconnectReason == "stream_removed" })
+	if r := udpRoundTrip(t, c, "gone", 200*time.Millisecond); r != "" {
+		t.Fatalf("a removed stream answered: %q", r)
+	}
+}
+
+// Stopping Caddy frees every goroutine and every socket of the UDP relay.
+func TestUDPStopFreesEverything(t *testing.T) {
+	if n := udpSockets(t); n != 0 {
+		t.Fatalf("%d UDP sockets open before the test", n)
+	}
+	t.Run("run", func(t *testing.T) {
+		checkNoLeaks(t)
+		up := newUDPUpstream(t, "127.0.0.1:0", udpEcho)
+		port := freePort(t)
+		inst := startCaddy(t, hosts(udpHost(1, port, up.Port, nil)))
+		for i := range 50 {
+			c := udpDial(t, "", "127.0.0.1", port)
+			if got := udpRoundTrip(t, c, fmt.Sprint(i), 2*time.Second); got != fmt.Sprint(i) {
+				t.Fatalf("client %d: got %q", i, got)
+			}
+		}
+		inst.waitStats(1, "50 entries", func(s streams.Status) bool { return s.ActiveConnections == 50 })
+		// 50 clients, 50 upstream sockets, the upstream and the listener.
+		if n := udpSockets(t); n != 102 {
+			t.Fatalf("%d UDP sockets open with 50 NAT entries, want 102", n)
+		}
+	})
+	// Caddy stopped with the subtest.
+	if n := udpSockets(t); n != 0 {
+		t.Fatalf("%d UDP sockets still open after stopping a stream with 50 NAT entries", n)
+	}
+}
+
+// udpSockets counts this process's open UDP sockets.
+func udpSockets(t *testing.T) int {
+	t.Helper()
+	inodes := map[string]bool{}
+	for _, f := range []string{"/proc/self/net/udp", "/proc/self/net/udp6"} {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Skip("no", f, err)
+		}
+		for _, line := range strings.Split(string(b), "\n")[1:] {
+			if fields := strings.Fields(line); len(fields) > 9 {
+				inodes[fields[9]] = true
+			}
+		}
+	}
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Skip("no /proc/self/fd:", err)
+	}
+	n := 0
+	for _, e := range ents {
+		l, _ := os.Readlink("/proc/self/fd/" + e.Name())
+		if ino, ok := strings.CutPrefix(l, "socket:["); ok && inodes[strings.TrimSuffix(ino, "]")] {
+			n++
+		}
+	}
+	return n
+}

@@ -1,0 +1,155 @@
+package udpnat
+
+import (
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	proxyproto "github.com/pires/go-proxyproto"
+	"golang.org/x/time/rate"
+
+	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
+)
+
+// entry is one client's NAT entry: the client's address, its own upstream
+// socket, counters and limits.
+type entry struct {
+	r    *Relay
+	key  netip.AddrPort // the client's address as the socket reports it
+	pol  *policy
+	conn *net.UDPConn // connected to the upstream
+	rc   syscall.RawConn
+	ss   *streamstate.Session
+
+	last atomic.Int64 // unix nanoseconds of the last datagram either way
+	dead atomic.Bool
+
+	up, down *rate.Limiter
+	hdr      []byte // PROXY v2 header put in front of each datagram
+	to       replyAddr
+
+	// The entry goroutine's scratch for reading and replying.
+	out    []byte
+	rerr   error
+	serr   error
+	readFn func(uintptr) bool
+	sendFn func(uintptr) bool
+}
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, maxDatagram); return &b }}
+
+// newEntry opens the upstream socket of a new client src that sent to dst.
+func (r *Relay) newEntry(s *socket, p *policy, target, src, dst netip.AddrPort) (*entry, error) {
+	conn, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(target))
+	if err != nil {
+		return nil, err
+	}
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	e := &entry{
+		r:    r,
+		key:  src,
+		pol:  p,
+		conn: conn,
+		rc:   rc,
+		up:   newLimiter(p.UploadRate),
+		down: newLimiter(p.DownloadRate),
+		to:   makeReplyAddr(s, src, dst),
+	}
+	if p.ProxyV2 {
+		if e.hdr, err = proxyHeader(src, dst); err != nil {
+			conn.Close()
+			return nil, err
+		}
+	}
+	e.last.Store(time.Now().UnixNano())
+	e.readFn = e.read
+	e.sendFn = e.send
+	return e, nil
+}
+
+// proxyHeader is the PROXY v2 header (DGRAM) for datagrams from src to
+// dst. IPv4-mapped addresses are written as IPv4; when the two families
+// differ, both are written as IPv6.
+func proxyHeader(src, dst netip.AddrPort) ([]byte, error) {
+	sa, da := src.Addr().Unmap(), dst.Addr().Unmap()
+	tp := proxyproto.UDPv4
+	if !sa.Is4() || !da.Is4() {
+		sa, da = netip.AddrFrom16(sa.As16()), netip.AddrFrom16(da.As16())
+		tp = proxyproto.UDPv6
+	}
+	h := &proxyproto.Header{
+		Version:           2,
+		Command:           proxyproto.PROXY,
+		TransportProtocol: tp,
+		SourceAddr:        net.UDPAddrFromAddrPort(netip.AddrPortFrom(sa, src.Port())),
+		DestinationAddr:   net.UDPAddrFromAddrPort(netip.AddrPortFrom(da, dst.Port())),
+	}
+	return h.Format()
+}
+
+// discard closes an entry that lost the race to be stored, unlogged.
+func (e *entry) discard() {
+	e.dead.Store(true)
+	e.ss.End(streamstate.ReasonNone, false)
+	e.conn.Close()
+	e.r.state.Active.Add(-1)
+	e.r.count.Add(-1)
+}
+
+// end closes the entry for reason (the first reason wins); its goroutine
+// then unregisters it and writes its log line.
+func (e *entry) end(reason streamstate.Reason) {
+	if e.ss != nil {
+		e.ss.SetReason(reason)
+	}
+	if !e.dead.CompareAndSwap(false, true) {
+		return
+	}
+	e.r.entries.CompareAndDelete(e.key, e)
+	e.conn.Close()
+}
+
+// Close ends the entry; the session calls it when an admin or a shutdown
+// closes the session (which records the reason first).
+func (e *entry) Close() error {
+	e.end(streamstate.ReasonNone)
+	return nil
+}
+
+// run relays the upstream's replies to the client until the entry ends.
+func (e *entry) run() {
+	defer e.r.wg.Done()
+	defer e.r.state.ConnDone()
+	e.readReplies()
+	e.end(streamstate.ReasonUpstreamError)
+	e.r.state.Active.Add(-1)
+	e.r.count.Add(-1)
+	e.ss.End(streamstate.ReasonUpstreamError, e.pol.LogConnections)
+}
+
+// deliver sends one reply datagram to the client.
+func (e *entry) deliver(p []byte) {
+	now := time.Now()
+	e.last.Store(now.UnixNano())
+	if e.down != nil && !e.down.AllowN(now, len(p)) {
+		e.r.state.DatagramsDropped.Add(1)
+		return
+	}
+	s := e.r.reply.Load()
+	if s == nil {
+		e.r.state.DatagramsDropped.Add(1)
+		return
+	}
+	if err := e.sendReply(s, p); err != nil {
+		e.r.state.DatagramsDropped.Add(1)
+		return
+	}
+	e.ss.AddDatagramReceived(len(p))
+}

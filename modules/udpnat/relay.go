@@ -1,0 +1,504 @@
+// Package udpnat is the UDP side of a stream: a stateful NAT relay.
+//
+// A Relay serves the UDP sockets of one stream address. It reads every
+// datagram on the socket's own goroutine and looks its source up in a NAT
+// table; the first datagram of a new client (after the access lists and the
+// entry cap) creates an entry with its own connected upstream socket, and a
+// goroutine per entry sends the upstream's replies back to that client from
+// the stream's address. Nothing on the path blocks: a datagram that cannot
+// be sent at once (rate budget spent, socket buffer full) is dropped and
+// counted, as UDP does, so one slow client never stalls the port.
+//
+// Relays are shared by stream id and address through a reference-counted
+// pool, like the stream's other runtime state: a reload binds a second
+// socket to the same relay (SO_REUSEPORT) and the NAT table, with every
+// client's upstream socket, carries over.
+package udpnat
+
+import (
+	"context"
+	"math"
+	"net"
+	"net/netip"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
+	"golang.org/x/time/rate"
+
+	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
+)
+
+const (
+	// DefaultIdleTimeout evicts a NAT entry after no datagram moved either
+	// way for this long, when the stream sets no idle timeout.
+	DefaultIdleTimeout = 60 * time.Second
+
+	// HardCap bounds the NAT entries of one stream address even when
+	// max_connections is 0 (unlimited). Each entry holds one upstream
+	// socket, so the process's open-file limit must be above it too.
+	HardCap = 100_000
+
+	// headroom is the room left in front of a datagram read from a client,
+	// so a PROXY v2 header can be put there without copying the payload.
+	// The longest header without TLVs (IPv6) is 52 bytes.
+	headroom = 64
+
+	// maxDatagram is the largest UDP payload.
+	maxDatagram = 65535
+
+	// blockLogEvery is how often a blocked source is logged at most.
+	blockLogEvery = time.Minute
+
+	// maxBlockLogSources bounds the sources remembered for blockLogEvery.
+	maxBlockLogSources = 4096
+
+	// resolveEvery is how often an upstream host name is looked up again.
+	resolveEvery = 30 * time.Second
+)
+
+// Config is what a UDP stream's settings say about its NAT entries. A new
+// entry takes the config in force when it is created and keeps it.
+type Config struct {
+	// Name names the stream in logs.
+	Name string
+	// Upstream is host:port.
+	Upstream string
+	// ACL is checked once per new client.
+	ACL streamstate.ACL
+	// MaxEntries caps the live entries of the stream together with its
+	// TCP connections (max_connections); 0 = HardCap only.
+	MaxEntries int
+	// IdleTimeout evicts idle entries; 0 = DefaultIdleTimeout.
+	IdleTimeout time.Duration
+	// UploadRate and DownloadRate are bytes per second per entry; 0 =
+	// unlimited.
+	UploadRate, DownloadRate int64
+	// ProxyV2 puts a PROXY v2 header in front of every datagram sent
+	// upstream.
+	ProxyV2 bool
+	// LogConnections logs every entry's end and blocked sources.
+	LogConnections bool
+	// Logger writes the relay's and the connection log's lines.
+	Logger *zap.Logger
+}
+
+// policy is a Config in force, with the upstream's resolved address.
+type policy struct {
+	Config
+	idle   time.Duration
+	target atomic.Pointer[netip.AddrPort]
+	cancel context.CancelFunc // stops the name resolution loop
+}
+
+var pool = caddy.NewUsagePool()
+
+// Relay is the NAT relay of one stream address.
+type Relay struct {
+	key   string
+	state *streamstate.Stream
+
+	policy  atomic.Pointer[policy]
+	entries sync.Map // netip.AddrPort → *entry
+	count   atomic.Int64
+
+	mu    sync.Mutex
+	socks []*socket
+	reply atomic.Pointer[socket] // the socket replies leave from
+
+	blockMu     sync.Mutex
+	blockLogged map[netip.Addr]time.Time
+	lastDialLog atomic.Int64
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup // entries, sweeper, resolvers
+}
+
+// Acquire returns the relay of stream state's address listen (host:port),
+// creating it on first use. Pair every Acquire with one Release.
+func Acquire(state *streamstate.Stream, listen string) *Relay {
+	key := "aegis.nat." + strconv.FormatInt(state.ID, 10) + "/" + listen
+	v, _, _ := pool.LoadOrNew(key, func() (caddy.Destructor, error) {
+		return newRelay(key, state), nil
+	})
+	return v.(*Relay)
+}
+
+// Release drops one reference to r. The last one closes every entry.
+func Release(r *Relay) { _, _ = pool.Delete(r.key) }
+
+func newRelay(key string, state *streamstate.Stream) *Relay {
+	ctx, cancel := context.WithCancel(context.Background())
+	r := &Relay{key: key, state: state, ctx: ctx, cancel: cancel, blockLogged: map[netip.Addr]time.Time{}}
+	r.wg.Add(1)
+	go r.sweep()
+	return r
+}
+
+// Destruct closes every entry (reason stream_removed, or shutdown when
+// Caddy exits) and waits for the relay's goroutines. Sockets must have been
+// removed before.
+func (r *Relay) Destruct() error {
+	reason := streamstate.ReasonStreamRemoved
+	if caddy.Exiting() {
+		reason = streamstate.ReasonShutdown
+	}
+	r.cancel()
+	if p := r.policy.Load(); p != nil {
+		p.cancel()
+	}
+	r.entries.Range(func(_, v any) bool {
+		v.(*entry).end(reason)
+		return true
+	})
+	r.wg.Wait()
+	return nil
+}
+
+// Entries is the number of live NAT entries.
+func (r *Relay) Entries() int { return int(r.count.Load()) }
+
+// SetConfig puts c in force for new entries. Entries whose upstream address
+// changes are closed (reason config_changed), so that the next datagram of
+// their client goes to the new upstream; the others keep running with the
+// config they started with.
+func (r *Relay) SetConfig(c Config) {
+	if c.Logger == nil {
+		c.Logger = zap.NewNop()
+	}
+	p := &policy{Config: c, idle: c.IdleTimeout}
+	if p.idle <= 0 {
+		p.idle = DefaultIdleTimeout
+	}
+	ctx, cancel := context.WithCancel(r.ctx)
+	p.cancel = cancel
+	if ap, err := netip.ParseAddrPort(c.Upstream); err == nil {
+		ap = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+		p.target.Store(&ap)
+	} else {
+		r.wg.Add(1)
+		go r.resolve(ctx, p)
+	}
+	old := r.policy.Swap(p)
+	if old == nil {
+		return
+	}
+	old.cancel()
+	if old.Upstream != c.Upstream {
+		r.entries.Range(func(_, v any) bool {
+			if e := v.(*entry); e.pol.Upstream != c.Upstream {
+				e.end(streamstate.ReasonConfigChanged)
+			}
+			return true
+		})
+	}
+}
+
+// resolve looks the upstream's host name up until ctx ends: at once, then
+// every resolveEvery (every second while it fails).
+func (r *Relay) resolve(ctx context.Context, p *policy) {
+	defer r.wg.Done()
+	host, port, _ := net.SplitHostPort(p.Upstream)
+	pn, _ := strconv.ParseUint(port, 10, 16)
+	failed := false
+	for {
+		lctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		ips, err := net.DefaultResolver.LookupNetIP(lctx, "ip", host)
+		cancel()
+		if ctx.Err() != nil {
+			return
+		}
+		wait := resolveEvery
+		if err != nil || len(ips) == 0 {
+			if !failed {
+				p.Logger.Warn("resolving UDP upstream; new clients are dropped until it resolves",
+					zap.String("stream", p.Name), zap.String("upstream", p.Upstream), zap.Error(err))
+			}
+			failed, wait = true, time.Second
+		} else {
+			ap := netip.AddrPortFrom(ips[0].Unmap(), uint16(pn))
+			p.target.Store(&ap)
+			failed = false
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// sweep evicts idle entries until the relay is destructed.
+func (r *Relay) sweep() {
+	defer r.wg.Done()
+	every := time.Second
+	t := time.NewTimer(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-r.ctx.Done():
+			return
+		case <-t.C:
+		}
+		now := time.Now().UnixNano()
+		r.entries.Range(func(_, v any) bool {
+			e := v.(*entry)
+			if now-e.last.Load() >= int64(e.pol.idle) {
+				e.end(streamstate.ReasonIdleTimeout)
+			}
+			return true
+		})
+		// Check four times per idle timeout, at most once a second.
+		every = time.Second
+		if p := r.policy.Load(); p != nil {
+			every = min(every, max(p.idle/4, 50*time.Millisecond))
+		}
+		t.Reset(every)
+	}
+}
+
+// socket is one listening UDP socket of the relay.
+type socket struct {
+	r        *Relay
+	pc       *net.UDPConn
+	rc       syscall.RawConn
+	local    netip.AddrPort
+	v6       bool // an AF_INET6 socket: clients are IPv6 or IPv4-mapped
+	wildcard bool // bound to every address: the destination comes from IP_PKTINFO
+	done     chan struct{}
+
+	// The reader goroutine's scratch for writing upstream.
+	out     []byte
+	werr    error
+	writeFn func(uintptr) bool
+}
+
+// AddSocket starts serving pc, a UDP socket bound to the relay's address.
+// New replies leave from the newest socket.
+func (r *Relay) AddSocket(pc *net.UDPConn) error {
+	rc, err := pc.SyscallConn()
+	if err != nil {
+		return err
+	}
+	local := pc.LocalAddr().(*net.UDPAddr).AddrPort()
+	s := &socket{r: r, pc: pc, rc: rc, local: local, v6: local.Addr().Is6() && !local.Addr().Is4In6(), wildcard: local.Addr().IsUnspecified(), done: make(chan struct{})}
+	s.writeFn = s.write
+	r.mu.Lock()
+	r.socks = append(r.socks, s)
+	r.reply.Store(s)
+	r.mu.Unlock()
+	r.state.ListenerUp(streamstate.UDP)
+	go s.serve()
+	return nil
+}
+
+// RemoveSocket stops serving pc: replies move to another socket of the
+// relay, closeFn closes pc, and RemoveSocket returns when its reader has.
+func (r *Relay) RemoveSocket(pc *net.UDPConn, closeFn func() error) {
+	r.mu.Lock()
+	var s *socket
+	for i, x := range r.socks {
+		if x.pc == pc {
+			s = x
+			r.socks = append(r.socks[:i], r.socks[i+1:]...)
+			break
+		}
+	}
+	var next *socket
+	if n := len(r.socks); n > 0 {
+		next = r.socks[n-1]
+	}
+	r.reply.Store(next)
+	r.mu.Unlock()
+	_ = closeFn()
+	if s != nil {
+		<-s.done
+		r.state.ListenerDown(streamstate.UDP)
+	}
+}
+
+// serve reads datagrams until the socket is closed.
+func (s *socket) serve() {
+	defer close(s.done)
+	buf := make([]byte, headroom+maxDatagram)
+	var oob []byte
+	if s.wildcard {
+		oob = make([]byte, oobSize)
+	}
+	var backoff time.Duration
+	for {
+		n, oobn, flags, src, err := s.pc.ReadMsgUDPAddrPort(buf[headroom:], oob)
+		if err != nil {
+			if isClosed(err) {
+				return
+			}
+			// ICMP errors and the like: go on, slowing down if they persist.
+			backoff = min(max(2*backoff, time.Millisecond), 100*time.Millisecond)
+			time.Sleep(backoff)
+			continue
+		}
+		backoff = 0
+		if flags&msgTrunc != 0 {
+			s.r.state.DatagramsDropped.Add(1)
+			continue
+		}
+		s.r.datagram(s, buf, n, src, oob[:oobn])
+	}
+}
+
+// datagram relays one client datagram, which sits at buf[headroom:][:n].
+func (r *Relay) datagram(s *socket, buf []byte, n int, src netip.AddrPort, oob []byte) {
+	var e *entry
+	if v, ok := r.entries.Load(src); ok {
+		e = v.(*entry)
+	}
+	if e == nil || e.dead.Load() {
+		if e = r.open(s, src, oob); e == nil {
+			return
+		}
+	}
+	now := time.Now()
+	e.last.Store(now.UnixNano())
+	if e.up != nil && !e.up.AllowN(now, n) {
+		r.state.DatagramsDropped.Add(1)
+		return
+	}
+	p := buf[headroom : headroom+n]
+	if len(e.hdr) > 0 {
+		start := headroom - len(e.hdr)
+		copy(buf[start:headroom], e.hdr)
+		p = buf[start : headroom+n]
+	}
+	switch err := s.sendUpstream(e, p); {
+	case err == nil:
+		e.ss.AddDatagramSent(n)
+	case isRefused(err):
+		r.state.DatagramsDropped.Add(1)
+		e.end(streamstate.ReasonUpstreamError)
+	default:
+		// A full buffer, or the entry closed meanwhile: UDP drops.
+		r.state.DatagramsDropped.Add(1)
+	}
+}
+
+// open creates the NAT entry of a new client, or returns nil when the
+// datagram is to be dropped.
+func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte) *entry {
+	p := r.policy.Load()
+	if p == nil {
+		return nil
+	}
+	ip := src.Addr().Unmap()
+	if !p.ACL.Allowed(ip) {
+		r.block(p, ip, streamstate.ReasonACLDenied)
+		return nil
+	}
+	target := p.target.Load()
+	if target == nil {
+		r.state.DatagramsDropped.Add(1)
+		return nil
+	}
+	if r.count.Add(1) > HardCap {
+		r.count.Add(-1)
+		r.block(p, ip, streamstate.ReasonMaxConnections)
+		return nil
+	}
+	if n := r.state.Active.Add(1); p.MaxEntries > 0 && n > int64(p.MaxEntries) {
+		r.state.Active.Add(-1)
+		r.count.Add(-1)
+		r.block(p, ip, streamstate.ReasonMaxConnections)
+		return nil
+	}
+	dst := s.local
+	if s.wildcard {
+		if a, ok := parseDst(oob); ok {
+			dst = netip.AddrPortFrom(a, s.local.Port())
+		}
+	}
+	e, err := r.newEntry(s, p, *target, src, dst)
+	if err != nil {
+		r.state.Active.Add(-1)
+		r.count.Add(-1)
+		r.state.DatagramsDropped.Add(1)
+		r.logDialError(p, err)
+		return nil
+	}
+	e.ss = r.state.NewSession(e, netip.AddrPortFrom(ip, src.Port()), p.idle, p.Logger, p.Name)
+	e.ss.UDP = true
+	// Two sockets of the relay (during a reload) may open the same client
+	// at once; the first one stored wins.
+	for {
+		v, loaded := r.entries.LoadOrStore(src, e)
+		if !loaded {
+			break
+		}
+		if old := v.(*entry); !old.dead.Load() {
+			e.discard()
+			return old
+		}
+		r.entries.CompareAndDelete(src, v)
+	}
+	r.state.Total.Add(1)
+	r.wg.Add(1)
+	r.state.ConnStarted()
+	go e.run()
+	return e
+}
+
+// logDialError logs a failed upstream socket at most once a second: EMFILE
+// under a flood of new clients would otherwise flood the log.
+func (r *Relay) logDialError(p *policy, err error) {
+	now := time.Now().UnixNano()
+	last := r.lastDialLog.Load()
+	if now-last < int64(time.Second) || !r.lastDialLog.CompareAndSwap(last, now) {
+		return
+	}
+	p.Logger.Warn("opening UDP upstream socket; datagram dropped",
+		zap.String("stream", p.Name), zap.String("upstream", p.Upstream), zap.Error(err))
+}
+
+// block counts a datagram of a new client that is not let in and logs it,
+// at most once per source per blockLogEvery.
+func (r *Relay) block(p *policy, ip netip.Addr, reason streamstate.Reason) {
+	r.state.Blocked.Add(1)
+	if !p.LogConnections {
+		return
+	}
+	now := time.Now()
+	r.blockMu.Lock()
+	if last, ok := r.blockLogged[ip]; ok && now.Sub(last) < blockLogEvery {
+		r.blockMu.Unlock()
+		return
+	}
+	if len(r.blockLogged) >= maxBlockLogSources {
+		for a, t := range r.blockLogged {
+			if now.Sub(t) >= blockLogEvery {
+				delete(r.blockLogged, a)
+			}
+		}
+		if len(r.blockLogged) >= maxBlockLogSources {
+			clear(r.blockLogged)
+		}
+	}
+	r.blockLogged[ip] = now
+	r.blockMu.Unlock()
+	r.state.LogBlocked(p.Logger, p.Name, ip.String(), reason, true)
+}
+
+// newLimiter makes a per-entry limiter of bytesPerSec whose bucket starts
+// full and holds one second's worth, at least one largest datagram, so a
+// datagram within the budget is never refused for its size alone. nil for
+// 0 (unlimited).
+func newLimiter(bytesPerSec int64) *rate.Limiter {
+	if bytesPerSec <= 0 {
+		return nil
+	}
+	return rate.NewLimiter(rate.Limit(bytesPerSec), int(min(max(bytesPerSec, maxDatagram), math.MaxInt32)))
+}
