@@ -1,0 +1,147 @@
+package storage
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"strings"
+)
+
+// validConnLog checks what the conn_log table requires of an entry.
+func validConnLog(e ConnLog) error {
+	if e.StreamID <= 0 {
+		return fmt.Errorf("stream_id %d: must be > 0: %w", e.StreamID, ErrInvalid)
+	}
+	if e.Action != ActionAllowed && e.Action != ActionBlocked {
+		return fmt.Errorf("action %q: must be %q or %q: %w", e.Action, ActionAllowed, ActionBlocked, ErrInvalid)
+	}
+	return nil
+}
+
+// AppendConnLogs stores a batch of entries in one transaction; see Store.
+func (s *SQLite) AppendConnLogs(ctx context.Context, entries []ConnLog) error {
+	if len(entries) == 0 {
+		return nil
+	}
+	for i, e := range entries {
+		if err := validConnLog(e); err != nil {
+			return fmt.Errorf("storage: appending conn log: entry %d: %w", i, err)
+		}
+	}
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		stmt, err := tx.PrepareContext(ctx, `INSERT INTO conn_log
+			(stream_id, source_ip, source_port, bytes_sent, bytes_received,
+			 duration_ms, action, disconnect_reason, started_at, ended_at)
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`)
+		if err != nil {
+			return err
+		}
+		defer stmt.Close()
+		for i, e := range entries {
+			port := sql.NullInt64{Int64: int64(e.SourcePort), Valid: e.SourcePort != 0}
+			if _, err := stmt.ExecContext(ctx, e.StreamID, e.SourceIP, port,
+				e.BytesSent, e.BytesReceived, e.DurationMS, e.Action,
+				e.DisconnectReason, millis(e.StartedAt), millis(e.EndedAt)); err != nil {
+				return fmt.Errorf("inserting entry %d: %w", i, err)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("storage: appending conn log: %w", err)
+	}
+	return nil
+}
+
+// ConnLogs returns entries newest first, as selected by q.
+func (s *SQLite) ConnLogs(ctx context.Context, q ConnLogQuery) ([]ConnLog, error) {
+	if q.StreamID < 0 {
+		return nil, fmt.Errorf("storage: reading conn log: stream_id %d: must be >= 0: %w", q.StreamID, ErrInvalid)
+	}
+	if q.Action != "" && q.Action != ActionAllowed && q.Action != ActionBlocked {
+		return nil, fmt.Errorf("storage: reading conn log: action %q: must be \"\", %q or %q: %w",
+			q.Action, ActionAllowed, ActionBlocked, ErrInvalid)
+	}
+	limit := q.Limit
+	switch {
+	case limit <= 0:
+		limit = DefaultConnLogLimit
+	case limit > MaxConnLogLimit:
+		limit = MaxConnLogLimit
+	}
+
+	var (
+		where []string
+		args  []any
+	)
+	if q.StreamID > 0 {
+		where = append(where, "stream_id = ?")
+		args = append(args, q.StreamID)
+	}
+	if q.Before > 0 {
+		where = append(where, "id < ?")
+		args = append(args, q.Before)
+	}
+	if q.Action != "" {
+		where = append(where, "action = ?")
+		args = append(args, q.Action)
+	}
+	query := `SELECT id, stream_id, source_ip, source_port, bytes_sent, bytes_received,
+		duration_ms, action, disconnect_reason, started_at, ended_at FROM conn_log`
+	if len(where) > 0 {
+		query += " WHERE " + strings.Join(where, " AND ")
+	}
+	query += " ORDER BY id DESC LIMIT ?"
+	args = append(args, limit)
+
+	rows, err := s.read.QueryContext(ctx, query, args...)
+	if err != nil {
+		return nil, fmt.Errorf("storage: reading conn log: %w", err)
+	}
+	defer rows.Close()
+	var out []ConnLog
+	for rows.Next() {
+		var (
+			e              ConnLog
+			port           sql.NullInt64
+			started, ended sql.NullInt64
+		)
+		if err := rows.Scan(&e.ID, &e.StreamID, &e.SourceIP, &port, &e.BytesSent, &e.BytesReceived,
+			&e.DurationMS, &e.Action, &e.DisconnectReason, &started, &ended); err != nil {
+			return nil, fmt.Errorf("storage: reading conn log: %w", err)
+		}
+		e.SourcePort = int(port.Int64)
+		e.StartedAt = fromMillis(started)
+		e.EndedAt = fromMillis(ended)
+		out = append(out, e)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("storage: reading conn log: %w", err)
+	}
+	return out, nil
+}
+
+// PruneConnLogs keeps the newest keep entries of one stream; see Store.
+func (s *SQLite) PruneConnLogs(ctx context.Context, streamID int64, keep int) (int64, error) {
+	if keep < 0 {
+		return 0, fmt.Errorf("storage: pruning conn log of stream %d: keep %d: must be >= 0: %w", streamID, keep, ErrInvalid)
+	}
+	var n int64
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		// The subquery finds the newest entry beyond the ones to keep (NULL
+		// when there are no more than keep); it and every older one go.
+		// Both walk the (stream_id, id) index.
+		res, err := tx.ExecContext(ctx, `DELETE FROM conn_log WHERE stream_id = ? AND id <= (
+			SELECT id FROM conn_log WHERE stream_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?)`,
+			streamID, streamID, keep)
+		if err != nil {
+			return fmt.Errorf("deleting: %w", err)
+		}
+		n, err = res.RowsAffected()
+		return err
+	})
+	if err != nil {
+		return 0, fmt.Errorf("storage: pruning conn log of stream %d: %w", streamID, err)
+	}
+	return n, nil
+}

@@ -1,0 +1,255 @@
+package storage
+
+import (
+	"context"
+	"errors"
+	"reflect"
+	"testing"
+	"time"
+)
+
+func TestConnLogRoundTrip(t *testing.T) {
+	s := newStore(t)
+	ctx := context.Background()
+	start := time.Date(2026, 3, 4, 5, 6, 7, 890_000_000, time.UTC)
+	in := []ConnLog{
+		{
+			ID:       99, // ignored
+			StreamID: 7, SourceIP: "2001:db8::1", SourcePort: 54321,
+			BytesSent: 1 << 40, BytesReceived: 12345, DurationMS: 1500,
+			Action: ActionAllowed, DisconnectReason: "upstream closed",
+			StartedAt: start, EndedAt: start.Add(1500 * time.Millisecond),
+		},
+		{
+			StreamID: 7, SourceIP: "192.0.2.1",
+			Action: ActionBlocked, DisconnectReason: "blacklisted",
+			// Sub-millisecond precision and the zone are not kept.
+			StartedAt: start.Add(123 * time.Microsecond).In(time.FixedZone("x", 3600)),
+		},
+	}
+	if err := s.AppendConnLogs(ctx, in); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.ConnLogs(ctx, ConnLogQuery{StreamID: 7})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 2 {
+		t.Fatalf("%d entries, want 2", len(got))
+	}
+	want0 := in[1]
+	want0.ID = got[0].ID
+	want0.StartedAt = start
+	want1 := in[0]
+	want1.ID = got[1].ID
+	if !reflect.DeepEqual(got[0], want0) || !reflect.DeepEqual(got[1], want1) {
+		t.Errorf("read back\n%+v\n%+v\nwant\n%+v\n%+v", got[0], got[1], want0, want1)
+	}
+	if got[0].ID <= got[1].ID {
+		t.Errorf("IDs %d, %d: newest not first", got[0].ID, got[1].ID)
+	}
+}
+
+func TestAppendConnLogsAllOrNothing(t *testing.T) {
+	s := newStore(t)
+	ctx := context.Background()
+	for i, batch := range [][]ConnLog{
+		{{StreamID: 1, Action: ActionAllowed}, {StreamID: 1, Action: "dropped"}},
+		{{StreamID: 1, Action: ActionAllowed}, {StreamID: 0, Action: ActionAllowed}},
+	} {
+		if err := s.AppendConnLogs(ctx, batch); !errors.Is(err, ErrInvalid) {
+			t.Errorf("%d: AppendConnLogs = %v, want ErrInvalid", i, err)
+		}
+	}
+	if err := s.AppendConnLogs(ctx, nil); err != nil {
+		t.Errorf("empty batch: %v", err)
+	}
+	if got, err := s.ConnLogs(ctx, ConnLogQuery{}); err != nil || len(got) != 0 {
+		t.Errorf("log holds %d entries, %v; want none", len(got), err)
+	}
+}
+
+func TestConnLogQuery(t *testing.T) {
+	s := newStore(t)
+	ctx := context.Background()
+	// Streams 1 and 2 interleaved; stream 1's entries alternate allowed
+	// and blocked and carry their index in BytesSent.
+	var batch []ConnLog
+	for i := range 1200 {
+		action := ActionAllowed
+		if i%2 == 1 {
+			action = ActionBlocked
+		}
+		batch = append(batch,
+			ConnLog{StreamID: 1, Action: action, BytesSent: int64(i)},
+			ConnLog{StreamID: 2, Action: ActionAllowed, BytesSent: int64(i)})
+	}
+	if err := s.AppendConnLogs(ctx, batch); err != nil {
+		t.Fatal(err)
+	}
+
+	idOf := map[int64]int64{} // stream 1's BytesSent -> ID
+	all, err := s.ConnLogs(ctx, ConnLogQuery{StreamID: 1, Limit: 1000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range all {
+		idOf[e.BytesSent] = e.ID
+	}
+
+	sent := func(es []ConnLog) []int64 {
+		out := []int64{}
+		for _, e := range es {
+			out = append(out, e.BytesSent)
+		}
+		return out
+	}
+	// seq counts down from from to to, by step (negative).
+	seq := func(from, to, step int64) []int64 {
+		out := []int64{}
+		for i := from; i >= to; i += step {
+			out = append(out, i)
+		}
+		return out
+	}
+
+	for i, tc := range []struct {
+		name string
+		q    ConnLogQuery
+		want []int64 // stream 1's BytesSent, in order
+	}{
+		{"default limit", ConnLogQuery{StreamID: 1}, seq(1199, 1150, -1)},
+		{"limit", ConnLogQuery{StreamID: 1, Limit: 3}, seq(1199, 1197, -1)},
+		{"limit capped", ConnLogQuery{StreamID: 1, Limit: 5000}, seq(1199, 200, -1)},
+		{"negative limit", ConnLogQuery{StreamID: 1, Limit: -1}, seq(1199, 1150, -1)},
+		{"before", ConnLogQuery{StreamID: 1, Limit: 3, Before: idOf[500]}, seq(499, 497, -1)},
+		// Entries of the two streams alternate: stream 1's first is 400
+		// IDs before its 200th.
+		{"before the first", ConnLogQuery{StreamID: 1, Before: idOf[200] - 2*200}, []int64{}},
+		{"blocked", ConnLogQuery{StreamID: 1, Limit: 3, Action: ActionBlocked}, seq(1199, 1195, -2)},
+		{"allowed before", ConnLogQuery{StreamID: 1, Limit: 3, Action: ActionAllowed, Before: idOf[200]}, seq(198, 194, -2)},
+		{"no such stream", ConnLogQuery{StreamID: 3}, []int64{}},
+	} {
+		got, err := s.ConnLogs(ctx, tc.q)
+		if err != nil {
+			t.Errorf("%d: %s: %v", i, tc.name, err)
+			continue
+		}
+		for _, e := range got {
+			if e.StreamID != 1 {
+				t.Errorf("%d: %s: entry of stream %d", i, tc.name, e.StreamID)
+				break
+			}
+			if tc.q.Action != "" && e.Action != tc.q.Action {
+				t.Errorf("%d: %s: entry with action %q", i, tc.name, e.Action)
+				break
+			}
+		}
+		if g := sent(got); !reflect.DeepEqual(g, tc.want) {
+			t.Errorf("%d: %s: got %d entries %v..., want %d %v...", i, tc.name, len(g), head(g), len(tc.want), head(tc.want))
+		}
+	}
+
+	// Paging back through a stream visits every entry once, newest first.
+	var pages, seen int
+	last := int64(1 << 62)
+	q := ConnLogQuery{StreamID: 2, Limit: 500}
+	for {
+		page, err := s.ConnLogs(ctx, q)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(page) == 0 {
+			break
+		}
+		pages++
+		for _, e := range page {
+			if e.ID >= last || e.StreamID != 2 {
+				t.Fatalf("page %d: entry %d of stream %d after %d", pages, e.ID, e.StreamID, last)
+			}
+			last = e.ID
+			seen++
+		}
+		q.Before = page[len(page)-1].ID
+	}
+	if pages != 3 || seen != 1200 {
+		t.Errorf("paging: %d pages, %d entries; want 3, 1200", pages, seen)
+	}
+
+	// Every stream.
+	got, err := s.ConnLogs(ctx, ConnLogQuery{Limit: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 4 || got[0].StreamID != 2 || got[1].StreamID != 1 {
+		t.Errorf("all streams: %+v", got)
+	}
+
+	for i, q := range []ConnLogQuery{{Action: "dropped"}, {StreamID: -1}} {
+		if _, err := s.ConnLogs(ctx, q); !errors.Is(err, ErrInvalid) {
+			t.Errorf("%d: ConnLogs(%+v) = %v, want ErrInvalid", i, q, err)
+		}
+	}
+}
+
+func head(s []int64) []int64 {
+	if len(s) > 5 {
+		return s[:5]
+	}
+	return s
+}
+
+func TestPruneConnLogs(t *testing.T) {
+	s := newStore(t)
+	ctx := context.Background()
+	var batch []ConnLog
+	for i := range 10 {
+		batch = append(batch,
+			ConnLog{StreamID: 1, Action: ActionAllowed, BytesSent: int64(i)},
+			ConnLog{StreamID: 2, Action: ActionAllowed, BytesSent: int64(i)})
+	}
+	if err := s.AppendConnLogs(ctx, batch); err != nil {
+		t.Fatal(err)
+	}
+	count := func(stream int64) []int64 {
+		es, err := s.ConnLogs(ctx, ConnLogQuery{StreamID: stream, Limit: MaxConnLogLimit})
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := []int64{}
+		for _, e := range es {
+			out = append(out, e.BytesSent)
+		}
+		return out
+	}
+
+	for i, tc := range []struct {
+		keep    int
+		deleted int64
+		left    []int64
+	}{
+		{keep: 20, deleted: 0, left: []int64{9, 8, 7, 6, 5, 4, 3, 2, 1, 0}},
+		{keep: 10, deleted: 0, left: []int64{9, 8, 7, 6, 5, 4, 3, 2, 1, 0}},
+		{keep: 3, deleted: 7, left: []int64{9, 8, 7}},
+		{keep: 3, deleted: 0, left: []int64{9, 8, 7}},
+		{keep: 1, deleted: 2, left: []int64{9}},
+		{keep: 0, deleted: 1, left: []int64{}},
+	} {
+		n, err := s.PruneConnLogs(ctx, 1, tc.keep)
+		if err != nil {
+			t.Fatalf("%d: %v", i, err)
+		}
+		if n != tc.deleted {
+			t.Errorf("%d: keep %d deleted %d, want %d", i, tc.keep, n, tc.deleted)
+		}
+		if got := count(1); !reflect.DeepEqual(got, tc.left) {
+			t.Errorf("%d: keep %d left %v, want %v", i, tc.keep, got, tc.left)
+		}
+	}
+	if got := count(2); len(got) != 10 {
+		t.Errorf("stream 2 has %d entries after pruning stream 1, want 10", len(got))
+	}
+	if _, err := s.PruneConnLogs(ctx, 2, -1); !errors.Is(err, ErrInvalid) {
+		t.Errorf("keep -1: %v, want ErrInvalid", err)
+	}
+}

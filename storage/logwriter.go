@@ -1,0 +1,277 @@
+package storage
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Defaults of LogWriterOptions.
+const (
+	// DefaultLogQueueSize is the default of LogWriterOptions.QueueSize.
+	DefaultLogQueueSize = 4096
+	// DefaultLogBatchSize is the default of LogWriterOptions.BatchSize.
+	DefaultLogBatchSize = 100
+	// DefaultLogFlushInterval is the default of
+	// LogWriterOptions.FlushInterval.
+	DefaultLogFlushInterval = 200 * time.Millisecond
+	// DefaultLogRetention is the default of LogWriterOptions.Retention.
+	DefaultLogRetention = 10000
+	// DefaultLogPruneInterval is the default of
+	// LogWriterOptions.PruneInterval.
+	DefaultLogPruneInterval = 10 * time.Second
+	// DefaultLogWriteTimeout is the default of LogWriterOptions.WriteTimeout.
+	DefaultLogWriteTimeout = 10 * time.Second
+)
+
+// LogWriterOptions configures a LogWriter. The zero value is usable: each
+// field left at 0 takes its default.
+type LogWriterOptions struct {
+	// QueueSize is the most entries waiting to be written; Enqueue drops
+	// entries beyond it. Default: 4096.
+	QueueSize int
+
+	// BatchSize is the most entries written in one transaction; a batch
+	// is written as soon as it has this many. Default: 100.
+	BatchSize int
+
+	// FlushInterval is the longest an entry waits for its batch to fill
+	// before the batch is written anyway. Default: 200ms.
+	FlushInterval time.Duration
+
+	// Retention is the number of entries kept per stream; older ones are
+	// pruned. Default: 0, meaning 10,000. Negative keeps every entry.
+	Retention int
+
+	// PruneInterval is the least time between two prunes. Only streams
+	// that got entries since the last prune are pruned. Default: 10s.
+	PruneInterval time.Duration
+
+	// WriteTimeout bounds one batch write and one stream's prune.
+	// Default: 10s.
+	WriteTimeout time.Duration
+
+	// OnError, when set, is called with each failed write or prune, from
+	// the writer's goroutine. It must not block for long. Default: nil
+	// (errors are only counted, in Dropped for failed writes).
+	OnError func(error)
+}
+
+func (o *LogWriterOptions) setDefaults() {
+	if o.QueueSize <= 0 {
+		o.QueueSize = DefaultLogQueueSize
+	}
+	if o.BatchSize <= 0 {
+		o.BatchSize = DefaultLogBatchSize
+	}
+	if o.FlushInterval <= 0 {
+		o.FlushInterval = DefaultLogFlushInterval
+	}
+	if o.Retention == 0 {
+		o.Retention = DefaultLogRetention
+	}
+	if o.PruneInterval <= 0 {
+		o.PruneInterval = DefaultLogPruneInterval
+	}
+	if o.WriteTimeout <= 0 {
+		o.WriteTimeout = DefaultLogWriteTimeout
+	}
+}
+
+// LogWriter writes connection-log entries to a Store in batches, from one
+// goroutine, so that whoever logs a connection never waits for the disk:
+// Enqueue only puts the entry in a bounded queue, and drops it (counting
+// it) when the queue is full. The writer also keeps each stream's log to
+// the newest Retention entries.
+//
+// Create it with NewLogWriter and stop it with Close. Its methods are safe
+// for concurrent use.
+type LogWriter struct {
+	store Store
+	opts  LogWriterOptions
+
+	// mu orders Enqueue's sends before Close: once Close has set closed,
+	// no entry can enter the queue after the final drain.
+	mu     sync.RWMutex
+	closed bool
+
+	queue     chan ConnLog
+	stop      chan struct{}
+	done      chan struct{}
+	closeOnce sync.Once
+	closeErr  error
+
+	dropped atomic.Uint64
+	written atomic.Uint64
+}
+
+// NewLogWriter starts a LogWriter that writes to store. Close it to stop
+// its goroutine, before closing store: Close writes what is queued to it.
+func NewLogWriter(store Store, opts LogWriterOptions) *LogWriter {
+	opts.setDefaults()
+	w := &LogWriter{
+		store: store,
+		opts:  opts,
+		queue: make(chan ConnLog, opts.QueueSize),
+		stop:  make(chan struct{}),
+		done:  make(chan struct{}),
+	}
+	go w.run()
+	return w
+}
+
+// Enqueue queues e to be written and reports whether it was queued. It
+// never blocks: when the queue is full, when the writer is closed, or when
+// e could not be stored (a StreamID not > 0, an unknown Action), e is
+// dropped and counted in Dropped.
+func (w *LogWriter) Enqueue(e ConnLog) bool {
+	if validConnLog(e) != nil {
+		w.dropped.Add(1)
+		return false
+	}
+	w.mu.RLock()
+	defer w.mu.RUnlock()
+	if w.closed {
+		w.dropped.Add(1)
+		return false
+	}
+	select {
+	case w.queue <- e:
+		return true
+	default:
+		w.dropped.Add(1)
+		return false
+	}
+}
+
+// Dropped is the number of entries that were not written: refused by
+// Enqueue, or in a batch the store failed to write.
+func (w *LogWriter) Dropped() uint64 { return w.dropped.Load() }
+
+// Written is the number of entries written to the store.
+func (w *LogWriter) Written() uint64 { return w.written.Load() }
+
+// Close stops taking entries, writes those already queued, prunes, and
+// stops the writer's goroutine; it returns once that goroutine has ended.
+// It returns the error of that last write, if any. Calling Close again
+// does nothing and returns nil.
+func (w *LogWriter) Close() error {
+	first := false
+	w.closeOnce.Do(func() {
+		first = true
+		w.mu.Lock()
+		w.closed = true
+		w.mu.Unlock()
+		close(w.stop)
+	})
+	<-w.done
+	if first {
+		return w.closeErr
+	}
+	return nil
+}
+
+func (w *LogWriter) run() {
+	defer close(w.done)
+
+	batch := make([]ConnLog, 0, w.opts.BatchSize)
+	touched := make(map[int64]struct{})
+	var lastPrune time.Time // zero: the first flush prunes what earlier runs left
+
+	timer := time.NewTimer(w.opts.FlushInterval)
+	timer.Stop()
+	timerSet := false
+
+	flush := func() error {
+		if len(batch) == 0 {
+			return nil
+		}
+		err := w.write(batch)
+		for _, e := range batch {
+			touched[e.StreamID] = struct{}{}
+		}
+		batch = batch[:0]
+		if timerSet {
+			timer.Stop()
+			timerSet = false
+		}
+		if time.Since(lastPrune) >= w.opts.PruneInterval {
+			w.prune(touched)
+			lastPrune = time.Now()
+		}
+		return err
+	}
+
+	for {
+		select {
+		case e := <-w.queue:
+			batch = append(batch, e)
+			if len(batch) >= w.opts.BatchSize {
+				flush()
+			} else if !timerSet {
+				timer.Reset(w.opts.FlushInterval)
+				timerSet = true
+			}
+		case <-timer.C:
+			timerSet = false
+			flush()
+		case <-w.stop:
+			// Enqueue sends nothing more: write what is left in one
+			// transaction, so that Close waits for one write, not for
+			// many batches.
+			for drained := false; !drained; {
+				select {
+				case e := <-w.queue:
+					batch = append(batch, e)
+				default:
+					drained = true
+				}
+			}
+			w.closeErr = flush()
+			if len(touched) > 0 {
+				w.prune(touched)
+			}
+			timer.Stop()
+			return
+		}
+	}
+}
+
+// write stores one batch, counting it as written or dropped.
+func (w *LogWriter) write(batch []ConnLog) error {
+	ctx, cancel := context.WithTimeout(context.Background(), w.opts.WriteTimeout)
+	defer cancel()
+	if err := w.store.AppendConnLogs(ctx, batch); err != nil {
+		w.dropped.Add(uint64(len(batch)))
+		err = fmt.Errorf("writing %d conn log entries: %w", len(batch), err)
+		w.report(err)
+		return err
+	}
+	w.written.Add(uint64(len(batch)))
+	return nil
+}
+
+// prune applies retention to the streams in touched and empties it.
+func (w *LogWriter) prune(touched map[int64]struct{}) {
+	if w.opts.Retention < 0 {
+		clear(touched)
+		return
+	}
+	for id := range touched {
+		ctx, cancel := context.WithTimeout(context.Background(), w.opts.WriteTimeout)
+		_, err := w.store.PruneConnLogs(ctx, id, w.opts.Retention)
+		cancel()
+		if err != nil {
+			w.report(err)
+		}
+	}
+	clear(touched)
+}
+
+func (w *LogWriter) report(err error) {
+	if w.opts.OnError != nil {
+		w.opts.OnError(err)
+	}
+}

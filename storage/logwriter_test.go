@@ -1,0 +1,350 @@
+package storage
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// fakeLogStore records what a LogWriter writes. Methods a LogWriter does
+// not use are left to the nil Store, and panic.
+type fakeLogStore struct {
+	Store
+
+	// gate, when not nil, holds AppendConnLogs until it is closed;
+	// entered receives once each time AppendConnLogs starts waiting.
+	gate    chan struct{}
+	entered chan struct{}
+	// fail, when not nil, is returned by AppendConnLogs.
+	fail error
+
+	mu      sync.Mutex
+	batches [][]ConnLog
+	prunes  []int64
+}
+
+func (f *fakeLogStore) AppendConnLogs(ctx context.Context, entries []ConnLog) error {
+	if f.gate != nil {
+		select {
+		case f.entered <- struct{}{}:
+		default:
+		}
+		select {
+		case <-f.gate:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	if f.fail != nil {
+		return f.fail
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.batches = append(f.batches, append([]ConnLog(nil), entries...))
+	return nil
+}
+
+func (f *fakeLogStore) PruneConnLogs(ctx context.Context, streamID int64, keep int) (int64, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.prunes = append(f.prunes, streamID)
+	return 0, nil
+}
+
+func (f *fakeLogStore) batchSizes() []int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var n []int
+	for _, b := range f.batches {
+		n = append(n, len(b))
+	}
+	return n
+}
+
+func (f *fakeLogStore) pruneCount() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.prunes)
+}
+
+// waitFor polls cond until it holds, failing the test after a while.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func entry(stream int64, n int) ConnLog {
+	return ConnLog{StreamID: stream, Action: ActionAllowed, BytesSent: int64(n)}
+}
+
+func TestLogWriterBatches(t *testing.T) {
+	f := &fakeLogStore{}
+	w := NewLogWriter(f, LogWriterOptions{BatchSize: 10, FlushInterval: time.Hour})
+	for i := range 25 {
+		if !w.Enqueue(entry(1, i)) {
+			t.Fatalf("Enqueue %d refused", i)
+		}
+	}
+	// Full batches go at once; the rest waits for the interval or Close.
+	waitFor(t, "two batches", func() bool { return len(f.batchSizes()) == 2 })
+	time.Sleep(20 * time.Millisecond)
+	if got := f.batchSizes(); len(got) != 2 || got[0] != 10 || got[1] != 10 {
+		t.Errorf("batches %v before Close, want [10 10]", got)
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.batchSizes(); len(got) != 3 || got[2] != 5 {
+		t.Errorf("batches %v after Close, want [10 10 5]", got)
+	}
+	n := 0
+	for _, b := range f.batches {
+		for _, e := range b {
+			if e.BytesSent != int64(n) {
+				t.Fatalf("entry %d written as %d: order not kept", n, e.BytesSent)
+			}
+			n++
+		}
+	}
+	if w.Written() != 25 || w.Dropped() != 0 {
+		t.Errorf("written %d, dropped %d; want 25, 0", w.Written(), w.Dropped())
+	}
+}
+
+func TestLogWriterFlushInterval(t *testing.T) {
+	f := &fakeLogStore{}
+	w := NewLogWriter(f, LogWriterOptions{BatchSize: 100, FlushInterval: 20 * time.Millisecond})
+	defer w.Close()
+	start := time.Now()
+	for i := range 3 {
+		w.Enqueue(entry(1, i))
+	}
+	waitFor(t, "the interval's flush", func() bool { return len(f.batchSizes()) == 1 })
+	if got := f.batchSizes(); got[0] != 3 {
+		t.Errorf("batch of %d, want 3", got[0])
+	}
+	if d := time.Since(start); d < 20*time.Millisecond {
+		t.Errorf("flushed after %v, before the interval", d)
+	}
+	// The next entry starts a new interval.
+	w.Enqueue(entry(1, 3))
+	waitFor(t, "the second flush", func() bool { return len(f.batchSizes()) == 2 })
+}
+
+// TestLogWriterNeverBlocks holds the store's write, as a stalled disk would,
+// and shows that Enqueue still returns at once, dropping what does not fit.
+func TestLogWriterNeverBlocks(t *testing.T) {
+	f := &fakeLogStore{gate: make(chan struct{}), entered: make(chan struct{}, 1)}
+	w := NewLogWriter(f, LogWriterOptions{QueueSize: 10, BatchSize: 5, FlushInterval: time.Millisecond})
+	w.Enqueue(entry(1, 0))
+	select {
+	case <-f.entered:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the writer did not start writing")
+	}
+
+	const n = 10000
+	accepted := 0
+	start := time.Now()
+	for i := range n {
+		if w.Enqueue(entry(1, i+1)) {
+			accepted++
+		}
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Errorf("%d Enqueue calls took %v with the store stalled", n, d)
+	}
+	if accepted != 10 {
+		t.Errorf("accepted %d entries while stalled, want the queue size 10", accepted)
+	}
+	if got := w.Dropped(); got != n-10 {
+		t.Errorf("Dropped = %d, want %d", got, n-10)
+	}
+
+	close(f.gate)
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if w.Written() != 11 || w.Dropped() != n-10 {
+		t.Errorf("written %d, dropped %d; want 11, %d", w.Written(), w.Dropped(), n-10)
+	}
+}
+
+func TestLogWriterCloseFlushesToSQLite(t *testing.T) {
+	s := newStore(t)
+	w := NewLogWriter(s, LogWriterOptions{BatchSize: 100, FlushInterval: time.Hour})
+	for i := range 250 {
+		w.Enqueue(entry(int64(1+i%2), i))
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.ConnLogs(context.Background(), ConnLogQuery{Limit: MaxConnLogLimit})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 250 || got[0].BytesSent != 249 || got[249].BytesSent != 0 {
+		t.Errorf("after Close the log holds %d entries", len(got))
+	}
+
+	// After Close: dropped, no panic, Close again is harmless.
+	if w.Enqueue(entry(1, 0)) {
+		t.Error("Enqueue after Close accepted the entry")
+	}
+	if w.Dropped() != 1 {
+		t.Errorf("Dropped = %d, want 1", w.Dropped())
+	}
+	if err := w.Close(); err != nil {
+		t.Errorf("second Close: %v", err)
+	}
+}
+
+func TestLogWriterRetention(t *testing.T) {
+	s := newStore(t)
+	ctx := context.Background()
+	// Entries a previous run left beyond the retention go at the first
+	// flush.
+	var old []ConnLog
+	for i := range 20 {
+		old = append(old, entry(3, i))
+	}
+	if err := s.AppendConnLogs(ctx, old); err != nil {
+		t.Fatal(err)
+	}
+
+	w := NewLogWriter(s, LogWriterOptions{BatchSize: 7, FlushInterval: time.Millisecond, Retention: 5, PruneInterval: time.Hour})
+	for i := range 30 {
+		w.Enqueue(entry(1, i))
+		w.Enqueue(entry(2, i))
+	}
+	w.Enqueue(entry(3, 20))
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	for stream, want := range map[int64][]int64{1: {29, 28, 27, 26, 25}, 2: {29, 28, 27, 26, 25}, 3: {20, 19, 18, 17, 16}} {
+		got, err := s.ConnLogs(ctx, ConnLogQuery{StreamID: stream})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var sent []int64
+		for _, e := range got {
+			sent = append(sent, e.BytesSent)
+		}
+		if len(sent) != len(want) {
+			t.Errorf("stream %d keeps %v, want %v", stream, sent, want)
+			continue
+		}
+		for i := range want {
+			if sent[i] != want[i] {
+				t.Errorf("stream %d keeps %v, want %v", stream, sent, want)
+				break
+			}
+		}
+	}
+
+	// Negative retention keeps everything.
+	w = NewLogWriter(s, LogWriterOptions{Retention: -1, PruneInterval: time.Millisecond})
+	for i := range 10 {
+		w.Enqueue(entry(4, i))
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := s.ConnLogs(ctx, ConnLogQuery{StreamID: 4}); len(got) != 10 {
+		t.Errorf("retention -1 kept %d of 10", len(got))
+	}
+}
+
+// TestLogWriterPrunesEveryInterval writes many batches and prunes only at
+// the first flush and at Close, PruneInterval being long.
+func TestLogWriterPrunesEveryInterval(t *testing.T) {
+	f := &fakeLogStore{}
+	w := NewLogWriter(f, LogWriterOptions{BatchSize: 1, PruneInterval: time.Hour})
+	for i := range 20 {
+		w.Enqueue(entry(1, i))
+	}
+	waitFor(t, "20 writes", func() bool { return w.Written() == 20 })
+	if n := f.pruneCount(); n != 1 {
+		t.Errorf("%d prunes during 20 batches, want 1", n)
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n := f.pruneCount(); n != 2 {
+		t.Errorf("%d prunes after Close, want 2", n)
+	}
+}
+
+func TestLogWriterErrors(t *testing.T) {
+	fail := errors.New("disk on fire")
+	f := &fakeLogStore{fail: fail}
+	var reported atomic.Int32
+	w := NewLogWriter(f, LogWriterOptions{FlushInterval: time.Hour, OnError: func(err error) {
+		if !errors.Is(err, fail) {
+			t.Errorf("OnError(%v)", err)
+		}
+		reported.Add(1)
+	}})
+	if w.Enqueue(ConnLog{StreamID: 1, Action: "maybe"}) || w.Enqueue(ConnLog{Action: ActionAllowed}) {
+		t.Error("Enqueue accepted an entry the store cannot hold")
+	}
+	for i := range 3 {
+		w.Enqueue(entry(1, i))
+	}
+	if err := w.Close(); !errors.Is(err, fail) {
+		t.Errorf("Close = %v, want the write error", err)
+	}
+	if w.Dropped() != 5 || w.Written() != 0 || reported.Load() != 1 {
+		t.Errorf("dropped %d, written %d, reported %d; want 5, 0, 1", w.Dropped(), w.Written(), reported.Load())
+	}
+}
+
+// TestLogWriterEnqueueDuringClose has goroutines enqueue while Close runs:
+// every entry Enqueue accepted is written, every other one counted dropped.
+func TestLogWriterEnqueueDuringClose(t *testing.T) {
+	f := &fakeLogStore{}
+	w := NewLogWriter(f, LogWriterOptions{QueueSize: 64, BatchSize: 16, FlushInterval: time.Millisecond})
+	var accepted, total atomic.Uint64
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	for g := range 4 {
+		wg.Go(func() {
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				total.Add(1)
+				if w.Enqueue(entry(int64(g+1), i)) {
+					accepted.Add(1)
+				}
+			}
+		})
+	}
+	time.Sleep(30 * time.Millisecond)
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(5 * time.Millisecond)
+	close(stop)
+	wg.Wait()
+	if w.Written() != accepted.Load() {
+		t.Errorf("written %d, accepted %d", w.Written(), accepted.Load())
+	}
+	if w.Written()+w.Dropped() != total.Load() {
+		t.Errorf("written %d + dropped %d != enqueued %d", w.Written(), w.Dropped(), total.Load())
+	}
+	if accepted.Load() == 0 {
+		t.Error("nothing was accepted")
+	}
+}

@@ -1,0 +1,176 @@
+package storage
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"time"
+)
+
+// A migration moves the schema from version-1 to version. Each runs in its
+// own transaction, together with the schema_migrations row that records it.
+type migration struct {
+	version int
+	name    string
+	stmts   []string
+}
+
+// migrations is the schema's history, oldest first; the last one is the
+// version this code reads and writes. Only ever append: a released
+// migration has run on databases out there and must not change.
+//
+// Timestamps are INTEGER Unix milliseconds (UTC). Tables are STRICT, so a
+// value of the wrong type is an error instead of being stored as it comes.
+var migrations = []migration{
+	{
+		version: 1,
+		name:    "create hosts",
+		stmts: []string{`
+CREATE TABLE hosts (
+	id                            INTEGER PRIMARY KEY AUTOINCREMENT CHECK (id > 0),
+	name                          TEXT    NOT NULL DEFAULT '',
+	protocol                      TEXT    NOT NULL DEFAULT '',
+	listen_address                TEXT    NOT NULL DEFAULT '',
+	listen_port                   INTEGER NOT NULL DEFAULT 0,
+	upstream_host                 TEXT    NOT NULL DEFAULT '',
+	upstream_port                 INTEGER NOT NULL DEFAULT 0,
+	enabled                       INTEGER NOT NULL DEFAULT 1 CHECK (enabled IN (0, 1)),
+	max_connections               INTEGER NOT NULL DEFAULT 0,
+	connection_timeout_seconds    INTEGER NOT NULL DEFAULT 0,
+	idle_timeout_seconds          INTEGER NOT NULL DEFAULT 0,
+	proxy_protocol_version        INTEGER NOT NULL DEFAULT 0,
+	whitelist_cidrs               TEXT    NOT NULL DEFAULT '[]' CHECK (json_valid(whitelist_cidrs)),
+	blacklist_cidrs               TEXT    NOT NULL DEFAULT '[]' CHECK (json_valid(blacklist_cidrs)),
+	ssl_enabled                   INTEGER NOT NULL DEFAULT 0 CHECK (ssl_enabled IN (0, 1)),
+	ssl_cert_id                   INTEGER NOT NULL DEFAULT 0,
+	upload_rate_bytes             INTEGER NOT NULL DEFAULT 0,
+	download_rate_bytes           INTEGER NOT NULL DEFAULT 0,
+	health_check_enabled          INTEGER NOT NULL DEFAULT 0 CHECK (health_check_enabled IN (0, 1)),
+	health_check_interval_seconds INTEGER NOT NULL DEFAULT 0,
+	log_connections               INTEGER NOT NULL DEFAULT 0 CHECK (log_connections IN (0, 1)),
+	notes                         TEXT    NOT NULL DEFAULT '',
+	created_at                    INTEGER NOT NULL,
+	updated_at                    INTEGER NOT NULL
+) STRICT`,
+		},
+	},
+	{
+		version: 2,
+		name:    "create conn_log",
+		// No foreign key to hosts: streams defined only in the Caddy config
+		// log connections too, and an entry queued for a stream deleted
+		// meanwhile must not fail the batch it is in. DeleteHost deletes
+		// the host's entries itself, and host IDs are never reused, so a
+		// late entry cannot attach to another host.
+		stmts: []string{`
+CREATE TABLE conn_log (
+	id                INTEGER PRIMARY KEY AUTOINCREMENT,
+	stream_id         INTEGER NOT NULL CHECK (stream_id > 0),
+	source_ip         TEXT    NOT NULL DEFAULT '',
+	source_port       INTEGER,
+	bytes_sent        INTEGER NOT NULL DEFAULT 0,
+	bytes_received    INTEGER NOT NULL DEFAULT 0,
+	duration_ms       INTEGER NOT NULL DEFAULT 0,
+	action            TEXT    NOT NULL CHECK (action IN ('allowed', 'blocked')),
+	disconnect_reason TEXT    NOT NULL DEFAULT '',
+	started_at        INTEGER,
+	ended_at          INTEGER
+) STRICT`,
+			`CREATE INDEX conn_log_stream_id_id ON conn_log (stream_id, id)`,
+		},
+	},
+}
+
+// migrate applies the migrations in migs above the database's version, up
+// to and including target, each in its own transaction. It refuses a
+// database whose version is beyond the last of migs.
+func migrate(ctx context.Context, db *sql.DB, migs []migration, target int) error {
+	for i, m := range migs {
+		if m.version != i+1 {
+			return fmt.Errorf("migration %d %q: version must be %d", m.version, m.name, i+1)
+		}
+	}
+	known := len(migs)
+	if target > known {
+		target = known
+	}
+
+	if _, err := db.ExecContext(ctx, `
+CREATE TABLE IF NOT EXISTS schema_migrations (
+	version    INTEGER PRIMARY KEY,
+	name       TEXT    NOT NULL,
+	applied_at INTEGER NOT NULL
+) STRICT`); err != nil {
+		return fmt.Errorf("creating schema_migrations: %w", err)
+	}
+	v, err := schemaVersion(ctx, db)
+	if err != nil {
+		return err
+	}
+	if v > known {
+		return fmt.Errorf("schema version %d, this version knows up to %d: %w", v, known, ErrSchemaTooNew)
+	}
+
+	for _, m := range migs {
+		if m.version <= v || m.version > target {
+			continue
+		}
+		if err := applyMigration(ctx, db, m, known); err != nil {
+			return fmt.Errorf("migrating schema to version %d (%s): %w", m.version, m.name, err)
+		}
+	}
+	return nil
+}
+
+// applyMigration runs one migration in a transaction, unless another
+// process has applied it meanwhile.
+func applyMigration(ctx context.Context, db *sql.DB, m migration, known int) error {
+	// db begins with BEGIN IMMEDIATE: holding the write lock, the version
+	// read below cannot change until commit.
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("beginning transaction: %w", err)
+	}
+	defer tx.Rollback()
+
+	v, err := schemaVersion(ctx, tx)
+	if err != nil {
+		return err
+	}
+	if v > known {
+		return fmt.Errorf("schema version %d, this version knows up to %d: %w", v, known, ErrSchemaTooNew)
+	}
+	if v >= m.version {
+		return nil
+	}
+	if v != m.version-1 {
+		return fmt.Errorf("schema version is %d, want %d", v, m.version-1)
+	}
+	for _, stmt := range m.stmts {
+		if _, err := tx.ExecContext(ctx, stmt); err != nil {
+			return err
+		}
+	}
+	if _, err := tx.ExecContext(ctx,
+		`INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)`,
+		m.version, m.name, time.Now().UnixMilli()); err != nil {
+		return fmt.Errorf("recording migration: %w", err)
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("committing: %w", err)
+	}
+	return nil
+}
+
+type queryRower interface {
+	QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row
+}
+
+// schemaVersion is the highest migration applied; 0 for a new database.
+func schemaVersion(ctx context.Context, q queryRower) (int, error) {
+	var v int
+	if err := q.QueryRowContext(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_migrations`).Scan(&v); err != nil {
+		return 0, fmt.Errorf("reading schema version: %w", err)
+	}
+	return v, nil
+}

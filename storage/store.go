@@ -1,0 +1,258 @@
+// Package storage keeps stream hosts and the connection log in an embedded
+// database.
+//
+// Store is the interface the streams app and the admin API use; SQLite is
+// its implementation on an SQLite file (pure Go, no cgo). LogWriter puts
+// connection-log entries into a Store in batches, off the connection path.
+//
+// The package imports no Caddy package: it knows nothing of listeners or
+// handlers. The streams app converts between its Stream type and Host.
+package storage
+
+import (
+	"context"
+	"errors"
+	"time"
+)
+
+// Errors a Store returns, wrapped with what failed; test for them with
+// errors.Is.
+var (
+	// ErrNotFound means no host has the given ID.
+	ErrNotFound = errors.New("not found")
+
+	// ErrConflict means a host with the given ID already exists.
+	ErrConflict = errors.New("already exists")
+
+	// ErrInvalid means an argument cannot be stored or queried as given,
+	// such as a negative ID or an unknown action.
+	ErrInvalid = errors.New("invalid argument")
+
+	// ErrSchemaTooNew means the database was written by a newer version of
+	// this package, with migrations this version does not know. It is
+	// refused rather than used, since this version could damage it.
+	ErrSchemaTooNew = errors.New("database schema is newer than this version supports")
+)
+
+// Store keeps stream hosts and their connection log.
+//
+// Every write is one transaction. Host writes take an apply callback that
+// runs inside the transaction, after the change is written and before it is
+// committed, with the host as it will be stored: the caller applies the
+// change to the running proxy there. If apply returns an error, the
+// transaction is rolled back and the method returns that error wrapped (so
+// errors.Is and errors.As see it); the database is unchanged. Either the
+// host is stored and live, or nothing is left behind.
+//
+// One window remains: the commit itself can fail after apply succeeded (a
+// full disk, an I/O error). The method then returns an error although apply
+// returned nil, and the caller should undo what apply did. A nil apply is
+// allowed and does nothing.
+//
+// apply runs while the store holds its write lock: it should be quick, it
+// may read from the store (it sees the state before the change), and it must
+// not write to the store, which would wait for the lock it is inside of.
+//
+// Methods are safe for concurrent use.
+type Store interface {
+	// ListHosts returns every host, ordered by ID.
+	ListHosts(ctx context.Context) ([]Host, error)
+
+	// GetHost returns the host with the given ID, or ErrNotFound.
+	GetHost(ctx context.Context, id int64) (Host, error)
+
+	// CreateHost stores a new host and returns it as stored. With h.ID 0
+	// the store assigns an ID; with h.ID > 0 that ID is used, and
+	// ErrConflict is returned if it is taken. CreatedAt and UpdatedAt are
+	// set to the current time; the values in h are ignored. IDs of deleted
+	// hosts are not assigned again.
+	CreateHost(ctx context.Context, h Host, apply func(h Host) error) (Host, error)
+
+	// UpdateHost replaces every field of the host with ID h.ID and returns
+	// it as stored, or ErrNotFound. CreatedAt is kept and UpdatedAt set to
+	// the current time; the values in h are ignored. apply receives the
+	// host before and after the change.
+	UpdateHost(ctx context.Context, h Host, apply func(old, new Host) error) (Host, error)
+
+	// DeleteHost deletes the host with the given ID and its connection log,
+	// or returns ErrNotFound. apply receives the host as it was.
+	DeleteHost(ctx context.Context, id int64, apply func(old Host) error) error
+
+	// AppendConnLogs stores a batch of connection-log entries in one
+	// transaction: all of them or, on error, none. The entries' IDs are
+	// ignored and assigned by the store, in order. An entry whose StreamID
+	// is not > 0 or whose Action is neither ActionAllowed nor ActionBlocked
+	// fails the batch with ErrInvalid. The store does not keep the slice.
+	AppendConnLogs(ctx context.Context, entries []ConnLog) error
+
+	// ConnLogs returns connection-log entries, newest first, as selected
+	// by q.
+	ConnLogs(ctx context.Context, q ConnLogQuery) ([]ConnLog, error)
+
+	// PruneConnLogs deletes all but the newest keep entries of one stream's
+	// connection log and returns how many it deleted. keep 0 deletes them
+	// all; a negative keep is ErrInvalid.
+	PruneConnLogs(ctx context.Context, streamID int64, keep int) (int64, error)
+
+	// Close releases the store. Calls after Close fail.
+	Close() error
+}
+
+// Host is a stream host as stored: the fields of the streams app's Stream,
+// with the same JSON names, plus when it was created and last changed.
+//
+// The store keeps what it is given: defaults and validation belong to the
+// streams app. Empty CIDR lists are returned as nil.
+type Host struct {
+	// ID identifies the host; > 0 once stored.
+	ID int64 `json:"id"`
+
+	// Name is a human-readable name.
+	Name string `json:"name,omitempty"`
+
+	// Protocol is "tcp", "udp" or "tcp+udp".
+	Protocol string `json:"protocol,omitempty"`
+
+	// ListenAddress is the IP address to bind; "" is every address.
+	ListenAddress string `json:"listen_address,omitempty"`
+
+	// ListenPort is the port to listen on.
+	ListenPort int `json:"listen_port"`
+
+	// UpstreamHost is the upstream's hostname or IP address.
+	UpstreamHost string `json:"upstream_host"`
+
+	// UpstreamPort is the upstream's port.
+	UpstreamPort int `json:"upstream_port"`
+
+	// Enabled turns the stream on.
+	Enabled bool `json:"enabled"`
+
+	// MaxConnections caps concurrent connections; 0 is unlimited.
+	MaxConnections int `json:"max_connections,omitempty"`
+
+	// ConnectionTimeoutSeconds bounds the dial to the upstream.
+	ConnectionTimeoutSeconds int `json:"connection_timeout_seconds,omitempty"`
+
+	// IdleTimeoutSeconds closes a connection idle for this long.
+	IdleTimeoutSeconds int `json:"idle_timeout_seconds,omitempty"`
+
+	// ProxyProtocolVersion is the PROXY protocol header sent upstream: 0
+	// (off), 1 or 2.
+	ProxyProtocolVersion int `json:"proxy_protocol_version,omitempty"`
+
+	// WhitelistCIDRs, when not empty, allows only sources inside them.
+	WhitelistCIDRs []string `json:"whitelist_cidrs,omitempty"`
+
+	// BlacklistCIDRs rejects sources inside them.
+	BlacklistCIDRs []string `json:"blacklist_cidrs,omitempty"`
+
+	// SSLEnabled terminates TLS on the listener.
+	SSLEnabled bool `json:"ssl_enabled,omitempty"`
+
+	// SSLCertID is the certificate used when SSLEnabled is set.
+	SSLCertID int64 `json:"ssl_cert_id,omitempty"`
+
+	// UploadRateBytes limits client→upstream bytes per second.
+	UploadRateBytes int64 `json:"upload_rate_bytes,omitempty"`
+
+	// DownloadRateBytes limits upstream→client bytes per second.
+	DownloadRateBytes int64 `json:"download_rate_bytes,omitempty"`
+
+	// HealthCheckEnabled runs a periodic dial to the upstream.
+	HealthCheckEnabled bool `json:"health_check_enabled,omitempty"`
+
+	// HealthCheckIntervalSeconds is the time between two health checks.
+	HealthCheckIntervalSeconds int `json:"health_check_interval_seconds,omitempty"`
+
+	// LogConnections writes one connection-log entry per connection.
+	LogConnections bool `json:"log_connections,omitempty"`
+
+	// Notes is free-form text.
+	Notes string `json:"notes,omitempty"`
+
+	// CreatedAt is when the host was created, in UTC, to the millisecond.
+	// Set by the store.
+	CreatedAt time.Time `json:"created_at,omitzero"`
+
+	// UpdatedAt is when the host was last written, in UTC, to the
+	// millisecond. Set by the store.
+	UpdatedAt time.Time `json:"updated_at,omitzero"`
+}
+
+// Actions a connection-log entry records.
+const (
+	// ActionAllowed is a connection that was relayed.
+	ActionAllowed = "allowed"
+	// ActionBlocked is a connection that was refused (ACL, limits).
+	ActionBlocked = "blocked"
+)
+
+// ConnLog is one entry of the connection log: one connection, written when
+// it ended.
+type ConnLog struct {
+	// ID identifies the entry; assigned by the store, increasing.
+	ID int64 `json:"id"`
+
+	// StreamID is the ID of the stream that took the connection; > 0.
+	StreamID int64 `json:"stream_id"`
+
+	// SourceIP is the client's IP address.
+	SourceIP string `json:"source_ip"`
+
+	// SourcePort is the client's port; 0 when unknown.
+	SourcePort int `json:"source_port,omitempty"`
+
+	// BytesSent is the number of bytes relayed client→upstream, as the
+	// spec's connection log defines it.
+	BytesSent int64 `json:"bytes_sent"`
+
+	// BytesReceived is the number of bytes relayed upstream→client.
+	BytesReceived int64 `json:"bytes_received"`
+
+	// DurationMS is how long the connection lasted, in milliseconds.
+	DurationMS int64 `json:"duration_ms"`
+
+	// Action is ActionAllowed or ActionBlocked.
+	Action string `json:"action"`
+
+	// DisconnectReason says why the connection ended, or why it was
+	// blocked.
+	DisconnectReason string `json:"disconnect_reason,omitempty"`
+
+	// StartedAt is when the connection was accepted; stored to the
+	// millisecond, returned in UTC.
+	StartedAt time.Time `json:"started_at,omitzero"`
+
+	// EndedAt is when the connection ended; stored to the millisecond,
+	// returned in UTC.
+	EndedAt time.Time `json:"ended_at,omitzero"`
+}
+
+// Limits of ConnLogQuery.Limit.
+const (
+	// DefaultConnLogLimit is the number of entries returned when
+	// ConnLogQuery.Limit is 0.
+	DefaultConnLogLimit = 50
+	// MaxConnLogLimit is the most entries one query returns.
+	MaxConnLogLimit = 1000
+)
+
+// ConnLogQuery selects connection-log entries. Entries come newest first;
+// to page back, pass the smallest ID of one page as Before of the next.
+type ConnLogQuery struct {
+	// StreamID selects one stream's entries; 0 selects every stream's.
+	StreamID int64
+
+	// Limit is the most entries returned. Default: 0, meaning
+	// DefaultConnLogLimit; larger than MaxConnLogLimit means
+	// MaxConnLogLimit.
+	Limit int
+
+	// Before, when > 0, returns only entries with an ID below it.
+	Before int64
+
+	// Action, when not "", returns only entries with that action
+	// (ActionAllowed or ActionBlocked).
+	Action string
+}
