@@ -118,6 +118,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 		if !h.Enabled {
 			continue
 		}
+		for _, w := range h.Warnings() {
+			rt.logger.Warn("stream setting", zap.String("warning", w))
+		}
 		if h.HasUDP() {
 			nat, err := a.natConfig(h, rt.logger)
 			if err != nil {

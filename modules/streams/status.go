@@ -18,7 +18,8 @@ type Status struct {
 	// are off or none has run yet.
 	Healthy *bool `json:"healthy"`
 	// HealthStatus is "healthy", "unhealthy", "pending" (checks on, none
-	// done yet) or "not_checked" (checks off).
+	// done yet) or "not_checked" (checks off, or a UDP-only stream, which a
+	// TCP dial cannot check).
 	HealthStatus    string     `json:"health_status"`
 	LastHealthError string     `json:"last_health_error"`
 	LastHealthCheck *time.Time `json:"last_health_check"`

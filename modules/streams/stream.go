@@ -57,7 +57,10 @@ type Stream struct {
 	Enabled bool `json:"enabled"`
 
 	// MaxConnections caps concurrent connections; a connection beyond it is
-	// closed at once. Default: 0 (unlimited).
+	// closed at once. On UDP it caps the live NAT entries (clients); a new
+	// client beyond it is dropped, existing ones go on. On tcp+udp the cap
+	// holds for both together. Default: 0 (unlimited; UDP still stops at
+	// udpnat.HardCap, 100,000 entries per stream).
 	MaxConnections int `json:"max_connections,omitempty"`
 
 	// ConnectionTimeoutSeconds bounds the dial to the upstream.
@@ -65,12 +68,14 @@ type Stream struct {
 	ConnectionTimeoutSeconds int `json:"connection_timeout_seconds,omitempty"`
 
 	// IdleTimeoutSeconds closes a connection after no byte moved in either
-	// direction for this long. Default: 0 (never; TCP keepalive still
-	// detects dead peers).
+	// direction for this long, and evicts a UDP NAT entry after no datagram
+	// moved either way for this long. Default: 0 (TCP: never, keepalive
+	// still detects dead peers; UDP: 60 seconds).
 	IdleTimeoutSeconds int `json:"idle_timeout_seconds,omitempty"`
 
 	// ProxyProtocolVersion sends a PROXY protocol header to the upstream
-	// before any client byte: 0 (off), 1 (text) or 2 (binary). Default: 0.
+	// before any client byte: 0 (off), 1 (text) or 2 (binary). On UDP only 2
+	// is allowed, and the header goes in front of every datagram. Default: 0.
 	ProxyProtocolVersion int `json:"proxy_protocol_version,omitempty"`
 
 	// WhitelistCIDRs, when not empty, allows only sources inside one of
@@ -97,8 +102,9 @@ type Stream struct {
 	// connection. Default: 0 (unlimited).
 	DownloadRateBytes int64 `json:"download_rate_bytes,omitempty"`
 
-	// HealthCheckEnabled runs a periodic TCP dial to the upstream.
-	// Default: false.
+	// HealthCheckEnabled runs a periodic TCP dial to the upstream. A UDP-only
+	// stream is not checked (a TCP dial says nothing about a UDP service);
+	// its health shows not_checked. Default: false.
 	HealthCheckEnabled bool `json:"health_check_enabled,omitempty"`
 
 	// HealthCheckIntervalSeconds is the time between two health checks.

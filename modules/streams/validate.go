@@ -246,10 +246,13 @@ func splitPort(hp string) (host string, port int, err error) {
 // may already be bound on this machine. Each message starts with the field
 // and value (e.g. "listen_port 22: ..."); callers add the stream's name.
 func (s *Stream) Warnings() []string {
-	if !validPort(s.ListenPort) {
-		return nil
-	}
 	var w []string
+	if s.HealthCheckEnabled && s.EffectiveProtocol() == ProtocolUDP {
+		w = append(w, "health_check_enabled: health checks are TCP dials and say nothing about a UDP-only upstream; its health shows not_checked")
+	}
+	if !validPort(s.ListenPort) {
+		return w
+	}
 	prefix := "listen_port " + strconv.Itoa(s.ListenPort) + ": "
 	if s.ListenPort < 1024 {
 		w = append(w, prefix+"a privileged port (below 1024); binding it needs root or CAP_NET_BIND_SERVICE")

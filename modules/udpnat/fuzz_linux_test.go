@@ -1,0 +1,62 @@
+package udpnat
+
+import (
+	"bufio"
+	"bytes"
+	"net"
+	"net/netip"
+	"testing"
+
+	proxyproto "github.com/pires/go-proxyproto"
+	"golang.org/x/sys/unix"
+)
+
+// FuzzParseDst feeds arbitrary control-message bytes to the parser that
+// reads a datagram's destination: it must never panic or read past the
+// buffer, and must find the address in well-formed packet info.
+func FuzzParseDst(f *testing.F) {
+	v4 := unix.PktInfo4(&unix.Inet4Pktinfo{Ifindex: 1, Spec_dst: [4]byte{127, 0, 0, 1}, Addr: [4]byte{127, 0, 0, 7}})
+	v6 := unix.PktInfo6(&unix.Inet6Pktinfo{Addr: netip.MustParseAddr("::ffff:127.0.0.9").As16(), Ifindex: 1})
+	f.Add(v4)
+	f.Add(v6)
+	f.Add(append(append([]byte{}, v6...), v4...))
+	f.Add(v4[:len(v4)-4])
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, oob []byte) {
+		a, ok := parseDst(oob)
+		if ok && !a.IsValid() {
+			t.Fatalf("parseDst(%x) = %v, true: an invalid address", oob, a)
+		}
+	})
+}
+
+// FuzzProxyHeader builds the PROXY v2 header of arbitrary client and
+// destination addresses and reads it back with go-proxyproto.
+func FuzzProxyHeader(f *testing.F) {
+	f.Add([]byte{192, 0, 2, 1}, uint16(5000), []byte{198, 51, 100, 2}, uint16(53))
+	f.Add(netip.MustParseAddr("2001:db8::1").AsSlice(), uint16(1), netip.MustParseAddr("::ffff:10.0.0.1").AsSlice(), uint16(65535))
+	f.Add([]byte{0, 0, 0, 0}, uint16(0), netip.MustParseAddr("::").AsSlice(), uint16(0))
+	f.Fuzz(func(t *testing.T, src []byte, sport uint16, dst []byte, dport uint16) {
+		sa, ok1 := netip.AddrFromSlice(src)
+		da, ok2 := netip.AddrFromSlice(dst)
+		if !ok1 || !ok2 {
+			return
+		}
+		s, d := netip.AddrPortFrom(sa, sport), netip.AddrPortFrom(da, dport)
+		hdr, err := proxyHeader(s, d)
+		if err != nil {
+			t.Fatalf("%s → %s: %v", s, d, err)
+		}
+		if len(hdr) > headroom {
+			t.Fatalf("%s → %s: %d-byte header exceeds the headroom", s, d, len(hdr))
+		}
+		h, err := proxyproto.Read(bufio.NewReader(bytes.NewReader(hdr)))
+		if err != nil {
+			t.Fatalf("%s → %s: header %x does not parse: %v", s, d, hdr, err)
+		}
+		gs, gd := h.SourceAddr.(*net.UDPAddr).AddrPort(), h.DestinationAddr.(*net.UDPAddr).AddrPort()
+		if gs.Addr().Unmap() != sa.Unmap() || gs.Port() != sport || gd.Addr().Unmap() != da.Unmap() || gd.Port() != dport {
+			t.Fatalf("%s → %s came back as %s → %s", s, d, gs, gd)
+		}
+	})
+}

@@ -1,0 +1,187 @@
+package udpnat
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	proxyproto "github.com/pires/go-proxyproto"
+
+	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
+)
+
+// testRelay is a relay serving one socket on 127.0.0.1 in front of a UDP
+// echo server, torn down with the test.
+type testRelay struct {
+	r     *Relay
+	state *streamstate.Stream
+	addr  *net.UDPAddr // the relay's socket
+}
+
+func newTestRelay(t testing.TB, cfg Config) *testRelay {
+	t.Helper()
+	up, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	upDone := make(chan struct{})
+	go func() {
+		defer close(upDone)
+		buf := make([]byte, 65535)
+		for {
+			n, from, err := up.ReadFromUDPAddrPort(buf)
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			if err == nil {
+				_, _ = up.WriteToUDPAddrPort(buf[:n], from)
+			}
+		}
+	}()
+	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	state := streamstate.New(1)
+	r := Acquire(state, pc.LocalAddr().String())
+	cfg.Upstream = up.LocalAddr().String()
+	r.SetConfig(cfg)
+	if err := r.AddSocket(pc); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		r.RemoveSocket(pc, pc.Close)
+		Release(r)
+		_ = state.Destruct()
+		up.Close()
+		<-upDone
+	})
+	return &testRelay{r: r, state: state, addr: pc.LocalAddr().(*net.UDPAddr)}
+}
+
+func (tr *testRelay) client(t testing.TB) *net.UDPConn {
+	t.Helper()
+	c, err := net.DialUDP("udp", nil, tr.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// roundTrip sends p and reads the echo into buf.
+func roundTrip(t testing.TB, c *net.UDPConn, p, buf []byte) {
+	if _, err := c.Write(p); err != nil {
+		t.Fatal(err)
+	}
+	n, err := c.Read(buf)
+	if err != nil || n != len(p) {
+		t.Fatalf("echo: n=%d err=%v", n, err)
+	}
+}
+
+// Relaying a datagram each way on an existing NAT entry allocates nothing:
+// not the demux, not the entry's reply path, not the counters.
+func TestRelayDatagramsDoNotAllocate(t *testing.T) {
+	if raceEnabled {
+		t.Skip("the race detector allocates")
+	}
+	tr := newTestRelay(t, Config{})
+	c := tr.client(t)
+	_ = c.SetDeadline(time.Now().Add(20 * time.Second))
+	p, buf := make([]byte, 64), make([]byte, 2048)
+	for range 100 {
+		roundTrip(t, c, p, buf)
+	}
+	allocs := testing.AllocsPerRun(2000, func() { roundTrip(t, c, p, buf) })
+	if allocs > 0 {
+		t.Fatalf("%.2f allocations per datagram round trip through the relay, want 0", allocs)
+	}
+	if tr.r.Entries() != 1 || tr.state.BytesSent.Load() != 64*(100+2001) {
+		t.Fatalf("entries %d, bytes sent %d", tr.r.Entries(), tr.state.BytesSent.Load())
+	}
+}
+
+// BenchmarkRelayRoundTrip is one client's 64-byte echo through the relay,
+// on loopback; compare with BenchmarkDirectRoundTrip.
+func BenchmarkRelayRoundTrip(b *testing.B) {
+	tr := newTestRelay(b, Config{})
+	c := tr.client(b)
+	p, buf := make([]byte, 64), make([]byte, 2048)
+	b.ReportAllocs()
+	for b.Loop() {
+		roundTrip(b, c, p, buf)
+	}
+}
+
+// BenchmarkDirectRoundTrip is the same echo without the relay.
+func BenchmarkDirectRoundTrip(b *testing.B) {
+	tr := newTestRelay(b, Config{})
+	c, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(*tr.r.policy.Load().target.Load()))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	p, buf := make([]byte, 64), make([]byte, 2048)
+	b.ReportAllocs()
+	for b.Loop() {
+		roundTrip(b, c, p, buf)
+	}
+}
+
+func TestProxyHeaderParsesBack(t *testing.T) {
+	for _, tc := range []struct{ src, dst, wantSrc, wantDst string }{
+		{"192.0.2.1:5000", "198.51.100.2:53", "192.0.2.1:5000", "198.51.100.2:53"},
+		{"[::ffff:192.0.2.1]:5000", "[::ffff:198.51.100.2]:53", "192.0.2.1:5000", "198.51.100.2:53"},
+		{"[2001:db8::1]:5000", "[2001:db8::2]:443", "[2001:db8::1]:5000", "[2001:db8::2]:443"},
+		// Mixed families are written as IPv6.
+		{"192.0.2.1:5000", "[2001:db8::2]:443", "[::ffff:192.0.2.1]:5000", "[2001:db8::2]:443"},
+	} {
+		hdr, err := proxyHeader(netip.MustParseAddrPort(tc.src), netip.MustParseAddrPort(tc.dst))
+		if err != nil {
+			t.Fatalf("%s → %s: %v", tc.src, tc.dst, err)
+		}
+		if len(hdr) > headroom {
+			t.Fatalf("%s → %s: header of %d bytes does not fit the headroom of %d", tc.src, tc.dst, len(hdr), headroom)
+		}
+		h, err := proxyproto.Read(bufio.NewReader(bytes.NewReader(append(hdr, "payload"...))))
+		if err != nil {
+			t.Fatalf("%s → %s: go-proxyproto cannot read the header: %v", tc.src, tc.dst, err)
+		}
+		gs, gd := h.SourceAddr.(*net.UDPAddr).AddrPort().String(), h.DestinationAddr.(*net.UDPAddr).AddrPort().String()
+		if !h.TransportProtocol.IsDatagram() || gs != tc.wantSrc || gd != tc.wantDst {
+			t.Errorf("%s → %s: header says %s → %s (%v), want %s → %s DGRAM", tc.src, tc.dst, gs, gd, h.TransportProtocol, tc.wantSrc, tc.wantDst)
+		}
+	}
+}
+
+func TestSweepEvictsIdleEntriesOnly(t *testing.T) {
+	tr := newTestRelay(t, Config{IdleTimeout: 300 * time.Millisecond, LogConnections: true})
+	idle, busy := tr.client(t), tr.client(t)
+	_ = idle.SetDeadline(time.Now().Add(10 * time.Second))
+	_ = busy.SetDeadline(time.Now().Add(10 * time.Second))
+	p, buf := []byte("x"), make([]byte, 16)
+	roundTrip(t, idle, p, buf)
+	roundTrip(t, busy, p, buf)
+	deadline := time.Now().Add(5 * time.Second)
+	for tr.r.Entries() != 1 {
+		// Keep one entry busy well past the idle timeout.
+		roundTrip(t, busy, p, buf)
+		time.Sleep(20 * time.Millisecond)
+		if time.Now().After(deadline) {
+			t.Fatalf("idle entry not evicted: %d entries", tr.r.Entries())
+		}
+	}
+	var reasons []string
+	tr.state.Sessions(func(ss *streamstate.Session) bool {
+		reasons = append(reasons, ss.Source.String())
+		return true
+	})
+	if len(reasons) != 1 || reasons[0] != busy.LocalAddr().String() {
+		t.Fatalf("open sessions after eviction: %v, want only the busy client %s", reasons, busy.LocalAddr())
+	}
+}
