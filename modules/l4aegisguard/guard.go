@@ -172,7 +172,7 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 func (h *Handler) block(src netip.AddrPort, r streamstate.Reason) error {
 	h.state.Blocked.Add(1)
 	if h.LogConnections {
-		h.state.LogBlocked(h.logger, h.name, src.Addr().Unmap().String(), r, false)
+		h.state.LogBlocked(h.logger, h.name, src, r, false)
 	}
 	return nil
 }

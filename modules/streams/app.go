@@ -42,6 +42,11 @@ type App struct {
 	// Default: 5s.
 	GracePeriod caddy.Duration `json:"grace_period,omitempty"`
 
+	// Storage holds the streams created through the API and the
+	// connection log. Default: SQLite in streams.db in Caddy's data
+	// directory.
+	Storage *StorageConfig `json:"storage,omitempty"`
+
 	ctx    caddy.Context
 	logger *zap.Logger
 
@@ -55,7 +60,11 @@ type App struct {
 	// admin), found in Provision and checked by Validate.
 	reserved []reservedPort
 
+	// mu serializes changes to the running streams (the API's writes) and
+	// guards streams and each runtime's cfg.
+	mu      sync.Mutex
 	streams []*runtime
+	store   *sharedStore // nil without storage
 }
 
 // reservedPort is a port that a stream may not take.
@@ -69,12 +78,16 @@ type reservedPort struct {
 // listeners, TCP handler chain and UDP relay.
 type runtime struct {
 	cfg    *Stream
-	state  *streamstate.Stream
-	chain  atomic.Pointer[chainBox]
-	cancel context.CancelFunc // unloads the chain's modules
-	ln     net.Listener
-	done   chan struct{} // closed when the accept loop has returned
-	logger *zap.Logger
+	source string // SourceConfig or SourceAPI
+	// created and updated are the storage times of an API stream.
+	created, updated time.Time
+	state            *streamstate.Stream
+	released         bool // state was released
+	chain            atomic.Pointer[chainBox]
+	cancel           context.CancelFunc // unloads the chain's modules
+	ln               net.Listener
+	done             chan struct{} // closed when the accept loop has returned
+	logger           *zap.Logger
 
 	relay   *udpnat.Relay // shared with other loads of the same stream address
 	nat     udpnat.Config
@@ -102,44 +115,70 @@ func (a *App) gracePeriod() time.Duration {
 	return time.Duration(a.GracePeriod)
 }
 
-// Provision validates the hosts and builds each enabled stream's handler
-// chain. Nothing listens yet.
+// Provision opens the storage, validates the config's hosts together with
+// the stored ones, and builds each enabled stream's handler chain and UDP
+// relay. Nothing listens yet.
 func (a *App) Provision(ctx caddy.Context) error {
 	a.ctx = ctx
 	a.logger = ctx.Logger()
 	a.base, a.cancelBase = caddy.NewContext(ctx)
 	a.reserved = reservedPorts(ctx)
-	if err := a.Validate(); err != nil {
+	stored, err := a.openStorage()
+	if err != nil {
+		return err
+	}
+	if err := a.validateHosts(a.Hosts, stored); err != nil {
 		return err
 	}
 	for _, h := range a.Hosts {
-		rt := &runtime{cfg: h, state: streamstate.Acquire(h.ID), logger: a.logger.With(zap.Int64("stream_id", h.ID), zap.String("stream", h.DisplayName()))}
+		rt, err := a.newRuntime(h, SourceConfig)
+		if err != nil {
+			return err
+		}
 		a.streams = append(a.streams, rt)
-		if !h.Enabled {
-			continue
+	}
+	for _, h := range stored {
+		rt, err := a.newRuntime(streamFromHost(h), SourceAPI)
+		if err != nil {
+			return err
 		}
-		for _, w := range h.Warnings() {
-			rt.logger.Warn("stream setting", zap.String("warning", w))
+		rt.created, rt.updated = h.CreatedAt, h.UpdatedAt
+		a.streams = append(a.streams, rt)
+	}
+	return nil
+}
+
+// newRuntime acquires the shared state of stream h and, if it is enabled,
+// builds its TCP handler chain and joins its UDP relay. On error nothing is
+// left acquired.
+func (a *App) newRuntime(h *Stream, source string) (*runtime, error) {
+	rt := &runtime{cfg: h, source: source, state: streamstate.Acquire(h.ID),
+		logger: a.logger.With(zap.Int64("stream_id", h.ID), zap.String("stream", h.DisplayName()))}
+	if !h.Enabled {
+		return rt, nil
+	}
+	for _, w := range h.Warnings() {
+		rt.logger.Warn("stream setting", zap.String("warning", w))
+	}
+	if h.HasUDP() {
+		nat, err := a.natConfig(h, rt.logger)
+		if err != nil {
+			rt.release()
+			return nil, fmt.Errorf("%s: %v", streamLabel(h.ID, h.Name), err)
 		}
-		if h.HasUDP() {
-			nat, err := a.natConfig(h, rt.logger)
-			if err != nil {
-				return fmt.Errorf("stream %d (%q): %v", h.ID, h.DisplayName(), err)
-			}
-			rt.nat = nat
-			rt.relay = udpnat.Acquire(rt.state, h.ListenHostPort())
-		}
-		if !h.HasTCP() {
-			continue
-		}
+		rt.nat = nat
+		rt.relay = udpnat.Acquire(rt.state, h.ListenHostPort())
+	}
+	if h.HasTCP() {
 		chain, cancel, err := a.buildChain(h)
 		if err != nil {
-			return fmt.Errorf("stream %d (%q): %v", h.ID, h.DisplayName(), err)
+			rt.release()
+			return nil, fmt.Errorf("%s: %v", streamLabel(h.ID, h.Name), err)
 		}
 		rt.chain.Store(&chainBox{chain})
 		rt.cancel = cancel
 	}
-	return nil
+	return rt, nil
 }
 
 // natConfig is what the stream's settings say about its UDP NAT entries.
@@ -210,116 +249,167 @@ func (a *App) buildChain(s *Stream) (layer4.Handler, context.CancelFunc, error) 
 // Start binds every enabled stream and starts serving. If one cannot bind,
 // none is left listening and the error names the stream.
 func (a *App) Start() error {
+	if err := a.start(); err != nil {
+		return err
+	}
+	setCurrent(a)
+	return nil
+}
+
+func (a *App) start() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
 	for _, rt := range a.streams {
-		if !rt.cfg.Enabled {
-			continue
-		}
-		var err error
-		if rt.cfg.HasTCP() {
-			rt.ln, err = listen(a.ctx, rt.cfg)
-		}
-		if err == nil && rt.cfg.HasUDP() {
-			rt.udp, rt.pc, err = listenUDP(a.ctx, rt.cfg)
-		}
-		if err != nil {
+		if err := rt.bind(a.ctx); err != nil {
 			a.closeListeners()
 			return err
 		}
 	}
 	for _, rt := range a.streams {
-		rt.state.SetGracePeriod(a.gracePeriod())
 		rt.state.ResetTotals()
-		if !rt.cfg.HealthCheckEnabled || !rt.cfg.Enabled {
-			rt.state.ClearHealth()
-		}
-		if rt.ln != nil {
-			rt.state.ListenerUp(streamstate.TCP)
-			rt.done = make(chan struct{})
-			go rt.accept(rt.ln)
-		}
-		if rt.udp != nil {
-			rt.relay.SetConfig(rt.nat)
-			if err := rt.relay.AddSocket(rt.udp); err != nil {
-				rt.logger.Error("serving UDP socket", zap.Error(err))
-			} else {
-				rt.serving = true
-			}
-		}
-		if rt.ln != nil || rt.udp != nil {
-			a.logger.Info("stream listening",
-				zap.Int64("stream_id", rt.cfg.ID),
-				zap.String("stream", rt.cfg.DisplayName()),
-				zap.String("protocol", rt.cfg.EffectiveProtocol()),
-				zap.String("listen", rt.cfg.ListenHostPort()),
-				zap.String("upstream", rt.cfg.UpstreamHostPort()))
-		}
+		a.serve(rt)
 	}
 	return nil
+}
+
+// bind opens the stream's listeners if it is enabled. On error none is
+// left open.
+func (rt *runtime) bind(ctx caddy.Context) error {
+	if !rt.cfg.Enabled {
+		return nil
+	}
+	var err error
+	if rt.cfg.HasTCP() {
+		rt.ln, err = listen(ctx, rt.cfg)
+	}
+	if err == nil && rt.cfg.HasUDP() {
+		rt.udp, rt.pc, err = listenUDP(ctx, rt.cfg)
+	}
+	if err != nil {
+		rt.closeListeners()
+	}
+	return err
+}
+
+// serve starts serving the stream's bound listeners.
+func (a *App) serve(rt *runtime) {
+	rt.state.SetGracePeriod(a.gracePeriod())
+	if !rt.cfg.HealthCheckEnabled || !rt.cfg.Enabled {
+		rt.state.ClearHealth()
+	}
+	if a.store != nil {
+		rt.state.SetLogSink(a.store.logSink)
+	} else {
+		rt.state.SetLogSink(nil)
+	}
+	if rt.ln != nil {
+		rt.state.ListenerUp(streamstate.TCP)
+		rt.done = make(chan struct{})
+		go rt.accept(rt.ln)
+	}
+	if rt.udp != nil {
+		rt.relay.SetConfig(rt.nat)
+		if err := rt.relay.AddSocket(rt.udp); err != nil {
+			rt.logger.Error("serving UDP socket", zap.Error(err))
+		} else {
+			rt.serving = true
+		}
+	}
+	if rt.ln != nil || rt.udp != nil {
+		a.logger.Info("stream listening",
+			zap.Int64("stream_id", rt.cfg.ID),
+			zap.String("stream", rt.cfg.DisplayName()),
+			zap.String("source", rt.source),
+			zap.String("protocol", rt.cfg.EffectiveProtocol()),
+			zap.String("listen", rt.cfg.ListenHostPort()),
+			zap.String("upstream", rt.cfg.UpstreamHostPort()))
+	}
 }
 
 // Stop stops accepting at once. Open connections of streams that the next
 // config keeps go on; the others get the grace period when the app's
 // modules are cleaned up.
 func (a *App) Stop() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	clearCurrent(a)
 	a.closeListeners()
+	return nil
+}
+
+// closeListeners stops every stream's listeners.
+func (a *App) closeListeners() {
 	for _, rt := range a.streams {
+		rt.closeListeners()
+	}
+}
+
+// closeListeners closes the TCP listener and the UDP socket and waits for
+// their loops. A UDP socket that the relay serves is taken from it first,
+// so replies move to a newer socket of the same address if one was bound
+// meanwhile (a reload, an edit).
+func (rt *runtime) closeListeners() {
+	if rt.ln != nil {
+		rt.ln.Close()
+		unbind(rt.cfg, "tcp")
+		rt.ln = nil
 		if rt.done != nil {
 			<-rt.done
 			rt.done = nil
 			rt.state.ListenerDown(streamstate.TCP)
 		}
 	}
-	return nil
+	if rt.udp != nil {
+		if rt.serving {
+			rt.relay.RemoveSocket(rt.udp, rt.pc.Close)
+		} else {
+			rt.pc.Close()
+		}
+		unbind(rt.cfg, "udp")
+		rt.udp, rt.pc, rt.serving = nil, nil, false
+	}
 }
 
-// closeListeners closes the TCP listeners and UDP sockets. A UDP socket
-// that the relay serves is taken from it first, so replies move to a newer
-// socket of the same address if a reload made one.
-func (a *App) closeListeners() {
-	for _, rt := range a.streams {
-		if rt.ln != nil {
-			rt.ln.Close()
-			unbind(rt.cfg, "tcp")
-			rt.ln = nil
-		}
-		if rt.udp != nil {
-			if rt.serving {
-				rt.relay.RemoveSocket(rt.udp, rt.pc.Close)
-			} else {
-				rt.pc.Close()
-			}
-			unbind(rt.cfg, "udp")
-			rt.udp, rt.pc, rt.serving = nil, nil, false
-		}
+// release unloads the stream's handler chain and lets go of its relay and
+// shared state; the last user of a stream closes its remaining
+// connections.
+func (rt *runtime) release() {
+	if rt.cancel != nil {
+		rt.cancel()
+		rt.cancel = nil
+	}
+	// A relay that goes away closes its NAT entries at once: with its
+	// sockets closed, no reply could reach the clients.
+	if rt.relay != nil {
+		udpnat.Release(rt.relay)
+		rt.relay = nil
+	}
+	if !rt.released {
+		rt.released = true
+		streamstate.Release(rt.cfg.ID)
 	}
 }
 
 // Cleanup unloads the handler chains and lets go of the streams' shared
-// state; the last user of a stream closes its remaining connections.
+// state and the storage.
 func (a *App) Cleanup() error {
-	for _, rt := range a.streams {
-		if rt.cancel != nil {
-			rt.cancel()
-		}
-	}
-	if a.cancelBase != nil {
-		a.cancelBase()
-	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
 	// Streams that go away each wait out their grace period: together,
 	// so that stopping N busy streams takes one grace period, not N.
 	var wg sync.WaitGroup
 	for _, rt := range a.streams {
-		wg.Go(func() {
-			// A relay that goes away closes its NAT entries at once: with
-			// its sockets closed, no reply could reach the clients.
-			if rt.relay != nil {
-				udpnat.Release(rt.relay)
-			}
-			streamstate.Release(rt.cfg.ID)
-		})
+		wg.Go(rt.release)
 	}
 	wg.Wait()
+	if a.cancelBase != nil {
+		a.cancelBase()
+	}
 	a.streams = nil
+	if a.store != nil {
+		a.store.release()
+		a.store = nil
+	}
 	return nil
 }
 

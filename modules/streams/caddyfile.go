@@ -45,6 +45,8 @@ func parseStreamsOption(d *caddyfile.Dispenser, existingVal any) (any, error) {
 //
 //	streams {
 //		grace_period <duration>
+//		storage sqlite <path> | storage off
+//		log_retention <entries per stream>
 //		host <id> [<name>] {
 //			name <text>
 //			protocol tcp|udp|tcp+udp
@@ -112,6 +114,40 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("streams: grace_period takes no block")
 			}
 
+		case "storage":
+			if a.Storage != nil && (a.Storage.Path != "" || a.Storage.Disabled) {
+				return d.Errf("streams: duplicate option 'storage'")
+			}
+			args := d.RemainingArgs()
+			if a.Storage == nil {
+				a.Storage = new(StorageConfig)
+			}
+			switch {
+			case len(args) == 1 && args[0] == "off":
+				a.Storage.Disabled = true
+			case len(args) == 2 && args[0] == "sqlite" && args[1] != "":
+				a.Storage.Path = args[1]
+			default:
+				return d.Errf("streams: storage %q: want 'storage sqlite <path>' or 'storage off'", strings.Join(args, " "))
+			}
+			if d.NextBlock(nesting + 1) {
+				return d.Errf("streams: storage takes no block")
+			}
+
+		case "log_retention":
+			if a.Storage != nil && a.Storage.LogRetention != 0 {
+				return d.Errf("streams: duplicate option 'log_retention'")
+			}
+			if a.Storage == nil {
+				a.Storage = new(StorageConfig)
+			}
+			if err := intArg(d, "streams", &a.Storage.LogRetention); err != nil {
+				return err
+			}
+			if d.NextBlock(nesting + 1) {
+				return d.Errf("streams: log_retention takes no block")
+			}
+
 		case "host":
 			s, err := unmarshalHost(d, ids)
 			if err != nil {
@@ -121,7 +157,7 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			a.Hosts = append(a.Hosts, s)
 
 		default:
-			return d.Errf("streams: unknown option '%s' (want grace_period or host)", opt)
+			return d.Errf("streams: unknown option '%s' (want grace_period, storage, log_retention or host)", opt)
 		}
 	}
 	return nil

@@ -198,7 +198,17 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"streams argument", `streams foo`, []string{"streams takes no arguments"}},
 		{"unknown streams option", `streams {
 			hosts 1
-		}`, []string{"unknown option 'hosts'", "want grace_period or host"}},
+		}`, []string{"unknown option 'hosts'", "want grace_period, storage, log_retention or host"}},
+		{"storage driver", `streams {
+			storage mysql db:3306
+		}`, []string{"storage \"mysql db:3306\"", "want 'storage sqlite <path>' or 'storage off'"}},
+		{"storage twice", `streams {
+			storage off
+			storage sqlite /tmp/x.db
+		}`, []string{"duplicate option 'storage'"}},
+		{"log_retention not a number", `streams {
+			log_retention many
+		}`, []string{"log_retention"}},
 		{"unknown host option", `streams {
 			host 1 {
 				listen_prot 5432

@@ -47,8 +47,8 @@ func FuzzUnmarshalCaddyfile(f *testing.F) {
 
 // normalizeApp returns the app's exported config with empty lists as nil,
 // since JSON omits empty lists.
-func normalizeApp(a *App) App {
-	out := App{GracePeriod: a.GracePeriod}
+func normalizeApp(a *App) *App {
+	out := &App{GracePeriod: a.GracePeriod, Storage: a.Storage}
 	for _, s := range a.Hosts {
 		out.Hosts = append(out.Hosts, normalizeStream(s))
 	}

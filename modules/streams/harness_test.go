@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -34,6 +35,7 @@ type instance struct {
 	t       *testing.T
 	admin   string
 	logFile string
+	dbFile  string
 }
 
 // lastPort is the last test port handed out. Test ports come from below
@@ -86,6 +88,7 @@ func startCaddy(t *testing.T, app map[string]any) *instance {
 		t:       t,
 		admin:   fmt.Sprintf("127.0.0.1:%d", freePort(t)),
 		logFile: filepath.Join(t.TempDir(), "caddy.log"),
+		dbFile:  filepath.Join(t.TempDir(), "streams.db"),
 	}
 	if err := inst.load(app); err != nil {
 		t.Fatalf("loading config: %v", err)
@@ -98,8 +101,13 @@ func startCaddy(t *testing.T, app map[string]any) *instance {
 	return inst
 }
 
-// load replaces the running config, as `caddy reload` does.
+// load replaces the running config, as `caddy reload` does. Unless the app
+// config says otherwise, storage is the test's own database file.
 func (inst *instance) load(app map[string]any) error {
+	if _, ok := app["storage"]; !ok {
+		app = maps.Clone(app)
+		app["storage"] = map[string]any{"path": inst.dbFile}
+	}
 	cfg := map[string]any{
 		"admin": map[string]any{"listen": inst.admin},
 		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strconv"
 	"sync"
 	"syscall"
 
@@ -65,17 +66,9 @@ func bind(ctx caddy.Context, s *Stream, network string, lc net.ListenConfig) (an
 	bound.Lock()
 	defer bound.Unlock()
 	if bound.m[key] == 0 {
-		var probe io.Closer
-		var err error
-		if network == "udp" {
-			probe, err = net.ListenPacket(network, s.ListenHostPort())
-		} else {
-			probe, err = net.Listen(network, s.ListenHostPort())
+		if err := probeLocked(s, network); err != nil {
+			return nil, err
 		}
-		if err != nil {
-			return nil, bindError(s, network, err)
-		}
-		probe.Close()
 	}
 	na := caddy.NetworkAddress{Network: network, Host: s.ListenAddress, StartPort: uint(s.ListenPort), EndPort: uint(s.ListenPort)}
 	ln, err := na.Listen(ctx, 0, lc)
@@ -84,6 +77,33 @@ func bind(ctx caddy.Context, s *Stream, network string, lc net.ListenConfig) (an
 	}
 	bound.m[key]++
 	return ln, nil
+}
+
+// probeBind checks that s's address can be bound for network now, unless a
+// stream listener of this process holds it.
+func probeBind(s *Stream, network string) error {
+	bound.Lock()
+	defer bound.Unlock()
+	if bound.m[boundKey(network, s)] > 0 {
+		return nil
+	}
+	return probeLocked(s, network)
+}
+
+// probeLocked binds s's address without SO_REUSEPORT and lets it go: it
+// fails if anyone holds the port. The caller holds bound.
+func probeLocked(s *Stream, network string) error {
+	var probe io.Closer
+	var err error
+	if network == "udp" {
+		probe, err = net.ListenPacket(network, s.ListenHostPort())
+	} else {
+		probe, err = net.Listen(network, s.ListenHostPort())
+	}
+	if err != nil {
+		return bindError(s, network, err)
+	}
+	return probe.Close()
 }
 
 // unbind forgets one listener of the stream's address.
@@ -110,6 +130,6 @@ func bindError(s *Stream, network string, err error) error {
 		what = "address not available on this machine"
 		hint = "use an address of one of this machine's interfaces, or 0.0.0.0"
 	}
-	return fmt.Errorf("stream %d (%q): listen_port %d (%s) on %q: %s: %v; %s",
-		s.ID, s.DisplayName(), s.ListenPort, network, s.ListenAddress, what, err, hint)
+	return &FieldError{ID: s.ID, Name: s.DisplayName(), Field: "listen_port", Value: strconv.Itoa(s.ListenPort),
+		Reason: fmt.Sprintf("(%s) on %q: %s: %v; %s", network, s.ListenAddress, what, err, hint), sep: " "}
 }

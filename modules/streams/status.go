@@ -84,29 +84,3 @@ func listening(s *Stream, st *streamstate.Stream) bool {
 	}
 	return (!s.HasTCP() || st.Listening(streamstate.TCP)) && (!s.HasUDP() || st.Listening(streamstate.UDP))
 }
-
-// HostStatus is a stream host with its runtime status.
-type HostStatus struct {
-	*Stream
-	// Source is "config" for hosts declared in the Caddy config.
-	Source string `json:"source"`
-	Status Status `json:"status"`
-}
-
-// Statuses returns every stream's runtime status, in config order.
-func (a *App) Statuses() []Status {
-	out := make([]Status, 0, len(a.streams))
-	for _, rt := range a.streams {
-		out = append(out, StatusOf(rt.cfg, rt.state))
-	}
-	return out
-}
-
-// HostStatuses returns every stream host with its runtime status.
-func (a *App) HostStatuses() []HostStatus {
-	out := make([]HostStatus, 0, len(a.streams))
-	for _, rt := range a.streams {
-		out = append(out, HostStatus{Stream: rt.cfg, Source: "config", Status: StatusOf(rt.cfg, rt.state)})
-	}
-	return out
-}

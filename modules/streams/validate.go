@@ -10,6 +10,8 @@ import (
 	"unicode"
 
 	"github.com/caddyserver/caddy/v2"
+
+	"github.com/aegis-proxy/caddy-aegis/storage"
 )
 
 // maxSeconds bounds the settings given in seconds: one year. Longer values
@@ -288,9 +290,37 @@ func (a *App) Validate() error {
 	if a.GracePeriod < 0 {
 		errs = append(errs, fmt.Errorf("grace_period %s: must be >= 0 (0 = 5s)", time.Duration(a.GracePeriod)))
 	}
-	byID := make(map[int64]*Stream, len(a.Hosts))
+	if a.Storage != nil && a.Storage.LogRetention < -1 {
+		errs = append(errs, fmt.Errorf("storage log_retention %d: must be >= -1 (-1 = keep all, 0 = 10000)", a.Storage.LogRetention))
+	}
+	errs = append(errs, a.validateList(a.Hosts)...)
+	return errors.Join(errs...)
+}
+
+// validateHosts checks the config's hosts together with the stored ones:
+// ids and listen ports may not collide between the two.
+func (a *App) validateHosts(config []*Stream, stored []storage.Host) error {
+	if err := a.Validate(); err != nil || len(stored) == 0 {
+		return err
+	}
+	all := append([]*Stream(nil), config...)
+	for _, h := range stored {
+		all = append(all, streamFromHost(h))
+	}
+	if err := errors.Join(a.validateList(all)...); err != nil {
+		return fmt.Errorf("the config's streams and the %d stored through the API (in %s) do not fit together; change the config, or change or delete the stored stream through the API:\n%w",
+			len(stored), a.storagePath(), err)
+	}
+	return nil
+}
+
+// validateList checks every host on its own, that ids are unique and that
+// no two enabled hosts, nor one and Caddy itself, share a port.
+func (a *App) validateList(hosts []*Stream) []error {
+	var errs []error
+	byID := make(map[int64]*Stream, len(hosts))
 	var enabled []*Stream
-	for i, s := range a.Hosts {
+	for i, s := range hosts {
 		if s == nil {
 			errs = append(errs, fmt.Errorf("hosts[%d]: null: must be a stream object", i))
 			continue
@@ -309,21 +339,21 @@ func (a *App) Validate() error {
 			enabled = append(enabled, s)
 		}
 	}
-	return errors.Join(errs...)
+	return errs
 }
 
-// ValidateListen checks where s would listen against the enabled hosts of a
-// (other than s's own id) and the ports Caddy holds, as App.Validate does
-// for a whole config; the admin API uses it to check a port before a
-// stream is saved. A disabled s conflicts with nothing.
-func (a *App) ValidateListen(s *Stream) error {
+// validateListen checks where s would listen against the running enabled
+// streams (other than s's own id) and the ports Caddy holds, as Validate
+// does for a whole config. A disabled s conflicts with nothing. The caller
+// holds a.mu.
+func (a *App) validateListen(s *Stream) error {
 	if !s.Enabled {
 		return nil
 	}
 	var others []*Stream
-	for _, o := range a.Hosts {
-		if o != nil && o.Enabled && o.ID != s.ID {
-			others = append(others, o)
+	for _, rt := range a.streams {
+		if rt.cfg.Enabled && rt.cfg.ID != s.ID {
+			others = append(others, rt.cfg)
 		}
 	}
 	return errors.Join(a.listenConflicts(s, others)...)

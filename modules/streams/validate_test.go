@@ -341,7 +341,7 @@ func TestAppValidate(t *testing.T) {
 
 func TestValidateListen(t *testing.T) {
 	app := &App{
-		Hosts:    []*Stream{host(1, "a", "tcp", "", 5432), host(2, "b", "udp", "", 53)},
+		streams:  []*runtime{{cfg: host(1, "a", "tcp", "", 5432)}, {cfg: host(2, "b", "udp", "", 53)}},
 		reserved: []reservedPort{{443, "Caddy's HTTPS port"}},
 	}
 	for _, tc := range []struct {
@@ -357,12 +357,12 @@ func TestValidateListen(t *testing.T) {
 		{"disabled", func() *Stream { s := host(9, "new", "", "", 443); s.Enabled = false; return s }(), ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			err := app.ValidateListen(tc.s)
+			err := app.validateListen(tc.s)
 			switch {
 			case tc.want == "" && err != nil:
-				t.Errorf("ValidateListen() = %v, want nil", err)
+				t.Errorf("validateListen() = %v, want nil", err)
 			case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
-				t.Errorf("ValidateListen() = %v, want an error containing %q", err, tc.want)
+				t.Errorf("validateListen() = %v, want an error containing %q", err, tc.want)
 			}
 		})
 	}

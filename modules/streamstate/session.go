@@ -30,6 +30,7 @@ const (
 	ReasonProxyHeaderFailed
 	ReasonTLSHandshakeFailed
 	ReasonConfigChanged
+	ReasonStreamDisabled
 )
 
 var reasonNames = [...]string{
@@ -48,6 +49,7 @@ var reasonNames = [...]string{
 	ReasonProxyHeaderFailed:  "proxy_header_failed",
 	ReasonTLSHandshakeFailed: "tls_handshake_failed",
 	ReasonConfigChanged:      "config_changed",
+	ReasonStreamDisabled:     "stream_disabled",
 }
 
 func (r Reason) String() string {
@@ -192,18 +194,19 @@ func (ss *Session) End(r Reason, log bool) {
 	ss.SetReason(r)
 	ss.Stream.sessions.Delete(ss.ID)
 	if log {
-		ss.Stream.enqueueLog(logEntry{
-			logger:   ss.logger,
-			udp:      ss.UDP,
-			dgSent:   ss.dgSent.Load(),
-			dgRecv:   ss.dgReceived.Load(),
-			stream:   ss.name,
-			connID:   ss.ID,
-			source:   ss.Source.Addr().String(),
-			sent:     ss.sent.Load(),
-			received: ss.received.Load(),
-			duration: time.Since(ss.Start),
-			reason:   ss.Reason(),
-		})
+		ss.Stream.enqueueLog(logEntry{logger: ss.logger, rec: LogRecord{
+			StreamID:          ss.Stream.ID,
+			Stream:            ss.name,
+			ConnID:            ss.ID,
+			Source:            ss.Source,
+			UDP:               ss.UDP,
+			Reason:            ss.Reason(),
+			Start:             ss.Start,
+			Duration:          time.Since(ss.Start),
+			BytesSent:         ss.sent.Load(),
+			BytesReceived:     ss.received.Load(),
+			DatagramsSent:     ss.dgSent.Load(),
+			DatagramsReceived: ss.dgReceived.Load(),
+		}})
 	}
 }

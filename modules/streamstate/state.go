@@ -8,6 +8,7 @@ package streamstate
 
 import (
 	"context"
+	"net/netip"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -84,6 +85,7 @@ type Stream struct {
 	logq    chan logEntry
 	logStop chan struct{}
 	logDone chan struct{}
+	sink    atomic.Pointer[func(LogRecord)]
 }
 
 // New makes the state of a stream that is not shared through the pool (a
@@ -205,20 +207,49 @@ func (s *Stream) Destruct() error {
 	return nil
 }
 
+// LogRecord is one connection-log entry: a connection (or UDP NAT entry)
+// that ended, or one refused before it was relayed.
+type LogRecord struct {
+	StreamID int64
+	// Stream is the stream's name.
+	Stream string
+	ConnID uint64
+	// Source is the client's address.
+	Source netip.AddrPort
+	UDP    bool
+	// Blocked is true for a connection refused by the ACL or a limit.
+	Blocked  bool
+	Reason   Reason
+	Start    time.Time
+	Duration time.Duration
+	// BytesSent went client→upstream, BytesReceived upstream→client.
+	BytesSent, BytesReceived uint64
+	// Datagrams each way, for UDP.
+	DatagramsSent, DatagramsReceived uint64
+}
+
+// Action is "blocked" or "allowed".
+func (r *LogRecord) Action() string {
+	if r.Blocked {
+		return "blocked"
+	}
+	return "allowed"
+}
+
 // logEntry is one connection-log line waiting to be written.
 type logEntry struct {
-	logger   *zap.Logger
-	stream   string
-	connID   uint64
-	source   string
-	sent     uint64
-	received uint64
-	duration time.Duration
-	blocked  bool
-	reason   Reason
-	udp      bool
-	dgSent   uint64
-	dgRecv   uint64
+	logger *zap.Logger
+	rec    LogRecord
+}
+
+// SetLogSink makes the log writer also hand every entry to f (nil: none),
+// from its own goroutine, never from a relay's. f must not block for long.
+func (s *Stream) SetLogSink(f func(LogRecord)) {
+	if f == nil {
+		s.sink.Store(nil)
+		return
+	}
+	s.sink.Store(&f)
 }
 
 // writeLogs writes queued connection-log entries off the data path until
@@ -244,30 +275,30 @@ func (s *Stream) writeLogs() {
 }
 
 func (s *Stream) writeLog(e logEntry) {
-	action := "allowed"
-	if e.blocked {
-		action = "blocked"
-	}
+	r := &e.rec
 	proto := "tcp"
-	if e.udp {
+	if r.UDP {
 		proto = "udp"
 	}
 	fields := []zap.Field{
-		zap.String("stream", e.stream),
+		zap.String("stream", r.Stream),
 		zap.Int64("stream_id", s.ID),
 		zap.String("protocol", proto),
-		zap.Uint64("conn_id", e.connID),
-		zap.String("source_ip", e.source),
-		zap.Uint64("bytes_sent", e.sent),
-		zap.Uint64("bytes_received", e.received),
-		zap.Int64("duration_ms", e.duration.Milliseconds()),
-		zap.String("action", action),
-		zap.String("disconnect_reason", e.reason.String()),
+		zap.Uint64("conn_id", r.ConnID),
+		zap.String("source_ip", r.Source.Addr().Unmap().String()),
+		zap.Uint64("bytes_sent", r.BytesSent),
+		zap.Uint64("bytes_received", r.BytesReceived),
+		zap.Int64("duration_ms", r.Duration.Milliseconds()),
+		zap.String("action", r.Action()),
+		zap.String("disconnect_reason", r.Reason.String()),
 	}
-	if e.udp && !e.blocked {
-		fields = append(fields, zap.Uint64("datagrams_sent", e.dgSent), zap.Uint64("datagrams_received", e.dgRecv))
+	if r.UDP && !r.Blocked {
+		fields = append(fields, zap.Uint64("datagrams_sent", r.DatagramsSent), zap.Uint64("datagrams_received", r.DatagramsReceived))
 	}
 	e.logger.Info("connection", fields...)
+	if f := s.sink.Load(); f != nil {
+		(*f)(e.rec)
+	}
 }
 
 // enqueueLog queues a log entry without ever blocking; a full queue drops
@@ -282,6 +313,8 @@ func (s *Stream) enqueueLog(e logEntry) {
 
 // LogBlocked queues the log entry of a connection (or, with udp, a new
 // client's datagram) refused before it was relayed.
-func (s *Stream) LogBlocked(logger *zap.Logger, stream, source string, r Reason, udp bool) {
-	s.enqueueLog(logEntry{logger: logger, stream: stream, source: source, blocked: true, reason: r, udp: udp})
+func (s *Stream) LogBlocked(logger *zap.Logger, stream string, source netip.AddrPort, r Reason, udp bool) {
+	s.enqueueLog(logEntry{logger: logger, rec: LogRecord{
+		StreamID: s.ID, Stream: stream, Source: source, Blocked: true, Reason: r, UDP: udp, Start: time.Now(),
+	}})
 }

@@ -200,7 +200,7 @@ func TestLogQueueNeverBlocks(t *testing.T) {
 	done := make(chan struct{})
 	go func() {
 		for i := 0; i < logQueueSize+100; i++ {
-			st.LogBlocked(zap.NewNop(), "t", "192.0.2.1", ReasonACLDenied, false)
+			st.LogBlocked(zap.NewNop(), "t", netip.MustParseAddrPort("192.0.2.1:1"), ReasonACLDenied, false)
 		}
 		close(done)
 	}()

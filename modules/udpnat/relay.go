@@ -396,8 +396,9 @@ func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte) *entry {
 		return nil
 	}
 	ip := src.Addr().Unmap()
+	client := netip.AddrPortFrom(ip, src.Port())
 	if !p.ACL.Allowed(ip) {
-		r.block(p, ip, streamstate.ReasonACLDenied)
+		r.block(p, client, streamstate.ReasonACLDenied)
 		return nil
 	}
 	target := p.target.Load()
@@ -407,13 +408,13 @@ func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte) *entry {
 	}
 	if r.count.Add(1) > HardCap {
 		r.count.Add(-1)
-		r.block(p, ip, streamstate.ReasonMaxConnections)
+		r.block(p, client, streamstate.ReasonMaxConnections)
 		return nil
 	}
 	if n := r.state.Active.Add(1); p.MaxEntries > 0 && n > int64(p.MaxEntries) {
 		r.state.Active.Add(-1)
 		r.count.Add(-1)
-		r.block(p, ip, streamstate.ReasonMaxConnections)
+		r.block(p, client, streamstate.ReasonMaxConnections)
 		return nil
 	}
 	dst := s.local
@@ -430,7 +431,7 @@ func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte) *entry {
 		r.logDialError(p, err)
 		return nil
 	}
-	e.ss = r.state.NewSession(e, netip.AddrPortFrom(ip, src.Port()), p.idle, p.Logger, p.Name)
+	e.ss = r.state.NewSession(e, client, p.idle, p.Logger, p.Name)
 	e.ss.UDP = true
 	// Two sockets of the relay (during a reload) may open the same client
 	// at once; the first one stored wins.
@@ -466,11 +467,12 @@ func (r *Relay) logDialError(p *policy, err error) {
 
 // block counts a datagram of a new client that is not let in and logs it,
 // at most once per source per blockLogEvery.
-func (r *Relay) block(p *policy, ip netip.Addr, reason streamstate.Reason) {
+func (r *Relay) block(p *policy, src netip.AddrPort, reason streamstate.Reason) {
 	r.state.Blocked.Add(1)
 	if !p.LogConnections {
 		return
 	}
+	ip := src.Addr()
 	now := time.Now()
 	r.blockMu.Lock()
 	if last, ok := r.blockLogged[ip]; ok && now.Sub(last) < blockLogEvery {
@@ -489,7 +491,7 @@ func (r *Relay) block(p *policy, ip netip.Addr, reason streamstate.Reason) {
 	}
 	r.blockLogged[ip] = now
 	r.blockMu.Unlock()
-	r.state.LogBlocked(p.Logger, p.Name, ip.String(), reason, true)
+	r.state.LogBlocked(p.Logger, p.Name, src, reason, true)
 }
 
 // newLimiter makes a per-entry limiter of bytesPerSec whose bucket starts

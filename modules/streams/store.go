@@ -1,0 +1,146 @@
+package streams
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"path/filepath"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
+
+	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
+	"github.com/aegis-proxy/caddy-aegis/storage"
+)
+
+// StorageConfig says where the stream hosts created through the API and
+// the connection log are kept.
+type StorageConfig struct {
+	// Path is the SQLite database file. Default: streams.db in Caddy's
+	// data directory.
+	Path string `json:"path,omitempty"`
+
+	// Disabled runs without storage: only the config's streams run, the
+	// API cannot create any, and connection logs go to Caddy's log only.
+	// Default: false.
+	Disabled bool `json:"disabled,omitempty"`
+
+	// LogRetention is how many connection-log entries are kept per
+	// stream; older ones are deleted. -1 keeps all. Default: 0, meaning
+	// 10,000.
+	LogRetention int `json:"log_retention,omitempty"`
+}
+
+// DefaultStorageFile is the database's file name in Caddy's data directory.
+const DefaultStorageFile = "streams.db"
+
+// storagePath is the database file the config names, or the default.
+func (a *App) storagePath() string {
+	if a.Storage != nil && a.Storage.Path != "" {
+		return a.Storage.Path
+	}
+	return filepath.Join(caddy.AppDataDir(), DefaultStorageFile)
+}
+
+// sharedStore is an open database and its connection-log writer, shared by
+// the configs that name the same file (a reload overlaps two).
+type sharedStore struct {
+	path string
+	db   *storage.SQLite
+	logw *storage.LogWriter
+}
+
+var stores = caddy.NewUsagePool()
+
+// Destruct flushes the connection log and closes the database.
+func (s *sharedStore) Destruct() error {
+	werr := s.logw.Close()
+	if err := s.db.Close(); err != nil {
+		return err
+	}
+	return werr
+}
+
+func (s *sharedStore) release() { _, _ = stores.Delete(s.path) }
+
+// logSink hands a stream's connection-log entry to the writer, which
+// batches it into the database; it never blocks.
+func (s *sharedStore) logSink(r streamstate.LogRecord) {
+	s.logw.Enqueue(storage.ConnLog{
+		StreamID:         r.StreamID,
+		SourceIP:         r.Source.Addr().Unmap().String(),
+		SourcePort:       int(r.Source.Port()),
+		BytesSent:        int64(r.BytesSent),
+		BytesReceived:    int64(r.BytesReceived),
+		DurationMS:       r.Duration.Milliseconds(),
+		Action:           r.Action(),
+		DisconnectReason: r.Reason.String(),
+		StartedAt:        r.Start,
+		EndedAt:          r.Start.Add(r.Duration),
+	})
+}
+
+// openStorage opens (or joins) the database and returns the stored hosts.
+func (a *App) openStorage() ([]storage.Host, error) {
+	if a.Storage != nil && a.Storage.Disabled {
+		return nil, nil
+	}
+	path := a.storagePath()
+	retention := 0
+	if a.Storage != nil {
+		retention = a.Storage.LogRetention
+	}
+	logger := a.logger
+	v, _, err := stores.LoadOrNew(path, func() (caddy.Destructor, error) {
+		db, err := storage.Open(path)
+		if err != nil {
+			return nil, err
+		}
+		w := storage.NewLogWriter(db, storage.LogWriterOptions{
+			Retention: retention,
+			OnError: func(err error) {
+				logger.Error("writing the connection log to storage", zap.String("path", path), zap.Error(err))
+			},
+		})
+		return &sharedStore{path: path, db: db, logw: w}, nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("storage: %v; fix the path (storage sqlite <path>) or turn storage off (storage off)", err)
+	}
+	a.store = v.(*sharedStore)
+	ctx, cancel := context.WithTimeout(a.ctx, 10*time.Second)
+	defer cancel()
+	hosts, err := a.store.db.ListHosts(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("storage %s: reading stream hosts: %v", path, err)
+	}
+	return hosts, nil
+}
+
+// streamFromHost is the stream of a stored host. The two types share their
+// JSON form, field for field.
+func streamFromHost(h storage.Host) *Stream {
+	b, err := json.Marshal(h)
+	if err != nil {
+		panic(err) // plain fields: cannot fail
+	}
+	var s Stream
+	if err := json.Unmarshal(b, &s); err != nil {
+		panic(err)
+	}
+	return &s
+}
+
+// hostFromStream is the stored form of s.
+func hostFromStream(s *Stream) storage.Host {
+	b, err := json.Marshal(s)
+	if err != nil {
+		panic(err)
+	}
+	var h storage.Host
+	if err := json.Unmarshal(b, &h); err != nil {
+		panic(err)
+	}
+	return h
+}
