@@ -2,6 +2,8 @@ package main
 
 import (
 	"encoding/json"
+	"net"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -110,7 +112,7 @@ func TestHAProxyConfig(t *testing.T) {
 }
 
 func TestNginxConfig(t *testing.T) {
-	cfg, err := nginxConfig("/tmp/n", "/mod.so", testUp, testFront)
+	cfg, err := nginxConfig("/tmp/n", "/mod.so", testUp, testFront, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -152,13 +154,13 @@ func TestParsePPID(t *testing.T) {
 }
 
 func TestTable(t *testing.T) {
-	metrics := []metric{{"up1", "upload", "%.0f"}, {"mem", "memory", "%.1f"}}
+	metrics := []metric{{key: "up1", label: "upload", format: "%.0f"}, {key: "mem", label: "memory", format: "%.1f"}}
 	out := table([]result{
 		{name: "direct", values: map[string]float64{"up1": 2000}},
 		{name: "aegis", skipped: "not built"},
 		{name: "haproxy", values: map[string]float64{"up1": 1000, "mem": 2}},
 		{name: "nginx", values: map[string]float64{"up1": 500, "mem": 3}},
-	}, metrics)
+	}, metrics, "haproxy")
 	lines := strings.Split(strings.TrimRight(out, "\n"), "\n")
 	if len(lines) != 3 {
 		t.Fatalf("%d lines, want 3:\n%s", len(lines), out)
@@ -182,5 +184,355 @@ func TestTable(t *testing.T) {
 	}
 	if len(lines[1]) != len(lines[2]) {
 		t.Errorf("rows not aligned:\n%s", out)
+	}
+}
+
+func TestUDPStats(t *testing.T) {
+	var s udpStats
+	s.add(udpStats{sent: [numPhases]int64{10, 1000, 0}, echoed: [numPhases]int64{10, 998, 0}, rcvd: [numPhases]int64{8, 1000, 2}})
+	s.add(udpStats{sent: [numPhases]int64{0, 1000, 0}, echoed: [numPhases]int64{0, 1000, 0}, rcvd: [numPhases]int64{0, 1000, 0}, resent: 3})
+	if got := s.lossPercent(); got != 0.1 {
+		t.Errorf("loss = %v%%, want 0.1%% (2 of 2000)", got)
+	}
+	if got := s.rate(window{dur: 2 * time.Second}); got != 1000 {
+		t.Errorf("rate = %v/s, want 1000 (2000 echoes in 2 s)", got)
+	}
+	if s.resent != 3 {
+		t.Errorf("resent = %d, want 3", s.resent)
+	}
+	// Late echoes of replaced datagrams can outnumber the sent ones: no
+	// negative loss.
+	if got := (udpStats{sent: [numPhases]int64{0, 5, 0}, echoed: [numPhases]int64{0, 6, 0}}).lossPercent(); got != 0 {
+		t.Errorf("more echoes than sent: loss = %v, want 0", got)
+	}
+	if got := (udpStats{}).lossPercent(); got != 0 {
+		t.Errorf("nothing sent: loss = %v, want 0", got)
+	}
+}
+
+func TestDatagram(t *testing.T) {
+	b := make([]byte, udpSize)
+	putDatagram(b, 31, 7, phaseCount)
+	slot, gen, phase, ok := parseDatagram(b)
+	if !ok || slot != 31 || gen != 7 || phase != phaseCount {
+		t.Errorf("parse = %d %d %d %v, want 31 7 %d true", slot, gen, phase, ok, phaseCount)
+	}
+	if _, _, _, ok := parseDatagram(b[:10]); ok {
+		t.Error("short datagram parsed")
+	}
+	b[8] = numPhases
+	if _, _, _, ok := parseDatagram(b); ok {
+		t.Error("bad phase parsed")
+	}
+}
+
+// TestUDPLoadEcho runs the generator against the in-process echo.
+func TestUDPLoadEcho(t *testing.T) {
+	e, err := startUDPEcho()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.close()
+	marks := 0
+	w := window{warmup: 50 * time.Millisecond, dur: 200 * time.Millisecond}
+	st, err := udpLoad(addr(e.port()), 3, 16, w, func() { marks++ })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if marks != 2 {
+		t.Errorf("mark called %d times, want 2", marks)
+	}
+	if st.rcvd[phaseCount] < 200 || st.sent[phaseCount] < 200 {
+		t.Errorf("only %d sent and %d echoes in the counted part", st.sent[phaseCount], st.rcvd[phaseCount])
+	}
+	if st.sent[phaseDrain] != 0 {
+		t.Errorf("%d sent during the drain", st.sent[phaseDrain])
+	}
+	// Every datagram comes back: nothing in flight after the drain.
+	total := func(a [numPhases]int64) (n int64) {
+		for _, v := range a {
+			n += v
+		}
+		return n
+	}
+	if total(st.sent) != total(st.echoed) || total(st.echoed) != total(st.rcvd) || st.lossPercent() != 0 {
+		t.Errorf("sent %v, echoed %v, received %v: want all back", st.sent, st.echoed, st.rcvd)
+	}
+	t.Logf("%.0f datagrams/s", st.rate(w))
+}
+
+// TestUDPLoadTopsUp: an upstream that drops the first datagrams of every
+// slot must not stall the generator; the slots are filled again.
+func TestUDPLoadTopsUp(t *testing.T) {
+	c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	const win = 4
+	go func() {
+		buf := make([]byte, 2048)
+		for seen := 0; ; seen++ {
+			n, from, err := c.ReadFromUDP(buf)
+			if err != nil {
+				return
+			}
+			if seen >= win { // the whole first window is lost
+				c.WriteToUDP(buf[:n], from)
+			}
+		}
+	}()
+	w := window{dur: 400 * time.Millisecond}
+	st, err := udpLoad(c.LocalAddr().String(), 1, win, w, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.resent < win {
+		t.Errorf("resent %d, want at least %d", st.resent, win)
+	}
+	if st.rcvd[phaseCount] < 100 {
+		t.Errorf("%d echoes after the loss, want the window refilled", st.rcvd[phaseCount])
+	}
+	// The lost ones were sent in the counted part (no warm-up here).
+	if lost := st.sent[phaseCount] - st.echoed[phaseCount]; lost != win {
+		t.Errorf("%d lost, want %d", lost, win)
+	}
+}
+
+func TestNATEntries(t *testing.T) {
+	e, err := startUDPEcho()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.close()
+	defer func(q, s time.Duration) { natQuiet, natSettle = q, s }(natQuiet, natSettle)
+	natQuiet, natSettle = 0, 0
+	reads := 0
+	rss := func() (int64, error) { reads++; return int64(1000 + (reads-1)*30*5), nil }
+	fds := func() (int, error) { return openFDs(os.Getpid()) }
+	r, err := natEntries(addr(e.port()), 30, natClientPorts(), rss, fds)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.entries != 30 || r.kb != 5 {
+		t.Errorf("entries %d, KB %v; want 30 and 5", r.entries, r.kb)
+	}
+	// Here the sockets are the bench's own: 30 of them.
+	if r.fdsAdded != 30 {
+		t.Errorf("fds added %d, want 30", r.fdsAdded)
+	}
+	// An upstream that answers only 10 sources: 10 entries, and why not 30.
+	c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	go func() {
+		buf, seen := make([]byte, 2048), map[string]bool{}
+		for {
+			n, from, err := c.ReadFromUDP(buf)
+			if err != nil {
+				return
+			}
+			if len(seen) < 10 || seen[from.String()] {
+				seen[from.String()] = true
+				c.WriteToUDP(buf[:n], from)
+			}
+		}
+	}()
+	defer func(r time.Duration) { natRetry = r }(natRetry)
+	natRetry = 10 * time.Millisecond
+	r, err = natEntries(c.LocalAddr().String(), 30, natClientPorts(), rss, nil)
+	if r.entries != 10 || err == nil || !strings.Contains(err.Error(), "held 10 of 30 entries: 20 sockets got no echo") {
+		t.Errorf("10 answered: %+v, %v", r, err)
+	}
+	// Too few ports: it holds what it can and says why.
+	r, err = natEntries(addr(e.port()), 30, natClientPorts()[:0], rss, nil)
+	if err == nil || r.entries != 0 {
+		t.Errorf("no ports: %+v, %v; want an error", r, err)
+	}
+}
+
+func TestNATDefault(t *testing.T) {
+	n, why := natDefault(20000, 23511, 32768, 60999)
+	if n != 19000 || !strings.Contains(why, "open-file hard limit is 20000") {
+		t.Errorf("fd limit 20000: %d, %q", n, why)
+	}
+	n, why = natDefault(1<<20, 23511, 32768, 60999)
+	if n != 23511 || !strings.Contains(why, "client ports") {
+		t.Errorf("ports: %d, %q", n, why)
+	}
+	n, why = natDefault(1<<20, 60000, 20000, 65535)
+	if n != 44536 || !strings.Contains(why, "ephemeral range 20000-65535") {
+		t.Errorf("ephemeral range: %d, %q", n, why)
+	}
+	n, why = natDefault(^uint64(0), 60000, 1024, 65535)
+	if n != natTarget || why != "" {
+		t.Errorf("no limit: %d, %q", n, why)
+	}
+}
+
+func TestNATClientPorts(t *testing.T) {
+	lo, hi := ephemeralRange()
+	seen := map[int]bool{}
+	for _, p := range natClientPorts() {
+		if p < 1024 || p > 65535 || (p >= lo && p <= hi) || (p >= 20000 && p < 32768) || seen[p] {
+			t.Fatalf("port %d", p)
+		}
+		seen[p] = true
+	}
+	if len(seen) == 0 {
+		t.Error("no ports")
+	}
+}
+
+func TestParseCPUTicks(t *testing.T) {
+	stat := "4242 (nginx: worker (x) ) S 4200 4200 4200 0 -1 4194560 100 0 0 0 150 25 0 0 20 0 1 0"
+	if got, err := parseCPUTicks(stat); err != nil || got != 175 {
+		t.Errorf("parseCPUTicks = %d, %v; want 175", got, err)
+	}
+	if _, err := parseCPUTicks("1 (x) S 1 2"); err == nil {
+		t.Error("short stat: want an error")
+	}
+	if _, err := cpuTicks("self"); err != nil {
+		t.Error(err)
+	}
+}
+
+var testUDP = struct{ up, front ports }{
+	ports{Sink: 9001, Source: 9002, Echo: 9003, UDP: 9004},
+	ports{Sink: 7001, Source: 7002, Echo: 7003, UDP: 7004},
+}
+
+func TestUDPConfigs(t *testing.T) {
+	b, err := aegisConfig(2019, "/l", testUDP.up, testUDP.front)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cfg struct {
+		Apps struct {
+			Streams struct{ Hosts []map[string]any }
+		}
+	}
+	if err := json.Unmarshal(b, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	hosts := cfg.Apps.Streams.Hosts
+	if len(hosts) != 4 {
+		t.Fatalf("%d hosts, want 3 TCP and 1 UDP", len(hosts))
+	}
+	u := hosts[3]
+	if u["id"] != 4.0 || u["protocol"] != "udp" || u["listen_address"] != "127.0.0.1" || u["listen_port"] != 7004.0 ||
+		u["upstream_host"] != "127.0.0.1" || u["upstream_port"] != 9004.0 || u["enabled"] != true ||
+		u["idle_timeout_seconds"] != float64(udpIdleTimeout) {
+		t.Errorf("UDP host = %v", u)
+	}
+	if _, ok := hosts[0]["idle_timeout_seconds"]; ok || hosts[0]["protocol"] != "tcp" {
+		t.Errorf("TCP host = %v", hosts[0])
+	}
+	// The UDP tests' config: the UDP stream alone.
+	b, _ = aegisConfig(2019, "/l", ports{UDP: 9004}, ports{UDP: 7004})
+	if err := json.Unmarshal(b, &cfg); err != nil || len(cfg.Apps.Streams.Hosts) != 1 {
+		t.Errorf("UDP only: %v, %s", err, b)
+	}
+
+	n, err := nginxConfig("/tmp/n", "/mod.so", ports{UDP: 9004}, ports{UDP: 7004}, 19000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		"listen 127.0.0.1:7004 udp;\n        allow 127.0.0.0/8;\n        deny all;\n        proxy_timeout 120s;\n        proxy_pass 127.0.0.1:9004;\n",
+		"worker_connections 39000;", "worker_rlimit_nofile 20000;",
+	} {
+		if !strings.Contains(n, want) {
+			t.Errorf("nginx UDP config lacks %q:\n%s", want, n)
+		}
+	}
+	if strings.Contains(n, "proxy_responses") || strings.Contains(n, "proxy_connect_timeout") || strings.Count(n, "server {") != 1 {
+		t.Errorf("nginx UDP config:\n%s", n)
+	}
+	if n, _ := nginxConfig("/tmp/n", "/mod.so", testUp, testFront, 0); !strings.Contains(n, "worker_connections 10000;") {
+		t.Errorf("TCP config changed:\n%s", n)
+	}
+
+	h, err := haproxyConfig(testUDP.up, testUDP.front)
+	if err != nil || strings.Contains(h, "7004") || strings.Count(h, "frontend") != 3 {
+		t.Errorf("haproxy config has the UDP route: %v\n%s", err, h)
+	}
+}
+
+func TestUDPTable(t *testing.T) {
+	out := table([]result{
+		{name: "direct", values: map[string]float64{"dps": 400, "loss": 0}},
+		{name: "aegis", values: map[string]float64{"dps": 300, "loss": 0.05, "natmem": 2}},
+		{name: "haproxy", na: "no UDP"},
+		{name: "nginx", values: map[string]float64{"dps": 200, "loss": 0.01, "natmem": 4}},
+	}, udpMetrics(4, 32, 100, false), "nginx")
+	lines := strings.Split(strings.TrimRight(out, "\n"), "\n")
+	if !strings.Contains(lines[0], "haproxy") {
+		t.Errorf("n/a proxy has no column:\n%s", out)
+	}
+	for _, want := range []string{"400 (1.00, 2.00)", "300 (0.75, 1.50)", "n/a", "200 (0.50, 1.00)"} {
+		if !strings.Contains(lines[1], want) {
+			t.Errorf("rate row lacks %q: %q", want, lines[1])
+		}
+	}
+	if cells := lines[2][strings.Index(lines[2], ")")+1:]; !strings.Contains(cells, " 0.050 ") || strings.Contains(cells, "(") {
+		t.Errorf("loss row: %q", lines[2])
+	}
+	if last := lines[len(lines)-1]; !strings.Contains(last, "2.00 (-, 0.50)") || !strings.Contains(last, "4.00 (-, 1.00)") {
+		t.Errorf("NAT memory row: %q", last)
+	}
+}
+
+func TestParseCPUBusy(t *testing.T) {
+	stat := "cpu  10 0 10 100 5 0 0 0 0 0\ncpu0 1 2 3 100 7 4 5 6 0 0\ncpu1 10 0 0 50 0 0 0 0 0 0\nintr 1 2\n"
+	got, err := parseCPUBusy(stat)
+	if err != nil || len(got) != 2 || got[0] != 21 || got[1] != 10 {
+		t.Errorf("parseCPUBusy = %v, %v; want cpu0 21 (all but idle and iowait), cpu1 10", got, err)
+	}
+	if _, err := parseCPUBusy("intr 1\n"); err == nil {
+		t.Error("no cpu lines: want an error")
+	}
+}
+
+func TestCPUMeter(t *testing.T) {
+	m := newCPUMeter("self", "0") // no process 0: its share cannot be read
+	for range 2 {
+		m.mark()
+		time.Sleep(10 * time.Millisecond)
+		m.mark()
+	}
+	if m.open || m.secs < 0.02 {
+		t.Errorf("open %v, %v s; want closed, >= 0.02 s", m.open, m.secs)
+	}
+	if v, ok := m.percent(0); !ok || v < 0 {
+		t.Errorf("self: %v, %v", v, ok)
+	}
+	if _, ok := m.percent(1); ok {
+		t.Error("unreadable process has a share")
+	}
+	if _, ok := m.cpuPercent(0); !ok {
+		t.Error("no share for CPU 0")
+	}
+
+	// 1 s in which CPU 0 was 95% busy and CPU 1 60%.
+	m = &cpuMeter{secs: 1, sumBusy: map[int]int64{0: 95, 1: 60}}
+	notes := otherLoad(m, map[string]float64{"cpubench": 50, "cpuproxy": 55})
+	if len(notes) != 1 || !strings.Contains(notes[0], "about 45% of CPU 0") {
+		t.Errorf("notes %q, want other work on CPU 0 only", notes)
+	}
+	notes = otherLoad(m, map[string]float64{"cpubench": 90, "cpuproxy": 55})
+	if len(notes) != 0 {
+		t.Errorf("notes %q, want none: the bench was busy", notes)
+	}
+	m.sumBusy = map[int]int64{0: 60, 1: 60}
+	notes = otherLoad(m, map[string]float64{"cpubench": 55, "cpuproxy": 55})
+	if len(notes) != 1 || !strings.Contains(notes[0], "neither the proxy (55% CPU) nor the bench (55%)") {
+		t.Errorf("notes %q, want one for both idle", notes)
+	}
+	// direct: nothing of ours on CPU 1, whatever runs there.
+	if notes = otherLoad(m, map[string]float64{"cpubench": 100}); len(notes) != 0 {
+		t.Errorf("direct: notes %q", notes)
 	}
 }

@@ -1,8 +1,9 @@
 // Command aegis-bench compares bin/aegis with HAProxy, nginx and no proxy at
 // all on loopback: throughput, short connections per second, round-trip
-// latency and memory per idle connection. Each proxy runs as a child process
-// pinned to CPU 1 with one thread; the load and the upstreams run in this
-// process on CPU 0.
+// latency and memory per idle connection over TCP; and for UDP (aegis,
+// nginx and no proxy), 64-byte echo datagrams per second, their loss, and
+// memory per NAT entry. Each proxy runs as a child process pinned to CPU 1
+// with one thread; the load and the upstreams run in this process on CPU 0.
 package main
 
 import (
@@ -15,6 +16,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -29,11 +31,19 @@ type config struct {
 	pin          bool
 	keep         bool
 	startTimeout time.Duration
+
+	tcp, udp      bool // which tests run
+	udpSockets    int  // generator sockets
+	udpWindow     int  // datagrams in flight per generator socket
+	udpEntries    int  // NAT entries held for the memory test
+	udpEntriesWhy string
 }
 
 func main() {
 	var cfg config
-	var only string
+	var only, tests string
+	lo, hi := ephemeralRange()
+	entries, entriesWhy := natDefault(fileLimit(), len(natClientPorts()), lo, hi)
 	flag.StringVar(&cfg.aegis, "aegis", "bin/aegis", "path of the aegis binary")
 	flag.StringVar(&only, "only", "", "comma-separated proxies to run, from direct,aegis,haproxy,nginx (default all)")
 	flag.DurationVar(&cfg.w.dur, "duration", 3*time.Second, "counted time of each test")
@@ -43,10 +53,40 @@ func main() {
 	flag.BoolVar(&cfg.pin, "pin", true, "pin proxies to CPU 1 and the bench to CPU 0")
 	flag.BoolVar(&cfg.keep, "keep", false, "keep the temp dir with configs and logs")
 	flag.DurationVar(&cfg.startTimeout, "start-timeout", 10*time.Second, "how long a proxy may take to start")
+	flag.StringVar(&tests, "tests", "tcp,udp", "comma-separated tests to run, from tcp,udp")
+	flag.IntVar(&cfg.udpSockets, "udp-sockets", 4, "generator sockets for the UDP rate test")
+	flag.IntVar(&cfg.udpWindow, "udp-window", 32, "datagrams in flight per generator socket")
+	flag.IntVar(&cfg.udpEntries, "udp-entries", entries,
+		fmt.Sprintf("NAT entries held for the UDP memory test: %d, or as many as this machine allows if fewer", natTarget))
 	flag.Parse()
 
 	if cfg.w.dur <= 0 || cfg.w.warmup < 0 || cfg.workers < 1 || cfg.idle < 1 {
 		fmt.Fprintln(os.Stderr, "aegis-bench: -duration, -workers and -idle must be positive, -warmup not negative")
+		os.Exit(2)
+	}
+	if cfg.udpSockets < 1 || cfg.udpWindow < 1 || cfg.udpEntries < 1 {
+		fmt.Fprintln(os.Stderr, "aegis-bench: -udp-sockets, -udp-window and -udp-entries must be positive")
+		os.Exit(2)
+	}
+	if cfg.udpEntries == entries {
+		cfg.udpEntriesWhy = entriesWhy
+	} else if cfg.udpEntries < natTarget {
+		cfg.udpEntriesWhy = "so set by -udp-entries"
+	}
+	for name := range strings.SplitSeq(tests, ",") {
+		switch name = strings.TrimSpace(name); name {
+		case "":
+		case "tcp":
+			cfg.tcp = true
+		case "udp":
+			cfg.udp = true
+		default:
+			fmt.Fprintf(os.Stderr, "aegis-bench: unknown test %q in -tests\n", name)
+			os.Exit(2)
+		}
+	}
+	if !cfg.tcp && !cfg.udp {
+		fmt.Fprintln(os.Stderr, "aegis-bench: -tests selects no test")
 		os.Exit(2)
 	}
 	cfg.only = map[string]bool{}
@@ -98,9 +138,18 @@ func run(cfg config) (string, error) {
 		}
 	}
 
-	fmt.Printf("aegis-bench: TCP proxies on 127.0.0.1\n")
-	fmt.Printf("tests: %v counted after %v warm-up each; %s for short conns and latency; %s for memory\n",
-		cfg.w.dur, cfg.w.warmup, plural(cfg.workers, "worker"), plural(cfg.idle, "idle conn"))
+	if cfg.tcp {
+		fmt.Printf("aegis-bench: TCP proxies on 127.0.0.1\n")
+		fmt.Printf("tests: %v counted after %v warm-up each; %s for short conns and latency; %s for memory\n",
+			cfg.w.dur, cfg.w.warmup, plural(cfg.workers, "worker"), plural(cfg.idle, "idle conn"))
+	}
+	if cfg.udp {
+		if !cfg.tcp {
+			fmt.Printf("aegis-bench: UDP proxies on 127.0.0.1\n")
+		}
+		fmt.Printf("udp tests: %d-byte echo datagrams, %s x %d in flight (closed loop, batched), %d rounds taking turns between the proxies, %v counted in all after %v warm-up each; %d NAT entries for memory, each proxy restarted for it\n",
+			udpSize, plural(cfg.udpSockets, "socket"), cfg.udpWindow, udpRounds, udpRounds*udpRound(cfg.w).dur, cfg.w.warmup, cfg.udpEntries)
+	}
 	fmt.Printf("pinning: %s\n", pinning)
 	fmt.Printf("threads: aegis GOMAXPROCS=1, haproxy nbthread 1, nginx worker_processes 1, bench GOMAXPROCS=%d\n",
 		runtime.GOMAXPROCS(0))
@@ -139,27 +188,85 @@ func run(cfg config) (string, error) {
 	}
 	defer up.close()
 
-	var results []result
+	var results, udpResults []result
 	for _, p := range proxies {
-		if len(cfg.only) > 0 && !cfg.only[p.name] {
-			continue
+		if cfg.tcp && (len(cfg.only) == 0 || cfg.only[p.name]) {
+			results = append(results, runOne(p, cfg, up, tmp))
 		}
-		results = append(results, runOne(p, cfg, up, tmp))
+	}
+	if cfg.udp {
+		var ps []proxy
+		for _, p := range proxies {
+			if len(cfg.only) == 0 || cfg.only[p.name] {
+				ps = append(ps, p)
+			}
+		}
+		udpResults = runUDP(ps, cfg, up, tmp)
 	}
 
 	var b strings.Builder
-	b.WriteString("Each cell: value (value / direct, value / haproxy).\n")
-	b.WriteString(table(results, metricList(cfg.workers, cfg.idle)))
+	if cfg.tcp {
+		b.WriteString("Each cell: value (value / direct, value / haproxy).\n")
+		b.WriteString(table(results, metricList(cfg.workers, cfg.idle), "haproxy"))
+		for _, r := range results {
+			if r.skipped != "" {
+				fmt.Fprintf(&b, "%s: skipped (%s)\n", r.name, r.skipped)
+			}
+			for _, n := range r.notes {
+				fmt.Fprintf(&b, "%s: %s\n", r.name, n)
+			}
+		}
+	}
+	if cfg.udp {
+		if cfg.tcp {
+			b.WriteString("\n")
+		}
+		b.WriteString(udpReport(udpResults, cfg))
+	}
+	fmt.Fprintf(&b, "\nrun took %v\n", time.Since(start).Round(time.Second))
+	return b.String(), nil
+}
+
+// udpReport is the UDP table and its notes.
+func udpReport(results []result, cfg config) string {
+	var b strings.Builder
+	stepDown := false
 	for _, r := range results {
-		if r.skipped != "" {
-			fmt.Fprintf(&b, "%s: skipped (%s)\n", r.name, r.skipped)
+		_, ok := r.values["dpsok"]
+		stepDown = stepDown || ok
+	}
+	if stepDown {
+		// Where the full load stayed under the loss target, its rate is
+		// the best one.
+		for _, r := range results {
+			if _, ok := r.values["dpsok"]; !ok && r.values["loss"] < udpLossTarget {
+				if v, ok := r.values["dps"]; ok {
+					r.values["dpsok"] = v
+				}
+			}
+		}
+	}
+	fmt.Fprintf(&b, "UDP, %d-byte echo datagrams. Each cell: value (value / direct, value / nginx).\n", udpSize)
+	b.WriteString(table(results, udpMetrics(cfg.udpSockets, cfg.udpWindow, cfg.udpEntries, stepDown), "nginx"))
+	for _, r := range results {
+		switch {
+		case r.skipped != "":
+			fmt.Fprintf(&b, "%s: udp skipped (%s)\n", r.name, r.skipped)
+		case r.na != "":
+			fmt.Fprintf(&b, "%s: n/a (%s)\n", r.name, r.na)
 		}
 		for _, n := range r.notes {
 			fmt.Fprintf(&b, "%s: %s\n", r.name, n)
 		}
 	}
-	fmt.Fprintf(&b, "\nrun took %v\n", time.Since(start).Round(time.Second))
-	return b.String(), nil
+	fmt.Fprintf(&b, "loss: datagrams sent in the counted part whose echo had not come %v after it.\n", udpDrain)
+	b.WriteString("CPU: a proxy near 100% is the limit. The bench reads high at any rate: it answers datagrams as they come, in small batches.\n")
+	fmt.Fprintf(&b, "NAT memory: proxy RSS growth with %d client sockets each holding a session, divided by %d (kernel socket memory not included).\n",
+		cfg.udpEntries, cfg.udpEntries)
+	if cfg.udpEntries < natTarget {
+		fmt.Fprintf(&b, "NAT entries: %d, not %d: %s.\n", cfg.udpEntries, natTarget, cfg.udpEntriesWhy)
+	}
+	return b.String()
 }
 
 // pinBlocker says why pinning cannot be done, or "".
@@ -187,7 +294,7 @@ func addr(port int) string { return fmt.Sprintf("127.0.0.1:%d", port) }
 // runOne starts a proxy, measures it, and stops it.
 func runOne(p proxy, cfg config, up *upstreams, tmp string) result {
 	res := result{name: p.name, values: map[string]float64{}}
-	direct := ports{up.sink.port(), up.source.port(), up.echo.port()}
+	direct := ports{Sink: up.sink.port(), Source: up.source.port(), Echo: up.echo.port()}
 	front := direct
 	var c *child
 	if p.start != nil {
@@ -201,7 +308,7 @@ func runOne(p proxy, cfg config, up *upstreams, tmp string) result {
 			res.skipped = err.Error()
 			return res
 		}
-		front = ports{fp[0], fp[1], fp[2]}
+		front = ports{Sink: fp[0], Source: fp[1], Echo: fp[2]}
 		s := setup{name: p.name, dir: filepath.Join(tmp, p.name), up: direct, front: front, binary: bin, pin: cfg.pin}
 		if err := os.Mkdir(s.dir, 0o755); err != nil {
 			res.skipped = err.Error()
@@ -285,13 +392,18 @@ func runOne(p proxy, cfg config, up *upstreams, tmp string) result {
 
 // probe waits until data passes through every front port of the proxy.
 func probe(c *child, front ports, up *upstreams, timeout time.Duration) error {
+	return waitReady(c, timeout, func() error { return probeOnce(front, up) })
+}
+
+// waitReady runs once until it succeeds, the child exits or timeout passes.
+func waitReady(c *child, timeout time.Duration, once func() error) error {
 	deadline := time.Now().Add(timeout)
 	var last error
 	for time.Now().Before(deadline) {
 		if c.exited() {
 			return errors.New(c.why())
 		}
-		if last = probeOnce(front, up); last == nil {
+		if last = once(); last == nil {
 			return nil
 		}
 		time.Sleep(100 * time.Millisecond)
@@ -345,4 +457,294 @@ func probeOnce(front ports, up *upstreams) error {
 		time.Sleep(10 * time.Millisecond)
 	}
 	return errors.New("sink: bytes did not arrive")
+}
+
+// udpRounds is how many rounds the UDP rate test takes turns in: each
+// proxy runs once per round, so that a change in the machine's speed
+// during the run weighs on all of them alike.
+const udpRounds = 3
+
+// udpRound is the window of one round: -duration shared out between the
+// rounds, each with the whole warm-up.
+func udpRound(w window) window {
+	return window{warmup: w.warmup, dur: max((w.dur / udpRounds).Round(time.Millisecond), 100*time.Millisecond)}
+}
+
+// udpRun is one proxy in the UDP rate test.
+type udpRun struct {
+	p       proxy
+	res     *result
+	c       *child // nil for direct
+	front   int
+	meter   *cpuMeter
+	st      udpStats
+	counted time.Duration
+	errs    map[string]bool // notes already made
+}
+
+// runUDP measures the proxies over UDP. All of them start, the rate test
+// takes turns between them for udpRounds rounds, and they stop; then the
+// NAT entry test runs on a fresh process of each, so that neither test
+// sees what the other left in the proxy.
+func runUDP(ps []proxy, cfg config, up *upstreams, tmp string) []result {
+	results := make([]result, len(ps))
+	var runs []*udpRun
+	for i, p := range ps {
+		res := &results[i]
+		*res = result{name: p.name, values: map[string]float64{}}
+		if p.noUDP != "" {
+			res.na = p.noUDP
+			continue
+		}
+		c, front, err := launchUDP(p, cfg, up, tmp, "udp", 0)
+		if err != nil {
+			res.skipped = err.Error()
+			continue
+		}
+		pids := []string{"self"}
+		if c != nil {
+			if pid, err := p.rssPID(c); err != nil {
+				res.notes = append(res.notes, "proxy CPU: "+err.Error())
+			} else {
+				pids = append(pids, strconv.Itoa(pid))
+			}
+		}
+		runs = append(runs, &udpRun{p: p, res: res, c: c, front: front, meter: newCPUMeter(pids...), errs: map[string]bool{}})
+	}
+	defer func() {
+		for _, r := range runs {
+			if r.c != nil {
+				r.c.stop()
+			}
+		}
+	}()
+
+	round := udpRound(cfg.w)
+	for i := range udpRounds {
+		for _, r := range runs {
+			if r.c != nil && r.c.exited() {
+				continue // noted when it died
+			}
+			udpStep(r.p, r.c, r.res, fmt.Sprintf("udp rate, round %d of %d", i+1, udpRounds), func() error {
+				st, err := udpLoad(addr(r.front), cfg.udpSockets, cfg.udpWindow, round, r.meter.mark)
+				r.st.add(st)
+				r.counted += round.dur
+				if err != nil && r.errs[err.Error()] {
+					return nil // noted in an earlier round
+				}
+				if err != nil {
+					r.errs[err.Error()] = true
+				}
+				return err
+			})
+		}
+	}
+	for _, r := range runs {
+		r.report(cfg)
+		if r.res.values["loss"] >= udpLossTarget {
+			r.stepDown(cfg)
+		}
+	}
+	for _, r := range runs {
+		if r.c != nil {
+			r.c.stop()
+			r.c = nil
+		}
+	}
+	for _, r := range runs {
+		if r.p.start != nil { // direct holds no NAT entries
+			natUDP(r.p, cfg, up, tmp, r.res)
+		}
+	}
+	return results
+}
+
+// report puts what the rounds measured in the result.
+func (r *udpRun) report(cfg config) {
+	st, res := r.st, r.res
+	if st.rcvd[phaseCount] == 0 {
+		return
+	}
+	res.values["dps"] = st.rate(window{dur: r.counted})
+	res.values["loss"] = st.lossPercent()
+	for i, key := range []string{"cpubench", "cpuproxy"}[:len(r.meter.pids)] {
+		if v, ok := r.meter.percent(i); ok {
+			res.values[key] = v
+		}
+	}
+	if v, ok := res.values["cpuproxy"]; ok {
+		res.values["cpudgram"] = v / 100 * 1e6 / res.values["dps"]
+	}
+	if cfg.pin {
+		res.notes = append(res.notes, otherLoad(r.meter, res.values)...)
+	}
+	if lost := st.sent[phaseCount] - st.echoed[phaseCount]; lost > 0 {
+		res.notes = append(res.notes, fmt.Sprintf("udp: %d of %d datagrams lost", lost, st.sent[phaseCount]))
+	}
+}
+
+// stepDown looks for the best rate under the loss target: it halves the
+// window, up to three times, with short runs.
+func (r *udpRun) stepDown(cfg config) {
+	short := window{warmup: cfg.w.warmup, dur: min(cfg.w.dur, time.Second)}
+	last := cfg.udpWindow
+	for win, tries := cfg.udpWindow/2, 0; win >= 1 && tries < 3 && (r.c == nil || !r.c.exited()); win, tries = win/2, tries+1 {
+		last = win
+		found := false
+		udpStep(r.p, r.c, r.res, fmt.Sprintf("udp rate, %s x %d", plural(cfg.udpSockets, "socket"), win), func() error {
+			st, err := udpLoad(addr(r.front), cfg.udpSockets, win, short, nil)
+			if err == nil && st.lossPercent() < udpLossTarget {
+				r.res.values["dpsok"] = st.rate(short)
+				r.res.notes = append(r.res.notes, fmt.Sprintf("udp: loss %.3f%% with %d in flight per socket", st.lossPercent(), win))
+				found = true
+			}
+			return err
+		})
+		if found {
+			return
+		}
+	}
+	r.res.notes = append(r.res.notes, fmt.Sprintf("udp: loss stayed at %g%% or more down to %d in flight per socket", udpLossTarget, last))
+}
+
+// launchUDP starts p relaying a UDP port to the UDP echo, in a dir of its
+// own, and waits until an echo comes through. For direct it returns no
+// child and the echo's own port.
+func launchUDP(p proxy, cfg config, up *upstreams, tmp, phase string, entries int) (*child, int, error) {
+	echo := up.udp.port()
+	if p.start == nil {
+		return nil, echo, nil
+	}
+	bin, err := lookBinary(p.binary(&cfg))
+	if err != nil {
+		return nil, 0, err
+	}
+	front, err := freeUDPPort()
+	if err != nil {
+		return nil, 0, err
+	}
+	s := setup{name: p.name, dir: filepath.Join(tmp, p.name+"-"+phase), up: ports{UDP: echo}, front: ports{UDP: front},
+		binary: bin, pin: cfg.pin, udpEntries: entries}
+	if err := os.Mkdir(s.dir, 0o755); err != nil {
+		return nil, 0, err
+	}
+	fmt.Fprintf(os.Stderr, "%s: %s: starting\n", p.name, phase)
+	c, err := p.start(s)
+	if err != nil {
+		return nil, 0, fmt.Errorf("start: %v", err)
+	}
+	if err := waitReady(c, cfg.startTimeout, func() error { return probeUDP(addr(front)) }); err != nil {
+		c.stop()
+		if dirSays(s.dir, noUDPYet) {
+			return nil, 0, fmt.Errorf("%s has no UDP relay yet: %q", p.name, noUDPYet)
+		}
+		return nil, 0, err
+	}
+	return c, front, nil
+}
+
+// noUDPYet is what bin/aegis says of a UDP stream before it has a UDP relay.
+const noUDPYet = "UDP streams are not available in this version yet"
+
+// dirSays reports whether a file in dir, such as the child's output or
+// its log, holds s.
+func dirSays(dir, s string) bool {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return false
+	}
+	for _, e := range ents {
+		if b, err := os.ReadFile(filepath.Join(dir, e.Name())); err == nil && strings.Contains(string(b), s) {
+			return true
+		}
+	}
+	return false
+}
+
+// probeUDP sends one datagram to addr and waits for its echo.
+func probeUDP(addr string) error {
+	c, err := net.Dial("udp4", addr)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(300 * time.Millisecond))
+	if _, err := c.Write([]byte("probe")); err != nil {
+		return err
+	}
+	buf := make([]byte, 16)
+	n, err := c.Read(buf)
+	if err != nil {
+		return err
+	}
+	if string(buf[:n]) != "probe" {
+		return fmt.Errorf("echo %q, want %q", buf[:n], "probe")
+	}
+	return nil
+}
+
+// udpStep runs a UDP test on c, noting its error and whether c died.
+func udpStep(p proxy, c *child, res *result, what string, f func() error) {
+	fmt.Fprintf(os.Stderr, "%s: %s\n", p.name, what)
+	if err := f(); err != nil {
+		res.notes = append(res.notes, what+": "+err.Error())
+	}
+	if c != nil && c.exited() {
+		res.notes = append(res.notes, "died during "+what+": "+c.why())
+	}
+}
+
+// natUDP measures memory per NAT entry on a fresh proxy process.
+func natUDP(p proxy, cfg config, up *upstreams, tmp string, res *result) {
+	c, front, err := launchUDP(p, cfg, up, tmp, "udp-nat", cfg.udpEntries)
+	if err != nil {
+		res.notes = append(res.notes, "NAT entries: "+err.Error())
+		return
+	}
+	defer c.stop()
+	udpStep(p, c, res, fmt.Sprintf("NAT entries, %d", cfg.udpEntries), func() error {
+		pid, err := p.rssPID(c)
+		if err != nil {
+			return err
+		}
+		r, err := natEntries(addr(front), cfg.udpEntries, natClientPorts(),
+			func() (int64, error) { return rssKB(pid) }, func() (int, error) { return openFDs(pid) })
+		if r.entries > 0 {
+			res.values["natmem"] = r.kb
+			res.values["nat"] = float64(r.entries)
+			if r.fdsAdded >= 0 {
+				res.values["natfds"] = float64(r.fdsAdded)
+				if r.fdsAdded < r.entries*99/100 {
+					res.notes = append(res.notes, fmt.Sprintf("NAT entries: the proxy opened %d sockets for %d client sockets: it did not hold them all",
+						r.fdsAdded, r.entries))
+				}
+			}
+		}
+		return err
+	})
+}
+
+// otherLoad notes other work on the bench's CPU 0 and the proxy's CPU 1
+// during the counted part: on a shared machine it skews the rates.
+func otherLoad(m *cpuMeter, values map[string]float64) []string {
+	var out []string
+	for cpu, key := range []string{"cpubench", "cpuproxy"} {
+		own, ran := values[key]
+		busy, ok := m.cpuPercent(cpu)
+		if !ok || !ran {
+			continue // direct: nothing of ours on CPU 1
+		}
+		if other := busy - own; other >= 10 {
+			out = append(out, fmt.Sprintf("udp: other work took about %.0f%% of CPU %d during the counted part: the rate is skewed", other, cpu))
+		}
+	}
+	// In a closed loop one side or the other is busy; when neither is and
+	// no other work explains it, something outside the machine's view
+	// (such as the VM's host) held them back.
+	b, okb := values["cpubench"]
+	p, okp := values["cpuproxy"]
+	if len(out) == 0 && okb && okp && b < 80 && p < 80 {
+		out = append(out, fmt.Sprintf("udp: neither the proxy (%.0f%% CPU) nor the bench (%.0f%%) kept its CPU busy: the rate is skewed", p, b))
+	}
+	return out
 }

@@ -19,9 +19,11 @@ type upstream struct {
 	wg    sync.WaitGroup
 }
 
-// upstreams are the three servers every proxy relays to.
+// upstreams are the servers every proxy relays to: three TCP ones and the
+// UDP echo.
 type upstreams struct {
 	sink, source, echo *upstream
+	udp                *udpEcho
 }
 
 func startUpstreams() (*upstreams, error) {
@@ -40,6 +42,12 @@ func startUpstreams() (*upstreams, error) {
 		u.source.close()
 		return nil, err
 	}
+	if u.udp, err = startUDPEcho(); err != nil {
+		u.sink.close()
+		u.source.close()
+		u.echo.close()
+		return nil, err
+	}
 	for _, s := range u.all() {
 		s.wg.Add(1)
 		go s.accept()
@@ -47,6 +55,7 @@ func startUpstreams() (*upstreams, error) {
 	return u, nil
 }
 
+// all is the TCP upstreams.
 func (u *upstreams) all() []*upstream { return []*upstream{u.sink, u.source, u.echo} }
 
 // closeConns ends every open upstream connection, keeping the listeners.
@@ -60,6 +69,7 @@ func (u *upstreams) close() {
 	for _, s := range u.all() {
 		s.close()
 	}
+	u.udp.close()
 }
 
 func listenUpstream(handle func(net.Conn)) (*upstream, error) {

@@ -13,9 +13,12 @@ import (
 )
 
 // ports holds one port per upstream kind: for a proxy its front ports, for
-// direct the upstream ports themselves.
-type ports struct{ Sink, Source, Echo int }
+// direct the upstream ports themselves. A zero port is a route the proxy
+// does not carry: the TCP test uses the three TCP kinds, the UDP tests only
+// the UDP echo.
+type ports struct{ Sink, Source, Echo, UDP int }
 
+// list is the TCP ports.
 func (p ports) list() []int { return []int{p.Sink, p.Source, p.Echo} }
 
 // setup holds what a proxy needs to start: a temp dir of its own, the
@@ -27,6 +30,9 @@ type setup struct {
 	front  ports
 	binary string
 	pin    bool
+	// udpEntries is how many UDP sessions the proxy must be able to hold
+	// (the NAT entry test), 0 if none.
+	udpEntries int
 }
 
 // proxy is one proxy under test.
@@ -38,12 +44,15 @@ type proxy struct {
 	start func(s setup) (*child, error)
 	// rssPID is the process whose memory is measured.
 	rssPID func(c *child) (int, error)
+	// noUDP says why the proxy cannot relay UDP, or "".
+	noUDP string
 }
 
 var proxies = []proxy{
 	{name: "direct"},
 	{name: "aegis", binary: func(c *config) string { return c.aegis }, start: startAegis, rssPID: mainPID},
-	{name: "haproxy", binary: func(*config) string { return "haproxy" }, start: startHAProxy, rssPID: mainPID},
+	{name: "haproxy", binary: func(*config) string { return "haproxy" }, start: startHAProxy, rssPID: mainPID,
+		noUDP: "HAProxy does not proxy UDP"},
 	{name: "nginx", binary: func(*config) string { return "nginx" }, start: startNginx, rssPID: nginxWorker},
 }
 
@@ -81,6 +90,16 @@ func freePorts(n int) ([]int, error) {
 	return out, nil
 }
 
+// freeUDPPort picks a free UDP port on 127.0.0.1.
+func freeUDPPort() (int, error) {
+	c, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	return c.LocalAddr().(*net.UDPAddr).Port, nil
+}
+
 // --- aegis ---
 
 type aegisStream struct {
@@ -91,21 +110,33 @@ type aegisStream struct {
 	ListenPort     int      `json:"listen_port"`
 	UpstreamHost   string   `json:"upstream_host"`
 	UpstreamPort   int      `json:"upstream_port"`
+	Enabled        bool     `json:"enabled"`
+	IdleTimeout    int      `json:"idle_timeout_seconds,omitempty"`
 	WhitelistCIDRs []string `json:"whitelist_cidrs"`
 	LogConnections bool     `json:"log_connections"`
 }
 
-// aegisConfig renders the Caddy JSON config for bin/aegis.
+// udpIdleTimeout is how long a UDP session (NAT entry) lives without
+// traffic, for aegis (idle_timeout_seconds) and nginx (proxy_timeout) alike.
+const udpIdleTimeout = 120
+
+// aegisConfig renders the Caddy JSON config for bin/aegis: one stream per
+// route, the TCP ones with ids 1-3 and the UDP echo with id 4. Every stream
+// has the whitelist and the connection log, like the allow/deny and the
+// access log of the nginx config.
 func aegisConfig(adminPort int, logFile string, up, front ports) ([]byte, error) {
-	kinds := []string{"sink", "source", "echo"}
 	var hosts []aegisStream
-	for i, p := range front.list() {
-		hosts = append(hosts, aegisStream{
-			ID: i + 1, Name: "bench-" + kinds[i], Protocol: "tcp",
-			ListenAddress: "127.0.0.1", ListenPort: p,
-			UpstreamHost: "127.0.0.1", UpstreamPort: up.list()[i],
+	for _, r := range routes(up, front) {
+		h := aegisStream{
+			ID: r.ID, Name: "bench-" + r.Kind, Protocol: "tcp",
+			ListenAddress: "127.0.0.1", ListenPort: r.Front,
+			UpstreamHost: "127.0.0.1", UpstreamPort: r.Up, Enabled: true,
 			WhitelistCIDRs: []string{"127.0.0.0/8"}, LogConnections: true,
-		})
+		}
+		if r.UDP {
+			h.Protocol, h.IdleTimeout = "udp", udpIdleTimeout
+		}
+		hosts = append(hosts, h)
 	}
 	cfg := map[string]any{
 		"admin": map[string]any{"listen": fmt.Sprintf("127.0.0.1:%d", adminPort)},
@@ -154,7 +185,7 @@ defaults
     timeout connect 10s
     timeout client 1h
     timeout server 1h
-{{range .}}
+{{range .}}{{if not .UDP}}
 frontend fe_{{.Kind}}
     bind 127.0.0.1:{{.Front}}
     tcp-request connection reject if !{ src 127.0.0.0/8 }
@@ -162,20 +193,30 @@ frontend fe_{{.Kind}}
 
 backend be_{{.Kind}}
     server up 127.0.0.1:{{.Up}}
-{{end}}`))
+{{end}}{{end}}`))
 
 // route is one front port relayed to one upstream port.
 type route struct {
+	ID        int // the aegis stream id
 	Kind      string
 	Front, Up int
+	UDP       bool
 }
 
+// routes are the routes with a front port.
 func routes(up, front ports) []route {
-	return []route{
-		{"sink", front.Sink, up.Sink},
-		{"source", front.Source, up.Source},
-		{"echo", front.Echo, up.Echo},
+	var out []route
+	for _, r := range []route{
+		{1, "sink", front.Sink, up.Sink, false},
+		{2, "source", front.Source, up.Source, false},
+		{3, "echo", front.Echo, up.Echo, false},
+		{4, "udp-echo", front.UDP, up.UDP, true},
+	} {
+		if r.Front != 0 {
+			out = append(out, r)
+		}
 	}
+	return out
 }
 
 func haproxyConfig(up, front ports) (string, error) {
@@ -199,16 +240,24 @@ func startHAProxy(s setup) (*child, error) {
 
 // --- nginx ---
 
+// nginxTmpl is the nginx config. For UDP, proxy_responses is left at its
+// default (no limit): a client's session, nginx's NAT entry, then lives
+// until proxy_timeout passes without traffic, like an aegis UDP stream with
+// idle_timeout_seconds. With proxy_responses 1, nginx would end the session
+// as soon as every datagram had its echo and open a new upstream socket for
+// the next one: that measures session churn, not relaying, and holds no
+// entry for the NAT test. A UDP session takes two of worker_connections
+// (the client side and the upstream socket), so the NAT test raises it.
 var nginxTmpl = template.Must(template.New("nginx").Parse(`load_module {{.Module}};
 worker_processes 1;
-worker_rlimit_nofile 20000;
+worker_rlimit_nofile {{.Files}};
 daemon off;
 master_process on;
 pid {{.Dir}}/nginx.pid;
 error_log {{.Dir}}/nginx-error.log warn;
 
 events {
-    worker_connections 10000;
+    worker_connections {{.Conns}};
 }
 
 stream {
@@ -217,11 +266,15 @@ stream {
     access_log {{.Dir}}/nginx-access.log bench;
 {{range .Routes}}
     server {
-        listen 127.0.0.1:{{.Front}};
+        listen 127.0.0.1:{{.Front}}{{if .UDP}} udp{{end}};
         allow 127.0.0.0/8;
         deny all;
+{{- if .UDP}}
+        proxy_timeout {{$.UDPTimeout}}s;
+{{- else}}
         proxy_connect_timeout 10s;
         proxy_timeout 1h;
+{{- end}}
         proxy_pass 127.0.0.1:{{.Up}};
     }
 {{end}}}
@@ -230,9 +283,15 @@ stream {
 // nginxModule is where Debian's libnginx-mod-stream puts the module.
 const nginxModule = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
-func nginxConfig(dir, module string, up, front ports) (string, error) {
+// nginxConfig renders the nginx config; udpEntries is how many UDP
+// sessions it must hold at once, 0 if no such test runs.
+func nginxConfig(dir, module string, up, front ports, udpEntries int) (string, error) {
 	var b bytes.Buffer
-	err := nginxTmpl.Execute(&b, map[string]any{"Dir": dir, "Module": module, "Routes": routes(up, front)})
+	err := nginxTmpl.Execute(&b, map[string]any{
+		"Dir": dir, "Module": module, "Routes": routes(up, front),
+		"Files": max(20000, udpEntries+1000), "Conns": max(10000, 2*udpEntries+1000),
+		"UDPTimeout": udpIdleTimeout,
+	})
 	return b.String(), err
 }
 
@@ -240,7 +299,7 @@ func startNginx(s setup) (*child, error) {
 	if _, err := os.Stat(nginxModule); err != nil {
 		return nil, fmt.Errorf("no stream module (apt-get install libnginx-mod-stream): %v", err)
 	}
-	cfg, err := nginxConfig(s.dir, nginxModule, s.up, s.front)
+	cfg, err := nginxConfig(s.dir, nginxModule, s.up, s.front, s.udpEntries)
 	if err != nil {
 		return nil, err
 	}

@@ -8,18 +8,19 @@ import (
 // metric is one row of the table.
 type metric struct {
 	key, label, format string
+	noRatio            bool // the cell shows the value alone
 }
 
 func metricList(workers, idle int) []metric {
 	return []metric{
-		{"up1", "upload, 1 conn, MB/s", "%.0f"},
-		{"up8", "upload, 8 conns, MB/s", "%.0f"},
-		{"down1", "download, 1 conn, MB/s", "%.0f"},
-		{"down8", "download, 8 conns, MB/s", "%.0f"},
-		{"cps", "short conns/s, " + plural(workers, "worker"), "%.0f"},
-		{"p50", "latency p50, us, " + plural(workers, "conn") + " (lower is better)", "%.1f"},
-		{"p99", "latency p99, us, " + plural(workers, "conn") + " (lower is better)", "%.1f"},
-		{"mem", "KB per idle conn, " + plural(idle, "conn") + " (lower is better)", "%.1f"},
+		{key: "up1", label: "upload, 1 conn, MB/s", format: "%.0f"},
+		{key: "up8", label: "upload, 8 conns, MB/s", format: "%.0f"},
+		{key: "down1", label: "download, 1 conn, MB/s", format: "%.0f"},
+		{key: "down8", label: "download, 8 conns, MB/s", format: "%.0f"},
+		{key: "cps", label: "short conns/s, " + plural(workers, "worker"), format: "%.0f"},
+		{key: "p50", label: "latency p50, us, " + plural(workers, "conn") + " (lower is better)", format: "%.1f"},
+		{key: "p99", label: "latency p99, us, " + plural(workers, "conn") + " (lower is better)", format: "%.1f"},
+		{key: "mem", label: "KB per idle conn, " + plural(idle, "conn") + " (lower is better)", format: "%.1f"},
 	}
 }
 
@@ -31,23 +32,48 @@ func plural(n int, what string) string {
 	return fmt.Sprintf("%d %ss", n, what)
 }
 
+// udpMetrics are the rows of the UDP table. stepDown adds the row of the
+// best rate under the loss target, for when some proxy lost more at full
+// load.
+func udpMetrics(sockets, win, entries int, stepDown bool) []metric {
+	ms := []metric{
+		{key: "dps", label: fmt.Sprintf("datagrams/s, %s x %d in flight", plural(sockets, "socket"), win), format: "%.0f"},
+		{key: "loss", label: "loss % at that rate (lower is better)", format: "%.3f", noRatio: true},
+	}
+	if stepDown {
+		ms = append(ms, metric{key: "dpsok", label: fmt.Sprintf("best datagrams/s with loss < %g%%", udpLossTarget), format: "%.0f"})
+	}
+	return append(ms,
+		metric{key: "cpubench", label: "bench CPU % (generator + echo)", format: "%.0f", noRatio: true},
+		metric{key: "cpuproxy", label: "proxy CPU %", format: "%.0f", noRatio: true},
+		metric{key: "cpudgram", label: "proxy CPU us per datagram (lower is better)", format: "%.2f"},
+		metric{key: "nat", label: "NAT entries held", format: "%.0f", noRatio: true},
+		metric{key: "natfds", label: "proxy fds opened for them", format: "%.0f", noRatio: true},
+		metric{key: "natmem", label: fmt.Sprintf("KB per NAT entry, %d entries (lower is better)", entries), format: "%.2f"},
+	)
+}
+
 // result is what one proxy measured.
 type result struct {
 	name    string
 	skipped string             // why it did not run, or ""
+	na      string             // why the test does not apply to it, or ""; its cells show n/a
 	values  map[string]float64 // by metric key; missing means not measured
 	notes   []string
 }
 
 // table renders one row per metric and one column per proxy that ran. Each
-// cell is the value and, in parentheses, its ratio to direct and to haproxy.
-func table(results []result, metrics []metric) string {
+// cell is the value and, in parentheses, its ratio to direct and to the
+// proxy named second (haproxy for TCP, nginx for UDP).
+func table(results []result, metrics []metric, second string) string {
 	var ran []result
 	ref := map[string]result{}
 	for _, r := range results {
 		if r.skipped == "" {
 			ran = append(ran, r)
-			ref[r.name] = r
+			if r.na == "" {
+				ref[r.name] = r
+			}
 		}
 	}
 	rows := [][]string{{""}}
@@ -57,7 +83,11 @@ func table(results []result, metrics []metric) string {
 	for _, m := range metrics {
 		row := []string{m.label}
 		for _, r := range ran {
-			row = append(row, cell(m, r, ref["direct"], ref["haproxy"]))
+			if r.na != "" {
+				row = append(row, "n/a")
+			} else {
+				row = append(row, cell(m, r, ref["direct"], ref[second]))
+			}
 		}
 		rows = append(rows, row)
 	}
@@ -82,14 +112,14 @@ func table(results []result, metrics []metric) string {
 	return b.String()
 }
 
-func cell(m metric, r, direct, haproxy result) string {
+func cell(m metric, r, direct, second result) string {
 	v, ok := r.values[m.key]
 	if !ok {
 		return "-"
 	}
 	s := fmt.Sprintf(m.format, v)
-	d, h := ratio(v, direct.values, m.key), ratio(v, haproxy.values, m.key)
-	if d == "-" && h == "-" {
+	d, h := ratio(v, direct.values, m.key), ratio(v, second.values, m.key)
+	if m.noRatio || d == "-" && h == "-" {
 		return s
 	}
 	return fmt.Sprintf("%s (%s, %s)", s, d, h)
