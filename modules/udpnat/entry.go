@@ -3,7 +3,6 @@ package udpnat
 import (
 	"net"
 	"net/netip"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -37,9 +36,8 @@ type entry struct {
 	serr   error
 	readFn func(uintptr) bool
 	sendFn func(uintptr) bool
+	burst  burst // the burst of replies being sent, where bursts are used
 }
-
-var bufPool = sync.Pool{New: func() any { b := make([]byte, maxDatagram); return &b }}
 
 // newEntry opens the upstream socket of a new client src that sent to dst.
 func (r *Relay) newEntry(s *socket, p *policy, target, src, dst netip.AddrPort) (*entry, error) {
@@ -132,24 +130,4 @@ func (e *entry) run() {
 	e.r.state.Active.Add(-1)
 	e.r.count.Add(-1)
 	e.ss.End(streamstate.ReasonUpstreamError, e.pol.LogConnections)
-}
-
-// deliver sends one reply datagram to the client.
-func (e *entry) deliver(p []byte) {
-	now := time.Now()
-	e.last.Store(now.UnixNano())
-	if e.down != nil && !e.down.AllowN(now, len(p)) {
-		e.r.state.DatagramsDropped.Add(1)
-		return
-	}
-	s := e.r.reply.Load()
-	if s == nil {
-		e.r.state.DatagramsDropped.Add(1)
-		return
-	}
-	if err := e.sendReply(s, p); err != nil {
-		e.r.state.DatagramsDropped.Add(1)
-		return
-	}
-	e.ss.AddDatagramReceived(len(p))
 }

@@ -327,30 +327,19 @@ func (r *Relay) RemoveSocket(pc *net.UDPConn, closeFn func() error) {
 // serve reads datagrams until the socket is closed.
 func (s *socket) serve() {
 	defer close(s.done)
-	buf := make([]byte, headroom+maxDatagram)
-	var oob []byte
-	if s.wildcard {
-		oob = make([]byte, oobSize)
+	s.readLoop()
+}
+
+// readError handles a failed read: it reports whether the socket is closed,
+// and otherwise (ICMP errors and the like) waits a little longer each time
+// the error repeats.
+func readError(err error, backoff *time.Duration) (closed bool) {
+	if isClosed(err) {
+		return true
 	}
-	var backoff time.Duration
-	for {
-		n, oobn, flags, src, err := s.pc.ReadMsgUDPAddrPort(buf[headroom:], oob)
-		if err != nil {
-			if isClosed(err) {
-				return
-			}
-			// ICMP errors and the like: go on, slowing down if they persist.
-			backoff = min(max(2*backoff, time.Millisecond), 100*time.Millisecond)
-			time.Sleep(backoff)
-			continue
-		}
-		backoff = 0
-		if flags&msgTrunc != 0 {
-			s.r.state.DatagramsDropped.Add(1)
-			continue
-		}
-		s.r.datagram(s, buf, n, src, oob[:oobn])
-	}
+	*backoff = min(max(2**backoff, time.Millisecond), 100*time.Millisecond)
+	time.Sleep(*backoff)
+	return false
 }
 
 // datagram relays one client datagram, which sits at buf[headroom:][:n].
