@@ -289,7 +289,7 @@ func isTimeout(err error) bool {
 }
 
 // ownCode matches a stack frame of this project's non-test code.
-var ownCode = regexp.MustCompile(`caddy-aegis/(modules/(streamstate|l4aegis[a-z]+|streams|udpnat)\.|admin\.)`)
+var ownCode = regexp.MustCompile(`caddy-aegis/(modules/(streamstate|l4aegis[a-z]+|streams|udpnat)\.|admin\.|storage\.)`)
 
 // checkNoLeaks fails the test if any goroutine running this project's code
 // is still alive once the test is over and Caddy has stopped.

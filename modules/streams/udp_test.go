@@ -126,7 +126,8 @@ func TestUDPEchoStatsAndIdleLog(t *testing.T) {
 			t.Fatalf("echo through the NAT: got %q, want %q", got, msg)
 		}
 	}
-	st := inst.stats()[1]
+	// The relay counts a reply just after sending it.
+	st := inst.waitStats(1, "30 bytes back", func(s streams.Status) bool { return s.BytesReceived == 30 })
 	if !st.Listening || st.Protocol != "udp" || st.ActiveConnections != 1 || st.TotalConnections != 1 || st.BytesSent != 30 || st.BytesReceived != 30 {
 		t.Fatalf("stats with one NAT entry: %+v", st)
 	}
@@ -449,7 +450,8 @@ func TestUDPAndTCPOnOnePort(t *testing.T) {
 	if got := udpRoundTrip(t, uc, "over udp!", 2*time.Second); got != "over udp!" {
 		t.Fatalf("udp side: got %q", got)
 	}
-	st := inst.stats()[1]
+	// The relay counts a reply just after sending it.
+	st := inst.waitStats(1, "17 bytes each way", func(s streams.Status) bool { return s.BytesReceived == 17 })
 	if !st.Listening || st.Protocol != "tcp+udp" || st.ActiveConnections != 2 || st.TotalConnections != 2 || st.BytesSent != 17 || st.BytesReceived != 17 {
 		t.Fatalf("stats of tcp+udp with one connection each: %+v", st)
 	}
