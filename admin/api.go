@@ -1,88 +1,394 @@
-// Package admin serves the Aegis Streams REST API (/api/v1/streams…) on
-// Caddy's admin endpoint.
+// Package admin serves the Aegis Streams REST API (/api/v1/streams…), on
+// Caddy's admin endpoint (module admin.api.streams) and as an HTTP handler
+// (module http.handlers.streams_admin) that a Caddy site can serve behind
+// its own TLS and authentication. Both use the one implementation in this
+// file.
 package admin
 
 import (
-	"encoding/json"
-	"fmt"
+	"errors"
 	"net/http"
+	"strconv"
+	"strings"
 
-	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/streams"
+	"github.com/aegis-proxy/caddy-aegis/storage"
 )
 
-func init() {
-	caddy.RegisterModule(adminAPI{})
-}
-
+// basePath is the API's root.
 const basePath = "/api/v1/streams"
 
-// adminAPI is the `admin.api.streams` module: the streams REST API on
-// Caddy's admin endpoint.
-type adminAPI struct{}
-
-// CaddyModule returns the Caddy module information.
-func (adminAPI) CaddyModule() caddy.ModuleInfo {
-	return caddy.ModuleInfo{
-		ID:  "admin.api.streams",
-		New: func() caddy.Module { return new(adminAPI) },
-	}
+// isAPIPath reports whether path is the API's: basePath or below it.
+func isAPIPath(path string) bool {
+	return path == basePath || strings.HasPrefix(path, basePath+"/")
 }
 
-// runningApp returns the streams app of the running config, or nil. It is
-// looked up on each request: Caddy builds the admin endpoint of a new config
-// before that config's apps, so an app found at provisioning time may belong
-// to a config that then fails to load and never runs.
-func runningApp() *streams.App {
-	app, err := caddy.ActiveContext().AppIfConfigured("streams")
-	if err != nil {
-		return nil
-	}
-	a, _ := app.(*streams.App)
-	return a
+// api is the streams REST API. Its state is what the admin endpoint or
+// the HTTP handler configured; the streams themselves are the running
+// app's (streams.Running), looked up on each request: Caddy builds the
+// admin endpoint of a new config before that config's apps, and the new
+// config may fail to load.
+type api struct {
+	logger *zap.Logger
+	// origins are the origins, besides the request's own, that may send
+	// state-changing requests: "scheme://host[:port]", lower case,
+	// without a default port.
+	origins []string
+	// originHint ends the message of a request refused for its origin.
+	originHint string
 }
 
-// Routes returns the API's routes.
-func (a *adminAPI) Routes() []caddy.AdminRoute {
-	return []caddy.AdminRoute{
-		{Pattern: basePath, Handler: caddy.AdminHandlerFunc(a.handleStreams)},
-		{Pattern: basePath + "/", Handler: caddy.AdminHandlerFunc(a.handleStreams)},
-	}
+// params are what an endpoint learns from the path.
+type params struct {
+	id     int64
+	connID uint64
+	// mount is the path prefix in front of the API (see api.serve).
+	mount string
 }
 
-func (a *adminAPI) handleStreams(w http.ResponseWriter, r *http.Request) error {
-	if r.Method != http.MethodGet {
-		w.Header().Set("Allow", http.MethodGet)
-		return caddy.APIError{
-			HTTPStatus: http.StatusMethodNotAllowed,
-			Err:        fmt.Errorf("method %s not allowed: this API is read-only for now; edit the streams in the Caddy config", r.Method),
+// endpoint answers one method of one route. It writes a successful
+// response itself and returns an error for the caller to write, an
+// *apiError or an error of the streams package.
+type endpoint func(a *api, w http.ResponseWriter, r *http.Request, p params) error
+
+// route is what a path leads to: an endpoint per method.
+type route map[string]endpoint
+
+// methodOrder is the order of methods in an Allow header.
+var methodOrder = []string{http.MethodGet, http.MethodHead, http.MethodPost, http.MethodPut, http.MethodDelete, http.MethodOptions}
+
+// allow is the route's Allow header: its methods, HEAD with GET, and
+// OPTIONS.
+func (rt route) allow() string {
+	var out []string
+	for _, m := range methodOrder {
+		_, ok := rt[m]
+		switch m {
+		case http.MethodHead:
+			_, ok = rt[http.MethodGet]
+		case http.MethodOptions:
+			ok = true
+		}
+		if ok {
+			out = append(out, m)
 		}
 	}
-	switch r.URL.Path {
-	case basePath, basePath + "/":
-		hosts := []streams.HostStatus{}
-		if app := runningApp(); app != nil {
-			hosts = app.HostStatuses()
-		}
-		return writeJSON(w, hosts)
-	case basePath + "/stats":
-		stats := []streams.Status{}
-		if app := runningApp(); app != nil {
-			stats = app.Statuses()
-		}
-		return writeJSON(w, stats)
-	default:
-		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("no such endpoint: %s", r.URL.Path)}
-	}
+	return strings.Join(out, ", ")
 }
 
-func writeJSON(w http.ResponseWriter, v any) error {
-	w.Header().Set("Content-Type", "application/json")
-	return json.NewEncoder(w).Encode(v)
-}
-
-// Interface guards
 var (
-	_ caddy.AdminRouter = (*adminAPI)(nil)
+	collectionRoute = route{http.MethodGet: (*api).listHosts, http.MethodPost: (*api).createHost}
+	statsRoute      = route{http.MethodGet: (*api).stats}
+	validateRoute   = route{http.MethodPost: (*api).validatePort}
+	hostRoute       = route{http.MethodGet: (*api).getHost, http.MethodPut: (*api).updateHost, http.MethodDelete: (*api).deleteHost}
+	connLogRoute    = route{http.MethodGet: (*api).connectionLog}
+	activeRoute     = route{http.MethodGet: (*api).activeConnections}
+	activeConnRoute = route{http.MethodDelete: (*api).closeConnection}
 )
+
+// match finds the route of an API path (one isAPIPath accepts).
+func match(path string) (route, params, error) {
+	var p params
+	sub := strings.TrimPrefix(path, basePath)
+	if sub == "" || sub == "/" {
+		return collectionRoute, p, nil
+	}
+	segs := strings.Split(sub[1:], "/")
+	switch segs[0] {
+	case "stats":
+		if len(segs) == 1 {
+			return statsRoute, p, nil
+		}
+		return nil, p, notFoundPath(path)
+	case "validate-port":
+		if len(segs) == 1 {
+			return validateRoute, p, nil
+		}
+		return nil, p, notFoundPath(path)
+	}
+	id, ok := parseID(segs[0])
+	if !ok {
+		return nil, p, &apiError{Status: http.StatusNotFound,
+			Message: "no such endpoint: " + strconv.Quote(path) + ": a stream id is a positive integer, e.g. " + basePath + "/3"}
+	}
+	p.id = id
+	switch {
+	case len(segs) == 1:
+		return hostRoute, p, nil
+	case len(segs) == 2 && segs[1] == "connections":
+		return connLogRoute, p, nil
+	case len(segs) == 2 && segs[1] == "active":
+		return activeRoute, p, nil
+	case len(segs) == 3 && segs[1] == "active":
+		cid, err := strconv.ParseUint(segs[2], 10, 64)
+		if err != nil || cid == 0 || !allDigits(segs[2]) {
+			return nil, p, &apiError{Status: http.StatusNotFound,
+				Message: "no such endpoint: " + strconv.Quote(path) + ": a connection id is a positive integer, as GET " + basePath + "/" + segs[0] + "/active lists them"}
+		}
+		p.connID = cid
+		return activeConnRoute, p, nil
+	}
+	return nil, p, notFoundPath(path)
+}
+
+func notFoundPath(path string) *apiError {
+	return &apiError{Status: http.StatusNotFound, Message: "no such endpoint: " + strconv.Quote(path)}
+}
+
+// parseID parses a stream id: a positive decimal integer.
+func parseID(s string) (int64, bool) {
+	if !allDigits(s) {
+		return 0, false
+	}
+	id, err := strconv.ParseInt(s, 10, 64)
+	return id, err == nil && id > 0
+}
+
+func allDigits(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if s[i] < '0' || s[i] > '9' {
+			return false
+		}
+	}
+	return true
+}
+
+// serve answers one request to an API path. mount is the path prefix in
+// front of the API that was stripped before the request got here (it goes
+// into Location headers); "" on the admin endpoint.
+func (a *api) serve(w http.ResponseWriter, r *http.Request, mount string) {
+	rt, p, err := match(r.URL.Path)
+	if err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	method := r.Method
+	if method == http.MethodOptions {
+		w.Header().Set("Allow", rt.allow())
+		w.WriteHeader(http.StatusNoContent)
+		return
+	}
+	if method == http.MethodHead {
+		method = http.MethodGet
+	}
+	ep, ok := rt[method]
+	if !ok {
+		a.fail(w, r, &apiError{Status: http.StatusMethodNotAllowed, allow: rt.allow(),
+			Message: "method " + r.Method + " not allowed on " + r.URL.Path + "; allowed: " + rt.allow()})
+		return
+	}
+	if method != http.MethodGet {
+		if err := a.checkOrigin(r); err != nil {
+			a.fail(w, r, err)
+			return
+		}
+		if method != http.MethodDelete {
+			if err := requireJSON(r); err != nil {
+				a.fail(w, r, err)
+				return
+			}
+		}
+	}
+	p.mount = mount
+	if err := ep(a, w, r, p); err != nil {
+		a.fail(w, r, err)
+	}
+}
+
+// fail writes err as a JSON error response.
+func (a *api) fail(w http.ResponseWriter, r *http.Request, err error) {
+	e := toAPIError(err)
+	if e.allow != "" {
+		w.Header().Set("Allow", e.allow)
+	}
+	if e.Status >= 500 {
+		a.log().Error("streams API request failed", zap.String("method", r.Method), zap.String("path", r.URL.Path),
+			zap.Int("status", e.Status), zap.Error(err))
+	} else {
+		a.log().Debug("streams API request refused", zap.String("method", r.Method), zap.String("path", r.URL.Path),
+			zap.Int("status", e.Status), zap.String("error", e.Message))
+	}
+	writeJSON(w, e.Status, e)
+}
+
+func (a *api) log() *zap.Logger {
+	if a.logger == nil {
+		return zap.NewNop()
+	}
+	return a.logger
+}
+
+// ---- endpoints ----
+
+func (a *api) listHosts(w http.ResponseWriter, r *http.Request, _ params) error {
+	hosts := []streams.HostStatus{}
+	if app := streams.Running(); app != nil {
+		hosts = app.HostStatuses()
+	}
+	writeJSON(w, http.StatusOK, hosts)
+	return nil
+}
+
+func (a *api) stats(w http.ResponseWriter, r *http.Request, _ params) error {
+	stats := []streams.Status{}
+	if app := streams.Running(); app != nil {
+		stats = app.Statuses()
+	}
+	writeJSON(w, http.StatusOK, stats)
+	return nil
+}
+
+func (a *api) createHost(w http.ResponseWriter, r *http.Request, p params) error {
+	s, err := readStream(r)
+	if err != nil {
+		return err
+	}
+	hs, err := streams.CreateHost(r.Context(), s)
+	if err != nil {
+		e := toAPIError(err)
+		if errors.Is(err, streams.ErrConflict) && s.ID != 0 {
+			e.Field, e.Value = "id", s.ID
+		}
+		return e
+	}
+	w.Header().Set("Location", p.mount+basePath+"/"+strconv.FormatInt(hs.ID, 10))
+	writeJSON(w, http.StatusCreated, hs)
+	return nil
+}
+
+func (a *api) getHost(w http.ResponseWriter, r *http.Request, p params) error {
+	app := streams.Running()
+	if app == nil {
+		return streams.ErrNotRunning
+	}
+	hs, err := app.HostStatus(p.id)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, hs)
+	return nil
+}
+
+func (a *api) updateHost(w http.ResponseWriter, r *http.Request, p params) error {
+	s, err := readStream(r)
+	if err != nil {
+		return err
+	}
+	if s.ID != 0 && s.ID != p.id {
+		return fieldError("id", s.ID, "id "+strconv.FormatInt(s.ID, 10)+": does not match the id "+
+			strconv.FormatInt(p.id, 10)+" in the path; the id cannot change (leave it out, or send the same)")
+	}
+	hs, err := streams.UpdateHost(r.Context(), p.id, s)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, hs)
+	return nil
+}
+
+func (a *api) deleteHost(w http.ResponseWriter, r *http.Request, p params) error {
+	if err := streams.DeleteHost(r.Context(), p.id); err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+// portCheckResponse is the answer of POST validate-port.
+type portCheckResponse struct {
+	Valid    bool           `json:"valid"`
+	Errors   []fieldProblem `json:"errors"`
+	Warnings []string       `json:"warnings"`
+}
+
+func (a *api) validatePort(w http.ResponseWriter, r *http.Request, _ params) error {
+	var pc streams.PortCheck
+	if err := readJSON(r, &pc, portCheckFields, nil); err != nil {
+		return err
+	}
+	app := streams.Running()
+	if app == nil {
+		return streams.ErrNotRunning
+	}
+	res := app.ValidatePort(pc)
+	out := portCheckResponse{Valid: res.Valid, Errors: []fieldProblem{}, Warnings: res.Warnings}
+	for _, fe := range res.Errors {
+		out.Errors = append(out.Errors, problemOf(fe))
+	}
+	if out.Warnings == nil {
+		out.Warnings = []string{}
+	}
+	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+// connLogPage is one page of a stream's connection log.
+type connLogPage struct {
+	// Entries are newest first.
+	Entries []storage.ConnLog `json:"entries"`
+	// NextBefore is the before parameter of the next (older) page, or
+	// null when this page is the last.
+	NextBefore *int64 `json:"next_before"`
+}
+
+func (a *api) connectionLog(w http.ResponseWriter, r *http.Request, p params) error {
+	q, err := parseConnLogQuery(r.URL.Query())
+	if err != nil {
+		return err
+	}
+	app := streams.Running()
+	if app == nil {
+		return streams.ErrNotRunning
+	}
+	entries, err := app.ConnectionLog(r.Context(), p.id, q)
+	if err != nil {
+		return err
+	}
+	page := connLogPage{Entries: entries}
+	if len(entries) == q.Limit {
+		// A full page: there is a next one if an older entry exists.
+		last := entries[len(entries)-1].ID
+		more, err := app.ConnectionLog(r.Context(), p.id, storage.ConnLogQuery{Limit: 1, Before: last, Action: q.Action})
+		if err != nil {
+			return err
+		}
+		if len(more) > 0 {
+			page.NextBefore = &last
+		}
+	}
+	writeJSON(w, http.StatusOK, page)
+	return nil
+}
+
+func (a *api) activeConnections(w http.ResponseWriter, r *http.Request, p params) error {
+	app := streams.Running()
+	if app == nil {
+		return streams.ErrNotRunning
+	}
+	conns, err := app.ActiveConnections(p.id)
+	if err != nil {
+		return err
+	}
+	if conns == nil {
+		conns = []streams.ActiveConn{}
+	}
+	writeJSON(w, http.StatusOK, conns)
+	return nil
+}
+
+func (a *api) closeConnection(w http.ResponseWriter, r *http.Request, p params) error {
+	app := streams.Running()
+	if app == nil {
+		return streams.ErrNotRunning
+	}
+	if err := app.CloseConnection(p.id, p.connID); err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}

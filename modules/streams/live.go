@@ -2,6 +2,7 @@ package streams
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
@@ -94,6 +95,26 @@ type HostStatus struct {
 	CreatedAt *time.Time `json:"created_at,omitempty"`
 	UpdatedAt *time.Time `json:"updated_at,omitempty"`
 	Status    Status     `json:"status"`
+}
+
+// UnmarshalJSON decodes a host with its status. Without it the embedded
+// Stream's decoder would take the whole object and drop the rest.
+func (h *HostStatus) UnmarshalJSON(b []byte) error {
+	var s Stream
+	if err := json.Unmarshal(b, &s); err != nil {
+		return err
+	}
+	var rest struct {
+		Source    string     `json:"source"`
+		CreatedAt *time.Time `json:"created_at"`
+		UpdatedAt *time.Time `json:"updated_at"`
+		Status    Status     `json:"status"`
+	}
+	if err := json.Unmarshal(b, &rest); err != nil {
+		return err
+	}
+	*h = HostStatus{Stream: &s, Source: rest.Source, CreatedAt: rest.CreatedAt, UpdatedAt: rest.UpdatedAt, Status: rest.Status}
+	return nil
 }
 
 func (rt *runtime) hostStatus() HostStatus {

@@ -2,6 +2,7 @@ package streams_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -254,4 +255,22 @@ func TestStoredStreamsComeBack(t *testing.T) {
 		t.Fatalf("a config colliding with a stored stream: %v", err)
 	}
 	check("after a refused config")
+}
+
+// A HostStatus read back from JSON keeps its source, times and status.
+func TestHostStatusJSONRoundTrip(t *testing.T) {
+	now := time.Now().UTC().Truncate(time.Millisecond)
+	in := streams.HostStatus{Stream: &streams.Stream{ID: 3, Name: "db", ListenPort: 5432, UpstreamHost: "h", UpstreamPort: 1, Enabled: false},
+		Source: "api", CreatedAt: &now, UpdatedAt: &now, Status: streams.Status{ID: 3, Listening: true, ActiveConnections: 2}}
+	b, err := json.Marshal(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out streams.HostStatus
+	if err := json.Unmarshal(b, &out); err != nil {
+		t.Fatal(err)
+	}
+	if out.Source != "api" || out.Enabled || out.Name != "db" || out.CreatedAt == nil || !out.CreatedAt.Equal(now) || out.Status.ActiveConnections != 2 || !out.Status.Listening {
+		t.Fatalf("round trip of %s gave %+v / %+v", b, out, *out.Stream)
+	}
 }

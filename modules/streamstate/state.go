@@ -86,6 +86,9 @@ type Stream struct {
 	logStop chan struct{}
 	logDone chan struct{}
 	sink    atomic.Pointer[func(LogRecord)]
+
+	blockedMu     sync.Mutex
+	blockedLogged map[netip.Addr]time.Time // last log of a refused source
 }
 
 // New makes the state of a stream that is not shared through the pool (a
@@ -311,9 +314,39 @@ func (s *Stream) enqueueLog(e logEntry) {
 	}
 }
 
+// BlockedLogEvery is how often refused attempts of one source are logged at
+// most, so that a flood cannot flood the log.
+const BlockedLogEvery = time.Minute
+
+// maxBlockedSources bounds the sources remembered for BlockedLogEvery.
+const maxBlockedSources = 4096
+
 // LogBlocked queues the log entry of a connection (or, with udp, a new
-// client's datagram) refused before it was relayed.
+// client's datagram) refused before it was relayed, unless the same source
+// was logged within BlockedLogEvery.
 func (s *Stream) LogBlocked(logger *zap.Logger, stream string, source netip.AddrPort, r Reason, udp bool) {
+	ip := source.Addr().Unmap()
+	now := time.Now()
+	s.blockedMu.Lock()
+	if last, ok := s.blockedLogged[ip]; ok && now.Sub(last) < BlockedLogEvery {
+		s.blockedMu.Unlock()
+		return
+	}
+	if len(s.blockedLogged) >= maxBlockedSources {
+		for a, t := range s.blockedLogged {
+			if now.Sub(t) >= BlockedLogEvery {
+				delete(s.blockedLogged, a)
+			}
+		}
+		if len(s.blockedLogged) >= maxBlockedSources {
+			clear(s.blockedLogged)
+		}
+	}
+	if s.blockedLogged == nil {
+		s.blockedLogged = map[netip.Addr]time.Time{}
+	}
+	s.blockedLogged[ip] = now
+	s.blockedMu.Unlock()
 	s.enqueueLog(logEntry{logger: logger, rec: LogRecord{
 		StreamID: s.ID, Stream: stream, Source: source, Blocked: true, Reason: r, UDP: udp, Start: time.Now(),
 	}})

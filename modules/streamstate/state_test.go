@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -200,7 +201,8 @@ func TestLogQueueNeverBlocks(t *testing.T) {
 	done := make(chan struct{})
 	go func() {
 		for i := 0; i < logQueueSize+100; i++ {
-			st.LogBlocked(zap.NewNop(), "t", netip.MustParseAddrPort("192.0.2.1:1"), ReasonACLDenied, false)
+			src := netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}), 1)
+			st.LogBlocked(zap.NewNop(), "t", src, ReasonACLDenied, false)
 		}
 		close(done)
 	}()
@@ -234,4 +236,29 @@ func TestPoolSharesStateUntilLastRelease(t *testing.T) {
 		t.Fatal("a new acquire after the last release must start fresh")
 	}
 	Release(424242)
+}
+
+// A source that keeps being refused is logged once per BlockedLogEvery;
+// other sources are not held back by it.
+func TestLogBlockedOncePerSource(t *testing.T) {
+	st := New(1)
+	var got []LogRecord
+	var mu sync.Mutex
+	st.SetLogSink(func(r LogRecord) {
+		mu.Lock()
+		got = append(got, r)
+		mu.Unlock()
+	})
+	flood := netip.MustParseAddrPort("192.0.2.1:1000")
+	for i := range 1000 {
+		st.LogBlocked(zap.NewNop(), "t", netip.AddrPortFrom(flood.Addr(), uint16(1000+i)), ReasonACLDenied, false)
+	}
+	st.LogBlocked(zap.NewNop(), "t", netip.MustParseAddrPort("[::ffff:192.0.2.1]:7"), ReasonACLDenied, false) // the same IP, mapped
+	st.LogBlocked(zap.NewNop(), "t", netip.MustParseAddrPort("192.0.2.2:1"), ReasonMaxConnections, false)
+	st.cancel()
+	close(st.logStop)
+	<-st.logDone
+	if len(got) != 2 || got[0].Source.Addr() != flood.Addr() || got[1].Source.Addr().String() != "192.0.2.2" || !got[0].Blocked || got[1].Reason != ReasonMaxConnections {
+		t.Fatalf("logged %+v, want one entry for 192.0.2.1 and one for 192.0.2.2", got)
+	}
 }

@@ -51,12 +51,6 @@ const (
 	// maxDatagram is the largest UDP payload.
 	maxDatagram = 65535
 
-	// blockLogEvery is how often a blocked source is logged at most.
-	blockLogEvery = time.Minute
-
-	// maxBlockLogSources bounds the sources remembered for blockLogEvery.
-	maxBlockLogSources = 4096
-
 	// resolveEvery is how often an upstream host name is looked up again.
 	resolveEvery = 30 * time.Second
 )
@@ -110,8 +104,6 @@ type Relay struct {
 	socks []*socket
 	reply atomic.Pointer[socket] // the socket replies leave from
 
-	blockMu     sync.Mutex
-	blockLogged map[netip.Addr]time.Time
 	lastDialLog atomic.Int64
 
 	ctx    context.Context
@@ -134,7 +126,7 @@ func Release(r *Relay) { _, _ = pool.Delete(r.key) }
 
 func newRelay(key string, state *streamstate.Stream) *Relay {
 	ctx, cancel := context.WithCancel(context.Background())
-	r := &Relay{key: key, state: state, ctx: ctx, cancel: cancel, blockLogged: map[netip.Addr]time.Time{}}
+	r := &Relay{key: key, state: state, ctx: ctx, cancel: cancel}
 	r.wg.Add(1)
 	go r.sweep()
 	return r
@@ -420,8 +412,7 @@ func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte) *entry {
 		r.logDialError(p, err)
 		return nil
 	}
-	e.ss = r.state.NewSession(e, client, p.idle, p.Logger, p.Name)
-	e.ss.UDP = true
+	e.ss = r.state.NewUDPSession(e, client, p.idle, p.Logger, p.Name)
 	// Two sockets of the relay (during a reload) may open the same client
 	// at once; the first one stored wins.
 	for {
@@ -455,32 +446,12 @@ func (r *Relay) logDialError(p *policy, err error) {
 }
 
 // block counts a datagram of a new client that is not let in and logs it,
-// at most once per source per blockLogEvery.
+// at most once per source per streamstate.BlockedLogEvery.
 func (r *Relay) block(p *policy, src netip.AddrPort, reason streamstate.Reason) {
 	r.state.Blocked.Add(1)
-	if !p.LogConnections {
-		return
+	if p.LogConnections {
+		r.state.LogBlocked(p.Logger, p.Name, src, reason, true)
 	}
-	ip := src.Addr()
-	now := time.Now()
-	r.blockMu.Lock()
-	if last, ok := r.blockLogged[ip]; ok && now.Sub(last) < blockLogEvery {
-		r.blockMu.Unlock()
-		return
-	}
-	if len(r.blockLogged) >= maxBlockLogSources {
-		for a, t := range r.blockLogged {
-			if now.Sub(t) >= blockLogEvery {
-				delete(r.blockLogged, a)
-			}
-		}
-		if len(r.blockLogged) >= maxBlockLogSources {
-			clear(r.blockLogged)
-		}
-	}
-	r.blockLogged[ip] = now
-	r.blockMu.Unlock()
-	r.state.LogBlocked(p.Logger, p.Name, src, reason, true)
 }
 
 // newLimiter makes a per-entry limiter of bytesPerSec whose bucket starts

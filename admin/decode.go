@@ -1,0 +1,294 @@
+package admin
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"reflect"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/aegis-proxy/caddy-aegis/modules/streams"
+	"github.com/aegis-proxy/caddy-aegis/storage"
+)
+
+// maxBodyBytes bounds a request body: 1 MiB.
+const maxBodyBytes = 1 << 20
+
+// maxUnknown is the most unknown fields an error lists.
+const maxUnknown = 10
+
+var (
+	// streamFields are the JSON fields of a stream, with their Go types.
+	streamFields = jsonFields(reflect.TypeFor[streams.Stream]())
+	// readOnlyFields are the fields GET adds to a stream. A client may
+	// send back what it read: they are accepted and ignored.
+	readOnlyFields = map[string]bool{"source": true, "status": true, "created_at": true, "updated_at": true}
+	// portCheckFields are the JSON fields of a validate-port request.
+	portCheckFields = jsonFields(reflect.TypeFor[streams.PortCheck]())
+)
+
+// jsonFields maps the JSON names of struct type t's fields to their types.
+func jsonFields(t reflect.Type) map[string]reflect.Type {
+	out := map[string]reflect.Type{}
+	for i := 0; i < t.NumField(); i++ {
+		f := t.Field(i)
+		if !f.IsExported() {
+			continue
+		}
+		name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+		if name == "-" {
+			continue
+		}
+		if name == "" {
+			name = f.Name
+		}
+		out[name] = f.Type
+	}
+	return out
+}
+
+// readStream reads a stream from the request body.
+func readStream(r *http.Request) (streams.Stream, error) {
+	var s streams.Stream
+	err := readJSON(r, &s, streamFields, readOnlyFields)
+	return s, err
+}
+
+// readJSON reads the request body, which must be one JSON object whose
+// keys are among known or ignored, into dst. Keys in ignored are skipped.
+// Errors are *apiError values: 413 for a body over maxBodyBytes, 400 for
+// the rest.
+func readJSON(r *http.Request, dst any, known map[string]reflect.Type, ignored map[string]bool) error {
+	body, err := readBody(r)
+	if err != nil {
+		return err
+	}
+	return decodeObject(body, dst, known, ignored)
+}
+
+// readBody reads the whole request body, at most maxBodyBytes.
+func readBody(r *http.Request) ([]byte, error) {
+	tooBig := &apiError{Status: http.StatusRequestEntityTooLarge,
+		Message: fmt.Sprintf("request body too large: the limit is %d bytes", maxBodyBytes)}
+	if r.ContentLength > maxBodyBytes {
+		return nil, tooBig
+	}
+	b, err := io.ReadAll(io.LimitReader(r.Body, maxBodyBytes+1))
+	if err != nil {
+		return nil, &apiError{Status: http.StatusBadRequest, Message: "reading the request body: " + err.Error()}
+	}
+	if len(b) > maxBodyBytes {
+		return nil, tooBig
+	}
+	return b, nil
+}
+
+func badRequest(format string, args ...any) *apiError {
+	return &apiError{Status: http.StatusBadRequest, Message: fmt.Sprintf(format, args...)}
+}
+
+// decodeObject decodes body, which must be exactly one JSON object, into
+// dst. Each key must be in known or ignored, and appear once.
+//
+// The keys are checked here rather than with DisallowUnknownFields, which
+// cannot see into a type with its own UnmarshalJSON (streams.Stream has
+// one), and which would also match keys case-insensitively.
+func decodeObject(body []byte, dst any, known map[string]reflect.Type, ignored map[string]bool) error {
+	if len(bytes.TrimSpace(body)) == 0 {
+		return badRequest("the request body is empty; send a JSON object")
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	var raw json.RawMessage
+	if err := dec.Decode(&raw); err != nil {
+		return badRequest("the request body is not valid JSON: %v", syntaxMessage(err, body))
+	}
+	end := int(dec.InputOffset())
+	if rest := bytes.TrimLeft(body[end:], " \t\r\n"); len(rest) > 0 {
+		return badRequest("the request body goes on after its JSON value, at byte %d: %s; send one JSON object",
+			len(body)-len(rest), excerpt(rest))
+	}
+	if raw[0] != '{' {
+		return badRequest("the request body must be a JSON object, not %s", excerpt(raw))
+	}
+
+	keys, values, err := objectKeys(raw)
+	if err != nil {
+		return badRequest("the request body is not valid JSON: %v", err)
+	}
+	var unknown []fieldProblem
+	seen := make(map[string]bool, len(keys))
+	for i, k := range keys {
+		if seen[k] {
+			return fieldError(k, nil, fmt.Sprintf("field %q appears twice; give each field once", k))
+		}
+		seen[k] = true
+		if _, ok := known[k]; ok || ignored[k] {
+			continue
+		}
+		if len(unknown) < maxUnknown {
+			unknown = append(unknown, fieldProblem{Field: k, Value: anyValue(values[i]), Message: fmt.Sprintf("unknown field %q", k)})
+		}
+	}
+	if len(unknown) > 0 {
+		names := make([]string, len(unknown))
+		for i, u := range unknown {
+			names[i] = strconv.Quote(u.Field)
+		}
+		msg := fmt.Sprintf("unknown field %s; the fields are: %s", strings.Join(names, ", "), strings.Join(sortedKeys(known), ", "))
+		if len(names) > 1 {
+			msg = "unknown fields " + strings.TrimPrefix(msg, "unknown field ")
+		}
+		return &apiError{Status: http.StatusBadRequest, Message: msg,
+			Field: unknown[0].Field, Value: unknown[0].Value, Errors: unknown}
+	}
+
+	if err := json.Unmarshal(raw, dst); err != nil {
+		var te *json.UnmarshalTypeError
+		if errors.As(err, &te) {
+			field, _, _ := strings.Cut(te.Field, ".")
+			var val json.RawMessage
+			if i := slices.Index(keys, field); i >= 0 {
+				val = values[i]
+			}
+			msg := fmt.Sprintf("%s %s: must be %s", field, excerpt(val), describeType(known[field]))
+			return fieldError(field, anyValue(val), msg)
+		}
+		return badRequest("decoding the request body: %v", err)
+	}
+	return nil
+}
+
+// objectKeys returns the keys of a JSON object, in order, with their
+// values.
+func objectKeys(obj json.RawMessage) ([]string, []json.RawMessage, error) {
+	dec := json.NewDecoder(bytes.NewReader(obj))
+	if _, err := dec.Token(); err != nil { // '{'
+		return nil, nil, err
+	}
+	var keys []string
+	var values []json.RawMessage
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return nil, nil, err
+		}
+		k, _ := tok.(string)
+		var v json.RawMessage
+		if err := dec.Decode(&v); err != nil {
+			return nil, nil, err
+		}
+		keys = append(keys, k)
+		values = append(values, v)
+	}
+	return keys, values, nil
+}
+
+// anyValue is a JSON value as a Go value for a response; numbers keep
+// their digits. A value over 256 bytes is left out (nil).
+func anyValue(raw json.RawMessage) any {
+	if len(raw) == 0 || len(raw) > 256 {
+		return nil
+	}
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.UseNumber()
+	var v any
+	if dec.Decode(&v) != nil {
+		return nil
+	}
+	return v
+}
+
+// excerpt is up to 60 bytes of raw JSON, for a message.
+func excerpt(b []byte) string {
+	var buf bytes.Buffer
+	if json.Compact(&buf, b) == nil {
+		b = buf.Bytes()
+	}
+	if len(b) > 60 {
+		return string(b[:60]) + "…"
+	}
+	return string(b)
+}
+
+// syntaxMessage says where a JSON syntax error is.
+func syntaxMessage(err error, body []byte) string {
+	var se *json.SyntaxError
+	if errors.As(err, &se) {
+		return fmt.Sprintf("%v (at byte %d)", se, se.Offset)
+	}
+	if errors.Is(err, io.ErrUnexpectedEOF) {
+		return fmt.Sprintf("it ends early, after %d bytes", len(body))
+	}
+	return err.Error()
+}
+
+// describeType says what a JSON value of Go type t looks like.
+func describeType(t reflect.Type) string {
+	if t == nil {
+		return "a valid value"
+	}
+	switch t.Kind() {
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		return "an integer"
+	case reflect.String:
+		return "a string"
+	case reflect.Bool:
+		return "true or false"
+	case reflect.Slice:
+		return "a list of " + strings.TrimPrefix(strings.TrimPrefix(describeType(t.Elem()), "a "), "an ") + "s"
+	}
+	return "a " + t.Kind().String()
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// parseConnLogQuery reads the query of GET /{id}/connections: limit
+// (1-1000, default 50), before (an entry id) and action (allowed or
+// blocked). Anything else is refused.
+func parseConnLogQuery(q url.Values) (storage.ConnLogQuery, error) {
+	out := storage.ConnLogQuery{Limit: storage.DefaultConnLogLimit}
+	for _, name := range sortedKeys(q) {
+		vals := q[name]
+		if len(vals) > 1 {
+			return out, fieldError(name, vals[0], fmt.Sprintf("query parameter %s is given %d times; give it once", name, len(vals)))
+		}
+		v := vals[0]
+		switch name {
+		case "limit":
+			n, err := strconv.Atoi(v)
+			if err != nil || !allDigits(v) || n < 1 || n > storage.MaxConnLogLimit {
+				return out, fieldError(name, v, fmt.Sprintf("limit %q: must be an integer from 1 to %d (default %d)",
+					v, storage.MaxConnLogLimit, storage.DefaultConnLogLimit))
+			}
+			out.Limit = n
+		case "before":
+			id, ok := parseID(v)
+			if !ok {
+				return out, fieldError(name, v, fmt.Sprintf("before %q: must be a positive integer, an entry id (the next_before of the previous page)", v))
+			}
+			out.Before = id
+		case "action":
+			if v != storage.ActionAllowed && v != storage.ActionBlocked {
+				return out, fieldError(name, v, fmt.Sprintf("action %q: must be %s or %s", v, storage.ActionAllowed, storage.ActionBlocked))
+			}
+			out.Action = v
+		default:
+			return out, fieldError(name, v, fmt.Sprintf("unknown query parameter %q; the parameters are: action, before, limit", name))
+		}
+	}
+	return out, nil
+}

@@ -1,0 +1,139 @@
+package admin
+
+import (
+	"encoding/json"
+	"errors"
+	"net/http"
+	"strconv"
+	"strings"
+
+	"github.com/aegis-proxy/caddy-aegis/modules/streams"
+)
+
+// apiError is an error response:
+//
+//	{"error": "...", "field": "...", "value": ..., "errors": [{"field", "value", "message"}, ...]}
+//
+// field and value name the setting at fault, if one is; errors lists every
+// setting at fault, the first of which is also in field and value.
+type apiError struct {
+	Status  int            `json:"-"`
+	Message string         `json:"error"`
+	Field   string         `json:"field,omitempty"`
+	Value   any            `json:"value,omitempty"`
+	Errors  []fieldProblem `json:"errors,omitempty"`
+
+	allow string // the Allow header of a 405
+}
+
+func (e *apiError) Error() string { return e.Message }
+
+// fieldProblem is one setting at fault.
+type fieldProblem struct {
+	Field string `json:"field"`
+	// Value is the bad value as JSON: a number, a string, a boolean.
+	Value   any    `json:"value"`
+	Message string `json:"message"`
+}
+
+// fieldError is a 400 about one field.
+func fieldError(field string, value any, msg string) *apiError {
+	return &apiError{Status: http.StatusBadRequest, Message: msg, Field: field, Value: value,
+		Errors: []fieldProblem{{Field: field, Value: value, Message: msg}}}
+}
+
+func problemOf(fe *streams.FieldError) fieldProblem {
+	return fieldProblem{Field: fe.Field, Value: jsonValue(fe.Value), Message: fe.Error()}
+}
+
+// jsonValue turns a FieldError's Value, written as its message shows it,
+// back into a JSON value: a quoted string is unquoted, an integer becomes
+// a number, true and false booleans; anything else (e.g. "5432/tcp")
+// stays a string.
+func jsonValue(v string) any {
+	if strings.HasPrefix(v, `"`) {
+		if s, err := strconv.Unquote(v); err == nil {
+			return s
+		}
+	}
+	if n, err := strconv.ParseInt(v, 10, 64); err == nil {
+		return n
+	}
+	if b, err := strconv.ParseBool(v); err == nil && (v == "true" || v == "false") {
+		return b
+	}
+	return v
+}
+
+// toAPIError maps an error to its response: an *apiError as it is; the
+// streams package's sentinels to 503, 404 and 409; validation problems
+// (*streams.FieldError, one or several joined) to 400; anything else to
+// 500.
+func toAPIError(err error) *apiError {
+	var ae *apiError
+	if errors.As(err, &ae) {
+		return ae
+	}
+	msg := err.Error()
+	switch {
+	case errors.Is(err, streams.ErrNotRunning):
+		return &apiError{Status: http.StatusServiceUnavailable,
+			Message: msg + ": the Caddy config has no streams app, or it is being replaced; try again, or add a streams app to the config"}
+	case errors.Is(err, streams.ErrNotFound):
+		return &apiError{Status: http.StatusNotFound, Message: msg}
+	case errors.Is(err, streams.ErrReadOnly):
+		return &apiError{Status: http.StatusConflict, Message: msg}
+	case errors.Is(err, streams.ErrConflict):
+		return &apiError{Status: http.StatusConflict, Message: msg}
+	case errors.Is(err, streams.ErrNoStorage):
+		return &apiError{Status: http.StatusConflict,
+			Message: msg + ": streams cannot be created, changed or deleted through the API and there is no stored connection log; turn storage on in the streams app config"}
+	}
+	var msgs []string
+	var probs []fieldProblem
+	for _, leaf := range leaves(err) {
+		var fe *streams.FieldError
+		if errors.As(leaf, &fe) {
+			probs = append(probs, problemOf(fe))
+			msgs = append(msgs, fe.Error())
+		} else {
+			msgs = append(msgs, leaf.Error())
+		}
+	}
+	if len(probs) == 0 {
+		return &apiError{Status: http.StatusInternalServerError, Message: "internal error: " + msg}
+	}
+	return &apiError{Status: http.StatusBadRequest, Message: strings.Join(msgs, "; "),
+		Field: probs[0].Field, Value: probs[0].Value, Errors: probs}
+}
+
+// leaves unpacks the errors joined in err (errors.Join, also when wrapped
+// in a single-error wrapper such as fmt.Errorf with %w).
+func leaves(err error) []error {
+	for e := err; e != nil; {
+		if j, ok := e.(interface{ Unwrap() []error }); ok {
+			var out []error
+			for _, x := range j.Unwrap() {
+				out = append(out, leaves(x)...)
+			}
+			return out
+		}
+		e = errors.Unwrap(e)
+	}
+	return []error{err}
+}
+
+// writeJSON writes v as the JSON response with the given status.
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		status = http.StatusInternalServerError
+		b, _ = json.Marshal(&apiError{Message: "internal error: encoding the response: " + err.Error()})
+	}
+	h := w.Header()
+	h.Set("Content-Type", "application/json")
+	h.Set("X-Content-Type-Options", "nosniff")
+	h.Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
+	_, _ = w.Write(append(b, '\n'))
+}

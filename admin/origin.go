@@ -1,0 +1,116 @@
+package admin
+
+import (
+	"fmt"
+	"mime"
+	"net"
+	"net/http"
+	"net/url"
+	"slices"
+	"strings"
+)
+
+// A state-changing request (POST, PUT, DELETE) must come from the API's own
+// origin, or one the HTTP handler lists in allowed_origins, and POST and PUT
+// must be sent as application/json. Together this keeps a web page of
+// another site from driving the API through a visitor's browser: a form or
+// a no-cors fetch cannot send application/json, and a browser names the
+// page's origin in the Origin header of every cross-origin request that
+// could.
+
+// checkOrigin refuses (403) a state-changing request from another origin:
+// one whose Origin header names a host and port other than the request's
+// (its Host header; without a port there, 443 with TLS and 80 without) and
+// an origin not in a.origins, or, without an Origin header, whose
+// Sec-Fetch-Site says it comes from another site. Requests with neither
+// header (curl, scripts) pass.
+func (a *api) checkOrigin(r *http.Request) error {
+	origin := r.Header.Get("Origin")
+	if origin == "" {
+		switch site := r.Header.Get("Sec-Fetch-Site"); site {
+		case "", "same-origin", "none":
+			return nil
+		default:
+			return &apiError{Status: http.StatusForbidden, Message: fmt.Sprintf(
+				"cross-site request refused: a %s request from another site (Sec-Fetch-Site: %s) may not change streams", r.Method, site)}
+		}
+	}
+	norm, err := normalizeOrigin(origin)
+	if err != nil {
+		return &apiError{Status: http.StatusForbidden, Message: fmt.Sprintf("origin %q refused: %v", origin, err)}
+	}
+	if sameHost(norm, r) || slices.Contains(a.origins, norm) {
+		return nil
+	}
+	return &apiError{Status: http.StatusForbidden, Message: fmt.Sprintf(
+		"origin %q refused: a %s request may not change streams from another origin than this server's (%s)%s",
+		origin, r.Method, r.Host, a.originHint)}
+}
+
+// normalizeOrigin returns an origin as "scheme://host[:port]": lower case,
+// without the scheme's default port.
+func normalizeOrigin(s string) (string, error) {
+	u, err := url.Parse(s)
+	if err != nil {
+		return "", err
+	}
+	if u.Scheme != "http" && u.Scheme != "https" {
+		return "", fmt.Errorf("want http://host[:port] or https://host[:port]")
+	}
+	if u.Host == "" || u.User != nil || (u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.Fragment != "" {
+		return "", fmt.Errorf("want only a scheme, a host and an optional port, as in https://example.com:8443")
+	}
+	scheme := strings.ToLower(u.Scheme)
+	return scheme + "://" + stripDefaultPort(scheme, strings.ToLower(u.Host)), nil
+}
+
+// sameHost reports whether the normalized origin has the host and port
+// that r was sent to.
+func sameHost(origin string, r *http.Request) bool {
+	u, err := url.Parse(origin)
+	if err != nil {
+		return false
+	}
+	oport := u.Port()
+	if oport == "" {
+		oport = defaultPort(u.Scheme)
+	}
+	host, port, err := net.SplitHostPort(r.Host)
+	if err != nil {
+		host, port = strings.Trim(r.Host, "[]"), ""
+	}
+	if port == "" {
+		port = "80"
+		if r.TLS != nil {
+			port = "443"
+		}
+	}
+	return strings.EqualFold(u.Hostname(), host) && oport == port
+}
+
+func defaultPort(scheme string) string {
+	if scheme == "https" {
+		return "443"
+	}
+	return "80"
+}
+
+func stripDefaultPort(scheme, hostport string) string {
+	return strings.TrimSuffix(hostport, ":"+defaultPort(scheme))
+}
+
+// requireJSON refuses (415) a request body that is not declared as
+// application/json.
+func requireJSON(r *http.Request) error {
+	ct := r.Header.Get("Content-Type")
+	mt, _, err := mime.ParseMediaType(ct)
+	if err == nil && mt == "application/json" {
+		return nil
+	}
+	got := "none"
+	if ct != "" {
+		got = fmt.Sprintf("%q", ct)
+	}
+	return &apiError{Status: http.StatusUnsupportedMediaType,
+		Message: fmt.Sprintf("a %s request needs Content-Type: application/json (got %s)", r.Method, got)}
+}
