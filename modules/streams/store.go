@@ -65,9 +65,10 @@ func (s *sharedStore) Destruct() error {
 func (s *sharedStore) release() { _, _ = stores.Delete(s.path) }
 
 // logSink hands a stream's connection-log entry to the writer, which
-// batches it into the database; it never blocks.
-func (s *sharedStore) logSink(r streamstate.LogRecord) {
-	s.logw.Enqueue(storage.ConnLog{
+// batches it into the database. It never blocks: when the writer is behind,
+// the entry is dropped (and counted in the stream's log_entries_dropped).
+func (s *sharedStore) logSink(r streamstate.LogRecord) bool {
+	return s.logw.Enqueue(storage.ConnLog{
 		StreamID:         r.StreamID,
 		SourceIP:         r.Source.Addr().Unmap().String(),
 		SourcePort:       int(r.Source.Port()),

@@ -85,7 +85,7 @@ type Stream struct {
 	logq    chan logEntry
 	logStop chan struct{}
 	logDone chan struct{}
-	sink    atomic.Pointer[func(LogRecord)]
+	sink    atomic.Pointer[func(LogRecord) bool]
 
 	blockedMu     sync.Mutex
 	blockedLogged map[netip.Addr]time.Time // last log of a refused source
@@ -246,8 +246,9 @@ type logEntry struct {
 }
 
 // SetLogSink makes the log writer also hand every entry to f (nil: none),
-// from its own goroutine, never from a relay's. f must not block for long.
-func (s *Stream) SetLogSink(f func(LogRecord)) {
+// from its own goroutine, never from a relay's. f must not block; it
+// returns false when it had to drop the entry, which LogDropped counts.
+func (s *Stream) SetLogSink(f func(LogRecord) bool) {
 	if f == nil {
 		s.sink.Store(nil)
 		return
@@ -299,8 +300,8 @@ func (s *Stream) writeLog(e logEntry) {
 		fields = append(fields, zap.Uint64("datagrams_sent", r.DatagramsSent), zap.Uint64("datagrams_received", r.DatagramsReceived))
 	}
 	e.logger.Info("connection", fields...)
-	if f := s.sink.Load(); f != nil {
-		(*f)(e.rec)
+	if f := s.sink.Load(); f != nil && !(*f)(e.rec) {
+		s.LogDropped.Add(1)
 	}
 }
 

@@ -244,10 +244,11 @@ func TestLogBlockedOncePerSource(t *testing.T) {
 	st := New(1)
 	var got []LogRecord
 	var mu sync.Mutex
-	st.SetLogSink(func(r LogRecord) {
+	st.SetLogSink(func(r LogRecord) bool {
 		mu.Lock()
 		got = append(got, r)
 		mu.Unlock()
+		return true
 	})
 	flood := netip.MustParseAddrPort("192.0.2.1:1000")
 	for i := range 1000 {
@@ -260,5 +261,20 @@ func TestLogBlockedOncePerSource(t *testing.T) {
 	<-st.logDone
 	if len(got) != 2 || got[0].Source.Addr() != flood.Addr() || got[1].Source.Addr().String() != "192.0.2.2" || !got[0].Blocked || got[1].Reason != ReasonMaxConnections {
 		t.Fatalf("logged %+v, want one entry for 192.0.2.1 and one for 192.0.2.2", got)
+	}
+}
+
+// An entry the sink cannot take (storage behind) counts as dropped.
+func TestLogSinkDropsAreCounted(t *testing.T) {
+	st := New(1)
+	st.SetLogSink(func(LogRecord) bool { return false })
+	for i := range 3 {
+		st.LogBlocked(zap.NewNop(), "t", netip.AddrPortFrom(netip.AddrFrom4([4]byte{192, 0, 2, byte(i)}), 1), ReasonACLDenied, false)
+	}
+	st.cancel()
+	close(st.logStop)
+	<-st.logDone
+	if got := st.LogDropped.Load(); got != 3 {
+		t.Fatalf("LogDropped = %d after the sink refused 3 entries, want 3", got)
 	}
 }
