@@ -23,7 +23,7 @@ vet:
 # The allocation checks, which need a build without the race detector, then
 # every test with it (fuzz targets run their committed seeds).
 test: vet build
-	$(GO) test -count=1 -run 'NotAllocate' ./modules/l4aegisproxy
+	$(GO) test -count=1 -run 'NotAllocate' ./modules/l4aegisproxy ./modules/udpnat
 	$(GO) test -race -count=1 ./...
 	$(BIN) validate --config Caddyfile.example --adapter caddyfile
 
