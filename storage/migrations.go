@@ -79,6 +79,33 @@ CREATE TABLE conn_log (
 			`CREATE INDEX conn_log_stream_id_id ON conn_log (stream_id, id)`,
 		},
 	},
+	{
+		version: 3,
+		name:    "create certificates",
+		// key_sealed is the private key sealed with AES-256-GCM: nonce ||
+		// ciphertext, the certificate's ID as additional data. It is set
+		// right after the row is inserted (the ID must be known first), so
+		// a custom row may be without it inside that transaction; managed
+		// rows never have one. hosts.ssl_cert_id cannot reference this
+		// table (it is NOT NULL DEFAULT 0, and SQLite cannot add a foreign
+		// key to an existing table): DeleteCertificate checks it.
+		stmts: []string{`
+CREATE TABLE certificates (
+	id              INTEGER PRIMARY KEY AUTOINCREMENT CHECK (id > 0),
+	name            TEXT    NOT NULL,
+	source          TEXT    NOT NULL CHECK (source IN ('custom', 'managed')),
+	domains         TEXT    NOT NULL DEFAULT '[]' CHECK (json_valid(domains)),
+	issuer          TEXT    NOT NULL DEFAULT '',
+	not_before      INTEGER,
+	not_after       INTEGER,
+	certificate_pem TEXT    NOT NULL DEFAULT '',
+	key_sealed      BLOB,
+	created_at      INTEGER NOT NULL,
+	updated_at      INTEGER NOT NULL,
+	CHECK (source = 'custom' OR (key_sealed IS NULL AND certificate_pem = ''))
+) STRICT`,
+		},
+	},
 }
 
 // migrate applies the migrations in migs above the database's version, up

@@ -46,7 +46,7 @@ func appliedVersions(t *testing.T, s *SQLite) []int {
 // wrote it, with a host in it, and opens it with this version.
 func TestMigrateFromVersion1(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "aegis.db")
-	old, err := openAt(path, 1)
+	old, err := openAt(path, 1, OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -108,6 +108,76 @@ func TestMigrateFromVersion1(t *testing.T) {
 	}
 }
 
+// TestMigrateFromVersion2 builds a database as the second schema version
+// wrote it, with hosts (one referring to a certificate ID, as the API
+// allowed before certificates were stored) and a connection log, and opens
+// it with this version: everything is kept and certificates work.
+func TestMigrateFromVersion2(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "aegis.db")
+	old, err := openAt(path, 2, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := appliedVersions(t, old); !reflect.DeepEqual(got, []int{1, 2}) {
+		t.Fatalf("versions after openAt(2) = %v", got)
+	}
+	for _, stmt := range []string{
+		`INSERT INTO hosts (id, name, listen_port, upstream_host, upstream_port, ssl_enabled, ssl_cert_id,
+			created_at, updated_at) VALUES (1, 'db', 5432, 'pg', 5432, 1, 1, 1700000000000, 1700000000000)`,
+		`INSERT INTO hosts (id, name, listen_port, upstream_host, upstream_port, created_at, updated_at)
+			VALUES (2, 'web', 8080, 'backend', 80, 1700000000000, 1700000000000)`,
+		`INSERT INTO conn_log (stream_id, source_ip, bytes_sent, action, started_at)
+			VALUES (1, '192.0.2.1', 100, 'allowed', 1700000000500), (2, '192.0.2.2', 0, 'blocked', 1700000000600)`,
+	} {
+		if _, err := old.write.Exec(stmt); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx := context.Background()
+	hostsBefore, err := old.ListHosts(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	logsBefore, err := old.ConnLogs(ctx, ConnLogQuery{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := old.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	s, err := OpenWith(path, OpenOptions{Key: testKey})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if got := appliedVersions(t, s); !reflect.DeepEqual(got, []int{1, 2, 3}) {
+		t.Errorf("versions after Open = %v, want [1 2 3]", got)
+	}
+	if hosts, err := s.ListHosts(ctx); err != nil || len(hosts) != 2 || !reflect.DeepEqual(hosts, hostsBefore) {
+		t.Errorf("hosts after migrating: %+v, %v", hosts, err)
+	}
+	if logs, err := s.ConnLogs(ctx, ConnLogQuery{}); err != nil || len(logs) != 2 || !reflect.DeepEqual(logs, logsBefore) {
+		t.Errorf("connection log after migrating: %+v, %v", logs, err)
+	}
+	if certs, err := s.ListCertificates(ctx); err != nil || len(certs) != 0 {
+		t.Errorf("certificates after migrating: %+v, %v", certs, err)
+	}
+
+	// The new table works, and sees the hosts that were there.
+	tc := ecCert(t, "db.example.com")
+	c, err := s.CreateCertificate(ctx, customCert(tc, "db"), []byte(tc.keyPEM), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.ID != 1 {
+		t.Fatalf("first certificate has ID %d", c.ID)
+	}
+	if err := s.DeleteCertificate(ctx, c.ID, nil); !errors.Is(err, ErrInUse) {
+		t.Errorf("deleting the certificate the old host names: %v, want ErrInUse", err)
+	}
+}
+
 func TestNewerSchemaRefused(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "aegis.db")
 	s, err := Open(path)
@@ -135,7 +205,7 @@ func TestNewerSchemaRefused(t *testing.T) {
 	}
 
 	// Refusing it left it alone.
-	s, err = openAt(path, 0)
+	s, err = openAt(path, 0, OpenOptions{})
 	if err == nil {
 		defer s.Close()
 	}
@@ -148,7 +218,7 @@ func TestNewerSchemaRefused(t *testing.T) {
 // fails: its first statement is rolled back and the version stays.
 func TestFailedMigrationRollsBack(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "aegis.db")
-	s, err := openAt(path, 1)
+	s, err := openAt(path, 1, OpenOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,6 +2,7 @@ package storage
 
 import (
 	"context"
+	"crypto/cipher"
 	"database/sql"
 	"errors"
 	"fmt"
@@ -36,25 +37,55 @@ type SQLite struct {
 	write *sql.DB
 	read  *sql.DB
 	now   func() time.Time
+
+	// sealer encrypts certificates' private keys; nil when the store was
+	// opened without a key.
+	sealer cipher.AEAD
 }
 
 var _ Store = (*SQLite)(nil)
+
+// OpenOptions are the settings of OpenWith.
+type OpenOptions struct {
+	// Key is the AES-256 key that seals the private keys of custom
+	// certificates: 32 bytes, as LoadOrCreateKey or ParseKey return it.
+	// OpenWith copies it. Default: none (nil or empty), and the store
+	// refuses to write or read a private key with ErrNoKey; everything
+	// else works.
+	Key []byte
+}
 
 // Open opens the SQLite database at path, creating the file and its parent
 // directory if they are missing, and migrates its schema to the latest
 // version. A database whose schema is newer than this version knows is
 // refused with ErrSchemaTooNew.
+//
+// The store has no key to seal private keys with: see OpenWith.
 func Open(path string) (*SQLite, error) {
-	return openAt(path, len(migrations))
+	return openAt(path, len(migrations), OpenOptions{})
 }
 
-// openAt is Open that migrates the schema only up to version. Tests use it
-// to build databases as older versions wrote them.
-func openAt(path string, version int) (*SQLite, error) {
+// OpenWith is Open with options: use it with OpenOptions.Key to store
+// custom certificates. A key that is not 32 bytes is ErrInvalid.
+func OpenWith(path string, opts OpenOptions) (*SQLite, error) {
+	return openAt(path, len(migrations), opts)
+}
+
+// openAt is OpenWith that migrates the schema only up to version. Tests
+// use it to build databases as older versions wrote them.
+func openAt(path string, version int, opts OpenOptions) (*SQLite, error) {
+	var sealer cipher.AEAD
+	if len(opts.Key) > 0 {
+		var err error
+		if sealer, err = newSealer(opts.Key); err != nil {
+			return nil, fmt.Errorf("storage: open %s: %w", path, err)
+		}
+	}
 	s, err := openPools(path)
 	if err != nil {
 		return nil, fmt.Errorf("storage: open %s: %w", path, err)
 	}
+	s.sealer = sealer
 	if err := migrate(context.Background(), s.write, migrations, version); err != nil {
 		s.Close()
 		return nil, fmt.Errorf("storage: open %s: %w", path, err)

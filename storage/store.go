@@ -1,9 +1,14 @@
-// Package storage keeps stream hosts and the connection log in an embedded
-// database.
+// Package storage keeps stream hosts, the connection log and TLS
+// certificates in an embedded database.
 //
 // Store is the interface the streams app and the admin API use; SQLite is
 // its implementation on an SQLite file (pure Go, no cgo). LogWriter puts
 // connection-log entries into a Store in batches, off the connection path.
+//
+// The private keys of custom certificates are stored sealed with AES-256-GCM
+// under a key the store is opened with (OpenWith, LoadOrCreateKey,
+// ParseKey); no type the store returns holds a private key, except the
+// bytes CertificateKey returns.
 //
 // The package imports no Caddy package: it knows nothing of listeners or
 // handlers. The streams app converts between its Stream type and Host.
@@ -32,14 +37,27 @@ var (
 	// this package, with migrations this version does not know. It is
 	// refused rather than used, since this version could damage it.
 	ErrSchemaTooNew = errors.New("database schema is newer than this version supports")
+
+	// ErrInUse means a certificate cannot be deleted because stream hosts
+	// use it; the error is an *InUseError that names them.
+	ErrInUse = errors.New("in use")
+
+	// ErrNoKey means a private key had to be sealed or opened, but the
+	// store was opened without an encryption key (see OpenWith).
+	ErrNoKey = errors.New("no encryption key for private keys is configured")
+
+	// ErrWrongKey means a sealed private key does not open with the
+	// store's key: the key is not the one it was sealed with, or the
+	// sealed bytes were changed or moved to another certificate.
+	ErrWrongKey = errors.New("the private key cannot be decrypted with this key (was the key file replaced?)")
 )
 
-// Store keeps stream hosts and their connection log.
+// Store keeps stream hosts, their connection log and certificates.
 //
-// Every write is one transaction. Host writes take an apply callback that
-// runs inside the transaction, after the change is written and before it is
-// committed, with the host as it will be stored: the caller applies the
-// change to the running proxy there. If apply returns an error, the
+// Every write is one transaction. Host and certificate writes take an apply
+// callback that runs inside the transaction, after the change is written
+// and before it is committed, with the host (or certificate) as it will be
+// stored: the caller applies the change to the running proxy there. If apply returns an error, the
 // transaction is rolled back and the method returns that error wrapped (so
 // errors.Is and errors.As see it); the database is unchanged. Either the
 // host is stored and live, or nothing is left behind.
@@ -93,6 +111,48 @@ type Store interface {
 	// connection log and returns how many it deleted. keep 0 deletes them
 	// all; a negative keep is ErrInvalid.
 	PruneConnLogs(ctx context.Context, streamID int64, keep int) (int64, error)
+
+	// ListCertificates returns every certificate, ordered by ID, without
+	// private keys.
+	ListCertificates(ctx context.Context) ([]Certificate, error)
+
+	// GetCertificate returns the certificate with the given ID, or
+	// ErrNotFound.
+	GetCertificate(ctx context.Context, id int64) (Certificate, error)
+
+	// CertificateKey returns the private key of the custom certificate
+	// with the given ID, decrypted: the PEM given when it was stored. It
+	// is for the engine that serves TLS; never return it through the API.
+	// It fails with ErrNotFound, with ErrInvalid for a managed
+	// certificate (Caddy keeps those keys), with ErrNoKey when the store
+	// has no key and with ErrWrongKey when its key does not open it.
+	CertificateKey(ctx context.Context, id int64) ([]byte, error)
+
+	// CreateCertificate stores a new certificate and returns it as stored;
+	// IDs, CreatedAt and UpdatedAt are handled as CreateHost does. A
+	// custom certificate needs CertificatePEM and keyPEM, which is stored
+	// sealed (ErrNoKey without a store key); a managed one must have
+	// neither. An unknown Source is ErrInvalid. The store does not parse
+	// either PEM: validate them first (package modules/certs). apply does
+	// not receive the private key: the caller has it.
+	CreateCertificate(ctx context.Context, c Certificate, keyPEM []byte, apply func(c Certificate) error) (Certificate, error)
+
+	// UpdateCertificate replaces every field of the certificate with ID
+	// c.ID and returns it as stored, or ErrNotFound; CreatedAt and
+	// UpdatedAt are handled as UpdateHost does. A nil or empty keyPEM
+	// keeps the stored private key (which the store cannot check against
+	// a new chain); a custom certificate that had none (it was managed)
+	// needs one. Making a certificate managed drops its chain and key.
+	// apply receives the certificate before and after the change.
+	UpdateCertificate(ctx context.Context, c Certificate, keyPEM []byte, apply func(old, new Certificate) error) (Certificate, error)
+
+	// DeleteCertificate deletes the certificate with the given ID, or
+	// returns ErrNotFound. While stream hosts have it as their
+	// ssl_cert_id (whether or not TLS is enabled on them) it refuses
+	// with an *InUseError (errors.Is ErrInUse) that lists them. Streams
+	// defined only in the Caddy config are not in the store: check those
+	// in apply, which receives the certificate as it was.
+	DeleteCertificate(ctx context.Context, id int64, apply func(old Certificate) error) error
 
 	// Close releases the store. Calls after Close fail.
 	Close() error

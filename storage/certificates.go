@@ -1,0 +1,393 @@
+package storage
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+)
+
+// Sources of a certificate.
+const (
+	// SourceCustom is a certificate uploaded with its private key.
+	SourceCustom = "custom"
+	// SourceManaged is a certificate Caddy's TLS automation obtains and
+	// renews for Domains; Caddy keeps its key.
+	SourceManaged = "managed"
+)
+
+// Certificate is a TLS certificate as stored, without its private key: no
+// field holds it, so nothing can serialize it by accident. CertificateKey
+// returns the key of a custom certificate.
+//
+// The store keeps what it is given: parse and validate certificates before
+// storing them (package modules/certs).
+type Certificate struct {
+	// ID identifies the certificate; > 0 once stored. Hosts refer to it
+	// as ssl_cert_id.
+	ID int64 `json:"id"`
+
+	// Name is a human-readable name.
+	Name string `json:"name"`
+
+	// Source is SourceCustom or SourceManaged.
+	Source string `json:"source"`
+
+	// Domains are the names the certificate is for: the leaf's DNS names
+	// and IP addresses for a custom certificate, the names to obtain a
+	// certificate for when managed. Empty is returned as nil.
+	Domains []string `json:"domains"`
+
+	// Issuer names the certificate's issuer; "" while a managed
+	// certificate has not been obtained.
+	Issuer string `json:"issuer,omitempty"`
+
+	// NotBefore and NotAfter bound the certificate's validity, stored to
+	// the millisecond, returned in UTC; zero while unknown.
+	NotBefore time.Time `json:"not_before,omitzero"`
+	NotAfter  time.Time `json:"not_after,omitzero"`
+
+	// CertificatePEM is the chain of a custom certificate, leaf first: the
+	// public part only. Empty for a managed certificate.
+	CertificatePEM string `json:"certificate,omitempty"`
+
+	// CreatedAt is when the certificate was created, in UTC, to the
+	// millisecond. Set by the store.
+	CreatedAt time.Time `json:"created_at,omitzero"`
+
+	// UpdatedAt is when the certificate was last written, in UTC, to the
+	// millisecond. Set by the store.
+	UpdatedAt time.Time `json:"updated_at,omitzero"`
+}
+
+// InUseError is the error of DeleteCertificate for a certificate that
+// stream hosts use. errors.Is(err, ErrInUse) holds for it; errors.As
+// finds the streams. Its message names them, for example
+// `certificate 3 is used by streams 1 ("db"), 4 ("mail")`.
+type InUseError struct {
+	// CertID is the certificate's ID.
+	CertID int64
+
+	// StreamIDs are the IDs of the hosts that use it, in order.
+	StreamIDs []int64
+
+	// StreamNames are their names, in the same order ("" for a host
+	// without a name).
+	StreamNames []string
+}
+
+func (e *InUseError) Error() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "certificate %d is used by stream", e.CertID)
+	if len(e.StreamIDs) != 1 {
+		b.WriteString("s")
+	}
+	for i, id := range e.StreamIDs {
+		if i > 0 {
+			b.WriteString(",")
+		}
+		fmt.Fprintf(&b, " %d", id)
+		if i < len(e.StreamNames) && e.StreamNames[i] != "" {
+			fmt.Fprintf(&b, " (%q)", e.StreamNames[i])
+		}
+	}
+	return b.String()
+}
+
+// Is reports whether target is ErrInUse.
+func (e *InUseError) Is(target error) bool { return target == ErrInUse }
+
+// certColumns are the certificates table's columns in the order scanCert
+// reads them; the sealed key is read only by CertificateKey.
+const certColumns = `id, name, source, domains, issuer, not_before, not_after,
+	certificate_pem, created_at, updated_at`
+
+func scanCert(r rowScanner) (Certificate, error) {
+	var (
+		c                    Certificate
+		domains              string
+		notBefore, notAfter  sql.NullInt64
+		createdAt, updatedAt sql.NullInt64
+	)
+	err := r.Scan(&c.ID, &c.Name, &c.Source, &domains, &c.Issuer, &notBefore, &notAfter,
+		&c.CertificatePEM, &createdAt, &updatedAt)
+	if err != nil {
+		return Certificate{}, err
+	}
+	if c.Domains, err = decodeList(domains); err != nil {
+		return Certificate{}, fmt.Errorf("certificate %d: domains: %v", c.ID, err)
+	}
+	c.NotBefore = fromMillis(notBefore)
+	c.NotAfter = fromMillis(notAfter)
+	c.CreatedAt = fromMillis(createdAt)
+	c.UpdatedAt = fromMillis(updatedAt)
+	return c, nil
+}
+
+// normalizedCert is c as it reads back from the database: its own copy of
+// Domains, nil when empty, and times to the millisecond in UTC.
+func normalizedCert(c Certificate) Certificate {
+	c.Domains = slices.Clip(slices.Clone(c.Domains))
+	if len(c.Domains) == 0 {
+		c.Domains = nil
+	}
+	c.NotBefore = fromMillis(millis(c.NotBefore))
+	c.NotAfter = fromMillis(millis(c.NotAfter))
+	return c
+}
+
+// checkCert checks what the store requires of a certificate it writes,
+// whatever it was before: a known source, and a chain for a custom
+// certificate and none, nor a key, for a managed one.
+func (s *SQLite) checkCert(c Certificate, keyPEM []byte) error {
+	switch c.Source {
+	case SourceCustom:
+		if c.CertificatePEM == "" {
+			return fmt.Errorf("a custom certificate needs its chain (certificate): %w", ErrInvalid)
+		}
+		if len(keyPEM) > 0 && s.sealer == nil {
+			return ErrNoKey
+		}
+	case SourceManaged:
+		if c.CertificatePEM != "" || len(keyPEM) > 0 {
+			return fmt.Errorf("a managed certificate has no stored chain or private key: %w", ErrInvalid)
+		}
+	default:
+		return fmt.Errorf("source %q: must be %q or %q: %w", c.Source, SourceCustom, SourceManaged, ErrInvalid)
+	}
+	return nil
+}
+
+// ListCertificates returns every certificate, ordered by ID.
+func (s *SQLite) ListCertificates(ctx context.Context) ([]Certificate, error) {
+	rows, err := s.read.QueryContext(ctx, `SELECT `+certColumns+` FROM certificates ORDER BY id`)
+	if err != nil {
+		return nil, fmt.Errorf("storage: listing certificates: %w", err)
+	}
+	defer rows.Close()
+	var certs []Certificate
+	for rows.Next() {
+		c, err := scanCert(rows)
+		if err != nil {
+			return nil, fmt.Errorf("storage: listing certificates: %w", err)
+		}
+		certs = append(certs, c)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("storage: listing certificates: %w", err)
+	}
+	return certs, nil
+}
+
+// GetCertificate returns the certificate with the given ID, or ErrNotFound.
+func (s *SQLite) GetCertificate(ctx context.Context, id int64) (Certificate, error) {
+	c, err := getCert(ctx, s.read, id)
+	if err != nil {
+		return Certificate{}, fmt.Errorf("storage: getting certificate %d: %w", id, err)
+	}
+	return c, nil
+}
+
+func getCert(ctx context.Context, q queryRower, id int64) (Certificate, error) {
+	c, err := scanCert(q.QueryRowContext(ctx, `SELECT `+certColumns+` FROM certificates WHERE id = ?`, id))
+	if errors.Is(err, sql.ErrNoRows) {
+		return Certificate{}, ErrNotFound
+	}
+	return c, err
+}
+
+// CertificateKey returns a custom certificate's private key, decrypted;
+// see Store.
+func (s *SQLite) CertificateKey(ctx context.Context, id int64) ([]byte, error) {
+	var (
+		source string
+		sealed []byte
+	)
+	err := s.read.QueryRowContext(ctx, `SELECT source, key_sealed FROM certificates WHERE id = ?`, id).Scan(&source, &sealed)
+	switch {
+	case errors.Is(err, sql.ErrNoRows):
+		return nil, fmt.Errorf("storage: reading the private key of certificate %d: %w", id, ErrNotFound)
+	case err != nil:
+		return nil, fmt.Errorf("storage: reading the private key of certificate %d: %w", id, err)
+	case source != SourceCustom:
+		return nil, fmt.Errorf("storage: certificate %d is %s: Caddy keeps its private key: %w", id, source, ErrInvalid)
+	case len(sealed) == 0:
+		return nil, fmt.Errorf("storage: certificate %d has no private key stored", id)
+	}
+	key, err := s.open(id, sealed)
+	if err != nil {
+		return nil, fmt.Errorf("storage: certificate %d: %w", id, err)
+	}
+	return key, nil
+}
+
+// CreateCertificate stores a new certificate; see Store.
+func (s *SQLite) CreateCertificate(ctx context.Context, c Certificate, keyPEM []byte, apply func(c Certificate) error) (Certificate, error) {
+	if c.ID < 0 {
+		return Certificate{}, fmt.Errorf("storage: creating certificate %d: id must be >= 0: %w", c.ID, ErrInvalid)
+	}
+	err := s.checkCert(c, keyPEM)
+	if err == nil && c.Source == SourceCustom && len(keyPEM) == 0 {
+		err = fmt.Errorf("a custom certificate needs its private key: %w", ErrInvalid)
+	}
+	if err != nil {
+		return Certificate{}, fmt.Errorf("storage: creating certificate: %w", err)
+	}
+	c = normalizedCert(c)
+	err = s.inTx(ctx, func(tx *sql.Tx) error {
+		if c.ID > 0 {
+			var n int
+			if err := tx.QueryRowContext(ctx, `SELECT COUNT(*) FROM certificates WHERE id = ?`, c.ID).Scan(&n); err != nil {
+				return err
+			}
+			if n > 0 {
+				return ErrConflict
+			}
+		}
+		c.CreatedAt = s.nowMillis()
+		c.UpdatedAt = c.CreatedAt
+		domains, err := encodeList(c.Domains)
+		if err != nil {
+			return fmt.Errorf("domains: %v", err)
+		}
+		var id any // NULL lets SQLite assign the ID
+		if c.ID > 0 {
+			id = c.ID
+		}
+		res, err := tx.ExecContext(ctx, `INSERT INTO certificates (id, name, source, domains, issuer,
+			not_before, not_after, certificate_pem, created_at, updated_at)
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+			id, c.Name, c.Source, domains, c.Issuer, millis(c.NotBefore), millis(c.NotAfter),
+			c.CertificatePEM, millis(c.CreatedAt), millis(c.UpdatedAt))
+		if err != nil {
+			return fmt.Errorf("inserting: %w", err)
+		}
+		if c.ID, err = res.LastInsertId(); err != nil {
+			return err
+		}
+		// The key is sealed with the ID as additional data, so only now.
+		if c.Source == SourceCustom {
+			sealed, err := s.seal(c.ID, keyPEM)
+			if err != nil {
+				return err
+			}
+			if _, err := tx.ExecContext(ctx, `UPDATE certificates SET key_sealed = ? WHERE id = ?`, sealed, c.ID); err != nil {
+				return fmt.Errorf("storing the private key: %w", err)
+			}
+		}
+		if apply != nil {
+			return apply(normalizedCert(c))
+		}
+		return nil
+	})
+	if err != nil {
+		if c.ID == 0 {
+			return Certificate{}, fmt.Errorf("storage: creating certificate: %w", err)
+		}
+		return Certificate{}, fmt.Errorf("storage: creating certificate %d: %w", c.ID, err)
+	}
+	return c, nil
+}
+
+// UpdateCertificate replaces a certificate; see Store.
+func (s *SQLite) UpdateCertificate(ctx context.Context, c Certificate, keyPEM []byte, apply func(old, new Certificate) error) (Certificate, error) {
+	if err := s.checkCert(c, keyPEM); err != nil {
+		return Certificate{}, fmt.Errorf("storage: updating certificate %d: %w", c.ID, err)
+	}
+	c = normalizedCert(c)
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		old, err := getCert(ctx, tx, c.ID)
+		if err != nil {
+			return err
+		}
+		c.CreatedAt = old.CreatedAt
+		c.UpdatedAt = s.nowMillis()
+		domains, err := encodeList(c.Domains)
+		if err != nil {
+			return fmt.Errorf("domains: %v", err)
+		}
+		query := `UPDATE certificates SET name = ?, source = ?, domains = ?, issuer = ?,
+			not_before = ?, not_after = ?, certificate_pem = ?, updated_at = ?`
+		args := []any{c.Name, c.Source, domains, c.Issuer, millis(c.NotBefore), millis(c.NotAfter),
+			c.CertificatePEM, millis(c.UpdatedAt)}
+		switch {
+		case c.Source == SourceManaged:
+			query += `, key_sealed = NULL`
+		case len(keyPEM) > 0:
+			sealed, err := s.seal(c.ID, keyPEM)
+			if err != nil {
+				return err
+			}
+			query += `, key_sealed = ?`
+			args = append(args, sealed)
+		case old.Source != SourceCustom:
+			return fmt.Errorf("a custom certificate needs its private key (it was %s and has none stored): %w", old.Source, ErrInvalid)
+		}
+		if _, err := tx.ExecContext(ctx, query+` WHERE id = ?`, append(args, c.ID)...); err != nil {
+			return fmt.Errorf("updating: %w", err)
+		}
+		if apply != nil {
+			return apply(old, normalizedCert(c))
+		}
+		return nil
+	})
+	if err != nil {
+		return Certificate{}, fmt.Errorf("storage: updating certificate %d: %w", c.ID, err)
+	}
+	return c, nil
+}
+
+// DeleteCertificate deletes a certificate that no host uses; see Store.
+func (s *SQLite) DeleteCertificate(ctx context.Context, id int64, apply func(old Certificate) error) error {
+	err := s.inTx(ctx, func(tx *sql.Tx) error {
+		old, err := getCert(ctx, tx, id)
+		if err != nil {
+			return err
+		}
+		if err := certInUse(ctx, tx, id); err != nil {
+			return err
+		}
+		if _, err := tx.ExecContext(ctx, `DELETE FROM certificates WHERE id = ?`, id); err != nil {
+			return fmt.Errorf("deleting: %w", err)
+		}
+		if apply != nil {
+			return apply(old)
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("storage: deleting certificate %d: %w", id, err)
+	}
+	return nil
+}
+
+// certInUse returns an *InUseError if hosts refer to the certificate id.
+func certInUse(ctx context.Context, tx *sql.Tx, id int64) error {
+	rows, err := tx.QueryContext(ctx, `SELECT id, name FROM hosts WHERE ssl_cert_id = ? ORDER BY id`, id)
+	if err != nil {
+		return fmt.Errorf("finding the hosts that use it: %w", err)
+	}
+	defer rows.Close()
+	inUse := &InUseError{CertID: id}
+	for rows.Next() {
+		var (
+			hostID int64
+			name   string
+		)
+		if err := rows.Scan(&hostID, &name); err != nil {
+			return fmt.Errorf("finding the hosts that use it: %w", err)
+		}
+		inUse.StreamIDs = append(inUse.StreamIDs, hostID)
+		inUse.StreamNames = append(inUse.StreamNames, name)
+	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("finding the hosts that use it: %w", err)
+	}
+	if len(inUse.StreamIDs) > 0 {
+		return inUse
+	}
+	return nil
+}
