@@ -171,13 +171,14 @@ func TestConnectionLogPaging(t *testing.T) {
 
 // activeConn is an open connection as the API lists it.
 type activeConn struct {
-	ID            uint64 `json:"id"`
-	Protocol      string `json:"protocol"`
-	Source        string `json:"source"`
-	SourceIP      string `json:"source_ip"`
-	BytesSent     uint64 `json:"bytes_sent"`
-	BytesReceived uint64 `json:"bytes_received"`
-	DatagramsSent uint64 `json:"datagrams_sent"`
+	ID                uint64 `json:"id"`
+	Protocol          string `json:"protocol"`
+	Source            string `json:"source"`
+	SourceIP          string `json:"source_ip"`
+	BytesSent         uint64 `json:"bytes_sent"`
+	BytesReceived     uint64 `json:"bytes_received"`
+	DatagramsSent     uint64 `json:"datagrams_sent"`
+	DatagramsReceived uint64 `json:"datagrams_received"`
 }
 
 func (inst *instance) active(sid int64) []activeConn {
@@ -226,7 +227,8 @@ func TestActiveConnections(t *testing.T) {
 	var ul []activeConn
 	eventually(t, "the UDP entry with its datagram counted", func() bool {
 		ul = inst.active(udpID)
-		return len(ul) == 1 && ul[0].DatagramsSent == 1
+		// The reply is counted just after it is sent.
+		return len(ul) == 1 && ul[0].DatagramsSent == 1 && ul[0].DatagramsReceived == 1
 	})
 	if ul[0].Protocol != "udp" || ul[0].Source != u.LocalAddr().String() || ul[0].BytesSent != 4 || ul[0].BytesReceived != 4 {
 		t.Fatalf("active UDP entries: %+v (client %s)", ul, u.LocalAddr())

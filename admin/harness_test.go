@@ -1,30 +1,22 @@
 package admin_test
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"maps"
 	"net"
 	"net/http"
-	"os"
-	"path/filepath"
-	"regexp"
-	"runtime"
+	"net/netip"
 	"slices"
-	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
+	"github.com/aegis-proxy/caddy-aegis/internal/loopback"
+	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
 
 	_ "github.com/aegis-proxy/caddy-aegis/admin"
 	_ "github.com/aegis-proxy/caddy-aegis/modules/l4aegisguard"
@@ -40,53 +32,19 @@ import (
 // instance is a running Caddy config.
 type instance struct {
 	t         *testing.T
+	caddy     *testenv.Caddy
 	adminPort int
 	logFile   string
 	dbFile    string
 	client    *http.Client
 }
 
-// lastPort is the last test port handed out. Test ports come from below
-// the kernel's ephemeral range (32768-60999 by default), so that an
-// outgoing connection never takes one between the moment a test picks it
-// and the moment it is bound, and none is handed out twice in a run. The
-// start depends on the process id, so that test processes of other
-// packages running at the same time rarely meet.
-var lastPort atomic.Int32
-
-func init() { lastPort.Store(int32(20000 + (os.Getpid()*7)%1200*10)) }
-
-// freePort returns a port that is free for TCP and UDP on 127.0.0.1 and
-// ::1 and that no other test of this run was given.
-func freePort(t *testing.T) int {
-	t.Helper()
-	for {
-		p := int(lastPort.Add(1))
-		if p >= 32768 {
-			t.Fatal("ran out of test ports below the ephemeral range")
-		}
-		if portFree(p) {
-			return p
-		}
-	}
-}
-
-func portFree(p int) bool {
-	for _, host := range []string{"127.0.0.1", "::1"} {
-		addr := net.JoinHostPort(host, strconv.Itoa(p))
-		ln, err := net.Listen("tcp", addr)
-		if err != nil {
-			return false
-		}
-		ln.Close()
-		pc, err := net.ListenPacket("udp", addr)
-		if err != nil {
-			return false
-		}
-		pc.Close()
-	}
-	return true
-}
+// The helpers these tests share with those of other packages.
+var (
+	freePort     = testenv.FreePort
+	checkNoLeaks = testenv.CheckNoLeaks
+	eventually   = testenv.Eventually
+)
 
 // startCaddy runs a config whose streams app is app, with the other apps
 // in extra (may be nil), and stops Caddy when the test ends.
@@ -102,21 +60,11 @@ func startCaddy(t *testing.T, app map[string]any, extra map[string]any) *instanc
 // newInstance prepares an instance that nothing runs yet; Caddy is
 // stopped when the test ends.
 func newInstance(t *testing.T) *instance {
-	dir := t.TempDir()
-	inst := &instance{
-		t:         t,
-		adminPort: freePort(t),
-		logFile:   filepath.Join(dir, "caddy.log"),
-		dbFile:    filepath.Join(dir, "streams.db"),
-		client:    &http.Client{Timeout: 15 * time.Second},
-	}
-	t.Cleanup(func() {
-		if err := caddy.Stop(); err != nil {
-			t.Errorf("stopping caddy: %v", err)
-		}
-		inst.client.CloseIdleConnections()
-	})
-	return inst
+	t.Helper()
+	client := &http.Client{Timeout: 15 * time.Second}
+	t.Cleanup(client.CloseIdleConnections) // after Caddy's stop
+	c := testenv.New(t)
+	return &instance{t: t, caddy: c, adminPort: c.AdminPort, logFile: c.LogFile, dbFile: c.DBFile, client: client}
 }
 
 // load replaces the running config, as `caddy reload` does. Unless app
@@ -124,32 +72,16 @@ func newInstance(t *testing.T) *instance {
 // leaves the streams app out.
 func (inst *instance) load(app map[string]any, extra map[string]any) error {
 	apps := maps.Clone(extra)
-	if apps == nil {
-		apps = map[string]any{}
-	}
 	if app != nil {
-		if _, ok := app["storage"]; !ok {
-			app = maps.Clone(app)
-			app["storage"] = map[string]any{"path": inst.dbFile}
+		if apps == nil {
+			apps = map[string]any{}
 		}
 		apps["streams"] = app
 	}
-	cfg := map[string]any{
-		"admin": map[string]any{"listen": inst.adminAddr()},
-		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{
-			"level":  "DEBUG",
-			"writer": map[string]any{"output": "file", "filename": inst.logFile},
-		}}},
-		"apps": apps,
-	}
-	b, err := json.Marshal(cfg)
-	if err != nil {
-		inst.t.Fatal(err)
-	}
-	return caddy.Load(b, true)
+	return inst.caddy.Load(apps)
 }
 
-func (inst *instance) adminAddr() string { return fmt.Sprintf("127.0.0.1:%d", inst.adminPort) }
+func (inst *instance) adminAddr() string { return inst.caddy.AdminAddr }
 
 // response is an HTTP response, read.
 type response struct {
@@ -359,48 +291,11 @@ func (inst *instance) create(s obj) obj {
 
 // ---- TCP and UDP peers ------------------------------------------------------
 
-// server is a TCP server on 127.0.0.1 that runs serve for each connection;
+// newServer runs serve for each connection to a TCP server on 127.0.0.1;
 // it and its connections are closed when the test ends.
-type server struct {
-	Port  int
-	ln    net.Listener
-	wg    sync.WaitGroup
-	mu    sync.Mutex
-	conns []net.Conn
-}
-
-func newServer(t *testing.T, serve func(net.Conn)) *server {
+func newServer(t *testing.T, serve func(net.Conn)) *loopback.Server {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := &server{Port: ln.Addr().(*net.TCPAddr).Port, ln: ln}
-	s.wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			s.mu.Lock()
-			s.conns = append(s.conns, c)
-			s.mu.Unlock()
-			s.wg.Go(func() {
-				defer c.Close()
-				serve(c)
-			})
-		}
-	})
-	t.Cleanup(func() {
-		ln.Close()
-		s.mu.Lock()
-		for _, c := range s.conns {
-			c.Close()
-		}
-		s.mu.Unlock()
-		s.wg.Wait()
-	})
-	return s
+	return loopback.Serve(t, "127.0.0.1:0", serve)
 }
 
 func echo(c net.Conn) { _, _ = io.Copy(c, c) }
@@ -424,111 +319,25 @@ func upper(c net.Conn) {
 // udpEchoServer echoes datagrams on 127.0.0.1 until the test ends.
 func udpEchoServer(t *testing.T) int {
 	t.Helper()
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		buf := make([]byte, 65535)
-		for {
-			n, from, err := pc.ReadFrom(buf)
-			if err != nil {
-				if errors.Is(err, net.ErrClosed) {
-					return
-				}
-				continue
-			}
-			_, _ = pc.WriteTo(buf[:n], from)
-		}
-	}()
-	t.Cleanup(func() { pc.Close(); <-done })
-	return pc.LocalAddr().(*net.UDPAddr).Port
+	return loopback.ServeUDP(t, "127.0.0.1:0", func(pc *net.UDPConn, p []byte, from netip.AddrPort) {
+		_, _ = pc.WriteToUDPAddrPort(p, from)
+	}).Port
 }
 
-// dial connects to 127.0.0.1:port.
-func dial(t *testing.T, port int) net.Conn {
-	t.Helper()
-	c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c
-}
-
-// roundTrip writes msg and returns as many bytes as it reads back.
-func roundTrip(t *testing.T, c net.Conn, msg string) string {
-	t.Helper()
-	got, err := tryRoundTrip(c, msg)
-	if err != nil {
-		t.Fatalf("round trip of %q: %v", msg, err)
-	}
-	return got
-}
-
-func tryRoundTrip(c net.Conn, msg string) (string, error) {
-	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-	defer c.SetDeadline(time.Time{})
-	if _, err := c.Write([]byte(msg)); err != nil {
-		return "", err
-	}
-	buf := make([]byte, len(msg))
-	if _, err := io.ReadFull(c, buf); err != nil {
-		return "", err
-	}
-	return string(buf), nil
-}
-
-// expectClosed fails unless the peer closes c (EOF or reset) within the
-// time given, without sending anything.
-func expectClosed(t *testing.T, c net.Conn, within time.Duration) {
-	t.Helper()
-	_ = c.SetReadDeadline(time.Now().Add(within))
-	n, err := c.Read(make([]byte, 16))
-	var ne net.Error
-	if n != 0 || err == nil || errors.As(err, &ne) && ne.Timeout() {
-		t.Fatalf("want the proxy to close the connection within %s, got n=%d err=%v", within, n, err)
-	}
-}
-
-// refused reports whether nothing listens for TCP on 127.0.0.1:port.
-func refused(t *testing.T, port int) bool {
-	t.Helper()
-	c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), 2*time.Second)
-	if err == nil {
-		c.Close()
-		return false
-	}
-	return errors.Is(err, syscall.ECONNREFUSED)
-}
+// Socket helpers shared with other packages' tests.
+var (
+	dial         = testenv.Dial
+	roundTrip    = testenv.RoundTrip
+	tryRoundTrip = testenv.TryRoundTrip
+	expectClosed = testenv.ExpectClosed
+	refused      = testenv.Refused
+	udpRoundTrip = testenv.UDPRoundTrip
+)
 
 // udpDial returns a UDP socket connected to 127.0.0.1:port.
 func udpDial(t *testing.T, port int) *net.UDPConn {
 	t.Helper()
-	c, err := net.DialUDP("udp", nil, &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: port})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c
-}
-
-// udpRoundTrip sends msg and returns the reply, or "" if none came within
-// the time given.
-func udpRoundTrip(t *testing.T, c *net.UDPConn, msg string, within time.Duration) string {
-	t.Helper()
-	if _, err := c.Write([]byte(msg)); err != nil {
-		t.Fatalf("udp write: %v", err)
-	}
-	_ = c.SetReadDeadline(time.Now().Add(within))
-	buf := make([]byte, 65535)
-	n, err := c.Read(buf)
-	if err != nil {
-		return ""
-	}
-	return string(buf[:n])
+	return testenv.DialUDP(t, "", "127.0.0.1", port)
 }
 
 // ---- logs, storage, polling -------------------------------------------------
@@ -545,24 +354,7 @@ type logLine struct {
 // connLogLines returns the connection-log lines Caddy has written.
 func (inst *instance) connLogLines() []logLine {
 	inst.t.Helper()
-	f, err := os.Open(inst.logFile)
-	if err != nil {
-		if errors.Is(err, os.ErrNotExist) {
-			return nil
-		}
-		inst.t.Fatal(err)
-	}
-	defer f.Close()
-	var out []logLine
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	for sc.Scan() {
-		var l logLine
-		if json.Unmarshal(sc.Bytes(), &l) == nil && l.Msg == "connection" && l.Action != "" {
-			out = append(out, l)
-		}
-	}
-	return out
+	return testenv.LogLines(inst.t, inst.logFile, func(l logLine) bool { return l.Msg == "connection" && l.Action != "" })
 }
 
 // waitLogLine waits for a connection-log line of stream id with the
@@ -590,52 +382,4 @@ func (inst *instance) storedHosts() []storage.Host {
 		inst.t.Fatal(err)
 	}
 	return hosts
-}
-
-// eventually polls cond for up to 10 seconds.
-func eventually(t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("waited 10s for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-// ownCode matches a stack frame of this project's non-test code.
-var ownCode = regexp.MustCompile(`caddy-aegis/(modules/(streamstate|l4aegis[a-z]+|streams|udpnat)\.|admin\.)`)
-
-// checkNoLeaks fails the test if a goroutine running this project's code
-// is still alive once the test is over and Caddy has stopped.
-func checkNoLeaks(t *testing.T) {
-	t.Helper()
-	t.Cleanup(func() {
-		// Runs after the cleanups registered later (Caddy's stop, peers).
-		deadline := time.Now().Add(5 * time.Second)
-		for {
-			leaked := ownGoroutines()
-			if leaked == "" {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Errorf("goroutines still running after the test:\n%s", leaked)
-				return
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-	})
-}
-
-func ownGoroutines() string {
-	buf := make([]byte, 4<<20)
-	buf = buf[:runtime.Stack(buf, true)]
-	var out []string
-	for i, g := range strings.Split(string(buf), "\n\n") {
-		if i > 0 && ownCode.MatchString(g) {
-			out = append(out, g)
-		}
-	}
-	return strings.Join(out, "\n\n")
 }

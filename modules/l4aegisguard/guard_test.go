@@ -19,7 +19,7 @@ import (
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegisguard"
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegisproxy"
 
-	"github.com/aegis-proxy/caddy-aegis/modules/internal/loopback"
+	"github.com/aegis-proxy/caddy-aegis/internal/loopback"
 )
 
 // provision provisions the handler in a context without a config, as a

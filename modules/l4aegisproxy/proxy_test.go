@@ -29,7 +29,7 @@ import (
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegisproxy"
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 
-	"github.com/aegis-proxy/caddy-aegis/modules/internal/loopback"
+	"github.com/aegis-proxy/caddy-aegis/internal/loopback"
 )
 
 // ---- fixtures ------------------------------------------------------------

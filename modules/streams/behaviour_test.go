@@ -23,7 +23,7 @@ import (
 
 	"github.com/aegis-proxy/caddy-aegis/modules/streams"
 
-	"github.com/aegis-proxy/caddy-aegis/modules/internal/loopback"
+	"github.com/aegis-proxy/caddy-aegis/internal/loopback"
 )
 
 // ---- helpers of these tests ------------------------------------------------
@@ -179,17 +179,6 @@ func (inst *instance) rawStats() map[int64]map[string]any {
 		out[int64(id)] = s
 	}
 	return out
-}
-
-// refusedAt reports whether nothing listens on 127.0.0.1:port.
-func refusedAt(t *testing.T, port int) bool {
-	t.Helper()
-	c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), 2*time.Second)
-	if err == nil {
-		c.Close()
-		return false
-	}
-	return errors.Is(err, syscall.ECONNREFUSED)
 }
 
 func mustContainAll(t *testing.T, what string, err error, parts ...string) {

@@ -1,27 +1,16 @@
 package streams_test
 
 import (
-	"bufio"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
-	"maps"
 	"net"
 	"net/http"
-	"os"
-	"path/filepath"
-	"regexp"
-	"runtime"
-	"strconv"
-	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
-
-	"github.com/aegis-proxy/caddy-aegis/modules/internal/loopback"
+	"github.com/aegis-proxy/caddy-aegis/internal/loopback"
+	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
 
 	_ "github.com/aegis-proxy/caddy-aegis/admin"
 	_ "github.com/aegis-proxy/caddy-aegis/modules/l4aegisguard"
@@ -33,94 +22,34 @@ import (
 // endpoint on a free loopback port and logs written to a file.
 type instance struct {
 	t       *testing.T
+	caddy   *testenv.Caddy
 	admin   string
 	logFile string
 	dbFile  string
 }
 
-// lastPort is the last test port handed out. Test ports come from below
-// the kernel's ephemeral range (32768-60999 by default), so that an
-// outgoing connection never takes one between the moment a test picks it
-// and the moment the test binds it, and no port is handed out twice in a
-// run. The start depends on the process id so that test processes running
-// side by side rarely meet.
-var lastPort atomic.Int32
+// The helpers these tests share with those of other packages.
+var (
+	freePort     = testenv.FreePort
+	checkNoLeaks = testenv.CheckNoLeaks
+)
 
-func init() { lastPort.Store(int32(20000 + os.Getpid()%1200*10)) }
-
-// freePort returns a port that is free on 127.0.0.1 and ::1 and that no
-// other test of this run was given.
-func freePort(t *testing.T) int {
-	t.Helper()
-	for {
-		p := int(lastPort.Add(1))
-		if p >= 32768 {
-			t.Fatal("ran out of test ports below the ephemeral range")
-		}
-		if portFree(p) {
-			return p
-		}
-	}
-}
-
-func portFree(p int) bool {
-	for _, host := range []string{"127.0.0.1", "::1"} {
-		addr := net.JoinHostPort(host, strconv.Itoa(p))
-		ln, err := net.Listen("tcp", addr)
-		if err != nil {
-			return false
-		}
-		ln.Close()
-		pc, err := net.ListenPacket("udp", addr)
-		if err != nil {
-			return false
-		}
-		pc.Close()
-	}
-	return true
-}
-
-// startCaddy loads a config with the given streams app config (and
-// optional extra apps) and stops Caddy when the test ends.
+// startCaddy loads a config with the given streams app config and stops
+// Caddy when the test ends.
 func startCaddy(t *testing.T, app map[string]any) *instance {
 	t.Helper()
-	inst := &instance{
-		t:       t,
-		admin:   fmt.Sprintf("127.0.0.1:%d", freePort(t)),
-		logFile: filepath.Join(t.TempDir(), "caddy.log"),
-		dbFile:  filepath.Join(t.TempDir(), "streams.db"),
-	}
+	c := testenv.New(t)
+	inst := &instance{t: t, caddy: c, admin: c.AdminAddr, logFile: c.LogFile, dbFile: c.DBFile}
 	if err := inst.load(app); err != nil {
 		t.Fatalf("loading config: %v", err)
 	}
-	t.Cleanup(func() {
-		if err := caddy.Stop(); err != nil {
-			t.Errorf("stopping caddy: %v", err)
-		}
-	})
 	return inst
 }
 
 // load replaces the running config, as `caddy reload` does. Unless the app
 // config says otherwise, storage is the test's own database file.
 func (inst *instance) load(app map[string]any) error {
-	if _, ok := app["storage"]; !ok {
-		app = maps.Clone(app)
-		app["storage"] = map[string]any{"path": inst.dbFile}
-	}
-	cfg := map[string]any{
-		"admin": map[string]any{"listen": inst.admin},
-		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{
-			"level":  "DEBUG",
-			"writer": map[string]any{"output": "file", "filename": inst.logFile},
-		}}},
-		"apps": map[string]any{"streams": app},
-	}
-	b, err := json.Marshal(cfg)
-	if err != nil {
-		inst.t.Fatal(err)
-	}
-	return caddy.Load(b, true)
+	return inst.caddy.Load(map[string]any{"streams": app})
 }
 
 // stats reads /api/v1/streams/stats over HTTP.
@@ -148,17 +77,11 @@ func (inst *instance) stats() map[int64]streams.Status {
 // waitStats polls the stats of stream id until cond holds.
 func (inst *instance) waitStats(id int64, what string, cond func(streams.Status) bool) streams.Status {
 	inst.t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		st := inst.stats()[id]
-		if cond(st) {
-			return st
-		}
-		if time.Now().After(deadline) {
-			inst.t.Fatalf("stream %d: waited 10s for %s; stats: %+v", id, what, st)
-		}
-		time.Sleep(20 * time.Millisecond)
+	var st streams.Status
+	if !testenv.Within(10*time.Second, func() bool { st = inst.stats()[id]; return cond(st) }) {
+		inst.t.Fatalf("stream %d: waited 10s for %s; stats: %+v", id, what, st)
 	}
+	return st
 }
 
 // logEntry is one connection-log line.
@@ -178,41 +101,26 @@ type logEntry struct {
 // connLogs returns the connection-log entries written so far.
 func (inst *instance) connLogs() []logEntry {
 	inst.t.Helper()
-	f, err := os.Open(inst.logFile)
-	if err != nil {
-		if errors.Is(err, os.ErrNotExist) {
-			return nil
-		}
-		inst.t.Fatal(err)
-	}
-	defer f.Close()
-	var out []logEntry
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	for sc.Scan() {
-		var e logEntry
-		if json.Unmarshal(sc.Bytes(), &e) == nil && e.Msg == "connection" && e.Action != "" {
-			out = append(out, e)
-		}
-	}
-	return out
+	return testenv.LogLines(inst.t, inst.logFile, func(e logEntry) bool { return e.Msg == "connection" && e.Action != "" })
 }
 
 // waitLog waits for a connection-log entry of stream id that matches.
 func (inst *instance) waitLog(id int64, what string, match func(logEntry) bool) logEntry {
 	inst.t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	var found logEntry
+	ok := testenv.Within(10*time.Second, func() bool {
 		for _, e := range inst.connLogs() {
 			if e.StreamID == id && match(e) {
-				return e
+				found = e
+				return true
 			}
 		}
-		if time.Now().After(deadline) {
-			inst.t.Fatalf("stream %d: no connection log entry with %s; entries: %+v", id, what, inst.connLogs())
-		}
-		time.Sleep(20 * time.Millisecond)
+		return false
+	})
+	if !ok {
+		inst.t.Fatalf("stream %d: no connection log entry with %s; entries: %+v", id, what, inst.connLogs())
 	}
+	return found
 }
 
 // host returns a stream host config with the given id, listen port and
@@ -247,81 +155,14 @@ func newUpstream(t *testing.T, serve func(net.Conn)) *loopback.Server {
 
 func echo(c net.Conn) { _, _ = io.Copy(c, c) }
 
-// dial connects to the stream on 127.0.0.1:port.
-func dial(t *testing.T, port int) net.Conn {
-	t.Helper()
-	c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c
-}
-
-// roundTrip writes msg and reads the same number of bytes back.
-func roundTrip(t *testing.T, c net.Conn, msg string) string {
-	t.Helper()
-	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-	defer c.SetDeadline(time.Time{})
-	if _, err := c.Write([]byte(msg)); err != nil {
-		t.Fatalf("write: %v", err)
-	}
-	buf := make([]byte, len(msg))
-	if _, err := io.ReadFull(c, buf); err != nil {
-		t.Fatalf("read: %v", err)
-	}
-	return string(buf)
-}
-
-// expectClosed asserts that the peer closes c without sending anything.
-func expectClosed(t *testing.T, c net.Conn, within time.Duration) {
-	t.Helper()
-	_ = c.SetReadDeadline(time.Now().Add(within))
-	n, err := c.Read(make([]byte, 16))
-	if n != 0 || err == nil || isTimeout(err) {
-		t.Fatalf("want the proxy to close the connection within %s, got n=%d err=%v", within, n, err)
-	}
-}
-
-func isTimeout(err error) bool {
-	var ne net.Error
-	return errors.As(err, &ne) && ne.Timeout()
-}
-
-// ownCode matches a stack frame of this project's non-test code.
-var ownCode = regexp.MustCompile(`caddy-aegis/(modules/(streamstate|l4aegis[a-z]+|streams|udpnat)\.|admin\.|storage\.)`)
-
-// checkNoLeaks fails the test if any goroutine running this project's code
-// is still alive once the test is over and Caddy has stopped.
-func checkNoLeaks(t *testing.T) {
-	t.Helper()
-	t.Cleanup(func() {
-		// Runs after the Cleanups registered later (Caddy's stop, upstreams).
-		deadline := time.Now().Add(5 * time.Second)
-		for {
-			leaked := ownGoroutines()
-			if leaked == "" {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Errorf("goroutines still running after the test:\n%s", leaked)
-				return
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-	})
-}
-
-// ownGoroutines returns the stacks of goroutines that run this project's
-// code, other than the caller's.
-func ownGoroutines() string {
-	buf := make([]byte, 4<<20)
-	buf = buf[:runtime.Stack(buf, true)]
-	var out []string
-	for i, g := range strings.Split(string(buf), "\n\n") {
-		if i > 0 && ownCode.MatchString(g) {
-			out = append(out, g)
-		}
-	}
-	return strings.Join(out, "\n\n")
-}
+// Socket helpers shared with other packages' tests.
+var (
+	dial         = testenv.Dial
+	roundTrip    = testenv.RoundTrip
+	expectClosed = testenv.ExpectClosed
+	isTimeout    = testenv.IsTimeout
+	refusedAt    = testenv.Refused
+	udpDial      = testenv.DialUDP
+	udpRoundTrip = testenv.UDPRoundTrip
+	udpRead      = testenv.UDPRead
+)

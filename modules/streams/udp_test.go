@@ -3,56 +3,27 @@ package streams_test
 import (
 	"bufio"
 	"bytes"
-	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	proxyproto "github.com/pires/go-proxyproto"
 
+	"github.com/aegis-proxy/caddy-aegis/internal/loopback"
 	"github.com/aegis-proxy/caddy-aegis/modules/streams"
 )
 
-// udpUpstream is a UDP server on loopback for tests, closed with the test.
-type udpUpstream struct {
-	pc   *net.UDPConn
-	Port int
-}
-
 // newUDPUpstream runs handle for each datagram that reaches a UDP server
-// on addr (e.g. "127.0.0.1:0"); handle may reply with pc.
-func newUDPUpstream(t *testing.T, addr string, handle func(pc *net.UDPConn, p []byte, from netip.AddrPort)) *udpUpstream {
+// on addr (e.g. "127.0.0.1:0"), closed with the test; handle may reply
+// with pc.
+func newUDPUpstream(t *testing.T, addr string, handle func(pc *net.UDPConn, p []byte, from netip.AddrPort)) *loopback.UDPServer {
 	t.Helper()
-	pc, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.MustParseAddrPort(addr)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		buf := make([]byte, 65535)
-		for {
-			n, from, err := pc.ReadFromUDPAddrPort(buf)
-			if err != nil {
-				if errors.Is(err, net.ErrClosed) {
-					return
-				}
-				continue
-			}
-			handle(pc, buf[:n], from)
-		}
-	}()
-	t.Cleanup(func() {
-		pc.Close()
-		<-done
-	})
-	return &udpUpstream{pc: pc, Port: pc.LocalAddr().(*net.UDPAddr).Port}
+	return loopback.ServeUDP(t, addr, handle)
 }
 
 // udpEcho sends every datagram back.
@@ -71,46 +42,6 @@ func udpHost(id int64, listenPort, upstreamPort int, extra map[string]any) map[s
 		h["protocol"] = "udp"
 	}
 	return h
-}
-
-// udpDial returns a UDP socket from src (host, "" for any) connected to
-// dst:port.
-func udpDial(t *testing.T, src, dst string, port int) *net.UDPConn {
-	t.Helper()
-	var laddr *net.UDPAddr
-	if src != "" {
-		laddr = &net.UDPAddr{IP: net.ParseIP(src)}
-	}
-	c, err := net.DialUDP("udp", laddr, &net.UDPAddr{IP: net.ParseIP(dst), Port: port})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c
-}
-
-// udpRoundTrip sends msg and returns the first reply, or "" after within.
-func udpRoundTrip(t *testing.T, c *net.UDPConn, msg string, within time.Duration) string {
-	t.Helper()
-	if _, err := c.Write([]byte(msg)); err != nil {
-		t.Fatalf("write: %v", err)
-	}
-	return udpRead(t, c, within)
-}
-
-func udpRead(t *testing.T, c *net.UDPConn, within time.Duration) string {
-	t.Helper()
-	_ = c.SetReadDeadline(time.Now().Add(within))
-	buf := make([]byte, 65535)
-	n, err := c.Read(buf)
-	if err != nil {
-		// No answer: a timeout, or an ICMP port unreachable.
-		if isTimeout(err) || errors.Is(err, syscall.ECONNREFUSED) {
-			return ""
-		}
-		t.Fatalf("read: %v", err)
-	}
-	return string(buf[:n])
 }
 
 func TestUDPEchoStatsAndIdleLog(t *testing.T) {
@@ -499,7 +430,7 @@ func TestUDPReloadKeepsEntries(t *testing.T) {
 	if payload != "moved" || src2 == src {
 		t.Fatalf("after the upstream changed: got %q", got)
 	}
-	up.pc.Close() // nothing may reach the old upstream any more
+	up.Close(5 * time.Second) // nothing may reach the old upstream any more
 
 	// Removing the stream closes the entry.
 	if err := inst.load(hosts(udpHost(2, other, up2.Port, nil))); err != nil {

@@ -1,0 +1,101 @@
+package testenv
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"maps"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/caddyserver/caddy/v2"
+)
+
+// Caddy runs Caddy configs in the test process, one at a time, with the
+// admin endpoint on a free loopback port, DEBUG logs in a file and the
+// streams' storage in the test's temporary directory. The test imports the
+// modules its configs use.
+type Caddy struct {
+	AdminAddr string // the admin endpoint, 127.0.0.1:AdminPort
+	AdminPort int
+	LogFile   string // where Caddy's logs go, as JSON lines
+	DBFile    string // the streams' storage, unless a config sets one
+}
+
+// New prepares a Caddy that runs nothing yet; Caddy is stopped when the
+// test ends.
+func New(t testing.TB) *Caddy {
+	t.Helper()
+	dir := t.TempDir()
+	c := &Caddy{
+		AdminPort: FreePort(t),
+		LogFile:   filepath.Join(dir, "caddy.log"),
+		DBFile:    filepath.Join(dir, "streams.db"),
+	}
+	c.AdminAddr = fmt.Sprintf("127.0.0.1:%d", c.AdminPort)
+	t.Cleanup(func() {
+		if err := caddy.Stop(); err != nil {
+			t.Errorf("stopping caddy: %v", err)
+		}
+	})
+	return c
+}
+
+// Load replaces the running config with one made of apps, as `caddy
+// reload` does. A streams app given as a map without "storage" gets
+// DBFile as its storage.
+func (c *Caddy) Load(apps map[string]any) error {
+	apps = maps.Clone(apps)
+	if apps == nil {
+		apps = map[string]any{}
+	}
+	if app, ok := apps["streams"].(map[string]any); ok {
+		if _, set := app["storage"]; !set {
+			app = maps.Clone(app)
+			if app == nil {
+				app = map[string]any{}
+			}
+			app["storage"] = map[string]any{"path": c.DBFile}
+			apps["streams"] = app
+		}
+	}
+	b, err := json.Marshal(map[string]any{
+		"admin": map[string]any{"listen": c.AdminAddr},
+		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{
+			"level":  "DEBUG",
+			"writer": map[string]any{"output": "file", "filename": c.LogFile},
+		}}},
+		"apps": apps,
+	})
+	if err != nil {
+		return err
+	}
+	return caddy.Load(b, true)
+}
+
+// LogLines decodes the JSON lines of the log file into values of T and
+// returns those that keep accepts; lines that do not decode are passed
+// over, and a file that does not exist yet has none.
+func LogLines[T any](t testing.TB, file string, keep func(T) bool) []T {
+	t.Helper()
+	f, err := os.Open(file)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var out []T
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		var v T
+		if json.Unmarshal(sc.Bytes(), &v) == nil && keep(v) {
+			out = append(out, v)
+		}
+	}
+	return out
+}
