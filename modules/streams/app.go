@@ -23,6 +23,7 @@ import (
 
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegisguard"
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegisproxy"
+	"github.com/aegis-proxy/caddy-aegis/modules/l4aegistls"
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 	"github.com/aegis-proxy/caddy-aegis/modules/udpnat"
 )
@@ -145,7 +146,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 		rt.created, rt.updated = h.CreatedAt, h.UpdatedAt
 		a.streams = append(a.streams, rt)
 	}
-	return nil
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	return a.loadCertificates(cctx)
 }
 
 // newRuntime acquires the shared state of stream h and, if it is enabled,
@@ -231,8 +234,14 @@ func (a *App) buildChain(s *Stream) (layer4.Handler, context.CancelFunc, error) 
 	}
 	cfg := chainConfig{HandlersRaw: []json.RawMessage{
 		caddyconfig.JSONModuleObject(guard, "handler", "aegis_guard", nil),
-		caddyconfig.JSONModuleObject(proxy, "handler", "aegis_proxy", nil),
 	}}
+	// TLS comes after the guard, so the ACL and max_connections are
+	// checked before any handshake work.
+	if s.SSLEnabled {
+		tlsH := &l4aegistls.Handler{StreamID: s.ID, CertID: s.SSLCertID}
+		cfg.HandlersRaw = append(cfg.HandlersRaw, caddyconfig.JSONModuleObject(tlsH, "handler", "aegis_tls", nil))
+	}
+	cfg.HandlersRaw = append(cfg.HandlersRaw, caddyconfig.JSONModuleObject(proxy, "handler", "aegis_proxy", nil))
 	cctx, cancel := caddy.NewContext(a.base)
 	mods, err := cctx.LoadModule(&cfg, "HandlersRaw")
 	if err != nil {

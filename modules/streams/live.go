@@ -170,12 +170,21 @@ func (a *App) nextID() int64 {
 	return top + 1
 }
 
-// checkNew validates s as a stream about to run next to the others.
-func (a *App) checkNew(s *Stream) error {
+// checkNew validates s as a stream about to run next to the others, and
+// publishes the certificate it terminates TLS with.
+func (a *App) checkNew(ctx context.Context, s *Stream) error {
 	if err := s.Validate(); err != nil {
 		return err
 	}
-	return a.validateListen(s)
+	if err := a.validateListen(s); err != nil {
+		return err
+	}
+	if s.Enabled && s.SSLEnabled && s.HasTCP() {
+		if err := a.publishStored(ctx, s.SSLCertID); err != nil {
+			return &FieldError{ID: s.ID, Name: s.Name, Field: "ssl_cert_id", Value: fmt.Sprint(s.SSLCertID), Reason: err.Error()}
+		}
+	}
+	return nil
 }
 
 // CreateHost stores a new stream and starts it: it ends stored and
@@ -201,7 +210,7 @@ func (a *App) createHost(ctx context.Context, s *Stream) (HostStatus, error) {
 	if other := a.find(s.ID); other != nil {
 		return HostStatus{}, fmt.Errorf("id %d is taken by %s (source %s): %w", s.ID, streamLabel(other.cfg.ID, other.cfg.Name), other.source, ErrConflict)
 	}
-	if err := a.checkNew(s); err != nil {
+	if err := a.checkNew(ctx, s); err != nil {
 		return HostStatus{}, err
 	}
 	var rt *runtime
@@ -262,7 +271,7 @@ func (a *App) updateHost(ctx context.Context, id int64, s *Stream) (HostStatus, 
 		return HostStatus{}, &FieldError{ID: id, Name: s.Name, Field: "id", Value: fmt.Sprint(s.ID), Reason: fmt.Sprintf("does not match the stream's id %d in the path; the id cannot change", id)}
 	}
 	s.ID = id
-	if err := a.checkNew(s); err != nil {
+	if err := a.checkNew(ctx, s); err != nil {
 		return HostStatus{}, err
 	}
 	sameSockets := old.cfg.Enabled && s.Enabled &&
@@ -370,6 +379,8 @@ func storeError(err error) error {
 		return err
 	}
 	switch {
+	case errors.Is(err, storage.ErrInUse):
+		return fmt.Errorf("%v: %w", err, ErrInUse)
 	case errors.Is(err, storage.ErrConflict):
 		return fmt.Errorf("%v: %w", err, ErrConflict)
 	case errors.Is(err, storage.ErrNotFound):

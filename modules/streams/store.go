@@ -30,6 +30,28 @@ type StorageConfig struct {
 	// stream; older ones are deleted. -1 keeps all. Default: 0, meaning
 	// 10,000.
 	LogRetention int `json:"log_retention,omitempty"`
+
+	// Key encrypts the private keys of uploaded certificates at rest: 64
+	// hex digits (`openssl rand -hex 32`), or a placeholder such as
+	// {env.AEGIS_STREAMS_KEY}. Default: the key in streams.key beside the
+	// database file, created (mode 0600) on first start.
+	Key string `json:"key,omitempty"`
+}
+
+// DefaultKeyFile is the key file's name beside the database.
+const DefaultKeyFile = "streams.key"
+
+// storageKey is the key that seals certificate private keys.
+func (a *App) storageKey(dbPath string) ([]byte, error) {
+	if a.Storage != nil && a.Storage.Key != "" {
+		v := caddy.NewReplacer().ReplaceAll(a.Storage.Key, "")
+		key, err := storage.ParseKey(v)
+		if err != nil {
+			return nil, fmt.Errorf("storage key: %v", err)
+		}
+		return key, nil
+	}
+	return storage.LoadOrCreateKey(filepath.Join(filepath.Dir(dbPath), DefaultKeyFile))
 }
 
 // DefaultStorageFile is the database's file name in Caddy's data directory.
@@ -94,7 +116,11 @@ func (a *App) openStorage() ([]storage.Host, error) {
 	}
 	logger := a.logger
 	v, _, err := stores.LoadOrNew(path, func() (caddy.Destructor, error) {
-		db, err := storage.Open(path)
+		key, err := a.storageKey(path)
+		if err != nil {
+			return nil, err
+		}
+		db, err := storage.OpenWith(path, storage.OpenOptions{Key: key})
 		if err != nil {
 			return nil, err
 		}
@@ -107,7 +133,7 @@ func (a *App) openStorage() ([]storage.Host, error) {
 		return &sharedStore{path: path, db: db, logw: w}, nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("storage: %v; fix the path (storage sqlite <path>) or turn storage off (storage off)", err)
+		return nil, fmt.Errorf("storage: %v; fix the path or key (storage sqlite <path>), or turn storage off (storage off)", err)
 	}
 	a.store = v.(*sharedStore)
 	ctx, cancel := context.WithTimeout(a.ctx, 10*time.Second)

@@ -1,0 +1,152 @@
+package streams_test
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"math/big"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/aegis-proxy/caddy-aegis/modules/streams"
+)
+
+// testCA issues leaf certificates for tests.
+type testCA struct {
+	cert *x509.Certificate
+	key  *ecdsa.PrivateKey
+	pool *x509.CertPool
+}
+
+func newTestCA(t *testing.T) *testCA {
+	t.Helper()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "Aegis Test CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := x509.ParseCertificate(der)
+	pool := x509.NewCertPool()
+	pool.AddCert(cert)
+	return &testCA{cert: cert, key: key, pool: pool}
+}
+
+// leaf returns a PEM chain (leaf, CA) and key for name with serial.
+func (ca *testCA) leaf(t *testing.T, name string, serial int64) (chainPEM, keyPEM string) {
+	t.Helper()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: name}, DNSNames: []string{name},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(20 * time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kder, _ := x509.MarshalPKCS8PrivateKey(key)
+	chainPEM = string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})) +
+		string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.cert.Raw}))
+	return chainPEM, string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kder}))
+}
+
+// tlsDial connects to the stream and returns the connection and the
+// serial of the certificate it was served.
+func tlsDial(t *testing.T, ca *testCA, port int, name string) (*tls.Conn, int64) {
+	t.Helper()
+	c, err := tls.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port), &tls.Config{RootCAs: ca.pool, ServerName: name})
+	if err != nil {
+		t.Fatalf("TLS dial: %v", err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c, c.ConnectionState().PeerCertificates[0].SerialNumber.Int64()
+}
+
+func TestTLSStreamWithStoredCertificate(t *testing.T) {
+	checkNoLeaks(t)
+	up := newUpstream(t, echo)
+	port, cfgPort := freePort(t), freePort(t)
+	inst := startCaddy(t, hosts(host(1, freePort(t), up.Port, nil)))
+	ctx := context.Background()
+	ca := newTestCA(t)
+
+	chain, key := ca.leaf(t, "db.test", 100)
+	cert, err := streams.CreateCertificate(ctx, streams.CertInput{Name: "db", Certificate: chain, PrivateKey: key})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cert.Source != "custom" || len(cert.Domains) != 1 || cert.Domains[0] != "db.test" {
+		t.Fatalf("stored certificate: %+v", cert)
+	}
+
+	// A stream without a certificate, or with a missing one, is refused.
+	s := apiStream(2, port, up.Port)
+	s.SSLEnabled, s.SSLCertID = true, cert.ID+50
+	var fe *streams.FieldError
+	if _, err := streams.CreateHost(ctx, s); !errors.As(err, &fe) || fe.Field != "ssl_cert_id" || !strings.Contains(err.Error(), "no such certificate") {
+		t.Fatalf("ssl stream with a missing certificate: %v", err)
+	}
+	s.SSLCertID = cert.ID
+	if _, err := streams.CreateHost(ctx, s); err != nil {
+		t.Fatal(err)
+	}
+
+	c1, serial := tlsDial(t, ca, port, "db.test")
+	if serial != 100 {
+		t.Fatalf("served serial %d, want 100", serial)
+	}
+	if got := roundTrip(t, c1, "plain inside"); got != "plain inside" {
+		t.Fatalf("through TLS: %q", got)
+	}
+
+	// Replace the certificate: new handshakes get it, c1 goes on.
+	chain2, key2 := ca.leaf(t, "db.test", 200)
+	if _, err := streams.UpdateCertificate(ctx, cert.ID, streams.CertInput{Name: "db", Certificate: chain2, PrivateKey: key2}); err != nil {
+		t.Fatal(err)
+	}
+	if _, serial := tlsDial(t, ca, port, "db.test"); serial != 200 {
+		t.Fatalf("after replacement: serial %d, want 200", serial)
+	}
+	if got := roundTrip(t, c1, "still"); got != "still" {
+		t.Fatalf("the open TLS connection after replacement: %q", got)
+	}
+
+	// A config stream can use the stored certificate by id.
+	cfgTLS := host(3, cfgPort, up.Port, map[string]any{"ssl_enabled": true, "ssl_cert_id": cert.ID})
+	if err := inst.load(hosts(host(1, freePort(t), up.Port, nil), cfgTLS)); err != nil {
+		t.Fatal(err)
+	}
+	cc, _ := tlsDial(t, ca, cfgPort, "db.test")
+	if got := roundTrip(t, cc, "config tls"); got != "config tls" {
+		t.Fatalf("config TLS stream: %q", got)
+	}
+	missing := host(4, freePort(t), up.Port, map[string]any{"ssl_enabled": true, "ssl_cert_id": 999})
+	if err := inst.load(hosts(cfgTLS, missing)); err == nil || !strings.Contains(err.Error(), "ssl_cert_id 999") {
+		t.Fatalf("config stream with a missing certificate: %v", err)
+	}
+
+	// Not deletable while streams use it; the error names them.
+	err = streams.DeleteCertificate(ctx, cert.ID)
+	if !errors.Is(err, streams.ErrInUse) || !strings.Contains(err.Error(), "2") || !strings.Contains(err.Error(), "3") {
+		t.Fatalf("deleting a certificate in use: %v", err)
+	}
+
+	// A plain-text client fails the handshake, logged as such.
+	plain := dial(t, port)
+	_, _ = plain.Write([]byte("not tls at all\r\n\r\n"))
+	expectClosed(t, plain, 5*time.Second)
+	inst.waitLog(2, "tls_handshake_failed", func(e logEntry) bool { return e.DisconnectReason == "tls_handshake_failed" })
+}
