@@ -22,6 +22,7 @@ type Caddy struct {
 	AdminPort int
 	LogFile   string // where Caddy's logs go, as JSON lines
 	DBFile    string // the streams' storage, unless a config sets one
+	DataDir   string // Caddy's own storage (certificates, locks)
 }
 
 // New prepares a Caddy that runs nothing yet; Caddy is stopped when the
@@ -33,6 +34,7 @@ func New(t testing.TB) *Caddy {
 		AdminPort: FreePort(t),
 		LogFile:   filepath.Join(dir, "caddy.log"),
 		DBFile:    filepath.Join(dir, "streams.db"),
+		DataDir:   filepath.Join(dir, "caddy"),
 	}
 	c.AdminAddr = fmt.Sprintf("127.0.0.1:%d", c.AdminPort)
 	t.Cleanup(func() {
@@ -67,7 +69,9 @@ func (c *Caddy) Load(apps map[string]any) error {
 			"level":  "DEBUG",
 			"writer": map[string]any{"output": "file", "filename": c.LogFile},
 		}}},
-		"apps": apps,
+		// Caddy's certificates and locks stay in the test's directory.
+		"storage": map[string]any{"module": "file_system", "root": c.DataDir},
+		"apps":    apps,
 	})
 	if err != nil {
 		return err

@@ -18,6 +18,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/caddyserver/caddy/v2/modules/caddytls"
 	"github.com/mholt/caddy-l4/layer4"
 	"go.uber.org/zap"
 
@@ -56,6 +57,10 @@ type App struct {
 	// cleanup functions, so children hang off this clean one instead.
 	base       caddy.Context
 	cancelBase context.CancelFunc
+
+	// tlsApp is Caddy's tls app, which obtains and renews managed
+	// certificates; loaded in Provision when storage is on.
+	tlsApp *caddytls.TLS
 
 	// reserved are the ports that belong to Caddy itself (HTTP, HTTPS,
 	// admin), found in Provision and checked by Validate.
@@ -127,6 +132,15 @@ func (a *App) Provision(ctx caddy.Context) error {
 	stored, err := a.openStorage()
 	if err != nil {
 		return err
+	}
+	if a.store != nil {
+		// Loaded now, since an app may only be loaded while provisioning:
+		// a managed certificate created later through the API needs it.
+		app, err := ctx.App("tls")
+		if err != nil {
+			return fmt.Errorf("loading Caddy's tls app for managed certificates: %v", err)
+		}
+		a.tlsApp, _ = app.(*caddytls.TLS)
 	}
 	if err := a.validateHosts(a.Hosts, stored); err != nil {
 		return err

@@ -46,6 +46,7 @@ func parseStreamsOption(d *caddyfile.Dispenser, existingVal any) (any, error) {
 //	streams {
 //		grace_period <duration>
 //		storage sqlite <path> | storage off
+//		storage_key <64 hex digits, or a placeholder like {env.AEGIS_STREAMS_KEY}>
 //		log_retention <entries per stream>
 //		host <id> [<name>] {
 //			name <text>
@@ -134,6 +135,22 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("streams: storage takes no block")
 			}
 
+		case "storage_key":
+			if a.Storage != nil && a.Storage.Key != "" {
+				return d.Errf("streams: duplicate option 'storage_key'")
+			}
+			if a.Storage == nil {
+				a.Storage = new(StorageConfig)
+			}
+			v, err := oneArg(d, "streams")
+			if err != nil {
+				return err
+			}
+			a.Storage.Key = v
+			if d.NextBlock(nesting + 1) {
+				return d.Errf("streams: storage_key takes no block")
+			}
+
 		case "log_retention":
 			if a.Storage != nil && a.Storage.LogRetention != 0 {
 				return d.Errf("streams: duplicate option 'log_retention'")
@@ -157,7 +174,7 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			a.Hosts = append(a.Hosts, s)
 
 		default:
-			return d.Errf("streams: unknown option '%s' (want grace_period, storage, log_retention or host)", opt)
+			return d.Errf("streams: unknown option '%s' (want grace_period, storage, storage_key, log_retention or host)", opt)
 		}
 	}
 	return nil

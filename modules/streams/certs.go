@@ -5,9 +5,10 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"slices"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddytls"
 	"go.uber.org/zap"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/certs"
@@ -19,11 +20,13 @@ import (
 var ErrInUse = errors.New("in use")
 
 // CertInput is a certificate as the API takes it: a custom certificate's
-// PEM chain and private key. The private key is never returned.
+// PEM chain and private key, or, for a certificate that Caddy obtains and
+// renews (managed), its domain names. The private key is never returned.
 type CertInput struct {
-	Name        string `json:"name"`
-	Certificate string `json:"certificate"`
-	PrivateKey  string `json:"private_key"`
+	Name        string   `json:"name"`
+	Certificate string   `json:"certificate,omitempty"`
+	PrivateKey  string   `json:"private_key,omitempty"`
+	Domains     []string `json:"domains,omitempty"`
 }
 
 // CertStatus is a stored certificate, without its private key, with the
@@ -81,10 +84,21 @@ func (a *App) Certificate(ctx context.Context, id int64) (CertStatus, error) {
 }
 
 // parseCertInput validates an upload and returns the certificate to store,
-// its key pair and warnings.
+// its key pair (nil for a managed certificate) and warnings.
 func parseCertInput(in CertInput) (storage.Certificate, *certs.Parsed, []string, error) {
 	if in.Name == "" {
 		return storage.Certificate{}, nil, nil, &certs.FieldError{Field: "name", Reason: "required: a name for the certificate"}
+	}
+	if len(in.Domains) > 0 {
+		if in.Certificate != "" || in.PrivateKey != "" {
+			return storage.Certificate{}, nil, nil, &certs.FieldError{Field: "domains",
+				Reason: "give either domains (Caddy obtains the certificate) or certificate and private_key (an upload), not both"}
+		}
+		domains, err := certs.NormalizeDomains(in.Domains)
+		if err != nil {
+			return storage.Certificate{}, nil, nil, err
+		}
+		return storage.Certificate{Name: in.Name, Source: storage.SourceManaged, Domains: domains}, nil, nil, nil
 	}
 	p, warnings, err := certs.ParseCustom(in.Certificate, in.PrivateKey, time.Now())
 	if err != nil {
@@ -109,11 +123,12 @@ func CreateCertificate(ctx context.Context, in CertInput) (CertStatus, error) {
 		if err != nil {
 			return err
 		}
-		stored, err := a.store.db.CreateCertificate(ctx, c, []byte(p.KeyPEM), nil)
+		stored, err := a.store.db.CreateCertificate(ctx, c, keyOf(p), func(c storage.Certificate) error {
+			return a.publish(c, p)
+		})
 		if err != nil {
 			return storeError(err)
 		}
-		publishCert(stored.ID, &p.Certificate)
 		out = a.certStatus(stored)
 		out.Warnings = warnings
 		a.logger.Info("certificate stored", zap.Int64("cert_id", stored.ID), zap.Strings("domains", stored.Domains))
@@ -135,11 +150,12 @@ func UpdateCertificate(ctx context.Context, id int64, in CertInput) (CertStatus,
 			return err
 		}
 		c.ID = id
-		stored, err := a.store.db.UpdateCertificate(ctx, c, []byte(p.KeyPEM), nil)
+		stored, err := a.store.db.UpdateCertificate(ctx, c, keyOf(p), func(_, c storage.Certificate) error {
+			return a.publish(c, p)
+		})
 		if err != nil {
 			return storeError(err)
 		}
-		publishCert(id, &p.Certificate)
 		out = a.certStatus(stored)
 		out.Warnings = warnings
 		a.logger.Info("certificate replaced", zap.Int64("cert_id", id), zap.Strings("domains", stored.Domains))
@@ -190,63 +206,137 @@ func publishCert(id int64, c *tls.Certificate) {
 	l4aegistls.Register(id, l4aegistls.NewStaticCert(c))
 }
 
-// loadCertificates publishes every stored certificate that a stream of
-// this config uses, and checks that each such stream's certificate exists.
+// loadCertificates publishes every stored certificate (Caddy starts
+// managing the managed ones) and checks that the certificate of each TLS
+// stream exists.
 func (a *App) loadCertificates(ctx context.Context) error {
-	need := map[int64][]*Stream{}
-	for _, rt := range a.streams {
-		if rt.cfg.Enabled && rt.cfg.SSLEnabled && rt.cfg.HasTCP() {
-			need[rt.cfg.SSLCertID] = append(need[rt.cfg.SSLCertID], rt.cfg)
+	var stored []storage.Certificate
+	if a.store != nil {
+		var err error
+		if stored, err = a.store.db.ListCertificates(ctx); err != nil {
+			return fmt.Errorf("storage: reading certificates: %v", err)
 		}
 	}
-	if len(need) == 0 {
-		return nil
+	problems := map[int64]error{}
+	have := map[int64]bool{}
+	for _, c := range stored {
+		have[c.ID] = true
+		if err := a.publishStored(ctx, c); err != nil {
+			problems[c.ID] = err
+			a.logger.Error("loading a stored certificate", zap.Int64("cert_id", c.ID), zap.Error(err))
+		}
 	}
 	var errs []error
-	for id, users := range need {
-		if err := a.publishStored(ctx, id); err != nil {
-			for _, s := range users {
-				errs = append(errs, &FieldError{ID: s.ID, Name: s.Name, Field: "ssl_cert_id", Value: fmt.Sprint(id), Reason: err.Error()})
-			}
+	for _, rt := range a.streams {
+		s := rt.cfg
+		if !s.Enabled || !s.SSLEnabled || !s.HasTCP() {
+			continue
+		}
+		err := problems[s.SSLCertID]
+		if !have[s.SSLCertID] {
+			err = errNoCert(a.store != nil)
+		}
+		if err != nil {
+			errs = append(errs, &FieldError{ID: s.ID, Name: s.Name, Field: "ssl_cert_id", Value: fmt.Sprint(s.SSLCertID), Reason: err.Error()})
 		}
 	}
-	slices.SortFunc(errs, func(x, y error) int { return compareStrings(x.Error(), y.Error()) })
 	return errors.Join(errs...)
 }
 
-// publishStored loads stored certificate id with its key and publishes it.
-func (a *App) publishStored(ctx context.Context, id int64) error {
-	if a.store == nil {
+func errNoCert(storageOn bool) error {
+	if !storageOn {
 		return errors.New("storage is off, so there is no certificate store; turn storage on")
 	}
-	c, err := a.store.db.GetCertificate(ctx, id)
-	if errors.Is(err, storage.ErrNotFound) {
-		return errors.New("no such certificate; upload it (POST /api/v1/certificates) or use another id")
+	return errors.New("no such certificate; upload it (POST /api/v1/certificates) or use another id")
+}
+
+// publishStored publishes stored certificate c, with its key when custom.
+func (a *App) publishStored(ctx context.Context, c storage.Certificate) error {
+	if c.Source == storage.SourceManaged {
+		return a.publish(c, nil)
 	}
-	if err != nil {
-		return err
-	}
-	if c.Source != storage.SourceCustom {
-		return fmt.Errorf("certificate %d is %s; only uploaded (custom) certificates are served in this version", id, c.Source)
-	}
-	key, err := a.store.db.CertificateKey(ctx, id)
+	key, err := a.store.db.CertificateKey(ctx, c.ID)
 	if err != nil {
 		return err
 	}
 	pair, err := tls.X509KeyPair([]byte(c.CertificatePEM), key)
 	if err != nil {
-		return fmt.Errorf("certificate %d: %v", id, err)
+		return fmt.Errorf("certificate %d: %v", c.ID, err)
 	}
-	publishCert(id, &pair)
+	publishCert(c.ID, &pair)
 	return nil
 }
 
-func compareStrings(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
+// checkCert publishes certificate id for a stream about to use it, or says
+// why it cannot.
+func (a *App) checkCert(ctx context.Context, id int64) error {
+	if a.store == nil {
+		return errNoCert(false)
 	}
-	return 0
+	c, err := a.store.db.GetCertificate(ctx, id)
+	if errors.Is(err, storage.ErrNotFound) {
+		return errNoCert(true)
+	}
+	if err != nil {
+		return err
+	}
+	return a.publishStored(ctx, c)
+}
+
+// publish makes certificate c available to handshakes: a custom one from
+// its parsed key pair p, a managed one from Caddy's certificate cache,
+// after asking Caddy's TLS app to obtain and renew it.
+func (a *App) publish(c storage.Certificate, p *certs.Parsed) error {
+	if c.Source != storage.SourceManaged {
+		publishCert(c.ID, &p.Certificate)
+		return nil
+	}
+	if a.tlsApp == nil {
+		return errors.New("managed certificates need Caddy's tls app, which this config did not load")
+	}
+	names := make(map[string]struct{}, len(c.Domains))
+	for _, d := range c.Domains {
+		names[d] = struct{}{}
+	}
+	if err := a.tlsApp.Manage(names); err != nil {
+		return fmt.Errorf("asking Caddy to manage %v: %v", c.Domains, err)
+	}
+	src, err := newCaddyCert(a.ctx, c.Domains[0])
+	if err != nil {
+		return err
+	}
+	l4aegistls.Register(c.ID, src)
+	return nil
+}
+
+// caddyCert serves a certificate from Caddy's certificate cache, as a
+// Caddy site would: by SNI, or for the default name without one.
+type caddyCert struct{ cfg *tls.Config }
+
+func newCaddyCert(ctx caddy.Context, defaultSNI string) (*caddyCert, error) {
+	cp := caddytls.ConnectionPolicies{&caddytls.ConnectionPolicy{DefaultSNI: defaultSNI}}
+	if err := cp.Provision(ctx); err != nil {
+		return nil, fmt.Errorf("TLS connection policy for %s: %v", defaultSNI, err)
+	}
+	return &caddyCert{cfg: cp.TLSConfig(ctx)}, nil
+}
+
+// GetCertificate implements l4aegistls.CertSource.
+func (c *caddyCert) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+	cfg, err := c.cfg.GetConfigForClient(hello)
+	if err != nil {
+		return nil, err
+	}
+	if cfg == nil || cfg.GetCertificate == nil {
+		return nil, errors.New("caddy: no certificate for this connection")
+	}
+	return cfg.GetCertificate(hello)
+}
+
+// keyOf is the private key to store: none for a managed certificate.
+func keyOf(p *certs.Parsed) []byte {
+	if p == nil {
+		return nil
+	}
+	return []byte(p.KeyPEM)
 }

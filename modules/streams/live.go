@@ -180,7 +180,7 @@ func (a *App) checkNew(ctx context.Context, s *Stream) error {
 		return err
 	}
 	if s.Enabled && s.SSLEnabled && s.HasTCP() {
-		if err := a.publishStored(ctx, s.SSLCertID); err != nil {
+		if err := a.checkCert(ctx, s.SSLCertID); err != nil {
 			return &FieldError{ID: s.ID, Name: s.Name, Field: "ssl_cert_id", Value: fmt.Sprint(s.SSLCertID), Reason: err.Error()}
 		}
 	}

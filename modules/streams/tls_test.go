@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
 	"github.com/aegis-proxy/caddy-aegis/modules/streams"
 )
 
@@ -149,4 +150,54 @@ func TestTLSStreamWithStoredCertificate(t *testing.T) {
 	_, _ = plain.Write([]byte("not tls at all\r\n\r\n"))
 	expectClosed(t, plain, 5*time.Second)
 	inst.waitLog(2, "tls_handshake_failed", func(e logEntry) bool { return e.DisconnectReason == "tls_handshake_failed" })
+}
+
+// A managed certificate is obtained by Caddy's tls app (here from its
+// internal CA) and served to a TLS stream by its name.
+func TestManagedCertificateFromCaddy(t *testing.T) {
+	checkNoLeaks(t)
+	up := newUpstream(t, echo)
+	port := freePort(t)
+	inst := &instance{t: t, caddy: testenv.New(t)}
+	inst.admin, inst.logFile, inst.dbFile = inst.caddy.AdminAddr, inst.caddy.LogFile, inst.caddy.DBFile
+	apps := map[string]any{
+		"streams": hosts(host(1, freePort(t), up.Port, nil)),
+		"tls": map[string]any{"automation": map[string]any{"policies": []any{map[string]any{
+			"subjects": []string{"managed.test"},
+			"issuers":  []any{map[string]any{"module": "internal"}},
+		}}}},
+		// Keep the test CA out of the system's trust store.
+		"pki": map[string]any{"certificate_authorities": map[string]any{"local": map[string]any{"install_trust": false}}},
+	}
+	if err := inst.caddy.Load(apps); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	cert, err := streams.CreateCertificate(ctx, streams.CertInput{Name: "managed", Domains: []string{"Managed.Test"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cert.Source != "managed" || len(cert.Domains) != 1 || cert.Domains[0] != "managed.test" {
+		t.Fatalf("managed certificate: %+v", cert)
+	}
+	s := apiStream(2, port, up.Port)
+	s.SSLEnabled, s.SSLCertID = true, cert.ID
+	if _, err := streams.CreateHost(ctx, s); err != nil {
+		t.Fatal(err)
+	}
+	// Caddy obtains the certificate in the background.
+	var c *tls.Conn
+	testenv.Eventually(t, "a handshake with the certificate Caddy obtained", func() bool {
+		var err error
+		c, err = tls.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port), &tls.Config{ServerName: "managed.test", InsecureSkipVerify: true})
+		return err == nil
+	})
+	defer c.Close()
+	leaf := c.ConnectionState().PeerCertificates[0]
+	if len(leaf.DNSNames) != 1 || leaf.DNSNames[0] != "managed.test" || !strings.Contains(leaf.Issuer.CommonName, "Caddy Local Authority") {
+		t.Fatalf("served %v issued by %q", leaf.DNSNames, leaf.Issuer.CommonName)
+	}
+	if got := roundTrip(t, c, "managed"); got != "managed" {
+		t.Fatalf("through the managed TLS stream: %q", got)
+	}
 }
