@@ -40,6 +40,8 @@ func (a *adminAPI) Routes() []caddy.AdminRoute {
 	return []caddy.AdminRoute{
 		{Pattern: basePath, Handler: h},
 		{Pattern: basePath + "/", Handler: h},
+		{Pattern: certsPath, Handler: h},
+		{Pattern: certsPath + "/", Handler: h},
 	}
 }
 

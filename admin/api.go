@@ -1,8 +1,9 @@
-// Package admin serves the Aegis Streams REST API (/api/v1/streams…), on
-// Caddy's admin endpoint (module admin.api.streams) and as an HTTP handler
-// (module http.handlers.streams_admin) that a Caddy site can serve behind
-// its own TLS and authentication. Both use the one implementation in this
-// file.
+// Package admin serves the Aegis Streams REST API (/api/v1/streams… and
+// /api/v1/certificates…), on Caddy's admin endpoint (module
+// admin.api.streams) and as an HTTP handler (module
+// http.handlers.streams_admin) that a Caddy site can serve behind its own
+// TLS and authentication. Both use the one implementation in this file
+// and certificates.go.
 package admin
 
 import (
@@ -20,9 +21,15 @@ import (
 // basePath is the API's root.
 const basePath = "/api/v1/streams"
 
-// isAPIPath reports whether path is the API's: basePath or below it.
+// isAPIPath reports whether path is the API's: basePath or certsPath, or
+// below one of them.
 func isAPIPath(path string) bool {
-	return path == basePath || strings.HasPrefix(path, basePath+"/")
+	return underPath(path, basePath) || underPath(path, certsPath)
+}
+
+// underPath reports whether path is root or below it.
+func underPath(path, root string) bool {
+	return path == root || strings.HasPrefix(path, root+"/")
 }
 
 // api is the streams REST API. Its state is what the admin endpoint or
@@ -91,6 +98,9 @@ var (
 // match finds the route of an API path (one isAPIPath accepts).
 func match(path string) (route, params, error) {
 	var p params
+	if underPath(path, certsPath) {
+		return matchCerts(path)
+	}
 	sub := strings.TrimPrefix(path, basePath)
 	if sub == "" || sub == "/" {
 		return collectionRoute, p, nil

@@ -7,7 +7,9 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/aegis-proxy/caddy-aegis/modules/certs"
 	"github.com/aegis-proxy/caddy-aegis/modules/streams"
+	"github.com/aegis-proxy/caddy-aegis/storage"
 )
 
 // apiError is an error response:
@@ -15,13 +17,15 @@ import (
 //	{"error": "...", "field": "...", "value": ..., "errors": [{"field", "value", "message"}, ...]}
 //
 // field and value name the setting at fault, if one is; errors lists every
-// setting at fault, the first of which is also in field and value.
+// setting at fault, the first of which is also in field and value. A
+// certificate that streams use adds "streams": [their ids].
 type apiError struct {
 	Status  int            `json:"-"`
 	Message string         `json:"error"`
 	Field   string         `json:"field,omitempty"`
 	Value   any            `json:"value,omitempty"`
 	Errors  []fieldProblem `json:"errors,omitempty"`
+	Streams []int64        `json:"streams,omitempty"`
 
 	allow string // the Allow header of a 405
 }
@@ -67,8 +71,8 @@ func jsonValue(v string) any {
 
 // toAPIError maps an error to its response: an *apiError as it is; the
 // streams package's sentinels to 503, 404 and 409; validation problems
-// (*streams.FieldError, one or several joined) to 400; anything else to
-// 500.
+// (*streams.FieldError and *certs.FieldError, one or several joined) to
+// 400; anything else to 500.
 func toAPIError(err error) *apiError {
 	var ae *apiError
 	if errors.As(err, &ae) {
@@ -88,14 +92,29 @@ func toAPIError(err error) *apiError {
 	case errors.Is(err, streams.ErrNoStorage):
 		return &apiError{Status: http.StatusConflict,
 			Message: msg + ": streams cannot be created, changed or deleted through the API and there is no stored connection log; turn storage on in the streams app config"}
+	case errors.Is(err, streams.ErrInUse), errors.Is(err, storage.ErrInUse):
+		e := &apiError{Status: http.StatusConflict, Message: msg}
+		var iu *storage.InUseError
+		if errors.As(err, &iu) {
+			e.Streams = iu.StreamIDs
+		}
+		return e
+	case errors.Is(err, storage.ErrNoKey), errors.Is(err, storage.ErrWrongKey):
+		return &apiError{Status: http.StatusInternalServerError,
+			Message: msg + "; check the streams app's storage key (storage_key in the Caddyfile, storage.key in JSON, or the streams.key file beside the database)"}
 	}
 	var msgs []string
 	var probs []fieldProblem
 	for _, leaf := range leaves(err) {
 		var fe *streams.FieldError
+		var ce *certs.FieldError
 		if errors.As(leaf, &fe) {
 			probs = append(probs, problemOf(fe))
 			msgs = append(msgs, fe.Error())
+		} else if errors.As(leaf, &ce) {
+			// The value is a PEM chain or a private key: never echoed.
+			probs = append(probs, fieldProblem{Field: ce.Field, Message: ce.Error()})
+			msgs = append(msgs, ce.Error())
 		} else {
 			msgs = append(msgs, leaf.Error())
 		}

@@ -19,8 +19,9 @@ func init() {
 // Handler is the `http.handlers.streams_admin` module: the streams REST
 // API as an HTTP handler, so that a Caddy site can serve it with its own
 // TLS, authentication (e.g. basic_auth) and logs. It answers requests for
-// /api/v1/streams and below it, also after a path prefix was stripped in
-// front of it (handle_path); other requests go to the next handler.
+// /api/v1/streams and /api/v1/certificates and below them, also after a
+// path prefix was stripped in front of them (handle_path); other requests
+// go to the next handler.
 type Handler struct {
 	// AllowedOrigins are origins ("https://ui.example.com",
 	// "http://localhost:3000") that may send POST, PUT and DELETE requests

@@ -133,7 +133,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
-	if a.store != nil {
+	if a.store != nil || usesCaddyCerts(a.Hosts) {
 		// Loaded now, since an app may only be loaded while provisioning:
 		// a managed certificate created later through the API needs it.
 		app, err := ctx.App("tls")
@@ -252,7 +252,7 @@ func (a *App) buildChain(s *Stream) (layer4.Handler, context.CancelFunc, error) 
 	// TLS comes after the guard, so the ACL and max_connections are
 	// checked before any handshake work.
 	if s.SSLEnabled {
-		tlsH := &l4aegistls.Handler{StreamID: s.ID, CertID: s.SSLCertID}
+		tlsH := &l4aegistls.Handler{StreamID: s.ID, CertID: certID(s)}
 		cfg.HandlersRaw = append(cfg.HandlersRaw, caddyconfig.JSONModuleObject(tlsH, "handler", "aegis_tls", nil))
 	}
 	cfg.HandlersRaw = append(cfg.HandlersRaw, caddyconfig.JSONModuleObject(proxy, "handler", "aegis_proxy", nil))

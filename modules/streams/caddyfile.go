@@ -66,6 +66,8 @@ func parseStreamsOption(d *caddyfile.Dispenser, existingVal any) (any, error) {
 //			blacklist_cidrs <cidr...>
 //			ssl_enabled [true|false]
 //			ssl_cert_id <n>
+//			ssl_cert_tag <tag>
+//			ssl_domain <name>
 //			upload_rate_bytes <n>
 //			download_rate_bytes <n>
 //			health_check_enabled [true|false]
@@ -301,6 +303,8 @@ func hostFields(s *Stream) map[string]any {
 		"proxy_protocol_version":        &s.ProxyProtocolVersion,
 		"ssl_enabled":                   &s.SSLEnabled,
 		"ssl_cert_id":                   &s.SSLCertID,
+		"ssl_cert_tag":                  &s.SSLCertTag,
+		"ssl_domain":                    &s.SSLDomain,
 		"upload_rate_bytes":             &s.UploadRateBytes,
 		"download_rate_bytes":           &s.DownloadRateBytes,
 		"health_check_enabled":          &s.HealthCheckEnabled,

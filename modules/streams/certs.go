@@ -232,6 +232,16 @@ func (a *App) loadCertificates(ctx context.Context) error {
 		if !s.Enabled || !s.SSLEnabled || !s.HasTCP() {
 			continue
 		}
+		if s.SSLCertTag != "" || s.SSLDomain != "" {
+			if err := a.publishConfigCert(s); err != nil {
+				field := "ssl_cert_tag"
+				if s.SSLDomain != "" {
+					field = "ssl_domain"
+				}
+				errs = append(errs, &FieldError{ID: s.ID, Name: s.Name, Field: field, Value: fmt.Sprintf("%q", s.SSLCertTag+s.SSLDomain), Reason: err.Error()})
+			}
+			continue
+		}
 		err := problems[s.SSLCertID]
 		if !have[s.SSLCertID] {
 			err = errNoCert(a.store != nil)
@@ -301,7 +311,7 @@ func (a *App) publish(c storage.Certificate, p *certs.Parsed) error {
 	if err := a.tlsApp.Manage(names); err != nil {
 		return fmt.Errorf("asking Caddy to manage %v: %v", c.Domains, err)
 	}
-	src, err := newCaddyCert(a.ctx, c.Domains[0])
+	src, err := newCaddyCert(a.ctx, c.Domains[0], nil)
 	if err != nil {
 		return err
 	}
@@ -309,12 +319,62 @@ func (a *App) publish(c storage.Certificate, p *certs.Parsed) error {
 	return nil
 }
 
+// certID is the certificate registry id a TLS stream serves: its
+// ssl_cert_id, or for a certificate named by Caddy tag or domain (config
+// streams only) an id of its own, above any stored one.
+func certID(s *Stream) int64 {
+	if s.SSLCertTag != "" || s.SSLDomain != "" {
+		return 1<<48 + s.ID
+	}
+	return s.SSLCertID
+}
+
+// usesCaddyCerts reports whether a stream names a certificate by Caddy tag
+// or domain.
+func usesCaddyCerts(hosts []*Stream) bool {
+	for _, s := range hosts {
+		if s != nil && s.SSLEnabled && (s.SSLCertTag != "" || s.SSLDomain != "") {
+			return true
+		}
+	}
+	return false
+}
+
+// publishConfigCert publishes the certificate a config stream names by
+// Caddy tag (loaded by the tls app's certificate loaders) or by a domain
+// (which the tls app is asked to manage).
+func (a *App) publishConfigCert(s *Stream) error {
+	if a.tlsApp == nil {
+		return errors.New("Caddy's tls app is not loaded")
+	}
+	var src *caddyCert
+	var err error
+	if s.SSLDomain != "" {
+		if err := a.tlsApp.Manage(map[string]struct{}{s.SSLDomain: {}}); err != nil {
+			return fmt.Errorf("asking Caddy to manage %s: %v", s.SSLDomain, err)
+		}
+		src, err = newCaddyCert(a.ctx, s.SSLDomain, nil)
+	} else {
+		// Caddy picks among the certificates for the client's SNI those
+		// with the tag.
+		src, err = newCaddyCert(a.ctx, "", []string{s.SSLCertTag})
+	}
+	if err != nil {
+		return err
+	}
+	l4aegistls.Register(certID(s), src)
+	return nil
+}
+
 // caddyCert serves a certificate from Caddy's certificate cache, as a
 // Caddy site would: by SNI, or for the default name without one.
 type caddyCert struct{ cfg *tls.Config }
 
-func newCaddyCert(ctx caddy.Context, defaultSNI string) (*caddyCert, error) {
+func newCaddyCert(ctx caddy.Context, defaultSNI string, tags []string) (*caddyCert, error) {
 	cp := caddytls.ConnectionPolicies{&caddytls.ConnectionPolicy{DefaultSNI: defaultSNI}}
+	if len(tags) > 0 {
+		cp[0].CertSelection = &caddytls.CustomCertSelectionPolicy{AnyTag: tags}
+	}
 	if err := cp.Provision(ctx); err != nil {
 		return nil, fmt.Errorf("TLS connection policy for %s: %v", defaultSNI, err)
 	}

@@ -179,6 +179,14 @@ func (a *App) checkNew(ctx context.Context, s *Stream) error {
 	if err := a.validateListen(s); err != nil {
 		return err
 	}
+	if s.SSLCertTag != "" || s.SSLDomain != "" {
+		field, value := "ssl_cert_tag", s.SSLCertTag
+		if s.SSLDomain != "" {
+			field, value = "ssl_domain", s.SSLDomain
+		}
+		return &FieldError{ID: s.ID, Name: s.Name, Field: field, Value: fmt.Sprintf("%q", value),
+			Reason: "only for streams in the Caddy config; through the API, store the certificate (POST /api/v1/certificates, with domains for one Caddy manages) and use ssl_cert_id"}
+	}
 	if s.Enabled && s.SSLEnabled && s.HasTCP() {
 		if err := a.checkCert(ctx, s.SSLCertID); err != nil {
 			return &FieldError{ID: s.ID, Name: s.Name, Field: "ssl_cert_id", Value: fmt.Sprint(s.SSLCertID), Reason: err.Error()}
@@ -380,7 +388,7 @@ func storeError(err error) error {
 	}
 	switch {
 	case errors.Is(err, storage.ErrInUse):
-		return fmt.Errorf("%v: %w", err, ErrInUse)
+		return fmt.Errorf("%w: %w", err, ErrInUse)
 	case errors.Is(err, storage.ErrConflict):
 		return fmt.Errorf("%v: %w", err, ErrConflict)
 	case errors.Is(err, storage.ErrNotFound):

@@ -16,9 +16,12 @@ func TestStoredHostKeepsEverySetting(t *testing.T) {
 		SSLEnabled: true, SSLCertID: 4, UploadRateBytes: 1000, DownloadRateBytes: 2000,
 		HealthCheckEnabled: true, HealthCheckIntervalSeconds: 15, LogConnections: true, Notes: "n",
 	}
+	// ssl_cert_tag and ssl_domain exist only in the Caddy config, which the
+	// API refuses for stored streams.
 	v := reflect.ValueOf(*s)
 	for i := range v.NumField() {
-		if v.Field(i).IsZero() && v.Type().Field(i).Name != "Enabled" {
+		name := v.Type().Field(i).Name
+		if v.Field(i).IsZero() && name != "Enabled" && name != "SSLCertTag" && name != "SSLDomain" {
 			t.Fatalf("test stream leaves %s at its zero value; set it so the round trip checks it", v.Type().Field(i).Name)
 		}
 	}

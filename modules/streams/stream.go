@@ -94,6 +94,17 @@ type Stream struct {
 	// Default: 0 (none).
 	SSLCertID int64 `json:"ssl_cert_id,omitempty"`
 
+	// SSLCertTag (Caddy config only) serves, instead of a stored
+	// certificate, one that Caddy's tls app loaded with this tag (e.g.
+	// `tls { load_files cert.pem key.pem { tags db } }` in JSON terms).
+	// Default: "".
+	SSLCertTag string `json:"ssl_cert_tag,omitempty"`
+
+	// SSLDomain (Caddy config only) serves, instead of a stored
+	// certificate, the certificate that Caddy's tls app obtains and renews
+	// for this name. Default: "".
+	SSLDomain string `json:"ssl_domain,omitempty"`
+
 	// UploadRateBytes limits client→upstream bytes per second for each
 	// connection. Default: 0 (unlimited).
 	UploadRateBytes int64 `json:"upload_rate_bytes,omitempty"`

@@ -201,3 +201,56 @@ func TestManagedCertificateFromCaddy(t *testing.T) {
 		t.Fatalf("through the managed TLS stream: %q", got)
 	}
 }
+
+// A stream in the config may name a certificate by Caddy tag (loaded by
+// the tls app) or by a domain the tls app manages; the API refuses both.
+func TestConfigStreamCertificateByTagAndDomain(t *testing.T) {
+	checkNoLeaks(t)
+	up := newUpstream(t, echo)
+	tagPort, domainPort := freePort(t), freePort(t)
+	ca := newTestCA(t)
+	chain, key := ca.leaf(t, "tagged.test", 300)
+	inst := &instance{t: t, caddy: testenv.New(t)}
+	inst.admin, inst.logFile, inst.dbFile = inst.caddy.AdminAddr, inst.caddy.LogFile, inst.caddy.DBFile
+	apps := map[string]any{
+		"streams": hosts(
+			host(1, tagPort, up.Port, map[string]any{"ssl_enabled": true, "ssl_cert_tag": "db"}),
+			host(2, domainPort, up.Port, map[string]any{"ssl_enabled": true, "ssl_domain": "auto.test"}),
+		),
+		"tls": map[string]any{
+			"certificates": map[string]any{"load_pem": []any{map[string]any{"certificate": chain, "key": key, "tags": []string{"db"}}}},
+			"automation": map[string]any{"policies": []any{map[string]any{
+				"subjects": []string{"auto.test"},
+				"issuers":  []any{map[string]any{"module": "internal"}},
+			}}},
+		},
+		"pki": map[string]any{"certificate_authorities": map[string]any{"local": map[string]any{"install_trust": false}}},
+	}
+	if err := inst.caddy.Load(apps); err != nil {
+		t.Fatal(err)
+	}
+	c, serial := tlsDial(t, ca, tagPort, "tagged.test")
+	if serial != 300 {
+		t.Fatalf("tagged certificate: serial %d, want 300", serial)
+	}
+	if got := roundTrip(t, c, "by tag"); got != "by tag" {
+		t.Fatalf("through the tagged stream: %q", got)
+	}
+	var dc *tls.Conn
+	testenv.Eventually(t, "the certificate Caddy manages for auto.test", func() bool {
+		var err error
+		dc, err = tls.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", domainPort), &tls.Config{ServerName: "auto.test", InsecureSkipVerify: true})
+		return err == nil
+	})
+	defer dc.Close()
+	if names := dc.ConnectionState().PeerCertificates[0].DNSNames; len(names) != 1 || names[0] != "auto.test" {
+		t.Fatalf("managed domain certificate for %v", names)
+	}
+
+	s := apiStream(3, freePort(t), up.Port)
+	s.SSLEnabled, s.SSLCertTag = true, "db"
+	var fe *streams.FieldError
+	if _, err := streams.CreateHost(context.Background(), s); !errors.As(err, &fe) || fe.Field != "ssl_cert_tag" || !strings.Contains(err.Error(), "only for streams in the Caddy config") {
+		t.Fatalf("API stream with ssl_cert_tag: %v", err)
+	}
+}

@@ -11,6 +11,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 
+	"github.com/aegis-proxy/caddy-aegis/modules/certs"
+
 	"github.com/aegis-proxy/caddy-aegis/storage"
 )
 
@@ -143,8 +145,16 @@ func (s *Stream) Validate() error {
 		if !s.HasTCP() {
 			bad("ssl_enabled", "true", "tls needs a tcp listener; use protocol tcp or tcp+udp, or turn ssl_enabled off")
 		}
-		if s.SSLCertID == 0 {
+		switch n := countSet(s.SSLCertID > 0, s.SSLCertTag != "", s.SSLDomain != ""); {
+		case n == 0:
 			badInt("ssl_cert_id", 0, "must be > 0 (a stored certificate's id) when ssl_enabled is true")
+		case n > 1:
+			bad("ssl_cert_id", strconv.FormatInt(s.SSLCertID, 10), "give one of ssl_cert_id, ssl_cert_tag and ssl_domain, not several")
+		}
+	}
+	if s.SSLDomain != "" {
+		if err := certs.ValidateDomains([]string{s.SSLDomain}); err != nil {
+			bad("ssl_domain", strconv.Quote(s.SSLDomain), strings.TrimPrefix(err.Error(), "domains: "))
 		}
 	}
 
@@ -436,3 +446,14 @@ func addrsOverlap(a, b netip.Addr) bool {
 
 // Interface guard.
 var _ caddy.Validator = (*App)(nil)
+
+// countSet counts the true values.
+func countSet(set ...bool) int {
+	n := 0
+	for _, b := range set {
+		if b {
+			n++
+		}
+	}
+	return n
+}

@@ -367,3 +367,29 @@ func TestValidateListen(t *testing.T) {
 		})
 	}
 }
+
+func TestValidateTLSCertificateChoice(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		set  func(s *Stream)
+		want string // "" for valid
+	}{
+		{"stored id", func(s *Stream) { s.SSLCertID = 3 }, ""},
+		{"tag", func(s *Stream) { s.SSLCertTag = "db" }, ""},
+		{"domain", func(s *Stream) { s.SSLDomain = "db.example.com" }, ""},
+		{"none", func(s *Stream) {}, "ssl_cert_id 0: must be > 0"},
+		{"two", func(s *Stream) { s.SSLCertID, s.SSLDomain = 3, "db.example.com" }, "give one of ssl_cert_id, ssl_cert_tag and ssl_domain"},
+		{"bad domain", func(s *Stream) { s.SSLDomain = "https://db" }, `ssl_domain "https://db"`},
+	} {
+		s := host(1, "db", "tcp", "", 5432)
+		s.SSLEnabled = true
+		tc.set(s)
+		err := s.Validate()
+		switch {
+		case tc.want == "" && err != nil:
+			t.Errorf("%s: %v", tc.name, err)
+		case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+			t.Errorf("%s: %v, want an error containing %q", tc.name, err, tc.want)
+		}
+	}
+}
