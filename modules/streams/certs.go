@@ -3,8 +3,10 @@ package streams
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -42,6 +44,9 @@ type CertStatus struct {
 
 // certStatus describes c. The caller holds a.mu.
 func (a *App) certStatus(c storage.Certificate) CertStatus {
+	if c.Source == storage.SourceManaged && len(c.Domains) > 0 {
+		fillFromCache(&c)
+	}
 	cs := CertStatus{Certificate: c, UsedBy: []int64{}}
 	for _, rt := range a.streams {
 		if rt.cfg.SSLCertID == c.ID {
@@ -367,8 +372,12 @@ func (a *App) publishConfigCert(s *Stream) error {
 }
 
 // caddyCert serves a certificate from Caddy's certificate cache, as a
-// Caddy site would: by SNI, or for the default name without one.
-type caddyCert struct{ cfg *tls.Config }
+// Caddy site would: by SNI, or for the default name without one. It keeps
+// the last one served, for the API to show.
+type caddyCert struct {
+	cfg  *tls.Config
+	last atomic.Pointer[tls.Certificate]
+}
 
 func newCaddyCert(ctx caddy.Context, defaultSNI string, tags []string) (*caddyCert, error) {
 	cp := caddytls.ConnectionPolicies{&caddytls.ConnectionPolicy{DefaultSNI: defaultSNI}}
@@ -390,7 +399,11 @@ func (c *caddyCert) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate
 	if cfg == nil || cfg.GetCertificate == nil {
 		return nil, errors.New("caddy: no certificate for this connection")
 	}
-	return cfg.GetCertificate(hello)
+	cert, err := cfg.GetCertificate(hello)
+	if err == nil && cert != nil {
+		c.last.Store(cert)
+	}
+	return cert, err
 }
 
 // keyOf is the private key to store: none for a managed certificate.
@@ -399,4 +412,27 @@ func keyOf(p *certs.Parsed) []byte {
 		return nil
 	}
 	return []byte(p.KeyPEM)
+}
+
+// fillFromCache fills in the issuer and validity of a managed certificate
+// from the one last served for it, once a handshake has used it.
+func fillFromCache(c *storage.Certificate) {
+	src, ok := l4aegistls.Lookup(c.ID).(*caddyCert)
+	if !ok {
+		return
+	}
+	cert := src.last.Load()
+	if cert == nil {
+		return
+	}
+	var err error
+	leaf := cert.Leaf
+	if leaf == nil && len(cert.Certificate) > 0 {
+		if leaf, err = x509.ParseCertificate(cert.Certificate[0]); err != nil {
+			return
+		}
+	}
+	if leaf != nil {
+		c.Issuer, c.NotBefore, c.NotAfter = leaf.Issuer.String(), leaf.NotBefore.UTC(), leaf.NotAfter.UTC()
+	}
 }

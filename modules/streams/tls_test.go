@@ -200,6 +200,11 @@ func TestManagedCertificateFromCaddy(t *testing.T) {
 	if got := roundTrip(t, c, "managed"); got != "managed" {
 		t.Fatalf("through the managed TLS stream: %q", got)
 	}
+	// Once obtained, its issuer and validity show.
+	got, err := streams.Running().Certificate(ctx, cert.ID)
+	if err != nil || !strings.Contains(got.Issuer, "Caddy Local Authority") || !got.NotAfter.Equal(leaf.NotAfter.UTC()) || len(got.UsedBy) != 1 {
+		t.Fatalf("managed certificate after Caddy obtained it: %+v, %v", got, err)
+	}
 }
 
 // A stream in the config may name a certificate by Caddy tag (loaded by
