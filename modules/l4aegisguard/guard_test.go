@@ -20,6 +20,7 @@ import (
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegisproxy"
 
 	"github.com/aegis-proxy/caddy-aegis/internal/loopback"
+	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
 )
 
 // provision provisions the handler in a context without a config, as a
@@ -186,17 +187,8 @@ func dialFrom(t *testing.T, src, addr string) net.Conn {
 
 func echoes(t *testing.T, c net.Conn, msg string) {
 	t.Helper()
-	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-	defer c.SetDeadline(time.Time{})
-	if _, err := c.Write([]byte(msg)); err != nil {
-		t.Fatalf("write: %v", err)
-	}
-	buf := make([]byte, len(msg))
-	if _, err := io.ReadFull(c, buf); err != nil {
-		t.Fatalf("read: %v", err)
-	}
-	if string(buf) != msg {
-		t.Fatalf("echo: got %q, want %q", buf, msg)
+	if got := testenv.RoundTrip(t, c, msg); got != msg {
+		t.Fatalf("echo: got %q, want %q", got, msg)
 	}
 }
 

@@ -29,6 +29,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/aegis-proxy/caddy-aegis/internal/loopback"
+	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegisguard"
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegisproxy"
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegistls"
@@ -258,17 +259,8 @@ func dialRaw(t testing.TB, addr string) net.Conn {
 // echoes writes msg on c and fails the test unless it reads msg back.
 func echoes(t testing.TB, c net.Conn, msg string) {
 	t.Helper()
-	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-	defer c.SetDeadline(time.Time{})
-	if _, err := c.Write([]byte(msg)); err != nil {
-		t.Fatalf("write: %v", err)
-	}
-	buf := make([]byte, len(msg))
-	if _, err := io.ReadFull(c, buf); err != nil {
-		t.Fatalf("read: %v", err)
-	}
-	if string(buf) != msg {
-		t.Fatalf("echo: got %q, want %q", buf, msg)
+	if got := testenv.RoundTrip(t, c, msg); got != msg {
+		t.Fatalf("echo: got %q, want %q", got, msg)
 	}
 }
 
