@@ -1,12 +1,24 @@
 package main
 
 import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
 	"net"
 	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/aegis-proxy/caddy-aegis/modules/certs"
+	"github.com/aegis-proxy/caddy-aegis/storage"
 )
 
 func TestPercentile(t *testing.T) {
@@ -534,5 +546,294 @@ func TestCPUMeter(t *testing.T) {
 	// direct: nothing of ours on CPU 1, whatever runs there.
 	if notes = otherLoad(m, map[string]float64{"cpubench": 100}); len(notes) != 0 {
 		t.Errorf("direct: notes %q", notes)
+	}
+}
+
+func TestBenchCert(t *testing.T) {
+	bc, err := newBenchCert(time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// HAProxy's file: the chain, leaf first, then the key.
+	var types []string
+	rest := []byte(bc.combinedPEM())
+	for {
+		var b *pem.Block
+		if b, rest = pem.Decode(rest); b == nil {
+			break
+		}
+		types = append(types, b.Type)
+	}
+	if strings.Join(types, ",") != "CERTIFICATE,CERTIFICATE,PRIVATE KEY" || len(bytes.TrimSpace(rest)) != 0 {
+		t.Fatalf("PEM blocks %v, rest %q", types, rest)
+	}
+	pair, err := tls.X509KeyPair([]byte(bc.combinedPEM()), []byte(bc.combinedPEM()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(pair.Certificate[0], bc.leafDER) || len(pair.Certificate) != 2 {
+		t.Error("the file's first certificate is not the leaf, or the chain is not leaf and CA")
+	}
+	leaf := pair.Leaf
+	if k, ok := leaf.PublicKey.(*ecdsa.PublicKey); !ok || k.Curve != elliptic.P256() {
+		t.Errorf("leaf key %T, want ECDSA P-256", leaf.PublicKey)
+	}
+	if _, err := leaf.Verify(x509.VerifyOptions{DNSName: tlsName, Roots: bc.roots}); err != nil {
+		t.Errorf("the leaf does not verify for %s: %v", tlsName, err)
+	}
+	// Aegis takes it as an upload without a warning.
+	if _, warnings, err := certs.ParseCustom(bc.chainPEM, bc.keyPEM, time.Now()); err != nil || len(warnings) > 0 {
+		t.Errorf("ParseCustom: %v %v", warnings, err)
+	}
+}
+
+func TestStoreAegisCert(t *testing.T) {
+	bc, err := newBenchCert(time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	db := filepath.Join(dir, "streams.db")
+	id, err := storeAegisCert(db, bc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Read it back as the app does: the key file beside the database.
+	fi, err := os.Stat(filepath.Join(dir, "streams.key"))
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("key file: %v %v", fi, err)
+	}
+	key, err := storage.LoadOrCreateKey(filepath.Join(dir, "streams.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := storage.OpenWith(db, storage.OpenOptions{Key: key})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx := context.Background()
+	c, err := s.GetCertificate(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Source != storage.SourceCustom || len(c.Domains) != 1 || c.Domains[0] != tlsName {
+		t.Errorf("stored %+v", c)
+	}
+	k, err := s.CertificateKey(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pair, err := tls.X509KeyPair([]byte(c.CertificatePEM), k)
+	if err != nil || !bytes.Equal(pair.Certificate[0], bc.leafDER) {
+		t.Errorf("stored pair: %v", err)
+	}
+}
+
+func TestTLSConfigs(t *testing.T) {
+	h, err := haproxyTLSConfig("/t/bench.pem", testUDP.up, testUDP.front)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		"nbthread 1", "mode tcp", "option tcplog",
+		"ssl-default-bind-ciphersuites TLS_AES_128_GCM_SHA256\n", "ssl-default-bind-ciphers ECDHE-ECDSA-AES128-GCM-SHA256\n",
+		"ssl-default-bind-curves X25519\n", "ssl-default-bind-options ssl-min-ver TLSv1.2\n",
+		"frontend fe_sink\n    bind 127.0.0.1:7001 ssl crt /t/bench.pem\n    tcp-request connection reject if !{ src 127.0.0.0/8 }\n",
+		"backend be_echo\n    server up 127.0.0.1:9003\n",
+	} {
+		if !strings.Contains(h, want) {
+			t.Errorf("haproxy TLS config lacks %q:\n%s", want, h)
+		}
+	}
+	if strings.Count(h, "ssl crt") != 3 || strings.Contains(h, "7004") {
+		t.Errorf("haproxy TLS config: want 3 TLS frontends and no UDP:\n%s", h)
+	}
+
+	n, err := nginxTLSConfig("/t", "/mod.so", "/t/bench.pem", testUDP.up, testUDP.front)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		"load_module /mod.so;", "worker_processes 1;", "daemon off;",
+		"ssl_certificate /t/bench.pem;", "ssl_certificate_key /t/bench.pem;", "ssl_protocols TLSv1.2 TLSv1.3;",
+		"ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256;", "ssl_ciphers ECDHE-ECDSA-AES128-GCM-SHA256;", "ssl_ecdh_curve X25519;",
+		"listen 127.0.0.1:7002 ssl;\n        allow 127.0.0.0/8;\n        deny all;\n", "proxy_pass 127.0.0.1:9002;",
+	} {
+		if !strings.Contains(n, want) {
+			t.Errorf("nginx TLS config lacks %q:\n%s", want, n)
+		}
+	}
+	if strings.Count(n, "{") != strings.Count(n, "}") || strings.Count(n, "server {") != 3 || strings.Contains(n, "udp") {
+		t.Errorf("nginx TLS config:\n%s", n)
+	}
+
+	b, err := aegisConfigWith(2019, "/l", testUDP.up, testUDP.front, &aegisTLS{dbPath: "/t/streams.db", certID: 5})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cfg struct {
+		Apps struct {
+			Streams struct {
+				Hosts   []map[string]any
+				Storage map[string]any
+			}
+		}
+	}
+	if err := json.Unmarshal(b, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	if p := cfg.Apps.Streams.Storage["path"]; p != "/t/streams.db" || len(cfg.Apps.Streams.Storage) != 1 {
+		t.Errorf("storage = %v", cfg.Apps.Streams.Storage)
+	}
+	for i, h := range cfg.Apps.Streams.Hosts {
+		tcp := h["protocol"] == "tcp"
+		if tcp && (h["ssl_enabled"] != true || h["ssl_cert_id"] != 5.0) || !tcp && h["ssl_enabled"] != nil {
+			t.Errorf("host %d = %v", i, h)
+		}
+	}
+	// Without TLS the config is what it was.
+	b, _ = aegisConfig(2019, "/l", testUp, testFront)
+	if strings.Contains(string(b), "ssl_") || strings.Contains(string(b), "storage") {
+		t.Errorf("plain config has TLS settings:\n%s", b)
+	}
+}
+
+// tlsServer serves TLS on 127.0.0.1 with pair, handling each connection
+// with handle.
+func tlsServer(t *testing.T, pair tls.Certificate, handle func(net.Conn)) string {
+	t.Helper()
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{pair}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				handle(c)
+			}()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+func TestHandshakes(t *testing.T) {
+	bc, err := newBenchCert(time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	pair, err := tls.X509KeyPair([]byte(bc.combinedPEM()), []byte(bc.combinedPEM()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A Go server issues session tickets; the clients keep none.
+	echoAddr := tlsServer(t, pair, serveEcho)
+	w := window{warmup: 20 * time.Millisecond, dur: 200 * time.Millisecond}
+	marks := 0
+	for v, want := range map[uint16]string{
+		tls.VersionTLS13: "TLS 1.3 ", tls.VersionTLS12: "TLS 1.2 TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 X25519",
+	} {
+		st := handshakes(echoAddr, bc.clientConfig(v), 2, w, func() { marks++ })
+		if st.ok.n == 0 || st.failed != 0 || st.resumed != 0 {
+			t.Errorf("%s: %d ok, %d failed (%v), %d resumed", want, st.ok.n, st.failed, st.lastErr, st.resumed)
+		}
+		if !strings.HasPrefix(st.state, want) || !strings.HasSuffix(st.state, " X25519") {
+			t.Errorf("negotiated %q, want %q... X25519", st.state, want)
+		}
+	}
+	if marks != 4 {
+		t.Errorf("mark called %d times, want 4", marks)
+	}
+
+	// Another certificate for the same name: refused, and counted.
+	other, err := newBenchCert(time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	otherPair, _ := tls.X509KeyPair([]byte(other.combinedPEM()), []byte(other.combinedPEM()))
+	st := handshakes(tlsServer(t, otherPair, serveEcho), bc.clientConfig(tls.VersionTLS13), 1, window{dur: 50 * time.Millisecond}, nil)
+	if st.ok.n != 0 || st.failed == 0 || st.lastErr == nil || !strings.Contains(st.lastErr.Error(), "bench certificate") {
+		t.Errorf("wrong certificate: %d ok, %d failed, %v", st.ok.n, st.failed, st.lastErr)
+	}
+	// The probe verifies the chain against the bench's CA: another CA's
+	// leaf for the same name does not pass.
+	if _, err := dialTLS(echoAddr, other.verifyingConfig(), time.Time{}); err == nil {
+		t.Error("the probe accepted a chain from another CA")
+	}
+	c, err := dialTLS(echoAddr, bc.verifyingConfig(), time.Time{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+
+	// Bulk over TLS: the source's bytes come through.
+	srcAddr := tlsServer(t, pair, serveSource)
+	got, err := downloadWith(tlsDialer(srcAddr, bc.clientConfig(tls.VersionTLS13)), 2, window{dur: 100 * time.Millisecond}, nil)
+	if err != nil || got.n == 0 {
+		t.Errorf("download over TLS: %+v, %v", got, err)
+	}
+}
+
+func TestTLSReport(t *testing.T) {
+	res := []result{
+		{name: "aegis", values: map[string]float64{"hs13": 900, "cpubench_hs13": 99, "cpu_hs13": 110}},
+		{name: "haproxy", values: map[string]float64{"hs13": 1000, "cpubench_hs13": 98, "cpu_hs13": 100}, notes: []string{"a note"}},
+		{name: "nginx", skipped: "nginx not found"},
+	}
+	out := tlsReport(res, []string{"negotiated by all: x"}, config{workers: 8})
+	lines := strings.Split(out, "\n")
+	if !strings.Contains(lines[1], "aegis") || !strings.Contains(lines[1], "haproxy") || strings.Contains(lines[1], "nginx") {
+		t.Errorf("header: %q", lines[1])
+	}
+	for _, want := range []string{
+		"900 (0.90)", "1000 (1.00)", "110 (1.10)", "haproxy: a note\n", "nginx: tls skipped (nginx not found)\n", "negotiated by all: x\n",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("report lacks %q:\n%s", want, out)
+		}
+	}
+	if bench := lines[slices.IndexFunc(lines, func(l string) bool { return strings.HasPrefix(l, "bench CPU %, TLS 1.3") })]; strings.Contains(bench, "(") {
+		t.Errorf("CPU row has ratios: %q", bench)
+	}
+}
+
+func TestNegotiated(t *testing.T) {
+	mk := func(name string, s13, s12 string) *tlsRun {
+		return &tlsRun{p: proxy{name: name}, states: map[uint16]string{tls.VersionTLS13: s13, tls.VersionTLS12: s12}}
+	}
+	got := negotiated([]*tlsRun{mk("aegis", "A", "B"), mk("haproxy", "A", "B")})
+	if len(got) != 1 || got[0] != "negotiated by all: A; B" {
+		t.Errorf("same: %q", got)
+	}
+	got = negotiated([]*tlsRun{mk("aegis", "A", "B"), mk("haproxy", "A", "")})
+	if len(got) != 2 || got[1] != "haproxy: negotiated A" {
+		t.Errorf("different: %q", got)
+	}
+}
+
+func TestTroubleEntry(t *testing.T) {
+	for line, want := range map[string]string{
+		`{"level":"info","msg":"serving"}`:                                    "",
+		`{"level":"error","logger":"streams","msg":"storage","error":"boom"}`: "error streams: storage: boom",
+		`{"level":"warn","logger":"tls","msg":"odd"}`:                         "warn tls: odd",
+		`not json`: "",
+	} {
+		if got := troubleEntry([]byte(line)); got != want {
+			t.Errorf("%s: %q, want %q", line, got, want)
+		}
+	}
+}
+
+func TestParseCPUSoftirq(t *testing.T) {
+	stat := "cpu  10 0 10 100 5 0 0 0 0 0\ncpu0 1 2 3 100 7 4 5 6 0 0\ncpu1 10 0 0 50 0 0 9 0 0 0\n"
+	got, err := parseCPUSoftirq(stat)
+	if err != nil || len(got) != 2 || got[0] != 5 || got[1] != 9 {
+		t.Errorf("parseCPUSoftirq = %v, %v; want cpu0 5, cpu1 9", got, err)
 	}
 }

@@ -24,18 +24,54 @@ const maxSamples = 1 << 20
 // measure runs load until the window ends and returns how much counter
 // grew per second during the counted part.
 func measure(w window, counter func() int64) float64 {
+	return measureMarked(w, counter, nil).rate()
+}
+
+// counted is how much a counter grew in the counted part of a window, and
+// how long that part took.
+type counted struct {
+	n    int64
+	secs float64
+}
+
+func (c counted) rate() float64 { return float64(c.n) / c.secs }
+
+func (c *counted) add(o counted) { c.n, c.secs = c.n+o.n, c.secs+o.secs }
+
+// measureMarked is measure that returns the growth and the time it took,
+// and calls mark, if not nil, when the counted part starts and ends.
+func measureMarked(w window, counter func() int64, mark func()) counted {
 	time.Sleep(w.warmup)
 	a, t0 := counter(), time.Now()
+	if mark != nil {
+		mark()
+	}
 	time.Sleep(w.dur)
 	b, t1 := counter(), time.Now()
-	return float64(b-a) / t1.Sub(t0).Seconds()
+	if mark != nil {
+		mark()
+	}
+	return counted{n: b - a, secs: t1.Sub(t0).Seconds()}
+}
+
+// dialer opens one connection for a test; end is when the test ends.
+type dialer func(end time.Time) (net.Conn, error)
+
+// tcpDialer dials addr over plain TCP.
+func tcpDialer(addr string) dialer {
+	return func(time.Time) (net.Conn, error) { return net.DialTimeout("tcp", addr, dialTimeout) }
 }
 
 // dialAll opens n connections to addr, all with the deadline end.
 func dialAll(addr string, n int, end time.Time) ([]net.Conn, error) {
+	return dialAllWith(tcpDialer(addr), n, end)
+}
+
+// dialAllWith opens n connections with dial, all with the deadline end.
+func dialAllWith(dial dialer, n int, end time.Time) ([]net.Conn, error) {
 	var conns []net.Conn
 	for range n {
-		c, err := net.DialTimeout("tcp", addr, dialTimeout)
+		c, err := dial(end)
 		if err != nil {
 			closeAll(conns)
 			return nil, err
@@ -55,10 +91,21 @@ func closeAll(conns []net.Conn) {
 // upload writes to the sink through addr on n connections; the sink counts
 // what arrives. Result in MB/s (1 MB = 10^6 bytes).
 func upload(addr string, n int, w window, sink *upstream) (float64, error) {
-	end := time.Now().Add(w.warmup + w.dur)
-	conns, err := dialAll(addr, n, end)
+	c, err := uploadWith(tcpDialer(addr), n, w, sink, nil)
 	if err != nil {
 		return 0, err
+	}
+	return c.rate() / 1e6, nil
+}
+
+// uploadWith is upload on connections that dial opens; it returns the bytes
+// that reached the sink in the counted part, and calls mark as
+// measureMarked does.
+func uploadWith(dial dialer, n int, w window, sink *upstream, mark func()) (counted, error) {
+	end := time.Now().Add(w.warmup + w.dur)
+	conns, err := dialAllWith(dial, n, end)
+	if err != nil {
+		return counted{}, err
 	}
 	var wg sync.WaitGroup
 	for _, c := range conns {
@@ -71,18 +118,28 @@ func upload(addr string, n int, w window, sink *upstream) (float64, error) {
 			}
 		})
 	}
-	rate := measure(w, sink.read.Load)
+	got := measureMarked(w, sink.read.Load, mark)
 	closeAll(conns)
 	wg.Wait()
-	return rate / 1e6, nil
+	return got, nil
 }
 
 // download reads from the source through addr on n connections. Result in MB/s.
 func download(addr string, n int, w window) (float64, error) {
-	end := time.Now().Add(w.warmup + w.dur)
-	conns, err := dialAll(addr, n, end)
+	c, err := downloadWith(tcpDialer(addr), n, w, nil)
 	if err != nil {
 		return 0, err
+	}
+	return c.rate() / 1e6, nil
+}
+
+// downloadWith is download on connections that dial opens; it returns the
+// bytes read in the counted part, and calls mark as measureMarked does.
+func downloadWith(dial dialer, n int, w window, mark func()) (counted, error) {
+	end := time.Now().Add(w.warmup + w.dur)
+	conns, err := dialAllWith(dial, n, end)
+	if err != nil {
+		return counted{}, err
 	}
 	var got atomic.Int64
 	var wg sync.WaitGroup
@@ -98,13 +155,13 @@ func download(addr string, n int, w window) (float64, error) {
 			}
 		})
 	}
-	rate := measure(w, got.Load)
+	res := measureMarked(w, got.Load, mark)
 	closeAll(conns)
 	wg.Wait()
-	if rate == 0 {
-		return 0, errors.New("no bytes came through")
+	if res.n == 0 {
+		return res, errors.New("no bytes came through")
 	}
-	return rate / 1e6, nil
+	return res, nil
 }
 
 // roundTrip writes msg and reads the echo of the same length.

@@ -1,9 +1,11 @@
 // Command aegis-bench compares bin/aegis with HAProxy, nginx and no proxy at
 // all on loopback: throughput, short connections per second, round-trip
-// latency and memory per idle connection over TCP; and for UDP (aegis,
-// nginx and no proxy), 64-byte echo datagrams per second, their loss, and
-// memory per NAT entry. Each proxy runs as a child process pinned to CPU 1
-// with one thread; the load and the upstreams run in this process on CPU 0.
+// latency and memory per idle connection over TCP; for UDP (aegis, nginx
+// and no proxy), 64-byte echo datagrams per second, their loss, and memory
+// per NAT entry; and with TLS terminated by the proxy (aegis, HAProxy and
+// nginx), full handshakes per second and throughput. Each proxy runs as a
+// child process pinned to CPU 1 with one thread; the load and the upstreams
+// run in this process on CPU 0.
 package main
 
 import (
@@ -32,7 +34,7 @@ type config struct {
 	keep         bool
 	startTimeout time.Duration
 
-	tcp, udp      bool // which tests run
+	tcp, udp, tls bool // which tests run
 	udpSockets    int  // generator sockets
 	udpWindow     int  // datagrams in flight per generator socket
 	udpEntries    int  // NAT entries held for the memory test
@@ -53,7 +55,7 @@ func main() {
 	flag.BoolVar(&cfg.pin, "pin", true, "pin proxies to CPU 1 and the bench to CPU 0")
 	flag.BoolVar(&cfg.keep, "keep", false, "keep the temp dir with configs and logs")
 	flag.DurationVar(&cfg.startTimeout, "start-timeout", 10*time.Second, "how long a proxy may take to start")
-	flag.StringVar(&tests, "tests", "tcp,udp", "comma-separated tests to run, from tcp,udp")
+	flag.StringVar(&tests, "tests", "tcp,udp,tls", "comma-separated tests to run, from tcp,udp,tls")
 	flag.IntVar(&cfg.udpSockets, "udp-sockets", 4, "generator sockets for the UDP rate test")
 	flag.IntVar(&cfg.udpWindow, "udp-window", 32, "datagrams in flight per generator socket")
 	flag.IntVar(&cfg.udpEntries, "udp-entries", entries,
@@ -80,12 +82,14 @@ func main() {
 			cfg.tcp = true
 		case "udp":
 			cfg.udp = true
+		case "tls":
+			cfg.tls = true
 		default:
 			fmt.Fprintf(os.Stderr, "aegis-bench: unknown test %q in -tests\n", name)
 			os.Exit(2)
 		}
 	}
-	if !cfg.tcp && !cfg.udp {
+	if !cfg.tcp && !cfg.udp && !cfg.tls {
 		fmt.Fprintln(os.Stderr, "aegis-bench: -tests selects no test")
 		os.Exit(2)
 	}
@@ -150,6 +154,14 @@ func run(cfg config) (string, error) {
 		fmt.Printf("udp tests: %d-byte echo datagrams, %s x %d in flight (closed loop, batched), %d rounds taking turns between the proxies, %v counted in all after %v warm-up each; %d NAT entries for memory, each proxy restarted for it\n",
 			udpSize, plural(cfg.udpSockets, "socket"), cfg.udpWindow, udpRounds, udpRounds*udpRound(cfg.w).dur, cfg.w.warmup, cfg.udpEntries)
 	}
+	if cfg.tls {
+		if !cfg.tcp && !cfg.udp {
+			fmt.Printf("aegis-bench: TLS-terminating proxies on 127.0.0.1\n")
+		}
+		tw := tlsRound(cfg.w)
+		fmt.Printf("tls tests: ECDSA P-256 certificate for %s (leaf and CA), X25519, TLS 1.3 with TLS_AES_128_GCM_SHA256 (TLS 1.2: ECDHE-ECDSA-AES128-GCM-SHA256), full handshakes only; %s for handshakes; %d rounds taking turns between the proxies, %v counted in all after %v warm-up each\n",
+			tlsName, plural(cfg.workers, "worker"), tlsRounds, tlsRounds*tw.dur, tw.warmup)
+	}
 	fmt.Printf("pinning: %s\n", pinning)
 	fmt.Printf("threads: aegis GOMAXPROCS=1, haproxy nbthread 1, nginx worker_processes 1, bench GOMAXPROCS=%d\n",
 		runtime.GOMAXPROCS(0))
@@ -188,7 +200,8 @@ func run(cfg config) (string, error) {
 	}
 	defer up.close()
 
-	var results, udpResults []result
+	var results, udpResults, tlsResults []result
+	var tlsNotes []string
 	for _, p := range proxies {
 		if cfg.tcp && (len(cfg.only) == 0 || cfg.only[p.name]) {
 			results = append(results, runOne(p, cfg, up, tmp))
@@ -202,6 +215,15 @@ func run(cfg config) (string, error) {
 			}
 		}
 		udpResults = runUDP(ps, cfg, up, tmp)
+	}
+	if cfg.tls {
+		var ps []proxy
+		for _, p := range proxies {
+			if len(cfg.only) == 0 || cfg.only[p.name] {
+				ps = append(ps, p)
+			}
+		}
+		tlsResults, tlsNotes = runTLS(ps, cfg, up, tmp)
 	}
 
 	var b strings.Builder
@@ -222,6 +244,12 @@ func run(cfg config) (string, error) {
 			b.WriteString("\n")
 		}
 		b.WriteString(udpReport(udpResults, cfg))
+	}
+	if cfg.tls {
+		if cfg.tcp || cfg.udp {
+			b.WriteString("\n")
+		}
+		b.WriteString(tlsReport(tlsResults, tlsNotes, cfg))
 	}
 	fmt.Fprintf(&b, "\nrun took %v\n", time.Since(start).Round(time.Second))
 	return b.String(), nil
@@ -422,6 +450,11 @@ func probeOnce(front ports, up *upstreams) error {
 		}
 		return c, err
 	}
+	return probeWith(dial, front, up)
+}
+
+// probeWith is probeOnce with connections that dial opens.
+func probeWith(dial func(port int) (net.Conn, error), front ports, up *upstreams) error {
 	// echo: one round trip
 	c, err := dial(front.Echo)
 	if err != nil {
@@ -727,6 +760,12 @@ func natUDP(p proxy, cfg config, up *upstreams, tmp string, res *result) {
 // otherLoad notes other work on the bench's CPU 0 and the proxy's CPU 1
 // during the counted part: on a shared machine it skews the rates.
 func otherLoad(m *cpuMeter, values map[string]float64) []string {
+	return cpuNotes("udp: ", m, values)
+}
+
+// cpuNotes is otherLoad for any test: each note starts with prefix, and
+// values holds the test's cpubench and cpuproxy.
+func cpuNotes(prefix string, m *cpuMeter, values map[string]float64) []string {
 	var out []string
 	for cpu, key := range []string{"cpubench", "cpuproxy"} {
 		own, ran := values[key]
@@ -735,7 +774,7 @@ func otherLoad(m *cpuMeter, values map[string]float64) []string {
 			continue // direct: nothing of ours on CPU 1
 		}
 		if other := busy - own; other >= 10 {
-			out = append(out, fmt.Sprintf("udp: other work took about %.0f%% of CPU %d during the counted part: the rate is skewed", other, cpu))
+			out = append(out, fmt.Sprintf("%sother work took about %.0f%% of CPU %d during the counted part: the rate is skewed", prefix, other, cpu))
 		}
 	}
 	// In a closed loop one side or the other is busy; when neither is and
@@ -744,7 +783,7 @@ func otherLoad(m *cpuMeter, values map[string]float64) []string {
 	b, okb := values["cpubench"]
 	p, okp := values["cpuproxy"]
 	if len(out) == 0 && okb && okp && b < 80 && p < 80 {
-		out = append(out, fmt.Sprintf("udp: neither the proxy (%.0f%% CPU) nor the bench (%.0f%%) kept its CPU busy: the rate is skewed", p, b))
+		out = append(out, fmt.Sprintf("%sneither the proxy (%.0f%% CPU) nor the bench (%.0f%%) kept its CPU busy: the rate is skewed", prefix, p, b))
 	}
 	return out
 }

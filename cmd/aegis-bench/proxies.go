@@ -33,6 +33,9 @@ type setup struct {
 	// udpEntries is how many UDP sessions the proxy must be able to hold
 	// (the NAT entry test), 0 if none.
 	udpEntries int
+	// cert is the certificate to terminate TLS with (the TLS test), nil
+	// for plain TCP and UDP.
+	cert *benchCert
 }
 
 // proxy is one proxy under test.
@@ -46,14 +49,19 @@ type proxy struct {
 	rssPID func(c *child) (int, error)
 	// noUDP says why the proxy cannot relay UDP, or "".
 	noUDP string
+	// startTLS starts the proxy terminating TLS with s.cert on each front
+	// TCP port; nil if it cannot (direct).
+	startTLS func(s setup) (*child, error)
 }
 
 var proxies = []proxy{
 	{name: "direct"},
-	{name: "aegis", binary: func(c *config) string { return c.aegis }, start: startAegis, rssPID: mainPID},
+	{name: "aegis", binary: func(c *config) string { return c.aegis }, start: startAegis, rssPID: mainPID,
+		startTLS: startAegisTLS},
 	{name: "haproxy", binary: func(*config) string { return "haproxy" }, start: startHAProxy, rssPID: mainPID,
-		noUDP: "HAProxy does not proxy UDP"},
-	{name: "nginx", binary: func(*config) string { return "nginx" }, start: startNginx, rssPID: nginxWorker},
+		noUDP: "HAProxy does not proxy UDP", startTLS: startHAProxyTLS},
+	{name: "nginx", binary: func(*config) string { return "nginx" }, start: startNginx, rssPID: nginxWorker,
+		startTLS: startNginxTLS},
 }
 
 func mainPID(c *child) (int, error) { return c.cmd.Process.Pid, nil }
@@ -114,6 +122,15 @@ type aegisStream struct {
 	IdleTimeout    int      `json:"idle_timeout_seconds,omitempty"`
 	WhitelistCIDRs []string `json:"whitelist_cidrs"`
 	LogConnections bool     `json:"log_connections"`
+	SSLEnabled     bool     `json:"ssl_enabled,omitempty"`
+	SSLCertID      int64    `json:"ssl_cert_id,omitempty"`
+}
+
+// aegisTLS is what the TLS test adds to the aegis config: the database
+// that holds the certificate, and the certificate's id there.
+type aegisTLS struct {
+	dbPath string
+	certID int64
 }
 
 // udpIdleTimeout is how long a UDP session (NAT entry) lives without
@@ -125,6 +142,12 @@ const udpIdleTimeout = 120
 // has the whitelist and the connection log, like the allow/deny and the
 // access log of the nginx config.
 func aegisConfig(adminPort int, logFile string, up, front ports) ([]byte, error) {
+	return aegisConfigWith(adminPort, logFile, up, front, nil)
+}
+
+// aegisConfigWith is aegisConfig; with t, every TCP stream terminates TLS
+// with certificate t.certID, and the app's storage is t.dbPath.
+func aegisConfigWith(adminPort int, logFile string, up, front ports, t *aegisTLS) ([]byte, error) {
 	var hosts []aegisStream
 	for _, r := range routes(up, front) {
 		h := aegisStream{
@@ -135,8 +158,14 @@ func aegisConfig(adminPort int, logFile string, up, front ports) ([]byte, error)
 		}
 		if r.UDP {
 			h.Protocol, h.IdleTimeout = "udp", udpIdleTimeout
+		} else if t != nil {
+			h.SSLEnabled, h.SSLCertID = true, t.certID
 		}
 		hosts = append(hosts, h)
+	}
+	app := map[string]any{"hosts": hosts}
+	if t != nil {
+		app["storage"] = map[string]any{"path": t.dbPath}
 	}
 	cfg := map[string]any{
 		"admin": map[string]any{"listen": fmt.Sprintf("127.0.0.1:%d", adminPort)},
@@ -144,17 +173,30 @@ func aegisConfig(adminPort int, logFile string, up, front ports) ([]byte, error)
 			"level":  "INFO",
 			"writer": map[string]any{"output": "file", "filename": logFile},
 		}}},
-		"apps": map[string]any{"streams": map[string]any{"hosts": hosts}},
+		"apps": map[string]any{"streams": app},
 	}
 	return json.MarshalIndent(cfg, "", "  ")
 }
 
-func startAegis(s setup) (*child, error) {
+func startAegis(s setup) (*child, error) { return launchAegis(s, nil) }
+
+// startAegisTLS stores s.cert in a database in s.dir and starts aegis
+// with TLS streams that use it.
+func startAegisTLS(s setup) (*child, error) {
+	t := &aegisTLS{dbPath: filepath.Join(s.dir, "streams.db")}
+	var err error
+	if t.certID, err = storeAegisCert(t.dbPath, s.cert); err != nil {
+		return nil, fmt.Errorf("storing the certificate: %v", err)
+	}
+	return launchAegis(s, t)
+}
+
+func launchAegis(s setup, t *aegisTLS) (*child, error) {
 	admin, err := freePorts(1)
 	if err != nil {
 		return nil, err
 	}
-	cfg, err := aegisConfig(admin[0], filepath.Join(s.dir, "aegis.log"), s.up, s.front)
+	cfg, err := aegisConfigWith(admin[0], filepath.Join(s.dir, "aegis.log"), s.up, s.front, t)
 	if err != nil {
 		return nil, err
 	}

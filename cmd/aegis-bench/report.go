@@ -66,15 +66,24 @@ type result struct {
 // cell is the value and, in parentheses, its ratio to direct and to the
 // proxy named second (haproxy for TCP, nginx for UDP).
 func table(results []result, metrics []metric, second string) string {
+	return tableRefs(results, metrics, "direct", second)
+}
+
+// tableRefs is table with the ratios to the proxies named refs, in order.
+func tableRefs(results []result, metrics []metric, refs ...string) string {
 	var ran []result
-	ref := map[string]result{}
+	byName := map[string]result{}
 	for _, r := range results {
 		if r.skipped == "" {
 			ran = append(ran, r)
 			if r.na == "" {
-				ref[r.name] = r
+				byName[r.name] = r
 			}
 		}
+	}
+	refResults := make([]result, len(refs))
+	for i, name := range refs {
+		refResults[i] = byName[name]
 	}
 	rows := [][]string{{""}}
 	for _, r := range ran {
@@ -86,7 +95,7 @@ func table(results []result, metrics []metric, second string) string {
 			if r.na != "" {
 				row = append(row, "n/a")
 			} else {
-				row = append(row, cell(m, r, ref["direct"], ref[second]))
+				row = append(row, cell(m, r, refResults))
 			}
 		}
 		rows = append(rows, row)
@@ -112,17 +121,24 @@ func table(results []result, metrics []metric, second string) string {
 	return b.String()
 }
 
-func cell(m metric, r, direct, second result) string {
+// cell is r's value for m and, unless no reference has one, its ratios to
+// the references.
+func cell(m metric, r result, refs []result) string {
 	v, ok := r.values[m.key]
 	if !ok {
 		return "-"
 	}
 	s := fmt.Sprintf(m.format, v)
-	d, h := ratio(v, direct.values, m.key), ratio(v, second.values, m.key)
-	if m.noRatio || d == "-" && h == "-" {
+	ratios := make([]string, len(refs))
+	some := false
+	for i, ref := range refs {
+		ratios[i] = ratio(v, ref.values, m.key)
+		some = some || ratios[i] != "-"
+	}
+	if m.noRatio || !some {
 		return s
 	}
-	return fmt.Sprintf("%s (%s, %s)", s, d, h)
+	return fmt.Sprintf("%s (%s)", s, strings.Join(ratios, ", "))
 }
 
 // ratio is v divided by the reference's value for key, or "-".

@@ -555,16 +555,32 @@ func parseCPUTicks(stat string) (int64, error) {
 }
 
 // cpuBusy is how many ticks each CPU has spent on anything but idle and
-// iowait, from /proc/stat, by CPU number.
-func cpuBusy() (map[int]int64, error) {
+// iowait, and of those on softirqs, from /proc/stat, by CPU number.
+func cpuBusy() (busy, soft map[int]int64, err error) {
 	b, err := os.ReadFile("/proc/stat")
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	return parseCPUBusy(string(b))
+	if busy, err = parseCPUBusy(string(b)); err != nil {
+		return nil, nil, err
+	}
+	soft, err = parseCPUSoftirq(string(b))
+	return busy, soft, err
 }
 
 func parseCPUBusy(stat string) (map[int]int64, error) {
+	return parseCPUColumns(stat, func(i int) bool { return i != 3 && i != 4 })
+}
+
+// parseCPUSoftirq is the softirq ticks of each CPU: on loopback, mostly
+// the packets of the test itself, which no process is charged for.
+func parseCPUSoftirq(stat string) (map[int]int64, error) {
+	return parseCPUColumns(stat, func(i int) bool { return i == 6 })
+}
+
+// parseCPUColumns sums, for each cpuN line, the columns i (0: user) for
+// which sum is true.
+func parseCPUColumns(stat string, sum func(i int) bool) (map[int]int64, error) {
 	out := map[int]int64{}
 	for line := range strings.SplitSeq(stat, "\n") {
 		f := strings.Fields(line)
@@ -582,7 +598,7 @@ func parseCPUBusy(stat string) (map[int]int64, error) {
 			if err != nil {
 				return nil, fmt.Errorf("odd line %q", line)
 			}
-			if i != 3 && i != 4 {
+			if sum(i) {
 				busy += v
 			}
 		}
@@ -604,18 +620,20 @@ type cpuMeter struct {
 	t     time.Time
 	ticks []int64
 	busy  map[int]int64
+	soft  map[int]int64
 
 	// summed over the closed windows; a process or CPU that could not be
 	// read in some window is left out
 	secs     float64
 	sumTicks []int64
 	sumBusy  map[int]int64
+	sumSoft  map[int]int64
 	bad      map[int]bool // by pid index
 	badCPU   map[int]bool
 }
 
 func newCPUMeter(pids ...string) *cpuMeter {
-	return &cpuMeter{pids: pids, sumTicks: make([]int64, len(pids)), sumBusy: map[int]int64{}, bad: map[int]bool{}, badCPU: map[int]bool{}}
+	return &cpuMeter{pids: pids, sumTicks: make([]int64, len(pids)), sumBusy: map[int]int64{}, sumSoft: map[int]int64{}, bad: map[int]bool{}, badCPU: map[int]bool{}}
 }
 
 // mark opens a window, or closes the open one.
@@ -629,7 +647,7 @@ func (m *cpuMeter) mark() {
 		}
 		ticks[i] = v
 	}
-	busy, _ := cpuBusy()
+	busy, soft, _ := cpuBusy()
 	if m.open {
 		m.secs += now.Sub(m.t).Seconds()
 		for i := range m.pids {
@@ -645,8 +663,13 @@ func (m *cpuMeter) mark() {
 				m.badCPU[cpu] = true
 			}
 		}
+		for cpu, b := range soft {
+			if a, ok := m.soft[cpu]; ok {
+				m.sumSoft[cpu] += b - a
+			}
+		}
 	}
-	m.t, m.ticks, m.busy = now, ticks, busy
+	m.t, m.ticks, m.busy, m.soft = now, ticks, busy, soft
 	m.open = !m.open
 }
 
@@ -657,6 +680,16 @@ func (m *cpuMeter) cpuPercent(cpu int) (float64, bool) {
 		return 0, false
 	}
 	return float64(b) / m.secs, true // ticks are 1/100 s
+}
+
+// softPercent is how much of CPU cpu softirqs took in the windows, or
+// false.
+func (m *cpuMeter) softPercent(cpu int) (float64, bool) {
+	s, ok := m.sumSoft[cpu]
+	if !ok || m.badCPU[cpu] || m.secs <= 0 {
+		return 0, false
+	}
+	return float64(s) / m.secs, true
 }
 
 // percent is process i's CPU use in the windows, or false.
