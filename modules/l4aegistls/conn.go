@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"os"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -44,16 +45,38 @@ type Conn struct {
 	closed atomic.Bool
 }
 
-// Write writes to the client through TLS.
+// maxRecord is the most plaintext one TLS record carries.
+const maxRecord = 16 << 10
+
+// Write writes to the client through TLS. A write that takes several
+// records goes to the socket in one system call instead of one per record.
 func (c *Conn) Write(p []byte) (int, error) {
+	if len(p) <= maxRecord {
+		return c.write(p)
+	}
+	c.wire.begin()
+	n, err := c.write(p)
+	if ferr := c.wire.flush(); ferr != nil && err == nil {
+		n, err = 0, c.wireError(ferr)
+	}
+	return n, err
+}
+
+func (c *Conn) write(p []byte) (int, error) {
 	n, err := c.Conn.Write(p)
+	return n, c.wireError(err)
+}
+
+// wireError turns a timed-out write, after which *tls.Conn is unusable,
+// into a final error.
+func (c *Conn) wireError(err error) error {
 	if err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
 		if c.ss != nil {
 			c.ss.SetReason(streamstate.ReasonIdleTimeout)
 		}
-		err = errClientStalled
+		return errClientStalled
 	}
-	return n, err
+	return err
 }
 
 // SetDeadline sets the read deadline and the write deadline.
@@ -116,6 +139,43 @@ type wire struct {
 	net.Conn
 	pre    []byte
 	window atomic.Int64 // nanoseconds
+
+	// While a large write is in progress, the records TLS writes are
+	// gathered in batch and written together by flush. mu guards batching
+	// and batch; out keeps socket writes in the order TLS made them.
+	mu       sync.Mutex
+	out      sync.Mutex
+	batching bool
+	batch    *[]byte
+}
+
+var batchPool = sync.Pool{New: func() any { b := make([]byte, 0, 2*maxRecord+1024); return &b }}
+
+// begin gathers the records written from now on.
+func (w *wire) begin() {
+	w.mu.Lock()
+	w.batching = true
+	w.batch = batchPool.Get().(*[]byte)
+	*w.batch = (*w.batch)[:0]
+	w.mu.Unlock()
+}
+
+// flush writes the gathered records in one write and stops gathering.
+func (w *wire) flush() error {
+	w.mu.Lock()
+	b := w.batch
+	w.batching, w.batch = false, nil
+	w.out.Lock() // before mu is released: no later record can overtake
+	w.mu.Unlock()
+	defer w.out.Unlock()
+	var err error
+	if len(*b) > 0 {
+		_, err = w.send(*b)
+	}
+	if cap(*b) <= 4*maxRecord {
+		batchPool.Put(b)
+	}
+	return err
 }
 
 func (w *wire) Read(p []byte) (int, error) {
@@ -128,6 +188,20 @@ func (w *wire) Read(p []byte) (int, error) {
 }
 
 func (w *wire) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	if w.batching {
+		*w.batch = append(*w.batch, p...)
+		w.mu.Unlock()
+		return len(p), nil
+	}
+	w.out.Lock()
+	w.mu.Unlock()
+	defer w.out.Unlock()
+	return w.send(p)
+}
+
+// send writes p to the connection below, bounded by the write window.
+func (w *wire) send(p []byte) (int, error) {
 	win := time.Duration(w.window.Load())
 	if win <= 0 {
 		return w.Conn.Write(p)

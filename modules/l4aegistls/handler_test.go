@@ -1,6 +1,7 @@
 package l4aegistls_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -553,5 +554,44 @@ func TestSlowReaderKeepsGoing(t *testing.T) {
 	got, err := io.Copy(io.Discard, tc)
 	if err != nil || got != size {
 		t.Fatalf("got %d bytes, %v (reason %s); want %d", got, err, c.reason(t), size)
+	}
+}
+
+// Large writes go out as batches of records; both directions at once, in
+// chunks bigger than a record, arrive intact and in order.
+func TestBulkBothWays(t *testing.T) {
+	checkNoLeaks(t)
+	cert := newCert(t, "bulk.example.test")
+	id := certID(t)
+	l4aegistls.Register(id, l4aegistls.NewStaticCert(cert))
+	up := echoUpstream(t)
+	c := startChain(t, &l4aegistls.Handler{CertID: id}, up.addr, chainOpts{})
+	tc, _, err := dialTLS(t, c.addr, "bulk.example.test", roots(cert), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = tc.SetDeadline(time.Now().Add(20 * time.Second))
+	const size = 4 << 20
+	want := make([]byte, size)
+	for i := range want {
+		want[i] = byte(i*7 + i>>13)
+	}
+	errc := make(chan error, 1)
+	go func() {
+		var err error
+		for off := 0; off < size && err == nil; off += 100 << 10 { // 100 KiB: several records each
+			_, err = tc.Write(want[off:min(off+100<<10, size)])
+		}
+		errc <- err
+	}()
+	got := make([]byte, size)
+	if _, err := io.ReadFull(tc, got); err != nil {
+		t.Fatalf("reading the echo: %v", err)
+	}
+	if err := <-errc; err != nil {
+		t.Fatalf("writing: %v", err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatal("the echo of 4 MiB through TLS differs from what was sent")
 	}
 }
