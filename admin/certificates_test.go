@@ -372,14 +372,7 @@ func TestCertificateRoutes(t *testing.T) {
 	good := kw.secret(newCA(t).valid(t))
 	kw.call("POST", "/api/v1/certificates", good.upload("a")).want(t, http.StatusCreated)
 
-	for _, tc := range []struct {
-		method, path string
-		body         any
-		headers      []hdr
-		code         int
-		allow        string
-		contains     string
-	}{
+	checkRoutes(t, kw.call, []routeCase{
 		{method: "GET", path: "/api/v1/certificates/", code: 200},
 		{method: "GET", path: "/api/v1/certificates/1", code: 200},
 		{method: "GET", path: "/api/v1/certificates/abc", code: 404, contains: "certificate id"},
@@ -398,24 +391,7 @@ func TestCertificateRoutes(t *testing.T) {
 		{method: "DELETE", path: "/api/v1/certificates/1", headers: []hdr{{"Sec-Fetch-Site", "same-site"}}, code: 403},
 		{method: "POST", path: "/api/v1/certificates", body: `{"name": "` + strings.Repeat("x", 2<<20) + `"}`, headers: []hdr{ctJSON}, code: 413},
 		{method: "PUT", path: "/api/v1/certificates/1", body: `{"certificate": "` + strings.Repeat("x", 1<<20) + `"}`, headers: []hdr{ctJSON}, code: 413},
-	} {
-		name := fmt.Sprintf("%s %s %v", tc.method, tc.path, tc.headers)
-		r := kw.call(tc.method, tc.path, tc.body, tc.headers...)
-		if r.code != tc.code {
-			t.Errorf("%s: got %s, want %d", name, r, tc.code)
-			continue
-		}
-		if tc.allow != "" && r.header.Get("Allow") != tc.allow {
-			t.Errorf("%s: Allow %q, want %q", name, r.header.Get("Allow"), tc.allow)
-		}
-		if tc.code >= 400 {
-			var e errBody
-			r.decode(t, &e)
-			if e.Error == "" || !strings.Contains(e.Error, tc.contains) {
-				t.Errorf("%s: error %q, want a message containing %q", name, e.Error, tc.contains)
-			}
-		}
-	}
+	})
 	if l := kw.call("GET", "/api/v1/certificates", nil).want(t, 200).list(t); len(l) != 1 {
 		t.Fatalf("refused requests changed the list: %v", l)
 	}

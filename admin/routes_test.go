@@ -36,14 +36,7 @@ func TestRoutes(t *testing.T) {
 		t.Fatalf("HEAD: %s", r)
 	}
 
-	for _, tc := range []struct {
-		method, path string
-		body         any
-		headers      []hdr
-		code         int
-		allow        string // for 405 and OPTIONS
-		contains     string // in the error message
-	}{
+	checkRoutes(t, inst.call, []routeCase{
 		// Reads.
 		{method: "GET", path: "/api/v1/streams", code: 200},
 		{method: "GET", path: "/api/v1/streams/", code: 200},
@@ -111,27 +104,7 @@ func TestRoutes(t *testing.T) {
 		{method: "POST", path: "/api/v1/streams", body: `{"name": "x"}{"name": "y"}`, headers: []hdr{ctJSON}, code: 400, contains: "goes on after"},
 		{method: "POST", path: "/api/v1/streams/validate-port", body: `{"listen_port": 5} 1`, headers: []hdr{ctJSON}, code: 400},
 		{method: "POST", path: "/api/v1/streams/validate-port", body: ``, headers: []hdr{ctJSON}, code: 400},
-	} {
-		name := fmt.Sprintf("%s %s %v", tc.method, tc.path, tc.headers)
-		if len(name) > 120 {
-			name = name[:120]
-		}
-		r := inst.call(tc.method, tc.path, tc.body, tc.headers...)
-		if r.code != tc.code {
-			t.Errorf("%s: got %s, want %d", name, r, tc.code)
-			continue
-		}
-		if tc.allow != "" && r.header.Get("Allow") != tc.allow {
-			t.Errorf("%s: Allow %q, want %q", name, r.header.Get("Allow"), tc.allow)
-		}
-		if tc.code >= 400 {
-			var e errBody
-			r.decode(t, &e)
-			if e.Error == "" || !strings.Contains(e.Error, tc.contains) {
-				t.Errorf("%s: error %q, want a message containing %q", name, e.Error, tc.contains)
-			}
-		}
-	}
+	})
 
 	// Unknown, misspelt and repeated fields are refused, naming them.
 	base := stream(0, freePort(t), up.Port, nil)
@@ -265,5 +238,42 @@ func TestStorageOff(t *testing.T) {
 	c := dial(t, p1)
 	if got := roundTrip(t, c, "ok"); got != "ok" {
 		t.Fatalf("config stream: %q", got)
+	}
+}
+
+// routeCase is one request and the answer it must get.
+type routeCase struct {
+	method, path string
+	body         any
+	headers      []hdr
+	code         int
+	allow        string // for 405 and OPTIONS
+	contains     string // in the error message
+}
+
+// checkRoutes sends each case with call and checks the status, the Allow
+// header and the error message.
+func checkRoutes(t *testing.T, call func(method, path string, body any, headers ...hdr) response, cases []routeCase) {
+	t.Helper()
+	for _, tc := range cases {
+		name := fmt.Sprintf("%s %s %v", tc.method, tc.path, tc.headers)
+		if len(name) > 120 {
+			name = name[:120]
+		}
+		r := call(tc.method, tc.path, tc.body, tc.headers...)
+		if r.code != tc.code {
+			t.Errorf("%s: got %s, want %d", name, r, tc.code)
+			continue
+		}
+		if tc.allow != "" && r.header.Get("Allow") != tc.allow {
+			t.Errorf("%s: Allow %q, want %q", name, r.header.Get("Allow"), tc.allow)
+		}
+		if tc.code >= 400 {
+			var e errBody
+			r.decode(t, &e)
+			if e.Error == "" || !strings.Contains(e.Error, tc.contains) {
+				t.Errorf("%s: error %q, want a message containing %q", name, e.Error, tc.contains)
+			}
+		}
 	}
 }
