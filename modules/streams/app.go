@@ -71,6 +71,11 @@ type App struct {
 	mu      sync.Mutex
 	streams []*runtime
 	store   *sharedStore // nil without storage
+
+	// prev is the app this one replaced as the running app, and stopped
+	// says Stop began; both guarded by manageMu.
+	prev    *App
+	stopped bool
 }
 
 // reservedPort is a port that a stream may not take.
@@ -314,16 +319,21 @@ func (rt *runtime) bind(ctx caddy.Context) error {
 	return err
 }
 
-// serve starts serving the stream's bound listeners.
-func (a *App) serve(rt *runtime) {
+// serveSettings puts the app's settings into the stream's shared state.
+func (a *App) serveSettings(rt *runtime) {
 	rt.state.SetGracePeriod(a.gracePeriod())
-	if !rt.cfg.HealthCheckEnabled || !rt.cfg.Enabled {
-		rt.state.ClearHealth()
-	}
 	if a.store != nil {
 		rt.state.SetLogSink(a.store.logSink)
 	} else {
 		rt.state.SetLogSink(nil)
+	}
+}
+
+// serve starts serving the stream's bound listeners.
+func (a *App) serve(rt *runtime) {
+	a.serveSettings(rt)
+	if !rt.cfg.HealthCheckEnabled || !rt.cfg.Enabled {
+		rt.state.ClearHealth()
 	}
 	if rt.ln != nil {
 		rt.state.ListenerUp(streamstate.TCP)
@@ -353,11 +363,32 @@ func (a *App) serve(rt *runtime) {
 // config keeps go on; the others get the grace period when the app's
 // modules are cleaned up.
 func (a *App) Stop() error {
+	// No API write can reach a from here on; one in progress has ended,
+	// and closeListeners below closes what it bound.
+	manageMu.Lock()
+	back := handOver(a)
+	manageMu.Unlock()
+	a.mu.Lock()
+	a.closeListeners()
+	a.mu.Unlock()
+	if back != nil {
+		back.reassert()
+	}
+	return nil
+}
+
+// reassert puts this app's settings back into the state it shares with
+// other loads of its streams (UDP relay configs, log sinks, grace
+// periods): a newer config that failed to start may have changed them.
+func (a *App) reassert() {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	clearCurrent(a)
-	a.closeListeners()
-	return nil
+	for _, rt := range a.streams {
+		a.serveSettings(rt)
+		if rt.serving {
+			rt.relay.SetConfig(rt.nat)
+		}
+	}
 }
 
 // closeListeners stops every stream's listeners.
@@ -418,6 +449,7 @@ func (rt *runtime) release() {
 func (a *App) Cleanup() error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	a.closeListeners() // normally done by Stop; not if Start failed
 	// Streams that go away each wait out their grace period: together,
 	// so that stopping N busy streams takes one grace period, not N.
 	var wg sync.WaitGroup

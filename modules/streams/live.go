@@ -53,10 +53,27 @@ func setCurrent(a *App) {
 	manageMu.Lock()
 	defer manageMu.Unlock()
 	a.syncStored()
-	current.Store(a)
+	a.prev = current.Swap(a)
 }
 
-func clearCurrent(a *App) { current.CompareAndSwap(a, nil) }
+// handOver takes a, which is stopping, out of management. If a was the
+// running app, the app it replaced takes over again when it still runs:
+// Caddy stops a new config whose start failed and keeps the old one. It
+// returns that app. The caller holds manageMu.
+func handOver(a *App) (back *App) {
+	a.stopped = true
+	switch cur := current.Load(); {
+	case cur == a:
+		if a.prev != nil && !a.prev.stopped {
+			back = a.prev
+		}
+		current.Store(back)
+	case cur != nil && cur.prev == a:
+		cur.prev = nil // a was replaced for good
+	}
+	a.prev = nil
+	return back
+}
 
 // Running returns the running streams app, or nil.
 func Running() *App { return current.Load() }
@@ -66,7 +83,7 @@ func manage(f func(a *App) error) error {
 	manageMu.Lock()
 	defer manageMu.Unlock()
 	a := current.Load()
-	if a == nil {
+	if a == nil || a.stopped {
 		return ErrNotRunning
 	}
 	a.mu.Lock()
@@ -340,12 +357,14 @@ func (a *App) updateHost(ctx context.Context, id int64, s *Stream) (HostStatus, 
 		return old.hostStatus(), nil
 	}
 
+	// The new sockets serve before the old ones close, so UDP replies
+	// always have a socket to leave from.
+	next.created, next.updated = old.created, stored.UpdatedAt
+	a.serve(next)
 	old.closeListeners()
 	if !s.Enabled {
 		old.state.CloseAll(streamstate.ReasonStreamDisabled)
 	}
-	next.created, next.updated = old.created, stored.UpdatedAt
-	a.serve(next)
 	a.streams[slices.Index(a.streams, old)] = next
 	old.release()
 	next.logger.Info("stream updated", zap.Bool("enabled", s.Enabled))
@@ -456,13 +475,16 @@ func (a *App) applyStored(rt *runtime, h storage.Host) (*runtime, error) {
 	if err != nil {
 		return nil, err
 	}
-	rt.closeListeners()
 	if err := next.bind(a.ctx); err != nil {
 		next.release()
 		return nil, err
 	}
 	next.created, next.updated = h.CreatedAt, h.UpdatedAt
 	a.serve(next)
+	rt.closeListeners()
+	if !s.Enabled {
+		rt.state.CloseAll(streamstate.ReasonStreamDisabled)
+	}
 	a.streams[slices.Index(a.streams, rt)] = next
 	rt.release()
 	return next, nil

@@ -1,0 +1,38 @@
+package streams
+
+import "testing"
+
+// Which app the API manages as configs start, fail and stop.
+func TestHandOver(t *testing.T) {
+	defer current.Store(nil)
+	old := &App{}
+	current.Store(old)
+
+	// A new config started, then Caddy stopped it (another app failed):
+	// the old app, still running, is managed again.
+	failed := &App{}
+	failed.prev = current.Swap(failed)
+	if back := handOver(failed); back != old || current.Load() != old {
+		t.Fatalf("after a failed reload: hand-back %p, current %p, want the old app %p", back, current.Load(), old)
+	}
+
+	// A successful reload: the new app runs, then the old one stops.
+	next := &App{}
+	next.prev = current.Swap(next)
+	if back := handOver(old); back != nil || current.Load() != next || next.prev != nil {
+		t.Fatalf("after a reload: hand-back %p, current %p, prev %p", back, current.Load(), next.prev)
+	}
+
+	// Caddy stops: nothing is managed, and a stopped app never comes back.
+	if back := handOver(next); back != nil || current.Load() != nil {
+		t.Fatalf("after stop: hand-back %p, current %p", back, current.Load())
+	}
+	later := &App{prev: old}
+	current.Store(later)
+	if back := handOver(later); back != nil || current.Load() != nil {
+		t.Fatalf("handed back to a stopped app: %p", back)
+	}
+	if err := manage(func(*App) error { return nil }); err != ErrNotRunning {
+		t.Fatalf("manage with no running app: %v", err)
+	}
+}
