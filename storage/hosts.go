@@ -253,3 +253,18 @@ func (s *SQLite) DeleteHost(ctx context.Context, id int64, apply func(old Host) 
 	}
 	return nil
 }
+
+// HighestHostID is the highest host ID ever stored, deleted hosts included,
+// or 0 before the first: a caller that picks IDs itself stays above it, so
+// that an ID, and the connection log kept under it, is never reused.
+func (s *SQLite) HighestHostID(ctx context.Context) (int64, error) {
+	var seq sql.NullInt64
+	err := s.read.QueryRowContext(ctx, `SELECT seq FROM sqlite_sequence WHERE name = 'hosts'`).Scan(&seq)
+	if errors.Is(err, sql.ErrNoRows) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("storage: reading the highest host id: %w", err)
+	}
+	return seq.Int64, nil
+}

@@ -533,3 +533,23 @@ func TestConcurrentWriters(t *testing.T) {
 		}
 	}
 }
+
+// IDs given out, explicitly or not, are never given out again, and
+// HighestHostID says how far they went.
+func TestHighestHostID(t *testing.T) {
+	db := newStore(t)
+	ctx := context.Background()
+	if top, err := db.HighestHostID(ctx); err != nil || top != 0 {
+		t.Fatalf("empty store: %d, %v", top, err)
+	}
+	h := Host{ID: 7, Name: "x", Protocol: "tcp", ListenPort: 1, UpstreamHost: "h", UpstreamPort: 1, Enabled: true}
+	if _, err := db.CreateHost(ctx, h, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.DeleteHost(ctx, 7, nil); err != nil {
+		t.Fatal(err)
+	}
+	if top, err := db.HighestHostID(ctx); err != nil || top != 7 {
+		t.Fatalf("after creating and deleting id 7: %d, %v", top, err)
+	}
+}

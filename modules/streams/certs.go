@@ -128,10 +128,15 @@ func CreateCertificate(ctx context.Context, in CertInput) (CertStatus, error) {
 		if err != nil {
 			return err
 		}
+		var published int64
 		stored, err := a.store.db.CreateCertificate(ctx, c, keyOf(p), func(c storage.Certificate) error {
+			published = c.ID
 			return a.publish(c, p)
 		})
 		if err != nil {
+			if published > 0 { // the commit failed after the publish
+				l4aegistls.Unregister(published)
+			}
 			return storeError(err)
 		}
 		out = a.certStatus(stored)
@@ -155,10 +160,12 @@ func UpdateCertificate(ctx context.Context, id int64, in CertInput) (CertStatus,
 			return err
 		}
 		c.ID = id
+		undo := snapshotCert(id)
 		stored, err := a.store.db.UpdateCertificate(ctx, c, keyOf(p), func(_, c storage.Certificate) error {
 			return a.publish(c, p)
 		})
 		if err != nil {
+			undo() // the store kept the old certificate: so do handshakes
 			return storeError(err)
 		}
 		out = a.certStatus(stored)
@@ -199,6 +206,28 @@ func DeleteCertificate(ctx context.Context, id int64) error {
 		a.logger.Info("certificate deleted", zap.Int64("cert_id", id))
 		return nil
 	})
+}
+
+// snapshotCert returns a function that puts the registry's entry for id
+// back as it is now.
+func snapshotCert(id int64) func() {
+	src := l4aegistls.Lookup(id)
+	sc, static := src.(*l4aegistls.StaticCert)
+	var c *tls.Certificate
+	if static {
+		c = sc.Load()
+	}
+	return func() {
+		switch {
+		case static:
+			sc.Store(c)
+			l4aegistls.Register(id, sc)
+		case src != nil:
+			l4aegistls.Register(id, src)
+		default:
+			l4aegistls.Unregister(id)
+		}
+	}
 }
 
 // publishCert makes c the certificate that streams with ssl_cert_id id

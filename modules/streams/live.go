@@ -230,7 +230,13 @@ func (a *App) createHost(ctx context.Context, s *Stream) (HostStatus, error) {
 		return HostStatus{}, ErrNoStorage
 	}
 	if s.ID == 0 {
-		s.ID = a.nextID()
+		// Above every running stream and every id storage ever gave out:
+		// a deleted stream's id (and its log) is not reused.
+		top, err := a.store.db.HighestHostID(ctx)
+		if err != nil {
+			return HostStatus{}, storeError(err)
+		}
+		s.ID = max(a.nextID(), top+1)
 	}
 	if other := a.find(s.ID); other != nil {
 		return HostStatus{}, fmt.Errorf("id %d is taken by %s (source %s): %w", s.ID, streamLabel(other.cfg.ID, other.cfg.Name), other.source, ErrConflict)

@@ -1,6 +1,11 @@
 package streams
 
-import "testing"
+import (
+	"crypto/tls"
+	"testing"
+
+	"github.com/aegis-proxy/caddy-aegis/modules/l4aegistls"
+)
 
 // Which app the API manages as configs start, fail and stop.
 func TestHandOver(t *testing.T) {
@@ -34,5 +39,26 @@ func TestHandOver(t *testing.T) {
 	}
 	if err := manage(func(*App) error { return nil }); err != ErrNotRunning {
 		t.Fatalf("manage with no running app: %v", err)
+	}
+}
+
+// A certificate change that storage did not commit is taken back from the
+// registry too.
+func TestSnapshotCertUndo(t *testing.T) {
+	const id = 1 << 50
+	a, b := &tls.Certificate{}, &tls.Certificate{}
+	l4aegistls.Register(id, l4aegistls.NewStaticCert(a))
+	defer l4aegistls.Unregister(id)
+	undo := snapshotCert(id)
+	publishCert(id, b)
+	undo()
+	if got := l4aegistls.Lookup(id).(*l4aegistls.StaticCert).Load(); got != a {
+		t.Fatal("undo did not bring the old certificate back")
+	}
+	undo = snapshotCert(id + 1)
+	publishCert(id+1, b)
+	undo()
+	if l4aegistls.Lookup(id+1) != nil {
+		t.Fatal("undo of a first publish left it registered")
 	}
 }

@@ -121,6 +121,10 @@ func TestLiveCreateUpdateDisableDelete(t *testing.T) {
 	if err := streams.DeleteHost(ctx, 2); !errors.Is(err, streams.ErrNotFound) {
 		t.Fatalf("deleting twice: %v", err)
 	}
+	// The deleted stream's id is not given out again.
+	if hs, err := streams.CreateHost(ctx, apiStream(0, p2, up.Port)); err != nil || hs.ID != 3 {
+		t.Fatalf("a create after deleting stream 2: %+v, %v; want id 3", hs, err)
+	}
 	// The config stream was never touched.
 	if got := roundTrip(t, dial(t, cfgPort), "config"); got != "config" {
 		t.Fatalf("config stream: %q", got)
