@@ -72,6 +72,10 @@ type App struct {
 	streams []*runtime
 	store   *sharedStore // nil without storage
 
+	// pendingCerts are the certificate sources of config streams that
+	// name a Caddy tag or domain, registered at Start.
+	pendingCerts map[int64]l4aegistls.CertSource
+
 	// prev is the app this one replaced as the running app, and stopped
 	// says Stop began; both guarded by manageMu.
 	prev    *App
@@ -293,6 +297,9 @@ func (a *App) start() error {
 			return err
 		}
 	}
+	for id, src := range a.pendingCerts {
+		l4aegistls.Register(id, src)
+	}
 	for _, rt := range a.streams {
 		rt.state.ResetTotals()
 		a.serve(rt)
@@ -378,11 +385,15 @@ func (a *App) Stop() error {
 }
 
 // reassert puts this app's settings back into the state it shares with
-// other loads of its streams (UDP relay configs, log sinks, grace
-// periods): a newer config that failed to start may have changed them.
+// other loads of its streams (UDP relay configs, log sinks, grace periods,
+// certificates named by Caddy tag or domain): a newer config that failed
+// to start may have changed them.
 func (a *App) reassert() {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	for id, src := range a.pendingCerts {
+		l4aegistls.Register(id, src)
+	}
 	for _, rt := range a.streams {
 		a.serveSettings(rt)
 		if rt.serving {

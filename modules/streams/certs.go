@@ -396,7 +396,12 @@ func (a *App) publishConfigCert(s *Stream) error {
 	if err != nil {
 		return err
 	}
-	l4aegistls.Register(certID(s), src)
+	// Registered when the app starts: a config that is then refused must
+	// not change what the running streams serve.
+	if a.pendingCerts == nil {
+		a.pendingCerts = map[int64]l4aegistls.CertSource{}
+	}
+	a.pendingCerts[certID(s)] = src
 	return nil
 }
 

@@ -6,11 +6,14 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+
+	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/streams"
 	"github.com/aegis-proxy/caddy-aegis/storage"
@@ -277,4 +280,22 @@ func TestHostStatusJSONRoundTrip(t *testing.T) {
 	if out.Source != "api" || out.Enabled || out.Name != "db" || out.CreatedAt == nil || !out.CreatedAt.Equal(now) || out.Status.ActiveConnections != 2 || !out.Status.Listening {
 		t.Fatalf("round trip of %s gave %+v / %+v", b, out, *out.Stream)
 	}
+}
+
+// A reload that changes storage settings of the open database says they
+// apply after a restart, instead of ignoring them in silence.
+func TestStorageSettingsChangeIsReported(t *testing.T) {
+	checkNoLeaks(t)
+	up := newUpstream(t, echo)
+	port := freePort(t)
+	inst := startCaddy(t, hosts(host(1, port, up.Port, nil)))
+	cfg := hosts(host(1, port, up.Port, nil))
+	cfg["storage"] = map[string]any{"path": inst.dbFile, "log_retention": 5}
+	if err := inst.load(cfg); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, "the warning about storage settings", func() bool {
+		b, _ := os.ReadFile(inst.logFile)
+		return strings.Contains(string(b), "apply after Caddy restarts") && strings.Contains(string(b), `"log_retention_configured":5`)
+	})
 }

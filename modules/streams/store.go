@@ -71,6 +71,10 @@ type sharedStore struct {
 	path string
 	db   *storage.SQLite
 	logw *storage.LogWriter
+	// The settings it was opened with, which hold until the last config
+	// using it is gone.
+	retention int
+	key       string
 }
 
 var stores = caddy.NewUsagePool()
@@ -115,7 +119,11 @@ func (a *App) openStorage() ([]storage.Host, error) {
 		retention = a.Storage.LogRetention
 	}
 	logger := a.logger
-	v, _, err := stores.LoadOrNew(path, func() (caddy.Destructor, error) {
+	keySetting := ""
+	if a.Storage != nil {
+		keySetting = a.Storage.Key
+	}
+	v, loaded, err := stores.LoadOrNew(path, func() (caddy.Destructor, error) {
 		key, err := a.storageKey(path)
 		if err != nil {
 			return nil, err
@@ -130,12 +138,17 @@ func (a *App) openStorage() ([]storage.Host, error) {
 				logger.Error("writing the connection log to storage", zap.String("path", path), zap.Error(err))
 			},
 		})
-		return &sharedStore{path: path, db: db, logw: w}, nil
+		return &sharedStore{path: path, db: db, logw: w, retention: retention, key: keySetting}, nil
 	})
 	if err != nil {
 		return nil, fmt.Errorf("storage: %v; fix the path or key (storage sqlite <path>), or turn storage off (storage off)", err)
 	}
 	a.store = v.(*sharedStore)
+	if loaded && (a.store.retention != retention || a.store.key != keySetting) {
+		a.logger.Warn("storage settings changed while the database stays open: log_retention and storage_key apply after Caddy restarts",
+			zap.String("path", path), zap.Int("log_retention_in_use", a.store.retention), zap.Int("log_retention_configured", retention),
+			zap.Bool("storage_key_changed", a.store.key != keySetting))
+	}
 	ctx, cancel := context.WithTimeout(a.ctx, 10*time.Second)
 	defer cancel()
 	hosts, err := a.store.db.ListHosts(ctx)
