@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 
@@ -65,7 +66,7 @@ func bind(ctx caddy.Context, s *Stream, network string, lc net.ListenConfig) (an
 	key := boundKey(network, s)
 	bound.Lock()
 	defer bound.Unlock()
-	if bound.m[key] == 0 {
+	if !heldLocked(s, network) {
 		if err := probeLocked(s, network); err != nil {
 			return nil, err
 		}
@@ -84,10 +85,38 @@ func bind(ctx caddy.Context, s *Stream, network string, lc net.ListenConfig) (an
 func probeBind(s *Stream, network string) error {
 	bound.Lock()
 	defer bound.Unlock()
-	if bound.m[boundKey(network, s)] > 0 {
+	if heldLocked(s, network) {
 		return nil
 	}
 	return probeLocked(s, network)
+}
+
+// heldLocked reports whether a stream listener of this process holds s's
+// port on an address that overlaps s's, as when a stream moves from
+// 127.0.0.1 to 0.0.0.0 on the same port: the probe would fail on our own
+// socket, and the listeners may overlap (they use SO_REUSEPORT) while the
+// old one closes. Conflicts between streams are validation's job. The
+// caller holds bound.
+func heldLocked(s *Stream, network string) bool {
+	want, ok := listenAddr(s)
+	if !ok {
+		return false
+	}
+	for key, n := range bound.m {
+		rest, found := strings.CutPrefix(key, network+"/")
+		if !found || n <= 0 {
+			continue
+		}
+		host, port, err := net.SplitHostPort(rest)
+		if err != nil || port != strconv.Itoa(s.ListenPort) {
+			continue
+		}
+		held, ok := listenAddr(&Stream{ListenAddress: host, ListenPort: s.ListenPort})
+		if ok && addrsOverlap(want, held) {
+			return true
+		}
+	}
+	return false
 }
 
 // probeLocked binds s's address without SO_REUSEPORT and lets it go: it

@@ -299,3 +299,24 @@ func TestStorageSettingsChangeIsReported(t *testing.T) {
 		return strings.Contains(string(b), "apply after Caddy restarts") && strings.Contains(string(b), `"log_retention_configured":5`)
 	})
 }
+
+// Moving a stream from one address to an overlapping one on the same port
+// (127.0.0.1 to 0.0.0.0) is not mistaken for a port another program holds.
+func TestMoveToWildcardSamePort(t *testing.T) {
+	checkNoLeaks(t)
+	up := newUpstream(t, echo)
+	port := freePort(t)
+	startCaddy(t, hosts(host(1, freePort(t), up.Port, nil)))
+	ctx := context.Background()
+	s := apiStream(5, port, up.Port)
+	if _, err := streams.CreateHost(ctx, s); err != nil {
+		t.Fatal(err)
+	}
+	s.ListenAddress = "0.0.0.0"
+	if _, err := streams.UpdateHost(ctx, 5, s); err != nil {
+		t.Fatalf("moving to 0.0.0.0 on the same port: %v", err)
+	}
+	if got := roundTrip(t, dial(t, port), "moved"); got != "moved" {
+		t.Fatalf("after the move: %q", got)
+	}
+}
