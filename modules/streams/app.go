@@ -72,6 +72,12 @@ type App struct {
 	streams []*runtime
 	store   *sharedStore // nil without storage
 
+	// Names for Caddy's tls app to manage, waiting until this config runs
+	// (running); guarded by manageMu.
+	manageMu sync.Mutex
+	running  bool
+	toManage map[string]struct{}
+
 	// pendingCerts are the certificate sources of config streams that
 	// name a Caddy tag or domain, registered at Start.
 	pendingCerts map[int64]l4aegistls.CertSource
@@ -285,6 +291,9 @@ func (a *App) Start() error {
 		return err
 	}
 	setCurrent(a)
+	if a.tlsApp != nil {
+		go a.manageWhenRunning()
+	}
 	return nil
 }
 

@@ -342,7 +342,7 @@ func (a *App) publish(c storage.Certificate, p *certs.Parsed) error {
 	for _, d := range c.Domains {
 		names[d] = struct{}{}
 	}
-	if err := a.tlsApp.Manage(names); err != nil {
+	if err := a.manage(names); err != nil {
 		return fmt.Errorf("asking Caddy to manage %v: %v", c.Domains, err)
 	}
 	src, err := newCaddyCert(a.ctx, c.Domains[0], nil)
@@ -384,7 +384,7 @@ func (a *App) publishConfigCert(s *Stream) error {
 	var src *caddyCert
 	var err error
 	if s.SSLDomain != "" {
-		if err := a.tlsApp.Manage(map[string]struct{}{s.SSLDomain: {}}); err != nil {
+		if err := a.manage(map[string]struct{}{s.SSLDomain: {}}); err != nil {
 			return fmt.Errorf("asking Caddy to manage %s: %v", s.SSLDomain, err)
 		}
 		src, err = newCaddyCert(a.ctx, s.SSLDomain, nil)
@@ -403,6 +403,48 @@ func (a *App) publishConfigCert(s *Stream) error {
 	}
 	a.pendingCerts[certID(s)] = src
 	return nil
+}
+
+// manage asks Caddy's tls app to obtain and renew names. Until this app's
+// config is running, the names wait: the tls app may not have started
+// yet, and managing names before it has races with its start.
+func (a *App) manage(names map[string]struct{}) error {
+	a.manageMu.Lock()
+	defer a.manageMu.Unlock()
+	if !a.running {
+		if a.toManage == nil {
+			a.toManage = map[string]struct{}{}
+		}
+		for n := range names {
+			a.toManage[n] = struct{}{}
+		}
+		return nil
+	}
+	return a.tlsApp.Manage(names)
+}
+
+// manageWhenRunning waits until this app's config is the running one
+// (every app of it started), then hands the waiting names to the tls app.
+func (a *App) manageWhenRunning() {
+	for a.ctx.Err() == nil {
+		if caddy.ActiveContext().Context == a.ctx.Context {
+			a.manageMu.Lock()
+			a.running = true
+			names := a.toManage
+			a.toManage = nil
+			a.manageMu.Unlock()
+			if len(names) > 0 {
+				if err := a.tlsApp.Manage(names); err != nil {
+					a.logger.Error("asking Caddy to manage certificate names", zap.Error(err))
+				}
+			}
+			return
+		}
+		select {
+		case <-a.ctx.Done():
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
 }
 
 // caddyCert serves a certificate from Caddy's certificate cache, as a
