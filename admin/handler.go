@@ -9,6 +9,8 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/aegis-proxy/caddy-aegis/ui"
 )
 
 func init() {
@@ -17,11 +19,13 @@ func init() {
 }
 
 // Handler is the `http.handlers.streams_admin` module: the streams REST
-// API as an HTTP handler, so that a Caddy site can serve it with its own
-// TLS, authentication (e.g. basic_auth) and logs. It answers requests for
-// /api/v1/streams and /api/v1/certificates and below them, also after a
-// path prefix was stripped in front of them (handle_path); other requests
-// go to the next handler.
+// API and the browser UI as an HTTP handler, so that a Caddy site can
+// serve them with its own TLS, authentication (e.g. basic_auth) and logs.
+// It answers requests for /api/v1/streams and /api/v1/certificates and
+// below them, and GET and HEAD requests for the UI's files at its mount
+// (/ for the UI's page, /app.js, /style.css, ...), also after a path
+// prefix was stripped in front of them (handle_path); other requests go to
+// the next handler.
 type Handler struct {
 	// AllowedOrigins are origins ("https://ui.example.com",
 	// "http://localhost:3000") that may send POST, PUT and DELETE requests
@@ -29,6 +33,7 @@ type Handler struct {
 	AllowedOrigins []string `json:"allowed_origins,omitempty"`
 
 	api api
+	ui  *ui.Handler
 }
 
 // CaddyModule returns the Caddy module information.
@@ -45,6 +50,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		logger:     ctx.Logger(),
 		originHint: "; add it to allowed_origins of streams_admin to allow it",
 	}
+	h.ui = ui.New()
 	for _, o := range h.AllowedOrigins {
 		norm, err := normalizeOrigin(o)
 		if err != nil {
@@ -55,13 +61,18 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	return nil
 }
 
-// ServeHTTP answers API requests and hands others to next.
+// ServeHTTP answers API requests and the UI's GET and HEAD requests, and
+// hands others to next.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
-	if !isAPIPath(r.URL.Path) {
-		return next.ServeHTTP(w, r)
+	if isAPIPath(r.URL.Path) {
+		h.api.serve(w, r, mountPrefix(r))
+		return nil
 	}
-	h.api.serve(w, r, mountPrefix(r))
-	return nil
+	if (r.Method == http.MethodGet || r.Method == http.MethodHead) && h.ui != nil && h.ui.Has(r.URL.Path) {
+		h.ui.ServeHTTP(w, r)
+		return nil
+	}
+	return next.ServeHTTP(w, r)
 }
 
 // mountPrefix is the path prefix stripped in front of the API path (as

@@ -1,0 +1,104 @@
+// The live connections of one stream (UDP: one row per client), refreshed
+// every 2 s while the tab is visible, each with a button that closes it.
+
+import { ApiError, del, displayName, get } from './api.js';
+import { confirmDialog, fail, focusHeading, h, heading, poll, say, setText, table } from './dom.js';
+import { formatAge, formatBytes, hostPort } from './units.js';
+
+export async function activePage(ctx) {
+  const s = await get(`streams/${ctx.id}`);
+  if (!ctx.alive()) return;
+  const name = displayName(s);
+  const [region, tbody, row] = table('Open connections', ['Source', 'Protocol', 'Age', 'Sent', 'Received', 'Actions']);
+  const empty = h('p', { class: 'empty', hidden: true }, 'No open connections.');
+  const count = h('p', { class: 'sub' });
+  ctx.show(
+    heading(`Connections: ${name}`),
+    h('p', { class: 'sub' }, `${hostPort(s.listen_address, s.listen_port)} → ${hostPort(s.upstream_host, s.upstream_port)} · `,
+      h('a', { href: `#/streams/${s.id}/log` }, 'Log'), ' · ', h('a', { href: '#/streams' }, 'All streams')),
+    count, region, empty);
+
+  const rows = new Map();
+  const gone = new Set();
+  let lastError = '';
+
+  async function refresh() {
+    let list;
+    try {
+      list = await get(`streams/${s.id}/active`);
+    } catch (err) {
+      if (ctx.alive() && err.message !== lastError) fail(`Could not load the connections: ${err.message}`);
+      lastError = err.message;
+      return;
+    }
+    if (!ctx.alive()) return;
+    lastError = '';
+    const now = Date.now();
+    const seen = new Set();
+    for (const c of list) {
+      if (gone.has(c.id)) continue;
+      seen.add(c.id);
+      let r = rows.get(c.id);
+      if (!r) {
+        r = newRow(c);
+        rows.set(c.id, r);
+        tbody.append(r.tr); // the list is oldest first; new ones come last
+      }
+      const age = Math.max(0, now - Date.parse(c.started_at));
+      setText(r.age, formatAge(age), `since ${new Date(c.started_at).toLocaleString()}`);
+      const dg = (n) => (c.protocol === 'udp' ? `, ${n || 0} datagrams` : '');
+      setText(r.sent, formatBytes(c.bytes_sent), `${c.bytes_sent} bytes client → upstream${dg(c.datagrams_sent)}`);
+      setText(r.received, formatBytes(c.bytes_received), `${c.bytes_received} bytes upstream → client${dg(c.datagrams_received)}`);
+    }
+    for (const [id, r] of rows) {
+      if (!seen.has(id)) {
+        r.tr.remove();
+        rows.delete(id);
+      }
+    }
+    showCount();
+  }
+
+  function showCount() {
+    empty.hidden = rows.size > 0;
+    setText(count, rows.size === 1 ? '1 open connection' : `${rows.size} open connections`);
+  }
+
+  function newRow(c) {
+    const r = { age: h('td'), sent: h('td', { class: 'num' }), received: h('td', { class: 'num' }) };
+    const close = h('button', { type: 'button', class: 'danger small' }, 'Close');
+    close.addEventListener('click', () => closeConn(c, r));
+    r.tr = row({ 'data-conn-id': c.id },
+      h('th', { scope: 'row', class: 'addr' }, c.source),
+      h('td', {}, c.protocol),
+      r.age, r.sent, r.received,
+      h('td', { class: 'actions' }, close));
+    return r;
+  }
+
+  async function closeConn(c, r) {
+    const ok = await confirmDialog({
+      title: 'Close connection',
+      text: `Close the connection from ${c.source} to ${name}? The client and the upstream are disconnected now.`,
+      confirm: 'Close connection',
+    });
+    if (!ok) return;
+    try {
+      await del(`streams/${s.id}/active/${c.id}`);
+      say(`Connection from ${c.source} closed`);
+    } catch (err) {
+      if (!(err instanceof ApiError && err.status === 404)) {
+        fail(`Could not close the connection from ${c.source}: ${err.message}`);
+        return;
+      }
+      say(`The connection from ${c.source} had already ended`);
+    }
+    gone.add(c.id);
+    r.tr.remove();
+    rows.delete(c.id);
+    showCount();
+    focusHeading();
+  }
+
+  await poll(ctx, refresh);
+}

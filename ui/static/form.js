@@ -1,0 +1,309 @@
+// The create/edit form: every stream setting, grouped, checked as the
+// user types (the listen port against validate-port), with the server's
+// errors shown next to the fields they name.
+
+import { ApiError, displayName, get, post, put } from './api.js';
+import { clearFieldErrors, clearMessages, fail, go, h, heading, setFieldError, showFieldErrors } from './dom.js';
+import { MAX_SECONDS, RATE, TIME, checkCIDR, fromUnit, parseCount, shortMessage, splitList, toUnit } from './units.js';
+
+const PORT = { kind: 'int', min: 1, max: 65535, required: true };
+
+// FIELDS are the settings by their API name.
+const FIELDS = {
+  name: { label: 'Name', kind: 'text', hint: 'Optional.' },
+  enabled: { label: 'Enabled', kind: 'check', hint: 'A disabled stream does not listen.' },
+  protocol: { label: 'Protocol', kind: 'select', options: [['tcp', 'tcp'], ['udp', 'udp'], ['tcp+udp', 'tcp+udp']], hint: 'tcp+udp: both, on the same port.' },
+  listen_address: { label: 'Listen address', kind: 'text', placeholder: 'every address', hint: 'An IP address, e.g. 127.0.0.1. Empty: every address.' },
+  listen_port: { label: 'Listen port', ...PORT },
+  upstream_host: { label: 'Upstream host', kind: 'text', required: true, hint: 'A hostname or an IP address.' },
+  upstream_port: { label: 'Upstream port', ...PORT },
+  proxy_protocol_version: { label: 'PROXY protocol', kind: 'select', number: true, options: [['0', 'Off'], ['1', '1'], ['2', '2']], hint: 'Sends the client address to the upstream: 1 (text, TCP only) or 2 (binary).' },
+  ssl_enabled: { label: 'TLS termination', kind: 'check', hint: 'TLS to clients, plain TCP to the upstream.' },
+  ssl_cert_id: { label: 'Certificate', kind: 'select', number: true, options: [['0', 'None']], hint: 'Add certificates on the Certificates page.' },
+  whitelist_cidrs: { label: 'Allowed CIDRs', kind: 'list', hint: 'One per line, e.g. 10.0.0.0/8. Empty: all.' },
+  blacklist_cidrs: { label: 'Blocked CIDRs', kind: 'list', hint: 'One per line; checked after the allowed ones.' },
+  max_connections: { label: 'Max connections', kind: 'int', min: 0, max: Number.MAX_SAFE_INTEGER, empty: 0, placeholder: 'unlimited', hint: 'At once (UDP: clients). Empty: unlimited.' },
+  upload_rate_bytes: { label: 'Upload rate', kind: 'unit', scale: RATE, unit: 'KB/s', placeholder: 'unlimited', hint: 'Per connection, client → upstream. 1 KB/s = 1024 B/s.' },
+  download_rate_bytes: { label: 'Download rate', kind: 'unit', scale: RATE, unit: 'KB/s', placeholder: 'unlimited', hint: 'Per connection, upstream → client.' },
+  connection_timeout_seconds: { label: 'Connect timeout', kind: 'unit', scale: TIME, max: MAX_SECONDS, placeholder: '10', hint: 'For the dial to the upstream. Empty: 10 s.' },
+  idle_timeout_seconds: { label: 'Idle timeout', kind: 'unit', scale: TIME, max: MAX_SECONDS, placeholder: 'never', hint: 'Close after no traffic for this long. Empty: never (UDP: 60 s).' },
+  health_check_enabled: { label: 'Health checks', kind: 'check', hint: 'A TCP dial to the upstream at every interval.' },
+  health_check_interval_seconds: { label: 'Check interval', kind: 'unit', scale: TIME, max: MAX_SECONDS, placeholder: '30', hint: 'Empty: 30 s.' },
+  log_connections: { label: 'Log connections', kind: 'check', hint: 'One entry per connection, blocked ones too.' },
+  notes: { label: 'Notes', kind: 'textarea' },
+};
+
+const GROUPS = [
+  ['Stream', ['name', 'enabled']],
+  ['Protocol and addresses', ['protocol', 'listen_address', 'listen_port', 'upstream_host', 'upstream_port', 'proxy_protocol_version']],
+  ['TLS', ['ssl_enabled', 'ssl_cert_id']],
+  ['Access control', ['whitelist_cidrs', 'blacklist_cidrs', 'max_connections']],
+  ['Bandwidth and timeouts', ['upload_rate_bytes', 'download_rate_bytes', 'connection_timeout_seconds', 'idle_timeout_seconds']],
+  ['Health checks', ['health_check_enabled', 'health_check_interval_seconds']],
+  ['Logging', ['log_connections']],
+  ['Notes', ['notes']],
+];
+
+const PORT_FIELDS = ['protocol', 'listen_address', 'listen_port'];
+
+export async function formPage(ctx) {
+  const editing = ctx.id > 0;
+  const [stream, certs] = await Promise.all([
+    editing ? get(`streams/${ctx.id}`) : null,
+    get('certificates').catch(() => []),
+  ]);
+  if (!ctx.alive()) return;
+  const readOnly = stream?.source === 'config';
+  const controls = {};
+  const form = h('form', { class: 'stream-form', novalidate: true, 'aria-label': editing ? 'Edit stream' : 'New stream' });
+
+  for (const [legend, names] of GROUPS) {
+    const set = h('fieldset', {}, h('legend', {}, legend));
+    for (const name of names) set.append(field(name, FIELDS[name], controls, certs));
+    form.append(set);
+  }
+  const save = h('button', { type: 'submit', class: 'primary' }, 'Save');
+  form.append(h('div', { class: 'form-actions' }, readOnly ? null : save, h('a', { href: '#/streams', class: 'button' }, readOnly ? 'Back' : 'Cancel')));
+
+  ctx.show(
+    heading(editing ? 'Edit stream' : 'New stream'),
+    editing ? h('p', { class: 'sub' }, `${displayName(stream)} (id ${stream.id})`) : null,
+    readOnly ? h('p', { class: 'note' }, 'This stream is defined in the Caddy config: change it there. It is shown read-only.') : null,
+    form);
+  fill(controls, stream, certs);
+  if (readOnly) {
+    for (const set of form.querySelectorAll('fieldset')) set.disabled = true;
+    return;
+  }
+
+  // Inline checks: a field is checked when it changes or loses focus, and
+  // as the user types once it was checked; the listen address and port
+  // also against the server, 300 ms after the last keystroke.
+  const touched = new Set();
+  let portTimer = null;
+  let portSeq = 0;
+  const checkPort = async () => {
+    const seq = ++portSeq;
+    const port = parseCount(controls.listen_port.value, PORT);
+    if (port.error) return;
+    let res;
+    try {
+      res = await post('streams/validate-port', {
+        protocol: controls.protocol.value,
+        listen_address: controls.listen_address.value.trim(),
+        listen_port: port.value,
+        id: editing ? ctx.id : undefined,
+      });
+    } catch (err) {
+      if (seq === portSeq && ctx.alive()) setFieldError(errEl('listen_port'), `Could not check the port: ${err.message}`);
+      return;
+    }
+    if (seq !== portSeq || !ctx.alive()) return;
+    for (const f of PORT_FIELDS) setFieldError(errEl(f), '');
+    showFieldErrors(form, res.errors.map((e) => ({ field: e.field, message: shortMessage(e.message) })));
+    form.querySelector('#warn-listen_port').textContent = res.warnings.join('\n');
+  };
+  const errEl = (f) => form.querySelector(`#err-${f}`);
+  const onEdit = (name, typing) => {
+    if (typing && !touched.has(name)) {
+      if (PORT_FIELDS.includes(name)) schedulePort();
+      return;
+    }
+    touched.add(name);
+    const [, problems] = value(name, controls);
+    setFieldError(errEl(name), problems.map((p) => p.message).join('\n'));
+    if (PORT_FIELDS.includes(name)) {
+      form.querySelector('#warn-listen_port').textContent = '';
+      if (!problems.length) schedulePort();
+    }
+  };
+  const schedulePort = () => {
+    clearTimeout(portTimer);
+    portTimer = setTimeout(checkPort, 300);
+  };
+  ctx.onLeave(() => {
+    clearTimeout(portTimer);
+    portSeq++;
+  });
+  for (const [name, el] of Object.entries(controls)) {
+    el.addEventListener('input', () => onEdit(name, true));
+    el.addEventListener('change', () => onEdit(name, false));
+    el.unit?.addEventListener('change', () => onEdit(name, false));
+  }
+  // The TLS, PROXY and protocol settings depend on each other.
+  for (const name of ['protocol', 'ssl_enabled', 'ssl_cert_id', 'proxy_protocol_version']) {
+    controls[name].addEventListener('change', () => {
+      for (const other of ['ssl_enabled', 'ssl_cert_id', 'proxy_protocol_version']) {
+        if (other !== name && touched.has(other)) onEdit(other, false);
+      }
+    });
+  }
+
+  let saving = false;
+  form.addEventListener('submit', async (e) => {
+    e.preventDefault();
+    if (saving) return;
+    clearMessages();
+    clearFieldErrors(form);
+    const { body, problems } = read(controls);
+    if (problems.length) {
+      showFieldErrors(form, problems);
+      fail(`Not saved: ${problems.length === 1 ? 'a setting needs' : `${problems.length} settings need`} fixing, marked below.`);
+      focusFirstInvalid(form);
+      return;
+    }
+    saving = true;
+    save.setAttribute('aria-disabled', 'true');
+    try {
+      await (editing ? put(`streams/${ctx.id}`, body) : post('streams', body));
+      if (ctx.alive()) go('/streams', 'Saved');
+    } catch (err) {
+      if (!ctx.alive()) return;
+      const problems = err instanceof ApiError ? err.problems.map((p) => ({ field: p.field, message: shortMessage(p.message) })) : [];
+      const rest = showFieldErrors(form, problems);
+      const marked = problems.length - rest.length;
+      fail(marked > 0
+        ? `Not saved: ${marked === 1 ? 'a setting needs' : `${marked} settings need`} fixing, marked below.${rest.length ? ` ${rest.join(' ')}` : ''}`
+        : `Not saved: ${err.message}`);
+      focusFirstInvalid(form);
+    } finally {
+      saving = false;
+      save.removeAttribute('aria-disabled');
+    }
+  });
+}
+
+// field builds one setting's label, control, hint, error and warning.
+function field(name, f, controls, certs) {
+  const id = `f-${name}`;
+  const describedBy = [f.hint && `hint-${name}`, `err-${name}`, `warn-${name}`].filter(Boolean).join(' ');
+  const common = { id, name, 'aria-describedby': describedBy, required: f.required };
+  let control;
+  let unit = null;
+  switch (f.kind) {
+    case 'check':
+      control = h('input', { type: 'checkbox', ...common });
+      break;
+    case 'select': {
+      let options = f.options;
+      if (name === 'ssl_cert_id') options = options.concat(certs.map((c) => [String(c.id), certLabel(c)]));
+      control = h('select', common, options.map(([v, t]) => h('option', { value: v }, t)));
+      break;
+    }
+    case 'list':
+    case 'textarea':
+      control = h('textarea', { ...common, rows: f.kind === 'list' ? 3 : 4, spellcheck: f.kind === 'textarea' ? null : 'false' });
+      break;
+    case 'unit':
+      control = h('input', { type: 'text', inputmode: 'decimal', autocomplete: 'off', placeholder: f.placeholder, ...common });
+      unit = h('select', { id: `${id}-unit`, 'aria-label': `${f.label} unit`, 'aria-describedby': describedBy },
+        f.scale.units.map(([u]) => h('option', { value: u }, u)));
+      control.unit = unit;
+      break;
+    default:
+      control = h('input', {
+        type: 'text', autocomplete: 'off', spellcheck: 'false', placeholder: f.placeholder,
+        inputmode: f.kind === 'int' ? 'numeric' : null, ...common,
+      });
+  }
+  controls[name] = control;
+  const label = h('label', { for: id }, f.label);
+  const hint = f.hint ? h('p', { id: `hint-${name}`, class: 'hint' }, f.hint) : null;
+  const err = h('p', { id: `err-${name}`, class: 'err' });
+  const warn = h('p', { id: `warn-${name}`, class: 'warn' });
+  if (f.kind === 'check') return h('div', { class: 'field check' }, control, label, hint, err, warn);
+  return h('div', { class: 'field' }, label, unit ? h('div', { class: 'with-unit' }, control, unit) : control, hint, err, warn);
+}
+
+function certLabel(c) {
+  const domains = (c.domains || []).join(', ');
+  return domains ? `${c.name} (${domains})` : c.name;
+}
+
+// fill shows a stream's settings, or a new stream's defaults.
+function fill(controls, s, certs) {
+  s = s || { protocol: 'tcp', enabled: true };
+  const certSelect = controls.ssl_cert_id;
+  if (s.ssl_cert_id && !certs.some((c) => c.id === s.ssl_cert_id)) {
+    certSelect.append(h('option', { value: String(s.ssl_cert_id) }, `Certificate ${s.ssl_cert_id} (not found)`));
+  }
+  for (const [name, f] of Object.entries(FIELDS)) {
+    const el = controls[name];
+    const v = s[name];
+    switch (f.kind) {
+      case 'check':
+        el.checked = !!v;
+        break;
+      case 'select':
+        el.value = String(v ?? f.options[0][0]);
+        break;
+      case 'list':
+        el.value = (v || []).join('\n');
+        break;
+      case 'unit': {
+        const u = v ? toUnit(v, f.scale) : { amount: '', unit: f.unit || f.scale.units[0][0] };
+        el.value = u.amount;
+        el.unit.value = u.unit;
+        break;
+      }
+      default:
+        el.value = v == null || (f.empty === 0 && v === 0) ? '' : String(v);
+    }
+  }
+}
+
+// value reads one setting: [its value for the API, its problems as the
+// client can tell].
+function value(name, controls) {
+  const f = FIELDS[name];
+  const el = controls[name];
+  const problems = [];
+  const bad = (message) => message && problems.push({ field: name, message });
+  let v;
+  switch (f.kind) {
+    case 'check':
+      v = el.checked;
+      break;
+    case 'select':
+      v = f.number ? Number(el.value) : el.value;
+      break;
+    case 'list':
+      v = splitList(el.value);
+      v.forEach((item) => bad(checkCIDR(item)));
+      break;
+    case 'int':
+    case 'unit': {
+      const r = f.kind === 'int' ? parseCount(el.value, f) : fromUnit(el.value, el.unit.value, f.scale, f.max);
+      bad(r.error);
+      v = r.value;
+      break;
+    }
+    case 'textarea':
+      v = el.value;
+      break;
+    default:
+      v = el.value.trim();
+      if (f.required && !v) bad('required');
+  }
+  const proto = controls.protocol.value;
+  if (name === 'ssl_enabled' && v && proto === 'udp') bad('TLS needs TCP: choose protocol tcp or tcp+udp, or turn TLS termination off');
+  if (name === 'ssl_cert_id' && controls.ssl_enabled.checked && v === 0) bad('choose the certificate for TLS termination');
+  if (name === 'proxy_protocol_version' && v === 1 && proto !== 'tcp') bad(`version 1 cannot describe UDP; use 2 or Off on a ${proto} stream`);
+  return [v, problems];
+}
+
+// read returns the stream the form describes, and every problem with it.
+function read(controls) {
+  const body = {};
+  const problems = [];
+  for (const name of Object.keys(FIELDS)) {
+    const [v, p] = value(name, controls);
+    body[name] = v;
+    problems.push(...p);
+  }
+  return { body, problems };
+}
+
+function focusFirstInvalid(form) {
+  form.querySelector('[aria-invalid="true"]')?.focus();
+}

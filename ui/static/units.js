@@ -1,0 +1,148 @@
+// Pure helpers, no DOM: unit conversion for the form, human formatting
+// for tables, and small parsers. Tested with node --test ui/test/.
+
+// A scale is the units of one stored integer, smallest first.
+// 1 KB/s = 1024 B/s, as nginx counts.
+export const RATE = { noun: 'bytes per second', units: [['B/s', 1], ['KB/s', 1024], ['MB/s', 1024 * 1024]] };
+export const TIME = { noun: 'seconds', units: [['s', 1], ['min', 60], ['h', 3600]] };
+
+// MAX_SECONDS is the most a setting in seconds may be: one year.
+export const MAX_SECONDS = 365 * 24 * 3600;
+
+// toUnit shows a stored integer in the largest unit that divides it
+// exactly, so nothing is rounded: 1536 → 1536 B/s, 2048 → 2 KB/s.
+export function toUnit(n, scale) {
+  for (let i = scale.units.length - 1; i > 0; i--) {
+    const [unit, f] = scale.units[i];
+    if (Number.isSafeInteger(n) && n !== 0 && n % f === 0) return { amount: String(n / f), unit };
+  }
+  return { amount: String(n), unit: scale.units[0][0] };
+}
+
+// fromUnit converts what the user typed in a unit to the stored integer,
+// exactly (decimal arithmetic, no floating point): "1.5" KB/s → 1536.
+// Empty is 0. It returns {value} or {error}.
+export function fromUnit(text, unit, scale, max = Number.MAX_SAFE_INTEGER) {
+  const t = String(text ?? '').trim();
+  if (t === '') return { value: 0 };
+  const u = scale.units.find(([name]) => name === unit);
+  if (!u) return { error: `unknown unit "${unit}"; choose ${scale.units.map(([n]) => n).join(', ')}` };
+  const m = /^(\d+)(?:\.(\d+))?$/.exec(t);
+  if (!m) return { error: `"${t}" is not a number; write digits, e.g. 1.5` };
+  const frac = m[2] || '';
+  const div = 10n ** BigInt(frac.length);
+  const scaled = (BigInt(m[1]) * div + BigInt(frac || '0')) * BigInt(u[1]);
+  if (scaled % div !== 0n) {
+    return { error: `${t} ${unit} is not a whole number of ${scale.noun}; use a smaller unit` };
+  }
+  const v = scaled / div;
+  if (v > BigInt(max)) {
+    const top = toUnit(max, scale);
+    return { error: `${t} ${unit} is too large; at most ${top.amount} ${top.unit}` };
+  }
+  return { value: Number(v) };
+}
+
+// parseCount reads a whole number ≥ min and ≤ max; empty is `empty`
+// (undefined: required). It returns {value} or {error}.
+export function parseCount(text, { min = 0, max = Number.MAX_SAFE_INTEGER, empty } = {}) {
+  const t = String(text ?? '').trim();
+  if (t === '') return empty === undefined ? { error: 'required' } : { value: empty };
+  if (!/^\d+$/.test(t)) return { error: `"${t}" is not a whole number` };
+  const n = Number(t);
+  if (n < min || n > max) return { error: `${t}: must be ${min}-${max}` };
+  return { value: n };
+}
+
+const BYTE_UNITS = ['B', 'KB', 'MB', 'GB', 'TB', 'PB', 'EB'];
+
+// formatBytes is a byte count for people: 700 B, 1.5 KB, 12 MB (1 KB =
+// 1024 B; one decimal under 100 of a unit).
+export function formatBytes(n) {
+  if (!Number.isFinite(n) || n < 1024) return `${n} B`;
+  let v = n;
+  let i = 0;
+  while (v >= 1024 && i < BYTE_UNITS.length - 1) {
+    v /= 1024;
+    i++;
+  }
+  let r = v >= 100 ? Math.round(v) : Math.round(v * 10) / 10;
+  if (r >= 1024 && i < BYTE_UNITS.length - 1) {
+    r = 1;
+    i++;
+  }
+  return `${r} ${BYTE_UNITS[i]}`;
+}
+
+// formatCount groups digits: 1234567 → 1,234,567.
+export function formatCount(n) {
+  return String(n).replace(/\B(?=(\d{3})+(?!\d))/g, ',');
+}
+
+// formatDuration is a duration in milliseconds for people: 450 ms, 1.5 s,
+// 2 min 5 s, 3 h 20 min, 2 d 4 h. Parts are cut, never rounded up.
+export function formatDuration(ms) {
+  if (!Number.isFinite(ms) || ms < 0) return `${ms} ms`;
+  if (ms < 1000) return `${Math.floor(ms)} ms`;
+  if (ms < 60_000) return `${Math.floor(ms / 100) / 10} s`;
+  const s = Math.floor(ms / 1000);
+  const two = (a, ua, b, ub) => (b ? `${a} ${ua} ${b} ${ub}` : `${a} ${ua}`);
+  if (s < 3600) return two(Math.floor(s / 60), 'min', s % 60, 's');
+  if (s < 86400) return two(Math.floor(s / 3600), 'h', Math.floor((s % 3600) / 60), 'min');
+  return two(Math.floor(s / 86400), 'd', Math.floor((s % 86400) / 3600), 'h');
+}
+
+// formatAge is how long ago something started, in whole seconds or more.
+export function formatAge(ms) {
+  if (!(ms >= 1000)) return '0 s';
+  if (ms < 60_000) return `${Math.floor(ms / 1000)} s`;
+  return formatDuration(ms);
+}
+
+// splitList splits CIDRs or domains given one per line or comma
+// separated; blanks are dropped.
+export function splitList(text) {
+  return String(text ?? '').split(/[\s,]+/).filter(Boolean);
+}
+
+// checkCIDR says why s is not an IP address or CIDR, or returns "". The
+// server checks fully; this catches typing mistakes early.
+export function checkCIDR(s) {
+  const [ip, bits, extra] = s.split('/');
+  if (extra !== undefined) return `"${s}": more than one "/"`;
+  const v4 = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})$/.exec(ip);
+  let max;
+  if (v4) {
+    if (v4.slice(1).some((o) => Number(o) > 255)) return `"${s}": an IPv4 address has numbers 0-255`;
+    max = 32;
+  } else if (ip.includes(':') && /^[0-9a-fA-F:.]+$/.test(ip)) {
+    max = 128;
+  } else {
+    return `"${s}": not an IP address or CIDR (e.g. 10.0.0.0/8 or 2001:db8::/32)`;
+  }
+  if (bits !== undefined && !(/^\d{1,3}$/.test(bits) && Number(bits) <= max)) {
+    return `"${s}": the prefix length must be 0-${max}`;
+  }
+  return '';
+}
+
+// shortMessage drops the `stream 3 ("db"): ` in front of a server message
+// about one field: the form shows it next to the field of that stream.
+export function shortMessage(msg) {
+  return String(msg ?? '').replace(/^stream \d+(?: \("(?:[^"\\]|\\.)*"\))?: /, '');
+}
+
+// hostPort joins a host and a port, with brackets around an IPv6 address;
+// an empty host is every address, "*".
+export function hostPort(host, port) {
+  const h = host || '*';
+  return h.includes(':') ? `[${h}]:${port}` : `${h}:${port}`;
+}
+
+// daysLeft is the number of whole days from now until an ISO time
+// (negative once past), or null without one.
+export function daysLeft(iso, now = Date.now()) {
+  if (!iso) return null;
+  const t = Date.parse(iso);
+  return Number.isNaN(t) ? null : Math.floor((t - now) / 86_400_000);
+}
