@@ -1,0 +1,824 @@
+// End-to-end tests of the Aegis Streams web UI: a real bin/aegis, a TCP
+// echo server and real clients on loopback, driven through headless
+// Debian Chromium with playwright-core.
+//
+//   make e2e                      (builds bin/aegis, installs what is missing)
+//   node ui/e2e/run.mjs           (AEGIS_BIN defaults to ../../bin/aegis)
+//
+// Screenshots of each page go to test-artifacts/ui/ at the repository root,
+// with aegis.log (what bin/aegis printed). The run fails if the page asks
+// for anything outside the aegis origin: the UI must work offline.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import http from 'node:http';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import tls from 'node:tls';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const repoRoot = path.resolve(here, '../..');
+const aegisBin = path.resolve(here, process.env.AEGIS_BIN || '../../bin/aegis');
+const chromiumBin = process.env.CHROMIUM_BIN || '/usr/bin/chromium';
+const artifacts = path.join(repoRoot, 'test-artifacts', 'ui');
+
+// The whole run stops after this long, whatever is stuck.
+const RUN_LIMIT_MS = 150_000;
+// Playwright actions and waits on the page.
+const STEP_MS = 10_000;
+// One node:test test.
+const TEST_MS = 40_000;
+
+const CHROMIUM_ARGS = [
+  '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+  '--disable-background-networking', '--disable-component-update', '--disable-sync',
+];
+
+const CFG_NAME = 'cfg-stream'; // the read-only stream from the Caddyfile
+const NAME = 'e2e-echo'; // the stream the tests create in the form
+const CERT_NAME = 'e2e-cert';
+const SITE_USER = 'e2e';
+const SITE_PASSWORD = 'e2e-password-not-secret';
+
+// Everything the run owns, for the cleanup.
+const S = {
+  tmp: '', aegis: null, aegisExited: null, echo: null, sockets: new Set(),
+  browser: null, offOrigin: [], pageErrors: [],
+  ports: {}, base: '', site: '', streamId: 0, certId: 0,
+};
+
+const watchdog = setTimeout(() => {
+  console.error(`e2e: the run took over ${RUN_LIMIT_MS / 1000} s; stopping it`);
+  killAegisNow();
+  process.exit(1);
+}, RUN_LIMIT_MS);
+watchdog.unref();
+
+process.on('exit', killAegisNow);
+for (const sig of ['SIGINT', 'SIGTERM']) {
+  process.on(sig, () => {
+    killAegisNow();
+    removeTmp();
+    process.exit(1);
+  });
+}
+
+function killAegisNow() {
+  if (S.aegis && S.aegis.exitCode === null && S.aegis.signalCode === null) {
+    try { S.aegis.kill('SIGKILL'); } catch { /* already gone */ }
+  }
+}
+
+function removeTmp() {
+  if (S.tmp) fs.rmSync(S.tmp, { recursive: true, force: true });
+}
+
+// ---------------------------------------------------------------- helpers
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+// waitFor polls fn until it returns a truthy value, or throws naming what
+// it waited for and the last value or error seen.
+async function waitFor(what, fn, timeout = STEP_MS, interval = 100) {
+  const end = Date.now() + timeout;
+  let last;
+  for (;;) {
+    try {
+      const v = await fn();
+      if (v) return v;
+      last = v;
+    } catch (err) {
+      last = err;
+    }
+    if (Date.now() > end) {
+      const seen = last instanceof Error ? last.message : JSON.stringify(last);
+      throw new Error(`timed out after ${timeout} ms waiting for ${what} (last: ${seen})`);
+    }
+    await sleep(interval);
+  }
+}
+
+// freePort finds a loopback TCP port in 20000-32767 that nothing holds now.
+async function freePort() {
+  const taken = new Set(Object.values(S.ports));
+  for (let i = 0; i < 200; i++) {
+    const port = 20000 + Math.floor(Math.random() * 12768);
+    if (taken.has(port)) continue;
+    if (await canBind(port)) return port;
+  }
+  throw new Error('no free port in 20000-32767 after 200 tries');
+}
+
+function canBind(port, host = '127.0.0.1') {
+  return new Promise((resolve) => {
+    const srv = net.createServer();
+    srv.once('error', () => resolve(false));
+    srv.listen({ port, host, exclusive: true }, () => srv.close(() => resolve(true)));
+  });
+}
+
+// get is a plain GET with node:http (fetch sends Sec-Fetch-Mode: cors, which
+// Caddy's admin endpoint refuses without an Origin, as a browser's would be).
+function get(url, headers = {}) {
+  return new Promise((resolve, reject) => {
+    const req = http.get(url, { timeout: 5000, headers }, (res) => {
+      const chunks = [];
+      res.on('data', (c) => chunks.push(c));
+      res.on('end', () => resolve({ status: res.statusCode, headers: res.headers, text: Buffer.concat(chunks).toString() }));
+      res.on('error', reject);
+    });
+    req.on('timeout', () => req.destroy(new Error(`GET ${url}: no answer within 5 s`)));
+    req.on('error', reject);
+  });
+}
+
+async function api(urlPath) {
+  const res = await get(S.base + urlPath);
+  let body = null;
+  if (res.text) {
+    try {
+      body = JSON.parse(res.text);
+    } catch {
+      throw new Error(`GET ${urlPath}: status ${res.status}, not JSON: ${res.text.slice(0, 200)}`);
+    }
+  }
+  return { status: res.status, body };
+}
+
+function track(sock) {
+  S.sockets.add(sock);
+  sock.once('close', () => S.sockets.delete(sock));
+  return sock;
+}
+
+function connect(port, useTLS) {
+  return new Promise((resolve, reject) => {
+    const opts = { host: '127.0.0.1', port };
+    const sock = useTLS
+      ? tls.connect({ ...opts, servername: 'e2e.test', rejectUnauthorized: false })
+      : net.connect(opts);
+    track(sock);
+    const timer = setTimeout(() => {
+      sock.destroy();
+      reject(new Error(`connecting to 127.0.0.1:${port}: no answer within 5 s`));
+    }, 5000);
+    sock.once(useTLS ? 'secureConnect' : 'connect', () => {
+      clearTimeout(timer);
+      resolve(sock);
+    });
+    sock.once('error', (err) => {
+      clearTimeout(timer);
+      reject(err);
+    });
+  });
+}
+
+// exchange writes payload and resolves with what came back once as many
+// bytes did, rejects if the socket ends first or after 5 s.
+function exchange(sock, payload) {
+  return new Promise((resolve, reject) => {
+    const chunks = [];
+    let got = 0;
+    const done = (err, val) => {
+      clearTimeout(timer);
+      sock.off('data', onData);
+      sock.off('close', onClose);
+      sock.off('error', onError);
+      if (err) reject(err); else resolve(val);
+    };
+    const onData = (d) => {
+      chunks.push(d);
+      got += d.length;
+      if (got >= payload.length) done(null, Buffer.concat(chunks));
+    };
+    const onClose = () => done(new Error(`connection closed after ${got} of ${payload.length} echoed bytes`));
+    const onError = (err) => done(err);
+    const timer = setTimeout(() => done(new Error(`echo: ${got} of ${payload.length} bytes after 5 s`)), 5000);
+    sock.on('data', onData);
+    sock.once('close', onClose);
+    sock.once('error', onError);
+    sock.write(payload);
+  });
+}
+
+// echoThrough opens a connection, checks the echo of payload and closes it.
+async function echoThrough(port, payload, useTLS = false) {
+  const sock = await connect(port, useTLS);
+  try {
+    const back = await exchange(sock, payload);
+    assert.ok(back.equals(payload), `echo through 127.0.0.1:${port} came back different`);
+    return sock;
+  } finally {
+    await closeSocket(sock);
+  }
+}
+
+function closeSocket(sock) {
+  if (sock.destroyed) return Promise.resolve();
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => { sock.destroy(); resolve(); }, 2000);
+    sock.once('close', () => { clearTimeout(timer); resolve(); });
+    sock.end();
+  });
+}
+
+// probe says what a new connection to port gets: 'refused' (connect
+// fails), 'closed' (closed at once, no echo), or 'echo'.
+async function probe(port) {
+  let sock;
+  try {
+    sock = await connect(port, false);
+  } catch {
+    return 'refused';
+  }
+  try {
+    await exchange(sock, Buffer.from('probe'));
+    return 'echo';
+  } catch {
+    return 'closed';
+  } finally {
+    sock.destroy();
+  }
+}
+
+function digitsIn(text) {
+  if (text == null) return NaN;
+  const joined = text.replace(/(\d)[,.\u00a0\u202f' ](?=\d{3}(\D|$))/g, '$1');
+  const nums = (joined.match(/\d+/g) || []).map(Number);
+  return nums.length ? Math.max(...nums) : NaN;
+}
+
+// cellNumber reads the exact number in a stream row's data-field cell title.
+async function cellNumber(row, field) {
+  const cell = row.locator(`[data-field="${field}"]`);
+  const title = await cell.getAttribute('title', { timeout: STEP_MS });
+  const n = digitsIn(title);
+  assert.ok(Number.isFinite(n), `cell ${field}: title ${JSON.stringify(title)} holds no number`);
+  return n;
+}
+
+// launchBrowser starts Chromium with a fresh profile that Playwright makes
+// in os.tmpdir(), pointed here at the run's temporary directory so that
+// the cleanup removes it even if Chromium could not.
+async function launchBrowser() {
+  const saved = process.env.TMPDIR;
+  process.env.TMPDIR = S.tmp;
+  try {
+    S.browser = await chromium.launch({
+      executablePath: chromiumBin,
+      headless: true,
+      args: CHROMIUM_ARGS,
+      timeout: 30_000,
+    });
+  } finally {
+    if (saved === undefined) delete process.env.TMPDIR;
+    else process.env.TMPDIR = saved;
+  }
+}
+
+async function newContext(options = {}) {
+  const ctx = await S.browser.newContext({ viewport: { width: 1280, height: 900 }, ...options });
+  ctx.setDefaultTimeout(STEP_MS);
+  ctx.setDefaultNavigationTimeout(STEP_MS);
+  return ctx;
+}
+
+// guardOrigin aborts and records every request of ctx that leaves origin.
+async function guardOrigin(ctx, origin) {
+  await ctx.route('**/*', (route) => {
+    const url = route.request().url();
+    if (url.startsWith('data:') || url.startsWith('blob:') || new URL(url).origin === origin) {
+      return route.continue();
+    }
+    S.offOrigin.push(url);
+    return route.abort('blockedbyclient');
+  });
+}
+
+function watchPage(page, label) {
+  page.on('pageerror', (err) => S.pageErrors.push(`${label}: ${err.message}`));
+}
+
+async function shot(page, name) {
+  await page.screenshot({ path: path.join(artifacts, name), fullPage: true, timeout: STEP_MS });
+}
+
+function streamRow(page, id) {
+  return page.locator(`tr[data-stream-id="${id}"]`);
+}
+
+// openHash loads the UI on the admin endpoint at a hash route, as a typed
+// address does.
+async function openHash(page, hash) {
+  await page.goto(`${S.base}/ui/#${hash}`);
+}
+
+function h1(page, name) {
+  return page.getByRole('heading', { level: 1, name, exact: true });
+}
+
+function openDialog(page) {
+  return page.locator('dialog[open]');
+}
+
+function needStream() {
+  assert.ok(S.streamId, `no stream "${NAME}": the create test failed`);
+}
+
+// ---------------------------------------------------------------- set-up
+
+let page; // the main tab, on the admin endpoint
+
+before(async () => {
+  const t0 = Date.now();
+  assert.ok(fs.existsSync(aegisBin), `${aegisBin} is missing: run make build (or set AEGIS_BIN)`);
+  assert.ok(fs.existsSync(chromiumBin), `${chromiumBin} is missing: apt-get install chromium (or set CHROMIUM_BIN)`);
+  fs.mkdirSync(artifacts, { recursive: true });
+  S.tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'aegis-e2e-'));
+
+  // The upstream: a TCP echo server.
+  S.echo = net.createServer((sock) => {
+    track(sock);
+    sock.on('error', () => {});
+    sock.pipe(sock);
+  });
+  S.ports.echo = await freePort();
+  await new Promise((resolve, reject) => {
+    S.echo.once('error', reject);
+    S.echo.listen({ port: S.ports.echo, host: '127.0.0.1', exclusive: true }, resolve);
+  });
+
+  S.ports.admin = await freePort();
+  S.ports.cfg = await freePort();
+  S.ports.site = await freePort();
+  S.ports.stream = await freePort();
+  S.base = `http://127.0.0.1:${S.ports.admin}`;
+  S.site = `http://127.0.0.1:${S.ports.site}`;
+
+  // The lowest bcrypt cost: the default (14) takes about a second of CPU
+  // for each check of the password.
+  const hash = execFileSync(aegisBin, ['hash-password', '--algorithm', 'bcrypt', '--bcrypt-cost', '4', '--plaintext', SITE_PASSWORD], {
+    encoding: 'utf8', timeout: 20_000,
+  }).trim();
+  const caddyfile = path.join(S.tmp, 'Caddyfile');
+  // The admin origins as in Caddyfile.example: "" lets a browser open the
+  // UI from its address bar (no Origin, no Referer).
+  fs.writeFileSync(caddyfile, `{
+	admin 127.0.0.1:${S.ports.admin} {
+		origins 127.0.0.1:${S.ports.admin} localhost:${S.ports.admin} ""
+	}
+	storage file_system ${S.tmp}/caddy
+	skip_install_trust
+	streams {
+		storage sqlite ${S.tmp}/streams.db
+		host 1 ${CFG_NAME} {
+			listen 127.0.0.1:${S.ports.cfg}
+			upstream 127.0.0.1:${S.ports.echo}
+		}
+	}
+}
+
+http://127.0.0.1:${S.ports.site} {
+	bind 127.0.0.1
+	basic_auth {
+		${SITE_USER} ${hash}
+	}
+	handle_path /admin/* {
+		route {
+			streams_admin
+		}
+	}
+	handle {
+		route {
+			streams_admin
+		}
+	}
+}
+`);
+
+  const log = fs.openSync(path.join(artifacts, 'aegis.log'), 'w');
+  S.aegis = spawn(aegisBin, ['run', '--config', caddyfile, '--adapter', 'caddyfile'], {
+    cwd: S.tmp,
+    env: {
+      ...process.env,
+      HOME: S.tmp,
+      XDG_DATA_HOME: path.join(S.tmp, 'data'),
+      XDG_CONFIG_HOME: path.join(S.tmp, 'config'),
+    },
+    stdio: ['ignore', log, log],
+  });
+  fs.closeSync(log);
+  S.aegisExited = new Promise((resolve) => S.aegis.once('exit', (code, sig) => resolve({ code, sig })));
+  S.aegisExited.then(({ code, sig }) => {
+    if (!S.stopping) console.error(`e2e: bin/aegis exited early (code ${code}, signal ${sig}); see test-artifacts/ui/aegis.log`);
+  });
+  await waitFor('bin/aegis to answer on its admin endpoint', async () => {
+    if (S.aegis.exitCode !== null) throw new Error(`bin/aegis exited with ${S.aegis.exitCode}; see test-artifacts/ui/aegis.log`);
+    const { status } = await api('/api/v1/streams');
+    return status === 200;
+  }, 20_000, 200);
+
+  await launchBrowser();
+  const ctx = await newContext();
+  await guardOrigin(ctx, S.base);
+  page = await ctx.newPage();
+  watchPage(page, 'admin endpoint');
+  console.log(`# set-up took ${Date.now() - t0} ms (aegis admin ${S.base}, site ${S.site})`);
+});
+
+after(async () => {
+  const t0 = Date.now();
+  S.stopping = true;
+  if (S.browser) await S.browser.close().catch(() => {});
+  for (const sock of S.sockets) sock.destroy();
+  if (S.echo) await new Promise((r) => S.echo.close(r));
+  if (S.aegis && S.aegis.exitCode === null && S.aegis.signalCode === null) {
+    S.aegis.kill('SIGTERM');
+    const stopped = await Promise.race([S.aegisExited, sleep(10_000).then(() => null)]);
+    if (!stopped) killAegisNow();
+  }
+  removeTmp();
+  clearTimeout(watchdog);
+  console.log(`# clean-up took ${Date.now() - t0} ms`);
+});
+
+// ---------------------------------------------------------------- tests
+
+test('the streams page loads, and the config stream is read-only', { timeout: TEST_MS }, async () => {
+  await openHash(page, '/streams');
+  await h1(page, 'Streams').waitFor();
+  const row = streamRow(page, 1);
+  await row.waitFor();
+  assert.match(await row.innerText(), new RegExp(CFG_NAME));
+  assert.ok(await row.getByText('config', { exact: true }).isVisible(), 'config stream: no "config" badge');
+  assert.equal(await row.getByRole('link', { name: 'Edit', exact: true }).count(), 0, 'config stream has an Edit link');
+  assert.equal(await row.getByRole('button', { name: 'Delete', exact: true }).count(), 0, 'config stream has a Delete button');
+  assert.ok(await page.getByLabel(`Enabled: ${CFG_NAME}`, { exact: true }).isDisabled(), 'config stream switch is not disabled');
+  assert.equal((await row.locator('[data-field="health"]').innerText()).trim(), 'not checked');
+  // /ui without the slash leads to the UI too.
+  const res = await get(`${S.base}/ui`);
+  assert.ok([301, 302, 307, 308].includes(res.status), `GET /ui: status ${res.status}, want a redirect`);
+  assert.match(res.headers.location || '', /\/ui\/$/);
+});
+
+test('a TCP stream created in the form relays bytes', { timeout: TEST_MS }, async () => {
+  await page.getByRole('link', { name: 'New stream', exact: true })
+    .or(page.getByRole('button', { name: 'New stream', exact: true })).first().click();
+  await h1(page, 'New stream').waitFor();
+  await page.getByLabel('Name', { exact: true }).fill(NAME);
+  await page.getByLabel('Protocol', { exact: true }).selectOption('tcp');
+  await page.getByLabel('Listen address', { exact: true }).fill('127.0.0.1');
+  await page.getByLabel('Listen port', { exact: true }).fill(String(S.ports.stream));
+  await page.getByLabel('Upstream host', { exact: true }).fill('127.0.0.1');
+  await page.getByLabel('Upstream port', { exact: true }).fill(String(S.ports.echo));
+  await page.getByLabel('Log connections', { exact: true }).check();
+  await page.getByLabel('Notes', { exact: true }).fill('made by ui/e2e');
+  assert.ok(await page.getByLabel('Enabled', { exact: true }).isChecked(), 'a new stream is not enabled by default');
+  await shot(page, 'form.png');
+  await page.getByRole('button', { name: 'Save', exact: true }).click();
+
+  const created = await waitFor(`stream "${NAME}" in GET /api/v1/streams`, async () => {
+    const { body } = await api('/api/v1/streams');
+    return body.find((s) => s.name === NAME);
+  });
+  S.streamId = created.id;
+  assert.equal(created.source, 'api');
+  assert.equal(created.protocol || 'tcp', 'tcp');
+  assert.equal(created.listen_address, '127.0.0.1');
+  assert.equal(created.listen_port, S.ports.stream);
+  assert.equal(created.upstream_host, '127.0.0.1');
+  assert.equal(created.upstream_port, S.ports.echo);
+  assert.equal(created.enabled, true);
+  assert.equal(created.log_connections, true);
+  assert.equal(created.notes, 'made by ui/e2e');
+  await waitFor('a success message (role=status)', async () =>
+    (await page.getByRole('status').allInnerTexts()).some((t) => t.trim() !== ''));
+
+  await echoThrough(S.ports.stream, Buffer.from('hello through aegis\n'));
+});
+
+test('counters on the streams page move with traffic, without a reload', { timeout: TEST_MS }, async () => {
+  needStream();
+  await page.getByRole('link', { name: 'Streams', exact: true }).first().click();
+  await h1(page, 'Streams').waitFor();
+  const row = streamRow(page, S.streamId);
+  await row.waitFor();
+  assert.match(await row.innerText(), new RegExp(NAME));
+  const conns0 = await cellNumber(row, 'total_connections');
+  const sent0 = await cellNumber(row, 'bytes_sent');
+  const recv0 = await cellNumber(row, 'bytes_received');
+  await page.evaluate(() => { window.__e2eNoReload = true; });
+
+  const payload = Buffer.alloc(50_000, 'x');
+  await echoThrough(S.ports.stream, payload);
+
+  await waitFor('total_connections, bytes_sent and bytes_received to grow on the page', async () => {
+    const conns = await cellNumber(row, 'total_connections');
+    const sent = await cellNumber(row, 'bytes_sent');
+    const recv = await cellNumber(row, 'bytes_received');
+    return conns >= conns0 + 1 && sent >= sent0 + payload.length && recv >= recv0 + payload.length
+      && { conns, sent, recv };
+  }, 15_000, 250);
+  assert.equal(await page.evaluate(() => window.__e2eNoReload), true, 'the page reloaded');
+  await shot(page, 'streams.png');
+});
+
+test('phone width and dark mode', { timeout: TEST_MS }, async () => {
+  // The streams page, with the config stream and the one made above.
+  await openHash(page, '/streams');
+  await streamRow(page, S.streamId || 1).waitFor();
+  const lightBg = await page.evaluate(() => getComputedStyle(document.body).backgroundColor);
+
+  await page.setViewportSize({ width: 375, height: 812 });
+  await streamRow(page, S.streamId || 1).waitFor();
+  await shot(page, 'streams-phone.png');
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - document.documentElement.clientWidth);
+  assert.ok(overflow <= 1, `at 375 px the page scrolls sideways by ${overflow} px`);
+
+  await page.setViewportSize({ width: 1280, height: 900 });
+  await page.emulateMedia({ colorScheme: 'dark' });
+  await shot(page, 'streams-dark.png');
+  const darkBg = await page.evaluate(() => getComputedStyle(document.body).backgroundColor);
+  assert.notEqual(darkBg, lightBg, 'dark mode: the page background does not change');
+  await page.emulateMedia({ colorScheme: 'light' });
+});
+
+test('the row switch turns the stream off (connections refused) and on again', { timeout: TEST_MS }, async () => {
+  needStream();
+  const sw = page.getByLabel(`Enabled: ${NAME}`, { exact: true });
+  assert.ok(await sw.isChecked(), 'switch is off for an enabled stream');
+  await sw.click();
+  await waitFor('the stream to be disabled in the API', async () =>
+    (await api(`/api/v1/streams/${S.streamId}`)).body.enabled === false);
+  await waitFor('the switch to show off', async () => !(await sw.isChecked()));
+  const off = await waitFor('a new connection to be refused or closed', async () => {
+    const r = await probe(S.ports.stream);
+    return r !== 'echo' && r;
+  }, 5000, 200);
+  assert.ok(['refused', 'closed'].includes(off));
+
+  await sw.click();
+  await waitFor('the stream to be enabled in the API', async () =>
+    (await api(`/api/v1/streams/${S.streamId}`)).body.enabled === true);
+  await waitFor('the switch to show on', () => sw.isChecked());
+  await waitFor('echo through the stream again', async () => (await probe(S.ports.stream)) === 'echo', 5000, 200);
+});
+
+test('the log page shows the connection, allowed, with its bytes', { timeout: TEST_MS }, async () => {
+  needStream();
+  const payload = Buffer.alloc(700, 'L'); // under 1 KiB, so any human format shows 700
+  await echoThrough(S.ports.stream, payload);
+  const entry = await waitFor('the 700-byte connection in the API log', async () => {
+    const { body } = await api(`/api/v1/streams/${S.streamId}/connections?limit=100`);
+    return body.entries.find((e) => e.bytes_sent === 700 && e.bytes_received === 700);
+  }, 15_000, 250);
+  assert.equal(entry.action, 'allowed');
+
+  await streamRow(page, S.streamId).getByRole('link', { name: 'Log', exact: true }).click();
+  await h1(page, `Log: ${NAME}`).waitFor();
+  const headers = (await page.locator('table thead th').allInnerTexts()).map((t) => t.trim());
+  for (const h of ['Time', 'Source', 'Action', 'Sent', 'Received', 'Duration', 'Reason']) {
+    assert.ok(headers.includes(h), `log table: no column "${h}" (have ${headers.join(', ')})`);
+  }
+  const col = (h) => headers.indexOf(h);
+  const rowOf700 = async () => {
+    for (const r of await page.locator('tr.log-row').all()) {
+      const cells = (await r.locator('td').allInnerTexts()).map((t) => t.trim());
+      if (cells[col('Action')] === 'allowed' && /\b700\b/.test(cells[col('Sent')])
+        && /\b700\b/.test(cells[col('Received')])) return cells;
+    }
+    return null;
+  };
+  const cells = await waitFor('a log row: allowed, 700 bytes each way', rowOf700);
+  assert.match(cells[col('Source')], /127\.0\.0\.1/);
+  await shot(page, 'log.png');
+
+  // The Action filter: "blocked" hides it, "allowed" shows it again.
+  const action = page.getByLabel('Action', { exact: true });
+  await action.selectOption({ label: 'blocked' });
+  await waitFor('no allowed rows with Action = blocked', async () => (await rowOf700()) === null);
+  await action.selectOption({ label: 'allowed' });
+  await waitFor('the row back with Action = allowed', rowOf700);
+});
+
+test('the form shows an inline error for a port that is taken', { timeout: TEST_MS }, async () => {
+  await openHash(page, '/streams/new');
+  await h1(page, 'New stream').waitFor();
+  const port = page.getByLabel('Listen port', { exact: true });
+  const err = page.locator('#err-listen_port');
+  assert.match((await port.getAttribute('aria-describedby')) || '', /\berr-listen_port\b/,
+    'Listen port is not described by #err-listen_port');
+  await page.getByLabel('Listen address', { exact: true }).fill('127.0.0.1');
+
+  // The port of the config stream.
+  await port.fill(String(S.ports.cfg));
+  await port.press('Tab');
+  const overlap = await waitFor('#err-listen_port text for the config stream\'s port', async () =>
+    (await err.innerText()).trim());
+  assert.match(overlap, new RegExp(`${S.ports.cfg}`), `error does not name the port: ${overlap}`);
+
+  // A port that another program (the echo server) holds.
+  await port.fill(String(S.ports.echo));
+  await port.press('Tab');
+  const held = await waitFor('#err-listen_port to name the held port', async () => {
+    const t = (await err.innerText()).trim();
+    return t.includes(String(S.ports.echo)) && t;
+  });
+  assert.match(held, /in use/, `error does not say the port is in use: ${held}`);
+
+  // A free port clears it.
+  await port.fill(String(await freePort()));
+  await port.press('Tab');
+  await waitFor('#err-listen_port to clear for a free port', async () => (await err.innerText()).trim() === '');
+});
+
+test('the UI on the admin endpoint opens from a typed address, not from other sites', { timeout: TEST_MS }, async () => {
+  // A typed address or a bookmark: no Origin, no Referer, Sec-Fetch-Mode
+  // navigate. In a tab of its own, so the other tests go on either way.
+  const tab = await page.context().newPage();
+  try {
+    const res = await tab.goto(`${S.base}/ui/`);
+    assert.equal(res.status(), 200, `GET /ui/ typed into the address bar: status ${res.status()}: ${(await res.text()).slice(0, 200)}`);
+    await h1(tab, 'Streams').waitFor();
+  } finally {
+    await tab.close();
+  }
+  // A page of another site still gets nothing, read or write.
+  for (const headers of [
+    { 'Sec-Fetch-Mode': 'cors', 'Sec-Fetch-Site': 'cross-site', Origin: 'http://other.example' },
+    { 'Sec-Fetch-Mode': 'navigate', 'Sec-Fetch-Site': 'cross-site', Referer: 'http://other.example/page' },
+  ]) {
+    const res = await get(`${S.base}/ui/api/v1/streams`, headers);
+    assert.equal(res.status, 403, `GET /ui/api/v1/streams with ${JSON.stringify(headers)}: status ${res.status}`);
+  }
+});
+
+let certPem, keyPem;
+
+test('an uploaded certificate that expires within 30 days is flagged', { timeout: TEST_MS }, async () => {
+  const certFile = path.join(S.tmp, 'cert.pem');
+  const keyFile = path.join(S.tmp, 'key.pem');
+  execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes',
+    '-days', '20', '-subj', '/CN=e2e.test', '-addext', 'subjectAltName=DNS:e2e.test',
+    '-keyout', keyFile, '-out', certFile], { stdio: 'ignore', timeout: 10_000 });
+  certPem = fs.readFileSync(certFile, 'utf8');
+  keyPem = fs.readFileSync(keyFile, 'utf8');
+
+  await page.getByRole('link', { name: 'Certificates', exact: true }).first().click();
+  await h1(page, 'Certificates').waitFor();
+  const form = page.locator('form[aria-label="Upload certificate"]');
+  await form.getByLabel('Name', { exact: true }).fill(CERT_NAME);
+  await form.getByLabel('Certificate (PEM)', { exact: true }).fill(certPem);
+  await form.getByLabel('Private key (PEM)', { exact: true }).fill(keyPem);
+  await form.getByRole('button', { name: 'Upload', exact: true }).click();
+
+  const cert = await waitFor(`certificate "${CERT_NAME}" in the API`, async () =>
+    (await api('/api/v1/certificates')).body.find((c) => c.name === CERT_NAME));
+  S.certId = cert.id;
+  assert.deepEqual(cert.domains, ['e2e.test']);
+  const row = page.locator(`tr[data-cert-id="${cert.id}"]`);
+  await row.waitFor();
+  const text = await row.innerText();
+  assert.match(text, new RegExp(CERT_NAME));
+  assert.match(text, /e2e\.test/);
+  assert.match(text, /custom/);
+  const expiry = row.locator('[data-field="expiry"]');
+  assert.match((await expiry.getAttribute('class')) || '', /\bwarn\b/, 'expiry cell has no class "warn"');
+  const said = (await page.getByRole('status').allInnerTexts()).join(' ');
+  assert.match(said, /expires/, `the upload's expiry warning is not shown: ${JSON.stringify(said)}`);
+  await shot(page, 'certificates.png');
+});
+
+test('TLS turned on in the edit form terminates with the uploaded certificate', { timeout: TEST_MS }, async () => {
+  needStream();
+  assert.ok(S.certId, 'no certificate: the upload test failed');
+  await openHash(page, '/streams');
+  await streamRow(page, S.streamId).getByRole('link', { name: 'Edit', exact: true }).click();
+  await h1(page, 'Edit stream').waitFor();
+  assert.equal(await page.getByLabel('Name', { exact: true }).inputValue(), NAME);
+  assert.equal(await page.getByLabel('Listen port', { exact: true }).inputValue(), String(S.ports.stream));
+  await page.getByLabel('TLS termination', { exact: true }).check();
+  const select = page.getByLabel('Certificate', { exact: true });
+  const option = select.locator('option', { hasText: CERT_NAME });
+  await waitFor(`option "${CERT_NAME}" in the Certificate select`, async () => (await option.count()) === 1);
+  await select.selectOption(await option.getAttribute('value'));
+  await page.getByRole('button', { name: 'Save', exact: true }).click();
+
+  await waitFor('ssl_enabled and ssl_cert_id in the API', async () => {
+    const { body } = await api(`/api/v1/streams/${S.streamId}`);
+    return body.ssl_enabled === true && body.ssl_cert_id === S.certId;
+  });
+  const sock = await waitFor('a TLS handshake on the stream', () => connect(S.ports.stream, true), 5000, 200);
+  try {
+    assert.equal(sock.getPeerCertificate().subject.CN, 'e2e.test');
+    const payload = Buffer.from('hello over TLS\n');
+    assert.ok((await exchange(sock, payload)).equals(payload), 'TLS echo came back different');
+  } finally {
+    await closeSocket(sock);
+  }
+});
+
+test('deleting a certificate in use is refused with the reason', { timeout: TEST_MS }, async () => {
+  assert.ok(S.certId && S.streamId, 'needs the certificate and the stream from earlier tests');
+  await openHash(page, '/certificates');
+  await h1(page, 'Certificates').waitFor();
+  const row = page.locator(`tr[data-cert-id="${S.certId}"]`);
+  await row.getByRole('button', { name: 'Delete', exact: true }).click();
+  const dialog = openDialog(page);
+  await dialog.waitFor();
+  assert.match(await dialog.innerText(), new RegExp(CERT_NAME), 'the dialog does not name the certificate');
+  await dialog.getByRole('button', { name: 'Delete', exact: true }).click();
+  const alert = page.getByRole('alert').filter({ hasText: /in use/i });
+  await alert.waitFor();
+  assert.match(await alert.innerText(), new RegExp(NAME), 'the refusal does not name the stream');
+  assert.equal((await api(`/api/v1/certificates/${S.certId}`)).status, 200, 'the certificate is gone');
+  assert.equal(await row.count(), 1, 'the certificate row is gone');
+});
+
+test('the connections page closes a held connection', { timeout: TEST_MS }, async () => {
+  needStream();
+  const held = await connect(S.ports.stream, true);
+  const closed = new Promise((resolve) => held.once('close', resolve));
+  held.on('error', () => {});
+  const payload = Buffer.from('held\n');
+  assert.ok((await exchange(held, payload)).equals(payload));
+  const active = await waitFor('the held connection in the API', async () => {
+    const { body } = await api(`/api/v1/streams/${S.streamId}/active`);
+    return body.length === 1 && body[0];
+  });
+
+  await openHash(page, '/streams');
+  await streamRow(page, S.streamId).getByRole('link', { name: 'Connections', exact: true }).click();
+  await h1(page, `Connections: ${NAME}`).waitFor();
+  const row = page.locator(`tr[data-conn-id="${active.id}"]`);
+  await row.waitFor();
+  assert.match(await row.innerText(), /127\.0\.0\.1/);
+  await shot(page, 'connections.png');
+
+  await row.getByRole('button', { name: 'Close', exact: true }).click();
+  const dialog = openDialog(page);
+  await dialog.waitFor();
+  await dialog.getByRole('button', { name: 'Close connection', exact: true }).click();
+  await Promise.race([closed, sleep(5000).then(() => { throw new Error('the client socket is still open 5 s after Close'); })]);
+  await waitFor('the row to go', async () => (await row.count()) === 0);
+  const entry = await waitFor('the admin_closed log entry', async () => {
+    const { body } = await api(`/api/v1/streams/${S.streamId}/connections?limit=10`);
+    return body.entries.find((e) => e.disconnect_reason === 'admin_closed');
+  }, 15_000, 250);
+  assert.equal(entry.action, 'allowed');
+});
+
+test('deleting the stream asks first, then frees its port', { timeout: TEST_MS }, async () => {
+  needStream();
+  await openHash(page, '/streams');
+  const row = streamRow(page, S.streamId);
+  await row.getByRole('button', { name: 'Delete', exact: true }).click();
+  const dialog = openDialog(page);
+  await dialog.waitFor();
+  assert.match(await dialog.innerText(), new RegExp(NAME), 'the dialog does not name the stream');
+  // Cancel keeps it.
+  await dialog.getByRole('button', { name: 'Cancel', exact: true }).click();
+  await waitFor('the dialog to close', async () => (await openDialog(page).count()) === 0);
+  assert.equal((await api(`/api/v1/streams/${S.streamId}`)).status, 200, 'Cancel deleted the stream');
+
+  await row.getByRole('button', { name: 'Delete', exact: true }).click();
+  await openDialog(page).getByRole('button', { name: 'Delete', exact: true }).click();
+  await waitFor('the row to go', async () => (await row.count()) === 0);
+  assert.equal((await api(`/api/v1/streams/${S.streamId}`)).status, 404);
+  await waitFor(`port ${S.ports.stream} to be free`, () => canBind(S.ports.stream), 5000, 100);
+  // The certificate is free now, and deleting it works.
+  await openHash(page, '/certificates');
+  const certRow = page.locator(`tr[data-cert-id="${S.certId}"]`);
+  await certRow.getByRole('button', { name: 'Delete', exact: true }).click();
+  await openDialog(page).getByRole('button', { name: 'Delete', exact: true }).click();
+  await waitFor('the certificate row to go', async () => (await certRow.count()) === 0);
+  assert.equal((await api(`/api/v1/certificates/${S.certId}`)).status, 404);
+});
+
+test('a site with streams_admin and basic_auth serves the UI after login', { timeout: TEST_MS }, async () => {
+  for (const p of ['/', '/api/v1/streams', '/admin/']) {
+    const res = await get(S.site + p);
+    assert.equal(res.status, 401, `GET ${p} without login: status ${res.status}`);
+  }
+  const ctx = await newContext({ httpCredentials: { username: SITE_USER, password: SITE_PASSWORD } });
+  await guardOrigin(ctx, S.site);
+  const sitePage = await ctx.newPage();
+  watchPage(sitePage, 'site');
+  for (const mount of ['/', '/admin/']) {
+    await sitePage.goto(S.site + mount);
+    await h1(sitePage, 'Streams').waitFor();
+    await streamRow(sitePage, 1).waitFor();
+    assert.match(await streamRow(sitePage, 1).innerText(), new RegExp(CFG_NAME));
+  }
+  await ctx.close();
+});
+
+test('the pages fetched nothing outside the aegis origin and threw no errors', () => {
+  assert.deepEqual(S.offOrigin, [], 'requests outside the aegis origin');
+  assert.deepEqual(S.pageErrors, [], 'uncaught errors in the page');
+});
