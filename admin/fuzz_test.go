@@ -1,18 +1,28 @@
 package admin
 
 import (
+	"bytes"
+	"encoding/json"
 	"errors"
 	"net/http"
 	"net/url"
+	"reflect"
+	"strconv"
 	"strings"
 	"testing"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/streams"
+	"github.com/aegis-proxy/caddy-aegis/storage"
 )
 
 // FuzzDecodeStream feeds arbitrary bodies to the stream decoder of POST and
-// PUT: it must never panic, and must answer a refusal with a 400 *apiError
-// that has a message.
+// PUT. It must never panic; a refusal is a 400 *apiError with a message
+// whose field, when it names one, is the first of its errors. It must take
+// exactly the bodies that are one JSON object with each key once, every
+// key a stream setting or a read-only field of GET, and values of the
+// settings' types (what json.Unmarshal reads into a streams.Stream), and
+// decode them as json.Unmarshal does; and what it decoded, encoded again,
+// decodes to the same stream.
 func FuzzDecodeStream(f *testing.F) {
 	f.Add(`{"name":"db","listen_port":5432,"upstream_host":"10.0.0.5","upstream_port":5432}`)
 	f.Add(`{"id":3,"protocol":"udp","whitelist_cidrs":["10.0.0.0/8"],"enabled":false,"status":{"x":1}}`)
@@ -23,13 +33,81 @@ func FuzzDecodeStream(f *testing.F) {
 	f.Fuzz(func(t *testing.T, body string) {
 		var s streams.Stream
 		err := decodeObject([]byte(body), &s, streamFields, readOnlyFields)
+		acceptable, ref := referenceStream([]byte(body))
 		if err != nil {
 			var ae *apiError
 			if !errors.As(err, &ae) || ae.Status != http.StatusBadRequest || ae.Message == "" {
 				t.Fatalf("%q: refused with %#v, want a 400 with a message", body, err)
 			}
+			if len(ae.Errors) > 0 && (ae.Field != ae.Errors[0].Field || ae.Errors[0].Message == "") {
+				t.Fatalf("%q: field %q does not lead errors %+v", body, ae.Field, ae.Errors)
+			}
+			if acceptable {
+				t.Fatalf("%q: refused (%v), but it is one object of known keys that decodes", body, err)
+			}
+			return
+		}
+		if !acceptable {
+			t.Fatalf("%q: accepted as %+v, but it is not one object of known, unique keys that decodes", body, s)
+		}
+		if !reflect.DeepEqual(s, ref) {
+			t.Fatalf("%q: decoded as %+v, json.Unmarshal reads %+v", body, s, ref)
+		}
+		b, err := json.Marshal(&s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var again streams.Stream
+		if err := decodeObject(b, &again, streamFields, readOnlyFields); err != nil {
+			t.Fatalf("%s: our own encoding is refused: %v", b, err)
+		}
+		if !reflect.DeepEqual(emptyListsNil(s), emptyListsNil(again)) {
+			t.Fatalf("%q: decoded %+v, re-encoded as %s and decoded %+v", body, s, b, again)
 		}
 	})
+}
+
+// referenceStream says whether body is one JSON object (surrounded by JSON
+// white space at most) with unique keys, each a stream setting or a
+// read-only field, that json.Unmarshal reads into a streams.Stream; and
+// returns what it reads.
+func referenceStream(body []byte) (bool, streams.Stream) {
+	var s streams.Stream
+	if json.Unmarshal(body, &s) != nil {
+		return false, s
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+		return false, s
+	}
+	seen := map[string]bool{}
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return false, s
+		}
+		k := tok.(string)
+		if _, known := streamFields[k]; seen[k] || !known && !readOnlyFields[k] {
+			return false, s
+		}
+		seen[k] = true
+		var v json.RawMessage
+		if dec.Decode(&v) != nil {
+			return false, s
+		}
+	}
+	return true, s
+}
+
+// emptyListsNil is s with empty lists as nil: JSON leaves empty lists out.
+func emptyListsNil(s streams.Stream) streams.Stream {
+	if len(s.WhitelistCIDRs) == 0 {
+		s.WhitelistCIDRs = nil
+	}
+	if len(s.BlacklistCIDRs) == 0 {
+		s.BlacklistCIDRs = nil
+	}
+	return s
 }
 
 // FuzzDecodeCertInput does the same for certificate uploads, whose errors
@@ -59,7 +137,9 @@ func FuzzDecodeCertInput(f *testing.F) {
 }
 
 // FuzzConnLogQuery feeds arbitrary query strings to the connection-log
-// paging parser.
+// paging parser. It must refuse with a 400 naming the parameter, or give
+// exactly the parameters asked for (limit 1-1000, default 50; before > 0;
+// action allowed or blocked), each given once.
 func FuzzConnLogQuery(f *testing.F) {
 	f.Add("limit=10&before=99&action=blocked")
 	f.Add("limit=-1")
@@ -72,13 +152,34 @@ func FuzzConnLogQuery(f *testing.F) {
 		got, err := parseConnLogQuery(q)
 		if err != nil {
 			var ae *apiError
-			if !errors.As(err, &ae) || ae.Status != http.StatusBadRequest {
-				t.Fatalf("%q: refused with %#v, want a 400", raw, err)
+			if !errors.As(err, &ae) || ae.Status != http.StatusBadRequest || ae.Message == "" {
+				t.Fatalf("%q: refused with %#v, want a 400 naming the parameter", raw, err)
+			}
+			if _, given := q[ae.Field]; !given { // the name may be "" ("?=1")
+				t.Fatalf("%q: refused for parameter %q, which is not in the query", raw, ae.Field)
 			}
 			return
 		}
-		if got.Limit < 0 || got.Limit > 1000 || got.Before < 0 {
-			t.Fatalf("%q: accepted out of range: %+v", raw, got)
+		want := storage.ConnLogQuery{Limit: storage.DefaultConnLogLimit}
+		for k, vs := range q {
+			if len(vs) != 1 {
+				t.Fatalf("%q: accepted parameter %s given %d times", raw, k, len(vs))
+			}
+			n, _ := strconv.ParseInt(vs[0], 10, 64)
+			switch k {
+			case "limit":
+				want.Limit = int(n)
+			case "before":
+				want.Before = n
+			case "action":
+				want.Action = vs[0]
+			default:
+				t.Fatalf("%q: accepted unknown parameter %q", raw, k)
+			}
+		}
+		if got != want || got.Limit < 1 || got.Limit > storage.MaxConnLogLimit || got.Before < 0 ||
+			got.Action != "" && got.Action != storage.ActionAllowed && got.Action != storage.ActionBlocked {
+			t.Fatalf("%q: parsed as %+v, want %+v within range", raw, got, want)
 		}
 	})
 }

@@ -2,34 +2,106 @@ package streams
 
 import (
 	"encoding/json"
+	"errors"
+	"net"
 	"net/netip"
 	"reflect"
+	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+
+	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 )
 
 // Seeds live in testdata/fuzz/<FuzzName>/; `go test` runs them. To fuzz:
 //
-//	go test -fuzz=FuzzUnmarshalCaddyfile -fuzztime=30s ./modules/streams
+//	go test -run '^$' -fuzz '^FuzzUnmarshalCaddyfile$' -fuzztime 60s ./modules/streams
+//
+// or `make fuzz` for every target.
 
-// FuzzUnmarshalCaddyfile: parsing never panics, and a config that parses
-// survives a JSON round trip unchanged.
+// streamJSONFields are the JSON names of Stream's settings.
+var streamJSONFields = func() map[string]bool {
+	out := map[string]bool{}
+	t := reflect.TypeFor[Stream]()
+	for i := 0; i < t.NumField(); i++ {
+		name, _, _ := strings.Cut(t.Field(i).Tag.Get("json"), ",")
+		out[name] = true
+	}
+	return out
+}()
+
+// checkValidationError fails unless every problem in err (from
+// App.Validate or Stream.Validate) names what is wrong: a *FieldError for
+// a known setting whose message shows the field, its value and a reason,
+// or one of the app's own settings.
+func checkValidationError(t *testing.T, err error) {
+	t.Helper()
+	for _, leaf := range flattenErrors(err) {
+		var fe *FieldError
+		if !errors.As(leaf, &fe) {
+			msg := leaf.Error()
+			if !strings.HasPrefix(msg, "grace_period ") && !strings.HasPrefix(msg, "storage log_retention ") &&
+				!strings.HasPrefix(msg, "hosts[") {
+				t.Fatalf("validation error %q (%T) names no setting", msg, leaf)
+			}
+			continue
+		}
+		if !streamJSONFields[fe.Field] {
+			t.Fatalf("validation error %q is about %q, not a stream setting", fe, fe.Field)
+		}
+		if fe.Value == "" || fe.Reason == "" {
+			t.Fatalf("validation error %q lacks the value or the reason: %#v", fe, fe)
+		}
+		if msg := fe.Error(); !strings.HasPrefix(msg, "stream ") || !strings.Contains(msg, ": "+fe.Field+" "+fe.Value) {
+			t.Fatalf("validation error %q does not show the stream, the field %q and the value %s", msg, fe.Field, fe.Value)
+		}
+	}
+}
+
+// FuzzUnmarshalCaddyfile: parsing never panics; a refusal says where (the
+// file and line); a config that parses has unique host ids, and either
+// fails validation with errors that name the setting or is valid; either
+// way it survives a JSON round trip (what Caddy does with it) unchanged,
+// with the same validation outcome.
 func FuzzUnmarshalCaddyfile(f *testing.F) {
 	f.Fuzz(func(t *testing.T, input string) {
 		tokens, err := caddyfile.Tokenize([]byte(input), "Fuzzfile")
-		if err != nil {
-			return
+		if err != nil || len(tokens) == 0 {
+			return // Caddy hands the option at least its name
 		}
 		var app App
 		if err := app.UnmarshalCaddyfile(caddyfile.NewDispenser(tokens)); err != nil {
+			msg := err.Error()
+			i := strings.LastIndex(msg, ", at Fuzzfile:")
+			if i < 0 {
+				t.Fatalf("error %q does not say where in the Caddyfile", msg)
+			}
+			line, _, _ := strings.Cut(msg[i+len(", at Fuzzfile:"):], " ")
+			if n, err := strconv.Atoi(line); err != nil || n < 1 {
+				t.Fatalf("error %q names no line", msg)
+			}
 			return
 		}
+		ids := map[int64]bool{}
 		for _, s := range app.Hosts {
-			_ = s.Validate() // must not panic
+			if s == nil {
+				t.Fatal("a nil host")
+			}
+			if ids[s.ID] {
+				t.Fatalf("host id %d parsed twice", s.ID)
+			}
+			ids[s.ID] = true
+			if err := s.Validate(); err != nil {
+				checkValidationError(t, err)
+			}
 			_ = s.Warnings()
 		}
-		_ = app.Validate()
+		verr := app.Validate()
+		if verr != nil {
+			checkValidationError(t, verr)
+		}
 
 		b, err := json.Marshal(&app)
 		if err != nil {
@@ -42,7 +114,17 @@ func FuzzUnmarshalCaddyfile(f *testing.F) {
 		if !reflect.DeepEqual(normalizeApp(&app), normalizeApp(&back)) {
 			t.Fatalf("JSON round trip changed the app:\nparsed  %+v\ndecoded %+v\njson    %s", app.Hosts, back.Hosts, b)
 		}
+		if berr := back.Validate(); errString(berr) != errString(verr) {
+			t.Fatalf("validation changed over the JSON round trip:\nparsed  %v\ndecoded %v", verr, berr)
+		}
 	})
+}
+
+func errString(err error) string {
+	if err == nil {
+		return ""
+	}
+	return err.Error()
 }
 
 // normalizeApp returns the app's exported config with empty lists as nil,
@@ -69,8 +151,13 @@ func normalizeStream(s *Stream) *Stream {
 	return &c
 }
 
-// FuzzStreamJSON: decoding and validating any JSON never panics, and a
-// stream that validates survives re-encoding unchanged.
+// FuzzStreamJSON: decoding and validating any JSON never panics; a refusal
+// names the setting; and a stream that validates is stable: decode →
+// validate → encode → decode gives the same stream, encoding it again gives
+// the same bytes, its stored form (storage.Host) converts back to it (less
+// ssl_cert_tag and ssl_domain, which only the Caddy config sets), its
+// lists build an ACL, and its addresses are ones the listeners and the
+// overlap check understand.
 func FuzzStreamJSON(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) {
 		var s Stream
@@ -79,8 +166,13 @@ func FuzzStreamJSON(f *testing.F) {
 		}
 		err := s.Validate()
 		_ = s.Warnings()
-		_ = (&App{Hosts: []*Stream{&s, &s}}).Validate()
+		if aerr := (&App{Hosts: []*Stream{&s, &s}}).Validate(); aerr == nil {
+			t.Fatal("two hosts with one id validate together")
+		} else {
+			checkValidationError(t, aerr)
+		}
 		if err != nil {
+			checkValidationError(t, err)
 			return
 		}
 		b, err := json.Marshal(&s)
@@ -97,21 +189,55 @@ func FuzzStreamJSON(f *testing.F) {
 		if err := back.Validate(); err != nil {
 			t.Fatalf("re-decoded stream no longer validates: %v", err)
 		}
-		// A valid listen address is one the overlap check understands.
+		if b2, _ := json.Marshal(&back); string(b2) != string(b) {
+			t.Fatalf("encoding is not stable:\nfirst  %s\nsecond %s", b, b2)
+		}
+		// Storage keeps every setting but the config-only ones (the API
+		// refuses those).
+		apiForm := *normalizeStream(&s)
+		apiForm.SSLCertTag, apiForm.SSLDomain = "", ""
+		if stored := streamFromHost(hostFromStream(&s)); !reflect.DeepEqual(normalizeStream(stored), &apiForm) {
+			t.Fatalf("the stored form changed the stream:\nstream %+v\nstored %+v", s, *stored)
+		}
+		if _, err := streamstate.NewACL(s.WhitelistCIDRs, s.BlacklistCIDRs); err != nil {
+			t.Fatalf("valid stream's lists do not build an ACL: %v", err)
+		}
+		// A valid listen address is one the overlap check understands,
+		// and one net.Listen takes apart as the stream's.
 		if _, ok := listenAddr(&s); !ok {
 			t.Fatalf("valid stream with unusable listen address %q port %d", s.ListenAddress, s.ListenPort)
+		}
+		host, port, err := net.SplitHostPort(s.ListenHostPort())
+		if err != nil || host != s.ListenAddress || port != strconv.Itoa(s.ListenPort) {
+			t.Fatalf("listen %q splits into %q %q (%v)", s.ListenHostPort(), host, port, err)
+		}
+		host, port, err = net.SplitHostPort(s.UpstreamHostPort())
+		if err != nil || host != s.UpstreamHost || port != strconv.Itoa(s.UpstreamPort) {
+			t.Fatalf("upstream %q splits into %q %q (%v)", s.UpstreamHostPort(), host, port, err)
+		}
+		if !s.HasTCP() && !s.HasUDP() {
+			t.Fatalf("valid stream with protocol %q has no listener", s.Protocol)
 		}
 	})
 }
 
-// FuzzParseCIDR: ParseCIDR never panics, and what it returns is a valid,
-// masked prefix that parses back to itself.
+// FuzzParseCIDR: ParseCIDR never panics; what it returns is a valid,
+// masked prefix without a zone that parses back to itself (normalizing is
+// idempotent); what it accepts, the standard library's older parser
+// (net.ParseCIDR, net.ParseIP) accepts too; and as a whitelist or
+// blacklist entry it matches exactly the addresses net.IPNet.Contains
+// (or net.IP.Equal for a bare address) matches: the fuzzed probe, the
+// prefix's first and last address and their neighbours, each also as an
+// IPv4-mapped IPv6 address, and a few fixed ones.
 func FuzzParseCIDR(f *testing.F) {
-	f.Fuzz(func(t *testing.T, in string) {
+	f.Fuzz(func(t *testing.T, in string, probe []byte) {
 		p, err := ParseCIDR(in)
 		if err != nil {
 			if p != (netip.Prefix{}) {
 				t.Fatalf("ParseCIDR(%q) = %v with error %v, want the zero prefix", in, p, err)
+			}
+			if _, err := streamstate.NewACL([]string{in}, nil); err == nil {
+				t.Fatalf("ParseCIDR(%q) refuses it (%v) but NewACL takes it", in, err)
 			}
 			return
 		}
@@ -131,5 +257,93 @@ func FuzzParseCIDR(f *testing.F) {
 		if err != nil || again != p {
 			t.Fatalf("ParseCIDR(%q) = %v, but ParseCIDR(%q) = %v, %v", in, p, p.String(), again, err)
 		}
+
+		ref, ok := parseRefEntry(in)
+		if !ok {
+			t.Fatalf("ParseCIDR(%q) = %v, but the standard library refuses it", in, p)
+		}
+		allow, err := streamstate.NewACL([]string{in}, nil)
+		if err != nil {
+			t.Fatalf("NewACL(whitelist %q): %v", in, err)
+		}
+		deny, err := streamstate.NewACL(nil, []string{in})
+		if err != nil {
+			t.Fatalf("NewACL(blacklist %q): %v", in, err)
+		}
+		probes := append(boundaryProbes(p), fixedProbes...)
+		if a, ok := netip.AddrFromSlice(probe); ok {
+			probes = append(probes, a.WithZone(""))
+		}
+		for _, a := range probes {
+			want := ref.contains(a)
+			if got := p.Contains(a.Unmap()); got != want {
+				t.Fatalf("%q (as %v) contains %v: %v; net.IPNet says %v", in, p, a, got, want)
+			}
+			if got := allow.Allowed(a); got != want {
+				t.Fatalf("whitelist [%q] allows %v: %v, want %v", in, a, got, want)
+			}
+			if got := deny.Allowed(a); got == want {
+				t.Fatalf("blacklist [%q] allows %v: %v, want %v", in, a, got, !want)
+			}
+		}
 	})
+}
+
+// refEntry is a whitelist or blacklist entry as the standard library's
+// net package reads it: the reference the fuzz targets check against.
+type refEntry struct {
+	network *net.IPNet // a CIDR
+	ip      net.IP     // a bare address
+}
+
+// parseRefEntry parses s with net.ParseCIDR or net.ParseIP.
+func parseRefEntry(s string) (refEntry, bool) {
+	s = strings.TrimSpace(s)
+	if strings.Contains(s, "/") {
+		_, n, err := net.ParseCIDR(s)
+		return refEntry{network: n}, err == nil
+	}
+	ip := net.ParseIP(s)
+	return refEntry{ip: ip}, ip != nil
+}
+
+func (r refEntry) contains(a netip.Addr) bool {
+	ip := net.IP(a.AsSlice())
+	if r.network != nil {
+		return r.network.Contains(ip)
+	}
+	return r.ip.Equal(ip)
+}
+
+// fixedProbes are addresses every CIDR check tries.
+var fixedProbes = []netip.Addr{
+	netip.MustParseAddr("0.0.0.0"), netip.MustParseAddr("255.255.255.255"),
+	netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("192.0.2.7"),
+	netip.MustParseAddr("::"), netip.MustParseAddr("::1"), netip.MustParseAddr("2001:db8::1"),
+	netip.MustParseAddr("fe80::1"), netip.MustParseAddr("::ffff:10.0.0.1"), netip.MustParseAddr("::ffff:0:0"),
+	netip.MustParseAddr("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"),
+}
+
+// boundaryProbes are p's first and last addresses, the addresses just
+// outside them, and the IPv4-mapped form of each IPv4 one.
+func boundaryProbes(p netip.Prefix) []netip.Addr {
+	first := p.Addr()
+	b := first.AsSlice()
+	for i := p.Bits(); i < len(b)*8; i++ {
+		b[i/8] |= 1 << (7 - i%8)
+	}
+	last, _ := netip.AddrFromSlice(b)
+	out := []netip.Addr{first, last}
+	if a := first.Prev(); a.IsValid() {
+		out = append(out, a)
+	}
+	if a := last.Next(); a.IsValid() {
+		out = append(out, a)
+	}
+	for _, a := range out {
+		if a.Is4() {
+			out = append(out, netip.AddrFrom16(a.As16()))
+		}
+	}
+	return out
 }
