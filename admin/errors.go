@@ -70,9 +70,10 @@ func jsonValue(v string) any {
 }
 
 // toAPIError maps an error to its response: an *apiError as it is; the
-// streams package's sentinels to 503, 404 and 409; validation problems
-// (*streams.FieldError and *certs.FieldError, one or several joined) to
-// 400; anything else to 500.
+// streams package's sentinels to 503, 404 and 409; a database that cannot
+// take the write (full disk, read-only file, lock held elsewhere) to 503;
+// validation problems (*streams.FieldError and *certs.FieldError, one or
+// several joined) to 400; anything else to 500.
 func toAPIError(err error) *apiError {
 	var ae *apiError
 	if errors.As(err, &ae) {
@@ -99,6 +100,14 @@ func toAPIError(err error) *apiError {
 			e.Streams = iu.StreamIDs
 		}
 		return e
+	case errors.Is(err, storage.ErrUnavailable):
+		// The write was rolled back and the running streams left as they
+		// were: say so, and what to fix.
+		var ue *storage.UnavailableError
+		if errors.As(err, &ue) {
+			msg = ue.Error() + "; nothing was changed; " + ue.Fix + ", then try again"
+		}
+		return &apiError{Status: http.StatusServiceUnavailable, Message: "storage unavailable: " + msg}
 	case errors.Is(err, storage.ErrNoKey), errors.Is(err, storage.ErrWrongKey):
 		return &apiError{Status: http.StatusInternalServerError,
 			Message: msg + "; check the streams app's storage key (storage_key in the Caddyfile, storage.key in JSON, or the streams.key file beside the database)"}

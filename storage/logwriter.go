@@ -53,10 +53,20 @@ type LogWriterOptions struct {
 	// Default: 10s.
 	WriteTimeout time.Duration
 
-	// OnError, when set, is called with each failed write or prune, from
-	// the writer's goroutine. It must not block for long. Default: nil
-	// (errors are only counted, in Dropped for failed writes).
+	// OnError, when set, is called from the writer's goroutine with the
+	// first failed write or prune after the store last worked (or since
+	// the start): once per outage, not once per batch, so that a full disk
+	// does not flood the log. The failures after it are not reported until
+	// a write succeeds again; their entries are counted in Dropped and
+	// passed to OnDrop. It must not block for long. Default: nil (errors
+	// are only counted).
 	OnError func(error)
+
+	// OnDrop, when set, is called from the writer's goroutine with the
+	// entries of each batch the store failed to write, so the caller can
+	// count them per stream. It must not block for long nor keep the
+	// slice, which is reused. Default: nil.
+	OnDrop func([]ConnLog)
 }
 
 func (o *LogWriterOptions) setDefaults() {
@@ -105,6 +115,10 @@ type LogWriter struct {
 
 	dropped atomic.Uint64
 	written atomic.Uint64
+
+	// failing is set from a reported failure until a write succeeds; only
+	// the writer's goroutine uses it.
+	failing bool
 }
 
 // NewLogWriter starts a LogWriter that writes to store. Close it to stop
@@ -245,10 +259,14 @@ func (w *LogWriter) write(batch []ConnLog) error {
 	defer cancel()
 	if err := w.store.AppendConnLogs(ctx, batch); err != nil {
 		w.dropped.Add(uint64(len(batch)))
+		if w.opts.OnDrop != nil {
+			w.opts.OnDrop(batch)
+		}
 		err = fmt.Errorf("writing %d conn log entries: %w", len(batch), err)
-		w.report(err)
+		w.report(fmt.Errorf("%w; entries are dropped (and counted) until storage takes writes again, and further failures are not reported", err))
 		return err
 	}
+	w.failing = false
 	w.written.Add(uint64(len(batch)))
 	return nil
 }
@@ -270,7 +288,13 @@ func (w *LogWriter) prune(touched map[int64]struct{}) {
 	clear(touched)
 }
 
+// report passes err to OnError unless a failure was reported since the
+// store last took a write.
 func (w *LogWriter) report(err error) {
+	if w.failing {
+		return
+	}
+	w.failing = true
 	if w.opts.OnError != nil {
 		w.opts.OnError(err)
 	}

@@ -206,18 +206,20 @@ func (s *SQLite) Close() error {
 	return nil
 }
 
-// inTx runs fn in a write transaction and commits it if fn returns nil.
+// inTx runs fn in a write transaction and commits it if fn returns nil. A
+// full disk, a file that cannot be written or a lock held elsewhere is an
+// *UnavailableError (ErrUnavailable).
 func (s *SQLite) inTx(ctx context.Context, fn func(tx *sql.Tx) error) error {
 	tx, err := s.write.BeginTx(ctx, nil)
 	if err != nil {
-		return fmt.Errorf("beginning transaction: %w", err)
+		return s.unavailable(fmt.Errorf("beginning transaction: %w", err))
 	}
 	defer tx.Rollback() // no-op after Commit; runs on a panic in fn too
 	if err := fn(tx); err != nil {
-		return err
+		return s.unavailable(err)
 	}
 	if err := tx.Commit(); err != nil {
-		return fmt.Errorf("committing: %w", err)
+		return s.unavailable(fmt.Errorf("committing: %w", err))
 	}
 	return nil
 }

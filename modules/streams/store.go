@@ -108,6 +108,16 @@ func (s *sharedStore) logSink(r streamstate.LogRecord) bool {
 	})
 }
 
+// countDropped counts a batch of connection-log entries that storage
+// failed to write in their streams' log_entries_dropped.
+func countDropped(batch []storage.ConnLog) {
+	n := make(map[int64]uint64, 1)
+	for _, e := range batch {
+		n[e.StreamID]++
+	}
+	streamstate.CountLogDropped(n)
+}
+
 // openStorage opens (or joins) the database and returns the stored hosts.
 func (a *App) openStorage() ([]storage.Host, error) {
 	if a.Storage != nil && a.Storage.Disabled {
@@ -137,6 +147,7 @@ func (a *App) openStorage() ([]storage.Host, error) {
 			OnError: func(err error) {
 				logger.Error("writing the connection log to storage", zap.String("path", path), zap.Error(err))
 			},
+			OnDrop: countDropped,
 		})
 		return &sharedStore{path: path, db: db, logw: w, retention: retention, key: keySetting}, nil
 	})

@@ -1,0 +1,90 @@
+package storage
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+
+	"modernc.org/sqlite"
+	sqlite3 "modernc.org/sqlite/lib"
+)
+
+// ErrUnavailable means the database could not do a write: the disk is
+// full, the file or its file system refuses writes, or another program
+// holds the database locked. The transaction was rolled back, so nothing
+// was changed, and the same write can succeed once the cause is gone,
+// without reopening the store. The error is an *UnavailableError that says
+// which cause and what to do.
+var ErrUnavailable = errors.New("storage unavailable")
+
+// UnavailableError is a write the database could not do; errors.Is(err,
+// ErrUnavailable) holds for it.
+type UnavailableError struct {
+	// Problem says what is wrong, naming the database file, e.g. "the disk
+	// holding /var/lib/caddy/streams.db is full".
+	Problem string
+	// Fix says what to do about it, e.g. "free space on that disk".
+	Fix string
+	// Err is the failed step and the database's own error.
+	Err error
+}
+
+func (e *UnavailableError) Error() string { return e.Problem + " (" + e.Err.Error() + ")" }
+
+// Unwrap makes errors.Is see ErrUnavailable and the database's error.
+func (e *UnavailableError) Unwrap() []error { return []error{ErrUnavailable, e.Err} }
+
+// unavailable returns err as an *UnavailableError when the database failed
+// for want of a writable, non-full, unlocked file, and err as it is
+// otherwise (a constraint, a caller's error, a cancelled context).
+func (s *SQLite) unavailable(err error) error {
+	var se *sqlite.Error
+	var ue *UnavailableError
+	if err == nil || !errors.As(err, &se) || errors.As(err, &ue) {
+		return err
+	}
+	e := &UnavailableError{Err: err}
+	switch se.Code() & 0xff { // the primary result code
+	case sqlite3.SQLITE_FULL:
+		e.Problem = "the disk holding " + s.path + " is full"
+		e.Fix = "free space on that disk"
+	case sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM:
+		e.Problem = "the database " + s.path + " cannot be written"
+		// SQLite reports a refused write as a generic I/O error; asking
+		// the file system again tells why (read-only, immutable, gone).
+		var pe *os.PathError
+		switch why := s.writable(); {
+		case errors.As(why, &pe):
+			e.Problem += ": " + filepath.Base(pe.Path) + ": " + pe.Err.Error()
+		case why != nil:
+			e.Problem += ": " + why.Error()
+		}
+		e.Fix = "make the database file, its -wal and -shm files and their directory writable, on a file system mounted read-write"
+	case sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED:
+		e.Problem = "the database " + s.path + " is locked by another program"
+		e.Fix = "stop the other program that has it open"
+	default:
+		return err
+	}
+	return e
+}
+
+// writable opens the database file and its write-ahead log for writing, to
+// tell why writes fail; it returns nil when both open (or the log does not
+// exist).
+func (s *SQLite) writable() error {
+	if _, err := os.Stat(s.path); err != nil {
+		return err
+	}
+	for _, p := range []string{s.path, s.path + "-wal"} {
+		f, err := os.OpenFile(p, os.O_WRONLY, 0)
+		if errors.Is(err, os.ErrNotExist) && p != s.path {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		f.Close()
+	}
+	return nil
+}
