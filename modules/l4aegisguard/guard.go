@@ -151,11 +151,10 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	st.Total.Add(1)
 	src := remoteAddrPort(cx.Conn)
 	if !h.Allowed(src.Addr()) {
-		return h.block(src, streamstate.ReasonACLDenied)
+		return h.block(src, streamstate.BlockACL)
 	}
-	if n := st.Active.Add(1); h.MaxConnections > 0 && n > int64(h.MaxConnections) {
-		st.Active.Add(-1)
-		return h.block(src, streamstate.ReasonMaxConnections)
+	if !st.Admit(h.MaxConnections) {
+		return h.block(src, streamstate.BlockMaxConnections)
 	}
 	defer st.Active.Add(-1)
 
@@ -169,10 +168,10 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 
 // block refuses a connection: it is counted and logged, and the caller
 // closes it.
-func (h *Handler) block(src netip.AddrPort, r streamstate.Reason) error {
-	h.state.Blocked.Add(1)
+func (h *Handler) block(src netip.AddrPort, r streamstate.BlockReason) error {
+	h.state.Block(r)
 	if h.LogConnections {
-		h.state.LogBlocked(h.logger, h.name, src, r, false)
+		h.state.LogBlocked(h.logger, h.name, src, r.LogReason(), false)
 	}
 	return nil
 }

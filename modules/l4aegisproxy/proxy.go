@@ -112,14 +112,20 @@ func (h *Handler) Cleanup() error {
 // Handle dials the upstream, sends the PROXY header and relays.
 func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	ss, _ := cx.GetVar(streamstate.SessionVar).(*streamstate.Session)
-	up, err := h.dial(h.state.Context())
+	ctx := h.state.Context()
+	start := time.Now()
+	up, err := h.dial(ctx)
 	if err != nil {
 		if ss != nil {
 			ss.SetReason(streamstate.ReasonDialFailed)
 		}
+		if ctx.Err() == nil { // not the stream shutting down
+			h.state.DialFailures.Add(1)
+		}
 		h.logger.Debug("dialing upstream", zap.String("upstream", h.Upstream), zap.Error(err))
 		return nil
 	}
+	h.state.ObserveDial(time.Since(start))
 	defer up.Close()
 	if ss != nil {
 		ss.SetUpstream(up)

@@ -152,7 +152,11 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	tc, w, err := h.handshake(cx)
 	hs.inProgress.Add(-1)
 	if err != nil {
-		hs.failed.Add(1)
+		if errors.Is(err, errHandshakeTimeout) {
+			hs.timedOut.Add(1)
+		} else {
+			hs.failed.Add(1)
+		}
 		h.fail(cx, ss, err)
 		return nil
 	}
@@ -179,7 +183,10 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	return err
 }
 
-var errTooManyHandshakes = errors.New("max_handshakes in progress: closed without a handshake")
+var (
+	errTooManyHandshakes = errors.New("max_handshakes in progress: closed without a handshake")
+	errHandshakeTimeout  = errors.New("no handshake within handshake_timeout")
+)
 
 // handshake runs the server handshake on cx within the handshake timeout.
 // w is the connection the TLS connection runs over.
@@ -206,7 +213,7 @@ func (h *Handler) handshake(cx *layer4.Connection) (tc *tls.Conn, w *wire, err e
 	tc = tls.Server(w, h.cfg)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) {
-			err = fmt.Errorf("no handshake within handshake_timeout %s: %v", h.timeout, err)
+			err = fmt.Errorf("%w %s: %v", errHandshakeTimeout, h.timeout, err)
 		}
 		return nil, nil, err
 	}

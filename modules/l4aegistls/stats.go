@@ -12,7 +12,8 @@ import (
 type handshakes struct {
 	inProgress atomic.Int64
 	succeeded  atomic.Uint64
-	failed     atomic.Uint64
+	failed     atomic.Uint64 // timeouts not included
+	timedOut   atomic.Uint64
 	rejected   atomic.Uint64
 }
 
@@ -22,7 +23,7 @@ func (*handshakes) Destruct() error { return nil }
 func (hs *handshakes) snapshot() HandshakeStats {
 	return HandshakeStats{
 		Succeeded:  hs.succeeded.Load(),
-		Failed:     hs.failed.Load(),
+		Failed:     hs.failed.Load() + hs.timedOut.Load(),
 		Rejected:   hs.rejected.Load(),
 		InProgress: hs.inProgress.Load(),
 	}
@@ -72,4 +73,30 @@ func Stats(streamID int64) (HandshakeStats, bool) {
 		return HandshakeStats{}, false
 	}
 	return hs.snapshot(), true
+}
+
+// Outcomes are the handshakes of a stream by outcome, for its metrics;
+// each handshake counts in one of them.
+type Outcomes struct {
+	// OK is HandshakeStats.Succeeded.
+	OK uint64
+	// Failed counts the failures other than timeouts.
+	Failed uint64
+	// TimedOut counts the handshakes that did not complete within the
+	// handshake timeout.
+	TimedOut uint64
+	// Rejected is HandshakeStats.Rejected: closed at max_handshakes.
+	Rejected uint64
+}
+
+// AllOutcomes returns the handshake outcomes of every stream id that a
+// provisioned aegis_tls handler uses.
+func AllOutcomes() map[int64]Outcomes {
+	out := map[int64]Outcomes{}
+	pool.Range(func(k, v any) bool {
+		hs := v.(*handshakes)
+		out[k.(int64)] = Outcomes{OK: hs.succeeded.Load(), Failed: hs.failed.Load(), TimedOut: hs.timedOut.Load(), Rejected: hs.rejected.Load()}
+		return true
+	})
+	return out
 }

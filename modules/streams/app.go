@@ -71,6 +71,9 @@ type App struct {
 	mu      sync.Mutex
 	streams []*runtime
 	store   *sharedStore // nil without storage
+	// cleanedUp says Cleanup ran (the metrics then show the running
+	// app's streams; see samples).
+	cleanedUp bool
 
 	// Names for Caddy's tls app to manage, waiting until this config runs
 	// (running); guarded by manageMu.
@@ -142,6 +145,11 @@ func (a *App) gracePeriod() time.Duration {
 func (a *App) Provision(ctx caddy.Context) error {
 	a.ctx = ctx
 	a.logger = ctx.Logger()
+	// In ctx's registry, not a child context's: that is the one Caddy's
+	// /metrics serves.
+	if err := a.registerMetrics(); err != nil {
+		return fmt.Errorf("registering the streams' metrics: %v", err)
+	}
 	a.base, a.cancelBase = caddy.NewContext(ctx)
 	a.reserved = reservedPorts(ctx)
 	stored, err := a.openStorage()
@@ -481,6 +489,7 @@ func (a *App) Cleanup() error {
 		a.cancelBase()
 	}
 	a.streams = nil
+	a.cleanedUp = true
 	if a.store != nil {
 		a.store.release()
 		a.store = nil

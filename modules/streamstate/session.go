@@ -204,6 +204,8 @@ func (ss *Session) RelayOwnsIdle() { ss.relayOwnsIdle.Store(true) }
 func (ss *Session) End(r Reason, log bool) {
 	ss.SetReason(r)
 	ss.Stream.sessions.Delete(ss.ID)
+	d := time.Since(ss.Start)
+	ss.Stream.observeDuration(ss.UDP, d)
 	if log {
 		ss.Stream.enqueueLog(logEntry{logger: ss.logger, rec: LogRecord{
 			StreamID:          ss.Stream.ID,
@@ -213,7 +215,7 @@ func (ss *Session) End(r Reason, log bool) {
 			UDP:               ss.UDP,
 			Reason:            ss.Reason(),
 			Start:             ss.Start,
-			Duration:          time.Since(ss.Start),
+			Duration:          d,
 			BytesSent:         ss.sent.Load(),
 			BytesReceived:     ss.received.Load(),
 			DatagramsSent:     ss.dgSent.Load(),
@@ -221,3 +223,8 @@ func (ss *Session) End(r Reason, log bool) {
 		}})
 	}
 }
+
+// Discard unregisters a session that never carried a connection (a UDP
+// NAT entry that lost the race to be stored): no log entry, and it is not
+// counted in the connection duration metric.
+func (ss *Session) Discard() { ss.Stream.sessions.Delete(ss.ID) }

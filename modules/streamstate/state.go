@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 )
 
@@ -69,6 +70,16 @@ type Stream struct {
 	// dropped (over a rate limit, socket buffer full, upstream gone) since
 	// the last reload.
 	DatagramsDropped atomic.Uint64
+	// DialFailures counts connections whose dial to the upstream failed.
+	DialFailures atomic.Uint64
+
+	// Never reset, for the metrics (metrics.go).
+	blockedBy [numBlockReasons]atomic.Uint64
+	droppedBy [numDropReasons]atomic.Uint64
+	durations [2]prometheus.Histogram // by Kind
+	dials     prometheus.Histogram
+	totalsMu  sync.Mutex
+	carried   Totals // what ResetTotals took from the since-reload counters
 
 	listeners [2]atomic.Int32 // by Kind
 	health    atomic.Pointer[Health]
@@ -104,6 +115,7 @@ func New(id int64) *Stream {
 		logStop: make(chan struct{}),
 		logDone: make(chan struct{}),
 	}
+	s.initMetrics()
 	s.grace.Store(int64(DefaultGracePeriod))
 	go s.writeLogs()
 	return s
@@ -134,12 +146,15 @@ func (s *Stream) ListenerDown(k Kind) { s.listeners[k].Add(-1) }
 // stream.
 func (s *Stream) Listening(k Kind) bool { return s.listeners[k].Load() > 0 }
 
-// ResetTotals zeroes the since-reload counters. Active stays as it is.
+// ResetTotals zeroes the since-reload counters. Active stays as it is,
+// and Cumulative keeps counting from the first load.
 func (s *Stream) ResetTotals() {
-	s.Total.Store(0)
+	s.totalsMu.Lock()
+	s.carried.Connections += s.Total.Swap(0)
+	s.carried.BytesSent += s.BytesSent.Swap(0)
+	s.carried.BytesReceived += s.BytesReceived.Swap(0)
+	s.totalsMu.Unlock()
 	s.Blocked.Store(0)
-	s.BytesSent.Store(0)
-	s.BytesReceived.Store(0)
 	s.DatagramsDropped.Store(0)
 }
 

@@ -6,6 +6,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 )
 
 // readBatch is how many datagrams one recvmmsg call may return.
@@ -112,7 +114,7 @@ func (s *socket) readLoop() {
 			h := &b.hdrs[i]
 			src, ok := addrPort(&b.names[i])
 			if !ok || h.Hdr.Flags&unix.MSG_TRUNC != 0 {
-				s.r.state.DatagramsDropped.Add(1)
+				s.r.state.DropDatagrams(streamstate.DropTruncated, 1)
 				continue
 			}
 			var oob []byte

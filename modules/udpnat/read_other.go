@@ -2,7 +2,11 @@
 
 package udpnat
 
-import "time"
+import (
+	"time"
+
+	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
+)
 
 // readLoop reads one datagram per call until the socket is closed.
 func (s *socket) readLoop() {
@@ -22,7 +26,7 @@ func (s *socket) readLoop() {
 		}
 		backoff = 0
 		if flags&msgTrunc != 0 {
-			s.r.state.DatagramsDropped.Add(1)
+			s.r.state.DropDatagrams(streamstate.DropTruncated, 1)
 			continue
 		}
 		s.r.datagram(s, buf, n, src, oob[:oobn])

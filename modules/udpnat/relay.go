@@ -348,7 +348,7 @@ func (r *Relay) datagram(s *socket, buf []byte, n int, src netip.AddrPort, oob [
 	now := time.Now()
 	e.last.Store(now.UnixNano())
 	if e.up != nil && !e.up.AllowN(now, n) {
-		r.state.DatagramsDropped.Add(1)
+		r.state.DropDatagrams(streamstate.DropRateLimit, 1)
 		return
 	}
 	p := buf[headroom : headroom+n]
@@ -361,11 +361,11 @@ func (r *Relay) datagram(s *socket, buf []byte, n int, src netip.AddrPort, oob [
 	case err == nil:
 		e.ss.AddDatagramSent(n)
 	case isRefused(err):
-		r.state.DatagramsDropped.Add(1)
+		r.state.DropDatagrams(streamstate.DropUpstreamRefused, 1)
 		e.end(streamstate.ReasonUpstreamError)
 	default:
 		// A full buffer, or the entry closed meanwhile: UDP drops.
-		r.state.DatagramsDropped.Add(1)
+		r.state.DropDatagrams(streamstate.DropBufferFull, 1)
 	}
 }
 
@@ -379,23 +379,22 @@ func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte) *entry {
 	ip := src.Addr().Unmap()
 	client := netip.AddrPortFrom(ip, src.Port())
 	if !p.ACL.Allowed(ip) {
-		r.block(p, client, streamstate.ReasonACLDenied)
+		r.block(p, client, streamstate.BlockACL)
 		return nil
 	}
 	target := p.target.Load()
 	if target == nil {
-		r.state.DatagramsDropped.Add(1)
+		r.state.DropDatagrams(streamstate.DropUpstreamUnresolved, 1)
 		return nil
 	}
 	if r.count.Add(1) > HardCap {
 		r.count.Add(-1)
-		r.block(p, client, streamstate.ReasonMaxConnections)
+		r.block(p, client, streamstate.BlockNATTableFull)
 		return nil
 	}
-	if n := r.state.Active.Add(1); p.MaxEntries > 0 && n > int64(p.MaxEntries) {
-		r.state.Active.Add(-1)
+	if !r.state.Admit(p.MaxEntries) {
 		r.count.Add(-1)
-		r.block(p, client, streamstate.ReasonMaxConnections)
+		r.block(p, client, streamstate.BlockMaxConnections)
 		return nil
 	}
 	dst := s.local
@@ -408,7 +407,7 @@ func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte) *entry {
 	if err != nil {
 		r.state.Active.Add(-1)
 		r.count.Add(-1)
-		r.state.DatagramsDropped.Add(1)
+		r.state.DropDatagrams(streamstate.DropUpstreamSocket, 1)
 		r.logDialError(p, err)
 		return nil
 	}
@@ -447,10 +446,10 @@ func (r *Relay) logDialError(p *policy, err error) {
 
 // block counts a datagram of a new client that is not let in and logs it,
 // at most once per source per streamstate.BlockedLogEvery.
-func (r *Relay) block(p *policy, src netip.AddrPort, reason streamstate.Reason) {
-	r.state.Blocked.Add(1)
+func (r *Relay) block(p *policy, src netip.AddrPort, reason streamstate.BlockReason) {
+	r.state.Block(reason)
 	if p.LogConnections {
-		r.state.LogBlocked(p.Logger, p.Name, src, reason, true)
+		r.state.LogBlocked(p.Logger, p.Name, src, reason.LogReason(), true)
 	}
 }
 

@@ -1,0 +1,227 @@
+package streams
+
+import (
+	"strconv"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/aegis-proxy/caddy-aegis/modules/l4aegistls"
+	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
+	"github.com/aegis-proxy/caddy-aegis/modules/udpnat"
+)
+
+// The streams' Prometheus metrics. The app registers one collector in the
+// metrics registry of the context it is provisioned with: that is the
+// config load's own registry, the one Caddy's admin endpoint serves at
+// /metrics (and the `metrics` HTTP handler of the same config), next to
+// Caddy's own metrics. A child context (caddy.NewContext) would have a
+// registry of its own that nothing serves.
+//
+// The collector reads the streams of the app and their shared state when
+// scraped, so the relay does no work for the metrics, streams created,
+// changed or deleted through the API show up (or go) at once, and counters
+// continue across reloads: they live in the stream's state, which a reload
+// keeps. Labels are the stream's name, id and protocol setting, plus a
+// reason, direction, outcome or transport from a fixed list; never a
+// client's or an upstream's address.
+
+// streamLabels name the stream of every series.
+var streamLabels = []string{"stream", "id", "protocol"}
+
+func newDesc(name, help string, extra ...string) *prometheus.Desc {
+	labels := append(append([]string(nil), streamLabels...), extra...)
+	return prometheus.NewDesc("aegis_stream_"+name, help, labels, nil)
+}
+
+var (
+	descConnections = newDesc("connections_total",
+		"Connections accepted: TCP connections, blocked ones included, and UDP NAT entries opened.")
+	descBlocked = newDesc("connections_blocked_total",
+		"Connections refused before they were relayed, by reason. On UDP each datagram of a client that is not let in counts.", "reason")
+	descActive = newDesc("active_connections",
+		"Connections open now: TCP connections and UDP NAT entries.")
+	descBytes = newDesc("bytes_total",
+		"Bytes relayed, by direction.", "direction")
+	descDuration = newDesc("connection_duration_seconds",
+		"How long connections lasted, by transport (udp: NAT entries).", "transport")
+	descDialFailures = newDesc("dial_failures_total",
+		"Connections whose dial to the upstream failed.")
+	descDialDuration = newDesc("dial_duration_seconds",
+		"How long successful dials to the upstream took.")
+	descHealthy = newDesc("healthy",
+		"1 if the last health check reached the upstream, 0 if it did not. Absent while health checks are off or none has run yet.")
+	descListening = newDesc("listening",
+		"1 while every listener of the stream is up, else 0.")
+	descNATEntries = newDesc("udp_nat_entries",
+		"UDP NAT entries (clients) open now.")
+	descDropped = newDesc("udp_datagrams_dropped_total",
+		"UDP datagrams dropped, by reason.", "reason")
+	descTLS = newDesc("tls_handshakes_total",
+		"TLS handshakes, by outcome.", "outcome")
+	descLogDropped = newDesc("log_entries_dropped_total",
+		"Connection-log entries dropped because a queue was full.")
+
+	allDescs = []*prometheus.Desc{
+		descConnections, descBlocked, descActive, descBytes, descDuration,
+		descDialFailures, descDialDuration, descHealthy, descListening,
+		descNATEntries, descDropped, descTLS, descLogDropped,
+	}
+)
+
+// Label values of the bytes and TLS metrics.
+const (
+	directionUp   = "client_to_upstream"
+	directionDown = "upstream_to_client"
+
+	outcomeOK            = "ok"
+	outcomeFailed        = "failed"
+	outcomeTimeout       = "timeout"
+	outcomeMaxHandshakes = "max_handshakes"
+)
+
+// collector is the app's prometheus.Collector.
+type collector struct{ app *App }
+
+// registerMetrics registers the app's collector in the registry of its
+// context.
+func (a *App) registerMetrics() error {
+	reg := a.ctx.GetMetricsRegistry()
+	if reg == nil {
+		return nil // a context made without caddy.NewContext: nothing serves metrics
+	}
+	return reg.Register(&collector{app: a})
+}
+
+// Describe implements prometheus.Collector.
+func (c *collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range allDescs {
+		ch <- d
+	}
+}
+
+// streamSample is what a scrape reads of one stream.
+type streamSample struct {
+	cfg   *Stream
+	state *streamstate.Stream
+	relay *udpnat.Relay
+}
+
+// samples returns the app's streams. An app that was cleaned up returns
+// the running app's instead: when a new config fails to load, Caddy's
+// admin endpoint goes on serving the registry of that failed config,
+// while the previous config (and its streams app) keeps running.
+func (a *App) samples(fallback bool) []streamSample {
+	a.mu.Lock()
+	if a.cleanedUp {
+		a.mu.Unlock()
+		if run := Running(); fallback && run != nil && run != a {
+			return run.samples(false)
+		}
+		return nil
+	}
+	defer a.mu.Unlock()
+	out := make([]streamSample, 0, len(a.streams))
+	for _, rt := range a.streams {
+		out = append(out, streamSample{cfg: rt.cfg, state: rt.state, relay: rt.relay})
+	}
+	return out
+}
+
+// Collect implements prometheus.Collector.
+func (c *collector) Collect(ch chan<- prometheus.Metric) {
+	samples := c.app.samples(true)
+	var tlsStats map[int64]l4aegistls.Outcomes
+	for _, s := range samples {
+		if s.cfg.SSLEnabled && s.cfg.HasTCP() {
+			tlsStats = l4aegistls.AllOutcomes()
+			break
+		}
+	}
+	for _, s := range samples {
+		collectStream(ch, s, tlsStats)
+	}
+}
+
+func collectStream(ch chan<- prometheus.Metric, s streamSample, tlsStats map[int64]l4aegistls.Outcomes) {
+	cfg, st := s.cfg, s.state
+	lv := []string{cfg.DisplayName(), strconv.FormatInt(cfg.ID, 10), cfg.EffectiveProtocol()}
+	// with returns the stream's labels and one more, in a slice of its own.
+	with := func(v string) []string { return append(lv[:len(lv):len(lv)], v) }
+	counter := func(d *prometheus.Desc, v uint64, labels []string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
+	}
+	gauge := func(d *prometheus.Desc, v float64, labels []string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	histogram := func(d *prometheus.Desc, h prometheus.Metric, labels []string) {
+		m, err := constHistogram(d, h, labels)
+		if err != nil {
+			m = prometheus.NewInvalidMetric(d, err)
+		}
+		ch <- m
+	}
+
+	status := StatusOf(cfg, st)
+	totals := st.Cumulative()
+	counter(descConnections, totals.Connections, lv)
+	counter(descBlocked, st.BlockedBy(streamstate.BlockACL), with(streamstate.BlockACL.String()))
+	counter(descBlocked, st.BlockedBy(streamstate.BlockMaxConnections), with(streamstate.BlockMaxConnections.String()))
+	gauge(descActive, float64(status.ActiveConnections), lv)
+	counter(descBytes, totals.BytesSent, with(directionUp))
+	counter(descBytes, totals.BytesReceived, with(directionDown))
+	gauge(descListening, boolGauge(status.Listening), lv)
+	if status.Healthy != nil {
+		gauge(descHealthy, boolGauge(*status.Healthy), lv)
+	}
+	counter(descLogDropped, st.LogDropped.Load(), lv)
+
+	if cfg.HasTCP() {
+		histogram(descDuration, st.ConnectionDurations(streamstate.TCP), with(ProtocolTCP))
+		counter(descDialFailures, st.DialFailures.Load(), lv)
+		histogram(descDialDuration, st.DialDurations(), lv)
+		if hs, ok := tlsStats[cfg.ID]; ok && cfg.SSLEnabled {
+			counter(descTLS, hs.OK, with(outcomeOK))
+			counter(descTLS, hs.Failed, with(outcomeFailed))
+			counter(descTLS, hs.TimedOut, with(outcomeTimeout))
+			counter(descTLS, hs.Rejected, with(outcomeMaxHandshakes))
+		}
+	}
+	if cfg.HasUDP() {
+		histogram(descDuration, st.ConnectionDurations(streamstate.UDP), with(ProtocolUDP))
+		counter(descBlocked, st.BlockedBy(streamstate.BlockNATTableFull), with(streamstate.BlockNATTableFull.String()))
+		var entries int
+		if s.relay != nil {
+			entries = s.relay.Entries()
+		}
+		gauge(descNATEntries, float64(entries), lv)
+		for _, r := range streamstate.DropReasons() {
+			counter(descDropped, st.DroppedBy(r), with(r.String()))
+		}
+	}
+}
+
+// constHistogram reads histogram h and returns its counts under desc with
+// the given labels.
+func constHistogram(desc *prometheus.Desc, h prometheus.Metric, labels []string) (prometheus.Metric, error) {
+	var m dto.Metric
+	if err := h.Write(&m); err != nil {
+		return nil, err
+	}
+	hist := m.GetHistogram()
+	buckets := make(map[float64]uint64, len(hist.GetBucket()))
+	for _, b := range hist.GetBucket() {
+		buckets[b.GetUpperBound()] = b.GetCumulativeCount()
+	}
+	return prometheus.NewConstHistogram(desc, hist.GetSampleCount(), hist.GetSampleSum(), buckets, labels...)
+}
+
+func boolGauge(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// Interface guards
+var _ prometheus.Collector = (*collector)(nil)

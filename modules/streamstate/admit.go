@@ -1,0 +1,23 @@
+package streamstate
+
+// Admit counts one more open connection (or UDP NAT entry) in Active,
+// unless max (> 0) are open already, and reports whether it did; max <= 0
+// means no limit. Unlike adding one and taking it back when over, it never
+// puts Active above max, even for an instant: the stats never show the cap
+// passed, and a connection is never refused for a slot that a refused one
+// held for that instant. A refusal writes nothing shared.
+func (s *Stream) Admit(max int) bool {
+	if max <= 0 {
+		s.Active.Add(1)
+		return true
+	}
+	for {
+		n := s.Active.Load()
+		if n >= int64(max) {
+			return false
+		}
+		if s.Active.CompareAndSwap(n, n+1) {
+			return true
+		}
+	}
+}
