@@ -33,6 +33,7 @@ type entry struct {
 	// The entry goroutine's scratch for reading and replying.
 	out    []byte
 	rerr   error
+	waited bool // the read callback has been called before (linux)
 	serr   error
 	readFn func(uintptr) bool
 	sendFn func(uintptr) bool
@@ -95,7 +96,7 @@ func proxyHeader(src, dst netip.AddrPort) ([]byte, error) {
 // discard closes an entry that lost the race to be stored, unlogged.
 func (e *entry) discard() {
 	e.dead.Store(true)
-	e.ss.End(streamstate.ReasonNone, false)
+	e.ss.Discard()
 	e.conn.Close()
 	e.r.state.Active.Add(-1)
 	e.r.count.Add(-1)

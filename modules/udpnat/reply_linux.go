@@ -7,6 +7,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 )
 
 // rawAddr is a client's address as sendmmsg takes it.
@@ -73,6 +75,15 @@ func (e *entry) readReplies() {
 // read is the raw read callback: it moves bursts of replies until none is
 // left, then asks to wait (false), or reports a failed socket (true).
 func (e *entry) read(fd uintptr) bool {
+	if !e.waited {
+		// The first call comes before any wait and usually finds nothing:
+		// look before taking a buffer set, so that a flood of new clients
+		// does not make the pool hold one per entry.
+		e.waited = true
+		if !datagramWaiting(fd) {
+			return false
+		}
+	}
 	rb := repliesPool.Get().(*replies)
 	for {
 		n, _, errno := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&rb.in[0])), readBatch, unix.MSG_DONTWAIT, 0, 0)
@@ -91,6 +102,17 @@ func (e *entry) read(fd uintptr) bool {
 	}
 }
 
+// datagramWaiting reports whether the socket has a datagram or an error
+// to read, with a zero-length peek that takes nothing from the queue.
+func datagramWaiting(fd uintptr) bool {
+	for {
+		_, _, errno := unix.Syscall6(unix.SYS_RECVFROM, fd, 0, 0, unix.MSG_PEEK|unix.MSG_DONTWAIT, 0, 0)
+		if errno != unix.EINTR {
+			return errno != unix.EAGAIN
+		}
+	}
+}
+
 // deliverBurst sends the n replies in rb to the client at once; those over
 // the download budget, or that meet a full socket buffer, are dropped.
 func (e *entry) deliverBurst(rb *replies, n int) {
@@ -100,7 +122,7 @@ func (e *entry) deliverBurst(rb *replies, n int) {
 	for i := range n {
 		size := int(rb.in[i].Len)
 		if e.down != nil && !e.down.AllowN(now, size) {
-			e.r.state.DatagramsDropped.Add(1)
+			e.r.state.DropDatagrams(streamstate.DropRateLimit, 1)
 			continue
 		}
 		rb.outIov[m].Base = &rb.bufs[i][0]
@@ -122,7 +144,7 @@ func (e *entry) deliverBurst(rb *replies, n int) {
 	}
 	s := e.r.reply.Load()
 	if s == nil {
-		e.r.state.DatagramsDropped.Add(uint64(m))
+		e.r.state.DropDatagrams(streamstate.DropListenerClosed, uint64(m))
 		return
 	}
 	e.burst = burst{rb: rb, n: m}
@@ -131,7 +153,7 @@ func (e *entry) deliverBurst(rb *replies, n int) {
 		e.ss.AddDatagramReceived(int(rb.outIov[i].Len))
 	}
 	if lost := m - e.burst.sent; lost > 0 {
-		e.r.state.DatagramsDropped.Add(uint64(lost))
+		e.r.state.DropDatagrams(streamstate.DropBufferFull, uint64(lost))
 	}
 	e.burst = burst{}
 }
