@@ -6,7 +6,7 @@ BIN     := bin/aegis
 XCADDY  ?= $(shell $(GO) env GOPATH)/bin/xcaddy
 FUZZTIME ?= 60s
 
-.PHONY: all build run test vet fmt fuzz bench xcaddy clean
+.PHONY: all build run test vet fmt fuzz bench soak e2e xcaddy clean
 
 all: build
 
@@ -21,16 +21,20 @@ vet:
 	$(GO) vet ./...
 
 # The allocation checks, which need a build without the race detector, then
-# every test with it (fuzz targets run their committed seeds).
-test: vet build
+# every test with it (fuzz targets run their committed seeds), then the
+# web UI's tests in a browser (e2e).
+test: vet build e2e
 	$(GO) test -count=1 -run 'NotAllocate' ./modules/l4aegisproxy ./modules/udpnat
 	$(GO) test -race -count=1 ./...
 	$(BIN) validate --config Caddyfile.example --adapter caddyfile
 
-# Each fuzz target of each package for $(FUZZTIME).
+# Each fuzz target of each package for $(FUZZTIME); the first failure (a
+# crash, a broken invariant, a package that does not build) stops it.
 fuzz:
-	@for pkg in $$($(GO) list ./...); do \
-		for target in $$($(GO) test -list '^Fuzz' $$pkg | grep ^Fuzz); do \
+	@pkgs=$$($(GO) list ./...) || exit 1; \
+	for pkg in $$pkgs; do \
+		list=$$($(GO) test -list '^Fuzz' $$pkg) || { echo "$$list"; exit 1; }; \
+		for target in $$(echo "$$list" | grep '^Fuzz'); do \
 			echo "== $$pkg $$target"; \
 			$(GO) test -run '^$$' -fuzz "^$$target$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 5s $$pkg || exit 1; \
 		done; \
@@ -53,6 +57,30 @@ bench: build
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y$$pkgs || exit 1; \
 	fi
 	bin/aegis-bench -aegis $(BIN) $(BENCH_FLAGS)
+
+# A soak of bin/aegis for $(SOAK_TIME) (aegis-bench -soak): TCP, UDP and TLS
+# clients and an API change every second, then the leak and accounting
+# checks; a summary table on stdout, exit status 1 if a check fails.
+SOAK_TIME ?= 10m
+
+soak: build
+	$(GO) build -o bin/aegis-bench ./cmd/aegis-bench
+	bin/aegis-bench -aegis $(BIN) -soak $(SOAK_TIME)
+
+# The web UI's unit tests (ui/test), then its browser tests (ui/e2e/run.mjs):
+# Debian's headless Chromium drives the UI of a real bin/aegis on loopback;
+# screenshots go to test-artifacts/ui/. Installs chromium with apt-get and
+# the tests' npm packages (npm ci) when they are missing.
+e2e: build
+	@command -v node >/dev/null && command -v npm >/dev/null || { echo "make e2e needs Node.js 20 or later, with npm"; exit 1; }
+	@if [ ! -x /usr/bin/chromium ]; then \
+		echo "installing: chromium"; \
+		$(SUDO) apt-get update && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium || exit 1; \
+	fi
+	@test -d ui/e2e/node_modules/playwright-core || (cd ui/e2e && npm ci --no-audit --no-fund)
+	@if [ -d ui/test ]; then node --test ui/test/; fi
+	AEGIS_BIN=$(CURDIR)/$(BIN) node ui/e2e/run.mjs
 
 # The same binary, built by xcaddy from what xcaddy.json pins (one
 # "with" per line: module@version, or module=path for this checkout).

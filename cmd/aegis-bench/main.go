@@ -5,7 +5,8 @@
 // per NAT entry; and with TLS terminated by the proxy (aegis, HAProxy and
 // nginx), full handshakes per second and throughput. Each proxy runs as a
 // child process pinned to CPU 1 with one thread; the load and the upstreams
-// run in this process on CPU 0.
+// run in this process on CPU 0. With -soak it runs the soak instead
+// (soak.go, make soak).
 package main
 
 import (
@@ -60,7 +61,11 @@ func main() {
 	flag.IntVar(&cfg.udpWindow, "udp-window", 32, "datagrams in flight per generator socket")
 	flag.IntVar(&cfg.udpEntries, "udp-entries", entries,
 		fmt.Sprintf("NAT entries held for the UDP memory test: %d, or as many as this machine allows if fewer", natTarget))
+	soak := soakFlags()
 	flag.Parse()
+	if soak.dur > 0 {
+		os.Exit(soakMain(cfg, *soak))
+	}
 
 	if cfg.w.dur <= 0 || cfg.w.warmup < 0 || cfg.workers < 1 || cfg.idle < 1 {
 		fmt.Fprintln(os.Stderr, "aegis-bench: -duration, -workers and -idle must be positive, -warmup not negative")

@@ -101,24 +101,7 @@ func tableRefs(results []result, metrics []metric, refs ...string) string {
 		rows = append(rows, row)
 	}
 
-	widths := make([]int, len(rows[0]))
-	for _, row := range rows {
-		for i, s := range row {
-			widths[i] = max(widths[i], len(s))
-		}
-	}
-	var b strings.Builder
-	for _, row := range rows {
-		for i, s := range row {
-			if i == 0 {
-				fmt.Fprintf(&b, "%-*s", widths[i], s)
-			} else {
-				fmt.Fprintf(&b, "  %*s", widths[i], s)
-			}
-		}
-		b.WriteString("\n")
-	}
-	return b.String()
+	return grid(rows)
 }
 
 // cell is r's value for m and, unless no reference has one, its ratios to
