@@ -216,7 +216,9 @@ func (a *api) fail(w http.ResponseWriter, r *http.Request, err error) {
 	if e.allow != "" {
 		w.Header().Set("Allow", e.allow)
 	}
-	if e.Status >= 500 {
+	// No streams app is running while a config starts or is replaced:
+	// the client is told to try again, and nothing is wrong with Aegis.
+	if e.Status >= 500 && !errors.Is(err, streams.ErrNotRunning) {
 		a.log().Error("streams API request failed", zap.String("method", r.Method), zap.String("path", r.URL.Path),
 			zap.Int("status", e.Status), zap.Error(err))
 	} else {

@@ -262,7 +262,7 @@ func (w *LogWriter) write(batch []ConnLog) error {
 		if w.opts.OnDrop != nil {
 			w.opts.OnDrop(batch)
 		}
-		err = fmt.Errorf("writing %d conn log entries: %w", len(batch), err)
+		err = fmt.Errorf("writing a batch of %d connection-log entries: %w", len(batch), err)
 		w.report(fmt.Errorf("%w; entries are dropped (and counted) until storage takes writes again, and further failures are not reported", err))
 		return err
 	}

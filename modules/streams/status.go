@@ -35,8 +35,8 @@ type Status struct {
 	BytesSent uint64 `json:"bytes_sent"`
 	// BytesReceived went upstream → client since the last reload.
 	BytesReceived uint64 `json:"bytes_received"`
-	// LogEntriesDropped were not logged, or not stored, because a log
-	// queue was full.
+	// LogEntriesDropped were not logged, or not stored: a log queue was
+	// full, or storage failed to write them.
 	LogEntriesDropped uint64 `json:"log_entries_dropped"`
 	// DatagramsDropped are UDP datagrams of open NAT entries dropped since
 	// the last reload: over a rate limit, or a socket buffer was full.

@@ -63,8 +63,8 @@ type Stream struct {
 	BytesSent atomic.Uint64
 	// BytesReceived counts upstream→client bytes since the last reload.
 	BytesReceived atomic.Uint64
-	// LogDropped counts connection-log entries dropped because the log
-	// queue was full.
+	// LogDropped counts connection-log entries lost: the log queue or the
+	// storage writer's queue was full, or storage failed to write them.
 	LogDropped atomic.Uint64
 	// DatagramsDropped counts UDP datagrams of open NAT entries that were
 	// dropped (over a rate limit, socket buffer full, upstream gone) since
