@@ -80,8 +80,15 @@ func (e *entry) read(fd uintptr) bool {
 		// look before taking a buffer set, so that a flood of new clients
 		// does not make the pool hold one per entry.
 		e.waited = true
-		if !datagramWaiting(fd) {
+		switch errno := peek(fd); errno {
+		case 0: // a datagram: read it below
+		case unix.EAGAIN:
 			return false
+		default:
+			// The peek took the socket's pending error (an ICMP
+			// unreachable), as every receive does: it ends the entry.
+			e.rerr = errno
+			return true
 		}
 	}
 	rb := repliesPool.Get().(*replies)
@@ -102,13 +109,14 @@ func (e *entry) read(fd uintptr) bool {
 	}
 }
 
-// datagramWaiting reports whether the socket has a datagram or an error
-// to read, with a zero-length peek that takes nothing from the queue.
-func datagramWaiting(fd uintptr) bool {
+// peek looks for a datagram without taking it, with a zero-length
+// MSG_PEEK receive: 0 when one waits, EAGAIN when none does, or the
+// socket's pending error, which the peek clears as any receive would.
+func peek(fd uintptr) unix.Errno {
 	for {
 		_, _, errno := unix.Syscall6(unix.SYS_RECVFROM, fd, 0, 0, unix.MSG_PEEK|unix.MSG_DONTWAIT, 0, 0)
 		if errno != unix.EINTR {
-			return errno != unix.EAGAIN
+			return errno
 		}
 	}
 }
