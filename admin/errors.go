@@ -105,7 +105,7 @@ func toAPIError(err error) *apiError {
 		// were: say so, and what to fix.
 		var ue *storage.UnavailableError
 		if errors.As(err, &ue) {
-			msg = ue.Error() + "; nothing was changed; " + ue.Fix + ", then try again"
+			msg = ue.Problem + " (" + ue.Err.Error() + "); nothing was changed; " + ue.Fix + ", then try again"
 		}
 		return &apiError{Status: http.StatusServiceUnavailable, Message: "storage unavailable: " + msg}
 	case errors.Is(err, storage.ErrNoKey), errors.Is(err, storage.ErrWrongKey):

@@ -67,6 +67,11 @@ type LogWriterOptions struct {
 	// count them per stream. It must not block for long nor keep the
 	// slice, which is reused. Default: nil.
 	OnDrop func([]ConnLog)
+
+	// OnRecover, when set, is called from the writer's goroutine with the
+	// first write that works after a reported failure, with the number of
+	// entries the store failed to write meanwhile. Default: nil.
+	OnRecover func(lost uint64)
 }
 
 func (o *LogWriterOptions) setDefaults() {
@@ -119,6 +124,9 @@ type LogWriter struct {
 	// failing is set from a reported failure until a write succeeds; only
 	// the writer's goroutine uses it.
 	failing bool
+	// lost counts the entries of failed batches since the last write that
+	// worked.
+	lost uint64
 }
 
 // NewLogWriter starts a LogWriter that writes to store. Close it to stop
@@ -259,6 +267,7 @@ func (w *LogWriter) write(batch []ConnLog) error {
 	defer cancel()
 	if err := w.store.AppendConnLogs(ctx, batch); err != nil {
 		w.dropped.Add(uint64(len(batch)))
+		w.lost += uint64(len(batch))
 		if w.opts.OnDrop != nil {
 			w.opts.OnDrop(batch)
 		}
@@ -266,7 +275,10 @@ func (w *LogWriter) write(batch []ConnLog) error {
 		w.report(fmt.Errorf("%w; entries are dropped (and counted) until storage takes writes again, and further failures are not reported", err))
 		return err
 	}
-	w.failing = false
+	if w.failing && w.opts.OnRecover != nil {
+		w.opts.OnRecover(w.lost)
+	}
+	w.failing, w.lost = false, 0
 	w.written.Add(uint64(len(batch)))
 	return nil
 }

@@ -29,7 +29,10 @@ type UnavailableError struct {
 	Err error
 }
 
-func (e *UnavailableError) Error() string { return e.Problem + " (" + e.Err.Error() + ")" }
+// Error says the problem, the database's error and the fix.
+func (e *UnavailableError) Error() string {
+	return e.Problem + " (" + e.Err.Error() + "); " + e.Fix
+}
 
 // Unwrap makes errors.Is see ErrUnavailable and the database's error.
 func (e *UnavailableError) Unwrap() []error { return []error{ErrUnavailable, e.Err} }
@@ -49,17 +52,24 @@ func (s *SQLite) unavailable(err error) error {
 		e.Problem = "the disk holding " + s.path + " is full"
 		e.Fix = "free space on that disk"
 	case sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM:
-		e.Problem = "the database " + s.path + " cannot be written"
 		// SQLite reports a refused write as a generic I/O error; asking
-		// the file system again tells why (read-only, immutable, gone).
+		// the file system tells why (read-only, immutable, gone).
+		why := unwritable(s.path)
 		var pe *os.PathError
-		switch why := s.writable(); {
+		switch {
 		case errors.As(why, &pe):
-			e.Problem += ": " + filepath.Base(pe.Path) + ": " + pe.Err.Error()
+			e.Problem = "the database " + s.path + " cannot be written: " + filepath.Base(pe.Path) + ": " + pe.Err.Error()
 		case why != nil:
-			e.Problem += ": " + why.Error()
+			e.Problem = "the database " + s.path + " cannot be written: " + why.Error()
+		case se.Code()&0xff == sqlite3.SQLITE_IOERR:
+			// The files are writable: a real I/O error.
+			e.Problem = "an I/O error on the database " + s.path
+			e.Fix = "check the disk and the system log (dmesg)"
+			return e
+		default:
+			e.Problem = "the database " + s.path + " cannot be written"
 		}
-		e.Fix = "make the database file, its -wal and -shm files and their directory writable, on a file system mounted read-write"
+		e.Fix = "make the database file, its -wal file and their directory writable, on a file system mounted read-write"
 	case sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED:
 		e.Problem = "the database " + s.path + " is locked by another program"
 		e.Fix = "stop the other program that has it open"
@@ -67,24 +77,4 @@ func (s *SQLite) unavailable(err error) error {
 		return err
 	}
 	return e
-}
-
-// writable opens the database file and its write-ahead log for writing, to
-// tell why writes fail; it returns nil when both open (or the log does not
-// exist).
-func (s *SQLite) writable() error {
-	if _, err := os.Stat(s.path); err != nil {
-		return err
-	}
-	for _, p := range []string{s.path, s.path + "-wal"} {
-		f, err := os.OpenFile(p, os.O_WRONLY, 0)
-		if errors.Is(err, os.ErrNotExist) && p != s.path {
-			continue
-		}
-		if err != nil {
-			return err
-		}
-		f.Close()
-	}
-	return nil
 }

@@ -123,6 +123,7 @@ func TestLogWriterOnAFullDatabase(t *testing.T) {
 	var mu sync.Mutex
 	var reports []error
 	var dropped []ConnLog
+	var recovered []uint64
 	w := NewLogWriter(s, LogWriterOptions{
 		FlushInterval: 10 * time.Millisecond,
 		Retention:     -1,
@@ -134,6 +135,11 @@ func TestLogWriterOnAFullDatabase(t *testing.T) {
 		OnDrop: func(batch []ConnLog) {
 			mu.Lock()
 			dropped = append(dropped, batch...)
+			mu.Unlock()
+		},
+		OnRecover: func(lost uint64) {
+			mu.Lock()
+			recovered = append(recovered, lost)
 			mu.Unlock()
 		},
 	})
@@ -195,6 +201,11 @@ func TestLogWriterOnAFullDatabase(t *testing.T) {
 	if n, err := s.ConnLogs(context.Background(), ConnLogQuery{StreamID: 2, Limit: 1}); err != nil || len(n) != 1 {
 		t.Fatalf("stream 2's log: %v, %v", n, err)
 	}
+	mu.Lock()
+	if len(recovered) != 1 || recovered[0] != w.Dropped() {
+		t.Errorf("OnRecover calls %v; want one, with the %d entries lost", recovered, w.Dropped())
+	}
+	mu.Unlock()
 	// A new outage is reported again.
 	limitPages(t, s)
 	for reported() < 2 {

@@ -148,6 +148,9 @@ func (a *App) openStorage() ([]storage.Host, error) {
 				logger.Error("writing the connection log to storage", zap.String("path", path), zap.Error(err))
 			},
 			OnDrop: countDropped,
+			OnRecover: func(lost uint64) {
+				logger.Info("the connection log is written to storage again", zap.String("path", path), zap.Uint64("entries_lost", lost))
+			},
 		})
 		return &sharedStore{path: path, db: db, logw: w, retention: retention, key: keySetting}, nil
 	})
