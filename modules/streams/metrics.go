@@ -2,6 +2,7 @@ package streams
 
 import (
 	"strconv"
+	"strings"
 
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
@@ -145,7 +146,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 
 func collectStream(ch chan<- prometheus.Metric, s streamSample, tlsStats map[int64]l4aegistls.Outcomes) {
 	cfg, st := s.cfg, s.state
-	lv := []string{cfg.DisplayName(), strconv.FormatInt(cfg.ID, 10), cfg.EffectiveProtocol()}
+	// A label must be UTF-8 or the metric panics at scrape: names from the
+	// config are, but a database edited by hand may hold any bytes.
+	lv := []string{strings.ToValidUTF8(cfg.DisplayName(), "\uFFFD"), strconv.FormatInt(cfg.ID, 10), cfg.EffectiveProtocol()}
 	// with returns the stream's labels and one more, in a slice of its own.
 	with := func(v string) []string { return append(lv[:len(lv):len(lv)], v) }
 	counter := func(d *prometheus.Desc, v uint64, labels []string) {
