@@ -32,6 +32,10 @@ type Handler struct {
 	// besides the site's own origin. Default: none.
 	AllowedOrigins []string `json:"allowed_origins,omitempty"`
 
+	// NoUI turns the web UI off: only the API is answered, and the UI's
+	// paths (/, /app.js, ...) go to the next handler. Default: false.
+	NoUI bool `json:"no_ui,omitempty"`
+
 	api api
 	ui  *ui.Handler
 }
@@ -50,7 +54,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		logger:     ctx.Logger(),
 		originHint: "; add it to allowed_origins of streams_admin to allow it",
 	}
-	h.ui = ui.New()
+	if !h.NoUI {
+		h.ui = ui.New()
+	}
 	for _, o := range h.AllowedOrigins {
 		norm, err := normalizeOrigin(o)
 		if err != nil {
@@ -100,6 +106,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //
 //	streams_admin [<matcher>] {
 //		allowed_origins <origin...>
+//		ui off
 //	}
 //
 // The directive has no default order: put it in a route block, or give it
@@ -126,8 +133,16 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if d.NextBlock(1) {
 				return d.Errf("streams_admin: allowed_origins takes no block")
 			}
+		case "ui":
+			if !d.NextArg() || d.Val() != "off" || d.NextArg() {
+				return d.Errf("streams_admin: ui takes one word, off (the UI is on by default)")
+			}
+			if d.NextBlock(1) {
+				return d.Errf("streams_admin: ui takes no block")
+			}
+			h.NoUI = true
 		default:
-			return d.Errf("streams_admin: unknown option '%s' (want allowed_origins)", opt)
+			return d.Errf("streams_admin: unknown option '%s' (want allowed_origins or ui off)", opt)
 		}
 	}
 	return nil

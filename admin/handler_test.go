@@ -144,6 +144,7 @@ func TestCaddyfile(t *testing.T) {
 	for i, tc := range []struct {
 		input   string
 		origins []string
+		noUI    bool
 		err     string
 	}{
 		{input: `streams_admin`},
@@ -154,6 +155,10 @@ func TestCaddyfile(t *testing.T) {
 		{input: "streams_admin {\n allowed_origins a\n allowed_origins b\n}", err: "duplicate"},
 		{input: "streams_admin {\n origins a\n}", err: "unknown option 'origins'"},
 		{input: "streams_admin {\n allowed_origins a {\n x\n }\n}", err: "no block"},
+		{input: "streams_admin {\n ui off\n}", noUI: true},
+		{input: "streams_admin {\n ui on\n}", err: "ui takes one word, off"},
+		{input: "streams_admin {\n ui\n}", err: "ui takes one word, off"},
+		{input: "streams_admin {\n ui off off\n}", err: "ui takes one word, off"},
 	} {
 		var h admin.Handler
 		err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input))
@@ -163,8 +168,8 @@ func TestCaddyfile(t *testing.T) {
 			}
 			continue
 		}
-		if err != nil || strings.Join(h.AllowedOrigins, " ") != strings.Join(tc.origins, " ") {
-			t.Errorf("%d: %q: %v, %v", i, tc.input, h.AllowedOrigins, err)
+		if err != nil || strings.Join(h.AllowedOrigins, " ") != strings.Join(tc.origins, " ") || h.NoUI != tc.noUI {
+			t.Errorf("%d: %q: %v, no_ui %v, %v", i, tc.input, h.AllowedOrigins, h.NoUI, err)
 		}
 	}
 

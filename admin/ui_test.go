@@ -251,6 +251,12 @@ http://127.0.0.1:%d {
 		streams_admin
 		respond "admin-next"
 	}
+	handle_path /api-only/* {
+		streams_admin {
+			ui off
+		}
+		respond "api-only-next"
+	}
 	handle {
 		streams_admin
 		respond "site-next"
@@ -297,7 +303,17 @@ http://127.0.0.1:%d {
 		{"GET", "/admin/other", "admin-next"},
 		{"POST", "/admin/", "admin-next"},
 		{"GET", "/admin", "site-next"},
+		// ui off: the UI's paths go on, the API stays.
+		{"GET", "/api-only/", "api-only-next"},
+		{"GET", "/api-only/app.js", "api-only-next"},
+		{"GET", "/api-only/api/v1/streams/stats", "<json>"},
 	} {
+		if tc.want == "<json>" {
+			if r := doRequest(t, inst.client, tc.method, base+tc.path, nil); r.code != http.StatusOK || !strings.HasPrefix(string(r.body), "[") {
+				t.Errorf("%s %s: %s, want the API's JSON list", tc.method, tc.path, r)
+			}
+			continue
+		}
 		r := doRequest(t, inst.client, tc.method, base+tc.path, nil)
 		if r.code != http.StatusOK || string(r.body) != tc.want {
 			t.Errorf("%s %s: %s, want %q", tc.method, tc.path, r, tc.want)
