@@ -176,28 +176,11 @@ func run(cfg config) (string, error) {
 	}
 	fmt.Println()
 
-	tmp, err := os.MkdirTemp("", "aegis-bench-")
+	tmp, cleanup, err := workDir(cfg, "aegis-bench-", "stopped")
 	if err != nil {
 		return "", err
 	}
-	if cfg.keep {
-		fmt.Fprintln(os.Stderr, "configs and logs in", tmp)
-	} else {
-		defer os.RemoveAll(tmp)
-	}
-
-	// On Ctrl-C: kill every child group, clean up, and leave.
-	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, os.Interrupt, syscall.SIGTERM)
-	go func() {
-		s := <-sig
-		killAll()
-		if !cfg.keep {
-			os.RemoveAll(tmp)
-		}
-		fmt.Fprintf(os.Stderr, "\naegis-bench: %v, stopped\n", s)
-		os.Exit(130)
-	}()
+	defer cleanup()
 
 	up, err := startUpstreams()
 	if err != nil {
@@ -791,4 +774,30 @@ func cpuNotes(prefix string, m *cpuMeter, values map[string]float64) []string {
 		out = append(out, fmt.Sprintf("%sneither the proxy (%.0f%% CPU) nor the bench (%.0f%%) kept its CPU busy: the rate is skewed", prefix, p, b))
 	}
 	return out
+}
+
+// workDir makes the run's temporary directory, which cleanup removes
+// unless -keep is set, and on Ctrl-C or SIGTERM kills every child group,
+// removes it and exits saying the run was stopped.
+func workDir(cfg config, prefix, stopped string) (dir string, cleanup func(), err error) {
+	dir, err = os.MkdirTemp("", prefix)
+	if err != nil {
+		return "", nil, err
+	}
+	cleanup = func() {}
+	if cfg.keep {
+		fmt.Fprintln(os.Stderr, "configs, databases and logs in", dir)
+	} else {
+		cleanup = func() { os.RemoveAll(dir) }
+	}
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		s := <-sig
+		killAll()
+		cleanup()
+		fmt.Fprintf(os.Stderr, "\naegis-bench: %v, %s\n", s, stopped)
+		os.Exit(130)
+	}()
+	return dir, cleanup, nil
 }

@@ -9,11 +9,9 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/signal"
 	"slices"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/streams"
@@ -80,27 +78,12 @@ func soakMain(cfg config, s soakConfig) int {
 	if err := raiseFileLimit(); err != nil {
 		fmt.Fprintln(os.Stderr, "aegis-bench: could not raise the open file limit:", err)
 	}
-	tmp, err := os.MkdirTemp("", "aegis-soak-")
+	tmp, cleanup, err := workDir(cfg, "aegis-soak-", "soak stopped")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "aegis-bench:", err)
 		return 1
 	}
-	if cfg.keep {
-		fmt.Fprintln(os.Stderr, "config, database and logs in", tmp)
-	} else {
-		defer os.RemoveAll(tmp)
-	}
-	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, os.Interrupt, syscall.SIGTERM)
-	go func() {
-		s := <-sig
-		killAll()
-		if !cfg.keep {
-			os.RemoveAll(tmp)
-		}
-		fmt.Fprintf(os.Stderr, "\naegis-bench: %v, soak stopped\n", s)
-		os.Exit(130)
-	}()
+	defer cleanup()
 
 	r := &soakRun{s: s, started: time.Now()}
 	err = r.run(cfg, tmp)

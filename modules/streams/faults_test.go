@@ -306,17 +306,12 @@ func TestFaultUpstreamResetsMidStream(t *testing.T) {
 		// Reset after an answer: the upstream reads the 64 KiB that
 		// follow, then resets while the client waits for more.
 		wg.Go(func() {
-			c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), 5*time.Second)
+			c, err := dialEcho(port, fmt.Sprintf("idle %03d", i))
 			if err != nil {
-				errs <- err
+				errs <- fmt.Errorf("idle client %d: %v", i, err)
 				return
 			}
 			defer c.Close()
-			msg := fmt.Sprintf("idle %03d", i)
-			if got, err := testenv.TryRoundTrip(c, msg); err != nil || got != msg {
-				errs <- fmt.Errorf("idle client %d: echo %q, %v", i, got, err)
-				return
-			}
 			_, _ = c.Write(make([]byte, 64<<10))
 			_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
 			if n, err := c.Read(make([]byte, 16)); n != 0 || err == nil || isTimeout(err) {
@@ -325,17 +320,12 @@ func TestFaultUpstreamResetsMidStream(t *testing.T) {
 		})
 		// Reset in the middle of an upload of 8 MiB.
 		wg.Go(func() {
-			c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), 5*time.Second)
+			c, err := dialEcho(port, fmt.Sprintf("upld %03d", i))
 			if err != nil {
-				errs <- err
+				errs <- fmt.Errorf("uploading client %d: %v", i, err)
 				return
 			}
 			defer c.Close()
-			msg := fmt.Sprintf("upld %03d", i)
-			if got, err := testenv.TryRoundTrip(c, msg); err != nil || got != msg {
-				errs <- fmt.Errorf("uploading client %d: echo %q, %v", i, got, err)
-				return
-			}
 			// Until the proxy closes the connection: whatever the buffers on
 			// the way take, they cannot take 5s of loopback traffic.
 			_ = c.SetWriteDeadline(time.Now().Add(5 * time.Second))
@@ -588,4 +578,17 @@ func TestFaultUpstreamDisappearsWith1000Open(t *testing.T) {
 	}
 	t.Logf("upstream killed with %d connections open: all ended within %s; reasons %v",
 		n, time.Duration(slowest.Load()).Round(time.Millisecond), r)
+}
+
+// dialEcho connects to the stream on port and checks that msg comes back.
+func dialEcho(port int, msg string) (net.Conn, error) {
+	c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), 5*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	if got, err := testenv.TryRoundTrip(c, msg); err != nil || got != msg {
+		c.Close()
+		return nil, fmt.Errorf("echo %q, %v", got, err)
+	}
+	return c, nil
 }
