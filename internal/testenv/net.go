@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"syscall"
 	"testing"
 	"time"
@@ -115,4 +116,29 @@ func UDPRead(t testing.TB, c *net.UDPConn, within time.Duration) string {
 		t.Fatalf("udp read: %v", err)
 	}
 	return string(buf[:n])
+}
+
+// PrefixEdges are p's first and last addresses, the addresses just outside
+// them, and the IPv4-mapped form of each IPv4 one: where a CIDR check is
+// most likely wrong.
+func PrefixEdges(p netip.Prefix) []netip.Addr {
+	first := p.Addr()
+	b := first.AsSlice()
+	for i := p.Bits(); i < len(b)*8; i++ {
+		b[i/8] |= 1 << (7 - i%8)
+	}
+	last, _ := netip.AddrFromSlice(b)
+	out := []netip.Addr{first, last}
+	if a := first.Prev(); a.IsValid() {
+		out = append(out, a)
+	}
+	if a := last.Next(); a.IsValid() {
+		out = append(out, a)
+	}
+	for _, a := range out {
+		if a.Is4() {
+			out = append(out, netip.AddrFrom16(a.As16()))
+		}
+	}
+	return out
 }

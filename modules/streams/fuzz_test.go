@@ -12,6 +12,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 
+	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 )
 
@@ -270,7 +271,7 @@ func FuzzParseCIDR(f *testing.F) {
 		if err != nil {
 			t.Fatalf("NewACL(blacklist %q): %v", in, err)
 		}
-		probes := append(boundaryProbes(p), fixedProbes...)
+		probes := append(testenv.PrefixEdges(p), fixedProbes...)
 		if a, ok := netip.AddrFromSlice(probe); ok {
 			probes = append(probes, a.WithZone(""))
 		}
@@ -322,28 +323,4 @@ var fixedProbes = []netip.Addr{
 	netip.MustParseAddr("::"), netip.MustParseAddr("::1"), netip.MustParseAddr("2001:db8::1"),
 	netip.MustParseAddr("fe80::1"), netip.MustParseAddr("::ffff:10.0.0.1"), netip.MustParseAddr("::ffff:0:0"),
 	netip.MustParseAddr("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"),
-}
-
-// boundaryProbes are p's first and last addresses, the addresses just
-// outside them, and the IPv4-mapped form of each IPv4 one.
-func boundaryProbes(p netip.Prefix) []netip.Addr {
-	first := p.Addr()
-	b := first.AsSlice()
-	for i := p.Bits(); i < len(b)*8; i++ {
-		b[i/8] |= 1 << (7 - i%8)
-	}
-	last, _ := netip.AddrFromSlice(b)
-	out := []netip.Addr{first, last}
-	if a := first.Prev(); a.IsValid() {
-		out = append(out, a)
-	}
-	if a := last.Next(); a.IsValid() {
-		out = append(out, a)
-	}
-	for _, a := range out {
-		if a.Is4() {
-			out = append(out, netip.AddrFrom16(a.As16()))
-		}
-	}
-	return out
 }

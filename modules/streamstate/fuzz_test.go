@@ -6,6 +6,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
 )
 
 // FuzzACL checks NewACL and Allowed against a brute-force reference built
@@ -155,23 +157,5 @@ func edges(e string) []netip.Addr {
 	if err != nil {
 		return nil
 	}
-	first := p.Addr()
-	b := first.AsSlice()
-	for i := p.Bits(); i < len(b)*8; i++ {
-		b[i/8] |= 1 << (7 - i%8)
-	}
-	last, _ := netip.AddrFromSlice(b)
-	out := []netip.Addr{first, last}
-	if a := first.Prev(); a.IsValid() {
-		out = append(out, a)
-	}
-	if a := last.Next(); a.IsValid() {
-		out = append(out, a)
-	}
-	for _, a := range out {
-		if a.Is4() {
-			out = append(out, netip.AddrFrom16(a.As16()))
-		}
-	}
-	return out
+	return testenv.PrefixEdges(p)
 }
