@@ -577,25 +577,13 @@ func TestCertificatesThroughHandler(t *testing.T) {
 	checkNoLeaks(t)
 	inst := newInstance(t)
 	site := freePort(t)
-	cfg, err := adapt(t, fmt.Sprintf(`{
-	admin 127.0.0.1:%d
-	order streams_admin before respond
-	log {
-		output file %s
-		level DEBUG
-	}
-	streams {
-		storage sqlite %s
-	}
-}
-
-http://127.0.0.1:%d {
+	cfg, err := adapt(t, inst.caddyfile(`http://127.0.0.1:%d {
 	handle_path /admin/* {
 		streams_admin
 	}
 	respond "site"
 }
-`, inst.adminPort, inst.logFile, inst.dbFile, site))
+`, site))
 	if err != nil {
 		t.Fatalf("adapting: %v", err)
 	}

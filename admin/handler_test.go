@@ -30,19 +30,7 @@ func TestHTTPHandler(t *testing.T) {
 	up := newServer(t, echo)
 	inst := newInstance(t)
 	site, ordered := freePort(t), freePort(t)
-	cf := fmt.Sprintf(`{
-	admin 127.0.0.1:%d
-	order streams_admin before respond
-	log {
-		output file %s
-		level DEBUG
-	}
-	streams {
-		storage sqlite %s
-	}
-}
-
-http://127.0.0.1:%d {
+	cf := inst.caddyfile(`http://127.0.0.1:%d {
 	handle_path /admin/* {
 		streams_admin {
 			allowed_origins https://ui.example.com
@@ -58,7 +46,7 @@ http://127.0.0.1:%d {
 	streams_admin
 	respond "other"
 }
-`, inst.adminPort, inst.logFile, inst.dbFile, site, ordered)
+`, site, ordered)
 	cfg, err := adapt(t, cf)
 	if err != nil {
 		t.Fatalf("adapting: %v", err)

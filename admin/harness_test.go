@@ -383,3 +383,22 @@ func (inst *instance) storedHosts() []storage.Host {
 	}
 	return hosts
 }
+
+// caddyfile is a Caddyfile with inst's admin endpoint, log and storage and
+// the streams_admin directive ordered, then the given sites: a format
+// string for fmt.Sprintf with args.
+func (inst *instance) caddyfile(sites string, args ...any) string {
+	return fmt.Sprintf(`{
+	admin 127.0.0.1:%d
+	order streams_admin before respond
+	log {
+		output file %s
+		level DEBUG
+	}
+	streams {
+		storage sqlite %s
+	}
+}
+
+`, inst.adminPort, inst.logFile, inst.dbFile) + fmt.Sprintf(sites, args...)
+}

@@ -234,19 +234,7 @@ func TestUIOnSite(t *testing.T) {
 	up := newServer(t, echo)
 	inst := newInstance(t)
 	site := freePort(t)
-	cf := fmt.Sprintf(`{
-	admin 127.0.0.1:%d
-	order streams_admin before respond
-	log {
-		output file %s
-		level DEBUG
-	}
-	streams {
-		storage sqlite %s
-	}
-}
-
-http://127.0.0.1:%d {
+	cf := inst.caddyfile(`http://127.0.0.1:%d {
 	handle_path /admin/* {
 		streams_admin
 		respond "admin-next"
@@ -262,7 +250,7 @@ http://127.0.0.1:%d {
 		respond "site-next"
 	}
 }
-`, inst.adminPort, inst.logFile, inst.dbFile, site)
+`, site)
 	cfg, err := adapt(t, cf)
 	if err != nil {
 		t.Fatalf("adapting: %v", err)
