@@ -23,8 +23,12 @@ import (
 // connections to end before closing them.
 const DefaultGracePeriod = 5 * time.Second
 
-// logQueueSize bounds the connection-log entries waiting to be written.
-const logQueueSize = 4096
+// logQueueSize bounds the connection-log entries waiting to be written;
+// logQueueKeep is the most room a stream keeps for them between bursts.
+const (
+	logQueueSize = 4096
+	logQueueKeep = 64
+)
 
 var pool = caddy.NewUsagePool()
 
@@ -93,7 +97,7 @@ type Stream struct {
 	closing     atomic.Bool
 	closeReason atomic.Uint32
 
-	logq    chan logEntry
+	logq    logQueue
 	logStop chan struct{}
 	logDone chan struct{}
 	sink    atomic.Pointer[func(LogRecord) bool]
@@ -111,7 +115,7 @@ func New(id int64) *Stream {
 		ID:      id,
 		ctx:     ctx,
 		cancel:  cancel,
-		logq:    make(chan logEntry, logQueueSize),
+		logq:    logQueue{wake: make(chan struct{}, 1)},
 		logStop: make(chan struct{}),
 		logDone: make(chan struct{}),
 	}
@@ -276,19 +280,26 @@ func (s *Stream) SetLogSink(f func(LogRecord) bool) {
 // closed, so a late entry is dropped instead of panicking.
 func (s *Stream) writeLogs() {
 	defer close(s.logDone)
+	var batch []logEntry
 	for {
+		stop := false
 		select {
-		case e := <-s.logq:
-			s.writeLog(e)
+		case <-s.logq.wake:
 		case <-s.logStop:
-			for {
-				select {
-				case e := <-s.logq:
-					s.writeLog(e)
-				default:
-					return
-				}
-			}
+			stop = true
+		}
+		batch = s.logq.take(batch)
+		for _, e := range batch {
+			s.writeLog(e)
+		}
+		// Done with the batch: it holds no logger, and one grown by a
+		// burst goes, so that a quiet stream holds no room for entries.
+		clear(batch)
+		if cap(batch) > logQueueKeep {
+			batch = nil
+		}
+		if stop {
+			return
 		}
 	}
 }
@@ -321,13 +332,47 @@ func (s *Stream) writeLog(e logEntry) {
 }
 
 // enqueueLog queues a log entry without ever blocking; a full queue drops
-// the entry and counts it.
+// it and counts it in LogDropped.
 func (s *Stream) enqueueLog(e logEntry) {
-	select {
-	case s.logq <- e:
-	default:
+	if !s.logq.push(e) {
 		s.LogDropped.Add(1)
 	}
+}
+
+// logQueue holds the log entries waiting for the stream's log goroutine,
+// at most logQueueSize. Its memory grows with a burst and is given back
+// after it, so an idle stream holds none: a buffered channel of that size
+// would hold 576 KiB per stream for good.
+type logQueue struct {
+	mu      sync.Mutex
+	entries []logEntry
+	wake    chan struct{} // capacity 1: entries are waiting
+}
+
+// push adds e, or reports false when the queue is full.
+func (q *logQueue) push(e logEntry) bool {
+	q.mu.Lock()
+	if len(q.entries) >= logQueueSize {
+		q.mu.Unlock()
+		return false
+	}
+	q.entries = append(q.entries, e)
+	q.mu.Unlock()
+	select {
+	case q.wake <- struct{}{}:
+	default:
+	}
+	return true
+}
+
+// take returns the waiting entries and leaves the queue empty, with
+// spare (an earlier batch, done with and cleared) as its storage.
+func (q *logQueue) take(spare []logEntry) []logEntry {
+	q.mu.Lock()
+	out := q.entries
+	q.entries = spare[:0]
+	q.mu.Unlock()
+	return out
 }
 
 // BlockedLogEvery is how often refused attempts of one source are logged at

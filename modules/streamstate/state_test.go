@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -276,5 +277,38 @@ func TestLogSinkDropsAreCounted(t *testing.T) {
 	<-st.logDone
 	if got := st.LogDropped.Load(); got != 3 {
 		t.Fatalf("LogDropped = %d after the sink refused 3 entries, want 3", got)
+	}
+}
+
+// A burst of log entries is written in full, and the stream gives the
+// queue's memory back once it is quiet.
+func TestLogQueueGivesMemoryBack(t *testing.T) {
+	st := New(1)
+	defer func() { st.cancel(); close(st.logStop); <-st.logDone }()
+	var written atomic.Int64
+	st.SetLogSink(func(LogRecord) bool { written.Add(1); return true })
+	const n = logQueueSize / 2
+	for i := range n {
+		src := netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}), 1)
+		st.LogBlocked(zap.NewNop(), "t", src, ReasonACLDenied, false)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for written.Load() < n && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if got := written.Load(); got != n || st.LogDropped.Load() != 0 {
+		t.Fatalf("written %d of %d, dropped %d", got, n, st.LogDropped.Load())
+	}
+	// One more entry: the writer takes it with its spare batch, so after
+	// it neither the queue nor the writer holds the burst's room.
+	st.LogBlocked(zap.NewNop(), "t", netip.MustParseAddrPort("192.0.2.1:1"), ReasonACLDenied, false)
+	for written.Load() < n+1 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	st.logq.mu.Lock()
+	room := cap(st.logq.entries)
+	st.logq.mu.Unlock()
+	if room > logQueueKeep {
+		t.Fatalf("the quiet queue keeps room for %d entries; want at most %d", room, logQueueKeep)
 	}
 }
