@@ -269,6 +269,7 @@ func (a *api) createHost(w http.ResponseWriter, r *http.Request, p params) error
 		return e
 	}
 	w.Header().Set("Location", p.mount+basePath+"/"+strconv.FormatInt(hs.ID, 10))
+	setETag(w, hs)
 	writeJSON(w, http.StatusCreated, hs)
 	return nil
 }
@@ -282,6 +283,7 @@ func (a *api) getHost(w http.ResponseWriter, r *http.Request, p params) error {
 	if err != nil {
 		return err
 	}
+	setETag(w, hs)
 	writeJSON(w, http.StatusOK, hs)
 	return nil
 }
@@ -295,16 +297,25 @@ func (a *api) updateHost(w http.ResponseWriter, r *http.Request, p params) error
 		return fieldError("id", s.ID, "id "+strconv.FormatInt(s.ID, 10)+": does not match the id "+
 			strconv.FormatInt(p.id, 10)+" in the path; the id cannot change (leave it out, or send the same)")
 	}
-	hs, err := streams.UpdateHost(r.Context(), p.id, s)
+	pre, err := ifMatch(r, p.id)
 	if err != nil {
 		return err
 	}
+	hs, err := streams.UpdateHost(r.Context(), p.id, s, pre...)
+	if err != nil {
+		return err
+	}
+	setETag(w, hs)
 	writeJSON(w, http.StatusOK, hs)
 	return nil
 }
 
 func (a *api) deleteHost(w http.ResponseWriter, r *http.Request, p params) error {
-	if err := streams.DeleteHost(r.Context(), p.id); err != nil {
+	pre, err := ifMatch(r, p.id)
+	if err != nil {
+		return err
+	}
+	if err := streams.DeleteHost(r.Context(), p.id, pre...); err != nil {
 		return err
 	}
 	w.WriteHeader(http.StatusNoContent)

@@ -28,7 +28,7 @@ var (
 	streamFields = jsonFields(reflect.TypeFor[streams.Stream]())
 	// readOnlyFields are the fields GET adds to a stream. A client may
 	// send back what it read: they are accepted and ignored.
-	readOnlyFields = map[string]bool{"source": true, "status": true, "created_at": true, "updated_at": true}
+	readOnlyFields = map[string]bool{"source": true, "status": true, "created_at": true, "updated_at": true, "version": true}
 	// portCheckFields are the JSON fields of a validate-port request.
 	portCheckFields = jsonFields(reflect.TypeFor[streams.PortCheck]())
 )

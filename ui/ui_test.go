@@ -13,8 +13,10 @@ import (
 	"github.com/aegis-proxy/caddy-aegis/ui"
 )
 
-// maxTotal bounds the UI's size, uncompressed.
-const maxTotal = 64 << 10
+// maxTotal bounds the UI's size, uncompressed. It was 64 KB until the
+// UI sent If-Match with its writes (edit conflicts show instead of undoing
+// another admin's change), which took the UI just over it.
+const maxTotal = 72 << 10
 
 func files(t *testing.T) map[string]string {
 	t.Helper()

@@ -2,6 +2,8 @@ package streams
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -111,7 +113,41 @@ type HostStatus struct {
 	// CreatedAt and UpdatedAt are set for hosts created through the API.
 	CreatedAt *time.Time `json:"created_at,omitempty"`
 	UpdatedAt *time.Time `json:"updated_at,omitempty"`
-	Status    Status     `json:"status"`
+	// Version changes whenever the stream's settings change: a hash of
+	// them (the API's ETag). A write can require it (Precondition).
+	Version string `json:"version"`
+	Status  Status `json:"status"`
+}
+
+// versionOf is the version of a stream's settings: 24 hex digits of the
+// SHA-256 of their JSON.
+func versionOf(s *Stream) string {
+	b, err := json.Marshal(s)
+	if err != nil {
+		panic(err) // plain fields: cannot fail
+	}
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:12])
+}
+
+// Precondition vets a write to a stream that exists, given the stream's
+// current version (HostStatus.Version). It runs under the lock every write
+// holds, so no other write comes between the check and this one. An error
+// it returns ends the write with that error, and nothing changes.
+type Precondition func(version string) error
+
+// checkPre runs the preconditions against rt's version.
+func checkPre(rt *runtime, pre []Precondition) error {
+	if len(pre) == 0 {
+		return nil
+	}
+	v := versionOf(rt.cfg)
+	for _, p := range pre {
+		if err := p(v); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // UnmarshalJSON decodes a host with its status. Without it the embedded
@@ -125,18 +161,20 @@ func (h *HostStatus) UnmarshalJSON(b []byte) error {
 		Source    string     `json:"source"`
 		CreatedAt *time.Time `json:"created_at"`
 		UpdatedAt *time.Time `json:"updated_at"`
+		Version   string     `json:"version"`
 		Status    Status     `json:"status"`
 	}
 	if err := json.Unmarshal(b, &rest); err != nil {
 		return err
 	}
-	*h = HostStatus{Stream: &s, Source: rest.Source, CreatedAt: rest.CreatedAt, UpdatedAt: rest.UpdatedAt, Status: rest.Status}
+	*h = HostStatus{Stream: &s, Source: rest.Source, CreatedAt: rest.CreatedAt, UpdatedAt: rest.UpdatedAt,
+		Version: rest.Version, Status: rest.Status}
 	return nil
 }
 
 func (rt *runtime) hostStatus() HostStatus {
 	cp := *rt.cfg
-	hs := HostStatus{Stream: &cp, Source: rt.source, Status: StatusOf(rt.cfg, rt.state)}
+	hs := HostStatus{Stream: &cp, Source: rt.source, Version: versionOf(rt.cfg), Status: StatusOf(rt.cfg, rt.state)}
 	if rt.source == SourceAPI && !rt.created.IsZero() {
 		c, u := rt.created, rt.updated
 		hs.CreatedAt, hs.UpdatedAt = &c, &u
@@ -277,18 +315,18 @@ func (a *App) createHost(ctx context.Context, s *Stream) (HostStatus, error) {
 // no connection attempt is refused, new connections get the new settings
 // and open ones keep theirs. Otherwise new sockets are bound before the
 // old ones close. Disabling closes its open connections
-// (stream_disabled).
-func UpdateHost(ctx context.Context, id int64, s Stream) (HostStatus, error) {
+// (stream_disabled). Preconditions, if any, run first (see Precondition).
+func UpdateHost(ctx context.Context, id int64, s Stream, pre ...Precondition) (HostStatus, error) {
 	var out HostStatus
 	err := manage(func(a *App) error {
 		var err error
-		out, err = a.updateHost(ctx, id, &s)
+		out, err = a.updateHost(ctx, id, &s, pre)
 		return err
 	})
 	return out, err
 }
 
-func (a *App) updateHost(ctx context.Context, id int64, s *Stream) (HostStatus, error) {
+func (a *App) updateHost(ctx context.Context, id int64, s *Stream, pre []Precondition) (HostStatus, error) {
 	old := a.find(id)
 	switch {
 	case old == nil:
@@ -297,6 +335,9 @@ func (a *App) updateHost(ctx context.Context, id int64, s *Stream) (HostStatus, 
 		return HostStatus{}, fmt.Errorf("%s: %w; change it in the config and reload", streamLabel(id, old.cfg.Name), ErrReadOnly)
 	case a.store == nil:
 		return HostStatus{}, ErrNoStorage
+	}
+	if err := checkPre(old, pre); err != nil {
+		return HostStatus{}, err
 	}
 	if s.ID != 0 && s.ID != id {
 		return HostStatus{}, &FieldError{ID: id, Name: s.Name, Field: "id", Value: fmt.Sprint(s.ID), Reason: fmt.Sprintf("does not match the stream's id %d in the path; the id cannot change", id)}
@@ -378,12 +419,13 @@ func (a *App) updateHost(ctx context.Context, id int64, s *Stream) (HostStatus, 
 }
 
 // DeleteHost stops stored stream id, closes its open connections
-// (stream_removed) and deletes it with its connection log.
-func DeleteHost(ctx context.Context, id int64) error {
-	return manage(func(a *App) error { return a.deleteHost(ctx, id) })
+// (stream_removed) and deletes it with its connection log. Preconditions,
+// if any, run first (see Precondition).
+func DeleteHost(ctx context.Context, id int64, pre ...Precondition) error {
+	return manage(func(a *App) error { return a.deleteHost(ctx, id, pre) })
 }
 
-func (a *App) deleteHost(ctx context.Context, id int64) error {
+func (a *App) deleteHost(ctx context.Context, id int64, pre []Precondition) error {
 	rt := a.find(id)
 	switch {
 	case rt == nil:
@@ -392,6 +434,9 @@ func (a *App) deleteHost(ctx context.Context, id int64) error {
 		return fmt.Errorf("%s: %w; remove it from the config and reload", streamLabel(id, rt.cfg.Name), ErrReadOnly)
 	case a.store == nil:
 		return ErrNoStorage
+	}
+	if err := checkPre(rt, pre); err != nil {
+		return err
 	}
 	if err := a.store.db.DeleteHost(ctx, id, nil); err != nil {
 		return storeError(err)

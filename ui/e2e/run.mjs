@@ -569,6 +569,33 @@ test('the row switch turns the stream off (connections refused) and on again', {
   await waitFor('echo through the stream again', async () => (await probe(S.ports.stream)) === 'echo', 5000, 200);
 });
 
+test('saving the form after someone else changed the stream says so and keeps their change', { timeout: TEST_MS }, async () => {
+  needStream();
+  await openHash(page, `/streams/${S.streamId}`);
+  await h1(page, 'Edit stream').waitFor();
+  await page.getByLabel('Notes', { exact: true }).fill('from the form');
+  // Meanwhile another admin changes the stream through the API, as a
+  // script would, with the headers a browser on the admin origin sends.
+  const { body: current } = await api(`/api/v1/streams/${S.streamId}`);
+  const res = await fetch(`${S.base}/api/v1/streams/${S.streamId}`, {
+    method: 'PUT',
+    headers: { Origin: S.base, 'Content-Type': 'application/json' },
+    body: JSON.stringify({ ...current, notes: 'from the API' }),
+  });
+  assert.equal(res.status, 200, `PUT through the API: ${res.status} ${await res.text()}`);
+
+  await page.getByRole('button', { name: 'Save', exact: true }).click();
+  const alert = page.getByRole('alert').filter({ hasText: /changed by someone else/ });
+  await alert.waitFor();
+  assert.match(await alert.innerText(), /load it again/);
+  assert.ok(await h1(page, 'Edit stream').isVisible(), 'the form was left after a refused save');
+  assert.equal((await api(`/api/v1/streams/${S.streamId}`)).body.notes, 'from the API', 'the form overwrote the API change');
+  await shot(page, 'form-conflict.png');
+  // Back to the streams page, where the next test starts.
+  await openHash(page, '/streams');
+  await streamRow(page, S.streamId).waitFor();
+});
+
 test('the log page shows the connection, allowed, with its bytes', { timeout: TEST_MS }, async () => {
   needStream();
   const payload = Buffer.alloc(700, 'L'); // under 1 KiB, so any human format shows 700

@@ -32,7 +32,11 @@ export async function activePage(ctx) {
       return;
     }
     if (!ctx.alive()) return;
-    lastError = '';
+    if (lastError) {
+      const a = document.getElementById('alert');
+      if (a.textContent.startsWith('Could not load the connections')) a.textContent = '';
+      lastError = '';
+    }
     const now = Date.now();
     const seen = new Set();
     for (const c of list) {

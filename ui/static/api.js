@@ -28,11 +28,13 @@ function url(path) {
 
 // request sends one API request; body, when given, goes as JSON. It
 // resolves to the decoded JSON response (null for 204) or rejects with an
-// ApiError.
-export async function request(method, path, body) {
+// ApiError. With a version, the write goes through only if the stream
+// still has it (If-Match; else 412).
+export async function request(method, path, body, version) {
   const ctl = new AbortController();
   const timer = setTimeout(() => ctl.abort(), TIMEOUT_MS);
   const init = { method, headers: { Accept: 'application/json' }, cache: 'no-store', signal: ctl.signal };
+  if (version) init.headers['If-Match'] = `"${version}"`;
   if (body !== undefined) {
     init.headers['Content-Type'] = 'application/json';
     init.body = JSON.stringify(body);
@@ -65,11 +67,11 @@ export async function request(method, path, body) {
 
 export const get = (path) => request('GET', path);
 export const post = (path, body) => request('POST', path, body);
-export const put = (path, body) => request('PUT', path, body);
-export const del = (path) => request('DELETE', path);
+export const put = (path, body, version) => request('PUT', path, body, version);
+export const del = (path, version) => request('DELETE', path, undefined, version);
 
 // READ_ONLY are the fields GET adds to a stream; a write leaves them out.
-const READ_ONLY = ['source', 'status', 'created_at', 'updated_at'];
+const READ_ONLY = ['source', 'status', 'created_at', 'updated_at', 'version'];
 
 // streamBody is a stream as GET returned it, ready to PUT back.
 export function streamBody(s) {

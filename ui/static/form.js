@@ -155,7 +155,7 @@ export async function formPage(ctx) {
     saving = true;
     save.setAttribute('aria-disabled', 'true');
     try {
-      await (editing ? put(`streams/${ctx.id}`, body) : post('streams', body));
+      await (editing ? put(`streams/${ctx.id}`, body, stream.version) : post('streams', body));
       if (ctx.alive()) go('/streams', 'Saved');
     } catch (err) {
       if (!ctx.alive()) return;

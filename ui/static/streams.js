@@ -2,7 +2,7 @@
 // every 2 s while the tab is visible. Rows are updated in place, so a
 // refresh neither moves focus nor undoes a switch being toggled.
 
-import { del, displayName, get, put, streamBody } from './api.js';
+import { ApiError, del, displayName, get, put, streamBody } from './api.js';
 import { confirmDialog, fail, focusHeading, h, heading, poll, say, setText, table } from './dom.js';
 import { formatBytes, formatCount, hostPort } from './units.js';
 
@@ -147,7 +147,7 @@ async function toggle(r) {
   r.pending = true;
   r.sw.setAttribute('aria-busy', 'true');
   try {
-    const s = await put(`streams/${r.id}`, { ...streamBody(r.data), enabled: want });
+    const s = await put(`streams/${r.id}`, { ...streamBody(r.data), enabled: want }, r.data.version);
     r.pending = false;
     r.settled = performance.now();
     update(r, s);
@@ -157,6 +157,8 @@ async function toggle(r) {
     r.settled = performance.now();
     r.sw.checked = !want;
     fail(`Could not ${want ? 'enable' : 'disable'} ${name}: ${err.message}`);
+    // Changed meanwhile: show it as it is now.
+    if (err instanceof ApiError && err.status === 412) get(`streams/${r.id}`).then((s) => r.pending || update(r, s), () => {});
   } finally {
     r.sw.removeAttribute('aria-busy');
   }
@@ -172,7 +174,7 @@ async function remove(r, page) {
   });
   if (!ok) return;
   try {
-    await del(`streams/${r.id}`);
+    await del(`streams/${r.id}`, s.version);
   } catch (err) {
     fail(`Could not delete ${name}: ${err.message}`);
     return;

@@ -1,0 +1,193 @@
+package admin_test
+
+import (
+	"fmt"
+	"net/http"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+)
+
+// strongETag is a strong entity tag: a quoted string, no W/.
+var strongETag = regexp.MustCompile(`^"[0-9a-f]{24}"$`)
+
+// etagOf GETs stream path and returns its ETag, checking that it is strong
+// and matches the version in the body.
+func (inst *instance) etagOf(path string) (string, obj) {
+	inst.t.Helper()
+	r := inst.call("GET", path, nil).want(inst.t, http.StatusOK)
+	tag := r.header.Get("ETag")
+	o := r.obj(inst.t)
+	if !strongETag.MatchString(tag) || tag != fmt.Sprintf("%q", o["version"]) {
+		inst.t.Fatalf("GET %s: ETag %q, version %v: want a strong ETag that is the version in quotes", path, tag, o["version"])
+	}
+	return tag, o
+}
+
+// TestIfMatch checks the ETag of a stream and PUT and DELETE with
+// If-Match: a stale one changes nothing (412), the current one or * goes
+// through, and without the header writes work as they always did.
+func TestIfMatch(t *testing.T) {
+	checkNoLeaks(t)
+	up := newServer(t, echo)
+	cfgPort, p1, p2 := freePort(t), freePort(t), freePort(t)
+	inst := startCaddy(t, streamsApp(stream(1, cfgPort, up.Port, obj{"name": "cfg"})), nil)
+	created := inst.call("POST", "/api/v1/streams", stream(0, p1, up.Port, obj{"name": "v1"})).want(t, http.StatusCreated)
+	sid := id(created.obj(t))
+	path := fmt.Sprintf("/api/v1/streams/%d", sid)
+	tag1, _ := inst.etagOf(path)
+	if created.header.Get("ETag") != tag1 {
+		t.Fatalf("POST answered ETag %q, GET %q", created.header.Get("ETag"), tag1)
+	}
+	if r := inst.call("HEAD", path, nil); r.header.Get("ETag") != tag1 {
+		t.Fatalf("HEAD: ETag %q, want %q", r.header.Get("ETag"), tag1)
+	}
+	// The list carries each stream's version.
+	for _, s := range inst.call("GET", "/api/v1/streams", nil).want(t, http.StatusOK).list(t) {
+		if want, _ := inst.etagOf(fmt.Sprintf("/api/v1/streams/%d", id(s))); fmt.Sprintf("%q", s["version"]) != want {
+			t.Fatalf("list: stream %d has version %v, GET has ETag %s", id(s), s["version"], want)
+		}
+	}
+
+	// The current ETag: the update goes through, and the ETag changes.
+	r := inst.call("PUT", path, stream(0, p1, up.Port, obj{"name": "v2"}), hdr{"If-Match", tag1}).want(t, http.StatusOK)
+	tag2, got := inst.etagOf(path)
+	if tag2 == tag1 || r.header.Get("ETag") != tag2 || got["name"] != "v2" {
+		t.Fatalf("after PUT with the current ETag: ETag %q (was %q, PUT answered %q), name %v", tag2, tag1, r.header.Get("ETag"), got["name"])
+	}
+	// Sending back what GET answered, version included, is no change.
+	inst.call("PUT", path, got, hdr{"If-Match", tag2}).want(t, http.StatusOK)
+	if tag, _ := inst.etagOf(path); tag != tag2 {
+		t.Fatalf("an update to the same settings changed the ETag from %s to %s", tag2, tag)
+	}
+
+	// A stale ETag: 412, and nothing changed: not the API's view, not the
+	// database row, not the listener (the stale write would move it to p2
+	// and disable it).
+	rowBefore := inst.storedHosts()
+	stale := inst.call("PUT", path, stream(0, p2, up.Port, obj{"name": "lost", "enabled": false}), hdr{"If-Match", tag1})
+	e := stale.apiErr(t, http.StatusPreconditionFailed)
+	if want := fmt.Sprintf("stream %d was changed by someone else since you loaded it", sid); !strings.Contains(e.Error, want) {
+		t.Fatalf("412 message %q does not say %q", e.Error, want)
+	}
+	if tag, got := inst.etagOf(path); tag != tag2 || got["name"] != "v2" || got["enabled"] != true {
+		t.Fatalf("after the stale PUT: ETag %s (want %s), %v", tag, tag2, got)
+	}
+	if after := inst.storedHosts(); norm(after) != norm(rowBefore) {
+		t.Fatalf("the stale PUT changed the database:\nbefore %s\nafter  %s", norm(rowBefore), norm(after))
+	}
+	if got := roundTrip(t, dial(t, p1), "still"); got != "still" {
+		t.Fatalf("through the stream after the stale PUT: %q", got)
+	}
+	if !refused(t, p2) {
+		t.Fatalf("port %d of the stale PUT listens", p2)
+	}
+
+	// If-Match forms: a list with the current tag matches; * matches; a
+	// weak tag never does (If-Match compares strongly); a value that is no
+	// entity tag is a 400 that says what to send.
+	for i, tc := range []struct {
+		ifMatch string
+		code    int
+	}{
+		{`"nope", ` + tag2, http.StatusOK},
+		{"*", http.StatusOK},
+		{"W/" + tag2, http.StatusPreconditionFailed},
+		{strings.Trim(tag2, `"`), http.StatusBadRequest},
+		{`"unclosed`, http.StatusBadRequest},
+	} {
+		r := inst.call("PUT", path, stream(0, p1, up.Port, obj{"name": fmt.Sprintf("form-%d", i)}), hdr{"If-Match", tc.ifMatch})
+		if r.code != tc.code {
+			t.Fatalf("If-Match %s: %s, want %d", tc.ifMatch, r, tc.code)
+		}
+		if r.code == http.StatusBadRequest && !strings.Contains(r.apiErr(t, 400).Error, "If-Match") {
+			t.Fatalf("If-Match %s: %s does not name the header", tc.ifMatch, r)
+		}
+		if r.code == http.StatusOK {
+			tag2 = r.header.Get("ETag")
+		}
+	}
+
+	// Without If-Match, a write goes through whatever the version.
+	inst.call("PUT", path, stream(0, p1, up.Port, obj{"name": "v3"})).want(t, http.StatusOK)
+	tag3, _ := inst.etagOf(path)
+	// A reload reads the stream back from storage: the same settings, the
+	// same ETag.
+	if err := inst.load(streamsApp(stream(1, cfgPort, up.Port, obj{"name": "cfg"})), nil); err != nil {
+		t.Fatal(err)
+	}
+	if tag, _ := inst.etagOf(path); tag != tag3 {
+		t.Fatalf("after a reload: ETag %s, want %s as before", tag, tag3)
+	}
+
+	// The config stream has an ETag too, and stays read-only.
+	cfgTag, _ := inst.etagOf("/api/v1/streams/1")
+	inst.call("PUT", "/api/v1/streams/1", stream(0, cfgPort, up.Port, nil), hdr{"If-Match", cfgTag}).apiErr(t, http.StatusConflict)
+	// A stream that does not exist is 404, If-Match or not.
+	inst.call("DELETE", "/api/v1/streams/99", nil, hdr{"If-Match", "*"}).apiErr(t, http.StatusNotFound)
+
+	// DELETE with a stale ETag: 412, and the stream goes on.
+	inst.call("DELETE", path, nil, hdr{"If-Match", tag2}).apiErr(t, http.StatusPreconditionFailed)
+	inst.call("GET", path, nil).want(t, http.StatusOK)
+	if got := roundTrip(t, dial(t, p1), "alive"); got != "alive" {
+		t.Fatalf("through the stream after the stale DELETE: %q", got)
+	}
+	if len(inst.storedHosts()) != 1 {
+		t.Fatalf("the stale DELETE deleted the row")
+	}
+	// With the current one it is deleted.
+	inst.call("DELETE", path, nil, hdr{"If-Match", tag3}).want(t, http.StatusNoContent)
+	inst.call("GET", path, nil).apiErr(t, http.StatusNotFound)
+	if !refused(t, p1) {
+		t.Fatalf("port %d still listens after the DELETE", p1)
+	}
+}
+
+// TestIfMatchConcurrent sends two PUTs with the same If-Match at once,
+// 20 times: each time exactly one goes through and the other gets 412,
+// and the stream ends with the winner's settings.
+func TestIfMatchConcurrent(t *testing.T) {
+	checkNoLeaks(t)
+	up := newServer(t, echo)
+	port := freePort(t)
+	inst := startCaddy(t, streamsApp(), nil)
+	sid := id(inst.create(stream(0, port, up.Port, obj{"name": "race"})))
+	path := fmt.Sprintf("/api/v1/streams/%d", sid)
+	for round := range 20 {
+		tag, _ := inst.etagOf(path)
+		var rs [2]response
+		var wg sync.WaitGroup
+		start := make(chan struct{})
+		for i := range rs {
+			wg.Go(func() {
+				<-start
+				rs[i] = inst.try("PUT", path, stream(0, port, up.Port, obj{"name": fmt.Sprintf("r%d-%d", round, i)}), hdr{"If-Match", tag})
+			})
+		}
+		close(start)
+		wg.Wait()
+		winner := -1
+		for i, r := range rs {
+			switch r.code {
+			case http.StatusOK:
+				if winner >= 0 {
+					t.Fatalf("round %d: both PUTs with If-Match %s went through: %s; %s", round, tag, rs[0], rs[1])
+				}
+				winner = i
+			case http.StatusPreconditionFailed:
+			default:
+				t.Fatalf("round %d: %s, want 200 or 412", round, r)
+			}
+		}
+		if winner < 0 {
+			t.Fatalf("round %d: neither PUT went through: %s; %s", round, rs[0], rs[1])
+		}
+		if _, got := inst.etagOf(path); got["name"] != fmt.Sprintf("r%d-%d", round, winner) {
+			t.Fatalf("round %d: name %v, want the winner's r%d-%d", round, got["name"], round, winner)
+		}
+	}
+	if got := roundTrip(t, dial(t, port), "after"); got != "after" {
+		t.Fatalf("through the stream after the races: %q", got)
+	}
+}
