@@ -79,7 +79,7 @@ e2e: build
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium || exit 1; \
 	fi
 	@test -d ui/e2e/node_modules/playwright-core || (cd ui/e2e && npm ci --no-audit --no-fund)
-	@if [ -d ui/test ]; then node --test ui/test/; fi
+	node --test ui/test/
 	AEGIS_BIN=$(CURDIR)/$(BIN) node ui/e2e/run.mjs
 
 # The same binary, built by xcaddy from what xcaddy.json pins (one
