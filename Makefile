@@ -78,7 +78,7 @@ e2e: build
 		$(SUDO) apt-get update && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium || exit 1; \
 	fi
-	@test -d ui/e2e/node_modules/playwright-core || (cd ui/e2e && npm ci --no-audit --no-fund)
+	@test -d ui/e2e/node_modules/playwright-core -a -d ui/e2e/node_modules/axe-core || (cd ui/e2e && npm ci --no-audit --no-fund)
 	node --test ui/test/
 	AEGIS_BIN=$(CURDIR)/$(BIN) node ui/e2e/run.mjs
 

@@ -7,7 +7,9 @@
 //
 // Screenshots of each page go to test-artifacts/ui/ at the repository root,
 // with aegis.log (what bin/aegis printed). The run fails if the page asks
-// for anything outside the aegis origin: the UI must work offline.
+// for anything outside the aegis origin: the UI must work offline. One test
+// runs axe-core (WCAG 2 A/AA) on every page, light and dark, and fails on
+// serious or critical issues.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -324,6 +326,52 @@ function h1(page, name) {
 
 function openDialog(page) {
   return page.locator('dialog[open]');
+}
+
+// ---------------------------------------------------------------- axe
+
+// axe-core is a test dependency only: it is injected into the page under
+// test in a context that bypasses the UI's CSP, never served by aegis.
+const AXE_SRC = fs.readFileSync(path.join(here, 'node_modules', 'axe-core', 'axe.min.js'), 'utf8');
+const AXE_TAGS = ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa', 'wcag22aa'];
+const AXE_FAIL = new Set(['serious', 'critical']);
+
+// checkA11y runs axe-core's WCAG 2 A/AA rules on page as it is now, prints
+// every violation and returns the serious and critical ones, described.
+async function checkA11y(page, what) {
+  if (!(await page.evaluate(() => typeof window.axe === 'object'))) {
+    await page.addScriptTag({ content: AXE_SRC });
+  }
+  const t0 = Date.now();
+  const { review, violations } = await page.evaluate(async (tags) => {
+    const r = await window.axe.run(document, { runOnly: { type: 'tag', values: tags }, resultTypes: ['violations'] });
+    return {
+      review: r.incomplete.map((v) => v.id),
+      violations: r.violations.map((v) => ({
+        id: v.id, impact: v.impact, help: v.help,
+        nodes: v.nodes.map((n) => ({ target: n.target.join(' '), impact: n.impact, summary: n.failureSummary })),
+      })),
+    };
+  }, AXE_TAGS);
+  const bad = [];
+  for (const v of violations) {
+    // One line for each rule and impact: where, and what to fix (the
+    // first place's summary; the others' are alike).
+    const byImpact = new Map();
+    for (const n of v.nodes) {
+      const impact = n.impact || v.impact;
+      byImpact.set(impact, [...(byImpact.get(impact) || []), n]);
+    }
+    for (const [impact, nodes] of byImpact) {
+      const line = `${what}: ${v.id} (${impact}): ${v.help}\n#     at ${nodes.map((n) => n.target).join(' | ')}`
+        + `\n#     ${(nodes[0].summary || '').replace(/\n/g, '\n#     ')}`;
+      console.log(`# axe ${line}`);
+      if (AXE_FAIL.has(impact)) bad.push(line);
+    }
+  }
+  const unsure = review.length ? `; axe could not decide: ${review.join(', ')}` : '';
+  console.log(`# axe ${what}: ${violations.length} rule(s) violated, ${Date.now() - t0} ms${unsure}`);
+  return bad;
 }
 
 function needStream() {
@@ -798,6 +846,84 @@ test('the connections page closes a held connection', { timeout: TEST_MS }, asyn
     return body.entries.find((e) => e.disconnect_reason === 'admin_closed');
   }, 15_000, 250);
   assert.equal(entry.action, 'allowed');
+});
+
+test('every page passes axe-core WCAG 2 A/AA checks (no serious or critical issue), light and dark, wide and narrow', { timeout: TEST_MS }, async () => {
+  needStream();
+  const bad = [];
+  const ctx = await newContext({ bypassCSP: true });
+  await guardOrigin(ctx, S.base);
+  const tab = await ctx.newPage();
+  watchPage(tab, 'axe');
+  // An open connection, so that the connections page has a row.
+  const held = await connect(S.ports.stream, true);
+  held.on('error', () => {});
+  // The check itself finds a known low-contrast text and an unnamed field.
+  await tab.setContent('<!doctype html><html lang="en"><title>t</title><main><p style="color:#999;background:#fff">faint</p><input type="text"></main></html>');
+  const control = (await checkA11y(tab, 'known-bad control page')).join('\n');
+  assert.match(control, /color-contrast/, 'axe missed low-contrast text');
+  assert.match(control, /\blabel\b/, 'axe missed a field without a name');
+
+  // Each page as the tests above saw it, shown and waited for.
+  const pages = [
+    ['streams (config and API stream)', async () => {
+      await openHash(tab, '/streams');
+      await streamRow(tab, 1).waitFor();
+      await streamRow(tab, S.streamId).waitFor();
+    }],
+    ['edit form', async () => {
+      await openHash(tab, `/streams/${S.streamId}`);
+      await h1(tab, 'Edit stream').waitFor();
+      await tab.getByLabel('Listen port', { exact: true }).waitFor();
+    }],
+    // Errors showing: a taken port, and a save without the required fields.
+    ['new form with errors', async () => {
+      await openHash(tab, '/streams/new');
+      await h1(tab, 'New stream').waitFor();
+      const port = tab.getByLabel('Listen port', { exact: true });
+      await port.fill(String(S.ports.cfg));
+      await port.press('Tab');
+      await waitFor('#err-listen_port text', async () => (await tab.locator('#err-listen_port').innerText()).trim());
+      await tab.getByRole('button', { name: 'Save', exact: true }).click();
+      await waitFor('#err-upstream_host text', async () => (await tab.locator('#err-upstream_host').innerText()).trim());
+      await tab.getByRole('alert').filter({ hasText: /\S/ }).waitFor();
+    }],
+    ['connections', async () => {
+      await openHash(tab, `/streams/${S.streamId}/active`);
+      await h1(tab, `Connections: ${NAME}`).waitFor();
+      await tab.locator('tr[data-conn-id]').first().waitFor();
+    }],
+    ['log', async () => {
+      await openHash(tab, `/streams/${S.streamId}/log`);
+      await h1(tab, `Log: ${NAME}`).waitFor();
+      await tab.locator('tr.log-row').first().waitFor();
+    }],
+    ['certificates', async () => {
+      await openHash(tab, '/certificates');
+      await h1(tab, 'Certificates').waitFor();
+      await tab.locator(`tr[data-cert-id="${S.certId}"]`).waitFor();
+    }],
+  ];
+  try {
+    for (const scheme of ['light', 'dark']) {
+      await tab.emulateMedia({ colorScheme: scheme });
+      for (const [what, show] of pages) {
+        await show();
+        bad.push(...await checkA11y(tab, `${what}, ${scheme}`));
+      }
+    }
+    // The streams page at phone width, where rows are cards.
+    await tab.setViewportSize({ width: 375, height: 812 });
+    for (const scheme of ['dark', 'light']) {
+      await tab.emulateMedia({ colorScheme: scheme });
+      await pages[0][1]();
+      bad.push(...await checkA11y(tab, `streams, ${scheme}, 375 px`));
+    }
+  } finally {
+    await closeSocket(held);
+    await ctx.close();
+  }
+  assert.deepEqual(bad, [], `axe found ${bad.length} serious or critical issue(s):\n${bad.join('\n')}`);
 });
 
 test('deleting the stream asks first, then frees its port', { timeout: TEST_MS }, async () => {
