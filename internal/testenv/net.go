@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -141,4 +142,43 @@ func PrefixEdges(p netip.Prefix) []netip.Addr {
 		}
 	}
 	return out
+}
+
+// RefEntry is a whitelist or blacklist entry as the standard library's
+// net package reads it, independently of net/netip: the reference that
+// fuzz targets check the CIDR parsers against.
+type RefEntry struct {
+	network *net.IPNet // a CIDR
+	ip      net.IP     // a bare address
+}
+
+// ParseRefEntry reads s with net.ParseCIDR or net.ParseIP.
+func ParseRefEntry(s string) (RefEntry, bool) {
+	s = strings.TrimSpace(s)
+	if strings.Contains(s, "/") {
+		_, n, err := net.ParseCIDR(s)
+		return RefEntry{network: n}, err == nil
+	}
+	ip := net.ParseIP(s)
+	return RefEntry{ip: ip}, ip != nil
+}
+
+// Contains reports whether a is in the entry, as net.IPNet.Contains and
+// net.IP.Equal see it.
+func (r RefEntry) Contains(a netip.Addr) bool {
+	ip := net.IP(a.AsSlice())
+	if r.network != nil {
+		return r.network.Contains(ip)
+	}
+	return r.ip != nil && r.ip.Equal(ip)
+}
+
+// ProbeAddrs are addresses every CIDR check tries: the ends of both
+// families, loopback, documentation, link-local and IPv4-mapped ones.
+var ProbeAddrs = []netip.Addr{
+	netip.MustParseAddr("0.0.0.0"), netip.MustParseAddr("255.255.255.255"),
+	netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("192.0.2.7"),
+	netip.MustParseAddr("::"), netip.MustParseAddr("::1"), netip.MustParseAddr("2001:db8::1"),
+	netip.MustParseAddr("fe80::1"), netip.MustParseAddr("::ffff:10.0.0.1"), netip.MustParseAddr("::ffff:0:0"),
+	netip.MustParseAddr("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"),
 }

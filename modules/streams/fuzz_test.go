@@ -259,7 +259,7 @@ func FuzzParseCIDR(f *testing.F) {
 			t.Fatalf("ParseCIDR(%q) = %v, but ParseCIDR(%q) = %v, %v", in, p, p.String(), again, err)
 		}
 
-		ref, ok := parseRefEntry(in)
+		ref, ok := testenv.ParseRefEntry(in)
 		if !ok {
 			t.Fatalf("ParseCIDR(%q) = %v, but the standard library refuses it", in, p)
 		}
@@ -271,12 +271,12 @@ func FuzzParseCIDR(f *testing.F) {
 		if err != nil {
 			t.Fatalf("NewACL(blacklist %q): %v", in, err)
 		}
-		probes := append(testenv.PrefixEdges(p), fixedProbes...)
+		probes := append(testenv.PrefixEdges(p), testenv.ProbeAddrs...)
 		if a, ok := netip.AddrFromSlice(probe); ok {
 			probes = append(probes, a.WithZone(""))
 		}
 		for _, a := range probes {
-			want := ref.contains(a)
+			want := ref.Contains(a)
 			if got := p.Contains(a.Unmap()); got != want {
 				t.Fatalf("%q (as %v) contains %v: %v; net.IPNet says %v", in, p, a, got, want)
 			}
@@ -288,39 +288,4 @@ func FuzzParseCIDR(f *testing.F) {
 			}
 		}
 	})
-}
-
-// refEntry is a whitelist or blacklist entry as the standard library's
-// net package reads it: the reference the fuzz targets check against.
-type refEntry struct {
-	network *net.IPNet // a CIDR
-	ip      net.IP     // a bare address
-}
-
-// parseRefEntry parses s with net.ParseCIDR or net.ParseIP.
-func parseRefEntry(s string) (refEntry, bool) {
-	s = strings.TrimSpace(s)
-	if strings.Contains(s, "/") {
-		_, n, err := net.ParseCIDR(s)
-		return refEntry{network: n}, err == nil
-	}
-	ip := net.ParseIP(s)
-	return refEntry{ip: ip}, ip != nil
-}
-
-func (r refEntry) contains(a netip.Addr) bool {
-	ip := net.IP(a.AsSlice())
-	if r.network != nil {
-		return r.network.Contains(ip)
-	}
-	return r.ip.Equal(ip)
-}
-
-// fixedProbes are addresses every CIDR check tries.
-var fixedProbes = []netip.Addr{
-	netip.MustParseAddr("0.0.0.0"), netip.MustParseAddr("255.255.255.255"),
-	netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("192.0.2.7"),
-	netip.MustParseAddr("::"), netip.MustParseAddr("::1"), netip.MustParseAddr("2001:db8::1"),
-	netip.MustParseAddr("fe80::1"), netip.MustParseAddr("::ffff:10.0.0.1"), netip.MustParseAddr("::ffff:0:0"),
-	netip.MustParseAddr("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"),
 }

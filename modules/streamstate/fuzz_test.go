@@ -1,7 +1,6 @@
 package streamstate
 
 import (
-	"net"
 	"net/netip"
 	"strconv"
 	"strings"
@@ -41,29 +40,29 @@ func FuzzACL(f *testing.F) {
 			if want := field + " " + strconv.Quote(entry) + ": "; !strings.HasPrefix(err.Error(), want) {
 				t.Fatalf("NewACL(%q, %q) = %q, want an error starting %q", wl, bl, err, want)
 			}
-			if _, ok := refParse(entry); ok && !leadingZeroBits(entry) {
+			if _, ok := testenv.ParseRefEntry(entry); ok && !leadingZeroBits(entry) {
 				t.Fatalf("NewACL refuses %s entry %q (%v), which the standard library reads", field, entry, err)
 			}
 			return
 		}
 		for _, e := range append(append([]string(nil), wl...), bl...) {
-			if _, ok := refParse(e); !ok {
+			if _, ok := testenv.ParseRefEntry(e); !ok {
 				t.Fatalf("NewACL(%q, %q) takes entry %q, which the standard library refuses", wl, bl, e)
 			}
 		}
 
-		allow := make([]refEntry, len(wl))
-		deny := make([]refEntry, len(bl))
+		allow := make([]testenv.RefEntry, len(wl))
+		deny := make([]testenv.RefEntry, len(bl))
 		var probes []netip.Addr
 		for i, e := range wl {
-			allow[i], _ = refParse(e)
+			allow[i], _ = testenv.ParseRefEntry(e)
 			probes = append(probes, edges(e)...)
 		}
 		for i, e := range bl {
-			deny[i], _ = refParse(e)
+			deny[i], _ = testenv.ParseRefEntry(e)
 			probes = append(probes, edges(e)...)
 		}
-		probes = append(probes, fixedProbes...)
+		probes = append(probes, testenv.ProbeAddrs...)
 		if a, ok := netip.AddrFromSlice(probe); ok {
 			probes = append(probes, a)
 		}
@@ -113,40 +112,13 @@ func leadingZeroBits(e string) bool {
 	return ok && len(bits) > 1 && bits[0] == '0'
 }
 
-// refEntry is an entry as the net package reads it.
-type refEntry struct {
-	network *net.IPNet // a CIDR
-	ip      net.IP     // a bare address
-}
-
-// refParse reads an entry with net.ParseCIDR or net.ParseIP.
-func refParse(s string) (refEntry, bool) {
-	s = strings.TrimSpace(s)
-	if strings.Contains(s, "/") {
-		_, n, err := net.ParseCIDR(s)
-		return refEntry{network: n}, err == nil
-	}
-	ip := net.ParseIP(s)
-	return refEntry{ip: ip}, ip != nil
-}
-
-func anyContains(list []refEntry, a netip.Addr) bool {
-	ip := net.IP(a.AsSlice())
+func anyContains(list []testenv.RefEntry, a netip.Addr) bool {
 	for _, e := range list {
-		if e.network != nil && e.network.Contains(ip) || e.ip != nil && e.ip.Equal(ip) {
+		if e.Contains(a) {
 			return true
 		}
 	}
 	return false
-}
-
-// fixedProbes are addresses every check tries.
-var fixedProbes = []netip.Addr{
-	netip.MustParseAddr("0.0.0.0"), netip.MustParseAddr("255.255.255.255"),
-	netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("192.0.2.7"),
-	netip.MustParseAddr("::"), netip.MustParseAddr("::1"), netip.MustParseAddr("2001:db8::1"),
-	netip.MustParseAddr("fe80::1"), netip.MustParseAddr("::ffff:10.0.0.1"), netip.MustParseAddr("::ffff:0:0"),
-	netip.MustParseAddr("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"),
 }
 
 // edges are the first and last address of entry e (as ParseCIDR reads it),
