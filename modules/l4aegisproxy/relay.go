@@ -242,11 +242,14 @@ func (r *relay) stop(dir int, dst net.Conn, n int, writeErr bool, err error) boo
 		if writeErr {
 			srcIsClient = !srcIsClient
 		}
-		if srcIsClient {
-			r.abort(streamstate.ReasonClientError)
-		} else {
-			r.abort(streamstate.ReasonUpstreamError)
+		if r.ss != nil {
+			if srcIsClient {
+				r.ss.SetFailure(streamstate.ReasonClientError, streamstate.ReasonClientClose)
+			} else {
+				r.ss.SetFailure(streamstate.ReasonUpstreamError, streamstate.ReasonUpstreamClose)
+			}
 		}
+		r.abort(streamstate.ReasonNone)
 		return true
 	}
 }

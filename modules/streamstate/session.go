@@ -166,6 +166,17 @@ func (ss *Session) SetReason(r Reason) bool {
 	return ss.reason.CompareAndSwap(uint32(ReasonNone), uint32(r))
 }
 
+// SetFailure records r, an error of one side, when no reason is set yet or
+// when the reason set is clean, that side's end of stream: a side that
+// resets makes one direction read its end and the other fail, in either
+// order, and data sent to a side that has closed is lost, which is an
+// error too.
+func (ss *Session) SetFailure(r, clean Reason) {
+	if !ss.SetReason(r) {
+		ss.reason.CompareAndSwap(uint32(clean), uint32(r))
+	}
+}
+
 // Reason is the recorded disconnect reason.
 func (ss *Session) Reason() Reason { return Reason(ss.reason.Load()) }
 

@@ -312,3 +312,29 @@ func TestLogQueueGivesMemoryBack(t *testing.T) {
 		t.Fatalf("the quiet queue keeps room for %d entries; want at most %d", room, logQueueKeep)
 	}
 }
+
+// A side's error replaces that side's clean close, which the other
+// direction may have seen first, and nothing else.
+func TestSetFailure(t *testing.T) {
+	st := New(1)
+	defer func() { st.cancel(); close(st.logStop); <-st.logDone }()
+	for _, tc := range []struct {
+		set, want Reason
+	}{
+		{ReasonNone, ReasonUpstreamError},
+		{ReasonUpstreamClose, ReasonUpstreamError},
+		{ReasonClientClose, ReasonClientClose},
+		{ReasonIdleTimeout, ReasonIdleTimeout},
+		{ReasonStreamRemoved, ReasonStreamRemoved},
+	} {
+		ss := st.NewSession(io.NopCloser(nil), netip.MustParseAddrPort("192.0.2.1:1"), 0, zap.NewNop(), "t")
+		if tc.set != ReasonNone {
+			ss.SetReason(tc.set)
+		}
+		ss.SetFailure(ReasonUpstreamError, ReasonUpstreamClose)
+		if got := ss.Reason(); got != tc.want {
+			t.Errorf("after %s: %s, want %s", tc.set, got, tc.want)
+		}
+		ss.End(ReasonNone, false)
+	}
+}
