@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -113,14 +114,30 @@ type HostStatus struct {
 	// CreatedAt and UpdatedAt are set for hosts created through the API.
 	CreatedAt *time.Time `json:"created_at,omitempty"`
 	UpdatedAt *time.Time `json:"updated_at,omitempty"`
-	// Version changes whenever the stream's settings change: a hash of
-	// them (the API's ETag). A write can require it (Precondition).
+	// Version is the stream's version (the API's ETag), opaque. An API
+	// stream's changes on every write and never comes back, also across
+	// restarts: the number storage gave its last write. A config stream's
+	// is a hash of its settings. A write can require it (Precondition).
 	Version string `json:"version"`
 	Status  Status `json:"status"`
 }
 
-// versionOf is the version of a stream's settings: 24 hex digits of the
-// SHA-256 of their JSON.
+// setStored takes the times and version of rt's stored host h.
+func (rt *runtime) setStored(h storage.Host) {
+	rt.created, rt.updated, rt.version = h.CreatedAt, h.UpdatedAt, h.Version
+}
+
+// currentVersion is rt's HostStatus.Version: the stored version of an API
+// stream, the settings' hash of a config stream.
+func (rt *runtime) currentVersion() string {
+	if rt.source == SourceAPI && rt.version > 0 {
+		return strconv.FormatInt(rt.version, 10)
+	}
+	return versionOf(rt.cfg)
+}
+
+// versionOf is the version of a config stream's settings: 24 hex digits of
+// the SHA-256 of their JSON.
 func versionOf(s *Stream) string {
 	b, err := json.Marshal(s)
 	if err != nil {
@@ -141,7 +158,7 @@ func checkPre(rt *runtime, pre []Precondition) error {
 	if len(pre) == 0 {
 		return nil
 	}
-	v := versionOf(rt.cfg)
+	v := rt.currentVersion()
 	for _, p := range pre {
 		if err := p(v); err != nil {
 			return err
@@ -174,7 +191,7 @@ func (h *HostStatus) UnmarshalJSON(b []byte) error {
 
 func (rt *runtime) hostStatus() HostStatus {
 	cp := *rt.cfg
-	hs := HostStatus{Stream: &cp, Source: rt.source, Version: versionOf(rt.cfg), Status: StatusOf(rt.cfg, rt.state)}
+	hs := HostStatus{Stream: &cp, Source: rt.source, Version: rt.currentVersion(), Status: StatusOf(rt.cfg, rt.state)}
 	if rt.source == SourceAPI && !rt.created.IsZero() {
 		c, u := rt.created, rt.updated
 		hs.CreatedAt, hs.UpdatedAt = &c, &u
@@ -303,7 +320,7 @@ func (a *App) createHost(ctx context.Context, s *Stream) (HostStatus, error) {
 		}
 		return HostStatus{}, storeError(err)
 	}
-	rt.created, rt.updated = stored.CreatedAt, stored.UpdatedAt
+	rt.setStored(stored)
 	a.serve(rt)
 	a.streams = append(a.streams, rt)
 	rt.logger.Info("stream created")
@@ -398,7 +415,7 @@ func (a *App) updateHost(ctx context.Context, id int64, s *Stream, pre []Precond
 		if !s.HealthCheckEnabled {
 			old.state.ClearHealth()
 		}
-		old.updated = stored.UpdatedAt
+		old.setStored(stored)
 		swap.release()
 		old.logger.Info("stream updated in place")
 		return old.hostStatus(), nil
@@ -406,7 +423,7 @@ func (a *App) updateHost(ctx context.Context, id int64, s *Stream, pre []Precond
 
 	// The new sockets serve before the old ones close, so UDP replies
 	// always have a socket to leave from.
-	next.created, next.updated = old.created, stored.UpdatedAt
+	next.setStored(stored)
 	a.serve(next)
 	old.closeListeners()
 	if !s.Enabled {
@@ -500,10 +517,10 @@ func (a *App) syncStored() {
 				a.logger.Error("starting a stream stored meanwhile", zap.Int64("stream_id", h.ID), zap.Error(err))
 				continue
 			}
-			nrt.created, nrt.updated = h.CreatedAt, h.UpdatedAt
+			nrt.setStored(h)
 			a.serve(nrt)
 			a.streams = append(a.streams, nrt)
-		case rt.source == SourceAPI && !rt.updated.Equal(h.UpdatedAt):
+		case rt.source == SourceAPI && rt.version != h.Version:
 			if _, err := a.applyStored(rt, h); err != nil {
 				a.logger.Error("applying a stream changed meanwhile", zap.Int64("stream_id", h.ID), zap.Error(err))
 			}
@@ -530,7 +547,7 @@ func (a *App) applyStored(rt *runtime, h storage.Host) (*runtime, error) {
 		next.release()
 		return nil, err
 	}
-	next.created, next.updated = h.CreatedAt, h.UpdatedAt
+	next.setStored(h)
 	a.serve(next)
 	rt.closeListeners()
 	if !s.Enabled {
