@@ -334,16 +334,25 @@ func (a *App) createHost(ctx context.Context, s *Stream) (HostStatus, error) {
 // old ones close. Disabling closes its open connections
 // (stream_disabled). Preconditions, if any, run first (see Precondition).
 func UpdateHost(ctx context.Context, id int64, s Stream, pre ...Precondition) (HostStatus, error) {
+	return UpdateHostFunc(ctx, id, func(Stream) (Stream, error) { return s, nil }, pre...)
+}
+
+// UpdateHostFunc is UpdateHost with the new settings made by build from the
+// stream's current ones, under the lock every write holds, after the
+// preconditions: a partial update (PATCH) cannot lose a write that came
+// between reading the stream and changing it. An error of build ends the
+// write with that error, and nothing changes.
+func UpdateHostFunc(ctx context.Context, id int64, build func(current Stream) (Stream, error), pre ...Precondition) (HostStatus, error) {
 	var out HostStatus
 	err := manage(func(a *App) error {
 		var err error
-		out, err = a.updateHost(ctx, id, &s, pre)
+		out, err = a.updateHost(ctx, id, build, pre)
 		return err
 	})
 	return out, err
 }
 
-func (a *App) updateHost(ctx context.Context, id int64, s *Stream, pre []Precondition) (HostStatus, error) {
+func (a *App) updateHost(ctx context.Context, id int64, build func(Stream) (Stream, error), pre []Precondition) (HostStatus, error) {
 	old := a.find(id)
 	switch {
 	case old == nil:
@@ -356,6 +365,13 @@ func (a *App) updateHost(ctx context.Context, id int64, s *Stream, pre []Precond
 	if err := checkPre(old, pre); err != nil {
 		return HostStatus{}, err
 	}
+	cur := *old.cfg
+	cur.WhitelistCIDRs, cur.BlacklistCIDRs = slices.Clone(cur.WhitelistCIDRs), slices.Clone(cur.BlacklistCIDRs)
+	ns, err := build(cur)
+	if err != nil {
+		return HostStatus{}, err
+	}
+	s := &ns
 	if s.ID != 0 && s.ID != id {
 		return HostStatus{}, &FieldError{ID: id, Name: s.Name, Field: "id", Value: fmt.Sprint(s.ID), Reason: fmt.Sprintf("does not match the stream's id %d in the path; the id cannot change", id)}
 	}

@@ -32,7 +32,7 @@ type FieldError struct {
 	// Field is the JSON name of the setting, e.g. "listen_port".
 	Field string
 	// Value is the bad value as the message shows it: numbers bare,
-	// strings quoted.
+	// strings quoted; "" when the setting is missing.
 	Value string
 	// Reason says what is wrong and what is allowed.
 	Reason string
@@ -42,6 +42,9 @@ type FieldError struct {
 }
 
 func (e *FieldError) Error() string {
+	if e.Value == "" { // no value: the setting is missing
+		return streamLabel(e.ID, e.Name) + ": " + e.Field + ": " + e.Reason
+	}
 	sep := e.sep
 	if sep == "" {
 		sep = ": "
