@@ -271,6 +271,7 @@ func (a *api) createHost(w http.ResponseWriter, r *http.Request, p params) error
 		e := toAPIError(err)
 		if errors.Is(err, streams.ErrConflict) && s.ID != 0 {
 			e.Field, e.Value = "id", s.ID
+			e.Errors = []fieldProblem{{Field: "id", Value: s.ID, Message: e.Message}}
 		}
 		return e
 	}

@@ -103,8 +103,8 @@ func TestPatch(t *testing.T) {
 	}{
 		{name: "unknown fields", body: `{"enabld": false, "bogus": 1}`, field: "enabld", contains: `unknown fields "enabld", "bogus"`, errs: 2},
 		{name: "a repeated field", body: `{"name": "a", "name": "b"}`, field: "name", contains: "twice"},
-		{name: "a required setting removed", body: `{"listen_port": null, "enabled": false}`, field: "listen_port", contains: "listen_port 0"},
-		{name: "every required setting removed", body: `{"listen_port": null, "upstream_host": null, "upstream_port": null}`, field: "listen_port", errs: 3},
+		{name: "a required setting removed", body: `{"listen_port": null, "enabled": false}`, field: "listen_port", contains: "listen_port: required"},
+		{name: "every required setting removed", body: `{"listen_port": null, "upstream_host": null, "upstream_port": null}`, field: "listen_port", contains: "upstream_port: required", errs: 3},
 		{name: "a bad value", body: `{"listen_port": 70000}`, field: "listen_port", contains: "1-65535"},
 		{name: "a value of the wrong type", body: `{"listen_port": "80"}`, field: "listen_port", contains: "must be an integer"},
 		{name: "an object for a list", body: `{"whitelist_cidrs": {"a": 1}}`, field: "whitelist_cidrs", contains: "must be a list"},

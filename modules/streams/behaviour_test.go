@@ -681,7 +681,7 @@ func TestInvalidConfigChangesNothing(t *testing.T) {
 		{"duplicate port", hosts(host(1, p1, up.Port, nil), host(2, p1, up.Port, nil)),
 			[]string{"listen_port", strconv.Itoa(p1)}},
 		{"listen_port 0", hosts(host(1, p1, up.Port, nil), host(2, 0, up.Port, nil)),
-			[]string{"listen_port 0"}},
+			[]string{"stream 2", "listen_port: required"}},
 		{"bad CIDR on a new stream", hosts(host(1, p1, up.Port, nil), host(2, p2, up.Port, map[string]any{"blacklist_cidrs": []string{"::1/129"}})),
 			[]string{"stream 2", "blacklist_cidrs", `"::1/129"`}},
 	} {

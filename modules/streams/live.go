@@ -272,11 +272,15 @@ func (a *App) checkNew(ctx context.Context, s *Stream) error {
 // An id of 0 takes the next free one.
 func CreateHost(ctx context.Context, s Stream) (HostStatus, error) {
 	var out HostStatus
+	auto := s.ID == 0
 	err := manage(func(a *App) error {
 		var err error
 		out, err = a.createHost(ctx, &s)
 		return err
 	})
+	if auto {
+		markNew(err)
+	}
 	return out, err
 }
 
@@ -294,7 +298,12 @@ func (a *App) createHost(ctx context.Context, s *Stream) (HostStatus, error) {
 		s.ID = max(a.nextID(), top+1)
 	}
 	if other := a.find(s.ID); other != nil {
-		return HostStatus{}, fmt.Errorf("id %d is taken by %s (source %s): %w", s.ID, streamLabel(other.cfg.ID, other.cfg.Name), other.source, ErrConflict)
+		from := "declared in the Caddy config"
+		if other.source == SourceAPI {
+			from = "created through the API"
+		}
+		return HostStatus{}, fmt.Errorf("%w: id %d is taken by %s, %s; leave id out to get the next free id, or choose another",
+			ErrConflict, s.ID, streamLabel(other.cfg.ID, other.cfg.Name), from)
 	}
 	if err := a.checkNew(ctx, s); err != nil {
 		return HostStatus{}, err
@@ -709,6 +718,11 @@ func (a *App) ValidatePort(pc PortCheck) PortCheckResult {
 	}
 	if len(res.Errors) == 0 {
 		collect(a.probe(s))
+	}
+	if pc.ID <= 0 {
+		for _, fe := range res.Errors {
+			fe.isNew = true
+		}
 	}
 	res.Valid = len(res.Errors) == 0
 	return res

@@ -39,17 +39,52 @@ type FieldError struct {
 
 	// sep goes between Value and Reason; ": " when empty.
 	sep string
+	// isNew: the stream is being created and its id was not given; the
+	// message calls it "the new stream" rather than by the id it would get.
+	isNew bool
 }
 
 func (e *FieldError) Error() string {
+	label := streamLabel(e.ID, e.Name)
+	if e.isNew {
+		label = "the new stream"
+		if e.Name != "" {
+			label += fmt.Sprintf(" (%q)", e.Name)
+		}
+	}
 	if e.Value == "" { // no value: the setting is missing
-		return streamLabel(e.ID, e.Name) + ": " + e.Field + ": " + e.Reason
+		return label + ": " + e.Field + ": " + e.Reason
 	}
 	sep := e.sep
 	if sep == "" {
 		sep = ": "
 	}
-	return streamLabel(e.ID, e.Name) + ": " + e.Field + " " + e.Value + sep + e.Reason
+	return label + ": " + e.Field + " " + e.Value + sep + e.Reason
+}
+
+// markNew makes every *FieldError in err speak of "the new stream": one
+// whose id was not given, so the id it would get means nothing to the user.
+func markNew(err error) {
+	switch e := err.(type) {
+	case nil:
+	case *FieldError:
+		e.isNew = true
+	case interface{ Unwrap() []error }:
+		for _, x := range e.Unwrap() {
+			markNew(x)
+		}
+	default:
+		markNew(errors.Unwrap(err))
+	}
+}
+
+// listenWhere says where a stream listens, for messages: "127.0.0.1:5432",
+// or "port 5432 of every address" when it has no listen_address.
+func listenWhere(s *Stream) string {
+	if s.ListenAddress == "" {
+		return fmt.Sprintf("port %d of every address", s.ListenPort)
+	}
+	return s.ListenHostPort()
 }
 
 // streamLabel names a stream in messages: `stream 3 ("postgres")`, or
@@ -84,16 +119,30 @@ func (s *Stream) Validate() error {
 		bad("protocol", strconv.Quote(s.Protocol), "must be tcp, udp or tcp+udp")
 	}
 
+	// A required setting left out (0 or "") is "required", without a
+	// value.
+	required := func(field, reason string) {
+		errs = append(errs, &FieldError{ID: s.ID, Name: s.Name, Field: field, Reason: "required; " + reason})
+	}
 	if reason := checkListenAddress(s.ListenAddress); reason != "" {
 		bad("listen_address", strconv.Quote(s.ListenAddress), reason)
 	}
-	if !validPort(s.ListenPort) {
+	switch {
+	case s.ListenPort == 0:
+		required("listen_port", "must be 1-65535")
+	case !validPort(s.ListenPort):
 		badInt("listen_port", int64(s.ListenPort), "must be 1-65535")
 	}
-	if reason := checkUpstreamHost(s.UpstreamHost); reason != "" {
+	switch reason := checkUpstreamHost(s.UpstreamHost); {
+	case s.UpstreamHost == "":
+		required("upstream_host", upstreamHostWant)
+	case reason != "":
 		bad("upstream_host", strconv.Quote(s.UpstreamHost), reason)
 	}
-	if !validPort(s.UpstreamPort) {
+	switch {
+	case s.UpstreamPort == 0:
+		required("upstream_port", "must be 1-65535")
+	case !validPort(s.UpstreamPort):
 		badInt("upstream_port", int64(s.UpstreamPort), "must be 1-65535")
 	}
 
@@ -188,11 +237,14 @@ func checkListenAddress(a string) string {
 	return ""
 }
 
+// upstreamHostWant says what an upstream_host must be.
+const upstreamHostWant = "must be a hostname or an IP address (e.g. db.internal, 10.0.0.5 or 2001:db8::5)"
+
 // checkUpstreamHost returns why h is not a valid upstream_host, or "".
 // A valid one is an IP address or a DNS hostname (letters, digits, '-' and
 // '_' in dot-separated labels; '_' for container service names).
 func checkUpstreamHost(h string) string {
-	const want = "must be a hostname or an IP address (e.g. db.internal, 10.0.0.5 or 2001:db8::5)"
+	const want = upstreamHostWant
 	if h == "" {
 		return "required; " + want
 	}
@@ -400,7 +452,7 @@ func (a *App) listenConflicts(s *Stream, others []*Stream) []error {
 		errs = append(errs, &FieldError{
 			ID: s.ID, Name: s.Name, Field: "listen_port",
 			Value:  fmt.Sprintf("%d/%s", s.ListenPort, shared),
-			Reason: fmt.Sprintf("overlaps %s on %s; use another port or address, or disable one of them", streamLabel(o.ID, o.Name), o.ListenHostPort()),
+			Reason: fmt.Sprintf("overlaps %s on %s; use another port or address, or disable one of them", streamLabel(o.ID, o.Name), listenWhere(o)),
 			sep:    " ",
 		})
 	}
