@@ -276,9 +276,29 @@ func (a *api) createHost(w http.ResponseWriter, r *http.Request, p params) error
 		return e
 	}
 	w.Header().Set("Location", p.mount+basePath+"/"+strconv.FormatInt(hs.ID, 10))
-	setETag(w, hs)
-	writeJSON(w, http.StatusCreated, hs)
+	writeWritten(w, http.StatusCreated, hs)
 	return nil
+}
+
+// written is the answer of a write to a stream: the stream as GET shows
+// it, and warnings about its settings that do not stop it from working as
+// asked (a privileged or well-known port, health checks on UDP), also for
+// a disabled stream; Caddy logs them when the stream starts.
+type written struct {
+	streams.HostStatus
+	// Warnings are never null: [] when there are none.
+	Warnings []string `json:"warnings"`
+}
+
+// writeWritten answers a write to a stream: its ETag, and the stream with
+// its warnings.
+func writeWritten(w http.ResponseWriter, status int, hs streams.HostStatus) {
+	out := written{HostStatus: hs, Warnings: hs.Stream.Warnings()}
+	if out.Warnings == nil {
+		out.Warnings = []string{}
+	}
+	setETag(w, hs)
+	writeJSON(w, status, out)
 }
 
 func (a *api) getHost(w http.ResponseWriter, r *http.Request, p params) error {
@@ -317,8 +337,7 @@ func (a *api) updateHost(w http.ResponseWriter, r *http.Request, p params) error
 	if err != nil {
 		return err
 	}
-	setETag(w, hs)
-	writeJSON(w, http.StatusOK, hs)
+	writeWritten(w, http.StatusOK, hs)
 	return nil
 }
 
@@ -341,8 +360,7 @@ func (a *api) patchHost(w http.ResponseWriter, r *http.Request, p params) error 
 	if err != nil {
 		return err
 	}
-	setETag(w, hs)
-	writeJSON(w, http.StatusOK, hs)
+	writeWritten(w, http.StatusOK, hs)
 	return nil
 }
 
