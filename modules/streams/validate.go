@@ -8,12 +8,19 @@ import (
 	"strings"
 	"time"
 	"unicode"
+	"unicode/utf8"
 
 	"github.com/caddyserver/caddy/v2"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/certs"
 
 	"github.com/aegis-proxy/caddy-aegis/storage"
+)
+
+// Limits of the free-text settings, in characters (Unicode code points).
+const (
+	MaxNameLength  = 200
+	MaxNotesLength = 10000
 )
 
 // maxSeconds bounds the settings given in seconds: one year. Longer values
@@ -32,7 +39,7 @@ type FieldError struct {
 	// Field is the JSON name of the setting, e.g. "listen_port".
 	Field string
 	// Value is the bad value as the message shows it: numbers bare,
-	// strings quoted; "" when the setting is missing.
+	// strings quoted; "" when the setting is missing, or too long to show.
 	Value string
 	// Reason says what is wrong and what is allowed.
 	Reason string
@@ -49,7 +56,7 @@ func (e *FieldError) Error() string {
 	if e.isNew {
 		label = "the new stream"
 		if e.Name != "" {
-			label += fmt.Sprintf(" (%q)", e.Name)
+			label += fmt.Sprintf(" (%q)", shortName(e.Name))
 		}
 	}
 	if e.Value == "" { // no value: the setting is missing
@@ -93,14 +100,27 @@ func streamLabel(id int64, name string) string {
 	if name == "" {
 		return "stream " + strconv.FormatInt(id, 10)
 	}
-	return fmt.Sprintf("stream %d (%q)", id, name)
+	return fmt.Sprintf("stream %d (%q)", id, shortName(name))
 }
 
-// Validate checks one stream on its own: every setting in range and the
-// settings consistent with each other. It returns every problem found,
-// joined with errors.Join, each one a *FieldError. Conflicts with other
-// streams and with Caddy's own ports are App.Validate's job.
-func (s *Stream) Validate() error {
+// shortName is a name for messages: one over MaxNameLength is cut short.
+func shortName(name string) string {
+	if utf8.RuneCountInString(name) <= MaxNameLength {
+		return name
+	}
+	return string([]rune(name)[:60]) + "…"
+}
+
+// Validate checks one stream on its own: every setting in range, name and
+// notes within their limits, and the settings consistent with each other.
+// It returns every problem found, joined with errors.Join, each one a
+// *FieldError. Conflicts with other streams and with Caddy's own ports are
+// App.Validate's job.
+func (s *Stream) Validate() error { return s.validate(true) }
+
+// validate is Validate, with the limits of name and notes checked only if
+// limits is set.
+func (s *Stream) validate(limits bool) error {
 	var errs []error
 	bad := func(field, value, reason string) {
 		errs = append(errs, &FieldError{ID: s.ID, Name: s.Name, Field: field, Value: value, Reason: reason})
@@ -111,6 +131,18 @@ func (s *Stream) Validate() error {
 
 	if s.ID <= 0 {
 		badInt("id", s.ID, "must be > 0")
+	}
+	if limits {
+		// The value is not repeated: it is too long for a message.
+		for _, f := range []struct {
+			field, v string
+			max      int
+		}{{"name", s.Name, MaxNameLength}, {"notes", s.Notes, MaxNotesLength}} {
+			if n := utf8.RuneCountInString(f.v); n > f.max {
+				errs = append(errs, &FieldError{ID: s.ID, Name: s.Name, Field: f.field,
+					Reason: fmt.Sprintf("%d characters, more than the limit of %d; shorten it", n, f.max)})
+			}
+		}
 	}
 
 	switch s.Protocol {
@@ -358,7 +390,7 @@ func (a *App) Validate() error {
 	if a.Storage != nil && a.Storage.LogRetention < -1 {
 		errs = append(errs, fmt.Errorf("storage log_retention %d: must be >= -1 (-1 = keep all, 0 = 10000)", a.Storage.LogRetention))
 	}
-	errs = append(errs, a.validateList(a.Hosts)...)
+	errs = append(errs, a.validateList(a.Hosts, true)...)
 	return errors.Join(errs...)
 }
 
@@ -372,16 +404,20 @@ func (a *App) validateHosts(config []*Stream, stored []storage.Host) error {
 	for _, h := range stored {
 		all = append(all, streamFromHost(h))
 	}
-	if err := errors.Join(a.validateList(all)...); err != nil {
+	// The config's hosts have passed Validate; stored ones are not held
+	// to the limits of name and notes, which came after some were stored:
+	// they run, and a write to them must keep to the limits.
+	if err := errors.Join(a.validateList(all, false)...); err != nil {
 		return fmt.Errorf("the config's streams and the %d stored through the API (in %s) do not fit together; change the config, or change or delete the stored stream through the API:\n%w",
 			len(stored), a.storagePath(), err)
 	}
 	return nil
 }
 
-// validateList checks every host on its own, that ids are unique and that
-// no two enabled hosts, nor one and Caddy itself, share a port.
-func (a *App) validateList(hosts []*Stream) []error {
+// validateList checks every host on its own (with the limits of name and
+// notes if limits is set), that ids are unique and that no two enabled
+// hosts, nor one and Caddy itself, share a port.
+func (a *App) validateList(hosts []*Stream, limits bool) []error {
 	var errs []error
 	byID := make(map[int64]*Stream, len(hosts))
 	var enabled []*Stream
@@ -390,7 +426,7 @@ func (a *App) validateList(hosts []*Stream) []error {
 			errs = append(errs, fmt.Errorf("hosts[%d]: null: must be a stream object", i))
 			continue
 		}
-		if err := s.Validate(); err != nil {
+		if err := s.validate(limits); err != nil {
 			errs = append(errs, err)
 		}
 		if first, dup := byID[s.ID]; dup {
