@@ -6,6 +6,8 @@ import (
 	"reflect"
 	"testing"
 	"time"
+
+	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
 )
 
 func TestConnLogRoundTrip(t *testing.T) {
@@ -18,13 +20,13 @@ func TestConnLogRoundTrip(t *testing.T) {
 			StreamID: 7, SourceIP: "2001:db8::1", SourcePort: 54321,
 			BytesSent: 1 << 40, BytesReceived: 12345, DurationMS: 1500,
 			Action: ActionAllowed, DisconnectReason: "upstream closed",
-			StartedAt: start, EndedAt: start.Add(1500 * time.Millisecond),
+			StartedAt: jsontime.Of(start), EndedAt: jsontime.Of(start.Add(1500 * time.Millisecond)),
 		},
 		{
 			StreamID: 7, SourceIP: "192.0.2.1",
 			Action: ActionBlocked, DisconnectReason: "blacklisted",
 			// Sub-millisecond precision and the zone are not kept.
-			StartedAt: start.Add(123 * time.Microsecond).In(time.FixedZone("x", 3600)),
+			StartedAt: jsontime.Of(start.Add(123 * time.Microsecond).In(time.FixedZone("x", 3600))),
 		},
 	}
 	if err := s.AppendConnLogs(ctx, in); err != nil {
@@ -39,7 +41,7 @@ func TestConnLogRoundTrip(t *testing.T) {
 	}
 	want0 := in[1]
 	want0.ID = got[0].ID
-	want0.StartedAt = start
+	want0.StartedAt = jsontime.Of(start)
 	want1 := in[0]
 	want1.ID = got[1].ID
 	if !reflect.DeepEqual(got[0], want0) || !reflect.DeepEqual(got[1], want1) {

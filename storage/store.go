@@ -18,6 +18,8 @@ import (
 	"context"
 	"errors"
 	"time"
+
+	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
 )
 
 // Errors a Store returns, wrapped with what failed; test for them with
@@ -287,11 +289,11 @@ type ConnLog struct {
 
 	// StartedAt is when the connection was accepted; stored to the
 	// millisecond, returned in UTC.
-	StartedAt time.Time `json:"started_at,omitzero"`
+	StartedAt jsontime.Time `json:"started_at,omitzero"`
 
 	// EndedAt is when the connection ended; stored to the millisecond,
 	// returned in UTC.
-	EndedAt time.Time `json:"ended_at,omitzero"`
+	EndedAt jsontime.Time `json:"ended_at,omitzero"`
 }
 
 // Limits of ConnLogQuery.Limit.

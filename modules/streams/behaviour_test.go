@@ -454,7 +454,7 @@ func TestHealthChecks(t *testing.T) {
 
 	up.Close(10 * time.Second)
 	st = inst.waitStats(1, "unhealthy", func(s streams.Status) bool { return s.HealthStatus == "unhealthy" })
-	if st.Healthy == nil || *st.Healthy || st.LastHealthError == "" || st.LastHealthCheck == nil || !st.LastHealthCheck.After(firstCheck) {
+	if st.Healthy == nil || *st.Healthy || st.LastHealthError == "" || st.LastHealthCheck == nil || !st.LastHealthCheck.After(firstCheck.Time) {
 		t.Fatalf("upstream down: %+v", st)
 	}
 	t.Logf("while down: last_health_error %q", st.LastHealthError)

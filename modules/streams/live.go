@@ -15,6 +15,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 	"github.com/aegis-proxy/caddy-aegis/storage"
 )
@@ -112,8 +113,8 @@ type HostStatus struct {
 	// hosts created through the API.
 	Source string `json:"source"`
 	// CreatedAt and UpdatedAt are set for hosts created through the API.
-	CreatedAt *time.Time `json:"created_at,omitempty"`
-	UpdatedAt *time.Time `json:"updated_at,omitempty"`
+	CreatedAt *jsontime.Time `json:"created_at,omitempty"`
+	UpdatedAt *jsontime.Time `json:"updated_at,omitempty"`
 	// Version is the stream's version (the API's ETag), opaque. An API
 	// stream's changes on every write and never comes back, also across
 	// restarts: the number storage gave its last write. A config stream's
@@ -175,11 +176,11 @@ func (h *HostStatus) UnmarshalJSON(b []byte) error {
 		return err
 	}
 	var rest struct {
-		Source    string     `json:"source"`
-		CreatedAt *time.Time `json:"created_at"`
-		UpdatedAt *time.Time `json:"updated_at"`
-		Version   string     `json:"version"`
-		Status    Status     `json:"status"`
+		Source    string         `json:"source"`
+		CreatedAt *jsontime.Time `json:"created_at"`
+		UpdatedAt *jsontime.Time `json:"updated_at"`
+		Version   string         `json:"version"`
+		Status    Status         `json:"status"`
 	}
 	if err := json.Unmarshal(b, &rest); err != nil {
 		return err
@@ -193,8 +194,7 @@ func (rt *runtime) hostStatus() HostStatus {
 	cp := *rt.cfg
 	hs := HostStatus{Stream: &cp, Source: rt.source, Version: rt.currentVersion(), Status: StatusOf(rt.cfg, rt.state)}
 	if rt.source == SourceAPI && !rt.created.IsZero() {
-		c, u := rt.created, rt.updated
-		hs.CreatedAt, hs.UpdatedAt = &c, &u
+		hs.CreatedAt, hs.UpdatedAt = jsontime.Ptr(rt.created), jsontime.Ptr(rt.updated)
 	}
 	return hs
 }
@@ -589,11 +589,11 @@ type ActiveConn struct {
 	ID       uint64 `json:"id"`
 	Protocol string `json:"protocol"`
 	// Source is the client's ip:port.
-	Source        string    `json:"source"`
-	SourceIP      string    `json:"source_ip"`
-	StartedAt     time.Time `json:"started_at"`
-	BytesSent     uint64    `json:"bytes_sent"`
-	BytesReceived uint64    `json:"bytes_received"`
+	Source        string        `json:"source"`
+	SourceIP      string        `json:"source_ip"`
+	StartedAt     jsontime.Time `json:"started_at"`
+	BytesSent     uint64        `json:"bytes_sent"`
+	BytesReceived uint64        `json:"bytes_received"`
 	// DatagramsSent and DatagramsReceived count a UDP entry's datagrams.
 	DatagramsSent     uint64 `json:"datagrams_sent,omitempty"`
 	DatagramsReceived uint64 `json:"datagrams_received,omitempty"`
@@ -616,12 +616,12 @@ func (a *App) ActiveConnections(id int64) ([]ActiveConn, error) {
 		}
 		out = append(out, ActiveConn{
 			ID: ss.ID, Protocol: proto, Source: ss.Source.String(), SourceIP: ss.Source.Addr().String(),
-			StartedAt: ss.Start, BytesSent: ss.Sent(), BytesReceived: ss.Received(),
+			StartedAt: jsontime.Of(ss.Start), BytesSent: ss.Sent(), BytesReceived: ss.Received(),
 			DatagramsSent: ss.DatagramsSent(), DatagramsReceived: ss.DatagramsReceived(),
 		})
 		return true
 	})
-	slices.SortFunc(out, func(x, y ActiveConn) int { return x.StartedAt.Compare(y.StartedAt) })
+	slices.SortFunc(out, func(x, y ActiveConn) int { return x.StartedAt.Compare(y.StartedAt.Time) })
 	return out, nil
 }
 
