@@ -26,9 +26,10 @@ const maxUnknown = 10
 var (
 	// streamFields are the JSON fields of a stream, with their Go types.
 	streamFields = jsonFields(reflect.TypeFor[streams.Stream]())
-	// readOnlyFields are the fields GET adds to a stream. A client may
-	// send back what it read: they are accepted and ignored.
-	readOnlyFields = map[string]bool{"source": true, "status": true, "created_at": true, "updated_at": true, "version": true}
+	// readOnlyFields are the fields GET adds to a stream, and warnings,
+	// which a write's answer adds. A client may send back what it read:
+	// they are accepted and ignored.
+	readOnlyFields = map[string]bool{"source": true, "status": true, "created_at": true, "updated_at": true, "version": true, "warnings": true}
 	// portCheckFields are the JSON fields of a validate-port request.
 	portCheckFields = jsonFields(reflect.TypeFor[streams.PortCheck]())
 )

@@ -59,6 +59,13 @@ func TestWriteWarnings(t *testing.T) {
 	r = inst.call("PATCH", path, fmt.Sprintf(`{"listen_port": %d, "enabled": true}`, port), ctMergePatch).want(t, http.StatusOK)
 	has("PATCH back", warnings(r))
 
+	// What a write answered, warnings and all, can be sent back.
+	back := inst.call("PUT", path, stream(0, 22, up.Port, obj{"enabled": false})).want(t, http.StatusOK).obj(t)
+	back["listen_port"] = port
+	inst.call("PUT", path, back).want(t, http.StatusOK)
+	back["notes"] = "sent back"
+	inst.call("PATCH", path, back, ctMergePatch).want(t, http.StatusOK)
+
 	// GET is the stream alone.
 	if got := inst.call("GET", path, nil).want(t, http.StatusOK).obj(t); got["warnings"] != nil {
 		t.Fatalf("GET has warnings: %v", got)
