@@ -2,9 +2,11 @@ package testenv
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"maps"
 	"os"
 	"path/filepath"
@@ -102,4 +104,67 @@ func LogLines[T any](t testing.TB, file string, keep func(T) bool) []T {
 		}
 	}
 	return out
+}
+
+// RepeatedKeys returns the keys that appear more than once in one object
+// of the JSON value line, at any depth, in the order met; an error if line
+// is not JSON. encoding/json would keep the last of such keys silently,
+// and log pipelines (Loki, Elasticsearch, jq) break on them or keep either.
+func RepeatedKeys(line []byte) ([]string, error) {
+	type level struct {
+		keys    map[string]bool // nil for an array
+		wantKey bool            // in an object, the next token is a key
+	}
+	dec := json.NewDecoder(bytes.NewReader(line))
+	dec.UseNumber()
+	var repeated []string
+	var stack []*level
+	// valueDone marks the end of a value in the enclosing object, whose
+	// next token is then a key.
+	valueDone := func() {
+		if n := len(stack); n > 0 && stack[n-1].keys != nil {
+			stack[n-1].wantKey = true
+		}
+	}
+	for {
+		tok, err := dec.Token()
+		if err == io.EOF {
+			if len(stack) != 0 {
+				return nil, io.ErrUnexpectedEOF
+			}
+			return repeated, nil
+		}
+		if err != nil {
+			return nil, err
+		}
+		top := (*level)(nil)
+		if n := len(stack); n > 0 {
+			top = stack[n-1]
+		}
+		if top != nil && top.keys != nil && top.wantKey {
+			if d, ok := tok.(json.Delim); ok && d == '}' {
+				stack = stack[:len(stack)-1]
+				valueDone()
+				continue
+			}
+			k := tok.(string) // the decoder allows nothing else here
+			if top.keys[k] {
+				repeated = append(repeated, k)
+			}
+			top.keys[k] = true
+			top.wantKey = false
+			continue
+		}
+		switch tok {
+		case json.Delim('{'):
+			stack = append(stack, &level{keys: map[string]bool{}, wantKey: true})
+		case json.Delim('['):
+			stack = append(stack, &level{})
+		case json.Delim(']'):
+			stack = stack[:len(stack)-1]
+			valueDone()
+		default:
+			valueDone()
+		}
+	}
 }
