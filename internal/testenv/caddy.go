@@ -106,6 +106,22 @@ func LogLines[T any](t testing.TB, file string, keep func(T) bool) []T {
 	return out
 }
 
+// CheckKeysOnce fails the test for each JSON line of the log file that has
+// a key more than once in one object (see RepeatedKeys), and returns the
+// number of JSON lines it read.
+func CheckKeysOnce(t testing.TB, file string) int {
+	t.Helper()
+	n := 0
+	LogLines(t, file, func(line json.RawMessage) bool {
+		n++
+		if keys, err := RepeatedKeys(line); err != nil || len(keys) > 0 {
+			t.Errorf("log line with keys %q more than once (%v): %s", keys, err, line)
+		}
+		return false
+	})
+	return n
+}
+
 // RepeatedKeys returns the keys that appear more than once in one object
 // of the JSON value line, at any depth, in the order met; an error if line
 // is not JSON. encoding/json would keep the last of such keys silently,

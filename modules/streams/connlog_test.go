@@ -1,9 +1,7 @@
 package streams_test
 
 import (
-	"encoding/json"
 	"slices"
-	"strings"
 	"testing"
 	"time"
 
@@ -85,16 +83,7 @@ func TestConnectionLogLinesOneLoggerEachKeyOnce(t *testing.T) {
 	}
 
 	// Every line of the log, connection lines and all the others.
-	n := 0
-	testenv.LogLines(t, inst.logFile, func(line json.RawMessage) bool {
-		n++
-		keys, err := testenv.RepeatedKeys(line)
-		if err != nil || len(keys) > 0 {
-			t.Errorf("log line with keys %s more than once (%v): %s", strings.Join(keys, ", "), err, line)
-		}
-		return false
-	})
-	if n < len(want) {
+	if n := testenv.CheckKeysOnce(t, inst.logFile); n < len(want) {
 		t.Fatalf("read %d log lines", n)
 	}
 }
