@@ -25,6 +25,9 @@ type Caddy struct {
 	LogFile   string // where Caddy's logs go, as JSON lines
 	DBFile    string // the streams' storage, unless a config sets one
 	DataDir   string // Caddy's own storage (certificates, locks)
+	// Logs, when set, are the config's logs (logging.logs) instead of
+	// one that writes everything at DEBUG to LogFile.
+	Logs map[string]any
 }
 
 // New prepares a Caddy that runs nothing yet; Caddy is stopped when the
@@ -65,12 +68,16 @@ func (c *Caddy) Load(apps map[string]any) error {
 			apps["streams"] = app
 		}
 	}
-	b, err := json.Marshal(map[string]any{
-		"admin": map[string]any{"listen": c.AdminAddr},
-		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{
+	logs := c.Logs
+	if logs == nil {
+		logs = map[string]any{"default": map[string]any{
 			"level":  "DEBUG",
 			"writer": map[string]any{"output": "file", "filename": c.LogFile},
-		}}},
+		}}
+	}
+	b, err := json.Marshal(map[string]any{
+		"admin":   map[string]any{"listen": c.AdminAddr},
+		"logging": map[string]any{"logs": logs},
 		// Caddy's certificates and locks stay in the test's directory.
 		"storage": map[string]any{"module": "file_system", "root": c.DataDir},
 		"apps":    apps,

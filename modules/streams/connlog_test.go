@@ -1,6 +1,7 @@
 package streams_test
 
 import (
+	"path/filepath"
 	"slices"
 	"testing"
 	"time"
@@ -21,25 +22,42 @@ type connLine struct {
 }
 
 // TestConnectionLogLinesOneLoggerEachKeyOnce runs real TCP and UDP
-// connections, allowed and blocked, through running streams and reads
-// Caddy's log file: every connection-log line comes from the logger
-// streams.connections, and no line of the whole log has a key twice.
+// connections, allowed and blocked, through running streams, with Caddy's
+// logs set up as the README says to give the connection log a file of its
+// own: every connection-log line comes from the logger streams.connections
+// and goes to that file only, and no line of either file has a key twice.
 func TestConnectionLogLinesOneLoggerEachKeyOnce(t *testing.T) {
 	checkNoLeaks(t)
 	tcpUp := newUpstream(t, echo)
 	udpUp := newUDPUpstream(t, "127.0.0.1:0", udpEcho)
 	pTCP, pUDP, pDenied := freePort(t), freePort(t), freePort(t)
-	inst := startCaddy(t, hosts(
+	c := testenv.New(t)
+	connFile := filepath.Join(filepath.Dir(c.LogFile), "connections.log")
+	c.Logs = map[string]any{
+		"default": map[string]any{
+			"level":   "DEBUG",
+			"writer":  map[string]any{"output": "file", "filename": c.LogFile},
+			"exclude": []string{"streams.connections"},
+		},
+		"connections": map[string]any{
+			"writer":  map[string]any{"output": "file", "filename": connFile},
+			"include": []string{"streams.connections"},
+		},
+	}
+	inst := &instance{t: t, caddy: c, admin: c.AdminAddr, logFile: connFile, dbFile: c.DBFile}
+	if err := inst.load(hosts(
 		host(1, pTCP, tcpUp.Port, nil),
 		udpHost(2, pUDP, udpUp.Port, map[string]any{"idle_timeout_seconds": 1}),
 		host(3, pDenied, tcpUp.Port, map[string]any{"protocol": "tcp+udp", "whitelist_cidrs": []string{"192.0.2.0/24"}}),
-	))
+	)); err != nil {
+		t.Fatal(err)
+	}
 
-	c := dial(t, pTCP)
-	if got := roundTrip(t, c, "tcp"); got != "tcp" {
+	tc := dial(t, pTCP)
+	if got := roundTrip(t, tc, "tcp"); got != "tcp" {
 		t.Fatalf("through the TCP stream: %q", got)
 	}
-	c.Close()
+	tc.Close()
 	u := udpDial(t, "", "127.0.0.1", pUDP)
 	for _, msg := range []string{"one", "two"} {
 		if got := udpRoundTrip(t, u, msg, 2*time.Second); got != msg {
@@ -82,8 +100,16 @@ func TestConnectionLogLinesOneLoggerEachKeyOnce(t *testing.T) {
 		}
 	}
 
-	// Every line of the log, connection lines and all the others.
-	if n := testenv.CheckKeysOnce(t, inst.logFile); n < len(want) {
-		t.Fatalf("read %d log lines", n)
+	// The rest of Caddy's log has none of them.
+	if other := testenv.LogLines(t, c.LogFile, func(l connLine) bool { return l.Msg == "connection" }); len(other) > 0 {
+		t.Errorf("connection-log lines in the log that excludes streams.connections: %+v", other)
+	}
+
+	// Every line of both files, connection lines and all the others.
+	if n := testenv.CheckKeysOnce(t, connFile); n < len(want) {
+		t.Fatalf("read %d lines of the connection log file", n)
+	}
+	if n := testenv.CheckKeysOnce(t, c.LogFile); n == 0 {
+		t.Fatal("Caddy's log is empty")
 	}
 }
