@@ -99,8 +99,10 @@ type Store interface {
 	// AppendConnLogs stores a batch of connection-log entries in one
 	// transaction: all of them or, on error, none. The entries' IDs are
 	// ignored and assigned by the store, in order. An entry whose StreamID
-	// is not > 0 or whose Action is neither ActionAllowed nor ActionBlocked
-	// fails the batch with ErrInvalid. The store does not keep the slice.
+	// is not > 0, whose Action is neither ActionAllowed nor ActionBlocked,
+	// whose Protocol is not "", ConnTCP or ConnUDP, or that has datagram
+	// counts without being ConnUDP fails the batch with ErrInvalid. The
+	// store does not keep the slice.
 	AppendConnLogs(ctx context.Context, entries []ConnLog) error
 
 	// ConnLogs returns connection-log entries, newest first, as selected
