@@ -120,6 +120,7 @@ func CheckKeysOnce(t testing.TB, file string) int {
 	t.Helper()
 	n := 0
 	LogLines(t, file, func(line json.RawMessage) bool {
+		t.Helper()
 		n++
 		if keys, err := RepeatedKeys(line); err != nil || len(keys) > 0 {
 			t.Errorf("log line with keys %q more than once (%v): %s", keys, err, line)

@@ -3,6 +3,7 @@ package streams_test
 import (
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -30,7 +31,7 @@ func TestConnectionLogLinesOneLoggerEachKeyOnce(t *testing.T) {
 	checkNoLeaks(t)
 	tcpUp := newUpstream(t, echo)
 	udpUp := newUDPUpstream(t, "127.0.0.1:0", udpEcho)
-	pTCP, pUDP, pDenied := freePort(t), freePort(t), freePort(t)
+	pTCP, pUDP, pDenied, pUnresolved := freePort(t), freePort(t), freePort(t), freePort(t)
 	c := testenv.New(t)
 	connFile := filepath.Join(filepath.Dir(c.LogFile), "connections.log")
 	c.Logs = map[string]any{
@@ -49,6 +50,8 @@ func TestConnectionLogLinesOneLoggerEachKeyOnce(t *testing.T) {
 		host(1, pTCP, tcpUp.Port, nil),
 		udpHost(2, pUDP, udpUp.Port, map[string]any{"idle_timeout_seconds": 1}),
 		host(3, pDenied, tcpUp.Port, map[string]any{"protocol": "tcp+udp", "whitelist_cidrs": []string{"192.0.2.0/24"}}),
+		// Its relay warns that the name does not resolve.
+		udpHost(4, pUnresolved, udpUp.Port, map[string]any{"upstream_host": "nothing-here.invalid"}),
 	)); err != nil {
 		t.Fatal(err)
 	}
@@ -103,6 +106,12 @@ func TestConnectionLogLinesOneLoggerEachKeyOnce(t *testing.T) {
 	// The rest of Caddy's log has none of them.
 	if other := testenv.LogLines(t, c.LogFile, func(l connLine) bool { return l.Msg == "connection" }); len(other) > 0 {
 		t.Errorf("connection-log lines in the log that excludes streams.connections: %+v", other)
+	}
+
+	if !testenv.Within(10*time.Second, func() bool {
+		return len(testenv.LogLines(t, c.LogFile, func(l connLine) bool { return strings.HasPrefix(l.Msg, "resolving UDP upstream") })) > 0
+	}) {
+		t.Error("no warning that stream 4's upstream does not resolve")
 	}
 
 	// Every line of both files, connection lines and all the others.
