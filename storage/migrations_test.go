@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -196,9 +197,10 @@ func allVersions() []int {
 // say udp, the others tcp, none has datagram counts, and new entries
 // store theirs.
 func TestMigrateConnLogProtocol(t *testing.T) {
-	const before = 3 // the version before "conn_log protocol and datagram counts"
-	if migrations[before].name != "conn_log protocol and datagram counts" {
-		t.Fatalf("migration %d is %q", before+1, migrations[before].name)
+	// The version before this migration, wherever it is in the list.
+	before := slices.IndexFunc(migrations, func(m migration) bool { return m.name == "conn_log protocol and datagram counts" })
+	if before < 1 {
+		t.Fatalf("no migration adds the connection log's protocol (index %d)", before)
 	}
 	path := filepath.Join(t.TempDir(), "aegis.db")
 	old, err := openAt(path, before, OpenOptions{})
