@@ -659,17 +659,22 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		dial_timeout 2s
 		proxy_protocol 2
 		health_check_interval 30s
+		half_close
 	}`))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if h.Upstream != "db.internal:5432" || h.StreamID != 3 || h.DialTimeout != caddy.Duration(2*time.Second) ||
-		h.ProxyProtocol != 2 || h.HealthCheckInterval != caddy.Duration(30*time.Second) {
+		h.ProxyProtocol != 2 || h.HealthCheckInterval != caddy.Duration(30*time.Second) || !h.HalfClose {
 		t.Fatalf("got %+v", h)
 	}
 	var bare l4aegisproxy.Handler
 	if err := bare.UnmarshalCaddyfile(caddyfile.NewTestDispenser("aegis_proxy [::1]:22")); err != nil || bare.Upstream != "[::1]:22" {
 		t.Fatalf("bare: %+v, %v", bare, err)
+	}
+	var off l4aegisproxy.Handler
+	if err := off.UnmarshalCaddyfile(caddyfile.NewTestDispenser("aegis_proxy a:1 {\n half_close true\n half_close false\n}")); err != nil || off.HalfClose {
+		t.Fatalf("half_close false: %+v, %v", off, err)
 	}
 
 	for _, tc := range []struct{ in, want string }{
@@ -682,6 +687,8 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		{"aegis_proxy a:1 {\n dial_timeout\n}", "dial_timeout"},
 		{"aegis_proxy a:1 {\n dial_timeout 1s 2s\n}", "dial_timeout"},
 		{"aegis_proxy a:1 {\n upstream b:2\n}", `"upstream"`},
+		{"aegis_proxy a:1 {\n half_close yes\n}", `half_close "yes"`},
+		{"aegis_proxy a:1 {\n half_close true false\n}", `half_close "true false"`},
 	} {
 		var h l4aegisproxy.Handler
 		err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.in))
