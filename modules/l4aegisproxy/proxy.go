@@ -164,6 +164,7 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 
 	r := getRelay(ss, cx.Conn, up)
 	defer r.put()
+	r.half = h.HalfClose
 	if ss != nil {
 		r.idle = ss.IdleTimeout
 		ss.RelayOwnsIdle()

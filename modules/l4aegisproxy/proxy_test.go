@@ -194,7 +194,8 @@ func transfer(t *testing.T, guard *l4aegisguard.Handler, up, down int64) (rchar 
 		got <- result{n, h, err}
 		<-sentDown
 	})
-	ch := startChain(t, "127.0.0.1:0", guard, &l4aegisproxy.Handler{Upstream: u.Addr})
+	// Each side half-closes when done and reads on to the other's end.
+	ch := startChain(t, "127.0.0.1:0", guard, &l4aegisproxy.Handler{Upstream: u.Addr, HalfClose: true})
 
 	before, ok := procIO()
 	c := dial(t, ch.addr)
