@@ -768,3 +768,36 @@ func TestRelayStepsDoNotAllocate(t *testing.T) {
 		t.Fatalf("%.2f allocations per round trip through the relay, want 0", allocs)
 	}
 }
+
+// Without half_close and without a guard (no session), a client that shuts
+// its write side still has both sides closed: the upstream sees the end,
+// and the client reads the reply and EOF though the upstream never closed.
+func TestEndClosesBothWithoutGuard(t *testing.T) {
+	ended := make(chan error, 1)
+	hold := make(chan struct{})
+	u := newUpstream(t, "127.0.0.1:0", func(c net.Conn) {
+		_, _ = c.Write([]byte("reply"))
+		_, err := io.Copy(io.Discard, c)
+		ended <- err
+		<-hold
+	})
+	t.Cleanup(func() { close(hold) }) // before the server's cleanup
+	ch := startChain(t, "127.0.0.1:0", nil, &l4aegisproxy.Handler{Upstream: u.Addr})
+	c := dial(t, ch.addr)
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 5)
+	if _, err := io.ReadFull(c, buf); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-ended:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the upstream saw no end within 5s")
+	}
+	if rest, err := io.ReadAll(c); err != nil || len(rest) != 0 {
+		t.Fatalf("client after its end: read %q, %v; want EOF", rest, err)
+	}
+}
