@@ -120,6 +120,15 @@ CREATE TABLE certificates (
 			`UPDATE conn_log SET protocol = 'udp' WHERE stream_id IN (SELECT id FROM hosts WHERE protocol = 'udp')`,
 		},
 	},
+	{
+		version: 5,
+		name:    "add hosts.half_close",
+		// Hosts stored before it get false, the default: either side's end
+		// closes both.
+		stmts: []string{
+			`ALTER TABLE hosts ADD COLUMN half_close INTEGER NOT NULL DEFAULT 0 CHECK (half_close IN (0, 1))`,
+		},
+	},
 }
 
 // migrate applies the migrations in migs above the database's version, up

@@ -199,6 +199,10 @@ type Host struct {
 	// IdleTimeoutSeconds closes a connection idle for this long.
 	IdleTimeoutSeconds int `json:"idle_timeout_seconds,omitempty"`
 
+	// HalfClose keeps a connection open after one side's end, until the
+	// other side ends too.
+	HalfClose bool `json:"half_close,omitempty"`
+
 	// ProxyProtocolVersion is the PROXY protocol header sent upstream: 0
 	// (off), 1 or 2.
 	ProxyProtocolVersion int `json:"proxy_protocol_version,omitempty"`

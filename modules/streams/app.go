@@ -268,6 +268,7 @@ func (a *App) buildChain(s *Stream) (layer4.Handler, context.CancelFunc, error) 
 		StreamID:      s.ID,
 		DialTimeout:   caddy.Duration(s.ConnectionTimeout()),
 		ProxyProtocol: s.ProxyProtocolVersion,
+		HalfClose:     s.HalfClose,
 	}
 	if s.HealthCheckEnabled {
 		proxy.HealthCheckInterval = caddy.Duration(s.HealthCheckInterval())
