@@ -25,7 +25,7 @@ vet:
 # web UI's tests in a browser (e2e).
 test: vet build e2e
 	$(GO) test -count=1 -run 'NotAllocate' ./modules/l4aegisproxy ./modules/udpnat
-	$(GO) test -race -count=1 ./...
+	AEGIS_BIN=$(CURDIR)/$(BIN) $(GO) test -race -count=1 ./...
 	$(BIN) validate --config Caddyfile.example --adapter caddyfile
 
 # Each fuzz target of each package for $(FUZZTIME); the first failure (a
