@@ -62,10 +62,12 @@ func NewBucket(bytesPerSec int64, full bool, now time.Time) *Bucket {
 // Size is what the full bucket holds: one second's worth.
 func (b *Bucket) Size() int { return b.size }
 
-// cost is the time n bytes take at the rate, and the time the bucket
-// must hold before they may go: their cost, at most a full second.
+// cost is the time n bytes take at the rate, rounded up to a whole
+// nanosecond (so that no rate runs over its limit, however high), and the
+// time the bucket must hold before they may go: their cost, at most a full
+// second.
 func (b *Bucket) cost(n int) (cost, need int64) {
-	cost = int64(float64(n) * b.perByte)
+	cost = int64(math.Ceil(float64(n) * b.perByte))
 	return cost, min(cost, int64(time.Second))
 }
 

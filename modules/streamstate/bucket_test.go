@@ -43,6 +43,11 @@ func TestBucketStartsEmptyWithOneSecondsWorth(t *testing.T) {
 	if !b.Allow(now.Add(100*time.Millisecond), 100) {
 		t.Fatal("after 100 ms at 1000 B/s the bucket holds 100 bytes")
 	}
+	// However high the rate, a byte costs something: an empty bucket of
+	// 10 GB/s lets no byte through.
+	if NewBucket(10_000_000_000, false, now).Allow(now, 1) {
+		t.Fatal("an empty 10 GB/s bucket let a byte through: its cost was rounded down to nothing")
+	}
 	// Ten seconds later it still holds one second's worth, no more.
 	later := now.Add(10 * time.Second)
 	if !b.Allow(later, 1001) || b.Allow(later, 1) {
