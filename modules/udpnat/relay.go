@@ -17,7 +17,6 @@ package udpnat
 
 import (
 	"context"
-	"math"
 	"net"
 	"net/netip"
 	"strconv"
@@ -28,7 +27,6 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
-	"golang.org/x/time/rate"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 )
@@ -349,7 +347,7 @@ func (r *Relay) datagram(s *socket, buf []byte, n int, src netip.AddrPort, oob [
 	}
 	now := time.Now()
 	e.last.Store(now.UnixNano())
-	if e.up != nil && !e.up.AllowN(now, n) {
+	if e.up != nil && !e.up.Allow(now, n) {
 		r.state.DropDatagrams(streamstate.DropRateLimit, 1)
 		return
 	}
@@ -453,15 +451,4 @@ func (r *Relay) block(p *policy, src netip.AddrPort, reason streamstate.BlockRea
 	if p.LogConnections {
 		r.state.LogBlocked(p.Logger, p.Name, src, reason.LogReason(), true)
 	}
-}
-
-// newLimiter makes a per-entry limiter of bytesPerSec whose bucket starts
-// full and holds one second's worth, at least one largest datagram, so a
-// datagram within the budget is never refused for its size alone. nil for
-// 0 (unlimited).
-func newLimiter(bytesPerSec int64) *rate.Limiter {
-	if bytesPerSec <= 0 {
-		return nil
-	}
-	return rate.NewLimiter(rate.Limit(bytesPerSec), int(min(max(bytesPerSec, maxDatagram), math.MaxInt32)))
 }
