@@ -6,7 +6,7 @@ BIN     := bin/aegis
 XCADDY  ?= $(shell $(GO) env GOPATH)/bin/xcaddy
 FUZZTIME ?= 60s
 
-.PHONY: all build run test vet fmt fuzz bench soak e2e xcaddy clean
+.PHONY: all build run test test-needs vet fmt fuzz bench soak e2e xcaddy clean
 
 all: build
 
@@ -20,13 +20,30 @@ vet:
 	@test -z "$$(gofmt -l .)" || { echo "gofmt would change:"; gofmt -l .; exit 1; }
 	$(GO) vet ./...
 
-# The allocation checks, which need a build without the race detector, then
-# every test with it (fuzz targets run their committed seeds), then the
-# web UI's tests in a browser (e2e).
-test: vet build e2e
+# First a check of what it needs (test-needs), vet, and the web UI's tests
+# in a browser (e2e); then the allocation checks, which need a build without
+# the race detector, then every test with it (fuzz targets run their
+# committed seeds; the tests that run aegis as a command run bin/aegis).
+test: test-needs vet build e2e
 	$(GO) test -count=1 -run 'NotAllocate' ./modules/l4aegisproxy ./modules/udpnat
-	$(GO) test -race -count=1 ./...
+	AEGIS_BIN=$(CURDIR)/$(BIN) $(GO) test -race -count=1 ./...
 	$(BIN) validate --config Caddyfile.example --adapter caddyfile
+
+# What make test needs besides Go and make, said in one line before any of
+# it runs: a C compiler (the race detector uses cgo), Node.js 20 or later
+# with npm (the UI's tests), and, when chromium is not installed yet,
+# apt-get and root or sudo to install it. npm ci and apt-get also need the
+# network, which is not checked here.
+test-needs:
+	@missing=""; \
+	command -v "$$($(GO) env CC)" >/dev/null || missing="$$missing, $$($(GO) env CC) (the race detector needs a C compiler)"; \
+	node -e 'process.exit(+process.versions.node.split(".")[0] >= 20 ? 0 : 1)' 2>/dev/null || missing="$$missing, Node.js 20 or later"; \
+	command -v npm >/dev/null || missing="$$missing, npm"; \
+	if [ ! -x /usr/bin/chromium ]; then \
+		command -v apt-get >/dev/null || missing="$$missing, apt-get (to install chromium)"; \
+		[ "$$(id -u)" = 0 ] || command -v sudo >/dev/null || missing="$$missing, root or sudo (to apt-get install chromium)"; \
+	fi; \
+	if [ -n "$$missing" ]; then echo "make test needs$${missing#,}; install them and run it again (README.md, Set-up)"; exit 1; fi
 
 # Each fuzz target of each package for $(FUZZTIME); the first failure (a
 # crash, a broken invariant, a package that does not build) stops it.

@@ -197,7 +197,7 @@ func decodeCertInput(body []byte) (streams.CertInput, error) {
 		seen[k] = true
 		if _, ok := certInputFields[k]; !ok {
 			if len(unknown) < maxUnknown {
-				unknown = append(unknown, fieldProblem{Field: name, Message: fmt.Sprintf("unknown field %q", name)})
+				unknown = append(unknown, fieldProblem{Field: name, Message: streams.UnknownField(name, sortedKeys(certInputFields))})
 			}
 			continue
 		}
@@ -227,12 +227,9 @@ func decodeCertInput(body []byte) (streams.CertInput, error) {
 	if len(unknown) > 0 {
 		names := make([]string, len(unknown))
 		for i, u := range unknown {
-			names[i] = strconv.Quote(u.Field)
+			names[i] = u.Field
 		}
-		msg := fmt.Sprintf("unknown field %s; the fields are: %s", strings.Join(names, ", "), strings.Join(sortedKeys(certInputFields), ", "))
-		if len(names) > 1 {
-			msg = "unknown fields " + strings.TrimPrefix(msg, "unknown field ")
-		}
+		msg := streams.UnknownFields(names, sortedKeys(certInputFields))
 		return in, &apiError{Status: http.StatusBadRequest, Message: msg, Field: unknown[0].Field, Errors: unknown}
 	}
 	return in, nil

@@ -25,34 +25,14 @@ const maxUnknown = 10
 
 var (
 	// streamFields are the JSON fields of a stream, with their Go types.
-	streamFields = jsonFields(reflect.TypeFor[streams.Stream]())
+	streamFields = streams.JSONFields(reflect.TypeFor[streams.Stream]())
 	// readOnlyFields are the fields GET adds to a stream, and warnings,
 	// which a write's answer adds. A client may send back what it read:
 	// they are accepted and ignored.
 	readOnlyFields = map[string]bool{"source": true, "status": true, "created_at": true, "updated_at": true, "version": true, "warnings": true}
 	// portCheckFields are the JSON fields of a validate-port request.
-	portCheckFields = jsonFields(reflect.TypeFor[streams.PortCheck]())
+	portCheckFields = streams.JSONFields(reflect.TypeFor[streams.PortCheck]())
 )
-
-// jsonFields maps the JSON names of struct type t's fields to their types.
-func jsonFields(t reflect.Type) map[string]reflect.Type {
-	out := map[string]reflect.Type{}
-	for i := 0; i < t.NumField(); i++ {
-		f := t.Field(i)
-		if !f.IsExported() {
-			continue
-		}
-		name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
-		if name == "-" {
-			continue
-		}
-		if name == "" {
-			name = f.Name
-		}
-		out[name] = f.Type
-	}
-	return out
-}
 
 // requiredFields are the stream settings without a default.
 var requiredFields = []string{"listen_port", "upstream_host", "upstream_port"}
@@ -235,18 +215,15 @@ func readObject(body []byte, known map[string]reflect.Type, ignored map[string]b
 			continue
 		}
 		if len(unknown) < maxUnknown {
-			unknown = append(unknown, fieldProblem{Field: k, Value: anyValue(values[i]), Message: fmt.Sprintf("unknown field %q", k)})
+			unknown = append(unknown, fieldProblem{Field: k, Value: anyValue(values[i]), Message: streams.UnknownField(k, sortedKeys(known))})
 		}
 	}
 	if len(unknown) > 0 {
 		names := make([]string, len(unknown))
 		for i, u := range unknown {
-			names[i] = strconv.Quote(u.Field)
+			names[i] = u.Field
 		}
-		msg := fmt.Sprintf("unknown field %s; the fields are: %s", strings.Join(names, ", "), strings.Join(sortedKeys(known), ", "))
-		if len(names) > 1 {
-			msg = "unknown fields " + strings.TrimPrefix(msg, "unknown field ")
-		}
+		msg := streams.UnknownFields(names, sortedKeys(known))
 		return nil, nil, nil, &apiError{Status: http.StatusBadRequest, Message: msg,
 			Field: unknown[0].Field, Value: unknown[0].Value, Errors: unknown}
 	}

@@ -101,7 +101,7 @@ func TestPatch(t *testing.T) {
 		contains string
 		errs     int
 	}{
-		{name: "unknown fields", body: `{"enabld": false, "bogus": 1}`, field: "enabld", contains: `unknown fields "enabld", "bogus"`, errs: 2},
+		{name: "unknown fields", body: `{"enabld": false, "bogus": 1}`, field: "enabld", contains: `unknown fields "enabld" (did you mean enabled?), "bogus"`, errs: 2},
 		{name: "a repeated field", body: `{"name": "a", "name": "b"}`, field: "name", contains: "twice"},
 		{name: "a required setting removed", body: `{"listen_port": null, "enabled": false}`, field: "listen_port", contains: "listen_port: required"},
 		{name: "every required setting removed", body: `{"listen_port": null, "upstream_host": null, "upstream_port": null}`, field: "listen_port", contains: "upstream_port: required", errs: 3},

@@ -17,10 +17,10 @@ const hostColumns = `id, name, protocol, listen_address, listen_port,
 	whitelist_cidrs, blacklist_cidrs, ssl_enabled, ssl_cert_id,
 	upload_rate_bytes, download_rate_bytes, health_check_enabled,
 	health_check_interval_seconds, log_connections, notes,
-	created_at, updated_at, version`
+	half_close, created_at, updated_at, version`
 
 const insertHost = `INSERT INTO hosts (` + hostColumns + `)
-	VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
+	VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
 
 const updateHost = `UPDATE hosts SET
 	name = ?, protocol = ?, listen_address = ?, listen_port = ?,
@@ -29,7 +29,7 @@ const updateHost = `UPDATE hosts SET
 	whitelist_cidrs = ?, blacklist_cidrs = ?, ssl_enabled = ?, ssl_cert_id = ?,
 	upload_rate_bytes = ?, download_rate_bytes = ?, health_check_enabled = ?,
 	health_check_interval_seconds = ?, log_connections = ?, notes = ?,
-	created_at = ?, updated_at = ?, version = ?
+	half_close = ?, created_at = ?, updated_at = ?, version = ?
 	WHERE id = ?`
 
 type rowScanner interface {
@@ -48,7 +48,7 @@ func scanHost(r rowScanner) (Host, error) {
 		&white, &black, &h.SSLEnabled, &h.SSLCertID,
 		&h.UploadRateBytes, &h.DownloadRateBytes, &h.HealthCheckEnabled,
 		&h.HealthCheckIntervalSeconds, &h.LogConnections, &h.Notes,
-		&createdAt, &updatedAt, &h.Version)
+		&h.HalfClose, &createdAt, &updatedAt, &h.Version)
 	if err != nil {
 		return Host{}, err
 	}
@@ -79,7 +79,7 @@ func hostValues(h Host) ([]any, error) {
 		white, black, h.SSLEnabled, h.SSLCertID,
 		h.UploadRateBytes, h.DownloadRateBytes, h.HealthCheckEnabled,
 		h.HealthCheckIntervalSeconds, h.LogConnections, h.Notes,
-		millis(h.CreatedAt), millis(h.UpdatedAt), h.Version}, nil
+		h.HalfClose, millis(h.CreatedAt), millis(h.UpdatedAt), h.Version}, nil
 }
 
 // encodeList stores a list as a JSON array; nil is [].

@@ -29,6 +29,7 @@ func genHost(id int64, gen int) Host {
 		MaxConnections:             gen + 3,
 		ConnectionTimeoutSeconds:   gen + 4,
 		IdleTimeoutSeconds:         gen + 5,
+		HalfClose:                  gen%2 == 0,
 		ProxyProtocolVersion:       gen + 6,
 		WhitelistCIDRs:             []string{fmt.Sprintf("w-%d", gen), "10.0.0.0/8"},
 		BlacklistCIDRs:             []string{fmt.Sprintf("b-%d", gen)},

@@ -108,6 +108,29 @@ CREATE TABLE certificates (
 	},
 	{
 		version: 4,
+		name:    "conn_log protocol and datagram counts",
+		// Entries from before have no datagram counts (NULL). Their
+		// protocol is udp when their stream is a stored UDP-only host,
+		// tcp otherwise: the entries of tcp+udp hosts and config streams
+		// cannot be told apart.
+		stmts: []string{
+			`ALTER TABLE conn_log ADD COLUMN protocol TEXT NOT NULL DEFAULT 'tcp' CHECK (protocol IN ('tcp', 'udp'))`,
+			`ALTER TABLE conn_log ADD COLUMN datagrams_sent INTEGER`,
+			`ALTER TABLE conn_log ADD COLUMN datagrams_received INTEGER`,
+			`UPDATE conn_log SET protocol = 'udp' WHERE stream_id IN (SELECT id FROM hosts WHERE protocol = 'udp')`,
+		},
+	},
+	{
+		version: 5,
+		name:    "add hosts.half_close",
+		// Hosts stored before it get false, the default: either side's end
+		// closes both.
+		stmts: []string{
+			`ALTER TABLE hosts ADD COLUMN half_close INTEGER NOT NULL DEFAULT 0 CHECK (half_close IN (0, 1))`,
+		},
+	},
+	{
+		version: 6,
 		name:    "hosts version",
 		// version is the host's version, the API's ETag: every write gives
 		// the host the next value of host_version.last, so a version is

@@ -156,9 +156,10 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	if !st.Admit(h.MaxConnections) {
 		return h.block(src, streamstate.BlockMaxConnections)
 	}
-	defer st.Active.Add(-1)
-
 	ss := st.NewSession(cx.Conn, src, time.Duration(h.IdleTimeout), h.logger, h.name)
+	// The relay may give the slot back before the connection is closed.
+	ss.HoldSlot()
+	defer ss.ReleaseSlot()
 	cx.SetVar(streamstate.SessionVar, ss)
 	cx.Conn = streamstate.NewConn(cx.Conn, ss, h.UploadRateBytes, h.DownloadRateBytes)
 	err := next.Handle(cx)

@@ -11,6 +11,7 @@ import (
 	"io"
 	"net"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -48,6 +49,13 @@ type Handler struct {
 	// HealthCheckInterval runs a TCP dial to the upstream this often.
 	// Default: 0 (no health checks).
 	HealthCheckInterval caddy.Duration `json:"health_check_interval,omitempty"`
+
+	// HalfClose keeps the connection open after one side has finished
+	// sending: its end is passed on (CloseWrite) and the other direction
+	// runs until its own end. When false, either side's end frees the
+	// guard's max_connections slot and then closes both sides, once the
+	// bytes already read are written out. Default: false.
+	HalfClose bool `json:"half_close,omitempty"`
 
 	dialer net.Dialer
 	state  *streamstate.Stream
@@ -156,6 +164,7 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 
 	r := getRelay(ss, cx.Conn, up)
 	defer r.put()
+	r.half = h.HalfClose
 	if ss != nil {
 		r.idle = ss.IdleTimeout
 		ss.RelayOwnsIdle()
@@ -232,6 +241,7 @@ func (h *Handler) checkHealth(ctx caddy.Context) {
 //		dial_timeout <duration>
 //		proxy_protocol 0|1|2
 //		health_check_interval <duration>
+//		half_close [true|false]
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // handler name
@@ -244,6 +254,18 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	}
 	for d.NextBlock(0) {
 		opt := d.Val()
+		if opt == "half_close" {
+			// Alone it means true, as the streams app's boolean options.
+			switch args := d.RemainingArgs(); {
+			case len(args) == 0 || len(args) == 1 && args[0] == "true":
+				h.HalfClose = true
+			case len(args) == 1 && args[0] == "false":
+				h.HalfClose = false
+			default:
+				return d.Errf("half_close %q: want true or false", strings.Join(args, " "))
+			}
+			continue
+		}
 		if !d.NextArg() {
 			return d.ArgErr()
 		}

@@ -194,7 +194,8 @@ func transfer(t *testing.T, guard *l4aegisguard.Handler, up, down int64) (rchar 
 		got <- result{n, h, err}
 		<-sentDown
 	})
-	ch := startChain(t, "127.0.0.1:0", guard, &l4aegisproxy.Handler{Upstream: u.Addr})
+	// Each side half-closes when done and reads on to the other's end.
+	ch := startChain(t, "127.0.0.1:0", guard, &l4aegisproxy.Handler{Upstream: u.Addr, HalfClose: true})
 
 	before, ok := procIO()
 	c := dial(t, ch.addr)
@@ -659,17 +660,22 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		dial_timeout 2s
 		proxy_protocol 2
 		health_check_interval 30s
+		half_close
 	}`))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if h.Upstream != "db.internal:5432" || h.StreamID != 3 || h.DialTimeout != caddy.Duration(2*time.Second) ||
-		h.ProxyProtocol != 2 || h.HealthCheckInterval != caddy.Duration(30*time.Second) {
+		h.ProxyProtocol != 2 || h.HealthCheckInterval != caddy.Duration(30*time.Second) || !h.HalfClose {
 		t.Fatalf("got %+v", h)
 	}
 	var bare l4aegisproxy.Handler
 	if err := bare.UnmarshalCaddyfile(caddyfile.NewTestDispenser("aegis_proxy [::1]:22")); err != nil || bare.Upstream != "[::1]:22" {
 		t.Fatalf("bare: %+v, %v", bare, err)
+	}
+	var off l4aegisproxy.Handler
+	if err := off.UnmarshalCaddyfile(caddyfile.NewTestDispenser("aegis_proxy a:1 {\n half_close true\n half_close false\n}")); err != nil || off.HalfClose {
+		t.Fatalf("half_close false: %+v, %v", off, err)
 	}
 
 	for _, tc := range []struct{ in, want string }{
@@ -682,6 +688,8 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		{"aegis_proxy a:1 {\n dial_timeout\n}", "dial_timeout"},
 		{"aegis_proxy a:1 {\n dial_timeout 1s 2s\n}", "dial_timeout"},
 		{"aegis_proxy a:1 {\n upstream b:2\n}", `"upstream"`},
+		{"aegis_proxy a:1 {\n half_close yes\n}", `half_close "yes"`},
+		{"aegis_proxy a:1 {\n half_close true false\n}", `half_close "true false"`},
 	} {
 		var h l4aegisproxy.Handler
 		err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.in))
@@ -758,5 +766,38 @@ func TestRelayStepsDoNotAllocate(t *testing.T) {
 	// message either, so whatever is counted is the proxy's.
 	if allocs := testing.AllocsPerRun(500, roundTrip); allocs > 0.05 {
 		t.Fatalf("%.2f allocations per round trip through the relay, want 0", allocs)
+	}
+}
+
+// Without half_close and without a guard (no session), a client that shuts
+// its write side still has both sides closed: the upstream sees the end,
+// and the client reads the reply and EOF though the upstream never closed.
+func TestEndClosesBothWithoutGuard(t *testing.T) {
+	ended := make(chan error, 1)
+	hold := make(chan struct{})
+	u := newUpstream(t, "127.0.0.1:0", func(c net.Conn) {
+		_, _ = c.Write([]byte("reply"))
+		_, err := io.Copy(io.Discard, c)
+		ended <- err
+		<-hold
+	})
+	t.Cleanup(func() { close(hold) }) // before the server's cleanup
+	ch := startChain(t, "127.0.0.1:0", nil, &l4aegisproxy.Handler{Upstream: u.Addr})
+	c := dial(t, ch.addr)
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 5)
+	if _, err := io.ReadFull(c, buf); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-ended:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the upstream saw no end within 5s")
+	}
+	if rest, err := io.ReadAll(c); err != nil || len(rest) != 0 {
+		t.Fatalf("client after its end: read %q, %v; want EOF", rest, err)
 	}
 }

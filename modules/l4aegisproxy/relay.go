@@ -26,8 +26,12 @@ const (
 	dirDown = 1 // upstream → client
 )
 
-// relay moves bytes both ways between a client and an upstream until both
-// directions end. With raw set, both conns are raw *net.TCPConn and the
+// relay moves bytes both ways between a client and an upstream. With
+// half set, one side's end is passed on to the other side and the
+// relay runs until both directions end; otherwise the first end (a read of
+// EOF) ends both directions: the guard's slot is freed, the other direction
+// writes out what it has already read and stops, and the caller closes
+// both sides. With raw set, both conns are raw *net.TCPConn and the
 // relay drives the sockets itself: small transfers are read and written,
 // bulk ones spliced by the kernel, and bytes are counted at every step, so
 // counters move during a long transfer. Otherwise it copies through the
@@ -44,6 +48,7 @@ type relay struct {
 	ss     *streamstate.Session // nil without the guard
 	count  bool                 // count bytes into ss (the guard's wrapper is bypassed)
 	raw    bool                 // both sides are raw *net.TCPConn
+	half   bool                 // pass one side's end on instead of ending both
 	idle   time.Duration
 	client net.Conn
 	up     net.Conn
@@ -67,7 +72,7 @@ var relays = sync.Pool{New: func() any {
 func getRelay(ss *streamstate.Session, client, up net.Conn) *relay {
 	r := relays.Get().(*relay)
 	r.ss, r.client, r.up = ss, client, up
-	r.count, r.raw, r.idle = false, false, 0
+	r.count, r.raw, r.half, r.idle = false, false, false, 0
 	r.votes.Store(0)
 	r.done.Store(0)
 	return r
@@ -129,6 +134,9 @@ func (r *relay) pumpRaw(dir int, dst, src net.Conn) {
 		if r.idle > 0 {
 			_ = src.SetReadDeadline(r.deadline())
 		}
+		if r.ended(dir) {
+			return
+		}
 		n, writeErr, err := d.step()
 		if err == nil {
 			if n > 0 {
@@ -150,6 +158,9 @@ func (r *relay) pumpCopy(dir int, dst, src net.Conn) {
 	for {
 		if r.idle > 0 {
 			_ = src.SetReadDeadline(r.deadline())
+		}
+		if r.ended(dir) {
+			return
 		}
 		nr, err := src.Read(*buf)
 		writeErr := false
@@ -212,6 +223,9 @@ func (r *relay) moved(dir int, n int64) {
 // whether the direction is over.
 func (r *relay) stop(dir int, dst net.Conn, n int, writeErr bool, err error) bool {
 	switch {
+	case !writeErr && r.ended(dir) && errors.Is(err, os.ErrDeadlineExceeded):
+		// endBoth stopped the read: the other side has ended.
+		return true
 	case r.idle > 0 && errors.Is(err, os.ErrDeadlineExceeded):
 		// A write that timed out has already been judged idle by write or
 		// spliceStep.
@@ -221,14 +235,18 @@ func (r *relay) stop(dir int, dst net.Conn, n int, writeErr bool, err error) boo
 		r.abort(streamstate.ReasonIdleTimeout)
 		return true
 	case err == io.EOF && !writeErr:
-		// This side finished sending: pass the half-close on and let the
-		// other direction run to its end.
+		// This side finished sending: with half-close, pass the end on and
+		// let the other direction run to its end; otherwise end both.
 		if dir == dirUp {
 			r.setReason(streamstate.ReasonClientClose)
 		} else {
 			r.setReason(streamstate.ReasonUpstreamClose)
 		}
 		if r.done.Or(1<<dir)|1<<dir == 3 {
+			return true
+		}
+		if !r.half {
+			r.endBoth(dst)
 			return true
 		}
 		if cw, ok := dst.(interface{ CloseWrite() error }); !ok || cw.CloseWrite() != nil {
@@ -252,6 +270,32 @@ func (r *relay) stop(dir int, dst net.Conn, n int, writeErr bool, err error) boo
 		r.abort(streamstate.ReasonNone)
 		return true
 	}
+}
+
+// aLongTimeAgo is a read deadline that has passed: a read waiting with it
+// returns at once.
+var aLongTimeAgo = time.Unix(1, 0)
+
+// endBoth ends the connection after one side's end, without half-close.
+// It frees the guard's slot first, so that a client which reconnects as
+// soon as it sees the end finds it free, then stops the other direction,
+// which reads from dst: its read returns at once, and ended keeps it from
+// reading again. A write that direction has in progress goes on (bounded
+// by the idle timeout), so the bytes it read still arrive; when it
+// returns, the relay returns and its caller closes both sides.
+func (r *relay) endBoth(dst net.Conn) {
+	if r.ss != nil {
+		r.ss.ReleaseSlot()
+	}
+	_ = dst.SetReadDeadline(aLongTimeAgo)
+}
+
+// ended reports whether, without half-close, the other direction has seen
+// its side's end, which ends direction dir too. A direction checks it
+// after setting its read deadline and before reading; endBoth records the
+// end before it moves that deadline, so one of the two sees the other.
+func (r *relay) ended(dir int) bool {
+	return !r.half && r.done.Load()&(1<<(1-dir)) != 0
 }
 
 // deadline is when a read must return for the idle check: the last byte of

@@ -334,7 +334,7 @@ func TestUpstreamHalfClose(t *testing.T) {
 		b, _ := io.ReadAll(conn)
 		up.record(b)
 	}).Addr
-	c := startChain(t, &l4aegistls.Handler{CertID: id}, up.addr, chainOpts{})
+	c := startChain(t, &l4aegistls.Handler{CertID: id}, up.addr, chainOpts{halfClose: true})
 
 	tc, raw, err := dialTLS(t, c.addr, "x.test", roots(cert), nil)
 	if err != nil {

@@ -108,6 +108,8 @@ type chainOpts struct {
 	// wrap, when set, replaces each accepted connection before the chain
 	// sees it.
 	wrap func(net.Conn) net.Conn
+	// halfClose sets aegis_proxy's half_close.
+	halfClose bool
 }
 
 func startChain(t *testing.T, th *l4aegistls.Handler, upstream string, o chainOpts) *chain {
@@ -118,7 +120,7 @@ func startChain(t *testing.T, th *l4aegistls.Handler, upstream string, o chainOp
 		guard = new(l4aegisguard.Handler)
 	}
 	guard.LogConnections = true
-	proxy := &l4aegisproxy.Handler{Upstream: upstream, DialTimeout: caddy.Duration(2 * time.Second)}
+	proxy := &l4aegisproxy.Handler{Upstream: upstream, DialTimeout: caddy.Duration(2 * time.Second), HalfClose: o.halfClose}
 	var cleanups []func() error
 	// Registered first, so it runs after the server's own cleanup has
 	// closed the connections and waited for their handlers.

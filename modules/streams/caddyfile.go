@@ -61,6 +61,7 @@ func parseStreamsOption(d *caddyfile.Dispenser, existingVal any) (any, error) {
 //			max_connections <n>
 //			connection_timeout_seconds <n>
 //			idle_timeout_seconds <n>
+//			half_close [true|false]
 //			proxy_protocol_version 0|1|2
 //			whitelist_cidrs <cidr...>
 //			blacklist_cidrs <cidr...>
@@ -300,6 +301,7 @@ func hostFields(s *Stream) map[string]any {
 		"max_connections":               &s.MaxConnections,
 		"connection_timeout_seconds":    &s.ConnectionTimeoutSeconds,
 		"idle_timeout_seconds":          &s.IdleTimeoutSeconds,
+		"half_close":                    &s.HalfClose,
 		"proxy_protocol_version":        &s.ProxyProtocolVersion,
 		"ssl_enabled":                   &s.SSLEnabled,
 		"ssl_cert_id":                   &s.SSLCertID,

@@ -306,8 +306,9 @@ func TestMetricsUDP(t *testing.T) {
 	p1, p2 := freePort(t), freePort(t)
 	inst := startCaddy(t, hosts(
 		udpHost(1, p1, up.Port, map[string]any{"max_connections": 1, "idle_timeout_seconds": 2}),
-		// The budget holds one largest datagram at most: of two 60000-byte
-		// datagrams back to back, the second is over it.
+		// The bucket holds one second's worth (1000 B) and starts full: of
+		// two 60000-byte datagrams back to back, the first passes and the
+		// second is over it.
 		udpHost(2, p2, up.Port, map[string]any{"upload_rate_bytes": 1000}),
 	))
 

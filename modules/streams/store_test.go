@@ -11,7 +11,7 @@ func TestStoredHostKeepsEverySetting(t *testing.T) {
 	s := &Stream{
 		ID: 9, Name: "all", Protocol: "tcp+udp", ListenAddress: "::", ListenPort: 53,
 		UpstreamHost: "dns.internal", UpstreamPort: 5353, Enabled: false,
-		MaxConnections: 7, ConnectionTimeoutSeconds: 3, IdleTimeoutSeconds: 30, ProxyProtocolVersion: 2,
+		MaxConnections: 7, ConnectionTimeoutSeconds: 3, IdleTimeoutSeconds: 30, HalfClose: true, ProxyProtocolVersion: 2,
 		WhitelistCIDRs: []string{"10.0.0.0/8"}, BlacklistCIDRs: []string{"10.0.0.9"},
 		SSLEnabled: true, SSLCertID: 4, UploadRateBytes: 1000, DownloadRateBytes: 2000,
 		HealthCheckEnabled: true, HealthCheckIntervalSeconds: 15, LogConnections: true, Notes: "n",

@@ -74,6 +74,16 @@ type Stream struct {
 	// still detects dead peers; UDP: 60 seconds).
 	IdleTimeoutSeconds int `json:"idle_timeout_seconds,omitempty"`
 
+	// HalfClose keeps a TCP connection open after one side has finished
+	// sending (a FIN): the end is passed on and the other direction runs
+	// until its own end. Needed by protocols whose client shuts its write
+	// side and then waits for the reply (nc -N, rsh, some HTTP/1.0
+	// clients). When false, either side's end closes both sides at once,
+	// after the bytes already read are written out, and the connection's
+	// max_connections slot is free before the client sees the end.
+	// Default: false.
+	HalfClose bool `json:"half_close,omitempty"`
+
 	// ProxyProtocolVersion sends a PROXY protocol header to the upstream
 	// before any client byte: 0 (off), 1 (text) or 2 (binary). On UDP only 2
 	// is allowed, and the header goes in front of every datagram. Default: 0.

@@ -101,6 +101,8 @@ func TestMaxConnections(t *testing.T) {
 	roundTrip(t, b, "b") // the existing one kept working throughout
 }
 
+// With half_close true, one side's end is passed on and the other side
+// can still send.
 func TestHalfClose(t *testing.T) {
 	checkNoLeaks(t)
 	// The upstream reads the whole request, then answers and closes.
@@ -116,7 +118,8 @@ func TestHalfClose(t *testing.T) {
 		_, _ = fmt.Fprintf(io.Discard, "%s", rest)
 	})
 	p1, p2 := freePort(t), freePort(t)
-	inst := startCaddy(t, hosts(host(1, p1, up.Port, nil), host(2, p2, first.Port, nil)))
+	half := map[string]any{"half_close": true}
+	inst := startCaddy(t, hosts(host(1, p1, up.Port, half), host(2, p2, first.Port, half)))
 
 	c := dial(t, p1).(*net.TCPConn)
 	if _, err := c.Write([]byte("request")); err != nil {

@@ -349,6 +349,9 @@ func (s *Stream) Warnings() []string {
 	if s.HealthCheckEnabled && s.EffectiveProtocol() == ProtocolUDP {
 		w = append(w, "health_check_enabled: health checks are TCP dials and say nothing about a UDP-only upstream; its health shows not_checked")
 	}
+	if s.HalfClose && s.EffectiveProtocol() == ProtocolUDP {
+		w = append(w, "half_close: applies to TCP connections only; a UDP-only stream has none")
+	}
 	if !validPort(s.ListenPort) {
 		return w
 	}

@@ -228,6 +228,17 @@ func TestStreamWarnings(t *testing.T) {
 			}
 		}
 	}
+
+	// Settings that do nothing on a UDP-only stream.
+	s := validStream()
+	s.ListenPort, s.HalfClose = 15432, true
+	if got := s.Warnings(); len(got) != 0 {
+		t.Errorf("tcp stream with half_close: Warnings() = %q, want none", got)
+	}
+	s.Protocol = ProtocolUDP
+	if got := s.Warnings(); len(got) != 1 || !strings.HasPrefix(got[0], "half_close: applies to TCP connections only") {
+		t.Errorf("udp stream with half_close: Warnings() = %q, want one about half_close", got)
+	}
 }
 
 // host returns a valid enabled stream with the given id, name, protocol and

@@ -2,12 +2,9 @@ package streamstate
 
 import (
 	"errors"
-	"math"
 	"net"
 	"os"
 	"time"
-
-	"golang.org/x/time/rate"
 )
 
 // Conn is the wrapper that the guard handler puts around an accepted
@@ -22,29 +19,14 @@ type Conn struct {
 	net.Conn
 	S *Session
 
-	up, down           *rate.Limiter
-	upBurst, downBurst int
-}
-
-// NewLimiter makes a limiter of bytesPerSec whose burst is one second's
-// worth and whose bucket starts empty, so that a transfer never runs ahead
-// of the rate, even in its first second. It returns nil for 0 (unlimited).
-func NewLimiter(bytesPerSec int64) (*rate.Limiter, int) {
-	if bytesPerSec <= 0 {
-		return nil, 0
-	}
-	burst := int(min(bytesPerSec, math.MaxInt32))
-	l := rate.NewLimiter(rate.Limit(bytesPerSec), burst)
-	l.AllowN(time.Now(), burst)
-	return l, burst
+	up, down *Bucket // nil: unlimited
 }
 
 // NewConn wraps c for session ss with the given per-direction limits in
-// bytes per second (0 = unlimited).
+// bytes per second (0 = unlimited), whose buckets start empty (see Bucket).
 func NewConn(c net.Conn, ss *Session, upRate, downRate int64) *Conn {
-	cc := &Conn{Conn: c, S: ss}
-	cc.up, cc.upBurst = NewLimiter(upRate)
-	cc.down, cc.downBurst = NewLimiter(downRate)
+	now := time.Now()
+	cc := &Conn{Conn: c, S: ss, up: NewBucket(upRate, false, now), down: NewBucket(downRate, false, now)}
 	ss.touch()
 	return cc
 }
@@ -57,8 +39,8 @@ func (c *Conn) Limited() bool { return c.up != nil || c.down != nil }
 
 // Read reads client bytes, counting and limiting them.
 func (c *Conn) Read(p []byte) (int, error) {
-	if c.up != nil && len(p) > c.upBurst {
-		p = p[:c.upBurst]
+	if c.up != nil && len(p) > c.up.Size() {
+		p = p[:c.up.Size()]
 	}
 	idle := c.S.IdleTimeout
 	if c.S.relayOwnsIdle.Load() {
@@ -72,7 +54,7 @@ func (c *Conn) Read(p []byte) (int, error) {
 		if n > 0 {
 			c.S.touch()
 			if c.up != nil {
-				if werr := c.up.WaitN(c.S.Stream.ctx, n); werr != nil && err == nil {
+				if werr := c.up.Wait(c.S.Stream.ctx, n); werr != nil && err == nil {
 					err = net.ErrClosed
 				}
 			}
@@ -101,8 +83,8 @@ func (c *Conn) Write(p []byte) (int, error) {
 	}
 	var written int
 	for len(p) > 0 {
-		chunk := min(len(p), c.downBurst)
-		if err := c.down.WaitN(c.S.Stream.ctx, chunk); err != nil {
+		chunk := min(len(p), c.down.Size())
+		if err := c.down.Wait(c.S.Stream.ctx, chunk); err != nil {
 			return written, net.ErrClosed
 		}
 		n, err := c.Conn.Write(p[:chunk])

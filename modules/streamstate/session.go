@@ -87,6 +87,7 @@ type Session struct {
 	reason             atomic.Uint32
 	closed             atomic.Bool
 	relayOwnsIdle      atomic.Bool
+	slot               atomic.Bool // holds an Active slot of its stream
 
 	client   io.Closer
 	upstream atomic.Pointer[net.Conn]
@@ -205,6 +206,21 @@ func (ss *Session) touch() { ss.lastActive.Store(time.Now().UnixNano()) }
 
 // Closed reports whether Close was called.
 func (ss *Session) Closed() bool { return ss.closed.Load() }
+
+// HoldSlot records that the session holds one of its stream's Active
+// slots (the max_connections count), which ReleaseSlot gives back.
+func (ss *Session) HoldSlot() { ss.slot.Store(true) }
+
+// ReleaseSlot gives the session's Active slot back, once. A relay that
+// ends the connection calls it before it closes the client, so that a
+// client which reconnects as soon as it sees the end is not refused for
+// its own old slot; the guard calls it again when its handler returns,
+// which is then a no-op.
+func (ss *Session) ReleaseSlot() {
+	if ss.slot.CompareAndSwap(true, false) {
+		ss.Stream.Active.Add(-1)
+	}
+}
 
 // RelayOwnsIdle tells the guard's connection wrapper that the relay
 // enforces the idle timeout itself.

@@ -83,22 +83,6 @@ func TestReasonNames(t *testing.T) {
 	}
 }
 
-func TestLimiterStartsEmptyWithOneSecondBurst(t *testing.T) {
-	if l, burst := NewLimiter(0); l != nil || burst != 0 {
-		t.Fatalf("0 must mean unlimited, got %v %d", l, burst)
-	}
-	l, burst := NewLimiter(1000)
-	if burst != 1000 {
-		t.Fatalf("burst: got %d, want one second's worth (1000)", burst)
-	}
-	if l.AllowN(time.Now(), 100) {
-		t.Fatal("a new limiter must start empty: a transfer may not run ahead of the rate")
-	}
-	if !l.AllowN(time.Now().Add(time.Second), 1000) {
-		t.Fatal("after a second the bucket holds a second's worth")
-	}
-}
-
 func TestConnCountsAndPassesHalfClose(t *testing.T) {
 	client, server := tcpPair(t)
 	st := New(1)

@@ -18,7 +18,7 @@ var bufPool = sync.Pool{New: func() any { b := make([]byte, maxDatagram); return
 func (e *entry) deliver(p []byte) {
 	now := time.Now()
 	e.last.Store(now.UnixNano())
-	if e.down != nil && !e.down.AllowN(now, len(p)) {
+	if e.down != nil && !e.down.Allow(now, len(p)) {
 		e.r.state.DropDatagrams(streamstate.DropRateLimit, 1)
 		return
 	}

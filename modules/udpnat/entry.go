@@ -8,7 +8,6 @@ import (
 	"time"
 
 	proxyproto "github.com/pires/go-proxyproto"
-	"golang.org/x/time/rate"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 )
@@ -26,8 +25,8 @@ type entry struct {
 	last atomic.Int64 // unix nanoseconds of the last datagram either way
 	dead atomic.Bool
 
-	up, down *rate.Limiter
-	hdr      []byte // PROXY v2 header put in front of each datagram
+	up, down *streamstate.Bucket // nil: unlimited
+	hdr      []byte              // PROXY v2 header put in front of each datagram
 	to       replyAddr
 
 	// The entry goroutine's scratch for reading and replying.
@@ -51,14 +50,15 @@ func (r *Relay) newEntry(s *socket, p *policy, target, src, dst netip.AddrPort) 
 		conn.Close()
 		return nil, err
 	}
+	now := time.Now()
 	e := &entry{
 		r:    r,
 		key:  src,
 		pol:  p,
 		conn: conn,
 		rc:   rc,
-		up:   newLimiter(p.UploadRate),
-		down: newLimiter(p.DownloadRate),
+		up:   streamstate.NewBucket(p.UploadRate, true, now),
+		down: streamstate.NewBucket(p.DownloadRate, true, now),
 		to:   makeReplyAddr(s, src, dst),
 	}
 	if p.ProxyV2 {
@@ -67,7 +67,7 @@ func (r *Relay) newEntry(s *socket, p *policy, target, src, dst netip.AddrPort) 
 			return nil, err
 		}
 	}
-	e.last.Store(time.Now().UnixNano())
+	e.last.Store(now.UnixNano())
 	e.readFn = e.read
 	e.sendFn = e.send
 	return e, nil

@@ -17,7 +17,6 @@ package udpnat
 
 import (
 	"context"
-	"math"
 	"net"
 	"net/netip"
 	"strconv"
@@ -28,7 +27,6 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
-	"golang.org/x/time/rate"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 )
@@ -77,7 +75,9 @@ type Config struct {
 	ProxyV2 bool
 	// LogConnections logs every entry's end and blocked sources.
 	LogConnections bool
-	// Logger writes the relay's and the connection log's lines.
+	// Logger writes the relay's lines; it names the stream (its name and
+	// ID fields), so they add no such field. Connection-log lines go to the
+	// stream state's connection logger when one is set.
 	Logger *zap.Logger
 }
 
@@ -209,7 +209,7 @@ func (r *Relay) resolve(ctx context.Context, p *policy) {
 		if err != nil || len(ips) == 0 {
 			if !failed {
 				p.Logger.Warn("resolving UDP upstream; new clients are dropped until it resolves",
-					zap.String("stream", p.Name), zap.String("upstream", p.Upstream), zap.Error(err))
+					zap.String("upstream", p.Upstream), zap.Error(err))
 			}
 			failed, wait = true, time.Second
 		} else {
@@ -347,7 +347,7 @@ func (r *Relay) datagram(s *socket, buf []byte, n int, src netip.AddrPort, oob [
 	}
 	now := time.Now()
 	e.last.Store(now.UnixNano())
-	if e.up != nil && !e.up.AllowN(now, n) {
+	if e.up != nil && !e.up.Allow(now, n) {
 		r.state.DropDatagrams(streamstate.DropRateLimit, 1)
 		return
 	}
@@ -441,7 +441,7 @@ func (r *Relay) logDialError(p *policy, err error) {
 		return
 	}
 	p.Logger.Warn("opening UDP upstream socket; datagram dropped",
-		zap.String("stream", p.Name), zap.String("upstream", p.Upstream), zap.Error(err))
+		zap.String("upstream", p.Upstream), zap.Error(err))
 }
 
 // block counts a datagram of a new client that is not let in and logs it,
@@ -451,15 +451,4 @@ func (r *Relay) block(p *policy, src netip.AddrPort, reason streamstate.BlockRea
 	if p.LogConnections {
 		r.state.LogBlocked(p.Logger, p.Name, src, reason.LogReason(), true)
 	}
-}
-
-// newLimiter makes a per-entry limiter of bytesPerSec whose bucket starts
-// full and holds one second's worth, at least one largest datagram, so a
-// datagram within the budget is never refused for its size alone. nil for
-// 0 (unlimited).
-func newLimiter(bytesPerSec int64) *rate.Limiter {
-	if bytesPerSec <= 0 {
-		return nil
-	}
-	return rate.NewLimiter(rate.Limit(bytesPerSec), int(min(max(bytesPerSec, maxDatagram), math.MaxInt32)))
 }

@@ -87,10 +87,19 @@ func roundTrip(t testing.TB, c *net.UDPConn, p, buf []byte) {
 // Relaying a datagram each way on an existing NAT entry allocates nothing:
 // not the demux, not the entry's reply path, not the counters.
 func TestRelayDatagramsDoNotAllocate(t *testing.T) {
+	testNoAllocations(t, Config{})
+}
+
+// Nor do the rate limits' buckets, on a datagram that they let through.
+func TestLimitedRelayDatagramsDoNotAllocate(t *testing.T) {
+	testNoAllocations(t, Config{UploadRate: 1 << 30, DownloadRate: 1 << 30})
+}
+
+func testNoAllocations(t *testing.T, cfg Config) {
 	if raceEnabled {
 		t.Skip("the race detector allocates")
 	}
-	tr := newTestRelay(t, Config{})
+	tr := newTestRelay(t, cfg)
 	c := tr.client(t)
 	_ = c.SetDeadline(time.Now().Add(20 * time.Second))
 	p, buf := make([]byte, 64), make([]byte, 2048)
@@ -110,6 +119,18 @@ func TestRelayDatagramsDoNotAllocate(t *testing.T) {
 // on loopback; compare with BenchmarkDirectRoundTrip.
 func BenchmarkRelayRoundTrip(b *testing.B) {
 	tr := newTestRelay(b, Config{})
+	c := tr.client(b)
+	p, buf := make([]byte, 64), make([]byte, 2048)
+	b.ReportAllocs()
+	for b.Loop() {
+		roundTrip(b, c, p, buf)
+	}
+}
+
+// BenchmarkRelayRoundTripLimited is the same echo through upload and
+// download rate limits that every datagram is within.
+func BenchmarkRelayRoundTripLimited(b *testing.B) {
+	tr := newTestRelay(b, Config{UploadRate: 1 << 30, DownloadRate: 1 << 30})
 	c := tr.client(b)
 	p, buf := make([]byte, 64), make([]byte, 2048)
 	b.ReportAllocs()

@@ -129,7 +129,7 @@ func (e *entry) deliverBurst(rb *replies, n int) {
 	m := 0
 	for i := range n {
 		size := int(rb.in[i].Len)
-		if e.down != nil && !e.down.AllowN(now, size) {
+		if e.down != nil && !e.down.Allow(now, size) {
 			e.r.state.DropDatagrams(streamstate.DropRateLimit, 1)
 			continue
 		}
