@@ -234,11 +234,13 @@ func TestVersionsNeverComeBack(t *testing.T) {
 	for _, w := range []struct {
 		method string
 		body   any
+		ct     hdr
 	}{
-		{"PUT", stream(0, other, up.Port, obj{"name": "lost"})},
-		{"DELETE", nil},
+		{"PUT", stream(0, other, up.Port, obj{"name": "lost"}), ctJSON},
+		{"PATCH", `{"listen_port": ` + fmt.Sprint(other) + `}`, ctMergePatch},
+		{"DELETE", nil, hdr{}},
 	} {
-		inst.call(w.method, path, w.body, hdr{"If-Match", before}).apiErr(t, http.StatusPreconditionFailed)
+		inst.call(w.method, path, w.body, w.ct, hdr{"If-Match", before}).apiErr(t, http.StatusPreconditionFailed)
 	}
 	if after := inst.storedHosts(); norm(after) != norm(rowBefore) {
 		t.Fatalf("the stale writes changed the database:\nbefore %s\nafter  %s", norm(rowBefore), norm(after))
