@@ -328,11 +328,10 @@ func (a *api) updateHost(w http.ResponseWriter, r *http.Request, p params) error
 	if err != nil {
 		return err
 	}
+	// A PUT is the whole stream: a required setting it leaves out is
+	// named as missing, with the stored stream's name.
 	hs, err := streams.UpdateHostFunc(r.Context(), p.id, func(cur streams.Stream) (streams.Stream, error) {
-		if err := missingRequired(keys, cur); err != nil {
-			return s, err
-		}
-		return s, nil
+		return s, missingRequired(keys, cur)
 	}, pre...)
 	if err != nil {
 		return err
