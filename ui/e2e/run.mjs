@@ -971,6 +971,38 @@ test('a site with streams_admin and basic_auth serves the UI after login', { tim
   await ctx.close();
 });
 
+test('the UI opened as http://user:password@host/ loads the streams (requests go without the credentials)', { timeout: TEST_MS }, async () => {
+  // As a browser does with a typed https://user:pass@host:9443/: the
+  // page address, and so document.baseURI, keeps the credentials, and
+  // fetch refuses a URL with them.
+  const ctx = await newContext();
+  await guardOrigin(ctx, S.site);
+  const tab = await ctx.newPage();
+  watchPage(tab, 'site with credentials in the URL');
+  const withCreds = (mount) => `http://${SITE_USER}:${encodeURIComponent(SITE_PASSWORD)}@127.0.0.1:${S.ports.site}${mount}`;
+  try {
+    for (const mount of ['/', '/admin/']) {
+      await tab.goto(withCreds(mount));
+      await h1(tab, 'Streams').waitFor();
+      const alert = tab.getByRole('alert');
+      const row = streamRow(tab, 1);
+      await waitFor(`the config stream's row at ${mount} (or an alert)`, async () =>
+        (await row.count()) > 0 || (await alert.innerText()).trim());
+      assert.equal((await alert.innerText()).trim(), '', `an alert at ${mount}`);
+      assert.match(await row.innerText(), new RegExp(CFG_NAME));
+    }
+    // A request the server refuses says the status and the server's
+    // error, not "cannot reach the server".
+    await tab.goto(`${withCreds('/')}#/streams/9999/log`);
+    const said = await waitFor('an alert for a stream that does not exist', async () => (await tab.getByRole('alert').innerText()).trim());
+    assert.match(said, /HTTP 404/, `the alert does not give the status: ${said}`);
+    assert.match(said, /9999/, `the alert does not give the server's error: ${said}`);
+    assert.doesNotMatch(said, /cannot reach/, said);
+  } finally {
+    await ctx.close();
+  }
+});
+
 test('the pages fetched nothing outside the aegis origin and threw no errors', () => {
   assert.deepEqual(S.offOrigin, [], 'requests outside the aegis origin');
   assert.deepEqual(S.pageErrors, [], 'uncaught errors in the page');
