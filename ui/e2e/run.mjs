@@ -712,6 +712,60 @@ test('the form shows an inline error for a port that is taken', { timeout: TEST_
   await waitFor('#err-listen_port to clear for a free port', async () => (await err.innerText()).trim() === '');
 });
 
+test('Save shows every problem: a taken port and a bad CIDR each at its field, others at the top', { timeout: TEST_MS }, async () => {
+  await openHash(page, '/streams/new');
+  await h1(page, 'New stream').waitFor();
+  const portErr = page.locator('#err-listen_port');
+  const cidrErr = page.locator('#err-whitelist_cidrs');
+  await page.getByLabel('Listen address', { exact: true }).fill('127.0.0.1');
+  const port = page.getByLabel('Listen port', { exact: true });
+  await port.fill(String(S.ports.echo)); // the echo server holds it
+  await port.press('Tab');
+  await page.getByLabel('Upstream host', { exact: true }).fill('127.0.0.1');
+  await page.getByLabel('Upstream port', { exact: true }).fill(String(S.ports.echo));
+  await waitFor('#err-listen_port to say the port is in use', async () => /in use/.test(await portErr.innerText()));
+  const cidrs = page.getByLabel('Allowed CIDRs', { exact: true });
+  const save = page.getByRole('button', { name: 'Save', exact: true });
+  // One the form catches, one only the server does.
+  for (const cidr of ['10.0.0.0/33', '1:2:3']) {
+    await cidrs.fill(cidr);
+    await save.click();
+    await waitFor(`both errors after Save with ${cidr}`, async () => {
+      const [p, c] = [await portErr.innerText(), await cidrErr.innerText()];
+      return /in use/.test(p) && c.includes(cidr);
+    });
+    const alert = (await page.getByRole('alert').innerText()).trim();
+    assert.match(alert, /2 settings/, `the alert: ${alert}`);
+  }
+  await shot(page, 'form-errors.png');
+  assert.equal((await api('/api/v1/streams')).body.filter((s) => s.listen_port === S.ports.echo).length, 0, 'a stream was made');
+
+  // A problem of no field the form shows goes in a summary at the top.
+  const summary = page.locator('#form-problems');
+  assert.ok(await summary.isHidden(), 'the summary shows with nothing in it');
+  await cidrs.fill('');
+  await page.route('**/api/v1/streams', (route) => {
+    if (route.request().method() !== 'POST') return route.fallback();
+    return route.fulfill({
+      status: 409,
+      contentType: 'application/json',
+      body: JSON.stringify({
+        error: 'id 7 is taken by stream 7 ("other")', field: 'id', value: 7,
+        errors: [{ field: 'id', value: 7, message: 'id 7 is taken by stream 7 ("other")' }, { field: 'name', value: 'x', message: 'name "x": taken' }],
+      }),
+    });
+  });
+  try {
+    await save.click();
+    await summary.waitFor({ state: 'visible' });
+    assert.match(await summary.innerText(), /id 7 is taken/);
+    assert.match(await page.locator('#err-name').innerText(), /taken/);
+    assert.match(await page.getByRole('alert').innerText(), /a setting needs fixing.*a problem is listed at the top/);
+  } finally {
+    await page.unroute('**/api/v1/streams');
+  }
+});
+
 test('the UI on the admin endpoint opens from a typed address, not from other sites', { timeout: TEST_MS }, async () => {
   // A typed address or a bookmark: no Origin, no Referer, Sec-Fetch-Mode
   // navigate. In a tab of its own, so the other tests go on either way.

@@ -170,18 +170,18 @@ export function table(label, headers) {
 
 // showFieldErrors puts each problem of an API error (or client check)
 // under its field: the element err-{field} within root. It returns the
-// messages of fields root has no place for.
+// problems root has no place for.
 export function showFieldErrors(root, problems) {
   const byField = new Map();
   const rest = [];
   for (const p of problems) {
     const el = root.querySelector(`#err-${CSS.escape(p.field || '')}`);
     if (!p.field || !el) {
-      rest.push(p.message);
+      rest.push(p);
       continue;
     }
     if (!byField.has(el)) byField.set(el, []);
-    byField.get(el).push(p.message);
+    if (!byField.get(el).includes(p.message)) byField.get(el).push(p.message);
   }
   for (const [el, msgs] of byField) setFieldError(el, msgs.join('\n'));
   return rest;
