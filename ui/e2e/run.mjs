@@ -44,6 +44,7 @@ const CHROMIUM_ARGS = [
 const CFG_NAME = 'cfg-stream'; // the read-only stream from the Caddyfile
 const NAME = 'e2e-echo'; // the stream the tests create in the form
 const CERT_NAME = 'e2e-cert';
+const GUARDED_NAME = 'e2e-guarded'; // blocks 127.0.0.1, upstream down
 const SITE_USER = 'e2e';
 const SITE_PASSWORD = 'e2e-password-not-secret';
 
@@ -150,6 +151,19 @@ async function api(urlPath) {
     }
   }
   return { status: res.status, body };
+}
+
+// apiSend writes through the API with the headers a browser on the admin
+// origin sends, as a script of another admin would.
+async function apiSend(method, urlPath, body) {
+  const res = await fetch(S.base + urlPath, {
+    method,
+    headers: { Origin: S.base, 'Content-Type': 'application/json' },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await res.text();
+  assert.ok(res.ok, `${method} ${urlPath}: ${res.status} ${text}`);
+  return text ? JSON.parse(text) : null;
 }
 
 function track(sock) {
@@ -900,6 +914,64 @@ test('the connections page closes a held connection', { timeout: TEST_MS }, asyn
     return body.entries.find((e) => e.disconnect_reason === 'admin_closed');
   }, 15_000, 250);
   assert.equal(entry.action, 'allowed');
+});
+
+test('a stream row shows blocked connections, the health error and the time of the check; a config stream\'s switch says on and why it is fixed', { timeout: TEST_MS }, async () => {
+  const down = await freePort(); // nothing listens: the health check fails
+  S.ports.guarded = await freePort();
+  const made = await apiSend('POST', '/api/v1/streams', {
+    name: GUARDED_NAME, listen_address: '127.0.0.1', listen_port: S.ports.guarded,
+    upstream_host: '127.0.0.1', upstream_port: down, enabled: true,
+    health_check_enabled: true, health_check_interval_seconds: 1, blacklist_cidrs: ['127.0.0.1/32'],
+  });
+  S.guardedId = made.id;
+  await waitFor('a blocked connection in the stream status', async () => {
+    await probe(S.ports.guarded);
+    return (await api(`/api/v1/streams/${made.id}`)).body.status.blocked_connections >= 1;
+  }, 5000, 200);
+
+  await openHash(page, '/streams');
+  const row = streamRow(page, made.id);
+  await row.waitFor();
+  const headers = (await page.locator('table thead th').allInnerTexts()).map((t) => t.trim());
+  assert.ok(headers.includes('Blocked'), `no column "Blocked" (have ${headers.join(', ')})`);
+  const blocked = row.locator('[data-field="blocked_connections"]');
+  await waitFor('the Blocked cell to show 1 or more', async () => digitsIn(await blocked.innerText()) >= 1);
+  const health = row.locator('[data-field="health"]');
+  const error = row.locator('[data-field="health_error"]');
+  const when = row.locator('[data-field="last_health_check"]');
+  await waitFor('unhealthy, with its error and time, in the row', async () =>
+    /unhealthy/.test(await health.innerText()) && (await error.isVisible()) && (await when.isVisible()));
+  const { status } = (await api(`/api/v1/streams/${made.id}`)).body;
+  assert.match(await error.innerText(), /refused|connect/, `the error shown: ${await error.innerText()}`);
+  assert.ok(status.last_health_error && (await error.innerText()).includes(status.last_health_error.slice(0, 20)), 'not the API\'s last_health_error');
+  assert.match(await when.innerText(), /^checked \S/);
+
+  // The config stream's switch: on, drawn as the other on switches, and
+  // why it cannot change, in words beside it and as its description.
+  const cfg = streamRow(page, 1);
+  const cfgSwitch = page.getByLabel(`Enabled: ${CFG_NAME}`, { exact: true });
+  assert.ok(await cfgSwitch.isDisabled());
+  assert.equal((await cfg.locator('[data-field="enabled"]').innerText()).replace(/\s+/g, ' ').trim(), 'on set in the Caddy config');
+  const described = await cfgSwitch.evaluate((el) => el.getAttribute('aria-describedby').split(' ').map((id) => document.getElementById(id)?.textContent).join(' '));
+  assert.match(described, /set in the Caddy config/);
+  const bg = (loc) => loc.evaluate((el) => getComputedStyle(el).backgroundColor);
+  const apiSwitch = page.getByLabel(`Enabled: ${GUARDED_NAME}`, { exact: true });
+  assert.ok(await apiSwitch.isChecked());
+  assert.equal(await bg(cfgSwitch), await bg(apiSwitch), 'the fixed "on" switch is drawn unlike an "on" switch');
+  await shot(page, 'streams-health.png');
+
+  // On a phone: cards, the same details, no sideways scroll.
+  await page.setViewportSize({ width: 375, height: 812 });
+  try {
+    await row.scrollIntoViewIfNeeded();
+    assert.ok(await error.isVisible() && await when.isVisible() && await blocked.isVisible(), 'details hidden at 375 px');
+    const overflow = await page.evaluate(() => document.documentElement.scrollWidth - document.documentElement.clientWidth);
+    assert.ok(overflow <= 1, `at 375 px the page scrolls sideways by ${overflow} px`);
+    await shot(page, 'streams-health-phone.png');
+  } finally {
+    await page.setViewportSize({ width: 1280, height: 900 });
+  }
 });
 
 test('every page passes axe-core WCAG 2 A/AA checks (no serious or critical issue), light and dark, wide and narrow', { timeout: TEST_MS }, async () => {
