@@ -610,13 +610,21 @@ test('phone width and dark mode', { timeout: TEST_MS }, async () => {
   await page.emulateMedia({ colorScheme: 'light' });
 });
 
-test('the row switch turns the stream off (connections refused) and on again', { timeout: TEST_MS }, async () => {
+test('the row switch turns the stream off (connections refused) and on again, with a PATCH of enabled alone', { timeout: TEST_MS }, async () => {
   needStream();
   const sw = page.getByLabel(`Enabled: ${NAME}`, { exact: true });
   assert.ok(await sw.isChecked(), 'switch is off for an enabled stream');
+  const writes = [];
+  const onRequest = (req) => {
+    if (req.method() !== 'GET' && new URL(req.url()).pathname.endsWith(`/api/v1/streams/${S.streamId}`)) {
+      writes.push({ method: req.method(), type: req.headers()['content-type'], ifMatch: req.headers()['if-match'], body: req.postData() });
+    }
+  };
+  page.on('request', onRequest);
   await sw.click();
   await waitFor('the stream to be disabled in the API', async () =>
     (await api(`/api/v1/streams/${S.streamId}`)).body.enabled === false);
+  page.off('request', onRequest);
   await waitFor('the switch to show off', async () => !(await sw.isChecked()));
   const off = await waitFor('a new connection to be refused or closed', async () => {
     const r = await probe(S.ports.stream);
@@ -629,6 +637,12 @@ test('the row switch turns the stream off (connections refused) and on again', {
     (await api(`/api/v1/streams/${S.streamId}`)).body.enabled === true);
   await waitFor('the switch to show on', () => sw.isChecked());
   await waitFor('echo through the stream again', async () => (await probe(S.ports.stream)) === 'echo', 5000, 200);
+  // The switch sent enabled alone, as a merge patch of the version shown.
+  assert.equal(writes.length, 1, `the switch sent ${JSON.stringify(writes)}`);
+  assert.equal(writes[0].method, 'PATCH', `the switch sent ${JSON.stringify(writes)}`);
+  assert.equal(writes[0].type, 'application/merge-patch+json');
+  assert.deepEqual(JSON.parse(writes[0].body), { enabled: false });
+  assert.match(writes[0].ifMatch || '', /^".+"$/, 'the PATCH has no If-Match');
 });
 
 test('saving the form after someone else changed the stream says so and keeps their change', { timeout: TEST_MS }, async () => {

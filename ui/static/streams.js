@@ -2,7 +2,7 @@
 // every 2 s while the tab is visible. Rows are updated in place, so a
 // refresh neither moves focus nor undoes a switch being toggled.
 
-import { ApiError, del, displayName, get, put, streamBody } from './api.js';
+import { ApiError, del, displayName, get, patch, put, streamBody } from './api.js';
 import { confirmDialog, fail, focusHeading, h, heading, poll, say, setText, table } from './dom.js';
 import { formatBytes, formatCount, formatWhen, hostPort } from './units.js';
 
@@ -165,7 +165,14 @@ async function toggle(r) {
   r.pending = true;
   r.sw.setAttribute('aria-busy', 'true');
   try {
-    const s = await put(`streams/${r.id}`, { ...streamBody(r.data), enabled: want }, r.data.version);
+    let s;
+    try {
+      s = await patch(`streams/${r.id}`, { enabled: want }, r.data.version);
+    } catch (err) {
+      // A server without PATCH: the whole stream, as it was read.
+      if (!(err instanceof ApiError && err.status === 405)) throw err;
+      s = await put(`streams/${r.id}`, { ...streamBody(r.data), enabled: want }, r.data.version);
+    }
     r.pending = false;
     r.settled = performance.now();
     update(r, s);
