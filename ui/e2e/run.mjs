@@ -14,6 +14,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';
+import dgram from 'node:dgram';
 import fs from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
@@ -44,13 +45,14 @@ const CHROMIUM_ARGS = [
 const CFG_NAME = 'cfg-stream'; // the read-only stream from the Caddyfile
 const NAME = 'e2e-echo'; // the stream the tests create in the form
 const CERT_NAME = 'e2e-cert';
+const UDP_NAME = 'e2e-udp'; // a UDP stream made in the form
 const GUARDED_NAME = 'e2e-guarded'; // blocks 127.0.0.1, upstream down
 const SITE_USER = 'e2e';
 const SITE_PASSWORD = 'e2e-password-not-secret';
 
 // Everything the run owns, for the cleanup.
 const S = {
-  tmp: '', aegis: null, aegisExited: null, echo: null, sockets: new Set(),
+  tmp: '', aegis: null, aegisExited: null, echo: null, udpEcho: null, sockets: new Set(),
   browser: null, offOrigin: [], pageErrors: [],
   ports: {}, base: '', site: '', streamId: 0, certId: 0,
 };
@@ -415,6 +417,16 @@ before(async () => {
     S.echo.listen({ port: S.ports.echo, host: '127.0.0.1', exclusive: true }, resolve);
   });
 
+  // A UDP echo server, for the UDP stream.
+  S.udpEcho = dgram.createSocket('udp4');
+  S.udpEcho.on('message', (msg, rinfo) => S.udpEcho.send(msg, rinfo.port, rinfo.address));
+  S.udpEcho.on('error', () => {});
+  await new Promise((resolve, reject) => {
+    S.udpEcho.once('error', reject);
+    S.udpEcho.bind(0, '127.0.0.1', resolve);
+  });
+  S.ports.udpEcho = S.udpEcho.address().port;
+
   S.ports.admin = await freePort();
   S.ports.cfg = await freePort();
   S.ports.site = await freePort();
@@ -499,6 +511,7 @@ after(async () => {
   if (S.browser) await S.browser.close().catch(() => {});
   for (const sock of S.sockets) sock.destroy();
   if (S.echo) await new Promise((r) => S.echo.close(r));
+  if (S.udpEcho) S.udpEcho.close();
   if (S.aegis && S.aegis.exitCode === null && S.aegis.signalCode === null) {
     S.aegis.kill('SIGTERM');
     const stopped = await Promise.race([S.aegisExited, sleep(10_000).then(() => null)]);
@@ -738,6 +751,41 @@ test('the form shows an inline error for a port that is taken', { timeout: TEST_
   await port.fill(String(await freePort()));
   await port.press('Tab');
   await waitFor('#err-listen_port to clear for a free port', async () => (await err.innerText()).trim() === '');
+});
+
+test('a UDP stream made in the form: Save and the switch show the server\'s warnings', { timeout: TEST_MS }, async () => {
+  S.ports.udp = await freePort();
+  await openHash(page, '/streams/new');
+  await h1(page, 'New stream').waitFor();
+  await page.getByLabel('Name', { exact: true }).fill(UDP_NAME);
+  await page.getByLabel('Protocol', { exact: true }).selectOption('udp');
+  await page.getByLabel('Listen address', { exact: true }).fill('127.0.0.1');
+  await page.getByLabel('Listen port', { exact: true }).fill(String(S.ports.udp));
+  await page.getByLabel('Upstream host', { exact: true }).fill('127.0.0.1');
+  await page.getByLabel('Upstream port', { exact: true }).fill(String(S.ports.udpEcho));
+  await page.getByLabel('Idle timeout', { exact: true }).fill('1');
+  await page.getByLabel('Log connections', { exact: true }).check();
+  // A TCP dial says nothing of a UDP upstream: the server warns.
+  await page.getByLabel('Health checks', { exact: true }).check();
+  await page.getByRole('button', { name: 'Save', exact: true }).click();
+  await h1(page, 'Streams').waitFor();
+  const notice = page.getByRole('group', { name: 'Warnings' });
+  await notice.waitFor();
+  assert.match(await notice.innerText(), /health_check_enabled/);
+  const made = (await api('/api/v1/streams')).body.find((s) => s.name === UDP_NAME);
+  assert.ok(made, 'the UDP stream is not in the API');
+  await notice.getByRole('button', { name: 'Dismiss', exact: true }).click();
+  assert.equal(await notice.count(), 0, 'the notice stays after Dismiss');
+
+  // The switch's write warns alike.
+  const sw = page.getByLabel(`Enabled: ${UDP_NAME}`, { exact: true });
+  await sw.click();
+  await notice.waitFor();
+  assert.match(await notice.innerText(), /Disabled e2e-udp.*\n?.*health_check_enabled/s);
+  await sw.click();
+  await waitFor('the UDP stream enabled again', async () => (await api(`/api/v1/streams/${made.id}`)).body.enabled === true);
+
+  await apiSend('DELETE', `/api/v1/streams/${made.id}`);
 });
 
 test('Save shows every problem: a taken port and a bad CIDR each at its field, others at the top', { timeout: TEST_MS }, async () => {

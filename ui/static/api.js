@@ -103,8 +103,9 @@ export const put = (path, body, version) => request('PUT', path, body, version);
 export const patch = (path, body, version) => request('PATCH', path, body, version);
 export const del = (path, version) => request('DELETE', path, undefined, version);
 
-// READ_ONLY are the fields GET adds to a stream; a write leaves them out.
-const READ_ONLY = ['source', 'status', 'created_at', 'updated_at', 'version'];
+// READ_ONLY are the fields GET (and a write's answer) adds to a stream; a
+// write leaves them out.
+const READ_ONLY = ['source', 'status', 'created_at', 'updated_at', 'version', 'warnings'];
 
 // streamBody is a stream as GET returned it, ready to PUT back.
 export function streamBody(s) {

@@ -42,17 +42,40 @@ export function fail(msg) {
   alertEl().textContent = msg;
 }
 
-// clearMessages empties both regions.
+// clearMessages empties both regions and takes the notices away.
 export function clearMessages() {
   status().textContent = '';
   alertEl().textContent = '';
+  document.getElementById('notices').replaceChildren();
+}
+
+// showWarnings shows the warnings the server gave for a write that went
+// through (what: e.g. "Saved redis") in a notice that stays until it is
+// dismissed, the next write or the user goes to another page.
+export function showWarnings(what, warnings) {
+  if (!Array.isArray(warnings) || !warnings.length) return;
+  const notice = h('div', { class: 'notice', role: 'group', 'aria-label': 'Warnings' },
+    h('p', {}, `${what}, with ${warnings.length === 1 ? 'a warning' : `${warnings.length} warnings`}:`),
+    h('ul', {}, warnings.map((w) => h('li', {}, String(w)))));
+  notice.append(h('button', {
+    type: 'button',
+    class: 'small',
+    onclick: () => {
+      notice.remove();
+      focusHeading();
+    },
+  }, 'Dismiss'));
+  document.getElementById('notices').replaceChildren(notice);
 }
 
 let nextMessage = '';
+let nextWarnings = [];
 
-// go navigates to a hash route and shows message (e.g. "Saved") there.
-export function go(hash, message = '') {
+// go navigates to a hash route and shows message (e.g. "Saved") and the
+// server's warnings there.
+export function go(hash, message = '', warnings = []) {
   nextMessage = message;
+  nextWarnings = warnings || [];
   if (location.hash === `#${hash}`) window.dispatchEvent(new HashChangeEvent('hashchange'));
   else location.hash = hash;
 }
@@ -62,6 +85,13 @@ export function takeMessage() {
   const m = nextMessage;
   nextMessage = '';
   return m;
+}
+
+// takeWarnings returns the warnings go left for the page being shown.
+export function takeWarnings() {
+  const w = nextWarnings;
+  nextWarnings = [];
+  return w;
 }
 
 // heading is a page's h1, focusable so the router can move focus to it.

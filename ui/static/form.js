@@ -201,7 +201,7 @@ export async function formPage(ctx) {
         if (ctx.alive()) showProblems(all, err.message);
         return;
       }
-      if (ctx.alive()) go('/streams', 'Saved');
+      if (ctx.alive()) go('/streams', 'Saved', res?.warnings);
     } finally {
       saving = false;
       save.removeAttribute('aria-disabled');

@@ -3,7 +3,7 @@
 // refresh neither moves focus nor undoes a switch being toggled.
 
 import { ApiError, del, displayName, get, patch, put, streamBody } from './api.js';
-import { confirmDialog, fail, focusHeading, h, heading, poll, say, setText, table } from './dom.js';
+import { confirmDialog, fail, focusHeading, h, heading, poll, say, setText, showWarnings, table } from './dom.js';
 import { formatBytes, formatCount, formatWhen, hostPort } from './units.js';
 
 const COUNTERS = [
@@ -176,7 +176,9 @@ async function toggle(r) {
     r.pending = false;
     r.settled = performance.now();
     update(r, s);
-    say(`${want ? 'Enabled' : 'Disabled'} ${name}`);
+    const done = `${want ? 'Enabled' : 'Disabled'} ${name}`;
+    say(done);
+    showWarnings(done, s.warnings);
   } catch (err) {
     r.pending = false;
     r.settled = performance.now();
