@@ -168,6 +168,27 @@ async function apiSend(method, urlPath, body) {
   return text ? JSON.parse(text) : null;
 }
 
+// udpExchange sends the payloads from one UDP socket, each once the echo
+// of the one before came back; it resolves then, rejects after 5 s.
+function udpExchange(port, payloads) {
+  return new Promise((resolve, reject) => {
+    const sock = dgram.createSocket('udp4');
+    let got = 0;
+    const done = (err) => {
+      clearTimeout(timer);
+      sock.close();
+      if (err) reject(err); else resolve(got);
+    };
+    const timer = setTimeout(() => done(new Error(`UDP echo: ${got} of ${payloads.length} datagrams back after 5 s`)), 5000);
+    sock.on('error', done);
+    sock.on('message', () => {
+      if (++got === payloads.length) done();
+      else sock.send(payloads[got]);
+    });
+    sock.connect(port, '127.0.0.1', () => sock.send(payloads[0]));
+  });
+}
+
 function track(sock) {
   S.sockets.add(sock);
   sock.once('close', () => S.sockets.delete(sock));
@@ -753,7 +774,7 @@ test('the form shows an inline error for a port that is taken', { timeout: TEST_
   await waitFor('#err-listen_port to clear for a free port', async () => (await err.innerText()).trim() === '');
 });
 
-test('a UDP stream made in the form: Save and the switch show the server\'s warnings', { timeout: TEST_MS }, async () => {
+test('a UDP stream made in the form: Save and the switch show the server\'s warnings; its log counts datagrams', { timeout: TEST_MS }, async () => {
   S.ports.udp = await freePort();
   await openHash(page, '/streams/new');
   await h1(page, 'New stream').waitFor();
@@ -785,6 +806,21 @@ test('a UDP stream made in the form: Save and the switch show the server\'s warn
   await sw.click();
   await waitFor('the UDP stream enabled again', async () => (await api(`/api/v1/streams/${made.id}`)).body.enabled === true);
 
+  // Three datagrams each way; the session ends after the 1 s idle timeout.
+  const payloads = ['one', 'two', 'three'].map((t) => Buffer.from(t));
+  await waitFor('the UDP echo through the stream', () => udpExchange(S.ports.udp, payloads), 10_000, 300);
+  const entry = await waitFor('the UDP entry in the API log', async () => {
+    const { body } = await api(`/api/v1/streams/${made.id}/connections?limit=10`);
+    return body.entries.find((e) => e.protocol === 'udp' && e.datagrams_sent >= 3);
+  }, 15_000, 250);
+  await openHash(page, `/streams/${made.id}/log`);
+  await h1(page, `Log: ${UDP_NAME}`).waitFor();
+  await page.locator('tr.log-row').first().waitFor();
+  const counts = await page.locator('tr.log-row [data-field="datagrams"]').allInnerTexts();
+  for (const n of [entry.datagrams_sent, entry.datagrams_received]) {
+    assert.ok(counts.includes(`${n} datagrams`), `no "${n} datagrams" in the log's rows: ${JSON.stringify(counts)}`);
+  }
+  await shot(page, 'log-udp.png');
   await apiSend('DELETE', `/api/v1/streams/${made.id}`);
 });
 
