@@ -774,7 +774,7 @@ test('the form shows an inline error for a port that is taken', { timeout: TEST_
   await waitFor('#err-listen_port to clear for a free port', async () => (await err.innerText()).trim() === '');
 });
 
-test('a UDP stream made in the form: Save and the switch show the server\'s warnings; its log counts datagrams', { timeout: TEST_MS }, async () => {
+test('a UDP stream made in the form: Save and the switch show the server\'s warnings', { timeout: TEST_MS }, async () => {
   S.ports.udp = await freePort();
   await openHash(page, '/streams/new');
   await h1(page, 'New stream').waitFor();
@@ -790,22 +790,31 @@ test('a UDP stream made in the form: Save and the switch show the server\'s warn
   await page.getByLabel('Health checks', { exact: true }).check();
   await page.getByRole('button', { name: 'Save', exact: true }).click();
   await h1(page, 'Streams').waitFor();
+  const made = await waitFor('the UDP stream in the API', async () =>
+    (await api('/api/v1/streams')).body.find((s) => s.name === UDP_NAME));
+  S.udpId = made.id;
   const notice = page.getByRole('group', { name: 'Warnings' });
   await notice.waitFor();
   assert.match(await notice.innerText(), /health_check_enabled/);
-  const made = (await api('/api/v1/streams')).body.find((s) => s.name === UDP_NAME);
-  assert.ok(made, 'the UDP stream is not in the API');
   await notice.getByRole('button', { name: 'Dismiss', exact: true }).click();
   assert.equal(await notice.count(), 0, 'the notice stays after Dismiss');
 
   // The switch's write warns alike.
   const sw = page.getByLabel(`Enabled: ${UDP_NAME}`, { exact: true });
   await sw.click();
-  await notice.waitFor();
-  assert.match(await notice.innerText(), /Disabled e2e-udp.*\n?.*health_check_enabled/s);
-  await sw.click();
-  await waitFor('the UDP stream enabled again', async () => (await api(`/api/v1/streams/${made.id}`)).body.enabled === true);
+  try {
+    await notice.waitFor();
+    assert.match(await notice.innerText(), /Disabled e2e-udp.*\n?.*health_check_enabled/s);
+  } finally {
+    await waitFor('the UDP stream disabled', async () => (await api(`/api/v1/streams/${made.id}`)).body.enabled === false);
+    await sw.click();
+    await waitFor('the UDP stream enabled again', async () => (await api(`/api/v1/streams/${made.id}`)).body.enabled === true);
+  }
+});
 
+test('the log of a UDP stream counts its datagrams', { timeout: TEST_MS }, async () => {
+  assert.ok(S.udpId, `no stream "${UDP_NAME}": the test that makes it failed`);
+  const made = { id: S.udpId };
   // Three datagrams each way; the session ends after the 1 s idle timeout.
   const payloads = ['one', 'two', 'three'].map((t) => Buffer.from(t));
   await waitFor('the UDP echo through the stream', () => udpExchange(S.ports.udp, payloads), 10_000, 300);
