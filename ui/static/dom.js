@@ -53,6 +53,8 @@ export function clearMessages() {
 // through (what: e.g. "Saved redis") in a notice that stays until it is
 // dismissed, the next write or the user goes to another page.
 export function showWarnings(what, warnings) {
+  const box = document.getElementById('notices');
+  box.replaceChildren();
   if (!Array.isArray(warnings) || !warnings.length) return;
   const notice = h('div', { class: 'notice', role: 'group', 'aria-label': 'Warnings' },
     h('p', {}, `${what}, with ${warnings.length === 1 ? 'a warning' : `${warnings.length} warnings`}:`),
@@ -65,7 +67,7 @@ export function showWarnings(what, warnings) {
       focusHeading();
     },
   }, 'Dismiss'));
-  document.getElementById('notices').replaceChildren(notice);
+  box.append(notice);
 }
 
 let nextMessage = '';
