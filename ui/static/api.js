@@ -34,9 +34,9 @@ export function statusLine(status, text = '') {
 }
 
 // apiURL is the address of an API path next to base (the page's
-// address), without the user name and password a typed
-// https://user:pass@host/ leaves in it: fetch refuses a URL with them,
-// and the browser sends the credentials it logged in with anyway.
+// address), without the user name and password an address typed as
+// user:pass@host leaves in it: fetch refuses a URL with them, and the
+// browser sends the credentials it logged in with anyway.
 export function apiURL(path, base) {
   const u = new URL(`api/v1/${path}`, base);
   u.username = '';
