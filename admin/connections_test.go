@@ -4,10 +4,14 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"slices"
 	"testing"
 	"time"
+
+	"github.com/aegis-proxy/caddy-aegis/internal/loopback"
+	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
 )
 
 // logEntry is a connection-log entry as the API returns it.
@@ -259,4 +263,86 @@ func TestActiveConnections(t *testing.T) {
 
 	inst.call("DELETE", fmt.Sprintf("/api/v1/streams/%d/active/%d", tcpID, 1<<40), nil).apiErr(t, http.StatusNotFound)
 	inst.call("GET", "/api/v1/streams/999/active", nil).apiErr(t, http.StatusNotFound)
+}
+
+// TestConnectionLogProtocolAndDatagrams sends datagrams through a real UDP
+// stream whose upstream answers each one twice, and a connection through a
+// TCP stream: the stored entries, as the API returns them, say their
+// protocol, and the UDP entries carry the exact datagram counts each way
+// (a refused UDP client's: none relayed); the TCP entry has no such keys.
+func TestConnectionLogProtocolAndDatagrams(t *testing.T) {
+	checkNoLeaks(t)
+	tcpUp := newServer(t, echo)
+	twice := loopback.ServeUDP(t, "127.0.0.1:0", func(pc *net.UDPConn, p []byte, from netip.AddrPort) {
+		_, _ = pc.WriteToUDPAddrPort(p, from)
+		_, _ = pc.WriteToUDPAddrPort(p, from)
+	})
+	pTCP, pUDP, pDenied := freePort(t), freePort(t), freePort(t)
+	inst := startCaddy(t, streamsApp(), nil)
+	tcpID := id(inst.create(stream(0, pTCP, tcpUp.Port, nil)))
+	udpID := id(inst.create(stream(0, pUDP, twice.Port, obj{"protocol": "udp", "idle_timeout_seconds": 1})))
+	deniedID := id(inst.create(stream(0, pDenied, twice.Port, obj{"protocol": "udp", "whitelist_cidrs": []string{"192.0.2.0/24"}})))
+
+	c := dial(t, pTCP)
+	if got := roundTrip(t, c, "tcp"); got != "tcp" {
+		t.Fatalf("through the TCP stream: %q", got)
+	}
+	c.Close()
+	const sent = 3
+	u := udpDial(t, pUDP)
+	for i := range sent {
+		msg := fmt.Sprint("datagram ", i)
+		if got := udpRoundTrip(t, u, msg, 5*time.Second); got != msg {
+			t.Fatalf("first reply: %q, want %q", got, msg)
+		}
+		if got := testenv.UDPRead(t, u, 5*time.Second); got != msg {
+			t.Fatalf("second reply: %q, want %q", got, msg)
+		}
+	}
+	if got := udpRoundTrip(t, udpDial(t, pDenied), "denied", 100*time.Millisecond); got != "" {
+		t.Fatalf("a refused client got a reply: %q", got)
+	}
+
+	// entry waits for the one stored entry of stream sid and returns it
+	// with its keys as the API sent them.
+	entry := func(sid int64) obj {
+		t.Helper()
+		var e obj
+		eventually(t, fmt.Sprintf("the stored entry of stream %d", sid), func() bool {
+			entries, _ := inst.call("GET", fmt.Sprintf("/api/v1/streams/%d/connections", sid), nil).want(t, http.StatusOK).obj(t)["entries"].([]any)
+			if len(entries) == 0 {
+				return false
+			}
+			if len(entries) > 1 {
+				t.Fatalf("stream %d has %d entries: %v", sid, len(entries), entries)
+			}
+			e = entries[0].(obj)
+			return true
+		})
+		return e
+	}
+	for _, tc := range []struct {
+		sid  int64
+		want obj // these keys with these values
+		none []string
+	}{
+		{sid: tcpID, want: obj{"protocol": "tcp", "action": "allowed", "bytes_sent": 3, "bytes_received": 3},
+			none: []string{"datagrams_sent", "datagrams_received"}},
+		{sid: udpID, want: obj{"protocol": "udp", "action": "allowed", "disconnect_reason": "idle_timeout",
+			"datagrams_sent": sent, "datagrams_received": 2 * sent, "bytes_sent": sent * 10, "bytes_received": 2 * sent * 10}},
+		{sid: deniedID, want: obj{"protocol": "udp", "action": "blocked", "disconnect_reason": "acl_denied",
+			"datagrams_sent": 0, "datagrams_received": 0}},
+	} {
+		e := entry(tc.sid)
+		for k, v := range tc.want {
+			if got, ok := e[k]; !ok || norm(got) != norm(v) {
+				t.Errorf("stream %d: entry's %s = %v, want %v; entry %s", tc.sid, k, got, v, norm(e))
+			}
+		}
+		for _, k := range tc.none {
+			if _, ok := e[k]; ok {
+				t.Errorf("stream %d: entry has %s: %s", tc.sid, k, norm(e))
+			}
+		}
+	}
 }

@@ -315,6 +315,14 @@ func (f *faultCheck) writesWork(open net.Conn, aID, bID int64, pA, pNew, pMove, 
 		inst.call("GET", fmt.Sprintf("/api/v1/streams/%d/connections", aID), nil).want(t, http.StatusOK).decode(t, &page)
 		return slices.ContainsFunc(page.Entries, func(e storage.ConnLog) bool { return e.BytesSent == int64(len("updated")) })
 	})
+	// Caddy's log says so, and its lines about the outage, as every
+	// other, have each key once.
+	eventually(t, "the log line saying the connection log is written again", func() bool {
+		return len(testenv.LogLines(t, inst.logFile, func(l struct{ Msg string }) bool {
+			return l.Msg == "the connection log is written to storage again"
+		})) == 1
+	})
+	testenv.CheckKeysOnce(t, inst.logFile)
 }
 
 // ---- faults ------------------------------------------------------------------

@@ -15,6 +15,15 @@ func validConnLog(e ConnLog) error {
 	if e.Action != ActionAllowed && e.Action != ActionBlocked {
 		return fmt.Errorf("action %q: must be %q or %q: %w", e.Action, ActionAllowed, ActionBlocked, ErrInvalid)
 	}
+	switch e.Protocol {
+	case "", ConnTCP:
+		if e.DatagramsSent != nil || e.DatagramsReceived != nil {
+			return fmt.Errorf("datagrams_sent, datagrams_received: only %q entries have them, not %q: %w", ConnUDP, ConnTCP, ErrInvalid)
+		}
+	case ConnUDP:
+	default:
+		return fmt.Errorf("protocol %q: must be %q or %q: %w", e.Protocol, ConnTCP, ConnUDP, ErrInvalid)
+	}
 	return nil
 }
 
@@ -31,17 +40,23 @@ func (s *SQLite) AppendConnLogs(ctx context.Context, entries []ConnLog) error {
 	err := s.inTx(ctx, func(tx *sql.Tx) error {
 		stmt, err := tx.PrepareContext(ctx, `INSERT INTO conn_log
 			(stream_id, source_ip, source_port, bytes_sent, bytes_received,
-			 duration_ms, action, disconnect_reason, started_at, ended_at)
-			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`)
+			 duration_ms, action, disconnect_reason, started_at, ended_at,
+			 protocol, datagrams_sent, datagrams_received)
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`)
 		if err != nil {
 			return err
 		}
 		defer stmt.Close()
 		for i, e := range entries {
 			port := sql.NullInt64{Int64: int64(e.SourcePort), Valid: e.SourcePort != 0}
+			proto := e.Protocol
+			if proto == "" {
+				proto = ConnTCP
+			}
 			if _, err := stmt.ExecContext(ctx, e.StreamID, e.SourceIP, port,
 				e.BytesSent, e.BytesReceived, e.DurationMS, e.Action,
-				e.DisconnectReason, millis(e.StartedAt), millis(e.EndedAt)); err != nil {
+				e.DisconnectReason, millis(e.StartedAt), millis(e.EndedAt),
+				proto, e.DatagramsSent, e.DatagramsReceived); err != nil {
 				return fmt.Errorf("inserting entry %d: %w", i, err)
 			}
 		}
@@ -87,7 +102,8 @@ func (s *SQLite) ConnLogs(ctx context.Context, q ConnLogQuery) ([]ConnLog, error
 		args = append(args, q.Action)
 	}
 	query := `SELECT id, stream_id, source_ip, source_port, bytes_sent, bytes_received,
-		duration_ms, action, disconnect_reason, started_at, ended_at FROM conn_log`
+		duration_ms, action, disconnect_reason, started_at, ended_at,
+		protocol, datagrams_sent, datagrams_received FROM conn_log`
 	if len(where) > 0 {
 		query += " WHERE " + strings.Join(where, " AND ")
 	}
@@ -107,7 +123,8 @@ func (s *SQLite) ConnLogs(ctx context.Context, q ConnLogQuery) ([]ConnLog, error
 			started, ended sql.NullInt64
 		)
 		if err := rows.Scan(&e.ID, &e.StreamID, &e.SourceIP, &port, &e.BytesSent, &e.BytesReceived,
-			&e.DurationMS, &e.Action, &e.DisconnectReason, &started, &ended); err != nil {
+			&e.DurationMS, &e.Action, &e.DisconnectReason, &started, &ended,
+			&e.Protocol, &e.DatagramsSent, &e.DatagramsReceived); err != nil {
 			return nil, fmt.Errorf("storage: reading conn log: %w", err)
 		}
 		e.SourcePort = int(port.Int64)

@@ -3,6 +3,7 @@ package storage
 import (
 	"context"
 	"errors"
+	"fmt"
 	"reflect"
 	"testing"
 	"time"
@@ -19,12 +20,23 @@ func TestConnLogRoundTrip(t *testing.T) {
 			BytesSent: 1 << 40, BytesReceived: 12345, DurationMS: 1500,
 			Action: ActionAllowed, DisconnectReason: "upstream closed",
 			StartedAt: start, EndedAt: start.Add(1500 * time.Millisecond),
+			Protocol: ConnTCP,
 		},
 		{
 			StreamID: 7, SourceIP: "192.0.2.1",
 			Action: ActionBlocked, DisconnectReason: "blacklisted",
 			// Sub-millisecond precision and the zone are not kept.
 			StartedAt: start.Add(123 * time.Microsecond).In(time.FixedZone("x", 3600)),
+			// No protocol: TCP.
+		},
+		{
+			StreamID: 7, SourceIP: "192.0.2.2", SourcePort: 53, Protocol: ConnUDP,
+			BytesSent: 90, BytesReceived: 0, Action: ActionAllowed, DisconnectReason: "idle_timeout",
+			DatagramsSent: ptr[int64](3), DatagramsReceived: ptr[int64](0), // 0 is kept, not dropped
+		},
+		{
+			StreamID: 7, SourceIP: "192.0.2.3", Protocol: ConnUDP,
+			Action: ActionAllowed, DatagramsSent: ptr[int64](1 << 40), DatagramsReceived: ptr[int64](12),
 		},
 	}
 	if err := s.AppendConnLogs(ctx, in); err != nil {
@@ -34,20 +46,36 @@ func TestConnLogRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(got) != 2 {
-		t.Fatalf("%d entries, want 2", len(got))
+	if len(got) != len(in) {
+		t.Fatalf("%d entries, want %d", len(got), len(in))
 	}
-	want0 := in[1]
-	want0.ID = got[0].ID
-	want0.StartedAt = start
-	want1 := in[0]
-	want1.ID = got[1].ID
-	if !reflect.DeepEqual(got[0], want0) || !reflect.DeepEqual(got[1], want1) {
-		t.Errorf("read back\n%+v\n%+v\nwant\n%+v\n%+v", got[0], got[1], want0, want1)
+	for i, g := range got {
+		want := in[len(in)-1-i]
+		want.ID = g.ID
+		if i == 2 {
+			want.StartedAt = start
+			want.Protocol = ConnTCP
+		}
+		if !reflect.DeepEqual(g, want) {
+			t.Errorf("entry %d read back\n%s\nwant\n%s", i, connLogString(g), connLogString(want))
+		}
+		if i > 0 && g.ID >= got[i-1].ID {
+			t.Errorf("IDs %d, %d: newest not first", got[i-1].ID, g.ID)
+		}
 	}
-	if got[0].ID <= got[1].ID {
-		t.Errorf("IDs %d, %d: newest not first", got[0].ID, got[1].ID)
+}
+
+func ptr[T any](v T) *T { return &v }
+
+// connLogString shows e with the datagram counts, not their addresses.
+func connLogString(e ConnLog) string {
+	count := func(p *int64) string {
+		if p == nil {
+			return "nil"
+		}
+		return fmt.Sprint(*p)
 	}
+	return fmt.Sprintf("%+v datagrams %s/%s", e, count(e.DatagramsSent), count(e.DatagramsReceived))
 }
 
 func TestAppendConnLogsAllOrNothing(t *testing.T) {
@@ -56,6 +84,9 @@ func TestAppendConnLogsAllOrNothing(t *testing.T) {
 	for i, batch := range [][]ConnLog{
 		{{StreamID: 1, Action: ActionAllowed}, {StreamID: 1, Action: "dropped"}},
 		{{StreamID: 1, Action: ActionAllowed}, {StreamID: 0, Action: ActionAllowed}},
+		{{StreamID: 1, Action: ActionAllowed}, {StreamID: 1, Action: ActionAllowed, Protocol: "sctp"}},
+		{{StreamID: 1, Action: ActionAllowed}, {StreamID: 1, Action: ActionAllowed, Protocol: ConnTCP, DatagramsSent: ptr[int64](1)}},
+		{{StreamID: 1, Action: ActionAllowed}, {StreamID: 1, Action: ActionAllowed, DatagramsReceived: ptr[int64](1)}},
 	} {
 		if err := s.AppendConnLogs(ctx, batch); !errors.Is(err, ErrInvalid) {
 			t.Errorf("%d: AppendConnLogs = %v, want ErrInvalid", i, err)

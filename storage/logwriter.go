@@ -146,8 +146,8 @@ func NewLogWriter(store Store, opts LogWriterOptions) *LogWriter {
 
 // Enqueue queues e to be written and reports whether it was queued. It
 // never blocks: when the queue is full, when the writer is closed, or when
-// e could not be stored (a StreamID not > 0, an unknown Action), e is
-// dropped and counted in Dropped.
+// e could not be stored (see Store.AppendConnLogs), e is dropped and
+// counted in Dropped.
 func (w *LogWriter) Enqueue(e ConnLog) bool {
 	if validConnLog(e) != nil {
 		w.dropped.Add(1)

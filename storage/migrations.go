@@ -106,6 +106,20 @@ CREATE TABLE certificates (
 ) STRICT`,
 		},
 	},
+	{
+		version: 4,
+		name:    "conn_log protocol and datagram counts",
+		// Entries from before have no datagram counts (NULL). Their
+		// protocol is udp when their stream is a stored UDP-only host,
+		// tcp otherwise: the entries of tcp+udp hosts and config streams
+		// cannot be told apart.
+		stmts: []string{
+			`ALTER TABLE conn_log ADD COLUMN protocol TEXT NOT NULL DEFAULT 'tcp' CHECK (protocol IN ('tcp', 'udp'))`,
+			`ALTER TABLE conn_log ADD COLUMN datagrams_sent INTEGER`,
+			`ALTER TABLE conn_log ADD COLUMN datagrams_received INTEGER`,
+			`UPDATE conn_log SET protocol = 'udp' WHERE stream_id IN (SELECT id FROM hosts WHERE protocol = 'udp')`,
+		},
+	},
 }
 
 // migrate applies the migrations in migs above the database's version, up

@@ -8,6 +8,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestMigrationsNumbered(t *testing.T) {
@@ -138,10 +139,6 @@ func TestMigrateFromVersion2(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	logsBefore, err := old.ConnLogs(ctx, ConnLogQuery{})
-	if err != nil {
-		t.Fatal(err)
-	}
 	if err := old.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -151,13 +148,18 @@ func TestMigrateFromVersion2(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	if got := appliedVersions(t, s); !reflect.DeepEqual(got, []int{1, 2, 3}) {
-		t.Errorf("versions after Open = %v, want [1 2 3]", got)
+	if got, want := appliedVersions(t, s), allVersions(); !reflect.DeepEqual(got, want) {
+		t.Errorf("versions after Open = %v, want %v", got, want)
 	}
 	if hosts, err := s.ListHosts(ctx); err != nil || len(hosts) != 2 || !reflect.DeepEqual(hosts, hostsBefore) {
 		t.Errorf("hosts after migrating: %+v, %v", hosts, err)
 	}
-	if logs, err := s.ConnLogs(ctx, ConnLogQuery{}); err != nil || len(logs) != 2 || !reflect.DeepEqual(logs, logsBefore) {
+	// Read with this version's code, which needs the columns that later
+	// migrations add.
+	logs, err := s.ConnLogs(ctx, ConnLogQuery{})
+	if err != nil || len(logs) != 2 ||
+		logs[0].StreamID != 2 || logs[0].SourceIP != "192.0.2.2" || logs[0].Action != ActionBlocked || logs[0].StartedAt.UnixMilli() != 1700000000600 ||
+		logs[1].StreamID != 1 || logs[1].SourceIP != "192.0.2.1" || logs[1].BytesSent != 100 || logs[1].StartedAt.UnixMilli() != 1700000000500 {
 		t.Errorf("connection log after migrating: %+v, %v", logs, err)
 	}
 	if certs, err := s.ListCertificates(ctx); err != nil || len(certs) != 0 {
@@ -175,6 +177,105 @@ func TestMigrateFromVersion2(t *testing.T) {
 	}
 	if err := s.DeleteCertificate(ctx, c.ID, nil); !errors.Is(err, ErrInUse) {
 		t.Errorf("deleting the certificate the old host names: %v, want ErrInUse", err)
+	}
+}
+
+// allVersions is every migration's version, in order.
+func allVersions() []int {
+	want := make([]int, len(migrations))
+	for i := range want {
+		want[i] = i + 1
+	}
+	return want
+}
+
+// TestMigrateConnLogProtocol builds a database as the schema before the
+// connection log had protocols and datagram counts wrote it, with entries
+// of a UDP host, a tcp+udp host and a stream of the config only, and
+// opens it with this version: the entries are kept, those of the UDP host
+// say udp, the others tcp, none has datagram counts, and new entries
+// store theirs.
+func TestMigrateConnLogProtocol(t *testing.T) {
+	const before = 3 // the version before "conn_log protocol and datagram counts"
+	if migrations[before].name != "conn_log protocol and datagram counts" {
+		t.Fatalf("migration %d is %q", before+1, migrations[before].name)
+	}
+	path := filepath.Join(t.TempDir(), "aegis.db")
+	old, err := openAt(path, before, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Written with SQL, as that version did.
+	for _, stmt := range []string{
+		`INSERT INTO hosts (id, name, protocol, listen_port, upstream_host, upstream_port, created_at, updated_at)
+			VALUES (1, 'dns', 'udp', 53, 'ns', 53, 1700000000000, 1700000000000),
+			       (2, 'both', 'tcp+udp', 54, 'ns', 54, 1700000000000, 1700000000000)`,
+		`INSERT INTO conn_log (stream_id, source_ip, source_port, bytes_sent, bytes_received, duration_ms, action,
+			disconnect_reason, started_at, ended_at) VALUES
+			(1, '192.0.2.1', 5353, 40, 80, 1000, 'allowed', 'idle_timeout', 1700000000500, 1700000001500),
+			(1, '192.0.2.9', NULL, 0, 0, 0, 'blocked', 'acl_denied', 1700000000600, 1700000000600),
+			(2, '192.0.2.2', 4000, 5, 6, 7, 'allowed', 'client_close', 1700000000700, 1700000000707),
+			(9, '192.0.2.3', 4001, 8, 9, 10, 'allowed', 'upstream_close', 1700000000800, 1700000000810)`,
+	} {
+		if _, err := old.write.Exec(stmt); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := old.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	s, err := Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if got, want := appliedVersions(t, s), allVersions(); !reflect.DeepEqual(got, want) {
+		t.Errorf("versions after Open = %v, want %v", got, want)
+	}
+	ctx := context.Background()
+	logs, err := s.ConnLogs(ctx, ConnLogQuery{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	at := func(ms int64) time.Time { return time.UnixMilli(ms).UTC() }
+	want := []ConnLog{
+		{StreamID: 9, SourceIP: "192.0.2.3", SourcePort: 4001, BytesSent: 8, BytesReceived: 9, DurationMS: 10, Action: ActionAllowed,
+			DisconnectReason: "upstream_close", StartedAt: at(1700000000800), EndedAt: at(1700000000810), Protocol: ConnTCP},
+		{StreamID: 2, SourceIP: "192.0.2.2", SourcePort: 4000, BytesSent: 5, BytesReceived: 6, DurationMS: 7, Action: ActionAllowed,
+			DisconnectReason: "client_close", StartedAt: at(1700000000700), EndedAt: at(1700000000707), Protocol: ConnTCP},
+		{StreamID: 1, SourceIP: "192.0.2.9", Action: ActionBlocked,
+			DisconnectReason: "acl_denied", StartedAt: at(1700000000600), EndedAt: at(1700000000600), Protocol: ConnUDP},
+		{StreamID: 1, SourceIP: "192.0.2.1", SourcePort: 5353, BytesSent: 40, BytesReceived: 80, DurationMS: 1000, Action: ActionAllowed,
+			DisconnectReason: "idle_timeout", StartedAt: at(1700000000500), EndedAt: at(1700000001500), Protocol: ConnUDP},
+	}
+	if len(logs) != len(want) {
+		t.Fatalf("%d entries after migrating, want %d: %+v", len(logs), len(want), logs)
+	}
+	for i := range want {
+		want[i].ID = logs[i].ID
+		if !reflect.DeepEqual(logs[i], want[i]) {
+			t.Errorf("entry %d after migrating\n%s\nwant\n%s", i, connLogString(logs[i]), connLogString(want[i]))
+		}
+	}
+
+	// New entries keep their counts, beside the old ones.
+	udp := ConnLog{StreamID: 1, SourceIP: "192.0.2.1", Action: ActionAllowed, Protocol: ConnUDP,
+		DatagramsSent: ptr[int64](2), DatagramsReceived: ptr[int64](5)}
+	if err := s.AppendConnLogs(ctx, []ConnLog{udp}); err != nil {
+		t.Fatal(err)
+	}
+	logs, err = s.ConnLogs(ctx, ConnLogQuery{StreamID: 1, Limit: 1})
+	if err != nil || len(logs) != 1 {
+		t.Fatalf("reading the new entry: %+v, %v", logs, err)
+	}
+	udp.ID = logs[0].ID
+	if !reflect.DeepEqual(logs[0], udp) {
+		t.Errorf("new entry read back\n%s\nwant\n%s", connLogString(logs[0]), connLogString(udp))
+	}
+	// The database refuses a protocol it does not know, whatever writes.
+	if _, err := s.write.Exec(`INSERT INTO conn_log (stream_id, action, protocol) VALUES (1, 'allowed', 'sctp')`); err == nil {
+		t.Error("the database took protocol 'sctp'")
 	}
 }
 

@@ -99,8 +99,10 @@ type Store interface {
 	// AppendConnLogs stores a batch of connection-log entries in one
 	// transaction: all of them or, on error, none. The entries' IDs are
 	// ignored and assigned by the store, in order. An entry whose StreamID
-	// is not > 0 or whose Action is neither ActionAllowed nor ActionBlocked
-	// fails the batch with ErrInvalid. The store does not keep the slice.
+	// is not > 0, whose Action is neither ActionAllowed nor ActionBlocked,
+	// whose Protocol is not "", ConnTCP or ConnUDP, or that has datagram
+	// counts without being ConnUDP fails the batch with ErrInvalid. The
+	// store does not keep the slice.
 	AppendConnLogs(ctx context.Context, entries []ConnLog) error
 
 	// ConnLogs returns connection-log entries, newest first, as selected
@@ -248,6 +250,15 @@ const (
 	ActionBlocked = "blocked"
 )
 
+// Protocols of a connection-log entry.
+const (
+	// ConnTCP is a TCP connection.
+	ConnTCP = "tcp"
+	// ConnUDP is a UDP NAT entry: the datagrams of one client address
+	// and port.
+	ConnUDP = "udp"
+)
+
 // ConnLog is one entry of the connection log: one connection, written when
 // it ended.
 type ConnLog struct {
@@ -287,6 +298,16 @@ type ConnLog struct {
 	// EndedAt is when the connection ended; stored to the millisecond,
 	// returned in UTC.
 	EndedAt time.Time `json:"ended_at,omitzero"`
+
+	// Protocol is ConnTCP or ConnUDP. Default: "", stored as ConnTCP.
+	Protocol string `json:"protocol"`
+
+	// DatagramsSent is the number of datagrams relayed client→upstream
+	// and DatagramsReceived upstream→client, as the log line's fields of
+	// the same names. UDP entries only; nil for TCP and for UDP entries
+	// stored before these counts were.
+	DatagramsSent     *int64 `json:"datagrams_sent,omitempty"`
+	DatagramsReceived *int64 `json:"datagrams_received,omitempty"`
 }
 
 // Limits of ConnLogQuery.Limit.

@@ -2,9 +2,11 @@ package testenv
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"maps"
 	"os"
 	"path/filepath"
@@ -23,6 +25,9 @@ type Caddy struct {
 	LogFile   string // where Caddy's logs go, as JSON lines
 	DBFile    string // the streams' storage, unless a config sets one
 	DataDir   string // Caddy's own storage (certificates, locks)
+	// Logs, when set, are the config's logs (logging.logs) instead of
+	// one that writes everything at DEBUG to LogFile.
+	Logs map[string]any
 }
 
 // New prepares a Caddy that runs nothing yet; Caddy is stopped when the
@@ -63,12 +68,16 @@ func (c *Caddy) Load(apps map[string]any) error {
 			apps["streams"] = app
 		}
 	}
-	b, err := json.Marshal(map[string]any{
-		"admin": map[string]any{"listen": c.AdminAddr},
-		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{
+	logs := c.Logs
+	if logs == nil {
+		logs = map[string]any{"default": map[string]any{
 			"level":  "DEBUG",
 			"writer": map[string]any{"output": "file", "filename": c.LogFile},
-		}}},
+		}}
+	}
+	b, err := json.Marshal(map[string]any{
+		"admin":   map[string]any{"listen": c.AdminAddr},
+		"logging": map[string]any{"logs": logs},
 		// Caddy's certificates and locks stay in the test's directory.
 		"storage": map[string]any{"module": "file_system", "root": c.DataDir},
 		"apps":    apps,
@@ -102,4 +111,84 @@ func LogLines[T any](t testing.TB, file string, keep func(T) bool) []T {
 		}
 	}
 	return out
+}
+
+// CheckKeysOnce fails the test for each JSON line of the log file that has
+// a key more than once in one object (see RepeatedKeys), and returns the
+// number of JSON lines it read.
+func CheckKeysOnce(t testing.TB, file string) int {
+	t.Helper()
+	n := 0
+	LogLines(t, file, func(line json.RawMessage) bool {
+		t.Helper()
+		n++
+		if keys, err := RepeatedKeys(line); err != nil || len(keys) > 0 {
+			t.Errorf("log line with keys %q more than once (%v): %s", keys, err, line)
+		}
+		return false
+	})
+	return n
+}
+
+// RepeatedKeys returns the keys that appear more than once in one object
+// of the JSON value line, at any depth, in the order met; an error if line
+// is not JSON. encoding/json would keep the last of such keys silently,
+// and log pipelines (Loki, Elasticsearch, jq) break on them or keep either.
+func RepeatedKeys(line []byte) ([]string, error) {
+	type level struct {
+		keys    map[string]bool // nil for an array
+		wantKey bool            // in an object, the next token is a key
+	}
+	dec := json.NewDecoder(bytes.NewReader(line))
+	dec.UseNumber()
+	var repeated []string
+	var stack []*level
+	// valueDone marks the end of a value in the enclosing object, whose
+	// next token is then a key.
+	valueDone := func() {
+		if n := len(stack); n > 0 && stack[n-1].keys != nil {
+			stack[n-1].wantKey = true
+		}
+	}
+	for {
+		tok, err := dec.Token()
+		if err == io.EOF {
+			if len(stack) != 0 {
+				return nil, io.ErrUnexpectedEOF
+			}
+			return repeated, nil
+		}
+		if err != nil {
+			return nil, err
+		}
+		top := (*level)(nil)
+		if n := len(stack); n > 0 {
+			top = stack[n-1]
+		}
+		if top != nil && top.keys != nil && top.wantKey {
+			if d, ok := tok.(json.Delim); ok && d == '}' {
+				stack = stack[:len(stack)-1]
+				valueDone()
+				continue
+			}
+			k := tok.(string) // the decoder allows nothing else here
+			if top.keys[k] {
+				repeated = append(repeated, k)
+			}
+			top.keys[k] = true
+			top.wantKey = false
+			continue
+		}
+		switch tok {
+		case json.Delim('{'):
+			stack = append(stack, &level{keys: map[string]bool{}, wantKey: true})
+		case json.Delim('['):
+			stack = append(stack, &level{})
+		case json.Delim(']'):
+			stack = stack[:len(stack)-1]
+			valueDone()
+		default:
+			valueDone()
+		}
+	}
 }

@@ -51,6 +51,8 @@ type App struct {
 
 	ctx    caddy.Context
 	logger *zap.Logger
+	// connLogger writes every stream's connection-log lines, TCP and UDP.
+	connLogger *zap.Logger
 
 	// base is the parent of every stream's handler context. Cancelling a
 	// child of the app's own context would also run the app context's
@@ -145,6 +147,7 @@ func (a *App) gracePeriod() time.Duration {
 func (a *App) Provision(ctx caddy.Context) error {
 	a.ctx = ctx
 	a.logger = ctx.Logger()
+	a.connLogger = a.logger.Named("connections")
 	// In ctx's registry, not a child context's: that is the one Caddy's
 	// /metrics serves.
 	if err := a.registerMetrics(); err != nil {
@@ -346,6 +349,7 @@ func (rt *runtime) bind(ctx caddy.Context) error {
 // serveSettings puts the app's settings into the stream's shared state.
 func (a *App) serveSettings(rt *runtime) {
 	rt.state.SetGracePeriod(a.gracePeriod())
+	rt.state.SetConnLogger(a.connLogger)
 	if a.store != nil {
 		rt.state.SetLogSink(a.store.logSink)
 	} else {

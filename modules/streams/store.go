@@ -94,7 +94,7 @@ func (s *sharedStore) release() { _, _ = stores.Delete(s.path) }
 // batches it into the database. It never blocks: when the writer is behind,
 // the entry is dropped (and counted in the stream's log_entries_dropped).
 func (s *sharedStore) logSink(r streamstate.LogRecord) bool {
-	return s.logw.Enqueue(storage.ConnLog{
+	e := storage.ConnLog{
 		StreamID:         r.StreamID,
 		SourceIP:         r.Source.Addr().Unmap().String(),
 		SourcePort:       int(r.Source.Port()),
@@ -105,7 +105,13 @@ func (s *sharedStore) logSink(r streamstate.LogRecord) bool {
 		DisconnectReason: r.Reason.String(),
 		StartedAt:        r.Start,
 		EndedAt:          r.Start.Add(r.Duration),
-	})
+		Protocol:         storage.ConnTCP,
+	}
+	if r.UDP {
+		n := &[2]int64{int64(r.DatagramsSent), int64(r.DatagramsReceived)} // one allocation for both
+		e.Protocol, e.DatagramsSent, e.DatagramsReceived = storage.ConnUDP, &n[0], &n[1]
+	}
+	return s.logw.Enqueue(e)
 }
 
 // countDropped counts a batch of connection-log entries that storage

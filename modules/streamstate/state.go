@@ -101,6 +101,7 @@ type Stream struct {
 	logStop chan struct{}
 	logDone chan struct{}
 	sink    atomic.Pointer[func(LogRecord) bool]
+	connLog atomic.Pointer[zap.Logger]
 
 	blockedMu     sync.Mutex
 	blockedLogged map[netip.Addr]time.Time // last log of a refused source
@@ -275,6 +276,12 @@ func (s *Stream) SetLogSink(f func(LogRecord) bool) {
 	s.sink.Store(&f)
 }
 
+// SetConnLogger makes the log writer write every connection-log line to l
+// (nil: to the logger the entry was queued with, the handler's own), so
+// that a stream's TCP and UDP lines, allowed and blocked, come from one
+// logger. The line carries the stream's name and ID itself: l must not.
+func (s *Stream) SetConnLogger(l *zap.Logger) { s.connLog.Store(l) }
+
 // writeLogs writes queued connection-log entries off the data path until
 // the state is shut down, then flushes what is queued. The queue is never
 // closed, so a late entry is dropped instead of panicking.
@@ -325,7 +332,11 @@ func (s *Stream) writeLog(e logEntry) {
 	if r.UDP && !r.Blocked {
 		fields = append(fields, zap.Uint64("datagrams_sent", r.DatagramsSent), zap.Uint64("datagrams_received", r.DatagramsReceived))
 	}
-	e.logger.Info("connection", fields...)
+	logger := e.logger
+	if l := s.connLog.Load(); l != nil {
+		logger = l
+	}
+	logger.Info("connection", fields...)
 	if f := s.sink.Load(); f != nil && !(*f)(e.rec) {
 		s.LogDropped.Add(1)
 	}

@@ -77,7 +77,9 @@ type Config struct {
 	ProxyV2 bool
 	// LogConnections logs every entry's end and blocked sources.
 	LogConnections bool
-	// Logger writes the relay's and the connection log's lines.
+	// Logger writes the relay's lines; it names the stream (its name and
+	// ID fields), so they add no such field. Connection-log lines go to the
+	// stream state's connection logger when one is set.
 	Logger *zap.Logger
 }
 
@@ -209,7 +211,7 @@ func (r *Relay) resolve(ctx context.Context, p *policy) {
 		if err != nil || len(ips) == 0 {
 			if !failed {
 				p.Logger.Warn("resolving UDP upstream; new clients are dropped until it resolves",
-					zap.String("stream", p.Name), zap.String("upstream", p.Upstream), zap.Error(err))
+					zap.String("upstream", p.Upstream), zap.Error(err))
 			}
 			failed, wait = true, time.Second
 		} else {
@@ -441,7 +443,7 @@ func (r *Relay) logDialError(p *policy, err error) {
 		return
 	}
 	p.Logger.Warn("opening UDP upstream socket; datagram dropped",
-		zap.String("stream", p.Name), zap.String("upstream", p.Upstream), zap.Error(err))
+		zap.String("upstream", p.Upstream), zap.Error(err))
 }
 
 // block counts a datagram of a new client that is not let in and logs it,
