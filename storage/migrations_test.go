@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
 )
 
 func TestMigrationsNumbered(t *testing.T) {
@@ -41,6 +43,15 @@ func appliedVersions(t *testing.T, s *SQLite) []int {
 		t.Fatal(err)
 	}
 	return vs
+}
+
+// allVersions are the versions of every migration, in order.
+func allVersions() []int {
+	out := make([]int, len(migrations))
+	for i := range out {
+		out[i] = i + 1
+	}
+	return out
 }
 
 // TestMigrateFromVersion1 builds a database as the first schema version
@@ -135,9 +146,15 @@ func TestMigrateFromVersion2(t *testing.T) {
 		}
 	}
 	ctx := context.Background()
-	hostsBefore, err := old.ListHosts(ctx)
-	if err != nil {
-		t.Fatal(err)
+	// The hosts as this version reads them (it cannot read them from the
+	// old schema, which lacks the version column): stored hosts start at
+	// version 1.
+	at := time.UnixMilli(1700000000000).UTC()
+	hostsBefore := []Host{
+		{ID: 1, Name: "db", ListenPort: 5432, UpstreamHost: "pg", UpstreamPort: 5432, Enabled: true,
+			SSLEnabled: true, SSLCertID: 1, CreatedAt: at, UpdatedAt: at, Version: 1},
+		{ID: 2, Name: "web", ListenPort: 8080, UpstreamHost: "backend", UpstreamPort: 80, Enabled: true,
+			CreatedAt: at, UpdatedAt: at, Version: 1},
 	}
 	if err := old.Close(); err != nil {
 		t.Fatal(err)
@@ -178,15 +195,6 @@ func TestMigrateFromVersion2(t *testing.T) {
 	if err := s.DeleteCertificate(ctx, c.ID, nil); !errors.Is(err, ErrInUse) {
 		t.Errorf("deleting the certificate the old host names: %v, want ErrInUse", err)
 	}
-}
-
-// allVersions is every migration's version, in order.
-func allVersions() []int {
-	want := make([]int, len(migrations))
-	for i := range want {
-		want[i] = i + 1
-	}
-	return want
 }
 
 // TestMigrateConnLogProtocol builds a database as the schema before the
@@ -238,7 +246,7 @@ func TestMigrateConnLogProtocol(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	at := func(ms int64) time.Time { return time.UnixMilli(ms).UTC() }
+	at := func(ms int64) jsontime.Time { return jsontime.Of(time.UnixMilli(ms).UTC()) }
 	want := []ConnLog{
 		{StreamID: 9, SourceIP: "192.0.2.3", SourcePort: 4001, BytesSent: 8, BytesReceived: 9, DurationMS: 10, Action: ActionAllowed,
 			DisconnectReason: "upstream_close", StartedAt: at(1700000000800), EndedAt: at(1700000000810), Protocol: ConnTCP},

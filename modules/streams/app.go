@@ -105,8 +105,10 @@ type reservedPort struct {
 type runtime struct {
 	cfg    *Stream
 	source string // SourceConfig or SourceAPI
-	// created and updated are the storage times of an API stream.
+	// created and updated are the storage times of an API stream, and
+	// version its stored version (see setStored).
 	created, updated time.Time
+	version          int64
 	state            *streamstate.Stream
 	released         bool // state was released
 	chain            atomic.Pointer[chainBox]
@@ -183,7 +185,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		if err != nil {
 			return err
 		}
-		rt.created, rt.updated = h.CreatedAt, h.UpdatedAt
+		rt.setStored(h)
 		a.streams = append(a.streams, rt)
 	}
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)

@@ -13,6 +13,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddytls"
 	"go.uber.org/zap"
 
+	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
 	"github.com/aegis-proxy/caddy-aegis/modules/certs"
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegistls"
 	"github.com/aegis-proxy/caddy-aegis/storage"
@@ -111,7 +112,7 @@ func parseCertInput(in CertInput) (storage.Certificate, *certs.Parsed, []string,
 	}
 	c := storage.Certificate{
 		Name: in.Name, Source: storage.SourceCustom, Domains: p.Domains, Issuer: p.Issuer,
-		NotBefore: p.NotBefore, NotAfter: p.NotAfter, CertificatePEM: p.ChainPEM,
+		NotBefore: jsontime.Of(p.NotBefore), NotAfter: jsontime.Of(p.NotAfter), CertificatePEM: p.ChainPEM,
 	}
 	return c, p, warnings, nil
 }
@@ -509,6 +510,6 @@ func fillFromCache(c *storage.Certificate) {
 		}
 	}
 	if leaf != nil {
-		c.Issuer, c.NotBefore, c.NotAfter = leaf.Issuer.String(), leaf.NotBefore.UTC(), leaf.NotAfter.UTC()
+		c.Issuer, c.NotBefore, c.NotAfter = leaf.Issuer.String(), jsontime.Of(leaf.NotBefore.UTC()), jsontime.Of(leaf.NotAfter.UTC())
 	}
 }
