@@ -796,6 +796,7 @@ test('a UDP stream made in the form: Save and the switch show the server\'s warn
   const notice = page.getByRole('group', { name: 'Warnings' });
   await notice.waitFor();
   assert.match(await notice.innerText(), /health_check_enabled/);
+  await shot(page, 'streams-warnings.png');
   await notice.getByRole('button', { name: 'Dismiss', exact: true }).click();
   assert.equal(await notice.count(), 0, 'the notice stays after Dismiss');
 
@@ -1120,6 +1121,43 @@ test('every page passes axe-core WCAG 2 A/AA checks (no serious or critical issu
       await tab.getByRole('button', { name: 'Save', exact: true }).click();
       await waitFor('#err-upstream_host text', async () => (await tab.locator('#err-upstream_host').innerText()).trim());
       await tab.getByRole('alert').filter({ hasText: /\S/ }).waitFor();
+    }],
+    // A write's warnings (the answer to the switch's PATCH, with a
+    // warning added; the stream stays as it is).
+    ['streams with a warnings notice', async () => {
+      await openHash(tab, '/streams');
+      await streamRow(tab, S.streamId).waitFor();
+      const one = `**/api/v1/streams/${S.streamId}`;
+      await tab.route(one, async (route) => {
+        if (route.request().method() !== 'PATCH') return route.fallback();
+        const { body } = await api(`/api/v1/streams/${S.streamId}`);
+        return route.fulfill({ status: 200, contentType: 'application/json', body: JSON.stringify({ ...body, warnings: ['listen_port 53: the well-known port of DNS'] }) });
+      });
+      try {
+        await tab.getByLabel(`Enabled: ${NAME}`, { exact: true }).click();
+        await tab.getByRole('group', { name: 'Warnings' }).waitFor();
+      } finally {
+        await tab.unroute(one);
+      }
+    }],
+    // A save refused for a setting the form has no field for.
+    ['new form with a problem at the top', async () => {
+      await openHash(tab, '/streams/new');
+      await h1(tab, 'New stream').waitFor();
+      for (const [label, v] of [['Listen port', String(S.ports.stream)], ['Upstream host', '127.0.0.1'], ['Upstream port', String(S.ports.echo)]]) {
+        await tab.getByLabel(label, { exact: true }).fill(v);
+      }
+      const all = '**/api/v1/streams';
+      await tab.route(all, (route) => (route.request().method() !== 'POST' ? route.fallback() : route.fulfill({
+        status: 409, contentType: 'application/json',
+        body: JSON.stringify({ error: 'id 7 is taken', field: 'id', value: 7, errors: [{ field: 'id', value: 7, message: 'id 7 is taken' }] }),
+      })));
+      try {
+        await tab.getByRole('button', { name: 'Save', exact: true }).click();
+        await tab.locator('#form-problems').waitFor({ state: 'visible' });
+      } finally {
+        await tab.unroute(all);
+      }
     }],
     ['connections', async () => {
       await openHash(tab, `/streams/${S.streamId}/active`);
