@@ -99,6 +99,15 @@ export function formatAge(ms) {
   return formatDuration(ms);
 }
 
+// formatWhen is a past time for people: the time of day when it is of
+// today (by now's date), else the date and time, in the browser's locale.
+export function formatWhen(iso, now = new Date(), locale = undefined) {
+  const t = new Date(iso);
+  if (Number.isNaN(t.getTime())) return String(iso);
+  if (t.toDateString() === now.toDateString()) return t.toLocaleTimeString(locale);
+  return t.toLocaleString(locale);
+}
+
 // splitList splits CIDRs or domains given one per line or comma
 // separated; blanks are dropped.
 export function splitList(text) {
