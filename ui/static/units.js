@@ -135,10 +135,11 @@ export function checkCIDR(s) {
   return '';
 }
 
-// shortMessage drops the `stream 3 ("db"): ` in front of a server message
-// about one field: the form shows it next to the field of that stream.
+// shortMessage drops the `stream 3 ("db"): ` (or, on a create, `the new
+// stream ("db"): `) in front of a server message about one field: the form
+// shows it next to the field of that stream.
 export function shortMessage(msg) {
-  return String(msg ?? '').replace(/^stream \d+(?: \("(?:[^"\\]|\\.)*"\))?: /, '');
+  return String(msg ?? '').replace(/^(?:stream \d+|the new stream)(?: \("(?:[^"\\]|\\.)*"\))?: /, '');
 }
 
 // hostPort joins a host and a port, with brackets around an IPv6 address;

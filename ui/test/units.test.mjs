@@ -171,6 +171,8 @@ test('shortMessage drops the stream prefix only', () => {
   assert.equal(shortMessage('stream 3: listen_port 0: must be 1-65535'), 'listen_port 0: must be 1-65535');
   assert.equal(shortMessage('stream 1 ("db"): listen_port 5432: in use'), 'listen_port 5432: in use');
   assert.equal(shortMessage('stream 1 ("a \\"b\\": c"): notes: x'), 'notes: x');
+  assert.equal(shortMessage('the new stream ("db"): listen_port: required; must be 1-65535'), 'listen_port: required; must be 1-65535');
+  assert.equal(shortMessage('the new stream: upstream_host: required'), 'upstream_host: required');
   assert.equal(shortMessage('unknown field "x"'), 'unknown field "x"');
   assert.equal(shortMessage(undefined), '');
 });
