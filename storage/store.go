@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
 // Errors a Store returns, wrapped with what failed; test for them with
@@ -118,11 +119,11 @@ type Store interface {
 
 	// ListCertificates returns every certificate, ordered by ID, without
 	// private keys.
-	ListCertificates(ctx context.Context) ([]Certificate, error)
+	ListCertificates(ctx context.Context) ([]spec.Certificate, error)
 
 	// GetCertificate returns the certificate with the given ID, or
 	// ErrNotFound.
-	GetCertificate(ctx context.Context, id int64) (Certificate, error)
+	GetCertificate(ctx context.Context, id int64) (spec.Certificate, error)
 
 	// CertificateKey returns the private key of the custom certificate
 	// with the given ID, decrypted: the PEM given when it was stored. It
@@ -139,7 +140,7 @@ type Store interface {
 	// neither. An unknown Source is ErrInvalid. The store does not parse
 	// either PEM: validate them first (package modules/certs). apply does
 	// not receive the private key: the caller has it.
-	CreateCertificate(ctx context.Context, c Certificate, keyPEM []byte, apply func(c Certificate) error) (Certificate, error)
+	CreateCertificate(ctx context.Context, c spec.Certificate, keyPEM []byte, apply func(c spec.Certificate) error) (spec.Certificate, error)
 
 	// UpdateCertificate replaces every field of the certificate with ID
 	// c.ID and returns it as stored, or ErrNotFound; CreatedAt and
@@ -148,7 +149,7 @@ type Store interface {
 	// a new chain); a custom certificate that had none (it was managed)
 	// needs one. Making a certificate managed drops its chain and key.
 	// apply receives the certificate before and after the change.
-	UpdateCertificate(ctx context.Context, c Certificate, keyPEM []byte, apply func(old, new Certificate) error) (Certificate, error)
+	UpdateCertificate(ctx context.Context, c spec.Certificate, keyPEM []byte, apply func(old, new spec.Certificate) error) (spec.Certificate, error)
 
 	// DeleteCertificate deletes the certificate with the given ID, or
 	// returns ErrNotFound. While stream hosts have it as their
@@ -156,7 +157,7 @@ type Store interface {
 	// with an *InUseError (errors.Is ErrInUse) that lists them. Streams
 	// defined only in the Caddy config are not in the store: check those
 	// in apply, which receives the certificate as it was.
-	DeleteCertificate(ctx context.Context, id int64, apply func(old Certificate) error) error
+	DeleteCertificate(ctx context.Context, id int64, apply func(old spec.Certificate) error) error
 
 	// Close releases the store. Calls after Close fail.
 	Close() error

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/certs"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 	"github.com/aegis-proxy/caddy-aegis/storage"
 )
 
@@ -617,7 +618,7 @@ func TestStoreAegisCert(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.Source != storage.SourceCustom || len(c.Domains) != 1 || c.Domains[0] != tlsName {
+	if c.Source != spec.SourceCustom || len(c.Domains) != 1 || c.Domains[0] != tlsName {
 		t.Errorf("stored %+v", c)
 	}
 	k, err := s.CertificateKey(ctx, id)

@@ -19,6 +19,7 @@ import (
 
 	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
 	"github.com/aegis-proxy/caddy-aegis/modules/certs"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 	"github.com/aegis-proxy/caddy-aegis/storage"
 )
 
@@ -157,8 +158,8 @@ func storeAegisCert(dbPath string, bc *benchCert) (int64, error) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c, err := db.CreateCertificate(ctx, storage.Certificate{
-		Name: "bench", Source: storage.SourceCustom, Domains: p.Domains, Issuer: p.Issuer,
+	c, err := db.CreateCertificate(ctx, spec.Certificate{
+		Name: "bench", Source: spec.SourceCustom, Domains: p.Domains, Issuer: p.Issuer,
 		NotBefore: jsontime.Of(p.NotBefore), NotAfter: jsontime.Of(p.NotAfter), CertificatePEM: p.ChainPEM,
 	}, []byte(p.KeyPEM), nil)
 	if cerr := db.Close(); err == nil {

@@ -27,6 +27,7 @@ import (
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegistls"
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 	"github.com/aegis-proxy/caddy-aegis/modules/udpnat"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
 func init() {
@@ -36,7 +37,7 @@ func init() {
 // App is the `streams` app. Its JSON is {"hosts": [...]}.
 type App struct {
 	// Hosts are the stream hosts, each with a unique id.
-	Hosts []*Stream `json:"hosts,omitempty"`
+	Hosts []*spec.Stream `json:"hosts,omitempty"`
 
 	// GracePeriod is how long a stream that is removed or shut down waits
 	// for its open connections to end before closing them. A reload that
@@ -103,7 +104,7 @@ type reservedPort struct {
 // runtime is one stream of this config: its settings, shared state,
 // listeners, TCP handler chain and UDP relay.
 type runtime struct {
-	cfg    *Stream
+	cfg    *spec.Stream
 	source string // SourceConfig or SourceAPI
 	// created and updated are the storage times of an API stream, and
 	// version its stored version (see setStored).
@@ -174,14 +175,14 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return err
 	}
 	for _, h := range a.Hosts {
-		rt, err := a.newRuntime(h, SourceConfig)
+		rt, err := a.newRuntime(h, spec.SourceConfig)
 		if err != nil {
 			return err
 		}
 		a.streams = append(a.streams, rt)
 	}
 	for _, h := range stored {
-		rt, err := a.newRuntime(streamFromHost(h), SourceAPI)
+		rt, err := a.newRuntime(streamFromHost(h), spec.SourceAPI)
 		if err != nil {
 			return err
 		}
@@ -196,7 +197,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 // newRuntime acquires the shared state of stream h and, if it is enabled,
 // builds its TCP handler chain and joins its UDP relay. On error nothing is
 // left acquired.
-func (a *App) newRuntime(h *Stream, source string) (*runtime, error) {
+func (a *App) newRuntime(h *spec.Stream, source string) (*runtime, error) {
 	rt := &runtime{cfg: h, source: source, state: streamstate.Acquire(h.ID),
 		logger: a.logger.With(zap.Int64("stream_id", h.ID), zap.String("stream", h.DisplayName()))}
 	if !h.Enabled {
@@ -209,7 +210,7 @@ func (a *App) newRuntime(h *Stream, source string) (*runtime, error) {
 		nat, err := a.natConfig(h, rt.logger)
 		if err != nil {
 			rt.release()
-			return nil, fmt.Errorf("%s: %v", streamLabel(h.ID, h.Name), err)
+			return nil, fmt.Errorf("%s: %v", spec.StreamLabel(h.ID, h.Name), err)
 		}
 		rt.nat = nat
 		rt.relay = udpnat.Acquire(rt.state, h.ListenHostPort())
@@ -218,7 +219,7 @@ func (a *App) newRuntime(h *Stream, source string) (*runtime, error) {
 		chain, cancel, err := a.buildChain(h)
 		if err != nil {
 			rt.release()
-			return nil, fmt.Errorf("%s: %v", streamLabel(h.ID, h.Name), err)
+			return nil, fmt.Errorf("%s: %v", spec.StreamLabel(h.ID, h.Name), err)
 		}
 		rt.chain.Store(&chainBox{chain})
 		rt.cancel = cancel
@@ -227,7 +228,7 @@ func (a *App) newRuntime(h *Stream, source string) (*runtime, error) {
 }
 
 // natConfig is what the stream's settings say about its UDP NAT entries.
-func (a *App) natConfig(s *Stream, logger *zap.Logger) (udpnat.Config, error) {
+func (a *App) natConfig(s *spec.Stream, logger *zap.Logger) (udpnat.Config, error) {
 	acl, err := streamstate.NewACL(s.WhitelistCIDRs, s.BlacklistCIDRs)
 	if err != nil {
 		return udpnat.Config{}, err
@@ -253,7 +254,7 @@ type chainConfig struct {
 
 // buildChain loads the stream's aegis_guard and aegis_proxy handlers in a
 // context of their own and compiles them into one layer4 handler.
-func (a *App) buildChain(s *Stream) (layer4.Handler, context.CancelFunc, error) {
+func (a *App) buildChain(s *spec.Stream) (layer4.Handler, context.CancelFunc, error) {
 	guard := &l4aegisguard.Handler{
 		StreamID:          s.ID,
 		StreamName:        s.DisplayName(),

@@ -11,6 +11,8 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
 func init() {
@@ -185,7 +187,7 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 
 // unmarshalHost parses one `host <id> [<name>] { ... }`, the cursor on
 // `host`. ids are the host ids already taken.
-func unmarshalHost(d *caddyfile.Dispenser, ids map[int64]bool) (*Stream, error) {
+func unmarshalHost(d *caddyfile.Dispenser, ids map[int64]bool) (*spec.Stream, error) {
 	args := d.RemainingArgs()
 	if len(args) < 1 || len(args) > 2 {
 		return nil, d.Errf("host: want <id> [<name>], got %d arguments", len(args))
@@ -197,7 +199,7 @@ func unmarshalHost(d *caddyfile.Dispenser, ids map[int64]bool) (*Stream, error) 
 	if ids[id] {
 		return nil, d.Errf("host %d: duplicate id; every host needs its own id", id)
 	}
-	s := &Stream{ID: id, Enabled: true}
+	s := &spec.Stream{ID: id, Enabled: true}
 	where := "host " + args[0]
 	fields := hostFields(s)
 
@@ -289,7 +291,7 @@ func unmarshalHost(d *caddyfile.Dispenser, ids map[int64]bool) (*Stream, error) 
 
 // hostFields maps the host options that set one field, named as the
 // field's JSON name, to that field of s.
-func hostFields(s *Stream) map[string]any {
+func hostFields(s *spec.Stream) map[string]any {
 	return map[string]any{
 		"name":                          &s.Name,
 		"protocol":                      &s.Protocol,

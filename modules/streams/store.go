@@ -12,6 +12,7 @@ import (
 
 	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 	"github.com/aegis-proxy/caddy-aegis/storage"
 )
 
@@ -181,12 +182,12 @@ func (a *App) openStorage() ([]storage.Host, error) {
 
 // streamFromHost is the stream of a stored host. The two types share their
 // JSON form, field for field.
-func streamFromHost(h storage.Host) *Stream {
+func streamFromHost(h storage.Host) *spec.Stream {
 	b, err := json.Marshal(h)
 	if err != nil {
 		panic(err) // plain fields: cannot fail
 	}
-	var s Stream
+	var s spec.Stream
 	if err := json.Unmarshal(b, &s); err != nil {
 		panic(err)
 	}
@@ -194,7 +195,7 @@ func streamFromHost(h storage.Host) *Stream {
 }
 
 // hostFromStream is the stored form of s.
-func hostFromStream(s *Stream) storage.Host {
+func hostFromStream(s *spec.Stream) storage.Host {
 	b, err := json.Marshal(s)
 	if err != nil {
 		panic(err)

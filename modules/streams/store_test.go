@@ -3,12 +3,14 @@ package streams
 import (
 	"reflect"
 	"testing"
+
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
 // Every setting survives the trip to storage and back: the two types share
 // their JSON form, so a field missing on one side would be lost here.
 func TestStoredHostKeepsEverySetting(t *testing.T) {
-	s := &Stream{
+	s := &spec.Stream{
 		ID: 9, Name: "all", Protocol: "tcp+udp", ListenAddress: "::", ListenPort: 53,
 		UpstreamHost: "dns.internal", UpstreamPort: 5353, Enabled: false,
 		MaxConnections: 7, ConnectionTimeoutSeconds: 3, IdleTimeoutSeconds: 30, HalfClose: true, ProxyProtocolVersion: 2,
