@@ -3,6 +3,7 @@ package storage
 import (
 	"context"
 	"database/sql"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
@@ -48,6 +49,27 @@ func (e *InUseError) Error() string {
 
 // Is reports whether target is ErrInUse.
 func (e *InUseError) Is(target error) bool { return target == ErrInUse }
+
+// encodeList stores a list as a JSON array; nil is [].
+func encodeList(l []string) (string, error) {
+	if len(l) == 0 {
+		return "[]", nil
+	}
+	b, err := json.Marshal(l)
+	return string(b), err
+}
+
+// decodeList reads a JSON array; an empty one is nil.
+func decodeList(s string) ([]string, error) {
+	var l []string
+	if err := json.Unmarshal([]byte(s), &l); err != nil {
+		return nil, err
+	}
+	if len(l) == 0 {
+		return nil, nil
+	}
+	return l, nil
+}
 
 // certColumns are the certificates table's columns in the order scanCert
 // reads them; the sealed key is read only by CertificateKey.
@@ -315,7 +337,7 @@ func (s *SQLite) DeleteCertificate(ctx context.Context, id int64, apply func(old
 
 // certInUse returns an *InUseError if hosts refer to the certificate id.
 func certInUse(ctx context.Context, tx *sql.Tx, id int64) error {
-	rows, err := tx.QueryContext(ctx, `SELECT id, name FROM hosts WHERE ssl_cert_id = ? ORDER BY id`, id)
+	rows, err := tx.QueryContext(ctx, `SELECT id, COALESCE(json_extract(settings, '$.name'), '') FROM hosts WHERE ssl_cert_id = ? ORDER BY id`, id)
 	if err != nil {
 		return fmt.Errorf("finding the hosts that use it: %w", err)
 	}

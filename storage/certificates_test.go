@@ -508,7 +508,7 @@ func TestDeleteCertificateInUse(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, h := range []Host{
+	for _, h := range []spec.Stream{
 		{ID: 1, Name: "db", SSLEnabled: true, SSLCertID: cert.ID},
 		{ID: 2, Name: "web", SSLEnabled: true, SSLCertID: other.ID},
 		{ID: 3, Name: "plain"},
@@ -540,10 +540,10 @@ func TestDeleteCertificateInUse(t *testing.T) {
 	}
 
 	// A host with TLS off still refers to it.
-	if _, err := s.UpdateHost(ctx, Host{ID: 1, Name: "db", SSLCertID: cert.ID}, nil); err != nil {
+	if _, err := s.UpdateHost(ctx, spec.Stream{ID: 1, Name: "db", SSLCertID: cert.ID}, nil); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.UpdateHost(ctx, Host{ID: 4, Name: "mail"}, nil); err != nil {
+	if _, err := s.UpdateHost(ctx, spec.Stream{ID: 4, Name: "mail"}, nil); err != nil {
 		t.Fatal(err)
 	}
 	err = s.DeleteCertificate(ctx, cert.ID, nil)
@@ -721,7 +721,7 @@ func TestLeaksFindsClearText(t *testing.T) {
 	}
 	tc := ecCert(t, "a.example.com")
 	body := strings.Join(strings.Split(tc.keyPEM, "\n")[2:4], "") // two lines of the body
-	if _, err := s.CreateHost(context.Background(), Host{Notes: body}, nil); err != nil {
+	if _, err := s.CreateHost(context.Background(), spec.Stream{Notes: body}, nil); err != nil {
 		t.Fatal(err)
 	}
 	if found, _ := leaks(dbFiles(t, path), tc); len(found) == 0 {

@@ -11,7 +11,10 @@
 // bytes CertificateKey returns.
 //
 // The package imports no Caddy package: it knows nothing of listeners or
-// handlers. The streams app converts between its Stream type and Host.
+// handlers. It stores the schema's spec.Stream: the settings the database
+// must index or constrain (id, listen address and port, protocol,
+// enabled, certificate) in columns, the others in one JSON column, so a
+// new setting needs no change here.
 package storage
 
 import (
@@ -77,27 +80,27 @@ var (
 // Methods are safe for concurrent use.
 type Store interface {
 	// ListHosts returns every host, ordered by ID.
-	ListHosts(ctx context.Context) ([]Host, error)
+	ListHosts(ctx context.Context) ([]Stored, error)
 
 	// GetHost returns the host with the given ID, or ErrNotFound.
-	GetHost(ctx context.Context, id int64) (Host, error)
+	GetHost(ctx context.Context, id int64) (Stored, error)
 
-	// CreateHost stores a new host and returns it as stored. With h.ID 0
-	// the store assigns an ID; with h.ID > 0 that ID is used, and
+	// CreateHost stores a new host and returns it as stored. With s.ID 0
+	// the store assigns an ID; with s.ID > 0 that ID is used, and
 	// ErrConflict is returned if it is taken. CreatedAt and UpdatedAt are
-	// set to the current time and Version to a new version; the values in
-	// h are ignored. IDs of deleted hosts are not assigned again.
-	CreateHost(ctx context.Context, h Host, apply func(h Host) error) (Host, error)
+	// set to the current time and Version to a new version. IDs of
+	// deleted hosts are not assigned again.
+	CreateHost(ctx context.Context, s spec.Stream, apply func(h Stored) error) (Stored, error)
 
-	// UpdateHost replaces every field of the host with ID h.ID and returns
-	// it as stored, or ErrNotFound. CreatedAt is kept, UpdatedAt set to
-	// the current time and Version to a new version; the values in h are
-	// ignored. apply receives the host before and after the change.
-	UpdateHost(ctx context.Context, h Host, apply func(old, new Host) error) (Host, error)
+	// UpdateHost replaces every setting of the host with ID s.ID and
+	// returns it as stored, or ErrNotFound. CreatedAt is kept, UpdatedAt
+	// set to the current time and Version to a new version. apply
+	// receives the host before and after the change.
+	UpdateHost(ctx context.Context, s spec.Stream, apply func(old, new Stored) error) (Stored, error)
 
 	// DeleteHost deletes the host with the given ID and its connection log,
 	// or returns ErrNotFound. apply receives the host as it was.
-	DeleteHost(ctx context.Context, id int64, apply func(old Host) error) error
+	DeleteHost(ctx context.Context, id int64, apply func(old Stored) error) error
 
 	// AppendConnLogs stores a batch of connection-log entries in one
 	// transaction: all of them or, on error, none. The entries' IDs are
@@ -163,95 +166,26 @@ type Store interface {
 	Close() error
 }
 
-// Host is a stream host as stored: the fields of the streams app's Stream,
-// with the same JSON names, plus when it was created and last changed.
+// Stored is a stream host as stored: its settings, and when it was created
+// and last changed.
 //
-// The store keeps what it is given: defaults and validation belong to the
-// streams app. Empty CIDR lists are returned as nil.
-type Host struct {
-	// ID identifies the host; > 0 once stored.
-	ID int64 `json:"id"`
-
-	// Name is a human-readable name.
-	Name string `json:"name,omitempty"`
-
-	// Protocol is "tcp", "udp" or "tcp+udp".
-	Protocol string `json:"protocol,omitempty"`
-
-	// ListenAddress is the IP address to bind; "" is every address.
-	ListenAddress string `json:"listen_address,omitempty"`
-
-	// ListenPort is the port to listen on.
-	ListenPort int `json:"listen_port"`
-
-	// UpstreamHost is the upstream's hostname or IP address.
-	UpstreamHost string `json:"upstream_host"`
-
-	// UpstreamPort is the upstream's port.
-	UpstreamPort int `json:"upstream_port"`
-
-	// Enabled turns the stream on.
-	Enabled bool `json:"enabled"`
-
-	// MaxConnections caps concurrent connections; 0 is unlimited.
-	MaxConnections int `json:"max_connections,omitempty"`
-
-	// ConnectionTimeoutSeconds bounds the dial to the upstream.
-	ConnectionTimeoutSeconds int `json:"connection_timeout_seconds,omitempty"`
-
-	// IdleTimeoutSeconds closes a connection idle for this long.
-	IdleTimeoutSeconds int `json:"idle_timeout_seconds,omitempty"`
-
-	// HalfClose keeps a connection open after one side's end, until the
-	// other side ends too.
-	HalfClose bool `json:"half_close,omitempty"`
-
-	// ProxyProtocolVersion is the PROXY protocol header sent upstream: 0
-	// (off), 1 or 2.
-	ProxyProtocolVersion int `json:"proxy_protocol_version,omitempty"`
-
-	// WhitelistCIDRs, when not empty, allows only sources inside them.
-	WhitelistCIDRs []string `json:"whitelist_cidrs,omitempty"`
-
-	// BlacklistCIDRs rejects sources inside them.
-	BlacklistCIDRs []string `json:"blacklist_cidrs,omitempty"`
-
-	// SSLEnabled terminates TLS on the listener.
-	SSLEnabled bool `json:"ssl_enabled,omitempty"`
-
-	// SSLCertID is the certificate used when SSLEnabled is set.
-	SSLCertID int64 `json:"ssl_cert_id,omitempty"`
-
-	// UploadRateBytes limits client→upstream bytes per second.
-	UploadRateBytes int64 `json:"upload_rate_bytes,omitempty"`
-
-	// DownloadRateBytes limits upstream→client bytes per second.
-	DownloadRateBytes int64 `json:"download_rate_bytes,omitempty"`
-
-	// HealthCheckEnabled runs a periodic dial to the upstream.
-	HealthCheckEnabled bool `json:"health_check_enabled,omitempty"`
-
-	// HealthCheckIntervalSeconds is the time between two health checks.
-	HealthCheckIntervalSeconds int `json:"health_check_interval_seconds,omitempty"`
-
-	// LogConnections writes one connection-log entry per connection.
-	LogConnections bool `json:"log_connections,omitempty"`
-
-	// Notes is free-form text.
-	Notes string `json:"notes,omitempty"`
+// The store keeps what it is given: defaults and validation belong to
+// package spec. Empty CIDR lists are returned as nil.
+type Stored struct {
+	spec.Stream
 
 	// CreatedAt is when the host was created, in UTC, to the millisecond.
 	// Set by the store.
-	CreatedAt time.Time `json:"created_at,omitzero"`
+	CreatedAt time.Time
 
 	// UpdatedAt is when the host was last written, in UTC, to the
 	// millisecond. Set by the store.
-	UpdatedAt time.Time `json:"updated_at,omitzero"`
+	UpdatedAt time.Time
 
 	// Version is the host's version: every create and update gives it a
 	// new one, above every version the store handed out before, to any
 	// host. Set by the store.
-	Version int64 `json:"version,omitzero"`
+	Version int64
 }
 
 // Actions a connection-log entry records.

@@ -182,7 +182,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		a.streams = append(a.streams, rt)
 	}
 	for _, h := range stored {
-		rt, err := a.newRuntime(streamFromHost(h), spec.SourceAPI)
+		rt, err := a.newRuntime(&h.Stream, spec.SourceAPI)
 		if err != nil {
 			return err
 		}

@@ -84,7 +84,7 @@ func (a *App) find(id int64) *runtime {
 }
 
 // setStored takes the times and version of rt's stored host h.
-func (rt *runtime) setStored(h storage.Host) {
+func (rt *runtime) setStored(h storage.Stored) {
 	rt.created, rt.updated, rt.version = h.CreatedAt, h.UpdatedAt, h.Version
 }
 
@@ -247,7 +247,7 @@ func (a *App) createHost(ctx context.Context, s *spec.Stream) (spec.HostStatus, 
 		return spec.HostStatus{}, err
 	}
 	var rt *runtime
-	stored, err := a.store.db.CreateHost(ctx, hostFromStream(s), func(storage.Host) error {
+	stored, err := a.store.db.CreateHost(ctx, *s, func(storage.Stored) error {
 		var err error
 		rt, err = a.newRuntime(s, spec.SourceAPI)
 		if err != nil {
@@ -332,7 +332,7 @@ func (a *App) updateHost(ctx context.Context, id int64, build func(spec.Stream) 
 
 	var next *runtime // sockets change: a runtime of its own
 	var swap *runtime // sockets stay: the new chain and relay config
-	stored, err := a.store.db.UpdateHost(ctx, hostFromStream(s), func(_, _ storage.Host) error {
+	stored, err := a.store.db.UpdateHost(ctx, *s, func(_, _ storage.Stored) error {
 		var err error
 		if sameSockets {
 			swap, err = a.newRuntime(s, spec.SourceAPI)
@@ -469,7 +469,7 @@ func (a *App) syncStored() {
 		rt := a.find(h.ID)
 		switch {
 		case rt == nil:
-			s := streamFromHost(h)
+			s := &h.Stream
 			nrt, err := a.newRuntime(s, spec.SourceAPI)
 			if err == nil {
 				if err = nrt.bind(a.ctx); err != nil {
@@ -500,8 +500,8 @@ func (a *App) syncStored() {
 }
 
 // applyStored replaces rt with a runtime of the stored host h.
-func (a *App) applyStored(rt *runtime, h storage.Host) (*runtime, error) {
-	s := streamFromHost(h)
+func (a *App) applyStored(rt *runtime, h storage.Stored) (*runtime, error) {
+	s := &h.Stream
 	next, err := a.newRuntime(s, spec.SourceAPI)
 	if err != nil {
 		return nil, err

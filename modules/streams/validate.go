@@ -30,13 +30,13 @@ func (a *App) Validate() error {
 
 // validateHosts checks the config's hosts together with the stored ones:
 // ids and listen ports may not collide between the two.
-func (a *App) validateHosts(config []*spec.Stream, stored []storage.Host) error {
+func (a *App) validateHosts(config []*spec.Stream, stored []storage.Stored) error {
 	if err := a.Validate(); err != nil || len(stored) == 0 {
 		return err
 	}
 	all := append([]*spec.Stream(nil), config...)
 	for _, h := range stored {
-		all = append(all, streamFromHost(h))
+		all = append(all, &h.Stream)
 	}
 	// The config's hosts have passed Validate; stored ones are not held
 	// to the limits of name and notes, which came after some were stored:
