@@ -1,11 +1,9 @@
 package main
 
 import (
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -25,11 +23,10 @@ import (
 // soakAegis is bin/aegis started with storage in a temp dir and its admin
 // endpoint on a free loopback port.
 type soakAegis struct {
+	*aegisAPI
 	c       *child
 	dir     string
 	logFile string
-	base    string // http://127.0.0.1:<admin port>
-	hc      *http.Client
 }
 
 // startSoakAegis starts binary with no stream: the soak creates them
@@ -41,8 +38,7 @@ func startSoakAegis(binary, dir string, timeout time.Duration) (*soakAegis, erro
 	if err != nil {
 		return nil, err
 	}
-	a := &soakAegis{dir: dir, logFile: filepath.Join(dir, "aegis.log"), base: "http://" + addr(admin[0]),
-		hc: &http.Client{Timeout: 30 * time.Second}}
+	a := &soakAegis{aegisAPI: newAegisAPI(admin[0]), dir: dir, logFile: filepath.Join(dir, "aegis.log")}
 	cfg := map[string]any{
 		"admin": map[string]any{"listen": addr(admin[0])},
 		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{
@@ -87,64 +83,6 @@ func startSoakAegis(binary, dir string, timeout time.Duration) (*soakAegis, erro
 }
 
 func (a *soakAegis) pid() int { return a.c.cmd.Process.Pid }
-
-// statusError is an API answer with another status than the one wanted.
-type statusError struct {
-	method, path string
-	status, want int
-	msg, field   string
-}
-
-func (e *statusError) Error() string {
-	s := fmt.Sprintf("%s %s: status %d, want %d", e.method, e.path, e.status, e.want)
-	if e.msg != "" {
-		s += ": " + e.msg
-	}
-	return s
-}
-
-// call sends method to path with body as JSON (none if nil), checks that
-// the answer has status want and decodes it into out (if not nil).
-func (a *soakAegis) call(method, path string, body any, want int, out any) error {
-	var rd io.Reader
-	if body != nil {
-		b, err := json.Marshal(body)
-		if err != nil {
-			return err
-		}
-		rd = bytes.NewReader(b)
-	}
-	req, err := http.NewRequest(method, a.base+path, rd)
-	if err != nil {
-		return err
-	}
-	if body != nil {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	resp, err := a.hc.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return fmt.Errorf("%s %s: reading the answer: %v", method, path, err)
-	}
-	if resp.StatusCode != want {
-		var e struct {
-			Error string `json:"error"`
-			Field string `json:"field"`
-		}
-		json.Unmarshal(b, &e)
-		return &statusError{method: method, path: path, status: resp.StatusCode, want: want, msg: e.Error, field: e.Field}
-	}
-	if out != nil {
-		if err := json.Unmarshal(b, out); err != nil {
-			return fmt.Errorf("%s %s: decoding the answer: %v", method, path, err)
-		}
-	}
-	return nil
-}
 
 // stats is GET /api/v1/streams/stats by stream id.
 func (a *soakAegis) stats() (map[int64]spec.Status, error) {
