@@ -420,17 +420,21 @@ func TestMigrateSettingsToJSON(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The hosts as the code of that version wrote them (hostValues then):
-	// generation 1 sets every setting, and its booleans are the opposite
-	// of generation 2's; a host with nothing but the required settings;
-	// and host 9, deleted.
-	hosts := []spec.Stream{genHost(1, 1), genHost(2, 2),
-		{ID: 5, ListenPort: 7000, UpstreamHost: "backend", UpstreamPort: 7000, Enabled: true}}
-	for i := range hosts {
-		hosts[i].SSLCertTag, hosts[i].SSLDomain = "", "" // no columns for them then
+	// The hosts as the code of that version wrote them (hostValues then),
+	// with the settings it had: host 1 sets every one of them, host 2
+	// has the opposite booleans, host 5 nothing but the required
+	// settings; host 9 is deleted.
+	hosts := []spec.Stream{
+		{ID: 1, Name: "name-1", Protocol: "tcp+udp", ListenAddress: "::1", ListenPort: 5432,
+			UpstreamHost: "db.internal", UpstreamPort: 6432, Enabled: true, MaxConnections: 3,
+			ConnectionTimeoutSeconds: 4, IdleTimeoutSeconds: 5, HalfClose: true, ProxyProtocolVersion: 2,
+			WhitelistCIDRs: []string{"10.0.0.0/8", "::1"}, BlacklistCIDRs: []string{"10.0.0.9"},
+			SSLEnabled: true, SSLCertID: 2, UploadRateBytes: 1 << 40, DownloadRateBytes: 7,
+			HealthCheckEnabled: true, HealthCheckIntervalSeconds: 9, LogConnections: true, Notes: "n\u00e9\"'"},
+		{ID: 2, Name: "name-2", ListenPort: 5433, UpstreamHost: "db", UpstreamPort: 5433,
+			WhitelistCIDRs: []string{"192.0.2.0/24"}},
+		{ID: 5, ListenPort: 7000, UpstreamHost: "backend", UpstreamPort: 7000, Enabled: true},
 	}
-	hosts[1].BlacklistCIDRs = nil // stored as '[]'
-	hosts[0].SSLCertID = 2
 	list := func(l []string) string {
 		b, _ := json.Marshal(l)
 		if len(l) == 0 {
