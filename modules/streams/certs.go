@@ -56,12 +56,21 @@ func (a *App) certStatus(c storage.Certificate) CertStatus {
 	return cs
 }
 
+// storage returns the app's storage, nil once Cleanup let go of it (or
+// without storage).
+func (a *App) storage() *sharedStore {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.store
+}
+
 // Certificates lists the stored certificates.
 func (a *App) Certificates(ctx context.Context) ([]CertStatus, error) {
-	if a.store == nil {
+	store := a.storage()
+	if store == nil {
 		return nil, ErrNoStorage
 	}
-	list, err := a.store.db.ListCertificates(ctx)
+	list, err := store.db.ListCertificates(ctx)
 	if err != nil {
 		return nil, storeError(err)
 	}
@@ -76,10 +85,11 @@ func (a *App) Certificates(ctx context.Context) ([]CertStatus, error) {
 
 // Certificate returns stored certificate id, or ErrNotFound.
 func (a *App) Certificate(ctx context.Context, id int64) (CertStatus, error) {
-	if a.store == nil {
+	store := a.storage()
+	if store == nil {
 		return CertStatus{}, ErrNoStorage
 	}
-	c, err := a.store.db.GetCertificate(ctx, id)
+	c, err := store.db.GetCertificate(ctx, id)
 	if err != nil {
 		return CertStatus{}, storeError(err)
 	}
