@@ -9,7 +9,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -83,9 +85,17 @@ type App struct {
 	running  bool
 	toManage map[string]struct{}
 
-	// pendingCerts are the certificate sources of config streams that
-	// name a Caddy tag or domain, registered at Start.
-	pendingCerts map[int64]l4aegistls.CertSource
+	// certs are the certificate sources of this app's streams by registry
+	// id (see certID): the stored certificates, and those that config
+	// streams name by Caddy tag or domain. Provision only collects them;
+	// they enter the process-wide registry when the app starts
+	// (certsLive), so that a config that is then refused changes no
+	// handshake of the running one. certRows are the stored certificates
+	// as this app last read them (see certRow). Guarded by mu once the app
+	// has started.
+	certs     map[int64]l4aegistls.CertSource
+	certRows  map[int64]string
+	certsLive bool
 
 	// prev is the app this one replaced as the running app, and stopped
 	// says Stop began; both guarded by manageMu.
@@ -318,9 +328,8 @@ func (a *App) start() error {
 			return err
 		}
 	}
-	for id, src := range a.pendingCerts {
-		l4aegistls.Register(id, src)
-	}
+	a.certsLive = true
+	a.registerCerts(nil)
 	for _, rt := range a.streams {
 		rt.state.ResetTotals()
 		a.serve(rt)
@@ -399,23 +408,25 @@ func (a *App) Stop() error {
 	manageMu.Unlock()
 	a.mu.Lock()
 	a.closeListeners()
+	var certs []int64
+	if a.certsLive {
+		certs = slices.Collect(maps.Keys(a.certs))
+	}
 	a.mu.Unlock()
 	if back != nil {
-		back.reassert()
+		back.reassert(certs)
 	}
 	return nil
 }
 
 // reassert puts this app's settings back into the state it shares with
 // other loads of its streams (UDP relay configs, log sinks, grace periods,
-// certificates named by Caddy tag or domain): a newer config that failed
-// to start may have changed them.
-func (a *App) reassert() {
+// the certificate registry): a newer config that failed to start may have
+// changed them. theirs are the certificate ids that config registered.
+func (a *App) reassert(theirs []int64) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	for id, src := range a.pendingCerts {
-		l4aegistls.Register(id, src)
-	}
+	a.registerCerts(theirs)
 	for _, rt := range a.streams {
 		a.serveSettings(rt)
 		if rt.serving {
