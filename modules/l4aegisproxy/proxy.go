@@ -243,6 +243,9 @@ func (h *Handler) checkHealth(ctx caddy.Context) {
 //		health_check_interval <duration>
 //		half_close [true|false]
 //	}
+//
+// The upstream is the first argument (upstream in JSON). Each option may
+// be given once; none takes a block.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // handler name
 	if !d.NextArg() {
@@ -252,52 +255,68 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if d.NextArg() {
 		return d.ArgErr()
 	}
-	for d.NextBlock(0) {
+	seen := map[string]bool{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		opt := d.Val()
-		if opt == "half_close" {
-			// Alone it means true, as the streams app's boolean options.
-			switch args := d.RemainingArgs(); {
-			case len(args) == 0 || len(args) == 1 && args[0] == "true":
-				h.HalfClose = true
-			case len(args) == 1 && args[0] == "false":
-				h.HalfClose = false
-			default:
-				return d.Errf("half_close %q: want true or false", strings.Join(args, " "))
-			}
-			continue
+		if seen[opt] {
+			return d.Errf("aegis_proxy option %q given twice", opt)
 		}
-		if !d.NextArg() {
-			return d.ArgErr()
+		seen[opt] = true
+		if err := h.unmarshalOption(d, opt, d.RemainingArgs()); err != nil {
+			return err
 		}
-		val := d.Val()
-		if d.NextArg() {
-			return d.Errf("%s: want one value, got more (%q)", opt, d.Val())
+		if d.NextBlock(nesting + 1) {
+			return d.Errf("aegis_proxy option %q: blocks are not supported", opt)
 		}
-		switch opt {
-		case "stream_id":
-			n, err := strconv.ParseInt(val, 10, 64)
-			if err != nil {
-				return d.Errf("stream_id %q: want a whole number", val)
-			}
-			h.StreamID = n
-		case "proxy_protocol":
-			n, err := strconv.Atoi(val)
-			if err != nil {
-				return d.Errf("proxy_protocol %q: want 0, 1 or 2", val)
-			}
-			h.ProxyProtocol = n
-		case "dial_timeout", "health_check_interval":
-			dur, err := caddy.ParseDuration(val)
-			if err != nil {
-				return d.Errf("%s %q: %v", opt, val, err)
-			}
-			if opt == "dial_timeout" {
-				h.DialTimeout = caddy.Duration(dur)
-			} else {
-				h.HealthCheckInterval = caddy.Duration(dur)
-			}
+	}
+	return nil
+}
+
+// unmarshalOption sets option opt from its values.
+func (h *Handler) unmarshalOption(d *caddyfile.Dispenser, opt string, args []string) error {
+	if opt == "half_close" {
+		// Alone it means true, as the streams app's boolean options.
+		switch {
+		case len(args) == 0 || len(args) == 1 && args[0] == "true":
+			h.HalfClose = true
+		case len(args) == 1 && args[0] == "false":
+			h.HalfClose = false
 		default:
-			return d.Errf("unknown aegis_proxy option %q", opt)
+			return d.Errf("half_close %q: want true or false", strings.Join(args, " "))
+		}
+		return nil
+	}
+	switch opt {
+	case "stream_id", "proxy_protocol", "dial_timeout", "health_check_interval":
+	default:
+		return d.Errf("unknown aegis_proxy option %q", opt)
+	}
+	if len(args) != 1 {
+		return d.Errf("%s: want one value, got %d", opt, len(args))
+	}
+	val := args[0]
+	switch opt {
+	case "stream_id":
+		n, err := strconv.ParseInt(val, 10, 64)
+		if err != nil {
+			return d.Errf("stream_id %q: want a whole number", val)
+		}
+		h.StreamID = n
+	case "proxy_protocol":
+		n, err := strconv.Atoi(val)
+		if err != nil {
+			return d.Errf("proxy_protocol %q: want 0, 1 or 2", val)
+		}
+		h.ProxyProtocol = n
+	case "dial_timeout", "health_check_interval":
+		dur, err := caddy.ParseDuration(val)
+		if err != nil {
+			return d.Errf("%s %q: %v", opt, val, err)
+		}
+		if opt == "dial_timeout" {
+			h.DialTimeout = caddy.Duration(dur)
+		} else {
+			h.HealthCheckInterval = caddy.Duration(dur)
 		}
 	}
 	return nil

@@ -674,7 +674,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		t.Fatalf("bare: %+v, %v", bare, err)
 	}
 	var off l4aegisproxy.Handler
-	if err := off.UnmarshalCaddyfile(caddyfile.NewTestDispenser("aegis_proxy a:1 {\n half_close true\n half_close false\n}")); err != nil || off.HalfClose {
+	if err := off.UnmarshalCaddyfile(caddyfile.NewTestDispenser("aegis_proxy a:1 {\n half_close false\n}")); err != nil || off.HalfClose {
 		t.Fatalf("half_close false: %+v, %v", off, err)
 	}
 
@@ -690,6 +690,11 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		{"aegis_proxy a:1 {\n upstream b:2\n}", `"upstream"`},
 		{"aegis_proxy a:1 {\n half_close yes\n}", `half_close "yes"`},
 		{"aegis_proxy a:1 {\n half_close true false\n}", `half_close "true false"`},
+		{"aegis_proxy a:1 {\n stream_id 1\n stream_id 2\n}", `aegis_proxy option "stream_id" given twice`},
+		{"aegis_proxy a:1 {\n half_close\n half_close false\n}", `aegis_proxy option "half_close" given twice`},
+		{"aegis_proxy a:1 {\n dial_timeout 1s {\n x\n }\n}", `aegis_proxy option "dial_timeout": blocks are not supported`},
+		{"aegis_proxy a:1 {\n half_close {\n x\n }\n}", `aegis_proxy option "half_close": blocks are not supported`},
+		{"aegis_proxy a:1 {\n dial_timeout {\n 1s\n }\n}", "dial_timeout: want one value, got 0"},
 	} {
 		var h l4aegisproxy.Handler
 		err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.in))
