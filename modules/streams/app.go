@@ -69,6 +69,8 @@ type App struct {
 	// reserved are the ports that belong to Caddy itself (HTTP, HTTPS,
 	// admin), found in Provision and checked by Validate.
 	reserved []reservedPort
+	// validated says Provision checked the config (see Validate).
+	validated bool
 
 	// mu serializes changes to the running streams (the API's writes) and
 	// guards streams and each runtime's cfg.
