@@ -98,7 +98,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.name == "" {
 		h.name = fmt.Sprintf("stream-%d", h.StreamID)
 	}
-	h.logger = ctx.Logger()
+	// Named: the streams app provisions the handlers itself, in a
+	// context with no module of its own.
+	h.logger = ctx.Logger(h)
 	if h.StreamID > 0 {
 		h.state = streamstate.Acquire(h.StreamID)
 	} else {

@@ -60,6 +60,8 @@ type Handler struct {
 	dialer net.Dialer
 	state  *streamstate.Stream
 	logger *zap.Logger
+	// stopHealth ends the health loop.
+	stopHealth context.CancelFunc
 }
 
 // CaddyModule returns the Caddy module information.
@@ -91,21 +93,27 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.dialer.Timeout == 0 {
 		h.dialer.Timeout = DefaultDialTimeout
 	}
-	h.logger = ctx.Logger()
+	// Named: the streams app provisions the handlers itself, in a
+	// context with no module of its own.
+	h.logger = ctx.Logger(h)
 	if h.StreamID > 0 {
 		h.state = streamstate.Acquire(h.StreamID)
 	} else {
 		h.state = streamstate.New(0)
 	}
 	if h.HealthCheckInterval > 0 {
-		go h.healthLoop(ctx, time.Duration(h.HealthCheckInterval))
+		hctx, stop := context.WithCancel(ctx)
+		h.stopHealth = stop
+		go h.healthLoop(hctx, time.Duration(h.HealthCheckInterval))
 	}
 	return nil
 }
 
-// Cleanup lets go of the stream's state; the health loop ends with the
-// module's context.
+// Cleanup ends the health loop and lets go of the stream's state.
 func (h *Handler) Cleanup() error {
+	if h.stopHealth != nil {
+		h.stopHealth()
+	}
 	if h.state == nil {
 		return nil
 	}
@@ -196,7 +204,7 @@ func (h *Handler) dial(ctx context.Context) (net.Conn, error) {
 
 // healthLoop dials the upstream every interval and records the outcome,
 // until the module is unloaded.
-func (h *Handler) healthLoop(ctx caddy.Context, every time.Duration) {
+func (h *Handler) healthLoop(ctx context.Context, every time.Duration) {
 	// The first check waits a moment: at provisioning time the upstream may
 	// be a server of this same config that has not started yet.
 	t := time.NewTimer(min(every, 500*time.Millisecond))
@@ -212,7 +220,7 @@ func (h *Handler) healthLoop(ctx caddy.Context, every time.Duration) {
 	}
 }
 
-func (h *Handler) checkHealth(ctx caddy.Context) {
+func (h *Handler) checkHealth(ctx context.Context) {
 	c, err := h.dial(ctx)
 	if ctx.Err() != nil {
 		return

@@ -30,6 +30,7 @@ import (
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 
 	"github.com/aegis-proxy/caddy-aegis/internal/loopback"
+	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
 )
 
 // ---- fixtures ------------------------------------------------------------
@@ -804,5 +805,24 @@ func TestEndClosesBothWithoutGuard(t *testing.T) {
 	}
 	if rest, err := io.ReadAll(c); err != nil || len(rest) != 0 {
 		t.Fatalf("client after its end: read %q, %v; want EOF", rest, err)
+	}
+}
+
+// Cleanup ends the health checks, also when the module's context goes on
+// (the streams app provisions the handlers in its own long-lived one).
+func TestCleanupEndsHealthChecks(t *testing.T) {
+	var dials atomic.Int64
+	up := newUpstream(t, "127.0.0.1:0", func(c net.Conn) { dials.Add(1); c.Close() })
+	h := l4aegisproxy.Handler{Upstream: up.Addr, HealthCheckInterval: caddy.Duration(5 * time.Millisecond)}
+	if err := h.Provision(newCtx(t)); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, "a health check", func() bool { return dials.Load() > 0 })
+	_ = h.Cleanup()
+	time.Sleep(20 * time.Millisecond) // a check in flight ends
+	n := dials.Load()
+	time.Sleep(100 * time.Millisecond)
+	if got := dials.Load(); got != n {
+		t.Fatalf("%d health checks after Cleanup", got-n)
 	}
 }

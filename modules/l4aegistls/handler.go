@@ -102,7 +102,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		MinVersion:     tls.VersionTLS12,
 		GetCertificate: h.getCertificate,
 	}
-	h.logger = ctx.Logger()
+	// Named: the streams app provisions the handlers itself, in a
+	// context with no module of its own.
+	h.logger = ctx.Logger(h)
 	if h.StreamID > 0 {
 		h.hs = acquire(h.StreamID)
 	} else {

@@ -6,7 +6,6 @@ package streams
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"maps"
@@ -18,7 +17,6 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/caddy/v2/modules/caddytls"
 	"github.com/mholt/caddy-l4/layer4"
@@ -55,12 +53,6 @@ type App struct {
 	logger *zap.Logger
 	// connLogger writes every stream's connection-log lines, TCP and UDP.
 	connLogger *zap.Logger
-
-	// base is the parent of every stream's handler context. Cancelling a
-	// child of the app's own context would also run the app context's
-	// cleanup functions, so children hang off this clean one instead.
-	base       caddy.Context
-	cancelBase context.CancelFunc
 
 	// tlsApp is Caddy's tls app, which obtains and renews managed
 	// certificates; loaded in Provision when storage is on.
@@ -122,7 +114,7 @@ type runtime struct {
 	state            *streamstate.Stream
 	released         bool // state was released
 	chain            atomic.Pointer[chainBox]
-	cancel           context.CancelFunc // unloads the chain's modules
+	cancel           func() // cleans the chain's handlers up
 	ln               net.Listener
 	done             chan struct{} // closed when the accept loop has returned
 	logger           *zap.Logger
@@ -165,7 +157,6 @@ func (a *App) Provision(ctx caddy.Context) error {
 	if err := a.registerMetrics(); err != nil {
 		return fmt.Errorf("registering the streams' metrics: %v", err)
 	}
-	a.base, a.cancelBase = caddy.NewContext(ctx)
 	a.reserved = reservedPorts(ctx)
 	stored, err := a.openStorage()
 	if err != nil {
@@ -256,14 +247,13 @@ func (a *App) natConfig(s *Stream, logger *zap.Logger) (udpnat.Config, error) {
 	}, nil
 }
 
-// chainConfig lets Caddy load a stream's handlers as layer4 modules.
-type chainConfig struct {
-	HandlersRaw []json.RawMessage `json:"handlers,omitempty" caddy:"namespace=layer4.handlers inline_key=handler"`
-}
-
-// buildChain loads the stream's aegis_guard and aegis_proxy handlers in a
-// context of their own and compiles them into one layer4 handler.
-func (a *App) buildChain(s *Stream) (layer4.Handler, context.CancelFunc, error) {
+// buildChain provisions the stream's aegis_guard, aegis_tls (with TLS)
+// and aegis_proxy handlers and compiles them into one layer4 handler;
+// release cleans them up. They are provisioned in the app's context, not
+// one of their own: caddy.NewContext makes a metrics registry with Go and
+// process collectors, which nothing serves, on every reload and every API
+// edit.
+func (a *App) buildChain(s *Stream) (chain layer4.Handler, release func(), err error) {
 	guard := &l4aegisguard.Handler{
 		StreamID:          s.ID,
 		StreamName:        s.DisplayName(),
@@ -285,27 +275,28 @@ func (a *App) buildChain(s *Stream) (layer4.Handler, context.CancelFunc, error) 
 	if s.HealthCheckEnabled {
 		proxy.HealthCheckInterval = caddy.Duration(s.HealthCheckInterval())
 	}
-	cfg := chainConfig{HandlersRaw: []json.RawMessage{
-		caddyconfig.JSONModuleObject(guard, "handler", "aegis_guard", nil),
-	}}
+	handlers := layer4.Handlers{guard}
 	// TLS comes after the guard, so the ACL and max_connections are
 	// checked before any handshake work.
 	if s.SSLEnabled {
-		tlsH := &l4aegistls.Handler{StreamID: s.ID, CertID: certID(s)}
-		cfg.HandlersRaw = append(cfg.HandlersRaw, caddyconfig.JSONModuleObject(tlsH, "handler", "aegis_tls", nil))
+		handlers = append(handlers, &l4aegistls.Handler{StreamID: s.ID, CertID: certID(s)})
 	}
-	cfg.HandlersRaw = append(cfg.HandlersRaw, caddyconfig.JSONModuleObject(proxy, "handler", "aegis_proxy", nil))
-	cctx, cancel := caddy.NewContext(a.base)
-	mods, err := cctx.LoadModule(&cfg, "HandlersRaw")
-	if err != nil {
-		cancel()
-		return nil, nil, err
+	handlers = append(handlers, proxy)
+	var loaded []caddy.CleanerUpper
+	release = func() {
+		for i := len(loaded) - 1; i >= 0; i-- {
+			_ = loaded[i].Cleanup()
+		}
 	}
-	var handlers layer4.Handlers
-	for _, m := range mods.([]any) {
-		handlers = append(handlers, m.(layer4.NextHandler))
+	for _, h := range handlers {
+		m := h.(caddy.Module)
+		if err := m.(caddy.Provisioner).Provision(a.ctx); err != nil {
+			release()
+			return nil, nil, fmt.Errorf("provision %s: %v", m.CaddyModule().ID, err)
+		}
+		loaded = append(loaded, m.(caddy.CleanerUpper))
 	}
-	return handlers.Compile(), cancel, nil
+	return handlers.Compile(), release, nil
 }
 
 // Start binds every enabled stream and starts serving. If one cannot bind,
@@ -503,9 +494,6 @@ func (a *App) Cleanup() error {
 		wg.Go(rt.release)
 	}
 	wg.Wait()
-	if a.cancelBase != nil {
-		a.cancelBase()
-	}
 	a.streams = nil
 	a.cleanedUp = true
 	if a.store != nil {
