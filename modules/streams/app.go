@@ -117,6 +117,7 @@ type runtime struct {
 	cancel           func() // cleans the chain's handlers up
 	ln               net.Listener
 	done             chan struct{} // closed when the accept loop has returned
+	stop             chan struct{} // closed to end the accept loop's wait
 	logger           *zap.Logger
 
 	relay   *udpnat.Relay // shared with other loads of the same stream address
@@ -368,8 +369,7 @@ func (a *App) serve(rt *runtime) {
 	}
 	if rt.ln != nil {
 		rt.state.ListenerUp(streamstate.TCP)
-		rt.done = make(chan struct{})
-		go rt.accept(rt.ln)
+		rt.startAccept()
 	}
 	if rt.udp != nil {
 		rt.relay.SetConfig(rt.nat)
@@ -445,6 +445,7 @@ func (rt *runtime) closeListeners() {
 		unbind(rt.cfg, "tcp")
 		rt.ln = nil
 		if rt.done != nil {
+			close(rt.stop)
 			<-rt.done
 			rt.done = nil
 			rt.state.ListenerDown(streamstate.TCP)
@@ -503,8 +504,16 @@ func (a *App) Cleanup() error {
 	return nil
 }
 
-// accept runs the stream's accept loop until its listener is closed.
-func (rt *runtime) accept(ln net.Listener) {
+// startAccept runs the accept loop of rt.ln until closeListeners.
+func (rt *runtime) startAccept() {
+	rt.done = make(chan struct{})
+	rt.stop = make(chan struct{})
+	go rt.accept(rt.ln, rt.stop)
+}
+
+// accept runs the stream's accept loop until its listener is closed, or
+// stop is while it waits to try again.
+func (rt *runtime) accept(ln net.Listener, stop <-chan struct{}) {
 	defer close(rt.done)
 	var backoff time.Duration
 	for {
@@ -513,10 +522,18 @@ func (rt *runtime) accept(ln net.Listener) {
 			if errors.Is(err, net.ErrClosed) {
 				return
 			}
-			// Out of file descriptors or similar: wait, then go on.
+			// Out of file descriptors or similar: wait, then go on. The
+			// wait ends when the listener closes: an API write waits for
+			// this loop, holding the app's lock.
 			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
 			rt.logger.Error("accepting connection", zap.Error(err), zap.Duration("retry_in", backoff))
-			time.Sleep(backoff)
+			t := time.NewTimer(backoff)
+			select {
+			case <-stop:
+				t.Stop()
+				return
+			case <-t.C:
+			}
 			continue
 		}
 		backoff = 0
