@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyevents"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/caddy/v2/modules/caddytls"
 	"github.com/mholt/caddy-l4/layer4"
@@ -171,6 +172,13 @@ func (a *App) Provision(ctx caddy.Context) error {
 			return fmt.Errorf("loading Caddy's tls app for managed certificates: %v", err)
 		}
 		a.tlsApp, _ = app.(*caddytls.TLS)
+		events, err := ctx.App("events")
+		if err != nil {
+			return fmt.Errorf("loading Caddy's events app: %v", err)
+		}
+		if err := events.(*caddyevents.App).On("started", configStarted{a}); err != nil {
+			return fmt.Errorf("subscribing to Caddy's started event: %v", err)
+		}
 	}
 	if err := a.validateHosts(a.Hosts, stored); err != nil {
 		return err
@@ -307,9 +315,6 @@ func (a *App) Start() error {
 		return err
 	}
 	setCurrent(a)
-	if a.tlsApp != nil {
-		go a.manageWhenRunning()
-	}
 	return nil
 }
 

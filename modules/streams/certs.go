@@ -487,28 +487,25 @@ func (a *App) manage(names map[string]struct{}) error {
 	return a.tlsApp.Manage(names)
 }
 
-// manageWhenRunning waits until this app's config is the running one
-// (every app of it started), then hands the waiting names to the tls app.
-func (a *App) manageWhenRunning() {
-	for a.ctx.Err() == nil {
-		if caddy.ActiveContext().Context == a.ctx.Context {
-			a.manageMu.Lock()
-			a.running = true
-			names := a.toManage
-			a.toManage = nil
-			a.manageMu.Unlock()
-			if len(names) > 0 {
-				if err := a.tlsApp.Manage(names); err != nil {
-					a.logger.Error("asking Caddy to manage certificate names", zap.Error(err))
-				}
-			}
-			return
-		}
-		select {
-		case <-a.ctx.Done():
-		case <-time.After(10 * time.Millisecond):
+// configStarted hands the names waiting for Caddy's tls app to it when
+// every app of this app's config has started (Caddy's "started" event);
+// from then on manage hands them over at once.
+type configStarted struct{ a *App }
+
+// Handle implements caddyevents.Handler.
+func (h configStarted) Handle(context.Context, caddy.Event) error {
+	a := h.a
+	a.manageMu.Lock()
+	a.running = true
+	names := a.toManage
+	a.toManage = nil
+	a.manageMu.Unlock()
+	if len(names) > 0 {
+		if err := a.tlsApp.Manage(names); err != nil {
+			a.logger.Error("asking Caddy to manage certificate names", zap.Error(err))
 		}
 	}
+	return nil
 }
 
 // caddyCert serves a certificate from Caddy's certificate cache, as a
