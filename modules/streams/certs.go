@@ -7,11 +7,9 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/modules/caddytls"
 	"go.uber.org/zap"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/certs"
@@ -45,7 +43,7 @@ type CertStatus struct {
 
 // certStatus describes c. The caller holds a.mu.
 func (a *App) certStatus(c storage.Certificate) CertStatus {
-	if src, ok := a.certs[c.ID].(*caddyCert); ok && c.Source == storage.SourceManaged {
+	if src, ok := a.certs[c.ID].(*l4aegistls.CaddyCert); ok && c.Source == storage.SourceManaged {
 		fillFromCache(&c, src)
 	}
 	cs := CertStatus{Certificate: c, UsedBy: []int64{}}
@@ -413,7 +411,7 @@ func (a *App) publish(c storage.Certificate, p *certs.Parsed) error {
 	if err := a.manage(names); err != nil {
 		return fmt.Errorf("asking Caddy to manage %v: %v", c.Domains, err)
 	}
-	src, err := newCaddyCert(a.ctx, c.Domains[0], nil)
+	src, err := l4aegistls.NewCaddyCert(a.ctx, c.Domains[0], nil)
 	if err != nil {
 		return err
 	}
@@ -450,17 +448,17 @@ func (a *App) publishConfigCert(s *Stream) error {
 	if a.tlsApp == nil {
 		return errors.New("Caddy's tls app is not loaded")
 	}
-	var src *caddyCert
+	var src *l4aegistls.CaddyCert
 	var err error
 	if s.SSLDomain != "" {
 		if err := a.manage(map[string]struct{}{s.SSLDomain: {}}); err != nil {
 			return fmt.Errorf("asking Caddy to manage %s: %v", s.SSLDomain, err)
 		}
-		src, err = newCaddyCert(a.ctx, s.SSLDomain, nil)
+		src, err = l4aegistls.NewCaddyCert(a.ctx, s.SSLDomain, nil)
 	} else {
 		// Caddy picks among the certificates for the client's SNI those
 		// with the tag.
-		src, err = newCaddyCert(a.ctx, "", []string{s.SSLCertTag})
+		src, err = l4aegistls.NewCaddyCert(a.ctx, "", []string{s.SSLCertTag})
 	}
 	if err != nil {
 		return err
@@ -508,41 +506,6 @@ func (h configStarted) Handle(context.Context, caddy.Event) error {
 	return nil
 }
 
-// caddyCert serves a certificate from Caddy's certificate cache, as a
-// Caddy site would: by SNI, or for the default name without one. It keeps
-// the last one served, for the API to show.
-type caddyCert struct {
-	cfg  *tls.Config
-	last atomic.Pointer[tls.Certificate]
-}
-
-func newCaddyCert(ctx caddy.Context, defaultSNI string, tags []string) (*caddyCert, error) {
-	cp := caddytls.ConnectionPolicies{&caddytls.ConnectionPolicy{DefaultSNI: defaultSNI}}
-	if len(tags) > 0 {
-		cp[0].CertSelection = &caddytls.CustomCertSelectionPolicy{AnyTag: tags}
-	}
-	if err := cp.Provision(ctx); err != nil {
-		return nil, fmt.Errorf("TLS connection policy for %s: %v", defaultSNI, err)
-	}
-	return &caddyCert{cfg: cp.TLSConfig(ctx)}, nil
-}
-
-// GetCertificate implements l4aegistls.CertSource.
-func (c *caddyCert) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
-	cfg, err := c.cfg.GetConfigForClient(hello)
-	if err != nil {
-		return nil, err
-	}
-	if cfg == nil || cfg.GetCertificate == nil {
-		return nil, errors.New("caddy: no certificate for this connection")
-	}
-	cert, err := cfg.GetCertificate(hello)
-	if err == nil && cert != nil {
-		c.last.Store(cert)
-	}
-	return cert, err
-}
-
 // keyOf is the private key to store: none for a managed certificate.
 func keyOf(p *certs.Parsed) []byte {
 	if p == nil {
@@ -553,8 +516,8 @@ func keyOf(p *certs.Parsed) []byte {
 
 // fillFromCache fills in the issuer and validity of a managed certificate
 // from the one last served for it, once a handshake has used it.
-func fillFromCache(c *storage.Certificate, src *caddyCert) {
-	cert := src.last.Load()
+func fillFromCache(c *storage.Certificate, src *l4aegistls.CaddyCert) {
+	cert := src.Last()
 	if cert == nil {
 		return
 	}
