@@ -77,25 +77,8 @@ func referenceStream(body []byte) (bool, spec.Stream) {
 	if json.Unmarshal(body, &s) != nil {
 		return false, s
 	}
-	dec := json.NewDecoder(bytes.NewReader(body))
-	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+	if !uniqueStreamKeys(body) {
 		return false, s
-	}
-	seen := map[string]bool{}
-	for dec.More() {
-		tok, err := dec.Token()
-		if err != nil {
-			return false, s
-		}
-		k := tok.(string)
-		if _, known := streamFields[k]; seen[k] || !known && !readOnlyFields[k] {
-			return false, s
-		}
-		seen[k] = true
-		var v json.RawMessage
-		if dec.Decode(&v) != nil {
-			return false, s
-		}
 	}
 	return true, s
 }
@@ -154,6 +137,32 @@ func FuzzPatchStream(f *testing.F) {
 	})
 }
 
+// uniqueStreamKeys says whether body is one JSON object whose keys are
+// unique, each a stream setting or a read-only field.
+func uniqueStreamKeys(body []byte) bool {
+	dec := json.NewDecoder(bytes.NewReader(body))
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+		return false
+	}
+	seen := map[string]bool{}
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return false
+		}
+		k := tok.(string)
+		if _, known := streamFields[k]; seen[k] || !known && !readOnlyFields[k] {
+			return false
+		}
+		seen[k] = true
+		var v json.RawMessage
+		if dec.Decode(&v) != nil {
+			return false
+		}
+	}
+	return true
+}
+
 // referencePatch says whether body is one JSON object with unique keys,
 // each a stream setting or a read-only field, such that base with each of
 // its keys set to its value, or removed where the value is null, decodes
@@ -164,25 +173,8 @@ func referencePatch(base spec.Stream, body []byte) (bool, spec.Stream) {
 	if json.Unmarshal(body, &patch) != nil || patch == nil {
 		return false, s
 	}
-	dec := json.NewDecoder(bytes.NewReader(body))
-	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+	if !uniqueStreamKeys(body) {
 		return false, s
-	}
-	seen := map[string]bool{}
-	for dec.More() {
-		tok, err := dec.Token()
-		if err != nil {
-			return false, s
-		}
-		k := tok.(string)
-		if _, known := streamFields[k]; seen[k] || !known && !readOnlyFields[k] {
-			return false, s
-		}
-		seen[k] = true
-		var v json.RawMessage
-		if dec.Decode(&v) != nil {
-			return false, s
-		}
 	}
 	b, _ := json.Marshal(&base)
 	var doc map[string]json.RawMessage

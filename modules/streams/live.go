@@ -463,6 +463,7 @@ func (a *App) syncStored() {
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	a.syncCerts(ctx)
 	seen := map[int64]bool{}
 	for _, h := range hosts {
 		seen[h.ID] = true

@@ -15,8 +15,21 @@ import (
 // Validate implements caddy.Validator. It checks every host (see
 // Stream.Validate), that ids are unique, and that no two enabled hosts, nor
 // an enabled host and Caddy itself, would listen on the same port. It
-// returns every problem found, joined with errors.Join.
+// returns every problem found, joined with errors.Join. Provision runs
+// the checks before it builds the streams, so Caddy's call after
+// Provision has nothing left to check.
 func (a *App) Validate() error {
+	if a.validated {
+		return nil
+	}
+	return a.validate()
+}
+
+// onValidate is called on each run of the checks, for tests.
+var onValidate = func() {}
+
+func (a *App) validate() error {
+	onValidate()
 	var errs []error
 	if a.GracePeriod < 0 {
 		errs = append(errs, fmt.Errorf("grace_period %s: must be >= 0 (0 = 5s)", time.Duration(a.GracePeriod)))
@@ -31,8 +44,12 @@ func (a *App) Validate() error {
 // validateHosts checks the config's hosts together with the stored ones:
 // ids and listen ports may not collide between the two.
 func (a *App) validateHosts(config []*spec.Stream, stored []storage.Stored) error {
-	if err := a.Validate(); err != nil || len(stored) == 0 {
+	if err := a.validate(); err != nil {
 		return err
+	}
+	a.validated = true
+	if len(stored) == 0 {
+		return nil
 	}
 	all := append([]*spec.Stream(nil), config...)
 	for _, h := range stored {

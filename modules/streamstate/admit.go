@@ -21,3 +21,14 @@ func (s *Stream) Admit(max int) bool {
 		}
 	}
 }
+
+// Leave gives back a slot that Admit counted. The last one to leave while
+// the stream shuts down wakes Destruct, which waits for it.
+func (s *Stream) Leave() {
+	if s.Active.Add(-1) == 0 && s.draining.Load() {
+		select {
+		case s.idle <- struct{}{}:
+		default:
+		}
+	}
+}

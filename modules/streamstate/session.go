@@ -218,7 +218,7 @@ func (ss *Session) HoldSlot() { ss.slot.Store(true) }
 // which is then a no-op.
 func (ss *Session) ReleaseSlot() {
 	if ss.slot.CompareAndSwap(true, false) {
-		ss.Stream.Active.Add(-1)
+		ss.Stream.Leave()
 	}
 }
 

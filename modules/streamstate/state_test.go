@@ -11,6 +11,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"go.uber.org/zap"
@@ -321,4 +322,40 @@ func TestSetFailure(t *testing.T) {
 		}
 		ss.End(ReasonNone, false)
 	}
+}
+
+type closerFunc func() error
+
+func (f closerFunc) Close() error { return f() }
+
+// The last release of a stream ends its grace period when its last
+// connection ends, at that moment: it waits on the event, not on a clock.
+func TestDestructWakesWhenTheLastConnectionEnds(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		s := New(1)
+		s.SetGracePeriod(time.Hour)
+		if !s.Admit(0) {
+			t.Fatal("not admitted")
+		}
+		ss := s.NewSession(closerFunc(func() error { return nil }), netip.MustParseAddrPort("192.0.2.1:1000"), 0, zap.NewNop(), "s")
+		ss.HoldSlot()
+		var done atomic.Bool
+		go func() {
+			_ = s.Destruct()
+			done.Store(true)
+		}()
+		synctest.Wait()
+		if done.Load() {
+			t.Fatal("Destruct returned while a connection was open, within the grace period")
+		}
+		start := time.Now()
+		ss.ReleaseSlot()
+		synctest.Wait()
+		if !done.Load() {
+			t.Fatal("Destruct still waits after the last connection ended")
+		}
+		if d := time.Since(start); d != 0 {
+			t.Fatalf("Destruct returned %s after the last connection ended, want at once", d)
+		}
+	})
 }

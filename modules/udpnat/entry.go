@@ -98,7 +98,7 @@ func (e *entry) discard() {
 	e.dead.Store(true)
 	e.ss.Discard()
 	e.conn.Close()
-	e.r.state.Active.Add(-1)
+	e.r.state.Leave()
 	e.r.count.Add(-1)
 }
 
@@ -128,7 +128,7 @@ func (e *entry) run() {
 	defer e.r.state.ConnDone()
 	e.readReplies()
 	e.end(streamstate.ReasonUpstreamError)
-	e.r.state.Active.Add(-1)
+	e.r.state.Leave()
 	e.r.count.Add(-1)
 	e.ss.End(streamstate.ReasonUpstreamError, e.pol.LogConnections)
 }

@@ -405,7 +405,7 @@ func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte) *entry {
 	}
 	e, err := r.newEntry(s, p, *target, src, dst)
 	if err != nil {
-		r.state.Active.Add(-1)
+		r.state.Leave()
 		r.count.Add(-1)
 		r.state.DropDatagrams(streamstate.DropUpstreamSocket, 1)
 		r.logDialError(p, err)
