@@ -170,7 +170,9 @@ type Store interface {
 // and last changed.
 //
 // The store keeps what it is given: defaults and validation belong to
-// package spec. Empty CIDR lists are returned as nil.
+// package spec. Empty CIDR lists are returned as nil. Stored has no JSON
+// form of its own: decoding one would go to the embedded Stream's
+// UnmarshalJSON; the API answers with spec.HostStatus.
 type Stored struct {
 	spec.Stream
 
