@@ -15,6 +15,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/streams"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 	"github.com/aegis-proxy/caddy-aegis/storage"
 )
 
@@ -224,7 +225,7 @@ func (a *api) fail(w http.ResponseWriter, r *http.Request, err error) {
 	}
 	// No streams app is running while a config starts or is replaced:
 	// the client is told to try again, and nothing is wrong with Aegis.
-	if e.Status >= 500 && !errors.Is(err, streams.ErrNotRunning) {
+	if e.Status >= 500 && !errors.Is(err, spec.ErrNotRunning) {
 		a.log().Error("streams API request failed", zap.String("method", r.Method), zap.String("path", r.URL.Path),
 			zap.Int("status", e.Status), zap.Error(err))
 	} else {
@@ -244,7 +245,7 @@ func (a *api) log() *zap.Logger {
 // ---- endpoints ----
 
 func (a *api) listHosts(w http.ResponseWriter, r *http.Request, _ params) error {
-	hosts := []streams.HostStatus{}
+	hosts := []spec.HostStatus{}
 	if app := streams.Running(); app != nil {
 		hosts = app.HostStatuses()
 	}
@@ -253,7 +254,7 @@ func (a *api) listHosts(w http.ResponseWriter, r *http.Request, _ params) error 
 }
 
 func (a *api) stats(w http.ResponseWriter, r *http.Request, _ params) error {
-	stats := []streams.Status{}
+	stats := []spec.Status{}
 	if app := streams.Running(); app != nil {
 		stats = app.Statuses()
 	}
@@ -269,7 +270,7 @@ func (a *api) createHost(w http.ResponseWriter, r *http.Request, p params) error
 	hs, err := streams.CreateHost(r.Context(), s)
 	if err != nil {
 		e := toAPIError(err)
-		if errors.Is(err, streams.ErrConflict) && s.ID != 0 {
+		if errors.Is(err, spec.ErrConflict) && s.ID != 0 {
 			e.Field, e.Value = "id", s.ID
 			e.Errors = []fieldProblem{{Field: "id", Value: s.ID, Message: e.Message}}
 		}
@@ -285,14 +286,14 @@ func (a *api) createHost(w http.ResponseWriter, r *http.Request, p params) error
 // asked (a privileged or well-known port, health checks on UDP), also for
 // a disabled stream; Caddy logs them when the stream starts.
 type written struct {
-	streams.HostStatus
+	spec.HostStatus
 	// Warnings are never null: [] when there are none.
 	Warnings []string `json:"warnings"`
 }
 
 // writeWritten answers a write to a stream: its ETag, and the stream with
 // its warnings.
-func writeWritten(w http.ResponseWriter, status int, hs streams.HostStatus) {
+func writeWritten(w http.ResponseWriter, status int, hs spec.HostStatus) {
 	out := written{HostStatus: hs, Warnings: hs.Stream.Warnings()}
 	if out.Warnings == nil {
 		out.Warnings = []string{}
@@ -304,7 +305,7 @@ func writeWritten(w http.ResponseWriter, status int, hs streams.HostStatus) {
 func (a *api) getHost(w http.ResponseWriter, r *http.Request, p params) error {
 	app := streams.Running()
 	if app == nil {
-		return streams.ErrNotRunning
+		return spec.ErrNotRunning
 	}
 	hs, err := app.HostStatus(p.id)
 	if err != nil {
@@ -330,7 +331,7 @@ func (a *api) updateHost(w http.ResponseWriter, r *http.Request, p params) error
 	}
 	// A PUT is the whole stream: a required setting it leaves out is
 	// named as missing, with the stored stream's name.
-	hs, err := streams.UpdateHostFunc(r.Context(), p.id, func(cur streams.Stream) (streams.Stream, error) {
+	hs, err := streams.UpdateHostFunc(r.Context(), p.id, func(cur spec.Stream) (spec.Stream, error) {
 		return s, missingRequired(keys, cur)
 	}, pre...)
 	if err != nil {
@@ -353,7 +354,7 @@ func (a *api) patchHost(w http.ResponseWriter, r *http.Request, p params) error 
 	if err != nil {
 		return err
 	}
-	hs, err := streams.UpdateHostFunc(r.Context(), p.id, func(cur streams.Stream) (streams.Stream, error) {
+	hs, err := streams.UpdateHostFunc(r.Context(), p.id, func(cur spec.Stream) (spec.Stream, error) {
 		return patchStream(cur, patch)
 	}, pre...)
 	if err != nil {
@@ -383,13 +384,13 @@ type portCheckResponse struct {
 }
 
 func (a *api) validatePort(w http.ResponseWriter, r *http.Request, _ params) error {
-	var pc streams.PortCheck
+	var pc spec.PortCheck
 	if err := readJSON(r, &pc, portCheckFields, nil); err != nil {
 		return err
 	}
 	app := streams.Running()
 	if app == nil {
-		return streams.ErrNotRunning
+		return spec.ErrNotRunning
 	}
 	res := app.ValidatePort(pc)
 	out := portCheckResponse{Valid: res.Valid, Errors: []fieldProblem{}, Warnings: res.Warnings}
@@ -419,7 +420,7 @@ func (a *api) connectionLog(w http.ResponseWriter, r *http.Request, p params) er
 	}
 	app := streams.Running()
 	if app == nil {
-		return streams.ErrNotRunning
+		return spec.ErrNotRunning
 	}
 	entries, err := app.ConnectionLog(r.Context(), p.id, q)
 	if err != nil {
@@ -444,14 +445,14 @@ func (a *api) connectionLog(w http.ResponseWriter, r *http.Request, p params) er
 func (a *api) activeConnections(w http.ResponseWriter, r *http.Request, p params) error {
 	app := streams.Running()
 	if app == nil {
-		return streams.ErrNotRunning
+		return spec.ErrNotRunning
 	}
 	conns, err := app.ActiveConnections(p.id)
 	if err != nil {
 		return err
 	}
 	if conns == nil {
-		conns = []streams.ActiveConn{}
+		conns = []spec.ActiveConn{}
 	}
 	writeJSON(w, http.StatusOK, conns)
 	return nil
@@ -460,7 +461,7 @@ func (a *api) activeConnections(w http.ResponseWriter, r *http.Request, p params
 func (a *api) closeConnection(w http.ResponseWriter, r *http.Request, p params) error {
 	app := streams.Running()
 	if app == nil {
-		return streams.ErrNotRunning
+		return spec.ErrNotRunning
 	}
 	if err := app.CloseConnection(p.id, p.connID); err != nil {
 		return err

@@ -8,7 +8,7 @@ import (
 	"testing"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/certs"
-	"github.com/aegis-proxy/caddy-aegis/modules/streams"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 	"github.com/aegis-proxy/caddy-aegis/storage"
 )
 
@@ -26,9 +26,9 @@ func TestCertErrorMapping(t *testing.T) {
 	}{
 		{"field error", fmt.Errorf("wrapped: %w", &certs.FieldError{Field: "private_key", Reason: "does not match"}),
 			http.StatusBadRequest, "private_key", nil, "private_key: does not match"},
-		{"in use, carried", fmt.Errorf("%w: %w", inUse, streams.ErrInUse), http.StatusConflict, "", []int64{1, 4}, `streams 1 ("db"), 4`},
+		{"in use, carried", fmt.Errorf("%w: %w", inUse, spec.ErrInUse), http.StatusConflict, "", []int64{1, 4}, `streams 1 ("db"), 4`},
 		{"in use, from the store", fmt.Errorf("storage: deleting certificate 3: %w", inUse), http.StatusConflict, "", []int64{1, 4}, "certificate 3"},
-		{"in use, as text", fmt.Errorf("%v: %w", inUse, streams.ErrInUse), http.StatusConflict, "", nil, "certificate 3"},
+		{"in use, as text", fmt.Errorf("%v: %w", inUse, spec.ErrInUse), http.StatusConflict, "", nil, "certificate 3"},
 		{"no key", fmt.Errorf("storage: %w", storage.ErrNoKey), http.StatusInternalServerError, "", nil, storage.ErrNoKey.Error()},
 		{"wrong key", fmt.Errorf("storage: certificate 3: %w", storage.ErrWrongKey), http.StatusInternalServerError, "", nil, "cannot be decrypted"},
 	} {
@@ -41,10 +41,10 @@ func TestCertErrorMapping(t *testing.T) {
 			t.Errorf("%s: errors %+v", tc.name, e.Errors)
 		}
 	}
-	if e := toAPIError(certError(fmt.Errorf("x: %w", streams.ErrNotFound), 7)); e.Status != 404 || e.Message != "certificate 7 not found" {
+	if e := toAPIError(certError(fmt.Errorf("x: %w", spec.ErrNotFound), 7)); e.Status != 404 || e.Message != "certificate 7 not found" {
 		t.Errorf("not found: %+v", e)
 	}
-	if e := toAPIError(certError(streams.ErrNoStorage, 0)); e.Status != 409 || !strings.Contains(e.Message, "turn storage on") {
+	if e := toAPIError(certError(spec.ErrNoStorage, 0)); e.Status != 409 || !strings.Contains(e.Message, "turn storage on") {
 		t.Errorf("no storage: %+v", e)
 	}
 }

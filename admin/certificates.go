@@ -10,6 +10,7 @@ import (
 	"strings"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/streams"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 	"github.com/aegis-proxy/caddy-aegis/storage"
 )
 
@@ -19,7 +20,7 @@ import (
 // An upload holds a private key. Nothing here writes it, or any part of a
 // request body, into a response or a log line: the errors of an upload
 // name the field at fault and never quote its value (see decodeCertInput
-// and toAPIError), and the responses are streams.CertStatus values, which
+// and toAPIError), and the responses are spec.CertStatus values, which
 // have no field for a key.
 
 // certsPath is the root of the certificate routes.
@@ -30,7 +31,7 @@ var (
 	certRoute           = route{http.MethodGet: (*api).getCertificate, http.MethodPut: (*api).updateCertificate, http.MethodDelete: (*api).deleteCertificate}
 
 	// certInputFields are the JSON fields of an upload: a subset of
-	// streams.CertInput's, all strings.
+	// spec.CertInput's, all strings.
 	certInputFields = map[string]bool{"name": true, "certificate": true, "private_key": true, "domains": true}
 )
 
@@ -57,7 +58,7 @@ func matchCerts(path string) (route, params, error) {
 // ---- endpoints ----
 
 func (a *api) listCertificates(w http.ResponseWriter, r *http.Request, _ params) error {
-	list := []streams.CertStatus{}
+	list := []spec.CertStatus{}
 	if app := streams.Running(); app != nil {
 		l, err := app.Certificates(r.Context())
 		if err != nil {
@@ -86,7 +87,7 @@ func (a *api) createCertificate(w http.ResponseWriter, r *http.Request, p params
 func (a *api) getCertificate(w http.ResponseWriter, r *http.Request, p params) error {
 	app := streams.Running()
 	if app == nil {
-		return streams.ErrNotRunning
+		return spec.ErrNotRunning
 	}
 	cs, err := app.Certificate(r.Context(), p.id)
 	if err != nil {
@@ -116,7 +117,7 @@ func (a *api) deleteCertificate(w http.ResponseWriter, r *http.Request, p params
 		return nil
 	}
 	e := toAPIError(certError(err, p.id))
-	if e.Status == http.StatusConflict && e.Streams == nil && errors.Is(err, streams.ErrInUse) {
+	if e.Status == http.StatusConflict && e.Streams == nil && errors.Is(err, spec.ErrInUse) {
 		// The error did not carry the *storage.InUseError: ask which
 		// streams use the certificate now.
 		if app := streams.Running(); app != nil {
@@ -133,12 +134,12 @@ func (a *api) deleteCertificate(w http.ResponseWriter, r *http.Request, p params
 // toAPIError. id is the certificate of the path, 0 for none.
 func certError(err error, id int64) error {
 	switch {
-	case errors.Is(err, streams.ErrNoStorage):
+	case errors.Is(err, spec.ErrNoStorage):
 		return &apiError{Status: http.StatusConflict,
 			Message: err.Error() + ": certificates are kept in the streams app's storage; turn storage on in the streams app config"}
-	case id > 0 && errors.Is(err, streams.ErrNotFound):
+	case id > 0 && errors.Is(err, spec.ErrNotFound):
 		return &apiError{Status: http.StatusNotFound, Message: fmt.Sprintf("certificate %d not found", id)}
-	case errors.Is(err, streams.ErrInUse), errors.Is(err, storage.ErrInUse):
+	case errors.Is(err, spec.ErrInUse), errors.Is(err, storage.ErrInUse):
 		e := toAPIError(err)
 		e.Message += "; delete those streams, or give them another ssl_cert_id, first"
 		return e
@@ -149,10 +150,10 @@ func certError(err error, id int64) error {
 // ---- request bodies ----
 
 // readCertInput reads an upload from the request body.
-func readCertInput(r *http.Request) (streams.CertInput, error) {
+func readCertInput(r *http.Request) (spec.CertInput, error) {
 	body, err := readBody(r)
 	if err != nil {
-		return streams.CertInput{}, err
+		return spec.CertInput{}, err
 	}
 	return decodeCertInput(body)
 }
@@ -166,8 +167,8 @@ const maxFieldName = 40
 // quote a value of the body, nor more of an unknown field's name than
 // maxFieldName bytes: the body holds a private key, whatever field it was
 // put in.
-func decodeCertInput(body []byte) (streams.CertInput, error) {
-	var in streams.CertInput
+func decodeCertInput(body []byte) (spec.CertInput, error) {
+	var in spec.CertInput
 	if len(bytes.TrimSpace(body)) == 0 {
 		return in, badRequest("the request body is empty; send a JSON object with name, certificate and private_key")
 	}
@@ -197,7 +198,7 @@ func decodeCertInput(body []byte) (streams.CertInput, error) {
 		seen[k] = true
 		if _, ok := certInputFields[k]; !ok {
 			if len(unknown) < maxUnknown {
-				unknown = append(unknown, fieldProblem{Field: name, Message: streams.UnknownField(name, sortedKeys(certInputFields))})
+				unknown = append(unknown, fieldProblem{Field: name, Message: spec.UnknownField(name, sortedKeys(certInputFields))})
 			}
 			continue
 		}
@@ -229,7 +230,7 @@ func decodeCertInput(body []byte) (streams.CertInput, error) {
 		for i, u := range unknown {
 			names[i] = u.Field
 		}
-		msg := streams.UnknownFields(names, sortedKeys(certInputFields))
+		msg := spec.UnknownFields(names, sortedKeys(certInputFields))
 		return in, &apiError{Status: http.StatusBadRequest, Message: msg, Field: unknown[0].Field, Errors: unknown}
 	}
 	return in, nil

@@ -13,7 +13,7 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/aegis-proxy/caddy-aegis/modules/streams"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 	"github.com/aegis-proxy/caddy-aegis/storage"
 )
 
@@ -25,13 +25,13 @@ const maxUnknown = 10
 
 var (
 	// streamFields are the JSON fields of a stream, with their Go types.
-	streamFields = streams.JSONFields(reflect.TypeFor[streams.Stream]())
+	streamFields = spec.JSONFields(reflect.TypeFor[spec.Stream]())
 	// readOnlyFields are the fields GET adds to a stream, and warnings,
 	// which a write's answer adds. A client may send back what it read:
 	// they are accepted and ignored.
 	readOnlyFields = map[string]bool{"source": true, "status": true, "created_at": true, "updated_at": true, "version": true, "warnings": true}
 	// portCheckFields are the JSON fields of a validate-port request.
-	portCheckFields = streams.JSONFields(reflect.TypeFor[streams.PortCheck]())
+	portCheckFields = spec.JSONFields(reflect.TypeFor[spec.PortCheck]())
 )
 
 // requiredFields are the stream settings without a default.
@@ -39,8 +39,8 @@ var requiredFields = []string{"listen_port", "upstream_host", "upstream_port"}
 
 // readStream reads a stream from the request body, and the keys the body
 // has.
-func readStream(r *http.Request) (streams.Stream, []string, error) {
-	var s streams.Stream
+func readStream(r *http.Request) (spec.Stream, []string, error) {
+	var s spec.Stream
 	body, err := readBody(r)
 	if err != nil {
 		return s, nil, err
@@ -55,11 +55,11 @@ func readStream(r *http.Request) (streams.Stream, []string, error) {
 // missingRequired returns an error for each required setting that a PUT
 // of stream cur left out: a PUT replaces the whole stream, and a left-out
 // setting would take its default, which a required one has none of.
-func missingRequired(keys []string, cur streams.Stream) error {
+func missingRequired(keys []string, cur spec.Stream) error {
 	var errs []error
 	for _, f := range requiredFields {
 		if !slices.Contains(keys, f) {
-			errs = append(errs, &streams.FieldError{ID: cur.ID, Name: cur.Name, Field: f,
+			errs = append(errs, &spec.FieldError{ID: cur.ID, Name: cur.Name, Field: f,
 				Reason: "missing (PUT replaces the whole stream; send every setting, or use PATCH)"})
 		}
 	}
@@ -81,8 +81,8 @@ func readPatch(r *http.Request) (json.RawMessage, error) {
 // patchStream applies a merge patch that readPatch accepted to stream cur
 // and decodes the result as the body of a PUT: null removes a setting,
 // which then takes its default; a required one is then missing.
-func patchStream(cur streams.Stream, patch json.RawMessage) (streams.Stream, error) {
-	var s streams.Stream
+func patchStream(cur spec.Stream, patch json.RawMessage) (spec.Stream, error) {
+	var s spec.Stream
 	target, err := json.Marshal(&cur)
 	if err != nil {
 		return s, err
@@ -169,7 +169,7 @@ func badRequest(format string, args ...any) *apiError {
 // dst. Each key must be in known or ignored, and appear once.
 //
 // The keys are checked here rather than with DisallowUnknownFields, which
-// cannot see into a type with its own UnmarshalJSON (streams.Stream has
+// cannot see into a type with its own UnmarshalJSON (spec.Stream has
 // one), and which would also match keys case-insensitively.
 func decodeObject(body []byte, dst any, known map[string]reflect.Type, ignored map[string]bool) error {
 	raw, keys, values, err := readObject(body, known, ignored)
@@ -215,7 +215,7 @@ func readObject(body []byte, known map[string]reflect.Type, ignored map[string]b
 			continue
 		}
 		if len(unknown) < maxUnknown {
-			unknown = append(unknown, fieldProblem{Field: k, Value: anyValue(values[i]), Message: streams.UnknownField(k, sortedKeys(known))})
+			unknown = append(unknown, fieldProblem{Field: k, Value: anyValue(values[i]), Message: spec.UnknownField(k, sortedKeys(known))})
 		}
 	}
 	if len(unknown) > 0 {
@@ -223,7 +223,7 @@ func readObject(body []byte, known map[string]reflect.Type, ignored map[string]b
 		for i, u := range unknown {
 			names[i] = u.Field
 		}
-		msg := streams.UnknownFields(names, sortedKeys(known))
+		msg := spec.UnknownFields(names, sortedKeys(known))
 		return nil, nil, nil, &apiError{Status: http.StatusBadRequest, Message: msg,
 			Field: unknown[0].Field, Value: unknown[0].Value, Errors: unknown}
 	}

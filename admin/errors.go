@@ -4,11 +4,10 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
-	"strconv"
 	"strings"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/certs"
-	"github.com/aegis-proxy/caddy-aegis/modules/streams"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 	"github.com/aegis-proxy/caddy-aegis/storage"
 )
 
@@ -46,37 +45,14 @@ func fieldError(field string, value any, msg string) *apiError {
 		Errors: []fieldProblem{{Field: field, Value: value, Message: msg}}}
 }
 
-func problemOf(fe *streams.FieldError) fieldProblem {
-	var v any // null for a missing setting
-	if fe.Value != "" {
-		v = jsonValue(fe.Value)
-	}
-	return fieldProblem{Field: fe.Field, Value: v, Message: fe.Error()}
-}
-
-// jsonValue turns a FieldError's Value, written as its message shows it,
-// back into a JSON value: a quoted string is unquoted, an integer becomes
-// a number, true and false booleans; anything else (e.g. "5432/tcp")
-// stays a string.
-func jsonValue(v string) any {
-	if strings.HasPrefix(v, `"`) {
-		if s, err := strconv.Unquote(v); err == nil {
-			return s
-		}
-	}
-	if n, err := strconv.ParseInt(v, 10, 64); err == nil {
-		return n
-	}
-	if b, err := strconv.ParseBool(v); err == nil && (v == "true" || v == "false") {
-		return b
-	}
-	return v
+func problemOf(fe *spec.FieldError) fieldProblem {
+	return fieldProblem{Field: fe.Field, Value: fe.Value, Message: fe.Error()}
 }
 
 // toAPIError maps an error to its response: an *apiError as it is; the
 // streams package's sentinels to 503, 404 and 409; a database that cannot
 // take the write (full disk, read-only file, lock held elsewhere) to 503;
-// validation problems (*streams.FieldError and *certs.FieldError, one or
+// validation problems (*spec.FieldError and *certs.FieldError, one or
 // several joined) to 400; anything else to 500.
 func toAPIError(err error) *apiError {
 	var ae *apiError
@@ -85,19 +61,19 @@ func toAPIError(err error) *apiError {
 	}
 	msg := err.Error()
 	switch {
-	case errors.Is(err, streams.ErrNotRunning):
+	case errors.Is(err, spec.ErrNotRunning):
 		return &apiError{Status: http.StatusServiceUnavailable,
 			Message: msg + ": the Caddy config has no streams app, or it is being replaced; try again, or add a streams app to the config"}
-	case errors.Is(err, streams.ErrNotFound):
+	case errors.Is(err, spec.ErrNotFound):
 		return &apiError{Status: http.StatusNotFound, Message: msg}
-	case errors.Is(err, streams.ErrReadOnly):
+	case errors.Is(err, spec.ErrReadOnly):
 		return &apiError{Status: http.StatusConflict, Message: msg}
-	case errors.Is(err, streams.ErrConflict):
+	case errors.Is(err, spec.ErrConflict):
 		return &apiError{Status: http.StatusConflict, Message: msg}
-	case errors.Is(err, streams.ErrNoStorage):
+	case errors.Is(err, spec.ErrNoStorage):
 		return &apiError{Status: http.StatusConflict,
 			Message: msg + ": streams cannot be created, changed or deleted through the API and there is no stored connection log; turn storage on in the streams app config"}
-	case errors.Is(err, streams.ErrInUse), errors.Is(err, storage.ErrInUse):
+	case errors.Is(err, spec.ErrInUse), errors.Is(err, storage.ErrInUse):
 		e := &apiError{Status: http.StatusConflict, Message: msg}
 		var iu *storage.InUseError
 		if errors.As(err, &iu) {
@@ -119,7 +95,7 @@ func toAPIError(err error) *apiError {
 	var msgs []string
 	var probs []fieldProblem
 	for _, leaf := range leaves(err) {
-		var fe *streams.FieldError
+		var fe *spec.FieldError
 		var ce *certs.FieldError
 		if errors.As(leaf, &fe) {
 			probs = append(probs, problemOf(fe))

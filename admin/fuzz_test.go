@@ -12,7 +12,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/aegis-proxy/caddy-aegis/modules/streams"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 	"github.com/aegis-proxy/caddy-aegis/storage"
 )
 
@@ -21,7 +21,7 @@ import (
 // whose field, when it names one, is the first of its errors. It must take
 // exactly the bodies that are one JSON object with each key once, every
 // key a stream setting or a read-only field of GET, and values of the
-// settings' types (what json.Unmarshal reads into a streams.Stream), and
+// settings' types (what json.Unmarshal reads into a spec.Stream), and
 // decode them as json.Unmarshal does; and what it decoded, encoded again,
 // decodes to the same stream.
 func FuzzDecodeStream(f *testing.F) {
@@ -32,7 +32,7 @@ func FuzzDecodeStream(f *testing.F) {
 	f.Add(`{} trailing`)
 	f.Add(`[1,2]`)
 	f.Fuzz(func(t *testing.T, body string) {
-		var s streams.Stream
+		var s spec.Stream
 		err := decodeObject([]byte(body), &s, streamFields, readOnlyFields)
 		acceptable, ref := referenceStream([]byte(body))
 		if err != nil {
@@ -58,7 +58,7 @@ func FuzzDecodeStream(f *testing.F) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		var again streams.Stream
+		var again spec.Stream
 		if err := decodeObject(b, &again, streamFields, readOnlyFields); err != nil {
 			t.Fatalf("%s: our own encoding is refused: %v", b, err)
 		}
@@ -70,10 +70,10 @@ func FuzzDecodeStream(f *testing.F) {
 
 // referenceStream says whether body is one JSON object (surrounded by JSON
 // white space at most) with unique keys, each a stream setting or a
-// read-only field, that json.Unmarshal reads into a streams.Stream; and
+// read-only field, that json.Unmarshal reads into a spec.Stream; and
 // returns what it reads.
-func referenceStream(body []byte) (bool, streams.Stream) {
-	var s streams.Stream
+func referenceStream(body []byte) (bool, spec.Stream) {
+	var s spec.Stream
 	if json.Unmarshal(body, &s) != nil {
 		return false, s
 	}
@@ -102,12 +102,12 @@ func FuzzPatchStream(f *testing.F) {
 	f.Add(`{"name":"a","name":null}`)
 	f.Add(`[{"op":"replace","path":"/enabled","value":false}]`)
 	f.Add(`null`)
-	base := streams.Stream{ID: 4, Name: "base", Protocol: "tcp+udp", ListenAddress: "127.0.0.1", ListenPort: 5000,
+	base := spec.Stream{ID: 4, Name: "base", Protocol: "tcp+udp", ListenAddress: "127.0.0.1", ListenPort: 5000,
 		UpstreamHost: "db.internal", UpstreamPort: 5432, Enabled: true, MaxConnections: 9, IdleTimeoutSeconds: 30,
 		WhitelistCIDRs: []string{"10.0.0.0/8", "::1"}, BlacklistCIDRs: []string{"10.0.0.1"}, UploadRateBytes: 100,
 		HealthCheckEnabled: true, LogConnections: true, Notes: "n"}
 	f.Fuzz(func(t *testing.T, body string) {
-		var got streams.Stream
+		var got spec.Stream
 		raw, _, _, err := readObject([]byte(body), streamFields, readOnlyFields)
 		if err == nil {
 			cur := base
@@ -167,8 +167,8 @@ func uniqueStreamKeys(body []byte) bool {
 // each a stream setting or a read-only field, such that base with each of
 // its keys set to its value, or removed where the value is null, decodes
 // as a stream; and returns that stream.
-func referencePatch(base streams.Stream, body []byte) (bool, streams.Stream) {
-	var s streams.Stream
+func referencePatch(base spec.Stream, body []byte) (bool, spec.Stream) {
+	var s spec.Stream
 	var patch map[string]json.RawMessage
 	if json.Unmarshal(body, &patch) != nil || patch == nil {
 		return false, s
@@ -196,7 +196,7 @@ func referencePatch(base streams.Stream, body []byte) (bool, streams.Stream) {
 }
 
 // emptyListsNil is s with empty lists as nil: JSON leaves empty lists out.
-func emptyListsNil(s streams.Stream) streams.Stream {
+func emptyListsNil(s spec.Stream) spec.Stream {
 	if len(s.WhitelistCIDRs) == 0 {
 		s.WhitelistCIDRs = nil
 	}

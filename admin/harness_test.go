@@ -370,7 +370,7 @@ func (inst *instance) waitLogLine(id int64, reason string) {
 
 // storedHosts reads the stored hosts from the database file, through a
 // connection of its own.
-func (inst *instance) storedHosts() []storage.Host {
+func (inst *instance) storedHosts() []storage.Stored {
 	inst.t.Helper()
 	db, err := storage.Open(inst.dbFile)
 	if err != nil {

@@ -6,9 +6,10 @@ import (
 	"strings"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/streams"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
-// A stream's ETag is its version (streams.HostStatus.Version) in quotes.
+// A stream's ETag is its version (spec.HostStatus.Version) in quotes.
 // GET, POST, PUT and PATCH send it; PUT, PATCH and DELETE with If-Match change the
 // stream only if it still has one of the versions listed, so that a client
 // does not overwrite a change it has not seen. Without If-Match they
@@ -18,7 +19,7 @@ import (
 func etag(version string) string { return `"` + version + `"` }
 
 // setETag sets the ETag header of a response about one stream.
-func setETag(w http.ResponseWriter, hs streams.HostStatus) {
+func setETag(w http.ResponseWriter, hs spec.HostStatus) {
 	w.Header().Set("ETag", etag(hs.Version))
 }
 

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/aegis-proxy/caddy-aegis/spec"
 	"github.com/aegis-proxy/caddy-aegis/storage"
 )
 
@@ -26,7 +27,7 @@ func TestTextLimits(t *testing.T) {
 		t.Fatal(err)
 	}
 	long := strings.Repeat("x", 20000)
-	if _, err := db.CreateHost(context.Background(), storage.Host{ID: 7, Name: "old", ListenAddress: "127.0.0.1", ListenPort: oldPort,
+	if _, err := db.CreateHost(context.Background(), spec.Stream{ID: 7, Name: "old", ListenAddress: "127.0.0.1", ListenPort: oldPort,
 		UpstreamHost: "127.0.0.1", UpstreamPort: up.Port, Enabled: true, Notes: long}, nil); err != nil {
 		t.Fatal(err)
 	}

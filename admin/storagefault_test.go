@@ -145,8 +145,8 @@ func TestStorageDiskFull(t *testing.T) {
 type faultCheck struct {
 	t    *testing.T
 	inst *instance
-	list string         // GET /api/v1/streams, without the runtime status
-	rows []storage.Host // the database's hosts
+	list string           // GET /api/v1/streams, without the runtime status
+	rows []storage.Stored // the database's hosts
 }
 
 func newFaultCheck(t *testing.T, inst *instance) *faultCheck {

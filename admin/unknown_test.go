@@ -7,7 +7,7 @@ import (
 
 // A misspelt field in a write names the setting that was probably meant,
 // in the message and at the field, as the JSON config does (both use
-// streams.UnknownFields); nothing is created.
+// spec.UnknownFields); nothing is created.
 func TestUnknownFieldSuggestsTheSetting(t *testing.T) {
 	checkNoLeaks(t)
 	up := newServer(t, echo)

@@ -3,66 +3,15 @@ package storage
 import (
 	"context"
 	"database/sql"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
 	"strings"
 
 	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
-
-// Sources of a certificate.
-const (
-	// SourceCustom is a certificate uploaded with its private key.
-	SourceCustom = "custom"
-	// SourceManaged is a certificate Caddy's TLS automation obtains and
-	// renews for Domains; Caddy keeps its key.
-	SourceManaged = "managed"
-)
-
-// Certificate is a TLS certificate as stored, without its private key: no
-// field holds it, so nothing can serialize it by accident. CertificateKey
-// returns the key of a custom certificate.
-//
-// The store keeps what it is given: parse and validate certificates before
-// storing them (package modules/certs).
-type Certificate struct {
-	// ID identifies the certificate; > 0 once stored. Hosts refer to it
-	// as ssl_cert_id.
-	ID int64 `json:"id"`
-
-	// Name is a human-readable name.
-	Name string `json:"name"`
-
-	// Source is SourceCustom or SourceManaged.
-	Source string `json:"source"`
-
-	// Domains are the names the certificate is for: the leaf's DNS names
-	// and IP addresses for a custom certificate, the names to obtain a
-	// certificate for when managed. Empty is returned as nil.
-	Domains []string `json:"domains"`
-
-	// Issuer names the certificate's issuer; "" while a managed
-	// certificate has not been obtained.
-	Issuer string `json:"issuer,omitempty"`
-
-	// NotBefore and NotAfter bound the certificate's validity, stored to
-	// the millisecond, returned in UTC; zero while unknown.
-	NotBefore jsontime.Time `json:"not_before,omitzero"`
-	NotAfter  jsontime.Time `json:"not_after,omitzero"`
-
-	// CertificatePEM is the chain of a custom certificate, leaf first: the
-	// public part only. Empty for a managed certificate.
-	CertificatePEM string `json:"certificate,omitempty"`
-
-	// CreatedAt is when the certificate was created, in UTC, to the
-	// millisecond. Set by the store.
-	CreatedAt jsontime.Time `json:"created_at,omitzero"`
-
-	// UpdatedAt is when the certificate was last written, in UTC, to the
-	// millisecond. Set by the store.
-	UpdatedAt jsontime.Time `json:"updated_at,omitzero"`
-}
 
 // InUseError is the error of DeleteCertificate for a certificate that
 // stream hosts use. errors.Is(err, ErrInUse) holds for it; errors.As
@@ -101,14 +50,35 @@ func (e *InUseError) Error() string {
 // Is reports whether target is ErrInUse.
 func (e *InUseError) Is(target error) bool { return target == ErrInUse }
 
+// encodeList stores a list as a JSON array; nil is [].
+func encodeList(l []string) (string, error) {
+	if len(l) == 0 {
+		return "[]", nil
+	}
+	b, err := json.Marshal(l)
+	return string(b), err
+}
+
+// decodeList reads a JSON array; an empty one is nil.
+func decodeList(s string) ([]string, error) {
+	var l []string
+	if err := json.Unmarshal([]byte(s), &l); err != nil {
+		return nil, err
+	}
+	if len(l) == 0 {
+		return nil, nil
+	}
+	return l, nil
+}
+
 // certColumns are the certificates table's columns in the order scanCert
 // reads them; the sealed key is read only by CertificateKey.
 const certColumns = `id, name, source, domains, issuer, not_before, not_after,
 	certificate_pem, created_at, updated_at`
 
-func scanCert(r rowScanner) (Certificate, error) {
+func scanCert(r rowScanner) (spec.Certificate, error) {
 	var (
-		c                    Certificate
+		c                    spec.Certificate
 		domains              string
 		notBefore, notAfter  sql.NullInt64
 		createdAt, updatedAt sql.NullInt64
@@ -116,10 +86,10 @@ func scanCert(r rowScanner) (Certificate, error) {
 	err := r.Scan(&c.ID, &c.Name, &c.Source, &domains, &c.Issuer, &notBefore, &notAfter,
 		&c.CertificatePEM, &createdAt, &updatedAt)
 	if err != nil {
-		return Certificate{}, err
+		return spec.Certificate{}, err
 	}
 	if c.Domains, err = decodeList(domains); err != nil {
-		return Certificate{}, fmt.Errorf("certificate %d: domains: %v", c.ID, err)
+		return spec.Certificate{}, fmt.Errorf("certificate %d: domains: %v", c.ID, err)
 	}
 	c.NotBefore = jsontime.Of(fromMillis(notBefore))
 	c.NotAfter = jsontime.Of(fromMillis(notAfter))
@@ -130,7 +100,7 @@ func scanCert(r rowScanner) (Certificate, error) {
 
 // normalizedCert is c as it reads back from the database: its own copy of
 // Domains, nil when empty, and times to the millisecond in UTC.
-func normalizedCert(c Certificate) Certificate {
+func normalizedCert(c spec.Certificate) spec.Certificate {
 	c.Domains = slices.Clip(slices.Clone(c.Domains))
 	if len(c.Domains) == 0 {
 		c.Domains = nil
@@ -143,33 +113,33 @@ func normalizedCert(c Certificate) Certificate {
 // checkCert checks what the store requires of a certificate it writes,
 // whatever it was before: a known source, and a chain for a custom
 // certificate and none, nor a key, for a managed one.
-func (s *SQLite) checkCert(c Certificate, keyPEM []byte) error {
+func (s *SQLite) checkCert(c spec.Certificate, keyPEM []byte) error {
 	switch c.Source {
-	case SourceCustom:
+	case spec.SourceCustom:
 		if c.CertificatePEM == "" {
 			return fmt.Errorf("a custom certificate needs its chain (certificate): %w", ErrInvalid)
 		}
 		if len(keyPEM) > 0 && s.sealer == nil {
 			return ErrNoKey
 		}
-	case SourceManaged:
+	case spec.SourceManaged:
 		if c.CertificatePEM != "" || len(keyPEM) > 0 {
 			return fmt.Errorf("a managed certificate has no stored chain or private key: %w", ErrInvalid)
 		}
 	default:
-		return fmt.Errorf("source %q: must be %q or %q: %w", c.Source, SourceCustom, SourceManaged, ErrInvalid)
+		return fmt.Errorf("source %q: must be %q or %q: %w", c.Source, spec.SourceCustom, spec.SourceManaged, ErrInvalid)
 	}
 	return nil
 }
 
 // ListCertificates returns every certificate, ordered by ID.
-func (s *SQLite) ListCertificates(ctx context.Context) ([]Certificate, error) {
+func (s *SQLite) ListCertificates(ctx context.Context) ([]spec.Certificate, error) {
 	rows, err := s.read.QueryContext(ctx, `SELECT `+certColumns+` FROM certificates ORDER BY id`)
 	if err != nil {
 		return nil, fmt.Errorf("storage: listing certificates: %w", err)
 	}
 	defer rows.Close()
-	var certs []Certificate
+	var certs []spec.Certificate
 	for rows.Next() {
 		c, err := scanCert(rows)
 		if err != nil {
@@ -184,18 +154,18 @@ func (s *SQLite) ListCertificates(ctx context.Context) ([]Certificate, error) {
 }
 
 // GetCertificate returns the certificate with the given ID, or ErrNotFound.
-func (s *SQLite) GetCertificate(ctx context.Context, id int64) (Certificate, error) {
+func (s *SQLite) GetCertificate(ctx context.Context, id int64) (spec.Certificate, error) {
 	c, err := getCert(ctx, s.read, id)
 	if err != nil {
-		return Certificate{}, fmt.Errorf("storage: getting certificate %d: %w", id, err)
+		return spec.Certificate{}, fmt.Errorf("storage: getting certificate %d: %w", id, err)
 	}
 	return c, nil
 }
 
-func getCert(ctx context.Context, q queryRower, id int64) (Certificate, error) {
+func getCert(ctx context.Context, q queryRower, id int64) (spec.Certificate, error) {
 	c, err := scanCert(q.QueryRowContext(ctx, `SELECT `+certColumns+` FROM certificates WHERE id = ?`, id))
 	if errors.Is(err, sql.ErrNoRows) {
-		return Certificate{}, ErrNotFound
+		return spec.Certificate{}, ErrNotFound
 	}
 	return c, err
 }
@@ -213,7 +183,7 @@ func (s *SQLite) CertificateKey(ctx context.Context, id int64) ([]byte, error) {
 		return nil, fmt.Errorf("storage: reading the private key of certificate %d: %w", id, ErrNotFound)
 	case err != nil:
 		return nil, fmt.Errorf("storage: reading the private key of certificate %d: %w", id, err)
-	case source != SourceCustom:
+	case source != spec.SourceCustom:
 		return nil, fmt.Errorf("storage: certificate %d is %s: Caddy keeps its private key: %w", id, source, ErrInvalid)
 	case len(sealed) == 0:
 		return nil, fmt.Errorf("storage: certificate %d has no private key stored", id)
@@ -226,16 +196,16 @@ func (s *SQLite) CertificateKey(ctx context.Context, id int64) ([]byte, error) {
 }
 
 // CreateCertificate stores a new certificate; see Store.
-func (s *SQLite) CreateCertificate(ctx context.Context, c Certificate, keyPEM []byte, apply func(c Certificate) error) (Certificate, error) {
+func (s *SQLite) CreateCertificate(ctx context.Context, c spec.Certificate, keyPEM []byte, apply func(c spec.Certificate) error) (spec.Certificate, error) {
 	if c.ID < 0 {
-		return Certificate{}, fmt.Errorf("storage: creating certificate %d: id must be >= 0: %w", c.ID, ErrInvalid)
+		return spec.Certificate{}, fmt.Errorf("storage: creating certificate %d: id must be >= 0: %w", c.ID, ErrInvalid)
 	}
 	err := s.checkCert(c, keyPEM)
-	if err == nil && c.Source == SourceCustom && len(keyPEM) == 0 {
+	if err == nil && c.Source == spec.SourceCustom && len(keyPEM) == 0 {
 		err = fmt.Errorf("a custom certificate needs its private key: %w", ErrInvalid)
 	}
 	if err != nil {
-		return Certificate{}, fmt.Errorf("storage: creating certificate: %w", err)
+		return spec.Certificate{}, fmt.Errorf("storage: creating certificate: %w", err)
 	}
 	c = normalizedCert(c)
 	err = s.inTx(ctx, func(tx *sql.Tx) error {
@@ -270,7 +240,7 @@ func (s *SQLite) CreateCertificate(ctx context.Context, c Certificate, keyPEM []
 			return err
 		}
 		// The key is sealed with the ID as additional data, so only now.
-		if c.Source == SourceCustom {
+		if c.Source == spec.SourceCustom {
 			sealed, err := s.seal(c.ID, keyPEM)
 			if err != nil {
 				return err
@@ -286,17 +256,17 @@ func (s *SQLite) CreateCertificate(ctx context.Context, c Certificate, keyPEM []
 	})
 	if err != nil {
 		if c.ID == 0 {
-			return Certificate{}, fmt.Errorf("storage: creating certificate: %w", err)
+			return spec.Certificate{}, fmt.Errorf("storage: creating certificate: %w", err)
 		}
-		return Certificate{}, fmt.Errorf("storage: creating certificate %d: %w", c.ID, err)
+		return spec.Certificate{}, fmt.Errorf("storage: creating certificate %d: %w", c.ID, err)
 	}
 	return c, nil
 }
 
 // UpdateCertificate replaces a certificate; see Store.
-func (s *SQLite) UpdateCertificate(ctx context.Context, c Certificate, keyPEM []byte, apply func(old, new Certificate) error) (Certificate, error) {
+func (s *SQLite) UpdateCertificate(ctx context.Context, c spec.Certificate, keyPEM []byte, apply func(old, new spec.Certificate) error) (spec.Certificate, error) {
 	if err := s.checkCert(c, keyPEM); err != nil {
-		return Certificate{}, fmt.Errorf("storage: updating certificate %d: %w", c.ID, err)
+		return spec.Certificate{}, fmt.Errorf("storage: updating certificate %d: %w", c.ID, err)
 	}
 	c = normalizedCert(c)
 	err := s.inTx(ctx, func(tx *sql.Tx) error {
@@ -315,7 +285,7 @@ func (s *SQLite) UpdateCertificate(ctx context.Context, c Certificate, keyPEM []
 		args := []any{c.Name, c.Source, domains, c.Issuer, millis(c.NotBefore.Time), millis(c.NotAfter.Time),
 			c.CertificatePEM, millis(c.UpdatedAt.Time)}
 		switch {
-		case c.Source == SourceManaged:
+		case c.Source == spec.SourceManaged:
 			query += `, key_sealed = NULL`
 		case len(keyPEM) > 0:
 			sealed, err := s.seal(c.ID, keyPEM)
@@ -324,7 +294,7 @@ func (s *SQLite) UpdateCertificate(ctx context.Context, c Certificate, keyPEM []
 			}
 			query += `, key_sealed = ?`
 			args = append(args, sealed)
-		case old.Source != SourceCustom:
+		case old.Source != spec.SourceCustom:
 			return fmt.Errorf("a custom certificate needs its private key (it was %s and has none stored): %w", old.Source, ErrInvalid)
 		}
 		if _, err := tx.ExecContext(ctx, query+` WHERE id = ?`, append(args, c.ID)...); err != nil {
@@ -336,13 +306,13 @@ func (s *SQLite) UpdateCertificate(ctx context.Context, c Certificate, keyPEM []
 		return nil
 	})
 	if err != nil {
-		return Certificate{}, fmt.Errorf("storage: updating certificate %d: %w", c.ID, err)
+		return spec.Certificate{}, fmt.Errorf("storage: updating certificate %d: %w", c.ID, err)
 	}
 	return c, nil
 }
 
 // DeleteCertificate deletes a certificate that no host uses; see Store.
-func (s *SQLite) DeleteCertificate(ctx context.Context, id int64, apply func(old Certificate) error) error {
+func (s *SQLite) DeleteCertificate(ctx context.Context, id int64, apply func(old spec.Certificate) error) error {
 	err := s.inTx(ctx, func(tx *sql.Tx) error {
 		old, err := getCert(ctx, tx, id)
 		if err != nil {
@@ -367,7 +337,7 @@ func (s *SQLite) DeleteCertificate(ctx context.Context, id int64, apply func(old
 
 // certInUse returns an *InUseError if hosts refer to the certificate id.
 func certInUse(ctx context.Context, tx *sql.Tx, id int64) error {
-	rows, err := tx.QueryContext(ctx, `SELECT id, name FROM hosts WHERE ssl_cert_id = ? ORDER BY id`, id)
+	rows, err := tx.QueryContext(ctx, `SELECT id, COALESCE(json_extract(settings, '$.name'), '') FROM hosts WHERE ssl_cert_id = ? ORDER BY id`, id)
 	if err != nil {
 		return fmt.Errorf("finding the hosts that use it: %w", err)
 	}

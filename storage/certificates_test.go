@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
 // testKey is the encryption key of newKeyedStore.
@@ -93,14 +94,14 @@ func rsaCert(t *testing.T, name string) testCert {
 }
 
 // customCert is a Certificate for tc, as an upload would store it.
-func customCert(tc testCert, name string) Certificate {
+func customCert(tc testCert, name string) spec.Certificate {
 	c, err := x509.ParseCertificate(tc.certDER)
 	if err != nil {
 		panic(err)
 	}
-	return Certificate{
+	return spec.Certificate{
 		Name:           name,
-		Source:         SourceCustom,
+		Source:         spec.SourceCustom,
 		Domains:        c.DNSNames,
 		Issuer:         c.Issuer.CommonName,
 		NotBefore:      jsontime.Of(c.NotBefore),
@@ -139,7 +140,7 @@ func TestCertificateRoundTrip(t *testing.T) {
 	}
 
 	// A managed certificate: only domains until Caddy has obtained it.
-	managed, err := s.CreateCertificate(ctx, Certificate{Name: "web", Source: SourceManaged,
+	managed, err := s.CreateCertificate(ctx, spec.Certificate{Name: "web", Source: spec.SourceManaged,
 		Domains: []string{"example.com", "*.example.com"}}, nil, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -194,7 +195,7 @@ func TestCertificateRoundTrip(t *testing.T) {
 	}
 
 	// Custom to managed drops chain and key; back to custom needs a key.
-	toManaged := Certificate{ID: custom.ID, Name: "db", Source: SourceManaged, Domains: []string{"db.example.com"}}
+	toManaged := spec.Certificate{ID: custom.ID, Name: "db", Source: spec.SourceManaged, Domains: []string{"db.example.com"}}
 	if _, err := s.UpdateCertificate(ctx, toManaged, nil, nil); err != nil {
 		t.Fatal(err)
 	}
@@ -214,10 +215,10 @@ func TestCertificateRoundTrip(t *testing.T) {
 	}
 
 	// Explicit IDs, and listing in ID order.
-	if _, err := s.CreateCertificate(ctx, Certificate{ID: 100, Name: "x", Source: SourceManaged, Domains: []string{"x.example"}}, nil, nil); err != nil {
+	if _, err := s.CreateCertificate(ctx, spec.Certificate{ID: 100, Name: "x", Source: spec.SourceManaged, Domains: []string{"x.example"}}, nil, nil); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.CreateCertificate(ctx, Certificate{ID: 50, Name: "y", Source: SourceManaged}, nil, nil); err != nil {
+	if _, err := s.CreateCertificate(ctx, spec.Certificate{ID: 50, Name: "y", Source: spec.SourceManaged}, nil, nil); err != nil {
 		t.Fatal(err)
 	}
 	list, err := s.ListCertificates(ctx)
@@ -244,7 +245,7 @@ func TestCertificateRoundTrip(t *testing.T) {
 	if _, err := s.CertificateKey(ctx, custom.ID); !errors.Is(err, ErrNotFound) {
 		t.Errorf("CertificateKey after delete: %v", err)
 	}
-	c, err = s.CreateCertificate(ctx, Certificate{Name: "z", Source: SourceManaged}, nil, nil)
+	c, err = s.CreateCertificate(ctx, spec.Certificate{Name: "z", Source: spec.SourceManaged}, nil, nil)
 	if err != nil || c.ID <= 100 {
 		t.Errorf("ID after explicit 100 and a delete: %d, %v", c.ID, err)
 	}
@@ -276,12 +277,12 @@ func TestCertificateJSON(t *testing.T) {
 	if fields["certificate"] != tc.certPEM || fields["created_at"] != "2026-01-02T03:04:05.006Z" {
 		t.Errorf("JSON %s", b)
 	}
-	var back Certificate
+	var back spec.Certificate
 	if err := json.Unmarshal(b, &back); err != nil || !reflect.DeepEqual(back, c) {
 		t.Errorf("JSON round trip = %+v, %v", back, err)
 	}
 
-	b, err = json.Marshal(Certificate{ID: 4, Name: "web", Source: SourceManaged, Domains: []string{"example.com"}})
+	b, err = json.Marshal(spec.Certificate{ID: 4, Name: "web", Source: spec.SourceManaged, Domains: []string{"example.com"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -299,16 +300,22 @@ func TestCertificateErrors(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	managed := Certificate{Name: "m", Source: SourceManaged, Domains: []string{"m.example"}}
+	managed := spec.Certificate{Name: "m", Source: spec.SourceManaged, Domains: []string{"m.example"}}
 	noChain := customCert(tc, "b")
 	noChain.CertificatePEM = ""
-	withID := func(c Certificate, id int64) Certificate { c.ID = id; return c }
+	withID := func(c spec.Certificate, id int64) spec.Certificate { c.ID = id; return c }
 
 	called := false
-	apply := func(Certificate) error { called = true; return nil }
-	apply2 := func(_, _ Certificate) error { called = true; return nil }
-	create := func(c Certificate, key []byte) error { _, err := s.CreateCertificate(ctx, c, key, apply); return err }
-	update := func(c Certificate, key []byte) error { _, err := s.UpdateCertificate(ctx, c, key, apply2); return err }
+	apply := func(spec.Certificate) error { called = true; return nil }
+	apply2 := func(_, _ spec.Certificate) error { called = true; return nil }
+	create := func(c spec.Certificate, key []byte) error {
+		_, err := s.CreateCertificate(ctx, c, key, apply)
+		return err
+	}
+	update := func(c spec.Certificate, key []byte) error {
+		_, err := s.UpdateCertificate(ctx, c, key, apply2)
+		return err
+	}
 	for i, tc := range []struct {
 		name string
 		err  error
@@ -322,11 +329,11 @@ func TestCertificateErrors(t *testing.T) {
 		{"delete missing", s.DeleteCertificate(ctx, 9, apply), ErrNotFound, "storage: deleting certificate 9: not found"},
 		{"create taken", create(withID(managed, c.ID), nil), ErrConflict, ""},
 		{"create negative", create(withID(managed, -1), nil), ErrInvalid, ""},
-		{"unknown source", create(Certificate{Name: "x", Source: "acme"}, nil), ErrInvalid, `source "acme": must be "custom" or "managed"`},
+		{"unknown source", create(spec.Certificate{Name: "x", Source: "acme"}, nil), ErrInvalid, `source "acme": must be "custom" or "managed"`},
 		{"custom without chain", create(noChain, key), ErrInvalid, "needs its chain"},
 		{"custom without key", create(customCert(tc2(t), "b"), nil), ErrInvalid, "needs its private key"},
 		{"managed with key", create(managed, key), ErrInvalid, "no stored chain or private key"},
-		{"managed with chain", create(Certificate{Source: SourceManaged, CertificatePEM: "x"}, nil), ErrInvalid, "no stored chain"},
+		{"managed with chain", create(spec.Certificate{Source: spec.SourceManaged, CertificatePEM: "x"}, nil), ErrInvalid, "no stored chain"},
 		{"update managed with key", update(withID(managed, c.ID), key), ErrInvalid, ""},
 		{"update custom without chain", update(withID(noChain, c.ID), nil), ErrInvalid, ""},
 	} {
@@ -366,7 +373,7 @@ func TestCertificatesWithoutKey(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	if _, err := s.CreateCertificate(ctx, Certificate{Name: "m", Source: SourceManaged, Domains: []string{"m.example"}}, nil, nil); err != nil {
+	if _, err := s.CreateCertificate(ctx, spec.Certificate{Name: "m", Source: spec.SourceManaged, Domains: []string{"m.example"}}, nil, nil); err != nil {
 		t.Errorf("managed certificate without a key: %v", err)
 	}
 	_, err = s.CreateCertificate(ctx, customCert(tc, "b"), []byte(tc.keyPEM), nil)
@@ -399,8 +406,8 @@ func TestCertificateApply(t *testing.T) {
 	ctx := context.Background()
 	tc := ecCert(t, "a.example.com")
 
-	var applied Certificate
-	created, err := s.CreateCertificate(ctx, customCert(tc, "a"), []byte(tc.keyPEM), func(c Certificate) error {
+	var applied spec.Certificate
+	created, err := s.CreateCertificate(ctx, customCert(tc, "a"), []byte(tc.keyPEM), func(c spec.Certificate) error {
 		applied = c
 		// apply may read the store; it sees the state before the change.
 		if _, err := s.GetCertificate(ctx, c.ID); !errors.Is(err, ErrNotFound) {
@@ -415,10 +422,10 @@ func TestCertificateApply(t *testing.T) {
 		t.Errorf("create apply got\n%+v\nreturned\n%+v", applied, created)
 	}
 
-	var oldSeen, newSeen Certificate
+	var oldSeen, newSeen spec.Certificate
 	next := created
 	next.Name = "b"
-	updated, err := s.UpdateCertificate(ctx, next, nil, func(old, new Certificate) error {
+	updated, err := s.UpdateCertificate(ctx, next, nil, func(old, new spec.Certificate) error {
 		oldSeen, newSeen = old, new
 		new.Domains[0] = "changed" // changes nothing stored
 		return nil
@@ -449,25 +456,25 @@ func TestCertificateApply(t *testing.T) {
 		run  func(fail error) error
 	}{
 		{"create custom", func(fail error) error {
-			_, err := s.CreateCertificate(ctx, customCert(other, "c"), []byte(other.keyPEM), func(Certificate) error { return fail })
+			_, err := s.CreateCertificate(ctx, customCert(other, "c"), []byte(other.keyPEM), func(spec.Certificate) error { return fail })
 			return err
 		}},
 		{"create managed", func(fail error) error {
-			_, err := s.CreateCertificate(ctx, Certificate{ID: 7, Source: SourceManaged}, nil, func(Certificate) error { return fail })
+			_, err := s.CreateCertificate(ctx, spec.Certificate{ID: 7, Source: spec.SourceManaged}, nil, func(spec.Certificate) error { return fail })
 			return err
 		}},
 		{"update with a new key", func(fail error) error {
 			c := customCert(other, "d")
 			c.ID = created.ID
-			_, err := s.UpdateCertificate(ctx, c, []byte(other.keyPEM), func(_, _ Certificate) error { return fail })
+			_, err := s.UpdateCertificate(ctx, c, []byte(other.keyPEM), func(_, _ spec.Certificate) error { return fail })
 			return err
 		}},
 		{"update to managed", func(fail error) error {
-			_, err := s.UpdateCertificate(ctx, Certificate{ID: created.ID, Source: SourceManaged}, nil, func(_, _ Certificate) error { return fail })
+			_, err := s.UpdateCertificate(ctx, spec.Certificate{ID: created.ID, Source: spec.SourceManaged}, nil, func(_, _ spec.Certificate) error { return fail })
 			return err
 		}},
 		{"delete", func(fail error) error {
-			return s.DeleteCertificate(ctx, created.ID, func(Certificate) error { return fail })
+			return s.DeleteCertificate(ctx, created.ID, func(spec.Certificate) error { return fail })
 		}},
 	} {
 		fail := &applyError{tc.name}
@@ -497,11 +504,11 @@ func TestDeleteCertificateInUse(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	other, err := s.CreateCertificate(ctx, Certificate{Name: "o", Source: SourceManaged, Domains: []string{"o.example"}}, nil, nil)
+	other, err := s.CreateCertificate(ctx, spec.Certificate{Name: "o", Source: spec.SourceManaged, Domains: []string{"o.example"}}, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, h := range []Host{
+	for _, h := range []spec.Stream{
 		{ID: 1, Name: "db", SSLEnabled: true, SSLCertID: cert.ID},
 		{ID: 2, Name: "web", SSLEnabled: true, SSLCertID: other.ID},
 		{ID: 3, Name: "plain"},
@@ -513,7 +520,7 @@ func TestDeleteCertificateInUse(t *testing.T) {
 	}
 
 	called := false
-	err = s.DeleteCertificate(ctx, cert.ID, func(Certificate) error { called = true; return nil })
+	err = s.DeleteCertificate(ctx, cert.ID, func(spec.Certificate) error { called = true; return nil })
 	if !errors.Is(err, ErrInUse) {
 		t.Fatalf("deleting a certificate in use: %v, want ErrInUse", err)
 	}
@@ -533,10 +540,10 @@ func TestDeleteCertificateInUse(t *testing.T) {
 	}
 
 	// A host with TLS off still refers to it.
-	if _, err := s.UpdateHost(ctx, Host{ID: 1, Name: "db", SSLCertID: cert.ID}, nil); err != nil {
+	if _, err := s.UpdateHost(ctx, spec.Stream{ID: 1, Name: "db", SSLCertID: cert.ID}, nil); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.UpdateHost(ctx, Host{ID: 4, Name: "mail"}, nil); err != nil {
+	if _, err := s.UpdateHost(ctx, spec.Stream{ID: 4, Name: "mail"}, nil); err != nil {
 		t.Fatal(err)
 	}
 	err = s.DeleteCertificate(ctx, cert.ID, nil)
@@ -548,8 +555,8 @@ func TestDeleteCertificateInUse(t *testing.T) {
 	if err := s.DeleteHost(ctx, 1, nil); err != nil {
 		t.Fatal(err)
 	}
-	var deleted Certificate
-	if err := s.DeleteCertificate(ctx, cert.ID, func(old Certificate) error { deleted = old; return nil }); err != nil {
+	var deleted spec.Certificate
+	if err := s.DeleteCertificate(ctx, cert.ID, func(old spec.Certificate) error { deleted = old; return nil }); err != nil {
 		t.Fatal(err)
 	}
 	if !reflect.DeepEqual(deleted, cert) {
@@ -560,7 +567,7 @@ func TestDeleteCertificateInUse(t *testing.T) {
 	}
 }
 
-func withCertID(c Certificate, id int64) Certificate { c.ID = id; return c }
+func withCertID(c spec.Certificate, id int64) spec.Certificate { c.ID = id; return c }
 
 func TestInUseErrorMessage(t *testing.T) {
 	for _, tc := range []struct {
@@ -665,7 +672,7 @@ func TestPrivateKeyNotInDatabaseFile(t *testing.T) {
 	// Certificates whose writes failed in apply.
 	fail := errors.New("no")
 	for _, tc := range keys {
-		s.CreateCertificate(ctx, customCert(tc, "failed"), []byte(tc.keyPEM), func(Certificate) error { return fail })
+		s.CreateCertificate(ctx, customCert(tc, "failed"), []byte(tc.keyPEM), func(spec.Certificate) error { return fail })
 	}
 
 	check := func(when string) {
@@ -714,7 +721,7 @@ func TestLeaksFindsClearText(t *testing.T) {
 	}
 	tc := ecCert(t, "a.example.com")
 	body := strings.Join(strings.Split(tc.keyPEM, "\n")[2:4], "") // two lines of the body
-	if _, err := s.CreateHost(context.Background(), Host{Notes: body}, nil); err != nil {
+	if _, err := s.CreateHost(context.Background(), spec.Stream{Notes: body}, nil); err != nil {
 		t.Fatal(err)
 	}
 	if found, _ := leaks(dbFiles(t, path), tc); len(found) == 0 {

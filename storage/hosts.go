@@ -7,124 +7,105 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
 // hostColumns are the hosts table's columns in the order scanHost reads
-// and hostValues writes them.
-const hostColumns = `id, name, protocol, listen_address, listen_port,
-	upstream_host, upstream_port, enabled, max_connections,
-	connection_timeout_seconds, idle_timeout_seconds, proxy_protocol_version,
-	whitelist_cidrs, blacklist_cidrs, ssl_enabled, ssl_cert_id,
-	upload_rate_bytes, download_rate_bytes, health_check_enabled,
-	health_check_interval_seconds, log_connections, notes,
-	half_close, created_at, updated_at, version`
+// and hostValues writes them. A stream's settings are in settings, as
+// JSON, except those the database indexes or constrains, which have
+// columns of their own (settingColumns): a new setting needs no change
+// here, nor a migration.
+const hostColumns = `id, protocol, listen_address, listen_port, enabled, ssl_cert_id,
+	settings, created_at, updated_at, version`
 
-const insertHost = `INSERT INTO hosts (` + hostColumns + `)
-	VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
+const insertHost = `INSERT INTO hosts (` + hostColumns + `) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
 
 const updateHost = `UPDATE hosts SET
-	name = ?, protocol = ?, listen_address = ?, listen_port = ?,
-	upstream_host = ?, upstream_port = ?, enabled = ?, max_connections = ?,
-	connection_timeout_seconds = ?, idle_timeout_seconds = ?, proxy_protocol_version = ?,
-	whitelist_cidrs = ?, blacklist_cidrs = ?, ssl_enabled = ?, ssl_cert_id = ?,
-	upload_rate_bytes = ?, download_rate_bytes = ?, health_check_enabled = ?,
-	health_check_interval_seconds = ?, log_connections = ?, notes = ?,
-	half_close = ?, created_at = ?, updated_at = ?, version = ?
+	protocol = ?, listen_address = ?, listen_port = ?, enabled = ?, ssl_cert_id = ?,
+	settings = ?, created_at = ?, updated_at = ?, version = ?
 	WHERE id = ?`
+
+// settingColumns are the JSON names of the settings kept in columns of
+// their own, left out of the settings column.
+var settingColumns = []string{"id", "protocol", "listen_address", "listen_port", "enabled", "ssl_cert_id"}
 
 type rowScanner interface {
 	Scan(dest ...any) error
 }
 
-func scanHost(r rowScanner) (Host, error) {
+func scanHost(r rowScanner) (Stored, error) {
 	var (
-		h                    Host
-		white, black         string
+		h                    Stored
+		id                   int64
+		protocol, addr       string
+		port                 int
+		enabled              bool
+		certID               int64
+		settings             string
 		createdAt, updatedAt sql.NullInt64
 	)
-	err := r.Scan(&h.ID, &h.Name, &h.Protocol, &h.ListenAddress, &h.ListenPort,
-		&h.UpstreamHost, &h.UpstreamPort, &h.Enabled, &h.MaxConnections,
-		&h.ConnectionTimeoutSeconds, &h.IdleTimeoutSeconds, &h.ProxyProtocolVersion,
-		&white, &black, &h.SSLEnabled, &h.SSLCertID,
-		&h.UploadRateBytes, &h.DownloadRateBytes, &h.HealthCheckEnabled,
-		&h.HealthCheckIntervalSeconds, &h.LogConnections, &h.Notes,
-		&h.HalfClose, &createdAt, &updatedAt, &h.Version)
+	err := r.Scan(&id, &protocol, &addr, &port, &enabled, &certID, &settings, &createdAt, &updatedAt, &h.Version)
 	if err != nil {
-		return Host{}, err
+		return Stored{}, err
 	}
-	if h.WhitelistCIDRs, err = decodeList(white); err != nil {
-		return Host{}, fmt.Errorf("host %d: whitelist_cidrs: %v", h.ID, err)
+	if err := json.Unmarshal([]byte(settings), &h.Stream); err != nil {
+		return Stored{}, fmt.Errorf("host %d: settings: %v", id, err)
 	}
-	if h.BlacklistCIDRs, err = decodeList(black); err != nil {
-		return Host{}, fmt.Errorf("host %d: blacklist_cidrs: %v", h.ID, err)
-	}
+	h.ID, h.Protocol, h.ListenAddress, h.ListenPort, h.Enabled, h.SSLCertID = id, protocol, addr, port, enabled, certID
 	h.CreatedAt = fromMillis(createdAt)
 	h.UpdatedAt = fromMillis(updatedAt)
 	return h, nil
 }
 
 // hostValues are h's columns in hostColumns order, without the ID.
-func hostValues(h Host) ([]any, error) {
-	white, err := encodeList(h.WhitelistCIDRs)
-	if err != nil {
-		return nil, fmt.Errorf("whitelist_cidrs: %v", err)
-	}
-	black, err := encodeList(h.BlacklistCIDRs)
-	if err != nil {
-		return nil, fmt.Errorf("blacklist_cidrs: %v", err)
-	}
-	return []any{h.Name, h.Protocol, h.ListenAddress, h.ListenPort,
-		h.UpstreamHost, h.UpstreamPort, h.Enabled, h.MaxConnections,
-		h.ConnectionTimeoutSeconds, h.IdleTimeoutSeconds, h.ProxyProtocolVersion,
-		white, black, h.SSLEnabled, h.SSLCertID,
-		h.UploadRateBytes, h.DownloadRateBytes, h.HealthCheckEnabled,
-		h.HealthCheckIntervalSeconds, h.LogConnections, h.Notes,
-		h.HalfClose, millis(h.CreatedAt), millis(h.UpdatedAt), h.Version}, nil
+func hostValues(h Stored, settings string) []any {
+	return []any{h.Protocol, h.ListenAddress, h.ListenPort, h.Enabled, h.SSLCertID,
+		settings, millis(h.CreatedAt), millis(h.UpdatedAt), h.Version}
 }
 
-// encodeList stores a list as a JSON array; nil is [].
-func encodeList(l []string) (string, error) {
-	if len(l) == 0 {
-		return "[]", nil
+// encodeSettings is the settings column of s: its JSON without the
+// settings that have columns of their own, the keys sorted.
+func encodeSettings(s spec.Stream) (string, error) {
+	b, err := json.Marshal(s)
+	if err != nil {
+		return "", err
 	}
-	b, err := json.Marshal(l)
+	var m map[string]json.RawMessage
+	if err := json.Unmarshal(b, &m); err != nil {
+		return "", err
+	}
+	for _, k := range settingColumns {
+		delete(m, k)
+	}
+	b, err = json.Marshal(m)
 	return string(b), err
 }
 
-// decodeList reads a JSON array; an empty one is nil.
-func decodeList(s string) ([]string, error) {
-	var l []string
-	if err := json.Unmarshal([]byte(s), &l); err != nil {
-		return nil, err
+// normalized is s as it reads back from the database, and its settings
+// column: its own copies of the lists, nil when empty.
+func normalized(s spec.Stream) (spec.Stream, string, error) {
+	settings, err := encodeSettings(s)
+	if err != nil {
+		return spec.Stream{}, "", fmt.Errorf("encoding the settings: %v", err)
 	}
-	if len(l) == 0 {
-		return nil, nil
+	var out spec.Stream
+	if err := json.Unmarshal([]byte(settings), &out); err != nil {
+		return spec.Stream{}, "", fmt.Errorf("decoding the settings: %v", err)
 	}
-	return l, nil
-}
-
-// normalized is h as it reads back from the database: its own copies of
-// the lists, nil when empty.
-func normalized(h Host) Host {
-	h.WhitelistCIDRs = slices.Clip(slices.Clone(h.WhitelistCIDRs))
-	h.BlacklistCIDRs = slices.Clip(slices.Clone(h.BlacklistCIDRs))
-	if len(h.WhitelistCIDRs) == 0 {
-		h.WhitelistCIDRs = nil
-	}
-	if len(h.BlacklistCIDRs) == 0 {
-		h.BlacklistCIDRs = nil
-	}
-	return h
+	out.ID, out.Protocol, out.ListenAddress, out.ListenPort, out.Enabled, out.SSLCertID =
+		s.ID, s.Protocol, s.ListenAddress, s.ListenPort, s.Enabled, s.SSLCertID
+	return out, settings, nil
 }
 
 // ListHosts returns every host, ordered by ID.
-func (s *SQLite) ListHosts(ctx context.Context) ([]Host, error) {
+func (s *SQLite) ListHosts(ctx context.Context) ([]Stored, error) {
 	rows, err := s.read.QueryContext(ctx, `SELECT `+hostColumns+` FROM hosts ORDER BY id`)
 	if err != nil {
 		return nil, fmt.Errorf("storage: listing hosts: %w", err)
 	}
 	defer rows.Close()
-	var hosts []Host
+	var hosts []Stored
 	for rows.Next() {
 		h, err := scanHost(rows)
 		if err != nil {
@@ -139,29 +120,34 @@ func (s *SQLite) ListHosts(ctx context.Context) ([]Host, error) {
 }
 
 // GetHost returns the host with the given ID, or ErrNotFound.
-func (s *SQLite) GetHost(ctx context.Context, id int64) (Host, error) {
+func (s *SQLite) GetHost(ctx context.Context, id int64) (Stored, error) {
 	h, err := getHost(ctx, s.read, id)
 	if err != nil {
-		return Host{}, fmt.Errorf("storage: getting host %d: %w", id, err)
+		return Stored{}, fmt.Errorf("storage: getting host %d: %w", id, err)
 	}
 	return h, nil
 }
 
-func getHost(ctx context.Context, q queryRower, id int64) (Host, error) {
+func getHost(ctx context.Context, q queryRower, id int64) (Stored, error) {
 	h, err := scanHost(q.QueryRowContext(ctx, `SELECT `+hostColumns+` FROM hosts WHERE id = ?`, id))
 	if errors.Is(err, sql.ErrNoRows) {
-		return Host{}, ErrNotFound
+		return Stored{}, ErrNotFound
 	}
 	return h, err
 }
 
 // CreateHost stores a new host; see Store.
-func (s *SQLite) CreateHost(ctx context.Context, h Host, apply func(h Host) error) (Host, error) {
-	if h.ID < 0 {
-		return Host{}, fmt.Errorf("storage: creating host %d: id must be >= 0: %w", h.ID, ErrInvalid)
+func (s *SQLite) CreateHost(ctx context.Context, st spec.Stream, apply func(h Stored) error) (Stored, error) {
+	if st.ID < 0 {
+		return Stored{}, fmt.Errorf("storage: creating host %d: id must be >= 0: %w", st.ID, ErrInvalid)
 	}
-	h = normalized(h)
-	err := s.inTx(ctx, func(tx *sql.Tx) error {
+	var h Stored
+	var settings string
+	var err error
+	if h.Stream, settings, err = normalized(st); err != nil {
+		return Stored{}, fmt.Errorf("storage: creating host: %w", err)
+	}
+	err = s.inTx(ctx, func(tx *sql.Tx) error {
 		if h.ID > 0 {
 			var n int
 			if err := tx.QueryRowContext(ctx, `SELECT COUNT(*) FROM hosts WHERE id = ?`, h.ID).Scan(&n); err != nil {
@@ -177,15 +163,11 @@ func (s *SQLite) CreateHost(ctx context.Context, h Host, apply func(h Host) erro
 		if h.Version, err = nextHostVersion(ctx, tx); err != nil {
 			return err
 		}
-		vals, err := hostValues(h)
-		if err != nil {
-			return err
-		}
 		var id any // NULL lets SQLite assign the ID
 		if h.ID > 0 {
 			id = h.ID
 		}
-		res, err := tx.ExecContext(ctx, insertHost, append([]any{id}, vals...)...)
+		res, err := tx.ExecContext(ctx, insertHost, append([]any{id}, hostValues(h, settings)...)...)
 		if err != nil {
 			return fmt.Errorf("inserting: %w", err)
 		}
@@ -193,23 +175,28 @@ func (s *SQLite) CreateHost(ctx context.Context, h Host, apply func(h Host) erro
 			return err
 		}
 		if apply != nil {
-			return apply(normalized(h))
+			return apply(h.clone())
 		}
 		return nil
 	})
 	if err != nil {
 		if h.ID == 0 { // failed before the store assigned one
-			return Host{}, fmt.Errorf("storage: creating host: %w", err)
+			return Stored{}, fmt.Errorf("storage: creating host: %w", err)
 		}
-		return Host{}, fmt.Errorf("storage: creating host %d: %w", h.ID, err)
+		return Stored{}, fmt.Errorf("storage: creating host %d: %w", h.ID, err)
 	}
 	return h, nil
 }
 
 // UpdateHost replaces a host; see Store.
-func (s *SQLite) UpdateHost(ctx context.Context, h Host, apply func(old, new Host) error) (Host, error) {
-	h = normalized(h)
-	err := s.inTx(ctx, func(tx *sql.Tx) error {
+func (s *SQLite) UpdateHost(ctx context.Context, st spec.Stream, apply func(old, new Stored) error) (Stored, error) {
+	var h Stored
+	var settings string
+	var err error
+	if h.Stream, settings, err = normalized(st); err != nil {
+		return Stored{}, fmt.Errorf("storage: updating host %d: %w", st.ID, err)
+	}
+	err = s.inTx(ctx, func(tx *sql.Tx) error {
 		old, err := getHost(ctx, tx, h.ID)
 		if err != nil {
 			return err
@@ -219,22 +206,26 @@ func (s *SQLite) UpdateHost(ctx context.Context, h Host, apply func(old, new Hos
 		if h.Version, err = nextHostVersion(ctx, tx); err != nil {
 			return err
 		}
-		vals, err := hostValues(h)
-		if err != nil {
-			return err
-		}
-		if _, err := tx.ExecContext(ctx, updateHost, append(vals, h.ID)...); err != nil {
+		if _, err := tx.ExecContext(ctx, updateHost, append(hostValues(h, settings), h.ID)...); err != nil {
 			return fmt.Errorf("updating: %w", err)
 		}
 		if apply != nil {
-			return apply(old, normalized(h))
+			return apply(old, h.clone())
 		}
 		return nil
 	})
 	if err != nil {
-		return Host{}, fmt.Errorf("storage: updating host %d: %w", h.ID, err)
+		return Stored{}, fmt.Errorf("storage: updating host %d: %w", h.ID, err)
 	}
 	return h, nil
+}
+
+// clone is h with its own copies of the lists, for a callback that may
+// keep them.
+func (h Stored) clone() Stored {
+	h.WhitelistCIDRs = slices.Clone(h.WhitelistCIDRs)
+	h.BlacklistCIDRs = slices.Clone(h.BlacklistCIDRs)
+	return h
 }
 
 // nextHostVersion takes the next host version, in the write transaction
@@ -249,7 +240,7 @@ func nextHostVersion(ctx context.Context, tx *sql.Tx) (int64, error) {
 }
 
 // DeleteHost deletes a host and its connection log; see Store.
-func (s *SQLite) DeleteHost(ctx context.Context, id int64, apply func(old Host) error) error {
+func (s *SQLite) DeleteHost(ctx context.Context, id int64, apply func(old Stored) error) error {
 	err := s.inTx(ctx, func(tx *sql.Tx) error {
 		old, err := getHost(ctx, tx, id)
 		if err != nil {

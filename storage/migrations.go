@@ -146,6 +146,61 @@ CREATE TABLE certificates (
 			`INSERT INTO host_version (id, last) VALUES (1, 1)`,
 		},
 	},
+	{
+		version: 7,
+		name:    "hosts settings as JSON",
+		// A stream's settings move into one JSON object, settings, but for
+		// those the database indexes or constrains (id, protocol, listen
+		// address and port, enabled, certificate), so that a new setting
+		// needs no migration. SQLite cannot drop columns with CHECKs in
+		// place: the table is rebuilt, keeping the highest id ever given
+		// (sqlite_sequence), so that deleted ids stay unused. An empty
+		// list becomes null, which reads back as nil, as the store
+		// returns empty lists. The index serves DeleteCertificate's
+		// in-use check.
+		stmts: []string{`
+CREATE TABLE hosts_v7 (
+	id             INTEGER PRIMARY KEY AUTOINCREMENT CHECK (id > 0),
+	protocol       TEXT    NOT NULL DEFAULT '',
+	listen_address TEXT    NOT NULL DEFAULT '',
+	listen_port    INTEGER NOT NULL DEFAULT 0,
+	enabled        INTEGER NOT NULL DEFAULT 1 CHECK (enabled IN (0, 1)),
+	ssl_cert_id    INTEGER NOT NULL DEFAULT 0,
+	settings       TEXT    NOT NULL DEFAULT '{}' CHECK (json_valid(settings) AND json_type(settings) = 'object'),
+	created_at     INTEGER NOT NULL,
+	updated_at     INTEGER NOT NULL,
+	version        INTEGER NOT NULL DEFAULT 1 CHECK (version > 0)
+) STRICT`,
+			`INSERT INTO hosts_v7 (id, protocol, listen_address, listen_port, enabled, ssl_cert_id,
+	settings, created_at, updated_at, version)
+SELECT id, protocol, listen_address, listen_port, enabled, ssl_cert_id,
+	json_object(
+		'name', name,
+		'upstream_host', upstream_host,
+		'upstream_port', upstream_port,
+		'max_connections', max_connections,
+		'connection_timeout_seconds', connection_timeout_seconds,
+		'idle_timeout_seconds', idle_timeout_seconds,
+		'half_close', json(CASE half_close WHEN 1 THEN 'true' ELSE 'false' END),
+		'proxy_protocol_version', proxy_protocol_version,
+		'whitelist_cidrs', CASE json_array_length(whitelist_cidrs) WHEN 0 THEN NULL ELSE json(whitelist_cidrs) END,
+		'blacklist_cidrs', CASE json_array_length(blacklist_cidrs) WHEN 0 THEN NULL ELSE json(blacklist_cidrs) END,
+		'ssl_enabled', json(CASE ssl_enabled WHEN 1 THEN 'true' ELSE 'false' END),
+		'upload_rate_bytes', upload_rate_bytes,
+		'download_rate_bytes', download_rate_bytes,
+		'health_check_enabled', json(CASE health_check_enabled WHEN 1 THEN 'true' ELSE 'false' END),
+		'health_check_interval_seconds', health_check_interval_seconds,
+		'log_connections', json(CASE log_connections WHEN 1 THEN 'true' ELSE 'false' END),
+		'notes', notes),
+	created_at, updated_at, version
+FROM hosts`,
+			`DELETE FROM sqlite_sequence WHERE name = 'hosts_v7'`,
+			`INSERT INTO sqlite_sequence (name, seq) SELECT 'hosts_v7', seq FROM sqlite_sequence WHERE name = 'hosts'`,
+			`DROP TABLE hosts`,
+			`ALTER TABLE hosts_v7 RENAME TO hosts`,
+			`CREATE INDEX hosts_ssl_cert_id ON hosts (ssl_cert_id)`,
+		},
+	},
 }
 
 // migrate applies the migrations in migs above the database's version, up

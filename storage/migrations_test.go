@@ -2,6 +2,7 @@ package storage
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"path/filepath"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
 func TestMigrationsNumbered(t *testing.T) {
@@ -150,10 +152,10 @@ func TestMigrateFromVersion2(t *testing.T) {
 	// Compared field by field: ListHosts reads columns that later
 	// migrations add, so it cannot run on the version 2 database.
 	created := time.UnixMilli(1700000000000).UTC()
-	wantHosts := []Host{
-		{ID: 1, Name: "db", ListenPort: 5432, UpstreamHost: "pg", UpstreamPort: 5432, Enabled: true,
-			SSLEnabled: true, SSLCertID: 1, CreatedAt: created, UpdatedAt: created, Version: 1},
-		{ID: 2, Name: "web", ListenPort: 8080, UpstreamHost: "backend", UpstreamPort: 80, Enabled: true,
+	wantHosts := []Stored{
+		{Stream: spec.Stream{ID: 1, Name: "db", ListenPort: 5432, UpstreamHost: "pg", UpstreamPort: 5432, Enabled: true,
+			SSLEnabled: true, SSLCertID: 1}, CreatedAt: created, UpdatedAt: created, Version: 1},
+		{Stream: spec.Stream{ID: 2, Name: "web", ListenPort: 8080, UpstreamHost: "backend", UpstreamPort: 80, Enabled: true},
 			CreatedAt: created, UpdatedAt: created, Version: 1},
 	}
 	if hosts, err := s.ListHosts(ctx); err != nil || !reflect.DeepEqual(hosts, wantHosts) {
@@ -363,7 +365,7 @@ func TestFailedMigrationRollsBack(t *testing.T) {
 
 // TestMigrateAddsHalfClose opens a database of schema version 3 whose hosts
 // predate the half_close setting: they read back with half_close false
-// (the default), and the column takes both values afterwards.
+// (the default), and the setting takes both values afterwards.
 func TestMigrateAddsHalfClose(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "aegis.db")
 	old, err := openAt(path, 3, OpenOptions{})
@@ -391,13 +393,156 @@ func TestMigrateAddsHalfClose(t *testing.T) {
 		t.Fatalf("host stored before half_close existed: %+v, want half_close false and the rest kept", h)
 	}
 	h.HalfClose = true
-	if _, err := s.UpdateHost(ctx, h, nil); err != nil {
+	if _, err := s.UpdateHost(ctx, h.Stream, nil); err != nil {
 		t.Fatal(err)
 	}
 	if h, err = s.GetHost(ctx, 4); err != nil || !h.HalfClose {
 		t.Fatalf("after setting half_close: %+v, %v", h, err)
 	}
-	if _, err := s.write.Exec(`UPDATE hosts SET half_close = 2 WHERE id = 4`); err == nil {
-		t.Error("the half_close column took 2; want only 0 or 1")
+	if _, err := s.write.Exec(`UPDATE hosts SET enabled = 2 WHERE id = 4`); err == nil {
+		t.Error("the enabled column took 2; want only 0 or 1")
+	}
+}
+
+// TestMigrateSettingsToJSON opens a database of schema version 6, written
+// with every setting as the code before settings became JSON wrote it,
+// with this version: every setting of every host is kept; the settings
+// the database indexes or constrains keep their columns and the others
+// have none; deleted ids stay unused and versions keep rising; a
+// certificate is still refused while a host names it.
+func TestMigrateSettingsToJSON(t *testing.T) {
+	before := slices.IndexFunc(migrations, func(m migration) bool { return m.name == "hosts settings as JSON" })
+	if before < 1 {
+		t.Fatalf("no migration moves the settings to JSON (index %d)", before)
+	}
+	path := filepath.Join(t.TempDir(), "aegis.db")
+	old, err := openAt(path, before, OpenOptions{Key: testKey})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The hosts as the code of that version wrote them (hostValues then),
+	// with the settings it had: host 1 sets every one of them, host 2
+	// has the opposite booleans, host 5 nothing but the required
+	// settings; host 9 is deleted.
+	hosts := []spec.Stream{
+		{ID: 1, Name: "name-1", Protocol: "tcp+udp", ListenAddress: "::1", ListenPort: 5432,
+			UpstreamHost: "db.internal", UpstreamPort: 6432, Enabled: true, MaxConnections: 3,
+			ConnectionTimeoutSeconds: 4, IdleTimeoutSeconds: 5, HalfClose: true, ProxyProtocolVersion: 2,
+			WhitelistCIDRs: []string{"10.0.0.0/8", "::1"}, BlacklistCIDRs: []string{"10.0.0.9"},
+			SSLEnabled: true, SSLCertID: 2, UploadRateBytes: 1 << 40, DownloadRateBytes: 7,
+			HealthCheckEnabled: true, HealthCheckIntervalSeconds: 9, LogConnections: true, Notes: "n\u00e9\"'"},
+		{ID: 2, Name: "name-2", ListenPort: 5433, UpstreamHost: "db", UpstreamPort: 5433,
+			WhitelistCIDRs: []string{"192.0.2.0/24"}},
+		{ID: 5, ListenPort: 7000, UpstreamHost: "backend", UpstreamPort: 7000, Enabled: true},
+	}
+	list := func(l []string) string {
+		b, _ := json.Marshal(l)
+		if len(l) == 0 {
+			return "[]"
+		}
+		return string(b)
+	}
+	for _, h := range append(hosts, spec.Stream{ID: 9}) {
+		if _, err := old.write.Exec(`INSERT INTO hosts (id, name, protocol, listen_address, listen_port,
+	upstream_host, upstream_port, enabled, max_connections,
+	connection_timeout_seconds, idle_timeout_seconds, proxy_protocol_version,
+	whitelist_cidrs, blacklist_cidrs, ssl_enabled, ssl_cert_id,
+	upload_rate_bytes, download_rate_bytes, health_check_enabled,
+	health_check_interval_seconds, log_connections, notes,
+	half_close, created_at, updated_at, version)
+	VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+			h.ID, h.Name, h.Protocol, h.ListenAddress, h.ListenPort,
+			h.UpstreamHost, h.UpstreamPort, h.Enabled, h.MaxConnections,
+			h.ConnectionTimeoutSeconds, h.IdleTimeoutSeconds, h.ProxyProtocolVersion,
+			list(h.WhitelistCIDRs), list(h.BlacklistCIDRs), h.SSLEnabled, h.SSLCertID,
+			h.UploadRateBytes, h.DownloadRateBytes, h.HealthCheckEnabled,
+			h.HealthCheckIntervalSeconds, h.LogConnections, h.Notes,
+			h.HalfClose, 1700000000000+h.ID, 1700000001000+h.ID, 10+h.ID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, stmt := range []string{`DELETE FROM hosts WHERE id = 9`, `UPDATE host_version SET last = 40`} {
+		if _, err := old.write.Exec(stmt); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := old.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	s, err := OpenWith(path, OpenOptions{Key: testKey})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx := context.Background()
+	got, err := s.ListHosts(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != len(hosts) {
+		t.Fatalf("%d hosts after migrating, want %d: %+v", len(got), len(hosts), got)
+	}
+	for i, h := range hosts {
+		want := Stored{Stream: h, CreatedAt: time.UnixMilli(1700000000000 + h.ID).UTC(),
+			UpdatedAt: time.UnixMilli(1700000001000 + h.ID).UTC(), Version: 10 + h.ID}
+		if !reflect.DeepEqual(got[i], want) {
+			t.Errorf("host %d after migrating:\n got %+v\nwant %+v", h.ID, got[i], want)
+		}
+	}
+
+	// The columns: what the database indexes or constrains, and the rest
+	// in settings, which holds none of them.
+	var cols []string
+	rows, err := s.read.Query(`SELECT name FROM pragma_table_info('hosts') ORDER BY cid`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rows.Next() {
+		var c string
+		if err := rows.Scan(&c); err != nil {
+			t.Fatal(err)
+		}
+		cols = append(cols, c)
+	}
+	rows.Close()
+	if want := []string{"id", "protocol", "listen_address", "listen_port", "enabled", "ssl_cert_id",
+		"settings", "created_at", "updated_at", "version"}; !reflect.DeepEqual(cols, want) {
+		t.Errorf("hosts columns %v, want %v", cols, want)
+	}
+	var settings string
+	if err := s.read.QueryRow(`SELECT settings FROM hosts WHERE id = 1`).Scan(&settings); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range settingColumns {
+		if strings.Contains(settings, `"`+k+`"`) {
+			t.Errorf("settings %s hold %s, which has a column", settings, k)
+		}
+	}
+
+	// Ids and versions go on from where they were.
+	if top, err := s.HighestHostID(ctx); err != nil || top != 9 {
+		t.Errorf("HighestHostID = %d, %v; want 9, the deleted host's", top, err)
+	}
+	created, err := s.CreateHost(ctx, spec.Stream{ListenPort: 1, UpstreamHost: "h", UpstreamPort: 1}, nil)
+	if err != nil || created.ID != 10 || created.Version != 41 {
+		t.Errorf("new host: id %d version %d, %v; want id 10 version 41", created.ID, created.Version, err)
+	}
+	upd := got[2].Stream
+	upd.Notes = "changed"
+	if u, err := s.UpdateHost(ctx, upd, nil); err != nil || u.Version != 42 || u.Notes != "changed" {
+		t.Errorf("update: %+v, %v; want version 42", u, err)
+	}
+
+	// Host 1's ssl_cert_id (2) still holds its certificate.
+	for id := 1; id <= 2; id++ {
+		tc := ecCert(t, "db.example.com")
+		if _, err := s.CreateCertificate(ctx, customCert(tc, "c"), []byte(tc.keyPEM), nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	err = s.DeleteCertificate(ctx, 2, nil)
+	if want := `certificate 2 is used by stream 1 ("name-1")`; err == nil || !strings.HasSuffix(err.Error(), want) {
+		t.Errorf("deleting host 1's certificate: %v, want %q", err, want)
 	}
 }

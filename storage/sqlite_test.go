@@ -10,7 +10,7 @@ import (
 )
 
 // newStore opens a store on a new file in t.TempDir, closed at cleanup.
-func newStore(t *testing.T) *SQLite {
+func newStore(t testing.TB) *SQLite {
 	t.Helper()
 	s, err := Open(filepath.Join(t.TempDir(), "aegis.db"))
 	if err != nil {

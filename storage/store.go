@@ -11,7 +11,10 @@
 // bytes CertificateKey returns.
 //
 // The package imports no Caddy package: it knows nothing of listeners or
-// handlers. The streams app converts between its Stream type and Host.
+// handlers. It stores the schema's spec.Stream: the settings the database
+// must index or constrain (id, listen address and port, protocol,
+// enabled, certificate) in columns, the others in one JSON column, so a
+// new setting needs no change here.
 package storage
 
 import (
@@ -20,6 +23,7 @@ import (
 	"time"
 
 	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
 // Errors a Store returns, wrapped with what failed; test for them with
@@ -76,27 +80,27 @@ var (
 // Methods are safe for concurrent use.
 type Store interface {
 	// ListHosts returns every host, ordered by ID.
-	ListHosts(ctx context.Context) ([]Host, error)
+	ListHosts(ctx context.Context) ([]Stored, error)
 
 	// GetHost returns the host with the given ID, or ErrNotFound.
-	GetHost(ctx context.Context, id int64) (Host, error)
+	GetHost(ctx context.Context, id int64) (Stored, error)
 
-	// CreateHost stores a new host and returns it as stored. With h.ID 0
-	// the store assigns an ID; with h.ID > 0 that ID is used, and
+	// CreateHost stores a new host and returns it as stored. With s.ID 0
+	// the store assigns an ID; with s.ID > 0 that ID is used, and
 	// ErrConflict is returned if it is taken. CreatedAt and UpdatedAt are
-	// set to the current time and Version to a new version; the values in
-	// h are ignored. IDs of deleted hosts are not assigned again.
-	CreateHost(ctx context.Context, h Host, apply func(h Host) error) (Host, error)
+	// set to the current time and Version to a new version. IDs of
+	// deleted hosts are not assigned again.
+	CreateHost(ctx context.Context, s spec.Stream, apply func(h Stored) error) (Stored, error)
 
-	// UpdateHost replaces every field of the host with ID h.ID and returns
-	// it as stored, or ErrNotFound. CreatedAt is kept, UpdatedAt set to
-	// the current time and Version to a new version; the values in h are
-	// ignored. apply receives the host before and after the change.
-	UpdateHost(ctx context.Context, h Host, apply func(old, new Host) error) (Host, error)
+	// UpdateHost replaces every setting of the host with ID s.ID and
+	// returns it as stored, or ErrNotFound. CreatedAt is kept, UpdatedAt
+	// set to the current time and Version to a new version. apply
+	// receives the host before and after the change.
+	UpdateHost(ctx context.Context, s spec.Stream, apply func(old, new Stored) error) (Stored, error)
 
 	// DeleteHost deletes the host with the given ID and its connection log,
 	// or returns ErrNotFound. apply receives the host as it was.
-	DeleteHost(ctx context.Context, id int64, apply func(old Host) error) error
+	DeleteHost(ctx context.Context, id int64, apply func(old Stored) error) error
 
 	// AppendConnLogs stores a batch of connection-log entries in one
 	// transaction: all of them or, on error, none. The entries' IDs are
@@ -118,11 +122,11 @@ type Store interface {
 
 	// ListCertificates returns every certificate, ordered by ID, without
 	// private keys.
-	ListCertificates(ctx context.Context) ([]Certificate, error)
+	ListCertificates(ctx context.Context) ([]spec.Certificate, error)
 
 	// GetCertificate returns the certificate with the given ID, or
 	// ErrNotFound.
-	GetCertificate(ctx context.Context, id int64) (Certificate, error)
+	GetCertificate(ctx context.Context, id int64) (spec.Certificate, error)
 
 	// CertificateKey returns the private key of the custom certificate
 	// with the given ID, decrypted: the PEM given when it was stored. It
@@ -139,7 +143,7 @@ type Store interface {
 	// neither. An unknown Source is ErrInvalid. The store does not parse
 	// either PEM: validate them first (package modules/certs). apply does
 	// not receive the private key: the caller has it.
-	CreateCertificate(ctx context.Context, c Certificate, keyPEM []byte, apply func(c Certificate) error) (Certificate, error)
+	CreateCertificate(ctx context.Context, c spec.Certificate, keyPEM []byte, apply func(c spec.Certificate) error) (spec.Certificate, error)
 
 	// UpdateCertificate replaces every field of the certificate with ID
 	// c.ID and returns it as stored, or ErrNotFound; CreatedAt and
@@ -148,7 +152,7 @@ type Store interface {
 	// a new chain); a custom certificate that had none (it was managed)
 	// needs one. Making a certificate managed drops its chain and key.
 	// apply receives the certificate before and after the change.
-	UpdateCertificate(ctx context.Context, c Certificate, keyPEM []byte, apply func(old, new Certificate) error) (Certificate, error)
+	UpdateCertificate(ctx context.Context, c spec.Certificate, keyPEM []byte, apply func(old, new spec.Certificate) error) (spec.Certificate, error)
 
 	// DeleteCertificate deletes the certificate with the given ID, or
 	// returns ErrNotFound. While stream hosts have it as their
@@ -156,101 +160,34 @@ type Store interface {
 	// with an *InUseError (errors.Is ErrInUse) that lists them. Streams
 	// defined only in the Caddy config are not in the store: check those
 	// in apply, which receives the certificate as it was.
-	DeleteCertificate(ctx context.Context, id int64, apply func(old Certificate) error) error
+	DeleteCertificate(ctx context.Context, id int64, apply func(old spec.Certificate) error) error
 
 	// Close releases the store. Calls after Close fail.
 	Close() error
 }
 
-// Host is a stream host as stored: the fields of the streams app's Stream,
-// with the same JSON names, plus when it was created and last changed.
+// Stored is a stream host as stored: its settings, and when it was created
+// and last changed.
 //
-// The store keeps what it is given: defaults and validation belong to the
-// streams app. Empty CIDR lists are returned as nil.
-type Host struct {
-	// ID identifies the host; > 0 once stored.
-	ID int64 `json:"id"`
-
-	// Name is a human-readable name.
-	Name string `json:"name,omitempty"`
-
-	// Protocol is "tcp", "udp" or "tcp+udp".
-	Protocol string `json:"protocol,omitempty"`
-
-	// ListenAddress is the IP address to bind; "" is every address.
-	ListenAddress string `json:"listen_address,omitempty"`
-
-	// ListenPort is the port to listen on.
-	ListenPort int `json:"listen_port"`
-
-	// UpstreamHost is the upstream's hostname or IP address.
-	UpstreamHost string `json:"upstream_host"`
-
-	// UpstreamPort is the upstream's port.
-	UpstreamPort int `json:"upstream_port"`
-
-	// Enabled turns the stream on.
-	Enabled bool `json:"enabled"`
-
-	// MaxConnections caps concurrent connections; 0 is unlimited.
-	MaxConnections int `json:"max_connections,omitempty"`
-
-	// ConnectionTimeoutSeconds bounds the dial to the upstream.
-	ConnectionTimeoutSeconds int `json:"connection_timeout_seconds,omitempty"`
-
-	// IdleTimeoutSeconds closes a connection idle for this long.
-	IdleTimeoutSeconds int `json:"idle_timeout_seconds,omitempty"`
-
-	// HalfClose keeps a connection open after one side's end, until the
-	// other side ends too.
-	HalfClose bool `json:"half_close,omitempty"`
-
-	// ProxyProtocolVersion is the PROXY protocol header sent upstream: 0
-	// (off), 1 or 2.
-	ProxyProtocolVersion int `json:"proxy_protocol_version,omitempty"`
-
-	// WhitelistCIDRs, when not empty, allows only sources inside them.
-	WhitelistCIDRs []string `json:"whitelist_cidrs,omitempty"`
-
-	// BlacklistCIDRs rejects sources inside them.
-	BlacklistCIDRs []string `json:"blacklist_cidrs,omitempty"`
-
-	// SSLEnabled terminates TLS on the listener.
-	SSLEnabled bool `json:"ssl_enabled,omitempty"`
-
-	// SSLCertID is the certificate used when SSLEnabled is set.
-	SSLCertID int64 `json:"ssl_cert_id,omitempty"`
-
-	// UploadRateBytes limits client→upstream bytes per second.
-	UploadRateBytes int64 `json:"upload_rate_bytes,omitempty"`
-
-	// DownloadRateBytes limits upstream→client bytes per second.
-	DownloadRateBytes int64 `json:"download_rate_bytes,omitempty"`
-
-	// HealthCheckEnabled runs a periodic dial to the upstream.
-	HealthCheckEnabled bool `json:"health_check_enabled,omitempty"`
-
-	// HealthCheckIntervalSeconds is the time between two health checks.
-	HealthCheckIntervalSeconds int `json:"health_check_interval_seconds,omitempty"`
-
-	// LogConnections writes one connection-log entry per connection.
-	LogConnections bool `json:"log_connections,omitempty"`
-
-	// Notes is free-form text.
-	Notes string `json:"notes,omitempty"`
+// The store keeps what it is given: defaults and validation belong to
+// package spec. Empty CIDR lists are returned as nil. Stored has no JSON
+// form of its own: decoding one would go to the embedded Stream's
+// UnmarshalJSON; the API answers with spec.HostStatus.
+type Stored struct {
+	spec.Stream
 
 	// CreatedAt is when the host was created, in UTC, to the millisecond.
 	// Set by the store.
-	CreatedAt time.Time `json:"created_at,omitzero"`
+	CreatedAt time.Time
 
 	// UpdatedAt is when the host was last written, in UTC, to the
 	// millisecond. Set by the store.
-	UpdatedAt time.Time `json:"updated_at,omitzero"`
+	UpdatedAt time.Time
 
 	// Version is the host's version: every create and update gives it a
 	// new one, above every version the store handed out before, to any
 	// host. Set by the store.
-	Version int64 `json:"version,omitzero"`
+	Version int64
 }
 
 // Actions a connection-log entry records.

@@ -63,11 +63,11 @@ func TestWritesOnAFullDatabase(t *testing.T) {
 	big := genHost(0, 2)
 	big.Notes = strings.Repeat("n", 256<<10)
 	applied := 0
-	_, err = s.CreateHost(ctx, big, func(Host) error { applied++; return nil })
+	_, err = s.CreateHost(ctx, big, func(Stored) error { applied++; return nil })
 	wantUnavailable(t, "CreateHost", err, "is full")
-	upd := h
+	upd := h.Stream
 	upd.Notes = big.Notes
-	_, err = s.UpdateHost(ctx, upd, func(_, _ Host) error { applied++; return nil })
+	_, err = s.UpdateHost(ctx, upd, func(_, _ Stored) error { applied++; return nil })
 	wantUnavailable(t, "UpdateHost", err, "is full")
 	if applied != 0 {
 		t.Errorf("apply ran %d times for writes that could not be stored", applied)
@@ -81,7 +81,7 @@ func TestWritesOnAFullDatabase(t *testing.T) {
 	}
 
 	// Errors that are not the database's stay what they are.
-	if _, err := s.CreateHost(ctx, h, nil); !errors.Is(err, ErrConflict) || errors.Is(err, ErrUnavailable) {
+	if _, err := s.CreateHost(ctx, h.Stream, nil); !errors.Is(err, ErrConflict) || errors.Is(err, ErrUnavailable) {
 		t.Fatalf("CreateHost of a taken id: %v, want ErrConflict only", err)
 	}
 

@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/tls"
@@ -10,15 +9,24 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"net"
+	"net/http"
 	"os"
-	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	_ "github.com/caddyserver/caddy/v2/modules/filestorage"
+	_ "github.com/caddyserver/caddy/v2/modules/logging"
+
+	_ "github.com/aegis-proxy/caddy-aegis/admin"
+	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
 	"github.com/aegis-proxy/caddy-aegis/modules/certs"
-	"github.com/aegis-proxy/caddy-aegis/storage"
+	_ "github.com/aegis-proxy/caddy-aegis/modules/l4aegisguard"
+	_ "github.com/aegis-proxy/caddy-aegis/modules/l4aegisproxy"
+	_ "github.com/aegis-proxy/caddy-aegis/modules/streams"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
 func TestPercentile(t *testing.T) {
@@ -587,46 +595,53 @@ func TestBenchCert(t *testing.T) {
 	}
 }
 
-func TestStoreAegisCert(t *testing.T) {
+// TestAegisTLSThroughAPI runs the TLS start of aegis against an aegis in
+// this process: the certificate goes in through the API, the config that
+// uses it is loaded through Caddy's admin API, and clients that verify the
+// chain get through every TLS stream.
+func TestAegisTLSThroughAPI(t *testing.T) {
 	bc, err := newBenchCert(time.Now())
 	if err != nil {
 		t.Fatal(err)
 	}
-	dir := t.TempDir()
-	db := filepath.Join(dir, "streams.db")
-	id, err := storeAegisCert(db, bc)
+	up, err := startUpstreams()
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Read it back as the app does: the key file beside the database.
-	fi, err := os.Stat(filepath.Join(dir, "streams.key"))
-	if err != nil || fi.Mode().Perm() != 0o600 {
-		t.Fatalf("key file: %v %v", fi, err)
+	defer up.close()
+	// The config loaded through the admin API is autosaved, and Caddy
+	// keeps data: both in the test's directory.
+	home := t.TempDir()
+	for _, v := range []string{"HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME"} {
+		t.Setenv(v, home)
 	}
-	key, err := storage.LoadOrCreateKey(filepath.Join(dir, "streams.key"))
+	c := testenv.New(t)
+	if err := c.Load(map[string]any{"streams": map[string]any{}}); err != nil {
+		t.Fatal(err)
+	}
+	api := newAegisAPI(c.AdminPort)
+	id, err := uploadAegisCert(api, bc)
 	if err != nil {
 		t.Fatal(err)
 	}
-	s, err := storage.OpenWith(db, storage.OpenOptions{Key: key})
+	var cs spec.CertStatus
+	if err := api.call("GET", "/api/v1/certificates/"+strconv.FormatInt(id, 10), nil, http.StatusOK, &cs); err != nil {
+		t.Fatal(err)
+	}
+	if cs.Source != spec.SourceCustom || len(cs.Domains) != 1 || cs.Domains[0] != tlsName {
+		t.Errorf("stored %+v", cs)
+	}
+	front := ports{Sink: testenv.FreePort(t), Source: testenv.FreePort(t), Echo: testenv.FreePort(t)}
+	cfg, err := aegisConfigWith(c.AdminPort, c.LogFile, ports{Sink: up.sink.port(), Source: up.source.port(), Echo: up.echo.port()},
+		front, &aegisTLS{dbPath: c.DBFile, certID: id})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer s.Close()
-	ctx := context.Background()
-	c, err := s.GetCertificate(ctx, id)
-	if err != nil {
+	if err := api.load(cfg); err != nil {
 		t.Fatal(err)
 	}
-	if c.Source != storage.SourceCustom || len(c.Domains) != 1 || c.Domains[0] != tlsName {
-		t.Errorf("stored %+v", c)
-	}
-	k, err := s.CertificateKey(ctx, id)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pair, err := tls.X509KeyPair([]byte(c.CertificatePEM), k)
-	if err != nil || !bytes.Equal(pair.Certificate[0], bc.leafDER) {
-		t.Errorf("stored pair: %v", err)
+	if err := probeTLS(front, up, bc); err != nil {
+		t.Fatalf("through the TLS streams: %v", err)
 	}
 }
 

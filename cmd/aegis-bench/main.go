@@ -55,7 +55,7 @@ func main() {
 	flag.IntVar(&cfg.idle, "idle", 2000, "idle connections for the memory test")
 	flag.BoolVar(&cfg.pin, "pin", true, "pin proxies to CPU 1 and the bench to CPU 0")
 	flag.BoolVar(&cfg.keep, "keep", false, "keep the temp dir with configs and logs")
-	flag.DurationVar(&cfg.startTimeout, "start-timeout", 10*time.Second, "how long a proxy may take to start")
+	flag.DurationVar(&cfg.startTimeout, "start-timeout", defaultStartTimeout, "how long a proxy may take to start")
 	flag.StringVar(&tests, "tests", "tcp,udp,tls", "comma-separated tests to run, from tcp,udp,tls")
 	flag.IntVar(&cfg.udpSockets, "udp-sockets", 4, "generator sockets for the UDP rate test")
 	flag.IntVar(&cfg.udpWindow, "udp-window", 32, "datagrams in flight per generator socket")

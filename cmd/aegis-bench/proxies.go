@@ -5,11 +5,15 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"text/template"
+	"time"
+
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
 // ports holds one port per upstream kind: for a proxy its front ports, for
@@ -36,6 +40,19 @@ type setup struct {
 	// cert is the certificate to terminate TLS with (the TLS test), nil
 	// for plain TCP and UDP.
 	cert *benchCert
+	// timeout is how long the proxy may take to start; 0 means
+	// defaultStartTimeout.
+	timeout time.Duration
+}
+
+// defaultStartTimeout is the -start-timeout flag's default.
+const defaultStartTimeout = 10 * time.Second
+
+func (s setup) startTimeout() time.Duration {
+	if s.timeout > 0 {
+		return s.timeout
+	}
+	return defaultStartTimeout
 }
 
 // proxy is one proxy under test.
@@ -110,22 +127,6 @@ func freeUDPPort() (int, error) {
 
 // --- aegis ---
 
-type aegisStream struct {
-	ID             int      `json:"id"`
-	Name           string   `json:"name"`
-	Protocol       string   `json:"protocol"`
-	ListenAddress  string   `json:"listen_address"`
-	ListenPort     int      `json:"listen_port"`
-	UpstreamHost   string   `json:"upstream_host"`
-	UpstreamPort   int      `json:"upstream_port"`
-	Enabled        bool     `json:"enabled"`
-	IdleTimeout    int      `json:"idle_timeout_seconds,omitempty"`
-	WhitelistCIDRs []string `json:"whitelist_cidrs"`
-	LogConnections bool     `json:"log_connections"`
-	SSLEnabled     bool     `json:"ssl_enabled,omitempty"`
-	SSLCertID      int64    `json:"ssl_cert_id,omitempty"`
-}
-
 // aegisTLS is what the TLS test adds to the aegis config: the database
 // that holds the certificate, and the certificate's id there.
 type aegisTLS struct {
@@ -148,16 +149,16 @@ func aegisConfig(adminPort int, logFile string, up, front ports) ([]byte, error)
 // aegisConfigWith is aegisConfig; with t, every TCP stream terminates TLS
 // with certificate t.certID, and the app's storage is t.dbPath.
 func aegisConfigWith(adminPort int, logFile string, up, front ports, t *aegisTLS) ([]byte, error) {
-	var hosts []aegisStream
+	var hosts []spec.Stream
 	for _, r := range routes(up, front) {
-		h := aegisStream{
-			ID: r.ID, Name: "bench-" + r.Kind, Protocol: "tcp",
+		h := spec.Stream{
+			ID: int64(r.ID), Name: "bench-" + r.Kind, Protocol: spec.ProtocolTCP,
 			ListenAddress: "127.0.0.1", ListenPort: r.Front,
 			UpstreamHost: "127.0.0.1", UpstreamPort: r.Up, Enabled: true,
 			WhitelistCIDRs: []string{"127.0.0.0/8"}, LogConnections: true,
 		}
 		if r.UDP {
-			h.Protocol, h.IdleTimeout = "udp", udpIdleTimeout
+			h.Protocol, h.IdleTimeoutSeconds = spec.ProtocolUDP, udpIdleTimeout
 		} else if t != nil {
 			h.SSLEnabled, h.SSLCertID = true, t.certID
 		}
@@ -178,28 +179,58 @@ func aegisConfigWith(adminPort int, logFile string, up, front ports, t *aegisTLS
 	return json.MarshalIndent(cfg, "", "  ")
 }
 
-func startAegis(s setup) (*child, error) { return launchAegis(s, nil) }
-
-// startAegisTLS stores s.cert in a database in s.dir and starts aegis
-// with TLS streams that use it.
-func startAegisTLS(s setup) (*child, error) {
-	t := &aegisTLS{dbPath: filepath.Join(s.dir, "streams.db")}
-	var err error
-	if t.certID, err = storeAegisCert(t.dbPath, s.cert); err != nil {
-		return nil, fmt.Errorf("storing the certificate: %v", err)
-	}
-	return launchAegis(s, t)
-}
-
-func launchAegis(s setup, t *aegisTLS) (*child, error) {
+func startAegis(s setup) (*child, error) {
 	admin, err := freePorts(1)
 	if err != nil {
 		return nil, err
 	}
-	cfg, err := aegisConfigWith(admin[0], filepath.Join(s.dir, "aegis.log"), s.up, s.front, t)
+	cfg, err := aegisConfig(admin[0], filepath.Join(s.dir, "aegis.log"), s.up, s.front)
 	if err != nil {
 		return nil, err
 	}
+	return launchAegis(s, cfg)
+}
+
+// startAegisTLS starts aegis with storage in s.dir and no stream, uploads
+// s.cert through its API (POST /api/v1/certificates), as a user would, and
+// then loads the config whose TCP streams terminate TLS with it.
+func startAegisTLS(s setup) (*child, error) {
+	admin, err := freePorts(1)
+	if err != nil {
+		return nil, err
+	}
+	t := &aegisTLS{dbPath: filepath.Join(s.dir, "streams.db")}
+	logFile := filepath.Join(s.dir, "aegis.log")
+	cfg, err := aegisConfigWith(admin[0], logFile, ports{}, ports{}, t)
+	if err != nil {
+		return nil, err
+	}
+	c, err := launchAegis(s, cfg)
+	if err != nil {
+		return nil, err
+	}
+	api := newAegisAPI(admin[0])
+	err = waitReady(c, s.startTimeout(), func() error {
+		return api.call("GET", "/api/v1/certificates", nil, http.StatusOK, nil)
+	})
+	if err == nil {
+		t.certID, err = uploadAegisCert(api, s.cert)
+	}
+	if err == nil {
+		cfg, err = aegisConfigWith(admin[0], logFile, s.up, s.front, t)
+	}
+	if err == nil {
+		err = api.load(cfg)
+	}
+	if err != nil {
+		c.stop()
+		return nil, fmt.Errorf("aegis: %v", err)
+	}
+	return c, nil
+}
+
+// launchAegis writes cfg and starts bin/aegis with it.
+func launchAegis(s setup, cfg []byte) (*child, error) {
 	file := filepath.Join(s.dir, "aegis.json")
 	if err := os.WriteFile(file, cfg, 0o644); err != nil {
 		return nil, err

@@ -14,7 +14,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/aegis-proxy/caddy-aegis/modules/streams"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
 // The soak (make soak, aegis-bench -soak 10m): bin/aegis runs for the
@@ -141,7 +141,7 @@ type acctRow struct {
 	st      *soakStream
 	exact   bool  // the clients' count must equal total_connections
 	reached int64 // connections (and UDP sessions) the clients saw accepted
-	status  streams.Status
+	status  spec.Status
 	log     logCount
 	lines   int64 // "connection" lines in aegis's log file
 	// bytes: the clients' byte counts must equal the stats' and the log's
@@ -206,7 +206,7 @@ func (r *soakRun) run(cfg config, tmp string) error {
 			r.a.c.stop()
 		}
 	}()
-	var cs streams.CertStatus
+	var cs spec.CertStatus
 	if err := r.a.call("POST", "/api/v1/certificates", certInput("soak", r.ring.gens[0]), http.StatusCreated, &cs); err != nil {
 		return fmt.Errorf("uploading the certificate: %v", err)
 	}

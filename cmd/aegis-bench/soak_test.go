@@ -20,7 +20,7 @@ import (
 	proxyproto "github.com/pires/go-proxyproto"
 
 	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
-	"github.com/aegis-proxy/caddy-aegis/modules/streams"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
 // noGoroutineGrowth fails the test if, 5 s after it, more goroutines run
@@ -477,7 +477,7 @@ func TestEvaluate(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	st := &soakStream{spec: streams.Stream{ID: 1, Name: "soak-tcp"}}
+	st := &soakStream{spec: spec.Stream{ID: 1, Name: "soak-tcp"}}
 	good := func() *soakRun {
 		ta := newTally("soak-tcp", "short tcp", false)
 		ta.attempts.Store(10)
@@ -495,7 +495,7 @@ func TestEvaluate(t *testing.T) {
 			plan: []*loadKind{{st: st, what: "short", t: ta}, {st: st, what: "long", t: cut}}}
 		r.churn.count(kindUpdate, nil)
 		r.acct = []acctRow{{st: st, exact: true, reached: 10, bytes: true, sent: 100, rcvd: 100, lines: 10,
-			status: streams.Status{TotalConnections: 10, BytesSent: 100, BytesReceived: 100},
+			status: spec.Status{TotalConnections: 10, BytesSent: 100, BytesReceived: 100},
 			log:    logCount{rows: 10, sent: 100, rcvd: 100}}}
 		r.idleStart = soakSample{goroutines: 30, fds: 31, rssKB: 70 << 10, heapAlloc: 14 << 20}
 		r.baseline = soakSample{goroutines: 150, fds: 160, rssKB: 80 << 10}

@@ -1,11 +1,9 @@
 package main
 
 import (
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -16,7 +14,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/aegis-proxy/caddy-aegis/modules/streams"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
 // The aegis process under soak, its REST API, the streams the soak
@@ -25,11 +23,10 @@ import (
 // soakAegis is bin/aegis started with storage in a temp dir and its admin
 // endpoint on a free loopback port.
 type soakAegis struct {
+	*aegisAPI
 	c       *child
 	dir     string
 	logFile string
-	base    string // http://127.0.0.1:<admin port>
-	hc      *http.Client
 }
 
 // startSoakAegis starts binary with no stream: the soak creates them
@@ -41,8 +38,7 @@ func startSoakAegis(binary, dir string, timeout time.Duration) (*soakAegis, erro
 	if err != nil {
 		return nil, err
 	}
-	a := &soakAegis{dir: dir, logFile: filepath.Join(dir, "aegis.log"), base: "http://" + addr(admin[0]),
-		hc: &http.Client{Timeout: 30 * time.Second}}
+	a := &soakAegis{aegisAPI: newAegisAPI(admin[0]), dir: dir, logFile: filepath.Join(dir, "aegis.log")}
 	cfg := map[string]any{
 		"admin": map[string]any{"listen": addr(admin[0])},
 		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{
@@ -88,71 +84,13 @@ func startSoakAegis(binary, dir string, timeout time.Duration) (*soakAegis, erro
 
 func (a *soakAegis) pid() int { return a.c.cmd.Process.Pid }
 
-// statusError is an API answer with another status than the one wanted.
-type statusError struct {
-	method, path string
-	status, want int
-	msg, field   string
-}
-
-func (e *statusError) Error() string {
-	s := fmt.Sprintf("%s %s: status %d, want %d", e.method, e.path, e.status, e.want)
-	if e.msg != "" {
-		s += ": " + e.msg
-	}
-	return s
-}
-
-// call sends method to path with body as JSON (none if nil), checks that
-// the answer has status want and decodes it into out (if not nil).
-func (a *soakAegis) call(method, path string, body any, want int, out any) error {
-	var rd io.Reader
-	if body != nil {
-		b, err := json.Marshal(body)
-		if err != nil {
-			return err
-		}
-		rd = bytes.NewReader(b)
-	}
-	req, err := http.NewRequest(method, a.base+path, rd)
-	if err != nil {
-		return err
-	}
-	if body != nil {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	resp, err := a.hc.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return fmt.Errorf("%s %s: reading the answer: %v", method, path, err)
-	}
-	if resp.StatusCode != want {
-		var e struct {
-			Error string `json:"error"`
-			Field string `json:"field"`
-		}
-		json.Unmarshal(b, &e)
-		return &statusError{method: method, path: path, status: resp.StatusCode, want: want, msg: e.Error, field: e.Field}
-	}
-	if out != nil {
-		if err := json.Unmarshal(b, out); err != nil {
-			return fmt.Errorf("%s %s: decoding the answer: %v", method, path, err)
-		}
-	}
-	return nil
-}
-
 // stats is GET /api/v1/streams/stats by stream id.
-func (a *soakAegis) stats() (map[int64]streams.Status, error) {
-	var list []streams.Status
+func (a *soakAegis) stats() (map[int64]spec.Status, error) {
+	var list []spec.Status
 	if err := a.call("GET", "/api/v1/streams/stats", nil, http.StatusOK, &list); err != nil {
 		return nil, err
 	}
-	out := make(map[int64]streams.Status, len(list))
+	out := make(map[int64]spec.Status, len(list))
 	for _, s := range list {
 		out[s.ID] = s
 	}
@@ -160,14 +98,14 @@ func (a *soakAegis) stats() (map[int64]streams.Status, error) {
 }
 
 // certInput is the upload of certificate bc.
-func certInput(name string, bc *benchCert) streams.CertInput {
-	return streams.CertInput{Name: name, Certificate: bc.chainPEM, PrivateKey: bc.keyPEM}
+func certInput(name string, bc *benchCert) spec.CertInput {
+	return spec.CertInput{Name: name, Certificate: bc.chainPEM, PrivateKey: bc.keyPEM}
 }
 
 // soakStream is one stream the soak created: its settings as last sent,
 // and where its clients connect.
 type soakStream struct {
-	spec   streams.Stream
+	spec   spec.Stream
 	tg     *target
 	exists bool
 }
@@ -205,39 +143,39 @@ func createSoakStreams(a *soakAegis, echoPort, pp2Port int, certID int64) (*soak
 	}
 	tcpPorts, udpPort, mixedPort := ports[:5], ports[5], ports[6]
 	loopback := []string{"127.0.0.0/8"}
-	base := func(name string, port int) streams.Stream {
-		return streams.Stream{Name: name, Protocol: streams.ProtocolTCP, ListenAddress: "127.0.0.1", ListenPort: port,
+	base := func(name string, port int) spec.Stream {
+		return spec.Stream{Name: name, Protocol: spec.ProtocolTCP, ListenAddress: "127.0.0.1", ListenPort: port,
 			UpstreamHost: "127.0.0.1", UpstreamPort: echoPort, Enabled: true, WhitelistCIDRs: loopback, LogConnections: true}
 	}
 	ss := &soakStreams{}
 	specs := []struct {
 		s    **soakStream
-		spec streams.Stream
+		spec spec.Stream
 	}{
 		{&ss.tcp, base("soak-tcp", tcpPorts[0])},
-		{&ss.pp2, func() streams.Stream {
+		{&ss.pp2, func() spec.Stream {
 			s := base("soak-pp2", tcpPorts[1])
 			s.UpstreamPort, s.ProxyProtocolVersion = pp2Port, 2
 			s.UploadRateBytes, s.DownloadRateBytes = 1<<20, 1<<20
 			return s
 		}()},
-		{&ss.udp, func() streams.Stream {
+		{&ss.udp, func() spec.Stream {
 			s := base("soak-udp", udpPort)
-			s.Protocol, s.IdleTimeoutSeconds = streams.ProtocolUDP, udpIdleSeconds
+			s.Protocol, s.IdleTimeoutSeconds = spec.ProtocolUDP, udpIdleSeconds
 			return s
 		}()},
-		{&ss.mixed, func() streams.Stream {
+		{&ss.mixed, func() spec.Stream {
 			s := base("soak-mixed", mixedPort)
-			s.Protocol, s.IdleTimeoutSeconds = streams.ProtocolTCPUDP, udpIdleSeconds
+			s.Protocol, s.IdleTimeoutSeconds = spec.ProtocolTCPUDP, udpIdleSeconds
 			return s
 		}()},
-		{&ss.tls, func() streams.Stream {
+		{&ss.tls, func() spec.Stream {
 			s := base("soak-tls", tcpPorts[2])
 			s.SSLEnabled, s.SSLCertID = true, certID
 			return s
 		}()},
 		{&ss.toggle, base("soak-toggle", tcpPorts[3])},
-		{&ss.temp, func() streams.Stream {
+		{&ss.temp, func() spec.Stream {
 			s := base("soak-temp", tcpPorts[4])
 			s.LogConnections = false
 			return s
@@ -257,7 +195,7 @@ func createSoakStreams(a *soakAegis, echoPort, pp2Port int, certID int64) (*soak
 // listens.
 func (st *soakStream) create(a *soakAegis) error {
 	st.spec.ID = 0
-	var hs streams.HostStatus
+	var hs spec.HostStatus
 	if err := a.call("POST", "/api/v1/streams", st.spec, http.StatusCreated, &hs); err != nil {
 		return err
 	}
@@ -274,7 +212,7 @@ func (st *soakStream) create(a *soakAegis) error {
 // update sends the stream's settings and checks that the answer shows
 // them, listening if and only if enabled.
 func (st *soakStream) update(a *soakAegis) error {
-	var hs streams.HostStatus
+	var hs spec.HostStatus
 	path := "/api/v1/streams/" + strconv.FormatInt(st.spec.ID, 10)
 	if err := a.call("PUT", path, st.spec, http.StatusOK, &hs); err != nil {
 		return err
@@ -505,7 +443,7 @@ func (c *churn) replaceCert() error {
 	if int(next) >= len(c.ring.gens) {
 		return fmt.Errorf("replacing the certificate: all %d certificates made for the run are used", len(c.ring.gens))
 	}
-	var cs streams.CertStatus
+	var cs spec.CertStatus
 	err := c.a.call("PUT", "/api/v1/certificates/"+strconv.FormatInt(c.certID, 10), certInput("soak", c.ring.gens[next]), http.StatusOK, &cs)
 	if err != nil {
 		return err
@@ -546,7 +484,7 @@ func (c *churn) oddStep(i int) (string, error) {
 // spareStep uploads the spare certificate, or deletes it.
 func (c *churn) spareStep() error {
 	if c.spareID == 0 {
-		var cs streams.CertStatus
+		var cs spec.CertStatus
 		if err := c.a.call("POST", "/api/v1/certificates", certInput("soak-spare", c.spare), http.StatusCreated, &cs); err != nil {
 			return err
 		}

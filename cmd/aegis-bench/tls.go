@@ -392,7 +392,8 @@ func launchTLS(p proxy, cfg config, up *upstreams, tmp string, bc *benchCert) (*
 	}
 	s := setup{name: p.name, dir: filepath.Join(tmp, p.name+"-tls"),
 		up:    ports{Sink: up.sink.port(), Source: up.source.port(), Echo: up.echo.port()},
-		front: ports{Sink: fp[0], Source: fp[1], Echo: fp[2]}, binary: bin, pin: cfg.pin, cert: bc}
+		front: ports{Sink: fp[0], Source: fp[1], Echo: fp[2]}, binary: bin, pin: cfg.pin, cert: bc,
+		timeout: cfg.startTimeout}
 	if err := os.Mkdir(s.dir, 0o755); err != nil {
 		return nil, s, err
 	}

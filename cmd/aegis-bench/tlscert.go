@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -14,12 +13,10 @@ import (
 	"fmt"
 	"math/big"
 	"net"
-	"path/filepath"
+	"net/http"
 	"time"
 
-	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
-	"github.com/aegis-proxy/caddy-aegis/modules/certs"
-	"github.com/aegis-proxy/caddy-aegis/storage"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
 // tlsName is the name the bench certificate is for, and the SNI the
@@ -131,43 +128,18 @@ func (bc *benchCert) verifyingConfig() *tls.Config {
 		CurvePreferences: tlsGroups}
 }
 
-// aegisKeyFile is the key file that bin/aegis reads beside its database
-// when the config sets no key (modules/streams.DefaultKeyFile).
-const aegisKeyFile = "streams.key"
-
-// storeAegisCert puts the bench certificate into the database at dbPath,
-// as POST /api/v1/certificates would, sealing its key with the key file
-// beside the database (created if missing), and returns its id. The
-// database must be closed again before bin/aegis opens it.
-func storeAegisCert(dbPath string, bc *benchCert) (int64, error) {
-	key, err := storage.LoadOrCreateKey(filepath.Join(filepath.Dir(dbPath), aegisKeyFile))
-	if err != nil {
-		return 0, err
+// uploadAegisCert uploads the bench certificate through aegis's API (POST
+// /api/v1/certificates), which stores it with its key sealed, and returns
+// its id.
+func uploadAegisCert(api *aegisAPI, bc *benchCert) (int64, error) {
+	var cs spec.CertStatus
+	if err := api.call("POST", "/api/v1/certificates", certInput("bench", bc), http.StatusCreated, &cs); err != nil {
+		return 0, fmt.Errorf("uploading the certificate: %v", err)
 	}
-	p, warnings, err := certs.ParseCustom(bc.chainPEM, bc.keyPEM, time.Now())
-	if err != nil {
-		return 0, fmt.Errorf("the bench certificate: %v", err)
+	if len(cs.Warnings) > 0 {
+		return 0, fmt.Errorf("the bench certificate: %v", cs.Warnings)
 	}
-	if len(warnings) > 0 {
-		return 0, fmt.Errorf("the bench certificate: %v", warnings)
-	}
-	db, err := storage.OpenWith(dbPath, storage.OpenOptions{Key: key})
-	if err != nil {
-		return 0, err
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c, err := db.CreateCertificate(ctx, storage.Certificate{
-		Name: "bench", Source: storage.SourceCustom, Domains: p.Domains, Issuer: p.Issuer,
-		NotBefore: jsontime.Of(p.NotBefore), NotAfter: jsontime.Of(p.NotAfter), CertificatePEM: p.ChainPEM,
-	}, []byte(p.KeyPEM), nil)
-	if cerr := db.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return 0, err
-	}
-	return c.ID, nil
+	return cs.ID, nil
 }
 
 // dialTLS connects to addr and completes the handshake with cfg by end

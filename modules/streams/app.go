@@ -28,6 +28,7 @@ import (
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegistls"
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 	"github.com/aegis-proxy/caddy-aegis/modules/udpnat"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
 func init() {
@@ -37,7 +38,7 @@ func init() {
 // App is the `streams` app. Its JSON is {"hosts": [...]}.
 type App struct {
 	// Hosts are the stream hosts, each with a unique id.
-	Hosts []*Stream `json:"hosts,omitempty"`
+	Hosts []*spec.Stream `json:"hosts,omitempty"`
 
 	// GracePeriod is how long a stream that is removed or shut down waits
 	// for its open connections to end before closing them. A reload that
@@ -108,7 +109,7 @@ type reservedPort struct {
 // runtime is one stream of this config: its settings, shared state,
 // listeners, TCP handler chain and UDP relay.
 type runtime struct {
-	cfg    *Stream
+	cfg    *spec.Stream
 	source string // SourceConfig or SourceAPI
 	// created and updated are the storage times of an API stream, and
 	// version its stored version (see setStored).
@@ -186,14 +187,14 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return err
 	}
 	for _, h := range a.Hosts {
-		rt, err := a.newRuntime(h, SourceConfig)
+		rt, err := a.newRuntime(h, spec.SourceConfig)
 		if err != nil {
 			return err
 		}
 		a.streams = append(a.streams, rt)
 	}
 	for _, h := range stored {
-		rt, err := a.newRuntime(streamFromHost(h), SourceAPI)
+		rt, err := a.newRuntime(&h.Stream, spec.SourceAPI)
 		if err != nil {
 			return err
 		}
@@ -208,7 +209,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 // newRuntime acquires the shared state of stream h and, if it is enabled,
 // builds its TCP handler chain and joins its UDP relay. On error nothing is
 // left acquired.
-func (a *App) newRuntime(h *Stream, source string) (*runtime, error) {
+func (a *App) newRuntime(h *spec.Stream, source string) (*runtime, error) {
 	rt := &runtime{cfg: h, source: source, state: streamstate.Acquire(h.ID),
 		logger: a.logger.With(zap.Int64("stream_id", h.ID), zap.String("stream", h.DisplayName()))}
 	if !h.Enabled {
@@ -221,7 +222,7 @@ func (a *App) newRuntime(h *Stream, source string) (*runtime, error) {
 		nat, err := a.natConfig(h, rt.logger)
 		if err != nil {
 			rt.release()
-			return nil, fmt.Errorf("%s: %v", streamLabel(h.ID, h.Name), err)
+			return nil, fmt.Errorf("%s: %v", spec.StreamLabel(h.ID, h.Name), err)
 		}
 		rt.nat = nat
 		rt.relay = udpnat.Acquire(rt.state, h.ListenHostPort())
@@ -230,7 +231,7 @@ func (a *App) newRuntime(h *Stream, source string) (*runtime, error) {
 		chain, cancel, err := a.buildChain(h)
 		if err != nil {
 			rt.release()
-			return nil, fmt.Errorf("%s: %v", streamLabel(h.ID, h.Name), err)
+			return nil, fmt.Errorf("%s: %v", spec.StreamLabel(h.ID, h.Name), err)
 		}
 		rt.chain.Store(&chainBox{chain})
 		rt.cancel = cancel
@@ -239,7 +240,7 @@ func (a *App) newRuntime(h *Stream, source string) (*runtime, error) {
 }
 
 // natConfig is what the stream's settings say about its UDP NAT entries.
-func (a *App) natConfig(s *Stream, logger *zap.Logger) (udpnat.Config, error) {
+func (a *App) natConfig(s *spec.Stream, logger *zap.Logger) (udpnat.Config, error) {
 	acl, err := streamstate.NewACL(s.WhitelistCIDRs, s.BlacklistCIDRs)
 	if err != nil {
 		return udpnat.Config{}, err
@@ -264,7 +265,7 @@ func (a *App) natConfig(s *Stream, logger *zap.Logger) (udpnat.Config, error) {
 // one of their own: caddy.NewContext makes a metrics registry with Go and
 // process collectors, which nothing serves, on every reload and every API
 // edit.
-func (a *App) buildChain(s *Stream) (chain layer4.Handler, release func(), err error) {
+func (a *App) buildChain(s *spec.Stream) (chain layer4.Handler, release func(), err error) {
 	guard := &l4aegisguard.Handler{
 		StreamID:          s.ID,
 		StreamName:        s.DisplayName(),

@@ -21,7 +21,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	proxyproto "github.com/pires/go-proxyproto"
 
-	"github.com/aegis-proxy/caddy-aegis/modules/streams"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 
 	"github.com/aegis-proxy/caddy-aegis/internal/loopback"
 )
@@ -446,14 +446,14 @@ func TestHealthChecks(t *testing.T) {
 		host(2, p2, other.Port, nil),
 	))
 
-	st := inst.waitStats(1, "healthy", func(s streams.Status) bool { return s.HealthStatus == "healthy" })
+	st := inst.waitStats(1, "healthy", func(s spec.Status) bool { return s.HealthStatus == "healthy" })
 	if st.Healthy == nil || !*st.Healthy || st.LastHealthCheck == nil || st.LastHealthCheck.IsZero() || st.LastHealthError != "" {
 		t.Fatalf("healthy upstream: %+v", st)
 	}
 	firstCheck := *st.LastHealthCheck
 
 	up.Close(10 * time.Second)
-	st = inst.waitStats(1, "unhealthy", func(s streams.Status) bool { return s.HealthStatus == "unhealthy" })
+	st = inst.waitStats(1, "unhealthy", func(s spec.Status) bool { return s.HealthStatus == "unhealthy" })
 	if st.Healthy == nil || *st.Healthy || st.LastHealthError == "" || st.LastHealthCheck == nil || !st.LastHealthCheck.After(firstCheck.Time) {
 		t.Fatalf("upstream down: %+v", st)
 	}
@@ -476,7 +476,7 @@ func TestHealthChecks(t *testing.T) {
 		}
 	}()
 	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	st = inst.waitStats(1, "healthy again", func(s streams.Status) bool { return s.HealthStatus == "healthy" })
+	st = inst.waitStats(1, "healthy again", func(s spec.Status) bool { return s.HealthStatus == "healthy" })
 	if st.Healthy == nil || !*st.Healthy || st.LastHealthError != "" {
 		t.Fatalf("upstream back: %+v", st)
 	}
@@ -515,7 +515,7 @@ func TestReloadKeepsConnection(t *testing.T) {
 	if got := roundTrip(t, old, "after the reload"); got != "after the reload" {
 		t.Fatalf("old connection after the reload: %q", got)
 	}
-	st := inst.waitStats(1, "the old connection counted", func(s streams.Status) bool { return s.ActiveConnections == 1 })
+	st := inst.waitStats(1, "the old connection counted", func(s spec.Status) bool { return s.ActiveConnections == 1 })
 	if st.Name != "renamed" || !st.Listening {
 		t.Fatalf("stream 1 after the reload: %+v", st)
 	}
@@ -523,12 +523,12 @@ func TestReloadKeepsConnection(t *testing.T) {
 	if got := roundTrip(t, fresh, "new one"); got != "new one" {
 		t.Fatalf("new connection after the reload: %q", got)
 	}
-	inst.waitStats(1, "old and new connections counted", func(s streams.Status) bool { return s.ActiveConnections == 2 })
+	inst.waitStats(1, "old and new connections counted", func(s spec.Status) bool { return s.ActiveConnections == 2 })
 	if got := roundTrip(t, dial(t, p2), "stream 2"); got != "stream 2" {
 		t.Fatalf("added stream: %q", got)
 	}
 	fresh.Close()
-	inst.waitStats(1, "only the old connection", func(s streams.Status) bool { return s.ActiveConnections == 1 })
+	inst.waitStats(1, "only the old connection", func(s spec.Status) bool { return s.ActiveConnections == 1 })
 
 	// Remove stream 1: the connection gets the grace period (300ms), then
 	// is closed.
@@ -667,7 +667,7 @@ func TestInvalidConfigChangesNothing(t *testing.T) {
 	c2 := dial(t, p1)
 	roundTrip(t, c2, "second")
 	c2.Close()
-	before := inst.waitStats(1, "2 connections counted", func(s streams.Status) bool {
+	before := inst.waitStats(1, "2 connections counted", func(s spec.Status) bool {
 		return s.TotalConnections == 2 && s.ActiveConnections == 1
 	})
 
@@ -832,8 +832,8 @@ func TestCountersMoveDuringTransfer(t *testing.T) {
 		t.Error("bytes_received never moved during the download: want it strictly between 0 and the total at least once")
 	}
 	down.Close()
-	inst.waitStats(1, "bytes_sent = total", func(s streams.Status) bool { return s.BytesSent == total && s.ActiveConnections == 0 })
-	inst.waitStats(2, "bytes_received = total", func(s streams.Status) bool { return s.BytesReceived == total && s.ActiveConnections == 0 })
+	inst.waitStats(1, "bytes_sent = total", func(s spec.Status) bool { return s.BytesSent == total && s.ActiveConnections == 0 })
+	inst.waitStats(2, "bytes_received = total", func(s spec.Status) bool { return s.BytesReceived == total && s.ActiveConnections == 0 })
 	if st := inst.stats(); st[1].BytesSent != total || st[2].BytesReceived != total {
 		t.Fatalf("at the end: bytes_sent %d, bytes_received %d, want %d", st[1].BytesSent, st[2].BytesReceived, total)
 	}

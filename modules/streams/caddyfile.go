@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
+	"reflect"
 	"strconv"
 	"strings"
 
@@ -11,6 +12,8 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
 func init() {
@@ -185,7 +188,7 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 
 // unmarshalHost parses one `host <id> [<name>] { ... }`, the cursor on
 // `host`. ids are the host ids already taken.
-func unmarshalHost(d *caddyfile.Dispenser, ids map[int64]bool) (*Stream, error) {
+func unmarshalHost(d *caddyfile.Dispenser, ids map[int64]bool) (*spec.Stream, error) {
 	args := d.RemainingArgs()
 	if len(args) < 1 || len(args) > 2 {
 		return nil, d.Errf("host: want <id> [<name>], got %d arguments", len(args))
@@ -197,7 +200,7 @@ func unmarshalHost(d *caddyfile.Dispenser, ids map[int64]bool) (*Stream, error) 
 	if ids[id] {
 		return nil, d.Errf("host %d: duplicate id; every host needs its own id", id)
 	}
-	s := &Stream{ID: id, Enabled: true}
+	s := &spec.Stream{ID: id, Enabled: true}
 	where := "host " + args[0]
 	fields := hostFields(s)
 
@@ -275,6 +278,8 @@ func unmarshalHost(d *caddyfile.Dispenser, ids map[int64]bool) (*Stream, error) 
 				err = int64Arg(d, where, p)
 			case *bool:
 				err = boolArg(d, where, p)
+			default:
+				err = d.Errf("%s: option '%s' has no Caddyfile form; set it in JSON", where, opt)
 			}
 			if err != nil {
 				return nil, err
@@ -288,32 +293,21 @@ func unmarshalHost(d *caddyfile.Dispenser, ids map[int64]bool) (*Stream, error) 
 }
 
 // hostFields maps the host options that set one field, named as the
-// field's JSON name, to that field of s.
-func hostFields(s *Stream) map[string]any {
-	return map[string]any{
-		"name":                          &s.Name,
-		"protocol":                      &s.Protocol,
-		"listen_address":                &s.ListenAddress,
-		"listen_port":                   &s.ListenPort,
-		"upstream_host":                 &s.UpstreamHost,
-		"upstream_port":                 &s.UpstreamPort,
-		"enabled":                       &s.Enabled,
-		"max_connections":               &s.MaxConnections,
-		"connection_timeout_seconds":    &s.ConnectionTimeoutSeconds,
-		"idle_timeout_seconds":          &s.IdleTimeoutSeconds,
-		"half_close":                    &s.HalfClose,
-		"proxy_protocol_version":        &s.ProxyProtocolVersion,
-		"ssl_enabled":                   &s.SSLEnabled,
-		"ssl_cert_id":                   &s.SSLCertID,
-		"ssl_cert_tag":                  &s.SSLCertTag,
-		"ssl_domain":                    &s.SSLDomain,
-		"upload_rate_bytes":             &s.UploadRateBytes,
-		"download_rate_bytes":           &s.DownloadRateBytes,
-		"health_check_enabled":          &s.HealthCheckEnabled,
-		"health_check_interval_seconds": &s.HealthCheckIntervalSeconds,
-		"log_connections":               &s.LogConnections,
-		"notes":                         &s.Notes,
+// field's JSON name, to that field of s: every setting of spec.Stream but
+// the id (the host's argument) and the lists (options that append), so a
+// new setting of a type below needs no change here.
+func hostFields(s *spec.Stream) map[string]any {
+	out := map[string]any{}
+	v := reflect.ValueOf(s).Elem()
+	for i := range v.NumField() {
+		name, _, _ := strings.Cut(v.Type().Field(i).Tag.Get("json"), ",")
+		switch name {
+		case "", "-", "id", "whitelist_cidrs", "blacklist_cidrs":
+			continue
+		}
+		out[name] = v.Field(i).Addr().Interface()
 	}
+	return out
 }
 
 // oneArg returns the one argument of the current option.

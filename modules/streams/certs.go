@@ -15,39 +15,16 @@ import (
 	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
 	"github.com/aegis-proxy/caddy-aegis/modules/certs"
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegistls"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 	"github.com/aegis-proxy/caddy-aegis/storage"
 )
 
-// ErrInUse: the certificate is used by streams (the error names them).
-var ErrInUse = errors.New("in use")
-
-// CertInput is a certificate as the API takes it: a custom certificate's
-// PEM chain and private key, or, for a certificate that Caddy obtains and
-// renews (managed), its domain names. The private key is never returned.
-type CertInput struct {
-	Name        string   `json:"name"`
-	Certificate string   `json:"certificate,omitempty"`
-	PrivateKey  string   `json:"private_key,omitempty"`
-	Domains     []string `json:"domains,omitempty"`
-}
-
-// CertStatus is a stored certificate, without its private key, with the
-// streams that use it.
-type CertStatus struct {
-	storage.Certificate
-	// UsedBy are the ids of the streams whose ssl_cert_id it is.
-	UsedBy []int64 `json:"used_by"`
-	// Warnings about the certificate (e.g. it expires within 30 days),
-	// on create and update.
-	Warnings []string `json:"warnings,omitempty"`
-}
-
 // certStatus describes c. The caller holds a.mu.
-func (a *App) certStatus(c storage.Certificate) CertStatus {
-	if src, ok := a.certs[c.ID].(*l4aegistls.CaddyCert); ok && c.Source == storage.SourceManaged {
+func (a *App) certStatus(c spec.Certificate) spec.CertStatus {
+	if src, ok := a.certs[c.ID].(*l4aegistls.CaddyCert); ok && c.Source == spec.SourceManaged {
 		fillFromCache(&c, src)
 	}
-	cs := CertStatus{Certificate: c, UsedBy: []int64{}}
+	cs := spec.CertStatus{Certificate: c, UsedBy: []int64{}}
 	for _, rt := range a.streams {
 		if rt.cfg.SSLCertID == c.ID {
 			cs.UsedBy = append(cs.UsedBy, rt.cfg.ID)
@@ -65,10 +42,10 @@ func (a *App) storage() *sharedStore {
 }
 
 // Certificates lists the stored certificates.
-func (a *App) Certificates(ctx context.Context) ([]CertStatus, error) {
+func (a *App) Certificates(ctx context.Context) ([]spec.CertStatus, error) {
 	store := a.storage()
 	if store == nil {
-		return nil, ErrNoStorage
+		return nil, spec.ErrNoStorage
 	}
 	list, err := store.db.ListCertificates(ctx)
 	if err != nil {
@@ -76,7 +53,7 @@ func (a *App) Certificates(ctx context.Context) ([]CertStatus, error) {
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	out := make([]CertStatus, 0, len(list))
+	out := make([]spec.CertStatus, 0, len(list))
 	for _, c := range list {
 		out = append(out, a.certStatus(c))
 	}
@@ -84,14 +61,14 @@ func (a *App) Certificates(ctx context.Context) ([]CertStatus, error) {
 }
 
 // Certificate returns stored certificate id, or ErrNotFound.
-func (a *App) Certificate(ctx context.Context, id int64) (CertStatus, error) {
+func (a *App) Certificate(ctx context.Context, id int64) (spec.CertStatus, error) {
 	store := a.storage()
 	if store == nil {
-		return CertStatus{}, ErrNoStorage
+		return spec.CertStatus{}, spec.ErrNoStorage
 	}
 	c, err := store.db.GetCertificate(ctx, id)
 	if err != nil {
-		return CertStatus{}, storeError(err)
+		return spec.CertStatus{}, storeError(err)
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -100,27 +77,27 @@ func (a *App) Certificate(ctx context.Context, id int64) (CertStatus, error) {
 
 // parseCertInput validates an upload and returns the certificate to store,
 // its key pair (nil for a managed certificate) and warnings.
-func parseCertInput(in CertInput) (storage.Certificate, *certs.Parsed, []string, error) {
+func parseCertInput(in spec.CertInput) (spec.Certificate, *certs.Parsed, []string, error) {
 	if in.Name == "" {
-		return storage.Certificate{}, nil, nil, &certs.FieldError{Field: "name", Reason: "required: a name for the certificate"}
+		return spec.Certificate{}, nil, nil, &certs.FieldError{Field: "name", Reason: "required: a name for the certificate"}
 	}
 	if len(in.Domains) > 0 {
 		if in.Certificate != "" || in.PrivateKey != "" {
-			return storage.Certificate{}, nil, nil, &certs.FieldError{Field: "domains",
+			return spec.Certificate{}, nil, nil, &certs.FieldError{Field: "domains",
 				Reason: "give either domains (Caddy obtains the certificate) or certificate and private_key (an upload), not both"}
 		}
 		domains, err := certs.NormalizeDomains(in.Domains)
 		if err != nil {
-			return storage.Certificate{}, nil, nil, err
+			return spec.Certificate{}, nil, nil, err
 		}
-		return storage.Certificate{Name: in.Name, Source: storage.SourceManaged, Domains: domains}, nil, nil, nil
+		return spec.Certificate{Name: in.Name, Source: spec.SourceManaged, Domains: domains}, nil, nil, nil
 	}
 	p, warnings, err := certs.ParseCustom(in.Certificate, in.PrivateKey, time.Now())
 	if err != nil {
-		return storage.Certificate{}, nil, nil, err
+		return spec.Certificate{}, nil, nil, err
 	}
-	c := storage.Certificate{
-		Name: in.Name, Source: storage.SourceCustom, Domains: p.Domains, Issuer: p.Issuer,
+	c := spec.Certificate{
+		Name: in.Name, Source: spec.SourceCustom, Domains: p.Domains, Issuer: p.Issuer,
 		NotBefore: jsontime.Of(p.NotBefore), NotAfter: jsontime.Of(p.NotAfter), CertificatePEM: p.ChainPEM,
 	}
 	return c, p, warnings, nil
@@ -128,18 +105,18 @@ func parseCertInput(in CertInput) (storage.Certificate, *certs.Parsed, []string,
 
 // CreateCertificate validates and stores an uploaded certificate and makes
 // it available to streams at once.
-func CreateCertificate(ctx context.Context, in CertInput) (CertStatus, error) {
-	var out CertStatus
+func CreateCertificate(ctx context.Context, in spec.CertInput) (spec.CertStatus, error) {
+	var out spec.CertStatus
 	err := manage(func(a *App) error {
 		if a.store == nil {
-			return ErrNoStorage
+			return spec.ErrNoStorage
 		}
 		c, p, warnings, err := parseCertInput(in)
 		if err != nil {
 			return err
 		}
 		var published int64
-		stored, err := a.store.db.CreateCertificate(ctx, c, keyOf(p), func(c storage.Certificate) error {
+		stored, err := a.store.db.CreateCertificate(ctx, c, keyOf(p), func(c spec.Certificate) error {
 			published = c.ID
 			return a.publish(c, p)
 		})
@@ -159,11 +136,11 @@ func CreateCertificate(ctx context.Context, in CertInput) (CertStatus, error) {
 
 // UpdateCertificate replaces certificate id with a new upload. New
 // handshakes use it at once; open connections keep their sessions.
-func UpdateCertificate(ctx context.Context, id int64, in CertInput) (CertStatus, error) {
-	var out CertStatus
+func UpdateCertificate(ctx context.Context, id int64, in spec.CertInput) (spec.CertStatus, error) {
+	var out spec.CertStatus
 	err := manage(func(a *App) error {
 		if a.store == nil {
-			return ErrNoStorage
+			return spec.ErrNoStorage
 		}
 		c, p, warnings, err := parseCertInput(in)
 		if err != nil {
@@ -171,7 +148,7 @@ func UpdateCertificate(ctx context.Context, id int64, in CertInput) (CertStatus,
 		}
 		c.ID = id
 		undo := a.snapshotCert(id)
-		stored, err := a.store.db.UpdateCertificate(ctx, c, keyOf(p), func(_, c storage.Certificate) error {
+		stored, err := a.store.db.UpdateCertificate(ctx, c, keyOf(p), func(_, c spec.Certificate) error {
 			return a.publish(c, p)
 		})
 		if err != nil {
@@ -191,7 +168,7 @@ func UpdateCertificate(ctx context.Context, id int64, in CertInput) (CertStatus,
 func DeleteCertificate(ctx context.Context, id int64) error {
 	return manage(func(a *App) error {
 		if a.store == nil {
-			return ErrNoStorage
+			return spec.ErrNoStorage
 		}
 		// Every stream counts, the config's and the stored ones; the store
 		// checks its own hosts again inside the transaction.
@@ -206,7 +183,7 @@ func DeleteCertificate(ctx context.Context, id int64) error {
 			if _, err := a.store.db.GetCertificate(ctx, id); err != nil {
 				return storeError(err)
 			}
-			return fmt.Errorf("%w: %w", inUse, ErrInUse)
+			return fmt.Errorf("%w: %w", inUse, spec.ErrInUse)
 		}
 		err := a.store.db.DeleteCertificate(ctx, id, nil)
 		if err != nil {
@@ -275,7 +252,7 @@ func (a *App) registerCerts(theirs []int64) {
 
 // certRow is what identifies the content of stored certificate c: a
 // change of its chain (and so of its key) or domains changes it.
-func certRow(c storage.Certificate) string {
+func certRow(c spec.Certificate) string {
 	return c.Source + "\n" + strings.Join(c.Domains, ",") + "\n" + c.CertificatePEM
 }
 
@@ -309,7 +286,7 @@ func (a *App) syncCerts(ctx context.Context) {
 // the managed ones) and checks that the certificate of each TLS stream
 // exists. Handshakes get them when the app starts.
 func (a *App) loadCertificates(ctx context.Context) error {
-	var stored []storage.Certificate
+	var stored []spec.Certificate
 	if a.store != nil {
 		var err error
 		if stored, err = a.store.db.ListCertificates(ctx); err != nil {
@@ -337,7 +314,7 @@ func (a *App) loadCertificates(ctx context.Context) error {
 				if s.SSLDomain != "" {
 					field = "ssl_domain"
 				}
-				errs = append(errs, &FieldError{ID: s.ID, Name: s.Name, Field: field, Value: fmt.Sprintf("%q", s.SSLCertTag+s.SSLDomain), Reason: err.Error()})
+				errs = append(errs, &spec.FieldError{ID: s.ID, Name: s.Name, Field: field, Value: s.SSLCertTag + s.SSLDomain, Reason: err.Error()})
 			}
 			continue
 		}
@@ -346,7 +323,7 @@ func (a *App) loadCertificates(ctx context.Context) error {
 			err = errNoCert(a.store != nil)
 		}
 		if err != nil {
-			errs = append(errs, &FieldError{ID: s.ID, Name: s.Name, Field: "ssl_cert_id", Value: fmt.Sprint(s.SSLCertID), Reason: err.Error()})
+			errs = append(errs, &spec.FieldError{ID: s.ID, Name: s.Name, Field: "ssl_cert_id", Value: s.SSLCertID, Reason: err.Error()})
 		}
 	}
 	return errors.Join(errs...)
@@ -360,8 +337,8 @@ func errNoCert(storageOn bool) error {
 }
 
 // publishStored publishes stored certificate c, with its key when custom.
-func (a *App) publishStored(ctx context.Context, c storage.Certificate) error {
-	if c.Source == storage.SourceManaged {
+func (a *App) publishStored(ctx context.Context, c spec.Certificate) error {
+	if c.Source == spec.SourceManaged {
 		return a.publish(c, nil)
 	}
 	key, err := a.store.db.CertificateKey(ctx, c.ID)
@@ -396,8 +373,8 @@ func (a *App) checkCert(ctx context.Context, id int64) error {
 // publish makes certificate c available to handshakes: a custom one from
 // its parsed key pair p, a managed one from Caddy's certificate cache,
 // after asking Caddy's TLS app to obtain and renew it.
-func (a *App) publish(c storage.Certificate, p *certs.Parsed) error {
-	if c.Source != storage.SourceManaged {
+func (a *App) publish(c spec.Certificate, p *certs.Parsed) error {
+	if c.Source != spec.SourceManaged {
 		a.setCert(c.ID, l4aegistls.NewStaticCert(&p.Certificate))
 		a.certRows[c.ID] = certRow(c)
 		return nil
@@ -424,7 +401,7 @@ func (a *App) publish(c storage.Certificate, p *certs.Parsed) error {
 // certID is the certificate registry id a TLS stream serves: its
 // ssl_cert_id, or for a certificate named by Caddy tag or domain (config
 // streams only) an id of its own, above any stored one.
-func certID(s *Stream) int64 {
+func certID(s *spec.Stream) int64 {
 	if s.SSLCertTag != "" || s.SSLDomain != "" {
 		return 1<<48 + s.ID
 	}
@@ -433,7 +410,7 @@ func certID(s *Stream) int64 {
 
 // usesCaddyCerts reports whether a stream names a certificate by Caddy tag
 // or domain.
-func usesCaddyCerts(hosts []*Stream) bool {
+func usesCaddyCerts(hosts []*spec.Stream) bool {
 	for _, s := range hosts {
 		if s != nil && s.SSLEnabled && (s.SSLCertTag != "" || s.SSLDomain != "") {
 			return true
@@ -445,7 +422,7 @@ func usesCaddyCerts(hosts []*Stream) bool {
 // publishConfigCert publishes the certificate a config stream names by
 // Caddy tag (loaded by the tls app's certificate loaders) or by a domain
 // (which the tls app is asked to manage).
-func (a *App) publishConfigCert(s *Stream) error {
+func (a *App) publishConfigCert(s *spec.Stream) error {
 	if a.tlsApp == nil {
 		return errors.New("Caddy's tls app is not loaded")
 	}
@@ -517,7 +494,7 @@ func keyOf(p *certs.Parsed) []byte {
 
 // fillFromCache fills in the issuer and validity of a managed certificate
 // from the one last served for it, once a handshake has used it.
-func fillFromCache(c *storage.Certificate, src *l4aegistls.CaddyCert) {
+func fillFromCache(c *spec.Certificate, src *l4aegistls.CaddyCert) {
 	cert := src.Last()
 	if cert == nil {
 		return

@@ -11,6 +11,7 @@ import (
 
 	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
 	"github.com/aegis-proxy/caddy-aegis/modules/streams"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
 // Reading the certificates of an app while a reload cleans it up is no
@@ -28,14 +29,14 @@ func TestCertificatesDuringCleanup(t *testing.T) {
 	var wg sync.WaitGroup
 	wg.Go(func() {
 		for {
-			if _, err := old.Certificate(ctx, 999); errors.Is(err, streams.ErrNoStorage) {
+			if _, err := old.Certificate(ctx, 999); errors.Is(err, spec.ErrNoStorage) {
 				return
 			}
 		}
 	})
 	wg.Go(func() {
 		for {
-			if _, err := old.Certificates(ctx); errors.Is(err, streams.ErrNoStorage) {
+			if _, err := old.Certificates(ctx); errors.Is(err, spec.ErrNoStorage) {
 				return
 			}
 		}
@@ -66,7 +67,7 @@ func TestFailedReloadKeepsCertificates(t *testing.T) {
 	}
 	tlsStream := func(port int, chain, key string) {
 		t.Helper()
-		cert, err := streams.CreateCertificate(ctx, streams.CertInput{Name: "db", Certificate: chain, PrivateKey: key})
+		cert, err := streams.CreateCertificate(ctx, spec.CertInput{Name: "db", Certificate: chain, PrivateKey: key})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
 // Building a stream's handler chain (every reload, every API edit) costs
@@ -69,7 +70,7 @@ func (l *failingListener) Close() error { close(l.closed); return nil }
 // the app's lock.
 func TestCloseDuringAcceptBackoff(t *testing.T) {
 	ln := &failingListener{closed: make(chan struct{})}
-	rt := &runtime{cfg: &Stream{ID: 1, ListenAddress: "127.0.0.1", ListenPort: 1}, ln: ln,
+	rt := &runtime{cfg: &spec.Stream{ID: 1, ListenAddress: "127.0.0.1", ListenPort: 1}, ln: ln,
 		state: streamstate.New(1), logger: zap.NewNop()}
 	defer rt.state.Destruct()
 	rt.state.ListenerUp(streamstate.TCP)

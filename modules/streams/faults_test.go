@@ -27,7 +27,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 
 	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
-	"github.com/aegis-proxy/caddy-aegis/modules/streams"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
 // fdTable returns this process's open file descriptors, number → target.
@@ -264,7 +264,7 @@ func TestFaultUpstreamRefuses(t *testing.T) {
 		t.Error(err)
 	}
 	took := time.Since(start)
-	st := inst.waitStats(1, "no active connection", func(s streams.Status) bool { return s.ActiveConnections == 0 })
+	st := inst.waitStats(1, "no active connection", func(s spec.Status) bool { return s.ActiveConnections == 0 })
 	entries := inst.waitLogs(1, n, 10*time.Second)
 	stop()
 	if r := reasons(entries); len(entries) != n || r["dial_failed"] != n {
@@ -346,7 +346,7 @@ func TestFaultUpstreamResetsMidStream(t *testing.T) {
 	for err := range errs {
 		t.Error(err)
 	}
-	inst.waitStats(1, "no active connection", func(s streams.Status) bool { return s.ActiveConnections == 0 })
+	inst.waitStats(1, "no active connection", func(s spec.Status) bool { return s.ActiveConnections == 0 })
 	entries := inst.waitLogs(1, 2*perCase, 10*time.Second)
 	stop()
 	if r := reasons(entries); r["upstream_error"] != 2*perCase {
@@ -407,7 +407,7 @@ func TestFaultUpstreamNeverReads(t *testing.T) {
 	for err := range errs {
 		t.Error(err)
 	}
-	inst.waitStats(1, "no active connection", func(s streams.Status) bool { return s.ActiveConnections == 0 })
+	inst.waitStats(1, "no active connection", func(s spec.Status) bool { return s.ActiveConnections == 0 })
 	entries := inst.waitLogs(1, n, 10*time.Second)
 	stop()
 	if r := reasons(entries); r["idle_timeout"] != n {
@@ -487,7 +487,7 @@ func TestFaultUpstreamSlow(t *testing.T) {
 	for err := range errs {
 		t.Error(err)
 	}
-	inst.waitStats(1, "no active connection", func(s streams.Status) bool { return s.ActiveConnections == 0 })
+	inst.waitStats(1, "no active connection", func(s spec.Status) bool { return s.ActiveConnections == 0 })
 	entries := inst.waitLogs(1, n, 10*time.Second)
 	stop()
 	for _, e := range entries {
@@ -543,7 +543,7 @@ func TestFaultUpstreamDisappearsWith1000Open(t *testing.T) {
 	if len(errs) > 0 {
 		t.Fatalf("opening %d connections: %d failed, first: %v", n, len(errs), <-errs)
 	}
-	inst.waitStats(1, fmt.Sprintf("%d active", n), func(s streams.Status) bool { return s.ActiveConnections == n })
+	inst.waitStats(1, fmt.Sprintf("%d active", n), func(s spec.Status) bool { return s.ActiveConnections == n })
 
 	// The upstream process disappears. Each client reads until its
 	// connection ends, then closes it, as a client does.
@@ -569,7 +569,7 @@ func TestFaultUpstreamDisappearsWith1000Open(t *testing.T) {
 	for err := range errs {
 		t.Error(err)
 	}
-	inst.waitStats(1, "no active connection", func(s streams.Status) bool { return s.ActiveConnections == 0 })
+	inst.waitStats(1, "no active connection", func(s spec.Status) bool { return s.ActiveConnections == 0 })
 	entries := inst.waitLogs(1, n, 15*time.Second)
 	stop()
 	r := reasons(entries)

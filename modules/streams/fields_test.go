@@ -5,57 +5,12 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
-	"reflect"
-	"slices"
 	"strings"
 	"testing"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/streams"
 )
 
-func TestSuggest(t *testing.T) {
-	known := slices.Sorted(func(yield func(string) bool) {
-		for k := range streams.JSONFields(reflect.TypeFor[streams.Stream]()) {
-			if !yield(k) {
-				return
-			}
-		}
-	})
-	for _, c := range []struct {
-		name string
-		want []string
-	}{
-		{"whitelist_cidr", []string{"whitelist_cidrs"}},
-		{"Whitelist_CIDRs", []string{"whitelist_cidrs"}},
-		{"blacklistCidrs", []string{"blacklist_cidrs"}},
-		{"upload-rate-bytes", []string{"upload_rate_bytes"}},
-		{"enable", []string{"enabled"}},
-		{"nmae", []string{"name"}},
-		{"upload_rate", []string{"upload_rate_bytes"}},
-		{"listen", []string{"listen_address", "listen_port"}},
-		{"max_connections_per_ip", []string{"max_connections"}},
-		{"bogus_field", nil},
-		{"x", nil},
-		{"ssl", nil},
-	} {
-		if got := streams.Suggest(c.name, known); !slices.Equal(got, c.want) {
-			t.Errorf("Suggest(%q) = %q, want %q", c.name, got, c.want)
-		}
-	}
-	if got, want := streams.UnknownFields([]string{"whitelist_cidr"}, known), `unknown field "whitelist_cidr"; did you mean whitelist_cidrs?`; got != want {
-		t.Errorf("one near miss:\n got %s\nwant %s", got, want)
-	}
-	if got := streams.UnknownFields([]string{"bogus_field"}, known); !strings.HasPrefix(got, `unknown field "bogus_field"; the fields are: blacklist_cidrs, connection_timeout_seconds,`) {
-		t.Errorf("a field like none: %s", got)
-	}
-	if got := streams.UnknownFields([]string{"nmae", "bogus"}, known); !strings.HasPrefix(got, `unknown fields "nmae" (did you mean name?), "bogus"; the fields are: blacklist_cidrs,`) {
-		t.Errorf("two: %s", got)
-	}
-}
-
-// The app's JSON config refuses a key that is not a setting, in a host
-// (naming it), in storage and at the top, every one in one error; a
-// config without one decodes as before.
 func TestConfigRefusesUnknownFields(t *testing.T) {
 	good := `{"grace_period": "1s", "storage": {"path": "x.db", "log_retention": 5},
 		"hosts": [{"id": 3, "name": "dns", "listen_port": 53, "upstream_host": "h", "upstream_port": 53, "whitelist_cidrs": ["10.0.0.0/8"]}]}`

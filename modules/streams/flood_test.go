@@ -28,6 +28,7 @@ import (
 	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegistls"
 	"github.com/aegis-proxy/caddy-aegis/modules/streams"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
 // usage is what this process (the proxy) holds at one moment.
@@ -119,7 +120,7 @@ func TestFloodTCP8000(t *testing.T) {
 		t.Fatalf("opening %d connections through the proxy: %s opened, %s failed, first: %s", n, f[0], f[1], strings.Join(f[4:], " "))
 	}
 	openMS, _ := strconv.Atoi(f[2])
-	st := inst.waitStats(1, fmt.Sprintf("%d active", n), func(s streams.Status) bool { return s.ActiveConnections == n })
+	st := inst.waitStats(1, fmt.Sprintf("%d active", n), func(s spec.Status) bool { return s.ActiveConnections == n })
 	held := measure(t)
 	// All of them relay while all are open.
 	child.send("echo")
@@ -264,7 +265,7 @@ func TestFloodUDPSpoofedSources(t *testing.T) {
 			t.Fatalf("client %d before the flood: got %q", i, got)
 		}
 	}
-	inst.waitStats(1, fmt.Sprintf("%d entries", probes), func(s streams.Status) bool { return s.ActiveConnections == probes })
+	inst.waitStats(1, fmt.Sprintf("%d entries", probes), func(s spec.Status) bool { return s.ActiveConnections == probes })
 	base := measure(t)
 	sock := openUDPSocketInfo(t, port)
 	_, dropsBefore := sock.queue()
@@ -497,7 +498,7 @@ func TestFloodSlowTLSHandshakes(t *testing.T) {
 	ca := newTestCA(t)
 	chain, key := ca.leaf(t, "flood.test", 77)
 	ctx := context.Background()
-	cert, err := streams.CreateCertificate(ctx, streams.CertInput{Name: "flood", Certificate: chain, PrivateKey: key})
+	cert, err := streams.CreateCertificate(ctx, spec.CertInput{Name: "flood", Certificate: chain, PrivateKey: key})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -636,7 +637,7 @@ func TestFloodSlowTLSHandshakes(t *testing.T) {
 	if st.InProgress != 0 || st.Failed != maxHS || st.Rejected != 1 || st.Succeeded != 1 {
 		t.Fatalf("handshake stats after the attack: %+v, want %d failed, 1 rejected, 1 succeeded", st, maxHS)
 	}
-	inst.waitStats(2, "no active connection", func(s streams.Status) bool { return s.ActiveConnections == 0 })
+	inst.waitStats(2, "no active connection", func(s spec.Status) bool { return s.ActiveConnections == 0 })
 	entries := inst.waitLogs(2, maxHS+2, 10*time.Second)
 	if r := reasons(entries); r["tls_handshake_failed"] != maxHS+1 || r["client_close"] != 1 {
 		t.Fatalf("connection log of the TLS stream: reasons %v, want %d tls_handshake_failed and 1 client_close", r, maxHS+1)

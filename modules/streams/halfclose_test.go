@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/streams"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
 // relayPath is a stream whose connections take one of the relay's paths.
@@ -46,7 +47,7 @@ func startRelayPaths(t *testing.T, upPort int, extra map[string]any) (*instance,
 
 	ca := newTestCA(t)
 	chain, key := ca.leaf(t, "halfclose.test", 7)
-	cert, err := streams.CreateCertificate(context.Background(), streams.CertInput{Name: "hc", Certificate: chain, PrivateKey: key})
+	cert, err := streams.CreateCertificate(context.Background(), spec.CertInput{Name: "hc", Certificate: chain, PrivateKey: key})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -106,7 +107,7 @@ func TestReconnectAtOnceFindsTheSlotFree(t *testing.T) {
 			if refused > 0 {
 				t.Fatalf("%d of %d immediate reconnects refused at max_connections 1; want 0", refused, cycles)
 			}
-			inst.waitStats(p.id, "no active connection", func(s streams.Status) bool { return s.ActiveConnections == 0 })
+			inst.waitStats(p.id, "no active connection", func(s spec.Status) bool { return s.ActiveConnections == 0 })
 			e := inst.waitLog(p.id, "upstream_close", func(e logEntry) bool { return e.Action == "allowed" })
 			if e.DisconnectReason != "upstream_close" {
 				t.Fatalf("log entry %+v: want disconnect_reason upstream_close", e)
@@ -173,7 +174,7 @@ func TestEndClosesBothSides(t *testing.T) {
 						} else {
 							// The whole payload is on its way to the client,
 							// unread, when the client ends.
-							inst.waitStats(p.id, "the payload relayed", func(s streams.Status) bool {
+							inst.waitStats(p.id, "the payload relayed", func(s spec.Status) bool {
 								return s.BytesReceived == uint64(len(payload))
 							})
 						}
@@ -194,7 +195,7 @@ func TestEndClosesBothSides(t *testing.T) {
 					if got = append(got, rest...); !bytes.Equal(got, payload) {
 						t.Fatalf("client read %d bytes, want the %d of the payload", len(got), len(payload))
 					}
-					inst.waitStats(p.id, "no active connection", func(s streams.Status) bool { return s.ActiveConnections == 0 })
+					inst.waitStats(p.id, "no active connection", func(s spec.Status) bool { return s.ActiveConnections == 0 })
 					e := inst.waitLog(p.id, "the connection's end", func(e logEntry) bool { return e.Action == "allowed" })
 					if want := first + "_close"; e.DisconnectReason != want {
 						t.Fatalf("log entry %+v: want disconnect_reason %s", e, want)

@@ -11,11 +11,11 @@ import (
 
 	"github.com/aegis-proxy/caddy-aegis/internal/loopback"
 	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 
 	_ "github.com/aegis-proxy/caddy-aegis/admin"
 	_ "github.com/aegis-proxy/caddy-aegis/modules/l4aegisguard"
 	_ "github.com/aegis-proxy/caddy-aegis/modules/l4aegisproxy"
-	"github.com/aegis-proxy/caddy-aegis/modules/streams"
 )
 
 // instance is a Caddy config loaded in this test process with the admin
@@ -53,7 +53,7 @@ func (inst *instance) load(app map[string]any) error {
 }
 
 // stats reads /api/v1/streams/stats over HTTP.
-func (inst *instance) stats() map[int64]streams.Status {
+func (inst *instance) stats() map[int64]spec.Status {
 	inst.t.Helper()
 	resp, err := http.Get("http://" + inst.admin + "/api/v1/streams/stats")
 	if err != nil {
@@ -63,11 +63,11 @@ func (inst *instance) stats() map[int64]streams.Status {
 	if resp.StatusCode != http.StatusOK {
 		inst.t.Fatalf("GET stats: %s", resp.Status)
 	}
-	var list []streams.Status
+	var list []spec.Status
 	if err := json.NewDecoder(resp.Body).Decode(&list); err != nil {
 		inst.t.Fatal(err)
 	}
-	out := make(map[int64]streams.Status, len(list))
+	out := make(map[int64]spec.Status, len(list))
 	for _, s := range list {
 		out[s.ID] = s
 	}
@@ -75,9 +75,9 @@ func (inst *instance) stats() map[int64]streams.Status {
 }
 
 // waitStats polls the stats of stream id until cond holds.
-func (inst *instance) waitStats(id int64, what string, cond func(streams.Status) bool) streams.Status {
+func (inst *instance) waitStats(id int64, what string, cond func(spec.Status) bool) spec.Status {
 	inst.t.Helper()
-	var st streams.Status
+	var st spec.Status
 	if !testenv.Within(10*time.Second, func() bool { st = inst.stats()[id]; return cond(st) }) {
 		inst.t.Fatalf("stream %d: waited 10s for %s; stats: %+v", id, what, st)
 	}

@@ -14,6 +14,7 @@ import (
 
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegisproxy"
 	"github.com/aegis-proxy/caddy-aegis/modules/udpnat"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
 // bound counts the stream addresses that this process's stream listeners
@@ -25,13 +26,13 @@ var bound = struct {
 	m map[string]int
 }{m: map[string]int{}}
 
-func boundKey(network string, s *Stream) string { return network + "/" + s.ListenHostPort() }
+func boundKey(network string, s *spec.Stream) string { return network + "/" + s.ListenHostPort() }
 
 // listen binds the stream's TCP listener. A port that something else holds
 // (another program, or Caddy's own admin endpoint or HTTP servers, which
 // also use SO_REUSEPORT and would otherwise silently share it) is refused
 // with an error that names the stream, the port and the fix.
-func listen(ctx caddy.Context, s *Stream) (net.Listener, error) {
+func listen(ctx caddy.Context, s *spec.Stream) (net.Listener, error) {
 	// Accepted sockets inherit SO_KEEPALIVE from the listener, which spares
 	// Go's four setsockopt calls on each of them.
 	ln, err := bind(ctx, s, "tcp", net.ListenConfig{KeepAlive: -1, Control: l4aegisproxy.KeepAliveControl})
@@ -43,7 +44,7 @@ func listen(ctx caddy.Context, s *Stream) (net.Listener, error) {
 
 // listenUDP binds the stream's UDP socket, checked like listen. It returns
 // the socket to read and write, and Caddy's wrapper of it, to close.
-func listenUDP(ctx caddy.Context, s *Stream) (*net.UDPConn, net.PacketConn, error) {
+func listenUDP(ctx caddy.Context, s *spec.Stream) (*net.UDPConn, net.PacketConn, error) {
 	v, err := bind(ctx, s, "udp", net.ListenConfig{Control: udpnat.ListenControl})
 	if err != nil {
 		return nil, nil, err
@@ -62,7 +63,7 @@ func listenUDP(ctx caddy.Context, s *Stream) (*net.UDPConn, net.PacketConn, erro
 	return uc, pc, nil
 }
 
-func bind(ctx caddy.Context, s *Stream, network string, lc net.ListenConfig) (any, error) {
+func bind(ctx caddy.Context, s *spec.Stream, network string, lc net.ListenConfig) (any, error) {
 	key := boundKey(network, s)
 	bound.Lock()
 	defer bound.Unlock()
@@ -82,7 +83,7 @@ func bind(ctx caddy.Context, s *Stream, network string, lc net.ListenConfig) (an
 
 // probeBind checks that s's address can be bound for network now, unless a
 // stream listener of this process holds it.
-func probeBind(s *Stream, network string) error {
+func probeBind(s *spec.Stream, network string) error {
 	bound.Lock()
 	defer bound.Unlock()
 	if heldLocked(s, network) {
@@ -97,7 +98,7 @@ func probeBind(s *Stream, network string) error {
 // socket, and the listeners may overlap (they use SO_REUSEPORT) while the
 // old one closes. Conflicts between streams are validation's job. The
 // caller holds bound.
-func heldLocked(s *Stream, network string) bool {
+func heldLocked(s *spec.Stream, network string) bool {
 	want, ok := listenAddr(s)
 	if !ok {
 		return false
@@ -111,7 +112,7 @@ func heldLocked(s *Stream, network string) bool {
 		if err != nil || port != strconv.Itoa(s.ListenPort) {
 			continue
 		}
-		held, ok := listenAddr(&Stream{ListenAddress: host, ListenPort: s.ListenPort})
+		held, ok := listenAddr(&spec.Stream{ListenAddress: host, ListenPort: s.ListenPort})
 		if ok && addrsOverlap(want, held) {
 			return true
 		}
@@ -121,7 +122,7 @@ func heldLocked(s *Stream, network string) bool {
 
 // probeLocked binds s's address without SO_REUSEPORT and lets it go: it
 // fails if anyone holds the port. The caller holds bound.
-func probeLocked(s *Stream, network string) error {
+func probeLocked(s *spec.Stream, network string) error {
 	var probe io.Closer
 	var err error
 	if network == "udp" {
@@ -136,7 +137,7 @@ func probeLocked(s *Stream, network string) error {
 }
 
 // unbind forgets one listener of the stream's address.
-func unbind(s *Stream, network string) {
+func unbind(s *spec.Stream, network string) {
 	key := boundKey(network, s)
 	bound.Lock()
 	defer bound.Unlock()
@@ -145,7 +146,7 @@ func unbind(s *Stream, network string) {
 	}
 }
 
-func bindError(s *Stream, network string, err error) error {
+func bindError(s *spec.Stream, network string, err error) error {
 	what := "cannot listen"
 	hint := "check listen_address and listen_port"
 	switch {
@@ -163,6 +164,6 @@ func bindError(s *Stream, network string, err error) error {
 	if s.ListenAddress != "" {
 		where = strconv.Quote(s.ListenAddress)
 	}
-	return &FieldError{ID: s.ID, Name: s.Name, Field: "listen_port", Value: strconv.Itoa(s.ListenPort),
-		Reason: fmt.Sprintf("(%s) on %s: %s: %v; %s", network, where, what, err, hint), sep: " "}
+	return &spec.FieldError{ID: s.ID, Name: s.Name, Field: "listen_port", Value: s.ListenPort,
+		Reason: fmt.Sprintf("(%s) on %s: %s: %v; %s", network, where, what, err, hint), Inline: true}
 }

@@ -17,30 +17,8 @@ import (
 
 	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 	"github.com/aegis-proxy/caddy-aegis/storage"
-)
-
-// Errors of the management functions, for errors.Is. Validation problems
-// are *FieldError values, joined with errors.Join when there are several.
-var (
-	// ErrNotFound: no stream, or no open connection, has that id.
-	ErrNotFound = errors.New("not found")
-	// ErrReadOnly: the stream is declared in the Caddy config; change it
-	// there.
-	ErrReadOnly = errors.New("declared in the Caddy config")
-	// ErrConflict: the id is taken.
-	ErrConflict = errors.New("conflict")
-	// ErrNoStorage: storage is off, so streams cannot be created or
-	// changed at run time.
-	ErrNoStorage = errors.New("storage is off")
-	// ErrNotRunning: no streams app is running.
-	ErrNotRunning = errors.New("the streams app is not running")
-)
-
-// Sources of a stream host.
-const (
-	SourceConfig = "config"
-	SourceAPI    = "api"
 )
 
 // manageMu serializes the writes of the API with each other and with a
@@ -88,7 +66,7 @@ func manage(f func(a *App) error) error {
 	defer manageMu.Unlock()
 	a := current.Load()
 	if a == nil || a.stopped {
-		return ErrNotRunning
+		return spec.ErrNotRunning
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -105,33 +83,15 @@ func (a *App) find(id int64) *runtime {
 	return nil
 }
 
-// HostStatus is a stream host with where it comes from and its runtime
-// status.
-type HostStatus struct {
-	*Stream
-	// Source is "config" for hosts declared in the Caddy config, "api" for
-	// hosts created through the API.
-	Source string `json:"source"`
-	// CreatedAt and UpdatedAt are set for hosts created through the API.
-	CreatedAt *jsontime.Time `json:"created_at,omitempty"`
-	UpdatedAt *jsontime.Time `json:"updated_at,omitempty"`
-	// Version is the stream's version (the API's ETag), opaque. An API
-	// stream's changes on every write and never comes back, also across
-	// restarts: the number storage gave its last write. A config stream's
-	// is a hash of its settings. A write can require it (Precondition).
-	Version string `json:"version"`
-	Status  Status `json:"status"`
-}
-
 // setStored takes the times and version of rt's stored host h.
-func (rt *runtime) setStored(h storage.Host) {
+func (rt *runtime) setStored(h storage.Stored) {
 	rt.created, rt.updated, rt.version = h.CreatedAt, h.UpdatedAt, h.Version
 }
 
 // currentVersion is rt's HostStatus.Version: the stored version of an API
 // stream, the settings' hash of a config stream.
 func (rt *runtime) currentVersion() string {
-	if rt.source == SourceAPI && rt.version > 0 {
+	if rt.source == spec.SourceAPI && rt.version > 0 {
 		return strconv.FormatInt(rt.version, 10)
 	}
 	return versionOf(rt.cfg)
@@ -139,7 +99,7 @@ func (rt *runtime) currentVersion() string {
 
 // versionOf is the version of a config stream's settings: 24 hex digits of
 // the SHA-256 of their JSON.
-func versionOf(s *Stream) string {
+func versionOf(s *spec.Stream) string {
 	b, err := json.Marshal(s)
 	if err != nil {
 		panic(err) // plain fields: cannot fail
@@ -168,32 +128,10 @@ func checkPre(rt *runtime, pre []Precondition) error {
 	return nil
 }
 
-// UnmarshalJSON decodes a host with its status. Without it the embedded
-// Stream's decoder would take the whole object and drop the rest.
-func (h *HostStatus) UnmarshalJSON(b []byte) error {
-	var s Stream
-	if err := json.Unmarshal(b, &s); err != nil {
-		return err
-	}
-	var rest struct {
-		Source    string         `json:"source"`
-		CreatedAt *jsontime.Time `json:"created_at"`
-		UpdatedAt *jsontime.Time `json:"updated_at"`
-		Version   string         `json:"version"`
-		Status    Status         `json:"status"`
-	}
-	if err := json.Unmarshal(b, &rest); err != nil {
-		return err
-	}
-	*h = HostStatus{Stream: &s, Source: rest.Source, CreatedAt: rest.CreatedAt, UpdatedAt: rest.UpdatedAt,
-		Version: rest.Version, Status: rest.Status}
-	return nil
-}
-
-func (rt *runtime) hostStatus() HostStatus {
+func (rt *runtime) hostStatus() spec.HostStatus {
 	cp := *rt.cfg
-	hs := HostStatus{Stream: &cp, Source: rt.source, Version: rt.currentVersion(), Status: StatusOf(rt.cfg, rt.state)}
-	if rt.source == SourceAPI && !rt.created.IsZero() {
+	hs := spec.HostStatus{Stream: &cp, Source: rt.source, Version: rt.currentVersion(), Status: StatusOf(rt.cfg, rt.state)}
+	if rt.source == spec.SourceAPI && !rt.created.IsZero() {
 		hs.CreatedAt, hs.UpdatedAt = jsontime.Ptr(rt.created), jsontime.Ptr(rt.updated)
 	}
 	return hs
@@ -201,10 +139,10 @@ func (rt *runtime) hostStatus() HostStatus {
 
 // HostStatuses returns every stream host with its runtime status: the
 // config's in config order, then the stored ones by id.
-func (a *App) HostStatuses() []HostStatus {
+func (a *App) HostStatuses() []spec.HostStatus {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	out := make([]HostStatus, 0, len(a.streams))
+	out := make([]spec.HostStatus, 0, len(a.streams))
 	for _, rt := range a.streams {
 		out = append(out, rt.hostStatus())
 	}
@@ -212,10 +150,10 @@ func (a *App) HostStatuses() []HostStatus {
 }
 
 // Statuses returns every stream's runtime status, in the same order.
-func (a *App) Statuses() []Status {
+func (a *App) Statuses() []spec.Status {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	out := make([]Status, 0, len(a.streams))
+	out := make([]spec.Status, 0, len(a.streams))
 	for _, rt := range a.streams {
 		out = append(out, StatusOf(rt.cfg, rt.state))
 	}
@@ -223,12 +161,12 @@ func (a *App) Statuses() []Status {
 }
 
 // HostStatus returns stream id with its status, or ErrNotFound.
-func (a *App) HostStatus(id int64) (HostStatus, error) {
+func (a *App) HostStatus(id int64) (spec.HostStatus, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	rt := a.find(id)
 	if rt == nil {
-		return HostStatus{}, fmt.Errorf("stream %d: %w", id, ErrNotFound)
+		return spec.HostStatus{}, fmt.Errorf("stream %d: %w", id, spec.ErrNotFound)
 	}
 	return rt.hostStatus(), nil
 }
@@ -244,7 +182,7 @@ func (a *App) nextID() int64 {
 
 // checkNew validates s as a stream about to run next to the others, and
 // publishes the certificate it terminates TLS with.
-func (a *App) checkNew(ctx context.Context, s *Stream) error {
+func (a *App) checkNew(ctx context.Context, s *spec.Stream) error {
 	if err := s.Validate(); err != nil {
 		return err
 	}
@@ -256,12 +194,12 @@ func (a *App) checkNew(ctx context.Context, s *Stream) error {
 		if s.SSLDomain != "" {
 			field, value = "ssl_domain", s.SSLDomain
 		}
-		return &FieldError{ID: s.ID, Name: s.Name, Field: field, Value: fmt.Sprintf("%q", value),
+		return &spec.FieldError{ID: s.ID, Name: s.Name, Field: field, Value: value,
 			Reason: "only for streams in the Caddy config; through the API, store the certificate (POST /api/v1/certificates, with domains for one Caddy manages) and use ssl_cert_id"}
 	}
 	if s.Enabled && s.SSLEnabled && s.HasTCP() {
 		if err := a.checkCert(ctx, s.SSLCertID); err != nil {
-			return &FieldError{ID: s.ID, Name: s.Name, Field: "ssl_cert_id", Value: fmt.Sprint(s.SSLCertID), Reason: err.Error()}
+			return &spec.FieldError{ID: s.ID, Name: s.Name, Field: "ssl_cert_id", Value: s.SSLCertID, Reason: err.Error()}
 		}
 	}
 	return nil
@@ -270,8 +208,8 @@ func (a *App) checkNew(ctx context.Context, s *Stream) error {
 // CreateHost stores a new stream and starts it: it ends stored and
 // listening (or stored and disabled), or fails and leaves nothing behind.
 // An id of 0 takes the next free one.
-func CreateHost(ctx context.Context, s Stream) (HostStatus, error) {
-	var out HostStatus
+func CreateHost(ctx context.Context, s spec.Stream) (spec.HostStatus, error) {
+	var out spec.HostStatus
 	auto := s.ID == 0
 	err := manage(func(a *App) error {
 		var err error
@@ -279,39 +217,39 @@ func CreateHost(ctx context.Context, s Stream) (HostStatus, error) {
 		return err
 	})
 	if auto {
-		markNew(err)
+		spec.MarkNew(err)
 	}
 	return out, err
 }
 
-func (a *App) createHost(ctx context.Context, s *Stream) (HostStatus, error) {
+func (a *App) createHost(ctx context.Context, s *spec.Stream) (spec.HostStatus, error) {
 	if a.store == nil {
-		return HostStatus{}, ErrNoStorage
+		return spec.HostStatus{}, spec.ErrNoStorage
 	}
 	if s.ID == 0 {
 		// Above every running stream and every id storage ever gave out:
 		// a deleted stream's id (and its log) is not reused.
 		top, err := a.store.db.HighestHostID(ctx)
 		if err != nil {
-			return HostStatus{}, storeError(err)
+			return spec.HostStatus{}, storeError(err)
 		}
 		s.ID = max(a.nextID(), top+1)
 	}
 	if other := a.find(s.ID); other != nil {
 		from := "declared in the Caddy config"
-		if other.source == SourceAPI {
+		if other.source == spec.SourceAPI {
 			from = "created through the API"
 		}
-		return HostStatus{}, fmt.Errorf("%w: id %d is taken by %s, %s; leave id out to get the next free id, or choose another",
-			ErrConflict, s.ID, streamLabel(other.cfg.ID, other.cfg.Name), from)
+		return spec.HostStatus{}, fmt.Errorf("%w: id %d is taken by %s, %s; leave id out to get the next free id, or choose another",
+			spec.ErrConflict, s.ID, spec.StreamLabel(other.cfg.ID, other.cfg.Name), from)
 	}
 	if err := a.checkNew(ctx, s); err != nil {
-		return HostStatus{}, err
+		return spec.HostStatus{}, err
 	}
 	var rt *runtime
-	stored, err := a.store.db.CreateHost(ctx, hostFromStream(s), func(storage.Host) error {
+	stored, err := a.store.db.CreateHost(ctx, *s, func(storage.Stored) error {
 		var err error
-		rt, err = a.newRuntime(s, SourceAPI)
+		rt, err = a.newRuntime(s, spec.SourceAPI)
 		if err != nil {
 			return err
 		}
@@ -327,7 +265,7 @@ func (a *App) createHost(ctx context.Context, s *Stream) (HostStatus, error) {
 			rt.closeListeners()
 			rt.release()
 		}
-		return HostStatus{}, storeError(err)
+		return spec.HostStatus{}, storeError(err)
 	}
 	rt.setStored(stored)
 	a.serve(rt)
@@ -342,8 +280,8 @@ func (a *App) createHost(ctx context.Context, s *Stream) (HostStatus, error) {
 // and open ones keep theirs. Otherwise new sockets are bound before the
 // old ones close. Disabling closes its open connections
 // (stream_disabled). Preconditions, if any, run first (see Precondition).
-func UpdateHost(ctx context.Context, id int64, s Stream, pre ...Precondition) (HostStatus, error) {
-	return UpdateHostFunc(ctx, id, func(Stream) (Stream, error) { return s, nil }, pre...)
+func UpdateHost(ctx context.Context, id int64, s spec.Stream, pre ...Precondition) (spec.HostStatus, error) {
+	return UpdateHostFunc(ctx, id, func(spec.Stream) (spec.Stream, error) { return s, nil }, pre...)
 }
 
 // UpdateHostFunc is UpdateHost with the new settings made by build from the
@@ -351,8 +289,8 @@ func UpdateHost(ctx context.Context, id int64, s Stream, pre ...Precondition) (H
 // preconditions: a partial update (PATCH) cannot lose a write that came
 // between reading the stream and changing it. An error of build ends the
 // write with that error, and nothing changes.
-func UpdateHostFunc(ctx context.Context, id int64, build func(current Stream) (Stream, error), pre ...Precondition) (HostStatus, error) {
-	var out HostStatus
+func UpdateHostFunc(ctx context.Context, id int64, build func(current spec.Stream) (spec.Stream, error), pre ...Precondition) (spec.HostStatus, error) {
+	var out spec.HostStatus
 	err := manage(func(a *App) error {
 		var err error
 		out, err = a.updateHost(ctx, id, build, pre)
@@ -361,32 +299,32 @@ func UpdateHostFunc(ctx context.Context, id int64, build func(current Stream) (S
 	return out, err
 }
 
-func (a *App) updateHost(ctx context.Context, id int64, build func(Stream) (Stream, error), pre []Precondition) (HostStatus, error) {
+func (a *App) updateHost(ctx context.Context, id int64, build func(spec.Stream) (spec.Stream, error), pre []Precondition) (spec.HostStatus, error) {
 	old := a.find(id)
 	switch {
 	case old == nil:
-		return HostStatus{}, fmt.Errorf("stream %d: %w", id, ErrNotFound)
-	case old.source == SourceConfig:
-		return HostStatus{}, fmt.Errorf("%s: %w; change it in the config and reload", streamLabel(id, old.cfg.Name), ErrReadOnly)
+		return spec.HostStatus{}, fmt.Errorf("stream %d: %w", id, spec.ErrNotFound)
+	case old.source == spec.SourceConfig:
+		return spec.HostStatus{}, fmt.Errorf("%s: %w; change it in the config and reload", spec.StreamLabel(id, old.cfg.Name), spec.ErrReadOnly)
 	case a.store == nil:
-		return HostStatus{}, ErrNoStorage
+		return spec.HostStatus{}, spec.ErrNoStorage
 	}
 	if err := checkPre(old, pre); err != nil {
-		return HostStatus{}, err
+		return spec.HostStatus{}, err
 	}
 	cur := *old.cfg
 	cur.WhitelistCIDRs, cur.BlacklistCIDRs = slices.Clone(cur.WhitelistCIDRs), slices.Clone(cur.BlacklistCIDRs)
 	ns, err := build(cur)
 	if err != nil {
-		return HostStatus{}, err
+		return spec.HostStatus{}, err
 	}
 	s := &ns
 	if s.ID != 0 && s.ID != id {
-		return HostStatus{}, &FieldError{ID: id, Name: s.Name, Field: "id", Value: fmt.Sprint(s.ID), Reason: fmt.Sprintf("does not match the stream's id %d in the path; the id cannot change", id)}
+		return spec.HostStatus{}, &spec.FieldError{ID: id, Name: s.Name, Field: "id", Value: s.ID, Reason: fmt.Sprintf("does not match the stream's id %d in the path; the id cannot change", id)}
 	}
 	s.ID = id
 	if err := a.checkNew(ctx, s); err != nil {
-		return HostStatus{}, err
+		return spec.HostStatus{}, err
 	}
 	sameSockets := old.cfg.Enabled && s.Enabled &&
 		old.cfg.EffectiveProtocol() == s.EffectiveProtocol() &&
@@ -394,13 +332,13 @@ func (a *App) updateHost(ctx context.Context, id int64, build func(Stream) (Stre
 
 	var next *runtime // sockets change: a runtime of its own
 	var swap *runtime // sockets stay: the new chain and relay config
-	stored, err := a.store.db.UpdateHost(ctx, hostFromStream(s), func(_, _ storage.Host) error {
+	stored, err := a.store.db.UpdateHost(ctx, *s, func(_, _ storage.Stored) error {
 		var err error
 		if sameSockets {
-			swap, err = a.newRuntime(s, SourceAPI)
+			swap, err = a.newRuntime(s, spec.SourceAPI)
 			return err
 		}
-		next, err = a.newRuntime(s, SourceAPI)
+		next, err = a.newRuntime(s, spec.SourceAPI)
 		if err != nil {
 			return err
 		}
@@ -419,7 +357,7 @@ func (a *App) updateHost(ctx context.Context, id int64, build func(Stream) (Stre
 		if swap != nil {
 			swap.release()
 		}
-		return HostStatus{}, storeError(err)
+		return spec.HostStatus{}, storeError(err)
 	}
 
 	if sameSockets {
@@ -471,11 +409,11 @@ func (a *App) deleteHost(ctx context.Context, id int64, pre []Precondition) erro
 	rt := a.find(id)
 	switch {
 	case rt == nil:
-		return fmt.Errorf("stream %d: %w", id, ErrNotFound)
-	case rt.source == SourceConfig:
-		return fmt.Errorf("%s: %w; remove it from the config and reload", streamLabel(id, rt.cfg.Name), ErrReadOnly)
+		return fmt.Errorf("stream %d: %w", id, spec.ErrNotFound)
+	case rt.source == spec.SourceConfig:
+		return fmt.Errorf("%s: %w; remove it from the config and reload", spec.StreamLabel(id, rt.cfg.Name), spec.ErrReadOnly)
 	case a.store == nil:
-		return ErrNoStorage
+		return spec.ErrNoStorage
 	}
 	if err := checkPre(rt, pre); err != nil {
 		return err
@@ -494,17 +432,17 @@ func (a *App) deleteHost(ctx context.Context, id int64, pre []Precondition) erro
 // storeError keeps a validation or bind error as it is and names storage
 // failures as such.
 func storeError(err error) error {
-	var fe *FieldError
-	if errors.As(err, &fe) || errors.Is(err, ErrConflict) || errors.Is(err, ErrNotFound) {
+	var fe *spec.FieldError
+	if errors.As(err, &fe) || errors.Is(err, spec.ErrConflict) || errors.Is(err, spec.ErrNotFound) {
 		return err
 	}
 	switch {
 	case errors.Is(err, storage.ErrInUse):
-		return fmt.Errorf("%w: %w", err, ErrInUse)
+		return fmt.Errorf("%w: %w", err, spec.ErrInUse)
 	case errors.Is(err, storage.ErrConflict):
-		return fmt.Errorf("%v: %w", err, ErrConflict)
+		return fmt.Errorf("%v: %w", err, spec.ErrConflict)
 	case errors.Is(err, storage.ErrNotFound):
-		return fmt.Errorf("%v: %w", err, ErrNotFound)
+		return fmt.Errorf("%v: %w", err, spec.ErrNotFound)
 	}
 	return fmt.Errorf("storage: %w", err)
 }
@@ -532,8 +470,8 @@ func (a *App) syncStored() {
 		rt := a.find(h.ID)
 		switch {
 		case rt == nil:
-			s := streamFromHost(h)
-			nrt, err := a.newRuntime(s, SourceAPI)
+			s := &h.Stream
+			nrt, err := a.newRuntime(s, spec.SourceAPI)
 			if err == nil {
 				if err = nrt.bind(a.ctx); err != nil {
 					nrt.release()
@@ -546,14 +484,14 @@ func (a *App) syncStored() {
 			nrt.setStored(h)
 			a.serve(nrt)
 			a.streams = append(a.streams, nrt)
-		case rt.source == SourceAPI && rt.version != h.Version:
+		case rt.source == spec.SourceAPI && rt.version != h.Version:
 			if _, err := a.applyStored(rt, h); err != nil {
 				a.logger.Error("applying a stream changed meanwhile", zap.Int64("stream_id", h.ID), zap.Error(err))
 			}
 		}
 	}
 	for _, rt := range slices.Clone(a.streams) {
-		if rt.source == SourceAPI && !seen[rt.cfg.ID] {
+		if rt.source == spec.SourceAPI && !seen[rt.cfg.ID] {
 			rt.closeListeners()
 			rt.state.CloseAll(streamstate.ReasonStreamRemoved)
 			a.streams = slices.DeleteFunc(a.streams, func(x *runtime) bool { return x == rt })
@@ -563,9 +501,9 @@ func (a *App) syncStored() {
 }
 
 // applyStored replaces rt with a runtime of the stored host h.
-func (a *App) applyStored(rt *runtime, h storage.Host) (*runtime, error) {
-	s := streamFromHost(h)
-	next, err := a.newRuntime(s, SourceAPI)
+func (a *App) applyStored(rt *runtime, h storage.Stored) (*runtime, error) {
+	s := &h.Stream
+	next, err := a.newRuntime(s, spec.SourceAPI)
 	if err != nil {
 		return nil, err
 	}
@@ -584,45 +522,29 @@ func (a *App) applyStored(rt *runtime, h storage.Host) (*runtime, error) {
 	return next, nil
 }
 
-// ActiveConn is one connection open now; for UDP, one NAT entry.
-type ActiveConn struct {
-	// ID identifies the connection, e.g. for CloseConnection.
-	ID       uint64 `json:"id"`
-	Protocol string `json:"protocol"`
-	// Source is the client's ip:port.
-	Source        string        `json:"source"`
-	SourceIP      string        `json:"source_ip"`
-	StartedAt     jsontime.Time `json:"started_at"`
-	BytesSent     uint64        `json:"bytes_sent"`
-	BytesReceived uint64        `json:"bytes_received"`
-	// DatagramsSent and DatagramsReceived count a UDP entry's datagrams.
-	DatagramsSent     uint64 `json:"datagrams_sent,omitempty"`
-	DatagramsReceived uint64 `json:"datagrams_received,omitempty"`
-}
-
 // ActiveConnections lists the open connections (and UDP NAT entries) of
 // stream id, oldest first.
-func (a *App) ActiveConnections(id int64) ([]ActiveConn, error) {
+func (a *App) ActiveConnections(id int64) ([]spec.ActiveConn, error) {
 	a.mu.Lock()
 	rt := a.find(id)
 	a.mu.Unlock()
 	if rt == nil {
-		return nil, fmt.Errorf("stream %d: %w", id, ErrNotFound)
+		return nil, fmt.Errorf("stream %d: %w", id, spec.ErrNotFound)
 	}
-	out := []ActiveConn{}
+	out := []spec.ActiveConn{}
 	rt.state.Sessions(func(ss *streamstate.Session) bool {
-		proto := ProtocolTCP
+		proto := spec.ProtocolTCP
 		if ss.UDP {
-			proto = ProtocolUDP
+			proto = spec.ProtocolUDP
 		}
-		out = append(out, ActiveConn{
+		out = append(out, spec.ActiveConn{
 			ID: ss.ID, Protocol: proto, Source: ss.Source.String(), SourceIP: ss.Source.Addr().String(),
 			StartedAt: jsontime.Of(ss.Start), BytesSent: ss.Sent(), BytesReceived: ss.Received(),
 			DatagramsSent: ss.DatagramsSent(), DatagramsReceived: ss.DatagramsReceived(),
 		})
 		return true
 	})
-	slices.SortFunc(out, func(x, y ActiveConn) int { return x.StartedAt.Compare(y.StartedAt.Time) })
+	slices.SortFunc(out, func(x, y spec.ActiveConn) int { return x.StartedAt.Compare(y.StartedAt.Time) })
 	return out, nil
 }
 
@@ -634,11 +556,11 @@ func (a *App) CloseConnection(id int64, connID uint64) error {
 	rt := a.find(id)
 	a.mu.Unlock()
 	if rt == nil {
-		return fmt.Errorf("stream %d: %w", id, ErrNotFound)
+		return fmt.Errorf("stream %d: %w", id, spec.ErrNotFound)
 	}
 	ss := rt.state.Session(connID)
 	if ss == nil || ss.Closed() {
-		return fmt.Errorf("stream %d has no open connection %d: %w", id, connID, ErrNotFound)
+		return fmt.Errorf("stream %d has no open connection %d: %w", id, connID, spec.ErrNotFound)
 	}
 	ss.Close(streamstate.ReasonAdminClosed)
 	return nil
@@ -651,10 +573,10 @@ func (a *App) ConnectionLog(ctx context.Context, id int64, q storage.ConnLogQuer
 	rt, store := a.find(id), a.store
 	a.mu.Unlock()
 	if rt == nil {
-		return nil, fmt.Errorf("stream %d: %w", id, ErrNotFound)
+		return nil, fmt.Errorf("stream %d: %w", id, spec.ErrNotFound)
 	}
 	if store == nil {
-		return nil, ErrNoStorage
+		return nil, spec.ErrNoStorage
 	}
 	q.StreamID = id
 	logs, err := store.db.ConnLogs(ctx, q)
@@ -667,47 +589,29 @@ func (a *App) ConnectionLog(ctx context.Context, id int64, q storage.ConnLogQuer
 	return logs, nil
 }
 
-// PortCheck asks whether a stream could listen on an address and port.
-type PortCheck struct {
-	Protocol      string `json:"protocol"`
-	ListenAddress string `json:"listen_address"`
-	ListenPort    int    `json:"listen_port"`
-	// ID is the stream being edited: its own sockets are no conflict.
-	ID int64 `json:"id,omitempty"`
-}
-
-// PortCheckResult says whether it could, and why not.
-type PortCheckResult struct {
-	Valid bool `json:"valid"`
-	// Errors are *FieldError values for protocol, listen_address and
-	// listen_port.
-	Errors   []*FieldError `json:"-"`
-	Warnings []string      `json:"warnings"`
-}
-
 // ValidatePort checks a listen address and port as creating or updating a
 // stream would: the values, Caddy's own ports, the other streams, and
 // whether the address can be bound now (a port another program holds is
 // an error that says so). Well-known and privileged ports give warnings.
-func (a *App) ValidatePort(pc PortCheck) PortCheckResult {
+func (a *App) ValidatePort(pc spec.PortCheck) spec.PortCheckResult {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	id := pc.ID
 	if id <= 0 {
 		id = a.nextID()
 	}
-	s := &Stream{ID: id, Protocol: pc.Protocol, ListenAddress: pc.ListenAddress, ListenPort: pc.ListenPort,
+	s := &spec.Stream{ID: id, Protocol: pc.Protocol, ListenAddress: pc.ListenAddress, ListenPort: pc.ListenPort,
 		UpstreamHost: "127.0.0.1", UpstreamPort: 1, Enabled: true}
 	if rt := a.find(pc.ID); rt != nil {
 		s.Name = rt.cfg.Name
 	}
-	res := PortCheckResult{Warnings: s.Warnings()}
+	res := spec.PortCheckResult{Warnings: s.Warnings()}
 	if res.Warnings == nil {
 		res.Warnings = []string{}
 	}
 	collect := func(err error) {
 		for _, e := range flattenErrors(err) {
-			var fe *FieldError
+			var fe *spec.FieldError
 			if errors.As(e, &fe) && (fe.Field == "protocol" || fe.Field == "listen_address" || fe.Field == "listen_port") {
 				res.Errors = append(res.Errors, fe)
 			}
@@ -722,7 +626,7 @@ func (a *App) ValidatePort(pc PortCheck) PortCheckResult {
 	}
 	if pc.ID <= 0 {
 		for _, fe := range res.Errors {
-			fe.isNew = true
+			fe.New = true
 		}
 	}
 	res.Valid = len(res.Errors) == 0
@@ -731,7 +635,7 @@ func (a *App) ValidatePort(pc PortCheck) PortCheckResult {
 
 // probe checks that s's addresses can be bound now, unless a stream of
 // this process holds them (validateListen has judged those).
-func (a *App) probe(s *Stream) error {
+func (a *App) probe(s *spec.Stream) error {
 	var errs []error
 	for _, network := range []string{"tcp", "udp"} {
 		if network == "tcp" && !s.HasTCP() || network == "udp" && !s.HasUDP() {

@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegistls"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
 // Which app the API manages as configs start, fail and stop.
@@ -37,7 +38,7 @@ func TestHandOver(t *testing.T) {
 	if back := handOver(later); back != nil || current.Load() != nil {
 		t.Fatalf("handed back to a stopped app: %p", back)
 	}
-	if err := manage(func(*App) error { return nil }); err != ErrNotRunning {
+	if err := manage(func(*App) error { return nil }); err != spec.ErrNotRunning {
 		t.Fatalf("manage with no running app: %v", err)
 	}
 }

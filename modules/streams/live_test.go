@@ -15,14 +15,15 @@ import (
 
 	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
 	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/streams"
 	"github.com/aegis-proxy/caddy-aegis/storage"
 )
 
 // apiStream is a stream as the API would create it.
-func apiStream(id int64, listenPort, upstreamPort int) streams.Stream {
-	return streams.Stream{ID: id, Name: fmt.Sprintf("api-%d", id), Protocol: "tcp", ListenAddress: "127.0.0.1",
+func apiStream(id int64, listenPort, upstreamPort int) spec.Stream {
+	return spec.Stream{ID: id, Name: fmt.Sprintf("api-%d", id), Protocol: "tcp", ListenAddress: "127.0.0.1",
 		ListenPort: listenPort, UpstreamHost: "127.0.0.1", UpstreamPort: upstreamPort, Enabled: true, LogConnections: true}
 }
 
@@ -44,10 +45,10 @@ func TestLiveCreateUpdateDisableDelete(t *testing.T) {
 	ctx := context.Background()
 
 	// Config streams are read-only.
-	if _, err := streams.UpdateHost(ctx, 1, apiStream(1, cfgPort, up.Port)); !errors.Is(err, streams.ErrReadOnly) {
+	if _, err := streams.UpdateHost(ctx, 1, apiStream(1, cfgPort, up.Port)); !errors.Is(err, spec.ErrReadOnly) {
 		t.Fatalf("updating a config stream: %v, want ErrReadOnly", err)
 	}
-	if err := streams.DeleteHost(ctx, 1); !errors.Is(err, streams.ErrReadOnly) {
+	if err := streams.DeleteHost(ctx, 1); !errors.Is(err, spec.ErrReadOnly) {
 		t.Fatalf("deleting a config stream: %v, want ErrReadOnly", err)
 	}
 
@@ -119,10 +120,10 @@ func TestLiveCreateUpdateDisableDelete(t *testing.T) {
 	}
 	expectClosed(t, c, 2*time.Second)
 	inst.waitLog(2, "stream_removed", func(e logEntry) bool { return e.DisconnectReason == "stream_removed" })
-	if _, err := streams.Running().HostStatus(2); !errors.Is(err, streams.ErrNotFound) {
+	if _, err := streams.Running().HostStatus(2); !errors.Is(err, spec.ErrNotFound) {
 		t.Fatalf("deleted stream: %v", err)
 	}
-	if err := streams.DeleteHost(ctx, 2); !errors.Is(err, streams.ErrNotFound) {
+	if err := streams.DeleteHost(ctx, 2); !errors.Is(err, spec.ErrNotFound) {
 		t.Fatalf("deleting twice: %v", err)
 	}
 	// The deleted stream's id is not given out again.
@@ -156,7 +157,7 @@ func TestLiveRejectedChangesNothing(t *testing.T) {
 	defer held.Close()
 	heldPort := held.Addr().(*net.TCPAddr).Port
 
-	var fe *streams.FieldError
+	var fe *spec.FieldError
 	// A port another program holds.
 	if _, err := streams.CreateHost(ctx, apiStream(6, heldPort, up.Port)); !errors.As(err, &fe) || fe.Field != "listen_port" || !strings.Contains(err.Error(), "already in use") {
 		t.Fatalf("create on a held port: %v", err)
@@ -165,7 +166,7 @@ func TestLiveRejectedChangesNothing(t *testing.T) {
 	if _, err := streams.CreateHost(ctx, apiStream(6, cfgPort, up.Port)); !errors.As(err, &fe) || !strings.Contains(err.Error(), "overlaps stream 1") {
 		t.Fatalf("create on the config stream's port: %v", err)
 	}
-	if _, err := streams.CreateHost(ctx, apiStream(1, freePort(t), up.Port)); !errors.Is(err, streams.ErrConflict) {
+	if _, err := streams.CreateHost(ctx, apiStream(1, freePort(t), up.Port)); !errors.Is(err, spec.ErrConflict) {
 		t.Fatalf("create with the config stream's id: %v", err)
 	}
 	// Moving stream 5 onto the held port.
@@ -184,7 +185,7 @@ func TestLiveRejectedChangesNothing(t *testing.T) {
 	if err != nil || hs.Name != "api-5" || hs.ListenPort != p1 || !hs.Status.Listening {
 		t.Fatalf("stream 5 after rejected updates: %+v, %v", hs, err)
 	}
-	if _, err := streams.Running().HostStatus(6); !errors.Is(err, streams.ErrNotFound) {
+	if _, err := streams.Running().HostStatus(6); !errors.Is(err, spec.ErrNotFound) {
 		t.Fatalf("a rejected create left stream 6: %v", err)
 	}
 	if got := roundTrip(t, open, "untouched"); got != "untouched" {
@@ -268,13 +269,13 @@ func TestStoredStreamsComeBack(t *testing.T) {
 // A HostStatus read back from JSON keeps its source, times and status.
 func TestHostStatusJSONRoundTrip(t *testing.T) {
 	now := time.Now().UTC().Truncate(time.Millisecond)
-	in := streams.HostStatus{Stream: &streams.Stream{ID: 3, Name: "db", ListenPort: 5432, UpstreamHost: "h", UpstreamPort: 1, Enabled: false},
-		Source: "api", CreatedAt: jsontime.Ptr(now), UpdatedAt: jsontime.Ptr(now), Status: streams.Status{ID: 3, Listening: true, ActiveConnections: 2}}
+	in := spec.HostStatus{Stream: &spec.Stream{ID: 3, Name: "db", ListenPort: 5432, UpstreamHost: "h", UpstreamPort: 1, Enabled: false},
+		Source: "api", CreatedAt: jsontime.Ptr(now), UpdatedAt: jsontime.Ptr(now), Status: spec.Status{ID: 3, Listening: true, ActiveConnections: 2}}
 	b, err := json.Marshal(in)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var out streams.HostStatus
+	var out spec.HostStatus
 	if err := json.Unmarshal(b, &out); err != nil {
 		t.Fatal(err)
 	}

@@ -10,6 +10,7 @@ import (
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegistls"
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 	"github.com/aegis-proxy/caddy-aegis/modules/udpnat"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
 // The streams' Prometheus metrics. The app registers one collector in the
@@ -103,7 +104,7 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 
 // streamSample is what a scrape reads of one stream.
 type streamSample struct {
-	cfg   *Stream
+	cfg   *spec.Stream
 	state *streamstate.Stream
 	relay *udpnat.Relay
 }
@@ -180,7 +181,7 @@ func collectStream(ch chan<- prometheus.Metric, s streamSample, tlsStats map[int
 	counter(descLogDropped, st.LogDropped.Load(), lv)
 
 	if cfg.HasTCP() {
-		histogram(descDuration, st.ConnectionDurations(streamstate.TCP), with(ProtocolTCP))
+		histogram(descDuration, st.ConnectionDurations(streamstate.TCP), with(spec.ProtocolTCP))
 		counter(descDialFailures, st.DialFailures.Load(), lv)
 		histogram(descDialDuration, st.DialDurations(), lv)
 		if hs, ok := tlsStats[cfg.ID]; ok && cfg.SSLEnabled {
@@ -191,7 +192,7 @@ func collectStream(ch chan<- prometheus.Metric, s streamSample, tlsStats map[int
 		}
 	}
 	if cfg.HasUDP() {
-		histogram(descDuration, st.ConnectionDurations(streamstate.UDP), with(ProtocolUDP))
+		histogram(descDuration, st.ConnectionDurations(streamstate.UDP), with(spec.ProtocolUDP))
 		counter(descBlocked, st.BlockedBy(streamstate.BlockNATTableFull), with(streamstate.BlockNATTableFull.String()))
 		var entries int
 		if s.relay != nil {

@@ -18,6 +18,7 @@ import (
 
 	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
 	"github.com/aegis-proxy/caddy-aegis/modules/streams"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
 // scraped is one scrape of the admin endpoint's /metrics, parsed.
@@ -398,7 +399,7 @@ func TestMetricsTLSAndLiveStreams(t *testing.T) {
 	ctx := context.Background()
 	ca := newTestCA(t)
 	chain, key := ca.leaf(t, "db.test", 100)
-	cert, err := streams.CreateCertificate(ctx, streams.CertInput{Name: "db", Certificate: chain, PrivateKey: key})
+	cert, err := streams.CreateCertificate(ctx, spec.CertInput{Name: "db", Certificate: chain, PrivateKey: key})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,7 +2,6 @@ package streams
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"path/filepath"
 	"time"
@@ -126,7 +125,7 @@ func countDropped(batch []storage.ConnLog) {
 }
 
 // openStorage opens (or joins) the database and returns the stored hosts.
-func (a *App) openStorage() ([]storage.Host, error) {
+func (a *App) openStorage() ([]storage.Stored, error) {
 	if a.Storage != nil && a.Storage.Disabled {
 		return nil, nil
 	}
@@ -177,31 +176,4 @@ func (a *App) openStorage() ([]storage.Host, error) {
 		return nil, fmt.Errorf("storage %s: reading stream hosts: %v", path, err)
 	}
 	return hosts, nil
-}
-
-// streamFromHost is the stream of a stored host. The two types share their
-// JSON form, field for field.
-func streamFromHost(h storage.Host) *Stream {
-	b, err := json.Marshal(h)
-	if err != nil {
-		panic(err) // plain fields: cannot fail
-	}
-	var s Stream
-	if err := json.Unmarshal(b, &s); err != nil {
-		panic(err)
-	}
-	return &s
-}
-
-// hostFromStream is the stored form of s.
-func hostFromStream(s *Stream) storage.Host {
-	b, err := json.Marshal(s)
-	if err != nil {
-		panic(err)
-	}
-	var h storage.Host
-	if err := json.Unmarshal(b, &h); err != nil {
-		panic(err)
-	}
-	return h
 }

@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/aegis-proxy/caddy-aegis/modules/streams"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
 func TestRelayCountsAndLogs(t *testing.T) {
@@ -21,12 +21,12 @@ func TestRelayCountsAndLogs(t *testing.T) {
 	if got := roundTrip(t, c, "hello, stream"); got != "hello, stream" {
 		t.Fatalf("echo through the stream: got %q", got)
 	}
-	st := inst.waitStats(1, "1 active connection", func(s streams.Status) bool { return s.ActiveConnections == 1 })
+	st := inst.waitStats(1, "1 active connection", func(s spec.Status) bool { return s.ActiveConnections == 1 })
 	if !st.Listening || st.TotalConnections != 1 || st.BytesSent != 13 || st.BytesReceived != 13 {
 		t.Fatalf("stats with one open connection: %+v", st)
 	}
 	c.Close()
-	inst.waitStats(1, "no active connection", func(s streams.Status) bool { return s.ActiveConnections == 0 })
+	inst.waitStats(1, "no active connection", func(s spec.Status) bool { return s.ActiveConnections == 0 })
 	e := inst.waitLog(1, "action allowed", func(e logEntry) bool { return e.Action == "allowed" })
 	if e.Stream != "test-1" || e.SourceIP != "127.0.0.1" || e.BytesSent != 13 || e.BytesReceived != 13 || e.DisconnectReason != "client_close" {
 		t.Fatalf("log entry: %+v", e)
@@ -68,7 +68,7 @@ func TestACL(t *testing.T) {
 	expectClosed(t, from("::1", p6, "::1"), 5*time.Second)
 
 	for id, want := range map[int64]uint64{1: 1, 2: 1, 3: 1} {
-		inst.waitStats(id, fmt.Sprintf("%d blocked", want), func(s streams.Status) bool { return s.BlockedConnections == want })
+		inst.waitStats(id, fmt.Sprintf("%d blocked", want), func(s spec.Status) bool { return s.BlockedConnections == want })
 	}
 	inst.waitLog(1, "blocked 127.0.0.2", func(e logEntry) bool {
 		return e.Action == "blocked" && e.SourceIP == "127.0.0.2" && e.DisconnectReason == "acl_denied"
@@ -94,7 +94,7 @@ func TestMaxConnections(t *testing.T) {
 
 	// A slot frees up when a connection ends.
 	a.Close()
-	inst.waitStats(1, "1 active", func(s streams.Status) bool { return s.ActiveConnections == 1 })
+	inst.waitStats(1, "1 active", func(s spec.Status) bool { return s.ActiveConnections == 1 })
 	if got := roundTrip(t, dial(t, port), "c"); got != "c" {
 		t.Fatalf("after a slot freed up: got %q", got)
 	}

@@ -18,6 +18,7 @@ import (
 
 	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
 	"github.com/aegis-proxy/caddy-aegis/modules/streams"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
 // testCA issues leaf certificates for tests.
@@ -85,7 +86,7 @@ func TestTLSStreamWithStoredCertificate(t *testing.T) {
 	ca := newTestCA(t)
 
 	chain, key := ca.leaf(t, "db.test", 100)
-	cert, err := streams.CreateCertificate(ctx, streams.CertInput{Name: "db", Certificate: chain, PrivateKey: key})
+	cert, err := streams.CreateCertificate(ctx, spec.CertInput{Name: "db", Certificate: chain, PrivateKey: key})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -96,7 +97,7 @@ func TestTLSStreamWithStoredCertificate(t *testing.T) {
 	// A stream without a certificate, or with a missing one, is refused.
 	s := apiStream(2, port, up.Port)
 	s.SSLEnabled, s.SSLCertID = true, cert.ID+50
-	var fe *streams.FieldError
+	var fe *spec.FieldError
 	if _, err := streams.CreateHost(ctx, s); !errors.As(err, &fe) || fe.Field != "ssl_cert_id" || !strings.Contains(err.Error(), "no such certificate") {
 		t.Fatalf("ssl stream with a missing certificate: %v", err)
 	}
@@ -115,7 +116,7 @@ func TestTLSStreamWithStoredCertificate(t *testing.T) {
 
 	// Replace the certificate: new handshakes get it, c1 goes on.
 	chain2, key2 := ca.leaf(t, "db.test", 200)
-	if _, err := streams.UpdateCertificate(ctx, cert.ID, streams.CertInput{Name: "db", Certificate: chain2, PrivateKey: key2}); err != nil {
+	if _, err := streams.UpdateCertificate(ctx, cert.ID, spec.CertInput{Name: "db", Certificate: chain2, PrivateKey: key2}); err != nil {
 		t.Fatal(err)
 	}
 	if _, serial := tlsDial(t, ca, port, "db.test"); serial != 200 {
@@ -141,7 +142,7 @@ func TestTLSStreamWithStoredCertificate(t *testing.T) {
 
 	// Not deletable while streams use it; the error names them.
 	err = streams.DeleteCertificate(ctx, cert.ID)
-	if !errors.Is(err, streams.ErrInUse) || !strings.Contains(err.Error(), "2") || !strings.Contains(err.Error(), "3") {
+	if !errors.Is(err, spec.ErrInUse) || !strings.Contains(err.Error(), "2") || !strings.Contains(err.Error(), "3") {
 		t.Fatalf("deleting a certificate in use: %v", err)
 	}
 
@@ -173,7 +174,7 @@ func TestManagedCertificateFromCaddy(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	cert, err := streams.CreateCertificate(ctx, streams.CertInput{Name: "managed", Domains: []string{"Managed.Test"}})
+	cert, err := streams.CreateCertificate(ctx, spec.CertInput{Name: "managed", Domains: []string{"Managed.Test"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -254,7 +255,7 @@ func TestConfigStreamCertificateByTagAndDomain(t *testing.T) {
 
 	s := apiStream(3, freePort(t), up.Port)
 	s.SSLEnabled, s.SSLCertTag = true, "db"
-	var fe *streams.FieldError
+	var fe *spec.FieldError
 	if _, err := streams.CreateHost(context.Background(), s); !errors.As(err, &fe) || fe.Field != "ssl_cert_tag" || !strings.Contains(err.Error(), "only for streams in the Caddy config") {
 		t.Fatalf("API stream with ssl_cert_tag: %v", err)
 	}

@@ -15,7 +15,7 @@ import (
 	proxyproto "github.com/pires/go-proxyproto"
 
 	"github.com/aegis-proxy/caddy-aegis/internal/loopback"
-	"github.com/aegis-proxy/caddy-aegis/modules/streams"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
 // newUDPUpstream runs handle for each datagram that reaches a UDP server
@@ -58,7 +58,7 @@ func TestUDPEchoStatsAndIdleLog(t *testing.T) {
 		}
 	}
 	// The relay counts a reply just after sending it.
-	st := inst.waitStats(1, "30 bytes back", func(s streams.Status) bool { return s.BytesReceived == 30 })
+	st := inst.waitStats(1, "30 bytes back", func(s spec.Status) bool { return s.BytesReceived == 30 })
 	if !st.Listening || st.Protocol != "udp" || st.ActiveConnections != 1 || st.TotalConnections != 1 || st.BytesSent != 30 || st.BytesReceived != 30 {
 		t.Fatalf("stats with one NAT entry: %+v", st)
 	}
@@ -66,7 +66,7 @@ func TestUDPEchoStatsAndIdleLog(t *testing.T) {
 		t.Fatalf("health of a UDP stream without checks: %q", st.HealthStatus)
 	}
 	// No traffic for the idle timeout: the entry goes, with its log line.
-	inst.waitStats(1, "the entry evicted", func(s streams.Status) bool { return s.ActiveConnections == 0 })
+	inst.waitStats(1, "the entry evicted", func(s spec.Status) bool { return s.ActiveConnections == 0 })
 	e := inst.waitLog(1, "idle_timeout", func(e logEntry) bool { return e.DisconnectReason == "idle_timeout" })
 	if e.Action != "allowed" || e.SourceIP != "127.0.0.1" || e.BytesSent != 30 || e.BytesReceived != 30 || e.DurationMS < 900 {
 		t.Fatalf("eviction log entry: %+v", e)
@@ -164,7 +164,7 @@ func TestUDPACLAndBlockedLogOncePerSource(t *testing.T) {
 			t.Fatalf("blacklisted client got a reply: %q", got)
 		}
 	}
-	st := inst.waitStats(1, "20 blocked", func(s streams.Status) bool { return s.BlockedConnections == 20 })
+	st := inst.waitStats(1, "20 blocked", func(s spec.Status) bool { return s.BlockedConnections == 20 })
 	if st.ActiveConnections != 1 || st.TotalConnections != 1 {
 		t.Fatalf("a denied source made NAT state: %+v", st)
 	}
@@ -278,7 +278,7 @@ func TestUDPRateLimitsDrop(t *testing.T) {
 	if got < 1 || got > 2 {
 		t.Fatalf("upload limit 500 B/s: %d of 100 datagrams of 1000 B sent over %v came back, want 1-2", got, time.Since(start))
 	}
-	st := inst.waitStats(1, "every datagram counted", func(s streams.Status) bool { return s.DatagramsDropped+uint64(got) >= 100 })
+	st := inst.waitStats(1, "every datagram counted", func(s spec.Status) bool { return s.DatagramsDropped+uint64(got) >= 100 })
 	if st.DatagramsDropped != uint64(100-got) || st.BytesSent != uint64(got*1000) {
 		t.Fatalf("stats after rate dropping: %+v (got %d back)", st, got)
 	}
@@ -336,7 +336,7 @@ func TestUDPRateLimitHoldsTheRate(t *testing.T) {
 		}
 	}
 	span := time.Since(start)
-	st := inst.waitStats(1, "every datagram counted", func(s streams.Status) bool { return s.BytesSent/1000+s.DatagramsDropped >= n })
+	st := inst.waitStats(1, "every datagram counted", func(s spec.Status) bool { return s.BytesSent/1000+s.DatagramsDropped >= n })
 	rate := float64(st.BytesSent-limit) / span.Seconds()
 	if rate < 0.95*limit || rate > 1.05*limit {
 		t.Fatalf("%d B/s limit, 200 kB/s offered for %v: %d bytes passed, %.0f B/s beyond the first bucket, want within 5%%",
@@ -362,7 +362,7 @@ func TestUDPBigDatagramThenNothing(t *testing.T) {
 			t.Fatalf("datagram %d after the 60 KB one came back: the limit let %q through", i, got)
 		}
 	}
-	st := inst.waitStats(1, "20 drops", func(s streams.Status) bool { return s.DatagramsDropped >= 20 })
+	st := inst.waitStats(1, "20 drops", func(s spec.Status) bool { return s.DatagramsDropped >= 20 })
 	if st.DatagramsDropped != 20 || st.BytesSent != 60000 {
 		t.Fatalf("stats after a 60 KB datagram and 20 small ones: %+v", st)
 	}
@@ -440,7 +440,7 @@ func TestUDPAndTCPOnOnePort(t *testing.T) {
 		t.Fatalf("udp side: got %q", got)
 	}
 	// The relay counts a reply just after sending it.
-	st := inst.waitStats(1, "17 bytes each way", func(s streams.Status) bool { return s.BytesReceived == 17 })
+	st := inst.waitStats(1, "17 bytes each way", func(s spec.Status) bool { return s.BytesReceived == 17 })
 	if !st.Listening || st.Protocol != "tcp+udp" || st.ActiveConnections != 2 || st.TotalConnections != 2 || st.BytesSent != 17 || st.BytesReceived != 17 {
 		t.Fatalf("stats of tcp+udp with one connection each: %+v", st)
 	}
@@ -516,7 +516,7 @@ func TestUDPStopFreesEverything(t *testing.T) {
 				t.Fatalf("client %d: got %q", i, got)
 			}
 		}
-		inst.waitStats(1, "50 entries", func(s streams.Status) bool { return s.ActiveConnections == 50 })
+		inst.waitStats(1, "50 entries", func(s spec.Status) bool { return s.ActiveConnections == 50 })
 		// 50 clients, 50 upstream sockets, the upstream and the listener.
 		if n := udpSockets(t); n != 102 {
 			t.Fatalf("%d UDP sockets open with 50 NAT entries, want 102", n)

@@ -4,382 +4,13 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"strconv"
-	"strings"
 	"time"
-	"unicode"
-	"unicode/utf8"
 
 	"github.com/caddyserver/caddy/v2"
 
-	"github.com/aegis-proxy/caddy-aegis/modules/certs"
-
+	"github.com/aegis-proxy/caddy-aegis/spec"
 	"github.com/aegis-proxy/caddy-aegis/storage"
 )
-
-// Limits of the free-text settings, in characters (Unicode code points).
-const (
-	MaxNameLength  = 200
-	MaxNotesLength = 10000
-)
-
-// maxSeconds bounds the settings given in seconds: one year. Longer values
-// are surely a mistake, and far longer ones would overflow a time.Duration.
-const maxSeconds = 365 * 24 * 60 * 60
-
-// FieldError is one problem with one setting of one stream. Its message
-// names the stream, the setting (by its JSON name), the bad value and what
-// is allowed, e.g.
-//
-//	stream 3 ("postgres"): listen_port 70000: must be 1-65535
-type FieldError struct {
-	// ID and Name identify the stream.
-	ID   int64
-	Name string
-	// Field is the JSON name of the setting, e.g. "listen_port".
-	Field string
-	// Value is the bad value as the message shows it: numbers bare,
-	// strings quoted; "" when the setting is missing, or too long to show.
-	Value string
-	// Reason says what is wrong and what is allowed.
-	Reason string
-
-	// sep goes between Value and Reason; ": " when empty.
-	sep string
-	// isNew: the stream is being created and its id was not given; the
-	// message calls it "the new stream" rather than by the id it would get.
-	isNew bool
-}
-
-func (e *FieldError) Error() string {
-	label := streamLabel(e.ID, e.Name)
-	if e.isNew {
-		label = "the new stream"
-		if e.Name != "" {
-			label += fmt.Sprintf(" (%q)", shortName(e.Name))
-		}
-	}
-	if e.Value == "" { // no value: the setting is missing
-		return label + ": " + e.Field + ": " + e.Reason
-	}
-	sep := e.sep
-	if sep == "" {
-		sep = ": "
-	}
-	return label + ": " + e.Field + " " + e.Value + sep + e.Reason
-}
-
-// markNew makes every *FieldError in err speak of "the new stream": one
-// whose id was not given, so the id it would get means nothing to the user.
-func markNew(err error) {
-	switch e := err.(type) {
-	case nil:
-	case *FieldError:
-		e.isNew = true
-	case interface{ Unwrap() []error }:
-		for _, x := range e.Unwrap() {
-			markNew(x)
-		}
-	default:
-		markNew(errors.Unwrap(err))
-	}
-}
-
-// listenWhere says where a stream listens, for messages: "127.0.0.1:5432",
-// or "port 5432 of every address" when it has no listen_address.
-func listenWhere(s *Stream) string {
-	if s.ListenAddress == "" {
-		return fmt.Sprintf("port %d of every address", s.ListenPort)
-	}
-	return s.ListenHostPort()
-}
-
-// streamLabel names a stream in messages: `stream 3 ("postgres")`, or
-// `stream 3` when it has no name.
-func streamLabel(id int64, name string) string {
-	if name == "" {
-		return "stream " + strconv.FormatInt(id, 10)
-	}
-	return fmt.Sprintf("stream %d (%q)", id, shortName(name))
-}
-
-// shortName is a name for messages: one over MaxNameLength is cut short.
-func shortName(name string) string {
-	if utf8.RuneCountInString(name) <= MaxNameLength {
-		return name
-	}
-	return string([]rune(name)[:60]) + "…"
-}
-
-// Validate checks one stream on its own: every setting in range, name and
-// notes within their limits, and the settings consistent with each other.
-// It returns every problem found, joined with errors.Join, each one a
-// *FieldError. Conflicts with other streams and with Caddy's own ports are
-// App.Validate's job.
-func (s *Stream) Validate() error { return s.validate(true) }
-
-// validate is Validate, with the limits of name and notes checked only if
-// limits is set.
-func (s *Stream) validate(limits bool) error {
-	var errs []error
-	bad := func(field, value, reason string) {
-		errs = append(errs, &FieldError{ID: s.ID, Name: s.Name, Field: field, Value: value, Reason: reason})
-	}
-	badInt := func(field string, v int64, reason string) {
-		bad(field, strconv.FormatInt(v, 10), reason)
-	}
-
-	if s.ID <= 0 {
-		badInt("id", s.ID, "must be > 0")
-	}
-	if limits {
-		// The value is not repeated: it is too long for a message.
-		for _, f := range []struct {
-			field, v string
-			max      int
-		}{{"name", s.Name, MaxNameLength}, {"notes", s.Notes, MaxNotesLength}} {
-			if n := utf8.RuneCountInString(f.v); n > f.max {
-				errs = append(errs, &FieldError{ID: s.ID, Name: s.Name, Field: f.field,
-					Reason: fmt.Sprintf("%d characters, more than the limit of %d; shorten it", n, f.max)})
-			}
-		}
-	}
-
-	switch s.Protocol {
-	case "", ProtocolTCP, ProtocolUDP, ProtocolTCPUDP:
-	default:
-		bad("protocol", strconv.Quote(s.Protocol), "must be tcp, udp or tcp+udp")
-	}
-
-	// A required setting left out (0 or "") is "required", without a
-	// value.
-	required := func(field, reason string) {
-		errs = append(errs, &FieldError{ID: s.ID, Name: s.Name, Field: field, Reason: "required; " + reason})
-	}
-	if reason := checkListenAddress(s.ListenAddress); reason != "" {
-		bad("listen_address", strconv.Quote(s.ListenAddress), reason)
-	}
-	switch {
-	case s.ListenPort == 0:
-		required("listen_port", "must be 1-65535")
-	case !validPort(s.ListenPort):
-		badInt("listen_port", int64(s.ListenPort), "must be 1-65535")
-	}
-	switch reason := checkUpstreamHost(s.UpstreamHost); {
-	case s.UpstreamHost == "":
-		required("upstream_host", upstreamHostWant)
-	case reason != "":
-		bad("upstream_host", strconv.Quote(s.UpstreamHost), reason)
-	}
-	switch {
-	case s.UpstreamPort == 0:
-		required("upstream_port", "must be 1-65535")
-	case !validPort(s.UpstreamPort):
-		badInt("upstream_port", int64(s.UpstreamPort), "must be 1-65535")
-	}
-
-	if s.MaxConnections < 0 {
-		badInt("max_connections", int64(s.MaxConnections), "must be >= 0 (0 = unlimited)")
-	}
-	for _, f := range []struct {
-		field string
-		v     int
-		zero  string
-	}{
-		{"connection_timeout_seconds", s.ConnectionTimeoutSeconds, "0 = 10s"},
-		{"idle_timeout_seconds", s.IdleTimeoutSeconds, "0 = never"},
-		{"health_check_interval_seconds", s.HealthCheckIntervalSeconds, "0 = 30s"},
-	} {
-		if f.v < 0 || f.v > maxSeconds {
-			badInt(f.field, int64(f.v), fmt.Sprintf("must be 0-%d, one year at most (%s)", maxSeconds, f.zero))
-		}
-	}
-	if s.UploadRateBytes < 0 {
-		badInt("upload_rate_bytes", s.UploadRateBytes, "must be >= 0 (0 = unlimited)")
-	}
-	if s.DownloadRateBytes < 0 {
-		badInt("download_rate_bytes", s.DownloadRateBytes, "must be >= 0 (0 = unlimited)")
-	}
-
-	switch s.ProxyProtocolVersion {
-	case 0, 2:
-	case 1:
-		if s.HasUDP() {
-			badInt("proxy_protocol_version", 1, fmt.Sprintf("version 1 cannot describe udp; use 2 or 0 on a %s stream", s.EffectiveProtocol()))
-		}
-	default:
-		badInt("proxy_protocol_version", int64(s.ProxyProtocolVersion), "must be 0 (off), 1 or 2")
-	}
-
-	for _, c := range s.WhitelistCIDRs {
-		if _, err := ParseCIDR(c); err != nil {
-			bad("whitelist_cidrs", strconv.Quote(c), err.Error())
-		}
-	}
-	for _, c := range s.BlacklistCIDRs {
-		if _, err := ParseCIDR(c); err != nil {
-			bad("blacklist_cidrs", strconv.Quote(c), err.Error())
-		}
-	}
-
-	if s.SSLCertID < 0 {
-		badInt("ssl_cert_id", s.SSLCertID, "must be >= 0")
-	}
-	if s.SSLEnabled {
-		if !s.HasTCP() {
-			bad("ssl_enabled", "true", "tls needs a tcp listener; use protocol tcp or tcp+udp, or turn ssl_enabled off")
-		}
-		switch n := countSet(s.SSLCertID > 0, s.SSLCertTag != "", s.SSLDomain != ""); {
-		case n == 0:
-			badInt("ssl_cert_id", 0, "must be > 0 (a stored certificate's id) when ssl_enabled is true")
-		case n > 1:
-			bad("ssl_cert_id", strconv.FormatInt(s.SSLCertID, 10), "give one of ssl_cert_id, ssl_cert_tag and ssl_domain, not several")
-		}
-	}
-	if s.SSLDomain != "" {
-		if err := certs.ValidateDomains([]string{s.SSLDomain}); err != nil {
-			bad("ssl_domain", strconv.Quote(s.SSLDomain), strings.TrimPrefix(err.Error(), "domains: "))
-		}
-	}
-
-	return errors.Join(errs...)
-}
-
-func validPort(p int) bool { return p >= 1 && p <= 65535 }
-
-// checkListenAddress returns why a is not a valid listen_address, or "".
-func checkListenAddress(a string) string {
-	if a == "" {
-		return ""
-	}
-	const want = "must be an IP address (e.g. 0.0.0.0, 127.0.0.1, :: or ::1), or empty for every address"
-	ip, err := netip.ParseAddr(a)
-	if err != nil {
-		if strings.HasPrefix(a, "[") && strings.HasSuffix(a, "]") {
-			return want + "; write an IPv6 address without brackets"
-		}
-		if _, _, err := splitPort(a); err == nil {
-			return want + "; put the port in listen_port"
-		}
-		return want + "; hostnames are not allowed"
-	}
-	if ip.Zone() != "" {
-		return "an IP zone is not allowed here; " + want
-	}
-	return ""
-}
-
-// upstreamHostWant says what an upstream_host must be.
-const upstreamHostWant = "must be a hostname or an IP address (e.g. db.internal, 10.0.0.5 or 2001:db8::5)"
-
-// checkUpstreamHost returns why h is not a valid upstream_host, or "".
-// A valid one is an IP address or a DNS hostname (letters, digits, '-' and
-// '_' in dot-separated labels; '_' for container service names).
-func checkUpstreamHost(h string) string {
-	const want = upstreamHostWant
-	if h == "" {
-		return "required; " + want
-	}
-	if strings.IndexFunc(h, func(r rune) bool { return unicode.IsSpace(r) || unicode.IsControl(r) }) >= 0 {
-		return "must not contain spaces or control characters; " + want
-	}
-	if _, err := netip.ParseAddr(h); err == nil {
-		return "" // a zone is allowed: dialing a link-local upstream needs it
-	}
-	if strings.HasPrefix(h, "[") && strings.HasSuffix(h, "]") {
-		return want + "; write an IPv6 address without brackets"
-	}
-	if strings.Contains(h, ":") {
-		if _, _, err := splitPort(h); err == nil {
-			return want + "; put the port in upstream_port"
-		}
-		return want
-	}
-	name := strings.TrimSuffix(h, ".")
-	if len(name) > 253 {
-		return want + "; a hostname has at most 253 characters"
-	}
-	labels := strings.Split(name, ".")
-	for _, l := range labels {
-		if l == "" || len(l) > 63 {
-			return want + "; each dot-separated part of a hostname has 1-63 characters"
-		}
-		if l[0] == '-' || l[len(l)-1] == '-' {
-			return want + "; a hostname part cannot start or end with '-'"
-		}
-		for i := 0; i < len(l); i++ {
-			c := l[i]
-			if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
-				return want + "; a hostname has only letters, digits, '-', '_' and '.' (use the xn-- form for international names)"
-			}
-		}
-	}
-	if last := labels[len(labels)-1]; strings.Trim(last, "0123456789") == "" {
-		return want + "; not a valid IP address"
-	}
-	return ""
-}
-
-// splitPort splits "host:port" with a numeric port; it is used only to
-// recognise a port written in an address setting.
-func splitPort(hp string) (host string, port int, err error) {
-	i := strings.LastIndexByte(hp, ':')
-	if i < 0 {
-		return "", 0, errors.New("no port")
-	}
-	host, ps := hp[:i], hp[i+1:]
-	if strings.HasPrefix(host, "[") && strings.HasSuffix(host, "]") {
-		host = host[1 : len(host)-1]
-	} else if strings.Contains(host, ":") {
-		return "", 0, errors.New("bare IPv6 address")
-	}
-	port, err = strconv.Atoi(ps)
-	if err != nil || ps == "" || ps[0] == '+' || ps[0] == '-' {
-		return "", 0, errors.New("not a port")
-	}
-	return host, port, nil
-}
-
-// Warnings returns advice about a stream that is valid but may not work as
-// meant: a privileged port, or the well-known port of a common service that
-// may already be bound on this machine. Each message starts with the field
-// and value (e.g. "listen_port 22: ..."); callers add the stream's name.
-func (s *Stream) Warnings() []string {
-	var w []string
-	if s.HealthCheckEnabled && s.EffectiveProtocol() == ProtocolUDP {
-		w = append(w, "health_check_enabled: health checks are TCP dials and say nothing about a UDP-only upstream; its health shows not_checked")
-	}
-	if s.HalfClose && s.EffectiveProtocol() == ProtocolUDP {
-		w = append(w, "half_close: applies to TCP connections only; a UDP-only stream has none")
-	}
-	if !validPort(s.ListenPort) {
-		return w
-	}
-	prefix := "listen_port " + strconv.Itoa(s.ListenPort) + ": "
-	if s.ListenPort < 1024 {
-		w = append(w, prefix+"a privileged port (below 1024); binding it needs root or CAP_NET_BIND_SERVICE")
-	}
-	if svc, ok := wellKnownPorts[s.ListenPort]; ok {
-		w = append(w, prefix+"the well-known port of "+svc+"; a local "+svc+" server may already listen on it")
-	}
-	return w
-}
-
-// wellKnownPorts are the ports of common services, for Warnings.
-var wellKnownPorts = map[int]string{
-	20: "FTP data", 21: "FTP", 22: "SSH", 23: "Telnet", 25: "SMTP", 53: "DNS",
-	67: "DHCP", 68: "DHCP", 69: "TFTP", 80: "HTTP", 110: "POP3", 111: "RPC portmapper",
-	123: "NTP", 137: "NetBIOS", 138: "NetBIOS", 139: "NetBIOS", 143: "IMAP",
-	161: "SNMP", 162: "SNMP traps", 389: "LDAP", 443: "HTTPS", 445: "SMB",
-	465: "SMTPS", 514: "syslog", 587: "SMTP submission", 631: "IPP/CUPS",
-	636: "LDAPS", 853: "DNS over TLS", 873: "rsync", 993: "IMAPS", 995: "POP3S",
-	1433: "Microsoft SQL Server", 1521: "Oracle Database", 1883: "MQTT",
-	2019: "the Caddy admin API", 2049: "NFS", 2375: "Docker API", 2376: "Docker API (TLS)",
-	2379: "etcd", 3306: "MySQL", 3389: "RDP", 5353: "mDNS", 5432: "PostgreSQL",
-	5672: "AMQP", 5900: "VNC", 6379: "Redis", 6443: "the Kubernetes API",
-	8883: "MQTT over TLS", 9092: "Kafka", 9200: "Elasticsearch",
-	11211: "memcached", 27017: "MongoDB",
-}
 
 // Validate implements caddy.Validator. It checks every host (see
 // Stream.Validate), that ids are unique, and that no two enabled hosts, nor
@@ -412,7 +43,7 @@ func (a *App) validate() error {
 
 // validateHosts checks the config's hosts together with the stored ones:
 // ids and listen ports may not collide between the two.
-func (a *App) validateHosts(config []*Stream, stored []storage.Host) error {
+func (a *App) validateHosts(config []*spec.Stream, stored []storage.Stored) error {
 	if err := a.validate(); err != nil {
 		return err
 	}
@@ -420,9 +51,9 @@ func (a *App) validateHosts(config []*Stream, stored []storage.Host) error {
 	if len(stored) == 0 {
 		return nil
 	}
-	all := append([]*Stream(nil), config...)
+	all := append([]*spec.Stream(nil), config...)
 	for _, h := range stored {
-		all = append(all, streamFromHost(h))
+		all = append(all, &h.Stream)
 	}
 	// The config's hosts have passed Validate; stored ones are not held
 	// to the limits of name and notes, which came after some were stored:
@@ -437,21 +68,25 @@ func (a *App) validateHosts(config []*Stream, stored []storage.Host) error {
 // validateList checks every host on its own (with the limits of name and
 // notes if limits is set), that ids are unique and that no two enabled
 // hosts, nor one and Caddy itself, share a port.
-func (a *App) validateList(hosts []*Stream, limits bool) []error {
+func (a *App) validateList(hosts []*spec.Stream, limits bool) []error {
 	var errs []error
-	byID := make(map[int64]*Stream, len(hosts))
-	var enabled []*Stream
+	byID := make(map[int64]*spec.Stream, len(hosts))
+	var enabled []*spec.Stream
 	for i, s := range hosts {
 		if s == nil {
 			errs = append(errs, fmt.Errorf("hosts[%d]: null: must be a stream object", i))
 			continue
 		}
-		if err := s.validate(limits); err != nil {
+		validate := s.Validate
+		if !limits {
+			validate = s.ValidateStored
+		}
+		if err := validate(); err != nil {
 			errs = append(errs, err)
 		}
 		if first, dup := byID[s.ID]; dup {
-			errs = append(errs, &FieldError{ID: s.ID, Name: s.Name, Field: "id", Value: strconv.FormatInt(s.ID, 10),
-				Reason: "already used by " + streamLabel(first.ID, first.Name) + "; every stream needs its own id"})
+			errs = append(errs, &spec.FieldError{ID: s.ID, Name: s.Name, Field: "id", Value: s.ID,
+				Reason: "already used by " + spec.StreamLabel(first.ID, first.Name) + "; every stream needs its own id"})
 		} else {
 			byID[s.ID] = s
 		}
@@ -467,11 +102,11 @@ func (a *App) validateList(hosts []*Stream, limits bool) []error {
 // streams (other than s's own id) and the ports Caddy holds, as Validate
 // does for a whole config. A disabled s conflicts with nothing. The caller
 // holds a.mu.
-func (a *App) validateListen(s *Stream) error {
+func (a *App) validateListen(s *spec.Stream) error {
 	if !s.Enabled {
 		return nil
 	}
-	var others []*Stream
+	var others []*spec.Stream
 	for _, rt := range a.streams {
 		if rt.cfg.Enabled && rt.cfg.ID != s.ID {
 			others = append(others, rt.cfg)
@@ -483,7 +118,7 @@ func (a *App) validateListen(s *Stream) error {
 // listenConflicts returns an error for each of others that s would share a
 // socket with, and one if s takes a port reserved by Caddy. A stream whose
 // listen address or port is invalid is skipped: Stream.Validate reports it.
-func (a *App) listenConflicts(s *Stream, others []*Stream) []error {
+func (a *App) listenConflicts(s *spec.Stream, others []*spec.Stream) []error {
 	addr, ok := listenAddr(s)
 	if !ok {
 		return nil
@@ -497,25 +132,25 @@ func (a *App) listenConflicts(s *Stream, others []*Stream) []error {
 		var shared string
 		switch tcp, udp := s.HasTCP() && o.HasTCP(), s.HasUDP() && o.HasUDP(); {
 		case tcp && udp:
-			shared = ProtocolTCPUDP
+			shared = spec.ProtocolTCPUDP
 		case tcp:
-			shared = ProtocolTCP
+			shared = spec.ProtocolTCP
 		case udp:
-			shared = ProtocolUDP
+			shared = spec.ProtocolUDP
 		default:
 			continue
 		}
-		errs = append(errs, &FieldError{
+		errs = append(errs, &spec.FieldError{
 			ID: s.ID, Name: s.Name, Field: "listen_port",
 			Value:  fmt.Sprintf("%d/%s", s.ListenPort, shared),
-			Reason: fmt.Sprintf("overlaps %s on %s; use another port or address, or disable one of them", streamLabel(o.ID, o.Name), listenWhere(o)),
-			sep:    " ",
+			Reason: fmt.Sprintf("overlaps %s on %s; use another port or address, or disable one of them", spec.StreamLabel(o.ID, o.Name), o.ListenWhere()),
+			Inline: true,
 		})
 	}
 	for _, r := range a.reserved {
 		if r.Port == s.ListenPort {
-			errs = append(errs, &FieldError{
-				ID: s.ID, Name: s.Name, Field: "listen_port", Value: strconv.Itoa(s.ListenPort),
+			errs = append(errs, &spec.FieldError{
+				ID: s.ID, Name: s.Name, Field: "listen_port", Value: s.ListenPort,
 				Reason: fmt.Sprintf("port %d is %s; use another port", r.Port, r.Owner),
 			})
 			break
@@ -526,8 +161,8 @@ func (a *App) listenConflicts(s *Stream, others []*Stream) []error {
 
 // listenAddr is the stream's listen address, unmapped; the zero Addr means
 // every address. ok is false when the address or port is invalid.
-func listenAddr(s *Stream) (addr netip.Addr, ok bool) {
-	if !validPort(s.ListenPort) || checkListenAddress(s.ListenAddress) != "" {
+func listenAddr(s *spec.Stream) (addr netip.Addr, ok bool) {
+	if !spec.ValidPort(s.ListenPort) || spec.CheckListenAddress(s.ListenAddress) != "" {
 		return netip.Addr{}, false
 	}
 	if s.ListenAddress == "" {
@@ -557,14 +192,3 @@ func addrsOverlap(a, b netip.Addr) bool {
 
 // Interface guard.
 var _ caddy.Validator = (*App)(nil)
-
-// countSet counts the true values.
-func countSet(set ...bool) int {
-	n := 0
-	for _, b := range set {
-		if b {
-			n++
-		}
-	}
-	return n
-}

@@ -1,157 +1,14 @@
 package streams
 
 import (
-	"errors"
 	"strconv"
 	"strings"
 	"testing"
 
 	"github.com/caddyserver/caddy/v2"
+
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
-
-// validStream returns a stream that passes Validate; tests change one thing.
-func validStream() *Stream {
-	return &Stream{
-		ID:           3,
-		Name:         "postgres",
-		ListenPort:   15432,
-		UpstreamHost: "db.internal",
-		UpstreamPort: 5432,
-		Enabled:      true,
-	}
-}
-
-func TestStreamValidateOK(t *testing.T) {
-	for _, tc := range []struct {
-		name   string
-		change func(s *Stream)
-	}{
-		{"minimal", func(s *Stream) {}},
-		{"no name", func(s *Stream) { s.Name = "" }},
-		{"tcp", func(s *Stream) { s.Protocol = "tcp" }},
-		{"udp", func(s *Stream) { s.Protocol = "udp" }},
-		{"tcp+udp with proxy v2", func(s *Stream) { s.Protocol = "tcp+udp"; s.ProxyProtocolVersion = 2 }},
-		{"tcp with proxy v1", func(s *Stream) { s.ProxyProtocolVersion = 1 }},
-		{"ipv4 listen", func(s *Stream) { s.ListenAddress = "127.0.0.1" }},
-		{"ipv4 any", func(s *Stream) { s.ListenAddress = "0.0.0.0" }},
-		{"ipv6 listen", func(s *Stream) { s.ListenAddress = "::1" }},
-		{"ipv6 any", func(s *Stream) { s.ListenAddress = "::" }},
-		{"ipv4-mapped listen", func(s *Stream) { s.ListenAddress = "::ffff:127.0.0.1" }},
-		{"ports at the limits", func(s *Stream) { s.ListenPort = 1; s.UpstreamPort = 65535 }},
-		{"upstream ipv4", func(s *Stream) { s.UpstreamHost = "10.0.0.5" }},
-		{"upstream ipv6", func(s *Stream) { s.UpstreamHost = "2001:db8::5" }},
-		{"upstream ipv6 link-local with zone", func(s *Stream) { s.UpstreamHost = "fe80::1%eth0" }},
-		{"upstream single label", func(s *Stream) { s.UpstreamHost = "localhost" }},
-		{"upstream with underscore", func(s *Stream) { s.UpstreamHost = "my_db.svc" }},
-		{"upstream fqdn", func(s *Stream) { s.UpstreamHost = "db.example.com." }},
-		{"upstream punycode", func(s *Stream) { s.UpstreamHost = "xn--bcher-kva.example" }},
-		{"upstream digits then name", func(s *Stream) { s.UpstreamHost = "1e100.net" }},
-		{"limits", func(s *Stream) {
-			s.MaxConnections = 100
-			s.ConnectionTimeoutSeconds = 5
-			s.IdleTimeoutSeconds = maxSeconds
-			s.UploadRateBytes = 1 << 20
-			s.DownloadRateBytes = 1 << 30
-			s.HealthCheckEnabled = true
-			s.HealthCheckIntervalSeconds = 10
-		}},
-		{"cidrs", func(s *Stream) {
-			s.WhitelistCIDRs = []string{"10.0.0.0/8", "192.0.2.7", "2001:db8::/32", "::1", "::ffff:10.0.0.0/104", " 172.16.0.0/12 "}
-			s.BlacklistCIDRs = []string{"10.6.6.6/32", "2001:db8:bad::/48"}
-		}},
-		{"tls on tcp", func(s *Stream) { s.SSLEnabled = true; s.SSLCertID = 1 }},
-		{"tls on tcp+udp", func(s *Stream) { s.Protocol = "tcp+udp"; s.SSLEnabled = true; s.SSLCertID = 1 }},
-		{"cert id without tls", func(s *Stream) { s.SSLCertID = 9 }},
-		{"disabled", func(s *Stream) { s.Enabled = false }},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			s := validStream()
-			tc.change(s)
-			if err := s.Validate(); err != nil {
-				t.Errorf("Validate() = %v, want nil", err)
-			}
-		})
-	}
-}
-
-func TestStreamValidateErrors(t *testing.T) {
-	for _, tc := range []struct {
-		name   string
-		change func(s *Stream)
-		// want are substrings of one error: field and value, then what is allowed.
-		want []string
-	}{
-		{"id zero", func(s *Stream) { s.ID = 0 }, []string{"stream 0 (\"postgres\"): id 0: must be > 0"}},
-		{"id negative", func(s *Stream) { s.ID = -4 }, []string{"id -4: must be > 0"}},
-		{"protocol unknown", func(s *Stream) { s.Protocol = "sctp" }, []string{`protocol "sctp": must be tcp, udp or tcp+udp`}},
-		{"protocol upper case", func(s *Stream) { s.Protocol = "TCP" }, []string{`protocol "TCP"`}},
-		{"listen hostname", func(s *Stream) { s.ListenAddress = "localhost" }, []string{`listen_address "localhost"`, "must be an IP address", "hostnames are not allowed"}},
-		{"listen with port", func(s *Stream) { s.ListenAddress = "127.0.0.1:5432" }, []string{`listen_address "127.0.0.1:5432"`, "put the port in listen_port"}},
-		{"listen ipv6 brackets", func(s *Stream) { s.ListenAddress = "[::1]" }, []string{`listen_address "[::1]"`, "without brackets"}},
-		{"listen ipv6 brackets and port", func(s *Stream) { s.ListenAddress = "[::1]:5432" }, []string{`listen_address "[::1]:5432"`, "put the port in listen_port"}},
-		{"listen zone", func(s *Stream) { s.ListenAddress = "fe80::1%eth0" }, []string{`listen_address "fe80::1%eth0"`, "zone is not allowed"}},
-		{"listen bad ipv4", func(s *Stream) { s.ListenAddress = "10.0.0.300" }, []string{`listen_address "10.0.0.300"`}},
-		{"listen port zero", func(s *Stream) { s.ListenPort = 0 }, []string{`stream 3 ("postgres"): listen_port: required; must be 1-65535`}},
-		{"listen port too big", func(s *Stream) { s.ListenPort = 70000 }, []string{`stream 3 ("postgres"): listen_port 70000: must be 1-65535`}},
-		{"listen port negative", func(s *Stream) { s.ListenPort = -1 }, []string{"listen_port -1: must be 1-65535"}},
-		{"upstream empty", func(s *Stream) { s.UpstreamHost = "" }, []string{`stream 3 ("postgres"): upstream_host: required; must be a hostname`}},
-		{"upstream space", func(s *Stream) { s.UpstreamHost = "db internal" }, []string{`upstream_host "db internal"`, "spaces"}},
-		{"upstream newline", func(s *Stream) { s.UpstreamHost = "db\n" }, []string{`upstream_host "db\n"`, "control characters"}},
-		{"upstream with port", func(s *Stream) { s.UpstreamHost = "db.internal:5432" }, []string{`upstream_host "db.internal:5432"`, "put the port in upstream_port"}},
-		{"upstream ipv6 brackets", func(s *Stream) { s.UpstreamHost = "[2001:db8::5]" }, []string{`upstream_host "[2001:db8::5]"`, "without brackets"}},
-		{"upstream bad ipv4", func(s *Stream) { s.UpstreamHost = "10.0.0.300" }, []string{`upstream_host "10.0.0.300"`, "not a valid IP address"}},
-		{"upstream bad chars", func(s *Stream) { s.UpstreamHost = "db/internal" }, []string{`upstream_host "db/internal"`, "only letters, digits"}},
-		{"upstream empty label", func(s *Stream) { s.UpstreamHost = "db..internal" }, []string{`upstream_host "db..internal"`, "1-63 characters"}},
-		{"upstream leading hyphen", func(s *Stream) { s.UpstreamHost = "-db.internal" }, []string{`upstream_host "-db.internal"`, "'-'"}},
-		{"upstream too long", func(s *Stream) { s.UpstreamHost = strings.Repeat("a.", 127) + "com" }, []string{"upstream_host", "at most 253 characters"}},
-		{"upstream unicode", func(s *Stream) { s.UpstreamHost = "bücher.example" }, []string{`upstream_host "bücher.example"`, "xn--"}},
-		{"upstream placeholder", func(s *Stream) { s.UpstreamHost = "{env.DB}" }, []string{`upstream_host "{env.DB}"`}},
-		{"upstream port zero", func(s *Stream) { s.UpstreamPort = 0 }, []string{"upstream_port: required; must be 1-65535"}},
-		{"upstream port too big", func(s *Stream) { s.UpstreamPort = 65536 }, []string{"upstream_port 65536: must be 1-65535"}},
-		{"max connections", func(s *Stream) { s.MaxConnections = -1 }, []string{"max_connections -1: must be >= 0"}},
-		{"connection timeout", func(s *Stream) { s.ConnectionTimeoutSeconds = -5 }, []string{"connection_timeout_seconds -5: must be 0-31536000"}},
-		{"idle timeout negative", func(s *Stream) { s.IdleTimeoutSeconds = -1 }, []string{"idle_timeout_seconds -1: must be 0-31536000"}},
-		{"idle timeout overflow", func(s *Stream) { s.IdleTimeoutSeconds = 1 << 40 }, []string{"idle_timeout_seconds 1099511627776: must be 0-31536000"}},
-		{"health interval", func(s *Stream) { s.HealthCheckIntervalSeconds = -30 }, []string{"health_check_interval_seconds -30: must be 0-31536000"}},
-		{"upload rate", func(s *Stream) { s.UploadRateBytes = -1 }, []string{"upload_rate_bytes -1: must be >= 0"}},
-		{"download rate", func(s *Stream) { s.DownloadRateBytes = -1 }, []string{"download_rate_bytes -1: must be >= 0"}},
-		{"ssl cert id negative", func(s *Stream) { s.SSLCertID = -1 }, []string{"ssl_cert_id -1: must be >= 0"}},
-		{"proxy version 3", func(s *Stream) { s.ProxyProtocolVersion = 3 }, []string{"proxy_protocol_version 3: must be 0 (off), 1 or 2"}},
-		{"proxy version negative", func(s *Stream) { s.ProxyProtocolVersion = -1 }, []string{"proxy_protocol_version -1"}},
-		{"proxy v1 on udp", func(s *Stream) { s.Protocol = "udp"; s.ProxyProtocolVersion = 1 }, []string{"proxy_protocol_version 1: version 1 cannot describe udp", "udp stream"}},
-		{"proxy v1 on tcp+udp", func(s *Stream) { s.Protocol = "tcp+udp"; s.ProxyProtocolVersion = 1 }, []string{"proxy_protocol_version 1", "tcp+udp stream"}},
-		{"whitelist bad cidr", func(s *Stream) { s.WhitelistCIDRs = []string{"10.0.0.0/8", "10.0.0.300/8"} }, []string{`stream 3 ("postgres"): whitelist_cidrs "10.0.0.300/8": not a CIDR (want e.g. 10.0.0.0/8 or 2001:db8::/32)`}},
-		{"whitelist bad ipv6 prefix", func(s *Stream) { s.WhitelistCIDRs = []string{"2001:db8::/129"} }, []string{`whitelist_cidrs "2001:db8::/129": not a CIDR`}},
-		{"whitelist hostname", func(s *Stream) { s.WhitelistCIDRs = []string{"example.com"} }, []string{`whitelist_cidrs "example.com": not an IP address or CIDR`}},
-		{"whitelist empty entry", func(s *Stream) { s.WhitelistCIDRs = []string{""} }, []string{`whitelist_cidrs "": empty entry`}},
-		{"blacklist zone", func(s *Stream) { s.BlacklistCIDRs = []string{"fe80::1%eth0"} }, []string{`blacklist_cidrs "fe80::1%eth0": an IP zone is not allowed`}},
-		{"blacklist bad", func(s *Stream) { s.BlacklistCIDRs = []string{"1.2.3.4/33"} }, []string{`blacklist_cidrs "1.2.3.4/33": not a CIDR`}},
-		{"tls on udp", func(s *Stream) { s.Protocol = "udp"; s.SSLEnabled = true; s.SSLCertID = 1 }, []string{"ssl_enabled true: tls needs a tcp listener"}},
-		{"tls without cert", func(s *Stream) { s.SSLEnabled = true }, []string{"ssl_cert_id 0: must be > 0", "when ssl_enabled is true"}},
-		{"no name", func(s *Stream) { s.Name = ""; s.ListenPort = 0 }, []string{"stream 3: listen_port: required"}},
-		{"name too long", func(s *Stream) { s.Name = strings.Repeat("ü", 201) }, []string{`stream 3 ("` + strings.Repeat("ü", 60) + `…"): name: 201 characters, more than the limit of 200; shorten it`}},
-		{"notes too long", func(s *Stream) { s.Notes = strings.Repeat("é", 10001) }, []string{`stream 3 ("postgres"): notes: 10001 characters, more than the limit of 10000; shorten it`}},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			s := validStream()
-			tc.change(s)
-			err := s.Validate()
-			if err == nil {
-				t.Fatalf("Validate() = nil, want an error containing %q", tc.want)
-			}
-			if !oneErrorContains(err, tc.want) {
-				t.Errorf("Validate() = %q\nwant one error containing all of %q", err, tc.want)
-			}
-			var fe *FieldError
-			if !errors.As(err, &fe) || fe.ID != s.ID || fe.Name != s.Name {
-				t.Errorf("Validate() = %#v, want *FieldError for stream %d", err, s.ID)
-			}
-			if msg := err.Error(); msg != strings.TrimSpace(msg) || strings.HasSuffix(msg, ".") {
-				t.Errorf("message %q has surrounding space or a trailing period", msg)
-			}
-		})
-	}
-}
 
 // oneErrorContains reports whether one of the errors joined in err contains
 // every substring of want.
@@ -172,79 +29,10 @@ func oneErrorContains(err error, want []string) bool {
 	return false
 }
 
-func TestStreamValidateCollectsAll(t *testing.T) {
-	s := &Stream{
-		ID:                   7,
-		Name:                 "broken",
-		Protocol:             "udp",
-		ListenAddress:        "localhost",
-		ListenPort:           70000,
-		UpstreamPort:         0,
-		ProxyProtocolVersion: 1,
-		WhitelistCIDRs:       []string{"nope"},
-		SSLEnabled:           true,
-	}
-	err := s.Validate()
-	if err == nil {
-		t.Fatal("Validate() = nil")
-	}
-	for _, field := range []string{
-		"listen_address", "listen_port", "upstream_host", "upstream_port",
-		"proxy_protocol_version", "whitelist_cidrs", "ssl_enabled", "ssl_cert_id",
-	} {
-		// "field value: reason", or "field: required; ..." for a setting
-		// left out.
-		if !oneErrorContains(err, []string{`stream 7 ("broken"): ` + field + " "}) && !oneErrorContains(err, []string{`stream 7 ("broken"): ` + field + ": required; "}) {
-			t.Errorf("no %s error in:\n%v", field, err)
-		}
-	}
-	if n := len(err.(interface{ Unwrap() []error }).Unwrap()); n != 8 {
-		t.Errorf("got %d errors, want 8:\n%v", n, err)
-	}
-}
-
-func TestStreamWarnings(t *testing.T) {
-	for _, tc := range []struct {
-		port int
-		want []string
-	}{
-		{22, []string{"listen_port 22: a privileged port", "listen_port 22: the well-known port of SSH"}},
-		{1000, []string{"listen_port 1000: a privileged port"}},
-		{5432, []string{"listen_port 5432: the well-known port of PostgreSQL"}},
-		{15432, nil},
-		{0, nil},
-		{70000, nil},
-	} {
-		s := validStream()
-		s.ListenPort = tc.port
-		got := s.Warnings()
-		if len(got) != len(tc.want) {
-			t.Errorf("port %d: Warnings() = %q, want %d warnings", tc.port, got, len(tc.want))
-			continue
-		}
-		for i, w := range tc.want {
-			if !strings.HasPrefix(got[i], w) {
-				t.Errorf("port %d: warning %q, want prefix %q", tc.port, got[i], w)
-			}
-		}
-	}
-
-	// Settings that do nothing on a UDP-only stream.
-	s := validStream()
-	s.ListenPort, s.HalfClose = 15432, true
-	if got := s.Warnings(); len(got) != 0 {
-		t.Errorf("tcp stream with half_close: Warnings() = %q, want none", got)
-	}
-	s.Protocol = ProtocolUDP
-	if got := s.Warnings(); len(got) != 1 || !strings.HasPrefix(got[0], "half_close: applies to TCP connections only") {
-		t.Errorf("udp stream with half_close: Warnings() = %q, want one about half_close", got)
-	}
-}
-
 // host returns a valid enabled stream with the given id, name, protocol and
 // listen address and port.
-func host(id int64, name, protocol, addr string, port int) *Stream {
-	return &Stream{
+func host(id int64, name, protocol, addr string, port int) *spec.Stream {
+	return &spec.Stream{
 		ID: id, Name: name, Protocol: protocol, ListenAddress: addr, ListenPort: port,
 		UpstreamHost: "upstream.internal", UpstreamPort: 9000, Enabled: true,
 	}
@@ -253,7 +41,7 @@ func host(id int64, name, protocol, addr string, port int) *Stream {
 func TestListenOverlap(t *testing.T) {
 	for _, tc := range []struct {
 		name       string
-		a, b       *Stream
+		a, b       *spec.Stream
 		wantShared string // "" for no conflict
 	}{
 		{"same port, both every address", host(1, "a", "", "", 53), host(2, "b", "", "", 53), "tcp"},
@@ -277,7 +65,7 @@ func TestListenOverlap(t *testing.T) {
 		{"same ipv6, two spellings", host(1, "a", "", "2001:db8::1", 80), host(2, "b", "", "2001:0db8:0::1", 80), "tcp"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			app := &App{Hosts: []*Stream{tc.a, tc.b}}
+			app := &App{Hosts: []*spec.Stream{tc.a, tc.b}}
 			err := app.Validate()
 			if tc.wantShared == "" {
 				if err != nil {
@@ -287,7 +75,7 @@ func TestListenOverlap(t *testing.T) {
 			}
 			want := []string{
 				`stream 2 ("b"): listen_port ` + strconv.Itoa(tc.b.ListenPort) + "/" + tc.wantShared,
-				`overlaps stream 1 ("a") on ` + listenWhere(tc.a),
+				`overlaps stream 1 ("a") on ` + tc.a.ListenWhere(),
 				"use another port or address, or disable one of them",
 			}
 			if err == nil || !oneErrorContains(err, want) {
@@ -301,31 +89,31 @@ func TestAppValidate(t *testing.T) {
 	reserved := []reservedPort{{80, "Caddy's HTTP port"}, {443, "Caddy's HTTPS port"}, {2019, "Caddy's admin endpoint"}}
 	for _, tc := range []struct {
 		name  string
-		hosts []*Stream
+		hosts []*spec.Stream
 		grace int64
 		want  [][]string // each: substrings of one error; nil = valid
 	}{
 		{"empty", nil, 0, nil},
-		{"distinct hosts", []*Stream{host(1, "a", "", "", 5432), host(2, "b", "udp", "", 5432), host(3, "c", "", "::1", 6379)}, 0, nil},
-		{"disabled hosts may overlap", []*Stream{host(1, "a", "", "", 5432), func() *Stream { s := host(2, "b", "", "", 5432); s.Enabled = false; return s }()}, 0, nil},
-		{"disabled host on a reserved port", []*Stream{func() *Stream { s := host(1, "a", "", "", 443); s.Enabled = false; return s }()}, 0, nil},
-		{"null host", []*Stream{host(1, "a", "", "", 5432), nil}, 0, [][]string{{"hosts[1]: null: must be a stream object"}}},
-		{"duplicate id", []*Stream{host(1, "a", "", "", 5432), host(1, "b", "", "", 5433)}, 0,
+		{"distinct hosts", []*spec.Stream{host(1, "a", "", "", 5432), host(2, "b", "udp", "", 5432), host(3, "c", "", "::1", 6379)}, 0, nil},
+		{"disabled hosts may overlap", []*spec.Stream{host(1, "a", "", "", 5432), func() *spec.Stream { s := host(2, "b", "", "", 5432); s.Enabled = false; return s }()}, 0, nil},
+		{"disabled host on a reserved port", []*spec.Stream{func() *spec.Stream { s := host(1, "a", "", "", 443); s.Enabled = false; return s }()}, 0, nil},
+		{"null host", []*spec.Stream{host(1, "a", "", "", 5432), nil}, 0, [][]string{{"hosts[1]: null: must be a stream object"}}},
+		{"duplicate id", []*spec.Stream{host(1, "a", "", "", 5432), host(1, "b", "", "", 5433)}, 0,
 			[][]string{{`stream 1 ("b"): id 1: already used by stream 1 ("a")`}}},
-		{"overlap, example from the docs", []*Stream{host(2, "dns-old", "udp", "0.0.0.0", 53), host(4, "dns", "udp", "0.0.0.0", 53)}, 0,
+		{"overlap, example from the docs", []*spec.Stream{host(2, "dns-old", "udp", "0.0.0.0", 53), host(4, "dns", "udp", "0.0.0.0", 53)}, 0,
 			[][]string{{`stream 4 ("dns"): listen_port 53/udp overlaps stream 2 ("dns-old") on 0.0.0.0:53; use another port or address, or disable one of them`}}},
-		{"overlap with ipv6 address", []*Stream{host(1, "a", "", "::1", 5432), host(2, "b", "", "", 5432)}, 0,
+		{"overlap with ipv6 address", []*spec.Stream{host(1, "a", "", "::1", 5432), host(2, "b", "", "", 5432)}, 0,
 			[][]string{{`stream 2 ("b"): listen_port 5432/tcp overlaps stream 1 ("a") on [::1]:5432`}}},
-		{"three on one port", []*Stream{host(1, "a", "", "", 5432), host(2, "b", "", "", 5432), host(3, "c", "", "", 5432)}, 0,
+		{"three on one port", []*spec.Stream{host(1, "a", "", "", 5432), host(2, "b", "", "", 5432), host(3, "c", "", "", 5432)}, 0,
 			[][]string{{`stream 2 ("b")`, `overlaps stream 1 ("a")`}, {`stream 3 ("c")`, `overlaps stream 1 ("a")`}, {`stream 3 ("c")`, `overlaps stream 2 ("b")`}}},
-		{"https port", []*Stream{host(1, "a", "", "", 443)}, 0,
+		{"https port", []*spec.Stream{host(1, "a", "", "", 443)}, 0,
 			[][]string{{`stream 1 ("a"): listen_port 443: port 443 is Caddy's HTTPS port; use another port`}}},
-		{"http port on udp", []*Stream{host(1, "a", "udp", "127.0.0.1", 80)}, 0, [][]string{{"listen_port 80: port 80 is Caddy's HTTP port"}}},
-		{"admin port", []*Stream{host(1, "a", "", "", 2019)}, 0, [][]string{{"listen_port 2019: port 2019 is Caddy's admin endpoint"}}},
+		{"http port on udp", []*spec.Stream{host(1, "a", "udp", "127.0.0.1", 80)}, 0, [][]string{{"listen_port 80: port 80 is Caddy's HTTP port"}}},
+		{"admin port", []*spec.Stream{host(1, "a", "", "", 2019)}, 0, [][]string{{"listen_port 2019: port 2019 is Caddy's admin endpoint"}}},
 		{"negative grace period", nil, -1e9, [][]string{{"grace_period -1s: must be >= 0"}}},
-		{"invalid host and an overlap", []*Stream{host(1, "a", "", "", 5432), func() *Stream { s := host(2, "b", "", "", 5432); s.UpstreamPort = 0; return s }()}, 0,
+		{"invalid host and an overlap", []*spec.Stream{host(1, "a", "", "", 5432), func() *spec.Stream { s := host(2, "b", "", "", 5432); s.UpstreamPort = 0; return s }()}, 0,
 			[][]string{{`stream 2 ("b"): upstream_port: required`}, {`stream 2 ("b"): listen_port 5432/tcp overlaps`}}},
-		{"invalid listen address is not checked for overlap", []*Stream{host(1, "a", "", "", 5432), host(2, "b", "", "localhost", 5432)}, 0,
+		{"invalid listen address is not checked for overlap", []*spec.Stream{host(1, "a", "", "", 5432), host(2, "b", "", "localhost", 5432)}, 0,
 			[][]string{{`stream 2 ("b"): listen_address "localhost"`}}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -361,7 +149,7 @@ func TestValidateListen(t *testing.T) {
 	}
 	for _, tc := range []struct {
 		name string
-		s    *Stream
+		s    *spec.Stream
 		want string // "" for nil
 	}{
 		{"free port", host(9, "new", "", "", 6379), ""},
@@ -369,7 +157,7 @@ func TestValidateListen(t *testing.T) {
 		{"same port, other protocol", host(9, "new", "udp", "", 5432), ""},
 		{"editing itself", host(1, "a", "", "", 5432), ""},
 		{"reserved", host(9, "new", "", "", 443), "port 443 is Caddy's HTTPS port"},
-		{"disabled", func() *Stream { s := host(9, "new", "", "", 443); s.Enabled = false; return s }(), ""},
+		{"disabled", func() *spec.Stream { s := host(9, "new", "", "", 443); s.Enabled = false; return s }(), ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := app.validateListen(tc.s)
@@ -386,15 +174,15 @@ func TestValidateListen(t *testing.T) {
 func TestValidateTLSCertificateChoice(t *testing.T) {
 	for _, tc := range []struct {
 		name string
-		set  func(s *Stream)
+		set  func(s *spec.Stream)
 		want string // "" for valid
 	}{
-		{"stored id", func(s *Stream) { s.SSLCertID = 3 }, ""},
-		{"tag", func(s *Stream) { s.SSLCertTag = "db" }, ""},
-		{"domain", func(s *Stream) { s.SSLDomain = "db.example.com" }, ""},
-		{"none", func(s *Stream) {}, "ssl_cert_id 0: must be > 0"},
-		{"two", func(s *Stream) { s.SSLCertID, s.SSLDomain = 3, "db.example.com" }, "give one of ssl_cert_id, ssl_cert_tag and ssl_domain"},
-		{"bad domain", func(s *Stream) { s.SSLDomain = "https://db" }, `ssl_domain "https://db"`},
+		{"stored id", func(s *spec.Stream) { s.SSLCertID = 3 }, ""},
+		{"tag", func(s *spec.Stream) { s.SSLCertTag = "db" }, ""},
+		{"domain", func(s *spec.Stream) { s.SSLDomain = "db.example.com" }, ""},
+		{"none", func(s *spec.Stream) {}, "ssl_cert_id 0: must be > 0"},
+		{"two", func(s *spec.Stream) { s.SSLCertID, s.SSLDomain = 3, "db.example.com" }, "give one of ssl_cert_id, ssl_cert_tag and ssl_domain"},
+		{"bad domain", func(s *spec.Stream) { s.SSLDomain = "https://db" }, `ssl_domain "https://db"`},
 	} {
 		s := host(1, "db", "tcp", "", 5432)
 		s.SSLEnabled = true

@@ -1,0 +1,287 @@
+package spec
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+)
+
+// validStream returns a stream that passes Validate; tests change one thing.
+func validStream() *Stream {
+	return &Stream{
+		ID:           3,
+		Name:         "postgres",
+		ListenPort:   15432,
+		UpstreamHost: "db.internal",
+		UpstreamPort: 5432,
+		Enabled:      true,
+	}
+}
+
+func TestStreamValidateOK(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		change func(s *Stream)
+	}{
+		{"minimal", func(s *Stream) {}},
+		{"no name", func(s *Stream) { s.Name = "" }},
+		{"tcp", func(s *Stream) { s.Protocol = "tcp" }},
+		{"udp", func(s *Stream) { s.Protocol = "udp" }},
+		{"tcp+udp with proxy v2", func(s *Stream) { s.Protocol = "tcp+udp"; s.ProxyProtocolVersion = 2 }},
+		{"tcp with proxy v1", func(s *Stream) { s.ProxyProtocolVersion = 1 }},
+		{"ipv4 listen", func(s *Stream) { s.ListenAddress = "127.0.0.1" }},
+		{"ipv4 any", func(s *Stream) { s.ListenAddress = "0.0.0.0" }},
+		{"ipv6 listen", func(s *Stream) { s.ListenAddress = "::1" }},
+		{"ipv6 any", func(s *Stream) { s.ListenAddress = "::" }},
+		{"ipv4-mapped listen", func(s *Stream) { s.ListenAddress = "::ffff:127.0.0.1" }},
+		{"ports at the limits", func(s *Stream) { s.ListenPort = 1; s.UpstreamPort = 65535 }},
+		{"upstream ipv4", func(s *Stream) { s.UpstreamHost = "10.0.0.5" }},
+		{"upstream ipv6", func(s *Stream) { s.UpstreamHost = "2001:db8::5" }},
+		{"upstream ipv6 link-local with zone", func(s *Stream) { s.UpstreamHost = "fe80::1%eth0" }},
+		{"upstream single label", func(s *Stream) { s.UpstreamHost = "localhost" }},
+		{"upstream with underscore", func(s *Stream) { s.UpstreamHost = "my_db.svc" }},
+		{"upstream fqdn", func(s *Stream) { s.UpstreamHost = "db.example.com." }},
+		{"upstream punycode", func(s *Stream) { s.UpstreamHost = "xn--bcher-kva.example" }},
+		{"upstream digits then name", func(s *Stream) { s.UpstreamHost = "1e100.net" }},
+		{"limits", func(s *Stream) {
+			s.MaxConnections = 100
+			s.ConnectionTimeoutSeconds = 5
+			s.IdleTimeoutSeconds = MaxSeconds
+			s.UploadRateBytes = 1 << 20
+			s.DownloadRateBytes = 1 << 30
+			s.HealthCheckEnabled = true
+			s.HealthCheckIntervalSeconds = 10
+		}},
+		{"cidrs", func(s *Stream) {
+			s.WhitelistCIDRs = []string{"10.0.0.0/8", "192.0.2.7", "2001:db8::/32", "::1", "::ffff:10.0.0.0/104", " 172.16.0.0/12 "}
+			s.BlacklistCIDRs = []string{"10.6.6.6/32", "2001:db8:bad::/48"}
+		}},
+		{"tls on tcp", func(s *Stream) { s.SSLEnabled = true; s.SSLCertID = 1 }},
+		{"tls on tcp+udp", func(s *Stream) { s.Protocol = "tcp+udp"; s.SSLEnabled = true; s.SSLCertID = 1 }},
+		{"cert id without tls", func(s *Stream) { s.SSLCertID = 9 }},
+		{"disabled", func(s *Stream) { s.Enabled = false }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := validStream()
+			tc.change(s)
+			if err := s.Validate(); err != nil {
+				t.Errorf("Validate() = %v, want nil", err)
+			}
+		})
+	}
+}
+
+func TestStreamValidateErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		change func(s *Stream)
+		// want are substrings of one error: field and value, then what is allowed.
+		want []string
+	}{
+		{"id zero", func(s *Stream) { s.ID = 0 }, []string{"stream 0 (\"postgres\"): id 0: must be > 0"}},
+		{"id negative", func(s *Stream) { s.ID = -4 }, []string{"id -4: must be > 0"}},
+		{"protocol unknown", func(s *Stream) { s.Protocol = "sctp" }, []string{`protocol "sctp": must be tcp, udp or tcp+udp`}},
+		{"protocol upper case", func(s *Stream) { s.Protocol = "TCP" }, []string{`protocol "TCP"`}},
+		{"listen hostname", func(s *Stream) { s.ListenAddress = "localhost" }, []string{`listen_address "localhost"`, "must be an IP address", "hostnames are not allowed"}},
+		{"listen with port", func(s *Stream) { s.ListenAddress = "127.0.0.1:5432" }, []string{`listen_address "127.0.0.1:5432"`, "put the port in listen_port"}},
+		{"listen ipv6 brackets", func(s *Stream) { s.ListenAddress = "[::1]" }, []string{`listen_address "[::1]"`, "without brackets"}},
+		{"listen ipv6 brackets and port", func(s *Stream) { s.ListenAddress = "[::1]:5432" }, []string{`listen_address "[::1]:5432"`, "put the port in listen_port"}},
+		{"listen zone", func(s *Stream) { s.ListenAddress = "fe80::1%eth0" }, []string{`listen_address "fe80::1%eth0"`, "zone is not allowed"}},
+		{"listen bad ipv4", func(s *Stream) { s.ListenAddress = "10.0.0.300" }, []string{`listen_address "10.0.0.300"`}},
+		{"listen port zero", func(s *Stream) { s.ListenPort = 0 }, []string{`stream 3 ("postgres"): listen_port: required; must be 1-65535`}},
+		{"listen port too big", func(s *Stream) { s.ListenPort = 70000 }, []string{`stream 3 ("postgres"): listen_port 70000: must be 1-65535`}},
+		{"listen port negative", func(s *Stream) { s.ListenPort = -1 }, []string{"listen_port -1: must be 1-65535"}},
+		{"upstream empty", func(s *Stream) { s.UpstreamHost = "" }, []string{`stream 3 ("postgres"): upstream_host: required; must be a hostname`}},
+		{"upstream space", func(s *Stream) { s.UpstreamHost = "db internal" }, []string{`upstream_host "db internal"`, "spaces"}},
+		{"upstream newline", func(s *Stream) { s.UpstreamHost = "db\n" }, []string{`upstream_host "db\n"`, "control characters"}},
+		{"upstream with port", func(s *Stream) { s.UpstreamHost = "db.internal:5432" }, []string{`upstream_host "db.internal:5432"`, "put the port in upstream_port"}},
+		{"upstream ipv6 brackets", func(s *Stream) { s.UpstreamHost = "[2001:db8::5]" }, []string{`upstream_host "[2001:db8::5]"`, "without brackets"}},
+		{"upstream bad ipv4", func(s *Stream) { s.UpstreamHost = "10.0.0.300" }, []string{`upstream_host "10.0.0.300"`, "not a valid IP address"}},
+		{"upstream bad chars", func(s *Stream) { s.UpstreamHost = "db/internal" }, []string{`upstream_host "db/internal"`, "only letters, digits"}},
+		{"upstream empty label", func(s *Stream) { s.UpstreamHost = "db..internal" }, []string{`upstream_host "db..internal"`, "1-63 characters"}},
+		{"upstream leading hyphen", func(s *Stream) { s.UpstreamHost = "-db.internal" }, []string{`upstream_host "-db.internal"`, "'-'"}},
+		{"upstream too long", func(s *Stream) { s.UpstreamHost = strings.Repeat("a.", 127) + "com" }, []string{"upstream_host", "at most 253 characters"}},
+		{"upstream unicode", func(s *Stream) { s.UpstreamHost = "bücher.example" }, []string{`upstream_host "bücher.example"`, "xn--"}},
+		{"upstream placeholder", func(s *Stream) { s.UpstreamHost = "{env.DB}" }, []string{`upstream_host "{env.DB}"`}},
+		{"upstream port zero", func(s *Stream) { s.UpstreamPort = 0 }, []string{"upstream_port: required; must be 1-65535"}},
+		{"upstream port too big", func(s *Stream) { s.UpstreamPort = 65536 }, []string{"upstream_port 65536: must be 1-65535"}},
+		{"max connections", func(s *Stream) { s.MaxConnections = -1 }, []string{"max_connections -1: must be >= 0"}},
+		{"connection timeout", func(s *Stream) { s.ConnectionTimeoutSeconds = -5 }, []string{"connection_timeout_seconds -5: must be 0-31536000"}},
+		{"idle timeout negative", func(s *Stream) { s.IdleTimeoutSeconds = -1 }, []string{"idle_timeout_seconds -1: must be 0-31536000"}},
+		{"idle timeout overflow", func(s *Stream) { s.IdleTimeoutSeconds = 1 << 40 }, []string{"idle_timeout_seconds 1099511627776: must be 0-31536000"}},
+		{"health interval", func(s *Stream) { s.HealthCheckIntervalSeconds = -30 }, []string{"health_check_interval_seconds -30: must be 0-31536000"}},
+		{"upload rate", func(s *Stream) { s.UploadRateBytes = -1 }, []string{"upload_rate_bytes -1: must be >= 0"}},
+		{"download rate", func(s *Stream) { s.DownloadRateBytes = -1 }, []string{"download_rate_bytes -1: must be >= 0"}},
+		{"ssl cert id negative", func(s *Stream) { s.SSLCertID = -1 }, []string{"ssl_cert_id -1: must be >= 0"}},
+		{"proxy version 3", func(s *Stream) { s.ProxyProtocolVersion = 3 }, []string{"proxy_protocol_version 3: must be 0 (off), 1 or 2"}},
+		{"proxy version negative", func(s *Stream) { s.ProxyProtocolVersion = -1 }, []string{"proxy_protocol_version -1"}},
+		{"proxy v1 on udp", func(s *Stream) { s.Protocol = "udp"; s.ProxyProtocolVersion = 1 }, []string{"proxy_protocol_version 1: version 1 cannot describe udp", "udp stream"}},
+		{"proxy v1 on tcp+udp", func(s *Stream) { s.Protocol = "tcp+udp"; s.ProxyProtocolVersion = 1 }, []string{"proxy_protocol_version 1", "tcp+udp stream"}},
+		{"whitelist bad cidr", func(s *Stream) { s.WhitelistCIDRs = []string{"10.0.0.0/8", "10.0.0.300/8"} }, []string{`stream 3 ("postgres"): whitelist_cidrs "10.0.0.300/8": not a CIDR (want e.g. 10.0.0.0/8 or 2001:db8::/32)`}},
+		{"whitelist bad ipv6 prefix", func(s *Stream) { s.WhitelistCIDRs = []string{"2001:db8::/129"} }, []string{`whitelist_cidrs "2001:db8::/129": not a CIDR`}},
+		{"whitelist hostname", func(s *Stream) { s.WhitelistCIDRs = []string{"example.com"} }, []string{`whitelist_cidrs "example.com": not an IP address or CIDR`}},
+		{"whitelist empty entry", func(s *Stream) { s.WhitelistCIDRs = []string{""} }, []string{`whitelist_cidrs "": empty entry`}},
+		{"blacklist zone", func(s *Stream) { s.BlacklistCIDRs = []string{"fe80::1%eth0"} }, []string{`blacklist_cidrs "fe80::1%eth0": an IP zone is not allowed`}},
+		{"blacklist bad", func(s *Stream) { s.BlacklistCIDRs = []string{"1.2.3.4/33"} }, []string{`blacklist_cidrs "1.2.3.4/33": not a CIDR`}},
+		{"tls on udp", func(s *Stream) { s.Protocol = "udp"; s.SSLEnabled = true; s.SSLCertID = 1 }, []string{"ssl_enabled true: tls needs a tcp listener"}},
+		{"tls without cert", func(s *Stream) { s.SSLEnabled = true }, []string{"ssl_cert_id 0: must be > 0", "when ssl_enabled is true"}},
+		{"no name", func(s *Stream) { s.Name = ""; s.ListenPort = 0 }, []string{"stream 3: listen_port: required"}},
+		{"name too long", func(s *Stream) { s.Name = strings.Repeat("ü", 201) }, []string{`stream 3 ("` + strings.Repeat("ü", 60) + `…"): name: 201 characters, more than the limit of 200; shorten it`}},
+		{"notes too long", func(s *Stream) { s.Notes = strings.Repeat("é", 10001) }, []string{`stream 3 ("postgres"): notes: 10001 characters, more than the limit of 10000; shorten it`}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := validStream()
+			tc.change(s)
+			err := s.Validate()
+			if err == nil {
+				t.Fatalf("Validate() = nil, want an error containing %q", tc.want)
+			}
+			if !oneErrorContains(err, tc.want) {
+				t.Errorf("Validate() = %q\nwant one error containing all of %q", err, tc.want)
+			}
+			var fe *FieldError
+			if !errors.As(err, &fe) || fe.ID != s.ID || fe.Name != s.Name {
+				t.Errorf("Validate() = %#v, want *FieldError for stream %d", err, s.ID)
+			}
+			if msg := err.Error(); msg != strings.TrimSpace(msg) || strings.HasSuffix(msg, ".") {
+				t.Errorf("message %q has surrounding space or a trailing period", msg)
+			}
+		})
+	}
+}
+
+// oneErrorContains reports whether one of the errors joined in err contains
+// every substring of want.
+func oneErrorContains(err error, want []string) bool {
+	errs := []error{err}
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		errs = j.Unwrap()
+	}
+	for _, e := range errs {
+		all := true
+		for _, w := range want {
+			all = all && strings.Contains(e.Error(), w)
+		}
+		if all {
+			return true
+		}
+	}
+	return false
+}
+
+func TestStreamValidateCollectsAll(t *testing.T) {
+	s := &Stream{
+		ID:                   7,
+		Name:                 "broken",
+		Protocol:             "udp",
+		ListenAddress:        "localhost",
+		ListenPort:           70000,
+		UpstreamPort:         0,
+		ProxyProtocolVersion: 1,
+		WhitelistCIDRs:       []string{"nope"},
+		SSLEnabled:           true,
+	}
+	err := s.Validate()
+	if err == nil {
+		t.Fatal("Validate() = nil")
+	}
+	for _, field := range []string{
+		"listen_address", "listen_port", "upstream_host", "upstream_port",
+		"proxy_protocol_version", "whitelist_cidrs", "ssl_enabled", "ssl_cert_id",
+	} {
+		// "field value: reason", or "field: required; ..." for a setting
+		// left out.
+		if !oneErrorContains(err, []string{`stream 7 ("broken"): ` + field + " "}) && !oneErrorContains(err, []string{`stream 7 ("broken"): ` + field + ": required; "}) {
+			t.Errorf("no %s error in:\n%v", field, err)
+		}
+	}
+	if n := len(err.(interface{ Unwrap() []error }).Unwrap()); n != 8 {
+		t.Errorf("got %d errors, want 8:\n%v", n, err)
+	}
+}
+
+func TestStreamWarnings(t *testing.T) {
+	for _, tc := range []struct {
+		port int
+		want []string
+	}{
+		{22, []string{"listen_port 22: a privileged port", "listen_port 22: the well-known port of SSH"}},
+		{1000, []string{"listen_port 1000: a privileged port"}},
+		{5432, []string{"listen_port 5432: the well-known port of PostgreSQL"}},
+		{15432, nil},
+		{0, nil},
+		{70000, nil},
+	} {
+		s := validStream()
+		s.ListenPort = tc.port
+		got := s.Warnings()
+		if len(got) != len(tc.want) {
+			t.Errorf("port %d: Warnings() = %q, want %d warnings", tc.port, got, len(tc.want))
+			continue
+		}
+		for i, w := range tc.want {
+			if !strings.HasPrefix(got[i], w) {
+				t.Errorf("port %d: warning %q, want prefix %q", tc.port, got[i], w)
+			}
+		}
+	}
+
+	// Settings that do nothing on a UDP-only stream.
+	s := validStream()
+	s.ListenPort, s.HalfClose = 15432, true
+	if got := s.Warnings(); len(got) != 0 {
+		t.Errorf("tcp stream with half_close: Warnings() = %q, want none", got)
+	}
+	s.Protocol = ProtocolUDP
+	if got := s.Warnings(); len(got) != 1 || !strings.HasPrefix(got[0], "half_close: applies to TCP connections only") {
+		t.Errorf("udp stream with half_close: Warnings() = %q, want one about half_close", got)
+	}
+}
+
+// TestFieldErrorValue: each error carries the bad value as the API returns
+// it (a number, a string, a boolean; nil for a missing setting), and its
+// message shows it as the user wrote it.
+func TestFieldErrorValue(t *testing.T) {
+	s := &Stream{ID: 4, ListenPort: 70000, UpstreamHost: "db.internal", SSLEnabled: true}
+	s.Protocol = ProtocolUDP
+	s.ListenAddress = "localhost"
+	got := map[string]*FieldError{}
+	for _, e := range s.Validate().(interface{ Unwrap() []error }).Unwrap() {
+		var fe *FieldError
+		if !errors.As(e, &fe) {
+			t.Fatalf("%v is not a *FieldError", e)
+		}
+		got[fe.Field] = fe
+	}
+	for _, tc := range []struct {
+		field string
+		value any
+		msg   string
+	}{
+		{"listen_port", int64(70000), `stream 4: listen_port 70000: must be 1-65535`},
+		{"listen_address", "localhost", `stream 4: listen_address "localhost": must be an IP address`},
+		{"upstream_port", nil, `stream 4: upstream_port: required; must be 1-65535`},
+		{"ssl_enabled", true, `stream 4: ssl_enabled true: tls needs a tcp listener`},
+	} {
+		fe := got[tc.field]
+		if fe == nil {
+			t.Errorf("no error on %s in %v", tc.field, s.Validate())
+			continue
+		}
+		if fe.Value != tc.value {
+			t.Errorf("%s: Value = %#v, want %#v", tc.field, fe.Value, tc.value)
+		}
+		if !strings.HasPrefix(fe.Error(), tc.msg) {
+			t.Errorf("%s: message %q, want it to start with %q", tc.field, fe.Error(), tc.msg)
+		}
+	}
+
+	// An overlap's value is written into the sentence; a stream being
+	// created is "the new stream".
+	fe := &FieldError{ID: 9, Name: "b", Field: "listen_port", Value: "5432/tcp", Reason: "overlaps stream 1", Inline: true}
+	MarkNew(fmt.Errorf("wrapped: %w", errors.Join(fe)))
+	if want := `the new stream ("b"): listen_port 5432/tcp overlaps stream 1`; fe.Error() != want {
+		t.Errorf("got %q, want %q", fe.Error(), want)
+	}
+}
