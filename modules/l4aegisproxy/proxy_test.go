@@ -49,7 +49,7 @@ type chain struct {
 	addr  string
 }
 
-func startChain(t *testing.T, listen string, guard *l4aegisguard.Handler, proxy *l4aegisproxy.Handler) *chain {
+func startChain(t testing.TB, listen string, guard *l4aegisguard.Handler, proxy *l4aegisproxy.Handler) *chain {
 	t.Helper()
 	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
 	var hs layer4.Handlers
@@ -107,7 +107,7 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	}
 }
 
-func newUpstream(t *testing.T, listen string, serve func(net.Conn)) *loopback.Server {
+func newUpstream(t testing.TB, listen string, serve func(net.Conn)) *loopback.Server {
 	t.Helper()
 	return loopback.Serve(t, listen, serve)
 }
