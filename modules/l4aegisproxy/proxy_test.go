@@ -225,8 +225,8 @@ func transfer(t *testing.T, guard *l4aegisguard.Handler, up, down int64) (rchar 
 	}
 	st := ch.state()
 	waitFor(t, "the connection to end", func() bool { return st.Active.Load() == 0 })
-	if s, r := st.BytesSent.Load(), st.BytesReceived.Load(); s != uint64(up) || r != uint64(down) {
-		t.Fatalf("counters: bytes sent %d received %d, want %d and %d", s, r, up, down)
+	if tot := st.SinceReload(); tot.BytesSent != uint64(up) || tot.BytesReceived != uint64(down) {
+		t.Fatalf("counters: bytes sent %d received %d, want %d and %d", tot.BytesSent, tot.BytesReceived, up, down)
 	}
 	if !ok {
 		return -1, upload

@@ -45,6 +45,7 @@ type Status struct {
 
 // StatusOf reads a stream's status from its shared state.
 func StatusOf(s *Stream, st *streamstate.Stream) Status {
+	tot := st.SinceReload()
 	out := Status{
 		ID:                 s.ID,
 		Name:               s.DisplayName(),
@@ -52,10 +53,10 @@ func StatusOf(s *Stream, st *streamstate.Stream) Status {
 		Listening:          listening(s, st),
 		HealthStatus:       "not_checked",
 		ActiveConnections:  st.Active.Load(),
-		TotalConnections:   st.Total.Load(),
+		TotalConnections:   tot.Connections,
 		BlockedConnections: st.Blocked.Load(),
-		BytesSent:          st.BytesSent.Load(),
-		BytesReceived:      st.BytesReceived.Load(),
+		BytesSent:          tot.BytesSent,
+		BytesReceived:      tot.BytesReceived,
 		LogEntriesDropped:  st.LogDropped.Load(),
 		DatagramsDropped:   st.DatagramsDropped.Load(),
 	}

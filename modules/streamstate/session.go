@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"golang.org/x/sys/cpu"
 )
 
 // Reason says why a connection ended.
@@ -80,7 +81,15 @@ type Session struct {
 	// this long; 0 disables it.
 	IdleTimeout time.Duration
 
-	sent, received atomic.Uint64
+	// The bytes each way, each written by one direction's relay and kept
+	// in a cache line of its own, so the two directions do not bounce one
+	// line between cores (bytes.go).
+	_        cpu.CacheLinePad
+	sent     atomic.Uint64
+	_        cpu.CacheLinePad
+	received atomic.Uint64
+	_        cpu.CacheLinePad
+	folded   atomic.Bool // the bytes were added to the stream's ended counters
 	// Datagrams each way, for UDP sessions.
 	dgSent, dgReceived atomic.Uint64
 	lastActive         atomic.Int64 // unix nanoseconds
@@ -134,17 +143,12 @@ func (ss *Session) Sent() uint64 { return ss.sent.Load() }
 // Received is the number of upstream→client bytes of this connection.
 func (ss *Session) Received() uint64 { return ss.received.Load() }
 
-// AddSent counts client→upstream bytes.
-func (ss *Session) AddSent(n int64) {
-	ss.sent.Add(uint64(n))
-	ss.Stream.BytesSent.Add(uint64(n))
-}
+// AddSent counts client→upstream bytes. The stream's counters see them
+// when they are read (bytes.go); nothing shared is written.
+func (ss *Session) AddSent(n int64) { ss.sent.Add(uint64(n)) }
 
-// AddReceived counts upstream→client bytes.
-func (ss *Session) AddReceived(n int64) {
-	ss.received.Add(uint64(n))
-	ss.Stream.BytesReceived.Add(uint64(n))
-}
+// AddReceived counts upstream→client bytes, as AddSent does.
+func (ss *Session) AddReceived(n int64) { ss.received.Add(uint64(n)) }
 
 // AddDatagramSent counts one client→upstream datagram of n bytes.
 func (ss *Session) AddDatagramSent(n int) {
@@ -230,6 +234,7 @@ func (ss *Session) RelayOwnsIdle() { ss.relayOwnsIdle.Store(true) }
 // none was set) and queues its log entry when log is true.
 func (ss *Session) End(r Reason, log bool) {
 	ss.SetReason(r)
+	ss.fold()
 	ss.Stream.sessions.Delete(ss.ID)
 	d := time.Since(ss.Start)
 	ss.Stream.observeDuration(ss.UDP, d)
@@ -254,4 +259,7 @@ func (ss *Session) End(r Reason, log bool) {
 // Discard unregisters a session that never carried a connection (a UDP
 // NAT entry that lost the race to be stored): no log entry, and it is not
 // counted in the connection duration metric.
-func (ss *Session) Discard() { ss.Stream.sessions.Delete(ss.ID) }
+func (ss *Session) Discard() {
+	ss.fold()
+	ss.Stream.sessions.Delete(ss.ID)
+}

@@ -63,10 +63,6 @@ type Stream struct {
 	// Blocked counts connections refused by the ACL or max_connections
 	// since the last reload.
 	Blocked atomic.Uint64
-	// BytesSent counts client→upstream bytes since the last reload.
-	BytesSent atomic.Uint64
-	// BytesReceived counts upstream→client bytes since the last reload.
-	BytesReceived atomic.Uint64
 	// LogDropped counts connection-log entries lost: the log queue or the
 	// storage writer's queue was full, or storage failed to write them.
 	LogDropped atomic.Uint64
@@ -82,8 +78,14 @@ type Stream struct {
 	droppedBy [numDropReasons]atomic.Uint64
 	durations [2]prometheus.Histogram // by Kind
 	dials     prometheus.Histogram
-	totalsMu  sync.Mutex
-	carried   Totals // what ResetTotals took from the since-reload counters
+	// Bytes are counted by each session, and folded into ended when it
+	// ends (bytes.go): a relay step writes nothing the stream's other
+	// connections write.
+	ended     [2]atomic.Uint64 // by direction: bytes of ended sessions
+	totalsMu  sync.Mutex       // guards the fields below, for readers only
+	carried   Totals           // what ResetTotals took from the since-reload counters
+	seenBytes [2]uint64        // the most bytes a reader has seen: never less again
+	baseBytes [2]uint64        // the bytes at the last ResetTotals
 
 	listeners [2]atomic.Int32 // by Kind
 	health    atomic.Pointer[Health]
@@ -156,8 +158,7 @@ func (s *Stream) Listening(k Kind) bool { return s.listeners[k].Load() > 0 }
 func (s *Stream) ResetTotals() {
 	s.totalsMu.Lock()
 	s.carried.Connections += s.Total.Swap(0)
-	s.carried.BytesSent += s.BytesSent.Swap(0)
-	s.carried.BytesReceived += s.BytesReceived.Swap(0)
+	s.baseBytes = s.bytesLocked()
 	s.totalsMu.Unlock()
 	s.Blocked.Store(0)
 	s.DatagramsDropped.Store(0)
