@@ -95,18 +95,21 @@ type Session struct {
 	lastActive         atomic.Int64 // unix nanoseconds
 	reason             atomic.Uint32
 	closed             atomic.Bool
-	relayOwnsIdle      atomic.Bool
+	idleTaken          atomic.Bool // a relay enforces the idle timeout (TakeIdle)
 	slot               atomic.Bool // holds an Active slot of its stream
+	cap                *Cap        // the listener's cap it holds one of, if any
 
 	client   io.Closer
+	conn     *Conn // the guard's wrapper of client (TCP), set before the relay starts
 	upstream atomic.Pointer[net.Conn]
 
 	logger *zap.Logger
 	name   string
 }
 
-// NewSession registers an open connection on the stream. client is the
-// accepted connection (or the NAT entry); closing the session closes it.
+// NewSession registers an open connection on the stream that holds no
+// slot (Policy.Open registers an admitted one). client is the accepted
+// connection (or the NAT entry); closing the session closes it.
 func (s *Stream) NewSession(client io.Closer, source netip.AddrPort, idle time.Duration, logger *zap.Logger, name string) *Session {
 	return s.newSession(client, source, idle, logger, name, false)
 }
@@ -211,24 +214,43 @@ func (ss *Session) touch() { ss.lastActive.Store(time.Now().UnixNano()) }
 // Closed reports whether Close was called.
 func (ss *Session) Closed() bool { return ss.closed.Load() }
 
-// HoldSlot records that the session holds one of its stream's Active
-// slots (the max_connections count), which ReleaseSlot gives back.
-func (ss *Session) HoldSlot() { ss.slot.Store(true) }
-
-// ReleaseSlot gives the session's Active slot back, once. A relay that
-// ends the connection calls it before it closes the client, so that a
-// client which reconnects as soon as it sees the end is not refused for
-// its own old slot; the guard calls it again when its handler returns,
+// ReleaseSlot gives back, once, the slots that Policy.Admit took for the
+// session: its stream's Active slot (the max_connections count) and its
+// listener's cap. A relay that ends the connection calls it before it
+// closes the client, so that a client which reconnects as soon as it sees
+// the end is not refused for its own old slot; Policy.End calls it again,
 // which is then a no-op.
 func (ss *Session) ReleaseSlot() {
 	if ss.slot.CompareAndSwap(true, false) {
 		ss.Stream.Active.Add(-1)
+		if ss.cap != nil {
+			ss.cap.n.Add(-1)
+		}
 	}
 }
 
-// RelayOwnsIdle tells the guard's connection wrapper that the relay
-// enforces the idle timeout itself.
-func (ss *Session) RelayOwnsIdle() { ss.relayOwnsIdle.Store(true) }
+// TakeIdle hands the idle timeout over to the relay that calls it: the
+// guard's wrapper stops enforcing it, and the relay must, with the timeout
+// it returns (0: none).
+func (ss *Session) TakeIdle() time.Duration {
+	ss.idleTaken.Store(true)
+	return ss.IdleTimeout
+}
+
+// RawPath reports whether a relay may move the bytes of c, the client
+// connection it was handed, between the raw sockets itself (splicing
+// them): only when c is the session's own wrapper, with nothing in between
+// that must see the bytes (TLS), and no rate limit applies. It returns the
+// raw connection then, and the relay must count the bytes into the
+// session (AddSent, AddReceived), which the wrapper no longer sees.
+func (ss *Session) RawPath(c net.Conn) (*net.TCPConn, bool) {
+	w := ss.conn
+	if w == nil || c != net.Conn(w) || w.limited() {
+		return nil, false
+	}
+	raw, ok := w.Conn.(*net.TCPConn)
+	return raw, ok
+}
 
 // End unregisters the connection, records its reason (defaulting to r when
 // none was set) and queues its log entry when log is true.

@@ -88,7 +88,7 @@ func TestConnCountsAndPassesHalfClose(t *testing.T) {
 	st := New(1)
 	defer st.Destruct()
 	ss := st.NewSession(server, netip.MustParseAddrPort("127.0.0.1:1"), 0, zap.NewNop(), "t")
-	c := NewConn(server, ss, 0, 0)
+	c := newConn(server, ss, nil, nil)
 
 	if _, err := client.Write([]byte("12345")); err != nil {
 		t.Fatal(err)
@@ -117,7 +117,7 @@ func TestConnIdleTimeoutWithoutRelay(t *testing.T) {
 	st := New(1)
 	defer st.Destruct()
 	ss := st.NewSession(server, netip.MustParseAddrPort("127.0.0.1:1"), 300*time.Millisecond, zap.NewNop(), "t")
-	c := NewConn(server, ss, 0, 0)
+	c := newConn(server, ss, nil, nil)
 
 	// Writes to the client count as activity: reads keep waiting while
 	// they happen, then time out once both directions are quiet.

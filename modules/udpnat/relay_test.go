@@ -63,6 +63,16 @@ func newTestRelay(t testing.TB, cfg Config) *testRelay {
 	return &testRelay{r: r, state: state, addr: pc.LocalAddr().(*net.UDPAddr)}
 }
 
+// limits is the admission policy of l.
+func limits(t testing.TB, l streamstate.Limits) *streamstate.Policy {
+	t.Helper()
+	p, err := streamstate.NewPolicy(l, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
 func (tr *testRelay) client(t testing.TB) *net.UDPConn {
 	t.Helper()
 	c, err := net.DialUDP("udp", nil, tr.addr)
@@ -92,7 +102,7 @@ func TestRelayDatagramsDoNotAllocate(t *testing.T) {
 
 // Nor do the rate limits' buckets, on a datagram that they let through.
 func TestLimitedRelayDatagramsDoNotAllocate(t *testing.T) {
-	testNoAllocations(t, Config{UploadRate: 1 << 30, DownloadRate: 1 << 30})
+	testNoAllocations(t, Config{Policy: limits(t, streamstate.Limits{UploadRate: 1 << 30, DownloadRate: 1 << 30})})
 }
 
 func testNoAllocations(t *testing.T, cfg Config) {
@@ -130,7 +140,7 @@ func BenchmarkRelayRoundTrip(b *testing.B) {
 // BenchmarkRelayRoundTripLimited is the same echo through upload and
 // download rate limits that every datagram is within.
 func BenchmarkRelayRoundTripLimited(b *testing.B) {
-	tr := newTestRelay(b, Config{UploadRate: 1 << 30, DownloadRate: 1 << 30})
+	tr := newTestRelay(b, Config{Policy: limits(b, streamstate.Limits{UploadRate: 1 << 30, DownloadRate: 1 << 30})})
 	c := tr.client(b)
 	p, buf := make([]byte, 64), make([]byte, 2048)
 	b.ReportAllocs()
@@ -142,7 +152,7 @@ func BenchmarkRelayRoundTripLimited(b *testing.B) {
 // BenchmarkDirectRoundTrip is the same echo without the relay.
 func BenchmarkDirectRoundTrip(b *testing.B) {
 	tr := newTestRelay(b, Config{})
-	c, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(*tr.r.policy.Load().target.Load()))
+	c, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(*tr.r.cfg.Load().target.Load()))
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -181,7 +191,7 @@ func TestProxyHeaderParsesBack(t *testing.T) {
 }
 
 func TestSweepEvictsIdleEntriesOnly(t *testing.T) {
-	tr := newTestRelay(t, Config{IdleTimeout: 300 * time.Millisecond, LogConnections: true})
+	tr := newTestRelay(t, Config{Policy: limits(t, streamstate.Limits{IdleTimeout: 300 * time.Millisecond, LogConnections: true})})
 	idle, busy := tr.client(t), tr.client(t)
 	_ = idle.SetDeadline(time.Now().Add(10 * time.Second))
 	_ = busy.SetDeadline(time.Now().Add(10 * time.Second))
