@@ -100,20 +100,16 @@ type Relay struct {
 	wg     sync.WaitGroup // entries, sweeper, resolvers
 }
 
-var pool = caddy.NewUsagePool()
-
 // Acquire returns the relay of stream state's address listen (host:port),
-// creating it on first use. Pair every Acquire with one Release.
+// which the stream's state keeps (streamstate.Stream.Attach), creating it
+// on first use. Pair every Acquire with one Release.
 func Acquire(state *streamstate.Stream, listen string) *Relay {
-	key := "aegis.nat." + strconv.FormatInt(state.ID, 10) + "/" + listen
-	v, _, _ := pool.LoadOrNew(key, func() (caddy.Destructor, error) {
-		return newRelay(key, state), nil
-	})
-	return v.(*Relay)
+	key := "udp/" + listen
+	return state.Attach(key, func() caddy.Destructor { return newRelay(key, state) }).(*Relay)
 }
 
 // Release drops one reference to r. The last one closes every entry.
-func Release(r *Relay) { _, _ = pool.Delete(r.key) }
+func Release(r *Relay) { r.state.Detach(r.key) }
 
 func newRelay(key string, state *streamstate.Stream) *Relay {
 	ctx, cancel := context.WithCancel(context.Background())

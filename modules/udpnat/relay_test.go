@@ -216,3 +216,19 @@ func TestSweepEvictsIdleEntriesOnly(t *testing.T) {
 		t.Fatalf("open sessions after eviction: %v, want only the busy client %s", reasons, busy.LocalAddr())
 	}
 }
+
+// The relay of a stream address lives in the stream's shared state: a
+// second Acquire of the address (a reload) gets the same relay, with its
+// NAT table, and the stream counts its entries.
+func TestRelayLivesInStreamState(t *testing.T) {
+	tr := newTestRelay(t, Config{})
+	same := Acquire(tr.state, tr.addr.String())
+	defer Release(same)
+	if same != tr.r {
+		t.Fatal("a second Acquire of the address made another relay")
+	}
+	roundTrip(t, tr.client(t), []byte("x"), make([]byte, 8))
+	if tr.state.UDPEntries() != 1 || tr.r.Entries() != 1 {
+		t.Fatalf("entries: stream %d, relay %d; want 1", tr.state.UDPEntries(), tr.r.Entries())
+	}
+}
