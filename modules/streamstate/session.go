@@ -81,23 +81,23 @@ type Session struct {
 	// this long; 0 disables it.
 	IdleTimeout time.Duration
 
-	// The bytes each way, each written by one direction's relay and kept
-	// in a cache line of its own, so the two directions do not bounce one
-	// line between cores (bytes.go).
-	_        cpu.CacheLinePad
-	sent     atomic.Uint64
-	_        cpu.CacheLinePad
-	received atomic.Uint64
-	_        cpu.CacheLinePad
-	folded   atomic.Bool // the bytes were added to the stream's ended counters
-	// Datagrams each way, for UDP sessions.
-	dgSent, dgReceived atomic.Uint64
-	lastActive         atomic.Int64 // unix nanoseconds
-	reason             atomic.Uint32
-	closed             atomic.Bool
-	idleTaken          atomic.Bool // a relay enforces the idle timeout (TakeIdle)
-	slot               atomic.Bool // holds an Active slot of its stream
-	cap                *Cap        // the listener's cap it holds one of, if any
+	// The bytes (and, for UDP, datagrams) each way, each pair written by
+	// one direction's relay and kept in a cache line of its own, so the
+	// two directions do not bounce one line between cores (bytes.go).
+	_          cpu.CacheLinePad
+	sent       atomic.Uint64
+	dgSent     atomic.Uint64
+	_          cpu.CacheLinePad
+	received   atomic.Uint64
+	dgReceived atomic.Uint64
+	_          cpu.CacheLinePad
+	folded     atomic.Bool  // the bytes were added to the stream's ended counters
+	lastActive atomic.Int64 // unix nanoseconds
+	reason     atomic.Uint32
+	closed     atomic.Bool
+	idleTaken  atomic.Bool // a relay enforces the idle timeout (TakeIdle)
+	slot       atomic.Bool // holds an Active slot of its stream
+	cap        *Cap        // the listener's cap it holds one of, if any
 
 	client   io.Closer
 	conn     *Conn // the guard's wrapper of client (TCP), set before the relay starts
