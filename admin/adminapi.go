@@ -46,7 +46,9 @@ func (adminAPI) CaddyModule() caddy.ModuleInfo {
 // Provision sets up the module; Caddy calls it with no config.
 func (a *adminAPI) Provision(ctx caddy.Context) error {
 	a.api = api{
-		logger:     ctx.Logger(),
+		// Caddy provisions admin modules with no module in ctx: named
+		// explicitly, or the API would log on the root logger.
+		logger:     ctx.Logger(a),
 		originHint: "; use the admin endpoint from its own origin, or serve the API from a Caddy site with the streams_admin handler and its allowed_origins",
 	}
 	a.ui = ui.New()

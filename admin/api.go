@@ -64,7 +64,7 @@ type endpoint func(a *api, w http.ResponseWriter, r *http.Request, p params) err
 type route map[string]endpoint
 
 // methodOrder is the order of methods in an Allow header.
-var methodOrder = []string{http.MethodGet, http.MethodHead, http.MethodPost, http.MethodPut, http.MethodDelete, http.MethodOptions}
+var methodOrder = []string{http.MethodGet, http.MethodHead, http.MethodPost, http.MethodPut, http.MethodPatch, http.MethodDelete, http.MethodOptions}
 
 // allow is the route's Allow header: its methods, HEAD with GET, and
 // OPTIONS.
@@ -89,7 +89,7 @@ var (
 	collectionRoute = route{http.MethodGet: (*api).listHosts, http.MethodPost: (*api).createHost}
 	statsRoute      = route{http.MethodGet: (*api).stats}
 	validateRoute   = route{http.MethodPost: (*api).validatePort}
-	hostRoute       = route{http.MethodGet: (*api).getHost, http.MethodPut: (*api).updateHost, http.MethodDelete: (*api).deleteHost}
+	hostRoute       = route{http.MethodGet: (*api).getHost, http.MethodPut: (*api).updateHost, http.MethodPatch: (*api).patchHost, http.MethodDelete: (*api).deleteHost}
 	connLogRoute    = route{http.MethodGet: (*api).connectionLog}
 	activeRoute     = route{http.MethodGet: (*api).activeConnections}
 	activeConnRoute = route{http.MethodDelete: (*api).closeConnection}
@@ -179,6 +179,9 @@ func (a *api) serve(w http.ResponseWriter, r *http.Request, mount string) {
 	}
 	method := r.Method
 	if method == http.MethodOptions {
+		if _, ok := rt[http.MethodPatch]; ok {
+			w.Header().Set("Accept-Patch", acceptPatch)
+		}
 		w.Header().Set("Allow", rt.allow())
 		w.WriteHeader(http.StatusNoContent)
 		return
@@ -215,6 +218,9 @@ func (a *api) fail(w http.ResponseWriter, r *http.Request, err error) {
 	e := toAPIError(err)
 	if e.allow != "" {
 		w.Header().Set("Allow", e.allow)
+	}
+	if e.Status == http.StatusUnsupportedMediaType && r.Method == http.MethodPatch {
+		w.Header().Set("Accept-Patch", acceptPatch)
 	}
 	// No streams app is running while a config starts or is replaced:
 	// the client is told to try again, and nothing is wrong with Aegis.
@@ -256,7 +262,7 @@ func (a *api) stats(w http.ResponseWriter, r *http.Request, _ params) error {
 }
 
 func (a *api) createHost(w http.ResponseWriter, r *http.Request, p params) error {
-	s, err := readStream(r)
+	s, _, err := readStream(r)
 	if err != nil {
 		return err
 	}
@@ -265,13 +271,34 @@ func (a *api) createHost(w http.ResponseWriter, r *http.Request, p params) error
 		e := toAPIError(err)
 		if errors.Is(err, streams.ErrConflict) && s.ID != 0 {
 			e.Field, e.Value = "id", s.ID
+			e.Errors = []fieldProblem{{Field: "id", Value: s.ID, Message: e.Message}}
 		}
 		return e
 	}
 	w.Header().Set("Location", p.mount+basePath+"/"+strconv.FormatInt(hs.ID, 10))
-	setETag(w, hs)
-	writeJSON(w, http.StatusCreated, hs)
+	writeWritten(w, http.StatusCreated, hs)
 	return nil
+}
+
+// written is the answer of a write to a stream: the stream as GET shows
+// it, and warnings about its settings that do not stop it from working as
+// asked (a privileged or well-known port, health checks on UDP), also for
+// a disabled stream; Caddy logs them when the stream starts.
+type written struct {
+	streams.HostStatus
+	// Warnings are never null: [] when there are none.
+	Warnings []string `json:"warnings"`
+}
+
+// writeWritten answers a write to a stream: its ETag, and the stream with
+// its warnings.
+func writeWritten(w http.ResponseWriter, status int, hs streams.HostStatus) {
+	out := written{HostStatus: hs, Warnings: hs.Stream.Warnings()}
+	if out.Warnings == nil {
+		out.Warnings = []string{}
+	}
+	setETag(w, hs)
+	writeJSON(w, status, out)
 }
 
 func (a *api) getHost(w http.ResponseWriter, r *http.Request, p params) error {
@@ -289,7 +316,7 @@ func (a *api) getHost(w http.ResponseWriter, r *http.Request, p params) error {
 }
 
 func (a *api) updateHost(w http.ResponseWriter, r *http.Request, p params) error {
-	s, err := readStream(r)
+	s, keys, err := readStream(r)
 	if err != nil {
 		return err
 	}
@@ -301,12 +328,38 @@ func (a *api) updateHost(w http.ResponseWriter, r *http.Request, p params) error
 	if err != nil {
 		return err
 	}
-	hs, err := streams.UpdateHost(r.Context(), p.id, s, pre...)
+	// A PUT is the whole stream: a required setting it leaves out is
+	// named as missing, with the stored stream's name.
+	hs, err := streams.UpdateHostFunc(r.Context(), p.id, func(cur streams.Stream) (streams.Stream, error) {
+		return s, missingRequired(keys, cur)
+	}, pre...)
 	if err != nil {
 		return err
 	}
-	setETag(w, hs)
-	writeJSON(w, http.StatusOK, hs)
+	writeWritten(w, http.StatusOK, hs)
+	return nil
+}
+
+// patchHost changes the settings a JSON merge patch (RFC 7396) names and
+// keeps the others: {"enabled": false} disables a stream, {"notes": null}
+// takes notes back to its default. The patch is applied to the stream as
+// it is when the write happens, and the result checked as a PUT's body.
+func (a *api) patchHost(w http.ResponseWriter, r *http.Request, p params) error {
+	patch, err := readPatch(r)
+	if err != nil {
+		return err
+	}
+	pre, err := ifMatch(r, p.id)
+	if err != nil {
+		return err
+	}
+	hs, err := streams.UpdateHostFunc(r.Context(), p.id, func(cur streams.Stream) (streams.Stream, error) {
+		return patchStream(cur, patch)
+	}, pre...)
+	if err != nil {
+		return err
+	}
+	writeWritten(w, http.StatusOK, hs)
 	return nil
 }
 

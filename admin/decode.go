@@ -26,18 +26,110 @@ const maxUnknown = 10
 var (
 	// streamFields are the JSON fields of a stream, with their Go types.
 	streamFields = streams.JSONFields(reflect.TypeFor[streams.Stream]())
-	// readOnlyFields are the fields GET adds to a stream. A client may
-	// send back what it read: they are accepted and ignored.
-	readOnlyFields = map[string]bool{"source": true, "status": true, "created_at": true, "updated_at": true, "version": true}
+	// readOnlyFields are the fields GET adds to a stream, and warnings,
+	// which a write's answer adds. A client may send back what it read:
+	// they are accepted and ignored.
+	readOnlyFields = map[string]bool{"source": true, "status": true, "created_at": true, "updated_at": true, "version": true, "warnings": true}
 	// portCheckFields are the JSON fields of a validate-port request.
 	portCheckFields = streams.JSONFields(reflect.TypeFor[streams.PortCheck]())
 )
 
-// readStream reads a stream from the request body.
-func readStream(r *http.Request) (streams.Stream, error) {
+// requiredFields are the stream settings without a default.
+var requiredFields = []string{"listen_port", "upstream_host", "upstream_port"}
+
+// readStream reads a stream from the request body, and the keys the body
+// has.
+func readStream(r *http.Request) (streams.Stream, []string, error) {
 	var s streams.Stream
-	err := readJSON(r, &s, streamFields, readOnlyFields)
+	body, err := readBody(r)
+	if err != nil {
+		return s, nil, err
+	}
+	raw, keys, values, err := readObject(body, streamFields, readOnlyFields)
+	if err != nil {
+		return s, nil, err
+	}
+	return s, keys, unmarshalObject(raw, keys, values, &s, streamFields)
+}
+
+// missingRequired returns an error for each required setting that a PUT
+// of stream cur left out: a PUT replaces the whole stream, and a left-out
+// setting would take its default, which a required one has none of.
+func missingRequired(keys []string, cur streams.Stream) error {
+	var errs []error
+	for _, f := range requiredFields {
+		if !slices.Contains(keys, f) {
+			errs = append(errs, &streams.FieldError{ID: cur.ID, Name: cur.Name, Field: f,
+				Reason: "missing (PUT replaces the whole stream; send every setting, or use PATCH)"})
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// readPatch reads a JSON merge patch (RFC 7396) of a stream from the
+// request body: one object whose keys are stream settings or read-only
+// fields, each once. Its values are checked once applied (patchStream).
+func readPatch(r *http.Request) (json.RawMessage, error) {
+	body, err := readBody(r)
+	if err != nil {
+		return nil, err
+	}
+	raw, _, _, err := readObject(body, streamFields, readOnlyFields)
+	return raw, err
+}
+
+// patchStream applies a merge patch that readPatch accepted to stream cur
+// and decodes the result as the body of a PUT: null removes a setting,
+// which then takes its default; a required one is then missing.
+func patchStream(cur streams.Stream, patch json.RawMessage) (streams.Stream, error) {
+	var s streams.Stream
+	target, err := json.Marshal(&cur)
+	if err != nil {
+		return s, err
+	}
+	var t, p any
+	if err := decodeNumbers(target, &t); err != nil {
+		return s, err
+	}
+	if err := decodeNumbers(patch, &p); err != nil {
+		return s, badRequest("the request body is not valid JSON: %v", err)
+	}
+	merged, err := json.Marshal(mergePatch(t, p))
+	if err != nil {
+		return s, err
+	}
+	err = decodeObject(merged, &s, streamFields, readOnlyFields)
 	return s, err
+}
+
+// mergePatch applies merge patch p to target as RFC 7396 says: an object
+// patches an object key by key, null removing a key; any other value
+// replaces the target.
+func mergePatch(target, p any) any {
+	po, ok := p.(map[string]any)
+	if !ok {
+		return p
+	}
+	to, ok := target.(map[string]any)
+	if !ok {
+		to = map[string]any{}
+	}
+	for k, v := range po {
+		if v == nil {
+			delete(to, k)
+		} else {
+			to[k] = mergePatch(to[k], v)
+		}
+	}
+	return to
+}
+
+// decodeNumbers decodes JSON into v, numbers as json.Number, so that they
+// keep their digits.
+func decodeNumbers(b []byte, v any) error {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.UseNumber()
+	return dec.Decode(v)
 }
 
 // readJSON reads the request body, which must be one JSON object whose
@@ -80,32 +172,43 @@ func badRequest(format string, args ...any) *apiError {
 // cannot see into a type with its own UnmarshalJSON (streams.Stream has
 // one), and which would also match keys case-insensitively.
 func decodeObject(body []byte, dst any, known map[string]reflect.Type, ignored map[string]bool) error {
+	raw, keys, values, err := readObject(body, known, ignored)
+	if err != nil {
+		return err
+	}
+	return unmarshalObject(raw, keys, values, dst, known)
+}
+
+// readObject checks that body is exactly one JSON object, each of whose
+// keys is in known or ignored and appears once, and returns the object
+// with its keys and values, in order.
+func readObject(body []byte, known map[string]reflect.Type, ignored map[string]bool) (json.RawMessage, []string, []json.RawMessage, error) {
 	if len(bytes.TrimSpace(body)) == 0 {
-		return badRequest("the request body is empty; send a JSON object")
+		return nil, nil, nil, badRequest("the request body is empty; send a JSON object")
 	}
 	dec := json.NewDecoder(bytes.NewReader(body))
 	var raw json.RawMessage
 	if err := dec.Decode(&raw); err != nil {
-		return badRequest("the request body is not valid JSON: %v", syntaxMessage(err, body))
+		return nil, nil, nil, badRequest("the request body is not valid JSON: %v", syntaxMessage(err, body))
 	}
 	end := int(dec.InputOffset())
 	if rest := bytes.TrimLeft(body[end:], " \t\r\n"); len(rest) > 0 {
-		return badRequest("the request body goes on after its JSON value, at byte %d: %s; send one JSON object",
+		return nil, nil, nil, badRequest("the request body goes on after its JSON value, at byte %d: %s; send one JSON object",
 			len(body)-len(rest), excerpt(rest))
 	}
 	if raw[0] != '{' {
-		return badRequest("the request body must be a JSON object, not %s", excerpt(raw))
+		return nil, nil, nil, badRequest("the request body must be a JSON object, not %s", excerpt(raw))
 	}
 
 	keys, values, err := objectKeys(raw)
 	if err != nil {
-		return badRequest("the request body is not valid JSON: %v", err)
+		return nil, nil, nil, badRequest("the request body is not valid JSON: %v", err)
 	}
 	var unknown []fieldProblem
 	seen := make(map[string]bool, len(keys))
 	for i, k := range keys {
 		if seen[k] {
-			return fieldError(k, nil, fmt.Sprintf("field %q appears twice; give each field once", k))
+			return nil, nil, nil, fieldError(k, nil, fmt.Sprintf("field %q appears twice; give each field once", k))
 		}
 		seen[k] = true
 		if _, ok := known[k]; ok || ignored[k] {
@@ -121,10 +224,15 @@ func decodeObject(body []byte, dst any, known map[string]reflect.Type, ignored m
 			names[i] = u.Field
 		}
 		msg := streams.UnknownFields(names, sortedKeys(known))
-		return &apiError{Status: http.StatusBadRequest, Message: msg,
+		return nil, nil, nil, &apiError{Status: http.StatusBadRequest, Message: msg,
 			Field: unknown[0].Field, Value: unknown[0].Value, Errors: unknown}
 	}
+	return raw, keys, values, nil
+}
 
+// unmarshalObject decodes the object readObject returned into dst; a value
+// of the wrong type is a 400 on its key.
+func unmarshalObject(raw json.RawMessage, keys []string, values []json.RawMessage, dst any, known map[string]reflect.Type) error {
 	if err := json.Unmarshal(raw, dst); err != nil {
 		var te *json.UnmarshalTypeError
 		if errors.As(err, &te) {

@@ -47,7 +47,11 @@ func fieldError(field string, value any, msg string) *apiError {
 }
 
 func problemOf(fe *streams.FieldError) fieldProblem {
-	return fieldProblem{Field: fe.Field, Value: jsonValue(fe.Value), Message: fe.Error()}
+	var v any // null for a missing setting
+	if fe.Value != "" {
+		v = jsonValue(fe.Value)
+	}
+	return fieldProblem{Field: fe.Field, Value: v, Message: fe.Error()}
 }
 
 // jsonValue turns a FieldError's Value, written as its message shows it,

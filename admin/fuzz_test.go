@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"net/url"
 	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -76,25 +77,120 @@ func referenceStream(body []byte) (bool, streams.Stream) {
 	if json.Unmarshal(body, &s) != nil {
 		return false, s
 	}
+	if !uniqueStreamKeys(body) {
+		return false, s
+	}
+	return true, s
+}
+
+// FuzzPatchStream feeds arbitrary bodies to PATCH's merge-patch path:
+// readPatch's check, then patchStream on a stream with most settings set.
+// It must never panic; a refusal is a 400 *apiError whose field, when it
+// names one, leads its errors. It must take exactly the bodies that are
+// one JSON object with each key once, every key a stream setting or a
+// read-only field, whose result decodes; and the result must be the
+// stream with each key of the patch set to its value, or to its default
+// where the value is null (the settings are no objects, so RFC 7396's
+// merge comes down to that).
+func FuzzPatchStream(f *testing.F) {
+	f.Add(`{"enabled":false}`)
+	f.Add(`{"notes":null,"max_connections":null,"whitelist_cidrs":["10.0.0.0/8"]}`)
+	f.Add(`{"listen_port":null}`)
+	f.Add(`{"status":{"id":null},"version":"3","enabled":null}`)
+	f.Add(`{"whitelist_cidrs":{"a":null}}`)
+	f.Add(`{"listen_port":"80","bogus":1}`)
+	f.Add(`{"name":"a","name":null}`)
+	f.Add(`[{"op":"replace","path":"/enabled","value":false}]`)
+	f.Add(`null`)
+	base := streams.Stream{ID: 4, Name: "base", Protocol: "tcp+udp", ListenAddress: "127.0.0.1", ListenPort: 5000,
+		UpstreamHost: "db.internal", UpstreamPort: 5432, Enabled: true, MaxConnections: 9, IdleTimeoutSeconds: 30,
+		WhitelistCIDRs: []string{"10.0.0.0/8", "::1"}, BlacklistCIDRs: []string{"10.0.0.1"}, UploadRateBytes: 100,
+		HealthCheckEnabled: true, LogConnections: true, Notes: "n"}
+	f.Fuzz(func(t *testing.T, body string) {
+		var got streams.Stream
+		raw, _, _, err := readObject([]byte(body), streamFields, readOnlyFields)
+		if err == nil {
+			cur := base
+			cur.WhitelistCIDRs, cur.BlacklistCIDRs = slices.Clone(base.WhitelistCIDRs), slices.Clone(base.BlacklistCIDRs)
+			got, err = patchStream(cur, raw)
+		}
+		acceptable, want := referencePatch(base, []byte(body))
+		if err != nil {
+			var ae *apiError
+			if !errors.As(err, &ae) || ae.Status != http.StatusBadRequest || ae.Message == "" {
+				t.Fatalf("%q: refused with %#v, want a 400 with a message", body, err)
+			}
+			if len(ae.Errors) > 0 && (ae.Field != ae.Errors[0].Field || ae.Errors[0].Message == "") {
+				t.Fatalf("%q: field %q does not lead errors %+v", body, ae.Field, ae.Errors)
+			}
+			if acceptable {
+				t.Fatalf("%q: refused (%v), but it is one object of known keys whose result decodes", body, err)
+			}
+			return
+		}
+		if !acceptable {
+			t.Fatalf("%q: accepted as %+v, but it is not one object of known, unique keys whose result decodes", body, got)
+		}
+		if !reflect.DeepEqual(emptyListsNil(got), emptyListsNil(want)) {
+			t.Fatalf("%q: patched to %+v, want %+v", body, got, want)
+		}
+	})
+}
+
+// uniqueStreamKeys says whether body is one JSON object whose keys are
+// unique, each a stream setting or a read-only field.
+func uniqueStreamKeys(body []byte) bool {
 	dec := json.NewDecoder(bytes.NewReader(body))
 	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
-		return false, s
+		return false
 	}
 	seen := map[string]bool{}
 	for dec.More() {
 		tok, err := dec.Token()
 		if err != nil {
-			return false, s
+			return false
 		}
 		k := tok.(string)
 		if _, known := streamFields[k]; seen[k] || !known && !readOnlyFields[k] {
-			return false, s
+			return false
 		}
 		seen[k] = true
 		var v json.RawMessage
 		if dec.Decode(&v) != nil {
-			return false, s
+			return false
 		}
+	}
+	return true
+}
+
+// referencePatch says whether body is one JSON object with unique keys,
+// each a stream setting or a read-only field, such that base with each of
+// its keys set to its value, or removed where the value is null, decodes
+// as a stream; and returns that stream.
+func referencePatch(base streams.Stream, body []byte) (bool, streams.Stream) {
+	var s streams.Stream
+	var patch map[string]json.RawMessage
+	if json.Unmarshal(body, &patch) != nil || patch == nil {
+		return false, s
+	}
+	if !uniqueStreamKeys(body) {
+		return false, s
+	}
+	b, _ := json.Marshal(&base)
+	var doc map[string]json.RawMessage
+	if json.Unmarshal(b, &doc) != nil {
+		return false, s
+	}
+	for k, v := range patch {
+		if string(v) == "null" {
+			delete(doc, k)
+		} else if !readOnlyFields[k] {
+			doc[k] = v
+		}
+	}
+	b, _ = json.Marshal(doc)
+	if json.Unmarshal(b, &s) != nil {
+		return false, s
 	}
 	return true, s
 }

@@ -28,7 +28,7 @@ func init() {
 // the next handler.
 type Handler struct {
 	// AllowedOrigins are origins ("https://ui.example.com",
-	// "http://localhost:3000") that may send POST, PUT and DELETE requests
+	// "http://localhost:3000") that may send POST, PUT, PATCH and DELETE requests
 	// besides the site's own origin. Default: none.
 	AllowedOrigins []string `json:"allowed_origins,omitempty"`
 

@@ -120,6 +120,16 @@ http://127.0.0.1:%d {
 	if l := inst.call("GET", "/api/v1/streams", nil).want(t, 200).list(t); len(l) != 3 {
 		t.Fatalf("admin endpoint lists %d streams, want 3", len(l))
 	}
+	// PATCH through the stripped prefix: a merge patch toggles the stream.
+	patchURL := fmt.Sprintf("%s/admin/api/v1/streams/%d", base, sid)
+	if got := doRequest(t, inst.client, "PATCH", patchURL, `{"enabled": false}`, ctMergePatch).want(t, http.StatusOK).obj(t); got["enabled"] != false || !refused(t, p1) {
+		t.Fatalf("PATCH enabled false over HTTP: %v", got)
+	}
+	doRequest(t, inst.client, "PATCH", patchURL, `{"enabled": true}`, ctMergePatch, hdr{"Origin", "https://evil.example"}).apiErr(t, http.StatusForbidden)
+	doRequest(t, inst.client, "PATCH", patchURL, `{"enabled": true}`, ctMergePatch, hdr{"Origin", "https://ui.example.com"}).want(t, http.StatusOK)
+	if got := roundTrip(t, dial(t, p1), "on-again"); got != "on-again" {
+		t.Fatalf("through the stream enabled again by PATCH over HTTP: %q", got)
+	}
 	doRequest(t, inst.client, "DELETE", fmt.Sprintf("%s/admin/api/v1/streams/%d", base, sid), nil).want(t, http.StatusNoContent)
 	if !refused(t, p1) {
 		t.Fatalf("port %d listens after DELETE", p1)

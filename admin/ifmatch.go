@@ -9,7 +9,7 @@ import (
 )
 
 // A stream's ETag is its version (streams.HostStatus.Version) in quotes.
-// GET, POST and PUT send it; PUT and DELETE with If-Match change the
+// GET, POST, PUT and PATCH send it; PUT, PATCH and DELETE with If-Match change the
 // stream only if it still has one of the versions listed, so that a client
 // does not overwrite a change it has not seen. Without If-Match they
 // change it whatever its version.

@@ -7,10 +7,12 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	"github.com/caddyserver/caddy/v2"
 )
 
 // strongETag is a strong entity tag: a quoted string, no W/.
-var strongETag = regexp.MustCompile(`^"[0-9a-f]{24}"$`)
+var strongETag = regexp.MustCompile(`^"[0-9A-Za-z]+"$`)
 
 // etagOf GETs stream path and returns its ETag, checking that it is strong
 // and matches the version in the body.
@@ -56,10 +58,13 @@ func TestIfMatch(t *testing.T) {
 	if tag2 == tag1 || r.header.Get("ETag") != tag2 || got["name"] != "v2" {
 		t.Fatalf("after PUT with the current ETag: ETag %q (was %q, PUT answered %q), name %v", tag2, tag1, r.header.Get("ETag"), got["name"])
 	}
-	// Sending back what GET answered, version included, is no change.
-	inst.call("PUT", path, got, hdr{"If-Match", tag2}).want(t, http.StatusOK)
-	if tag, _ := inst.etagOf(path); tag != tag2 {
-		t.Fatalf("an update to the same settings changed the ETag from %s to %s", tag2, tag)
+	// Sending back what GET answered, version included, is a write all
+	// the same: a new ETag.
+	r = inst.call("PUT", path, got, hdr{"If-Match", tag2}).want(t, http.StatusOK)
+	if tag, _ := inst.etagOf(path); tag == tag2 || r.header.Get("ETag") != tag {
+		t.Fatalf("an update to the same settings: ETag %s (was %s, PUT answered %s)", tag, tag2, r.header.Get("ETag"))
+	} else {
+		tag2 = tag
 	}
 
 	// A stale ETag: 412, and nothing changed: not the API's view, not the
@@ -189,5 +194,87 @@ func TestIfMatchConcurrent(t *testing.T) {
 	}
 	if got := roundTrip(t, dial(t, port), "after"); got != "after" {
 		t.Fatalf("through the stream after the races: %q", got)
+	}
+}
+
+// TestVersionsNeverComeBack: a stream's ETag changes on every accepted
+// write and never returns to an earlier value, so a write based on a
+// version from before disable → enable is refused (412) and changes
+// nothing; and after a restart, and for a stream created again under a
+// deleted one's id, no version handed out before comes back.
+func TestVersionsNeverComeBack(t *testing.T) {
+	checkNoLeaks(t)
+	up := newServer(t, echo)
+	port, other := freePort(t), freePort(t)
+	app := streamsApp()
+	inst := startCaddy(t, app, nil)
+	sid := id(inst.create(stream(0, port, up.Port, obj{"name": "toggled"})))
+	path := fmt.Sprintf("/api/v1/streams/%d", sid)
+	seen := map[string]bool{}
+	fresh := func(what, tag string) {
+		t.Helper()
+		if seen[tag] {
+			t.Fatalf("%s: ETag %s was handed out before", what, tag)
+		}
+		seen[tag] = true
+	}
+	before, settings := inst.etagOf(path)
+	fresh("create", before)
+
+	// Disable, then enable: the settings are as before, the ETag is not.
+	settings["enabled"] = false
+	fresh("disable", inst.call("PUT", path, settings).want(t, http.StatusOK).header.Get("ETag"))
+	settings["enabled"] = true
+	fresh("enable", inst.call("PUT", path, settings).want(t, http.StatusOK).header.Get("ETag"))
+	current, _ := inst.etagOf(path)
+
+	// Writes based on the version from before both: 412, nothing changed.
+	rowBefore := inst.storedHosts()
+	listBefore := inst.call("GET", "/api/v1/streams", nil).want(t, http.StatusOK).body
+	for _, w := range []struct {
+		method string
+		body   any
+		ct     hdr
+	}{
+		{"PUT", stream(0, other, up.Port, obj{"name": "lost"}), ctJSON},
+		{"PATCH", `{"listen_port": ` + fmt.Sprint(other) + `}`, ctMergePatch},
+		{"DELETE", nil, hdr{}},
+	} {
+		inst.call(w.method, path, w.body, w.ct, hdr{"If-Match", before}).apiErr(t, http.StatusPreconditionFailed)
+	}
+	if after := inst.storedHosts(); norm(after) != norm(rowBefore) {
+		t.Fatalf("the stale writes changed the database:\nbefore %s\nafter  %s", norm(rowBefore), norm(after))
+	}
+	if listAfter := inst.call("GET", "/api/v1/streams", nil).want(t, http.StatusOK).body; string(listAfter) != string(listBefore) {
+		t.Fatalf("the stale writes changed the list:\nbefore %s\nafter  %s", listBefore, listAfter)
+	}
+	if got := roundTrip(t, dial(t, port), "kept"); got != "kept" {
+		t.Fatalf("through the stream after the stale writes: %q", got)
+	}
+	if !refused(t, other) {
+		t.Fatalf("port %d of the stale PUT listens", other)
+	}
+
+	// A restart keeps the current ETag, and the next write gets one never
+	// seen before.
+	if err := caddy.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if err := inst.load(app, nil); err != nil {
+		t.Fatalf("starting again: %v", err)
+	}
+	if tag, _ := inst.etagOf(path); tag != current {
+		t.Fatalf("after a restart: ETag %s, want %s as before", tag, current)
+	}
+	fresh("a write after the restart", inst.call("PUT", path, settings, hdr{"If-Match", current}).want(t, http.StatusOK).header.Get("ETag"))
+
+	// Deleted and created again under the same id: a new ETag too.
+	inst.call("DELETE", path, nil).want(t, http.StatusNoContent)
+	again := inst.call("POST", "/api/v1/streams", stream(sid, port, up.Port, obj{"name": "toggled"})).want(t, http.StatusCreated)
+	fresh("created again under the same id", again.header.Get("ETag"))
+	for tag := range seen {
+		if tag != again.header.Get("ETag") {
+			inst.call("PUT", path, settings, hdr{"If-Match", tag}).apiErr(t, http.StatusPreconditionFailed)
+		}
 	}
 }

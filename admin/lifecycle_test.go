@@ -127,10 +127,12 @@ func TestUDPStreamCreate(t *testing.T) {
 	}
 }
 
-// streamSettings is a host as GET shows it, without its status.
+// streamSettings is a host as GET shows it, without its status (and
+// without the warnings of a write's answer).
 func streamSettings(o obj) obj {
 	out := maps.Clone(o)
 	delete(out, "status")
+	delete(out, "warnings")
 	return out
 }
 

@@ -10,9 +10,10 @@ import (
 	"strings"
 )
 
-// A state-changing request (POST, PUT, DELETE) must come from the API's own
-// origin, or one the HTTP handler lists in allowed_origins, and POST and PUT
-// must be sent as application/json. Together this keeps a web page of
+// A state-changing request (POST, PUT, PATCH, DELETE) must come from the
+// API's own origin, or one the HTTP handler lists in allowed_origins, and
+// POST, PUT and PATCH must be sent as application/json (PATCH also as
+// application/merge-patch+json). Together this keeps a web page of
 // another site from driving the API through a visitor's browser: a form or
 // a no-cors fetch cannot send application/json, and a browser names the
 // page's origin in the Origin header of every cross-origin request that
@@ -99,18 +100,29 @@ func stripDefaultPort(scheme, hostport string) string {
 	return strings.TrimSuffix(hostport, ":"+defaultPort(scheme))
 }
 
+// mergePatchType is the media type of a JSON merge patch (RFC 7396).
+const mergePatchType = "application/merge-patch+json"
+
+// acceptPatch is the Accept-Patch header of a route that takes PATCH: the
+// body types it takes.
+const acceptPatch = mergePatchType + ", application/json"
+
 // requireJSON refuses (415) a request body that is not declared as
-// application/json.
+// application/json, or for PATCH as a JSON merge patch.
 func requireJSON(r *http.Request) error {
 	ct := r.Header.Get("Content-Type")
 	mt, _, err := mime.ParseMediaType(ct)
-	if err == nil && mt == "application/json" {
+	if err == nil && (mt == "application/json" || r.Method == http.MethodPatch && mt == mergePatchType) {
 		return nil
 	}
 	got := "none"
 	if ct != "" {
 		got = fmt.Sprintf("%q", ct)
 	}
+	want := "application/json"
+	if r.Method == http.MethodPatch {
+		want = mergePatchType + " (a JSON merge patch, RFC 7396) or application/json"
+	}
 	return &apiError{Status: http.StatusUnsupportedMediaType,
-		Message: fmt.Sprintf("a %s request needs Content-Type: application/json (got %s)", r.Method, got)}
+		Message: fmt.Sprintf("a %s request needs Content-Type: %s (got %s)", r.Method, want, got)}
 }

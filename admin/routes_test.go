@@ -47,6 +47,7 @@ func TestRoutes(t *testing.T) {
 		// Unknown streams, ids and paths.
 		{method: "GET", path: "/api/v1/streams/999", code: 404, contains: "999"},
 		{method: "PUT", path: "/api/v1/streams/999", body: stream(0, freePort(t), up.Port, nil), code: 404},
+		{method: "PATCH", path: "/api/v1/streams/999", body: obj{"enabled": false}, code: 404},
 		{method: "DELETE", path: "/api/v1/streams/999", code: 404},
 		{method: "GET", path: "/api/v1/streams/999/active", code: 404},
 		{method: "GET", path: "/api/v1/streams/999/connections", code: 404},
@@ -65,8 +66,10 @@ func TestRoutes(t *testing.T) {
 		// Wrong methods.
 		{method: "PUT", path: "/api/v1/streams", code: 405, allow: "GET, HEAD, POST, OPTIONS"},
 		{method: "DELETE", path: "/api/v1/streams", code: 405, allow: "GET, HEAD, POST, OPTIONS"},
-		{method: "PATCH", path: "/api/v1/streams/2", code: 405, allow: "GET, HEAD, PUT, DELETE, OPTIONS"},
-		{method: "POST", path: "/api/v1/streams/2", body: obj{}, code: 405, allow: "GET, HEAD, PUT, DELETE, OPTIONS"},
+		{method: "PATCH", path: "/api/v1/streams", code: 405, allow: "GET, HEAD, POST, OPTIONS"},
+		{method: "POST", path: "/api/v1/streams/2", body: obj{}, code: 405, allow: "GET, HEAD, PUT, PATCH, DELETE, OPTIONS"},
+		{method: "OPTIONS", path: "/api/v1/streams/2", code: 204, allow: "GET, HEAD, PUT, PATCH, DELETE, OPTIONS"},
+		{method: "PATCH", path: "/api/v1/streams/stats", code: 405, allow: "GET, HEAD, OPTIONS"},
 		{method: "POST", path: "/api/v1/streams/stats", code: 405, allow: "GET, HEAD, OPTIONS"},
 		{method: "DELETE", path: "/api/v1/streams/stats", code: 405, allow: "GET, HEAD, OPTIONS"},
 		{method: "GET", path: "/api/v1/streams/validate-port", code: 405, allow: "POST, OPTIONS"},
@@ -79,6 +82,8 @@ func TestRoutes(t *testing.T) {
 		{method: "POST", path: "/api/v1/streams", body: `{}`, headers: []hdr{{"Content-Type", "text/plain"}}, code: 415},
 		{method: "POST", path: "/api/v1/streams", body: `listen_port=5`, headers: []hdr{{"Content-Type", "application/x-www-form-urlencoded"}}, code: 415},
 		{method: "PUT", path: "/api/v1/streams/2", body: `{}`, headers: []hdr{{"Content-Type", "multipart/form-data; boundary=x"}}, code: 415},
+		{method: "PUT", path: "/api/v1/streams/2", body: `{}`, headers: []hdr{{"Content-Type", "application/merge-patch+json"}}, code: 415, contains: "application/json"},
+		{method: "PATCH", path: "/api/v1/streams/2", body: `{}`, headers: []hdr{{"Content-Type", "text/plain"}}, code: 415, contains: "merge-patch"},
 		{method: "POST", path: "/api/v1/streams/validate-port", body: `{"listen_port": 5}`, code: 415},
 		// Body size: 413.
 		{method: "POST", path: "/api/v1/streams", body: `{"notes": "` + strings.Repeat("x", 2<<20) + `"}`, headers: []hdr{ctJSON}, code: 413},

@@ -95,7 +95,7 @@ func TestStorageReadOnly(t *testing.T) {
 // to its write-ahead log fail with ENOSPC, which it reports as
 // SQLITE_FULL. A write that fits in space SQLite already holds could
 // still succeed on a full disk; a fresh database's log has none to spare,
-// and the writes below add far more than a page: a stream with long notes,
+// and the writes below add more than a page: a stream with long notes,
 // a certificate upload.
 func TestStorageDiskFull(t *testing.T) {
 	checkNoLeaks(t)
@@ -118,7 +118,7 @@ func TestStorageDiskFull(t *testing.T) {
 
 	filler := fillDisk(t, dir)
 
-	notes := strings.Repeat("a long note. ", 40_000) // 520 kB
+	notes := strings.Repeat("a long note. ", 750) // 9,750 bytes, within the limit of notes
 	wants := []string{"storage unavailable", "is full", "nothing was changed", "free space", "try again"}
 	f.refused(wants, "POST", "/api/v1/streams", stream(0, pNew, up.Port, obj{"name": "new", "notes": notes}))
 	f.refused(wants, "PUT", fmt.Sprintf("/api/v1/streams/%d", bID), stream(0, pMove, up2.Port, obj{"name": "b-moved", "notes": notes}))

@@ -59,14 +59,15 @@ func TestRejectedWritesChangeNothing(t *testing.T) {
 		contains     string
 		errs         int // len(errors), if > 1
 	}{
-		{name: "port 0", body: valid(obj{"listen_port": 0}), field: "listen_port", value: 0, contains: "1-65535"},
+		{name: "port 0", body: valid(obj{"listen_port": 0}), field: "listen_port", contains: "listen_port: required; must be 1-65535"},
 		{name: "port too high", body: valid(obj{"listen_port": 70000}), field: "listen_port", value: 70000, contains: "1-65535"},
-		{name: "port missing", body: valid(obj{"listen_port": nil}), field: "listen_port", value: 0},
+		{name: "port missing", body: valid(obj{"listen_port": nil}), field: "listen_port", contains: "listen_port: required"},
+		{name: "upstream port missing", body: valid(obj{"upstream_port": nil}), field: "upstream_port", contains: "upstream_port: required"},
 		{name: "upstream port", body: valid(obj{"upstream_port": -1}), field: "upstream_port", value: -1},
 		{name: "protocol", body: valid(obj{"protocol": "sctp"}), field: "protocol", value: "sctp", contains: "tcp, udp or tcp+udp"},
 		{name: "listen address", body: valid(obj{"listen_address": "localhost"}), field: "listen_address", value: "localhost"},
 		{name: "listen address with port", body: valid(obj{"listen_address": "127.0.0.1:80"}), field: "listen_address", value: "127.0.0.1:80"},
-		{name: "upstream host", body: valid(obj{"upstream_host": ""}), field: "upstream_host", value: ""},
+		{name: "upstream host", body: valid(obj{"upstream_host": ""}), field: "upstream_host", contains: "upstream_host: required"},
 		{name: "upstream host space", body: valid(obj{"upstream_host": "a b"}), field: "upstream_host", value: "a b"},
 		{name: "whitelist", body: valid(obj{"whitelist_cidrs": []string{"10.0.0.0/8", "10.0.0.0/33"}}), field: "whitelist_cidrs", value: "10.0.0.0/33"},
 		{name: "blacklist", body: valid(obj{"blacklist_cidrs": []string{"nope"}}), field: "blacklist_cidrs", value: "nope"},
@@ -89,7 +90,7 @@ func TestRejectedWritesChangeNothing(t *testing.T) {
 		{name: "id of the API stream", body: valid(obj{"id": 2}), code: 409, field: "id", value: 2},
 		{name: "unknown field", body: valid(obj{"listen": "127.0.0.1:5"}), field: "listen"},
 
-		{name: "update: port 0", method: "PUT", path: "/api/v1/streams/2", body: stream(0, 0, up.Port, nil), field: "listen_port", value: 0},
+		{name: "update: port 0", method: "PUT", path: "/api/v1/streams/2", body: stream(0, 0, up.Port, nil), field: "listen_port", contains: "required"},
 		{name: "update: bad whitelist", method: "PUT", path: "/api/v1/streams/2", body: stream(0, apiPort, up.Port, obj{"whitelist_cidrs": []string{"x"}}), field: "whitelist_cidrs", value: "x"},
 		{name: "update: udp with proxy v1", method: "PUT", path: "/api/v1/streams/2", body: stream(0, apiPort, up.Port, obj{"protocol": "udp", "proxy_protocol_version": 1}), field: "proxy_protocol_version", value: 1},
 		{name: "update: onto the config stream's port", method: "PUT", path: "/api/v1/streams/2", body: stream(0, cfgPort, up.Port, nil), field: "listen_port", value: fmt.Sprintf("%d/tcp", cfgPort)},
@@ -128,7 +129,7 @@ func TestRejectedWritesChangeNothing(t *testing.T) {
 		if tc.value != nil && norm(e.Value) != norm(tc.value) {
 			t.Errorf("%s: value %s, want %s (%s)", tc.name, norm(e.Value), norm(tc.value), r)
 		}
-		if tc.field != "" && tc.code != http.StatusConflict {
+		if tc.field != "" {
 			if len(e.Errors) == 0 || e.Errors[0].Field != e.Field || norm(e.Errors[0].Value) != norm(e.Value) || e.Errors[0].Message == "" {
 				t.Errorf("%s: errors %+v do not start with the top-level field", tc.name, e.Errors)
 			}
@@ -223,8 +224,8 @@ func TestValidatePort(t *testing.T) {
 	}
 	wantErr("a held port", check(obj{"listen_address": "127.0.0.1", "listen_port": heldPort}), "listen_port", heldPort, "in use")
 	wantErr("the admin port", check(obj{"listen_address": "127.0.0.1", "listen_port": inst.adminPort}), "listen_port", inst.adminPort, "")
-	wantErr("port 0", check(obj{"listen_port": 0}), "listen_port", 0, "1-65535")
-	wantErr("no port", check(obj{}), "listen_port", 0, "1-65535")
+	wantErr("port 0", check(obj{"listen_port": 0}), "listen_port", nil, "the new stream: listen_port: required; must be 1-65535")
+	wantErr("no port", check(obj{}), "listen_port", nil, "listen_port: required")
 	wantErr("protocol", check(obj{"protocol": "icmp", "listen_port": fresh}), "protocol", "icmp", "tcp, udp or tcp+udp")
 	wantErr("address", check(obj{"listen_address": "example.com", "listen_port": fresh}), "listen_address", "example.com", "hostnames")
 	if res := check(obj{"listen_address": "127.0.0.1", "listen_port": 27017}); len(res.Warnings) == 0 || !strings.Contains(res.Warnings[0], "MongoDB") {
@@ -235,5 +236,86 @@ func TestValidatePort(t *testing.T) {
 	}
 	if l := inst.call("GET", "/api/v1/streams", nil).want(t, 200).list(t); len(l) != 2 {
 		t.Errorf("validate-port changed the list: %v", l)
+	}
+}
+
+// TestErrorWording: the messages name what exists. A create without an id
+// speaks of "the new stream", not of the id it would get; an empty
+// listen_address is "every address"; an id conflict says what to do and
+// lists the field in errors; every required setting left out is
+// "required", without a value.
+func TestErrorWording(t *testing.T) {
+	checkNoLeaks(t)
+	up := newServer(t, echo)
+	cfgPort, wide := freePort(t), freePort(t)
+	inst := startCaddy(t, streamsApp(stream(1, cfgPort, up.Port, obj{"name": "redis"})), nil)
+	// A stream on every address of port wide.
+	inst.create(stream(2, wide, up.Port, obj{"name": "wide", "listen_address": nil}))
+	held, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	heldPort := held.Addr().(*net.TCPAddr).Port
+
+	for _, tc := range []struct {
+		name     string
+		body     obj
+		code     int
+		field    string
+		value    any // as JSON: "null" for none
+		message  string
+		contains []string
+	}{
+		{name: "a bad port, no id", body: stream(0, 70000, up.Port, obj{"name": "db"}),
+			field: "listen_port", value: "70000", message: `the new stream ("db"): listen_port 70000: must be 1-65535`},
+		{name: "a bad port, no id, no name", body: stream(0, 70000, up.Port, obj{"name": nil}),
+			field: "listen_port", value: "70000", message: `the new stream: listen_port 70000: must be 1-65535`},
+		{name: "a bad port, with an id", body: stream(9, 70000, up.Port, obj{"name": "db"}),
+			field: "listen_port", value: "70000", message: `stream 9 ("db"): listen_port 70000: must be 1-65535`},
+		{name: "onto a stream on every address", body: stream(0, wide, up.Port, obj{"name": "narrow"}),
+			field: "listen_port", value: fmt.Sprintf(`"%d/tcp"`, wide),
+			message: fmt.Sprintf(`the new stream ("narrow"): listen_port %d/tcp overlaps stream 2 ("wide") on port %d of every address; use another port or address, or disable one of them`, wide, wide)},
+		{name: "every address of a held port", body: stream(0, heldPort, up.Port, obj{"name": "all", "listen_address": nil}),
+			field: "listen_port", value: fmt.Sprint(heldPort),
+			contains: []string{fmt.Sprintf(`the new stream ("all"): listen_port %d (tcp) on every address: already in use`, heldPort)}},
+		{name: "a held port", body: stream(0, heldPort, up.Port, obj{"name": "one"}),
+			field: "listen_port", value: fmt.Sprint(heldPort),
+			contains: []string{fmt.Sprintf(`the new stream ("one"): listen_port %d (tcp) on "127.0.0.1": already in use`, heldPort)}},
+		{name: "required settings left out", body: obj{"name": "bare"},
+			field: "listen_port", value: "null",
+			message: `the new stream ("bare"): listen_port: required; must be 1-65535; ` +
+				`the new stream ("bare"): upstream_host: required; must be a hostname or an IP address (e.g. db.internal, 10.0.0.5 or 2001:db8::5); ` +
+				`the new stream ("bare"): upstream_port: required; must be 1-65535`},
+		{name: "the id of a config stream", body: stream(1, freePort(t), up.Port, nil), code: http.StatusConflict,
+			field: "id", value: "1",
+			message: `conflict: id 1 is taken by stream 1 ("redis"), declared in the Caddy config; leave id out to get the next free id, or choose another`},
+		{name: "the id of an API stream", body: stream(2, freePort(t), up.Port, nil), code: http.StatusConflict,
+			field: "id", value: "2", contains: []string{`stream 2 ("wide"), created through the API`, "leave id out"}},
+	} {
+		code := tc.code
+		if code == 0 {
+			code = http.StatusBadRequest
+		}
+		r := inst.call("POST", "/api/v1/streams", tc.body)
+		e := r.apiErr(t, code)
+		if tc.message != "" && e.Error != tc.message {
+			t.Errorf("%s: error\n%s\nwant\n%s", tc.name, e.Error, tc.message)
+		}
+		for _, c := range tc.contains {
+			if !strings.Contains(e.Error, c) {
+				t.Errorf("%s: error %q does not contain %q", tc.name, e.Error, c)
+			}
+		}
+		if e.Field != tc.field || norm(e.Value) != tc.value || len(e.Errors) == 0 || e.Errors[0].Field != tc.field ||
+			norm(e.Errors[0].Value) != tc.value || e.Errors[0].Message == "" {
+			t.Errorf("%s: field %q value %s errors %+v, want %s = %s leading the errors", tc.name, e.Field, norm(e.Value), e.Errors, tc.field, tc.value)
+		}
+		if strings.Contains(e.Error, "stream 3") || strings.Contains(e.Error, `on ""`) {
+			t.Errorf("%s: error %q names the id the stream would get or an empty address", tc.name, e.Error)
+		}
+	}
+	if l := inst.call("GET", "/api/v1/streams", nil).want(t, http.StatusOK).list(t); len(l) != 2 {
+		t.Errorf("the refused creates changed the list: %v", l)
 	}
 }

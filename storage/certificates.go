@@ -7,7 +7,8 @@ import (
 	"fmt"
 	"slices"
 	"strings"
-	"time"
+
+	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
 )
 
 // Sources of a certificate.
@@ -47,8 +48,8 @@ type Certificate struct {
 
 	// NotBefore and NotAfter bound the certificate's validity, stored to
 	// the millisecond, returned in UTC; zero while unknown.
-	NotBefore time.Time `json:"not_before,omitzero"`
-	NotAfter  time.Time `json:"not_after,omitzero"`
+	NotBefore jsontime.Time `json:"not_before,omitzero"`
+	NotAfter  jsontime.Time `json:"not_after,omitzero"`
 
 	// CertificatePEM is the chain of a custom certificate, leaf first: the
 	// public part only. Empty for a managed certificate.
@@ -56,11 +57,11 @@ type Certificate struct {
 
 	// CreatedAt is when the certificate was created, in UTC, to the
 	// millisecond. Set by the store.
-	CreatedAt time.Time `json:"created_at,omitzero"`
+	CreatedAt jsontime.Time `json:"created_at,omitzero"`
 
 	// UpdatedAt is when the certificate was last written, in UTC, to the
 	// millisecond. Set by the store.
-	UpdatedAt time.Time `json:"updated_at,omitzero"`
+	UpdatedAt jsontime.Time `json:"updated_at,omitzero"`
 }
 
 // InUseError is the error of DeleteCertificate for a certificate that
@@ -120,10 +121,10 @@ func scanCert(r rowScanner) (Certificate, error) {
 	if c.Domains, err = decodeList(domains); err != nil {
 		return Certificate{}, fmt.Errorf("certificate %d: domains: %v", c.ID, err)
 	}
-	c.NotBefore = fromMillis(notBefore)
-	c.NotAfter = fromMillis(notAfter)
-	c.CreatedAt = fromMillis(createdAt)
-	c.UpdatedAt = fromMillis(updatedAt)
+	c.NotBefore = jsontime.Of(fromMillis(notBefore))
+	c.NotAfter = jsontime.Of(fromMillis(notAfter))
+	c.CreatedAt = jsontime.Of(fromMillis(createdAt))
+	c.UpdatedAt = jsontime.Of(fromMillis(updatedAt))
 	return c, nil
 }
 
@@ -134,8 +135,8 @@ func normalizedCert(c Certificate) Certificate {
 	if len(c.Domains) == 0 {
 		c.Domains = nil
 	}
-	c.NotBefore = fromMillis(millis(c.NotBefore))
-	c.NotAfter = fromMillis(millis(c.NotAfter))
+	c.NotBefore = jsontime.Of(fromMillis(millis(c.NotBefore.Time)))
+	c.NotAfter = jsontime.Of(fromMillis(millis(c.NotAfter.Time)))
 	return c
 }
 
@@ -247,7 +248,7 @@ func (s *SQLite) CreateCertificate(ctx context.Context, c Certificate, keyPEM []
 				return ErrConflict
 			}
 		}
-		c.CreatedAt = s.nowMillis()
+		c.CreatedAt = jsontime.Of(s.nowMillis())
 		c.UpdatedAt = c.CreatedAt
 		domains, err := encodeList(c.Domains)
 		if err != nil {
@@ -260,8 +261,8 @@ func (s *SQLite) CreateCertificate(ctx context.Context, c Certificate, keyPEM []
 		res, err := tx.ExecContext(ctx, `INSERT INTO certificates (id, name, source, domains, issuer,
 			not_before, not_after, certificate_pem, created_at, updated_at)
 			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
-			id, c.Name, c.Source, domains, c.Issuer, millis(c.NotBefore), millis(c.NotAfter),
-			c.CertificatePEM, millis(c.CreatedAt), millis(c.UpdatedAt))
+			id, c.Name, c.Source, domains, c.Issuer, millis(c.NotBefore.Time), millis(c.NotAfter.Time),
+			c.CertificatePEM, millis(c.CreatedAt.Time), millis(c.UpdatedAt.Time))
 		if err != nil {
 			return fmt.Errorf("inserting: %w", err)
 		}
@@ -304,15 +305,15 @@ func (s *SQLite) UpdateCertificate(ctx context.Context, c Certificate, keyPEM []
 			return err
 		}
 		c.CreatedAt = old.CreatedAt
-		c.UpdatedAt = s.nowMillis()
+		c.UpdatedAt = jsontime.Of(s.nowMillis())
 		domains, err := encodeList(c.Domains)
 		if err != nil {
 			return fmt.Errorf("domains: %v", err)
 		}
 		query := `UPDATE certificates SET name = ?, source = ?, domains = ?, issuer = ?,
 			not_before = ?, not_after = ?, certificate_pem = ?, updated_at = ?`
-		args := []any{c.Name, c.Source, domains, c.Issuer, millis(c.NotBefore), millis(c.NotAfter),
-			c.CertificatePEM, millis(c.UpdatedAt)}
+		args := []any{c.Name, c.Source, domains, c.Issuer, millis(c.NotBefore.Time), millis(c.NotAfter.Time),
+			c.CertificatePEM, millis(c.UpdatedAt.Time)}
 		switch {
 		case c.Source == SourceManaged:
 			query += `, key_sealed = NULL`

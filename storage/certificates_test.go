@@ -23,6 +23,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
 )
 
 // testKey is the encryption key of newKeyedStore.
@@ -101,8 +103,8 @@ func customCert(tc testCert, name string) Certificate {
 		Source:         SourceCustom,
 		Domains:        c.DNSNames,
 		Issuer:         c.Issuer.CommonName,
-		NotBefore:      c.NotBefore,
-		NotAfter:       c.NotAfter,
+		NotBefore:      jsontime.Of(c.NotBefore),
+		NotAfter:       jsontime.Of(c.NotAfter),
 		CertificatePEM: tc.certPEM,
 	}
 }
@@ -114,18 +116,18 @@ func TestCertificateRoundTrip(t *testing.T) {
 	tc := ecCert(t, "db.example.com")
 
 	in := customCert(tc, "db")
-	in.NotBefore = in.NotBefore.Add(123456789 * time.Nanosecond).In(time.FixedZone("X", 3600)) // stored to the ms, in UTC
+	in.NotBefore = jsontime.Of(in.NotBefore.Add(123456789 * time.Nanosecond).In(time.FixedZone("X", 3600))) // stored to the ms, in UTC
 	custom, err := s.CreateCertificate(ctx, in, []byte(tc.keyPEM), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if custom.ID <= 0 || custom.CreatedAt.Before(before) || !custom.UpdatedAt.Equal(custom.CreatedAt) {
+	if custom.ID <= 0 || custom.CreatedAt.Before(before) || !custom.UpdatedAt.Equal(custom.CreatedAt.Time) {
 		t.Errorf("created %+v", custom)
 	}
 	want := in
 	want.ID, want.CreatedAt, want.UpdatedAt = custom.ID, custom.CreatedAt, custom.UpdatedAt
-	want.NotBefore = time.UnixMilli(in.NotBefore.UnixMilli()).UTC()
-	want.NotAfter = in.NotAfter.UTC()
+	want.NotBefore = jsontime.Of(time.UnixMilli(in.NotBefore.UnixMilli()).UTC())
+	want.NotAfter = jsontime.Of(in.NotAfter.UTC())
 	if !reflect.DeepEqual(custom, want) {
 		t.Errorf("CreateCertificate returned\n%+v\nwant\n%+v", custom, want)
 	}
@@ -153,15 +155,15 @@ func TestCertificateRoundTrip(t *testing.T) {
 	time.Sleep(2 * time.Millisecond)
 	obtained := managed
 	obtained.Issuer = "Let's Encrypt R11"
-	obtained.NotBefore = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	obtained.NotAfter = obtained.NotBefore.AddDate(0, 3, 0)
-	obtained.CreatedAt = time.Unix(1, 0) // ignored
+	obtained.NotBefore = jsontime.Of(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
+	obtained.NotAfter = jsontime.Of(obtained.NotBefore.AddDate(0, 3, 0))
+	obtained.CreatedAt = jsontime.Of(time.Unix(1, 0)) // ignored
 	updated, err := s.UpdateCertificate(ctx, obtained, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !updated.CreatedAt.Equal(managed.CreatedAt) || !updated.UpdatedAt.After(managed.UpdatedAt) ||
-		updated.Issuer != obtained.Issuer || !updated.NotAfter.Equal(obtained.NotAfter) {
+	if !updated.CreatedAt.Equal(managed.CreatedAt.Time) || !updated.UpdatedAt.After(managed.UpdatedAt.Time) ||
+		updated.Issuer != obtained.Issuer || !updated.NotAfter.Equal(obtained.NotAfter.Time) {
 		t.Errorf("updated managed certificate %+v", updated)
 	}
 	if got, _ := s.GetCertificate(ctx, managed.ID); !reflect.DeepEqual(got, updated) {
@@ -252,7 +254,7 @@ func TestCertificateJSON(t *testing.T) {
 	tc := ecCert(t, "db.example.com")
 	c := customCert(tc, "db")
 	c.ID = 3
-	c.CreatedAt = time.Date(2026, 1, 2, 3, 4, 5, 6e6, time.UTC)
+	c.CreatedAt = jsontime.Of(time.Date(2026, 1, 2, 3, 4, 5, 6e6, time.UTC))
 	c.UpdatedAt = c.CreatedAt
 	b, err := json.Marshal(c)
 	if err != nil {
@@ -424,7 +426,7 @@ func TestCertificateApply(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !reflect.DeepEqual(oldSeen, created) || newSeen.Name != "b" || !newSeen.UpdatedAt.Equal(updated.UpdatedAt) {
+	if !reflect.DeepEqual(oldSeen, created) || newSeen.Name != "b" || !newSeen.UpdatedAt.Equal(updated.UpdatedAt.Time) {
 		t.Errorf("update apply old %+v new %+v", oldSeen, newSeen)
 	}
 	if got, _ := s.GetCertificate(ctx, created.ID); !reflect.DeepEqual(got, updated) || got.Domains[0] != "a.example.com" {

@@ -5,6 +5,8 @@ import (
 	"database/sql"
 	"fmt"
 	"strings"
+
+	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
 )
 
 // validConnLog checks what the conn_log table requires of an entry.
@@ -55,7 +57,7 @@ func (s *SQLite) AppendConnLogs(ctx context.Context, entries []ConnLog) error {
 			}
 			if _, err := stmt.ExecContext(ctx, e.StreamID, e.SourceIP, port,
 				e.BytesSent, e.BytesReceived, e.DurationMS, e.Action,
-				e.DisconnectReason, millis(e.StartedAt), millis(e.EndedAt),
+				e.DisconnectReason, millis(e.StartedAt.Time), millis(e.EndedAt.Time),
 				proto, e.DatagramsSent, e.DatagramsReceived); err != nil {
 				return fmt.Errorf("inserting entry %d: %w", i, err)
 			}
@@ -128,8 +130,8 @@ func (s *SQLite) ConnLogs(ctx context.Context, q ConnLogQuery) ([]ConnLog, error
 			return nil, fmt.Errorf("storage: reading conn log: %w", err)
 		}
 		e.SourcePort = int(port.Int64)
-		e.StartedAt = fromMillis(started)
-		e.EndedAt = fromMillis(ended)
+		e.StartedAt = jsontime.Of(fromMillis(started))
+		e.EndedAt = jsontime.Of(fromMillis(ended))
 		out = append(out, e)
 	}
 	if err := rows.Err(); err != nil {

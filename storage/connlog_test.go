@@ -7,6 +7,8 @@ import (
 	"reflect"
 	"testing"
 	"time"
+
+	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
 )
 
 func TestConnLogRoundTrip(t *testing.T) {
@@ -19,14 +21,14 @@ func TestConnLogRoundTrip(t *testing.T) {
 			StreamID: 7, SourceIP: "2001:db8::1", SourcePort: 54321,
 			BytesSent: 1 << 40, BytesReceived: 12345, DurationMS: 1500,
 			Action: ActionAllowed, DisconnectReason: "upstream closed",
-			StartedAt: start, EndedAt: start.Add(1500 * time.Millisecond),
+			StartedAt: jsontime.Of(start), EndedAt: jsontime.Of(start.Add(1500 * time.Millisecond)),
 			Protocol: ConnTCP,
 		},
 		{
 			StreamID: 7, SourceIP: "192.0.2.1",
 			Action: ActionBlocked, DisconnectReason: "blacklisted",
 			// Sub-millisecond precision and the zone are not kept.
-			StartedAt: start.Add(123 * time.Microsecond).In(time.FixedZone("x", 3600)),
+			StartedAt: jsontime.Of(start.Add(123 * time.Microsecond).In(time.FixedZone("x", 3600))),
 			// No protocol: TCP.
 		},
 		{
@@ -53,7 +55,7 @@ func TestConnLogRoundTrip(t *testing.T) {
 		want := in[len(in)-1-i]
 		want.ID = g.ID
 		if i == 2 {
-			want.StartedAt = start
+			want.StartedAt = jsontime.Of(start)
 			want.Protocol = ConnTCP
 		}
 		if !reflect.DeepEqual(g, want) {

@@ -17,10 +17,10 @@ const hostColumns = `id, name, protocol, listen_address, listen_port,
 	whitelist_cidrs, blacklist_cidrs, ssl_enabled, ssl_cert_id,
 	upload_rate_bytes, download_rate_bytes, health_check_enabled,
 	health_check_interval_seconds, log_connections, notes,
-	half_close, created_at, updated_at`
+	half_close, created_at, updated_at, version`
 
 const insertHost = `INSERT INTO hosts (` + hostColumns + `)
-	VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
+	VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
 
 const updateHost = `UPDATE hosts SET
 	name = ?, protocol = ?, listen_address = ?, listen_port = ?,
@@ -29,7 +29,7 @@ const updateHost = `UPDATE hosts SET
 	whitelist_cidrs = ?, blacklist_cidrs = ?, ssl_enabled = ?, ssl_cert_id = ?,
 	upload_rate_bytes = ?, download_rate_bytes = ?, health_check_enabled = ?,
 	health_check_interval_seconds = ?, log_connections = ?, notes = ?,
-	half_close = ?, created_at = ?, updated_at = ?
+	half_close = ?, created_at = ?, updated_at = ?, version = ?
 	WHERE id = ?`
 
 type rowScanner interface {
@@ -48,7 +48,7 @@ func scanHost(r rowScanner) (Host, error) {
 		&white, &black, &h.SSLEnabled, &h.SSLCertID,
 		&h.UploadRateBytes, &h.DownloadRateBytes, &h.HealthCheckEnabled,
 		&h.HealthCheckIntervalSeconds, &h.LogConnections, &h.Notes,
-		&h.HalfClose, &createdAt, &updatedAt)
+		&h.HalfClose, &createdAt, &updatedAt, &h.Version)
 	if err != nil {
 		return Host{}, err
 	}
@@ -79,7 +79,7 @@ func hostValues(h Host) ([]any, error) {
 		white, black, h.SSLEnabled, h.SSLCertID,
 		h.UploadRateBytes, h.DownloadRateBytes, h.HealthCheckEnabled,
 		h.HealthCheckIntervalSeconds, h.LogConnections, h.Notes,
-		h.HalfClose, millis(h.CreatedAt), millis(h.UpdatedAt)}, nil
+		h.HalfClose, millis(h.CreatedAt), millis(h.UpdatedAt), h.Version}, nil
 }
 
 // encodeList stores a list as a JSON array; nil is [].
@@ -173,6 +173,10 @@ func (s *SQLite) CreateHost(ctx context.Context, h Host, apply func(h Host) erro
 		}
 		h.CreatedAt = s.nowMillis()
 		h.UpdatedAt = h.CreatedAt
+		var err error
+		if h.Version, err = nextHostVersion(ctx, tx); err != nil {
+			return err
+		}
 		vals, err := hostValues(h)
 		if err != nil {
 			return err
@@ -212,6 +216,9 @@ func (s *SQLite) UpdateHost(ctx context.Context, h Host, apply func(old, new Hos
 		}
 		h.CreatedAt = old.CreatedAt
 		h.UpdatedAt = s.nowMillis()
+		if h.Version, err = nextHostVersion(ctx, tx); err != nil {
+			return err
+		}
 		vals, err := hostValues(h)
 		if err != nil {
 			return err
@@ -228,6 +235,17 @@ func (s *SQLite) UpdateHost(ctx context.Context, h Host, apply func(old, new Hos
 		return Host{}, fmt.Errorf("storage: updating host %d: %w", h.ID, err)
 	}
 	return h, nil
+}
+
+// nextHostVersion takes the next host version, in the write transaction
+// tx: it is above every version handed out before, whichever the host.
+func nextHostVersion(ctx context.Context, tx *sql.Tx) (int64, error) {
+	var v int64
+	err := tx.QueryRowContext(ctx, `UPDATE host_version SET last = last + 1 WHERE id = 1 RETURNING last`).Scan(&v)
+	if err != nil {
+		return 0, fmt.Errorf("taking the next host version: %w", err)
+	}
+	return v, nil
 }
 
 // DeleteHost deletes a host and its connection log; see Store.

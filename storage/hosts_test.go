@@ -52,7 +52,7 @@ func hostGen(h Host) (int, error) {
 		return 0, fmt.Errorf("name %q: %v", h.Name, err)
 	}
 	want := genHost(h.ID, gen)
-	want.CreatedAt, want.UpdatedAt = h.CreatedAt, h.UpdatedAt
+	want.CreatedAt, want.UpdatedAt, want.Version = h.CreatedAt, h.UpdatedAt, h.Version
 	if !reflect.DeepEqual(h, want) {
 		return 0, fmt.Errorf("host %d is not all generation %d:\n got %+v\nwant %+v", h.ID, gen, h, want)
 	}
@@ -71,7 +71,7 @@ func TestHostRoundTrip(t *testing.T) {
 	v1, v2 := reflect.ValueOf(in), reflect.ValueOf(genHost(0, 2))
 	for i := 0; i < v1.NumField(); i++ {
 		switch name := v1.Type().Field(i).Name; name {
-		case "ID", "CreatedAt", "UpdatedAt":
+		case "ID", "CreatedAt", "UpdatedAt", "Version":
 		default:
 			if v1.Field(i).IsZero() && v2.Field(i).IsZero() {
 				t.Fatalf("genHost leaves %s zero", name)
@@ -93,7 +93,7 @@ func TestHostRoundTrip(t *testing.T) {
 		t.Errorf("created_at in %v, want UTC", created.CreatedAt.Location())
 	}
 	want := in
-	want.ID, want.CreatedAt, want.UpdatedAt = created.ID, created.CreatedAt, created.UpdatedAt
+	want.ID, want.CreatedAt, want.UpdatedAt, want.Version = created.ID, created.CreatedAt, created.UpdatedAt, created.Version
 	if !reflect.DeepEqual(created, want) {
 		t.Errorf("CreateHost returned\n%+v\nwant\n%+v", created, want)
 	}
@@ -139,7 +139,7 @@ func TestHostRoundTrip(t *testing.T) {
 		t.Fatal(err)
 	}
 	zero.WhitelistCIDRs = nil
-	zero.CreatedAt, zero.UpdatedAt = got.CreatedAt, got.UpdatedAt
+	zero.CreatedAt, zero.UpdatedAt, zero.Version = got.CreatedAt, got.UpdatedAt, got.Version
 	if !reflect.DeepEqual(got, zero) || !reflect.DeepEqual(updated, zero) {
 		t.Errorf("zero host read back as\n%+v\nreturned\n%+v", got, updated)
 	}
@@ -553,4 +553,65 @@ func TestHighestHostID(t *testing.T) {
 	if top, err := db.HighestHostID(ctx); err != nil || top != 7 {
 		t.Fatalf("after creating and deleting id 7: %d, %v", top, err)
 	}
+}
+
+// TestHostVersions checks that every create and update gives a host a
+// version above every version handed out before: also to a host created
+// again under a deleted one's ID, and after the database is opened again.
+func TestHostVersions(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "aegis.db")
+	s, err := Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	seen := map[int64]bool{}
+	var top int64
+	took := func(what string, h Host, err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		if h.Version <= top || seen[h.Version] {
+			t.Fatalf("%s: version %d, want one above %d", what, h.Version, top)
+		}
+		seen[h.Version], top = true, h.Version
+		if got, err := s.GetHost(ctx, h.ID); err != nil || got.Version != h.Version {
+			t.Fatalf("%s: stored version %d (%v), returned %d", what, got.Version, err, h.Version)
+		}
+	}
+	a, err := s.CreateHost(ctx, genHost(0, 1), nil)
+	took("create a", a, err)
+	b, err := s.CreateHost(ctx, genHost(9, 1), nil)
+	took("create b", b, err)
+	a, err = s.UpdateHost(ctx, genHost(a.ID, 2), nil)
+	took("update a", a, err)
+	// The same settings again: a write all the same.
+	a, err = s.UpdateHost(ctx, genHost(a.ID, 2), nil)
+	took("update a to the same settings", a, err)
+	if err := s.DeleteHost(ctx, b.ID, nil); err != nil {
+		t.Fatal(err)
+	}
+	b, err = s.CreateHost(ctx, genHost(9, 1), nil)
+	took("create b again under its old id", b, err)
+	// A write that apply refuses takes no version for good.
+	if _, err := s.UpdateHost(ctx, genHost(a.ID, 3), func(_, _ Host) error { return errors.New("no") }); err == nil {
+		t.Fatal("a refused update succeeded")
+	}
+	if got, _ := s.GetHost(ctx, a.ID); got.Version != a.Version {
+		t.Fatalf("a refused update changed the version from %d to %d", a.Version, got.Version)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	s, err = Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	a, err = s.UpdateHost(ctx, genHost(a.ID, 4), nil)
+	took("update a after reopening", a, err)
+	c, err := s.CreateHost(ctx, genHost(0, 5), nil)
+	took("create c after reopening", c, err)
 }

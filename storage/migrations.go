@@ -129,6 +129,23 @@ CREATE TABLE certificates (
 			`ALTER TABLE hosts ADD COLUMN half_close INTEGER NOT NULL DEFAULT 0 CHECK (half_close IN (0, 1))`,
 		},
 	},
+	{
+		version: 6,
+		name:    "hosts version",
+		// version is the host's version, the API's ETag: every write gives
+		// the host the next value of host_version.last, so a version is
+		// never handed out twice, not even to a host created again under
+		// a deleted one's ID. Hosts already stored start at 1; the hashes
+		// that served as versions before cannot match a number.
+		stmts: []string{
+			`ALTER TABLE hosts ADD COLUMN version INTEGER NOT NULL DEFAULT 1 CHECK (version > 0)`,
+			`CREATE TABLE host_version (
+	id   INTEGER PRIMARY KEY CHECK (id = 1),
+	last INTEGER NOT NULL
+) STRICT`,
+			`INSERT INTO host_version (id, last) VALUES (1, 1)`,
+		},
+	},
 }
 
 // migrate applies the migrations in migs above the database's version, up

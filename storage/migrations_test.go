@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
 )
 
 func TestMigrationsNumbered(t *testing.T) {
@@ -150,9 +152,9 @@ func TestMigrateFromVersion2(t *testing.T) {
 	created := time.UnixMilli(1700000000000).UTC()
 	wantHosts := []Host{
 		{ID: 1, Name: "db", ListenPort: 5432, UpstreamHost: "pg", UpstreamPort: 5432, Enabled: true,
-			SSLEnabled: true, SSLCertID: 1, CreatedAt: created, UpdatedAt: created},
+			SSLEnabled: true, SSLCertID: 1, CreatedAt: created, UpdatedAt: created, Version: 1},
 		{ID: 2, Name: "web", ListenPort: 8080, UpstreamHost: "backend", UpstreamPort: 80, Enabled: true,
-			CreatedAt: created, UpdatedAt: created},
+			CreatedAt: created, UpdatedAt: created, Version: 1},
 	}
 	if hosts, err := s.ListHosts(ctx); err != nil || !reflect.DeepEqual(hosts, wantHosts) {
 		t.Errorf("hosts after migrating: %+v, %v; want %+v", hosts, err, wantHosts)
@@ -242,7 +244,7 @@ func TestMigrateConnLogProtocol(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	at := func(ms int64) time.Time { return time.UnixMilli(ms).UTC() }
+	at := func(ms int64) jsontime.Time { return jsontime.Of(time.UnixMilli(ms).UTC()) }
 	want := []ConnLog{
 		{StreamID: 9, SourceIP: "192.0.2.3", SourcePort: 4001, BytesSent: 8, BytesReceived: 9, DurationMS: 10, Action: ActionAllowed,
 			DisconnectReason: "upstream_close", StartedAt: at(1700000000800), EndedAt: at(1700000000810), Protocol: ConnTCP},

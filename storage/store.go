@@ -18,6 +18,8 @@ import (
 	"context"
 	"errors"
 	"time"
+
+	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
 )
 
 // Errors a Store returns, wrapped with what failed; test for them with
@@ -82,14 +84,14 @@ type Store interface {
 	// CreateHost stores a new host and returns it as stored. With h.ID 0
 	// the store assigns an ID; with h.ID > 0 that ID is used, and
 	// ErrConflict is returned if it is taken. CreatedAt and UpdatedAt are
-	// set to the current time; the values in h are ignored. IDs of deleted
-	// hosts are not assigned again.
+	// set to the current time and Version to a new version; the values in
+	// h are ignored. IDs of deleted hosts are not assigned again.
 	CreateHost(ctx context.Context, h Host, apply func(h Host) error) (Host, error)
 
 	// UpdateHost replaces every field of the host with ID h.ID and returns
-	// it as stored, or ErrNotFound. CreatedAt is kept and UpdatedAt set to
-	// the current time; the values in h are ignored. apply receives the
-	// host before and after the change.
+	// it as stored, or ErrNotFound. CreatedAt is kept, UpdatedAt set to
+	// the current time and Version to a new version; the values in h are
+	// ignored. apply receives the host before and after the change.
 	UpdateHost(ctx context.Context, h Host, apply func(old, new Host) error) (Host, error)
 
 	// DeleteHost deletes the host with the given ID and its connection log,
@@ -244,6 +246,11 @@ type Host struct {
 	// UpdatedAt is when the host was last written, in UTC, to the
 	// millisecond. Set by the store.
 	UpdatedAt time.Time `json:"updated_at,omitzero"`
+
+	// Version is the host's version: every create and update gives it a
+	// new one, above every version the store handed out before, to any
+	// host. Set by the store.
+	Version int64 `json:"version,omitzero"`
 }
 
 // Actions a connection-log entry records.
@@ -297,11 +304,11 @@ type ConnLog struct {
 
 	// StartedAt is when the connection was accepted; stored to the
 	// millisecond, returned in UTC.
-	StartedAt time.Time `json:"started_at,omitzero"`
+	StartedAt jsontime.Time `json:"started_at,omitzero"`
 
 	// EndedAt is when the connection ended; stored to the millisecond,
 	// returned in UTC.
-	EndedAt time.Time `json:"ended_at,omitzero"`
+	EndedAt jsontime.Time `json:"ended_at,omitzero"`
 
 	// Protocol is ConnTCP or ConnUDP. Default: "", stored as ConnTCP.
 	Protocol string `json:"protocol"`

@@ -15,8 +15,10 @@ import (
 
 // maxTotal bounds the UI's size, uncompressed. It was 64 KB until the
 // UI sent If-Match with its writes (edit conflicts show instead of undoing
-// another admin's change), which took the UI just over it.
-const maxTotal = 72 << 10
+// another admin's change), which took the UI just over it, and 72 KB until
+// issue 12 (every error of a save, the server's warnings, the health
+// details in the list, PATCH for the switch) took it to 73 KB.
+const maxTotal = 80 << 10
 
 func files(t *testing.T) map[string]string {
 	t.Helper()

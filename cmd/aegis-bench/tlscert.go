@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
 	"github.com/aegis-proxy/caddy-aegis/modules/certs"
 	"github.com/aegis-proxy/caddy-aegis/storage"
 )
@@ -158,7 +159,7 @@ func storeAegisCert(dbPath string, bc *benchCert) (int64, error) {
 	defer cancel()
 	c, err := db.CreateCertificate(ctx, storage.Certificate{
 		Name: "bench", Source: storage.SourceCustom, Domains: p.Domains, Issuer: p.Issuer,
-		NotBefore: p.NotBefore, NotAfter: p.NotAfter, CertificatePEM: p.ChainPEM,
+		NotBefore: jsontime.Of(p.NotBefore), NotAfter: jsontime.Of(p.NotAfter), CertificatePEM: p.ChainPEM,
 	}, []byte(p.KeyPEM), nil)
 	if cerr := db.Close(); err == nil {
 		err = cerr

@@ -99,7 +99,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		l.Name = fmt.Sprintf("stream-%d", h.StreamID)
 	}
 	var err error
-	if h.policy, err = streamstate.NewPolicy(l, ctx.Logger()); err != nil {
+	// The logger is named for the handler: the streams app provisions the
+	// handlers itself, in a context with no module of its own.
+	if h.policy, err = streamstate.NewPolicy(l, ctx.Logger(h)); err != nil {
 		return err
 	}
 	if h.StreamID > 0 {
@@ -193,13 +195,22 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 //		idle_timeout <duration>
 //		log_connections [true|false]
 //	}
+//
+// Each option may be given once, except whitelist_cidrs and
+// blacklist_cidrs, which add up; none takes a block.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // handler name
 	if d.NextArg() {
 		return d.ArgErr()
 	}
-	for d.NextBlock(0) {
+	seen := map[string]bool{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		opt := d.Val()
+		// The access lists may repeat and append, as in the streams app.
+		if seen[opt] && opt != "whitelist_cidrs" && opt != "blacklist_cidrs" {
+			return d.Errf("aegis_guard option %q given twice", opt)
+		}
+		seen[opt] = true
 		args := d.RemainingArgs()
 		var err error
 		switch opt {
@@ -251,6 +262,9 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 		if err != nil {
 			return err
+		}
+		if d.NextBlock(nesting + 1) {
+			return d.Errf("aegis_guard option %q: blocks are not supported", opt)
 		}
 	}
 	return nil

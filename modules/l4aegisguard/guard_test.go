@@ -365,6 +365,11 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		{"aegis_guard {\n stream_name\n}", "stream_name"},
 		{"aegis_guard {\n rate_limit 5\n}", `"rate_limit"`},
 		{"aegis_guard extra", "extra"},
+		{"aegis_guard {\n max_connections 1\n max_connections 2\n}", `aegis_guard option "max_connections" given twice`},
+		{"aegis_guard {\n log_connections\n log_connections false\n}", `aegis_guard option "log_connections" given twice`},
+		{"aegis_guard {\n idle_timeout 1s {\n x\n }\n}", `aegis_guard option "idle_timeout": blocks are not supported`},
+		{"aegis_guard {\n whitelist_cidrs 10.0.0.0/8 {\n ::1\n }\n}", `aegis_guard option "whitelist_cidrs": blocks are not supported`},
+		{"aegis_guard {\n log_connections {\n x\n }\n}", `aegis_guard option "log_connections": blocks are not supported`},
 	} {
 		var h l4aegisguard.Handler
 		err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.in))

@@ -60,6 +60,8 @@ type Handler struct {
 	dialer net.Dialer
 	state  *streamstate.Stream
 	logger *zap.Logger
+	// stopHealth ends the health loop.
+	stopHealth context.CancelFunc
 }
 
 // CaddyModule returns the Caddy module information.
@@ -91,21 +93,27 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.dialer.Timeout == 0 {
 		h.dialer.Timeout = DefaultDialTimeout
 	}
-	h.logger = ctx.Logger()
+	// Named: the streams app provisions the handlers itself, in a
+	// context with no module of its own.
+	h.logger = ctx.Logger(h)
 	if h.StreamID > 0 {
 		h.state = streamstate.Acquire(h.StreamID)
 	} else {
 		h.state = streamstate.New(0)
 	}
 	if h.HealthCheckInterval > 0 {
-		go h.healthLoop(ctx, time.Duration(h.HealthCheckInterval))
+		hctx, stop := context.WithCancel(ctx)
+		h.stopHealth = stop
+		go h.healthLoop(hctx, time.Duration(h.HealthCheckInterval))
 	}
 	return nil
 }
 
-// Cleanup lets go of the stream's state; the health loop ends with the
-// module's context.
+// Cleanup ends the health loop and lets go of the stream's state.
 func (h *Handler) Cleanup() error {
+	if h.stopHealth != nil {
+		h.stopHealth()
+	}
 	if h.state == nil {
 		return nil
 	}
@@ -194,7 +202,7 @@ func (h *Handler) dial(ctx context.Context) (net.Conn, error) {
 
 // healthLoop dials the upstream every interval and records the outcome,
 // until the module is unloaded.
-func (h *Handler) healthLoop(ctx caddy.Context, every time.Duration) {
+func (h *Handler) healthLoop(ctx context.Context, every time.Duration) {
 	// The first check waits a moment: at provisioning time the upstream may
 	// be a server of this same config that has not started yet.
 	t := time.NewTimer(min(every, 500*time.Millisecond))
@@ -210,7 +218,7 @@ func (h *Handler) healthLoop(ctx caddy.Context, every time.Duration) {
 	}
 }
 
-func (h *Handler) checkHealth(ctx caddy.Context) {
+func (h *Handler) checkHealth(ctx context.Context) {
 	c, err := h.dial(ctx)
 	if ctx.Err() != nil {
 		return
@@ -241,6 +249,9 @@ func (h *Handler) checkHealth(ctx caddy.Context) {
 //		health_check_interval <duration>
 //		half_close [true|false]
 //	}
+//
+// The upstream is the first argument (upstream in JSON). Each option may
+// be given once; none takes a block.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // handler name
 	if !d.NextArg() {
@@ -250,52 +261,68 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if d.NextArg() {
 		return d.ArgErr()
 	}
-	for d.NextBlock(0) {
+	seen := map[string]bool{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		opt := d.Val()
-		if opt == "half_close" {
-			// Alone it means true, as the streams app's boolean options.
-			switch args := d.RemainingArgs(); {
-			case len(args) == 0 || len(args) == 1 && args[0] == "true":
-				h.HalfClose = true
-			case len(args) == 1 && args[0] == "false":
-				h.HalfClose = false
-			default:
-				return d.Errf("half_close %q: want true or false", strings.Join(args, " "))
-			}
-			continue
+		if seen[opt] {
+			return d.Errf("aegis_proxy option %q given twice", opt)
 		}
-		if !d.NextArg() {
-			return d.ArgErr()
+		seen[opt] = true
+		if err := h.unmarshalOption(d, opt, d.RemainingArgs()); err != nil {
+			return err
 		}
-		val := d.Val()
-		if d.NextArg() {
-			return d.Errf("%s: want one value, got more (%q)", opt, d.Val())
+		if d.NextBlock(nesting + 1) {
+			return d.Errf("aegis_proxy option %q: blocks are not supported", opt)
 		}
-		switch opt {
-		case "stream_id":
-			n, err := strconv.ParseInt(val, 10, 64)
-			if err != nil {
-				return d.Errf("stream_id %q: want a whole number", val)
-			}
-			h.StreamID = n
-		case "proxy_protocol":
-			n, err := strconv.Atoi(val)
-			if err != nil {
-				return d.Errf("proxy_protocol %q: want 0, 1 or 2", val)
-			}
-			h.ProxyProtocol = n
-		case "dial_timeout", "health_check_interval":
-			dur, err := caddy.ParseDuration(val)
-			if err != nil {
-				return d.Errf("%s %q: %v", opt, val, err)
-			}
-			if opt == "dial_timeout" {
-				h.DialTimeout = caddy.Duration(dur)
-			} else {
-				h.HealthCheckInterval = caddy.Duration(dur)
-			}
+	}
+	return nil
+}
+
+// unmarshalOption sets option opt from its values.
+func (h *Handler) unmarshalOption(d *caddyfile.Dispenser, opt string, args []string) error {
+	if opt == "half_close" {
+		// Alone it means true, as the streams app's boolean options.
+		switch {
+		case len(args) == 0 || len(args) == 1 && args[0] == "true":
+			h.HalfClose = true
+		case len(args) == 1 && args[0] == "false":
+			h.HalfClose = false
 		default:
-			return d.Errf("unknown aegis_proxy option %q", opt)
+			return d.Errf("half_close %q: want true or false", strings.Join(args, " "))
+		}
+		return nil
+	}
+	switch opt {
+	case "stream_id", "proxy_protocol", "dial_timeout", "health_check_interval":
+	default:
+		return d.Errf("unknown aegis_proxy option %q", opt)
+	}
+	if len(args) != 1 {
+		return d.Errf("%s: want one value, got %d", opt, len(args))
+	}
+	val := args[0]
+	switch opt {
+	case "stream_id":
+		n, err := strconv.ParseInt(val, 10, 64)
+		if err != nil {
+			return d.Errf("stream_id %q: want a whole number", val)
+		}
+		h.StreamID = n
+	case "proxy_protocol":
+		n, err := strconv.Atoi(val)
+		if err != nil {
+			return d.Errf("proxy_protocol %q: want 0, 1 or 2", val)
+		}
+		h.ProxyProtocol = n
+	case "dial_timeout", "health_check_interval":
+		dur, err := caddy.ParseDuration(val)
+		if err != nil {
+			return d.Errf("%s %q: %v", opt, val, err)
+		}
+		if opt == "dial_timeout" {
+			h.DialTimeout = caddy.Duration(dur)
+		} else {
+			h.HealthCheckInterval = caddy.Duration(dur)
 		}
 	}
 	return nil

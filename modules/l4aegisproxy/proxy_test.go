@@ -30,6 +30,7 @@ import (
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 
 	"github.com/aegis-proxy/caddy-aegis/internal/loopback"
+	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
 )
 
 // ---- fixtures ------------------------------------------------------------
@@ -674,7 +675,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		t.Fatalf("bare: %+v, %v", bare, err)
 	}
 	var off l4aegisproxy.Handler
-	if err := off.UnmarshalCaddyfile(caddyfile.NewTestDispenser("aegis_proxy a:1 {\n half_close true\n half_close false\n}")); err != nil || off.HalfClose {
+	if err := off.UnmarshalCaddyfile(caddyfile.NewTestDispenser("aegis_proxy a:1 {\n half_close false\n}")); err != nil || off.HalfClose {
 		t.Fatalf("half_close false: %+v, %v", off, err)
 	}
 
@@ -690,6 +691,11 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		{"aegis_proxy a:1 {\n upstream b:2\n}", `"upstream"`},
 		{"aegis_proxy a:1 {\n half_close yes\n}", `half_close "yes"`},
 		{"aegis_proxy a:1 {\n half_close true false\n}", `half_close "true false"`},
+		{"aegis_proxy a:1 {\n stream_id 1\n stream_id 2\n}", `aegis_proxy option "stream_id" given twice`},
+		{"aegis_proxy a:1 {\n half_close\n half_close false\n}", `aegis_proxy option "half_close" given twice`},
+		{"aegis_proxy a:1 {\n dial_timeout 1s {\n x\n }\n}", `aegis_proxy option "dial_timeout": blocks are not supported`},
+		{"aegis_proxy a:1 {\n half_close {\n x\n }\n}", `aegis_proxy option "half_close": blocks are not supported`},
+		{"aegis_proxy a:1 {\n dial_timeout {\n 1s\n }\n}", "dial_timeout: want one value, got 0"},
 	} {
 		var h l4aegisproxy.Handler
 		err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.in))
@@ -799,5 +805,24 @@ func TestEndClosesBothWithoutGuard(t *testing.T) {
 	}
 	if rest, err := io.ReadAll(c); err != nil || len(rest) != 0 {
 		t.Fatalf("client after its end: read %q, %v; want EOF", rest, err)
+	}
+}
+
+// Cleanup ends the health checks, also when the module's context goes on
+// (the streams app provisions the handlers in its own long-lived one).
+func TestCleanupEndsHealthChecks(t *testing.T) {
+	var dials atomic.Int64
+	up := newUpstream(t, "127.0.0.1:0", func(c net.Conn) { dials.Add(1); c.Close() })
+	h := l4aegisproxy.Handler{Upstream: up.Addr, HealthCheckInterval: caddy.Duration(5 * time.Millisecond)}
+	if err := h.Provision(newCtx(t)); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, "a health check", func() bool { return dials.Load() > 0 })
+	_ = h.Cleanup()
+	time.Sleep(20 * time.Millisecond) // a check in flight ends
+	n := dials.Load()
+	time.Sleep(100 * time.Millisecond)
+	if got := dials.Load(); got != n {
+		t.Fatalf("%d health checks after Cleanup", got-n)
 	}
 }

@@ -1,8 +1,9 @@
 // Package l4aegistls is the layer4 handler `aegis_tls`: it terminates TLS
 // for a stream with a certificate from a process-wide registry, which can
 // be replaced at any time without touching listeners or established
-// connections, and bounds the time and the number of handshakes in
-// progress. It works in the `streams` app and in a plain `layer4` config.
+// connections, or in a plain `layer4` config from Caddy's tls app by tag
+// (cert_tag), and bounds the time and the number of handshakes in
+// progress.
 //
 // Put it after aegis_guard and before aegis_proxy. The guard's wrapper sits
 // below TLS, so the stream's byte counters and rate limits count wire
@@ -49,8 +50,15 @@ type Handler struct {
 	// CertID is the id under which the certificate is registered (see
 	// Register). It is looked up at each handshake, so a certificate
 	// registered or replaced after provisioning is used from the next
-	// handshake on. Required, >= 1.
-	CertID int64 `json:"cert_id"`
+	// handshake on. The streams app registers certificates; in a plain
+	// layer4 config, use CertTag. CertID (>= 1) or CertTag is required.
+	CertID int64 `json:"cert_id,omitempty"`
+
+	// CertTag takes the certificate from Caddy's tls app instead: among
+	// the certificates it loads with this tag (e.g. load_files with tags),
+	// the one for the client's SNI, as a Caddy site picks them, and the
+	// tls app renews. Not with CertID.
+	CertTag string `json:"cert_tag,omitempty"`
 
 	// HandshakeTimeout bounds a handshake. Default: 10s.
 	HandshakeTimeout caddy.Duration `json:"handshake_timeout,omitempty"`
@@ -61,6 +69,7 @@ type Handler struct {
 	MaxHandshakes int `json:"max_handshakes,omitempty"`
 
 	cfg     *tls.Config
+	src     CertSource // from CertTag; nil with CertID
 	timeout time.Duration
 	max     int64
 	state   *streamstate.Stream // with a stream_id
@@ -80,8 +89,10 @@ func (*Handler) CaddyModule() caddy.ModuleInfo {
 // the stream's handshake state.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	switch {
-	case h.CertID < 1:
-		return fmt.Errorf("cert_id %d: required, must be >= 1", h.CertID)
+	case h.CertTag != "" && h.CertID != 0:
+		return fmt.Errorf("cert_id %d and cert_tag %q: give one of them, not both", h.CertID, h.CertTag)
+	case h.CertTag == "" && h.CertID < 1:
+		return fmt.Errorf("cert_id %d: required, must be >= 1; or give cert_tag, a tag of certificates that Caddy's tls app loads", h.CertID)
 	case h.StreamID < 0:
 		return fmt.Errorf("stream_id %d: must be >= 0 (0 = none)", h.StreamID)
 	case h.HandshakeTimeout < 0:
@@ -97,13 +108,22 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.max == 0 {
 		h.max = DefaultMaxHandshakes
 	}
+	if h.CertTag != "" {
+		src, err := NewCaddyCert(ctx, "", []string{h.CertTag})
+		if err != nil {
+			return fmt.Errorf("cert_tag %q: %v", h.CertTag, err)
+		}
+		h.src = src
+	}
 	// Go's default cipher suites and curves: Caddy's list is the same
 	// for TLS 1.2+ (and not exported). No ALPN: the stream is opaque.
 	h.cfg = &tls.Config{
 		MinVersion:     tls.VersionTLS12,
 		GetCertificate: h.getCertificate,
 	}
-	h.logger = ctx.Logger()
+	// Named: the streams app provisions the handlers itself, in a
+	// context with no module of its own.
+	h.logger = ctx.Logger(h)
 	if h.StreamID > 0 {
 		h.state = streamstate.Acquire(h.StreamID)
 		h.hs = h.state.Handshakes()
@@ -128,8 +148,16 @@ func (h *Handler) Cleanup() error {
 // stream's, with a stream_id).
 func (h *Handler) Stats() HandshakeStats { return snapshot(h.hs) }
 
-// getCertificate gives the certificate registered as cert_id now.
+// getCertificate gives the certificate of cert_tag, or the one registered
+// as cert_id now.
 func (h *Handler) getCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+	if h.src != nil {
+		c, err := h.src.GetCertificate(hello)
+		if err != nil {
+			return nil, fmt.Errorf("cert_tag %q: %v", h.CertTag, err)
+		}
+		return c, nil
+	}
 	src := Lookup(h.CertID)
 	if src == nil {
 		return nil, fmt.Errorf("cert_id %d: no certificate registered", h.CertID)
@@ -239,7 +267,7 @@ func (h *Handler) fail(cx *layer4.Connection, ss *streamstate.Session, err error
 // UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
 //
 //	aegis_tls {
-//		cert_id <id>
+//		cert_id <id> | cert_tag <tag>
 //		stream_id <id>
 //		handshake_timeout <duration>
 //		max_handshakes <n>
@@ -272,6 +300,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			} else {
 				h.StreamID = n
 			}
+		case "cert_tag":
+			h.CertTag = val
 		case "max_handshakes":
 			n, err := strconv.Atoi(val)
 			if err != nil {

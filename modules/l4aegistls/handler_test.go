@@ -370,6 +370,8 @@ func TestProvisionErrors(t *testing.T) {
 	}{
 		{l4aegistls.Handler{}, "cert_id 0: required"},
 		{l4aegistls.Handler{CertID: -3}, "cert_id -3: required, must be >= 1"},
+		{l4aegistls.Handler{}, "or give cert_tag"},
+		{l4aegistls.Handler{CertID: 2, CertTag: "db"}, `cert_id 2 and cert_tag "db": give one of them, not both`},
 		{l4aegistls.Handler{CertID: 1, StreamID: -1}, "stream_id -1: must be >= 0"},
 		{l4aegistls.Handler{CertID: 1, HandshakeTimeout: caddy.Duration(-time.Second)}, "handshake_timeout -1s: must be >= 0"},
 		{l4aegistls.Handler{CertID: 1, MaxHandshakes: -2}, "max_handshakes -2: must be >= 0"},
@@ -400,6 +402,10 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 	if fmt.Sprintf("%+v", h) != fmt.Sprintf("%+v", want) {
 		t.Fatalf("got  %+v\nwant %+v", h, want)
 	}
+	var tagged l4aegistls.Handler
+	if err := tagged.UnmarshalCaddyfile(caddyfile.NewTestDispenser("aegis_tls {\n cert_tag db\n}")); err != nil || tagged.CertTag != "db" || tagged.CertID != 0 {
+		t.Fatalf("cert_tag: %+v, %v", tagged, err)
+	}
 
 	for _, tc := range []struct{ in, want string }{
 		{"aegis_tls {\n cert_id twelve\n}", `cert_id "twelve"`},
@@ -411,6 +417,9 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		{"aegis_tls {\n cert_id 1\n cert_id 2\n}", `"cert_id" given twice`},
 		{"aegis_tls {\n cert_id 1 {\n x\n }\n}", "blocks are not supported"},
 		{"aegis_tls {\n alpn h2\n}", `unknown aegis_tls option "alpn"`},
+		{"aegis_tls {\n cert_tag\n}", "cert_tag: want one value"},
+		{"aegis_tls {\n cert_tag a b\n}", "cert_tag: want one value"},
+		{"aegis_tls {\n cert_tag a\n cert_tag b\n}", `"cert_tag" given twice`},
 		{"aegis_tls 12", "12"},
 	} {
 		var h l4aegistls.Handler

@@ -6,17 +6,18 @@ package streams
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/modules/caddyevents"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/caddy/v2/modules/caddytls"
 	"github.com/mholt/caddy-l4/layer4"
@@ -54,12 +55,6 @@ type App struct {
 	// connLogger writes every stream's connection-log lines, TCP and UDP.
 	connLogger *zap.Logger
 
-	// base is the parent of every stream's handler context. Cancelling a
-	// child of the app's own context would also run the app context's
-	// cleanup functions, so children hang off this clean one instead.
-	base       caddy.Context
-	cancelBase context.CancelFunc
-
 	// tlsApp is Caddy's tls app, which obtains and renews managed
 	// certificates; loaded in Provision when storage is on.
 	tlsApp *caddytls.TLS
@@ -67,6 +62,8 @@ type App struct {
 	// reserved are the ports that belong to Caddy itself (HTTP, HTTPS,
 	// admin), found in Provision and checked by Validate.
 	reserved []reservedPort
+	// validated says Provision checked the config (see Validate).
+	validated bool
 
 	// mu serializes changes to the running streams (the API's writes) and
 	// guards streams and each runtime's cfg.
@@ -83,9 +80,17 @@ type App struct {
 	running  bool
 	toManage map[string]struct{}
 
-	// pendingCerts are the certificate sources of config streams that
-	// name a Caddy tag or domain, registered at Start.
-	pendingCerts map[int64]l4aegistls.CertSource
+	// certs are the certificate sources of this app's streams by registry
+	// id (see certID): the stored certificates, and those that config
+	// streams name by Caddy tag or domain. Provision only collects them;
+	// they enter the process-wide registry when the app starts
+	// (certsLive), so that a config that is then refused changes no
+	// handshake of the running one. certRows are the stored certificates
+	// as this app last read them (see certRow). Guarded by mu once the app
+	// has started.
+	certs     map[int64]l4aegistls.CertSource
+	certRows  map[int64]string
+	certsLive bool
 
 	// prev is the app this one replaced as the running app, and stopped
 	// says Stop began; both guarded by manageMu.
@@ -105,14 +110,17 @@ type reservedPort struct {
 type runtime struct {
 	cfg    *Stream
 	source string // SourceConfig or SourceAPI
-	// created and updated are the storage times of an API stream.
+	// created and updated are the storage times of an API stream, and
+	// version its stored version (see setStored).
 	created, updated time.Time
+	version          int64
 	state            *streamstate.Stream
 	released         bool // state was released
 	chain            atomic.Pointer[chainBox]
-	cancel           context.CancelFunc // unloads the chain's modules
+	cancel           func() // cleans the chain's handlers up
 	ln               net.Listener
 	done             chan struct{} // closed when the accept loop has returned
+	stop             chan struct{} // closed to end the accept loop's wait
 	logger           *zap.Logger
 
 	relay   *udpnat.Relay // shared with other loads of the same stream address
@@ -153,7 +161,6 @@ func (a *App) Provision(ctx caddy.Context) error {
 	if err := a.registerMetrics(); err != nil {
 		return fmt.Errorf("registering the streams' metrics: %v", err)
 	}
-	a.base, a.cancelBase = caddy.NewContext(ctx)
 	a.reserved = reservedPorts(ctx)
 	stored, err := a.openStorage()
 	if err != nil {
@@ -167,6 +174,13 @@ func (a *App) Provision(ctx caddy.Context) error {
 			return fmt.Errorf("loading Caddy's tls app for managed certificates: %v", err)
 		}
 		a.tlsApp, _ = app.(*caddytls.TLS)
+		events, err := ctx.App("events")
+		if err != nil {
+			return fmt.Errorf("loading Caddy's events app: %v", err)
+		}
+		if err := events.(*caddyevents.App).On("started", configStarted{a}); err != nil {
+			return fmt.Errorf("subscribing to Caddy's started event: %v", err)
+		}
 	}
 	if err := a.validateHosts(a.Hosts, stored); err != nil {
 		return err
@@ -183,7 +197,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		if err != nil {
 			return err
 		}
-		rt.created, rt.updated = h.CreatedAt, h.UpdatedAt
+		rt.setStored(h)
 		a.streams = append(a.streams, rt)
 	}
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -253,14 +267,13 @@ func (a *App) natConfig(s *Stream, logger *zap.Logger) (udpnat.Config, error) {
 	}, nil
 }
 
-// chainConfig lets Caddy load a stream's handlers as layer4 modules.
-type chainConfig struct {
-	HandlersRaw []json.RawMessage `json:"handlers,omitempty" caddy:"namespace=layer4.handlers inline_key=handler"`
-}
-
-// buildChain loads the stream's aegis_guard and aegis_proxy handlers in a
-// context of their own and compiles them into one layer4 handler.
-func (a *App) buildChain(s *Stream) (layer4.Handler, context.CancelFunc, error) {
+// buildChain provisions the stream's aegis_guard, aegis_tls (with TLS)
+// and aegis_proxy handlers and compiles them into one layer4 handler;
+// release cleans them up. They are provisioned in the app's context, not
+// one of their own: caddy.NewContext makes a metrics registry with Go and
+// process collectors, which nothing serves, on every reload and every API
+// edit.
+func (a *App) buildChain(s *Stream) (chain layer4.Handler, release func(), err error) {
 	guard := l4aegisguard.FromLimits(s.ID, limits(s))
 	proxy := &l4aegisproxy.Handler{
 		Upstream:      s.UpstreamHostPort(),
@@ -272,27 +285,28 @@ func (a *App) buildChain(s *Stream) (layer4.Handler, context.CancelFunc, error) 
 	if s.HealthCheckEnabled {
 		proxy.HealthCheckInterval = caddy.Duration(s.HealthCheckInterval())
 	}
-	cfg := chainConfig{HandlersRaw: []json.RawMessage{
-		caddyconfig.JSONModuleObject(guard, "handler", "aegis_guard", nil),
-	}}
+	handlers := layer4.Handlers{guard}
 	// TLS comes after the guard, so the ACL and max_connections are
 	// checked before any handshake work.
 	if s.SSLEnabled {
-		tlsH := &l4aegistls.Handler{StreamID: s.ID, CertID: certID(s)}
-		cfg.HandlersRaw = append(cfg.HandlersRaw, caddyconfig.JSONModuleObject(tlsH, "handler", "aegis_tls", nil))
+		handlers = append(handlers, &l4aegistls.Handler{StreamID: s.ID, CertID: certID(s)})
 	}
-	cfg.HandlersRaw = append(cfg.HandlersRaw, caddyconfig.JSONModuleObject(proxy, "handler", "aegis_proxy", nil))
-	cctx, cancel := caddy.NewContext(a.base)
-	mods, err := cctx.LoadModule(&cfg, "HandlersRaw")
-	if err != nil {
-		cancel()
-		return nil, nil, err
+	handlers = append(handlers, proxy)
+	var loaded []caddy.CleanerUpper
+	release = func() {
+		for i := len(loaded) - 1; i >= 0; i-- {
+			_ = loaded[i].Cleanup()
+		}
 	}
-	var handlers layer4.Handlers
-	for _, m := range mods.([]any) {
-		handlers = append(handlers, m.(layer4.NextHandler))
+	for _, h := range handlers {
+		m := h.(caddy.Module)
+		if err := m.(caddy.Provisioner).Provision(a.ctx); err != nil {
+			release()
+			return nil, nil, fmt.Errorf("provision %s: %v", m.CaddyModule().ID, err)
+		}
+		loaded = append(loaded, m.(caddy.CleanerUpper))
 	}
-	return handlers.Compile(), cancel, nil
+	return handlers.Compile(), release, nil
 }
 
 // Start binds every enabled stream and starts serving. If one cannot bind,
@@ -302,9 +316,6 @@ func (a *App) Start() error {
 		return err
 	}
 	setCurrent(a)
-	if a.tlsApp != nil {
-		go a.manageWhenRunning()
-	}
 	return nil
 }
 
@@ -317,9 +328,8 @@ func (a *App) start() error {
 			return err
 		}
 	}
-	for id, src := range a.pendingCerts {
-		l4aegistls.Register(id, src)
-	}
+	a.certsLive = true
+	a.registerCerts(nil)
 	for _, rt := range a.streams {
 		rt.state.ResetTotals()
 		a.serve(rt)
@@ -365,8 +375,7 @@ func (a *App) serve(rt *runtime) {
 	}
 	if rt.ln != nil {
 		rt.state.ListenerUp(streamstate.TCP)
-		rt.done = make(chan struct{})
-		go rt.accept(rt.ln)
+		rt.startAccept()
 	}
 	if rt.udp != nil {
 		rt.relay.SetConfig(rt.nat)
@@ -398,23 +407,25 @@ func (a *App) Stop() error {
 	manageMu.Unlock()
 	a.mu.Lock()
 	a.closeListeners()
+	var certs []int64
+	if a.certsLive {
+		certs = slices.Collect(maps.Keys(a.certs))
+	}
 	a.mu.Unlock()
 	if back != nil {
-		back.reassert()
+		back.reassert(certs)
 	}
 	return nil
 }
 
 // reassert puts this app's settings back into the state it shares with
 // other loads of its streams (UDP relay configs, log sinks, grace periods,
-// certificates named by Caddy tag or domain): a newer config that failed
-// to start may have changed them.
-func (a *App) reassert() {
+// the certificate registry): a newer config that failed to start may have
+// changed them. theirs are the certificate ids that config registered.
+func (a *App) reassert(theirs []int64) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	for id, src := range a.pendingCerts {
-		l4aegistls.Register(id, src)
-	}
+	a.registerCerts(theirs)
 	for _, rt := range a.streams {
 		a.serveSettings(rt)
 		if rt.serving {
@@ -440,6 +451,7 @@ func (rt *runtime) closeListeners() {
 		unbind(rt.cfg, "tcp")
 		rt.ln = nil
 		if rt.done != nil {
+			close(rt.stop)
 			<-rt.done
 			rt.done = nil
 			rt.state.ListenerDown(streamstate.TCP)
@@ -489,9 +501,6 @@ func (a *App) Cleanup() error {
 		wg.Go(rt.release)
 	}
 	wg.Wait()
-	if a.cancelBase != nil {
-		a.cancelBase()
-	}
 	a.streams = nil
 	a.cleanedUp = true
 	if a.store != nil {
@@ -501,8 +510,16 @@ func (a *App) Cleanup() error {
 	return nil
 }
 
-// accept runs the stream's accept loop until its listener is closed.
-func (rt *runtime) accept(ln net.Listener) {
+// startAccept runs the accept loop of rt.ln until closeListeners.
+func (rt *runtime) startAccept() {
+	rt.done = make(chan struct{})
+	rt.stop = make(chan struct{})
+	go rt.accept(rt.ln, rt.stop)
+}
+
+// accept runs the stream's accept loop until its listener is closed, or
+// stop is while it waits to try again.
+func (rt *runtime) accept(ln net.Listener, stop <-chan struct{}) {
 	defer close(rt.done)
 	var backoff time.Duration
 	for {
@@ -511,10 +528,18 @@ func (rt *runtime) accept(ln net.Listener) {
 			if errors.Is(err, net.ErrClosed) {
 				return
 			}
-			// Out of file descriptors or similar: wait, then go on.
+			// Out of file descriptors or similar: wait, then go on. The
+			// wait ends when the listener closes: an API write waits for
+			// this loop, holding the app's lock.
 			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
 			rt.logger.Error("accepting connection", zap.Error(err), zap.Duration("retry_in", backoff))
-			time.Sleep(backoff)
+			t := time.NewTimer(backoff)
+			select {
+			case <-stop:
+				t.Stop()
+				return
+			case <-t.C:
+			}
 			continue
 		}
 		backoff = 0

@@ -454,7 +454,7 @@ func TestHealthChecks(t *testing.T) {
 
 	up.Close(10 * time.Second)
 	st = inst.waitStats(1, "unhealthy", func(s streams.Status) bool { return s.HealthStatus == "unhealthy" })
-	if st.Healthy == nil || *st.Healthy || st.LastHealthError == "" || st.LastHealthCheck == nil || !st.LastHealthCheck.After(firstCheck) {
+	if st.Healthy == nil || *st.Healthy || st.LastHealthError == "" || st.LastHealthCheck == nil || !st.LastHealthCheck.After(firstCheck.Time) {
 		t.Fatalf("upstream down: %+v", st)
 	}
 	t.Logf("while down: last_health_error %q", st.LastHealthError)
@@ -681,7 +681,7 @@ func TestInvalidConfigChangesNothing(t *testing.T) {
 		{"duplicate port", hosts(host(1, p1, up.Port, nil), host(2, p1, up.Port, nil)),
 			[]string{"listen_port", strconv.Itoa(p1)}},
 		{"listen_port 0", hosts(host(1, p1, up.Port, nil), host(2, 0, up.Port, nil)),
-			[]string{"listen_port 0"}},
+			[]string{"stream 2", "listen_port: required"}},
 		{"bad CIDR on a new stream", hosts(host(1, p1, up.Port, nil), host(2, p2, up.Port, map[string]any{"blacklist_cidrs": []string{"::1/129"}})),
 			[]string{"stream 2", "blacklist_cidrs", `"::1/129"`}},
 	} {

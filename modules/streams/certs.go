@@ -6,13 +6,13 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"sync/atomic"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/modules/caddytls"
 	"go.uber.org/zap"
 
+	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
 	"github.com/aegis-proxy/caddy-aegis/modules/certs"
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegistls"
 	"github.com/aegis-proxy/caddy-aegis/storage"
@@ -44,8 +44,8 @@ type CertStatus struct {
 
 // certStatus describes c. The caller holds a.mu.
 func (a *App) certStatus(c storage.Certificate) CertStatus {
-	if c.Source == storage.SourceManaged && len(c.Domains) > 0 {
-		fillFromCache(&c)
+	if src, ok := a.certs[c.ID].(*l4aegistls.CaddyCert); ok && c.Source == storage.SourceManaged {
+		fillFromCache(&c, src)
 	}
 	cs := CertStatus{Certificate: c, UsedBy: []int64{}}
 	for _, rt := range a.streams {
@@ -56,12 +56,21 @@ func (a *App) certStatus(c storage.Certificate) CertStatus {
 	return cs
 }
 
+// storage returns the app's storage, nil once Cleanup let go of it (or
+// without storage).
+func (a *App) storage() *sharedStore {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.store
+}
+
 // Certificates lists the stored certificates.
 func (a *App) Certificates(ctx context.Context) ([]CertStatus, error) {
-	if a.store == nil {
+	store := a.storage()
+	if store == nil {
 		return nil, ErrNoStorage
 	}
-	list, err := a.store.db.ListCertificates(ctx)
+	list, err := store.db.ListCertificates(ctx)
 	if err != nil {
 		return nil, storeError(err)
 	}
@@ -76,10 +85,11 @@ func (a *App) Certificates(ctx context.Context) ([]CertStatus, error) {
 
 // Certificate returns stored certificate id, or ErrNotFound.
 func (a *App) Certificate(ctx context.Context, id int64) (CertStatus, error) {
-	if a.store == nil {
+	store := a.storage()
+	if store == nil {
 		return CertStatus{}, ErrNoStorage
 	}
-	c, err := a.store.db.GetCertificate(ctx, id)
+	c, err := store.db.GetCertificate(ctx, id)
 	if err != nil {
 		return CertStatus{}, storeError(err)
 	}
@@ -111,7 +121,7 @@ func parseCertInput(in CertInput) (storage.Certificate, *certs.Parsed, []string,
 	}
 	c := storage.Certificate{
 		Name: in.Name, Source: storage.SourceCustom, Domains: p.Domains, Issuer: p.Issuer,
-		NotBefore: p.NotBefore, NotAfter: p.NotAfter, CertificatePEM: p.ChainPEM,
+		NotBefore: jsontime.Of(p.NotBefore), NotAfter: jsontime.Of(p.NotAfter), CertificatePEM: p.ChainPEM,
 	}
 	return c, p, warnings, nil
 }
@@ -135,7 +145,7 @@ func CreateCertificate(ctx context.Context, in CertInput) (CertStatus, error) {
 		})
 		if err != nil {
 			if published > 0 { // the commit failed after the publish
-				l4aegistls.Unregister(published)
+				a.dropCert(published)
 			}
 			return storeError(err)
 		}
@@ -160,7 +170,7 @@ func UpdateCertificate(ctx context.Context, id int64, in CertInput) (CertStatus,
 			return err
 		}
 		c.ID = id
-		undo := snapshotCert(id)
+		undo := a.snapshotCert(id)
 		stored, err := a.store.db.UpdateCertificate(ctx, c, keyOf(p), func(_, c storage.Certificate) error {
 			return a.publish(c, p)
 		})
@@ -202,47 +212,102 @@ func DeleteCertificate(ctx context.Context, id int64) error {
 		if err != nil {
 			return storeError(err)
 		}
-		l4aegistls.Unregister(id)
+		a.dropCert(id)
 		a.logger.Info("certificate deleted", zap.Int64("cert_id", id))
 		return nil
 	})
 }
 
-// snapshotCert returns a function that puts the registry's entry for id
-// back as it is now.
-func snapshotCert(id int64) func() {
-	src := l4aegistls.Lookup(id)
-	sc, static := src.(*l4aegistls.StaticCert)
-	var c *tls.Certificate
-	if static {
-		c = sc.Load()
-	}
+// snapshotCert returns a function that puts this app's source of
+// certificate id back as it is now, in the registry too. The caller holds
+// a.mu.
+func (a *App) snapshotCert(id int64) func() {
+	src, had := a.certs[id]
+	row, hadRow := a.certRows[id]
 	return func() {
-		switch {
-		case static:
-			sc.Store(c)
-			l4aegistls.Register(id, sc)
-		case src != nil:
-			l4aegistls.Register(id, src)
-		default:
-			l4aegistls.Unregister(id)
+		if !had {
+			a.dropCert(id)
+			return
+		}
+		a.setCert(id, src)
+		if hadRow {
+			a.certRows[id] = row
 		}
 	}
 }
 
-// publishCert makes c the certificate that streams with ssl_cert_id id
-// serve from their next handshake on.
-func publishCert(id int64, c *tls.Certificate) {
-	if sc, ok := l4aegistls.Lookup(id).(*l4aegistls.StaticCert); ok {
-		sc.Store(c)
-		return
+// setCert makes src the source of certificate id for this app's streams,
+// and for every stream with that id once the app has started. The caller
+// holds a.mu, or is Provision.
+func (a *App) setCert(id int64, src l4aegistls.CertSource) {
+	if a.certs == nil {
+		a.certs = map[int64]l4aegistls.CertSource{}
+		a.certRows = map[int64]string{}
 	}
-	l4aegistls.Register(id, l4aegistls.NewStaticCert(c))
+	a.certs[id] = src
+	if a.certsLive {
+		l4aegistls.Register(id, src)
+	}
 }
 
-// loadCertificates publishes every stored certificate (Caddy starts
-// managing the managed ones) and checks that the certificate of each TLS
-// stream exists.
+// dropCert forgets certificate id: its handshakes fail from now on.
+func (a *App) dropCert(id int64) {
+	delete(a.certs, id)
+	delete(a.certRows, id)
+	if a.certsLive {
+		l4aegistls.Unregister(id)
+	}
+}
+
+// registerCerts puts this app's certificate sources into the registry,
+// and takes out those of ids that only another config registered (one
+// that failed to start). The caller holds a.mu.
+func (a *App) registerCerts(theirs []int64) {
+	for _, id := range theirs {
+		if _, ok := a.certs[id]; !ok {
+			l4aegistls.Unregister(id)
+		}
+	}
+	for id, src := range a.certs {
+		l4aegistls.Register(id, src)
+	}
+}
+
+// certRow is what identifies the content of stored certificate c: a
+// change of its chain (and so of its key) or domains changes it.
+func certRow(c storage.Certificate) string {
+	return c.Source + "\n" + strings.Join(c.Domains, ",") + "\n" + c.CertificatePEM
+}
+
+// syncCerts publishes the stored certificates that changed since this app
+// read them (an API write meanwhile went to the previous app) and forgets
+// deleted ones. The caller holds manageMu and a.mu.
+func (a *App) syncCerts(ctx context.Context) {
+	list, err := a.store.db.ListCertificates(ctx)
+	if err != nil {
+		a.logger.Error("re-reading stored certificates", zap.Error(err))
+		return
+	}
+	seen := make(map[int64]bool, len(list))
+	for _, c := range list {
+		seen[c.ID] = true
+		if row, ok := a.certRows[c.ID]; ok && row == certRow(c) {
+			continue
+		}
+		if err := a.publishStored(ctx, c); err != nil {
+			a.logger.Error("loading a certificate stored meanwhile", zap.Int64("cert_id", c.ID), zap.Error(err))
+		}
+	}
+	for id := range a.certRows {
+		if !seen[id] {
+			a.dropCert(id)
+		}
+	}
+}
+
+// loadCertificates loads every stored certificate (Caddy starts managing
+// the managed ones) and checks that the certificate of each TLS stream
+// exists. Handshakes get them when the app starts.
 func (a *App) loadCertificates(ctx context.Context) error {
 	var stored []storage.Certificate
 	if a.store != nil {
@@ -307,7 +372,8 @@ func (a *App) publishStored(ctx context.Context, c storage.Certificate) error {
 	if err != nil {
 		return fmt.Errorf("certificate %d: %v", c.ID, err)
 	}
-	publishCert(c.ID, &pair)
+	a.setCert(c.ID, l4aegistls.NewStaticCert(&pair))
+	a.certRows[c.ID] = certRow(c)
 	return nil
 }
 
@@ -332,7 +398,8 @@ func (a *App) checkCert(ctx context.Context, id int64) error {
 // after asking Caddy's TLS app to obtain and renew it.
 func (a *App) publish(c storage.Certificate, p *certs.Parsed) error {
 	if c.Source != storage.SourceManaged {
-		publishCert(c.ID, &p.Certificate)
+		a.setCert(c.ID, l4aegistls.NewStaticCert(&p.Certificate))
+		a.certRows[c.ID] = certRow(c)
 		return nil
 	}
 	if a.tlsApp == nil {
@@ -345,11 +412,12 @@ func (a *App) publish(c storage.Certificate, p *certs.Parsed) error {
 	if err := a.manage(names); err != nil {
 		return fmt.Errorf("asking Caddy to manage %v: %v", c.Domains, err)
 	}
-	src, err := newCaddyCert(a.ctx, c.Domains[0], nil)
+	src, err := l4aegistls.NewCaddyCert(a.ctx, c.Domains[0], nil)
 	if err != nil {
 		return err
 	}
-	l4aegistls.Register(c.ID, src)
+	a.setCert(c.ID, src)
+	a.certRows[c.ID] = certRow(c)
 	return nil
 }
 
@@ -381,27 +449,22 @@ func (a *App) publishConfigCert(s *Stream) error {
 	if a.tlsApp == nil {
 		return errors.New("Caddy's tls app is not loaded")
 	}
-	var src *caddyCert
+	var src *l4aegistls.CaddyCert
 	var err error
 	if s.SSLDomain != "" {
 		if err := a.manage(map[string]struct{}{s.SSLDomain: {}}); err != nil {
 			return fmt.Errorf("asking Caddy to manage %s: %v", s.SSLDomain, err)
 		}
-		src, err = newCaddyCert(a.ctx, s.SSLDomain, nil)
+		src, err = l4aegistls.NewCaddyCert(a.ctx, s.SSLDomain, nil)
 	} else {
 		// Caddy picks among the certificates for the client's SNI those
 		// with the tag.
-		src, err = newCaddyCert(a.ctx, "", []string{s.SSLCertTag})
+		src, err = l4aegistls.NewCaddyCert(a.ctx, "", []string{s.SSLCertTag})
 	}
 	if err != nil {
 		return err
 	}
-	// Registered when the app starts: a config that is then refused must
-	// not change what the running streams serve.
-	if a.pendingCerts == nil {
-		a.pendingCerts = map[int64]l4aegistls.CertSource{}
-	}
-	a.pendingCerts[certID(s)] = src
+	a.setCert(certID(s), src)
 	return nil
 }
 
@@ -423,63 +486,25 @@ func (a *App) manage(names map[string]struct{}) error {
 	return a.tlsApp.Manage(names)
 }
 
-// manageWhenRunning waits until this app's config is the running one
-// (every app of it started), then hands the waiting names to the tls app.
-func (a *App) manageWhenRunning() {
-	for a.ctx.Err() == nil {
-		if caddy.ActiveContext().Context == a.ctx.Context {
-			a.manageMu.Lock()
-			a.running = true
-			names := a.toManage
-			a.toManage = nil
-			a.manageMu.Unlock()
-			if len(names) > 0 {
-				if err := a.tlsApp.Manage(names); err != nil {
-					a.logger.Error("asking Caddy to manage certificate names", zap.Error(err))
-				}
-			}
-			return
-		}
-		select {
-		case <-a.ctx.Done():
-		case <-time.After(10 * time.Millisecond):
+// configStarted hands the names waiting for Caddy's tls app to it when
+// every app of this app's config has started (Caddy's "started" event);
+// from then on manage hands them over at once.
+type configStarted struct{ a *App }
+
+// Handle implements caddyevents.Handler.
+func (h configStarted) Handle(context.Context, caddy.Event) error {
+	a := h.a
+	a.manageMu.Lock()
+	a.running = true
+	names := a.toManage
+	a.toManage = nil
+	a.manageMu.Unlock()
+	if len(names) > 0 {
+		if err := a.tlsApp.Manage(names); err != nil {
+			a.logger.Error("asking Caddy to manage certificate names", zap.Error(err))
 		}
 	}
-}
-
-// caddyCert serves a certificate from Caddy's certificate cache, as a
-// Caddy site would: by SNI, or for the default name without one. It keeps
-// the last one served, for the API to show.
-type caddyCert struct {
-	cfg  *tls.Config
-	last atomic.Pointer[tls.Certificate]
-}
-
-func newCaddyCert(ctx caddy.Context, defaultSNI string, tags []string) (*caddyCert, error) {
-	cp := caddytls.ConnectionPolicies{&caddytls.ConnectionPolicy{DefaultSNI: defaultSNI}}
-	if len(tags) > 0 {
-		cp[0].CertSelection = &caddytls.CustomCertSelectionPolicy{AnyTag: tags}
-	}
-	if err := cp.Provision(ctx); err != nil {
-		return nil, fmt.Errorf("TLS connection policy for %s: %v", defaultSNI, err)
-	}
-	return &caddyCert{cfg: cp.TLSConfig(ctx)}, nil
-}
-
-// GetCertificate implements l4aegistls.CertSource.
-func (c *caddyCert) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
-	cfg, err := c.cfg.GetConfigForClient(hello)
-	if err != nil {
-		return nil, err
-	}
-	if cfg == nil || cfg.GetCertificate == nil {
-		return nil, errors.New("caddy: no certificate for this connection")
-	}
-	cert, err := cfg.GetCertificate(hello)
-	if err == nil && cert != nil {
-		c.last.Store(cert)
-	}
-	return cert, err
+	return nil
 }
 
 // keyOf is the private key to store: none for a managed certificate.
@@ -492,12 +517,8 @@ func keyOf(p *certs.Parsed) []byte {
 
 // fillFromCache fills in the issuer and validity of a managed certificate
 // from the one last served for it, once a handshake has used it.
-func fillFromCache(c *storage.Certificate) {
-	src, ok := l4aegistls.Lookup(c.ID).(*caddyCert)
-	if !ok {
-		return
-	}
-	cert := src.last.Load()
+func fillFromCache(c *storage.Certificate, src *l4aegistls.CaddyCert) {
+	cert := src.Last()
 	if cert == nil {
 		return
 	}
@@ -509,6 +530,6 @@ func fillFromCache(c *storage.Certificate) {
 		}
 	}
 	if leaf != nil {
-		c.Issuer, c.NotBefore, c.NotAfter = leaf.Issuer.String(), leaf.NotBefore.UTC(), leaf.NotAfter.UTC()
+		c.Issuer, c.NotBefore, c.NotAfter = leaf.Issuer.String(), jsontime.Of(leaf.NotBefore.UTC()), jsontime.Of(leaf.NotAfter.UTC())
 	}
 }

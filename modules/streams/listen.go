@@ -159,6 +159,10 @@ func bindError(s *Stream, network string, err error) error {
 		what = "address not available on this machine"
 		hint = "use an address of one of this machine's interfaces, or 0.0.0.0"
 	}
-	return &FieldError{ID: s.ID, Name: s.DisplayName(), Field: "listen_port", Value: strconv.Itoa(s.ListenPort),
-		Reason: fmt.Sprintf("(%s) on %q: %s: %v; %s", network, s.ListenAddress, what, err, hint), sep: " "}
+	where := "every address"
+	if s.ListenAddress != "" {
+		where = strconv.Quote(s.ListenAddress)
+	}
+	return &FieldError{ID: s.ID, Name: s.Name, Field: "listen_port", Value: strconv.Itoa(s.ListenPort),
+		Reason: fmt.Sprintf("(%s) on %s: %s: %v; %s", network, where, what, err, hint), sep: " "}
 }

@@ -8,12 +8,14 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
 
+	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 	"github.com/aegis-proxy/caddy-aegis/storage"
 )
@@ -111,16 +113,32 @@ type HostStatus struct {
 	// hosts created through the API.
 	Source string `json:"source"`
 	// CreatedAt and UpdatedAt are set for hosts created through the API.
-	CreatedAt *time.Time `json:"created_at,omitempty"`
-	UpdatedAt *time.Time `json:"updated_at,omitempty"`
-	// Version changes whenever the stream's settings change: a hash of
-	// them (the API's ETag). A write can require it (Precondition).
+	CreatedAt *jsontime.Time `json:"created_at,omitempty"`
+	UpdatedAt *jsontime.Time `json:"updated_at,omitempty"`
+	// Version is the stream's version (the API's ETag), opaque. An API
+	// stream's changes on every write and never comes back, also across
+	// restarts: the number storage gave its last write. A config stream's
+	// is a hash of its settings. A write can require it (Precondition).
 	Version string `json:"version"`
 	Status  Status `json:"status"`
 }
 
-// versionOf is the version of a stream's settings: 24 hex digits of the
-// SHA-256 of their JSON.
+// setStored takes the times and version of rt's stored host h.
+func (rt *runtime) setStored(h storage.Host) {
+	rt.created, rt.updated, rt.version = h.CreatedAt, h.UpdatedAt, h.Version
+}
+
+// currentVersion is rt's HostStatus.Version: the stored version of an API
+// stream, the settings' hash of a config stream.
+func (rt *runtime) currentVersion() string {
+	if rt.source == SourceAPI && rt.version > 0 {
+		return strconv.FormatInt(rt.version, 10)
+	}
+	return versionOf(rt.cfg)
+}
+
+// versionOf is the version of a config stream's settings: 24 hex digits of
+// the SHA-256 of their JSON.
 func versionOf(s *Stream) string {
 	b, err := json.Marshal(s)
 	if err != nil {
@@ -141,7 +159,7 @@ func checkPre(rt *runtime, pre []Precondition) error {
 	if len(pre) == 0 {
 		return nil
 	}
-	v := versionOf(rt.cfg)
+	v := rt.currentVersion()
 	for _, p := range pre {
 		if err := p(v); err != nil {
 			return err
@@ -158,11 +176,11 @@ func (h *HostStatus) UnmarshalJSON(b []byte) error {
 		return err
 	}
 	var rest struct {
-		Source    string     `json:"source"`
-		CreatedAt *time.Time `json:"created_at"`
-		UpdatedAt *time.Time `json:"updated_at"`
-		Version   string     `json:"version"`
-		Status    Status     `json:"status"`
+		Source    string         `json:"source"`
+		CreatedAt *jsontime.Time `json:"created_at"`
+		UpdatedAt *jsontime.Time `json:"updated_at"`
+		Version   string         `json:"version"`
+		Status    Status         `json:"status"`
 	}
 	if err := json.Unmarshal(b, &rest); err != nil {
 		return err
@@ -174,10 +192,9 @@ func (h *HostStatus) UnmarshalJSON(b []byte) error {
 
 func (rt *runtime) hostStatus() HostStatus {
 	cp := *rt.cfg
-	hs := HostStatus{Stream: &cp, Source: rt.source, Version: versionOf(rt.cfg), Status: StatusOf(rt.cfg, rt.state)}
+	hs := HostStatus{Stream: &cp, Source: rt.source, Version: rt.currentVersion(), Status: StatusOf(rt.cfg, rt.state)}
 	if rt.source == SourceAPI && !rt.created.IsZero() {
-		c, u := rt.created, rt.updated
-		hs.CreatedAt, hs.UpdatedAt = &c, &u
+		hs.CreatedAt, hs.UpdatedAt = jsontime.Ptr(rt.created), jsontime.Ptr(rt.updated)
 	}
 	return hs
 }
@@ -255,11 +272,15 @@ func (a *App) checkNew(ctx context.Context, s *Stream) error {
 // An id of 0 takes the next free one.
 func CreateHost(ctx context.Context, s Stream) (HostStatus, error) {
 	var out HostStatus
+	auto := s.ID == 0
 	err := manage(func(a *App) error {
 		var err error
 		out, err = a.createHost(ctx, &s)
 		return err
 	})
+	if auto {
+		markNew(err)
+	}
 	return out, err
 }
 
@@ -277,7 +298,12 @@ func (a *App) createHost(ctx context.Context, s *Stream) (HostStatus, error) {
 		s.ID = max(a.nextID(), top+1)
 	}
 	if other := a.find(s.ID); other != nil {
-		return HostStatus{}, fmt.Errorf("id %d is taken by %s (source %s): %w", s.ID, streamLabel(other.cfg.ID, other.cfg.Name), other.source, ErrConflict)
+		from := "declared in the Caddy config"
+		if other.source == SourceAPI {
+			from = "created through the API"
+		}
+		return HostStatus{}, fmt.Errorf("%w: id %d is taken by %s, %s; leave id out to get the next free id, or choose another",
+			ErrConflict, s.ID, streamLabel(other.cfg.ID, other.cfg.Name), from)
 	}
 	if err := a.checkNew(ctx, s); err != nil {
 		return HostStatus{}, err
@@ -303,7 +329,7 @@ func (a *App) createHost(ctx context.Context, s *Stream) (HostStatus, error) {
 		}
 		return HostStatus{}, storeError(err)
 	}
-	rt.created, rt.updated = stored.CreatedAt, stored.UpdatedAt
+	rt.setStored(stored)
 	a.serve(rt)
 	a.streams = append(a.streams, rt)
 	rt.logger.Info("stream created")
@@ -317,16 +343,25 @@ func (a *App) createHost(ctx context.Context, s *Stream) (HostStatus, error) {
 // old ones close. Disabling closes its open connections
 // (stream_disabled). Preconditions, if any, run first (see Precondition).
 func UpdateHost(ctx context.Context, id int64, s Stream, pre ...Precondition) (HostStatus, error) {
+	return UpdateHostFunc(ctx, id, func(Stream) (Stream, error) { return s, nil }, pre...)
+}
+
+// UpdateHostFunc is UpdateHost with the new settings made by build from the
+// stream's current ones, under the lock every write holds, after the
+// preconditions: a partial update (PATCH) cannot lose a write that came
+// between reading the stream and changing it. An error of build ends the
+// write with that error, and nothing changes.
+func UpdateHostFunc(ctx context.Context, id int64, build func(current Stream) (Stream, error), pre ...Precondition) (HostStatus, error) {
 	var out HostStatus
 	err := manage(func(a *App) error {
 		var err error
-		out, err = a.updateHost(ctx, id, &s, pre)
+		out, err = a.updateHost(ctx, id, build, pre)
 		return err
 	})
 	return out, err
 }
 
-func (a *App) updateHost(ctx context.Context, id int64, s *Stream, pre []Precondition) (HostStatus, error) {
+func (a *App) updateHost(ctx context.Context, id int64, build func(Stream) (Stream, error), pre []Precondition) (HostStatus, error) {
 	old := a.find(id)
 	switch {
 	case old == nil:
@@ -339,6 +374,13 @@ func (a *App) updateHost(ctx context.Context, id int64, s *Stream, pre []Precond
 	if err := checkPre(old, pre); err != nil {
 		return HostStatus{}, err
 	}
+	cur := *old.cfg
+	cur.WhitelistCIDRs, cur.BlacklistCIDRs = slices.Clone(cur.WhitelistCIDRs), slices.Clone(cur.BlacklistCIDRs)
+	ns, err := build(cur)
+	if err != nil {
+		return HostStatus{}, err
+	}
+	s := &ns
 	if s.ID != 0 && s.ID != id {
 		return HostStatus{}, &FieldError{ID: id, Name: s.Name, Field: "id", Value: fmt.Sprint(s.ID), Reason: fmt.Sprintf("does not match the stream's id %d in the path; the id cannot change", id)}
 	}
@@ -398,7 +440,7 @@ func (a *App) updateHost(ctx context.Context, id int64, s *Stream, pre []Precond
 		if !s.HealthCheckEnabled {
 			old.state.ClearHealth()
 		}
-		old.updated = stored.UpdatedAt
+		old.setStored(stored)
 		swap.release()
 		old.logger.Info("stream updated in place")
 		return old.hostStatus(), nil
@@ -406,7 +448,7 @@ func (a *App) updateHost(ctx context.Context, id int64, s *Stream, pre []Precond
 
 	// The new sockets serve before the old ones close, so UDP replies
 	// always have a socket to leave from.
-	next.created, next.updated = old.created, stored.UpdatedAt
+	next.setStored(stored)
 	a.serve(next)
 	old.closeListeners()
 	if !s.Enabled {
@@ -483,6 +525,7 @@ func (a *App) syncStored() {
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	a.syncCerts(ctx)
 	seen := map[int64]bool{}
 	for _, h := range hosts {
 		seen[h.ID] = true
@@ -500,10 +543,10 @@ func (a *App) syncStored() {
 				a.logger.Error("starting a stream stored meanwhile", zap.Int64("stream_id", h.ID), zap.Error(err))
 				continue
 			}
-			nrt.created, nrt.updated = h.CreatedAt, h.UpdatedAt
+			nrt.setStored(h)
 			a.serve(nrt)
 			a.streams = append(a.streams, nrt)
-		case rt.source == SourceAPI && !rt.updated.Equal(h.UpdatedAt):
+		case rt.source == SourceAPI && rt.version != h.Version:
 			if _, err := a.applyStored(rt, h); err != nil {
 				a.logger.Error("applying a stream changed meanwhile", zap.Int64("stream_id", h.ID), zap.Error(err))
 			}
@@ -530,7 +573,7 @@ func (a *App) applyStored(rt *runtime, h storage.Host) (*runtime, error) {
 		next.release()
 		return nil, err
 	}
-	next.created, next.updated = h.CreatedAt, h.UpdatedAt
+	next.setStored(h)
 	a.serve(next)
 	rt.closeListeners()
 	if !s.Enabled {
@@ -547,11 +590,11 @@ type ActiveConn struct {
 	ID       uint64 `json:"id"`
 	Protocol string `json:"protocol"`
 	// Source is the client's ip:port.
-	Source        string    `json:"source"`
-	SourceIP      string    `json:"source_ip"`
-	StartedAt     time.Time `json:"started_at"`
-	BytesSent     uint64    `json:"bytes_sent"`
-	BytesReceived uint64    `json:"bytes_received"`
+	Source        string        `json:"source"`
+	SourceIP      string        `json:"source_ip"`
+	StartedAt     jsontime.Time `json:"started_at"`
+	BytesSent     uint64        `json:"bytes_sent"`
+	BytesReceived uint64        `json:"bytes_received"`
 	// DatagramsSent and DatagramsReceived count a UDP entry's datagrams.
 	DatagramsSent     uint64 `json:"datagrams_sent,omitempty"`
 	DatagramsReceived uint64 `json:"datagrams_received,omitempty"`
@@ -574,12 +617,12 @@ func (a *App) ActiveConnections(id int64) ([]ActiveConn, error) {
 		}
 		out = append(out, ActiveConn{
 			ID: ss.ID, Protocol: proto, Source: ss.Source.String(), SourceIP: ss.Source.Addr().String(),
-			StartedAt: ss.Start, BytesSent: ss.Sent(), BytesReceived: ss.Received(),
+			StartedAt: jsontime.Of(ss.Start), BytesSent: ss.Sent(), BytesReceived: ss.Received(),
 			DatagramsSent: ss.DatagramsSent(), DatagramsReceived: ss.DatagramsReceived(),
 		})
 		return true
 	})
-	slices.SortFunc(out, func(x, y ActiveConn) int { return x.StartedAt.Compare(y.StartedAt) })
+	slices.SortFunc(out, func(x, y ActiveConn) int { return x.StartedAt.Compare(y.StartedAt.Time) })
 	return out, nil
 }
 
@@ -676,6 +719,11 @@ func (a *App) ValidatePort(pc PortCheck) PortCheckResult {
 	}
 	if len(res.Errors) == 0 {
 		collect(a.probe(s))
+	}
+	if pc.ID <= 0 {
+		for _, fe := range res.Errors {
+			fe.isNew = true
+		}
 	}
 	res.Valid = len(res.Errors) == 0
 	return res

@@ -47,18 +47,19 @@ func TestHandOver(t *testing.T) {
 func TestSnapshotCertUndo(t *testing.T) {
 	const id = 1 << 50
 	a, b := &tls.Certificate{}, &tls.Certificate{}
-	l4aegistls.Register(id, l4aegistls.NewStaticCert(a))
+	app := &App{certsLive: true}
+	app.setCert(id, l4aegistls.NewStaticCert(a))
 	defer l4aegistls.Unregister(id)
-	undo := snapshotCert(id)
-	publishCert(id, b)
+	undo := app.snapshotCert(id)
+	app.setCert(id, l4aegistls.NewStaticCert(b))
 	undo()
 	if got := l4aegistls.Lookup(id).(*l4aegistls.StaticCert).Load(); got != a {
 		t.Fatal("undo did not bring the old certificate back")
 	}
-	undo = snapshotCert(id + 1)
-	publishCert(id+1, b)
+	undo = app.snapshotCert(id + 1)
+	app.setCert(id+1, l4aegistls.NewStaticCert(b))
 	undo()
-	if l4aegistls.Lookup(id+1) != nil {
+	if l4aegistls.Lookup(id+1) != nil || app.certs[id+1] != nil {
 		t.Fatal("undo of a first publish left it registered")
 	}
 }

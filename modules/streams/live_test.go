@@ -13,6 +13,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 
+	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
 	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/streams"
@@ -268,7 +269,7 @@ func TestStoredStreamsComeBack(t *testing.T) {
 func TestHostStatusJSONRoundTrip(t *testing.T) {
 	now := time.Now().UTC().Truncate(time.Millisecond)
 	in := streams.HostStatus{Stream: &streams.Stream{ID: 3, Name: "db", ListenPort: 5432, UpstreamHost: "h", UpstreamPort: 1, Enabled: false},
-		Source: "api", CreatedAt: &now, UpdatedAt: &now, Status: streams.Status{ID: 3, Listening: true, ActiveConnections: 2}}
+		Source: "api", CreatedAt: jsontime.Ptr(now), UpdatedAt: jsontime.Ptr(now), Status: streams.Status{ID: 3, Listening: true, ActiveConnections: 2}}
 	b, err := json.Marshal(in)
 	if err != nil {
 		t.Fatal(err)

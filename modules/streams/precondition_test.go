@@ -9,8 +9,8 @@ import (
 	"github.com/aegis-proxy/caddy-aegis/modules/streams"
 )
 
-// A stream's version changes with its settings, and only with them; a
-// precondition sees the current version and runs under the lock of the
+// An API stream's version changes with every write, even one to the same
+// settings (a config stream's is a hash of its settings); a precondition sees the current version and runs under the lock of the
 // write it vets, so no other write can come between the check and the
 // change; a precondition that fails leaves the stream as it was.
 func TestPreconditions(t *testing.T) {
@@ -26,13 +26,13 @@ func TestPreconditions(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if len(hs.Version) != 24 {
-			t.Fatalf("stream %d: version %q, want 24 hex digits", id, hs.Version)
+		if hs.Version == "" {
+			t.Fatalf("stream %d has no version", id)
 		}
 		return hs.Version
 	}
-	if version(1) == "" {
-		t.Fatal("the config stream has no version")
+	if v := version(1); len(v) != 24 {
+		t.Fatalf("the config stream's version %q, want 24 hex digits", v)
 	}
 
 	created, err := streams.CreateHost(ctx, apiStream(2, p1, up.Port))
@@ -40,13 +40,18 @@ func TestPreconditions(t *testing.T) {
 		t.Fatal(err)
 	}
 	id := created.ID
-	v1 := version(id)
-	if created.Version != v1 {
-		t.Fatalf("CreateHost answered version %s, HostStatus %s", created.Version, v1)
+	v0 := version(id)
+	if created.Version != v0 {
+		t.Fatalf("CreateHost answered version %s, HostStatus %s", created.Version, v0)
 	}
-	// The same settings again: the same version.
-	if hs, err := streams.UpdateHost(ctx, id, apiStream(id, p1, up.Port)); err != nil || hs.Version != v1 {
-		t.Fatalf("an update to the same settings: version %s (was %s), %v", hs.Version, v1, err)
+	// The same settings again: a write all the same, and a new version.
+	hs, err := streams.UpdateHost(ctx, id, apiStream(id, p1, up.Port))
+	if err != nil || hs.Version == v0 {
+		t.Fatalf("an update to the same settings: version %s (was %s), %v", hs.Version, v0, err)
+	}
+	v1 := version(id)
+	if hs.Version != v1 {
+		t.Fatalf("UpdateHost answered version %s, HostStatus %s", hs.Version, v1)
 	}
 
 	// A failing precondition: its error, and nothing changes.
@@ -71,7 +76,7 @@ func TestPreconditions(t *testing.T) {
 	// the precondition vets.
 	other := make(chan error, 1)
 	s.Name = "first"
-	hs, err := streams.UpdateHost(ctx, id, s, func(v string) error {
+	hs, err = streams.UpdateHost(ctx, id, s, func(v string) error {
 		if v != v1 {
 			t.Errorf("the precondition saw version %s, want %s", v, v1)
 		}

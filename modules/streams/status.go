@@ -1,8 +1,7 @@
 package streams
 
 import (
-	"time"
-
+	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 )
 
@@ -20,9 +19,9 @@ type Status struct {
 	// HealthStatus is "healthy", "unhealthy", "pending" (checks on, none
 	// done yet) or "not_checked" (checks off, or a UDP-only stream, which a
 	// TCP dial cannot check).
-	HealthStatus    string     `json:"health_status"`
-	LastHealthError string     `json:"last_health_error"`
-	LastHealthCheck *time.Time `json:"last_health_check"`
+	HealthStatus    string         `json:"health_status"`
+	LastHealthError string         `json:"last_health_error"`
+	LastHealthCheck *jsontime.Time `json:"last_health_check"`
 	// ActiveConnections are open now.
 	ActiveConnections int64 `json:"active_connections"`
 	// TotalConnections were accepted since the last reload, blocked ones
@@ -66,10 +65,9 @@ func StatusOf(s *Stream, st *streamstate.Stream) Status {
 		out.HealthStatus = "pending"
 		if h := st.Health(); h != nil {
 			healthy := h.Healthy
-			checked := h.LastCheck
 			out.Healthy = &healthy
 			out.LastHealthError = h.LastError
-			out.LastHealthCheck = &checked
+			out.LastHealthCheck = jsontime.Ptr(h.LastCheck)
 			out.HealthStatus = "unhealthy"
 			if healthy {
 				out.HealthStatus = "healthy"

@@ -10,6 +10,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
 
+	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 	"github.com/aegis-proxy/caddy-aegis/storage"
 )
@@ -103,8 +104,8 @@ func (s *sharedStore) logSink(r streamstate.LogRecord) bool {
 		DurationMS:       r.Duration.Milliseconds(),
 		Action:           r.Action(),
 		DisconnectReason: r.Reason.String(),
-		StartedAt:        r.Start,
-		EndedAt:          r.Start.Add(r.Duration),
+		StartedAt:        jsontime.Of(r.Start),
+		EndedAt:          jsontime.Of(r.Start.Add(r.Duration)),
 		Protocol:         storage.ConnTCP,
 	}
 	if r.UDP {

@@ -32,7 +32,8 @@ type Stream struct {
 	// ID identifies the stream. Required, unique, > 0.
 	ID int64 `json:"id"`
 
-	// Name is a human-readable name. Default: "stream-<id>".
+	// Name is a human-readable name, at most MaxNameLength (200)
+	// characters. Default: "stream-<id>".
 	Name string `json:"name,omitempty"`
 
 	// Protocol is "tcp", "udp" or "tcp+udp" (one listener of each on the
@@ -136,7 +137,8 @@ type Stream struct {
 	// connections included. Default: false.
 	LogConnections bool `json:"log_connections,omitempty"`
 
-	// Notes is free-form text. Default: "".
+	// Notes is free-form text, at most MaxNotesLength (10,000)
+	// characters. Default: "".
 	Notes string `json:"notes,omitempty"`
 }
 

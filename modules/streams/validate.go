@@ -8,12 +8,19 @@ import (
 	"strings"
 	"time"
 	"unicode"
+	"unicode/utf8"
 
 	"github.com/caddyserver/caddy/v2"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/certs"
 
 	"github.com/aegis-proxy/caddy-aegis/storage"
+)
+
+// Limits of the free-text settings, in characters (Unicode code points).
+const (
+	MaxNameLength  = 200
+	MaxNotesLength = 10000
 )
 
 // maxSeconds bounds the settings given in seconds: one year. Longer values
@@ -32,21 +39,59 @@ type FieldError struct {
 	// Field is the JSON name of the setting, e.g. "listen_port".
 	Field string
 	// Value is the bad value as the message shows it: numbers bare,
-	// strings quoted.
+	// strings quoted; "" when the setting is missing, or too long to show.
 	Value string
 	// Reason says what is wrong and what is allowed.
 	Reason string
 
 	// sep goes between Value and Reason; ": " when empty.
 	sep string
+	// isNew: the stream is being created and its id was not given; the
+	// message calls it "the new stream" rather than by the id it would get.
+	isNew bool
 }
 
 func (e *FieldError) Error() string {
+	label := streamLabel(e.ID, e.Name)
+	if e.isNew {
+		label = "the new stream"
+		if e.Name != "" {
+			label += fmt.Sprintf(" (%q)", shortName(e.Name))
+		}
+	}
+	if e.Value == "" { // no value: the setting is missing
+		return label + ": " + e.Field + ": " + e.Reason
+	}
 	sep := e.sep
 	if sep == "" {
 		sep = ": "
 	}
-	return streamLabel(e.ID, e.Name) + ": " + e.Field + " " + e.Value + sep + e.Reason
+	return label + ": " + e.Field + " " + e.Value + sep + e.Reason
+}
+
+// markNew makes every *FieldError in err speak of "the new stream": one
+// whose id was not given, so the id it would get means nothing to the user.
+func markNew(err error) {
+	switch e := err.(type) {
+	case nil:
+	case *FieldError:
+		e.isNew = true
+	case interface{ Unwrap() []error }:
+		for _, x := range e.Unwrap() {
+			markNew(x)
+		}
+	default:
+		markNew(errors.Unwrap(err))
+	}
+}
+
+// listenWhere says where a stream listens, for messages: "127.0.0.1:5432",
+// or "port 5432 of every address" when it has no listen_address.
+func listenWhere(s *Stream) string {
+	if s.ListenAddress == "" {
+		return fmt.Sprintf("port %d of every address", s.ListenPort)
+	}
+	return s.ListenHostPort()
 }
 
 // streamLabel names a stream in messages: `stream 3 ("postgres")`, or
@@ -55,14 +100,27 @@ func streamLabel(id int64, name string) string {
 	if name == "" {
 		return "stream " + strconv.FormatInt(id, 10)
 	}
-	return fmt.Sprintf("stream %d (%q)", id, name)
+	return fmt.Sprintf("stream %d (%q)", id, shortName(name))
 }
 
-// Validate checks one stream on its own: every setting in range and the
-// settings consistent with each other. It returns every problem found,
-// joined with errors.Join, each one a *FieldError. Conflicts with other
-// streams and with Caddy's own ports are App.Validate's job.
-func (s *Stream) Validate() error {
+// shortName is a name for messages: one over MaxNameLength is cut short.
+func shortName(name string) string {
+	if utf8.RuneCountInString(name) <= MaxNameLength {
+		return name
+	}
+	return string([]rune(name)[:60]) + "…"
+}
+
+// Validate checks one stream on its own: every setting in range, name and
+// notes within their limits, and the settings consistent with each other.
+// It returns every problem found, joined with errors.Join, each one a
+// *FieldError. Conflicts with other streams and with Caddy's own ports are
+// App.Validate's job.
+func (s *Stream) Validate() error { return s.validate(true) }
+
+// validate is Validate, with the limits of name and notes checked only if
+// limits is set.
+func (s *Stream) validate(limits bool) error {
 	var errs []error
 	bad := func(field, value, reason string) {
 		errs = append(errs, &FieldError{ID: s.ID, Name: s.Name, Field: field, Value: value, Reason: reason})
@@ -74,6 +132,18 @@ func (s *Stream) Validate() error {
 	if s.ID <= 0 {
 		badInt("id", s.ID, "must be > 0")
 	}
+	if limits {
+		// The value is not repeated: it is too long for a message.
+		for _, f := range []struct {
+			field, v string
+			max      int
+		}{{"name", s.Name, MaxNameLength}, {"notes", s.Notes, MaxNotesLength}} {
+			if n := utf8.RuneCountInString(f.v); n > f.max {
+				errs = append(errs, &FieldError{ID: s.ID, Name: s.Name, Field: f.field,
+					Reason: fmt.Sprintf("%d characters, more than the limit of %d; shorten it", n, f.max)})
+			}
+		}
+	}
 
 	switch s.Protocol {
 	case "", ProtocolTCP, ProtocolUDP, ProtocolTCPUDP:
@@ -81,16 +151,30 @@ func (s *Stream) Validate() error {
 		bad("protocol", strconv.Quote(s.Protocol), "must be tcp, udp or tcp+udp")
 	}
 
+	// A required setting left out (0 or "") is "required", without a
+	// value.
+	required := func(field, reason string) {
+		errs = append(errs, &FieldError{ID: s.ID, Name: s.Name, Field: field, Reason: "required; " + reason})
+	}
 	if reason := checkListenAddress(s.ListenAddress); reason != "" {
 		bad("listen_address", strconv.Quote(s.ListenAddress), reason)
 	}
-	if !validPort(s.ListenPort) {
+	switch {
+	case s.ListenPort == 0:
+		required("listen_port", "must be 1-65535")
+	case !validPort(s.ListenPort):
 		badInt("listen_port", int64(s.ListenPort), "must be 1-65535")
 	}
-	if reason := checkUpstreamHost(s.UpstreamHost); reason != "" {
+	switch reason := checkUpstreamHost(s.UpstreamHost); {
+	case s.UpstreamHost == "":
+		required("upstream_host", upstreamHostWant)
+	case reason != "":
 		bad("upstream_host", strconv.Quote(s.UpstreamHost), reason)
 	}
-	if !validPort(s.UpstreamPort) {
+	switch {
+	case s.UpstreamPort == 0:
+		required("upstream_port", "must be 1-65535")
+	case !validPort(s.UpstreamPort):
 		badInt("upstream_port", int64(s.UpstreamPort), "must be 1-65535")
 	}
 
@@ -185,11 +269,14 @@ func checkListenAddress(a string) string {
 	return ""
 }
 
+// upstreamHostWant says what an upstream_host must be.
+const upstreamHostWant = "must be a hostname or an IP address (e.g. db.internal, 10.0.0.5 or 2001:db8::5)"
+
 // checkUpstreamHost returns why h is not a valid upstream_host, or "".
 // A valid one is an IP address or a DNS hostname (letters, digits, '-' and
 // '_' in dot-separated labels; '_' for container service names).
 func checkUpstreamHost(h string) string {
-	const want = "must be a hostname or an IP address (e.g. db.internal, 10.0.0.5 or 2001:db8::5)"
+	const want = upstreamHostWant
 	if h == "" {
 		return "required; " + want
 	}
@@ -297,8 +384,21 @@ var wellKnownPorts = map[int]string{
 // Validate implements caddy.Validator. It checks every host (see
 // Stream.Validate), that ids are unique, and that no two enabled hosts, nor
 // an enabled host and Caddy itself, would listen on the same port. It
-// returns every problem found, joined with errors.Join.
+// returns every problem found, joined with errors.Join. Provision runs
+// the checks before it builds the streams, so Caddy's call after
+// Provision has nothing left to check.
 func (a *App) Validate() error {
+	if a.validated {
+		return nil
+	}
+	return a.validate()
+}
+
+// onValidate is called on each run of the checks, for tests.
+var onValidate = func() {}
+
+func (a *App) validate() error {
+	onValidate()
 	var errs []error
 	if a.GracePeriod < 0 {
 		errs = append(errs, fmt.Errorf("grace_period %s: must be >= 0 (0 = 5s)", time.Duration(a.GracePeriod)))
@@ -306,30 +406,38 @@ func (a *App) Validate() error {
 	if a.Storage != nil && a.Storage.LogRetention < -1 {
 		errs = append(errs, fmt.Errorf("storage log_retention %d: must be >= -1 (-1 = keep all, 0 = 10000)", a.Storage.LogRetention))
 	}
-	errs = append(errs, a.validateList(a.Hosts)...)
+	errs = append(errs, a.validateList(a.Hosts, true)...)
 	return errors.Join(errs...)
 }
 
 // validateHosts checks the config's hosts together with the stored ones:
 // ids and listen ports may not collide between the two.
 func (a *App) validateHosts(config []*Stream, stored []storage.Host) error {
-	if err := a.Validate(); err != nil || len(stored) == 0 {
+	if err := a.validate(); err != nil {
 		return err
+	}
+	a.validated = true
+	if len(stored) == 0 {
+		return nil
 	}
 	all := append([]*Stream(nil), config...)
 	for _, h := range stored {
 		all = append(all, streamFromHost(h))
 	}
-	if err := errors.Join(a.validateList(all)...); err != nil {
+	// The config's hosts have passed Validate; stored ones are not held
+	// to the limits of name and notes, which came after some were stored:
+	// they run, and a write to them must keep to the limits.
+	if err := errors.Join(a.validateList(all, false)...); err != nil {
 		return fmt.Errorf("the config's streams and the %d stored through the API (in %s) do not fit together; change the config, or change or delete the stored stream through the API:\n%w",
 			len(stored), a.storagePath(), err)
 	}
 	return nil
 }
 
-// validateList checks every host on its own, that ids are unique and that
-// no two enabled hosts, nor one and Caddy itself, share a port.
-func (a *App) validateList(hosts []*Stream) []error {
+// validateList checks every host on its own (with the limits of name and
+// notes if limits is set), that ids are unique and that no two enabled
+// hosts, nor one and Caddy itself, share a port.
+func (a *App) validateList(hosts []*Stream, limits bool) []error {
 	var errs []error
 	byID := make(map[int64]*Stream, len(hosts))
 	var enabled []*Stream
@@ -338,7 +446,7 @@ func (a *App) validateList(hosts []*Stream) []error {
 			errs = append(errs, fmt.Errorf("hosts[%d]: null: must be a stream object", i))
 			continue
 		}
-		if err := s.Validate(); err != nil {
+		if err := s.validate(limits); err != nil {
 			errs = append(errs, err)
 		}
 		if first, dup := byID[s.ID]; dup {
@@ -400,7 +508,7 @@ func (a *App) listenConflicts(s *Stream, others []*Stream) []error {
 		errs = append(errs, &FieldError{
 			ID: s.ID, Name: s.Name, Field: "listen_port",
 			Value:  fmt.Sprintf("%d/%s", s.ListenPort, shared),
-			Reason: fmt.Sprintf("overlaps %s on %s; use another port or address, or disable one of them", streamLabel(o.ID, o.Name), o.ListenHostPort()),
+			Reason: fmt.Sprintf("overlaps %s on %s; use another port or address, or disable one of them", streamLabel(o.ID, o.Name), listenWhere(o)),
 			sep:    " ",
 		})
 	}

@@ -91,10 +91,10 @@ func TestStreamValidateErrors(t *testing.T) {
 		{"listen ipv6 brackets and port", func(s *Stream) { s.ListenAddress = "[::1]:5432" }, []string{`listen_address "[::1]:5432"`, "put the port in listen_port"}},
 		{"listen zone", func(s *Stream) { s.ListenAddress = "fe80::1%eth0" }, []string{`listen_address "fe80::1%eth0"`, "zone is not allowed"}},
 		{"listen bad ipv4", func(s *Stream) { s.ListenAddress = "10.0.0.300" }, []string{`listen_address "10.0.0.300"`}},
-		{"listen port zero", func(s *Stream) { s.ListenPort = 0 }, []string{"listen_port 0: must be 1-65535"}},
+		{"listen port zero", func(s *Stream) { s.ListenPort = 0 }, []string{`stream 3 ("postgres"): listen_port: required; must be 1-65535`}},
 		{"listen port too big", func(s *Stream) { s.ListenPort = 70000 }, []string{`stream 3 ("postgres"): listen_port 70000: must be 1-65535`}},
 		{"listen port negative", func(s *Stream) { s.ListenPort = -1 }, []string{"listen_port -1: must be 1-65535"}},
-		{"upstream empty", func(s *Stream) { s.UpstreamHost = "" }, []string{`upstream_host "": required`}},
+		{"upstream empty", func(s *Stream) { s.UpstreamHost = "" }, []string{`stream 3 ("postgres"): upstream_host: required; must be a hostname`}},
 		{"upstream space", func(s *Stream) { s.UpstreamHost = "db internal" }, []string{`upstream_host "db internal"`, "spaces"}},
 		{"upstream newline", func(s *Stream) { s.UpstreamHost = "db\n" }, []string{`upstream_host "db\n"`, "control characters"}},
 		{"upstream with port", func(s *Stream) { s.UpstreamHost = "db.internal:5432" }, []string{`upstream_host "db.internal:5432"`, "put the port in upstream_port"}},
@@ -106,7 +106,7 @@ func TestStreamValidateErrors(t *testing.T) {
 		{"upstream too long", func(s *Stream) { s.UpstreamHost = strings.Repeat("a.", 127) + "com" }, []string{"upstream_host", "at most 253 characters"}},
 		{"upstream unicode", func(s *Stream) { s.UpstreamHost = "bücher.example" }, []string{`upstream_host "bücher.example"`, "xn--"}},
 		{"upstream placeholder", func(s *Stream) { s.UpstreamHost = "{env.DB}" }, []string{`upstream_host "{env.DB}"`}},
-		{"upstream port zero", func(s *Stream) { s.UpstreamPort = 0 }, []string{"upstream_port 0: must be 1-65535"}},
+		{"upstream port zero", func(s *Stream) { s.UpstreamPort = 0 }, []string{"upstream_port: required; must be 1-65535"}},
 		{"upstream port too big", func(s *Stream) { s.UpstreamPort = 65536 }, []string{"upstream_port 65536: must be 1-65535"}},
 		{"max connections", func(s *Stream) { s.MaxConnections = -1 }, []string{"max_connections -1: must be >= 0"}},
 		{"connection timeout", func(s *Stream) { s.ConnectionTimeoutSeconds = -5 }, []string{"connection_timeout_seconds -5: must be 0-31536000"}},
@@ -128,7 +128,9 @@ func TestStreamValidateErrors(t *testing.T) {
 		{"blacklist bad", func(s *Stream) { s.BlacklistCIDRs = []string{"1.2.3.4/33"} }, []string{`blacklist_cidrs "1.2.3.4/33": not a CIDR`}},
 		{"tls on udp", func(s *Stream) { s.Protocol = "udp"; s.SSLEnabled = true; s.SSLCertID = 1 }, []string{"ssl_enabled true: tls needs a tcp listener"}},
 		{"tls without cert", func(s *Stream) { s.SSLEnabled = true }, []string{"ssl_cert_id 0: must be > 0", "when ssl_enabled is true"}},
-		{"no name", func(s *Stream) { s.Name = ""; s.ListenPort = 0 }, []string{"stream 3: listen_port 0"}},
+		{"no name", func(s *Stream) { s.Name = ""; s.ListenPort = 0 }, []string{"stream 3: listen_port: required"}},
+		{"name too long", func(s *Stream) { s.Name = strings.Repeat("ü", 201) }, []string{`stream 3 ("` + strings.Repeat("ü", 60) + `…"): name: 201 characters, more than the limit of 200; shorten it`}},
+		{"notes too long", func(s *Stream) { s.Notes = strings.Repeat("é", 10001) }, []string{`stream 3 ("postgres"): notes: 10001 characters, more than the limit of 10000; shorten it`}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s := validStream()
@@ -190,7 +192,9 @@ func TestStreamValidateCollectsAll(t *testing.T) {
 		"listen_address", "listen_port", "upstream_host", "upstream_port",
 		"proxy_protocol_version", "whitelist_cidrs", "ssl_enabled", "ssl_cert_id",
 	} {
-		if !oneErrorContains(err, []string{`stream 7 ("broken"): ` + field + " "}) {
+		// "field value: reason", or "field: required; ..." for a setting
+		// left out.
+		if !oneErrorContains(err, []string{`stream 7 ("broken"): ` + field + " "}) && !oneErrorContains(err, []string{`stream 7 ("broken"): ` + field + ": required; "}) {
 			t.Errorf("no %s error in:\n%v", field, err)
 		}
 	}
@@ -283,7 +287,7 @@ func TestListenOverlap(t *testing.T) {
 			}
 			want := []string{
 				`stream 2 ("b"): listen_port ` + strconv.Itoa(tc.b.ListenPort) + "/" + tc.wantShared,
-				`overlaps stream 1 ("a") on ` + tc.a.ListenHostPort(),
+				`overlaps stream 1 ("a") on ` + listenWhere(tc.a),
 				"use another port or address, or disable one of them",
 			}
 			if err == nil || !oneErrorContains(err, want) {
@@ -320,7 +324,7 @@ func TestAppValidate(t *testing.T) {
 		{"admin port", []*Stream{host(1, "a", "", "", 2019)}, 0, [][]string{{"listen_port 2019: port 2019 is Caddy's admin endpoint"}}},
 		{"negative grace period", nil, -1e9, [][]string{{"grace_period -1s: must be >= 0"}}},
 		{"invalid host and an overlap", []*Stream{host(1, "a", "", "", 5432), func() *Stream { s := host(2, "b", "", "", 5432); s.UpstreamPort = 0; return s }()}, 0,
-			[][]string{{`stream 2 ("b"): upstream_port 0`}, {`stream 2 ("b"): listen_port 5432/tcp overlaps`}}},
+			[][]string{{`stream 2 ("b"): upstream_port: required`}, {`stream 2 ("b"): listen_port 5432/tcp overlaps`}}},
 		{"invalid listen address is not checked for overlap", []*Stream{host(1, "a", "", "", 5432), host(2, "b", "", "localhost", 5432)}, 0,
 			[][]string{{`stream 2 ("b"): listen_address "localhost"`}}},
 	} {
@@ -361,7 +365,7 @@ func TestValidateListen(t *testing.T) {
 		want string // "" for nil
 	}{
 		{"free port", host(9, "new", "", "", 6379), ""},
-		{"taken port", host(9, "new", "", "127.0.0.1", 5432), `stream 9 ("new"): listen_port 5432/tcp overlaps stream 1 ("a") on :5432`},
+		{"taken port", host(9, "new", "", "127.0.0.1", 5432), `stream 9 ("new"): listen_port 5432/tcp overlaps stream 1 ("a") on port 5432 of every address`},
 		{"same port, other protocol", host(9, "new", "udp", "", 5432), ""},
 		{"editing itself", host(1, "a", "", "", 5432), ""},
 		{"reserved", host(9, "new", "", "", 443), "port 443 is Caddy's HTTPS port"},

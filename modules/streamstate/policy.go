@@ -136,7 +136,7 @@ func (p *Policy) Admit(st *Stream, src netip.AddrPort, udp bool, c *Cap) bool {
 // Unadmit gives back what Admit took, for a connection admitted that could
 // not open (its upstream socket failed).
 func (p *Policy) Unadmit(st *Stream, c *Cap) {
-	st.Active.Add(-1)
+	st.Leave()
 	if c != nil {
 		c.n.Add(-1)
 	}
@@ -202,6 +202,17 @@ func (s *Stream) takeSlot(max int) bool {
 		}
 		if s.Active.CompareAndSwap(n, n+1) {
 			return true
+		}
+	}
+}
+
+// Leave gives back a slot that takeSlot counted. The last one to leave while
+// the stream shuts down wakes Destruct, which waits for it.
+func (s *Stream) Leave() {
+	if s.Active.Add(-1) == 0 && s.draining.Load() {
+		select {
+		case s.idle <- struct{}{}:
+		default:
 		}
 	}
 }

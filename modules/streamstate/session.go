@@ -222,7 +222,7 @@ func (ss *Session) Closed() bool { return ss.closed.Load() }
 // which is then a no-op.
 func (ss *Session) ReleaseSlot() {
 	if ss.slot.CompareAndSwap(true, false) {
-		ss.Stream.Active.Add(-1)
+		ss.Stream.Leave()
 		if ss.cap != nil {
 			ss.cap.n.Add(-1)
 		}

@@ -119,6 +119,8 @@ type Stream struct {
 
 	ctx         context.Context
 	cancel      context.CancelFunc
+	draining    atomic.Bool   // Destruct waits for Active to reach 0
+	idle        chan struct{} // Leave wakes that wait
 	closing     atomic.Bool
 	closeReason atomic.Uint32
 
@@ -141,6 +143,7 @@ func New(id int64) *Stream {
 		ID:      id,
 		ctx:     ctx,
 		cancel:  cancel,
+		idle:    make(chan struct{}, 1),
 		logq:    logQueue{wake: make(chan struct{}, 1)},
 		logStop: make(chan struct{}),
 		logDone: make(chan struct{}),
@@ -240,9 +243,20 @@ func (s *Stream) Destruct() error {
 	if caddy.Exiting() {
 		reason = ReasonShutdown
 	}
-	deadline := time.Now().Add(time.Duration(s.grace.Load()))
-	for s.Active.Load() > 0 && time.Now().Before(deadline) {
-		time.Sleep(10 * time.Millisecond)
+	// Leave wakes the wait when Active reaches 0: it reads draining after
+	// its decrement, as this reads Active after setting draining.
+	s.draining.Store(true)
+	if s.Active.Load() > 0 {
+		grace := time.NewTimer(time.Duration(s.grace.Load()))
+	wait:
+		for s.Active.Load() > 0 {
+			select {
+			case <-s.idle:
+			case <-grace.C:
+				break wait
+			}
+		}
+		grace.Stop()
 	}
 	s.closeReason.Store(uint32(reason))
 	s.closing.Store(true)

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"go.uber.org/zap"
@@ -321,4 +322,44 @@ func TestSetFailure(t *testing.T) {
 		}
 		ss.End(ReasonNone, false)
 	}
+}
+
+type closerFunc func() error
+
+func (f closerFunc) Close() error { return f() }
+
+// The last release of a stream ends its grace period when its last
+// connection ends, at that moment: it waits on the event, not on a clock.
+func TestDestructWakesWhenTheLastConnectionEnds(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		s := New(1)
+		s.SetGracePeriod(time.Hour)
+		p, err := NewPolicy(Limits{}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		src := netip.MustParseAddrPort("192.0.2.1:1000")
+		if !p.Admit(s, src, false, nil) {
+			t.Fatal("not admitted")
+		}
+		ss := p.Open(s, closerFunc(func() error { return nil }), src, false, nil)
+		var done atomic.Bool
+		go func() {
+			_ = s.Destruct()
+			done.Store(true)
+		}()
+		synctest.Wait()
+		if done.Load() {
+			t.Fatal("Destruct returned while a connection was open, within the grace period")
+		}
+		start := time.Now()
+		ss.ReleaseSlot()
+		synctest.Wait()
+		if !done.Load() {
+			t.Fatal("Destruct still waits after the last connection ended")
+		}
+		if d := time.Since(start); d != 0 {
+			t.Fatalf("Destruct returned %s after the last connection ended, want at once", d)
+		}
+	})
 }

@@ -14,6 +14,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';
+import dgram from 'node:dgram';
 import fs from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
@@ -44,12 +45,14 @@ const CHROMIUM_ARGS = [
 const CFG_NAME = 'cfg-stream'; // the read-only stream from the Caddyfile
 const NAME = 'e2e-echo'; // the stream the tests create in the form
 const CERT_NAME = 'e2e-cert';
+const UDP_NAME = 'e2e-udp'; // a UDP stream made in the form
+const GUARDED_NAME = 'e2e-guarded'; // blocks 127.0.0.1, upstream down
 const SITE_USER = 'e2e';
 const SITE_PASSWORD = 'e2e-password-not-secret';
 
 // Everything the run owns, for the cleanup.
 const S = {
-  tmp: '', aegis: null, aegisExited: null, echo: null, sockets: new Set(),
+  tmp: '', aegis: null, aegisExited: null, echo: null, udpEcho: null, sockets: new Set(),
   browser: null, offOrigin: [], pageErrors: [],
   ports: {}, base: '', site: '', streamId: 0, certId: 0,
 };
@@ -150,6 +153,40 @@ async function api(urlPath) {
     }
   }
   return { status: res.status, body };
+}
+
+// apiSend writes through the API with the headers a browser on the admin
+// origin sends, as a script of another admin would.
+async function apiSend(method, urlPath, body) {
+  const res = await fetch(S.base + urlPath, {
+    method,
+    headers: { Origin: S.base, 'Content-Type': 'application/json' },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await res.text();
+  assert.ok(res.ok, `${method} ${urlPath}: ${res.status} ${text}`);
+  return text ? JSON.parse(text) : null;
+}
+
+// udpExchange sends the payloads from one UDP socket, each once the echo
+// of the one before came back; it resolves then, rejects after 5 s.
+function udpExchange(port, payloads) {
+  return new Promise((resolve, reject) => {
+    const sock = dgram.createSocket('udp4');
+    let got = 0;
+    const done = (err) => {
+      clearTimeout(timer);
+      sock.close();
+      if (err) reject(err); else resolve(got);
+    };
+    const timer = setTimeout(() => done(new Error(`UDP echo: ${got} of ${payloads.length} datagrams back after 5 s`)), 5000);
+    sock.on('error', done);
+    sock.on('message', () => {
+      if (++got === payloads.length) done();
+      else sock.send(payloads[got]);
+    });
+    sock.connect(port, '127.0.0.1', () => sock.send(payloads[0]));
+  });
 }
 
 function track(sock) {
@@ -401,6 +438,16 @@ before(async () => {
     S.echo.listen({ port: S.ports.echo, host: '127.0.0.1', exclusive: true }, resolve);
   });
 
+  // A UDP echo server, for the UDP stream.
+  S.udpEcho = dgram.createSocket('udp4');
+  S.udpEcho.on('message', (msg, rinfo) => S.udpEcho.send(msg, rinfo.port, rinfo.address));
+  S.udpEcho.on('error', () => {});
+  await new Promise((resolve, reject) => {
+    S.udpEcho.once('error', reject);
+    S.udpEcho.bind(0, '127.0.0.1', resolve);
+  });
+  S.ports.udpEcho = S.udpEcho.address().port;
+
   S.ports.admin = await freePort();
   S.ports.cfg = await freePort();
   S.ports.site = await freePort();
@@ -485,6 +532,7 @@ after(async () => {
   if (S.browser) await S.browser.close().catch(() => {});
   for (const sock of S.sockets) sock.destroy();
   if (S.echo) await new Promise((r) => S.echo.close(r));
+  if (S.udpEcho) S.udpEcho.close();
   if (S.aegis && S.aegis.exitCode === null && S.aegis.signalCode === null) {
     S.aegis.kill('SIGTERM');
     const stopped = await Promise.race([S.aegisExited, sleep(10_000).then(() => null)]);
@@ -596,13 +644,21 @@ test('phone width and dark mode', { timeout: TEST_MS }, async () => {
   await page.emulateMedia({ colorScheme: 'light' });
 });
 
-test('the row switch turns the stream off (connections refused) and on again', { timeout: TEST_MS }, async () => {
+test('the row switch turns the stream off (connections refused) and on again, with a PATCH of enabled alone', { timeout: TEST_MS }, async () => {
   needStream();
   const sw = page.getByLabel(`Enabled: ${NAME}`, { exact: true });
   assert.ok(await sw.isChecked(), 'switch is off for an enabled stream');
+  const writes = [];
+  const onRequest = (req) => {
+    if (req.method() !== 'GET' && new URL(req.url()).pathname.endsWith(`/api/v1/streams/${S.streamId}`)) {
+      writes.push({ method: req.method(), type: req.headers()['content-type'], ifMatch: req.headers()['if-match'], body: req.postData() });
+    }
+  };
+  page.on('request', onRequest);
   await sw.click();
   await waitFor('the stream to be disabled in the API', async () =>
     (await api(`/api/v1/streams/${S.streamId}`)).body.enabled === false);
+  page.off('request', onRequest);
   await waitFor('the switch to show off', async () => !(await sw.isChecked()));
   const off = await waitFor('a new connection to be refused or closed', async () => {
     const r = await probe(S.ports.stream);
@@ -615,6 +671,12 @@ test('the row switch turns the stream off (connections refused) and on again', {
     (await api(`/api/v1/streams/${S.streamId}`)).body.enabled === true);
   await waitFor('the switch to show on', () => sw.isChecked());
   await waitFor('echo through the stream again', async () => (await probe(S.ports.stream)) === 'echo', 5000, 200);
+  // The switch sent enabled alone, as a merge patch of the version shown.
+  assert.equal(writes.length, 1, `the switch sent ${JSON.stringify(writes)}`);
+  assert.equal(writes[0].method, 'PATCH', `the switch sent ${JSON.stringify(writes)}`);
+  assert.equal(writes[0].type, 'application/merge-patch+json');
+  assert.deepEqual(JSON.parse(writes[0].body), { enabled: false });
+  assert.match(writes[0].ifMatch || '', /^".+"$/, 'the PATCH has no If-Match');
 });
 
 test('saving the form after someone else changed the stream says so and keeps their change', { timeout: TEST_MS }, async () => {
@@ -710,6 +772,120 @@ test('the form shows an inline error for a port that is taken', { timeout: TEST_
   await port.fill(String(await freePort()));
   await port.press('Tab');
   await waitFor('#err-listen_port to clear for a free port', async () => (await err.innerText()).trim() === '');
+});
+
+test('a UDP stream made in the form: Save and the switch show the server\'s warnings', { timeout: TEST_MS }, async () => {
+  S.ports.udp = await freePort();
+  await openHash(page, '/streams/new');
+  await h1(page, 'New stream').waitFor();
+  await page.getByLabel('Name', { exact: true }).fill(UDP_NAME);
+  await page.getByLabel('Protocol', { exact: true }).selectOption('udp');
+  await page.getByLabel('Listen address', { exact: true }).fill('127.0.0.1');
+  await page.getByLabel('Listen port', { exact: true }).fill(String(S.ports.udp));
+  await page.getByLabel('Upstream host', { exact: true }).fill('127.0.0.1');
+  await page.getByLabel('Upstream port', { exact: true }).fill(String(S.ports.udpEcho));
+  await page.getByLabel('Idle timeout', { exact: true }).fill('1');
+  await page.getByLabel('Log connections', { exact: true }).check();
+  // A TCP dial says nothing of a UDP upstream: the server warns.
+  await page.getByLabel('Health checks', { exact: true }).check();
+  await page.getByRole('button', { name: 'Save', exact: true }).click();
+  await h1(page, 'Streams').waitFor();
+  const made = await waitFor('the UDP stream in the API', async () =>
+    (await api('/api/v1/streams')).body.find((s) => s.name === UDP_NAME));
+  S.udpId = made.id;
+  const notice = page.getByRole('group', { name: 'Warnings' });
+  await notice.waitFor();
+  assert.match(await notice.innerText(), /health_check_enabled/);
+  await shot(page, 'streams-warnings.png');
+  await notice.getByRole('button', { name: 'Dismiss', exact: true }).click();
+  assert.equal(await notice.count(), 0, 'the notice stays after Dismiss');
+
+  // The switch's write warns alike.
+  const sw = page.getByLabel(`Enabled: ${UDP_NAME}`, { exact: true });
+  await sw.click();
+  try {
+    await notice.waitFor();
+    assert.match(await notice.innerText(), /Disabled e2e-udp.*\n?.*health_check_enabled/s);
+  } finally {
+    await waitFor('the UDP stream disabled', async () => (await api(`/api/v1/streams/${made.id}`)).body.enabled === false);
+    await sw.click();
+    await waitFor('the UDP stream enabled again', async () => (await api(`/api/v1/streams/${made.id}`)).body.enabled === true);
+  }
+});
+
+test('the log of a UDP stream counts its datagrams', { timeout: TEST_MS }, async () => {
+  assert.ok(S.udpId, `no stream "${UDP_NAME}": the test that makes it failed`);
+  const made = { id: S.udpId };
+  // Three datagrams each way; the session ends after the 1 s idle timeout.
+  const payloads = ['one', 'two', 'three'].map((t) => Buffer.from(t));
+  await waitFor('the UDP echo through the stream', () => udpExchange(S.ports.udp, payloads), 10_000, 300);
+  const entry = await waitFor('the UDP entry in the API log', async () => {
+    const { body } = await api(`/api/v1/streams/${made.id}/connections?limit=10`);
+    return body.entries.find((e) => e.protocol === 'udp' && e.datagrams_sent >= 3);
+  }, 15_000, 250);
+  await openHash(page, `/streams/${made.id}/log`);
+  await h1(page, `Log: ${UDP_NAME}`).waitFor();
+  await page.locator('tr.log-row').first().waitFor();
+  const counts = await page.locator('tr.log-row [data-field="datagrams"]').allInnerTexts();
+  for (const n of [entry.datagrams_sent, entry.datagrams_received]) {
+    assert.ok(counts.includes(`${n} datagrams`), `no "${n} datagrams" in the log's rows: ${JSON.stringify(counts)}`);
+  }
+  await shot(page, 'log-udp.png');
+  await apiSend('DELETE', `/api/v1/streams/${made.id}`);
+});
+
+test('Save shows every problem: a taken port and a bad CIDR each at its field, others at the top', { timeout: TEST_MS }, async () => {
+  await openHash(page, '/streams/new');
+  await h1(page, 'New stream').waitFor();
+  const portErr = page.locator('#err-listen_port');
+  const cidrErr = page.locator('#err-whitelist_cidrs');
+  await page.getByLabel('Listen address', { exact: true }).fill('127.0.0.1');
+  const port = page.getByLabel('Listen port', { exact: true });
+  await port.fill(String(S.ports.echo)); // the echo server holds it
+  await port.press('Tab');
+  await page.getByLabel('Upstream host', { exact: true }).fill('127.0.0.1');
+  await page.getByLabel('Upstream port', { exact: true }).fill(String(S.ports.echo));
+  await waitFor('#err-listen_port to say the port is in use', async () => /in use/.test(await portErr.innerText()));
+  const cidrs = page.getByLabel('Allowed CIDRs', { exact: true });
+  const save = page.getByRole('button', { name: 'Save', exact: true });
+  // One the form catches, one only the server does.
+  for (const cidr of ['10.0.0.0/33', '1:2:3']) {
+    await cidrs.fill(cidr);
+    await save.click();
+    await waitFor(`both errors after Save with ${cidr}`, async () => {
+      const [p, c] = [await portErr.innerText(), await cidrErr.innerText()];
+      return /in use/.test(p) && c.includes(cidr);
+    });
+    const alert = (await page.getByRole('alert').innerText()).trim();
+    assert.match(alert, /2 settings/, `the alert: ${alert}`);
+  }
+  await shot(page, 'form-errors.png');
+  assert.equal((await api('/api/v1/streams')).body.filter((s) => s.listen_port === S.ports.echo).length, 0, 'a stream was made');
+
+  // A problem of no field the form shows goes in a summary at the top.
+  const summary = page.locator('#form-problems');
+  assert.ok(await summary.isHidden(), 'the summary shows with nothing in it');
+  await cidrs.fill('');
+  await page.route('**/api/v1/streams', (route) => {
+    if (route.request().method() !== 'POST') return route.fallback();
+    return route.fulfill({
+      status: 409,
+      contentType: 'application/json',
+      body: JSON.stringify({
+        error: 'id 7 is taken by stream 7 ("other")', field: 'id', value: 7,
+        errors: [{ field: 'id', value: 7, message: 'id 7 is taken by stream 7 ("other")' }, { field: 'name', value: 'x', message: 'name "x": taken' }],
+      }),
+    });
+  });
+  try {
+    await save.click();
+    await summary.waitFor({ state: 'visible' });
+    assert.match(await summary.innerText(), /id 7 is taken/);
+    assert.match(await page.locator('#err-name').innerText(), /taken/);
+    assert.match(await page.getByRole('alert').innerText(), /a setting needs fixing.*a problem is listed at the top/);
+  } finally {
+    await page.unroute('**/api/v1/streams');
+  }
 });
 
 test('the UI on the admin endpoint opens from a typed address, not from other sites', { timeout: TEST_MS }, async () => {
@@ -848,6 +1024,64 @@ test('the connections page closes a held connection', { timeout: TEST_MS }, asyn
   assert.equal(entry.action, 'allowed');
 });
 
+test('a stream row shows blocked connections, the health error and the time of the check; a config stream\'s switch says on and why it is fixed', { timeout: TEST_MS }, async () => {
+  const down = await freePort(); // nothing listens: the health check fails
+  S.ports.guarded = await freePort();
+  const made = await apiSend('POST', '/api/v1/streams', {
+    name: GUARDED_NAME, listen_address: '127.0.0.1', listen_port: S.ports.guarded,
+    upstream_host: '127.0.0.1', upstream_port: down, enabled: true,
+    health_check_enabled: true, health_check_interval_seconds: 1, blacklist_cidrs: ['127.0.0.1/32'],
+  });
+  S.guardedId = made.id;
+  await waitFor('a blocked connection in the stream status', async () => {
+    await probe(S.ports.guarded);
+    return (await api(`/api/v1/streams/${made.id}`)).body.status.blocked_connections >= 1;
+  }, 5000, 200);
+
+  await openHash(page, '/streams');
+  const row = streamRow(page, made.id);
+  await row.waitFor();
+  const headers = (await page.locator('table thead th').allInnerTexts()).map((t) => t.trim());
+  assert.ok(headers.includes('Blocked'), `no column "Blocked" (have ${headers.join(', ')})`);
+  const blocked = row.locator('[data-field="blocked_connections"]');
+  await waitFor('the Blocked cell to show 1 or more', async () => digitsIn(await blocked.innerText()) >= 1);
+  const health = row.locator('[data-field="health"]');
+  const error = row.locator('[data-field="health_error"]');
+  const when = row.locator('[data-field="last_health_check"]');
+  await waitFor('unhealthy, with its error and time, in the row', async () =>
+    /unhealthy/.test(await health.innerText()) && (await error.isVisible()) && (await when.isVisible()));
+  const { status } = (await api(`/api/v1/streams/${made.id}`)).body;
+  assert.match(await error.innerText(), /refused|connect/, `the error shown: ${await error.innerText()}`);
+  assert.ok(status.last_health_error && (await error.innerText()).includes(status.last_health_error.slice(0, 20)), 'not the API\'s last_health_error');
+  assert.match(await when.innerText(), /^checked \S/);
+
+  // The config stream's switch: on, drawn as the other on switches, and
+  // why it cannot change, in words beside it and as its description.
+  const cfg = streamRow(page, 1);
+  const cfgSwitch = page.getByLabel(`Enabled: ${CFG_NAME}`, { exact: true });
+  assert.ok(await cfgSwitch.isDisabled());
+  assert.equal((await cfg.locator('[data-field="enabled"]').innerText()).replace(/\s+/g, ' ').trim(), 'on set in the Caddy config');
+  const described = await cfgSwitch.evaluate((el) => el.getAttribute('aria-describedby').split(' ').map((id) => document.getElementById(id)?.textContent).join(' '));
+  assert.match(described, /set in the Caddy config/);
+  const bg = (loc) => loc.evaluate((el) => getComputedStyle(el).backgroundColor);
+  const apiSwitch = page.getByLabel(`Enabled: ${GUARDED_NAME}`, { exact: true });
+  assert.ok(await apiSwitch.isChecked());
+  assert.equal(await bg(cfgSwitch), await bg(apiSwitch), 'the fixed "on" switch is drawn unlike an "on" switch');
+  await shot(page, 'streams-health.png');
+
+  // On a phone: cards, the same details, no sideways scroll.
+  await page.setViewportSize({ width: 375, height: 812 });
+  try {
+    await row.scrollIntoViewIfNeeded();
+    assert.ok(await error.isVisible() && await when.isVisible() && await blocked.isVisible(), 'details hidden at 375 px');
+    const overflow = await page.evaluate(() => document.documentElement.scrollWidth - document.documentElement.clientWidth);
+    assert.ok(overflow <= 1, `at 375 px the page scrolls sideways by ${overflow} px`);
+    await shot(page, 'streams-health-phone.png');
+  } finally {
+    await page.setViewportSize({ width: 1280, height: 900 });
+  }
+});
+
 test('every page passes axe-core WCAG 2 A/AA checks (no serious or critical issue), light and dark, wide and narrow', { timeout: TEST_MS }, async () => {
   needStream();
   const bad = [];
@@ -887,6 +1121,43 @@ test('every page passes axe-core WCAG 2 A/AA checks (no serious or critical issu
       await tab.getByRole('button', { name: 'Save', exact: true }).click();
       await waitFor('#err-upstream_host text', async () => (await tab.locator('#err-upstream_host').innerText()).trim());
       await tab.getByRole('alert').filter({ hasText: /\S/ }).waitFor();
+    }],
+    // A write's warnings (the answer to the switch's PATCH, with a
+    // warning added; the stream stays as it is).
+    ['streams with a warnings notice', async () => {
+      await openHash(tab, '/streams');
+      await streamRow(tab, S.streamId).waitFor();
+      const one = `**/api/v1/streams/${S.streamId}`;
+      await tab.route(one, async (route) => {
+        if (route.request().method() !== 'PATCH') return route.fallback();
+        const { body } = await api(`/api/v1/streams/${S.streamId}`);
+        return route.fulfill({ status: 200, contentType: 'application/json', body: JSON.stringify({ ...body, warnings: ['listen_port 53: the well-known port of DNS'] }) });
+      });
+      try {
+        await tab.getByLabel(`Enabled: ${NAME}`, { exact: true }).click();
+        await tab.getByRole('group', { name: 'Warnings' }).waitFor();
+      } finally {
+        await tab.unroute(one);
+      }
+    }],
+    // A save refused for a setting the form has no field for.
+    ['new form with a problem at the top', async () => {
+      await openHash(tab, '/streams/new');
+      await h1(tab, 'New stream').waitFor();
+      for (const [label, v] of [['Listen port', String(S.ports.stream)], ['Upstream host', '127.0.0.1'], ['Upstream port', String(S.ports.echo)]]) {
+        await tab.getByLabel(label, { exact: true }).fill(v);
+      }
+      const all = '**/api/v1/streams';
+      await tab.route(all, (route) => (route.request().method() !== 'POST' ? route.fallback() : route.fulfill({
+        status: 409, contentType: 'application/json',
+        body: JSON.stringify({ error: 'id 7 is taken', field: 'id', value: 7, errors: [{ field: 'id', value: 7, message: 'id 7 is taken' }] }),
+      })));
+      try {
+        await tab.getByRole('button', { name: 'Save', exact: true }).click();
+        await tab.locator('#form-problems').waitFor({ state: 'visible' });
+      } finally {
+        await tab.unroute(all);
+      }
     }],
     ['connections', async () => {
       await openHash(tab, `/streams/${S.streamId}/active`);
@@ -969,6 +1240,38 @@ test('a site with streams_admin and basic_auth serves the UI after login', { tim
     assert.match(await streamRow(sitePage, 1).innerText(), new RegExp(CFG_NAME));
   }
   await ctx.close();
+});
+
+test('the UI opened as http://user:password@host/ loads the streams (requests go without the credentials)', { timeout: TEST_MS }, async () => {
+  // As a browser does with a typed https://user:pass@host:9443/: the
+  // page address, and so document.baseURI, keeps the credentials, and
+  // fetch refuses a URL with them.
+  const ctx = await newContext();
+  await guardOrigin(ctx, S.site);
+  const tab = await ctx.newPage();
+  watchPage(tab, 'site with credentials in the URL');
+  const withCreds = (mount) => `http://${SITE_USER}:${encodeURIComponent(SITE_PASSWORD)}@127.0.0.1:${S.ports.site}${mount}`;
+  try {
+    for (const mount of ['/', '/admin/']) {
+      await tab.goto(withCreds(mount));
+      await h1(tab, 'Streams').waitFor();
+      const alert = tab.getByRole('alert');
+      const row = streamRow(tab, 1);
+      await waitFor(`the config stream's row at ${mount} (or an alert)`, async () =>
+        (await row.count()) > 0 || (await alert.innerText()).trim());
+      assert.equal((await alert.innerText()).trim(), '', `an alert at ${mount}`);
+      assert.match(await row.innerText(), new RegExp(CFG_NAME));
+    }
+    // A request the server refuses says the status and the server's
+    // error, not "cannot reach the server".
+    await tab.goto(`${withCreds('/')}#/streams/9999/log`);
+    const said = await waitFor('an alert for a stream that does not exist', async () => (await tab.getByRole('alert').innerText()).trim());
+    assert.match(said, /HTTP 404/, `the alert does not give the status: ${said}`);
+    assert.match(said, /9999/, `the alert does not give the server's error: ${said}`);
+    assert.doesNotMatch(said, /cannot reach/, said);
+  } finally {
+    await ctx.close();
+  }
 });
 
 test('the pages fetched nothing outside the aegis origin and threw no errors', () => {

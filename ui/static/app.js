@@ -2,7 +2,7 @@
 // context; it renders into ctx.main and registers with ctx.onLeave what
 // stops when the user leaves it (polling).
 
-import { clearMessages, fail, focusHeading, h, heading, say, takeMessage } from './dom.js';
+import { clearMessages, fail, focusHeading, h, heading, say, showWarnings, takeMessage, takeWarnings } from './dom.js';
 import { streamsPage } from './streams.js';
 import { formPage } from './form.js';
 import { activePage } from './active.js';
@@ -30,6 +30,7 @@ async function render() {
   clearMessages();
   const message = takeMessage();
   if (message) say(message);
+  showWarnings(message, takeWarnings());
 
   for (const a of document.querySelectorAll('nav a')) {
     const section = a.getAttribute('href').slice(1);

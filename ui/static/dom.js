@@ -42,17 +42,42 @@ export function fail(msg) {
   alertEl().textContent = msg;
 }
 
-// clearMessages empties both regions.
+// clearMessages empties both regions and takes the notices away.
 export function clearMessages() {
   status().textContent = '';
   alertEl().textContent = '';
+  document.getElementById('notices').replaceChildren();
+}
+
+// showWarnings shows the warnings the server gave for a write that went
+// through (what: e.g. "Saved redis") in a notice that stays until it is
+// dismissed, the next write or the user goes to another page.
+export function showWarnings(what, warnings) {
+  const box = document.getElementById('notices');
+  box.replaceChildren();
+  if (!Array.isArray(warnings) || !warnings.length) return;
+  const notice = h('div', { class: 'notice', role: 'group', 'aria-label': 'Warnings' },
+    h('p', {}, `${what}, with ${warnings.length === 1 ? 'a warning' : `${warnings.length} warnings`}:`),
+    h('ul', {}, warnings.map((w) => h('li', {}, String(w)))));
+  notice.append(h('button', {
+    type: 'button',
+    class: 'small',
+    onclick: () => {
+      notice.remove();
+      focusHeading();
+    },
+  }, 'Dismiss'));
+  box.append(notice);
 }
 
 let nextMessage = '';
+let nextWarnings = [];
 
-// go navigates to a hash route and shows message (e.g. "Saved") there.
-export function go(hash, message = '') {
+// go navigates to a hash route and shows message (e.g. "Saved") and the
+// server's warnings there.
+export function go(hash, message = '', warnings = []) {
   nextMessage = message;
+  nextWarnings = warnings || [];
   if (location.hash === `#${hash}`) window.dispatchEvent(new HashChangeEvent('hashchange'));
   else location.hash = hash;
 }
@@ -62,6 +87,13 @@ export function takeMessage() {
   const m = nextMessage;
   nextMessage = '';
   return m;
+}
+
+// takeWarnings returns the warnings go left for the page being shown.
+export function takeWarnings() {
+  const w = nextWarnings;
+  nextWarnings = [];
+  return w;
 }
 
 // heading is a page's h1, focusable so the router can move focus to it.
@@ -170,18 +202,18 @@ export function table(label, headers) {
 
 // showFieldErrors puts each problem of an API error (or client check)
 // under its field: the element err-{field} within root. It returns the
-// messages of fields root has no place for.
+// problems root has no place for.
 export function showFieldErrors(root, problems) {
   const byField = new Map();
   const rest = [];
   for (const p of problems) {
     const el = root.querySelector(`#err-${CSS.escape(p.field || '')}`);
     if (!p.field || !el) {
-      rest.push(p.message);
+      rest.push(p);
       continue;
     }
     if (!byField.has(el)) byField.set(el, []);
-    byField.get(el).push(p.message);
+    if (!byField.get(el).includes(p.message)) byField.get(el).push(p.message);
   }
   for (const [el, msgs] of byField) setFieldError(el, msgs.join('\n'));
   return rest;

@@ -57,6 +57,9 @@ export async function formPage(ctx) {
   const readOnly = stream?.source === 'config';
   const controls = {};
   const form = h('form', { class: 'stream-form', novalidate: true, 'aria-label': editing ? 'Edit stream' : 'New stream' });
+  // Problems of no field the form shows (e.g. the id), after a Save.
+  const summary = h('div', { id: 'form-problems', class: 'problems', tabindex: -1, hidden: true });
+  form.append(summary);
 
   for (const [legend, names] of GROUPS) {
     const set = h('fieldset', {}, h('legend', {}, legend));
@@ -83,25 +86,30 @@ export async function formPage(ctx) {
   const touched = new Set();
   let portTimer = null;
   let portSeq = 0;
-  const checkPort = async () => {
-    const seq = ++portSeq;
+  // portProblems asks the server whether the stream could listen on the
+  // address and port as the form has them: {problems, warnings}, or null
+  // when the port is not a number yet.
+  const portProblems = async () => {
     const port = parseCount(controls.listen_port.value, PORT);
-    if (port.error) return;
-    let res;
+    if (port.error) return null;
     try {
-      res = await post('streams/validate-port', {
+      const res = await post('streams/validate-port', {
         protocol: controls.protocol.value,
         listen_address: controls.listen_address.value.trim(),
         listen_port: port.value,
         id: editing ? ctx.id : undefined,
       });
+      return { problems: res.errors.map((e) => ({ field: e.field, message: shortMessage(e.message) })), warnings: res.warnings };
     } catch (err) {
-      if (seq === portSeq && ctx.alive()) setFieldError(errEl('listen_port'), `Could not check the port: ${err.message}`);
-      return;
+      return { problems: [{ field: 'listen_port', message: `Could not check the port: ${err.message}` }], warnings: [] };
     }
-    if (seq !== portSeq || !ctx.alive()) return;
+  };
+  const checkPort = async () => {
+    const seq = ++portSeq;
+    const res = await portProblems();
+    if (!res || seq !== portSeq || !ctx.alive()) return;
     for (const f of PORT_FIELDS) setFieldError(errEl(f), '');
-    showFieldErrors(form, res.errors.map((e) => ({ field: e.field, message: shortMessage(e.message) })));
+    showFieldErrors(form, res.problems);
     form.querySelector('#warn-listen_port').textContent = res.warnings.join('\n');
   };
   const errEl = (f) => form.querySelector(`#err-${f}`);
@@ -140,33 +148,61 @@ export async function formPage(ctx) {
     });
   }
 
+  // withPortProblems adds what the server says of the listen address and
+  // port to problems that name none of those fields: the server checks
+  // them only once everything else is valid, and the port check's error
+  // must not vanish behind another field's.
+  const withPortProblems = async (problems) => {
+    if (problems.some((p) => PORT_FIELDS.includes(p.field))) return problems;
+    portSeq++; // a check on its way would clear what this one finds
+    const res = await portProblems();
+    return res ? problems.concat(res.problems) : problems;
+  };
+  // showProblems puts each problem at its field, those of no field in
+  // the summary at the top of the form, and says how many in the alert.
+  const showProblems = (problems, otherwise) => {
+    const rest = showFieldErrors(form, problems);
+    const fields = new Set(problems.filter((p) => !rest.includes(p)).map((p) => p.field)).size;
+    summary.replaceChildren();
+    if (rest.length) {
+      summary.append(h('p', {}, 'Not saved:'), h('ul', {}, rest.map((p) => h('li', {}, p.field ? `${p.field}: ${p.message}` : p.message))));
+    }
+    summary.hidden = rest.length === 0;
+    const parts = [];
+    if (fields) parts.push(`${fields === 1 ? 'a setting needs' : `${fields} settings need`} fixing, marked below`);
+    if (rest.length) parts.push(`${rest.length === 1 ? 'a problem is' : `${rest.length} problems are`} listed at the top of the form`);
+    fail(parts.length ? `Not saved: ${parts.join('; ')}.` : `Not saved: ${otherwise}`);
+    if (fields) focusFirstInvalid(form);
+    else if (rest.length) summary.focus();
+  };
+
   let saving = false;
   form.addEventListener('submit', async (e) => {
     e.preventDefault();
     if (saving) return;
     clearMessages();
     clearFieldErrors(form);
-    const { body, problems } = read(controls);
-    if (problems.length) {
-      showFieldErrors(form, problems);
-      fail(`Not saved: ${problems.length === 1 ? 'a setting needs' : `${problems.length} settings need`} fixing, marked below.`);
-      focusFirstInvalid(form);
-      return;
-    }
+    summary.hidden = true;
     saving = true;
     save.setAttribute('aria-disabled', 'true');
     try {
-      await (editing ? put(`streams/${ctx.id}`, body, stream.version) : post('streams', body));
-      if (ctx.alive()) go('/streams', 'Saved');
-    } catch (err) {
-      if (!ctx.alive()) return;
-      const problems = err instanceof ApiError ? err.problems.map((p) => ({ field: p.field, message: shortMessage(p.message) })) : [];
-      const rest = showFieldErrors(form, problems);
-      const marked = problems.length - rest.length;
-      fail(marked > 0
-        ? `Not saved: ${marked === 1 ? 'a setting needs' : `${marked} settings need`} fixing, marked below.${rest.length ? ` ${rest.join(' ')}` : ''}`
-        : `Not saved: ${err.message}`);
-      focusFirstInvalid(form);
+      const { body, problems } = read(controls);
+      if (problems.length) {
+        const all = await withPortProblems(problems);
+        if (ctx.alive()) showProblems(all, '');
+        return;
+      }
+      let res;
+      try {
+        res = await (editing ? put(`streams/${ctx.id}`, body, stream.version) : post('streams', body));
+      } catch (err) {
+        if (!ctx.alive()) return;
+        let all = err instanceof ApiError ? err.problems.map((p) => ({ field: p.field, message: shortMessage(p.message) })) : [];
+        if (err instanceof ApiError && err.status === 400 && all.length) all = await withPortProblems(all);
+        if (ctx.alive()) showProblems(all, err.message);
+        return;
+      }
+      if (ctx.alive()) go('/streams', 'Saved', res?.warnings);
     } finally {
       saving = false;
       save.removeAttribute('aria-disabled');

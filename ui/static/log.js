@@ -3,7 +3,7 @@
 
 import { displayName, get } from './api.js';
 import { fail, h, heading, setText, table } from './dom.js';
-import { formatBytes, formatDuration, hostPort } from './units.js';
+import { formatBytes, formatCount, formatDuration, hostPort } from './units.js';
 
 const PAGE = 50;
 
@@ -88,8 +88,14 @@ function entry(e, tr) {
     h('td', { title: `started ${time || '?'}, ended ${e.ended_at || '?'}` }, time ? new Date(time).toLocaleString() : ''),
     h('td', { class: 'addr' }, source),
     h('td', { class: e.action === 'blocked' ? 'bad' : '' }, e.action),
-    h('td', { class: 'num', title: `${e.bytes_sent} bytes client → upstream` }, formatBytes(e.bytes_sent)),
-    h('td', { class: 'num', title: `${e.bytes_received} bytes upstream → client` }, formatBytes(e.bytes_received)),
+    h('td', { class: 'num', title: `${e.bytes_sent} bytes client → upstream` }, formatBytes(e.bytes_sent), datagrams(e, e.datagrams_sent)),
+    h('td', { class: 'num', title: `${e.bytes_received} bytes upstream → client` }, formatBytes(e.bytes_received), datagrams(e, e.datagrams_received)),
     h('td', { class: 'num', title: `${e.duration_ms} ms` }, formatDuration(e.duration_ms)),
     h('td', { title: reason }, reason.replaceAll('_', ' ')));
+}
+
+// datagrams is a UDP entry's datagram count, under its bytes.
+function datagrams(e, n) {
+  if (e.protocol !== 'udp' || n == null) return null;
+  return h('span', { class: 'detail', 'data-field': 'datagrams' }, `${formatCount(n)} ${n === 1 ? 'datagram' : 'datagrams'}`);
 }

@@ -2,19 +2,20 @@
 // every 2 s while the tab is visible. Rows are updated in place, so a
 // refresh neither moves focus nor undoes a switch being toggled.
 
-import { ApiError, del, displayName, get, put, streamBody } from './api.js';
-import { confirmDialog, fail, focusHeading, h, heading, poll, say, setText, table } from './dom.js';
-import { formatBytes, formatCount, hostPort } from './units.js';
+import { ApiError, del, displayName, get, patch, put, streamBody } from './api.js';
+import { confirmDialog, fail, focusHeading, h, heading, poll, say, setText, showWarnings, table } from './dom.js';
+import { formatBytes, formatCount, formatWhen, hostPort } from './units.js';
 
 const COUNTERS = [
   ['active_connections', formatCount, 'open connections'],
   ['total_connections', formatCount, 'connections since the last reload'],
+  ['blocked_connections', formatCount, 'connections refused by the CIDR lists or max connections since the last reload'],
   ['bytes_sent', formatBytes, 'bytes client → upstream since the last reload'],
   ['bytes_received', formatBytes, 'bytes upstream → client since the last reload'],
 ];
 
 export async function streamsPage(ctx) {
-  const [region, tbody, row] = table('Streams', ['Name', 'Protocol', 'Listen → upstream', 'Enabled', 'Health', 'Active', 'Total', 'Sent', 'Received', 'Actions']);
+  const [region, tbody, row] = table('Streams', ['Name', 'Protocol', 'Listen → upstream', 'Enabled', 'Health', 'Active', 'Total', 'Blocked', 'Sent', 'Received', 'Actions']);
   const empty = h('p', { class: 'empty', hidden: true }, 'No streams yet.');
   ctx.show(
     h('div', { class: 'page-head' }, heading('Streams'), h('a', { href: '#/streams/new', class: 'button primary' }, 'New stream')),
@@ -80,8 +81,16 @@ function newRow(s, page) {
   r.proto = h('td');
   r.addr = h('span');
   r.down = h('span', { class: 'note', hidden: true }, ' not listening');
-  r.sw = h('input', { type: 'checkbox', class: 'switch', disabled: config });
-  r.health = h('td', { 'data-field': 'health', class: 'health' });
+  // The switch's state in words too; a config stream's says why it is
+  // fixed.
+  const why = config ? h('span', { id: `why-${id}`, class: 'why' }, 'set in the Caddy config') : null;
+  r.sw = h('input', { type: 'checkbox', class: 'switch', disabled: config, 'aria-describedby': why && why.id });
+  r.swState = h('span', { class: 'sw-state', 'aria-hidden': 'true' });
+  // Health: the state, then the last check's error and time.
+  r.healthState = h('span', { class: 'state' });
+  r.healthError = h('span', { class: 'detail', 'data-field': 'health_error', hidden: true });
+  r.healthWhen = h('span', { class: 'detail when', 'data-field': 'last_health_check', hidden: true });
+  r.health = h('td', { 'data-field': 'health', class: 'health' }, r.healthState, r.healthError, r.healthWhen);
   r.counters = COUNTERS.map(([field]) => h('td', { 'data-field': field, class: 'num' }));
   const actions = [h('a', { href: `#/streams/${id}/active` }, 'Connections'), h('a', { href: `#/streams/${id}/log` }, 'Log')];
   if (!config) {
@@ -93,7 +102,7 @@ function newRow(s, page) {
       config ? h('span', { class: 'badge', title: 'Defined in the Caddy config: change it there' }, 'config') : null),
     r.proto,
     h('td', { class: 'addr' }, r.addr, r.down),
-    h('td', {}, r.sw),
+    h('td', { class: 'enabled', 'data-field': 'enabled' }, r.sw, r.swState, why),
     r.health,
     r.counters,
     h('td', { class: 'actions' }, actions));
@@ -116,10 +125,19 @@ function update(r, s) {
   r.down.title = 'Enabled, but its port is not open: see the Caddy log';
   if (r.sw.getAttribute('aria-label') !== `Enabled: ${name}`) r.sw.setAttribute('aria-label', `Enabled: ${name}`);
   r.sw.checked = !!s.enabled;
+  setText(r.swState, s.enabled ? 'on' : 'off');
+  r.swState.className = `sw-state ${s.enabled ? 'on' : 'off'}`;
 
   const [text, cls, title] = health(s, st);
-  setText(r.health, text, title);
+  setText(r.healthState, text);
+  if (r.health.title !== title) r.health.title = title;
   r.health.className = `health ${cls}`;
+  const error = st.health_status === 'unhealthy' ? st.last_health_error || 'no answer' : '';
+  setText(r.healthError, error);
+  r.healthError.hidden = !error;
+  const checked = st.last_health_check && (st.health_status === 'healthy' || st.health_status === 'unhealthy');
+  setText(r.healthWhen, checked ? `checked ${formatWhen(st.last_health_check)}` : '', checked ? st.last_health_check : '');
+  r.healthWhen.hidden = !checked;
   COUNTERS.forEach(([field, fmt, what], i) => {
     const n = st[field] ?? 0;
     setText(r.counters[i], fmt(n), `${n} ${what}`);
@@ -147,11 +165,20 @@ async function toggle(r) {
   r.pending = true;
   r.sw.setAttribute('aria-busy', 'true');
   try {
-    const s = await put(`streams/${r.id}`, { ...streamBody(r.data), enabled: want }, r.data.version);
+    let s;
+    try {
+      s = await patch(`streams/${r.id}`, { enabled: want }, r.data.version);
+    } catch (err) {
+      // A server without PATCH: the whole stream, as it was read.
+      if (!(err instanceof ApiError && err.status === 405)) throw err;
+      s = await put(`streams/${r.id}`, { ...streamBody(r.data), enabled: want }, r.data.version);
+    }
     r.pending = false;
     r.settled = performance.now();
     update(r, s);
-    say(`${want ? 'Enabled' : 'Disabled'} ${name}`);
+    const done = `${want ? 'Enabled' : 'Disabled'} ${name}`;
+    say(done);
+    showWarnings(done, s.warnings);
   } catch (err) {
     r.pending = false;
     r.settled = performance.now();

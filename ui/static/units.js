@@ -99,6 +99,15 @@ export function formatAge(ms) {
   return formatDuration(ms);
 }
 
+// formatWhen is a past time for people: the time of day when it is of
+// today (by now's date), else the date and time, in the browser's locale.
+export function formatWhen(iso, now = new Date(), locale = undefined) {
+  const t = new Date(iso);
+  if (Number.isNaN(t.getTime())) return String(iso);
+  if (t.toDateString() === now.toDateString()) return t.toLocaleTimeString(locale);
+  return t.toLocaleString(locale);
+}
+
 // splitList splits CIDRs or domains given one per line or comma
 // separated; blanks are dropped.
 export function splitList(text) {
@@ -126,10 +135,11 @@ export function checkCIDR(s) {
   return '';
 }
 
-// shortMessage drops the `stream 3 ("db"): ` in front of a server message
-// about one field: the form shows it next to the field of that stream.
+// shortMessage drops the `stream 3 ("db"): ` (or, on a create, `the new
+// stream ("db"): `) in front of a server message about one field: the form
+// shows it next to the field of that stream.
 export function shortMessage(msg) {
-  return String(msg ?? '').replace(/^stream \d+(?: \("(?:[^"\\]|\\.)*"\))?: /, '');
+  return String(msg ?? '').replace(/^(?:stream \d+|the new stream)(?: \("(?:[^"\\]|\\.)*"\))?: /, '');
 }
 
 // hostPort joins a host and a port, with brackets around an IPv6 address;

@@ -4,7 +4,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
   MAX_SECONDS, RATE, TIME, checkCIDR, daysLeft, formatAge, formatBytes, formatCount, formatDuration,
-  fromUnit, hostPort, parseCount, shortMessage, splitList, toUnit,
+  formatWhen, fromUnit, hostPort, parseCount, shortMessage, splitList, toUnit,
 } from '../static/units.js';
 
 test('toUnit shows the largest unit that divides exactly', () => {
@@ -171,6 +171,8 @@ test('shortMessage drops the stream prefix only', () => {
   assert.equal(shortMessage('stream 3: listen_port 0: must be 1-65535'), 'listen_port 0: must be 1-65535');
   assert.equal(shortMessage('stream 1 ("db"): listen_port 5432: in use'), 'listen_port 5432: in use');
   assert.equal(shortMessage('stream 1 ("a \\"b\\": c"): notes: x'), 'notes: x');
+  assert.equal(shortMessage('the new stream ("db"): listen_port: required; must be 1-65535'), 'listen_port: required; must be 1-65535');
+  assert.equal(shortMessage('the new stream: upstream_host: required'), 'upstream_host: required');
   assert.equal(shortMessage('unknown field "x"'), 'unknown field "x"');
   assert.equal(shortMessage(undefined), '');
 });
@@ -185,4 +187,13 @@ test('hostPort and daysLeft', () => {
   assert.equal(daysLeft('2025-12-31T00:00:00Z', now), -1);
   assert.equal(daysLeft('', now), null);
   assert.equal(daysLeft('not a date', now), null);
+});
+
+test('formatWhen gives the time alone for today, else the date too', () => {
+  const now = new Date(2026, 11, 6, 12, 0, 0);
+  const today = new Date(2026, 11, 6, 10, 54, 49);
+  const yesterday = new Date(2026, 11, 5, 23, 59, 0);
+  assert.equal(formatWhen(today.toISOString(), now, 'en-GB'), '10:54:49');
+  assert.equal(formatWhen(yesterday.toISOString(), now, 'en-GB'), '05/12/2026, 23:59:00');
+  assert.equal(formatWhen('not a time', now), 'not a time');
 });
