@@ -2,17 +2,18 @@
 //
 // A Relay serves the UDP sockets of one stream address. It reads every
 // datagram on the socket's own goroutine and looks its source up in a NAT
-// table; the first datagram of a new client (after the access lists and the
-// entry cap) creates an entry with its own connected upstream socket, and a
+// table; the first datagram of a new client, once the stream's admission
+// policy (streamstate.Policy: access lists, max_connections, HardCap) lets
+// it in, creates an entry with its own connected upstream socket, and a
 // goroutine per entry sends the upstream's replies back to that client from
 // the stream's address. Nothing on the path blocks: a datagram that cannot
 // be sent at once (rate budget spent, socket buffer full) is dropped and
 // counted, as UDP does, so one slow client never stalls the port.
 //
-// Relays are shared by stream id and address through a reference-counted
-// pool, like the stream's other runtime state: a reload binds a second
-// socket to the same relay (SO_REUSEPORT) and the NAT table, with every
-// client's upstream socket, carries over.
+// A relay is kept by its stream's shared state (streamstate.Stream.Attach),
+// one per listen address, with the stream's other runtime state: a reload
+// binds a second socket to the same relay (SO_REUSEPORT) and the NAT
+// table, with every client's upstream socket, carries over.
 package udpnat
 
 import (
