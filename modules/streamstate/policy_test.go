@@ -216,3 +216,30 @@ func TestSessionRawPath(t *testing.T) {
 		t.Fatal("a session without a wrapper gave the raw path")
 	}
 }
+
+// TakeIdle hands the idle timeout to the relay: the wrapper stops enforcing
+// it, so a read waits past it (the relay, which took it, ends the
+// connection instead).
+func TestTakeIdleStopsTheWrappersTimeout(t *testing.T) {
+	client, server := tcpPair(t)
+	st := New(1)
+	defer st.Destruct()
+	p := mustPolicy(t, Limits{IdleTimeout: 200 * time.Millisecond})
+	src := netip.MustParseAddrPort("127.0.0.1:1")
+	ss := p.Open(st, server, src, false, nil)
+	c := p.Wrap(server, ss)
+	if got := ss.TakeIdle(); got != 200*time.Millisecond {
+		t.Fatalf("TakeIdle = %s, want the policy's 200ms", got)
+	}
+	go func() {
+		time.Sleep(600 * time.Millisecond)
+		_, _ = client.Write([]byte("late"))
+	}()
+	buf := make([]byte, 4)
+	if n, err := c.Read(buf); err != nil || string(buf[:n]) != "late" {
+		t.Fatalf("read after the idle timeout was taken over: %q, %v; want the late bytes", buf[:n], err)
+	}
+	if ss.Reason() != ReasonNone {
+		t.Fatalf("reason %s, want none", ss.Reason())
+	}
+}
