@@ -16,8 +16,8 @@ func TestRelayStepWritesNothingShared(t *testing.T) {
 	st := New(1)
 	defer st.Destruct()
 	src := netip.MustParseAddrPort("192.0.2.1:1")
-	a := st.NewSession(nopCloser{}, src, 0, zap.NewNop(), "t")
-	b := st.NewUDPSession(nopCloser{}, src, 0, zap.NewNop(), "t")
+	a := st.newSession(nopCloser{}, src, 0, zap.NewNop(), "t", false)
+	b := st.newSession(nopCloser{}, src, 0, zap.NewNop(), "t", true)
 	for range 100 {
 		a.AddSent(1000)
 		a.AddReceived(10)
@@ -80,7 +80,7 @@ func TestByteTotalsWhileSessionsEnd(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for range sessions {
-				ss := st.NewSession(nopCloser{}, src, 0, zap.NewNop(), "t")
+				ss := st.newSession(nopCloser{}, src, 0, zap.NewNop(), "t", false)
 				for range steps {
 					ss.AddSent(1)
 				}

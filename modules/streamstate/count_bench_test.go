@@ -23,7 +23,7 @@ func BenchmarkRelayStepCounting(b *testing.B) {
 	b.Cleanup(func() { st.SetGracePeriod(0); _ = st.Destruct() })
 	src := netip.MustParseAddrPort("192.0.2.1:1000")
 	b.RunParallel(func(pb *testing.PB) {
-		ss := st.NewSession(nopCloser{}, src, 0, zap.NewNop(), "bench")
+		ss := st.newSession(nopCloser{}, src, 0, zap.NewNop(), "bench", false)
 		for pb.Next() {
 			ss.AddSent(1500)
 			ss.AddReceived(1500)

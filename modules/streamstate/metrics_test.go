@@ -24,7 +24,7 @@ func TestCumulativeSurvivesResetTotals(t *testing.T) {
 	st := New(1)
 	defer st.Destruct()
 	st.Total.Add(2)
-	open := st.NewSession(nopCloser{}, netip.MustParseAddrPort("192.0.2.1:1"), 0, zap.NewNop(), "t")
+	open := st.newSession(nopCloser{}, netip.MustParseAddrPort("192.0.2.1:1"), 0, zap.NewNop(), "t", false)
 	open.AddSent(10)
 	open.AddReceived(20)
 	st.ResetTotals()
@@ -149,9 +149,9 @@ func TestSessionDurations(t *testing.T) {
 	st := New(1)
 	defer st.Destruct()
 	src := netip.MustParseAddrPort("192.0.2.1:1")
-	st.NewSession(server, src, 0, zap.NewNop(), "t").End(ReasonClientClose, false)
-	st.NewUDPSession(server, src, 0, zap.NewNop(), "t").End(ReasonIdleTimeout, false)
-	st.NewUDPSession(server, src, 0, zap.NewNop(), "t").Discard()
+	st.newSession(server, src, 0, zap.NewNop(), "t", false).End(ReasonClientClose, false)
+	st.newSession(server, src, 0, zap.NewNop(), "t", true).End(ReasonIdleTimeout, false)
+	st.newSession(server, src, 0, zap.NewNop(), "t", true).Discard()
 	if tcp, udp := histogramCount(t, st, TCP), histogramCount(t, st, UDP); tcp != 1 || udp != 1 {
 		t.Fatalf("observed %d TCP and %d UDP durations, want 1 and 1", tcp, udp)
 	}

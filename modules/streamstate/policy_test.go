@@ -211,7 +211,7 @@ func TestSessionRawPath(t *testing.T) {
 	if _, ok := ls.RawPath(limited.Wrap(server, ls)); ok {
 		t.Fatal("a rate-limited connection got the raw path")
 	}
-	bare := st.NewSession(server, src, 0, zap.NewNop(), "t")
+	bare := st.newSession(server, src, 0, zap.NewNop(), "t", false)
 	if _, ok := bare.RawPath(server); ok {
 		t.Fatal("a session without a wrapper gave the raw path")
 	}

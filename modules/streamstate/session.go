@@ -107,19 +107,10 @@ type Session struct {
 	name   string
 }
 
-// NewSession registers an open connection on the stream that holds no
-// slot (Policy.Open registers an admitted one). client is the accepted
-// connection (or the NAT entry); closing the session closes it.
-func (s *Stream) NewSession(client io.Closer, source netip.AddrPort, idle time.Duration, logger *zap.Logger, name string) *Session {
-	return s.newSession(client, source, idle, logger, name, false)
-}
-
-// NewUDPSession is NewSession for a NAT entry of a UDP listener: UDP is set
-// before the session is published.
-func (s *Stream) NewUDPSession(entry io.Closer, source netip.AddrPort, idle time.Duration, logger *zap.Logger, name string) *Session {
-	return s.newSession(entry, source, idle, logger, name, true)
-}
-
+// newSession registers an open connection on the stream, holding no slot
+// (Policy.Open registers an admitted one). client is the accepted
+// connection (or the NAT entry); closing the session closes it. A UDP
+// session has udp set before it is published.
 func (s *Stream) newSession(client io.Closer, source netip.AddrPort, idle time.Duration, logger *zap.Logger, name string, udp bool) *Session {
 	ss := &Session{
 		UDP:         udp,

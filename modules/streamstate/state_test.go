@@ -88,7 +88,7 @@ func TestConnCountsAndPassesHalfClose(t *testing.T) {
 	client, server := tcpPair(t)
 	st := New(1)
 	defer st.Destruct()
-	ss := st.NewSession(server, netip.MustParseAddrPort("127.0.0.1:1"), 0, zap.NewNop(), "t")
+	ss := st.newSession(server, netip.MustParseAddrPort("127.0.0.1:1"), 0, zap.NewNop(), "t", false)
 	c := newConn(server, ss, nil, nil)
 
 	if _, err := client.Write([]byte("12345")); err != nil {
@@ -117,7 +117,7 @@ func TestConnIdleTimeoutWithoutRelay(t *testing.T) {
 	_, server := tcpPair(t) // the client end stays open until the test ends
 	st := New(1)
 	defer st.Destruct()
-	ss := st.NewSession(server, netip.MustParseAddrPort("127.0.0.1:1"), 300*time.Millisecond, zap.NewNop(), "t")
+	ss := st.newSession(server, netip.MustParseAddrPort("127.0.0.1:1"), 300*time.Millisecond, zap.NewNop(), "t", false)
 	c := newConn(server, ss, nil, nil)
 
 	// Writes to the client count as activity: reads keep waiting while
@@ -148,7 +148,7 @@ func TestDestructClosesLateAndOpenSessions(t *testing.T) {
 	st := New(7)
 	st.SetGracePeriod(50 * time.Millisecond)
 	st.Active.Add(1)
-	ss := st.NewSession(server, netip.MustParseAddrPort("192.0.2.1:4000"), 0, logger, "db")
+	ss := st.newSession(server, netip.MustParseAddrPort("192.0.2.1:4000"), 0, logger, "db", false)
 	st.ConnStarted()
 	go func() {
 		// The connection's goroutine: it ends when its session is closed.
@@ -169,7 +169,7 @@ func TestDestructClosesLateAndOpenSessions(t *testing.T) {
 		t.Fatalf("open session closed with %s, want stream_removed", ss.Reason())
 	}
 	// A session that registers after shutdown began is closed at once.
-	ls := st.NewSession(late, netip.MustParseAddrPort("192.0.2.2:4000"), 0, logger, "db")
+	ls := st.newSession(late, netip.MustParseAddrPort("192.0.2.2:4000"), 0, logger, "db", false)
 	if !ls.Closed() || ls.Reason() != ReasonStreamRemoved {
 		t.Fatalf("late session: closed %v, reason %s", ls.Closed(), ls.Reason())
 	}
@@ -312,7 +312,7 @@ func TestSetFailure(t *testing.T) {
 		{ReasonIdleTimeout, ReasonIdleTimeout},
 		{ReasonStreamRemoved, ReasonStreamRemoved},
 	} {
-		ss := st.NewSession(io.NopCloser(nil), netip.MustParseAddrPort("192.0.2.1:1"), 0, zap.NewNop(), "t")
+		ss := st.newSession(io.NopCloser(nil), netip.MustParseAddrPort("192.0.2.1:1"), 0, zap.NewNop(), "t", false)
 		if tc.set != ReasonNone {
 			ss.SetReason(tc.set)
 		}
