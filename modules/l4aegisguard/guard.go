@@ -15,7 +15,6 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/mholt/caddy-l4/layer4"
-	"go.uber.org/zap"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 )
@@ -64,10 +63,24 @@ type Handler struct {
 	// connections included. Default: false.
 	LogConnections bool `json:"log_connections,omitempty"`
 
-	acl    streamstate.ACL
+	policy *streamstate.Policy
 	state  *streamstate.Stream
-	name   string
-	logger *zap.Logger
+}
+
+// FromLimits is the guard of stream id with the admission settings l, the
+// ones its Provision turns back into a streamstate.Policy.
+func FromLimits(id int64, l streamstate.Limits) *Handler {
+	return &Handler{
+		StreamID:          id,
+		StreamName:        l.Name,
+		WhitelistCIDRs:    l.Whitelist,
+		BlacklistCIDRs:    l.Blacklist,
+		MaxConnections:    l.MaxConnections,
+		UploadRateBytes:   l.UploadRate,
+		DownloadRateBytes: l.DownloadRate,
+		IdleTimeout:       caddy.Duration(l.IdleTimeout),
+		LogConnections:    l.LogConnections,
+	}
 }
 
 // CaddyModule returns the Caddy module information.
@@ -78,29 +91,19 @@ func (*Handler) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision parses the access lists and attaches the stream's state.
+// Provision builds the stream's admission policy from the settings and
+// attaches the stream's state.
 func (h *Handler) Provision(ctx caddy.Context) error {
+	l := h.limits()
+	if l.Name == "" {
+		l.Name = fmt.Sprintf("stream-%d", h.StreamID)
+	}
 	var err error
-	if h.acl, err = streamstate.NewACL(h.WhitelistCIDRs, h.BlacklistCIDRs); err != nil {
+	// The logger is named for the handler: the streams app provisions the
+	// handlers itself, in a context with no module of its own.
+	if h.policy, err = streamstate.NewPolicy(l, ctx.Logger(h)); err != nil {
 		return err
 	}
-	switch {
-	case h.MaxConnections < 0:
-		return fmt.Errorf("max_connections %d: must be >= 0 (0 = unlimited)", h.MaxConnections)
-	case h.UploadRateBytes < 0:
-		return fmt.Errorf("upload_rate_bytes %d: must be >= 0 (0 = unlimited)", h.UploadRateBytes)
-	case h.DownloadRateBytes < 0:
-		return fmt.Errorf("download_rate_bytes %d: must be >= 0 (0 = unlimited)", h.DownloadRateBytes)
-	case h.IdleTimeout < 0:
-		return fmt.Errorf("idle_timeout %s: must be >= 0 (0 = never)", time.Duration(h.IdleTimeout))
-	}
-	h.name = h.StreamName
-	if h.name == "" {
-		h.name = fmt.Sprintf("stream-%d", h.StreamID)
-	}
-	// Named: the streams app provisions the handlers itself, in a
-	// context with no module of its own.
-	h.logger = ctx.Logger(h)
 	if h.StreamID > 0 {
 		h.state = streamstate.Acquire(h.StreamID)
 	} else {
@@ -123,12 +126,26 @@ func (h *Handler) Cleanup() error {
 	return nil
 }
 
+// limits are the handler's settings, as FromLimits took them.
+func (h *Handler) limits() streamstate.Limits {
+	return streamstate.Limits{
+		Name:           h.StreamName,
+		Whitelist:      h.WhitelistCIDRs,
+		Blacklist:      h.BlacklistCIDRs,
+		MaxConnections: h.MaxConnections,
+		UploadRate:     h.UploadRateBytes,
+		DownloadRate:   h.DownloadRateBytes,
+		IdleTimeout:    time.Duration(h.IdleTimeout),
+		LogConnections: h.LogConnections,
+	}
+}
+
 // State is the stream state the handler counts into.
 func (h *Handler) State() *streamstate.Stream { return h.state }
 
 // Allowed applies the access lists to ip: a non-empty whitelist allows only
 // its matches, then a blacklist match rejects.
-func (h *Handler) Allowed(ip netip.Addr) bool { return h.acl.Allowed(ip) }
+func (h *Handler) Allowed(ip netip.Addr) bool { return h.policy.Allowed(ip) }
 
 // remoteAddrPort returns the connection's source without allocating for
 // the usual TCP and UDP addresses.
@@ -146,37 +163,23 @@ func remoteAddrPort(c net.Conn) netip.AddrPort {
 	}
 }
 
-// Handle checks the source and the connection limit, then runs the rest of
-// the chain with the connection wrapped for accounting, and logs its end.
+// Handle admits the connection by the stream's policy (a refused one is
+// counted and logged there, and left to the caller to close), then runs
+// the rest of the chain with the connection wrapped for accounting, and
+// logs its end.
 func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
-	st := h.state
+	st, p := h.state, h.policy
 	st.Total.Add(1)
 	src := remoteAddrPort(cx.Conn)
-	if !h.Allowed(src.Addr()) {
-		return h.block(src, streamstate.BlockACL)
+	if !p.Admit(st, src, false, nil) {
+		return nil
 	}
-	if !st.Admit(h.MaxConnections) {
-		return h.block(src, streamstate.BlockMaxConnections)
-	}
-	ss := st.NewSession(cx.Conn, src, time.Duration(h.IdleTimeout), h.logger, h.name)
 	// The relay may give the slot back before the connection is closed.
-	ss.HoldSlot()
-	defer ss.ReleaseSlot()
+	ss := p.Open(st, cx.Conn, src, false, nil)
+	defer p.End(ss, streamstate.ReasonClientClose)
 	cx.SetVar(streamstate.SessionVar, ss)
-	cx.Conn = streamstate.NewConn(cx.Conn, ss, h.UploadRateBytes, h.DownloadRateBytes)
-	err := next.Handle(cx)
-	ss.End(streamstate.ReasonClientClose, h.LogConnections)
-	return err
-}
-
-// block refuses a connection: it is counted and logged, and the caller
-// closes it.
-func (h *Handler) block(src netip.AddrPort, r streamstate.BlockReason) error {
-	h.state.Block(r)
-	if h.LogConnections {
-		h.state.LogBlocked(h.logger, h.name, src, r.LogReason(), false)
-	}
-	return nil
+	cx.Conn = p.Wrap(cx.Conn, ss)
+	return next.Handle(cx)
 }
 
 // UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:

@@ -298,8 +298,8 @@ func TestGuardMaxConnectionsAndCounters(t *testing.T) {
 	cc.Close()
 	waitFor(t, "no active connection", func() bool { return st.Active.Load() == 0 })
 	// 4+2+1+2 bytes each way; the refused connection's "ping" never counts.
-	if s, r := st.BytesSent.Load(), st.BytesReceived.Load(); s != 9 || r != 9 {
-		t.Fatalf("bytes sent %d received %d, want 9 and 9", s, r)
+	if tot := st.SinceReload(); tot.BytesSent != 9 || tot.BytesReceived != 9 {
+		t.Fatalf("bytes sent %d received %d, want 9 and 9", tot.BytesSent, tot.BytesReceived)
 	}
 	if tot, blk := st.Total.Load(), st.Blocked.Load(); tot != 4 || blk != 1 {
 		t.Fatalf("total %d blocked %d, want 4 and 1", tot, blk)

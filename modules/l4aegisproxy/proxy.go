@@ -174,14 +174,12 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	defer r.put()
 	r.half = h.HalfClose
 	if ss != nil {
-		r.idle = ss.IdleTimeout
-		ss.RelayOwnsIdle()
-	}
-	// Drive the raw sockets (splicing bulk transfers) when nothing needs to
-	// see the bytes: no rate limit and no TLS. The session counts them then;
-	// otherwise the guard's wrapper does.
-	if w, ok := cx.Conn.(*streamstate.Conn); ok && !w.Limited() {
-		if raw, ok := w.Raw().(*net.TCPConn); ok {
+		r.idle = ss.TakeIdle()
+		// Drive the raw sockets (splicing bulk transfers) when the session
+		// says nothing needs to see the bytes: no rate limit and no TLS.
+		// The relay counts them into the session then; otherwise the
+		// guard's wrapper does.
+		if raw, ok := ss.RawPath(cx.Conn); ok {
 			r.client, r.count = raw, true
 		}
 	}

@@ -50,7 +50,7 @@ type chain struct {
 	addr  string
 }
 
-func startChain(t *testing.T, listen string, guard *l4aegisguard.Handler, proxy *l4aegisproxy.Handler) *chain {
+func startChain(t testing.TB, listen string, guard *l4aegisguard.Handler, proxy *l4aegisproxy.Handler) *chain {
 	t.Helper()
 	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
 	var hs layer4.Handlers
@@ -108,7 +108,7 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	}
 }
 
-func newUpstream(t *testing.T, listen string, serve func(net.Conn)) *loopback.Server {
+func newUpstream(t testing.TB, listen string, serve func(net.Conn)) *loopback.Server {
 	t.Helper()
 	return loopback.Serve(t, listen, serve)
 }
@@ -226,8 +226,8 @@ func transfer(t *testing.T, guard *l4aegisguard.Handler, up, down int64) (rchar 
 	}
 	st := ch.state()
 	waitFor(t, "the connection to end", func() bool { return st.Active.Load() == 0 })
-	if s, r := st.BytesSent.Load(), st.BytesReceived.Load(); s != uint64(up) || r != uint64(down) {
-		t.Fatalf("counters: bytes sent %d received %d, want %d and %d", s, r, up, down)
+	if tot := st.SinceReload(); tot.BytesSent != uint64(up) || tot.BytesReceived != uint64(down) {
+		t.Fatalf("counters: bytes sent %d received %d, want %d and %d", tot.BytesSent, tot.BytesReceived, up, down)
 	}
 	if !ok {
 		return -1, upload

@@ -72,7 +72,8 @@ type Handler struct {
 	src     CertSource // from CertTag; nil with CertID
 	timeout time.Duration
 	max     int64
-	hs      *handshakes
+	state   *streamstate.Stream // with a stream_id
+	hs      *streamstate.Handshakes
 	logger  *zap.Logger
 }
 
@@ -124,24 +125,28 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	// context with no module of its own.
 	h.logger = ctx.Logger(h)
 	if h.StreamID > 0 {
-		h.hs = acquire(h.StreamID)
+		h.state = streamstate.Acquire(h.StreamID)
+		h.hs = h.state.Handshakes()
+		h.hs.Attach()
 	} else {
-		h.hs = new(handshakes)
+		h.hs = new(streamstate.Handshakes)
 	}
 	return nil
 }
 
-// Cleanup lets go of the stream's handshake state.
+// Cleanup lets go of the stream's shared state.
 func (h *Handler) Cleanup() error {
-	if h.hs != nil && h.StreamID > 0 {
-		release(h.StreamID)
+	if h.state != nil {
+		h.hs.Detach()
+		streamstate.Release(h.StreamID)
+		h.state = nil
 	}
 	return nil
 }
 
 // Stats returns the handshake counters the handler counts into (its
 // stream's, with a stream_id).
-func (h *Handler) Stats() HandshakeStats { return h.hs.snapshot() }
+func (h *Handler) Stats() HandshakeStats { return snapshot(h.hs) }
 
 // getCertificate gives the certificate of cert_tag, or the one registered
 // as cert_id now.
@@ -171,24 +176,24 @@ func (h *Handler) getCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, 
 func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	ss, _ := cx.GetVar(streamstate.SessionVar).(*streamstate.Session)
 	hs := h.hs
-	if n := hs.inProgress.Add(1); n > h.max {
-		hs.inProgress.Add(-1)
-		hs.rejected.Add(1)
+	if n := hs.InProgress.Add(1); n > h.max {
+		hs.InProgress.Add(-1)
+		hs.Rejected.Add(1)
 		h.fail(cx, ss, errTooManyHandshakes)
 		return nil
 	}
 	tc, w, err := h.handshake(cx)
-	hs.inProgress.Add(-1)
+	hs.InProgress.Add(-1)
 	if err != nil {
 		if errors.Is(err, errHandshakeTimeout) {
-			hs.timedOut.Add(1)
+			hs.TimedOut.Add(1)
 		} else {
-			hs.failed.Add(1)
+			hs.Failed.Add(1)
 		}
 		h.fail(cx, ss, err)
 		return nil
 	}
-	hs.succeeded.Add(1)
+	hs.Succeeded.Add(1)
 
 	cs := tc.ConnectionState()
 	if ce := h.logger.Check(zap.DebugLevel, "terminated tls"); ce != nil {

@@ -3,73 +3,31 @@ package l4aegistls
 import (
 	"crypto/tls"
 	"errors"
-	"maps"
-	"sync"
 	"sync/atomic"
+
+	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 )
 
 // CertSource gives the certificate for a TLS handshake. Its
 // GetCertificate is called on every handshake, from the connection's
 // goroutine, so it must be safe for concurrent use and must not block.
-type CertSource interface {
-	GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, error)
-}
+type CertSource = streamstate.CertSource
 
-// The certificate registry maps a cert_id to its source. Handshakes read it
-// without a lock: the map behind the pointer is never changed once
-// published, and writers (rare: a certificate added or removed) copy it
-// under registryMu.
-var (
-	registryMu sync.Mutex
-	registry   atomic.Pointer[map[int64]CertSource]
-)
+// The certificate registry maps a cert_id to its source. It is kept with
+// the rest of the streams' runtime state, in streamstate.
 
 // Register makes src the certificate source of id, replacing any other; the
 // next handshake of a handler with that cert_id uses it. Connections
 // already established keep the certificate they were given. A nil src
 // unregisters id.
-func Register(id int64, src CertSource) {
-	if src == nil {
-		Unregister(id)
-		return
-	}
-	registryMu.Lock()
-	defer registryMu.Unlock()
-	var m map[int64]CertSource
-	if old := registry.Load(); old != nil {
-		m = maps.Clone(*old)
-	}
-	if m == nil {
-		m = make(map[int64]CertSource, 1)
-	}
-	m[id] = src
-	registry.Store(&m)
-}
+func Register(id int64, src CertSource) { streamstate.RegisterCert(id, src) }
 
 // Unregister removes the certificate source of id: handshakes of a handler
 // with that cert_id fail until one is registered again.
-func Unregister(id int64) {
-	registryMu.Lock()
-	defer registryMu.Unlock()
-	old := registry.Load()
-	if old == nil {
-		return
-	}
-	if _, ok := (*old)[id]; !ok {
-		return
-	}
-	m := maps.Clone(*old)
-	delete(m, id)
-	registry.Store(&m)
-}
+func Unregister(id int64) { streamstate.RegisterCert(id, nil) }
 
 // Lookup returns the certificate source registered as id, or nil.
-func Lookup(id int64) CertSource {
-	if m := registry.Load(); m != nil {
-		return (*m)[id]
-	}
-	return nil
-}
+func Lookup(id int64) CertSource { return streamstate.LookupCert(id) }
 
 // errNoCertStored is StaticCert's answer while it holds no certificate.
 var errNoCertStored = errors.New("no certificate stored")

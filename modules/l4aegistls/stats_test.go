@@ -7,11 +7,11 @@ import (
 	"github.com/caddyserver/caddy/v2"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegistls"
+	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 )
 
-// Outcomes tell a handshake that timed out from one that failed otherwise;
-// HandshakeStats.Failed counts both. AllOutcomes has the stream while a
-// handler of it is provisioned.
+// The stream's shared state tells a handshake that timed out from one that
+// failed otherwise; HandshakeStats.Failed counts both.
 func TestHandshakeOutcomes(t *testing.T) {
 	checkNoLeaks(t)
 	const stream = 7101
@@ -34,12 +34,12 @@ func TestHandshakeOutcomes(t *testing.T) {
 	echoes(t, tc, "inside")
 	tc.Close()
 
+	hs := streamstate.Lookup(stream).Handshakes()
 	eventually(t, "three handshakes done", func() bool {
-		o := l4aegistls.AllOutcomes()[stream]
-		return o.OK+o.Failed+o.TimedOut+o.Rejected == 3
+		return hs.Succeeded.Load()+hs.Failed.Load()+hs.TimedOut.Load()+hs.Rejected.Load() == 3
 	})
-	if o := l4aegistls.AllOutcomes()[stream]; o != (l4aegistls.Outcomes{OK: 1, Failed: 1, TimedOut: 1}) {
-		t.Fatalf("outcomes %+v, want 1 ok, 1 failed, 1 timed out", o)
+	if ok, failed, timedOut, rejected := hs.Succeeded.Load(), hs.Failed.Load(), hs.TimedOut.Load(), hs.Rejected.Load(); ok != 1 || failed != 1 || timedOut != 1 || rejected != 0 {
+		t.Fatalf("outcomes: %d ok, %d failed, %d timed out, %d rejected; want 1 ok, 1 failed, 1 timed out", ok, failed, timedOut, rejected)
 	}
 	if st := c.tls.Stats(); st.Succeeded != 1 || st.Failed != 2 || st.Rejected != 0 {
 		t.Fatalf("stats %+v, want 1 succeeded and 2 failed (the timeout included)", st)

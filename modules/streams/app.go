@@ -239,23 +239,32 @@ func (a *App) newRuntime(h *spec.Stream, source string) (*runtime, error) {
 	return rt, nil
 }
 
+// limits are the stream's admission settings, which its TCP guard and its
+// UDP relay apply through one streamstate.Policy each.
+func limits(s *spec.Stream) streamstate.Limits {
+	return streamstate.Limits{
+		Name:           s.DisplayName(),
+		Whitelist:      s.WhitelistCIDRs,
+		Blacklist:      s.BlacklistCIDRs,
+		MaxConnections: s.MaxConnections,
+		UploadRate:     s.UploadRateBytes,
+		DownloadRate:   s.DownloadRateBytes,
+		IdleTimeout:    time.Duration(s.IdleTimeoutSeconds) * time.Second,
+		LogConnections: s.LogConnections,
+	}
+}
+
 // natConfig is what the stream's settings say about its UDP NAT entries.
 func (a *App) natConfig(s *spec.Stream, logger *zap.Logger) (udpnat.Config, error) {
-	acl, err := streamstate.NewACL(s.WhitelistCIDRs, s.BlacklistCIDRs)
+	p, err := streamstate.NewPolicy(limits(s), logger)
 	if err != nil {
 		return udpnat.Config{}, err
 	}
 	return udpnat.Config{
-		Name:           s.DisplayName(),
-		Upstream:       s.UpstreamHostPort(),
-		ACL:            acl,
-		MaxEntries:     s.MaxConnections,
-		IdleTimeout:    time.Duration(s.IdleTimeoutSeconds) * time.Second,
-		UploadRate:     s.UploadRateBytes,
-		DownloadRate:   s.DownloadRateBytes,
-		ProxyV2:        s.ProxyProtocolVersion == 2,
-		LogConnections: s.LogConnections,
-		Logger:         logger,
+		Upstream: s.UpstreamHostPort(),
+		Policy:   p,
+		ProxyV2:  s.ProxyProtocolVersion == 2,
+		Logger:   logger,
 	}, nil
 }
 
@@ -266,17 +275,7 @@ func (a *App) natConfig(s *spec.Stream, logger *zap.Logger) (udpnat.Config, erro
 // process collectors, which nothing serves, on every reload and every API
 // edit.
 func (a *App) buildChain(s *spec.Stream) (chain layer4.Handler, release func(), err error) {
-	guard := &l4aegisguard.Handler{
-		StreamID:          s.ID,
-		StreamName:        s.DisplayName(),
-		WhitelistCIDRs:    s.WhitelistCIDRs,
-		BlacklistCIDRs:    s.BlacklistCIDRs,
-		MaxConnections:    s.MaxConnections,
-		UploadRateBytes:   s.UploadRateBytes,
-		DownloadRateBytes: s.DownloadRateBytes,
-		IdleTimeout:       caddy.Duration(time.Duration(s.IdleTimeoutSeconds) * time.Second),
-		LogConnections:    s.LogConnections,
-	}
+	guard := l4aegisguard.FromLimits(s.ID, limits(s))
 	proxy := &l4aegisproxy.Handler{
 		Upstream:      s.UpstreamHostPort(),
 		StreamID:      s.ID,

@@ -7,9 +7,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
-	"github.com/aegis-proxy/caddy-aegis/modules/l4aegistls"
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
-	"github.com/aegis-proxy/caddy-aegis/modules/udpnat"
 	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
@@ -102,11 +100,12 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	}
 }
 
-// streamSample is what a scrape reads of one stream.
+// streamSample is what a scrape reads of one stream: its settings, and its
+// shared state, which holds everything it counts (its TLS handshakes and
+// UDP relays included).
 type streamSample struct {
 	cfg   *spec.Stream
 	state *streamstate.Stream
-	relay *udpnat.Relay
 }
 
 // samples returns the app's streams. An app that was cleaned up returns
@@ -125,27 +124,19 @@ func (a *App) samples(fallback bool) []streamSample {
 	defer a.mu.Unlock()
 	out := make([]streamSample, 0, len(a.streams))
 	for _, rt := range a.streams {
-		out = append(out, streamSample{cfg: rt.cfg, state: rt.state, relay: rt.relay})
+		out = append(out, streamSample{cfg: rt.cfg, state: rt.state})
 	}
 	return out
 }
 
 // Collect implements prometheus.Collector.
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
-	samples := c.app.samples(true)
-	var tlsStats map[int64]l4aegistls.Outcomes
-	for _, s := range samples {
-		if s.cfg.SSLEnabled && s.cfg.HasTCP() {
-			tlsStats = l4aegistls.AllOutcomes()
-			break
-		}
-	}
-	for _, s := range samples {
-		collectStream(ch, s, tlsStats)
+	for _, s := range c.app.samples(true) {
+		collectStream(ch, s)
 	}
 }
 
-func collectStream(ch chan<- prometheus.Metric, s streamSample, tlsStats map[int64]l4aegistls.Outcomes) {
+func collectStream(ch chan<- prometheus.Metric, s streamSample) {
 	cfg, st := s.cfg, s.state
 	// A label must be UTF-8 or the metric panics at scrape: names from the
 	// config are, but a database edited by hand may hold any bytes.
@@ -184,21 +175,17 @@ func collectStream(ch chan<- prometheus.Metric, s streamSample, tlsStats map[int
 		histogram(descDuration, st.ConnectionDurations(streamstate.TCP), with(spec.ProtocolTCP))
 		counter(descDialFailures, st.DialFailures.Load(), lv)
 		histogram(descDialDuration, st.DialDurations(), lv)
-		if hs, ok := tlsStats[cfg.ID]; ok && cfg.SSLEnabled {
-			counter(descTLS, hs.OK, with(outcomeOK))
-			counter(descTLS, hs.Failed, with(outcomeFailed))
-			counter(descTLS, hs.TimedOut, with(outcomeTimeout))
-			counter(descTLS, hs.Rejected, with(outcomeMaxHandshakes))
+		if hs := st.Handshakes(); cfg.SSLEnabled && hs.Attached() {
+			counter(descTLS, hs.Succeeded.Load(), with(outcomeOK))
+			counter(descTLS, hs.Failed.Load(), with(outcomeFailed))
+			counter(descTLS, hs.TimedOut.Load(), with(outcomeTimeout))
+			counter(descTLS, hs.Rejected.Load(), with(outcomeMaxHandshakes))
 		}
 	}
 	if cfg.HasUDP() {
 		histogram(descDuration, st.ConnectionDurations(streamstate.UDP), with(spec.ProtocolUDP))
 		counter(descBlocked, st.BlockedBy(streamstate.BlockNATTableFull), with(streamstate.BlockNATTableFull.String()))
-		var entries int
-		if s.relay != nil {
-			entries = s.relay.Entries()
-		}
-		gauge(descNATEntries, float64(entries), lv)
+		gauge(descNATEntries, float64(st.UDPEntries()), lv)
 		for _, r := range streamstate.DropReasons() {
 			counter(descDropped, st.DroppedBy(r), with(r.String()))
 		}

@@ -8,6 +8,7 @@ import (
 
 // StatusOf reads a stream's status from its shared state.
 func StatusOf(s *spec.Stream, st *streamstate.Stream) spec.Status {
+	tot := st.SinceReload()
 	out := spec.Status{
 		ID:                 s.ID,
 		Name:               s.DisplayName(),
@@ -15,10 +16,10 @@ func StatusOf(s *spec.Stream, st *streamstate.Stream) spec.Status {
 		Listening:          listening(s, st),
 		HealthStatus:       "not_checked",
 		ActiveConnections:  st.Active.Load(),
-		TotalConnections:   st.Total.Load(),
+		TotalConnections:   tot.Connections,
 		BlockedConnections: st.Blocked.Load(),
-		BytesSent:          st.BytesSent.Load(),
-		BytesReceived:      st.BytesReceived.Load(),
+		BytesSent:          tot.BytesSent,
+		BytesReceived:      tot.BytesReceived,
 		LogEntriesDropped:  st.LogDropped.Load(),
 		DatagramsDropped:   st.DatagramsDropped.Load(),
 	}

@@ -556,3 +556,49 @@ func udpSockets(t *testing.T) int {
 	}
 	return n
 }
+
+// TestUDPCountersMoveDuringTransfer: a long UDP transfer through one NAT
+// entry shows bytes_sent and bytes_received moving while the entry is
+// open (the relay counts in the entry's session, and the stats read the
+// open sessions), and exact once the entry has ended.
+func TestUDPCountersMoveDuringTransfer(t *testing.T) {
+	checkNoLeaks(t)
+	up := newUDPUpstream(t, "127.0.0.1:0", udpEcho)
+	port := freePort(t)
+	inst := startCaddy(t, hosts(udpHost(1, port, up.Port, map[string]any{"idle_timeout_seconds": 1})))
+	c := udpDial(t, "", "127.0.0.1", port)
+	const n, size = 400, 1000
+	msg := bytes.Repeat([]byte("u"), size)
+	buf := make([]byte, 2*size)
+	var echoed int
+	var midSent, midRecv int
+	for i := range n {
+		_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+		if _, err := c.Write(msg); err != nil {
+			t.Fatal(err)
+		}
+		// One datagram in flight at a time: none is lost to a full buffer.
+		if m, err := c.Read(buf); err == nil && m == size {
+			echoed++
+		}
+		if i%40 == 20 {
+			st := inst.stats()[1]
+			if st.ActiveConnections == 1 && st.BytesSent > 0 && st.BytesSent < n*size {
+				midSent++
+			}
+			if st.ActiveConnections == 1 && st.BytesReceived > 0 && st.BytesReceived < n*size {
+				midRecv++
+			}
+		}
+	}
+	if echoed != n {
+		t.Fatalf("%d of %d datagrams echoed", echoed, n)
+	}
+	if midSent == 0 || midRecv == 0 {
+		t.Fatalf("stats moved mid-transfer %d times (sent) and %d (received): want both while the entry is open", midSent, midRecv)
+	}
+	st := inst.waitStats(1, "the entry evicted", func(s spec.Status) bool { return s.ActiveConnections == 0 })
+	if st.BytesSent != n*size || st.BytesReceived != n*size {
+		t.Fatalf("after the entry ended: bytes_sent %d, bytes_received %d, want %d each", st.BytesSent, st.BytesReceived, n*size)
+	}
+}

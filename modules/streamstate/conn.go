@@ -13,8 +13,9 @@ import (
 // the relay took it over, the idle timeout. CloseWrite passes through, so
 // half-close keeps working behind it.
 //
-// The aegis proxy handler unwraps it (Raw) to splice between the raw
-// sockets when no limit applies, and counts through the Session instead.
+// Policy.Wrap makes it. A relay that the session allows the raw path
+// (Session.RawPath) bypasses it to splice between the raw sockets, and
+// counts through the session instead.
 type Conn struct {
 	net.Conn
 	S *Session
@@ -22,20 +23,17 @@ type Conn struct {
 	up, down *Bucket // nil: unlimited
 }
 
-// NewConn wraps c for session ss with the given per-direction limits in
-// bytes per second (0 = unlimited), whose buckets start empty (see Bucket).
-func NewConn(c net.Conn, ss *Session, upRate, downRate int64) *Conn {
-	now := time.Now()
-	cc := &Conn{Conn: c, S: ss, up: NewBucket(upRate, false, now), down: NewBucket(downRate, false, now)}
+// newConn wraps c for session ss with the given rate buckets (nil:
+// unlimited), and makes it the session's wrapper.
+func newConn(c net.Conn, ss *Session, up, down *Bucket) *Conn {
+	cc := &Conn{Conn: c, S: ss, up: up, down: down}
+	ss.conn = cc
 	ss.touch()
 	return cc
 }
 
-// Raw is the wrapped connection.
-func (c *Conn) Raw() net.Conn { return c.Conn }
-
-// Limited reports whether a rate limit applies in either direction.
-func (c *Conn) Limited() bool { return c.up != nil || c.down != nil }
+// limited reports whether a rate limit applies in either direction.
+func (c *Conn) limited() bool { return c.up != nil || c.down != nil }
 
 // Read reads client bytes, counting and limiting them.
 func (c *Conn) Read(p []byte) (int, error) {
@@ -43,7 +41,7 @@ func (c *Conn) Read(p []byte) (int, error) {
 		p = p[:c.up.Size()]
 	}
 	idle := c.S.IdleTimeout
-	if c.S.relayOwnsIdle.Load() {
+	if c.S.idleTaken.Load() {
 		idle = 0
 	}
 	for {

@@ -185,9 +185,23 @@ type Totals struct {
 func (s *Stream) Cumulative() Totals {
 	s.totalsMu.Lock()
 	defer s.totalsMu.Unlock()
+	b := s.bytesLocked()
 	return Totals{
 		Connections:   s.carried.Connections + s.Total.Load(),
-		BytesSent:     s.carried.BytesSent + s.BytesSent.Load(),
-		BytesReceived: s.carried.BytesReceived + s.BytesReceived.Load(),
+		BytesSent:     b[dirSent],
+		BytesReceived: b[dirReceived],
+	}
+}
+
+// SinceReload returns the counters since the last ResetTotals: the
+// connections of Total and the bytes relayed since.
+func (s *Stream) SinceReload() Totals {
+	s.totalsMu.Lock()
+	defer s.totalsMu.Unlock()
+	b := s.bytesLocked()
+	return Totals{
+		Connections:   s.Total.Load(),
+		BytesSent:     b[dirSent] - s.baseBytes[dirSent],
+		BytesReceived: b[dirReceived] - s.baseBytes[dirReceived],
 	}
 }

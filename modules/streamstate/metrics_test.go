@@ -24,16 +24,21 @@ func TestCumulativeSurvivesResetTotals(t *testing.T) {
 	st := New(1)
 	defer st.Destruct()
 	st.Total.Add(2)
-	st.BytesSent.Add(10)
-	st.BytesReceived.Add(20)
+	open := st.newSession(nopCloser{}, netip.MustParseAddrPort("192.0.2.1:1"), 0, zap.NewNop(), "t", false)
+	open.AddSent(10)
+	open.AddReceived(20)
 	st.ResetTotals()
-	if st.Total.Load() != 0 || st.BytesSent.Load() != 0 {
-		t.Fatalf("since-reload counters after ResetTotals: total %d, bytes %d", st.Total.Load(), st.BytesSent.Load())
+	if got := st.SinceReload(); got != (Totals{}) {
+		t.Fatalf("since-reload counters after ResetTotals: %+v, want zero", got)
 	}
 	st.Total.Add(1)
-	st.BytesSent.Add(5)
+	open.AddSent(5)
 	if got := st.Cumulative(); got != (Totals{Connections: 3, BytesSent: 15, BytesReceived: 20}) {
 		t.Fatalf("Cumulative = %+v, want 3 connections, 15 and 20 bytes", got)
+	}
+	open.End(ReasonClientClose, false)
+	if got := st.SinceReload(); got != (Totals{Connections: 1, BytesSent: 5}) {
+		t.Fatalf("SinceReload after the session ended = %+v, want 1 connection, 5 bytes sent", got)
 	}
 
 	// Resets racing with counting lose nothing, and a reader never sees
@@ -144,9 +149,9 @@ func TestSessionDurations(t *testing.T) {
 	st := New(1)
 	defer st.Destruct()
 	src := netip.MustParseAddrPort("192.0.2.1:1")
-	st.NewSession(server, src, 0, zap.NewNop(), "t").End(ReasonClientClose, false)
-	st.NewUDPSession(server, src, 0, zap.NewNop(), "t").End(ReasonIdleTimeout, false)
-	st.NewUDPSession(server, src, 0, zap.NewNop(), "t").Discard()
+	st.newSession(server, src, 0, zap.NewNop(), "t", false).End(ReasonClientClose, false)
+	st.newSession(server, src, 0, zap.NewNop(), "t", true).End(ReasonIdleTimeout, false)
+	st.newSession(server, src, 0, zap.NewNop(), "t", true).Discard()
 	if tcp, udp := histogramCount(t, st, TCP), histogramCount(t, st, UDP); tcp != 1 || udp != 1 {
 		t.Fatalf("observed %d TCP and %d UDP durations, want 1 and 1", tcp, udp)
 	}

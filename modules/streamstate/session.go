@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"golang.org/x/sys/cpu"
 )
 
 // Reason says why a connection ended.
@@ -80,34 +81,36 @@ type Session struct {
 	// this long; 0 disables it.
 	IdleTimeout time.Duration
 
-	sent, received atomic.Uint64
-	// Datagrams each way, for UDP sessions.
-	dgSent, dgReceived atomic.Uint64
-	lastActive         atomic.Int64 // unix nanoseconds
-	reason             atomic.Uint32
-	closed             atomic.Bool
-	relayOwnsIdle      atomic.Bool
-	slot               atomic.Bool // holds an Active slot of its stream
+	// The bytes (and, for UDP, datagrams) each way, each pair written by
+	// one direction's relay and kept in a cache line of its own, so the
+	// two directions do not bounce one line between cores (bytes.go).
+	_          cpu.CacheLinePad
+	sent       atomic.Uint64
+	dgSent     atomic.Uint64
+	_          cpu.CacheLinePad
+	received   atomic.Uint64
+	dgReceived atomic.Uint64
+	_          cpu.CacheLinePad
+	folded     atomic.Bool  // the bytes were added to the stream's ended counters
+	lastActive atomic.Int64 // unix nanoseconds
+	reason     atomic.Uint32
+	closed     atomic.Bool
+	idleTaken  atomic.Bool // a relay enforces the idle timeout (TakeIdle)
+	slot       atomic.Bool // holds an Active slot of its stream
+	cap        *Cap        // the listener's cap it holds one of, if any
 
 	client   io.Closer
+	conn     *Conn // the guard's wrapper of client (TCP), set before the relay starts
 	upstream atomic.Pointer[net.Conn]
 
 	logger *zap.Logger
 	name   string
 }
 
-// NewSession registers an open connection on the stream. client is the
-// accepted connection (or the NAT entry); closing the session closes it.
-func (s *Stream) NewSession(client io.Closer, source netip.AddrPort, idle time.Duration, logger *zap.Logger, name string) *Session {
-	return s.newSession(client, source, idle, logger, name, false)
-}
-
-// NewUDPSession is NewSession for a NAT entry of a UDP listener: UDP is set
-// before the session is published.
-func (s *Stream) NewUDPSession(entry io.Closer, source netip.AddrPort, idle time.Duration, logger *zap.Logger, name string) *Session {
-	return s.newSession(entry, source, idle, logger, name, true)
-}
-
+// newSession registers an open connection on the stream, holding no slot
+// (Policy.Open registers an admitted one). client is the accepted
+// connection (or the NAT entry); closing the session closes it. A UDP
+// session has udp set before it is published.
 func (s *Stream) newSession(client io.Closer, source netip.AddrPort, idle time.Duration, logger *zap.Logger, name string, udp bool) *Session {
 	ss := &Session{
 		UDP:         udp,
@@ -134,17 +137,12 @@ func (ss *Session) Sent() uint64 { return ss.sent.Load() }
 // Received is the number of upstream→client bytes of this connection.
 func (ss *Session) Received() uint64 { return ss.received.Load() }
 
-// AddSent counts client→upstream bytes.
-func (ss *Session) AddSent(n int64) {
-	ss.sent.Add(uint64(n))
-	ss.Stream.BytesSent.Add(uint64(n))
-}
+// AddSent counts client→upstream bytes. The stream's counters see them
+// when they are read (bytes.go); nothing shared is written.
+func (ss *Session) AddSent(n int64) { ss.sent.Add(uint64(n)) }
 
-// AddReceived counts upstream→client bytes.
-func (ss *Session) AddReceived(n int64) {
-	ss.received.Add(uint64(n))
-	ss.Stream.BytesReceived.Add(uint64(n))
-}
+// AddReceived counts upstream→client bytes, as AddSent does.
+func (ss *Session) AddReceived(n int64) { ss.received.Add(uint64(n)) }
 
 // AddDatagramSent counts one client→upstream datagram of n bytes.
 func (ss *Session) AddDatagramSent(n int) {
@@ -207,29 +205,49 @@ func (ss *Session) touch() { ss.lastActive.Store(time.Now().UnixNano()) }
 // Closed reports whether Close was called.
 func (ss *Session) Closed() bool { return ss.closed.Load() }
 
-// HoldSlot records that the session holds one of its stream's Active
-// slots (the max_connections count), which ReleaseSlot gives back.
-func (ss *Session) HoldSlot() { ss.slot.Store(true) }
-
-// ReleaseSlot gives the session's Active slot back, once. A relay that
-// ends the connection calls it before it closes the client, so that a
-// client which reconnects as soon as it sees the end is not refused for
-// its own old slot; the guard calls it again when its handler returns,
+// ReleaseSlot gives back, once, the slots that Policy.Admit took for the
+// session: its stream's Active slot (the max_connections count) and its
+// listener's cap. A relay that ends the connection calls it before it
+// closes the client, so that a client which reconnects as soon as it sees
+// the end is not refused for its own old slot; Policy.End calls it again,
 // which is then a no-op.
 func (ss *Session) ReleaseSlot() {
 	if ss.slot.CompareAndSwap(true, false) {
 		ss.Stream.Leave()
+		if ss.cap != nil {
+			ss.cap.n.Add(-1)
+		}
 	}
 }
 
-// RelayOwnsIdle tells the guard's connection wrapper that the relay
-// enforces the idle timeout itself.
-func (ss *Session) RelayOwnsIdle() { ss.relayOwnsIdle.Store(true) }
+// TakeIdle hands the idle timeout over to the relay that calls it: the
+// guard's wrapper stops enforcing it, and the relay must, with the timeout
+// it returns (0: none).
+func (ss *Session) TakeIdle() time.Duration {
+	ss.idleTaken.Store(true)
+	return ss.IdleTimeout
+}
+
+// RawPath reports whether a relay may move the bytes of c, the client
+// connection it was handed, between the raw sockets itself (splicing
+// them): only when c is the session's own wrapper, with nothing in between
+// that must see the bytes (TLS), and no rate limit applies. It returns the
+// raw connection then, and the relay must count the bytes into the
+// session (AddSent, AddReceived), which the wrapper no longer sees.
+func (ss *Session) RawPath(c net.Conn) (*net.TCPConn, bool) {
+	w := ss.conn
+	if w == nil || c != net.Conn(w) || w.limited() {
+		return nil, false
+	}
+	raw, ok := w.Conn.(*net.TCPConn)
+	return raw, ok
+}
 
 // End unregisters the connection, records its reason (defaulting to r when
 // none was set) and queues its log entry when log is true.
 func (ss *Session) End(r Reason, log bool) {
 	ss.SetReason(r)
+	ss.fold()
 	ss.Stream.sessions.Delete(ss.ID)
 	d := time.Since(ss.Start)
 	ss.Stream.observeDuration(ss.UDP, d)
@@ -254,4 +272,7 @@ func (ss *Session) End(r Reason, log bool) {
 // Discard unregisters a session that never carried a connection (a UDP
 // NAT entry that lost the race to be stored): no log entry, and it is not
 // counted in the connection duration metric.
-func (ss *Session) Discard() { ss.Stream.sessions.Delete(ss.ID) }
+func (ss *Session) Discard() {
+	ss.fold()
+	ss.Stream.sessions.Delete(ss.ID)
+}

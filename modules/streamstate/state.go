@@ -1,9 +1,15 @@
 // Package streamstate holds the runtime state of a stream that outlives one
-// config load: live counters, health, the open connections and the
-// connection-log queue. The streams app and the aegis layer4 handlers share
-// it by stream ID through a reference-counted pool, so a reload or an edit
-// keeps counting the connections that are still open and keeps
-// max_connections true across the change.
+// config load, in one place: live counters, health, TLS handshake
+// counters, the open connections, the connection-log queue and the UDP
+// relay of each listen address. The streams app and the aegis layer4
+// handlers share it by stream ID through one reference-counted pool, so a
+// reload or an edit keeps counting the connections that are still open and
+// keeps max_connections true across the change; the stats and the metrics
+// read it there. Beside the pool sits the certificate registry (certs.go),
+// keyed by certificate, which several streams may share.
+//
+// The package also holds the admission policy (policy.go) that the TCP
+// guard and the UDP relay both apply.
 package streamstate
 
 import (
@@ -50,6 +56,21 @@ func Release(id int64) {
 
 func key(id int64) string { return "aegis.stream." + strconv.FormatInt(id, 10) }
 
+// Lookup returns the shared state of stream id while some user holds it
+// (Acquire), or nil. It takes no reference: it is for readers of the
+// state (the stats), not for its users.
+func Lookup(id int64) *Stream {
+	var found *Stream
+	pool.Range(func(_, v any) bool {
+		if s, ok := v.(*Stream); ok && s.ID == id {
+			found = s
+			return false
+		}
+		return true
+	})
+	return found
+}
+
 // Stream is the runtime state of one stream. All counters are safe for
 // concurrent use without locks.
 type Stream struct {
@@ -63,10 +84,6 @@ type Stream struct {
 	// Blocked counts connections refused by the ACL or max_connections
 	// since the last reload.
 	Blocked atomic.Uint64
-	// BytesSent counts client→upstream bytes since the last reload.
-	BytesSent atomic.Uint64
-	// BytesReceived counts upstream→client bytes since the last reload.
-	BytesReceived atomic.Uint64
 	// LogDropped counts connection-log entries lost: the log queue or the
 	// storage writer's queue was full, or storage failed to write them.
 	LogDropped atomic.Uint64
@@ -82,11 +99,19 @@ type Stream struct {
 	droppedBy [numDropReasons]atomic.Uint64
 	durations [2]prometheus.Histogram // by Kind
 	dials     prometheus.Histogram
-	totalsMu  sync.Mutex
-	carried   Totals // what ResetTotals took from the since-reload counters
+	// Bytes are counted by each session, and folded into ended when it
+	// ends (bytes.go): a relay step writes nothing the stream's other
+	// connections write.
+	ended     [2]atomic.Uint64 // by direction: bytes of ended sessions
+	totalsMu  sync.Mutex       // guards the fields below, for readers only
+	carried   Totals           // what ResetTotals took from the since-reload counters
+	seenBytes [2]uint64        // the most bytes a reader has seen: never less again
+	baseBytes [2]uint64        // the bytes at the last ResetTotals
 
 	listeners [2]atomic.Int32 // by Kind
 	health    atomic.Pointer[Health]
+	tls       Handshakes
+	attached  attachments  // the UDP relays of its addresses (attach.go)
 	grace     atomic.Int64 // nanoseconds
 
 	sessions sync.Map // uint64 → *Session
@@ -159,8 +184,7 @@ func (s *Stream) Listening(k Kind) bool { return s.listeners[k].Load() > 0 }
 func (s *Stream) ResetTotals() {
 	s.totalsMu.Lock()
 	s.carried.Connections += s.Total.Swap(0)
-	s.carried.BytesSent += s.BytesSent.Swap(0)
-	s.carried.BytesReceived += s.BytesReceived.Swap(0)
+	s.baseBytes = s.bytesLocked()
 	s.totalsMu.Unlock()
 	s.Blocked.Store(0)
 	s.DatagramsDropped.Store(0)
@@ -236,6 +260,7 @@ func (s *Stream) Destruct() error {
 	}
 	s.closeReason.Store(uint32(reason))
 	s.closing.Store(true)
+	s.destructAttached()
 	s.CloseAll(reason)
 	s.cancel() // ends dials and rate-limit waits of connections in flight
 	s.conns.Wait()

@@ -88,8 +88,8 @@ func TestConnCountsAndPassesHalfClose(t *testing.T) {
 	client, server := tcpPair(t)
 	st := New(1)
 	defer st.Destruct()
-	ss := st.NewSession(server, netip.MustParseAddrPort("127.0.0.1:1"), 0, zap.NewNop(), "t")
-	c := NewConn(server, ss, 0, 0)
+	ss := st.newSession(server, netip.MustParseAddrPort("127.0.0.1:1"), 0, zap.NewNop(), "t", false)
+	c := newConn(server, ss, nil, nil)
 
 	if _, err := client.Write([]byte("12345")); err != nil {
 		t.Fatal(err)
@@ -101,8 +101,8 @@ func TestConnCountsAndPassesHalfClose(t *testing.T) {
 	if _, err := c.Write([]byte("abc")); err != nil {
 		t.Fatal(err)
 	}
-	if ss.Sent() != 5 || ss.Received() != 3 || st.BytesSent.Load() != 5 || st.BytesReceived.Load() != 3 {
-		t.Fatalf("counters: session %d/%d, stream %d/%d", ss.Sent(), ss.Received(), st.BytesSent.Load(), st.BytesReceived.Load())
+	if tot := st.SinceReload(); ss.Sent() != 5 || ss.Received() != 3 || tot.BytesSent != 5 || tot.BytesReceived != 3 {
+		t.Fatalf("counters: session %d/%d, stream %d/%d", ss.Sent(), ss.Received(), tot.BytesSent, tot.BytesReceived)
 	}
 	if err := c.CloseWrite(); err != nil {
 		t.Fatal(err)
@@ -117,8 +117,8 @@ func TestConnIdleTimeoutWithoutRelay(t *testing.T) {
 	_, server := tcpPair(t) // the client end stays open until the test ends
 	st := New(1)
 	defer st.Destruct()
-	ss := st.NewSession(server, netip.MustParseAddrPort("127.0.0.1:1"), 300*time.Millisecond, zap.NewNop(), "t")
-	c := NewConn(server, ss, 0, 0)
+	ss := st.newSession(server, netip.MustParseAddrPort("127.0.0.1:1"), 300*time.Millisecond, zap.NewNop(), "t", false)
+	c := newConn(server, ss, nil, nil)
 
 	// Writes to the client count as activity: reads keep waiting while
 	// they happen, then time out once both directions are quiet.
@@ -148,7 +148,7 @@ func TestDestructClosesLateAndOpenSessions(t *testing.T) {
 	st := New(7)
 	st.SetGracePeriod(50 * time.Millisecond)
 	st.Active.Add(1)
-	ss := st.NewSession(server, netip.MustParseAddrPort("192.0.2.1:4000"), 0, logger, "db")
+	ss := st.newSession(server, netip.MustParseAddrPort("192.0.2.1:4000"), 0, logger, "db", false)
 	st.ConnStarted()
 	go func() {
 		// The connection's goroutine: it ends when its session is closed.
@@ -169,7 +169,7 @@ func TestDestructClosesLateAndOpenSessions(t *testing.T) {
 		t.Fatalf("open session closed with %s, want stream_removed", ss.Reason())
 	}
 	// A session that registers after shutdown began is closed at once.
-	ls := st.NewSession(late, netip.MustParseAddrPort("192.0.2.2:4000"), 0, logger, "db")
+	ls := st.newSession(late, netip.MustParseAddrPort("192.0.2.2:4000"), 0, logger, "db", false)
 	if !ls.Closed() || ls.Reason() != ReasonStreamRemoved {
 		t.Fatalf("late session: closed %v, reason %s", ls.Closed(), ls.Reason())
 	}
@@ -312,7 +312,7 @@ func TestSetFailure(t *testing.T) {
 		{ReasonIdleTimeout, ReasonIdleTimeout},
 		{ReasonStreamRemoved, ReasonStreamRemoved},
 	} {
-		ss := st.NewSession(io.NopCloser(nil), netip.MustParseAddrPort("192.0.2.1:1"), 0, zap.NewNop(), "t")
+		ss := st.newSession(io.NopCloser(nil), netip.MustParseAddrPort("192.0.2.1:1"), 0, zap.NewNop(), "t", false)
 		if tc.set != ReasonNone {
 			ss.SetReason(tc.set)
 		}
@@ -334,11 +334,15 @@ func TestDestructWakesWhenTheLastConnectionEnds(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		s := New(1)
 		s.SetGracePeriod(time.Hour)
-		if !s.Admit(0) {
+		p, err := NewPolicy(Limits{}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		src := netip.MustParseAddrPort("192.0.2.1:1000")
+		if !p.Admit(s, src, false, nil) {
 			t.Fatal("not admitted")
 		}
-		ss := s.NewSession(closerFunc(func() error { return nil }), netip.MustParseAddrPort("192.0.2.1:1000"), 0, zap.NewNop(), "s")
-		ss.HoldSlot()
+		ss := p.Open(s, closerFunc(func() error { return nil }), src, false, nil)
 		var done atomic.Bool
 		go func() {
 			_ = s.Destruct()

@@ -17,7 +17,7 @@ import (
 type entry struct {
 	r    *Relay
 	key  netip.AddrPort // the client's address as the socket reports it
-	pol  *policy
+	cfg  *config
 	conn *net.UDPConn // connected to the upstream
 	rc   syscall.RawConn
 	ss   *streamstate.Session
@@ -40,7 +40,7 @@ type entry struct {
 }
 
 // newEntry opens the upstream socket of a new client src that sent to dst.
-func (r *Relay) newEntry(s *socket, p *policy, target, src, dst netip.AddrPort) (*entry, error) {
+func (r *Relay) newEntry(s *socket, p *config, target, src, dst netip.AddrPort) (*entry, error) {
 	conn, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(target))
 	if err != nil {
 		return nil, err
@@ -51,14 +51,15 @@ func (r *Relay) newEntry(s *socket, p *policy, target, src, dst netip.AddrPort) 
 		return nil, err
 	}
 	now := time.Now()
+	up, down := p.Policy.Buckets(true, now)
 	e := &entry{
 		r:    r,
 		key:  src,
-		pol:  p,
+		cfg:  p,
 		conn: conn,
 		rc:   rc,
-		up:   streamstate.NewBucket(p.UploadRate, true, now),
-		down: streamstate.NewBucket(p.DownloadRate, true, now),
+		up:   up,
+		down: down,
 		to:   makeReplyAddr(s, src, dst),
 	}
 	if p.ProxyV2 {
@@ -96,10 +97,9 @@ func proxyHeader(src, dst netip.AddrPort) ([]byte, error) {
 // discard closes an entry that lost the race to be stored, unlogged.
 func (e *entry) discard() {
 	e.dead.Store(true)
+	e.ss.ReleaseSlot()
 	e.ss.Discard()
 	e.conn.Close()
-	e.r.state.Leave()
-	e.r.count.Add(-1)
 }
 
 // end closes the entry for reason (the first reason wins); its goroutine
@@ -128,7 +128,5 @@ func (e *entry) run() {
 	defer e.r.state.ConnDone()
 	e.readReplies()
 	e.end(streamstate.ReasonUpstreamError)
-	e.r.state.Leave()
-	e.r.count.Add(-1)
-	e.ss.End(streamstate.ReasonUpstreamError, e.pol.LogConnections)
+	e.cfg.Policy.End(e.ss, streamstate.ReasonUpstreamError)
 }

@@ -23,7 +23,7 @@ func TestFirstRefusalEndsEntry(t *testing.T) {
 	}
 	state := streamstate.New(1)
 	r := Acquire(state, pc.LocalAddr().String())
-	r.SetConfig(Config{Upstream: dead, IdleTimeout: time.Minute})
+	r.SetConfig(Config{Upstream: dead, Policy: limits(t, streamstate.Limits{IdleTimeout: time.Minute})})
 	if err := r.AddSocket(pc); err != nil {
 		t.Fatal(err)
 	}

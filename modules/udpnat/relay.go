@@ -2,17 +2,18 @@
 //
 // A Relay serves the UDP sockets of one stream address. It reads every
 // datagram on the socket's own goroutine and looks its source up in a NAT
-// table; the first datagram of a new client (after the access lists and the
-// entry cap) creates an entry with its own connected upstream socket, and a
+// table; the first datagram of a new client, once the stream's admission
+// policy (streamstate.Policy: access lists, max_connections, HardCap) lets
+// it in, creates an entry with its own connected upstream socket, and a
 // goroutine per entry sends the upstream's replies back to that client from
 // the stream's address. Nothing on the path blocks: a datagram that cannot
 // be sent at once (rate budget spent, socket buffer full) is dropped and
 // counted, as UDP does, so one slow client never stalls the port.
 //
-// Relays are shared by stream id and address through a reference-counted
-// pool, like the stream's other runtime state: a reload binds a second
-// socket to the same relay (SO_REUSEPORT) and the NAT table, with every
-// client's upstream socket, carries over.
+// A relay is kept by its stream's shared state (streamstate.Stream.Attach),
+// one per listen address, with the stream's other runtime state: a reload
+// binds a second socket to the same relay (SO_REUSEPORT) and the NAT
+// table, with every client's upstream socket, carries over.
 package udpnat
 
 import (
@@ -34,7 +35,7 @@ import (
 const (
 	// DefaultIdleTimeout evicts a NAT entry after no datagram moved either
 	// way for this long, when the stream sets no idle timeout.
-	DefaultIdleTimeout = 60 * time.Second
+	DefaultIdleTimeout = streamstate.DefaultUDPIdleTimeout
 
 	// HardCap bounds the NAT entries of one stream address even when
 	// max_connections is 0 (unlimited). Each entry holds one upstream
@@ -56,49 +57,38 @@ const (
 // Config is what a UDP stream's settings say about its NAT entries. A new
 // entry takes the config in force when it is created and keeps it.
 type Config struct {
-	// Name names the stream in logs.
-	Name string
 	// Upstream is host:port.
 	Upstream string
-	// ACL is checked once per new client.
-	ACL streamstate.ACL
-	// MaxEntries caps the live entries of the stream together with its
-	// TCP connections (max_connections); 0 = HardCap only.
-	MaxEntries int
-	// IdleTimeout evicts idle entries; 0 = DefaultIdleTimeout.
-	IdleTimeout time.Duration
-	// UploadRate and DownloadRate are bytes per second per entry; 0 =
-	// unlimited.
-	UploadRate, DownloadRate int64
+	// Policy admits new clients (access lists, max_connections, shared
+	// with the stream's TCP connections, and HardCap) and gives each
+	// entry its rate limits, idle timeout and connection logging, as it
+	// does for TCP in aegis_guard. Nil: a policy without limits.
+	Policy *streamstate.Policy
 	// ProxyV2 puts a PROXY v2 header in front of every datagram sent
 	// upstream.
 	ProxyV2 bool
-	// LogConnections logs every entry's end and blocked sources.
-	LogConnections bool
 	// Logger writes the relay's lines; it names the stream (its name and
 	// ID fields), so they add no such field. Connection-log lines go to the
 	// stream state's connection logger when one is set.
 	Logger *zap.Logger
 }
 
-// policy is a Config in force, with the upstream's resolved address.
-type policy struct {
+// config is a Config in force, with the upstream's resolved address.
+type config struct {
 	Config
 	idle   time.Duration
 	target atomic.Pointer[netip.AddrPort]
 	cancel context.CancelFunc // stops the name resolution loop
 }
 
-var pool = caddy.NewUsagePool()
-
 // Relay is the NAT relay of one stream address.
 type Relay struct {
 	key   string
 	state *streamstate.Stream
 
-	policy  atomic.Pointer[policy]
-	entries sync.Map // netip.AddrPort → *entry
-	count   atomic.Int64
+	cfg     atomic.Pointer[config]
+	entries sync.Map        // netip.AddrPort → *entry
+	table   streamstate.Cap // the entries, at most HardCap
 
 	mu    sync.Mutex
 	socks []*socket
@@ -112,21 +102,20 @@ type Relay struct {
 }
 
 // Acquire returns the relay of stream state's address listen (host:port),
-// creating it on first use. Pair every Acquire with one Release.
+// which the stream's state keeps (streamstate.Stream.Attach), creating it
+// on first use. Pair every Acquire with one Release.
 func Acquire(state *streamstate.Stream, listen string) *Relay {
-	key := "aegis.nat." + strconv.FormatInt(state.ID, 10) + "/" + listen
-	v, _, _ := pool.LoadOrNew(key, func() (caddy.Destructor, error) {
-		return newRelay(key, state), nil
-	})
-	return v.(*Relay)
+	key := "udp/" + listen
+	return state.Attach(key, func() caddy.Destructor { return newRelay(key, state) }).(*Relay)
 }
 
 // Release drops one reference to r. The last one closes every entry.
-func Release(r *Relay) { _, _ = pool.Delete(r.key) }
+func Release(r *Relay) { r.state.Detach(r.key) }
 
 func newRelay(key string, state *streamstate.Stream) *Relay {
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &Relay{key: key, state: state, ctx: ctx, cancel: cancel}
+	r.table.Max = HardCap
 	r.wg.Add(1)
 	go r.sweep()
 	return r
@@ -141,7 +130,7 @@ func (r *Relay) Destruct() error {
 		reason = streamstate.ReasonShutdown
 	}
 	r.cancel()
-	if p := r.policy.Load(); p != nil {
+	if p := r.cfg.Load(); p != nil {
 		p.cancel()
 	}
 	r.entries.Range(func(_, v any) bool {
@@ -153,7 +142,7 @@ func (r *Relay) Destruct() error {
 }
 
 // Entries is the number of live NAT entries.
-func (r *Relay) Entries() int { return int(r.count.Load()) }
+func (r *Relay) Entries() int { return int(r.table.Len()) }
 
 // SetConfig puts c in force for new entries. Entries whose upstream address
 // changes are closed (reason config_changed), so that the next datagram of
@@ -163,10 +152,10 @@ func (r *Relay) SetConfig(c Config) {
 	if c.Logger == nil {
 		c.Logger = zap.NewNop()
 	}
-	p := &policy{Config: c, idle: c.IdleTimeout}
-	if p.idle <= 0 {
-		p.idle = DefaultIdleTimeout
+	if c.Policy == nil {
+		c.Policy, _ = streamstate.NewPolicy(streamstate.Limits{}, c.Logger)
 	}
+	p := &config{Config: c, idle: c.Policy.Idle(true)}
 	ctx, cancel := context.WithCancel(r.ctx)
 	p.cancel = cancel
 	if ap, err := netip.ParseAddrPort(c.Upstream); err == nil {
@@ -176,14 +165,14 @@ func (r *Relay) SetConfig(c Config) {
 		r.wg.Add(1)
 		go r.resolve(ctx, p)
 	}
-	old := r.policy.Swap(p)
+	old := r.cfg.Swap(p)
 	if old == nil {
 		return
 	}
 	old.cancel()
 	if old.Upstream != c.Upstream {
 		r.entries.Range(func(_, v any) bool {
-			if e := v.(*entry); e.pol.Upstream != c.Upstream {
+			if e := v.(*entry); e.cfg.Upstream != c.Upstream {
 				e.end(streamstate.ReasonConfigChanged)
 			}
 			return true
@@ -193,7 +182,7 @@ func (r *Relay) SetConfig(c Config) {
 
 // resolve looks the upstream's host name up until ctx ends: at once, then
 // every resolveEvery (every second while it fails).
-func (r *Relay) resolve(ctx context.Context, p *policy) {
+func (r *Relay) resolve(ctx context.Context, p *config) {
 	defer r.wg.Done()
 	host, port, _ := net.SplitHostPort(p.Upstream)
 	pn, _ := strconv.ParseUint(port, 10, 16)
@@ -242,14 +231,14 @@ func (r *Relay) sweep() {
 		now := time.Now().UnixNano()
 		r.entries.Range(func(_, v any) bool {
 			e := v.(*entry)
-			if now-e.last.Load() >= int64(e.pol.idle) {
+			if now-e.last.Load() >= int64(e.cfg.idle) {
 				e.end(streamstate.ReasonIdleTimeout)
 			}
 			return true
 		})
 		// Check four times per idle timeout, at most once a second.
 		every = time.Second
-		if p := r.policy.Load(); p != nil {
+		if p := r.cfg.Load(); p != nil {
 			every = min(every, max(p.idle/4, 50*time.Millisecond))
 		}
 		t.Reset(every)
@@ -372,29 +361,20 @@ func (r *Relay) datagram(s *socket, buf []byte, n int, src netip.AddrPort, oob [
 // open creates the NAT entry of a new client, or returns nil when the
 // datagram is to be dropped.
 func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte) *entry {
-	p := r.policy.Load()
+	p := r.cfg.Load()
 	if p == nil {
 		return nil
 	}
 	ip := src.Addr().Unmap()
 	client := netip.AddrPortFrom(ip, src.Port())
-	if !p.ACL.Allowed(ip) {
-		r.block(p, client, streamstate.BlockACL)
+	pol := p.Policy
+	if !pol.Admit(r.state, client, true, &r.table) {
 		return nil
 	}
 	target := p.target.Load()
 	if target == nil {
+		pol.Unadmit(r.state, &r.table)
 		r.state.DropDatagrams(streamstate.DropUpstreamUnresolved, 1)
-		return nil
-	}
-	if r.count.Add(1) > HardCap {
-		r.count.Add(-1)
-		r.block(p, client, streamstate.BlockNATTableFull)
-		return nil
-	}
-	if !r.state.Admit(p.MaxEntries) {
-		r.count.Add(-1)
-		r.block(p, client, streamstate.BlockMaxConnections)
 		return nil
 	}
 	dst := s.local
@@ -405,13 +385,12 @@ func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte) *entry {
 	}
 	e, err := r.newEntry(s, p, *target, src, dst)
 	if err != nil {
-		r.state.Leave()
-		r.count.Add(-1)
+		pol.Unadmit(r.state, &r.table)
 		r.state.DropDatagrams(streamstate.DropUpstreamSocket, 1)
 		r.logDialError(p, err)
 		return nil
 	}
-	e.ss = r.state.NewUDPSession(e, client, p.idle, p.Logger, p.Name)
+	e.ss = pol.Open(r.state, e, client, true, &r.table)
 	// Two sockets of the relay (during a reload) may open the same client
 	// at once; the first one stored wins.
 	for {
@@ -434,7 +413,7 @@ func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte) *entry {
 
 // logDialError logs a failed upstream socket at most once a second: EMFILE
 // under a flood of new clients would otherwise flood the log.
-func (r *Relay) logDialError(p *policy, err error) {
+func (r *Relay) logDialError(p *config, err error) {
 	now := time.Now().UnixNano()
 	last := r.lastDialLog.Load()
 	if now-last < int64(time.Second) || !r.lastDialLog.CompareAndSwap(last, now) {
@@ -442,13 +421,4 @@ func (r *Relay) logDialError(p *policy, err error) {
 	}
 	p.Logger.Warn("opening UDP upstream socket; datagram dropped",
 		zap.String("upstream", p.Upstream), zap.Error(err))
-}
-
-// block counts a datagram of a new client that is not let in and logs it,
-// at most once per source per streamstate.BlockedLogEvery.
-func (r *Relay) block(p *policy, src netip.AddrPort, reason streamstate.BlockReason) {
-	r.state.Block(reason)
-	if p.LogConnections {
-		r.state.LogBlocked(p.Logger, p.Name, src, reason.LogReason(), true)
-	}
 }

@@ -63,6 +63,16 @@ func newTestRelay(t testing.TB, cfg Config) *testRelay {
 	return &testRelay{r: r, state: state, addr: pc.LocalAddr().(*net.UDPAddr)}
 }
 
+// limits is the admission policy of l.
+func limits(t testing.TB, l streamstate.Limits) *streamstate.Policy {
+	t.Helper()
+	p, err := streamstate.NewPolicy(l, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
 func (tr *testRelay) client(t testing.TB) *net.UDPConn {
 	t.Helper()
 	c, err := net.DialUDP("udp", nil, tr.addr)
@@ -92,7 +102,7 @@ func TestRelayDatagramsDoNotAllocate(t *testing.T) {
 
 // Nor do the rate limits' buckets, on a datagram that they let through.
 func TestLimitedRelayDatagramsDoNotAllocate(t *testing.T) {
-	testNoAllocations(t, Config{UploadRate: 1 << 30, DownloadRate: 1 << 30})
+	testNoAllocations(t, Config{Policy: limits(t, streamstate.Limits{UploadRate: 1 << 30, DownloadRate: 1 << 30})})
 }
 
 func testNoAllocations(t *testing.T, cfg Config) {
@@ -110,8 +120,8 @@ func testNoAllocations(t *testing.T, cfg Config) {
 	if allocs > 0 {
 		t.Fatalf("%.2f allocations per datagram round trip through the relay, want 0", allocs)
 	}
-	if tr.r.Entries() != 1 || tr.state.BytesSent.Load() != 64*(100+2001) {
-		t.Fatalf("entries %d, bytes sent %d", tr.r.Entries(), tr.state.BytesSent.Load())
+	if tr.r.Entries() != 1 || tr.state.SinceReload().BytesSent != 64*(100+2001) {
+		t.Fatalf("entries %d, bytes sent %d", tr.r.Entries(), tr.state.SinceReload().BytesSent)
 	}
 }
 
@@ -130,7 +140,7 @@ func BenchmarkRelayRoundTrip(b *testing.B) {
 // BenchmarkRelayRoundTripLimited is the same echo through upload and
 // download rate limits that every datagram is within.
 func BenchmarkRelayRoundTripLimited(b *testing.B) {
-	tr := newTestRelay(b, Config{UploadRate: 1 << 30, DownloadRate: 1 << 30})
+	tr := newTestRelay(b, Config{Policy: limits(b, streamstate.Limits{UploadRate: 1 << 30, DownloadRate: 1 << 30})})
 	c := tr.client(b)
 	p, buf := make([]byte, 64), make([]byte, 2048)
 	b.ReportAllocs()
@@ -142,7 +152,7 @@ func BenchmarkRelayRoundTripLimited(b *testing.B) {
 // BenchmarkDirectRoundTrip is the same echo without the relay.
 func BenchmarkDirectRoundTrip(b *testing.B) {
 	tr := newTestRelay(b, Config{})
-	c, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(*tr.r.policy.Load().target.Load()))
+	c, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(*tr.r.cfg.Load().target.Load()))
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -181,7 +191,7 @@ func TestProxyHeaderParsesBack(t *testing.T) {
 }
 
 func TestSweepEvictsIdleEntriesOnly(t *testing.T) {
-	tr := newTestRelay(t, Config{IdleTimeout: 300 * time.Millisecond, LogConnections: true})
+	tr := newTestRelay(t, Config{Policy: limits(t, streamstate.Limits{IdleTimeout: 300 * time.Millisecond, LogConnections: true})})
 	idle, busy := tr.client(t), tr.client(t)
 	_ = idle.SetDeadline(time.Now().Add(10 * time.Second))
 	_ = busy.SetDeadline(time.Now().Add(10 * time.Second))
@@ -204,5 +214,21 @@ func TestSweepEvictsIdleEntriesOnly(t *testing.T) {
 	})
 	if len(reasons) != 1 || reasons[0] != busy.LocalAddr().String() {
 		t.Fatalf("open sessions after eviction: %v, want only the busy client %s", reasons, busy.LocalAddr())
+	}
+}
+
+// The relay of a stream address lives in the stream's shared state: a
+// second Acquire of the address (a reload) gets the same relay, with its
+// NAT table, and the stream counts its entries.
+func TestRelayLivesInStreamState(t *testing.T) {
+	tr := newTestRelay(t, Config{})
+	same := Acquire(tr.state, tr.addr.String())
+	defer Release(same)
+	if same != tr.r {
+		t.Fatal("a second Acquire of the address made another relay")
+	}
+	roundTrip(t, tr.client(t), []byte("x"), make([]byte, 8))
+	if tr.state.UDPEntries() != 1 || tr.r.Entries() != 1 {
+		t.Fatalf("entries: stream %d, relay %d; want 1", tr.state.UDPEntries(), tr.r.Entries())
 	}
 }

@@ -1,0 +1,29 @@
+package l4aegisguard
+
+import (
+	"reflect"
+	"testing"
+	"time"
+
+	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
+)
+
+// Every admission setting the streams app gives the guard comes back in
+// the policy its Provision builds: a setting added to streamstate.Limits
+// and not mapped both ways fails here.
+func TestFromLimitsRoundTrips(t *testing.T) {
+	l := streamstate.Limits{
+		Name: "db", Whitelist: []string{"10.0.0.0/8"}, Blacklist: []string{"10.0.0.66"},
+		MaxConnections: 3, UploadRate: 1000, DownloadRate: 2000,
+		IdleTimeout: 7 * time.Second, LogConnections: true,
+	}
+	v := reflect.ValueOf(l)
+	for i := range v.NumField() {
+		if v.Field(i).IsZero() {
+			t.Fatalf("test Limits leaves %s unset: set every field", v.Type().Field(i).Name)
+		}
+	}
+	if got := FromLimits(9, l).limits(); !reflect.DeepEqual(got, l) {
+		t.Fatalf("FromLimits then limits = %+v, want %+v", got, l)
+	}
+}

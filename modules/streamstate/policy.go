@@ -1,0 +1,218 @@
+package streamstate
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// DefaultUDPIdleTimeout ends a UDP NAT entry after no datagram moved
+// either way for this long, when the stream sets no idle timeout. (A TCP
+// connection without one is never ended for being idle.)
+const DefaultUDPIdleTimeout = 60 * time.Second
+
+// Limits are a stream's admission settings as its config states them. The
+// TCP guard (aegis_guard) and the UDP relay (udpnat) take them from here,
+// through one Policy, so that both transports apply them alike.
+type Limits struct {
+	// Name names the stream in the connection log.
+	Name string
+	// Whitelist, when not empty, allows only sources inside it; Blacklist
+	// refuses sources inside it. CIDRs, or bare IPs (/32, /128).
+	Whitelist, Blacklist []string
+	// MaxConnections caps the stream's TCP connections and UDP NAT
+	// entries open together; 0 = unlimited.
+	MaxConnections int
+	// UploadRate and DownloadRate are bytes per second per TCP connection
+	// or UDP client (see Bucket); 0 = unlimited.
+	UploadRate, DownloadRate int64
+	// IdleTimeout ends a connection (NAT entry) when no byte moved either
+	// way for this long; 0 = never for TCP, DefaultUDPIdleTimeout for UDP.
+	IdleTimeout time.Duration
+	// LogConnections logs every connection's end, and refused sources
+	// once per source per BlockedLogEvery.
+	LogConnections bool
+}
+
+// Policy is the admission policy of a stream: who may connect (the access
+// lists), how many may be open (max_connections and a listener's own cap),
+// the per-connection limits (rate buckets, idle timeout) and the logging
+// of refusals. It is built once per config from the stream's settings and
+// never changed: an edit builds a new one, which the guard's chain swap
+// and the relay's SetConfig put in force atomically. Safe for concurrent
+// use.
+//
+// A TCP connection goes Admit → Open → Wrap; a UDP datagram of a new
+// client goes Admit → Open, its entry's buckets from Buckets.
+type Policy struct {
+	Limits
+	acl    ACL
+	logger *zap.Logger
+}
+
+// NewPolicy checks l and parses its access lists. logger is the one the
+// policy's connection-log lines are queued with (the stream's connection
+// logger takes precedence when set, see SetConnLogger). An error names the
+// field and its value.
+func NewPolicy(l Limits, logger *zap.Logger) (*Policy, error) {
+	switch {
+	case l.MaxConnections < 0:
+		return nil, fmt.Errorf("max_connections %d: must be >= 0 (0 = unlimited)", l.MaxConnections)
+	case l.UploadRate < 0:
+		return nil, fmt.Errorf("upload_rate_bytes %d: must be >= 0 (0 = unlimited)", l.UploadRate)
+	case l.DownloadRate < 0:
+		return nil, fmt.Errorf("download_rate_bytes %d: must be >= 0 (0 = unlimited)", l.DownloadRate)
+	case l.IdleTimeout < 0:
+		return nil, fmt.Errorf("idle_timeout %s: must be >= 0 (0 = never)", l.IdleTimeout)
+	}
+	acl, err := NewACL(l.Whitelist, l.Blacklist)
+	if err != nil {
+		return nil, err
+	}
+	if logger == nil {
+		logger = zap.NewNop()
+	}
+	return &Policy{Limits: l, acl: acl, logger: logger}, nil
+}
+
+// Allowed applies the access lists to ip.
+func (p *Policy) Allowed(ip netip.Addr) bool { return p.acl.Allowed(ip) }
+
+// Idle is the idle timeout of a TCP connection or (udp) a NAT entry.
+func (p *Policy) Idle(udp bool) time.Duration {
+	if udp && p.IdleTimeout <= 0 {
+		return DefaultUDPIdleTimeout
+	}
+	return p.IdleTimeout
+}
+
+// A Cap bounds what one listener holds on top of max_connections: the UDP
+// relay's NAT table of one stream address holds at most Max entries. Its
+// count is the listener's own; the zero Cap is unbounded and counts.
+type Cap struct {
+	// Max is the bound; 0 = none.
+	Max int64
+	n   atomic.Int64
+}
+
+// Len is what the listener holds now.
+func (c *Cap) Len() int64 { return c.n.Load() }
+
+// Admit decides whether a new connection, or the first datagram of a new
+// UDP client, from src may open on stream st. It checks, in order, the
+// access lists, the listener's cap (nil: none) and max_connections, which
+// counts the TCP connections and UDP entries of st together. Admitted, the
+// connection holds one of st's Active slots and one of the cap's, which
+// Open hands to its session (or Unadmit gives back); refused, it holds
+// nothing, is counted in st's Blocked by reason, and its source is logged
+// at most once per BlockedLogEvery.
+func (p *Policy) Admit(st *Stream, src netip.AddrPort, udp bool, c *Cap) bool {
+	if !p.acl.Allowed(src.Addr().Unmap()) {
+		p.refuse(st, src, udp, BlockACL)
+		return false
+	}
+	if c != nil {
+		if n := c.n.Add(1); c.Max > 0 && n > c.Max {
+			c.n.Add(-1)
+			p.refuse(st, src, udp, BlockNATTableFull)
+			return false
+		}
+	}
+	if !st.takeSlot(p.MaxConnections) {
+		if c != nil {
+			c.n.Add(-1)
+		}
+		p.refuse(st, src, udp, BlockMaxConnections)
+		return false
+	}
+	return true
+}
+
+// Unadmit gives back what Admit took, for a connection admitted that could
+// not open (its upstream socket failed).
+func (p *Policy) Unadmit(st *Stream, c *Cap) {
+	st.Leave()
+	if c != nil {
+		c.n.Add(-1)
+	}
+}
+
+// refuse counts and logs a refused connection; the caller closes it (TCP)
+// or drops the datagram (UDP).
+func (p *Policy) refuse(st *Stream, src netip.AddrPort, udp bool, r BlockReason) {
+	st.Block(r)
+	if p.LogConnections {
+		st.LogBlocked(p.logger, p.Name, src, r.LogReason(), udp)
+	}
+}
+
+// Open registers the session of an admitted connection on st: client is
+// the accepted connection (or the NAT entry), which closing the session
+// closes. The session holds the slots Admit took and gives them back once
+// (Session.ReleaseSlot), at the latest when it ends.
+func (p *Policy) Open(st *Stream, client io.Closer, src netip.AddrPort, udp bool, c *Cap) *Session {
+	ss := st.newSession(client, src, p.Idle(udp), p.logger, p.Name, udp)
+	ss.cap = c
+	ss.slot.Store(true)
+	return ss
+}
+
+// End ends session ss with reason r (unless one was recorded) and queues
+// its connection-log line if the policy logs connections.
+func (p *Policy) End(ss *Session, r Reason) {
+	ss.ReleaseSlot()
+	ss.End(r, p.LogConnections)
+}
+
+// Buckets returns the rate buckets of a new connection (nil: unlimited).
+// A TCP connection's start empty, as it shapes; a UDP client's start full,
+// as it polices (see Bucket).
+func (p *Policy) Buckets(udp bool, now time.Time) (up, down *Bucket) {
+	return NewBucket(p.UploadRate, udp, now), NewBucket(p.DownloadRate, udp, now)
+}
+
+// Wrap puts the guard's wrapper around the client connection c of TCP
+// session ss: it counts the bytes, applies the rate limits and, until a
+// relay takes it over (Session.TakeIdle), the idle timeout.
+func (p *Policy) Wrap(c net.Conn, ss *Session) *Conn {
+	up, down := p.Buckets(false, time.Now())
+	return newConn(c, ss, up, down)
+}
+
+// takeSlot counts one more open connection (or UDP NAT entry) in Active,
+// unless max (> 0) are open already, and reports whether it did; max <= 0
+// means no limit. Unlike adding one and taking it back when over, it never
+// puts Active above max, even for an instant: the stats never show the cap
+// passed, and a connection is never refused for a slot that a refused one
+// held for that instant. A refusal writes nothing shared.
+func (s *Stream) takeSlot(max int) bool {
+	if max <= 0 {
+		s.Active.Add(1)
+		return true
+	}
+	for {
+		n := s.Active.Load()
+		if n >= int64(max) {
+			return false
+		}
+		if s.Active.CompareAndSwap(n, n+1) {
+			return true
+		}
+	}
+}
+
+// Leave gives back a slot that takeSlot counted. The last one to leave while
+// the stream shuts down wakes Destruct, which waits for it.
+func (s *Stream) Leave() {
+	if s.Active.Add(-1) == 0 && s.draining.Load() {
+		select {
+		case s.idle <- struct{}{}:
+		default:
+		}
+	}
+}
