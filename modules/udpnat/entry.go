@@ -1,6 +1,7 @@
 package udpnat
 
 import (
+	"io"
 	"net"
 	"net/netip"
 	"sync/atomic"
@@ -18,7 +19,7 @@ type entry struct {
 	r    *Relay
 	key  netip.AddrPort // the client's address as the socket reports it
 	cfg  *config
-	conn *net.UDPConn // connected to the upstream
+	conn upConn // connected to the upstream
 	rc   syscall.RawConn
 	ss   *streamstate.Session
 
@@ -44,9 +45,16 @@ type entry struct {
 	burst  burst // the burst of replies being sent, where bursts are used
 }
 
+// upConn is an entry's upstream socket: a *net.UDPConn, or on Linux an
+// *os.File made without net's extra system calls (dialUpstream).
+type upConn interface {
+	io.ReadWriteCloser
+	SyscallConn() (syscall.RawConn, error)
+}
+
 // newEntry opens the upstream socket of a new client src that sent to dst.
 func (r *Relay) newEntry(s *socket, p *config, target, src, dst netip.AddrPort) (*entry, error) {
-	conn, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(target))
+	conn, err := dialUpstream(target)
 	if err != nil {
 		return nil, err
 	}
