@@ -41,6 +41,13 @@ func TestRejectedWritesChangeNothing(t *testing.T) {
 		t.Fatalf("open connection: %q", got)
 	}
 
+	// A relay counts a write's bytes just after the write, so the echo can
+	// reach the client before its upload is counted: wait until both ways
+	// show it, for a list that stays as it is.
+	eventually(t, "the round trip counted both ways", func() bool {
+		st := inst.call("GET", "/api/v1/streams/2", nil).want(t, 200).obj(t)["status"].(map[string]any)
+		return st["bytes_sent"] == float64(6) && st["bytes_received"] == float64(6)
+	})
 	listBefore := inst.call("GET", "/api/v1/streams", nil).want(t, 200).body
 	storedBefore := inst.storedHosts()
 	if len(storedBefore) != 1 || storedBefore[0].ID != 2 {
