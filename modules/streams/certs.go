@@ -25,9 +25,9 @@ func (a *App) certStatus(c spec.Certificate) spec.CertStatus {
 		fillFromCache(&c, src)
 	}
 	cs := spec.CertStatus{Certificate: c, UsedBy: []int64{}}
-	for _, rt := range a.streams {
-		if rt.cfg.SSLCertID == c.ID {
-			cs.UsedBy = append(cs.UsedBy, rt.cfg.ID)
+	for _, inst := range a.streams {
+		if inst.cfg.SSLCertID == c.ID {
+			cs.UsedBy = append(cs.UsedBy, inst.cfg.ID)
 		}
 	}
 	return cs
@@ -173,10 +173,10 @@ func DeleteCertificate(ctx context.Context, id int64) error {
 		// Every stream counts, the config's and the stored ones; the store
 		// checks its own hosts again inside the transaction.
 		inUse := &storage.InUseError{CertID: id}
-		for _, rt := range a.streams {
-			if rt.cfg.SSLCertID == id {
-				inUse.StreamIDs = append(inUse.StreamIDs, rt.cfg.ID)
-				inUse.StreamNames = append(inUse.StreamNames, rt.cfg.Name)
+		for _, inst := range a.streams {
+			if inst.cfg.SSLCertID == id {
+				inUse.StreamIDs = append(inUse.StreamIDs, inst.cfg.ID)
+				inUse.StreamNames = append(inUse.StreamNames, inst.cfg.Name)
 			}
 		}
 		if len(inUse.StreamIDs) > 0 {
@@ -303,8 +303,8 @@ func (a *App) loadCertificates(ctx context.Context) error {
 		}
 	}
 	var errs []error
-	for _, rt := range a.streams {
-		s := rt.cfg
+	for _, inst := range a.streams {
+		s := inst.cfg
 		if !s.Enabled || !s.SSLEnabled || !s.HasTCP() {
 			continue
 		}
