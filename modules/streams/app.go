@@ -115,7 +115,7 @@ type instance struct {
 	// version its stored version (see setStored).
 	created, updated time.Time
 	version          int64
-	state            *streamstate.Stream
+	state            *streamstate.State
 	released         bool // state was released
 	chain            atomic.Pointer[chainBox]
 	cancel           func() // cleans the chain's handlers up

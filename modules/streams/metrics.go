@@ -105,7 +105,7 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 // UDP relays included).
 type streamSample struct {
 	cfg   *spec.Stream
-	state *streamstate.Stream
+	state *streamstate.State
 }
 
 // samples returns the app's streams. An app that was cleaned up returns
