@@ -75,9 +75,9 @@ type App struct {
 	// app's streams; see samples).
 	cleanedUp bool
 
-	// Names for Caddy's tls app to manage, waiting until this config runs
-	// (running); guarded by manageMu.
-	manageMu sync.Mutex
+	// namesMu guards the names for Caddy's tls app to manage, which wait
+	// until this config runs (running).
+	namesMu  sync.Mutex
 	running  bool
 	toManage map[string]struct{}
 
@@ -94,7 +94,7 @@ type App struct {
 	certsLive bool
 
 	// prev is the app this one replaced as the running app, and stopped
-	// says Stop began; both guarded by manageMu.
+	// says Stop began; both guarded by writeMu.
 	prev    *App
 	stopped bool
 }
@@ -403,9 +403,9 @@ func (a *App) serve(inst *instance) {
 func (a *App) Stop() error {
 	// No API write can reach a from here on; one in progress has ended,
 	// and closeListeners below closes what it bound.
-	manageMu.Lock()
+	writeMu.Lock()
 	back := handOver(a)
-	manageMu.Unlock()
+	writeMu.Unlock()
 	a.mu.Lock()
 	a.closeListeners()
 	var certs []int64

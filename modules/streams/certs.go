@@ -107,7 +107,7 @@ func parseCertInput(in spec.CertInput) (spec.Certificate, *certs.Parsed, []strin
 // it available to streams at once.
 func CreateCertificate(ctx context.Context, in spec.CertInput) (spec.CertStatus, error) {
 	var out spec.CertStatus
-	err := manage(func(a *App) error {
+	err := withRunning(func(a *App) error {
 		if a.store == nil {
 			return spec.ErrNoStorage
 		}
@@ -138,7 +138,7 @@ func CreateCertificate(ctx context.Context, in spec.CertInput) (spec.CertStatus,
 // handshakes use it at once; open connections keep their sessions.
 func UpdateCertificate(ctx context.Context, id int64, in spec.CertInput) (spec.CertStatus, error) {
 	var out spec.CertStatus
-	err := manage(func(a *App) error {
+	err := withRunning(func(a *App) error {
 		if a.store == nil {
 			return spec.ErrNoStorage
 		}
@@ -166,7 +166,7 @@ func UpdateCertificate(ctx context.Context, id int64, in spec.CertInput) (spec.C
 // DeleteCertificate deletes certificate id unless a stream uses it (a
 // stream of the config, or a stored one).
 func DeleteCertificate(ctx context.Context, id int64) error {
-	return manage(func(a *App) error {
+	return withRunning(func(a *App) error {
 		if a.store == nil {
 			return spec.ErrNoStorage
 		}
@@ -258,7 +258,7 @@ func certRow(c spec.Certificate) string {
 
 // syncCerts publishes the stored certificates that changed since this app
 // read them (an API write meanwhile went to the previous app) and forgets
-// deleted ones. The caller holds manageMu and a.mu.
+// deleted ones. The caller holds writeMu and a.mu.
 func (a *App) syncCerts(ctx context.Context) {
 	list, err := a.store.db.ListCertificates(ctx)
 	if err != nil {
@@ -386,7 +386,7 @@ func (a *App) publish(c spec.Certificate, p *certs.Parsed) error {
 	for _, d := range c.Domains {
 		names[d] = struct{}{}
 	}
-	if err := a.manage(names); err != nil {
+	if err := a.tlsManage(names); err != nil {
 		return fmt.Errorf("asking Caddy to manage %v: %v", c.Domains, err)
 	}
 	src, err := l4aegistls.NewCaddyCert(a.ctx, c.Domains[0], nil)
@@ -429,7 +429,7 @@ func (a *App) publishConfigCert(s *spec.Stream) error {
 	var src *l4aegistls.CaddyCert
 	var err error
 	if s.SSLDomain != "" {
-		if err := a.manage(map[string]struct{}{s.SSLDomain: {}}); err != nil {
+		if err := a.tlsManage(map[string]struct{}{s.SSLDomain: {}}); err != nil {
 			return fmt.Errorf("asking Caddy to manage %s: %v", s.SSLDomain, err)
 		}
 		src, err = l4aegistls.NewCaddyCert(a.ctx, s.SSLDomain, nil)
@@ -445,12 +445,12 @@ func (a *App) publishConfigCert(s *spec.Stream) error {
 	return nil
 }
 
-// manage asks Caddy's tls app to obtain and renew names. Until this app's
+// tlsManage asks Caddy's tls app to obtain and renew names. Until this app's
 // config is running, the names wait: the tls app may not have started
 // yet, and managing names before it has races with its start.
-func (a *App) manage(names map[string]struct{}) error {
-	a.manageMu.Lock()
-	defer a.manageMu.Unlock()
+func (a *App) tlsManage(names map[string]struct{}) error {
+	a.namesMu.Lock()
+	defer a.namesMu.Unlock()
 	if !a.running {
 		if a.toManage == nil {
 			a.toManage = map[string]struct{}{}
@@ -465,17 +465,17 @@ func (a *App) manage(names map[string]struct{}) error {
 
 // configStarted hands the names waiting for Caddy's tls app to it when
 // every app of this app's config has started (Caddy's "started" event);
-// from then on manage hands them over at once.
+// from then on tlsManage hands them over at once.
 type configStarted struct{ a *App }
 
 // Handle implements caddyevents.Handler.
 func (h configStarted) Handle(context.Context, caddy.Event) error {
 	a := h.a
-	a.manageMu.Lock()
+	a.namesMu.Lock()
 	a.running = true
 	names := a.toManage
 	a.toManage = nil
-	a.manageMu.Unlock()
+	a.namesMu.Unlock()
 	if len(names) > 0 {
 		if err := a.tlsApp.Manage(names); err != nil {
 			a.logger.Error("asking Caddy to manage certificate names", zap.Error(err))

@@ -21,10 +21,10 @@ import (
 	"github.com/aegis-proxy/caddy-aegis/storage"
 )
 
-// manageMu serializes the writes of the API with each other and with a
+// writeMu serializes the writes of the API with each other and with a
 // config load handing over to a new app, so a write is never applied to an
 // app that is on its way out after the new one has read the storage.
-var manageMu sync.Mutex
+var writeMu sync.Mutex
 
 // current is the running streams app.
 var current atomic.Pointer[App]
@@ -32,8 +32,8 @@ var current atomic.Pointer[App]
 // setCurrent makes a the app that management calls go to, after it has
 // caught up with writes stored since it read the storage.
 func setCurrent(a *App) {
-	manageMu.Lock()
-	defer manageMu.Unlock()
+	writeMu.Lock()
+	defer writeMu.Unlock()
 	a.syncStored()
 	a.prev = current.Swap(a)
 }
@@ -41,7 +41,7 @@ func setCurrent(a *App) {
 // handOver takes a, which is stopping, out of management. If a was the
 // running app, the app it replaced takes over again when it still runs:
 // Caddy stops a new config whose start failed and keeps the old one. It
-// returns that app. The caller holds manageMu.
+// returns that app. The caller holds writeMu.
 func handOver(a *App) (back *App) {
 	a.stopped = true
 	switch cur := current.Load(); {
@@ -60,10 +60,10 @@ func handOver(a *App) (back *App) {
 // Running returns the running streams app, or nil.
 func Running() *App { return current.Load() }
 
-// manage runs f on the running app with writes serialized.
-func manage(f func(a *App) error) error {
-	manageMu.Lock()
-	defer manageMu.Unlock()
+// withRunning runs f on the running app with writes serialized.
+func withRunning(f func(a *App) error) error {
+	writeMu.Lock()
+	defer writeMu.Unlock()
 	a := current.Load()
 	if a == nil || a.stopped {
 		return spec.ErrNotRunning
@@ -211,7 +211,7 @@ func (a *App) checkNew(ctx context.Context, s *spec.Stream) error {
 func CreateHost(ctx context.Context, s spec.Stream) (spec.HostStatus, error) {
 	var out spec.HostStatus
 	auto := s.ID == 0
-	err := manage(func(a *App) error {
+	err := withRunning(func(a *App) error {
 		var err error
 		out, err = a.createHost(ctx, &s)
 		return err
@@ -291,7 +291,7 @@ func UpdateHost(ctx context.Context, id int64, s spec.Stream, pre ...Preconditio
 // write with that error, and nothing changes.
 func UpdateHostFunc(ctx context.Context, id int64, build func(current spec.Stream) (spec.Stream, error), pre ...Precondition) (spec.HostStatus, error) {
 	var out spec.HostStatus
-	err := manage(func(a *App) error {
+	err := withRunning(func(a *App) error {
 		var err error
 		out, err = a.updateHost(ctx, id, build, pre)
 		return err
@@ -402,7 +402,7 @@ func (a *App) updateHost(ctx context.Context, id int64, build func(spec.Stream) 
 // (stream_removed) and deletes it with its connection log. Preconditions,
 // if any, run first (see Precondition).
 func DeleteHost(ctx context.Context, id int64, pre ...Precondition) error {
-	return manage(func(a *App) error { return a.deleteHost(ctx, id, pre) })
+	return withRunning(func(a *App) error { return a.deleteHost(ctx, id, pre) })
 }
 
 func (a *App) deleteHost(ctx context.Context, id int64, pre []Precondition) error {
@@ -449,7 +449,7 @@ func storeError(err error) error {
 
 // syncStored applies the stored streams that changed since Provision read
 // them (an API write between this app's Provision and Start went to the
-// previous app). The caller holds manageMu.
+// previous app). The caller holds writeMu.
 func (a *App) syncStored() {
 	if a.store == nil {
 		return
