@@ -9,8 +9,6 @@ import (
 	"fmt"
 	"slices"
 	"strconv"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -20,58 +18,6 @@ import (
 	"github.com/aegis-proxy/caddy-aegis/spec"
 	"github.com/aegis-proxy/caddy-aegis/storage"
 )
-
-// writeMu serializes the writes of the API with each other and with a
-// config load handing over to a new app, so a write is never applied to an
-// app that is on its way out after the new one has read the storage.
-var writeMu sync.Mutex
-
-// current is the running streams app.
-var current atomic.Pointer[App]
-
-// setCurrent makes a the app that management calls go to, after it has
-// caught up with writes stored since it read the storage.
-func setCurrent(a *App) {
-	writeMu.Lock()
-	defer writeMu.Unlock()
-	a.syncStored()
-	a.prev = current.Swap(a)
-}
-
-// handOver takes a, which is stopping, out of management. If a was the
-// running app, the app it replaced takes over again when it still runs:
-// Caddy stops a new config whose start failed and keeps the old one. It
-// returns that app. The caller holds writeMu.
-func handOver(a *App) (back *App) {
-	a.stopped = true
-	switch cur := current.Load(); {
-	case cur == a:
-		if a.prev != nil && !a.prev.stopped {
-			back = a.prev
-		}
-		current.Store(back)
-	case cur != nil && cur.prev == a:
-		cur.prev = nil // a was replaced for good
-	}
-	a.prev = nil
-	return back
-}
-
-// Running returns the running streams app, or nil.
-func Running() *App { return current.Load() }
-
-// withRunning runs f on the running app with writes serialized.
-func withRunning(f func(a *App) error) error {
-	writeMu.Lock()
-	defer writeMu.Unlock()
-	a := current.Load()
-	if a == nil || a.stopped {
-		return spec.ErrNotRunning
-	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return f(a)
-}
 
 // find returns the instance of stream id, or nil. The caller holds a.mu.
 func (a *App) find(id int64) *instance {
@@ -587,78 +533,4 @@ func (a *App) ConnectionLog(ctx context.Context, id int64, q storage.ConnLogQuer
 		logs = []storage.ConnLog{}
 	}
 	return logs, nil
-}
-
-// ValidatePort checks a listen address and port as creating or updating a
-// stream would: the values, Caddy's own ports, the other streams, and
-// whether the address can be bound now (a port another program holds is
-// an error that says so). Well-known and privileged ports give warnings.
-func (a *App) ValidatePort(pc spec.PortCheck) spec.PortCheckResult {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	id := pc.ID
-	if id <= 0 {
-		id = a.nextID()
-	}
-	s := &spec.Stream{ID: id, Protocol: pc.Protocol, ListenAddress: pc.ListenAddress, ListenPort: pc.ListenPort,
-		UpstreamHost: "127.0.0.1", UpstreamPort: 1, Enabled: true}
-	if inst := a.find(pc.ID); inst != nil {
-		s.Name = inst.cfg.Name
-	}
-	res := spec.PortCheckResult{Warnings: s.Warnings()}
-	if res.Warnings == nil {
-		res.Warnings = []string{}
-	}
-	collect := func(err error) {
-		for _, e := range flattenErrors(err) {
-			var fe *spec.FieldError
-			if errors.As(e, &fe) && (fe.Field == "protocol" || fe.Field == "listen_address" || fe.Field == "listen_port") {
-				res.Errors = append(res.Errors, fe)
-			}
-		}
-	}
-	collect(s.Validate())
-	if len(res.Errors) == 0 {
-		collect(a.validateListen(s))
-	}
-	if len(res.Errors) == 0 {
-		collect(a.probe(s))
-	}
-	if pc.ID <= 0 {
-		for _, fe := range res.Errors {
-			fe.New = true
-		}
-	}
-	res.Valid = len(res.Errors) == 0
-	return res
-}
-
-// probe checks that s's addresses can be bound now, unless a stream of
-// this process holds them (validateListen has judged those).
-func (a *App) probe(s *spec.Stream) error {
-	var errs []error
-	for _, network := range []string{"tcp", "udp"} {
-		if network == "tcp" && !s.HasTCP() || network == "udp" && !s.HasUDP() {
-			continue
-		}
-		if err := probeBind(s, network); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	return errors.Join(errs...)
-}
-
-// flattenErrors unpacks errors.Join trees.
-func flattenErrors(err error) []error {
-	if err == nil {
-		return nil
-	}
-	if j, ok := err.(interface{ Unwrap() []error }); ok {
-		var out []error
-		for _, e := range j.Unwrap() {
-			out = append(out, flattenErrors(e)...)
-		}
-		return out
-	}
-	return []error{err}
 }
