@@ -12,8 +12,8 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
 
+	"github.com/aegis-proxy/caddy-aegis/certcheck"
 	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
-	"github.com/aegis-proxy/caddy-aegis/modules/certs"
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegistls"
 	"github.com/aegis-proxy/caddy-aegis/spec"
 	"github.com/aegis-proxy/caddy-aegis/storage"
@@ -77,22 +77,22 @@ func (a *App) Certificate(ctx context.Context, id int64) (spec.CertStatus, error
 
 // parseCertInput validates an upload and returns the certificate to store,
 // its key pair (nil for a managed certificate) and warnings.
-func parseCertInput(in spec.CertInput) (spec.Certificate, *certs.Parsed, []string, error) {
+func parseCertInput(in spec.CertInput) (spec.Certificate, *certcheck.Parsed, []string, error) {
 	if in.Name == "" {
-		return spec.Certificate{}, nil, nil, &certs.FieldError{Field: "name", Reason: "required: a name for the certificate"}
+		return spec.Certificate{}, nil, nil, &certcheck.FieldError{Field: "name", Reason: "required: a name for the certificate"}
 	}
 	if len(in.Domains) > 0 {
 		if in.Certificate != "" || in.PrivateKey != "" {
-			return spec.Certificate{}, nil, nil, &certs.FieldError{Field: "domains",
+			return spec.Certificate{}, nil, nil, &certcheck.FieldError{Field: "domains",
 				Reason: "give either domains (Caddy obtains the certificate) or certificate and private_key (an upload), not both"}
 		}
-		domains, err := certs.NormalizeDomains(in.Domains)
+		domains, err := certcheck.NormalizeDomains(in.Domains)
 		if err != nil {
 			return spec.Certificate{}, nil, nil, err
 		}
 		return spec.Certificate{Name: in.Name, Source: spec.SourceManaged, Domains: domains}, nil, nil, nil
 	}
-	p, warnings, err := certs.ParseCustom(in.Certificate, in.PrivateKey, time.Now())
+	p, warnings, err := certcheck.ParseCustom(in.Certificate, in.PrivateKey, time.Now())
 	if err != nil {
 		return spec.Certificate{}, nil, nil, err
 	}
@@ -373,7 +373,7 @@ func (a *App) checkCert(ctx context.Context, id int64) error {
 // publish makes certificate c available to handshakes: a custom one from
 // its parsed key pair p, a managed one from Caddy's certificate cache,
 // after asking Caddy's TLS app to obtain and renew it.
-func (a *App) publish(c spec.Certificate, p *certs.Parsed) error {
+func (a *App) publish(c spec.Certificate, p *certcheck.Parsed) error {
 	if c.Source != spec.SourceManaged {
 		a.setCert(c.ID, l4aegistls.NewStaticCert(&p.Certificate))
 		a.certRows[c.ID] = certRow(c)
@@ -485,7 +485,7 @@ func (h configStarted) Handle(context.Context, caddy.Event) error {
 }
 
 // keyOf is the private key to store: none for a managed certificate.
-func keyOf(p *certs.Parsed) []byte {
+func keyOf(p *certcheck.Parsed) []byte {
 	if p == nil {
 		return nil
 	}
