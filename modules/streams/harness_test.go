@@ -5,15 +5,14 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"testing"
 	"time"
 
 	"github.com/aegis-proxy/caddy-aegis/internal/loopback"
 	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
+	"github.com/aegis-proxy/caddy-aegis/modules/streams"
 	"github.com/aegis-proxy/caddy-aegis/spec"
 
-	_ "github.com/aegis-proxy/caddy-aegis/admin"
 	_ "github.com/aegis-proxy/caddy-aegis/modules/l4aegisguard"
 	_ "github.com/aegis-proxy/caddy-aegis/modules/l4aegisproxy"
 )
@@ -52,19 +51,27 @@ func (inst *instance) load(app map[string]any) error {
 	return inst.caddy.Load(map[string]any{"streams": app})
 }
 
-// stats reads /api/v1/streams/stats over HTTP.
+// statsJSON is what GET /api/v1/streams/stats answers (package admin
+// serves it; these tests do not import admin): the running app's Statuses
+// as JSON, [] when no app runs.
+func statsJSON(t testing.TB) []byte {
+	t.Helper()
+	stats := []spec.Status{}
+	if app := streams.Running(); app != nil {
+		stats = app.Statuses()
+	}
+	b, err := json.Marshal(stats)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// stats reads the stats as the API returns them, by stream id.
 func (inst *instance) stats() map[int64]spec.Status {
 	inst.t.Helper()
-	resp, err := http.Get("http://" + inst.admin + "/api/v1/streams/stats")
-	if err != nil {
-		inst.t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		inst.t.Fatalf("GET stats: %s", resp.Status)
-	}
 	var list []spec.Status
-	if err := json.NewDecoder(resp.Body).Decode(&list); err != nil {
+	if err := json.Unmarshal(statsJSON(inst.t), &list); err != nil {
 		inst.t.Fatal(err)
 	}
 	out := make(map[int64]spec.Status, len(list))
