@@ -15,8 +15,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
-
 	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
 )
 
@@ -513,18 +511,14 @@ func TestCertificatesThroughHandler(t *testing.T) {
 	checkNoLeaks(t)
 	inst := newInstance(t)
 	site := freePort(t)
-	cfg, err := adapt(t, inst.caddyfile(`http://127.0.0.1:%d {
+	if err := inst.caddy.LoadCaddyfile(inst.caddyfile(`http://127.0.0.1:%d {
 	handle_path /admin/* {
 		streams_admin
 	}
 	respond "site"
 }
-`, site))
-	if err != nil {
-		t.Fatalf("adapting: %v", err)
-	}
-	if err := caddy.Load(cfg, true); err != nil {
-		t.Fatalf("loading: %v", err)
+`, site)); err != nil {
+		t.Fatal(err)
 	}
 	base := fmt.Sprintf("http://127.0.0.1:%d/admin", site)
 	good := newCA(t).valid(t)
