@@ -139,12 +139,12 @@ func paceWrites(c net.Conn, sent *atomic.Int64, recv *arrivals, window int64, st
 }
 
 // apiGet fetches path from the admin endpoint and returns the status and body.
-func (inst *instance) apiGet(path string) (int, []byte) {
+func (inst *testCaddy) apiGet(path string) (int, []byte) {
 	inst.t.Helper()
 	return inst.apiDo(http.MethodGet, path)
 }
 
-func (inst *instance) apiDo(method, path string) (int, []byte) {
+func (inst *testCaddy) apiDo(method, path string) (int, []byte) {
 	inst.t.Helper()
 	req, err := http.NewRequest(method, "http://"+inst.admin+path, nil)
 	if err != nil {
@@ -165,7 +165,7 @@ func (inst *instance) apiDo(method, path string) (int, []byte) {
 
 // rawStats returns the stats as the API returns them, as plain JSON
 // objects by id.
-func (inst *instance) rawStats() map[int64]map[string]any {
+func (inst *testCaddy) rawStats() map[int64]map[string]any {
 	inst.t.Helper()
 	body := statsJSON(inst.t)
 	var list []map[string]any

@@ -129,7 +129,7 @@ func TestManagedCertificateFromCaddy(t *testing.T) {
 	checkNoLeaks(t)
 	up := newUpstream(t, echo)
 	port := freePort(t)
-	inst := &instance{t: t, caddy: testenv.New(t)}
+	inst := &testCaddy{t: t, caddy: testenv.New(t)}
 	inst.admin, inst.logFile, inst.dbFile = inst.caddy.AdminAddr, inst.caddy.LogFile, inst.caddy.DBFile
 	apps := map[string]any{
 		"streams": hosts(host(1, freePort(t), up.Port, nil)),
@@ -186,7 +186,7 @@ func TestConfigStreamCertificateByTagAndDomain(t *testing.T) {
 	tagPort, domainPort := freePort(t), freePort(t)
 	ca := newTestCA(t)
 	chain, key := ca.leaf(t, "tagged.test", 300)
-	inst := &instance{t: t, caddy: testenv.New(t)}
+	inst := &testCaddy{t: t, caddy: testenv.New(t)}
 	inst.admin, inst.logFile, inst.dbFile = inst.caddy.AdminAddr, inst.caddy.LogFile, inst.caddy.DBFile
 	apps := map[string]any{
 		"streams": hosts(
