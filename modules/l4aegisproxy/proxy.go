@@ -58,7 +58,7 @@ type Handler struct {
 	HalfClose bool `json:"half_close,omitempty"`
 
 	dialer net.Dialer
-	state  *streamstate.Stream
+	state  *streamstate.State
 	logger *zap.Logger
 	// stopHealth ends the health loop.
 	stopHealth context.CancelFunc
