@@ -7,7 +7,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/aegis-proxy/caddy-aegis/modules/certs"
+	"github.com/aegis-proxy/caddy-aegis/certcheck"
 	"github.com/aegis-proxy/caddy-aegis/spec"
 	"github.com/aegis-proxy/caddy-aegis/storage"
 )
@@ -24,7 +24,7 @@ func TestCertErrorMapping(t *testing.T) {
 		streams []int64
 		has     string
 	}{
-		{"field error", fmt.Errorf("wrapped: %w", &certs.FieldError{Field: "private_key", Reason: "does not match"}),
+		{"field error", fmt.Errorf("wrapped: %w", &certcheck.FieldError{Field: "private_key", Reason: "does not match"}),
 			http.StatusBadRequest, "private_key", nil, "private_key: does not match"},
 		{"in use, carried", fmt.Errorf("%w: %w", inUse, spec.ErrInUse), http.StatusConflict, "", []int64{1, 4}, `streams 1 ("db"), 4`},
 		{"in use, from the store", fmt.Errorf("storage: deleting certificate 3: %w", inUse), http.StatusConflict, "", []int64{1, 4}, "certificate 3"},

@@ -2,13 +2,8 @@ package admin_test
 
 import (
 	"bytes"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"fmt"
 	"math/big"
 	"net"
@@ -20,16 +15,14 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
+	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
 )
 
 // ---- certificates made on the fly ------------------------------------------
 
 // testCA is a certificate authority of the test: ECDSA P-256.
 type testCA struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-	pem  string
+	ca   *testenv.Issued
 	pool *x509.CertPool
 }
 
@@ -38,40 +31,8 @@ const tlsName = "tls.test"
 
 func newCA(t *testing.T) *testCA {
 	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          randSerial(t),
-		Subject:               pkix.Name{CommonName: "Aegis Test CA"},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(365 * 24 * time.Hour),
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AddCert(cert)
-	return &testCA{cert: cert, key: key, pool: pool,
-		pem: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))}
-}
-
-func randSerial(t *testing.T) *big.Int {
-	t.Helper()
-	n, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 120))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return n.Add(n, big.NewInt(1))
+	ca := testenv.Cert(t, testenv.CertOptions{CA: true, NotAfter: time.Now().Add(365 * 24 * time.Hour)})
+	return &testCA{ca: ca, pool: ca.Pool()}
 }
 
 // leafCert is a leaf the CA issued, with its chain and key as PEM.
@@ -87,41 +48,14 @@ type leafCert struct {
 // notAfter, with a new key.
 func (ca *testCA) issue(t *testing.T, notBefore, notAfter time.Time) leafCert {
 	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: randSerial(t),
-		Subject:      pkix.Name{CommonName: tlsName},
-		DNSNames:     []string{tlsName},
-		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
-		NotBefore:    notBefore,
-		NotAfter:     notAfter,
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyPEM := string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}))
+	l := testenv.Cert(t, testenv.CertOptions{Names: []string{tlsName, "127.0.0.1"}, Issuer: ca.ca, NotBefore: notBefore, NotAfter: notAfter})
 	var lines []string
-	for _, l := range strings.Split(keyPEM, "\n") {
-		if l != "" && !strings.HasPrefix(l, "-----") {
-			lines = append(lines, l)
+	for _, line := range strings.Split(l.KeyPEM, "\n") {
+		if line != "" && !strings.HasPrefix(line, "-----") {
+			lines = append(lines, line)
 		}
 	}
-	return leafCert{
-		serial:   tmpl.SerialNumber,
-		chainPEM: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})) + ca.pem,
-		keyPEM:   keyPEM,
-		keyLines: lines,
-	}
+	return leafCert{serial: l.Cert.SerialNumber, chainPEM: l.ChainPEM, keyPEM: l.KeyPEM, keyLines: lines}
 }
 
 // valid issues a leaf valid from an hour ago for 90 days.
@@ -577,18 +511,14 @@ func TestCertificatesThroughHandler(t *testing.T) {
 	checkNoLeaks(t)
 	inst := newInstance(t)
 	site := freePort(t)
-	cfg, err := adapt(t, inst.caddyfile(`http://127.0.0.1:%d {
+	if err := inst.caddy.LoadCaddyfile(inst.caddyfile(`http://127.0.0.1:%d {
 	handle_path /admin/* {
 		streams_admin
 	}
 	respond "site"
 }
-`, site))
-	if err != nil {
-		t.Fatalf("adapting: %v", err)
-	}
-	if err := caddy.Load(cfg, true); err != nil {
-		t.Fatalf("loading: %v", err)
+`, site)); err != nil {
+		t.Fatal(err)
 	}
 	base := fmt.Sprintf("http://127.0.0.1:%d/admin", site)
 	good := newCA(t).valid(t)

@@ -6,7 +6,7 @@ import (
 	"net/http"
 	"strings"
 
-	"github.com/aegis-proxy/caddy-aegis/modules/certs"
+	"github.com/aegis-proxy/caddy-aegis/certcheck"
 	"github.com/aegis-proxy/caddy-aegis/spec"
 	"github.com/aegis-proxy/caddy-aegis/storage"
 )
@@ -52,7 +52,7 @@ func problemOf(fe *spec.FieldError) fieldProblem {
 // toAPIError maps an error to its response: an *apiError as it is; the
 // streams package's sentinels to 503, 404 and 409; a database that cannot
 // take the write (full disk, read-only file, lock held elsewhere) to 503;
-// validation problems (*spec.FieldError and *certs.FieldError, one or
+// validation problems (*spec.FieldError and *certcheck.FieldError, one or
 // several joined) to 400; anything else to 500.
 func toAPIError(err error) *apiError {
 	var ae *apiError
@@ -96,7 +96,7 @@ func toAPIError(err error) *apiError {
 	var probs []fieldProblem
 	for _, leaf := range leaves(err) {
 		var fe *spec.FieldError
-		var ce *certs.FieldError
+		var ce *certcheck.FieldError
 		if errors.As(leaf, &fe) {
 			probs = append(probs, problemOf(fe))
 			msgs = append(msgs, fe.Error())

@@ -47,12 +47,8 @@ http://127.0.0.1:%d {
 	respond "other"
 }
 `, site, ordered)
-	cfg, err := adapt(t, cf)
-	if err != nil {
-		t.Fatalf("adapting: %v", err)
-	}
-	if err := caddy.Load(cfg, true); err != nil {
-		t.Fatalf("loading: %v", err)
+	if err := inst.caddy.LoadCaddyfile(cf); err != nil {
+		t.Fatal(err)
 	}
 	base := fmt.Sprintf("http://127.0.0.1:%d", site)
 	get := func(url string, headers ...hdr) response {

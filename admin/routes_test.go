@@ -71,6 +71,7 @@ func TestRoutes(t *testing.T) {
 		{method: "OPTIONS", path: "/api/v1/streams/2", code: 204, allow: "GET, HEAD, PUT, PATCH, DELETE, OPTIONS"},
 		{method: "PATCH", path: "/api/v1/streams/stats", code: 405, allow: "GET, HEAD, OPTIONS"},
 		{method: "POST", path: "/api/v1/streams/stats", code: 405, allow: "GET, HEAD, OPTIONS"},
+		{method: "PUT", path: "/api/v1/streams/stats", code: 405, allow: "GET, HEAD, OPTIONS"},
 		{method: "DELETE", path: "/api/v1/streams/stats", code: 405, allow: "GET, HEAD, OPTIONS"},
 		{method: "GET", path: "/api/v1/streams/validate-port", code: 405, allow: "POST, OPTIONS"},
 		{method: "POST", path: "/api/v1/streams/1/active", code: 405, allow: "GET, HEAD, OPTIONS"},

@@ -14,8 +14,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
-
 	"github.com/aegis-proxy/caddy-aegis/ui"
 )
 
@@ -251,12 +249,8 @@ func TestUIOnSite(t *testing.T) {
 	}
 }
 `, site)
-	cfg, err := adapt(t, cf)
-	if err != nil {
-		t.Fatalf("adapting: %v", err)
-	}
-	if err := caddy.Load(cfg, true); err != nil {
-		t.Fatalf("loading: %v", err)
+	if err := inst.caddy.LoadCaddyfile(cf); err != nil {
+		t.Fatal(err)
 	}
 	addr := fmt.Sprintf("127.0.0.1:%d", site)
 	base := "http://" + addr

@@ -160,7 +160,7 @@ const (
 // CertificateKey returns the key of a custom certificate.
 //
 // The store keeps what it is given: parse and validate certificates before
-// storing them (package modules/certs).
+// storing them (package certcheck).
 type Certificate struct {
 	// ID identifies the certificate; > 0 once stored. Hosts refer to it
 	// as ssl_cert_id.

@@ -9,7 +9,7 @@ import (
 	"unicode"
 	"unicode/utf8"
 
-	"github.com/aegis-proxy/caddy-aegis/modules/certs"
+	"github.com/aegis-proxy/caddy-aegis/certcheck"
 )
 
 // Limits of the free-text settings, in characters (Unicode code points).
@@ -249,7 +249,7 @@ func (s *Stream) validate(limits bool) error {
 		}
 	}
 	if s.SSLDomain != "" {
-		if err := certs.ValidateDomains([]string{s.SSLDomain}); err != nil {
+		if err := certcheck.ValidateDomains([]string{s.SSLDomain}); err != nil {
 			bad("ssl_domain", s.SSLDomain, strings.TrimPrefix(err.Error(), "domains: "))
 		}
 	}

@@ -141,7 +141,7 @@ type Store interface {
 	// custom certificate needs CertificatePEM and keyPEM, which is stored
 	// sealed (ErrNoKey without a store key); a managed one must have
 	// neither. An unknown Source is ErrInvalid. The store does not parse
-	// either PEM: validate them first (package modules/certs). apply does
+	// either PEM: validate them first (package certcheck). apply does
 	// not receive the private key: the caller has it.
 	CreateCertificate(ctx context.Context, c spec.Certificate, keyPEM []byte, apply func(c spec.Certificate) error) (spec.Certificate, error)
 

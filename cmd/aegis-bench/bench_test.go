@@ -21,8 +21,8 @@ import (
 	_ "github.com/caddyserver/caddy/v2/modules/logging"
 
 	_ "github.com/aegis-proxy/caddy-aegis/admin"
+	"github.com/aegis-proxy/caddy-aegis/certcheck"
 	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
-	"github.com/aegis-proxy/caddy-aegis/modules/certs"
 	_ "github.com/aegis-proxy/caddy-aegis/modules/l4aegisguard"
 	_ "github.com/aegis-proxy/caddy-aegis/modules/l4aegisproxy"
 	_ "github.com/aegis-proxy/caddy-aegis/modules/streams"
@@ -599,7 +599,7 @@ func TestBenchCert(t *testing.T) {
 		t.Errorf("the leaf does not verify for %s: %v", tlsName, err)
 	}
 	// Aegis takes it as an upload without a warning.
-	if _, warnings, err := certs.ParseCustom(bc.chainPEM, bc.keyPEM, time.Now()); err != nil || len(warnings) > 0 {
+	if _, warnings, err := certcheck.ParseCustom(bc.chainPEM, bc.keyPEM, time.Now()); err != nil || len(warnings) > 0 {
 		t.Errorf("ParseCustom: %v %v", warnings, err)
 	}
 }

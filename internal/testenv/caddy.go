@@ -13,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 )
 
 // Caddy runs Caddy configs in the test process, one at a time, with the
@@ -86,6 +87,20 @@ func (c *Caddy) Load(apps map[string]any) error {
 		return err
 	}
 	return caddy.Load(b, true)
+}
+
+// LoadCaddyfile adapts a whole Caddyfile and loads it in place of the
+// running config. The Caddyfile's global options give the admin endpoint,
+// the log and the storage: use AdminPort, LogFile and DBFile there.
+func (c *Caddy) LoadCaddyfile(src string) error {
+	cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(src), map[string]any{"filename": "Caddyfile"})
+	if err != nil {
+		return fmt.Errorf("adapting: %w", err)
+	}
+	if err := caddy.Load(cfg, true); err != nil {
+		return fmt.Errorf("loading: %w", err)
+	}
+	return nil
 }
 
 // LogLines decodes the JSON lines of the log file into values of T and

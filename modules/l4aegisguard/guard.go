@@ -64,7 +64,7 @@ type Handler struct {
 	LogConnections bool `json:"log_connections,omitempty"`
 
 	policy *streamstate.Policy
-	state  *streamstate.Stream
+	state  *streamstate.State
 }
 
 // FromLimits is the guard of stream id with the admission settings l, the
@@ -141,7 +141,7 @@ func (h *Handler) limits() streamstate.Limits {
 }
 
 // State is the stream state the handler counts into.
-func (h *Handler) State() *streamstate.Stream { return h.state }
+func (h *Handler) State() *streamstate.State { return h.state }
 
 // Allowed applies the access lists to ip: a non-empty whitelist allows only
 // its matches, then a blacklist match rejects.

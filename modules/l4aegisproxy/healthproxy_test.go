@@ -23,7 +23,7 @@ import (
 
 // startChecks provisions a handler that health-checks upstream every 20ms
 // and sends PROXY headers of version ver, sharing the state of stream id.
-func startChecks(t *testing.T, id int64, upstream string, ver int) *streamstate.Stream {
+func startChecks(t *testing.T, id int64, upstream string, ver int) *streamstate.State {
 	t.Helper()
 	h := &l4aegisproxy.Handler{Upstream: upstream, StreamID: id, ProxyProtocol: ver,
 		DialTimeout: caddy.Duration(time.Second), HealthCheckInterval: caddy.Duration(20 * time.Millisecond)}
@@ -34,7 +34,7 @@ func startChecks(t *testing.T, id int64, upstream string, ver int) *streamstate.
 	return streamstate.Lookup(id)
 }
 
-func waitHealth(t *testing.T, st *streamstate.Stream, healthy bool) {
+func waitHealth(t *testing.T, st *streamstate.State, healthy bool) {
 	t.Helper()
 	testenv.Eventually(t, fmt.Sprintf("healthy = %v", healthy), func() bool {
 		h := st.Health()

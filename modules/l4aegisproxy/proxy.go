@@ -62,7 +62,7 @@ type Handler struct {
 	// v1 "PROXY UNKNOWN", a proxy's own connection (nil without
 	// ProxyProtocol).
 	checkHeader []byte
-	state       *streamstate.Stream
+	state       *streamstate.State
 	logger      *zap.Logger
 	// stopHealth ends the health loop.
 	stopHealth context.CancelFunc

@@ -84,7 +84,7 @@ func startChain(t testing.TB, listen string, guard *l4aegisguard.Handler, proxy 
 }
 
 // state is the stream state the guard counts into.
-func (c *chain) state() *streamstate.Stream { return c.guard.State() }
+func (c *chain) state() *streamstate.State { return c.guard.State() }
 
 // session waits for the one open connection's session.
 func (c *chain) session(t *testing.T) *streamstate.Session {

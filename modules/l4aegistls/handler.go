@@ -72,7 +72,7 @@ type Handler struct {
 	src     CertSource // from CertTag; nil with CertID
 	timeout time.Duration
 	max     int64
-	state   *streamstate.Stream // with a stream_id
+	state   *streamstate.State // with a stream_id
 	hs      *streamstate.Handshakes
 	logger  *zap.Logger
 }

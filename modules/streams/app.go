@@ -67,17 +67,17 @@ type App struct {
 	validated bool
 
 	// mu serializes changes to the running streams (the API's writes) and
-	// guards streams and each runtime's cfg.
+	// guards streams and each instance's cfg.
 	mu      sync.Mutex
-	streams []*runtime
+	streams []*instance
 	store   *sharedStore // nil without storage
 	// cleanedUp says Cleanup ran (the metrics then show the running
 	// app's streams; see samples).
 	cleanedUp bool
 
-	// Names for Caddy's tls app to manage, waiting until this config runs
-	// (running); guarded by manageMu.
-	manageMu sync.Mutex
+	// namesMu guards the names for Caddy's tls app to manage, which wait
+	// until this config runs (running).
+	namesMu  sync.Mutex
 	running  bool
 	toManage map[string]struct{}
 
@@ -94,7 +94,7 @@ type App struct {
 	certsLive bool
 
 	// prev is the app this one replaced as the running app, and stopped
-	// says Stop began; both guarded by manageMu.
+	// says Stop began; both guarded by writeMu.
 	prev    *App
 	stopped bool
 }
@@ -106,16 +106,16 @@ type reservedPort struct {
 	Owner string
 }
 
-// runtime is one stream of this config: its settings, shared state,
-// listeners, TCP handler chain and UDP relay.
-type runtime struct {
+// instance is one stream as one config load runs it: its settings,
+// shared state, listeners, TCP handler chain and UDP relay.
+type instance struct {
 	cfg    *spec.Stream
 	source string // SourceConfig or SourceAPI
 	// created and updated are the storage times of an API stream, and
 	// version its stored version (see setStored).
 	created, updated time.Time
 	version          int64
-	state            *streamstate.Stream
+	state            *streamstate.State
 	released         bool // state was released
 	chain            atomic.Pointer[chainBox]
 	cancel           func() // cleans the chain's handlers up
@@ -187,56 +187,56 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return err
 	}
 	for _, h := range a.Hosts {
-		rt, err := a.newRuntime(h, spec.SourceConfig)
+		inst, err := a.newInstance(h, spec.SourceConfig)
 		if err != nil {
 			return err
 		}
-		a.streams = append(a.streams, rt)
+		a.streams = append(a.streams, inst)
 	}
 	for _, h := range stored {
-		rt, err := a.newRuntime(&h.Stream, spec.SourceAPI)
+		inst, err := a.newInstance(&h.Stream, spec.SourceAPI)
 		if err != nil {
 			return err
 		}
-		rt.setStored(h)
-		a.streams = append(a.streams, rt)
+		inst.setStored(h)
+		a.streams = append(a.streams, inst)
 	}
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	return a.loadCertificates(cctx)
 }
 
-// newRuntime acquires the shared state of stream h and, if it is enabled,
+// newInstance acquires the shared state of stream h and, if it is enabled,
 // builds its TCP handler chain and joins its UDP relay. On error nothing is
 // left acquired.
-func (a *App) newRuntime(h *spec.Stream, source string) (*runtime, error) {
-	rt := &runtime{cfg: h, source: source, state: streamstate.Acquire(h.ID),
+func (a *App) newInstance(h *spec.Stream, source string) (*instance, error) {
+	inst := &instance{cfg: h, source: source, state: streamstate.Acquire(h.ID),
 		logger: a.logger.With(zap.Int64("stream_id", h.ID), zap.String("stream", h.DisplayName()))}
 	if !h.Enabled {
-		return rt, nil
+		return inst, nil
 	}
 	for _, w := range h.Warnings() {
-		rt.logger.Warn("stream setting", zap.String("warning", w))
+		inst.logger.Warn("stream setting", zap.String("warning", w))
 	}
 	if h.HasUDP() {
-		nat, err := a.natConfig(h, rt.logger)
+		nat, err := a.natConfig(h, inst.logger)
 		if err != nil {
-			rt.release()
+			inst.release()
 			return nil, fmt.Errorf("%s: %v", spec.StreamLabel(h.ID, h.Name), err)
 		}
-		rt.nat = nat
-		rt.relay = udpnat.Acquire(rt.state, h.ListenHostPort())
+		inst.nat = nat
+		inst.relay = udpnat.Acquire(inst.state, h.ListenHostPort())
 	}
 	if h.HasTCP() {
 		chain, cancel, err := a.buildChain(h)
 		if err != nil {
-			rt.release()
+			inst.release()
 			return nil, fmt.Errorf("%s: %v", spec.StreamLabel(h.ID, h.Name), err)
 		}
-		rt.chain.Store(&chainBox{chain})
-		rt.cancel = cancel
+		inst.chain.Store(&chainBox{chain})
+		inst.cancel = cancel
 	}
-	return rt, nil
+	return inst, nil
 }
 
 // limits are the stream's admission settings, which its TCP guard and its
@@ -324,77 +324,77 @@ func (a *App) Start() error {
 func (a *App) start() error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	for _, rt := range a.streams {
-		if err := rt.bind(a.ctx); err != nil {
+	for _, inst := range a.streams {
+		if err := inst.bind(a.ctx); err != nil {
 			a.closeListeners()
 			return err
 		}
 	}
 	a.certsLive = true
 	a.registerCerts(nil)
-	for _, rt := range a.streams {
-		rt.state.ResetTotals()
-		a.serve(rt)
+	for _, inst := range a.streams {
+		inst.state.ResetTotals()
+		a.serve(inst)
 	}
 	return nil
 }
 
 // bind opens the stream's listeners if it is enabled. On error none is
 // left open.
-func (rt *runtime) bind(ctx caddy.Context) error {
-	if !rt.cfg.Enabled {
+func (inst *instance) bind(ctx caddy.Context) error {
+	if !inst.cfg.Enabled {
 		return nil
 	}
 	var err error
-	if rt.cfg.HasTCP() {
-		rt.ln, err = listen(ctx, rt.cfg)
+	if inst.cfg.HasTCP() {
+		inst.ln, err = listen(ctx, inst.cfg)
 	}
-	if err == nil && rt.cfg.HasUDP() {
-		rt.udp, rt.pc, err = listenUDP(ctx, rt.cfg)
+	if err == nil && inst.cfg.HasUDP() {
+		inst.udp, inst.pc, err = listenUDP(ctx, inst.cfg)
 	}
 	if err != nil {
-		rt.closeListeners()
+		inst.closeListeners()
 	}
 	return err
 }
 
 // serveSettings puts the app's settings into the stream's shared state.
-func (a *App) serveSettings(rt *runtime) {
-	rt.state.SetGracePeriod(a.gracePeriod())
-	rt.state.SetConnLogger(a.connLogger)
+func (a *App) serveSettings(inst *instance) {
+	inst.state.SetGracePeriod(a.gracePeriod())
+	inst.state.SetConnLogger(a.connLogger)
 	if a.store != nil {
-		rt.state.SetLogSink(a.store.logSink)
+		inst.state.SetLogSink(a.store.logSink)
 	} else {
-		rt.state.SetLogSink(nil)
+		inst.state.SetLogSink(nil)
 	}
 }
 
 // serve starts serving the stream's bound listeners.
-func (a *App) serve(rt *runtime) {
-	a.serveSettings(rt)
-	if !rt.cfg.HealthCheckEnabled || !rt.cfg.Enabled {
-		rt.state.ClearHealth()
+func (a *App) serve(inst *instance) {
+	a.serveSettings(inst)
+	if !inst.cfg.HealthCheckEnabled || !inst.cfg.Enabled {
+		inst.state.ClearHealth()
 	}
-	if rt.ln != nil {
-		rt.state.ListenerUp(streamstate.TCP)
-		rt.startAccept()
+	if inst.ln != nil {
+		inst.state.ListenerUp(streamstate.TCP)
+		inst.startAccept()
 	}
-	if rt.udp != nil {
-		rt.relay.SetConfig(rt.nat)
-		if err := rt.relay.AddSocket(rt.udp); err != nil {
-			rt.logger.Error("serving UDP socket", zap.Error(err))
+	if inst.udp != nil {
+		inst.relay.SetConfig(inst.nat)
+		if err := inst.relay.AddSocket(inst.udp); err != nil {
+			inst.logger.Error("serving UDP socket", zap.Error(err))
 		} else {
-			rt.serving = true
+			inst.serving = true
 		}
 	}
-	if rt.ln != nil || rt.udp != nil {
+	if inst.ln != nil || inst.udp != nil {
 		a.logger.Info("stream listening",
-			zap.Int64("stream_id", rt.cfg.ID),
-			zap.String("stream", rt.cfg.DisplayName()),
-			zap.String("source", rt.source),
-			zap.String("protocol", rt.cfg.EffectiveProtocol()),
-			zap.String("listen", rt.cfg.ListenHostPort()),
-			zap.String("upstream", rt.cfg.UpstreamHostPort()))
+			zap.Int64("stream_id", inst.cfg.ID),
+			zap.String("stream", inst.cfg.DisplayName()),
+			zap.String("source", inst.source),
+			zap.String("protocol", inst.cfg.EffectiveProtocol()),
+			zap.String("listen", inst.cfg.ListenHostPort()),
+			zap.String("upstream", inst.cfg.UpstreamHostPort()))
 	}
 }
 
@@ -404,9 +404,9 @@ func (a *App) serve(rt *runtime) {
 func (a *App) Stop() error {
 	// No API write can reach a from here on; one in progress has ended,
 	// and closeListeners below closes what it bound.
-	manageMu.Lock()
+	writeMu.Lock()
 	back := handOver(a)
-	manageMu.Unlock()
+	writeMu.Unlock()
 	a.mu.Lock()
 	a.closeListeners()
 	var certs []int64
@@ -428,18 +428,18 @@ func (a *App) reassert(theirs []int64) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.registerCerts(theirs)
-	for _, rt := range a.streams {
-		a.serveSettings(rt)
-		if rt.serving {
-			rt.relay.SetConfig(rt.nat)
+	for _, inst := range a.streams {
+		a.serveSettings(inst)
+		if inst.serving {
+			inst.relay.SetConfig(inst.nat)
 		}
 	}
 }
 
 // closeListeners stops every stream's listeners.
 func (a *App) closeListeners() {
-	for _, rt := range a.streams {
-		rt.closeListeners()
+	for _, inst := range a.streams {
+		inst.closeListeners()
 	}
 }
 
@@ -447,46 +447,46 @@ func (a *App) closeListeners() {
 // their loops. A UDP socket that the relay serves is taken from it first,
 // so replies move to a newer socket of the same address if one was bound
 // meanwhile (a reload, an edit).
-func (rt *runtime) closeListeners() {
-	if rt.ln != nil {
-		rt.ln.Close()
-		unbind(rt.cfg, "tcp")
-		rt.ln = nil
-		if rt.done != nil {
-			close(rt.stop)
-			<-rt.done
-			rt.done = nil
-			rt.state.ListenerDown(streamstate.TCP)
+func (inst *instance) closeListeners() {
+	if inst.ln != nil {
+		inst.ln.Close()
+		unbind(inst.cfg, "tcp")
+		inst.ln = nil
+		if inst.done != nil {
+			close(inst.stop)
+			<-inst.done
+			inst.done = nil
+			inst.state.ListenerDown(streamstate.TCP)
 		}
 	}
-	if rt.udp != nil {
-		if rt.serving {
-			rt.relay.RemoveSocket(rt.udp, rt.pc.Close)
+	if inst.udp != nil {
+		if inst.serving {
+			inst.relay.RemoveSocket(inst.udp, inst.pc.Close)
 		} else {
-			rt.pc.Close()
+			inst.pc.Close()
 		}
-		unbind(rt.cfg, "udp")
-		rt.udp, rt.pc, rt.serving = nil, nil, false
+		unbind(inst.cfg, "udp")
+		inst.udp, inst.pc, inst.serving = nil, nil, false
 	}
 }
 
 // release unloads the stream's handler chain and lets go of its relay and
 // shared state; the last user of a stream closes its remaining
 // connections.
-func (rt *runtime) release() {
-	if rt.cancel != nil {
-		rt.cancel()
-		rt.cancel = nil
+func (inst *instance) release() {
+	if inst.cancel != nil {
+		inst.cancel()
+		inst.cancel = nil
 	}
 	// A relay that goes away closes its NAT entries at once: with its
 	// sockets closed, no reply could reach the clients.
-	if rt.relay != nil {
-		udpnat.Release(rt.relay)
-		rt.relay = nil
+	if inst.relay != nil {
+		udpnat.Release(inst.relay)
+		inst.relay = nil
 	}
-	if !rt.released {
-		rt.released = true
-		streamstate.Release(rt.cfg.ID)
+	if !inst.released {
+		inst.released = true
+		streamstate.Release(inst.cfg.ID)
 	}
 }
 
@@ -499,8 +499,8 @@ func (a *App) Cleanup() error {
 	// Streams that go away each wait out their grace period: together,
 	// so that stopping N busy streams takes one grace period, not N.
 	var wg sync.WaitGroup
-	for _, rt := range a.streams {
-		wg.Go(rt.release)
+	for _, inst := range a.streams {
+		wg.Go(inst.release)
 	}
 	wg.Wait()
 	a.streams = nil
@@ -512,17 +512,17 @@ func (a *App) Cleanup() error {
 	return nil
 }
 
-// startAccept runs the accept loop of rt.ln until closeListeners.
-func (rt *runtime) startAccept() {
-	rt.done = make(chan struct{})
-	rt.stop = make(chan struct{})
-	go rt.accept(rt.ln, rt.stop)
+// startAccept runs the accept loop of inst.ln until closeListeners.
+func (inst *instance) startAccept() {
+	inst.done = make(chan struct{})
+	inst.stop = make(chan struct{})
+	go inst.accept(inst.ln, inst.stop)
 }
 
 // accept runs the stream's accept loop until its listener is closed, or
 // stop is while it waits to try again.
-func (rt *runtime) accept(ln net.Listener, stop <-chan struct{}) {
-	defer close(rt.done)
+func (inst *instance) accept(ln net.Listener, stop <-chan struct{}) {
+	defer close(inst.done)
 	var backoff time.Duration
 	for {
 		c, err := ln.Accept()
@@ -534,7 +534,7 @@ func (rt *runtime) accept(ln net.Listener, stop <-chan struct{}) {
 			// wait ends when the listener closes: an API write waits for
 			// this loop, holding the app's lock.
 			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			rt.logger.Error("accepting connection", zap.Error(err), zap.Duration("retry_in", backoff))
+			inst.logger.Error("accepting connection", zap.Error(err), zap.Duration("retry_in", backoff))
 			t := time.NewTimer(backoff)
 			select {
 			case <-stop:
@@ -545,17 +545,17 @@ func (rt *runtime) accept(ln net.Listener, stop <-chan struct{}) {
 			continue
 		}
 		backoff = 0
-		rt.state.ConnStarted()
-		go rt.serve(c)
+		inst.state.ConnStarted()
+		go inst.serve(c)
 	}
 }
 
 // serve runs one connection through the stream's current handler chain.
-func (rt *runtime) serve(c net.Conn) {
-	defer rt.state.ConnDone()
-	cx := layer4.WrapConnection(c, nil, rt.logger)
-	if err := rt.chain.Load().h.Handle(cx); err != nil {
-		rt.logger.Debug("handling connection", zap.Error(err))
+func (inst *instance) serve(c net.Conn) {
+	defer inst.state.ConnDone()
+	cx := layer4.WrapConnection(c, nil, inst.logger)
+	if err := inst.chain.Load().h.Handle(cx); err != nil {
+		inst.logger.Debug("handling connection", zap.Error(err))
 	}
 	c.Close()
 }

@@ -9,12 +9,15 @@ import (
 	"reflect"
 	"regexp"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/caddytest"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
 	"github.com/aegis-proxy/caddy-aegis/spec"
 )
@@ -107,7 +110,21 @@ func TestCaddyfileAdaptGolden(t *testing.T) {
 	}
 }
 
+// standInStreamsAdmin registers a stand-in for the streams_admin directive
+// of package admin, which these tests do not import, so that
+// Caddyfile.example adapts here. The root package's
+// TestCaddyfileExampleAdapts adapts it with the real directive.
+var standInStreamsAdmin = sync.OnceFunc(func() {
+	httpcaddyfile.RegisterHandlerDirective("streams_admin", func(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+		h.Next()
+		for h.NextBlock(0) {
+		}
+		return caddyhttp.StaticResponse{}, nil
+	})
+})
+
 func TestCaddyfileExample(t *testing.T) {
+	standInStreamsAdmin()
 	data, err := os.ReadFile(filepath.Join("..", "..", "Caddyfile.example"))
 	if err != nil {
 		t.Fatal(err)

@@ -12,8 +12,8 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
 
+	"github.com/aegis-proxy/caddy-aegis/certcheck"
 	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
-	"github.com/aegis-proxy/caddy-aegis/modules/certs"
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegistls"
 	"github.com/aegis-proxy/caddy-aegis/spec"
 	"github.com/aegis-proxy/caddy-aegis/storage"
@@ -25,9 +25,9 @@ func (a *App) certStatus(c spec.Certificate) spec.CertStatus {
 		fillFromCache(&c, src)
 	}
 	cs := spec.CertStatus{Certificate: c, UsedBy: []int64{}}
-	for _, rt := range a.streams {
-		if rt.cfg.SSLCertID == c.ID {
-			cs.UsedBy = append(cs.UsedBy, rt.cfg.ID)
+	for _, inst := range a.streams {
+		if inst.cfg.SSLCertID == c.ID {
+			cs.UsedBy = append(cs.UsedBy, inst.cfg.ID)
 		}
 	}
 	return cs
@@ -77,22 +77,22 @@ func (a *App) Certificate(ctx context.Context, id int64) (spec.CertStatus, error
 
 // parseCertInput validates an upload and returns the certificate to store,
 // its key pair (nil for a managed certificate) and warnings.
-func parseCertInput(in spec.CertInput) (spec.Certificate, *certs.Parsed, []string, error) {
+func parseCertInput(in spec.CertInput) (spec.Certificate, *certcheck.Parsed, []string, error) {
 	if in.Name == "" {
-		return spec.Certificate{}, nil, nil, &certs.FieldError{Field: "name", Reason: "required: a name for the certificate"}
+		return spec.Certificate{}, nil, nil, &certcheck.FieldError{Field: "name", Reason: "required: a name for the certificate"}
 	}
 	if len(in.Domains) > 0 {
 		if in.Certificate != "" || in.PrivateKey != "" {
-			return spec.Certificate{}, nil, nil, &certs.FieldError{Field: "domains",
+			return spec.Certificate{}, nil, nil, &certcheck.FieldError{Field: "domains",
 				Reason: "give either domains (Caddy obtains the certificate) or certificate and private_key (an upload), not both"}
 		}
-		domains, err := certs.NormalizeDomains(in.Domains)
+		domains, err := certcheck.NormalizeDomains(in.Domains)
 		if err != nil {
 			return spec.Certificate{}, nil, nil, err
 		}
 		return spec.Certificate{Name: in.Name, Source: spec.SourceManaged, Domains: domains}, nil, nil, nil
 	}
-	p, warnings, err := certs.ParseCustom(in.Certificate, in.PrivateKey, time.Now())
+	p, warnings, err := certcheck.ParseCustom(in.Certificate, in.PrivateKey, time.Now())
 	if err != nil {
 		return spec.Certificate{}, nil, nil, err
 	}
@@ -107,7 +107,7 @@ func parseCertInput(in spec.CertInput) (spec.Certificate, *certs.Parsed, []strin
 // it available to streams at once.
 func CreateCertificate(ctx context.Context, in spec.CertInput) (spec.CertStatus, error) {
 	var out spec.CertStatus
-	err := manage(func(a *App) error {
+	err := withRunning(func(a *App) error {
 		if a.store == nil {
 			return spec.ErrNoStorage
 		}
@@ -138,7 +138,7 @@ func CreateCertificate(ctx context.Context, in spec.CertInput) (spec.CertStatus,
 // handshakes use it at once; open connections keep their sessions.
 func UpdateCertificate(ctx context.Context, id int64, in spec.CertInput) (spec.CertStatus, error) {
 	var out spec.CertStatus
-	err := manage(func(a *App) error {
+	err := withRunning(func(a *App) error {
 		if a.store == nil {
 			return spec.ErrNoStorage
 		}
@@ -166,17 +166,17 @@ func UpdateCertificate(ctx context.Context, id int64, in spec.CertInput) (spec.C
 // DeleteCertificate deletes certificate id unless a stream uses it (a
 // stream of the config, or a stored one).
 func DeleteCertificate(ctx context.Context, id int64) error {
-	return manage(func(a *App) error {
+	return withRunning(func(a *App) error {
 		if a.store == nil {
 			return spec.ErrNoStorage
 		}
 		// Every stream counts, the config's and the stored ones; the store
 		// checks its own hosts again inside the transaction.
 		inUse := &storage.InUseError{CertID: id}
-		for _, rt := range a.streams {
-			if rt.cfg.SSLCertID == id {
-				inUse.StreamIDs = append(inUse.StreamIDs, rt.cfg.ID)
-				inUse.StreamNames = append(inUse.StreamNames, rt.cfg.Name)
+		for _, inst := range a.streams {
+			if inst.cfg.SSLCertID == id {
+				inUse.StreamIDs = append(inUse.StreamIDs, inst.cfg.ID)
+				inUse.StreamNames = append(inUse.StreamNames, inst.cfg.Name)
 			}
 		}
 		if len(inUse.StreamIDs) > 0 {
@@ -258,7 +258,7 @@ func certRow(c spec.Certificate) string {
 
 // syncCerts publishes the stored certificates that changed since this app
 // read them (an API write meanwhile went to the previous app) and forgets
-// deleted ones. The caller holds manageMu and a.mu.
+// deleted ones. The caller holds writeMu and a.mu.
 func (a *App) syncCerts(ctx context.Context) {
 	list, err := a.store.db.ListCertificates(ctx)
 	if err != nil {
@@ -303,8 +303,8 @@ func (a *App) loadCertificates(ctx context.Context) error {
 		}
 	}
 	var errs []error
-	for _, rt := range a.streams {
-		s := rt.cfg
+	for _, inst := range a.streams {
+		s := inst.cfg
 		if !s.Enabled || !s.SSLEnabled || !s.HasTCP() {
 			continue
 		}
@@ -373,7 +373,7 @@ func (a *App) checkCert(ctx context.Context, id int64) error {
 // publish makes certificate c available to handshakes: a custom one from
 // its parsed key pair p, a managed one from Caddy's certificate cache,
 // after asking Caddy's TLS app to obtain and renew it.
-func (a *App) publish(c spec.Certificate, p *certs.Parsed) error {
+func (a *App) publish(c spec.Certificate, p *certcheck.Parsed) error {
 	if c.Source != spec.SourceManaged {
 		a.setCert(c.ID, l4aegistls.NewStaticCert(&p.Certificate))
 		a.certRows[c.ID] = certRow(c)
@@ -386,7 +386,7 @@ func (a *App) publish(c spec.Certificate, p *certs.Parsed) error {
 	for _, d := range c.Domains {
 		names[d] = struct{}{}
 	}
-	if err := a.manage(names); err != nil {
+	if err := a.tlsManage(names); err != nil {
 		return fmt.Errorf("asking Caddy to manage %v: %v", c.Domains, err)
 	}
 	src, err := l4aegistls.NewCaddyCert(a.ctx, c.Domains[0], nil)
@@ -429,7 +429,7 @@ func (a *App) publishConfigCert(s *spec.Stream) error {
 	var src *l4aegistls.CaddyCert
 	var err error
 	if s.SSLDomain != "" {
-		if err := a.manage(map[string]struct{}{s.SSLDomain: {}}); err != nil {
+		if err := a.tlsManage(map[string]struct{}{s.SSLDomain: {}}); err != nil {
 			return fmt.Errorf("asking Caddy to manage %s: %v", s.SSLDomain, err)
 		}
 		src, err = l4aegistls.NewCaddyCert(a.ctx, s.SSLDomain, nil)
@@ -445,12 +445,12 @@ func (a *App) publishConfigCert(s *spec.Stream) error {
 	return nil
 }
 
-// manage asks Caddy's tls app to obtain and renew names. Until this app's
+// tlsManage asks Caddy's tls app to obtain and renew names. Until this app's
 // config is running, the names wait: the tls app may not have started
 // yet, and managing names before it has races with its start.
-func (a *App) manage(names map[string]struct{}) error {
-	a.manageMu.Lock()
-	defer a.manageMu.Unlock()
+func (a *App) tlsManage(names map[string]struct{}) error {
+	a.namesMu.Lock()
+	defer a.namesMu.Unlock()
 	if !a.running {
 		if a.toManage == nil {
 			a.toManage = map[string]struct{}{}
@@ -465,17 +465,17 @@ func (a *App) manage(names map[string]struct{}) error {
 
 // configStarted hands the names waiting for Caddy's tls app to it when
 // every app of this app's config has started (Caddy's "started" event);
-// from then on manage hands them over at once.
+// from then on tlsManage hands them over at once.
 type configStarted struct{ a *App }
 
 // Handle implements caddyevents.Handler.
 func (h configStarted) Handle(context.Context, caddy.Event) error {
 	a := h.a
-	a.manageMu.Lock()
+	a.namesMu.Lock()
 	a.running = true
 	names := a.toManage
 	a.toManage = nil
-	a.manageMu.Unlock()
+	a.namesMu.Unlock()
 	if len(names) > 0 {
 		if err := a.tlsApp.Manage(names); err != nil {
 			a.logger.Error("asking Caddy to manage certificate names", zap.Error(err))
@@ -485,7 +485,7 @@ func (h configStarted) Handle(context.Context, caddy.Event) error {
 }
 
 // keyOf is the private key to store: none for a managed certificate.
-func keyOf(p *certs.Parsed) []byte {
+func keyOf(p *certcheck.Parsed) []byte {
 	if p == nil {
 		return nil
 	}

@@ -57,7 +57,7 @@ func TestFailedReloadKeepsCertificates(t *testing.T) {
 	ctx := context.Background()
 	ca := newTestCA(t)
 	c := testenv.New(t)
-	inst := &instance{t: t, caddy: c, admin: c.AdminAddr, logFile: c.LogFile, dbFile: c.DBFile}
+	inst := &testCaddy{t: t, caddy: c, admin: c.AdminAddr, logFile: c.LogFile, dbFile: c.DBFile}
 	otherDB := filepath.Join(t.TempDir(), "other.db")
 	cfgPort, portA, portB := freePort(t), freePort(t), freePort(t)
 	withDB := func(path string, extra ...map[string]any) map[string]any {

@@ -70,15 +70,15 @@ func (l *failingListener) Close() error { close(l.closed); return nil }
 // the app's lock.
 func TestCloseDuringAcceptBackoff(t *testing.T) {
 	ln := &failingListener{closed: make(chan struct{})}
-	rt := &runtime{cfg: &spec.Stream{ID: 1, ListenAddress: "127.0.0.1", ListenPort: 1}, ln: ln,
+	inst := &instance{cfg: &spec.Stream{ID: 1, ListenAddress: "127.0.0.1", ListenPort: 1}, ln: ln,
 		state: streamstate.New(1), logger: zap.NewNop()}
-	defer rt.state.Destruct()
-	rt.state.ListenerUp(streamstate.TCP)
-	rt.startAccept()
+	defer inst.state.Destruct()
+	inst.state.ListenerUp(streamstate.TCP)
+	inst.startAccept()
 	// 5+10+…+320 ms of backoff: the loop now waits 640 ms.
 	testenv.Eventually(t, "eight accept errors", func() bool { return ln.calls.Load() >= 8 })
 	start := time.Now()
-	rt.closeListeners()
+	inst.closeListeners()
 	if took := time.Since(start); took > 100*time.Millisecond {
 		t.Fatalf("closing the listener took %s while the accept loop backed off", took)
 	}

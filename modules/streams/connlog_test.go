@@ -45,7 +45,7 @@ func TestConnectionLogLinesOneLoggerEachKeyOnce(t *testing.T) {
 			"include": []string{"streams.connections"},
 		},
 	}
-	inst := &instance{t: t, caddy: c, admin: c.AdminAddr, logFile: connFile, dbFile: c.DBFile}
+	inst := &testCaddy{t: t, caddy: c, admin: c.AdminAddr, logFile: connFile, dbFile: c.DBFile}
 	if err := inst.load(hosts(
 		host(1, pTCP, tcpUp.Port, nil),
 		udpHost(2, pUDP, udpUp.Port, map[string]any{"idle_timeout_seconds": 1}),

@@ -192,7 +192,7 @@ func keepEchoing(t *testing.T, port int) (stop func()) {
 // startWithBystander starts Caddy with stream 1 listening on port and
 // relaying to upstreamPort (with the extra settings), and stream 2 relaying
 // to an echo server, which keepEchoing checks until stop is called.
-func startWithBystander(t *testing.T, port, upstreamPort int, extra map[string]any) (inst *instance, stop func()) {
+func startWithBystander(t *testing.T, port, upstreamPort int, extra map[string]any) (inst *testCaddy, stop func()) {
 	t.Helper()
 	echoUp := newUpstream(t, echo)
 	other := freePort(t)
@@ -202,7 +202,7 @@ func startWithBystander(t *testing.T, port, upstreamPort int, extra map[string]a
 
 // waitLogs waits up to within for n connection-log entries of stream id
 // and returns them. It reads the log file every 100ms, as it may be large.
-func (inst *instance) waitLogs(id int64, n int, within time.Duration) []logEntry {
+func (inst *testCaddy) waitLogs(id int64, n int, within time.Duration) []logEntry {
 	inst.t.Helper()
 	deadline := time.Now().Add(within)
 	for {

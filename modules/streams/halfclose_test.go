@@ -28,7 +28,7 @@ type relayPath struct {
 // extra settings, one per path of the TCP relay: splice (raw sockets, no
 // limit), copy (a rate limit: the relay copies through the guard's
 // wrapper) and tls (terminated TLS, a stored certificate; copy too).
-func startRelayPaths(t *testing.T, upPort int, extra map[string]any) (*instance, []relayPath) {
+func startRelayPaths(t *testing.T, upPort int, extra map[string]any) (*testCaddy, []relayPath) {
 	t.Helper()
 	with := func(more map[string]any) map[string]any {
 		m := map[string]any{}

@@ -5,22 +5,21 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"testing"
 	"time"
 
 	"github.com/aegis-proxy/caddy-aegis/internal/loopback"
 	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
+	"github.com/aegis-proxy/caddy-aegis/modules/streams"
 	"github.com/aegis-proxy/caddy-aegis/spec"
 
-	_ "github.com/aegis-proxy/caddy-aegis/admin"
 	_ "github.com/aegis-proxy/caddy-aegis/modules/l4aegisguard"
 	_ "github.com/aegis-proxy/caddy-aegis/modules/l4aegisproxy"
 )
 
-// instance is a Caddy config loaded in this test process with the admin
+// testCaddy is a Caddy config loaded in this test process with the admin
 // endpoint on a free loopback port and logs written to a file.
-type instance struct {
+type testCaddy struct {
 	t       *testing.T
 	caddy   *testenv.Caddy
 	admin   string
@@ -36,10 +35,10 @@ var (
 
 // startCaddy loads a config with the given streams app config and stops
 // Caddy when the test ends.
-func startCaddy(t *testing.T, app map[string]any) *instance {
+func startCaddy(t *testing.T, app map[string]any) *testCaddy {
 	t.Helper()
 	c := testenv.New(t)
-	inst := &instance{t: t, caddy: c, admin: c.AdminAddr, logFile: c.LogFile, dbFile: c.DBFile}
+	inst := &testCaddy{t: t, caddy: c, admin: c.AdminAddr, logFile: c.LogFile, dbFile: c.DBFile}
 	if err := inst.load(app); err != nil {
 		t.Fatalf("loading config: %v", err)
 	}
@@ -48,23 +47,31 @@ func startCaddy(t *testing.T, app map[string]any) *instance {
 
 // load replaces the running config, as `caddy reload` does. Unless the app
 // config says otherwise, storage is the test's own database file.
-func (inst *instance) load(app map[string]any) error {
+func (inst *testCaddy) load(app map[string]any) error {
 	return inst.caddy.Load(map[string]any{"streams": app})
 }
 
-// stats reads /api/v1/streams/stats over HTTP.
-func (inst *instance) stats() map[int64]spec.Status {
-	inst.t.Helper()
-	resp, err := http.Get("http://" + inst.admin + "/api/v1/streams/stats")
+// statsJSON is what GET /api/v1/streams/stats answers (package admin
+// serves it; these tests do not import admin): the running app's Statuses
+// as JSON, [] when no app runs.
+func statsJSON(t testing.TB) []byte {
+	t.Helper()
+	stats := []spec.Status{}
+	if app := streams.Running(); app != nil {
+		stats = app.Statuses()
+	}
+	b, err := json.Marshal(stats)
 	if err != nil {
-		inst.t.Fatal(err)
+		t.Fatal(err)
 	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		inst.t.Fatalf("GET stats: %s", resp.Status)
-	}
+	return b
+}
+
+// stats reads the stats as the API returns them, by stream id.
+func (inst *testCaddy) stats() map[int64]spec.Status {
+	inst.t.Helper()
 	var list []spec.Status
-	if err := json.NewDecoder(resp.Body).Decode(&list); err != nil {
+	if err := json.Unmarshal(statsJSON(inst.t), &list); err != nil {
 		inst.t.Fatal(err)
 	}
 	out := make(map[int64]spec.Status, len(list))
@@ -75,7 +82,7 @@ func (inst *instance) stats() map[int64]spec.Status {
 }
 
 // waitStats polls the stats of stream id until cond holds.
-func (inst *instance) waitStats(id int64, what string, cond func(spec.Status) bool) spec.Status {
+func (inst *testCaddy) waitStats(id int64, what string, cond func(spec.Status) bool) spec.Status {
 	inst.t.Helper()
 	var st spec.Status
 	if !testenv.Within(10*time.Second, func() bool { st = inst.stats()[id]; return cond(st) }) {
@@ -99,13 +106,13 @@ type logEntry struct {
 }
 
 // connLogs returns the connection-log entries written so far.
-func (inst *instance) connLogs() []logEntry {
+func (inst *testCaddy) connLogs() []logEntry {
 	inst.t.Helper()
 	return testenv.LogLines(inst.t, inst.logFile, func(e logEntry) bool { return e.Msg == "connection" && e.Action != "" })
 }
 
 // waitLog waits for a connection-log entry of stream id that matches.
-func (inst *instance) waitLog(id int64, what string, match func(logEntry) bool) logEntry {
+func (inst *testCaddy) waitLog(id int64, what string, match func(logEntry) bool) logEntry {
 	inst.t.Helper()
 	var found logEntry
 	ok := testenv.Within(10*time.Second, func() bool {

@@ -105,7 +105,7 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 // UDP relays included).
 type streamSample struct {
 	cfg   *spec.Stream
-	state *streamstate.Stream
+	state *streamstate.State
 }
 
 // samples returns the app's streams. An app that was cleaned up returns
@@ -123,8 +123,8 @@ func (a *App) samples(fallback bool) []streamSample {
 	}
 	defer a.mu.Unlock()
 	out := make([]streamSample, 0, len(a.streams))
-	for _, rt := range a.streams {
-		out = append(out, streamSample{cfg: rt.cfg, state: rt.state})
+	for _, inst := range a.streams {
+		out = append(out, streamSample{cfg: inst.cfg, state: inst.state})
 	}
 	return out
 }

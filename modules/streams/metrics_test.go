@@ -29,7 +29,7 @@ type scraped struct {
 }
 
 // scrape GETs /metrics from Caddy's admin endpoint, as Prometheus would.
-func (inst *instance) scrape() scraped {
+func (inst *testCaddy) scrape() scraped {
 	inst.t.Helper()
 	client := http.Client{Timeout: 5 * time.Second}
 	resp, err := client.Get("http://" + inst.admin + "/metrics")
@@ -131,7 +131,7 @@ func (s scraped) ofStream(id int64) []string {
 }
 
 // waitScrape scrapes until cond holds, for at most 10 seconds.
-func (inst *instance) waitScrape(what string, cond func(s scraped) bool) scraped {
+func (inst *testCaddy) waitScrape(what string, cond func(s scraped) bool) scraped {
 	inst.t.Helper()
 	var s scraped
 	if !testenv.Within(10*time.Second, func() bool { s = inst.scrape(); return cond(s) }) {

@@ -7,7 +7,7 @@ import (
 )
 
 // StatusOf reads a stream's status from its shared state.
-func StatusOf(s *spec.Stream, st *streamstate.Stream) spec.Status {
+func StatusOf(s *spec.Stream, st *streamstate.State) spec.Status {
 	tot := st.SinceReload()
 	out := spec.Status{
 		ID:                 s.ID,
@@ -42,7 +42,7 @@ func StatusOf(s *spec.Stream, st *streamstate.Stream) spec.Status {
 }
 
 // listening is true when every listener the stream needs is up.
-func listening(s *spec.Stream, st *streamstate.Stream) bool {
+func listening(s *spec.Stream, st *streamstate.State) bool {
 	if !s.HasTCP() && !s.HasUDP() {
 		return false
 	}

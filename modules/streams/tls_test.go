@@ -2,13 +2,8 @@ package streams_test
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"math/big"
@@ -23,46 +18,21 @@ import (
 
 // testCA issues leaf certificates for tests.
 type testCA struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
+	ca   *testenv.Issued
 	pool *x509.CertPool
 }
 
 func newTestCA(t *testing.T) *testCA {
 	t.Helper()
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "Aegis Test CA"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, _ := x509.ParseCertificate(der)
-	pool := x509.NewCertPool()
-	pool.AddCert(cert)
-	return &testCA{cert: cert, key: key, pool: pool}
+	ca := testenv.Cert(t, testenv.CertOptions{CA: true})
+	return &testCA{ca: ca, pool: ca.Pool()}
 }
 
 // leaf returns a PEM chain (leaf, CA) and key for name with serial.
 func (ca *testCA) leaf(t *testing.T, name string, serial int64) (chainPEM, keyPEM string) {
 	t.Helper()
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: name}, DNSNames: []string{name},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(20 * time.Hour),
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kder, _ := x509.MarshalPKCS8PrivateKey(key)
-	chainPEM = string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})) +
-		string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.cert.Raw}))
-	return chainPEM, string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kder}))
+	l := testenv.Cert(t, testenv.CertOptions{Names: []string{name}, Issuer: ca.ca, Serial: big.NewInt(serial), NotAfter: time.Now().Add(20 * time.Hour)})
+	return l.ChainPEM, l.KeyPEM
 }
 
 // tlsDial connects to the stream and returns the connection and the
@@ -159,7 +129,7 @@ func TestManagedCertificateFromCaddy(t *testing.T) {
 	checkNoLeaks(t)
 	up := newUpstream(t, echo)
 	port := freePort(t)
-	inst := &instance{t: t, caddy: testenv.New(t)}
+	inst := &testCaddy{t: t, caddy: testenv.New(t)}
 	inst.admin, inst.logFile, inst.dbFile = inst.caddy.AdminAddr, inst.caddy.LogFile, inst.caddy.DBFile
 	apps := map[string]any{
 		"streams": hosts(host(1, freePort(t), up.Port, nil)),
@@ -216,7 +186,7 @@ func TestConfigStreamCertificateByTagAndDomain(t *testing.T) {
 	tagPort, domainPort := freePort(t), freePort(t)
 	ca := newTestCA(t)
 	chain, key := ca.leaf(t, "tagged.test", 300)
-	inst := &instance{t: t, caddy: testenv.New(t)}
+	inst := &testCaddy{t: t, caddy: testenv.New(t)}
 	inst.admin, inst.logFile, inst.dbFile = inst.caddy.AdminAddr, inst.caddy.LogFile, inst.caddy.DBFile
 	apps := map[string]any{
 		"streams": hosts(

@@ -107,9 +107,9 @@ func (a *App) validateListen(s *spec.Stream) error {
 		return nil
 	}
 	var others []*spec.Stream
-	for _, rt := range a.streams {
-		if rt.cfg.Enabled && rt.cfg.ID != s.ID {
-			others = append(others, rt.cfg)
+	for _, inst := range a.streams {
+		if inst.cfg.Enabled && inst.cfg.ID != s.ID {
+			others = append(others, inst.cfg)
 		}
 	}
 	return errors.Join(a.listenConflicts(s, others)...)

@@ -55,9 +55,9 @@ func TestManageWhenStarted(t *testing.T) {
 			t.Fatal(err)
 		}
 		a := Running()
-		a.manageMu.Lock()
+		a.namesMu.Lock()
 		running, waiting := a.running, len(a.toManage)
-		a.manageMu.Unlock()
+		a.namesMu.Unlock()
 		if !running || waiting != 0 {
 			t.Fatalf("load %d: when the config has started: running %v, %d names waiting", i+1, running, waiting)
 		}

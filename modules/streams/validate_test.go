@@ -144,7 +144,7 @@ func TestAppValidate(t *testing.T) {
 
 func TestValidateListen(t *testing.T) {
 	app := &App{
-		streams:  []*runtime{{cfg: host(1, "a", "tcp", "", 5432)}, {cfg: host(2, "b", "udp", "", 53)}},
+		streams:  []*instance{{cfg: host(1, "a", "tcp", "", 5432)}, {cfg: host(2, "b", "udp", "", 53)}},
 		reserved: []reservedPort{{443, "Caddy's HTTPS port"}},
 	}
 	for _, tc := range []struct {

@@ -23,7 +23,7 @@ type attached struct {
 
 // Attach returns the value that the stream keeps under key, making it
 // with mk on first use. Pair every Attach with one Detach of the same key.
-func (s *Stream) Attach(key string, mk func() caddy.Destructor) caddy.Destructor {
+func (s *State) Attach(key string, mk func() caddy.Destructor) caddy.Destructor {
 	s.attached.mu.Lock()
 	defer s.attached.mu.Unlock()
 	if a := s.attached.m[key]; a != nil {
@@ -41,7 +41,7 @@ func (s *Stream) Attach(key string, mk func() caddy.Destructor) caddy.Destructor
 // Detach drops one reference to the value under key; the last one
 // destructs it (outside the stream's lock: a relay waits for its
 // goroutines).
-func (s *Stream) Detach(key string) {
+func (s *State) Detach(key string) {
 	s.attached.mu.Lock()
 	a := s.attached.m[key]
 	if a == nil {
@@ -59,7 +59,7 @@ func (s *Stream) Detach(key string) {
 }
 
 // eachAttached calls f with every value the stream keeps.
-func (s *Stream) eachAttached(f func(caddy.Destructor)) {
+func (s *State) eachAttached(f func(caddy.Destructor)) {
 	s.attached.mu.Lock()
 	defer s.attached.mu.Unlock()
 	for _, a := range s.attached.m {
@@ -69,7 +69,7 @@ func (s *Stream) eachAttached(f func(caddy.Destructor)) {
 
 // UDPEntries is the number of UDP NAT entries open now over the stream's
 // listen addresses.
-func (s *Stream) UDPEntries() int {
+func (s *State) UDPEntries() int {
 	n := 0
 	s.eachAttached(func(v caddy.Destructor) {
 		if t, ok := v.(interface{ Entries() int }); ok {
@@ -81,7 +81,7 @@ func (s *Stream) UDPEntries() int {
 
 // destructAttached destructs what its users failed to Detach, when the
 // stream's state goes.
-func (s *Stream) destructAttached() {
+func (s *State) destructAttached() {
 	s.attached.mu.Lock()
 	m := s.attached.m
 	s.attached.m = nil

@@ -28,17 +28,17 @@ func (ss *Session) fold() {
 		return
 	}
 	if n := ss.sent.Load(); n > 0 {
-		ss.Stream.ended[dirSent].Add(n)
+		ss.State.ended[dirSent].Add(n)
 	}
 	if n := ss.received.Load(); n > 0 {
-		ss.Stream.ended[dirReceived].Add(n)
+		ss.State.ended[dirReceived].Add(n)
 	}
 }
 
 // bytesLocked returns the bytes relayed each way since the state was
 // created, never less than an earlier call returned. The caller holds
 // totalsMu.
-func (s *Stream) bytesLocked() [2]uint64 {
+func (s *State) bytesLocked() [2]uint64 {
 	b := [2]uint64{s.ended[dirSent].Load(), s.ended[dirReceived].Load()}
 	s.sessions.Range(func(_, v any) bool {
 		ss := v.(*Session)

@@ -52,7 +52,7 @@ func (c *Conn) Read(p []byte) (int, error) {
 		if n > 0 {
 			c.S.touch()
 			if c.up != nil {
-				if werr := c.up.Wait(c.S.Stream.ctx, n); werr != nil && err == nil {
+				if werr := c.up.Wait(c.S.State.ctx, n); werr != nil && err == nil {
 					err = net.ErrClosed
 				}
 			}
@@ -82,7 +82,7 @@ func (c *Conn) Write(p []byte) (int, error) {
 	var written int
 	for len(p) > 0 {
 		chunk := min(len(p), c.down.Size())
-		if err := c.down.Wait(c.S.Stream.ctx, chunk); err != nil {
+		if err := c.down.Wait(c.S.State.ctx, chunk); err != nil {
 			return written, net.ErrClosed
 		}
 		n, err := c.Conn.Write(p[:chunk])

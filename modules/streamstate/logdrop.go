@@ -10,7 +10,7 @@ func CountLogDropped(dropped map[int64]uint64) {
 		return
 	}
 	pool.Range(func(_, v any) bool {
-		if s, ok := v.(*Stream); ok {
+		if s, ok := v.(*State); ok {
 			if n := dropped[s.ID]; n > 0 {
 				s.LogDropped.Add(n)
 			}

@@ -119,7 +119,7 @@ var (
 	DialBuckets = []float64{0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10}
 )
 
-func (s *Stream) initMetrics() {
+func (s *State) initMetrics() {
 	for k := range s.durations {
 		s.durations[k] = prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "aegis_stream_connection_duration_seconds", Help: "How long connections lasted.", Buckets: DurationBuckets,
@@ -132,29 +132,29 @@ func (s *Stream) initMetrics() {
 
 // Block counts a refused connection (or datagram of a new UDP client) for
 // reason r, in Blocked and in BlockedBy.
-func (s *Stream) Block(r BlockReason) {
+func (s *State) Block(r BlockReason) {
 	s.Blocked.Add(1)
 	s.blockedBy[r].Add(1)
 }
 
 // BlockedBy counts the refusals for reason r since the state was created.
-func (s *Stream) BlockedBy(r BlockReason) uint64 { return s.blockedBy[r].Load() }
+func (s *State) BlockedBy(r BlockReason) uint64 { return s.blockedBy[r].Load() }
 
 // DropDatagrams counts n dropped UDP datagrams for reason r, in
 // DatagramsDropped and in DroppedBy.
-func (s *Stream) DropDatagrams(r DropReason, n uint64) {
+func (s *State) DropDatagrams(r DropReason, n uint64) {
 	s.DatagramsDropped.Add(n)
 	s.droppedBy[r].Add(n)
 }
 
 // DroppedBy counts the datagrams dropped for reason r since the state was
 // created.
-func (s *Stream) DroppedBy(r DropReason) uint64 { return s.droppedBy[r].Load() }
+func (s *State) DroppedBy(r DropReason) uint64 { return s.droppedBy[r].Load() }
 
 // ObserveDial records how long a successful dial to the upstream took.
-func (s *Stream) ObserveDial(d time.Duration) { s.dials.Observe(d.Seconds()) }
+func (s *State) ObserveDial(d time.Duration) { s.dials.Observe(d.Seconds()) }
 
-func (s *Stream) observeDuration(udp bool, d time.Duration) {
+func (s *State) observeDuration(udp bool, d time.Duration) {
 	k := TCP
 	if udp {
 		k = UDP
@@ -165,11 +165,11 @@ func (s *Stream) observeDuration(udp bool, d time.Duration) {
 // ConnectionDurations is the histogram of how long the stream's
 // connections (TCP) or NAT entries (UDP) lasted, since the state was
 // created. It is for reading (Write); the state observes it.
-func (s *Stream) ConnectionDurations(k Kind) prometheus.Metric { return s.durations[k] }
+func (s *State) ConnectionDurations(k Kind) prometheus.Metric { return s.durations[k] }
 
 // DialDurations is the histogram of the successful dials to the upstream,
 // since the state was created. It is for reading (Write).
-func (s *Stream) DialDurations() prometheus.Metric { return s.dials }
+func (s *State) DialDurations() prometheus.Metric { return s.dials }
 
 // Totals are counters since the state was created, across reloads.
 type Totals struct {
@@ -182,7 +182,7 @@ type Totals struct {
 
 // Cumulative returns the counters that ResetTotals zeroes, as if it never
 // had.
-func (s *Stream) Cumulative() Totals {
+func (s *State) Cumulative() Totals {
 	s.totalsMu.Lock()
 	defer s.totalsMu.Unlock()
 	b := s.bytesLocked()
@@ -195,7 +195,7 @@ func (s *Stream) Cumulative() Totals {
 
 // SinceReload returns the counters since the last ResetTotals: the
 // connections of Total and the bytes relayed since.
-func (s *Stream) SinceReload() Totals {
+func (s *State) SinceReload() Totals {
 	s.totalsMu.Lock()
 	defer s.totalsMu.Unlock()
 	b := s.bytesLocked()

@@ -9,7 +9,7 @@ import (
 	"go.uber.org/zap"
 )
 
-func histogramCount(t *testing.T, s *Stream, k Kind) uint64 {
+func histogramCount(t *testing.T, s *State, k Kind) uint64 {
 	t.Helper()
 	var m dto.Metric
 	if err := s.ConnectionDurations(k).Write(&m); err != nil {

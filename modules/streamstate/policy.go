@@ -111,7 +111,7 @@ func (c *Cap) Len() int64 { return c.n.Load() }
 // Open hands to its session (or Unadmit gives back); refused, it holds
 // nothing, is counted in st's Blocked by reason, and its source is logged
 // at most once per BlockedLogEvery.
-func (p *Policy) Admit(st *Stream, src netip.AddrPort, udp bool, c *Cap) bool {
+func (p *Policy) Admit(st *State, src netip.AddrPort, udp bool, c *Cap) bool {
 	if !p.acl.Allowed(src.Addr().Unmap()) {
 		p.refuse(st, src, udp, BlockACL)
 		return false
@@ -135,7 +135,7 @@ func (p *Policy) Admit(st *Stream, src netip.AddrPort, udp bool, c *Cap) bool {
 
 // Unadmit gives back what Admit took, for a connection admitted that could
 // not open (its upstream socket failed).
-func (p *Policy) Unadmit(st *Stream, c *Cap) {
+func (p *Policy) Unadmit(st *State, c *Cap) {
 	st.Leave()
 	if c != nil {
 		c.n.Add(-1)
@@ -144,7 +144,7 @@ func (p *Policy) Unadmit(st *Stream, c *Cap) {
 
 // refuse counts and logs a refused connection; the caller closes it (TCP)
 // or drops the datagram (UDP).
-func (p *Policy) refuse(st *Stream, src netip.AddrPort, udp bool, r BlockReason) {
+func (p *Policy) refuse(st *State, src netip.AddrPort, udp bool, r BlockReason) {
 	st.Block(r)
 	if p.LogConnections {
 		st.LogBlocked(p.logger, p.Name, src, r.LogReason(), udp)
@@ -155,7 +155,7 @@ func (p *Policy) refuse(st *Stream, src netip.AddrPort, udp bool, r BlockReason)
 // the accepted connection (or the NAT entry), which closing the session
 // closes. The session holds the slots Admit took and gives them back once
 // (Session.ReleaseSlot), at the latest when it ends.
-func (p *Policy) Open(st *Stream, client io.Closer, src netip.AddrPort, udp bool, c *Cap) *Session {
+func (p *Policy) Open(st *State, client io.Closer, src netip.AddrPort, udp bool, c *Cap) *Session {
 	ss := st.newSession(client, src, p.Idle(udp), p.logger, p.Name, udp)
 	ss.cap = c
 	ss.slot.Store(true)
@@ -190,7 +190,7 @@ func (p *Policy) Wrap(c net.Conn, ss *Session) *Conn {
 // puts Active above max, even for an instant: the stats never show the cap
 // passed, and a connection is never refused for a slot that a refused one
 // held for that instant. A refusal writes nothing shared.
-func (s *Stream) takeSlot(max int) bool {
+func (s *State) takeSlot(max int) bool {
 	if max <= 0 {
 		s.Active.Add(1)
 		return true
@@ -208,7 +208,7 @@ func (s *Stream) takeSlot(max int) bool {
 
 // Leave gives back a slot that takeSlot counted. The last one to leave while
 // the stream shuts down wakes Destruct, which waits for it.
-func (s *Stream) Leave() {
+func (s *State) Leave() {
 	if s.Active.Add(-1) == 0 && s.draining.Load() {
 		select {
 		case s.idle <- struct{}{}:

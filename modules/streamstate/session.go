@@ -73,7 +73,7 @@ var lastSessionID atomic.Uint64
 // entry. Counters are updated without locks.
 type Session struct {
 	ID     uint64
-	Stream *Stream
+	State  *State
 	Source netip.AddrPort
 	Start  time.Time
 	// UDP is true for a NAT entry of a UDP listener.
@@ -113,11 +113,11 @@ type Session struct {
 // (Policy.Open registers an admitted one). client is the accepted
 // connection (or the NAT entry); closing the session closes it. A UDP
 // session has udp set before it is published.
-func (s *Stream) newSession(client io.Closer, source netip.AddrPort, idle time.Duration, logger *zap.Logger, name string, udp bool) *Session {
+func (s *State) newSession(client io.Closer, source netip.AddrPort, idle time.Duration, logger *zap.Logger, name string, udp bool) *Session {
 	ss := &Session{
 		UDP:         udp,
 		ID:          lastSessionID.Add(1),
-		Stream:      s,
+		State:       s,
 		Source:      source,
 		Start:       time.Now(),
 		IdleTimeout: idle,
@@ -215,7 +215,7 @@ func (ss *Session) Closed() bool { return ss.closed.Load() }
 // which is then a no-op.
 func (ss *Session) ReleaseSlot() {
 	if ss.slot.CompareAndSwap(true, false) {
-		ss.Stream.Leave()
+		ss.State.Leave()
 		if ss.cap != nil {
 			ss.cap.n.Add(-1)
 		}
@@ -250,12 +250,12 @@ func (ss *Session) RawPath(c net.Conn) (*net.TCPConn, bool) {
 func (ss *Session) End(r Reason, log bool) {
 	ss.SetReason(r)
 	ss.fold()
-	ss.Stream.sessions.Delete(ss.ID)
+	ss.State.sessions.Delete(ss.ID)
 	d := time.Since(ss.Start)
-	ss.Stream.observeDuration(ss.UDP, d)
+	ss.State.observeDuration(ss.UDP, d)
 	if log {
-		ss.Stream.enqueueLog(logEntry{logger: ss.logger, rec: LogRecord{
-			StreamID:          ss.Stream.ID,
+		ss.State.enqueueLog(logEntry{logger: ss.logger, rec: LogRecord{
+			StreamID:          ss.State.ID,
 			Stream:            ss.name,
 			ConnID:            ss.ID,
 			Source:            ss.Source,
@@ -276,5 +276,5 @@ func (ss *Session) End(r Reason, log bool) {
 // counted in the connection duration metric.
 func (ss *Session) Discard() {
 	ss.fold()
-	ss.Stream.sessions.Delete(ss.ID)
+	ss.State.sessions.Delete(ss.ID)
 }

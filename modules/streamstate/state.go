@@ -40,11 +40,11 @@ var pool = caddy.NewUsagePool()
 
 // Acquire returns the shared state of stream id, creating it on first use.
 // Every Acquire must be paired with one Release.
-func Acquire(id int64) *Stream {
+func Acquire(id int64) *State {
 	v, _, _ := pool.LoadOrNew(key(id), func() (caddy.Destructor, error) {
 		return New(id), nil
 	})
-	return v.(*Stream)
+	return v.(*State)
 }
 
 // Release drops one reference to stream id. The last release shuts the
@@ -59,10 +59,10 @@ func key(id int64) string { return "aegis.stream." + strconv.FormatInt(id, 10) }
 // Lookup returns the shared state of stream id while some user holds it
 // (Acquire), or nil. It takes no reference: it is for readers of the
 // state (the stats), not for its users.
-func Lookup(id int64) *Stream {
-	var found *Stream
+func Lookup(id int64) *State {
+	var found *State
 	pool.Range(func(_, v any) bool {
-		if s, ok := v.(*Stream); ok && s.ID == id {
+		if s, ok := v.(*State); ok && s.ID == id {
 			found = s
 			return false
 		}
@@ -71,9 +71,9 @@ func Lookup(id int64) *Stream {
 	return found
 }
 
-// Stream is the runtime state of one stream. All counters are safe for
+// State is the runtime state of one stream. All counters are safe for
 // concurrent use without locks.
-type Stream struct {
+type State struct {
 	ID int64
 
 	// Active is the number of connections (or UDP sessions) open now.
@@ -137,9 +137,9 @@ type Stream struct {
 // New makes the state of a stream that is not shared through the pool (a
 // handler used in a plain layer4 config without a stream_id). Call Destruct
 // when done with it.
-func New(id int64) *Stream {
+func New(id int64) *State {
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &Stream{
+	s := &State{
 		ID:      id,
 		ctx:     ctx,
 		cancel:  cancel,
@@ -156,10 +156,10 @@ func New(id int64) *Stream {
 
 // Context is cancelled when the stream's state is shut down. Dials and
 // waits on behalf of its connections use it.
-func (s *Stream) Context() context.Context { return s.ctx }
+func (s *State) Context() context.Context { return s.ctx }
 
 // SetGracePeriod sets how long the last Release waits for open connections.
-func (s *Stream) SetGracePeriod(d time.Duration) { s.grace.Store(int64(d)) }
+func (s *State) SetGracePeriod(d time.Duration) { s.grace.Store(int64(d)) }
 
 // Kind is a listener's transport.
 type Kind int
@@ -172,16 +172,16 @@ const (
 
 // ListenerUp and ListenerDown track how many listeners of a kind serve the
 // stream; a reload briefly has two.
-func (s *Stream) ListenerUp(k Kind)   { s.listeners[k].Add(1) }
-func (s *Stream) ListenerDown(k Kind) { s.listeners[k].Add(-1) }
+func (s *State) ListenerUp(k Kind)   { s.listeners[k].Add(1) }
+func (s *State) ListenerDown(k Kind) { s.listeners[k].Add(-1) }
 
 // Listening reports whether at least one listener of kind k serves the
 // stream.
-func (s *Stream) Listening(k Kind) bool { return s.listeners[k].Load() > 0 }
+func (s *State) Listening(k Kind) bool { return s.listeners[k].Load() > 0 }
 
 // ResetTotals zeroes the since-reload counters. Active stays as it is,
 // and Cumulative keeps counting from the first load.
-func (s *Stream) ResetTotals() {
+func (s *State) ResetTotals() {
 	s.totalsMu.Lock()
 	s.carried.Connections += s.Total.Swap(0)
 	s.baseBytes = s.bytesLocked()
@@ -198,28 +198,28 @@ type Health struct {
 }
 
 // SetHealth records a health check result.
-func (s *Stream) SetHealth(h Health) { s.health.Store(&h) }
+func (s *State) SetHealth(h Health) { s.health.Store(&h) }
 
 // ClearHealth forgets health results (checks were turned off).
-func (s *Stream) ClearHealth() { s.health.Store(nil) }
+func (s *State) ClearHealth() { s.health.Store(nil) }
 
 // Health returns the last health check result, or nil if none ran.
-func (s *Stream) Health() *Health { return s.health.Load() }
+func (s *State) Health() *Health { return s.health.Load() }
 
 // ConnStarted must be called before a connection's goroutine starts and
 // ConnDone when it ends, so shutdown can wait for it.
-func (s *Stream) ConnStarted() { s.conns.Add(1) }
+func (s *State) ConnStarted() { s.conns.Add(1) }
 
 // ConnDone marks the end of a connection's goroutine.
-func (s *Stream) ConnDone() { s.conns.Done() }
+func (s *State) ConnDone() { s.conns.Done() }
 
 // Sessions calls f for each open connection until f returns false.
-func (s *Stream) Sessions(f func(*Session) bool) {
+func (s *State) Sessions(f func(*Session) bool) {
 	s.sessions.Range(func(_, v any) bool { return f(v.(*Session)) })
 }
 
 // Session returns the open connection with the given id, or nil.
-func (s *Stream) Session(id uint64) *Session {
+func (s *State) Session(id uint64) *Session {
 	v, ok := s.sessions.Load(id)
 	if !ok {
 		return nil
@@ -228,7 +228,7 @@ func (s *Stream) Session(id uint64) *Session {
 }
 
 // CloseAll closes every open connection with the given reason.
-func (s *Stream) CloseAll(r Reason) {
+func (s *State) CloseAll(r Reason) {
 	s.Sessions(func(ss *Session) bool {
 		ss.Close(r)
 		return true
@@ -238,7 +238,7 @@ func (s *Stream) CloseAll(r Reason) {
 // Destruct shuts the state down: it waits up to the grace period for open
 // connections to end, closes the rest, waits for their goroutines and
 // flushes the connection log. It implements caddy.Destructor.
-func (s *Stream) Destruct() error {
+func (s *State) Destruct() error {
 	reason := ReasonStreamRemoved
 	if caddy.Exiting() {
 		reason = ReasonShutdown
@@ -307,7 +307,7 @@ type logEntry struct {
 // SetLogSink makes the log writer also hand every entry to f (nil: none),
 // from its own goroutine, never from a relay's. f must not block; it
 // returns false when it had to drop the entry, which LogDropped counts.
-func (s *Stream) SetLogSink(f func(LogRecord) bool) {
+func (s *State) SetLogSink(f func(LogRecord) bool) {
 	if f == nil {
 		s.sink.Store(nil)
 		return
@@ -319,12 +319,12 @@ func (s *Stream) SetLogSink(f func(LogRecord) bool) {
 // (nil: to the logger the entry was queued with, the handler's own), so
 // that a stream's TCP and UDP lines, allowed and blocked, come from one
 // logger. The line carries the stream's name and ID itself: l must not.
-func (s *Stream) SetConnLogger(l *zap.Logger) { s.connLog.Store(l) }
+func (s *State) SetConnLogger(l *zap.Logger) { s.connLog.Store(l) }
 
 // writeLogs writes queued connection-log entries off the data path until
 // the state is shut down, then flushes what is queued. The queue is never
 // closed, so a late entry is dropped instead of panicking.
-func (s *Stream) writeLogs() {
+func (s *State) writeLogs() {
 	defer close(s.logDone)
 	var batch []logEntry
 	for {
@@ -350,7 +350,7 @@ func (s *Stream) writeLogs() {
 	}
 }
 
-func (s *Stream) writeLog(e logEntry) {
+func (s *State) writeLog(e logEntry) {
 	r := &e.rec
 	proto := "tcp"
 	if r.UDP {
@@ -383,7 +383,7 @@ func (s *Stream) writeLog(e logEntry) {
 
 // enqueueLog queues a log entry without ever blocking; a full queue drops
 // it and counts it in LogDropped.
-func (s *Stream) enqueueLog(e logEntry) {
+func (s *State) enqueueLog(e logEntry) {
 	if !s.logq.push(e) {
 		s.LogDropped.Add(1)
 	}
@@ -435,7 +435,7 @@ const maxBlockedSources = 4096
 // LogBlocked queues the log entry of a connection (or, with udp, a new
 // client's datagram) refused before it was relayed, unless the same source
 // was logged within BlockedLogEvery.
-func (s *Stream) LogBlocked(logger *zap.Logger, stream string, source netip.AddrPort, r Reason, udp bool) {
+func (s *State) LogBlocked(logger *zap.Logger, stream string, source netip.AddrPort, r Reason, udp bool) {
 	ip := source.Addr().Unmap()
 	now := time.Now()
 	s.blockedMu.Lock()

@@ -26,7 +26,7 @@ type Handshakes struct {
 }
 
 // Handshakes returns the stream's TLS handshake counters.
-func (s *Stream) Handshakes() *Handshakes { return &s.tls }
+func (s *State) Handshakes() *Handshakes { return &s.tls }
 
 // Attach records that an aegis_tls handler counts into h; Detach that it
 // no longer does.

@@ -10,7 +10,7 @@
 // be sent at once (rate budget spent, socket buffer full) is dropped and
 // counted, as UDP does, so one slow client never stalls the port.
 //
-// A relay is kept by its stream's shared state (streamstate.Stream.Attach),
+// A relay is kept by its stream's shared state (streamstate.State.Attach),
 // one per listen address, with the stream's other runtime state: a reload
 // binds a second socket to the same relay (SO_REUSEPORT) and the NAT
 // table, with every client's upstream socket, carries over.
@@ -89,7 +89,7 @@ type config struct {
 // Relay is the NAT relay of one stream address.
 type Relay struct {
 	key   string
-	state *streamstate.Stream
+	state *streamstate.State
 
 	cfg     atomic.Pointer[config]
 	entries sync.Map        // netip.AddrPort → *entry
@@ -107,9 +107,9 @@ type Relay struct {
 }
 
 // Acquire returns the relay of stream state's address listen (host:port),
-// which the stream's state keeps (streamstate.Stream.Attach), creating it
+// which the stream's state keeps (streamstate.State.Attach), creating it
 // on first use. Pair every Acquire with one Release.
-func Acquire(state *streamstate.Stream, listen string) *Relay {
+func Acquire(state *streamstate.State, listen string) *Relay {
 	key := "udp/" + listen
 	return state.Attach(key, func() caddy.Destructor { return newRelay(key, state) }).(*Relay)
 }
@@ -117,7 +117,7 @@ func Acquire(state *streamstate.Stream, listen string) *Relay {
 // Release drops one reference to r. The last one closes every entry.
 func Release(r *Relay) { r.state.Detach(r.key) }
 
-func newRelay(key string, state *streamstate.Stream) *Relay {
+func newRelay(key string, state *streamstate.State) *Relay {
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &Relay{key: key, state: state, ctx: ctx, cancel: cancel}
 	r.table.Max = HardCap

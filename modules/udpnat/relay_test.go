@@ -18,7 +18,7 @@ import (
 // echo server, torn down with the test.
 type testRelay struct {
 	r     *Relay
-	state *streamstate.Stream
+	state *streamstate.State
 	addr  *net.UDPAddr // the relay's socket
 }
 

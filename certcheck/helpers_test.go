@@ -1,4 +1,4 @@
-package certs
+package certcheck
 
 import (
 	"crypto"
@@ -10,13 +10,13 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
-	"math/big"
 	"net"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
 )
 
 // Keys are generated once per test binary: RSA generation is slow under
@@ -57,32 +57,21 @@ var (
 type issued struct {
 	cert *x509.Certificate
 	key  crypto.Signer
+	made *testenv.Issued
 }
 
-func (c issued) pem() string {
-	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.cert.Raw}))
-}
-
-var serial atomic.Int64
+func (c issued) pem() string { return c.made.CertPEM }
 
 // issue makes a certificate from tmpl for key, signed by parent (self-signed
 // when parent is nil).
 func issue(tb testing.TB, tmpl *x509.Certificate, key crypto.Signer, parent *issued) issued {
 	tb.Helper()
-	tmpl.SerialNumber = big.NewInt(serial.Add(1))
-	signer, parentCert := key, tmpl
+	var issuer *testenv.Issued
 	if parent != nil {
-		signer, parentCert = parent.key, parent.cert
+		issuer = parent.made
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, parentCert, key.Public(), signer)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	c, err := x509.ParseCertificate(der)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return issued{cert: c, key: key}
+	c := testenv.Cert(tb, testenv.CertOptions{Template: tmpl, Key: key, Issuer: issuer})
+	return issued{cert: c.Cert, key: key, made: c}
 }
 
 func caTemplate(cn string, notBefore, notAfter time.Time) *x509.Certificate {

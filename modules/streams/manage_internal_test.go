@@ -38,8 +38,8 @@ func TestHandOver(t *testing.T) {
 	if back := handOver(later); back != nil || current.Load() != nil {
 		t.Fatalf("handed back to a stopped app: %p", back)
 	}
-	if err := manage(func(*App) error { return nil }); err != spec.ErrNotRunning {
-		t.Fatalf("manage with no running app: %v", err)
+	if err := withRunning(func(*App) error { return nil }); err != spec.ErrNotRunning {
+		t.Fatalf("withRunning with no running app: %v", err)
 	}
 }
 

@@ -9,8 +9,6 @@ import (
 	"fmt"
 	"slices"
 	"strconv"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -21,80 +19,28 @@ import (
 	"github.com/aegis-proxy/caddy-aegis/storage"
 )
 
-// manageMu serializes the writes of the API with each other and with a
-// config load handing over to a new app, so a write is never applied to an
-// app that is on its way out after the new one has read the storage.
-var manageMu sync.Mutex
-
-// current is the running streams app.
-var current atomic.Pointer[App]
-
-// setCurrent makes a the app that management calls go to, after it has
-// caught up with writes stored since it read the storage.
-func setCurrent(a *App) {
-	manageMu.Lock()
-	defer manageMu.Unlock()
-	a.syncStored()
-	a.prev = current.Swap(a)
-}
-
-// handOver takes a, which is stopping, out of management. If a was the
-// running app, the app it replaced takes over again when it still runs:
-// Caddy stops a new config whose start failed and keeps the old one. It
-// returns that app. The caller holds manageMu.
-func handOver(a *App) (back *App) {
-	a.stopped = true
-	switch cur := current.Load(); {
-	case cur == a:
-		if a.prev != nil && !a.prev.stopped {
-			back = a.prev
-		}
-		current.Store(back)
-	case cur != nil && cur.prev == a:
-		cur.prev = nil // a was replaced for good
-	}
-	a.prev = nil
-	return back
-}
-
-// Running returns the running streams app, or nil.
-func Running() *App { return current.Load() }
-
-// manage runs f on the running app with writes serialized.
-func manage(f func(a *App) error) error {
-	manageMu.Lock()
-	defer manageMu.Unlock()
-	a := current.Load()
-	if a == nil || a.stopped {
-		return spec.ErrNotRunning
-	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return f(a)
-}
-
-// find returns the runtime of stream id, or nil. The caller holds a.mu.
-func (a *App) find(id int64) *runtime {
-	for _, rt := range a.streams {
-		if rt.cfg.ID == id {
-			return rt
+// find returns the instance of stream id, or nil. The caller holds a.mu.
+func (a *App) find(id int64) *instance {
+	for _, inst := range a.streams {
+		if inst.cfg.ID == id {
+			return inst
 		}
 	}
 	return nil
 }
 
-// setStored takes the times and version of rt's stored host h.
-func (rt *runtime) setStored(h storage.Stored) {
-	rt.created, rt.updated, rt.version = h.CreatedAt, h.UpdatedAt, h.Version
+// setStored takes the times and version of inst's stored host h.
+func (inst *instance) setStored(h storage.Stored) {
+	inst.created, inst.updated, inst.version = h.CreatedAt, h.UpdatedAt, h.Version
 }
 
-// currentVersion is rt's HostStatus.Version: the stored version of an API
+// currentVersion is inst's HostStatus.Version: the stored version of an API
 // stream, the settings' hash of a config stream.
-func (rt *runtime) currentVersion() string {
-	if rt.source == spec.SourceAPI && rt.version > 0 {
-		return strconv.FormatInt(rt.version, 10)
+func (inst *instance) currentVersion() string {
+	if inst.source == spec.SourceAPI && inst.version > 0 {
+		return strconv.FormatInt(inst.version, 10)
 	}
-	return versionOf(rt.cfg)
+	return versionOf(inst.cfg)
 }
 
 // versionOf is the version of a config stream's settings: 24 hex digits of
@@ -114,12 +60,12 @@ func versionOf(s *spec.Stream) string {
 // it returns ends the write with that error, and nothing changes.
 type Precondition func(version string) error
 
-// checkPre runs the preconditions against rt's version.
-func checkPre(rt *runtime, pre []Precondition) error {
+// checkPre runs the preconditions against inst's version.
+func checkPre(inst *instance, pre []Precondition) error {
 	if len(pre) == 0 {
 		return nil
 	}
-	v := rt.currentVersion()
+	v := inst.currentVersion()
 	for _, p := range pre {
 		if err := p(v); err != nil {
 			return err
@@ -128,11 +74,11 @@ func checkPre(rt *runtime, pre []Precondition) error {
 	return nil
 }
 
-func (rt *runtime) hostStatus() spec.HostStatus {
-	cp := *rt.cfg
-	hs := spec.HostStatus{Stream: &cp, Source: rt.source, Version: rt.currentVersion(), Status: StatusOf(rt.cfg, rt.state)}
-	if rt.source == spec.SourceAPI && !rt.created.IsZero() {
-		hs.CreatedAt, hs.UpdatedAt = jsontime.Ptr(rt.created), jsontime.Ptr(rt.updated)
+func (inst *instance) hostStatus() spec.HostStatus {
+	cp := *inst.cfg
+	hs := spec.HostStatus{Stream: &cp, Source: inst.source, Version: inst.currentVersion(), Status: StatusOf(inst.cfg, inst.state)}
+	if inst.source == spec.SourceAPI && !inst.created.IsZero() {
+		hs.CreatedAt, hs.UpdatedAt = jsontime.Ptr(inst.created), jsontime.Ptr(inst.updated)
 	}
 	return hs
 }
@@ -143,8 +89,8 @@ func (a *App) HostStatuses() []spec.HostStatus {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	out := make([]spec.HostStatus, 0, len(a.streams))
-	for _, rt := range a.streams {
-		out = append(out, rt.hostStatus())
+	for _, inst := range a.streams {
+		out = append(out, inst.hostStatus())
 	}
 	return out
 }
@@ -154,8 +100,8 @@ func (a *App) Statuses() []spec.Status {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	out := make([]spec.Status, 0, len(a.streams))
-	for _, rt := range a.streams {
-		out = append(out, StatusOf(rt.cfg, rt.state))
+	for _, inst := range a.streams {
+		out = append(out, StatusOf(inst.cfg, inst.state))
 	}
 	return out
 }
@@ -164,18 +110,18 @@ func (a *App) Statuses() []spec.Status {
 func (a *App) HostStatus(id int64) (spec.HostStatus, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	rt := a.find(id)
-	if rt == nil {
+	inst := a.find(id)
+	if inst == nil {
 		return spec.HostStatus{}, fmt.Errorf("stream %d: %w", id, spec.ErrNotFound)
 	}
-	return rt.hostStatus(), nil
+	return inst.hostStatus(), nil
 }
 
 // nextID is an id above every stream's. The caller holds a.mu.
 func (a *App) nextID() int64 {
 	var top int64
-	for _, rt := range a.streams {
-		top = max(top, rt.cfg.ID)
+	for _, inst := range a.streams {
+		top = max(top, inst.cfg.ID)
 	}
 	return top + 1
 }
@@ -211,7 +157,7 @@ func (a *App) checkNew(ctx context.Context, s *spec.Stream) error {
 func CreateHost(ctx context.Context, s spec.Stream) (spec.HostStatus, error) {
 	var out spec.HostStatus
 	auto := s.ID == 0
-	err := manage(func(a *App) error {
+	err := withRunning(func(a *App) error {
 		var err error
 		out, err = a.createHost(ctx, &s)
 		return err
@@ -246,32 +192,32 @@ func (a *App) createHost(ctx context.Context, s *spec.Stream) (spec.HostStatus, 
 	if err := a.checkNew(ctx, s); err != nil {
 		return spec.HostStatus{}, err
 	}
-	var rt *runtime
+	var inst *instance
 	stored, err := a.store.db.CreateHost(ctx, *s, func(storage.Stored) error {
 		var err error
-		rt, err = a.newRuntime(s, spec.SourceAPI)
+		inst, err = a.newInstance(s, spec.SourceAPI)
 		if err != nil {
 			return err
 		}
-		if err := rt.bind(a.ctx); err != nil {
-			rt.release()
-			rt = nil
+		if err := inst.bind(a.ctx); err != nil {
+			inst.release()
+			inst = nil
 			return err
 		}
 		return nil
 	})
 	if err != nil {
-		if rt != nil { // the commit failed after the stream was bound
-			rt.closeListeners()
-			rt.release()
+		if inst != nil { // the commit failed after the stream was bound
+			inst.closeListeners()
+			inst.release()
 		}
 		return spec.HostStatus{}, storeError(err)
 	}
-	rt.setStored(stored)
-	a.serve(rt)
-	a.streams = append(a.streams, rt)
-	rt.logger.Info("stream created")
-	return rt.hostStatus(), nil
+	inst.setStored(stored)
+	a.serve(inst)
+	a.streams = append(a.streams, inst)
+	inst.logger.Info("stream created")
+	return inst.hostStatus(), nil
 }
 
 // UpdateHost replaces the settings of stored stream id. When the protocol,
@@ -291,7 +237,7 @@ func UpdateHost(ctx context.Context, id int64, s spec.Stream, pre ...Preconditio
 // write with that error, and nothing changes.
 func UpdateHostFunc(ctx context.Context, id int64, build func(current spec.Stream) (spec.Stream, error), pre ...Precondition) (spec.HostStatus, error) {
 	var out spec.HostStatus
-	err := manage(func(a *App) error {
+	err := withRunning(func(a *App) error {
 		var err error
 		out, err = a.updateHost(ctx, id, build, pre)
 		return err
@@ -330,15 +276,15 @@ func (a *App) updateHost(ctx context.Context, id int64, build func(spec.Stream) 
 		old.cfg.EffectiveProtocol() == s.EffectiveProtocol() &&
 		old.cfg.ListenAddress == s.ListenAddress && old.cfg.ListenPort == s.ListenPort
 
-	var next *runtime // sockets change: a runtime of its own
-	var swap *runtime // sockets stay: the new chain and relay config
+	var next *instance // sockets change: an instance of its own
+	var swap *instance // sockets stay: the new chain and relay config
 	stored, err := a.store.db.UpdateHost(ctx, *s, func(_, _ storage.Stored) error {
 		var err error
 		if sameSockets {
-			swap, err = a.newRuntime(s, spec.SourceAPI)
+			swap, err = a.newInstance(s, spec.SourceAPI)
 			return err
 		}
-		next, err = a.newRuntime(s, spec.SourceAPI)
+		next, err = a.newInstance(s, spec.SourceAPI)
 		if err != nil {
 			return err
 		}
@@ -361,8 +307,8 @@ func (a *App) updateHost(ctx context.Context, id int64, build func(spec.Stream) 
 	}
 
 	if sameSockets {
-		// Hand the old runtime the new chain and relay config; the spare
-		// runtime takes the old chain away to be unloaded.
+		// Hand the old instance the new chain and relay config; the spare
+		// instance takes the old chain away to be unloaded.
 		if box := swap.chain.Load(); box != nil {
 			prev := old.chain.Swap(box)
 			swap.chain.Store(prev)
@@ -402,30 +348,30 @@ func (a *App) updateHost(ctx context.Context, id int64, build func(spec.Stream) 
 // (stream_removed) and deletes it with its connection log. Preconditions,
 // if any, run first (see Precondition).
 func DeleteHost(ctx context.Context, id int64, pre ...Precondition) error {
-	return manage(func(a *App) error { return a.deleteHost(ctx, id, pre) })
+	return withRunning(func(a *App) error { return a.deleteHost(ctx, id, pre) })
 }
 
 func (a *App) deleteHost(ctx context.Context, id int64, pre []Precondition) error {
-	rt := a.find(id)
+	inst := a.find(id)
 	switch {
-	case rt == nil:
+	case inst == nil:
 		return fmt.Errorf("stream %d: %w", id, spec.ErrNotFound)
-	case rt.source == spec.SourceConfig:
-		return fmt.Errorf("%s: %w; remove it from the config and reload", spec.StreamLabel(id, rt.cfg.Name), spec.ErrReadOnly)
+	case inst.source == spec.SourceConfig:
+		return fmt.Errorf("%s: %w; remove it from the config and reload", spec.StreamLabel(id, inst.cfg.Name), spec.ErrReadOnly)
 	case a.store == nil:
 		return spec.ErrNoStorage
 	}
-	if err := checkPre(rt, pre); err != nil {
+	if err := checkPre(inst, pre); err != nil {
 		return err
 	}
 	if err := a.store.db.DeleteHost(ctx, id, nil); err != nil {
 		return storeError(err)
 	}
-	rt.closeListeners()
-	rt.state.CloseAll(streamstate.ReasonStreamRemoved)
-	a.streams = slices.DeleteFunc(a.streams, func(x *runtime) bool { return x == rt })
-	rt.logger.Info("stream deleted")
-	rt.release()
+	inst.closeListeners()
+	inst.state.CloseAll(streamstate.ReasonStreamRemoved)
+	a.streams = slices.DeleteFunc(a.streams, func(x *instance) bool { return x == inst })
+	inst.logger.Info("stream deleted")
+	inst.release()
 	return nil
 }
 
@@ -449,7 +395,7 @@ func storeError(err error) error {
 
 // syncStored applies the stored streams that changed since Provision read
 // them (an API write between this app's Provision and Start went to the
-// previous app). The caller holds manageMu.
+// previous app). The caller holds writeMu.
 func (a *App) syncStored() {
 	if a.store == nil {
 		return
@@ -467,43 +413,43 @@ func (a *App) syncStored() {
 	seen := map[int64]bool{}
 	for _, h := range hosts {
 		seen[h.ID] = true
-		rt := a.find(h.ID)
+		inst := a.find(h.ID)
 		switch {
-		case rt == nil:
+		case inst == nil:
 			s := &h.Stream
-			nrt, err := a.newRuntime(s, spec.SourceAPI)
+			ninst, err := a.newInstance(s, spec.SourceAPI)
 			if err == nil {
-				if err = nrt.bind(a.ctx); err != nil {
-					nrt.release()
+				if err = ninst.bind(a.ctx); err != nil {
+					ninst.release()
 				}
 			}
 			if err != nil {
 				a.logger.Error("starting a stream stored meanwhile", zap.Int64("stream_id", h.ID), zap.Error(err))
 				continue
 			}
-			nrt.setStored(h)
-			a.serve(nrt)
-			a.streams = append(a.streams, nrt)
-		case rt.source == spec.SourceAPI && rt.version != h.Version:
-			if _, err := a.applyStored(rt, h); err != nil {
+			ninst.setStored(h)
+			a.serve(ninst)
+			a.streams = append(a.streams, ninst)
+		case inst.source == spec.SourceAPI && inst.version != h.Version:
+			if _, err := a.applyStored(inst, h); err != nil {
 				a.logger.Error("applying a stream changed meanwhile", zap.Int64("stream_id", h.ID), zap.Error(err))
 			}
 		}
 	}
-	for _, rt := range slices.Clone(a.streams) {
-		if rt.source == spec.SourceAPI && !seen[rt.cfg.ID] {
-			rt.closeListeners()
-			rt.state.CloseAll(streamstate.ReasonStreamRemoved)
-			a.streams = slices.DeleteFunc(a.streams, func(x *runtime) bool { return x == rt })
-			rt.release()
+	for _, inst := range slices.Clone(a.streams) {
+		if inst.source == spec.SourceAPI && !seen[inst.cfg.ID] {
+			inst.closeListeners()
+			inst.state.CloseAll(streamstate.ReasonStreamRemoved)
+			a.streams = slices.DeleteFunc(a.streams, func(x *instance) bool { return x == inst })
+			inst.release()
 		}
 	}
 }
 
-// applyStored replaces rt with a runtime of the stored host h.
-func (a *App) applyStored(rt *runtime, h storage.Stored) (*runtime, error) {
+// applyStored replaces inst with an instance of the stored host h.
+func (a *App) applyStored(inst *instance, h storage.Stored) (*instance, error) {
 	s := &h.Stream
-	next, err := a.newRuntime(s, spec.SourceAPI)
+	next, err := a.newInstance(s, spec.SourceAPI)
 	if err != nil {
 		return nil, err
 	}
@@ -513,12 +459,12 @@ func (a *App) applyStored(rt *runtime, h storage.Stored) (*runtime, error) {
 	}
 	next.setStored(h)
 	a.serve(next)
-	rt.closeListeners()
+	inst.closeListeners()
 	if !s.Enabled {
-		rt.state.CloseAll(streamstate.ReasonStreamDisabled)
+		inst.state.CloseAll(streamstate.ReasonStreamDisabled)
 	}
-	a.streams[slices.Index(a.streams, rt)] = next
-	rt.release()
+	a.streams[slices.Index(a.streams, inst)] = next
+	inst.release()
 	return next, nil
 }
 
@@ -526,13 +472,13 @@ func (a *App) applyStored(rt *runtime, h storage.Stored) (*runtime, error) {
 // stream id, oldest first.
 func (a *App) ActiveConnections(id int64) ([]spec.ActiveConn, error) {
 	a.mu.Lock()
-	rt := a.find(id)
+	inst := a.find(id)
 	a.mu.Unlock()
-	if rt == nil {
+	if inst == nil {
 		return nil, fmt.Errorf("stream %d: %w", id, spec.ErrNotFound)
 	}
 	out := []spec.ActiveConn{}
-	rt.state.Sessions(func(ss *streamstate.Session) bool {
+	inst.state.Sessions(func(ss *streamstate.Session) bool {
 		proto := spec.ProtocolTCP
 		if ss.UDP {
 			proto = spec.ProtocolUDP
@@ -553,12 +499,12 @@ func (a *App) ActiveConnections(id int64) ([]spec.ActiveConn, error) {
 // has no such connection (it may have ended already).
 func (a *App) CloseConnection(id int64, connID uint64) error {
 	a.mu.Lock()
-	rt := a.find(id)
+	inst := a.find(id)
 	a.mu.Unlock()
-	if rt == nil {
+	if inst == nil {
 		return fmt.Errorf("stream %d: %w", id, spec.ErrNotFound)
 	}
-	ss := rt.state.Session(connID)
+	ss := inst.state.Session(connID)
 	if ss == nil || ss.Closed() {
 		return fmt.Errorf("stream %d has no open connection %d: %w", id, connID, spec.ErrNotFound)
 	}
@@ -570,9 +516,9 @@ func (a *App) CloseConnection(id int64, connID uint64) error {
 // pages and filters it.
 func (a *App) ConnectionLog(ctx context.Context, id int64, q storage.ConnLogQuery) ([]storage.ConnLog, error) {
 	a.mu.Lock()
-	rt, store := a.find(id), a.store
+	inst, store := a.find(id), a.store
 	a.mu.Unlock()
-	if rt == nil {
+	if inst == nil {
 		return nil, fmt.Errorf("stream %d: %w", id, spec.ErrNotFound)
 	}
 	if store == nil {
@@ -587,78 +533,4 @@ func (a *App) ConnectionLog(ctx context.Context, id int64, q storage.ConnLogQuer
 		logs = []storage.ConnLog{}
 	}
 	return logs, nil
-}
-
-// ValidatePort checks a listen address and port as creating or updating a
-// stream would: the values, Caddy's own ports, the other streams, and
-// whether the address can be bound now (a port another program holds is
-// an error that says so). Well-known and privileged ports give warnings.
-func (a *App) ValidatePort(pc spec.PortCheck) spec.PortCheckResult {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	id := pc.ID
-	if id <= 0 {
-		id = a.nextID()
-	}
-	s := &spec.Stream{ID: id, Protocol: pc.Protocol, ListenAddress: pc.ListenAddress, ListenPort: pc.ListenPort,
-		UpstreamHost: "127.0.0.1", UpstreamPort: 1, Enabled: true}
-	if rt := a.find(pc.ID); rt != nil {
-		s.Name = rt.cfg.Name
-	}
-	res := spec.PortCheckResult{Warnings: s.Warnings()}
-	if res.Warnings == nil {
-		res.Warnings = []string{}
-	}
-	collect := func(err error) {
-		for _, e := range flattenErrors(err) {
-			var fe *spec.FieldError
-			if errors.As(e, &fe) && (fe.Field == "protocol" || fe.Field == "listen_address" || fe.Field == "listen_port") {
-				res.Errors = append(res.Errors, fe)
-			}
-		}
-	}
-	collect(s.Validate())
-	if len(res.Errors) == 0 {
-		collect(a.validateListen(s))
-	}
-	if len(res.Errors) == 0 {
-		collect(a.probe(s))
-	}
-	if pc.ID <= 0 {
-		for _, fe := range res.Errors {
-			fe.New = true
-		}
-	}
-	res.Valid = len(res.Errors) == 0
-	return res
-}
-
-// probe checks that s's addresses can be bound now, unless a stream of
-// this process holds them (validateListen has judged those).
-func (a *App) probe(s *spec.Stream) error {
-	var errs []error
-	for _, network := range []string{"tcp", "udp"} {
-		if network == "tcp" && !s.HasTCP() || network == "udp" && !s.HasUDP() {
-			continue
-		}
-		if err := probeBind(s, network); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	return errors.Join(errs...)
-}
-
-// flattenErrors unpacks errors.Join trees.
-func flattenErrors(err error) []error {
-	if err == nil {
-		return nil
-	}
-	if j, ok := err.(interface{ Unwrap() []error }); ok {
-		var out []error
-		for _, e := range j.Unwrap() {
-			out = append(out, flattenErrors(e)...)
-		}
-		return out
-	}
-	return []error{err}
 }

@@ -1,4 +1,4 @@
-// Package certs validates the certificates that streams terminate TLS with:
+// Package certcheck validates the certificates that streams terminate TLS with:
 // custom certificates uploaded as PEM (ParseCustom) and the domain names of
 // managed certificates, which Caddy's TLS automation obtains (ValidateDomains).
 //
@@ -9,7 +9,7 @@
 // Errors are *FieldError values naming the request field at fault
 // ("certificate", "private_key" or "domains") with a plain reason; they
 // never quote private key material.
-package certs
+package certcheck
 
 import (
 	"bytes"
