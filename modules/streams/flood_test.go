@@ -128,8 +128,12 @@ func TestFloodTCP8000(t *testing.T) {
 	if e[0] != strconv.Itoa(n) {
 		t.Fatalf("second round trip on the %d open connections: %s echoed, %s failed, first: %s", n, e[0], e[1], strings.Join(e[3:], " "))
 	}
-	if st.TotalConnections != n || held.fds-base.fds < 2*n {
-		t.Fatalf("with %d connections open: stats %+v, %d more file descriptors (want %d or more)", n, st, held.fds-base.fds, 2*n)
+	// Two descriptors per connection (client side and upstream side). The
+	// baseline may have caught one of the other stream's short connections
+	// of the moment: its client, the proxy's two sockets and its upstream's
+	// are all in this process, 4 descriptors that are gone by now.
+	if st.TotalConnections != n || held.fds-base.fds < 2*n-4 {
+		t.Fatalf("with %d connections open: stats %+v, %d more file descriptors (want %d or more)", n, st, held.fds-base.fds, 2*n-4)
 	}
 
 	released := time.Now()
