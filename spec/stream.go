@@ -74,6 +74,14 @@ type Stream struct {
 	// still detects dead peers; UDP: 60 seconds).
 	IdleTimeoutSeconds int `json:"idle_timeout_seconds,omitempty"`
 
+	// UDPResponses is how many datagrams the upstream sends back for each
+	// datagram from a UDP client (1 for DNS). Once they have all arrived,
+	// the client's NAT entry closes at once (disconnect_reason
+	// responses_done) instead of waiting for the idle timeout; the
+	// client's next datagram opens a new one. As nginx's proxy_responses.
+	// Default: 0 (off: entries end on the idle timeout).
+	UDPResponses int `json:"udp_responses,omitempty"`
+
 	// HalfClose keeps a TCP connection open after one side has finished
 	// sending (a FIN): the end is passed on and the other direction runs
 	// until its own end. Needed by protocols whose client shuts its write

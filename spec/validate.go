@@ -22,6 +22,10 @@ const (
 // are surely a mistake, and far longer ones would overflow a time.Duration.
 const MaxSeconds = 365 * 24 * 60 * 60
 
+// MaxUDPResponses bounds udp_responses: more replies than this to one
+// datagram is not a request-reply protocol, and the idle timeout fits it.
+const MaxUDPResponses = 1000
+
 // FieldError is one problem with one setting of one stream. Its message
 // names the stream, the setting (by its JSON name), the bad value and what
 // is allowed, e.g.
@@ -199,6 +203,9 @@ func (s *Stream) validate(limits bool) error {
 			badInt(f.field, int64(f.v), fmt.Sprintf("must be 0-%d, one year at most (%s)", MaxSeconds, f.zero))
 		}
 	}
+	if s.UDPResponses < 0 || s.UDPResponses > MaxUDPResponses {
+		badInt("udp_responses", int64(s.UDPResponses), fmt.Sprintf("must be 0-%d (0 = off: entries end on the idle timeout)", MaxUDPResponses))
+	}
 	if s.UploadRateBytes < 0 {
 		badInt("upload_rate_bytes", s.UploadRateBytes, "must be >= 0 (0 = unlimited)")
 	}
@@ -357,6 +364,9 @@ func (s *Stream) Warnings() []string {
 	}
 	if s.HalfClose && s.EffectiveProtocol() == ProtocolUDP {
 		w = append(w, "half_close: applies to TCP connections only; a UDP-only stream has none")
+	}
+	if s.UDPResponses > 0 && !s.HasUDP() {
+		w = append(w, "udp_responses: applies to UDP NAT entries only; a TCP-only stream has none")
 	}
 	if !ValidPort(s.ListenPort) {
 		return w

@@ -57,6 +57,7 @@ func TestStreamValidateOK(t *testing.T) {
 			s.WhitelistCIDRs = []string{"10.0.0.0/8", "192.0.2.7", "2001:db8::/32", "::1", "::ffff:10.0.0.0/104", " 172.16.0.0/12 "}
 			s.BlacklistCIDRs = []string{"10.6.6.6/32", "2001:db8:bad::/48"}
 		}},
+		{"udp responses", func(s *Stream) { s.Protocol = "udp"; s.UDPResponses = MaxUDPResponses }},
 		{"tls on tcp", func(s *Stream) { s.SSLEnabled = true; s.SSLCertID = 1 }},
 		{"tls on tcp+udp", func(s *Stream) { s.Protocol = "tcp+udp"; s.SSLEnabled = true; s.SSLCertID = 1 }},
 		{"cert id without tls", func(s *Stream) { s.SSLCertID = 9 }},
@@ -111,6 +112,8 @@ func TestStreamValidateErrors(t *testing.T) {
 		{"idle timeout negative", func(s *Stream) { s.IdleTimeoutSeconds = -1 }, []string{"idle_timeout_seconds -1: must be 0-31536000"}},
 		{"idle timeout overflow", func(s *Stream) { s.IdleTimeoutSeconds = 1 << 40 }, []string{"idle_timeout_seconds 1099511627776: must be 0-31536000"}},
 		{"health interval", func(s *Stream) { s.HealthCheckIntervalSeconds = -30 }, []string{"health_check_interval_seconds -30: must be 0-31536000"}},
+		{"udp responses negative", func(s *Stream) { s.Protocol = "udp"; s.UDPResponses = -1 }, []string{"udp_responses -1: must be 0-1000"}},
+		{"udp responses too many", func(s *Stream) { s.Protocol = "udp"; s.UDPResponses = 1001 }, []string{"udp_responses 1001: must be 0-1000"}},
 		{"upload rate", func(s *Stream) { s.UploadRateBytes = -1 }, []string{"upload_rate_bytes -1: must be >= 0"}},
 		{"download rate", func(s *Stream) { s.DownloadRateBytes = -1 }, []string{"download_rate_bytes -1: must be >= 0"}},
 		{"ssl cert id negative", func(s *Stream) { s.SSLCertID = -1 }, []string{"ssl_cert_id -1: must be >= 0"}},
@@ -236,6 +239,16 @@ func TestStreamWarnings(t *testing.T) {
 	s.Protocol = ProtocolUDP
 	if got := s.Warnings(); len(got) != 1 || !strings.HasPrefix(got[0], "half_close: applies to TCP connections only") {
 		t.Errorf("udp stream with half_close: Warnings() = %q, want one about half_close", got)
+	}
+	// And udp_responses on a TCP-only stream.
+	s = validStream()
+	s.ListenPort, s.UDPResponses = 15432, 1
+	if got := s.Warnings(); len(got) != 1 || !strings.HasPrefix(got[0], "udp_responses: applies to UDP") {
+		t.Errorf("tcp stream with udp_responses: Warnings() = %q, want one about udp_responses", got)
+	}
+	s.Protocol = ProtocolTCPUDP
+	if got := s.Warnings(); len(got) != 0 {
+		t.Errorf("tcp+udp stream with udp_responses: Warnings() = %q, want none", got)
 	}
 }
 

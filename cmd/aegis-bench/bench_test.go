@@ -456,6 +456,15 @@ func TestUDPConfigs(t *testing.T) {
 		t.Errorf("UDP only: %v, %s", err, b)
 	}
 
+	// The new-flow test's: one reply ends a session.
+	b, _ = aegisConfigOpts(2019, "/l", ports{UDP: 9004}, ports{UDP: 7004}, nil, 1)
+	if !strings.Contains(string(b), `"udp_responses": 1`) {
+		t.Errorf("new flows: aegis config lacks udp_responses 1:\n%s", b)
+	}
+	if n, _ := nginxConfigWith("/tmp/n", "/mod.so", ports{UDP: 9004}, ports{UDP: 7004}, 0, 1); !strings.Contains(n, "proxy_timeout 120s;\n        proxy_responses 1;\n") {
+		t.Errorf("new flows: nginx config lacks proxy_responses 1:\n%s", n)
+	}
+
 	n, err := nginxConfig("/tmp/n", "/mod.so", ports{UDP: 9004}, ports{UDP: 7004}, 19000)
 	if err != nil {
 		t.Fatal(err)

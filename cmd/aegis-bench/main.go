@@ -517,7 +517,7 @@ func runUDP(ps []proxy, cfg config, up *upstreams, tmp string) []result {
 			res.na = p.noUDP
 			continue
 		}
-		c, front, err := launchUDP(p, cfg, up, tmp, "udp", 0)
+		c, front, err := launchUDP(p, cfg, up, tmp, "udp", 0, 0)
 		if err != nil {
 			res.skipped = err.Error()
 			continue
@@ -577,6 +577,7 @@ func runUDP(ps []proxy, cfg config, up *upstreams, tmp string) []result {
 			natUDP(r.p, cfg, up, tmp, r.res)
 		}
 	}
+	flowsUDP(runs, cfg, up, tmp)
 	return results
 }
 
@@ -631,7 +632,7 @@ func (r *udpRun) stepDown(cfg config) {
 // launchUDP starts p relaying a UDP port to the UDP echo, in a dir of its
 // own, and waits until an echo comes through. For direct it returns no
 // child and the echo's own port.
-func launchUDP(p proxy, cfg config, up *upstreams, tmp, phase string, entries int) (*child, int, error) {
+func launchUDP(p proxy, cfg config, up *upstreams, tmp, phase string, entries, responses int) (*child, int, error) {
 	echo := up.udp.port()
 	if p.start == nil {
 		return nil, echo, nil
@@ -645,7 +646,7 @@ func launchUDP(p proxy, cfg config, up *upstreams, tmp, phase string, entries in
 		return nil, 0, err
 	}
 	s := setup{name: p.name, dir: filepath.Join(tmp, p.name+"-"+phase), up: ports{UDP: echo}, front: ports{UDP: front},
-		binary: bin, pin: cfg.pin, udpEntries: entries}
+		binary: bin, pin: cfg.pin, udpEntries: entries, udpResponses: responses}
 	if err := os.Mkdir(s.dir, 0o755); err != nil {
 		return nil, 0, err
 	}
@@ -717,7 +718,7 @@ func udpStep(p proxy, c *child, res *result, what string, f func() error) {
 
 // natUDP measures memory per NAT entry on a fresh proxy process.
 func natUDP(p proxy, cfg config, up *upstreams, tmp string, res *result) {
-	c, front, err := launchUDP(p, cfg, up, tmp, "udp-nat", cfg.udpEntries)
+	c, front, err := launchUDP(p, cfg, up, tmp, "udp-nat", cfg.udpEntries, 0)
 	if err != nil {
 		res.notes = append(res.notes, "NAT entries: "+err.Error())
 		return

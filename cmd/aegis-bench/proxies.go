@@ -37,6 +37,9 @@ type setup struct {
 	// udpEntries is how many UDP sessions the proxy must be able to hold
 	// (the NAT entry test), 0 if none.
 	udpEntries int
+	// udpResponses is the replies per datagram after which the proxy ends
+	// a UDP session (aegis udp_responses, nginx proxy_responses); 0: none.
+	udpResponses int
 	// cert is the certificate to terminate TLS with (the TLS test), nil
 	// for plain TCP and UDP.
 	cert *benchCert
@@ -149,6 +152,12 @@ func aegisConfig(adminPort int, logFile string, up, front ports) ([]byte, error)
 // aegisConfigWith is aegisConfig; with t, every TCP stream terminates TLS
 // with certificate t.certID, and the app's storage is t.dbPath.
 func aegisConfigWith(adminPort int, logFile string, up, front ports, t *aegisTLS) ([]byte, error) {
+	return aegisConfigOpts(adminPort, logFile, up, front, t, 0)
+}
+
+// aegisConfigOpts is aegisConfigWith; the UDP stream has udp_responses
+// responses.
+func aegisConfigOpts(adminPort int, logFile string, up, front ports, t *aegisTLS, responses int) ([]byte, error) {
 	var hosts []spec.Stream
 	for _, r := range routes(up, front) {
 		h := spec.Stream{
@@ -159,6 +168,7 @@ func aegisConfigWith(adminPort int, logFile string, up, front ports, t *aegisTLS
 		}
 		if r.UDP {
 			h.Protocol, h.IdleTimeoutSeconds = spec.ProtocolUDP, udpIdleTimeout
+			h.UDPResponses = responses
 		} else if t != nil {
 			h.SSLEnabled, h.SSLCertID = true, t.certID
 		}
@@ -184,7 +194,7 @@ func startAegis(s setup) (*child, error) {
 	if err != nil {
 		return nil, err
 	}
-	cfg, err := aegisConfig(admin[0], filepath.Join(s.dir, "aegis.log"), s.up, s.front)
+	cfg, err := aegisConfigOpts(admin[0], filepath.Join(s.dir, "aegis.log"), s.up, s.front, nil, s.udpResponses)
 	if err != nil {
 		return nil, err
 	}
@@ -344,6 +354,9 @@ stream {
         deny all;
 {{- if .UDP}}
         proxy_timeout {{$.UDPTimeout}}s;
+{{- if $.Responses}}
+        proxy_responses {{$.Responses}};
+{{- end}}
 {{- else}}
         proxy_connect_timeout 10s;
         proxy_timeout 1h;
@@ -359,11 +372,17 @@ const nginxModule = "/usr/lib/nginx/modules/ngx_stream_module.so"
 // nginxConfig renders the nginx config; udpEntries is how many UDP
 // sessions it must hold at once, 0 if no such test runs.
 func nginxConfig(dir, module string, up, front ports, udpEntries int) (string, error) {
+	return nginxConfigWith(dir, module, up, front, udpEntries, 0)
+}
+
+// nginxConfigWith is nginxConfig with proxy_responses responses on UDP
+// (0: not set).
+func nginxConfigWith(dir, module string, up, front ports, udpEntries, responses int) (string, error) {
 	var b bytes.Buffer
 	err := nginxTmpl.Execute(&b, map[string]any{
 		"Dir": dir, "Module": module, "Routes": routes(up, front),
 		"Files": max(20000, udpEntries+1000), "Conns": max(10000, 2*udpEntries+1000),
-		"UDPTimeout": udpIdleTimeout,
+		"UDPTimeout": udpIdleTimeout, "Responses": responses,
 	})
 	return b.String(), err
 }
@@ -372,7 +391,7 @@ func startNginx(s setup) (*child, error) {
 	if _, err := os.Stat(nginxModule); err != nil {
 		return nil, fmt.Errorf("no stream module (apt-get install libnginx-mod-stream): %v", err)
 	}
-	cfg, err := nginxConfig(s.dir, nginxModule, s.up, s.front, s.udpEntries)
+	cfg, err := nginxConfigWith(s.dir, nginxModule, s.up, s.front, s.udpEntries, s.udpResponses)
 	if err != nil {
 		return nil, err
 	}

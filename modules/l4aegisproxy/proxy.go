@@ -58,8 +58,12 @@ type Handler struct {
 	HalfClose bool `json:"half_close,omitempty"`
 
 	dialer net.Dialer
-	state  *streamstate.State
-	logger *zap.Logger
+	// checkHeader is the PROXY header a health check sends: v2 LOCAL or
+	// v1 "PROXY UNKNOWN", a proxy's own connection (nil without
+	// ProxyProtocol).
+	checkHeader []byte
+	state       *streamstate.State
+	logger      *zap.Logger
 	// stopHealth ends the health loop.
 	stopHealth context.CancelFunc
 }
@@ -92,6 +96,14 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.dialer.Timeout = time.Duration(h.DialTimeout)
 	if h.dialer.Timeout == 0 {
 		h.dialer.Timeout = DefaultDialTimeout
+	}
+	if h.ProxyProtocol > 0 {
+		hdr := proxyproto.Header{Version: byte(h.ProxyProtocol), Command: proxyproto.LOCAL, TransportProtocol: proxyproto.UNSPEC}
+		b, err := hdr.Format()
+		if err != nil {
+			return fmt.Errorf("proxy_protocol %d: health check header: %v", h.ProxyProtocol, err)
+		}
+		h.checkHeader = b
 	}
 	// Named: the streams app provisions the handlers itself, in a
 	// context with no module of its own.
@@ -218,16 +230,30 @@ func (h *Handler) healthLoop(ctx context.Context, every time.Duration) {
 	}
 }
 
+// checkHealth dials the upstream once. With ProxyProtocol it sends the
+// LOCAL header on the connection (as HAProxy's check-send-proxy), so that
+// an upstream that reads PROXY headers sees a proper connection instead of
+// a broken header on every check.
 func (h *Handler) checkHealth(ctx context.Context) {
 	c, err := h.dial(ctx)
 	if ctx.Err() != nil {
+		if err == nil {
+			c.Close()
+		}
 		return
+	}
+	if err == nil {
+		if h.checkHeader != nil {
+			_ = c.SetWriteDeadline(time.Now().Add(h.dialer.Timeout))
+			if _, werr := c.Write(h.checkHeader); werr != nil {
+				err = fmt.Errorf("sending the PROXY header: %w", werr)
+			}
+		}
+		c.Close()
 	}
 	res := streamstate.Health{Healthy: err == nil, LastCheck: time.Now()}
 	if err != nil {
 		res.LastError = err.Error()
-	} else {
-		c.Close()
 	}
 	prev := h.state.Health()
 	h.state.SetHealth(res)

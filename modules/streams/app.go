@@ -261,10 +261,11 @@ func (a *App) natConfig(s *spec.Stream, logger *zap.Logger) (udpnat.Config, erro
 		return udpnat.Config{}, err
 	}
 	return udpnat.Config{
-		Upstream: s.UpstreamHostPort(),
-		Policy:   p,
-		ProxyV2:  s.ProxyProtocolVersion == 2,
-		Logger:   logger,
+		Upstream:  s.UpstreamHostPort(),
+		Policy:    p,
+		ProxyV2:   s.ProxyProtocolVersion == 2,
+		Responses: s.UDPResponses,
+		Logger:    logger,
 	}, nil
 }
 

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"strconv"
 	"strings"
 	"sync"
@@ -72,13 +73,24 @@ func bind(ctx caddy.Context, s *spec.Stream, network string, lc net.ListenConfig
 			return nil, err
 		}
 	}
-	na := caddy.NetworkAddress{Network: network, Host: s.ListenAddress, StartPort: uint(s.ListenPort), EndPort: uint(s.ListenPort)}
+	na := caddy.NetworkAddress{Network: socketNetwork(network, s), Host: s.ListenAddress, StartPort: uint(s.ListenPort), EndPort: uint(s.ListenPort)}
 	ln, err := na.Listen(ctx, 0, lc)
 	if err != nil {
 		return nil, bindError(s, network, err)
 	}
 	bound.m[key]++
 	return ln, nil
+}
+
+// socketNetwork is the network ("tcp" or "udp") to bind s's address with.
+// An IPv4 address, 0.0.0.0 included, gets an IPv4 socket ("tcp4"): Go
+// binds 0.0.0.0 on "tcp" as a dual-stack [::] socket, which would answer
+// IPv6 clients too. "::" and no address keep both families.
+func socketNetwork(network string, s *spec.Stream) string {
+	if ip, err := netip.ParseAddr(s.ListenAddress); err == nil && ip.Unmap().Is4() {
+		return network + "4"
+	}
+	return network
 }
 
 // probeBind checks that s's address can be bound for network now, unless a
@@ -126,9 +138,9 @@ func probeLocked(s *spec.Stream, network string) error {
 	var probe io.Closer
 	var err error
 	if network == "udp" {
-		probe, err = net.ListenPacket(network, s.ListenHostPort())
+		probe, err = net.ListenPacket(socketNetwork(network, s), s.ListenHostPort())
 	} else {
-		probe, err = net.Listen(network, s.ListenHostPort())
+		probe, err = net.Listen(socketNetwork(network, s), s.ListenHostPort())
 	}
 	if err != nil {
 		return bindError(s, network, err)

@@ -32,6 +32,7 @@ const (
 	ReasonTLSHandshakeFailed
 	ReasonConfigChanged
 	ReasonStreamDisabled
+	ReasonResponsesDone
 )
 
 var reasonNames = [...]string{
@@ -51,6 +52,7 @@ var reasonNames = [...]string{
 	ReasonTLSHandshakeFailed: "tls_handshake_failed",
 	ReasonConfigChanged:      "config_changed",
 	ReasonStreamDisabled:     "stream_disabled",
+	ReasonResponsesDone:      "responses_done",
 }
 
 func (r Reason) String() string {

@@ -1,6 +1,7 @@
 package udpnat
 
 import (
+	"io"
 	"net"
 	"net/netip"
 	"sync/atomic"
@@ -18,12 +19,17 @@ type entry struct {
 	r    *Relay
 	key  netip.AddrPort // the client's address as the socket reports it
 	cfg  *config
-	conn *net.UDPConn // connected to the upstream
+	conn upConn // connected to the upstream
 	rc   syscall.RawConn
 	ss   *streamstate.Session
 
 	last atomic.Int64 // unix nanoseconds of the last datagram either way
 	dead atomic.Bool
+	// pending counts the replies still expected with Config.Responses:
+	// each client datagram adds Responses, each reply takes one. The
+	// reply that brings it to 0 makes it -1: the entry is closing, and
+	// the client's next datagram opens a new entry.
+	pending atomic.Int64
 
 	up, down *streamstate.Bucket // nil: unlimited
 	hdr      []byte              // PROXY v2 header put in front of each datagram
@@ -39,9 +45,16 @@ type entry struct {
 	burst  burst // the burst of replies being sent, where bursts are used
 }
 
+// upConn is an entry's upstream socket: a *net.UDPConn, or on Linux an
+// *os.File made without net's extra system calls (dialUpstream).
+type upConn interface {
+	io.ReadWriteCloser
+	SyscallConn() (syscall.RawConn, error)
+}
+
 // newEntry opens the upstream socket of a new client src that sent to dst.
 func (r *Relay) newEntry(s *socket, p *config, target, src, dst netip.AddrPort) (*entry, error) {
-	conn, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(target))
+	conn, err := dialUpstream(target)
 	if err != nil {
 		return nil, err
 	}
@@ -94,6 +107,64 @@ func proxyHeader(src, dst netip.AddrPort) ([]byte, error) {
 	return h.Format()
 }
 
+// gone reports whether the entry has ended or is closing after its
+// answers: a datagram of its client needs a new entry.
+func (e *entry) gone() bool { return e.dead.Load() || e.pending.Load() < 0 }
+
+// expect reports whether the entry takes a datagram from its client, and
+// with Responses counts the replies it asks for. It is false once the
+// entry has ended or is closing after its answers.
+func (e *entry) expect() bool {
+	n := int64(e.cfg.Responses)
+	if n == 0 {
+		return !e.dead.Load()
+	}
+	for {
+		v := e.pending.Load()
+		if v < 0 || e.dead.Load() {
+			return false
+		}
+		if e.pending.CompareAndSwap(v, v+n) {
+			return true
+		}
+	}
+}
+
+// unexpect takes back what expect counted for a datagram that was
+// dropped: no reply will come for it.
+func (e *entry) unexpect() {
+	n := int64(e.cfg.Responses)
+	for n > 0 {
+		v := e.pending.Load()
+		if v <= 0 || e.pending.CompareAndSwap(v, max(v-n, 0)) {
+			return
+		}
+	}
+}
+
+// answered counts n replies from the upstream. It reports true, once, when
+// they were the last ones expected: the caller then ends the entry.
+// Replies that nothing asked for are relayed and not counted.
+func (e *entry) answered(n int) bool {
+	if e.cfg.Responses == 0 {
+		return false
+	}
+	for {
+		v := e.pending.Load()
+		if v <= 0 {
+			return false
+		}
+		left := v - int64(n)
+		if left <= 0 {
+			if e.pending.CompareAndSwap(v, -1) {
+				return true
+			}
+		} else if e.pending.CompareAndSwap(v, left) {
+			return false
+		}
+	}
+}
+
 // discard closes an entry that lost the race to be stored, unlogged.
 func (e *entry) discard() {
 	e.dead.Store(true)
@@ -127,6 +198,10 @@ func (e *entry) run() {
 	defer e.r.wg.Done()
 	defer e.r.state.ConnDone()
 	e.readReplies()
-	e.end(streamstate.ReasonUpstreamError)
-	e.cfg.Policy.End(e.ss, streamstate.ReasonUpstreamError)
+	reason := streamstate.ReasonUpstreamError
+	if e.pending.Load() < 0 {
+		reason = streamstate.ReasonResponsesDone // every expected reply came
+	}
+	e.end(reason)
+	e.cfg.Policy.End(e.ss, reason)
 }

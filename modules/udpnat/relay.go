@@ -67,6 +67,11 @@ type Config struct {
 	// ProxyV2 puts a PROXY v2 header in front of every datagram sent
 	// upstream.
 	ProxyV2 bool
+	// Responses is how many datagrams the upstream sends back for each
+	// datagram from the client; once they have all come, the entry closes
+	// (streamstate.ReasonResponsesDone). 0: entries end on the idle
+	// timeout.
+	Responses int
 	// Logger writes the relay's lines; it names the stream (its name and
 	// ID fields), so they add no such field. Connection-log lines go to the
 	// stream state's connection logger when one is set.
@@ -329,15 +334,19 @@ func (r *Relay) datagram(s *socket, buf []byte, n int, src netip.AddrPort, oob [
 	if v, ok := r.entries.Load(src); ok {
 		e = v.(*entry)
 	}
-	if e == nil || e.dead.Load() {
+	if e == nil || !e.expect() {
+		// A new client, or its entry has ended (or got all its answers
+		// and is closing): a new entry.
 		if e = r.open(s, src, oob); e == nil {
 			return
 		}
+		e.expect()
 	}
 	now := time.Now()
 	e.last.Store(now.UnixNano())
 	if e.up != nil && !e.up.Allow(now, n) {
 		r.state.DropDatagrams(streamstate.DropRateLimit, 1)
+		e.unexpect()
 		return
 	}
 	p := buf[headroom : headroom+n]
@@ -355,6 +364,7 @@ func (r *Relay) datagram(s *socket, buf []byte, n int, src netip.AddrPort, oob [
 	default:
 		// A full buffer, or the entry closed meanwhile: UDP drops.
 		r.state.DropDatagrams(streamstate.DropBufferFull, 1)
+		e.unexpect()
 	}
 }
 
@@ -398,7 +408,7 @@ func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte) *entry {
 		if !loaded {
 			break
 		}
-		if old := v.(*entry); !old.dead.Load() {
+		if old := v.(*entry); !old.gone() {
 			e.discard()
 			return old
 		}

@@ -232,3 +232,20 @@ func TestRelayLivesInStreamState(t *testing.T) {
 		t.Fatalf("entries: stream %d, relay %d; want 1", tr.state.UDPEntries(), tr.r.Entries())
 	}
 }
+
+// BenchmarkRelayNewFlow is a DNS-shaped flow: a new client socket sends
+// one datagram, reads the answer and closes, and with Responses 1 the
+// entry closes after the answer. It measures the cost of a new entry.
+func BenchmarkRelayNewFlow(b *testing.B) {
+	tr := newTestRelay(b, Config{Responses: 1})
+	p, buf := []byte("query"), make([]byte, 64)
+	b.ReportAllocs()
+	for b.Loop() {
+		c, err := net.DialUDP("udp", nil, tr.addr)
+		if err != nil {
+			b.Fatal(err)
+		}
+		roundTrip(b, c, p, buf)
+		c.Close()
+	}
+}

@@ -97,6 +97,10 @@ func (e *entry) read(fd uintptr) bool {
 		switch errno {
 		case 0:
 			e.deliverBurst(rb, int(n))
+			if e.answered(int(n)) {
+				repliesPool.Put(rb)
+				return true // run ends the entry: not here, in the socket's own callback
+			}
 		case unix.EINTR:
 		case unix.EAGAIN:
 			repliesPool.Put(rb)

@@ -27,6 +27,10 @@ func (e *entry) read(fd uintptr) bool {
 		switch err {
 		case nil:
 			e.deliver((*bp)[:n])
+			if e.answered(1) {
+				bufPool.Put(bp)
+				return true // run ends the entry: not here, in the socket's own callback
+			}
 		case unix.EINTR:
 		case unix.EAGAIN:
 			bufPool.Put(bp)
