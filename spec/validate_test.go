@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+
+	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
 )
 
 // validStream returns a stream that passes Validate; tests change one thing.
@@ -140,7 +142,7 @@ func TestStreamValidateErrors(t *testing.T) {
 			if err == nil {
 				t.Fatalf("Validate() = nil, want an error containing %q", tc.want)
 			}
-			if !oneErrorContains(err, tc.want) {
+			if !testenv.OneErrorContains(err, tc.want) {
 				t.Errorf("Validate() = %q\nwant one error containing all of %q", err, tc.want)
 			}
 			var fe *FieldError
@@ -152,25 +154,6 @@ func TestStreamValidateErrors(t *testing.T) {
 			}
 		})
 	}
-}
-
-// oneErrorContains reports whether one of the errors joined in err contains
-// every substring of want.
-func oneErrorContains(err error, want []string) bool {
-	errs := []error{err}
-	if j, ok := err.(interface{ Unwrap() []error }); ok {
-		errs = j.Unwrap()
-	}
-	for _, e := range errs {
-		all := true
-		for _, w := range want {
-			all = all && strings.Contains(e.Error(), w)
-		}
-		if all {
-			return true
-		}
-	}
-	return false
 }
 
 func TestStreamValidateCollectsAll(t *testing.T) {
@@ -195,7 +178,7 @@ func TestStreamValidateCollectsAll(t *testing.T) {
 	} {
 		// "field value: reason", or "field: required; ..." for a setting
 		// left out.
-		if !oneErrorContains(err, []string{`stream 7 ("broken"): ` + field + " "}) && !oneErrorContains(err, []string{`stream 7 ("broken"): ` + field + ": required; "}) {
+		if !testenv.OneErrorContains(err, []string{`stream 7 ("broken"): ` + field + " "}) && !testenv.OneErrorContains(err, []string{`stream 7 ("broken"): ` + field + ": required; "}) {
 			t.Errorf("no %s error in:\n%v", field, err)
 		}
 	}

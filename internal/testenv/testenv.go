@@ -116,3 +116,22 @@ func Eventually(t testing.TB, what string, cond func() bool) {
 		t.Fatalf("waited 10s for %s", what)
 	}
 }
+
+// OneErrorContains reports whether one of the errors joined in err contains
+// every substring of want.
+func OneErrorContains(err error, want []string) bool {
+	errs := []error{err}
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		errs = j.Unwrap()
+	}
+	for _, e := range errs {
+		all := true
+		for _, w := range want {
+			all = all && strings.Contains(e.Error(), w)
+		}
+		if all {
+			return true
+		}
+	}
+	return false
+}

@@ -7,27 +7,9 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 
+	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
 	"github.com/aegis-proxy/caddy-aegis/spec"
 )
-
-// oneErrorContains reports whether one of the errors joined in err contains
-// every substring of want.
-func oneErrorContains(err error, want []string) bool {
-	errs := []error{err}
-	if j, ok := err.(interface{ Unwrap() []error }); ok {
-		errs = j.Unwrap()
-	}
-	for _, e := range errs {
-		all := true
-		for _, w := range want {
-			all = all && strings.Contains(e.Error(), w)
-		}
-		if all {
-			return true
-		}
-	}
-	return false
-}
 
 // host returns a valid enabled stream with the given id, name, protocol and
 // listen address and port.
@@ -78,7 +60,7 @@ func TestListenOverlap(t *testing.T) {
 				`overlaps stream 1 ("a") on ` + tc.a.ListenWhere(),
 				"use another port or address, or disable one of them",
 			}
-			if err == nil || !oneErrorContains(err, want) {
+			if err == nil || !testenv.OneErrorContains(err, want) {
 				t.Errorf("Validate() = %v\nwant an error containing %q", err, want)
 			}
 		})
@@ -134,7 +116,7 @@ func TestAppValidate(t *testing.T) {
 				t.Errorf("got %d errors, want %d:\n%v", len(errs), len(tc.want), err)
 			}
 			for _, w := range tc.want {
-				if !oneErrorContains(err, w) {
+				if !testenv.OneErrorContains(err, w) {
 					t.Errorf("no error contains all of %q in:\n%v", w, err)
 				}
 			}
