@@ -36,13 +36,7 @@ func FuzzDecodeStream(f *testing.F) {
 		err := decodeObject([]byte(body), &s, streamFields, readOnlyFields)
 		acceptable, ref := referenceStream([]byte(body))
 		if err != nil {
-			var ae *apiError
-			if !errors.As(err, &ae) || ae.Status != http.StatusBadRequest || ae.Message == "" {
-				t.Fatalf("%q: refused with %#v, want a 400 with a message", body, err)
-			}
-			if len(ae.Errors) > 0 && (ae.Field != ae.Errors[0].Field || ae.Errors[0].Message == "") {
-				t.Fatalf("%q: field %q does not lead errors %+v", body, ae.Field, ae.Errors)
-			}
+			checkRefusal(t, body, err)
 			if acceptable {
 				t.Fatalf("%q: refused (%v), but it is one object of known keys that decodes", body, err)
 			}
@@ -116,13 +110,7 @@ func FuzzPatchStream(f *testing.F) {
 		}
 		acceptable, want := referencePatch(base, []byte(body))
 		if err != nil {
-			var ae *apiError
-			if !errors.As(err, &ae) || ae.Status != http.StatusBadRequest || ae.Message == "" {
-				t.Fatalf("%q: refused with %#v, want a 400 with a message", body, err)
-			}
-			if len(ae.Errors) > 0 && (ae.Field != ae.Errors[0].Field || ae.Errors[0].Message == "") {
-				t.Fatalf("%q: field %q does not lead errors %+v", body, ae.Field, ae.Errors)
-			}
+			checkRefusal(t, body, err)
 			if acceptable {
 				t.Fatalf("%q: refused (%v), but it is one object of known keys whose result decodes", body, err)
 			}
@@ -278,4 +266,17 @@ func FuzzConnLogQuery(f *testing.F) {
 			t.Fatalf("%q: parsed as %+v, want %+v within range", raw, got, want)
 		}
 	})
+}
+
+// checkRefusal fails unless err, the refusal of body, is a 400 with a
+// message whose field, when it names one, leads its errors.
+func checkRefusal(t *testing.T, body string, err error) {
+	t.Helper()
+	var ae *apiError
+	if !errors.As(err, &ae) || ae.Status != http.StatusBadRequest || ae.Message == "" {
+		t.Fatalf("%q: refused with %#v, want a 400 with a message", body, err)
+	}
+	if len(ae.Errors) > 0 && (ae.Field != ae.Errors[0].Field || ae.Errors[0].Message == "") {
+		t.Fatalf("%q: field %q does not lead errors %+v", body, ae.Field, ae.Errors)
+	}
 }
