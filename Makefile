@@ -6,7 +6,7 @@ BIN     := bin/aegis
 XCADDY  ?= $(shell $(GO) env GOPATH)/bin/xcaddy
 FUZZTIME ?= 60s
 
-.PHONY: all build run test test-needs vet fmt fuzz bench soak e2e xcaddy clean
+.PHONY: all build run test test-needs vet fmt fuzz bench soak e2e postgres xcaddy clean
 
 all: build
 
@@ -24,7 +24,7 @@ vet:
 # in a browser (e2e); then the allocation checks, which need a build without
 # the race detector, then every test with it (fuzz targets run their
 # committed seeds; the tests that run aegis as a command run bin/aegis).
-test: test-needs vet build e2e
+test: test-needs vet build e2e postgres
 	$(GO) test -count=1 -run 'NotAllocate' ./modules/l4aegisproxy ./modules/udpnat
 	AEGIS_BIN=$(CURDIR)/$(BIN) $(GO) test -race -count=1 ./...
 	$(BIN) validate --config Caddyfile.example --adapter caddyfile
@@ -32,16 +32,16 @@ test: test-needs vet build e2e
 # What make test needs besides Go and make, said in one line before any of
 # it runs: a C compiler (the race detector uses cgo), Node.js 20 or later
 # with npm (the UI's tests), and, when chromium is not installed yet,
-# apt-get and root or sudo to install it. npm ci and apt-get also need the
+# apt-get and root or sudo to install it (and postgresql). npm ci and apt-get also need the
 # network, which is not checked here.
 test-needs:
 	@missing=""; \
 	command -v "$$($(GO) env CC)" >/dev/null || missing="$$missing, $$($(GO) env CC) (the race detector needs a C compiler)"; \
 	node -e 'process.exit(+process.versions.node.split(".")[0] >= 20 ? 0 : 1)' 2>/dev/null || missing="$$missing, Node.js 20 or later"; \
 	command -v npm >/dev/null || missing="$$missing, npm"; \
-	if [ ! -x /usr/bin/chromium ]; then \
-		command -v apt-get >/dev/null || missing="$$missing, apt-get (to install chromium)"; \
-		[ "$$(id -u)" = 0 ] || command -v sudo >/dev/null || missing="$$missing, root or sudo (to apt-get install chromium)"; \
+	if [ ! -x /usr/bin/chromium ] || ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then \
+		command -v apt-get >/dev/null || missing="$$missing, apt-get (to install chromium and postgresql)"; \
+		[ "$$(id -u)" = 0 ] || command -v sudo >/dev/null || missing="$$missing, root or sudo (to apt-get install chromium and postgresql)"; \
 	fi; \
 	if [ -n "$$missing" ]; then echo "make test needs$${missing#,}; install them and run it again (README.md, Set-up)"; exit 1; fi
 
@@ -83,6 +83,15 @@ SOAK_TIME ?= 10m
 soak: build
 	$(GO) build -o bin/aegis-bench ./cmd/aegis-bench
 	bin/aegis-bench -aegis $(BIN) -soak $(SOAK_TIME)
+
+# The tests that need a database server run their own PostgreSQL from
+# Debian's package (internal/pgtest); install it when it is missing.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || { \
+		echo "installing: postgresql"; \
+		$(SUDO) apt-get update && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql || exit 1; \
+	}
 
 # The web UI's unit tests (ui/test), then its browser tests (ui/e2e/run.mjs):
 # Debian's headless Chromium drives the UI of a real bin/aegis on loopback;
