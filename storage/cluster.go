@@ -56,7 +56,7 @@ type NodeStatus struct {
 	Version       string    `json:"version,omitempty"` // of the binary
 	AppliedChange int64     `json:"applied_change"`
 	Snapshot      bool      `json:"snapshot,omitempty"` // runs from its local snapshot
-	LastSeen      time.Time `json:"last_seen"`           // set by the database
+	LastSeen      time.Time `json:"last_seen"`          // set by the database
 	// Streams is the node's per-stream counters and health, as the
 	// node's stats API answers them.
 	Streams json.RawMessage `json:"streams,omitempty"`
