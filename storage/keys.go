@@ -18,7 +18,7 @@ import (
 // KeySize is the size of the key that seals private keys: AES-256.
 const KeySize = 32
 
-// maxKeyFileSize bounds what LoadOrCreateKey reads: a key file is 64 hex
+// maxKeyFileSize bounds what loadOrCreateKey reads: a key file is 64 hex
 // digits and a newline.
 const maxKeyFileSize = 1024
 
@@ -103,8 +103,10 @@ func parseKey(s string) ([]byte, error) {
 	return key, nil
 }
 
-// LoadOrCreateKey returns the encryption key kept in the file at path,
-// creating the file with a new random key if there is none.
+// loadOrCreateKey returns the encryption key kept in the file at path,
+// creating the file with a new random key if there is none. Only OpenWith
+// calls it, after checking that the database holds nothing sealed with
+// another key (OpenOptions.KeyFile).
 //
 // The file holds the key as 64 hexadecimal digits and a newline (text, so
 // that it can be backed up, copied and compared by hand). A new file is
@@ -121,11 +123,11 @@ func parseKey(s string) ([]byte, error) {
 //
 // Losing the file loses every custom certificate's private key: back it up
 // with the database.
-func LoadOrCreateKey(path string) ([]byte, error) {
+func loadOrCreateKey(path string) ([]byte, error) {
 	if path == "" {
 		return nil, fmt.Errorf("storage: key file: empty path: %w", ErrInvalid)
 	}
-	key, err := readKeyFile(path)
+	key, err := ReadKeyFile(path)
 	if !errors.Is(err, fs.ErrNotExist) {
 		return key, err
 	}
@@ -133,16 +135,17 @@ func LoadOrCreateKey(path string) ([]byte, error) {
 	switch {
 	case errors.Is(err, fs.ErrExist):
 		// Another process was first: use its key.
-		return readKeyFile(path)
+		return ReadKeyFile(path)
 	case err != nil:
 		return nil, fmt.Errorf("storage: creating key file %s: %w", path, err)
 	}
 	return key, nil
 }
 
-// readKeyFile reads an existing key file. A missing file is an error that
-// is fs.ErrNotExist.
-func readKeyFile(path string) ([]byte, error) {
+// ReadKeyFile reads an existing key file, as OpenOptions.KeyFile names it.
+// A missing file is an error that is fs.ErrNotExist: it is never created
+// here (see OpenOptions.KeyFile).
+func ReadKeyFile(path string) ([]byte, error) {
 	fi, err := os.Stat(path)
 	if err != nil {
 		return nil, fmt.Errorf("storage: key file: %w", err)
