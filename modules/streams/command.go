@@ -134,7 +134,7 @@ func forgetKeys(ctx context.Context, w io.Writer, db storage.Store, sc *StorageC
 		fmt.Fprintln(w, "No certificate needs a new upload.")
 		return nil
 	}
-	fmt.Fprintln(w, "These certificates have no private key: upload each again, with its key (PUT /api/v1/certificates/{id} with the chain and the key):")
+	fmt.Fprintln(w, "These certificates have no private key: upload each again with its key (PUT /api/v1/certificates/{id}):")
 	for _, k := range keyless {
 		c := k.Certificate
 		fmt.Fprintf(w, "  certificate %d %q (%s): ", c.ID, c.Name, strings.Join(c.Domains, ", "))
