@@ -98,16 +98,10 @@ func (c KeyCheck) Verify(key []byte) (canary []byte, err error) {
 		return nil, &KeyError{Database: c.Database, KeySource: c.KeySource}
 	}
 	if len(c.SealedKey) > 0 {
-		aead, err := newSealer(key)
-		if err != nil {
+		if _, err := OpenPrivateKey(key, c.CertID, c.SealedKey); errors.Is(err, ErrWrongKey) {
+			return nil, &KeyError{Database: c.Database, KeySource: c.KeySource}
+		} else if err != nil {
 			return nil, err
-		}
-		n := aead.NonceSize()
-		if len(c.SealedKey) < n+aead.Overhead() {
-			return nil, &KeyError{Database: c.Database, KeySource: c.KeySource}
-		}
-		if _, err := aead.Open(nil, c.SealedKey[:n], c.SealedKey[n:], sealAD(c.CertID)); err != nil {
-			return nil, &KeyError{Database: c.Database, KeySource: c.KeySource}
 		}
 	}
 	return SealCanary(key)

@@ -48,9 +48,7 @@ func (s *SQLite) seal(certID int64, plain []byte) ([]byte, error) {
 	if s.sealer == nil {
 		return nil, ErrNoKey
 	}
-	nonce := make([]byte, s.sealer.NonceSize(), s.sealer.NonceSize()+len(plain)+s.sealer.Overhead())
-	rand.Read(nonce) // never fails (crypto/rand crashes the program instead)
-	return s.sealer.Seal(nonce, nonce, plain, sealAD(certID)), nil
+	return sealWith(s.sealer, certID, plain), nil
 }
 
 // open decrypts what seal returned for certID.
@@ -58,15 +56,46 @@ func (s *SQLite) open(certID int64, sealed []byte) ([]byte, error) {
 	if s.sealer == nil {
 		return nil, ErrNoKey
 	}
-	n := s.sealer.NonceSize()
-	if len(sealed) < n+s.sealer.Overhead() {
+	return openWith(s.sealer, certID, sealed)
+}
+
+func sealWith(aead cipher.AEAD, certID int64, plain []byte) []byte {
+	nonce := make([]byte, aead.NonceSize(), aead.NonceSize()+len(plain)+aead.Overhead())
+	rand.Read(nonce) // never fails (crypto/rand crashes the program instead)
+	return aead.Seal(nonce, nonce, plain, sealAD(certID))
+}
+
+func openWith(aead cipher.AEAD, certID int64, sealed []byte) ([]byte, error) {
+	n := aead.NonceSize()
+	if len(sealed) < n+aead.Overhead() {
 		return nil, ErrWrongKey
 	}
-	plain, err := s.sealer.Open(nil, sealed[:n], sealed[n:], sealAD(certID))
+	plain, err := aead.Open(nil, sealed[:n], sealed[n:], sealAD(certID))
 	if err != nil {
 		return nil, ErrWrongKey
 	}
 	return plain, nil
+}
+
+// SealPrivateKey seals the private key of certificate certID with key as a
+// store seals it (AES-256-GCM, the ID as additional data): only the same
+// key opens it, and only for that ID. Export files carry keys this way.
+func SealPrivateKey(key []byte, certID int64, plain []byte) ([]byte, error) {
+	aead, err := newSealer(key)
+	if err != nil {
+		return nil, err
+	}
+	return sealWith(aead, certID, plain), nil
+}
+
+// OpenPrivateKey opens what SealPrivateKey (or a store) sealed for
+// certID; ErrWrongKey if key or certID is not the one it was sealed with.
+func OpenPrivateKey(key []byte, certID int64, sealed []byte) ([]byte, error) {
+	aead, err := newSealer(key)
+	if err != nil {
+		return nil, err
+	}
+	return openWith(aead, certID, sealed)
 }
 
 // ParseKey reads an encryption key given in the configuration or the

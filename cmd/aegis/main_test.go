@@ -200,3 +200,85 @@ func TestLostKeyFileAndForgetKeys(t *testing.T) {
 		t.Fatalf("aegis streams forget-keys again: %v\n%s", err, out)
 	}
 }
+
+// `aegis streams export` and `aegis streams import`, run for real: the
+// file (mode 0600, no private key in clear) loads into another config's
+// fresh storage with a copy of the key; loading it again lists the
+// conflicts, fails and changes nothing.
+func TestStreamsExportImportCommands(t *testing.T) {
+	ctx := context.Background()
+	dirA, dirB := t.TempDir(), t.TempDir()
+	cfgA := writeConfig(t, dirA, testenv.FreePort(t), nil)
+	cfgB := writeConfig(t, dirB, testenv.FreePort(t), nil)
+	c, h := seedTLSStream(t, dirA, testenv.FreePort(t))
+	file := filepath.Join(dirA, "export.json")
+
+	out, err := runAegis(t, dirA, "streams", "export", "--config", cfgA, "--output", file)
+	if err != nil || !strings.Contains(out, "Exported 1 streams and 1 certificates") {
+		t.Fatalf("aegis streams export: %v\n%s", err, out)
+	}
+	b, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi, _ := os.Stat(file); fi.Mode().Perm() != 0o600 {
+		t.Errorf("export file mode %04o, want 0600", fi.Mode().Perm())
+	}
+	if strings.Contains(string(b), "PRIVATE KEY") || !strings.Contains(string(b), `"private_key_sealed"`) {
+		t.Fatalf("export file:\n%s", b)
+	}
+
+	key, err := os.ReadFile(filepath.Join(dirA, "streams.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dirB, "streams.key"), key, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, err = runAegis(t, dirB, "streams", "import", "--config", cfgB, file)
+	if err != nil || !strings.Contains(out, "Imported 1 streams and 1 certificates") {
+		t.Fatalf("aegis streams import: %v\n%s", err, out)
+	}
+	check := func() storage.Stored {
+		t.Helper()
+		db, err := storage.OpenWith(filepath.Join(dirB, "streams.db"), storage.OpenOptions{KeyFile: filepath.Join(dirB, "streams.key")})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer db.Close()
+		hosts, err := db.ListHosts(ctx)
+		if err != nil || len(hosts) != 1 || hosts[0].ID != h.ID || hosts[0].SSLCertID != c.ID {
+			t.Fatalf("imported hosts: %+v, %v", hosts, err)
+		}
+		if k, err := db.CertificateKey(ctx, c.ID); err != nil || !strings.Contains(string(k), "PRIVATE KEY") {
+			t.Fatalf("imported private key: %v", err)
+		}
+		return hosts[0]
+	}
+	before := check()
+
+	out, err = runAegis(t, dirB, "streams", "import", "--config", cfgB, file)
+	if err == nil {
+		t.Fatalf("aegis streams import of the same file again succeeded:\n%s", out)
+	}
+	for _, want := range []string{
+		fmt.Sprintf(`certificate %d "db": id %d is taken by certificate %d "db" in the storage`, c.ID, c.ID, c.ID),
+		fmt.Sprintf(`stream %d ("postgres"): id %d is taken by stream %d ("postgres") in the storage`, h.ID, h.ID, h.ID),
+		"2 conflict(s)", "nothing was changed",
+	} {
+		if !says(out, want) {
+			t.Errorf("aegis streams import again does not say %q:\n%s", want, out)
+		}
+	}
+	if after := check(); after.Version != before.Version || !after.UpdatedAt.Equal(before.UpdatedAt) {
+		t.Errorf("a refused import changed the stream: %+v, was %+v", after, before)
+	}
+
+	// Bad JSON.
+	if err := os.WriteFile(file, []byte(`{"format": "aegis-streams-export", `), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := runAegis(t, dirB, "streams", "import", "--config", cfgB, file); err == nil || !says(out, "not an export file") {
+		t.Errorf("aegis streams import of bad JSON: %v\n%s", err, out)
+	}
+}
