@@ -94,7 +94,11 @@ func Open(dsn string, log *zap.Logger) (*Store, error) {
 		return nil, fmt.Errorf("dsn: %v", err)
 	}
 	cfg.MaxConns = 4
-	cfg.MinConns = 0
+	if cfg.ConnConfig.ConnectTimeout == 0 {
+		// certmagic's calls may have no deadline: an unreachable
+		// database must still fail, not hang.
+		cfg.ConnConfig.ConnectTimeout = 10 * time.Second
+	}
 	pool, err := pgxpool.NewWithConfig(context.Background(), cfg)
 	if err != nil {
 		return nil, fmt.Errorf("dsn: %v", err)
@@ -163,10 +167,11 @@ func cleanKey(key string) string {
 	return strings.Trim(path.Clean("/"+key), "/")
 }
 
-// under returns the range [lo, hi) of the keys below prefix p ("": all).
+// under returns the range [lo, hi) of the keys below prefix p; for the
+// root, "" and "" (no bound: every key), as the queries read it.
 func under(p string) (lo, hi string) {
 	if p == "" {
-		return "", "\U0010FFFF"
+		return "", ""
 	}
 	return p + "/", p + "0"
 }
@@ -215,7 +220,7 @@ func (s *Store) Delete(ctx context.Context, key string) error {
 		return err
 	}
 	lo, hi := under(key)
-	_, err := s.pool.Exec(ctx, `DELETE FROM aegis_certmagic_data WHERE key = $1 OR (key >= $2 AND key < $3)`, key, lo, hi)
+	_, err := s.pool.Exec(ctx, `DELETE FROM aegis_certmagic_data WHERE key = $1 OR (key >= $2 AND ($3 = '' OR key < $3))`, key, lo, hi)
 	return s.fail("deleting "+key, err)
 }
 
@@ -228,7 +233,7 @@ func (s *Store) Exists(ctx context.Context, key string) bool {
 	}
 	lo, hi := under(key)
 	var ok bool
-	err := s.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM aegis_certmagic_data WHERE key = $1 OR (key >= $2 AND key < $3))`,
+	err := s.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM aegis_certmagic_data WHERE key = $1 OR (key >= $2 AND ($3 = '' OR key < $3)))`,
 		key, lo, hi).Scan(&ok)
 	return err == nil && ok
 }
@@ -251,7 +256,7 @@ func (s *Store) Stat(ctx context.Context, key string) (certmagic.KeyInfo, error)
 	}
 	lo, hi := under(key)
 	var newest *time.Time
-	if err := s.pool.QueryRow(ctx, `SELECT max(modified) FROM aegis_certmagic_data WHERE key >= $1 AND key < $2`, lo, hi).Scan(&newest); err != nil {
+	if err := s.pool.QueryRow(ctx, `SELECT max(modified) FROM aegis_certmagic_data WHERE key >= $1 AND ($2 = '' OR key < $2)`, lo, hi).Scan(&newest); err != nil {
 		return certmagic.KeyInfo{}, s.fail("reading "+key, err)
 	}
 	if newest == nil {
@@ -271,7 +276,7 @@ func (s *Store) List(ctx context.Context, prefix string, recursive bool) ([]stri
 		return nil, err
 	}
 	lo, hi := under(prefix)
-	rows, err := s.pool.Query(ctx, `SELECT key FROM aegis_certmagic_data WHERE key = $1 OR (key >= $2 AND key < $3)`, prefix, lo, hi)
+	rows, err := s.pool.Query(ctx, `SELECT key FROM aegis_certmagic_data WHERE key = $1 OR (key >= $2 AND ($3 = '' OR key < $3))`, prefix, lo, hi)
 	if err != nil {
 		return nil, s.fail("listing "+prefix, err)
 	}
