@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"runtime"
 	"strings"
 	"testing"
 
@@ -306,5 +307,48 @@ func TestForgetKeys(t *testing.T) {
 	defer s2.Close()
 	if _, err := s2.ForgetKeys(ctx); !errors.Is(err, ErrNoKey) {
 		t.Errorf("ForgetKeys without a key: %v", err)
+	}
+}
+
+// A key file others can read is refused through OpenWith too, with the
+// file's error as it is.
+func TestKeyFileModeRefusedAtOpen(t *testing.T) {
+	if runtime.GOOS == "windows" {
+		t.Skip("no Unix file modes")
+	}
+	dir := t.TempDir()
+	keyFile := filepath.Join(dir, "streams.key")
+	if err := os.WriteFile(keyFile, []byte(strings.Repeat("ab", KeySize)+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, err := OpenWith(filepath.Join(dir, "streams.db"), OpenOptions{KeyFile: keyFile})
+	if want := "storage: key file " + keyFile + ": mode 0644 lets other users access it; make it readable by its owner only: chmod 600 " + keyFile; err == nil || err.Error() != want {
+		t.Errorf("OpenWith: %v, want %s", err, want)
+	}
+}
+
+// SealPrivateKey and OpenPrivateKey seal as a store does: each opens what
+// the other sealed, for the same certificate ID and key only.
+func TestSealPrivateKeyAsStore(t *testing.T) {
+	s, _ := newKeyedStore(t)
+	byStore, _ := s.seal(5, []byte("pem"))
+	if p, err := OpenPrivateKey(testKey, 5, byStore); err != nil || string(p) != "pem" {
+		t.Errorf("OpenPrivateKey of the store's: %q, %v", p, err)
+	}
+	byFunc, err := SealPrivateKey(testKey, 5, []byte("pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p, err := s.open(5, byFunc); err != nil || string(p) != "pem" {
+		t.Errorf("the store's open of SealPrivateKey's: %q, %v", p, err)
+	}
+	if _, err := OpenPrivateKey(testKey, 6, byFunc); !errors.Is(err, ErrWrongKey) {
+		t.Errorf("another ID: %v", err)
+	}
+	if _, err := OpenPrivateKey(bytes.Repeat([]byte{7}, KeySize), 5, byFunc); !errors.Is(err, ErrWrongKey) {
+		t.Errorf("another key: %v", err)
+	}
+	if _, err := SealPrivateKey([]byte("short"), 5, nil); !errors.Is(err, ErrInvalid) {
+		t.Errorf("a short key: %v", err)
 	}
 }

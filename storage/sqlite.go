@@ -111,18 +111,17 @@ func openAt(path string, version int, opts OpenOptions) (*SQLite, error) {
 	}
 	if err := s.setKey(context.Background(), opts); err != nil {
 		s.Close()
-		var ke *KeyError
-		if errors.As(err, &ke) {
-			return nil, err
-		}
-		return nil, fmt.Errorf("storage: open %s: %w", path, err)
+		return nil, err
 	}
 	return s, nil
 }
 
 // setKey gives the store the key of opts, read from (or made in) its key
-// file if needed, after checking it against the database.
+// file if needed, after checking it against the database. Its errors are
+// whole: a *KeyError, a key file's error naming the file, or the
+// database's naming the database.
 func (s *SQLite) setKey(ctx context.Context, opts OpenOptions) error {
+	dbErr := func(err error) error { return fmt.Errorf("storage: open %s: %w", s.path, err) }
 	key, source := opts.Key, opts.KeySource
 	if source == "" {
 		source = "the storage key"
@@ -134,7 +133,7 @@ func (s *SQLite) setKey(ctx context.Context, opts OpenOptions) error {
 		if errors.Is(err, fs.ErrNotExist) {
 			c, cerr := s.keyCheck(ctx, s.read)
 			if cerr != nil {
-				return cerr
+				return dbErr(cerr)
 			}
 			if c.Sealed() && !opts.NoKeyCheck {
 				c.KeySource = source
@@ -143,7 +142,7 @@ func (s *SQLite) setKey(ctx context.Context, opts OpenOptions) error {
 			key, err = loadOrCreateKey(opts.KeyFile)
 		}
 		if err != nil {
-			return err
+			return err // names the key file
 		}
 	}
 	if len(key) == 0 {
@@ -151,11 +150,14 @@ func (s *SQLite) setKey(ctx context.Context, opts OpenOptions) error {
 	}
 	sealer, err := newSealer(key)
 	if err != nil {
-		return err
+		return dbErr(err)
 	}
 	if !opts.NoKeyCheck {
-		if err := s.useKey(ctx, key, source); err != nil {
+		var ke *KeyError
+		if err := s.useKey(ctx, key, source); errors.As(err, &ke) {
 			return err
+		} else if err != nil {
+			return dbErr(err)
 		}
 	}
 	s.sealer = sealer
