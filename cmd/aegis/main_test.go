@@ -213,7 +213,16 @@ func TestStreamsExportImportCommands(t *testing.T) {
 	c, h := seedTLSStream(t, dirA, testenv.FreePort(t))
 	file := filepath.Join(dirA, "export.json")
 
-	out, err := runAegis(t, dirA, "streams", "export", "--config", cfgA, "--output", file)
+	// No database yet where cfgB points: export says so and makes none.
+	out, err := runAegis(t, dirB, "streams", "export", "--config", cfgB)
+	if err == nil || !says(out, "there is no streams database at "+filepath.Join(dirB, "streams.db")) {
+		t.Fatalf("aegis streams export without a database: %v\n%s", err, out)
+	}
+	if _, err := os.Stat(filepath.Join(dirB, "streams.db")); !os.IsNotExist(err) {
+		t.Fatalf("export made a database: %v", err)
+	}
+
+	out, err = runAegis(t, dirA, "streams", "export", "--config", cfgA, "--output", file)
 	if err != nil || !strings.Contains(out, "Exported 1 streams and 1 certificates") {
 		t.Fatalf("aegis streams export: %v\n%s", err, out)
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -127,6 +128,15 @@ func commandApp(fl caddycmd.Flags) (*StorageConfig, []*spec.Stream, error) {
 	return streams.Storage, streams.Hosts, nil
 }
 
+// mustExist refuses to work on a database that is not there (a mistyped
+// path, the wrong data directory) rather than make an empty one.
+func (sc *StorageConfig) mustExist() error {
+	if _, err := os.Stat(sc.path()); errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("there is no streams database at %s: check the config's storage path (and XDG_DATA_HOME, for the default)", sc.path())
+	}
+	return nil
+}
+
 // keyName says where sc's key is, as the commands print it.
 func (sc *StorageConfig) keyName() string {
 	if sc != nil && sc.Key != "" {
@@ -138,6 +148,9 @@ func (sc *StorageConfig) keyName() string {
 func cmdForgetKeys(fl caddycmd.Flags) (int, error) {
 	sc, _, err := commandApp(fl)
 	if err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	if err := sc.mustExist(); err != nil {
 		return caddy.ExitCodeFailedStartup, err
 	}
 	db, _, err := sc.openStore(true)
@@ -210,6 +223,9 @@ func forgetKeys(ctx context.Context, w io.Writer, db storage.Store, sc *StorageC
 func cmdExport(fl caddycmd.Flags) (int, error) {
 	sc, _, err := commandApp(fl)
 	if err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	if err := sc.mustExist(); err != nil {
 		return caddy.ExitCodeFailedStartup, err
 	}
 	db, key, err := sc.openStore(false)
