@@ -137,14 +137,6 @@ func (sc *StorageConfig) mustExist() error {
 	return nil
 }
 
-// keyName says where sc's key is, as the commands print it.
-func (sc *StorageConfig) keyName() string {
-	if sc != nil && sc.Key != "" {
-		return "the configured storage_key"
-	}
-	return "key file " + filepath.Join(filepath.Dir(sc.path()), DefaultKeyFile)
-}
-
 func cmdForgetKeys(fl caddycmd.Flags) (int, error) {
 	sc, _, err := commandApp(fl)
 	if err != nil {

@@ -56,6 +56,20 @@ func (sc *StorageConfig) path() string {
 	return filepath.Join(caddy.AppDataDir(), DefaultStorageFile)
 }
 
+// keyFile is the key file beside the database sc names.
+func (sc *StorageConfig) keyFile() string {
+	return filepath.Join(filepath.Dir(sc.path()), DefaultKeyFile)
+}
+
+// keyName names sc's key in errors and the commands' output, as storage
+// names a key file ("key file <path>").
+func (sc *StorageConfig) keyName() string {
+	if sc != nil && sc.Key != "" {
+		return "the configured storage_key"
+	}
+	return "key file " + sc.keyFile()
+}
+
 // openStore opens the database sc names (sc may be nil: the defaults) with
 // the key that seals its private keys: the configured storage_key, or the
 // key file beside the database (made on the first start, and never while
@@ -72,9 +86,9 @@ func (sc *StorageConfig) openStore(noKeyCheck bool) (*storage.SQLite, []byte, er
 		if err != nil {
 			return nil, nil, fmt.Errorf("storage key: %v", err)
 		}
-		opts.Key, opts.KeySource = key, "the configured storage_key"
+		opts.Key, opts.KeySource = key, sc.keyName()
 	} else {
-		opts.KeyFile = filepath.Join(filepath.Dir(path), DefaultKeyFile)
+		opts.KeyFile = sc.keyFile()
 	}
 	db, err := storage.OpenWith(path, opts)
 	if err != nil {
