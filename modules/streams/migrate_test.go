@@ -3,7 +3,9 @@ package streams_test
 import (
 	"bytes"
 	"context"
+	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"io"
 	"os"
 	"path/filepath"
@@ -201,5 +203,55 @@ func TestDecodeExportRefuses(t *testing.T) {
 		if _, err := streams.DecodeExport([]byte(in)); err == nil {
 			t.Errorf("%s: accepted", name)
 		}
+	}
+}
+
+// failingHosts is a store whose CreateHost fails for one stream id.
+type failingHosts struct {
+	storage.Store
+	failID int64
+}
+
+func (f failingHosts) CreateHost(ctx context.Context, s spec.Stream, apply func(storage.Stored) error) (storage.Stored, error) {
+	if s.ID == f.failID {
+		return storage.Stored{}, errors.New("disk on fire")
+	}
+	return f.Store.CreateHost(ctx, s, apply)
+}
+
+// A write that fails in the middle of an import (after the checks) takes
+// back the writes before it: the store is as it was.
+func TestImportUndoesOnFailure(t *testing.T) {
+	ctx := context.Background()
+	a, keyA := openStore(t, filepath.Join(t.TempDir(), "streams.db"))
+	tc := newTestCA(t)
+	chain, keyPEM := tc.leaf(t, "db.test", 7)
+	cert, err := a.CreateCertificate(ctx, spec.Certificate{Name: "db", Source: spec.SourceCustom, Domains: []string{"db.test"}, CertificatePEM: chain}, []byte(keyPEM), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range []spec.Stream{apiStream(1, freePort(t), 9), apiStream(2, freePort(t), 9)} {
+		s.SSLEnabled, s.SSLCertID = true, cert.ID
+		if _, err := a.CreateHost(ctx, s, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f, err := streams.DecodeExport(exportJSON(t, a, keyA))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dirB := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dirB, "streams.key"), []byte(hex.EncodeToString(keyA)+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	b, keyB := openStore(t, filepath.Join(dirB, "streams.db"))
+	err = streams.ImportStore(ctx, failingHosts{b, 2}, keyB, f)
+	if err == nil || !strings.Contains(err.Error(), "disk on fire") || !strings.Contains(err.Error(), "nothing was changed") {
+		t.Fatalf("import with a failing write: %v", err)
+	}
+	hosts, err1 := b.ListHosts(ctx)
+	certs, err2 := b.ListCertificates(ctx)
+	if len(hosts) != 0 || len(certs) != 0 || err1 != nil || err2 != nil {
+		t.Fatalf("left after a failed import: %d hosts (%v), %d certificates (%v)", len(hosts), err1, len(certs), err2)
 	}
 }
