@@ -7,5 +7,6 @@ import (
 	_ "github.com/aegis-proxy/caddy-aegis/modules/l4aegisguard"
 	_ "github.com/aegis-proxy/caddy-aegis/modules/l4aegisproxy"
 	_ "github.com/aegis-proxy/caddy-aegis/modules/l4aegistls"
+	_ "github.com/aegis-proxy/caddy-aegis/modules/pgcerts"
 	_ "github.com/aegis-proxy/caddy-aegis/modules/streams"
 )

@@ -18,7 +18,7 @@ import (
 // KeySize is the size of the key that seals private keys: AES-256.
 const KeySize = 32
 
-// maxKeyFileSize bounds what LoadOrCreateKey reads: a key file is 64 hex
+// maxKeyFileSize bounds what loadOrCreateKey reads: a key file is 64 hex
 // digits and a newline.
 const maxKeyFileSize = 1024
 
@@ -48,9 +48,7 @@ func (s *SQLite) seal(certID int64, plain []byte) ([]byte, error) {
 	if s.sealer == nil {
 		return nil, ErrNoKey
 	}
-	nonce := make([]byte, s.sealer.NonceSize(), s.sealer.NonceSize()+len(plain)+s.sealer.Overhead())
-	rand.Read(nonce) // never fails (crypto/rand crashes the program instead)
-	return s.sealer.Seal(nonce, nonce, plain, sealAD(certID)), nil
+	return sealWith(s.sealer, certID, plain), nil
 }
 
 // open decrypts what seal returned for certID.
@@ -58,15 +56,46 @@ func (s *SQLite) open(certID int64, sealed []byte) ([]byte, error) {
 	if s.sealer == nil {
 		return nil, ErrNoKey
 	}
-	n := s.sealer.NonceSize()
-	if len(sealed) < n+s.sealer.Overhead() {
+	return openWith(s.sealer, certID, sealed)
+}
+
+func sealWith(aead cipher.AEAD, certID int64, plain []byte) []byte {
+	nonce := make([]byte, aead.NonceSize(), aead.NonceSize()+len(plain)+aead.Overhead())
+	rand.Read(nonce) // never fails (crypto/rand crashes the program instead)
+	return aead.Seal(nonce, nonce, plain, sealAD(certID))
+}
+
+func openWith(aead cipher.AEAD, certID int64, sealed []byte) ([]byte, error) {
+	n := aead.NonceSize()
+	if len(sealed) < n+aead.Overhead() {
 		return nil, ErrWrongKey
 	}
-	plain, err := s.sealer.Open(nil, sealed[:n], sealed[n:], sealAD(certID))
+	plain, err := aead.Open(nil, sealed[:n], sealed[n:], sealAD(certID))
 	if err != nil {
 		return nil, ErrWrongKey
 	}
 	return plain, nil
+}
+
+// SealPrivateKey seals the private key of certificate certID with key as a
+// store seals it (AES-256-GCM, the ID as additional data): only the same
+// key opens it, and only for that ID. Export files carry keys this way.
+func SealPrivateKey(key []byte, certID int64, plain []byte) ([]byte, error) {
+	aead, err := newSealer(key)
+	if err != nil {
+		return nil, err
+	}
+	return sealWith(aead, certID, plain), nil
+}
+
+// OpenPrivateKey opens what SealPrivateKey (or a store) sealed for
+// certID; ErrWrongKey if key or certID is not the one it was sealed with.
+func OpenPrivateKey(key []byte, certID int64, sealed []byte) ([]byte, error) {
+	aead, err := newSealer(key)
+	if err != nil {
+		return nil, err
+	}
+	return openWith(aead, certID, sealed)
 }
 
 // ParseKey reads an encryption key given in the configuration or the
@@ -103,8 +132,10 @@ func parseKey(s string) ([]byte, error) {
 	return key, nil
 }
 
-// LoadOrCreateKey returns the encryption key kept in the file at path,
-// creating the file with a new random key if there is none.
+// loadOrCreateKey returns the encryption key kept in the file at path,
+// creating the file with a new random key if there is none. Only OpenWith
+// calls it, after checking that the database holds nothing sealed with
+// another key (OpenOptions.KeyFile).
 //
 // The file holds the key as 64 hexadecimal digits and a newline (text, so
 // that it can be backed up, copied and compared by hand). A new file is
@@ -121,11 +152,11 @@ func parseKey(s string) ([]byte, error) {
 //
 // Losing the file loses every custom certificate's private key: back it up
 // with the database.
-func LoadOrCreateKey(path string) ([]byte, error) {
+func loadOrCreateKey(path string) ([]byte, error) {
 	if path == "" {
 		return nil, fmt.Errorf("storage: key file: empty path: %w", ErrInvalid)
 	}
-	key, err := readKeyFile(path)
+	key, err := ReadKeyFile(path)
 	if !errors.Is(err, fs.ErrNotExist) {
 		return key, err
 	}
@@ -133,16 +164,17 @@ func LoadOrCreateKey(path string) ([]byte, error) {
 	switch {
 	case errors.Is(err, fs.ErrExist):
 		// Another process was first: use its key.
-		return readKeyFile(path)
+		return ReadKeyFile(path)
 	case err != nil:
 		return nil, fmt.Errorf("storage: creating key file %s: %w", path, err)
 	}
 	return key, nil
 }
 
-// readKeyFile reads an existing key file. A missing file is an error that
-// is fs.ErrNotExist.
-func readKeyFile(path string) ([]byte, error) {
+// ReadKeyFile reads an existing key file, as OpenOptions.KeyFile names it.
+// A missing file is an error that is fs.ErrNotExist: it is never created
+// here (see OpenOptions.KeyFile).
+func ReadKeyFile(path string) ([]byte, error) {
 	fi, err := os.Stat(path)
 	if err != nil {
 		return nil, fmt.Errorf("storage: key file: %w", err)

@@ -15,7 +15,7 @@ import (
 func TestLoadOrCreateKey(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "caddy", "aegis")
 	path := filepath.Join(dir, "certificates.key")
-	key, err := LoadOrCreateKey(path)
+	key, err := loadOrCreateKey(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -49,7 +49,7 @@ func TestLoadOrCreateKey(t *testing.T) {
 	}
 
 	// The second call reads the same key.
-	again, err := LoadOrCreateKey(path)
+	again, err := loadOrCreateKey(path)
 	if err != nil || !bytes.Equal(again, key) {
 		t.Errorf("second call: %x, %v; want %x", again, err, key)
 	}
@@ -58,7 +58,7 @@ func TestLoadOrCreateKey(t *testing.T) {
 	if err := os.Chmod(path, 0o400); err != nil {
 		t.Fatal(err)
 	}
-	if again, err := LoadOrCreateKey(path); err != nil || !bytes.Equal(again, key) {
+	if again, err := loadOrCreateKey(path); err != nil || !bytes.Equal(again, key) {
 		t.Errorf("0400 key file: %v", err)
 	}
 
@@ -100,7 +100,7 @@ func TestLoadOrCreateKeyRefuses(t *testing.T) {
 			if err := os.Chmod(path, tc.mode); err != nil {
 				t.Fatal(err)
 			}
-			key, err := LoadOrCreateKey(path)
+			key, err := loadOrCreateKey(path)
 			if err == nil {
 				t.Fatalf("accepted: %x", key)
 			}
@@ -127,14 +127,14 @@ func TestLoadOrCreateKeyRefuses(t *testing.T) {
 	if err := os.Mkdir(sub, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := LoadOrCreateKey(sub); err == nil || !strings.Contains(err.Error(), "not a regular file") {
+	if _, err := loadOrCreateKey(sub); err == nil || !strings.Contains(err.Error(), "not a regular file") {
 		t.Errorf("directory as key file: %v", err)
 	}
 	// A regular file where the directory should be.
-	if _, err := LoadOrCreateKey(filepath.Join(dir, "empty.key", "x.key")); err == nil {
+	if _, err := loadOrCreateKey(filepath.Join(dir, "empty.key", "x.key")); err == nil {
 		t.Error("key file under a regular file created")
 	}
-	if _, err := LoadOrCreateKey(""); !errors.Is(err, ErrInvalid) {
+	if _, err := loadOrCreateKey(""); !errors.Is(err, ErrInvalid) {
 		t.Errorf("empty path: %v", err)
 	}
 }
@@ -152,7 +152,7 @@ func TestLoadOrCreateKeyConcurrent(t *testing.T) {
 		for i := range callers {
 			wg.Go(func() {
 				<-start
-				keys[i], errs[i] = LoadOrCreateKey(path)
+				keys[i], errs[i] = loadOrCreateKey(path)
 			})
 		}
 		close(start)
@@ -172,7 +172,7 @@ func TestLoadOrCreateKeyConcurrent(t *testing.T) {
 		if len(entries) != 1 {
 			t.Errorf("round %d: temporary files left: %v", round, entries)
 		}
-		if again, err := LoadOrCreateKey(path); err != nil || !bytes.Equal(again, keys[0]) {
+		if again, err := loadOrCreateKey(path); err != nil || !bytes.Equal(again, keys[0]) {
 			t.Errorf("round %d: the file holds another key: %v", round, err)
 		}
 	}

@@ -201,6 +201,19 @@ FROM hosts`,
 			`CREATE INDEX hosts_ssl_cert_id ON hosts (ssl_cert_id)`,
 		},
 	},
+	{
+		version: 8,
+		name:    "create key_canary",
+		// The canary sealed with the key that seals the private keys (see
+		// KeyCheck): written at the first open with a key, replaced only
+		// by ForgetKeys.
+		stmts: []string{`
+CREATE TABLE key_canary (
+	id     INTEGER PRIMARY KEY CHECK (id = 1),
+	sealed BLOB    NOT NULL
+) STRICT`,
+		},
+	},
 }
 
 // migrate applies the migrations in migs above the database's version, up

@@ -6,6 +6,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -48,11 +49,29 @@ var _ Store = (*SQLite)(nil)
 // OpenOptions are the settings of OpenWith.
 type OpenOptions struct {
 	// Key is the AES-256 key that seals the private keys of custom
-	// certificates: 32 bytes, as LoadOrCreateKey or ParseKey return it.
+	// certificates: 32 bytes, as ParseKey or ReadKeyFile return it.
 	// OpenWith copies it. Default: none (nil or empty), and the store
 	// refuses to write or read a private key with ErrNoKey; everything
 	// else works.
 	Key []byte
+
+	// KeySource names Key in errors, e.g. "storage_key". Default: "the
+	// storage key".
+	KeySource string
+
+	// KeyFile, when Key is empty, is the file the key is read from (64
+	// hex digits and a newline, mode 0600). A missing file is created
+	// with a new random key only if the database holds nothing sealed (no
+	// canary, no private key); otherwise OpenWith fails with a *KeyError
+	// that names the file, the database and the fix.
+	KeyFile string
+
+	// NoKeyCheck opens the store whatever key its private keys are sealed
+	// with, and creates a missing KeyFile: for ForgetKeys, and for
+	// nothing else. Default: false, and a key that does not open the
+	// database's canary (or, in a database written before canaries, its
+	// newest sealed private key) is refused with a *KeyError.
+	NoKeyCheck bool
 }
 
 // Open opens the SQLite database at path, creating the file and its parent
@@ -74,10 +93,8 @@ func OpenWith(path string, opts OpenOptions) (*SQLite, error) {
 // openAt is OpenWith that migrates the schema only up to version. Tests
 // use it to build databases as older versions wrote them.
 func openAt(path string, version int, opts OpenOptions) (*SQLite, error) {
-	var sealer cipher.AEAD
 	if len(opts.Key) > 0 {
-		var err error
-		if sealer, err = newSealer(opts.Key); err != nil {
+		if _, err := newSealer(opts.Key); err != nil {
 			return nil, fmt.Errorf("storage: open %s: %w", path, err)
 		}
 	}
@@ -85,12 +102,66 @@ func openAt(path string, version int, opts OpenOptions) (*SQLite, error) {
 	if err != nil {
 		return nil, fmt.Errorf("storage: open %s: %w", path, err)
 	}
-	s.sealer = sealer
 	if err := migrate(context.Background(), s.write, migrations, version); err != nil {
 		s.Close()
 		return nil, fmt.Errorf("storage: open %s: %w", path, err)
 	}
+	if version < canaryVersion {
+		opts.NoKeyCheck = true // a database as older versions wrote it, for tests
+	}
+	if err := s.setKey(context.Background(), opts); err != nil {
+		s.Close()
+		return nil, err
+	}
 	return s, nil
+}
+
+// setKey gives the store the key of opts, read from (or made in) its key
+// file if needed, after checking it against the database. Its errors are
+// whole: a *KeyError, a key file's error naming the file, or the
+// database's naming the database.
+func (s *SQLite) setKey(ctx context.Context, opts OpenOptions) error {
+	dbErr := func(err error) error { return fmt.Errorf("storage: open %s: %w", s.path, err) }
+	key, source := opts.Key, opts.KeySource
+	if source == "" {
+		source = "the storage key"
+	}
+	if len(key) == 0 && opts.KeyFile != "" {
+		source = "key file " + opts.KeyFile
+		var err error
+		key, err = ReadKeyFile(opts.KeyFile)
+		if errors.Is(err, fs.ErrNotExist) {
+			c, cerr := s.keyCheck(ctx, s.read)
+			if cerr != nil {
+				return dbErr(cerr)
+			}
+			if c.Sealed() && !opts.NoKeyCheck {
+				c.KeySource = source
+				return c.Missing()
+			}
+			key, err = loadOrCreateKey(opts.KeyFile)
+		}
+		if err != nil {
+			return err // names the key file
+		}
+	}
+	if len(key) == 0 {
+		return nil
+	}
+	sealer, err := newSealer(key)
+	if err != nil {
+		return dbErr(err)
+	}
+	if !opts.NoKeyCheck {
+		var ke *KeyError
+		if err := s.useKey(ctx, key, source); errors.As(err, &ke) {
+			return err
+		} else if err != nil {
+			return dbErr(err)
+		}
+	}
+	s.sealer = sealer
+	return nil
 }
 
 func openPools(path string) (*SQLite, error) {

@@ -6,8 +6,9 @@
 // connection-log entries into a Store in batches, off the connection path.
 //
 // The private keys of custom certificates are stored sealed with AES-256-GCM
-// under a key the store is opened with (OpenWith, LoadOrCreateKey,
-// ParseKey); no type the store returns holds a private key, except the
+// under a key the store is opened with (OpenWith, OpenOptions.KeyFile,
+// ParseKey), which a sealed canary in the database ties to it (KeyCheck);
+// no type the store returns holds a private key, except the
 // bytes CertificateKey returns.
 //
 // The package imports no Caddy package: it knows nothing of listeners or

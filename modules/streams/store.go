@@ -2,6 +2,7 @@ package streams
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"path/filepath"
 	"time"
@@ -41,28 +42,67 @@ type StorageConfig struct {
 // DefaultKeyFile is the key file's name beside the database.
 const DefaultKeyFile = "streams.key"
 
-// storageKey is the key that seals certificate private keys.
-func (a *App) storageKey(dbPath string) ([]byte, error) {
-	if a.Storage != nil && a.Storage.Key != "" {
-		v := caddy.NewReplacer().ReplaceAll(a.Storage.Key, "")
-		key, err := storage.ParseKey(v)
-		if err != nil {
-			return nil, fmt.Errorf("storage key: %v", err)
-		}
-		return key, nil
-	}
-	return storage.LoadOrCreateKey(filepath.Join(filepath.Dir(dbPath), DefaultKeyFile))
-}
-
 // DefaultStorageFile is the database's file name in Caddy's data directory.
 const DefaultStorageFile = "streams.db"
 
 // storagePath is the database file the config names, or the default.
-func (a *App) storagePath() string {
-	if a.Storage != nil && a.Storage.Path != "" {
-		return a.Storage.Path
+func (a *App) storagePath() string { return a.Storage.path() }
+
+// path is the database file sc names, or the default; sc may be nil.
+func (sc *StorageConfig) path() string {
+	if sc != nil && sc.Path != "" {
+		return sc.Path
 	}
 	return filepath.Join(caddy.AppDataDir(), DefaultStorageFile)
+}
+
+// keyFile is the key file beside the database sc names.
+func (sc *StorageConfig) keyFile() string {
+	return filepath.Join(filepath.Dir(sc.path()), DefaultKeyFile)
+}
+
+// keyName names sc's key in errors and the commands' output, as storage
+// names a key file ("key file <path>").
+func (sc *StorageConfig) keyName() string {
+	if sc != nil && sc.Key != "" {
+		return "the configured storage_key"
+	}
+	return "key file " + sc.keyFile()
+}
+
+// openStore opens the database sc names (sc may be nil: the defaults) with
+// the key that seals its private keys: the configured storage_key, or the
+// key file beside the database (made on the first start, and never while
+// the database holds keys sealed with another: storage.OpenOptions.KeyFile).
+// It is the one place that opens the configured storage, for the app and
+// for the `aegis streams` commands; noKeyCheck is for `aegis streams
+// forget-keys` alone. It returns the key too, which the commands use to
+// seal private keys in export files.
+func (sc *StorageConfig) openStore(noKeyCheck bool) (*storage.SQLite, []byte, error) {
+	path := sc.path()
+	opts := storage.OpenOptions{NoKeyCheck: noKeyCheck}
+	if sc != nil && sc.Key != "" {
+		key, err := storage.ParseKey(caddy.NewReplacer().ReplaceAll(sc.Key, ""))
+		if err != nil {
+			return nil, nil, fmt.Errorf("storage key: %v", err)
+		}
+		opts.Key, opts.KeySource = key, sc.keyName()
+	} else {
+		opts.KeyFile = sc.keyFile()
+	}
+	db, err := storage.OpenWith(path, opts)
+	if err != nil {
+		return nil, nil, err
+	}
+	key := opts.Key
+	if key == nil {
+		// OpenWith has read or made it.
+		if key, err = storage.ReadKeyFile(opts.KeyFile); err != nil {
+			db.Close()
+			return nil, nil, err
+		}
+	}
+	return db, key, nil
 }
 
 // sharedStore is an open database and its connection-log writer, shared by
@@ -140,11 +180,7 @@ func (a *App) openStorage() ([]storage.Stored, error) {
 		keySetting = a.Storage.Key
 	}
 	v, loaded, err := stores.LoadOrNew(path, func() (caddy.Destructor, error) {
-		key, err := a.storageKey(path)
-		if err != nil {
-			return nil, err
-		}
-		db, err := storage.OpenWith(path, storage.OpenOptions{Key: key})
+		db, _, err := a.Storage.openStore(false)
 		if err != nil {
 			return nil, err
 		}
@@ -160,6 +196,10 @@ func (a *App) openStorage() ([]storage.Stored, error) {
 		})
 		return &sharedStore{path: path, db: db, logw: w, retention: retention, key: keySetting}, nil
 	})
+	var keyErr *storage.KeyError
+	if errors.As(err, &keyErr) {
+		return nil, err // says what to do
+	}
 	if err != nil {
 		return nil, fmt.Errorf("storage: %v; fix the path or key (storage sqlite <path>), or turn storage off (storage off)", err)
 	}
