@@ -21,7 +21,11 @@ func TestRelayCountsAndLogs(t *testing.T) {
 	if got := roundTrip(t, c, "hello, stream"); got != "hello, stream" {
 		t.Fatalf("echo through the stream: got %q", got)
 	}
-	st := inst.waitStats(1, "1 active connection", func(s spec.Status) bool { return s.ActiveConnections == 1 })
+	// A relay step counts its bytes after its write returns, so the echo
+	// can reach the client a moment before the upload step is counted.
+	st := inst.waitStats(1, "1 active connection with 13 bytes each way", func(s spec.Status) bool {
+		return s.ActiveConnections == 1 && s.BytesSent == 13 && s.BytesReceived == 13
+	})
 	if !st.Listening || st.TotalConnections != 1 || st.BytesSent != 13 || st.BytesReceived != 13 {
 		t.Fatalf("stats with one open connection: %+v", st)
 	}
