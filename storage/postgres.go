@@ -81,11 +81,11 @@ type PostgresOptions struct {
 // is back: there is nothing to reopen.
 type Postgres struct {
 	core
-	pool   *pgxpool.Pool
-	conn   *pgx.ConnConfig // for the connections outside the pool
-	where  string          // host:port, for errors
-	secret string          // the DSN's password, kept out of errors
-	keep   int64
+	pool          *pgxpool.Pool
+	conn          *pgx.ConnConfig // for the connections outside the pool
+	where         string          // host:port, for errors
+	secret        string          // the DSN's password, kept out of errors
+	keep          int64
 	onListenError func(error)
 
 	writing chan struct{} // holds a token during a tracked write
