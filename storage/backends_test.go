@@ -32,17 +32,23 @@ type testBackend struct {
 	// newDB makes a new, empty database and returns what open takes: a
 	// file's path or a DSN.
 	newDB func(t testing.TB) string
-	// open opens a store on db as node testNode, closed at cleanup.
-	open func(t testing.TB, db string, key []byte) testStore
+	// openAs opens a store on db as node, closed at cleanup.
+	openAs func(t testing.TB, db string, key []byte, node string) testStore
+}
+
+// open opens a store on db as node testNode, closed at cleanup.
+func (b testBackend) open(t testing.TB, db string, key []byte) testStore {
+	t.Helper()
+	return b.openAs(t, db, key, testNode)
 }
 
 var backends = []testBackend{
 	{
 		name:  "sqlite",
 		newDB: func(t testing.TB) string { return filepath.Join(t.TempDir(), "aegis.db") },
-		open: func(t testing.TB, db string, key []byte) testStore {
+		openAs: func(t testing.TB, db string, key []byte, node string) testStore {
 			t.Helper()
-			s, err := OpenWith(db, OpenOptions{Key: key, Node: testNode})
+			s, err := OpenWith(db, OpenOptions{Key: key, Node: node})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -53,9 +59,9 @@ var backends = []testBackend{
 	{
 		name:  "postgres",
 		newDB: func(t testing.TB) string { return pg.NewDatabase(t) },
-		open: func(t testing.TB, db string, key []byte) testStore {
+		openAs: func(t testing.TB, db string, key []byte, node string) testStore {
 			t.Helper()
-			s := openPostgres(t, db, PostgresOptions{Key: key, Node: testNode})
+			s := openPostgres(t, db, PostgresOptions{Key: key, Node: node})
 			// As a node that has applied what the database holds: a
 			// test's second store writes after its first.
 			last, err := s.LastChange(context.Background())

@@ -2,6 +2,7 @@ package storage
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strconv"
 	"time"
@@ -133,9 +134,13 @@ func (p *Postgres) Listen(ctx context.Context, notify func(changeID int64)) erro
 		},
 		ReconnectDelay: time.Second,
 		LogError: func(ctx context.Context, err error) {
-			if p.onListenError != nil && ctx.Err() == nil {
-				p.onListenError(fmt.Errorf("storage: listening for changes: %w", p.unavailable(err)))
+			if p.onListenError == nil || ctx.Err() != nil {
+				return
 			}
+			if !errors.Is(err, errBadPayload) {
+				err = p.unavailable(err)
+			}
+			p.onListenError(fmt.Errorf("storage: listening for changes: %w", err))
 		},
 	}
 	l.Handle(ChangesChannel, listenHandler(notify))
@@ -164,20 +169,23 @@ func (h listenHandler) HandleBacklog(context.Context, string, *pgx.Conn) error {
 	return nil
 }
 
+// errBadPayload is the error of a notification that is not a change ID.
+var errBadPayload = errors.New("not a change id")
+
 // parseChangePayload reads a notification's payload: a change ID in
 // decimal, > 0, without sign, leading zeros or anything else.
 func parseChangePayload(s string) (int64, error) {
 	if len(s) == 0 || len(s) > 16 || s[0] == '0' {
-		return 0, fmt.Errorf("change notification %.40q: not a change id", s)
+		return 0, fmt.Errorf("change notification %.40q: %w", s, errBadPayload)
 	}
 	for i := 0; i < len(s); i++ {
 		if s[i] < '0' || s[i] > '9' {
-			return 0, fmt.Errorf("change notification %.40q: not a change id", s)
+			return 0, fmt.Errorf("change notification %.40q: %w", s, errBadPayload)
 		}
 	}
 	id, err := strconv.ParseInt(s, 10, 64)
 	if err != nil || id > maxID {
-		return 0, fmt.Errorf("change notification %.40q: not a change id", s)
+		return 0, fmt.Errorf("change notification %.40q: %w", s, errBadPayload)
 	}
 	return id, nil
 }
@@ -205,13 +213,13 @@ func (p *Postgres) ClaimNode(ctx context.Context) error {
 		return fmt.Errorf("storage: claiming node name %q: %w", p.node, p.unavailable(err))
 	}
 	var ok bool
-	err = conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1, hashtext($2))`, nodeLockClass, p.node).Scan(&ok)
+	err = p.unavailable(conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1, hashtext($2))`, nodeLockClass, p.node).Scan(&ok))
 	if err == nil && !ok {
 		err = fmt.Errorf("%w: stop it, or give this node another name", ErrNodeNameTaken)
 	}
 	if err != nil {
 		conn.Close(ctx)
-		return fmt.Errorf("storage: claiming node name %q: %w", p.node, p.unavailable(err))
+		return fmt.Errorf("storage: claiming node name %q: %w", p.node, err)
 	}
 	p.claim = conn
 	return nil
