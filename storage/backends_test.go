@@ -17,6 +17,7 @@ func TestMain(m *testing.M) { pgtest.Main(m, &pg) }
 type testStore interface {
 	Store
 	HighestHostID(ctx context.Context) (int64, error)
+	CheckKey(ctx context.Context) error
 	base() *core
 }
 

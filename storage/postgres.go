@@ -188,6 +188,9 @@ func (p *Postgres) unavailable(err error) error {
 	if err == nil || errors.As(err, &ue) || !unreachable(err) {
 		return err
 	}
+	if p.life.Err() != nil {
+		return fmt.Errorf("the store is closed: %w", err)
+	}
 	if p.secret != "" && strings.Contains(err.Error(), p.secret) {
 		err = redacted{err, p.secret}
 	}
