@@ -121,7 +121,8 @@ func (p *Postgres) ChangesAfter(ctx context.Context, after int64, limit int) ([]
 // Listen calls notify with each notification's change ID, and with 0
 // after every (re)connect, until ctx is done or the store is closed; then
 // it returns nil. It retries a lost connection every second.
-// Notifications are handled one at a time: notify should be quick.
+// Notifications are handled one at a time: notify should be quick, and
+// must not call Close, which waits for Listen to return.
 func (p *Postgres) Listen(ctx context.Context, notify func(changeID int64)) error {
 	p.listens.Add(1)
 	defer p.listens.Done()
@@ -195,6 +196,8 @@ func parseChangePayload(s string) (int64, error) {
 // Another holder is ErrNodeNameTaken. Calling it again while the name is
 // held does nothing; after the connection was lost (the database
 // restarted) it claims the name again. Heartbeat does that by itself.
+// The lock's key is the name's hashtext: two names that hash alike (one
+// chance in 2^32) would also refuse each other.
 func (p *Postgres) ClaimNode(ctx context.Context) error {
 	p.claimMu.Lock()
 	defer p.claimMu.Unlock()
