@@ -129,3 +129,42 @@ func setSealedKey(t testing.TB, s testStore, id int64, sealed []byte) {
 		t.Fatal(err)
 	}
 }
+
+// BenchmarkUpdateHost: one host write (a transaction, and on PostgreSQL
+// the write lock, the stale check, the change and its notification) on
+// each backend.
+func BenchmarkUpdateHost(b *testing.B) {
+	for _, bk := range backends {
+		b.Run(bk.name, func(b *testing.B) {
+			s := bk.store(b)
+			ctx := context.Background()
+			if _, err := s.CreateHost(ctx, genHost(1, 0), nil); err != nil {
+				b.Fatal(err)
+			}
+			for i := 0; b.Loop(); i++ {
+				if _, err := s.UpdateHost(ctx, genHost(1, i), nil); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkAppendConnLogs: one batch of DefaultLogBatchSize entries.
+func BenchmarkAppendConnLogs(b *testing.B) {
+	batch := make([]ConnLog, DefaultLogBatchSize)
+	for i := range batch {
+		batch[i] = ConnLog{StreamID: 1, SourceIP: "192.0.2.1", SourcePort: 40000 + i, BytesSent: int64(i), Action: ActionAllowed}
+	}
+	for _, bk := range backends {
+		b.Run(bk.name, func(b *testing.B) {
+			s := bk.store(b)
+			ctx := context.Background()
+			for b.Loop() {
+				if err := s.AppendConnLogs(ctx, batch); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
