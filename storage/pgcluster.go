@@ -51,7 +51,7 @@ func (t *pgTx) changed(ctx context.Context, kind, op string, objectID int64) err
 	}
 	if cut := t.change - t.p.keep; cut > 0 {
 		_, err := t.exec(ctx, `WITH gone AS (DELETE FROM changes WHERE id <= ?)
-			UPDATE change_history SET pruned_through = ? WHERE pruned_through < ?`, cut, cut, cut)
+			UPDATE counters SET last = ? WHERE name = 'changes pruned' AND last < ?`, cut, cut, cut)
 		if err != nil {
 			return fmt.Errorf("pruning old changes: %w", err)
 		}
@@ -107,7 +107,7 @@ func (p *Postgres) ChangesAfter(ctx context.Context, after int64, limit int) ([]
 	// Read after the changes: a prune in between is seen, and reported.
 	var pruned int64
 	if err == nil {
-		err = p.reads.queryRow(ctx, `SELECT pruned_through FROM change_history`).Scan(&pruned)
+		err = p.reads.queryRow(ctx, `SELECT last FROM counters WHERE name = 'changes pruned'`).Scan(&pruned)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("storage: reading changes after %d: %w", after, err)

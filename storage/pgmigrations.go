@@ -16,10 +16,10 @@ import (
 // BIGINT, as SQLite's; settings and domains are JSON, kept as written
 // (JSONB could not hold a string with \u0000 in it). IDs stay below 2^53
 // (JavaScript numbers); those of hosts and certificates come from
-// id_counters, which only grow, so a deleted row's ID is not given out
-// again. Then what SQLite does not need:
-// changes, the history every node follows (change_history.pruned_through
-// is the highest ID pruned), and nodes, their heartbeats.
+// counters, which only grow, so a deleted row's ID is not given out
+// again. Then what SQLite does not need: changes, the history every node
+// follows (counters' "changes pruned" is the highest change ID pruned),
+// and nodes, their heartbeats.
 var pgMigrations = []migration{
 	{
 		version: 1,
@@ -43,11 +43,11 @@ CREATE TABLE hosts (
 	last BIGINT  NOT NULL
 )`,
 			`INSERT INTO host_version (id, last) VALUES (1, 0)`,
-			`CREATE TABLE id_counters (
+			`CREATE TABLE counters (
 	name TEXT   PRIMARY KEY,
 	last BIGINT NOT NULL
 )`,
-			`INSERT INTO id_counters (name, last) VALUES ('hosts', 0), ('certificates', 0)`,
+			`INSERT INTO counters (name, last) VALUES ('hosts', 0), ('certificates', 0), ('changes pruned', 0)`,
 			`CREATE TABLE certificates (
 	id              BIGINT PRIMARY KEY CHECK (id BETWEEN 1 AND 9007199254740991),
 	name            TEXT   NOT NULL,
@@ -89,11 +89,6 @@ CREATE TABLE hosts (
 	node      TEXT        NOT NULL,
 	at        TIMESTAMPTZ NOT NULL DEFAULT now()
 )`,
-			`CREATE TABLE change_history (
-	id             INTEGER PRIMARY KEY CHECK (id = 1),
-	pruned_through BIGINT  NOT NULL
-)`,
-			`INSERT INTO change_history (id, pruned_through) VALUES (1, 0)`,
 			`CREATE TABLE nodes (
 	name           TEXT        PRIMARY KEY,
 	address        TEXT        NOT NULL DEFAULT '',

@@ -261,14 +261,14 @@ func (p *Postgres) inTx(ctx context.Context, tracked bool, fn func(tx writeTx) e
 	return nil
 }
 
-// newID takes the next ID of table from id_counters, or records that id
+// newID takes the next ID of table from counters, or records that id
 // was used: a counter only grows, so no ID is given out twice.
 func (p *Postgres) newID(ctx context.Context, tx sqlDB, table string, id int64) (any, error) {
 	if id > 0 {
-		_, err := tx.exec(ctx, `UPDATE id_counters SET last = GREATEST(last, ?) WHERE name = ?`, id, table)
+		_, err := tx.exec(ctx, `UPDATE counters SET last = GREATEST(last, ?) WHERE name = ?`, id, table)
 		return id, err
 	}
-	err := tx.queryRow(ctx, `UPDATE id_counters SET last = last + 1 WHERE name = ? RETURNING last`, table).Scan(&id)
+	err := tx.queryRow(ctx, `UPDATE counters SET last = last + 1 WHERE name = ? RETURNING last`, table).Scan(&id)
 	return id, err
 }
 
@@ -276,7 +276,7 @@ func (p *Postgres) newID(ctx context.Context, tx sqlDB, table string, id int64) 
 // included, or 0 before the first; see SQLite.HighestHostID.
 func (p *Postgres) HighestHostID(ctx context.Context) (int64, error) {
 	var id int64
-	if err := p.reads.queryRow(ctx, `SELECT last FROM id_counters WHERE name = 'hosts'`).Scan(&id); err != nil {
+	if err := p.reads.queryRow(ctx, `SELECT last FROM counters WHERE name = 'hosts'`).Scan(&id); err != nil {
 		return 0, fmt.Errorf("storage: reading the highest host id: %w", err)
 	}
 	return id, nil
