@@ -628,3 +628,58 @@ func testConnLogNode(t *testing.T, b testBackend) {
 		}
 	}
 }
+
+// TestLogWriterRetryWhileUnreachable: with Retry, entries logged while
+// PostgreSQL is down wait (up to the queue's size) and are written once it
+// is back; only those beyond the queue are dropped.
+func TestLogWriterRetryWhileUnreachable(t *testing.T) {
+	s := openPostgres(t, pg.NewDatabase(t), PostgresOptions{Node: "a", ConnectTimeout: time.Second})
+	var (
+		mu        sync.Mutex
+		reports   []error
+		recovered []uint64
+		onDrop    int
+	)
+	w := NewLogWriter(s, LogWriterOptions{
+		QueueSize: 20, BatchSize: 5, FlushInterval: 10 * time.Millisecond, Retry: 100 * time.Millisecond, Retention: -1,
+		OnError:   func(err error) { mu.Lock(); reports = append(reports, err); mu.Unlock() },
+		OnRecover: func(lost uint64) { mu.Lock(); recovered = append(recovered, lost); mu.Unlock() },
+		OnDrop:    func(b []ConnLog) { mu.Lock(); onDrop += len(b); mu.Unlock() },
+	})
+	defer w.Close()
+
+	pg.Stop()
+	restarted := false
+	defer func() {
+		if !restarted {
+			pg.Start()
+		}
+	}()
+	for i := range 5 {
+		w.Enqueue(entry(1, i))
+	}
+	waitFor(t, "the failure's report", func() bool { mu.Lock(); defer mu.Unlock(); return len(reports) == 1 })
+	wantUnavailable(t, "the report", reports[0], "PostgreSQL at "+pg.Addr()+" is unreachable")
+	for i := range 30 {
+		w.Enqueue(entry(1, 5+i))
+	}
+	time.Sleep(300 * time.Millisecond) // a few retries
+	if w.Dropped() != 10 || w.Written() != 0 {
+		t.Errorf("while down: dropped %d, written %d; want 10 (beyond the queue of 20), 0", w.Dropped(), w.Written())
+	}
+
+	if err := pg.Start(); err != nil {
+		t.Fatal(err)
+	}
+	restarted = true
+	waitFor(t, "the waiting entries", func() bool { return w.Written() == 25 })
+	got, err := s.ConnLogs(context.Background(), ConnLogQuery{StreamID: 1, Limit: 100})
+	if err != nil || len(got) != 25 || got[0].Node != "a" {
+		t.Fatalf("log after the database came back: %d entries, %v", len(got), err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(reports) != 1 || onDrop != 0 || len(recovered) != 1 || recovered[0] != 10 {
+		t.Errorf("%d reports, %d handed to OnDrop, OnRecover calls %v; want 1, 0, [10]", len(reports), onDrop, recovered)
+	}
+}
