@@ -2,9 +2,9 @@ package storage
 
 import (
 	"context"
-	"database/sql"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"strconv"
 	"strings"
@@ -181,15 +181,18 @@ func (p *Postgres) Close() error {
 func (p *Postgres) Node() string { return p.node }
 
 // unavailable returns err as an *UnavailableError when it says the
-// database could not be reached (or went away, or refuses connections),
-// and err as it is otherwise: an SQL error, no rows, a cancelled context.
+// database could not be reached in time (or went away, or refuses
+// connections), and err as it is otherwise: an SQL error, no rows, a
+// cancelled context.
 func (p *Postgres) unavailable(err error) error {
 	var ue *UnavailableError
-	if err == nil || errors.As(err, &ue) || !unreachable(err) {
+	switch {
+	case err == nil || errors.As(err, &ue):
 		return err
-	}
-	if p.life.Err() != nil {
+	case p.life.Err() != nil:
 		return fmt.Errorf("the store is closed: %w", err)
+	case !unreachable(err):
+		return err
 	}
 	if p.secret != "" && strings.Contains(err.Error(), p.secret) {
 		err = redacted{err, p.secret}
@@ -208,8 +211,13 @@ func unreachable(err error) bool {
 		// too many connections
 		return strings.HasPrefix(pe.Code, "08") || strings.HasPrefix(pe.Code, "57P") || pe.Code == "53300"
 	}
-	var se pgx.ScanArgError
-	return !errors.Is(err, context.Canceled) && !errors.Is(err, sql.ErrNoRows) && !errors.As(err, &se)
+	var (
+		ce *pgconn.ConnectError
+		ne net.Error
+	)
+	return errors.As(err, &ce) || errors.As(err, &ne) || pgconn.Timeout(err) ||
+		errors.Is(err, pgconn.ErrConnClosed) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, context.DeadlineExceeded)
 }
 
 // redacted is an error whose text has the password replaced.

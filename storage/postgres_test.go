@@ -3,6 +3,9 @@ package storage
 import (
 	"context"
 	"errors"
+	"fmt"
+	"io"
+	"net"
 	"runtime"
 	"slices"
 	"strings"
@@ -11,6 +14,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // twoNodes opens two stores, nodes "a" and "b", on one new database.
@@ -681,5 +685,32 @@ func TestLogWriterRetryWhileUnreachable(t *testing.T) {
 	defer mu.Unlock()
 	if len(reports) != 1 || onDrop != 0 || len(recovered) != 1 || recovered[0] != 10 {
 		t.Errorf("%d reports, %d handed to OnDrop, OnRecover calls %v; want 1, 0, [10]", len(reports), onDrop, recovered)
+	}
+}
+
+// TestUnreachable: which errors say the database could not be reached.
+func TestUnreachable(t *testing.T) {
+	for i, tc := range []struct {
+		err  error
+		want bool
+	}{
+		{&pgconn.PgError{Code: "57P01"}, true}, // admin shutdown
+		{&pgconn.PgError{Code: "08006"}, true}, // connection failure
+		{&pgconn.PgError{Code: "53300"}, true}, // too many connections
+		{&pgconn.PgError{Code: "23505"}, false},
+		{&pgconn.PgError{Code: "57014"}, false}, // query cancelled
+		{fmt.Errorf("reading: %w", io.ErrUnexpectedEOF), true},
+		{&net.OpError{Op: "dial", Err: errors.New("connection refused")}, true},
+		{pgconn.ErrConnClosed, true},
+		{context.DeadlineExceeded, true},
+		{context.Canceled, false},
+		{pgx.ErrNoRows, false},
+		{ErrConflict, false},
+		{ErrStale, false},
+		{errors.New("failed to encode args[1]"), false},
+	} {
+		if got := unreachable(tc.err); got != tc.want {
+			t.Errorf("%d: unreachable(%v) = %v, want %v", i, tc.err, got, tc.want)
+		}
 	}
 }
