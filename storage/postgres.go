@@ -153,7 +153,10 @@ func OpenPostgres(ctx context.Context, dsn string, opts PostgresOptions) (*Postg
 		node: opts.Node, sealer: sealer, now: time.Now}
 	if err := p.migrate(ctx, pgMigrations); err != nil {
 		p.Close()
-		return nil, fmt.Errorf("storage: PostgreSQL at %s: %w", p.where, err)
+		if errors.Is(err, ErrUnavailable) { // names the database already
+			return nil, fmt.Errorf("storage: opening PostgreSQL: %w", err)
+		}
+		return nil, fmt.Errorf("storage: opening PostgreSQL at %s: %w", p.where, err)
 	}
 	return p, nil
 }

@@ -456,10 +456,14 @@ func TestPostgresUnavailable(t *testing.T) {
 		if took > 5*time.Second {
 			t.Errorf("%s took %v", call.name, took)
 		}
+		if call.name == "UpdateHost" {
+			t.Logf("%s: %v (%v)", call.name, err, took)
+		}
 	}
-	if _, err := OpenPostgres(ctx, dsn, PostgresOptions{Node: "b", ConnectTimeout: time.Second}); !errors.Is(err, ErrUnavailable) ||
-		strings.Contains(err.Error(), "pw-s3cret") {
-		t.Errorf("OpenPostgres with the server down: %v", err)
+	_, err := OpenPostgres(ctx, dsn, PostgresOptions{Node: "b", ConnectTimeout: time.Second})
+	if want := "storage: opening PostgreSQL: PostgreSQL at " + pg.Addr() + " is unreachable ("; !errors.Is(err, ErrUnavailable) ||
+		!strings.HasPrefix(err.Error(), want) || strings.Contains(err.Error(), "pw-s3cret") {
+		t.Errorf("OpenPostgres with the server down: %v, want an error starting %q", err, want)
 	}
 
 	if err := pg.Start(); err != nil {
