@@ -254,7 +254,7 @@ func (p *Postgres) inTx(ctx context.Context, tracked bool, fn func(tx writeTx) e
 		tx.Rollback(rctx)
 		cancel()
 	}()
-	t := &pgTx{pgConn: pgConn{tx, p}, p: p}
+	t := &pgTx{pgConn: pgConn{tx, p}}
 	if tracked {
 		if err := t.lockAndCheck(ctx); err != nil {
 			return err
