@@ -718,3 +718,44 @@ func TestUnreachable(t *testing.T) {
 		}
 	}
 }
+
+// TestOpenUnreachable: with OpenUnreachable a node opens its store while
+// the database is down; its calls fail with *UnavailableError, and once
+// the database is back the first one migrates the schema and they work.
+func TestOpenUnreachable(t *testing.T) {
+	dsn := pg.NewDatabase(t)
+	ctx := context.Background()
+	pg.Stop()
+	restarted := false
+	defer func() {
+		if !restarted {
+			pg.Start()
+		}
+	}()
+	s, err := OpenPostgres(ctx, dsn, PostgresOptions{Node: "a", OpenUnreachable: true, ConnectTimeout: time.Second})
+	if err != nil {
+		t.Fatalf("OpenPostgres with OpenUnreachable: %v", err)
+	}
+	t.Cleanup(func() { s.Close() })
+	if _, err := s.ListHosts(ctx); !errors.Is(err, ErrUnavailable) {
+		t.Errorf("ListHosts while down: %v", err)
+	}
+	if _, err := s.CreateHost(ctx, genHost(0, 1), nil); !errors.Is(err, ErrUnavailable) {
+		t.Errorf("CreateHost while down: %v", err)
+	}
+	heard := listenFor(t, s)
+
+	if err := pg.Start(); err != nil {
+		t.Fatal(err)
+	}
+	restarted = true
+	if id := next(t, heard, 5*time.Second, "connect"); id != 0 {
+		t.Errorf("notify(%d) on connect, want 0", id)
+	}
+	if last, err := s.LastChange(ctx); err != nil || last != 0 {
+		t.Fatalf("LastChange once the database is back: %d, %v", last, err)
+	}
+	if _, err := s.CreateHost(ctx, genHost(0, 1), nil); err != nil {
+		t.Fatalf("CreateHost once the database is back: %v", err)
+	}
+}
