@@ -3,7 +3,6 @@ package storage
 import (
 	"bytes"
 	"context"
-	"crypto/cipher"
 	"crypto/rand"
 	"database/sql"
 	"errors"
@@ -20,7 +19,7 @@ import (
 // KeyCheck.Verify.
 
 // canaryVersion is the schema version that adds the key_canary table.
-const canaryVersion = 8
+const canaryVersion = 9
 
 // canaryText is what the canary holds, and canaryAD the additional data it
 // is sealed with: not a certificate's, so that neither opens as the other.
@@ -32,14 +31,18 @@ const (
 // SealCanary returns a new canary sealed with key, for a store to keep
 // (KeyCheck.Verify returns one when the store has none).
 func SealCanary(key []byte) ([]byte, error) {
-	aead, err := newSealer(key)
+	s, err := newSealer(key)
 	if err != nil {
 		return nil, err
 	}
-	return sealCanary(aead), nil
+	if s.aead == nil {
+		return nil, ErrNoKey
+	}
+	return sealCanary(s), nil
 }
 
-func sealCanary(aead cipher.AEAD) []byte {
+func sealCanary(s sealer) []byte {
+	aead := s.aead
 	nonce := make([]byte, aead.NonceSize(), aead.NonceSize()+len(canaryText)+aead.Overhead())
 	rand.Read(nonce) // never fails (crypto/rand crashes the program instead)
 	return aead.Seal(nonce, nonce, []byte(canaryText), []byte(canaryAD))
@@ -47,10 +50,11 @@ func sealCanary(aead cipher.AEAD) []byte {
 
 // opensCanary reports whether key opens the sealed canary.
 func opensCanary(key, sealed []byte) bool {
-	aead, err := newSealer(key)
-	if err != nil {
+	s, err := newSealer(key)
+	if err != nil || s.aead == nil {
 		return false
 	}
+	aead := s.aead
 	n := aead.NonceSize()
 	if len(sealed) < n+aead.Overhead() {
 		return false
@@ -143,39 +147,44 @@ func (e *KeyError) Error() string {
 func (e *KeyError) Is(target error) bool { return target == ErrWrongKey }
 
 // keyCheck reads what the database holds of its key: the canary or, if
-// none, the newest sealed private key.
-func (s *SQLite) keyCheck(ctx context.Context, q queryRower) (KeyCheck, error) {
-	c := KeyCheck{Database: s.path}
-	err := q.QueryRowContext(ctx, `SELECT sealed FROM key_canary WHERE id = 1`).Scan(&c.Canary)
+// none, the newest sealed private key. database names it in errors.
+func (c *core) keyCheck(ctx context.Context, q sqlDB, database string) (KeyCheck, error) {
+	k := KeyCheck{Database: database}
+	err := q.queryRow(ctx, `SELECT sealed FROM key_canary WHERE id = 1`).Scan(&k.Canary)
 	if err == nil {
-		return c, nil
+		return k, nil
 	}
 	if !errors.Is(err, sql.ErrNoRows) {
-		return c, fmt.Errorf("reading the key canary: %w", err)
+		return k, fmt.Errorf("reading the key canary: %w", err)
 	}
-	err = q.QueryRowContext(ctx, `SELECT id, key_sealed FROM certificates
-		WHERE key_sealed IS NOT NULL AND length(key_sealed) > 0 ORDER BY id DESC LIMIT 1`).Scan(&c.CertID, &c.SealedKey)
+	err = q.queryRow(ctx, `SELECT id, key_sealed FROM certificates
+		WHERE key_sealed IS NOT NULL AND length(key_sealed) > 0 ORDER BY id DESC LIMIT 1`).Scan(&k.CertID, &k.SealedKey)
 	if err != nil && !errors.Is(err, sql.ErrNoRows) {
-		return c, fmt.Errorf("reading a sealed private key: %w", err)
+		return k, fmt.Errorf("reading a sealed private key: %w", err)
 	}
-	return c, nil
+	return k, nil
 }
 
-// useKey checks the store's key against what the database holds and writes
-// the canary if it has none, in one transaction.
-func (s *SQLite) useKey(ctx context.Context, key []byte, source string) error {
-	return s.inTx(ctx, func(tx *sql.Tx) error {
-		c, err := s.keyCheck(ctx, tx)
-		if err != nil {
-			return err
-		}
-		c.KeySource = source
-		canary, err := c.Verify(key)
-		if err != nil || canary == nil {
-			return err
-		}
-		_, err = tx.ExecContext(ctx, `INSERT INTO key_canary (id, sealed) VALUES (1, ?)`, canary)
+// verifyKey checks key against what q's database holds and writes the
+// canary if it has none; q is a write transaction.
+func (c *core) verifyKey(ctx context.Context, q sqlDB, key []byte, source, database string) error {
+	k, err := c.keyCheck(ctx, q, database)
+	if err != nil {
 		return err
+	}
+	k.KeySource = source
+	canary, err := k.Verify(key)
+	if err != nil || canary == nil {
+		return err
+	}
+	_, err = q.exec(ctx, `INSERT INTO key_canary (id, sealed) VALUES (1, ?) ON CONFLICT (id) DO NOTHING`, canary)
+	return err
+}
+
+// useKey is verifyKey in a transaction of its own.
+func (c *core) useKey(ctx context.Context, key []byte, source, database string) error {
+	return c.be.inTx(ctx, false, func(tx writeTx) error {
+		return c.verifyKey(ctx, tx, key, source, database)
 	})
 }
 
@@ -201,7 +210,10 @@ type KeyForgetter interface {
 	ForgetKeys(ctx context.Context) ([]KeylessCert, error)
 }
 
-var _ KeyForgetter = (*SQLite)(nil)
+var (
+	_ KeyForgetter = (*SQLite)(nil)
+	_ KeyForgetter = (*Postgres)(nil)
+)
 
 // ForgetKeys deletes every private key that the store's key does not open,
 // replaces the canary with one sealed with that key, and returns every
@@ -210,40 +222,34 @@ var _ KeyForgetter = (*SQLite)(nil)
 // It is one transaction, and running it again changes nothing more. The
 // certificates stay, with their chains: uploading a key pair for one
 // (UpdateCertificate) makes it usable again. ErrNoKey without a store key.
-func (s *SQLite) ForgetKeys(ctx context.Context) ([]KeylessCert, error) {
-	if s.sealer == nil {
+func (s *core) ForgetKeys(ctx context.Context) ([]KeylessCert, error) {
+	if s.sealer.aead == nil {
 		return nil, fmt.Errorf("storage: forgetting private keys: %w", ErrNoKey)
 	}
 	var out []KeylessCert
-	err := s.inTx(ctx, func(tx *sql.Tx) error {
+	err := s.be.inTx(ctx, false, func(tx writeTx) error {
 		type row struct {
 			id     int64
 			sealed []byte
 		}
 		var custom []row
-		rows, err := tx.QueryContext(ctx, `SELECT id, key_sealed FROM certificates WHERE source = ? ORDER BY id`, spec.SourceCustom)
-		if err != nil {
-			return err
-		}
-		for rows.Next() {
-			var r row
-			if err := rows.Scan(&r.id, &r.sealed); err != nil {
-				rows.Close()
+		err := tx.queryEach(ctx, `SELECT id, key_sealed FROM certificates WHERE source = ? ORDER BY id`,
+			[]any{spec.SourceCustom}, func(r rowScanner) error {
+				var c row
+				err := r.Scan(&c.id, &c.sealed)
+				custom = append(custom, c)
 				return err
-			}
-			custom = append(custom, r)
-		}
-		rows.Close()
-		if err := rows.Err(); err != nil {
+			})
+		if err != nil {
 			return err
 		}
 		for _, r := range custom {
 			k := KeylessCert{}
 			if len(r.sealed) > 0 {
-				if _, err := s.open(r.id, r.sealed); err == nil {
+				if _, err := s.sealer.open(r.id, r.sealed); err == nil {
 					continue
 				}
-				if _, err := tx.ExecContext(ctx, `UPDATE certificates SET key_sealed = NULL WHERE id = ?`, r.id); err != nil {
+				if _, err := tx.exec(ctx, `UPDATE certificates SET key_sealed = NULL WHERE id = ?`, r.id); err != nil {
 					return fmt.Errorf("deleting the private key of certificate %d: %w", r.id, err)
 				}
 				k.Forgotten = true
@@ -252,14 +258,14 @@ func (s *SQLite) ForgetKeys(ctx context.Context) ([]KeylessCert, error) {
 				return err
 			}
 			var inUse *InUseError
-			if err := certInUse(ctx, tx, r.id); errors.As(err, &inUse) {
+			if err := s.certInUse(ctx, tx, r.id); errors.As(err, &inUse) {
 				k.StreamIDs, k.StreamNames = inUse.StreamIDs, inUse.StreamNames
 			} else if err != nil {
 				return err
 			}
 			out = append(out, k)
 		}
-		_, err = tx.ExecContext(ctx, `INSERT INTO key_canary (id, sealed) VALUES (1, ?)
+		_, err = tx.exec(ctx, `INSERT INTO key_canary (id, sealed) VALUES (1, ?)
 			ON CONFLICT (id) DO UPDATE SET sealed = excluded.sealed`, sealCanary(s.sealer))
 		return err
 	})

@@ -177,7 +177,7 @@ func TestKeyCheckVerify(t *testing.T) {
 		t.Fatal(err)
 	}
 	s, _ := newKeyedStore(t)
-	sealed, _ := s.seal(3, []byte("key"))
+	sealed, _ := s.sealer.seal(3, []byte("key"))
 
 	for _, tc := range []struct {
 		name      string
@@ -331,7 +331,7 @@ func TestKeyFileModeRefusedAtOpen(t *testing.T) {
 // the other sealed, for the same certificate ID and key only.
 func TestSealPrivateKeyAsStore(t *testing.T) {
 	s, _ := newKeyedStore(t)
-	byStore, _ := s.seal(5, []byte("pem"))
+	byStore, _ := s.sealer.seal(5, []byte("pem"))
 	if p, err := OpenPrivateKey(testKey, 5, byStore); err != nil || string(p) != "pem" {
 		t.Errorf("OpenPrivateKey of the store's: %q, %v", p, err)
 	}
@@ -339,7 +339,7 @@ func TestSealPrivateKeyAsStore(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if p, err := s.open(5, byFunc); err != nil || string(p) != "pem" {
+	if p, err := s.sealer.open(5, byFunc); err != nil || string(p) != "pem" {
 		t.Errorf("the store's open of SealPrivateKey's: %q, %v", p, err)
 	}
 	if _, err := OpenPrivateKey(testKey, 6, byFunc); !errors.Is(err, ErrWrongKey) {

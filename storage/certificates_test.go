@@ -93,8 +93,10 @@ func customCert(tc testCert, name string) spec.Certificate {
 	}
 }
 
-func TestCertificateRoundTrip(t *testing.T) {
-	s, _ := newKeyedStore(t)
+func TestCertificateRoundTrip(t *testing.T) { eachBackend(t, testCertificateRoundTrip) }
+
+func testCertificateRoundTrip(t *testing.T, b testBackend) {
+	s, _ := b.keyed(t)
 	ctx := context.Background()
 	before := time.Now().Add(-time.Millisecond)
 	tc := ecCert(t, "db.example.com")
@@ -182,9 +184,8 @@ func TestCertificateRoundTrip(t *testing.T) {
 	if _, err := s.UpdateCertificate(ctx, toManaged, nil, nil); err != nil {
 		t.Fatal(err)
 	}
-	var sealed []byte
-	if err := s.read.QueryRow(`SELECT key_sealed FROM certificates WHERE id = ?`, custom.ID).Scan(&sealed); err != nil || sealed != nil {
-		t.Errorf("key_sealed of a certificate made managed: %x, %v", sealed, err)
+	if sealed := sealedKey(t, s, custom.ID); sealed != nil {
+		t.Errorf("key_sealed of a certificate made managed: %x", sealed)
 	}
 	c.ID = custom.ID
 	if _, err := s.UpdateCertificate(ctx, c, nil, nil); !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "needs its private key") {
@@ -274,8 +275,10 @@ func TestCertificateJSON(t *testing.T) {
 	}
 }
 
-func TestCertificateErrors(t *testing.T) {
-	s, _ := newKeyedStore(t)
+func TestCertificateErrors(t *testing.T) { eachBackend(t, testCertificateErrors) }
+
+func testCertificateErrors(t *testing.T, b testBackend) {
+	s, _ := b.keyed(t)
 	ctx := context.Background()
 	tc := ecCert(t, "a.example.com")
 	key := []byte(tc.keyPEM)
@@ -312,6 +315,7 @@ func TestCertificateErrors(t *testing.T) {
 		{"delete missing", s.DeleteCertificate(ctx, 9, apply), ErrNotFound, "storage: deleting certificate 9: not found"},
 		{"create taken", create(withID(managed, c.ID), nil), ErrConflict, ""},
 		{"create negative", create(withID(managed, -1), nil), ErrInvalid, ""},
+		{"create above 2^53-1", create(withID(managed, 1<<53), nil), ErrInvalid, "id must be from 0 to 9007199254740991"},
 		{"unknown source", create(spec.Certificate{Name: "x", Source: "acme"}, nil), ErrInvalid, `source "acme": must be "custom" or "managed"`},
 		{"custom without chain", create(noChain, key), ErrInvalid, "needs its chain"},
 		{"custom without key", create(customCert(tc2(t), "b"), nil), ErrInvalid, "needs its private key"},
@@ -342,20 +346,18 @@ func tc2(t *testing.T) testCert { return ecCert(t, "b.example.com") }
 
 // TestCertificatesWithoutKey uses a store opened without an encryption key:
 // managed certificates work, private keys are refused with ErrNoKey.
-func TestCertificatesWithoutKey(t *testing.T) {
+func TestCertificatesWithoutKey(t *testing.T) { eachBackend(t, testCertificatesWithoutKey) }
+
+func testCertificatesWithoutKey(t *testing.T, b testBackend) {
 	ctx := context.Background()
-	keyed, path := newKeyedStore(t)
+	keyed, path := b.keyed(t)
 	tc := ecCert(t, "a.example.com")
 	c, err := keyed.CreateCertificate(ctx, customCert(tc, "a"), []byte(tc.keyPEM), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 
-	s, err := Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := b.open(t, path, nil)
 	if _, err := s.CreateCertificate(ctx, spec.Certificate{Name: "m", Source: spec.SourceManaged, Domains: []string{"m.example"}}, nil, nil); err != nil {
 		t.Errorf("managed certificate without a key: %v", err)
 	}
@@ -384,8 +386,10 @@ func TestCertificatesWithoutKey(t *testing.T) {
 	}
 }
 
-func TestCertificateApply(t *testing.T) {
-	s, _ := newKeyedStore(t)
+func TestCertificateApply(t *testing.T) { eachBackend(t, testCertificateApply) }
+
+func testCertificateApply(t *testing.T, b testBackend) {
+	s, _ := b.keyed(t)
 	ctx := context.Background()
 	tc := ecCert(t, "a.example.com")
 
@@ -424,15 +428,8 @@ func TestCertificateApply(t *testing.T) {
 	}
 
 	// A failing apply leaves the database as it was, sealed key included.
-	sealedKey := func() []byte {
-		var b []byte
-		if err := s.read.QueryRow(`SELECT key_sealed FROM certificates WHERE id = ?`, created.ID).Scan(&b); err != nil {
-			t.Fatal(err)
-		}
-		return b
-	}
 	list0, _ := s.ListCertificates(ctx)
-	sealed0 := sealedKey()
+	sealed0 := sealedKey(t, s, created.ID)
 	other := ecCert(t, "a.example.com")
 	for i, tc := range []struct {
 		name string
@@ -469,7 +466,7 @@ func TestCertificateApply(t *testing.T) {
 		if list, _ := s.ListCertificates(ctx); !reflect.DeepEqual(list, list0) {
 			t.Errorf("%d: %s: certificates changed: %+v", i, tc.name, list)
 		}
-		if !bytes.Equal(sealedKey(), sealed0) {
+		if !bytes.Equal(sealedKey(t, s, created.ID), sealed0) {
 			t.Errorf("%d: %s: the sealed key changed", i, tc.name)
 		}
 	}
@@ -478,8 +475,10 @@ func TestCertificateApply(t *testing.T) {
 	}
 }
 
-func TestDeleteCertificateInUse(t *testing.T) {
-	s, _ := newKeyedStore(t)
+func TestDeleteCertificateInUse(t *testing.T) { eachBackend(t, testDeleteCertificateInUse) }
+
+func testDeleteCertificateInUse(t *testing.T, b testBackend) {
+	s, _ := b.keyed(t)
 	ctx := context.Background()
 	tc := ecCert(t, "a.example.com")
 	// Certificate 3, as in the message the admin API shows.
@@ -721,8 +720,10 @@ func TestLeaksFindsClearText(t *testing.T) {
 // TestSealedKeyBoundToKeyAndRow opens sealed keys with another key, after
 // tampering and after moving them to another certificate: each fails with
 // ErrWrongKey, and the message says what to check.
-func TestSealedKeyBoundToKeyAndRow(t *testing.T) {
-	s, path := newKeyedStore(t)
+func TestSealedKeyBoundToKeyAndRow(t *testing.T) { eachBackend(t, testSealedKeyBoundToKeyAndRow) }
+
+func testSealedKeyBoundToKeyAndRow(t *testing.T, bk testBackend) {
+	s, path := bk.keyed(t)
 	ctx := context.Background()
 	a, b := ecCert(t, "a.example.com"), ecCert(t, "b.example.com")
 	ca, err := s.CreateCertificate(ctx, customCert(a, "a"), []byte(a.keyPEM), nil)
@@ -733,15 +734,13 @@ func TestSealedKeyBoundToKeyAndRow(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var sealedA, sealedB []byte
-	s.read.QueryRow(`SELECT key_sealed FROM certificates WHERE id = ?`, ca.ID).Scan(&sealedA)
-	s.read.QueryRow(`SELECT key_sealed FROM certificates WHERE id = ?`, cb.ID).Scan(&sealedB)
+	sealedA, sealedB := sealedKey(t, s, ca.ID), sealedKey(t, s, cb.ID)
 	if want := 12 + len(a.keyPEM) + 16; len(sealedA) != want {
 		t.Errorf("sealed key of %d bytes, want nonce + key + tag = %d", len(sealedA), want)
 	}
 
 	// The same key sealed twice differs: the nonce is random.
-	again, err := s.seal(ca.ID, []byte(a.keyPEM))
+	again, err := s.base().sealer.seal(ca.ID, []byte(a.keyPEM))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -749,7 +748,7 @@ func TestSealedKeyBoundToKeyAndRow(t *testing.T) {
 		t.Error("sealing twice gave the same nonce")
 	}
 
-	wrongKey := func(t *testing.T, s *SQLite, id int64) {
+	wrongKey := func(t *testing.T, s testStore, id int64) {
 		t.Helper()
 		key, err := s.CertificateKey(ctx, id)
 		if !errors.Is(err, ErrWrongKey) || key != nil {
@@ -762,9 +761,7 @@ func TestSealedKeyBoundToKeyAndRow(t *testing.T) {
 	}
 
 	t.Run("moved to another row", func(t *testing.T) {
-		if _, err := s.write.Exec(`UPDATE certificates SET key_sealed = ? WHERE id = ?`, sealedA, cb.ID); err != nil {
-			t.Fatal(err)
-		}
+		setSealedKey(t, s, cb.ID, sealedA)
 		wrongKey(t, s, cb.ID)
 	})
 	t.Run("tampered", func(t *testing.T) {
@@ -774,9 +771,7 @@ func TestSealedKeyBoundToKeyAndRow(t *testing.T) {
 			sealedB[:20],
 			{},
 		} {
-			if _, err := s.write.Exec(`UPDATE certificates SET key_sealed = ? WHERE id = ?`, bad, cb.ID); err != nil {
-				t.Fatal(err)
-			}
+			setSealedKey(t, s, cb.ID, bad)
 			if len(bad) == 0 {
 				if _, err := s.CertificateKey(ctx, cb.ID); err == nil || !strings.Contains(err.Error(), "has no private key stored") {
 					t.Errorf("empty sealed key: %v", err)
@@ -788,11 +783,10 @@ func TestSealedKeyBoundToKeyAndRow(t *testing.T) {
 	})
 	t.Run("another key", func(t *testing.T) {
 		other := bytes.Repeat([]byte{7}, KeySize)
-		s2, err := OpenWith(path, OpenOptions{Key: other, NoKeyCheck: true})
+		s2, err := bk.tryOpen(t, path, other, true)
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer s2.Close()
 		if got, err := s2.GetCertificate(ctx, ca.ID); err != nil || !reflect.DeepEqual(got, ca) {
 			t.Errorf("GetCertificate with another key: %v", err)
 		}
@@ -824,4 +818,34 @@ func TestOpenWithBadKey(t *testing.T) {
 		t.Fatal(err)
 	}
 	s.Close()
+}
+
+// TestKeyCheckedAtOpen: a store opened with another key than the stored
+// private keys were sealed with is refused at open, naming the database;
+// one opened without a key opens, and cannot read a private key.
+func TestKeyCheckedAtOpen(t *testing.T) { eachBackend(t, testKeyCheckedAtOpen) }
+
+func testKeyCheckedAtOpen(t *testing.T, b testBackend) {
+	ctx := context.Background()
+	s, db := b.keyed(t)
+	tc := ecCert(t, "a.example.com")
+	c, err := s.CreateCertificate(ctx, customCert(tc, "a"), []byte(tc.keyPEM), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.tryOpen(t, db, testKey, false); err != nil {
+		t.Errorf("the same key: %v", err)
+	}
+	_, err = b.tryOpen(t, db, bytes.Repeat([]byte{7}, KeySize), false)
+	var ke *KeyError
+	if !errors.Is(err, ErrWrongKey) || !errors.As(err, &ke) || ke.Database == "" {
+		t.Errorf("another key: %v, want a *KeyError naming the database", err)
+	}
+	s3, err := b.tryOpen(t, db, nil, false)
+	if err != nil {
+		t.Fatalf("no key: %v", err)
+	}
+	if _, err := s3.CertificateKey(ctx, c.ID); !errors.Is(err, ErrNoKey) {
+		t.Errorf("no key: CertificateKey = %v, want ErrNoKey", err)
+	}
 }

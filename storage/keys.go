@@ -22,16 +22,25 @@ const KeySize = 32
 // digits and a newline.
 const maxKeyFileSize = 1024
 
-// newSealer returns the AES-256-GCM AEAD for key.
-func newSealer(key []byte) (cipher.AEAD, error) {
+// sealer seals and opens certificates' private keys with AES-256-GCM;
+// the zero sealer has no key and returns ErrNoKey.
+type sealer struct{ aead cipher.AEAD }
+
+// newSealer returns the sealer for key; an empty key gives the zero
+// sealer.
+func newSealer(key []byte) (sealer, error) {
+	if len(key) == 0 {
+		return sealer{}, nil
+	}
 	if len(key) != KeySize {
-		return nil, fmt.Errorf("encryption key: %d bytes, must be %d: %w", len(key), KeySize, ErrInvalid)
+		return sealer{}, fmt.Errorf("encryption key: %d bytes, must be %d: %w", len(key), KeySize, ErrInvalid)
 	}
 	block, err := aes.NewCipher(key) // copies the key schedule: key is not kept
 	if err != nil {
-		return nil, err
+		return sealer{}, err
 	}
-	return cipher.NewGCM(block)
+	aead, err := cipher.NewGCM(block)
+	return sealer{aead}, err
 }
 
 // sealAD is the additional data a certificate's private key is sealed with:
@@ -44,58 +53,55 @@ func sealAD(certID int64) []byte {
 
 // seal encrypts a private key for the certificate certID: a random 12-byte
 // nonce followed by the ciphertext and its tag.
-func (s *SQLite) seal(certID int64, plain []byte) ([]byte, error) {
-	if s.sealer == nil {
+func (s sealer) seal(certID int64, plain []byte) ([]byte, error) {
+	if s.aead == nil {
 		return nil, ErrNoKey
 	}
-	return sealWith(s.sealer, certID, plain), nil
+	nonce := make([]byte, s.aead.NonceSize(), s.aead.NonceSize()+len(plain)+s.aead.Overhead())
+	rand.Read(nonce) // never fails (crypto/rand crashes the program instead)
+	return s.aead.Seal(nonce, nonce, plain, sealAD(certID)), nil
 }
 
 // open decrypts what seal returned for certID.
-func (s *SQLite) open(certID int64, sealed []byte) ([]byte, error) {
-	if s.sealer == nil {
+func (s sealer) open(certID int64, sealed []byte) ([]byte, error) {
+	if s.aead == nil {
 		return nil, ErrNoKey
 	}
-	return openWith(s.sealer, certID, sealed)
-}
-
-func sealWith(aead cipher.AEAD, certID int64, plain []byte) []byte {
-	nonce := make([]byte, aead.NonceSize(), aead.NonceSize()+len(plain)+aead.Overhead())
-	rand.Read(nonce) // never fails (crypto/rand crashes the program instead)
-	return aead.Seal(nonce, nonce, plain, sealAD(certID))
-}
-
-func openWith(aead cipher.AEAD, certID int64, sealed []byte) ([]byte, error) {
-	n := aead.NonceSize()
-	if len(sealed) < n+aead.Overhead() {
+	n := s.aead.NonceSize()
+	if len(sealed) < n+s.aead.Overhead() {
 		return nil, ErrWrongKey
 	}
-	plain, err := aead.Open(nil, sealed[:n], sealed[n:], sealAD(certID))
+	plain, err := s.aead.Open(nil, sealed[:n], sealed[n:], sealAD(certID))
 	if err != nil {
 		return nil, ErrWrongKey
 	}
 	return plain, nil
 }
 
-// SealPrivateKey seals the private key of certificate certID with key as a
-// store seals it (AES-256-GCM, the ID as additional data): only the same
-// key opens it, and only for that ID. Export files carry keys this way.
-func SealPrivateKey(key []byte, certID int64, plain []byte) ([]byte, error) {
-	aead, err := newSealer(key)
-	if err != nil {
-		return nil, err
-	}
-	return sealWith(aead, certID, plain), nil
+// SealPrivateKey seals the private key keyPEM of certificate certID with
+// key as the stores seal it: for an export file that must not hold
+// private keys in clear. An empty key is ErrNoKey.
+func SealPrivateKey(key []byte, certID int64, keyPEM []byte) ([]byte, error) {
+	return withSealer(key, certID, "sealing", sealer.seal, keyPEM)
 }
 
-// OpenPrivateKey opens what SealPrivateKey (or a store) sealed for
-// certID; ErrWrongKey if key or certID is not the one it was sealed with.
+// OpenPrivateKey opens what SealPrivateKey, or a store, sealed for
+// certificate certID: ErrWrongKey when key or certID is not the one it
+// was sealed with, or the bytes were changed.
 func OpenPrivateKey(key []byte, certID int64, sealed []byte) ([]byte, error) {
-	aead, err := newSealer(key)
-	if err != nil {
-		return nil, err
+	return withSealer(key, certID, "opening", sealer.open, sealed)
+}
+
+// withSealer runs op (seal or open) on in with the sealer of key.
+func withSealer(key []byte, certID int64, what string, op func(sealer, int64, []byte) ([]byte, error), in []byte) ([]byte, error) {
+	s, err := newSealer(key)
+	if err == nil {
+		var out []byte
+		if out, err = op(s, certID, in); err == nil {
+			return out, nil
+		}
 	}
-	return openWith(aead, certID, sealed)
+	return nil, fmt.Errorf("storage: %s the private key of certificate %d: %w", what, certID, err)
 }
 
 // ParseKey reads an encryption key given in the configuration or the

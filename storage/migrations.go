@@ -203,6 +203,17 @@ FROM hosts`,
 	},
 	{
 		version: 8,
+		name:    "conn_log node",
+		// The name of the node that took the connection (OpenOptions.Node);
+		// entries from before have none. The index serves the log's
+		// filter by node.
+		stmts: []string{
+			`ALTER TABLE conn_log ADD COLUMN node TEXT NOT NULL DEFAULT ''`,
+			`CREATE INDEX conn_log_node_id ON conn_log (node, id)`,
+		},
+	},
+	{
+		version: 9,
 		name:    "create key_canary",
 		// The canary sealed with the key that seals the private keys (see
 		// KeyCheck): written at the first open with a key, replaced only
