@@ -171,11 +171,12 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	st, p := h.state, h.policy
 	st.Total.Add(1)
 	src := remoteAddrPort(cx.Conn)
-	if !p.Admit(st, src, false, nil) {
+	a, ok := p.Admit(st, src, false, nil)
+	if !ok {
 		return nil
 	}
 	// The relay may give the slot back before the connection is closed.
-	ss := p.Open(st, cx.Conn, src, false, nil)
+	ss := p.Open(st, cx.Conn, src, false, a)
 	defer p.End(ss, streamstate.ReasonClientClose)
 	cx.SetVar(streamstate.SessionVar, ss)
 	cx.Conn = p.Wrap(cx.Conn, ss)
