@@ -195,8 +195,15 @@ func (h *Handler) getCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, 
 func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	ss, _ := cx.GetVar(streamstate.SessionVar).(*streamstate.Session)
 	hs := h.hs
+	if n := hs.InProgress.Add(1); n > h.max {
+		hs.InProgress.Add(-1)
+		hs.Rejected.Add(1)
+		h.fail(cx, ss, errTooManyHandshakes)
+		return nil
+	}
 	src, ok := h.sources.TakeHandshake(remoteIP(cx), h.perIP)
 	if !ok {
+		hs.InProgress.Add(-1)
 		hs.Rejected.Add(1)
 		hs.RejectedPerIP.Add(1)
 		if h.state != nil {
@@ -206,13 +213,6 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 			ss.SetReason(streamstate.ReasonSourceShare)
 		}
 		h.fail(cx, ss, errTooManyFromSource)
-		return nil
-	}
-	if n := hs.InProgress.Add(1); n > h.max {
-		hs.InProgress.Add(-1)
-		h.sources.DoneHandshake(src)
-		hs.Rejected.Add(1)
-		h.fail(cx, ss, errTooManyHandshakes)
 		return nil
 	}
 	tc, w, err := h.handshake(cx)
