@@ -246,3 +246,21 @@ func TestTakeIdleStopsTheWrappersTimeout(t *testing.T) {
 		t.Fatalf("reason %s, want none", ss.Reason())
 	}
 }
+
+// The default caps share out the open-file limit as the README's table
+// says.
+func TestBudgetFor(t *testing.T) {
+	for _, c := range []struct {
+		limit uint64
+		want  FDBudget
+	}{
+		{4096, FDBudget{Limit: 4096, Reserve: 512, PerStream: 1792, NATCap: 1792, ConnCap: 896, NATPerSource: 224}},
+		{1 << 20, FDBudget{Limit: 1 << 20, Reserve: 4096, PerStream: 522240, NATCap: 100_000, ConnCap: 100_000, NATPerSource: 12_500}},
+		{256, FDBudget{Limit: 256, Reserve: 128, PerStream: 64, NATCap: 64, ConnCap: 32, NATPerSource: 8}},
+		{0, FDBudget{NATCap: 100_000, ConnCap: 100_000, NATPerSource: 12_500}},
+	} {
+		if got := BudgetFor(c.limit); got != c.want {
+			t.Errorf("BudgetFor(%d) = %+v, want %+v", c.limit, got, c.want)
+		}
+	}
+}
