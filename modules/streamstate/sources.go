@@ -1,7 +1,9 @@
 package streamstate
 
 import (
-	"hash/maphash"
+	"crypto/rand"
+	"encoding/binary"
+	"math/bits"
 	"net/netip"
 	"sync"
 	"time"
@@ -19,7 +21,7 @@ const MaxSources = 100_000
 const sourceShards = 64
 
 // perShard is each shard's part of MaxSources.
-const perShard = (MaxSources + sourceShards - 1) / sourceShards
+const perShard = MaxSources / sourceShards
 
 // SourceKey is the address per-source limits count by: an IPv4 source (or
 // IPv4-mapped IPv6) as itself, an IPv6 source by its /64, which one host
@@ -81,7 +83,7 @@ func (r Rate) gcra() (interval, tau int64) {
 // busy. Entries whose rate history no longer matters go as new sources come.
 // A stream without per-source limits never touches it.
 type Sources struct {
-	seed   maphash.Seed
+	seed   [2]uint64 // random: which sources share a shard is not known outside
 	shards [sourceShards]sourceShard
 }
 
@@ -89,14 +91,31 @@ type sourceShard struct {
 	mu         sync.Mutex
 	m          map[netip.Addr]*Source
 	head, tail *Source // idle entries, oldest first
+	free       *Source // entries forgotten, for reuse (linked by next)
+	nfree      int
 	_          cpu.CacheLinePad
 }
 
-// NewSources makes an empty per-source table.
-func NewSources() *Sources { return &Sources{seed: maphash.MakeSeed()} }
+// maxFree bounds each shard's entries kept for reuse: a source that comes
+// and goes (one short connection at a time) costs no allocation.
+const maxFree = 8
 
+// NewSources makes an empty per-source table.
+func NewSources() *Sources {
+	t := new(Sources)
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	t.seed = [2]uint64{binary.LittleEndian.Uint64(b[:8]) | 1, binary.LittleEndian.Uint64(b[8:])}
+	return t
+}
+
+// shard is k's shard: a seeded multiply-and-fold hash of its 16 bytes.
 func (t *Sources) shard(k netip.Addr) *sourceShard {
-	return &t.shards[maphash.Comparable(t.seed, k)%sourceShards]
+	b := k.As16()
+	hi, lo := bits.Mul64(binary.LittleEndian.Uint64(b[:8])^t.seed[1], t.seed[0])
+	x := hi ^ lo ^ binary.LittleEndian.Uint64(b[8:])
+	hi, lo = bits.Mul64(x^t.seed[1], t.seed[0])
+	return &t.shards[(hi^lo)%sourceShards]
 }
 
 // Len is the number of sources the table remembers now.
@@ -131,7 +150,10 @@ func (t *Sources) Open(ip netip.Addr) int {
 func (t *Sources) take(ip netip.Addr, maxOpen int32, share bool, r Rate) (*Source, BlockReason, bool) {
 	k := SourceKey(ip)
 	sh := t.shard(k)
-	now := time.Now().UnixNano()
+	var now int64 // read only when the rate needs it
+	if r.on() {
+		now = time.Now().UnixNano()
+	}
 	sh.mu.Lock()
 	s, why, ok := sh.get(k, now)
 	if !ok {
@@ -191,7 +213,7 @@ func (t *Sources) TakeHandshake(ip netip.Addr, max int) (*Source, bool) {
 	sh := t.shard(k)
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
-	s, _, ok := sh.get(k, time.Now().UnixNano())
+	s, _, ok := sh.get(k, 0)
 	if !ok || max > 0 && int(s.handshakes) >= max {
 		return nil, false
 	}
@@ -212,10 +234,14 @@ func (t *Sources) DoneHandshake(s *Source) {
 // get returns k's entry, making it if need be: room is made by dropping
 // idle entries whose rate history has expired, then, when the shard is
 // full, the oldest idle one. It fails (source_table_full) when the shard is
-// full of busy sources.
+// full of busy sources. now is the time in unix nanoseconds, 0 if not read
+// yet.
 func (sh *sourceShard) get(k netip.Addr, now int64) (*Source, BlockReason, bool) {
 	if s := sh.m[k]; s != nil {
 		return s, 0, true
+	}
+	if now == 0 && sh.head != nil {
+		now = time.Now().UnixNano()
 	}
 	// Forget up to two idle sources whose bucket is full again: as new
 	// sources come, the ones that carry no state go, at O(1) each.
@@ -231,7 +257,13 @@ func (sh *sourceShard) get(k netip.Addr, now int64) (*Source, BlockReason, bool)
 	if sh.m == nil {
 		sh.m = make(map[netip.Addr]*Source)
 	}
-	s := &Source{key: k}
+	s := sh.free
+	if s != nil {
+		sh.free, sh.nfree = s.next, sh.nfree-1
+		*s = Source{key: k}
+	} else {
+		s = &Source{key: k}
+	}
 	sh.m[k] = s
 	return s, 0, true
 }
@@ -261,7 +293,7 @@ func (sh *sourceShard) rest(s *Source) {
 	if !s.idle() {
 		return
 	}
-	if s.tat <= time.Now().UnixNano() {
+	if s.tat == 0 || s.tat <= time.Now().UnixNano() {
 		sh.drop(s)
 		return
 	}
@@ -277,8 +309,12 @@ func (sh *sourceShard) rest(s *Source) {
 	sh.tail = s
 }
 
-// drop forgets s, an idle entry.
+// drop forgets s, an idle entry, and keeps it for reuse if there is room.
 func (sh *sourceShard) drop(s *Source) {
 	sh.busy(s)
 	delete(sh.m, s.key)
+	if sh.nfree < maxFree {
+		*s = Source{next: sh.free}
+		sh.free, sh.nfree = s, sh.nfree+1
+	}
 }
