@@ -65,9 +65,10 @@ const DefaultRateWindow = 60 * time.Second
 // client goes Admit → Open, its entry's buckets from Buckets.
 type Policy struct {
 	Limits
-	acl    ACL
-	rate   Rate
-	logger *zap.Logger
+	acl     ACL
+	rate    Rate
+	connCap int // the default cap of TCP connections (Budget().ConnCap)
+	logger  *zap.Logger
 }
 
 // NewPolicy checks l and parses its access lists. logger is the one the
@@ -98,7 +99,7 @@ func NewPolicy(l Limits, logger *zap.Logger) (*Policy, error) {
 	if logger == nil {
 		logger = zap.NewNop()
 	}
-	p := &Policy{Limits: l, acl: acl, logger: logger}
+	p := &Policy{Limits: l, acl: acl, connCap: Budget().ConnCap, logger: logger}
 	if l.ConnectionRatePerIP > 0 {
 		p.rate = Rate{N: l.ConnectionRatePerIP, Window: l.ConnectionRateWindow}
 		if p.rate.Window == 0 {
@@ -205,7 +206,7 @@ func (p *Policy) Admit(st *State, src netip.AddrPort, udp bool, c *Cap) (Admissi
 	}
 	max, why := p.MaxConnections, BlockMaxConnections
 	if max == 0 && !udp {
-		max, why = Budget().ConnCap, BlockConnectionCap
+		max, why = p.connCap, BlockConnectionCap
 	}
 	if !st.takeSlot(max) {
 		if c != nil {
