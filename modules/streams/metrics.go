@@ -163,7 +163,7 @@ func collectStream(ch chan<- prometheus.Metric, s streamSample) {
 	totals := st.Cumulative()
 	counter(descConnections, totals.Connections, lv)
 	counter(descBlocked, st.BlockedBy(streamstate.BlockACL), with(streamstate.BlockACL.String()))
-	for _, r := range []streamstate.BlockReason{streamstate.BlockMaxConnections, streamstate.BlockMaxConnectionsPerIP, streamstate.BlockRateLimited, streamstate.BlockSourceTableFull} {
+	for _, r := range []streamstate.BlockReason{streamstate.BlockMaxConnections, streamstate.BlockMaxPerIP, streamstate.BlockRateLimited, streamstate.BlockSourcesFull} {
 		counter(descBlocked, st.BlockedBy(r), with(r.String()))
 	}
 	if cfg.HasUDP() || cfg.SSLEnabled {

@@ -28,8 +28,8 @@ const (
 	// BlockConnectionCap: with max_connections 0, the stream held its
 	// default cap of connections (FDBudget.ConnCap).
 	BlockConnectionCap
-	// BlockMaxConnectionsPerIP: the source held max_connections_per_ip.
-	BlockMaxConnectionsPerIP
+	// BlockMaxPerIP: the source held max_connections_per_ip.
+	BlockMaxPerIP
 	// BlockRateLimited: the source opened connection_rate_per_ip within
 	// the window.
 	BlockRateLimited
@@ -37,21 +37,21 @@ const (
 	// default share of the stream's NAT entries or TLS handshakes in
 	// progress (1/SourceShare).
 	BlockSourceShare
-	// BlockSourceTableFull: the per-source table had no room for a new
+	// BlockSourcesFull: the per-source table had no room for a new
 	// source (MaxSources busy ones).
-	BlockSourceTableFull
+	BlockSourcesFull
 	numBlockReasons
 )
 
 var blockNames = [numBlockReasons]string{
-	BlockACL:                 "acl_denied",
-	BlockMaxConnections:      "max_connections",
-	BlockNATTableFull:        "nat_table_full",
-	BlockConnectionCap:       "connection_cap",
-	BlockMaxConnectionsPerIP: "max_connections_per_ip",
-	BlockRateLimited:         "rate_limited",
-	BlockSourceShare:         "source_share",
-	BlockSourceTableFull:     "source_table_full",
+	BlockACL:            "acl_denied",
+	BlockMaxConnections: "max_connections",
+	BlockNATTableFull:   "nat_table_full",
+	BlockConnectionCap:  "connection_cap",
+	BlockMaxPerIP:       "max_connections_per_ip",
+	BlockRateLimited:    "rate_limited",
+	BlockSourceShare:    "source_share",
+	BlockSourcesFull:    "source_table_full",
 }
 
 func (r BlockReason) String() string {
@@ -67,13 +67,13 @@ func (r BlockReason) LogReason() Reason {
 	switch r {
 	case BlockACL:
 		return ReasonACLDenied
-	case BlockMaxConnectionsPerIP:
-		return ReasonMaxConnectionsPerIP
+	case BlockMaxPerIP:
+		return ReasonMaxPerIP
 	case BlockRateLimited:
 		return ReasonRateLimited
 	case BlockSourceShare:
 		return ReasonSourceShare
-	case BlockSourceTableFull:
+	case BlockSourcesFull:
 		return ReasonSourceTableFull
 	case BlockConnectionCap:
 		return ReasonConnectionCap

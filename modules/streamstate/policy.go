@@ -36,8 +36,8 @@ type Limits struct {
 	IdleTimeout time.Duration
 	// MaxConnectionsPerIP caps the TCP connections and UDP NAT entries
 	// open together from one source (IPv6: one /64, see SourceKey);
-	// 0 = the default share of a UDP listener's cap (Cap.PerSource) on
-	// UDP, unlimited on TCP.
+	// 0 = on a listener whose cap has a Default (UDP), SourcePart of it;
+	// otherwise unlimited.
 	MaxConnectionsPerIP int
 	// ConnectionRatePerIP admits at most that many new connections (UDP:
 	// new NAT entries) per source in ConnectionRateWindow, as a token

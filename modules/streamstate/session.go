@@ -33,7 +33,7 @@ const (
 	ReasonConfigChanged
 	ReasonStreamDisabled
 	ReasonResponsesDone
-	ReasonMaxConnectionsPerIP
+	ReasonMaxPerIP
 	ReasonRateLimited
 	ReasonSourceShare
 	ReasonSourceTableFull
@@ -41,28 +41,28 @@ const (
 )
 
 var reasonNames = [...]string{
-	ReasonNone:                "",
-	ReasonClientClose:         "client_close",
-	ReasonUpstreamClose:       "upstream_close",
-	ReasonClientError:         "client_error",
-	ReasonUpstreamError:       "upstream_error",
-	ReasonIdleTimeout:         "idle_timeout",
-	ReasonDialFailed:          "dial_failed",
-	ReasonACLDenied:           "acl_denied",
-	ReasonMaxConnections:      "max_connections",
-	ReasonShutdown:            "shutdown",
-	ReasonStreamRemoved:       "stream_removed",
-	ReasonAdminClosed:         "admin_closed",
-	ReasonProxyHeaderFailed:   "proxy_header_failed",
-	ReasonTLSHandshakeFailed:  "tls_handshake_failed",
-	ReasonConfigChanged:       "config_changed",
-	ReasonStreamDisabled:      "stream_disabled",
-	ReasonResponsesDone:       "responses_done",
-	ReasonMaxConnectionsPerIP: "max_connections_per_ip",
-	ReasonRateLimited:         "rate_limited",
-	ReasonSourceShare:         "source_share",
-	ReasonSourceTableFull:     "source_table_full",
-	ReasonConnectionCap:       "connection_cap",
+	ReasonNone:               "",
+	ReasonClientClose:        "client_close",
+	ReasonUpstreamClose:      "upstream_close",
+	ReasonClientError:        "client_error",
+	ReasonUpstreamError:      "upstream_error",
+	ReasonIdleTimeout:        "idle_timeout",
+	ReasonDialFailed:         "dial_failed",
+	ReasonACLDenied:          "acl_denied",
+	ReasonMaxConnections:     "max_connections",
+	ReasonShutdown:           "shutdown",
+	ReasonStreamRemoved:      "stream_removed",
+	ReasonAdminClosed:        "admin_closed",
+	ReasonProxyHeaderFailed:  "proxy_header_failed",
+	ReasonTLSHandshakeFailed: "tls_handshake_failed",
+	ReasonConfigChanged:      "config_changed",
+	ReasonStreamDisabled:     "stream_disabled",
+	ReasonResponsesDone:      "responses_done",
+	ReasonMaxPerIP:           "max_connections_per_ip",
+	ReasonRateLimited:        "rate_limited",
+	ReasonSourceShare:        "source_share",
+	ReasonSourceTableFull:    "source_table_full",
+	ReasonConnectionCap:      "connection_cap",
 }
 
 func (r Reason) String() string {
@@ -220,9 +220,10 @@ func (ss *Session) Closed() bool { return ss.closed.Load() }
 
 // ReleaseSlot gives back, once, the slots that Policy.Admit took for the
 // session: its stream's Active slot (the max_connections count), its
-// listener's cap and its source's slot in the per-source table. A relay that ends the connection calls it before it
-// closes the client, so that a client which reconnects as soon as it sees
-// the end is not refused for its own old slot; Policy.End calls it again,
+// listener's cap and its source's slot in the per-source table. A relay
+// that ends the connection calls it before it closes the client, so that a
+// client which reconnects as soon as it sees the end is not refused for its
+// own old slot; Policy.End calls it again,
 // which is then a no-op.
 func (ss *Session) ReleaseSlot() {
 	if ss.slot.CompareAndSwap(true, false) {

@@ -165,7 +165,7 @@ func (t *Sources) take(ip netip.Addr, maxOpen int32, share bool, r Rate) (*Sourc
 		if share {
 			return nil, BlockSourceShare, false
 		}
-		return nil, BlockMaxConnectionsPerIP, false
+		return nil, BlockMaxPerIP, false
 	}
 	if r.on() {
 		interval, tau := r.gcra()
@@ -250,7 +250,7 @@ func (sh *sourceShard) get(k netip.Addr, now int64) (*Source, BlockReason, bool)
 	}
 	if len(sh.m) >= perShard {
 		if sh.head == nil {
-			return nil, BlockSourceTableFull, false
+			return nil, BlockSourcesFull, false
 		}
 		sh.drop(sh.head)
 	}

@@ -60,7 +60,7 @@ func TestSourcesPerIPAndIPv6Prefix(t *testing.T) {
 	if open("[2001:db8:1:3::1]:1") == nil {
 		t.Fatal("another /64 refused")
 	}
-	if got := st.BlockedBy(BlockMaxConnectionsPerIP); got != 2 || st.Active.Load() != 5 {
+	if got := st.BlockedBy(BlockMaxPerIP); got != 2 || st.Active.Load() != 5 {
 		t.Fatalf("blocked %d, active %d; want 2 and 5", got, st.Active.Load())
 	}
 	p.End(a, ReasonClientClose)
@@ -104,7 +104,7 @@ func TestSourcesDefaultShareOfCap(t *testing.T) {
 			t.Fatalf("with max_connections_per_ip 4: entry %d refused", i+3)
 		}
 	}
-	if _, ok := own.Admit(st, src, true, c); ok || st.BlockedBy(BlockMaxConnectionsPerIP) != 1 {
+	if _, ok := own.Admit(st, src, true, c); ok || st.BlockedBy(BlockMaxPerIP) != 1 {
 		t.Fatal("with max_connections_per_ip 4: the fifth admitted")
 	}
 	// The default cap of the listener: 16 with max_connections 0.
@@ -203,7 +203,7 @@ func TestSourcesBounded(t *testing.T) {
 	refused := 0
 	for i := 0; i < MaxSources+MaxSources/5 && refused == 0; i++ {
 		if _, r, ok := busy.take(v4(i).Addr(), 1, false, Rate{}); !ok {
-			if r != BlockSourceTableFull {
+			if r != BlockSourcesFull {
 				t.Fatalf("refused for %s, want source_table_full", r)
 			}
 			refused++
