@@ -281,3 +281,34 @@ func BenchmarkAdmit(b *testing.B) {
 		})
 	}
 }
+
+// With max_connections 0 a stream's TCP connections stop at the default
+// cap of the open-file limit (connection_cap); an explicit max_connections
+// replaces it.
+func TestPolicyDefaultConnectionCap(t *testing.T) {
+	st := New(1)
+	st.SetGracePeriod(0)
+	defer st.Destruct()
+	p := mustPolicy(t, Limits{})
+	if p.connCap != Budget().ConnCap || p.connCap < 1 {
+		t.Fatalf("default cap %d, want Budget().ConnCap %d", p.connCap, Budget().ConnCap)
+	}
+	p.connCap = 2
+	for i := range 2 {
+		if _, ok := p.Admit(st, v4(i), false, nil); !ok {
+			t.Fatalf("connection %d refused", i+1)
+		}
+	}
+	if _, ok := p.Admit(st, v4(2), false, nil); ok || st.BlockedBy(BlockConnectionCap) != 1 {
+		t.Fatalf("third connection with a default cap of 2: admitted %v, connection_cap %d", ok, st.BlockedBy(BlockConnectionCap))
+	}
+	own := mustPolicy(t, Limits{MaxConnections: 3})
+	own.connCap = 2
+	if _, ok := own.Admit(st, v4(2), false, nil); !ok {
+		t.Fatal("with max_connections 3: refused at the default cap")
+	}
+	// A UDP entry is bounded by its listener's cap, not by the TCP default.
+	if _, ok := p.Admit(st, v4(3), true, &Cap{Max: 10}); !ok {
+		t.Fatal("a UDP entry refused at the TCP default cap")
+	}
+}
