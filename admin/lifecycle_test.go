@@ -146,7 +146,7 @@ func TestRestartAndReload(t *testing.T) {
 	app := streamsApp(stream(1, cfgPort, up.Port, obj{"name": "cfg"}))
 	inst := startCaddy(t, app, nil)
 	created := inst.create(stream(0, p2, up.Port, obj{
-		"name": "kept", "max_connections": 7, "idle_timeout_seconds": 90, "whitelist_cidrs": []string{"127.0.0.0/8", "::1"},
+		"name": "kept", "max_connections": 7, "max_connections_per_ip": 3, "connection_rate_per_ip": 20, "connection_rate_window_seconds": 10, "idle_timeout_seconds": 90, "whitelist_cidrs": []string{"127.0.0.0/8", "::1"},
 		"proxy_protocol_version": 0, "notes": "survives restarts", "health_check_enabled": true, "health_check_interval_seconds": 60,
 	}))
 	path := fmt.Sprintf("/api/v1/streams/%d", id(created))

@@ -85,6 +85,8 @@ func TestRejectedWritesChangeNothing(t *testing.T) {
 		{name: "ssl without cert", body: valid(obj{"ssl_enabled": true}), field: "ssl_cert_id", value: 0},
 		{name: "negative limits", body: valid(obj{"max_connections": -1, "idle_timeout_seconds": -5, "upload_rate_bytes": -2}),
 			field: "max_connections", value: -1, errs: 3},
+		{name: "per-ip limits", body: valid(obj{"max_connections_per_ip": -1, "connection_rate_per_ip": 2000000, "connection_rate_window_seconds": -1}),
+			field: "max_connections_per_ip", value: -1, errs: 3},
 		{name: "timeout too long", body: valid(obj{"connection_timeout_seconds": 400 * 24 * 3600}), field: "connection_timeout_seconds", value: 400 * 24 * 3600},
 		{name: "negative id", body: valid(obj{"id": -3}), field: "id", value: -3},
 		{name: "overlaps the config stream", body: valid(obj{"listen_port": cfgPort}), field: "listen_port", value: fmt.Sprintf("%d/tcp", cfgPort), contains: "from-config"},

@@ -27,7 +27,8 @@ func TestSuggest(t *testing.T) {
 		{"nmae", []string{"name"}},
 		{"upload_rate", []string{"upload_rate_bytes"}},
 		{"listen", []string{"listen_address", "listen_port"}},
-		{"max_connections_per_ip", []string{"max_connections"}},
+		{"max_connection", []string{"max_connections"}},
+		{"max_connections_per_source", []string{"max_connections_per_ip"}},
 		{"bogus_field", nil},
 		{"x", nil},
 		{"ssl", nil},
@@ -39,7 +40,7 @@ func TestSuggest(t *testing.T) {
 	if got, want := UnknownFields([]string{"whitelist_cidr"}, known), `unknown field "whitelist_cidr"; did you mean whitelist_cidrs?`; got != want {
 		t.Errorf("one near miss:\n got %s\nwant %s", got, want)
 	}
-	if got := UnknownFields([]string{"bogus_field"}, known); !strings.HasPrefix(got, `unknown field "bogus_field"; the fields are: blacklist_cidrs, connection_timeout_seconds,`) {
+	if got := UnknownFields([]string{"bogus_field"}, known); !strings.HasPrefix(got, `unknown field "bogus_field"; the fields are: blacklist_cidrs, connection_rate_per_ip, connection_rate_window_seconds, connection_timeout_seconds,`) {
 		t.Errorf("a field like none: %s", got)
 	}
 	if got := UnknownFields([]string{"nmae", "bogus"}, known); !strings.HasPrefix(got, `unknown fields "nmae" (did you mean name?), "bogus"; the fields are: blacklist_cidrs,`) {

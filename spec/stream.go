@@ -23,6 +23,9 @@ const (
 	DefaultConnectionTimeout = 10 * time.Second
 	// DefaultHealthCheckInterval is the time between two health checks.
 	DefaultHealthCheckInterval = 30 * time.Second
+	// DefaultConnectionRateWindow is connection_rate_window_seconds'
+	// default.
+	DefaultConnectionRateWindow = 60 * time.Second
 )
 
 // Stream is one stream host: a listen address and port relayed to an
@@ -63,6 +66,24 @@ type Stream struct {
 	// holds for both together. Default: 0 (unlimited; UDP still stops at
 	// udpnat.HardCap, 100,000 entries per stream).
 	MaxConnections int `json:"max_connections,omitempty"`
+
+	// MaxConnectionsPerIP caps the concurrent connections (UDP: NAT
+	// entries; tcp+udp: both together) from one source IP, IPv6 sources
+	// counted by /64; one beyond it is closed at once (a UDP datagram
+	// dropped). Default: 0 (unlimited; a UDP source still holds at most an
+	// eighth of the stream's default NAT cap).
+	MaxConnectionsPerIP int `json:"max_connections_per_ip,omitempty"`
+
+	// ConnectionRatePerIP caps the new connections (UDP: new NAT entries)
+	// from one source IP (IPv6: one /64) per ConnectionRateWindowSeconds,
+	// as a token bucket: a source may open that many at once, then one
+	// more each window/rate. One beyond it is closed at once.
+	// Default: 0 (unlimited).
+	ConnectionRatePerIP int `json:"connection_rate_per_ip,omitempty"`
+
+	// ConnectionRateWindowSeconds is the window of ConnectionRatePerIP.
+	// Default: 0, meaning 60 seconds.
+	ConnectionRateWindowSeconds int `json:"connection_rate_window_seconds,omitempty"`
 
 	// ConnectionTimeoutSeconds bounds the dial to the upstream.
 	// Default: 0, meaning 10 seconds.
@@ -206,6 +227,15 @@ func (s *Stream) ConnectionTimeout() time.Duration {
 		return DefaultConnectionTimeout
 	}
 	return time.Duration(s.ConnectionTimeoutSeconds) * time.Second
+}
+
+// ConnectionRateWindow is the window of connection_rate_per_ip with its
+// default applied.
+func (s *Stream) ConnectionRateWindow() time.Duration {
+	if s.ConnectionRateWindowSeconds <= 0 {
+		return DefaultConnectionRateWindow
+	}
+	return time.Duration(s.ConnectionRateWindowSeconds) * time.Second
 }
 
 // HealthCheckInterval is the health check interval with its default applied.

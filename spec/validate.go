@@ -26,6 +26,9 @@ const MaxSeconds = 365 * 24 * 60 * 60
 // datagram is not a request-reply protocol, and the idle timeout fits it.
 const MaxUDPResponses = 1000
 
+// MaxPerIP bounds max_connections_per_ip and connection_rate_per_ip.
+const MaxPerIP = 1_000_000
+
 // FieldError is one problem with one setting of one stream. Its message
 // names the stream, the setting (by its JSON name), the bad value and what
 // is allowed, e.g.
@@ -190,6 +193,12 @@ func (s *Stream) validate(limits bool) error {
 	if s.MaxConnections < 0 {
 		badInt("max_connections", int64(s.MaxConnections), "must be >= 0 (0 = unlimited)")
 	}
+	if s.MaxConnectionsPerIP < 0 || s.MaxConnectionsPerIP > MaxPerIP {
+		badInt("max_connections_per_ip", int64(s.MaxConnectionsPerIP), fmt.Sprintf("must be 0-%d (0 = unlimited)", MaxPerIP))
+	}
+	if s.ConnectionRatePerIP < 0 || s.ConnectionRatePerIP > MaxPerIP {
+		badInt("connection_rate_per_ip", int64(s.ConnectionRatePerIP), fmt.Sprintf("must be 0-%d (0 = unlimited)", MaxPerIP))
+	}
 	for _, f := range []struct {
 		field string
 		v     int
@@ -198,6 +207,7 @@ func (s *Stream) validate(limits bool) error {
 		{"connection_timeout_seconds", s.ConnectionTimeoutSeconds, "0 = 10s"},
 		{"idle_timeout_seconds", s.IdleTimeoutSeconds, "0 = never"},
 		{"health_check_interval_seconds", s.HealthCheckIntervalSeconds, "0 = 30s"},
+		{"connection_rate_window_seconds", s.ConnectionRateWindowSeconds, "0 = 60s"},
 	} {
 		if f.v < 0 || f.v > MaxSeconds {
 			badInt(f.field, int64(f.v), fmt.Sprintf("must be 0-%d, one year at most (%s)", MaxSeconds, f.zero))
@@ -364,6 +374,12 @@ func (s *Stream) Warnings() []string {
 	}
 	if s.HalfClose && s.EffectiveProtocol() == ProtocolUDP {
 		w = append(w, "half_close: applies to TCP connections only; a UDP-only stream has none")
+	}
+	if s.ConnectionRateWindowSeconds > 0 && s.ConnectionRatePerIP == 0 {
+		w = append(w, "connection_rate_window_seconds: does nothing without connection_rate_per_ip")
+	}
+	if s.MaxConnections > 0 && s.MaxConnectionsPerIP > s.MaxConnections {
+		w = append(w, fmt.Sprintf("max_connections_per_ip %d: above max_connections %d, so it never applies", s.MaxConnectionsPerIP, s.MaxConnections))
 	}
 	if s.UDPResponses > 0 && !s.HasUDP() {
 		w = append(w, "udp_responses: applies to UDP NAT entries only; a TCP-only stream has none")

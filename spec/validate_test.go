@@ -110,6 +110,10 @@ func TestStreamValidateErrors(t *testing.T) {
 		{"upstream port zero", func(s *Stream) { s.UpstreamPort = 0 }, []string{"upstream_port: required; must be 1-65535"}},
 		{"upstream port too big", func(s *Stream) { s.UpstreamPort = 65536 }, []string{"upstream_port 65536: must be 1-65535"}},
 		{"max connections", func(s *Stream) { s.MaxConnections = -1 }, []string{"max_connections -1: must be >= 0"}},
+		{"max per ip negative", func(s *Stream) { s.MaxConnectionsPerIP = -1 }, []string{"max_connections_per_ip -1: must be 0-1000000 (0 = unlimited)"}},
+		{"max per ip too big", func(s *Stream) { s.MaxConnectionsPerIP = 1 << 40 }, []string{"max_connections_per_ip 1099511627776: must be 0-1000000"}},
+		{"rate per ip negative", func(s *Stream) { s.ConnectionRatePerIP = -3 }, []string{"connection_rate_per_ip -3: must be 0-1000000 (0 = unlimited)"}},
+		{"rate window negative", func(s *Stream) { s.ConnectionRatePerIP = 5; s.ConnectionRateWindowSeconds = -1 }, []string{"connection_rate_window_seconds -1: must be 0-31536000", "0 = 60s"}},
 		{"connection timeout", func(s *Stream) { s.ConnectionTimeoutSeconds = -5 }, []string{"connection_timeout_seconds -5: must be 0-31536000"}},
 		{"idle timeout negative", func(s *Stream) { s.IdleTimeoutSeconds = -1 }, []string{"idle_timeout_seconds -1: must be 0-31536000"}},
 		{"idle timeout overflow", func(s *Stream) { s.IdleTimeoutSeconds = 1 << 40 }, []string{"idle_timeout_seconds 1099511627776: must be 0-31536000"}},
@@ -232,6 +236,16 @@ func TestStreamWarnings(t *testing.T) {
 	s.Protocol = ProtocolTCPUDP
 	if got := s.Warnings(); len(got) != 0 {
 		t.Errorf("tcp+udp stream with udp_responses: Warnings() = %q, want none", got)
+	}
+	// Per-source settings that can never apply.
+	s = validStream()
+	s.ListenPort, s.ConnectionRateWindowSeconds = 15432, 10
+	if got := s.Warnings(); len(got) != 1 || !strings.HasPrefix(got[0], "connection_rate_window_seconds: does nothing without connection_rate_per_ip") {
+		t.Errorf("a rate window without a rate: Warnings() = %q", got)
+	}
+	s.ConnectionRatePerIP, s.MaxConnections, s.MaxConnectionsPerIP = 10, 5, 6
+	if got := s.Warnings(); len(got) != 1 || !strings.HasPrefix(got[0], "max_connections_per_ip 6: above max_connections 5") {
+		t.Errorf("max_connections_per_ip above max_connections: Warnings() = %q", got)
 	}
 }
 

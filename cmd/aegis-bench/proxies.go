@@ -137,6 +137,10 @@ type aegisTLS struct {
 	certID int64
 }
 
+// natHardCap is the most NAT entries an aegis UDP stream holds
+// (udpnat.HardCap; the bench imports no Caddy package).
+const natHardCap = 100_000
+
 // udpIdleTimeout is how long a UDP session (NAT entry) lives without
 // traffic, for aegis (idle_timeout_seconds) and nginx (proxy_timeout) alike.
 const udpIdleTimeout = 120
@@ -169,6 +173,11 @@ func aegisConfigOpts(adminPort int, logFile string, up, front ports, t *aegisTLS
 		if r.UDP {
 			h.Protocol, h.IdleTimeoutSeconds = spec.ProtocolUDP, udpIdleTimeout
 			h.UDPResponses = responses
+			// As nginx's: room for the NAT test's entries, all from
+			// 127.0.0.1. By default one stream takes half of the
+			// open-file limit after a reserve, and one source an eighth
+			// of that.
+			h.MaxConnections, h.MaxConnectionsPerIP = natHardCap, natHardCap
 		} else if t != nil {
 			h.SSLEnabled, h.SSLCertID = true, t.certID
 		}

@@ -47,6 +47,20 @@ type Handler struct {
 	// at once. Default: 0 (unlimited).
 	MaxConnections int `json:"max_connections,omitempty"`
 
+	// MaxConnectionsPerIP caps concurrent connections from one source IP
+	// (IPv6: one /64); one beyond it is closed at once. Default: 0
+	// (unlimited).
+	MaxConnectionsPerIP int `json:"max_connections_per_ip,omitempty"`
+
+	// ConnectionRatePerIP caps new connections from one source IP per
+	// ConnectionRateWindow (a token bucket); one beyond it is closed at
+	// once. Default: 0 (unlimited).
+	ConnectionRatePerIP int `json:"connection_rate_per_ip,omitempty"`
+
+	// ConnectionRateWindow is the window of ConnectionRatePerIP.
+	// Default: 0, meaning 60s.
+	ConnectionRateWindow caddy.Duration `json:"connection_rate_window,omitempty"`
+
 	// UploadRateBytes limits client→upstream bytes per second per
 	// connection. Default: 0 (unlimited).
 	UploadRateBytes int64 `json:"upload_rate_bytes,omitempty"`
@@ -71,15 +85,18 @@ type Handler struct {
 // ones its Provision turns back into a streamstate.Policy.
 func FromLimits(id int64, l streamstate.Limits) *Handler {
 	return &Handler{
-		StreamID:          id,
-		StreamName:        l.Name,
-		WhitelistCIDRs:    l.Whitelist,
-		BlacklistCIDRs:    l.Blacklist,
-		MaxConnections:    l.MaxConnections,
-		UploadRateBytes:   l.UploadRate,
-		DownloadRateBytes: l.DownloadRate,
-		IdleTimeout:       caddy.Duration(l.IdleTimeout),
-		LogConnections:    l.LogConnections,
+		StreamID:             id,
+		StreamName:           l.Name,
+		WhitelistCIDRs:       l.Whitelist,
+		BlacklistCIDRs:       l.Blacklist,
+		MaxConnections:       l.MaxConnections,
+		MaxConnectionsPerIP:  l.MaxConnectionsPerIP,
+		ConnectionRatePerIP:  l.ConnectionRatePerIP,
+		ConnectionRateWindow: caddy.Duration(l.ConnectionRateWindow),
+		UploadRateBytes:      l.UploadRate,
+		DownloadRateBytes:    l.DownloadRate,
+		IdleTimeout:          caddy.Duration(l.IdleTimeout),
+		LogConnections:       l.LogConnections,
 	}
 }
 
@@ -129,14 +146,17 @@ func (h *Handler) Cleanup() error {
 // limits are the handler's settings, as FromLimits took them.
 func (h *Handler) limits() streamstate.Limits {
 	return streamstate.Limits{
-		Name:           h.StreamName,
-		Whitelist:      h.WhitelistCIDRs,
-		Blacklist:      h.BlacklistCIDRs,
-		MaxConnections: h.MaxConnections,
-		UploadRate:     h.UploadRateBytes,
-		DownloadRate:   h.DownloadRateBytes,
-		IdleTimeout:    time.Duration(h.IdleTimeout),
-		LogConnections: h.LogConnections,
+		Name:                 h.StreamName,
+		Whitelist:            h.WhitelistCIDRs,
+		Blacklist:            h.BlacklistCIDRs,
+		MaxConnections:       h.MaxConnections,
+		MaxConnectionsPerIP:  h.MaxConnectionsPerIP,
+		ConnectionRatePerIP:  h.ConnectionRatePerIP,
+		ConnectionRateWindow: time.Duration(h.ConnectionRateWindow),
+		UploadRate:           h.UploadRateBytes,
+		DownloadRate:         h.DownloadRateBytes,
+		IdleTimeout:          time.Duration(h.IdleTimeout),
+		LogConnections:       h.LogConnections,
 	}
 }
 
@@ -171,11 +191,12 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	st, p := h.state, h.policy
 	st.Total.Add(1)
 	src := remoteAddrPort(cx.Conn)
-	if !p.Admit(st, src, false, nil) {
+	a, ok := p.Admit(st, src, false, nil)
+	if !ok {
 		return nil
 	}
 	// The relay may give the slot back before the connection is closed.
-	ss := p.Open(st, cx.Conn, src, false, nil)
+	ss := p.Open(st, cx.Conn, src, false, a)
 	defer p.End(ss, streamstate.ReasonClientClose)
 	cx.SetVar(streamstate.SessionVar, ss)
 	cx.Conn = p.Wrap(cx.Conn, ss)
@@ -190,6 +211,9 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 //		whitelist_cidrs <cidr...>
 //		blacklist_cidrs <cidr...>
 //		max_connections <n>
+//		max_connections_per_ip <n>
+//		connection_rate_per_ip <n>
+//		connection_rate_window <duration>
 //		upload_rate_bytes <n>
 //		download_rate_bytes <n>
 //		idle_timeout <duration>
@@ -235,6 +259,23 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			var n int64
 			err = oneInt(d, opt, args, &n)
 			h.MaxConnections = int(n)
+		case "max_connections_per_ip", "connection_rate_per_ip":
+			var n int64
+			err = oneInt(d, opt, args, &n)
+			if opt == "max_connections_per_ip" {
+				h.MaxConnectionsPerIP = int(n)
+			} else {
+				h.ConnectionRatePerIP = int(n)
+			}
+		case "connection_rate_window":
+			if err := wantOne(d, opt, args); err != nil {
+				return err
+			}
+			dur, perr := caddy.ParseDuration(args[0])
+			if perr != nil {
+				return d.Errf("connection_rate_window %q: %v", args[0], perr)
+			}
+			h.ConnectionRateWindow = caddy.Duration(dur)
 		case "upload_rate_bytes":
 			err = oneInt(d, opt, args, &h.UploadRateBytes)
 		case "download_rate_bytes":

@@ -112,6 +112,9 @@ func TestProvisionErrors(t *testing.T) {
 		{l4aegisguard.Handler{UploadRateBytes: -5}, "upload_rate_bytes -5"},
 		{l4aegisguard.Handler{DownloadRateBytes: -6}, "download_rate_bytes -6"},
 		{l4aegisguard.Handler{IdleTimeout: caddy.Duration(-time.Second)}, "idle_timeout -1s"},
+		{l4aegisguard.Handler{MaxConnectionsPerIP: -2}, "max_connections_per_ip -2"},
+		{l4aegisguard.Handler{ConnectionRatePerIP: -3}, "connection_rate_per_ip -3"},
+		{l4aegisguard.Handler{ConnectionRateWindow: caddy.Duration(-time.Second)}, "connection_rate_window -1s"},
 	}
 	for _, tc := range cases {
 		h := tc.h
@@ -315,6 +318,9 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		whitelist_cidrs ::1
 		blacklist_cidrs 10.0.0.5
 		max_connections 100
+		max_connections_per_ip 5
+		connection_rate_per_ip 10
+		connection_rate_window 30s
 		upload_rate_bytes 1048576
 		download_rate_bytes 2097152
 		idle_timeout 90s
@@ -324,15 +330,18 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := l4aegisguard.Handler{
-		StreamID:          7,
-		StreamName:        "postgres",
-		WhitelistCIDRs:    []string{"10.0.0.0/8", "192.0.2.7", "::1"},
-		BlacklistCIDRs:    []string{"10.0.0.5"},
-		MaxConnections:    100,
-		UploadRateBytes:   1 << 20,
-		DownloadRateBytes: 2 << 20,
-		IdleTimeout:       caddy.Duration(90 * time.Second),
-		LogConnections:    true,
+		StreamID:             7,
+		StreamName:           "postgres",
+		WhitelistCIDRs:       []string{"10.0.0.0/8", "192.0.2.7", "::1"},
+		BlacklistCIDRs:       []string{"10.0.0.5"},
+		MaxConnections:       100,
+		MaxConnectionsPerIP:  5,
+		ConnectionRatePerIP:  10,
+		ConnectionRateWindow: caddy.Duration(30 * time.Second),
+		UploadRateBytes:      1 << 20,
+		DownloadRateBytes:    2 << 20,
+		IdleTimeout:          caddy.Duration(90 * time.Second),
+		LogConnections:       true,
 	}
 	if fmt.Sprintf("%+v", h) != fmt.Sprintf("%+v", want) {
 		t.Fatalf("got  %+v\nwant %+v", h, want)
@@ -354,6 +363,8 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		{"aegis_guard {\n upload_rate_bytes 1.5\n}", `upload_rate_bytes "1.5"`},
 		{"aegis_guard {\n download_rate_bytes 1MB\n}", `download_rate_bytes "1MB"`},
 		{"aegis_guard {\n idle_timeout soon\n}", `idle_timeout "soon"`},
+		{"aegis_guard {\n connection_rate_window soon\n}", `connection_rate_window "soon"`},
+		{"aegis_guard {\n max_connections_per_ip x\n}", `max_connections_per_ip "x"`},
 		{"aegis_guard {\n idle_timeout\n}", "idle_timeout"},
 		{"aegis_guard {\n log_connections maybe\n}", `log_connections "maybe"`},
 		{"aegis_guard {\n log_connections true false\n}", `log_connections "true false"`},

@@ -15,6 +15,7 @@ func TestFromLimitsRoundTrips(t *testing.T) {
 	l := streamstate.Limits{
 		Name: "db", Whitelist: []string{"10.0.0.0/8"}, Blacklist: []string{"10.0.0.66"},
 		MaxConnections: 3, UploadRate: 1000, DownloadRate: 2000,
+		MaxConnectionsPerIP: 2, ConnectionRatePerIP: 5, ConnectionRateWindow: 9 * time.Second,
 		IdleTimeout: 7 * time.Second, LogConnections: true,
 	}
 	v := reflect.ValueOf(l)

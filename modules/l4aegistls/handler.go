@@ -17,6 +17,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"net/netip"
 	"os"
 	"strconv"
 	"time"
@@ -68,12 +70,20 @@ type Handler struct {
 	// Default: 1024.
 	MaxHandshakes int `json:"max_handshakes,omitempty"`
 
+	// MaxHandshakesPerIP bounds the handshakes in progress from one source
+	// (IPv6: one /64), so that one source cannot hold every handshake
+	// slot; a connection beyond it is closed at once. Default: 0, an
+	// eighth of max_handshakes (streamstate.SourceShare).
+	MaxHandshakesPerIP int `json:"max_handshakes_per_ip,omitempty"`
+
 	cfg     *tls.Config
 	src     CertSource // from CertTag; nil with CertID
 	timeout time.Duration
 	max     int64
+	perIP   int
 	state   *streamstate.State // with a stream_id
 	hs      *streamstate.Handshakes
+	sources *streamstate.Sources // the stream's per-source table
 	logger  *zap.Logger
 }
 
@@ -99,6 +109,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("handshake_timeout %s: must be >= 0 (0 = default %s)", time.Duration(h.HandshakeTimeout), DefaultHandshakeTimeout)
 	case h.MaxHandshakes < 0:
 		return fmt.Errorf("max_handshakes %d: must be >= 0 (0 = default %d)", h.MaxHandshakes, DefaultMaxHandshakes)
+	case h.MaxHandshakesPerIP < 0:
+		return fmt.Errorf("max_handshakes_per_ip %d: must be >= 0 (0 = an eighth of max_handshakes)", h.MaxHandshakesPerIP)
 	}
 	h.timeout = time.Duration(h.HandshakeTimeout)
 	if h.timeout == 0 {
@@ -107,6 +119,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.max = int64(h.MaxHandshakes)
 	if h.max == 0 {
 		h.max = DefaultMaxHandshakes
+	}
+	h.perIP = h.MaxHandshakesPerIP
+	if h.perIP == 0 {
+		h.perIP = streamstate.SourcePart(int(h.max))
 	}
 	if h.CertTag != "" {
 		src, err := NewCaddyCert(ctx, "", []string{h.CertTag})
@@ -128,8 +144,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.state = streamstate.Acquire(h.StreamID)
 		h.hs = h.state.Handshakes()
 		h.hs.Attach()
+		h.sources = h.state.Sources()
 	} else {
 		h.hs = new(streamstate.Handshakes)
+		h.sources = streamstate.NewSources()
 	}
 	return nil
 }
@@ -170,9 +188,10 @@ func (h *Handler) getCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, 
 }
 
 // Handle runs the TLS handshake within the handshake timeout, then the rest
-// of the chain on the TLS connection. A connection beyond max_handshakes,
-// and one whose handshake fails, is left to the caller to close, with the
-// reason tls_handshake_failed.
+// of the chain on the TLS connection. A connection beyond max_handshakes
+// or max_handshakes_per_ip, and one whose handshake fails, is left to the
+// caller to close, with the reason tls_handshake_failed (source_share for
+// max_handshakes_per_ip, also counted in the stream's blocked connections).
 func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	ss, _ := cx.GetVar(streamstate.SessionVar).(*streamstate.Session)
 	hs := h.hs
@@ -182,8 +201,23 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 		h.fail(cx, ss, errTooManyHandshakes)
 		return nil
 	}
+	src, ok := h.sources.TakeHandshake(remoteIP(cx), h.perIP)
+	if !ok {
+		hs.InProgress.Add(-1)
+		hs.Rejected.Add(1)
+		hs.RejectedPerIP.Add(1)
+		if h.state != nil {
+			h.state.Block(streamstate.BlockSourceShare)
+		}
+		if ss != nil {
+			ss.SetReason(streamstate.ReasonSourceShare)
+		}
+		h.fail(cx, ss, errTooManyFromSource)
+		return nil
+	}
 	tc, w, err := h.handshake(cx)
 	hs.InProgress.Add(-1)
+	h.sources.DoneHandshake(src)
 	if err != nil {
 		if errors.Is(err, errHandshakeTimeout) {
 			hs.TimedOut.Add(1)
@@ -218,6 +252,7 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 
 var (
 	errTooManyHandshakes = errors.New("max_handshakes in progress: closed without a handshake")
+	errTooManyFromSource = errors.New("max_handshakes_per_ip in progress from this source: closed without a handshake")
 	errHandshakeTimeout  = errors.New("no handshake within handshake_timeout")
 )
 
@@ -253,6 +288,20 @@ func (h *Handler) handshake(cx *layer4.Connection) (tc *tls.Conn, w *wire, err e
 	return tc, w, nil
 }
 
+// remoteIP is the connection's source address, without allocating for a
+// TCP connection.
+func remoteIP(cx *layer4.Connection) netip.Addr {
+	switch a := cx.RemoteAddr().(type) {
+	case *net.TCPAddr:
+		return a.AddrPort().Addr()
+	case nil:
+		return netip.Addr{}
+	default:
+		ap, _ := netip.ParseAddrPort(a.String())
+		return ap.Addr()
+	}
+}
+
 // fail records a connection that ends without TLS.
 func (h *Handler) fail(cx *layer4.Connection, ss *streamstate.Session, err error) {
 	if ss != nil {
@@ -271,6 +320,7 @@ func (h *Handler) fail(cx *layer4.Connection, ss *streamstate.Session, err error
 //		stream_id <id>
 //		handshake_timeout <duration>
 //		max_handshakes <n>
+//		max_handshakes_per_ip <n>
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // handler name
@@ -302,12 +352,16 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 		case "cert_tag":
 			h.CertTag = val
-		case "max_handshakes":
+		case "max_handshakes", "max_handshakes_per_ip":
 			n, err := strconv.Atoi(val)
 			if err != nil {
-				return d.Errf("max_handshakes %q: want a whole number", val)
+				return d.Errf("%s %q: want a whole number", opt, val)
 			}
-			h.MaxHandshakes = n
+			if opt == "max_handshakes" {
+				h.MaxHandshakes = n
+			} else {
+				h.MaxHandshakesPerIP = n
+			}
 		case "handshake_timeout":
 			dur, err := caddy.ParseDuration(val)
 			if err != nil {

@@ -209,7 +209,8 @@ func TestMaxHandshakes(t *testing.T) {
 	l4aegistls.Register(id, l4aegistls.NewStaticCert(cert))
 	up := echoUpstream(t)
 	newHandler := func() *l4aegistls.Handler {
-		return &l4aegistls.Handler{CertID: id, StreamID: stream, MaxHandshakes: 2, HandshakeTimeout: caddy.Duration(time.Second)}
+		// All from one source: no per-source bound below the stream's.
+		return &l4aegistls.Handler{CertID: id, StreamID: stream, MaxHandshakes: 2, MaxHandshakesPerIP: 2, HandshakeTimeout: caddy.Duration(time.Second)}
 	}
 	c1 := startChain(t, newHandler(), up.addr, chainOpts{})
 	// A second chain of the same stream, as after a chain swap: it shares
@@ -251,6 +252,58 @@ func TestMaxHandshakes(t *testing.T) {
 	want := l4aegistls.HandshakeStats{Succeeded: 1, Failed: 2, Rejected: 1}
 	if st, ok := l4aegistls.Stats(stream); !ok || st != want {
 		t.Errorf("Stats(%d) = %+v, %v; want %+v", stream, st, ok, want)
+	}
+}
+
+// One source holds at most max_handshakes_per_ip handshakes in progress
+// (by default an eighth of max_handshakes): the next one from it is closed
+// at once, counted (Rejected, RejectedPerIP, the stream's blocked
+// source_share) with the reason source_share, while a client from another
+// source still completes its handshake.
+func TestMaxHandshakesPerIP(t *testing.T) {
+	checkNoLeaks(t)
+	const stream = 7002
+	id := certID(t)
+	cert := newCert(t, "x.test")
+	l4aegistls.Register(id, l4aegistls.NewStaticCert(cert))
+	up := echoUpstream(t)
+	// 16 in all: 2 per source by default.
+	c := startChain(t, &l4aegistls.Handler{CertID: id, StreamID: stream, MaxHandshakes: 16, HandshakeTimeout: caddy.Duration(2 * time.Second)}, up.addr, chainOpts{})
+	stalled := []net.Conn{dialRaw(t, c.addr), dialRaw(t, c.addr)}
+	eventually(t, "2 handshakes in progress", func() bool {
+		st, _ := l4aegistls.Stats(stream)
+		return st.InProgress == 2
+	})
+	third := dialRaw(t, c.addr)
+	if took := closedWithin(t, third, 3*time.Second); took > 800*time.Millisecond {
+		t.Errorf("third connection from the source closed after %s, want at once", took)
+	}
+	if r := c.reason(t); r != streamstate.ReasonSourceShare {
+		t.Errorf("third connection: disconnect reason %s, want source_share", r)
+	}
+	// Another source completes its handshake meanwhile.
+	d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}}
+	raw, err := d.Dial("tcp", c.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	tc := tls.Client(raw, &tls.Config{ServerName: "x.test", RootCAs: roots(cert)})
+	_ = raw.SetDeadline(time.Now().Add(5 * time.Second))
+	if err := tc.Handshake(); err != nil {
+		t.Fatalf("a client from 127.0.0.2 while 127.0.0.1 holds its share: %v", err)
+	}
+	_ = raw.SetDeadline(time.Time{})
+	echoes(t, tc, "other source")
+	st, _ := l4aegistls.Stats(stream)
+	if st.Rejected != 1 || st.RejectedPerIP != 1 || st.Succeeded != 1 {
+		t.Errorf("stats %+v, want 1 rejected (per IP), 1 succeeded", st)
+	}
+	if n := streamstate.Lookup(stream).BlockedBy(streamstate.BlockSourceShare); n != 1 {
+		t.Errorf("blocked source_share = %d, want 1", n)
+	}
+	for _, s := range stalled {
+		closedWithin(t, s, 4*time.Second)
 	}
 }
 

@@ -13,18 +13,23 @@ type HandshakeStats struct {
 	// cert_id, a protocol error.
 	Failed uint64
 	// Rejected counts connections closed before any handshake because
-	// max_handshakes were in progress.
+	// max_handshakes were in progress, or max_handshakes_per_ip from their
+	// source.
 	Rejected uint64
+	// RejectedPerIP counts those of Rejected closed for
+	// max_handshakes_per_ip.
+	RejectedPerIP uint64
 	// InProgress is the number of handshakes running now.
 	InProgress int64
 }
 
 func snapshot(hs *streamstate.Handshakes) HandshakeStats {
 	return HandshakeStats{
-		Succeeded:  hs.Succeeded.Load(),
-		Failed:     hs.Failed.Load() + hs.TimedOut.Load(),
-		Rejected:   hs.Rejected.Load(),
-		InProgress: hs.InProgress.Load(),
+		Succeeded:     hs.Succeeded.Load(),
+		Failed:        hs.Failed.Load() + hs.TimedOut.Load(),
+		Rejected:      hs.Rejected.Load(),
+		RejectedPerIP: hs.RejectedPerIP.Load(),
+		InProgress:    hs.InProgress.Load(),
 	}
 }
 

@@ -243,14 +243,17 @@ func (a *App) newInstance(h *spec.Stream, source string) (*instance, error) {
 // UDP relay apply through one streamstate.Policy each.
 func limits(s *spec.Stream) streamstate.Limits {
 	return streamstate.Limits{
-		Name:           s.DisplayName(),
-		Whitelist:      s.WhitelistCIDRs,
-		Blacklist:      s.BlacklistCIDRs,
-		MaxConnections: s.MaxConnections,
-		UploadRate:     s.UploadRateBytes,
-		DownloadRate:   s.DownloadRateBytes,
-		IdleTimeout:    time.Duration(s.IdleTimeoutSeconds) * time.Second,
-		LogConnections: s.LogConnections,
+		Name:                 s.DisplayName(),
+		Whitelist:            s.WhitelistCIDRs,
+		Blacklist:            s.BlacklistCIDRs,
+		MaxConnections:       s.MaxConnections,
+		MaxConnectionsPerIP:  s.MaxConnectionsPerIP,
+		ConnectionRatePerIP:  s.ConnectionRatePerIP,
+		ConnectionRateWindow: s.ConnectionRateWindow(),
+		UploadRate:           s.UploadRateBytes,
+		DownloadRate:         s.DownloadRateBytes,
+		IdleTimeout:          time.Duration(s.IdleTimeoutSeconds) * time.Second,
+		LogConnections:       s.LogConnections,
 	}
 }
 
@@ -321,7 +324,19 @@ func (a *App) Start() error {
 	return nil
 }
 
+// logBudget logs, once per process, how the open-file limit is shared
+// out by default (streamstate.Budget).
+var logBudget sync.Once
+
 func (a *App) start() error {
+	logBudget.Do(func() {
+		b := streamstate.Budget()
+		a.logger.Info("file descriptor budget",
+			zap.Uint64("open_file_limit", b.Limit), zap.Int("reserve", b.Reserve),
+			zap.Int("per_stream", b.PerStream), zap.Int("tcp_connections_per_stream", b.ConnCap),
+			zap.Int("udp_entries_per_stream", b.NATCap), zap.Int("udp_entries_per_source", b.NATPerSource),
+			zap.Int("tls_handshakes_per_source", streamstate.SourcePart(l4aegistls.DefaultMaxHandshakes)))
+	})
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	for _, inst := range a.streams {

@@ -62,6 +62,9 @@ func parseStreamsOption(d *caddyfile.Dispenser, existingVal any) (any, error) {
 //			upstream_port <port>
 //			enabled [true|false]
 //			max_connections <n>
+//			max_connections_per_ip <n>
+//			connection_rate_per_ip <n>
+//			connection_rate_window_seconds <n>
 //			connection_timeout_seconds <n>
 //			idle_timeout_seconds <n>
 //			half_close [true|false]

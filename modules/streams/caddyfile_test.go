@@ -185,6 +185,9 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			whitelist_cidrs ::1 192.0.2.7
 			ssl_enabled false
 			health_check_enabled
+			max_connections_per_ip 5
+			connection_rate_per_ip 10
+			connection_rate_window_seconds 30
 		}
 	}`)
 	var app App
@@ -192,15 +195,18 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := &spec.Stream{
-		ID:                 4,
-		Name:               "my db",
-		ListenAddress:      "2001:db8::1",
-		ListenPort:         5432,
-		UpstreamHost:       "db.internal",
-		UpstreamPort:       5432,
-		Enabled:            true,
-		WhitelistCIDRs:     []string{"10.0.0.0/8", "::1", "192.0.2.7"},
-		HealthCheckEnabled: true,
+		ID:                          4,
+		Name:                        "my db",
+		ListenAddress:               "2001:db8::1",
+		ListenPort:                  5432,
+		UpstreamHost:                "db.internal",
+		UpstreamPort:                5432,
+		Enabled:                     true,
+		WhitelistCIDRs:              []string{"10.0.0.0/8", "::1", "192.0.2.7"},
+		HealthCheckEnabled:          true,
+		MaxConnectionsPerIP:         5,
+		ConnectionRatePerIP:         10,
+		ConnectionRateWindowSeconds: 30,
 	}
 	if len(app.Hosts) != 1 || !reflect.DeepEqual(app.Hosts[0], want) {
 		t.Errorf("hosts = %+v, want [%+v]", app.Hosts, want)

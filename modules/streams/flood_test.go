@@ -110,7 +110,9 @@ func TestFloodTCP8000(t *testing.T) {
 	// Without the connection log: its writer and storage (SQLite, slowed
 	// down many times over by the race detector) would take the shared
 	// cores from the relay. The faults tests check the log.
-	inst, stop := startWithBystander(t, port, upPort, map[string]any{"log_connections": false})
+	// max_connections set: by default a stream takes at most its share of
+	// the open-file limit (4,375 connections with 20,000).
+	inst, stop := startWithBystander(t, port, upPort, map[string]any{"log_connections": false, "max_connections": n})
 	inst.stats() // the admin endpoint's keep-alive connection, in the baseline
 	base := measure(t)
 
@@ -537,10 +539,15 @@ func TestFloodSlowTLSHandshakes(t *testing.T) {
 		wg    sync.WaitGroup
 	)
 	stopTrickle := make(chan struct{})
+	// The slow clients come from 16 sources, so that none passes its
+	// share of the handshakes (max_handshakes_per_ip, 128 by default).
+	var opened int
 	open := func(kind string) {
 		t.Helper()
 		start := time.Now() // the proxy's handshake timer starts later
-		c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), 5*time.Second)
+		d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 3, byte(1+opened%16))}}
+		opened++
+		c, err := d.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port))
 		if err != nil {
 			t.Fatal(err)
 		}

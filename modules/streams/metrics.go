@@ -78,6 +78,8 @@ const (
 	outcomeFailed        = "failed"
 	outcomeTimeout       = "timeout"
 	outcomeMaxHandshakes = "max_handshakes"
+	// Closed before a handshake: max_handshakes_per_ip from the source.
+	outcomeMaxHandshakesPerIP = "max_handshakes_per_ip"
 )
 
 // collector is the app's prometheus.Collector.
@@ -161,7 +163,12 @@ func collectStream(ch chan<- prometheus.Metric, s streamSample) {
 	totals := st.Cumulative()
 	counter(descConnections, totals.Connections, lv)
 	counter(descBlocked, st.BlockedBy(streamstate.BlockACL), with(streamstate.BlockACL.String()))
-	counter(descBlocked, st.BlockedBy(streamstate.BlockMaxConnections), with(streamstate.BlockMaxConnections.String()))
+	for _, r := range []streamstate.BlockReason{streamstate.BlockMaxConnections, streamstate.BlockMaxPerIP, streamstate.BlockRateLimited, streamstate.BlockSourcesFull} {
+		counter(descBlocked, st.BlockedBy(r), with(r.String()))
+	}
+	if cfg.HasUDP() || cfg.SSLEnabled {
+		counter(descBlocked, st.BlockedBy(streamstate.BlockSourceShare), with(streamstate.BlockSourceShare.String()))
+	}
 	gauge(descActive, float64(status.ActiveConnections), lv)
 	counter(descBytes, totals.BytesSent, with(directionUp))
 	counter(descBytes, totals.BytesReceived, with(directionDown))
@@ -173,13 +180,16 @@ func collectStream(ch chan<- prometheus.Metric, s streamSample) {
 
 	if cfg.HasTCP() {
 		histogram(descDuration, st.ConnectionDurations(streamstate.TCP), with(spec.ProtocolTCP))
+		counter(descBlocked, st.BlockedBy(streamstate.BlockConnectionCap), with(streamstate.BlockConnectionCap.String()))
 		counter(descDialFailures, st.DialFailures.Load(), lv)
 		histogram(descDialDuration, st.DialDurations(), lv)
 		if hs := st.Handshakes(); cfg.SSLEnabled && hs.Attached() {
 			counter(descTLS, hs.Succeeded.Load(), with(outcomeOK))
 			counter(descTLS, hs.Failed.Load(), with(outcomeFailed))
 			counter(descTLS, hs.TimedOut.Load(), with(outcomeTimeout))
-			counter(descTLS, hs.Rejected.Load(), with(outcomeMaxHandshakes))
+			perIP := hs.RejectedPerIP.Load()
+			counter(descTLS, hs.Rejected.Load()-perIP, with(outcomeMaxHandshakes))
+			counter(descTLS, perIP, with(outcomeMaxHandshakesPerIP))
 		}
 	}
 	if cfg.HasUDP() {

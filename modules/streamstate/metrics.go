@@ -22,8 +22,24 @@ const (
 	BlockACL BlockReason = iota
 	// BlockMaxConnections: max_connections were open.
 	BlockMaxConnections
-	// BlockNATTableFull: a UDP stream address held udpnat.HardCap entries.
+	// BlockNATTableFull: a UDP stream address held its cap of entries
+	// (FDBudget.NATCap, or MaxNATCap with max_connections set).
 	BlockNATTableFull
+	// BlockConnectionCap: with max_connections 0, the stream held its
+	// default cap of connections (FDBudget.ConnCap).
+	BlockConnectionCap
+	// BlockMaxPerIP: the source held max_connections_per_ip.
+	BlockMaxPerIP
+	// BlockRateLimited: the source opened connection_rate_per_ip within
+	// the window.
+	BlockRateLimited
+	// BlockSourceShare: with max_connections_per_ip 0, the source held its
+	// default share of the stream's NAT entries or TLS handshakes in
+	// progress (1/SourceShare).
+	BlockSourceShare
+	// BlockSourcesFull: the per-source table had no room for a new
+	// source (MaxSources busy ones).
+	BlockSourcesFull
 	numBlockReasons
 )
 
@@ -31,6 +47,11 @@ var blockNames = [numBlockReasons]string{
 	BlockACL:            "acl_denied",
 	BlockMaxConnections: "max_connections",
 	BlockNATTableFull:   "nat_table_full",
+	BlockConnectionCap:  "connection_cap",
+	BlockMaxPerIP:       "max_connections_per_ip",
+	BlockRateLimited:    "rate_limited",
+	BlockSourceShare:    "source_share",
+	BlockSourcesFull:    "source_table_full",
 }
 
 func (r BlockReason) String() string {
@@ -43,8 +64,19 @@ func (r BlockReason) String() string {
 // LogReason is the disconnect reason the connection log gives a refusal
 // for r.
 func (r BlockReason) LogReason() Reason {
-	if r == BlockACL {
+	switch r {
+	case BlockACL:
 		return ReasonACLDenied
+	case BlockMaxPerIP:
+		return ReasonMaxPerIP
+	case BlockRateLimited:
+		return ReasonRateLimited
+	case BlockSourceShare:
+		return ReasonSourceShare
+	case BlockSourcesFull:
+		return ReasonSourceTableFull
+	case BlockConnectionCap:
+		return ReasonConnectionCap
 	}
 	return ReasonMaxConnections
 }

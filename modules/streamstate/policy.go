@@ -34,10 +34,24 @@ type Limits struct {
 	// IdleTimeout ends a connection (NAT entry) when no byte moved either
 	// way for this long; 0 = never for TCP, DefaultUDPIdleTimeout for UDP.
 	IdleTimeout time.Duration
+	// MaxConnectionsPerIP caps the TCP connections and UDP NAT entries
+	// open together from one source (IPv6: one /64, see SourceKey);
+	// 0 = on a listener whose cap has a Default (UDP), SourcePart of it;
+	// otherwise unlimited.
+	MaxConnectionsPerIP int
+	// ConnectionRatePerIP admits at most that many new connections (UDP:
+	// new NAT entries) per source in ConnectionRateWindow, as a token
+	// bucket (Rate); 0 = unlimited.
+	ConnectionRatePerIP int
+	// ConnectionRateWindow is the rate's window; 0 = DefaultRateWindow.
+	ConnectionRateWindow time.Duration
 	// LogConnections logs every connection's end, and refused sources
 	// once per source per BlockedLogEvery.
 	LogConnections bool
 }
+
+// DefaultRateWindow is connection_rate_window_seconds' default.
+const DefaultRateWindow = 60 * time.Second
 
 // Policy is the admission policy of a stream: who may connect (the access
 // lists), how many may be open (max_connections and a listener's own cap),
@@ -51,8 +65,10 @@ type Limits struct {
 // client goes Admit → Open, its entry's buckets from Buckets.
 type Policy struct {
 	Limits
-	acl    ACL
-	logger *zap.Logger
+	acl     ACL
+	rate    Rate
+	connCap int // the default cap of TCP connections (Budget().ConnCap)
+	logger  *zap.Logger
 }
 
 // NewPolicy checks l and parses its access lists. logger is the one the
@@ -69,6 +85,12 @@ func NewPolicy(l Limits, logger *zap.Logger) (*Policy, error) {
 		return nil, fmt.Errorf("download_rate_bytes %d: must be >= 0 (0 = unlimited)", l.DownloadRate)
 	case l.IdleTimeout < 0:
 		return nil, fmt.Errorf("idle_timeout %s: must be >= 0 (0 = never)", l.IdleTimeout)
+	case l.MaxConnectionsPerIP < 0:
+		return nil, fmt.Errorf("max_connections_per_ip %d: must be >= 0 (0 = unlimited)", l.MaxConnectionsPerIP)
+	case l.ConnectionRatePerIP < 0:
+		return nil, fmt.Errorf("connection_rate_per_ip %d: must be >= 0 (0 = unlimited)", l.ConnectionRatePerIP)
+	case l.ConnectionRateWindow < 0:
+		return nil, fmt.Errorf("connection_rate_window %s: must be >= 0 (0 = %s)", l.ConnectionRateWindow, DefaultRateWindow)
 	}
 	acl, err := NewACL(l.Whitelist, l.Blacklist)
 	if err != nil {
@@ -77,7 +99,14 @@ func NewPolicy(l Limits, logger *zap.Logger) (*Policy, error) {
 	if logger == nil {
 		logger = zap.NewNop()
 	}
-	return &Policy{Limits: l, acl: acl, logger: logger}, nil
+	p := &Policy{Limits: l, acl: acl, connCap: Budget().ConnCap, logger: logger}
+	if l.ConnectionRatePerIP > 0 {
+		p.rate = Rate{N: l.ConnectionRatePerIP, Window: l.ConnectionRateWindow}
+		if p.rate.Window == 0 {
+			p.rate.Window = DefaultRateWindow
+		}
+	}
+	return p, nil
 }
 
 // Allowed applies the access lists to ip.
@@ -92,12 +121,39 @@ func (p *Policy) Idle(udp bool) time.Duration {
 }
 
 // A Cap bounds what one listener holds on top of max_connections: the UDP
-// relay's NAT table of one stream address holds at most Max entries. Its
-// count is the listener's own; the zero Cap is unbounded and counts.
+// relay's NAT table of one stream address holds at most Max entries, and
+// by default (max_connections 0) at most Default. Its count is the
+// listener's own; the zero Cap is unbounded and counts.
 type Cap struct {
 	// Max is the bound; 0 = none.
 	Max int64
-	n   atomic.Int64
+	// Default is the bound while max_connections is 0 (0: Max); one
+	// source may hold SourcePart of it unless max_connections_per_ip says
+	// otherwise.
+	Default int64
+	n       atomic.Int64
+}
+
+// bound is c's bound under p; perSource what one source may hold by
+// default (0: no default): a share of Default, whatever max_connections
+// says (the default protects the process's descriptors; a lower
+// max_connections bounds the source too).
+func (c *Cap) bound(p *Policy) (bound, perSource int64) {
+	bound = c.Max
+	if c.Default > 0 {
+		perSource = int64(SourcePart(int(c.Default)))
+		if p.MaxConnections == 0 && (bound == 0 || c.Default < bound) {
+			bound = c.Default
+		}
+	}
+	return bound, perSource
+}
+
+// Admission is what an admitted connection holds until its session gives
+// it back: a slot of the listener's cap and of its source's entry.
+type Admission struct {
+	cap *Cap
+	src *Source
 }
 
 // Len is what the listener holds now.
@@ -105,40 +161,81 @@ func (c *Cap) Len() int64 { return c.n.Load() }
 
 // Admit decides whether a new connection, or the first datagram of a new
 // UDP client, from src may open on stream st. It checks, in order, the
-// access lists, the listener's cap (nil: none) and max_connections, which
-// counts the TCP connections and UDP entries of st together. Admitted, the
-// connection holds one of st's Active slots and one of the cap's, which
-// Open hands to its session (or Unadmit gives back); refused, it holds
-// nothing, is counted in st's Blocked by reason, and its source is logged
-// at most once per BlockedLogEvery.
-func (p *Policy) Admit(st *State, src netip.AddrPort, udp bool, c *Cap) bool {
-	if !p.acl.Allowed(src.Addr().Unmap()) {
+// access lists; the per-source limits (max_connections_per_ip, or on a
+// listener with a cap the source's default share of it, and
+// connection_rate_per_ip), in st's per-source table; the listener's cap
+// (nil: none); and max_connections, which counts the TCP connections and
+// UDP entries of st together (0: for TCP, the default cap of
+// FDBudget.ConnCap). Admitted, the connection holds one of st's Active
+// slots, one of the cap's and one of its source's, which Open hands to its
+// session (or Unadmit gives back); refused, it holds nothing, is counted
+// in st's Blocked by reason, and its source is logged at most once per
+// BlockedLogEvery. A stream without per-source limits does not touch the
+// table.
+func (p *Policy) Admit(st *State, src netip.AddrPort, udp bool, c *Cap) (Admission, bool) {
+	ip := src.Addr().Unmap()
+	if !p.acl.Allowed(ip) {
 		p.refuse(st, src, udp, BlockACL)
-		return false
+		return Admission{}, false
 	}
+	a := Admission{cap: c}
+	var bound int64
+	perIP, share := int64(p.MaxConnectionsPerIP), false
 	if c != nil {
-		if n := c.n.Add(1); c.Max > 0 && n > c.Max {
-			c.n.Add(-1)
-			p.refuse(st, src, udp, BlockNATTableFull)
-			return false
+		var part int64
+		bound, part = c.bound(p)
+		if perIP == 0 {
+			perIP, share = part, true
 		}
 	}
-	if !st.takeSlot(p.MaxConnections) {
+	if perIP > 0 || p.rate.on() {
+		s, r, ok := st.sources.take(ip, int32(min(perIP, 1<<30)), share, p.rate)
+		if !ok {
+			p.refuse(st, src, udp, r)
+			return Admission{}, false
+		}
+		a.src = s
+	}
+	if c != nil {
+		if n := c.n.Add(1); bound > 0 && n > bound {
+			c.n.Add(-1)
+			p.unsource(st, a)
+			p.refuse(st, src, udp, BlockNATTableFull)
+			return Admission{}, false
+		}
+	}
+	max, why := p.MaxConnections, BlockMaxConnections
+	if max == 0 && !udp {
+		max, why = p.connCap, BlockConnectionCap
+	}
+	if !st.takeSlot(max) {
 		if c != nil {
 			c.n.Add(-1)
 		}
-		p.refuse(st, src, udp, BlockMaxConnections)
-		return false
+		p.unsource(st, a)
+		p.refuse(st, src, udp, why)
+		return Admission{}, false
 	}
-	return true
+	return a, true
+}
+
+// unsource gives back the source's slot and rate token of a connection
+// refused after the per-source check.
+func (p *Policy) unsource(st *State, a Admission) {
+	if a.src != nil {
+		st.sources.untake(a.src, p.rate)
+	}
 }
 
 // Unadmit gives back what Admit took, for a connection admitted that could
-// not open (its upstream socket failed).
-func (p *Policy) Unadmit(st *State, c *Cap) {
+// not open (its upstream socket failed). Its rate token stays spent.
+func (p *Policy) Unadmit(st *State, a Admission) {
 	st.Leave()
-	if c != nil {
-		c.n.Add(-1)
+	if a.cap != nil {
+		a.cap.n.Add(-1)
+	}
+	if a.src != nil {
+		st.sources.release(a.src)
 	}
 }
 
@@ -153,11 +250,11 @@ func (p *Policy) refuse(st *State, src netip.AddrPort, udp bool, r BlockReason) 
 
 // Open registers the session of an admitted connection on st: client is
 // the accepted connection (or the NAT entry), which closing the session
-// closes. The session holds the slots Admit took and gives them back once
+// closes; a is what Admit gave. The session holds the slots Admit took and gives them back once
 // (Session.ReleaseSlot), at the latest when it ends.
-func (p *Policy) Open(st *State, client io.Closer, src netip.AddrPort, udp bool, c *Cap) *Session {
+func (p *Policy) Open(st *State, client io.Closer, src netip.AddrPort, udp bool, a Admission) *Session {
 	ss := st.newSession(client, src, p.Idle(udp), p.logger, p.Name, udp)
-	ss.cap = c
+	ss.cap, ss.src = a.cap, a.src
 	ss.slot.Store(true)
 	return ss
 }

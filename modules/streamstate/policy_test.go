@@ -96,25 +96,27 @@ func TestPolicyAdmitOrderAndSlots(t *testing.T) {
 	bad := netip.MustParseAddrPort("[::ffff:192.0.2.66]:1000")
 	c := &Cap{Max: 1}
 
-	if p.Admit(st, bad, true, c) || st.BlockedBy(BlockACL) != 1 || c.Len() != 0 || st.Active.Load() != 0 {
+	if _, ok := p.Admit(st, bad, true, c); ok || st.BlockedBy(BlockACL) != 1 || c.Len() != 0 || st.Active.Load() != 0 {
 		t.Fatalf("blacklisted source (IPv4-mapped): admitted or held a slot: blocked %d, cap %d, active %d", st.BlockedBy(BlockACL), c.Len(), st.Active.Load())
 	}
-	if !p.Admit(st, in, true, c) {
+	a, ok := p.Admit(st, in, true, c)
+	if !ok {
 		t.Fatal("first UDP client refused")
 	}
-	ss := p.Open(st, nopCloser{}, in, true, c)
+	ss := p.Open(st, nopCloser{}, in, true, a)
 	if ss.IdleTimeout != DefaultUDPIdleTimeout {
 		t.Fatalf("UDP session idle timeout %s, want the default %s", ss.IdleTimeout, DefaultUDPIdleTimeout)
 	}
-	if p.Admit(st, in, true, c) || st.BlockedBy(BlockNATTableFull) != 1 || c.Len() != 1 || st.Active.Load() != 1 {
+	if _, ok := p.Admit(st, in, true, c); ok || st.BlockedBy(BlockNATTableFull) != 1 || c.Len() != 1 || st.Active.Load() != 1 {
 		t.Fatalf("over the cap: blocked %d, cap %d, active %d", st.BlockedBy(BlockNATTableFull), c.Len(), st.Active.Load())
 	}
 	// A TCP connection has no cap of its own but shares max_connections.
-	if !p.Admit(st, in, false, nil) {
+	a, ok = p.Admit(st, in, false, nil)
+	if !ok {
 		t.Fatal("TCP connection under max_connections refused")
 	}
-	tcp := p.Open(st, nopCloser{}, in, false, nil)
-	if p.Admit(st, in, false, nil) || st.BlockedBy(BlockMaxConnections) != 1 || st.Active.Load() != 2 {
+	tcp := p.Open(st, nopCloser{}, in, false, a)
+	if _, ok := p.Admit(st, in, false, nil); ok || st.BlockedBy(BlockMaxConnections) != 1 || st.Active.Load() != 2 {
 		t.Fatalf("over max_connections: blocked %d, active %d", st.BlockedBy(BlockMaxConnections), st.Active.Load())
 	}
 	if st.Blocked.Load() != 3 {
@@ -126,10 +128,11 @@ func TestPolicyAdmitOrderAndSlots(t *testing.T) {
 	if st.Active.Load() != 0 || c.Len() != 0 {
 		t.Fatalf("after both ended: active %d, cap %d", st.Active.Load(), c.Len())
 	}
-	if !p.Admit(st, in, true, c) {
+	a, ok = p.Admit(st, in, true, c)
+	if !ok {
 		t.Fatal("slot not free again")
 	}
-	p.Unadmit(st, c)
+	p.Unadmit(st, a)
 	if st.Active.Load() != 0 || c.Len() != 0 {
 		t.Fatalf("after Unadmit: active %d, cap %d", st.Active.Load(), c.Len())
 	}
@@ -197,7 +200,7 @@ func TestSessionRawPath(t *testing.T) {
 	defer st.Destruct()
 	src := netip.MustParseAddrPort("127.0.0.1:1")
 	open := mustPolicy(t, Limits{})
-	ss := open.Open(st, server, src, false, nil)
+	ss := open.Open(st, server, src, false, Admission{})
 	w := open.Wrap(server, ss)
 	if raw, ok := ss.RawPath(w); !ok || raw != server {
 		t.Fatalf("unlimited wrapper: raw path %v, %v; want the socket", raw, ok)
@@ -207,7 +210,7 @@ func TestSessionRawPath(t *testing.T) {
 		t.Fatal("a connection over the wrapper (TLS) got the raw path")
 	}
 	limited := mustPolicy(t, Limits{DownloadRate: 1 << 20})
-	ls := limited.Open(st, server, src, false, nil)
+	ls := limited.Open(st, server, src, false, Admission{})
 	if _, ok := ls.RawPath(limited.Wrap(server, ls)); ok {
 		t.Fatal("a rate-limited connection got the raw path")
 	}
@@ -226,7 +229,7 @@ func TestTakeIdleStopsTheWrappersTimeout(t *testing.T) {
 	defer st.Destruct()
 	p := mustPolicy(t, Limits{IdleTimeout: 200 * time.Millisecond})
 	src := netip.MustParseAddrPort("127.0.0.1:1")
-	ss := p.Open(st, server, src, false, nil)
+	ss := p.Open(st, server, src, false, Admission{})
 	c := p.Wrap(server, ss)
 	if got := ss.TakeIdle(); got != 200*time.Millisecond {
 		t.Fatalf("TakeIdle = %s, want the policy's 200ms", got)
@@ -241,5 +244,23 @@ func TestTakeIdleStopsTheWrappersTimeout(t *testing.T) {
 	}
 	if ss.Reason() != ReasonNone {
 		t.Fatalf("reason %s, want none", ss.Reason())
+	}
+}
+
+// The default caps share out the open-file limit as the README's table
+// says.
+func TestBudgetFor(t *testing.T) {
+	for _, c := range []struct {
+		limit uint64
+		want  FDBudget
+	}{
+		{4096, FDBudget{Limit: 4096, Reserve: 512, PerStream: 1792, NATCap: 1792, ConnCap: 896, NATPerSource: 224}},
+		{1 << 20, FDBudget{Limit: 1 << 20, Reserve: 4096, PerStream: 522240, NATCap: 100_000, ConnCap: 100_000, NATPerSource: 12_500}},
+		{256, FDBudget{Limit: 256, Reserve: 128, PerStream: 64, NATCap: 64, ConnCap: 32, NATPerSource: 8}},
+		{0, FDBudget{NATCap: 100_000, ConnCap: 100_000, NATPerSource: 12_500}},
+	} {
+		if got := BudgetFor(c.limit); got != c.want {
+			t.Errorf("BudgetFor(%d) = %+v, want %+v", c.limit, got, c.want)
+		}
 	}
 }

@@ -33,6 +33,11 @@ const (
 	ReasonConfigChanged
 	ReasonStreamDisabled
 	ReasonResponsesDone
+	ReasonMaxPerIP
+	ReasonRateLimited
+	ReasonSourceShare
+	ReasonSourceTableFull
+	ReasonConnectionCap
 )
 
 var reasonNames = [...]string{
@@ -53,6 +58,11 @@ var reasonNames = [...]string{
 	ReasonConfigChanged:      "config_changed",
 	ReasonStreamDisabled:     "stream_disabled",
 	ReasonResponsesDone:      "responses_done",
+	ReasonMaxPerIP:           "max_connections_per_ip",
+	ReasonRateLimited:        "rate_limited",
+	ReasonSourceShare:        "source_share",
+	ReasonSourceTableFull:    "source_table_full",
+	ReasonConnectionCap:      "connection_cap",
 }
 
 func (r Reason) String() string {
@@ -100,6 +110,7 @@ type Session struct {
 	idleTaken  atomic.Bool // a relay enforces the idle timeout (TakeIdle)
 	slot       atomic.Bool // holds an Active slot of its stream
 	cap        *Cap        // the listener's cap it holds one of, if any
+	src        *Source     // its source's entry it holds a slot of, if any
 
 	client   io.Closer
 	conn     *Conn // the guard's wrapper of client (TCP), set before the relay starts
@@ -208,16 +219,20 @@ func (ss *Session) touch() { ss.lastActive.Store(time.Now().UnixNano()) }
 func (ss *Session) Closed() bool { return ss.closed.Load() }
 
 // ReleaseSlot gives back, once, the slots that Policy.Admit took for the
-// session: its stream's Active slot (the max_connections count) and its
-// listener's cap. A relay that ends the connection calls it before it
-// closes the client, so that a client which reconnects as soon as it sees
-// the end is not refused for its own old slot; Policy.End calls it again,
+// session: its stream's Active slot (the max_connections count), its
+// listener's cap and its source's slot in the per-source table. A relay
+// that ends the connection calls it before it closes the client, so that a
+// client which reconnects as soon as it sees the end is not refused for its
+// own old slot; Policy.End calls it again,
 // which is then a no-op.
 func (ss *Session) ReleaseSlot() {
 	if ss.slot.CompareAndSwap(true, false) {
 		ss.State.Leave()
 		if ss.cap != nil {
 			ss.cap.n.Add(-1)
+		}
+		if ss.src != nil {
+			ss.State.sources.release(ss.src)
 		}
 	}
 }

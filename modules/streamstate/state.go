@@ -111,6 +111,7 @@ type State struct {
 	listeners [2]atomic.Int32 // by Kind
 	health    atomic.Pointer[Health]
 	tls       Handshakes
+	sources   *Sources     // the per-source table (sources.go)
 	attached  attachments  // the UDP relays of its addresses (attach.go)
 	grace     atomic.Int64 // nanoseconds
 
@@ -147,12 +148,16 @@ func New(id int64) *State {
 		logq:    logQueue{wake: make(chan struct{}, 1)},
 		logStop: make(chan struct{}),
 		logDone: make(chan struct{}),
+		sources: NewSources(),
 	}
 	s.initMetrics()
 	s.grace.Store(int64(DefaultGracePeriod))
 	go s.writeLogs()
 	return s
 }
+
+// Sources is the stream's per-source table.
+func (s *State) Sources() *Sources { return s.sources }
 
 // Context is cancelled when the stream's state is shut down. Dials and
 // waits on behalf of its connections use it.

@@ -339,10 +339,11 @@ func TestDestructWakesWhenTheLastConnectionEnds(t *testing.T) {
 			t.Fatal(err)
 		}
 		src := netip.MustParseAddrPort("192.0.2.1:1000")
-		if !p.Admit(s, src, false, nil) {
+		a, ok := p.Admit(s, src, false, nil)
+		if !ok {
 			t.Fatal("not admitted")
 		}
-		ss := p.Open(s, closerFunc(func() error { return nil }), src, false, nil)
+		ss := p.Open(s, closerFunc(func() error { return nil }), src, false, a)
 		var done atomic.Bool
 		go func() {
 			_ = s.Destruct()

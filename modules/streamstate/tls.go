@@ -19,8 +19,12 @@ type Handshakes struct {
 	// handshake timeout.
 	TimedOut atomic.Uint64
 	// Rejected counts connections closed before any handshake because
-	// max_handshakes were in progress.
+	// max_handshakes were in progress, or max_handshakes_per_ip from
+	// their source.
 	Rejected atomic.Uint64
+	// RejectedPerIP counts those of Rejected closed for
+	// max_handshakes_per_ip.
+	RejectedPerIP atomic.Uint64
 
 	handlers atomic.Int32 // aegis_tls handlers attached
 }

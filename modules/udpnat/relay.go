@@ -3,7 +3,8 @@
 // A Relay serves the UDP sockets of one stream address. It reads every
 // datagram on the socket's own goroutine and looks its source up in a NAT
 // table; the first datagram of a new client, once the stream's admission
-// policy (streamstate.Policy: access lists, max_connections, HardCap) lets
+// policy (streamstate.Policy: access lists, per-source limits,
+// max_connections, the NAT cap) lets
 // it in, creates an entry with its own connected upstream socket, and a
 // goroutine per entry sends the upstream's replies back to that client from
 // the stream's address. Nothing on the path blocks: a datagram that cannot
@@ -37,10 +38,13 @@ const (
 	// way for this long, when the stream sets no idle timeout.
 	DefaultIdleTimeout = streamstate.DefaultUDPIdleTimeout
 
-	// HardCap bounds the NAT entries of one stream address even when
-	// max_connections is 0 (unlimited). Each entry holds one upstream
-	// socket, so the process's open-file limit must be above it too.
-	HardCap = 100_000
+	// HardCap bounds the NAT entries of one stream address whatever
+	// max_connections says. With max_connections 0 the bound is lower:
+	// the share of the open-file limit one stream may take
+	// (streamstate.Budget().NATCap), as each entry holds one upstream
+	// socket; one source may hold an eighth of it
+	// (streamstate.SourceShare), or max_connections_per_ip.
+	HardCap = streamstate.MaxNATCap
 
 	// headroom is the room left in front of a datagram read from a client,
 	// so a PROXY v2 header can be put there without copying the payload.
@@ -93,7 +97,7 @@ type Relay struct {
 
 	cfg     atomic.Pointer[config]
 	entries sync.Map        // netip.AddrPort → *entry
-	table   streamstate.Cap // the entries, at most HardCap
+	table   streamstate.Cap // the entries, at most HardCap (by default NATCap)
 
 	mu    sync.Mutex
 	socks []*socket
@@ -121,6 +125,7 @@ func newRelay(key string, state *streamstate.State) *Relay {
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &Relay{key: key, state: state, ctx: ctx, cancel: cancel}
 	r.table.Max = HardCap
+	r.table.Default = int64(streamstate.Budget().NATCap)
 	r.wg.Add(1)
 	go r.sweep()
 	return r
@@ -378,12 +383,13 @@ func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte) *entry {
 	ip := src.Addr().Unmap()
 	client := netip.AddrPortFrom(ip, src.Port())
 	pol := p.Policy
-	if !pol.Admit(r.state, client, true, &r.table) {
+	adm, ok := pol.Admit(r.state, client, true, &r.table)
+	if !ok {
 		return nil
 	}
 	target := p.target.Load()
 	if target == nil {
-		pol.Unadmit(r.state, &r.table)
+		pol.Unadmit(r.state, adm)
 		r.state.DropDatagrams(streamstate.DropUpstreamUnresolved, 1)
 		return nil
 	}
@@ -395,12 +401,12 @@ func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte) *entry {
 	}
 	e, err := r.newEntry(s, p, *target, src, dst)
 	if err != nil {
-		pol.Unadmit(r.state, &r.table)
+		pol.Unadmit(r.state, adm)
 		r.state.DropDatagrams(streamstate.DropUpstreamSocket, 1)
 		r.logDialError(p, err)
 		return nil
 	}
-	e.ss = pol.Open(r.state, e, client, true, &r.table)
+	e.ss = pol.Open(r.state, e, client, true, adm)
 	// Two sockets of the relay (during a reload) may open the same client
 	// at once; the first one stored wins.
 	for {
