@@ -7,11 +7,13 @@ package l4aegisproxy
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -57,7 +59,18 @@ type Handler struct {
 	// bytes already read are written out. Default: false.
 	HalfClose bool `json:"half_close,omitempty"`
 
+	// TLS opens TLS to the upstream, verified (see UpstreamTLS). Health
+	// checks then do the handshake too. Default: nil (plain TCP).
+	TLS *UpstreamTLS `json:"tls,omitempty"`
+
 	dialer net.Dialer
+	// tlsConfig is TLS's client config for Upstream (nil without TLS).
+	tlsConfig *tls.Config
+	// lastTLSLog is when a failed handshake was last logged (unix
+	// nanoseconds, read and written atomically; not an atomic.Int64 so
+	// that a Handler stays copyable before Provision): at most one line
+	// per tlsLogEvery.
+	lastTLSLog int64
 	// checkHeader is the PROXY header a health check sends: v2 LOCAL or
 	// v1 "PROXY UNKNOWN", a proxy's own connection (nil without
 	// ProxyProtocol).
@@ -96,6 +109,14 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.dialer.Timeout = time.Duration(h.DialTimeout)
 	if h.dialer.Timeout == 0 {
 		h.dialer.Timeout = DefaultDialTimeout
+	}
+	if h.TLS != nil {
+		host, _, _ := net.SplitHostPort(h.Upstream)
+		cfg, err := h.TLS.clientConfig(host)
+		if err != nil {
+			return err
+		}
+		h.tlsConfig = cfg
 	}
 	if h.ProxyProtocol > 0 {
 		hdr := proxyproto.Header{Version: byte(h.ProxyProtocol), Command: proxyproto.LOCAL, TransportProtocol: proxyproto.UNSPEC}
@@ -167,6 +188,19 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 			}
 			return nil
 		}
+	}
+	if h.tlsConfig != nil {
+		// The relay copies through the TLS connection: it is not a
+		// *net.TCPConn, so the raw path is never taken.
+		tc, err := handshakeUpstream(ctx, up, h.tlsConfig, h.dialer.Timeout)
+		if err != nil {
+			if ss != nil {
+				ss.SetReason(streamstate.ReasonUpstreamTLSFailed)
+			}
+			h.logTLSFailure(err)
+			return nil
+		}
+		up = tc
 	}
 
 	// Bytes that a matcher already read from the client go first.
@@ -249,6 +283,13 @@ func (h *Handler) checkHealth(ctx context.Context) {
 				err = fmt.Errorf("sending the PROXY header: %w", werr)
 			}
 		}
+		if err == nil && h.tlsConfig != nil {
+			var tc *tls.Conn
+			if tc, err = handshakeUpstream(ctx, c, h.tlsConfig, h.dialer.Timeout); err == nil {
+				_ = tc.SetWriteDeadline(time.Now().Add(h.dialer.Timeout))
+				_ = tc.Close() // close_notify, then the socket
+			}
+		}
 		c.Close()
 	}
 	res := streamstate.Health{Healthy: err == nil, LastCheck: time.Now()}
@@ -264,6 +305,23 @@ func (h *Handler) checkHealth(ctx context.Context) {
 			h.logger.Warn("upstream unhealthy", zap.Int64("stream_id", h.StreamID), zap.String("upstream", h.Upstream), zap.String("error", res.LastError))
 		}
 	}
+}
+
+// tlsLogEvery is how often a failed TLS handshake with the upstream is
+// logged at most: every connection fails alike while it is misconfigured.
+const tlsLogEvery = 10 * time.Second
+
+// logTLSFailure logs why the handshake with the upstream failed, at most
+// once per tlsLogEvery.
+func (h *Handler) logTLSFailure(err error) {
+	now := time.Now().UnixNano()
+	last := atomic.LoadInt64(&h.lastTLSLog)
+	if now-last < int64(tlsLogEvery) || !atomic.CompareAndSwapInt64(&h.lastTLSLog, last, now) {
+		return
+	}
+	h.logger.Warn("tls to the upstream failed", zap.Int64("stream_id", h.StreamID),
+		zap.String("upstream", h.Upstream), zap.String("disconnect_reason", streamstate.ReasonUpstreamTLSFailed.String()),
+		zap.String("error", err.Error()))
 }
 
 // UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:

@@ -24,6 +24,14 @@ const (
 	BlockMaxConnections
 	// BlockNATTableFull: a UDP stream address held udpnat.HardCap entries.
 	BlockNATTableFull
+	// BlockProxyHeaderInvalid: a malformed or incomplete PROXY header
+	// (accept_proxy_protocol).
+	BlockProxyHeaderInvalid
+	// BlockProxyHeaderUntrusted: a PROXY header, or under required any
+	// connection, from a source outside trusted_proxy_cidrs.
+	BlockProxyHeaderUntrusted
+	// BlockProxyHeaderMissing: no PROXY header under required.
+	BlockProxyHeaderMissing
 	numBlockReasons
 )
 
@@ -31,6 +39,10 @@ var blockNames = [numBlockReasons]string{
 	BlockACL:            "acl_denied",
 	BlockMaxConnections: "max_connections",
 	BlockNATTableFull:   "nat_table_full",
+
+	BlockProxyHeaderInvalid:   "proxy_header_invalid",
+	BlockProxyHeaderUntrusted: "proxy_header_untrusted",
+	BlockProxyHeaderMissing:   "proxy_header_missing",
 }
 
 func (r BlockReason) String() string {
@@ -43,8 +55,15 @@ func (r BlockReason) String() string {
 // LogReason is the disconnect reason the connection log gives a refusal
 // for r.
 func (r BlockReason) LogReason() Reason {
-	if r == BlockACL {
+	switch r {
+	case BlockACL:
 		return ReasonACLDenied
+	case BlockProxyHeaderInvalid:
+		return ReasonProxyHeaderInvalid
+	case BlockProxyHeaderUntrusted:
+		return ReasonProxyHeaderUntrusted
+	case BlockProxyHeaderMissing:
+		return ReasonProxyHeaderMissing
 	}
 	return ReasonMaxConnections
 }

@@ -37,6 +37,14 @@ type Limits struct {
 	// LogConnections logs every connection's end, and refused sources
 	// once per source per BlockedLogEvery.
 	LogConnections bool
+	// ProxyAccept takes PROXY headers from the sources in TrustedProxies
+	// (CIDRs or bare IPs, required unless ProxyAccept is ProxyOff): the
+	// header's client is then the connection's source everywhere. A TCP
+	// header must arrive within ProxyHeaderTimeout (0:
+	// DefaultProxyHeaderTimeout).
+	ProxyAccept        ProxyAccept
+	TrustedProxies     []string
+	ProxyHeaderTimeout time.Duration
 }
 
 // Policy is the admission policy of a stream: who may connect (the access
@@ -51,8 +59,9 @@ type Limits struct {
 // client goes Admit → Open, its entry's buckets from Buckets.
 type Policy struct {
 	Limits
-	acl    ACL
-	logger *zap.Logger
+	acl     ACL
+	trusted []netip.Prefix
+	logger  *zap.Logger
 }
 
 // NewPolicy checks l and parses its access lists. logger is the one the
@@ -69,15 +78,28 @@ func NewPolicy(l Limits, logger *zap.Logger) (*Policy, error) {
 		return nil, fmt.Errorf("download_rate_bytes %d: must be >= 0 (0 = unlimited)", l.DownloadRate)
 	case l.IdleTimeout < 0:
 		return nil, fmt.Errorf("idle_timeout %s: must be >= 0 (0 = never)", l.IdleTimeout)
+	case l.ProxyHeaderTimeout < 0:
+		return nil, fmt.Errorf("proxy_header_timeout %s: must be >= 0 (0 = %s)", l.ProxyHeaderTimeout, DefaultProxyHeaderTimeout)
+	case l.ProxyAccept > ProxyRequired:
+		return nil, fmt.Errorf("accept_proxy_protocol %d: must be off, optional or required", l.ProxyAccept)
+	case l.ProxyAccept != ProxyOff && len(l.TrustedProxies) == 0:
+		return nil, fmt.Errorf("trusted_proxy_cidrs: required when accept_proxy_protocol is %s; list the front proxies' addresses", l.ProxyAccept)
 	}
 	acl, err := NewACL(l.Whitelist, l.Blacklist)
 	if err != nil {
 		return nil, err
 	}
+	trusted, err := parseList("trusted_proxy_cidrs", l.TrustedProxies)
+	if err != nil {
+		return nil, err
+	}
+	if l.ProxyHeaderTimeout == 0 {
+		l.ProxyHeaderTimeout = DefaultProxyHeaderTimeout
+	}
 	if logger == nil {
 		logger = zap.NewNop()
 	}
-	return &Policy{Limits: l, acl: acl, logger: logger}, nil
+	return &Policy{Limits: l, acl: acl, trusted: trusted, logger: logger}, nil
 }
 
 // Allowed applies the access lists to ip.

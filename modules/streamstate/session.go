@@ -33,6 +33,10 @@ const (
 	ReasonConfigChanged
 	ReasonStreamDisabled
 	ReasonResponsesDone
+	ReasonProxyHeaderInvalid
+	ReasonProxyHeaderUntrusted
+	ReasonProxyHeaderMissing
+	ReasonUpstreamTLSFailed
 )
 
 var reasonNames = [...]string{
@@ -53,6 +57,11 @@ var reasonNames = [...]string{
 	ReasonConfigChanged:      "config_changed",
 	ReasonStreamDisabled:     "stream_disabled",
 	ReasonResponsesDone:      "responses_done",
+
+	ReasonProxyHeaderInvalid:   "proxy_header_invalid",
+	ReasonProxyHeaderUntrusted: "proxy_header_untrusted",
+	ReasonProxyHeaderMissing:   "proxy_header_missing",
+	ReasonUpstreamTLSFailed:    "upstream_tls_failed",
 }
 
 func (r Reason) String() string {
