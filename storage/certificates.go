@@ -335,9 +335,12 @@ func (s *SQLite) DeleteCertificate(ctx context.Context, id int64, apply func(old
 	return nil
 }
 
-// certInUse returns an *InUseError if hosts refer to the certificate id.
+// certInUse returns an *InUseError if hosts refer to the certificate id:
+// as the certificate they serve (ssl_cert_id, a column) or the one they
+// present to their upstream (upstream_tls_client_cert_id, in settings).
 func certInUse(ctx context.Context, tx *sql.Tx, id int64) error {
-	rows, err := tx.QueryContext(ctx, `SELECT id, COALESCE(json_extract(settings, '$.name'), '') FROM hosts WHERE ssl_cert_id = ? ORDER BY id`, id)
+	rows, err := tx.QueryContext(ctx, `SELECT id, COALESCE(json_extract(settings, '$.name'), '') FROM hosts
+WHERE ssl_cert_id = ? OR json_extract(settings, '$.upstream_tls_client_cert_id') = ? ORDER BY id`, id, id)
 	if err != nil {
 		return fmt.Errorf("finding the hosts that use it: %w", err)
 	}
