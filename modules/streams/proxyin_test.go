@@ -139,7 +139,7 @@ backend be
 	// header claiming to be another client.
 	for _, tc := range []struct {
 		name, src, send, reason string
-		within              time.Duration
+		within                  time.Duration
 	}{
 		{"untrusted", "127.0.0.5", "PROXY TCP4 127.0.0.2 127.0.0.1 5000 80\r\nhi", "proxy_header_untrusted", time.Second},
 		{"garbage", "127.0.0.6", "GET / HTTP/1.0\r\n\r\n", "proxy_header_missing", time.Second},
