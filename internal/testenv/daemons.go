@@ -115,3 +115,16 @@ func HAProxy(t testing.TB, conf string) *Daemon {
 	}
 	return startDaemon(t, d, haproxyBin, "-db", "-f", file)
 }
+
+// Program runs the program name (looked up in PATH) with args in the
+// foreground, its output in ErrLog. It skips the test when the program is
+// not installed.
+func Program(t testing.TB, name string, args ...string) *Daemon {
+	t.Helper()
+	path, err := exec.LookPath(name)
+	if err != nil {
+		t.Skipf("%s is needed: %v", name, err)
+	}
+	dir := t.TempDir()
+	return startDaemon(t, &Daemon{Dir: dir, ErrLog: filepath.Join(dir, "output.log")}, path, args...)
+}
