@@ -278,7 +278,7 @@ func (s *Stream) validate(limits bool) error {
 	}
 	if s.UpstreamTLSServerName != "" {
 		if reason := checkUpstreamHost(s.UpstreamTLSServerName); reason != "" {
-			bad("upstream_tls_server_name", s.UpstreamTLSServerName, strings.Replace(reason, "upstream_port", "upstream_port; the name has none", 1))
+			bad("upstream_tls_server_name", s.UpstreamTLSServerName, strings.Replace(reason, "put the port in upstream_port", "a server name has no port", 1))
 		}
 	}
 	if s.UpstreamTLSCA != "" {
