@@ -3,6 +3,7 @@ package streams_test
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/binary"
 	"fmt"
 	"io"
@@ -230,5 +231,60 @@ func TestAcceptProxyProtocolUDPBehindAegis(t *testing.T) {
 	defer mu.Unlock()
 	if len(got) != 1 {
 		t.Errorf("the upstream got %q after the untrusted datagram", got)
+	}
+}
+
+// TestAcceptProxyProtocolAppliesLive turns accept_proxy_protocol on and off
+// on a listening stream through the management functions the API calls:
+// each new connection takes the setting then in force, and an open one
+// keeps its own.
+func TestAcceptProxyProtocolAppliesLive(t *testing.T) {
+	checkNoLeaks(t)
+	up := newHeaderUpstream(t)
+	inst := startCaddy(t, hosts(host(1, freePort(t), up.Port, nil)))
+	ctx := context.Background()
+	port := freePort(t)
+	s := apiStream(2, port, up.Port)
+	s.ProxyProtocolVersion = 2
+	if _, err := streams.CreateHost(ctx, s); err != nil {
+		t.Fatal(err)
+	}
+	const header = "PROXY TCP4 192.0.2.44 127.0.0.1 4000 80\r\n"
+	// Off: the header is the client's data, and the upstream's own header
+	// names the connection's source.
+	open := dial(t, port)
+	if got := roundTrip(t, open, header+"hi\n"); got != header+"hi\n" {
+		t.Fatalf("off: echo %q", got)
+	}
+
+	s.AcceptProxyProtocol, s.TrustedProxyCIDRs = "required", []string{"127.0.0.1"}
+	if _, err := streams.UpdateHost(ctx, 2, s); err != nil {
+		t.Fatal(err)
+	}
+	c := dial(t, port)
+	if _, err := c.Write([]byte(header)); err != nil {
+		t.Fatal(err)
+	}
+	if got := roundTrip(t, c, "hi\n"); got != "hi\n" {
+		t.Fatalf("required: echo %q, want the bytes after the header alone", got)
+	}
+	c.Close()
+	inst.waitLog(2, "the header's client", func(e logEntry) bool { return e.SourceIP == "192.0.2.44" })
+	// The connection opened before the edit keeps reading no header.
+	if got := roundTrip(t, open, header); got != header {
+		t.Fatalf("the open connection after the edit: echo %q", got)
+	}
+
+	s.AcceptProxyProtocol, s.TrustedProxyCIDRs = "off", nil
+	if _, err := streams.UpdateHost(ctx, 2, s); err != nil {
+		t.Fatal(err)
+	}
+	c = dial(t, port)
+	if got := roundTrip(t, c, header); got != header {
+		t.Fatalf("off again: echo %q", got)
+	}
+	seen := up.seen()
+	if want := []string{"127.0.0.1", "192.0.2.44", "127.0.0.1"}; fmt.Sprint(seen) != fmt.Sprint(want) {
+		t.Errorf("the upstream's PROXY headers name %v, want %v", seen, want)
 	}
 }
