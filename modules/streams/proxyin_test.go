@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -124,8 +125,8 @@ backend be
 		if e.Action != "allowed" || e.BytesSent != 6 {
 			t.Errorf("%s: log entry %+v", tc.front, e)
 		}
-		if got := up.seen(); got[len(got)-1] != tc.client {
-			t.Errorf("%s: the upstream's PROXY headers name %v, want %s last", tc.front, got, tc.client)
+		if got := up.seen(); !slices.Contains(got, tc.client) {
+			t.Errorf("%s: the upstream's PROXY headers name %v, want %s among them", tc.front, got, tc.client)
 		}
 	}
 
