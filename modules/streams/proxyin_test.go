@@ -207,9 +207,13 @@ func TestAcceptProxyProtocolUDPBehindAegis(t *testing.T) {
 	if r := udpRoundTrip(t, c, "query", 5*time.Second); r != "query" {
 		t.Fatalf("reply %q, want query", r)
 	}
+	// The entry's next datagram: its header is only measured and taken off.
+	if r := udpRoundTrip(t, c, "again", 5*time.Second); r != "again" {
+		t.Fatalf("reply %q, want again", r)
+	}
 	mu.Lock()
-	if len(got) != 1 || got[0] != "127.0.0.2 query" {
-		t.Errorf("the upstream got %q, want the client 127.0.0.2 and the payload alone", got)
+	if len(got) != 2 || got[0] != "127.0.0.2 query" || got[1] != "127.0.0.2 again" {
+		t.Errorf("the upstream got %q, want the client 127.0.0.2 and the payload alone, twice", got)
 	}
 	mu.Unlock()
 
@@ -230,7 +234,7 @@ func TestAcceptProxyProtocolUDPBehindAegis(t *testing.T) {
 	inst.waitStats(2, "one blocked", func(s spec.Status) bool { return s.BlockedConnections >= 1 })
 	mu.Lock()
 	defer mu.Unlock()
-	if len(got) != 1 {
+	if len(got) != 2 {
 		t.Errorf("the upstream got %q after the untrusted datagram", got)
 	}
 }

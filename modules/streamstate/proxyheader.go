@@ -204,12 +204,14 @@ func (p *Policy) trusts(src netip.Addr) bool { return contains(p.trusted, src.Un
 // AcceptsProxy reports whether the policy reads PROXY headers.
 func (p *Policy) AcceptsProxy() bool { return p.ProxyAccept != ProxyOff }
 
-// ProxyDatagram applies accept_proxy_protocol to datagram b from src. It
-// returns how many bytes of b are the header to strip, and the client's
-// addresses from it (invalid: src is the client). ok is false when the
-// datagram must be dropped: it is then counted and logged as a refusal
-// of src by r (the caller passes st and udp through).
-func (p *Policy) ProxyDatagram(st *State, b []byte, src netip.AddrPort) (n int, addrs ProxyAddrs, ok bool) {
+// ProxyDatagram applies accept_proxy_protocol to datagram b from src on
+// stream st. It returns how many bytes of b are the header to take off,
+// and with parse the client's addresses from it (invalid: src is the
+// client); without parse (the sender's NAT entry is open already) the
+// header is only measured, which allocates nothing. ok is false when the
+// datagram must be dropped: it is then counted and logged as a refusal of
+// src, by reason.
+func (p *Policy) ProxyDatagram(st *State, b []byte, src netip.AddrPort, parse bool) (n int, addrs ProxyAddrs, ok bool) {
 	hn, st2 := headerLen(b)
 	if !p.trusts(src.Addr()) {
 		if p.ProxyAccept == ProxyRequired || st2 != headerNone {
@@ -226,6 +228,9 @@ func (p *Policy) ProxyDatagram(st *State, b []byte, src netip.AddrPort) (n int, 
 		}
 		return 0, ProxyAddrs{}, true
 	case headerComplete:
+		if !parse {
+			return hn, ProxyAddrs{}, true
+		}
 		if addrs, err := parseHeader(b[:hn]); err == nil {
 			return hn, addrs, true
 		}

@@ -189,7 +189,7 @@ func TestProxyDatagram(t *testing.T) {
 			st := New(0)
 			st.SetGracePeriod(0)
 			defer st.Destruct()
-			n, addrs, ok := p.ProxyDatagram(st, tc.b, tc.src)
+			n, addrs, ok := p.ProxyDatagram(st, tc.b, tc.src, true)
 			if ok != tc.ok || n != tc.n {
 				t.Fatalf("n, ok = %d, %v; want %d, %v", n, ok, tc.n, tc.ok)
 			}
@@ -198,6 +198,17 @@ func TestProxyDatagram(t *testing.T) {
 			}
 			if tc.client != "" && addrs.Source != netip.MustParseAddrPort(tc.client) || tc.client == "" && addrs.Source.IsValid() {
 				t.Errorf("client %v, want %q", addrs.Source, tc.client)
+			}
+			// An open entry's datagram: the same length, no addresses,
+			// and nothing allocated.
+			if ok && n > 0 {
+				n2, addrs2, ok2 := p.ProxyDatagram(st, tc.b, tc.src, false)
+				if n2 != n || !ok2 || addrs2.Source.IsValid() {
+					t.Errorf("without parse: %d %+v %v", n2, addrs2, ok2)
+				}
+				if a := testing.AllocsPerRun(100, func() { p.ProxyDatagram(st, tc.b, tc.src, false) }); a != 0 {
+					t.Errorf("without parse: %v allocations per datagram", a)
+				}
 			}
 		})
 	}

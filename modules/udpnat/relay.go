@@ -332,17 +332,18 @@ func readError(err error, backoff *time.Duration) (closed bool) {
 // With accept_proxy_protocol, a front proxy's PROXY header at its start
 // names the client and is taken off.
 func (r *Relay) datagram(s *socket, buf []byte, n int, src netip.AddrPort, oob []byte) {
-	off := 0
-	var pa streamstate.ProxyAddrs
-	if p := r.cfg.Load(); p != nil && p.Policy.AcceptsProxy() {
-		var ok bool
-		if off, pa, ok = p.Policy.ProxyDatagram(r.state, buf[headroom:headroom+n], src); !ok {
-			return
-		}
-	}
 	var e *entry
 	if v, ok := r.entries.Load(src); ok {
 		e = v.(*entry)
+	}
+	off := 0
+	var pa streamstate.ProxyAddrs
+	if p := r.cfg.Load(); p != nil && p.Policy.AcceptsProxy() {
+		// The header's addresses matter only to a new entry.
+		var ok bool
+		if off, pa, ok = p.Policy.ProxyDatagram(r.state, buf[headroom:headroom+n], src, e == nil || e.gone()); !ok {
+			return
+		}
 	}
 	if e == nil || !e.expect() {
 		// A new client, or its entry has ended (or got all its answers
