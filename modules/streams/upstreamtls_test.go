@@ -178,6 +178,29 @@ func TestUpstreamTLS(t *testing.T) {
 			}
 		})
 	}
+
+	// TLS on both sides: the stream terminates the client's TLS with the
+	// stored certificate (it is a server's too) and opens its own to the
+	// upstream.
+	t.Run("both sides", func(t *testing.T) {
+		port := freePort(t)
+		s := apiStream(30, port, upGood.Port)
+		s.SSLEnabled, s.SSLCertID = true, stored.ID
+		s.UpstreamTLS, s.UpstreamTLSServerName, s.UpstreamTLSCA = true, "db.internal", ca.CertPEM
+		if _, err := streams.CreateHost(ctx, s); err != nil {
+			t.Fatal(err)
+		}
+		defer streams.DeleteHost(ctx, 30)
+		c, err := tls.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port), &tls.Config{RootCAs: clientCA.Pool(), ServerName: "aegis-client.test"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if got := roundTrip(t, c, "both\n"); got != "both\n" {
+			t.Fatalf("echo %q", got)
+		}
+	})
+
 	if err := streams.DeleteCertificate(ctx, stored.ID); err != nil {
 		t.Errorf("deleting the client certificate once no stream uses it: %v", err)
 	}

@@ -249,3 +249,25 @@ func FuzzProxyHeader(f *testing.F) {
 		}
 	})
 }
+
+// BenchmarkParseProxyHeader is the CPU a front proxy's header costs a new
+// connection on top of its two system calls (a peek and a read): its
+// length, then go-proxyproto's parse.
+func BenchmarkParseProxyHeader(b *testing.B) {
+	for _, tc := range []struct {
+		name string
+		hdr  []byte
+	}{
+		{"v1", []byte("PROXY TCP4 203.0.113.9 198.51.100.1 40000 5432\r\n")},
+		{"v2", v2(b, proxyproto.PROXY, proxyproto.TCPv4, "203.0.113.9:40000", "198.51.100.1:5432")},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				if n, _, err := ParseProxyHeader(tc.hdr); err != nil || n != len(tc.hdr) {
+					b.Fatal(n, err)
+				}
+			}
+		})
+	}
+}
