@@ -67,10 +67,9 @@ type Handler struct {
 	// tlsConfig is TLS's client config for Upstream (nil without TLS).
 	tlsConfig *tls.Config
 	// lastTLSLog is when a failed handshake was last logged (unix
-	// nanoseconds, read and written atomically; not an atomic.Int64 so
-	// that a Handler stays copyable before Provision): at most one line
-	// per tlsLogEvery.
-	lastTLSLog int64
+	// nanoseconds): at most one line per tlsLogEvery. A pointer, made by
+	// Provision, so that a Handler stays copyable before it.
+	lastTLSLog *atomic.Int64
 	// checkHeader is the PROXY header a health check sends: v2 LOCAL or
 	// v1 "PROXY UNKNOWN", a proxy's own connection (nil without
 	// ProxyProtocol).
@@ -117,6 +116,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			return err
 		}
 		h.tlsConfig = cfg
+		h.lastTLSLog = new(atomic.Int64)
 	}
 	if h.ProxyProtocol > 0 {
 		hdr := proxyproto.Header{Version: byte(h.ProxyProtocol), Command: proxyproto.LOCAL, TransportProtocol: proxyproto.UNSPEC}
@@ -315,8 +315,8 @@ const tlsLogEvery = 10 * time.Second
 // once per tlsLogEvery.
 func (h *Handler) logTLSFailure(err error) {
 	now := time.Now().UnixNano()
-	last := atomic.LoadInt64(&h.lastTLSLog)
-	if now-last < int64(tlsLogEvery) || !atomic.CompareAndSwapInt64(&h.lastTLSLog, last, now) {
+	last := h.lastTLSLog.Load()
+	if now-last < int64(tlsLogEvery) || !h.lastTLSLog.CompareAndSwap(last, now) {
 		return
 	}
 	h.logger.Warn("tls to the upstream failed", zap.Int64("stream_id", h.StreamID),
