@@ -112,6 +112,10 @@ func TestProvisionErrors(t *testing.T) {
 		{l4aegisguard.Handler{UploadRateBytes: -5}, "upload_rate_bytes -5"},
 		{l4aegisguard.Handler{DownloadRateBytes: -6}, "download_rate_bytes -6"},
 		{l4aegisguard.Handler{IdleTimeout: caddy.Duration(-time.Second)}, "idle_timeout -1s"},
+		{l4aegisguard.Handler{AcceptProxyProtocol: "yes"}, `accept_proxy_protocol "yes": must be off, optional or required`},
+		{l4aegisguard.Handler{AcceptProxyProtocol: "required"}, "trusted_proxy_cidrs: required when accept_proxy_protocol is required"},
+		{l4aegisguard.Handler{AcceptProxyProtocol: "optional", TrustedProxyCIDRs: []string{"lb"}}, `trusted_proxy_cidrs "lb"`},
+		{l4aegisguard.Handler{ProxyHeaderTimeout: caddy.Duration(-time.Second)}, "proxy_header_timeout -1s"},
 	}
 	for _, tc := range cases {
 		h := tc.h
@@ -319,6 +323,10 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		download_rate_bytes 2097152
 		idle_timeout 90s
 		log_connections
+		accept_proxy_protocol optional
+		trusted_proxy_cidrs 10.1.0.0/16
+		trusted_proxy_cidrs 10.2.0.1
+		proxy_header_timeout 2s
 	}`))
 	if err != nil {
 		t.Fatal(err)
@@ -333,6 +341,10 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		DownloadRateBytes: 2 << 20,
 		IdleTimeout:       caddy.Duration(90 * time.Second),
 		LogConnections:    true,
+
+		AcceptProxyProtocol: "optional",
+		TrustedProxyCIDRs:   []string{"10.1.0.0/16", "10.2.0.1"},
+		ProxyHeaderTimeout:  caddy.Duration(2 * time.Second),
 	}
 	if fmt.Sprintf("%+v", h) != fmt.Sprintf("%+v", want) {
 		t.Fatalf("got  %+v\nwant %+v", h, want)
@@ -364,6 +376,9 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		{"aegis_guard {\n blacklist_cidrs\n}", "blacklist_cidrs"},
 		{"aegis_guard {\n stream_name\n}", "stream_name"},
 		{"aegis_guard {\n rate_limit 5\n}", `"rate_limit"`},
+		{"aegis_guard {\n accept_proxy_protocol always\n}", `accept_proxy_protocol "always": must be off, optional or required`},
+		{"aegis_guard {\n proxy_header_timeout soon\n}", `proxy_header_timeout "soon"`},
+		{"aegis_guard {\n trusted_proxy_cidrs\n}", "trusted_proxy_cidrs"},
 		{"aegis_guard extra", "extra"},
 		{"aegis_guard {\n max_connections 1\n max_connections 2\n}", `aegis_guard option "max_connections" given twice`},
 		{"aegis_guard {\n log_connections\n log_connections false\n}", `aegis_guard option "log_connections" given twice`},
