@@ -18,6 +18,7 @@ import (
 
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegisguard"
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegisproxy"
+	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 
 	"github.com/aegis-proxy/caddy-aegis/internal/loopback"
 	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
@@ -391,5 +392,41 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%q: got error %v, want one naming %s", tc.in, err, tc.want)
 		}
+	}
+}
+
+// TestGuardProxyHeaderPlainLayer4: in a plain layer4 chain, a guard with
+// accept_proxy_protocol applies its access lists to the client the header
+// names, and the session and the PROXY header's client go on to the
+// relay; a header from outside trusted_proxy_cidrs is refused.
+func TestGuardProxyHeaderPlainLayer4(t *testing.T) {
+	up := echoUpstream(t, "127.0.0.1:0")
+	g := &l4aegisguard.Handler{AcceptProxyProtocol: "required", TrustedProxyCIDRs: []string{"127.0.0.1"},
+		BlacklistCIDRs: []string{"192.0.2.66"}}
+	c := startChain(t, "127.0.0.1:0", up, g, nil)
+
+	ok := dialFrom(t, "127.0.0.1", c.addr)
+	if _, err := ok.Write([]byte("PROXY TCP4 192.0.2.5 127.0.0.1 4000 80\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	echoes(t, ok, "behind a proxy")
+	var sources []string
+	g.State().Sessions(func(ss *streamstate.Session) bool {
+		sources = append(sources, ss.Source.String())
+		return true
+	})
+	if len(sources) != 1 || sources[0] != "192.0.2.5:4000" {
+		t.Errorf("open sessions from %v, want the header's client 192.0.2.5:4000", sources)
+	}
+
+	denied := dialFrom(t, "127.0.0.1", c.addr)
+	if _, err := denied.Write([]byte("PROXY TCP4 192.0.2.66 127.0.0.1 4000 80\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	refused(t, denied)
+	refused(t, dialFrom(t, "127.0.0.2", c.addr))
+	st := g.State()
+	if acl, untrusted := st.BlockedBy(streamstate.BlockACL), st.BlockedBy(streamstate.BlockProxyHeaderUntrusted); acl != 1 || untrusted != 1 {
+		t.Errorf("blocked: acl_denied %d, proxy_header_untrusted %d; want 1 and 1", acl, untrusted)
 	}
 }
