@@ -332,10 +332,16 @@ func (h *Handler) logTLSFailure(err error) {
 //		proxy_protocol 0|1|2
 //		health_check_interval <duration>
 //		half_close [true|false]
+//		tls [true|false]
+//		tls_server_name <name>
+//		tls_ca <pem>
+//		tls_client_cert_id <id>
+//		tls_insecure_skip_verify [true|false]
 //	}
 //
-// The upstream is the first argument (upstream in JSON). Each option may
-// be given once; none takes a block.
+// The upstream is the first argument (upstream in JSON). A tls_* option
+// turns TLS to the upstream on (tls in JSON); tls_ca takes PEM text, as a
+// heredoc. Each option may be given once; none takes a block.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // handler name
 	if !d.NextArg() {
@@ -364,20 +370,33 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 
 // unmarshalOption sets option opt from its values.
 func (h *Handler) unmarshalOption(d *caddyfile.Dispenser, opt string, args []string) error {
-	if opt == "half_close" {
+	if opt == "half_close" || opt == "tls" || opt == "tls_insecure_skip_verify" {
 		// Alone it means true, as the streams app's boolean options.
+		var on bool
 		switch {
 		case len(args) == 0 || len(args) == 1 && args[0] == "true":
-			h.HalfClose = true
+			on = true
 		case len(args) == 1 && args[0] == "false":
-			h.HalfClose = false
 		default:
-			return d.Errf("half_close %q: want true or false", strings.Join(args, " "))
+			return d.Errf("%s %q: want true or false", opt, strings.Join(args, " "))
+		}
+		switch opt {
+		case "half_close":
+			h.HalfClose = on
+		case "tls":
+			if on && h.TLS == nil {
+				h.TLS = new(UpstreamTLS)
+			} else if !on {
+				h.TLS = nil
+			}
+		default:
+			h.tlsOption().InsecureSkipVerify = on
 		}
 		return nil
 	}
 	switch opt {
-	case "stream_id", "proxy_protocol", "dial_timeout", "health_check_interval":
+	case "stream_id", "proxy_protocol", "dial_timeout", "health_check_interval",
+		"tls_server_name", "tls_ca", "tls_client_cert_id":
 	default:
 		return d.Errf("unknown aegis_proxy option %q", opt)
 	}
@@ -398,6 +417,16 @@ func (h *Handler) unmarshalOption(d *caddyfile.Dispenser, opt string, args []str
 			return d.Errf("proxy_protocol %q: want 0, 1 or 2", val)
 		}
 		h.ProxyProtocol = n
+	case "tls_server_name":
+		h.tlsOption().ServerName = val
+	case "tls_ca":
+		h.tlsOption().CA = val
+	case "tls_client_cert_id":
+		n, err := strconv.ParseInt(val, 10, 64)
+		if err != nil {
+			return d.Errf("tls_client_cert_id %q: want a whole number", val)
+		}
+		h.tlsOption().ClientCertID = n
 	case "dial_timeout", "health_check_interval":
 		dur, err := caddy.ParseDuration(val)
 		if err != nil {
@@ -410,6 +439,15 @@ func (h *Handler) unmarshalOption(d *caddyfile.Dispenser, opt string, args []str
 		}
 	}
 	return nil
+}
+
+// tlsOption is the TLS settings a tls_* option sets: giving one turns
+// TLS to the upstream on.
+func (h *Handler) tlsOption() *UpstreamTLS {
+	if h.TLS == nil {
+		h.TLS = new(UpstreamTLS)
+	}
+	return h.TLS
 }
 
 // Interface guards
