@@ -141,7 +141,7 @@ func certError(err error, id int64) error {
 		return &apiError{Status: http.StatusNotFound, Message: fmt.Sprintf("certificate %d not found", id)}
 	case errors.Is(err, spec.ErrInUse), errors.Is(err, storage.ErrInUse):
 		e := toAPIError(err)
-		e.Message += "; delete those streams, or give them another ssl_cert_id, first"
+		e.Message += "; delete those streams, or give them another certificate (ssl_cert_id, upstream_tls_client_cert_id), first"
 		return e
 	}
 	return err

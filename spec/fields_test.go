@@ -40,10 +40,10 @@ func TestSuggest(t *testing.T) {
 	if got, want := UnknownFields([]string{"whitelist_cidr"}, known), `unknown field "whitelist_cidr"; did you mean whitelist_cidrs?`; got != want {
 		t.Errorf("one near miss:\n got %s\nwant %s", got, want)
 	}
-	if got := UnknownFields([]string{"bogus_field"}, known); !strings.HasPrefix(got, `unknown field "bogus_field"; the fields are: blacklist_cidrs, connection_rate_per_ip, connection_rate_window_seconds, connection_timeout_seconds,`) {
+	if got := UnknownFields([]string{"bogus_field"}, known); !strings.HasPrefix(got, `unknown field "bogus_field"; the fields are: accept_proxy_protocol, blacklist_cidrs, connection_rate_per_ip, connection_rate_window_seconds, connection_timeout_seconds,`) {
 		t.Errorf("a field like none: %s", got)
 	}
-	if got := UnknownFields([]string{"nmae", "bogus"}, known); !strings.HasPrefix(got, `unknown fields "nmae" (did you mean name?), "bogus"; the fields are: blacklist_cidrs,`) {
+	if got := UnknownFields([]string{"nmae", "bogus"}, known); !strings.HasPrefix(got, `unknown fields "nmae" (did you mean name?), "bogus"; the fields are: accept_proxy_protocol, blacklist_cidrs,`) {
 		t.Errorf("two: %s", got)
 	}
 }

@@ -26,6 +26,16 @@ const (
 	// DefaultConnectionRateWindow is connection_rate_window_seconds'
 	// default.
 	DefaultConnectionRateWindow = 60 * time.Second
+	// DefaultProxyHeaderTimeout bounds the wait for a front proxy's PROXY
+	// header.
+	DefaultProxyHeaderTimeout = 5 * time.Second
+)
+
+// accept_proxy_protocol values.
+const (
+	ProxyAcceptOff      = "off"
+	ProxyAcceptOptional = "optional"
+	ProxyAcceptRequired = "required"
 )
 
 // Stream is one stream host: a listen address and port relayed to an
@@ -118,6 +128,29 @@ type Stream struct {
 	// is allowed, and the header goes in front of every datagram. Default: 0.
 	ProxyProtocolVersion int `json:"proxy_protocol_version,omitempty"`
 
+	// AcceptProxyProtocol reads the PROXY protocol header (v1 or v2) that
+	// a front proxy (HAProxy, an AWS NLB, nginx, another Aegis) sends, and
+	// takes the client address in it as the connection's everywhere: the
+	// access lists, max_connections, the connection log, the live
+	// connection list and the PROXY header sent upstream. "off", "optional"
+	// (a connection from trusted_proxy_cidrs may start with a header; the
+	// bytes of other sources go through as they are) or "required" (every
+	// connection must come from trusted_proxy_cidrs and start with a
+	// header). A UDP datagram from a trusted source may (must) start with a
+	// v2 header, which is taken off before the datagram goes upstream.
+	// Default: "off".
+	AcceptProxyProtocol string `json:"accept_proxy_protocol,omitempty"`
+
+	// TrustedProxyCIDRs are the front proxies that may send a PROXY header:
+	// CIDRs or bare IPs. Required when accept_proxy_protocol is not off.
+	// Default: empty.
+	TrustedProxyCIDRs []string `json:"trusted_proxy_cidrs,omitempty"`
+
+	// ProxyHeaderTimeoutSeconds is how long a TCP connection from a trusted
+	// proxy has to send its whole PROXY header; it is closed after.
+	// Default: 0, meaning 5 seconds.
+	ProxyHeaderTimeoutSeconds int `json:"proxy_header_timeout_seconds,omitempty"`
+
 	// WhitelistCIDRs, when not empty, allows only sources inside one of
 	// these CIDRs. A bare IP means /32 (IPv4) or /128 (IPv6). Default: empty
 	// (allow all).
@@ -144,6 +177,32 @@ type Stream struct {
 	// certificate, the certificate that Caddy's tls app obtains and renews
 	// for this name. Default: "".
 	SSLDomain string `json:"ssl_domain,omitempty"`
+
+	// UpstreamTLS opens TLS to the upstream, whether or not the stream
+	// terminates TLS from the client. The upstream's certificate is
+	// verified against the system's roots, or upstream_tls_ca, for the
+	// name upstream_tls_server_name. TCP only. Default: false.
+	UpstreamTLS bool `json:"upstream_tls,omitempty"`
+
+	// UpstreamTLSServerName is the name sent (SNI) and verified in the
+	// upstream's certificate. Default: upstream_host (an IP address is
+	// verified against the certificate's IP addresses, and not sent).
+	UpstreamTLSServerName string `json:"upstream_tls_server_name,omitempty"`
+
+	// UpstreamTLSCA is the PEM text of one or more CA certificates that
+	// the upstream's certificate must chain to, instead of the system's
+	// roots. Default: "" (the system's roots).
+	UpstreamTLSCA string `json:"upstream_tls_ca,omitempty"`
+
+	// UpstreamTLSClientCertID is a stored certificate, with its key, that
+	// Aegis presents to the upstream (mutual TLS). It cannot be deleted
+	// while a stream uses it. Default: 0 (none).
+	UpstreamTLSClientCertID int64 `json:"upstream_tls_client_cert_id,omitempty"`
+
+	// UpstreamTLSInsecureSkipVerify accepts any certificate from the
+	// upstream: the connection is encrypted but anyone on the path can
+	// pose as the upstream. For tests only. Default: false.
+	UpstreamTLSInsecureSkipVerify bool `json:"upstream_tls_insecure_skip_verify,omitempty"`
 
 	// UploadRateBytes limits client→upstream bytes per second for each
 	// connection. Default: 0 (unlimited).
@@ -236,6 +295,24 @@ func (s *Stream) ConnectionRateWindow() time.Duration {
 		return DefaultConnectionRateWindow
 	}
 	return time.Duration(s.ConnectionRateWindowSeconds) * time.Second
+}
+
+// ProxyHeaderTimeout is proxy_header_timeout_seconds with its default
+// applied.
+func (s *Stream) ProxyHeaderTimeout() time.Duration {
+	if s.ProxyHeaderTimeoutSeconds <= 0 {
+		return DefaultProxyHeaderTimeout
+	}
+	return time.Duration(s.ProxyHeaderTimeoutSeconds) * time.Second
+}
+
+// UpstreamTLSName is the name verified in the upstream's certificate:
+// upstream_tls_server_name, or upstream_host.
+func (s *Stream) UpstreamTLSName() string {
+	if s.UpstreamTLSServerName != "" {
+		return s.UpstreamTLSServerName
+	}
+	return s.UpstreamHost
 }
 
 // HealthCheckInterval is the health check interval with its default applied.

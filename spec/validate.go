@@ -1,6 +1,8 @@
 package spec
 
 import (
+	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -264,7 +266,92 @@ func (s *Stream) validate(limits bool) error {
 		}
 	}
 
+	switch s.AcceptProxyProtocol {
+	case "", ProxyAcceptOff, ProxyAcceptOptional, ProxyAcceptRequired:
+		if s.AcceptsProxy() && len(s.TrustedProxyCIDRs) == 0 {
+			required("trusted_proxy_cidrs", "list the front proxies' addresses (e.g. 10.0.0.0/8 or 192.0.2.7) when accept_proxy_protocol is "+s.AcceptProxyProtocol)
+		}
+	default:
+		bad("accept_proxy_protocol", s.AcceptProxyProtocol, "must be off, optional or required")
+	}
+	for _, c := range s.TrustedProxyCIDRs {
+		if _, err := ParseCIDR(c); err != nil {
+			bad("trusted_proxy_cidrs", c, err.Error())
+		}
+	}
+	if s.ProxyHeaderTimeoutSeconds < 0 || s.ProxyHeaderTimeoutSeconds > MaxProxyHeaderTimeoutSeconds {
+		badInt("proxy_header_timeout_seconds", int64(s.ProxyHeaderTimeoutSeconds), fmt.Sprintf("must be 0-%d (0 = 5s)", MaxProxyHeaderTimeoutSeconds))
+	}
+
+	if s.UpstreamTLS && !s.HasTCP() {
+		bad("upstream_tls", true, "tls to the upstream needs a tcp listener; use protocol tcp or tcp+udp, or turn upstream_tls off")
+	}
+	if s.UpstreamTLSServerName != "" {
+		if reason := checkUpstreamHost(s.UpstreamTLSServerName); reason != "" {
+			bad("upstream_tls_server_name", s.UpstreamTLSServerName, strings.Replace(reason, "put the port in upstream_port", "a server name has no port", 1))
+		}
+	}
+	if s.UpstreamTLSCA != "" {
+		if _, err := ParseCAPEM(s.UpstreamTLSCA); err != nil {
+			// The PEM text is too long to repeat.
+			errs = append(errs, &FieldError{ID: s.ID, Name: s.Name, Field: "upstream_tls_ca", Reason: err.Error()})
+		}
+	}
+	if s.UpstreamTLSClientCertID < 0 {
+		badInt("upstream_tls_client_cert_id", s.UpstreamTLSClientCertID, "must be >= 0 (0 = none)")
+	}
+
 	return errors.Join(errs...)
+}
+
+// MaxProxyHeaderTimeoutSeconds bounds proxy_header_timeout_seconds: a
+// front proxy sends its header at once.
+const MaxProxyHeaderTimeoutSeconds = 300
+
+// MaxCAPEMLength bounds upstream_tls_ca, in bytes.
+const MaxCAPEMLength = 1 << 20
+
+// AcceptsProxy reports whether the stream reads PROXY headers from a front
+// proxy.
+func (s *Stream) AcceptsProxy() bool {
+	return s.AcceptProxyProtocol == ProxyAcceptOptional || s.AcceptProxyProtocol == ProxyAcceptRequired
+}
+
+// ParseCAPEM parses upstream_tls_ca: PEM text of one or more CA
+// certificates and nothing else. The error says what is wrong.
+func ParseCAPEM(s string) (*x509.CertPool, error) {
+	if len(s) > MaxCAPEMLength {
+		return nil, fmt.Errorf("%d bytes, more than the limit of %d; give only the CA certificates", len(s), MaxCAPEMLength)
+	}
+	pool := x509.NewCertPool()
+	rest := []byte(s)
+	n := 0
+	for {
+		var b *pem.Block
+		b, rest = pem.Decode(rest)
+		if b == nil {
+			break
+		}
+		n++
+		if b.Type != "CERTIFICATE" {
+			if strings.Contains(b.Type, "PRIVATE KEY") {
+				return nil, fmt.Errorf("block %d is a private key; give only the CA's certificate (a private key never goes here)", n)
+			}
+			return nil, fmt.Errorf("block %d is a %q; want only CERTIFICATE blocks", n, b.Type)
+		}
+		c, err := x509.ParseCertificate(b.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("certificate %d: %v", n, err)
+		}
+		pool.AddCert(c)
+	}
+	if n == 0 {
+		return nil, errors.New("no PEM certificate found; paste the CA certificate(s), from -----BEGIN CERTIFICATE----- to -----END CERTIFICATE-----")
+	}
+	if strings.TrimSpace(string(rest)) != "" {
+		return nil, errors.New("text after the last certificate is not PEM; give only CERTIFICATE blocks")
+	}
+	return pool, nil
 }
 
 // ValidPort reports whether p is a port number, 1-65535.
@@ -383,6 +470,31 @@ func (s *Stream) Warnings() []string {
 	}
 	if s.UDPResponses > 0 && !s.HasUDP() {
 		w = append(w, "udp_responses: applies to UDP NAT entries only; a TCP-only stream has none")
+	}
+	if len(s.TrustedProxyCIDRs) > 0 && !s.AcceptsProxy() {
+		w = append(w, "trusted_proxy_cidrs: does nothing while accept_proxy_protocol is off")
+	}
+	if s.UpstreamTLS {
+		if s.UpstreamTLSInsecureSkipVerify {
+			w = append(w, "upstream_tls_insecure_skip_verify: the upstream's certificate is not checked, so anyone on the path can pose as the upstream; give its CA in upstream_tls_ca instead")
+		}
+		if s.EffectiveProtocol() == ProtocolTCPUDP {
+			w = append(w, "upstream_tls: applies to TCP connections only; UDP datagrams go to the upstream as they are")
+		}
+	} else {
+		for _, f := range []struct {
+			field string
+			set   bool
+		}{
+			{"upstream_tls_server_name", s.UpstreamTLSServerName != ""},
+			{"upstream_tls_ca", s.UpstreamTLSCA != ""},
+			{"upstream_tls_client_cert_id", s.UpstreamTLSClientCertID > 0},
+			{"upstream_tls_insecure_skip_verify", s.UpstreamTLSInsecureSkipVerify},
+		} {
+			if f.set {
+				w = append(w, f.field+": does nothing while upstream_tls is off")
+			}
+		}
 	}
 	if !ValidPort(s.ListenPort) {
 		return w

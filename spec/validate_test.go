@@ -3,6 +3,7 @@ package spec
 import (
 	"errors"
 	"fmt"
+	"os"
 	"strings"
 	"testing"
 
@@ -64,6 +65,24 @@ func TestStreamValidateOK(t *testing.T) {
 		{"tls on tcp+udp", func(s *Stream) { s.Protocol = "tcp+udp"; s.SSLEnabled = true; s.SSLCertID = 1 }},
 		{"cert id without tls", func(s *Stream) { s.SSLCertID = 9 }},
 		{"disabled", func(s *Stream) { s.Enabled = false }},
+		{"proxy protocol from trusted proxies", func(s *Stream) {
+			s.AcceptProxyProtocol = ProxyAcceptRequired
+			s.TrustedProxyCIDRs = []string{"10.0.0.0/8", "192.0.2.7"}
+			s.ProxyHeaderTimeoutSeconds = MaxProxyHeaderTimeoutSeconds
+		}},
+		{"proxy protocol optional on udp", func(s *Stream) {
+			s.Protocol = "udp"
+			s.AcceptProxyProtocol = ProxyAcceptOptional
+			s.TrustedProxyCIDRs = []string{"::1"}
+		}},
+		{"proxy protocol off", func(s *Stream) { s.AcceptProxyProtocol = ProxyAcceptOff }},
+		{"upstream tls", func(s *Stream) {
+			s.UpstreamTLS = true
+			s.UpstreamTLSServerName = "db.example.com"
+			s.UpstreamTLSCA = testCAPEM
+			s.UpstreamTLSClientCertID = 4
+		}},
+		{"upstream tls server name ip", func(s *Stream) { s.UpstreamTLS = true; s.UpstreamTLSServerName = "10.0.0.5" }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s := validStream()
@@ -135,6 +154,20 @@ func TestStreamValidateErrors(t *testing.T) {
 		{"blacklist bad", func(s *Stream) { s.BlacklistCIDRs = []string{"1.2.3.4/33"} }, []string{`blacklist_cidrs "1.2.3.4/33": not a CIDR`}},
 		{"tls on udp", func(s *Stream) { s.Protocol = "udp"; s.SSLEnabled = true; s.SSLCertID = 1 }, []string{"ssl_enabled true: tls needs a tcp listener"}},
 		{"tls without cert", func(s *Stream) { s.SSLEnabled = true }, []string{"ssl_cert_id 0: must be > 0", "when ssl_enabled is true"}},
+		{"accept proxy unknown", func(s *Stream) { s.AcceptProxyProtocol = "yes" }, []string{`accept_proxy_protocol "yes": must be off, optional or required`}},
+		{"accept proxy without trusted", func(s *Stream) { s.AcceptProxyProtocol = "required" }, []string{`stream 3 ("postgres"): trusted_proxy_cidrs: required; list the front proxies' addresses`, "when accept_proxy_protocol is required"}},
+		{"trusted proxy bad", func(s *Stream) { s.AcceptProxyProtocol = "optional"; s.TrustedProxyCIDRs = []string{"lb.internal"} }, []string{`trusted_proxy_cidrs "lb.internal": not an IP address or CIDR`}},
+		{"proxy header timeout", func(s *Stream) { s.ProxyHeaderTimeoutSeconds = 301 }, []string{"proxy_header_timeout_seconds 301: must be 0-300 (0 = 5s)"}},
+		{"upstream tls on udp", func(s *Stream) { s.Protocol = "udp"; s.UpstreamTLS = true }, []string{"upstream_tls true: tls to the upstream needs a tcp listener"}},
+		{"upstream tls name with port", func(s *Stream) { s.UpstreamTLS = true; s.UpstreamTLSServerName = "db.internal:5432" }, []string{`upstream_tls_server_name "db.internal:5432"`, "a server name has no port"}},
+		{"upstream tls ca not pem", func(s *Stream) { s.UpstreamTLSCA = "hello" }, []string{`stream 3 ("postgres"): upstream_tls_ca: no PEM certificate found`}},
+		{"upstream tls ca with a key", func(s *Stream) {
+			s.UpstreamTLSCA = testCAPEM + "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
+		}, []string{"upstream_tls_ca: block 2 is a private key"}},
+		{"upstream tls ca broken", func(s *Stream) {
+			s.UpstreamTLSCA = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+		}, []string{"upstream_tls_ca: certificate 1: x509:"}},
+		{"upstream tls client cert negative", func(s *Stream) { s.UpstreamTLSClientCertID = -2 }, []string{"upstream_tls_client_cert_id -2: must be >= 0"}},
 		{"no name", func(s *Stream) { s.Name = ""; s.ListenPort = 0 }, []string{"stream 3: listen_port: required"}},
 		{"name too long", func(s *Stream) { s.Name = strings.Repeat("ü", 201) }, []string{`stream 3 ("` + strings.Repeat("ü", 60) + `…"): name: 201 characters, more than the limit of 200; shorten it`}},
 		{"notes too long", func(s *Stream) { s.Notes = strings.Repeat("é", 10001) }, []string{`stream 3 ("postgres"): notes: 10001 characters, more than the limit of 10000; shorten it`}},
@@ -246,6 +279,47 @@ func TestStreamWarnings(t *testing.T) {
 	s.ConnectionRatePerIP, s.MaxConnections, s.MaxConnectionsPerIP = 10, 5, 6
 	if got := s.Warnings(); len(got) != 1 || !strings.HasPrefix(got[0], "max_connections_per_ip 6: above max_connections 5") {
 		t.Errorf("max_connections_per_ip above max_connections: Warnings() = %q", got)
+	}
+}
+
+// testCAPEM is a CA certificate for upstream_tls_ca (made with openssl
+// req -x509; its dates do not matter here).
+var testCAPEM = func() string {
+	b, err := os.ReadFile("testdata/upstream-ca.pem")
+	if err != nil {
+		panic(err)
+	}
+	return string(b)
+}()
+
+// TestStreamWarningsProxyAndUpstreamTLS: settings that do nothing, and
+// upstream_tls_insecure_skip_verify, are warned about.
+func TestStreamWarningsProxyAndUpstreamTLS(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		change func(s *Stream)
+		want   []string // prefixes, in order
+	}{
+		{"trusted without accept", func(s *Stream) { s.TrustedProxyCIDRs = []string{"10.0.0.1"} }, []string{"trusted_proxy_cidrs: does nothing while accept_proxy_protocol is off"}},
+		{"insecure", func(s *Stream) { s.UpstreamTLS, s.UpstreamTLSInsecureSkipVerify = true, true }, []string{"upstream_tls_insecure_skip_verify: the upstream's certificate is not checked"}},
+		{"tls on tcp+udp", func(s *Stream) { s.Protocol, s.UpstreamTLS = ProtocolTCPUDP, true }, []string{"upstream_tls: applies to TCP connections only"}},
+		{"tls settings without tls", func(s *Stream) {
+			s.UpstreamTLSServerName, s.UpstreamTLSClientCertID, s.UpstreamTLSInsecureSkipVerify = "x", 2, true
+		}, []string{"upstream_tls_server_name: does nothing while upstream_tls is off", "upstream_tls_client_cert_id: does nothing", "upstream_tls_insecure_skip_verify: does nothing"}},
+		{"tls verified", func(s *Stream) { s.UpstreamTLS = true }, nil},
+	} {
+		s := validStream()
+		tc.change(s)
+		got := s.Warnings()
+		if len(got) != len(tc.want) {
+			t.Errorf("%s: Warnings() = %q, want %d", tc.name, got, len(tc.want))
+			continue
+		}
+		for i, w := range tc.want {
+			if !strings.HasPrefix(got[i], w) {
+				t.Errorf("%s: warning %q, want prefix %q", tc.name, got[i], w)
+			}
+		}
 	}
 }
 

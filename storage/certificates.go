@@ -328,10 +328,13 @@ func (s *core) DeleteCertificate(ctx context.Context, id int64, apply func(old s
 	return nil
 }
 
-// certInUse returns an *InUseError if hosts refer to the certificate id.
+// certInUse returns an *InUseError if hosts refer to the certificate id:
+// as the certificate they serve (ssl_cert_id, a column) or the one they
+// present to their upstream (upstream_tls_client_cert_id, in settings).
 func (s *core) certInUse(ctx context.Context, tx sqlDB, id int64) error {
 	inUse := &InUseError{CertID: id}
-	err := tx.queryEach(ctx, `SELECT id, COALESCE(`+s.nameSQL+`, '') FROM hosts WHERE ssl_cert_id = ? ORDER BY id`, []any{id}, func(r rowScanner) error {
+	err := tx.queryEach(ctx, `SELECT id, COALESCE(`+s.setting("name")+`, '') FROM hosts
+		WHERE ssl_cert_id = ? OR CAST(`+s.setting("upstream_tls_client_cert_id")+` AS BIGINT) = ? ORDER BY id`, []any{id, id}, func(r rowScanner) error {
 		var (
 			hostID int64
 			name   string

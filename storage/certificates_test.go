@@ -521,9 +521,18 @@ func testDeleteCertificateInUse(t *testing.T, b testBackend) {
 		t.Errorf("certificate after a refused delete: %+v, %v", got, err)
 	}
 
-	// A host with TLS off still refers to it.
+	// A host with TLS off still refers to it, and so does one that
+	// presents it to its upstream (upstream_tls_client_cert_id, kept in
+	// the settings).
 	if _, err := s.UpdateHost(ctx, spec.Stream{ID: 1, Name: "db", SSLCertID: cert.ID}, nil); err != nil {
 		t.Fatal(err)
+	}
+	if _, err := s.UpdateHost(ctx, spec.Stream{ID: 4, Name: "mail", UpstreamTLS: true, UpstreamTLSClientCertID: cert.ID}, nil); err != nil {
+		t.Fatal(err)
+	}
+	err = s.DeleteCertificate(ctx, cert.ID, nil)
+	if want := `storage: deleting certificate 3: certificate 3 is used by streams 1 ("db"), 4 ("mail")`; err == nil || err.Error() != want {
+		t.Errorf("error %v, want %q", err, want)
 	}
 	if _, err := s.UpdateHost(ctx, spec.Stream{ID: 4, Name: "mail"}, nil); err != nil {
 		t.Fatal(err)

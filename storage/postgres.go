@@ -184,7 +184,7 @@ func OpenPostgres(ctx context.Context, dsn string, opts PostgresOptions) (*Postg
 		}
 	}
 	p.life, p.stop = context.WithCancel(context.Background())
-	p.core = core{be: p, reads: pgConn{q: pool, p: p}, nameSQL: `settings->>'name'`,
+	p.core = core{be: p, reads: pgConn{q: pool, p: p}, settingSQL: `(settings->>'%s')`,
 		node: opts.Node, sealer: sealer, now: time.Now}
 	if err := p.schema(ctx); err != nil {
 		if opts.OpenUnreachable && errors.Is(err, ErrUnavailable) {

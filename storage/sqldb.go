@@ -3,6 +3,7 @@ package storage
 import (
 	"context"
 	"database/sql"
+	"fmt"
 	"time"
 )
 
@@ -58,8 +59,9 @@ type core struct {
 	be    backend
 	reads sqlDB // outside transactions
 
-	// nameSQL is the SQL expression of a host's name, from its settings.
-	nameSQL string
+	// settingSQL is the SQL expression of one of a host's settings, as
+	// text, with %s for its JSON key (see setting).
+	settingSQL string
 
 	// node is the node name the store tags connection-log entries with.
 	node string
@@ -67,6 +69,9 @@ type core struct {
 	sealer sealer
 	now    func() time.Time
 }
+
+// setting is the SQL expression of the host setting key, as text.
+func (c *core) setting(key string) string { return fmt.Sprintf(c.settingSQL, key) }
 
 // nowMillis is the current time as stored: UTC, to the millisecond.
 func (c *core) nowMillis() time.Time {

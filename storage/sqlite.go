@@ -99,7 +99,7 @@ func openAt(path string, version int, opts OpenOptions) (*SQLite, error) {
 	if err != nil {
 		return nil, fmt.Errorf("storage: open %s: %w", path, err)
 	}
-	s.core = core{be: s, reads: sqlConn{s.read}, nameSQL: `json_extract(settings, '$.name')`,
+	s.core = core{be: s, reads: sqlConn{s.read}, settingSQL: `json_extract(settings, '$.%s')`,
 		node: opts.Node, now: time.Now}
 	if err := migrate(context.Background(), s.write, migrations, version); err != nil {
 		s.Close()

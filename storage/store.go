@@ -176,7 +176,8 @@ type Store interface {
 
 	// DeleteCertificate deletes the certificate with the given ID, or
 	// returns ErrNotFound. While stream hosts have it as their
-	// ssl_cert_id (whether or not TLS is enabled on them) it refuses
+	// ssl_cert_id or upstream_tls_client_cert_id (whether or not TLS is
+	// enabled on them) it refuses
 	// with an *InUseError (errors.Is ErrInUse) that lists them. Streams
 	// defined only in the Caddy config are not in the store: check those
 	// in apply, which receives the certificate as it was.

@@ -108,7 +108,7 @@ func TestUnknownHostSettingRefused(t *testing.T) {
 
 	cfg = writeConfig(t, dir, port, map[string]any{"bogus_field": true})
 	out, err = runAegis(t, dir, "validate", "--config", cfg)
-	if want := `hosts[0], stream 7 ("dns"): unknown field "bogus_field"; the fields are: blacklist_cidrs,`; err == nil || !says(out, want) {
+	if want := `hosts[0], stream 7 ("dns"): unknown field "bogus_field"; the fields are: accept_proxy_protocol, blacklist_cidrs,`; err == nil || !says(out, want) {
 		t.Fatalf("aegis validate of a config with an unknown setting: %v, output:\n%s\nwant a failure saying %s", err, out, want)
 	}
 

@@ -77,6 +77,22 @@ type Handler struct {
 	// connections included. Default: false.
 	LogConnections bool `json:"log_connections,omitempty"`
 
+	// AcceptProxyProtocol reads a PROXY protocol header (v1 or v2) that a
+	// front proxy sends before the client's bytes, and takes its client
+	// address as the connection's for the access lists, the limits, the
+	// log and the header aegis_proxy sends: "off", "optional" (a trusted
+	// source may send one) or "required" (every connection must come from
+	// a trusted source with one). Default: "off".
+	AcceptProxyProtocol string `json:"accept_proxy_protocol,omitempty"`
+
+	// TrustedProxyCIDRs are the sources that may send a PROXY header.
+	// Required unless AcceptProxyProtocol is off.
+	TrustedProxyCIDRs []string `json:"trusted_proxy_cidrs,omitempty"`
+
+	// ProxyHeaderTimeout bounds the wait for the whole PROXY header.
+	// Default: 5s.
+	ProxyHeaderTimeout caddy.Duration `json:"proxy_header_timeout,omitempty"`
+
 	policy *streamstate.Policy
 	state  *streamstate.State
 }
@@ -84,7 +100,7 @@ type Handler struct {
 // FromLimits is the guard of stream id with the admission settings l, the
 // ones its Provision turns back into a streamstate.Policy.
 func FromLimits(id int64, l streamstate.Limits) *Handler {
-	return &Handler{
+	h := &Handler{
 		StreamID:             id,
 		StreamName:           l.Name,
 		WhitelistCIDRs:       l.Whitelist,
@@ -97,7 +113,14 @@ func FromLimits(id int64, l streamstate.Limits) *Handler {
 		DownloadRateBytes:    l.DownloadRate,
 		IdleTimeout:          caddy.Duration(l.IdleTimeout),
 		LogConnections:       l.LogConnections,
+
+		TrustedProxyCIDRs:  l.TrustedProxies,
+		ProxyHeaderTimeout: caddy.Duration(l.ProxyHeaderTimeout),
 	}
+	if l.ProxyAccept != streamstate.ProxyOff {
+		h.AcceptProxyProtocol = l.ProxyAccept.String()
+	}
+	return h
 }
 
 // CaddyModule returns the Caddy module information.
@@ -111,11 +134,13 @@ func (*Handler) CaddyModule() caddy.ModuleInfo {
 // Provision builds the stream's admission policy from the settings and
 // attaches the stream's state.
 func (h *Handler) Provision(ctx caddy.Context) error {
-	l := h.limits()
+	l, err := h.limits()
+	if err != nil {
+		return err
+	}
 	if l.Name == "" {
 		l.Name = fmt.Sprintf("stream-%d", h.StreamID)
 	}
-	var err error
 	// The logger is named for the handler: the streams app provisions the
 	// handlers itself, in a context with no module of its own.
 	if h.policy, err = streamstate.NewPolicy(l, ctx.Logger(h)); err != nil {
@@ -144,7 +169,8 @@ func (h *Handler) Cleanup() error {
 }
 
 // limits are the handler's settings, as FromLimits took them.
-func (h *Handler) limits() streamstate.Limits {
+func (h *Handler) limits() (streamstate.Limits, error) {
+	accept, err := streamstate.ParseProxyAccept(h.AcceptProxyProtocol)
 	return streamstate.Limits{
 		Name:                 h.StreamName,
 		Whitelist:            h.WhitelistCIDRs,
@@ -157,7 +183,11 @@ func (h *Handler) limits() streamstate.Limits {
 		DownloadRate:         h.DownloadRateBytes,
 		IdleTimeout:          time.Duration(h.IdleTimeout),
 		LogConnections:       h.LogConnections,
-	}
+
+		ProxyAccept:        accept,
+		TrustedProxies:     h.TrustedProxyCIDRs,
+		ProxyHeaderTimeout: time.Duration(h.ProxyHeaderTimeout),
+	}, err
 }
 
 // State is the stream state the handler counts into.
@@ -191,6 +221,17 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	st, p := h.state, h.policy
 	st.Total.Add(1)
 	src := remoteAddrPort(cx.Conn)
+	// A front proxy's header names the client the rest of the chain sees.
+	var pa streamstate.ProxyAddrs
+	if p.AcceptsProxy() {
+		var ok bool
+		if pa, ok = p.ProxyHeader(st, cx.Conn, src); !ok {
+			return nil
+		}
+		if pa.Source.IsValid() {
+			src = pa.Source
+		}
+	}
 	a, ok := p.Admit(st, src, false, nil)
 	if !ok {
 		return nil
@@ -199,7 +240,11 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	ss := p.Open(st, cx.Conn, src, false, a)
 	defer p.End(ss, streamstate.ReasonClientClose)
 	cx.SetVar(streamstate.SessionVar, ss)
-	cx.Conn = p.Wrap(cx.Conn, ss)
+	w := p.Wrap(cx.Conn, ss)
+	if pa.Source.IsValid() {
+		w.SetProxyAddrs(pa)
+	}
+	cx.Conn = w
 	return next.Handle(cx)
 }
 
@@ -218,10 +263,13 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 //		download_rate_bytes <n>
 //		idle_timeout <duration>
 //		log_connections [true|false]
+//		accept_proxy_protocol off|optional|required
+//		trusted_proxy_cidrs <cidr...>
+//		proxy_header_timeout <duration>
 //	}
 //
-// Each option may be given once, except whitelist_cidrs and
-// blacklist_cidrs, which add up; none takes a block.
+// Each option may be given once, except whitelist_cidrs, blacklist_cidrs
+// and trusted_proxy_cidrs, which add up; none takes a block.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // handler name
 	if d.NextArg() {
@@ -231,7 +279,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		opt := d.Val()
 		// The access lists may repeat and append, as in the streams app.
-		if seen[opt] && opt != "whitelist_cidrs" && opt != "blacklist_cidrs" {
+		if seen[opt] && opt != "whitelist_cidrs" && opt != "blacklist_cidrs" && opt != "trusted_proxy_cidrs" {
 			return d.Errf("aegis_guard option %q given twice", opt)
 		}
 		seen[opt] = true
@@ -280,15 +328,32 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			err = oneInt(d, opt, args, &h.UploadRateBytes)
 		case "download_rate_bytes":
 			err = oneInt(d, opt, args, &h.DownloadRateBytes)
-		case "idle_timeout":
+		case "trusted_proxy_cidrs":
+			if len(args) == 0 {
+				return d.ArgErr()
+			}
+			h.TrustedProxyCIDRs = append(h.TrustedProxyCIDRs, args...)
+		case "accept_proxy_protocol":
+			if err := wantOne(d, opt, args); err != nil {
+				return err
+			}
+			if _, perr := streamstate.ParseProxyAccept(args[0]); perr != nil {
+				return d.Err(perr.Error())
+			}
+			h.AcceptProxyProtocol = args[0]
+		case "idle_timeout", "proxy_header_timeout":
 			if err := wantOne(d, opt, args); err != nil {
 				return err
 			}
 			dur, perr := caddy.ParseDuration(args[0])
 			if perr != nil {
-				return d.Errf("idle_timeout %q: %v", args[0], perr)
+				return d.Errf("%s %q: %v", opt, args[0], perr)
 			}
-			h.IdleTimeout = caddy.Duration(dur)
+			if opt == "idle_timeout" {
+				h.IdleTimeout = caddy.Duration(dur)
+			} else {
+				h.ProxyHeaderTimeout = caddy.Duration(dur)
+			}
 		case "log_connections":
 			switch {
 			case len(args) == 0 || len(args) == 1 && args[0] == "true":

@@ -18,6 +18,7 @@ import (
 
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegisguard"
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegisproxy"
+	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 
 	"github.com/aegis-proxy/caddy-aegis/internal/loopback"
 	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
@@ -115,6 +116,10 @@ func TestProvisionErrors(t *testing.T) {
 		{l4aegisguard.Handler{MaxConnectionsPerIP: -2}, "max_connections_per_ip -2"},
 		{l4aegisguard.Handler{ConnectionRatePerIP: -3}, "connection_rate_per_ip -3"},
 		{l4aegisguard.Handler{ConnectionRateWindow: caddy.Duration(-time.Second)}, "connection_rate_window -1s"},
+		{l4aegisguard.Handler{AcceptProxyProtocol: "yes"}, `accept_proxy_protocol "yes": must be off, optional or required`},
+		{l4aegisguard.Handler{AcceptProxyProtocol: "required"}, "trusted_proxy_cidrs: required when accept_proxy_protocol is required"},
+		{l4aegisguard.Handler{AcceptProxyProtocol: "optional", TrustedProxyCIDRs: []string{"lb"}}, `trusted_proxy_cidrs "lb"`},
+		{l4aegisguard.Handler{ProxyHeaderTimeout: caddy.Duration(-time.Second)}, "proxy_header_timeout -1s"},
 	}
 	for _, tc := range cases {
 		h := tc.h
@@ -325,6 +330,10 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		download_rate_bytes 2097152
 		idle_timeout 90s
 		log_connections
+		accept_proxy_protocol optional
+		trusted_proxy_cidrs 10.1.0.0/16
+		trusted_proxy_cidrs 10.2.0.1
+		proxy_header_timeout 2s
 	}`))
 	if err != nil {
 		t.Fatal(err)
@@ -342,6 +351,10 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		DownloadRateBytes:    2 << 20,
 		IdleTimeout:          caddy.Duration(90 * time.Second),
 		LogConnections:       true,
+
+		AcceptProxyProtocol: "optional",
+		TrustedProxyCIDRs:   []string{"10.1.0.0/16", "10.2.0.1"},
+		ProxyHeaderTimeout:  caddy.Duration(2 * time.Second),
 	}
 	if fmt.Sprintf("%+v", h) != fmt.Sprintf("%+v", want) {
 		t.Fatalf("got  %+v\nwant %+v", h, want)
@@ -375,6 +388,9 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		{"aegis_guard {\n blacklist_cidrs\n}", "blacklist_cidrs"},
 		{"aegis_guard {\n stream_name\n}", "stream_name"},
 		{"aegis_guard {\n rate_limit 5\n}", `"rate_limit"`},
+		{"aegis_guard {\n accept_proxy_protocol always\n}", `accept_proxy_protocol "always": must be off, optional or required`},
+		{"aegis_guard {\n proxy_header_timeout soon\n}", `proxy_header_timeout "soon"`},
+		{"aegis_guard {\n trusted_proxy_cidrs\n}", "trusted_proxy_cidrs"},
 		{"aegis_guard extra", "extra"},
 		{"aegis_guard {\n max_connections 1\n max_connections 2\n}", `aegis_guard option "max_connections" given twice`},
 		{"aegis_guard {\n log_connections\n log_connections false\n}", `aegis_guard option "log_connections" given twice`},
@@ -387,5 +403,41 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%q: got error %v, want one naming %s", tc.in, err, tc.want)
 		}
+	}
+}
+
+// TestGuardProxyHeaderPlainLayer4: in a plain layer4 chain, a guard with
+// accept_proxy_protocol applies its access lists to the client the header
+// names, and the session and the PROXY header's client go on to the
+// relay; a header from outside trusted_proxy_cidrs is refused.
+func TestGuardProxyHeaderPlainLayer4(t *testing.T) {
+	up := echoUpstream(t, "127.0.0.1:0")
+	g := &l4aegisguard.Handler{AcceptProxyProtocol: "required", TrustedProxyCIDRs: []string{"127.0.0.1"},
+		BlacklistCIDRs: []string{"192.0.2.66"}}
+	c := startChain(t, "127.0.0.1:0", up, g, nil)
+
+	ok := dialFrom(t, "127.0.0.1", c.addr)
+	if _, err := ok.Write([]byte("PROXY TCP4 192.0.2.5 127.0.0.1 4000 80\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	echoes(t, ok, "behind a proxy")
+	var sources []string
+	g.State().Sessions(func(ss *streamstate.Session) bool {
+		sources = append(sources, ss.Source.String())
+		return true
+	})
+	if len(sources) != 1 || sources[0] != "192.0.2.5:4000" {
+		t.Errorf("open sessions from %v, want the header's client 192.0.2.5:4000", sources)
+	}
+
+	denied := dialFrom(t, "127.0.0.1", c.addr)
+	if _, err := denied.Write([]byte("PROXY TCP4 192.0.2.66 127.0.0.1 4000 80\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	refused(t, denied)
+	refused(t, dialFrom(t, "127.0.0.2", c.addr))
+	st := g.State()
+	if acl, untrusted := st.BlockedBy(streamstate.BlockACL), st.BlockedBy(streamstate.BlockProxyHeaderUntrusted); acl != 1 || untrusted != 1 {
+		t.Errorf("blocked: acl_denied %d, proxy_header_untrusted %d; want 1 and 1", acl, untrusted)
 	}
 }

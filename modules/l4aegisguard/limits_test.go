@@ -17,6 +17,8 @@ func TestFromLimitsRoundTrips(t *testing.T) {
 		MaxConnections: 3, UploadRate: 1000, DownloadRate: 2000,
 		MaxConnectionsPerIP: 2, ConnectionRatePerIP: 5, ConnectionRateWindow: 9 * time.Second,
 		IdleTimeout: 7 * time.Second, LogConnections: true,
+		ProxyAccept: streamstate.ProxyRequired, TrustedProxies: []string{"192.0.2.0/24"},
+		ProxyHeaderTimeout: 3 * time.Second,
 	}
 	v := reflect.ValueOf(l)
 	for i := range v.NumField() {
@@ -24,7 +26,7 @@ func TestFromLimitsRoundTrips(t *testing.T) {
 			t.Fatalf("test Limits leaves %s unset: set every field", v.Type().Field(i).Name)
 		}
 	}
-	if got := FromLimits(9, l).limits(); !reflect.DeepEqual(got, l) {
+	if got, err := FromLimits(9, l).limits(); err != nil || !reflect.DeepEqual(got, l) {
 		t.Fatalf("FromLimits then limits = %+v, want %+v", got, l)
 	}
 }

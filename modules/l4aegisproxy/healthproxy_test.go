@@ -4,9 +4,6 @@ import (
 	"bufio"
 	"fmt"
 	"net"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -92,46 +89,13 @@ func TestHealthCheckSendsProxyHeader(t *testing.T) {
 // `listen … proxy_protocol`: its error log gets no "broken header" line,
 // which a bare TCP check causes on each check.
 func TestHealthCheckNginxProxyProtocol(t *testing.T) {
-	const nginx, module = "/usr/sbin/nginx", "/usr/lib/nginx/modules/ngx_stream_module.so"
-	for _, f := range []string{nginx, module} {
-		if _, err := os.Stat(f); err != nil {
-			t.Skipf("nginx with its stream module is needed (apt-get install nginx libnginx-mod-stream): %v", err)
-		}
-	}
 	for _, ver := range []int{1, 2} {
 		t.Run(fmt.Sprintf("v%d", ver), func(t *testing.T) {
-			dir := t.TempDir()
 			port := testenv.FreePort(t)
-			errLog := filepath.Join(dir, "error.log")
-			conf := fmt.Sprintf(`load_module %s;
-worker_processes 1;
-daemon off;
-master_process off;
-pid %s/nginx.pid;
-error_log %s info;
-events { worker_connections 64; }
-stream {
-    server {
+			ngx := testenv.Nginx(t, fmt.Sprintf(`    server {
         listen 127.0.0.1:%d proxy_protocol;
         return "ok\n";
-    }
-}
-`, module, dir, errLog, port)
-			file := filepath.Join(dir, "nginx.conf")
-			if err := os.WriteFile(file, []byte(conf), 0o600); err != nil {
-				t.Fatal(err)
-			}
-			cmd := exec.Command(nginx, "-p", dir, "-e", errLog, "-c", file)
-			if err := cmd.Start(); err != nil {
-				t.Fatal(err)
-			}
-			done := make(chan struct{})
-			go func() { _ = cmd.Wait(); close(done) }()
-			stop := func() {
-				_ = cmd.Process.Kill()
-				<-done
-			}
-			t.Cleanup(stop)
+    }`, port))
 			addr := fmt.Sprintf("127.0.0.1:%d", port)
 			testenv.Eventually(t, "nginx listening", func() bool {
 				c, err := net.Dial("tcp", addr)
@@ -141,20 +105,16 @@ stream {
 				}
 				return err == nil
 			})
-			connected := func() int {
-				b, _ := os.ReadFile(errLog)
-				return strings.Count(string(b), " connected to ")
-			}
+			connected := func() int { return strings.Count(ngx.Log(), " connected to ") }
 			before := connected()
 			st := startChecks(t, int64(9240+ver), addr, ver)
 			testenv.Eventually(t, "5 health checks at nginx", func() bool { return connected() >= before+5 })
 			waitHealth(t, st, true)
 			time.Sleep(50 * time.Millisecond) // nginx reads the last header
-			b, _ := os.ReadFile(errLog)
-			if strings.Contains(string(b), "broken header") {
-				t.Errorf("nginx's error log:\n%s", b)
+			if log := ngx.Log(); strings.Contains(log, "broken header") {
+				t.Errorf("nginx's error log:\n%s", log)
 			}
-			stop()
+			ngx.Stop()
 			waitHealth(t, st, false)
 		})
 	}

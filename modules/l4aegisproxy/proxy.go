@@ -7,11 +7,13 @@ package l4aegisproxy
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -57,7 +59,17 @@ type Handler struct {
 	// bytes already read are written out. Default: false.
 	HalfClose bool `json:"half_close,omitempty"`
 
+	// TLS opens TLS to the upstream, verified (see UpstreamTLS). Health
+	// checks then do the handshake too. Default: nil (plain TCP).
+	TLS *UpstreamTLS `json:"tls,omitempty"`
+
 	dialer net.Dialer
+	// tlsConfig is TLS's client config for Upstream (nil without TLS).
+	tlsConfig *tls.Config
+	// lastTLSLog is when a failed handshake was last logged (unix
+	// nanoseconds): at most one line per tlsLogEvery. A pointer, made by
+	// Provision, so that a Handler stays copyable before it.
+	lastTLSLog *atomic.Int64
 	// checkHeader is the PROXY header a health check sends: v2 LOCAL or
 	// v1 "PROXY UNKNOWN", a proxy's own connection (nil without
 	// ProxyProtocol).
@@ -96,6 +108,15 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.dialer.Timeout = time.Duration(h.DialTimeout)
 	if h.dialer.Timeout == 0 {
 		h.dialer.Timeout = DefaultDialTimeout
+	}
+	if h.TLS != nil {
+		host, _, _ := net.SplitHostPort(h.Upstream)
+		cfg, err := h.TLS.clientConfig(host)
+		if err != nil {
+			return err
+		}
+		h.tlsConfig = cfg
+		h.lastTLSLog = new(atomic.Int64)
 	}
 	if h.ProxyProtocol > 0 {
 		hdr := proxyproto.Header{Version: byte(h.ProxyProtocol), Command: proxyproto.LOCAL, TransportProtocol: proxyproto.UNSPEC}
@@ -167,6 +188,19 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 			}
 			return nil
 		}
+	}
+	if h.tlsConfig != nil {
+		// The relay copies through the TLS connection: it is not a
+		// *net.TCPConn, so the raw path is never taken.
+		tc, err := handshakeUpstream(ctx, up, h.tlsConfig, h.dialer.Timeout)
+		if err != nil {
+			if ss != nil {
+				ss.SetReason(streamstate.ReasonUpstreamTLSFailed)
+			}
+			h.logTLSFailure(err)
+			return nil
+		}
+		up = tc
 	}
 
 	// Bytes that a matcher already read from the client go first.
@@ -249,6 +283,13 @@ func (h *Handler) checkHealth(ctx context.Context) {
 				err = fmt.Errorf("sending the PROXY header: %w", werr)
 			}
 		}
+		if err == nil && h.tlsConfig != nil {
+			var tc *tls.Conn
+			if tc, err = handshakeUpstream(ctx, c, h.tlsConfig, h.dialer.Timeout); err == nil {
+				_ = tc.SetWriteDeadline(time.Now().Add(h.dialer.Timeout))
+				_ = tc.Close() // close_notify, then the socket
+			}
+		}
 		c.Close()
 	}
 	res := streamstate.Health{Healthy: err == nil, LastCheck: time.Now()}
@@ -266,6 +307,23 @@ func (h *Handler) checkHealth(ctx context.Context) {
 	}
 }
 
+// tlsLogEvery is how often a failed TLS handshake with the upstream is
+// logged at most: every connection fails alike while it is misconfigured.
+const tlsLogEvery = 10 * time.Second
+
+// logTLSFailure logs why the handshake with the upstream failed, at most
+// once per tlsLogEvery.
+func (h *Handler) logTLSFailure(err error) {
+	now := time.Now().UnixNano()
+	last := h.lastTLSLog.Load()
+	if now-last < int64(tlsLogEvery) || !h.lastTLSLog.CompareAndSwap(last, now) {
+		return
+	}
+	h.logger.Warn("tls to the upstream failed", zap.Int64("stream_id", h.StreamID),
+		zap.String("upstream", h.Upstream), zap.String("disconnect_reason", streamstate.ReasonUpstreamTLSFailed.String()),
+		zap.String("error", err.Error()))
+}
+
 // UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
 //
 //	aegis_proxy <host:port> {
@@ -274,10 +332,16 @@ func (h *Handler) checkHealth(ctx context.Context) {
 //		proxy_protocol 0|1|2
 //		health_check_interval <duration>
 //		half_close [true|false]
+//		tls [true|false]
+//		tls_server_name <name>
+//		tls_ca <pem>
+//		tls_client_cert_id <id>
+//		tls_insecure_skip_verify [true|false]
 //	}
 //
-// The upstream is the first argument (upstream in JSON). Each option may
-// be given once; none takes a block.
+// The upstream is the first argument (upstream in JSON). A tls_* option
+// turns TLS to the upstream on (tls in JSON); tls_ca takes PEM text, as a
+// heredoc. Each option may be given once; none takes a block.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // handler name
 	if !d.NextArg() {
@@ -306,20 +370,33 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 
 // unmarshalOption sets option opt from its values.
 func (h *Handler) unmarshalOption(d *caddyfile.Dispenser, opt string, args []string) error {
-	if opt == "half_close" {
+	if opt == "half_close" || opt == "tls" || opt == "tls_insecure_skip_verify" {
 		// Alone it means true, as the streams app's boolean options.
+		var on bool
 		switch {
 		case len(args) == 0 || len(args) == 1 && args[0] == "true":
-			h.HalfClose = true
+			on = true
 		case len(args) == 1 && args[0] == "false":
-			h.HalfClose = false
 		default:
-			return d.Errf("half_close %q: want true or false", strings.Join(args, " "))
+			return d.Errf("%s %q: want true or false", opt, strings.Join(args, " "))
+		}
+		switch opt {
+		case "half_close":
+			h.HalfClose = on
+		case "tls":
+			if on && h.TLS == nil {
+				h.TLS = new(UpstreamTLS)
+			} else if !on {
+				h.TLS = nil
+			}
+		default:
+			h.tlsOption().InsecureSkipVerify = on
 		}
 		return nil
 	}
 	switch opt {
-	case "stream_id", "proxy_protocol", "dial_timeout", "health_check_interval":
+	case "stream_id", "proxy_protocol", "dial_timeout", "health_check_interval",
+		"tls_server_name", "tls_ca", "tls_client_cert_id":
 	default:
 		return d.Errf("unknown aegis_proxy option %q", opt)
 	}
@@ -340,6 +417,16 @@ func (h *Handler) unmarshalOption(d *caddyfile.Dispenser, opt string, args []str
 			return d.Errf("proxy_protocol %q: want 0, 1 or 2", val)
 		}
 		h.ProxyProtocol = n
+	case "tls_server_name":
+		h.tlsOption().ServerName = val
+	case "tls_ca":
+		h.tlsOption().CA = val
+	case "tls_client_cert_id":
+		n, err := strconv.ParseInt(val, 10, 64)
+		if err != nil {
+			return d.Errf("tls_client_cert_id %q: want a whole number", val)
+		}
+		h.tlsOption().ClientCertID = n
 	case "dial_timeout", "health_check_interval":
 		dur, err := caddy.ParseDuration(val)
 		if err != nil {
@@ -352,6 +439,15 @@ func (h *Handler) unmarshalOption(d *caddyfile.Dispenser, opt string, args []str
 		}
 	}
 	return nil
+}
+
+// tlsOption is the TLS settings a tls_* option sets: giving one turns
+// TLS to the upstream on.
+func (h *Handler) tlsOption() *UpstreamTLS {
+	if h.TLS == nil {
+		h.TLS = new(UpstreamTLS)
+	}
+	return h.TLS
 }
 
 // Interface guards

@@ -678,6 +678,15 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 	if err := off.UnmarshalCaddyfile(caddyfile.NewTestDispenser("aegis_proxy a:1 {\n half_close false\n}")); err != nil || off.HalfClose {
 		t.Fatalf("half_close false: %+v, %v", off, err)
 	}
+	var withTLS l4aegisproxy.Handler
+	err = withTLS.UnmarshalCaddyfile(caddyfile.NewTestDispenser("aegis_proxy 10.0.0.5:5432 {\n tls_server_name db.internal\n tls_client_cert_id 4\n tls_insecure_skip_verify\n tls_ca <<PEM\n  -----BEGIN CERTIFICATE-----\n  PEM\n}"))
+	if want := (l4aegisproxy.UpstreamTLS{ServerName: "db.internal", ClientCertID: 4, InsecureSkipVerify: true, CA: "-----BEGIN CERTIFICATE-----"}); err != nil || withTLS.TLS == nil || *withTLS.TLS != want {
+		t.Fatalf("tls options: %+v, %v", withTLS.TLS, err)
+	}
+	var plainTLS l4aegisproxy.Handler
+	if err := plainTLS.UnmarshalCaddyfile(caddyfile.NewTestDispenser("aegis_proxy a:1 {\n tls\n}")); err != nil || plainTLS.TLS == nil || *plainTLS.TLS != (l4aegisproxy.UpstreamTLS{}) {
+		t.Fatalf("tls alone: %+v, %v", plainTLS.TLS, err)
+	}
 
 	for _, tc := range []struct{ in, want string }{
 		{"aegis_proxy", "aegis_proxy"},
@@ -690,6 +699,9 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		{"aegis_proxy a:1 {\n dial_timeout 1s 2s\n}", "dial_timeout"},
 		{"aegis_proxy a:1 {\n upstream b:2\n}", `"upstream"`},
 		{"aegis_proxy a:1 {\n half_close yes\n}", `half_close "yes"`},
+		{"aegis_proxy a:1 {\n tls maybe\n}", `tls "maybe"`},
+		{"aegis_proxy a:1 {\n tls_client_cert_id one\n}", `tls_client_cert_id "one"`},
+		{"aegis_proxy a:1 {\n tls_server_name\n}", "tls_server_name"},
 		{"aegis_proxy a:1 {\n half_close true false\n}", `half_close "true false"`},
 		{"aegis_proxy a:1 {\n stream_id 1\n stream_id 2\n}", `aegis_proxy option "stream_id" given twice`},
 		{"aegis_proxy a:1 {\n half_close\n half_close false\n}", `aegis_proxy option "half_close" given twice`},

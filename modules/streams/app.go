@@ -242,6 +242,7 @@ func (a *App) newInstance(h *spec.Stream, source string) (*instance, error) {
 // limits are the stream's admission settings, which its TCP guard and its
 // UDP relay apply through one streamstate.Policy each.
 func limits(s *spec.Stream) streamstate.Limits {
+	accept, _ := streamstate.ParseProxyAccept(s.AcceptProxyProtocol) // Validate checked it
 	return streamstate.Limits{
 		Name:                 s.DisplayName(),
 		Whitelist:            s.WhitelistCIDRs,
@@ -254,6 +255,10 @@ func limits(s *spec.Stream) streamstate.Limits {
 		DownloadRate:         s.DownloadRateBytes,
 		IdleTimeout:          time.Duration(s.IdleTimeoutSeconds) * time.Second,
 		LogConnections:       s.LogConnections,
+
+		ProxyAccept:        accept,
+		TrustedProxies:     s.TrustedProxyCIDRs,
+		ProxyHeaderTimeout: s.ProxyHeaderTimeout(),
 	}
 }
 
@@ -289,6 +294,14 @@ func (a *App) buildChain(s *spec.Stream) (chain layer4.Handler, release func(), 
 	}
 	if s.HealthCheckEnabled {
 		proxy.HealthCheckInterval = caddy.Duration(s.HealthCheckInterval())
+	}
+	if s.UpstreamTLS {
+		proxy.TLS = &l4aegisproxy.UpstreamTLS{
+			ServerName:         s.UpstreamTLSServerName,
+			CA:                 s.UpstreamTLSCA,
+			ClientCertID:       s.UpstreamTLSClientCertID,
+			InsecureSkipVerify: s.UpstreamTLSInsecureSkipVerify,
+		}
 	}
 	handlers := layer4.Handlers{guard}
 	// TLS comes after the guard, so the ACL and max_connections are

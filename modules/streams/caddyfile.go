@@ -71,10 +71,18 @@ func parseStreamsOption(d *caddyfile.Dispenser, existingVal any) (any, error) {
 //			proxy_protocol_version 0|1|2
 //			whitelist_cidrs <cidr...>
 //			blacklist_cidrs <cidr...>
+//			accept_proxy_protocol off|optional|required
+//			trusted_proxy_cidrs <cidr...>
+//			proxy_header_timeout_seconds <n>
 //			ssl_enabled [true|false]
 //			ssl_cert_id <n>
 //			ssl_cert_tag <tag>
 //			ssl_domain <name>
+//			upstream_tls [true|false]
+//			upstream_tls_server_name <name>
+//			upstream_tls_ca <pem>
+//			upstream_tls_client_cert_id <n>
+//			upstream_tls_insecure_skip_verify [true|false]
 //			upload_rate_bytes <n>
 //			download_rate_bytes <n>
 //			health_check_enabled [true|false]
@@ -88,8 +96,9 @@ func parseStreamsOption(d *caddyfile.Dispenser, existingVal any) (any, error) {
 // listen_address and listen_port ([::1]:5432, 0.0.0.0:5432, :5432 or
 // 5432), `upstream` for upstream_host and upstream_port (db.internal:5432
 // or [2001:db8::5]:5432). A boolean option alone means true; `enabled`
-// is true unless set to false. whitelist_cidrs and blacklist_cidrs may
-// repeat and append. Values are checked for syntax only; ranges and
+// is true unless set to false. A list (whitelist_cidrs, blacklist_cidrs,
+// trusted_proxy_cidrs) may repeat and append. upstream_tls_ca takes the
+// PEM text as a heredoc (<<PEM ... PEM). Values are checked for syntax only; ranges and
 // consistency are checked by Validate when the config is loaded.
 func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume option name
@@ -267,6 +276,15 @@ func unmarshalHost(d *caddyfile.Dispenser, ids map[int64]bool) (*spec.Stream, er
 			field, ok := fields[opt]
 			if !ok {
 				return nil, d.Errf("%s: unknown option '%s'", where, opt)
+			}
+			// A list may repeat and append, as whitelist_cidrs.
+			if p, ok := field.(*[]string); ok {
+				vals := d.RemainingArgs()
+				if len(vals) == 0 {
+					return nil, d.Errf("%s: %s: want one or more values", where, opt)
+				}
+				*p = append(*p, vals...)
+				break
 			}
 			if err := set(opt, opt); err != nil {
 				return nil, err

@@ -168,7 +168,7 @@ func TestCaddyfileHostOptionsCoverStream(t *testing.T) {
 			continue
 		}
 		switch p := fields[name].(type) {
-		case *string, *int, *int64, *bool:
+		case *string, *int, *int64, *bool, *[]string:
 		default:
 			t.Errorf("Stream field %s (json %q) has no Caddyfile host option (%T)", typ.Field(i).Name, name, p)
 		}

@@ -26,7 +26,7 @@ func (a *App) certStatus(c spec.Certificate) spec.CertStatus {
 	}
 	cs := spec.CertStatus{Certificate: c, UsedBy: []int64{}}
 	for _, inst := range a.streams {
-		if inst.cfg.SSLCertID == c.ID {
+		if usesCert(inst.cfg, c.ID) {
 			cs.UsedBy = append(cs.UsedBy, inst.cfg.ID)
 		}
 	}
@@ -174,7 +174,7 @@ func DeleteCertificate(ctx context.Context, id int64) error {
 		// checks its own hosts again inside the transaction.
 		inUse := &storage.InUseError{CertID: id}
 		for _, inst := range a.streams {
-			if inst.cfg.SSLCertID == id {
+			if usesCert(inst.cfg, id) {
 				inUse.StreamIDs = append(inUse.StreamIDs, inst.cfg.ID)
 				inUse.StreamNames = append(inUse.StreamNames, inst.cfg.Name)
 			}
@@ -193,6 +193,13 @@ func DeleteCertificate(ctx context.Context, id int64) error {
 		a.logger.Info("certificate deleted", zap.Int64("cert_id", id))
 		return nil
 	})
+}
+
+// usesCert reports whether stream s names stored certificate id: as the
+// one it serves (ssl_cert_id) or the one it presents to its upstream
+// (upstream_tls_client_cert_id), whether or not TLS is on.
+func usesCert(s *spec.Stream, id int64) bool {
+	return s.SSLCertID == id || s.UpstreamTLSClientCertID == id
 }
 
 // snapshotCert returns a function that puts this app's source of
@@ -305,6 +312,15 @@ func (a *App) loadCertificates(ctx context.Context) error {
 	var errs []error
 	for _, inst := range a.streams {
 		s := inst.cfg
+		if id := s.UpstreamTLSClientCertID; s.Enabled && s.UpstreamTLS && id > 0 {
+			err := problems[id]
+			if !have[id] {
+				err = errNoCert(a.store != nil)
+			}
+			if err != nil {
+				errs = append(errs, &spec.FieldError{ID: s.ID, Name: s.Name, Field: "upstream_tls_client_cert_id", Value: id, Reason: err.Error()})
+			}
+		}
 		if !s.Enabled || !s.SSLEnabled || !s.HasTCP() {
 			continue
 		}

@@ -33,7 +33,7 @@ func TestConfigRefusesUnknownFields(t *testing.T) {
 		`unknown field "grace_periods"; did you mean grace_period?`,
 		`storage: unknown field "pth"; did you mean path?`,
 		`hosts[0], stream 3 ("dns"): unknown field "whitelist_cidr"; did you mean whitelist_cidrs?`,
-		`hosts[1], stream 4: unknown field "bogus_field"; the fields are: blacklist_cidrs,`,
+		`hosts[1], stream 4: unknown field "bogus_field"; the fields are: accept_proxy_protocol, blacklist_cidrs,`,
 	} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error lacks %q:\n%v", want, err)

@@ -173,3 +173,16 @@ var (
 	udpRoundTrip = testenv.UDPRoundTrip
 	udpRead      = testenv.UDPRead
 )
+
+// dialFrom connects to port on 127.0.0.1 from the loopback address src,
+// closed when the test ends.
+func dialFrom(t *testing.T, src string, port int) net.Conn {
+	t.Helper()
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}, Timeout: 5 * time.Second}
+	c, err := d.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}

@@ -148,6 +148,11 @@ func (a *App) checkNew(ctx context.Context, s *spec.Stream) error {
 			return &spec.FieldError{ID: s.ID, Name: s.Name, Field: "ssl_cert_id", Value: s.SSLCertID, Reason: err.Error()}
 		}
 	}
+	if id := s.UpstreamTLSClientCertID; s.Enabled && s.UpstreamTLS && id > 0 {
+		if err := a.checkCert(ctx, id); err != nil {
+			return &spec.FieldError{ID: s.ID, Name: s.Name, Field: "upstream_tls_client_cert_id", Value: id, Reason: err.Error()}
+		}
+	}
 	return nil
 }
 

@@ -14,18 +14,6 @@ import (
 	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
-// dialFrom connects to 127.0.0.1:port from the loopback address src.
-func dialFrom(t *testing.T, src string, port int) net.Conn {
-	t.Helper()
-	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}, Timeout: 5 * time.Second}
-	c, err := d.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c
-}
-
 // blockedLines counts the connection log's blocked lines of stream id from
 // src with reason.
 func (inst *testCaddy) blockedLines(id int64, src, reason string) int {

@@ -21,6 +21,40 @@ type Conn struct {
 	S *Session
 
 	up, down *Bucket // nil: unlimited
+
+	// remote and local, when set, are the addresses a PROXY header gave
+	// (SetProxyAddrs); the connection's own otherwise.
+	remote, local net.Addr
+}
+
+// SetProxyAddrs makes the connection report the client's addresses from a
+// PROXY header as its remote and local ones, so that whatever comes after
+// the guard (TLS, the PROXY header sent upstream) sees the real client.
+// An invalid address keeps the connection's own.
+func (c *Conn) SetProxyAddrs(a ProxyAddrs) {
+	if a.Source.IsValid() {
+		c.remote = net.TCPAddrFromAddrPort(a.Source)
+	}
+	if a.Dest.IsValid() {
+		c.local = net.TCPAddrFromAddrPort(a.Dest)
+	}
+}
+
+// RemoteAddr is the client's address: the PROXY header's, if one gave it.
+func (c *Conn) RemoteAddr() net.Addr {
+	if c.remote != nil {
+		return c.remote
+	}
+	return c.Conn.RemoteAddr()
+}
+
+// LocalAddr is the address the client connected to: the PROXY header's,
+// if one gave it.
+func (c *Conn) LocalAddr() net.Addr {
+	if c.local != nil {
+		return c.local
+	}
+	return c.Conn.LocalAddr()
 }
 
 // newConn wraps c for session ss with the given rate buckets (nil:

@@ -40,6 +40,14 @@ const (
 	// BlockSourcesFull: the per-source table had no room for a new
 	// source (MaxSources busy ones).
 	BlockSourcesFull
+	// BlockProxyHeaderInvalid: a malformed or incomplete PROXY header
+	// (accept_proxy_protocol).
+	BlockProxyHeaderInvalid
+	// BlockProxyHeaderUntrusted: a PROXY header, or under required any
+	// connection, from a source outside trusted_proxy_cidrs.
+	BlockProxyHeaderUntrusted
+	// BlockProxyHeaderMissing: no PROXY header under required.
+	BlockProxyHeaderMissing
 	numBlockReasons
 )
 
@@ -52,6 +60,10 @@ var blockNames = [numBlockReasons]string{
 	BlockRateLimited:    "rate_limited",
 	BlockSourceShare:    "source_share",
 	BlockSourcesFull:    "source_table_full",
+
+	BlockProxyHeaderInvalid:   "proxy_header_invalid",
+	BlockProxyHeaderUntrusted: "proxy_header_untrusted",
+	BlockProxyHeaderMissing:   "proxy_header_missing",
 }
 
 func (r BlockReason) String() string {
@@ -77,6 +89,12 @@ func (r BlockReason) LogReason() Reason {
 		return ReasonSourceTableFull
 	case BlockConnectionCap:
 		return ReasonConnectionCap
+	case BlockProxyHeaderInvalid:
+		return ReasonProxyHeaderInvalid
+	case BlockProxyHeaderUntrusted:
+		return ReasonProxyHeaderUntrusted
+	case BlockProxyHeaderMissing:
+		return ReasonProxyHeaderMissing
 	}
 	return ReasonMaxConnections
 }

@@ -48,6 +48,14 @@ type Limits struct {
 	// LogConnections logs every connection's end, and refused sources
 	// once per source per BlockedLogEvery.
 	LogConnections bool
+	// ProxyAccept takes PROXY headers from the sources in TrustedProxies
+	// (CIDRs or bare IPs, required unless ProxyAccept is ProxyOff): the
+	// header's client is then the connection's source everywhere. A TCP
+	// header must arrive within ProxyHeaderTimeout (0:
+	// DefaultProxyHeaderTimeout).
+	ProxyAccept        ProxyAccept
+	TrustedProxies     []string
+	ProxyHeaderTimeout time.Duration
 }
 
 // DefaultRateWindow is connection_rate_window_seconds' default.
@@ -68,6 +76,7 @@ type Policy struct {
 	acl     ACL
 	rate    Rate
 	connCap int // the default cap of TCP connections (Budget().ConnCap)
+	trusted []netip.Prefix
 	logger  *zap.Logger
 }
 
@@ -91,15 +100,28 @@ func NewPolicy(l Limits, logger *zap.Logger) (*Policy, error) {
 		return nil, fmt.Errorf("connection_rate_per_ip %d: must be >= 0 (0 = unlimited)", l.ConnectionRatePerIP)
 	case l.ConnectionRateWindow < 0:
 		return nil, fmt.Errorf("connection_rate_window %s: must be >= 0 (0 = %s)", l.ConnectionRateWindow, DefaultRateWindow)
+	case l.ProxyHeaderTimeout < 0:
+		return nil, fmt.Errorf("proxy_header_timeout %s: must be >= 0 (0 = %s)", l.ProxyHeaderTimeout, DefaultProxyHeaderTimeout)
+	case l.ProxyAccept > ProxyRequired:
+		return nil, fmt.Errorf("accept_proxy_protocol %d: must be off, optional or required", l.ProxyAccept)
+	case l.ProxyAccept != ProxyOff && len(l.TrustedProxies) == 0:
+		return nil, fmt.Errorf("trusted_proxy_cidrs: required when accept_proxy_protocol is %s; list the front proxies' addresses", l.ProxyAccept)
 	}
 	acl, err := NewACL(l.Whitelist, l.Blacklist)
 	if err != nil {
 		return nil, err
 	}
+	trusted, err := parseList("trusted_proxy_cidrs", l.TrustedProxies)
+	if err != nil {
+		return nil, err
+	}
+	if l.ProxyHeaderTimeout == 0 {
+		l.ProxyHeaderTimeout = DefaultProxyHeaderTimeout
+	}
 	if logger == nil {
 		logger = zap.NewNop()
 	}
-	p := &Policy{Limits: l, acl: acl, connCap: Budget().ConnCap, logger: logger}
+	p := &Policy{Limits: l, acl: acl, trusted: trusted, connCap: Budget().ConnCap, logger: logger}
 	if l.ConnectionRatePerIP > 0 {
 		p.rate = Rate{N: l.ConnectionRatePerIP, Window: l.ConnectionRateWindow}
 		if p.rate.Window == 0 {

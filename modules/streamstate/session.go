@@ -38,6 +38,10 @@ const (
 	ReasonSourceShare
 	ReasonSourceTableFull
 	ReasonConnectionCap
+	ReasonProxyHeaderInvalid
+	ReasonProxyHeaderUntrusted
+	ReasonProxyHeaderMissing
+	ReasonUpstreamTLSFailed
 )
 
 var reasonNames = [...]string{
@@ -63,6 +67,11 @@ var reasonNames = [...]string{
 	ReasonSourceShare:        "source_share",
 	ReasonSourceTableFull:    "source_table_full",
 	ReasonConnectionCap:      "connection_cap",
+
+	ReasonProxyHeaderInvalid:   "proxy_header_invalid",
+	ReasonProxyHeaderUntrusted: "proxy_header_untrusted",
+	ReasonProxyHeaderMissing:   "proxy_header_missing",
+	ReasonUpstreamTLSFailed:    "upstream_tls_failed",
 }
 
 func (r Reason) String() string {

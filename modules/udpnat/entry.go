@@ -52,8 +52,10 @@ type upConn interface {
 	SyscallConn() (syscall.RawConn, error)
 }
 
-// newEntry opens the upstream socket of a new client src that sent to dst.
-func (r *Relay) newEntry(s *socket, p *config, target, src, dst netip.AddrPort) (*entry, error) {
+// newEntry opens the upstream socket of a new client src that sent to
+// dst; the PROXY header sent upstream, if any, names hsrc and hdst (the
+// same, or a front proxy's client).
+func (r *Relay) newEntry(s *socket, p *config, target, src, dst, hsrc, hdst netip.AddrPort) (*entry, error) {
 	conn, err := dialUpstream(target)
 	if err != nil {
 		return nil, err
@@ -76,7 +78,7 @@ func (r *Relay) newEntry(s *socket, p *config, target, src, dst netip.AddrPort) 
 		to:   makeReplyAddr(s, src, dst),
 	}
 	if p.ProxyV2 {
-		if e.hdr, err = proxyHeader(src, dst); err != nil {
+		if e.hdr, err = proxyHeader(hsrc, hdst); err != nil {
 			conn.Close()
 			return nil, err
 		}

@@ -334,35 +334,49 @@ func readError(err error, backoff *time.Duration) (closed bool) {
 }
 
 // datagram relays one client datagram, which sits at buf[headroom:][:n].
+// With accept_proxy_protocol, a front proxy's PROXY header at its start
+// names the client and is taken off.
 func (r *Relay) datagram(s *socket, buf []byte, n int, src netip.AddrPort, oob []byte) {
 	var e *entry
 	if v, ok := r.entries.Load(src); ok {
 		e = v.(*entry)
 	}
+	off := 0
+	var pa streamstate.ProxyAddrs
+	if p := r.cfg.Load(); p != nil && p.Policy.AcceptsProxy() {
+		// The header's addresses matter only to a new entry.
+		var ok bool
+		if off, pa, ok = p.Policy.ProxyDatagram(r.state, buf[headroom:headroom+n], src, e == nil || e.gone()); !ok {
+			return
+		}
+	}
 	if e == nil || !e.expect() {
 		// A new client, or its entry has ended (or got all its answers
 		// and is closing): a new entry.
-		if e = r.open(s, src, oob); e == nil {
+		if e = r.open(s, src, oob, pa); e == nil {
 			return
 		}
 		e.expect()
 	}
 	now := time.Now()
 	e.last.Store(now.UnixNano())
-	if e.up != nil && !e.up.Allow(now, n) {
+	size := n - off
+	if e.up != nil && !e.up.Allow(now, size) {
 		r.state.DropDatagrams(streamstate.DropRateLimit, 1)
 		e.unexpect()
 		return
 	}
-	p := buf[headroom : headroom+n]
+	start := headroom + off
 	if len(e.hdr) > 0 {
-		start := headroom - len(e.hdr)
-		copy(buf[start:headroom], e.hdr)
-		p = buf[start : headroom+n]
+		// The header goes in the room before the payload (where a
+		// stripped header was, or the headroom).
+		start -= len(e.hdr)
+		copy(buf[start:headroom+off], e.hdr)
 	}
+	p := buf[start : headroom+n]
 	switch err := s.sendUpstream(e, p); {
 	case err == nil:
-		e.ss.AddDatagramSent(n)
+		e.ss.AddDatagramSent(size)
 	case isRefused(err):
 		r.state.DropDatagrams(streamstate.DropUpstreamRefused, 1)
 		e.end(streamstate.ReasonUpstreamError)
@@ -374,14 +388,18 @@ func (r *Relay) datagram(s *socket, buf []byte, n int, src netip.AddrPort, oob [
 }
 
 // open creates the NAT entry of a new client, or returns nil when the
-// datagram is to be dropped.
-func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte) *entry {
+// datagram is to be dropped. pa are the client's addresses from a front
+// proxy's PROXY header (invalid: src is the client).
+func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte, pa streamstate.ProxyAddrs) *entry {
 	p := r.cfg.Load()
 	if p == nil {
 		return nil
 	}
 	ip := src.Addr().Unmap()
 	client := netip.AddrPortFrom(ip, src.Port())
+	if pa.Source.IsValid() {
+		client = pa.Source
+	}
 	pol := p.Policy
 	adm, ok := pol.Admit(r.state, client, true, &r.table)
 	if !ok {
@@ -399,7 +417,14 @@ func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte) *entry {
 			dst = netip.AddrPortFrom(a, s.local.Port())
 		}
 	}
-	e, err := r.newEntry(s, p, *target, src, dst)
+	hsrc, hdst := src, dst // for the PROXY header sent upstream
+	if pa.Source.IsValid() {
+		hsrc = pa.Source
+		if pa.Dest.IsValid() {
+			hdst = pa.Dest
+		}
+	}
+	e, err := r.newEntry(s, p, *target, src, dst, hsrc, hdst)
 	if err != nil {
 		pol.Unadmit(r.state, adm)
 		r.state.DropDatagrams(streamstate.DropUpstreamSocket, 1)

@@ -22,6 +22,14 @@ const FIELDS = {
   ssl_cert_id: { label: 'Certificate', kind: 'select', number: true, options: [['0', 'None']], hint: 'Add certificates on the Certificates page.' },
   whitelist_cidrs: { label: 'Allowed CIDRs', kind: 'list', hint: 'One per line, e.g. 10.0.0.0/8. Empty: all.' },
   blacklist_cidrs: { label: 'Blocked CIDRs', kind: 'list', hint: 'One per line; checked after the allowed ones.' },
+  accept_proxy_protocol: { label: 'Accept PROXY protocol', kind: 'select', options: [['off', 'Off'], ['optional', 'Optional'], ['required', 'Required']], hint: 'Behind HAProxy, an AWS NLB or nginx: take the client address from the PROXY header (v1 or v2) they send. Required: every connection must come from a trusted proxy with one.' },
+  trusted_proxy_cidrs: { label: 'Trusted proxies', kind: 'list', hint: 'The front proxies allowed to send a header, one CIDR or IP per line. Needed unless Off.' },
+  proxy_header_timeout_seconds: { label: 'Header timeout', kind: 'unit', scale: TIME, max: 300, placeholder: '5', hint: 'A connection without its whole header by then is closed. Empty: 5 s.' },
+  upstream_tls: { label: 'TLS to the upstream', kind: 'check', hint: 'TCP: Aegis connects to the upstream over TLS and verifies its certificate.' },
+  upstream_tls_server_name: { label: 'Upstream server name', kind: 'text', placeholder: 'the upstream host', hint: 'The name in the upstream\'s certificate. Empty: the upstream host.' },
+  upstream_tls_ca: { label: 'Upstream CA', kind: 'textarea', placeholder: '-----BEGIN CERTIFICATE-----', hint: 'PEM of the CA certificate(s) the upstream\'s certificate must chain to. Empty: the system\'s roots.' },
+  upstream_tls_client_cert_id: { label: 'Client certificate', kind: 'select', number: true, options: [['0', 'None']], hint: 'Presented to the upstream (mutual TLS).' },
+  upstream_tls_insecure_skip_verify: { label: 'Skip verification', kind: 'check', hint: 'Accept any certificate from the upstream. For tests only.' },
   max_connections: { label: 'Max connections', kind: 'int', min: 0, max: Number.MAX_SAFE_INTEGER, empty: 0, placeholder: 'unlimited', hint: 'At once (UDP: clients). Empty: unlimited.' },
   max_connections_per_ip: { label: 'Max per source IP', kind: 'int', min: 0, max: 1000000, empty: 0, placeholder: 'unlimited', hint: 'At once from one IP (IPv6: one /64; UDP: clients). Empty: unlimited.' },
   connection_rate_per_ip: { label: 'New connections per IP', kind: 'int', min: 0, max: 1000000, empty: 0, placeholder: 'unlimited', hint: 'From one IP (IPv6: one /64) per rate window; more are closed at once. Empty: unlimited.' },
@@ -42,7 +50,9 @@ const GROUPS = [
   ['Stream', ['name', 'enabled']],
   ['Protocol and addresses', ['protocol', 'listen_address', 'listen_port', 'upstream_host', 'upstream_port', 'proxy_protocol_version']],
   ['TLS', ['ssl_enabled', 'ssl_cert_id']],
+  ['TLS to the upstream', ['upstream_tls', 'upstream_tls_server_name', 'upstream_tls_ca', 'upstream_tls_client_cert_id', 'upstream_tls_insecure_skip_verify']],
   ['Access control', ['whitelist_cidrs', 'blacklist_cidrs', 'max_connections', 'max_connections_per_ip', 'connection_rate_per_ip', 'connection_rate_window_seconds']],
+  ['Behind a front proxy', ['accept_proxy_protocol', 'trusted_proxy_cidrs', 'proxy_header_timeout_seconds']],
   ['Bandwidth and timeouts', ['upload_rate_bytes', 'download_rate_bytes', 'connection_timeout_seconds', 'idle_timeout_seconds', 'udp_responses', 'half_close']],
   ['Health checks', ['health_check_enabled', 'health_check_interval_seconds']],
   ['Logging', ['log_connections']],
@@ -50,6 +60,20 @@ const GROUPS = [
 ];
 
 const PORT_FIELDS = ['protocol', 'listen_address', 'listen_port'];
+
+// CERT_FIELDS choose a stored certificate.
+const CERT_FIELDS = ['ssl_cert_id', 'upstream_tls_client_cert_id'];
+
+// INSECURE is the warning, in red, next to upstream_tls_insecure_skip_verify.
+const INSECURE = 'Not verified: anyone on the path can pose as the upstream. Give its CA in Upstream CA instead.';
+
+// showInsecure shows INSECURE while skipping verification is on.
+function showInsecure(form, controls) {
+  const on = controls.upstream_tls_insecure_skip_verify.checked && controls.upstream_tls.checked;
+  const w = form.querySelector('#warn-upstream_tls_insecure_skip_verify');
+  w.textContent = on ? INSECURE : '';
+  w.classList.toggle('danger', on);
+}
 
 export async function formPage(ctx) {
   const editing = ctx.id > 0;
@@ -79,6 +103,10 @@ export async function formPage(ctx) {
     readOnly ? h('p', { class: 'note' }, 'This stream is defined in the Caddy config: change it there. It is shown read-only.') : null,
     form);
   fill(controls, stream, certs);
+  showInsecure(form, controls);
+  for (const name of ['upstream_tls', 'upstream_tls_insecure_skip_verify']) {
+    controls[name].addEventListener('change', () => showInsecure(form, controls));
+  }
   if (readOnly) {
     for (const set of form.querySelectorAll('fieldset')) set.disabled = true;
     return;
@@ -144,9 +172,10 @@ export async function formPage(ctx) {
     el.unit?.addEventListener('change', () => onEdit(name, false));
   }
   // The TLS, PROXY and protocol settings depend on each other.
-  for (const name of ['protocol', 'ssl_enabled', 'ssl_cert_id', 'proxy_protocol_version']) {
+  const linked = ['ssl_enabled', 'ssl_cert_id', 'proxy_protocol_version', 'upstream_tls', 'accept_proxy_protocol', 'trusted_proxy_cidrs'];
+  for (const name of ['protocol', ...linked]) {
     controls[name].addEventListener('change', () => {
-      for (const other of ['ssl_enabled', 'ssl_cert_id', 'proxy_protocol_version']) {
+      for (const other of linked) {
         if (other !== name && touched.has(other)) onEdit(other, false);
       }
     });
@@ -227,7 +256,7 @@ function field(name, f, controls, certs) {
       break;
     case 'select': {
       let options = f.options;
-      if (name === 'ssl_cert_id') options = options.concat(certs.map((c) => [String(c.id), certLabel(c)]));
+      if (CERT_FIELDS.includes(name)) options = options.concat(certs.map((c) => [String(c.id), certLabel(c)]));
       control = h('select', common, options.map(([v, t]) => h('option', { value: v }, t)));
       break;
     }
@@ -264,9 +293,10 @@ function certLabel(c) {
 // fill shows a stream's settings, or a new stream's defaults.
 function fill(controls, s, certs) {
   s = s || { protocol: 'tcp', enabled: true };
-  const certSelect = controls.ssl_cert_id;
-  if (s.ssl_cert_id && !certs.some((c) => c.id === s.ssl_cert_id)) {
-    certSelect.append(h('option', { value: String(s.ssl_cert_id) }, `Certificate ${s.ssl_cert_id} (not found)`));
+  for (const name of CERT_FIELDS) {
+    if (s[name] && !certs.some((c) => c.id === s[name])) {
+      controls[name].append(h('option', { value: String(s[name]) }, `Certificate ${s[name]} (not found)`));
+    }
   }
   for (const [name, f] of Object.entries(FIELDS)) {
     const el = controls[name];
@@ -330,6 +360,8 @@ function value(name, controls) {
   if (name === 'ssl_enabled' && v && proto === 'udp') bad('TLS needs TCP: choose protocol tcp or tcp+udp, or turn TLS termination off');
   if (name === 'ssl_cert_id' && controls.ssl_enabled.checked && v === 0) bad('choose the certificate for TLS termination');
   if (name === 'proxy_protocol_version' && v === 1 && proto !== 'tcp') bad(`version 1 cannot describe UDP; use 2 or Off on a ${proto} stream`);
+  if (name === 'trusted_proxy_cidrs' && v.length === 0 && controls.accept_proxy_protocol.value !== 'off') bad('list the front proxies that send the header (required unless Accept PROXY protocol is Off)');
+  if (name === 'upstream_tls' && v && proto === 'udp') bad('TLS to the upstream needs TCP: choose protocol tcp or tcp+udp, or turn it off');
   return [v, problems];
 }
 
