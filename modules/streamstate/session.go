@@ -33,6 +33,7 @@ const (
 	ReasonConfigChanged
 	ReasonStreamDisabled
 	ReasonResponsesDone
+	ReasonUpstreamLoop
 )
 
 var reasonNames = [...]string{
@@ -53,6 +54,7 @@ var reasonNames = [...]string{
 	ReasonConfigChanged:      "config_changed",
 	ReasonStreamDisabled:     "stream_disabled",
 	ReasonResponsesDone:      "responses_done",
+	ReasonUpstreamLoop:       "upstream_loop",
 }
 
 func (r Reason) String() string {

@@ -93,6 +93,10 @@ type State struct {
 	DatagramsDropped atomic.Uint64
 	// DialFailures counts connections whose dial to the upstream failed.
 	DialFailures atomic.Uint64
+	// UpstreamLoops counts connections (UDP: new clients) refused because
+	// the upstream address is one of this process's own stream listeners
+	// (loop.go); they are also dial failures.
+	UpstreamLoops atomic.Uint64
 
 	// Never reset, for the metrics (metrics.go).
 	blockedBy [numBlockReasons]atomic.Uint64
