@@ -53,24 +53,54 @@ type FieldError struct {
 	New bool
 }
 
-func (e *FieldError) Error() string {
-	label := StreamLabel(e.ID, e.Name)
+func (e *FieldError) Error() string { return e.Label() + ": " + e.Detail() }
+
+// Label is how the message names the stream: `stream 3 ("postgres")`, or
+// "the new stream".
+func (e *FieldError) Label() string {
 	if e.New {
-		label = "the new stream"
+		label := "the new stream"
 		if e.Name != "" {
 			label += fmt.Sprintf(" (%q)", ShortName(e.Name))
 		}
+		return label
 	}
+	return StreamLabel(e.ID, e.Name)
+}
+
+// Detail is the message without the stream's label: the setting, the
+// value (a long string cut short, see ShortValue) and the reason.
+func (e *FieldError) Detail() string {
 	if e.Value == nil { // no value: the setting is missing
-		return label + ": " + e.Field + ": " + e.Reason
+		return e.Field + ": " + e.Reason
 	}
+	v := ShortValue(e.Value)
 	if e.Inline {
-		return label + ": " + e.Field + " " + fmt.Sprint(e.Value) + " " + e.Reason
+		return e.Field + " " + fmt.Sprint(v) + " " + e.Reason
 	}
-	if v, ok := e.Value.(string); ok {
-		return label + ": " + e.Field + " " + strconv.Quote(v) + ": " + e.Reason
+	if v, ok := v.(string); ok {
+		return e.Field + " " + strconv.Quote(v) + ": " + e.Reason
 	}
-	return label + ": " + e.Field + " " + fmt.Sprint(e.Value) + ": " + e.Reason
+	return e.Field + " " + fmt.Sprint(v) + ": " + e.Reason
+}
+
+// MaxShownValue is the most characters of a string value that an error
+// shows; a longer one is cut short.
+const MaxShownValue = 100
+
+// MaxErrorsPerField is the most problems reported for the entries of one
+// list setting; one more problem says how many were left out.
+const MaxErrorsPerField = 10
+
+// ShortValue is v for an error message: a string longer than
+// MaxShownValue characters is cut, with "…" and its length after it, so
+// that a huge bad value cannot make a huge answer.
+func ShortValue(v any) any {
+	s, ok := v.(string)
+	if !ok || len(s) <= MaxShownValue || utf8.RuneCountInString(s) <= MaxShownValue {
+		return v
+	}
+	return fmt.Sprintf("%s… (%d characters)", string([]rune(s)[:MaxShownValue]), utf8.RuneCountInString(s))
 }
 
 // MarkNew makes every *FieldError in err speak of "the new stream": one
@@ -223,14 +253,23 @@ func (s *Stream) validate(limits bool) error {
 		badInt("proxy_protocol_version", int64(s.ProxyProtocolVersion), "must be 0 (off), 1 or 2")
 	}
 
-	for _, c := range s.WhitelistCIDRs {
-		if _, err := ParseCIDR(c); err != nil {
-			bad("whitelist_cidrs", c, err.Error())
+	for _, l := range []struct {
+		field string
+		list  []string
+	}{{"whitelist_cidrs", s.WhitelistCIDRs}, {"blacklist_cidrs", s.BlacklistCIDRs}} {
+		n := 0
+		for _, c := range l.list {
+			_, err := ParseCIDR(c)
+			if err == nil {
+				continue
+			}
+			if n++; n <= MaxErrorsPerField {
+				bad(l.field, c, err.Error())
+			}
 		}
-	}
-	for _, c := range s.BlacklistCIDRs {
-		if _, err := ParseCIDR(c); err != nil {
-			bad("blacklist_cidrs", c, err.Error())
+		if n > MaxErrorsPerField {
+			errs = append(errs, &FieldError{ID: s.ID, Name: s.Name, Field: l.field,
+				Reason: fmt.Sprintf("… and %d more invalid entries (%d in all); fix or remove them", n-MaxErrorsPerField, n)})
 		}
 	}
 
