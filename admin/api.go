@@ -197,6 +197,10 @@ func (a *api) serve(w http.ResponseWriter, r *http.Request, mount string) {
 		return
 	}
 	if method != http.MethodGet {
+		if err := tooEarly(r); err != nil {
+			a.fail(w, r, err)
+			return
+		}
 		if err := a.checkOrigin(r); err != nil {
 			a.fail(w, r, err)
 			return

@@ -18,6 +18,10 @@ const (
 	MaxNotesLength = 10000
 )
 
+// MaxID bounds stream and certificate ids: 2^53-1, the largest integer a
+// JavaScript number (the UI's) holds exactly.
+const MaxID = 1<<53 - 1
+
 // MaxSeconds bounds the settings given in seconds: one year. Longer values
 // are surely a mistake, and far longer ones would overflow a time.Duration.
 const MaxSeconds = 365 * 24 * 60 * 60
@@ -168,8 +172,11 @@ func (s *Stream) validate(limits bool) error {
 		bad(field, v, reason)
 	}
 
-	if s.ID <= 0 {
+	switch {
+	case s.ID <= 0:
 		badInt("id", s.ID, "must be > 0")
+	case s.ID > MaxID:
+		badInt("id", s.ID, fmt.Sprintf("must be at most %d (2^53-1, the largest integer a browser's JavaScript holds exactly)", MaxID))
 	}
 	if limits {
 		// The value is not repeated: it is too long for a message.
@@ -181,6 +188,11 @@ func (s *Stream) validate(limits bool) error {
 				errs = append(errs, &FieldError{ID: s.ID, Name: s.Name, Field: f.field,
 					Reason: fmt.Sprintf("%d characters, more than the limit of %d; shorten it", n, f.max)})
 			}
+		}
+		if r, at, ok := hiddenChar(s.Name); ok {
+			// Not echoed: the character would act in logs and the UI.
+			errs = append(errs, &FieldError{ID: s.ID, Name: s.Name, Field: "name",
+				Reason: fmt.Sprintf("has %U at character %d, a control or format character (such as a text direction or line separator); use visible characters only", r, at)})
 		}
 	}
 
@@ -273,8 +285,11 @@ func (s *Stream) validate(limits bool) error {
 		}
 	}
 
-	if s.SSLCertID < 0 {
+	switch {
+	case s.SSLCertID < 0:
 		badInt("ssl_cert_id", s.SSLCertID, "must be >= 0")
+	case s.SSLCertID > MaxID:
+		badInt("ssl_cert_id", s.SSLCertID, fmt.Sprintf("must be at most %d (2^53-1)", MaxID))
 	}
 	if s.SSLEnabled {
 		if !s.HasTCP() {
@@ -294,6 +309,20 @@ func (s *Stream) validate(limits bool) error {
 	}
 
 	return errors.Join(errs...)
+}
+
+// hiddenChar finds the first control or format character in s (Unicode
+// categories Cc, Cf, Zl and Zp: U+0000-U+001F, U+007F-U+009F, U+200E,
+// U+202E, U+2028, U+FEFF, ...), or an invalid UTF-8 byte, and its
+// position, counted in characters from 1.
+func hiddenChar(s string) (r rune, at int, ok bool) {
+	for _, r := range s {
+		at++
+		if r == utf8.RuneError || unicode.In(r, unicode.Cc, unicode.Cf, unicode.Zl, unicode.Zp) {
+			return r, at, true
+		}
+	}
+	return 0, 0, false
 }
 
 // ValidPort reports whether p is a port number, 1-65535.
@@ -335,8 +364,13 @@ func checkUpstreamHost(h string) string {
 	if strings.IndexFunc(h, func(r rune) bool { return unicode.IsSpace(r) || unicode.IsControl(r) }) >= 0 {
 		return "must not contain spaces or control characters; " + want
 	}
-	if _, err := netip.ParseAddr(h); err == nil {
-		return "" // a zone is allowed: dialing a link-local upstream needs it
+	if ip, err := netip.ParseAddr(h); err == nil {
+		// A zone is allowed, as dialing a link-local upstream needs it,
+		// but only an interface's name or index.
+		if z := ip.Zone(); z != "" && !validZone(z) {
+			return fmt.Sprintf("the IPv6 zone %q is not an interface name; write the address as fe80::1%%eth0, with the name (or index) of the interface the upstream is on", ShortValue(z))
+		}
+		return ""
 	}
 	if strings.HasPrefix(h, "[") && strings.HasSuffix(h, "]") {
 		return want + "; write an IPv6 address without brackets"
@@ -370,6 +404,22 @@ func checkUpstreamHost(h string) string {
 		return want + "; not a valid IP address"
 	}
 	return ""
+}
+
+// validZone reports whether z can be an interface's name (as Linux allows
+// it: 1-15 bytes, no '/', no space, not "." or "..") made of letters,
+// digits, '.', '-', '_' and '@', or its index.
+func validZone(z string) bool {
+	if len(z) == 0 || len(z) > 15 || z == "." || z == ".." {
+		return false
+	}
+	for i := 0; i < len(z); i++ {
+		c := z[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '-' || c == '_' || c == '@') {
+			return false
+		}
+	}
+	return true
 }
 
 // splitPort splits "host:port" with a numeric port; it is used only to
