@@ -144,6 +144,25 @@ func toAPIError(err error) *apiError {
 		Field: probs[0].Field, Value: probs[0].Value, Errors: probs}
 }
 
+// redactError takes out of e, which the client and the log get, any text
+// that looks like a key or a PEM block (certcheck.Redact): a private key
+// pasted into the wrong field is never quoted back. Values are redacted
+// whole.
+func redactError(e *apiError) *apiError {
+	e.Message = certcheck.Redact(e.Message)
+	if v, ok := e.Value.(string); ok && certcheck.LooksSecret(v) {
+		e.Value = certcheck.Redacted
+	}
+	for i := range e.Errors {
+		p := &e.Errors[i]
+		p.Message = certcheck.Redact(p.Message)
+		if v, ok := p.Value.(string); ok && certcheck.LooksSecret(v) {
+			p.Value = certcheck.Redacted
+		}
+	}
+	return e
+}
+
 // leaves unpacks the errors joined in err (errors.Join, also when wrapped
 // in a single-error wrapper such as fmt.Errorf with %w).
 func leaves(err error) []error {

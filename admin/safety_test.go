@@ -4,8 +4,11 @@ import (
 	"bytes"
 	"fmt"
 	"net/http"
+	"os"
 	"strings"
 	"testing"
+
+	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
 )
 
 // safetySites is a Caddyfile site on port site with the API under
@@ -194,5 +197,53 @@ func TestIDsBoundedAndNeverReused(t *testing.T) {
 	}
 	if l := inst.call("GET", "/api/v1/streams", nil).want(t, http.StatusOK).list(t); len(l) != 2 {
 		t.Errorf("%d streams, want 2", len(l))
+	}
+}
+
+// A private key pasted into the wrong field (domains, name, or a stream's
+// ssl_domain) is never quoted back in the 400 nor in the log (issue 22).
+func TestKeyNeverQuoted(t *testing.T) {
+	checkNoLeaks(t)
+	inst := startCaddy(t, streamsApp(), nil)
+	key := testenv.Cert(t, testenv.CertOptions{}).KeyPEM
+	oneLine := strings.Join(strings.Split(strings.TrimSpace(key), "\n")[1:3], "")
+	for _, tc := range []struct {
+		path string
+		body any
+	}{
+		{"/api/v1/certificates", obj{"name": "c", "domains": []string{key}}},
+		{"/api/v1/certificates", obj{"name": "c", "domains": []string{"a.example", oneLine}}},
+		{"/api/v1/certificates", obj{"name": "c", "domains": key}},
+		{"/api/v1/streams", stream(0, freePort(t), 9, obj{"ssl_domain": key})},
+		{"/api/v1/streams", stream(0, freePort(t), 9, obj{"upstream_host": oneLine})},
+		{"/api/v1/streams", stream(0, freePort(t), 9, obj{"whitelist_cidrs": []string{key}})},
+	} {
+		r := inst.call("POST", tc.path, tc.body)
+		if r.code != http.StatusBadRequest {
+			t.Errorf("POST %s: %s, want 400", tc.path, r)
+		}
+		checkNoKey(t, "the answer to POST "+tc.path, string(r.body), key)
+	}
+	log, err := os.ReadFile(inst.logFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Contains(log, []byte("streams API request refused")) {
+		t.Fatal("the refusals were not logged at DEBUG")
+	}
+	checkNoKey(t, "the log", string(log), key)
+}
+
+// checkNoKey fails if text holds the PEM header or any base64 line of key.
+func checkNoKey(t *testing.T, where, text, key string) {
+	t.Helper()
+	if strings.Contains(text, "BEGIN") {
+		t.Errorf("%s quotes a PEM header: %.300s", where, text)
+	}
+	for _, line := range strings.Split(key, "\n") {
+		if len(line) >= 16 && !strings.HasPrefix(line, "-----") && strings.Contains(text, line[:16]) {
+			t.Errorf("%s quotes the key (%q…): %.300s", where, line[:16], text)
+			return
+		}
 	}
 }

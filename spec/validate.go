@@ -96,12 +96,19 @@ const MaxShownValue = 100
 // list setting; one more problem says how many were left out.
 const MaxErrorsPerField = 10
 
-// ShortValue is v for an error message: a string longer than
+// ShortValue is v for an error message: a string that looks like a key or
+// a PEM block is never shown (certcheck.Redacted), and one longer than
 // MaxShownValue characters is cut, with "…" and its length after it, so
 // that a huge bad value cannot make a huge answer.
 func ShortValue(v any) any {
 	s, ok := v.(string)
-	if !ok || len(s) <= MaxShownValue || utf8.RuneCountInString(s) <= MaxShownValue {
+	if !ok {
+		return v
+	}
+	if certcheck.LooksSecret(s) {
+		return certcheck.Redacted
+	}
+	if len(s) <= MaxShownValue || utf8.RuneCountInString(s) <= MaxShownValue {
 		return v
 	}
 	return fmt.Sprintf("%s… (%d characters)", string([]rune(s)[:MaxShownValue]), utf8.RuneCountInString(s))
