@@ -3,6 +3,7 @@ package admin_test
 import (
 	"bytes"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"strings"
@@ -245,5 +246,66 @@ func checkNoKey(t *testing.T, where, text, key string) {
 			t.Errorf("%s quotes the key (%q…): %.300s", where, line[:16], text)
 			return
 		}
+	}
+}
+
+// Every write route, on the admin endpoint and on a streams_admin site,
+// refuses a body over 1 MiB with 413, with or without a Content-Length,
+// and changes nothing; 1 MiB itself is read (and refused for what it
+// says).
+func TestBodyLimitEveryRoute(t *testing.T) {
+	checkNoLeaks(t)
+	up := newServer(t, echo)
+	inst := newInstance(t)
+	site := freePort(t)
+	if err := inst.caddy.LoadCaddyfile(inst.caddyfile(safetySites, site)); err != nil {
+		t.Fatal(err)
+	}
+	sid := id(inst.create(stream(0, freePort(t), up.Port, nil)))
+	before := inst.call("GET", "/api/v1/streams", nil).want(t, http.StatusOK).body
+	// padded is a JSON object of exactly n bytes.
+	padded := func(n int) []byte {
+		head := []byte(`{"notes": "`)
+		tail := []byte(`"}`)
+		return append(append(head, bytes.Repeat([]byte("x"), n-len(head)-len(tail))...), tail...)
+	}
+	for _, base := range []string{"http://" + inst.adminAddr(), fmt.Sprintf("http://127.0.0.1:%d", site)} {
+		for _, rt := range []struct{ method, path, ct string }{
+			{"POST", "/api/v1/streams", "application/json"},
+			{"PUT", fmt.Sprintf("/api/v1/streams/%d", sid), "application/json"},
+			{"PATCH", fmt.Sprintf("/api/v1/streams/%d", sid), "application/merge-patch+json"},
+			{"POST", "/api/v1/streams/validate-port", "application/json"},
+			{"POST", "/api/v1/certificates", "application/json"},
+			{"PUT", "/api/v1/certificates/1", "application/json"},
+		} {
+			for _, chunked := range []bool{false, true} {
+				body := padded(1<<20 + 1)
+				var rd io.Reader = bytes.NewReader(body)
+				if chunked {
+					rd = io.MultiReader(bytes.NewReader(body[:10]), bytes.NewReader(body[10:]))
+				}
+				req, err := http.NewRequest(rt.method, base+rt.path, rd)
+				if err != nil {
+					t.Fatal(err)
+				}
+				req.Header.Set("Content-Type", rt.ct)
+				resp, err := inst.client.Do(req)
+				if err != nil {
+					t.Fatal(err)
+				}
+				b, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != http.StatusRequestEntityTooLarge || !strings.Contains(string(b), "the limit is 1048576 bytes") {
+					t.Errorf("%s %s%s, 1 MiB + 1 (chunked %v): %d %.200s", rt.method, base, rt.path, chunked, resp.StatusCode, b)
+				}
+			}
+			r := doRequest(t, inst.client, rt.method, base+rt.path, padded(1<<20), hdr{"Content-Type", rt.ct})
+			if r.code == http.StatusRequestEntityTooLarge || r.code/100 == 2 && rt.method != "POST" {
+				t.Errorf("%s %s%s, 1 MiB: %s", rt.method, base, rt.path, r)
+			}
+		}
+	}
+	if after := inst.call("GET", "/api/v1/streams", nil).want(t, http.StatusOK).body; !bytes.Equal(before, after) {
+		t.Errorf("streams changed:\nbefore %s\nafter  %s", before, after)
 	}
 }
