@@ -56,7 +56,7 @@ func TestHugeBadRequestSmallAnswer(t *testing.T) {
 	if len(r.body) >= 64<<10 {
 		t.Errorf("answer of %d bytes, want under 64 KB", len(r.body))
 	}
-	if took > time.Second {
+	if limit := time.Second; took > limit && !(raceEnabled && took < 10*limit) {
 		t.Errorf("answered in %s, want under a second", took)
 	}
 	if grew > 50<<20 {
