@@ -80,6 +80,26 @@ func TestUpstreamLoopAtRunTime(t *testing.T) {
 		t.Errorf("udp: a NAT entry was opened: %+v", st)
 	}
 
+	// Two streams that relay into each other through the name: A's dial
+	// to B is refused, so no connection goes round.
+	pa, pb := freePort(t), freePort(t)
+	if err := inst.load(hosts(
+		host(3, pa, pb, map[string]any{"upstream_host": name}),
+		host(4, pb, pa, map[string]any{"upstream_host": name}),
+	)); err != nil {
+		t.Fatal(err)
+	}
+	c := dial(t, pa)
+	expectClosed(t, c, 5*time.Second)
+	c.Close()
+	inst.waitLog(3, "A to B refused with upstream_loop", func(e logEntry) bool { return e.DisconnectReason == "upstream_loop" })
+	if st := inst.waitStats(3, "no connection open", func(s spec.Status) bool { return s.ActiveConnections == 0 }); st.TotalConnections != 1 {
+		t.Errorf("stream A: %d connections, want 1", st.TotalConnections)
+	}
+	if st := inst.stats()[4]; st.TotalConnections != 0 {
+		t.Errorf("stream B: %d connections, want none", st.TotalConnections)
+	}
+
 	var after usage
 	if !testenv.Within(5*time.Second, func() bool { after = measure(t); return after.fds <= base.fds+2 }) {
 		t.Errorf("descriptors: %d before, %d after %d looping connections and datagrams", base.fds, after.fds, n)

@@ -34,7 +34,7 @@ type adminEndpoint struct {
 // Caddy keeps the config's admin settings out of the modules' reach, so
 // they are read from the context by reflection; a Caddy whose context is
 // laid out otherwise gives the default (caddy.DefaultAdminListen), and
-// TestLoopToAdminEndpoint fails. ok is false when the endpoint is off or
+// TestUpstreamLoopRefused (package admin) fails. ok is false when the endpoint is off or
 // on a unix socket.
 func adminEndpointOf(ctx caddy.Context) (adminEndpoint, bool) {
 	listen := caddy.DefaultAdminListen
