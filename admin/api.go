@@ -14,6 +14,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/aegis-proxy/caddy-aegis/certcheck"
 	"github.com/aegis-proxy/caddy-aegis/modules/streams"
 	"github.com/aegis-proxy/caddy-aegis/spec"
 	"github.com/aegis-proxy/caddy-aegis/storage"
@@ -197,6 +198,10 @@ func (a *api) serve(w http.ResponseWriter, r *http.Request, mount string) {
 		return
 	}
 	if method != http.MethodGet {
+		if err := tooEarly(r); err != nil {
+			a.fail(w, r, err)
+			return
+		}
 		if err := a.checkOrigin(r); err != nil {
 			a.fail(w, r, err)
 			return
@@ -216,7 +221,7 @@ func (a *api) serve(w http.ResponseWriter, r *http.Request, mount string) {
 
 // fail writes err as a JSON error response.
 func (a *api) fail(w http.ResponseWriter, r *http.Request, err error) {
-	e := toAPIError(err)
+	e := redactError(toAPIError(err))
 	if e.allow != "" {
 		w.Header().Set("Allow", e.allow)
 	}
@@ -227,7 +232,7 @@ func (a *api) fail(w http.ResponseWriter, r *http.Request, err error) {
 	// the client is told to try again, and nothing is wrong with Aegis.
 	if e.Status >= 500 && !errors.Is(err, spec.ErrNotRunning) {
 		a.log().Error("streams API request failed", zap.String("method", r.Method), zap.String("path", r.URL.Path),
-			zap.Int("status", e.Status), zap.Error(err))
+			zap.Int("status", e.Status), zap.String("error", certcheck.Redact(err.Error())))
 	} else {
 		a.log().Debug("streams API request refused", zap.String("method", r.Method), zap.String("path", r.URL.Path),
 			zap.Int("status", e.Status), zap.String("error", e.Message))

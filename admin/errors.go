@@ -3,6 +3,7 @@ package admin
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"strings"
 
@@ -46,8 +47,13 @@ func fieldError(field string, value any, msg string) *apiError {
 }
 
 func problemOf(fe *spec.FieldError) fieldProblem {
-	return fieldProblem{Field: fe.Field, Value: fe.Value, Message: fe.Error()}
+	return fieldProblem{Field: fe.Field, Value: spec.ShortValue(fe.Value), Message: fe.Error()}
 }
+
+// maxProblems is the most problems a 400 lists; spec caps those of one
+// list setting, and this bounds the rest, so a bad request always gets a
+// small answer.
+const maxProblems = 50
 
 // toAPIError maps an error to its response: an *apiError as it is; the
 // streams package's sentinels to 503, 404 and 409; a database that cannot
@@ -92,27 +98,69 @@ func toAPIError(err error) *apiError {
 		return &apiError{Status: http.StatusInternalServerError,
 			Message: msg + "; check the streams app's storage key (storage_key in the Caddyfile, storage.key in JSON, or the streams.key file beside the database)"}
 	}
-	var msgs []string
+	// full has each problem's message; short the same without the
+	// stream's label, used when every problem is a spec.FieldError of
+	// one stream: the message then names it once.
+	var full, short []string
 	var probs []fieldProblem
-	for _, leaf := range leaves(err) {
+	label, oneStream := "", true
+	all := leaves(err)
+	for i, leaf := range all {
+		if len(full) == maxProblems {
+			more := fmt.Sprintf("… and %d more problems", len(all)-i)
+			full, short = append(full, more), append(short, more)
+			probs = append(probs, fieldProblem{Message: more})
+			break
+		}
 		var fe *spec.FieldError
 		var ce *certcheck.FieldError
-		if errors.As(leaf, &fe) {
+		switch {
+		case errors.As(leaf, &fe):
 			probs = append(probs, problemOf(fe))
-			msgs = append(msgs, fe.Error())
-		} else if errors.As(leaf, &ce) {
+			if l := fe.Label(); len(full) == 0 {
+				label = l
+			} else if l != label {
+				oneStream = false
+			}
+			full, short = append(full, fe.Error()), append(short, fe.Detail())
+		case errors.As(leaf, &ce):
 			// The value is a PEM chain or a private key: never echoed.
 			probs = append(probs, fieldProblem{Field: ce.Field, Message: ce.Error()})
-			msgs = append(msgs, ce.Error())
-		} else {
-			msgs = append(msgs, leaf.Error())
+			full, short = append(full, ce.Error()), append(short, ce.Error())
+			oneStream = false
+		default:
+			full, short = append(full, leaf.Error()), append(short, leaf.Error())
+			oneStream = false
 		}
 	}
 	if len(probs) == 0 {
 		return &apiError{Status: http.StatusInternalServerError, Message: "internal error: " + msg}
 	}
-	return &apiError{Status: http.StatusBadRequest, Message: strings.Join(msgs, "; "),
+	message := strings.Join(full, "; ")
+	if oneStream {
+		message = label + ": " + strings.Join(short, "; ")
+	}
+	return &apiError{Status: http.StatusBadRequest, Message: message,
 		Field: probs[0].Field, Value: probs[0].Value, Errors: probs}
+}
+
+// redactError takes out of e, which the client and the log get, any text
+// that looks like a key or a PEM block (certcheck.Redact): a private key
+// pasted into the wrong field is never quoted back. Values are redacted
+// whole.
+func redactError(e *apiError) *apiError {
+	e.Message = certcheck.Redact(e.Message)
+	if v, ok := e.Value.(string); ok && certcheck.LooksSecret(v) {
+		e.Value = certcheck.Redacted
+	}
+	for i := range e.Errors {
+		p := &e.Errors[i]
+		p.Message = certcheck.Redact(p.Message)
+		if v, ok := p.Value.(string); ok && certcheck.LooksSecret(v) {
+			p.Value = certcheck.Redacted
+		}
+	}
+	return e
 }
 
 // leaves unpacks the errors joined in err (errors.Join, also when wrapped

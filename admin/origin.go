@@ -20,7 +20,8 @@ import (
 // could.
 
 // checkOrigin refuses (403) a state-changing request from another origin:
-// one whose Origin header names a host and port other than the request's
+// one whose Origin header names a scheme, host and port other than the
+// request's
 // (its Host header; without a port there, 443 with TLS and 80 without) and
 // an origin not in a.origins, or, without an Origin header, whose
 // Sec-Fetch-Site says it comes from another site. Requests with neither
@@ -65,11 +66,19 @@ func normalizeOrigin(s string) (string, error) {
 	return scheme + "://" + stripDefaultPort(scheme, strings.ToLower(u.Host)), nil
 }
 
-// sameHost reports whether the normalized origin has the host and port
-// that r was sent to.
+// sameHost reports whether the normalized origin has the scheme, host and
+// port that r was sent to: https://127.0.0.1:2019 is another origin than
+// the admin endpoint's http://127.0.0.1:2019.
 func sameHost(origin string, r *http.Request) bool {
 	u, err := url.Parse(origin)
 	if err != nil {
+		return false
+	}
+	scheme := "http"
+	if r.TLS != nil {
+		scheme = "https"
+	}
+	if u.Scheme != scheme {
 		return false
 	}
 	oport := u.Port()
@@ -98,6 +107,20 @@ func defaultPort(scheme string) string {
 
 func stripDefaultPort(scheme, hostport string) string {
 	return strings.TrimSuffix(hostport, ":"+defaultPort(scheme))
+}
+
+// tooEarly refuses (425 Too Early, RFC 8470) a write that arrived as TLS
+// early data: 0-RTT data, which HTTP/3 allows, can be replayed by anyone
+// who saw it. Caddy hands such a request on before the handshake is
+// complete (r.TLS.HandshakeComplete false, as its `tls early_data`
+// matcher reads it); a proxy in front says so with "Early-Data: 1". The
+// client sends it again once the handshake is done.
+func tooEarly(r *http.Request) error {
+	if r.TLS != nil && !r.TLS.HandshakeComplete || r.Header.Get("Early-Data") == "1" {
+		return &apiError{Status: http.StatusTooEarly,
+			Message: "too early: a " + r.Method + " request sent as TLS early data (0-RTT) could be replayed; send it again after the handshake"}
+	}
+	return nil
 }
 
 // mergePatchType is the media type of a JSON merge patch (RFC 7396).

@@ -294,8 +294,8 @@ func TestErrorWording(t *testing.T) {
 		{name: "required settings left out", body: obj{"name": "bare"},
 			field: "listen_port", value: "null",
 			message: `the new stream ("bare"): listen_port: required; must be 1-65535; ` +
-				`the new stream ("bare"): upstream_host: required; must be a hostname or an IP address (e.g. db.internal, 10.0.0.5 or 2001:db8::5); ` +
-				`the new stream ("bare"): upstream_port: required; must be 1-65535`},
+				`upstream_host: required; must be a hostname or an IP address (e.g. db.internal, 10.0.0.5 or 2001:db8::5); ` +
+				`upstream_port: required; must be 1-65535`},
 		{name: "the id of a config stream", body: stream(1, freePort(t), up.Port, nil), code: http.StatusConflict,
 			field: "id", value: "1",
 			message: `conflict: id 1 is taken by stream 1 ("redis"), declared in the Caddy config; leave id out to get the next free id, or choose another`},

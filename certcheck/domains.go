@@ -42,10 +42,10 @@ func NormalizeDomains(domains []string) ([]string, error) {
 	for i, d := range domains {
 		n, err := normalizeName(d)
 		if err != nil {
-			return nil, fieldErr(FieldDomains, "%q: %s", d, err)
+			return nil, fieldErr(FieldDomains, "%s: %s", quoteSafe(d), err)
 		}
 		if j, dup := seen[n]; dup {
-			return nil, fieldErr(FieldDomains, "%q is given twice (entries %d and %d)", n, j+1, i+1)
+			return nil, fieldErr(FieldDomains, "%s is given twice (entries %d and %d)", quoteSafe(n), j+1, i+1)
 		}
 		seen[n] = i
 		out[i] = n

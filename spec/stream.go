@@ -2,7 +2,7 @@ package spec
 
 import (
 	"encoding/json"
-	"fmt"
+	"errors"
 	"net"
 	"net/netip"
 	"strconv"
@@ -323,18 +323,27 @@ func (s *Stream) HealthCheckInterval() time.Duration {
 	return time.Duration(s.HealthCheckIntervalSeconds) * time.Second
 }
 
+// ParseCIDR's errors: values, so that a list of 200,000 bad entries costs
+// no allocation per entry.
+var (
+	errEmptyEntry = errors.New("empty entry")
+	errNotCIDR    = errors.New("not a CIDR (want e.g. 10.0.0.0/8 or 2001:db8::/32)")
+	errNotAddr    = errors.New("not an IP address or CIDR (want e.g. 192.0.2.7 or 10.0.0.0/8)")
+	errZone       = errors.New("an IP zone is not allowed here")
+)
+
 // ParseCIDR parses one whitelist/blacklist entry: a CIDR, or a bare IP that
 // means a single address (/32 for IPv4, /128 for IPv6). IPv4-mapped IPv6
 // addresses are folded to IPv4 so that both spellings match the same clients.
 func ParseCIDR(s string) (netip.Prefix, error) {
 	s = strings.TrimSpace(s)
 	if s == "" {
-		return netip.Prefix{}, fmt.Errorf("empty entry")
+		return netip.Prefix{}, errEmptyEntry
 	}
 	if strings.Contains(s, "/") {
 		p, err := netip.ParsePrefix(s)
 		if err != nil {
-			return netip.Prefix{}, fmt.Errorf("not a CIDR (want e.g. 10.0.0.0/8 or 2001:db8::/32)")
+			return netip.Prefix{}, errNotCIDR
 		}
 		if p.Addr().Is4In6() && p.Bits() >= 96 {
 			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
@@ -343,10 +352,10 @@ func ParseCIDR(s string) (netip.Prefix, error) {
 	}
 	a, err := netip.ParseAddr(s)
 	if err != nil {
-		return netip.Prefix{}, fmt.Errorf("not an IP address or CIDR (want e.g. 192.0.2.7 or 10.0.0.0/8)")
+		return netip.Prefix{}, errNotAddr
 	}
 	if a.Zone() != "" {
-		return netip.Prefix{}, fmt.Errorf("an IP zone is not allowed here")
+		return netip.Prefix{}, errZone
 	}
 	a = a.Unmap()
 	return netip.PrefixFrom(a, a.BitLen()), nil

@@ -20,6 +20,10 @@ const (
 	MaxNotesLength = 10000
 )
 
+// MaxID bounds stream and certificate ids: 2^53-1, the largest integer a
+// JavaScript number (the UI's) holds exactly.
+const MaxID = 1<<53 - 1
+
 // MaxSeconds bounds the settings given in seconds: one year. Longer values
 // are surely a mistake, and far longer ones would overflow a time.Duration.
 const MaxSeconds = 365 * 24 * 60 * 60
@@ -58,24 +62,61 @@ type FieldError struct {
 	New bool
 }
 
-func (e *FieldError) Error() string {
-	label := StreamLabel(e.ID, e.Name)
+func (e *FieldError) Error() string { return e.Label() + ": " + e.Detail() }
+
+// Label is how the message names the stream: `stream 3 ("postgres")`, or
+// "the new stream".
+func (e *FieldError) Label() string {
 	if e.New {
-		label = "the new stream"
+		label := "the new stream"
 		if e.Name != "" {
 			label += fmt.Sprintf(" (%q)", ShortName(e.Name))
 		}
+		return label
 	}
+	return StreamLabel(e.ID, e.Name)
+}
+
+// Detail is the message without the stream's label: the setting, the
+// value (a long string cut short, see ShortValue) and the reason.
+func (e *FieldError) Detail() string {
 	if e.Value == nil { // no value: the setting is missing
-		return label + ": " + e.Field + ": " + e.Reason
+		return e.Field + ": " + e.Reason
 	}
+	v := ShortValue(e.Value)
 	if e.Inline {
-		return label + ": " + e.Field + " " + fmt.Sprint(e.Value) + " " + e.Reason
+		return e.Field + " " + fmt.Sprint(v) + " " + e.Reason
 	}
-	if v, ok := e.Value.(string); ok {
-		return label + ": " + e.Field + " " + strconv.Quote(v) + ": " + e.Reason
+	if v, ok := v.(string); ok {
+		return e.Field + " " + strconv.Quote(v) + ": " + e.Reason
 	}
-	return label + ": " + e.Field + " " + fmt.Sprint(e.Value) + ": " + e.Reason
+	return e.Field + " " + fmt.Sprint(v) + ": " + e.Reason
+}
+
+// MaxShownValue is the most characters of a string value that an error
+// shows; a longer one is cut short.
+const MaxShownValue = 100
+
+// MaxErrorsPerField is the most problems reported for the entries of one
+// list setting; one more problem says how many were left out.
+const MaxErrorsPerField = 10
+
+// ShortValue is v for an error message: a string that looks like a key or
+// a PEM block is never shown (certcheck.Redacted), and one longer than
+// MaxShownValue characters is cut, with "…" and its length after it, so
+// that a huge bad value cannot make a huge answer.
+func ShortValue(v any) any {
+	s, ok := v.(string)
+	if !ok {
+		return v
+	}
+	if certcheck.LooksSecret(s) {
+		return certcheck.Redacted
+	}
+	if len(s) <= MaxShownValue || utf8.RuneCountInString(s) <= MaxShownValue {
+		return v
+	}
+	return fmt.Sprintf("%s… (%d characters)", string([]rune(s)[:MaxShownValue]), utf8.RuneCountInString(s))
 }
 
 // MarkNew makes every *FieldError in err speak of "the new stream": one
@@ -143,8 +184,11 @@ func (s *Stream) validate(limits bool) error {
 		bad(field, v, reason)
 	}
 
-	if s.ID <= 0 {
+	switch {
+	case s.ID <= 0:
 		badInt("id", s.ID, "must be > 0")
+	case s.ID > MaxID:
+		badInt("id", s.ID, fmt.Sprintf("must be at most %d (2^53-1, the largest integer a browser's JavaScript holds exactly)", MaxID))
 	}
 	if limits {
 		// The value is not repeated: it is too long for a message.
@@ -156,6 +200,11 @@ func (s *Stream) validate(limits bool) error {
 				errs = append(errs, &FieldError{ID: s.ID, Name: s.Name, Field: f.field,
 					Reason: fmt.Sprintf("%d characters, more than the limit of %d; shorten it", n, f.max)})
 			}
+		}
+		if r, at, ok := hiddenChar(s.Name); ok {
+			// Not echoed: the character would act in logs and the UI.
+			errs = append(errs, &FieldError{ID: s.ID, Name: s.Name, Field: "name",
+				Reason: fmt.Sprintf("has %U at character %d, a control or format character (such as a text direction or line separator); use visible characters only", r, at)})
 		}
 	}
 
@@ -235,19 +284,31 @@ func (s *Stream) validate(limits bool) error {
 		badInt("proxy_protocol_version", int64(s.ProxyProtocolVersion), "must be 0 (off), 1 or 2")
 	}
 
-	for _, c := range s.WhitelistCIDRs {
-		if _, err := ParseCIDR(c); err != nil {
-			bad("whitelist_cidrs", c, err.Error())
+	for _, l := range []struct {
+		field string
+		list  []string
+	}{{"whitelist_cidrs", s.WhitelistCIDRs}, {"blacklist_cidrs", s.BlacklistCIDRs}} {
+		n := 0
+		for _, c := range l.list {
+			_, err := ParseCIDR(c)
+			if err == nil {
+				continue
+			}
+			if n++; n <= MaxErrorsPerField {
+				bad(l.field, c, err.Error())
+			}
 		}
-	}
-	for _, c := range s.BlacklistCIDRs {
-		if _, err := ParseCIDR(c); err != nil {
-			bad("blacklist_cidrs", c, err.Error())
+		if n > MaxErrorsPerField {
+			errs = append(errs, &FieldError{ID: s.ID, Name: s.Name, Field: l.field,
+				Reason: fmt.Sprintf("… and %d more invalid entries (%d in all); fix or remove them", n-MaxErrorsPerField, n)})
 		}
 	}
 
-	if s.SSLCertID < 0 {
+	switch {
+	case s.SSLCertID < 0:
 		badInt("ssl_cert_id", s.SSLCertID, "must be >= 0")
+	case s.SSLCertID > MaxID:
+		badInt("ssl_cert_id", s.SSLCertID, fmt.Sprintf("must be at most %d (2^53-1)", MaxID))
 	}
 	if s.SSLEnabled {
 		if !s.HasTCP() {
@@ -354,6 +415,20 @@ func ParseCAPEM(s string) (*x509.CertPool, error) {
 	return pool, nil
 }
 
+// hiddenChar finds the first control or format character in s (Unicode
+// categories Cc, Cf, Zl and Zp: U+0000-U+001F, U+007F-U+009F, U+200E,
+// U+202E, U+2028, U+FEFF, ...), or an invalid UTF-8 byte, and its
+// position, counted in characters from 1.
+func hiddenChar(s string) (r rune, at int, ok bool) {
+	for _, r := range s {
+		at++
+		if r == utf8.RuneError || unicode.In(r, unicode.Cc, unicode.Cf, unicode.Zl, unicode.Zp) {
+			return r, at, true
+		}
+	}
+	return 0, 0, false
+}
+
 // ValidPort reports whether p is a port number, 1-65535.
 func ValidPort(p int) bool { return p >= 1 && p <= 65535 }
 
@@ -393,8 +468,13 @@ func checkUpstreamHost(h string) string {
 	if strings.IndexFunc(h, func(r rune) bool { return unicode.IsSpace(r) || unicode.IsControl(r) }) >= 0 {
 		return "must not contain spaces or control characters; " + want
 	}
-	if _, err := netip.ParseAddr(h); err == nil {
-		return "" // a zone is allowed: dialing a link-local upstream needs it
+	if ip, err := netip.ParseAddr(h); err == nil {
+		// A zone is allowed, as dialing a link-local upstream needs it,
+		// but only an interface's name or index.
+		if z := ip.Zone(); z != "" && !validZone(z) {
+			return fmt.Sprintf("the IPv6 zone %q is not an interface name; write the address as fe80::1%%eth0, with the name (or index) of the interface the upstream is on", ShortValue(z))
+		}
+		return ""
 	}
 	if strings.HasPrefix(h, "[") && strings.HasSuffix(h, "]") {
 		return want + "; write an IPv6 address without brackets"
@@ -428,6 +508,22 @@ func checkUpstreamHost(h string) string {
 		return want + "; not a valid IP address"
 	}
 	return ""
+}
+
+// validZone reports whether z can be an interface's name (as Linux allows
+// it: 1-15 bytes, no '/', no space, not "." or "..") made of letters,
+// digits, '.', '-', '_' and '@', or its index.
+func validZone(z string) bool {
+	if len(z) == 0 || len(z) > 15 || z == "." || z == ".." {
+		return false
+	}
+	for i := 0; i < len(z); i++ {
+		c := z[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '-' || c == '_' || c == '@') {
+			return false
+		}
+	}
+	return true
 }
 
 // splitPort splits "host:port" with a numeric port; it is used only to

@@ -190,9 +190,13 @@ func parseChangePayload(s string) (int64, error) {
 	return id, nil
 }
 
+// claimWait is how long ClaimNode waits for a name held by another session
+// to be released.
+const claimWait = 2 * time.Second
+
 // ClaimNode holds this node's name until Close, with a session-level
 // advisory lock on a connection of its own: it goes away with the node.
-// Another holder is ErrNodeNameTaken. Calling it again while the name is
+// Another holder, after claimWait, is ErrNodeNameTaken. Calling it again while the name is
 // held does nothing; after the connection was lost (the database
 // restarted) it claims the name again. Heartbeat does that by itself.
 // The lock's key is the name's hashtext: two names that hash alike (one
@@ -214,8 +218,24 @@ func (p *Postgres) ClaimNode(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("storage: claiming node name %q: %w", p.node, p.unavailable(err))
 	}
+	// A node that just stopped (a restart) may still hold the name for a
+	// moment: the server releases a session's locks after it has seen the
+	// session end. Try again for up to claimWait before refusing.
 	var ok bool
-	err = p.unavailable(conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1, hashtext($2))`, nodeLockClass, p.node).Scan(&ok))
+	for deadline := time.Now().Add(claimWait); ; {
+		err = p.unavailable(conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1, hashtext($2))`, nodeLockClass, p.node).Scan(&ok))
+		if err != nil || ok || time.Now().After(deadline) {
+			break
+		}
+		select {
+		case <-time.After(100 * time.Millisecond):
+		case <-ctx.Done():
+			err = ctx.Err()
+		}
+		if err != nil {
+			break
+		}
+	}
 	if err == nil && !ok {
 		err = fmt.Errorf("%w: stop it, or give this node another name", ErrNodeNameTaken)
 	}

@@ -184,6 +184,12 @@ func openPools(path string) (*SQLite, error) {
 	if err := f.Close(); err != nil {
 		return nil, err
 	}
+	// A file made by an older version, a copy or a restore may be open
+	// to others: made 0600 before SQLite opens it, as SQLite gives the
+	// -wal and -shm files it creates the database file's mode.
+	if err := ownerOnly(abs); err != nil {
+		return nil, err
+	}
 
 	// Every connection gets these settings when it is opened, so a
 	// connection the pool replaces has them too.
@@ -227,6 +233,13 @@ func openPools(path string) (*SQLite, error) {
 		write.Close()
 		return nil, fmt.Errorf("journal mode is %q, not WAL (is the file on a file system without shared memory?)", mode)
 	}
+	// -wal and -shm files left by an older version keep their mode.
+	for _, suffix := range []string{"-wal", "-shm"} {
+		if err := ownerOnly(abs + suffix); err != nil {
+			write.Close()
+			return nil, err
+		}
+	}
 
 	rq := cloneValues(common)
 	rq.Set("_query_only", "1")
@@ -245,6 +258,46 @@ func openPools(path string) (*SQLite, error) {
 	}
 
 	return &SQLite{path: abs, write: write, read: read}, nil
+}
+
+// ownerOnly makes the file at path (if there is one) readable and
+// writable by its owner only, unless it is already.
+func ownerOnly(path string) error {
+	fi, err := os.Stat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if fi.Mode().Perm()&0o077 == 0 {
+		return nil
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		return fmt.Errorf("%s is open to other users (mode %04o) and cannot be made 0600: %v; run chmod 600 on it as its owner", path, fi.Mode().Perm(), err)
+	}
+	return nil
+}
+
+// DirWarning returns a warning if the directory of the database at path
+// lets other users in (group or others may enter it, or write in it), or
+// "". The files are 0600 whatever the directory; a directory that others
+// may write in lets them replace the files.
+func DirWarning(path string) string {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return ""
+	}
+	dir := filepath.Dir(abs)
+	fi, err := os.Stat(dir)
+	if err != nil || fi.Mode().Perm()&0o077 == 0 {
+		return ""
+	}
+	what := "other users may enter it and list its files"
+	if fi.Mode().Perm()&0o022 != 0 {
+		what = "other users may write in it and replace the database or its key"
+	}
+	return fmt.Sprintf("the storage directory %s has mode %04o: %s; run chmod 700 on it, or keep the database in a directory of its own", dir, fi.Mode().Perm(), what)
 }
 
 // fileURI is the driver's name for the database file at the absolute path

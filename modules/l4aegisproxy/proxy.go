@@ -8,12 +8,14 @@ package l4aegisproxy
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -78,6 +80,9 @@ type Handler struct {
 	logger      *zap.Logger
 	// stopHealth ends the health loop.
 	stopHealth context.CancelFunc
+	// lastLoopLog is when an upstream loop was last logged (unix nanos,
+	// atomic; not an atomic.Int64, which would make Handler uncopyable).
+	lastLoopLog int64
 }
 
 // CaddyModule returns the Caddy module information.
@@ -104,7 +109,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	// One SO_KEEPALIVE with the system's timings instead of Go's four
 	// setsockopt calls per connection.
 	h.dialer.KeepAlive = -1
-	h.dialer.Control = KeepAliveControl
+	h.dialer.Control = dialControl
 	h.dialer.Timeout = time.Duration(h.DialTimeout)
 	if h.dialer.Timeout == 0 {
 		h.dialer.Timeout = DefaultDialTimeout
@@ -165,11 +170,20 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	start := time.Now()
 	up, err := h.dial(ctx)
 	if err != nil {
+		loop := errors.Is(err, streamstate.ErrUpstreamLoop)
 		if ss != nil {
-			ss.SetReason(streamstate.ReasonDialFailed)
+			if loop {
+				ss.SetReason(streamstate.ReasonUpstreamLoop)
+			} else {
+				ss.SetReason(streamstate.ReasonDialFailed)
+			}
 		}
 		if ctx.Err() == nil { // not the stream shutting down
 			h.state.DialFailures.Add(1)
+		}
+		if loop {
+			h.state.UpstreamLoops.Add(1)
+			h.logLoop()
 		}
 		h.logger.Debug("dialing upstream", zap.String("upstream", h.Upstream), zap.Error(err))
 		return nil
@@ -244,6 +258,30 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 // TIME_WAIT, so a burst of short connections runs out of ports.
 func (h *Handler) dial(ctx context.Context) (net.Conn, error) {
 	return h.dialer.DialContext(ctx, "tcp", h.Upstream)
+}
+
+// dialControl refuses an upstream address that is one of this process's
+// own stream listeners, before the socket connects, then turns
+// SO_KEEPALIVE on.
+func dialControl(network, address string, c syscall.RawConn) error {
+	if err := streamstate.CheckUpstream(false, address); err != nil {
+		return err
+	}
+	return KeepAliveControl(network, address, c)
+}
+
+// logLoop logs an upstream loop at most once a second: every connection
+// of a looping stream hits it.
+func (h *Handler) logLoop() {
+	now := time.Now().UnixNano()
+	last := atomic.LoadInt64(&h.lastLoopLog)
+	if now-last < int64(time.Second) || !atomic.CompareAndSwapInt64(&h.lastLoopLog, last, now) {
+		return
+	}
+	h.logger.Error("upstream is one of this process's own stream listeners; connection closed",
+		zap.Int64("stream_id", h.StreamID), zap.String("upstream", h.Upstream),
+		zap.String("disconnect_reason", streamstate.ReasonUpstreamLoop.String()),
+		zap.Uint64("upstream_loops", h.state.UpstreamLoops.Load()))
 }
 
 // healthLoop dials the upstream every interval and records the outcome,

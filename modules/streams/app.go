@@ -63,6 +63,10 @@ type App struct {
 	// reserved are the ports that belong to Caddy itself (HTTP, HTTPS,
 	// admin), found in Provision and checked by Validate.
 	reserved []reservedPort
+	// admin is Caddy's admin endpoint, if hasAdmin: no stream may relay
+	// to it (loops.go).
+	admin    adminEndpoint
+	hasAdmin bool
 	// validated says Provision checked the config (see Validate).
 	validated bool
 
@@ -162,6 +166,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 	if err := a.registerMetrics(); err != nil {
 		return fmt.Errorf("registering the streams' metrics: %v", err)
 	}
+	a.admin, a.hasAdmin = adminEndpointOf(ctx)
 	a.reserved = reservedPorts(ctx)
 	stored, err := a.openStorage()
 	if err != nil {

@@ -14,6 +14,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegisproxy"
+	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 	"github.com/aegis-proxy/caddy-aegis/modules/udpnat"
 	"github.com/aegis-proxy/caddy-aegis/spec"
 )
@@ -79,7 +80,31 @@ func bind(ctx caddy.Context, s *spec.Stream, network string, lc net.ListenConfig
 		return nil, bindError(s, network, err)
 	}
 	bound.m[key]++
+	publishListenersLocked()
 	return ln, nil
+}
+
+// publishListenersLocked hands the addresses in bound to the upstream-loop
+// check of the TCP dial and the UDP relay (streamstate.IsOwnListener).
+// The caller holds bound.
+func publishListenersLocked() {
+	ls := make([]streamstate.Listener, 0, len(bound.m))
+	for key := range bound.m {
+		network, hp, _ := strings.Cut(key, "/")
+		host, port, err := net.SplitHostPort(hp)
+		pn, perr := strconv.ParseUint(port, 10, 16)
+		if err != nil || perr != nil {
+			continue
+		}
+		l := streamstate.Listener{UDP: network == "udp", Port: uint16(pn)}
+		if host != "" {
+			if l.Addr, err = netip.ParseAddr(host); err != nil {
+				continue
+			}
+		}
+		ls = append(ls, l)
+	}
+	streamstate.SetListeners(ls)
 }
 
 // socketNetwork is the network ("tcp" or "udp") to bind s's address with.
@@ -155,6 +180,7 @@ func unbind(s *spec.Stream, network string) {
 	defer bound.Unlock()
 	if bound.m[key]--; bound.m[key] <= 0 {
 		delete(bound.m, key)
+		publishListenersLocked()
 	}
 }
 

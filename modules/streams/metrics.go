@@ -47,6 +47,8 @@ var (
 		"How long connections lasted, by transport (udp: NAT entries).", "transport")
 	descDialFailures = newDesc("dial_failures_total",
 		"Connections whose dial to the upstream failed.")
+	descUpstreamLoops = newDesc("upstream_loops_total",
+		"Connections (UDP: new clients) refused because the upstream address is one of this process's own stream listeners.")
 	descDialDuration = newDesc("dial_duration_seconds",
 		"How long successful dials to the upstream took.")
 	descHealthy = newDesc("healthy",
@@ -65,7 +67,7 @@ var (
 	allDescs = []*prometheus.Desc{
 		descConnections, descBlocked, descActive, descBytes, descDuration,
 		descDialFailures, descDialDuration, descHealthy, descListening,
-		descNATEntries, descDropped, descTLS, descLogDropped,
+		descNATEntries, descDropped, descTLS, descLogDropped, descUpstreamLoops,
 	}
 )
 
@@ -177,6 +179,7 @@ func collectStream(ch chan<- prometheus.Metric, s streamSample) {
 		gauge(descHealthy, boolGauge(*status.Healthy), lv)
 	}
 	counter(descLogDropped, st.LogDropped.Load(), lv)
+	counter(descUpstreamLoops, st.UpstreamLoops.Load(), lv)
 
 	if cfg.HasTCP() {
 		histogram(descDuration, st.ConnectionDurations(streamstate.TCP), with(spec.ProtocolTCP))

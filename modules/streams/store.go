@@ -184,6 +184,9 @@ func (a *App) openStorage() ([]storage.Stored, error) {
 		if err != nil {
 			return nil, err
 		}
+		if w := storage.DirWarning(path); w != "" {
+			logger.Warn("storage directory open to other users", zap.String("path", path), zap.String("warning", w))
+		}
 		w := storage.NewLogWriter(db, storage.LogWriterOptions{
 			Retention: retention,
 			OnError: func(err error) {

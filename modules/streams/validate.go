@@ -95,11 +95,21 @@ func (a *App) validateList(hosts []*spec.Stream, limits bool) []error {
 			enabled = append(enabled, s)
 		}
 	}
+	// Loops: only with the limits, as for name and notes; stored streams
+	// that relay into one another run, and the run-time check stops a
+	// real loop.
+	if limits {
+		var local localAddrs
+		for _, s := range enabled {
+			errs = append(errs, a.upstreamLoops(s, enabled, &local)...)
+		}
+	}
 	return errs
 }
 
 // validateListen checks where s would listen against the running enabled
-// streams (other than s's own id) and the ports Caddy holds, as Validate
+// streams (other than s's own id) and the ports Caddy holds, and that no
+// stream relays into another or to Caddy's admin endpoint, as Validate
 // does for a whole config. A disabled s conflicts with nothing. The caller
 // holds a.mu.
 func (a *App) validateListen(s *spec.Stream) error {
@@ -112,7 +122,11 @@ func (a *App) validateListen(s *spec.Stream) error {
 			others = append(others, inst.cfg)
 		}
 	}
-	return errors.Join(a.listenConflicts(s, others)...)
+	errs := a.listenConflicts(s, others)
+	var local localAddrs
+	errs = append(errs, a.upstreamLoops(s, append(others, s), &local)...)
+	errs = append(errs, relayedInto(s, others, &local)...)
+	return errors.Join(errs...)
 }
 
 // listenConflicts returns an error for each of others that s would share a

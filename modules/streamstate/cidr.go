@@ -11,21 +11,22 @@ import (
 // which owns what an entry may be.
 func ParseCIDR(s string) (netip.Prefix, error) { return spec.ParseCIDR(s) }
 
-// ACL is a stream's whitelist and blacklist, parsed.
-type ACL struct{ allow, deny []netip.Prefix }
+// ACL is a stream's whitelist and blacklist, parsed into sets whose
+// lookup costs the same for 10 entries as for 100,000 (ipset.go).
+type ACL struct{ allow, deny ipSet }
 
 // NewACL parses the whitelist and blacklist. An error names the field and
 // the entry.
 func NewACL(whitelist, blacklist []string) (ACL, error) {
-	var a ACL
-	var err error
-	if a.allow, err = parseList("whitelist_cidrs", whitelist); err != nil {
+	allow, err := parseList("whitelist_cidrs", whitelist)
+	if err != nil {
 		return ACL{}, err
 	}
-	if a.deny, err = parseList("blacklist_cidrs", blacklist); err != nil {
+	deny, err := parseList("blacklist_cidrs", blacklist)
+	if err != nil {
 		return ACL{}, err
 	}
-	return a, nil
+	return ACL{allow: newIPSet(allow), deny: newIPSet(deny)}, nil
 }
 
 func parseList(field string, list []string) ([]netip.Prefix, error) {
@@ -45,20 +46,11 @@ func parseList(field string, list []string) ([]netip.Prefix, error) {
 
 // Allowed applies the lists to ip: a non-empty whitelist allows only its
 // matches, then a blacklist match rejects. IPv4-mapped IPv6 addresses are
-// checked as IPv4.
-func (a ACL) Allowed(ip netip.Addr) bool {
+// checked as IPv4, and an IPv6 zone (fe80::1%eth0) is ignored.
+func (a *ACL) Allowed(ip netip.Addr) bool {
 	ip = ip.Unmap()
-	if len(a.allow) > 0 && !contains(a.allow, ip) {
+	if !a.allow.empty() && !a.allow.contains(ip) {
 		return false
 	}
-	return !contains(a.deny, ip)
-}
-
-func contains(list []netip.Prefix, ip netip.Addr) bool {
-	for _, p := range list {
-		if p.Contains(ip) {
-			return true
-		}
-	}
-	return false
+	return !a.deny.contains(ip)
 }

@@ -76,7 +76,7 @@ type Policy struct {
 	acl     ACL
 	rate    Rate
 	connCap int // the default cap of TCP connections (Budget().ConnCap)
-	trusted []netip.Prefix
+	trusted ipSet
 	logger  *zap.Logger
 }
 
@@ -121,7 +121,7 @@ func NewPolicy(l Limits, logger *zap.Logger) (*Policy, error) {
 	if logger == nil {
 		logger = zap.NewNop()
 	}
-	p := &Policy{Limits: l, acl: acl, trusted: trusted, connCap: Budget().ConnCap, logger: logger}
+	p := &Policy{Limits: l, acl: acl, trusted: newIPSet(trusted), connCap: Budget().ConnCap, logger: logger}
 	if l.ConnectionRatePerIP > 0 {
 		p.rate = Rate{N: l.ConnectionRatePerIP, Window: l.ConnectionRateWindow}
 		if p.rate.Window == 0 {

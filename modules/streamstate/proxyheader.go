@@ -199,7 +199,7 @@ func ParseProxyHeader(b []byte) (n int, addrs ProxyAddrs, err error) {
 }
 
 // trusts reports whether src may send a PROXY header.
-func (p *Policy) trusts(src netip.Addr) bool { return contains(p.trusted, src.Unmap()) }
+func (p *Policy) trusts(src netip.Addr) bool { return p.trusted.contains(src.Unmap()) }
 
 // AcceptsProxy reports whether the policy reads PROXY headers.
 func (p *Policy) AcceptsProxy() bool { return p.ProxyAccept != ProxyOff }

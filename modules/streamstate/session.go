@@ -42,6 +42,7 @@ const (
 	ReasonProxyHeaderUntrusted
 	ReasonProxyHeaderMissing
 	ReasonUpstreamTLSFailed
+	ReasonUpstreamLoop
 )
 
 var reasonNames = [...]string{
@@ -72,6 +73,7 @@ var reasonNames = [...]string{
 	ReasonProxyHeaderUntrusted: "proxy_header_untrusted",
 	ReasonProxyHeaderMissing:   "proxy_header_missing",
 	ReasonUpstreamTLSFailed:    "upstream_tls_failed",
+	ReasonUpstreamLoop:         "upstream_loop",
 }
 
 func (r Reason) String() string {

@@ -14,6 +14,7 @@ package streamstate
 
 import (
 	"context"
+	"fmt"
 	"net/netip"
 	"strconv"
 	"sync"
@@ -93,6 +94,10 @@ type State struct {
 	DatagramsDropped atomic.Uint64
 	// DialFailures counts connections whose dial to the upstream failed.
 	DialFailures atomic.Uint64
+	// UpstreamLoops counts connections (UDP: new clients) refused because
+	// the upstream address is one of this process's own stream listeners
+	// (loop.go); they are also dial failures.
+	UpstreamLoops atomic.Uint64
 
 	// Never reset, for the metrics (metrics.go).
 	blockedBy [numBlockReasons]atomic.Uint64
@@ -131,8 +136,11 @@ type State struct {
 	sink    atomic.Pointer[func(LogRecord) bool]
 	connLog atomic.Pointer[zap.Logger]
 
-	blockedMu     sync.Mutex
-	blockedLogged map[netip.Addr]time.Time // last log of a refused source
+	blockedMu       sync.Mutex
+	blockedLogged   map[netip.Addr]time.Time // last log of a refused source
+	blockedPruned   time.Time                // when blockedLogged was last pruned
+	blockedUnlogged atomic.Uint64            // refusals not logged since the last summary
+	summaryPending  atomic.Bool              // a summary is due (notLogged)
 }
 
 // New makes the state of a stream that is not shared through the pool (a
@@ -307,6 +315,9 @@ func (r *LogRecord) Action() string {
 type logEntry struct {
 	logger *zap.Logger
 	rec    LogRecord
+	// notLogged > 0 makes the entry the summary of that many refusals
+	// that were not logged (LogBlocked).
+	notLogged uint64
 }
 
 // SetLogSink makes the log writer also hand every entry to f (nil: none),
@@ -357,6 +368,16 @@ func (s *State) writeLogs() {
 
 func (s *State) writeLog(e logEntry) {
 	r := &e.rec
+	if e.notLogged > 0 {
+		logger := e.logger
+		if l := s.connLog.Load(); l != nil {
+			logger = l
+		}
+		logger.Warn("blocked connections not logged",
+			zap.String("stream", r.Stream), zap.Int64("stream_id", s.ID), zap.Uint64("not_logged", e.notLogged),
+			zap.String("why", fmt.Sprintf("more than %d refused sources in a minute, and more than %d refusals logged in a second over every stream", MaxBlockedSources, BlockedLinesPerSecond)))
+		return
+	}
 	proto := "tcp"
 	if r.UDP {
 		proto = "udp"
@@ -434,12 +455,44 @@ func (q *logQueue) take(spare []logEntry) []logEntry {
 // most, so that a flood cannot flood the log.
 const BlockedLogEvery = time.Minute
 
-// maxBlockedSources bounds the sources remembered for BlockedLogEvery.
-const maxBlockedSources = 4096
+// MaxBlockedSources bounds the sources a stream remembers for
+// BlockedLogEvery: up to this many refused sources in a minute, each is
+// logged once a minute. Past it, a new source's refusal is logged only
+// within the process-wide BlockedLinesPerSecond, and the rest are counted
+// in a "blocked connections not logged" line every BlockedSummaryEvery.
+const MaxBlockedSources = 4096
+
+// BlockedLinesPerSecond caps, over every stream, the refusals logged per
+// second for sources past MaxBlockedSources: a flood from forged
+// addresses cannot fill a disk through the log.
+const BlockedLinesPerSecond = 100
+
+// BlockedSummaryEvery is how often a stream logs how many refusals it did
+// not log, while there are any.
+const BlockedSummaryEvery = 5 * time.Second
+
+// blockedLines is the process-wide budget of BlockedLinesPerSecond: the
+// second it counts (unix seconds) and the lines logged in it.
+var blockedLines struct {
+	second atomic.Int64
+	n      atomic.Int64
+}
+
+// takeBlockedLine reports whether one more refusal may be logged in this
+// second under BlockedLinesPerSecond.
+func takeBlockedLine(now time.Time) bool {
+	sec := now.Unix()
+	if old := blockedLines.second.Load(); old != sec && blockedLines.second.CompareAndSwap(old, sec) {
+		blockedLines.n.Store(0)
+	}
+	return blockedLines.n.Add(1) <= BlockedLinesPerSecond
+}
 
 // LogBlocked queues the log entry of a connection (or, with udp, a new
 // client's datagram) refused before it was relayed, unless the same source
-// was logged within BlockedLogEvery.
+// was logged within BlockedLogEvery, or (past MaxBlockedSources) the
+// process logged BlockedLinesPerSecond this second: then it is counted,
+// and the count logged every BlockedSummaryEvery.
 func (s *State) LogBlocked(logger *zap.Logger, stream string, source netip.AddrPort, r Reason, udp bool) {
 	ip := source.Addr().Unmap()
 	now := time.Now()
@@ -448,22 +501,46 @@ func (s *State) LogBlocked(logger *zap.Logger, stream string, source netip.AddrP
 		s.blockedMu.Unlock()
 		return
 	}
-	if len(s.blockedLogged) >= maxBlockedSources {
+	if len(s.blockedLogged) >= MaxBlockedSources && now.Sub(s.blockedPruned) >= time.Second {
+		// At most once a second: a flood past the bound would otherwise
+		// scan the whole map on each refusal.
+		s.blockedPruned = now
 		for a, t := range s.blockedLogged {
 			if now.Sub(t) >= BlockedLogEvery {
 				delete(s.blockedLogged, a)
 			}
 		}
-		if len(s.blockedLogged) >= maxBlockedSources {
-			clear(s.blockedLogged)
-		}
 	}
 	if s.blockedLogged == nil {
 		s.blockedLogged = map[netip.Addr]time.Time{}
 	}
-	s.blockedLogged[ip] = now
-	s.blockedMu.Unlock()
+	_, known := s.blockedLogged[ip]
+	if !known && len(s.blockedLogged) >= MaxBlockedSources {
+		s.blockedMu.Unlock()
+		if !takeBlockedLine(now) {
+			s.notLogged(logger, stream)
+			return
+		}
+	} else {
+		s.blockedLogged[ip] = now
+		s.blockedMu.Unlock()
+	}
 	s.enqueueLog(logEntry{logger: logger, rec: LogRecord{
-		StreamID: s.ID, Stream: stream, Source: source, Blocked: true, Reason: r, UDP: udp, Start: time.Now(),
+		StreamID: s.ID, Stream: stream, Source: source, Blocked: true, Reason: r, UDP: udp, Start: now,
 	}})
+}
+
+// notLogged counts a refusal that was not logged, and makes sure that a
+// summary line goes out within BlockedSummaryEvery.
+func (s *State) notLogged(logger *zap.Logger, stream string) {
+	s.blockedUnlogged.Add(1)
+	if !s.summaryPending.CompareAndSwap(false, true) {
+		return
+	}
+	time.AfterFunc(BlockedSummaryEvery, func() {
+		s.summaryPending.Store(false)
+		if n := s.blockedUnlogged.Swap(0); n > 0 {
+			s.enqueueLog(logEntry{logger: logger, notLogged: n, rec: LogRecord{StreamID: s.ID, Stream: stream}})
+		}
+	})
 }

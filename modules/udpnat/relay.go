@@ -104,6 +104,7 @@ type Relay struct {
 	reply atomic.Pointer[socket] // the socket replies leave from
 
 	lastDialLog atomic.Int64
+	lastLoopLog atomic.Int64 // when an upstream loop was last logged
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -411,6 +412,18 @@ func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte, pa streamstate.P
 		r.state.DropDatagrams(streamstate.DropUpstreamUnresolved, 1)
 		return nil
 	}
+	if streamstate.IsOwnListener(true, *target) {
+		// A datagram sent there would come back as a new client, and so
+		// on until the process has no socket left.
+		pol.Unadmit(r.state, adm)
+		r.state.UpstreamLoops.Add(1)
+		r.state.DialFailures.Add(1)
+		if pol.LogConnections {
+			r.state.LogBlocked(p.Logger, pol.Name, client, streamstate.ReasonUpstreamLoop, true)
+		}
+		r.logLoop(p, *target)
+		return nil
+	}
 	dst := s.local
 	if s.wildcard {
 		if a, ok := parseDst(oob); ok {
@@ -450,6 +463,19 @@ func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte, pa streamstate.P
 	r.state.ConnStarted()
 	go e.run()
 	return e
+}
+
+// logLoop logs an upstream loop at most once a second.
+func (r *Relay) logLoop(p *config, target netip.AddrPort) {
+	now := time.Now().UnixNano()
+	last := r.lastLoopLog.Load()
+	if now-last < int64(time.Second) || !r.lastLoopLog.CompareAndSwap(last, now) {
+		return
+	}
+	p.Logger.Error("UDP upstream is one of this process's own stream listeners; datagram dropped",
+		zap.String("upstream", p.Upstream), zap.Stringer("address", target),
+		zap.String("disconnect_reason", streamstate.ReasonUpstreamLoop.String()),
+		zap.Uint64("upstream_loops", r.state.UpstreamLoops.Load()))
 }
 
 // logDialError logs a failed upstream socket at most once a second: EMFILE
