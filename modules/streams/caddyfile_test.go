@@ -219,7 +219,7 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"streams argument", `streams foo`, []string{"streams takes no arguments"}},
 		{"unknown streams option", `streams {
 			hosts 1
-		}`, []string{"unknown option 'hosts'", "want grace_period, storage, storage_key, log_retention or host"}},
+		}`, []string{"unknown option 'hosts'", "want grace_period, storage, storage_key, log_retention, node_name or host"}},
 		{"storage driver", `streams {
 			storage mysql db:3306
 		}`, []string{"storage \"mysql db:3306\"", "want 'storage sqlite <path>' or 'storage off'"}},

@@ -259,11 +259,10 @@ func certRow(c spec.Certificate) string {
 // syncCerts publishes the stored certificates that changed since this app
 // read them (an API write meanwhile went to the previous app) and forgets
 // deleted ones. The caller holds writeMu and a.mu.
-func (a *App) syncCerts(ctx context.Context) {
+func (a *App) syncCerts(ctx context.Context) error {
 	list, err := a.store.db.ListCertificates(ctx)
 	if err != nil {
-		a.logger.Error("re-reading stored certificates", zap.Error(err))
-		return
+		return fmt.Errorf("re-reading stored certificates: %w", err)
 	}
 	seen := make(map[int64]bool, len(list))
 	for _, c := range list {
@@ -280,6 +279,32 @@ func (a *App) syncCerts(ctx context.Context) {
 			a.dropCert(id)
 		}
 	}
+	return nil
+}
+
+// applyCert makes the certificate registry match stored certificate id,
+// which another node wrote: it publishes it anew, or forgets it. The
+// caller holds writeMu and a.mu.
+func (a *App) applyCert(ctx context.Context, id int64) error {
+	c, err := a.store.db.GetCertificate(ctx, id)
+	if errors.Is(err, storage.ErrNotFound) {
+		if _, ok := a.certRows[id]; ok {
+			a.dropCert(id)
+			a.logger.Info("certificate deleted", zap.Int64("cert_id", id))
+		}
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if row, ok := a.certRows[id]; ok && row == certRow(c) {
+		return nil
+	}
+	if err := a.publishStored(ctx, c); err != nil {
+		return err
+	}
+	a.logger.Info("certificate stored", zap.Int64("cert_id", id), zap.Strings("domains", c.Domains))
+	return nil
 }
 
 // loadCertificates loads every stored certificate (Caddy starts managing

@@ -1,10 +1,12 @@
 package streams
 
 import (
+	"errors"
 	"sync"
 	"sync/atomic"
 
 	"github.com/aegis-proxy/caddy-aegis/spec"
+	"github.com/aegis-proxy/caddy-aegis/storage"
 )
 
 // writeMu serializes the writes of the API with each other and with a
@@ -46,7 +48,16 @@ func handOver(a *App) (back *App) {
 // Running returns the running streams app, or nil.
 func Running() *App { return current.Load() }
 
-// withRunning runs f on the running app with writes serialized.
+// staleTries is how often a write that storage refused as stale (another
+// node wrote first) is tried again after applying what it missed.
+const staleTries = 5
+
+// withRunning runs f, a write, on the running app with writes serialized.
+// On a cluster, a write the store refuses because another node wrote
+// first (storage.ErrStale) applies the changes it missed and runs f again,
+// so that its checks (If-Match, ports) see every node's writes; f must
+// start from its arguments each time. After a write, the node's snapshot
+// is brought up to date.
 func withRunning(f func(a *App) error) error {
 	writeMu.Lock()
 	defer writeMu.Unlock()
@@ -56,5 +67,17 @@ func withRunning(f func(a *App) error) error {
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	return f(a)
+	for try := 1; ; try++ {
+		err := f(a)
+		if try < staleTries && errors.Is(err, storage.ErrStale) && a.store != nil && a.store.cluster != nil {
+			if cerr := a.catchUpFor(a.ctx); cerr != nil {
+				return cerr
+			}
+			continue
+		}
+		if err == nil && a.store != nil && a.store.cluster != nil {
+			a.store.cluster.saveSnapshot(a)
+		}
+		return err
+	}
 }
