@@ -113,13 +113,13 @@ func normalizedCert(c spec.Certificate) spec.Certificate {
 // checkCert checks what the store requires of a certificate it writes,
 // whatever it was before: a known source, and a chain for a custom
 // certificate and none, nor a key, for a managed one.
-func (s *SQLite) checkCert(c spec.Certificate, keyPEM []byte) error {
+func (s *core) checkCert(c spec.Certificate, keyPEM []byte) error {
 	switch c.Source {
 	case spec.SourceCustom:
 		if c.CertificatePEM == "" {
 			return fmt.Errorf("a custom certificate needs its chain (certificate): %w", ErrInvalid)
 		}
-		if len(keyPEM) > 0 && s.sealer == nil {
+		if len(keyPEM) > 0 && s.sealer.aead == nil {
 			return ErrNoKey
 		}
 	case spec.SourceManaged:
@@ -133,37 +133,30 @@ func (s *SQLite) checkCert(c spec.Certificate, keyPEM []byte) error {
 }
 
 // ListCertificates returns every certificate, ordered by ID.
-func (s *SQLite) ListCertificates(ctx context.Context) ([]spec.Certificate, error) {
-	rows, err := s.read.QueryContext(ctx, `SELECT `+certColumns+` FROM certificates ORDER BY id`)
-	if err != nil {
-		return nil, fmt.Errorf("storage: listing certificates: %w", err)
-	}
-	defer rows.Close()
+func (s *core) ListCertificates(ctx context.Context) ([]spec.Certificate, error) {
 	var certs []spec.Certificate
-	for rows.Next() {
-		c, err := scanCert(rows)
-		if err != nil {
-			return nil, fmt.Errorf("storage: listing certificates: %w", err)
-		}
+	err := s.reads.queryEach(ctx, `SELECT `+certColumns+` FROM certificates ORDER BY id`, nil, func(r rowScanner) error {
+		c, err := scanCert(r)
 		certs = append(certs, c)
-	}
-	if err := rows.Err(); err != nil {
+		return err
+	})
+	if err != nil {
 		return nil, fmt.Errorf("storage: listing certificates: %w", err)
 	}
 	return certs, nil
 }
 
 // GetCertificate returns the certificate with the given ID, or ErrNotFound.
-func (s *SQLite) GetCertificate(ctx context.Context, id int64) (spec.Certificate, error) {
-	c, err := getCert(ctx, s.read, id)
+func (s *core) GetCertificate(ctx context.Context, id int64) (spec.Certificate, error) {
+	c, err := getCert(ctx, s.reads, id)
 	if err != nil {
 		return spec.Certificate{}, fmt.Errorf("storage: getting certificate %d: %w", id, err)
 	}
 	return c, nil
 }
 
-func getCert(ctx context.Context, q queryRower, id int64) (spec.Certificate, error) {
-	c, err := scanCert(q.QueryRowContext(ctx, `SELECT `+certColumns+` FROM certificates WHERE id = ?`, id))
+func getCert(ctx context.Context, q sqlDB, id int64) (spec.Certificate, error) {
+	c, err := scanCert(q.queryRow(ctx, `SELECT `+certColumns+` FROM certificates WHERE id = ?`, id))
 	if errors.Is(err, sql.ErrNoRows) {
 		return spec.Certificate{}, ErrNotFound
 	}
@@ -172,12 +165,12 @@ func getCert(ctx context.Context, q queryRower, id int64) (spec.Certificate, err
 
 // CertificateKey returns a custom certificate's private key, decrypted;
 // see Store.
-func (s *SQLite) CertificateKey(ctx context.Context, id int64) ([]byte, error) {
+func (s *core) CertificateKey(ctx context.Context, id int64) ([]byte, error) {
 	var (
 		source string
 		sealed []byte
 	)
-	err := s.read.QueryRowContext(ctx, `SELECT source, key_sealed FROM certificates WHERE id = ?`, id).Scan(&source, &sealed)
+	err := s.reads.queryRow(ctx, `SELECT source, key_sealed FROM certificates WHERE id = ?`, id).Scan(&source, &sealed)
 	switch {
 	case errors.Is(err, sql.ErrNoRows):
 		return nil, fmt.Errorf("storage: reading the private key of certificate %d: %w", id, ErrNotFound)
@@ -188,7 +181,7 @@ func (s *SQLite) CertificateKey(ctx context.Context, id int64) ([]byte, error) {
 	case len(sealed) == 0:
 		return nil, fmt.Errorf("storage: certificate %d has no private key stored", id)
 	}
-	key, err := s.open(id, sealed)
+	key, err := s.sealer.open(id, sealed)
 	if err != nil {
 		return nil, fmt.Errorf("storage: certificate %d: %w", id, err)
 	}
@@ -196,7 +189,7 @@ func (s *SQLite) CertificateKey(ctx context.Context, id int64) ([]byte, error) {
 }
 
 // CreateCertificate stores a new certificate; see Store.
-func (s *SQLite) CreateCertificate(ctx context.Context, c spec.Certificate, keyPEM []byte, apply func(c spec.Certificate) error) (spec.Certificate, error) {
+func (s *core) CreateCertificate(ctx context.Context, c spec.Certificate, keyPEM []byte, apply func(c spec.Certificate) error) (spec.Certificate, error) {
 	if c.ID < 0 {
 		return spec.Certificate{}, fmt.Errorf("storage: creating certificate %d: id must be >= 0: %w", c.ID, ErrInvalid)
 	}
@@ -208,15 +201,9 @@ func (s *SQLite) CreateCertificate(ctx context.Context, c spec.Certificate, keyP
 		return spec.Certificate{}, fmt.Errorf("storage: creating certificate: %w", err)
 	}
 	c = normalizedCert(c)
-	err = s.inTx(ctx, func(tx *sql.Tx) error {
-		if c.ID > 0 {
-			var n int
-			if err := tx.QueryRowContext(ctx, `SELECT COUNT(*) FROM certificates WHERE id = ?`, c.ID).Scan(&n); err != nil {
-				return err
-			}
-			if n > 0 {
-				return ErrConflict
-			}
+	err = s.be.inTx(ctx, true, func(tx writeTx) error {
+		if err := checkFreeID(ctx, tx, "certificates", c.ID); err != nil {
+			return err
 		}
 		c.CreatedAt = jsontime.Of(s.nowMillis())
 		c.UpdatedAt = c.CreatedAt
@@ -224,30 +211,30 @@ func (s *SQLite) CreateCertificate(ctx context.Context, c spec.Certificate, keyP
 		if err != nil {
 			return fmt.Errorf("domains: %v", err)
 		}
-		var id any // NULL lets SQLite assign the ID
-		if c.ID > 0 {
-			id = c.ID
+		id, err := s.be.newID(ctx, tx, "certificates", c.ID)
+		if err != nil {
+			return err
 		}
-		res, err := tx.ExecContext(ctx, `INSERT INTO certificates (id, name, source, domains, issuer,
+		err = tx.queryRow(ctx, `INSERT INTO certificates (id, name, source, domains, issuer,
 			not_before, not_after, certificate_pem, created_at, updated_at)
-			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id`,
 			id, c.Name, c.Source, domains, c.Issuer, millis(c.NotBefore.Time), millis(c.NotAfter.Time),
-			c.CertificatePEM, millis(c.CreatedAt.Time), millis(c.UpdatedAt.Time))
+			c.CertificatePEM, millis(c.CreatedAt.Time), millis(c.UpdatedAt.Time)).Scan(&c.ID)
 		if err != nil {
 			return fmt.Errorf("inserting: %w", err)
 		}
-		if c.ID, err = res.LastInsertId(); err != nil {
-			return err
-		}
 		// The key is sealed with the ID as additional data, so only now.
 		if c.Source == spec.SourceCustom {
-			sealed, err := s.seal(c.ID, keyPEM)
+			sealed, err := s.sealer.seal(c.ID, keyPEM)
 			if err != nil {
 				return err
 			}
-			if _, err := tx.ExecContext(ctx, `UPDATE certificates SET key_sealed = ? WHERE id = ?`, sealed, c.ID); err != nil {
+			if _, err := tx.exec(ctx, `UPDATE certificates SET key_sealed = ? WHERE id = ?`, sealed, c.ID); err != nil {
 				return fmt.Errorf("storing the private key: %w", err)
 			}
+		}
+		if err := tx.changed(ctx, ChangeCertificate, OpCreate, c.ID); err != nil {
+			return err
 		}
 		if apply != nil {
 			return apply(normalizedCert(c))
@@ -264,12 +251,12 @@ func (s *SQLite) CreateCertificate(ctx context.Context, c spec.Certificate, keyP
 }
 
 // UpdateCertificate replaces a certificate; see Store.
-func (s *SQLite) UpdateCertificate(ctx context.Context, c spec.Certificate, keyPEM []byte, apply func(old, new spec.Certificate) error) (spec.Certificate, error) {
+func (s *core) UpdateCertificate(ctx context.Context, c spec.Certificate, keyPEM []byte, apply func(old, new spec.Certificate) error) (spec.Certificate, error) {
 	if err := s.checkCert(c, keyPEM); err != nil {
 		return spec.Certificate{}, fmt.Errorf("storage: updating certificate %d: %w", c.ID, err)
 	}
 	c = normalizedCert(c)
-	err := s.inTx(ctx, func(tx *sql.Tx) error {
+	err := s.be.inTx(ctx, true, func(tx writeTx) error {
 		old, err := getCert(ctx, tx, c.ID)
 		if err != nil {
 			return err
@@ -288,7 +275,7 @@ func (s *SQLite) UpdateCertificate(ctx context.Context, c spec.Certificate, keyP
 		case c.Source == spec.SourceManaged:
 			query += `, key_sealed = NULL`
 		case len(keyPEM) > 0:
-			sealed, err := s.seal(c.ID, keyPEM)
+			sealed, err := s.sealer.seal(c.ID, keyPEM)
 			if err != nil {
 				return err
 			}
@@ -297,8 +284,11 @@ func (s *SQLite) UpdateCertificate(ctx context.Context, c spec.Certificate, keyP
 		case old.Source != spec.SourceCustom:
 			return fmt.Errorf("a custom certificate needs its private key (it was %s and has none stored): %w", old.Source, ErrInvalid)
 		}
-		if _, err := tx.ExecContext(ctx, query+` WHERE id = ?`, append(args, c.ID)...); err != nil {
+		if _, err := tx.exec(ctx, query+` WHERE id = ?`, append(args, c.ID)...); err != nil {
 			return fmt.Errorf("updating: %w", err)
+		}
+		if err := tx.changed(ctx, ChangeCertificate, OpUpdate, c.ID); err != nil {
+			return err
 		}
 		if apply != nil {
 			return apply(old, normalizedCert(c))
@@ -312,17 +302,20 @@ func (s *SQLite) UpdateCertificate(ctx context.Context, c spec.Certificate, keyP
 }
 
 // DeleteCertificate deletes a certificate that no host uses; see Store.
-func (s *SQLite) DeleteCertificate(ctx context.Context, id int64, apply func(old spec.Certificate) error) error {
-	err := s.inTx(ctx, func(tx *sql.Tx) error {
+func (s *core) DeleteCertificate(ctx context.Context, id int64, apply func(old spec.Certificate) error) error {
+	err := s.be.inTx(ctx, true, func(tx writeTx) error {
 		old, err := getCert(ctx, tx, id)
 		if err != nil {
 			return err
 		}
-		if err := certInUse(ctx, tx, id); err != nil {
+		if err := s.certInUse(ctx, tx, id); err != nil {
 			return err
 		}
-		if _, err := tx.ExecContext(ctx, `DELETE FROM certificates WHERE id = ?`, id); err != nil {
+		if _, err := tx.exec(ctx, `DELETE FROM certificates WHERE id = ?`, id); err != nil {
 			return fmt.Errorf("deleting: %w", err)
+		}
+		if err := tx.changed(ctx, ChangeCertificate, OpDelete, id); err != nil {
+			return err
 		}
 		if apply != nil {
 			return apply(old)
@@ -336,25 +329,21 @@ func (s *SQLite) DeleteCertificate(ctx context.Context, id int64, apply func(old
 }
 
 // certInUse returns an *InUseError if hosts refer to the certificate id.
-func certInUse(ctx context.Context, tx *sql.Tx, id int64) error {
-	rows, err := tx.QueryContext(ctx, `SELECT id, COALESCE(json_extract(settings, '$.name'), '') FROM hosts WHERE ssl_cert_id = ? ORDER BY id`, id)
-	if err != nil {
-		return fmt.Errorf("finding the hosts that use it: %w", err)
-	}
-	defer rows.Close()
+func (s *core) certInUse(ctx context.Context, tx sqlDB, id int64) error {
 	inUse := &InUseError{CertID: id}
-	for rows.Next() {
+	err := tx.queryEach(ctx, `SELECT id, COALESCE(`+s.nameSQL+`, '') FROM hosts WHERE ssl_cert_id = ? ORDER BY id`, []any{id}, func(r rowScanner) error {
 		var (
 			hostID int64
 			name   string
 		)
-		if err := rows.Scan(&hostID, &name); err != nil {
-			return fmt.Errorf("finding the hosts that use it: %w", err)
+		if err := r.Scan(&hostID, &name); err != nil {
+			return err
 		}
 		inUse.StreamIDs = append(inUse.StreamIDs, hostID)
 		inUse.StreamNames = append(inUse.StreamNames, name)
-	}
-	if err := rows.Err(); err != nil {
+		return nil
+	})
+	if err != nil {
 		return fmt.Errorf("finding the hosts that use it: %w", err)
 	}
 	if len(inUse.StreamIDs) > 0 {

@@ -741,7 +741,7 @@ func TestSealedKeyBoundToKeyAndRow(t *testing.T) {
 	}
 
 	// The same key sealed twice differs: the nonce is random.
-	again, err := s.seal(ca.ID, []byte(a.keyPEM))
+	again, err := s.sealer.seal(ca.ID, []byte(a.keyPEM))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
+	"slices"
 	"strings"
 
 	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
@@ -29,37 +30,60 @@ func validConnLog(e ConnLog) error {
 	return nil
 }
 
-// AppendConnLogs stores a batch of entries in one transaction; see Store.
-func (s *SQLite) AppendConnLogs(ctx context.Context, entries []ConnLog) error {
-	if len(entries) == 0 {
-		return nil
-	}
+// checkConnLogs checks a batch of entries before it is written.
+func checkConnLogs(entries []ConnLog) error {
 	for i, e := range entries {
 		if err := validConnLog(e); err != nil {
 			return fmt.Errorf("storage: appending conn log: entry %d: %w", i, err)
 		}
 	}
-	err := s.inTx(ctx, func(tx *sql.Tx) error {
-		stmt, err := tx.PrepareContext(ctx, `INSERT INTO conn_log
-			(stream_id, source_ip, source_port, bytes_sent, bytes_received,
-			 duration_ms, action, disconnect_reason, started_at, ended_at,
-			 protocol, datagrams_sent, datagrams_received)
-			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`)
-		if err != nil {
-			return err
-		}
-		defer stmt.Close()
-		for i, e := range entries {
-			port := sql.NullInt64{Int64: int64(e.SourcePort), Valid: e.SourcePort != 0}
-			proto := e.Protocol
-			if proto == "" {
-				proto = ConnTCP
+	return nil
+}
+
+// connLogColumns are the conn_log columns an entry is written to, in the
+// order of connLogRow.
+var connLogColumns = []string{"node", "stream_id", "source_ip", "source_port", "bytes_sent", "bytes_received",
+	"duration_ms", "action", "disconnect_reason", "started_at", "ended_at",
+	"protocol", "datagrams_sent", "datagrams_received"}
+
+// connLogRow is e's row in connLogColumns order, tagged with node.
+func connLogRow(e ConnLog, node string) []any {
+	port := sql.NullInt64{Int64: int64(e.SourcePort), Valid: e.SourcePort != 0}
+	proto := e.Protocol
+	if proto == "" {
+		proto = ConnTCP
+	}
+	return []any{node, e.StreamID, e.SourceIP, port,
+		e.BytesSent, e.BytesReceived, e.DurationMS, e.Action,
+		e.DisconnectReason, millis(e.StartedAt.Time), millis(e.EndedAt.Time),
+		proto, e.DatagramsSent, e.DatagramsReceived}
+}
+
+// connLogChunk is the most entries one INSERT statement writes: 14
+// parameters each stay below either database's limit.
+const connLogChunk = 500
+
+// AppendConnLogs stores a batch of entries in one transaction, with one
+// multi-row INSERT per connLogChunk entries, tagged with the store's
+// node name; see Store.
+func (s *core) AppendConnLogs(ctx context.Context, entries []ConnLog) error {
+	if len(entries) == 0 {
+		return nil
+	}
+	if err := checkConnLogs(entries); err != nil {
+		return err
+	}
+	row := "(?" + strings.Repeat(", ?", len(connLogColumns)-1) + ")"
+	err := s.be.inTx(ctx, false, func(tx writeTx) error {
+		for chunk := range slices.Chunk(entries, connLogChunk) {
+			query := `INSERT INTO conn_log (` + strings.Join(connLogColumns, ", ") + `) VALUES ` +
+				row + strings.Repeat(", "+row, len(chunk)-1)
+			args := make([]any, 0, len(chunk)*len(connLogColumns))
+			for _, e := range chunk {
+				args = append(args, connLogRow(e, s.node)...)
 			}
-			if _, err := stmt.ExecContext(ctx, e.StreamID, e.SourceIP, port,
-				e.BytesSent, e.BytesReceived, e.DurationMS, e.Action,
-				e.DisconnectReason, millis(e.StartedAt.Time), millis(e.EndedAt.Time),
-				proto, e.DatagramsSent, e.DatagramsReceived); err != nil {
-				return fmt.Errorf("inserting entry %d: %w", i, err)
+			if _, err := tx.exec(ctx, query, args...); err != nil {
+				return fmt.Errorf("inserting: %w", err)
 			}
 		}
 		return nil
@@ -71,7 +95,7 @@ func (s *SQLite) AppendConnLogs(ctx context.Context, entries []ConnLog) error {
 }
 
 // ConnLogs returns entries newest first, as selected by q.
-func (s *SQLite) ConnLogs(ctx context.Context, q ConnLogQuery) ([]ConnLog, error) {
+func (s *core) ConnLogs(ctx context.Context, q ConnLogQuery) ([]ConnLog, error) {
 	if q.StreamID < 0 {
 		return nil, fmt.Errorf("storage: reading conn log: stream_id %d: must be >= 0: %w", q.StreamID, ErrInvalid)
 	}
@@ -103,7 +127,11 @@ func (s *SQLite) ConnLogs(ctx context.Context, q ConnLogQuery) ([]ConnLog, error
 		where = append(where, "action = ?")
 		args = append(args, q.Action)
 	}
-	query := `SELECT id, stream_id, source_ip, source_port, bytes_sent, bytes_received,
+	if q.Node != "" {
+		where = append(where, "node = ?")
+		args = append(args, q.Node)
+	}
+	query := `SELECT id, node, stream_id, source_ip, source_port, bytes_sent, bytes_received,
 		duration_ms, action, disconnect_reason, started_at, ended_at,
 		protocol, datagrams_sent, datagrams_received FROM conn_log`
 	if len(where) > 0 {
@@ -112,52 +140,48 @@ func (s *SQLite) ConnLogs(ctx context.Context, q ConnLogQuery) ([]ConnLog, error
 	query += " ORDER BY id DESC LIMIT ?"
 	args = append(args, limit)
 
-	rows, err := s.read.QueryContext(ctx, query, args...)
-	if err != nil {
-		return nil, fmt.Errorf("storage: reading conn log: %w", err)
-	}
-	defer rows.Close()
 	var out []ConnLog
-	for rows.Next() {
+	err := s.reads.queryEach(ctx, query, args, func(r rowScanner) error {
 		var (
 			e              ConnLog
 			port           sql.NullInt64
 			started, ended sql.NullInt64
 		)
-		if err := rows.Scan(&e.ID, &e.StreamID, &e.SourceIP, &port, &e.BytesSent, &e.BytesReceived,
+		if err := r.Scan(&e.ID, &e.Node, &e.StreamID, &e.SourceIP, &port, &e.BytesSent, &e.BytesReceived,
 			&e.DurationMS, &e.Action, &e.DisconnectReason, &started, &ended,
 			&e.Protocol, &e.DatagramsSent, &e.DatagramsReceived); err != nil {
-			return nil, fmt.Errorf("storage: reading conn log: %w", err)
+			return err
 		}
 		e.SourcePort = int(port.Int64)
 		e.StartedAt = jsontime.Of(fromMillis(started))
 		e.EndedAt = jsontime.Of(fromMillis(ended))
 		out = append(out, e)
-	}
-	if err := rows.Err(); err != nil {
+		return nil
+	})
+	if err != nil {
 		return nil, fmt.Errorf("storage: reading conn log: %w", err)
 	}
 	return out, nil
 }
 
 // PruneConnLogs keeps the newest keep entries of one stream; see Store.
-func (s *SQLite) PruneConnLogs(ctx context.Context, streamID int64, keep int) (int64, error) {
+func (s *core) PruneConnLogs(ctx context.Context, streamID int64, keep int) (int64, error) {
 	if keep < 0 {
 		return 0, fmt.Errorf("storage: pruning conn log of stream %d: keep %d: must be >= 0: %w", streamID, keep, ErrInvalid)
 	}
 	var n int64
-	err := s.inTx(ctx, func(tx *sql.Tx) error {
+	err := s.be.inTx(ctx, false, func(tx writeTx) error {
 		// The subquery finds the newest entry beyond the ones to keep (NULL
 		// when there are no more than keep); it and every older one go.
 		// Both walk the (stream_id, id) index.
-		res, err := tx.ExecContext(ctx, `DELETE FROM conn_log WHERE stream_id = ? AND id <= (
+		var err error
+		n, err = tx.exec(ctx, `DELETE FROM conn_log WHERE stream_id = ? AND id <= (
 			SELECT id FROM conn_log WHERE stream_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?)`,
 			streamID, streamID, keep)
 		if err != nil {
 			return fmt.Errorf("deleting: %w", err)
 		}
-		n, err = res.RowsAffected()
-		return err
+		return nil
 	})
 	if err != nil {
 		return 0, fmt.Errorf("storage: pruning conn log of stream %d: %w", streamID, err)

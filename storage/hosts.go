@@ -19,7 +19,7 @@ import (
 const hostColumns = `id, protocol, listen_address, listen_port, enabled, ssl_cert_id,
 	settings, created_at, updated_at, version`
 
-const insertHost = `INSERT INTO hosts (` + hostColumns + `) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
+const insertHost = `INSERT INTO hosts (` + hostColumns + `) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id`
 
 const updateHost = `UPDATE hosts SET
 	protocol = ?, listen_address = ?, listen_port = ?, enabled = ?, ssl_cert_id = ?,
@@ -29,10 +29,6 @@ const updateHost = `UPDATE hosts SET
 // settingColumns are the JSON names of the settings kept in columns of
 // their own, left out of the settings column.
 var settingColumns = []string{"id", "protocol", "listen_address", "listen_port", "enabled", "ssl_cert_id"}
-
-type rowScanner interface {
-	Scan(dest ...any) error
-}
 
 func scanHost(r rowScanner) (Stored, error) {
 	var (
@@ -99,37 +95,30 @@ func normalized(s spec.Stream) (spec.Stream, string, error) {
 }
 
 // ListHosts returns every host, ordered by ID.
-func (s *SQLite) ListHosts(ctx context.Context) ([]Stored, error) {
-	rows, err := s.read.QueryContext(ctx, `SELECT `+hostColumns+` FROM hosts ORDER BY id`)
-	if err != nil {
-		return nil, fmt.Errorf("storage: listing hosts: %w", err)
-	}
-	defer rows.Close()
+func (s *core) ListHosts(ctx context.Context) ([]Stored, error) {
 	var hosts []Stored
-	for rows.Next() {
-		h, err := scanHost(rows)
-		if err != nil {
-			return nil, fmt.Errorf("storage: listing hosts: %w", err)
-		}
+	err := s.reads.queryEach(ctx, `SELECT `+hostColumns+` FROM hosts ORDER BY id`, nil, func(r rowScanner) error {
+		h, err := scanHost(r)
 		hosts = append(hosts, h)
-	}
-	if err := rows.Err(); err != nil {
+		return err
+	})
+	if err != nil {
 		return nil, fmt.Errorf("storage: listing hosts: %w", err)
 	}
 	return hosts, nil
 }
 
 // GetHost returns the host with the given ID, or ErrNotFound.
-func (s *SQLite) GetHost(ctx context.Context, id int64) (Stored, error) {
-	h, err := getHost(ctx, s.read, id)
+func (s *core) GetHost(ctx context.Context, id int64) (Stored, error) {
+	h, err := getHost(ctx, s.reads, id)
 	if err != nil {
 		return Stored{}, fmt.Errorf("storage: getting host %d: %w", id, err)
 	}
 	return h, nil
 }
 
-func getHost(ctx context.Context, q queryRower, id int64) (Stored, error) {
-	h, err := scanHost(q.QueryRowContext(ctx, `SELECT `+hostColumns+` FROM hosts WHERE id = ?`, id))
+func getHost(ctx context.Context, q sqlDB, id int64) (Stored, error) {
+	h, err := scanHost(q.queryRow(ctx, `SELECT `+hostColumns+` FROM hosts WHERE id = ?`, id))
 	if errors.Is(err, sql.ErrNoRows) {
 		return Stored{}, ErrNotFound
 	}
@@ -137,7 +126,7 @@ func getHost(ctx context.Context, q queryRower, id int64) (Stored, error) {
 }
 
 // CreateHost stores a new host; see Store.
-func (s *SQLite) CreateHost(ctx context.Context, st spec.Stream, apply func(h Stored) error) (Stored, error) {
+func (s *core) CreateHost(ctx context.Context, st spec.Stream, apply func(h Stored) error) (Stored, error) {
 	if st.ID < 0 {
 		return Stored{}, fmt.Errorf("storage: creating host %d: id must be >= 0: %w", st.ID, ErrInvalid)
 	}
@@ -147,15 +136,9 @@ func (s *SQLite) CreateHost(ctx context.Context, st spec.Stream, apply func(h St
 	if h.Stream, settings, err = normalized(st); err != nil {
 		return Stored{}, fmt.Errorf("storage: creating host: %w", err)
 	}
-	err = s.inTx(ctx, func(tx *sql.Tx) error {
-		if h.ID > 0 {
-			var n int
-			if err := tx.QueryRowContext(ctx, `SELECT COUNT(*) FROM hosts WHERE id = ?`, h.ID).Scan(&n); err != nil {
-				return err
-			}
-			if n > 0 {
-				return ErrConflict
-			}
+	err = s.be.inTx(ctx, true, func(tx writeTx) error {
+		if err := checkFreeID(ctx, tx, "hosts", h.ID); err != nil {
+			return err
 		}
 		h.CreatedAt = s.nowMillis()
 		h.UpdatedAt = h.CreatedAt
@@ -163,15 +146,14 @@ func (s *SQLite) CreateHost(ctx context.Context, st spec.Stream, apply func(h St
 		if h.Version, err = nextHostVersion(ctx, tx); err != nil {
 			return err
 		}
-		var id any // NULL lets SQLite assign the ID
-		if h.ID > 0 {
-			id = h.ID
-		}
-		res, err := tx.ExecContext(ctx, insertHost, append([]any{id}, hostValues(h, settings)...)...)
+		id, err := s.be.newID(ctx, tx, "hosts", h.ID)
 		if err != nil {
+			return err
+		}
+		if err := tx.queryRow(ctx, insertHost, append([]any{id}, hostValues(h, settings)...)...).Scan(&h.ID); err != nil {
 			return fmt.Errorf("inserting: %w", err)
 		}
-		if h.ID, err = res.LastInsertId(); err != nil {
+		if err := tx.changed(ctx, ChangeStream, OpCreate, h.ID); err != nil {
 			return err
 		}
 		if apply != nil {
@@ -189,14 +171,14 @@ func (s *SQLite) CreateHost(ctx context.Context, st spec.Stream, apply func(h St
 }
 
 // UpdateHost replaces a host; see Store.
-func (s *SQLite) UpdateHost(ctx context.Context, st spec.Stream, apply func(old, new Stored) error) (Stored, error) {
+func (s *core) UpdateHost(ctx context.Context, st spec.Stream, apply func(old, new Stored) error) (Stored, error) {
 	var h Stored
 	var settings string
 	var err error
 	if h.Stream, settings, err = normalized(st); err != nil {
 		return Stored{}, fmt.Errorf("storage: updating host %d: %w", st.ID, err)
 	}
-	err = s.inTx(ctx, func(tx *sql.Tx) error {
+	err = s.be.inTx(ctx, true, func(tx writeTx) error {
 		old, err := getHost(ctx, tx, h.ID)
 		if err != nil {
 			return err
@@ -206,8 +188,11 @@ func (s *SQLite) UpdateHost(ctx context.Context, st spec.Stream, apply func(old,
 		if h.Version, err = nextHostVersion(ctx, tx); err != nil {
 			return err
 		}
-		if _, err := tx.ExecContext(ctx, updateHost, append(hostValues(h, settings), h.ID)...); err != nil {
+		if _, err := tx.exec(ctx, updateHost, append(hostValues(h, settings), h.ID)...); err != nil {
 			return fmt.Errorf("updating: %w", err)
+		}
+		if err := tx.changed(ctx, ChangeStream, OpUpdate, h.ID); err != nil {
+			return err
 		}
 		if apply != nil {
 			return apply(old, h.clone())
@@ -230,9 +215,9 @@ func (h Stored) clone() Stored {
 
 // nextHostVersion takes the next host version, in the write transaction
 // tx: it is above every version handed out before, whichever the host.
-func nextHostVersion(ctx context.Context, tx *sql.Tx) (int64, error) {
+func nextHostVersion(ctx context.Context, tx sqlDB) (int64, error) {
 	var v int64
-	err := tx.QueryRowContext(ctx, `UPDATE host_version SET last = last + 1 WHERE id = 1 RETURNING last`).Scan(&v)
+	err := tx.queryRow(ctx, `UPDATE host_version SET last = last + 1 WHERE id = 1 RETURNING last`).Scan(&v)
 	if err != nil {
 		return 0, fmt.Errorf("taking the next host version: %w", err)
 	}
@@ -240,17 +225,20 @@ func nextHostVersion(ctx context.Context, tx *sql.Tx) (int64, error) {
 }
 
 // DeleteHost deletes a host and its connection log; see Store.
-func (s *SQLite) DeleteHost(ctx context.Context, id int64, apply func(old Stored) error) error {
-	err := s.inTx(ctx, func(tx *sql.Tx) error {
+func (s *core) DeleteHost(ctx context.Context, id int64, apply func(old Stored) error) error {
+	err := s.be.inTx(ctx, true, func(tx writeTx) error {
 		old, err := getHost(ctx, tx, id)
 		if err != nil {
 			return err
 		}
-		if _, err := tx.ExecContext(ctx, `DELETE FROM conn_log WHERE stream_id = ?`, id); err != nil {
+		if _, err := tx.exec(ctx, `DELETE FROM conn_log WHERE stream_id = ?`, id); err != nil {
 			return fmt.Errorf("deleting connection log: %w", err)
 		}
-		if _, err := tx.ExecContext(ctx, `DELETE FROM hosts WHERE id = ?`, id); err != nil {
+		if _, err := tx.exec(ctx, `DELETE FROM hosts WHERE id = ?`, id); err != nil {
 			return fmt.Errorf("deleting: %w", err)
+		}
+		if err := tx.changed(ctx, ChangeStream, OpDelete, id); err != nil {
+			return err
 		}
 		if apply != nil {
 			return apply(old)
@@ -259,6 +247,22 @@ func (s *SQLite) DeleteHost(ctx context.Context, id int64, apply func(old Stored
 	})
 	if err != nil {
 		return fmt.Errorf("storage: deleting host %d: %w", id, err)
+	}
+	return nil
+}
+
+// checkFreeID returns ErrConflict if a row of table (hosts or
+// certificates) has the ID id > 0.
+func checkFreeID(ctx context.Context, tx sqlDB, table string, id int64) error {
+	if id <= 0 {
+		return nil
+	}
+	var n int
+	if err := tx.queryRow(ctx, `SELECT COUNT(*) FROM `+table+` WHERE id = ?`, id).Scan(&n); err != nil {
+		return err
+	}
+	if n > 0 {
+		return ErrConflict
 	}
 	return nil
 }

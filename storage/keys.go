@@ -22,16 +22,25 @@ const KeySize = 32
 // digits and a newline.
 const maxKeyFileSize = 1024
 
-// newSealer returns the AES-256-GCM AEAD for key.
-func newSealer(key []byte) (cipher.AEAD, error) {
+// sealer seals and opens certificates' private keys with AES-256-GCM;
+// the zero sealer has no key and returns ErrNoKey.
+type sealer struct{ aead cipher.AEAD }
+
+// newSealer returns the sealer for key; an empty key gives the zero
+// sealer.
+func newSealer(key []byte) (sealer, error) {
+	if len(key) == 0 {
+		return sealer{}, nil
+	}
 	if len(key) != KeySize {
-		return nil, fmt.Errorf("encryption key: %d bytes, must be %d: %w", len(key), KeySize, ErrInvalid)
+		return sealer{}, fmt.Errorf("encryption key: %d bytes, must be %d: %w", len(key), KeySize, ErrInvalid)
 	}
 	block, err := aes.NewCipher(key) // copies the key schedule: key is not kept
 	if err != nil {
-		return nil, err
+		return sealer{}, err
 	}
-	return cipher.NewGCM(block)
+	aead, err := cipher.NewGCM(block)
+	return sealer{aead}, err
 }
 
 // sealAD is the additional data a certificate's private key is sealed with:
@@ -44,25 +53,25 @@ func sealAD(certID int64) []byte {
 
 // seal encrypts a private key for the certificate certID: a random 12-byte
 // nonce followed by the ciphertext and its tag.
-func (s *SQLite) seal(certID int64, plain []byte) ([]byte, error) {
-	if s.sealer == nil {
+func (s sealer) seal(certID int64, plain []byte) ([]byte, error) {
+	if s.aead == nil {
 		return nil, ErrNoKey
 	}
-	nonce := make([]byte, s.sealer.NonceSize(), s.sealer.NonceSize()+len(plain)+s.sealer.Overhead())
+	nonce := make([]byte, s.aead.NonceSize(), s.aead.NonceSize()+len(plain)+s.aead.Overhead())
 	rand.Read(nonce) // never fails (crypto/rand crashes the program instead)
-	return s.sealer.Seal(nonce, nonce, plain, sealAD(certID)), nil
+	return s.aead.Seal(nonce, nonce, plain, sealAD(certID)), nil
 }
 
 // open decrypts what seal returned for certID.
-func (s *SQLite) open(certID int64, sealed []byte) ([]byte, error) {
-	if s.sealer == nil {
+func (s sealer) open(certID int64, sealed []byte) ([]byte, error) {
+	if s.aead == nil {
 		return nil, ErrNoKey
 	}
-	n := s.sealer.NonceSize()
-	if len(sealed) < n+s.sealer.Overhead() {
+	n := s.aead.NonceSize()
+	if len(sealed) < n+s.aead.Overhead() {
 		return nil, ErrWrongKey
 	}
-	plain, err := s.sealer.Open(nil, sealed[:n], sealed[n:], sealAD(certID))
+	plain, err := s.aead.Open(nil, sealed[:n], sealed[n:], sealAD(certID))
 	if err != nil {
 		return nil, ErrWrongKey
 	}

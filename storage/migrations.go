@@ -201,6 +201,17 @@ FROM hosts`,
 			`CREATE INDEX hosts_ssl_cert_id ON hosts (ssl_cert_id)`,
 		},
 	},
+	{
+		version: 8,
+		name:    "conn_log node",
+		// The name of the node that took the connection (OpenOptions.Node);
+		// entries from before have none. The index serves the log's
+		// filter by node.
+		stmts: []string{
+			`ALTER TABLE conn_log ADD COLUMN node TEXT NOT NULL DEFAULT ''`,
+			`CREATE INDEX conn_log_node_id ON conn_log (node, id)`,
+		},
+	},
 }
 
 // migrate applies the migrations in migs above the database's version, up

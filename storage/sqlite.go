@@ -2,7 +2,6 @@ package storage
 
 import (
 	"context"
-	"crypto/cipher"
 	"database/sql"
 	"errors"
 	"fmt"
@@ -33,14 +32,10 @@ const readConns = 4
 // of several read-only connections and, in WAL mode, neither wait for nor
 // block the writer.
 type SQLite struct {
+	core
 	path  string
 	write *sql.DB
 	read  *sql.DB
-	now   func() time.Time
-
-	// sealer encrypts certificates' private keys; nil when the store was
-	// opened without a key.
-	sealer cipher.AEAD
 }
 
 var _ Store = (*SQLite)(nil)
@@ -53,6 +48,10 @@ type OpenOptions struct {
 	// refuses to write or read a private key with ErrNoKey; everything
 	// else works.
 	Key []byte
+
+	// Node is the node name the store tags connection-log entries with.
+	// Default: "".
+	Node string
 }
 
 // Open opens the SQLite database at path, creating the file and its parent
@@ -74,18 +73,16 @@ func OpenWith(path string, opts OpenOptions) (*SQLite, error) {
 // openAt is OpenWith that migrates the schema only up to version. Tests
 // use it to build databases as older versions wrote them.
 func openAt(path string, version int, opts OpenOptions) (*SQLite, error) {
-	var sealer cipher.AEAD
-	if len(opts.Key) > 0 {
-		var err error
-		if sealer, err = newSealer(opts.Key); err != nil {
-			return nil, fmt.Errorf("storage: open %s: %w", path, err)
-		}
+	sealer, err := newSealer(opts.Key)
+	if err != nil {
+		return nil, fmt.Errorf("storage: open %s: %w", path, err)
 	}
 	s, err := openPools(path)
 	if err != nil {
 		return nil, fmt.Errorf("storage: open %s: %w", path, err)
 	}
-	s.sealer = sealer
+	s.core = core{be: s, reads: sqlConn{s.read}, nameSQL: `json_extract(settings, '$.name')`,
+		node: opts.Node, sealer: sealer, now: time.Now}
 	if err := migrate(context.Background(), s.write, migrations, version); err != nil {
 		s.Close()
 		return nil, fmt.Errorf("storage: open %s: %w", path, err)
@@ -174,7 +171,7 @@ func openPools(path string) (*SQLite, error) {
 		return nil, err
 	}
 
-	return &SQLite{path: abs, write: write, read: read, now: time.Now}, nil
+	return &SQLite{path: abs, write: write, read: read}, nil
 }
 
 // fileURI is the driver's name for the database file at the absolute path
@@ -209,13 +206,15 @@ func (s *SQLite) Close() error {
 // inTx runs fn in a write transaction and commits it if fn returns nil. A
 // full disk, a file that cannot be written or a lock held elsewhere is an
 // *UnavailableError (ErrUnavailable).
-func (s *SQLite) inTx(ctx context.Context, fn func(tx *sql.Tx) error) error {
+//
+// The store is one node's: tracked writes are not recorded.
+func (s *SQLite) inTx(ctx context.Context, _ bool, fn func(tx writeTx) error) error {
 	tx, err := s.write.BeginTx(ctx, nil)
 	if err != nil {
 		return s.unavailable(fmt.Errorf("beginning transaction: %w", err))
 	}
 	defer tx.Rollback() // no-op after Commit; runs on a panic in fn too
-	if err := fn(tx); err != nil {
+	if err := fn(sqliteTx{sqlConn{tx}}); err != nil {
 		return s.unavailable(err)
 	}
 	if err := tx.Commit(); err != nil {
@@ -241,7 +240,11 @@ func fromMillis(v sql.NullInt64) time.Time {
 	return time.UnixMilli(v.Int64).UTC()
 }
 
-// nowMillis is the current time as stored: UTC, to the millisecond.
-func (s *SQLite) nowMillis() time.Time {
-	return time.UnixMilli(s.now().UnixMilli()).UTC()
+// newID returns id, or NULL for 0: SQLite assigns the next ID
+// (AUTOINCREMENT: above every ID the table ever had).
+func (s *SQLite) newID(_ context.Context, _ sqlDB, _ string, id int64) (any, error) {
+	if id > 0 {
+		return id, nil
+	}
+	return nil, nil
 }

@@ -213,6 +213,12 @@ type ConnLog struct {
 	// ID identifies the entry; assigned by the store, increasing.
 	ID int64 `json:"id"`
 
+	// Node is the name of the node that took the connection: the store
+	// sets it to the node name it was opened with, whatever the entry
+	// says; "" for a store opened without one and for entries stored
+	// before entries had a node.
+	Node string `json:"node,omitempty"`
+
 	// StreamID is the ID of the stream that took the connection; > 0.
 	StreamID int64 `json:"stream_id"`
 
@@ -284,4 +290,8 @@ type ConnLogQuery struct {
 	// Action, when not "", returns only entries with that action
 	// (ActionAllowed or ActionBlocked).
 	Action string
+
+	// Node, when not "", returns only the entries of the node of that
+	// name.
+	Node string
 }

@@ -1,0 +1,110 @@
+package storage
+
+import (
+	"context"
+	"database/sql"
+	"time"
+)
+
+// The two stores, SQLite and Postgres, share their logic (hosts,
+// certificates, the connection log's queries): it is written once, on
+// core, over the little that differs between them: how statements run
+// (sqlDB), how a write transaction is begun and committed, and how a new
+// row gets its ID (backend). Statements are written with ? placeholders;
+// the PostgreSQL side numbers them.
+
+// sqlDB runs statements, in a transaction or outside one.
+type sqlDB interface {
+	queryRow(ctx context.Context, query string, args ...any) rowScanner
+	// queryEach calls fn for each row the query returns.
+	queryEach(ctx context.Context, query string, args []any, fn func(r rowScanner) error) error
+	// exec returns the number of rows the statement changed.
+	exec(ctx context.Context, query string, args ...any) (int64, error)
+}
+
+type rowScanner interface {
+	Scan(dest ...any) error
+}
+
+// writeTx is a write transaction of a store.
+type writeTx interface {
+	sqlDB
+	// changed records a write of a stream or certificate (kind, op: see
+	// Change) for the other nodes; the SQLite store has no one to tell.
+	changed(ctx context.Context, kind, op string, objectID int64) error
+}
+
+// backend is what a store does its own way.
+type backend interface {
+	// inTx runs fn in a write transaction and commits it if fn returns
+	// nil. tracked is true for the writes of hosts and certificates,
+	// which the Postgres store serializes cluster-wide and records as
+	// changes.
+	inTx(ctx context.Context, tracked bool, fn func(tx writeTx) error) error
+
+	// newID returns the ID column's value for a new row of table (hosts
+	// or certificates): id when > 0, else a new one, or nil when the
+	// database assigns it on insert. The row's ID is read back with
+	// RETURNING id.
+	newID(ctx context.Context, tx sqlDB, table string, id int64) (any, error)
+}
+
+// core is the logic the stores share; each embeds one.
+type core struct {
+	be    backend
+	reads sqlDB // outside transactions
+
+	// nameSQL is the SQL expression of a host's name, from its settings.
+	nameSQL string
+
+	// node is the node name the store tags connection-log entries with.
+	node string
+
+	sealer sealer
+	now    func() time.Time
+}
+
+// nowMillis is the current time as stored: UTC, to the millisecond.
+func (c *core) nowMillis() time.Time {
+	return time.UnixMilli(c.now().UnixMilli()).UTC()
+}
+
+// sqlConn runs statements on a database/sql pool or transaction.
+type sqlConn struct {
+	q interface {
+		QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row
+		QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
+		ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
+	}
+}
+
+func (c sqlConn) queryRow(ctx context.Context, query string, args ...any) rowScanner {
+	return c.q.QueryRowContext(ctx, query, args...)
+}
+
+func (c sqlConn) queryEach(ctx context.Context, query string, args []any, fn func(r rowScanner) error) error {
+	rows, err := c.q.QueryContext(ctx, query, args...)
+	if err != nil {
+		return err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		if err := fn(rows); err != nil {
+			return err
+		}
+	}
+	return rows.Err()
+}
+
+func (c sqlConn) exec(ctx context.Context, query string, args ...any) (int64, error) {
+	res, err := c.q.ExecContext(ctx, query, args...)
+	if err != nil {
+		return 0, err
+	}
+	return res.RowsAffected()
+}
+
+// sqliteTx is a write transaction of the SQLite store.
+type sqliteTx struct{ sqlConn }
+
+func (sqliteTx) changed(context.Context, string, string, int64) error { return nil }
