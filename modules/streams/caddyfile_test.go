@@ -222,7 +222,7 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		}`, []string{"unknown option 'hosts'", "want grace_period, storage, storage_key, log_retention, node_name or host"}},
 		{"storage driver", `streams {
 			storage mysql db:3306
-		}`, []string{"storage \"mysql db:3306\"", "want 'storage sqlite <path>' or 'storage off'"}},
+		}`, []string{"storage \"mysql db:3306\"", "want 'storage sqlite <path>', 'storage postgres <dsn>' or 'storage off'"}},
 		{"storage twice", `streams {
 			storage off
 			storage sqlite /tmp/x.db

@@ -229,7 +229,7 @@ func (a *App) openStore(cfg StorageConfig, name string) (*sharedStore, error) {
 		if err != nil {
 			return nil, err
 		}
-		db, err := storage.OpenWith(name, storage.OpenOptions{Key: key})
+		db, err := storage.OpenWith(name, storage.OpenOptions{Key: key, Node: a.nodeName()})
 		if err != nil {
 			return nil, err
 		}
