@@ -190,8 +190,8 @@ func (s *core) CertificateKey(ctx context.Context, id int64) ([]byte, error) {
 
 // CreateCertificate stores a new certificate; see Store.
 func (s *core) CreateCertificate(ctx context.Context, c spec.Certificate, keyPEM []byte, apply func(c spec.Certificate) error) (spec.Certificate, error) {
-	if c.ID < 0 {
-		return spec.Certificate{}, fmt.Errorf("storage: creating certificate %d: id must be >= 0: %w", c.ID, ErrInvalid)
+	if c.ID < 0 || c.ID > maxID {
+		return spec.Certificate{}, fmt.Errorf("storage: creating certificate %d: id must be from 0 to %d: %w", c.ID, int64(maxID), ErrInvalid)
 	}
 	err := s.checkCert(c, keyPEM)
 	if err == nil && c.Source == spec.SourceCustom && len(keyPEM) == 0 {

@@ -93,8 +93,10 @@ func customCert(tc testCert, name string) spec.Certificate {
 	}
 }
 
-func TestCertificateRoundTrip(t *testing.T) {
-	s, _ := newKeyedStore(t)
+func TestCertificateRoundTrip(t *testing.T) { eachBackend(t, testCertificateRoundTrip) }
+
+func testCertificateRoundTrip(t *testing.T, b testBackend) {
+	s, _ := b.keyed(t)
 	ctx := context.Background()
 	before := time.Now().Add(-time.Millisecond)
 	tc := ecCert(t, "db.example.com")
@@ -182,9 +184,8 @@ func TestCertificateRoundTrip(t *testing.T) {
 	if _, err := s.UpdateCertificate(ctx, toManaged, nil, nil); err != nil {
 		t.Fatal(err)
 	}
-	var sealed []byte
-	if err := s.read.QueryRow(`SELECT key_sealed FROM certificates WHERE id = ?`, custom.ID).Scan(&sealed); err != nil || sealed != nil {
-		t.Errorf("key_sealed of a certificate made managed: %x, %v", sealed, err)
+	if sealed := sealedKey(t, s, custom.ID); sealed != nil {
+		t.Errorf("key_sealed of a certificate made managed: %x", sealed)
 	}
 	c.ID = custom.ID
 	if _, err := s.UpdateCertificate(ctx, c, nil, nil); !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "needs its private key") {
@@ -274,8 +275,10 @@ func TestCertificateJSON(t *testing.T) {
 	}
 }
 
-func TestCertificateErrors(t *testing.T) {
-	s, _ := newKeyedStore(t)
+func TestCertificateErrors(t *testing.T) { eachBackend(t, testCertificateErrors) }
+
+func testCertificateErrors(t *testing.T, b testBackend) {
+	s, _ := b.keyed(t)
 	ctx := context.Background()
 	tc := ecCert(t, "a.example.com")
 	key := []byte(tc.keyPEM)
@@ -342,20 +345,18 @@ func tc2(t *testing.T) testCert { return ecCert(t, "b.example.com") }
 
 // TestCertificatesWithoutKey uses a store opened without an encryption key:
 // managed certificates work, private keys are refused with ErrNoKey.
-func TestCertificatesWithoutKey(t *testing.T) {
+func TestCertificatesWithoutKey(t *testing.T) { eachBackend(t, testCertificatesWithoutKey) }
+
+func testCertificatesWithoutKey(t *testing.T, b testBackend) {
 	ctx := context.Background()
-	keyed, path := newKeyedStore(t)
+	keyed, path := b.keyed(t)
 	tc := ecCert(t, "a.example.com")
 	c, err := keyed.CreateCertificate(ctx, customCert(tc, "a"), []byte(tc.keyPEM), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 
-	s, err := Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := b.open(t, path, nil)
 	if _, err := s.CreateCertificate(ctx, spec.Certificate{Name: "m", Source: spec.SourceManaged, Domains: []string{"m.example"}}, nil, nil); err != nil {
 		t.Errorf("managed certificate without a key: %v", err)
 	}
@@ -384,8 +385,10 @@ func TestCertificatesWithoutKey(t *testing.T) {
 	}
 }
 
-func TestCertificateApply(t *testing.T) {
-	s, _ := newKeyedStore(t)
+func TestCertificateApply(t *testing.T) { eachBackend(t, testCertificateApply) }
+
+func testCertificateApply(t *testing.T, b testBackend) {
+	s, _ := b.keyed(t)
 	ctx := context.Background()
 	tc := ecCert(t, "a.example.com")
 
@@ -424,15 +427,8 @@ func TestCertificateApply(t *testing.T) {
 	}
 
 	// A failing apply leaves the database as it was, sealed key included.
-	sealedKey := func() []byte {
-		var b []byte
-		if err := s.read.QueryRow(`SELECT key_sealed FROM certificates WHERE id = ?`, created.ID).Scan(&b); err != nil {
-			t.Fatal(err)
-		}
-		return b
-	}
 	list0, _ := s.ListCertificates(ctx)
-	sealed0 := sealedKey()
+	sealed0 := sealedKey(t, s, created.ID)
 	other := ecCert(t, "a.example.com")
 	for i, tc := range []struct {
 		name string
@@ -469,7 +465,7 @@ func TestCertificateApply(t *testing.T) {
 		if list, _ := s.ListCertificates(ctx); !reflect.DeepEqual(list, list0) {
 			t.Errorf("%d: %s: certificates changed: %+v", i, tc.name, list)
 		}
-		if !bytes.Equal(sealedKey(), sealed0) {
+		if !bytes.Equal(sealedKey(t, s, created.ID), sealed0) {
 			t.Errorf("%d: %s: the sealed key changed", i, tc.name)
 		}
 	}
@@ -478,8 +474,10 @@ func TestCertificateApply(t *testing.T) {
 	}
 }
 
-func TestDeleteCertificateInUse(t *testing.T) {
-	s, _ := newKeyedStore(t)
+func TestDeleteCertificateInUse(t *testing.T) { eachBackend(t, testDeleteCertificateInUse) }
+
+func testDeleteCertificateInUse(t *testing.T, b testBackend) {
+	s, _ := b.keyed(t)
 	ctx := context.Background()
 	tc := ecCert(t, "a.example.com")
 	// Certificate 3, as in the message the admin API shows.
@@ -721,8 +719,10 @@ func TestLeaksFindsClearText(t *testing.T) {
 // TestSealedKeyBoundToKeyAndRow opens sealed keys with another key, after
 // tampering and after moving them to another certificate: each fails with
 // ErrWrongKey, and the message says what to check.
-func TestSealedKeyBoundToKeyAndRow(t *testing.T) {
-	s, path := newKeyedStore(t)
+func TestSealedKeyBoundToKeyAndRow(t *testing.T) { eachBackend(t, testSealedKeyBoundToKeyAndRow) }
+
+func testSealedKeyBoundToKeyAndRow(t *testing.T, bk testBackend) {
+	s, path := bk.keyed(t)
 	ctx := context.Background()
 	a, b := ecCert(t, "a.example.com"), ecCert(t, "b.example.com")
 	ca, err := s.CreateCertificate(ctx, customCert(a, "a"), []byte(a.keyPEM), nil)
@@ -733,15 +733,13 @@ func TestSealedKeyBoundToKeyAndRow(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var sealedA, sealedB []byte
-	s.read.QueryRow(`SELECT key_sealed FROM certificates WHERE id = ?`, ca.ID).Scan(&sealedA)
-	s.read.QueryRow(`SELECT key_sealed FROM certificates WHERE id = ?`, cb.ID).Scan(&sealedB)
+	sealedA, sealedB := sealedKey(t, s, ca.ID), sealedKey(t, s, cb.ID)
 	if want := 12 + len(a.keyPEM) + 16; len(sealedA) != want {
 		t.Errorf("sealed key of %d bytes, want nonce + key + tag = %d", len(sealedA), want)
 	}
 
 	// The same key sealed twice differs: the nonce is random.
-	again, err := s.sealer.seal(ca.ID, []byte(a.keyPEM))
+	again, err := s.base().sealer.seal(ca.ID, []byte(a.keyPEM))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -749,7 +747,7 @@ func TestSealedKeyBoundToKeyAndRow(t *testing.T) {
 		t.Error("sealing twice gave the same nonce")
 	}
 
-	wrongKey := func(t *testing.T, s *SQLite, id int64) {
+	wrongKey := func(t *testing.T, s testStore, id int64) {
 		t.Helper()
 		key, err := s.CertificateKey(ctx, id)
 		if !errors.Is(err, ErrWrongKey) || key != nil {
@@ -762,9 +760,7 @@ func TestSealedKeyBoundToKeyAndRow(t *testing.T) {
 	}
 
 	t.Run("moved to another row", func(t *testing.T) {
-		if _, err := s.write.Exec(`UPDATE certificates SET key_sealed = ? WHERE id = ?`, sealedA, cb.ID); err != nil {
-			t.Fatal(err)
-		}
+		setSealedKey(t, s, cb.ID, sealedA)
 		wrongKey(t, s, cb.ID)
 	})
 	t.Run("tampered", func(t *testing.T) {
@@ -774,9 +770,7 @@ func TestSealedKeyBoundToKeyAndRow(t *testing.T) {
 			sealedB[:20],
 			{},
 		} {
-			if _, err := s.write.Exec(`UPDATE certificates SET key_sealed = ? WHERE id = ?`, bad, cb.ID); err != nil {
-				t.Fatal(err)
-			}
+			setSealedKey(t, s, cb.ID, bad)
 			if len(bad) == 0 {
 				if _, err := s.CertificateKey(ctx, cb.ID); err == nil || !strings.Contains(err.Error(), "has no private key stored") {
 					t.Errorf("empty sealed key: %v", err)
@@ -788,11 +782,7 @@ func TestSealedKeyBoundToKeyAndRow(t *testing.T) {
 	})
 	t.Run("another key", func(t *testing.T) {
 		other := bytes.Repeat([]byte{7}, KeySize)
-		s2, err := OpenWith(path, OpenOptions{Key: other})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer s2.Close()
+		s2 := bk.open(t, path, other)
 		if got, err := s2.GetCertificate(ctx, ca.ID); err != nil || !reflect.DeepEqual(got, ca) {
 			t.Errorf("GetCertificate with another key: %v", err)
 		}

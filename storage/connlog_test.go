@@ -11,13 +11,16 @@ import (
 	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
 )
 
-func TestConnLogRoundTrip(t *testing.T) {
-	s := newStore(t)
+func TestConnLogRoundTrip(t *testing.T) { eachBackend(t, testConnLogRoundTrip) }
+
+func testConnLogRoundTrip(t *testing.T, b testBackend) {
+	s := b.store(t)
 	ctx := context.Background()
 	start := time.Date(2026, 3, 4, 5, 6, 7, 890_000_000, time.UTC)
 	in := []ConnLog{
 		{
-			ID:       99, // ignored
+			ID:       99,       // ignored
+			Node:     "node-z", // ignored: the store's node name
 			StreamID: 7, SourceIP: "2001:db8::1", SourcePort: 54321,
 			BytesSent: 1 << 40, BytesReceived: 12345, DurationMS: 1500,
 			Action: ActionAllowed, DisconnectReason: "upstream closed",
@@ -53,7 +56,7 @@ func TestConnLogRoundTrip(t *testing.T) {
 	}
 	for i, g := range got {
 		want := in[len(in)-1-i]
-		want.ID = g.ID
+		want.ID, want.Node = g.ID, testNode
 		if i == 2 {
 			want.StartedAt = jsontime.Of(start)
 			want.Protocol = ConnTCP
@@ -80,8 +83,10 @@ func connLogString(e ConnLog) string {
 	return fmt.Sprintf("%+v datagrams %s/%s", e, count(e.DatagramsSent), count(e.DatagramsReceived))
 }
 
-func TestAppendConnLogsAllOrNothing(t *testing.T) {
-	s := newStore(t)
+func TestAppendConnLogsAllOrNothing(t *testing.T) { eachBackend(t, testAppendConnLogsAllOrNothing) }
+
+func testAppendConnLogsAllOrNothing(t *testing.T, b testBackend) {
+	s := b.store(t)
 	ctx := context.Background()
 	for i, batch := range [][]ConnLog{
 		{{StreamID: 1, Action: ActionAllowed}, {StreamID: 1, Action: "dropped"}},
@@ -102,8 +107,10 @@ func TestAppendConnLogsAllOrNothing(t *testing.T) {
 	}
 }
 
-func TestConnLogQuery(t *testing.T) {
-	s := newStore(t)
+func TestConnLogQuery(t *testing.T) { eachBackend(t, testConnLogQuery) }
+
+func testConnLogQuery(t *testing.T, b testBackend) {
+	s := b.store(t)
 	ctx := context.Background()
 	// Streams 1 and 2 interleaved; stream 1's entries alternate allowed
 	// and blocked and carry their index in BytesSent.
@@ -232,8 +239,10 @@ func head(s []int64) []int64 {
 	return s
 }
 
-func TestPruneConnLogs(t *testing.T) {
-	s := newStore(t)
+func TestPruneConnLogs(t *testing.T) { eachBackend(t, testPruneConnLogs) }
+
+func testPruneConnLogs(t *testing.T, b testBackend) {
+	s := b.store(t)
 	ctx := context.Background()
 	var batch []ConnLog
 	for i := range 10 {

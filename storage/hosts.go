@@ -127,8 +127,8 @@ func getHost(ctx context.Context, q sqlDB, id int64) (Stored, error) {
 
 // CreateHost stores a new host; see Store.
 func (s *core) CreateHost(ctx context.Context, st spec.Stream, apply func(h Stored) error) (Stored, error) {
-	if st.ID < 0 {
-		return Stored{}, fmt.Errorf("storage: creating host %d: id must be >= 0: %w", st.ID, ErrInvalid)
+	if st.ID < 0 || st.ID > maxID {
+		return Stored{}, fmt.Errorf("storage: creating host %d: id must be from 0 to %d: %w", st.ID, int64(maxID), ErrInvalid)
 	}
 	var h Stored
 	var settings string

@@ -56,8 +56,10 @@ func hostGen(h Stored) (int, error) {
 	return gen, nil
 }
 
-func TestHostRoundTrip(t *testing.T) {
-	s := newStore(t)
+func TestHostRoundTrip(t *testing.T) { eachBackend(t, testHostRoundTrip) }
+
+func testHostRoundTrip(t *testing.T, b testBackend) {
+	s := b.store(t)
 	ctx := context.Background()
 	before := time.Now().Add(-time.Millisecond)
 
@@ -162,8 +164,10 @@ func TestHostRoundTrip(t *testing.T) {
 	}
 }
 
-func TestHostErrors(t *testing.T) {
-	s := newStore(t)
+func TestHostErrors(t *testing.T) { eachBackend(t, testHostErrors) }
+
+func testHostErrors(t *testing.T, b testBackend) {
+	s := b.store(t)
 	ctx := context.Background()
 	h, err := s.CreateHost(ctx, genHost(5, 1), nil)
 	if err != nil {
@@ -200,8 +204,10 @@ func TestHostErrors(t *testing.T) {
 	}
 }
 
-func TestHostIDsNotReused(t *testing.T) {
-	s := newStore(t)
+func TestHostIDsNotReused(t *testing.T) { eachBackend(t, testHostIDsNotReused) }
+
+func testHostIDsNotReused(t *testing.T, b testBackend) {
+	s := b.store(t)
 	ctx := context.Background()
 	var last int64
 	for i := range 3 {
@@ -237,8 +243,10 @@ func TestHostIDsNotReused(t *testing.T) {
 	}
 }
 
-func TestApplyReceivesHosts(t *testing.T) {
-	s := newStore(t)
+func TestApplyReceivesHosts(t *testing.T) { eachBackend(t, testApplyReceivesHosts) }
+
+func testApplyReceivesHosts(t *testing.T, b testBackend) {
+	s := b.store(t)
 	ctx := context.Background()
 
 	var applied Stored
@@ -297,7 +305,11 @@ type applyError struct{ op string }
 func (e *applyError) Error() string { return "listening failed during " + e.op }
 
 func TestApplyFailureLeavesDatabaseUnchanged(t *testing.T) {
-	s := newStore(t)
+	eachBackend(t, testApplyFailureLeavesDatabaseUnchanged)
+}
+
+func testApplyFailureLeavesDatabaseUnchanged(t *testing.T, b testBackend) {
+	s := b.store(t)
 	ctx := context.Background()
 	h, err := s.CreateHost(ctx, genHost(1, 1), nil)
 	if err != nil {
@@ -371,8 +383,10 @@ func TestApplyFailureLeavesDatabaseUnchanged(t *testing.T) {
 	}
 }
 
-func TestDeleteHostDeletesItsLog(t *testing.T) {
-	s := newStore(t)
+func TestDeleteHostDeletesItsLog(t *testing.T) { eachBackend(t, testDeleteHostDeletesItsLog) }
+
+func testDeleteHostDeletesItsLog(t *testing.T, b testBackend) {
+	s := b.store(t)
 	ctx := context.Background()
 	for _, id := range []int64{1, 2} {
 		if _, err := s.CreateHost(ctx, genHost(id, 1), nil); err != nil {
@@ -395,8 +409,10 @@ func TestDeleteHostDeletesItsLog(t *testing.T) {
 	}
 }
 
-func TestContextCanceled(t *testing.T) {
-	s := newStore(t)
+func TestContextCanceled(t *testing.T) { eachBackend(t, testContextCanceled) }
+
+func testContextCanceled(t *testing.T, b testBackend) {
+	s := b.store(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
 	if _, err := s.CreateHost(ctx, genHost(0, 1), nil); !errors.Is(err, context.Canceled) {
@@ -502,8 +518,10 @@ func TestConcurrentWriters(t *testing.T) {
 
 // IDs given out, explicitly or not, are never given out again, and
 // HighestHostID says how far they went.
-func TestHighestHostID(t *testing.T) {
-	db := newStore(t)
+func TestHighestHostID(t *testing.T) { eachBackend(t, testHighestHostID) }
+
+func testHighestHostID(t *testing.T, b testBackend) {
+	db := b.store(t)
 	ctx := context.Background()
 	if top, err := db.HighestHostID(ctx); err != nil || top != 0 {
 		t.Fatalf("empty store: %d, %v", top, err)
@@ -523,12 +541,11 @@ func TestHighestHostID(t *testing.T) {
 // TestHostVersions checks that every create and update gives a host a
 // version above every version handed out before: also to a host created
 // again under a deleted one's ID, and after the database is opened again.
-func TestHostVersions(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "aegis.db")
-	s, err := Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
+func TestHostVersions(t *testing.T) { eachBackend(t, testHostVersions) }
+
+func testHostVersions(t *testing.T, bk testBackend) {
+	path := bk.newDB(t)
+	s := bk.open(t, path, nil)
 	ctx := context.Background()
 	seen := map[int64]bool{}
 	var top int64
@@ -570,11 +587,7 @@ func TestHostVersions(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	s, err = Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s = bk.open(t, path, nil)
 	a, err = s.UpdateHost(ctx, genHost(a.ID, 4), nil)
 	took("update a after reopening", a, err)
 	c, err := s.CreateHost(ctx, genHost(0, 5), nil)

@@ -180,7 +180,11 @@ func TestLogWriterNeverBlocks(t *testing.T) {
 }
 
 func TestLogWriterCloseFlushesToSQLite(t *testing.T) {
-	s := newStore(t)
+	eachBackend(t, testLogWriterCloseFlushesToSQLite)
+}
+
+func testLogWriterCloseFlushesToSQLite(t *testing.T, b testBackend) {
+	s := b.store(t)
 	w := NewLogWriter(s, LogWriterOptions{BatchSize: 100, FlushInterval: time.Hour})
 	for i := range 250 {
 		w.Enqueue(entry(int64(1+i%2), i))
@@ -208,8 +212,10 @@ func TestLogWriterCloseFlushesToSQLite(t *testing.T) {
 	}
 }
 
-func TestLogWriterRetention(t *testing.T) {
-	s := newStore(t)
+func TestLogWriterRetention(t *testing.T) { eachBackend(t, testLogWriterRetention) }
+
+func testLogWriterRetention(t *testing.T, b testBackend) {
+	s := b.store(t)
 	ctx := context.Background()
 	// Entries a previous run left beyond the retention go at the first
 	// flush.

@@ -13,6 +13,10 @@ import (
 // row gets its ID (backend). Statements are written with ? placeholders;
 // the PostgreSQL side numbers them.
 
+// maxID is the highest ID of a host, a certificate or a change: IDs go to
+// JavaScript as numbers.
+const maxID = 1<<53 - 1
+
 // sqlDB runs statements, in a transaction or outside one.
 type sqlDB interface {
 	queryRow(ctx context.Context, query string, args ...any) rowScanner

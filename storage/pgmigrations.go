@@ -1,0 +1,149 @@
+package storage
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// pgMigrations is the PostgreSQL schema's history, oldest first, as
+// migrations is SQLite's: only ever append.
+//
+// The tables are SQLite's, with the same columns where the two stores
+// share their statements: timestamps of hosts, certificates and the
+// connection log are BIGINT Unix milliseconds (UTC), settings and domains
+// JSONB. IDs are BIGINT below 2^53 (JavaScript numbers); those of hosts
+// and certificates come from id_counters, which only grow, so a deleted
+// row's ID is not given out again. Then what SQLite does not need:
+// changes, the history every node follows (change_history.pruned_through
+// is the highest ID pruned), and nodes, their heartbeats.
+var pgMigrations = []migration{
+	{
+		version: 1,
+		name:    "create schema",
+		stmts: []string{`
+CREATE TABLE hosts (
+	id             BIGINT  PRIMARY KEY CHECK (id BETWEEN 1 AND 9007199254740991),
+	protocol       TEXT    NOT NULL DEFAULT '',
+	listen_address TEXT    NOT NULL DEFAULT '',
+	listen_port    INTEGER NOT NULL DEFAULT 0,
+	enabled        BOOLEAN NOT NULL DEFAULT true,
+	ssl_cert_id    BIGINT  NOT NULL DEFAULT 0,
+	settings       JSONB   NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(settings) = 'object'),
+	created_at     BIGINT  NOT NULL,
+	updated_at     BIGINT  NOT NULL,
+	version        BIGINT  NOT NULL CHECK (version > 0)
+)`,
+			`CREATE INDEX hosts_ssl_cert_id ON hosts (ssl_cert_id)`,
+			`CREATE TABLE host_version (
+	id   INTEGER PRIMARY KEY CHECK (id = 1),
+	last BIGINT  NOT NULL
+)`,
+			`INSERT INTO host_version (id, last) VALUES (1, 0)`,
+			`CREATE TABLE id_counters (
+	name TEXT   PRIMARY KEY,
+	last BIGINT NOT NULL
+)`,
+			`INSERT INTO id_counters (name, last) VALUES ('hosts', 0), ('certificates', 0)`,
+			`CREATE TABLE certificates (
+	id              BIGINT PRIMARY KEY CHECK (id BETWEEN 1 AND 9007199254740991),
+	name            TEXT   NOT NULL,
+	source          TEXT   NOT NULL CHECK (source IN ('custom', 'managed')),
+	domains         JSONB  NOT NULL DEFAULT '[]' CHECK (jsonb_typeof(domains) = 'array'),
+	issuer          TEXT   NOT NULL DEFAULT '',
+	not_before      BIGINT,
+	not_after       BIGINT,
+	certificate_pem TEXT   NOT NULL DEFAULT '',
+	key_sealed      BYTEA,
+	created_at      BIGINT NOT NULL,
+	updated_at      BIGINT NOT NULL,
+	CHECK (source = 'custom' OR (key_sealed IS NULL AND certificate_pem = ''))
+)`,
+			`CREATE TABLE conn_log (
+	id                 BIGINT  GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+	node               TEXT    NOT NULL DEFAULT '',
+	stream_id          BIGINT  NOT NULL CHECK (stream_id > 0),
+	source_ip          TEXT    NOT NULL DEFAULT '',
+	source_port        INTEGER,
+	bytes_sent         BIGINT  NOT NULL DEFAULT 0,
+	bytes_received     BIGINT  NOT NULL DEFAULT 0,
+	duration_ms        BIGINT  NOT NULL DEFAULT 0,
+	action             TEXT    NOT NULL CHECK (action IN ('allowed', 'blocked')),
+	disconnect_reason  TEXT    NOT NULL DEFAULT '',
+	started_at         BIGINT,
+	ended_at           BIGINT,
+	protocol           TEXT    NOT NULL DEFAULT 'tcp' CHECK (protocol IN ('tcp', 'udp')),
+	datagrams_sent     BIGINT,
+	datagrams_received BIGINT
+)`,
+			`CREATE INDEX conn_log_stream_id_id ON conn_log (stream_id, id)`,
+			`CREATE INDEX conn_log_node_id ON conn_log (node, id)`,
+			`CREATE TABLE changes (
+	id        BIGINT      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+	kind      TEXT        NOT NULL CHECK (kind IN ('stream', 'certificate')),
+	op        TEXT        NOT NULL CHECK (op IN ('create', 'update', 'delete')),
+	object_id BIGINT      NOT NULL,
+	node      TEXT        NOT NULL,
+	at        TIMESTAMPTZ NOT NULL DEFAULT now()
+)`,
+			`CREATE TABLE change_history (
+	id             INTEGER PRIMARY KEY CHECK (id = 1),
+	pruned_through BIGINT  NOT NULL
+)`,
+			`INSERT INTO change_history (id, pruned_through) VALUES (1, 0)`,
+			`CREATE TABLE nodes (
+	name           TEXT        PRIMARY KEY,
+	address        TEXT        NOT NULL DEFAULT '',
+	version        TEXT        NOT NULL DEFAULT '',
+	applied_change BIGINT      NOT NULL DEFAULT 0,
+	snapshot       BOOLEAN     NOT NULL DEFAULT false,
+	streams        JSONB,
+	last_seen      TIMESTAMPTZ NOT NULL
+)`,
+		},
+	},
+}
+
+// migrate brings the schema up to the last of migs, on a connection of
+// its own that holds the migration lock meanwhile, so that nodes starting
+// together migrate one at a time: the others then find the work done.
+func (p *Postgres) migrate(ctx context.Context, migs []migration) error {
+	conn, err := pgx.ConnectConfig(ctx, p.conn.Copy())
+	if err != nil {
+		return p.unavailable(err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx)) // ends the session: releases the lock
+	if _, err := conn.Exec(ctx, `SELECT pg_advisory_lock($1, $2)`, lockClass, migrateLock); err != nil {
+		return p.unavailable(fmt.Errorf("taking the migration lock: %w", err))
+	}
+	if _, err := conn.Exec(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (
+	version    INTEGER     PRIMARY KEY,
+	name       TEXT        NOT NULL,
+	applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+)`); err != nil {
+		return p.unavailable(fmt.Errorf("creating schema_migrations: %w", err))
+	}
+	var v int
+	if err := conn.QueryRow(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_migrations`).Scan(&v); err != nil {
+		return p.unavailable(fmt.Errorf("reading schema version: %w", err))
+	}
+	if v > len(migs) {
+		return fmt.Errorf("schema version %d, this version knows up to %d: %w", v, len(migs), ErrSchemaTooNew)
+	}
+	for _, m := range migs[v:] {
+		err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+			for _, stmt := range m.stmts {
+				if _, err := tx.Exec(ctx, stmt); err != nil {
+					return err
+				}
+			}
+			_, err := tx.Exec(ctx, `INSERT INTO schema_migrations (version, name) VALUES ($1, $2)`, m.version, m.name)
+			return err
+		})
+		if err != nil {
+			return p.unavailable(fmt.Errorf("migrating schema to version %d (%s): %w", m.version, m.name, err))
+		}
+	}
+	return nil
+}
