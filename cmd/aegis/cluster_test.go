@@ -72,12 +72,20 @@ func newNetns(t *testing.T) *netns {
 	return &netns{path: fmt.Sprintf("/proc/%d/ns/net", cmd.Process.Pid), cmd: cmd}
 }
 
-// do runs f on a thread in the namespace. The thread ends with f: it is
-// never given back to other goroutines.
+// do runs f on a thread in the namespace, and puts the thread back into
+// the test's namespace after (a thread that cannot go back ends with f).
+// Threads are not let die: the children of the tests get a signal when the
+// thread that started them ends.
 func (n *netns) do(f func() error) error {
 	errc := make(chan error, 1)
 	go func() {
-		runtime.LockOSThread() // never unlocked: the thread exits with this goroutine
+		runtime.LockOSThread()
+		home, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			errc <- err
+			return
+		}
+		defer unix.Close(home)
 		fd, err := unix.Open(n.path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 		if err == nil {
 			err = unix.Setns(fd, unix.CLONE_NEWNET)
@@ -85,6 +93,9 @@ func (n *netns) do(f func() error) error {
 		}
 		if err == nil {
 			err = f()
+		}
+		if unix.Setns(home, unix.CLONE_NEWNET) == nil {
+			runtime.UnlockOSThread()
 		}
 		errc <- err
 	}()
@@ -134,6 +145,7 @@ type node struct {
 	log  string
 	cmd  *exec.Cmd
 	done chan struct{}
+	exit error // how it exited, once done is closed
 	http *http.Client
 }
 
@@ -181,7 +193,7 @@ func (n *node) start(t *testing.T) {
 		t.Fatal(err)
 	}
 	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
+	go func() { n.exit = cmd.Wait(); close(done) }()
 	n.cmd, n.done = cmd, done
 	deadline := time.Now().Add(30 * time.Second)
 	for {
@@ -190,7 +202,7 @@ func (n *node) start(t *testing.T) {
 		}
 		select {
 		case <-done:
-			t.Fatalf("node %s exited at start:\n%s", n.name, n.output())
+			t.Fatalf("node %s exited at start (%v):\n%s", n.name, n.exit, n.output())
 		case <-time.After(50 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
@@ -560,20 +572,20 @@ func TestCluster(t *testing.T) {
 		if strings.Contains(string(body), `"node":"a"`) || strings.Contains(string(body), `"node":"c"`) || !strings.Contains(string(body), `"node":"b"`) {
 			t.Fatalf("node=b: %s", body)
 		}
-		body, _ = b.call(t, http.StatusOK, "GET", "/api/v1/streams/stats?node=all", nil)
-		for _, n := range all {
-			if !strings.Contains(string(body), `"node":"`+n.name+`"`) {
-				t.Fatalf("stats?node=all has no row of node %s: %s", n.name, body)
+		// Other nodes' rows come from their heartbeats, every 2 s.
+		deadline = time.Now().Add(10 * time.Second)
+		for {
+			body, _ := b.call(t, http.StatusOK, "GET", "/api/v1/streams/stats?node=all", nil)
+			missing := slices.IndexFunc(all, func(n *node) bool { return !strings.Contains(string(body), `"node":"`+n.name+`"`) })
+			v := a.cluster(t)
+			bad := len(v.Nodes) != 3 || slices.ContainsFunc(v.Nodes, func(n clusterNode) bool { return n.Status != "up" || len(n.Streams) == 0 })
+			if missing < 0 && !bad {
+				break
 			}
-		}
-		v := a.cluster(t)
-		if len(v.Nodes) != 3 {
-			t.Fatalf("cluster view: %+v", v)
-		}
-		for _, n := range v.Nodes {
-			if n.Status != "up" || len(n.Streams) == 0 {
-				t.Fatalf("cluster view: node %+v", n)
+			if time.Now().After(deadline) {
+				t.Fatalf("stats?node=all: %s\ncluster view: %+v", body, v)
 			}
+			time.Sleep(100 * time.Millisecond)
 		}
 	})
 

@@ -2,12 +2,11 @@ package streams
 
 import (
 	"context"
-	"errors"
 
 	"github.com/aegis-proxy/caddy-aegis/storage"
 )
 
 // openPostgres opens the PostgreSQL store of node.
-var openPostgres = func(ctx context.Context, dsn string, key []byte, node string) (storage.Cluster, error) {
-	return nil, errors.New("storage postgres: not built in yet")
+func openPostgres(ctx context.Context, dsn string, key []byte, node string) (storage.Cluster, error) {
+	return storage.OpenPostgres(ctx, dsn, storage.PostgresOptions{Key: key, Node: node})
 }

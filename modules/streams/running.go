@@ -50,7 +50,7 @@ func Running() *App { return current.Load() }
 
 // staleTries is how often a write that storage refused as stale (another
 // node wrote first) is tried again after applying what it missed.
-const staleTries = 5
+const staleTries = 20
 
 // withRunning runs f, a write, on the running app with writes serialized.
 // On a cluster, a write the store refuses because another node wrote
