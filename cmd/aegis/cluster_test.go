@@ -421,7 +421,7 @@ func TestCluster(t *testing.T) {
 		}
 		defer open.Close()
 		var delays []time.Duration
-		const edits = 100
+		const edits = 200
 		for i := range edits {
 			_, h := a.call(t, http.StatusOK, "PATCH", fmt.Sprintf("/api/v1/streams/%d", id), map[string]any{"notes": fmt.Sprintf("edit %d", i)})
 			etag := h.Get("ETag")

@@ -1,0 +1,277 @@
+package streams_test
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/aegis-proxy/caddy-aegis/internal/pgtest"
+	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
+	"github.com/aegis-proxy/caddy-aegis/modules/streams"
+	"github.com/aegis-proxy/caddy-aegis/spec"
+	"github.com/aegis-proxy/caddy-aegis/storage"
+
+	_ "github.com/aegis-proxy/caddy-aegis/modules/l4aegistls"
+)
+
+var pg *pgtest.Server
+
+func TestMain(m *testing.M) {
+	if os.Getenv(helperEnv) != "" { // a helper process needs no database
+		os.Exit(m.Run())
+	}
+	pgtest.Main(m, &pg)
+}
+
+const clusterKey = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+
+func postgresApp(dsn, node string, h ...map[string]any) map[string]any {
+	app := hosts(h...)
+	app["node_name"] = node
+	app["storage"] = map[string]any{"postgres": map[string]any{"dsn": dsn}, "key": clusterKey}
+	return app
+}
+
+// Storage postgres needs the key every node shares, and one storage only;
+// the refusal names the setting and the fix, and nothing runs.
+func TestPostgresSettingsRefused(t *testing.T) {
+	checkNoLeaks(t)
+	c := testenv.New(t)
+	for _, tc := range []struct {
+		storage map[string]any
+		want    []string
+	}{
+		{map[string]any{"postgres": map[string]any{"dsn": "postgres://x@127.0.0.1:1/db"}},
+			[]string{"storage postgres needs storage_key", "openssl rand -hex 32"}},
+		{map[string]any{"postgres": map[string]any{"dsn": "postgres://x@127.0.0.1:1/db"}, "path": "/tmp/x.db", "key": clusterKey},
+			[]string{"both an SQLite path (/tmp/x.db) and postgres are set; keep one"}},
+		{map[string]any{"postgres": map[string]any{}, "key": clusterKey},
+			[]string{"storage postgres: the dsn is empty"}},
+	} {
+		err := c.Load(map[string]any{"streams": map[string]any{"storage": tc.storage}})
+		if err == nil || !testenv.OneErrorContains(err, tc.want) {
+			t.Errorf("storage %v: %v; want an error saying %q", tc.storage, err, tc.want)
+		}
+	}
+	if streams.Running() != nil {
+		t.Fatal("a refused config runs")
+	}
+}
+
+// The node follows the changes another node writes to the database: a
+// stream created there starts here, an edit that keeps the address keeps
+// the sockets and the open connections, a move rebinds, a certificate
+// stored there terminates TLS here, a delete stops it. Every change is
+// in the node's snapshot, whose private keys are sealed. Stopping leaves no
+// goroutine behind.
+func TestPostgresFollowsOtherNode(t *testing.T) {
+	checkNoLeaks(t)
+	t.Setenv("XDG_DATA_HOME", t.TempDir()) // the snapshot's directory
+	dsn := pg.NewDatabase(t)
+	up := newUpstream(t, echo)
+	inst := startCaddy(t, postgresApp(dsn, "here"))
+	app := streams.Running()
+	if got := app.Node(); got != "here" {
+		t.Fatalf("node name %q", got)
+	}
+
+	ctx := context.Background()
+	key, _ := storage.ParseKey(clusterKey)
+	other, err := storage.OpenPostgres(ctx, dsn, storage.PostgresOptions{Key: key, Node: "there"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	// write runs one write of the other node, after it has applied
+	// everything (its own follower is this test).
+	write := func(f func() error) {
+		t.Helper()
+		for {
+			last, err := other.LastChange(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			other.SetApplied(last)
+			if err = f(); !errors.Is(err, storage.ErrStale) {
+				if err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+		}
+	}
+	within := func(d time.Duration, what string, cond func() bool) {
+		t.Helper()
+		if !testenv.Within(d, cond) {
+			t.Fatalf("not within %v: %s", d, what)
+		}
+	}
+	relays := func(port int) func() bool {
+		return func() bool {
+			c, err := net.DialTimeout("tcp", "127.0.0.1:"+strconv.Itoa(port), time.Second)
+			if err != nil {
+				return false
+			}
+			defer c.Close()
+			_, err = testenv.TryRoundTrip(c, "ping")
+			return err == nil
+		}
+	}
+
+	p1, p2, p3 := freePort(t), freePort(t), freePort(t)
+	var stored storage.Stored
+	write(func() (err error) { stored, err = other.CreateHost(ctx, apiStream(0, p1, up.Port), nil); return err })
+	within(time.Second, "the stream created by the other node relays here", relays(p1))
+
+	open := dial(t, p1)
+	defer open.Close()
+	s := stored.Stream
+	s.Notes = "edited there"
+	write(func() (err error) { stored, err = other.UpdateHost(ctx, s, nil); return err })
+	within(time.Second, "the edit is applied here", func() bool {
+		hs, err := app.HostStatus(stored.ID)
+		return err == nil && hs.Notes == "edited there"
+	})
+	roundTrip(t, open, "kept") // same address: the sockets and connections stay
+	logged := readFile(t, inst.logFile)
+	if n := strings.Count(logged, `"stream updated in place"`); n != 1 {
+		t.Fatalf("%d in-place updates logged, want 1", n)
+	}
+	if !strings.Contains(logged, `"node":"here"`) || !strings.Contains(logged, `"from_node":"there"`) {
+		t.Fatalf("the log does not name this node and the one a change came from:\n%s", logged)
+	}
+
+	s.ListenPort = p2
+	write(func() (err error) { stored, err = other.UpdateHost(ctx, s, nil); return err })
+	within(time.Second, "the stream moved to its new port", relays(p2))
+	within(time.Second, "the old port is closed", func() bool { return refusedAt(t, p1) })
+
+	cert := testenv.Cert(t, testenv.CertOptions{Names: []string{"web.example"}})
+	var sc spec.Certificate
+	write(func() (err error) {
+		sc, err = other.CreateCertificate(ctx, spec.Certificate{Name: "web", Source: spec.SourceCustom, Domains: []string{"web.example"}, CertificatePEM: cert.CertPEM}, []byte(cert.KeyPEM), nil)
+		return err
+	})
+	tlsStream := apiStream(0, p3, up.Port)
+	tlsStream.SSLEnabled, tlsStream.SSLCertID = true, sc.ID
+	write(func() error { _, err := other.CreateHost(ctx, tlsStream, nil); return err })
+	within(time.Second, "TLS with the other node's certificate", func() bool {
+		c, err := net.DialTimeout("tcp", "127.0.0.1:"+strconv.Itoa(p3), time.Second)
+		if err != nil {
+			return false
+		}
+		tc := tls.Client(c, &tls.Config{ServerName: "web.example", RootCAs: cert.Pool()})
+		defer tc.Close()
+		_, err = testenv.TryRoundTrip(tc, "tls")
+		return err == nil
+	})
+
+	write(func() error { return other.DeleteHost(ctx, stored.ID, nil) })
+	within(time.Second, "the deleted stream stops", func() bool { return refusedAt(t, p2) })
+
+	snap := readFile(t, filepath.Join(os.Getenv("XDG_DATA_HOME"), "caddy", streams.SnapshotFile))
+	if !strings.Contains(snap, `"sealed_key"`) || strings.Contains(snap, "PRIVATE KEY") || !strings.Contains(snap, `"web.example"`) {
+		t.Fatalf("snapshot: %s", snap)
+	}
+
+	// The cluster view: this node and the other one, once it has sent a
+	// heartbeat; the other one's lag is what it has not applied.
+	if err := other.Heartbeat(ctx, storage.NodeStatus{Name: "there", AppliedChange: 1}); err != nil {
+		t.Fatal(err)
+	}
+	view := app.ClusterView(ctx)
+	if view.Node != "here" || view.Storage != "postgres" || len(view.Nodes) != 2 {
+		t.Fatalf("cluster view: %+v", view)
+	}
+	for _, n := range view.Nodes {
+		want := int64(0)
+		if n.Name == "there" {
+			want = view.LastChange - 1
+		}
+		if n.Status != streams.NodeUp || n.Lag != want {
+			t.Fatalf("cluster view: node %+v; last change %d", n, view.LastChange)
+		}
+	}
+}
+
+// A write of this node that another node's write overtakes in the
+// database applies that write first and is checked against it: a
+// precondition on the version it had fails, whichever order the two took.
+func TestPostgresStaleWriteRetries(t *testing.T) {
+	checkNoLeaks(t)
+	t.Setenv("XDG_DATA_HOME", t.TempDir())
+	dsn := pg.NewDatabase(t)
+	up := newUpstream(t, echo)
+	startCaddy(t, postgresApp(dsn, "here"))
+	ctx := context.Background()
+	key, _ := storage.ParseKey(clusterKey)
+	other, err := storage.OpenPostgres(ctx, dsn, storage.PostgresOptions{Key: key, Node: "there"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	hs, err := streams.CreateHost(ctx, apiStream(0, freePort(t), up.Port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := hs.ID
+	errChanged := errors.New("changed since loaded")
+	for round := range 20 {
+		hs, err := streams.Running().HostStatus(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		loaded := hs.Version
+		theirs := make(chan error, 1)
+		go func() {
+			for {
+				last, err := other.LastChange(ctx)
+				if err != nil {
+					theirs <- err
+					return
+				}
+				other.SetApplied(last)
+				h, err := other.GetHost(ctx, id)
+				if err != nil {
+					theirs <- err
+					return
+				}
+				h.Notes = "theirs"
+				if _, err = other.UpdateHost(ctx, h.Stream, nil); !errors.Is(err, storage.ErrStale) {
+					theirs <- err
+					return
+				}
+			}
+		}()
+		s := *hs.Stream
+		s.Notes = "ours"
+		_, err = streams.UpdateHost(ctx, id, s, func(v string) error {
+			if v != loaded {
+				return errChanged
+			}
+			return nil
+		})
+		if err != nil && !errors.Is(err, errChanged) {
+			t.Fatalf("round %d: our write: %v; want success or the precondition's error", round, err)
+		}
+		if err := <-theirs; err != nil {
+			t.Fatalf("round %d: their write: %v", round, err)
+		}
+	}
+}
+
+func readFile(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
