@@ -600,6 +600,15 @@ func TestCluster(t *testing.T) {
 		}
 		defer open.Close()
 		testenv.RoundTrip(t, open, "before")
+		logPath := fmt.Sprintf("/api/v1/streams/%d/connections?node=a&limit=1000", sid)
+		logged := func() int {
+			body, _ := a.call(t, http.StatusOK, "GET", logPath, nil)
+			return strings.Count(string(body), `"node":"a"`)
+		}
+		if !testenv.Within(5*time.Second, func() bool { return logged() > 0 }) {
+			t.Fatal("no log entry of node a's connection")
+		}
+		before := logged()
 
 		pg.Stop()
 		restarted := false
@@ -624,6 +633,16 @@ func TestCluster(t *testing.T) {
 		}
 		a.call(t, http.StatusOK, "GET", "/api/v1/streams", nil)
 		a.call(t, http.StatusOK, "GET", fmt.Sprintf("/api/v1/streams/%d", sid), nil)
+		if body, _ := a.call(t, http.StatusOK, "GET", "/api/v1/certificates", nil); !strings.Contains(string(body), `"web.example"`) {
+			t.Fatalf("certificates while the database is down: %s", body)
+		}
+		// Connections while the database is down: their log entries wait
+		// on node a, and are stored once it is back.
+		for range 3 {
+			if err := a.roundTrip(7400, "logged later"); err != nil {
+				t.Fatal(err)
+			}
+		}
 
 		// C restarts meanwhile: it serves its snapshot and says so.
 		c.kill(syscall.SIGTERM)
@@ -654,6 +673,9 @@ func TestCluster(t *testing.T) {
 		t.Logf("first write accepted %v after the database came back", time.Since(start))
 		waitRelays(t, 10*time.Second, 7402, all...)
 		waitSame(t, 5*time.Second, all...)
+		if !testenv.Within(5*time.Second, func() bool { return logged() >= before+3 }) {
+			t.Fatalf("%d log entries of node a after the outage, want %d", logged(), before+3)
+		}
 		for time.Since(start) < 20*time.Second {
 			if v := c.cluster(t); len(v.Nodes) == 3 && !slices.ContainsFunc(v.Nodes, func(n clusterNode) bool {
 				return n.Status != "up" || n.Lag != 0
@@ -704,6 +726,14 @@ func TestCluster(t *testing.T) {
 		}
 		waitSame(t, 2*time.Second, a, c)
 		waitRelays(t, time.Second, 7501, a, c)
+		// B misses its heartbeats: stale after three.
+		if !testenv.Within(10*time.Second, func() bool {
+			v := a.cluster(t)
+			i := slices.IndexFunc(v.Nodes, func(n clusterNode) bool { return n.Name == "b" })
+			return i >= 0 && v.Nodes[i].Status == "stale"
+		}) {
+			t.Fatalf("node b is not stale in node a's view: %+v", a.cluster(t))
+		}
 		start := time.Now()
 		b.start(t)
 		waitSame(t, 5*time.Second, a, b, c)

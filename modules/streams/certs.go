@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -49,7 +50,10 @@ func (a *App) Certificates(ctx context.Context) ([]spec.CertStatus, error) {
 	}
 	list, err := store.db.ListCertificates(ctx)
 	if err != nil {
-		return nil, storeError(err)
+		var ok bool
+		if list, ok = store.certsFallback(err); !ok {
+			return nil, storeError(err)
+		}
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -68,7 +72,15 @@ func (a *App) Certificate(ctx context.Context, id int64) (spec.CertStatus, error
 	}
 	c, err := store.db.GetCertificate(ctx, id)
 	if err != nil {
-		return spec.CertStatus{}, storeError(err)
+		list, ok := store.certsFallback(err)
+		i := slices.IndexFunc(list, func(c spec.Certificate) bool { return c.ID == id })
+		switch {
+		case !ok:
+			return spec.CertStatus{}, storeError(err)
+		case i < 0:
+			return spec.CertStatus{}, fmt.Errorf("certificate %d: %w", id, spec.ErrNotFound)
+		}
+		c = list[i]
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()

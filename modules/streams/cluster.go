@@ -82,6 +82,11 @@ type clusterStore struct {
 	// makes the log say so once per outage.
 	down atomic.Bool
 
+	// certs are the certificates as the snapshot last had them (without
+	// keys): the API's reads answer from them while the database is
+	// unreachable.
+	certs atomic.Pointer[[]spec.Certificate]
+
 	// sealed are the snapshot's sealed private keys by certificate id,
 	// with the certRow they belong to; guarded by writeMu.
 	sealed map[int64]sealedKey
@@ -111,6 +116,7 @@ func openCluster(dsn string, key []byte, node, snapPath string, logger *zap.Logg
 		return nil, fmt.Errorf("%w; no local snapshot to start from either: %v", err, serr)
 	}
 	c.snap, c.downErr = snap, err
+	c.keepCerts(snap)
 	c.fromSnapshot.Store(true)
 	c.full.Store(true)
 	c.down.Store(true)
@@ -517,9 +523,33 @@ func (c *clusterStore) saveSnapshot(a *App) {
 		}
 		snap.Certificates = append(snap.Certificates, sc)
 	}
+	c.keepCerts(&snap)
 	if err := writeFileAtomic(c.snapPath, snap); err != nil {
 		a.logger.Warn("writing the local snapshot", zap.String("snapshot", c.snapPath), zap.Error(err))
 	}
+}
+
+// keepCerts keeps the snapshot's certificates for the API's reads.
+func (c *clusterStore) keepCerts(snap *snapshot) {
+	list := make([]spec.Certificate, 0, len(snap.Certificates))
+	for _, sc := range snap.Certificates {
+		list = append(list, sc.Certificate)
+	}
+	c.certs.Store(&list)
+}
+
+// certsFallback returns the certificates for an API read that the
+// database failed with err: those of the last snapshot, when the database
+// is unreachable and there is one.
+func (s *sharedStore) certsFallback(err error) ([]spec.Certificate, bool) {
+	if s.cluster == nil || !errors.Is(err, storage.ErrUnavailable) {
+		return nil, false
+	}
+	list := s.cluster.certs.Load()
+	if list == nil {
+		return nil, false
+	}
+	return *list, true
 }
 
 // writeFileAtomic writes v as JSON to path through a temporary file in the

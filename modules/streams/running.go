@@ -4,6 +4,7 @@ import (
 	"errors"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/aegis-proxy/caddy-aegis/spec"
 	"github.com/aegis-proxy/caddy-aegis/storage"
@@ -48,9 +49,12 @@ func handOver(a *App) (back *App) {
 // Running returns the running streams app, or nil.
 func Running() *App { return current.Load() }
 
-// staleTries is how often a write that storage refused as stale (another
-// node wrote first) is tried again after applying what it missed.
-const staleTries = 20
+// staleFor is how long a write that storage refuses as stale (another
+// node wrote first) is tried again, each time after applying what it
+// missed. While another node writes without pause, a try wins only when
+// it takes the database's write lock between two of the other node's
+// writes, so it may take many.
+const staleFor = 5 * time.Second
 
 // withRunning runs f, a write, on the running app with writes serialized.
 // On a cluster, a write the store refuses because another node wrote
@@ -67,9 +71,10 @@ func withRunning(f func(a *App) error) error {
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	for try := 1; ; try++ {
+	start := time.Now()
+	for {
 		err := f(a)
-		if try < staleTries && errors.Is(err, storage.ErrStale) && a.store != nil && a.store.cluster != nil {
+		if errors.Is(err, storage.ErrStale) && time.Since(start) < staleFor && a.store != nil && a.store.cluster != nil {
 			if cerr := a.catchUpFor(a.ctx); cerr != nil {
 				return cerr
 			}
