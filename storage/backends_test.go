@@ -17,6 +17,7 @@ func TestMain(m *testing.M) { pgtest.Main(m, &pg) }
 type testStore interface {
 	Store
 	HighestHostID(ctx context.Context) (int64, error)
+	CheckKey(ctx context.Context) error
 	base() *core
 }
 
@@ -32,17 +33,23 @@ type testBackend struct {
 	// newDB makes a new, empty database and returns what open takes: a
 	// file's path or a DSN.
 	newDB func(t testing.TB) string
-	// open opens a store on db as node testNode, closed at cleanup.
-	open func(t testing.TB, db string, key []byte) testStore
+	// openAs opens a store on db as node, closed at cleanup.
+	openAs func(t testing.TB, db string, key []byte, node string) testStore
+}
+
+// open opens a store on db as node testNode, closed at cleanup.
+func (b testBackend) open(t testing.TB, db string, key []byte) testStore {
+	t.Helper()
+	return b.openAs(t, db, key, testNode)
 }
 
 var backends = []testBackend{
 	{
 		name:  "sqlite",
 		newDB: func(t testing.TB) string { return filepath.Join(t.TempDir(), "aegis.db") },
-		open: func(t testing.TB, db string, key []byte) testStore {
+		openAs: func(t testing.TB, db string, key []byte, node string) testStore {
 			t.Helper()
-			s, err := OpenWith(db, OpenOptions{Key: key, Node: testNode})
+			s, err := OpenWith(db, OpenOptions{Key: key, Node: node})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -53,9 +60,9 @@ var backends = []testBackend{
 	{
 		name:  "postgres",
 		newDB: func(t testing.TB) string { return pg.NewDatabase(t) },
-		open: func(t testing.TB, db string, key []byte) testStore {
+		openAs: func(t testing.TB, db string, key []byte, node string) testStore {
 			t.Helper()
-			s := openPostgres(t, db, PostgresOptions{Key: key, Node: testNode})
+			s := openPostgres(t, db, PostgresOptions{Key: key, Node: node})
 			// As a node that has applied what the database holds: a
 			// test's second store writes after its first.
 			last, err := s.LastChange(context.Background())
@@ -120,5 +127,44 @@ func setSealedKey(t testing.TB, s testStore, id int64, sealed []byte) {
 	})
 	if err != nil {
 		t.Fatal(err)
+	}
+}
+
+// BenchmarkUpdateHost: one host write (a transaction, and on PostgreSQL
+// the write lock, the stale check, the change and its notification) on
+// each backend.
+func BenchmarkUpdateHost(b *testing.B) {
+	for _, bk := range backends {
+		b.Run(bk.name, func(b *testing.B) {
+			s := bk.store(b)
+			ctx := context.Background()
+			if _, err := s.CreateHost(ctx, genHost(1, 0), nil); err != nil {
+				b.Fatal(err)
+			}
+			for i := 0; b.Loop(); i++ {
+				if _, err := s.UpdateHost(ctx, genHost(1, i), nil); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkAppendConnLogs: one batch of DefaultLogBatchSize entries.
+func BenchmarkAppendConnLogs(b *testing.B) {
+	batch := make([]ConnLog, DefaultLogBatchSize)
+	for i := range batch {
+		batch[i] = ConnLog{StreamID: 1, SourceIP: "192.0.2.1", SourcePort: 40000 + i, BytesSent: int64(i), Action: ActionAllowed}
+	}
+	for _, bk := range backends {
+		b.Run(bk.name, func(b *testing.B) {
+			s := bk.store(b)
+			ctx := context.Background()
+			for b.Loop() {
+				if err := s.AppendConnLogs(ctx, batch); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }

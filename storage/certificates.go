@@ -188,6 +188,26 @@ func (s *core) CertificateKey(ctx context.Context, id int64) ([]byte, error) {
 	return key, nil
 }
 
+// CheckKey opens one stored private key, if any is stored, to check that
+// the store's key is the one they were sealed with: ErrWrongKey, or
+// ErrNoKey for a store without a key, otherwise. A node checks it at
+// start, before it serves anything: every node sharing a database needs
+// the same key.
+func (s *core) CheckKey(ctx context.Context) error {
+	var id int64
+	err := s.reads.queryRow(ctx, `SELECT id FROM certificates WHERE key_sealed IS NOT NULL ORDER BY id LIMIT 1`).Scan(&id)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil
+	}
+	if err == nil {
+		_, err = s.CertificateKey(ctx, id)
+	}
+	if err != nil {
+		return fmt.Errorf("storage: checking the encryption key: %w", err)
+	}
+	return nil
+}
+
 // CreateCertificate stores a new certificate; see Store.
 func (s *core) CreateCertificate(ctx context.Context, c spec.Certificate, keyPEM []byte, apply func(c spec.Certificate) error) (spec.Certificate, error) {
 	if c.ID < 0 || c.ID > maxID {

@@ -815,3 +815,36 @@ func TestOpenWithBadKey(t *testing.T) {
 	}
 	s.Close()
 }
+
+// TestCheckKey: a store opened with another key than the stored private
+// keys were sealed with, or with none, says so before it serves.
+func TestCheckKey(t *testing.T) { eachBackend(t, testCheckKey) }
+
+func testCheckKey(t *testing.T, b testBackend) {
+	ctx := context.Background()
+	s, db := b.keyed(t)
+	if err := s.CheckKey(ctx); err != nil {
+		t.Errorf("no certificate stored: %v", err)
+	}
+	if _, err := s.CreateCertificate(ctx, spec.Certificate{Name: "m", Source: spec.SourceManaged}, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	tc := ecCert(t, "a.example.com")
+	if _, err := s.CreateCertificate(ctx, customCert(tc, "a"), []byte(tc.keyPEM), nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		key  []byte
+		want error
+	}{
+		{testKey, nil},
+		{bytes.Repeat([]byte{7}, KeySize), ErrWrongKey},
+		{nil, ErrNoKey},
+	} {
+		s := b.open(t, db, tc.key)
+		err := s.CheckKey(ctx)
+		if !errors.Is(err, tc.want) || (err != nil && !strings.HasPrefix(err.Error(), "storage: checking the encryption key: ")) {
+			t.Errorf("key %x: CheckKey = %v, want %v", tc.key[:min(2, len(tc.key))], err, tc.want)
+		}
+	}
+}

@@ -2,6 +2,7 @@ package storage
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -72,6 +73,14 @@ type LogWriterOptions struct {
 	// first write that works after a reported failure, with the number of
 	// entries the store failed to write meanwhile. Default: nil.
 	OnRecover func(lost uint64)
+
+	// Retry, when > 0, keeps a batch the store could not write for want
+	// of its database (ErrUnavailable: a PostgreSQL server out of reach)
+	// and tries it again every Retry, while new entries wait in the queue:
+	// only those beyond QueueSize are dropped (and counted), and none is
+	// handed to OnDrop. Close tries once more, then drops what is left.
+	// Default: 0, and such a batch is dropped like any that failed.
+	Retry time.Duration
 }
 
 func (o *LogWriterOptions) setDefaults() {
@@ -127,6 +136,8 @@ type LogWriter struct {
 	// lost counts the entries of failed batches since the last write that
 	// worked.
 	lost uint64
+	// droppedBefore is Dropped when the current failure began.
+	droppedBefore uint64
 }
 
 // NewLogWriter starts a LogWriter that writes to store. Close it to stop
@@ -206,11 +217,21 @@ func (w *LogWriter) run() {
 	timer.Stop()
 	timerSet := false
 
-	flush := func() error {
+	// While a batch waits to be tried again (Retry), queue is nil: new
+	// entries wait in w.queue.
+	queue := w.queue
+	var retry <-chan time.Time
+
+	flush := func(final bool) error {
 		if len(batch) == 0 {
 			return nil
 		}
-		err := w.write(batch)
+		kept, err := w.write(batch, !final)
+		if kept {
+			queue, retry = nil, time.After(w.opts.Retry)
+			return err
+		}
+		queue, retry = w.queue, nil
 		for _, e := range batch {
 			touched[e.StreamID] = struct{}{}
 		}
@@ -228,17 +249,21 @@ func (w *LogWriter) run() {
 
 	for {
 		select {
-		case e := <-w.queue:
+		case e := <-queue:
 			batch = append(batch, e)
 			if len(batch) >= w.opts.BatchSize {
-				flush()
+				flush(false)
 			} else if !timerSet {
 				timer.Reset(w.opts.FlushInterval)
 				timerSet = true
 			}
 		case <-timer.C:
 			timerSet = false
-			flush()
+			if retry == nil {
+				flush(false)
+			}
+		case <-retry:
+			flush(false)
 		case <-w.stop:
 			// Enqueue sends nothing more: write what is left in one
 			// transaction, so that Close waits for one write, not for
@@ -251,7 +276,7 @@ func (w *LogWriter) run() {
 					drained = true
 				}
 			}
-			w.closeErr = flush()
+			w.closeErr = flush(true)
 			if len(touched) > 0 {
 				w.prune(touched)
 			}
@@ -261,26 +286,34 @@ func (w *LogWriter) run() {
 	}
 }
 
-// write stores one batch, counting it as written or dropped.
-func (w *LogWriter) write(batch []ConnLog) error {
+// write stores one batch, counting it as written or dropped; or, with
+// mayKeep and Retry, keeps it (kept) when the database is unavailable.
+func (w *LogWriter) write(batch []ConnLog, mayKeep bool) (kept bool, err error) {
 	ctx, cancel := context.WithTimeout(context.Background(), w.opts.WriteTimeout)
 	defer cancel()
 	if err := w.store.AppendConnLogs(ctx, batch); err != nil {
+		err = fmt.Errorf("writing a batch of %d connection-log entries: %w", len(batch), err)
+		if mayKeep && w.opts.Retry > 0 && errors.Is(err, ErrUnavailable) {
+			w.report(fmt.Errorf("%w; entries wait (up to %d, then they are dropped and counted) and are tried again every %v, and further failures are not reported",
+				err, w.opts.QueueSize, w.opts.Retry))
+			return true, err
+		}
 		w.dropped.Add(uint64(len(batch)))
 		w.lost += uint64(len(batch))
 		if w.opts.OnDrop != nil {
 			w.opts.OnDrop(batch)
 		}
-		err = fmt.Errorf("writing a batch of %d connection-log entries: %w", len(batch), err)
 		w.report(fmt.Errorf("%w; entries are dropped (and counted) until storage takes writes again, and further failures are not reported", err))
-		return err
+		return false, err
 	}
 	if w.failing && w.opts.OnRecover != nil {
-		w.opts.OnRecover(w.lost)
+		// The batches that failed, and with Retry the entries the full
+		// queue refused meanwhile.
+		w.opts.OnRecover(max(w.lost, w.dropped.Load()-w.droppedBefore))
 	}
 	w.failing, w.lost = false, 0
 	w.written.Add(uint64(len(batch)))
-	return nil
+	return false, nil
 }
 
 // prune applies retention to the streams in touched and empties it.
@@ -307,6 +340,7 @@ func (w *LogWriter) report(err error) {
 		return
 	}
 	w.failing = true
+	w.droppedBefore = w.dropped.Load()
 	if w.opts.OnError != nil {
 		w.opts.OnError(err)
 	}

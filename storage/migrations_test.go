@@ -546,3 +546,44 @@ func TestMigrateSettingsToJSON(t *testing.T) {
 		t.Errorf("deleting host 1's certificate: %v, want %q", err, want)
 	}
 }
+
+// TestMigrateConnLogNode: entries stored before entries had a node have
+// none; new ones carry the node the store was opened with, and the node
+// filter tells them apart.
+func TestMigrateConnLogNode(t *testing.T) {
+	before := slices.IndexFunc(migrations, func(m migration) bool { return m.name == "conn_log node" })
+	if before < 1 {
+		t.Fatalf("no migration adds the connection log's node (index %d)", before)
+	}
+	path := filepath.Join(t.TempDir(), "aegis.db")
+	old, err := openAt(path, before, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := old.write.Exec(`INSERT INTO conn_log (stream_id, source_ip, action, bytes_sent) VALUES (1, '192.0.2.1', 'allowed', 1)`); err != nil {
+		t.Fatal(err)
+	}
+	if err := old.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	s, err := OpenWith(path, OpenOptions{Node: "edge-1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx := context.Background()
+	if err := s.AppendConnLogs(ctx, []ConnLog{{StreamID: 1, Action: ActionAllowed, BytesSent: 2}}); err != nil {
+		t.Fatal(err)
+	}
+	logs, err := s.ConnLogs(ctx, ConnLogQuery{})
+	if err != nil || len(logs) != 2 {
+		t.Fatalf("entries: %+v, %v", logs, err)
+	}
+	if logs[0].Node != "edge-1" || logs[0].BytesSent != 2 || logs[1].Node != "" || logs[1].BytesSent != 1 {
+		t.Errorf("nodes after migrating: %q, %q", logs[0].Node, logs[1].Node)
+	}
+	if got, err := s.ConnLogs(ctx, ConnLogQuery{Node: "edge-1"}); err != nil || len(got) != 1 || got[0].BytesSent != 2 {
+		t.Errorf("filter by node: %+v, %v", got, err)
+	}
+}

@@ -2,6 +2,7 @@ package storage
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strconv"
 	"time"
@@ -50,7 +51,7 @@ func (t *pgTx) changed(ctx context.Context, kind, op string, objectID int64) err
 	}
 	if cut := t.change - t.p.keep; cut > 0 {
 		_, err := t.exec(ctx, `WITH gone AS (DELETE FROM changes WHERE id <= ?)
-			UPDATE change_history SET pruned_through = ? WHERE pruned_through < ?`, cut, cut, cut)
+			UPDATE counters SET last = ? WHERE name = 'changes pruned' AND last < ?`, cut, cut, cut)
 		if err != nil {
 			return fmt.Errorf("pruning old changes: %w", err)
 		}
@@ -106,7 +107,7 @@ func (p *Postgres) ChangesAfter(ctx context.Context, after int64, limit int) ([]
 	// Read after the changes: a prune in between is seen, and reported.
 	var pruned int64
 	if err == nil {
-		err = p.reads.queryRow(ctx, `SELECT pruned_through FROM change_history`).Scan(&pruned)
+		err = p.reads.queryRow(ctx, `SELECT last FROM counters WHERE name = 'changes pruned'`).Scan(&pruned)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("storage: reading changes after %d: %w", after, err)
@@ -120,7 +121,8 @@ func (p *Postgres) ChangesAfter(ctx context.Context, after int64, limit int) ([]
 // Listen calls notify with each notification's change ID, and with 0
 // after every (re)connect, until ctx is done or the store is closed; then
 // it returns nil. It retries a lost connection every second.
-// Notifications are handled one at a time: notify should be quick.
+// Notifications are handled one at a time: notify should be quick, and
+// must not call Close, which waits for Listen to return.
 func (p *Postgres) Listen(ctx context.Context, notify func(changeID int64)) error {
 	p.listens.Add(1)
 	defer p.listens.Done()
@@ -133,9 +135,13 @@ func (p *Postgres) Listen(ctx context.Context, notify func(changeID int64)) erro
 		},
 		ReconnectDelay: time.Second,
 		LogError: func(ctx context.Context, err error) {
-			if p.onListenError != nil && ctx.Err() == nil {
-				p.onListenError(fmt.Errorf("storage: listening for changes: %w", p.unavailable(err)))
+			if p.onListenError == nil || ctx.Err() != nil {
+				return
 			}
+			if !errors.Is(err, errBadPayload) {
+				err = p.unavailable(err)
+			}
+			p.onListenError(fmt.Errorf("storage: listening for changes: %w", err))
 		},
 	}
 	l.Handle(ChangesChannel, listenHandler(notify))
@@ -164,20 +170,23 @@ func (h listenHandler) HandleBacklog(context.Context, string, *pgx.Conn) error {
 	return nil
 }
 
+// errBadPayload is the error of a notification that is not a change ID.
+var errBadPayload = errors.New("not a change id")
+
 // parseChangePayload reads a notification's payload: a change ID in
 // decimal, > 0, without sign, leading zeros or anything else.
 func parseChangePayload(s string) (int64, error) {
 	if len(s) == 0 || len(s) > 16 || s[0] == '0' {
-		return 0, fmt.Errorf("change notification %.40q: not a change id", s)
+		return 0, fmt.Errorf("change notification %.40q: %w", s, errBadPayload)
 	}
 	for i := 0; i < len(s); i++ {
 		if s[i] < '0' || s[i] > '9' {
-			return 0, fmt.Errorf("change notification %.40q: not a change id", s)
+			return 0, fmt.Errorf("change notification %.40q: %w", s, errBadPayload)
 		}
 	}
 	id, err := strconv.ParseInt(s, 10, 64)
 	if err != nil || id > maxID {
-		return 0, fmt.Errorf("change notification %.40q: not a change id", s)
+		return 0, fmt.Errorf("change notification %.40q: %w", s, errBadPayload)
 	}
 	return id, nil
 }
@@ -187,6 +196,8 @@ func parseChangePayload(s string) (int64, error) {
 // Another holder is ErrNodeNameTaken. Calling it again while the name is
 // held does nothing; after the connection was lost (the database
 // restarted) it claims the name again. Heartbeat does that by itself.
+// The lock's key is the name's hashtext: two names that hash alike (one
+// chance in 2^32) would also refuse each other.
 func (p *Postgres) ClaimNode(ctx context.Context) error {
 	p.claimMu.Lock()
 	defer p.claimMu.Unlock()
@@ -205,13 +216,13 @@ func (p *Postgres) ClaimNode(ctx context.Context) error {
 		return fmt.Errorf("storage: claiming node name %q: %w", p.node, p.unavailable(err))
 	}
 	var ok bool
-	err = conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1, hashtext($2))`, nodeLockClass, p.node).Scan(&ok)
+	err = p.unavailable(conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1, hashtext($2))`, nodeLockClass, p.node).Scan(&ok))
 	if err == nil && !ok {
 		err = fmt.Errorf("%w: stop it, or give this node another name", ErrNodeNameTaken)
 	}
 	if err != nil {
 		conn.Close(ctx)
-		return fmt.Errorf("storage: claiming node name %q: %w", p.node, p.unavailable(err))
+		return fmt.Errorf("storage: claiming node name %q: %w", p.node, err)
 	}
 	p.claim = conn
 	return nil

@@ -12,12 +12,14 @@ import (
 //
 // The tables are SQLite's, with the same columns where the two stores
 // share their statements: timestamps of hosts, certificates and the
-// connection log are BIGINT Unix milliseconds (UTC), settings and domains
-// JSONB. IDs are BIGINT below 2^53 (JavaScript numbers); those of hosts
-// and certificates come from id_counters, which only grow, so a deleted
-// row's ID is not given out again. Then what SQLite does not need:
-// changes, the history every node follows (change_history.pruned_through
-// is the highest ID pruned), and nodes, their heartbeats.
+// connection log are BIGINT Unix milliseconds (UTC); integers are
+// BIGINT, as SQLite's; settings and domains are JSON, kept as written
+// (JSONB could not hold a string with \u0000 in it). IDs stay below 2^53
+// (JavaScript numbers); those of hosts and certificates come from
+// counters, which only grow, so a deleted row's ID is not given out
+// again. Then what SQLite does not need: changes, the history every node
+// follows (counters' "changes pruned" is the highest change ID pruned),
+// and nodes, their heartbeats.
 var pgMigrations = []migration{
 	{
 		version: 1,
@@ -27,10 +29,10 @@ CREATE TABLE hosts (
 	id             BIGINT  PRIMARY KEY CHECK (id BETWEEN 1 AND 9007199254740991),
 	protocol       TEXT    NOT NULL DEFAULT '',
 	listen_address TEXT    NOT NULL DEFAULT '',
-	listen_port    INTEGER NOT NULL DEFAULT 0,
+	listen_port    BIGINT  NOT NULL DEFAULT 0,
 	enabled        BOOLEAN NOT NULL DEFAULT true,
 	ssl_cert_id    BIGINT  NOT NULL DEFAULT 0,
-	settings       JSONB   NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(settings) = 'object'),
+	settings       JSON    NOT NULL DEFAULT '{}' CHECK (json_typeof(settings) = 'object'),
 	created_at     BIGINT  NOT NULL,
 	updated_at     BIGINT  NOT NULL,
 	version        BIGINT  NOT NULL CHECK (version > 0)
@@ -41,16 +43,16 @@ CREATE TABLE hosts (
 	last BIGINT  NOT NULL
 )`,
 			`INSERT INTO host_version (id, last) VALUES (1, 0)`,
-			`CREATE TABLE id_counters (
+			`CREATE TABLE counters (
 	name TEXT   PRIMARY KEY,
 	last BIGINT NOT NULL
 )`,
-			`INSERT INTO id_counters (name, last) VALUES ('hosts', 0), ('certificates', 0)`,
+			`INSERT INTO counters (name, last) VALUES ('hosts', 0), ('certificates', 0), ('changes pruned', 0)`,
 			`CREATE TABLE certificates (
 	id              BIGINT PRIMARY KEY CHECK (id BETWEEN 1 AND 9007199254740991),
 	name            TEXT   NOT NULL,
 	source          TEXT   NOT NULL CHECK (source IN ('custom', 'managed')),
-	domains         JSONB  NOT NULL DEFAULT '[]' CHECK (jsonb_typeof(domains) = 'array'),
+	domains         JSON   NOT NULL DEFAULT '[]' CHECK (json_typeof(domains) = 'array'),
 	issuer          TEXT   NOT NULL DEFAULT '',
 	not_before      BIGINT,
 	not_after       BIGINT,
@@ -65,7 +67,7 @@ CREATE TABLE hosts (
 	node               TEXT    NOT NULL DEFAULT '',
 	stream_id          BIGINT  NOT NULL CHECK (stream_id > 0),
 	source_ip          TEXT    NOT NULL DEFAULT '',
-	source_port        INTEGER,
+	source_port        BIGINT,
 	bytes_sent         BIGINT  NOT NULL DEFAULT 0,
 	bytes_received     BIGINT  NOT NULL DEFAULT 0,
 	duration_ms        BIGINT  NOT NULL DEFAULT 0,
@@ -87,11 +89,6 @@ CREATE TABLE hosts (
 	node      TEXT        NOT NULL,
 	at        TIMESTAMPTZ NOT NULL DEFAULT now()
 )`,
-			`CREATE TABLE change_history (
-	id             INTEGER PRIMARY KEY CHECK (id = 1),
-	pruned_through BIGINT  NOT NULL
-)`,
-			`INSERT INTO change_history (id, pruned_through) VALUES (1, 0)`,
 			`CREATE TABLE nodes (
 	name           TEXT        PRIMARY KEY,
 	address        TEXT        NOT NULL DEFAULT '',

@@ -2,9 +2,9 @@ package storage
 
 import (
 	"context"
-	"database/sql"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"strconv"
 	"strings"
@@ -181,11 +181,17 @@ func (p *Postgres) Close() error {
 func (p *Postgres) Node() string { return p.node }
 
 // unavailable returns err as an *UnavailableError when it says the
-// database could not be reached (or went away, or refuses connections),
-// and err as it is otherwise: an SQL error, no rows, a cancelled context.
+// database could not be reached in time (or went away, or refuses
+// connections), and err as it is otherwise: an SQL error, no rows, a
+// cancelled context.
 func (p *Postgres) unavailable(err error) error {
 	var ue *UnavailableError
-	if err == nil || errors.As(err, &ue) || !unreachable(err) {
+	switch {
+	case err == nil || errors.As(err, &ue):
+		return err
+	case p.life.Err() != nil:
+		return fmt.Errorf("the store is closed: %w", err)
+	case !unreachable(err):
 		return err
 	}
 	if p.secret != "" && strings.Contains(err.Error(), p.secret) {
@@ -205,8 +211,13 @@ func unreachable(err error) bool {
 		// too many connections
 		return strings.HasPrefix(pe.Code, "08") || strings.HasPrefix(pe.Code, "57P") || pe.Code == "53300"
 	}
-	var se pgx.ScanArgError
-	return !errors.Is(err, context.Canceled) && !errors.Is(err, sql.ErrNoRows) && !errors.As(err, &se)
+	var (
+		ce *pgconn.ConnectError
+		ne net.Error
+	)
+	return errors.As(err, &ce) || errors.As(err, &ne) || pgconn.Timeout(err) ||
+		errors.Is(err, pgconn.ErrConnClosed) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, context.DeadlineExceeded)
 }
 
 // redacted is an error whose text has the password replaced.
@@ -258,14 +269,14 @@ func (p *Postgres) inTx(ctx context.Context, tracked bool, fn func(tx writeTx) e
 	return nil
 }
 
-// newID takes the next ID of table from id_counters, or records that id
+// newID takes the next ID of table from counters, or records that id
 // was used: a counter only grows, so no ID is given out twice.
 func (p *Postgres) newID(ctx context.Context, tx sqlDB, table string, id int64) (any, error) {
 	if id > 0 {
-		_, err := tx.exec(ctx, `UPDATE id_counters SET last = GREATEST(last, ?) WHERE name = ?`, id, table)
+		_, err := tx.exec(ctx, `UPDATE counters SET last = GREATEST(last, ?) WHERE name = ?`, id, table)
 		return id, err
 	}
-	err := tx.queryRow(ctx, `UPDATE id_counters SET last = last + 1 WHERE name = ? RETURNING last`, table).Scan(&id)
+	err := tx.queryRow(ctx, `UPDATE counters SET last = last + 1 WHERE name = ? RETURNING last`, table).Scan(&id)
 	return id, err
 }
 
@@ -273,7 +284,7 @@ func (p *Postgres) newID(ctx context.Context, tx sqlDB, table string, id int64) 
 // included, or 0 before the first; see SQLite.HighestHostID.
 func (p *Postgres) HighestHostID(ctx context.Context) (int64, error) {
 	var id int64
-	if err := p.reads.queryRow(ctx, `SELECT last FROM id_counters WHERE name = 'hosts'`).Scan(&id); err != nil {
+	if err := p.reads.queryRow(ctx, `SELECT last FROM counters WHERE name = 'hosts'`).Scan(&id); err != nil {
 		return 0, fmt.Errorf("storage: reading the highest host id: %w", err)
 	}
 	return id, nil

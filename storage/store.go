@@ -1,14 +1,32 @@
 // Package storage keeps stream hosts, the connection log and TLS
-// certificates in an embedded database.
+// certificates in a database: an embedded SQLite file for one node, or a
+// PostgreSQL database that several Aegis nodes share.
 //
-// Store is the interface the streams app and the admin API use; SQLite is
-// its implementation on an SQLite file (pure Go, no cgo). LogWriter puts
-// connection-log entries into a Store in batches, off the connection path.
+// Store is the interface the streams app and the admin API use. It has two
+// implementations, which share their logic (core, in sqldb.go: hosts,
+// certificates, the connection log's queries, the sealing of private
+// keys) and differ in how they run statements and transactions:
+//
+//   - SQLite, on an SQLite file (pure Go, no cgo; Open, OpenWith);
+//   - Postgres, on PostgreSQL with pgx (OpenPostgres), which also
+//     implements Cluster: every write of hosts and certificates is
+//     serialized cluster-wide under an advisory lock, refused with
+//     ErrStale while this node has not applied every earlier change, and
+//     recorded in the changes table with a notification (ChangesChannel)
+//     in its transaction; nodes follow the changes with Listen and
+//     ChangesAfter, claim their names (ClaimNode) and send heartbeats.
+//
+// LogWriter puts connection-log entries into a Store in batches, off the
+// connection path; each entry carries the name of the node that logged it.
 //
 // The private keys of custom certificates are stored sealed with AES-256-GCM
-// under a key the store is opened with (OpenWith, LoadOrCreateKey,
-// ParseKey); no type the store returns holds a private key, except the
-// bytes CertificateKey returns.
+// under a key the store is opened with (OpenOptions.Key,
+// PostgresOptions.Key, LoadOrCreateKey, ParseKey); no type the store
+// returns holds a private key, except the bytes CertificateKey returns.
+//
+// A database that cannot be written or reached is an *UnavailableError
+// (ErrUnavailable) that names it and its cause; the same store works again
+// once the cause is gone.
 //
 // The package imports no Caddy package: it knows nothing of listeners or
 // handlers. It stores the schema's spec.Stream: the settings the database

@@ -9,21 +9,24 @@ import (
 	sqlite3 "modernc.org/sqlite/lib"
 )
 
-// ErrUnavailable means the database could not do a write: the disk is
-// full, the file or its file system refuses writes, or another program
-// holds the database locked. The transaction was rolled back, so nothing
-// was changed, and the same write can succeed once the cause is gone,
-// without reopening the store. The error is an *UnavailableError that says
-// which cause and what to do.
+// ErrUnavailable means the database could not do what was asked: the
+// disk is full, the file or its file system refuses writes, or another
+// program holds the database locked (SQLite); the server cannot be
+// reached, went away or refuses connections (PostgreSQL). A write's
+// transaction was rolled back, so nothing was changed, and the same call
+// can succeed once the cause is gone, without reopening the store. The
+// error is an *UnavailableError that says which cause and what to do.
 var ErrUnavailable = errors.New("storage unavailable")
 
 // UnavailableError is a write the database could not do; errors.Is(err,
 // ErrUnavailable) holds for it.
 type UnavailableError struct {
-	// Problem says what is wrong, naming the database file, e.g. "the disk
-	// holding /var/lib/caddy/streams.db is full".
+	// Problem says what is wrong, naming the database, e.g. "the disk
+	// holding /var/lib/caddy/streams.db is full" or "PostgreSQL at
+	// db.internal:5432 is unreachable".
 	Problem string
-	// Fix says what to do about it, e.g. "free space on that disk".
+	// Fix says what to do about it, e.g. "free space on that disk", or
+	// what it means: "nothing was changed".
 	Fix string
 	// Err is the failed step and the database's own error.
 	Err error
