@@ -92,7 +92,6 @@ type sharedStore struct {
 	// cluster is db as a store that several nodes share; nil for SQLite.
 	cluster *clusterStore
 	logw    *storage.LogWriter
-	hold    *logHold // between logw and a cluster's database
 	// The settings it was opened with, which hold until the last config
 	// using it is gone.
 	retention int
@@ -118,9 +117,6 @@ func (s *sharedStore) Destruct() error {
 		<-s.done
 	}
 	werr := s.logw.Close()
-	if s.hold != nil && len(s.hold.held) > 0 {
-		countDropped(s.hold.held) // the database never came back
-	}
 	if err := s.db.Close(); err != nil {
 		return err
 	}
@@ -161,39 +157,6 @@ func countDropped(batch []storage.ConnLog) {
 		n[e.StreamID]++
 	}
 	streamstate.CountLogDropped(n)
-}
-
-// logHoldMax is how many connection-log entries a node keeps while its
-// PostgreSQL database is unreachable.
-const logHoldMax = 10000
-
-// logHold is the store the connection-log writer of a cluster node writes
-// to: while the database is unreachable it keeps the batches, up to
-// logHoldMax entries, and writes them before the next batch once the
-// database is back. A batch beyond the bound fails, and the writer drops
-// it and counts its entries in their streams' log_entries_dropped. Only
-// the writer's goroutine calls it.
-type logHold struct {
-	storage.Store
-	held []storage.ConnLog
-}
-
-// AppendConnLogs writes the entries held, then entries, or holds entries.
-func (h *logHold) AppendConnLogs(ctx context.Context, entries []storage.ConnLog) error {
-	var err error
-	if len(h.held) > 0 {
-		if err = h.Store.AppendConnLogs(ctx, h.held); err == nil {
-			h.held = h.held[:0]
-		}
-	}
-	if err == nil {
-		err = h.Store.AppendConnLogs(ctx, entries)
-	}
-	if errors.Is(err, storage.ErrUnavailable) && len(h.held)+len(entries) <= logHoldMax {
-		h.held = append(h.held, entries...) // copies: the writer reuses entries
-		return nil
-	}
-	return err
 }
 
 // storageFix ends an error of opening the storage with what to do.
@@ -285,12 +248,14 @@ func (a *App) openStore(cfg StorageConfig, name string) (*sharedStore, error) {
 		s.db, s.cluster = c, c
 	}
 	where := s.where
-	var logTo storage.Store = s.db
+	// A node of a cluster keeps the entries while PostgreSQL is out of
+	// reach, up to the writer's queue, and stores them when it is back.
+	var retry time.Duration
 	if s.cluster != nil {
-		s.hold = &logHold{Store: s.db}
-		logTo = s.hold
+		retry = time.Second
 	}
-	s.logw = storage.NewLogWriter(logTo, storage.LogWriterOptions{
+	s.logw = storage.NewLogWriter(s.db, storage.LogWriterOptions{
+		Retry:     retry,
 		Retention: cfg.LogRetention,
 		OnError: func(err error) {
 			logger.Error("writing the connection log to storage", zap.String("storage", where), zap.Error(err))
