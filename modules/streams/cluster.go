@@ -28,6 +28,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
 
+	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
 	"github.com/aegis-proxy/caddy-aegis/spec"
 	"github.com/aegis-proxy/caddy-aegis/storage"
 )
@@ -868,8 +869,8 @@ type ClusterNode struct {
 	Address string `json:"address,omitempty"`
 	Version string `json:"version,omitempty"`
 	// LastSeen is when its last heartbeat was stored.
-	LastSeen      time.Time `json:"last_seen"`
-	AppliedChange int64     `json:"applied_change"`
+	LastSeen      jsontime.Time `json:"last_seen"`
+	AppliedChange int64         `json:"applied_change"`
 	// Lag is how many changes it has not applied yet.
 	Lag int64 `json:"lag"`
 	// Status is NodeUp, NodeStale (staleAfter heartbeats missed) or
@@ -899,7 +900,7 @@ type Cluster struct {
 // only.
 func (a *App) ClusterView(ctx context.Context) Cluster {
 	store := a.storage()
-	self := ClusterNode{Name: a.nodeName(), Address: adminAddress.Load(), Version: binaryVersion(), LastSeen: time.Now().UTC().Truncate(time.Millisecond),
+	self := ClusterNode{Name: a.nodeName(), Address: adminAddress.Load(), Version: binaryVersion(), LastSeen: jsontime.Of(time.Now()),
 		Status: NodeUp, Streams: a.Statuses()}
 	out := Cluster{Node: self.Name, Nodes: []ClusterNode{self}}
 	if store == nil {
@@ -930,11 +931,11 @@ func (a *App) ClusterView(ctx context.Context) Cluster {
 	out.Nodes = out.Nodes[:0]
 	now := time.Now()
 	for _, n := range nodes {
-		cn := ClusterNode{Name: n.Name, Address: n.Address, Version: n.Version, LastSeen: n.LastSeen, AppliedChange: n.AppliedChange,
+		cn := ClusterNode{Name: n.Name, Address: n.Address, Version: n.Version, LastSeen: jsontime.Of(n.LastSeen), AppliedChange: n.AppliedChange,
 			Lag: max(0, last-n.AppliedChange), Status: NodeUp, Streams: []spec.Status{}}
 		if n.Name == self.Name {
 			cn = self
-			cn.LastSeen = n.LastSeen
+			cn.LastSeen = jsontime.Of(n.LastSeen)
 			cn.Lag = max(0, last-self.AppliedChange)
 		} else {
 			if len(n.Streams) > 0 {
