@@ -63,6 +63,23 @@ func TestPostgresSettingsRefused(t *testing.T) {
 	if streams.Running() != nil {
 		t.Fatal("a refused config runs")
 	}
+
+	// A node whose name a running node holds refuses to start.
+	t.Setenv("XDG_DATA_HOME", t.TempDir())
+	dsn := pg.NewDatabase(t)
+	key, _ := storage.ParseKey(clusterKey)
+	other, err := storage.OpenPostgres(context.Background(), dsn, storage.PostgresOptions{Key: key, Node: "twin"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	if err := other.ClaimNode(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	err = c.Load(map[string]any{"streams": postgresApp(dsn, "twin")})
+	if want := []string{`node_name "twin"`, "another running node has this node name", "give every node a name of its own"}; err == nil || !testenv.OneErrorContains(err, want) {
+		t.Fatalf("a second node named twin: %v; want an error saying %q", err, want)
+	}
 }
 
 // The node follows the changes another node writes to the database: a

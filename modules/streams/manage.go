@@ -476,6 +476,11 @@ func (a *App) syncStored() {
 	if a.store == nil {
 		return
 	}
+	if c := a.store.cluster; c != nil {
+		if _, err := c.get(); err != nil {
+			return // running from the snapshot: the follower reloads once the database opens
+		}
+	}
 	ctx, cancel := context.WithTimeout(a.ctx, 10*time.Second)
 	defer cancel()
 	a.mu.Lock()
