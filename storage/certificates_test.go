@@ -315,6 +315,7 @@ func testCertificateErrors(t *testing.T, b testBackend) {
 		{"delete missing", s.DeleteCertificate(ctx, 9, apply), ErrNotFound, "storage: deleting certificate 9: not found"},
 		{"create taken", create(withID(managed, c.ID), nil), ErrConflict, ""},
 		{"create negative", create(withID(managed, -1), nil), ErrInvalid, ""},
+		{"create above 2^53-1", create(withID(managed, 1<<53), nil), ErrInvalid, "id must be from 0 to 9007199254740991"},
 		{"unknown source", create(spec.Certificate{Name: "x", Source: "acme"}, nil), ErrInvalid, `source "acme": must be "custom" or "managed"`},
 		{"custom without chain", create(noChain, key), ErrInvalid, "needs its chain"},
 		{"custom without key", create(customCert(tc2(t), "b"), nil), ErrInvalid, "needs its private key"},

@@ -187,6 +187,7 @@ func testHostErrors(t *testing.T, b testBackend) {
 		{"delete missing", s.DeleteHost(ctx, 6, apply), ErrNotFound},
 		{"create taken", func() error { _, err := s.CreateHost(ctx, genHost(5, 2), apply); return err }(), ErrConflict},
 		{"create negative", func() error { _, err := s.CreateHost(ctx, genHost(-1, 2), apply); return err }(), ErrInvalid},
+		{"create above 2^53-1", func() error { _, err := s.CreateHost(ctx, genHost(1<<53, 2), apply); return err }(), ErrInvalid},
 	} {
 		if !errors.Is(tc.err, tc.want) {
 			t.Errorf("%d: %s: error %v, want %v", i, tc.name, tc.err, tc.want)

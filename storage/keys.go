@@ -78,6 +78,32 @@ func (s sealer) open(certID int64, sealed []byte) ([]byte, error) {
 	return plain, nil
 }
 
+// SealPrivateKey seals the private key keyPEM of certificate certID with
+// key as the stores seal it: for an export file that must not hold
+// private keys in clear. An empty key is ErrNoKey.
+func SealPrivateKey(key []byte, certID int64, keyPEM []byte) ([]byte, error) {
+	return withSealer(key, certID, "sealing", sealer.seal, keyPEM)
+}
+
+// OpenPrivateKey opens what SealPrivateKey, or a store, sealed for
+// certificate certID: ErrWrongKey when key or certID is not the one it
+// was sealed with, or the bytes were changed.
+func OpenPrivateKey(key []byte, certID int64, sealed []byte) ([]byte, error) {
+	return withSealer(key, certID, "opening", sealer.open, sealed)
+}
+
+// withSealer runs op (seal or open) on in with the sealer of key.
+func withSealer(key []byte, certID int64, what string, op func(sealer, int64, []byte) ([]byte, error), in []byte) ([]byte, error) {
+	s, err := newSealer(key)
+	if err == nil {
+		var out []byte
+		if out, err = op(s, certID, in); err == nil {
+			return out, nil
+		}
+	}
+	return nil, fmt.Errorf("storage: %s the private key of certificate %d: %w", what, certID, err)
+}
+
 // ParseKey reads an encryption key given in the configuration or the
 // environment: 64 hexadecimal digits (32 bytes), surrounding white space
 // ignored; "openssl rand -hex 32" makes one. An all-zero key, a placeholder

@@ -2,6 +2,7 @@ package storage
 
 import (
 	"bytes"
+	"context"
 	"encoding/hex"
 	"errors"
 	"os"
@@ -224,5 +225,47 @@ func TestCreateExclusive(t *testing.T) {
 	}
 	if fi, err := os.Stat(path); err != nil || (runtime.GOOS != "windows" && fi.Mode().Perm() != 0o600) {
 		t.Errorf("mode %v, %v", fi.Mode(), err)
+	}
+}
+
+// TestSealPrivateKey: keys sealed for an export open as a store's do, and
+// only with their key and certificate ID.
+func TestSealPrivateKey(t *testing.T) {
+	s, _ := newKeyedStore(t)
+	tc := ecCert(t, "a.example.com")
+	c, err := s.CreateCertificate(context.Background(), customCert(tc, "a"), []byte(tc.keyPEM), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stored := sealedKey(t, s, c.ID)
+	if plain, err := OpenPrivateKey(testKey, c.ID, stored); err != nil || string(plain) != tc.keyPEM {
+		t.Fatalf("OpenPrivateKey of the stored key: %v", err)
+	}
+	sealed, err := SealPrivateKey(testKey, 7, []byte(tc.keyPEM))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Contains(sealed, []byte("PRIVATE KEY")) {
+		t.Error("the sealed key holds the key in clear")
+	}
+	if plain, err := OpenPrivateKey(testKey, 7, sealed); err != nil || string(plain) != tc.keyPEM {
+		t.Errorf("round trip: %v", err)
+	}
+	for _, tc := range []struct {
+		key  []byte
+		id   int64
+		want error
+	}{
+		{testKey, 8, ErrWrongKey},
+		{bytes.Repeat([]byte{7}, KeySize), 7, ErrWrongKey},
+		{nil, 7, ErrNoKey},
+		{[]byte{1}, 7, ErrInvalid},
+	} {
+		if _, err := OpenPrivateKey(tc.key, tc.id, sealed); !errors.Is(err, tc.want) {
+			t.Errorf("OpenPrivateKey(%d bytes, %d) = %v, want %v", len(tc.key), tc.id, err, tc.want)
+		}
+	}
+	if _, err := SealPrivateKey(nil, 7, []byte(tc.keyPEM)); !errors.Is(err, ErrNoKey) {
+		t.Errorf("SealPrivateKey without a key: %v", err)
 	}
 }

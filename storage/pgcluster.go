@@ -18,7 +18,6 @@ import (
 // pgTx is a write transaction of the Postgres store.
 type pgTx struct {
 	pgConn
-	p      *Postgres
 	change int64 // the ID of the change it recorded, if any
 }
 

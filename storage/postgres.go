@@ -63,6 +63,14 @@ type PostgresOptions struct {
 	// while it (re)connects (an *UnavailableError while the database is
 	// unreachable). Default: nil.
 	OnListenError func(error)
+
+	// OpenUnreachable makes OpenPostgres return the store even when the
+	// database cannot be reached, for a node that starts meanwhile (from
+	// a snapshot): its methods then return *UnavailableError until the
+	// database is back, and the first one that reaches it checks and
+	// migrates the schema (so ErrSchemaTooNew may come from there).
+	// Default: false, and OpenPostgres returns the *UnavailableError.
+	OpenUnreachable bool
 }
 
 // Postgres is a Store and a Cluster on a PostgreSQL database that several
@@ -90,6 +98,10 @@ type Postgres struct {
 
 	writing chan struct{} // holds a token during a tracked write
 	applied atomic.Int64
+
+	// ready is set once the schema was checked and migrated.
+	ready     atomic.Bool
+	migrating chan struct{} // holds a token while one call migrates
 
 	life    context.Context // done on Close: ends Listen
 	stop    context.CancelFunc
@@ -144,6 +156,7 @@ func OpenPostgres(ctx context.Context, dsn string, opts PostgresOptions) (*Postg
 		keep:          int64(opts.KeepChanges),
 		onListenError: opts.OnListenError,
 		writing:       make(chan struct{}, 1),
+		migrating:     make(chan struct{}, 1),
 	}
 	if p.keep <= 0 {
 		p.keep = DefaultKeepChanges
@@ -151,11 +164,42 @@ func OpenPostgres(ctx context.Context, dsn string, opts PostgresOptions) (*Postg
 	p.life, p.stop = context.WithCancel(context.Background())
 	p.core = core{be: p, reads: pgConn{pool, p}, nameSQL: `settings->>'name'`,
 		node: opts.Node, sealer: sealer, now: time.Now}
-	if err := p.migrate(ctx, pgMigrations); err != nil {
+	if err := p.schema(ctx); err != nil {
+		if opts.OpenUnreachable && errors.Is(err, ErrUnavailable) {
+			return p, nil
+		}
 		p.Close()
-		return nil, fmt.Errorf("storage: PostgreSQL at %s: %w", p.where, err)
+		if errors.Is(err, ErrUnavailable) { // names the database already
+			return nil, fmt.Errorf("storage: opening PostgreSQL: %w", err)
+		}
+		return nil, fmt.Errorf("storage: opening PostgreSQL at %s: %w", p.where, err)
 	}
 	return p, nil
+}
+
+// schema makes sure the schema was checked and migrated, which
+// OpenPostgres may have left for later (OpenUnreachable).
+func (p *Postgres) schema(ctx context.Context) error {
+	if p.ready.Load() {
+		return nil
+	}
+	select {
+	case p.migrating <- struct{}{}:
+		defer func() { <-p.migrating }()
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	switch {
+	case p.ready.Load():
+		return nil
+	case p.life.Err() != nil:
+		return errors.New("the store is closed")
+	}
+	if err := p.migrate(ctx, pgMigrations); err != nil {
+		return err
+	}
+	p.ready.Store(true)
+	return nil
 }
 
 // Close closes every connection of the store and ends Listen. Calls after
@@ -241,6 +285,9 @@ func (p *Postgres) inTx(ctx context.Context, tracked bool, fn func(tx writeTx) e
 			return ctx.Err()
 		}
 	}
+	if err := p.schema(ctx); err != nil {
+		return err
+	}
 	tx, err := p.pool.Begin(ctx)
 	if err != nil {
 		return p.unavailable(fmt.Errorf("beginning transaction: %w", err))
@@ -251,7 +298,7 @@ func (p *Postgres) inTx(ctx context.Context, tracked bool, fn func(tx writeTx) e
 		tx.Rollback(rctx)
 		cancel()
 	}()
-	t := &pgTx{pgConn: pgConn{tx, p}, p: p}
+	t := &pgTx{pgConn: pgConn{tx, p}}
 	if tracked {
 		if err := t.lockAndCheck(ctx); err != nil {
 			return err
@@ -302,8 +349,16 @@ type pgConn struct {
 }
 
 func (c pgConn) queryRow(ctx context.Context, query string, args ...any) rowScanner {
+	if err := c.p.schema(ctx); err != nil {
+		return errRow{err}
+	}
 	return pgRow{c.q.QueryRow(ctx, numbered(query), args...), c.p}
 }
+
+// errRow is a row that could not be read.
+type errRow struct{ err error }
+
+func (r errRow) Scan(...any) error { return r.err }
 
 type pgRow struct {
 	r pgx.Row
@@ -313,6 +368,9 @@ type pgRow struct {
 func (r pgRow) Scan(dest ...any) error { return r.p.unavailable(r.r.Scan(dest...)) }
 
 func (c pgConn) queryEach(ctx context.Context, query string, args []any, fn func(r rowScanner) error) error {
+	if err := c.p.schema(ctx); err != nil {
+		return err
+	}
 	rows, err := c.q.Query(ctx, numbered(query), args...)
 	if err != nil {
 		return c.p.unavailable(err)
@@ -327,6 +385,9 @@ func (c pgConn) queryEach(ctx context.Context, query string, args []any, fn func
 }
 
 func (c pgConn) exec(ctx context.Context, query string, args ...any) (int64, error) {
+	if err := c.p.schema(ctx); err != nil {
+		return 0, err
+	}
 	tag, err := c.q.Exec(ctx, numbered(query), args...)
 	return tag.RowsAffected(), c.p.unavailable(err)
 }

@@ -456,10 +456,14 @@ func TestPostgresUnavailable(t *testing.T) {
 		if took > 5*time.Second {
 			t.Errorf("%s took %v", call.name, took)
 		}
+		if call.name == "UpdateHost" {
+			t.Logf("%s: %v (%v)", call.name, err, took)
+		}
 	}
-	if _, err := OpenPostgres(ctx, dsn, PostgresOptions{Node: "b", ConnectTimeout: time.Second}); !errors.Is(err, ErrUnavailable) ||
-		strings.Contains(err.Error(), "pw-s3cret") {
-		t.Errorf("OpenPostgres with the server down: %v", err)
+	_, err := OpenPostgres(ctx, dsn, PostgresOptions{Node: "b", ConnectTimeout: time.Second})
+	if want := "storage: opening PostgreSQL: PostgreSQL at " + pg.Addr() + " is unreachable ("; !errors.Is(err, ErrUnavailable) ||
+		!strings.HasPrefix(err.Error(), want) || strings.Contains(err.Error(), "pw-s3cret") {
+		t.Errorf("OpenPostgres with the server down: %v, want an error starting %q", err, want)
 	}
 
 	if err := pg.Start(); err != nil {
@@ -712,5 +716,46 @@ func TestUnreachable(t *testing.T) {
 		if got := unreachable(tc.err); got != tc.want {
 			t.Errorf("%d: unreachable(%v) = %v, want %v", i, tc.err, got, tc.want)
 		}
+	}
+}
+
+// TestOpenUnreachable: with OpenUnreachable a node opens its store while
+// the database is down; its calls fail with *UnavailableError, and once
+// the database is back the first one migrates the schema and they work.
+func TestOpenUnreachable(t *testing.T) {
+	dsn := pg.NewDatabase(t)
+	ctx := context.Background()
+	pg.Stop()
+	restarted := false
+	defer func() {
+		if !restarted {
+			pg.Start()
+		}
+	}()
+	s, err := OpenPostgres(ctx, dsn, PostgresOptions{Node: "a", OpenUnreachable: true, ConnectTimeout: time.Second})
+	if err != nil {
+		t.Fatalf("OpenPostgres with OpenUnreachable: %v", err)
+	}
+	t.Cleanup(func() { s.Close() })
+	if _, err := s.ListHosts(ctx); !errors.Is(err, ErrUnavailable) {
+		t.Errorf("ListHosts while down: %v", err)
+	}
+	if _, err := s.CreateHost(ctx, genHost(0, 1), nil); !errors.Is(err, ErrUnavailable) {
+		t.Errorf("CreateHost while down: %v", err)
+	}
+	heard := listenFor(t, s)
+
+	if err := pg.Start(); err != nil {
+		t.Fatal(err)
+	}
+	restarted = true
+	if id := next(t, heard, 5*time.Second, "connect"); id != 0 {
+		t.Errorf("notify(%d) on connect, want 0", id)
+	}
+	if last, err := s.LastChange(ctx); err != nil || last != 0 {
+		t.Fatalf("LastChange once the database is back: %d, %v", last, err)
+	}
+	if _, err := s.CreateHost(ctx, genHost(0, 1), nil); err != nil {
+		t.Fatalf("CreateHost once the database is back: %v", err)
 	}
 }

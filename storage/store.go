@@ -23,6 +23,7 @@
 // under a key the store is opened with (OpenOptions.Key,
 // PostgresOptions.Key, LoadOrCreateKey, ParseKey); no type the store
 // returns holds a private key, except the bytes CertificateKey returns.
+// SealPrivateKey and OpenPrivateKey seal the same way, for export files.
 //
 // A database that cannot be written or reached is an *UnavailableError
 // (ErrUnavailable) that names it and its cause; the same store works again
