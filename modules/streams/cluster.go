@@ -10,9 +10,6 @@ package streams
 
 import (
 	"context"
-	"crypto/aes"
-	"crypto/cipher"
-	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -20,7 +17,6 @@ import (
 	"path/filepath"
 	"runtime/debug"
 	"slices"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -320,7 +316,7 @@ func (c *clusterStore) CertificateKey(ctx context.Context, id int64) ([]byte, er
 	if sc == nil {
 		return nil, fmt.Errorf("certificate %d: %w", id, storage.ErrNotFound)
 	}
-	return openSealed(c.key, id, sc.SealedKey)
+	return storage.OpenPrivateKey(c.key, id, sc.SealedKey)
 }
 
 func (c *clusterStore) CreateCertificate(ctx context.Context, cert spec.Certificate, keyPEM []byte, apply func(c spec.Certificate) error) (spec.Certificate, error) {
@@ -512,7 +508,7 @@ func (c *clusterStore) saveSnapshot(a *App) {
 					a.logger.Warn("writing the local snapshot: reading a private key", zap.Int64("cert_id", cert.ID), zap.Error(err))
 					return
 				}
-				sealed, err := seal(c.key, cert.ID, key)
+				sealed, err := storage.SealPrivateKey(c.key, cert.ID, key)
 				if err != nil {
 					a.logger.Warn("writing the local snapshot: sealing a private key", zap.Int64("cert_id", cert.ID), zap.Error(err))
 					return
@@ -592,48 +588,6 @@ func writeFileAtomic(path string, v any) error {
 		d.Close()
 	}
 	return nil
-}
-
-// seal seals a private key of certificate id for the snapshot with
-// AES-256-GCM under key: a random nonce, then the sealed bytes, bound to
-// the certificate's id.
-func seal(key []byte, id int64, plain []byte) ([]byte, error) {
-	aead, err := snapshotAEAD(key)
-	if err != nil {
-		return nil, err
-	}
-	nonce := make([]byte, aead.NonceSize(), aead.NonceSize()+len(plain)+aead.Overhead())
-	if _, err := rand.Read(nonce); err != nil {
-		return nil, err
-	}
-	return aead.Seal(nonce, nonce, plain, sealAD(id)), nil
-}
-
-func openSealed(key []byte, id int64, sealed []byte) ([]byte, error) {
-	aead, err := snapshotAEAD(key)
-	if err != nil {
-		return nil, err
-	}
-	if len(sealed) < aead.NonceSize() {
-		return nil, fmt.Errorf("certificate %d: %w", id, storage.ErrWrongKey)
-	}
-	plain, err := aead.Open(nil, sealed[:aead.NonceSize()], sealed[aead.NonceSize():], sealAD(id))
-	if err != nil {
-		return nil, fmt.Errorf("certificate %d in the snapshot: %w", id, storage.ErrWrongKey)
-	}
-	return plain, nil
-}
-
-func snapshotAEAD(key []byte) (cipher.AEAD, error) {
-	block, err := aes.NewCipher(key)
-	if err != nil {
-		return nil, err
-	}
-	return cipher.NewGCM(block)
-}
-
-func sealAD(id int64) []byte {
-	return []byte("aegis snapshot certificate " + strconv.FormatInt(id, 10))
 }
 
 // ---- the follower ----
