@@ -218,6 +218,58 @@ func TestPostgresFollowsOtherNode(t *testing.T) {
 	}
 }
 
+// A node that missed changes whose history was pruned meanwhile reloads
+// every stream and certificate: the streams another node created, moved
+// and deleted while this one could not apply anything end as stored.
+func TestPostgresHistoryPruned(t *testing.T) {
+	checkNoLeaks(t)
+	t.Setenv("XDG_DATA_HOME", t.TempDir())
+	dsn := pg.NewDatabase(t)
+	up := newUpstream(t, echo)
+	inst := startCaddy(t, postgresApp(dsn, "here"))
+	ctx := context.Background()
+	key, _ := storage.ParseKey(clusterKey)
+	other, err := storage.OpenPostgres(ctx, dsn, storage.PostgresOptions{Key: key, Node: "there", KeepChanges: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	p1, p2, p3 := freePort(t), freePort(t), freePort(t)
+	gone, err := streams.CreateHost(ctx, apiStream(0, p1, up.Port))
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	release := streams.HoldWrites() // this node applies nothing now
+	last, err := other.LastChange(ctx)
+	if err != nil {
+		release()
+		t.Fatal(err)
+	}
+	other.SetApplied(last)
+	moved, err := other.CreateHost(ctx, apiStream(0, p2, up.Port), nil)
+	if err == nil {
+		moved.ListenPort = p3
+		_, err = other.UpdateHost(ctx, moved.Stream, nil)
+	}
+	if err == nil {
+		err = other.DeleteHost(ctx, gone.ID, nil)
+	}
+	release()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !testenv.Within(2*time.Second, func() bool { return refusedAt(t, p1) && !refusedAt(t, p3) }) {
+		t.Fatalf("after the pruned history: port %d refused %v, port %d refused %v", p1, refusedAt(t, p1), p3, refusedAt(t, p3))
+	}
+	if !refusedAt(t, p2) {
+		t.Fatalf("port %d listens", p2)
+	}
+	if !strings.Contains(readFile(t, inst.logFile), "the change history this node needs was pruned") {
+		t.Fatal("the reload is not logged")
+	}
+}
+
 // A write of this node that another node's write overtakes in the
 // database applies that write first and is checked against it: a
 // precondition on the version it had fails, whichever order the two took.
