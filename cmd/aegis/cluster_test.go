@@ -482,6 +482,36 @@ func TestCluster(t *testing.T) {
 		if !strings.Contains(string(body), `"from a"`) {
 			t.Fatalf("after the refused write: %s", body)
 		}
+		// At the same time: B's write with the version both loaded wins
+		// (and comes first) or gets 412, whichever order the database took.
+		for round := range 10 {
+			waitSame(t, 2*time.Second, a, b)
+			_, h := b.call(t, http.StatusOK, "GET", path, nil)
+			loaded := h.Get("ETag")
+			var wg sync.WaitGroup
+			var codeA, codeB int
+			var bodyB []byte
+			var hA, hB http.Header
+			wg.Go(func() { codeA, _, hA = a.try("PATCH", path, map[string]any{"notes": fmt.Sprintf("a %d", round)}) })
+			wg.Go(func() {
+				codeB, bodyB, hB = b.try("PATCH", path, map[string]any{"notes": fmt.Sprintf("b %d", round)}, "If-Match", loaded)
+			})
+			wg.Wait()
+			if codeA != http.StatusOK {
+				t.Fatalf("round %d: a's write: %d", round, codeA)
+			}
+			switch codeB {
+			case http.StatusPreconditionFailed:
+			case http.StatusOK:
+				va, _ := strconv.ParseInt(strings.Trim(hA.Get("ETag"), `"`), 10, 64)
+				vb, _ := strconv.ParseInt(strings.Trim(hB.Get("ETag"), `"`), 10, 64)
+				if vb >= va {
+					t.Fatalf("round %d: b's write with the loaded version %s won after a's: versions %d, %d", round, loaded, vb, va)
+				}
+			default:
+				t.Fatalf("round %d: b's write: %d %s", round, codeB, bodyB)
+			}
+		}
 	})
 
 	t.Run("simultaneous creates of one port", func(t *testing.T) {

@@ -344,3 +344,82 @@ func readFile(t *testing.T, path string) string {
 	}
 	return string(b)
 }
+
+// Numbers for the closing note: API writes per second on PostgreSQL and
+// on SQLite, and how long a node takes to apply 1,000 changes that another
+// node made while it could not.
+func TestPostgresNumbers(t *testing.T) {
+	checkNoLeaks(t)
+	t.Setenv("XDG_DATA_HOME", t.TempDir())
+	dsn := pg.NewDatabase(t)
+	up := newUpstream(t, echo)
+	inst := startCaddy(t, postgresApp(dsn, "here"))
+	ctx := context.Background()
+	writes := func(backend string) {
+		t.Helper()
+		hs, err := streams.CreateHost(ctx, apiStream(0, freePort(t), up.Port))
+		if err != nil {
+			t.Fatal(err)
+		}
+		s := *hs.Stream
+		const n = 200
+		start := time.Now()
+		for i := range n {
+			s.Notes = strconv.Itoa(i)
+			if _, err := streams.UpdateHost(ctx, s.ID, s); err != nil {
+				t.Fatal(err)
+			}
+		}
+		t.Logf("%s: %d API updates, %.0f writes/s", backend, n, n/time.Since(start).Seconds())
+	}
+	writes("PostgreSQL")
+
+	key, _ := storage.ParseKey(clusterKey)
+	other, err := storage.OpenPostgres(ctx, dsn, storage.PostgresOptions{Key: key, Node: "there"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	h, err := streams.CreateHost(ctx, apiStream(0, freePort(t), up.Port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	release := streams.HoldWrites()
+	last, err := other.LastChange(ctx)
+	if err == nil {
+		other.SetApplied(last)
+		s := *h.Stream
+		for i := range 1000 {
+			s.Notes = strconv.Itoa(i)
+			if _, err = other.UpdateHost(ctx, s, nil); err != nil {
+				break
+			}
+		}
+	}
+	if err == nil {
+		last, err = other.LastChange(ctx)
+	}
+	start := time.Now()
+	release()
+	if err != nil {
+		t.Fatal(err)
+	}
+	app := streams.Running()
+	applied := func() int64 {
+		for _, n := range app.ClusterView(ctx).Nodes {
+			if n.Name == "here" {
+				return n.AppliedChange
+			}
+		}
+		return 0
+	}
+	if !testenv.Within(30*time.Second, func() bool { return applied() >= last }) {
+		t.Fatalf("applied %d of %d after 30s", applied(), last)
+	}
+	t.Logf("a node applied 1,000 changes made while it could not in %v", time.Since(start))
+
+	if err := inst.load(hosts()); err != nil { // SQLite, the test's file
+		t.Fatal(err)
+	}
+	writes("SQLite")
+}
