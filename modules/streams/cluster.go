@@ -138,6 +138,17 @@ func (c *clusterStore) open() (storage.Cluster, error) {
 		}
 		return nil, err
 	}
+	// A node whose key cannot open the stored private keys refuses to
+	// start: it could serve none of them.
+	if k, ok := db.(interface{ CheckKey(context.Context) error }); ok {
+		if err := k.CheckKey(ctx); err != nil {
+			db.Close()
+			if errors.Is(err, storage.ErrWrongKey) {
+				return nil, fmt.Errorf("storage_key does not open the private keys stored in the database: every node needs the storage_key the others have: %w", err)
+			}
+			return nil, err
+		}
+	}
 	return db, nil
 }
 

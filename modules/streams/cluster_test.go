@@ -80,6 +80,22 @@ func TestPostgresSettingsRefused(t *testing.T) {
 	if want := []string{`node_name "twin"`, "another running node has this node name", "give every node a name of its own"}; err == nil || !testenv.OneErrorContains(err, want) {
 		t.Fatalf("a second node named twin: %v; want an error saying %q", err, want)
 	}
+
+	// A node whose storage_key is not the cluster's refuses to start.
+	cert := testenv.Cert(t, testenv.CertOptions{Names: []string{"web.example"}})
+	if _, err := other.CreateCertificate(context.Background(), spec.Certificate{Name: "web", Source: spec.SourceCustom,
+		Domains: []string{"web.example"}, CertificatePEM: cert.CertPEM}, []byte(cert.KeyPEM), nil); err != nil {
+		t.Fatal(err)
+	}
+	app := postgresApp(dsn, "third")
+	app["storage"].(map[string]any)["key"] = strings.Repeat("ab", 32)
+	err = c.Load(map[string]any{"streams": app})
+	if want := []string{"storage_key does not open the private keys stored in the database"}; err == nil || !testenv.OneErrorContains(err, want) {
+		t.Fatalf("a node with another key: %v; want an error saying %q", err, want)
+	}
+	if err != nil && strings.Contains(err.Error(), "abababab") {
+		t.Fatalf("the error shows the key: %v", err)
+	}
 }
 
 // The node follows the changes another node writes to the database: a
