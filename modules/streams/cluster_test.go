@@ -206,6 +206,14 @@ func TestPostgresFollowsOtherNode(t *testing.T) {
 		return err == nil
 	})
 
+	// A reload keeps the store and its follower; the new app follows.
+	if err := inst.load(postgresApp(dsn, "here")); err != nil {
+		t.Fatal(err)
+	}
+	app = streams.Running()
+	if err := inst.load(postgresApp(dsn, "renamed")); err == nil || !strings.Contains(err.Error(), `node_name "renamed": this process runs as node "here"`) {
+		t.Fatalf("a reload that renames the node: %v", err)
+	}
 	write(func() error { return other.DeleteHost(ctx, stored.ID, nil) })
 	within(time.Second, "the deleted stream stops", func() bool { return refusedAt(t, p2) })
 
