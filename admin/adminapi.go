@@ -6,6 +6,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 
+	"github.com/aegis-proxy/caddy-aegis/modules/streams"
 	"github.com/aegis-proxy/caddy-aegis/ui"
 )
 
@@ -63,6 +64,8 @@ func (a *adminAPI) Routes() []caddy.AdminRoute {
 		{Pattern: basePath + "/", Handler: h},
 		{Pattern: certsPath, Handler: h},
 		{Pattern: certsPath + "/", Handler: h},
+		{Pattern: clusterPath, Handler: h},
+		{Pattern: clusterPath + "/", Handler: h},
 		{Pattern: uiPath, Handler: caddy.AdminHandlerFunc(a.redirectUI)},
 		{Pattern: uiPath + "/", Handler: caddy.AdminHandlerFunc(a.serveUI)},
 	}
@@ -72,6 +75,8 @@ func (a *adminAPI) Routes() []caddy.AdminRoute {
 // carry the API's error fields; it never returns an error for Caddy to
 // write.
 func (a *adminAPI) serveHTTP(w http.ResponseWriter, r *http.Request) error {
+	// The heartbeat tells the other nodes where this one's API is.
+	streams.NoteAdminAddress(r.Host)
 	a.api.serve(w, r, "")
 	return nil
 }

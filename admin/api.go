@@ -8,7 +8,9 @@ package admin
 
 import (
 	"errors"
+	"fmt"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 
@@ -23,10 +25,13 @@ import (
 // basePath is the API's root.
 const basePath = "/api/v1/streams"
 
-// isAPIPath reports whether path is the API's: basePath or certsPath, or
-// below one of them.
+// clusterPath lists the nodes that share this node's storage.
+const clusterPath = "/api/v1/cluster"
+
+// isAPIPath reports whether path is the API's: basePath, certsPath or
+// clusterPath, or below one of them.
 func isAPIPath(path string) bool {
-	return underPath(path, basePath) || underPath(path, certsPath)
+	return underPath(path, basePath) || underPath(path, certsPath) || underPath(path, clusterPath)
 }
 
 // underPath reports whether path is root or below it.
@@ -95,6 +100,7 @@ var (
 	connLogRoute    = route{http.MethodGet: (*api).connectionLog}
 	activeRoute     = route{http.MethodGet: (*api).activeConnections}
 	activeConnRoute = route{http.MethodDelete: (*api).closeConnection}
+	clusterRoute    = route{http.MethodGet: (*api).cluster}
 )
 
 // match finds the route of an API path (one isAPIPath accepts).
@@ -102,6 +108,12 @@ func match(path string) (route, params, error) {
 	var p params
 	if underPath(path, certsPath) {
 		return matchCerts(path)
+	}
+	if underPath(path, clusterPath) {
+		if path != clusterPath {
+			return nil, p, notFoundPath(path)
+		}
+		return clusterRoute, p, nil
 	}
 	sub := strings.TrimPrefix(path, basePath)
 	if sub == "" || sub == "/" {
@@ -258,12 +270,79 @@ func (a *api) listHosts(w http.ResponseWriter, r *http.Request, _ params) error 
 	return nil
 }
 
+// nodeStatus is a stats row of GET stats?node=all: the node's name and
+// its stream's status.
+type nodeStatus struct {
+	Node string `json:"node"`
+	spec.Status
+}
+
 func (a *api) stats(w http.ResponseWriter, r *http.Request, _ params) error {
-	stats := []spec.Status{}
-	if app := streams.Running(); app != nil {
-		stats = app.Statuses()
+	node, err := statsNode(r.URL.Query())
+	if err != nil {
+		return err
 	}
-	writeJSON(w, http.StatusOK, stats)
+	app := streams.Running()
+	if node == "" {
+		stats := []spec.Status{}
+		if app != nil {
+			stats = app.Statuses()
+		}
+		writeJSON(w, http.StatusOK, stats)
+		return nil
+	}
+	if app == nil {
+		return spec.ErrNotRunning
+	}
+	nodes, err := app.ClusterStats(r.Context())
+	if err != nil {
+		return err
+	}
+	rows := []nodeStatus{}
+	found := node == "all"
+	for _, n := range nodes {
+		if node != "all" && n.Node != node {
+			continue
+		}
+		found = true
+		for _, s := range n.Stats {
+			rows = append(rows, nodeStatus{Node: n.Node, Status: s})
+		}
+	}
+	if !found {
+		return fieldError("node", node, "node "+strconv.Quote(node)+": no such node; GET "+clusterPath+" lists them, and node=all returns every node's rows")
+	}
+	writeJSON(w, http.StatusOK, rows)
+	return nil
+}
+
+// statsNode reads the stats' query: node, a node's name or "all".
+func statsNode(q url.Values) (string, error) {
+	for name, vals := range q {
+		if name != "node" {
+			return "", fieldError(name, vals[0], fmt.Sprintf("unknown query parameter %q; the parameter is: node (a node's name, or all)", name))
+		}
+		if len(vals) > 1 {
+			return "", fieldError(name, vals[0], fmt.Sprintf("query parameter %s is given %d times; give it once", name, len(vals)))
+		}
+		if vals[0] == "" {
+			return "", fieldError(name, "", "node: empty; give a node's name, or all")
+		}
+	}
+	return q.Get("node"), nil
+}
+
+func (a *api) cluster(w http.ResponseWriter, r *http.Request, _ params) error {
+	if len(r.URL.Query()) > 0 {
+		for name, vals := range r.URL.Query() {
+			return fieldError(name, vals[0], fmt.Sprintf("unknown query parameter %q; %s takes none", name, clusterPath))
+		}
+	}
+	app := streams.Running()
+	if app == nil {
+		return spec.ErrNotRunning
+	}
+	writeJSON(w, http.StatusOK, app.ClusterView(r.Context()))
 	return nil
 }
 
@@ -435,7 +514,7 @@ func (a *api) connectionLog(w http.ResponseWriter, r *http.Request, p params) er
 	if len(entries) == q.Limit {
 		// A full page: there is a next one if an older entry exists.
 		last := entries[len(entries)-1].ID
-		more, err := app.ConnectionLog(r.Context(), p.id, storage.ConnLogQuery{Limit: 1, Before: last, Action: q.Action})
+		more, err := app.ConnectionLog(r.Context(), p.id, storage.ConnLogQuery{Limit: 1, Before: last, Action: q.Action, Node: q.Node})
 		if err != nil {
 			return err
 		}

@@ -371,8 +371,13 @@ func parseConnLogQuery(q url.Values) (storage.ConnLogQuery, error) {
 				return out, fieldError(name, v, fmt.Sprintf("action %q: must be %s or %s", v, storage.ActionAllowed, storage.ActionBlocked))
 			}
 			out.Action = v
+		case "node":
+			if v == "" || len(v) > 200 {
+				return out, fieldError(name, v, "node: must be a node's name (GET "+clusterPath+" lists them)")
+			}
+			out.Node = v
 		default:
-			return out, fieldError(name, v, fmt.Sprintf("unknown query parameter %q; the parameters are: action, before, limit", name))
+			return out, fieldError(name, v, fmt.Sprintf("unknown query parameter %q; the parameters are: action, before, limit, node", name))
 		}
 	}
 	return out, nil

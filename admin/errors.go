@@ -91,9 +91,18 @@ func toAPIError(err error) *apiError {
 		// were: say so, and what to fix.
 		var ue *storage.UnavailableError
 		if errors.As(err, &ue) {
-			msg = ue.Problem + " (" + ue.Err.Error() + "); nothing was changed; " + ue.Fix + ", then try again"
+			msg = ue.Problem + " (" + ue.Err.Error() + "); nothing was changed; "
+			if ue.Fix != "" && !strings.Contains(ue.Fix, "nothing was changed") {
+				msg += ue.Fix + ", then try again"
+			} else {
+				msg += "try again once it is back"
+			}
 		}
 		return &apiError{Status: http.StatusServiceUnavailable, Message: "storage unavailable: " + msg}
+	case errors.Is(err, storage.ErrStale):
+		// Other nodes kept writing while this one caught up, every time.
+		return &apiError{Status: http.StatusServiceUnavailable,
+			Message: msg + ": other nodes wrote first each time this node tried; nothing was changed; try again"}
 	case errors.Is(err, storage.ErrNoKey), errors.Is(err, storage.ErrWrongKey):
 		return &apiError{Status: http.StatusInternalServerError,
 			Message: msg + "; check the streams app's storage key (storage_key in the Caddyfile, storage.key in JSON, or the streams.key file beside the database)"}

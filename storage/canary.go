@@ -74,6 +74,10 @@ type KeyCheck struct {
 	// or "storage_key" for a key given in the config.
 	KeySource string
 
+	// Shared says several nodes share the database, each with its copy
+	// of the key: the errors then say to take it from another node.
+	Shared bool
+
 	// Canary is the sealed canary the store holds; nil if none.
 	Canary []byte
 
@@ -99,11 +103,11 @@ func (c KeyCheck) Verify(key []byte) (canary []byte, err error) {
 		if opensCanary(key, c.Canary) {
 			return nil, nil
 		}
-		return nil, &KeyError{Database: c.Database, KeySource: c.KeySource}
+		return nil, &KeyError{Database: c.Database, KeySource: c.KeySource, Shared: c.Shared}
 	}
 	if len(c.SealedKey) > 0 {
 		if _, err := OpenPrivateKey(key, c.CertID, c.SealedKey); errors.Is(err, ErrWrongKey) {
-			return nil, &KeyError{Database: c.Database, KeySource: c.KeySource}
+			return nil, &KeyError{Database: c.Database, KeySource: c.KeySource, Shared: c.Shared}
 		} else if err != nil {
 			return nil, err
 		}
@@ -124,6 +128,7 @@ type KeyError struct {
 	Database  string // as KeyCheck.Database
 	KeySource string // as KeyCheck.KeySource
 	Missing   bool   // the key file is missing
+	Shared    bool   // as KeyCheck.Shared
 }
 
 // ForgetKeysCommand is the command that makes a store usable with a new
@@ -137,10 +142,14 @@ func (e *KeyError) Error() string {
 			"(it lists the certificates that then need a new upload); a new key is never made while sealed keys are stored",
 			e.KeySource, e.Database, e.KeySource, ForgetKeysCommand)
 	}
+	restore := "restore the key from your backup"
+	if e.Shared {
+		restore = "every node needs the same key: copy it from a running node, or restore it from your backup"
+	}
 	return fmt.Sprintf("storage: %s is not the key that sealed the private keys in the database %s; "+
-		"restore the key from your backup, or run `%s` to delete the private keys this key cannot open "+
+		"%s, or run `%s` to delete the private keys this key cannot open "+
 		"(it lists the certificates that then need a new upload)",
-		e.KeySource, e.Database, ForgetKeysCommand)
+		e.KeySource, e.Database, restore, ForgetKeysCommand)
 }
 
 // Is reports whether target is ErrWrongKey.
@@ -167,12 +176,12 @@ func (c *core) keyCheck(ctx context.Context, q sqlDB, database string) (KeyCheck
 
 // verifyKey checks key against what q's database holds and writes the
 // canary if it has none; q is a write transaction.
-func (c *core) verifyKey(ctx context.Context, q sqlDB, key []byte, source, database string) error {
+func (c *core) verifyKey(ctx context.Context, q sqlDB, key []byte, source, database string, shared bool) error {
 	k, err := c.keyCheck(ctx, q, database)
 	if err != nil {
 		return err
 	}
-	k.KeySource = source
+	k.KeySource, k.Shared = source, shared
 	canary, err := k.Verify(key)
 	if err != nil || canary == nil {
 		return err
@@ -184,7 +193,7 @@ func (c *core) verifyKey(ctx context.Context, q sqlDB, key []byte, source, datab
 // useKey is verifyKey in a transaction of its own.
 func (c *core) useKey(ctx context.Context, key []byte, source, database string) error {
 	return c.be.inTx(ctx, false, func(tx writeTx) error {
-		return c.verifyKey(ctx, tx, key, source, database)
+		return c.verifyKey(ctx, tx, key, source, database, false)
 	})
 }
 

@@ -191,7 +191,11 @@ func OpenPostgres(ctx context.Context, dsn string, opts PostgresOptions) (*Postg
 			return p, nil
 		}
 		p.Close()
-		if errors.Is(err, ErrUnavailable) { // names the database already
+		var ke *KeyError
+		switch {
+		case errors.As(err, &ke): // names the database and the fix
+			return nil, err
+		case errors.Is(err, ErrUnavailable): // names the database already
 			return nil, fmt.Errorf("storage: opening PostgreSQL: %w", err)
 		}
 		return nil, fmt.Errorf("storage: opening PostgreSQL at %s: %w", p.where, err)
@@ -247,7 +251,7 @@ func (p *Postgres) checkKey(ctx context.Context) error {
 	if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1, $2)`, lockClass, migrateLock); err != nil {
 		return p.unavailable(fmt.Errorf("taking the migration lock: %w", err))
 	}
-	if err := p.verifyKey(ctx, &pgTx{pgConn: pgConn{q: tx, p: p, inSchema: true}}, p.key, p.keySource, "PostgreSQL at "+p.where); err != nil {
+	if err := p.verifyKey(ctx, &pgTx{pgConn: pgConn{q: tx, p: p, inSchema: true}}, p.key, p.keySource, "PostgreSQL at "+p.where, true); err != nil {
 		return err
 	}
 	if err := tx.Commit(ctx); err != nil {

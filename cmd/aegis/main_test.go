@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/aegis-proxy/caddy-aegis/internal/pgtest"
 	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
 	"github.com/aegis-proxy/caddy-aegis/spec"
 	"github.com/aegis-proxy/caddy-aegis/storage"
@@ -25,7 +26,7 @@ func TestMain(m *testing.M) {
 		main()
 		os.Exit(0)
 	}
-	os.Exit(m.Run())
+	pgtest.Main(m, &pg)
 }
 
 // runAegis runs aegis with args in dir, with Caddy's home directories

@@ -22,6 +22,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/url"
 	"os"
 	"os/exec"
 	"os/user"
@@ -239,6 +240,21 @@ func (s *Server) Addr() string { return net.JoinHostPort("127.0.0.1", strconv.It
 // over TCP on loopback.
 func (s *Server) DSN(db string) string {
 	return "postgres://postgres@" + s.Addr() + "/" + db + "?sslmode=disable"
+}
+
+// SocketDSN returns dsn (one of DSN or NewDatabase) over the server's
+// Unix socket instead of TCP: for a process in a network namespace of its
+// own, which cannot reach the loopback address of the test.
+func (s *Server) SocketDSN(dsn string) string {
+	u, err := url.Parse(dsn)
+	if err != nil {
+		panic(err)
+	}
+	q := u.Query()
+	q.Set("host", s.dir)
+	q.Set("port", strconv.Itoa(s.port))
+	u.Host, u.RawQuery = "", q.Encode()
+	return u.String()
 }
 
 // NewDatabase creates an empty database for the test, dropped (with every

@@ -51,6 +51,11 @@ type App struct {
 	// directory.
 	Storage *StorageConfig `json:"storage,omitempty"`
 
+	// NodeName names this node among those that share a PostgreSQL
+	// storage: unique per node, in the app's log lines, the stats and the
+	// cluster API. Default: the host name.
+	NodeName string `json:"node_name,omitempty"`
+
 	ctx    caddy.Context
 	logger *zap.Logger
 	// connLogger writes every stream's connection-log lines, TCP and UDP.
@@ -159,7 +164,7 @@ func (a *App) gracePeriod() time.Duration {
 // relay. Nothing listens yet.
 func (a *App) Provision(ctx caddy.Context) error {
 	a.ctx = ctx
-	a.logger = ctx.Logger()
+	a.logger = ctx.Logger().With(zap.String("node", a.nodeName()))
 	a.connLogger = a.logger.Named("connections")
 	// In ctx's registry, not a child context's: that is the one Caddy's
 	// /metrics serves.
@@ -526,6 +531,9 @@ func (inst *instance) release() {
 // Cleanup unloads the handler chains and lets go of the streams' shared
 // state and the storage.
 func (a *App) Cleanup() error {
+	// The store is let go of last and outside a.mu: its follower may wait
+	// for a.mu, and closing the store waits for the follower.
+	defer a.releaseStore()
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.closeListeners() // normally done by Stop; not if Start failed
@@ -538,11 +546,18 @@ func (a *App) Cleanup() error {
 	wg.Wait()
 	a.streams = nil
 	a.cleanedUp = true
-	if a.store != nil {
-		a.store.release()
-		a.store = nil
-	}
 	return nil
+}
+
+// releaseStore lets go of the app's storage.
+func (a *App) releaseStore() {
+	a.mu.Lock()
+	store := a.store
+	a.store = nil
+	a.mu.Unlock()
+	if store != nil {
+		store.release()
+	}
 }
 
 // startAccept runs the accept loop of inst.ln until closeListeners.

@@ -48,9 +48,10 @@ func parseStreamsOption(d *caddyfile.Dispenser, existingVal any) (any, error) {
 //
 //	streams {
 //		grace_period <duration>
-//		storage sqlite <path> | storage off
+//		storage sqlite <path> | storage postgres <dsn> | storage off
 //		storage_key <64 hex digits, or a placeholder like {env.AEGIS_STREAMS_KEY}>
 //		log_retention <entries per stream>
+//		node_name <name>
 //		host <id> [<name>] {
 //			name <text>
 //			protocol tcp|udp|tcp+udp
@@ -134,7 +135,7 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 
 		case "storage":
-			if a.Storage != nil && (a.Storage.Path != "" || a.Storage.Disabled) {
+			if a.Storage != nil && (a.Storage.Path != "" || a.Storage.Disabled || a.Storage.Postgres != nil) {
 				return d.Errf("streams: duplicate option 'storage'")
 			}
 			args := d.RemainingArgs()
@@ -146,8 +147,10 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				a.Storage.Disabled = true
 			case len(args) == 2 && args[0] == "sqlite" && args[1] != "":
 				a.Storage.Path = args[1]
+			case len(args) == 2 && args[0] == "postgres" && args[1] != "":
+				a.Storage.Postgres = &PostgresConfig{DSN: args[1]}
 			default:
-				return d.Errf("streams: storage %q: want 'storage sqlite <path>' or 'storage off'", strings.Join(args, " "))
+				return d.Errf("streams: storage %q: want 'storage sqlite <path>', 'storage postgres <dsn>' or 'storage off'", strings.Join(args, " "))
 			}
 			if d.NextBlock(nesting + 1) {
 				return d.Errf("streams: storage takes no block")
@@ -183,6 +186,19 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("streams: log_retention takes no block")
 			}
 
+		case "node_name":
+			if a.NodeName != "" {
+				return d.Errf("streams: duplicate option 'node_name'")
+			}
+			v, err := oneArg(d, "streams")
+			if err != nil {
+				return err
+			}
+			a.NodeName = v
+			if d.NextBlock(nesting + 1) {
+				return d.Errf("streams: node_name takes no block")
+			}
+
 		case "host":
 			s, err := unmarshalHost(d, ids)
 			if err != nil {
@@ -192,7 +208,7 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			a.Hosts = append(a.Hosts, s)
 
 		default:
-			return d.Errf("streams: unknown option '%s' (want grace_period, storage, storage_key, log_retention or host)", opt)
+			return d.Errf("streams: unknown option '%s' (want grace_period, storage, storage_key, log_retention, node_name or host)", opt)
 		}
 	}
 	return nil

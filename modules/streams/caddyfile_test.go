@@ -216,6 +216,34 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 	}
 }
 
+// storage postgres and node_name: the DSN is kept as written (a
+// placeholder is replaced when the store opens).
+func TestUnmarshalCaddyfileCluster(t *testing.T) {
+	d := caddyfile.NewTestDispenser(`streams {
+		storage postgres {env.AEGIS_PG_DSN}
+		storage_key {env.AEGIS_STREAMS_KEY}
+		node_name edge-1
+	}`)
+	var app App
+	if err := app.UnmarshalCaddyfile(d); err != nil {
+		t.Fatal(err)
+	}
+	if app.Storage == nil || app.Storage.Postgres == nil || app.Storage.Postgres.DSN != "{env.AEGIS_PG_DSN}" ||
+		app.Storage.Key != "{env.AEGIS_STREAMS_KEY}" || app.NodeName != "edge-1" {
+		t.Fatalf("node_name %q, storage %+v", app.NodeName, app.Storage)
+	}
+	for src, want := range map[string]string{
+		"streams {\n node_name a\n node_name b\n}":                     "duplicate option 'node_name'",
+		"streams {\n storage postgres\n}":                              "want 'storage sqlite <path>', 'storage postgres <dsn>' or 'storage off'",
+		"streams {\n storage postgres x\n storage sqlite /tmp/a.db\n}": "duplicate option 'storage'",
+	} {
+		var app App
+		if err := app.UnmarshalCaddyfile(caddyfile.NewTestDispenser(src)); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%q: %v; want an error saying %q", src, err, want)
+		}
+	}
+}
+
 func TestUnmarshalCaddyfileErrors(t *testing.T) {
 	for _, tc := range []struct {
 		name  string
@@ -225,10 +253,10 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"streams argument", `streams foo`, []string{"streams takes no arguments"}},
 		{"unknown streams option", `streams {
 			hosts 1
-		}`, []string{"unknown option 'hosts'", "want grace_period, storage, storage_key, log_retention or host"}},
+		}`, []string{"unknown option 'hosts'", "want grace_period, storage, storage_key, log_retention, node_name or host"}},
 		{"storage driver", `streams {
 			storage mysql db:3306
-		}`, []string{"storage \"mysql db:3306\"", "want 'storage sqlite <path>' or 'storage off'"}},
+		}`, []string{"storage \"mysql db:3306\"", "want 'storage sqlite <path>', 'storage postgres <dsn>' or 'storage off'"}},
 		{"storage twice", `streams {
 			storage off
 			storage sqlite /tmp/x.db

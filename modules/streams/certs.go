@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -49,7 +50,10 @@ func (a *App) Certificates(ctx context.Context) ([]spec.CertStatus, error) {
 	}
 	list, err := store.db.ListCertificates(ctx)
 	if err != nil {
-		return nil, storeError(err)
+		var ok bool
+		if list, ok = store.certsFallback(err); !ok {
+			return nil, storeError(err)
+		}
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -68,7 +72,15 @@ func (a *App) Certificate(ctx context.Context, id int64) (spec.CertStatus, error
 	}
 	c, err := store.db.GetCertificate(ctx, id)
 	if err != nil {
-		return spec.CertStatus{}, storeError(err)
+		list, ok := store.certsFallback(err)
+		i := slices.IndexFunc(list, func(c spec.Certificate) bool { return c.ID == id })
+		switch {
+		case !ok:
+			return spec.CertStatus{}, storeError(err)
+		case i < 0:
+			return spec.CertStatus{}, fmt.Errorf("certificate %d: %w", id, spec.ErrNotFound)
+		}
+		c = list[i]
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -266,11 +278,10 @@ func certRow(c spec.Certificate) string {
 // syncCerts publishes the stored certificates that changed since this app
 // read them (an API write meanwhile went to the previous app) and forgets
 // deleted ones. The caller holds writeMu and a.mu.
-func (a *App) syncCerts(ctx context.Context) {
+func (a *App) syncCerts(ctx context.Context) error {
 	list, err := a.store.db.ListCertificates(ctx)
 	if err != nil {
-		a.logger.Error("re-reading stored certificates", zap.Error(err))
-		return
+		return fmt.Errorf("re-reading stored certificates: %w", err)
 	}
 	seen := make(map[int64]bool, len(list))
 	for _, c := range list {
@@ -287,6 +298,32 @@ func (a *App) syncCerts(ctx context.Context) {
 			a.dropCert(id)
 		}
 	}
+	return nil
+}
+
+// applyCert makes the certificate registry match stored certificate id,
+// which another node wrote: it publishes it anew, or forgets it. The
+// caller holds writeMu and a.mu.
+func (a *App) applyCert(ctx context.Context, id int64) error {
+	c, err := a.store.db.GetCertificate(ctx, id)
+	if errors.Is(err, storage.ErrNotFound) {
+		if _, ok := a.certRows[id]; ok {
+			a.dropCert(id)
+			a.logger.Info("certificate deleted", zap.Int64("cert_id", id))
+		}
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if row, ok := a.certRows[id]; ok && row == certRow(c) {
+		return nil
+	}
+	if err := a.publishStored(ctx, c); err != nil {
+		return err
+	}
+	a.logger.Info("certificate stored", zap.Int64("cert_id", id), zap.Strings("domains", c.Domains))
+	return nil
 }
 
 // loadCertificates loads every stored certificate (Caddy starts managing

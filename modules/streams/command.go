@@ -8,7 +8,6 @@ import (
 	"io"
 	"io/fs"
 	"os"
-	"path/filepath"
 	"strings"
 	"time"
 
@@ -131,10 +130,35 @@ func commandApp(fl caddycmd.Flags) (*StorageConfig, []*spec.Stream, error) {
 // mustExist refuses to work on a database that is not there (a mistyped
 // path, the wrong data directory) rather than make an empty one.
 func (sc *StorageConfig) mustExist() error {
+	if sc != nil && sc.Postgres != nil {
+		return nil
+	}
 	if _, err := os.Stat(sc.path()); errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("there is no streams database at %s: check the config's storage path (and XDG_DATA_HOME, for the default)", sc.path())
 	}
 	return nil
+}
+
+// openForCommand opens the storage sc names for a command (see openStore),
+// as this host. On PostgreSQL the command writes after every change made
+// so far, as a node that has applied them; the running nodes apply its
+// writes as any other node's.
+func (sc *StorageConfig) openForCommand(noKeyCheck bool) (storage.Store, []byte, error) {
+	db, key, err := sc.openStore(defaultNodeName(), noKeyCheck)
+	if err != nil {
+		return nil, nil, err
+	}
+	if c, ok := db.(storage.Cluster); ok {
+		ctx, cancel := context.WithTimeout(context.Background(), openTimeout)
+		defer cancel()
+		last, err := c.LastChange(ctx)
+		if err != nil {
+			db.Close()
+			return nil, nil, err
+		}
+		c.SetApplied(last)
+	}
+	return db, key, nil
 }
 
 func cmdForgetKeys(fl caddycmd.Flags) (int, error) {
@@ -145,7 +169,7 @@ func cmdForgetKeys(fl caddycmd.Flags) (int, error) {
 	if err := sc.mustExist(); err != nil {
 		return caddy.ExitCodeFailedStartup, err
 	}
-	db, _, err := sc.openStore(true)
+	db, _, err := sc.openForCommand(true)
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, err
 	}
@@ -176,7 +200,7 @@ func forgetKeys(ctx context.Context, w io.Writer, db storage.Store, sc *StorageC
 			forgotten++
 		}
 	}
-	fmt.Fprintf(w, "Database %s, %s.\n", sc.path(), sc.keyName())
+	fmt.Fprintf(w, "Database %s, %s.\n", sc.where(), sc.keyName())
 	fmt.Fprintf(w, "Deleted the private keys of %d certificate(s) that this key cannot open; the database's private keys are now those of this key.\n", forgotten)
 	if len(keyless) == 0 {
 		fmt.Fprintln(w, "No certificate needs a new upload.")
@@ -220,7 +244,7 @@ func cmdExport(fl caddycmd.Flags) (int, error) {
 	if err := sc.mustExist(); err != nil {
 		return caddy.ExitCodeFailedStartup, err
 	}
-	db, key, err := sc.openStore(false)
+	db, key, err := sc.openForCommand(false)
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, err
 	}
@@ -244,29 +268,8 @@ func cmdExport(fl caddycmd.Flags) (int, error) {
 	if err := writeFileAtomic(out, b); err != nil {
 		return caddy.ExitCodeFailedStartup, fmt.Errorf("writing %s: %v", out, err)
 	}
-	fmt.Fprintf(os.Stderr, "Exported %d streams and %d certificates from %s to %s.\n", len(f.Streams), len(f.Certificates), sc.path(), out)
+	fmt.Fprintf(os.Stderr, "Exported %d streams and %d certificates from %s to %s.\n", len(f.Streams), len(f.Certificates), sc.where(), out)
 	return caddy.ExitCodeSuccess, nil
-}
-
-// writeFileAtomic writes b to a new file beside path (mode 0600), then
-// renames it to path: path holds the old file or the new one, whole.
-func writeFileAtomic(path string, b []byte) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	_, err = tmp.Write(b)
-	if err == nil {
-		err = tmp.Sync()
-	}
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
 }
 
 // maxExportFile bounds what import reads.
@@ -285,7 +288,7 @@ func cmdImport(fl caddycmd.Flags, file string) (int, error) {
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, fmt.Errorf("%s: %v; nothing was changed", file, err)
 	}
-	db, key, err := sc.openStore(false)
+	db, key, err := sc.openForCommand(false)
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, err
 	}
@@ -297,7 +300,7 @@ func cmdImport(fl caddycmd.Flags, file string) (int, error) {
 		return caddy.ExitCodeFailedStartup, err
 	}
 	if len(conflicts) > 0 {
-		fmt.Fprintf(os.Stderr, "%s does not fit into %s:\n", file, sc.path())
+		fmt.Fprintf(os.Stderr, "%s does not fit into %s:\n", file, sc.where())
 		for _, c := range conflicts {
 			fmt.Fprintf(os.Stderr, "  %s\n", c)
 		}
@@ -307,7 +310,7 @@ func cmdImport(fl caddycmd.Flags, file string) (int, error) {
 		return caddy.ExitCodeFailedStartup, fmt.Errorf("importing %s: %v", file, err)
 	}
 	fmt.Printf("Imported %d streams and %d certificates from %s into %s. A running Aegis on this storage serves them after a reload.\n",
-		len(f.Streams), len(f.Certificates), file, sc.path())
+		len(f.Streams), len(f.Certificates), file, sc.where())
 	return caddy.ExitCodeSuccess, nil
 }
 

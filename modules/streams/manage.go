@@ -163,8 +163,9 @@ func CreateHost(ctx context.Context, s spec.Stream) (spec.HostStatus, error) {
 	var out spec.HostStatus
 	auto := s.ID == 0
 	err := withRunning(func(a *App) error {
+		try := s // createHost sets the id it takes
 		var err error
-		out, err = a.createHost(ctx, &s)
+		out, err = a.createHost(ctx, &try)
 		return err
 	})
 	if auto {
@@ -180,7 +181,7 @@ func (a *App) createHost(ctx context.Context, s *spec.Stream) (spec.HostStatus, 
 	if s.ID == 0 {
 		// Above every running stream and every id storage ever gave out:
 		// a deleted stream's id (and its log) is not reused.
-		top, err := a.store.db.HighestHostID(ctx)
+		top, err := highestHostID(ctx, a.store.db)
 		if err != nil {
 			return spec.HostStatus{}, storeError(err)
 		}
@@ -223,6 +224,16 @@ func (a *App) createHost(ctx context.Context, s *spec.Stream) (spec.HostStatus, 
 	a.streams = append(a.streams, inst)
 	inst.logger.Info("stream created")
 	return inst.hostStatus(), nil
+}
+
+// highestHostID is the highest id db ever gave a host, if it tells.
+func highestHostID(ctx context.Context, db storage.Store) (int64, error) {
+	if h, ok := db.(interface {
+		HighestHostID(context.Context) (int64, error)
+	}); ok {
+		return h.HighestHostID(ctx)
+	}
+	return 0, nil
 }
 
 // UpdateHost replaces the settings of stored stream id. When the protocol,
@@ -277,9 +288,7 @@ func (a *App) updateHost(ctx context.Context, id int64, build func(spec.Stream) 
 	if err := a.checkNew(ctx, s); err != nil {
 		return spec.HostStatus{}, err
 	}
-	sameSockets := old.cfg.Enabled && s.Enabled &&
-		old.cfg.EffectiveProtocol() == s.EffectiveProtocol() &&
-		old.cfg.ListenAddress == s.ListenAddress && old.cfg.ListenPort == s.ListenPort
+	sameSockets := sameSockets(old.cfg, s)
 
 	var next *instance // sockets change: an instance of its own
 	var swap *instance // sockets stay: the new chain and relay config
@@ -312,32 +321,54 @@ func (a *App) updateHost(ctx context.Context, id int64, build func(spec.Stream) 
 	}
 
 	if sameSockets {
-		// Hand the old instance the new chain and relay config; the spare
-		// instance takes the old chain away to be unloaded.
-		if box := swap.chain.Load(); box != nil {
-			prev := old.chain.Swap(box)
-			swap.chain.Store(prev)
-		}
-		old.cancel, swap.cancel = swap.cancel, old.cancel
-		if old.relay != nil {
-			old.nat = swap.nat
-			old.relay.SetConfig(old.nat)
-		}
-		// The connection goroutines read old.logger: it keeps the name the
-		// stream had when it started; the handlers log the new one.
-		old.cfg = s
-		if !s.HealthCheckEnabled {
-			old.state.ClearHealth()
-		}
-		old.setStored(stored)
-		swap.release()
-		old.logger.Info("stream updated in place")
+		a.swapInPlace(old, swap, stored)
 		return old.hostStatus(), nil
 	}
+	a.replaceInstance(old, next, stored)
+	return next.hostStatus(), nil
+}
 
-	// The new sockets serve before the old ones close, so UDP replies
-	// always have a socket to leave from.
-	next.setStored(stored)
+// sameSockets reports whether a stream that changes from old to s keeps
+// its listening sockets: it stays enabled on the same protocol, address
+// and port.
+func sameSockets(old, s *spec.Stream) bool {
+	return old.Enabled && s.Enabled &&
+		old.EffectiveProtocol() == s.EffectiveProtocol() &&
+		old.ListenAddress == s.ListenAddress && old.ListenPort == s.ListenPort
+}
+
+// swapInPlace gives old, which keeps its sockets, the chain and relay
+// config of spare (an unbound instance of the stored host h); spare takes
+// the old chain away to be unloaded. No connection attempt is refused,
+// and open connections keep the settings they started with.
+func (a *App) swapInPlace(old, spare *instance, h storage.Stored) {
+	s := spare.cfg
+	if box := spare.chain.Load(); box != nil {
+		prev := old.chain.Swap(box)
+		spare.chain.Store(prev)
+	}
+	old.cancel, spare.cancel = spare.cancel, old.cancel
+	if old.relay != nil {
+		old.nat = spare.nat
+		old.relay.SetConfig(old.nat)
+	}
+	// The connection goroutines read old.logger: it keeps the name the
+	// stream had when it started; the handlers log the new one.
+	old.cfg = s
+	if !s.HealthCheckEnabled {
+		old.state.ClearHealth()
+	}
+	old.setStored(h)
+	spare.release()
+	old.logger.Info("stream updated in place")
+}
+
+// replaceInstance puts next, bound to its own sockets (if enabled), in
+// old's place. The new sockets serve before the old ones close, so UDP
+// replies always have a socket to leave from.
+func (a *App) replaceInstance(old, next *instance, h storage.Stored) {
+	s := &h.Stream
+	next.setStored(h)
 	a.serve(next)
 	old.closeListeners()
 	if !s.Enabled {
@@ -346,7 +377,56 @@ func (a *App) updateHost(ctx context.Context, id int64, build func(spec.Stream) 
 	a.streams[slices.Index(a.streams, old)] = next
 	old.release()
 	next.logger.Info("stream updated", zap.Bool("enabled", s.Enabled))
-	return next.hostStatus(), nil
+}
+
+// removeInstance stops inst and closes its open connections
+// (stream_removed).
+func (a *App) removeInstance(inst *instance) {
+	inst.closeListeners()
+	inst.state.CloseAll(streamstate.ReasonStreamRemoved)
+	a.streams = slices.DeleteFunc(a.streams, func(x *instance) bool { return x == inst })
+	inst.logger.Info("stream deleted")
+	inst.release()
+}
+
+// applyHost makes the running streams match stored host h, which another
+// node (or an earlier app) wrote: it starts it, or changes inst, its
+// running instance, the way a local edit would. The caller holds a.mu.
+func (a *App) applyHost(inst *instance, h storage.Stored) error {
+	s := &h.Stream
+	switch {
+	case inst == nil:
+		ninst, err := a.newInstance(s, spec.SourceAPI)
+		if err != nil {
+			return err
+		}
+		if err := ninst.bind(a.ctx); err != nil {
+			ninst.release()
+			return err
+		}
+		ninst.setStored(h)
+		a.serve(ninst)
+		a.streams = append(a.streams, ninst)
+		return nil
+	case inst.source != spec.SourceAPI:
+		return fmt.Errorf("%w: id %d is taken by %s, declared in this node's Caddy config", spec.ErrConflict, h.ID, spec.StreamLabel(inst.cfg.ID, inst.cfg.Name))
+	case inst.version == h.Version:
+		return nil
+	}
+	next, err := a.newInstance(s, spec.SourceAPI)
+	if err != nil {
+		return err
+	}
+	if sameSockets(inst.cfg, s) {
+		a.swapInPlace(inst, next, h)
+		return nil
+	}
+	if err := next.bind(a.ctx); err != nil {
+		next.release()
+		return err
+	}
+	a.replaceInstance(inst, next, h)
+	return nil
 }
 
 // DeleteHost stops stored stream id, closes its open connections
@@ -372,11 +452,7 @@ func (a *App) deleteHost(ctx context.Context, id int64, pre []Precondition) erro
 	if err := a.store.db.DeleteHost(ctx, id, nil); err != nil {
 		return storeError(err)
 	}
-	inst.closeListeners()
-	inst.state.CloseAll(streamstate.ReasonStreamRemoved)
-	a.streams = slices.DeleteFunc(a.streams, func(x *instance) bool { return x == inst })
-	inst.logger.Info("stream deleted")
-	inst.release()
+	a.removeInstance(inst)
 	return nil
 }
 
@@ -405,72 +481,54 @@ func (a *App) syncStored() {
 	if a.store == nil {
 		return
 	}
+	if c := a.store.cluster; c != nil {
+		if _, err := c.get(); err != nil {
+			return // running from the snapshot: the follower reloads once the database opens
+		}
+	}
 	ctx, cancel := context.WithTimeout(a.ctx, 10*time.Second)
 	defer cancel()
-	hosts, err := a.store.db.ListHosts(ctx)
-	if err != nil {
-		a.logger.Error("re-reading stored streams", zap.Error(err))
-		return
-	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	a.syncCerts(ctx)
+	if err := a.syncStoredLocked(ctx); err != nil {
+		a.logger.Error("re-reading stored streams", zap.Error(err))
+	}
+}
+
+// syncStoredLocked makes the running streams and certificates match every
+// stored one; on a cluster, it then counts every change up to the newest
+// as applied. The caller holds writeMu and a.mu.
+func (a *App) syncStoredLocked(ctx context.Context) error {
+	var last int64
+	if c := a.store.cluster; c != nil {
+		var err error
+		if last, err = c.LastChange(ctx); err != nil {
+			return err
+		}
+	}
+	hosts, err := a.store.db.ListHosts(ctx)
+	if err != nil {
+		return err
+	}
+	if err := a.syncCerts(ctx); err != nil {
+		return err
+	}
 	seen := map[int64]bool{}
 	for _, h := range hosts {
 		seen[h.ID] = true
-		inst := a.find(h.ID)
-		switch {
-		case inst == nil:
-			s := &h.Stream
-			ninst, err := a.newInstance(s, spec.SourceAPI)
-			if err == nil {
-				if err = ninst.bind(a.ctx); err != nil {
-					ninst.release()
-				}
-			}
-			if err != nil {
-				a.logger.Error("starting a stream stored meanwhile", zap.Int64("stream_id", h.ID), zap.Error(err))
-				continue
-			}
-			ninst.setStored(h)
-			a.serve(ninst)
-			a.streams = append(a.streams, ninst)
-		case inst.source == spec.SourceAPI && inst.version != h.Version:
-			if _, err := a.applyStored(inst, h); err != nil {
-				a.logger.Error("applying a stream changed meanwhile", zap.Int64("stream_id", h.ID), zap.Error(err))
-			}
+		if err := a.applyHost(a.find(h.ID), h); err != nil {
+			a.logger.Error("applying a stored stream", zap.Int64("stream_id", h.ID), zap.Error(err))
 		}
 	}
 	for _, inst := range slices.Clone(a.streams) {
 		if inst.source == spec.SourceAPI && !seen[inst.cfg.ID] {
-			inst.closeListeners()
-			inst.state.CloseAll(streamstate.ReasonStreamRemoved)
-			a.streams = slices.DeleteFunc(a.streams, func(x *instance) bool { return x == inst })
-			inst.release()
+			a.removeInstance(inst)
 		}
 	}
-}
-
-// applyStored replaces inst with an instance of the stored host h.
-func (a *App) applyStored(inst *instance, h storage.Stored) (*instance, error) {
-	s := &h.Stream
-	next, err := a.newInstance(s, spec.SourceAPI)
-	if err != nil {
-		return nil, err
+	if c := a.store.cluster; c != nil && last > c.Applied() {
+		c.SetApplied(last)
 	}
-	if err := next.bind(a.ctx); err != nil {
-		next.release()
-		return nil, err
-	}
-	next.setStored(h)
-	a.serve(next)
-	inst.closeListeners()
-	if !s.Enabled {
-		inst.state.CloseAll(streamstate.ReasonStreamDisabled)
-	}
-	a.streams[slices.Index(a.streams, inst)] = next
-	inst.release()
-	return next, nil
+	return nil
 }
 
 // ActiveConnections lists the open connections (and UDP NAT entries) of

@@ -28,7 +28,7 @@ func openStore(t *testing.T, path string) (*storage.SQLite, []byte) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { db.Close() })
-	return db, key
+	return db.(*storage.SQLite), key
 }
 
 // exportJSON exports db as `aegis streams export` does and returns the

@@ -1,10 +1,13 @@
 package streams
 
 import (
+	"errors"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/aegis-proxy/caddy-aegis/spec"
+	"github.com/aegis-proxy/caddy-aegis/storage"
 )
 
 // writeMu serializes the writes of the API with each other and with a
@@ -46,7 +49,19 @@ func handOver(a *App) (back *App) {
 // Running returns the running streams app, or nil.
 func Running() *App { return current.Load() }
 
-// withRunning runs f on the running app with writes serialized.
+// staleFor is how long a write that storage refuses as stale (another
+// node wrote first) is tried again, each time after applying what it
+// missed. While another node writes without pause, a try wins only when
+// it takes the database's write lock between two of the other node's
+// writes, so it may take many.
+const staleFor = 5 * time.Second
+
+// withRunning runs f, a write, on the running app with writes serialized.
+// On a cluster, a write the store refuses because another node wrote
+// first (storage.ErrStale) applies the changes it missed and runs f again,
+// so that its checks (If-Match, ports) see every node's writes; f must
+// start from its arguments each time. After a write, the node's snapshot
+// is brought up to date.
 func withRunning(f func(a *App) error) error {
 	writeMu.Lock()
 	defer writeMu.Unlock()
@@ -56,5 +71,18 @@ func withRunning(f func(a *App) error) error {
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	return f(a)
+	start := time.Now()
+	for {
+		err := f(a)
+		if errors.Is(err, storage.ErrStale) && time.Since(start) < staleFor && a.store != nil && a.store.cluster != nil {
+			if cerr := a.catchUpFor(a.ctx); cerr != nil {
+				return cerr
+			}
+			continue
+		}
+		if err == nil && a.store != nil && a.store.cluster != nil {
+			a.store.cluster.saveSnapshot(a)
+		}
+		return err
+	}
 }

@@ -60,7 +60,7 @@ func (a *App) validateHosts(config []*spec.Stream, stored []storage.Stored) erro
 	// they run, and a write to them must keep to the limits.
 	if err := errors.Join(a.validateList(all, false)...); err != nil {
 		return fmt.Errorf("the config's streams and the %d stored through the API (in %s) do not fit together; change the config, or change or delete the stored stream through the API:\n%w",
-			len(stored), a.storagePath(), err)
+			len(stored), a.store.where, err)
 	}
 	return nil
 }
