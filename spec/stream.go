@@ -1,6 +1,7 @@
 package spec
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -23,7 +24,61 @@ const (
 	DefaultConnectionTimeout = 10 * time.Second
 	// DefaultHealthCheckInterval is the time between two health checks.
 	DefaultHealthCheckInterval = 30 * time.Second
+	// DefaultFailTimeout is how long an upstream whose dial failed is
+	// skipped.
+	DefaultFailTimeout = 10 * time.Second
 )
+
+// Load balancing methods.
+const (
+	BalanceRoundRobin       = "round_robin"
+	BalanceLeastConnections = "least_connections"
+	BalanceSourceHash       = "source_hash"
+	BalanceRandom           = "random"
+	BalanceFirst            = "first"
+)
+
+// Limits of the upstreams list.
+const (
+	MaxUpstreams = 64
+	MaxWeight    = 100
+)
+
+// Upstream is one of a stream's upstreams.
+type Upstream struct {
+	// Host is a hostname or an IP address. Required.
+	Host string `json:"host"`
+	// Port is 1–65535. Required.
+	Port int `json:"port"`
+	// Weight is its share of the connections, 1–MaxWeight (100), for
+	// round_robin, least_connections and random. Default: 0, meaning 1.
+	Weight int `json:"weight,omitempty"`
+	// Backup upstreams get connections only while no other one is up.
+	// Default: false.
+	Backup bool `json:"backup,omitempty"`
+}
+
+// UnmarshalJSON refuses keys that are not an upstream's fields: a
+// misspelt weight would be silently 1.
+func (u *Upstream) UnmarshalJSON(b []byte) error {
+	type plain Upstream
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	var p plain
+	if err := dec.Decode(&p); err != nil {
+		return fmt.Errorf("upstream %s: %v (the fields are host, port, weight and backup)", b, err)
+	}
+	*u = Upstream(p)
+	return nil
+}
+
+// HostPort is the upstream's address, as host:port.
+func (u Upstream) HostPort() string {
+	return net.JoinHostPort(u.Host, strconv.Itoa(u.Port))
+}
+
+// EffectiveWeight is the weight with its default applied.
+func (u Upstream) EffectiveWeight() int { return max(u.Weight, 1) }
 
 // Stream is one stream host: a listen address and port relayed to an
 // upstream. It is the one description of a stream used by the config, the
@@ -52,6 +107,24 @@ type Stream struct {
 
 	// UpstreamPort is the upstream's port, 1–65535. Required.
 	UpstreamPort int `json:"upstream_port"`
+
+	// Upstreams are several upstreams to balance the connections over,
+	// at most MaxUpstreams. When set, upstream_host and upstream_port may
+	// be left out and then show the first one; given, they must be the
+	// first one. Default: empty (the one upstream of upstream_host and
+	// upstream_port).
+	Upstreams []Upstream `json:"upstreams,omitempty"`
+
+	// LoadBalancing picks the upstream of each new connection (a UDP
+	// client's NAT entry): "round_robin" (weighted), "least_connections",
+	// "source_hash" (a client IP keeps its upstream while it is up),
+	// "random" or "first" (the first one up). Default: "round_robin".
+	LoadBalancing string `json:"load_balancing,omitempty"`
+
+	// FailTimeoutSeconds is how long new connections skip an upstream
+	// whose dial failed (a UDP one that answered ICMP unreachable).
+	// Default: 0, meaning 10 seconds.
+	FailTimeoutSeconds int `json:"fail_timeout_seconds,omitempty"`
 
 	// Enabled turns the stream on. A disabled stream does not listen.
 	// Default: true.
@@ -159,7 +232,47 @@ func (s *Stream) UnmarshalJSON(b []byte) error {
 		return err
 	}
 	*s = Stream(p)
+	s.fillUpstream()
 	return nil
+}
+
+// fillUpstream sets upstream_host and upstream_port, when left out, to the
+// first of upstreams.
+func (s *Stream) fillUpstream() {
+	if len(s.Upstreams) == 0 {
+		return
+	}
+	if s.UpstreamHost == "" {
+		s.UpstreamHost = s.Upstreams[0].Host
+	}
+	if s.UpstreamPort == 0 {
+		s.UpstreamPort = s.Upstreams[0].Port
+	}
+}
+
+// UpstreamList is the stream's upstreams: upstreams, or the one of
+// upstream_host and upstream_port.
+func (s *Stream) UpstreamList() []Upstream {
+	if len(s.Upstreams) > 0 {
+		return s.Upstreams
+	}
+	return []Upstream{{Host: s.UpstreamHost, Port: s.UpstreamPort}}
+}
+
+// EffectiveLoadBalancing is load_balancing with its default applied.
+func (s *Stream) EffectiveLoadBalancing() string {
+	if s.LoadBalancing == "" {
+		return BalanceRoundRobin
+	}
+	return s.LoadBalancing
+}
+
+// FailTimeout is fail_timeout_seconds with its default applied.
+func (s *Stream) FailTimeout() time.Duration {
+	if s.FailTimeoutSeconds <= 0 {
+		return DefaultFailTimeout
+	}
+	return time.Duration(s.FailTimeoutSeconds) * time.Second
 }
 
 // DisplayName is the stream's name, or "stream-<id>" when it has none.

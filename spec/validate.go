@@ -174,18 +174,22 @@ func (s *Stream) validate(limits bool) error {
 	case !ValidPort(s.ListenPort):
 		badInt("listen_port", int64(s.ListenPort), "must be 1-65535")
 	}
+	many := len(s.Upstreams) > 0
 	switch reason := checkUpstreamHost(s.UpstreamHost); {
+	case s.UpstreamHost == "" && many:
 	case s.UpstreamHost == "":
-		required("upstream_host", upstreamHostWant)
+		required("upstream_host", upstreamHostWant+", or give upstreams")
 	case reason != "":
 		bad("upstream_host", s.UpstreamHost, reason)
 	}
 	switch {
+	case s.UpstreamPort == 0 && many:
 	case s.UpstreamPort == 0:
-		required("upstream_port", "must be 1-65535")
+		required("upstream_port", "must be 1-65535, or give upstreams")
 	case !ValidPort(s.UpstreamPort):
 		badInt("upstream_port", int64(s.UpstreamPort), "must be 1-65535")
 	}
+	errs = append(errs, s.validateUpstreams()...)
 
 	if s.MaxConnections < 0 {
 		badInt("max_connections", int64(s.MaxConnections), "must be >= 0 (0 = unlimited)")
@@ -255,6 +259,62 @@ func (s *Stream) validate(limits bool) error {
 	}
 
 	return errors.Join(errs...)
+}
+
+// validateUpstreams checks upstreams, load_balancing and
+// fail_timeout_seconds.
+func (s *Stream) validateUpstreams() []error {
+	var errs []error
+	bad := func(field string, value any, reason string) {
+		errs = append(errs, &FieldError{ID: s.ID, Name: s.Name, Field: field, Value: value, Reason: reason})
+	}
+	switch s.LoadBalancing {
+	case "", BalanceRoundRobin, BalanceLeastConnections, BalanceSourceHash, BalanceRandom, BalanceFirst:
+	default:
+		bad("load_balancing", s.LoadBalancing, "must be round_robin, least_connections, source_hash, random or first")
+	}
+	if s.FailTimeoutSeconds < 0 || s.FailTimeoutSeconds > MaxSeconds {
+		bad("fail_timeout_seconds", int64(s.FailTimeoutSeconds), fmt.Sprintf("must be 0-%d (0 = 10s)", MaxSeconds))
+	}
+	if len(s.Upstreams) == 0 {
+		return errs
+	}
+	if len(s.Upstreams) > MaxUpstreams {
+		bad("upstreams", int64(len(s.Upstreams)), fmt.Sprintf("too many; at most %d", MaxUpstreams))
+		return errs
+	}
+	first := s.Upstreams[0]
+	if s.UpstreamHost != "" && s.UpstreamHost != first.Host || s.UpstreamPort != 0 && s.UpstreamPort != first.Port {
+		bad("upstream_host", s.UpstreamHostPort(), fmt.Sprintf(
+			"upstream_host and upstream_port differ from the first of upstreams (%s); leave them out, or give the same", first.HostPort()))
+	}
+	seen := map[string]int{}
+	primary := false
+	for i, u := range s.Upstreams {
+		field := fmt.Sprintf("upstreams[%d]", i)
+		switch reason := checkUpstreamHost(u.Host); {
+		case u.Host == "":
+			errs = append(errs, &FieldError{ID: s.ID, Name: s.Name, Field: field + ".host", Reason: "required; " + upstreamHostWant})
+		case reason != "":
+			bad(field+".host", u.Host, reason)
+		}
+		if !ValidPort(u.Port) {
+			bad(field+".port", int64(u.Port), "must be 1-65535")
+		}
+		if u.Weight < 0 || u.Weight > MaxWeight {
+			bad(field+".weight", int64(u.Weight), fmt.Sprintf("must be 1-%d (0 = 1)", MaxWeight))
+		}
+		if j, ok := seen[u.HostPort()]; ok {
+			bad(field, u.HostPort(), fmt.Sprintf("listed twice (also upstreams[%d]); give each upstream once and set its weight", j))
+		} else {
+			seen[u.HostPort()] = i
+		}
+		primary = primary || !u.Backup
+	}
+	if !primary {
+		bad("upstreams", int64(len(s.Upstreams)), "every upstream is a backup; make at least one not a backup")
+	}
+	return errs
 }
 
 // ValidPort reports whether p is a port number, 1-65535.

@@ -1,0 +1,85 @@
+package spec
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+
+	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
+)
+
+func TestUpstreamsValidate(t *testing.T) {
+	three := func(s *Stream) {
+		s.UpstreamHost, s.UpstreamPort = "", 0
+		s.Upstreams = []Upstream{{Host: "10.0.0.1", Port: 5432}, {Host: "10.0.0.2", Port: 5432, Weight: 3}, {Host: "db3", Port: 5432, Backup: true}}
+	}
+	for _, tc := range []struct {
+		name   string
+		change func(s *Stream)
+		want   []string // nil: valid
+	}{
+		{"three", three, nil},
+		{"first repeated in upstream_host", func(s *Stream) { three(s); s.UpstreamHost, s.UpstreamPort = "10.0.0.1", 5432 }, nil},
+		{"every method", func(s *Stream) { three(s); s.LoadBalancing = BalanceSourceHash; s.FailTimeoutSeconds = 30 }, nil},
+		{"upstream_host differs", func(s *Stream) { three(s); s.UpstreamHost, s.UpstreamPort = "10.0.0.2", 5432 },
+			[]string{`upstream_host "10.0.0.2:5432": upstream_host and upstream_port differ from the first of upstreams (10.0.0.1:5432)`}},
+		{"upstream_port differs", func(s *Stream) { three(s); s.UpstreamPort = 6000 }, []string{"upstream_host and upstream_port differ"}},
+		{"bad method", func(s *Stream) { s.LoadBalancing = "roundrobin" }, []string{`load_balancing "roundrobin": must be round_robin, least_connections, source_hash, random or first`}},
+		{"fail timeout", func(s *Stream) { s.FailTimeoutSeconds = -1 }, []string{"fail_timeout_seconds -1: must be 0-31536000"}},
+		{"host missing", func(s *Stream) { three(s); s.Upstreams[1].Host = "" }, []string{"upstreams[1].host: required"}},
+		{"host bad", func(s *Stream) { three(s); s.Upstreams[2].Host = "db 3" }, []string{`upstreams[2].host "db 3"`, "spaces"}},
+		{"port bad", func(s *Stream) { three(s); s.Upstreams[0].Port = 0 }, []string{"upstreams[0].port 0: must be 1-65535"}},
+		{"weight", func(s *Stream) { three(s); s.Upstreams[1].Weight = 101 }, []string{"upstreams[1].weight 101: must be 1-100"}},
+		{"twice", func(s *Stream) { three(s); s.Upstreams[2] = s.Upstreams[0] }, []string{`upstreams[2] "10.0.0.1:5432": listed twice (also upstreams[0])`}},
+		{"only backups", func(s *Stream) {
+			three(s)
+			for i := range s.Upstreams {
+				s.Upstreams[i].Backup = true
+			}
+		}, []string{"every upstream is a backup"}},
+		{"too many", func(s *Stream) {
+			three(s)
+			s.Upstreams = make([]Upstream, MaxUpstreams+1)
+		}, []string{"upstreams 65: too many; at most 64"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := validStream()
+			tc.change(s)
+			err := s.Validate()
+			if tc.want == nil {
+				if err != nil {
+					t.Fatalf("Validate() = %v, want nil", err)
+				}
+				return
+			}
+			if !testenv.OneErrorContains(err, tc.want) {
+				t.Errorf("Validate() = %v\nwant one error containing all of %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestUpstreamsJSON(t *testing.T) {
+	var s Stream
+	err := json.Unmarshal([]byte(`{"id":1,"listen_port":5000,"upstreams":[{"host":"a","port":1},{"host":"b","port":2,"weight":2,"backup":true}],"load_balancing":"first"}`), &s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.UpstreamHost != "a" || s.UpstreamPort != 1 {
+		t.Errorf("upstream_host, upstream_port = %q, %d, want the first upstream a, 1", s.UpstreamHost, s.UpstreamPort)
+	}
+	if err := s.Validate(); err != nil {
+		t.Errorf("Validate() = %v", err)
+	}
+	if got := s.UpstreamList(); len(got) != 2 || got[1] != (Upstream{Host: "b", Port: 2, Weight: 2, Backup: true}) {
+		t.Errorf("UpstreamList() = %+v", got)
+	}
+	err = json.Unmarshal([]byte(`{"id":1,"upstreams":[{"host":"a","port":1,"wieght":2}]}`), &s)
+	if err == nil || !strings.Contains(err.Error(), `unknown field "wieght"`) {
+		t.Errorf("a misspelt key: %v, want an unknown field error", err)
+	}
+	one := Stream{UpstreamHost: "x", UpstreamPort: 9}
+	if got := one.UpstreamList(); len(got) != 1 || got[0].HostPort() != "x:9" || got[0].EffectiveWeight() != 1 {
+		t.Errorf("UpstreamList() of a single upstream = %+v", got)
+	}
+}
