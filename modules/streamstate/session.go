@@ -104,6 +104,7 @@ type Session struct {
 	client   io.Closer
 	conn     *Conn // the guard's wrapper of client (TCP), set before the relay starts
 	upstream atomic.Pointer[net.Conn]
+	peer     atomic.Pointer[Upstream] // the upstream it went to (SetPeer)
 
 	logger *zap.Logger
 	name   string

@@ -130,6 +130,9 @@ type State struct {
 	sink    atomic.Pointer[func(LogRecord) bool]
 	connLog atomic.Pointer[zap.Logger]
 
+	upMu      sync.Mutex
+	upstreams map[string]*Upstream // by host:port (upstreams.go)
+
 	blockedMu     sync.Mutex
 	blockedLogged map[netip.Addr]time.Time // last log of a refused source
 }
@@ -200,8 +203,16 @@ type Health struct {
 // SetHealth records a health check result.
 func (s *State) SetHealth(h Health) { s.health.Store(&h) }
 
-// ClearHealth forgets health results (checks were turned off).
-func (s *State) ClearHealth() { s.health.Store(nil) }
+// ClearHealth forgets health results (checks were turned off), the
+// stream's and its upstreams'.
+func (s *State) ClearHealth() {
+	s.health.Store(nil)
+	s.upMu.Lock()
+	for _, u := range s.upstreams {
+		u.health.Store(nil)
+	}
+	s.upMu.Unlock()
+}
 
 // Health returns the last health check result, or nil if none ran.
 func (s *State) Health() *Health { return s.health.Load() }
