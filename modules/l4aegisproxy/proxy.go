@@ -35,6 +35,19 @@ type Handler struct {
 	// Upstream is the address to dial, host:port. Required.
 	Upstream string `json:"upstream"`
 
+	// Upstreams, when set, are several upstreams to balance the
+	// connections over, and Upstream is not used. Default: none.
+	Upstreams []Upstream `json:"upstreams,omitempty"`
+
+	// LoadBalancing picks the upstream of each connection: round_robin
+	// (weighted), least_connections, source_hash, random or first.
+	// Default: round_robin.
+	LoadBalancing string `json:"load_balancing,omitempty"`
+
+	// FailTimeout is how long new connections skip an upstream whose dial
+	// failed. Default: 10s.
+	FailTimeout caddy.Duration `json:"fail_timeout,omitempty"`
+
 	// StreamID shares health state with the `streams` app's stream of that
 	// id. Default: 0 (the handler keeps its own).
 	StreamID int64 `json:"stream_id,omitempty"`
@@ -58,6 +71,7 @@ type Handler struct {
 	HalfClose bool `json:"half_close,omitempty"`
 
 	dialer net.Dialer
+	picker *streamstate.Picker
 	// checkHeader is the PROXY header a health check sends: v2 LOCAL or
 	// v1 "PROXY UNKNOWN", a proxy's own connection (nil without
 	// ProxyProtocol).
@@ -78,10 +92,29 @@ func (*Handler) CaddyModule() caddy.ModuleInfo {
 
 // Provision checks the settings and starts health checks.
 func (h *Handler) Provision(ctx caddy.Context) error {
-	if _, _, err := net.SplitHostPort(h.Upstream); err != nil || h.Upstream == "" {
-		return fmt.Errorf("upstream %q: want host:port, e.g. 10.0.0.5:5432", h.Upstream)
+	if len(h.Upstreams) == 0 {
+		if _, _, err := net.SplitHostPort(h.Upstream); err != nil || h.Upstream == "" {
+			return fmt.Errorf("upstream %q: want host:port, e.g. 10.0.0.5:5432", h.Upstream)
+		}
+	}
+	for _, u := range h.Upstreams {
+		if _, _, err := net.SplitHostPort(u.Address); err != nil || u.Address == "" {
+			return fmt.Errorf("upstreams: address %q: want host:port, e.g. 10.0.0.5:5432", u.Address)
+		}
+		if u.Weight < 0 || u.Weight > 100 {
+			return fmt.Errorf("upstreams: %s: weight %d: must be 1-100 (0 = 1)", u.Address, u.Weight)
+		}
+	}
+	switch h.LoadBalancing {
+	case "", streamstate.RoundRobin, streamstate.LeastConnections, streamstate.SourceHash, streamstate.Random, streamstate.First:
+	default:
+		return fmt.Errorf("load_balancing %q: want round_robin, least_connections, source_hash, random or first", h.LoadBalancing)
 	}
 	switch {
+	case len(h.Upstreams) > streamstate.MaxPeers:
+		return fmt.Errorf("upstreams: %d: at most %d", len(h.Upstreams), streamstate.MaxPeers)
+	case h.FailTimeout < 0:
+		return fmt.Errorf("fail_timeout %s: must be >= 0", time.Duration(h.FailTimeout))
 	case h.ProxyProtocol < 0 || h.ProxyProtocol > 2:
 		return fmt.Errorf("proxy_protocol %d: must be 0 (off), 1 or 2", h.ProxyProtocol)
 	case h.DialTimeout < 0:
@@ -113,6 +146,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	} else {
 		h.state = streamstate.New(0)
 	}
+	if err := h.newPicker(); err != nil {
+		return err // Cleanup lets go of the state
+	}
 	if h.HealthCheckInterval > 0 {
 		hctx, stop := context.WithCancel(ctx)
 		h.stopHealth = stop
@@ -142,7 +178,7 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	ss, _ := cx.GetVar(streamstate.SessionVar).(*streamstate.Session)
 	ctx := h.state.Context()
 	start := time.Now()
-	up, err := h.dial(ctx)
+	up, peer, err := h.dialPicked(ctx, cx, ss, start)
 	if err != nil {
 		if ss != nil {
 			ss.SetReason(streamstate.ReasonDialFailed)
@@ -156,7 +192,12 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	h.state.ObserveDial(time.Since(start))
 	defer up.Close()
 	if ss != nil {
+		ss.SetPeer(peer.State)
 		ss.SetUpstream(up)
+	} else {
+		peer.State.Active.Add(1)
+		peer.State.Total.Add(1)
+		defer peer.State.Active.Add(-1)
 	}
 
 	if h.ProxyProtocol > 0 {
@@ -200,70 +241,6 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	r.raw = canRaw && clientTCP && upTCP
 	r.run()
 	return nil
-}
-
-// dial connects to the upstream within the dial timeout.
-//
-// Not Dialer.DialTCP, though it would skip name resolution for an IP
-// upstream: it turns a zero local address into a bind to port 0 before the
-// connect, and bind cannot reuse the ports that closed connections hold in
-// TIME_WAIT, so a burst of short connections runs out of ports.
-func (h *Handler) dial(ctx context.Context) (net.Conn, error) {
-	return h.dialer.DialContext(ctx, "tcp", h.Upstream)
-}
-
-// healthLoop dials the upstream every interval and records the outcome,
-// until the module is unloaded.
-func (h *Handler) healthLoop(ctx context.Context, every time.Duration) {
-	// The first check waits a moment: at provisioning time the upstream may
-	// be a server of this same config that has not started yet.
-	t := time.NewTimer(min(every, 500*time.Millisecond))
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		h.checkHealth(ctx)
-		t.Reset(every)
-	}
-}
-
-// checkHealth dials the upstream once. With ProxyProtocol it sends the
-// LOCAL header on the connection (as HAProxy's check-send-proxy), so that
-// an upstream that reads PROXY headers sees a proper connection instead of
-// a broken header on every check.
-func (h *Handler) checkHealth(ctx context.Context) {
-	c, err := h.dial(ctx)
-	if ctx.Err() != nil {
-		if err == nil {
-			c.Close()
-		}
-		return
-	}
-	if err == nil {
-		if h.checkHeader != nil {
-			_ = c.SetWriteDeadline(time.Now().Add(h.dialer.Timeout))
-			if _, werr := c.Write(h.checkHeader); werr != nil {
-				err = fmt.Errorf("sending the PROXY header: %w", werr)
-			}
-		}
-		c.Close()
-	}
-	res := streamstate.Health{Healthy: err == nil, LastCheck: time.Now()}
-	if err != nil {
-		res.LastError = err.Error()
-	}
-	prev := h.state.Health()
-	h.state.SetHealth(res)
-	if prev == nil || prev.Healthy != res.Healthy {
-		if res.Healthy {
-			h.logger.Info("upstream healthy", zap.Int64("stream_id", h.StreamID), zap.String("upstream", h.Upstream))
-		} else {
-			h.logger.Warn("upstream unhealthy", zap.Int64("stream_id", h.StreamID), zap.String("upstream", h.Upstream), zap.String("error", res.LastError))
-		}
-	}
 }
 
 // UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:

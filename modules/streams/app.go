@@ -219,7 +219,7 @@ func (a *App) newInstance(h *spec.Stream, source string) (*instance, error) {
 		inst.logger.Warn("stream setting", zap.String("warning", w))
 	}
 	if h.HasUDP() {
-		nat, err := a.natConfig(h, inst.logger)
+		nat, err := a.natConfig(h, inst.state, inst.logger)
 		if err != nil {
 			inst.release()
 			return nil, fmt.Errorf("%s: %v", spec.StreamLabel(h.ID, h.Name), err)
@@ -255,12 +255,23 @@ func limits(s *spec.Stream) streamstate.Limits {
 }
 
 // natConfig is what the stream's settings say about its UDP NAT entries.
-func (a *App) natConfig(s *spec.Stream, logger *zap.Logger) (udpnat.Config, error) {
+func (a *App) natConfig(s *spec.Stream, st *streamstate.State, logger *zap.Logger) (udpnat.Config, error) {
 	p, err := streamstate.NewPolicy(limits(s), logger)
 	if err != nil {
 		return udpnat.Config{}, err
 	}
+	var picker *streamstate.Picker
+	if len(s.Upstreams) > 0 {
+		peers := make([]streamstate.Peer, len(s.Upstreams))
+		for i, u := range s.Upstreams {
+			peers[i] = streamstate.Peer{Addr: u.HostPort(), Weight: u.Weight, Backup: u.Backup, State: st.Upstream(u.HostPort())}
+		}
+		if picker, err = streamstate.NewPicker(s.LoadBalancing, peers, s.FailTimeout()); err != nil {
+			return udpnat.Config{}, err
+		}
+	}
 	return udpnat.Config{
+		Picker:    picker,
 		Upstream:  s.UpstreamHostPort(),
 		Policy:    p,
 		ProxyV2:   s.ProxyProtocolVersion == 2,
@@ -283,6 +294,13 @@ func (a *App) buildChain(s *spec.Stream) (chain layer4.Handler, release func(), 
 		DialTimeout:   caddy.Duration(s.ConnectionTimeout()),
 		ProxyProtocol: s.ProxyProtocolVersion,
 		HalfClose:     s.HalfClose,
+	}
+	if len(s.Upstreams) > 0 {
+		proxy.LoadBalancing = s.LoadBalancing
+		proxy.FailTimeout = caddy.Duration(s.FailTimeout())
+		for _, u := range s.Upstreams {
+			proxy.Upstreams = append(proxy.Upstreams, l4aegisproxy.Upstream{Address: u.HostPort(), Weight: u.Weight, Backup: u.Backup})
+		}
 	}
 	if s.HealthCheckEnabled {
 		proxy.HealthCheckInterval = caddy.Duration(s.HealthCheckInterval())

@@ -487,11 +487,20 @@ func (a *App) ActiveConnections(id int64) ([]spec.ActiveConn, error) {
 			ID: ss.ID, Protocol: proto, Source: ss.Source.String(), SourceIP: ss.Source.Addr().String(),
 			StartedAt: jsontime.Of(ss.Start), BytesSent: ss.Sent(), BytesReceived: ss.Received(),
 			DatagramsSent: ss.DatagramsSent(), DatagramsReceived: ss.DatagramsReceived(),
+			Upstream: peerAddr(ss),
 		})
 		return true
 	})
 	slices.SortFunc(out, func(x, y spec.ActiveConn) int { return x.StartedAt.Compare(y.StartedAt.Time) })
 	return out, nil
+}
+
+// peerAddr is the upstream session ss went to, or "".
+func peerAddr(ss *streamstate.Session) string {
+	if u := ss.Peer(); u != nil {
+		return u.Addr
+	}
+	return ""
 }
 
 // CloseConnection closes open connection connID of stream id now

@@ -23,6 +23,10 @@ const (
 	First            = "first"
 )
 
+// DefaultFailTimeout is how long a failed peer is skipped when nothing
+// else is set.
+const DefaultFailTimeout = 10 * time.Second
+
 // MaxPeers is the most upstreams a Picker takes: Tried is a bit set.
 const MaxPeers = 64
 

@@ -255,7 +255,12 @@ func (ss *Session) End(r Reason, log bool) {
 	d := time.Since(ss.Start)
 	ss.State.observeDuration(ss.UDP, d)
 	if log {
+		var upstream string
+		if u := ss.peer.Load(); u != nil {
+			upstream = u.Addr
+		}
 		ss.State.enqueueLog(logEntry{logger: ss.logger, rec: LogRecord{
+			Upstream:          upstream,
 			StreamID:          ss.State.ID,
 			Stream:            ss.name,
 			ConnID:            ss.ID,

@@ -299,6 +299,9 @@ type LogRecord struct {
 	BytesSent, BytesReceived uint64
 	// Datagrams each way, for UDP.
 	DatagramsSent, DatagramsReceived uint64
+	// Upstream is the host:port the connection went to; "" if none was
+	// reached.
+	Upstream string
 }
 
 // Action is "blocked" or "allowed".
@@ -378,6 +381,9 @@ func (s *State) writeLog(e logEntry) {
 		zap.Int64("duration_ms", r.Duration.Milliseconds()),
 		zap.String("action", r.Action()),
 		zap.String("disconnect_reason", r.Reason.String()),
+	}
+	if r.Upstream != "" {
+		fields = append(fields, zap.String("upstream", r.Upstream))
 	}
 	if r.UDP && !r.Blocked {
 		fields = append(fields, zap.Uint64("datagrams_sent", r.DatagramsSent), zap.Uint64("datagrams_received", r.DatagramsReceived))
