@@ -57,7 +57,9 @@ func parseStreamsOption(d *caddyfile.Dispenser, existingVal any) (any, error) {
 //			listen <address:port>|<port>
 //			listen_address <ip>
 //			listen_port <port>
-//			upstream <host:port>
+//			upstream <host:port> [weight <n>] [backup]
+//			load_balancing round_robin|least_connections|source_hash|random|first
+//			fail_timeout_seconds <n>
 //			upstream_host <host>
 //			upstream_port <port>
 //			enabled [true|false]
@@ -84,7 +86,9 @@ func parseStreamsOption(d *caddyfile.Dispenser, existingVal any) (any, error) {
 // Options are the JSON settings of a stream. `listen` is shorthand for
 // listen_address and listen_port ([::1]:5432, 0.0.0.0:5432, :5432 or
 // 5432), `upstream` for upstream_host and upstream_port (db.internal:5432
-// or [2001:db8::5]:5432). A boolean option alone means true; `enabled`
+// or [2001:db8::5]:5432); repeated, or with a weight or backup, it
+// makes upstreams, whose first one is also upstream_host and
+// upstream_port. A boolean option alone means true; `enabled`
 // is true unless set to false. whitelist_cidrs and blacklist_cidrs may
 // repeat and append. Values are checked for syntax only; ranges and
 // consistency are checked by Validate when the config is loaded.
@@ -223,6 +227,10 @@ func unmarshalHost(d *caddyfile.Dispenser, ids map[int64]bool) (*spec.Stream, er
 		setBy["name"] = "host"
 	}
 
+	// ups are the `upstream` options: one alone is upstream_host and
+	// upstream_port, as before upstreams; several, or one with a weight or
+	// backup, are upstreams.
+	var ups []spec.Upstream
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		opt := d.Val()
 		switch opt {
@@ -237,26 +245,27 @@ func unmarshalHost(d *caddyfile.Dispenser, ids map[int64]bool) (*spec.Stream, er
 				s.BlacklistCIDRs = append(s.BlacklistCIDRs, vals...)
 			}
 
-		case "listen", "upstream":
-			var err error
-			if opt == "listen" {
-				err = set(opt, "listen_address", "listen_port")
-			} else {
-				err = set(opt, "upstream_host", "upstream_port")
+		case "upstream":
+			if len(ups) == 0 {
+				if err := set(opt, "upstream_host", "upstream_port"); err != nil {
+					return nil, err
+				}
 			}
+			u, err := parseUpstreamOption(d.RemainingArgs())
 			if err != nil {
+				return nil, d.Errf("%s: upstream %v", where, err)
+			}
+			ups = append(ups, u)
+
+		case "listen":
+			if err := set(opt, "listen_address", "listen_port"); err != nil {
 				return nil, err
 			}
 			v, err := oneArg(d, where)
 			if err != nil {
 				return nil, err
 			}
-			if opt == "listen" {
-				s.ListenAddress, s.ListenPort, err = parseListen(v)
-			} else {
-				s.UpstreamHost, s.UpstreamPort, err = parseUpstream(v)
-			}
-			if err != nil {
+			if s.ListenAddress, s.ListenPort, err = parseListen(v); err != nil {
 				return nil, d.Errf("%s: %s %q: %v", where, opt, v, err)
 			}
 
@@ -289,7 +298,51 @@ func unmarshalHost(d *caddyfile.Dispenser, ids map[int64]bool) (*spec.Stream, er
 			return nil, d.Errf("%s: option '%s' takes no block", where, opt)
 		}
 	}
+	if len(ups) > 0 {
+		s.UpstreamHost, s.UpstreamPort = ups[0].Host, ups[0].Port
+		if len(ups) > 1 || ups[0].Weight != 0 || ups[0].Backup {
+			s.Upstreams = ups
+		}
+	}
 	return s, nil
+}
+
+// parseUpstreamOption parses the arguments of `upstream <host:port>
+// [weight <n>] [backup]`.
+func parseUpstreamOption(args []string) (spec.Upstream, error) {
+	var u spec.Upstream
+	if len(args) == 0 {
+		return u, fmt.Errorf("(none): want <host:port> [weight <n>] [backup]")
+	}
+	var err error
+	if u.Host, u.Port, err = parseUpstream(args[0]); err != nil {
+		return u, fmt.Errorf("%q: %v", args[0], err)
+	}
+	seen := map[string]bool{}
+	for i := 1; i < len(args); i++ {
+		a := args[i]
+		if seen[a] {
+			return u, fmt.Errorf("%s: %q given twice", args[0], a)
+		}
+		seen[a] = true
+		switch a {
+		case "backup":
+			u.Backup = true
+		case "weight":
+			if i+1 >= len(args) {
+				return u, fmt.Errorf("%s: weight: want a number, e.g. weight 3", args[0])
+			}
+			i++
+			n, err := strconv.Atoi(args[i])
+			if err != nil || n < 1 {
+				return u, fmt.Errorf("%s: weight %q: want a whole number from 1 to %d", args[0], args[i], spec.MaxWeight)
+			}
+			u.Weight = n
+		default:
+			return u, fmt.Errorf("%s: unknown %q; want <host:port> [weight <n>] [backup]", args[0], a)
+		}
+	}
+	return u, nil
 }
 
 // hostFields maps the host options that set one field, named as the
@@ -302,7 +355,7 @@ func hostFields(s *spec.Stream) map[string]any {
 	for i := range v.NumField() {
 		name, _, _ := strings.Cut(v.Type().Field(i).Tag.Get("json"), ",")
 		switch name {
-		case "", "-", "id", "whitelist_cidrs", "blacklist_cidrs":
+		case "", "-", "id", "whitelist_cidrs", "blacklist_cidrs", "upstreams":
 			continue
 		}
 		out[name] = v.Field(i).Addr().Interface()

@@ -164,7 +164,7 @@ func TestCaddyfileHostOptionsCoverStream(t *testing.T) {
 	for i := range typ.NumField() {
 		name, _, _ := strings.Cut(typ.Field(i).Tag.Get("json"), ",")
 		switch name {
-		case "id", "whitelist_cidrs", "blacklist_cidrs": // host argument; appending options
+		case "id", "whitelist_cidrs", "blacklist_cidrs", "upstreams": // host argument; appending options
 			continue
 		}
 		switch p := fields[name].(type) {
@@ -416,4 +416,56 @@ func mustJSON(t testing.TB, v any) []byte {
 		t.Fatal(err)
 	}
 	return b
+}
+
+func TestUnmarshalCaddyfileUpstreams(t *testing.T) {
+	d := caddyfile.NewTestDispenser(`streams {
+		host 4 {
+			listen 5432
+			upstream 10.0.0.1:5432 weight 3
+			upstream [2001:db8::2]:5432
+			upstream db3:6432 backup weight 2
+			load_balancing least_connections
+			fail_timeout_seconds 30
+		}
+		host 5 {
+			listen 5433
+			upstream 10.0.0.9:5432
+		}
+	}`)
+	var app App
+	if err := app.UnmarshalCaddyfile(d); err != nil {
+		t.Fatal(err)
+	}
+	got := app.Hosts[0]
+	want := []spec.Upstream{{Host: "10.0.0.1", Port: 5432, Weight: 3}, {Host: "2001:db8::2", Port: 5432}, {Host: "db3", Port: 6432, Weight: 2, Backup: true}}
+	if !reflect.DeepEqual(got.Upstreams, want) || got.UpstreamHost != "10.0.0.1" || got.UpstreamPort != 5432 ||
+		got.LoadBalancing != "least_connections" || got.FailTimeoutSeconds != 30 {
+		t.Errorf("host 4 = %+v", got)
+	}
+	if err := got.Validate(); err != nil {
+		t.Errorf("Validate() = %v", err)
+	}
+	// One plain upstream stays upstream_host and upstream_port.
+	if one := app.Hosts[1]; one.Upstreams != nil || one.UpstreamHost != "10.0.0.9" {
+		t.Errorf("host 5 = %+v, want upstream_host only", one)
+	}
+
+	for _, tc := range []struct{ in, want string }{
+		{"upstream", "upstream (none): want <host:port> [weight <n>] [backup]"},
+		{"upstream 10.0.0.1", `upstream "10.0.0.1": want <host:port>`},
+		{"upstream a:1 weight", "a:1: weight: want a number"},
+		{"upstream a:1 weight x", `a:1: weight "x": want a whole number from 1 to 100`},
+		{"upstream a:1 weight 0", `a:1: weight "0"`},
+		{"upstream a:1 backup backup", `a:1: "backup" given twice`},
+		{"upstream a:1 heavy", `a:1: unknown "heavy"`},
+		{"upstream_host b\n upstream a:1", "option 'upstream' sets upstream_host, already set by 'upstream_host'"},
+	} {
+		d := caddyfile.NewTestDispenser("streams {\n host 1 {\n listen 1\n " + tc.in + "\n }\n}")
+		var app App
+		err := app.UnmarshalCaddyfile(d)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: error %v, want %q", tc.in, err, tc.want)
+		}
+	}
 }

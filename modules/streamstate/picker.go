@@ -55,9 +55,10 @@ type Picker struct {
 	peers   []Peer
 	method  string
 	failFor time.Duration
-	// order is one cycle of smooth weighted round robin over every peer
-	// (nginx's: no peer twice in a row when others can go between).
-	order []uint8
+	// order is one cycle of smooth weighted round robin over the peers
+	// that are not backups, and over the backups (nginx's: no peer twice
+	// in a row when others can go between).
+	order [2][]uint8
 	next  atomic.Uint64
 }
 
@@ -86,25 +87,30 @@ func NewPicker(method string, peers []Peer, failFor time.Duration) (*Picker, err
 		h.Write([]byte(pe.Addr))
 		pe.key = h.Sum64()
 	}
-	p.order = smoothOrder(p.peers)
+	p.order[0], p.order[1] = smoothOrder(p.peers, false), smoothOrder(p.peers, true)
 	return p, nil
 }
 
 // smoothOrder is one cycle of smooth weighted round robin: each step adds
 // every peer's weight to its current weight, takes the peer with the
 // largest, and takes the total of the weights from it.
-func smoothOrder(peers []Peer) []uint8 {
+func smoothOrder(peers []Peer, backup bool) []uint8 {
 	total := 0
 	for _, pe := range peers {
-		total += pe.Weight
+		if pe.Backup == backup {
+			total += pe.Weight
+		}
 	}
 	cur := make([]int, len(peers))
 	order := make([]uint8, 0, total)
 	for range total {
-		best := 0
+		best := -1
 		for i, pe := range peers {
+			if pe.Backup != backup {
+				continue
+			}
 			cur[i] += pe.Weight
-			if cur[i] > cur[best] {
+			if best < 0 || cur[i] > cur[best] {
 				best = i
 			}
 		}
@@ -138,7 +144,7 @@ func (p *Picker) Pick(client netip.Addr, tried Tried) int {
 			pe := &p.peers[i]
 			return !tried.Has(i) && pe.Backup == backup && (!up || pe.State.Up(now))
 		}
-		if i := p.pickIn(ok, client); i >= 0 {
+		if i := p.pickIn(ok, client, backup); i >= 0 {
 			return i
 		}
 	}
@@ -146,8 +152,8 @@ func (p *Picker) Pick(client netip.Addr, tried Tried) int {
 }
 
 // pickIn picks one of the peers for which ok is true, by the method, or
-// returns -1.
-func (p *Picker) pickIn(ok func(int) bool, client netip.Addr) int {
+// returns -1. backup says which tier ok takes.
+func (p *Picker) pickIn(ok func(int) bool, client netip.Addr, backup bool) int {
 	switch p.method {
 	case First:
 		for i := range p.peers {
@@ -192,8 +198,15 @@ func (p *Picker) pickIn(ok func(int) bool, client netip.Addr) int {
 	case Random:
 		return p.weighted(ok, rand.Uint64())
 	default: // RoundRobin
+		order := p.order[0]
+		if backup {
+			order = p.order[1]
+		}
+		if len(order) == 0 {
+			return -1
+		}
 		seq := p.next.Add(1) - 1
-		if i := int(p.order[seq%uint64(len(p.order))]); ok(i) {
+		if i := int(order[seq%uint64(len(order))]); ok(i) {
 			return i
 		}
 		// Its turn's peer is out: share its turn among the others by
