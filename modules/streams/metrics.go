@@ -1,6 +1,7 @@
 package streams
 
 import (
+	"net"
 	"strconv"
 	"strings"
 
@@ -24,7 +25,8 @@ import (
 // continue across reloads: they live in the stream's state, which a reload
 // keeps. Labels are the stream's name, id and protocol setting, plus a
 // reason, direction, outcome or transport from a fixed list; never a
-// client's or an upstream's address.
+// client's address. The series of a stream's upstreams (a stream with
+// upstreams) add the upstream's host:port from the stream's settings.
 
 // streamLabels name the stream of every series.
 var streamLabels = []string{"stream", "id", "protocol"}
@@ -62,10 +64,22 @@ var (
 	descLogDropped = newDesc("log_entries_dropped_total",
 		"Connection-log entries dropped because a queue was full.")
 
+	descUpConnections = newDesc("upstream_connections_total",
+		"Connections (UDP NAT entries) relayed to each upstream.", "upstream")
+	descUpActive = newDesc("upstream_active_connections",
+		"Connections (UDP NAT entries) open now to each upstream.", "upstream")
+	descUpBytes = newDesc("upstream_bytes_total",
+		"Bytes relayed through each upstream, by direction.", "upstream", "direction")
+	descUpDialFailures = newDesc("upstream_dial_failures_total",
+		"Failed dials to each upstream (UDP: ICMP refusals).", "upstream")
+	descUpUp = newDesc("upstream_up",
+		"1 while new connections may go to the upstream, 0 while they skip it (a failed dial within fail_timeout_seconds, or a failed health check).", "upstream")
+
 	allDescs = []*prometheus.Desc{
 		descConnections, descBlocked, descActive, descBytes, descDuration,
 		descDialFailures, descDialDuration, descHealthy, descListening,
 		descNATEntries, descDropped, descTLS, descLogDropped,
+		descUpConnections, descUpActive, descUpBytes, descUpDialFailures, descUpUp,
 	}
 )
 
@@ -170,6 +184,15 @@ func collectStream(ch chan<- prometheus.Metric, s streamSample) {
 		gauge(descHealthy, boolGauge(*status.Healthy), lv)
 	}
 	counter(descLogDropped, st.LogDropped.Load(), lv)
+	for _, u := range status.Upstreams {
+		ul := with(strings.ToValidUTF8(net.JoinHostPort(u.Host, strconv.Itoa(u.Port)), "\uFFFD"))
+		counter(descUpConnections, u.TotalConnections, ul)
+		gauge(descUpActive, float64(u.ActiveConnections), ul)
+		counter(descUpBytes, u.BytesSent, append(ul[:len(ul):len(ul)], directionUp))
+		counter(descUpBytes, u.BytesReceived, append(ul[:len(ul):len(ul)], directionDown))
+		counter(descUpDialFailures, u.DialFailures, ul)
+		gauge(descUpUp, boolGauge(u.Healthy), ul)
+	}
 
 	if cfg.HasTCP() {
 		histogram(descDuration, st.ConnectionDurations(streamstate.TCP), with(spec.ProtocolTCP))

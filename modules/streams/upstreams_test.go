@@ -78,7 +78,6 @@ func TestUpstreamsRoundRobinWeights(t *testing.T) {
 	port := freePort(t)
 	inst := startCaddy(t, hosts(host(1, port, 0, map[string]any{"upstream_host": nil, "upstream_port": nil,
 		"upstreams": upstreamList(up(a.Port), up(b.Port, "weight", 2), up(c.Port, "weight", 3))})))
-	_ = inst
 	for cycle := range 5 {
 		n := map[string]int{}
 		for range 6 {
@@ -101,10 +100,21 @@ func TestUpstreamsRoundRobinWeights(t *testing.T) {
 			t.Errorf("upstream %d: %+v, want %d connections and bytes received, healthy", i, u, want)
 		}
 	}
-	// upstream_host and upstream_port show the first upstream.
-	if s := streams.Running().Statuses(); len(s) != 1 {
-		t.Fatalf("statuses: %+v", s)
+	// The metrics have a series per upstream.
+	m := inst.scrape()
+	for i, srv := range []*loopback.Server{a, b, c} {
+		addr := fmt.Sprintf("127.0.0.1:%d", srv.Port)
+		if v := m.value("aegis_stream_upstream_connections_total", "upstream", addr); v != float64(5*(i+1)) {
+			t.Errorf("upstream %s: connections_total %v, want %d", addr, v, 5*(i+1))
+		}
+		if v := m.value("aegis_stream_upstream_up", "upstream", addr); v != 1 {
+			t.Errorf("upstream %s: up %v, want 1", addr, v)
+		}
+		if v := m.value("aegis_stream_upstream_bytes_total", "upstream", addr, "direction", "upstream_to_client"); v != float64(5*(i+1)) {
+			t.Errorf("upstream %s: bytes to clients %v, want %d", addr, v, 5*(i+1))
+		}
 	}
+	m.checkLabels()
 }
 
 // TestUpstreamsFailover: an upstream killed while a client loop runs costs

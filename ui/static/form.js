@@ -4,7 +4,7 @@
 
 import { ApiError, displayName, get, post, put } from './api.js';
 import { clearFieldErrors, clearMessages, fail, go, h, heading, setFieldError, showFieldErrors } from './dom.js';
-import { MAX_SECONDS, RATE, TIME, checkCIDR, fromUnit, parseCount, shortMessage, splitList, toUnit } from './units.js';
+import { MAX_SECONDS, RATE, TIME, checkCIDR, formatUpstream, fromUnit, parseCount, parseUpstream, shortMessage, splitList, toUnit } from './units.js';
 
 const PORT = { kind: 'int', min: 1, max: 65535, required: true };
 
@@ -17,6 +17,9 @@ const FIELDS = {
   listen_port: { label: 'Listen port', ...PORT },
   upstream_host: { label: 'Upstream host', kind: 'text', required: true, hint: 'A hostname or an IP address.' },
   upstream_port: { label: 'Upstream port', ...PORT },
+  upstreams: { label: 'Several upstreams', kind: 'upstreams', hint: 'Optional. One per line: host:port [weight N] [backup], e.g. 10.0.0.5:5432 weight 2. When set, the upstream host and port above are not used.' },
+  load_balancing: { label: 'Load balancing', kind: 'select', options: [['', 'Round robin (weighted)'], ['least_connections', 'Least connections'], ['source_hash', 'Source hash (a client keeps its upstream)'], ['random', 'Random'], ['first', 'First (failover only)']], hint: 'With several upstreams: which one a new connection goes to.' },
+  fail_timeout_seconds: { label: 'Fail timeout', kind: 'unit', scale: TIME, max: MAX_SECONDS, placeholder: '10', hint: 'An upstream whose dial failed is skipped this long. Empty: 10 s.' },
   proxy_protocol_version: { label: 'PROXY protocol', kind: 'select', number: true, options: [['0', 'Off'], ['1', '1'], ['2', '2']], hint: 'Sends the client address to the upstream: 1 (text, TCP only) or 2 (binary).' },
   ssl_enabled: { label: 'TLS termination', kind: 'check', hint: 'TLS to clients, plain TCP to the upstream.' },
   ssl_cert_id: { label: 'Certificate', kind: 'select', number: true, options: [['0', 'None']], hint: 'Add certificates on the Certificates page.' },
@@ -38,6 +41,7 @@ const FIELDS = {
 const GROUPS = [
   ['Stream', ['name', 'enabled']],
   ['Protocol and addresses', ['protocol', 'listen_address', 'listen_port', 'upstream_host', 'upstream_port', 'proxy_protocol_version']],
+  ['Several upstreams', ['upstreams', 'load_balancing', 'fail_timeout_seconds']],
   ['TLS', ['ssl_enabled', 'ssl_cert_id']],
   ['Access control', ['whitelist_cidrs', 'blacklist_cidrs', 'max_connections']],
   ['Bandwidth and timeouts', ['upload_rate_bytes', 'download_rate_bytes', 'connection_timeout_seconds', 'idle_timeout_seconds', 'udp_responses', 'half_close']],
@@ -229,8 +233,9 @@ function field(name, f, controls, certs) {
       break;
     }
     case 'list':
+    case 'upstreams':
     case 'textarea':
-      control = h('textarea', { ...common, rows: f.kind === 'list' ? 3 : 4, spellcheck: f.kind === 'textarea' ? null : 'false' });
+      control = h('textarea', { ...common, rows: f.kind === 'textarea' ? 4 : 3, spellcheck: f.kind === 'textarea' ? null : 'false' });
       break;
     case 'unit':
       control = h('input', { type: 'text', inputmode: 'decimal', autocomplete: 'off', placeholder: f.placeholder, ...common });
@@ -278,6 +283,9 @@ function fill(controls, s, certs) {
       case 'list':
         el.value = (v || []).join('\n');
         break;
+      case 'upstreams':
+        el.value = (v || []).map(formatUpstream).join('\n');
+        break;
       case 'unit': {
         const u = v ? toUnit(v, f.scale) : { amount: '', unit: f.unit || f.scale.units[0][0] };
         el.value = u.amount;
@@ -309,6 +317,14 @@ function value(name, controls) {
       v = splitList(el.value);
       v.forEach((item) => bad(checkCIDR(item)));
       break;
+    case 'upstreams':
+      v = [];
+      for (const line of el.value.split('\n').map((l) => l.trim()).filter(Boolean)) {
+        const [u, err] = parseUpstream(line);
+        if (err) bad(`"${line}": ${err}`);
+        else v.push(u);
+      }
+      break;
     case 'int':
     case 'unit': {
       const r = f.kind === 'int' ? parseCount(el.value, f) : fromUnit(el.value, el.unit.value, f.scale, f.max);
@@ -333,11 +349,18 @@ function value(name, controls) {
 // read returns the stream the form describes, and every problem with it.
 function read(controls) {
   const body = {};
-  const problems = [];
+  let problems = [];
   for (const name of Object.keys(FIELDS)) {
     const [v, p] = value(name, controls);
     body[name] = v;
     problems.push(...p);
+  }
+  // With upstreams, upstream_host and upstream_port are the first of
+  // them: the server fills them in.
+  if (body.upstreams.length) {
+    delete body.upstream_host;
+    delete body.upstream_port;
+    problems = problems.filter((p) => p.field !== 'upstream_host' && p.field !== 'upstream_port');
   }
   return { body, problems };
 }
