@@ -245,7 +245,10 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 
 // UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
 //
-//	aegis_proxy <host:port> {
+//	aegis_proxy [<host:port>] {
+//		upstream <host:port> [weight <n>] [backup]
+//		load_balancing round_robin|least_connections|source_hash|random|first
+//		fail_timeout <duration>
 //		stream_id <id>
 //		dial_timeout <duration>
 //		proxy_protocol 0|1|2
@@ -253,20 +256,31 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 //		half_close [true|false]
 //	}
 //
-// The upstream is the first argument (upstream in JSON). Each option may
-// be given once; none takes a block.
+// The upstream is the first argument (upstream in JSON), or several are
+// given with `upstream` (upstreams in JSON), which may repeat. Each other
+// option may be given once; none takes a block.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // handler name
-	if !d.NextArg() {
-		return d.ArgErr()
+	if d.NextArg() {
+		h.Upstream = d.Val()
 	}
-	h.Upstream = d.Val()
 	if d.NextArg() {
 		return d.ArgErr()
 	}
 	seen := map[string]bool{}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		opt := d.Val()
+		if opt == "upstream" {
+			u, err := parseUpstreamArgs(d.RemainingArgs())
+			if err != nil {
+				return d.Errf("aegis_proxy upstream %v", err)
+			}
+			h.Upstreams = append(h.Upstreams, u)
+			if d.NextBlock(nesting + 1) {
+				return d.Errf("aegis_proxy option %q: blocks are not supported", opt)
+			}
+			continue
+		}
 		if seen[opt] {
 			return d.Errf("aegis_proxy option %q given twice", opt)
 		}
@@ -278,7 +292,50 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return d.Errf("aegis_proxy option %q: blocks are not supported", opt)
 		}
 	}
+	switch {
+	case h.Upstream == "" && len(h.Upstreams) == 0:
+		return d.Errf("aegis_proxy: want an upstream: aegis_proxy <host:port>, or upstream options in its block")
+	case h.Upstream != "" && len(h.Upstreams) > 0:
+		return d.Errf("aegis_proxy: option \"upstream\" and a <host:port> argument: give one of them, not both")
+	}
 	return nil
+}
+
+// parseUpstreamArgs parses `<host:port> [weight <n>] [backup]`.
+func parseUpstreamArgs(args []string) (Upstream, error) {
+	var u Upstream
+	if len(args) == 0 {
+		return u, fmt.Errorf("(none): want <host:port> [weight <n>] [backup]")
+	}
+	if _, _, err := net.SplitHostPort(args[0]); err != nil {
+		return u, fmt.Errorf("%q: want <host:port>, e.g. 10.0.0.5:5432", args[0])
+	}
+	u.Address = args[0]
+	seen := map[string]bool{}
+	for i := 1; i < len(args); i++ {
+		a := args[i]
+		if seen[a] {
+			return u, fmt.Errorf("%s: %q given twice", args[0], a)
+		}
+		seen[a] = true
+		switch a {
+		case "backup":
+			u.Backup = true
+		case "weight":
+			if i+1 >= len(args) {
+				return u, fmt.Errorf("%s: weight: want a number, e.g. weight 3", args[0])
+			}
+			i++
+			n, err := strconv.Atoi(args[i])
+			if err != nil || n < 1 || n > 100 {
+				return u, fmt.Errorf("%s: weight %q: want a whole number from 1 to 100", args[0], args[i])
+			}
+			u.Weight = n
+		default:
+			return u, fmt.Errorf("%s: unknown %q; want <host:port> [weight <n>] [backup]", args[0], a)
+		}
+	}
+	return u, nil
 }
 
 // unmarshalOption sets option opt from its values.
@@ -296,7 +353,7 @@ func (h *Handler) unmarshalOption(d *caddyfile.Dispenser, opt string, args []str
 		return nil
 	}
 	switch opt {
-	case "stream_id", "proxy_protocol", "dial_timeout", "health_check_interval":
+	case "stream_id", "proxy_protocol", "dial_timeout", "health_check_interval", "load_balancing", "fail_timeout":
 	default:
 		return d.Errf("unknown aegis_proxy option %q", opt)
 	}
@@ -317,14 +374,19 @@ func (h *Handler) unmarshalOption(d *caddyfile.Dispenser, opt string, args []str
 			return d.Errf("proxy_protocol %q: want 0, 1 or 2", val)
 		}
 		h.ProxyProtocol = n
-	case "dial_timeout", "health_check_interval":
+	case "load_balancing":
+		h.LoadBalancing = val
+	case "dial_timeout", "health_check_interval", "fail_timeout":
 		dur, err := caddy.ParseDuration(val)
 		if err != nil {
 			return d.Errf("%s %q: %v", opt, val, err)
 		}
-		if opt == "dial_timeout" {
+		switch opt {
+		case "dial_timeout":
 			h.DialTimeout = caddy.Duration(dur)
-		} else {
+		case "fail_timeout":
+			h.FailTimeout = caddy.Duration(dur)
+		default:
 			h.HealthCheckInterval = caddy.Duration(dur)
 		}
 	}
