@@ -152,6 +152,9 @@ type ActiveConn struct {
 	// Upstream is the host:port the connection went to ("" while it is
 	// being dialed).
 	Upstream string `json:"upstream,omitempty"`
+	// ListenPort is the port the connection came in on, for a stream
+	// with a port range.
+	ListenPort int `json:"listen_port,omitempty"`
 }
 
 // PortCheck asks whether a stream could listen on an address and port.
@@ -159,6 +162,8 @@ type PortCheck struct {
 	Protocol      string `json:"protocol"`
 	ListenAddress string `json:"listen_address"`
 	ListenPort    int    `json:"listen_port"`
+	// ListenPortEnd, when set, checks every port from ListenPort to it.
+	ListenPortEnd int `json:"listen_port_end,omitempty"`
 	// ID is the stream being edited: its own sockets are no conflict.
 	ID int64 `json:"id,omitempty"`
 }

@@ -38,6 +38,9 @@ const (
 	BalanceFirst            = "first"
 )
 
+// MaxPortRange is the most ports a stream's listen range may have.
+const MaxPortRange = 10000
+
 // Limits of the upstreams list.
 const (
 	MaxUpstreams = 64
@@ -101,6 +104,18 @@ type Stream struct {
 
 	// ListenPort is the port to listen on, 1–65535. Required.
 	ListenPort int `json:"listen_port"`
+
+	// ListenPortEnd, when set, makes the stream listen on every port from
+	// listen_port to listen_port_end, inclusive, at most MaxPortRange
+	// (10,000) ports. A connection (datagram) to port listen_port + k goes
+	// to port upstream_port + k of the upstream (of each upstream), unless
+	// upstream_port_fixed. Default: 0 (listen_port alone).
+	ListenPortEnd int `json:"listen_port_end,omitempty"`
+
+	// UpstreamPortFixed sends every port of a range to upstream_port (to
+	// each upstream's own port) instead of upstream_port + k.
+	// Default: false.
+	UpstreamPortFixed bool `json:"upstream_port_fixed,omitempty"`
 
 	// UpstreamHost is the upstream's hostname or IP address. Required.
 	UpstreamHost string `json:"upstream_host"`
@@ -302,6 +317,18 @@ func (s *Stream) HasUDP() bool {
 	p := s.EffectiveProtocol()
 	return p == ProtocolUDP || p == ProtocolTCPUDP
 }
+
+// LastPort is the last port the stream listens on: listen_port_end, or
+// listen_port without a range.
+func (s *Stream) LastPort() int {
+	if s.ListenPortEnd > 0 {
+		return s.ListenPortEnd
+	}
+	return s.ListenPort
+}
+
+// IsRange reports whether the stream listens on a range of ports.
+func (s *Stream) IsRange() bool { return s.ListenPortEnd > 0 && s.ListenPortEnd != s.ListenPort }
 
 // ListenHostPort is the address to bind, as host:port.
 func (s *Stream) ListenHostPort() string {

@@ -83,3 +83,45 @@ func TestUpstreamsJSON(t *testing.T) {
 		t.Errorf("UpstreamList() of a single upstream = %+v", got)
 	}
 }
+
+func TestPortRangeValidate(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		change func(s *Stream)
+		want   []string // nil: valid
+	}{
+		{"100 ports", func(s *Stream) { s.ListenPort, s.ListenPortEnd = 30000, 30099 }, nil},
+		{"10000 ports", func(s *Stream) { s.ListenPort, s.ListenPortEnd, s.UpstreamPort = 20000, 29999, 20000 }, nil},
+		{"end equals start", func(s *Stream) { s.ListenPortEnd = s.ListenPort }, nil},
+		{"fixed", func(s *Stream) { s.ListenPort, s.ListenPortEnd, s.UpstreamPort, s.UpstreamPortFixed = 30000, 39999, 65535, true }, nil},
+		{"10001 ports", func(s *Stream) { s.ListenPort, s.ListenPortEnd = 20000, 30000 }, []string{"listen_port_end 30000: 10001 ports from listen_port 20000; at most 10000"}},
+		{"end below start", func(s *Stream) { s.ListenPort, s.ListenPortEnd = 30000, 29999 }, []string{"listen_port_end 29999: must be at least listen_port (30000)"}},
+		{"end too big", func(s *Stream) { s.ListenPortEnd = 70000 }, []string{"listen_port_end 70000: must be 1-65535"}},
+		{"upstream past 65535", func(s *Stream) { s.ListenPort, s.ListenPortEnd, s.UpstreamPort = 30000, 30099, 65500 },
+			[]string{"upstream_port 65500: with 100 listen ports it would go up to 65599, past 65535"}},
+		{"an upstream past 65535", func(s *Stream) {
+			s.ListenPort, s.ListenPortEnd = 30000, 30099
+			s.Upstreams = []Upstream{{Host: s.UpstreamHost, Port: s.UpstreamPort}, {Host: "b", Port: 65450}}
+		}, []string{"upstreams[1].port 65450: with 100 listen ports"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := validStream()
+			tc.change(s)
+			err := s.Validate()
+			if tc.want == nil {
+				if err != nil {
+					t.Fatalf("Validate() = %v, want nil", err)
+				}
+				return
+			}
+			if !testenv.OneErrorContains(err, tc.want) {
+				t.Errorf("Validate() = %v\nwant one error containing all of %q", err, tc.want)
+			}
+		})
+	}
+	s := validStream()
+	s.UpstreamPortFixed = true
+	if w := s.Warnings(); len(w) != 1 || !strings.Contains(w[0], "upstream_port_fixed") {
+		t.Errorf("Warnings() = %q, want one on upstream_port_fixed without a range", w)
+	}
+}

@@ -190,6 +190,7 @@ func (s *Stream) validate(limits bool) error {
 		badInt("upstream_port", int64(s.UpstreamPort), "must be 1-65535")
 	}
 	errs = append(errs, s.validateUpstreams()...)
+	errs = append(errs, s.validateRange()...)
 
 	if s.MaxConnections < 0 {
 		badInt("max_connections", int64(s.MaxConnections), "must be >= 0 (0 = unlimited)")
@@ -259,6 +260,42 @@ func (s *Stream) validate(limits bool) error {
 	}
 
 	return errors.Join(errs...)
+}
+
+// validateRange checks listen_port_end and that each upstream port of the
+// range is a port.
+func (s *Stream) validateRange() []error {
+	if s.ListenPortEnd == 0 {
+		return nil
+	}
+	bad := func(field string, value any, reason string) []error {
+		return []error{&FieldError{ID: s.ID, Name: s.Name, Field: field, Value: value, Reason: reason}}
+	}
+	end := int64(s.ListenPortEnd)
+	switch {
+	case !ValidPort(s.ListenPortEnd):
+		return bad("listen_port_end", end, "must be 1-65535 (0 = listen_port alone)")
+	case !ValidPort(s.ListenPort):
+		return nil // reported on listen_port
+	case s.ListenPortEnd < s.ListenPort:
+		return bad("listen_port_end", end, fmt.Sprintf("must be at least listen_port (%d)", s.ListenPort))
+	case s.ListenPortEnd-s.ListenPort+1 > MaxPortRange:
+		return bad("listen_port_end", end, fmt.Sprintf("%d ports from listen_port %d; at most %d", s.ListenPortEnd-s.ListenPort+1, s.ListenPort, MaxPortRange))
+	}
+	if s.UpstreamPortFixed {
+		return nil
+	}
+	k := s.ListenPortEnd - s.ListenPort
+	for i, u := range s.UpstreamList() {
+		if ValidPort(u.Port) && u.Port+k > 65535 {
+			field := "upstream_port"
+			if len(s.Upstreams) > 0 {
+				field = fmt.Sprintf("upstreams[%d].port", i)
+			}
+			return bad(field, int64(u.Port), fmt.Sprintf("with %d listen ports it would go up to %d, past 65535; use a lower port or upstream_port_fixed", k+1, u.Port+k))
+		}
+	}
+	return nil
 }
 
 // validateUpstreams checks upstreams, load_balancing and
@@ -424,6 +461,9 @@ func (s *Stream) Warnings() []string {
 	}
 	if s.HalfClose && s.EffectiveProtocol() == ProtocolUDP {
 		w = append(w, "half_close: applies to TCP connections only; a UDP-only stream has none")
+	}
+	if s.UpstreamPortFixed && !s.IsRange() {
+		w = append(w, "upstream_port_fixed: applies to a port range (listen_port_end) only")
 	}
 	if s.UDPResponses > 0 && !s.HasUDP() {
 		w = append(w, "udp_responses: applies to UDP NAT entries only; a TCP-only stream has none")
