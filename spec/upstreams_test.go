@@ -26,11 +26,11 @@ func TestUpstreamsValidate(t *testing.T) {
 		{"upstream_port differs", func(s *Stream) { three(s); s.UpstreamPort = 6000 }, []string{"upstream_host and upstream_port differ"}},
 		{"bad method", func(s *Stream) { s.LoadBalancing = "roundrobin" }, []string{`load_balancing "roundrobin": must be round_robin, least_connections, source_hash, random or first`}},
 		{"fail timeout", func(s *Stream) { s.FailTimeoutSeconds = -1 }, []string{"fail_timeout_seconds -1: must be 0-31536000"}},
-		{"host missing", func(s *Stream) { three(s); s.Upstreams[1].Host = "" }, []string{"upstreams[1].host: required"}},
-		{"host bad", func(s *Stream) { three(s); s.Upstreams[2].Host = "db 3" }, []string{`upstreams[2].host "db 3"`, "spaces"}},
-		{"port bad", func(s *Stream) { three(s); s.Upstreams[0].Port = 0 }, []string{"upstreams[0].port 0: must be 1-65535"}},
-		{"weight", func(s *Stream) { three(s); s.Upstreams[1].Weight = 101 }, []string{"upstreams[1].weight 101: must be 1-100"}},
-		{"twice", func(s *Stream) { three(s); s.Upstreams[2] = s.Upstreams[0] }, []string{`upstreams[2] "10.0.0.1:5432": listed twice (also upstreams[0])`}},
+		{"host missing", func(s *Stream) { three(s); s.Upstreams[1].Host = "" }, []string{`upstreams ":5432": upstreams[1].host: required`}},
+		{"host bad", func(s *Stream) { three(s); s.Upstreams[2].Host = "db 3" }, []string{`upstreams "db 3:5432": upstreams[2].host: `, "spaces"}},
+		{"port bad", func(s *Stream) { three(s); s.Upstreams[0].Port = 0 }, []string{`upstreams "10.0.0.1:0": upstreams[0].port: 0: must be 1-65535`}},
+		{"weight", func(s *Stream) { three(s); s.Upstreams[1].Weight = 101 }, []string{"upstreams[1].weight: 101: must be 1-100"}},
+		{"twice", func(s *Stream) { three(s); s.Upstreams[2] = s.Upstreams[0] }, []string{`upstreams "10.0.0.1:5432": upstreams[2]: listed twice (also upstreams[0])`}},
 		{"only backups", func(s *Stream) {
 			three(s)
 			for i := range s.Upstreams {
@@ -102,7 +102,7 @@ func TestPortRangeValidate(t *testing.T) {
 		{"an upstream past 65535", func(s *Stream) {
 			s.ListenPort, s.ListenPortEnd = 30000, 30099
 			s.Upstreams = []Upstream{{Host: s.UpstreamHost, Port: s.UpstreamPort}, {Host: "b", Port: 65450}}
-		}, []string{"upstreams[1].port 65450: with 100 listen ports"}},
+		}, []string{`upstreams "b:65450": upstreams[1].port: with 100 listen ports`}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s := validStream()

@@ -288,11 +288,11 @@ func (s *Stream) validateRange() []error {
 	k := s.ListenPortEnd - s.ListenPort
 	for i, u := range s.UpstreamList() {
 		if ValidPort(u.Port) && u.Port+k > 65535 {
-			field := "upstream_port"
+			reason := fmt.Sprintf("with %d listen ports it would go up to %d, past 65535; use a lower port or upstream_port_fixed", k+1, u.Port+k)
 			if len(s.Upstreams) > 0 {
-				field = fmt.Sprintf("upstreams[%d].port", i)
+				return bad("upstreams", u.HostPort(), fmt.Sprintf("upstreams[%d].port: %s", i, reason))
 			}
-			return bad(field, int64(u.Port), fmt.Sprintf("with %d listen ports it would go up to %d, past 65535; use a lower port or upstream_port_fixed", k+1, u.Port+k))
+			return bad("upstream_port", int64(u.Port), reason)
 		}
 	}
 	return nil
@@ -328,21 +328,25 @@ func (s *Stream) validateUpstreams() []error {
 	seen := map[string]int{}
 	primary := false
 	for i, u := range s.Upstreams {
-		field := fmt.Sprintf("upstreams[%d]", i)
+		// Each error is on upstreams, with the upstream as given, and
+		// says which part of which one.
+		item := func(part, reason string) {
+			bad("upstreams", u.HostPort(), fmt.Sprintf("upstreams[%d]%s: %s", i, part, reason))
+		}
 		switch reason := checkUpstreamHost(u.Host); {
 		case u.Host == "":
-			errs = append(errs, &FieldError{ID: s.ID, Name: s.Name, Field: field + ".host", Reason: "required; " + upstreamHostWant})
+			item(".host", "required; "+upstreamHostWant)
 		case reason != "":
-			bad(field+".host", u.Host, reason)
+			item(".host", reason)
 		}
 		if !ValidPort(u.Port) {
-			bad(field+".port", int64(u.Port), "must be 1-65535")
+			item(".port", fmt.Sprintf("%d: must be 1-65535", u.Port))
 		}
 		if u.Weight < 0 || u.Weight > MaxWeight {
-			bad(field+".weight", int64(u.Weight), fmt.Sprintf("must be 1-%d (0 = 1)", MaxWeight))
+			item(".weight", fmt.Sprintf("%d: must be 1-%d (0 = 1)", u.Weight, MaxWeight))
 		}
 		if j, ok := seen[u.HostPort()]; ok {
-			bad(field, u.HostPort(), fmt.Sprintf("listed twice (also upstreams[%d]); give each upstream once and set its weight", j))
+			item("", fmt.Sprintf("listed twice (also upstreams[%d]); give each upstream once and set its weight", j))
 		} else {
 			seen[u.HostPort()] = i
 		}

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"strconv"
 	"strings"
 	"time"
 
@@ -41,8 +42,12 @@ func (h *Handler) newPicker() error {
 		ups = []Upstream{{Address: h.Upstream}}
 	}
 	peers := make([]streamstate.Peer, len(ups))
+	h.hosts, h.ports = make([]string, len(ups)), make([]int, len(ups))
 	for i, u := range ups {
 		peers[i] = streamstate.Peer{Addr: u.Address, Weight: u.Weight, Backup: u.Backup, State: h.state.Upstream(u.Address)}
+		host, port, _ := net.SplitHostPort(u.Address)
+		h.hosts[i] = host
+		h.ports[i], _ = strconv.Atoi(port)
 	}
 	failFor := time.Duration(h.FailTimeout)
 	if failFor == 0 {
@@ -72,10 +77,20 @@ func (h *Handler) dialPicked(ctx context.Context, cx *layer4.Connection, ss *str
 	} else if a, ok := cx.RemoteAddr().(*net.TCPAddr); ok {
 		client = a.AddrPort().Addr()
 	}
+	// On a port range, port ListenPort + k goes to each upstream's port + k.
+	k := 0
+	if h.ListenPort > 0 {
+		if a, ok := cx.LocalAddr().(*net.TCPAddr); ok {
+			k = a.Port - h.ListenPort
+			if ss != nil {
+				ss.SetListenPort(a.Port)
+			}
+		}
+	}
 	p := h.picker
 	if p.Len() == 1 {
 		peer := p.Peer(0)
-		c, err := h.dialer.DialContext(ctx, "tcp", peer.Addr)
+		c, err := h.dialer.DialContext(ctx, "tcp", h.address(0, k))
 		if err != nil {
 			if ctx.Err() == nil {
 				p.Failed(0, err)
@@ -96,7 +111,7 @@ func (h *Handler) dialPicked(ctx context.Context, cx *layer4.Connection, ss *str
 		}
 		tried.Add(i)
 		peer := p.Peer(i)
-		c, derr := d.DialContext(ctx, "tcp", peer.Addr)
+		c, derr := d.DialContext(ctx, "tcp", h.address(i, k))
 		if derr == nil {
 			peer.State.Reached()
 			return c, peer, nil
@@ -111,6 +126,14 @@ func (h *Handler) dialPicked(ctx context.Context, cx *layer4.Connection, ss *str
 			return nil, nil, err
 		}
 	}
+}
+
+// address is the address to dial upstream i at for port offset k.
+func (h *Handler) address(i, k int) string {
+	if k <= 0 {
+		return h.picker.Peer(i).Addr
+	}
+	return net.JoinHostPort(h.hosts[i], strconv.Itoa(h.ports[i]+k))
 }
 
 // healthLoop checks every upstream each interval and records the outcome,

@@ -48,6 +48,12 @@ type Handler struct {
 	// failed. Default: 10s.
 	FailTimeout caddy.Duration `json:"fail_timeout,omitempty"`
 
+	// ListenPort, for a listener on a range of ports, is the range's
+	// first port: a connection to port ListenPort + k dials each
+	// upstream's port + k. Default: 0 (every connection dials the
+	// upstream's own port).
+	ListenPort int `json:"listen_port,omitempty"`
+
 	// StreamID shares health state with the `streams` app's stream of that
 	// id. Default: 0 (the handler keeps its own).
 	StreamID int64 `json:"stream_id,omitempty"`
@@ -72,6 +78,9 @@ type Handler struct {
 
 	dialer net.Dialer
 	picker *streamstate.Picker
+	// hosts and ports are each upstream's, for ListenPort.
+	hosts []string
+	ports []int
 	// checkHeader is the PROXY header a health check sends: v2 LOCAL or
 	// v1 "PROXY UNKNOWN", a proxy's own connection (nil without
 	// ProxyProtocol).
@@ -113,6 +122,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	switch {
 	case len(h.Upstreams) > streamstate.MaxPeers:
 		return fmt.Errorf("upstreams: %d: at most %d", len(h.Upstreams), streamstate.MaxPeers)
+	case h.ListenPort < 0 || h.ListenPort > 65535:
+		return fmt.Errorf("listen_port %d: must be 0-65535 (0 = no port range)", h.ListenPort)
 	case h.FailTimeout < 0:
 		return fmt.Errorf("fail_timeout %s: must be >= 0", time.Duration(h.FailTimeout))
 	case h.ProxyProtocol < 0 || h.ProxyProtocol > 2:

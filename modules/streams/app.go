@@ -119,16 +119,43 @@ type instance struct {
 	released         bool // state was released
 	chain            atomic.Pointer[chainBox]
 	cancel           func() // cleans the chain's handlers up
-	ln               net.Listener
-	done             chan struct{} // closed when the accept loop has returned
-	stop             chan struct{} // closed to end the accept loop's wait
 	logger           *zap.Logger
+
+	// sockets are those of listen_port; more are those of the other
+	// ports of a port range (listen_port_end), in order.
+	sockets
+	more []*sockets
+}
+
+// sockets are the listeners of one port of a stream, with the UDP relay
+// of that address.
+type sockets struct {
+	port int
+	ln   net.Listener
+	done chan struct{} // closed when the accept loop has returned
+	stop chan struct{} // closed to end the accept loop's wait
 
 	relay   *udpnat.Relay // shared with other loads of the same stream address
 	nat     udpnat.Config
 	udp     *net.UDPConn   // the socket the relay reads
 	pc      net.PacketConn // Caddy's wrapper of udp, to close it
 	serving bool           // udp was handed to the relay
+}
+
+// all returns the sockets of every port of the stream.
+func (inst *instance) all() []*sockets {
+	return append([]*sockets{&inst.sockets}, inst.more...)
+}
+
+// portStream is s as it listens on port p of its range: for binding and
+// for messages, which then name that port.
+func portStream(s *spec.Stream, p int) *spec.Stream {
+	if p == s.ListenPort && s.ListenPortEnd == 0 {
+		return s
+	}
+	c := *s
+	c.ListenPort, c.ListenPortEnd = p, 0
+	return &c
 }
 
 // chainBox holds a compiled handler chain behind an atomic pointer, so that
@@ -218,14 +245,23 @@ func (a *App) newInstance(h *spec.Stream, source string) (*instance, error) {
 	for _, w := range h.Warnings() {
 		inst.logger.Warn("stream setting", zap.String("warning", w))
 	}
+	inst.port = h.ListenPort
+	for p := h.ListenPort + 1; p <= h.LastPort(); p++ {
+		inst.more = append(inst.more, &sockets{port: p})
+	}
 	if h.HasUDP() {
 		nat, err := a.natConfig(h, inst.state, inst.logger)
 		if err != nil {
 			inst.release()
 			return nil, fmt.Errorf("%s: %v", spec.StreamLabel(h.ID, h.Name), err)
 		}
-		inst.nat = nat
-		inst.relay = udpnat.Acquire(inst.state, h.ListenHostPort())
+		for _, sk := range inst.all() {
+			sk.nat = nat
+			if !h.UpstreamPortFixed {
+				sk.nat.PortOffset = sk.port - h.ListenPort
+			}
+			sk.relay = udpnat.Acquire(inst.state, portStream(h, sk.port).ListenHostPort())
+		}
 	}
 	if h.HasTCP() {
 		chain, cancel, err := a.buildChain(h)
@@ -295,6 +331,9 @@ func (a *App) buildChain(s *spec.Stream) (chain layer4.Handler, release func(), 
 		ProxyProtocol: s.ProxyProtocolVersion,
 		HalfClose:     s.HalfClose,
 	}
+	if s.IsRange() && !s.UpstreamPortFixed {
+		proxy.ListenPort = s.ListenPort
+	}
 	if len(s.Upstreams) > 0 {
 		proxy.LoadBalancing = s.LoadBalancing
 		proxy.FailTimeout = caddy.Duration(s.FailTimeout())
@@ -357,18 +396,27 @@ func (a *App) start() error {
 	return nil
 }
 
-// bind opens the stream's listeners if it is enabled. On error none is
-// left open.
+// bind opens the stream's listeners, on every port of its range, if it is
+// enabled. On error none is left open, and the error names the port.
 func (inst *instance) bind(ctx caddy.Context) error {
 	if !inst.cfg.Enabled {
 		return nil
 	}
-	var err error
-	if inst.cfg.HasTCP() {
-		inst.ln, err = listen(ctx, inst.cfg)
+	if err := checkOpenFiles(inst.cfg); err != nil {
+		return err
 	}
-	if err == nil && inst.cfg.HasUDP() {
-		inst.udp, inst.pc, err = listenUDP(ctx, inst.cfg)
+	var err error
+	for _, sk := range inst.all() {
+		ps := portStream(inst.cfg, sk.port)
+		if inst.cfg.HasTCP() {
+			sk.ln, err = listen(ctx, ps)
+		}
+		if err == nil && inst.cfg.HasUDP() {
+			sk.udp, sk.pc, err = listenUDP(ctx, ps)
+		}
+		if err != nil {
+			break
+		}
 	}
 	if err != nil {
 		inst.closeListeners()
@@ -393,26 +441,33 @@ func (a *App) serve(inst *instance) {
 	if !inst.cfg.HealthCheckEnabled || !inst.cfg.Enabled {
 		inst.state.ClearHealth()
 	}
-	if inst.ln != nil {
-		inst.state.ListenerUp(streamstate.TCP)
-		inst.startAccept()
-	}
-	if inst.udp != nil {
-		inst.relay.SetConfig(inst.nat)
-		if err := inst.relay.AddSocket(inst.udp); err != nil {
-			inst.logger.Error("serving UDP socket", zap.Error(err))
-		} else {
-			inst.serving = true
+	for _, sk := range inst.all() {
+		if sk.ln != nil {
+			inst.state.ListenerUp(streamstate.TCP)
+			inst.startAccept(sk)
+		}
+		if sk.udp != nil {
+			sk.relay.SetConfig(sk.nat)
+			if err := sk.relay.AddSocket(sk.udp); err != nil {
+				inst.logger.Error("serving UDP socket", zap.Int("port", sk.port), zap.Error(err))
+			} else {
+				sk.serving = true
+			}
 		}
 	}
 	if inst.ln != nil || inst.udp != nil {
-		a.logger.Info("stream listening",
+		fields := []zap.Field{
 			zap.Int64("stream_id", inst.cfg.ID),
 			zap.String("stream", inst.cfg.DisplayName()),
 			zap.String("source", inst.source),
 			zap.String("protocol", inst.cfg.EffectiveProtocol()),
 			zap.String("listen", inst.cfg.ListenHostPort()),
-			zap.String("upstream", inst.cfg.UpstreamHostPort()))
+			zap.String("upstream", inst.cfg.UpstreamHostPort()),
+		}
+		if inst.cfg.IsRange() {
+			fields = append(fields, zap.Int("listen_port_end", inst.cfg.ListenPortEnd))
+		}
+		a.logger.Info("stream listening", fields...)
 	}
 }
 
@@ -448,8 +503,10 @@ func (a *App) reassert(theirs []int64) {
 	a.registerCerts(theirs)
 	for _, inst := range a.streams {
 		a.serveSettings(inst)
-		if inst.serving {
-			inst.relay.SetConfig(inst.nat)
+		for _, sk := range inst.all() {
+			if sk.serving {
+				sk.relay.SetConfig(sk.nat)
+			}
 		}
 	}
 }
@@ -466,25 +523,28 @@ func (a *App) closeListeners() {
 // so replies move to a newer socket of the same address if one was bound
 // meanwhile (a reload, an edit).
 func (inst *instance) closeListeners() {
-	if inst.ln != nil {
-		inst.ln.Close()
-		unbind(inst.cfg, "tcp")
-		inst.ln = nil
-		if inst.done != nil {
-			close(inst.stop)
-			<-inst.done
-			inst.done = nil
-			inst.state.ListenerDown(streamstate.TCP)
+	for _, sk := range inst.all() {
+		ps := portStream(inst.cfg, sk.port)
+		if sk.ln != nil {
+			sk.ln.Close()
+			unbind(ps, "tcp")
+			sk.ln = nil
+			if sk.done != nil {
+				close(sk.stop)
+				<-sk.done
+				sk.done = nil
+				inst.state.ListenerDown(streamstate.TCP)
+			}
 		}
-	}
-	if inst.udp != nil {
-		if inst.serving {
-			inst.relay.RemoveSocket(inst.udp, inst.pc.Close)
-		} else {
-			inst.pc.Close()
+		if sk.udp != nil {
+			if sk.serving {
+				sk.relay.RemoveSocket(sk.udp, sk.pc.Close)
+			} else {
+				sk.pc.Close()
+			}
+			unbind(ps, "udp")
+			sk.udp, sk.pc, sk.serving = nil, nil, false
 		}
-		unbind(inst.cfg, "udp")
-		inst.udp, inst.pc, inst.serving = nil, nil, false
 	}
 }
 
@@ -498,9 +558,11 @@ func (inst *instance) release() {
 	}
 	// A relay that goes away closes its NAT entries at once: with its
 	// sockets closed, no reply could reach the clients.
-	if inst.relay != nil {
-		udpnat.Release(inst.relay)
-		inst.relay = nil
+	for _, sk := range inst.all() {
+		if sk.relay != nil {
+			udpnat.Release(sk.relay)
+			sk.relay = nil
+		}
 	}
 	if !inst.released {
 		inst.released = true
@@ -530,17 +592,17 @@ func (a *App) Cleanup() error {
 	return nil
 }
 
-// startAccept runs the accept loop of inst.ln until closeListeners.
-func (inst *instance) startAccept() {
-	inst.done = make(chan struct{})
-	inst.stop = make(chan struct{})
-	go inst.accept(inst.ln, inst.stop)
+// startAccept runs the accept loop of sk.ln until closeListeners.
+func (inst *instance) startAccept(sk *sockets) {
+	sk.done = make(chan struct{})
+	sk.stop = make(chan struct{})
+	go inst.accept(sk.ln, sk.stop, sk.done)
 }
 
-// accept runs the stream's accept loop until its listener is closed, or
-// stop is while it waits to try again.
-func (inst *instance) accept(ln net.Listener, stop <-chan struct{}) {
-	defer close(inst.done)
+// accept runs the stream's accept loop of one listener until it is
+// closed, or stop is while it waits to try again.
+func (inst *instance) accept(ln net.Listener, stop <-chan struct{}, done chan<- struct{}) {
+	defer close(done)
 	var backoff time.Duration
 	for {
 		c, err := ln.Accept()

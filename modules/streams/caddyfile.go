@@ -54,7 +54,7 @@ func parseStreamsOption(d *caddyfile.Dispenser, existingVal any) (any, error) {
 //		host <id> [<name>] {
 //			name <text>
 //			protocol tcp|udp|tcp+udp
-//			listen <address:port>|<port>
+//			listen <address:port>|<port>|<address:first-last>
 //			listen_address <ip>
 //			listen_port <port>
 //			upstream <host:port> [weight <n>] [backup]
@@ -258,14 +258,18 @@ func unmarshalHost(d *caddyfile.Dispenser, ids map[int64]bool) (*spec.Stream, er
 			ups = append(ups, u)
 
 		case "listen":
-			if err := set(opt, "listen_address", "listen_port"); err != nil {
-				return nil, err
-			}
 			v, err := oneArg(d, where)
 			if err != nil {
 				return nil, err
 			}
-			if s.ListenAddress, s.ListenPort, err = parseListen(v); err != nil {
+			fields := []string{"listen_address", "listen_port"}
+			if strings.Contains(v, "-") {
+				fields = append(fields, "listen_port_end")
+			}
+			if err := set(opt, fields...); err != nil {
+				return nil, err
+			}
+			if s.ListenAddress, s.ListenPort, s.ListenPortEnd, err = parseListen(v); err != nil {
 				return nil, d.Errf("%s: %s %q: %v", where, opt, v, err)
 			}
 
@@ -420,12 +424,33 @@ func boolArg(d *caddyfile.Dispenser, where string, dst *bool) error {
 	return nil
 }
 
-// parseListen parses the `listen` shorthand: <address:port> or <port>.
-func parseListen(v string) (addr string, port int, err error) {
-	const want = "want <address:port> or <port>, e.g. 127.0.0.1:5432, [::1]:5432, :5432 or 5432"
+// parseListen parses the `listen` shorthand: <address:port> or <port>,
+// where the port may be a range <first>-<last>.
+func parseListen(v string) (addr string, port, end int, err error) {
+	const want = "want <address:port> or <port>, e.g. 127.0.0.1:5432, [::1]:5432, :5432, 5432 or a range 0.0.0.0:30000-30099"
 	if strings.Contains(v, "/") {
-		return "", 0, fmt.Errorf("%s; set tcp or udp with the protocol option", want)
+		return "", 0, 0, fmt.Errorf("%s; set tcp or udp with the protocol option", want)
 	}
+	ports := v
+	if i := strings.LastIndexByte(v, ':'); i >= 0 {
+		ports = v[i+1:]
+	}
+	if first, last, ok := strings.Cut(ports, "-"); ok {
+		a, err1 := strconv.Atoi(first)
+		b, err2 := strconv.Atoi(last)
+		if err1 != nil || err2 != nil || a < 0 || b < 0 {
+			return "", 0, 0, fmt.Errorf("port range %q is not <first>-<last>; %s", ports, want)
+		}
+		addr, port, err = parseListenOne(v[:len(v)-len(ports)] + first)
+		return addr, port, b, err
+	}
+	addr, port, err = parseListenOne(v)
+	return addr, port, 0, err
+}
+
+// parseListenOne parses <address:port> or <port>.
+func parseListenOne(v string) (addr string, port int, err error) {
+	const want = "want <address:port> or <port>, e.g. 127.0.0.1:5432, [::1]:5432, :5432 or 5432"
 	if n, err := strconv.Atoi(v); err == nil {
 		return "", n, nil
 	}

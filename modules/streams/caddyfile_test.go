@@ -469,3 +469,43 @@ func TestUnmarshalCaddyfileUpstreams(t *testing.T) {
 		}
 	}
 }
+
+func TestUnmarshalCaddyfileListenRange(t *testing.T) {
+	for _, tc := range []struct {
+		in         string
+		addr       string
+		port, end  int
+		wantErrMsg string
+	}{
+		{in: "0.0.0.0:30000-30099", addr: "0.0.0.0", port: 30000, end: 30099},
+		{in: "30000-30099", port: 30000, end: 30099},
+		{in: "[::1]:30000-30001", addr: "::1", port: 30000, end: 30001},
+		{in: ":5432", port: 5432},
+		{in: "0.0.0.0:30000-", wantErrMsg: `port range "30000-" is not <first>-<last>`},
+		{in: "0.0.0.0:a-b", wantErrMsg: `port range "a-b"`},
+		{in: "30000--5", wantErrMsg: "port range"},
+	} {
+		d := caddyfile.NewTestDispenser("streams {\n host 1 {\n listen " + tc.in + "\n upstream a:1\n }\n}")
+		var app App
+		err := app.UnmarshalCaddyfile(d)
+		if tc.wantErrMsg != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.wantErrMsg) {
+				t.Errorf("listen %s: error %v, want %q", tc.in, err, tc.wantErrMsg)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("listen %s: %v", tc.in, err)
+			continue
+		}
+		if h := app.Hosts[0]; h.ListenAddress != tc.addr || h.ListenPort != tc.port || h.ListenPortEnd != tc.end {
+			t.Errorf("listen %s: %q %d-%d", tc.in, h.ListenAddress, h.ListenPort, h.ListenPortEnd)
+		}
+	}
+	// listen with a range and listen_port_end: set twice.
+	d := caddyfile.NewTestDispenser("streams {\n host 1 {\n listen 1-2\n listen_port_end 3\n }\n}")
+	var app App
+	if err := app.UnmarshalCaddyfile(d); err == nil || !strings.Contains(err.Error(), "listen_port_end, already set by 'listen'") {
+		t.Errorf("listen range and listen_port_end: %v", err)
+	}
+}

@@ -274,7 +274,8 @@ func (a *App) updateHost(ctx context.Context, id int64, build func(spec.Stream) 
 	}
 	sameSockets := old.cfg.Enabled && s.Enabled &&
 		old.cfg.EffectiveProtocol() == s.EffectiveProtocol() &&
-		old.cfg.ListenAddress == s.ListenAddress && old.cfg.ListenPort == s.ListenPort
+		old.cfg.ListenAddress == s.ListenAddress && old.cfg.ListenPort == s.ListenPort &&
+		old.cfg.LastPort() == s.LastPort()
 
 	var next *instance // sockets change: an instance of its own
 	var swap *instance // sockets stay: the new chain and relay config
@@ -314,9 +315,11 @@ func (a *App) updateHost(ctx context.Context, id int64, build func(spec.Stream) 
 			swap.chain.Store(prev)
 		}
 		old.cancel, swap.cancel = swap.cancel, old.cancel
-		if old.relay != nil {
-			old.nat = swap.nat
-			old.relay.SetConfig(old.nat)
+		for i, sk := range old.all() {
+			if sk.relay != nil {
+				sk.nat = swap.all()[i].nat
+				sk.relay.SetConfig(sk.nat)
+			}
 		}
 		// The connection goroutines read old.logger: it keeps the name the
 		// stream had when it started; the handlers log the new one.
@@ -487,12 +490,21 @@ func (a *App) ActiveConnections(id int64) ([]spec.ActiveConn, error) {
 			ID: ss.ID, Protocol: proto, Source: ss.Source.String(), SourceIP: ss.Source.Addr().String(),
 			StartedAt: jsontime.Of(ss.Start), BytesSent: ss.Sent(), BytesReceived: ss.Received(),
 			DatagramsSent: ss.DatagramsSent(), DatagramsReceived: ss.DatagramsReceived(),
-			Upstream: peerAddr(ss),
+			Upstream: peerAddr(ss), ListenPort: listenPort(inst.cfg, ss),
 		})
 		return true
 	})
 	slices.SortFunc(out, func(x, y spec.ActiveConn) int { return x.StartedAt.Compare(y.StartedAt.Time) })
 	return out, nil
+}
+
+// listenPort is the port session ss came in on, for a stream with a port
+// range; 0 otherwise.
+func listenPort(s *spec.Stream, ss *streamstate.Session) int {
+	if !s.IsRange() {
+		return 0
+	}
+	return ss.ListenPort()
 }
 
 // peerAddr is the upstream session ss went to, or "".

@@ -105,6 +105,7 @@ type Session struct {
 	conn     *Conn // the guard's wrapper of client (TCP), set before the relay starts
 	upstream atomic.Pointer[net.Conn]
 	peer     atomic.Pointer[Upstream] // the upstream it went to (SetPeer)
+	port     atomic.Uint32            // the port it came in on, for a port range (SetListenPort)
 
 	logger *zap.Logger
 	name   string
@@ -133,6 +134,13 @@ func (s *State) newSession(client io.Closer, source netip.AddrPort, idle time.Du
 	}
 	return ss
 }
+
+// SetListenPort records the port the connection came in on (a stream
+// with a port range).
+func (ss *Session) SetListenPort(p int) { ss.port.Store(uint32(p)) }
+
+// ListenPort is the port SetListenPort recorded, or 0.
+func (ss *Session) ListenPort() int { return int(ss.port.Load()) }
 
 // Sent is the number of client→upstream bytes of this connection.
 func (ss *Session) Sent() uint64 { return ss.sent.Load() }

@@ -64,6 +64,9 @@ type Config struct {
 	// not used. A refused upstream (ICMP unreachable) is marked failed
 	// there, so the client's next datagram goes to another one.
 	Picker *streamstate.Picker
+	// PortOffset is added to each upstream's port: the relay serves port
+	// listen_port + PortOffset of a stream's port range.
+	PortOffset int
 	// Policy admits new clients (access lists, max_connections, shared
 	// with the stream's TCP connections, and HardCap) and gives each
 	// entry its rate limits, idle timeout and connection logging, as it
@@ -185,7 +188,7 @@ func (r *Relay) SetConfig(c Config) {
 	p.targets = make([]atomic.Pointer[netip.AddrPort], p.picker.Len())
 	for i := range p.targets {
 		if ap, err := netip.ParseAddrPort(p.picker.Peer(i).Addr); err == nil {
-			ap = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+			ap = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()+uint16(c.PortOffset))
 			p.targets[i].Store(&ap)
 		} else {
 			r.wg.Add(1)
@@ -228,7 +231,7 @@ func (r *Relay) resolve(ctx context.Context, p *config, i int) {
 			}
 			failed, wait = true, time.Second
 		} else {
-			ap := netip.AddrPortFrom(ips[0].Unmap(), uint16(pn))
+			ap := netip.AddrPortFrom(ips[0].Unmap(), uint16(int(pn)+p.PortOffset))
 			p.targets[i].Store(&ap)
 			failed = false
 		}
@@ -436,6 +439,7 @@ func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte) *entry {
 	}
 	e.ss = pol.Open(r.state, e, client, true, &r.table)
 	e.ss.SetPeer(p.picker.Peer(e.peer).State)
+	e.ss.SetListenPort(int(s.local.Port()))
 	// Two sockets of the relay (during a reload) may open the same client
 	// at once; the first one stored wins.
 	for {
