@@ -93,7 +93,9 @@ func TestPortRangeValidate(t *testing.T) {
 		{"100 ports", func(s *Stream) { s.ListenPort, s.ListenPortEnd = 30000, 30099 }, nil},
 		{"10000 ports", func(s *Stream) { s.ListenPort, s.ListenPortEnd, s.UpstreamPort = 20000, 29999, 20000 }, nil},
 		{"end equals start", func(s *Stream) { s.ListenPortEnd = s.ListenPort }, nil},
-		{"fixed", func(s *Stream) { s.ListenPort, s.ListenPortEnd, s.UpstreamPort, s.UpstreamPortFixed = 30000, 39999, 65535, true }, nil},
+		{"fixed", func(s *Stream) {
+			s.ListenPort, s.ListenPortEnd, s.UpstreamPort, s.UpstreamPortFixed = 30000, 39999, 65535, true
+		}, nil},
 		{"10001 ports", func(s *Stream) { s.ListenPort, s.ListenPortEnd = 20000, 30000 }, []string{"listen_port_end 30000: 10001 ports from listen_port 20000; at most 10000"}},
 		{"end below start", func(s *Stream) { s.ListenPort, s.ListenPortEnd = 30000, 29999 }, []string{"listen_port_end 29999: must be at least listen_port (30000)"}},
 		{"end too big", func(s *Stream) { s.ListenPortEnd = 70000 }, []string{"listen_port_end 70000: must be 1-65535"}},
