@@ -5,6 +5,8 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+
+	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
 )
 
 // TestAPIUpstreams: a stream created with upstreams only shows the first
@@ -67,4 +69,41 @@ func TestAPIUpstreams(t *testing.T) {
 	}
 	// A PUT with upstreams needs no upstream_host and upstream_port.
 	inst.call("PUT", path, stream(0, port, 0, obj{"upstream_host": nil, "upstream_port": nil, "upstreams": ups})).want(t, http.StatusOK)
+}
+
+// TestAPIPortRange: a stream with listen_port_end relays each port to its
+// upstream port; validate-port checks a range as a range, naming the first
+// port that clashes.
+func TestAPIPortRange(t *testing.T) {
+	checkNoLeaks(t)
+	up := newServer(t, echo)
+	first := testenv.FreePortRange(t, 10)
+	inst := startCaddy(t, streamsApp(), nil)
+	inst.create(stream(0, first+4, up.Port, obj{"listen_port_end": first + 5, "upstream_port_fixed": true}))
+	for _, p := range []int{first + 4, first + 5} {
+		if got := roundTrip(t, dial(t, p), "r"); got != "r" {
+			t.Fatalf("port %d: %q", p, got)
+		}
+	}
+	var res struct {
+		Valid  bool `json:"valid"`
+		Errors []struct {
+			Field   string `json:"field"`
+			Message string `json:"message"`
+		} `json:"errors"`
+	}
+	inst.call("POST", "/api/v1/streams/validate-port", obj{"protocol": "tcp", "listen_address": "127.0.0.1", "listen_port": first, "listen_port_end": first + 9}).
+		want(t, http.StatusOK).decode(t, &res)
+	if res.Valid || len(res.Errors) != 1 || !strings.Contains(res.Errors[0].Message, fmt.Sprintf("first at port %d", first+4)) {
+		t.Errorf("validate-port of an overlapping range: %+v", res)
+	}
+	inst.call("POST", "/api/v1/streams/validate-port", obj{"protocol": "tcp", "listen_address": "127.0.0.1", "listen_port": first, "listen_port_end": first + 3}).
+		want(t, http.StatusOK).decode(t, &res)
+	if !res.Valid {
+		t.Errorf("validate-port of a free range: %+v", res)
+	}
+	e := inst.call("POST", "/api/v1/streams", stream(0, first, up.Port, obj{"listen_port_end": first + 9})).apiErr(t, http.StatusBadRequest)
+	if !strings.Contains(e.Error, "overlaps") {
+		t.Errorf("create of an overlapping range: %+v", e)
+	}
 }

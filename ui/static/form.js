@@ -15,6 +15,8 @@ const FIELDS = {
   protocol: { label: 'Protocol', kind: 'select', options: [['tcp', 'tcp'], ['udp', 'udp'], ['tcp+udp', 'tcp+udp']], hint: 'tcp+udp: both, on the same port.' },
   listen_address: { label: 'Listen address', kind: 'text', placeholder: 'every address', hint: 'An IP address, e.g. 127.0.0.1. Empty: every address.' },
   listen_port: { label: 'Listen port', ...PORT },
+  listen_port_end: { label: 'Last listen port', kind: 'int', min: 0, max: 65535, empty: 0, placeholder: 'one port', hint: 'Optional: listen on every port from the listen port to this one (at most 10,000). Port listen + k goes to upstream port + k.' },
+  upstream_port_fixed: { label: 'Same upstream port for every port', kind: 'check', hint: 'With a port range: send every port to the upstream port instead of upstream port + k.' },
   upstream_host: { label: 'Upstream host', kind: 'text', required: true, hint: 'A hostname or an IP address.' },
   upstream_port: { label: 'Upstream port', ...PORT },
   upstreams: { label: 'Several upstreams', kind: 'upstreams', hint: 'Optional. One per line: host:port [weight N] [backup], e.g. 10.0.0.5:5432 weight 2. When set, the upstream host and port above are not used.' },
@@ -40,7 +42,7 @@ const FIELDS = {
 
 const GROUPS = [
   ['Stream', ['name', 'enabled']],
-  ['Protocol and addresses', ['protocol', 'listen_address', 'listen_port', 'upstream_host', 'upstream_port', 'proxy_protocol_version']],
+  ['Protocol and addresses', ['protocol', 'listen_address', 'listen_port', 'listen_port_end', 'upstream_host', 'upstream_port', 'upstream_port_fixed', 'proxy_protocol_version']],
   ['Several upstreams', ['upstreams', 'load_balancing', 'fail_timeout_seconds']],
   ['TLS', ['ssl_enabled', 'ssl_cert_id']],
   ['Access control', ['whitelist_cidrs', 'blacklist_cidrs', 'max_connections']],
@@ -50,7 +52,7 @@ const GROUPS = [
   ['Notes', ['notes']],
 ];
 
-const PORT_FIELDS = ['protocol', 'listen_address', 'listen_port'];
+const PORT_FIELDS = ['protocol', 'listen_address', 'listen_port', 'listen_port_end'];
 
 export async function formPage(ctx) {
   const editing = ctx.id > 0;
@@ -97,11 +99,14 @@ export async function formPage(ctx) {
   const portProblems = async () => {
     const port = parseCount(controls.listen_port.value, PORT);
     if (port.error) return null;
+    const end = parseCount(controls.listen_port_end.value, FIELDS.listen_port_end);
+    if (end.error) return null;
     try {
       const res = await post('streams/validate-port', {
         protocol: controls.protocol.value,
         listen_address: controls.listen_address.value.trim(),
         listen_port: port.value,
+        listen_port_end: end.value || undefined,
         id: editing ? ctx.id : undefined,
       });
       return { problems: res.errors.map((e) => ({ field: e.field, message: shortMessage(e.message) })), warnings: res.warnings };
