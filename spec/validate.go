@@ -178,14 +178,14 @@ func (s *Stream) validate(limits bool) error {
 	switch reason := checkUpstreamHost(s.UpstreamHost); {
 	case s.UpstreamHost == "" && many:
 	case s.UpstreamHost == "":
-		required("upstream_host", upstreamHostWant+", or give upstreams")
+		required("upstream_host", upstreamHostWant)
 	case reason != "":
 		bad("upstream_host", s.UpstreamHost, reason)
 	}
 	switch {
 	case s.UpstreamPort == 0 && many:
 	case s.UpstreamPort == 0:
-		required("upstream_port", "must be 1-65535, or give upstreams")
+		required("upstream_port", "must be 1-65535")
 	case !ValidPort(s.UpstreamPort):
 		badInt("upstream_port", int64(s.UpstreamPort), "must be 1-65535")
 	}

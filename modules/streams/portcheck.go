@@ -18,7 +18,7 @@ func (a *App) ValidatePort(pc spec.PortCheck) spec.PortCheckResult {
 		id = a.nextID()
 	}
 	s := &spec.Stream{ID: id, Protocol: pc.Protocol, ListenAddress: pc.ListenAddress, ListenPort: pc.ListenPort,
-		ListenPortEnd: pc.ListenPortEnd, UpstreamHost: "127.0.0.1", UpstreamPort: 1, UpstreamPortFixed: true, Enabled: true}
+		ListenPortEnd: pc.ListenPortEnd, UpstreamHost: "127.0.0.1", UpstreamPort: 1, Enabled: true}
 	if inst := a.find(pc.ID); inst != nil {
 		s.Name = inst.cfg.Name
 	}
