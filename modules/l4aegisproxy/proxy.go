@@ -202,10 +202,12 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	}
 	h.state.ObserveDial(time.Since(start))
 	defer up.Close()
+	// Each upstream counts its connections when there are several.
+	many := len(h.Upstreams) > 0
 	if ss != nil {
-		ss.SetPeer(peer.State)
+		ss.SetPeer(peer.State, many)
 		ss.SetUpstream(up)
-	} else {
+	} else if many {
 		peer.State.Active.Add(1)
 		peer.State.Total.Add(1)
 		defer peer.State.Active.Add(-1)

@@ -137,6 +137,12 @@ func (p *Picker) Failed(i int, err error) { p.peers[i].State.Fail(err, p.failFor
 // order: a peer that is up and not a backup; a backup that is up; a peer
 // that is down (none is up: it may be back); a backup that is down.
 func (p *Picker) Pick(client netip.Addr, tried Tried) int {
+	if len(p.peers) == 1 { // nothing to choose from
+		if tried.Has(0) {
+			return -1
+		}
+		return 0
+	}
 	now := time.Now().UnixNano()
 	for tier := range 4 {
 		backup, up := tier&1 == 1, tier < 2

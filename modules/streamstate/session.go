@@ -105,6 +105,9 @@ type Session struct {
 	conn     *Conn // the guard's wrapper of client (TCP), set before the relay starts
 	upstream atomic.Pointer[net.Conn]
 	peer     atomic.Pointer[Upstream] // the upstream it went to (SetPeer)
+	// peerCounted: peer counts the session (SetPeer); written before
+	// the session's relay starts, read by readers after peer.
+	peerCounted bool
 	port     atomic.Uint32            // the port it came in on, for a port range (SetListenPort)
 
 	logger *zap.Logger

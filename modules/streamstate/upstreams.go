@@ -1,6 +1,7 @@
 package streamstate
 
 import (
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -21,6 +22,8 @@ type Upstream struct {
 	DialFailures atomic.Uint64
 
 	ended     [2]atomic.Uint64 // bytes of ended sessions, by direction
+	seenMu    sync.Mutex       // readers only: guards seen
+	seen      [2]uint64        // the most bytes a reader has seen: never less again
 	failUntil atomic.Int64     // unix nanoseconds: skipped until then
 	health    atomic.Pointer[Health]
 	lastErr   atomic.Pointer[string]
@@ -105,25 +108,37 @@ func (u *Upstream) LastError() string {
 }
 
 // Bytes returns the bytes relayed through the upstream each way: those
-// of ended connections and of the open ones of stream s.
+// of ended connections and of the open ones of stream s, never less than
+// an earlier call returned (see bytes.go).
 func (u *Upstream) Bytes(s *State) (sent, received uint64) {
-	sent, received = u.ended[dirSent].Load(), u.ended[dirReceived].Load()
+	b := [2]uint64{u.ended[dirSent].Load(), u.ended[dirReceived].Load()}
 	s.sessions.Range(func(_, v any) bool {
 		ss := v.(*Session)
-		if ss.peer.Load() == u && !ss.folded.Load() {
-			sent += ss.sent.Load()
-			received += ss.received.Load()
+		if ss.peer.Load() == u && ss.peerCounted && !ss.folded.Load() {
+			b[dirSent] += ss.sent.Load()
+			b[dirReceived] += ss.received.Load()
 		}
 		return true
 	})
-	return sent, received
+	u.seenMu.Lock()
+	defer u.seenMu.Unlock()
+	for d := range b {
+		u.seen[d] = max(u.seen[d], b[d])
+	}
+	return u.seen[dirSent], u.seen[dirReceived]
 }
 
-// SetPeer records that the session went to upstream u, and counts it
-// there. Call it once, when the upstream is reached.
-func (ss *Session) SetPeer(u *Upstream) {
-	u.Active.Add(1)
-	u.Total.Add(1)
+// SetPeer records that the session went to upstream u, for the log and
+// the live list, and with count counts it in u's connections and bytes
+// (a stream with several upstreams: one with a single upstream has the
+// stream's own counters, and its connections write nothing more). Call it
+// once, when the upstream is reached.
+func (ss *Session) SetPeer(u *Upstream, count bool) {
+	if count {
+		ss.peerCounted = true
+		u.Active.Add(1)
+		u.Total.Add(1)
+	}
 	ss.peer.Store(u)
 }
 
@@ -134,7 +149,7 @@ func (ss *Session) Peer() *Upstream { return ss.peer.Load() }
 // upstream's open counters; fold calls it once.
 func (ss *Session) foldPeer() {
 	u := ss.peer.Load()
-	if u == nil {
+	if u == nil || !ss.peerCounted {
 		return
 	}
 	if n := ss.sent.Load(); n > 0 {

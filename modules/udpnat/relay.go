@@ -201,7 +201,7 @@ func (r *Relay) SetConfig(c Config) {
 	}
 	old.cancel()
 	r.entries.Range(func(_, v any) bool {
-		if e := v.(*entry); !p.has(e.upstream()) {
+		if e := v.(*entry); !p.has(e.upstream()) || e.cfg.PortOffset != p.PortOffset {
 			e.end(streamstate.ReasonConfigChanged)
 		}
 		return true
@@ -438,7 +438,7 @@ func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte) *entry {
 		e.peer = i
 	}
 	e.ss = pol.Open(r.state, e, client, true, &r.table)
-	e.ss.SetPeer(p.picker.Peer(e.peer).State)
+	e.ss.SetPeer(p.picker.Peer(e.peer).State, p.Picker != nil)
 	e.ss.SetListenPort(int(s.local.Port()))
 	// Two sockets of the relay (during a reload) may open the same client
 	// at once; the first one stored wins.
