@@ -108,7 +108,7 @@ type Session struct {
 	// peerCounted: peer counts the session (SetPeer); written before
 	// the session's relay starts, read by readers after peer.
 	peerCounted bool
-	port     atomic.Uint32            // the port it came in on, for a port range (SetListenPort)
+	port        atomic.Uint32 // the port it came in on, for a port range (SetListenPort)
 
 	logger *zap.Logger
 	name   string
