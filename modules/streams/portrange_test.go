@@ -114,6 +114,12 @@ func TestPortRangeRefused(t *testing.T) {
 		t.Errorf("an overlapping range: %v", err)
 	}
 
+	// Caddy's admin port (2019) anywhere in the range.
+	err = inst.load(hosts(host(1, first+5, up.Port, nil), host(2, 2000, up.Port, map[string]any{"listen_port_end": 2100})))
+	if err == nil || !strings.Contains(err.Error(), "listen_port 2000-2100 includes port 2019, Caddy's admin endpoint") {
+		t.Errorf("a range over the admin port: %v", err)
+	}
+
 	// Port first+12 held by another program: all or nothing.
 	ln, lerr := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", first+12))
 	if lerr != nil {
