@@ -438,6 +438,7 @@ func (a *App) serveSettings(inst *instance) {
 // serve starts serving the stream's bound listeners.
 func (a *App) serve(inst *instance) {
 	a.serveSettings(inst)
+	keepUpstreams(inst)
 	if !inst.cfg.HealthCheckEnabled || !inst.cfg.Enabled {
 		inst.state.ClearHealth()
 	}
@@ -469,6 +470,16 @@ func (a *App) serve(inst *instance) {
 		}
 		a.logger.Info("stream listening", fields...)
 	}
+}
+
+// keepUpstreams lets the stream's state forget the upstreams its config
+// no longer names.
+func keepUpstreams(inst *instance) {
+	var addrs []string
+	for _, u := range inst.cfg.UpstreamList() {
+		addrs = append(addrs, u.HostPort())
+	}
+	inst.state.KeepUpstreams(addrs)
 }
 
 // Stop stops accepting at once. Open connections of streams that the next

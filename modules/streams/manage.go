@@ -324,6 +324,7 @@ func (a *App) updateHost(ctx context.Context, id int64, build func(spec.Stream) 
 		// The connection goroutines read old.logger: it keeps the name the
 		// stream had when it started; the handlers log the new one.
 		old.cfg = s
+		keepUpstreams(old)
 		if !s.HealthCheckEnabled {
 			old.state.ClearHealth()
 		}

@@ -138,3 +138,15 @@ func TestNewPickerRefuses(t *testing.T) {
 		t.Error("no peers was taken")
 	}
 }
+
+func TestKeepUpstreams(t *testing.T) {
+	s := New(0)
+	defer s.Destruct()
+	a, b, c := s.Upstream("a:1"), s.Upstream("b:1"), s.Upstream("c:1")
+	c.Active.Store(1) // still has a connection
+	s.KeepUpstreams([]string{"a:1"})
+	if s.FindUpstream("a:1") != a || s.FindUpstream("b:1") != nil || s.FindUpstream("c:1") != c {
+		t.Errorf("after KeepUpstreams(a): a %p b %p c %p", s.FindUpstream("a:1"), s.FindUpstream("b:1"), s.FindUpstream("c:1"))
+	}
+	_ = b
+}

@@ -1,6 +1,7 @@
 package streamstate
 
 import (
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -44,6 +45,19 @@ func (s *State) Upstream(addr string) *Upstream {
 	u := &Upstream{Addr: addr}
 	s.upstreams[addr] = u
 	return u
+}
+
+// KeepUpstreams forgets the upstreams not in addrs that have no open
+// connection: those a config no longer names. Called when a config of the
+// stream starts serving.
+func (s *State) KeepUpstreams(addrs []string) {
+	s.upMu.Lock()
+	defer s.upMu.Unlock()
+	for addr, u := range s.upstreams {
+		if !slices.Contains(addrs, addr) && u.Active.Load() == 0 {
+			delete(s.upstreams, addr)
+		}
+	}
 }
 
 // FindUpstream returns the state of upstream addr, or nil if none was
