@@ -194,6 +194,15 @@ type Stream struct {
 	// after the whitelist. Default: empty.
 	BlacklistCIDRs []string `json:"blacklist_cidrs,omitempty"`
 
+	// SNI are the TLS server names this stream takes on a listen address
+	// and port that TCP streams share: exact (db.example.com) or
+	// one-level wildcards (*.example.com). Each connection's ClientHello
+	// picks the stream; at most one stream on the port leaves SNI empty
+	// and takes the clients no name matches, and those without TLS.
+	// Protocol tcp only, without a port range. Default: empty (the port
+	// is the stream's own, or it is the shared port's default).
+	SNI []string `json:"sni,omitempty"`
+
 	// SSLEnabled terminates TLS on the listener. Default: false.
 	SSLEnabled bool `json:"ssl_enabled,omitempty"`
 
@@ -316,6 +325,43 @@ func (s *Stream) HasTCP() bool {
 func (s *Stream) HasUDP() bool {
 	p := s.EffectiveProtocol()
 	return p == ProtocolUDP || p == ProtocolTCPUDP
+}
+
+// SNIMatch reports whether server name name (lowercase) is one of the
+// stream's sni names: equal, or one label under a wildcard.
+func (s *Stream) SNIMatch(name string) bool {
+	for _, p := range s.SNI {
+		if SNIMatches(p, name) {
+			return true
+		}
+	}
+	return false
+}
+
+// SNIMatches reports whether server name name matches pattern, an exact
+// name or a one-level wildcard ("*.example.com" matches "db.example.com",
+// not "example.com" or "a.b.example.com"), case-insensitively.
+func SNIMatches(pattern, name string) bool {
+	pattern, name = strings.ToLower(pattern), strings.ToLower(name)
+	if rest, ok := strings.CutPrefix(pattern, "*."); ok {
+		label, parent, found := strings.Cut(name, ".")
+		return found && label != "" && parent == rest
+	}
+	return pattern == name
+}
+
+// SNIOverlap reports whether one server name can match both patterns.
+func SNIOverlap(a, b string) bool {
+	a, b = strings.ToLower(a), strings.ToLower(b)
+	aw, bw := strings.HasPrefix(a, "*."), strings.HasPrefix(b, "*.")
+	switch {
+	case aw == bw:
+		return a == b
+	case aw:
+		return SNIMatches(a, b)
+	default:
+		return SNIMatches(b, a)
+	}
 }
 
 // LastPort is the last port the stream listens on: listen_port_end, or

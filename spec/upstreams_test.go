@@ -127,3 +127,66 @@ func TestPortRangeValidate(t *testing.T) {
 		t.Errorf("Warnings() = %q, want one on upstream_port_fixed without a range", w)
 	}
 }
+
+func TestSNIValidateAndMatch(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		change func(s *Stream)
+		want   []string
+	}{
+		{"exact and wildcard", func(s *Stream) { s.SNI = []string{"db.example.com", "*.example.org"} }, nil},
+		{"udp", func(s *Stream) { s.Protocol = "udp"; s.SNI = []string{"a.test"} }, []string{`sni "a.test": server names route TLS over TCP`}},
+		{"tcp+udp", func(s *Stream) { s.Protocol = "tcp+udp"; s.SNI = []string{"a.test"} }, []string{"not tcp+udp"}},
+		{"range", func(s *Stream) { s.ListenPortEnd = s.ListenPort + 3; s.SNI = []string{"a.test"} }, []string{"not with a port range"}},
+		{"bad name", func(s *Stream) { s.SNI = []string{"db example"} }, []string{`sni "db example"`}},
+		{"deep wildcard", func(s *Stream) { s.SNI = []string{"a.*.example.com"} }, []string{`sni "a.*.example.com": a wildcard must be the whole first label`}},
+		{"ip", func(s *Stream) { s.SNI = []string{"10.0.0.1"} }, []string{"an IP address is not a server name"}},
+		{"twice", func(s *Stream) { s.SNI = []string{"a.test", "A.test"} }, []string{`sni "A.test": given twice`}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := validStream()
+			tc.change(s)
+			err := s.Validate()
+			if tc.want == nil {
+				if err != nil {
+					t.Fatalf("Validate() = %v", err)
+				}
+				return
+			}
+			if !testenv.OneErrorContains(err, tc.want) {
+				t.Errorf("Validate() = %v\nwant one error containing all of %q", err, tc.want)
+			}
+		})
+	}
+	for _, tc := range []struct {
+		pattern, name string
+		want          bool
+	}{
+		{"db.example.com", "db.example.com", true},
+		{"db.example.com", "DB.example.com", true},
+		{"*.example.com", "db.example.com", true},
+		{"*.example.com", "example.com", false},
+		{"*.example.com", "a.b.example.com", false},
+		{"*.example.com", ".example.com", false},
+		{"db.example.com", "db.example.org", false},
+	} {
+		if got := SNIMatches(tc.pattern, tc.name); got != tc.want {
+			t.Errorf("SNIMatches(%q, %q) = %v", tc.pattern, tc.name, got)
+		}
+	}
+	for _, tc := range []struct {
+		a, b string
+		want bool
+	}{
+		{"*.example.com", "db.example.com", true},
+		{"db.example.com", "*.example.com", true},
+		{"*.example.com", "*.example.com", true},
+		{"*.example.com", "*.b.example.com", false},
+		{"*.example.com", "a.b.example.com", false},
+		{"a.test", "b.test", false},
+	} {
+		if got := SNIOverlap(tc.a, tc.b); got != tc.want {
+			t.Errorf("SNIOverlap(%q, %q) = %v", tc.a, tc.b, got)
+		}
+	}
+}

@@ -191,6 +191,7 @@ func (s *Stream) validate(limits bool) error {
 	}
 	errs = append(errs, s.validateUpstreams()...)
 	errs = append(errs, s.validateRange()...)
+	errs = append(errs, s.validateSNI()...)
 
 	if s.MaxConnections < 0 {
 		badInt("max_connections", int64(s.MaxConnections), "must be >= 0 (0 = unlimited)")
@@ -260,6 +261,44 @@ func (s *Stream) validate(limits bool) error {
 	}
 
 	return errors.Join(errs...)
+}
+
+// validateSNI checks the sni names.
+func (s *Stream) validateSNI() []error {
+	if len(s.SNI) == 0 {
+		return nil
+	}
+	var errs []error
+	bad := func(value any, reason string) {
+		errs = append(errs, &FieldError{ID: s.ID, Name: s.Name, Field: "sni", Value: value, Reason: reason})
+	}
+	if s.EffectiveProtocol() != ProtocolTCP {
+		bad(strings.Join(s.SNI, " "), fmt.Sprintf("server names route TLS over TCP; use protocol tcp, not %s, or leave sni empty", s.EffectiveProtocol()))
+	}
+	if s.IsRange() {
+		bad(strings.Join(s.SNI, " "), "not with a port range (listen_port_end); give the stream one port")
+	}
+	seen := map[string]bool{}
+	for _, n := range s.SNI {
+		if strings.HasPrefix(n, "*.") && strings.Count(n, "*") == 1 || !strings.Contains(n, "*") {
+			if err := certcheck.ValidateDomains([]string{n}); err != nil {
+				bad(n, strings.TrimPrefix(err.Error(), "domains: "))
+				continue
+			}
+			if _, err := netip.ParseAddr(n); err == nil {
+				bad(n, "an IP address is not a server name; give a DNS name, e.g. db.example.com or *.example.com")
+				continue
+			}
+		} else {
+			bad(n, "a wildcard must be the whole first label, e.g. *.example.com")
+			continue
+		}
+		if seen[strings.ToLower(n)] {
+			bad(n, "given twice")
+		}
+		seen[strings.ToLower(n)] = true
+	}
+	return errs
 }
 
 // validateRange checks listen_port_end and that each upstream port of the
@@ -468,6 +507,9 @@ func (s *Stream) Warnings() []string {
 	}
 	if s.UpstreamPortFixed && !s.IsRange() {
 		w = append(w, "upstream_port_fixed: applies to a port range (listen_port_end) only")
+	}
+	if len(s.SNI) > 0 && !s.SSLEnabled {
+		w = append(w, "sni: without ssl_enabled the TLS bytes pass through to the upstream, which must serve these names")
 	}
 	if s.UDPResponses > 0 && !s.HasUDP() {
 		w = append(w, "udp_responses: applies to UDP NAT entries only; a TCP-only stream has none")

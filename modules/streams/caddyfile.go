@@ -68,6 +68,7 @@ func parseStreamsOption(d *caddyfile.Dispenser, existingVal any) (any, error) {
 //			idle_timeout_seconds <n>
 //			half_close [true|false]
 //			proxy_protocol_version 0|1|2
+//			sni <server name...>
 //			whitelist_cidrs <cidr...>
 //			blacklist_cidrs <cidr...>
 //			ssl_enabled [true|false]
@@ -89,8 +90,8 @@ func parseStreamsOption(d *caddyfile.Dispenser, existingVal any) (any, error) {
 // or [2001:db8::5]:5432); repeated, or with a weight or backup, it
 // makes upstreams, whose first one is also upstream_host and
 // upstream_port. A boolean option alone means true; `enabled`
-// is true unless set to false. whitelist_cidrs and blacklist_cidrs may
-// repeat and append. Values are checked for syntax only; ranges and
+// is true unless set to false. whitelist_cidrs, blacklist_cidrs and sni
+// may repeat and append. Values are checked for syntax only; ranges and
 // consistency are checked by Validate when the config is loaded.
 func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume option name
@@ -234,15 +235,21 @@ func unmarshalHost(d *caddyfile.Dispenser, ids map[int64]bool) (*spec.Stream, er
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		opt := d.Val()
 		switch opt {
-		case "whitelist_cidrs", "blacklist_cidrs":
+		case "whitelist_cidrs", "blacklist_cidrs", "sni":
 			vals := d.RemainingArgs()
 			if len(vals) == 0 {
+				if opt == "sni" {
+					return nil, d.Errf("%s: sni: want one or more server names", where)
+				}
 				return nil, d.Errf("%s: %s: want one or more CIDRs", where, opt)
 			}
-			if opt == "whitelist_cidrs" {
+			switch opt {
+			case "whitelist_cidrs":
 				s.WhitelistCIDRs = append(s.WhitelistCIDRs, vals...)
-			} else {
+			case "blacklist_cidrs":
 				s.BlacklistCIDRs = append(s.BlacklistCIDRs, vals...)
+			default:
+				s.SNI = append(s.SNI, vals...)
 			}
 
 		case "upstream":
@@ -359,7 +366,7 @@ func hostFields(s *spec.Stream) map[string]any {
 	for i := range v.NumField() {
 		name, _, _ := strings.Cut(v.Type().Field(i).Tag.Get("json"), ",")
 		switch name {
-		case "", "-", "id", "whitelist_cidrs", "blacklist_cidrs", "upstreams":
+		case "", "-", "id", "whitelist_cidrs", "blacklist_cidrs", "upstreams", "sni":
 			continue
 		}
 		out[name] = v.Field(i).Addr().Interface()

@@ -164,7 +164,7 @@ func TestCaddyfileHostOptionsCoverStream(t *testing.T) {
 	for i := range typ.NumField() {
 		name, _, _ := strings.Cut(typ.Field(i).Tag.Get("json"), ",")
 		switch name {
-		case "id", "whitelist_cidrs", "blacklist_cidrs", "upstreams": // host argument; appending options
+		case "id", "whitelist_cidrs", "blacklist_cidrs", "upstreams", "sni": // host argument; appending options
 			continue
 		}
 		switch p := fields[name].(type) {
@@ -507,5 +507,20 @@ func TestUnmarshalCaddyfileListenRange(t *testing.T) {
 	var app App
 	if err := app.UnmarshalCaddyfile(d); err == nil || !strings.Contains(err.Error(), "listen_port_end, already set by 'listen'") {
 		t.Errorf("listen range and listen_port_end: %v", err)
+	}
+}
+
+func TestUnmarshalCaddyfileSNI(t *testing.T) {
+	d := caddyfile.NewTestDispenser("streams {\n host 1 {\n listen 443\n upstream a:443\n sni db.example.com\n sni *.example.org x.test\n }\n}")
+	var app App
+	if err := app.UnmarshalCaddyfile(d); err != nil {
+		t.Fatal(err)
+	}
+	if got := app.Hosts[0].SNI; !reflect.DeepEqual(got, []string{"db.example.com", "*.example.org", "x.test"}) {
+		t.Errorf("sni = %q", got)
+	}
+	d = caddyfile.NewTestDispenser("streams {\n host 1 {\n sni\n }\n}")
+	if err := (&App{}).UnmarshalCaddyfile(d); err == nil || !strings.Contains(err.Error(), "sni: want one or more server names") {
+		t.Errorf("sni alone: %v", err)
 	}
 }
