@@ -125,6 +125,13 @@ type instance struct {
 	// ports of a port range (listen_port_end), in order.
 	sockets
 	more []*sockets
+
+	// sniShared: the stream listens on a port shared by server name
+	// (sni.go), whose listener is sni instead of ln; sniServing: it is
+	// one of that port's streams.
+	sniShared  bool
+	sni        *sniPort
+	sniServing bool
 }
 
 // sockets are the listeners of one port of a stream, with the UDP relay
@@ -242,6 +249,7 @@ func (a *App) newInstance(h *spec.Stream, source string) (*instance, error) {
 	if !h.Enabled {
 		return inst, nil
 	}
+	inst.sniShared = a.sharesPort(h)
 	for _, w := range h.Warnings() {
 		inst.logger.Warn("stream setting", zap.String("warning", w))
 	}
@@ -382,6 +390,9 @@ func (a *App) start() error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	for _, inst := range a.streams {
+		inst.sniShared = a.sharesPort(inst.cfg)
+	}
+	for _, inst := range a.streams {
 		if err := inst.bind(a.ctx); err != nil {
 			a.closeListeners()
 			return err
@@ -408,7 +419,10 @@ func (inst *instance) bind(ctx caddy.Context) error {
 	var err error
 	for _, sk := range inst.all() {
 		ps := portStream(inst.cfg, sk.port)
-		if inst.cfg.HasTCP() {
+		switch {
+		case inst.cfg.HasTCP() && inst.sniShared:
+			inst.sni, err = sniJoin(ctx, ps)
+		case inst.cfg.HasTCP():
 			sk.ln, err = listen(ctx, ps)
 		}
 		if err == nil && inst.cfg.HasUDP() {
@@ -442,6 +456,9 @@ func (a *App) serve(inst *instance) {
 	if !inst.cfg.HealthCheckEnabled || !inst.cfg.Enabled {
 		inst.state.ClearHealth()
 	}
+	if inst.sni != nil && !inst.sniServing {
+		a.serveShared(inst)
+	}
 	for _, sk := range inst.all() {
 		if sk.ln != nil {
 			inst.state.ListenerUp(streamstate.TCP)
@@ -456,7 +473,7 @@ func (a *App) serve(inst *instance) {
 			}
 		}
 	}
-	if inst.ln != nil || inst.udp != nil {
+	if inst.ln != nil || inst.udp != nil || inst.sni != nil {
 		fields := []zap.Field{
 			zap.Int64("stream_id", inst.cfg.ID),
 			zap.String("stream", inst.cfg.DisplayName()),
@@ -467,6 +484,9 @@ func (a *App) serve(inst *instance) {
 		}
 		if inst.cfg.IsRange() {
 			fields = append(fields, zap.Int("listen_port_end", inst.cfg.ListenPortEnd))
+		}
+		if inst.sni != nil {
+			fields = append(fields, zap.Strings("sni", inst.cfg.SNI))
 		}
 		a.logger.Info("stream listening", fields...)
 	}
@@ -534,6 +554,7 @@ func (a *App) closeListeners() {
 // so replies move to a newer socket of the same address if one was bound
 // meanwhile (a reload, an edit).
 func (inst *instance) closeListeners() {
+	inst.leaveShared()
 	for _, sk := range inst.all() {
 		ps := portStream(inst.cfg, sk.port)
 		if sk.ln != nil {
@@ -556,6 +577,23 @@ func (inst *instance) closeListeners() {
 			unbind(ps, "udp")
 			sk.udp, sk.pc, sk.serving = nil, nil, false
 		}
+	}
+}
+
+// closeOwnTCP closes the stream's own TCP listener (of its first port)
+// and waits for its accept loop: the stream moved to a shared port.
+func (inst *instance) closeOwnTCP() {
+	if inst.ln == nil {
+		return
+	}
+	inst.ln.Close()
+	unbind(inst.cfg, "tcp")
+	inst.ln = nil
+	if inst.done != nil {
+		close(inst.stop)
+		<-inst.done
+		inst.done = nil
+		inst.state.ListenerDown(streamstate.TCP)
 	}
 }
 

@@ -216,6 +216,7 @@ func (a *App) createHost(ctx context.Context, s *spec.Stream) (spec.HostStatus, 
 	inst.setStored(stored)
 	a.serve(inst)
 	a.streams = append(a.streams, inst)
+	a.rehomeSNI()
 	inst.logger.Info("stream created")
 	return inst.hostStatus(), nil
 }
@@ -275,7 +276,7 @@ func (a *App) updateHost(ctx context.Context, id int64, build func(spec.Stream) 
 	sameSockets := old.cfg.Enabled && s.Enabled &&
 		old.cfg.EffectiveProtocol() == s.EffectiveProtocol() &&
 		old.cfg.ListenAddress == s.ListenAddress && old.cfg.ListenPort == s.ListenPort &&
-		old.cfg.LastPort() == s.LastPort()
+		old.cfg.LastPort() == s.LastPort() && old.sniShared == a.sharesPort(s)
 
 	var next *instance // sockets change: an instance of its own
 	var swap *instance // sockets stay: the new chain and relay config
@@ -325,6 +326,9 @@ func (a *App) updateHost(ctx context.Context, id int64, build func(spec.Stream) 
 		// stream had when it started; the handlers log the new one.
 		old.cfg = s
 		keepUpstreams(old)
+		if old.sni != nil {
+			old.sni.update()
+		}
 		if !s.HealthCheckEnabled {
 			old.state.ClearHealth()
 		}
@@ -344,6 +348,7 @@ func (a *App) updateHost(ctx context.Context, id int64, build func(spec.Stream) 
 	}
 	a.streams[slices.Index(a.streams, old)] = next
 	old.release()
+	a.rehomeSNI()
 	next.logger.Info("stream updated", zap.Bool("enabled", s.Enabled))
 	return next.hostStatus(), nil
 }

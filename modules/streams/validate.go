@@ -143,6 +143,14 @@ func (a *App) listenConflicts(s *spec.Stream, others []*spec.Stream) []error {
 		default:
 			continue
 		}
+		if sharesBySNI(s, o) {
+			// One port, the streams told apart by server name.
+			if mine, theirs, clash := sniClash(s, o); clash {
+				errs = append(errs, &spec.FieldError{ID: s.ID, Name: s.Name, Field: "sni", Value: mine,
+					Reason: fmt.Sprintf("overlaps %q of %s on the same port; give each server name to one stream", theirs, spec.StreamLabel(o.ID, o.Name))})
+			}
+			continue
+		}
 		if !s.IsRange() && !o.IsRange() {
 			errs = append(errs, &spec.FieldError{
 				ID: s.ID, Name: s.Name, Field: "listen_port",
@@ -177,6 +185,28 @@ func (a *App) listenConflicts(s *spec.Stream, others []*spec.Stream) []error {
 		errs = append(errs, fe)
 	}
 	return errs
+}
+
+// sharesBySNI reports whether s and o may share their listen address and
+// port, told apart by server name: both TCP, one port each, the same
+// address, and at least one gives sni (at most one may leave it empty).
+func sharesBySNI(s, o *spec.Stream) bool {
+	return s.EffectiveProtocol() == spec.ProtocolTCP && o.EffectiveProtocol() == spec.ProtocolTCP &&
+		!s.IsRange() && !o.IsRange() && s.ListenAddress == o.ListenAddress && s.ListenPort == o.ListenPort &&
+		(len(s.SNI) > 0 || len(o.SNI) > 0)
+}
+
+// sniClash returns the first server names of s and o that one name could
+// match both of.
+func sniClash(s, o *spec.Stream) (mine, theirs string, clash bool) {
+	for _, a := range s.SNI {
+		for _, b := range o.SNI {
+			if spec.SNIOverlap(a, b) {
+				return a, b, true
+			}
+		}
+	}
+	return "", "", false
 }
 
 // portsText is the stream's port, or its range of ports: "5432",
