@@ -140,3 +140,55 @@ func TestSNISharedPort(t *testing.T) {
 		t.Errorf("A.TEST: serial %d, want 101 (names are not case-sensitive)", serial)
 	}
 }
+
+// TestSNIConfigReload: streams with sni from the config; a reload that
+// adds one keeps the shared listener (its sni_no_match count goes on) and
+// the open connections; the picked stream's access list applies.
+func TestSNIConfigReload(t *testing.T) {
+	checkNoLeaks(t)
+	ca := newTestCA(t)
+	passUp := tlsEchoUpstream(t, ca, "x.b.test", 202)
+	port := freePort(t)
+	listen := fmt.Sprintf("127.0.0.1:%d", port)
+	b := host(1, port, passUp, map[string]any{"sni": []string{"*.b.test"}})
+	acl := host(2, port, passUp, map[string]any{"sni": []string{"acl.test"}, "whitelist_cidrs": []string{"10.0.0.0/8"}})
+	inst := startCaddy(t, hosts(b, acl))
+	c, serial := tlsDial(t, ca, port, "x.b.test")
+	if serial != 202 {
+		t.Fatalf("x.b.test: serial %d", serial)
+	}
+	if _, err := tls.Dial("tcp", listen, &tls.Config{RootCAs: ca.pool, ServerName: "acl.test"}); err == nil {
+		t.Error("acl.test from 127.0.0.1: handshake passed a whitelist of 10.0.0.0/8")
+	}
+	inst.waitStats(2, "the refused connection", func(s spec.Status) bool { return s.BlockedConnections == 1 })
+	if _, err := tls.Dial("tcp", listen, &tls.Config{RootCAs: ca.pool, ServerName: "none.test"}); err == nil {
+		t.Error("none.test: a handshake with no stream for it")
+	}
+	testenv.Eventually(t, "one sni_no_match", func() bool { return streams.SNINoMatch(listen) == 1 })
+
+	d := host(3, port, passUp, map[string]any{"sni": []string{"d.test"}})
+	if err := inst.load(hosts(b, acl, d)); err != nil {
+		t.Fatal(err)
+	}
+	if n := streams.SNINoMatch(listen); n != 1 {
+		t.Errorf("sni_no_match count %d after the reload, want 1 (the same listener)", n)
+	}
+	if got := roundTrip(t, c, "kept"); got != "kept" {
+		t.Errorf("open connection after the reload: %q", got)
+	}
+	// d.test's upstream serves x.b.test's certificate: passed through.
+	tc, err := tls.Dial("tcp", listen, &tls.Config{RootCAs: ca.pool, ServerName: "d.test", InsecureSkipVerify: true})
+	if err != nil {
+		t.Fatalf("d.test after the reload: %v", err)
+	}
+	tc.Close()
+	inst.waitStats(3, "d.test's connection", func(s spec.Status) bool { return s.TotalConnections == 1 })
+
+	// Removing the streams closes the port.
+	if err := inst.load(hosts(host(4, freePort(t), passUp, nil))); err != nil {
+		t.Fatal(err)
+	}
+	if !refusedAt(t, port) {
+		t.Error("the shared port listens after its streams went")
+	}
+}
