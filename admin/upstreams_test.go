@@ -107,3 +107,45 @@ func TestAPIPortRange(t *testing.T) {
 		t.Errorf("create of an overlapping range: %+v", e)
 	}
 }
+
+// TestAPISNI: streams with sni share a port through the API; validate-port
+// takes sni, so a stream with names checks as one that may share.
+func TestAPISNI(t *testing.T) {
+	checkNoLeaks(t)
+	up := newServer(t, echo)
+	port := freePort(t)
+	inst := startCaddy(t, streamsApp(), nil)
+	inst.create(stream(0, port, up.Port, nil))
+	check := func(sni []string) (valid bool, msg string) {
+		var res struct {
+			Valid  bool `json:"valid"`
+			Errors []struct {
+				Message string `json:"message"`
+			} `json:"errors"`
+		}
+		inst.call("POST", "/api/v1/streams/validate-port", obj{"protocol": "tcp", "listen_address": "127.0.0.1", "listen_port": port, "sni": sni}).
+			want(t, http.StatusOK).decode(t, &res)
+		if len(res.Errors) > 0 {
+			msg = res.Errors[0].Message
+		}
+		return res.Valid, msg
+	}
+	if valid, msg := check(nil); valid || !strings.Contains(msg, "overlaps") {
+		t.Errorf("validate-port without sni on a taken port: %v %q", valid, msg)
+	}
+	if valid, msg := check([]string{"a.test"}); !valid {
+		t.Errorf("validate-port with sni: %v %q", valid, msg)
+	}
+	got := inst.create(stream(0, port, up.Port, obj{"sni": []string{"a.test", "*.b.test"}}))
+	if norm(got["sni"]) != `["a.test","*.b.test"]` {
+		t.Errorf("created: %v", got)
+	}
+	// Without TLS: the default stream, the first one.
+	if r := roundTrip(t, dial(t, port), "plain"); r != "plain" {
+		t.Errorf("plain client: %q", r)
+	}
+	e := inst.call("POST", "/api/v1/streams", stream(0, port, up.Port, obj{"sni": []string{"x.b.test"}})).apiErr(t, http.StatusBadRequest)
+	if e.Field != "sni" || !strings.Contains(e.Error, `overlaps "*.b.test"`) {
+		t.Errorf("an overlapping name: %+v", e)
+	}
+}

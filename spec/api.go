@@ -164,6 +164,8 @@ type PortCheck struct {
 	ListenPort    int    `json:"listen_port"`
 	// ListenPortEnd, when set, checks every port from ListenPort to it.
 	ListenPortEnd int `json:"listen_port_end,omitempty"`
+	// SNI, when set, checks the port as one shared by server name.
+	SNI []string `json:"sni,omitempty"`
 	// ID is the stream being edited: its own sockets are no conflict.
 	ID int64 `json:"id,omitempty"`
 }

@@ -18,7 +18,7 @@ func (a *App) ValidatePort(pc spec.PortCheck) spec.PortCheckResult {
 		id = a.nextID()
 	}
 	s := &spec.Stream{ID: id, Protocol: pc.Protocol, ListenAddress: pc.ListenAddress, ListenPort: pc.ListenPort,
-		ListenPortEnd: pc.ListenPortEnd, UpstreamHost: "127.0.0.1", UpstreamPort: 1, Enabled: true}
+		ListenPortEnd: pc.ListenPortEnd, SNI: pc.SNI, UpstreamHost: "127.0.0.1", UpstreamPort: 1, Enabled: true}
 	if inst := a.find(pc.ID); inst != nil {
 		s.Name = inst.cfg.Name
 	}
@@ -29,7 +29,7 @@ func (a *App) ValidatePort(pc spec.PortCheck) spec.PortCheckResult {
 	collect := func(err error) {
 		for _, e := range flattenErrors(err) {
 			var fe *spec.FieldError
-			if errors.As(e, &fe) && (fe.Field == "protocol" || fe.Field == "listen_address" || fe.Field == "listen_port" || fe.Field == "listen_port_end") {
+			if errors.As(e, &fe) && (fe.Field == "protocol" || fe.Field == "listen_address" || fe.Field == "listen_port" || fe.Field == "listen_port_end" || fe.Field == "sni") {
 				res.Errors = append(res.Errors, fe)
 			}
 		}

@@ -23,6 +23,7 @@ const FIELDS = {
   load_balancing: { label: 'Load balancing', kind: 'select', options: [['', 'Round robin (weighted)'], ['least_connections', 'Least connections'], ['source_hash', 'Source hash (a client keeps its upstream)'], ['random', 'Random'], ['first', 'First (failover only)']], hint: 'With several upstreams: which one a new connection goes to.' },
   fail_timeout_seconds: { label: 'Fail timeout', kind: 'unit', scale: TIME, max: MAX_SECONDS, placeholder: '10', hint: 'An upstream whose dial failed is skipped this long. Empty: 10 s.' },
   proxy_protocol_version: { label: 'PROXY protocol', kind: 'select', number: true, options: [['0', 'Off'], ['1', '1'], ['2', '2']], hint: 'Sends the client address to the upstream: 1 (text, TCP only) or 2 (binary).' },
+  sni: { label: 'Server names (SNI)', kind: 'names', hint: 'Optional, TCP: share the listen address and port with other streams; TLS clients asking for one of these names (db.example.com, *.example.com) come to this stream. One per line. On a shared port, the stream without names takes the rest.' },
   ssl_enabled: { label: 'TLS termination', kind: 'check', hint: 'TLS to clients, plain TCP to the upstream.' },
   ssl_cert_id: { label: 'Certificate', kind: 'select', number: true, options: [['0', 'None']], hint: 'Add certificates on the Certificates page.' },
   whitelist_cidrs: { label: 'Allowed CIDRs', kind: 'list', hint: 'One per line, e.g. 10.0.0.0/8. Empty: all.' },
@@ -44,7 +45,7 @@ const GROUPS = [
   ['Stream', ['name', 'enabled']],
   ['Protocol and addresses', ['protocol', 'listen_address', 'listen_port', 'listen_port_end', 'upstream_host', 'upstream_port', 'upstream_port_fixed', 'proxy_protocol_version']],
   ['Several upstreams', ['upstreams', 'load_balancing', 'fail_timeout_seconds']],
-  ['TLS', ['ssl_enabled', 'ssl_cert_id']],
+  ['TLS', ['sni', 'ssl_enabled', 'ssl_cert_id']],
   ['Access control', ['whitelist_cidrs', 'blacklist_cidrs', 'max_connections']],
   ['Bandwidth and timeouts', ['upload_rate_bytes', 'download_rate_bytes', 'connection_timeout_seconds', 'idle_timeout_seconds', 'udp_responses', 'half_close']],
   ['Health checks', ['health_check_enabled', 'health_check_interval_seconds']],
@@ -52,7 +53,7 @@ const GROUPS = [
   ['Notes', ['notes']],
 ];
 
-const PORT_FIELDS = ['protocol', 'listen_address', 'listen_port', 'listen_port_end'];
+const PORT_FIELDS = ['protocol', 'listen_address', 'listen_port', 'listen_port_end', 'sni'];
 
 export async function formPage(ctx) {
   const editing = ctx.id > 0;
@@ -107,6 +108,7 @@ export async function formPage(ctx) {
         listen_address: controls.listen_address.value.trim(),
         listen_port: port.value,
         listen_port_end: end.value || undefined,
+        sni: splitList(controls.sni.value),
         id: editing ? ctx.id : undefined,
       });
       return { problems: res.errors.map((e) => ({ field: e.field, message: shortMessage(e.message) })), warnings: res.warnings };
@@ -238,6 +240,7 @@ function field(name, f, controls, certs) {
       break;
     }
     case 'list':
+    case 'names':
     case 'upstreams':
     case 'textarea':
       control = h('textarea', { ...common, rows: f.kind === 'textarea' ? 4 : 3, spellcheck: f.kind === 'textarea' ? null : 'false' });
@@ -286,6 +289,7 @@ function fill(controls, s, certs) {
         el.value = String(v ?? f.options[0][0]);
         break;
       case 'list':
+      case 'names':
         el.value = (v || []).join('\n');
         break;
       case 'upstreams':
@@ -321,6 +325,9 @@ function value(name, controls) {
     case 'list':
       v = splitList(el.value);
       v.forEach((item) => bad(checkCIDR(item)));
+      break;
+    case 'names':
+      v = splitList(el.value);
       break;
     case 'upstreams':
       v = [];
