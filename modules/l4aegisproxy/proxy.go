@@ -262,6 +262,7 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 //		upstream <host:port> [weight <n>] [backup]
 //		load_balancing round_robin|least_connections|source_hash|random|first
 //		fail_timeout <duration>
+//		listen_port <first port of a range>
 //		stream_id <id>
 //		dial_timeout <duration>
 //		proxy_protocol 0|1|2
@@ -366,7 +367,7 @@ func (h *Handler) unmarshalOption(d *caddyfile.Dispenser, opt string, args []str
 		return nil
 	}
 	switch opt {
-	case "stream_id", "proxy_protocol", "dial_timeout", "health_check_interval", "load_balancing", "fail_timeout":
+	case "stream_id", "proxy_protocol", "dial_timeout", "health_check_interval", "load_balancing", "fail_timeout", "listen_port":
 	default:
 		return d.Errf("unknown aegis_proxy option %q", opt)
 	}
@@ -389,6 +390,12 @@ func (h *Handler) unmarshalOption(d *caddyfile.Dispenser, opt string, args []str
 		h.ProxyProtocol = n
 	case "load_balancing":
 		h.LoadBalancing = val
+	case "listen_port":
+		n, err := strconv.Atoi(val)
+		if err != nil {
+			return d.Errf("listen_port %q: want the first port of the listener's range", val)
+		}
+		h.ListenPort = n
 	case "dial_timeout", "health_check_interval", "fail_timeout":
 		dur, err := caddy.ParseDuration(val)
 		if err != nil {
