@@ -24,12 +24,13 @@ func TestUnmarshalCaddyfileUpstreams(t *testing.T) {
 		upstream [::1]:5432 backup
 		load_balancing first
 		fail_timeout 30s
+		listen_port 30000
 	}`))
 	if err != nil {
 		t.Fatal(err)
 	}
 	want := []l4aegisproxy.Upstream{{Address: "10.0.0.1:5432", Weight: 2}, {Address: "[::1]:5432", Backup: true}}
-	if !reflect.DeepEqual(h.Upstreams, want) || h.Upstream != "" || h.LoadBalancing != "first" || h.FailTimeout != caddy.Duration(30*time.Second) {
+	if !reflect.DeepEqual(h.Upstreams, want) || h.Upstream != "" || h.LoadBalancing != "first" || h.FailTimeout != caddy.Duration(30*time.Second) || h.ListenPort != 30000 {
 		t.Fatalf("got %+v", h)
 	}
 	for _, tc := range []struct{ in, want string }{
@@ -41,6 +42,7 @@ func TestUnmarshalCaddyfileUpstreams(t *testing.T) {
 		{"aegis_proxy {\n upstream a:1 {\n x\n }\n}", "blocks are not supported"},
 		{"aegis_proxy {\n load_balancing first\n}", "want an upstream"},
 		{"aegis_proxy {\n fail_timeout soon\n upstream a:1\n}", `fail_timeout "soon"`},
+		{"aegis_proxy a:1 {\n listen_port first\n}", `listen_port "first"`},
 	} {
 		var h l4aegisproxy.Handler
 		err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.in))
