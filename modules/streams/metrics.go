@@ -72,6 +72,8 @@ var (
 		"Bytes relayed through each upstream, by direction.", "upstream", "direction")
 	descUpDialFailures = newDesc("upstream_dial_failures_total",
 		"Failed dials to each upstream (UDP: ICMP refusals).", "upstream")
+	descSNINoMatch = prometheus.NewDesc("aegis_sni_no_match_total",
+		"Connections to a port shared by server name that no stream took (sni_no_match), by listen address.", []string{"listen"}, nil)
 	descUpUp = newDesc("upstream_up",
 		"1 while new connections may go to the upstream, 0 while they skip it (a failed dial within fail_timeout_seconds, or a failed health check).", "upstream")
 
@@ -80,6 +82,7 @@ var (
 		descDialFailures, descDialDuration, descHealthy, descListening,
 		descNATEntries, descDropped, descTLS, descLogDropped,
 		descUpConnections, descUpActive, descUpBytes, descUpDialFailures, descUpUp,
+		descSNINoMatch,
 	}
 )
 
@@ -120,6 +123,7 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 type streamSample struct {
 	cfg   *spec.Stream
 	state *streamstate.State
+	sni   *sniPort // its shared port, if any
 }
 
 // samples returns the app's streams. An app that was cleaned up returns
@@ -138,15 +142,20 @@ func (a *App) samples(fallback bool) []streamSample {
 	defer a.mu.Unlock()
 	out := make([]streamSample, 0, len(a.streams))
 	for _, inst := range a.streams {
-		out = append(out, streamSample{cfg: inst.cfg, state: inst.state})
+		out = append(out, streamSample{cfg: inst.cfg, state: inst.state, sni: inst.sni})
 	}
 	return out
 }
 
 // Collect implements prometheus.Collector.
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
+	seen := map[*sniPort]bool{}
 	for _, s := range c.app.samples(true) {
 		collectStream(ch, s)
+		if s.sni != nil && !seen[s.sni] {
+			seen[s.sni] = true
+			ch <- prometheus.MustNewConstMetric(descSNINoMatch, prometheus.CounterValue, float64(s.sni.noMatch.Load()), s.sni.key)
+		}
 	}
 }
 

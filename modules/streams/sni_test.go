@@ -123,6 +123,9 @@ func TestSNISharedPort(t *testing.T) {
 	if n := streams.SNINoMatch(listen); n != 1 {
 		t.Errorf("sni_no_match count %d, want 1", n)
 	}
+	if v := inst.scrape().value("aegis_sni_no_match_total", "listen", listen); v != 1 {
+		t.Errorf("aegis_sni_no_match_total = %v, want 1", v)
+	}
 	// Adding a stream keeps the port's listener (its count goes on) and
 	// the open connections.
 	other := apiStream(6, port, plain.Port)
