@@ -142,6 +142,27 @@ func TestSNISharedPort(t *testing.T) {
 	if _, serial := tlsDial(t, ca, port, "A.TEST"); serial != 101 {
 		t.Errorf("A.TEST: serial %d, want 101 (names are not case-sensitive)", serial)
 	}
+	// An edit of a stream's names applies in place, to new connections.
+	pass.SNI = []string{"*.c.test"}
+	if _, err := streams.UpdateHost(ctx, 2, pass); err != nil {
+		t.Fatal(err)
+	}
+	ic, err := tls.Dial("tcp", listen, &tls.Config{ServerName: "y.c.test", InsecureSkipVerify: true})
+	if err != nil {
+		t.Fatalf("y.c.test after the edit: %v", err)
+	}
+	if s := ic.ConnectionState().PeerCertificates[0].SerialNumber.Int64(); s != 202 {
+		t.Errorf("y.c.test: serial %d, want 202 (stream 2's upstream)", s)
+	}
+	ic.Close()
+	if got := roundTrip(t, c, "edited"); got != "edited" {
+		t.Errorf("x.b.test's open connection after its stream's edit: %q", got)
+	}
+	before = streams.SNINoMatch(listen)
+	if _, err := tls.Dial("tcp", listen, &tls.Config{RootCAs: ca.pool, ServerName: "x.b.test"}); err == nil {
+		t.Error("x.b.test after its name went: a handshake")
+	}
+	testenv.Eventually(t, "x.b.test refused", func() bool { return streams.SNINoMatch(listen) == before+1 })
 }
 
 // TestSNIConfigReload: streams with sni from the config; a reload that
