@@ -287,7 +287,7 @@ func (c *replayConn) CloseWrite() error {
 	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
 		return cw.CloseWrite()
 	}
-	return c.Conn.Close()
+	return errors.ErrUnsupported
 }
 
 // sharesPort reports whether stream s listens on a shared port: it has
