@@ -58,6 +58,9 @@ func readStream(r *http.Request) (spec.Stream, []string, error) {
 func missingRequired(keys []string, cur spec.Stream) error {
 	var errs []error
 	for _, f := range requiredFields {
+		if (f == "upstream_host" || f == "upstream_port") && slices.Contains(keys, "upstreams") {
+			continue // the first of upstreams
+		}
 		if !slices.Contains(keys, f) {
 			errs = append(errs, &spec.FieldError{ID: cur.ID, Name: cur.Name, Field: f,
 				Reason: "missing (PUT replaces the whole stream; send every setting, or use PATCH)"})
@@ -93,6 +96,18 @@ func patchStream(cur spec.Stream, patch json.RawMessage) (spec.Stream, error) {
 	}
 	if err := decodeNumbers(patch, &p); err != nil {
 		return s, badRequest("the request body is not valid JSON: %v", err)
+	}
+	// New upstreams without upstream_host and upstream_port: those become
+	// the new first upstream, not the old one, which would differ.
+	if po, ok := p.(map[string]any); ok {
+		if to, ok := t.(map[string]any); ok && po["upstreams"] != nil {
+			if _, ok := po["upstream_host"]; !ok {
+				delete(to, "upstream_host")
+			}
+			if _, ok := po["upstream_port"]; !ok {
+				delete(to, "upstream_port")
+			}
+		}
 	}
 	merged, err := json.Marshal(mergePatch(t, p))
 	if err != nil {

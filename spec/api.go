@@ -70,6 +70,29 @@ type Status struct {
 	// DatagramsDropped are UDP datagrams of open NAT entries dropped since
 	// the last reload: over a rate limit, or a socket buffer was full.
 	DatagramsDropped uint64 `json:"datagrams_dropped"`
+	// Upstreams is the status of each upstream, for a stream with
+	// upstreams; left out for a stream with one upstream_host.
+	Upstreams []UpstreamStatus `json:"upstreams,omitempty"`
+}
+
+// UpstreamStatus is one upstream's runtime status.
+type UpstreamStatus struct {
+	Host string `json:"host"`
+	Port int    `json:"port"`
+	// Backup is the upstream's setting.
+	Backup bool `json:"backup,omitempty"`
+	// Healthy is false while new connections skip it: its last dial
+	// failed within fail_timeout_seconds, or its last health check did.
+	Healthy bool `json:"healthy"`
+	// LastError is the error of its last failed dial or health check.
+	LastError string `json:"last_error"`
+	// ActiveConnections are open now (UDP: NAT entries); TotalConnections
+	// and the bytes count since the stream started, across reloads.
+	ActiveConnections int64  `json:"active_connections"`
+	TotalConnections  uint64 `json:"total_connections"`
+	DialFailures      uint64 `json:"dial_failures"`
+	BytesSent         uint64 `json:"bytes_sent"`
+	BytesReceived     uint64 `json:"bytes_received"`
 }
 
 // HostStatus is a stream host with where it comes from and its runtime
@@ -126,6 +149,12 @@ type ActiveConn struct {
 	// DatagramsSent and DatagramsReceived count a UDP entry's datagrams.
 	DatagramsSent     uint64 `json:"datagrams_sent,omitempty"`
 	DatagramsReceived uint64 `json:"datagrams_received,omitempty"`
+	// Upstream is the host:port the connection went to ("" while it is
+	// being dialed).
+	Upstream string `json:"upstream,omitempty"`
+	// ListenPort is the port the connection came in on, for a stream
+	// with a port range.
+	ListenPort int `json:"listen_port,omitempty"`
 }
 
 // PortCheck asks whether a stream could listen on an address and port.
@@ -133,6 +162,10 @@ type PortCheck struct {
 	Protocol      string `json:"protocol"`
 	ListenAddress string `json:"listen_address"`
 	ListenPort    int    `json:"listen_port"`
+	// ListenPortEnd, when set, checks every port from ListenPort to it.
+	ListenPortEnd int `json:"listen_port_end,omitempty"`
+	// SNI, when set, checks the port as one shared by server name.
+	SNI []string `json:"sni,omitempty"`
 	// ID is the stream being edited: its own sockets are no conflict.
 	ID int64 `json:"id,omitempty"`
 }

@@ -26,7 +26,7 @@ func TestSuggest(t *testing.T) {
 		{"enable", []string{"enabled"}},
 		{"nmae", []string{"name"}},
 		{"upload_rate", []string{"upload_rate_bytes"}},
-		{"listen", []string{"listen_address", "listen_port"}},
+		{"listen", []string{"listen_address", "listen_port", "listen_port_end"}},
 		{"max_connection", []string{"max_connections"}},
 		{"max_connections_per_source", []string{"max_connections_per_ip"}},
 		{"bogus_field", nil},

@@ -1,8 +1,10 @@
 package spec
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"strconv"
@@ -29,6 +31,9 @@ const (
 	// DefaultProxyHeaderTimeout bounds the wait for a front proxy's PROXY
 	// header.
 	DefaultProxyHeaderTimeout = 5 * time.Second
+	// DefaultFailTimeout is how long an upstream whose dial failed is
+	// skipped.
+	DefaultFailTimeout = 10 * time.Second
 )
 
 // accept_proxy_protocol values.
@@ -37,6 +42,60 @@ const (
 	ProxyAcceptOptional = "optional"
 	ProxyAcceptRequired = "required"
 )
+
+// Load balancing methods.
+const (
+	BalanceRoundRobin       = "round_robin"
+	BalanceLeastConnections = "least_connections"
+	BalanceSourceHash       = "source_hash"
+	BalanceRandom           = "random"
+	BalanceFirst            = "first"
+)
+
+// MaxPortRange is the most ports a stream's listen range may have.
+const MaxPortRange = 10000
+
+// Limits of the upstreams list.
+const (
+	MaxUpstreams = 64
+	MaxWeight    = 100
+)
+
+// Upstream is one of a stream's upstreams.
+type Upstream struct {
+	// Host is a hostname or an IP address. Required.
+	Host string `json:"host"`
+	// Port is 1–65535. Required.
+	Port int `json:"port"`
+	// Weight is its share of the connections, 1–MaxWeight (100), for
+	// round_robin, least_connections and random. Default: 0, meaning 1.
+	Weight int `json:"weight,omitempty"`
+	// Backup upstreams get connections only while no other one is up.
+	// Default: false.
+	Backup bool `json:"backup,omitempty"`
+}
+
+// UnmarshalJSON refuses keys that are not an upstream's fields: a
+// misspelt weight would be silently 1.
+func (u *Upstream) UnmarshalJSON(b []byte) error {
+	type plain Upstream
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	var p plain
+	if err := dec.Decode(&p); err != nil {
+		return fmt.Errorf("upstream %s: %v (the fields are host, port, weight and backup)", b, err)
+	}
+	*u = Upstream(p)
+	return nil
+}
+
+// HostPort is the upstream's address, as host:port.
+func (u Upstream) HostPort() string {
+	return net.JoinHostPort(u.Host, strconv.Itoa(u.Port))
+}
+
+// EffectiveWeight is the weight with its default applied.
+func (u Upstream) EffectiveWeight() int { return max(u.Weight, 1) }
 
 // Stream is one stream host: a listen address and port relayed to an
 // upstream. It is the one description of a stream used by the config, the
@@ -60,11 +119,41 @@ type Stream struct {
 	// ListenPort is the port to listen on, 1–65535. Required.
 	ListenPort int `json:"listen_port"`
 
+	// ListenPortEnd, when set, makes the stream listen on every port from
+	// listen_port to listen_port_end, inclusive, at most MaxPortRange
+	// (10,000) ports. A connection (datagram) to port listen_port + k goes
+	// to port upstream_port + k of the upstream (of each upstream), unless
+	// upstream_port_fixed. Default: 0 (listen_port alone).
+	ListenPortEnd int `json:"listen_port_end,omitempty"`
+
+	// UpstreamPortFixed sends every port of a range to upstream_port (to
+	// each upstream's own port) instead of upstream_port + k.
+	// Default: false.
+	UpstreamPortFixed bool `json:"upstream_port_fixed,omitempty"`
+
 	// UpstreamHost is the upstream's hostname or IP address. Required.
 	UpstreamHost string `json:"upstream_host"`
 
 	// UpstreamPort is the upstream's port, 1–65535. Required.
 	UpstreamPort int `json:"upstream_port"`
+
+	// Upstreams are several upstreams to balance the connections over,
+	// at most MaxUpstreams. When set, upstream_host and upstream_port may
+	// be left out and then show the first one; given, they must be the
+	// first one. Default: empty (the one upstream of upstream_host and
+	// upstream_port).
+	Upstreams []Upstream `json:"upstreams,omitempty"`
+
+	// LoadBalancing picks the upstream of each new connection (a UDP
+	// client's NAT entry): "round_robin" (weighted), "least_connections",
+	// "source_hash" (a client IP keeps its upstream while it is up),
+	// "random" or "first" (the first one up). Default: "round_robin".
+	LoadBalancing string `json:"load_balancing,omitempty"`
+
+	// FailTimeoutSeconds is how long new connections skip an upstream
+	// whose dial failed (a UDP one that answered ICMP unreachable).
+	// Default: 0, meaning 10 seconds.
+	FailTimeoutSeconds int `json:"fail_timeout_seconds,omitempty"`
 
 	// Enabled turns the stream on. A disabled stream does not listen.
 	// Default: true.
@@ -160,6 +249,15 @@ type Stream struct {
 	// after the whitelist. Default: empty.
 	BlacklistCIDRs []string `json:"blacklist_cidrs,omitempty"`
 
+	// SNI are the TLS server names this stream takes on a listen address
+	// and port that TCP streams share: exact (db.example.com) or
+	// one-level wildcards (*.example.com). Each connection's ClientHello
+	// picks the stream; at most one stream on the port leaves SNI empty
+	// and takes the clients no name matches, and those without TLS.
+	// Protocol tcp only, without a port range. Default: empty (the port
+	// is the stream's own, or it is the shared port's default).
+	SNI []string `json:"sni,omitempty"`
+
 	// SSLEnabled terminates TLS on the listener. Default: false.
 	SSLEnabled bool `json:"ssl_enabled,omitempty"`
 
@@ -239,7 +337,47 @@ func (s *Stream) UnmarshalJSON(b []byte) error {
 		return err
 	}
 	*s = Stream(p)
+	s.fillUpstream()
 	return nil
+}
+
+// fillUpstream sets upstream_host and upstream_port, when left out, to the
+// first of upstreams.
+func (s *Stream) fillUpstream() {
+	if len(s.Upstreams) == 0 {
+		return
+	}
+	if s.UpstreamHost == "" {
+		s.UpstreamHost = s.Upstreams[0].Host
+	}
+	if s.UpstreamPort == 0 {
+		s.UpstreamPort = s.Upstreams[0].Port
+	}
+}
+
+// UpstreamList is the stream's upstreams: upstreams, or the one of
+// upstream_host and upstream_port.
+func (s *Stream) UpstreamList() []Upstream {
+	if len(s.Upstreams) > 0 {
+		return s.Upstreams
+	}
+	return []Upstream{{Host: s.UpstreamHost, Port: s.UpstreamPort}}
+}
+
+// EffectiveLoadBalancing is load_balancing with its default applied.
+func (s *Stream) EffectiveLoadBalancing() string {
+	if s.LoadBalancing == "" {
+		return BalanceRoundRobin
+	}
+	return s.LoadBalancing
+}
+
+// FailTimeout is fail_timeout_seconds with its default applied.
+func (s *Stream) FailTimeout() time.Duration {
+	if s.FailTimeoutSeconds <= 0 {
+		return DefaultFailTimeout
+	}
+	return time.Duration(s.FailTimeoutSeconds) * time.Second
 }
 
 // DisplayName is the stream's name, or "stream-<id>" when it has none.
@@ -269,6 +407,55 @@ func (s *Stream) HasUDP() bool {
 	p := s.EffectiveProtocol()
 	return p == ProtocolUDP || p == ProtocolTCPUDP
 }
+
+// SNIMatch reports whether server name name (lowercase) is one of the
+// stream's sni names: equal, or one label under a wildcard.
+func (s *Stream) SNIMatch(name string) bool {
+	for _, p := range s.SNI {
+		if SNIMatches(p, name) {
+			return true
+		}
+	}
+	return false
+}
+
+// SNIMatches reports whether server name name matches pattern, an exact
+// name or a one-level wildcard ("*.example.com" matches "db.example.com",
+// not "example.com" or "a.b.example.com"), case-insensitively.
+func SNIMatches(pattern, name string) bool {
+	pattern, name = strings.ToLower(pattern), strings.ToLower(name)
+	if rest, ok := strings.CutPrefix(pattern, "*."); ok {
+		label, parent, found := strings.Cut(name, ".")
+		return found && label != "" && parent == rest
+	}
+	return pattern == name
+}
+
+// SNIOverlap reports whether one server name can match both patterns.
+func SNIOverlap(a, b string) bool {
+	a, b = strings.ToLower(a), strings.ToLower(b)
+	aw, bw := strings.HasPrefix(a, "*."), strings.HasPrefix(b, "*.")
+	switch {
+	case aw == bw:
+		return a == b
+	case aw:
+		return SNIMatches(a, b)
+	default:
+		return SNIMatches(b, a)
+	}
+}
+
+// LastPort is the last port the stream listens on: listen_port_end, or
+// listen_port without a range.
+func (s *Stream) LastPort() int {
+	if s.ListenPortEnd > 0 {
+		return s.ListenPortEnd
+	}
+	return s.ListenPort
+}
+
+// IsRange reports whether the stream listens on a range of ports.
+func (s *Stream) IsRange() bool { return s.ListenPortEnd > 0 && s.ListenPortEnd != s.ListenPort }
 
 // ListenHostPort is the address to bind, as host:port.
 func (s *Stream) ListenHostPort() string {

@@ -228,18 +228,24 @@ func (s *Stream) validate(limits bool) error {
 	case !ValidPort(s.ListenPort):
 		badInt("listen_port", int64(s.ListenPort), "must be 1-65535")
 	}
+	many := len(s.Upstreams) > 0
 	switch reason := checkUpstreamHost(s.UpstreamHost); {
+	case s.UpstreamHost == "" && many:
 	case s.UpstreamHost == "":
 		required("upstream_host", upstreamHostWant)
 	case reason != "":
 		bad("upstream_host", s.UpstreamHost, reason)
 	}
 	switch {
+	case s.UpstreamPort == 0 && many:
 	case s.UpstreamPort == 0:
 		required("upstream_port", "must be 1-65535")
 	case !ValidPort(s.UpstreamPort):
 		badInt("upstream_port", int64(s.UpstreamPort), "must be 1-65535")
 	}
+	errs = append(errs, s.validateUpstreams()...)
+	errs = append(errs, s.validateRange()...)
+	errs = append(errs, s.validateSNI()...)
 
 	if s.MaxConnections < 0 {
 		badInt("max_connections", int64(s.MaxConnections), "must be >= 0 (0 = unlimited)")
@@ -429,6 +435,140 @@ func hiddenChar(s string) (r rune, at int, ok bool) {
 	return 0, 0, false
 }
 
+// validateSNI checks the sni names.
+func (s *Stream) validateSNI() []error {
+	if len(s.SNI) == 0 {
+		return nil
+	}
+	var errs []error
+	bad := func(value any, reason string) {
+		errs = append(errs, &FieldError{ID: s.ID, Name: s.Name, Field: "sni", Value: value, Reason: reason})
+	}
+	if s.EffectiveProtocol() != ProtocolTCP {
+		bad(strings.Join(s.SNI, " "), fmt.Sprintf("server names route TLS over TCP; use protocol tcp, not %s, or leave sni empty", s.EffectiveProtocol()))
+	}
+	if s.IsRange() {
+		bad(strings.Join(s.SNI, " "), "not with a port range (listen_port_end); give the stream one port")
+	}
+	seen := map[string]bool{}
+	for _, n := range s.SNI {
+		if strings.HasPrefix(n, "*.") && strings.Count(n, "*") == 1 || !strings.Contains(n, "*") {
+			if err := certcheck.ValidateDomains([]string{n}); err != nil {
+				bad(n, strings.TrimPrefix(err.Error(), "domains: "))
+				continue
+			}
+			if _, err := netip.ParseAddr(n); err == nil {
+				bad(n, "an IP address is not a server name; give a DNS name, e.g. db.example.com or *.example.com")
+				continue
+			}
+		} else {
+			bad(n, "a wildcard must be the whole first label, e.g. *.example.com")
+			continue
+		}
+		if seen[strings.ToLower(n)] {
+			bad(n, "given twice")
+		}
+		seen[strings.ToLower(n)] = true
+	}
+	return errs
+}
+
+// validateRange checks listen_port_end and that each upstream port of the
+// range is a port.
+func (s *Stream) validateRange() []error {
+	if s.ListenPortEnd == 0 {
+		return nil
+	}
+	bad := func(field string, value any, reason string) []error {
+		return []error{&FieldError{ID: s.ID, Name: s.Name, Field: field, Value: value, Reason: reason}}
+	}
+	end := int64(s.ListenPortEnd)
+	switch {
+	case !ValidPort(s.ListenPortEnd):
+		return bad("listen_port_end", end, "must be 1-65535 (0 = listen_port alone)")
+	case !ValidPort(s.ListenPort):
+		return nil // reported on listen_port
+	case s.ListenPortEnd < s.ListenPort:
+		return bad("listen_port_end", end, fmt.Sprintf("must be at least listen_port (%d)", s.ListenPort))
+	case s.ListenPortEnd-s.ListenPort+1 > MaxPortRange:
+		return bad("listen_port_end", end, fmt.Sprintf("%d ports from listen_port %d; at most %d", s.ListenPortEnd-s.ListenPort+1, s.ListenPort, MaxPortRange))
+	}
+	if s.UpstreamPortFixed {
+		return nil
+	}
+	k := s.ListenPortEnd - s.ListenPort
+	for i, u := range s.UpstreamList() {
+		if ValidPort(u.Port) && u.Port+k > 65535 {
+			reason := fmt.Sprintf("with %d listen ports it would go up to %d, past 65535; use a lower port or upstream_port_fixed", k+1, u.Port+k)
+			if len(s.Upstreams) > 0 {
+				return bad("upstreams", u.HostPort(), fmt.Sprintf("upstreams[%d].port: %s", i, reason))
+			}
+			return bad("upstream_port", int64(u.Port), reason)
+		}
+	}
+	return nil
+}
+
+// validateUpstreams checks upstreams, load_balancing and
+// fail_timeout_seconds.
+func (s *Stream) validateUpstreams() []error {
+	var errs []error
+	bad := func(field string, value any, reason string) {
+		errs = append(errs, &FieldError{ID: s.ID, Name: s.Name, Field: field, Value: value, Reason: reason})
+	}
+	switch s.LoadBalancing {
+	case "", BalanceRoundRobin, BalanceLeastConnections, BalanceSourceHash, BalanceRandom, BalanceFirst:
+	default:
+		bad("load_balancing", s.LoadBalancing, "must be round_robin, least_connections, source_hash, random or first")
+	}
+	if s.FailTimeoutSeconds < 0 || s.FailTimeoutSeconds > MaxSeconds {
+		bad("fail_timeout_seconds", int64(s.FailTimeoutSeconds), fmt.Sprintf("must be 0-%d (0 = 10s)", MaxSeconds))
+	}
+	if len(s.Upstreams) == 0 {
+		return errs
+	}
+	if len(s.Upstreams) > MaxUpstreams {
+		bad("upstreams", int64(len(s.Upstreams)), fmt.Sprintf("too many; at most %d", MaxUpstreams))
+		return errs
+	}
+	first := s.Upstreams[0]
+	if s.UpstreamHost != "" && s.UpstreamHost != first.Host || s.UpstreamPort != 0 && s.UpstreamPort != first.Port {
+		bad("upstream_host", s.UpstreamHostPort(), fmt.Sprintf(
+			"upstream_host and upstream_port differ from the first of upstreams (%s); leave them out, or give the same", first.HostPort()))
+	}
+	seen := map[string]int{}
+	primary := false
+	for i, u := range s.Upstreams {
+		// Each error is on upstreams, with the upstream as given, and
+		// says which part of which one.
+		item := func(part, reason string) {
+			bad("upstreams", u.HostPort(), fmt.Sprintf("upstreams[%d]%s: %s", i, part, reason))
+		}
+		switch reason := checkUpstreamHost(u.Host); {
+		case u.Host == "":
+			item(".host", "required; "+upstreamHostWant)
+		case reason != "":
+			item(".host", reason)
+		}
+		if !ValidPort(u.Port) {
+			item(".port", fmt.Sprintf("%d: must be 1-65535", u.Port))
+		}
+		if u.Weight < 0 || u.Weight > MaxWeight {
+			item(".weight", fmt.Sprintf("%d: must be 1-%d (0 = 1)", u.Weight, MaxWeight))
+		}
+		if j, ok := seen[u.HostPort()]; ok {
+			item("", fmt.Sprintf("listed twice (also upstreams[%d]); give each upstream once and set its weight", j))
+		} else {
+			seen[u.HostPort()] = i
+		}
+		primary = primary || !u.Backup
+	}
+	if !primary {
+		bad("upstreams", int64(len(s.Upstreams)), "every upstream is a backup; make at least one not a backup")
+	}
+	return errs
+}
+
 // ValidPort reports whether p is a port number, 1-65535.
 func ValidPort(p int) bool { return p >= 1 && p <= 65535 }
 
@@ -563,6 +703,12 @@ func (s *Stream) Warnings() []string {
 	}
 	if s.MaxConnections > 0 && s.MaxConnectionsPerIP > s.MaxConnections {
 		w = append(w, fmt.Sprintf("max_connections_per_ip %d: above max_connections %d, so it never applies", s.MaxConnectionsPerIP, s.MaxConnections))
+	}
+	if s.UpstreamPortFixed && !s.IsRange() {
+		w = append(w, "upstream_port_fixed: applies to a port range (listen_port_end) only")
+	}
+	if len(s.SNI) > 0 && !s.SSLEnabled {
+		w = append(w, "sni: without ssl_enabled the TLS bytes pass through to the upstream, which must serve these names")
 	}
 	if s.UDPResponses > 0 && !s.HasUDP() {
 		w = append(w, "udp_responses: applies to UDP NAT entries only; a TCP-only stream has none")

@@ -33,6 +33,11 @@ func genHost(id int64, gen int) spec.Stream {
 		case reflect.Bool:
 			f.SetBool((gen+i)%2 == 0)
 		case reflect.Slice:
+			if f.Type() == reflect.TypeFor[[]spec.Upstream]() {
+				f.Set(reflect.ValueOf([]spec.Upstream{{Host: fmt.Sprintf("%s-%d", name, gen), Port: gen + 1, Weight: gen%100 + 1, Backup: gen%2 == 0},
+					{Host: "10.0.0.1", Port: 1}}))
+				break
+			}
 			f.Set(reflect.ValueOf([]string{fmt.Sprintf("%s-%d", name, gen), "10.0.0.0/8"}))
 		default:
 			panic("genHost: no value for " + name)

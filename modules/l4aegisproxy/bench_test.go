@@ -77,3 +77,35 @@ func benchConn(b *testing.B, n int) []net.Conn {
 	}
 	return out
 }
+
+// BenchmarkShortConnections: connect, one 64-byte round trip, close,
+// through guard → proxy to echo upstreams: one upstream, and three in
+// round robin (the picker's cost per connection).
+func BenchmarkShortConnections(b *testing.B) {
+	echo := func(c net.Conn) { _, _ = io.Copy(c, c) }
+	for _, n := range []int{1, 3} {
+		b.Run(map[int]string{1: "one_upstream", 3: "three_round_robin"}[n], func(b *testing.B) {
+			p := &l4aegisproxy.Handler{}
+			for range n {
+				u := newUpstream(b, "127.0.0.1:0", echo)
+				if n == 1 {
+					p.Upstream = u.Addr
+				} else {
+					p.Upstreams = append(p.Upstreams, l4aegisproxy.Upstream{Address: u.Addr})
+				}
+			}
+			ch := startChain(b, "127.0.0.1:0", &l4aegisguard.Handler{}, p)
+			msg := make([]byte, 64)
+			b.ReportAllocs()
+			b.ResetTimer()
+			for b.Loop() {
+				c, err := net.Dial("tcp", ch.addr)
+				if err != nil {
+					b.Fatal(err)
+				}
+				roundTrips(b, c, msg, 1)
+				c.Close()
+			}
+		})
+	}
+}

@@ -39,6 +39,25 @@ type Handler struct {
 	// Upstream is the address to dial, host:port. Required.
 	Upstream string `json:"upstream"`
 
+	// Upstreams, when set, are several upstreams to balance the
+	// connections over, and Upstream is not used. Default: none.
+	Upstreams []Upstream `json:"upstreams,omitempty"`
+
+	// LoadBalancing picks the upstream of each connection: round_robin
+	// (weighted), least_connections, source_hash, random or first.
+	// Default: round_robin.
+	LoadBalancing string `json:"load_balancing,omitempty"`
+
+	// FailTimeout is how long new connections skip an upstream whose dial
+	// failed. Default: 10s.
+	FailTimeout caddy.Duration `json:"fail_timeout,omitempty"`
+
+	// ListenPort, for a listener on a range of ports, is the range's
+	// first port: a connection to port ListenPort + k dials each
+	// upstream's port + k. Default: 0 (every connection dials the
+	// upstream's own port).
+	ListenPort int `json:"listen_port,omitempty"`
+
 	// StreamID shares health state with the `streams` app's stream of that
 	// id. Default: 0 (the handler keeps its own).
 	StreamID int64 `json:"stream_id,omitempty"`
@@ -66,12 +85,17 @@ type Handler struct {
 	TLS *UpstreamTLS `json:"tls,omitempty"`
 
 	dialer net.Dialer
-	// tlsConfig is TLS's client config for Upstream (nil without TLS).
-	tlsConfig *tls.Config
+	// tlsConfigs are TLS's client configs, one per upstream, in the
+	// picker's order (nil without TLS).
+	tlsConfigs []*tls.Config
 	// lastTLSLog is when a failed handshake was last logged (unix
 	// nanoseconds): at most one line per tlsLogEvery. A pointer, made by
 	// Provision, so that a Handler stays copyable before it.
 	lastTLSLog *atomic.Int64
+	picker     *streamstate.Picker
+	// hosts and ports are each upstream's, for ListenPort.
+	hosts []string
+	ports []int
 	// checkHeader is the PROXY header a health check sends: v2 LOCAL or
 	// v1 "PROXY UNKNOWN", a proxy's own connection (nil without
 	// ProxyProtocol).
@@ -95,10 +119,31 @@ func (*Handler) CaddyModule() caddy.ModuleInfo {
 
 // Provision checks the settings and starts health checks.
 func (h *Handler) Provision(ctx caddy.Context) error {
-	if _, _, err := net.SplitHostPort(h.Upstream); err != nil || h.Upstream == "" {
-		return fmt.Errorf("upstream %q: want host:port, e.g. 10.0.0.5:5432", h.Upstream)
+	if len(h.Upstreams) == 0 {
+		if _, _, err := net.SplitHostPort(h.Upstream); err != nil || h.Upstream == "" {
+			return fmt.Errorf("upstream %q: want host:port, e.g. 10.0.0.5:5432", h.Upstream)
+		}
+	}
+	for _, u := range h.Upstreams {
+		if _, _, err := net.SplitHostPort(u.Address); err != nil || u.Address == "" {
+			return fmt.Errorf("upstreams: address %q: want host:port, e.g. 10.0.0.5:5432", u.Address)
+		}
+		if u.Weight < 0 || u.Weight > 100 {
+			return fmt.Errorf("upstreams: %s: weight %d: must be 1-100 (0 = 1)", u.Address, u.Weight)
+		}
+	}
+	switch h.LoadBalancing {
+	case "", streamstate.RoundRobin, streamstate.LeastConnections, streamstate.SourceHash, streamstate.Random, streamstate.First:
+	default:
+		return fmt.Errorf("load_balancing %q: want round_robin, least_connections, source_hash, random or first", h.LoadBalancing)
 	}
 	switch {
+	case len(h.Upstreams) > streamstate.MaxPeers:
+		return fmt.Errorf("upstreams: %d: at most %d", len(h.Upstreams), streamstate.MaxPeers)
+	case h.ListenPort < 0 || h.ListenPort > 65535:
+		return fmt.Errorf("listen_port %d: must be 0-65535 (0 = no port range)", h.ListenPort)
+	case h.FailTimeout < 0:
+		return fmt.Errorf("fail_timeout %s: must be >= 0", time.Duration(h.FailTimeout))
 	case h.ProxyProtocol < 0 || h.ProxyProtocol > 2:
 		return fmt.Errorf("proxy_protocol %d: must be 0 (off), 1 or 2", h.ProxyProtocol)
 	case h.DialTimeout < 0:
@@ -113,15 +158,6 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.dialer.Timeout = time.Duration(h.DialTimeout)
 	if h.dialer.Timeout == 0 {
 		h.dialer.Timeout = DefaultDialTimeout
-	}
-	if h.TLS != nil {
-		host, _, _ := net.SplitHostPort(h.Upstream)
-		cfg, err := h.TLS.clientConfig(host)
-		if err != nil {
-			return err
-		}
-		h.tlsConfig = cfg
-		h.lastTLSLog = new(atomic.Int64)
 	}
 	if h.ProxyProtocol > 0 {
 		hdr := proxyproto.Header{Version: byte(h.ProxyProtocol), Command: proxyproto.LOCAL, TransportProtocol: proxyproto.UNSPEC}
@@ -138,6 +174,21 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.state = streamstate.Acquire(h.StreamID)
 	} else {
 		h.state = streamstate.New(0)
+	}
+	if err := h.newPicker(); err != nil {
+		return err // Cleanup lets go of the state
+	}
+	if h.TLS != nil {
+		// Each upstream is verified with its own name.
+		h.tlsConfigs = make([]*tls.Config, len(h.hosts))
+		for i, host := range h.hosts {
+			cfg, err := h.TLS.clientConfig(host)
+			if err != nil {
+				return err
+			}
+			h.tlsConfigs[i] = cfg
+		}
+		h.lastTLSLog = new(atomic.Int64)
 	}
 	if h.HealthCheckInterval > 0 {
 		hctx, stop := context.WithCancel(ctx)
@@ -168,7 +219,7 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	ss, _ := cx.GetVar(streamstate.SessionVar).(*streamstate.Session)
 	ctx := h.state.Context()
 	start := time.Now()
-	up, err := h.dial(ctx)
+	up, i, err := h.dialPicked(ctx, cx, ss, start)
 	if err != nil {
 		loop := errors.Is(err, streamstate.ErrUpstreamLoop)
 		if ss != nil {
@@ -190,8 +241,16 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	}
 	h.state.ObserveDial(time.Since(start))
 	defer up.Close()
+	peer := h.picker.Peer(i)
+	// Each upstream counts its connections when there are several.
+	many := len(h.Upstreams) > 0
 	if ss != nil {
+		ss.SetPeer(peer.State, many)
 		ss.SetUpstream(up)
+	} else if many {
+		peer.State.Active.Add(1)
+		peer.State.Total.Add(1)
+		defer peer.State.Active.Add(-1)
 	}
 
 	if h.ProxyProtocol > 0 {
@@ -203,15 +262,15 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 			return nil
 		}
 	}
-	if h.tlsConfig != nil {
+	if h.tlsConfigs != nil {
 		// The relay copies through the TLS connection: it is not a
 		// *net.TCPConn, so the raw path is never taken.
-		tc, err := handshakeUpstream(ctx, up, h.tlsConfig, h.dialer.Timeout)
+		tc, err := handshakeUpstream(ctx, up, h.tlsConfigs[i], h.dialer.Timeout)
 		if err != nil {
 			if ss != nil {
 				ss.SetReason(streamstate.ReasonUpstreamTLSFailed)
 			}
-			h.logTLSFailure(err)
+			h.logTLSFailure(peer.Addr, err)
 			return nil
 		}
 		up = tc
@@ -250,16 +309,6 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	return nil
 }
 
-// dial connects to the upstream within the dial timeout.
-//
-// Not Dialer.DialTCP, though it would skip name resolution for an IP
-// upstream: it turns a zero local address into a bind to port 0 before the
-// connect, and bind cannot reuse the ports that closed connections hold in
-// TIME_WAIT, so a burst of short connections runs out of ports.
-func (h *Handler) dial(ctx context.Context) (net.Conn, error) {
-	return h.dialer.DialContext(ctx, "tcp", h.Upstream)
-}
-
 // dialControl refuses an upstream address that is one of this process's
 // own stream listeners, before the socket connects, then turns
 // SO_KEEPALIVE on.
@@ -284,87 +333,30 @@ func (h *Handler) logLoop() {
 		zap.Uint64("upstream_loops", h.state.UpstreamLoops.Load()))
 }
 
-// healthLoop dials the upstream every interval and records the outcome,
-// until the module is unloaded.
-func (h *Handler) healthLoop(ctx context.Context, every time.Duration) {
-	// The first check waits a moment: at provisioning time the upstream may
-	// be a server of this same config that has not started yet.
-	t := time.NewTimer(min(every, 500*time.Millisecond))
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		h.checkHealth(ctx)
-		t.Reset(every)
-	}
-}
-
-// checkHealth dials the upstream once. With ProxyProtocol it sends the
-// LOCAL header on the connection (as HAProxy's check-send-proxy), so that
-// an upstream that reads PROXY headers sees a proper connection instead of
-// a broken header on every check.
-func (h *Handler) checkHealth(ctx context.Context) {
-	c, err := h.dial(ctx)
-	if ctx.Err() != nil {
-		if err == nil {
-			c.Close()
-		}
-		return
-	}
-	if err == nil {
-		if h.checkHeader != nil {
-			_ = c.SetWriteDeadline(time.Now().Add(h.dialer.Timeout))
-			if _, werr := c.Write(h.checkHeader); werr != nil {
-				err = fmt.Errorf("sending the PROXY header: %w", werr)
-			}
-		}
-		if err == nil && h.tlsConfig != nil {
-			var tc *tls.Conn
-			if tc, err = handshakeUpstream(ctx, c, h.tlsConfig, h.dialer.Timeout); err == nil {
-				_ = tc.SetWriteDeadline(time.Now().Add(h.dialer.Timeout))
-				_ = tc.Close() // close_notify, then the socket
-			}
-		}
-		c.Close()
-	}
-	res := streamstate.Health{Healthy: err == nil, LastCheck: time.Now()}
-	if err != nil {
-		res.LastError = err.Error()
-	}
-	prev := h.state.Health()
-	h.state.SetHealth(res)
-	if prev == nil || prev.Healthy != res.Healthy {
-		if res.Healthy {
-			h.logger.Info("upstream healthy", zap.Int64("stream_id", h.StreamID), zap.String("upstream", h.Upstream))
-		} else {
-			h.logger.Warn("upstream unhealthy", zap.Int64("stream_id", h.StreamID), zap.String("upstream", h.Upstream), zap.String("error", res.LastError))
-		}
-	}
-}
-
 // tlsLogEvery is how often a failed TLS handshake with the upstream is
 // logged at most: every connection fails alike while it is misconfigured.
 const tlsLogEvery = 10 * time.Second
 
-// logTLSFailure logs why the handshake with the upstream failed, at most
+// logTLSFailure logs why the handshake with upstream addr failed, at most
 // once per tlsLogEvery.
-func (h *Handler) logTLSFailure(err error) {
+func (h *Handler) logTLSFailure(addr string, err error) {
 	now := time.Now().UnixNano()
 	last := h.lastTLSLog.Load()
 	if now-last < int64(tlsLogEvery) || !h.lastTLSLog.CompareAndSwap(last, now) {
 		return
 	}
 	h.logger.Warn("tls to the upstream failed", zap.Int64("stream_id", h.StreamID),
-		zap.String("upstream", h.Upstream), zap.String("disconnect_reason", streamstate.ReasonUpstreamTLSFailed.String()),
+		zap.String("upstream", addr), zap.String("disconnect_reason", streamstate.ReasonUpstreamTLSFailed.String()),
 		zap.String("error", err.Error()))
 }
 
 // UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
 //
-//	aegis_proxy <host:port> {
+//	aegis_proxy [<host:port>] {
+//		upstream <host:port> [weight <n>] [backup]
+//		load_balancing round_robin|least_connections|source_hash|random|first
+//		fail_timeout <duration>
+//		listen_port <first port of a range>
 //		stream_id <id>
 //		dial_timeout <duration>
 //		proxy_protocol 0|1|2
@@ -377,21 +369,33 @@ func (h *Handler) logTLSFailure(err error) {
 //		tls_insecure_skip_verify [true|false]
 //	}
 //
-// The upstream is the first argument (upstream in JSON). A tls_* option
-// turns TLS to the upstream on (tls in JSON); tls_ca takes PEM text, as a
-// heredoc. Each option may be given once; none takes a block.
+// The upstream is the first argument (upstream in JSON), or several are
+// given with `upstream` (upstreams in JSON), which may repeat. A tls_*
+// option turns TLS to the upstream on (tls in JSON); tls_ca takes PEM
+// text, as a heredoc. Each other option may be given once; none takes a
+// block.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // handler name
-	if !d.NextArg() {
-		return d.ArgErr()
+	if d.NextArg() {
+		h.Upstream = d.Val()
 	}
-	h.Upstream = d.Val()
 	if d.NextArg() {
 		return d.ArgErr()
 	}
 	seen := map[string]bool{}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		opt := d.Val()
+		if opt == "upstream" {
+			u, err := parseUpstreamArgs(d.RemainingArgs())
+			if err != nil {
+				return d.Errf("aegis_proxy upstream %v", err)
+			}
+			h.Upstreams = append(h.Upstreams, u)
+			if d.NextBlock(nesting + 1) {
+				return d.Errf("aegis_proxy option %q: blocks are not supported", opt)
+			}
+			continue
+		}
 		if seen[opt] {
 			return d.Errf("aegis_proxy option %q given twice", opt)
 		}
@@ -403,7 +407,50 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return d.Errf("aegis_proxy option %q: blocks are not supported", opt)
 		}
 	}
+	switch {
+	case h.Upstream == "" && len(h.Upstreams) == 0:
+		return d.Errf("aegis_proxy: want an upstream: aegis_proxy <host:port>, or upstream options in its block")
+	case h.Upstream != "" && len(h.Upstreams) > 0:
+		return d.Errf("aegis_proxy: option \"upstream\" and a <host:port> argument: give one of them, not both")
+	}
 	return nil
+}
+
+// parseUpstreamArgs parses `<host:port> [weight <n>] [backup]`.
+func parseUpstreamArgs(args []string) (Upstream, error) {
+	var u Upstream
+	if len(args) == 0 {
+		return u, fmt.Errorf("(none): want <host:port> [weight <n>] [backup]")
+	}
+	if _, _, err := net.SplitHostPort(args[0]); err != nil {
+		return u, fmt.Errorf("%q: want <host:port>, e.g. 10.0.0.5:5432", args[0])
+	}
+	u.Address = args[0]
+	seen := map[string]bool{}
+	for i := 1; i < len(args); i++ {
+		a := args[i]
+		if seen[a] {
+			return u, fmt.Errorf("%s: %q given twice", args[0], a)
+		}
+		seen[a] = true
+		switch a {
+		case "backup":
+			u.Backup = true
+		case "weight":
+			if i+1 >= len(args) {
+				return u, fmt.Errorf("%s: weight: want a number, e.g. weight 3", args[0])
+			}
+			i++
+			n, err := strconv.Atoi(args[i])
+			if err != nil || n < 1 || n > 100 {
+				return u, fmt.Errorf("%s: weight %q: want a whole number from 1 to 100", args[0], args[i])
+			}
+			u.Weight = n
+		default:
+			return u, fmt.Errorf("%s: unknown %q; want <host:port> [weight <n>] [backup]", args[0], a)
+		}
+	}
+	return u, nil
 }
 
 // unmarshalOption sets option opt from its values.
@@ -433,7 +480,7 @@ func (h *Handler) unmarshalOption(d *caddyfile.Dispenser, opt string, args []str
 		return nil
 	}
 	switch opt {
-	case "stream_id", "proxy_protocol", "dial_timeout", "health_check_interval",
+	case "stream_id", "proxy_protocol", "dial_timeout", "health_check_interval", "load_balancing", "fail_timeout", "listen_port",
 		"tls_server_name", "tls_ca", "tls_client_cert_id":
 	default:
 		return d.Errf("unknown aegis_proxy option %q", opt)
@@ -465,14 +512,25 @@ func (h *Handler) unmarshalOption(d *caddyfile.Dispenser, opt string, args []str
 			return d.Errf("tls_client_cert_id %q: want a whole number", val)
 		}
 		h.tlsOption().ClientCertID = n
-	case "dial_timeout", "health_check_interval":
+	case "load_balancing":
+		h.LoadBalancing = val
+	case "listen_port":
+		n, err := strconv.Atoi(val)
+		if err != nil {
+			return d.Errf("listen_port %q: want the first port of the listener's range", val)
+		}
+		h.ListenPort = n
+	case "dial_timeout", "health_check_interval", "fail_timeout":
 		dur, err := caddy.ParseDuration(val)
 		if err != nil {
 			return d.Errf("%s %q: %v", opt, val, err)
 		}
-		if opt == "dial_timeout" {
+		switch opt {
+		case "dial_timeout":
 			h.DialTimeout = caddy.Duration(dur)
-		} else {
+		case "fail_timeout":
+			h.FailTimeout = caddy.Duration(dur)
+		default:
 			h.HealthCheckInterval = caddy.Duration(dur)
 		}
 	}

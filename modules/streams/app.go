@@ -128,16 +128,50 @@ type instance struct {
 	released         bool // state was released
 	chain            atomic.Pointer[chainBox]
 	cancel           func() // cleans the chain's handlers up
-	ln               net.Listener
-	done             chan struct{} // closed when the accept loop has returned
-	stop             chan struct{} // closed to end the accept loop's wait
 	logger           *zap.Logger
+
+	// sockets are those of listen_port; more are those of the other
+	// ports of a port range (listen_port_end), in order.
+	sockets
+	more []*sockets
+
+	// sniShared: the stream listens on a port shared by server name
+	// (sni.go), whose listener is sni instead of ln; sniServing: it is
+	// one of that port's streams.
+	sniShared  bool
+	sni        *sniPort
+	sniServing bool
+}
+
+// sockets are the listeners of one port of a stream, with the UDP relay
+// of that address.
+type sockets struct {
+	port int
+	ln   net.Listener
+	done chan struct{} // closed when the accept loop has returned
+	stop chan struct{} // closed to end the accept loop's wait
 
 	relay   *udpnat.Relay // shared with other loads of the same stream address
 	nat     udpnat.Config
 	udp     *net.UDPConn   // the socket the relay reads
 	pc      net.PacketConn // Caddy's wrapper of udp, to close it
 	serving bool           // udp was handed to the relay
+}
+
+// all returns the sockets of every port of the stream.
+func (inst *instance) all() []*sockets {
+	return append([]*sockets{&inst.sockets}, inst.more...)
+}
+
+// portStream is s as it listens on port p of its range: for binding and
+// for messages, which then name that port.
+func portStream(s *spec.Stream, p int) *spec.Stream {
+	if p == s.ListenPort && s.ListenPortEnd == 0 {
+		return s
+	}
+	c := *s
+	c.ListenPort, c.ListenPortEnd = p, 0
+	return &c
 }
 
 // chainBox holds a compiled handler chain behind an atomic pointer, so that
@@ -225,17 +259,27 @@ func (a *App) newInstance(h *spec.Stream, source string) (*instance, error) {
 	if !h.Enabled {
 		return inst, nil
 	}
+	inst.sniShared = a.sharesPort(h)
 	for _, w := range h.Warnings() {
 		inst.logger.Warn("stream setting", zap.String("warning", w))
 	}
+	inst.port = h.ListenPort
+	for p := h.ListenPort + 1; p <= h.LastPort(); p++ {
+		inst.more = append(inst.more, &sockets{port: p})
+	}
 	if h.HasUDP() {
-		nat, err := a.natConfig(h, inst.logger)
+		nat, err := a.natConfig(h, inst.state, inst.logger)
 		if err != nil {
 			inst.release()
 			return nil, fmt.Errorf("%s: %v", spec.StreamLabel(h.ID, h.Name), err)
 		}
-		inst.nat = nat
-		inst.relay = udpnat.Acquire(inst.state, h.ListenHostPort())
+		for _, sk := range inst.all() {
+			sk.nat = nat
+			if !h.UpstreamPortFixed {
+				sk.nat.PortOffset = sk.port - h.ListenPort
+			}
+			sk.relay = udpnat.Acquire(inst.state, portStream(h, sk.port).ListenHostPort())
+		}
 	}
 	if h.HasTCP() {
 		chain, cancel, err := a.buildChain(h)
@@ -273,12 +317,23 @@ func limits(s *spec.Stream) streamstate.Limits {
 }
 
 // natConfig is what the stream's settings say about its UDP NAT entries.
-func (a *App) natConfig(s *spec.Stream, logger *zap.Logger) (udpnat.Config, error) {
+func (a *App) natConfig(s *spec.Stream, st *streamstate.State, logger *zap.Logger) (udpnat.Config, error) {
 	p, err := streamstate.NewPolicy(limits(s), logger)
 	if err != nil {
 		return udpnat.Config{}, err
 	}
+	var picker *streamstate.Picker
+	if len(s.Upstreams) > 0 {
+		peers := make([]streamstate.Peer, len(s.Upstreams))
+		for i, u := range s.Upstreams {
+			peers[i] = streamstate.Peer{Addr: u.HostPort(), Weight: u.Weight, Backup: u.Backup, State: st.Upstream(u.HostPort())}
+		}
+		if picker, err = streamstate.NewPicker(s.LoadBalancing, peers, s.FailTimeout()); err != nil {
+			return udpnat.Config{}, err
+		}
+	}
 	return udpnat.Config{
+		Picker:    picker,
 		Upstream:  s.UpstreamHostPort(),
 		Policy:    p,
 		ProxyV2:   s.ProxyProtocolVersion == 2,
@@ -301,6 +356,16 @@ func (a *App) buildChain(s *spec.Stream) (chain layer4.Handler, release func(), 
 		DialTimeout:   caddy.Duration(s.ConnectionTimeout()),
 		ProxyProtocol: s.ProxyProtocolVersion,
 		HalfClose:     s.HalfClose,
+	}
+	if s.IsRange() && !s.UpstreamPortFixed {
+		proxy.ListenPort = s.ListenPort
+	}
+	if len(s.Upstreams) > 0 {
+		proxy.LoadBalancing = s.LoadBalancing
+		proxy.FailTimeout = caddy.Duration(s.FailTimeout())
+		for _, u := range s.Upstreams {
+			proxy.Upstreams = append(proxy.Upstreams, l4aegisproxy.Upstream{Address: u.HostPort(), Weight: u.Weight, Backup: u.Backup})
+		}
 	}
 	if s.HealthCheckEnabled {
 		proxy.HealthCheckInterval = caddy.Duration(s.HealthCheckInterval())
@@ -363,6 +428,9 @@ func (a *App) start() error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	for _, inst := range a.streams {
+		inst.sniShared = a.sharesPort(inst.cfg)
+	}
+	for _, inst := range a.streams {
 		if err := inst.bind(a.ctx); err != nil {
 			a.closeListeners()
 			return err
@@ -377,18 +445,30 @@ func (a *App) start() error {
 	return nil
 }
 
-// bind opens the stream's listeners if it is enabled. On error none is
-// left open.
+// bind opens the stream's listeners, on every port of its range, if it is
+// enabled. On error none is left open, and the error names the port.
 func (inst *instance) bind(ctx caddy.Context) error {
 	if !inst.cfg.Enabled {
 		return nil
 	}
-	var err error
-	if inst.cfg.HasTCP() {
-		inst.ln, err = listen(ctx, inst.cfg)
+	if err := checkOpenFiles(inst.cfg); err != nil {
+		return err
 	}
-	if err == nil && inst.cfg.HasUDP() {
-		inst.udp, inst.pc, err = listenUDP(ctx, inst.cfg)
+	var err error
+	for _, sk := range inst.all() {
+		ps := portStream(inst.cfg, sk.port)
+		switch {
+		case inst.cfg.HasTCP() && inst.sniShared:
+			inst.sni, err = sniJoin(ctx, ps)
+		case inst.cfg.HasTCP():
+			sk.ln, err = listen(ctx, ps)
+		}
+		if err == nil && inst.cfg.HasUDP() {
+			sk.udp, sk.pc, err = listenUDP(ctx, ps)
+		}
+		if err != nil {
+			break
+		}
 	}
 	if err != nil {
 		inst.closeListeners()
@@ -410,30 +490,54 @@ func (a *App) serveSettings(inst *instance) {
 // serve starts serving the stream's bound listeners.
 func (a *App) serve(inst *instance) {
 	a.serveSettings(inst)
+	keepUpstreams(inst)
 	if !inst.cfg.HealthCheckEnabled || !inst.cfg.Enabled {
 		inst.state.ClearHealth()
 	}
-	if inst.ln != nil {
-		inst.state.ListenerUp(streamstate.TCP)
-		inst.startAccept()
+	if inst.sni != nil && !inst.sniServing {
+		a.serveShared(inst)
 	}
-	if inst.udp != nil {
-		inst.relay.SetConfig(inst.nat)
-		if err := inst.relay.AddSocket(inst.udp); err != nil {
-			inst.logger.Error("serving UDP socket", zap.Error(err))
-		} else {
-			inst.serving = true
+	for _, sk := range inst.all() {
+		if sk.ln != nil {
+			inst.state.ListenerUp(streamstate.TCP)
+			inst.startAccept(sk)
+		}
+		if sk.udp != nil {
+			sk.relay.SetConfig(sk.nat)
+			if err := sk.relay.AddSocket(sk.udp); err != nil {
+				inst.logger.Error("serving UDP socket", zap.Int("port", sk.port), zap.Error(err))
+			} else {
+				sk.serving = true
+			}
 		}
 	}
-	if inst.ln != nil || inst.udp != nil {
-		a.logger.Info("stream listening",
+	if inst.ln != nil || inst.udp != nil || inst.sni != nil {
+		fields := []zap.Field{
 			zap.Int64("stream_id", inst.cfg.ID),
 			zap.String("stream", inst.cfg.DisplayName()),
 			zap.String("source", inst.source),
 			zap.String("protocol", inst.cfg.EffectiveProtocol()),
 			zap.String("listen", inst.cfg.ListenHostPort()),
-			zap.String("upstream", inst.cfg.UpstreamHostPort()))
+			zap.String("upstream", inst.cfg.UpstreamHostPort()),
+		}
+		if inst.cfg.IsRange() {
+			fields = append(fields, zap.Int("listen_port_end", inst.cfg.ListenPortEnd))
+		}
+		if inst.sni != nil {
+			fields = append(fields, zap.Strings("sni", inst.cfg.SNI))
+		}
+		a.logger.Info("stream listening", fields...)
 	}
+}
+
+// keepUpstreams lets the stream's state forget the upstreams its config
+// no longer names.
+func keepUpstreams(inst *instance) {
+	var addrs []string
+	for _, u := range inst.cfg.UpstreamList() {
+		addrs = append(addrs, u.HostPort())
+	}
+	inst.state.KeepUpstreams(addrs)
 }
 
 // Stop stops accepting at once. Open connections of streams that the next
@@ -468,8 +572,10 @@ func (a *App) reassert(theirs []int64) {
 	a.registerCerts(theirs)
 	for _, inst := range a.streams {
 		a.serveSettings(inst)
-		if inst.serving {
-			inst.relay.SetConfig(inst.nat)
+		for _, sk := range inst.all() {
+			if sk.serving {
+				sk.relay.SetConfig(sk.nat)
+			}
 		}
 	}
 }
@@ -486,25 +592,46 @@ func (a *App) closeListeners() {
 // so replies move to a newer socket of the same address if one was bound
 // meanwhile (a reload, an edit).
 func (inst *instance) closeListeners() {
-	if inst.ln != nil {
-		inst.ln.Close()
-		unbind(inst.cfg, "tcp")
-		inst.ln = nil
-		if inst.done != nil {
-			close(inst.stop)
-			<-inst.done
-			inst.done = nil
-			inst.state.ListenerDown(streamstate.TCP)
+	inst.leaveShared()
+	for _, sk := range inst.all() {
+		ps := portStream(inst.cfg, sk.port)
+		if sk.ln != nil {
+			sk.ln.Close()
+			unbind(ps, "tcp")
+			sk.ln = nil
+			if sk.done != nil {
+				close(sk.stop)
+				<-sk.done
+				sk.done = nil
+				inst.state.ListenerDown(streamstate.TCP)
+			}
+		}
+		if sk.udp != nil {
+			if sk.serving {
+				sk.relay.RemoveSocket(sk.udp, sk.pc.Close)
+			} else {
+				sk.pc.Close()
+			}
+			unbind(ps, "udp")
+			sk.udp, sk.pc, sk.serving = nil, nil, false
 		}
 	}
-	if inst.udp != nil {
-		if inst.serving {
-			inst.relay.RemoveSocket(inst.udp, inst.pc.Close)
-		} else {
-			inst.pc.Close()
-		}
-		unbind(inst.cfg, "udp")
-		inst.udp, inst.pc, inst.serving = nil, nil, false
+}
+
+// closeOwnTCP closes the stream's own TCP listener (of its first port)
+// and waits for its accept loop: the stream moved to a shared port.
+func (inst *instance) closeOwnTCP() {
+	if inst.ln == nil {
+		return
+	}
+	inst.ln.Close()
+	unbind(inst.cfg, "tcp")
+	inst.ln = nil
+	if inst.done != nil {
+		close(inst.stop)
+		<-inst.done
+		inst.done = nil
+		inst.state.ListenerDown(streamstate.TCP)
 	}
 }
 
@@ -518,9 +645,11 @@ func (inst *instance) release() {
 	}
 	// A relay that goes away closes its NAT entries at once: with its
 	// sockets closed, no reply could reach the clients.
-	if inst.relay != nil {
-		udpnat.Release(inst.relay)
-		inst.relay = nil
+	for _, sk := range inst.all() {
+		if sk.relay != nil {
+			udpnat.Release(sk.relay)
+			sk.relay = nil
+		}
 	}
 	if !inst.released {
 		inst.released = true
@@ -560,17 +689,17 @@ func (a *App) releaseStore() {
 	}
 }
 
-// startAccept runs the accept loop of inst.ln until closeListeners.
-func (inst *instance) startAccept() {
-	inst.done = make(chan struct{})
-	inst.stop = make(chan struct{})
-	go inst.accept(inst.ln, inst.stop)
+// startAccept runs the accept loop of sk.ln until closeListeners.
+func (inst *instance) startAccept(sk *sockets) {
+	sk.done = make(chan struct{})
+	sk.stop = make(chan struct{})
+	go inst.accept(sk.ln, sk.stop, sk.done)
 }
 
-// accept runs the stream's accept loop until its listener is closed, or
-// stop is while it waits to try again.
-func (inst *instance) accept(ln net.Listener, stop <-chan struct{}) {
-	defer close(inst.done)
+// accept runs the stream's accept loop of one listener until it is
+// closed, or stop is while it waits to try again.
+func (inst *instance) accept(ln net.Listener, stop <-chan struct{}, done chan<- struct{}) {
+	defer close(done)
 	var backoff time.Duration
 	for {
 		c, err := ln.Accept()

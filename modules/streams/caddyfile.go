@@ -55,10 +55,12 @@ func parseStreamsOption(d *caddyfile.Dispenser, existingVal any) (any, error) {
 //		host <id> [<name>] {
 //			name <text>
 //			protocol tcp|udp|tcp+udp
-//			listen <address:port>|<port>
+//			listen <address:port>|<port>|<address:first-last>
 //			listen_address <ip>
 //			listen_port <port>
-//			upstream <host:port>
+//			upstream <host:port> [weight <n>] [backup]
+//			load_balancing round_robin|least_connections|source_hash|random|first
+//			fail_timeout_seconds <n>
 //			upstream_host <host>
 //			upstream_port <port>
 //			enabled [true|false]
@@ -70,6 +72,7 @@ func parseStreamsOption(d *caddyfile.Dispenser, existingVal any) (any, error) {
 //			idle_timeout_seconds <n>
 //			half_close [true|false]
 //			proxy_protocol_version 0|1|2
+//			sni <server name...>
 //			whitelist_cidrs <cidr...>
 //			blacklist_cidrs <cidr...>
 //			accept_proxy_protocol off|optional|required
@@ -96,10 +99,12 @@ func parseStreamsOption(d *caddyfile.Dispenser, existingVal any) (any, error) {
 // Options are the JSON settings of a stream. `listen` is shorthand for
 // listen_address and listen_port ([::1]:5432, 0.0.0.0:5432, :5432 or
 // 5432), `upstream` for upstream_host and upstream_port (db.internal:5432
-// or [2001:db8::5]:5432). A boolean option alone means true; `enabled`
+// or [2001:db8::5]:5432); repeated, or with a weight or backup, it
+// makes upstreams, whose first one is also upstream_host and
+// upstream_port. A boolean option alone means true; `enabled`
 // is true unless set to false. A list (whitelist_cidrs, blacklist_cidrs,
-// trusted_proxy_cidrs) may repeat and append. upstream_tls_ca takes the
-// PEM text as a heredoc (<<PEM ... PEM). Values are checked for syntax only; ranges and
+// trusted_proxy_cidrs, sni) may repeat and append. upstream_tls_ca takes
+// the PEM text as a heredoc (<<PEM ... PEM). Values are checked for syntax only; ranges and
 // consistency are checked by Validate when the config is loaded.
 func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume option name
@@ -251,40 +256,55 @@ func unmarshalHost(d *caddyfile.Dispenser, ids map[int64]bool) (*spec.Stream, er
 		setBy["name"] = "host"
 	}
 
+	// ups are the `upstream` options: one alone is upstream_host and
+	// upstream_port, as before upstreams; several, or one with a weight or
+	// backup, are upstreams.
+	var ups []spec.Upstream
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		opt := d.Val()
 		switch opt {
-		case "whitelist_cidrs", "blacklist_cidrs":
+		case "whitelist_cidrs", "blacklist_cidrs", "sni":
 			vals := d.RemainingArgs()
 			if len(vals) == 0 {
+				if opt == "sni" {
+					return nil, d.Errf("%s: sni: want one or more server names", where)
+				}
 				return nil, d.Errf("%s: %s: want one or more CIDRs", where, opt)
 			}
-			if opt == "whitelist_cidrs" {
+			switch opt {
+			case "whitelist_cidrs":
 				s.WhitelistCIDRs = append(s.WhitelistCIDRs, vals...)
-			} else {
+			case "blacklist_cidrs":
 				s.BlacklistCIDRs = append(s.BlacklistCIDRs, vals...)
+			default:
+				s.SNI = append(s.SNI, vals...)
 			}
 
-		case "listen", "upstream":
-			var err error
-			if opt == "listen" {
-				err = set(opt, "listen_address", "listen_port")
-			} else {
-				err = set(opt, "upstream_host", "upstream_port")
+		case "upstream":
+			if len(ups) == 0 {
+				if err := set(opt, "upstream_host", "upstream_port"); err != nil {
+					return nil, err
+				}
 			}
+			u, err := parseUpstreamOption(d.RemainingArgs())
 			if err != nil {
-				return nil, err
+				return nil, d.Errf("%s: upstream %v", where, err)
 			}
+			ups = append(ups, u)
+
+		case "listen":
 			v, err := oneArg(d, where)
 			if err != nil {
 				return nil, err
 			}
-			if opt == "listen" {
-				s.ListenAddress, s.ListenPort, err = parseListen(v)
-			} else {
-				s.UpstreamHost, s.UpstreamPort, err = parseUpstream(v)
+			fields := []string{"listen_address", "listen_port"}
+			if strings.Contains(v, "-") {
+				fields = append(fields, "listen_port_end")
 			}
-			if err != nil {
+			if err := set(opt, fields...); err != nil {
+				return nil, err
+			}
+			if s.ListenAddress, s.ListenPort, s.ListenPortEnd, err = parseListen(v); err != nil {
 				return nil, d.Errf("%s: %s %q: %v", where, opt, v, err)
 			}
 
@@ -326,7 +346,51 @@ func unmarshalHost(d *caddyfile.Dispenser, ids map[int64]bool) (*spec.Stream, er
 			return nil, d.Errf("%s: option '%s' takes no block", where, opt)
 		}
 	}
+	if len(ups) > 0 {
+		s.UpstreamHost, s.UpstreamPort = ups[0].Host, ups[0].Port
+		if len(ups) > 1 || ups[0].Weight != 0 || ups[0].Backup {
+			s.Upstreams = ups
+		}
+	}
 	return s, nil
+}
+
+// parseUpstreamOption parses the arguments of `upstream <host:port>
+// [weight <n>] [backup]`.
+func parseUpstreamOption(args []string) (spec.Upstream, error) {
+	var u spec.Upstream
+	if len(args) == 0 {
+		return u, fmt.Errorf("(none): want <host:port> [weight <n>] [backup]")
+	}
+	var err error
+	if u.Host, u.Port, err = parseUpstream(args[0]); err != nil {
+		return u, fmt.Errorf("%q: %v", args[0], err)
+	}
+	seen := map[string]bool{}
+	for i := 1; i < len(args); i++ {
+		a := args[i]
+		if seen[a] {
+			return u, fmt.Errorf("%s: %q given twice", args[0], a)
+		}
+		seen[a] = true
+		switch a {
+		case "backup":
+			u.Backup = true
+		case "weight":
+			if i+1 >= len(args) {
+				return u, fmt.Errorf("%s: weight: want a number, e.g. weight 3", args[0])
+			}
+			i++
+			n, err := strconv.Atoi(args[i])
+			if err != nil || n < 1 {
+				return u, fmt.Errorf("%s: weight %q: want a whole number from 1 to %d", args[0], args[i], spec.MaxWeight)
+			}
+			u.Weight = n
+		default:
+			return u, fmt.Errorf("%s: unknown %q; want <host:port> [weight <n>] [backup]", args[0], a)
+		}
+	}
+	return u, nil
 }
 
 // hostFields maps the host options that set one field, named as the
@@ -339,7 +403,7 @@ func hostFields(s *spec.Stream) map[string]any {
 	for i := range v.NumField() {
 		name, _, _ := strings.Cut(v.Type().Field(i).Tag.Get("json"), ",")
 		switch name {
-		case "", "-", "id", "whitelist_cidrs", "blacklist_cidrs":
+		case "", "-", "id", "whitelist_cidrs", "blacklist_cidrs", "upstreams", "sni":
 			continue
 		}
 		out[name] = v.Field(i).Addr().Interface()
@@ -404,12 +468,33 @@ func boolArg(d *caddyfile.Dispenser, where string, dst *bool) error {
 	return nil
 }
 
-// parseListen parses the `listen` shorthand: <address:port> or <port>.
-func parseListen(v string) (addr string, port int, err error) {
-	const want = "want <address:port> or <port>, e.g. 127.0.0.1:5432, [::1]:5432, :5432 or 5432"
+// parseListen parses the `listen` shorthand: <address:port> or <port>,
+// where the port may be a range <first>-<last>.
+func parseListen(v string) (addr string, port, end int, err error) {
+	const want = "want <address:port> or <port>, e.g. 127.0.0.1:5432, [::1]:5432, :5432, 5432 or a range 0.0.0.0:30000-30099"
 	if strings.Contains(v, "/") {
-		return "", 0, fmt.Errorf("%s; set tcp or udp with the protocol option", want)
+		return "", 0, 0, fmt.Errorf("%s; set tcp or udp with the protocol option", want)
 	}
+	ports := v
+	if i := strings.LastIndexByte(v, ':'); i >= 0 {
+		ports = v[i+1:]
+	}
+	if first, last, ok := strings.Cut(ports, "-"); ok {
+		a, err1 := strconv.Atoi(first)
+		b, err2 := strconv.Atoi(last)
+		if err1 != nil || err2 != nil || a < 0 || b < 0 {
+			return "", 0, 0, fmt.Errorf("port range %q is not <first>-<last>; %s", ports, want)
+		}
+		addr, port, err = parseListenOne(v[:len(v)-len(ports)] + first)
+		return addr, port, b, err
+	}
+	addr, port, err = parseListenOne(v)
+	return addr, port, 0, err
+}
+
+// parseListenOne parses <address:port> or <port>.
+func parseListenOne(v string) (addr string, port int, err error) {
+	const want = "want <address:port> or <port>, e.g. 127.0.0.1:5432, [::1]:5432, :5432 or 5432"
 	if n, err := strconv.Atoi(v); err == nil {
 		return "", n, nil
 	}

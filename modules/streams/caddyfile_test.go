@@ -164,7 +164,7 @@ func TestCaddyfileHostOptionsCoverStream(t *testing.T) {
 	for i := range typ.NumField() {
 		name, _, _ := strings.Cut(typ.Field(i).Tag.Get("json"), ",")
 		switch name {
-		case "id", "whitelist_cidrs", "blacklist_cidrs": // host argument; appending options
+		case "id", "whitelist_cidrs", "blacklist_cidrs", "upstreams", "sni": // host argument; appending options
 			continue
 		}
 		switch p := fields[name].(type) {
@@ -450,4 +450,111 @@ func mustJSON(t testing.TB, v any) []byte {
 		t.Fatal(err)
 	}
 	return b
+}
+
+func TestUnmarshalCaddyfileUpstreams(t *testing.T) {
+	d := caddyfile.NewTestDispenser(`streams {
+		host 4 {
+			listen 5432
+			upstream 10.0.0.1:5432 weight 3
+			upstream [2001:db8::2]:5432
+			upstream db3:6432 backup weight 2
+			load_balancing least_connections
+			fail_timeout_seconds 30
+		}
+		host 5 {
+			listen 5433
+			upstream 10.0.0.9:5432
+		}
+	}`)
+	var app App
+	if err := app.UnmarshalCaddyfile(d); err != nil {
+		t.Fatal(err)
+	}
+	got := app.Hosts[0]
+	want := []spec.Upstream{{Host: "10.0.0.1", Port: 5432, Weight: 3}, {Host: "2001:db8::2", Port: 5432}, {Host: "db3", Port: 6432, Weight: 2, Backup: true}}
+	if !reflect.DeepEqual(got.Upstreams, want) || got.UpstreamHost != "10.0.0.1" || got.UpstreamPort != 5432 ||
+		got.LoadBalancing != "least_connections" || got.FailTimeoutSeconds != 30 {
+		t.Errorf("host 4 = %+v", got)
+	}
+	if err := got.Validate(); err != nil {
+		t.Errorf("Validate() = %v", err)
+	}
+	// One plain upstream stays upstream_host and upstream_port.
+	if one := app.Hosts[1]; one.Upstreams != nil || one.UpstreamHost != "10.0.0.9" {
+		t.Errorf("host 5 = %+v, want upstream_host only", one)
+	}
+
+	for _, tc := range []struct{ in, want string }{
+		{"upstream", "upstream (none): want <host:port> [weight <n>] [backup]"},
+		{"upstream 10.0.0.1", `upstream "10.0.0.1": want <host:port>`},
+		{"upstream a:1 weight", "a:1: weight: want a number"},
+		{"upstream a:1 weight x", `a:1: weight "x": want a whole number from 1 to 100`},
+		{"upstream a:1 weight 0", `a:1: weight "0"`},
+		{"upstream a:1 backup backup", `a:1: "backup" given twice`},
+		{"upstream a:1 heavy", `a:1: unknown "heavy"`},
+		{"upstream_host b\n upstream a:1", "option 'upstream' sets upstream_host, already set by 'upstream_host'"},
+	} {
+		d := caddyfile.NewTestDispenser("streams {\n host 1 {\n listen 1\n " + tc.in + "\n }\n}")
+		var app App
+		err := app.UnmarshalCaddyfile(d)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: error %v, want %q", tc.in, err, tc.want)
+		}
+	}
+}
+
+func TestUnmarshalCaddyfileListenRange(t *testing.T) {
+	for _, tc := range []struct {
+		in         string
+		addr       string
+		port, end  int
+		wantErrMsg string
+	}{
+		{in: "0.0.0.0:30000-30099", addr: "0.0.0.0", port: 30000, end: 30099},
+		{in: "30000-30099", port: 30000, end: 30099},
+		{in: "[::1]:30000-30001", addr: "::1", port: 30000, end: 30001},
+		{in: ":5432", port: 5432},
+		{in: "0.0.0.0:30000-", wantErrMsg: `port range "30000-" is not <first>-<last>`},
+		{in: "0.0.0.0:a-b", wantErrMsg: `port range "a-b"`},
+		{in: "30000--5", wantErrMsg: "port range"},
+	} {
+		d := caddyfile.NewTestDispenser("streams {\n host 1 {\n listen " + tc.in + "\n upstream a:1\n }\n}")
+		var app App
+		err := app.UnmarshalCaddyfile(d)
+		if tc.wantErrMsg != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.wantErrMsg) {
+				t.Errorf("listen %s: error %v, want %q", tc.in, err, tc.wantErrMsg)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("listen %s: %v", tc.in, err)
+			continue
+		}
+		if h := app.Hosts[0]; h.ListenAddress != tc.addr || h.ListenPort != tc.port || h.ListenPortEnd != tc.end {
+			t.Errorf("listen %s: %q %d-%d", tc.in, h.ListenAddress, h.ListenPort, h.ListenPortEnd)
+		}
+	}
+	// listen with a range and listen_port_end: set twice.
+	d := caddyfile.NewTestDispenser("streams {\n host 1 {\n listen 1-2\n listen_port_end 3\n }\n}")
+	var app App
+	if err := app.UnmarshalCaddyfile(d); err == nil || !strings.Contains(err.Error(), "listen_port_end, already set by 'listen'") {
+		t.Errorf("listen range and listen_port_end: %v", err)
+	}
+}
+
+func TestUnmarshalCaddyfileSNI(t *testing.T) {
+	d := caddyfile.NewTestDispenser("streams {\n host 1 {\n listen 443\n upstream a:443\n sni db.example.com\n sni *.example.org x.test\n }\n}")
+	var app App
+	if err := app.UnmarshalCaddyfile(d); err != nil {
+		t.Fatal(err)
+	}
+	if got := app.Hosts[0].SNI; !reflect.DeepEqual(got, []string{"db.example.com", "*.example.org", "x.test"}) {
+		t.Errorf("sni = %q", got)
+	}
+	d = caddyfile.NewTestDispenser("streams {\n host 1 {\n sni\n }\n}")
+	if err := (&App{}).UnmarshalCaddyfile(d); err == nil || !strings.Contains(err.Error(), "sni: want one or more server names") {
+		t.Errorf("sni alone: %v", err)
+	}
 }

@@ -70,11 +70,11 @@ func (l *failingListener) Close() error { close(l.closed); return nil }
 // the app's lock.
 func TestCloseDuringAcceptBackoff(t *testing.T) {
 	ln := &failingListener{closed: make(chan struct{})}
-	inst := &instance{cfg: &spec.Stream{ID: 1, ListenAddress: "127.0.0.1", ListenPort: 1}, ln: ln,
+	inst := &instance{cfg: &spec.Stream{ID: 1, ListenAddress: "127.0.0.1", ListenPort: 1}, sockets: sockets{port: 1, ln: ln},
 		state: streamstate.New(1), logger: zap.NewNop()}
 	defer inst.state.Destruct()
 	inst.state.ListenerUp(streamstate.TCP)
-	inst.startAccept()
+	inst.startAccept(&inst.sockets)
 	// 5+10+…+320 ms of backoff: the loop now waits 640 ms.
 	testenv.Eventually(t, "eight accept errors", func() bool { return ln.calls.Load() >= 8 })
 	start := time.Now()

@@ -26,7 +26,12 @@ import (
 var bound = struct {
 	sync.Mutex
 	m map[string]int
-}{m: map[string]int{}}
+	// ports are the keys of m by network/port, so that heldLocked looks
+	// only at the listeners of one port (a port range binds thousands).
+	ports map[string]map[string]bool
+}{m: map[string]int{}, ports: map[string]map[string]bool{}}
+
+func portKey(network string, port int) string { return network + "/" + strconv.Itoa(port) }
 
 func boundKey(network string, s *spec.Stream) string { return network + "/" + s.ListenHostPort() }
 
@@ -80,6 +85,11 @@ func bind(ctx caddy.Context, s *spec.Stream, network string, lc net.ListenConfig
 		return nil, bindError(s, network, err)
 	}
 	bound.m[key]++
+	pk := portKey(network, s.ListenPort)
+	if bound.ports[pk] == nil {
+		bound.ports[pk] = map[string]bool{}
+	}
+	bound.ports[pk][key] = true
 	publishListenersLocked()
 	return ln, nil
 }
@@ -140,7 +150,8 @@ func heldLocked(s *spec.Stream, network string) bool {
 	if !ok {
 		return false
 	}
-	for key, n := range bound.m {
+	for key := range bound.ports[portKey(network, s.ListenPort)] {
+		n := bound.m[key]
 		rest, found := strings.CutPrefix(key, network+"/")
 		if !found || n <= 0 {
 			continue
@@ -180,6 +191,10 @@ func unbind(s *spec.Stream, network string) {
 	defer bound.Unlock()
 	if bound.m[key]--; bound.m[key] <= 0 {
 		delete(bound.m, key)
+		pk := portKey(network, s.ListenPort)
+		if delete(bound.ports[pk], key); len(bound.ports[pk]) == 0 {
+			delete(bound.ports, pk)
+		}
 		publishListenersLocked()
 	}
 }

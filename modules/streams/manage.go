@@ -222,6 +222,7 @@ func (a *App) createHost(ctx context.Context, s *spec.Stream) (spec.HostStatus, 
 	inst.setStored(stored)
 	a.serve(inst)
 	a.streams = append(a.streams, inst)
+	a.rehomeSNI()
 	inst.logger.Info("stream created")
 	return inst.hostStatus(), nil
 }
@@ -288,7 +289,7 @@ func (a *App) updateHost(ctx context.Context, id int64, build func(spec.Stream) 
 	if err := a.checkNew(ctx, s); err != nil {
 		return spec.HostStatus{}, err
 	}
-	sameSockets := sameSockets(old.cfg, s)
+	sameSockets := a.sameSockets(old, s)
 
 	var next *instance // sockets change: an instance of its own
 	var swap *instance // sockets stay: the new chain and relay config
@@ -331,10 +332,12 @@ func (a *App) updateHost(ctx context.Context, id int64, build func(spec.Stream) 
 // sameSockets reports whether a stream that changes from old to s keeps
 // its listening sockets: it stays enabled on the same protocol, address
 // and port.
-func sameSockets(old, s *spec.Stream) bool {
-	return old.Enabled && s.Enabled &&
-		old.EffectiveProtocol() == s.EffectiveProtocol() &&
-		old.ListenAddress == s.ListenAddress && old.ListenPort == s.ListenPort
+func (a *App) sameSockets(old *instance, s *spec.Stream) bool {
+	o := old.cfg
+	return o.Enabled && s.Enabled &&
+		o.EffectiveProtocol() == s.EffectiveProtocol() &&
+		o.ListenAddress == s.ListenAddress && o.ListenPort == s.ListenPort &&
+		o.LastPort() == s.LastPort() && old.sniShared == a.sharesPort(s)
 }
 
 // swapInPlace gives old, which keeps its sockets, the chain and relay
@@ -348,13 +351,19 @@ func (a *App) swapInPlace(old, spare *instance, h storage.Stored) {
 		spare.chain.Store(prev)
 	}
 	old.cancel, spare.cancel = spare.cancel, old.cancel
-	if old.relay != nil {
-		old.nat = spare.nat
-		old.relay.SetConfig(old.nat)
+	for i, sk := range old.all() {
+		if sk.relay != nil {
+			sk.nat = spare.all()[i].nat
+			sk.relay.SetConfig(sk.nat)
+		}
 	}
 	// The connection goroutines read old.logger: it keeps the name the
 	// stream had when it started; the handlers log the new one.
 	old.cfg = s
+	keepUpstreams(old)
+	if old.sni != nil {
+		old.sni.update()
+	}
 	if !s.HealthCheckEnabled {
 		old.state.ClearHealth()
 	}
@@ -376,6 +385,7 @@ func (a *App) replaceInstance(old, next *instance, h storage.Stored) {
 	}
 	a.streams[slices.Index(a.streams, old)] = next
 	old.release()
+	a.rehomeSNI()
 	next.logger.Info("stream updated", zap.Bool("enabled", s.Enabled))
 }
 
@@ -407,6 +417,7 @@ func (a *App) applyHost(inst *instance, h storage.Stored) error {
 		ninst.setStored(h)
 		a.serve(ninst)
 		a.streams = append(a.streams, ninst)
+		a.rehomeSNI()
 		return nil
 	case inst.source != spec.SourceAPI:
 		return fmt.Errorf("%w: id %d is taken by %s, declared in this node's Caddy config", spec.ErrConflict, h.ID, spec.StreamLabel(inst.cfg.ID, inst.cfg.Name))
@@ -417,7 +428,7 @@ func (a *App) applyHost(inst *instance, h storage.Stored) error {
 	if err != nil {
 		return err
 	}
-	if sameSockets(inst.cfg, s) {
+	if a.sameSockets(inst, s) {
 		a.swapInPlace(inst, next, h)
 		return nil
 	}
@@ -550,11 +561,29 @@ func (a *App) ActiveConnections(id int64) ([]spec.ActiveConn, error) {
 			ID: ss.ID, Protocol: proto, Source: ss.Source.String(), SourceIP: ss.Source.Addr().String(),
 			StartedAt: jsontime.Of(ss.Start), BytesSent: ss.Sent(), BytesReceived: ss.Received(),
 			DatagramsSent: ss.DatagramsSent(), DatagramsReceived: ss.DatagramsReceived(),
+			Upstream: peerAddr(ss), ListenPort: listenPort(inst.cfg, ss),
 		})
 		return true
 	})
 	slices.SortFunc(out, func(x, y spec.ActiveConn) int { return x.StartedAt.Compare(y.StartedAt.Time) })
 	return out, nil
+}
+
+// listenPort is the port session ss came in on, for a stream with a port
+// range; 0 otherwise.
+func listenPort(s *spec.Stream, ss *streamstate.Session) int {
+	if !s.IsRange() {
+		return 0
+	}
+	return ss.ListenPort()
+}
+
+// peerAddr is the upstream session ss went to, or "".
+func peerAddr(ss *streamstate.Session) string {
+	if u := ss.Peer(); u != nil {
+		return u.Addr
+	}
+	return ""
 }
 
 // CloseConnection closes open connection connID of stream id now

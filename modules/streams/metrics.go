@@ -1,6 +1,7 @@
 package streams
 
 import (
+	"net"
 	"strconv"
 	"strings"
 
@@ -24,7 +25,8 @@ import (
 // continue across reloads: they live in the stream's state, which a reload
 // keeps. Labels are the stream's name, id and protocol setting, plus a
 // reason, direction, outcome or transport from a fixed list; never a
-// client's or an upstream's address.
+// client's address. The series of a stream's upstreams (a stream with
+// upstreams) add the upstream's host:port from the stream's settings.
 
 // streamLabels name the stream of every series.
 var streamLabels = []string{"stream", "id", "protocol"}
@@ -64,10 +66,25 @@ var (
 	descLogDropped = newDesc("log_entries_dropped_total",
 		"Connection-log entries dropped because a queue was full.")
 
+	descUpConnections = newDesc("upstream_connections_total",
+		"Connections (UDP NAT entries) relayed to each upstream.", "upstream")
+	descUpActive = newDesc("upstream_active_connections",
+		"Connections (UDP NAT entries) open now to each upstream.", "upstream")
+	descUpBytes = newDesc("upstream_bytes_total",
+		"Bytes relayed through each upstream, by direction.", "upstream", "direction")
+	descUpDialFailures = newDesc("upstream_dial_failures_total",
+		"Failed dials to each upstream (UDP: ICMP refusals).", "upstream")
+	descSNINoMatch = prometheus.NewDesc("aegis_sni_no_match_total",
+		"Connections to a port shared by server name that no stream took (sni_no_match), by listen address.", []string{"listen"}, nil)
+	descUpUp = newDesc("upstream_up",
+		"1 while new connections may go to the upstream, 0 while they skip it (a failed dial within fail_timeout_seconds, or a failed health check).", "upstream")
+
 	allDescs = []*prometheus.Desc{
 		descConnections, descBlocked, descActive, descBytes, descDuration,
 		descDialFailures, descDialDuration, descHealthy, descListening,
 		descNATEntries, descDropped, descTLS, descLogDropped, descUpstreamLoops,
+		descUpConnections, descUpActive, descUpBytes, descUpDialFailures, descUpUp,
+		descSNINoMatch,
 	}
 )
 
@@ -110,6 +127,7 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 type streamSample struct {
 	cfg   *spec.Stream
 	state *streamstate.State
+	sni   *sniPort // its shared port, if any
 }
 
 // samples returns the app's streams. An app that was cleaned up returns
@@ -128,15 +146,20 @@ func (a *App) samples(fallback bool) []streamSample {
 	defer a.mu.Unlock()
 	out := make([]streamSample, 0, len(a.streams))
 	for _, inst := range a.streams {
-		out = append(out, streamSample{cfg: inst.cfg, state: inst.state})
+		out = append(out, streamSample{cfg: inst.cfg, state: inst.state, sni: inst.sni})
 	}
 	return out
 }
 
 // Collect implements prometheus.Collector.
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
+	seen := map[*sniPort]bool{}
 	for _, s := range c.app.samples(true) {
 		collectStream(ch, s)
+		if s.sni != nil && !seen[s.sni] {
+			seen[s.sni] = true
+			ch <- prometheus.MustNewConstMetric(descSNINoMatch, prometheus.CounterValue, float64(s.sni.noMatch.Load()), s.sni.key)
+		}
 	}
 }
 
@@ -180,6 +203,15 @@ func collectStream(ch chan<- prometheus.Metric, s streamSample) {
 	}
 	counter(descLogDropped, st.LogDropped.Load(), lv)
 	counter(descUpstreamLoops, st.UpstreamLoops.Load(), lv)
+	for _, u := range status.Upstreams {
+		ul := with(strings.ToValidUTF8(net.JoinHostPort(u.Host, strconv.Itoa(u.Port)), "\uFFFD"))
+		counter(descUpConnections, u.TotalConnections, ul)
+		gauge(descUpActive, float64(u.ActiveConnections), ul)
+		counter(descUpBytes, u.BytesSent, append(ul[:len(ul):len(ul)], directionUp))
+		counter(descUpBytes, u.BytesReceived, append(ul[:len(ul):len(ul)], directionDown))
+		counter(descUpDialFailures, u.DialFailures, ul)
+		gauge(descUpUp, boolGauge(u.Healthy), ul)
+	}
 
 	if cfg.HasTCP() {
 		histogram(descDuration, st.ConnectionDurations(streamstate.TCP), with(spec.ProtocolTCP))

@@ -18,7 +18,7 @@ func (a *App) ValidatePort(pc spec.PortCheck) spec.PortCheckResult {
 		id = a.nextID()
 	}
 	s := &spec.Stream{ID: id, Protocol: pc.Protocol, ListenAddress: pc.ListenAddress, ListenPort: pc.ListenPort,
-		UpstreamHost: "127.0.0.1", UpstreamPort: 1, Enabled: true}
+		ListenPortEnd: pc.ListenPortEnd, SNI: pc.SNI, UpstreamHost: "127.0.0.1", UpstreamPort: 1, Enabled: true}
 	if inst := a.find(pc.ID); inst != nil {
 		s.Name = inst.cfg.Name
 	}
@@ -29,7 +29,7 @@ func (a *App) ValidatePort(pc spec.PortCheck) spec.PortCheckResult {
 	collect := func(err error) {
 		for _, e := range flattenErrors(err) {
 			var fe *spec.FieldError
-			if errors.As(e, &fe) && (fe.Field == "protocol" || fe.Field == "listen_address" || fe.Field == "listen_port") {
+			if errors.As(e, &fe) && (fe.Field == "protocol" || fe.Field == "listen_address" || fe.Field == "listen_port" || fe.Field == "listen_port_end" || fe.Field == "sni") {
 				res.Errors = append(res.Errors, fe)
 			}
 		}
@@ -37,6 +37,9 @@ func (a *App) ValidatePort(pc spec.PortCheck) spec.PortCheckResult {
 	collect(s.Validate())
 	if len(res.Errors) == 0 {
 		collect(a.validateListen(s))
+	}
+	if len(res.Errors) == 0 {
+		collect(checkOpenFiles(s))
 	}
 	if len(res.Errors) == 0 {
 		collect(a.probe(s))
@@ -50,16 +53,20 @@ func (a *App) ValidatePort(pc spec.PortCheck) spec.PortCheckResult {
 	return res
 }
 
-// probe checks that s's addresses can be bound now, unless a stream of
-// this process holds them (validateListen has judged those).
+// probe checks that s's addresses, on every port of its range, can be
+// bound now, unless a stream of this process holds them (validateListen
+// has judged those). For a range it stops at the first port that cannot.
 func (a *App) probe(s *spec.Stream) error {
 	var errs []error
-	for _, network := range []string{"tcp", "udp"} {
-		if network == "tcp" && !s.HasTCP() || network == "udp" && !s.HasUDP() {
-			continue
-		}
-		if err := probeBind(s, network); err != nil {
-			errs = append(errs, err)
+	for p := s.ListenPort; p <= s.LastPort() && len(errs) == 0; p++ {
+		ps := portStream(s, p)
+		for _, network := range []string{"tcp", "udp"} {
+			if network == "tcp" && !s.HasTCP() || network == "udp" && !s.HasUDP() {
+				continue
+			}
+			if err := probeBind(ps, network); err != nil {
+				errs = append(errs, err)
+			}
 		}
 	}
 	return errors.Join(errs...)

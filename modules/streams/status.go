@@ -1,6 +1,8 @@
 package streams
 
 import (
+	"time"
+
 	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 	"github.com/aegis-proxy/caddy-aegis/spec"
@@ -37,6 +39,28 @@ func StatusOf(s *spec.Stream, st *streamstate.State) spec.Status {
 				out.HealthStatus = "healthy"
 			}
 		}
+	}
+	if len(s.Upstreams) > 0 {
+		out.Upstreams = upstreamStatus(s, st)
+	}
+	return out
+}
+
+// upstreamStatus reads the status of each of the stream's upstreams.
+func upstreamStatus(s *spec.Stream, st *streamstate.State) []spec.UpstreamStatus {
+	now := time.Now().UnixNano()
+	out := make([]spec.UpstreamStatus, 0, len(s.Upstreams))
+	for _, u := range s.Upstreams {
+		us := spec.UpstreamStatus{Host: u.Host, Port: u.Port, Backup: u.Backup, Healthy: true}
+		if r := st.FindUpstream(u.HostPort()); r != nil {
+			us.Healthy = r.Up(now)
+			us.LastError = r.LastError()
+			us.ActiveConnections = r.Active.Load()
+			us.TotalConnections = r.Total.Load()
+			us.DialFailures = r.DialFailures.Load()
+			us.BytesSent, us.BytesReceived = r.Bytes(st)
+		}
+		out = append(out, us)
 	}
 	return out
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"strconv"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -140,7 +141,9 @@ func (a *App) listenConflicts(s *spec.Stream, others []*spec.Stream) []error {
 	var errs []error
 	for _, o := range others {
 		oaddr, ok := listenAddr(o)
-		if !ok || o.ListenPort != s.ListenPort || !addrsOverlap(addr, oaddr) {
+		// The first port of s's range that o's range holds too.
+		clash := max(s.ListenPort, o.ListenPort)
+		if !ok || clash > min(s.LastPort(), o.LastPort()) || !addrsOverlap(addr, oaddr) {
 			continue
 		}
 		var shared string
@@ -154,23 +157,79 @@ func (a *App) listenConflicts(s *spec.Stream, others []*spec.Stream) []error {
 		default:
 			continue
 		}
+		if sharesBySNI(s, o) {
+			// One port, the streams told apart by server name.
+			if mine, theirs, clash := sniClash(s, o); clash {
+				errs = append(errs, &spec.FieldError{ID: s.ID, Name: s.Name, Field: "sni", Value: mine,
+					Reason: fmt.Sprintf("overlaps %q of %s on the same port; give each server name to one stream", theirs, spec.StreamLabel(o.ID, o.Name))})
+			}
+			continue
+		}
+		if !s.IsRange() && !o.IsRange() {
+			errs = append(errs, &spec.FieldError{
+				ID: s.ID, Name: s.Name, Field: "listen_port",
+				Value:  fmt.Sprintf("%d/%s", s.ListenPort, shared),
+				Reason: fmt.Sprintf("overlaps %s on %s; use another port or address, or disable one of them", spec.StreamLabel(o.ID, o.Name), o.ListenWhere()),
+				Inline: true,
+			})
+			continue
+		}
 		errs = append(errs, &spec.FieldError{
 			ID: s.ID, Name: s.Name, Field: "listen_port",
-			Value:  fmt.Sprintf("%d/%s", s.ListenPort, shared),
-			Reason: fmt.Sprintf("overlaps %s on %s; use another port or address, or disable one of them", spec.StreamLabel(o.ID, o.Name), o.ListenWhere()),
+			Value: fmt.Sprintf("%s/%s", portsText(s), shared),
+			Reason: fmt.Sprintf("overlaps %s on %s (%s), first at port %d; use other ports or another address, or disable one of them",
+				spec.StreamLabel(o.ID, o.Name), o.ListenWhere(), portsText(o), clash),
 			Inline: true,
 		})
 	}
-	for _, r := range a.reserved {
-		if r.Port == s.ListenPort {
-			errs = append(errs, &spec.FieldError{
-				ID: s.ID, Name: s.Name, Field: "listen_port", Value: s.ListenPort,
-				Reason: fmt.Sprintf("port %d is %s; use another port", r.Port, r.Owner),
-			})
-			break
+	var first *reservedPort
+	for i, r := range a.reserved {
+		if r.Port >= s.ListenPort && r.Port <= s.LastPort() && (first == nil || r.Port < first.Port) {
+			first = &a.reserved[i]
 		}
 	}
+	if first != nil {
+		fe := &spec.FieldError{ID: s.ID, Name: s.Name, Field: "listen_port", Value: s.ListenPort,
+			Reason: fmt.Sprintf("port %d is %s; use another port", first.Port, first.Owner)}
+		if s.IsRange() {
+			fe.Value = portsText(s)
+			fe.Inline = true
+			fe.Reason = fmt.Sprintf("includes port %d, %s; use other ports", first.Port, first.Owner)
+		}
+		errs = append(errs, fe)
+	}
 	return errs
+}
+
+// sharesBySNI reports whether s and o may share their listen address and
+// port, told apart by server name: both TCP, one port each, the same
+// address, and at least one gives sni (at most one may leave it empty).
+func sharesBySNI(s, o *spec.Stream) bool {
+	return s.EffectiveProtocol() == spec.ProtocolTCP && o.EffectiveProtocol() == spec.ProtocolTCP &&
+		!s.IsRange() && !o.IsRange() && s.ListenAddress == o.ListenAddress && s.ListenPort == o.ListenPort &&
+		(len(s.SNI) > 0 || len(o.SNI) > 0)
+}
+
+// sniClash returns the first server names of s and o that one name could
+// match both of.
+func sniClash(s, o *spec.Stream) (mine, theirs string, clash bool) {
+	for _, a := range s.SNI {
+		for _, b := range o.SNI {
+			if spec.SNIOverlap(a, b) {
+				return a, b, true
+			}
+		}
+	}
+	return "", "", false
+}
+
+// portsText is the stream's port, or its range of ports: "5432",
+// "30000-30099".
+func portsText(s *spec.Stream) string {
+	if !s.IsRange() {
+		return strconv.Itoa(s.ListenPort)
+	}
+	return fmt.Sprintf("%d-%d", s.ListenPort, s.LastPort())
 }
 
 // listenAddr is the stream's listen address, unmapped; the zero Addr means

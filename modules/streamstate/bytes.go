@@ -33,6 +33,7 @@ func (ss *Session) fold() {
 	if n := ss.received.Load(); n > 0 {
 		ss.State.ended[dirReceived].Add(n)
 	}
+	ss.foldPeer()
 }
 
 // bytesLocked returns the bytes relayed each way since the state was

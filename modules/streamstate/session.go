@@ -126,6 +126,11 @@ type Session struct {
 	client   io.Closer
 	conn     *Conn // the guard's wrapper of client (TCP), set before the relay starts
 	upstream atomic.Pointer[net.Conn]
+	peer     atomic.Pointer[Upstream] // the upstream it went to (SetPeer)
+	// peerCounted: peer counts the session (SetPeer); written before
+	// the session's relay starts, read by readers after peer.
+	peerCounted bool
+	port        atomic.Uint32 // the port it came in on, for a port range (SetListenPort)
 
 	logger *zap.Logger
 	name   string
@@ -154,6 +159,13 @@ func (s *State) newSession(client io.Closer, source netip.AddrPort, idle time.Du
 	}
 	return ss
 }
+
+// SetListenPort records the port the connection came in on (a stream
+// with a port range).
+func (ss *Session) SetListenPort(p int) { ss.port.Store(uint32(p)) }
+
+// ListenPort is the port SetListenPort recorded, or 0.
+func (ss *Session) ListenPort() int { return int(ss.port.Load()) }
 
 // Sent is the number of client→upstream bytes of this connection.
 func (ss *Session) Sent() uint64 { return ss.sent.Load() }
@@ -280,7 +292,12 @@ func (ss *Session) End(r Reason, log bool) {
 	d := time.Since(ss.Start)
 	ss.State.observeDuration(ss.UDP, d)
 	if log {
+		var upstream string
+		if u := ss.peer.Load(); u != nil {
+			upstream = u.Addr
+		}
 		ss.State.enqueueLog(logEntry{logger: ss.logger, rec: LogRecord{
+			Upstream:          upstream,
 			StreamID:          ss.State.ID,
 			Stream:            ss.name,
 			ConnID:            ss.ID,

@@ -136,6 +136,9 @@ type State struct {
 	sink    atomic.Pointer[func(LogRecord) bool]
 	connLog atomic.Pointer[zap.Logger]
 
+	upMu      sync.Mutex
+	upstreams map[string]*Upstream // by host:port (upstreams.go)
+
 	blockedMu       sync.Mutex
 	blockedLogged   map[netip.Addr]time.Time // last log of a refused source
 	blockedPruned   time.Time                // when blockedLogged was last pruned
@@ -213,8 +216,16 @@ type Health struct {
 // SetHealth records a health check result.
 func (s *State) SetHealth(h Health) { s.health.Store(&h) }
 
-// ClearHealth forgets health results (checks were turned off).
-func (s *State) ClearHealth() { s.health.Store(nil) }
+// ClearHealth forgets health results (checks were turned off), the
+// stream's and its upstreams'.
+func (s *State) ClearHealth() {
+	s.health.Store(nil)
+	s.upMu.Lock()
+	for _, u := range s.upstreams {
+		u.health.Store(nil)
+	}
+	s.upMu.Unlock()
+}
 
 // Health returns the last health check result, or nil if none ran.
 func (s *State) Health() *Health { return s.health.Load() }
@@ -301,6 +312,9 @@ type LogRecord struct {
 	BytesSent, BytesReceived uint64
 	// Datagrams each way, for UDP.
 	DatagramsSent, DatagramsReceived uint64
+	// Upstream is the host:port the connection went to; "" if none was
+	// reached.
+	Upstream string
 }
 
 // Action is "blocked" or "allowed".
@@ -393,6 +407,9 @@ func (s *State) writeLog(e logEntry) {
 		zap.Int64("duration_ms", r.Duration.Milliseconds()),
 		zap.String("action", r.Action()),
 		zap.String("disconnect_reason", r.Reason.String()),
+	}
+	if r.Upstream != "" {
+		fields = append(fields, zap.String("upstream", r.Upstream))
 	}
 	if r.UDP && !r.Blocked {
 		fields = append(fields, zap.Uint64("datagrams_sent", r.DatagramsSent), zap.Uint64("datagrams_received", r.DatagramsReceived))

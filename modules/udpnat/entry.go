@@ -19,6 +19,7 @@ type entry struct {
 	r    *Relay
 	key  netip.AddrPort // the client's address as the socket reports it
 	cfg  *config
+	peer int    // its upstream: cfg.picker.Peer(peer)
 	conn upConn // connected to the upstream
 	rc   syscall.RawConn
 	ss   *streamstate.Session
@@ -195,11 +196,24 @@ func (e *entry) Close() error {
 	return nil
 }
 
+// upstream is the entry's upstream address, host:port.
+func (e *entry) upstream() string { return e.cfg.picker.Peer(e.peer).Addr }
+
+// refused marks the entry's upstream failed after an ICMP unreachable,
+// so new entries, the client's next datagram's among them, go to another
+// one while there is one.
+func (e *entry) refused(err error) {
+	e.cfg.picker.Failed(e.peer, err)
+}
+
 // run relays the upstream's replies to the client until the entry ends.
 func (e *entry) run() {
 	defer e.r.wg.Done()
 	defer e.r.state.ConnDone()
 	e.readReplies()
+	if e.rerr != nil && isRefused(e.rerr) {
+		e.refused(e.rerr)
+	}
 	reason := streamstate.ReasonUpstreamError
 	if e.pending.Load() < 0 {
 		reason = streamstate.ReasonResponsesDone // every expected reply came

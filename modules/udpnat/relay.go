@@ -63,6 +63,14 @@ const (
 type Config struct {
 	// Upstream is host:port.
 	Upstream string
+	// Picker, when set, picks each new entry's upstream among several
+	// (a streamstate.Picker over host:port addresses), and Upstream is
+	// not used. A refused upstream (ICMP unreachable) is marked failed
+	// there, so the client's next datagram goes to another one.
+	Picker *streamstate.Picker
+	// PortOffset is added to each upstream's port: the relay serves port
+	// listen_port + PortOffset of a stream's port range.
+	PortOffset int
 	// Policy admits new clients (access lists, max_connections, shared
 	// with the stream's TCP connections, and HardCap) and gives each
 	// entry its rate limits, idle timeout and connection logging, as it
@@ -85,9 +93,20 @@ type Config struct {
 // config is a Config in force, with the upstream's resolved address.
 type config struct {
 	Config
-	idle   time.Duration
-	target atomic.Pointer[netip.AddrPort]
-	cancel context.CancelFunc // stops the name resolution loop
+	idle    time.Duration
+	picker  *streamstate.Picker
+	targets []atomic.Pointer[netip.AddrPort] // by peer: its resolved address
+	cancel  context.CancelFunc               // stops the name resolution loops
+}
+
+// has reports whether the config sends to upstream addr.
+func (p *config) has(addr string) bool {
+	for i := range p.picker.Len() {
+		if p.picker.Peer(i).Addr == addr {
+			return true
+		}
+	}
+	return false
 }
 
 // Relay is the NAT relay of one stream address.
@@ -166,36 +185,41 @@ func (r *Relay) SetConfig(c Config) {
 	if c.Policy == nil {
 		c.Policy, _ = streamstate.NewPolicy(streamstate.Limits{}, c.Logger)
 	}
-	p := &config{Config: c, idle: c.Policy.Idle(true)}
+	p := &config{Config: c, idle: c.Policy.Idle(true), picker: c.Picker}
+	if p.picker == nil {
+		p.picker, _ = streamstate.NewPicker("", []streamstate.Peer{{Addr: c.Upstream, State: r.state.Upstream(c.Upstream)}}, streamstate.DefaultFailTimeout)
+	}
 	ctx, cancel := context.WithCancel(r.ctx)
 	p.cancel = cancel
-	if ap, err := netip.ParseAddrPort(c.Upstream); err == nil {
-		ap = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
-		p.target.Store(&ap)
-	} else {
-		r.wg.Add(1)
-		go r.resolve(ctx, p)
+	p.targets = make([]atomic.Pointer[netip.AddrPort], p.picker.Len())
+	for i := range p.targets {
+		if ap, err := netip.ParseAddrPort(p.picker.Peer(i).Addr); err == nil {
+			ap = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()+uint16(c.PortOffset))
+			p.targets[i].Store(&ap)
+		} else {
+			r.wg.Add(1)
+			go r.resolve(ctx, p, i)
+		}
 	}
 	old := r.cfg.Swap(p)
 	if old == nil {
 		return
 	}
 	old.cancel()
-	if old.Upstream != c.Upstream {
-		r.entries.Range(func(_, v any) bool {
-			if e := v.(*entry); e.cfg.Upstream != c.Upstream {
-				e.end(streamstate.ReasonConfigChanged)
-			}
-			return true
-		})
-	}
+	r.entries.Range(func(_, v any) bool {
+		if e := v.(*entry); !p.has(e.upstream()) || e.cfg.PortOffset != p.PortOffset {
+			e.end(streamstate.ReasonConfigChanged)
+		}
+		return true
+	})
 }
 
 // resolve looks the upstream's host name up until ctx ends: at once, then
 // every resolveEvery (every second while it fails).
-func (r *Relay) resolve(ctx context.Context, p *config) {
+func (r *Relay) resolve(ctx context.Context, p *config, i int) {
 	defer r.wg.Done()
-	host, port, _ := net.SplitHostPort(p.Upstream)
+	upstream := p.picker.Peer(i).Addr
+	host, port, _ := net.SplitHostPort(upstream)
 	pn, _ := strconv.ParseUint(port, 10, 16)
 	failed := false
 	for {
@@ -209,12 +233,12 @@ func (r *Relay) resolve(ctx context.Context, p *config) {
 		if err != nil || len(ips) == 0 {
 			if !failed {
 				p.Logger.Warn("resolving UDP upstream; new clients are dropped until it resolves",
-					zap.String("upstream", p.Upstream), zap.Error(err))
+					zap.String("upstream", upstream), zap.Error(err))
 			}
 			failed, wait = true, time.Second
 		} else {
-			ap := netip.AddrPortFrom(ips[0].Unmap(), uint16(pn))
-			p.target.Store(&ap)
+			ap := netip.AddrPortFrom(ips[0].Unmap(), uint16(int(pn)+p.PortOffset))
+			p.targets[i].Store(&ap)
 			failed = false
 		}
 		t := time.NewTimer(wait)
@@ -380,6 +404,7 @@ func (r *Relay) datagram(s *socket, buf []byte, n int, src netip.AddrPort, oob [
 		e.ss.AddDatagramSent(size)
 	case isRefused(err):
 		r.state.DropDatagrams(streamstate.DropUpstreamRefused, 1)
+		e.refused(err)
 		e.end(streamstate.ReasonUpstreamError)
 	default:
 		// A full buffer, or the entry closed meanwhile: UDP drops.
@@ -406,24 +431,6 @@ func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte, pa streamstate.P
 	if !ok {
 		return nil
 	}
-	target := p.target.Load()
-	if target == nil {
-		pol.Unadmit(r.state, adm)
-		r.state.DropDatagrams(streamstate.DropUpstreamUnresolved, 1)
-		return nil
-	}
-	if streamstate.IsOwnListener(true, *target) {
-		// A datagram sent there would come back as a new client, and so
-		// on until the process has no socket left.
-		pol.Unadmit(r.state, adm)
-		r.state.UpstreamLoops.Add(1)
-		r.state.DialFailures.Add(1)
-		if pol.LogConnections {
-			r.state.LogBlocked(p.Logger, pol.Name, client, streamstate.ReasonUpstreamLoop, true)
-		}
-		r.logLoop(p, *target)
-		return nil
-	}
 	dst := s.local
 	if s.wildcard {
 		if a, ok := parseDst(oob); ok {
@@ -437,14 +444,50 @@ func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte, pa streamstate.P
 			hdst = pa.Dest
 		}
 	}
-	e, err := r.newEntry(s, p, *target, src, dst, hsrc, hdst)
-	if err != nil {
-		pol.Unadmit(r.state, adm)
-		r.state.DropDatagrams(streamstate.DropUpstreamSocket, 1)
-		r.logDialError(p, err)
-		return nil
+	// The picked upstream, or the next one not tried while one cannot be
+	// used (its name does not resolve, it is one of this process's
+	// stream listeners, no socket opens).
+	var tried streamstate.Tried
+	drop := streamstate.DropUpstreamUnresolved
+	looped := false
+	var e *entry
+	for e == nil {
+		i := p.picker.Pick(client.Addr(), tried)
+		if i < 0 {
+			pol.Unadmit(r.state, adm)
+			if !looped {
+				r.state.DropDatagrams(drop, 1)
+			}
+			return nil
+		}
+		tried.Add(i)
+		target := p.targets[i].Load()
+		if target == nil {
+			continue
+		}
+		if streamstate.IsOwnListener(true, *target) {
+			// A datagram sent there would come back as a new client, and
+			// so on until the process has no socket left.
+			looped = true
+			r.state.UpstreamLoops.Add(1)
+			r.state.DialFailures.Add(1)
+			if pol.LogConnections {
+				r.state.LogBlocked(p.Logger, pol.Name, client, streamstate.ReasonUpstreamLoop, true)
+			}
+			r.logLoop(p, *target)
+			continue
+		}
+		var err error
+		if e, err = r.newEntry(s, p, *target, src, dst, hsrc, hdst); err != nil {
+			drop = streamstate.DropUpstreamSocket
+			r.logDialError(p.picker.Peer(i).Addr, err)
+			continue
+		}
+		e.peer = i
 	}
 	e.ss = pol.Open(r.state, e, client, true, adm)
+	e.ss.SetPeer(p.picker.Peer(e.peer).State, p.Picker != nil)
+	e.ss.SetListenPort(int(s.local.Port()))
 	// Two sockets of the relay (during a reload) may open the same client
 	// at once; the first one stored wins.
 	for {
@@ -480,12 +523,12 @@ func (r *Relay) logLoop(p *config, target netip.AddrPort) {
 
 // logDialError logs a failed upstream socket at most once a second: EMFILE
 // under a flood of new clients would otherwise flood the log.
-func (r *Relay) logDialError(p *config, err error) {
+func (r *Relay) logDialError(upstream string, err error) {
 	now := time.Now().UnixNano()
 	last := r.lastDialLog.Load()
 	if now-last < int64(time.Second) || !r.lastDialLog.CompareAndSwap(last, now) {
 		return
 	}
-	p.Logger.Warn("opening UDP upstream socket; datagram dropped",
-		zap.String("upstream", p.Upstream), zap.Error(err))
+	r.cfg.Load().Logger.Warn("opening UDP upstream socket; datagram dropped",
+		zap.String("upstream", upstream), zap.Error(err))
 }

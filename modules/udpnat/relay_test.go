@@ -152,7 +152,7 @@ func BenchmarkRelayRoundTripLimited(b *testing.B) {
 // BenchmarkDirectRoundTrip is the same echo without the relay.
 func BenchmarkDirectRoundTrip(b *testing.B) {
 	tr := newTestRelay(b, Config{})
-	c, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(*tr.r.cfg.Load().target.Load()))
+	c, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(*tr.r.cfg.Load().targets[0].Load()))
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -4,7 +4,7 @@
 
 import { ApiError, displayName, get, post, put } from './api.js';
 import { clearFieldErrors, clearMessages, fail, go, h, heading, setFieldError, showFieldErrors } from './dom.js';
-import { MAX_SECONDS, RATE, TIME, checkCIDR, fromUnit, parseCount, shortMessage, splitList, toUnit } from './units.js';
+import { MAX_SECONDS, RATE, TIME, checkCIDR, formatUpstream, fromUnit, parseCount, parseUpstream, shortMessage, splitList, toUnit } from './units.js';
 
 const PORT = { kind: 'int', min: 1, max: 65535, required: true };
 
@@ -15,9 +15,15 @@ const FIELDS = {
   protocol: { label: 'Protocol', kind: 'select', options: [['tcp', 'tcp'], ['udp', 'udp'], ['tcp+udp', 'tcp+udp']], hint: 'tcp+udp: both, on the same port.' },
   listen_address: { label: 'Listen address', kind: 'text', placeholder: 'every address', hint: 'An IP address, e.g. 127.0.0.1. Empty: every address.' },
   listen_port: { label: 'Listen port', ...PORT },
+  listen_port_end: { label: 'Last listen port', kind: 'int', min: 0, max: 65535, empty: 0, placeholder: 'one port', hint: 'Optional: listen on every port from the listen port to this one (at most 10,000). Port listen + k goes to upstream port + k.' },
+  upstream_port_fixed: { label: 'Same upstream port for every port', kind: 'check', hint: 'With a port range: send every port to the upstream port instead of upstream port + k.' },
   upstream_host: { label: 'Upstream host', kind: 'text', required: true, hint: 'A hostname or an IP address.' },
   upstream_port: { label: 'Upstream port', ...PORT },
+  upstreams: { label: 'Several upstreams', kind: 'upstreams', hint: 'Optional. One per line: host:port [weight N] [backup], e.g. 10.0.0.5:5432 weight 2. When set, the upstream host and port above are not used.' },
+  load_balancing: { label: 'Load balancing', kind: 'select', options: [['', 'Round robin (weighted)'], ['least_connections', 'Least connections'], ['source_hash', 'Source hash (a client keeps its upstream)'], ['random', 'Random'], ['first', 'First (failover only)']], hint: 'With several upstreams: which one a new connection goes to.' },
+  fail_timeout_seconds: { label: 'Fail timeout', kind: 'unit', scale: TIME, max: MAX_SECONDS, placeholder: '10', hint: 'An upstream whose dial failed is skipped this long. Empty: 10 s.' },
   proxy_protocol_version: { label: 'PROXY protocol', kind: 'select', number: true, options: [['0', 'Off'], ['1', '1'], ['2', '2']], hint: 'Sends the client address to the upstream: 1 (text, TCP only) or 2 (binary).' },
+  sni: { label: 'Server names (SNI)', kind: 'names', hint: 'Optional, TCP: share the listen address and port with other streams; TLS clients asking for one of these names (db.example.com, *.example.com) come to this stream. One per line. On a shared port, the stream without names takes the rest.' },
   ssl_enabled: { label: 'TLS termination', kind: 'check', hint: 'TLS to clients, plain TCP to the upstream.' },
   ssl_cert_id: { label: 'Certificate', kind: 'select', number: true, options: [['0', 'None']], hint: 'Add certificates on the Certificates page.' },
   whitelist_cidrs: { label: 'Allowed CIDRs', kind: 'list', hint: 'One per line, e.g. 10.0.0.0/8. Empty: all.' },
@@ -48,8 +54,9 @@ const FIELDS = {
 
 const GROUPS = [
   ['Stream', ['name', 'enabled']],
-  ['Protocol and addresses', ['protocol', 'listen_address', 'listen_port', 'upstream_host', 'upstream_port', 'proxy_protocol_version']],
-  ['TLS', ['ssl_enabled', 'ssl_cert_id']],
+  ['Protocol and addresses', ['protocol', 'listen_address', 'listen_port', 'listen_port_end', 'upstream_host', 'upstream_port', 'upstream_port_fixed', 'proxy_protocol_version']],
+  ['Several upstreams', ['upstreams', 'load_balancing', 'fail_timeout_seconds']],
+  ['TLS', ['sni', 'ssl_enabled', 'ssl_cert_id']],
   ['TLS to the upstream', ['upstream_tls', 'upstream_tls_server_name', 'upstream_tls_ca', 'upstream_tls_client_cert_id', 'upstream_tls_insecure_skip_verify']],
   ['Access control', ['whitelist_cidrs', 'blacklist_cidrs', 'max_connections', 'max_connections_per_ip', 'connection_rate_per_ip', 'connection_rate_window_seconds']],
   ['Behind a front proxy', ['accept_proxy_protocol', 'trusted_proxy_cidrs', 'proxy_header_timeout_seconds']],
@@ -59,7 +66,7 @@ const GROUPS = [
   ['Notes', ['notes']],
 ];
 
-const PORT_FIELDS = ['protocol', 'listen_address', 'listen_port'];
+const PORT_FIELDS = ['protocol', 'listen_address', 'listen_port', 'listen_port_end', 'sni'];
 
 // CERT_FIELDS choose a stored certificate.
 const CERT_FIELDS = ['ssl_cert_id', 'upstream_tls_client_cert_id'];
@@ -124,11 +131,15 @@ export async function formPage(ctx) {
   const portProblems = async () => {
     const port = parseCount(controls.listen_port.value, PORT);
     if (port.error) return null;
+    const end = parseCount(controls.listen_port_end.value, FIELDS.listen_port_end);
+    if (end.error) return null;
     try {
       const res = await post('streams/validate-port', {
         protocol: controls.protocol.value,
         listen_address: controls.listen_address.value.trim(),
         listen_port: port.value,
+        listen_port_end: end.value || undefined,
+        sni: splitList(controls.sni.value),
         id: editing ? ctx.id : undefined,
       });
       return { problems: res.errors.map((e) => ({ field: e.field, message: shortMessage(e.message) })), warnings: res.warnings };
@@ -261,8 +272,10 @@ function field(name, f, controls, certs) {
       break;
     }
     case 'list':
+    case 'names':
+    case 'upstreams':
     case 'textarea':
-      control = h('textarea', { ...common, rows: f.kind === 'list' ? 3 : 4, spellcheck: f.kind === 'textarea' ? null : 'false' });
+      control = h('textarea', { ...common, rows: f.kind === 'textarea' ? 4 : 3, spellcheck: f.kind === 'textarea' ? null : 'false' });
       break;
     case 'unit':
       control = h('input', { type: 'text', inputmode: 'decimal', autocomplete: 'off', placeholder: f.placeholder, ...common });
@@ -309,7 +322,11 @@ function fill(controls, s, certs) {
         el.value = String(v ?? f.options[0][0]);
         break;
       case 'list':
+      case 'names':
         el.value = (v || []).join('\n');
+        break;
+      case 'upstreams':
+        el.value = (v || []).map(formatUpstream).join('\n');
         break;
       case 'unit': {
         const u = v ? toUnit(v, f.scale) : { amount: '', unit: f.unit || f.scale.units[0][0] };
@@ -342,6 +359,17 @@ function value(name, controls) {
       v = splitList(el.value);
       v.forEach((item) => bad(checkCIDR(item)));
       break;
+    case 'names':
+      v = splitList(el.value);
+      break;
+    case 'upstreams':
+      v = [];
+      for (const line of el.value.split('\n').map((l) => l.trim()).filter(Boolean)) {
+        const [u, err] = parseUpstream(line);
+        if (err) bad(`"${line}": ${err}`);
+        else v.push(u);
+      }
+      break;
     case 'int':
     case 'unit': {
       const r = f.kind === 'int' ? parseCount(el.value, f) : fromUnit(el.value, el.unit.value, f.scale, f.max);
@@ -368,11 +396,18 @@ function value(name, controls) {
 // read returns the stream the form describes, and every problem with it.
 function read(controls) {
   const body = {};
-  const problems = [];
+  let problems = [];
   for (const name of Object.keys(FIELDS)) {
     const [v, p] = value(name, controls);
     body[name] = v;
     problems.push(...p);
+  }
+  // With upstreams, upstream_host and upstream_port are the first of
+  // them: the server fills them in.
+  if (body.upstreams.length) {
+    delete body.upstream_host;
+    delete body.upstream_port;
+    problems = problems.filter((p) => p.field !== 'upstream_host' && p.field !== 'upstream_port');
   }
   return { body, problems };
 }

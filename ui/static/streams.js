@@ -81,6 +81,8 @@ function newRow(s, page) {
   r.proto = h('td');
   r.addr = h('span');
   r.down = h('span', { class: 'note', hidden: true }, ' not listening');
+  // A row per upstream, for a stream with several.
+  r.ups = h('ul', { class: 'upstreams', 'data-field': 'upstreams', hidden: true });
   // The switch's state in words too; a config stream's says why it is
   // fixed.
   const why = config ? h('span', { id: `why-${id}`, class: 'why' }, 'set in the Caddy config') : null;
@@ -101,7 +103,7 @@ function newRow(s, page) {
     h('th', { scope: 'row' }, r.name,
       config ? h('span', { class: 'badge', title: 'Defined in the Caddy config: change it there' }, 'config') : null),
     r.proto,
-    h('td', { class: 'addr' }, r.addr, r.down),
+    h('td', { class: 'addr' }, r.addr, r.down, r.ups),
     h('td', { class: 'enabled', 'data-field': 'enabled' }, r.sw, r.swState, why),
     r.health,
     r.counters,
@@ -122,6 +124,12 @@ function update(r, s) {
   setText(r.proto, s.protocol || 'tcp');
   setText(r.addr, `${hostPort(s.listen_address, s.listen_port)} → ${hostPort(s.upstream_host, s.upstream_port)}`);
   r.down.hidden = !(s.enabled && st.listening === false);
+  const ups = st.upstreams || [];
+  r.ups.hidden = ups.length === 0;
+  if (ups.length) {
+    r.ups.replaceChildren(...ups.map((u) => h('li', { class: u.healthy ? 'ok' : 'bad', title: u.last_error || '' },
+      `${hostPort(u.host, u.port)}${u.backup ? ' (backup)' : ''}: ${u.healthy ? 'up' : 'down'}, ${u.active_connections} open, ${u.total_connections} total${!u.healthy && u.last_error ? ` (${u.last_error})` : ''}`)));
+  }
   r.down.title = 'Enabled, but its port is not open: see the Caddy log';
   if (r.sw.getAttribute('aria-label') !== `Enabled: ${name}`) r.sw.setAttribute('aria-label', `Enabled: ${name}`);
   r.sw.checked = !!s.enabled;

@@ -156,3 +156,33 @@ export function daysLeft(iso, now = Date.now()) {
   const t = Date.parse(iso);
   return Number.isNaN(t) ? null : Math.floor((t - now) / 86_400_000);
 }
+
+// parseUpstream reads one line of the upstreams field, "host:port
+// [weight N] [backup]", as the Caddyfile's upstream option: [upstream,
+// problem].
+export function parseUpstream(line) {
+  const words = line.split(/\s+/);
+  const m = /^(?:\[([^\]]+)\]|([^:\s]+)):(\d+)$/.exec(words[0]);
+  if (!m) return [null, 'want host:port, e.g. 10.0.0.5:5432 or [2001:db8::5]:5432'];
+  const port = Number(m[3]);
+  if (port < 1 || port > 65535) return [null, `port ${m[3]}: must be 1-65535`];
+  const u = { host: m[1] || m[2], port };
+  for (let i = 1; i < words.length; i++) {
+    if (words[i] === 'backup' && !u.backup) {
+      u.backup = true;
+    } else if (words[i] === 'weight' && u.weight === undefined) {
+      const w = parseCount(words[++i] ?? '', { min: 1, max: 100 });
+      if (w.error) return [null, `weight ${w.error === 'required' ? 'needs a number' : w.error}`];
+      u.weight = w.value;
+    } else {
+      return [null, `"${words[i]}": want weight N or backup after host:port`];
+    }
+  }
+  return [u, ''];
+}
+
+// formatUpstream is one upstream as a line of the upstreams field.
+export function formatUpstream(u) {
+  const host = u.host.includes(':') ? `[${u.host}]` : u.host;
+  return `${host}:${u.port}${u.weight > 1 ? ` weight ${u.weight}` : ''}${u.backup ? ' backup' : ''}`;
+}

@@ -197,3 +197,18 @@ test('formatWhen gives the time alone for today, else the date too', () => {
   assert.equal(formatWhen(yesterday.toISOString(), now, 'en-GB'), '05/12/2026, 23:59:00');
   assert.equal(formatWhen('not a time', now), 'not a time');
 });
+
+test('parseUpstream and formatUpstream', async () => {
+  const { parseUpstream, formatUpstream } = await import('../static/units.js');
+  assert.deepEqual(parseUpstream('10.0.0.5:5432'), [{ host: '10.0.0.5', port: 5432 }, '']);
+  assert.deepEqual(parseUpstream('[2001:db8::5]:5432 weight 3 backup'), [{ host: '2001:db8::5', port: 5432, weight: 3, backup: true }, '']);
+  assert.deepEqual(parseUpstream('db:1 backup weight 2'), [{ host: 'db', port: 1, backup: true, weight: 2 }, '']);
+  assert.match(parseUpstream('db')[1], /host:port/);
+  assert.match(parseUpstream('db:70000')[1], /1-65535/);
+  assert.match(parseUpstream('db:1 weight')[1], /needs a number/);
+  assert.match(parseUpstream('db:1 weight 101')[1], /1-100/);
+  assert.match(parseUpstream('db:1 backup backup')[1], /want weight N or backup/);
+  for (const line of ['10.0.0.5:5432', '[2001:db8::5]:5432 weight 3 backup', 'db:1 backup']) {
+    assert.equal(formatUpstream(parseUpstream(line)[0]), line);
+  }
+});
