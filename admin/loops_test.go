@@ -2,6 +2,7 @@ package admin_test
 
 import (
 	"fmt"
+	"net"
 	"net/http"
 	"strings"
 	"testing"
@@ -56,6 +57,18 @@ func TestUpstreamLoopRefused(t *testing.T) {
 	if res.Valid || len(res.Errors) != 1 || !strings.Contains(res.Errors[0].Message, `("first") relays to`) {
 		t.Errorf("validate-port of the port a stream relays to: %+v", res)
 	}
+	// A port that another program holds while a stream relays to it is
+	// that program's, not a loop: the answer says it is in use.
+	held, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", upPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	res.Errors = nil
+	inst.call("POST", "/api/v1/streams/validate-port", obj{"protocol": "tcp", "listen_address": "127.0.0.1", "listen_port": upPort}).want(t, http.StatusOK).decode(t, &res)
+	if res.Valid || len(res.Errors) != 1 || !strings.Contains(res.Errors[0].Message, "in use") {
+		t.Errorf("validate-port of a held port a stream relays to: %+v, want one error saying it is in use", res)
+	}
 
 	// Caddy's admin endpoint.
 	e = inst.call("POST", "/api/v1/streams", stream(0, freePort(t), inst.adminPort, nil)).apiErr(t, http.StatusBadRequest)
@@ -68,7 +81,7 @@ func TestUpstreamLoopRefused(t *testing.T) {
 
 	// The Caddyfile: the same loops refuse the config.
 	p := freePort(t)
-	err := inst.caddy.LoadCaddyfile(fmt.Sprintf(`{
+	err = inst.caddy.LoadCaddyfile(fmt.Sprintf(`{
 	admin 127.0.0.1:%d
 	streams {
 		storage sqlite %s

@@ -126,7 +126,15 @@ func (a *App) validateListen(s *spec.Stream) error {
 	errs := a.listenConflicts(s, others)
 	var local localAddrs
 	errs = append(errs, a.upstreamLoops(s, append(others, s), &local)...)
-	errs = append(errs, relayedInto(s, others, &local)...)
+	if into := relayedInto(s, others, &local); len(into) > 0 {
+		// A port that another program holds is the address a stream
+		// relays to, not a loop: say that it is in use.
+		if err := a.probe(s); err != nil {
+			errs = append(errs, err)
+		} else {
+			errs = append(errs, into...)
+		}
+	}
 	return errors.Join(errs...)
 }
 
