@@ -24,7 +24,7 @@ vet:
 # in a browser (e2e); then the allocation checks, which need a build without
 # the race detector, then every test with it (fuzz targets run their
 # committed seeds; the tests that run aegis as a command run bin/aegis).
-test: test-needs vet build e2e postgres
+test: test-needs postgres vet build e2e
 	$(GO) test -count=1 -run 'NotAllocate' ./modules/l4aegisproxy ./modules/udpnat
 	AEGIS_BIN=$(CURDIR)/$(BIN) $(GO) test -race -count=1 ./...
 	$(BIN) validate --config Caddyfile.example --adapter caddyfile
