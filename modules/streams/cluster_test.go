@@ -273,7 +273,7 @@ func TestPostgresFollowsOtherNode(t *testing.T) {
 				len(list) == 1 && list[0].Status.Cluster != nil && *list[0].Status.Cluster == want
 		}
 	}
-	within(3*time.Second, "the totals of both nodes", totals(2,
+	within(5*time.Second, "the totals of both nodes", totals(2,
 		spec.ClusterTotals{ActiveConnections: 2, TotalConnections: 40, BlockedConnections: 3, BytesSent: 1000, BytesReceived: 2000}))
 	if st := app.Statuses(); len(st) != 1 || st[0].Cluster != nil {
 		t.Fatalf("the stats carry totals: %+v", st)
@@ -287,7 +287,7 @@ func TestPostgresFollowsOtherNode(t *testing.T) {
 	if _, err := conn.Exec(ctx, `UPDATE nodes SET last_seen = now() - interval '1 hour' WHERE name = 'there'`); err != nil {
 		t.Fatal(err)
 	}
-	within(3*time.Second, "the totals without the stale node", totals(1, spec.ClusterTotals{}))
+	within(5*time.Second, "the totals without the stale node", totals(1, spec.ClusterTotals{}))
 }
 
 // A node that missed changes whose history was pruned meanwhile reloads
