@@ -6,7 +6,7 @@ BIN     := bin/aegis
 XCADDY  ?= $(shell $(GO) env GOPATH)/bin/xcaddy
 FUZZTIME ?= 60s
 
-.PHONY: all build run test test-needs vet fmt fuzz bench soak e2e postgres xcaddy clean
+.PHONY: all build run test test-needs vet fmt fuzz bench bench-cluster soak e2e postgres xcaddy clean
 
 all: build
 
@@ -74,6 +74,13 @@ bench: build
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y$$pkgs || exit 1; \
 	fi
 	bin/aegis-bench -aegis $(BIN) $(BENCH_FLAGS)
+
+# Three bin/aegis nodes on one PostgreSQL that the bench starts (Debian's
+# postgresql, installed when missing), and one on SQLite: propagation of
+# edits, API writes per second, catch-up (aegis-bench -cluster).
+bench-cluster: build postgres
+	$(GO) build -o bin/aegis-bench ./cmd/aegis-bench
+	bin/aegis-bench -aegis $(BIN) -cluster
 
 # A soak of bin/aegis for $(SOAK_TIME) (aegis-bench -soak): TCP, UDP and TLS
 # clients and an API change every second, then the leak and accounting

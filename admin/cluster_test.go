@@ -38,6 +38,13 @@ func TestClusterOfOneNode(t *testing.T) {
 		t.Fatalf("cluster view: %+v", view)
 	}
 
+	// With SQLite the stream rows have no cluster totals.
+	for _, path := range []string{"/api/v1/streams", fmt.Sprintf("/api/v1/streams/%d", sid)} {
+		if body := inst.call("GET", path, nil).want(t, http.StatusOK).body; strings.Contains(string(body), `"cluster"`) {
+			t.Fatalf("GET %s with SQLite: %s", path, body)
+		}
+	}
+
 	rows := inst.call("GET", "/api/v1/streams/stats?node=all", nil).want(t, http.StatusOK).list(t)
 	if len(rows) != 1 || rows[0]["node"] != "solo" || id(rows[0]) != sid {
 		t.Fatalf("stats?node=all: %v", rows)

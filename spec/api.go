@@ -73,6 +73,45 @@ type Status struct {
 	// Upstreams is the status of each upstream, for a stream with
 	// upstreams; left out for a stream with one upstream_host.
 	Upstreams []UpstreamStatus `json:"upstreams,omitempty"`
+	// Cluster is the stream's counters summed over the nodes that share
+	// this node's PostgreSQL storage: set in the rows of GET
+	// /api/v1/streams and GET /api/v1/streams/{id}, left out elsewhere
+	// and with SQLite.
+	Cluster *ClusterTotals `json:"cluster,omitempty"`
+}
+
+// ClusterTotals are a stream's counters summed over the nodes of a
+// cluster that run it: this node's as they are now, every other node's as
+// its last heartbeat gave them, leaving out the nodes whose heartbeat is
+// stale. Each node's numbers count since its own last reload.
+type ClusterTotals struct {
+	// Nodes is how many nodes were summed, this one included.
+	Nodes              int    `json:"nodes"`
+	ActiveConnections  int64  `json:"active_connections"`
+	TotalConnections   uint64 `json:"total_connections"`
+	BlockedConnections uint64 `json:"blocked_connections"`
+	BytesSent          uint64 `json:"bytes_sent"`
+	BytesReceived      uint64 `json:"bytes_received"`
+}
+
+// Add adds one node's status of the stream.
+func (t *ClusterTotals) Add(s *Status) {
+	t.Nodes++
+	t.ActiveConnections += s.ActiveConnections
+	t.TotalConnections += s.TotalConnections
+	t.BlockedConnections += s.BlockedConnections
+	t.BytesSent += s.BytesSent
+	t.BytesReceived += s.BytesReceived
+}
+
+// Sum adds another set of totals.
+func (t *ClusterTotals) Sum(o ClusterTotals) {
+	t.Nodes += o.Nodes
+	t.ActiveConnections += o.ActiveConnections
+	t.TotalConnections += o.TotalConnections
+	t.BlockedConnections += o.BlockedConnections
+	t.BytesSent += o.BytesSent
+	t.BytesReceived += o.BytesReceived
 }
 
 // UpstreamStatus is one upstream's runtime status.

@@ -6,7 +6,8 @@
 // nginx), full handshakes per second and throughput. Each proxy runs as a
 // child process pinned to CPU 1 with one thread; the load and the upstreams
 // run in this process on CPU 0. With -soak it runs the soak instead
-// (soak.go, make soak).
+// (soak.go, make soak); with -cluster, the bench of three nodes on one
+// PostgreSQL (cluster.go, make bench-cluster).
 package main
 
 import (
@@ -62,9 +63,13 @@ func main() {
 	flag.IntVar(&cfg.udpEntries, "udp-entries", entries,
 		fmt.Sprintf("NAT entries held for the UDP memory test: %d, or as many as this machine allows if fewer", natTarget))
 	soak := soakFlags()
+	cluster := flag.Bool("cluster", false, "instead of the benchmark, measure three nodes on one PostgreSQL (make bench-cluster): propagation of edits, API writes per second on PostgreSQL and SQLite, catch-up after a restart")
 	flag.Parse()
 	if soak.dur > 0 {
 		os.Exit(soakMain(cfg, *soak))
+	}
+	if *cluster {
+		os.Exit(clusterMain(cfg))
 	}
 
 	if cfg.w.dur <= 0 || cfg.w.warmup < 0 || cfg.workers < 1 || cfg.idle < 1 {

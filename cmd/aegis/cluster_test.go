@@ -374,6 +374,34 @@ func (n *node) versions(t *testing.T) string {
 	return strings.Join(out, " ")
 }
 
+// clusterTotals is a stream row's status.cluster.
+type clusterTotals struct {
+	Nodes    int    `json:"nodes"`
+	Active   int64  `json:"active_connections"`
+	Total    uint64 `json:"total_connections"`
+	Blocked  uint64 `json:"blocked_connections"`
+	Sent     uint64 `json:"bytes_sent"`
+	Received uint64 `json:"bytes_received"`
+}
+
+type streamRow struct {
+	Status struct {
+		clusterTotals
+		Cluster *clusterTotals `json:"cluster"`
+	} `json:"status"`
+}
+
+// stream is stream id as the node's GET /api/v1/streams/{id} answers it.
+func (n *node) stream(t *testing.T, id int64) streamRow {
+	t.Helper()
+	b, _ := n.call(t, http.StatusOK, "GET", fmt.Sprintf("/api/v1/streams/%d", id), nil)
+	var row streamRow
+	if err := json.Unmarshal(b, &row); err != nil {
+		t.Fatal(err)
+	}
+	return row
+}
+
 // waitSame waits until every node has the same streams and versions as
 // nodes[0].
 func waitSame(t *testing.T, within time.Duration, nodes ...*node) {
@@ -617,6 +645,27 @@ func TestCluster(t *testing.T) {
 			}
 			time.Sleep(100 * time.Millisecond)
 		}
+		// The stream's row on any node sums every node's counters, from
+		// their heartbeats; each node's own fields stay its own.
+		deadline = time.Now().Add(10 * time.Second)
+		for {
+			var sum clusterTotals
+			for _, n := range all {
+				own := n.stream(t, sid).Status
+				sum.Nodes++
+				sum.Total += own.Total
+				sum.Sent += own.Sent
+				sum.Received += own.Received
+			}
+			row := b.stream(t, sid).Status
+			if row.Cluster != nil && *row.Cluster == sum && sum.Total >= 3 && row.Total < sum.Total {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("stream %d on node b: %+v, cluster %+v; the nodes' own counters sum to %+v", sid, row, row.Cluster, sum)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
 	})
 
 	t.Run("database down", func(t *testing.T) {
@@ -765,6 +814,9 @@ func TestCluster(t *testing.T) {
 			return i >= 0 && v.Nodes[i].Status == "stale"
 		}) {
 			t.Fatalf("node b is not stale in node a's view: %+v", a.cluster(t))
+		}
+		if row := a.stream(t, idb).Status; row.Cluster == nil || row.Cluster.Nodes != 2 {
+			t.Fatalf("stream %d on node a while node b is stale: cluster %+v; want 2 nodes", idb, row.Cluster)
 		}
 		start := time.Now()
 		b.start(t)

@@ -87,6 +87,18 @@ type clusterStore struct {
 	// sealed are the snapshot's sealed private keys by certificate id,
 	// with the certRow they belong to; guarded by writeMu.
 	sealed map[int64]sealedKey
+
+	// peers are the other nodes' stream counters from their heartbeats,
+	// read after each of this node's own: the cluster totals of the
+	// stream list come from them without a database read.
+	peers atomic.Pointer[[]peerCounters]
+}
+
+// peerCounters is another node's counters of each stream it runs, from
+// its last heartbeat.
+type peerCounters struct {
+	seen    time.Time
+	streams map[int64]spec.ClusterTotals
 }
 
 type sealedKey struct {
@@ -772,9 +784,82 @@ func (s *sharedStore) heartbeat(ctx context.Context, logger *zap.Logger) {
 	}
 	hctx, cancel := context.WithTimeout(ctx, heartbeatEvery)
 	defer cancel()
-	if err := c.Heartbeat(hctx, st); err != nil {
-		c.reportDown(logger, err)
+	err := c.Heartbeat(hctx, st)
+	var nodes []storage.NodeStatus
+	if err == nil {
+		nodes, err = c.Nodes(hctx)
 	}
+	if err != nil {
+		c.reportDown(logger, err)
+		return
+	}
+	c.keepPeers(nodes)
+}
+
+// keepPeers keeps the other nodes' stream counters from their heartbeats.
+func (c *clusterStore) keepPeers(nodes []storage.NodeStatus) {
+	peers := make([]peerCounters, 0, len(nodes))
+	for _, n := range nodes {
+		if n.Name == c.node {
+			continue
+		}
+		var rows []spec.Status
+		if len(n.Streams) > 0 && json.Unmarshal(n.Streams, &rows) != nil {
+			continue // not a list of statuses: a newer node's, or damaged
+		}
+		p := peerCounters{seen: n.LastSeen, streams: make(map[int64]spec.ClusterTotals, len(rows))}
+		for i := range rows {
+			t := p.streams[rows[i].ID]
+			t.Add(&rows[i])
+			p.streams[rows[i].ID] = t
+		}
+		peers = append(peers, p)
+	}
+	c.peers.Store(&peers)
+}
+
+// clusterTotals returns, in a cluster, the other nodes' counters to add to
+// this node's (those whose heartbeat is not stale), and true; with SQLite
+// or no storage, false. The caller holds a.mu.
+func (a *App) clusterTotals() ([]peerCounters, bool) {
+	if a.store == nil || a.store.cluster == nil {
+		return nil, false
+	}
+	p := a.store.cluster.peers.Load()
+	if p == nil {
+		return nil, true
+	}
+	fresh := make([]peerCounters, 0, len(*p))
+	now := time.Now()
+	for _, n := range *p {
+		if now.Sub(n.seen) <= staleAfter*heartbeatEvery {
+			fresh = append(fresh, n)
+		}
+	}
+	return fresh, true
+}
+
+// withTotals sets hs's cluster totals: its own counters and the peers'.
+func withTotals(hs spec.HostStatus, peers []peerCounters) spec.HostStatus {
+	var t spec.ClusterTotals
+	t.Add(&hs.Status)
+	for _, p := range peers {
+		if pt, ok := p.streams[hs.ID]; ok {
+			t.Sum(pt)
+		}
+	}
+	hs.Status.Cluster = &t
+	return hs
+}
+
+// hostStatus is inst's HostStatus with, in a cluster, its totals over
+// the nodes. The caller holds a.mu.
+func (a *App) hostStatus(inst *instance) spec.HostStatus {
+	hs := inst.hostStatus()
+	if peers, ok := a.clusterTotals(); ok {
+		hs = withTotals(hs, peers)
+	}
+	return hs
 }
 
 // adminAddress is where this process's admin endpoint was last reached

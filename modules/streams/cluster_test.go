@@ -3,6 +3,7 @@ package streams_test
 import (
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"net"
 	"os"
@@ -11,6 +12,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 
 	"github.com/aegis-proxy/caddy-aegis/internal/pgtest"
 	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
@@ -240,6 +243,51 @@ func TestPostgresFollowsOtherNode(t *testing.T) {
 			t.Fatalf("cluster view: node %+v; last change %d", n, view.LastChange)
 		}
 	}
+
+	// The stream rows carry totals over the nodes: this node's counters
+	// as they are, the other's from its heartbeat (read after each of
+	// this node's own); the stats keep this node's only.
+	rows := app.HostStatuses()
+	if len(rows) != 1 {
+		t.Fatalf("streams: %+v", rows)
+	}
+	sid := rows[0].ID
+	theirs, _ := json.Marshal([]spec.Status{
+		{ID: sid, ActiveConnections: 2, TotalConnections: 40, BlockedConnections: 3, BytesSent: 1000, BytesReceived: 2000},
+		{ID: sid + 100, TotalConnections: 7}, // a stream this node does not run
+	})
+	if err := other.Heartbeat(ctx, storage.NodeStatus{Name: "there", AppliedChange: view.LastChange, Streams: theirs}); err != nil {
+		t.Fatal(err)
+	}
+	totals := func(nodes int, add spec.ClusterTotals) func() bool {
+		return func() bool {
+			hs, err := app.HostStatus(sid)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := add
+			want.Add(&hs.Status)
+			want.Nodes = nodes
+			list := app.HostStatuses()
+			return hs.Status.Cluster != nil && *hs.Status.Cluster == want &&
+				len(list) == 1 && list[0].Status.Cluster != nil && *list[0].Status.Cluster == want
+		}
+	}
+	within(5*time.Second, "the totals of both nodes", totals(2,
+		spec.ClusterTotals{ActiveConnections: 2, TotalConnections: 40, BlockedConnections: 3, BytesSent: 1000, BytesReceived: 2000}))
+	if st := app.Statuses(); len(st) != 1 || st[0].Cluster != nil {
+		t.Fatalf("the stats carry totals: %+v", st)
+	}
+	// A node whose heartbeat is stale is left out.
+	conn, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	if _, err := conn.Exec(ctx, `UPDATE nodes SET last_seen = now() - interval '1 hour' WHERE name = 'there'`); err != nil {
+		t.Fatal(err)
+	}
+	within(5*time.Second, "the totals without the stale node", totals(1, spec.ClusterTotals{}))
 }
 
 // A node that missed changes whose history was pruned meanwhile reloads

@@ -89,8 +89,13 @@ func (a *App) HostStatuses() []spec.HostStatus {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	out := make([]spec.HostStatus, 0, len(a.streams))
+	peers, cluster := a.clusterTotals()
 	for _, inst := range a.streams {
-		out = append(out, inst.hostStatus())
+		hs := inst.hostStatus()
+		if cluster {
+			hs = withTotals(hs, peers)
+		}
+		out = append(out, hs)
 	}
 	return out
 }
@@ -114,7 +119,7 @@ func (a *App) HostStatus(id int64) (spec.HostStatus, error) {
 	if inst == nil {
 		return spec.HostStatus{}, fmt.Errorf("stream %d: %w", id, spec.ErrNotFound)
 	}
-	return inst.hostStatus(), nil
+	return a.hostStatus(inst), nil
 }
 
 // nextID is an id above every stream's. The caller holds a.mu.
@@ -224,7 +229,7 @@ func (a *App) createHost(ctx context.Context, s *spec.Stream) (spec.HostStatus, 
 	a.streams = append(a.streams, inst)
 	a.rehomeSNI()
 	inst.logger.Info("stream created")
-	return inst.hostStatus(), nil
+	return a.hostStatus(inst), nil
 }
 
 // highestHostID is the highest id db ever gave a host, if it tells.
@@ -323,10 +328,10 @@ func (a *App) updateHost(ctx context.Context, id int64, build func(spec.Stream) 
 
 	if sameSockets {
 		a.swapInPlace(old, swap, stored)
-		return old.hostStatus(), nil
+		return a.hostStatus(old), nil
 	}
 	a.replaceInstance(old, next, stored)
-	return next.hostStatus(), nil
+	return a.hostStatus(next), nil
 }
 
 // sameSockets reports whether a stream that changes from old to s keeps
