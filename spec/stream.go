@@ -89,6 +89,37 @@ func (u *Upstream) UnmarshalJSON(b []byte) error {
 	return nil
 }
 
+// ParseUpstreamOptions parses what follows <host:port> in the Caddyfile's
+// `upstream <host:port> [weight <n>] [backup]`, for the streams app and
+// the aegis_proxy handler alike; name is the upstream, for errors.
+func ParseUpstreamOptions(name string, opts []string) (weight int, backup bool, err error) {
+	seen := map[string]bool{}
+	for i := 0; i < len(opts); i++ {
+		a := opts[i]
+		if seen[a] {
+			return 0, false, fmt.Errorf("%s: %q given twice", name, a)
+		}
+		seen[a] = true
+		switch a {
+		case "backup":
+			backup = true
+		case "weight":
+			if i+1 >= len(opts) {
+				return 0, false, fmt.Errorf("%s: weight: want a number, e.g. weight 3", name)
+			}
+			i++
+			n, err := strconv.Atoi(opts[i])
+			if err != nil || n < 1 || n > MaxWeight {
+				return 0, false, fmt.Errorf("%s: weight %q: want a whole number from 1 to %d", name, opts[i], MaxWeight)
+			}
+			weight = n
+		default:
+			return 0, false, fmt.Errorf("%s: unknown %q; want <host:port> [weight <n>] [backup]", name, a)
+		}
+	}
+	return weight, backup, nil
+}
+
 // HostPort is the upstream's address, as host:port.
 func (u Upstream) HostPort() string {
 	return net.JoinHostPort(u.Host, strconv.Itoa(u.Port))

@@ -25,6 +25,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 )
 
 func init() {
@@ -426,31 +427,9 @@ func parseUpstreamArgs(args []string) (Upstream, error) {
 		return u, fmt.Errorf("%q: want <host:port>, e.g. 10.0.0.5:5432", args[0])
 	}
 	u.Address = args[0]
-	seen := map[string]bool{}
-	for i := 1; i < len(args); i++ {
-		a := args[i]
-		if seen[a] {
-			return u, fmt.Errorf("%s: %q given twice", args[0], a)
-		}
-		seen[a] = true
-		switch a {
-		case "backup":
-			u.Backup = true
-		case "weight":
-			if i+1 >= len(args) {
-				return u, fmt.Errorf("%s: weight: want a number, e.g. weight 3", args[0])
-			}
-			i++
-			n, err := strconv.Atoi(args[i])
-			if err != nil || n < 1 || n > 100 {
-				return u, fmt.Errorf("%s: weight %q: want a whole number from 1 to 100", args[0], args[i])
-			}
-			u.Weight = n
-		default:
-			return u, fmt.Errorf("%s: unknown %q; want <host:port> [weight <n>] [backup]", args[0], a)
-		}
-	}
-	return u, nil
+	var err error
+	u.Weight, u.Backup, err = spec.ParseUpstreamOptions(args[0], args[1:])
+	return u, err
 }
 
 // unmarshalOption sets option opt from its values.

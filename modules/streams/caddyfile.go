@@ -366,31 +366,8 @@ func parseUpstreamOption(args []string) (spec.Upstream, error) {
 	if u.Host, u.Port, err = parseUpstream(args[0]); err != nil {
 		return u, fmt.Errorf("%q: %v", args[0], err)
 	}
-	seen := map[string]bool{}
-	for i := 1; i < len(args); i++ {
-		a := args[i]
-		if seen[a] {
-			return u, fmt.Errorf("%s: %q given twice", args[0], a)
-		}
-		seen[a] = true
-		switch a {
-		case "backup":
-			u.Backup = true
-		case "weight":
-			if i+1 >= len(args) {
-				return u, fmt.Errorf("%s: weight: want a number, e.g. weight 3", args[0])
-			}
-			i++
-			n, err := strconv.Atoi(args[i])
-			if err != nil || n < 1 {
-				return u, fmt.Errorf("%s: weight %q: want a whole number from 1 to %d", args[0], args[i], spec.MaxWeight)
-			}
-			u.Weight = n
-		default:
-			return u, fmt.Errorf("%s: unknown %q; want <host:port> [weight <n>] [backup]", args[0], a)
-		}
-	}
-	return u, nil
+	u.Weight, u.Backup, err = spec.ParseUpstreamOptions(args[0], args[1:])
+	return u, err
 }
 
 // hostFields maps the host options that set one field, named as the
