@@ -161,15 +161,26 @@ func (sc *StorageConfig) openForCommand(noKeyCheck bool) (storage.Store, []byte,
 	return db, key, nil
 }
 
-func cmdForgetKeys(fl caddycmd.Flags) (int, error) {
+// existingStore opens the storage of the config the flags name, which
+// must exist, for a command that reads it or repairs it (see
+// openForCommand).
+func existingStore(fl caddycmd.Flags, noKeyCheck bool) (*StorageConfig, storage.Store, []byte, error) {
 	sc, _, err := commandApp(fl)
 	if err != nil {
-		return caddy.ExitCodeFailedStartup, err
+		return nil, nil, nil, err
 	}
 	if err := sc.mustExist(); err != nil {
-		return caddy.ExitCodeFailedStartup, err
+		return nil, nil, nil, err
 	}
-	db, _, err := sc.openForCommand(true)
+	db, key, err := sc.openForCommand(noKeyCheck)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	return sc, db, key, nil
+}
+
+func cmdForgetKeys(fl caddycmd.Flags) (int, error) {
+	sc, db, _, err := existingStore(fl, true)
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, err
 	}
@@ -237,14 +248,7 @@ func forgetKeys(ctx context.Context, w io.Writer, db storage.Store, sc *StorageC
 }
 
 func cmdExport(fl caddycmd.Flags) (int, error) {
-	sc, _, err := commandApp(fl)
-	if err != nil {
-		return caddy.ExitCodeFailedStartup, err
-	}
-	if err := sc.mustExist(); err != nil {
-		return caddy.ExitCodeFailedStartup, err
-	}
-	db, key, err := sc.openForCommand(false)
+	sc, db, key, err := existingStore(fl, false)
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, err
 	}
