@@ -231,6 +231,21 @@ func (p *Postgres) schema(ctx context.Context) error {
 	return nil
 }
 
+// begin begins a transaction, and returns the function that ends it:
+// a rollback, a no-op after Commit, bounded, since the connection may be
+// gone.
+func (p *Postgres) begin(ctx context.Context) (pgx.Tx, func(), error) {
+	tx, err := p.pool.Begin(ctx)
+	if err != nil {
+		return nil, nil, p.unavailable(fmt.Errorf("beginning transaction: %w", err))
+	}
+	return tx, func() {
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+		tx.Rollback(rctx)
+		cancel()
+	}, nil
+}
+
 // checkKey checks the store's key against the database's canary (see
 // KeyCheck) and writes the canary if there is none, under the migration
 // lock, so that two nodes starting with different keys on a new database
@@ -239,15 +254,11 @@ func (p *Postgres) checkKey(ctx context.Context) error {
 	if p.key == nil {
 		return nil
 	}
-	tx, err := p.pool.Begin(ctx)
+	tx, end, err := p.begin(ctx)
 	if err != nil {
-		return p.unavailable(fmt.Errorf("beginning transaction: %w", err))
+		return err
 	}
-	defer func() {
-		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
-		tx.Rollback(rctx)
-		cancel()
-	}()
+	defer end()
 	if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1, $2)`, lockClass, migrateLock); err != nil {
 		return p.unavailable(fmt.Errorf("taking the migration lock: %w", err))
 	}
@@ -347,16 +358,11 @@ func (p *Postgres) inTx(ctx context.Context, tracked bool, fn func(tx writeTx) e
 	if err := p.schema(ctx); err != nil {
 		return err
 	}
-	tx, err := p.pool.Begin(ctx)
+	tx, end, err := p.begin(ctx)
 	if err != nil {
-		return p.unavailable(fmt.Errorf("beginning transaction: %w", err))
+		return err
 	}
-	defer func() {
-		// No-op after Commit; bounded, since the connection may be gone.
-		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
-		tx.Rollback(rctx)
-		cancel()
-	}()
+	defer end()
 	t := &pgTx{pgConn: pgConn{q: tx, p: p}}
 	if tracked {
 		if err := t.lockAndCheck(ctx); err != nil {
