@@ -473,9 +473,11 @@ func runFeatures(ps []proxy, cfg config, up *upstreams, tmp string) ([]result, [
 const featRounds = 3
 
 // featRound is the window of one test in one round: -duration shared out
-// between the rounds, after a warm-up of at most 200 ms.
+// between the rounds, at least 100 ms (or all of a shorter -duration),
+// after a warm-up of at most 200 ms.
 func featRound(w window) window {
-	return window{warmup: min(w.warmup, 200*time.Millisecond), dur: max((w.dur / featRounds).Round(time.Millisecond), 100*time.Millisecond)}
+	return window{warmup: min(w.warmup, 200*time.Millisecond),
+		dur: max((w.dur / featRounds).Round(time.Millisecond), min(w.dur, 100*time.Millisecond))}
 }
 
 // record adds one round's value of key.
