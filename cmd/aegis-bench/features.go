@@ -414,8 +414,8 @@ func runFeatures(ps []proxy, cfg config, up *upstreams, tmp string) ([]result, [
 		}
 	}
 
-	w := featRound(cfg.w)
-	for round := range featRounds {
+	w, rounds := featRound(cfg.w)
+	for round := range rounds {
 		for i := range featCases {
 			c := &featCases[i]
 			for _, sink := range []bool{false, true} {
@@ -430,7 +430,7 @@ func runFeatures(ps []proxy, cfg config, up *upstreams, tmp string) ([]result, [
 					if sink {
 						what = c.label + ", upload"
 					}
-					udpStep(r.p, r.c, r.res, fmt.Sprintf("features: %s, round %d of %d", what, round+1, featRounds), func() error {
+					udpStep(r.p, r.c, r.res, fmt.Sprintf("features: %s, round %d of %d", what, round+1, rounds), func() error {
 						var err error
 						if sink {
 							err = r.upload(rt, fu, w)
@@ -472,12 +472,15 @@ func runFeatures(ps []proxy, cfg config, up *upstreams, tmp string) ([]result, [
 // udpRounds.
 const featRounds = 3
 
-// featRound is the window of one test in one round: -duration shared out
-// between the rounds, at least 100 ms (or all of a shorter -duration),
-// after a warm-up of at most 200 ms.
-func featRound(w window) window {
-	return window{warmup: min(w.warmup, 200*time.Millisecond),
-		dur: max((w.dur / featRounds).Round(time.Millisecond), min(w.dur, 100*time.Millisecond))}
+// featRound is the window of one test in one round, and the rounds:
+// -duration shared out between featRounds rounds after a warm-up of at
+// most 200 ms, or all of it in one round if that would be under 100 ms.
+func featRound(w window) (window, int) {
+	warmup := min(w.warmup, 200*time.Millisecond)
+	if w.dur/featRounds < 100*time.Millisecond {
+		return window{warmup: warmup, dur: w.dur}, 1
+	}
+	return window{warmup: warmup, dur: (w.dur / featRounds).Round(time.Millisecond)}, featRounds
 }
 
 // record adds one round's value of key.
@@ -707,7 +710,7 @@ func (fr *featRun) checkRR() {
 		counts = append(counts, fmt.Sprint(n))
 		lo, hi = min(lo, n), max(hi, n)
 	}
-	if lo == 0 || hi-lo > max(2*featRounds, hi/1000) {
+	if lo == 0 || hi-lo > max(2*featRounds, hi/1000) { // one or two per round
 		fr.res.notes = append(fr.res.notes, "check failed: round robin: uneven connections per upstream: "+strings.Join(counts, ", "))
 		return
 	}

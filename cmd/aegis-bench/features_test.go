@@ -104,15 +104,15 @@ func TestFeatureConfigs(t *testing.T) {
 	}
 }
 
-// TestFeatures runs the features test for a moment against bin/aegis
-// ($AEGIS_BIN) and HAProxy, those of them that are installed: every row
-// gets a value and every check passes.
+// TestFeatures runs the features test, one round of 150 ms per row and
+// proxy, against bin/aegis ($AEGIS_BIN) and HAProxy, those of them that
+// are there: every row gets a value and every check passes.
 func TestFeatures(t *testing.T) {
 	bin := os.Getenv("AEGIS_BIN")
 	if bin == "" {
 		bin, _ = filepath.Abs("../../bin/aegis")
 	}
-	cfg := config{aegis: bin, w: window{warmup: 10 * time.Millisecond, dur: 40 * time.Millisecond}, workers: 2,
+	cfg := config{aegis: bin, w: window{warmup: 50 * time.Millisecond, dur: 100 * time.Millisecond}, workers: 2,
 		startTimeout: 30 * time.Second}
 	var ps []proxy
 	for _, p := range proxies {
