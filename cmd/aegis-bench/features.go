@@ -804,7 +804,7 @@ func featReport(results []result, notes []string, cfg config) string {
 	}
 	b.WriteString("Every stream has the whitelist and the connection log (HAProxy: tcp-request connection reject, option tcplog).\n")
 	b.WriteString("round robin: aegis upstreams + load_balancing round_robin; haproxy balance roundrobin.\n")
-	b.WriteString("SNI: two aegis streams with sni on one port, no ssl_enabled; haproxy inspect-delay and use_backend if { req.ssl_sni -i ... }. The clients send a.bench.test and verify the upstream's chain; the bench, on its own CPU, does both TLS ends, so it and not the proxy may set the rate.\n")
+	b.WriteString("SNI: two aegis streams with sni on one port, no ssl_enabled; haproxy inspect-delay and use_backend if { req.ssl_sni -i ... }. At start each name reached the upstream with its own certificate (or the proxy would be skipped); the load's clients send a.bench.test and verify the upstream's chain; the bench, on its own CPU, does both TLS ends, so it and not the proxy may set the rate.\n")
 	fmt.Fprintf(&b, "per-IP: aegis max_connections_per_ip %d; haproxy stick-table conn_cur, track-sc0 src, reject if sc0_conn_cur gt %d.\n", perIPCap, perIPCap)
 	b.WriteString("PROXY: a third process, HAProxy with send-proxy-v2, in front of each proxy's ports (pinned with the bench); aegis accept_proxy_protocol required; haproxy bind ... accept-proxy. The ratio to plain includes the front's hop.\n")
 	b.WriteString("TLS to the upstream: aegis upstream_tls with upstream_tls_ca; haproxy server ... ssl verify required ca-file; both keep TLS sessions to resume.\n")

@@ -57,7 +57,7 @@ func main() {
 	flag.BoolVar(&cfg.pin, "pin", true, "pin proxies to CPU 1 and the bench to CPU 0")
 	flag.BoolVar(&cfg.keep, "keep", false, "keep the temp dir with configs and logs")
 	flag.DurationVar(&cfg.startTimeout, "start-timeout", defaultStartTimeout, "how long a proxy may take to start")
-	flag.StringVar(&tests, "tests", "tcp,udp,tls", "comma-separated tests to run, from tcp,udp,tls,features (features: the settings of several upstreams, SNI, per-IP limits, PROXY protocol, TLS to the upstream and long whitelists, on aegis and haproxy)")
+	flag.StringVar(&tests, "tests", "tcp,udp,tls", "comma-separated tests to run, from tcp,udp,tls,features (features, not in the default: stream settings on aegis and haproxy)")
 	flag.IntVar(&cfg.udpSockets, "udp-sockets", 4, "generator sockets for the UDP rate test")
 	flag.IntVar(&cfg.udpWindow, "udp-window", 32, "datagrams in flight per generator socket")
 	flag.IntVar(&cfg.udpEntries, "udp-entries", entries,
