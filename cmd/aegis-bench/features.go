@@ -359,6 +359,8 @@ type featRun struct {
 	rounds map[string]int        // by metric key, the rounds summed
 	rr     []int64               // round robin: connections per upstream, all rounds
 	hs     map[string][2]int64   // by case key: full and resumed handshakes at the TLS upstream in its short conns
+	pid    string                // the proxy's process, for its CPU, or ""
+	meters map[string]*cpuMeter  // by case key: the proxy's CPU in the short conns
 	errs   map[string]bool       // notes already made
 }
 
@@ -454,6 +456,11 @@ func runFeatures(ps []proxy, cfg config, up *upstreams, tmp string) ([]result, [
 		for key, sum := range r.sums {
 			r.res.values[key] = sum / float64(r.rounds[key])
 		}
+		for key, m := range r.meters {
+			if p, ok := m.percent(0); ok && r.res.values["cps_"+key] > 0 && r.pid != "" {
+				r.res.values["cpu_"+key] = p / 100 * 1e6 / r.res.values["cps_"+key]
+			}
+		}
 		r.checkRR()
 		for _, c := range featCases {
 			if hs, ok := r.hs[c.key]; ok {
@@ -507,7 +514,7 @@ func launchFeatures(ps []proxy, name string, cfg config, fu *featUps, tmp string
 		return nil, err
 	}
 	r := &featRun{p: p, admin: fp[0], routes: map[string]*featRoute{}, sums: map[string]float64{}, rounds: map[string]int{},
-		errs: map[string]bool{}, hs: map[string][2]int64{}}
+		errs: map[string]bool{}, hs: map[string][2]int64{}, meters: map[string]*cpuMeter{}}
 	var routes []*featRoute
 	for i := range featCases {
 		for k, sink := range []bool{false, true} {
@@ -543,6 +550,12 @@ func launchFeatures(ps []proxy, name string, cfg config, fu *featUps, tmp string
 	if err != nil {
 		r.c.stop()
 		return nil, err
+	}
+	if pid, err := p.rssPID(r.c); err == nil {
+		r.pid = fmt.Sprint(pid)
+	}
+	for _, c := range featCases {
+		r.meters[c.key] = newCPUMeter(r.pid)
 	}
 	return r, nil
 }
@@ -649,11 +662,15 @@ func (fr *featRun) shortConns(r *featRoute, fu *featUps, workers int, w window) 
 	var rate float64
 	var failed int64
 	var lastErr error
+	var mark func()
+	if fr.pid != "" {
+		mark = fr.meters[r.c.key].mark
+	}
 	if cfg := r.clientConfig(fu); cfg != nil {
-		st := handshakes(addr(r.dial), cfg, workers, w, nil)
+		st := handshakes(addr(r.dial), cfg, workers, w, mark)
 		rate, failed, lastErr = st.ok.rate(), st.failed, st.lastErr
 	} else {
-		rate, failed = connRate(addr(r.dial), workers, w)
+		rate, failed = connRateMarked(addr(r.dial), workers, w, mark)
 	}
 	if rate > 0 {
 		fr.record("cps_"+r.c.key, rate)
@@ -749,6 +766,7 @@ func featMetrics(workers int) []metric {
 	for _, c := range featCases {
 		out = append(out,
 			metric{key: "cps_" + c.key, label: c.label + ": short conns/s, " + plural(workers, "worker"), format: "%.0f"},
+			metric{key: "cpu_" + c.key, label: c.label + ": proxy CPU us per short conn (lower is better)", format: "%.0f"},
 			metric{key: "up1_" + c.key, label: c.label + ": upload, 1 conn, MB/s", format: "%.0f"})
 	}
 	return out
@@ -802,6 +820,7 @@ func featReport(results []result, notes []string, cfg config) string {
 	for _, n := range notes {
 		b.WriteString(n + "\n")
 	}
+	b.WriteString("proxy CPU: the proxy process's own CPU time (from /proc) in the counted part, per short connection; the front HAProxy of the PROXY rows is not in it.\n")
 	b.WriteString("Every stream has the whitelist and the connection log (HAProxy: tcp-request connection reject, option tcplog).\n")
 	b.WriteString("round robin: aegis upstreams + load_balancing round_robin; haproxy balance roundrobin.\n")
 	b.WriteString("SNI: two aegis streams with sni on one port, no ssl_enabled; haproxy inspect-delay and use_backend if { req.ssl_sni -i ... }. At start each name reached the upstream with its own certificate (or the proxy would be skipped); the load's clients send a.bench.test and verify the upstream's chain; the bench, on its own CPU, does both TLS ends, so it and not the proxy may set the rate.\n")
