@@ -177,6 +177,11 @@ func roundTrip(c net.Conn, msg, buf []byte) error {
 // small round trip and close, over and over. It returns connections per
 // second and how many attempts failed in the counted part.
 func connRate(addr string, workers int, w window) (float64, int64) {
+	return connRateMarked(addr, workers, w, nil)
+}
+
+// connRateMarked is connRate that calls mark as measureMarked does.
+func connRateMarked(addr string, workers int, w window, mark func()) (float64, int64) {
 	end := time.Now().Add(w.warmup + w.dur)
 	countFrom := time.Now().Add(w.warmup)
 	var ok, failed atomic.Int64
@@ -206,7 +211,7 @@ func connRate(addr string, workers int, w window) (float64, int64) {
 			}
 		})
 	}
-	rate := measure(w, ok.Load)
+	rate := measureMarked(w, ok.Load, mark).rate()
 	wg.Wait()
 	return rate, failed.Load()
 }

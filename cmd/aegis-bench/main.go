@@ -37,6 +37,7 @@ type config struct {
 	startTimeout time.Duration
 
 	tcp, udp, tls bool // which tests run
+	features      bool // the features test (features.go), not run by default
 	udpSockets    int  // generator sockets
 	udpWindow     int  // datagrams in flight per generator socket
 	udpEntries    int  // NAT entries held for the memory test
@@ -57,7 +58,7 @@ func main() {
 	flag.BoolVar(&cfg.pin, "pin", true, "pin proxies to CPU 1 and the bench to CPU 0")
 	flag.BoolVar(&cfg.keep, "keep", false, "keep the temp dir with configs and logs")
 	flag.DurationVar(&cfg.startTimeout, "start-timeout", defaultStartTimeout, "how long a proxy may take to start")
-	flag.StringVar(&tests, "tests", "tcp,udp,tls", "comma-separated tests to run, from tcp,udp,tls")
+	flag.StringVar(&tests, "tests", "tcp,udp,tls", "comma-separated tests to run, from tcp,udp,tls,features (features, not in the default: stream settings on aegis and haproxy)")
 	flag.IntVar(&cfg.udpSockets, "udp-sockets", 4, "generator sockets for the UDP rate test")
 	flag.IntVar(&cfg.udpWindow, "udp-window", 32, "datagrams in flight per generator socket")
 	flag.IntVar(&cfg.udpEntries, "udp-entries", entries,
@@ -94,12 +95,14 @@ func main() {
 			cfg.udp = true
 		case "tls":
 			cfg.tls = true
+		case "features":
+			cfg.features = true
 		default:
 			fmt.Fprintf(os.Stderr, "aegis-bench: unknown test %q in -tests\n", name)
 			os.Exit(2)
 		}
 	}
-	if !cfg.tcp && !cfg.udp && !cfg.tls {
+	if !cfg.tcp && !cfg.udp && !cfg.tls && !cfg.features {
 		fmt.Fprintln(os.Stderr, "aegis-bench: -tests selects no test")
 		os.Exit(2)
 	}
@@ -121,6 +124,17 @@ func main() {
 		os.Exit(1)
 	}
 	fmt.Print(report)
+}
+
+// selected are the proxies -only names (all without it).
+func selected(cfg config) []proxy {
+	var ps []proxy
+	for _, p := range proxies {
+		if len(cfg.only) == 0 || cfg.only[p.name] {
+			ps = append(ps, p)
+		}
+	}
+	return ps
 }
 
 func known(name string) bool {
@@ -172,6 +186,13 @@ func run(cfg config) (string, error) {
 		fmt.Printf("tls tests: ECDSA P-256 certificate for %s (leaf and CA), X25519, TLS 1.3 with TLS_AES_128_GCM_SHA256 (TLS 1.2: ECDHE-ECDSA-AES128-GCM-SHA256), full handshakes only; %s for handshakes; %d rounds taking turns between the proxies, %v counted in all after %v warm-up each\n",
 			tlsName, plural(cfg.workers, "worker"), tlsRounds, tlsRounds*tw.dur, tw.warmup)
 	}
+	if cfg.features {
+		if !cfg.tcp && !cfg.udp && !cfg.tls {
+			fmt.Printf("aegis-bench: stream settings on 127.0.0.1\n")
+		}
+		fmt.Printf("features tests: %v counted after %v warm-up each; %s for short conns, 1 conn for upload; the proxies run at once and take turns\n",
+			cfg.w.dur, cfg.w.warmup, plural(cfg.workers, "worker"))
+	}
 	fmt.Printf("pinning: %s\n", pinning)
 	fmt.Printf("threads: aegis GOMAXPROCS=1, haproxy nbthread 1, nginx worker_processes 1, bench GOMAXPROCS=%d\n",
 		runtime.GOMAXPROCS(0))
@@ -193,30 +214,21 @@ func run(cfg config) (string, error) {
 	}
 	defer up.close()
 
-	var results, udpResults, tlsResults []result
-	var tlsNotes []string
+	var results, udpResults, tlsResults, featResults []result
+	var tlsNotes, featNotes []string
 	for _, p := range proxies {
 		if cfg.tcp && (len(cfg.only) == 0 || cfg.only[p.name]) {
 			results = append(results, runOne(p, cfg, up, tmp))
 		}
 	}
 	if cfg.udp {
-		var ps []proxy
-		for _, p := range proxies {
-			if len(cfg.only) == 0 || cfg.only[p.name] {
-				ps = append(ps, p)
-			}
-		}
-		udpResults = runUDP(ps, cfg, up, tmp)
+		udpResults = runUDP(selected(cfg), cfg, up, tmp)
 	}
 	if cfg.tls {
-		var ps []proxy
-		for _, p := range proxies {
-			if len(cfg.only) == 0 || cfg.only[p.name] {
-				ps = append(ps, p)
-			}
-		}
-		tlsResults, tlsNotes = runTLS(ps, cfg, up, tmp)
+		tlsResults, tlsNotes = runTLS(selected(cfg), cfg, up, tmp)
+	}
+	if cfg.features {
+		featResults, featNotes = runFeatures(selected(cfg), cfg, up, tmp)
 	}
 
 	var b strings.Builder
@@ -243,6 +255,12 @@ func run(cfg config) (string, error) {
 			b.WriteString("\n")
 		}
 		b.WriteString(tlsReport(tlsResults, tlsNotes, cfg))
+	}
+	if cfg.features {
+		if cfg.tcp || cfg.udp || cfg.tls {
+			b.WriteString("\n")
+		}
+		b.WriteString(featReport(featResults, featNotes, cfg))
 	}
 	fmt.Fprintf(&b, "\nrun took %v\n", time.Since(start).Round(time.Second))
 	return b.String(), nil

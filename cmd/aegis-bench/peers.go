@@ -13,6 +13,9 @@ type upstream struct {
 	ln     net.Listener
 	handle func(net.Conn)
 	read   atomic.Int64 // bytes read from clients, used by the sink
+	// accepted counts the connections accepted, so that a test can see
+	// how a proxy shared them out between upstreams.
+	accepted atomic.Int64
 
 	mu    sync.Mutex
 	conns map[net.Conn]struct{}
@@ -49,8 +52,7 @@ func startUpstreams() (*upstreams, error) {
 		return nil, err
 	}
 	for _, s := range u.all() {
-		s.wg.Add(1)
-		go s.accept()
+		s.serve()
 	}
 	return u, nil
 }
@@ -82,6 +84,12 @@ func listenUpstream(handle func(net.Conn)) (*upstream, error) {
 
 func (s *upstream) port() int { return s.ln.Addr().(*net.TCPAddr).Port }
 
+// serve starts accepting connections; close stops it.
+func (s *upstream) serve() {
+	s.wg.Add(1)
+	go s.accept()
+}
+
 func (s *upstream) accept() {
 	defer s.wg.Done()
 	for {
@@ -92,6 +100,7 @@ func (s *upstream) accept() {
 			}
 			continue // e.g. too many open files: the test will see the failure
 		}
+		s.accepted.Add(1)
 		s.mu.Lock()
 		s.conns[c] = struct{}{}
 		s.mu.Unlock()

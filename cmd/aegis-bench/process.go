@@ -31,10 +31,15 @@ var running = struct {
 	closed bool
 }{kids: map[int]*child{}}
 
-// startChild starts argv, pinned to CPU 1 with taskset when s.pin is set.
+// startChild starts argv, pinned with taskset when s.pin is set: to CPU 1,
+// or to the bench's CPU 0 with s.benchCPU.
 func startChild(s setup, env []string, argv ...string) (*child, error) {
 	if s.pin {
-		argv = append([]string{"taskset", "-c", "1"}, argv...)
+		cpu := "1"
+		if s.benchCPU {
+			cpu = "0"
+		}
+		argv = append([]string{"taskset", "-c", cpu}, argv...)
 	}
 	name := s.name
 	out, err := os.Create(filepath.Join(s.dir, name+".out"))

@@ -34,6 +34,9 @@ type setup struct {
 	front  ports
 	binary string
 	pin    bool
+	// benchCPU pins the process with the bench on CPU 0: a proxy that is
+	// not under test, such as the front proxy of the PROXY protocol rows.
+	benchCPU bool
 	// udpEntries is how many UDP sessions the proxy must be able to hold
 	// (the NAT entry test), 0 if none.
 	udpEntries int
@@ -164,12 +167,7 @@ func aegisConfigWith(adminPort int, logFile string, up, front ports, t *aegisTLS
 func aegisConfigOpts(adminPort int, logFile string, up, front ports, t *aegisTLS, responses int) ([]byte, error) {
 	var hosts []spec.Stream
 	for _, r := range routes(up, front) {
-		h := spec.Stream{
-			ID: int64(r.ID), Name: "bench-" + r.Kind, Protocol: spec.ProtocolTCP,
-			ListenAddress: "127.0.0.1", ListenPort: r.Front,
-			UpstreamHost: "127.0.0.1", UpstreamPort: r.Up, Enabled: true,
-			WhitelistCIDRs: []string{"127.0.0.0/8"}, LogConnections: true,
-		}
+		h := benchStream(int64(r.ID), "bench-"+r.Kind, r.Front, r.Up)
 		if r.UDP {
 			h.Protocol, h.IdleTimeoutSeconds = spec.ProtocolUDP, udpIdleTimeout
 			h.UDPResponses = responses
@@ -183,9 +181,30 @@ func aegisConfigOpts(adminPort int, logFile string, up, front ports, t *aegisTLS
 		}
 		hosts = append(hosts, h)
 	}
-	app := map[string]any{"hosts": hosts}
+	storage := ""
 	if t != nil {
-		app["storage"] = map[string]any{"path": t.dbPath}
+		storage = t.dbPath
+	}
+	return aegisJSON(adminPort, logFile, hosts, storage)
+}
+
+// benchStream is a TCP stream from 127.0.0.1:front to 127.0.0.1:up with
+// the whitelist and the connection log, as every bench stream has.
+func benchStream(id int64, name string, front, up int) spec.Stream {
+	return spec.Stream{
+		ID: id, Name: name, Protocol: spec.ProtocolTCP,
+		ListenAddress: "127.0.0.1", ListenPort: front,
+		UpstreamHost: "127.0.0.1", UpstreamPort: up, Enabled: true,
+		WhitelistCIDRs: []string{"127.0.0.0/8"}, LogConnections: true,
+	}
+}
+
+// aegisJSON is the Caddy JSON config of bin/aegis with hosts, its log in
+// logFile at level INFO, and the app's storage at storage ("": none).
+func aegisJSON(adminPort int, logFile string, hosts []spec.Stream, storage string) ([]byte, error) {
+	app := map[string]any{"hosts": hosts}
+	if storage != "" {
+		app["storage"] = map[string]any{"path": storage}
 	}
 	cfg := map[string]any{
 		"admin": map[string]any{"listen": fmt.Sprintf("127.0.0.1:%d", adminPort)},
@@ -264,7 +283,19 @@ func launchAegis(s setup, cfg []byte) (*child, error) {
 // haproxyTmpl is the HAProxy config. maxconn is 9000, not more: HAProxy
 // wants two fds per connection and will not start if it cannot raise its
 // fd limit that far (the hard limit is 20000 here).
-var haproxyTmpl = template.Must(template.New("haproxy").Parse(`global
+var haproxyTmpl = template.Must(template.New("haproxy").Parse(haproxyHead + `{{range .}}{{if not .UDP}}
+frontend fe_{{.Kind}}
+    bind 127.0.0.1:{{.Front}}
+    tcp-request connection reject if !{ src 127.0.0.0/8 }
+    default_backend be_{{.Kind}}
+
+backend be_{{.Kind}}
+    server up 127.0.0.1:{{.Up}}
+{{end}}{{end}}`))
+
+// haproxyHead is the global and defaults sections of every HAProxy config
+// but the TLS test's.
+const haproxyHead = `global
     nbthread 1
     maxconn 9000
     log stdout format raw local0
@@ -277,15 +308,7 @@ defaults
     timeout connect 10s
     timeout client 1h
     timeout server 1h
-{{range .}}{{if not .UDP}}
-frontend fe_{{.Kind}}
-    bind 127.0.0.1:{{.Front}}
-    tcp-request connection reject if !{ src 127.0.0.0/8 }
-    default_backend be_{{.Kind}}
-
-backend be_{{.Kind}}
-    server up 127.0.0.1:{{.Up}}
-{{end}}{{end}}`))
+`
 
 // route is one front port relayed to one upstream port.
 type route struct {
@@ -322,6 +345,11 @@ func startHAProxy(s setup) (*child, error) {
 	if err != nil {
 		return nil, err
 	}
+	return launchHAProxy(s, cfg)
+}
+
+// launchHAProxy writes cfg and starts haproxy with it.
+func launchHAProxy(s setup, cfg string) (*child, error) {
 	file := filepath.Join(s.dir, "haproxy.cfg")
 	if err := os.WriteFile(file, []byte(cfg), 0o644); err != nil {
 		return nil, err

@@ -25,17 +25,23 @@ const tlsName = "bench.test"
 
 // benchCert is the certificate every TLS-terminating proxy serves: an
 // ECDSA P-256 leaf for tlsName, issued by an ECDSA P-256 CA made for the
-// run.
+// run. The TLS upstreams of the features test serve others, for other
+// names, each from a CA of its own.
 type benchCert struct {
+	name     string // the leaf's one DNS name
 	chainPEM string // the leaf, then the CA
+	caPEM    string // the CA alone
 	keyPEM   string // the leaf's key, PKCS #8
 	leafDER  []byte
 	roots    *x509.CertPool // the CA
 }
 
-// newBenchCert makes a CA and a leaf valid from an hour before now for 90
-// days.
-func newBenchCert(now time.Time) (*benchCert, error) {
+// newBenchCert makes a CA and a leaf for tlsName valid from an hour before
+// now for 90 days.
+func newBenchCert(now time.Time) (*benchCert, error) { return newBenchCertFor(now, tlsName) }
+
+// newBenchCertFor is newBenchCert for name.
+func newBenchCertFor(now time.Time, name string) (*benchCert, error) {
 	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, err
@@ -58,7 +64,7 @@ func newBenchCert(now time.Time) (*benchCert, error) {
 		return nil, err
 	}
 	leafTmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: tlsName}, DNSNames: []string{tlsName},
+		SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: name}, DNSNames: []string{name},
 		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(90 * 24 * time.Hour),
 		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 	}
@@ -72,12 +78,14 @@ func newBenchCert(now time.Time) (*benchCert, error) {
 	}
 	roots := x509.NewCertPool()
 	roots.AddCert(ca)
+	caPEM := string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}))
 	return &benchCert{
-		chainPEM: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: leafDER})) +
-			string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER})),
-		keyPEM:  string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER})),
-		leafDER: leafDER,
-		roots:   roots,
+		name:     name,
+		chainPEM: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: leafDER})) + caPEM,
+		caPEM:    caPEM,
+		keyPEM:   string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER})),
+		leafDER:  leafDER,
+		roots:    roots,
 	}, nil
 }
 
@@ -106,7 +114,7 @@ const tls12Suite = tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
 // what limits the handshake rate. probeTLS verifies the chain.
 func (bc *benchCert) clientConfig(v uint16) *tls.Config {
 	return &tls.Config{
-		ServerName:         tlsName,
+		ServerName:         bc.name,
 		MinVersion:         v,
 		MaxVersion:         v,
 		CurvePreferences:   tlsGroups,
@@ -124,7 +132,7 @@ func (bc *benchCert) clientConfig(v uint16) *tls.Config {
 // verifyingConfig is a client config that verifies the chain against the
 // CA, as a real client would.
 func (bc *benchCert) verifyingConfig() *tls.Config {
-	return &tls.Config{ServerName: tlsName, RootCAs: bc.roots, MinVersion: tls.VersionTLS12,
+	return &tls.Config{ServerName: bc.name, RootCAs: bc.roots, MinVersion: tls.VersionTLS12,
 		CurvePreferences: tlsGroups}
 }
 
