@@ -47,12 +47,15 @@ const NAME = 'e2e-echo'; // the stream the tests create in the form
 const CERT_NAME = 'e2e-cert';
 const UDP_NAME = 'e2e-udp'; // a UDP stream made in the form
 const GUARDED_NAME = 'e2e-guarded'; // blocks 127.0.0.1, upstream down
+const MULTI_NAME = 'e2e-three'; // three upstreams (one down) on a port range
+const SNI_NAME = 'e2e-sni'; // server names on a port of its own
+const NODE = 'e2e-node'; // node_name
 const SITE_USER = 'e2e';
 const SITE_PASSWORD = 'e2e-password-not-secret';
 
 // Everything the run owns, for the cleanup.
 const S = {
-  tmp: '', aegis: null, aegisExited: null, echo: null, udpEcho: null, sockets: new Set(),
+  tmp: '', aegis: null, aegisExited: null, echo: null, echo2: null, holder: null, udpEcho: null, sockets: new Set(),
   browser: null, offOrigin: [], pageErrors: [],
   ports: {}, base: '', site: '', streamId: 0, certId: 0,
 };
@@ -438,6 +441,26 @@ before(async () => {
     S.echo.listen({ port: S.ports.echo, host: '127.0.0.1', exclusive: true }, resolve);
   });
 
+  // A second one, for a stream with several upstreams.
+  S.echo2 = net.createServer((sock) => {
+    track(sock);
+    sock.on('error', () => {});
+    sock.pipe(sock);
+  });
+  S.ports.echo2 = await freePort();
+  await new Promise((resolve, reject) => {
+    S.echo2.once('error', reject);
+    S.echo2.listen({ port: S.ports.echo2, host: '127.0.0.1', exclusive: true }, resolve);
+  });
+
+  // A program that holds a port and is no stream's upstream.
+  S.holder = net.createServer((sock) => sock.destroy());
+  S.ports.held = await freePort();
+  await new Promise((resolve, reject) => {
+    S.holder.once('error', reject);
+    S.holder.listen({ port: S.ports.held, host: '127.0.0.1', exclusive: true }, resolve);
+  });
+
   // A UDP echo server, for the UDP stream.
   S.udpEcho = dgram.createSocket('udp4');
   S.udpEcho.on('message', (msg, rinfo) => S.udpEcho.send(msg, rinfo.port, rinfo.address));
@@ -471,6 +494,7 @@ before(async () => {
 	skip_install_trust
 	streams {
 		storage sqlite ${S.tmp}/streams.db
+		node_name ${NODE}
 		host 1 ${CFG_NAME} {
 			listen 127.0.0.1:${S.ports.cfg}
 			upstream 127.0.0.1:${S.ports.echo}
@@ -532,6 +556,8 @@ after(async () => {
   if (S.browser) await S.browser.close().catch(() => {});
   for (const sock of S.sockets) sock.destroy();
   if (S.echo) await new Promise((r) => S.echo.close(r));
+  if (S.echo2) await new Promise((r) => S.echo2.close(r));
+  if (S.holder) await new Promise((r) => S.holder.close(r));
   if (S.udpEcho) S.udpEcho.close();
   if (S.aegis && S.aegis.exitCode === null && S.aegis.signalCode === null) {
     S.aegis.kill('SIGTERM');
@@ -759,12 +785,12 @@ test('the form shows an inline error for a port that is taken', { timeout: TEST_
     (await err.innerText()).trim());
   assert.match(overlap, new RegExp(`${S.ports.cfg}`), `error does not name the port: ${overlap}`);
 
-  // A port that another program (the echo server) holds.
-  await port.fill(String(S.ports.echo));
+  // A port that another program holds (no stream relays to it: that would be a loop).
+  await port.fill(String(S.ports.held));
   await port.press('Tab');
   const held = await waitFor('#err-listen_port to name the held port', async () => {
     const t = (await err.innerText()).trim();
-    return t.includes(String(S.ports.echo)) && t;
+    return t.includes(String(S.ports.held)) && t;
   });
   assert.match(held, /in use/, `error does not say the port is in use: ${held}`);
 
@@ -841,7 +867,7 @@ test('Save shows every problem: a taken port and a bad CIDR each at its field, o
   const cidrErr = page.locator('#err-whitelist_cidrs');
   await page.getByLabel('Listen address', { exact: true }).fill('127.0.0.1');
   const port = page.getByLabel('Listen port', { exact: true });
-  await port.fill(String(S.ports.echo)); // the echo server holds it
+  await port.fill(String(S.ports.held)); // another program holds it
   await port.press('Tab');
   await page.getByLabel('Upstream host', { exact: true }).fill('127.0.0.1');
   await page.getByLabel('Upstream port', { exact: true }).fill(String(S.ports.echo));
@@ -860,7 +886,7 @@ test('Save shows every problem: a taken port and a bad CIDR each at its field, o
     assert.match(alert, /2 settings/, `the alert: ${alert}`);
   }
   await shot(page, 'form-errors.png');
-  assert.equal((await api('/api/v1/streams')).body.filter((s) => s.listen_port === S.ports.echo).length, 0, 'a stream was made');
+  assert.equal((await api('/api/v1/streams')).body.filter((s) => s.listen_port === S.ports.held).length, 0, 'a stream was made');
 
   // A problem of no field the form shows goes in a summary at the top.
   const summary = page.locator('#form-problems');
@@ -1082,6 +1108,246 @@ test('a stream row shows blocked connections, the health error and the time of t
   }
 });
 
+test('the cluster page shows the one node of SQLite and its streams, and follows changes without a reload', { timeout: TEST_MS }, async () => {
+  await openHash(page, '/streams');
+  await h1(page, 'Streams').waitFor();
+  await page.getByRole('link', { name: 'Cluster', exact: true }).first().click();
+  await h1(page, 'Cluster').waitFor();
+  const about = page.locator('[data-field="storage"]');
+  await waitFor('the storage line', async () => /SQLite \(one node\)/.test(await about.innerText()));
+  const rows = page.locator('tr[data-node]');
+  await waitFor('one node row', async () => (await rows.count()) === 1);
+  const row = page.locator(`tr[data-node="${NODE}"]`);
+  const cells = await row.innerText();
+  assert.match(cells, new RegExp(NODE));
+  assert.match(cells, /this node/);
+  assert.equal((await row.locator('[data-field="status"]').innerText()).trim(), 'up');
+  assert.match(await row.locator('[data-field="last_seen"]').innerText(), /just now|\d+ s ago/);
+  const headers = (await page.locator('table').first().locator('thead th').allInnerTexts()).map((t) => t.trim());
+  assert.deepEqual(headers, ['Node', 'Status', 'Last seen', 'Streams'], 'SQLite has no changes to apply');
+  assert.ok(await page.locator('[data-field="cluster_error"]').isHidden(), 'an error shows');
+  // The node's streams, with their health: the config stream listens.
+  const section = page.getByRole('region', { name: `Streams on ${NODE}`, exact: true });
+  const cfg = section.locator('tr[data-stream-id="1"]');
+  await cfg.waitFor();
+  assert.match(await cfg.innerText(), new RegExp(CFG_NAME));
+  assert.equal((await cfg.locator('[data-field="listening"]').innerText()).trim(), 'yes');
+  assert.equal((await cfg.locator('[data-field="health"]').innerText()).trim(), 'not checked');
+
+  // A stream made meanwhile shows up at the next refresh.
+  await page.evaluate(() => { window.__e2eNoReload = true; });
+  const count = async () => digitsIn(await row.locator('[data-field="streams"]').innerText());
+  const before = await count();
+  assert.equal(before, (await api('/api/v1/streams')).body.length);
+  const port = await freePort();
+  const made = await apiSend('POST', '/api/v1/streams', {
+    name: 'e2e-cluster', listen_address: '127.0.0.1', listen_port: port, upstream_host: '127.0.0.1', upstream_port: S.ports.echo,
+  });
+  try {
+    await section.locator(`tr[data-stream-id="${made.id}"]`).waitFor({ timeout: 6000 });
+    await waitFor('one more stream in the node row', async () => (await count()) === before + 1);
+    assert.equal(await page.evaluate(() => window.__e2eNoReload), true, 'the page reloaded');
+    await shot(page, 'cluster.png');
+  } finally {
+    await apiSend('DELETE', `/api/v1/streams/${made.id}`);
+  }
+});
+
+test('the cluster page says when the database cannot be read, and marks stale and snapshot nodes', { timeout: TEST_MS }, async () => {
+  // What a node on PostgreSQL answers (the backend's tests check that it
+  // does); here, how the page shows it.
+  const { body: real } = await api('/api/v1/cluster');
+  const self = real.nodes[0];
+  const at = (s) => new Date(Date.now() - s * 1000).toISOString();
+  let answer = {
+    node: NODE, storage: 'postgres', last_change: 42,
+    nodes: [
+      { ...self, applied_change: 42, lag: 0, status: 'up', last_seen: at(1) },
+      { name: 'e2e-old', address: '127.0.0.1:1', version: 'v1', applied_change: 39, lag: 3, status: 'stale', last_seen: at(125), streams: [] },
+      { name: 'e2e-cut', address: '127.0.0.1:2', version: 'v1', applied_change: 42, lag: 0, status: 'snapshot', last_seen: at(2),
+        streams: [{ ...self.streams[0], health_status: 'unhealthy', healthy: false, last_health_error: 'dial tcp 10.0.0.9:5432: connection refused', listening: true }] },
+    ],
+  };
+  const route = '**/api/v1/cluster';
+  await page.route(route, (r) => r.fulfill({ status: 200, contentType: 'application/json', body: JSON.stringify(answer) }));
+  try {
+    await openHash(page, '/cluster');
+    await h1(page, 'Cluster').waitFor();
+    const stale = page.locator('tr[data-node="e2e-old"]');
+    await stale.waitFor();
+    const headers = (await page.locator('table').first().locator('thead th').allInnerTexts()).map((t) => t.trim());
+    assert.deepEqual(headers, ['Node', 'Status', 'Last seen', 'Applied change', 'Lag', 'Streams']);
+    assert.match(await page.locator('[data-field="storage"]').innerText(), /PostgreSQL/);
+    assert.match(await stale.locator('[data-field="status"]').innerText(), /^stale\s+no heartbeat$/);
+    assert.match(await stale.locator('[data-field="status"]').getAttribute('class'), /\bbad\b/);
+    assert.match((await stale.locator('[data-field="last_seen"]').innerText()).trim(), /^2 min \d+ s ago$/);
+    assert.equal((await stale.locator('[data-field="lag"]').innerText()).trim(), '3 behind');
+    const snap = page.locator('tr[data-node="e2e-cut"]');
+    assert.match(await snap.locator('[data-field="status"]').innerText(), /^snapshot\s+runs from its snapshot$/);
+    assert.equal((await snap.locator('[data-field="streams"]').innerText()).trim(), '1 stream, 1 with a problem');
+    const cut = page.getByRole('region', { name: 'Streams on e2e-cut', exact: true });
+    assert.match(await cut.locator('[data-field="health"]').innerText(), /unhealthy\s+dial tcp 10\.0\.0\.9:5432: connection refused/);
+    assert.equal((await page.locator(`tr[data-node="${NODE}"] [data-field="status"]`).innerText()).trim(), 'up');
+    await shot(page, 'cluster-nodes.png');
+
+    // The database down: this node alone, and why.
+    answer = { node: NODE, storage: 'postgres', last_change: 42, error: 'PostgreSQL at db.internal:5432 is unreachable: dial tcp: connection refused',
+      nodes: [{ ...self, applied_change: 42, lag: 0, status: 'up' }] };
+    const error = page.locator('[data-field="cluster_error"]');
+    await error.waitFor({ timeout: 6000 });
+    assert.match(await error.innerText(), /database cannot be read.*only this node.*db\.internal:5432 is unreachable/s);
+    await waitFor('the other nodes gone', async () => (await page.locator('tr[data-node]').count()) === 1, 6000);
+    await shot(page, 'cluster-db-down.png');
+  } finally {
+    await page.unroute(route);
+  }
+});
+
+// threePorts finds three ports in a row that nothing holds.
+async function threePorts() {
+  for (let i = 0; i < 50; i++) {
+    const p = await freePort();
+    if (p < 32000 && await canBind(p + 1) && await canBind(p + 2)) return p;
+  }
+  throw new Error('no three free ports in a row after 50 tries');
+}
+
+test('a stream with three upstreams on a port range: a row per upstream, the closed one down with its error; an open connection names its upstream, and on a range its port', { timeout: TEST_MS }, async () => {
+  const first = await threePorts();
+  S.ports.multi = first;
+  const closed = await freePort(); // nothing listens: down
+  const made = await apiSend('POST', '/api/v1/streams', {
+    name: MULTI_NAME, listen_address: '127.0.0.1', listen_port: first, listen_port_end: first + 2, upstream_port_fixed: true,
+    upstreams: [{ host: '127.0.0.1', port: S.ports.echo }, { host: '127.0.0.1', port: S.ports.echo2 }, { host: '127.0.0.1', port: closed, backup: true }],
+    health_check_enabled: true, health_check_interval_seconds: 1, log_connections: true,
+  });
+  S.multiId = made.id;
+  S.ports.sni = await freePort();
+  const sni = await apiSend('POST', '/api/v1/streams', {
+    name: SNI_NAME, listen_address: '127.0.0.1', listen_port: S.ports.sni, upstream_host: '127.0.0.1', upstream_port: S.ports.echo,
+    sni: ['db.e2e.test', '*.e2e.test'],
+  });
+  await echoThrough(first + 1, Buffer.from('through the range\n'));
+
+  await openHash(page, '/streams');
+  const row = streamRow(page, made.id);
+  await row.waitFor();
+  assert.equal((await row.locator('td.addr').innerText()).split('\n')[0].trim(), `127.0.0.1:${first}-${first + 2} → 3 upstreams`);
+  const ups = page.locator(`tr[data-upstream-of="${made.id}"]`);
+  await waitFor('three upstream rows', async () => (await ups.count()) === 3);
+  // They follow the stream's row.
+  assert.equal(await row.evaluate((tr) => tr.nextElementSibling?.dataset.upstream), `127.0.0.1:${S.ports.echo}`);
+  const down = page.locator(`tr[data-upstream="127.0.0.1:${closed}"]`);
+  await waitFor('the closed upstream down, with its error', async () =>
+    (await down.locator('[data-field="health"] .state').innerText()).trim() === 'down' && (await down.locator('[data-field="last_error"]').isVisible()), 8000, 200);
+  assert.match(await down.locator('[data-field="last_error"]').innerText(), /refused|connect/);
+  assert.match(await down.innerText(), /backup/);
+  for (const port of [S.ports.echo, S.ports.echo2]) {
+    const up = page.locator(`tr[data-upstream="127.0.0.1:${port}"]`);
+    await waitFor(`upstream ${port} up`, async () => (await up.locator('[data-field="health"] .state').innerText()).trim() === 'up', 8000, 200);
+    assert.ok(await up.locator('[data-field="last_error"]').isHidden());
+  }
+  // The one connection relayed counts on one of the two that are up,
+  // with its bytes each way.
+  const { body } = await api(`/api/v1/streams/${made.id}`);
+  const used = body.status.upstreams.find((u) => u.total_connections === 1);
+  assert.ok(used, `no upstream with the connection: ${JSON.stringify(body.status.upstreams)}`);
+  const usedRow = page.locator(`tr[data-upstream="127.0.0.1:${used.port}"]`);
+  await waitFor('its counts in its row', async () => (await usedRow.locator('[data-field="total_connections"]').innerText()).trim() === '1'
+    && /\b18 B/.test(await usedRow.locator('[data-field="bytes_sent"]').innerText()) && /\b18 B/.test(await usedRow.locator('[data-field="bytes_received"]').innerText()));
+  // The server names of the SNI stream.
+  assert.equal((await streamRow(page, sni.id).locator('[data-field="sni"]').innerText()).trim(), 'SNI: db.e2e.test, *.e2e.test');
+  await shot(page, 'streams-upstreams.png');
+
+  // A held connection: the upstream it went to.
+  const held = await connect(first + 1, false);
+  held.on('error', () => {});
+  try {
+    assert.ok((await exchange(held, Buffer.from('held\n'))).equals(Buffer.from('held\n')));
+    const active = await waitFor('the held connection in the API', async () => (await api(`/api/v1/streams/${made.id}/active`)).body[0]);
+    assert.match(active.upstream, new RegExp(`^127\\.0\\.0\\.1:(${S.ports.echo}|${S.ports.echo2})$`));
+    await openHash(page, `/streams/${made.id}/active`);
+    await h1(page, `Connections: ${MULTI_NAME}`).waitFor();
+    const conn = page.locator(`tr[data-conn-id="${active.id}"]`);
+    await conn.waitFor();
+    assert.equal((await conn.locator('[data-field="upstream"]').innerText()).trim(), active.upstream);
+    assert.match(await page.locator('p.sub').first().innerText(), new RegExp(`^127\\.0\\.0\\.1:${first}-${first + 2} → 3 upstreams`));
+  } finally {
+    await closeSocket(held);
+  }
+
+  // A range that maps port + k to upstream port + k: a connection on the
+  // last port shows that port, and the upstream port it went to.
+  const r = await threePorts();
+  const range = await apiSend('POST', '/api/v1/streams', {
+    name: 'e2e-range', listen_address: '127.0.0.1', listen_port: r, listen_port_end: r + 2, upstream_host: '127.0.0.1', upstream_port: S.ports.echo - 2,
+  });
+  const held2 = await connect(r + 2, false);
+  held2.on('error', () => {});
+  try {
+    assert.ok((await exchange(held2, Buffer.from('held\n'))).equals(Buffer.from('held\n')));
+    const active = await waitFor('the held connection in the API', async () => (await api(`/api/v1/streams/${range.id}/active`)).body[0]);
+    await openHash(page, `/streams/${range.id}/active`);
+    await h1(page, 'Connections: e2e-range').waitFor();
+    const conn = page.locator(`tr[data-conn-id="${active.id}"]`);
+    await conn.waitFor();
+    const headers = (await page.locator('table thead th').allInnerTexts()).map((t) => t.trim());
+    assert.deepEqual(headers, ['Source', 'Protocol', 'Port', 'Upstream', 'Age', 'Sent', 'Received', 'Actions']);
+    assert.equal((await conn.locator('[data-field="listen_port"]').innerText()).trim(), String(r + 2));
+    assert.equal((await conn.locator('[data-field="upstream"]').innerText()).trim(), `127.0.0.1:${S.ports.echo}`);
+    assert.match(await page.locator('p.sub').first().innerText(), new RegExp(`^127\\.0\\.0\\.1:${r}-${r + 2} → 127\\.0\\.0\\.1:${S.ports.echo - 2}-${S.ports.echo}`));
+    await shot(page, 'connections-range.png');
+  } finally {
+    await closeSocket(held2);
+    await apiSend('DELETE', `/api/v1/streams/${range.id}`);
+  }
+});
+
+test('the log shows each entry\'s node, and filters by node when there are several', { timeout: TEST_MS }, async () => {
+  assert.ok(S.multiId, `no stream "${MULTI_NAME}": the test that makes it failed`);
+  const entry = await waitFor('a log entry of the range stream', async () =>
+    (await api(`/api/v1/streams/${S.multiId}/connections?limit=10`)).body.entries[0], 15_000, 250);
+  assert.equal(entry.node, NODE);
+  // Two nodes in the cluster's list, as on PostgreSQL.
+  const route = '**/api/v1/cluster';
+  const { body: real } = await api('/api/v1/cluster');
+  await page.route(route, (r) => r.fulfill({ status: 200, contentType: 'application/json',
+    body: JSON.stringify({ ...real, storage: 'postgres', nodes: [...real.nodes, { ...real.nodes[0], name: 'e2e-other', streams: [] }] }) }));
+  const asked = [];
+  const onRequest = (req) => {
+    const u = new URL(req.url());
+    if (u.pathname.endsWith('/connections')) asked.push(u.searchParams.get('node'));
+  };
+  page.on('request', onRequest);
+  try {
+    await openHash(page, `/streams/${S.multiId}/log`);
+    await h1(page, `Log: ${MULTI_NAME}`).waitFor();
+    const rows = page.locator('tr.log-row');
+    await rows.first().waitFor();
+    const headers = (await page.locator('table thead th').allInnerTexts()).map((t) => t.trim());
+    assert.deepEqual(headers, ['Time', 'Node', 'Source', 'Action', 'Sent', 'Received', 'Duration', 'Reason']);
+    assert.equal((await rows.first().locator('[data-field="node"]').innerText()).trim(), NODE);
+    await shot(page, 'log-node.png');
+    const filter = page.getByLabel('Node', { exact: true });
+    await filter.waitFor();
+    assert.deepEqual(await filter.locator('option').allInnerTexts(), ['All', NODE, 'e2e-other']);
+    await filter.selectOption('e2e-other');
+    await page.getByRole('cell', { name: 'No entries.', exact: true }).waitFor();
+    await filter.selectOption(NODE);
+    await rows.first().waitFor();
+    assert.deepEqual(asked, [null, 'e2e-other', NODE]);
+  } finally {
+    page.off('request', onRequest);
+    await page.unroute(route);
+  }
+  // One node: no filter to choose from, the column stays.
+  await openHash(page, '/streams');
+  await openHash(page, `/streams/${S.multiId}/log`);
+  await page.locator('tr.log-row').first().waitFor();
+  assert.equal(await page.locator('#log-node').isVisible(), false, 'a node filter with one node');
+  assert.equal((await page.locator('tr.log-row [data-field="node"]').first().innerText()).trim(), NODE);
+});
+
 test('every page passes axe-core WCAG 2 A/AA checks (no serious or critical issue), light and dark, wide and narrow', { timeout: TEST_MS }, async () => {
   needStream();
   const bad = [];
@@ -1092,6 +1358,8 @@ test('every page passes axe-core WCAG 2 A/AA checks (no serious or critical issu
   // An open connection, so that the connections page has a row.
   const held = await connect(S.ports.stream, true);
   held.on('error', () => {});
+  const held2 = await connect(S.ports.multi, false);
+  held2.on('error', () => {});
   // The check itself finds a known low-contrast text and an unnamed field.
   await tab.setContent('<!doctype html><html lang="en"><title>t</title><main><p style="color:#999;background:#fff">faint</p><input type="text"></main></html>');
   const control = (await checkA11y(tab, 'known-bad control page')).join('\n');
@@ -1169,6 +1437,17 @@ test('every page passes axe-core WCAG 2 A/AA checks (no serious or critical issu
       await h1(tab, `Log: ${NAME}`).waitFor();
       await tab.locator('tr.log-row').first().waitFor();
     }],
+    ['cluster', async () => {
+      await openHash(tab, '/cluster');
+      await h1(tab, 'Cluster').waitFor();
+      await tab.locator(`tr[data-node="${NODE}"]`).waitFor();
+      await tab.locator('section tr[data-stream-id]').first().waitFor();
+    }],
+    ['connections with upstream and port', async () => {
+      await openHash(tab, `/streams/${S.multiId}/active`);
+      await h1(tab, `Connections: ${MULTI_NAME}`).waitFor();
+      await tab.locator('tr[data-conn-id]').first().waitFor();
+    }],
     ['certificates', async () => {
       await openHash(tab, '/certificates');
       await h1(tab, 'Certificates').waitFor();
@@ -1192,6 +1471,7 @@ test('every page passes axe-core WCAG 2 A/AA checks (no serious or critical issu
     }
   } finally {
     await closeSocket(held);
+    await closeSocket(held2);
     await ctx.close();
   }
   assert.deepEqual(bad, [], `axe found ${bad.length} serious or critical issue(s):\n${bad.join('\n')}`);
