@@ -56,6 +56,7 @@ const SITE_PASSWORD = 'e2e-password-not-secret';
 // Everything the run owns, for the cleanup.
 const S = {
   tmp: '', aegis: null, aegisExited: null, echo: null, echo2: null, holder: null, udpEcho: null, sockets: new Set(),
+  pgDir: '', children: [], // the PostgreSQL test's server and nodes
   browser: null, offOrigin: [], pageErrors: [],
   ports: {}, base: '', site: '', streamId: 0, certId: 0,
 };
@@ -77,13 +78,16 @@ for (const sig of ['SIGINT', 'SIGTERM']) {
 }
 
 function killAegisNow() {
-  if (S.aegis && S.aegis.exitCode === null && S.aegis.signalCode === null) {
-    try { S.aegis.kill('SIGKILL'); } catch { /* already gone */ }
+  for (const child of [S.aegis, ...S.children]) {
+    if (child && child.exitCode === null && child.signalCode === null) {
+      try { child.kill('SIGKILL'); } catch { /* already gone */ }
+    }
   }
 }
 
 function removeTmp() {
   if (S.tmp) fs.rmSync(S.tmp, { recursive: true, force: true });
+  if (S.pgDir) fs.rmSync(S.pgDir, { recursive: true, force: true });
 }
 
 // ---------------------------------------------------------------- helpers
@@ -559,6 +563,7 @@ after(async () => {
   if (S.echo2) await new Promise((r) => S.echo2.close(r));
   if (S.holder) await new Promise((r) => S.holder.close(r));
   if (S.udpEcho) S.udpEcho.close();
+  for (const child of S.children.slice().reverse()) await stopChild(child);
   if (S.aegis && S.aegis.exitCode === null && S.aegis.signalCode === null) {
     S.aegis.kill('SIGTERM');
     const stopped = await Promise.race([S.aegisExited, sleep(10_000).then(() => null)]);
@@ -1346,6 +1351,165 @@ test('the log shows each entry\'s node, and filters by node when there are sever
   await page.locator('tr.log-row').first().waitFor();
   assert.equal(await page.locator('#log-node').isVisible(), false, 'a node filter with one node');
   assert.equal((await page.locator('tr.log-row [data-field="node"]').first().innerText()).trim(), NODE);
+});
+
+// ---------------------------------------------------------------- PostgreSQL
+
+// pgBin is the newest /usr/lib/postgresql/*/bin with postgres in it, or ''.
+function pgBin() {
+  const root = '/usr/lib/postgresql';
+  if (!fs.existsSync(root)) return '';
+  const dirs = fs.readdirSync(root).filter((v) => fs.existsSync(path.join(root, v, 'bin', 'postgres')))
+    .sort((a, b) => Number(b) - Number(a));
+  return dirs.length ? path.join(root, dirs[0], 'bin') : '';
+}
+
+// stopChild ends a child of the run (SIGTERM, then SIGKILL after 10 s).
+async function stopChild(child, signal = 'SIGTERM') {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const gone = new Promise((r) => child.once('exit', r));
+  child.kill(signal);
+  const done = await Promise.race([gone.then(() => true), sleep(10_000).then(() => false)]);
+  if (!done) {
+    child.kill('SIGKILL');
+    await gone;
+  }
+}
+
+// startPostgres runs a PostgreSQL server of its own, as the postgres
+// user when the run is root (as internal/pgtest does for the Go tests),
+// and resolves with its port once it accepts connections.
+async function startPostgres(bin) {
+  S.pgDir = fs.mkdtempSync(path.join(os.tmpdir(), 'aegis-e2e-pg-'));
+  const as = {};
+  if (process.getuid() === 0) {
+    const id = (flag) => Number(execFileSync('id', [flag, 'postgres'], { encoding: 'utf8', timeout: 5000 }).trim());
+    const [uid, gid] = [id('-u'), id('-g')];
+    fs.chownSync(S.pgDir, uid, gid);
+    Object.assign(as, { uid, gid });
+  }
+  const data = path.join(S.pgDir, 'data');
+  execFileSync(path.join(bin, 'initdb'), ['-D', data, '-U', 'postgres', '--auth=trust', '--no-sync', '-E', 'UTF8', '--locale=C'],
+    { ...as, cwd: S.pgDir, stdio: 'ignore', timeout: 60_000 });
+  const port = await freePort();
+  const log = fs.openSync(path.join(artifacts, 'postgres.log'), 'w');
+  const pg = spawn(path.join(bin, 'postgres'), ['-D', data, '-p', String(port), '-k', S.pgDir, '-c', 'listen_addresses=127.0.0.1',
+    '-c', 'fsync=off', '-c', 'synchronous_commit=off', '-c', 'full_page_writes=off', '-c', 'shared_buffers=32MB'],
+  { ...as, cwd: S.pgDir, stdio: ['ignore', log, log] });
+  fs.closeSync(log);
+  S.children.push(pg);
+  await waitFor('PostgreSQL to accept connections', async () => {
+    if (pg.exitCode !== null) throw new Error('postgres exited; see test-artifacts/ui/postgres.log');
+    execFileSync(path.join(bin, 'pg_isready'), ['-h', '127.0.0.1', '-p', String(port), '-U', 'postgres'], { stdio: 'ignore', timeout: 5000 });
+    return true;
+  }, 30_000, 200);
+  return port;
+}
+
+// startNode runs a bin/aegis node on the PostgreSQL at pgPort, with a
+// config stream of its own, and resolves with its admin address and
+// process.
+async function startNode(name, pgPort, key) {
+  const dir = path.join(S.tmp, name);
+  fs.mkdirSync(dir);
+  const admin = await freePort();
+  S.ports[`admin-${name}`] = admin;
+  const listen = await freePort();
+  S.ports[`cfg-${name}`] = listen;
+  const caddyfile = path.join(dir, 'Caddyfile');
+  fs.writeFileSync(caddyfile, `{
+	admin 127.0.0.1:${admin} {
+		origins 127.0.0.1:${admin} ""
+	}
+	storage file_system ${dir}/caddy
+	skip_install_trust
+	streams {
+		storage postgres postgres://postgres@127.0.0.1:${pgPort}/postgres?sslmode=disable
+		storage_key ${key}
+		node_name ${name}
+		host ${name === 'e2e-pg-a' ? 1 : 2} cfg-${name} {
+			listen 127.0.0.1:${listen}
+			upstream 127.0.0.1:${S.ports.echo}
+		}
+	}
+}
+`);
+  const log = fs.openSync(path.join(artifacts, `aegis-${name}.log`), 'w');
+  const child = spawn(aegisBin, ['run', '--config', caddyfile, '--adapter', 'caddyfile'], {
+    cwd: dir,
+    env: { ...process.env, HOME: dir, XDG_DATA_HOME: path.join(dir, 'data'), XDG_CONFIG_HOME: path.join(dir, 'config') },
+    stdio: ['ignore', log, log],
+  });
+  fs.closeSync(log);
+  S.children.push(child);
+  const base = `http://127.0.0.1:${admin}`;
+  await waitFor(`node ${name} to answer on its admin endpoint`, async () => {
+    if (child.exitCode !== null) throw new Error(`bin/aegis (${name}) exited with ${child.exitCode}; see test-artifacts/ui/aegis-${name}.log`);
+    return (await get(`${base}/api/v1/cluster`)).status === 200;
+  }, 20_000, 200);
+  return { base, child };
+}
+
+test('on PostgreSQL, the cluster page shows both nodes with their streams, then the stopped one as stale; the log filters by node', { timeout: 75_000 }, async (t) => {
+  const bin = pgBin();
+  if (!bin) {
+    t.skip('PostgreSQL is not installed (apt-get install postgresql; make postgres does it)');
+    return;
+  }
+  const pgPort = await startPostgres(bin);
+  const key = 'ab'.repeat(32);
+  const a = await startNode('e2e-pg-a', pgPort, key);
+  const b = await startNode('e2e-pg-b', pgPort, key);
+  const ctx = await newContext();
+  await guardOrigin(ctx, a.base);
+  const tab = await ctx.newPage();
+  watchPage(tab, 'node e2e-pg-a');
+  try {
+    await tab.goto(`${a.base}/ui/#/cluster`);
+    await h1(tab, 'Cluster').waitFor();
+    await waitFor('both nodes up', async () => {
+      const states = await tab.locator('tr[data-node] [data-field="status"]').allInnerTexts();
+      return states.length === 2 && states.every((x) => x.trim() === 'up');
+    }, 15_000, 250);
+    assert.match(await tab.locator('[data-field="storage"]').innerText(), /PostgreSQL/);
+    const headers = (await tab.locator('table').first().locator('thead th').allInnerTexts()).map((x) => x.trim());
+    assert.deepEqual(headers, ['Node', 'Status', 'Last seen', 'Applied change', 'Lag', 'Streams']);
+    assert.match(await tab.locator('tr[data-node="e2e-pg-a"]').innerText(), /this node/);
+    assert.doesNotMatch(await tab.locator('tr[data-node="e2e-pg-b"]').innerText(), /this node/);
+    // Each node's own config stream, as that node reports it.
+    for (const [name, id] of [['e2e-pg-a', 1], ['e2e-pg-b', 2]]) {
+      const sec = tab.getByRole('region', { name: `Streams on ${name}`, exact: true });
+      const row = sec.locator(`tr[data-stream-id="${id}"]`);
+      await row.waitFor({ timeout: 8000 });
+      assert.match(await row.innerText(), new RegExp(`cfg-${name}`));
+      assert.equal((await row.locator('[data-field="listening"]').innerText()).trim(), 'yes');
+    }
+    await shot(tab, 'cluster-postgres.png');
+
+    // The log of a stream on PostgreSQL offers both nodes.
+    await tab.goto(`${a.base}/ui/#/streams/1/log`);
+    await h1(tab, 'Log: cfg-e2e-pg-a').waitFor();
+    const filter = tab.getByLabel('Node', { exact: true });
+    await filter.waitFor();
+    assert.deepEqual(await filter.locator('option').allInnerTexts(), ['All', 'e2e-pg-a', 'e2e-pg-b']);
+
+    // Node b stops: after 3 missed heartbeats the page marks it stale.
+    await tab.goto(`${a.base}/ui/#/cluster`);
+    await h1(tab, 'Cluster').waitFor();
+    await tab.locator('tr[data-node="e2e-pg-b"]').waitFor();
+    await tab.evaluate(() => { window.__e2eNoReload = true; });
+    await stopChild(b.child, 'SIGKILL');
+    const stale = tab.locator('tr[data-node="e2e-pg-b"] [data-field="status"]');
+    await waitFor('node b stale on the page', async () => /^stale/.test((await stale.innerText()).trim()), 20_000, 250);
+    assert.match(await stale.getAttribute('class'), /\bbad\b/);
+    assert.equal((await tab.locator('tr[data-node="e2e-pg-a"] [data-field="status"]').innerText()).trim(), 'up');
+    assert.equal(await tab.evaluate(() => window.__e2eNoReload), true, 'the page reloaded');
+    await shot(tab, 'cluster-postgres-stale.png');
+  } finally {
+    await ctx.close();
+    await stopChild(a.child);
+    await stopChild(b.child);
+  }
 });
 
 test('every page passes axe-core WCAG 2 A/AA checks (no serious or critical issue), light and dark, wide and narrow', { timeout: TEST_MS }, async () => {
