@@ -1503,6 +1503,8 @@ test('on PostgreSQL, the cluster page shows both nodes with their streams, then 
     await waitFor('node b stale on the page', async () => /^stale/.test((await stale.innerText()).trim()), 20_000, 250);
     assert.match(await stale.getAttribute('class'), /\bbad\b/);
     assert.equal((await tab.locator('tr[data-node="e2e-pg-a"] [data-field="status"]').innerText()).trim(), 'up');
+    assert.match(await tab.locator('section[data-node="e2e-pg-b"] [data-field="reported"]').innerText(), /^As it last reported them, \d+ s ago\.$/);
+    assert.ok(await tab.locator('section[data-node="e2e-pg-a"] [data-field="reported"]').isHidden());
     assert.equal(await tab.evaluate(() => window.__e2eNoReload), true, 'the page reloaded');
     await shot(tab, 'cluster-postgres-stale.png');
   } finally {

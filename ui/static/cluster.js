@@ -76,7 +76,7 @@ export async function clusterPage(ctx) {
         sec = streamsSection(n.name);
         sections.set(n.name, sec);
       }
-      updateStreams(sec, n);
+      updateStreams(sec, n, now);
       const next = prevSection ? prevSection.nextSibling : streamsBox.firstChild;
       if (next !== sec.section) streamsBox.insertBefore(sec.section, next);
       prevSection = sec.section;
@@ -147,13 +147,18 @@ function streamsSection(name) {
   const id = `node-streams-${++sectionIds}`;
   const [region, tbody, row] = table(`Streams on ${name}`, ['Stream', 'Protocol', 'Listening', 'Health', 'Active', 'Total']);
   const empty = h('p', { class: 'empty', hidden: true }, 'No streams on this node.');
+  // A node that is not up shows its streams as it last reported them.
+  const old = h('p', { class: 'sub', 'data-field': 'reported', hidden: true });
   const section = h('section', { class: 'node-streams', 'aria-labelledby': id, 'data-node': name },
-    h('h2', { id }, `Streams on ${name}`), region, empty);
-  return { section, region, tbody, row, empty, rows: new Map() };
+    h('h2', { id }, `Streams on ${name}`), old, region, empty);
+  return { section, region, tbody, row, empty, old, rows: new Map() };
 }
 
-function updateStreams(sec, n) {
+function updateStreams(sec, n, now) {
   const list = Array.isArray(n.streams) ? n.streams : [];
+  const old = n.status === 'stale' ? `As it last reported them, ${formatAgo(n.last_seen, now)}.` : '';
+  setText(sec.old, old);
+  sec.old.hidden = !old;
   const seen = new Set();
   let prev = null;
   for (const s of list) {
