@@ -12,9 +12,10 @@ export async function logPage(ctx) {
   const s = await get(`streams/${ctx.id}`);
   if (!ctx.alive()) return;
   const name = displayName(s);
-  // The table, made again on each load: the node column comes with
-  // entries that name their node.
-  const box = h('div', {}, table('Connection log', ['Time', 'Source', 'Action', 'Sent', 'Received', 'Duration', 'Reason'])[0]);
+  // The table, made again on each load: a Node column from the first
+  // entries that name their node on.
+  const box = h('div');
+  let withNode = false;
   const action = h('select', { id: 'log-action' },
     h('option', { value: '' }, 'All'), h('option', { value: 'allowed' }, 'allowed'), h('option', { value: 'blocked' }, 'blocked'));
   const newer = h('button', { type: 'button' }, 'Newer');
@@ -36,7 +37,7 @@ export async function logPage(ctx) {
     nodeField.hidden = nodes.size < 2 && !node.value;
   };
   const where = h('p', { class: 'sub', 'aria-live': 'polite' });
-  ctx.show(
+  const show = () => ctx.show(
     heading(`Log: ${name}`),
     h('p', { class: 'sub' }, `${listenText(s)} → ${upstreamText(s)} · `,
       h('a', { href: `#/streams/${s.id}/active` }, 'Connections'), ' · ', h('a', { href: '#/streams' }, 'All streams')),
@@ -71,8 +72,7 @@ export async function logPage(ctx) {
     if (my !== seq || !ctx.alive()) return;
     next = page.next_before;
     addNodes(page.entries.map((e) => e.node));
-    // The node column, once entries name their node.
-    const withNode = page.entries.some((e) => e.node) || !!node.value;
+    withNode ||= page.entries.some((e) => e.node) || !!node.value;
     const headers = ['Time', ...(withNode ? ['Node'] : []), 'Source', 'Action', 'Sent', 'Received', 'Duration', 'Reason'];
     const [region, tbody, tr] = table('Connection log', headers);
     const rows = page.entries.map((e) => entry(e, tr, withNode));
@@ -109,7 +109,9 @@ export async function logPage(ctx) {
   // The other nodes' names, for the filter; without them, the filter
   // knows the names the entries give.
   get('cluster').then((c) => ctx.alive() && addNodes((c.nodes || []).map((n) => n.name)), () => {});
+  // The page shows with its first entries, so that its columns stay.
   await load();
+  if (ctx.alive()) show();
 }
 
 function entry(e, tr, withNode) {
