@@ -1263,6 +1263,17 @@ test('a stream with three upstreams on a port range: a row per upstream, the clo
   // The server names of the SNI stream.
   assert.equal((await streamRow(page, sni.id).locator('[data-field="sni"]').innerText()).trim(), 'SNI: db.e2e.test, *.e2e.test');
   await shot(page, 'streams-upstreams.png');
+  // On a phone: the upstream rows as cards, with their details.
+  await page.setViewportSize({ width: 375, height: 812 });
+  try {
+    await down.scrollIntoViewIfNeeded();
+    assert.ok(await down.locator('[data-field="last_error"]').isVisible(), 'the error is hidden at 375 px');
+    const overflow = await page.evaluate(() => document.documentElement.scrollWidth - document.documentElement.clientWidth);
+    assert.ok(overflow <= 1, `at 375 px the page scrolls sideways by ${overflow} px`);
+    await shot(page, 'streams-upstreams-phone.png');
+  } finally {
+    await page.setViewportSize({ width: 1280, height: 900 });
+  }
 
   // A held connection: the upstream it went to.
   const held = await connect(first + 1, false);
