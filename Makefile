@@ -103,8 +103,10 @@ postgres:
 # The web UI's unit tests (ui/test), then its browser tests (ui/e2e/run.mjs):
 # Debian's headless Chromium drives the UI of a real bin/aegis on loopback;
 # screenshots go to test-artifacts/ui/. Installs chromium with apt-get and
-# the tests' npm packages (npm ci) when they are missing.
-e2e: build
+# the tests' npm packages (npm ci) when they are missing. One test runs
+# two nodes on a PostgreSQL of its own (postgresql, installed by make
+# postgres).
+e2e: build postgres
 	@command -v node >/dev/null && command -v npm >/dev/null || { echo "make e2e needs Node.js 20 or later, with npm"; exit 1; }
 	@if [ ! -x /usr/bin/chromium ]; then \
 		echo "installing: chromium"; \

@@ -47,12 +47,16 @@ const NAME = 'e2e-echo'; // the stream the tests create in the form
 const CERT_NAME = 'e2e-cert';
 const UDP_NAME = 'e2e-udp'; // a UDP stream made in the form
 const GUARDED_NAME = 'e2e-guarded'; // blocks 127.0.0.1, upstream down
+const MULTI_NAME = 'e2e-three'; // three upstreams (one down) on a port range
+const SNI_NAME = 'e2e-sni'; // server names on a port of its own
+const NODE = 'e2e-node'; // node_name
 const SITE_USER = 'e2e';
 const SITE_PASSWORD = 'e2e-password-not-secret';
 
 // Everything the run owns, for the cleanup.
 const S = {
-  tmp: '', aegis: null, aegisExited: null, echo: null, udpEcho: null, sockets: new Set(),
+  tmp: '', aegis: null, aegisExited: null, echo: null, echo2: null, holder: null, udpEcho: null, sockets: new Set(),
+  pgDir: '', children: [], // the PostgreSQL test's server and nodes
   browser: null, offOrigin: [], pageErrors: [],
   ports: {}, base: '', site: '', streamId: 0, certId: 0,
 };
@@ -74,13 +78,16 @@ for (const sig of ['SIGINT', 'SIGTERM']) {
 }
 
 function killAegisNow() {
-  if (S.aegis && S.aegis.exitCode === null && S.aegis.signalCode === null) {
-    try { S.aegis.kill('SIGKILL'); } catch { /* already gone */ }
+  for (const child of [S.aegis, ...S.children]) {
+    if (child && child.exitCode === null && child.signalCode === null) {
+      try { child.kill('SIGKILL'); } catch { /* already gone */ }
+    }
   }
 }
 
 function removeTmp() {
   if (S.tmp) fs.rmSync(S.tmp, { recursive: true, force: true });
+  if (S.pgDir) fs.rmSync(S.pgDir, { recursive: true, force: true });
 }
 
 // ---------------------------------------------------------------- helpers
@@ -438,6 +445,26 @@ before(async () => {
     S.echo.listen({ port: S.ports.echo, host: '127.0.0.1', exclusive: true }, resolve);
   });
 
+  // A second one, for a stream with several upstreams.
+  S.echo2 = net.createServer((sock) => {
+    track(sock);
+    sock.on('error', () => {});
+    sock.pipe(sock);
+  });
+  S.ports.echo2 = await freePort();
+  await new Promise((resolve, reject) => {
+    S.echo2.once('error', reject);
+    S.echo2.listen({ port: S.ports.echo2, host: '127.0.0.1', exclusive: true }, resolve);
+  });
+
+  // A program that holds a port and is no stream's upstream.
+  S.holder = net.createServer((sock) => sock.destroy());
+  S.ports.held = await freePort();
+  await new Promise((resolve, reject) => {
+    S.holder.once('error', reject);
+    S.holder.listen({ port: S.ports.held, host: '127.0.0.1', exclusive: true }, resolve);
+  });
+
   // A UDP echo server, for the UDP stream.
   S.udpEcho = dgram.createSocket('udp4');
   S.udpEcho.on('message', (msg, rinfo) => S.udpEcho.send(msg, rinfo.port, rinfo.address));
@@ -471,6 +498,7 @@ before(async () => {
 	skip_install_trust
 	streams {
 		storage sqlite ${S.tmp}/streams.db
+		node_name ${NODE}
 		host 1 ${CFG_NAME} {
 			listen 127.0.0.1:${S.ports.cfg}
 			upstream 127.0.0.1:${S.ports.echo}
@@ -532,7 +560,10 @@ after(async () => {
   if (S.browser) await S.browser.close().catch(() => {});
   for (const sock of S.sockets) sock.destroy();
   if (S.echo) await new Promise((r) => S.echo.close(r));
+  if (S.echo2) await new Promise((r) => S.echo2.close(r));
+  if (S.holder) await new Promise((r) => S.holder.close(r));
   if (S.udpEcho) S.udpEcho.close();
+  for (const child of S.children.slice().reverse()) await stopChild(child);
   if (S.aegis && S.aegis.exitCode === null && S.aegis.signalCode === null) {
     S.aegis.kill('SIGTERM');
     const stopped = await Promise.race([S.aegisExited, sleep(10_000).then(() => null)]);
@@ -759,12 +790,12 @@ test('the form shows an inline error for a port that is taken', { timeout: TEST_
     (await err.innerText()).trim());
   assert.match(overlap, new RegExp(`${S.ports.cfg}`), `error does not name the port: ${overlap}`);
 
-  // A port that another program (the echo server) holds.
-  await port.fill(String(S.ports.echo));
+  // A port that another program holds (no stream relays to it: that would be a loop).
+  await port.fill(String(S.ports.held));
   await port.press('Tab');
   const held = await waitFor('#err-listen_port to name the held port', async () => {
     const t = (await err.innerText()).trim();
-    return t.includes(String(S.ports.echo)) && t;
+    return t.includes(String(S.ports.held)) && t;
   });
   assert.match(held, /in use/, `error does not say the port is in use: ${held}`);
 
@@ -841,7 +872,7 @@ test('Save shows every problem: a taken port and a bad CIDR each at its field, o
   const cidrErr = page.locator('#err-whitelist_cidrs');
   await page.getByLabel('Listen address', { exact: true }).fill('127.0.0.1');
   const port = page.getByLabel('Listen port', { exact: true });
-  await port.fill(String(S.ports.echo)); // the echo server holds it
+  await port.fill(String(S.ports.held)); // another program holds it
   await port.press('Tab');
   await page.getByLabel('Upstream host', { exact: true }).fill('127.0.0.1');
   await page.getByLabel('Upstream port', { exact: true }).fill(String(S.ports.echo));
@@ -860,7 +891,7 @@ test('Save shows every problem: a taken port and a bad CIDR each at its field, o
     assert.match(alert, /2 settings/, `the alert: ${alert}`);
   }
   await shot(page, 'form-errors.png');
-  assert.equal((await api('/api/v1/streams')).body.filter((s) => s.listen_port === S.ports.echo).length, 0, 'a stream was made');
+  assert.equal((await api('/api/v1/streams')).body.filter((s) => s.listen_port === S.ports.held).length, 0, 'a stream was made');
 
   // A problem of no field the form shows goes in a summary at the top.
   const summary = page.locator('#form-problems');
@@ -1082,6 +1113,418 @@ test('a stream row shows blocked connections, the health error and the time of t
   }
 });
 
+test('the cluster page shows the one node of SQLite and its streams, and follows changes without a reload', { timeout: TEST_MS }, async () => {
+  await openHash(page, '/streams');
+  await h1(page, 'Streams').waitFor();
+  await page.getByRole('link', { name: 'Cluster', exact: true }).first().click();
+  await h1(page, 'Cluster').waitFor();
+  const about = page.locator('[data-field="storage"]');
+  await waitFor('the storage line', async () => /SQLite \(one node\)/.test(await about.innerText()));
+  const rows = page.locator('tr[data-node]');
+  await waitFor('one node row', async () => (await rows.count()) === 1);
+  const row = page.locator(`tr[data-node="${NODE}"]`);
+  const cells = await row.innerText();
+  assert.match(cells, new RegExp(NODE));
+  assert.match(cells, /this node/);
+  assert.equal((await row.locator('[data-field="status"]').innerText()).trim(), 'up');
+  assert.match(await row.locator('[data-field="last_seen"]').innerText(), /just now|\d+ s ago/);
+  const headers = (await page.locator('table').first().locator('thead th').allInnerTexts()).map((t) => t.trim());
+  assert.deepEqual(headers, ['Node', 'Status', 'Last seen', 'Streams'], 'SQLite has no changes to apply');
+  assert.ok(await page.locator('[data-field="cluster_error"]').isHidden(), 'an error shows');
+  // The node's streams, with their health: the config stream listens.
+  const section = page.getByRole('region', { name: `Streams on ${NODE}`, exact: true });
+  const cfg = section.locator('tr[data-stream-id="1"]');
+  await cfg.waitFor();
+  assert.match(await cfg.innerText(), new RegExp(CFG_NAME));
+  assert.equal((await cfg.locator('[data-field="listening"]').innerText()).trim(), 'yes');
+  assert.equal((await cfg.locator('[data-field="health"]').innerText()).trim(), 'not checked');
+
+  // A stream made meanwhile shows up at the next refresh.
+  await page.evaluate(() => { window.__e2eNoReload = true; });
+  const count = async () => digitsIn(await row.locator('[data-field="streams"]').innerText());
+  const before = await count();
+  assert.equal(before, (await api('/api/v1/streams')).body.length);
+  const port = await freePort();
+  const made = await apiSend('POST', '/api/v1/streams', {
+    name: 'e2e-cluster', listen_address: '127.0.0.1', listen_port: port, upstream_host: '127.0.0.1', upstream_port: S.ports.echo,
+  });
+  try {
+    await section.locator(`tr[data-stream-id="${made.id}"]`).waitFor({ timeout: 6000 });
+    await waitFor('one more stream in the node row', async () => (await count()) === before + 1);
+    assert.equal(await page.evaluate(() => window.__e2eNoReload), true, 'the page reloaded');
+    await shot(page, 'cluster.png');
+  } finally {
+    await apiSend('DELETE', `/api/v1/streams/${made.id}`);
+  }
+});
+
+test('the cluster page says when the database cannot be read, and marks stale and snapshot nodes', { timeout: TEST_MS }, async () => {
+  // What a node on PostgreSQL answers (the backend's tests check that it
+  // does); here, how the page shows it.
+  const { body: real } = await api('/api/v1/cluster');
+  const self = real.nodes[0];
+  const at = (s) => new Date(Date.now() - s * 1000).toISOString();
+  let answer = {
+    node: NODE, storage: 'postgres', last_change: 42,
+    nodes: [
+      { ...self, applied_change: 42, lag: 0, status: 'up', last_seen: at(1) },
+      { name: 'e2e-old', address: '127.0.0.1:1', version: 'v1', applied_change: 39, lag: 3, status: 'stale', last_seen: at(125), streams: [] },
+      { name: 'e2e-cut', address: '127.0.0.1:2', version: 'v1', applied_change: 42, lag: 0, status: 'snapshot', last_seen: at(2),
+        streams: [{ ...self.streams[0], health_status: 'unhealthy', healthy: false, last_health_error: 'dial tcp 10.0.0.9:5432: connection refused', listening: true }] },
+    ],
+  };
+  const route = '**/api/v1/cluster';
+  await page.route(route, (r) => r.fulfill({ status: 200, contentType: 'application/json', body: JSON.stringify(answer) }));
+  try {
+    await openHash(page, '/cluster');
+    await h1(page, 'Cluster').waitFor();
+    const stale = page.locator('tr[data-node="e2e-old"]');
+    await stale.waitFor();
+    const headers = (await page.locator('table').first().locator('thead th').allInnerTexts()).map((t) => t.trim());
+    assert.deepEqual(headers, ['Node', 'Status', 'Last seen', 'Applied change', 'Lag', 'Streams']);
+    assert.match(await page.locator('[data-field="storage"]').innerText(), /PostgreSQL/);
+    assert.match(await stale.locator('[data-field="status"]').innerText(), /^stale\s+no heartbeat$/);
+    assert.match(await stale.locator('[data-field="status"]').getAttribute('class'), /\bbad\b/);
+    assert.match((await stale.locator('[data-field="last_seen"]').innerText()).trim(), /^2 min \d+ s ago$/);
+    assert.equal((await stale.locator('[data-field="lag"]').innerText()).trim(), '3 behind');
+    const snap = page.locator('tr[data-node="e2e-cut"]');
+    assert.match(await snap.locator('[data-field="status"]').innerText(), /^snapshot\s+runs from its snapshot$/);
+    assert.equal((await snap.locator('[data-field="streams"]').innerText()).trim(), '1 stream, 1 with a problem');
+    const cut = page.getByRole('region', { name: 'Streams on e2e-cut', exact: true });
+    assert.match(await cut.locator('[data-field="health"]').innerText(), /unhealthy\s+dial tcp 10\.0\.0\.9:5432: connection refused/);
+    assert.equal((await page.locator(`tr[data-node="${NODE}"] [data-field="status"]`).innerText()).trim(), 'up');
+    await shot(page, 'cluster-nodes.png');
+
+    // The database down: this node alone, and why.
+    answer = { node: NODE, storage: 'postgres', last_change: 42, error: 'PostgreSQL at db.internal:5432 is unreachable: dial tcp: connection refused',
+      nodes: [{ ...self, applied_change: 42, lag: 0, status: 'up' }] };
+    const error = page.locator('[data-field="cluster_error"]');
+    await error.waitFor({ timeout: 6000 });
+    assert.match(await error.innerText(), /database cannot be read.*only this node.*db\.internal:5432 is unreachable/s);
+    await waitFor('the other nodes gone', async () => (await page.locator('tr[data-node]').count()) === 1, 6000);
+    await shot(page, 'cluster-db-down.png');
+  } finally {
+    await page.unroute(route);
+  }
+});
+
+// threePorts finds three ports in a row that nothing holds.
+async function threePorts() {
+  for (let i = 0; i < 50; i++) {
+    const p = await freePort();
+    if (p < 32000 && await canBind(p + 1) && await canBind(p + 2)) return p;
+  }
+  throw new Error('no three free ports in a row after 50 tries');
+}
+
+test('a stream with three upstreams on a port range: a row per upstream, the closed one down with its error; an open connection names its upstream, and on a range its port', { timeout: TEST_MS }, async () => {
+  const first = await threePorts();
+  S.ports.multi = first;
+  const closed = await freePort(); // nothing listens: down
+  const made = await apiSend('POST', '/api/v1/streams', {
+    name: MULTI_NAME, listen_address: '127.0.0.1', listen_port: first, listen_port_end: first + 2, upstream_port_fixed: true,
+    upstreams: [{ host: '127.0.0.1', port: S.ports.echo }, { host: '127.0.0.1', port: S.ports.echo2 }, { host: '127.0.0.1', port: closed, backup: true }],
+    health_check_enabled: true, health_check_interval_seconds: 1, log_connections: true,
+  });
+  S.multiId = made.id;
+  S.ports.sni = await freePort();
+  const sni = await apiSend('POST', '/api/v1/streams', {
+    name: SNI_NAME, listen_address: '127.0.0.1', listen_port: S.ports.sni, upstream_host: '127.0.0.1', upstream_port: S.ports.echo,
+    sni: ['db.e2e.test', '*.e2e.test'],
+  });
+  await echoThrough(first + 1, Buffer.from('through the range\n'));
+
+  await openHash(page, '/streams');
+  const row = streamRow(page, made.id);
+  await row.waitFor();
+  assert.equal((await row.locator('td.addr').innerText()).split('\n')[0].trim(), `127.0.0.1:${first}-${first + 2} → 3 upstreams`);
+  const ups = page.locator(`tr[data-upstream-of="${made.id}"]`);
+  await waitFor('three upstream rows', async () => (await ups.count()) === 3);
+  // They follow the stream's row.
+  assert.equal(await row.evaluate((tr) => tr.nextElementSibling?.dataset.upstream), `127.0.0.1:${S.ports.echo}`);
+  const down = page.locator(`tr[data-upstream="127.0.0.1:${closed}"]`);
+  await waitFor('the closed upstream down, with its error', async () =>
+    (await down.locator('[data-field="health"] .state').innerText()).trim() === 'down' && (await down.locator('[data-field="last_error"]').isVisible()), 8000, 200);
+  assert.match(await down.locator('[data-field="last_error"]').innerText(), /refused|connect/);
+  assert.match(await down.innerText(), /backup/);
+  for (const port of [S.ports.echo, S.ports.echo2]) {
+    const up = page.locator(`tr[data-upstream="127.0.0.1:${port}"]`);
+    await waitFor(`upstream ${port} up`, async () => (await up.locator('[data-field="health"] .state').innerText()).trim() === 'up', 8000, 200);
+    assert.ok(await up.locator('[data-field="last_error"]').isHidden());
+  }
+  // The one connection relayed counts on one of the two that are up,
+  // with its bytes each way.
+  const { body } = await api(`/api/v1/streams/${made.id}`);
+  const used = body.status.upstreams.find((u) => u.total_connections === 1);
+  assert.ok(used, `no upstream with the connection: ${JSON.stringify(body.status.upstreams)}`);
+  const usedRow = page.locator(`tr[data-upstream="127.0.0.1:${used.port}"]`);
+  await waitFor('its counts in its row', async () => (await usedRow.locator('[data-field="total_connections"]').innerText()).trim() === '1'
+    && /\b18 B/.test(await usedRow.locator('[data-field="bytes_sent"]').innerText()) && /\b18 B/.test(await usedRow.locator('[data-field="bytes_received"]').innerText()));
+  // The server names of the SNI stream.
+  assert.equal((await streamRow(page, sni.id).locator('[data-field="sni"]').innerText()).trim(), 'SNI: db.e2e.test, *.e2e.test');
+  await shot(page, 'streams-upstreams.png');
+  // On a phone: the upstream rows as cards, with their details.
+  await page.setViewportSize({ width: 375, height: 812 });
+  try {
+    await down.scrollIntoViewIfNeeded();
+    assert.ok(await down.locator('[data-field="last_error"]').isVisible(), 'the error is hidden at 375 px');
+    const overflow = await page.evaluate(() => document.documentElement.scrollWidth - document.documentElement.clientWidth);
+    assert.ok(overflow <= 1, `at 375 px the page scrolls sideways by ${overflow} px`);
+    await shot(page, 'streams-upstreams-phone.png');
+  } finally {
+    await page.setViewportSize({ width: 1280, height: 900 });
+  }
+
+  // A held connection: the upstream it went to.
+  const held = await connect(first + 1, false);
+  held.on('error', () => {});
+  try {
+    assert.ok((await exchange(held, Buffer.from('held\n'))).equals(Buffer.from('held\n')));
+    const active = await waitFor('the held connection in the API', async () => (await api(`/api/v1/streams/${made.id}/active`)).body[0]);
+    assert.match(active.upstream, new RegExp(`^127\\.0\\.0\\.1:(${S.ports.echo}|${S.ports.echo2})$`));
+    await openHash(page, `/streams/${made.id}/active`);
+    await h1(page, `Connections: ${MULTI_NAME}`).waitFor();
+    const conn = page.locator(`tr[data-conn-id="${active.id}"]`);
+    await conn.waitFor();
+    assert.equal((await conn.locator('[data-field="upstream"]').innerText()).trim(), active.upstream);
+    assert.match(await page.locator('p.sub').first().innerText(), new RegExp(`^127\\.0\\.0\\.1:${first}-${first + 2} → 3 upstreams`));
+  } finally {
+    await closeSocket(held);
+  }
+
+  // A range that maps port + k to upstream port + k: a connection on the
+  // last port shows that port, and the upstream port it went to.
+  const r = await threePorts();
+  const range = await apiSend('POST', '/api/v1/streams', {
+    name: 'e2e-range', listen_address: '127.0.0.1', listen_port: r, listen_port_end: r + 2, upstream_host: '127.0.0.1', upstream_port: S.ports.echo - 2,
+  });
+  const held2 = await connect(r + 2, false);
+  held2.on('error', () => {});
+  try {
+    assert.ok((await exchange(held2, Buffer.from('held\n'))).equals(Buffer.from('held\n')));
+    const active = await waitFor('the held connection in the API', async () => (await api(`/api/v1/streams/${range.id}/active`)).body[0]);
+    await openHash(page, `/streams/${range.id}/active`);
+    await h1(page, 'Connections: e2e-range').waitFor();
+    const conn = page.locator(`tr[data-conn-id="${active.id}"]`);
+    await conn.waitFor();
+    const headers = (await page.locator('table thead th').allInnerTexts()).map((t) => t.trim());
+    assert.deepEqual(headers, ['Source', 'Protocol', 'Port', 'Upstream', 'Age', 'Sent', 'Received', 'Actions']);
+    assert.equal((await conn.locator('[data-field="listen_port"]').innerText()).trim(), String(r + 2));
+    assert.equal((await conn.locator('[data-field="upstream"]').innerText()).trim(), `127.0.0.1:${S.ports.echo}`);
+    assert.match(await page.locator('p.sub').first().innerText(), new RegExp(`^127\\.0\\.0\\.1:${r}-${r + 2} → 127\\.0\\.0\\.1:${S.ports.echo - 2}-${S.ports.echo}`));
+    await shot(page, 'connections-range.png');
+  } finally {
+    await closeSocket(held2);
+    await apiSend('DELETE', `/api/v1/streams/${range.id}`);
+  }
+});
+
+test('the log shows each entry\'s node, and filters by node when there are several', { timeout: TEST_MS }, async () => {
+  assert.ok(S.multiId, `no stream "${MULTI_NAME}": the test that makes it failed`);
+  const entry = await waitFor('a log entry of the range stream', async () =>
+    (await api(`/api/v1/streams/${S.multiId}/connections?limit=10`)).body.entries[0], 15_000, 250);
+  assert.equal(entry.node, NODE);
+  // Two nodes in the cluster's list, as on PostgreSQL.
+  const route = '**/api/v1/cluster';
+  const { body: real } = await api('/api/v1/cluster');
+  await page.route(route, (r) => r.fulfill({ status: 200, contentType: 'application/json',
+    body: JSON.stringify({ ...real, storage: 'postgres', nodes: [...real.nodes, { ...real.nodes[0], name: 'e2e-other', streams: [] }] }) }));
+  const asked = [];
+  const onRequest = (req) => {
+    const u = new URL(req.url());
+    if (u.pathname.endsWith('/connections')) asked.push(u.searchParams.get('node'));
+  };
+  page.on('request', onRequest);
+  try {
+    await openHash(page, `/streams/${S.multiId}/log`);
+    await h1(page, `Log: ${MULTI_NAME}`).waitFor();
+    const rows = page.locator('tr.log-row');
+    await rows.first().waitFor();
+    const headers = (await page.locator('table thead th').allInnerTexts()).map((t) => t.trim());
+    assert.deepEqual(headers, ['Time', 'Node', 'Source', 'Action', 'Sent', 'Received', 'Duration', 'Reason']);
+    assert.equal((await rows.first().locator('[data-field="node"]').innerText()).trim(), NODE);
+    await shot(page, 'log-node.png');
+    const filter = page.getByLabel('Node', { exact: true });
+    await filter.waitFor();
+    assert.deepEqual(await filter.locator('option').allInnerTexts(), ['All', NODE, 'e2e-other']);
+    await filter.selectOption('e2e-other');
+    await page.getByRole('cell', { name: 'No entries.', exact: true }).waitFor();
+    await filter.selectOption(NODE);
+    await rows.first().waitFor();
+    assert.deepEqual(asked, [null, 'e2e-other', NODE]);
+  } finally {
+    page.off('request', onRequest);
+    await page.unroute(route);
+  }
+  // One node: no filter to choose from, the column stays.
+  await openHash(page, '/streams');
+  await openHash(page, `/streams/${S.multiId}/log`);
+  await page.locator('tr.log-row').first().waitFor();
+  assert.equal(await page.locator('#log-node').isVisible(), false, 'a node filter with one node');
+  assert.equal((await page.locator('tr.log-row [data-field="node"]').first().innerText()).trim(), NODE);
+});
+
+// ---------------------------------------------------------------- PostgreSQL
+
+// pgBin is the newest /usr/lib/postgresql/*/bin with postgres in it, or ''.
+function pgBin() {
+  const root = '/usr/lib/postgresql';
+  if (!fs.existsSync(root)) return '';
+  const dirs = fs.readdirSync(root).filter((v) => fs.existsSync(path.join(root, v, 'bin', 'postgres')))
+    .sort((a, b) => Number(b) - Number(a));
+  return dirs.length ? path.join(root, dirs[0], 'bin') : '';
+}
+
+// stopChild ends a child of the run (SIGTERM, then SIGKILL after 10 s).
+async function stopChild(child, signal = 'SIGTERM') {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const gone = new Promise((r) => child.once('exit', r));
+  child.kill(signal);
+  const done = await Promise.race([gone.then(() => true), sleep(10_000).then(() => false)]);
+  if (!done) {
+    child.kill('SIGKILL');
+    await gone;
+  }
+}
+
+// startPostgres runs a PostgreSQL server of its own, as the postgres
+// user when the run is root (as internal/pgtest does for the Go tests),
+// and resolves with its port once it accepts connections.
+async function startPostgres(bin) {
+  S.pgDir = fs.mkdtempSync(path.join(os.tmpdir(), 'aegis-e2e-pg-'));
+  const as = {};
+  if (process.getuid() === 0) {
+    const id = (flag) => Number(execFileSync('id', [flag, 'postgres'], { encoding: 'utf8', timeout: 5000 }).trim());
+    const [uid, gid] = [id('-u'), id('-g')];
+    fs.chownSync(S.pgDir, uid, gid);
+    Object.assign(as, { uid, gid });
+  }
+  const data = path.join(S.pgDir, 'data');
+  execFileSync(path.join(bin, 'initdb'), ['-D', data, '-U', 'postgres', '--auth=trust', '--no-sync', '-E', 'UTF8', '--locale=C'],
+    { ...as, cwd: S.pgDir, stdio: 'ignore', timeout: 60_000 });
+  const port = await freePort();
+  const log = fs.openSync(path.join(artifacts, 'postgres.log'), 'w');
+  const pg = spawn(path.join(bin, 'postgres'), ['-D', data, '-p', String(port), '-k', S.pgDir, '-c', 'listen_addresses=127.0.0.1',
+    '-c', 'fsync=off', '-c', 'synchronous_commit=off', '-c', 'full_page_writes=off', '-c', 'shared_buffers=32MB'],
+  { ...as, cwd: S.pgDir, stdio: ['ignore', log, log] });
+  fs.closeSync(log);
+  S.children.push(pg);
+  await waitFor('PostgreSQL to accept connections', async () => {
+    if (pg.exitCode !== null) throw new Error('postgres exited; see test-artifacts/ui/postgres.log');
+    execFileSync(path.join(bin, 'pg_isready'), ['-h', '127.0.0.1', '-p', String(port), '-U', 'postgres'], { stdio: 'ignore', timeout: 5000 });
+    return true;
+  }, 30_000, 200);
+  return port;
+}
+
+// startNode runs a bin/aegis node on the PostgreSQL at pgPort, with a
+// config stream of its own, and resolves with its admin address and
+// process.
+async function startNode(name, pgPort, key) {
+  const dir = path.join(S.tmp, name);
+  fs.mkdirSync(dir);
+  const admin = await freePort();
+  S.ports[`admin-${name}`] = admin;
+  const listen = await freePort();
+  S.ports[`cfg-${name}`] = listen;
+  const caddyfile = path.join(dir, 'Caddyfile');
+  fs.writeFileSync(caddyfile, `{
+	admin 127.0.0.1:${admin} {
+		origins 127.0.0.1:${admin} ""
+	}
+	storage file_system ${dir}/caddy
+	skip_install_trust
+	streams {
+		storage postgres postgres://postgres@127.0.0.1:${pgPort}/postgres?sslmode=disable
+		storage_key ${key}
+		node_name ${name}
+		host ${name === 'e2e-pg-a' ? 1 : 2} cfg-${name} {
+			listen 127.0.0.1:${listen}
+			upstream 127.0.0.1:${S.ports.echo}
+		}
+	}
+}
+`);
+  const log = fs.openSync(path.join(artifacts, `aegis-${name}.log`), 'w');
+  const child = spawn(aegisBin, ['run', '--config', caddyfile, '--adapter', 'caddyfile'], {
+    cwd: dir,
+    env: { ...process.env, HOME: dir, XDG_DATA_HOME: path.join(dir, 'data'), XDG_CONFIG_HOME: path.join(dir, 'config') },
+    stdio: ['ignore', log, log],
+  });
+  fs.closeSync(log);
+  S.children.push(child);
+  const base = `http://127.0.0.1:${admin}`;
+  await waitFor(`node ${name} to answer on its admin endpoint`, async () => {
+    if (child.exitCode !== null) throw new Error(`bin/aegis (${name}) exited with ${child.exitCode}; see test-artifacts/ui/aegis-${name}.log`);
+    return (await get(`${base}/api/v1/cluster`)).status === 200;
+  }, 20_000, 200);
+  return { base, child };
+}
+
+test('on PostgreSQL, the cluster page shows both nodes with their streams, then the stopped one as stale; the log filters by node', { timeout: 75_000 }, async (t) => {
+  const bin = pgBin();
+  if (!bin) {
+    t.skip('PostgreSQL is not installed (apt-get install postgresql; make postgres does it)');
+    return;
+  }
+  const pgPort = await startPostgres(bin);
+  const key = 'ab'.repeat(32);
+  const a = await startNode('e2e-pg-a', pgPort, key);
+  const b = await startNode('e2e-pg-b', pgPort, key);
+  const ctx = await newContext();
+  await guardOrigin(ctx, a.base);
+  const tab = await ctx.newPage();
+  watchPage(tab, 'node e2e-pg-a');
+  try {
+    await tab.goto(`${a.base}/ui/#/cluster`);
+    await h1(tab, 'Cluster').waitFor();
+    await waitFor('both nodes up', async () => {
+      const states = await tab.locator('tr[data-node] [data-field="status"]').allInnerTexts();
+      return states.length === 2 && states.every((x) => x.trim() === 'up');
+    }, 15_000, 250);
+    assert.match(await tab.locator('[data-field="storage"]').innerText(), /PostgreSQL/);
+    const headers = (await tab.locator('table').first().locator('thead th').allInnerTexts()).map((x) => x.trim());
+    assert.deepEqual(headers, ['Node', 'Status', 'Last seen', 'Applied change', 'Lag', 'Streams']);
+    assert.match(await tab.locator('tr[data-node="e2e-pg-a"]').innerText(), /this node/);
+    assert.doesNotMatch(await tab.locator('tr[data-node="e2e-pg-b"]').innerText(), /this node/);
+    // Each node's own config stream, as that node reports it.
+    for (const [name, id] of [['e2e-pg-a', 1], ['e2e-pg-b', 2]]) {
+      const sec = tab.getByRole('region', { name: `Streams on ${name}`, exact: true });
+      const row = sec.locator(`tr[data-stream-id="${id}"]`);
+      await row.waitFor({ timeout: 8000 });
+      assert.match(await row.innerText(), new RegExp(`cfg-${name}`));
+      assert.equal((await row.locator('[data-field="listening"]').innerText()).trim(), 'yes');
+    }
+    await shot(tab, 'cluster-postgres.png');
+
+    // The log of a stream on PostgreSQL offers both nodes.
+    await tab.goto(`${a.base}/ui/#/streams/1/log`);
+    await h1(tab, 'Log: cfg-e2e-pg-a').waitFor();
+    const filter = tab.getByLabel('Node', { exact: true });
+    await filter.waitFor();
+    assert.deepEqual(await filter.locator('option').allInnerTexts(), ['All', 'e2e-pg-a', 'e2e-pg-b']);
+
+    // Node b stops: after 3 missed heartbeats the page marks it stale.
+    await tab.goto(`${a.base}/ui/#/cluster`);
+    await h1(tab, 'Cluster').waitFor();
+    await tab.locator('tr[data-node="e2e-pg-b"]').waitFor();
+    await tab.evaluate(() => { window.__e2eNoReload = true; });
+    await stopChild(b.child, 'SIGKILL');
+    const stale = tab.locator('tr[data-node="e2e-pg-b"] [data-field="status"]');
+    await waitFor('node b stale on the page', async () => /^stale/.test((await stale.innerText()).trim()), 20_000, 250);
+    assert.match(await stale.getAttribute('class'), /\bbad\b/);
+    assert.equal((await tab.locator('tr[data-node="e2e-pg-a"] [data-field="status"]').innerText()).trim(), 'up');
+    assert.match(await tab.locator('section[data-node="e2e-pg-b"] [data-field="reported"]').innerText(), /^As it last reported them, \d+ s ago\.$/);
+    assert.ok(await tab.locator('section[data-node="e2e-pg-a"] [data-field="reported"]').isHidden());
+    assert.equal(await tab.evaluate(() => window.__e2eNoReload), true, 'the page reloaded');
+    await shot(tab, 'cluster-postgres-stale.png');
+  } finally {
+    await ctx.close();
+    await stopChild(a.child);
+    await stopChild(b.child);
+  }
+});
+
 test('every page passes axe-core WCAG 2 A/AA checks (no serious or critical issue), light and dark, wide and narrow', { timeout: TEST_MS }, async () => {
   needStream();
   const bad = [];
@@ -1092,6 +1535,8 @@ test('every page passes axe-core WCAG 2 A/AA checks (no serious or critical issu
   // An open connection, so that the connections page has a row.
   const held = await connect(S.ports.stream, true);
   held.on('error', () => {});
+  const held2 = await connect(S.ports.multi, false);
+  held2.on('error', () => {});
   // The check itself finds a known low-contrast text and an unnamed field.
   await tab.setContent('<!doctype html><html lang="en"><title>t</title><main><p style="color:#999;background:#fff">faint</p><input type="text"></main></html>');
   const control = (await checkA11y(tab, 'known-bad control page')).join('\n');
@@ -1169,6 +1614,17 @@ test('every page passes axe-core WCAG 2 A/AA checks (no serious or critical issu
       await h1(tab, `Log: ${NAME}`).waitFor();
       await tab.locator('tr.log-row').first().waitFor();
     }],
+    ['cluster', async () => {
+      await openHash(tab, '/cluster');
+      await h1(tab, 'Cluster').waitFor();
+      await tab.locator(`tr[data-node="${NODE}"]`).waitFor();
+      await tab.locator('section tr[data-stream-id]').first().waitFor();
+    }],
+    ['connections with upstream and port', async () => {
+      await openHash(tab, `/streams/${S.multiId}/active`);
+      await h1(tab, `Connections: ${MULTI_NAME}`).waitFor();
+      await tab.locator('tr[data-conn-id]').first().waitFor();
+    }],
     ['certificates', async () => {
       await openHash(tab, '/certificates');
       await h1(tab, 'Certificates').waitFor();
@@ -1192,6 +1648,7 @@ test('every page passes axe-core WCAG 2 A/AA checks (no serious or critical issu
     }
   } finally {
     await closeSocket(held);
+    await closeSocket(held2);
     await ctx.close();
   }
   assert.deepEqual(bad, [], `axe found ${bad.length} serious or critical issue(s):\n${bad.join('\n')}`);

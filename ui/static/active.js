@@ -3,18 +3,20 @@
 
 import { ApiError, del, displayName, get } from './api.js';
 import { confirmDialog, fail, focusHeading, h, heading, poll, say, setText, table } from './dom.js';
-import { formatAge, formatBytes, hostPort } from './units.js';
+import { connUpstream, formatAge, formatBytes, listenText, upstreamText } from './units.js';
 
 export async function activePage(ctx) {
   const s = await get(`streams/${ctx.id}`);
   if (!ctx.alive()) return;
   const name = displayName(s);
-  const [region, tbody, row] = table('Open connections', ['Source', 'Protocol', 'Age', 'Sent', 'Received', 'Actions']);
+  // A stream with a port range shows the port each connection came in on.
+  const range = s.listen_port_end > s.listen_port;
+  const [region, tbody, row] = table('Open connections', ['Source', 'Protocol', ...(range ? ['Port'] : []), 'Upstream', 'Age', 'Sent', 'Received', 'Actions']);
   const empty = h('p', { class: 'empty', hidden: true }, 'No open connections.');
   const count = h('p', { class: 'sub' });
   ctx.show(
     heading(`Connections: ${name}`),
-    h('p', { class: 'sub' }, `${hostPort(s.listen_address, s.listen_port)} → ${hostPort(s.upstream_host, s.upstream_port)} · `,
+    h('p', { class: 'sub' }, `${listenText(s)} → ${upstreamText(s)} · `,
       h('a', { href: `#/streams/${s.id}/log` }, 'Log'), ' · ', h('a', { href: '#/streams' }, 'All streams')),
     count, region, empty);
 
@@ -48,6 +50,8 @@ export async function activePage(ctx) {
         rows.set(c.id, r);
         tbody.append(r.tr); // the list is oldest first; new ones come last
       }
+      const to = connUpstream(c, s);
+      setText(r.upstream, to || 'connecting', !c.upstream ? 'The upstream is being dialed' : to !== c.upstream ? `upstream ${c.upstream}, port + ${c.listen_port - s.listen_port}` : '');
       const age = Math.max(0, now - Date.parse(c.started_at));
       setText(r.age, formatAge(age), `since ${new Date(c.started_at).toLocaleString()}`);
       const dg = (n) => (c.protocol === 'udp' ? `, ${n || 0} datagrams` : '');
@@ -69,13 +73,14 @@ export async function activePage(ctx) {
   }
 
   function newRow(c) {
-    const r = { age: h('td'), sent: h('td', { class: 'num' }), received: h('td', { class: 'num' }) };
+    const r = { upstream: h('td', { class: 'addr', 'data-field': 'upstream' }), age: h('td'), sent: h('td', { class: 'num' }), received: h('td', { class: 'num' }) };
     const close = h('button', { type: 'button', class: 'danger small' }, 'Close');
     close.addEventListener('click', () => closeConn(c, r));
     r.tr = row({ 'data-conn-id': c.id },
       h('th', { scope: 'row', class: 'addr' }, c.source),
       h('td', {}, c.protocol),
-      r.age, r.sent, r.received,
+      range ? h('td', { 'data-field': 'listen_port' }, c.listen_port ? String(c.listen_port) : '') : null,
+      r.upstream, r.age, r.sent, r.received,
       h('td', { class: 'actions' }, close));
     return r;
   }

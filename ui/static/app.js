@@ -8,6 +8,7 @@ import { formPage } from './form.js';
 import { activePage } from './active.js';
 import { logPage } from './log.js';
 import { certsPage } from './certs.js';
+import { clusterPage } from './cluster.js';
 
 const routes = [
   [/^\/streams$/, streamsPage],
@@ -16,6 +17,7 @@ const routes = [
   [/^\/streams\/(\d+)\/active$/, activePage],
   [/^\/streams\/(\d+)\/log$/, logPage],
   [/^\/certificates$/, certsPage],
+  [/^\/cluster$/, clusterPage],
 ];
 
 let leave = [];

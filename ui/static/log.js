@@ -1,9 +1,10 @@
 // One stream's connection log: newest first, 50 entries a page, filtered
-// by action.
+// by action and, with several nodes, by the node that took the
+// connection.
 
 import { displayName, get } from './api.js';
 import { fail, h, heading, setText, table } from './dom.js';
-import { formatBytes, formatCount, formatDuration, hostPort } from './units.js';
+import { formatBytes, formatCount, formatDuration, hostPort, listenText, upstreamText } from './units.js';
 
 const PAGE = 50;
 
@@ -11,22 +12,42 @@ export async function logPage(ctx) {
   const s = await get(`streams/${ctx.id}`);
   if (!ctx.alive()) return;
   const name = displayName(s);
-  const [region, tbody, tr] = table('Connection log', ['Time', 'Source', 'Action', 'Sent', 'Received', 'Duration', 'Reason']);
+  // The table, made again on each load: a Node column from the first
+  // entries that name their node on.
+  const box = h('div');
+  let withNode = false;
   const action = h('select', { id: 'log-action' },
     h('option', { value: '' }, 'All'), h('option', { value: 'allowed' }, 'allowed'), h('option', { value: 'blocked' }, 'blocked'));
   const newer = h('button', { type: 'button' }, 'Newer');
   const older = h('button', { type: 'button' }, 'Older');
   const reload = h('button', { type: 'button' }, 'Refresh');
+  // The node filter shows once more than one node is known: from the
+  // cluster's list and from the entries.
+  const node = h('select', { id: 'log-node' }, h('option', { value: '' }, 'All'));
+  const nodeField = h('div', { class: 'field inline', hidden: true }, h('label', { for: 'log-node' }, 'Node'), node);
+  const nodes = new Set();
+  const addNodes = (names) => {
+    for (const n of names) {
+      if (!n || nodes.has(n)) continue;
+      nodes.add(n);
+      const opts = [...node.options].slice(1);
+      const at = opts.find((o) => o.value > n) || null;
+      node.insertBefore(h('option', { value: n }, n), at);
+    }
+    nodeField.hidden = nodes.size < 2 && !node.value;
+  };
   const where = h('p', { class: 'sub', 'aria-live': 'polite' });
-  ctx.show(
+  const show = () => ctx.show(
     heading(`Log: ${name}`),
-    h('p', { class: 'sub' }, `${hostPort(s.listen_address, s.listen_port)} → ${hostPort(s.upstream_host, s.upstream_port)} · `,
+    h('p', { class: 'sub' }, `${listenText(s)} → ${upstreamText(s)} · `,
       h('a', { href: `#/streams/${s.id}/active` }, 'Connections'), ' · ', h('a', { href: '#/streams' }, 'All streams')),
     s.log_connections ? null : h('p', { class: 'note' }, 'Connection logging is off for this stream: new connections are not logged. Turn on Log connections in its settings.'),
     h('div', { class: 'toolbar' },
-      h('div', { class: 'field inline' }, h('label', { for: 'log-action' }, 'Action'), action),
+      h('div', { class: 'filters' },
+        h('div', { class: 'field inline' }, h('label', { for: 'log-action' }, 'Action'), action),
+        nodeField),
       h('div', { class: 'pager' }, newer, older, reload)),
-    where, region);
+    where, box);
 
   // before is the cursor of the page shown (0: the newest); stack holds
   // the cursors of the newer pages, to go back.
@@ -40,6 +61,7 @@ export async function logPage(ctx) {
     const q = new URLSearchParams({ limit: String(PAGE) });
     if (before) q.set('before', String(before));
     if (action.value) q.set('action', action.value);
+    if (node.value) q.set('node', node.value);
     let page;
     try {
       page = await get(`streams/${s.id}/connections?${q}`);
@@ -49,9 +71,14 @@ export async function logPage(ctx) {
     }
     if (my !== seq || !ctx.alive()) return;
     next = page.next_before;
-    const rows = page.entries.map((e) => entry(e, tr));
-    if (!rows.length) rows.push(h('tr', { role: 'row' }, h('td', { role: 'cell', colspan: 7, class: 'empty' }, stack.length ? 'No older entries.' : 'No entries.')));
+    addNodes(page.entries.map((e) => e.node));
+    withNode ||= page.entries.some((e) => e.node) || !!node.value;
+    const headers = ['Time', ...(withNode ? ['Node'] : []), 'Source', 'Action', 'Sent', 'Received', 'Duration', 'Reason'];
+    const [region, tbody, tr] = table('Connection log', headers);
+    const rows = page.entries.map((e) => entry(e, tr, withNode));
+    if (!rows.length) rows.push(h('tr', { role: 'row' }, h('td', { role: 'cell', colspan: headers.length, class: 'empty' }, stack.length ? 'No older entries.' : 'No entries.')));
     tbody.replaceChildren(...rows);
+    box.replaceChildren(region);
     const first = stack.length * PAGE + 1;
     setText(where, page.entries.length ? `Entries ${first}–${first + page.entries.length - 1}, newest first` : '');
     const focused = document.activeElement;
@@ -60,11 +87,13 @@ export async function logPage(ctx) {
     if (focused?.disabled) (newer.disabled ? older.disabled ? reload : older : newer).focus();
   }
 
-  action.addEventListener('change', () => {
+  const filter = () => {
     before = 0;
     stack.length = 0;
     load();
-  });
+  };
+  action.addEventListener('change', filter);
+  node.addEventListener('change', filter);
   newer.addEventListener('click', () => {
     if (!stack.length) return;
     before = stack.pop();
@@ -77,15 +106,21 @@ export async function logPage(ctx) {
     load();
   });
   reload.addEventListener('click', () => load());
+  // The other nodes' names, for the filter; without them, the filter
+  // knows the names the entries give.
+  get('cluster').then((c) => ctx.alive() && addNodes((c.nodes || []).map((n) => n.name)), () => {});
+  // The page shows with its first entries, so that its columns stay.
   await load();
+  if (ctx.alive()) show();
 }
 
-function entry(e, tr) {
+function entry(e, tr, withNode) {
   const time = e.started_at || e.ended_at;
   const source = e.source_port ? hostPort(e.source_ip, e.source_port) : e.source_ip;
   const reason = e.disconnect_reason || '';
   return tr({ class: 'log-row' },
     h('td', { title: `started ${time || '?'}, ended ${e.ended_at || '?'}` }, time ? new Date(time).toLocaleString() : ''),
+    withNode ? h('td', { 'data-field': 'node' }, e.node || '') : null,
     h('td', { class: 'addr' }, source),
     h('td', { class: e.action === 'blocked' ? 'bad' : '' }, e.action),
     h('td', { class: 'num', title: `${e.bytes_sent} bytes client → upstream` }, formatBytes(e.bytes_sent), datagrams(e, e.datagrams_sent)),

@@ -4,7 +4,9 @@
 
 import { ApiError, del, displayName, get, patch, put, streamBody } from './api.js';
 import { confirmDialog, fail, focusHeading, h, heading, poll, say, setText, showWarnings, table } from './dom.js';
-import { formatBytes, formatCount, formatWhen, hostPort } from './units.js';
+import { formatBytes, formatCount, formatWhen, hostPort, listenText, upstreamText } from './units.js';
+
+const HEADERS = ['Name', 'Protocol', 'Listen → upstream', 'Enabled', 'Health', 'Active', 'Total', 'Blocked', 'Sent', 'Received', 'Actions'];
 
 const COUNTERS = [
   ['active_connections', formatCount, 'open connections'],
@@ -15,7 +17,7 @@ const COUNTERS = [
 ];
 
 export async function streamsPage(ctx) {
-  const [region, tbody, row] = table('Streams', ['Name', 'Protocol', 'Listen → upstream', 'Enabled', 'Health', 'Active', 'Total', 'Blocked', 'Sent', 'Received', 'Actions']);
+  const [region, tbody, row] = table('Streams', HEADERS);
   const empty = h('p', { class: 'empty', hidden: true }, 'No streams yet.');
   ctx.show(
     h('div', { class: 'page-head' }, heading('Streams'), h('a', { href: '#/streams/new', class: 'button primary' }, 'New stream')),
@@ -48,7 +50,7 @@ export async function streamsPage(ctx) {
       seen.add(s.id);
       let r = rows.get(s.id);
       if (r && r.source !== s.source) {
-        r.tr.remove();
+        removeRow(r);
         r = null;
       }
       if (!r) {
@@ -57,13 +59,16 @@ export async function streamsPage(ctx) {
       }
       // A list asked for before the row's last change is older than it.
       if (!r.pending && started >= r.settled) update(r, s);
-      const at = prev ? prev.nextSibling : tbody.firstChild;
-      if (at !== r.tr) tbody.insertBefore(r.tr, at);
-      prev = r.tr;
+      // The stream's row, then a row per upstream.
+      for (const tr of [r.tr, ...[...r.upRows.values()].map((u) => u.tr)]) {
+        const at = prev ? prev.nextSibling : tbody.firstChild;
+        if (at !== tr) tbody.insertBefore(tr, at);
+        prev = tr;
+      }
     }
     for (const [id, r] of rows) {
       if (!seen.has(id)) {
-        r.tr.remove();
+        removeRow(r);
         rows.delete(id);
       }
     }
@@ -81,8 +86,9 @@ function newRow(s, page) {
   r.proto = h('td');
   r.addr = h('span');
   r.down = h('span', { class: 'note', hidden: true }, ' not listening');
-  // A row per upstream, for a stream with several.
-  r.ups = h('ul', { class: 'upstreams', 'data-field': 'upstreams', hidden: true });
+  r.sni = h('span', { class: 'detail', 'data-field': 'sni', hidden: true });
+  // A row per upstream, for a stream with upstreams, after the stream's.
+  r.upRows = new Map();
   // The switch's state in words too; a config stream's says why it is
   // fixed.
   const why = config ? h('span', { id: `why-${id}`, class: 'why' }, 'set in the Caddy config') : null;
@@ -103,7 +109,7 @@ function newRow(s, page) {
     h('th', { scope: 'row' }, r.name,
       config ? h('span', { class: 'badge', title: 'Defined in the Caddy config: change it there' }, 'config') : null),
     r.proto,
-    h('td', { class: 'addr' }, r.addr, r.down, r.ups),
+    h('td', { class: 'addr' }, r.addr, r.down, r.sni),
     h('td', { class: 'enabled', 'data-field': 'enabled' }, r.sw, r.swState, why),
     r.health,
     r.counters,
@@ -122,14 +128,12 @@ function update(r, s) {
   const name = displayName(s);
   setText(r.name, name);
   setText(r.proto, s.protocol || 'tcp');
-  setText(r.addr, `${hostPort(s.listen_address, s.listen_port)} → ${hostPort(s.upstream_host, s.upstream_port)}`);
+  setText(r.addr, `${listenText(s)} → ${upstreamText(s)}`);
   r.down.hidden = !(s.enabled && st.listening === false);
-  const ups = st.upstreams || [];
-  r.ups.hidden = ups.length === 0;
-  if (ups.length) {
-    r.ups.replaceChildren(...ups.map((u) => h('li', { class: u.healthy ? 'ok' : 'bad', title: u.last_error || '' },
-      `${hostPort(u.host, u.port)}${u.backup ? ' (backup)' : ''}: ${u.healthy ? 'up' : 'down'}, ${u.active_connections} open, ${u.total_connections} total${!u.healthy && u.last_error ? ` (${u.last_error})` : ''}`)));
-  }
+  const names = Array.isArray(s.sni) ? s.sni : [];
+  setText(r.sni, names.length ? `SNI: ${names.join(', ')}` : '');
+  r.sni.hidden = !names.length;
+  updateUpstreams(r, Array.isArray(st.upstreams) ? st.upstreams : [], name);
   r.down.title = 'Enabled, but its port is not open: see the Caddy log';
   if (r.sw.getAttribute('aria-label') !== `Enabled: ${name}`) r.sw.setAttribute('aria-label', `Enabled: ${name}`);
   r.sw.checked = !!s.enabled;
@@ -150,6 +154,70 @@ function update(r, s) {
     const n = st[field] ?? 0;
     setText(r.counters[i], fmt(n), `${n} ${what}`);
   });
+}
+
+// removeRow takes a stream's row and its upstreams' rows off the page.
+function removeRow(r) {
+  r.tr.remove();
+  for (const u of r.upRows.values()) u.tr.remove();
+}
+
+// updateUpstreams keeps a row per upstream of a stream, in the status's
+// order: host:port, backup, up or down with the last error, its
+// connections and bytes. The refresh puts them after the stream's row.
+function updateUpstreams(r, ups, name) {
+  const seen = new Set();
+  const next = new Map();
+  for (const u of ups) {
+    const addr = hostPort(u.host, u.port);
+    if (seen.has(addr)) continue;
+    seen.add(addr);
+    const row = r.upRows.get(addr) || upstreamRow(r.id, addr);
+    next.set(addr, row);
+    setText(row.label, `${name}: upstream ${addr}`);
+    row.backup.hidden = !u.backup;
+    setText(row.state, u.healthy ? 'up' : 'down');
+    row.health.className = `health ${u.healthy ? 'ok' : 'bad'}`;
+    const error = u.healthy ? '' : u.last_error || 'its last dial failed';
+    setText(row.error, error);
+    row.error.hidden = !error;
+    const fails = u.dial_failures ?? 0;
+    setText(row.fails, fails ? `${formatCount(fails)} failed ${fails === 1 ? 'dial' : 'dials'}` : '', fails ? `${fails} dials to this upstream failed since the stream started` : '');
+    row.fails.hidden = !fails;
+    if (row.health.title !== (u.last_error || '')) row.health.title = u.last_error || '';
+    const n = (f) => u[f] ?? 0;
+    setText(row.active, formatCount(n('active_connections')), `${n('active_connections')} open connections to this upstream`);
+    setText(row.total, formatCount(n('total_connections')), `${n('total_connections')} connections to this upstream since the stream started`);
+    setText(row.sent, formatBytes(n('bytes_sent')), `${n('bytes_sent')} bytes client → this upstream since the stream started`);
+    setText(row.received, formatBytes(n('bytes_received')), `${n('bytes_received')} bytes this upstream → client since the stream started`);
+  }
+  for (const [addr, row] of r.upRows) {
+    if (!next.has(addr)) row.tr.remove();
+  }
+  r.upRows = next;
+}
+
+// upstreamRow is the row of one upstream under its stream's row. Its
+// first cell spans the name, protocol and address columns; the cells line
+// up with the stream's health and counters.
+function upstreamRow(id, addr) {
+  const u = {};
+  const cell = (tag, label, props = {}, ...children) => h(tag, { ...props, 'data-label': label, role: tag === 'th' ? 'rowheader' : 'cell' }, ...children);
+  // The stream's name for screen readers, which read the row alone.
+  u.label = h('span', { class: 'visually-hidden' });
+  u.backup = h('span', { class: 'badge' }, 'backup');
+  u.state = h('span', { class: 'state' });
+  u.error = h('span', { class: 'detail', 'data-field': 'last_error', hidden: true });
+  u.fails = h('span', { class: 'detail when', 'data-field': 'dial_failures', hidden: true });
+  u.health = cell('td', HEADERS[4], { 'data-field': 'health' }, u.state, u.error, u.fails);
+  u.active = cell('td', HEADERS[5], { class: 'num', 'data-field': 'active_connections' });
+  u.total = cell('td', HEADERS[6], { class: 'num', 'data-field': 'total_connections' });
+  u.sent = cell('td', HEADERS[8], { class: 'num', 'data-field': 'bytes_sent' });
+  u.received = cell('td', HEADERS[9], { class: 'num', 'data-field': 'bytes_received' });
+  u.tr = h('tr', { class: 'upstream', role: 'row', 'data-upstream-of': id, 'data-upstream': addr },
+    cell('th', 'Upstream', { scope: 'row', colspan: 3, class: 'addr' }, u.label, h('span', { 'aria-hidden': 'true' }, `↳ ${addr}`), u.backup),
+    cell('td', HEADERS[3]), u.health, u.active, u.total, cell('td', HEADERS[7]), u.sent, u.received, cell('td', HEADERS[10]));
+  return u;
 }
 
 function health(s, st) {
@@ -215,7 +283,7 @@ async function remove(r, page) {
     return;
   }
   page.gone.add(r.id);
-  r.tr.remove();
+  removeRow(r);
   page.rows.delete(r.id);
   page.empty.hidden = page.rows.size > 0;
   say(`Deleted ${name}`);

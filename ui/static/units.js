@@ -186,3 +186,77 @@ export function formatUpstream(u) {
   const host = u.host.includes(':') ? `[${u.host}]` : u.host;
   return `${host}:${u.port}${u.weight > 1 ? ` weight ${u.weight}` : ''}${u.backup ? ' backup' : ''}`;
 }
+
+// portRange is a port, or a range of ports as "30000-30099" when end is
+// past it (listen_port_end: 0 is one port).
+export function portRange(port, end) {
+  return end > port ? `${port}-${end}` : `${port}`;
+}
+
+// listenText is where a stream listens: 0.0.0.0:5432, or
+// 0.0.0.0:30000-30099 for a port range.
+export function listenText(s) {
+  return hostPort(s.listen_address, portRange(s.listen_port, s.listen_port_end));
+}
+
+// upstreamText is where a stream sends its connections: host:port (a
+// range when the stream's ports map one to one: port + k), or "3
+// upstreams" for several.
+export function upstreamText(s) {
+  const ups = Array.isArray(s.upstreams) ? s.upstreams : [];
+  if (ups.length > 1) return `${ups.length} upstreams`;
+  const host = ups.length ? ups[0].host : s.upstream_host;
+  const port = ups.length ? ups[0].port : s.upstream_port;
+  const span = s.listen_port_end > s.listen_port && !s.upstream_port_fixed ? s.listen_port_end - s.listen_port : 0;
+  return hostPort(host, portRange(port, port + span));
+}
+
+// formatAgo is how long ago an ISO time was: "just now" under a second
+// (or a time ahead of now, as a clock a little off gives), else "5 s
+// ago", "2 min 5 s ago".
+export function formatAgo(iso, now = Date.now()) {
+  const t = Date.parse(iso);
+  if (Number.isNaN(t)) return String(iso ?? '');
+  const ms = now - t;
+  return ms < 1000 ? 'just now' : `${formatAge(ms)} ago`;
+}
+
+// nodeState is a node of GET /api/v1/cluster in words: [text, class
+// (ok, bad or warn), what it means].
+export function nodeState(n) {
+  switch (n.status) {
+    case 'up':
+      return ['up', 'ok', 'Its heartbeat is on time'];
+    case 'stale':
+      return ['stale', 'bad', 'No heartbeat for 3 beats: stopped, or cut off from the database'];
+    case 'snapshot':
+      return ['snapshot', 'warn', 'Started while the database was down: it runs from its local copy of the streams'];
+  }
+  return [String(n.status || 'unknown'), 'warn', 'An unknown state'];
+}
+
+// storageText says what a cluster answer's storage is.
+export function storageText(storage) {
+  switch (storage) {
+    case 'postgres':
+      return 'PostgreSQL (shared by the nodes)';
+    case 'sqlite':
+      return 'SQLite (one node)';
+    case '':
+    case undefined:
+    case null:
+      return 'none (storage off: one node)';
+  }
+  return String(storage);
+}
+
+// connUpstream is where an open connection went: its upstream's host:port
+// (the API's upstream), with the port moved by k for a connection on port
+// listen_port + k of a range that maps ports one to one.
+export function connUpstream(c, s) {
+  const up = c.upstream || '';
+  const k = (c.listen_port || 0) - s.listen_port;
+  const m = /^(.*):(\d+)$/.exec(up);
+  if (!m || !(s.listen_port_end > s.listen_port) || s.upstream_port_fixed || !(k > 0)) return up;
+  return `${m[1]}:${Number(m[2]) + k}`;
+}

@@ -212,3 +212,64 @@ test('parseUpstream and formatUpstream', async () => {
     assert.equal(formatUpstream(parseUpstream(line)[0]), line);
   }
 });
+
+test('portRange, listenText and upstreamText show ranges and several upstreams', async () => {
+  const { portRange, listenText, upstreamText } = await import('../static/units.js');
+  assert.equal(portRange(5432, 0), '5432');
+  assert.equal(portRange(5432, undefined), '5432');
+  assert.equal(portRange(5432, 5432), '5432');
+  assert.equal(portRange(30000, 30099), '30000-30099');
+
+  const one = { listen_address: '0.0.0.0', listen_port: 5432, upstream_host: '10.0.0.5', upstream_port: 5432 };
+  assert.equal(listenText(one), '0.0.0.0:5432');
+  assert.equal(upstreamText(one), '10.0.0.5:5432');
+  assert.equal(listenText({ ...one, listen_address: '' }), '*:5432');
+
+  const range = { listen_address: '::1', listen_port: 30000, listen_port_end: 30099, upstream_host: 'db', upstream_port: 40000 };
+  assert.equal(listenText(range), '[::1]:30000-30099');
+  assert.equal(upstreamText(range), 'db:40000-40099', 'port + k');
+  assert.equal(upstreamText({ ...range, upstream_port_fixed: true }), 'db:40000', 'every port to one');
+
+  const three = { ...one, upstreams: [{ host: 'a', port: 1 }, { host: 'b', port: 2 }, { host: 'c', port: 3, backup: true }] };
+  assert.equal(upstreamText(three), '3 upstreams');
+  assert.equal(upstreamText({ ...one, upstreams: [{ host: '2001:db8::5', port: 22 }] }), '[2001:db8::5]:22', 'one upstream in the list');
+  assert.equal(upstreamText({ ...one, upstreams: [] }), '10.0.0.5:5432');
+});
+
+test('formatAgo', async () => {
+  const { formatAgo } = await import('../static/units.js');
+  const now = Date.parse('2026-12-06T10:00:00.000Z');
+  assert.equal(formatAgo('2026-12-06T10:00:00.000Z', now), 'just now');
+  assert.equal(formatAgo('2026-12-06T09:59:59.500Z', now), 'just now');
+  assert.equal(formatAgo('2026-12-06T10:00:03.000Z', now), 'just now', 'a clock a little ahead');
+  assert.equal(formatAgo('2026-12-06T09:59:58.000Z', now), '2 s ago');
+  assert.equal(formatAgo('2026-12-06T09:57:55.000Z', now), '2 min 5 s ago');
+  assert.equal(formatAgo('2026-12-06T07:00:00.000Z', now), '3 h ago');
+  assert.equal(formatAgo('soon', now), 'soon');
+  assert.equal(formatAgo(null, now), '');
+});
+
+test('nodeState and storageText', async () => {
+  const { nodeState, storageText } = await import('../static/units.js');
+  assert.deepEqual(nodeState({ status: 'up' }).slice(0, 2), ['up', 'ok']);
+  assert.deepEqual(nodeState({ status: 'stale' }).slice(0, 2), ['stale', 'bad']);
+  assert.deepEqual(nodeState({ status: 'snapshot' }).slice(0, 2), ['snapshot', 'warn']);
+  assert.deepEqual(nodeState({ status: 'odd' }).slice(0, 2), ['odd', 'warn']);
+  assert.match(nodeState({ status: 'stale' })[2], /heartbeat/);
+  assert.match(nodeState({ status: 'snapshot' })[2], /database was down/);
+  assert.equal(storageText('sqlite'), 'SQLite (one node)');
+  assert.match(storageText('postgres'), /^PostgreSQL/);
+  assert.match(storageText(''), /one node/);
+});
+
+test('connUpstream moves the port on a one-to-one range only', async () => {
+  const { connUpstream } = await import('../static/units.js');
+  const range = { listen_port: 30000, listen_port_end: 30099 };
+  assert.equal(connUpstream({ upstream: '10.0.0.5:40000', listen_port: 30002 }, range), '10.0.0.5:40002');
+  assert.equal(connUpstream({ upstream: '[2001:db8::5]:40000', listen_port: 30099 }, range), '[2001:db8::5]:40099');
+  assert.equal(connUpstream({ upstream: '10.0.0.5:40000', listen_port: 30000 }, range), '10.0.0.5:40000');
+  assert.equal(connUpstream({ upstream: '10.0.0.5:40000', listen_port: 30002 }, { ...range, upstream_port_fixed: true }), '10.0.0.5:40000');
+  assert.equal(connUpstream({ upstream: '10.0.0.5:40000' }, range), '10.0.0.5:40000', 'no listen_port');
+  assert.equal(connUpstream({ upstream: '10.0.0.5:5432' }, { listen_port: 5432 }), '10.0.0.5:5432', 'one port');
+  assert.equal(connUpstream({}, range), '', 'being dialed');
+});
