@@ -78,11 +78,14 @@ func (h *Handler) dialPicked(ctx context.Context, cx *layer4.Connection, ss *str
 	} else if a, ok := cx.RemoteAddr().(*net.TCPAddr); ok {
 		client = a.AddrPort().Addr()
 	}
-	// On a port range, port ListenPort + k goes to each upstream's port + k.
+	// On a port range, port ListenPort + k goes to each upstream's port +
+	// k, or to its own port with FixedPort.
 	k := 0
 	if h.ListenPort > 0 {
 		if a, ok := cx.LocalAddr().(*net.TCPAddr); ok {
-			k = a.Port - h.ListenPort
+			if !h.FixedPort {
+				k = a.Port - h.ListenPort
+			}
 			if ss != nil {
 				ss.SetListenPort(a.Port)
 			}

@@ -59,6 +59,11 @@ type Handler struct {
 	// upstream's own port).
 	ListenPort int `json:"listen_port,omitempty"`
 
+	// FixedPort, with ListenPort, dials each upstream's own port from
+	// every port of the range (the range's ports still show in the
+	// session). Default: false.
+	FixedPort bool `json:"fixed_port,omitempty"`
+
 	// StreamID shares health state with the `streams` app's stream of that
 	// id. Default: 0 (the handler keeps its own).
 	StreamID int64 `json:"stream_id,omitempty"`
@@ -434,7 +439,7 @@ func parseUpstreamArgs(args []string) (Upstream, error) {
 
 // unmarshalOption sets option opt from its values.
 func (h *Handler) unmarshalOption(d *caddyfile.Dispenser, opt string, args []string) error {
-	if opt == "half_close" || opt == "tls" || opt == "tls_insecure_skip_verify" {
+	if opt == "half_close" || opt == "fixed_port" || opt == "tls" || opt == "tls_insecure_skip_verify" {
 		// Alone it means true, as the streams app's boolean options.
 		var on bool
 		switch {
@@ -447,6 +452,8 @@ func (h *Handler) unmarshalOption(d *caddyfile.Dispenser, opt string, args []str
 		switch opt {
 		case "half_close":
 			h.HalfClose = on
+		case "fixed_port":
+			h.FixedPort = on
 		case "tls":
 			if on && h.TLS == nil {
 				h.TLS = new(UpstreamTLS)

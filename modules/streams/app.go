@@ -357,8 +357,8 @@ func (a *App) buildChain(s *spec.Stream) (chain layer4.Handler, release func(), 
 		ProxyProtocol: s.ProxyProtocolVersion,
 		HalfClose:     s.HalfClose,
 	}
-	if s.IsRange() && !s.UpstreamPortFixed {
-		proxy.ListenPort = s.ListenPort
+	if s.IsRange() {
+		proxy.ListenPort, proxy.FixedPort = s.ListenPort, s.UpstreamPortFixed
 	}
 	if len(s.Upstreams) > 0 {
 		proxy.LoadBalancing = s.LoadBalancing

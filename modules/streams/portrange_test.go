@@ -86,18 +86,27 @@ func TestPortRange(t *testing.T) {
 	if _, err := io.ReadFull(held, make([]byte, 5)); err != nil {
 		t.Fatal(err)
 	}
-	testenv.Eventually(t, "the held connection in the live list", func() bool {
-		conns, err := streams.Running().ActiveConnections(1)
-		if err != nil {
-			return false
-		}
-		for _, c := range conns {
-			if c.Protocol == "tcp" && c.ListenPort == first+42 {
-				return true
+	heldFixed := dial(t, fixed+9)
+	if _, err := io.ReadFull(heldFixed, make([]byte, 5)); err != nil {
+		t.Fatal(err)
+	}
+	for _, h := range []struct {
+		id   int64
+		port int
+	}{{1, first + 42}, {2, fixed + 9}} {
+		testenv.Eventually(t, fmt.Sprintf("stream %d's held connection on port %d in the live list", h.id, h.port), func() bool {
+			conns, err := streams.Running().ActiveConnections(h.id)
+			if err != nil {
+				return false
 			}
-		}
-		return false
-	})
+			for _, c := range conns {
+				if c.Protocol == "tcp" && c.ListenPort == h.port {
+					return true
+				}
+			}
+			return false
+		})
+	}
 }
 
 // TestPortRangeRefused: a range that overlaps another stream's port, or
