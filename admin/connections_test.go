@@ -23,6 +23,7 @@ type logEntry struct {
 	BytesReceived    int64  `json:"bytes_received"`
 	Action           string `json:"action"`
 	DisconnectReason string `json:"disconnect_reason"`
+	Upstream         string `json:"upstream"`
 }
 
 type logPage struct {

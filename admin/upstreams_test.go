@@ -43,9 +43,11 @@ func TestAPIUpstreams(t *testing.T) {
 	path := fmt.Sprintf("/api/v1/streams/%d", id(got))
 	for i := range 6 {
 		msg := fmt.Sprint("m", i)
-		if r := roundTrip(t, dial(t, port), msg); r != msg {
+		c := dial(t, port)
+		if r := roundTrip(t, c, msg); r != msg {
 			t.Fatalf("round trip: %q", r)
 		}
+		c.Close()
 	}
 	var st struct {
 		Status struct {
@@ -60,6 +62,19 @@ func TestAPIUpstreams(t *testing.T) {
 	inst.call("GET", path, nil).want(t, http.StatusOK).decode(t, &st)
 	if u := st.Status.Upstreams; len(u) != 2 || u[0].Port != a.Port || u[0].TotalConnections != 2 || u[1].TotalConnections != 4 || !u[1].Healthy || u[1].BytesSent != 8 {
 		t.Errorf("status.upstreams = %+v, want a 2 and b 4 connections", u)
+	}
+	// The stored connection log names each connection's upstream.
+	var perUpstream map[string]int
+	testenv.Eventually(t, "6 stored log entries", func() bool {
+		entries := inst.connLog(id(got), "").Entries
+		perUpstream = map[string]int{}
+		for _, e := range entries {
+			perUpstream[e.Upstream]++
+		}
+		return len(entries) == 6
+	})
+	if aa, bb := fmt.Sprintf("127.0.0.1:%d", a.Port), fmt.Sprintf("127.0.0.1:%d", b.Port); perUpstream[aa] != 2 || perUpstream[bb] != 4 {
+		t.Errorf("stored log entries per upstream %v, want %s 2 and %s 4", perUpstream, aa, bb)
 	}
 
 	// PATCH upstreams alone: upstream_host and upstream_port follow.

@@ -44,7 +44,7 @@ func checkConnLogs(entries []ConnLog) error {
 // order of connLogRow.
 var connLogColumns = []string{"node", "stream_id", "source_ip", "source_port", "bytes_sent", "bytes_received",
 	"duration_ms", "action", "disconnect_reason", "started_at", "ended_at",
-	"protocol", "datagrams_sent", "datagrams_received"}
+	"protocol", "datagrams_sent", "datagrams_received", "upstream"}
 
 // connLogRow is e's row in connLogColumns order, tagged with node.
 func connLogRow(e ConnLog, node string) []any {
@@ -56,10 +56,10 @@ func connLogRow(e ConnLog, node string) []any {
 	return []any{node, e.StreamID, e.SourceIP, port,
 		e.BytesSent, e.BytesReceived, e.DurationMS, e.Action,
 		e.DisconnectReason, millis(e.StartedAt.Time), millis(e.EndedAt.Time),
-		proto, e.DatagramsSent, e.DatagramsReceived}
+		proto, e.DatagramsSent, e.DatagramsReceived, e.Upstream}
 }
 
-// connLogChunk is the most entries one INSERT statement writes: 14
+// connLogChunk is the most entries one INSERT statement writes: 15
 // parameters each stay below either database's limit.
 const connLogChunk = 500
 
@@ -133,7 +133,7 @@ func (s *core) ConnLogs(ctx context.Context, q ConnLogQuery) ([]ConnLog, error) 
 	}
 	query := `SELECT id, node, stream_id, source_ip, source_port, bytes_sent, bytes_received,
 		duration_ms, action, disconnect_reason, started_at, ended_at,
-		protocol, datagrams_sent, datagrams_received FROM conn_log`
+		protocol, datagrams_sent, datagrams_received, upstream FROM conn_log`
 	if len(where) > 0 {
 		query += " WHERE " + strings.Join(where, " AND ")
 	}
@@ -149,7 +149,7 @@ func (s *core) ConnLogs(ctx context.Context, q ConnLogQuery) ([]ConnLog, error) 
 		)
 		if err := r.Scan(&e.ID, &e.Node, &e.StreamID, &e.SourceIP, &port, &e.BytesSent, &e.BytesReceived,
 			&e.DurationMS, &e.Action, &e.DisconnectReason, &started, &ended,
-			&e.Protocol, &e.DatagramsSent, &e.DatagramsReceived); err != nil {
+			&e.Protocol, &e.DatagramsSent, &e.DatagramsReceived, &e.Upstream); err != nil {
 			return err
 		}
 		e.SourcePort = int(port.Int64)

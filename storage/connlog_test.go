@@ -25,7 +25,7 @@ func testConnLogRoundTrip(t *testing.T, b testBackend) {
 			BytesSent: 1 << 40, BytesReceived: 12345, DurationMS: 1500,
 			Action: ActionAllowed, DisconnectReason: "upstream closed",
 			StartedAt: jsontime.Of(start), EndedAt: jsontime.Of(start.Add(1500 * time.Millisecond)),
-			Protocol: ConnTCP,
+			Protocol: ConnTCP, Upstream: "[2001:db8::9]:5432",
 		},
 		{
 			StreamID: 7, SourceIP: "192.0.2.1",

@@ -225,6 +225,15 @@ CREATE TABLE key_canary (
 ) STRICT`,
 		},
 	},
+	{
+		version: 10,
+		name:    "conn_log upstream",
+		// The upstream (host:port) each connection went to; entries from
+		// before have none.
+		stmts: []string{
+			`ALTER TABLE conn_log ADD COLUMN upstream TEXT NOT NULL DEFAULT ''`,
+		},
+	},
 }
 
 // migrate applies the migrations in migs above the database's version, up

@@ -107,6 +107,15 @@ CREATE TABLE hosts (
 )`,
 		},
 	},
+	{
+		version: 2,
+		name:    "conn_log upstream",
+		// The upstream (host:port) each connection went to, as SQLite's
+		// migration 10.
+		stmts: []string{
+			`ALTER TABLE conn_log ADD COLUMN upstream TEXT NOT NULL DEFAULT ''`,
+		},
+	},
 }
 
 // migrate brings the schema up to the last of migs, on a connection of

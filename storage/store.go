@@ -240,6 +240,10 @@ type ConnLog struct {
 	// before entries had a node.
 	Node string `json:"node,omitempty"`
 
+	// Upstream is the upstream (host:port) the connection went to; ""
+	// when none was reached, and for entries from before it was kept.
+	Upstream string `json:"upstream,omitempty"`
+
 	// StreamID is the ID of the stream that took the connection; > 0.
 	StreamID int64 `json:"stream_id"`
 

@@ -209,6 +209,7 @@ func (s *sharedStore) logSink(r streamstate.LogRecord) bool {
 		StartedAt:        jsontime.Of(r.Start),
 		EndedAt:          jsontime.Of(r.Start.Add(r.Duration)),
 		Protocol:         storage.ConnTCP,
+		Upstream:         r.Upstream,
 	}
 	if r.UDP {
 		n := &[2]int64{int64(r.DatagramsSent), int64(r.DatagramsReceived)} // one allocation for both

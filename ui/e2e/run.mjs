@@ -1341,8 +1341,11 @@ test('the log shows each entry\'s node, and filters by node when there are sever
     const rows = page.locator('tr.log-row');
     await rows.first().waitFor();
     const headers = (await page.locator('table thead th').allInnerTexts()).map((t) => t.trim());
-    assert.deepEqual(headers, ['Time', 'Node', 'Source', 'Action', 'Sent', 'Received', 'Duration', 'Reason']);
+    // A stream with upstreams: the upstream each connection went to.
+    assert.deepEqual(headers, ['Time', 'Node', 'Source', 'Upstream', 'Action', 'Sent', 'Received', 'Duration', 'Reason']);
     assert.equal((await rows.first().locator('[data-field="node"]').innerText()).trim(), NODE);
+    assert.match(entry.upstream, new RegExp(`^127\\.0\\.0\\.1:(${S.ports.echo}|${S.ports.echo2})$`));
+    assert.equal((await page.locator(`tr.log-row [data-field="upstream"]`).first().innerText()).trim(), entry.upstream);
     await shot(page, 'log-node.png');
     const filter = page.getByLabel('Node', { exact: true });
     await filter.waitFor();

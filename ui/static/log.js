@@ -16,6 +16,8 @@ export async function logPage(ctx) {
   // entries that name their node on.
   const box = h('div');
   let withNode = false;
+  // An Upstream column when the stream has several upstreams.
+  const withUpstream = (s.upstreams || []).length > 0;
   const action = h('select', { id: 'log-action' },
     h('option', { value: '' }, 'All'), h('option', { value: 'allowed' }, 'allowed'), h('option', { value: 'blocked' }, 'blocked'));
   const newer = h('button', { type: 'button' }, 'Newer');
@@ -73,9 +75,9 @@ export async function logPage(ctx) {
     next = page.next_before;
     addNodes(page.entries.map((e) => e.node));
     withNode ||= page.entries.some((e) => e.node) || !!node.value;
-    const headers = ['Time', ...(withNode ? ['Node'] : []), 'Source', 'Action', 'Sent', 'Received', 'Duration', 'Reason'];
+    const headers = ['Time', ...(withNode ? ['Node'] : []), 'Source', ...(withUpstream ? ['Upstream'] : []), 'Action', 'Sent', 'Received', 'Duration', 'Reason'];
     const [region, tbody, tr] = table('Connection log', headers);
-    const rows = page.entries.map((e) => entry(e, tr, withNode));
+    const rows = page.entries.map((e) => entry(e, tr, withNode, withUpstream));
     if (!rows.length) rows.push(h('tr', { role: 'row' }, h('td', { role: 'cell', colspan: headers.length, class: 'empty' }, stack.length ? 'No older entries.' : 'No entries.')));
     tbody.replaceChildren(...rows);
     box.replaceChildren(region);
@@ -114,7 +116,7 @@ export async function logPage(ctx) {
   if (ctx.alive()) show();
 }
 
-function entry(e, tr, withNode) {
+function entry(e, tr, withNode, withUpstream) {
   const time = e.started_at || e.ended_at;
   const source = e.source_port ? hostPort(e.source_ip, e.source_port) : e.source_ip;
   const reason = e.disconnect_reason || '';
@@ -122,6 +124,7 @@ function entry(e, tr, withNode) {
     h('td', { title: `started ${time || '?'}, ended ${e.ended_at || '?'}` }, time ? new Date(time).toLocaleString() : ''),
     withNode ? h('td', { 'data-field': 'node' }, e.node || '') : null,
     h('td', { class: 'addr' }, source),
+    withUpstream ? h('td', { class: 'addr', 'data-field': 'upstream' }, e.upstream || '') : null,
     h('td', { class: e.action === 'blocked' ? 'bad' : '' }, e.action),
     h('td', { class: 'num', title: `${e.bytes_sent} bytes client → upstream` }, formatBytes(e.bytes_sent), datagrams(e, e.datagrams_sent)),
     h('td', { class: 'num', title: `${e.bytes_received} bytes upstream → client` }, formatBytes(e.bytes_received), datagrams(e, e.datagrams_received)),
