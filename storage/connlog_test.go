@@ -72,6 +72,67 @@ func testConnLogRoundTrip(t *testing.T, b testBackend) {
 
 func ptr[T any](v T) *T { return &v }
 
+// TestAppendConnLogsEverySize: a batch is written as several INSERTs of
+// fixed sizes (connLogInserts); whatever its size, every entry is stored
+// once, with its own fields, in order, and a statement that fails rolls
+// the whole batch back.
+func TestAppendConnLogsEverySize(t *testing.T) { eachBackend(t, testAppendConnLogsEverySize) }
+
+func testAppendConnLogsEverySize(t *testing.T, b testBackend) {
+	s := b.store(t)
+	ctx := context.Background()
+	next := int64(0)
+	for _, n := range []int{1, 2, 3, 63, 64, 65, 100, 127, 128, 200, 1000} {
+		batch := make([]ConnLog, n)
+		for i := range batch {
+			next++
+			batch[i] = ConnLog{StreamID: int64(n), SourceIP: "192.0.2.1", SourcePort: i + 1, BytesSent: next,
+				Action: ActionAllowed, Protocol: ConnUDP, DatagramsSent: ptr(next), DatagramsReceived: ptr(int64(i))}
+		}
+		if err := s.AppendConnLogs(ctx, batch); err != nil {
+			t.Fatalf("%d entries: %v", n, err)
+		}
+		got, err := s.ConnLogs(ctx, ConnLogQuery{StreamID: int64(n), Limit: MaxConnLogLimit})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(got) != n {
+			t.Fatalf("a batch of %d entries: %d stored", n, len(got))
+		}
+		for i, g := range got {
+			want := batch[n-1-i]
+			if g.BytesSent != want.BytesSent || g.SourcePort != want.SourcePort || *g.DatagramsSent != *want.DatagramsSent ||
+				*g.DatagramsReceived != *want.DatagramsReceived || g.Node != testNode {
+				t.Fatalf("a batch of %d entries: entry %d read back\n%s\nwant (but ID and node %s)\n%s", n, i, connLogString(g), testNode, connLogString(want))
+			}
+		}
+	}
+	// A database that refuses the last entry's row takes none of the
+	// batch, though the first 64 went in an INSERT of their own.
+	refuse := `CREATE TRIGGER refuse BEFORE INSERT ON conn_log WHEN NEW.source_port = 4242 BEGIN SELECT RAISE(ABORT, 'refused'); END`
+	if b.name == "postgres" {
+		refuse = `ALTER TABLE conn_log ADD CONSTRAINT refuse CHECK (source_port <> 4242)`
+	}
+	err := s.base().be.inTx(ctx, false, func(tx writeTx) error {
+		_, err := tx.exec(ctx, refuse)
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	batch := make([]ConnLog, 99)
+	for i := range batch {
+		batch[i] = ConnLog{StreamID: 5000, SourceIP: "192.0.2.1", SourcePort: i + 1, Action: ActionAllowed}
+	}
+	batch[98].SourcePort = 4242
+	if err := s.AppendConnLogs(ctx, batch); err == nil {
+		t.Fatal("AppendConnLogs took a batch whose last row the database refused")
+	}
+	if got, err := s.ConnLogs(ctx, ConnLogQuery{StreamID: 5000}); err != nil || len(got) != 0 {
+		t.Fatalf("after a refused batch: %d entries stored (%v), want 0", len(got), err)
+	}
+}
+
 // connLogString shows e with the datagram counts, not their addresses.
 func connLogString(e ConnLog) string {
 	count := func(p *int64) string {

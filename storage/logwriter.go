@@ -14,7 +14,11 @@ const (
 	// DefaultLogQueueSize is the default of LogWriterOptions.QueueSize.
 	DefaultLogQueueSize = 4096
 	// DefaultLogBatchSize is the default of LogWriterOptions.BatchSize.
-	DefaultLogBatchSize = 100
+	// Only a writer that is behind fills a batch before the flush
+	// interval: under a flood of short connections, a transaction of 500
+	// entries costs each entry a quarter less than one of 100 (fewer
+	// commits, each page of the table and its indexes written once).
+	DefaultLogBatchSize = 500
 	// DefaultLogFlushInterval is the default of
 	// LogWriterOptions.FlushInterval.
 	DefaultLogFlushInterval = 200 * time.Millisecond
@@ -35,7 +39,7 @@ type LogWriterOptions struct {
 	QueueSize int
 
 	// BatchSize is the most entries written in one transaction; a batch
-	// is written as soon as it has this many. Default: 100.
+	// is written as soon as it has this many. Default: 500.
 	BatchSize int
 
 	// FlushInterval is the longest an entry waits for its batch to fill

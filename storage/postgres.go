@@ -461,11 +461,30 @@ func (c pgConn) queryEach(ctx context.Context, query string, args []any, fn func
 }
 
 func (c pgConn) exec(ctx context.Context, query string, args ...any) (int64, error) {
+	return c.execNumbered(ctx, numbered(query), args...)
+}
+
+// execNumbered is exec of a query whose placeholders are numbered.
+func (c pgConn) execNumbered(ctx context.Context, query string, args ...any) (int64, error) {
 	if err := c.ready(ctx); err != nil {
 		return 0, err
 	}
-	tag, err := c.q.Exec(ctx, numbered(query), args...)
+	tag, err := c.q.Exec(ctx, query, args...)
 	return tag.RowsAffected(), c.p.unavailable(err)
+}
+
+// keptNumbered holds the numbered text of the queries run with execKept.
+var keptNumbered sync.Map // query → numbered(query)
+
+// execKept is exec of one of the core's fixed statements: pgx keeps the
+// statements it runs prepared on each connection, by their text, and the
+// numbered text is kept here, so that neither is made again per batch.
+func (t *pgTx) execKept(ctx context.Context, query string, args ...any) (int64, error) {
+	n, ok := keptNumbered.Load(query)
+	if !ok {
+		n, _ = keptNumbered.LoadOrStore(query, numbered(query))
+	}
+	return t.execNumbered(ctx, n.(string), args...)
 }
 
 // numbered is query with its ? placeholders numbered, as PostgreSQL

@@ -37,6 +37,10 @@ type writeTx interface {
 	// changed records a write of a stream or certificate (kind, op: see
 	// Change) for the other nodes; the SQLite store has no one to tell.
 	changed(ctx context.Context, kind, op string, objectID int64) error
+	// execKept is exec for one of the few fixed statements the core runs
+	// for every batch (connLogInserts), which the store keeps prepared
+	// from one transaction to the next.
+	execKept(ctx context.Context, query string, args ...any) (int64, error)
 }
 
 // backend is what a store does its own way.
@@ -114,6 +118,27 @@ func (c sqlConn) exec(ctx context.Context, query string, args ...any) (int64, er
 }
 
 // sqliteTx is a write transaction of the SQLite store.
-type sqliteTx struct{ sqlConn }
+type sqliteTx struct {
+	sqlConn
+	tx   *sql.Tx
+	kept map[string]*sql.Stmt // the store's prepared statements, by query
+}
 
 func (sqliteTx) changed(context.Context, string, string, int64) error { return nil }
+
+// execKept runs query's statement prepared when the store opened, on the
+// write pool's one connection; database/sql prepares it again if that
+// connection was replaced.
+func (t sqliteTx) execKept(ctx context.Context, query string, args ...any) (int64, error) {
+	st, ok := t.kept[query]
+	if !ok {
+		return t.exec(ctx, query, args...)
+	}
+	ts := t.tx.StmtContext(ctx, st)
+	defer ts.Close()
+	res, err := ts.ExecContext(ctx, args...)
+	if err != nil {
+		return 0, err
+	}
+	return res.RowsAffected()
+}

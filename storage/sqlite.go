@@ -37,6 +37,9 @@ type SQLite struct {
 	path  string
 	write *sql.DB
 	read  *sql.DB
+	// kept are the statements prepared on write when the store opened,
+	// by query: the connection log's inserts (writeTx.execKept).
+	kept map[string]*sql.Stmt
 }
 
 var _ Store = (*SQLite)(nil)
@@ -104,6 +107,12 @@ func openAt(path string, version int, opts OpenOptions) (*SQLite, error) {
 	if err := migrate(context.Background(), s.write, migrations, version); err != nil {
 		s.Close()
 		return nil, fmt.Errorf("storage: open %s: %w", path, err)
+	}
+	if version >= connLogVersion {
+		if err := s.prepareKept(connLogInserts); err != nil {
+			s.Close()
+			return nil, fmt.Errorf("storage: open %s: %w", path, err)
+		}
 	}
 	if version < canaryVersion {
 		opts.NoKeyCheck = true // a database as older versions wrote it, for tests
@@ -320,9 +329,28 @@ func cloneValues(v url.Values) url.Values {
 	return c
 }
 
+// prepareKept prepares the statements of queries on the write pool, for
+// execKept: outside any transaction, since a statement prepared on the
+// pool takes its one connection.
+func (s *SQLite) prepareKept(queries []string) error {
+	s.kept = make(map[string]*sql.Stmt, len(queries))
+	for _, q := range queries {
+		st, err := s.write.Prepare(q)
+		if err != nil {
+			return fmt.Errorf("preparing %.40q…: %w", q, err)
+		}
+		s.kept[q] = st
+	}
+	return nil
+}
+
 // Close closes the database. Calls after Close fail.
 func (s *SQLite) Close() error {
-	err := errors.Join(s.read.Close(), s.write.Close())
+	var errs []error
+	for _, st := range s.kept {
+		errs = append(errs, st.Close())
+	}
+	err := errors.Join(append(errs, s.read.Close(), s.write.Close())...)
 	if err != nil {
 		return fmt.Errorf("storage: closing %s: %w", s.path, err)
 	}
@@ -340,7 +368,7 @@ func (s *SQLite) inTx(ctx context.Context, _ bool, fn func(tx writeTx) error) er
 		return s.unavailable(fmt.Errorf("beginning transaction: %w", err))
 	}
 	defer tx.Rollback() // no-op after Commit; runs on a panic in fn too
-	if err := fn(sqliteTx{sqlConn{tx}}); err != nil {
+	if err := fn(sqliteTx{sqlConn: sqlConn{tx}, tx: tx, kept: s.kept}); err != nil {
 		return s.unavailable(err)
 	}
 	if err := tx.Commit(); err != nil {

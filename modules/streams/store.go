@@ -197,9 +197,13 @@ func (s *sharedStore) release() { _, _ = stores.Delete(s.name) }
 // batches it into the database. It never blocks: when the writer is behind,
 // the entry is dropped (and counted in the stream's log_entries_dropped).
 func (s *sharedStore) logSink(r streamstate.LogRecord) bool {
+	ip := r.SourceIP
+	if ip == "" {
+		ip = r.Source.Addr().Unmap().String()
+	}
 	e := storage.ConnLog{
 		StreamID:         r.StreamID,
-		SourceIP:         r.Source.Addr().Unmap().String(),
+		SourceIP:         ip,
 		SourcePort:       int(r.Source.Port()),
 		BytesSent:        int64(r.BytesSent),
 		BytesReceived:    int64(r.BytesReceived),

@@ -134,7 +134,9 @@ type State struct {
 	logStop chan struct{}
 	logDone chan struct{}
 	sink    atomic.Pointer[func(LogRecord) bool]
-	connLog atomic.Pointer[zap.Logger]
+	// logFields is the writer goroutine's slice of a line's fields.
+	logFields []zap.Field
+	connLog   atomic.Pointer[zap.Logger]
 
 	upMu      sync.Mutex
 	upstreams map[string]*Upstream // by host:port (upstreams.go)
@@ -302,7 +304,11 @@ type LogRecord struct {
 	ConnID uint64
 	// Source is the client's address.
 	Source netip.AddrPort
-	UDP    bool
+	// SourceIP is Source's address as text (IPv4-mapped as IPv4): set by
+	// the log writer before it hands the record to the sink, so that the
+	// line and the stored entry share one string.
+	SourceIP string
+	UDP      bool
 	// Blocked is true for a connection refused by the ACL or a limit.
 	Blocked  bool
 	Reason   Reason
@@ -396,18 +402,20 @@ func (s *State) writeLog(e logEntry) {
 	if r.UDP {
 		proto = "udp"
 	}
-	fields := []zap.Field{
+	r.SourceIP = r.Source.Addr().Unmap().String()
+	// The writer's goroutine alone writes lines: one slice of fields
+	// serves them all (zap's cores encode the fields before Write returns).
+	fields := append(s.logFields[:0],
 		zap.String("stream", r.Stream),
 		zap.Int64("stream_id", s.ID),
 		zap.String("protocol", proto),
 		zap.Uint64("conn_id", r.ConnID),
-		zap.String("source_ip", r.Source.Addr().Unmap().String()),
+		zap.String("source_ip", r.SourceIP),
 		zap.Uint64("bytes_sent", r.BytesSent),
 		zap.Uint64("bytes_received", r.BytesReceived),
 		zap.Int64("duration_ms", r.Duration.Milliseconds()),
 		zap.String("action", r.Action()),
-		zap.String("disconnect_reason", r.Reason.String()),
-	}
+		zap.String("disconnect_reason", r.Reason.String()))
 	if r.Upstream != "" {
 		fields = append(fields, zap.String("upstream", r.Upstream))
 	}
@@ -419,6 +427,8 @@ func (s *State) writeLog(e logEntry) {
 		logger = l
 	}
 	logger.Info("connection", fields...)
+	clear(fields) // holds no string of this entry until the next
+	s.logFields = fields
 	if f := s.sink.Load(); f != nil && !(*f)(e.rec) {
 		s.LogDropped.Add(1)
 	}

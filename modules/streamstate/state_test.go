@@ -16,6 +16,7 @@ import (
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 // tcpPair returns the two ends of a real loopback TCP connection.
@@ -363,4 +364,42 @@ func TestDestructWakesWhenTheLastConnectionEnds(t *testing.T) {
 			t.Fatalf("Destruct returned %s after the last connection ended, want at once", d)
 		}
 	})
+}
+
+// The log writer makes a line and the sink's record from one entry: the
+// sink gets the source's text the line has (IPv4-mapped as IPv4), and a
+// line has only its own entry's fields, though the writer reuses their
+// slice.
+func TestLogLineAndSinkShareSourceIP(t *testing.T) {
+	st := New(1)
+	core, lines := observer.New(zap.InfoLevel)
+	st.SetConnLogger(zap.New(core))
+	var got []LogRecord
+	var mu sync.Mutex
+	st.SetLogSink(func(r LogRecord) bool {
+		mu.Lock()
+		got = append(got, r)
+		mu.Unlock()
+		return true
+	})
+	st.enqueueLog(logEntry{rec: LogRecord{StreamID: 1, Stream: "t", Source: netip.MustParseAddrPort("[::ffff:192.0.2.9]:53"),
+		UDP: true, Upstream: "192.0.2.10:53", DatagramsSent: 1, DatagramsReceived: 1}})
+	st.enqueueLog(logEntry{rec: LogRecord{StreamID: 1, Stream: "t", Source: netip.MustParseAddrPort("[2001:db8::1]:9")}})
+	st.cancel()
+	close(st.logStop)
+	<-st.logDone
+	if len(got) != 2 || got[0].SourceIP != "192.0.2.9" || got[1].SourceIP != "2001:db8::1" {
+		t.Fatalf("the sink got %+v, want source_ip 192.0.2.9, then 2001:db8::1", got)
+	}
+	all := lines.All()
+	if len(all) != 2 {
+		t.Fatalf("%d lines, want 2", len(all))
+	}
+	first, second := all[0].ContextMap(), all[1].ContextMap()
+	if first["source_ip"] != "192.0.2.9" || first["upstream"] != "192.0.2.10:53" || first["datagrams_sent"] != uint64(1) {
+		t.Errorf("first line %v", first)
+	}
+	if second["source_ip"] != "2001:db8::1" || second["protocol"] != "tcp" || len(second) != 10 {
+		t.Errorf("second line %v: want its own 10 fields, no upstream and no datagram counts", second)
+	}
 }
