@@ -1,6 +1,8 @@
 package streamstate
 
 import (
+	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
+
 	"encoding/binary"
 	"fmt"
 	"net/netip"
@@ -48,7 +50,7 @@ func FuzzIPSet(f *testing.F) {
 		set := newIPSet(ps)
 		probes := []netip.Addr{}
 		for _, p := range ps {
-			probes = append(probes, edgesOf(p)...)
+			probes = append(probes, testenv.PrefixEdges(p)...)
 		}
 		if a, ok := netip.AddrFromSlice(probe); ok {
 			probes = append(probes, a)
@@ -66,23 +68,6 @@ func FuzzIPSet(f *testing.F) {
 			}
 		}
 	})
-}
-
-func edgesOf(p netip.Prefix) []netip.Addr {
-	first := p.Addr()
-	b := first.AsSlice()
-	for i := p.Bits(); i < len(b)*8; i++ {
-		b[i/8] |= 1 << (7 - i%8)
-	}
-	last, _ := netip.AddrFromSlice(b)
-	out := []netip.Addr{first, last}
-	if a := first.Prev(); a.IsValid() {
-		out = append(out, a)
-	}
-	if a := last.Next(); a.IsValid() {
-		out = append(out, a)
-	}
-	return out
 }
 
 // bigList is n disjoint /32 entries (every other address from 10.0.0.0)
