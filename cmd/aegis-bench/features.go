@@ -439,13 +439,7 @@ func runFeatures(ps []proxy, cfg config, up *upstreams, tmp string) ([]result, [
 						} else {
 							err = r.shortConns(rt, fu, cfg.workers, w)
 						}
-						if err != nil && r.errs[err.Error()] {
-							return nil // noted in an earlier round
-						}
-						if err != nil {
-							r.errs[err.Error()] = true
-						}
-						return err
+						return newNote(r.errs, err)
 					})
 					fu.closeConns()
 				}

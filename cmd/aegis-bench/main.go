@@ -573,13 +573,7 @@ func runUDP(ps []proxy, cfg config, up *upstreams, tmp string) []result {
 				st, err := udpLoad(addr(r.front), cfg.udpSockets, cfg.udpWindow, round, r.meter.mark)
 				r.st.add(st)
 				r.counted += round.dur
-				if err != nil && r.errs[err.Error()] {
-					return nil // noted in an earlier round
-				}
-				if err != nil {
-					r.errs[err.Error()] = true
-				}
-				return err
+				return newNote(r.errs, err)
 			})
 		}
 	}
@@ -824,4 +818,14 @@ func workDir(cfg config, prefix, stopped string) (dir string, cleanup func(), er
 		os.Exit(130)
 	}()
 	return dir, cleanup, nil
+}
+
+// newNote returns err unless errs holds it already (it was noted in an
+// earlier round), and records it.
+func newNote(errs map[string]bool, err error) error {
+	if err == nil || errs[err.Error()] {
+		return nil
+	}
+	errs[err.Error()] = true
+	return err
 }

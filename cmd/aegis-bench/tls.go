@@ -350,13 +350,7 @@ func runTLS(ps []proxy, cfg config, up *upstreams, tmp string) ([]result, []stri
 				}
 				udpStep(r.p, r.c, r.res, fmt.Sprintf("tls %s, round %d of %d", t.what, i+1, tlsRounds), func() error {
 					err := r.runTest(t, bc, cfg, up, round)
-					if err != nil && r.errs[err.Error()] {
-						return nil // noted in an earlier round
-					}
-					if err != nil {
-						r.errs[err.Error()] = true
-					}
-					return err
+					return newNote(r.errs, err)
 				})
 				up.closeConns()
 			}
