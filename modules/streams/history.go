@@ -93,11 +93,16 @@ func (h *streamHistory) newest() (sample, bool) {
 }
 
 // each calls f for each sample after since (Unix seconds), oldest first.
+// It finds the first from the newest back, so a tick's few new samples
+// cost no walk over the whole ring.
 func (h *streamHistory) each(since uint32, f func(sample)) {
-	for i := range h.buf {
-		if s := h.buf[(h.start+i)%len(h.buf)]; s.t > since {
-			f(s)
-		}
+	n := len(h.buf)
+	k := 0 // the samples after since: the newest k
+	for k < n && h.buf[(h.start+n-1-k)%n].t > since {
+		k++
+	}
+	for i := n - k; i < n; i++ {
+		f(h.buf[(h.start+i)%n])
 	}
 }
 

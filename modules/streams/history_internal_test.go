@@ -39,6 +39,11 @@ func TestHistoryRingBounded(t *testing.T) {
 	if n != HistorySamples || first != 60 || last != uint32(10*(HistorySamples+5)) {
 		t.Fatalf("%d samples from %d to %d", n, first, last)
 	}
+	recent := 0
+	h.each(last-100, func(sample) { recent++ })
+	if recent != 10 {
+		t.Fatalf("%d samples in the last 100 s, want 10", recent)
+	}
 	t.Logf("history per stream at 24 hours: %d samples of %d bytes = %d bytes",
 		HistorySamples, unsafe.Sizeof(sample{}), uintptr(HistorySamples)*unsafe.Sizeof(sample{}))
 }
