@@ -168,3 +168,32 @@ func TestStreamHistory(t *testing.T) {
 	}
 	inst.call("GET", fmt.Sprintf("/api/v1/streams/%d/history", sid), nil).apiErr(t, http.StatusNotFound)
 }
+
+// TestStreamHistoryHealth samples a stream with health checks while its
+// upstream is up, then down: healthy is true, then false, and a step over
+// both is false.
+func TestStreamHistoryHealth(t *testing.T) {
+	checkNoLeaks(t)
+	up := newServer(t, echo)
+	inst := startCaddy(t, streamsApp(), nil)
+	sid := id(inst.create(stream(0, freePort(t), up.Port, obj{"health_check_enabled": true, "health_check_interval_seconds": 1})))
+	base := historyBase()
+	health := func(want string) {
+		t.Helper()
+		eventually(t, "health_status "+want, func() bool { return inst.statsOf(sid)["health_status"] == want })
+	}
+	health("healthy")
+	streams.SampleHistory(base.Add(10 * time.Second))
+	up.Close(5 * time.Second)
+	health("unhealthy")
+	streams.SampleHistory(base.Add(20 * time.Second))
+	since := "?since=" + url.QueryEscape(base.Format(time.RFC3339))
+	h := inst.history(sid, since)
+	if len(h.Points) != 2 || h.Points[0].Healthy == nil || !*h.Points[0].Healthy || h.Points[1].Healthy == nil || *h.Points[1].Healthy {
+		t.Fatalf("points: %+v", h.Points)
+	}
+	m := inst.history(sid, since+"&step=60")
+	if len(m.Points) != 1 || m.Points[0].Healthy == nil || *m.Points[0].Healthy {
+		t.Fatalf("step 60: %+v", m.Points)
+	}
+}
