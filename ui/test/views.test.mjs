@@ -1,0 +1,167 @@
+// Unit tests of the pure helpers of the dashboard, stream, audit and
+// stream list pages: node --test ui/test/
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { SERIES, linePath, nearest, niceMax, problems, sinceFor, summary } from '../static/graph.js';
+import {
+  auditWhat, auditWho, csvPath, diffRows, exportFile, importPlan, logFilterProblems, logQuery, matchStream, parseCSV,
+  sortStreams, streamState, valueText,
+} from '../static/lists.js';
+
+test('niceMax rounds up to 1, 2 or 5 × 10^k', () => {
+  const cases = [[0, 1], [-3, 1], [NaN, 1], [0.3, 0.5], [1, 1], [1.01, 2], [2, 2], [3, 5], [7, 10], [10, 10], [11, 20], [999, 1000], [1500, 2000], [4096, 5000]];
+  for (const [v, want] of cases) assert.equal(niceMax(v), want, `niceMax(${v})`);
+});
+
+test('linePath spreads the points across the width, 0 at the bottom and max at the top', () => {
+  assert.equal(linePath([], 100, 10, 1), '');
+  assert.equal(linePath([5], 100, 10, 10), 'M0 5H100');
+  assert.equal(linePath([0, 5, 10], 100, 10, 10), 'M0 10L50 5L100 0');
+  // Values past the scale stay in the box; a negative one at the bottom.
+  assert.equal(linePath([20, -1], 30, 10, 10), 'M0 0L30 10');
+  // Coordinates to 0.1.
+  assert.equal(linePath([1, 2, 3, 4], 10, 3, 3), 'M0 2L3.3 1L6.7 0L10 0');
+  // A scale of 0 is taken as 1: nothing divides by zero.
+  assert.equal(linePath([0, 0], 10, 4, 0), 'M0 4L10 4');
+});
+
+test('summary, nearest and the series of a point', () => {
+  assert.deepEqual(summary([]), { now: 0, peak: 0, avg: 0 });
+  assert.deepEqual(summary([1, 5, 3]), { now: 3, peak: 5, avg: 3 });
+  assert.equal(nearest(0, 100, 11), 0);
+  assert.equal(nearest(100, 100, 11), 10);
+  assert.equal(nearest(44, 100, 11), 4);
+  assert.equal(nearest(-5, 100, 11), 0);
+  assert.equal(nearest(500, 100, 11), 10);
+  assert.equal(nearest(50, 100, 1), 0);
+  const p = { bytes_sent_per_sec: 100, bytes_received_per_sec: 2048, active_connections: 3, connections_per_sec: 0.5, blocked_per_sec: 1, dial_failures_per_sec: null };
+  assert.equal(SERIES.throughput.value(p), 2148);
+  assert.equal(SERIES.throughput.fmt(2148), '2.1 KB/s');
+  assert.equal(SERIES.active.value(p), 3);
+  assert.equal(SERIES.problems.value(p), 1);
+  assert.equal(SERIES.rate.fmt(1 / 3), '0.33/s');
+  assert.equal(sinceFor(3600, Date.parse('2026-12-06T12:00:00.123Z')), '2026-12-06T11:00:00Z');
+});
+
+test('problems: unhealthy, upstreams down, not listening, blocking or failing in the last 5 minutes', () => {
+  const ok = { enabled: true, status: { listening: true, health_status: 'healthy' } };
+  assert.deepEqual(problems(ok, []), []);
+  assert.deepEqual(problems({ enabled: true, status: { listening: false, health_status: 'unhealthy' } }, []), ['unhealthy', 'not listening']);
+  assert.deepEqual(problems({ enabled: true, status: { upstreams: [{ healthy: true }, { healthy: false }] } }, []), ['1 upstream down']);
+  // A disabled stream does not listen: no problem.
+  assert.deepEqual(problems({ enabled: false, status: { listening: false } }, []), []);
+  const quiet = Array.from({ length: 40 }, () => ({ blocked_per_sec: 0, dial_failures_per_sec: 0 }));
+  const old = [{ blocked_per_sec: 3, dial_failures_per_sec: 2 }, ...quiet];
+  assert.deepEqual(problems(ok, old, 10), [], 'a block 400 s ago still counts');
+  assert.deepEqual(problems(ok, [...quiet, { blocked_per_sec: 0.1, dial_failures_per_sec: 0 }], 10), ['blocking connections']);
+  assert.deepEqual(problems(ok, [{ blocked_per_sec: 0, dial_failures_per_sec: 0.2 }, ...quiet.slice(0, 20)], 10), ['failing dials']);
+});
+
+const streams = [
+  { id: 1, name: 'web', protocol: 'tcp', enabled: true, listen_port: 8080, upstream_host: '10.0.0.5', upstream_port: 80, status: { listening: true, active_connections: 5, bytes_sent: 10 } },
+  { id: 2, name: 'DNS', protocol: 'udp', enabled: true, listen_port: 53, upstream_host: '1.1.1.1', upstream_port: 53, status: { listening: false, active_connections: 0, bytes_sent: 300 } },
+  { id: 3, name: '', protocol: 'tcp+udp', enabled: false, listen_port: 30000, listen_port_end: 30099, upstreams: [{ host: 'game.internal', port: 7777 }, { host: '10.0.0.9', port: 7777 }], status: { active_connections: 2 } },
+  { id: 4, name: 'db', enabled: true, listen_port: 5432, upstream_host: 'pg', upstream_port: 5432, status: { listening: true, health_status: 'unhealthy', active_connections: 5 } },
+];
+
+test('streamState and matchStream filter by name, port, upstream, protocol and state', () => {
+  assert.deepEqual(streams.map(streamState), ['up', 'down', 'disabled', 'unhealthy']);
+  const ids = (f) => streams.filter((s) => matchStream(s, f)).map((s) => s.id);
+  assert.deepEqual(ids({}), [1, 2, 3, 4]);
+  assert.deepEqual(ids({ name: 'W' }), [1]);
+  assert.deepEqual(ids({ name: 'stream-3' }), [3], 'a stream without a name is stream-{id}');
+  assert.deepEqual(ids({ port: '53' }), [2]);
+  assert.deepEqual(ids({ port: '30050' }), [3], 'a port within a range');
+  assert.deepEqual(ids({ port: '30100' }), []);
+  assert.deepEqual(ids({ upstream: 'game' }), [3]);
+  assert.deepEqual(ids({ upstream: '10.0.0' }), [1, 3]);
+  assert.deepEqual(ids({ upstream: ':5432' }), [4]);
+  assert.deepEqual(ids({ protocol: 'tcp' }), [1, 4], 'no protocol is tcp');
+  assert.deepEqual(ids({ state: 'down' }), [2]);
+  assert.deepEqual(ids({ state: 'unhealthy' }), [4]);
+  assert.deepEqual(ids({ name: 'd', state: 'up' }), []);
+});
+
+test('sortStreams sorts by any column, both ways, ties by id', () => {
+  const ids = (k, asc) => sortStreams(streams, k, asc).map((s) => s.id);
+  assert.deepEqual(ids('', true), [1, 2, 3, 4]);
+  assert.deepEqual(ids('name', true), [4, 2, 3, 1]);
+  assert.deepEqual(ids('name', false), [1, 3, 2, 4]);
+  assert.deepEqual(ids('listen', true), [2, 4, 1, 3]);
+  assert.deepEqual(ids('active', false), [1, 4, 3, 2], 'ties keep the id order');
+  assert.deepEqual(ids('sent', true), [3, 4, 1, 2]);
+  assert.deepEqual(ids('health', true), [4, 2, 1, 3]);
+  assert.deepEqual(ids('enabled', true), [3, 1, 2, 4]);
+  assert.deepEqual(streams.map((s) => s.id), [1, 2, 3, 4], 'the list itself is left as it was');
+});
+
+test('logQuery and csvPath carry the filter, empty fields left out', () => {
+  assert.equal(logQuery({}), '');
+  assert.equal(logQuery({ source: ' 10.0.0.0/8 ', action: 'blocked', reason: '', node: 'a b' }, { limit: 50, before: '' }),
+    'source=10.0.0.0%2F8&action=blocked&node=a+b&limit=50');
+  const since = new Date('2026-12-06T10:00:00Z');
+  // datetime-local values are local time: the same instant in UTC.
+  const local = (d) => new Date(d.getTime() - d.getTimezoneOffset() * 60000).toISOString().slice(0, 19);
+  assert.equal(logQuery({ since: local(since) }), 'since=2026-12-06T10%3A00%3A00Z');
+  assert.equal(csvPath(7, { reason: 'client_close' }), 'api/v1/streams/7/connections?reason=client_close&format=csv&limit=100000');
+});
+
+test('logFilterProblems names the field at fault', () => {
+  assert.deepEqual(logFilterProblems({ source: '10.0.0.1' }), []);
+  assert.deepEqual(logFilterProblems({ source: '2001:db8::/32' }), []);
+  assert.equal(logFilterProblems({ source: 'ten' })[0].field, 'source');
+  assert.equal(logFilterProblems({ source: '10.0.0.0/40' })[0].field, 'source');
+  assert.deepEqual(logFilterProblems({ since: '2026-12-06T10:00', until: '2026-12-06T09:00' }).map((p) => p.field), ['until']);
+  assert.deepEqual(logFilterProblems({ since: 'soon' }).map((p) => p.field), ['since']);
+});
+
+test('parseCSV reads quotes, doubled quotes, commas and CRLF', () => {
+  assert.deepEqual(parseCSV('a,b\r\n1,"x, ""y"""\n2,\n'), [['a', 'b'], ['1', 'x, "y"'], ['2', '']]);
+  assert.deepEqual(parseCSV('a\n"line\nbreak"'), [['a'], ['line\nbreak']]);
+  assert.deepEqual(parseCSV(''), []);
+});
+
+test('diffRows, valueText, auditWhat and auditWho put an audit entry in words', () => {
+  const e = {
+    action: 'update', stream_id: 4, name: 'db', actor: 'admin endpoint', remote: '127.0.0.1:5555',
+    changes: [{ field: 'listen_port', from: 5432, to: 6432 }, { field: 'allow_cidrs', from: [], to: ['10.0.0.0/8'] }, { field: 'notes', from: null, to: 'x' }, { field: 'enabled', from: true, to: false }],
+  };
+  assert.deepEqual(diffRows(e), [['listen_port', '5432', '6432'], ['allow_cidrs', '(none)', '["10.0.0.0/8"]'], ['notes', '(none)', 'x'], ['enabled', 'true', 'false']]);
+  assert.deepEqual(diffRows({ action: 'delete' }), []);
+  assert.equal(valueText({ a: 1 }), '{"a":1}');
+  assert.equal(valueText(0), '0');
+  assert.equal(auditWhat(e), 'stream db (4)');
+  assert.equal(auditWhat({ action: 'cert_create', certificate_id: 2, name: '' }), 'certificate certificate-2 (2)');
+  assert.equal(auditWho(e), 'admin endpoint (127.0.0.1:5555)');
+  assert.equal(auditWho({ actor: 'alice', remote: '10.0.0.1:1' }), 'alice (10.0.0.1:1)');
+  assert.equal(auditWho({}), 'unknown');
+});
+
+test('exportFile writes the aegis streams export format; importPlan reads it back', () => {
+  const list = [
+    { id: 1, name: 'cfg', source: 'config', listen_port: 1 },
+    { id: 5, name: 'web', source: 'api', listen_port: 8080, enabled: true, status: { listening: true }, version: 'abc', created_at: 'x', updated_at: 'y', warnings: ['w'] },
+  ];
+  const f = exportFile(list, [{ id: 2, name: 'c', source: 'custom', domains: ['a.example'] }], 'the web UI', new Date('2026-12-06T13:30:00.5Z'));
+  assert.deepEqual(f, {
+    format: 'aegis-streams-export', version: 1, exported_at: '2026-12-06T13:30:00Z', from: 'the web UI',
+    certificates: [{ id: 2, name: 'c', source: 'custom', domains: ['a.example'] }],
+    streams: [{ id: 5, name: 'web', listen_port: 8080, enabled: true }],
+  });
+  const text = JSON.stringify(f);
+  // id 5 exists: PUT; missing: POST without the id; the config's: skipped.
+  let plan = importPlan(text, [{ id: 5, source: 'api' }]);
+  assert.deepEqual(plan.steps, [{ name: 'web', method: 'PUT', path: 'streams/5', body: { id: 5, name: 'web', listen_port: 8080, enabled: true } }]);
+  assert.equal(plan.skipped.length, 1);
+  assert.match(plan.skipped[0], /1 certificate: the UI does not import certificates/);
+  plan = importPlan(text, []);
+  assert.deepEqual(plan.steps, [{ name: 'web', method: 'POST', path: 'streams', body: { name: 'web', listen_port: 8080, enabled: true } }]);
+  plan = importPlan(text, [{ id: 5, source: 'config' }]);
+  assert.deepEqual(plan.steps, []);
+  assert.match(plan.skipped[0], /web: id 5 is a stream of the Caddy config/);
+  assert.match(importPlan('{', []).error, /not JSON/);
+  assert.match(importPlan('{"format":"x"}', []).error, /not an export/);
+  assert.match(importPlan('{"format":"aegis-streams-export","version":2,"streams":[]}', []).error, /version 2/);
+  assert.match(importPlan('{"format":"aegis-streams-export","version":1}', []).error, /no "streams"/);
+});
