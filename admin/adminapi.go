@@ -66,6 +66,8 @@ func (a *adminAPI) Routes() []caddy.AdminRoute {
 		{Pattern: certsPath + "/", Handler: h},
 		{Pattern: clusterPath, Handler: h},
 		{Pattern: clusterPath + "/", Handler: h},
+		{Pattern: auditPath, Handler: h},
+		{Pattern: auditPath + "/", Handler: h},
 		{Pattern: uiPath, Handler: caddy.AdminHandlerFunc(a.redirectUI)},
 		{Pattern: uiPath + "/", Handler: caddy.AdminHandlerFunc(a.serveUI)},
 	}

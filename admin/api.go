@@ -28,10 +28,13 @@ const basePath = "/api/v1/streams"
 // clusterPath lists the nodes that share this node's storage.
 const clusterPath = "/api/v1/cluster"
 
-// isAPIPath reports whether path is the API's: basePath, certsPath or
-// clusterPath, or below one of them.
+// auditPath is the audit trail of the changes made through the API.
+const auditPath = "/api/v1/audit"
+
+// isAPIPath reports whether path is the API's: basePath, certsPath,
+// clusterPath or auditPath, or below one of them.
 func isAPIPath(path string) bool {
-	return underPath(path, basePath) || underPath(path, certsPath) || underPath(path, clusterPath)
+	return underPath(path, basePath) || underPath(path, certsPath) || underPath(path, clusterPath) || underPath(path, auditPath)
 }
 
 // underPath reports whether path is root or below it.
@@ -101,6 +104,8 @@ var (
 	activeRoute     = route{http.MethodGet: (*api).activeConnections}
 	activeConnRoute = route{http.MethodDelete: (*api).closeConnection}
 	clusterRoute    = route{http.MethodGet: (*api).cluster}
+	historyRoute    = route{http.MethodGet: (*api).history}
+	auditRoute      = route{http.MethodGet: (*api).audit}
 )
 
 // match finds the route of an API path (one isAPIPath accepts).
@@ -114,6 +119,12 @@ func match(path string) (route, params, error) {
 			return nil, p, notFoundPath(path)
 		}
 		return clusterRoute, p, nil
+	}
+	if underPath(path, auditPath) {
+		if path != auditPath {
+			return nil, p, notFoundPath(path)
+		}
+		return auditRoute, p, nil
 	}
 	sub := strings.TrimPrefix(path, basePath)
 	if sub == "" || sub == "/" {
@@ -143,6 +154,8 @@ func match(path string) (route, params, error) {
 		return hostRoute, p, nil
 	case len(segs) == 2 && segs[1] == "connections":
 		return connLogRoute, p, nil
+	case len(segs) == 2 && segs[1] == "history":
+		return historyRoute, p, nil
 	case len(segs) == 2 && segs[1] == "active":
 		return activeRoute, p, nil
 	case len(segs) == 3 && segs[1] == "active":
@@ -226,6 +239,10 @@ func (a *api) serve(w http.ResponseWriter, r *http.Request, mount string) {
 		}
 	}
 	p.mount = mount
+	if method != http.MethodGet {
+		// The writes it leads to store who asked in the audit trail.
+		r = r.WithContext(storage.WithAudit(r.Context(), storage.AuditSource{Actor: actor(r), Remote: r.RemoteAddr}))
+	}
 	if err := ep(a, w, r, p); err != nil {
 		a.fail(w, r, err)
 	}
@@ -498,10 +515,11 @@ type connLogPage struct {
 }
 
 func (a *api) connectionLog(w http.ResponseWriter, r *http.Request, p params) error {
-	q, err := parseConnLogQuery(r.URL.Query())
+	cq, err := parseConnLogQuery(r.URL.Query())
 	if err != nil {
 		return err
 	}
+	q := cq.ConnLogQuery
 	app := streams.Running()
 	if app == nil {
 		return spec.ErrNotRunning
@@ -510,11 +528,17 @@ func (a *api) connectionLog(w http.ResponseWriter, r *http.Request, p params) er
 	if err != nil {
 		return err
 	}
+	if cq.csv {
+		writeConnLogCSV(w, p.id, entries)
+		return nil
+	}
 	page := connLogPage{Entries: entries}
 	if len(entries) == q.Limit {
 		// A full page: there is a next one if an older entry exists.
 		last := entries[len(entries)-1].ID
-		more, err := app.ConnectionLog(r.Context(), p.id, storage.ConnLogQuery{Limit: 1, Before: last, Action: q.Action, Node: q.Node})
+		next := q
+		next.Limit, next.Before = 1, last
+		more, err := app.ConnectionLog(r.Context(), p.id, next)
 		if err != nil {
 			return err
 		}

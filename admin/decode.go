@@ -7,11 +7,13 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"reflect"
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/aegis-proxy/caddy-aegis/spec"
 	"github.com/aegis-proxy/caddy-aegis/storage"
@@ -356,11 +358,22 @@ func sortedKeys[V any](m map[string]V) []string {
 	return out
 }
 
-// parseConnLogQuery reads the query of GET /{id}/connections: limit
-// (1-1000, default 50), before (an entry id) and action (allowed or
-// blocked). Anything else is refused.
-func parseConnLogQuery(q url.Values) (storage.ConnLogQuery, error) {
-	out := storage.ConnLogQuery{Limit: storage.DefaultConnLogLimit}
+// connLogQuery is what GET connections asks for: the entries (q) and
+// their format.
+type connLogQuery struct {
+	storage.ConnLogQuery
+	// csv asks for CSV instead of a JSON page.
+	csv bool
+}
+
+// parseConnLogQuery reads the connection log's query parameters: limit
+// (1 to MaxConnLogLimit, or MaxConnLogExportLimit with format=csv),
+// before, action, node, source (an address or CIDR network), reason,
+// since and until (RFC 3339) and format (json or csv). It refuses any
+// other parameter, and any given twice.
+func parseConnLogQuery(q url.Values) (connLogQuery, error) {
+	out := connLogQuery{ConnLogQuery: storage.ConnLogQuery{Limit: storage.DefaultConnLogLimit}}
+	limit := ""
 	for _, name := range sortedKeys(q) {
 		vals := q[name]
 		if len(vals) > 1 {
@@ -369,12 +382,7 @@ func parseConnLogQuery(q url.Values) (storage.ConnLogQuery, error) {
 		v := vals[0]
 		switch name {
 		case "limit":
-			n, err := strconv.Atoi(v)
-			if err != nil || !allDigits(v) || n < 1 || n > storage.MaxConnLogLimit {
-				return out, fieldError(name, v, fmt.Sprintf("limit %q: must be an integer from 1 to %d (default %d)",
-					v, storage.MaxConnLogLimit, storage.DefaultConnLogLimit))
-			}
-			out.Limit = n
+			limit = v
 		case "before":
 			id, ok := parseID(v)
 			if !ok {
@@ -391,9 +399,67 @@ func parseConnLogQuery(q url.Values) (storage.ConnLogQuery, error) {
 				return out, fieldError(name, v, "node: must be a node's name (GET "+clusterPath+" lists them)")
 			}
 			out.Node = v
+		case "source":
+			pfx, err := netip.ParsePrefix(v)
+			if err != nil {
+				addr, aerr := netip.ParseAddr(v)
+				if aerr != nil || addr.Zone() != "" {
+					return out, fieldError(name, v, fmt.Sprintf("source %q: must be an IP address (203.0.113.7) or a CIDR network (203.0.113.0/24, 2001:db8::/32)", v))
+				}
+				pfx = netip.PrefixFrom(addr.Unmap(), addr.Unmap().BitLen())
+			}
+			out.Source = pfx.Masked()
+		case "reason":
+			if !isReason(v) {
+				return out, fieldError(name, v, fmt.Sprintf("reason %q: must be a disconnect_reason as the log shows it, e.g. client_closed or idle_timeout (lower-case letters, digits and _)", v))
+			}
+			out.Reason = v
+		case "since", "until":
+			t, err := time.Parse(time.RFC3339Nano, v)
+			if err != nil {
+				return out, fieldError(name, v, fmt.Sprintf("%s %q: must be an RFC 3339 time, e.g. 2026-12-06T15:00:00Z", name, v))
+			}
+			if name == "since" {
+				out.Since = t.UTC()
+			} else {
+				out.Until = t.UTC()
+			}
+		case "format":
+			if v != "json" && v != "csv" {
+				return out, fieldError(name, v, fmt.Sprintf("format %q: must be json (the default) or csv", v))
+			}
+			out.csv = v == "csv"
 		default:
-			return out, fieldError(name, v, fmt.Sprintf("unknown query parameter %q; the parameters are: action, before, limit, node", name))
+			return out, fieldError(name, v, fmt.Sprintf("unknown query parameter %q; the parameters are: action, before, format, limit, node, reason, since, source, until", name))
 		}
 	}
+	if !out.Since.IsZero() && !out.Until.IsZero() && !out.Until.After(out.Since) {
+		return out, fieldError("until", q.Get("until"), fmt.Sprintf("until %q: must be after since (%s)", q.Get("until"), q.Get("since")))
+	}
+	if limit != "" {
+		most := storage.MaxConnLogLimit
+		if out.csv {
+			most = storage.MaxConnLogExportLimit
+		}
+		n, err := strconv.Atoi(limit)
+		if err != nil || !allDigits(limit) || n < 1 || n > most {
+			return out, fieldError("limit", limit, fmt.Sprintf("limit %q: must be an integer from 1 to %d (default %d; up to %d with format=csv)",
+				limit, most, storage.DefaultConnLogLimit, storage.MaxConnLogExportLimit))
+		}
+		out.Limit = n
+	}
 	return out, nil
+}
+
+// isReason reports whether v looks like a disconnect_reason.
+func isReason(v string) bool {
+	if v == "" || len(v) > 64 {
+		return false
+	}
+	for i := 0; i < len(v); i++ {
+		if c := v[i]; !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '_') {
+			return false
+		}
+	}
+	return true
 }

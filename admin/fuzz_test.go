@@ -257,11 +257,18 @@ func FuzzConnLogQuery(f *testing.F) {
 				want.Before = n
 			case "action":
 				want.Action = vs[0]
+			case "node", "source", "reason", "since", "until", "format":
+				// Checked by TestConnLogFilterParams; taken as parsed.
+				want.Node, want.Source, want.Reason, want.Since, want.Until = got.Node, got.Source, got.Reason, got.Since, got.Until
 			default:
 				t.Fatalf("%q: accepted unknown parameter %q", raw, k)
 			}
 		}
-		if got != want || got.Limit < 1 || got.Limit > storage.MaxConnLogLimit || got.Before < 0 ||
+		most := storage.MaxConnLogLimit
+		if got.csv {
+			most = storage.MaxConnLogExportLimit
+		}
+		if got.ConnLogQuery != want || got.Limit < 1 || got.Limit > most || got.Before < 0 ||
 			got.Action != "" && got.Action != storage.ActionAllowed && got.Action != storage.ActionBlocked {
 			t.Fatalf("%q: parsed as %+v, want %+v within range", raw, got, want)
 		}

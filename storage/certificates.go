@@ -236,6 +236,13 @@ func (s *core) CreateCertificate(ctx context.Context, c spec.Certificate, keyPEM
 		if err := tx.changed(ctx, ChangeCertificate, OpCreate, c.ID); err != nil {
 			return err
 		}
+		if _, ok := auditFrom(ctx); ok {
+			nc := normalizedCert(c)
+			if err := s.audit(ctx, tx, AuditEntry{Action: AuditCertCreate, CertificateID: c.ID, Name: c.Name,
+				Changes: certChanges(nil, &nc)}); err != nil {
+				return err
+			}
+		}
 		if apply != nil {
 			return apply(normalizedCert(c))
 		}
@@ -290,6 +297,13 @@ func (s *core) UpdateCertificate(ctx context.Context, c spec.Certificate, keyPEM
 		if err := tx.changed(ctx, ChangeCertificate, OpUpdate, c.ID); err != nil {
 			return err
 		}
+		if _, ok := auditFrom(ctx); ok {
+			nc := normalizedCert(c)
+			if err := s.audit(ctx, tx, AuditEntry{Action: AuditCertUpdate, CertificateID: c.ID, Name: c.Name,
+				Changes: certChanges(&old, &nc)}); err != nil {
+				return err
+			}
+		}
 		if apply != nil {
 			return apply(old, normalizedCert(c))
 		}
@@ -315,6 +329,9 @@ func (s *core) DeleteCertificate(ctx context.Context, id int64, apply func(old s
 			return fmt.Errorf("deleting: %w", err)
 		}
 		if err := tx.changed(ctx, ChangeCertificate, OpDelete, id); err != nil {
+			return err
+		}
+		if err := s.audit(ctx, tx, AuditEntry{Action: AuditCertDelete, CertificateID: id, Name: old.Name}); err != nil {
 			return err
 		}
 		if apply != nil {

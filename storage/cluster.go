@@ -104,4 +104,11 @@ type Cluster interface {
 
 	// Nodes returns every node that has sent a heartbeat, by name.
 	Nodes(ctx context.Context) ([]NodeStatus, error)
+
+	// AppendHistory stores samples of this node's streams and prunes
+	// those older than HistoryRetention.
+	AppendHistory(ctx context.Context, samples []HistorySample) error
+
+	// History returns each node's samples of a stream after since.
+	History(ctx context.Context, streamID int64, since time.Time) ([]NodeHistory, error)
 }

@@ -124,8 +124,8 @@ func (s *core) ConnLogs(ctx context.Context, q ConnLogQuery) ([]ConnLog, error) 
 	switch {
 	case limit <= 0:
 		limit = DefaultConnLogLimit
-	case limit > MaxConnLogLimit:
-		limit = MaxConnLogLimit
+	case limit > MaxConnLogExportLimit:
+		limit = MaxConnLogExportLimit
 	}
 
 	var (
@@ -147,6 +147,22 @@ func (s *core) ConnLogs(ctx context.Context, q ConnLogQuery) ([]ConnLog, error) 
 	if q.Node != "" {
 		where = append(where, "node = ?")
 		args = append(args, q.Node)
+	}
+	if q.Source.IsValid() {
+		where = append(where, "aegis_in_net(source_ip, ?)")
+		args = append(args, q.Source.Masked().String())
+	}
+	if q.Reason != "" {
+		where = append(where, "disconnect_reason = ?")
+		args = append(args, q.Reason)
+	}
+	if !q.Since.IsZero() {
+		where = append(where, "ended_at >= ?")
+		args = append(args, q.Since.UnixMilli())
+	}
+	if !q.Until.IsZero() {
+		where = append(where, "ended_at < ?")
+		args = append(args, q.Until.UnixMilli())
 	}
 	query := `SELECT id, node, stream_id, source_ip, source_port, bytes_sent, bytes_received,
 		duration_ms, action, disconnect_reason, started_at, ended_at,

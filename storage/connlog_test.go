@@ -221,7 +221,7 @@ func testConnLogQuery(t *testing.T, b testBackend) {
 	}{
 		{"default limit", ConnLogQuery{StreamID: 1}, seq(1199, 1150, -1)},
 		{"limit", ConnLogQuery{StreamID: 1, Limit: 3}, seq(1199, 1197, -1)},
-		{"limit capped", ConnLogQuery{StreamID: 1, Limit: 5000}, seq(1199, 200, -1)},
+		{"limit above a page", ConnLogQuery{StreamID: 1, Limit: 5000}, seq(1199, 0, -1)},
 		{"negative limit", ConnLogQuery{StreamID: 1, Limit: -1}, seq(1199, 1150, -1)},
 		{"before", ConnLogQuery{StreamID: 1, Limit: 3, Before: idOf[500]}, seq(499, 497, -1)},
 		// Entries of the two streams alternate: stream 1's first is 400

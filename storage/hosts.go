@@ -156,6 +156,10 @@ func (s *core) CreateHost(ctx context.Context, st spec.Stream, apply func(h Stor
 		if err := tx.changed(ctx, ChangeStream, OpCreate, h.ID); err != nil {
 			return err
 		}
+		if err := s.audit(ctx, tx, AuditEntry{Action: AuditCreate, StreamID: h.ID, Name: h.Name,
+			Changes: streamChanges(nil, &h.Stream)}); err != nil {
+			return err
+		}
 		if apply != nil {
 			return apply(h.clone())
 		}
@@ -193,6 +197,13 @@ func (s *core) UpdateHost(ctx context.Context, st spec.Stream, apply func(old, n
 		}
 		if err := tx.changed(ctx, ChangeStream, OpUpdate, h.ID); err != nil {
 			return err
+		}
+		if _, ok := auditFrom(ctx); ok {
+			changes := streamChanges(&old.Stream, &h.Stream)
+			if err := s.audit(ctx, tx, AuditEntry{Action: updateAction(changes), StreamID: h.ID, Name: h.Name,
+				Changes: changes}); err != nil {
+				return err
+			}
 		}
 		if apply != nil {
 			return apply(old, h.clone())
@@ -238,6 +249,9 @@ func (s *core) DeleteHost(ctx context.Context, id int64, apply func(old Stored) 
 			return fmt.Errorf("deleting: %w", err)
 		}
 		if err := tx.changed(ctx, ChangeStream, OpDelete, id); err != nil {
+			return err
+		}
+		if err := s.audit(ctx, tx, AuditEntry{Action: AuditDelete, StreamID: id, Name: old.Name}); err != nil {
 			return err
 		}
 		if apply != nil {

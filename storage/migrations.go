@@ -234,6 +234,28 @@ CREATE TABLE key_canary (
 			`ALTER TABLE conn_log ADD COLUMN upstream TEXT NOT NULL DEFAULT ''`,
 		},
 	},
+	{
+		version: 11,
+		name:    "create audit_log",
+		// Every change made through the API (AuditEntry); changes is the
+		// JSON list of AuditChange. No foreign keys: the entries of a
+		// deleted stream or certificate stay.
+		stmts: []string{`
+CREATE TABLE audit_log (
+	id             INTEGER PRIMARY KEY AUTOINCREMENT,
+	at             INTEGER NOT NULL,
+	node           TEXT    NOT NULL DEFAULT '',
+	actor          TEXT    NOT NULL,
+	remote         TEXT    NOT NULL DEFAULT '',
+	action         TEXT    NOT NULL,
+	stream_id      INTEGER NOT NULL DEFAULT 0,
+	certificate_id INTEGER NOT NULL DEFAULT 0,
+	name           TEXT    NOT NULL DEFAULT '',
+	changes        TEXT    NOT NULL DEFAULT '[]'
+) STRICT`,
+			`CREATE INDEX audit_log_stream_id_id ON audit_log (stream_id, id)`,
+		},
+	},
 }
 
 // migrate applies the migrations in migs above the database's version, up

@@ -116,6 +116,51 @@ CREATE TABLE hosts (
 			`ALTER TABLE conn_log ADD COLUMN upstream TEXT NOT NULL DEFAULT ''`,
 		},
 	},
+	{
+		version: 3,
+		name:    "audit_log, stream_history, aegis_in_net",
+		// The audit log as SQLite's migration 11; each node's 10 s
+		// samples of its streams (HistorySample), pruned after 24 hours;
+		// and the connection log's source filter, which SQLite has as a
+		// Go function (a text that is not an address is in no network).
+		stmts: []string{
+			`CREATE TABLE audit_log (
+	id             BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+	at             BIGINT NOT NULL,
+	node           TEXT   NOT NULL DEFAULT '',
+	actor          TEXT   NOT NULL,
+	remote         TEXT   NOT NULL DEFAULT '',
+	action         TEXT   NOT NULL,
+	stream_id      BIGINT NOT NULL DEFAULT 0,
+	certificate_id BIGINT NOT NULL DEFAULT 0,
+	name           TEXT   NOT NULL DEFAULT '',
+	changes        TEXT   NOT NULL DEFAULT '[]'
+)`,
+			`CREATE INDEX audit_log_stream_id_id ON audit_log (stream_id, id)`,
+			`CREATE TABLE stream_history (
+	node           TEXT    NOT NULL,
+	stream_id      BIGINT  NOT NULL,
+	t              BIGINT  NOT NULL,
+	bytes_sent     REAL    NOT NULL,
+	bytes_received REAL    NOT NULL,
+	connections    REAL    NOT NULL,
+	active         BIGINT  NOT NULL,
+	blocked        REAL    NOT NULL,
+	dial_failures  REAL    NOT NULL,
+	healthy        BOOLEAN,
+	PRIMARY KEY (stream_id, node, t)
+)`,
+			`CREATE INDEX stream_history_t ON stream_history (t)`,
+			`CREATE FUNCTION aegis_in_net(ip TEXT, net TEXT) RETURNS BOOLEAN
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+	RETURN ip::inet <<= net::inet;
+EXCEPTION WHEN others THEN
+	RETURN false;
+END
+$$`,
+		},
+	},
 }
 
 // migrate brings the schema up to the last of migs, on a connection of

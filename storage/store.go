@@ -40,6 +40,7 @@ package storage
 import (
 	"context"
 	"errors"
+	"net/netip"
 	"time"
 
 	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
@@ -134,6 +135,11 @@ type Store interface {
 	// ConnLogs returns connection-log entries, newest first, as selected
 	// by q.
 	ConnLogs(ctx context.Context, q ConnLogQuery) ([]ConnLog, error)
+
+	// AuditLog returns audit entries (the changes made through the API,
+	// which the writes whose context has an AuditSource store in their
+	// transaction), newest first, as selected by q.
+	AuditLog(ctx context.Context, q AuditQuery) ([]AuditEntry, error)
 
 	// PruneConnLogs deletes all but the newest keep entries of one stream's
 	// connection log and returns how many it deleted. keep 0 deletes them
@@ -294,8 +300,11 @@ const (
 	// DefaultConnLogLimit is the number of entries returned when
 	// ConnLogQuery.Limit is 0.
 	DefaultConnLogLimit = 50
-	// MaxConnLogLimit is the most entries one query returns.
+	// MaxConnLogLimit is the most entries one page of the API returns.
 	MaxConnLogLimit = 1000
+	// MaxConnLogExportLimit is the most entries one query returns: the
+	// API's CSV download.
+	MaxConnLogExportLimit = 100000
 )
 
 // ConnLogQuery selects connection-log entries. Entries come newest first;
@@ -305,8 +314,8 @@ type ConnLogQuery struct {
 	StreamID int64
 
 	// Limit is the most entries returned. Default: 0, meaning
-	// DefaultConnLogLimit; larger than MaxConnLogLimit means
-	// MaxConnLogLimit.
+	// DefaultConnLogLimit; larger than MaxConnLogExportLimit means
+	// MaxConnLogExportLimit.
 	Limit int
 
 	// Before, when > 0, returns only entries with an ID below it.
@@ -319,4 +328,16 @@ type ConnLogQuery struct {
 	// Node, when not "", returns only the entries of the node of that
 	// name.
 	Node string
+
+	// Source, when valid, returns only the entries whose source_ip is in
+	// it (a single address is a /32 or /128).
+	Source netip.Prefix
+
+	// Reason, when not "", returns only the entries with that
+	// disconnect_reason.
+	Reason string
+
+	// Since and Until, when not zero, return only the entries that ended
+	// at or after Since and before Until.
+	Since, Until time.Time
 }

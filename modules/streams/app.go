@@ -409,6 +409,7 @@ func (a *App) Start() error {
 		return err
 	}
 	setCurrent(a)
+	startHistory()
 	return nil
 }
 
@@ -549,6 +550,7 @@ func (a *App) Stop() error {
 	writeMu.Lock()
 	back := handOver(a)
 	writeMu.Unlock()
+	stopHistory()
 	a.mu.Lock()
 	a.closeListeners()
 	var certs []int64

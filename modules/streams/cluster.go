@@ -294,6 +294,30 @@ func (c *clusterStore) ConnLogs(ctx context.Context, q storage.ConnLogQuery) ([]
 	return db.ConnLogs(ctx, q)
 }
 
+func (c *clusterStore) AuditLog(ctx context.Context, q storage.AuditQuery) ([]storage.AuditEntry, error) {
+	db, err := c.get()
+	if err != nil {
+		return nil, err
+	}
+	return db.AuditLog(ctx, q)
+}
+
+func (c *clusterStore) AppendHistory(ctx context.Context, samples []storage.HistorySample) error {
+	db, err := c.get()
+	if err != nil {
+		return err
+	}
+	return db.AppendHistory(ctx, samples)
+}
+
+func (c *clusterStore) History(ctx context.Context, streamID int64, since time.Time) ([]storage.NodeHistory, error) {
+	db, err := c.get()
+	if err != nil {
+		return nil, err
+	}
+	return db.History(ctx, streamID, since)
+}
+
 func (c *clusterStore) PruneConnLogs(ctx context.Context, streamID int64, keep int) (int64, error) {
 	db, err := c.get()
 	if err != nil {

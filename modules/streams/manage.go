@@ -401,6 +401,7 @@ func (a *App) removeInstance(inst *instance) {
 	inst.state.CloseAll(streamstate.ReasonStreamRemoved)
 	a.streams = slices.DeleteFunc(a.streams, func(x *instance) bool { return x == inst })
 	inst.logger.Info("stream deleted")
+	forgetHistory(inst.cfg.ID)
 	inst.release()
 }
 
