@@ -93,11 +93,14 @@ export async function auditPage(ctx) {
   await load();
 }
 
-// diff is an entry's changes as a list: field, from → to.
+// diff is an entry's changes as a list: field, from → to; a create shows
+// the new values alone, a delete the old ones.
 function diff(e) {
   const rows = diffRows(e);
   if (!rows.length) return '';
+  const made = e.action === 'create' || e.action === 'cert_create';
+  const gone = e.action === 'delete' || e.action === 'cert_delete';
   return h('ul', { class: 'changes' }, rows.map(([field, from, to]) => h('li', { 'data-field': field },
     h('span', { class: 'field-name' }, field), ': ',
-    h('del', {}, from), ' → ', h('ins', {}, to))));
+    made ? null : h('del', {}, from), made || gone ? null : ' → ', gone ? null : h('ins', {}, to))));
 }

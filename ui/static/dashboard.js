@@ -121,6 +121,6 @@ function fill(c, { s, points, bad }) {
   setText(c.bad, bad.length ? `Problems: ${bad.join(', ')}` : '');
   c.bad.hidden = !bad.length;
   c.li.classList.toggle('problem', bad.length > 0);
-  c.thr.update(points);
-  c.conn.update(points);
+  c.thr.update(points, HOUR);
+  c.conn.update(points, HOUR);
 }

@@ -8,7 +8,7 @@ import { formatBytes, formatCount } from './units.js';
 // SERIES are what the graphs show of a history point.
 export const SERIES = {
   throughput: { label: 'Throughput', unit: 'bytes/s', value: (p) => num(p.bytes_sent_per_sec) + num(p.bytes_received_per_sec), fmt: (v) => `${formatBytes(Math.round(v))}/s` },
-  active: { label: 'Open connections', unit: 'connections', value: (p) => num(p.active_connections), fmt: (v) => formatCount(Math.round(v)) },
+  active: { label: 'Open connections', unit: 'connections', value: (p) => num(p.active_connections), fmt: (v) => (Number.isInteger(v) ? formatCount(v) : String(Math.round(v * 10) / 10)) },
   rate: { label: 'New connections', unit: 'per second', value: (p) => num(p.connections_per_sec), fmt: (v) => `${round2(v)}/s` },
   problems: { label: 'Blocked and failed dials', unit: 'per second', value: (p) => num(p.blocked_per_sec) + num(p.dial_failures_per_sec), fmt: (v) => `${round2(v)}/s` },
 };
@@ -27,18 +27,30 @@ export function niceMax(v) {
   return 10 * p;
 }
 
-// linePath is the SVG path of values across a w × h box, the first at
-// x = 0 and the last at x = w, 0 at the bottom and max at the top
-// (coordinates to 0.1). One value is a flat line across.
-export function linePath(values, w, h, max) {
+// linePath is the SVG path of values across a w × h box, 0 at the
+// bottom and max at the top (coordinates to 0.1). xs are where each value
+// is, as fractions of the width (positions); without them the first is at
+// x = 0 and the last at x = w. One value is a flat line from its place to
+// the right edge.
+export function linePath(values, w, h, max, xs) {
   const n = values.length;
   if (!n) return '';
   const top = max > 0 ? max : 1;
   const r = (v) => Math.round(v * 10) / 10;
   const y = (v) => r(h - (Math.min(Math.max(v, 0), top) / top) * h);
-  if (n === 1) return `M0 ${y(values[0])}H${r(w)}`;
-  const step = w / (n - 1);
-  return values.map((v, i) => `${i ? 'L' : 'M'}${r(i * step)} ${y(v)}`).join('');
+  const x = (i) => (xs ? xs[i] * w : n === 1 ? 0 : (i * w) / (n - 1));
+  if (n === 1) return `M${r(x(0))} ${y(values[0])}H${r(w)}`;
+  return values.map((v, i) => `${i ? 'L' : 'M'}${r(x(i))} ${y(v)}`).join('');
+}
+
+// positions are the points' places on a time axis of span seconds that
+// ends at now: 0 is its start, 1 now (a point outside is put at the edge).
+export function positions(points, span, now = Date.now()) {
+  const t0 = now - span * 1000;
+  return points.map((p) => {
+    const f = (Date.parse(p.time) - t0) / (span * 1000);
+    return Number.isFinite(f) ? Math.min(1, Math.max(0, f)) : 1;
+  });
 }
 
 // summary is the last, highest and average of values (0s without any).
@@ -53,10 +65,23 @@ export function summary(values) {
   return { now: values[values.length - 1], peak, avg: sum / values.length };
 }
 
-// nearest is the index of the point under x of a w wide graph of n points.
-export function nearest(x, w, n) {
-  if (n < 2 || !(w > 0)) return 0;
-  return Math.min(n - 1, Math.max(0, Math.round((x / w) * (n - 1))));
+// shownSpan is how many seconds a graph of range seconds shows: since
+// its first point when that is later (a server that started 2 minutes
+// ago has 2 minutes to show), and at least 5 minutes.
+export function shownSpan(points, range, now = Date.now()) {
+  const first = points.length ? Date.parse(points[0].time) : NaN;
+  if (!Number.isFinite(first)) return range;
+  return Math.min(range, Math.max(300, Math.ceil((now - first) / 1000)));
+}
+
+// nearest is the index of the position (a fraction of the width, in
+// order) closest to f; -1 without any.
+export function nearest(f, xs) {
+  let best = -1;
+  for (let i = 0; i < xs.length; i++) {
+    if (best < 0 || Math.abs(xs[i] - f) < Math.abs(xs[best] - f)) best = i;
+  }
+  return best;
 }
 
 // timeLabel is a point's time as the axis shows it: hours and minutes.
@@ -104,10 +129,11 @@ function svg(tag, attrs = {}, ...children) {
   return el;
 }
 
-// graph draws series of points as one SVG line each. opts: label (what
-// it shows, for the text alternative), series (names of SERIES), axes
-// (labels of the value and time axes), width, height. It returns
-// {el, update(points)}: update redraws in place. Hovering or moving the
+// graph draws series of points as one SVG line each, on a time axis that
+// ends now. opts: label (what it shows, for the text alternative), series
+// (names of SERIES), axes (labels of the value and time axes), width,
+// height. It returns {el, update(points, span)}: update redraws in place
+// for the last span seconds. Hovering or moving the
 // focus along it (arrow keys) shows a point's numbers in its readout.
 export function graph(opts) {
   const { label, series, axes = false } = opts;
@@ -130,6 +156,7 @@ export function graph(opts) {
   el.append(root, readout);
   let pts = [];
   let vals = [];
+  let xs = [];
   let at = -1;
 
   const show = (i) => {
@@ -139,7 +166,7 @@ export function graph(opts) {
       readout.textContent = text();
       return;
     }
-    const x = pts.length < 2 ? 0 : (i / (pts.length - 1)) * w;
+    const x = xs[i] * w;
     cursor.setAttribute('x1', x);
     cursor.setAttribute('x2', x);
     cursor.setAttribute('visibility', 'visible');
@@ -150,13 +177,13 @@ export function graph(opts) {
     if (!pts.length) return `${label}: no data yet`;
     return `${label}: ${series.map((n, k) => {
       const s = summary(vals[k]);
-      return `${SERIES[n].label.toLowerCase()} now ${SERIES[n].fmt(s.now)}, peak ${SERIES[n].fmt(s.peak)}`;
+      return `${series.length > 1 ? `${SERIES[n].label.toLowerCase()} ` : ''}now ${SERIES[n].fmt(s.now)}, peak ${SERIES[n].fmt(s.peak)}`;
     }).join('; ')}`;
   };
   root.addEventListener('pointermove', (e) => {
     const r = root.getBoundingClientRect();
     const x = ((e.clientX - r.left) / r.width) * W - pad.l;
-    show(nearest(x, w, pts.length));
+    show(nearest(x / w, xs));
   });
   root.addEventListener('pointerleave', () => show(-1));
   root.addEventListener('blur', () => show(-1));
@@ -168,14 +195,17 @@ export function graph(opts) {
     show(Math.min(pts.length - 1, Math.max(0, (at < 0 ? pts.length - 1 : at) + d)));
   });
 
-  function update(points) {
+  function update(points, range = 3600) {
     pts = Array.isArray(points) ? points : [];
+    const now = Date.now();
+    const span = shownSpan(pts, range, now);
+    xs = positions(pts, span, now);
     vals = series.map((n) => pts.map(SERIES[n].value));
     // Every series on its own scale would mislead: one scale per unit, and
     // the first series' scale for the axis.
     lines.forEach((line, k) => {
       const max = niceMax(summary(vals[k]).peak);
-      line.setAttribute('d', linePath(vals[k], w, hh, max));
+      line.setAttribute('d', linePath(vals[k], w, hh, max, xs));
     });
     const words = text();
     title.textContent = words;
@@ -191,9 +221,8 @@ export function graph(opts) {
         t(pad.l - 4, pad.t + hh / 2 + 4, f(max / 2), 'end'),
         t(pad.l - 4, pad.t + hh, f(0), 'end'),
       ];
-      if (pts.length) {
-        kids.push(t(pad.l, H - 4, timeLabel(pts[0].time), 'start'), t(pad.l + w, H - 4, timeLabel(pts[pts.length - 1].time), 'end'));
-      }
+      kids.push(t(pad.l, H - 4, timeLabel(new Date(now - span * 1000)), 'start'), t(pad.l + w / 2, H - 4, timeLabel(new Date(now - span * 500)), 'middle'),
+        t(pad.l + w, H - 4, timeLabel(new Date(now)), 'end'));
       axis.replaceChildren(...kids);
     }
   }

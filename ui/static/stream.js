@@ -60,7 +60,7 @@ export async function streamPage(ctx) {
     if (my !== seq || !ctx.alive()) return;
     s = st;
     const points = hist.points || [];
-    for (const g of graphs) g.g.update(points);
+    for (const g of graphs) g.g.update(points, seconds);
     const state = streamState(s);
     setText(stateEl, state);
     stateEl.className = `state ${state === 'up' ? 'ok' : state === 'disabled' ? '' : 'bad'}`;

@@ -53,12 +53,16 @@ export async function streamsPage(ctx) {
   const ths = [...region.querySelectorAll('thead th')];
   SORTS.forEach((key, i) => {
     const th = ths[i];
-    const b = h('button', { type: 'button', class: 'sort' }, th.textContent);
+    // The arrow is for the eyes; aria-sort says it to screen readers.
+    const arrow = h('span', { class: 'arrow', 'aria-hidden': 'true' });
+    const b = h('button', { type: 'button', class: 'sort' }, th.textContent, arrow);
     b.addEventListener('click', () => {
       page.asc = page.sort === key ? !page.asc : true;
       page.sort = key;
+      for (const a of region.querySelectorAll('thead .arrow')) a.textContent = '';
       for (const t of ths) t.removeAttribute('aria-sort');
       th.setAttribute('aria-sort', page.asc ? 'ascending' : 'descending');
+      arrow.textContent = page.asc ? ' ▲' : ' ▼';
       arrange();
     });
     th.replaceChildren(b);
@@ -155,7 +159,7 @@ export async function streamsPage(ctx) {
         } else {
           const s = await patch(`streams/${r.id}`, { enabled: what === 'enable' }, r.data.version);
           update(r, s);
-          r.pick.checked = false;
+          r.pick.checked = false; // done; one that failed stays selected, to try again
         }
         good++;
         lines.push([true, `${name}: ${done}`]);

@@ -3,7 +3,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { SERIES, linePath, nearest, niceMax, problems, sinceFor, summary } from '../static/graph.js';
+import { SERIES, linePath, nearest, niceMax, positions, problems, shownSpan, sinceFor, summary } from '../static/graph.js';
 import {
   auditWhat, auditWho, csvPath, diffRows, exportFile, importPlan, logFilterProblems, logQuery, matchStream, parseCSV,
   sortStreams, streamState, valueText,
@@ -24,17 +24,31 @@ test('linePath spreads the points across the width, 0 at the bottom and max at t
   assert.equal(linePath([1, 2, 3, 4], 10, 3, 3), 'M0 2L3.3 1L6.7 0L10 0');
   // A scale of 0 is taken as 1: nothing divides by zero.
   assert.equal(linePath([0, 0], 10, 4, 0), 'M0 4L10 4');
+  // At their times: the first hour's points sit at the right.
+  assert.equal(linePath([0, 10], 100, 10, 10, [0.9, 1]), 'M90 10L100 0');
+  assert.equal(linePath([5], 100, 10, 10, [0.75]), 'M75 5H100');
+});
+
+test('positions put points on a time axis that ends now', () => {
+  const now = Date.parse('2026-12-06T12:00:00Z');
+  const pts = ['2026-12-06T11:00:00Z', '2026-12-06T11:30:00Z', '2026-12-06T11:59:00Z', '2026-12-06T10:00:00Z', '2026-12-06T12:00:10Z', 'garbage'].map((time) => ({ time }));
+  const xs = positions(pts, 3600, now);
+  assert.deepEqual(xs.map((x) => Math.round(x * 1000) / 1000), [0, 0.5, 0.983, 0, 1, 1]);
+  // A graph shows since its first point, at least 5 minutes, at most its range.
+  assert.equal(shownSpan([], 3600, now), 3600);
+  assert.equal(shownSpan([{ time: '2026-12-06T11:58:00Z' }], 3600, now), 300);
+  assert.equal(shownSpan([{ time: '2026-12-06T11:40:00Z' }], 3600, now), 1200);
+  assert.equal(shownSpan([{ time: '2026-12-06T09:00:00Z' }], 3600, now), 3600);
 });
 
 test('summary, nearest and the series of a point', () => {
   assert.deepEqual(summary([]), { now: 0, peak: 0, avg: 0 });
   assert.deepEqual(summary([1, 5, 3]), { now: 3, peak: 5, avg: 3 });
-  assert.equal(nearest(0, 100, 11), 0);
-  assert.equal(nearest(100, 100, 11), 10);
-  assert.equal(nearest(44, 100, 11), 4);
-  assert.equal(nearest(-5, 100, 11), 0);
-  assert.equal(nearest(500, 100, 11), 10);
-  assert.equal(nearest(50, 100, 1), 0);
+  assert.equal(nearest(0.5, []), -1);
+  assert.equal(nearest(0, [0.2, 0.5, 0.9]), 0);
+  assert.equal(nearest(0.4, [0.2, 0.5, 0.9]), 1);
+  assert.equal(nearest(0.71, [0.2, 0.5, 0.9]), 2);
+  assert.equal(nearest(7, [0.2, 0.5, 0.9]), 2);
   const p = { bytes_sent_per_sec: 100, bytes_received_per_sec: 2048, active_connections: 3, connections_per_sec: 0.5, blocked_per_sec: 1, dial_failures_per_sec: null };
   assert.equal(SERIES.throughput.value(p), 2148);
   assert.equal(SERIES.throughput.fmt(2148), '2.1 KB/s');
