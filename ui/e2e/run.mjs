@@ -1836,7 +1836,7 @@ test('export downloads the streams in the export format; import puts them back a
   // conflicting one is refused with the server's reason.
   const gone = file.streams.find((s) => s.id === S.bulkIds[1]);
   await apiSend('DELETE', `/api/v1/streams/${S.bulkIds[1]}`);
-  file.streams.push({ ...gone, id: 999_999, name: 'e2e-import-clash', listen_port: S.ports.graph });
+  file.streams.push({ ...gone, id: 999_999, name: 'e2e-import-clash', listen_port: S.ports.graph, enabled: true });
   const upload = path.join(S.tmp, 'import.json');
   fs.writeFileSync(upload, JSON.stringify(file));
   await page.locator('#import-file').setInputFiles(upload);
@@ -1900,6 +1900,7 @@ test('the new pages pass axe-core WCAG 2 A/AA with no violation at all, light an
           const found = await tab.evaluate(async (tags) => (await window.axe.run(document, { runOnly: { type: 'tag', values: tags }, resultTypes: ['violations'] }))
             .violations.map((v) => `${v.id} (${v.impact}): ${v.help} at ${v.nodes.map((n) => `${n.target.join(' ')}: ${n.failureSummary}`).join(' | ')}`), AXE_TAGS);
           console.log(`# axe ${what}, ${scheme}, ${width} px: ${found.length} violation(s)`);
+          if (width < 400 && scheme === 'dark' && what !== 'streams with filter and a bulk result') await shot(tab, `${what.replace(/ /g, '-')}-phone-dark.png`);
           for (const v of found) all.push(`${what}, ${scheme}, ${width} px: ${v}`);
         }
       }

@@ -131,23 +131,25 @@ function svg(tag, attrs = {}, ...children) {
 
 // graph draws series of points as one SVG line each, on a time axis that
 // ends now. opts: label (what it shows, for the text alternative), series
-// (names of SERIES), axes (labels of the value and time axes), width,
-// height. It returns {el, update(points, span)}: update redraws in place
-// for the last span seconds. Hovering or moving the
-// focus along it (arrow keys) shows a point's numbers in its readout.
+// (names of SERIES), axes (labels of the value and time axes). It returns
+// {el, update(points, range)}: update redraws in place for the last range
+// seconds. It is drawn at the size CSS gives it (in pixels, so that its
+// text is never stretched), again when that changes. Hovering or moving
+// the focus along it (arrow keys) shows a point's numbers in its readout.
 export function graph(opts) {
   const { label, series, axes = false } = opts;
-  const W = opts.width || (axes ? 600 : 160);
-  const H = opts.height || (axes ? 160 : 36);
+  let W = axes ? 600 : 160;
+  let H = axes ? 160 : 36;
   const pad = axes ? { l: 64, r: 8, t: 8, b: 22 } : { l: 1, r: 1, t: 2, b: 2 };
-  const w = W - pad.l - pad.r;
-  const hh = H - pad.t - pad.b;
-  const lines = series.map((name, i) => svg('path', { class: `line s${i}`, fill: 'none', 'vector-effect': 'non-scaling-stroke' }));
-  const cursor = svg('line', { class: 'cursor', y1: 0, y2: hh, visibility: 'hidden' });
+  let w = W - pad.l - pad.r;
+  let hh = H - pad.t - pad.b;
+  const lines = series.map((name, i) => svg('path', { class: `line s${i}`, fill: 'none' }));
+  const cursor = svg('line', { class: 'cursor', y1: 0, visibility: 'hidden' });
   const axis = svg('g', { class: 'axis' });
-  const plot = svg('g', { transform: `translate(${pad.l} ${pad.t})` }, svg('rect', { class: 'frame', width: w, height: hh, fill: 'none' }), ...lines, cursor);
+  const frame = svg('rect', { class: 'frame', fill: 'none' });
+  const plot = svg('g', { transform: `translate(${pad.l} ${pad.t})` }, frame, ...lines, cursor);
   const title = svg('title');
-  const root = svg('svg', { viewBox: `0 0 ${W} ${H}`, class: axes ? 'graph' : 'spark', role: 'img', tabindex: 0, preserveAspectRatio: 'none' }, title, axis, plot);
+  const root = svg('svg', { class: axes ? 'graph' : 'spark', role: 'img', tabindex: 0, preserveAspectRatio: 'none' }, title, axis, plot);
   const readout = document.createElement('p');
   readout.className = 'readout';
   readout.setAttribute('aria-live', 'off');
@@ -158,6 +160,8 @@ export function graph(opts) {
   let vals = [];
   let xs = [];
   let at = -1;
+  let lastRange = 3600;
+  if (typeof ResizeObserver === 'function') new ResizeObserver(() => update(pts, lastRange)).observe(root);
 
   const show = (i) => {
     at = i;
@@ -197,6 +201,18 @@ export function graph(opts) {
 
   function update(points, range = 3600) {
     pts = Array.isArray(points) ? points : [];
+    lastRange = range;
+    // The size on the page, once it is on one.
+    if (root.clientWidth > 0 && root.clientHeight > 0) {
+      W = root.clientWidth;
+      H = root.clientHeight;
+    }
+    w = Math.max(10, W - pad.l - pad.r);
+    hh = Math.max(10, H - pad.t - pad.b);
+    root.setAttribute('viewBox', `0 0 ${W} ${H}`);
+    frame.setAttribute('width', w);
+    frame.setAttribute('height', hh);
+    cursor.setAttribute('y2', hh);
     const now = Date.now();
     const span = shownSpan(pts, range, now);
     xs = positions(pts, span, now);

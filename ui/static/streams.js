@@ -28,7 +28,7 @@ export async function streamsPage(ctx) {
   const [region, tbody, row] = table('Streams', HEADERS);
   const empty = h('p', { class: 'empty', hidden: true }, 'No streams yet.');
   const none = h('p', { class: 'empty', hidden: true }, 'No stream matches the filter.');
-  const page = { rows: new Map(), gone: new Set(), empty, row, list: [], sort: '', asc: true };
+  const page = { rows: new Map(), gone: new Set(), empty, row, sort: '', asc: true };
   const { rows } = page;
   let lastError = '';
 
@@ -107,7 +107,7 @@ export async function streamsPage(ctx) {
   // each stream's upstream rows after it.
   function arrange() {
     const f = filter();
-    const order = sortStreams(page.list.filter((s) => rows.has(s.id)), page.sort, page.asc);
+    const order = sortStreams([...rows.values()].map((r) => r.data), page.sort, page.asc);
     let prev = null;
     let shown = 0;
     for (const s of order) {
@@ -252,7 +252,6 @@ export async function streamsPage(ctx) {
       lastError = '';
     }
     const seen = new Set();
-    page.list = list;
     for (const s of list) {
       if (page.gone.has(s.id)) continue; // deleted while this list was on its way
       seen.add(s.id);
