@@ -56,8 +56,10 @@ export async function dashboardPage(ctx) {
       const ups = Array.isArray(st.upstreams) ? st.upstreams : [];
       count.unhealthy += ups.length ? ups.filter((u) => !u.healthy).length : st.health_status === 'unhealthy' ? 1 : 0;
       count.active += st.active_connections ?? 0;
-      if (points.length) count.throughput += SERIES.throughput.value(points[points.length - 1]);
-      return { s, points, bad: problems(s, points, hist[i]?.step_seconds || STEP) };
+      // Now: the last point, when it is of the last 30 s.
+      const last = points[points.length - 1];
+      if (last && Date.parse(last.time) >= Date.now() - 30_000) count.throughput += SERIES.throughput.value(last);
+      return { s, points, bad: problems(s, points) };
     });
     setText(totals.up, formatCount(count.up));
     setText(totals.down, formatCount(count.down));
@@ -121,6 +123,6 @@ function fill(c, { s, points, bad }) {
   setText(c.bad, bad.length ? `Problems: ${bad.join(', ')}` : '');
   c.bad.hidden = !bad.length;
   c.li.classList.toggle('problem', bad.length > 0);
-  c.thr.update(points, HOUR);
-  c.conn.update(points, HOUR);
+  c.thr.update(points, HOUR, STEP);
+  c.conn.update(points, HOUR, STEP);
 }

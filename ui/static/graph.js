@@ -30,9 +30,10 @@ export function niceMax(v) {
 // linePath is the SVG path of values across a w × h box, 0 at the
 // bottom and max at the top (coordinates to 0.1). xs are where each value
 // is, as fractions of the width (positions); without them the first is at
-// x = 0 and the last at x = w. One value is a flat line from its place to
-// the right edge.
-export function linePath(values, w, h, max, xs) {
+// x = 0 and the last at x = w. starts (gaps) marks the values after a gap:
+// the line breaks there. One value is a flat line from its place to the
+// right edge.
+export function linePath(values, w, h, max, xs, starts) {
   const n = values.length;
   if (!n) return '';
   const top = max > 0 ? max : 1;
@@ -40,7 +41,14 @@ export function linePath(values, w, h, max, xs) {
   const y = (v) => r(h - (Math.min(Math.max(v, 0), top) / top) * h);
   const x = (i) => (xs ? xs[i] * w : n === 1 ? 0 : (i * w) / (n - 1));
   if (n === 1) return `M${r(x(0))} ${y(values[0])}H${r(w)}`;
-  return values.map((v, i) => `${i ? 'L' : 'M'}${r(x(i))} ${y(v)}`).join('');
+  return values.map((v, i) => `${!i || starts?.[i] ? 'M' : 'L'}${r(x(i))} ${y(v)}`).join('');
+}
+
+// gaps marks each point that comes more than one step after the one
+// before: the history has no point for a step without samples (before
+// the stream existed, while Caddy was down), which is no data, not 0.
+export function gaps(points, step) {
+  return points.map((p, i) => i > 0 && Date.parse(p.time) - Date.parse(points[i - 1].time) > step * 1500);
 }
 
 // positions are the points' places on a time axis of span seconds that
@@ -100,9 +108,10 @@ export function sinceFor(seconds, now = Date.now()) {
 export const RANGES = [['1 h', 3600, 10], ['6 h', 6 * 3600, 60], ['24 h', 24 * 3600, 300]];
 
 // problems says what is wrong with a stream now, from the stream (GET
-// /streams) and its last points: unhealthy, not listening, blocked
-// connections or failed dials in the last 5 minutes. Empty: nothing.
-export function problems(s, points = [], stepSeconds = 10) {
+// /streams) and its history: unhealthy, an upstream down, not listening,
+// blocked connections or failed dials in the 5 minutes before now. Empty:
+// nothing.
+export function problems(s, points = [], now = Date.now()) {
   const out = [];
   const st = s.status || {};
   const ups = Array.isArray(st.upstreams) ? st.upstreams : [];
@@ -110,7 +119,7 @@ export function problems(s, points = [], stepSeconds = 10) {
   if (st.health_status === 'unhealthy') out.push('unhealthy');
   else if (down) out.push(`${down} ${down === 1 ? 'upstream' : 'upstreams'} down`);
   if (s.enabled && st.listening === false) out.push('not listening');
-  const recent = points.slice(-Math.max(1, Math.ceil(300 / (stepSeconds || 10))));
+  const recent = points.filter((p) => Date.parse(p.time) >= now - 300_000);
   if (recent.some((p) => num(p.blocked_per_sec) > 0)) out.push('blocking connections');
   if (recent.some((p) => num(p.dial_failures_per_sec) > 0)) out.push('failing dials');
   return out;
@@ -161,7 +170,8 @@ export function graph(opts) {
   let xs = [];
   let at = -1;
   let lastRange = 3600;
-  if (typeof ResizeObserver === 'function') new ResizeObserver(() => update(pts, lastRange)).observe(root);
+  let lastStep = 10;
+  if (typeof ResizeObserver === 'function') new ResizeObserver(() => update(pts, lastRange, lastStep)).observe(root);
 
   const show = (i) => {
     at = i;
@@ -199,9 +209,10 @@ export function graph(opts) {
     show(Math.min(pts.length - 1, Math.max(0, (at < 0 ? pts.length - 1 : at) + d)));
   });
 
-  function update(points, range = 3600) {
+  function update(points, range = 3600, step = 10) {
     pts = Array.isArray(points) ? points : [];
     lastRange = range;
+    lastStep = step;
     // The size on the page, once it is on one.
     if (root.clientWidth > 0 && root.clientHeight > 0) {
       W = root.clientWidth;
@@ -217,11 +228,12 @@ export function graph(opts) {
     const span = shownSpan(pts, range, now);
     xs = positions(pts, span, now);
     vals = series.map((n) => pts.map(SERIES[n].value));
+    const starts = gaps(pts, step);
     // Every series on its own scale would mislead: one scale per unit, and
     // the first series' scale for the axis.
     lines.forEach((line, k) => {
       const max = niceMax(summary(vals[k]).peak);
-      line.setAttribute('d', linePath(vals[k], w, hh, max, xs));
+      line.setAttribute('d', linePath(vals[k], w, hh, max, xs, starts));
     });
     const words = text();
     title.textContent = words;

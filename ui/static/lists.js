@@ -2,6 +2,7 @@
 // sort, the log's query and CSV address, the audit trail's diffs, and the
 // export file. Tested with node --test ui/test/.
 
+import { streamBody } from './api.js';
 import { checkCIDR, hostPort, listenText, upstreamText } from './units.js';
 
 // streamState is a stream's state for the filter: disabled, down
@@ -92,7 +93,9 @@ export function logFilterProblems(f) {
   const until = localToRFC3339(f.until);
   if (f.since && !since) out.push({ field: 'since', message: `"${f.since}" is not a time` });
   if (f.until && !until) out.push({ field: 'until', message: `"${f.until}" is not a time` });
-  if (since && until && since > until) out.push({ field: 'until', message: 'the end is before the start' });
+  if (since && until && since >= until) out.push({ field: 'until', message: 'must be after From' });
+  const reason = String(f.reason || '').trim();
+  if (reason && !/^[a-z0-9_]+$/.test(reason)) out.push({ field: 'reason', message: `"${reason}": a reason as the log shows it, e.g. client_close` });
   return out;
 }
 
@@ -208,17 +211,10 @@ export function auditWho(e) {
 export const EXPORT_FORMAT = 'aegis-streams-export';
 export const EXPORT_VERSION = 1;
 
-const READ_ONLY = ['source', 'status', 'created_at', 'updated_at', 'version', 'warnings'];
-
 // exportFile is the stored streams (not the config's) and certificates
 // (without private keys: the API never gives them) in the format of aegis
 // streams export.
 export function exportFile(streams, certs, from, now = new Date()) {
-  const strip = (s) => {
-    const out = { ...s };
-    for (const k of READ_ONLY) delete out[k];
-    return out;
-  };
   return {
     format: EXPORT_FORMAT,
     version: EXPORT_VERSION,
@@ -229,7 +225,7 @@ export function exportFile(streams, certs, from, now = new Date()) {
       delete out.private_key;
       return out;
     }),
-    streams: (streams || []).filter((s) => s.source !== 'config').map(strip),
+    streams: (streams || []).filter((s) => s.source !== 'config').map(streamBody),
   };
 }
 
@@ -253,8 +249,7 @@ export function importPlan(text, existing) {
   for (const s of f.streams) {
     if (!s || typeof s !== 'object') continue;
     const name = s.name || (s.id ? `stream-${s.id}` : 'a stream without a name');
-    const body = { ...s };
-    for (const k of READ_ONLY) delete body[k];
+    const body = streamBody(s);
     const had = ids.get(s.id);
     if (had && had.source === 'config') {
       skipped.push(`${name}: id ${s.id} is a stream of the Caddy config here`);

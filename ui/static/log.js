@@ -11,7 +11,7 @@ import { formatBytes, formatCount, formatDuration, hostPort, listenText, upstrea
 
 // REASONS are disconnect reasons offered as the filter's suggestions.
 const REASONS = ['client_close', 'upstream_close', 'idle_timeout', 'acl_denied', 'max_connections', 'max_connections_per_ip',
-  'rate_limited', 'upstream_refused', 'upstream_unresolved', 'upstream_tls', 'listener_closed', 'stream_disabled', 'responses_done'];
+  'rate_limited', 'dial_failed', 'upstream_refused', 'upstream_unresolved', 'upstream_tls', 'listener_closed', 'stream_disabled', 'responses_done'];
 
 const PAGE = 50;
 
@@ -38,7 +38,7 @@ export async function logPage(ctx) {
   const field = (id, label, input) => h('div', { class: 'field inline' }, h('label', { for: id }, label), input,
     h('p', { id: `err-${id.slice(4)}`, class: 'err' }));
   const source = h('input', { type: 'text', id: 'log-source', class: 'mono', size: 18, placeholder: '10.0.0.0/8', autocomplete: 'off', 'aria-describedby': 'err-source' });
-  const reason = h('input', { type: 'text', id: 'log-reason', size: 16, list: 'log-reasons', autocomplete: 'off' });
+  const reason = h('input', { type: 'text', id: 'log-reason', size: 16, list: 'log-reasons', autocomplete: 'off', 'aria-describedby': 'err-reason' });
   const since = h('input', { type: 'datetime-local', id: 'log-since', step: 1, 'aria-describedby': 'err-since' });
   const until = h('input', { type: 'datetime-local', id: 'log-until', step: 1, 'aria-describedby': 'err-until' });
   const csv = h('a', { class: 'button', download: `stream-${s.id}-log.csv` }, 'Download CSV');

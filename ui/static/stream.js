@@ -60,11 +60,11 @@ export async function streamPage(ctx) {
     if (my !== seq || !ctx.alive()) return;
     s = st;
     const points = hist.points || [];
-    for (const g of graphs) g.g.update(points, seconds);
+    for (const g of graphs) g.g.update(points, seconds, hist.step_seconds || step);
     const state = streamState(s);
     setText(stateEl, state);
     stateEl.className = `state ${state === 'up' ? 'ok' : state === 'disabled' ? '' : 'bad'}`;
-    const p = problems(s, points, hist.step_seconds || step);
+    const p = problems(s, points);
     setText(bad, p.length ? `Problems: ${p.join(', ')}` : '');
     bad.hidden = !p.length;
     dataTable(dataBody, points, label);

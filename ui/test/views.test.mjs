@@ -3,7 +3,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { SERIES, linePath, nearest, niceMax, positions, problems, shownSpan, sinceFor, summary } from '../static/graph.js';
+import { SERIES, gaps, linePath, nearest, niceMax, positions, problems, shownSpan, sinceFor, summary } from '../static/graph.js';
 import {
   auditWhat, auditWho, csvPath, diffRows, exportFile, importPlan, logFilterProblems, logQuery, matchStream, parseCSV,
   sortStreams, streamState, valueText,
@@ -27,6 +27,14 @@ test('linePath spreads the points across the width, 0 at the bottom and max at t
   // At their times: the first hour's points sit at the right.
   assert.equal(linePath([0, 10], 100, 10, 10, [0.9, 1]), 'M90 10L100 0');
   assert.equal(linePath([5], 100, 10, 10, [0.75]), 'M75 5H100');
+  // A gap breaks the line.
+  assert.equal(linePath([1, 2, 3], 100, 10, 10, [0, 0.5, 1], [false, false, true]), 'M0 9L50 8M100 7');
+});
+
+test('gaps: a point more than a step after the one before starts a new line', () => {
+  const at = (s) => ({ time: `2026-12-06T12:00:${s}.000Z` });
+  assert.deepEqual(gaps([], 10), []);
+  assert.deepEqual(gaps([at('00'), at('10'), at('20'), at('50'), at('59')], 10), [false, false, false, true, false]);
 });
 
 test('positions put points on a time axis that ends now', () => {
@@ -65,11 +73,14 @@ test('problems: unhealthy, upstreams down, not listening, blocking or failing in
   assert.deepEqual(problems({ enabled: true, status: { upstreams: [{ healthy: true }, { healthy: false }] } }, []), ['1 upstream down']);
   // A disabled stream does not listen: no problem.
   assert.deepEqual(problems({ enabled: false, status: { listening: false } }, []), []);
-  const quiet = Array.from({ length: 40 }, () => ({ blocked_per_sec: 0, dial_failures_per_sec: 0 }));
-  const old = [{ blocked_per_sec: 3, dial_failures_per_sec: 2 }, ...quiet];
-  assert.deepEqual(problems(ok, old, 10), [], 'a block 400 s ago still counts');
-  assert.deepEqual(problems(ok, [...quiet, { blocked_per_sec: 0.1, dial_failures_per_sec: 0 }], 10), ['blocking connections']);
-  assert.deepEqual(problems(ok, [{ blocked_per_sec: 0, dial_failures_per_sec: 0.2 }, ...quiet.slice(0, 20)], 10), ['failing dials']);
+  // Points every 10 s up to now.
+  const now = Date.parse('2026-12-06T12:00:00Z');
+  const at = (ago, blocked = 0, failed = 0) => ({ time: new Date(now - ago * 1000).toISOString(), blocked_per_sec: blocked, dial_failures_per_sec: failed });
+  const quiet = Array.from({ length: 60 }, (_, i) => at(590 - i * 10));
+  assert.deepEqual(problems(ok, quiet, now), []);
+  assert.deepEqual(problems(ok, [at(400, 3, 2), ...quiet.slice(-20)], now), [], 'a block 400 s ago no longer counts');
+  assert.deepEqual(problems(ok, [...quiet, at(0, 0.1)], now), ['blocking connections']);
+  assert.deepEqual(problems(ok, [at(290, 0, 0.2)], now), ['failing dials'], 'one point 290 s ago, after a gap');
 });
 
 const streams = [
@@ -128,6 +139,9 @@ test('logFilterProblems names the field at fault', () => {
   assert.equal(logFilterProblems({ source: '10.0.0.0/40' })[0].field, 'source');
   assert.deepEqual(logFilterProblems({ since: '2026-12-06T10:00', until: '2026-12-06T09:00' }).map((p) => p.field), ['until']);
   assert.deepEqual(logFilterProblems({ since: 'soon' }).map((p) => p.field), ['since']);
+  assert.deepEqual(logFilterProblems({ since: '2026-12-06T10:00', until: '2026-12-06T10:00' }).map((p) => p.field), ['until'], 'an empty range');
+  assert.deepEqual(logFilterProblems({ reason: 'client_close' }), []);
+  assert.deepEqual(logFilterProblems({ reason: 'Client Close' }).map((p) => p.field), ['reason']);
 });
 
 test('parseCSV reads quotes, doubled quotes, commas and CRLF', () => {
