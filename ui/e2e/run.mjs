@@ -1603,6 +1603,14 @@ test('the dashboard is the first page: totals, and sparklines that change while 
   await waitFor('the totals', async () => /^\d+$/.test(await total('up')));
   const list = (await api('/api/v1/streams')).body;
   assert.equal(Number(await total('disabled')), list.filter((s) => !s.enabled).length, 'disabled total');
+  // Streams with problems first: the guarded one (unhealthy, blocking) and
+  // the one with an upstream down lead.
+  await waitFor('the problem cards first', async () => {
+    const problem = await page.locator('li.card').evaluateAll((lis) => lis.map((li) => li.classList.contains('problem')));
+    return problem[0] && problem.indexOf(false) > 0 && !problem.slice(problem.indexOf(false)).includes(true);
+  });
+  const guarded = page.locator(`li.card.problem[data-stream-id="${S.guardedId}"]`);
+  assert.match(await guarded.innerText(), /Problems: unhealthy, blocking connections/);
   const spark = card.locator('svg.spark').first();
   const before = await spark.locator('path.line').getAttribute('d');
 
@@ -1651,6 +1659,14 @@ test('the stream page: graphs over 1 h, 6 h and 24 h with axes and a table, open
     const axis = await g.locator('.axis text').allTextContents();
     assert.ok(axis.some((t) => /[KMG]?B\/s$/.test(t)), `no unit on the axis: ${axis}`);
     assert.ok(axis.some((t) => /^\d\d:\d\d$/.test(t)), `no time on the axis: ${axis}`);
+    // Keyboard: focus the graph, arrows move along its points.
+    await g.focus();
+    await page.keyboard.press('End');
+    const readout = page.locator('section.graph-card', { hasText: 'Throughput' }).locator('.readout');
+    const last = await readout.innerText();
+    assert.match(last, /^\d\d:\d\d: Throughput /);
+    await page.keyboard.press('Home');
+    assert.notEqual(await readout.innerText(), last, 'Home did not move to the first point');
     // The table behind the graphs.
     await page.getByText('The graphs as a table', { exact: true }).click();
     const rows = page.locator('.graph-data tbody tr');
@@ -1671,6 +1687,16 @@ test('the stream page: graphs over 1 h, 6 h and 24 h with axes and a table, open
     await shot(page, 'stream.png');
   } finally {
     await closeSocket(held);
+  }
+  // A stream with several upstreams: a row for each, the closed one down.
+  if (S.multiId) {
+    await openHash(page, `/streams/${S.multiId}/view`);
+    await h1(page, `Stream: ${MULTI_NAME}`).waitFor();
+    const ups = page.getByRole('region', { name: 'Upstreams' }).locator('tbody tr');
+    await waitFor('three upstream rows', async () => (await ups.count()) === 3);
+    const states = await ups.locator('td.health').allInnerTexts();
+    assert.equal(states.filter((t) => t.startsWith('up')).length, 2, `states: ${states}`);
+    assert.equal(states.filter((t) => t.startsWith('down')).length, 1, `states: ${states}`);
   }
 });
 
@@ -1700,8 +1726,23 @@ test('the log filters by source CIDR on the server, and Download CSV gets what i
     const texts = await page.locator('tr.log-row').allInnerTexts();
     return texts.length === 2 && texts.every((t) => t.includes('127.0.0.2'));
   });
+  // Reason and a time range go to the server too; a range with nothing
+  // in it shows no entry.
+  await page.getByLabel('Reason', { exact: true }).fill('client_close');
+  const local = (ms) => { const d = new Date(ms); return new Date(d.getTime() - d.getTimezoneOffset() * 60000).toISOString().slice(0, 19); };
+  await page.getByLabel('From', { exact: true }).fill(local(Date.now() - 3_600_000));
+  await page.getByLabel('To', { exact: true }).fill(local(Date.now() - 1_800_000));
+  const ranged = page.waitForResponse((r) => /reason=client_close/.test(r.url()) && /since=/.test(r.url()) && /until=/.test(r.url()));
+  await page.getByRole('button', { name: 'Filter', exact: true }).click();
+  assert.equal((await ranged).status(), 200);
+  await page.getByText('No entries.', { exact: true }).waitFor();
+  await page.getByLabel('From', { exact: true }).fill('');
+  await page.getByLabel('To', { exact: true }).fill('');
+  await page.getByRole('button', { name: 'Filter', exact: true }).click();
+  await waitFor('the two rows again', async () => (await page.locator('tr.log-row').count()) === 2);
   const link = page.getByRole('link', { name: 'Download CSV', exact: true });
   assert.match(await link.getAttribute('href'), /format=csv/);
+  assert.match(await link.getAttribute('href'), /reason=client_close/);
   const [download] = await Promise.all([page.waitForEvent('download'), link.click()]);
   const csv = fs.readFileSync(await download.path(), 'utf8');
   fs.writeFileSync(path.join(artifacts, 'log-filtered.csv'), csv);
