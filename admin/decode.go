@@ -411,7 +411,7 @@ func parseConnLogQuery(q url.Values) (connLogQuery, error) {
 			out.Source = pfx.Masked()
 		case "reason":
 			if !isReason(v) {
-				return out, fieldError(name, v, fmt.Sprintf("reason %q: must be a disconnect_reason as the log shows it, e.g. client_closed or idle_timeout (lower-case letters, digits and _)", v))
+				return out, fieldError(name, v, fmt.Sprintf("reason %q: must be a disconnect_reason as the log shows it, e.g. client_close or acl_denied (lower-case letters, digits and _)", v))
 			}
 			out.Reason = v
 		case "since", "until":

@@ -195,9 +195,8 @@ func writeConnLogCSV(w http.ResponseWriter, id int64, entries []storage.ConnLog)
 		}
 		return t.UTC().Format(jsontime.Layout)
 	}
-	port := ""
 	for _, e := range entries {
-		port = ""
+		port := ""
 		if e.SourcePort != 0 {
 			port = strconv.Itoa(e.SourcePort)
 		}

@@ -46,8 +46,8 @@ func TestStreamHistory(t *testing.T) {
 		t.Fatalf("samples: %+v", got)
 	}
 	s := got[0].Samples[0]
-	if !s.Time.Equal(a[0].Time) || s.BytesSent != 1.5 || s.BytesReceived != 2 || float32(s.Connections) != 0.1 || s.Active != 3 ||
-		float32(s.Blocked) != 0.2 || float32(s.DialFailures) != 0.3 || s.Healthy == nil || !*s.Healthy {
+	if !s.Time.Equal(a[0].Time) || s.BytesSent != 1.5 || s.BytesReceived != 2 || s.Connections != 0.1 || s.Active != 3 ||
+		s.Blocked != 0.2 || s.DialFailures != 0.3 || s.Healthy == nil || !*s.Healthy {
 		t.Errorf("sample: %+v", s)
 	}
 	if h := got[0].Samples[1].Healthy; h == nil || *h {

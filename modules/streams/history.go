@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"slices"
+	"strconv"
 	"sync"
 	"time"
 
@@ -92,11 +93,16 @@ func (h *streamHistory) newest() (sample, bool) {
 }
 
 // each calls f for each sample after since (Unix seconds), oldest first.
+// It finds the first from the newest back, so a tick's few new samples
+// cost no walk over the whole ring.
 func (h *streamHistory) each(since uint32, f func(sample)) {
-	for i := range h.buf {
-		if s := h.buf[(h.start+i)%len(h.buf)]; s.t > since {
-			f(s)
-		}
+	n := len(h.buf)
+	k := 0 // the samples after since: the newest k
+	for k < n && h.buf[(h.start+n-1-k)%n].t > since {
+		k++
+	}
+	for i := n - k; i < n; i++ {
+		f(h.buf[(h.start+i)%n])
 	}
 }
 
@@ -287,13 +293,20 @@ func SampleHistory(now time.Time) {
 // stored is s as the database keeps it.
 func (s sample) stored(id int64) storage.HistorySample {
 	out := storage.HistorySample{StreamID: id, Time: time.Unix(int64(s.t), 0).UTC(),
-		BytesSent: float64(s.sent), BytesReceived: float64(s.received), Connections: float64(s.conns),
-		Blocked: float64(s.blocked), DialFailures: float64(s.dfs), Active: int64(s.active)}
+		BytesSent: f64(s.sent), BytesReceived: f64(s.received), Connections: f64(s.conns),
+		Blocked: f64(s.blocked), DialFailures: f64(s.dfs), Active: int64(s.active)}
 	if s.health != healthNone {
 		up := s.health == healthUp
 		out.Healthy = &up
 	}
 	return out
+}
+
+// f64 is f as the float64 of its shortest decimal form: a rate of 0.1
+// kept as float32 is 0.1, not 0.10000000149011612.
+func f64(f float32) float64 {
+	v, _ := strconv.ParseFloat(strconv.FormatFloat(float64(f), 'g', -1, 32), 64)
+	return v
 }
 
 // HistoryPoint is one step of a stream's history: rates per second
