@@ -20,8 +20,15 @@ import (
 // details in the list, PATCH for the switch) took it to 73 KB, and 80 KB
 // until the form's fields of issues 16 and 17 (82 KB) and the pages of
 // issues 14 and 16 (the Cluster page, a row per upstream, ranges, the
-// log's node) took it to 100 KB.
-const maxTotal = 104 << 10
+// log's node) took it to 100 KB, and 104 KB until the pages of issue 18
+// (the dashboard and stream page with their SVG graphs, the audit trail,
+// the stream list's filter, sort, bulk actions, export and import, the
+// log's filters and CSV download) took it to 155 KB.
+const maxTotal = 156 << 10
+
+// svgNS is the SVG namespace the graphs create their elements in: a name,
+// never fetched.
+const svgNS = "http://www.w3.org/2000/svg"
 
 func files(t *testing.T) map[string]string {
 	t.Helper()
@@ -53,7 +60,7 @@ func TestFiles(t *testing.T) {
 			t.Errorf("%s: no Content-Type for this kind of file", name)
 		}
 		for _, bad := range []string{"innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function", "http://", "https://", "//cdn", "@import"} {
-			if strings.Contains(text, bad) {
+			if strings.Contains(strings.ReplaceAll(text, svgNS, ""), bad) {
 				t.Errorf("%s: contains %q", name, bad)
 			}
 		}

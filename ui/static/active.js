@@ -1,5 +1,6 @@
 // The live connections of one stream (UDP: one row per client), refreshed
 // every 2 s while the tab is visible, each with a button that closes it.
+// The stream page shows it too.
 
 import { ApiError, del, displayName, get } from './api.js';
 import { confirmDialog, fail, focusHeading, h, heading, poll, say, setText, table } from './dom.js';
@@ -14,9 +15,11 @@ export async function activePage(ctx) {
   const [region, tbody, row] = table('Open connections', ['Source', 'Protocol', ...(range ? ['Port'] : []), 'Upstream', 'Age', 'Sent', 'Received', 'Actions']);
   const empty = h('p', { class: 'empty', hidden: true }, 'No open connections.');
   const count = h('p', { class: 'sub' });
+  // On the stream page (ctx.embedded), an h2 and no links.
   ctx.show(
-    heading(`Connections: ${name}`),
-    h('p', { class: 'sub' }, `${listenText(s)} → ${upstreamText(s)} · `,
+    ctx.embedded ? h('h2', {}, 'Open connections') : heading(`Connections: ${name}`),
+    ctx.embedded ? null : h('p', { class: 'sub' }, `${listenText(s)} → ${upstreamText(s)} · `,
+      h('a', { href: `#/streams/${s.id}/view` }, 'Graphs'), ' · ',
       h('a', { href: `#/streams/${s.id}/log` }, 'Log'), ' · ', h('a', { href: '#/streams' }, 'All streams')),
     count, region, empty);
 

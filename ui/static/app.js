@@ -9,15 +9,21 @@ import { activePage } from './active.js';
 import { logPage } from './log.js';
 import { certsPage } from './certs.js';
 import { clusterPage } from './cluster.js';
+import { dashboardPage } from './dashboard.js';
+import { streamPage } from './stream.js';
+import { auditPage } from './audit.js';
 
 const routes = [
+  [/^\/dashboard$/, dashboardPage],
   [/^\/streams$/, streamsPage],
   [/^\/streams\/new$/, formPage],
   [/^\/streams\/(\d+)$/, formPage],
+  [/^\/streams\/(\d+)\/view$/, streamPage],
   [/^\/streams\/(\d+)\/active$/, activePage],
   [/^\/streams\/(\d+)\/log$/, logPage],
   [/^\/certificates$/, certsPage],
   [/^\/cluster$/, clusterPage],
+  [/^\/audit$/, auditPage],
 ];
 
 let leave = [];
@@ -26,7 +32,8 @@ let generation = 0;
 async function render() {
   for (const fn of leave.splice(0)) fn();
   const gen = ++generation;
-  const path = location.hash.replace(/^#/, '') || '/streams';
+  // A query after the path (#/audit?stream=4) is the page's own.
+  const path = location.hash.replace(/^#/, '').split('?')[0] || '/dashboard';
   const main = document.getElementById('main');
   main.replaceChildren();
   clearMessages();
@@ -48,7 +55,7 @@ async function render() {
   };
   const route = routes.find(([re]) => re.test(path));
   if (!route) {
-    main.append(heading('Page not found'), h('p', {}, 'No page here. ', h('a', { href: '#/streams' }, 'Go to the streams.')));
+    main.append(heading('Page not found'), h('p', {}, 'No page here. ', h('a', { href: '#/dashboard' }, 'Go to the dashboard.')));
     focusHeading();
     return;
   }

@@ -1,10 +1,17 @@
 // One stream's connection log: newest first, 50 entries a page, filtered
-// by action and, with several nodes, by the node that took the
-// connection.
+// on the server by source (IP or CIDR), action, disconnect reason, time
+// range and, with several nodes, the node that took the connection; a
+// link downloads what is filtered as CSV. The stream page shows it too
+// (ctx.embedded: an h2 instead of the page's h1).
 
 import { displayName, get } from './api.js';
-import { fail, h, heading, setText, table } from './dom.js';
+import { clearFieldErrors, fail, h, heading, setText, showFieldErrors, table } from './dom.js';
+import { csvPath, logFilterProblems, logQuery } from './lists.js';
 import { formatBytes, formatCount, formatDuration, hostPort, listenText, upstreamText } from './units.js';
+
+// REASONS are disconnect reasons offered as the filter's suggestions.
+const REASONS = ['client_close', 'upstream_close', 'idle_timeout', 'acl_denied', 'max_connections', 'max_connections_per_ip',
+  'rate_limited', 'dial_failed', 'upstream_refused', 'upstream_unresolved', 'upstream_tls', 'listener_closed', 'stream_disabled', 'responses_done'];
 
 const PAGE = 50;
 
@@ -27,6 +34,24 @@ export async function logPage(ctx) {
   // cluster's list and from the entries.
   const node = h('select', { id: 'log-node' }, h('option', { value: '' }, 'All'));
   const nodeField = h('div', { class: 'field inline', hidden: true }, h('label', { for: 'log-node' }, 'Node'), node);
+  // The text filters apply with the Filter button (or Enter).
+  const field = (id, label, input) => h('div', { class: 'field inline' }, h('label', { for: id }, label), input,
+    h('p', { id: `err-${id.slice(4)}`, class: 'err' }));
+  const source = h('input', { type: 'text', id: 'log-source', class: 'mono', size: 18, placeholder: '10.0.0.0/8', autocomplete: 'off', 'aria-describedby': 'err-source' });
+  const reason = h('input', { type: 'text', id: 'log-reason', size: 16, list: 'log-reasons', autocomplete: 'off', 'aria-describedby': 'err-reason' });
+  const since = h('input', { type: 'datetime-local', id: 'log-since', step: 1, 'aria-describedby': 'err-since' });
+  const until = h('input', { type: 'datetime-local', id: 'log-until', step: 1, 'aria-describedby': 'err-until' });
+  const csv = h('a', { class: 'button', download: `stream-${s.id}-log.csv` }, 'Download CSV');
+  const filters = () => ({ source: source.value, action: action.value, reason: reason.value, node: node.value, since: since.value, until: until.value });
+  const form = h('form', { class: 'filters', 'aria-label': 'Log filter' },
+    h('div', { class: 'field inline' }, h('label', { for: 'log-action' }, 'Action'), action),
+    field('log-source', 'Source IP or CIDR', source),
+    field('log-reason', 'Reason', reason),
+    h('datalist', { id: 'log-reasons' }, REASONS.map((r) => h('option', { value: r }))),
+    field('log-since', 'From', since),
+    field('log-until', 'To', until),
+    nodeField,
+    h('button', { type: 'submit' }, 'Filter'), csv);
   const nodes = new Set();
   const addNodes = (names) => {
     for (const n of names) {
@@ -40,16 +65,14 @@ export async function logPage(ctx) {
   };
   const where = h('p', { class: 'sub', 'aria-live': 'polite' });
   const show = () => ctx.show(
-    heading(`Log: ${name}`),
-    h('p', { class: 'sub' }, `${listenText(s)} → ${upstreamText(s)} · `,
+    ctx.embedded ? h('h2', { id: 'log-h' }, 'Connection log') : heading(`Log: ${name}`),
+    ctx.embedded ? null : h('p', { class: 'sub' }, `${listenText(s)} → ${upstreamText(s)} · `,
+      h('a', { href: `#/streams/${s.id}/view` }, 'Graphs'), ' · ',
       h('a', { href: `#/streams/${s.id}/active` }, 'Connections'), ' · ', h('a', { href: '#/streams' }, 'All streams')),
     s.log_connections ? null : h('p', { class: 'note' }, 'Connection logging is off for this stream: new connections are not logged. Turn on Log connections in its settings.'),
-    h('div', { class: 'toolbar' },
-      h('div', { class: 'filters' },
-        h('div', { class: 'field inline' }, h('label', { for: 'log-action' }, 'Action'), action),
-        nodeField),
-      h('div', { class: 'pager' }, newer, older, reload)),
-    where, box);
+    form,
+    h('div', { class: 'toolbar' }, where, h('div', { class: 'pager' }, newer, older, reload)),
+    box);
 
   // before is the cursor of the page shown (0: the newest); stack holds
   // the cursors of the newer pages, to go back.
@@ -60,10 +83,7 @@ export async function logPage(ctx) {
 
   async function load() {
     const my = ++seq;
-    const q = new URLSearchParams({ limit: String(PAGE) });
-    if (before) q.set('before', String(before));
-    if (action.value) q.set('action', action.value);
-    if (node.value) q.set('node', node.value);
+    const q = logQuery(applied, { limit: PAGE, before: before || '' });
     let page;
     try {
       page = await get(`streams/${s.id}/connections?${q}`);
@@ -89,11 +109,28 @@ export async function logPage(ctx) {
     if (focused?.disabled) (newer.disabled ? older.disabled ? reload : older : newer).focus();
   }
 
+  // applied is the filter of the entries shown, and of the CSV link.
+  let applied = {};
   const filter = () => {
+    clearFieldErrors(form);
+    const f = filters();
+    const bad = logFilterProblems(f);
+    if (bad.length) {
+      showFieldErrors(form, bad);
+      form.querySelector('[aria-invalid="true"]')?.focus();
+      return;
+    }
+    applied = f;
+    csv.href = csvPath(s.id, applied);
     before = 0;
     stack.length = 0;
     load();
   };
+  csv.href = csvPath(s.id, applied);
+  form.addEventListener('submit', (e) => {
+    e.preventDefault();
+    filter();
+  });
   action.addEventListener('change', filter);
   node.addEventListener('change', filter);
   newer.addEventListener('click', () => {

@@ -1,10 +1,18 @@
 // The streams page: every stream with its state and counters, refreshed
 // every 2 s while the tab is visible. Rows are updated in place, so a
-// refresh neither moves focus nor undoes a switch being toggled.
+// refresh neither moves focus nor undoes a switch being toggled. The list
+// filters (name, port, upstream, protocol, state) and sorts by any column;
+// streams selected together are enabled, disabled or deleted one request
+// each, with a summary; Export and Import read and write the file of
+// aegis streams export.
 
-import { ApiError, del, displayName, get, patch, put, streamBody } from './api.js';
+import { ApiError, del, displayName, get, patch, put, request, streamBody } from './api.js';
 import { confirmDialog, fail, focusHeading, h, heading, poll, say, setText, showWarnings, table } from './dom.js';
+import { exportFile, exportName, importPlan, matchStream, sortStreams } from './lists.js';
 import { formatBytes, formatCount, formatWhen, hostPort, listenText, upstreamText } from './units.js';
+
+// SORTS are the sort keys (lists.js SORT_KEYS) of the columns, by index.
+const SORTS = ['name', 'protocol', 'listen', 'enabled', 'health', 'active', 'total', 'blocked', 'sent', 'received'];
 
 const HEADERS = ['Name', 'Protocol', 'Listen → upstream', 'Enabled', 'Health', 'Active', 'Total', 'Blocked', 'Sent', 'Received', 'Actions'];
 
@@ -19,13 +27,213 @@ const COUNTERS = [
 export async function streamsPage(ctx) {
   const [region, tbody, row] = table('Streams', HEADERS);
   const empty = h('p', { class: 'empty', hidden: true }, 'No streams yet.');
-  ctx.show(
-    h('div', { class: 'page-head' }, heading('Streams'), h('a', { href: '#/streams/new', class: 'button primary' }, 'New stream')),
-    region, empty);
-
-  const page = { rows: new Map(), gone: new Set(), empty, row };
+  const none = h('p', { class: 'empty', hidden: true }, 'No stream matches the filter.');
+  const page = { rows: new Map(), gone: new Set(), empty, row, sort: '', asc: true };
   const { rows } = page;
   let lastError = '';
+
+  // The filter: applied as you type, to the last list fetched.
+  const input = (id, label, props) => h('div', { class: 'field inline' }, h('label', { for: id }, label), h('input', { type: 'text', id, autocomplete: 'off', ...props }));
+  const select = (id, label, options) => h('div', { class: 'field inline' }, h('label', { for: id }, label),
+    h('select', { id }, options.map(([v, t]) => h('option', { value: v }, t))));
+  const filterForm = h('form', { class: 'filters', 'aria-label': 'Filter the streams', onsubmit: (e) => e.preventDefault() },
+    input('f-name', 'Name', { size: 12 }), input('f-port', 'Port', { size: 6, inputmode: 'numeric' }), input('f-upstream', 'Upstream', { size: 14 }),
+    select('f-protocol', 'Protocol', [['', 'Any'], ['tcp', 'tcp'], ['udp', 'udp'], ['tcp+udp', 'tcp+udp']]),
+    select('f-state', 'State', [['', 'Any'], ['up', 'up'], ['down', 'not listening'], ['unhealthy', 'unhealthy'], ['disabled', 'disabled']]));
+  const filter = () => ({
+    name: filterForm.querySelector('#f-name').value,
+    port: filterForm.querySelector('#f-port').value,
+    upstream: filterForm.querySelector('#f-upstream').value,
+    protocol: filterForm.querySelector('#f-protocol').value,
+    state: filterForm.querySelector('#f-state').value,
+  });
+  filterForm.addEventListener('input', () => arrange());
+
+  // Sorting: each column's header is a button; a second press reverses.
+  const ths = [...region.querySelectorAll('thead th')];
+  SORTS.forEach((key, i) => {
+    const th = ths[i];
+    // The arrow is for the eyes; aria-sort says it to screen readers.
+    const arrow = h('span', { class: 'arrow', 'aria-hidden': 'true' });
+    const b = h('button', { type: 'button', class: 'sort' }, th.textContent, arrow);
+    b.addEventListener('click', () => {
+      page.asc = page.sort === key ? !page.asc : true;
+      page.sort = key;
+      for (const a of region.querySelectorAll('thead .arrow')) a.textContent = '';
+      for (const t of ths) t.removeAttribute('aria-sort');
+      th.setAttribute('aria-sort', page.asc ? 'ascending' : 'descending');
+      arrow.textContent = page.asc ? ' ▲' : ' ▼';
+      arrange();
+    });
+    th.replaceChildren(b);
+  });
+
+  // Selection and bulk actions.
+  const all = h('input', { type: 'checkbox', id: 'select-all' });
+  const count = h('span', { class: 'sub', 'aria-live': 'polite' });
+  const bulk = (label, fn, cls) => h('button', { type: 'button', class: cls, disabled: true, onclick: fn }, label);
+  const enableB = bulk('Enable', () => runBulk('enable'));
+  const disableB = bulk('Disable', () => runBulk('disable'));
+  const deleteB = bulk('Delete', () => runBulk('delete'), 'danger');
+  const results = h('div', { class: 'results', hidden: true, role: 'group', 'aria-label': 'Result of the last action' });
+  page.selectionChanged = () => {
+    const n = [...rows.values()].filter((r) => r.pick.checked && !r.tr.hidden).length;
+    setText(count, n ? `${n} selected` : '');
+    for (const b of [enableB, disableB, deleteB]) b.disabled = !n;
+    const pickable = [...rows.values()].filter((r) => !r.tr.hidden && !r.pick.disabled);
+    all.checked = pickable.length > 0 && pickable.every((r) => r.pick.checked);
+  };
+  all.addEventListener('change', () => {
+    for (const r of rows.values()) if (!r.tr.hidden && !r.pick.disabled) r.pick.checked = all.checked;
+    page.selectionChanged();
+  });
+
+  // Export and import.
+  const exportB = h('button', { type: 'button', onclick: () => exportStreams() }, 'Export');
+  const file = h('input', { type: 'file', id: 'import-file', accept: '.json,application/json', hidden: true, 'aria-label': 'Export file to import' });
+  const importB = h('button', { type: 'button', onclick: () => file.click() }, 'Import');
+  file.addEventListener('change', () => importStreams());
+
+  ctx.show(
+    h('div', { class: 'page-head' }, heading('Streams'),
+      h('div', { class: 'head-actions' }, exportB, importB, file, h('a', { href: '#/streams/new', class: 'button primary' }, 'New stream'))),
+    filterForm,
+    h('div', { class: 'toolbar bulk' },
+      h('div', { class: 'field check' }, all, h('label', { for: 'select-all' }, 'Select all shown')),
+      h('div', { class: 'pager' }, count, enableB, disableB, deleteB)),
+    results, region, empty, none);
+
+  // arrange shows the rows that pass the filter, in the sort's order,
+  // each stream's upstream rows after it.
+  function arrange() {
+    const f = filter();
+    const order = sortStreams([...rows.values()].map((r) => r.data), page.sort, page.asc);
+    let prev = null;
+    let shown = 0;
+    for (const s of order) {
+      const r = rows.get(s.id);
+      const on = matchStream(r.data, f);
+      shown += on;
+      for (const tr of [r.tr, ...[...r.upRows.values()].map((u) => u.tr)]) {
+        tr.hidden = !on;
+        const at = prev ? prev.nextSibling : tbody.firstChild;
+        if (at !== tr) tbody.insertBefore(tr, at);
+        prev = tr;
+      }
+    }
+    none.hidden = !rows.size || shown > 0;
+    page.selectionChanged();
+  }
+
+  function showResults(title, lines) {
+    results.replaceChildren(h('p', {}, title), h('ul', {}, lines.map(([ok, text]) => h('li', { class: ok ? 'ok' : 'bad' }, text))),
+      h('button', { type: 'button', class: 'small', onclick: () => { results.hidden = true; focusHeading(); } }, 'Dismiss'));
+    results.hidden = false;
+  }
+
+  const VERBS = { enable: 'enabled', disable: 'disabled', delete: 'deleted' };
+
+  async function runBulk(what) {
+    const chosen = [...rows.values()].filter((r) => r.pick.checked && !r.tr.hidden);
+    if (!chosen.length) return;
+    const done = VERBS[what];
+    if (what === 'delete') {
+      const ok = await confirmDialog({
+        title: 'Delete streams',
+        text: `Delete ${chosen.length} ${chosen.length === 1 ? 'stream' : 'streams'} (${chosen.map((r) => displayName(r.data)).join(', ')})? They stop listening, their open connections close and their settings are gone.`,
+        confirm: `Delete ${chosen.length}`,
+      });
+      if (!ok) return;
+    }
+    const lines = [];
+    let good = 0;
+    for (const r of chosen) {
+      const name = displayName(r.data);
+      r.pending = true;
+      try {
+        if (what === 'delete') {
+          await del(`streams/${r.id}`, r.data.version);
+          page.gone.add(r.id);
+          removeRow(r);
+          rows.delete(r.id);
+        } else {
+          const s = await patch(`streams/${r.id}`, { enabled: what === 'enable' }, r.data.version);
+          update(r, s);
+          r.pick.checked = false; // done; one that failed stays selected, to try again
+        }
+        good++;
+        lines.push([true, `${name}: ${done}`]);
+      } catch (err) {
+        lines.push([false, `${name}: not ${done}: ${err.message}`]);
+      } finally {
+        r.pending = false;
+        r.settled = performance.now();
+      }
+    }
+    const title = `${done[0].toUpperCase()}${done.slice(1)} ${good} of ${chosen.length} ${chosen.length === 1 ? 'stream' : 'streams'}${good < chosen.length ? `; ${chosen.length - good} could not be ${done}` : ''}.`;
+    if (good === chosen.length) say(title);
+    else fail(title);
+    showResults(title, lines);
+    empty.hidden = rows.size > 0;
+    arrange();
+  }
+
+  async function exportStreams() {
+    try {
+      const [streams, certs] = await Promise.all([get('streams'), get('certificates').catch(() => [])]);
+      const data = exportFile(streams, Array.isArray(certs) ? certs : [], `the web UI at ${location.host}`);
+      const url = URL.createObjectURL(new Blob([`${JSON.stringify(data, null, 2)}\n`], { type: 'application/json' }));
+      const a = h('a', { href: url, download: exportName(), hidden: true });
+      document.body.append(a);
+      a.click();
+      a.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 10_000);
+      say(`Exported ${data.streams.length} ${data.streams.length === 1 ? 'stream' : 'streams'} to ${exportName()}`);
+    } catch (err) {
+      fail(`Could not export: ${err.message}`);
+    }
+  }
+
+  async function importStreams() {
+    const f = file.files[0];
+    file.value = '';
+    if (!f) return;
+    let plan;
+    try {
+      plan = importPlan(await f.text(), await get('streams'));
+    } catch (err) {
+      fail(`Could not import ${f.name}: ${err.message}`);
+      return;
+    }
+    if (plan.error) {
+      fail(`Could not import ${f.name}: ${plan.error}`);
+      return;
+    }
+    const { steps, skipped } = plan;
+    const ok = await confirmDialog({
+      title: 'Import streams',
+      text: `Import ${steps.length} ${steps.length === 1 ? 'stream' : 'streams'} from ${f.name}? A stream whose id exists here is replaced; the others are added with new ids.`,
+      confirm: 'Import',
+    });
+    if (!ok) return;
+    const lines = [];
+    let good = 0;
+    for (const st of steps) {
+      try {
+        const s = await request(st.method, st.path, st.body);
+        good++;
+        lines.push([true, `${st.name}: ${st.method === 'PUT' ? 'replaced' : `added as stream ${s?.id ?? ''}`}`.trim()]);
+      } catch (err) {
+        lines.push([false, `${st.name}: not imported: ${err.message}`]);
+      }
+    }
+    for (const sk of skipped) lines.push([false, `${sk}: skipped`]);
+    const title = `Imported ${good} of ${steps.length} ${steps.length === 1 ? 'stream' : 'streams'} from ${f.name}.`;
+    if (good === steps.length) say(title);
+    else fail(title);
+    showResults(title, lines);
+    await refresh();
+  }
 
   async function refresh() {
     const started = performance.now();
@@ -44,7 +252,6 @@ export async function streamsPage(ctx) {
       lastError = '';
     }
     const seen = new Set();
-    let prev = null;
     for (const s of list) {
       if (page.gone.has(s.id)) continue; // deleted while this list was on its way
       seen.add(s.id);
@@ -59,12 +266,6 @@ export async function streamsPage(ctx) {
       }
       // A list asked for before the row's last change is older than it.
       if (!r.pending && started >= r.settled) update(r, s);
-      // The stream's row, then a row per upstream.
-      for (const tr of [r.tr, ...[...r.upRows.values()].map((u) => u.tr)]) {
-        const at = prev ? prev.nextSibling : tbody.firstChild;
-        if (at !== tr) tbody.insertBefore(tr, at);
-        prev = tr;
-      }
     }
     for (const [id, r] of rows) {
       if (!seen.has(id)) {
@@ -73,6 +274,7 @@ export async function streamsPage(ctx) {
       }
     }
     empty.hidden = rows.size > 0;
+    arrange();
   }
 
   await poll(ctx, refresh);
@@ -83,6 +285,8 @@ function newRow(s, page) {
   const config = s.source === 'config';
   const r = { id, source: s.source, pending: false, settled: 0, data: s };
   r.name = h('span', { class: 'name' });
+  // The box that selects it for a bulk action; a config stream's cannot.
+  r.pick = h('input', { type: 'checkbox', class: 'pick', disabled: config, onchange: () => page.selectionChanged() });
   r.proto = h('td');
   r.addr = h('span');
   r.down = h('span', { class: 'note', hidden: true }, ' not listening');
@@ -100,13 +304,13 @@ function newRow(s, page) {
   r.healthWhen = h('span', { class: 'detail when', 'data-field': 'last_health_check', hidden: true });
   r.health = h('td', { 'data-field': 'health', class: 'health' }, r.healthState, r.healthError, r.healthWhen);
   r.counters = COUNTERS.map(([field]) => h('td', { 'data-field': field, class: 'num' }));
-  const actions = [h('a', { href: `#/streams/${id}/active` }, 'Connections'), h('a', { href: `#/streams/${id}/log` }, 'Log')];
+  const actions = [h('a', { href: `#/streams/${id}/view` }, 'View'), h('a', { href: `#/streams/${id}/active` }, 'Connections'), h('a', { href: `#/streams/${id}/log` }, 'Log')];
   if (!config) {
     actions.unshift(h('a', { href: `#/streams/${id}` }, 'Edit'));
     actions.push(h('button', { type: 'button', class: 'danger small', onclick: () => remove(r, page) }, 'Delete'));
   }
   r.tr = page.row({ 'data-stream-id': id },
-    h('th', { scope: 'row' }, r.name,
+    h('th', { scope: 'row' }, r.pick, ' ', r.name,
       config ? h('span', { class: 'badge', title: 'Defined in the Caddy config: change it there' }, 'config') : null),
     r.proto,
     h('td', { class: 'addr' }, r.addr, r.down, r.sni),
@@ -127,6 +331,7 @@ function update(r, s) {
   const st = s.status || {};
   const name = displayName(s);
   setText(r.name, name);
+  if (r.pick.getAttribute('aria-label') !== `Select ${name}`) r.pick.setAttribute('aria-label', `Select ${name}`);
   setText(r.proto, s.protocol || 'tcp');
   setText(r.addr, `${listenText(s)} → ${upstreamText(s)}`);
   r.down.hidden = !(s.enabled && st.listening === false);
