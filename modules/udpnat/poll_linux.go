@@ -30,7 +30,7 @@ type upSock struct {
 func (e *entry) closeSock() {
 	e.fdMu.Lock()
 	if e.fd >= 0 {
-		unix.Close(e.fd)
+		unix.RawSyscall(unix.SYS_CLOSE, uintptr(e.fd), 0, 0)
 		e.fd = -1
 	}
 	e.fdMu.Unlock()
@@ -121,6 +121,7 @@ type poller struct {
 	// The poller goroutine's own.
 	events [pollBatch]unix.EpollEvent
 	rb     *replies // while handling a wake-up
+	more   bool     // a socket or the instance may have more than was read
 	burst  burst
 	waitFn func(uintptr) bool
 	sendFn func(uintptr) bool
@@ -142,9 +143,9 @@ func (p *poller) add(e *entry) error {
 	p.slots[slot] = e
 	p.mu.Unlock()
 	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: slot, Pad: int32(e.gen)}
-	if err := unix.EpollCtl(p.epfd, unix.EPOLL_CTL_ADD, e.fd, &ev); err != nil {
+	if _, _, errno := unix.RawSyscall6(unix.SYS_EPOLL_CTL, uintptr(p.epfd), unix.EPOLL_CTL_ADD, uintptr(e.fd), uintptr(unsafe.Pointer(&ev)), 0, 0); errno != 0 {
 		p.release(slot)
-		return os.NewSyscallError("epoll_ctl", err)
+		return os.NewSyscallError("epoll_ctl", errno)
 	}
 	return nil
 }
@@ -176,25 +177,23 @@ func (p *poller) run() {
 }
 
 // wait is the epoll instance's raw read callback: it handles ready
-// sockets until none is left, then asks Go's poller to wait (false).
-// The instance is edge-triggered there: it must be emptied each time.
+// sockets, then asks Go's poller to wait (false). Every datagram that
+// comes to a registered socket wakes the instance's waiters, Go's poller
+// among them, so once a call returned fewer than pollBatch sockets, each
+// read whole, nothing is left that would not wake the poller again: the
+// call that would come back empty is not made.
 func (p *poller) wait(fd uintptr) bool {
 	for {
-		n, err := unix.EpollWait(int(fd), p.events[:], 0)
-		if err == unix.EINTR {
+		n, _, errno := unix.RawSyscall6(unix.SYS_EPOLL_PWAIT, fd, uintptr(unsafe.Pointer(&p.events[0])), pollBatch, 0, 0, 0)
+		if errno == unix.EINTR {
 			continue
 		}
-		if err != nil || n <= 0 {
-			if p.rb != nil {
-				repliesPool.Put(p.rb)
-				p.rb = nil
-			}
+		if errno != 0 || n == 0 {
 			return false
 		}
-		if p.rb == nil {
-			p.rb = repliesPool.Get().(*replies)
-		}
-		for i := range n {
+		rb := repliesPool.Get().(*replies)
+		p.rb, p.more = rb, n == pollBatch
+		for i := range int(n) {
 			ev := &p.events[i]
 			p.mu.Lock()
 			e := p.slots[ev.Fd]
@@ -202,6 +201,11 @@ func (p *poller) wait(fd uintptr) bool {
 			if e != nil && e.gen == uint32(ev.Pad) {
 				p.ready(e)
 			}
+		}
+		p.rb = nil
+		repliesPool.Put(rb)
+		if !p.more {
+			return false
 		}
 	}
 }
@@ -214,9 +218,12 @@ func (p *poller) ready(e *entry) {
 		return
 	}
 	rb := p.rb
-	n, _, errno := unix.Syscall6(unix.SYS_RECVMMSG, uintptr(e.fd), uintptr(unsafe.Pointer(&rb.in[0])), readBatch, unix.MSG_DONTWAIT, 0, 0)
+	n, _, errno := unix.RawSyscall6(unix.SYS_RECVMMSG, uintptr(e.fd), uintptr(unsafe.Pointer(&rb.in[0])), readBatch, unix.MSG_DONTWAIT, 0, 0)
 	switch errno {
 	case 0:
+		if n == readBatch {
+			p.more = true
+		}
 		p.deliverBurst(e, int(n))
 		if e.answered(int(n)) {
 			p.finish(e, streamstate.ReasonResponsesDone) // every expected reply came
@@ -239,12 +246,21 @@ func (s *socket) sendUpstream(e *entry, p []byte) error {
 	err := net.ErrClosed
 	if e.fd >= 0 {
 		for {
-			_, err = unix.Write(e.fd, p)
-			if err != unix.EINTR {
+			_, _, errno := unix.RawSyscall(unix.SYS_WRITE, uintptr(e.fd), uintptr(unsafe.Pointer(unsafe.SliceData(p))), uintptr(len(p)))
+			if errno != unix.EINTR {
+				err = errnoErr(errno)
 				break
 			}
 		}
 	}
 	e.fdMu.Unlock()
 	return err
+}
+
+// errnoErr is errno as an error: nil for 0.
+func errnoErr(errno unix.Errno) error {
+	if errno == 0 {
+		return nil
+	}
+	return errno
 }

@@ -118,7 +118,7 @@ func (p *poller) send(fd uintptr) bool {
 	b := &p.burst
 	for b.sent < b.n {
 		rest := b.rb.out[b.sent:b.n]
-		n, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&rest[0])), uintptr(len(rest)), unix.MSG_DONTWAIT, 0, 0)
+		n, _, errno := unix.RawSyscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&rest[0])), uintptr(len(rest)), unix.MSG_DONTWAIT, 0, 0)
 		switch errno {
 		case 0:
 			b.sent += int(n)
