@@ -217,6 +217,10 @@ func (p *poller) ready(e *entry) {
 		p.finish(e, streamstate.ReasonUpstreamError) // the reason recorded wins
 		return
 	}
+	// An empty critical section: a send under way ends first, so its
+	// datagram is counted before its answer is.
+	e.fdMu.Lock()
+	e.fdMu.Unlock()
 	rb := p.rb
 	n, _, errno := unix.RawSyscall6(unix.SYS_RECVMMSG, uintptr(e.fd), uintptr(unsafe.Pointer(&rb.in[0])), readBatch, unix.MSG_DONTWAIT, 0, 0)
 	switch errno {
@@ -239,9 +243,12 @@ func (p *poller) ready(e *entry) {
 	}
 }
 
-// sendUpstream sends p on the entry's upstream socket without waiting: a
-// full socket buffer drops the datagram, as does an entry that ended.
-func (s *socket) sendUpstream(e *entry, p []byte) error {
+// sendUpstream sends p, a datagram of size bytes from the client, on the
+// entry's upstream socket without waiting, and counts it: a full socket
+// buffer drops it, as does an entry that ended. It is counted before the
+// lock is let go, so before the poller can see its answer (ready) or end
+// the session (finish).
+func (s *socket) sendUpstream(e *entry, p []byte, size int) error {
 	e.fdMu.Lock()
 	err := net.ErrClosed
 	if e.fd >= 0 {
@@ -251,6 +258,9 @@ func (s *socket) sendUpstream(e *entry, p []byte) error {
 				err = errnoErr(errno)
 				break
 			}
+		}
+		if err == nil {
+			e.ss.AddDatagramSent(size)
 		}
 	}
 	e.fdMu.Unlock()

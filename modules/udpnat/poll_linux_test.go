@@ -86,3 +86,38 @@ func TestEntriesHoldNoGoroutine(t *testing.T) {
 		t.Errorf("total %d, want %d", n, clients+1)
 	}
 }
+
+// TestAnswerCountedAfterQuestion: the poller may read an answer while the
+// reader that sent its question is still in its send: the question is
+// counted first. So the stream's stats never show an answer without its
+// question and, with Responses 1, where the answer ends the entry, the
+// session (its log line, the stream's totals) has both.
+func TestAnswerCountedAfterQuestion(t *testing.T) {
+	const flows = 1000
+	p, buf := []byte("question"), make([]byte, 64)
+	for _, responses := range []int{0, 1} {
+		tr := newTestRelay(t, Config{Responses: responses, Policy: limits(t, streamstate.Limits{LogConnections: true, MaxConnections: 2 * flows, MaxConnectionsPerIP: 2 * flows})})
+		for i := range flows {
+			c, err := net.DialUDP("udp", nil, tr.addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+			roundTrip(t, c, p, buf)
+			c.Close()
+			// (An entry that ends while the stats are read may be left
+			// out of that read: only open ones are checked each time.)
+			if st := tr.state.SinceReload(); responses == 0 && st.BytesSent < uint64((i+1)*len(p)) {
+				t.Fatalf("flow %d answered: %d bytes sent counted, want %d", i, st.BytesSent, (i+1)*len(p))
+			}
+		}
+		deadline := time.Now().Add(5 * time.Second)
+		for responses > 0 && tr.state.Active.Load() > 0 && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+		}
+		st := tr.state.SinceReload()
+		if want := uint64(flows * len(p)); st.BytesSent != want || st.BytesReceived != want {
+			t.Fatalf("responses %d, after %d flows of %d bytes each way: sent %d, received %d; want %d each", responses, flows, len(p), st.BytesSent, st.BytesReceived, want)
+		}
+	}
+}

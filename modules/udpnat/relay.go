@@ -406,9 +406,8 @@ func (r *Relay) datagram(s *socket, buf []byte, n int, src netip.AddrPort, oob [
 		copy(buf[start:headroom+off], e.hdr)
 	}
 	p := buf[start : headroom+n]
-	switch err := s.sendUpstream(e, p); {
+	switch err := s.sendUpstream(e, p, size); {
 	case err == nil:
-		e.ss.AddDatagramSent(size)
 	case isRefused(err):
 		r.state.DropDatagrams(streamstate.DropUpstreamRefused, 1)
 		e.refused(err)
