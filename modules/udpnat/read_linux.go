@@ -16,8 +16,8 @@ const readBatch = 16
 // batch is a socket reader's recvmmsg state, made once per socket: under
 // load one system call brings in many datagrams. They are relayed in the
 // read callback, so that the reader waits without an empty read between
-// two batches (recv). Its buffers take memory
-// only where the kernel has written datagrams.
+// two batches (recv). Its buffers take memory only where the kernel has
+// written datagrams.
 type batch struct {
 	hdrs    [readBatch]unix.Mmsghdr
 	iovs    [readBatch]unix.Iovec
