@@ -26,7 +26,8 @@ type upSock struct {
 	gen  uint32     // tells the entry from the slot's earlier holders
 }
 
-// closeSock closes the socket of an entry that was never registered.
+// closeSock closes the entry's socket: the poller's (finish), or that of
+// an entry never registered.
 func (e *entry) closeSock() {
 	e.fdMu.Lock()
 	if e.fd >= 0 {
