@@ -32,21 +32,12 @@ func TestUpstreamSocketFamily(t *testing.T) {
 		defer up.Close()
 		target := up.LocalAddr().(*net.UDPAddr).AddrPort()
 		target = netip.AddrPortFrom(target.Addr().Unmap(), target.Port())
-		c, err := dialUpstream(target)
-		if err != nil {
+		c := &entry{}
+		if err := c.dial(target); err != nil {
 			t.Fatal(err)
 		}
-		rc, err := c.SyscallConn()
-		if err != nil {
-			t.Fatal(err)
-		}
-		var family int
-		var peer unix.Sockaddr
-		var serr, perr error
-		_ = rc.Control(func(fd uintptr) {
-			family, serr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_DOMAIN)
-			peer, perr = unix.Getpeername(int(fd))
-		})
+		family, serr := unix.GetsockoptInt(c.fd, unix.SOL_SOCKET, unix.SO_DOMAIN)
+		peer, perr := unix.Getpeername(c.fd)
 		if serr != nil || perr != nil || family != tc.family {
 			t.Errorf("upstream %s: family %d (%v), want %d", tc.upstream, family, serr, tc.family)
 		}
@@ -61,7 +52,7 @@ func TestUpstreamSocketFamily(t *testing.T) {
 			t.Errorf("upstream %s: connected to %#v, want port %d", tc.upstream, peer, target.Port())
 		}
 		// It works as a socket: a datagram reaches the upstream.
-		if _, err := c.Write([]byte("hi")); err != nil {
+		if _, err := unix.Write(c.fd, []byte("hi")); err != nil {
 			t.Fatal(err)
 		}
 		buf := make([]byte, 8)
@@ -69,6 +60,6 @@ func TestUpstreamSocketFamily(t *testing.T) {
 		if n, _, err := up.ReadFromUDP(buf); err != nil || string(buf[:n]) != "hi" {
 			t.Errorf("upstream %s: read %q, %v", tc.upstream, buf[:n], err)
 		}
-		c.Close()
+		unix.Close(c.fd)
 	}
 }

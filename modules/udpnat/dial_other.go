@@ -7,7 +7,15 @@ import (
 	"net/netip"
 )
 
-// dialUpstream opens a new entry's upstream socket, connected to target.
-func dialUpstream(target netip.AddrPort) (upConn, error) {
-	return net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(target))
+// dial opens a new entry's upstream socket, connected to target.
+func (e *entry) dial(target netip.AddrPort) error {
+	c, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(target))
+	if err != nil {
+		return err
+	}
+	e.conn = c
+	e.rc, _ = c.SyscallConn()
+	e.readFn = e.read
+	e.sendFn = e.send
+	return nil
 }

@@ -1,11 +1,9 @@
 package udpnat
 
 import (
-	"io"
 	"net"
 	"net/netip"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	proxyproto "github.com/pires/go-proxyproto"
@@ -16,12 +14,12 @@ import (
 // entry is one client's NAT entry: the client's address, its own upstream
 // socket, counters and limits.
 type entry struct {
+	upSock // its socket connected to the upstream (poll_linux.go, entry_other.go)
+
 	r    *Relay
 	key  netip.AddrPort // the client's address as the socket reports it
 	cfg  *config
-	peer int    // its upstream: cfg.picker.Peer(peer)
-	conn upConn // connected to the upstream
-	rc   syscall.RawConn
+	peer int // its upstream: cfg.picker.Peer(peer)
 	ss   *streamstate.Session
 
 	last atomic.Int64 // unix nanoseconds of the last datagram either way
@@ -35,58 +33,27 @@ type entry struct {
 	up, down *streamstate.Bucket // nil: unlimited
 	hdr      []byte              // PROXY v2 header put in front of each datagram
 	to       replyAddr
-
-	// The entry goroutine's scratch for reading and replying.
-	out    []byte
-	rerr   error
-	waited bool // the read callback has been called before (linux)
-	serr   error
-	readFn func(uintptr) bool
-	sendFn func(uintptr) bool
-	burst  burst // the burst of replies being sent, where bursts are used
-}
-
-// upConn is an entry's upstream socket: a *net.UDPConn, or on Linux an
-// *os.File made without net's extra system calls (dialUpstream).
-type upConn interface {
-	io.ReadWriteCloser
-	SyscallConn() (syscall.RawConn, error)
 }
 
 // newEntry opens the upstream socket of a new client src that sent to
 // dst; the PROXY header sent upstream, if any, names hsrc and hdst (the
 // same, or a front proxy's client).
 func (r *Relay) newEntry(s *socket, p *config, target, src, dst, hsrc, hdst netip.AddrPort) (*entry, error) {
-	conn, err := dialUpstream(target)
-	if err != nil {
-		return nil, err
-	}
-	rc, err := conn.SyscallConn()
-	if err != nil {
-		conn.Close()
-		return nil, err
-	}
-	now := time.Now()
-	up, down := p.Policy.Buckets(true, now)
-	e := &entry{
-		r:    r,
-		key:  src,
-		cfg:  p,
-		conn: conn,
-		rc:   rc,
-		up:   up,
-		down: down,
-		to:   makeReplyAddr(s, src, dst),
-	}
+	var hdr []byte
 	if p.ProxyV2 {
-		if e.hdr, err = proxyHeader(hsrc, hdst); err != nil {
-			conn.Close()
+		var err error
+		if hdr, err = proxyHeader(hsrc, hdst); err != nil {
 			return nil, err
 		}
 	}
+	e := &entry{r: r, key: src, cfg: p, hdr: hdr}
+	if err := e.dial(target); err != nil {
+		return nil, err
+	}
+	now := time.Now()
+	e.up, e.down = p.Policy.Buckets(true, now)
+	e.to = makeReplyAddr(s, src, dst)
 	e.last.Store(now.UnixNano())
-	e.readFn = e.read
-	e.sendFn = e.send
 	return e, nil
 }
 
@@ -173,20 +140,29 @@ func (e *entry) discard() {
 	e.dead.Store(true)
 	e.ss.ReleaseSlot()
 	e.ss.Discard()
-	e.conn.Close()
+	e.closeSock()
 }
 
-// end closes the entry for reason (the first reason wins); its goroutine
-// then unregisters it and writes its log line.
+// end closes the entry for reason (the first reason wins): whatever waits
+// for its replies (the relay's poller on Linux) then closes its socket,
+// unregisters it and writes its log line.
 func (e *entry) end(reason streamstate.Reason) {
+	if e.kill(reason) {
+		e.wake()
+	}
+}
+
+// kill records reason (the first one wins) and marks the entry ended, out
+// of the NAT table; it reports whether this call ended it.
+func (e *entry) kill(reason streamstate.Reason) bool {
 	if e.ss != nil {
 		e.ss.SetReason(reason)
 	}
 	if !e.dead.CompareAndSwap(false, true) {
-		return
+		return false
 	}
 	e.r.entries.CompareAndDelete(e.key, e)
-	e.conn.Close()
+	return true
 }
 
 // Close ends the entry; the session calls it when an admin or a shutdown
@@ -204,20 +180,4 @@ func (e *entry) upstream() string { return e.cfg.picker.Peer(e.peer).Addr }
 // one while there is one.
 func (e *entry) refused(err error) {
 	e.cfg.picker.Failed(e.peer, err)
-}
-
-// run relays the upstream's replies to the client until the entry ends.
-func (e *entry) run() {
-	defer e.r.wg.Done()
-	defer e.r.state.ConnDone()
-	e.readReplies()
-	if e.rerr != nil && isRefused(e.rerr) {
-		e.refused(e.rerr)
-	}
-	reason := streamstate.ReasonUpstreamError
-	if e.pending.Load() < 0 {
-		reason = streamstate.ReasonResponsesDone // every expected reply came
-	}
-	e.end(reason)
-	e.cfg.Policy.End(e.ss, reason)
 }

@@ -14,22 +14,25 @@ import (
 const readBatch = 16
 
 // batch is a socket reader's recvmmsg state, made once per socket: under
-// load one system call brings in many datagrams. Its buffers take memory
-// only where the kernel has written datagrams.
+// load one system call brings in many datagrams. They are relayed in the
+// read callback, so that the reader waits without an empty read between
+// two batches (recv). Its buffers take memory only where the kernel has
+// written datagrams.
 type batch struct {
-	hdrs  [readBatch]unix.Mmsghdr
-	iovs  [readBatch]unix.Iovec
-	names [readBatch]unix.RawSockaddrInet6 // room for IPv4 too
-	oobs  [readBatch][oobSize]byte
-	bufs  [readBatch][]byte
-	oob   bool
-	n     int
-	err   error
-	fn    func(uintptr) bool
+	hdrs    [readBatch]unix.Mmsghdr
+	iovs    [readBatch]unix.Iovec
+	names   [readBatch]unix.RawSockaddrInet6 // room for IPv4 too
+	oobs    [readBatch][oobSize]byte
+	bufs    [readBatch][]byte
+	oob     bool
+	s       *socket
+	err     error
+	backoff time.Duration // after a failed read
+	fn      func(uintptr) bool
 }
 
-func newBatch(oob bool) *batch {
-	b := &batch{oob: oob}
+func newBatch(s *socket, oob bool) *batch {
+	b := &batch{s: s, oob: oob}
 	for i := range b.hdrs {
 		b.bufs[i] = make([]byte, headroom+maxDatagram)
 		b.iovs[i].Base = &b.bufs[i][headroom]
@@ -60,21 +63,30 @@ func (b *batch) reset(n int) {
 	}
 }
 
-// recv is the raw read callback: one recvmmsg without waiting. It returns
-// false (wait until readable) when nothing is there.
+// recv is the raw read callback: it relays batches of datagrams read with
+// recvmmsg without waiting, and returns false (wait until readable) when
+// nothing is left, or true with b.err when the read failed. A batch that
+// came back short means that the socket was empty then: what came since
+// makes Go's poller report it (edge-triggered, on every datagram, and not
+// reset while Read waits between two calls), so the read that would come
+// back empty is not made.
 func (b *batch) recv(fd uintptr) bool {
 	for {
-		n, _, errno := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&b.hdrs[0])), readBatch, unix.MSG_DONTWAIT, 0, 0)
+		// A raw system call: the socket never blocks (MSG_DONTWAIT), and
+		// Go's scheduler need not know.
+		n, _, errno := unix.RawSyscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&b.hdrs[0])), readBatch, unix.MSG_DONTWAIT, 0, 0)
 		switch errno {
 		case 0:
-			b.n, b.err = int(n), nil
-			return true
+			b.backoff = 0
+			b.relay(int(n))
+			if n < readBatch {
+				return false
+			}
 		case unix.EINTR:
-			continue
 		case unix.EAGAIN:
 			return false
 		default:
-			b.n, b.err = 0, errno
+			b.err = errno
 			return true
 		}
 	}
@@ -96,33 +108,34 @@ func addrPort(rsa *unix.RawSockaddrInet6) (netip.AddrPort, bool) {
 
 // readLoop reads datagrams in batches until the socket is closed.
 func (s *socket) readLoop() {
-	b := newBatch(s.wildcard)
-	var backoff time.Duration
+	b := newBatch(s, s.wildcard)
 	for {
+		b.err = nil
 		err := s.rc.Read(b.fn)
 		if err == nil {
 			err = b.err
 		}
-		if err != nil {
-			if readError(err, &backoff) {
-				return
-			}
+		if readError(err, &b.backoff) {
+			return
+		}
+	}
+}
+
+// relay hands the n datagrams of the batch to the relay.
+func (b *batch) relay(n int) {
+	s := b.s
+	for i := range n {
+		h := &b.hdrs[i]
+		src, ok := addrPort(&b.names[i])
+		if !ok || h.Hdr.Flags&unix.MSG_TRUNC != 0 {
+			s.r.state.DropDatagrams(streamstate.DropTruncated, 1)
 			continue
 		}
-		backoff = 0
-		for i := range b.n {
-			h := &b.hdrs[i]
-			src, ok := addrPort(&b.names[i])
-			if !ok || h.Hdr.Flags&unix.MSG_TRUNC != 0 {
-				s.r.state.DropDatagrams(streamstate.DropTruncated, 1)
-				continue
-			}
-			var oob []byte
-			if b.oob {
-				oob = b.oobs[i][:h.Hdr.Controllen]
-			}
-			s.r.datagram(s, b.bufs[i], int(h.Len), src, oob)
+		var oob []byte
+		if b.oob {
+			oob = b.oobs[i][:h.Hdr.Controllen]
 		}
-		b.reset(b.n)
+		s.r.datagram(s, b.bufs[i], int(h.Len), src, oob)
 	}
+	b.reset(n)
 }

@@ -5,9 +5,11 @@
 // table; the first datagram of a new client, once the stream's admission
 // policy (streamstate.Policy: access lists, per-source limits,
 // max_connections, the NAT cap) lets
-// it in, creates an entry with its own connected upstream socket, and a
-// goroutine per entry sends the upstream's replies back to that client from
-// the stream's address. Nothing on the path blocks: a datagram that cannot
+// it in, creates an entry with its own connected upstream socket. One
+// goroutine per relay, the poller, waits on an epoll instance of its own
+// for the replies on every entry's socket and sends them back to each
+// client from the stream's address (elsewhere than on Linux, a goroutine
+// per entry does). Nothing on the path blocks: a datagram that cannot
 // be sent at once (rate budget spent, socket buffer full) is dropped and
 // counted, as UDP does, so one slow client never stalls the port.
 //
@@ -122,6 +124,8 @@ type Relay struct {
 	socks []*socket
 	reply atomic.Pointer[socket] // the socket replies leave from
 
+	poll atomic.Pointer[poller] // reads the entries' replies (Linux), made with the first entry
+
 	lastDialLog atomic.Int64
 	lastLoopLog atomic.Int64 // when an upstream loop was last logged
 
@@ -168,6 +172,9 @@ func (r *Relay) Destruct() error {
 		return true
 	})
 	r.wg.Wait()
+	if p := r.poll.Load(); p != nil {
+		p.close()
+	}
 	return nil
 }
 
@@ -290,7 +297,8 @@ type socket struct {
 	wildcard bool // bound to every address: the destination comes from IP_PKTINFO
 	done     chan struct{}
 
-	// The reader goroutine's scratch for writing upstream.
+	// The reader goroutine's scratch for writing upstream, where entries
+	// have Go's poller (not on Linux).
 	out     []byte
 	werr    error
 	writeFn func(uintptr) bool
@@ -305,7 +313,6 @@ func (r *Relay) AddSocket(pc *net.UDPConn) error {
 	}
 	local := pc.LocalAddr().(*net.UDPAddr).AddrPort()
 	s := &socket{r: r, pc: pc, rc: rc, local: local, v6: local.Addr().Is6() && !local.Addr().Is4In6(), wildcard: local.Addr().IsUnspecified(), done: make(chan struct{})}
-	s.writeFn = s.write
 	r.mu.Lock()
 	r.socks = append(r.socks, s)
 	r.reply.Store(s)
@@ -399,9 +406,8 @@ func (r *Relay) datagram(s *socket, buf []byte, n int, src netip.AddrPort, oob [
 		copy(buf[start:headroom+off], e.hdr)
 	}
 	p := buf[start : headroom+n]
-	switch err := s.sendUpstream(e, p); {
+	switch err := s.sendUpstream(e, p, size); {
 	case err == nil:
-		e.ss.AddDatagramSent(size)
 	case isRefused(err):
 		r.state.DropDatagrams(streamstate.DropUpstreamRefused, 1)
 		e.refused(err)
@@ -504,7 +510,12 @@ func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte, pa streamstate.P
 	r.state.Total.Add(1)
 	r.wg.Add(1)
 	r.state.ConnStarted()
-	go e.run()
+	if err := r.start(e); err != nil {
+		r.logDialError(e.upstream(), err)
+		r.state.DropDatagrams(streamstate.DropUpstreamSocket, 1)
+		e.finish(streamstate.ReasonUpstreamError)
+		return nil
+	}
 	return e
 }
 

@@ -67,3 +67,30 @@ func (e *entry) send(fd uintptr) bool {
 		return true
 	}
 }
+
+// sendUpstream sends p on the entry's upstream socket without waiting: a
+// full socket buffer drops the datagram. Only the socket's reader calls it.
+func (s *socket) sendUpstream(e *entry, p []byte, size int) error {
+	if s.writeFn == nil {
+		s.writeFn = s.write
+	}
+	s.out = p
+	if err := e.rc.Write(s.writeFn); err != nil {
+		return err
+	}
+	if s.werr == nil {
+		e.ss.AddDatagramSent(size)
+	}
+	return s.werr
+}
+
+func (s *socket) write(fd uintptr) bool {
+	for {
+		_, err := unix.Write(int(fd), s.out)
+		if err == unix.EINTR {
+			continue
+		}
+		s.werr = err
+		return true
+	}
+}

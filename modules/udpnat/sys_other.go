@@ -14,8 +14,11 @@ type replyAddr struct{ addr netip.AddrPort }
 
 func makeReplyAddr(_ *socket, src, _ netip.AddrPort) replyAddr { return replyAddr{src} }
 
-func (s *socket) sendUpstream(e *entry, p []byte) error {
+func (s *socket) sendUpstream(e *entry, p []byte, size int) error {
 	_, err := e.conn.Write(p)
+	if err == nil {
+		e.ss.AddDatagramSent(size)
+	}
 	return err
 }
 

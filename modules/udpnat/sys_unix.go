@@ -32,27 +32,6 @@ func makeReplyAddr(s *socket, src, dst netip.AddrPort) replyAddr {
 	return ra
 }
 
-// sendUpstream sends p on the entry's upstream socket without waiting: a
-// full socket buffer drops the datagram. Only the socket's reader calls it.
-func (s *socket) sendUpstream(e *entry, p []byte) error {
-	s.out = p
-	if err := e.rc.Write(s.writeFn); err != nil {
-		return err
-	}
-	return s.werr
-}
-
-func (s *socket) write(fd uintptr) bool {
-	for {
-		_, err := unix.Write(int(fd), s.out)
-		if err == unix.EINTR {
-			continue
-		}
-		s.werr = err
-		return true
-	}
-}
-
 // isRefused reports an error that means the upstream is not there (an ICMP
 // port or host unreachable came back).
 func isRefused(err error) bool {

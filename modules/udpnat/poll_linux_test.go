@@ -1,0 +1,123 @@
+package udpnat
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"runtime"
+	"testing"
+	"time"
+
+	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
+)
+
+// openFDs is how many descriptors this process has open.
+func openFDs(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Skip("no /proc/self/fd:", err)
+	}
+	return len(ents)
+}
+
+// TestEntriesHoldNoGoroutine: 2,000 NAT entries open at once add no
+// goroutine each (one poller per relay reads them all), every client gets
+// its answers, and when an admin closes them every upstream socket is
+// closed and each session ends with admin_closed.
+func TestEntriesHoldNoGoroutine(t *testing.T) {
+	const clients, wave = 2000, 100
+	// One source holds them all: past the default share of one source.
+	tr := newTestRelay(t, Config{Policy: limits(t, streamstate.Limits{IdleTimeout: time.Minute, MaxConnections: 2 * clients, MaxConnectionsPerIP: 2 * clients})})
+	buf := make([]byte, 64)
+	// One entry first, so that the relay's poller is there.
+	first := tr.client(t)
+	_ = first.SetDeadline(time.Now().Add(10 * time.Second))
+	roundTrip(t, first, []byte("x"), buf)
+	runtime.GC()
+	goroutines, fds := runtime.NumGoroutine(), openFDs(t)
+
+	cs := make([]*net.UDPConn, clients)
+	for i := range cs {
+		cs[i] = tr.client(t)
+		_ = cs[i].SetDeadline(time.Now().Add(20 * time.Second))
+	}
+	// Two rounds: the first datagram opens each entry, the second uses it.
+	for round := range 2 {
+		for lo := 0; lo < clients; lo += wave {
+			for i := lo; i < lo+wave; i++ {
+				if _, err := cs[i].Write(fmt.Appendf(nil, "%d/%d", round, i)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			for i := lo; i < lo+wave; i++ {
+				n, err := cs[i].Read(buf)
+				if want := fmt.Sprintf("%d/%d", round, i); err != nil || string(buf[:n]) != want {
+					t.Fatalf("round %d, client %d: got %q, %v; want %q (entries %d, dropped %d)", round, i, buf[:n], err, want, tr.r.Entries(), tr.state.DatagramsDropped.Load())
+				}
+			}
+		}
+	}
+	if n := tr.r.Entries(); n != clients+1 {
+		t.Fatalf("%d entries, want %d", n, clients+1)
+	}
+	if d := runtime.NumGoroutine() - goroutines; d > 5 {
+		t.Errorf("%d entries added %d goroutines, want none", clients, d)
+	}
+	// Each entry holds its upstream socket, and nothing else.
+	if d := openFDs(t) - fds; d != 2*clients {
+		t.Errorf("%d entries and their %d clients added %d descriptors, want %d", clients, clients, d, 2*clients)
+	}
+
+	// An admin closes them all: every upstream socket closes, each
+	// session ends with the admin's reason.
+	tr.state.Sessions(func(ss *streamstate.Session) bool {
+		ss.Close(streamstate.ReasonAdminClosed)
+		return true
+	})
+	deadline := time.Now().Add(10 * time.Second)
+	for tr.r.Entries() > 0 || tr.state.Active.Load() > 0 || openFDs(t)-fds > clients-1 {
+		if time.Now().After(deadline) {
+			t.Fatalf("after closing them all: %d entries, %d active, %d descriptors more than before", tr.r.Entries(), tr.state.Active.Load(), openFDs(t)-fds)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := tr.state.Total.Load(); n != clients+1 {
+		t.Errorf("total %d, want %d", n, clients+1)
+	}
+}
+
+// TestAnswerCountedAfterQuestion: the poller may read an answer while the
+// reader that sent its question is still in its send: the question is
+// counted first. So the stream's stats never show an answer without its
+// question and, with Responses 1, where the answer ends the entry, the
+// session (its log line, the stream's totals) has both.
+func TestAnswerCountedAfterQuestion(t *testing.T) {
+	const flows = 1000
+	p, buf := []byte("question"), make([]byte, 64)
+	for _, responses := range []int{0, 1} {
+		tr := newTestRelay(t, Config{Responses: responses, Policy: limits(t, streamstate.Limits{LogConnections: true, MaxConnections: 2 * flows, MaxConnectionsPerIP: 2 * flows})})
+		for i := range flows {
+			c, err := net.DialUDP("udp", nil, tr.addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+			roundTrip(t, c, p, buf)
+			c.Close()
+			// (An entry that ends while the stats are read may be left
+			// out of that read: only open ones are checked each time.)
+			if st := tr.state.SinceReload(); responses == 0 && st.BytesSent < uint64((i+1)*len(p)) {
+				t.Fatalf("flow %d answered: %d bytes sent counted, want %d", i, st.BytesSent, (i+1)*len(p))
+			}
+		}
+		deadline := time.Now().Add(5 * time.Second)
+		for responses > 0 && tr.state.Active.Load() > 0 && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+		}
+		st := tr.state.SinceReload()
+		if want := uint64(flows * len(p)); st.BytesSent != want || st.BytesReceived != want {
+			t.Fatalf("responses %d, after %d flows of %d bytes each way: sent %d, received %d; want %d each", responses, flows, len(p), st.BytesSent, st.BytesReceived, want)
+		}
+	}
+}
