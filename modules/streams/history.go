@@ -13,6 +13,7 @@ import (
 
 	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
 	"github.com/aegis-proxy/caddy-aegis/spec"
+	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 	"github.com/aegis-proxy/caddy-aegis/storage"
 )
 
@@ -130,7 +131,8 @@ func startHistory() {
 	}
 }
 
-// stopHistory stops the loop when the last app stops.
+// stopHistory stops the loop when the last app stops, and drops every
+// stream's history.
 func stopHistory() {
 	history.mu.Lock()
 	history.users--
@@ -145,6 +147,13 @@ func stopHistory() {
 		close(stop)
 		<-done
 	}
+	// No app runs: give the histories back, lest a stream of the same id
+	// in a later config (another database) carry this one's.
+	history.mu.Lock()
+	if history.users == 0 {
+		history.streams = map[int64]*streamHistory{}
+	}
+	history.mu.Unlock()
 }
 
 // historyLoop samples every HistoryStep, on the step's boundaries.
@@ -211,7 +220,7 @@ func SampleHistory(now time.Time) {
 		cum := st.Cumulative()
 		r := read{id: inst.cfg.ID, active: st.Active.Load(),
 			c: counters{sent: cum.BytesSent, received: cum.BytesReceived, conns: cum.Connections,
-				blocked: st.Blocked.Load(), dfs: st.DialFailures.Load()}}
+				blocked: blockedSinceCreated(st), dfs: st.DialFailures.Load()}}
 		// As StatusOf: only an enabled stream with TCP health checks has a
 		// health, once a check ran.
 		if s := inst.cfg; s.HealthCheckEnabled && s.Enabled && s.HasTCP() {
@@ -246,7 +255,7 @@ func SampleHistory(now time.Time) {
 			elapsed = float32(t - last.t)
 		}
 		rate := func(cur, prev uint64) float32 {
-			if cur < prev { // a reload zeroed a since-reload counter
+			if cur < prev { // not after a reload: every counter read here is never reset
 				prev = 0
 			}
 			return float32(cur-prev) / elapsed
@@ -288,6 +297,21 @@ func SampleHistory(now time.Time) {
 		}
 	}
 	history.mu.Unlock()
+}
+
+// blockReasons are streamstate's block reasons, listed once.
+var blockReasons = streamstate.BlockReasons()
+
+// blockedSinceCreated is st's refusals since it was created: the sum of
+// BlockedBy, which, unlike Blocked, a reload does not zero (a rate from
+// Blocked would miss the refusals before a reload, or, when there were
+// fewer after it, count only those since the reload).
+func blockedSinceCreated(st *streamstate.State) uint64 {
+	var n uint64
+	for _, r := range blockReasons {
+		n += st.BlockedBy(r)
+	}
+	return n
 }
 
 // stored is s as the database keeps it.
