@@ -12,8 +12,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
-	"github.com/aegis-proxy/caddy-aegis/spec"
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
+	"github.com/aegis-proxy/caddy-aegis/spec"
 	"github.com/aegis-proxy/caddy-aegis/storage"
 )
 
