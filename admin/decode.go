@@ -408,6 +408,10 @@ func parseConnLogQuery(q url.Values) (connLogQuery, error) {
 				}
 				pfx = netip.PrefixFrom(addr.Unmap(), addr.Unmap().BitLen())
 			}
+			if a := pfx.Addr(); a.Is4In6() && pfx.Bits() >= 96 {
+				// The log keeps IPv4 sources as IPv4 (never ::ffff:…).
+				pfx = netip.PrefixFrom(a.Unmap(), pfx.Bits()-96)
+			}
 			out.Source = pfx.Masked()
 		case "reason":
 			if !isReason(v) {

@@ -68,6 +68,13 @@ func TestConnectionLogFiltersAndCSV(t *testing.T) {
 		{"source=127.0.0.2/31", 2},
 		{"source=10.0.0.0/8", 0},
 		{"source=::1", 0},
+		// The log keeps IPv4 sources as IPv4: an IPv4-mapped address or
+		// network means the same IPv4 ones.
+		{"source=::ffff:127.0.0.1", 2},
+		{"source=" + url.QueryEscape("::ffff:127.0.0.0/125"), 5},
+		{"source=" + url.QueryEscape("::ffff:127.0.0.2/128"), 1},
+		{"source=" + url.QueryEscape("::/0"), 0},
+		{"source=" + url.QueryEscape("0.0.0.0/0"), 5},
 		{"reason=" + blockedReason, 2},
 		{"reason=" + blockedReason + "&source=127.0.0.1", 0},
 		{"since=" + ts(start.Add(-time.Second)), 5},
@@ -124,6 +131,7 @@ func TestConnectionLogFiltersAndCSV(t *testing.T) {
 	for _, tc := range []struct{ query, field, says string }{
 		{"source=127.0.0.300", "source", "IP address"},
 		{"source=10.0.0.0/33", "source", "CIDR"},
+		{"source=fe80::1%25eth0", "source", "IP address"},
 		{"reason=Not%20a%20reason", "reason", "disconnect_reason"},
 		{"since=today", "since", "RFC 3339"},
 		{"until=2026-13-01T00:00:00Z", "until", "RFC 3339"},
