@@ -200,9 +200,19 @@ func writeConnLogCSV(w http.ResponseWriter, id int64, entries []storage.ConnLog)
 		if e.SourcePort != 0 {
 			port = strconv.Itoa(e.SourcePort)
 		}
-		_ = cw.Write([]string{num(e.ID), e.Node, num(e.StreamID), e.SourceIP, port, e.Upstream, e.Protocol,
-			e.Action, e.DisconnectReason, num(e.BytesSent), num(e.BytesReceived), opt(e.DatagramsSent), opt(e.DatagramsReceived),
+		_ = cw.Write([]string{num(e.ID), csvText(e.Node), num(e.StreamID), csvText(e.SourceIP), port, csvText(e.Upstream), e.Protocol,
+			e.Action, csvText(e.DisconnectReason), num(e.BytesSent), num(e.BytesReceived), opt(e.DatagramsSent), opt(e.DatagramsReceived),
 			num(e.DurationMS), tm(e.StartedAt), tm(e.EndedAt)})
 	}
 	cw.Flush()
+}
+
+// csvText is a text cell a spreadsheet shows as text: one that starts
+// with = + - @, a tab or a carriage return (which it would run as a
+// formula) gets a ' in front.
+func csvText(v string) string {
+	if v != "" && strings.ContainsRune("=+-@\t\r", rune(v[0])) {
+		return "'" + v
+	}
+	return v
 }

@@ -147,3 +147,31 @@ func TestConnectionLogFiltersAndCSV(t *testing.T) {
 		}
 	}
 }
+
+// TestConnectionLogCSVNoFormulas downloads the log of a node whose name a
+// spreadsheet would run as a formula: the CSV cell starts with ' so that
+// it is text, and the JSON keeps the name as it is.
+func TestConnectionLogCSVNoFormulas(t *testing.T) {
+	checkNoLeaks(t)
+	up := newServer(t, echo)
+	port := freePort(t)
+	app := streamsApp()
+	app["node_name"] = "=HYPERLINK(\"http://x\")"
+	inst := startCaddy(t, app, nil)
+	sid := id(inst.create(stream(0, port, up.Port, nil)))
+	c := dial(t, port)
+	roundTrip(t, c, "hi")
+	c.Close()
+	eventually(t, "a stored entry", func() bool { return len(inst.connLog(sid, "").Entries) == 1 })
+	if raw := string(inst.call("GET", fmt.Sprintf("/api/v1/streams/%d/connections", sid), nil).body); !strings.Contains(raw, `"node":"=HYPERLINK(\"http://x\")"`) {
+		t.Fatalf("the JSON's node: %s", raw)
+	}
+	r := inst.call("GET", fmt.Sprintf("/api/v1/streams/%d/connections?format=csv", sid), nil).want(t, http.StatusOK)
+	rows, err := csv.NewReader(strings.NewReader(string(r.body))).ReadAll()
+	if err != nil || len(rows) != 2 {
+		t.Fatalf("CSV %q: %v", r.body, err)
+	}
+	if node := rows[1][slices.Index(rows[0], "node")]; node != `'=HYPERLINK("http://x")` {
+		t.Fatalf("the CSV's node cell %q, want it to start with '", node)
+	}
+}
