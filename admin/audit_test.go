@@ -171,6 +171,14 @@ func TestAuditTrail(t *testing.T) {
 			t.Errorf("stream filter: %+v", e)
 		}
 	}
+	// A full page of the filter with nothing older that matches is the
+	// last: next_before is null, as the connection log's.
+	if p := inst.audit(fmt.Sprintf("?stream_id=%d&limit=5", sid)); p.NextBefore != nil {
+		t.Errorf("the stream's 5 entries in a page of 5, and next_before %d", *p.NextBefore)
+	}
+	if raw := string(inst.call("GET", "/api/v1/audit", nil).body); !strings.Contains(raw, `"next_before":null`) {
+		t.Errorf("the last page has no next_before: null: %s", raw)
+	}
 	// Validation.
 	for _, tc := range []struct{ query, field string }{
 		{"?limit=0", "limit"}, {"?limit=1001", "limit"}, {"?before=x", "before"},

@@ -94,9 +94,9 @@ func parseHistoryQuery(q url.Values, now time.Time) (time.Time, int, error) {
 type auditPage struct {
 	// Entries are newest first.
 	Entries []storage.AuditEntry `json:"entries"`
-	// NextBefore is the before parameter of the next (older) page;
-	// omitted on the last.
-	NextBefore *int64 `json:"next_before,omitempty"`
+	// NextBefore is the before parameter of the next (older) page, or
+	// null when this page is the last.
+	NextBefore *int64 `json:"next_before"`
 }
 
 func (a *api) audit(w http.ResponseWriter, r *http.Request, _ params) error {
@@ -113,17 +113,15 @@ func (a *api) audit(w http.ResponseWriter, r *http.Request, _ params) error {
 		return err
 	}
 	page := auditPage{Entries: entries}
-	if len(entries) == q.Limit {
-		last := entries[len(entries)-1].ID
-		next := q
-		next.Limit, next.Before = 1, last
-		more, err := app.AuditLog(r.Context(), next)
-		if err != nil {
-			return err
-		}
-		if len(more) > 0 {
-			page.NextBefore = &last
-		}
+	page.NextBefore, err = nextBefore(entries, q.Limit, func(e storage.AuditEntry) int64 { return e.ID },
+		func(before int64) (bool, error) {
+			next := q
+			next.Limit, next.Before = 1, before
+			more, err := app.AuditLog(r.Context(), next)
+			return len(more) > 0, err
+		})
+	if err != nil {
+		return err
 	}
 	writeJSON(w, http.StatusOK, page)
 	return nil
