@@ -64,30 +64,26 @@ func parseHistoryQuery(q url.Values, now time.Time) (time.Time, int, error) {
 	for i, s := range streams.HistorySteps {
 		steps[i] = strconv.Itoa(s)
 	}
-	for _, name := range sortedKeys(q) {
-		vals := q[name]
-		if len(vals) > 1 {
-			return since, step, fieldError(name, vals[0], fmt.Sprintf("query parameter %s is given %d times; give it once", name, len(vals)))
-		}
-		v := vals[0]
+	err := eachParam(q, func(name, v string) error {
 		switch name {
 		case "since":
 			t, err := time.Parse(time.RFC3339Nano, v)
 			if err != nil {
-				return since, step, fieldError(name, v, fmt.Sprintf("since %q: must be an RFC 3339 time, e.g. 2026-12-06T15:00:00Z (default: an hour ago; samples go back 24 hours)", v))
+				return fieldError(name, v, fmt.Sprintf("since %q: must be an RFC 3339 time, e.g. 2026-12-06T15:00:00Z (default: an hour ago; samples go back 24 hours)", v))
 			}
 			since = t
 		case "step":
 			n, err := strconv.Atoi(v)
 			if err != nil || !allDigits(v) || !slices.Contains(streams.HistorySteps, n) {
-				return since, step, fieldError(name, v, fmt.Sprintf("step %q: must be one of %s (seconds; default 10)", v, strings.Join(steps, ", ")))
+				return fieldError(name, v, fmt.Sprintf("step %q: must be one of %s (seconds; default 10)", v, strings.Join(steps, ", ")))
 			}
 			step = n
 		default:
-			return since, step, fieldError(name, v, fmt.Sprintf("unknown query parameter %q; the parameters are: since, step", name))
+			return fieldError(name, v, fmt.Sprintf("unknown query parameter %q; the parameters are: since, step", name))
 		}
-	}
-	return since, step, nil
+		return nil
+	})
+	return since, step, err
 }
 
 // auditPage is one page of the audit trail.
@@ -132,37 +128,33 @@ func (a *api) audit(w http.ResponseWriter, r *http.Request, _ params) error {
 // stream_id.
 func parseAuditQuery(q url.Values) (storage.AuditQuery, error) {
 	out := storage.AuditQuery{Limit: storage.DefaultAuditLimit}
-	for _, name := range sortedKeys(q) {
-		vals := q[name]
-		if len(vals) > 1 {
-			return out, fieldError(name, vals[0], fmt.Sprintf("query parameter %s is given %d times; give it once", name, len(vals)))
-		}
-		v := vals[0]
+	err := eachParam(q, func(name, v string) error {
 		switch name {
 		case "limit":
 			n, err := strconv.Atoi(v)
 			if err != nil || !allDigits(v) || n < 1 || n > storage.MaxAuditLimit {
-				return out, fieldError(name, v, fmt.Sprintf("limit %q: must be an integer from 1 to %d (default %d)",
+				return fieldError(name, v, fmt.Sprintf("limit %q: must be an integer from 1 to %d (default %d)",
 					v, storage.MaxAuditLimit, storage.DefaultAuditLimit))
 			}
 			out.Limit = n
 		case "before":
 			id, ok := parseID(v)
 			if !ok {
-				return out, fieldError(name, v, fmt.Sprintf("before %q: must be a positive integer, an entry id (the next_before of the previous page)", v))
+				return fieldError(name, v, fmt.Sprintf("before %q: must be a positive integer, an entry id (the next_before of the previous page)", v))
 			}
 			out.Before = id
 		case "stream_id":
 			id, ok := parseID(v)
 			if !ok {
-				return out, fieldError(name, v, fmt.Sprintf("stream_id %q: must be a positive integer, a stream's id", v))
+				return fieldError(name, v, fmt.Sprintf("stream_id %q: must be a positive integer, a stream's id", v))
 			}
 			out.StreamID = id
 		default:
-			return out, fieldError(name, v, fmt.Sprintf("unknown query parameter %q; the parameters are: before, limit, stream_id", name))
+			return fieldError(name, v, fmt.Sprintf("unknown query parameter %q; the parameters are: before, limit, stream_id", name))
 		}
-	}
-	return out, nil
+		return nil
+	})
+	return out, err
 }
 
 // connLogCSVColumns are the CSV download's columns: the JSON names of
