@@ -1643,6 +1643,10 @@ test('the dashboard is the first page: totals, and sparklines that change while 
   await page.mouse.move(box.x + box.width - 2, box.y + box.height / 2);
   assert.match(await card.locator('.readout').first().innerText(), /^\d\d:\d\d: Throughput [\d.]+ [KMG]?B\/s$/);
   await shot(page, 'dashboard.png');
+  // A refresh asks for the last minute or so, not the whole hour again.
+  const again = await page.waitForRequest((r) => r.url().includes(`/streams/${S.graphId}/history?`));
+  const since = Date.parse(new URL(again.url()).searchParams.get('since'));
+  assert.ok(Date.now() - since < 3 * 60_000, `a refresh asked since ${new Date(since).toISOString()}`);
   await flowing;
   // Polling stops when the page is left.
   let after = 0;
@@ -1676,6 +1680,9 @@ test('the stream page: graphs over 1 h, 6 h and 24 h with axes and a table, open
     assert.match(last, /^\d\d:\d\d: Throughput /);
     await page.keyboard.press('Home');
     assert.notEqual(await readout.innerText(), last, 'Home did not move to the first point');
+    // A screen reader hears it: the keys write to a polite live region.
+    const said = page.locator('section.graph-card', { hasText: 'Throughput' }).locator('[aria-live="polite"]');
+    assert.equal(await said.textContent(), await readout.innerText());
     // The table behind the graphs.
     await page.getByText('The graphs as a table', { exact: true }).click();
     const rows = page.locator('.graph-data tbody tr');
@@ -1706,6 +1713,12 @@ test('the stream page: graphs over 1 h, 6 h and 24 h with axes and a table, open
     const states = await ups.locator('td.health').allInnerTexts();
     assert.equal(states.filter((t) => t.startsWith('up')).length, 2, `states: ${states}`);
     assert.equal(states.filter((t) => t.startsWith('down')).length, 1, `states: ${states}`);
+    // The 5 s refreshes keep the table, and so the keyboard focus on it.
+    const region = page.getByRole('region', { name: 'Upstreams' });
+    await region.focus();
+    for (let i = 0; i < 2; i++) await page.waitForResponse((r) => r.url().includes(`/streams/${S.multiId}/history?`));
+    await page.waitForTimeout(200);
+    assert.ok(await region.evaluate((el) => el === document.activeElement), 'a refresh took the focus off the Upstreams table');
   }
 });
 
