@@ -76,6 +76,9 @@ func TestAuditTrail(t *testing.T) {
 	viaSite("PATCH", path, obj{"enabled": false}).want(t, http.StatusOK)
 	// Through the admin endpoint: enable, and the certificate's changes.
 	inst.call("PATCH", path, obj{"enabled": true}).want(t, http.StatusOK)
+	// A write that changes nothing (a bulk enable of an enabled stream)
+	// is no change: no entry.
+	inst.call("PATCH", path, obj{"enabled": true}).want(t, http.StatusOK)
 	ca := newCA(t)
 	leaf := ca.valid(t)
 	cert := inst.call("POST", "/api/v1/certificates", leaf.upload("web")).want(t, http.StatusCreated).obj(t)
