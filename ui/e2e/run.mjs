@@ -1364,7 +1364,9 @@ test('the log shows each entry\'s node, and filters by node when there are sever
     await page.getByRole('cell', { name: 'No entries.', exact: true }).waitFor();
     await filter.selectOption(NODE);
     await rows.first().waitFor();
-    assert.deepEqual(asked, [null, 'e2e-other', NODE]);
+    // All nodes (again for each Refresh the wait above needed), then each.
+    assert.deepEqual(asked.slice(-2), ['e2e-other', NODE]);
+    assert.ok(asked.length >= 3 && asked.slice(0, -2).every((n) => n === null), `asked ${JSON.stringify(asked)}`);
   } finally {
     page.off('request', onRequest);
     await page.unroute(route);
@@ -1751,7 +1753,9 @@ test('the log filters by source CIDR on the server, and Download CSV gets what i
   // Reason and a time range go to the server too; a range with nothing
   // in it shows no entry.
   await page.getByLabel('Reason', { exact: true }).fill('client_close');
-  const local = (ms) => { const d = new Date(ms); return new Date(d.getTime() - d.getTimezoneOffset() * 60000).toISOString().slice(0, 19); };
+  // To the minute: Chromium keeps "…:00" seconds as "…", and Playwright's
+  // fill then calls the value malformed (one run in 60).
+  const local = (ms) => { const d = new Date(ms); return new Date(d.getTime() - d.getTimezoneOffset() * 60000).toISOString().slice(0, 16); };
   await page.getByLabel('From', { exact: true }).fill(local(Date.now() - 3_600_000));
   await page.getByLabel('To', { exact: true }).fill(local(Date.now() - 1_800_000));
   const ranged = page.waitForResponse((r) => /reason=client_close/.test(r.url()) && /since=/.test(r.url()) && /until=/.test(r.url()));
