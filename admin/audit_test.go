@@ -48,18 +48,7 @@ func (inst *instance) audit(query string) auditPage {
 func TestAuditTrail(t *testing.T) {
 	checkNoLeaks(t)
 	inst := newInstance(t)
-	site := freePort(t)
-	// The bcrypt hash (cost 4) of "s3cret-test", as TestBasicAuthNoBypass.
-	const hash = "$2a$04$FnyhZjCJOPv9ztMMV0yFSOdwChsTs.0PUbpg2Gu3V9FLUu60bPTFO"
-	if err := inst.caddy.LoadCaddyfile(inst.caddyfile(`http://127.0.0.1:%d {
-	basic_auth {
-		ops %s
-	}
-	streams_admin
-}
-`, site, hash)); err != nil {
-		t.Fatal(err)
-	}
+	site := inst.basicAuthSite("")
 	viaSite := func(method, path string, body any) response {
 		t.Helper()
 		return doRequest(t, inst.client, method, fmt.Sprintf("http://127.0.0.1:%d%s", site, path), body,
