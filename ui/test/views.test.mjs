@@ -5,9 +5,10 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { REREAD, SERIES, gaps, isoSecond, linePath, mergePoints, nearest, niceMax, positions, problems, refreshSince, shownSpan, sinceFor, summary } from '../static/graph.js';
 import {
-  auditWhat, auditWho, csvPath, diffRows, exportFile, importPlan, logFilterProblems, logQuery, matchStream, parseCSV,
+  auditWhat, auditWho, csvPath, diffRows, exportFile, importPlan, logFilterProblems, logQuery, matchStream,
   sortStreams, streamState, valueText,
 } from '../static/lists.js';
+import { parseCSV } from '../e2e/csv.mjs';
 
 test('niceMax rounds up to 1, 2 or 5 × 10^k', () => {
   const cases = [[0, 1], [-3, 1], [NaN, 1], [0.3, 0.5], [1, 1], [1.01, 2], [2, 2], [3, 5], [7, 10], [10, 10], [11, 20], [999, 1000], [1500, 2000], [4096, 5000]];
