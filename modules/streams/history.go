@@ -114,7 +114,7 @@ type historyBook struct {
 	// users counts the started apps; the first starts the loop, the last
 	// stops it.
 	users int
-	stop  chan struct{}
+	stop  context.CancelFunc // ends the loop and cancels its write
 	done  chan struct{}
 }
 
@@ -126,8 +126,9 @@ func startHistory() {
 	defer history.mu.Unlock()
 	history.users++
 	if history.users == 1 {
-		history.stop, history.done = make(chan struct{}), make(chan struct{})
-		go historyLoop(history.stop, history.done)
+		ctx, stop := context.WithCancel(context.Background())
+		history.stop, history.done = stop, make(chan struct{})
+		go historyLoop(ctx, history.done)
 	}
 }
 
@@ -144,7 +145,7 @@ func stopHistory() {
 	history.stop, history.done = nil, nil
 	history.mu.Unlock()
 	if stop != nil {
-		close(stop)
+		stop()
 		<-done
 	}
 	// No app runs: give the histories back, lest a stream of the same id
@@ -156,18 +157,20 @@ func stopHistory() {
 	history.mu.Unlock()
 }
 
-// historyLoop samples every HistoryStep, on the step's boundaries.
-func historyLoop(stop, done chan struct{}) {
+// historyLoop samples every HistoryStep, on the step's boundaries, until
+// ctx ends (which cancels a write to the database under way: the last
+// app's Stop does not wait for a database that does not answer).
+func historyLoop(ctx context.Context, done chan struct{}) {
 	defer close(done)
 	wait := time.Until(time.Now().Truncate(HistoryStep).Add(HistoryStep))
 	timer := time.NewTimer(wait)
 	defer timer.Stop()
 	for {
 		select {
-		case <-stop:
+		case <-ctx.Done():
 			return
 		case now := <-timer.C:
-			SampleHistory(now)
+			sampleHistory(ctx, now)
 			timer.Reset(time.Until(time.Now().Truncate(HistoryStep).Add(HistoryStep)))
 		}
 	}
@@ -201,7 +204,10 @@ func HasHistory(id int64) bool {
 // database. The sampling loop calls it every HistoryStep; tests call it to
 // take a sample without waiting. A now not after the newest sample's step
 // takes none (the next one covers the time since).
-func SampleHistory(now time.Time) {
+func SampleHistory(now time.Time) { sampleHistory(context.Background(), now) }
+
+// sampleHistory is SampleHistory, its write to the database done in ctx.
+func sampleHistory(ctx context.Context, now time.Time) {
 	a := Running()
 	if a == nil {
 		return
@@ -284,7 +290,7 @@ func SampleHistory(now time.Time) {
 	if len(pending) == 0 {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), historyWriteTimeout)
+	ctx, cancel := context.WithTimeout(ctx, historyWriteTimeout)
 	defer cancel()
 	if err := store.cluster.AppendHistory(ctx, pending); err != nil {
 		a.logger.Debug("stream history not written to the database; the next sample tries again", zap.Error(err))
