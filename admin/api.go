@@ -533,21 +533,33 @@ func (a *api) connectionLog(w http.ResponseWriter, r *http.Request, p params) er
 		return nil
 	}
 	page := connLogPage{Entries: entries}
-	if len(entries) == q.Limit {
-		// A full page: there is a next one if an older entry exists.
-		last := entries[len(entries)-1].ID
-		next := q
-		next.Limit, next.Before = 1, last
-		more, err := app.ConnectionLog(r.Context(), p.id, next)
-		if err != nil {
-			return err
-		}
-		if len(more) > 0 {
-			page.NextBefore = &last
-		}
+	page.NextBefore, err = nextBefore(entries, q.Limit, func(e storage.ConnLog) int64 { return e.ID },
+		func(before int64) (bool, error) {
+			next := q
+			next.Limit, next.Before = 1, before
+			more, err := app.ConnectionLog(r.Context(), p.id, next)
+			return len(more) > 0, err
+		})
+	if err != nil {
+		return err
 	}
 	writeJSON(w, http.StatusOK, page)
 	return nil
+}
+
+// nextBefore is a page's next_before: the id of its last entry when the
+// page is full (limit entries) and older asks that an entry older than it
+// matches the same filters; else nil, the last page.
+func nextBefore[E any](entries []E, limit int, id func(E) int64, older func(before int64) (bool, error)) (*int64, error) {
+	if len(entries) == 0 || len(entries) < limit {
+		return nil, nil
+	}
+	last := id(entries[len(entries)-1])
+	more, err := older(last)
+	if err != nil || !more {
+		return nil, err
+	}
+	return &last, nil
 }
 
 func (a *api) activeConnections(w http.ResponseWriter, r *http.Request, p params) error {

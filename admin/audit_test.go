@@ -48,18 +48,7 @@ func (inst *instance) audit(query string) auditPage {
 func TestAuditTrail(t *testing.T) {
 	checkNoLeaks(t)
 	inst := newInstance(t)
-	site := freePort(t)
-	// The bcrypt hash (cost 4) of "s3cret-test", as TestBasicAuthNoBypass.
-	const hash = "$2a$04$FnyhZjCJOPv9ztMMV0yFSOdwChsTs.0PUbpg2Gu3V9FLUu60bPTFO"
-	if err := inst.caddy.LoadCaddyfile(inst.caddyfile(`http://127.0.0.1:%d {
-	basic_auth {
-		ops %s
-	}
-	streams_admin
-}
-`, site, hash)); err != nil {
-		t.Fatal(err)
-	}
+	site := inst.basicAuthSite("")
 	viaSite := func(method, path string, body any) response {
 		t.Helper()
 		return doRequest(t, inst.client, method, fmt.Sprintf("http://127.0.0.1:%d%s", site, path), body,
@@ -75,6 +64,9 @@ func TestAuditTrail(t *testing.T) {
 	viaSite("PATCH", path, obj{"upstream_port": up.Port + 1, "notes": "moved"}).want(t, http.StatusOK)
 	viaSite("PATCH", path, obj{"enabled": false}).want(t, http.StatusOK)
 	// Through the admin endpoint: enable, and the certificate's changes.
+	inst.call("PATCH", path, obj{"enabled": true}).want(t, http.StatusOK)
+	// A write that changes nothing (a bulk enable of an enabled stream)
+	// is no change: no entry.
 	inst.call("PATCH", path, obj{"enabled": true}).want(t, http.StatusOK)
 	ca := newCA(t)
 	leaf := ca.valid(t)
@@ -170,6 +162,14 @@ func TestAuditTrail(t *testing.T) {
 		if e.StreamID != sid {
 			t.Errorf("stream filter: %+v", e)
 		}
+	}
+	// A full page of the filter with nothing older that matches is the
+	// last: next_before is null, as the connection log's.
+	if p := inst.audit(fmt.Sprintf("?stream_id=%d&limit=5", sid)); p.NextBefore != nil {
+		t.Errorf("the stream's 5 entries in a page of 5, and next_before %d", *p.NextBefore)
+	}
+	if raw := string(inst.call("GET", "/api/v1/audit", nil).body); !strings.Contains(raw, `"next_before":null`) {
+		t.Errorf("the last page has no next_before: null: %s", raw)
 	}
 	// Validation.
 	for _, tc := range []struct{ query, field string }{

@@ -358,6 +358,21 @@ func sortedKeys[V any](m map[string]V) []string {
 	return out
 }
 
+// eachParam calls f with each of q's parameters, in order of name, until
+// f fails; a parameter given more than once is a 400 that names it.
+func eachParam(q url.Values, f func(name, v string) error) error {
+	for _, name := range sortedKeys(q) {
+		vals := q[name]
+		if len(vals) > 1 {
+			return fieldError(name, vals[0], fmt.Sprintf("query parameter %s is given %d times; give it once", name, len(vals)))
+		}
+		if err := f(name, vals[0]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // connLogQuery is what GET connections asks for: the entries (q) and
 // their format.
 type connLogQuery struct {
@@ -374,29 +389,24 @@ type connLogQuery struct {
 func parseConnLogQuery(q url.Values) (connLogQuery, error) {
 	out := connLogQuery{ConnLogQuery: storage.ConnLogQuery{Limit: storage.DefaultConnLogLimit}}
 	limit := ""
-	for _, name := range sortedKeys(q) {
-		vals := q[name]
-		if len(vals) > 1 {
-			return out, fieldError(name, vals[0], fmt.Sprintf("query parameter %s is given %d times; give it once", name, len(vals)))
-		}
-		v := vals[0]
+	err := eachParam(q, func(name, v string) error {
 		switch name {
 		case "limit":
 			limit = v
 		case "before":
 			id, ok := parseID(v)
 			if !ok {
-				return out, fieldError(name, v, fmt.Sprintf("before %q: must be a positive integer, an entry id (the next_before of the previous page)", v))
+				return fieldError(name, v, fmt.Sprintf("before %q: must be a positive integer, an entry id (the next_before of the previous page)", v))
 			}
 			out.Before = id
 		case "action":
 			if v != storage.ActionAllowed && v != storage.ActionBlocked {
-				return out, fieldError(name, v, fmt.Sprintf("action %q: must be %s or %s", v, storage.ActionAllowed, storage.ActionBlocked))
+				return fieldError(name, v, fmt.Sprintf("action %q: must be %s or %s", v, storage.ActionAllowed, storage.ActionBlocked))
 			}
 			out.Action = v
 		case "node":
 			if v == "" || len(v) > 200 {
-				return out, fieldError(name, v, "node: must be a node's name (GET "+clusterPath+" lists them)")
+				return fieldError(name, v, "node: must be a node's name (GET "+clusterPath+" lists them)")
 			}
 			out.Node = v
 		case "source":
@@ -404,20 +414,24 @@ func parseConnLogQuery(q url.Values) (connLogQuery, error) {
 			if err != nil {
 				addr, aerr := netip.ParseAddr(v)
 				if aerr != nil || addr.Zone() != "" {
-					return out, fieldError(name, v, fmt.Sprintf("source %q: must be an IP address (203.0.113.7) or a CIDR network (203.0.113.0/24, 2001:db8::/32)", v))
+					return fieldError(name, v, fmt.Sprintf("source %q: must be an IP address (203.0.113.7) or a CIDR network (203.0.113.0/24, 2001:db8::/32)", v))
 				}
 				pfx = netip.PrefixFrom(addr.Unmap(), addr.Unmap().BitLen())
+			}
+			if a := pfx.Addr(); a.Is4In6() && pfx.Bits() >= 96 {
+				// The log keeps IPv4 sources as IPv4 (never ::ffff:…).
+				pfx = netip.PrefixFrom(a.Unmap(), pfx.Bits()-96)
 			}
 			out.Source = pfx.Masked()
 		case "reason":
 			if !isReason(v) {
-				return out, fieldError(name, v, fmt.Sprintf("reason %q: must be a disconnect_reason as the log shows it, e.g. client_close or acl_denied (lower-case letters, digits and _)", v))
+				return fieldError(name, v, fmt.Sprintf("reason %q: must be a disconnect_reason as the log shows it, e.g. client_close or acl_denied (lower-case letters, digits and _)", v))
 			}
 			out.Reason = v
 		case "since", "until":
 			t, err := time.Parse(time.RFC3339Nano, v)
 			if err != nil {
-				return out, fieldError(name, v, fmt.Sprintf("%s %q: must be an RFC 3339 time, e.g. 2026-12-06T15:00:00Z", name, v))
+				return fieldError(name, v, fmt.Sprintf("%s %q: must be an RFC 3339 time, e.g. 2026-12-06T15:00:00Z", name, v))
 			}
 			if name == "since" {
 				out.Since = t.UTC()
@@ -426,12 +440,16 @@ func parseConnLogQuery(q url.Values) (connLogQuery, error) {
 			}
 		case "format":
 			if v != "json" && v != "csv" {
-				return out, fieldError(name, v, fmt.Sprintf("format %q: must be json (the default) or csv", v))
+				return fieldError(name, v, fmt.Sprintf("format %q: must be json (the default) or csv", v))
 			}
 			out.csv = v == "csv"
 		default:
-			return out, fieldError(name, v, fmt.Sprintf("unknown query parameter %q; the parameters are: action, before, format, limit, node, reason, since, source, until", name))
+			return fieldError(name, v, fmt.Sprintf("unknown query parameter %q; the parameters are: action, before, format, limit, node, reason, since, source, until", name))
 		}
+		return nil
+	})
+	if err != nil {
+		return out, err
 	}
 	if !out.Since.IsZero() && !out.Until.IsZero() && !out.Until.After(out.Since) {
 		return out, fieldError("until", q.Get("until"), fmt.Sprintf("until %q: must be after since (%s)", q.Get("until"), q.Get("since")))

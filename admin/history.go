@@ -64,39 +64,35 @@ func parseHistoryQuery(q url.Values, now time.Time) (time.Time, int, error) {
 	for i, s := range streams.HistorySteps {
 		steps[i] = strconv.Itoa(s)
 	}
-	for _, name := range sortedKeys(q) {
-		vals := q[name]
-		if len(vals) > 1 {
-			return since, step, fieldError(name, vals[0], fmt.Sprintf("query parameter %s is given %d times; give it once", name, len(vals)))
-		}
-		v := vals[0]
+	err := eachParam(q, func(name, v string) error {
 		switch name {
 		case "since":
 			t, err := time.Parse(time.RFC3339Nano, v)
 			if err != nil {
-				return since, step, fieldError(name, v, fmt.Sprintf("since %q: must be an RFC 3339 time, e.g. 2026-12-06T15:00:00Z (default: an hour ago; samples go back 24 hours)", v))
+				return fieldError(name, v, fmt.Sprintf("since %q: must be an RFC 3339 time, e.g. 2026-12-06T15:00:00Z (default: an hour ago; samples go back 24 hours)", v))
 			}
 			since = t
 		case "step":
 			n, err := strconv.Atoi(v)
 			if err != nil || !allDigits(v) || !slices.Contains(streams.HistorySteps, n) {
-				return since, step, fieldError(name, v, fmt.Sprintf("step %q: must be one of %s (seconds; default 10)", v, strings.Join(steps, ", ")))
+				return fieldError(name, v, fmt.Sprintf("step %q: must be one of %s (seconds; default 10)", v, strings.Join(steps, ", ")))
 			}
 			step = n
 		default:
-			return since, step, fieldError(name, v, fmt.Sprintf("unknown query parameter %q; the parameters are: since, step", name))
+			return fieldError(name, v, fmt.Sprintf("unknown query parameter %q; the parameters are: since, step", name))
 		}
-	}
-	return since, step, nil
+		return nil
+	})
+	return since, step, err
 }
 
 // auditPage is one page of the audit trail.
 type auditPage struct {
 	// Entries are newest first.
 	Entries []storage.AuditEntry `json:"entries"`
-	// NextBefore is the before parameter of the next (older) page;
-	// omitted on the last.
-	NextBefore *int64 `json:"next_before,omitempty"`
+	// NextBefore is the before parameter of the next (older) page, or
+	// null when this page is the last.
+	NextBefore *int64 `json:"next_before"`
 }
 
 func (a *api) audit(w http.ResponseWriter, r *http.Request, _ params) error {
@@ -113,17 +109,15 @@ func (a *api) audit(w http.ResponseWriter, r *http.Request, _ params) error {
 		return err
 	}
 	page := auditPage{Entries: entries}
-	if len(entries) == q.Limit {
-		last := entries[len(entries)-1].ID
-		next := q
-		next.Limit, next.Before = 1, last
-		more, err := app.AuditLog(r.Context(), next)
-		if err != nil {
-			return err
-		}
-		if len(more) > 0 {
-			page.NextBefore = &last
-		}
+	page.NextBefore, err = nextBefore(entries, q.Limit, func(e storage.AuditEntry) int64 { return e.ID },
+		func(before int64) (bool, error) {
+			next := q
+			next.Limit, next.Before = 1, before
+			more, err := app.AuditLog(r.Context(), next)
+			return len(more) > 0, err
+		})
+	if err != nil {
+		return err
 	}
 	writeJSON(w, http.StatusOK, page)
 	return nil
@@ -134,37 +128,33 @@ func (a *api) audit(w http.ResponseWriter, r *http.Request, _ params) error {
 // stream_id.
 func parseAuditQuery(q url.Values) (storage.AuditQuery, error) {
 	out := storage.AuditQuery{Limit: storage.DefaultAuditLimit}
-	for _, name := range sortedKeys(q) {
-		vals := q[name]
-		if len(vals) > 1 {
-			return out, fieldError(name, vals[0], fmt.Sprintf("query parameter %s is given %d times; give it once", name, len(vals)))
-		}
-		v := vals[0]
+	err := eachParam(q, func(name, v string) error {
 		switch name {
 		case "limit":
 			n, err := strconv.Atoi(v)
 			if err != nil || !allDigits(v) || n < 1 || n > storage.MaxAuditLimit {
-				return out, fieldError(name, v, fmt.Sprintf("limit %q: must be an integer from 1 to %d (default %d)",
+				return fieldError(name, v, fmt.Sprintf("limit %q: must be an integer from 1 to %d (default %d)",
 					v, storage.MaxAuditLimit, storage.DefaultAuditLimit))
 			}
 			out.Limit = n
 		case "before":
 			id, ok := parseID(v)
 			if !ok {
-				return out, fieldError(name, v, fmt.Sprintf("before %q: must be a positive integer, an entry id (the next_before of the previous page)", v))
+				return fieldError(name, v, fmt.Sprintf("before %q: must be a positive integer, an entry id (the next_before of the previous page)", v))
 			}
 			out.Before = id
 		case "stream_id":
 			id, ok := parseID(v)
 			if !ok {
-				return out, fieldError(name, v, fmt.Sprintf("stream_id %q: must be a positive integer, a stream's id", v))
+				return fieldError(name, v, fmt.Sprintf("stream_id %q: must be a positive integer, a stream's id", v))
 			}
 			out.StreamID = id
 		default:
-			return out, fieldError(name, v, fmt.Sprintf("unknown query parameter %q; the parameters are: before, limit, stream_id", name))
+			return fieldError(name, v, fmt.Sprintf("unknown query parameter %q; the parameters are: before, limit, stream_id", name))
 		}
-	}
-	return out, nil
+		return nil
+	})
+	return out, err
 }
 
 // connLogCSVColumns are the CSV download's columns: the JSON names of
@@ -200,9 +190,19 @@ func writeConnLogCSV(w http.ResponseWriter, id int64, entries []storage.ConnLog)
 		if e.SourcePort != 0 {
 			port = strconv.Itoa(e.SourcePort)
 		}
-		_ = cw.Write([]string{num(e.ID), e.Node, num(e.StreamID), e.SourceIP, port, e.Upstream, e.Protocol,
-			e.Action, e.DisconnectReason, num(e.BytesSent), num(e.BytesReceived), opt(e.DatagramsSent), opt(e.DatagramsReceived),
+		_ = cw.Write([]string{num(e.ID), csvText(e.Node), num(e.StreamID), csvText(e.SourceIP), port, csvText(e.Upstream), e.Protocol,
+			e.Action, csvText(e.DisconnectReason), num(e.BytesSent), num(e.BytesReceived), opt(e.DatagramsSent), opt(e.DatagramsReceived),
 			num(e.DurationMS), tm(e.StartedAt), tm(e.EndedAt)})
 	}
 	cw.Flush()
+}
+
+// csvText is a text cell a spreadsheet shows as text: one that starts
+// with = + - @, a tab or a carriage return (which it would run as a
+// formula) gets a ' in front.
+func csvText(v string) string {
+	if v != "" && strings.ContainsRune("=+-@\t\r", rune(v[0])) {
+		return "'" + v
+	}
+	return v
 }

@@ -197,3 +197,68 @@ func TestStreamHistoryHealth(t *testing.T) {
 		t.Fatalf("step 60: %+v", m.Points)
 	}
 }
+
+// TestStreamHistoryBlockedAcrossReload blocks connections before and after
+// a reload, which zeroes the stream's since-reload blocked_connections:
+// each step's blocked rate is its own refusals, whether fewer or more than
+// before the reload (never an underflow, never the ones before it).
+func TestStreamHistoryBlockedAcrossReload(t *testing.T) {
+	checkNoLeaks(t)
+	up := newServer(t, echo)
+	port := freePort(t)
+	inst := startCaddy(t, streamsApp(), nil)
+	sid := id(inst.create(stream(0, port, up.Port, obj{"blacklist_cidrs": []string{"127.0.0.1"}})))
+	base := historyBase()
+	block := func(n int, total float64) {
+		t.Helper()
+		for range n {
+			c := dial(t, port)
+			_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			_, _ = c.Read(make([]byte, 1))
+			c.Close()
+		}
+		eventually(t, fmt.Sprintf("blocked_connections %v", total), func() bool { return inst.statsOf(sid)["blocked_connections"] == total })
+	}
+	streams.SampleHistory(base)
+	block(2, 2)
+	streams.SampleHistory(base.Add(10 * time.Second))
+	if err := inst.load(streamsApp(), nil); err != nil {
+		t.Fatal(err)
+	}
+	block(3, 3) // more than before the reload
+	streams.SampleHistory(base.Add(20 * time.Second))
+	if err := inst.load(streamsApp(), nil); err != nil {
+		t.Fatal(err)
+	}
+	block(1, 1) // fewer
+	streams.SampleHistory(base.Add(30 * time.Second))
+	h := inst.history(sid, "?since="+url.QueryEscape(base.Add(-time.Second).Format(time.RFC3339)))
+	if len(h.Points) != 4 {
+		t.Fatalf("%d points, want 4: %+v", len(h.Points), h.Points)
+	}
+	for i, want := range []float64{0.2, 0.3, 0.1} {
+		if got := h.Points[i+1].BlockedPerSec; !near(got, want) {
+			t.Errorf("step %d: blocked_per_sec %v, want %v", i+1, got, want)
+		}
+	}
+}
+
+// TestStreamHistoryGoneWithTheApp stops the streams app (a config
+// without it): the histories are given back, so that a stream of the
+// same id in a later config (another database) starts with none.
+func TestStreamHistoryGoneWithTheApp(t *testing.T) {
+	checkNoLeaks(t)
+	up := newServer(t, echo)
+	inst := startCaddy(t, streamsApp(), nil)
+	sid := id(inst.create(stream(0, freePort(t), up.Port, nil)))
+	streams.SampleHistory(historyBase())
+	if !streams.HasHistory(sid) {
+		t.Fatal("no history after a sample")
+	}
+	if err := inst.load(nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if n := streams.HistoryStreams(); n != 0 {
+		t.Fatalf("%d streams' histories kept after the app stopped", n)
+	}
+}

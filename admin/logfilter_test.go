@@ -68,6 +68,13 @@ func TestConnectionLogFiltersAndCSV(t *testing.T) {
 		{"source=127.0.0.2/31", 2},
 		{"source=10.0.0.0/8", 0},
 		{"source=::1", 0},
+		// The log keeps IPv4 sources as IPv4: an IPv4-mapped address or
+		// network means the same IPv4 ones.
+		{"source=::ffff:127.0.0.1", 2},
+		{"source=" + url.QueryEscape("::ffff:127.0.0.0/125"), 5},
+		{"source=" + url.QueryEscape("::ffff:127.0.0.2/128"), 1},
+		{"source=" + url.QueryEscape("::/0"), 0},
+		{"source=" + url.QueryEscape("0.0.0.0/0"), 5},
 		{"reason=" + blockedReason, 2},
 		{"reason=" + blockedReason + "&source=127.0.0.1", 0},
 		{"since=" + ts(start.Add(-time.Second)), 5},
@@ -124,6 +131,7 @@ func TestConnectionLogFiltersAndCSV(t *testing.T) {
 	for _, tc := range []struct{ query, field, says string }{
 		{"source=127.0.0.300", "source", "IP address"},
 		{"source=10.0.0.0/33", "source", "CIDR"},
+		{"source=fe80::1%25eth0", "source", "IP address"},
 		{"reason=Not%20a%20reason", "reason", "disconnect_reason"},
 		{"since=today", "since", "RFC 3339"},
 		{"until=2026-13-01T00:00:00Z", "until", "RFC 3339"},
@@ -137,5 +145,33 @@ func TestConnectionLogFiltersAndCSV(t *testing.T) {
 		if e.Field != tc.field || !strings.Contains(e.Error, tc.says) {
 			t.Errorf("%s: field %q, %q; want %q saying %q", tc.query, e.Field, e.Error, tc.field, tc.says)
 		}
+	}
+}
+
+// TestConnectionLogCSVNoFormulas downloads the log of a node whose name a
+// spreadsheet would run as a formula: the CSV cell starts with ' so that
+// it is text, and the JSON keeps the name as it is.
+func TestConnectionLogCSVNoFormulas(t *testing.T) {
+	checkNoLeaks(t)
+	up := newServer(t, echo)
+	port := freePort(t)
+	app := streamsApp()
+	app["node_name"] = "=HYPERLINK(\"http://x\")"
+	inst := startCaddy(t, app, nil)
+	sid := id(inst.create(stream(0, port, up.Port, nil)))
+	c := dial(t, port)
+	roundTrip(t, c, "hi")
+	c.Close()
+	eventually(t, "a stored entry", func() bool { return len(inst.connLog(sid, "").Entries) == 1 })
+	if raw := string(inst.call("GET", fmt.Sprintf("/api/v1/streams/%d/connections", sid), nil).body); !strings.Contains(raw, `"node":"=HYPERLINK(\"http://x\")"`) {
+		t.Fatalf("the JSON's node: %s", raw)
+	}
+	r := inst.call("GET", fmt.Sprintf("/api/v1/streams/%d/connections?format=csv", sid), nil).want(t, http.StatusOK)
+	rows, err := csv.NewReader(strings.NewReader(string(r.body))).ReadAll()
+	if err != nil || len(rows) != 2 {
+		t.Fatalf("CSV %q: %v", r.body, err)
+	}
+	if node := rows[1][slices.Index(rows[0], "node")]; node != `'=HYPERLINK("http://x")` {
+		t.Fatalf("the CSV's node cell %q, want it to start with '", node)
 	}
 }

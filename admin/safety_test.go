@@ -316,19 +316,7 @@ func TestBodyLimitEveryRoute(t *testing.T) {
 func TestBasicAuthNoBypass(t *testing.T) {
 	checkNoLeaks(t)
 	inst := newInstance(t)
-	site := freePort(t)
-	// The bcrypt hash (cost 4, for speed) of "s3cret-test".
-	const hash = "$2a$04$FnyhZjCJOPv9ztMMV0yFSOdwChsTs.0PUbpg2Gu3V9FLUu60bPTFO"
-	if err := inst.caddy.LoadCaddyfile(inst.caddyfile(`http://127.0.0.1:%d {
-	basic_auth {
-		ops %s
-	}
-	streams_admin
-	respond "site"
-}
-`, site, hash)); err != nil {
-		t.Fatal(err)
-	}
+	site := inst.basicAuthSite(`respond "site"`)
 	base := fmt.Sprintf("http://127.0.0.1:%d", site)
 	sid := id(inst.create(stream(0, freePort(t), 9, obj{"upstream_host": "db.internal"})))
 	before := inst.call("GET", "/api/v1/streams", nil).want(t, http.StatusOK).body
@@ -386,4 +374,25 @@ func TestBasicAuthNoBypass(t *testing.T) {
 		t.Errorf("with the password: %d streams, want 1", len(l))
 	}
 	t.Logf("%d requests without the password refused", n)
+}
+
+// basicAuthSite loads a site on a free port that serves streams_admin
+// behind basic_auth, user ops with the password s3cret-test, then the
+// Caddyfile lines of more; it returns the site's port.
+func (inst *instance) basicAuthSite(more string) int {
+	inst.t.Helper()
+	site := freePort(inst.t)
+	// The bcrypt hash (cost 4, for speed) of "s3cret-test".
+	const hash = "$2a$04$FnyhZjCJOPv9ztMMV0yFSOdwChsTs.0PUbpg2Gu3V9FLUu60bPTFO"
+	if err := inst.caddy.LoadCaddyfile(inst.caddyfile(`http://127.0.0.1:%d {
+	basic_auth {
+		ops %s
+	}
+	streams_admin
+	%s
+}
+`, site, hash, more)); err != nil {
+		inst.t.Fatal(err)
+	}
+	return site
 }

@@ -225,25 +225,7 @@ func (s *core) audit(ctx context.Context, tx writeTx, e AuditEntry) error {
 
 // AuditLog returns audit entries, newest first, as selected by q.
 func (s *core) AuditLog(ctx context.Context, q AuditQuery) ([]AuditEntry, error) {
-	limit := q.Limit
-	switch {
-	case limit <= 0:
-		limit = DefaultAuditLimit
-	case limit > MaxAuditLimit:
-		limit = MaxAuditLimit
-	}
-	var (
-		where []string
-		args  []any
-	)
-	if q.StreamID > 0 {
-		where = append(where, "stream_id = ?")
-		args = append(args, q.StreamID)
-	}
-	if q.Before > 0 {
-		where = append(where, "id < ?")
-		args = append(args, q.Before)
-	}
+	limit, where, args := pageQuery(q.Limit, DefaultAuditLimit, MaxAuditLimit, q.StreamID, q.Before)
 	query := `SELECT id, at, node, actor, remote, action, stream_id, certificate_id, name, changes FROM audit_log`
 	if len(where) > 0 {
 		query += " WHERE " + strings.Join(where, " AND ")
@@ -271,4 +253,30 @@ func (s *core) AuditLog(ctx context.Context, q AuditQuery) ([]AuditEntry, error)
 		return nil, fmt.Errorf("storage: reading audit log: %w", err)
 	}
 	return out, nil
+}
+
+// pageQuery starts the query of a page of entries, newest first: the
+// limit (def for 0, most at the most) and the conditions (joined with
+// AND) and their arguments that select one stream's (streamID > 0) and
+// those below an id (before > 0).
+func pageQuery(limit, def, most int, streamID, before int64) (int, []string, []any) {
+	switch {
+	case limit <= 0:
+		limit = def
+	case limit > most:
+		limit = most
+	}
+	var (
+		where []string
+		args  []any
+	)
+	if streamID > 0 {
+		where = append(where, "stream_id = ?")
+		args = append(args, streamID)
+	}
+	if before > 0 {
+		where = append(where, "id < ?")
+		args = append(args, before)
+	}
+	return limit, where, args
 }

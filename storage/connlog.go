@@ -120,26 +120,7 @@ func (s *core) ConnLogs(ctx context.Context, q ConnLogQuery) ([]ConnLog, error) 
 		return nil, fmt.Errorf("storage: reading conn log: action %q: must be \"\", %q or %q: %w",
 			q.Action, ActionAllowed, ActionBlocked, ErrInvalid)
 	}
-	limit := q.Limit
-	switch {
-	case limit <= 0:
-		limit = DefaultConnLogLimit
-	case limit > MaxConnLogExportLimit:
-		limit = MaxConnLogExportLimit
-	}
-
-	var (
-		where []string
-		args  []any
-	)
-	if q.StreamID > 0 {
-		where = append(where, "stream_id = ?")
-		args = append(args, q.StreamID)
-	}
-	if q.Before > 0 {
-		where = append(where, "id < ?")
-		args = append(args, q.Before)
-	}
+	limit, where, args := pageQuery(q.Limit, DefaultConnLogLimit, MaxConnLogExportLimit, q.StreamID, q.Before)
 	if q.Action != "" {
 		where = append(where, "action = ?")
 		args = append(args, q.Action)

@@ -87,3 +87,41 @@ func testConnLogFilters(t *testing.T, b testBackend) {
 		t.Fatalf("export: %d entries, %v", len(got), err)
 	}
 }
+
+func TestInNet(t *testing.T) { eachBackend(t, testInNet) }
+
+// testInNet asks aegis_in_net the same on both stores: an IPv4-mapped
+// address is its IPv4 one, /0 holds its family, a zone is left out, and
+// a text that is not an address or a network holds nothing.
+func testInNet(t *testing.T, b testBackend) {
+	s := b.store(t)
+	ctx := context.Background()
+	for _, tc := range []struct {
+		ip, net string
+		want    bool
+	}{
+		{"10.0.0.1", "10.0.0.0/8", true},
+		{"10.0.0.1", "10.0.0.1/32", true},
+		{"11.0.0.1", "10.0.0.0/8", false},
+		{"::ffff:10.0.0.1", "10.0.0.0/8", true},
+		{"::ffff:10.0.0.1", "::ffff:10.0.0.0/104", true},
+		{"10.0.0.1", "0.0.0.0/0", true},
+		{"2001:db8::1", "0.0.0.0/0", false},
+		{"2001:db8::1", "::/0", true},
+		{"10.0.0.1", "::/0", false},
+		{"fe80::1%eth0", "fe80::/10", true},
+		{"not-an-ip", "0.0.0.0/0", false},
+		{"", "::/0", false},
+		{"10.0.0.1", "not-a-net", false},
+		{"10.0.0.1", "10.0.0.0/33", false},
+	} {
+		var got bool
+		if err := s.base().reads.queryRow(ctx, `SELECT aegis_in_net(?, ?)`, tc.ip, tc.net).Scan(&got); err != nil {
+			t.Errorf("aegis_in_net(%q, %q): %v", tc.ip, tc.net, err)
+			continue
+		}
+		if got != tc.want {
+			t.Errorf("aegis_in_net(%q, %q) = %v, want %v", tc.ip, tc.net, got, tc.want)
+		}
+	}
+}

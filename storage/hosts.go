@@ -198,11 +198,14 @@ func (s *core) UpdateHost(ctx context.Context, st spec.Stream, apply func(old, n
 		if err := tx.changed(ctx, ChangeStream, OpUpdate, h.ID); err != nil {
 			return err
 		}
+		// A write that changes nothing (enabling an enabled stream) is no
+		// change to audit.
 		if _, ok := auditFrom(ctx); ok {
-			changes := streamChanges(&old.Stream, &h.Stream)
-			if err := s.audit(ctx, tx, AuditEntry{Action: updateAction(changes), StreamID: h.ID, Name: h.Name,
-				Changes: changes}); err != nil {
-				return err
+			if changes := streamChanges(&old.Stream, &h.Stream); len(changes) > 0 {
+				if err := s.audit(ctx, tx, AuditEntry{Action: updateAction(changes), StreamID: h.ID, Name: h.Name,
+					Changes: changes}); err != nil {
+					return err
+				}
 			}
 		}
 		if apply != nil {

@@ -161,6 +161,34 @@ END
 $$`,
 		},
 	},
+	{
+		version: 4,
+		name:    "aegis_in_net as SQLite's",
+		// As SQLite's Go function (sqlitefuncs.go): an address's zone is
+		// left out, and an IPv4-mapped address is in its IPv4 networks
+		// too. inet takes neither form as it is.
+		stmts: []string{
+			`CREATE OR REPLACE FUNCTION aegis_in_net(ip TEXT, net TEXT) RETURNS BOOLEAN
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+	a inet;
+	n inet;
+BEGIN
+	a := split_part(ip, '%', 1)::inet;
+	n := net::inet;
+	IF a <<= n THEN
+		RETURN true;
+	END IF;
+	IF family(a) = 6 AND a << '::ffff:0:0/96'::inet THEN
+		RETURN '0.0.0.0'::inet + (host(a)::inet - '::ffff:0.0.0.0'::inet) <<= n;
+	END IF;
+	RETURN false;
+EXCEPTION WHEN others THEN
+	RETURN false;
+END
+$$`,
+		},
+	},
 }
 
 // migrate brings the schema up to the last of migs, on a connection of

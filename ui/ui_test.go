@@ -23,8 +23,10 @@ import (
 // log's node) took it to 100 KB, and 104 KB until the pages of issue 18
 // (the dashboard and stream page with their SVG graphs, the audit trail,
 // the stream list's filter, sort, bulk actions, export and import, the
-// log's filters and CSV download) took it to 155 KB.
-const maxTotal = 156 << 10
+// log's filters and CSV download) took it to 155 KB, and 156 KB until
+// the review of issue 18 (the dashboard's newest points only, the stream
+// page's kept tables, the graphs' spoken keys) took it to 157 KB.
+const maxTotal = 158 << 10
 
 // svgNS is the SVG namespace the graphs create their elements in: a name,
 // never fetched.

@@ -12,6 +12,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
+	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 	"github.com/aegis-proxy/caddy-aegis/spec"
 	"github.com/aegis-proxy/caddy-aegis/storage"
 )
@@ -113,7 +114,7 @@ type historyBook struct {
 	// users counts the started apps; the first starts the loop, the last
 	// stops it.
 	users int
-	stop  chan struct{}
+	stop  context.CancelFunc // ends the loop and cancels its write
 	done  chan struct{}
 }
 
@@ -125,12 +126,14 @@ func startHistory() {
 	defer history.mu.Unlock()
 	history.users++
 	if history.users == 1 {
-		history.stop, history.done = make(chan struct{}), make(chan struct{})
-		go historyLoop(history.stop, history.done)
+		ctx, stop := context.WithCancel(context.Background())
+		history.stop, history.done = stop, make(chan struct{})
+		go historyLoop(ctx, history.done)
 	}
 }
 
-// stopHistory stops the loop when the last app stops.
+// stopHistory stops the loop when the last app stops, and drops every
+// stream's history.
 func stopHistory() {
 	history.mu.Lock()
 	history.users--
@@ -142,23 +145,32 @@ func stopHistory() {
 	history.stop, history.done = nil, nil
 	history.mu.Unlock()
 	if stop != nil {
-		close(stop)
+		stop()
 		<-done
 	}
+	// No app runs: give the histories back, lest a stream of the same id
+	// in a later config (another database) carry this one's.
+	history.mu.Lock()
+	if history.users == 0 {
+		history.streams = map[int64]*streamHistory{}
+	}
+	history.mu.Unlock()
 }
 
-// historyLoop samples every HistoryStep, on the step's boundaries.
-func historyLoop(stop, done chan struct{}) {
+// historyLoop samples every HistoryStep, on the step's boundaries, until
+// ctx ends (which cancels a write to the database under way: the last
+// app's Stop does not wait for a database that does not answer).
+func historyLoop(ctx context.Context, done chan struct{}) {
 	defer close(done)
 	wait := time.Until(time.Now().Truncate(HistoryStep).Add(HistoryStep))
 	timer := time.NewTimer(wait)
 	defer timer.Stop()
 	for {
 		select {
-		case <-stop:
+		case <-ctx.Done():
 			return
 		case now := <-timer.C:
-			SampleHistory(now)
+			sampleHistory(ctx, now)
 			timer.Reset(time.Until(time.Now().Truncate(HistoryStep).Add(HistoryStep)))
 		}
 	}
@@ -192,7 +204,10 @@ func HasHistory(id int64) bool {
 // database. The sampling loop calls it every HistoryStep; tests call it to
 // take a sample without waiting. A now not after the newest sample's step
 // takes none (the next one covers the time since).
-func SampleHistory(now time.Time) {
+func SampleHistory(now time.Time) { sampleHistory(context.Background(), now) }
+
+// sampleHistory is SampleHistory, its write to the database done in ctx.
+func sampleHistory(ctx context.Context, now time.Time) {
 	a := Running()
 	if a == nil {
 		return
@@ -211,7 +226,7 @@ func SampleHistory(now time.Time) {
 		cum := st.Cumulative()
 		r := read{id: inst.cfg.ID, active: st.Active.Load(),
 			c: counters{sent: cum.BytesSent, received: cum.BytesReceived, conns: cum.Connections,
-				blocked: st.Blocked.Load(), dfs: st.DialFailures.Load()}}
+				blocked: blockedSinceCreated(st), dfs: st.DialFailures.Load()}}
 		// As StatusOf: only an enabled stream with TCP health checks has a
 		// health, once a check ran.
 		if s := inst.cfg; s.HealthCheckEnabled && s.Enabled && s.HasTCP() {
@@ -246,7 +261,7 @@ func SampleHistory(now time.Time) {
 			elapsed = float32(t - last.t)
 		}
 		rate := func(cur, prev uint64) float32 {
-			if cur < prev { // a reload zeroed a since-reload counter
+			if cur < prev { // not after a reload: every counter read here is never reset
 				prev = 0
 			}
 			return float32(cur-prev) / elapsed
@@ -275,7 +290,7 @@ func SampleHistory(now time.Time) {
 	if len(pending) == 0 {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), historyWriteTimeout)
+	ctx, cancel := context.WithTimeout(ctx, historyWriteTimeout)
 	defer cancel()
 	if err := store.cluster.AppendHistory(ctx, pending); err != nil {
 		a.logger.Debug("stream history not written to the database; the next sample tries again", zap.Error(err))
@@ -288,6 +303,21 @@ func SampleHistory(now time.Time) {
 		}
 	}
 	history.mu.Unlock()
+}
+
+// blockReasons are streamstate's block reasons, listed once.
+var blockReasons = streamstate.BlockReasons()
+
+// blockedSinceCreated is st's refusals since it was created: the sum of
+// BlockedBy, which, unlike Blocked, a reload does not zero (a rate from
+// Blocked would miss the refusals before a reload, or, when there were
+// fewer after it, count only those since the reload).
+func blockedSinceCreated(st *streamstate.State) uint64 {
+	var n uint64
+	for _, r := range blockReasons {
+		n += st.BlockedBy(r)
+	}
+	return n
 }
 
 // stored is s as the database keeps it.

@@ -7,6 +7,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
+	"github.com/jackc/pgx/v5"
+
 	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
 	"github.com/aegis-proxy/caddy-aegis/modules/streams"
 	"github.com/aegis-proxy/caddy-aegis/storage"
@@ -77,5 +80,55 @@ func TestPostgresHistory(t *testing.T) {
 	}
 	if h.Points[0].Healthy != nil {
 		t.Fatalf("without health checks on either node, healthy is %v", *h.Points[0].Healthy)
+	}
+}
+
+// TestPostgresHistoryStopsPromptly holds the stream_history table locked
+// until the sampling loop's write waits on it, then stops Caddy: the last
+// app's Stop cancels that write rather than wait out its timeout.
+func TestPostgresHistoryStopsPromptly(t *testing.T) {
+	checkNoLeaks(t)
+	t.Setenv("XDG_DATA_HOME", t.TempDir())
+	dsn := pg.NewDatabase(t)
+	up := newUpstream(t, echo)
+	startCaddy(t, postgresApp(dsn, "here"))
+	ctx := context.Background()
+	if _, err := streams.CreateHost(ctx, apiStream(0, freePort(t), up.Port)); err != nil {
+		t.Fatal(err)
+	}
+	conn, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	tx, err := conn.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = tx.Rollback(ctx) }()
+	if _, err := tx.Exec(ctx, `LOCK TABLE stream_history IN ACCESS EXCLUSIVE MODE`); err != nil {
+		t.Fatal(err)
+	}
+	// Another connection watches: a transaction sees pg_stat_activity as
+	// it was when it started.
+	watch, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer watch.Close(ctx)
+	if !testenv.Within(2*streams.HistoryStep, func() bool {
+		var n int
+		err := watch.QueryRow(ctx, `SELECT COUNT(*) FROM pg_stat_activity
+			WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO stream_history%'`).Scan(&n)
+		return err == nil && n > 0
+	}) {
+		t.Fatal("the sampling loop's write never waited on the lock")
+	}
+	start := time.Now()
+	if err := caddy.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Fatalf("Stop took %v: it waited for the history write", d)
 	}
 }

@@ -3,7 +3,7 @@
 // stream (#/audit?stream=4 opens it filtered).
 
 import { get } from './api.js';
-import { fail, h, heading, setText, table } from './dom.js';
+import { h, heading, pager, table } from './dom.js';
 import { ACTIONS, auditWhat, auditWho, diffRows } from './lists.js';
 
 const PAGE = 50;
@@ -18,39 +18,27 @@ export async function auditPage(ctx) {
     if (![...pick.options].some((o) => o.value === want)) pick.append(h('option', { value: want }, `stream ${want} (deleted)`));
     pick.value = want;
   }
-  const newer = h('button', { type: 'button' }, 'Newer');
-  const older = h('button', { type: 'button' }, 'Older');
-  const reload = h('button', { type: 'button' }, 'Refresh');
   const where = h('p', { class: 'sub', 'aria-live': 'polite' });
   const box = h('div');
+  const pages = pager(ctx, {
+    size: PAGE, noun: 'Changes', what: 'audit trail', where,
+    fetch: (before) => {
+      const q = new URLSearchParams({ limit: String(PAGE) });
+      if (before) q.set('before', String(before));
+      if (pick.value) q.set('stream_id', pick.value);
+      return get(`audit?${q}`);
+    },
+    show,
+  });
   ctx.show(
     heading('Audit trail'),
     h('p', { class: 'sub' }, 'Every change made through the API: streams and certificates. Refused writes are not in it; secrets never are.'),
     h('div', { class: 'toolbar' },
       h('div', { class: 'filters' }, h('div', { class: 'field inline' }, h('label', { for: 'audit-stream' }, 'Stream'), pick)),
-      h('div', { class: 'pager' }, newer, older, reload)),
+      h('div', { class: 'pager' }, pages.newer, pages.older, pages.reload)),
     where, box);
 
-  let before = '';
-  let next = null;
-  const stack = [];
-  let seq = 0;
-
-  async function load() {
-    const my = ++seq;
-    const q = new URLSearchParams({ limit: String(PAGE) });
-    if (before) q.set('before', String(before));
-    if (pick.value) q.set('stream_id', pick.value);
-    let page;
-    try {
-      page = await get(`audit?${q}`);
-    } catch (err) {
-      if (my === seq && ctx.alive()) fail(`Could not load the audit trail: ${err.message}`);
-      return;
-    }
-    if (my !== seq || !ctx.alive()) return;
-    const entries = Array.isArray(page.entries) ? page.entries : [];
-    next = page.next_before ?? null;
+  function show(entries, first) {
     const withNode = entries.some((e) => e.node);
     const headers = ['Time', ...(withNode ? ['Node'] : []), 'Who', 'Action', 'What', 'Changes'];
     const [region, tbody, row] = table('Audit trail', headers);
@@ -62,35 +50,13 @@ export async function auditPage(ctx) {
       h('th', { scope: 'row' }, e.stream_id && !String(e.action).startsWith('cert_') && e.action !== 'delete'
         ? h('a', { href: `#/streams/${e.stream_id}/view` }, auditWhat(e)) : auditWhat(e)),
       h('td', { class: 'diff' }, diff(e))));
-    if (!rows.length) rows.push(h('tr', { role: 'row' }, h('td', { role: 'cell', colspan: headers.length, class: 'empty' }, stack.length ? 'No older entries.' : 'No changes yet.')));
+    if (!rows.length) rows.push(h('tr', { role: 'row' }, h('td', { role: 'cell', colspan: headers.length, class: 'empty' }, first ? 'No changes yet.' : 'No older entries.')));
     tbody.replaceChildren(...rows);
     box.replaceChildren(region);
-    const first = stack.length * PAGE + 1;
-    setText(where, entries.length ? `Changes ${first}–${first + entries.length - 1}, newest first` : '');
-    const focused = document.activeElement;
-    newer.disabled = stack.length === 0;
-    older.disabled = next == null;
-    if (focused?.disabled) (newer.disabled ? older.disabled ? reload : older : newer).focus();
   }
 
-  pick.addEventListener('change', () => {
-    before = '';
-    stack.length = 0;
-    load();
-  });
-  newer.addEventListener('click', () => {
-    if (!stack.length) return;
-    before = stack.pop();
-    load();
-  });
-  older.addEventListener('click', () => {
-    if (next == null) return;
-    stack.push(before);
-    before = next;
-    load();
-  });
-  reload.addEventListener('click', () => load());
-  await load();
+  pick.addEventListener('change', () => pages.restart());
+  await pages.load();
 }
 
 // diff is an entry's changes as a list: field, from → to; a create shows

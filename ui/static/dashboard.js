@@ -4,7 +4,7 @@
 
 import { displayName, get } from './api.js';
 import { fail, h, heading, poll, setText } from './dom.js';
-import { SERIES, graph, problems, sinceFor } from './graph.js';
+import { SERIES, graph, isoSecond, mergePoints, problems, refreshSince } from './graph.js';
 import { streamLine, streamState } from './lists.js';
 import { formatBytes, formatCount } from './units.js';
 
@@ -28,6 +28,9 @@ export async function dashboardPage(ctx) {
     list, empty);
 
   const cards = new Map();
+  // Each stream's points of the last hour: a refresh asks only for the
+  // newest (refreshSince), not the whole hour of every stream again.
+  const held = new Map();
   let lastError = '';
 
   async function refresh() {
@@ -39,11 +42,22 @@ export async function dashboardPage(ctx) {
       lastError = err.message;
       return;
     }
-    const since = sinceFor(HOUR);
     // One request per stream, all at once; a stream whose history fails
-    // shows without it.
-    const hist = await Promise.all(streams.map((s) => get(`streams/${s.id}/history?since=${encodeURIComponent(since)}&step=${STEP}`).catch(() => null)));
+    // shows what it had.
+    const now = Date.now();
+    const hist = await Promise.all(streams.map(async (s) => {
+      const old = held.get(s.id) || [];
+      const since = refreshSince(old, HOUR, now);
+      try {
+        const h = await get(`streams/${s.id}/history?since=${encodeURIComponent(isoSecond(since))}&step=${STEP}`);
+        return { points: mergePoints(old, Array.isArray(h.points) ? h.points : [], since, now - HOUR * 1000) };
+      } catch {
+        return { points: mergePoints(old, [], Infinity, now - HOUR * 1000) };
+      }
+    }));
     if (!ctx.alive()) return;
+    held.clear();
+    streams.forEach((s, i) => held.set(s.id, hist[i].points));
     lastError = '';
     const count = { up: 0, down: 0, disabled: 0, unhealthy: 0, active: 0, throughput: 0 };
     const rows = streams.map((s, i) => {

@@ -233,3 +233,61 @@ export function setFieldError(el, msg) {
 export function clearFieldErrors(root) {
   for (const el of root.querySelectorAll('[id^="err-"]')) setFieldError(el, '');
 }
+
+// pager runs a list shown a page at a time, newest first, that the API
+// pages with before and next_before. fetch(before) gets a page ({entries,
+// next_before}; before is '' for the newest); show(entries, first) draws
+// it (first: the newest page). where says which entries show ("Entries
+// 1–50, newest first", with noun for Entries). It returns {newer, older,
+// reload} (the buttons, to place), load() (the page shown, again) and
+// restart() (the newest page: after a filter changed). what names the
+// list in an error.
+export function pager(ctx, { size, noun, what, where, fetch, show }) {
+  const newer = h('button', { type: 'button' }, 'Newer');
+  const older = h('button', { type: 'button' }, 'Older');
+  const reload = h('button', { type: 'button' }, 'Refresh');
+  // before is the cursor of the page shown ('': the newest); stack holds
+  // the cursors of the newer pages, to go back.
+  let before = '';
+  let next = null;
+  const stack = [];
+  let seq = 0;
+  async function load() {
+    const my = ++seq;
+    let page;
+    try {
+      page = await fetch(before);
+    } catch (err) {
+      if (my === seq && ctx.alive()) fail(`Could not load the ${what}: ${err.message}`);
+      return;
+    }
+    if (my !== seq || !ctx.alive()) return;
+    const entries = Array.isArray(page.entries) ? page.entries : [];
+    next = page.next_before ?? null;
+    show(entries, stack.length === 0);
+    const first = stack.length * size + 1;
+    setText(where, entries.length ? `${noun} ${first}–${first + entries.length - 1}, newest first` : '');
+    const focused = document.activeElement;
+    newer.disabled = stack.length === 0;
+    older.disabled = next == null;
+    if (focused?.disabled) (newer.disabled ? older.disabled ? reload : older : newer).focus();
+  }
+  newer.addEventListener('click', () => {
+    if (!stack.length) return;
+    before = stack.pop();
+    load();
+  });
+  older.addEventListener('click', () => {
+    if (next == null) return;
+    stack.push(before);
+    before = next;
+    load();
+  });
+  reload.addEventListener('click', () => load());
+  const restart = () => {
+    before = '';
+    stack.length = 0;
+    return load();
+  };
+  return { newer, older, reload, load, restart };
+}

@@ -101,7 +101,35 @@ export function timeLabel(iso) {
 
 // sinceFor is the since= of a history request for the last `seconds`.
 export function sinceFor(seconds, now = Date.now()) {
-  return new Date(now - seconds * 1000).toISOString().replace(/\.\d+Z$/, 'Z');
+  return isoSecond(now - seconds * 1000);
+}
+
+// isoSecond is the time ms as an RFC 3339 time, to the second (down).
+export function isoSecond(ms) {
+  return new Date(ms).toISOString().replace(/\.\d+Z$/, 'Z');
+}
+
+// REREAD is how far back a refresh asks again for points it has: on a
+// cluster, a node's samples reach the database up to a step late, and
+// change the sum of a point already shown.
+export const REREAD = 60;
+
+// refreshSince is the since= (ms) of a refresh of points, the last
+// `seconds` of them, to the second: REREAD before the newest point it
+// has, or the whole span when it has none (or only older ones).
+export function refreshSince(points, seconds, now = Date.now()) {
+  const from = now - seconds * 1000;
+  const last = points.length ? Date.parse(points[points.length - 1].time) : NaN;
+  const since = Number.isFinite(last) ? Math.max(from, last - REREAD * 1000) : from;
+  return Math.floor(since / 1000) * 1000; // as isoSecond sends it
+}
+
+// mergePoints is old points with fresh ones, the answer to a request
+// since `since` (ms; the server sends the points after it): old ones up
+// to since, then fresh, without those before `from` (ms).
+export function mergePoints(old, fresh, since, from) {
+  const keep = (p) => Date.parse(p.time) >= from;
+  return [...old.filter((p) => Date.parse(p.time) <= since && keep(p)), ...fresh.filter(keep)];
 }
 
 // RANGES are the stream page's graph spans: [label, seconds, step].
@@ -162,9 +190,14 @@ export function graph(opts) {
   const readout = document.createElement('p');
   readout.className = 'readout';
   readout.setAttribute('aria-live', 'off');
+  // What the arrow keys reach, said by a screen reader: only a key writes
+  // here, so that the 5 s refreshes say nothing.
+  const said = document.createElement('span');
+  said.className = 'visually-hidden';
+  said.setAttribute('aria-live', 'polite');
   const el = document.createElement('figure');
   el.className = axes ? 'graph-box' : 'spark-box';
-  el.append(root, readout);
+  el.append(root, readout, said);
   let pts = [];
   let vals = [];
   let xs = [];
@@ -207,6 +240,7 @@ export function graph(opts) {
     if (d === undefined) return;
     e.preventDefault();
     show(Math.min(pts.length - 1, Math.max(0, (at < 0 ? pts.length - 1 : at) + d)));
+    said.textContent = readout.textContent;
   });
 
   function update(points, range = 3600, step = 10) {

@@ -5,7 +5,7 @@
 // (ctx.embedded: an h2 instead of the page's h1).
 
 import { displayName, get } from './api.js';
-import { clearFieldErrors, fail, h, heading, setText, showFieldErrors, table } from './dom.js';
+import { clearFieldErrors, h, heading, pager, showFieldErrors, table } from './dom.js';
 import { csvPath, logFilterProblems, logQuery } from './lists.js';
 import { formatBytes, formatCount, formatDuration, hostPort, listenText, upstreamText } from './units.js';
 
@@ -27,9 +27,6 @@ export async function logPage(ctx) {
   const withUpstream = (s.upstreams || []).length > 0;
   const action = h('select', { id: 'log-action' },
     h('option', { value: '' }, 'All'), h('option', { value: 'allowed' }, 'allowed'), h('option', { value: 'blocked' }, 'blocked'));
-  const newer = h('button', { type: 'button' }, 'Newer');
-  const older = h('button', { type: 'button' }, 'Older');
-  const reload = h('button', { type: 'button' }, 'Refresh');
   // The node filter shows once more than one node is known: from the
   // cluster's list and from the entries.
   const node = h('select', { id: 'log-node' }, h('option', { value: '' }, 'All'));
@@ -64,6 +61,13 @@ export async function logPage(ctx) {
     nodeField.hidden = nodes.size < 2 && !node.value;
   };
   const where = h('p', { class: 'sub', 'aria-live': 'polite' });
+  // applied is the filter of the entries shown, and of the CSV link.
+  let applied = {};
+  const pages = pager(ctx, {
+    size: PAGE, noun: 'Entries', what: 'log', where,
+    fetch: (before) => get(`streams/${s.id}/connections?${logQuery(applied, { limit: PAGE, before })}`),
+    show: showEntries,
+  });
   const show = () => ctx.show(
     ctx.embedded ? h('h2', { id: 'log-h' }, 'Connection log') : heading(`Log: ${name}`),
     ctx.embedded ? null : h('p', { class: 'sub' }, `${listenText(s)} → ${upstreamText(s)} · `,
@@ -71,46 +75,20 @@ export async function logPage(ctx) {
       h('a', { href: `#/streams/${s.id}/active` }, 'Connections'), ' · ', h('a', { href: '#/streams' }, 'All streams')),
     s.log_connections ? null : h('p', { class: 'note' }, 'Connection logging is off for this stream: new connections are not logged. Turn on Log connections in its settings.'),
     form,
-    h('div', { class: 'toolbar' }, where, h('div', { class: 'pager' }, newer, older, reload)),
+    h('div', { class: 'toolbar' }, where, h('div', { class: 'pager' }, pages.newer, pages.older, pages.reload)),
     box);
 
-  // before is the cursor of the page shown (0: the newest); stack holds
-  // the cursors of the newer pages, to go back.
-  let before = 0;
-  let next = null;
-  const stack = [];
-  let seq = 0;
-
-  async function load() {
-    const my = ++seq;
-    const q = logQuery(applied, { limit: PAGE, before: before || '' });
-    let page;
-    try {
-      page = await get(`streams/${s.id}/connections?${q}`);
-    } catch (err) {
-      if (my === seq && ctx.alive()) fail(`Could not load the log: ${err.message}`);
-      return;
-    }
-    if (my !== seq || !ctx.alive()) return;
-    next = page.next_before;
-    addNodes(page.entries.map((e) => e.node));
-    withNode ||= page.entries.some((e) => e.node) || !!node.value;
+  function showEntries(entries, first) {
+    addNodes(entries.map((e) => e.node));
+    withNode ||= entries.some((e) => e.node) || !!node.value;
     const headers = ['Time', ...(withNode ? ['Node'] : []), 'Source', ...(withUpstream ? ['Upstream'] : []), 'Action', 'Sent', 'Received', 'Duration', 'Reason'];
     const [region, tbody, tr] = table('Connection log', headers);
-    const rows = page.entries.map((e) => entry(e, tr, withNode, withUpstream));
-    if (!rows.length) rows.push(h('tr', { role: 'row' }, h('td', { role: 'cell', colspan: headers.length, class: 'empty' }, stack.length ? 'No older entries.' : 'No entries.')));
+    const rows = entries.map((e) => entry(e, tr, withNode, withUpstream));
+    if (!rows.length) rows.push(h('tr', { role: 'row' }, h('td', { role: 'cell', colspan: headers.length, class: 'empty' }, first ? 'No entries.' : 'No older entries.')));
     tbody.replaceChildren(...rows);
     box.replaceChildren(region);
-    const first = stack.length * PAGE + 1;
-    setText(where, page.entries.length ? `Entries ${first}–${first + page.entries.length - 1}, newest first` : '');
-    const focused = document.activeElement;
-    newer.disabled = stack.length === 0;
-    older.disabled = next == null;
-    if (focused?.disabled) (newer.disabled ? older.disabled ? reload : older : newer).focus();
   }
 
-  // applied is the filter of the entries shown, and of the CSV link.
-  let applied = {};
   const filter = () => {
     clearFieldErrors(form);
     const f = filters();
@@ -122,9 +100,7 @@ export async function logPage(ctx) {
     }
     applied = f;
     csv.href = csvPath(s.id, applied);
-    before = 0;
-    stack.length = 0;
-    load();
+    pages.restart();
   };
   csv.href = csvPath(s.id, applied);
   form.addEventListener('submit', (e) => {
@@ -133,23 +109,11 @@ export async function logPage(ctx) {
   });
   action.addEventListener('change', filter);
   node.addEventListener('change', filter);
-  newer.addEventListener('click', () => {
-    if (!stack.length) return;
-    before = stack.pop();
-    load();
-  });
-  older.addEventListener('click', () => {
-    if (next == null) return;
-    stack.push(before);
-    before = next;
-    load();
-  });
-  reload.addEventListener('click', () => load());
   // The other nodes' names, for the filter; without them, the filter
   // knows the names the entries give.
   get('cluster').then((c) => ctx.alive() && addNodes((c.nodes || []).map((n) => n.name)), () => {});
   // The page shows with its first entries, so that its columns stay.
-  await load();
+  await pages.load();
   if (ctx.alive()) show();
 }
 

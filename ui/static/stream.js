@@ -87,7 +87,7 @@ export async function streamPage(ctx) {
 // at most TABLE_ROWS rows (every n-th point, the last one always).
 function dataTable(box, points, label) {
   const headers = ['Time', ...GRAPHS.map(([, l]) => l)];
-  const [region, tbody, row] = table(`The graphs of the last ${label} as numbers`, headers);
+  const { tbody, row } = keptTable(box, null, `The graphs of the last ${label} as numbers`, headers);
   const every = Math.max(1, Math.ceil(points.length / TABLE_ROWS));
   const rows = [];
   for (let i = points.length - 1; i >= 0; i -= every) {
@@ -96,32 +96,50 @@ function dataTable(box, points, label) {
   }
   if (!rows.length) rows.push(h('tr', { role: 'row' }, h('td', { role: 'cell', colspan: headers.length, class: 'empty' }, 'No samples yet.')));
   tbody.replaceChildren(...rows);
-  box.replaceChildren(region);
+}
+
+// keptTable is box's table, made once (with the heading title, if any):
+// a refresh replaces its rows only, so that the keyboard focus and the
+// scroll of its region stay where they were.
+function keptTable(box, title, label, headers) {
+  const key = JSON.stringify([title, headers]);
+  if (box.kept?.key !== key) {
+    const [region, tbody, row] = table(label, headers);
+    box.kept = { key, region, tbody, row };
+    box.replaceChildren(...(title ? [h('h2', {}, title)] : []), region);
+  }
+  if (box.kept.region.getAttribute('aria-label') !== label) box.kept.region.setAttribute('aria-label', label);
+  return box.kept;
+}
+
+// dropTable takes box's table away.
+function dropTable(box) {
+  box.kept = null;
+  box.replaceChildren();
 }
 
 // nodeTable shows, in a cluster, each node's share now.
 function nodeTable(box, nodes) {
   if (!Array.isArray(nodes) || nodes.length < 2) {
-    box.replaceChildren();
+    dropTable(box);
     return;
   }
-  const [region, tbody, row] = table('Each node now', ['Node', 'Throughput', 'Open connections']);
+  const { tbody, row } = keptTable(box, 'Nodes', 'Each node now', ['Node', 'Throughput', 'Open connections']);
   tbody.replaceChildren(...nodes.map((n) => {
     const last = (n.points || [])[(n.points || []).length - 1] || {};
     return row({ 'data-node': n.node }, h('th', { scope: 'row' }, n.node), h('td', { class: 'num' }, SERIES.throughput.fmt(SERIES.throughput.value(last))),
       h('td', { class: 'num' }, SERIES.active.fmt(SERIES.active.value(last))));
   }));
-  box.replaceChildren(h('h2', {}, 'Nodes'), region);
 }
 
 // upstreamTable shows a row per upstream once the stream has several.
 function upstreamTable(box, s) {
   const ups = s.status?.upstreams || [];
   if (ups.length < 2) {
-    box.replaceChildren();
+    dropTable(box);
     return;
   }
-  const [region, tbody, row] = table('Upstreams', ['Upstream', 'State', 'Open', 'Total', 'Failed dials', 'Sent', 'Received']);
+  const { tbody, row } = keptTable(box, 'Upstreams', 'Upstreams', ['Upstream', 'State', 'Open', 'Total', 'Failed dials', 'Sent', 'Received']);
   tbody.replaceChildren(...ups.map((u) => {
     const addr = hostPort(u.host, u.port);
     return row({ 'data-upstream': addr },
@@ -133,5 +151,4 @@ function upstreamTable(box, s) {
       h('td', { class: 'num' }, formatBytes(u.bytes_sent ?? 0)),
       h('td', { class: 'num' }, formatBytes(u.bytes_received ?? 0)));
   }));
-  box.replaceChildren(h('h2', {}, 'Upstreams'), region);
 }

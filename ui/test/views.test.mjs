@@ -3,11 +3,12 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { SERIES, gaps, linePath, nearest, niceMax, positions, problems, shownSpan, sinceFor, summary } from '../static/graph.js';
+import { REREAD, SERIES, gaps, isoSecond, linePath, mergePoints, nearest, niceMax, positions, problems, refreshSince, shownSpan, sinceFor, summary } from '../static/graph.js';
 import {
-  auditWhat, auditWho, csvPath, diffRows, exportFile, importPlan, logFilterProblems, logQuery, matchStream, parseCSV,
+  auditWhat, auditWho, csvPath, diffRows, exportFile, importPlan, logFilterProblems, logQuery, matchStream,
   sortStreams, streamState, valueText,
 } from '../static/lists.js';
+import { parseCSV } from '../e2e/csv.mjs';
 
 test('niceMax rounds up to 1, 2 or 5 × 10^k', () => {
   const cases = [[0, 1], [-3, 1], [NaN, 1], [0.3, 0.5], [1, 1], [1.01, 2], [2, 2], [3, 5], [7, 10], [10, 10], [11, 20], [999, 1000], [1500, 2000], [4096, 5000]];
@@ -192,4 +193,25 @@ test('exportFile writes the aegis streams export format; importPlan reads it bac
   assert.match(importPlan('{"format":"x"}', []).error, /not an export/);
   assert.match(importPlan('{"format":"aegis-streams-export","version":2,"streams":[]}', []).error, /version 2/);
   assert.match(importPlan('{"format":"aegis-streams-export","version":1}', []).error, /no "streams"/);
+});
+
+test('the dashboard asks only for the newest points, the last minute again, and merges them in', () => {
+  const now = Date.parse('2026-12-06T12:00:05.400Z');
+  const at = (hms, v = 0) => ({ time: `2026-12-06T${hms}.000Z`, v });
+  // Nothing yet: the whole hour, to the second.
+  assert.equal(isoSecond(refreshSince([], 3600, now)), '2026-12-06T11:00:05Z');
+  // Points up to 11:59:50: from a minute before it.
+  const old = [at('10:59:50'), at('11:00:10'), at('11:58:40', 1), at('11:59:50', 2)];
+  const since = refreshSince(old, 3600, now);
+  assert.equal(REREAD, 60);
+  assert.equal(isoSecond(since), '2026-12-06T11:58:50Z');
+  // Only old points before the hour: the whole hour again.
+  assert.equal(isoSecond(refreshSince([at('09:00:00')], 3600, now)), '2026-12-06T11:00:05Z');
+  // The answer replaces the points after since (a node's late sample
+  // changed 11:59:50), adds the new one, and the hour drops the oldest.
+  const fresh = [at('11:59:50', 5), at('12:00:00', 6)];
+  const merged = mergePoints(old, fresh, since, now - 3600 * 1000);
+  assert.deepEqual(merged.map((p) => [p.time.slice(11, 19), p.v]), [['11:00:10', 0], ['11:58:40', 1], ['11:59:50', 5], ['12:00:00', 6]]);
+  // A failed request keeps what it had, within the hour.
+  assert.deepEqual(mergePoints(old, [], Infinity, now - 3600 * 1000).length, 3);
 });
