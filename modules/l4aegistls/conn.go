@@ -54,7 +54,7 @@ func (c *Conn) Write(p []byte) (int, error) {
 	if len(p) <= maxRecord {
 		return c.write(p)
 	}
-	c.wire.begin()
+	c.wire.begin(len(p))
 	n, err := c.write(p)
 	if ferr := c.wire.flush(); ferr != nil && err == nil {
 		n, err = 0, c.wireError(ferr)
@@ -149,14 +149,28 @@ type wire struct {
 	batch    *[]byte
 }
 
-var batchPool = sync.Pool{New: func() any { b := make([]byte, 0, 2*maxRecord+1024); return &b }}
+// recordOverhead is more than the bytes a record adds to its plaintext
+// (header, explicit nonce, tag), so that a batch sized by it holds the
+// records of a write without growing.
+const recordOverhead = 64
 
-// begin gathers the records written from now on.
-func (w *wire) begin() {
+// maxBatch is the largest batch kept for reuse: the records of a write of
+// the relay's bulk buffer (l4aegisproxy's bulkBufSize, 128 KiB) fit, with
+// room to spare.
+const maxBatch = 16*maxRecord + 16*recordOverhead
+
+var batchPool = sync.Pool{New: func() any { b := make([]byte, 0, 2*(maxRecord+recordOverhead)); return &b }}
+
+// begin gathers the records written from now on, for a write of n bytes.
+func (w *wire) begin(n int) {
+	b := batchPool.Get().(*[]byte)
+	if need := n + (n/maxRecord+1)*recordOverhead; cap(*b) < need {
+		*b = make([]byte, 0, need)
+	}
+	*b = (*b)[:0]
 	w.mu.Lock()
 	w.batching = true
-	w.batch = batchPool.Get().(*[]byte)
-	*w.batch = (*w.batch)[:0]
+	w.batch = b
 	w.mu.Unlock()
 }
 
@@ -172,7 +186,7 @@ func (w *wire) flush() error {
 	if len(*b) > 0 {
 		_, err = w.send(*b)
 	}
-	if cap(*b) <= 4*maxRecord {
+	if cap(*b) <= maxBatch {
 		batchPool.Put(b)
 	}
 	return err
