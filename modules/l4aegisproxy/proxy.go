@@ -246,7 +246,14 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 		return nil
 	}
 	h.state.ObserveDial(time.Since(start))
-	defer up.Close()
+	// Closed as Handle returns, unless the relay parked the connection: it
+	// closes it itself then (relay.finish).
+	parked, raw := false, up
+	defer func() {
+		if !parked {
+			raw.Close()
+		}
+	}()
 	peer := h.picker.Peer(i)
 	// Each upstream counts its connections when there are several.
 	many := len(h.Upstreams) > 0
@@ -296,7 +303,6 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	}
 
 	r := getRelay(ss, cx.Conn, up)
-	defer r.put()
 	r.half = h.HalfClose
 	if ss != nil {
 		r.idle = ss.TakeIdle()
@@ -311,7 +317,14 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	_, clientTCP := r.client.(*net.TCPConn)
 	_, upTCP := up.(*net.TCPConn)
 	r.raw = canRaw && clientTCP && upTCP
-	r.run()
+	// A quiet raw connection may be parked when the chain's caller lets the
+	// connection outlive Handle (the streams app, not a plain layer4
+	// server).
+	r.canPark = r.raw && r.count && ss.CanDetach()
+	if parked = r.run(); parked {
+		return nil // the relay ends the connection (relay.finish)
+	}
+	r.put()
 	return nil
 }
 

@@ -26,6 +26,22 @@ const (
 	dirDown = 1 // upstream → client
 )
 
+// Bits of relay.done beside one per direction.
+const (
+	parkBit  = 1 << 2 // both directions stop at a step boundary to park
+	abortBit = 1 << 3 // abort closed both sides
+)
+
+// parkDelay is how long both directions of a raw relay must have moved
+// nothing before it parks the connection (park_linux.go). One second is
+// far above the gaps within an exchange (a query and its answer, a
+// keystroke's echo), so a busy connection never parks between them, and
+// short enough that an idle connection gives its goroutines, their
+// stacks and its buffers back almost at once. A park and a resume cost
+// four epoll_ctl calls, a wake of the parker and two new goroutines, which
+// once a second or less is nothing. A variable for tests.
+var parkDelay = time.Second
+
 // relay moves bytes both ways between a client and an upstream. With
 // half set, one side's end is passed on to the other side and the
 // relay runs until both directions end; otherwise the first end (a read of
@@ -44,6 +60,16 @@ const (
 // one way is never cut while the other way is quiet. A write that makes no
 // progress for the idle timeout votes too, so a peer that stopped reading
 // does not hold the connection forever.
+//
+// Parking: on the raw path, when the session allows it (CanDetach: the
+// streams app, not a plain layer4 server), a connection on which nothing
+// moved either way for parkDelay is parked: each direction stops at a step
+// boundary (holding no buffer or pipe), the sockets are handed to the
+// parker's epoll and both goroutines return, the chain's all the way up
+// without ending the connection (Session.Detach). A readable socket
+// resumes both directions on a new goroutine (resume); the end of a parked
+// or resumed relay is finish, which runs what the handlers would have run
+// (Session.Finish).
 type relay struct {
 	ss     *streamstate.Session // nil without the guard
 	count  bool                 // count bytes into ss (the guard's wrapper is bypassed)
@@ -55,9 +81,16 @@ type relay struct {
 
 	last  [2]atomic.Int64 // unix nanoseconds of the last byte per direction
 	votes atomic.Uint32   // bit per direction: timed out with nothing to move
-	done  atomic.Uint32   // bit per direction: ended
+	done  atomic.Uint32   // bit per direction: ended; parkBit, abortBit
 	wg    sync.WaitGroup
 	dirs  [2]rawDir
+
+	// canPark: the relay may park the connection (raw, counted, and the
+	// session may be detached). quiet has a bit per direction that waits
+	// in a read after finding nothing to move for parkDelay.
+	canPark bool
+	quiet   atomic.Uint32
+	parked  parkState // the parker's, under its lock
 }
 
 // relays recycles relays, whose raw directions keep their bound callbacks.
@@ -65,6 +98,7 @@ var relays = sync.Pool{New: func() any {
 	r := new(relay)
 	r.dirs[dirUp].bind(r, dirUp)
 	r.dirs[dirDown].bind(r, dirDown)
+	r.parked.init()
 	return r
 }}
 
@@ -72,9 +106,10 @@ var relays = sync.Pool{New: func() any {
 func getRelay(ss *streamstate.Session, client, up net.Conn) *relay {
 	r := relays.Get().(*relay)
 	r.ss, r.client, r.up = ss, client, up
-	r.count, r.raw, r.half, r.idle = false, false, false, 0
+	r.count, r.raw, r.half, r.idle, r.canPark = false, false, false, 0, false
 	r.votes.Store(0)
 	r.done.Store(0)
+	r.quiet.Store(0)
 	return r
 }
 
@@ -86,14 +121,69 @@ func (r *relay) put() {
 	relays.Put(r)
 }
 
-func (r *relay) run() {
+// run relays until the connection ends, or until it parks (reported
+// true): the relay then owns the connection's end (finish), and the caller
+// must not touch the relay or the connection again.
+func (r *relay) run() (parked bool) {
 	now := time.Now().UnixNano()
 	r.last[dirUp].Store(now)
 	r.last[dirDown].Store(now)
-	r.wg.Add(1)
-	go r.runDown()
-	r.pump(dirUp, r.up, r.client)
-	r.wg.Wait()
+	return r.serve()
+}
+
+// serve runs the directions that have not ended, until the relay ends
+// (false) or parks (true).
+func (r *relay) serve() bool {
+	for {
+		switch r.done.Load() & 3 { // with half-close, one may have ended before a park
+		case 0:
+			r.wg.Add(1)
+			go r.runDown()
+			r.pump(dirUp, r.up, r.client)
+			r.wg.Wait()
+		case 1 << dirUp:
+			r.pump(dirDown, r.client, r.up)
+		case 1 << dirDown:
+			r.pump(dirUp, r.up, r.client)
+		}
+		d := r.done.Load()
+		if d&parkBit == 0 || d&abortBit != 0 || d&3 == 3 || !r.half && d&3 != 0 {
+			return false
+		}
+		if r.park() {
+			return true
+		}
+		if r.ss.Closed() {
+			return false
+		}
+		// No parker (no epoll here): relay on as before, without parking.
+		r.canPark = false
+		r.done.And(^uint32(parkBit))
+		_ = r.client.SetReadDeadline(time.Time{})
+		_ = r.up.SetReadDeadline(time.Time{})
+	}
+}
+
+// resume relays a parked connection again, on the parker's new goroutine,
+// until it parks again or ends.
+func (r *relay) resume() {
+	r.done.And(^uint32(parkBit))
+	r.quiet.Store(0)
+	r.dirs[dirUp].quiet, r.dirs[dirDown].quiet = false, false
+	if !r.serve() {
+		r.finish()
+	}
+}
+
+// finish ends a relay that parked once, whose handlers have returned: it
+// closes the upstream, as aegis_proxy's Handle would, and the session does
+// the rest (Session.Finish: the guard's end, closing the client, the
+// caller's end). The relay goes back to its pool.
+func (r *relay) finish() {
+	ss, up := r.ss, r.up
+	r.put()
+	up.Close()
+	ss.Finish()
 }
 
 func (r *relay) runDown() {
@@ -110,6 +200,7 @@ func (r *relay) setReason(reason streamstate.Reason) {
 // abort ends both directions at once.
 func (r *relay) abort(reason streamstate.Reason) {
 	r.setReason(reason)
+	r.done.Or(abortBit)
 	r.client.Close()
 	r.up.Close()
 }
@@ -126,13 +217,21 @@ func (r *relay) pump(dir int, dst, src net.Conn) {
 // small transfers, splice(2) for bulk ones.
 func (r *relay) pumpRaw(dir int, dst, src net.Conn) {
 	d := &r.dirs[dir]
-	if err := d.start(dst.(*net.TCPConn), src.(*net.TCPConn)); err != nil {
-		r.abort(streamstate.ReasonNone)
-		return
+	if !d.started() { // a resumed direction is started already
+		if err := d.start(dst.(*net.TCPConn), src.(*net.TCPConn)); err != nil {
+			r.abort(streamstate.ReasonNone)
+			return
+		}
 	}
+	// armed: without an idle timeout, src has the park deadline (or none,
+	// once quiet); it is set again only after it fired.
+	armed := false
 	for {
 		if r.idle > 0 {
-			_ = src.SetReadDeadline(r.deadline())
+			_ = src.SetReadDeadline(r.readDeadline(d.quiet))
+		} else if r.canPark && !armed {
+			_ = src.SetReadDeadline(r.parkDeadline(d.quiet))
+			armed = true
 		}
 		if r.ended(dir) {
 			return
@@ -140,14 +239,77 @@ func (r *relay) pumpRaw(dir int, dst, src net.Conn) {
 		n, writeErr, err := d.step()
 		if err == nil {
 			if n > 0 {
+				if d.quiet {
+					d.quiet, armed = false, false
+					r.quiet.And(^uint32(1 << dir))
+				}
 				continue
 			}
 			err = io.EOF
+		}
+		if r.canPark && !writeErr && errors.Is(err, os.ErrDeadlineExceeded) && !r.ended(dir) {
+			armed = false
+			since := time.Duration(time.Now().UnixNano() - max(r.last[dirUp].Load(), r.last[dirDown].Load()))
+			if since >= parkDelay && (r.idle == 0 || since < r.idle) {
+				d.quiet = true
+				if r.votePark(dir) {
+					return
+				}
+				continue
+			}
+			if r.idle == 0 || since < r.idle {
+				continue // the park deadline of bytes that moved since
+			}
 		}
 		if r.stop(dir, dst, n, writeErr, err) {
 			return
 		}
 	}
+}
+
+// votePark records that direction dir found nothing to move for
+// parkDelay and waits in a read. It reports whether the connection parks:
+// the other direction waits so too, or has ended (half-close). The first
+// to find so sets parkBit and moves the other's read deadline, as endBoth
+// does, so that it stops at its next step boundary.
+func (r *relay) votePark(dir int) bool {
+	q := r.quiet.Or(1<<dir) | 1<<dir
+	if (q|r.done.Load())&3 != 3 {
+		return false
+	}
+	if r.done.Or(parkBit)&parkBit == 0 {
+		other := r.up // what the other direction reads
+		if dir == dirDown {
+			other = r.client
+		}
+		_ = other.SetReadDeadline(aLongTimeAgo)
+	}
+	return true
+}
+
+// parkDeadline is the read deadline of a direction without an idle
+// timeout: parkDelay after the last byte either way, or none once the
+// direction is quiet (it waits for bytes or for the other direction).
+func (r *relay) parkDeadline(quiet bool) time.Time {
+	if quiet {
+		return time.Time{}
+	}
+	last := max(r.last[dirUp].Load(), r.last[dirDown].Load())
+	d := time.Unix(0, last).Add(parkDelay)
+	if now := time.Now(); !d.After(now) {
+		d = now.Add(idlePoll) // a resumed relay reads what woke it first
+	}
+	return d
+}
+
+// readDeadline is the read deadline of a direction with an idle timeout:
+// the idle deadline, or the park deadline if the relay may park and that
+// comes first.
+func (r *relay) readDeadline(quiet bool) time.Time {
+	if !r.canPark || quiet || parkDelay >= r.idle {
+		return r.deadline()
+	}
+	return r.parkDeadline(false)
 }
 
 // pumpCopy moves one direction through a pooled buffer: the client side is
@@ -242,7 +404,7 @@ func (r *relay) stop(dir int, dst net.Conn, n int, writeErr bool, err error) boo
 		} else {
 			r.setReason(streamstate.ReasonUpstreamClose)
 		}
-		if r.done.Or(1<<dir)|1<<dir == 3 {
+		if (r.done.Or(1<<dir)|1<<dir)&3 == 3 {
 			return true
 		}
 		if !r.half {
@@ -291,11 +453,13 @@ func (r *relay) endBoth(dst net.Conn) {
 }
 
 // ended reports whether, without half-close, the other direction has seen
-// its side's end, which ends direction dir too. A direction checks it
-// after setting its read deadline and before reading; endBoth records the
-// end before it moves that deadline, so one of the two sees the other.
+// its side's end, which ends direction dir too, or whether the relay parks.
+// A direction checks it after setting its read deadline and before
+// reading; endBoth and votePark record the end before they move that
+// deadline, so one of the two sees the other.
 func (r *relay) ended(dir int) bool {
-	return !r.half && r.done.Load()&(1<<(1-dir)) != 0
+	d := r.done.Load()
+	return d&parkBit != 0 || !r.half && d&(1<<(1-dir)) != 0
 }
 
 // deadline is when a read must return for the idle check: the last byte of

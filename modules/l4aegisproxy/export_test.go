@@ -1,0 +1,21 @@
+package l4aegisproxy
+
+import "time"
+
+// SetParkDelay sets how long a relay waits before it parks a quiet
+// connection, until restore.
+func SetParkDelay(d time.Duration) (restore func()) {
+	old := parkDelay
+	parkDelay = d
+	return func() { parkDelay = old }
+}
+
+// Parked is the number of connections the parker holds.
+func Parked() int {
+	parkMu.Lock()
+	defer parkMu.Unlock()
+	if thePark == nil {
+		return 0
+	}
+	return thePark.count
+}
