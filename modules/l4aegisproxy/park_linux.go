@@ -199,7 +199,10 @@ func (p *parker) unparkLocked(r *relay) {
 	p.free = append(p.free, ps.slot)
 	ps.slot, ps.ss = -1, nil
 	if p.count--; p.count == 0 {
+		// The loop may wait without a timeout: it must see the parker
+		// empty, to stop after parkerLinger.
 		p.emptyAt = time.Now().UnixNano()
+		p.kick()
 	}
 }
 
