@@ -69,9 +69,9 @@ func (ps *parkState) init() {
 }
 
 // park hands the relay's sockets to the parker once both directions have
-// stopped at a step boundary, and detaches its session: from then on the
-// parker owns the relay. It reports false, parking nothing, when the
-// session was closed meanwhile or there is no parker (no epoll here).
+// stopped at a step boundary: from then on the parker owns the relay. It
+// reports false, parking nothing, when the session was closed meanwhile or
+// there is no parker (no epoll here).
 func (r *relay) park() bool {
 	// The sources of the directions that go on (with half-close, one may
 	// have ended). The sockets stay open while parked: only Session.Close
@@ -133,7 +133,6 @@ func (r *relay) park() bool {
 			p.kick()
 		}
 	}
-	r.ss.Detach(r)
 	return true
 }
 

@@ -246,11 +246,11 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 		return nil
 	}
 	h.state.ObserveDial(time.Since(start))
-	// Closed as Handle returns, unless the relay parked the connection: it
-	// closes it itself then (relay.finish).
-	parked, raw := false, up
+	// Closed as Handle returns, unless the relay runs detached: it closes
+	// it itself then (relay.finish).
+	detached, raw := false, up
 	defer func() {
-		if !parked {
+		if !detached {
 			raw.Close()
 		}
 	}()
@@ -317,13 +317,19 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	_, clientTCP := r.client.(*net.TCPConn)
 	_, upTCP := up.(*net.TCPConn)
 	r.raw = canRaw && clientTCP && upTCP
-	// A quiet raw connection may be parked when the chain's caller lets the
-	// connection outlive Handle (the streams app, not a plain layer4
-	// server).
-	r.canPark = r.raw && r.count && ss.CanDetach()
-	if parked = r.run(); parked {
-		return nil // the relay ends the connection (relay.finish)
+	// When the chain's caller lets the connection outlive Handle (the
+	// streams app, not a plain layer4 server), a raw relay runs detached:
+	// on goroutines of its own, whose stacks stay small, while the chain's
+	// goroutine, whose stack grew deep in the dial, returns at once. It
+	// parks the connection when it goes quiet and ends it itself
+	// (relay.finish).
+	if r.canPark = r.raw && r.count && ss.CanDetach(); r.canPark {
+		ss.Detach(r)
+		detached = true
+		r.runDetached()
+		return nil
 	}
+	r.run()
 	r.put()
 	return nil
 }

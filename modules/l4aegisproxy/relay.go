@@ -61,15 +61,16 @@ var parkDelay = time.Second
 // progress for the idle timeout votes too, so a peer that stopped reading
 // does not hold the connection forever.
 //
-// Parking: on the raw path, when the session allows it (CanDetach: the
-// streams app, not a plain layer4 server), a connection on which nothing
-// moved either way for parkDelay is parked: each direction stops at a step
-// boundary (holding no buffer or pipe), the sockets are handed to the
-// parker's epoll and both goroutines return, the chain's all the way up
-// without ending the connection (Session.Detach). A readable socket
-// resumes both directions on a new goroutine (resume); the end of a parked
-// or resumed relay is finish, which runs what the handlers would have run
-// (Session.Finish).
+// Detached relays and parking: on the raw path, when the session allows
+// it (CanDetach: the streams app, not a plain layer4 server), the relay
+// runs detached (runDetached): the handlers return at once without ending
+// the connection (Session.Detach) and the relay's own goroutines relay.
+// A connection on which nothing moved either way for parkDelay is parked:
+// each direction stops at a step boundary (holding no buffer or pipe),
+// the sockets are handed to the parker's epoll and both goroutines
+// return. A readable socket resumes both directions on a new goroutine
+// (resume). The end of a detached relay is finish, which runs what the
+// handlers would have run (Session.Finish).
 type relay struct {
 	ss     *streamstate.Session // nil without the guard
 	count  bool                 // count bytes into ss (the guard's wrapper is bypassed)
@@ -121,18 +122,30 @@ func (r *relay) put() {
 	relays.Put(r)
 }
 
-// run relays until the connection ends, or until it parks (reported
-// true): the relay then owns the connection's end (finish), and the caller
+// run relays until the connection ends, on the caller's goroutine and
+// the one it starts (a relay that does not park).
+func (r *relay) run() {
+	r.begin()
+	r.serve()
+}
+
+// runDetached starts a relay that may park on goroutines of its own: from
+// then on the relay owns the connection's end (finish), and the caller
 // must not touch the relay or the connection again.
-func (r *relay) run() (parked bool) {
+func (r *relay) runDetached() {
+	r.begin()
+	go r.resume()
+}
+
+// begin counts the idle time from now.
+func (r *relay) begin() {
 	now := time.Now().UnixNano()
 	r.last[dirUp].Store(now)
 	r.last[dirDown].Store(now)
-	return r.serve()
 }
 
 // serve runs the directions that have not ended, until the relay ends
-// (false) or parks (true).
+// (false) or parks (true; only with canPark).
 func (r *relay) serve() bool {
 	for {
 		switch r.done.Load() & 3 { // with half-close, one may have ended before a park
@@ -164,8 +177,8 @@ func (r *relay) serve() bool {
 	}
 }
 
-// resume relays a parked connection again, on the parker's new goroutine,
-// until it parks again or ends.
+// resume relays a detached connection, first or after a park, on a new
+// goroutine, until it parks again or ends.
 func (r *relay) resume() {
 	r.done.And(^uint32(parkBit))
 	r.quiet.Store(0)
@@ -175,7 +188,7 @@ func (r *relay) resume() {
 	}
 }
 
-// finish ends a relay that parked once, whose handlers have returned: it
+// finish ends a detached relay, whose handlers have returned: it
 // closes the upstream, as aegis_proxy's Handle would, and the session does
 // the rest (Session.Finish: the guard's end, closing the client, the
 // caller's end). The relay goes back to its pool.

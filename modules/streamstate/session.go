@@ -321,8 +321,9 @@ func (ss *Session) AllowDetach(p *Policy, done func()) {
 func (ss *Session) CanDetach() bool { return ss.done != nil }
 
 // Detach records that the relay took the end of the connection over (it
-// parked it in w): the guard's Handle and its caller return without ending
-// it, and the relay calls Finish once, when it ends. Close asks w to end it
+// runs on its own goroutines and may park the connection in w): the
+// guard's Handle and its caller return without ending it, and the relay
+// calls Finish once, when it ends. Close asks w to end it while parked
 // (Waker). Call it before the handlers return, once CanDetach.
 func (ss *Session) Detach(w Waker) {
 	ss.waker.Store(w)
