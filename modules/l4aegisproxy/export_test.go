@@ -9,13 +9,3 @@ func SetParkDelay(d time.Duration) (restore func()) {
 	parkDelay = d
 	return func() { parkDelay = old }
 }
-
-// Parked is the number of connections the parker holds.
-func Parked() int {
-	parkMu.Lock()
-	defer parkMu.Unlock()
-	if thePark == nil {
-		return 0
-	}
-	return thePark.count
-}

@@ -2,6 +2,7 @@ package l4aegisproxy
 
 import (
 	"container/heap"
+	"net"
 	"sync"
 	"time"
 
@@ -15,8 +16,8 @@ import (
 // in epoll_wait until one is readable (bytes, the peer's end, an error),
 // which resumes its relay on a new goroutine, or until a parked
 // connection's idle timeout, which ends it. A parked connection holds no
-// goroutine, no buffer and no pipe: its relay, its session and its two
-// sockets.
+// goroutine, no buffer, no pipe and no relay: a parkedConn, its session
+// and its two sockets.
 //
 // One parker serves the process: parking and resuming happen at most
 // once per parkDelay per connection, far too rarely for one lock and one
@@ -37,41 +38,48 @@ const parkEvents = unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT
 const kickSlot = -1
 
 var (
-	// parkMu guards thePark and all of its state, and the parkState of
-	// every relay.
+	// parkMu guards thePark and all of its state, and the parker's fields
+	// of every parkedConn.
 	parkMu  sync.Mutex
 	thePark *parker
 )
 
 type parker struct {
 	epfd, evfd int
-	slots      []*relay // parked relays by slot; nil: free
+	slots      []*parkedConn // parked connections by slot; nil: free
 	free       []int32
 	gen        int32
 	count      int
 	emptyAt    int64     // when count became 0 (unix nanoseconds)
-	timers     timerHeap // parked relays with an idle timeout, soonest first
+	timers     timerHeap // parked connections with an idle timeout, soonest first
 	sleep      int64     // the deadline epoll_wait waits for (0: none)
 }
 
-// parkState is a relay's place in the parker, under parkMu.
-type parkState struct {
+// parkedConn is a parked connection: what its relay needs when it
+// resumes, while the relay itself is back in its pool. One per connection,
+// made at its first park and kept across its parks. It is the session's
+// Waker.
+type parkedConn struct {
+	ss         *streamstate.Session
+	client, up net.Conn
+	half       bool
+	idle       time.Duration
+	last       int64  // unix nanoseconds of the last byte either way
+	done       uint32 // the directions that ended (half-close)
+
+	// The parker's, under parkMu.
 	slot int32 // in parker.slots; -1: not parked
 	gen  int32 // of this park, in each socket's epoll data
 	heap int   // in parker.timers; -1: none
 	wake int64 // idle deadline (unix nanoseconds)
 	fds  [2]int32
-	ss   *streamstate.Session
-}
-
-func (ps *parkState) init() {
-	ps.slot, ps.heap, ps.fds = -1, -1, [2]int32{-1, -1}
 }
 
 // park hands the relay's sockets to the parker once both directions have
-// stopped at a step boundary: from then on the parker owns the relay. It
-// reports false, parking nothing, when the session was closed meanwhile or
-// there is no parker (no epoll here).
+// stopped at a step boundary: from then on the parker owns the connection,
+// and the caller puts the relay back in its pool. It reports false,
+// parking nothing, when the session was closed meanwhile or there is no
+// parker (no epoll here).
 func (r *relay) park() bool {
 	// The sources of the directions that go on (with half-close, one may
 	// have ended). The sockets stay open while parked: only Session.Close
@@ -84,10 +92,17 @@ func (r *relay) park() bool {
 			}
 		}
 	}
+	pc := r.pc
+	if pc == nil {
+		pc = &parkedConn{ss: r.ss, client: r.client, up: r.up, half: r.half, idle: r.idle,
+			slot: -1, heap: -1, fds: [2]int32{-1, -1}}
+	}
+	pc.last = max(r.last[dirUp].Load(), r.last[dirDown].Load())
+	pc.done = r.done.Load() & 3
 	parkMu.Lock()
 	defer parkMu.Unlock()
 	// Close stores closed before it calls Wake, which takes parkMu: either
-	// this sees it, or Wake comes after and takes the relay out again.
+	// this sees it, or Wake comes after and takes the connection out again.
 	if r.ss.Closed() {
 		return false
 	}
@@ -98,57 +113,74 @@ func (r *relay) park() bool {
 			return false
 		}
 	}
-	ps := &r.parked
 	if n := len(p.free); n > 0 {
-		ps.slot = p.free[n-1]
+		pc.slot = p.free[n-1]
 		p.free = p.free[:n-1]
 	} else {
-		ps.slot = int32(len(p.slots))
+		pc.slot = int32(len(p.slots))
 		p.slots = append(p.slots, nil)
 	}
+	p.slots[pc.slot] = pc
+	p.count++
 	p.gen++
-	ps.gen = p.gen
+	pc.gen = p.gen
 	for dir, fd := range fds {
 		if fd < 0 {
 			continue
 		}
-		ev := unix.EpollEvent{Events: parkEvents, Fd: ps.slot, Pad: ps.gen}
+		ev := unix.EpollEvent{Events: parkEvents, Fd: pc.slot, Pad: pc.gen}
 		if err := unix.EpollCtl(p.epfd, unix.EPOLL_CTL_ADD, int(fd), &ev); err != nil {
-			p.slots[ps.slot] = r // for unparkLocked
-			p.count++
-			p.unparkLocked(r)
+			p.unparkLocked(pc)
 			return false
 		}
-		ps.fds[dir] = fd
+		pc.fds[dir] = fd
 	}
-	p.slots[ps.slot] = r
-	p.count++
-	ps.ss = r.ss
-	if r.idle > 0 {
+	if pc.idle > 0 {
 		// The idle timeout runs on while parked: no byte moves, so it
 		// falls when it would have without the park.
-		ps.wake = max(r.last[dirUp].Load(), r.last[dirDown].Load()) + int64(r.idle)
-		heap.Push(&p.timers, r)
-		if p.sleep == 0 || ps.wake < p.sleep {
+		pc.wake = pc.last + int64(pc.idle)
+		heap.Push(&p.timers, pc)
+		if p.sleep == 0 || pc.wake < p.sleep {
 			p.kick()
 		}
+	}
+	if r.pc == nil {
+		r.pc = pc
+		r.ss.SetWaker(pc)
 	}
 	return true
 }
 
-// Wake ends the parked connection of ss at once (Session.Close): no
-// goroutine reads its sockets, and closing a socket in an epoll set wakes
-// nothing. A relay not parked, or parked for another session since, is
-// left alone: its goroutines see the sockets closed.
-func (r *relay) Wake(ss *streamstate.Session) {
+// resume relays the connection again on a relay from the pool, on the
+// parker's new goroutine, until it parks again or ends.
+func (pc *parkedConn) resume() {
+	r := getRelay(pc.ss, pc.client, pc.up)
+	r.half, r.idle, r.count, r.raw, r.canPark, r.pc = pc.half, pc.idle, true, true, true, pc
+	r.last[dirUp].Store(pc.last)
+	r.last[dirDown].Store(pc.last)
+	r.done.Store(pc.done)
+	r.relayDetached()
+}
+
+// finish ends a parked connection: what relay.finish does.
+func (pc *parkedConn) finish() {
+	pc.up.Close()
+	pc.ss.Finish()
+}
+
+// Wake ends the parked connection at once (Session.Close): no goroutine
+// reads its sockets, and closing a socket in an epoll set wakes nothing.
+// A connection not parked now is left alone: its relay's goroutines see
+// the sockets closed.
+func (pc *parkedConn) Wake(*streamstate.Session) {
 	parkMu.Lock()
-	if r.parked.slot < 0 || r.parked.ss != ss {
+	if pc.slot < 0 {
 		parkMu.Unlock()
 		return
 	}
-	thePark.unparkLocked(r)
+	thePark.unparkLocked(pc)
 	parkMu.Unlock()
-	r.finish()
+	pc.finish()
 }
 
 // startParker makes the parker's epoll set and eventfd and starts its
@@ -182,21 +214,20 @@ func (p *parker) kick() {
 	_, _ = unix.Write(p.evfd, one[:])
 }
 
-// unparkLocked takes r out of the parker. Under parkMu.
-func (p *parker) unparkLocked(r *relay) {
-	ps := &r.parked
-	for i, fd := range ps.fds {
+// unparkLocked takes pc out of the parker. Under parkMu.
+func (p *parker) unparkLocked(pc *parkedConn) {
+	for i, fd := range pc.fds {
 		if fd >= 0 {
 			_ = unix.EpollCtl(p.epfd, unix.EPOLL_CTL_DEL, int(fd), nil)
-			ps.fds[i] = -1
+			pc.fds[i] = -1
 		}
 	}
-	if ps.heap >= 0 {
-		heap.Remove(&p.timers, ps.heap)
+	if pc.heap >= 0 {
+		heap.Remove(&p.timers, pc.heap)
 	}
-	p.slots[ps.slot] = nil
-	p.free = append(p.free, ps.slot)
-	ps.slot, ps.ss = -1, nil
+	p.slots[pc.slot] = nil
+	p.free = append(p.free, pc.slot)
+	pc.slot = -1
 	if p.count--; p.count == 0 {
 		// The loop may wait without a timeout: it must see the parker
 		// empty, to stop after parkerLinger.
@@ -209,14 +240,14 @@ func (p *parker) unparkLocked(r *relay) {
 // parked for parkerLinger.
 func (p *parker) loop() {
 	events := make([]unix.EpollEvent, 128)
-	var resume, expired []*relay
+	var resume, expired []*parkedConn
 	for {
 		parkMu.Lock()
 		now := time.Now().UnixNano()
 		timeout := -1 // milliseconds, rounded up: never wake before a deadline
 		p.sleep = 0
 		if len(p.timers) > 0 {
-			p.sleep = p.timers[0].parked.wake
+			p.sleep = p.timers[0].wake
 			timeout = int(max(0, (p.sleep-now+int64(time.Millisecond)-1)/int64(time.Millisecond)))
 		}
 		if p.count == 0 {
@@ -249,24 +280,24 @@ func (p *parker) loop() {
 			}
 			// An event of a socket taken out since is for nobody, or for a
 			// relay parked in its slot since, with another gen.
-			if r := p.slots[ev.Fd]; r != nil && r.parked.gen == ev.Pad {
-				p.unparkLocked(r)
-				resume = append(resume, r)
+			if pc := p.slots[ev.Fd]; pc != nil && pc.gen == ev.Pad {
+				p.unparkLocked(pc)
+				resume = append(resume, pc)
 			}
 		}
 		now = time.Now().UnixNano()
-		for len(p.timers) > 0 && p.timers[0].parked.wake <= now {
-			r := p.timers[0]
-			p.unparkLocked(r)
-			expired = append(expired, r)
+		for len(p.timers) > 0 && p.timers[0].wake <= now {
+			pc := p.timers[0]
+			p.unparkLocked(pc)
+			expired = append(expired, pc)
 		}
 		parkMu.Unlock()
-		for _, r := range resume {
-			go r.resume()
+		for _, pc := range resume {
+			go pc.resume()
 		}
-		for _, r := range expired {
-			r.ss.SetReason(streamstate.ReasonIdleTimeout)
-			r.finish()
+		for _, pc := range expired {
+			pc.ss.SetReason(streamstate.ReasonIdleTimeout)
+			pc.finish()
 		}
 		clear(resume)
 		clear(expired)
@@ -274,25 +305,25 @@ func (p *parker) loop() {
 	}
 }
 
-// timerHeap orders parked relays by idle deadline (container/heap).
-type timerHeap []*relay
+// timerHeap orders parked connections by idle deadline (container/heap).
+type timerHeap []*parkedConn
 
 func (h timerHeap) Len() int           { return len(h) }
-func (h timerHeap) Less(i, j int) bool { return h[i].parked.wake < h[j].parked.wake }
+func (h timerHeap) Less(i, j int) bool { return h[i].wake < h[j].wake }
 func (h timerHeap) Swap(i, j int) {
 	h[i], h[j] = h[j], h[i]
-	h[i].parked.heap, h[j].parked.heap = i, j
+	h[i].heap, h[j].heap = i, j
 }
 func (h *timerHeap) Push(x any) {
-	r := x.(*relay)
-	r.parked.heap = len(*h)
-	*h = append(*h, r)
+	pc := x.(*parkedConn)
+	pc.heap = len(*h)
+	*h = append(*h, pc)
 }
 func (h *timerHeap) Pop() any {
 	old := *h
-	r := old[len(old)-1]
+	pc := old[len(old)-1]
 	old[len(old)-1] = nil
 	*h = old[:len(old)-1]
-	r.parked.heap = -1
-	return r
+	pc.heap = -1
+	return pc
 }

@@ -324,7 +324,7 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	// parks the connection when it goes quiet and ends it itself
 	// (relay.finish).
 	if r.canPark = r.raw && r.count && ss.CanDetach(); r.canPark {
-		ss.Detach(r)
+		ss.Detach()
 		detached = true
 		r.runDetached()
 		return nil

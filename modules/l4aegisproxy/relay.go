@@ -91,7 +91,7 @@ type relay struct {
 	// in a read after finding nothing to move for parkDelay.
 	canPark bool
 	quiet   atomic.Uint32
-	parked  parkState // the parker's, under its lock
+	pc      *parkedConn // the connection's park record, once it parked
 }
 
 // relays recycles relays, whose raw directions keep their bound callbacks.
@@ -99,7 +99,6 @@ var relays = sync.Pool{New: func() any {
 	r := new(relay)
 	r.dirs[dirUp].bind(r, dirUp)
 	r.dirs[dirDown].bind(r, dirDown)
-	r.parked.init()
 	return r
 }}
 
@@ -116,7 +115,7 @@ func getRelay(ss *streamstate.Session, client, up net.Conn) *relay {
 
 // put returns the relay to the pool once both directions have ended.
 func (r *relay) put() {
-	r.ss, r.client, r.up = nil, nil, nil
+	r.ss, r.client, r.up, r.pc = nil, nil, nil, nil
 	r.dirs[dirUp].release()
 	r.dirs[dirDown].release()
 	relays.Put(r)
@@ -134,7 +133,7 @@ func (r *relay) run() {
 // must not touch the relay or the connection again.
 func (r *relay) runDetached() {
 	r.begin()
-	go r.resume()
+	go r.relayDetached()
 }
 
 // begin counts the idle time from now.
@@ -177,15 +176,15 @@ func (r *relay) serve() bool {
 	}
 }
 
-// resume relays a detached connection, first or after a park, on a new
-// goroutine, until it parks again or ends.
-func (r *relay) resume() {
-	r.done.And(^uint32(parkBit))
-	r.quiet.Store(0)
-	r.dirs[dirUp].quiet, r.dirs[dirDown].quiet = false, false
-	if !r.serve() {
-		r.finish()
+// relayDetached relays a detached connection, first or after a park
+// (parkedConn.resume), until it ends or parks: the relay goes back to its
+// pool then, and the connection's parkedConn holds what it needs.
+func (r *relay) relayDetached() {
+	if r.serve() {
+		r.put()
+		return
 	}
+	r.finish()
 }
 
 // finish ends a detached relay, whose handlers have returned: it
