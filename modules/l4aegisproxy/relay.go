@@ -32,15 +32,22 @@ const (
 	abortBit = 1 << 3 // abort closed both sides
 )
 
-// parkDelay is how long both directions of a raw relay must have moved
-// nothing before it parks the connection (park_linux.go). One second is
-// far above the gaps within an exchange (a query and its answer, a
-// keystroke's echo), so a busy connection never parks between them, and
-// short enough that an idle connection gives its goroutines, their
-// stacks and its buffers back almost at once. A park and a resume cost
-// four epoll_ctl calls, a wake of the parker and two new goroutines, which
-// once a second or less is nothing. A variable for tests.
-var parkDelay = time.Second
+// parkDelay is how long both directions of a detached relay must have
+// moved nothing before it parks the connection (park_linux.go). Half a
+// second is far above the gaps within an exchange (a query and its
+// answer, a handshake's round trips) and above a typist's gaps between
+// keys, so a busy connection does not park between them, while a
+// connection quiet that long (a pooled database connection, an MQTT
+// client between keepalives, an idle SSH session) mostly stays quiet for
+// far longer. It is short for memory: until it parks, a connection holds
+// two goroutine stacks, and a burst of new connections that all go quiet
+// leaves the stacks of those not yet parked in the process's resident
+// memory (2,000 connections measured 1 s after their burst: 10.3 KB per
+// connection with 1 s, 8.0 KB with 500 ms, 7.2 KB with 250 ms; 6,000:
+// 6.1, 3.9, 3.5 KB). A park and a resume cost four epoll_ctl calls, a
+// wake of the parker and two new goroutines, some microseconds. A
+// variable for tests.
+var parkDelay = 500 * time.Millisecond
 
 // relay moves bytes both ways between a client and an upstream. With
 // half set, one side's end is passed on to the other side and the
