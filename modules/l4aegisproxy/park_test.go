@@ -6,10 +6,12 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -258,3 +260,95 @@ func TestPlainLayer4NeverParks(t *testing.T) {
 }
 
 func echo(c net.Conn) { _, _ = io.Copy(c, c) }
+
+// Connections move between parked and relaying at random while others
+// do, with messages of random sizes: every byte arrives and is counted.
+// Then every session is closed at a random moment, parked or relaying or
+// in between: each ends, and nothing is left parked or running.
+func TestParkUnderLoad(t *testing.T) {
+	t.Cleanup(l4aegisproxy.SetParkDelay(50 * time.Millisecond)) // after the chain's cleanup
+	const n, rounds = 40, 6
+	u := newUpstream(t, "127.0.0.1:0", echo)
+	ch := startDetachChain(t, &l4aegisguard.Handler{IdleTimeout: caddy.Duration(time.Minute)}, &l4aegisproxy.Handler{Upstream: u.Addr})
+	conns := make([]net.Conn, n)
+	for i := range conns {
+		conns[i] = dial(t, ch.addr)
+	}
+	var moved, mostParked atomic.Int64
+	stopSampling := make(chan struct{})
+	go func() {
+		for {
+			select {
+			case <-stopSampling:
+				return
+			case <-time.After(5 * time.Millisecond):
+				mostParked.Store(max(mostParked.Load(), int64(l4aegisproxy.Parked())))
+			}
+		}
+	}()
+	var wg sync.WaitGroup
+	for i, c := range conns {
+		wg.Go(func() {
+			rng := rand.New(rand.NewPCG(uint64(i), 1))
+			for r := range rounds {
+				time.Sleep(time.Duration(rng.IntN(150)) * time.Millisecond) // parks about half the time
+				msg := bytes.Repeat([]byte{byte(i), byte(r)}, 1+rng.IntN(40000))
+				_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+				if _, err := c.Write(msg); err != nil {
+					t.Errorf("connection %d round %d: %v", i, r, err)
+					return
+				}
+				got := make([]byte, len(msg))
+				if _, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, msg) {
+					t.Errorf("connection %d round %d: %v, intact %v", i, r, err, bytes.Equal(got, msg))
+					return
+				}
+				moved.Add(int64(len(msg)))
+			}
+		})
+	}
+	wg.Wait()
+	close(stopSampling)
+	if mostParked.Load() < n/4 {
+		t.Fatalf("at most %d of %d connections parked at once", mostParked.Load(), n)
+	}
+	st := ch.state()
+	if tot := st.SinceReload(); tot.BytesSent != uint64(moved.Load()) || tot.BytesReceived != uint64(moved.Load()) {
+		t.Fatalf("bytes %d/%d, want %d each way", tot.BytesSent, tot.BytesReceived, moved.Load())
+	}
+
+	// Each client goes on sending while its session is closed at a random
+	// moment.
+	var sessions []*streamstate.Session
+	st.Sessions(func(ss *streamstate.Session) bool { sessions = append(sessions, ss); return true })
+	for i, c := range conns {
+		wg.Go(func() {
+			rng := rand.New(rand.NewPCG(uint64(i), 2))
+			for {
+				time.Sleep(time.Duration(rng.IntN(100)) * time.Millisecond)
+				_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+				if _, err := c.Write([]byte("ping")); err != nil {
+					return
+				}
+				if _, err := io.ReadFull(c, make([]byte, 4)); err != nil {
+					return
+				}
+			}
+		})
+	}
+	for _, ss := range sessions {
+		wg.Go(func() {
+			time.Sleep(time.Duration(rand.N(300)) * time.Millisecond)
+			ss.Close(streamstate.ReasonAdminClosed)
+		})
+	}
+	wg.Wait()
+	waitFor(t, "every connection to end", func() bool {
+		return st.Active.Load() == 0 && l4aegisproxy.Parked() == 0 && relayGoroutines() == 0
+	})
+	for _, ss := range sessions {
+		if ss.Reason() != streamstate.ReasonAdminClosed {
+			t.Errorf("session %d: reason %q, want admin_closed", ss.ID, ss.Reason())
+		}
+	}
+}
