@@ -352,3 +352,29 @@ func TestParkUnderLoad(t *testing.T) {
 		}
 	}
 }
+
+// A detached relay (the streams app's) moves a message each way without
+// allocating, as the plain one does (TestRelayStepsDoNotAllocate).
+func TestDetachedRelayStepsDoNotAllocate(t *testing.T) {
+	if raceEnabled {
+		t.Skip("the race detector allocates; `make test` runs this without it")
+	}
+	u := newUpstream(t, "127.0.0.1:0", echo)
+	ch := startDetachChain(t, &l4aegisguard.Handler{IdleTimeout: caddy.Duration(time.Minute)}, &l4aegisproxy.Handler{Upstream: u.Addr})
+	c := dial(t, ch.addr)
+	msg, buf := make([]byte, 64), make([]byte, 64)
+	roundTrip := func() {
+		if _, err := c.Write(msg); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(c, buf); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for range 50 {
+		roundTrip() // warm up the pools
+	}
+	if allocs := testing.AllocsPerRun(500, roundTrip); allocs > 0.05 {
+		t.Fatalf("%.2f allocations per round trip through the detached relay, want 0", allocs)
+	}
+}
