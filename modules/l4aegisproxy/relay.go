@@ -33,21 +33,21 @@ const (
 )
 
 // parkDelay is how long both directions of a detached relay must have
-// moved nothing before it parks the connection (park_linux.go). Half a
-// second is far above the gaps within an exchange (a query and its
-// answer, a handshake's round trips) and above a typist's gaps between
-// keys, so a busy connection does not park between them, while a
-// connection quiet that long (a pooled database connection, an MQTT
-// client between keepalives, an idle SSH session) mostly stays quiet for
-// far longer. It is short for memory: until it parks, a connection holds
-// two goroutine stacks, and a burst of new connections that all go quiet
-// leaves the stacks of those not yet parked in the process's resident
-// memory (2,000 connections measured 1 s after their burst: 10.3 KB per
-// connection with 1 s, 8.0 KB with 500 ms, 7.2 KB with 250 ms; 6,000:
-// 6.1, 3.9, 3.5 KB). A park and a resume cost four epoll_ctl calls, a
-// wake of the parker and two new goroutines, some microseconds. A
-// variable for tests.
-var parkDelay = 500 * time.Millisecond
+// moved nothing before it parks the connection (park_linux.go). A quarter
+// of a second is far above the gaps within an exchange (a query and its
+// answer, a handshake's round trips), so a busy connection does not park
+// between them, while a connection quiet that long (a pooled database
+// connection, an MQTT client between keepalives, an idle SSH session)
+// mostly stays quiet for far longer; one that does not pays a park and a
+// resume, four epoll_ctl calls, a wake of the parker and two new
+// goroutines, some microseconds. It is short for memory: until it parks,
+// a connection holds two goroutine stacks, and a burst of new connections
+// that all go quiet leaves the stacks of those not yet parked in the
+// process's resident memory, which Go gives back to the system only
+// slowly (RSS per connection measured 1 s after a burst of 2,000: 10.1 KB
+// with 1 s, 7.8 KB with 500 ms, 6.2 KB with 250 ms; of 4,500: 7.7, 5.8,
+// 4.8 KB). A variable for tests.
+var parkDelay = 250 * time.Millisecond
 
 // relay moves bytes both ways between a client and an upstream. With
 // half set, one side's end is passed on to the other side and the
