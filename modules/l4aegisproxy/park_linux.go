@@ -144,9 +144,10 @@ func (r *relay) park() bool {
 			p.kick()
 		}
 	}
-	if r.pc == nil {
+	if r.pc == nil { // the first park: the handlers return without ending it
 		r.pc = pc
 		r.ss.SetWaker(pc)
+		r.ss.Detach()
 	}
 	return true
 }

@@ -246,8 +246,9 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 		return nil
 	}
 	h.state.ObserveDial(time.Since(start))
-	// Closed as Handle returns, unless the relay runs detached: it closes
-	// it itself then (relay.finish).
+	// Closed as Handle returns, unless the relay parked the connection:
+	// it is closed when the connection ends then (parkedConn.finish,
+	// relay.finish).
 	detached, raw := false, up
 	defer func() {
 		if !detached {
@@ -318,18 +319,12 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	_, upTCP := up.(*net.TCPConn)
 	r.raw = canRaw && clientTCP && upTCP
 	// When the chain's caller lets the connection outlive Handle (the
-	// streams app, not a plain layer4 server), a raw relay runs detached:
-	// on goroutines of its own, whose stacks stay small, while the chain's
-	// goroutine, whose stack grew deep in the dial, returns at once. It
-	// parks the connection when it goes quiet and ends it itself
-	// (relay.finish).
-	if r.canPark = r.raw && r.count && ss.CanDetach(); r.canPark {
-		ss.Detach()
-		detached = true
-		r.runDetached()
-		return nil
-	}
-	r.run()
+	// streams app, not a plain layer4 server), a raw relay may park the
+	// connection once it goes quiet: it returns then, the session
+	// detached, and the parker ends the connection or resumes it on
+	// goroutines of its own (park_linux.go).
+	r.canPark = r.raw && r.count && ss.CanDetach()
+	detached = r.run()
 	r.put()
 	return nil
 }

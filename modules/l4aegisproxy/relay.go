@@ -68,16 +68,15 @@ var parkDelay = 250 * time.Millisecond
 // progress for the idle timeout votes too, so a peer that stopped reading
 // does not hold the connection forever.
 //
-// Detached relays and parking: on the raw path, when the session allows
-// it (CanDetach: the streams app, not a plain layer4 server), the relay
-// runs detached (runDetached): the handlers return at once without ending
-// the connection (Session.Detach) and the relay's own goroutines relay.
-// A connection on which nothing moved either way for parkDelay is parked:
-// each direction stops at a step boundary (holding no buffer or pipe),
-// the sockets are handed to the parker's epoll and both goroutines
-// return. A readable socket resumes both directions on a new goroutine
-// (resume). The end of a detached relay is finish, which runs what the
-// handlers would have run (Session.Finish).
+// Parking: on the raw path, when the session allows it (CanDetach: the
+// streams app, not a plain layer4 server), a connection on which nothing
+// moved either way for parkDelay is parked: each direction stops at a
+// step boundary (holding no buffer or pipe), the sockets are handed to the
+// parker's epoll, the relay goes back to its pool and both goroutines
+// return, the chain's all the way up without ending the connection
+// (Session.Detach). A readable socket resumes both directions on a new
+// goroutine (parkedConn.resume). The end of a connection that parked is
+// finish, which runs what the handlers would have run (Session.Finish).
 type relay struct {
 	ss     *streamstate.Session // nil without the guard
 	count  bool                 // count bytes into ss (the guard's wrapper is bypassed)
@@ -128,26 +127,16 @@ func (r *relay) put() {
 	relays.Put(r)
 }
 
-// run relays until the connection ends, on the caller's goroutine and
-// the one it starts (a relay that does not park).
-func (r *relay) run() {
-	r.begin()
-	r.serve()
-}
-
-// runDetached starts a relay that may park on goroutines of its own: from
-// then on the relay owns the connection's end (finish), and the caller
-// must not touch the relay or the connection again.
-func (r *relay) runDetached() {
-	r.begin()
-	go r.relayDetached()
-}
-
-// begin counts the idle time from now.
-func (r *relay) begin() {
+// run relays on the caller's goroutine and one more until the connection
+// ends, or until it parks (reported true, only with canPark): the
+// connection is detached then, its parkedConn holds what it needs, and the
+// caller must not touch the connection again. Either way the caller puts
+// the relay back.
+func (r *relay) run() (parked bool) {
 	now := time.Now().UnixNano()
 	r.last[dirUp].Store(now)
 	r.last[dirDown].Store(now)
+	return r.serve()
 }
 
 // serve runs the directions that have not ended, until the relay ends
@@ -183,9 +172,10 @@ func (r *relay) serve() bool {
 	}
 }
 
-// relayDetached relays a detached connection, first or after a park
-// (parkedConn.resume), until it ends or parks: the relay goes back to its
-// pool then, and the connection's parkedConn holds what it needs.
+// relayDetached relays a parked connection again (parkedConn.resume), on
+// the parker's new goroutine and one more, until it ends or parks again:
+// the relay goes back to its pool then, and the connection's parkedConn
+// holds what it needs.
 func (r *relay) relayDetached() {
 	if r.serve() {
 		r.put()
@@ -194,7 +184,7 @@ func (r *relay) relayDetached() {
 	r.finish()
 }
 
-// finish ends a detached relay, whose handlers have returned: it
+// finish ends a relay resumed from a park, whose handlers have returned: it
 // closes the upstream, as aegis_proxy's Handle would, and the session does
 // the rest (Session.Finish: the guard's end, closing the client, the
 // caller's end). The relay goes back to its pool.
