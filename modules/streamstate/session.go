@@ -321,14 +321,13 @@ func (ss *Session) AllowDetach(p *Policy, done func()) {
 func (ss *Session) CanDetach() bool { return ss.done != nil }
 
 // Detach records that the relay took the end of the connection over (it
-// runs on its own goroutines and may park the connection): the guard's
-// Handle and its caller return without ending it, and the relay calls
-// Finish once, when it ends. Call it before the handlers return, once
-// CanDetach.
+// parked it): the guard's Handle and its caller return without ending it,
+// and the relay, or what holds it parked, calls Finish once, when it ends.
+// Call it before the handlers return, once CanDetach.
 func (ss *Session) Detach() { ss.detached.Store(true) }
 
-// SetWaker makes Close ask w to end the connection (Waker): the relay
-// parks it in w. w is set once and stays the connection's.
+// SetWaker makes Close ask w to end the connection (Waker) when it is
+// parked in w. w is set once and stays the connection's.
 func (ss *Session) SetWaker(w Waker) { ss.waker.Store(w) }
 
 // Detached reports whether a relay took the end of the connection over.
