@@ -356,8 +356,9 @@ func TestParkUnderLoad(t *testing.T) {
 	}
 }
 
-// A detached relay (the streams app's) moves a message each way without
-// allocating, as the plain one does (TestRelayStepsDoNotAllocate).
+// A relay that may park (the streams app's) moves a message each way
+// without allocating, as the plain one does
+// (TestRelayStepsDoNotAllocate).
 func TestDetachedRelayStepsDoNotAllocate(t *testing.T) {
 	if raceEnabled {
 		t.Skip("the race detector allocates; `make test` runs this without it")
@@ -378,6 +379,6 @@ func TestDetachedRelayStepsDoNotAllocate(t *testing.T) {
 		roundTrip() // warm up the pools
 	}
 	if allocs := testing.AllocsPerRun(500, roundTrip); allocs > 0.05 {
-		t.Fatalf("%.2f allocations per round trip through the detached relay, want 0", allocs)
+		t.Fatalf("%.2f allocations per round trip through a relay that may park, want 0", allocs)
 	}
 }

@@ -249,9 +249,9 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	// Closed as Handle returns, unless the relay parked the connection:
 	// it is closed when the connection ends then (parkedConn.finish,
 	// relay.finish).
-	detached, raw := false, up
+	parked, raw := false, up
 	defer func() {
-		if !detached {
+		if !parked {
 			raw.Close()
 		}
 	}()
@@ -324,7 +324,7 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	// detached, and the parker ends the connection or resumes it on
 	// goroutines of its own (park_linux.go).
 	r.canPark = r.raw && r.count && ss.CanDetach()
-	detached = r.run()
+	parked = r.run()
 	r.put()
 	return nil
 }
