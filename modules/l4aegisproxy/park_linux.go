@@ -3,7 +3,9 @@ package l4aegisproxy
 import (
 	"container/heap"
 	"net"
+	"os"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -13,7 +15,8 @@ import (
 
 // The parker holds the connections whose relays parked them (relay.park):
 // their sockets sit in an epoll set of its own, and one goroutine waits
-// in epoll_wait until one is readable (bytes, the peer's end, an error),
+// (for the set, in Go's netpoller) until one is readable (bytes, the
+// peer's end, an error),
 // which resumes its relay on a new goroutine, or until a parked
 // connection's idle timeout, which ends it. A parked connection holds no
 // goroutine, no buffer, no pipe and no relay: a parkedConn, its session
@@ -34,9 +37,6 @@ const parkerLinger = time.Second
 // One-shot: the parker takes the relay out at the first.
 const parkEvents = unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT
 
-// kickSlot is the epoll data of the parker's eventfd.
-const kickSlot = -1
-
 var (
 	// parkMu guards thePark and all of its state, and the parker's fields
 	// of every parkedConn.
@@ -45,14 +45,19 @@ var (
 )
 
 type parker struct {
-	epfd, evfd int
-	slots      []*parkedConn // parked connections by slot; nil: free
-	free       []int32
-	gen        int32
-	count      int
-	emptyAt    int64     // when count became 0 (unix nanoseconds)
-	timers     timerHeap // parked connections with an idle timeout, soonest first
-	sleep      int64     // the deadline epoll_wait waits for (0: none)
+	epfd    int
+	ep      *os.File // epfd, for Go's netpoller
+	rc      syscall.RawConn
+	events  []unix.EpollEvent
+	n       int // events collected
+	waitFn  func(uintptr) bool
+	slots   []*parkedConn // parked connections by slot; nil: free
+	free    []int32
+	gen     int32
+	count   int
+	emptyAt int64     // when count became 0 (unix nanoseconds)
+	timers  timerHeap // parked connections with an idle timeout, soonest first
+	sleep   int64     // the deadline the loop waits for (0: none)
 }
 
 // parkedConn is a parked connection: what its relay needs when it
@@ -141,7 +146,7 @@ func (r *relay) park() bool {
 		pc.wake = pc.last + int64(pc.idle)
 		heap.Push(&p.timers, pc)
 		if p.sleep == 0 || pc.wake < p.sleep {
-			p.kick()
+			p.wakeAt(pc.wake)
 		}
 	}
 	if r.pc == nil { // the first park: the handlers return without ending it
@@ -184,35 +189,52 @@ func (pc *parkedConn) Wake(*streamstate.Session) {
 	pc.finish()
 }
 
-// startParker makes the parker's epoll set and eventfd and starts its
-// goroutine. Under parkMu.
+// startParker makes the parker's epoll set and starts its goroutine.
+// Under parkMu. The set is non-blocking and waited for in Go's own
+// netpoller (it is readable when one of its sockets is), so the parker's
+// wait holds no thread and, with GOMAXPROCS=1, never the only P.
 func startParker() (*parker, error) {
 	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
 		return nil, err
 	}
-	evfd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err := unix.SetNonblock(epfd, true); err != nil {
+		unix.Close(epfd)
+		return nil, err
+	}
+	ep := os.NewFile(uintptr(epfd), "parker")
+	rc, err := ep.SyscallConn()
 	if err != nil {
-		unix.Close(epfd)
+		ep.Close()
 		return nil, err
 	}
-	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: kickSlot}
-	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, evfd, &ev); err != nil {
-		unix.Close(evfd)
-		unix.Close(epfd)
-		return nil, err
-	}
-	p := &parker{epfd: epfd, evfd: evfd, emptyAt: time.Now().UnixNano()}
+	p := &parker{epfd: epfd, ep: ep, rc: rc, events: make([]unix.EpollEvent, 128), emptyAt: time.Now().UnixNano()}
+	p.waitFn = p.collect
 	thePark = p
 	go p.loop()
 	return p, nil
 }
 
-// kick wakes epoll_wait: a new idle deadline comes before the one it
-// waits for.
-func (p *parker) kick() {
-	one := [8]byte{1}
-	_, _ = unix.Write(p.evfd, one[:])
+// collect takes the events ready now, without waiting; false: none, wait
+// for the set to become readable.
+func (p *parker) collect(fd uintptr) bool {
+	n, err := unix.EpollWait(int(fd), p.events, 0)
+	if err == unix.EINTR || err == nil && n == 0 {
+		return false
+	}
+	p.n = max(n, 0)
+	return true
+}
+
+// wakeAt makes the loop's wait end at t (unix nanoseconds; 0: no
+// deadline). Under parkMu, as the loop sets it, so that no change is lost.
+func (p *parker) wakeAt(t int64) {
+	p.sleep = t
+	if t == 0 {
+		_ = p.ep.SetReadDeadline(time.Time{})
+		return
+	}
+	_ = p.ep.SetReadDeadline(time.Unix(0, t))
 }
 
 // unparkLocked takes pc out of the parker. Under parkMu.
@@ -230,62 +252,52 @@ func (p *parker) unparkLocked(pc *parkedConn) {
 	p.free = append(p.free, pc.slot)
 	pc.slot = -1
 	if p.count--; p.count == 0 {
-		// The loop may wait without a timeout: it must see the parker
+		// The loop may wait without a deadline: it must see the parker
 		// empty, to stop after parkerLinger.
 		p.emptyAt = time.Now().UnixNano()
-		p.kick()
+		p.wakeAt(p.emptyAt + int64(parkerLinger))
 	}
 }
 
 // loop waits for parked sockets and idle deadlines until nothing was
 // parked for parkerLinger.
 func (p *parker) loop() {
-	events := make([]unix.EpollEvent, 128)
 	var resume, expired []*parkedConn
 	for {
 		parkMu.Lock()
 		now := time.Now().UnixNano()
-		timeout := -1 // milliseconds, rounded up: never wake before a deadline
-		p.sleep = 0
+		var until int64 // 0: no deadline
 		if len(p.timers) > 0 {
-			p.sleep = p.timers[0].wake
-			timeout = int(max(0, (p.sleep-now+int64(time.Millisecond)-1)/int64(time.Millisecond)))
+			until = p.timers[0].wake
 		}
 		if p.count == 0 {
-			left := p.emptyAt + int64(parkerLinger) - now
-			if left <= 0 {
+			until = p.emptyAt + int64(parkerLinger)
+			if until <= now {
 				thePark = nil
-				unix.Close(p.evfd)
-				unix.Close(p.epfd)
+				p.ep.Close()
 				parkMu.Unlock()
 				return
 			}
-			timeout = int((left + int64(time.Millisecond) - 1) / int64(time.Millisecond))
 		}
+		p.wakeAt(until)
+		p.n = 0
 		parkMu.Unlock()
 
-		n, err := unix.EpollWait(p.epfd, events, timeout)
-		if err != nil && err != unix.EINTR {
-			n = 0 // cannot happen with a valid set; the timers still run
-			time.Sleep(time.Millisecond)
-		}
+		// Returns with events, or at the deadline (os.ErrDeadlineExceeded).
+		_ = p.rc.Read(p.waitFn)
 		parkMu.Lock()
-		for _, ev := range events[:max(n, 0)] {
-			if ev.Fd == kickSlot {
-				var b [8]byte
-				_, _ = unix.Read(p.evfd, b[:])
-				continue
-			}
-			if int(ev.Fd) >= len(p.slots) {
+		for _, ev := range p.events[:p.n] {
+			if int(ev.Fd) >= len(p.slots) || ev.Fd < 0 {
 				continue
 			}
 			// An event of a socket taken out since is for nobody, or for a
-			// relay parked in its slot since, with another gen.
+			// connection parked in its slot since, with another gen.
 			if pc := p.slots[ev.Fd]; pc != nil && pc.gen == ev.Pad {
 				p.unparkLocked(pc)
 				resume = append(resume, pc)
 			}
 		}
+		p.n = 0
 		now = time.Now().UnixNano()
 		for len(p.timers) > 0 && p.timers[0].wake <= now {
 			pc := p.timers[0]
