@@ -238,7 +238,12 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	}
 	// The relay may give the slot back before the connection is closed.
 	ss := p.Open(st, cx.Conn, src, false, a)
-	defer p.End(ss, streamstate.ReasonClientClose)
+	// A caller that lets the connection outlive the chain (the streams
+	// app) lets the relay park it; the relay then ends it (Session.Finish).
+	if done, ok := cx.GetVar(streamstate.DetachVar).(func()); ok {
+		ss.AllowDetach(p, done)
+	}
+	defer endAttached(p, ss)
 	cx.SetVar(streamstate.SessionVar, ss)
 	w := p.Wrap(cx.Conn, ss)
 	if pa.Source.IsValid() {
@@ -246,6 +251,14 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	}
 	cx.Conn = w
 	return next.Handle(cx)
+}
+
+// endAttached ends ss as the chain returns, unless the relay detached it
+// (parked it), which then ends it itself through Session.Finish.
+func endAttached(p *streamstate.Policy, ss *streamstate.Session) {
+	if !ss.Detached() {
+		p.End(ss, streamstate.ReasonClientClose)
+	}
 }
 
 // UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:

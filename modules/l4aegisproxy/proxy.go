@@ -246,7 +246,15 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 		return nil
 	}
 	h.state.ObserveDial(time.Since(start))
-	defer up.Close()
+	// Closed as Handle returns, unless the relay parked the connection:
+	// it is closed when the connection ends then (parkedConn.finish,
+	// relay.finish).
+	parked, raw := false, up
+	defer func() {
+		if !parked {
+			raw.Close()
+		}
+	}()
 	peer := h.picker.Peer(i)
 	// Each upstream counts its connections when there are several.
 	many := len(h.Upstreams) > 0
@@ -296,7 +304,6 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	}
 
 	r := getRelay(ss, cx.Conn, up)
-	defer r.put()
 	r.half = h.HalfClose
 	if ss != nil {
 		r.idle = ss.TakeIdle()
@@ -311,7 +318,14 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	_, clientTCP := r.client.(*net.TCPConn)
 	_, upTCP := up.(*net.TCPConn)
 	r.raw = canRaw && clientTCP && upTCP
-	r.run()
+	// When the chain's caller lets the connection outlive Handle (the
+	// streams app, not a plain layer4 server), a raw relay may park the
+	// connection once it goes quiet: it returns then, the session
+	// detached, and the parker ends the connection or resumes it on
+	// goroutines of its own (park_linux.go).
+	r.canPark = r.raw && r.count && ss.CanDetach()
+	parked = r.run()
+	r.put()
 	return nil
 }
 

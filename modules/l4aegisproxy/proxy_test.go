@@ -52,6 +52,18 @@ type chain struct {
 
 func startChain(t testing.TB, listen string, guard *l4aegisguard.Handler, proxy *l4aegisproxy.Handler) *chain {
 	t.Helper()
+	h := provisionChain(t, guard, proxy)
+	srv := loopback.Serve(t, listen, func(conn net.Conn) {
+		_ = h.Handle(layer4.WrapConnection(conn, nil, zap.NewNop()))
+	})
+	c := &chain{guard: guard, proxy: proxy, addr: srv.Addr}
+	return c
+}
+
+// provisionChain provisions guard (if any) and proxy and compiles them
+// into one handler; the test's cleanup cleans them up.
+func provisionChain(t testing.TB, guard *l4aegisguard.Handler, proxy *l4aegisproxy.Handler) layer4.Handler {
+	t.Helper()
 	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
 	var hs layer4.Handlers
 	if guard != nil {
@@ -76,11 +88,7 @@ func startChain(t testing.TB, listen string, guard *l4aegisguard.Handler, proxy 
 		}
 		cancel()
 	})
-	srv := loopback.Serve(t, listen, func(conn net.Conn) {
-		_ = h.Handle(layer4.WrapConnection(conn, nil, zap.NewNop()))
-	})
-	c := &chain{guard: guard, proxy: proxy, addr: srv.Addr}
-	return c
+	return h
 }
 
 // state is the stream state the guard counts into.

@@ -79,6 +79,12 @@ type rawDir struct {
 	spInFn, spOutFn func(uintptr) bool
 	out             []byte
 	wrote           int
+
+	// quiet: the direction found nothing to move for parkDelay and waits
+	// (relay.votePark). fd is the source's descriptor, read when parking.
+	quiet bool
+	fd    int32
+	fdFn  func(uintptr)
 }
 
 // bind ties d to its relay and direction once, for the relay's whole life
@@ -87,6 +93,21 @@ func (d *rawDir) bind(r *relay, dir int) {
 	d.r, d.dir = r, dir
 	d.readFn, d.writeFn = d.readCB, d.writeCB
 	d.spInFn, d.spOutFn = d.spliceInCB, d.spliceOutCB
+	d.fdFn = d.fdCB
+}
+
+// started reports whether start readied d for its connection.
+func (d *rawDir) started() bool { return d.src != nil }
+
+func (d *rawDir) fdCB(fd uintptr) { d.fd = int32(fd) }
+
+// srcFD is the source's descriptor, or -1 if it is closed.
+func (d *rawDir) srcFD() int32 {
+	d.fd = -1
+	if d.src.Control(d.fdFn) != nil {
+		return -1
+	}
+	return d.fd
 }
 
 // start readies d to move bytes from src to dst.
@@ -106,6 +127,7 @@ func (d *rawDir) start(dst, src *net.TCPConn) error {
 // release drops d's references to the connection.
 func (d *rawDir) release() {
 	d.src, d.dst, d.dstConn, d.err = nil, nil, nil, nil
+	d.quiet = false
 }
 
 // step waits until the source has bytes and moves what it has to the

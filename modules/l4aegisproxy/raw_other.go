@@ -12,9 +12,11 @@ import (
 // copies through net.Conn instead.
 const canRaw = false
 
-type rawDir struct{}
+type rawDir struct{ quiet bool }
 
 func (*rawDir) bind(*relay, int) {}
+
+func (*rawDir) started() bool { return false }
 
 func (*rawDir) start(_, _ *net.TCPConn) error {
 	return errors.New("raw relay is not available on this system")

@@ -129,6 +129,9 @@ type instance struct {
 	chain            atomic.Pointer[chainBox]
 	cancel           func() // cleans the chain's handlers up
 	logger           *zap.Logger
+	// connDone is state.ConnDone, bound once: a parked connection's relay
+	// calls it when the connection ends (serve).
+	connDone func()
 
 	// sockets are those of listen_port; more are those of the other
 	// ports of a port range (listen_port_end), in order.
@@ -256,6 +259,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 func (a *App) newInstance(h *spec.Stream, source string) (*instance, error) {
 	inst := &instance{cfg: h, source: source, state: streamstate.Acquire(h.ID),
 		logger: a.logger.With(zap.Int64("stream_id", h.ID), zap.String("stream", h.DisplayName()))}
+	inst.connDone = inst.state.ConnDone
 	if !h.Enabled {
 		return inst, nil
 	}
@@ -730,13 +734,20 @@ func (inst *instance) accept(ln net.Listener, stop <-chan struct{}, done chan<- 
 }
 
 // serve runs one connection through the stream's current handler chain.
+// A relay may park a quiet connection and let the chain return before it
+// ends (streamstate.DetachVar): the relay then closes c and calls
+// ConnDone itself (streamstate.Session.Finish).
 func (inst *instance) serve(c net.Conn) {
-	defer inst.state.ConnDone()
 	cx := layer4.WrapConnection(c, nil, inst.logger)
+	cx.SetVar(streamstate.DetachVar, inst.connDone)
 	if err := inst.chain.Load().h.Handle(cx); err != nil {
 		inst.logger.Debug("handling connection", zap.Error(err))
 	}
+	if ss, _ := cx.GetVar(streamstate.SessionVar).(*streamstate.Session); ss != nil && ss.Detached() {
+		return
+	}
 	c.Close()
+	inst.state.ConnDone()
 }
 
 // reservedPorts finds the ports Caddy itself uses in this config.

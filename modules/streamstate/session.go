@@ -87,6 +87,23 @@ func (r Reason) String() string {
 // guard made for the connection.
 const SessionVar = "aegis.session"
 
+// DetachVar is the layer4 connection variable that the caller of a handler
+// chain sets, to a func() that does its own end of the connection (the
+// streams app: ConnDone), when the chain may return before the connection
+// ends. A relay that parks a quiet connection then detaches its session
+// (Session.Detach): the handlers return without ending it, and the relay
+// ends it later (Session.Finish). Without it, as in a plain layer4 server,
+// which closes the connection when the chain returns, nothing detaches.
+const DetachVar = "aegis.detach"
+
+// Waker is what holds a detached connection whose sockets no goroutine
+// reads (a parked relay): Session.Close asks it to end the connection.
+type Waker interface {
+	// Wake ends ss's connection now if it is still held. It is called
+	// before Close closes the sockets.
+	Wake(ss *Session)
+}
+
 var lastSessionID atomic.Uint64
 
 // Session is one open connection of a stream: a TCP connection, which the
@@ -134,6 +151,13 @@ type Session struct {
 
 	logger *zap.Logger
 	name   string
+
+	// endPolicy and done are what ends a detached connection (Finish):
+	// the guard's policy and the chain's caller's own end (AllowDetach).
+	endPolicy *Policy
+	done      func()
+	detached  atomic.Bool
+	waker     atomic.Value // Waker, once detached
 }
 
 // newSession registers an open connection on the stream, holding no slot
@@ -225,10 +249,13 @@ func (ss *Session) SetUpstream(c net.Conn) {
 }
 
 // Close ends the connection now for reason r: both sides are closed and
-// the relay returns.
+// the relay returns, or, if it parked the connection, ends it.
 func (ss *Session) Close(r Reason) {
 	ss.SetReason(r)
 	ss.closed.Store(true)
+	if w, ok := ss.waker.Load().(Waker); ok {
+		w.Wake(ss)
+	}
 	ss.client.Close()
 	if up := ss.upstream.Load(); up != nil {
 		(*up).Close()
@@ -281,6 +308,40 @@ func (ss *Session) RawPath(c net.Conn) (*net.TCPConn, bool) {
 	}
 	raw, ok := w.Conn.(*net.TCPConn)
 	return raw, ok
+}
+
+// AllowDetach lets a relay finish the connection after the handlers have
+// returned: p is the guard's policy, whose End the guard would run, and
+// done the chain's caller's own end (the DetachVar's value).
+func (ss *Session) AllowDetach(p *Policy, done func()) {
+	ss.endPolicy, ss.done = p, done
+}
+
+// CanDetach reports whether AllowDetach was called.
+func (ss *Session) CanDetach() bool { return ss.done != nil }
+
+// Detach records that the relay took the end of the connection over (it
+// parked it): the guard's Handle and its caller return without ending it,
+// and the relay, or what holds it parked, calls Finish once, when it ends.
+// Call it before the handlers return, once CanDetach.
+func (ss *Session) Detach() { ss.detached.Store(true) }
+
+// SetWaker makes Close ask w to end the connection (Waker) when it is
+// parked in w. w is set once and stays the connection's.
+func (ss *Session) SetWaker(w Waker) { ss.waker.Store(w) }
+
+// Detached reports whether a relay took the end of the connection over.
+func (ss *Session) Detached() bool { return ss.detached.Load() }
+
+// Finish ends a detached connection, the one place that does what the
+// handlers would have done on their way back: the guard's Policy.End
+// (slots, counters, the connection log), then its caller's end, closing
+// the client connection and the DetachVar's func. The relay calls it once,
+// after it closed the upstream.
+func (ss *Session) Finish() {
+	ss.endPolicy.End(ss, ReasonClientClose)
+	ss.client.Close()
+	ss.done()
 }
 
 // End unregisters the connection, records its reason (defaulting to r when
