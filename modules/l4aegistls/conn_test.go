@@ -2,7 +2,6 @@ package l4aegistls
 
 import (
 	"crypto/tls"
-	"net"
 	"testing"
 	"time"
 
@@ -17,25 +16,7 @@ func TestBulkWriteReusesItsBatch(t *testing.T) {
 		t.Skip("the race detector allocates; `make test` runs this without it")
 	}
 	cert := testenv.Cert(t, testenv.CertOptions{Names: []string{"bulk.test"}, NotAfter: time.Now().Add(time.Hour)})
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, _ := ln.Accept()
-		accepted <- c
-	}()
-	cc, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cc.Close()
-	raw := <-accepted
-	if raw == nil {
-		t.Fatal("accept failed")
-	}
+	cc, raw := testenv.TCPPair(t)
 	w := &wire{Conn: raw}
 	sc := &Conn{Conn: tls.Server(w, &tls.Config{Certificates: []tls.Certificate{cert.TLS}}), wire: w}
 	defer sc.Close()
