@@ -152,6 +152,17 @@ func (e *entry) end(reason streamstate.Reason) {
 	}
 }
 
+// finish closes the entry's socket (on Linux, which takes it out of the
+// poller's epoll instance), and ends its session with reason unless one
+// was recorded; once per entry, after it was started.
+func (e *entry) finish(reason streamstate.Reason) {
+	e.kill(reason)
+	e.closeSock()
+	e.cfg.Policy.End(e.ss, reason)
+	e.r.state.ConnDone()
+	e.r.wg.Done()
+}
+
 // kill records reason (the first one wins) and marks the entry ended, out
 // of the NAT table; it reports whether this call ended it.
 func (e *entry) kill(reason streamstate.Reason) bool {

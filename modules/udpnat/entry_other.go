@@ -61,12 +61,3 @@ func (e *entry) run() {
 	e.end(reason)
 	e.cfg.Policy.End(e.ss, reason)
 }
-
-// finish ends the session of an entry whose start failed.
-func (e *entry) finish(reason streamstate.Reason) {
-	e.kill(reason)
-	e.closeSock()
-	e.cfg.Policy.End(e.ss, reason)
-	e.r.state.ConnDone()
-	e.r.wg.Done()
-}

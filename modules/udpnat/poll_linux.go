@@ -47,17 +47,6 @@ func (e *entry) wake() {
 	e.fdMu.Unlock()
 }
 
-// finish closes the entry's socket (which takes it out of the poller's
-// epoll instance), and ends its session with reason unless one was
-// recorded; once per entry, after it was started.
-func (e *entry) finish(reason streamstate.Reason) {
-	e.kill(reason)
-	e.closeSock()
-	e.cfg.Policy.End(e.ss, reason)
-	e.r.state.ConnDone()
-	e.r.wg.Done()
-}
-
 // start hands a new entry, stored in the NAT table, to the relay's poller.
 // On an error the caller finishes the entry.
 func (r *Relay) start(e *entry) error {
