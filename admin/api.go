@@ -183,6 +183,16 @@ func parseID(s string) (int64, bool) {
 	return id, err == nil && id > 0
 }
 
+// parseBefore reads a paged list's before parameter: the next_before of
+// the previous page.
+func parseBefore(name, v string) (int64, error) {
+	id, ok := parseID(v)
+	if !ok {
+		return 0, fieldError(name, v, fmt.Sprintf("before %q: must be a positive integer, an entry id (the next_before of the previous page)", v))
+	}
+	return id, nil
+}
+
 func allDigits(s string) bool {
 	if s == "" {
 		return false

@@ -394,9 +394,9 @@ func parseConnLogQuery(q url.Values) (connLogQuery, error) {
 		case "limit":
 			limit = v
 		case "before":
-			id, ok := parseID(v)
-			if !ok {
-				return fieldError(name, v, fmt.Sprintf("before %q: must be a positive integer, an entry id (the next_before of the previous page)", v))
+			id, err := parseBefore(name, v)
+			if err != nil {
+				return err
 			}
 			out.Before = id
 		case "action":

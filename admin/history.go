@@ -138,9 +138,9 @@ func parseAuditQuery(q url.Values) (storage.AuditQuery, error) {
 			}
 			out.Limit = n
 		case "before":
-			id, ok := parseID(v)
-			if !ok {
-				return fieldError(name, v, fmt.Sprintf("before %q: must be a positive integer, an entry id (the next_before of the previous page)", v))
+			id, err := parseBefore(name, v)
+			if err != nil {
+				return err
 			}
 			out.Before = id
 		case "stream_id":
