@@ -35,6 +35,20 @@ func TestMain(m *testing.M) {
 
 const clusterKey = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
 
+// otherNode opens dsn as a second node named "there", as another Aegis
+// process would, keeping keepChanges changes (0: the default); it is
+// closed when the test ends.
+func otherNode(t *testing.T, dsn string, keepChanges int) *storage.Postgres {
+	t.Helper()
+	key, _ := storage.ParseKey(clusterKey)
+	other, err := storage.OpenPostgres(context.Background(), dsn, storage.PostgresOptions{Key: key, Node: "there", KeepChanges: keepChanges})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { other.Close() })
+	return other
+}
+
 func postgresApp(dsn, node string, h ...map[string]any) map[string]any {
 	app := hosts(h...)
 	app["node_name"] = node
@@ -119,12 +133,7 @@ func TestPostgresFollowsOtherNode(t *testing.T) {
 	}
 
 	ctx := context.Background()
-	key, _ := storage.ParseKey(clusterKey)
-	other, err := storage.OpenPostgres(ctx, dsn, storage.PostgresOptions{Key: key, Node: "there"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer other.Close()
+	other := otherNode(t, dsn, 0)
 	// write runs one write of the other node, after it has applied
 	// everything (its own follower is this test).
 	write := func(f func() error) {
@@ -300,12 +309,7 @@ func TestPostgresHistoryPruned(t *testing.T) {
 	up := newUpstream(t, echo)
 	inst := startCaddy(t, postgresApp(dsn, "here"))
 	ctx := context.Background()
-	key, _ := storage.ParseKey(clusterKey)
-	other, err := storage.OpenPostgres(ctx, dsn, storage.PostgresOptions{Key: key, Node: "there", KeepChanges: 1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer other.Close()
+	other := otherNode(t, dsn, 1)
 	p1, p2, p3 := freePort(t), freePort(t), freePort(t)
 	gone, err := streams.CreateHost(ctx, apiStream(0, p1, up.Port))
 	if err != nil {
@@ -352,12 +356,7 @@ func TestPostgresStaleWriteRetries(t *testing.T) {
 	up := newUpstream(t, echo)
 	startCaddy(t, postgresApp(dsn, "here"))
 	ctx := context.Background()
-	key, _ := storage.ParseKey(clusterKey)
-	other, err := storage.OpenPostgres(ctx, dsn, storage.PostgresOptions{Key: key, Node: "there"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer other.Close()
+	other := otherNode(t, dsn, 0)
 	hs, err := streams.CreateHost(ctx, apiStream(0, freePort(t), up.Port))
 	if err != nil {
 		t.Fatal(err)
@@ -446,12 +445,7 @@ func TestPostgresNumbers(t *testing.T) {
 	}
 	writes("PostgreSQL")
 
-	key, _ := storage.ParseKey(clusterKey)
-	other, err := storage.OpenPostgres(ctx, dsn, storage.PostgresOptions{Key: key, Node: "there"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer other.Close()
+	other := otherNode(t, dsn, 0)
 	h, err := streams.CreateHost(ctx, apiStream(0, freePort(t), up.Port))
 	if err != nil {
 		t.Fatal(err)

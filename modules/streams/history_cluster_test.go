@@ -46,12 +46,7 @@ func TestPostgresHistory(t *testing.T) {
 	}
 	streams.SampleHistory(base.Add(10 * time.Second))
 
-	key, _ := storage.ParseKey(clusterKey)
-	other, err := storage.OpenPostgres(ctx, dsn, storage.PostgresOptions{Key: key, Node: "there"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer other.Close()
+	other := otherNode(t, dsn, 0)
 	unhealthy := false
 	if err := other.AppendHistory(ctx, []storage.HistorySample{
 		{StreamID: sid, Time: base.Add(10 * time.Second), BytesSent: 2, BytesReceived: 3, Connections: 0.5, Active: 4, Healthy: &unhealthy},
