@@ -292,6 +292,22 @@ func (inst *instance) create(s obj) obj {
 // ---- TCP and UDP peers ------------------------------------------------------
 
 // newServer runs serve for each connection to a TCP server on 127.0.0.1;
+// streamsNow is GET /api/v1/streams as it answers now, to compare with
+// streamsUnchanged after requests that must change nothing.
+func (inst *instance) streamsNow(t *testing.T) []byte {
+	t.Helper()
+	return inst.call("GET", "/api/v1/streams", nil).want(t, http.StatusOK).body
+}
+
+// streamsUnchanged fails the test if GET /api/v1/streams answers other
+// than before; what names the requests that were refused.
+func (inst *instance) streamsUnchanged(t *testing.T, before []byte, what string) {
+	t.Helper()
+	if after := inst.streamsNow(t); !bytes.Equal(before, after) {
+		t.Errorf("streams changed %s:\nbefore %s\nafter  %s", what, before, after)
+	}
+}
+
 // it and its connections are closed when the test ends.
 func newServer(t *testing.T, serve func(net.Conn)) *loopback.Server {
 	t.Helper()

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/aegis-proxy/caddy-aegis/internal/loopback"
 	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
 )
 
@@ -21,6 +22,21 @@ const safetySites = `http://127.0.0.1:%d {
 	respond "site"
 }
 `
+
+// safetySetup starts an instance with the safetySites config on a free
+// site port and one stream to an echo upstream, for the tests that check
+// refused writes change nothing.
+func safetySetup(t *testing.T) (inst *instance, up *loopback.Server, site int, sid int64) {
+	t.Helper()
+	checkNoLeaks(t)
+	up = newServer(t, echo)
+	inst = newInstance(t)
+	site = freePort(t)
+	if err := inst.caddy.LoadCaddyfile(inst.caddyfile(safetySites, site)); err != nil {
+		t.Fatal(err)
+	}
+	return inst, up, site, id(inst.create(stream(0, freePort(t), up.Port, nil)))
+}
 
 // writes are one request of each state-changing kind against stream sid.
 func writes(t *testing.T, sid int64, upPort int) []struct {
@@ -47,16 +63,8 @@ func writes(t *testing.T, sid int64, upPort int) []struct {
 // not change streams on either the admin endpoint or a streams_admin site;
 // nor may any other origin, by any write method (issue 22).
 func TestCrossOriginWritesChangeNothing(t *testing.T) {
-	checkNoLeaks(t)
-	up := newServer(t, echo)
-	inst := newInstance(t)
-	site := freePort(t)
-	if err := inst.caddy.LoadCaddyfile(inst.caddyfile(safetySites, site)); err != nil {
-		t.Fatal(err)
-	}
-	s := inst.create(stream(0, freePort(t), up.Port, nil))
-	sid := id(s)
-	before := inst.call("GET", "/api/v1/streams", nil).want(t, http.StatusOK).body
+	inst, up, site, sid := safetySetup(t)
+	before := inst.streamsNow(t)
 
 	for _, ep := range []struct {
 		name, base string
@@ -100,24 +108,15 @@ func TestCrossOriginWritesChangeNothing(t *testing.T) {
 		r := doRequest(t, inst.client, "POST", ep.base+"/api/v1/streams/validate-port", obj{"listen_port": freePort(t)}, hdr{"Origin", fmt.Sprintf("http://127.0.0.1:%d", ep.port)})
 		r.want(t, http.StatusOK)
 	}
-	if after := inst.call("GET", "/api/v1/streams", nil).want(t, http.StatusOK).body; !bytes.Equal(before, after) {
-		t.Errorf("streams changed by refused requests:\nbefore %s\nafter  %s", before, after)
-	}
+	inst.streamsUnchanged(t, before, "by refused requests")
 }
 
 // A write that arrives as TLS early data (0-RTT), or that a proxy in
 // front marks so (Early-Data: 1), answers 425 Too Early and changes
 // nothing (RFC 8470); reads are answered.
 func TestEarlyDataWritesTooEarly(t *testing.T) {
-	checkNoLeaks(t)
-	up := newServer(t, echo)
-	inst := newInstance(t)
-	site := freePort(t)
-	if err := inst.caddy.LoadCaddyfile(inst.caddyfile(safetySites, site)); err != nil {
-		t.Fatal(err)
-	}
-	sid := id(inst.create(stream(0, freePort(t), up.Port, nil)))
-	before := inst.call("GET", "/api/v1/streams", nil).want(t, http.StatusOK).body
+	inst, up, site, sid := safetySetup(t)
+	before := inst.streamsNow(t)
 	early := hdr{"Early-Data", "1"}
 	for _, base := range []string{"http://" + inst.adminAddr(), fmt.Sprintf("http://127.0.0.1:%d", site)} {
 		for _, w := range writes(t, sid, up.Port) {
@@ -128,9 +127,7 @@ func TestEarlyDataWritesTooEarly(t *testing.T) {
 		}
 		doRequest(t, inst.client, "GET", base+"/api/v1/streams", nil, early).want(t, http.StatusOK)
 	}
-	if after := inst.call("GET", "/api/v1/streams", nil).want(t, http.StatusOK).body; !bytes.Equal(before, after) {
-		t.Errorf("streams changed by early-data writes:\nbefore %s\nafter  %s", before, after)
-	}
+	inst.streamsUnchanged(t, before, "by early-data writes")
 }
 
 // A name with a control or format character is refused naming the field
@@ -254,15 +251,8 @@ func checkNoKey(t *testing.T, where, text, key string) {
 // and changes nothing; 1 MiB itself is read (and refused for what it
 // says).
 func TestBodyLimitEveryRoute(t *testing.T) {
-	checkNoLeaks(t)
-	up := newServer(t, echo)
-	inst := newInstance(t)
-	site := freePort(t)
-	if err := inst.caddy.LoadCaddyfile(inst.caddyfile(safetySites, site)); err != nil {
-		t.Fatal(err)
-	}
-	sid := id(inst.create(stream(0, freePort(t), up.Port, nil)))
-	before := inst.call("GET", "/api/v1/streams", nil).want(t, http.StatusOK).body
+	inst, _, site, sid := safetySetup(t)
+	before := inst.streamsNow(t)
 	// padded is a JSON object of exactly n bytes.
 	padded := func(n int) []byte {
 		head := []byte(`{"notes": "`)
@@ -305,9 +295,7 @@ func TestBodyLimitEveryRoute(t *testing.T) {
 			}
 		}
 	}
-	if after := inst.call("GET", "/api/v1/streams", nil).want(t, http.StatusOK).body; !bytes.Equal(before, after) {
-		t.Errorf("streams changed:\nbefore %s\nafter  %s", before, after)
-	}
+	inst.streamsUnchanged(t, before, "by bodies over the limit")
 }
 
 // A streams_admin site behind basic_auth: no path or method trick reaches
@@ -319,7 +307,7 @@ func TestBasicAuthNoBypass(t *testing.T) {
 	site := inst.basicAuthSite(`respond "site"`)
 	base := fmt.Sprintf("http://127.0.0.1:%d", site)
 	sid := id(inst.create(stream(0, freePort(t), 9, obj{"upstream_host": "db.internal"})))
-	before := inst.call("GET", "/api/v1/streams", nil).want(t, http.StatusOK).body
+	before := inst.streamsNow(t)
 
 	paths := []string{
 		"/", "/app.js", "/api/v1/streams", "/api/v1/streams/", fmt.Sprintf("/api/v1/streams/%d", sid),
@@ -366,9 +354,7 @@ func TestBasicAuthNoBypass(t *testing.T) {
 			}
 		}
 	}
-	if after := inst.call("GET", "/api/v1/streams", nil).want(t, http.StatusOK).body; !bytes.Equal(before, after) {
-		t.Errorf("streams changed without the password:\nbefore %s\nafter  %s", before, after)
-	}
+	inst.streamsUnchanged(t, before, "without the password")
 	r := doRequest(t, inst.client, "GET", base+"/api/v1/streams", nil, hdr{"Authorization", "Basic b3BzOnMzY3JldC10ZXN0"})
 	if l := r.want(t, http.StatusOK).list(t); len(l) != 1 {
 		t.Errorf("with the password: %d streams, want 1", len(l))
