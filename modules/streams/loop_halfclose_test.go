@@ -88,7 +88,7 @@ func TestLoopHalfCloseAcrossQuiet(t *testing.T) {
 		_ = u.(*net.TCPConn).CloseWrite()
 		readAllExact(t, "client, the answer", c, append(first[:len(first):len(first)], second...))
 		u.Close()
-		inst.expectEnds(1, []connEnd{{7, uint64(len(first) + len(second)), "client_close"}})
+		inst.in(t).expectEnds(1, []connEnd{{7, uint64(len(first) + len(second)), "client_close"}})
 	})
 	t.Run("on, upstream ends first", func(t *testing.T) {
 		c := dial(t, pOn).(*net.TCPConn)
@@ -105,7 +105,7 @@ func TestLoopHalfCloseAcrossQuiet(t *testing.T) {
 		}
 		readAllExact(t, "upstream, the upload", u, append(first[:len(first):len(first)], second...))
 		u.Close()
-		inst.expectEnds(1, []connEnd{
+		inst.in(t).expectEnds(1, []connEnd{
 			{7, uint64(len(first) + len(second)), "client_close"},
 			{uint64(len(first) + len(second)), 6, "upstream_close"},
 		})
@@ -122,7 +122,7 @@ func TestLoopHalfCloseAcrossQuiet(t *testing.T) {
 		}
 		expectEnd(t, "upstream, after the client's end", u)
 		expectEnd(t, "client, after its own end (the upstream never closed)", c)
-		inst.expectEnds(2, []connEnd{{5, 5, "client_close"}})
+		inst.in(t).expectEnds(2, []connEnd{{5, 5, "client_close"}})
 	})
 	t.Run("off, upstream ends after a quiet spell", func(t *testing.T) {
 		c := dial(t, pOff).(*net.TCPConn)
@@ -133,7 +133,7 @@ func TestLoopHalfCloseAcrossQuiet(t *testing.T) {
 		_ = u.(*net.TCPConn).CloseWrite()
 		readAllExact(t, "client, the rest and the end", c, first)
 		expectEnd(t, "upstream, after its own end (the client never closed)", u)
-		inst.expectEnds(2, []connEnd{{5, 5, "client_close"}, {5, 5 + uint64(len(first)), "upstream_close"}})
+		inst.in(t).expectEnds(2, []connEnd{{5, 5, "client_close"}, {5, 5 + uint64(len(first)), "upstream_close"}})
 	})
 	inst.expectTotals(2, 2, 10, 10+uint64(len(first)))
 }

@@ -35,6 +35,13 @@ func randomBytes(seed uint64, n int) []byte {
 	return b
 }
 
+// in is inst for the subtest t: its helpers fail t, not the parent test.
+func (inst *testCaddy) in(t *testing.T) *testCaddy {
+	c := *inst
+	c.t = t
+	return &c
+}
+
 // connEnd is what the connection log says of one connection.
 type connEnd struct {
 	sent, received uint64
