@@ -6,6 +6,8 @@ import (
 	"net"
 	"testing"
 	"time"
+
+	"github.com/aegis-proxy/caddy-aegis/modules/streams"
 )
 
 // quietPause is longer than any pause after which a quiet connection
@@ -136,4 +138,59 @@ func TestLoopHalfCloseAcrossQuiet(t *testing.T) {
 		inst.in(t).expectEnds(2, []connEnd{{5, 5, "client_close"}, {5, 5 + uint64(len(first)), "upstream_close"}})
 	})
 	inst.expectTotals(2, 2, 10, 10+uint64(len(first)))
+}
+
+// A half-closed connection (half_close on: the client shut its write
+// side, the upstream's direction goes on) that is then cut ends with the
+// reason of the cut, not client_close: the API closes it (admin_closed),
+// or the upstream resets it (upstream_error). (Its idle timeout:
+// TestLoopIdleTimeout.) Both sides see the end, and nothing is left.
+func TestLoopHalfClosedThenCut(t *testing.T) {
+	checkNoLeaksOrFDs(t)
+	up, conns := handedUpstream(t)
+	port := freePort(t)
+	inst := startCaddy(t, hosts(host(1, port, up.Port, map[string]any{"half_close": true})))
+	// halfClosed opens a connection whose client sent "request" and shut
+	// its write side, and whose upstream read them and answered "ok",
+	// then went quiet.
+	halfClosed := func(t *testing.T) (*net.TCPConn, net.Conn) {
+		t.Helper()
+		c := dial(t, port).(*net.TCPConn)
+		u := nextConn(t, conns)
+		writeAll(t, "client", c, []byte("request"))
+		if err := c.CloseWrite(); err != nil {
+			t.Fatal(err)
+		}
+		readAllExact(t, "upstream", u, []byte("request"))
+		writeAll(t, "upstream", u, []byte("ok"))
+		got := make([]byte, 2)
+		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(c, got); err != nil || string(got) != "ok" {
+			t.Fatalf("client: read %q, %v", got, err)
+		}
+		time.Sleep(quietPause)
+		return c, u
+	}
+	var want []connEnd
+	t.Run("closed through the API", func(t *testing.T) {
+		c, u := halfClosed(t)
+		a, ok := findConn(t, 1, c)
+		if !ok {
+			t.Fatal("the half-closed connection is not in the live list")
+		}
+		if err := streams.Running().CloseConnection(1, a.ID); err != nil {
+			t.Fatal(err)
+		}
+		expectEnd(t, "client", c)
+		expectGone(t, "upstream", u)
+		want = append(want, connEnd{7, 2, "admin_closed"})
+		inst.in(t).expectEnds(1, want)
+	})
+	t.Run("reset by the upstream", func(t *testing.T) {
+		c, u := halfClosed(t)
+		reset(t, u)
+		expectGone(t, "client", c)
+		want = append(want, connEnd{7, 2, "upstream_error"})
+		inst.in(t).expectEnds(1, want)
+	})
 }
