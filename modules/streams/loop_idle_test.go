@@ -13,8 +13,8 @@ import (
 // downstream, in drips with pauses longer than a quiet connection stays
 // active, keep a connection alive, which then ends about the timeout
 // after its last byte; a client that stops reading while the upstream
-// sends counts as idle and is ended (the upstream's write fails, so it
-// does not hang); a half-closed connection that goes quiet ends at the
+// sends (after a quiet spell) counts as idle and is ended (the
+// upstream's write fails, so it does not hang); a half-closed connection that goes quiet ends at the
 // timeout too. Each is logged idle_timeout with its bytes.
 func TestLoopIdleTimeout(t *testing.T) {
 	checkNoLeaksOrFDs(t)
@@ -33,6 +33,7 @@ func TestLoopIdleTimeout(t *testing.T) {
 	})
 	floodEnded := make(chan error, 1)
 	flooder := newUpstream(t, func(c net.Conn) {
+		time.Sleep(quietPause) // the connection goes quiet first
 		_ = c.SetWriteDeadline(time.Now().Add(15 * time.Second))
 		chunk := make([]byte, 64<<10)
 		var err error
@@ -85,7 +86,7 @@ func TestLoopIdleTimeout(t *testing.T) {
 		// moved for 1s, which the client's receive window, still opening
 		// a little after they filled, may put off once (seen: 1s or 2s).
 		took := time.Since(start)
-		if took < 900*time.Millisecond || isTimeout(err) {
+		if took < quietPause+900*time.Millisecond || isTimeout(err) {
 			t.Fatalf("the upstream's writes ended after %s with %v; want the proxy to end the connection after the 1s idle timeout", took, err)
 		}
 		c.Close()
@@ -93,7 +94,7 @@ func TestLoopIdleTimeout(t *testing.T) {
 		if e.DisconnectReason != "idle_timeout" || e.BytesSent != 0 || e.BytesReceived == 0 {
 			t.Fatalf("log entry %+v; want idle_timeout, nothing sent, something received", e)
 		}
-		t.Logf("ended %s after the upstream began, %d KiB in buffers", took.Round(time.Millisecond), e.BytesReceived>>10)
+		t.Logf("ended %s after the upstream began sending, %d KiB in buffers", (took - quietPause).Round(time.Millisecond), e.BytesReceived>>10)
 	})
 	t.Run("half-closed, then quiet", func(t *testing.T) {
 		c := dial(t, pQuiet).(*net.TCPConn)
