@@ -438,10 +438,16 @@ func (r *relay) stop(dir int, dst net.Conn, n int, writeErr bool, err error) boo
 	case err == io.EOF && !writeErr:
 		// This side finished sending: with half-close, pass the end on and
 		// let the other direction run to its end; otherwise end both.
-		if dir == dirUp {
-			r.setReason(streamstate.ReasonClientClose)
-		} else {
-			r.setReason(streamstate.ReasonUpstreamClose)
+		// With half-close the connection goes on, so the end is its
+		// reason only if nothing cuts it later (Session.SetHalfClose).
+		reason := streamstate.ReasonClientClose
+		if dir == dirDown {
+			reason = streamstate.ReasonUpstreamClose
+		}
+		if !r.half {
+			r.setReason(reason)
+		} else if r.ss != nil {
+			r.ss.SetHalfClose(reason)
 		}
 		if (r.done.Or(1<<dir)|1<<dir)&3 == 3 {
 			return true

@@ -134,6 +134,7 @@ type Session struct {
 	folded     atomic.Bool  // the bytes were added to the stream's ended counters
 	lastActive atomic.Int64 // unix nanoseconds
 	reason     atomic.Uint32
+	halfClose  atomic.Uint32 // the first side's end that half-close passed on
 	closed     atomic.Bool
 	idleTaken  atomic.Bool // a relay enforces the idle timeout (TakeIdle)
 	slot       atomic.Bool // holds an Active slot of its stream
@@ -223,6 +224,15 @@ func (ss *Session) DatagramsReceived() uint64 { return ss.dgReceived.Load() }
 // SetReason records why the connection ends; the first reason wins.
 func (ss *Session) SetReason(r Reason) bool {
 	return ss.reason.CompareAndSwap(uint32(ReasonNone), uint32(r))
+}
+
+// SetHalfClose records r, the end of one side that half-close passes on
+// while the other direction goes on; the first one is kept. It is the
+// connection's reason when it ends (End) with no other set: an idle
+// timeout, a Close or an error that cuts the connection later is its
+// reason instead.
+func (ss *Session) SetHalfClose(r Reason) {
+	ss.halfClose.CompareAndSwap(uint32(ReasonNone), uint32(r))
 }
 
 // SetFailure records r, an error of one side, when no reason is set yet or
@@ -344,9 +354,13 @@ func (ss *Session) Finish() {
 	ss.done()
 }
 
-// End unregisters the connection, records its reason (defaulting to r when
-// none was set) and queues its log entry when log is true.
+// End unregisters the connection, records its reason (defaulting to the
+// end half-close passed on, if any, then to r, when none was set) and
+// queues its log entry when log is true.
 func (ss *Session) End(r Reason, log bool) {
+	if h := Reason(ss.halfClose.Load()); h != ReasonNone {
+		ss.SetReason(h)
+	}
 	ss.SetReason(r)
 	ss.fold()
 	ss.State.sessions.Delete(ss.ID)
