@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/bits"
 	"strings"
+	"time"
 
 	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
 )
@@ -47,17 +48,44 @@ var connLogColumns = []string{"node", "stream_id", "source_ip", "source_port", "
 	"protocol", "datagrams_sent", "datagrams_received", "upstream"}
 
 // appendConnLogRow appends e's row in connLogColumns order, tagged with
-// node, to args.
+// node, to args. Each value is one a driver takes as it is (int64,
+// string, nil for NULL): database/sql would otherwise convert each
+// sql.NullInt64 and *int64 through an interface call or reflection, for
+// every one of thousands of rows a second.
 func appendConnLogRow(args []any, e ConnLog, node string) []any {
-	port := sql.NullInt64{Int64: int64(e.SourcePort), Valid: e.SourcePort != 0}
 	proto := e.Protocol
 	if proto == "" {
 		proto = ConnTCP
 	}
-	return append(args, node, e.StreamID, e.SourceIP, port,
+	return append(args, node, e.StreamID, e.SourceIP, nullIfZero(int64(e.SourcePort)),
 		e.BytesSent, e.BytesReceived, e.DurationMS, e.Action,
-		e.DisconnectReason, millis(e.StartedAt.Time), millis(e.EndedAt.Time),
-		proto, e.DatagramsSent, e.DatagramsReceived, e.Upstream)
+		e.DisconnectReason, millisValue(e.StartedAt.Time), millisValue(e.EndedAt.Time),
+		proto, derefOrNull(e.DatagramsSent), derefOrNull(e.DatagramsReceived), e.Upstream)
+}
+
+// nullIfZero is v, or NULL (nil) for 0.
+func nullIfZero(v int64) any {
+	if v == 0 {
+		return nil
+	}
+	return v
+}
+
+// derefOrNull is *p, or NULL (nil) for a nil p.
+func derefOrNull(p *int64) any {
+	if p == nil {
+		return nil
+	}
+	return *p
+}
+
+// millisValue is t in Unix milliseconds, or NULL (nil) for the zero time:
+// millis as a value drivers take as it is.
+func millisValue(t time.Time) any {
+	if t.IsZero() {
+		return nil
+	}
+	return t.UnixMilli()
 }
 
 // connLogVersion is the first SQLite schema version whose conn_log has

@@ -290,6 +290,44 @@ func TestLogWriterPrunesEveryInterval(t *testing.T) {
 	}
 }
 
+// TestLogWriterPrunesAfterRetention prunes a stream once it got Retention
+// entries since its last prune, PruneInterval being long, so that a busy
+// stream's table stays near Retention; a quiet stream waits for the
+// interval (here: Close).
+func TestLogWriterPrunesAfterRetention(t *testing.T) {
+	f := &fakeLogStore{}
+	w := NewLogWriter(f, LogWriterOptions{BatchSize: 5, FlushInterval: time.Millisecond, Retention: 10, PruneInterval: time.Hour})
+	w.Enqueue(entry(2, 0)) // pruned at the first flush, with what came before
+	waitFor(t, "the first write", func() bool { return w.Written() == 1 })
+	w.Enqueue(entry(2, 1))
+	for i := range 100 {
+		w.Enqueue(entry(1, i))
+	}
+	count := func() map[int64]int {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		n := map[int64]int{}
+		for _, id := range f.prunes {
+			n[id]++
+		}
+		return n
+	}
+	// A batch is counted written before its prunes run.
+	waitFor(t, "102 writes and the prunes after them", func() bool { return w.Written() == 102 && count()[1] >= 6 })
+	time.Sleep(10 * time.Millisecond)
+	// Batches of up to 5: a prune after every 10 to 14 entries.
+	if n := count(); n[1] < 6 || n[1] > 10 || n[2] != 1 {
+		t.Errorf("prunes by stream after 100 entries of stream 1 and 2 of stream 2: %v, want 6 to 10 of stream 1 (one per 10 to 14 entries) and 1 of stream 2 (the first flush)", n)
+	}
+	before := count()[1]
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n := count(); n[2] != 2 || n[1] > before+1 {
+		t.Errorf("prunes by stream after Close: %v, want at most one more of stream 1 and 2 of stream 2", n)
+	}
+}
+
 func TestLogWriterErrors(t *testing.T) {
 	fail := errors.New("disk on fire")
 	f := &fakeLogStore{fail: fail}
