@@ -332,7 +332,7 @@ func (w *LogWriter) write(batch []ConnLog, mayKeep bool) (kept bool, err error) 
 	return false, nil
 }
 
-// prune applies retention to the streams in touched that got at least
+// prune applies retention to the streams in touched that got at
 // least entries since their last prune, and takes them out of touched.
 func (w *LogWriter) prune(touched map[int64]int, least int) {
 	if w.opts.Retention < 0 {
