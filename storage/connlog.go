@@ -81,7 +81,7 @@ const (
 	connLogColumnCount // len(connLogColumns)
 )
 
-// newConnLogBoxes is the boxes of a batch tagged with node.
+// newConnLogBoxes returns the boxes for one batch whose rows are tagged with node.
 func newConnLogBoxes(node string) connLogBoxes {
 	var b connLogBoxes
 	b.last[colNode] = node
@@ -123,7 +123,7 @@ func (b *connLogBoxes) str(c int, s string) any {
 	return b.last[c]
 }
 
-// ptr is *p as int, or NULL (nil) for a nil p.
+// ptr is *p as an int64, or NULL (nil) for a nil p.
 func (b *connLogBoxes) ptr(c int, p *int64) any {
 	if p == nil {
 		return nil
@@ -131,7 +131,7 @@ func (b *connLogBoxes) ptr(c int, p *int64) any {
 	return b.int(c, *p)
 }
 
-// millis is t in Unix milliseconds as int, or NULL (nil) for the zero
+// millis is t in Unix milliseconds as an int64, or NULL (nil) for the zero
 // time.
 func (b *connLogBoxes) millis(c int, t time.Time) any {
 	if t.IsZero() {
