@@ -42,50 +42,102 @@ func checkConnLogs(entries []ConnLog) error {
 }
 
 // connLogColumns are the conn_log columns an entry is written to, in the
-// order of appendConnLogRow.
+// order of connLogBoxes.appendRow (and of its col constants).
 var connLogColumns = []string{"node", "stream_id", "source_ip", "source_port", "bytes_sent", "bytes_received",
 	"duration_ms", "action", "disconnect_reason", "started_at", "ended_at",
 	"protocol", "datagrams_sent", "datagrams_received", "upstream"}
 
-// appendConnLogRow appends e's row in connLogColumns order, tagged with
-// node, to args. Each value is one a driver takes as it is (int64,
-// string, nil for NULL): database/sql would otherwise convert each
-// sql.NullInt64 and *int64 through an interface call or reflection, for
-// every one of thousands of rows a second.
-func appendConnLogRow(args []any, e ConnLog, node string) []any {
+// connLogBoxes turns a batch's entries into rows of values a driver takes
+// as they are (int64, string, nil for NULL): database/sql would otherwise
+// convert each sql.NullInt64 and *int64 through an interface call or
+// reflection, for every one of thousands of rows a second. Putting a
+// string, or an int64 of 256 or more, in an interface allocates, and the
+// rows of a batch mostly repeat their neighbours' node, stream, source,
+// action, reason, protocol and upstream, and often their times: so each
+// column keeps the previous row's value in its box and reuses the box
+// when the next row's value is the same (an interface compared with a
+// plain value allocates nothing). Use one per batch.
+type connLogBoxes struct {
+	last [connLogColumnCount]any
+}
+
+// Indexes of connLogColumns, for connLogBoxes.last.
+const (
+	colNode = iota
+	colStreamID
+	colSourceIP
+	colSourcePort
+	colBytesSent
+	colBytesReceived
+	colDurationMS
+	colAction
+	colReason
+	colStartedAt
+	colEndedAt
+	colProtocol
+	colDatagramsSent
+	colDatagramsReceived
+	colUpstream
+	connLogColumnCount // len(connLogColumns)
+)
+
+// newConnLogBoxes returns the boxes for one batch whose rows are tagged with node.
+func newConnLogBoxes(node string) connLogBoxes {
+	var b connLogBoxes
+	b.last[colNode] = node
+	return b
+}
+
+// appendRow appends e's row in connLogColumns order, tagged with the
+// store's node, to args.
+func (b *connLogBoxes) appendRow(args []any, e ConnLog) []any {
 	proto := e.Protocol
 	if proto == "" {
 		proto = ConnTCP
 	}
-	return append(args, node, e.StreamID, e.SourceIP, nullIfZero(int64(e.SourcePort)),
-		e.BytesSent, e.BytesReceived, e.DurationMS, e.Action,
-		e.DisconnectReason, millisValue(e.StartedAt.Time), millisValue(e.EndedAt.Time),
-		proto, derefOrNull(e.DatagramsSent), derefOrNull(e.DatagramsReceived), e.Upstream)
-}
-
-// nullIfZero is v, or NULL (nil) for 0.
-func nullIfZero(v int64) any {
-	if v == 0 {
-		return nil
+	var port any
+	if e.SourcePort != 0 {
+		port = b.int(colSourcePort, int64(e.SourcePort))
 	}
-	return v
+	return append(args, b.last[colNode], b.int(colStreamID, e.StreamID), b.str(colSourceIP, e.SourceIP), port,
+		b.int(colBytesSent, e.BytesSent), b.int(colBytesReceived, e.BytesReceived), b.int(colDurationMS, e.DurationMS),
+		b.str(colAction, e.Action), b.str(colReason, e.DisconnectReason),
+		b.millis(colStartedAt, e.StartedAt.Time), b.millis(colEndedAt, e.EndedAt.Time), b.str(colProtocol, proto),
+		b.ptr(colDatagramsSent, e.DatagramsSent), b.ptr(colDatagramsReceived, e.DatagramsReceived),
+		b.str(colUpstream, e.Upstream))
 }
 
-// derefOrNull is *p, or NULL (nil) for a nil p.
-func derefOrNull(p *int64) any {
+// int is v in an interface, column c's last box when it holds v.
+func (b *connLogBoxes) int(c int, v int64) any {
+	if b.last[c] != v {
+		b.last[c] = v
+	}
+	return b.last[c]
+}
+
+// str is s in an interface, column c's last box when it holds s.
+func (b *connLogBoxes) str(c int, s string) any {
+	if b.last[c] != s {
+		b.last[c] = s
+	}
+	return b.last[c]
+}
+
+// ptr is *p as an int64, or NULL (nil) for a nil p.
+func (b *connLogBoxes) ptr(c int, p *int64) any {
 	if p == nil {
 		return nil
 	}
-	return *p
+	return b.int(c, *p)
 }
 
-// millisValue is t in Unix milliseconds, or NULL (nil) for the zero time:
-// millis as a value drivers take as it is.
-func millisValue(t time.Time) any {
+// millis is t in Unix milliseconds as an int64, or NULL (nil) for the zero
+// time.
+func (b *connLogBoxes) millis(c int, t time.Time) any {
 	if t.IsZero() {
 		return nil
 	}
-	return t.UnixMilli()
+	return b.int(c, t.UnixMilli())
 }
 
 // connLogVersion is the first SQLite schema version whose conn_log has
@@ -120,11 +172,12 @@ func (s *core) AppendConnLogs(ctx context.Context, entries []ConnLog) error {
 	}
 	err := s.be.inTx(ctx, false, func(tx writeTx) error {
 		args := make([]any, 0, min(len(entries), 1<<(len(connLogInserts)-1))*len(connLogColumns))
+		boxes := newConnLogBoxes(s.node)
 		for rest := entries; len(rest) > 0; {
 			k := min(bits.Len(uint(len(rest)))-1, len(connLogInserts)-1)
 			args = args[:0]
 			for _, e := range rest[:1<<k] {
-				args = appendConnLogRow(args, e, s.node)
+				args = boxes.appendRow(args, e)
 			}
 			if _, err := tx.execKept(ctx, connLogInserts[k], args...); err != nil {
 				return fmt.Errorf("inserting: %w", err)

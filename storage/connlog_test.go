@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+	"strings"
 	"testing"
 	"time"
 
@@ -130,6 +131,96 @@ func testAppendConnLogsEverySize(t *testing.T, b testBackend) {
 	}
 	if got, err := s.ConnLogs(ctx, ConnLogQuery{StreamID: 5000}); err != nil || len(got) != 0 {
 		t.Fatalf("after a refused batch: %d entries stored (%v), want 0", len(got), err)
+	}
+}
+
+// TestConnLogColumnIndexes: connLogBoxes' column constants name the
+// columns of connLogColumns.
+func TestConnLogColumnIndexes(t *testing.T) {
+	if len(connLogColumns) != connLogColumnCount {
+		t.Fatalf("%d columns, connLogColumnCount %d", len(connLogColumns), connLogColumnCount)
+	}
+	for c, name := range map[int]string{colNode: "node", colStreamID: "stream_id", colSourceIP: "source_ip",
+		colSourcePort: "source_port", colBytesSent: "bytes_sent", colBytesReceived: "bytes_received",
+		colDurationMS: "duration_ms", colAction: "action", colReason: "disconnect_reason",
+		colStartedAt: "started_at", colEndedAt: "ended_at", colProtocol: "protocol",
+		colDatagramsSent: "datagrams_sent", colDatagramsReceived: "datagrams_received", colUpstream: "upstream"} {
+		if connLogColumns[c] != name {
+			t.Errorf("column %d is %q, want %q", c, connLogColumns[c], name)
+		}
+	}
+}
+
+// TestAppendConnLogsVaried: a batch of 1,234 entries (19 INSERTs of 64
+// rows, then 16 and 2) whose fields vary with different periods, so that
+// a row repeats some of its neighbour's values and not others (which
+// connLogBoxes reuses), with NULLs (no port, no times, no datagram
+// counts) between equal values, big numbers, long names and both
+// protocols and actions, reads back exactly, every field, in order.
+func TestAppendConnLogsVaried(t *testing.T) { eachBackend(t, testAppendConnLogsVaried) }
+
+func testAppendConnLogsVaried(t *testing.T, b testBackend) {
+	s := b.store(t)
+	ctx := context.Background()
+	start := time.Date(2026, 3, 4, 5, 6, 7, 0, time.UTC)
+	long := strings.Repeat("a-long-upstream-name.example.", 8) + "net:65535"
+	batch := make([]ConnLog, 1234)
+	for i := range batch {
+		e := ConnLog{
+			StreamID:         int64(1 + i%3/2),                 // 1, 1, 2, 1, 1, 2…
+			SourceIP:         fmt.Sprintf("192.0.2.%d", i/5%7), // five in a row alike
+			SourcePort:       (i / 2 % 4) * 20000,              // 0 (NULL) twice, then 20000 twice…
+			BytesSent:        int64(i/3) << (i % 40),           // small and big
+			BytesReceived:    int64(i % 2 * 300),
+			DurationMS:       int64(i / 7),
+			Action:           ActionAllowed,
+			DisconnectReason: []string{"idle_timeout", "idle_timeout", "client_close", "", "responses_done"}[i%5],
+			Upstream:         []string{"192.0.2.53:53", long, "", long}[i/3%4],
+		}
+		if i%11 != 0 {
+			e.StartedAt = jsontime.Of(start.Add(time.Duration(i/4) * time.Millisecond))
+		}
+		if i%13 != 0 {
+			e.EndedAt = jsontime.Of(start.Add(time.Duration(i/3) * time.Millisecond))
+		}
+		if i%17 == 16 {
+			e.Action = ActionBlocked
+		}
+		switch i % 6 {
+		case 0, 1, 2:
+			e.Protocol = ConnUDP
+			e.DatagramsSent = ptr(int64(i / 2 % 3 * 1000))
+			if i%6 != 1 {
+				e.DatagramsReceived = ptr(int64(i % 3))
+			}
+		case 3:
+			e.Protocol = ConnTCP
+		default: // "" is stored as TCP
+		}
+		batch[i] = e
+	}
+	if err := s.AppendConnLogs(ctx, batch); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.ConnLogs(ctx, ConnLogQuery{Limit: MaxConnLogExportLimit})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != len(batch) {
+		t.Fatalf("%d entries read back, want %d", len(got), len(batch))
+	}
+	for i, g := range got {
+		want := batch[len(batch)-1-i]
+		want.ID, want.Node = g.ID, testNode
+		if want.Protocol == "" {
+			want.Protocol = ConnTCP
+		}
+		if !reflect.DeepEqual(g, want) {
+			t.Fatalf("entry %d of %d read back\n%s\nwant\n%s", len(batch)-1-i, len(batch), connLogString(g), connLogString(want))
+		}
+		if i > 0 && g.ID >= got[i-1].ID {
+			t.Fatalf("IDs %d, %d: newest not first", got[i-1].ID, g.ID)
+		}
 	}
 }
 

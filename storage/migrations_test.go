@@ -587,3 +587,97 @@ func TestMigrateConnLogNode(t *testing.T) {
 		t.Errorf("filter by node: %+v, %v", got, err)
 	}
 }
+
+// TestMigrateDropsConnLogNodeIndex: a database of the schema before the
+// drop has the (node, id) index; this version drops it, keeps the
+// (stream_id, id) one and every entry, and the node filter, alone or with
+// a stream and a page, still finds exactly the node's entries, newest
+// first.
+func TestMigrateDropsConnLogNodeIndex(t *testing.T) {
+	before := slices.IndexFunc(migrations, func(m migration) bool { return m.name == "drop conn_log_node_id" })
+	if before < 1 {
+		t.Fatalf("no migration drops conn_log_node_id (index %d)", before)
+	}
+	path := filepath.Join(t.TempDir(), "aegis.db")
+	old, err := openAt(path, before, OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	indexes := func(s *SQLite) []string {
+		t.Helper()
+		rows, err := s.read.Query(`SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'conn_log' AND sql IS NOT NULL ORDER BY name`)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rows.Close()
+		var names []string
+		for rows.Next() {
+			var n string
+			if err := rows.Scan(&n); err != nil {
+				t.Fatal(err)
+			}
+			names = append(names, n)
+		}
+		if err := rows.Err(); err != nil {
+			t.Fatal(err)
+		}
+		return names
+	}
+	if got, want := indexes(old), []string{"conn_log_node_id", "conn_log_stream_id_id"}; !reflect.DeepEqual(got, want) {
+		t.Fatalf("indexes before the migration: %v, want %v", got, want)
+	}
+	// Entries of an older node name and of none, as that version stored them.
+	if _, err := old.write.Exec(`INSERT INTO conn_log (id, node, stream_id, source_ip, action, bytes_sent) VALUES
+		(1, '', 1, '192.0.2.1', 'allowed', 1), (2, 'edge-0', 1, '192.0.2.1', 'allowed', 2),
+		(3, 'edge-0', 2, '192.0.2.1', 'allowed', 3), (4, '', 2, '192.0.2.1', 'allowed', 4)`); err != nil {
+		t.Fatal(err)
+	}
+	if err := old.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	s, err := OpenWith(path, OpenOptions{Node: "edge-1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if got, want := appliedVersions(t, s), allVersions(); !reflect.DeepEqual(got, want) {
+		t.Errorf("versions after Open = %v, want %v", got, want)
+	}
+	if got, want := indexes(s), []string{"conn_log_stream_id_id"}; !reflect.DeepEqual(got, want) {
+		t.Errorf("indexes after the migration: %v, want %v", got, want)
+	}
+	ctx := context.Background()
+	if err := s.AppendConnLogs(ctx, []ConnLog{{StreamID: 1, Action: ActionAllowed, BytesSent: 5},
+		{StreamID: 2, Action: ActionAllowed, BytesSent: 6}, {StreamID: 1, Action: ActionAllowed, BytesSent: 7}}); err != nil {
+		t.Fatal(err)
+	}
+	sent := func(logs []ConnLog) []int64 {
+		out := []int64{}
+		for _, e := range logs {
+			out = append(out, e.BytesSent)
+		}
+		return out
+	}
+	for _, c := range []struct {
+		q    ConnLogQuery
+		want []int64
+	}{
+		{ConnLogQuery{}, []int64{7, 6, 5, 4, 3, 2, 1}},
+		{ConnLogQuery{Node: "edge-1"}, []int64{7, 6, 5}},
+		{ConnLogQuery{Node: "edge-0"}, []int64{3, 2}},
+		{ConnLogQuery{Node: "edge-0", StreamID: 1}, []int64{2}},
+		{ConnLogQuery{Node: "edge-1", StreamID: 1}, []int64{7, 5}},
+		{ConnLogQuery{Node: "edge-1", Limit: 1}, []int64{7}},
+		{ConnLogQuery{Node: "edge-0", Before: 3}, []int64{2}},
+		{ConnLogQuery{Node: "other"}, []int64{}},
+	} {
+		got, err := s.ConnLogs(ctx, c.q)
+		if err != nil {
+			t.Fatalf("%+v: %v", c.q, err)
+		}
+		if !reflect.DeepEqual(sent(got), c.want) {
+			t.Errorf("%+v: entries %v, want %v", c.q, sent(got), c.want)
+		}
+	}
+}
