@@ -56,6 +56,9 @@ const (
 
 	canRead  = 1
 	canWrite = 2
+	// peerEnded: the side reported its end (or an error) already, which
+	// brings no further event: read on to the end, short reads or not.
+	peerEnded = 4
 )
 
 // Direct is the event loop's way to serve a stream's connections: the
@@ -367,11 +370,11 @@ func (d *Direct) dial(client netip.Addr, tried *streamstate.Tried, start int64) 
 func (d *Direct) connect(i int) (int, error) {
 	sa := &d.addrs[i]
 	if streamstate.IsOwnListener(false, sa.ap) {
-		return -1, streamstate.ErrUpstreamLoop
+		return -1, d.dialError(i, streamstate.ErrUpstreamLoop)
 	}
 	fd, err := unix.Socket(sa.family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
-		return -1, os.NewSyscallError("socket", err)
+		return -1, d.dialError(i, os.NewSyscallError("socket", err))
 	}
 	_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
 	setKeepAlive(uintptr(fd))
@@ -384,8 +387,15 @@ func (d *Direct) connect(i int) (int, error) {
 			continue
 		}
 		unix.Close(fd)
-		return -1, os.NewSyscallError("connect", e)
+		return -1, d.dialError(i, os.NewSyscallError("connect", e))
 	}
+}
+
+// dialError is err of a dial to upstream i as net.Dialer words it ("dial
+// tcp 10.0.0.5:5432: connect: connection refused"), for the upstream's
+// last error and the log.
+func (d *Direct) dialError(i int, err error) error {
+	return &net.OpError{Op: "dial", Net: "tcp", Addr: net.TCPAddrFromAddrPort(d.addrs[i].ap), Err: err}
 }
 
 // upstreamFailed records that connecting to upstream i failed, as the
@@ -484,7 +494,7 @@ type loopConn struct {
 	d          *Direct
 	ss         *streamstate.Session
 	fd         [2]int32 // by side; -1: closed
-	ready      [2]uint8 // by side: canRead, canWrite until EAGAIN
+	ready      [2]uint8 // by side: canRead, canWrite until EAGAIN; peerEnded
 	hup        bool     // the upstream socket reported an error or hang-up
 	connecting bool
 	half       bool
@@ -652,6 +662,9 @@ func (l *loop) dispatchLocked() {
 		if ev.Events&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
 			c.ready[side] |= canRead
 		}
+		if ev.Events&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+			c.ready[side] |= peerEnded
+		}
 		if ev.Events&(unix.EPOLLOUT|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
 			c.ready[side] |= canWrite
 		}
@@ -681,7 +694,7 @@ func (l *loop) expireLocked() {
 		c := l.timers.top()
 		switch {
 		case c.connecting:
-			l.connectFailedLocked(c, os.ErrDeadlineExceeded, true)
+			l.connectFailedLocked(c, c.d.dialError(c.peer, os.ErrDeadlineExceeded), true)
 		case c.idle > 0 && c.last+c.idle > l.now:
 			c.wake = c.last + c.idle
 			l.timers.fix(0)
@@ -703,7 +716,7 @@ func (l *loop) stepLocked(c *loopConn) {
 			if v, gerr := unix.GetsockoptInt(int(c.fd[sideUpstream]), unix.SOL_SOCKET, unix.SO_ERROR); gerr == nil && v != 0 {
 				err = syscall.Errno(v)
 			}
-			l.connectFailedLocked(c, os.NewSyscallError("connect", err), false)
+			l.connectFailedLocked(c, c.d.dialError(c.peer, os.NewSyscallError("connect", err)), false)
 			return
 		}
 		l.connectedLocked(c)
@@ -829,8 +842,9 @@ func (l *loop) pumpLocked(c *loopConn, dir int) bool {
 			d.eof = true
 			continue
 		}
-		// A short read emptied the socket: the next bytes bring an event.
-		if n < len(l.buf) {
+		// A short read emptied the socket: the next bytes bring an event,
+		// unless the peer's end came already.
+		if n < len(l.buf) && c.ready[src]&peerEnded == 0 {
 			c.ready[src] &^= canRead
 		}
 		d.bulk = n >= bulkStep

@@ -767,7 +767,7 @@ func (inst *instance) accept(sk *sockets, ln net.Listener, stop <-chan struct{},
 	var backoff time.Duration
 	for {
 		var err error
-		if box := inst.chain.Load(); box.direct != nil && direct {
+		if box := inst.chain.Load(); box != nil && box.direct != nil && direct {
 			if acc == nil {
 				if acc = sk.accepter(ln); acc == nil {
 					direct = false
@@ -811,7 +811,7 @@ func (inst *instance) acceptDirect(acc *l4aegisproxy.Accepter) error {
 	got, err := acc.Accept()
 	for _, a := range got {
 		inst.state.ConnStarted()
-		if box := inst.chain.Load(); box.direct != nil {
+		if box := inst.chain.Load(); box != nil && box.direct != nil {
 			box.direct.Serve(acc, a, inst.connDone)
 			continue
 		}
