@@ -406,7 +406,9 @@ func (d *Direct) upstreamFailed(i int, err error) bool {
 		return false
 	}
 	d.h.picker.Failed(i, err)
-	d.h.logger.Debug("dialing upstream; trying the next", zap.String("upstream", d.h.picker.Peer(i).Addr), zap.Error(err))
+	if d.many {
+		d.h.logger.Debug("dialing upstream; trying the next", zap.String("upstream", d.h.picker.Peer(i).Addr), zap.Error(err))
+	}
 	return true
 }
 

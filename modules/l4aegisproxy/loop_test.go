@@ -1,11 +1,21 @@
+//go:build linux
+
 package l4aegisproxy_test
 
 import (
+	"bytes"
+	"fmt"
 	"io"
 	"net"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegisguard"
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegisproxy"
@@ -16,14 +26,14 @@ import (
 // does for a plain stream: accept4 on the listener's socket, then
 // Direct.Serve. Its cleanup closes what is open and fails the test if a
 // connection is not ended within 5 s.
-func startLoop(t *testing.T, guard *l4aegisguard.Handler, proxy *l4aegisproxy.Handler) *chain {
+func startLoop(t *testing.T, listen string, guard *l4aegisguard.Handler, proxy *l4aegisproxy.Handler) *chain {
 	t.Helper()
 	provisionChain(t, guard, proxy)
 	d := l4aegisproxy.NewDirect(guard.Policy(), guard.State(), proxy)
 	if d == nil {
 		t.Fatal("NewDirect: nil for a plain stream")
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ln, err := net.Listen("tcp", listen)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -42,12 +52,15 @@ func startLoop(t *testing.T, guard *l4aegisguard.Handler, proxy *l4aegisproxy.Ha
 				d.Serve(acc, a, live.Done)
 			}
 			if err != nil {
-				t.Logf("accept: %v", err)
 				return
 			}
 		}
 	}()
-	ch := &chain{guard: guard, proxy: proxy, addr: ln.Addr().String()}
+	addr := ln.Addr().String()
+	if a := ln.Addr().(*net.TCPAddr); a.IP.IsUnspecified() {
+		addr = net.JoinHostPort("127.0.0.1", strconv.Itoa(a.Port))
+	}
+	ch := &chain{guard: guard, proxy: proxy, addr: addr}
 	t.Cleanup(func() {
 		ln.Close()
 		acc.Close()
@@ -67,7 +80,7 @@ func startLoop(t *testing.T, guard *l4aegisguard.Handler, proxy *l4aegisproxy.Ha
 // close; eight at a time.
 func TestLoopShortConnections(t *testing.T) {
 	up := newUpstream(t, "127.0.0.1:0", echo)
-	ch := startLoop(t, &l4aegisguard.Handler{StreamID: 0, LogConnections: true}, &l4aegisproxy.Handler{Upstream: up.Addr})
+	ch := startLoop(t, "127.0.0.1:0", &l4aegisguard.Handler{StreamID: 0, LogConnections: true}, &l4aegisproxy.Handler{Upstream: up.Addr})
 	const workers, each = 8, 300
 	var wg sync.WaitGroup
 	for range workers {
@@ -97,4 +110,359 @@ func TestLoopShortConnections(t *testing.T) {
 	if n := ch.state().Total.Load(); n != workers*each {
 		t.Errorf("Total %d, want %d", n, workers*each)
 	}
+}
+
+// logSink collects the stream's connection-log records.
+func logSink(ch *chain) <-chan streamstate.LogRecord {
+	logged := make(chan streamstate.LogRecord, 1000)
+	ch.state().SetLogSink(func(r streamstate.LogRecord) bool { logged <- r; return true })
+	return logged
+}
+
+// nextLog waits for the next connection-log record.
+func nextLog(t *testing.T, logged <-chan streamstate.LogRecord) streamstate.LogRecord {
+	t.Helper()
+	select {
+	case r := <-logged:
+		return r
+	case <-time.After(5 * time.Second):
+		t.Fatal("no connection-log record within 5s")
+	}
+	return streamstate.LogRecord{}
+}
+
+// wantEOF fails unless c's next read ends it (EOF or a reset) within 5 s.
+func wantEOF(t *testing.T, c net.Conn) {
+	t.Helper()
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	n, err := c.Read(make([]byte, 1))
+	if n > 0 || err == nil || os.IsTimeout(err) {
+		t.Fatalf("read %d bytes, %v: want the connection closed", n, err)
+	}
+}
+
+// Bytes move intact both ways at once through the loop, the bulk of them
+// spliced (they never reach user space), and are counted exactly.
+func TestLoopTransferBothWays(t *testing.T) {
+	const up, down = 24 << 20, 16 << 20
+	type result struct {
+		n    int64
+		hash [32]byte
+		err  error
+	}
+	got := make(chan result, 1)
+	sentDown := make(chan [32]byte, 1)
+	u := newUpstream(t, "127.0.0.1:0", func(c net.Conn) {
+		_ = c.SetDeadline(time.Now().Add(20 * time.Second))
+		go func() {
+			h, err := stream(c, down, 2)
+			if err != nil {
+				t.Errorf("upstream writing: %v", err)
+			}
+			_ = c.(*net.TCPConn).CloseWrite()
+			sentDown <- h
+		}()
+		n, h, err := drain(c)
+		got <- result{n, h, err}
+	})
+	ch := startLoop(t, "127.0.0.1:0", &l4aegisguard.Handler{}, &l4aegisproxy.Handler{Upstream: u.Addr, HalfClose: true})
+	before, ok := procIO()
+	c := dial(t, ch.addr)
+	_ = c.SetDeadline(time.Now().Add(20 * time.Second))
+	recv := make(chan result, 1)
+	go func() {
+		n, h, err := drain(c)
+		recv <- result{n, h, err}
+	}()
+	sentUp, err := stream(c, up, 1)
+	if err != nil {
+		t.Fatalf("client writing: %v", err)
+	}
+	if err := c.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	gu, gd, hd := <-got, <-recv, <-sentDown
+	after, _ := procIO()
+	if gu.err != nil || gu.n != up || gu.hash != sentUp {
+		t.Fatalf("upload: upstream got %d bytes (err %v), want %d intact", gu.n, gu.err, up)
+	}
+	if gd.err != nil || gd.n != down || gd.hash != hd {
+		t.Fatalf("download: client got %d bytes (err %v), want %d intact", gd.n, gd.err, down)
+	}
+	st := ch.state()
+	waitFor(t, "the connection to end", func() bool { return st.Active.Load() == 0 })
+	if tot := st.SinceReload(); tot.BytesSent != up || tot.BytesReceived != down {
+		t.Fatalf("counters: bytes sent %d received %d, want %d and %d", tot.BytesSent, tot.BytesReceived, up, down)
+	}
+	if ok {
+		t.Logf("rchar grew by %d for %d relayed bytes", after-before, up+down)
+		if after-before > (up+down)*5/4 {
+			t.Fatalf("the loop read %d bytes in user space for %d relayed: want splice(2) for bulk transfers", after-before-(up+down), up+down)
+		}
+	}
+}
+
+// The counters move as the bytes do, not when the connection ends.
+func TestLoopCountersDuringTransfer(t *testing.T) {
+	hold := make(chan struct{})
+	u := newUpstream(t, "127.0.0.1:0", func(c net.Conn) {
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.CopyN(io.Discard, c, 1<<20); err != nil {
+			return
+		}
+		_, _ = c.Write(make([]byte, 300<<10))
+		<-hold
+	})
+	ch := startLoop(t, "127.0.0.1:0", &l4aegisguard.Handler{}, &l4aegisproxy.Handler{Upstream: u.Addr})
+	c := dial(t, ch.addr)
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Write(make([]byte, 1<<20)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.CopyN(io.Discard, c, 300<<10); err != nil {
+		t.Fatal(err)
+	}
+	ss := ch.session(t)
+	waitFor(t, "the counters of the open connection", func() bool {
+		return ss.Sent() == 1<<20 && ss.Received() == 300<<10
+	})
+	if tot := ch.state().SinceReload(); tot.BytesSent != 1<<20 || tot.BytesReceived != 300<<10 {
+		t.Fatalf("stream counters while open: %+v", tot)
+	}
+	close(hold)
+	wantEOF(t, c)
+}
+
+// With half-close, the client's end reaches the upstream, whose answer
+// still reaches the client; then the connection ends as client_close.
+func TestLoopHalfClose(t *testing.T) {
+	u := newUpstream(t, "127.0.0.1:0", func(c net.Conn) {
+		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+		b, err := io.ReadAll(c)
+		if err != nil {
+			return
+		}
+		_, _ = c.Write(append([]byte("got "), b...))
+	})
+	ch := startLoop(t, "127.0.0.1:0", &l4aegisguard.Handler{LogConnections: true}, &l4aegisproxy.Handler{Upstream: u.Addr, HalfClose: true})
+	logged := logSink(ch)
+	c := dial(t, ch.addr)
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Write([]byte("question")); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	b, err := io.ReadAll(c)
+	if err != nil || string(b) != "got question" {
+		t.Fatalf("read %q, %v: want the answer after the half-close, then the end", b, err)
+	}
+	r := nextLog(t, logged)
+	if r.Reason != streamstate.ReasonClientClose || r.BytesSent != 8 || r.BytesReceived != 12 || r.Upstream != u.Addr {
+		t.Fatalf("log: %+v, want client_close, 8 bytes sent, 12 received, upstream %s", r, u.Addr)
+	}
+}
+
+// Without half-close, either side's end ends both, after what was read is
+// written.
+func TestLoopEndWithoutHalfClose(t *testing.T) {
+	u := newUpstream(t, "127.0.0.1:0", func(c net.Conn) {
+		_, _ = c.Write([]byte("bye"))
+	})
+	ch := startLoop(t, "127.0.0.1:0", &l4aegisguard.Handler{LogConnections: true}, &l4aegisproxy.Handler{Upstream: u.Addr})
+	logged := logSink(ch)
+	c := dial(t, ch.addr)
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	b, err := io.ReadAll(c)
+	if err != nil || string(b) != "bye" {
+		t.Fatalf("read %q, %v: want the upstream's bytes, then the end", b, err)
+	}
+	if r := nextLog(t, logged); r.Reason != streamstate.ReasonUpstreamClose || r.BytesReceived != 3 {
+		t.Fatalf("log: %+v, want upstream_close with 3 bytes received", r)
+	}
+}
+
+// The idle timeout ends a quiet connection, and one whose client stopped
+// reading while the upstream still writes (no byte moves either way).
+func TestLoopIdleTimeout(t *testing.T) {
+	const idle = 400 * time.Millisecond
+	for _, mode := range []byte{'S', 'F'} {
+		t.Run(string(mode), func(t *testing.T) {
+			stop := make(chan struct{})
+			defer close(stop)
+			floodErr := make(chan error, 1)
+			u := idleUpstream(t, stop, floodErr)
+			ch := startLoop(t, "127.0.0.1:0", &l4aegisguard.Handler{IdleTimeout: caddy.Duration(idle), LogConnections: true},
+				&l4aegisproxy.Handler{Upstream: u.Addr})
+			logged := logSink(ch)
+			c := dial(t, ch.addr)
+			start := time.Now()
+			if _, err := c.Write([]byte{mode}); err != nil {
+				t.Fatal(err)
+			}
+			if mode == 'F' {
+				select {
+				case err := <-floodErr:
+					if err == nil {
+						t.Fatal("the upstream wrote 256 MiB to a client that reads nothing")
+					}
+				case <-time.After(5 * time.Second):
+					t.Fatal("upstream still writing to a client that stopped reading after 5s")
+				}
+			}
+			r := nextLog(t, logged)
+			took := time.Since(start)
+			if r.Reason != streamstate.ReasonIdleTimeout || took < idle || took > idle+2*time.Second {
+				t.Fatalf("ended as %q after %s, want idle_timeout after %s", r.Reason, took, idle)
+			}
+			if mode == 'S' {
+				wantEOF(t, c)
+			}
+		})
+	}
+}
+
+// Session.Close (the API's close) ends a connection the loop holds at once.
+func TestLoopSessionClose(t *testing.T) {
+	u := newUpstream(t, "127.0.0.1:0", echo)
+	ch := startLoop(t, "127.0.0.1:0", &l4aegisguard.Handler{LogConnections: true}, &l4aegisproxy.Handler{Upstream: u.Addr})
+	logged := logSink(ch)
+	c := dial(t, ch.addr)
+	roundTrip(t, c, []byte("hello"))
+	ch.session(t).Close(streamstate.ReasonAdminClosed)
+	wantEOF(t, c)
+	if r := nextLog(t, logged); r.Reason != streamstate.ReasonAdminClosed || r.BytesSent != 5 || r.BytesReceived != 5 {
+		t.Fatalf("log: %+v, want admin_closed with 5 bytes each way", r)
+	}
+	waitFor(t, "the slot back", func() bool { return ch.state().Active.Load() == 0 })
+}
+
+// refusedAddr is a loopback address where nothing listens.
+func refusedAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return addr
+}
+
+// An upstream that refuses ends the connection as dial_failed, as the
+// chain does; with several upstreams the next one is tried and the failed
+// one is marked down.
+func TestLoopDialFailureAndFailover(t *testing.T) {
+	t.Run("one", func(t *testing.T) {
+		ch := startLoop(t, "127.0.0.1:0", &l4aegisguard.Handler{LogConnections: true}, &l4aegisproxy.Handler{Upstream: refusedAddr(t)})
+		logged := logSink(ch)
+		c := dial(t, ch.addr)
+		wantEOF(t, c)
+		if r := nextLog(t, logged); r.Reason != streamstate.ReasonDialFailed {
+			t.Fatalf("log: %+v, want dial_failed", r)
+		}
+		if n := l4aegisproxy.ProxyState(ch.proxy).DialFailures.Load(); n != 1 {
+			t.Fatalf("dial failures %d, want 1", n)
+		}
+	})
+	t.Run("failover", func(t *testing.T) {
+		good := newUpstream(t, "127.0.0.1:0", echo)
+		bad := refusedAddr(t)
+		ch := startLoop(t, "127.0.0.1:0", &l4aegisguard.Handler{LogConnections: true}, &l4aegisproxy.Handler{
+			LoadBalancing: "first",
+			Upstreams:     []l4aegisproxy.Upstream{{Address: bad}, {Address: good.Addr}},
+		})
+		logged := logSink(ch)
+		c := dial(t, ch.addr)
+		roundTrip(t, c, []byte("through the second"))
+		c.Close()
+		if r := nextLog(t, logged); r.Reason != streamstate.ReasonClientClose || r.Upstream != good.Addr {
+			t.Fatalf("log: %+v, want client_close through %s", r, good.Addr)
+		}
+		badState := l4aegisproxy.ProxyState(ch.proxy).Upstream(bad)
+		if badState.Up(time.Now().UnixNano()) || badState.DialFailures.Load() != 1 || !strings.Contains(badState.LastError(), "dial tcp "+bad+": connect: connection refused") {
+			t.Fatalf("the refusing upstream: up %v, %d dial failures, last error %q: want skipped after its refusal",
+				badState.Up(time.Now().UnixNano()), badState.DialFailures.Load(), badState.LastError())
+		}
+		// Skipped now: the next connection goes to the good one at once.
+		c2 := dial(t, ch.addr)
+		roundTrip(t, c2, []byte("again"))
+	})
+}
+
+// With proxy_protocol, the PROXY header goes first, naming the client and
+// the address it connected to (a wildcard listen's included).
+func TestLoopProxyHeader(t *testing.T) {
+	payload := []byte("client bytes after the header\n")
+	for _, tc := range []struct {
+		version int
+		listen  string
+	}{
+		{1, "127.0.0.1:0"}, {2, "127.0.0.1:0"}, {2, "[::1]:0"}, {1, "0.0.0.0:0"},
+	} {
+		t.Run(fmt.Sprintf("v%d %s", tc.version, tc.listen), func(t *testing.T) {
+			raw := make(chan []byte, 1)
+			u := newUpstream(t, "127.0.0.1:0", func(c net.Conn) {
+				_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+				b, _ := io.ReadAll(c)
+				raw <- b
+			})
+			ch := startLoop(t, tc.listen, &l4aegisguard.Handler{}, &l4aegisproxy.Handler{Upstream: u.Addr, ProxyProtocol: tc.version})
+			c := dial(t, ch.addr)
+			if _, err := c.Write(payload); err != nil {
+				t.Fatal(err)
+			}
+			_ = c.CloseWrite()
+			var got []byte
+			select {
+			case got = <-raw:
+			case <-time.After(5 * time.Second):
+				t.Fatal("upstream got nothing within 5s")
+			}
+			src, dst := c.LocalAddr().(*net.TCPAddr), c.RemoteAddr().(*net.TCPAddr)
+			if want := append(wantHeader(t, tc.version, src, dst), payload...); !bytes.Equal(got, want) {
+				t.Fatalf("upstream got\n%q\nwant\n%q", got, want)
+			}
+		})
+	}
+}
+
+// fdCount is the number of this process's open descriptors.
+func fdCount(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Skip("no /proc/self/fd here")
+	}
+	return len(ents)
+}
+
+// Connections on the loop hold no goroutine: 500 open add a few at most
+// (the loops); once they end, the descriptors and goroutines are back.
+func TestLoopHoldsNoGoroutinePerConnection(t *testing.T) {
+	u := newUpstream(t, "127.0.0.1:0", echo)
+	fds, gs := fdCount(t), runtime.NumGoroutine()
+	const n = 500
+	func() {
+		ch := startLoop(t, "127.0.0.1:0", &l4aegisguard.Handler{}, &l4aegisproxy.Handler{Upstream: u.Addr})
+		conns := make([]net.Conn, n)
+		for i := range conns {
+			conns[i] = dial(t, ch.addr)
+			roundTrip(t, conns[i], []byte{byte(i)})
+		}
+		// The upstream's test server runs a goroutine per connection.
+		if grew := runtime.NumGoroutine() - gs - n; grew > 10 {
+			t.Fatalf("%d connections on the loop added %d goroutines of the proxy, want a few at most", n, grew)
+		}
+		if l := l4aegisproxy.LoopConns(); l != n {
+			t.Fatalf("the loops hold %d connections, want %d", l, n)
+		}
+		for _, c := range conns {
+			c.Close()
+		}
+		waitFor(t, "every connection ended", func() bool { return ch.state().Active.Load() == 0 && l4aegisproxy.LoopConns() == 0 })
+	}()
+	waitFor(t, "descriptors back", func() bool { return fdCount(t) <= fds+2 }) // the test's listener and its accept4 duplicate
+	waitFor(t, "goroutines back", func() bool { return runtime.NumGoroutine() <= gs+3 })
 }
