@@ -86,7 +86,8 @@ type rawSockaddr struct {
 // the guard's policy p and state st and the proxy handler h (provisioned;
 // in the streams app both handlers share the stream's state), or nil when
 // they need the chain: a rate limit, a front proxy's PROXY header, TLS to
-// the upstream, a port range, or an upstream named by a host name. The
+// the upstream, a port range (its Accepters would hold a second
+// descriptor for each of its ports), or an upstream named by a host name. The
 // caller checks what is outside both (no TLS termination).
 func NewDirect(p *streamstate.Policy, st *streamstate.State, h *Handler) *Direct {
 	if p == nil || h == nil || h.picker == nil || h.TLS != nil || h.ListenPort > 0 ||
