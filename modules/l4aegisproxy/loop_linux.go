@@ -607,6 +607,8 @@ func (l *loop) run() {
 				l.running = false
 				l.ep.Close()
 				l.ep, l.rc = nil, nil
+				// Every connection ended: what a burst left goes.
+				l.conns, l.free, l.timers = nil, nil, nil
 				fin = l.takeEndedLocked(fin)
 				l.mu.Unlock()
 				finish(fin)
