@@ -156,14 +156,15 @@ func (acc Accepted) Conn() (net.Conn, error) {
 // listener's descriptor (a listener's SyscallConn cannot wait), so the
 // socket stays open until Close too. One goroutine uses it.
 type Accepter struct {
-	f     *os.File
-	rc    syscall.RawConn
-	local netip.AddrPort // the listener's; its address is unspecified for a wildcard listen
-	fn    func(uintptr) bool
-	got   []Accepted
-	err   error
-	rsa   unix.RawSockaddrAny
-	rlen  uint32
+	f      *os.File
+	closed atomic.Bool
+	rc     syscall.RawConn
+	local  netip.AddrPort // the listener's; its address is unspecified for a wildcard listen
+	fn     func(uintptr) bool
+	got    []Accepted
+	err    error
+	rsa    unix.RawSockaddrAny
+	rlen   uint32
 }
 
 // NewAccepter readies ln's socket for Accept.
@@ -200,7 +201,10 @@ func NewAccepter(ln *net.TCPListener) (*Accepter, error) {
 
 // Close closes the Accepter's descriptor of the socket: a wait in Accept
 // returns (os.ErrClosed). Call it after closing the listener.
-func (a *Accepter) Close() error { return a.f.Close() }
+func (a *Accepter) Close() error {
+	a.closed.Store(true)
+	return a.f.Close()
+}
 
 func (a *Accepter) acceptCB(fd uintptr) bool {
 	for len(a.got) < cap(a.got) {
@@ -243,6 +247,11 @@ func rawAddrPort(rsa *unix.RawSockaddrAny) netip.AddrPort {
 func (a *Accepter) Accept() ([]Accepted, error) {
 	a.got, a.err = a.got[:0], nil
 	if err := a.rc.Read(a.fn); err != nil {
+		if a.closed.Load() {
+			// The raw read's own error does not say it (poll's "use of
+			// closed file").
+			err = os.ErrClosed
+		}
 		return a.got, err
 	}
 	return a.got, a.err

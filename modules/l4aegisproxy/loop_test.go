@@ -5,6 +5,7 @@ package l4aegisproxy_test
 import (
 	"bytes"
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"hash"
 	"io"
@@ -578,4 +579,33 @@ func (c onClose) Close() error {
 		close(c.done)
 	}
 	return c.TCPConn.Close()
+}
+
+// Closing an Accepter ends its wait with os.ErrClosed, which the streams
+// app's accept loop takes as its end (not an error to log and retry).
+func TestAccepterClose(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	acc, err := l4aegisproxy.NewAccepter(ln.(*net.TCPListener))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ended := make(chan error, 1)
+	go func() {
+		_, err := acc.Accept()
+		ended <- err
+	}()
+	time.Sleep(50 * time.Millisecond)
+	ln.Close()
+	acc.Close()
+	select {
+	case err := <-ended:
+		if !errors.Is(err, os.ErrClosed) {
+			t.Fatalf("Accept after Close: %v, want os.ErrClosed", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Accept still waiting 5s after Close")
+	}
 }
