@@ -335,12 +335,17 @@ func (d *Direct) Serve(a *Accepter, acc Accepted, done func()) {
 	c.connecting = true
 	c.wake = start + int64(d.h.dialer.Timeout)
 	l.timers.push(c)
-	l.watchLocked(c, sideClient)
-	l.watchLocked(c, sideUpstream)
+	werr := l.watchLocked(c, sideClient)
+	if werr == nil {
+		werr = l.watchLocked(c, sideUpstream)
+	}
 	ss.SetWaker(c)
 	// Close stores closed before it asks the Waker: either it found c, or
 	// this sees it closed.
-	closed := ss.Closed()
+	closed := ss.Closed() || werr != nil
+	if werr != nil {
+		ss.SetReason(streamstate.ReasonUpstreamError)
+	}
 	if closed {
 		l.closeLocked(c)
 	} else if l.sleep == 0 || c.wake < l.sleep {
@@ -578,15 +583,10 @@ func (l *loop) newConn() *loopConn {
 }
 
 // watchLocked registers one of c's sockets in the epoll set, tagged with
-// c's slot, generation and the side.
-func (l *loop) watchLocked(c *loopConn, side int) {
+// c's slot, generation and the side. It fails only short of memory.
+func (l *loop) watchLocked(c *loopConn, side int) error {
 	ev := unix.EpollEvent{Events: loopEvents, Fd: c.slot, Pad: int32(c.gen<<1 | uint32(side))}
-	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, int(c.fd[side]), &ev); err != nil {
-		// Cannot happen for a new socket short of memory: end it.
-		c.ss.SetReason(streamstate.ReasonUpstreamError)
-		c.ending = true
-		c.ready[side] = canRead | canWrite
-	}
+	return unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, int(c.fd[side]), &ev)
 }
 
 // collect takes the events ready now, without waiting; false: none.
@@ -725,13 +725,19 @@ func (l *loop) stepLocked(c *loopConn) {
 		if c.ready[sideUpstream]&canWrite == 0 && !c.hup {
 			return
 		}
+		// An error or hang-up: the connect failed, unless the socket says
+		// otherwise (it connected, then its peer went away: the relay
+		// sees that).
 		if c.hup {
-			err := error(unix.ECONNREFUSED)
-			if v, gerr := unix.GetsockoptInt(int(c.fd[sideUpstream]), unix.SOL_SOCKET, unix.SO_ERROR); gerr == nil && v != 0 {
-				err = syscall.Errno(v)
+			v, gerr := unix.GetsockoptInt(int(c.fd[sideUpstream]), unix.SOL_SOCKET, unix.SO_ERROR)
+			if gerr != nil || v != 0 {
+				err := unix.ECONNREFUSED
+				if v != 0 {
+					err = syscall.Errno(v)
+				}
+				l.connectFailedLocked(c, c.d.dialError(c.peer, os.NewSyscallError("connect", err)), false)
+				return
 			}
-			l.connectFailedLocked(c, c.d.dialError(c.peer, os.NewSyscallError("connect", err)), false)
-			return
 		}
 		l.connectedLocked(c)
 	}
@@ -776,13 +782,15 @@ func (l *loop) connectFailedLocked(c *loopConn, err error, timedOut bool) {
 	c.fd[sideUpstream] = -1
 	c.ready[sideUpstream], c.hup = 0, false
 	if d.upstreamFailed(c.peer, err) && d.h.picker.Len() > 1 && !timedOut && l.now < c.start+int64(d.h.dialer.Timeout) {
-		if up, i, derr := d.dial(c.ss.Source.Addr(), &c.tried, c.start); derr == nil {
+		up, i, derr := d.dial(c.ss.Source.Addr(), &c.tried, c.start)
+		if derr == nil {
 			c.fd[sideUpstream], c.peer = int32(up), i
-			l.watchLocked(c, sideUpstream)
-			return
-		} else {
-			err = derr
+			if derr = l.watchLocked(c, sideUpstream); derr == nil {
+				return
+			}
+			derr = d.dialError(i, os.NewSyscallError("epoll_ctl", derr))
 		}
+		err = derr
 	}
 	d.dialFailed(c.ss, err)
 	l.endLocked(c)
