@@ -50,6 +50,13 @@ const loopEvents = unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET
 // acceptBatch is the most connections one wake of an accept loop takes.
 const acceptBatch = 16
 
+// stepBudget is the most bytes one direction moves in one step: a bulk
+// transfer whose ends keep up would otherwise hold the loop (and its
+// lock: new connections, closes) for as long as it runs. A direction
+// that used it up is stepped again at the loop's next turn, which then
+// does not wait (loop.again).
+const stepBudget = 4 << 20
+
 const (
 	sideClient   = 0
 	sideUpstream = 1
@@ -496,6 +503,7 @@ type loop struct {
 	sleep   int64
 	round   uint32
 	ready   []*loopConn            // with events this wake
+	again   []*loopConn            // a direction used up its stepBudget: step again
 	ended   []*streamstate.Session // ended on the loop's goroutine, to finish
 	buf     []byte                 // the loop's one buffer, used within one step
 	now     int64
@@ -524,6 +532,7 @@ type loopConn struct {
 	wake       int64 // the deadline in the heap
 	heap       int
 	round      uint32
+	again      bool // in loop.again
 	dirs       [2]loopDir
 }
 
@@ -626,13 +635,20 @@ func (l *loop) run() {
 		}
 		l.wakeAtLocked(until)
 		l.n = 0
-		rc := l.rc
+		rc, again := l.rc, len(l.again) > 0
 		fin = l.takeEndedLocked(fin)
 		l.mu.Unlock()
 		finish(fin)
 
-		// Returns with events, or at the deadline.
-		_ = rc.Read(l.waitFn)
+		if again {
+			// Steps to finish: take the events ready now, no wait.
+			if !l.collect(uintptr(l.epfd)) {
+				l.n = 0
+			}
+		} else {
+			// Returns with events, or at the deadline.
+			_ = rc.Read(l.waitFn)
+		}
 		l.mu.Lock()
 		l.now = time.Now().UnixNano()
 		l.dispatchLocked()
@@ -691,6 +707,15 @@ func (l *loop) dispatchLocked() {
 		}
 	}
 	l.n = 0
+	for i, c := range l.again {
+		c.again = false
+		if c.round != l.round {
+			c.round = l.round
+			l.ready = append(l.ready, c)
+		}
+		l.again[i] = nil
+	}
+	l.again = l.again[:0]
 	for i, c := range l.ready {
 		if c.ss != nil {
 			l.stepLocked(c)
@@ -804,7 +829,7 @@ func (l *loop) pumpLocked(c *loopConn, dir int) bool {
 	if dir == dirDown {
 		src, dst = sideUpstream, sideClient
 	}
-	for {
+	for budget := stepBudget; ; {
 		if !d.empty() {
 			if c.ready[dst]&canWrite == 0 {
 				return true
@@ -821,6 +846,15 @@ func (l *loop) pumpLocked(c *loopConn, dir int) bool {
 			return l.passEndLocked(c, dir, dst)
 		}
 		if c.ending || c.ready[src]&canRead == 0 {
+			return true
+		}
+		if budget <= 0 {
+			// Enough for this turn; the socket may hold more, and tells
+			// nothing new about it.
+			if !c.again {
+				c.again = true
+				l.again = append(l.again, c)
+			}
 			return true
 		}
 		if d.bulk {
@@ -849,6 +883,7 @@ func (l *loop) pumpLocked(c *loopConn, dir int) bool {
 			}
 			d.inPipe = n
 			d.bulk = n >= bulkStep
+			budget -= n
 			continue
 		}
 		n, err := rawRead(int(c.fd[src]), l.buf)
@@ -870,6 +905,7 @@ func (l *loop) pumpLocked(c *loopConn, dir int) bool {
 			c.ready[src] &^= canRead
 		}
 		d.bulk = n >= bulkStep
+		budget -= n
 		b := l.buf[:n]
 		if c.ready[dst]&canWrite != 0 {
 			w, werr := rawWrite(int(c.fd[dst]), b)
