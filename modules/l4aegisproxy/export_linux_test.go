@@ -14,3 +14,6 @@ func Parked() int {
 
 // ProxyState is the state the proxy handler counts dials into.
 func ProxyState(h *Handler) *streamstate.State { return h.state }
+
+// AcceptedFD is the socket of an accepted connection.
+func AcceptedFD(a Accepted) int { return a.fd }

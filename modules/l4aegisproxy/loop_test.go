@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"golang.org/x/sys/unix"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegisguard"
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegisproxy"
@@ -608,4 +609,55 @@ func TestAccepterClose(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("Accept still waiting 5s after Close")
 	}
+}
+
+// Accepted sockets inherit TCP_NODELAY (which NewAccepter sets on the
+// listener) and SO_KEEPALIVE: the loop sets neither on each connection.
+func TestAcceptedSocketOptions(t *testing.T) {
+	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	rc, _ := ln.SyscallConn()
+	_ = rc.Control(func(fd uintptr) { _ = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1) })
+	acc, err := l4aegisproxy.NewAccepter(ln)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer acc.Close()
+	c := dial(t, ln.Addr().String())
+	got, err := acc.Accept()
+	if err != nil || len(got) != 1 {
+		t.Fatalf("Accept: %d connections, %v", len(got), err)
+	}
+	defer got[0].Close()
+	fd := l4aegisproxy.AcceptedFD(got[0])
+	if v, err := unix.GetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY); err != nil || v == 0 {
+		t.Errorf("TCP_NODELAY on the accepted socket: %d, %v; want it on", v, err)
+	}
+	if v, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_KEEPALIVE); err != nil || v == 0 {
+		t.Errorf("SO_KEEPALIVE on the accepted socket: %d, %v; want it on", v, err)
+	}
+	if fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0); err != nil || fl&unix.O_NONBLOCK == 0 {
+		t.Errorf("accepted socket blocking: flags %#x, %v", fl, err)
+	}
+	_ = c
+}
+
+// max_connections holds on the loop: a connection over it is refused
+// (closed, counted as blocked) and one may open again once a slot is free.
+func TestLoopMaxConnections(t *testing.T) {
+	u := newUpstream(t, "127.0.0.1:0", echo)
+	ch := startLoop(t, "127.0.0.1:0", &l4aegisguard.Handler{MaxConnections: 2}, &l4aegisproxy.Handler{Upstream: u.Addr})
+	a, b := dial(t, ch.addr), dial(t, ch.addr)
+	roundTrip(t, a, []byte("a"))
+	roundTrip(t, b, []byte("b"))
+	wantEOF(t, dial(t, ch.addr))
+	if n := ch.state().BlockedBy(streamstate.BlockMaxConnections); n != 1 {
+		t.Fatalf("blocked by max_connections: %d, want 1", n)
+	}
+	a.Close()
+	waitFor(t, "a slot free", func() bool { return ch.state().Active.Load() == 1 })
+	roundTrip(t, dial(t, ch.addr), []byte("c"))
 }
