@@ -36,9 +36,6 @@ import (
 // policy's End with the connection log, and the caller's ConnDone), the
 // end path that a parked connection takes too.
 
-// loopSupported: the streams app may serve streams on the loop here.
-const loopSupported = true
-
 // loopLinger is how long a loop stays up with no connection.
 const loopLinger = time.Second
 

@@ -9,9 +9,6 @@ import (
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 )
 
-// loopSupported: no event loop here; every connection takes the chain.
-const loopSupported = false
-
 // Direct is the event loop's way to serve a stream; there is none here.
 type Direct struct{}
 
