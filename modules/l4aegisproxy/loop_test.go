@@ -661,3 +661,53 @@ func TestLoopMaxConnections(t *testing.T) {
 	waitFor(t, "a slot free", func() bool { return ch.state().Active.Load() == 1 })
 	roundTrip(t, dial(t, ch.addr), []byte("c"))
 }
+
+// stalledListener is a loopback address whose listener never accepts and
+// whose queue is full: a connect to it gets no answer.
+func stalledListener(t *testing.T) string {
+	t.Helper()
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fd) })
+	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Listen(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	sa, _ := unix.Getsockname(fd)
+	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(sa.(*unix.SockaddrInet4).Port))
+	// Fill the queue: later SYNs are dropped.
+	for range 3 {
+		c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
+		if err != nil {
+			break
+		}
+		t.Cleanup(func() { c.Close() })
+	}
+	return addr
+}
+
+// A connect that gets no answer ends at the connection timeout, as
+// dial_failed, with the upstream marked failed ("i/o timeout").
+func TestLoopConnectTimeout(t *testing.T) {
+	addr := stalledListener(t)
+	const timeout = 300 * time.Millisecond
+	ch := startLoop(t, "127.0.0.1:0", &l4aegisguard.Handler{LogConnections: true},
+		&l4aegisproxy.Handler{Upstream: addr, DialTimeout: caddy.Duration(timeout)})
+	logged := logSink(ch)
+	start := time.Now()
+	c := dial(t, ch.addr)
+	r := nextLog(t, logged)
+	took := time.Since(start)
+	if r.Reason != streamstate.ReasonDialFailed || took < timeout || took > timeout+time.Second {
+		t.Fatalf("ended as %q after %s, want dial_failed after %s", r.Reason, took, timeout)
+	}
+	wantEOF(t, c)
+	up := l4aegisproxy.ProxyState(ch.proxy).Upstream(addr)
+	if !strings.Contains(up.LastError(), "i/o timeout") {
+		t.Fatalf("upstream's last error %q, want the dial's timeout", up.LastError())
+	}
+}
