@@ -190,6 +190,10 @@ func (h *Handler) limits() (streamstate.Limits, error) {
 	}, err
 }
 
+// Policy is the stream's admission policy (after Provision), which the
+// streams app's event loop applies to the connections it serves.
+func (h *Handler) Policy() *streamstate.Policy { return h.policy }
+
 // State is the stream state the handler counts into.
 func (h *Handler) State() *streamstate.State { return h.state }
 

@@ -1,5 +1,7 @@
 package l4aegisproxy
 
+import "github.com/aegis-proxy/caddy-aegis/modules/streamstate"
+
 // Parked is the number of connections the parker holds.
 func Parked() int {
 	parkMu.Lock()
@@ -9,3 +11,9 @@ func Parked() int {
 	}
 	return thePark.count
 }
+
+// ProxyState is the state the proxy handler counts dials into.
+func ProxyState(h *Handler) *streamstate.State { return h.state }
+
+// AcceptedFD is the socket of an accepted connection.
+func AcceptedFD(a Accepted) int { return a.fd }

@@ -1,7 +1,6 @@
 package l4aegisproxy
 
 import (
-	"container/heap"
 	"net"
 	"os"
 	"sync"
@@ -55,9 +54,9 @@ type parker struct {
 	free    []int32
 	gen     int32
 	count   int
-	emptyAt int64     // when count became 0 (unix nanoseconds)
-	timers  timerHeap // parked connections with an idle timeout, soonest first
-	sleep   int64     // the deadline the loop waits for (0: none)
+	emptyAt int64                     // when count became 0 (unix nanoseconds)
+	timers  deadlineHeap[*parkedConn] // parked connections with an idle timeout, soonest first
+	sleep   int64                     // the deadline the loop waits for (0: none)
 }
 
 // parkedConn is a parked connection: what its relay needs when it
@@ -144,7 +143,7 @@ func (r *relay) park() bool {
 		// The idle timeout runs on while parked: no byte moves, so it
 		// falls when it would have without the park.
 		pc.wake = pc.last + int64(pc.idle)
-		heap.Push(&p.timers, pc)
+		p.timers.push(pc)
 		if p.sleep == 0 || pc.wake < p.sleep {
 			p.wakeAt(pc.wake)
 		}
@@ -245,9 +244,7 @@ func (p *parker) unparkLocked(pc *parkedConn) {
 			pc.fds[i] = -1
 		}
 	}
-	if pc.heap >= 0 {
-		heap.Remove(&p.timers, pc.heap)
-	}
+	p.timers.remove(pc)
 	p.slots[pc.slot] = nil
 	p.free = append(p.free, pc.slot)
 	pc.slot = -1
@@ -318,25 +315,5 @@ func (p *parker) loop() {
 	}
 }
 
-// timerHeap orders parked connections by idle deadline (container/heap).
-type timerHeap []*parkedConn
-
-func (h timerHeap) Len() int           { return len(h) }
-func (h timerHeap) Less(i, j int) bool { return h[i].wake < h[j].wake }
-func (h timerHeap) Swap(i, j int) {
-	h[i], h[j] = h[j], h[i]
-	h[i].heap, h[j].heap = i, j
-}
-func (h *timerHeap) Push(x any) {
-	pc := x.(*parkedConn)
-	pc.heap = len(*h)
-	*h = append(*h, pc)
-}
-func (h *timerHeap) Pop() any {
-	old := *h
-	pc := old[len(old)-1]
-	old[len(old)-1] = nil
-	*h = old[:len(old)-1]
-	pc.heap = -1
-	return pc
-}
+func (pc *parkedConn) deadline() int64 { return pc.wake }
+func (pc *parkedConn) heapIndex() *int { return &pc.heap }

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"maps"
 	"net"
+	"os"
 	"slices"
 	"strconv"
 	"sync"
@@ -153,6 +154,12 @@ type sockets struct {
 	ln   net.Listener
 	done chan struct{} // closed when the accept loop has returned
 	stop chan struct{} // closed to end the accept loop's wait
+	// acc is the accept loop's accept4 on ln's socket, made when the
+	// stream's chain first takes the event loop (accepter); accMu guards
+	// it and accClosed, which closeListeners sets.
+	accMu     sync.Mutex
+	acc       *l4aegisproxy.Accepter
+	accClosed bool
 
 	relay   *udpnat.Relay // shared with other loads of the same stream address
 	nat     udpnat.Config
@@ -178,8 +185,14 @@ func portStream(s *spec.Stream, p int) *spec.Stream {
 }
 
 // chainBox holds a compiled handler chain behind an atomic pointer, so that
-// an edit can swap it without touching the listener.
-type chainBox struct{ h layer4.Handler }
+// an edit can swap it without touching the listener. direct, when the
+// stream's connections need nothing but their bytes moved, serves them on
+// the event loop instead (l4aegisproxy.Direct, with the chain's policy
+// and proxy handler); the accept loop takes the path of the box it loads.
+type chainBox struct {
+	h      layer4.Handler
+	direct *l4aegisproxy.Direct
+}
 
 // CaddyModule returns the Caddy module information.
 func (*App) CaddyModule() caddy.ModuleInfo {
@@ -286,12 +299,12 @@ func (a *App) newInstance(h *spec.Stream, source string) (*instance, error) {
 		}
 	}
 	if h.HasTCP() {
-		chain, cancel, err := a.buildChain(h)
+		box, cancel, err := a.buildChain(h)
 		if err != nil {
 			inst.release()
 			return nil, fmt.Errorf("%s: %v", spec.StreamLabel(h.ID, h.Name), err)
 		}
-		inst.chain.Store(&chainBox{chain})
+		inst.chain.Store(box)
 		inst.cancel = cancel
 	}
 	return inst, nil
@@ -347,12 +360,15 @@ func (a *App) natConfig(s *spec.Stream, st *streamstate.State, logger *zap.Logge
 }
 
 // buildChain provisions the stream's aegis_guard, aegis_tls (with TLS)
-// and aegis_proxy handlers and compiles them into one layer4 handler;
-// release cleans them up. They are provisioned in the app's context, not
+// and aegis_proxy handlers and compiles them into one layer4 handler,
+// with the event loop's way to serve the stream when it takes it
+// (l4aegisproxy.NewDirect: no TLS termination, no rate limit, no front
+// proxy's header, no TLS to the upstream, no port range, upstreams given
+// by IP address); release cleans them up. They are provisioned in the app's context, not
 // one of their own: caddy.NewContext makes a metrics registry with Go and
 // process collectors, which nothing serves, on every reload and every API
 // edit.
-func (a *App) buildChain(s *spec.Stream) (chain layer4.Handler, release func(), err error) {
+func (a *App) buildChain(s *spec.Stream) (box *chainBox, release func(), err error) {
 	guard := l4aegisguard.FromLimits(s.ID, limits(s))
 	proxy := &l4aegisproxy.Handler{
 		Upstream:      s.UpstreamHostPort(),
@@ -403,7 +419,11 @@ func (a *App) buildChain(s *spec.Stream) (chain layer4.Handler, release func(), 
 		}
 		loaded = append(loaded, m.(caddy.CleanerUpper))
 	}
-	return handlers.Compile(), release, nil
+	box = &chainBox{h: handlers.Compile()}
+	if !s.SSLEnabled {
+		box.direct = l4aegisproxy.NewDirect(guard.Policy(), guard.State(), proxy)
+	}
+	return box, release, nil
 }
 
 // Start binds every enabled stream and starts serving. If one cannot bind,
@@ -603,6 +623,7 @@ func (inst *instance) closeListeners() {
 		ps := portStream(inst.cfg, sk.port)
 		if sk.ln != nil {
 			sk.ln.Close()
+			sk.closeAccepter()
 			unbind(ps, "tcp")
 			sk.ln = nil
 			if sk.done != nil {
@@ -631,6 +652,7 @@ func (inst *instance) closeOwnTCP() {
 		return
 	}
 	inst.ln.Close()
+	inst.closeAccepter()
 	unbind(inst.cfg, "tcp")
 	inst.ln = nil
 	if inst.done != nil {
@@ -699,38 +721,109 @@ func (a *App) releaseStore() {
 func (inst *instance) startAccept(sk *sockets) {
 	sk.done = make(chan struct{})
 	sk.stop = make(chan struct{})
-	go inst.accept(sk.ln, sk.stop, sk.done)
+	sk.accMu.Lock()
+	sk.accClosed = false
+	sk.accMu.Unlock()
+	go inst.accept(sk, sk.ln, sk.stop, sk.done)
+}
+
+// accepter is the accept4 of sk's listener ln, made at its first use:
+// nil if ln has no TCP socket to take (then the chain serves every
+// connection) or closeListeners closed it.
+func (sk *sockets) accepter(ln net.Listener) *l4aegisproxy.Accepter {
+	sk.accMu.Lock()
+	defer sk.accMu.Unlock()
+	if sk.acc == nil && !sk.accClosed {
+		if tl := tcpListener(ln); tl != nil {
+			sk.acc, _ = l4aegisproxy.NewAccepter(tl)
+		}
+	}
+	return sk.acc
+}
+
+// closeAccepter closes the accept4's descriptor of the listener, after
+// the listener: the accept loop's wait returns.
+func (sk *sockets) closeAccepter() {
+	sk.accMu.Lock()
+	defer sk.accMu.Unlock()
+	sk.accClosed = true
+	if sk.acc != nil {
+		sk.acc.Close()
+		sk.acc = nil
+	}
 }
 
 // accept runs the stream's accept loop of one listener until it is
-// closed, or stop is while it waits to try again.
-func (inst *instance) accept(ln net.Listener, stop <-chan struct{}, done chan<- struct{}) {
+// closed, or stop is while it waits to try again. While the stream's
+// current chain has a direct path (chainBox.direct), connections are
+// taken from the socket with accept4 and served on the event loop, with
+// no goroutine of their own; otherwise each is a net.Conn that serve
+// runs through the chain on a goroutine. The path is chosen again for
+// each wait, and each connection checks the chain it finds.
+func (inst *instance) accept(sk *sockets, ln net.Listener, stop <-chan struct{}, done chan<- struct{}) {
 	defer close(done)
+	var acc *l4aegisproxy.Accepter // made at the first direct accept
+	direct := true                 // until ln turns out to have no socket to take
 	var backoff time.Duration
 	for {
-		c, err := ln.Accept()
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
+		var err error
+		if box := inst.chain.Load(); box != nil && box.direct != nil && direct {
+			if acc == nil {
+				if acc = sk.accepter(ln); acc == nil {
+					direct = false
+					continue
+				}
 			}
-			// Out of file descriptors or similar: wait, then go on. The
-			// wait ends when the listener closes: an API write waits for
-			// this loop, holding the app's lock.
-			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			inst.logger.Error("accepting connection", zap.Error(err), zap.Duration("retry_in", backoff))
-			t := time.NewTimer(backoff)
-			select {
-			case <-stop:
-				t.Stop()
-				return
-			case <-t.C:
+			err = inst.acceptDirect(acc)
+		} else {
+			var c net.Conn
+			if c, err = ln.Accept(); err == nil {
+				inst.state.ConnStarted()
+				go inst.serve(c)
 			}
+		}
+		if err == nil {
+			backoff = 0
 			continue
 		}
-		backoff = 0
+		if errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrClosed) {
+			return
+		}
+		// Out of file descriptors or similar: wait, then go on. The
+		// wait ends when the listener closes: an API write waits for
+		// this loop, holding the app's lock.
+		backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+		inst.logger.Error("accepting connection", zap.Error(err), zap.Duration("retry_in", backoff))
+		t := time.NewTimer(backoff)
+		select {
+		case <-stop:
+			t.Stop()
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// acceptDirect waits for connections on the listener's socket and serves
+// each on the event loop, or through the chain if the stream's settings
+// changed meanwhile so that it needs it.
+func (inst *instance) acceptDirect(acc *l4aegisproxy.Accepter) error {
+	got, err := acc.Accept()
+	for _, a := range got {
 		inst.state.ConnStarted()
+		if box := inst.chain.Load(); box != nil && box.direct != nil {
+			box.direct.Serve(acc, a, inst.connDone)
+			continue
+		}
+		c, cerr := a.Conn()
+		if cerr != nil {
+			a.Close()
+			inst.state.ConnDone()
+			continue
+		}
 		go inst.serve(c)
 	}
+	return err
 }
 
 // serve runs one connection through the stream's current handler chain.

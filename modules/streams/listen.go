@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"reflect"
 	"strconv"
 	"strings"
 	"sync"
@@ -47,6 +48,36 @@ func listen(ctx caddy.Context, s *spec.Stream) (net.Listener, error) {
 		return nil, err
 	}
 	return ln.(net.Listener), nil
+}
+
+// tcpListener is the *net.TCPListener under ln, Caddy's wrapper of it
+// (which counts the listener's users), for the event loop's accept4 on its
+// socket; nil if there is none.
+func tcpListener(ln net.Listener) *net.TCPListener {
+	for range 4 {
+		switch l := ln.(type) {
+		case *net.TCPListener:
+			return l
+		case interface{ Unwrap() net.Listener }:
+			ln = l.Unwrap()
+			continue
+		}
+		// Caddy's wrapper embeds the listener and has no Unwrap.
+		v := reflect.ValueOf(ln)
+		if v.Kind() != reflect.Struct {
+			return nil
+		}
+		f := v.FieldByName("Listener")
+		if !f.IsValid() || !f.CanInterface() {
+			return nil
+		}
+		inner, ok := f.Interface().(net.Listener)
+		if !ok || inner == nil {
+			return nil
+		}
+		ln = inner
+	}
+	return nil
 }
 
 // listenUDP binds the stream's UDP socket, checked like listen. It returns
