@@ -988,14 +988,10 @@ func (l *loop) passEndLocked(c *loopConn, dir, dst int) bool {
 	if dir == dirDown {
 		reason = streamstate.ReasonUpstreamClose
 	}
-	// With half-close the connection goes on: the end is its reason only
-	// if nothing cuts it later (Session.SetHalfClose).
 	if c.half {
+		// The connection goes on: the end is its reason only if nothing
+		// cuts it later (Session.SetHalfClose).
 		c.ss.SetHalfClose(reason)
-	} else {
-		c.ss.SetReason(reason)
-	}
-	if c.half {
 		if c.dirs[1-dir].shut {
 			return true // both ended: stepLocked ends c
 		}
@@ -1005,6 +1001,7 @@ func (l *loop) passEndLocked(c *loopConn, dir, dst int) bool {
 		}
 		return true
 	}
+	c.ss.SetReason(reason)
 	// Free the slot first, as endBoth does, so that a client which
 	// reconnects as soon as it sees the end finds it free.
 	c.ss.ReleaseSlot()
