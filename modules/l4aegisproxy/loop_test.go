@@ -149,59 +149,11 @@ func wantEOF(t *testing.T, c net.Conn) {
 // spliced (they never reach user space), and are counted exactly.
 func TestLoopTransferBothWays(t *testing.T) {
 	const up, down = 24 << 20, 16 << 20
-	type result struct {
-		n    int64
-		hash [32]byte
-		err  error
-	}
-	got := make(chan result, 1)
-	sentDown := make(chan [32]byte, 1)
-	u := newUpstream(t, "127.0.0.1:0", func(c net.Conn) {
-		_ = c.SetDeadline(time.Now().Add(20 * time.Second))
-		go func() {
-			h, err := stream(c, down, 2)
-			if err != nil {
-				t.Errorf("upstream writing: %v", err)
-			}
-			_ = c.(*net.TCPConn).CloseWrite()
-			sentDown <- h
-		}()
-		n, h, err := drain(c)
-		got <- result{n, h, err}
-	})
-	ch := startLoop(t, "127.0.0.1:0", &l4aegisguard.Handler{}, &l4aegisproxy.Handler{Upstream: u.Addr, HalfClose: true})
-	before, ok := procIO()
-	c := dial(t, ch.addr)
-	_ = c.SetDeadline(time.Now().Add(20 * time.Second))
-	recv := make(chan result, 1)
-	go func() {
-		n, h, err := drain(c)
-		recv <- result{n, h, err}
-	}()
-	sentUp, err := stream(c, up, 1)
-	if err != nil {
-		t.Fatalf("client writing: %v", err)
-	}
-	if err := c.CloseWrite(); err != nil {
-		t.Fatal(err)
-	}
-	gu, gd, hd := <-got, <-recv, <-sentDown
-	after, _ := procIO()
-	if gu.err != nil || gu.n != up || gu.hash != sentUp {
-		t.Fatalf("upload: upstream got %d bytes (err %v), want %d intact", gu.n, gu.err, up)
-	}
-	if gd.err != nil || gd.n != down || gd.hash != hd {
-		t.Fatalf("download: client got %d bytes (err %v), want %d intact", gd.n, gd.err, down)
-	}
-	st := ch.state()
-	waitFor(t, "the connection to end", func() bool { return st.Active.Load() == 0 })
-	if tot := st.SinceReload(); tot.BytesSent != up || tot.BytesReceived != down {
-		t.Fatalf("counters: bytes sent %d received %d, want %d and %d", tot.BytesSent, tot.BytesReceived, up, down)
-	}
-	if ok {
-		t.Logf("rchar grew by %d for %d relayed bytes", after-before, up+down)
-		if after-before > (up+down)*5/4 {
-			t.Fatalf("the loop read %d bytes in user space for %d relayed: want splice(2) for bulk transfers", after-before-(up+down), up+down)
+	rchar, _ := transfer(t, startLoop, &l4aegisguard.Handler{}, up, down)
+	if rchar >= 0 {
+		t.Logf("rchar grew by %d for %d relayed bytes", rchar, up+down)
+		if rchar > (up+down)*5/4 {
+			t.Fatalf("the loop read %d bytes in user space for %d relayed: want splice(2) for bulk transfers", rchar-(up+down), up+down)
 		}
 	}
 }

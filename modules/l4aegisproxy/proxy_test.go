@@ -175,12 +175,16 @@ func drain(r io.Reader) (int64, [32]byte, error) {
 
 // ---- splice and copy paths -------------------------------------------------
 
+// starter starts a guard and proxy on a listener: through the chain
+// (startChain) or on the event loop (startLoop).
+type starter func(t testing.TB, listen string, guard *l4aegisguard.Handler, proxy *l4aegisproxy.Handler) *chain
+
 // transfer sends up bytes client→upstream and down bytes upstream→client
-// at the same time through the chain, half-closing each side when done, and
-// checks that every byte arrived intact and was counted. It returns the
-// rchar growth of the process over the transfer and how long the upload
-// took.
-func transfer(t *testing.T, guard *l4aegisguard.Handler, up, down int64) (rchar int64, upload time.Duration) {
+// at the same time through what start starts, half-closing each side when
+// done, and checks that every byte arrived intact and was counted. It
+// returns the rchar growth of the process over the transfer (-1 without
+// /proc/self/io) and how long the upload took.
+func transfer(t *testing.T, start starter, guard *l4aegisguard.Handler, up, down int64) (rchar int64, upload time.Duration) {
 	t.Helper()
 	type result struct {
 		n    int64
@@ -201,15 +205,14 @@ func transfer(t *testing.T, guard *l4aegisguard.Handler, up, down int64) (rchar 
 		}()
 		n, h, err := drain(c)
 		got <- result{n, h, err}
-		<-sentDown
 	})
 	// Each side half-closes when done and reads on to the other's end.
-	ch := startChain(t, "127.0.0.1:0", guard, &l4aegisproxy.Handler{Upstream: u.Addr, HalfClose: true})
+	ch := start(t, "127.0.0.1:0", guard, &l4aegisproxy.Handler{Upstream: u.Addr, HalfClose: true})
 
 	before, ok := procIO()
 	c := dial(t, ch.addr)
 	_ = c.SetDeadline(time.Now().Add(20 * time.Second))
-	start := time.Now()
+	began := time.Now()
 	recv := make(chan result, 1)
 	go func() {
 		n, h, err := drain(c)
@@ -223,14 +226,14 @@ func transfer(t *testing.T, guard *l4aegisguard.Handler, up, down int64) (rchar 
 		t.Fatal(err)
 	}
 	gu := <-got
-	upload = time.Since(start)
-	gd := <-recv
+	upload = time.Since(began)
+	gd, hd := <-recv, <-sentDown
 	after, _ := procIO()
 	if gu.err != nil || gu.n != up || gu.hash != sentUp {
 		t.Fatalf("upload: upstream got %d bytes (err %v), want %d intact", gu.n, gu.err, up)
 	}
-	if gd.err != nil || gd.n != down {
-		t.Fatalf("download: client got %d bytes (err %v), want %d", gd.n, gd.err, down)
+	if gd.err != nil || gd.n != down || gd.hash != hd {
+		t.Fatalf("download: client got %d bytes (err %v), want %d intact", gd.n, gd.err, down)
 	}
 	st := ch.state()
 	waitFor(t, "the connection to end", func() bool { return st.Active.Load() == 0 })
@@ -245,7 +248,7 @@ func transfer(t *testing.T, guard *l4aegisguard.Handler, up, down int64) (rchar 
 
 func TestSplicePathWithoutLimits(t *testing.T) {
 	const up, down = 24 << 20, 16 << 20
-	rchar, _ := transfer(t, &l4aegisguard.Handler{}, up, down)
+	rchar, _ := transfer(t, startChain, &l4aegisguard.Handler{}, up, down)
 	if rchar < 0 {
 		t.Skip("no /proc/self/io here: cannot tell a spliced relay from a copying one")
 	}
@@ -260,7 +263,7 @@ func TestSplicePathWithoutLimits(t *testing.T) {
 func TestCopyPathWithRateLimit(t *testing.T) {
 	const up, down = 8 << 20, 8 << 20
 	const rate = 32 << 20 // bytes per second, upload only
-	rchar, took := transfer(t, &l4aegisguard.Handler{UploadRateBytes: rate}, up, down)
+	rchar, took := transfer(t, startChain, &l4aegisguard.Handler{UploadRateBytes: rate}, up, down)
 	// The bucket starts empty: 8 MiB at 32 MiB/s takes 250 ms.
 	if min := time.Duration(float64(up) / rate * 0.9 * float64(time.Second)); took < min {
 		t.Fatalf("upload of %d bytes at %d B/s took %s, want at least %s", up, rate, took, min)
