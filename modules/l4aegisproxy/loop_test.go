@@ -3,10 +3,8 @@
 package l4aegisproxy_test
 
 import (
-	"bytes"
 	"crypto/sha256"
 	"errors"
-	"fmt"
 	"hash"
 	"io"
 	"net"
@@ -350,38 +348,9 @@ func TestLoopDialFailureAndFailover(t *testing.T) {
 // With proxy_protocol, the PROXY header goes first, naming the client and
 // the address it connected to (a wildcard listen's included).
 func TestLoopProxyHeader(t *testing.T) {
-	payload := []byte("client bytes after the header\n")
-	for _, tc := range []struct {
-		version int
-		listen  string
-	}{
+	checkProxyHeaders(t, startLoop, []proxyCase{
 		{1, "127.0.0.1:0"}, {2, "127.0.0.1:0"}, {2, "[::1]:0"}, {1, "0.0.0.0:0"},
-	} {
-		t.Run(fmt.Sprintf("v%d %s", tc.version, tc.listen), func(t *testing.T) {
-			raw := make(chan []byte, 1)
-			u := newUpstream(t, "127.0.0.1:0", func(c net.Conn) {
-				_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-				b, _ := io.ReadAll(c)
-				raw <- b
-			})
-			ch := startLoop(t, tc.listen, &l4aegisguard.Handler{}, &l4aegisproxy.Handler{Upstream: u.Addr, ProxyProtocol: tc.version})
-			c := dial(t, ch.addr)
-			if _, err := c.Write(payload); err != nil {
-				t.Fatal(err)
-			}
-			_ = c.CloseWrite()
-			var got []byte
-			select {
-			case got = <-raw:
-			case <-time.After(5 * time.Second):
-				t.Fatal("upstream got nothing within 5s")
-			}
-			src, dst := c.LocalAddr().(*net.TCPAddr), c.RemoteAddr().(*net.TCPAddr)
-			if want := append(wantHeader(t, tc.version, src, dst), payload...); !bytes.Equal(got, want) {
-				t.Fatalf("upstream got\n%q\nwant\n%q", got, want)
-			}
-		})
-	}
+	})
 }
 
 // fdCount is the number of this process's open descriptors.

@@ -483,13 +483,24 @@ func wantHeader(t *testing.T, version int, src, dst *net.TCPAddr) []byte {
 }
 
 func TestProxyHeaderBytes(t *testing.T) {
-	payload := []byte("client bytes after the header\n")
-	for _, tc := range []struct {
-		version int
-		listen  string
-	}{
+	checkProxyHeaders(t, startChain, []proxyCase{
 		{1, "127.0.0.1:0"}, {2, "127.0.0.1:0"}, {1, "[::1]:0"}, {2, "[::1]:0"},
-	} {
+	})
+}
+
+// proxyCase is a PROXY header version and the address the proxy listens on.
+type proxyCase struct {
+	version int
+	listen  string
+}
+
+// checkProxyHeaders relays a payload through what start starts with each
+// case's proxy_protocol version and listen address, and checks that the
+// upstream gets the exact header, naming the client and the address it
+// connected to, which go-proxyproto reads back, then the payload.
+func checkProxyHeaders(t *testing.T, start starter, cases []proxyCase) {
+	payload := []byte("client bytes after the header\n")
+	for _, tc := range cases {
 		t.Run(fmt.Sprintf("v%d %s", tc.version, tc.listen), func(t *testing.T) {
 			raw := make(chan []byte, 1)
 			u := newUpstream(t, "127.0.0.1:0", func(c net.Conn) {
@@ -497,7 +508,7 @@ func TestProxyHeaderBytes(t *testing.T) {
 				b, _ := io.ReadAll(c) // until the client's half-close reaches it
 				raw <- b
 			})
-			ch := startChain(t, tc.listen, &l4aegisguard.Handler{},
+			ch := start(t, tc.listen, &l4aegisguard.Handler{},
 				&l4aegisproxy.Handler{Upstream: u.Addr, ProxyProtocol: tc.version})
 			c := dial(t, ch.addr)
 			if _, err := c.Write(payload); err != nil {
