@@ -63,18 +63,7 @@ func startLoop(t testing.TB, listen string, guard *l4aegisguard.Handler, proxy *
 		addr = net.JoinHostPort("127.0.0.1", strconv.Itoa(a.Port))
 	}
 	ch := &chain{guard: guard, proxy: proxy, addr: addr}
-	t.Cleanup(func() {
-		ln.Close()
-		acc.Close()
-		ch.state().CloseAll(streamstate.ReasonShutdown)
-		done := make(chan struct{})
-		go func() { live.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			t.Error("connections not ended 5s after they were closed")
-		}
-	})
+	ch.endAtCleanup(t, &live, ln, acc)
 	return ch
 }
 

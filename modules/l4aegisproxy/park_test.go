@@ -59,8 +59,18 @@ func startDetachChain(t *testing.T, guard *l4aegisguard.Handler, proxy *l4aegisp
 		}
 	}()
 	ch := &chain{guard: guard, proxy: proxy, addr: ln.Addr().String()}
+	ch.endAtCleanup(t, &live, ln)
+	return ch
+}
+
+// endAtCleanup makes t's cleanup close the listeners, then every open
+// connection of ch, and fail the test if live (the accept loop and the
+// connections) has not ended 5 s later.
+func (ch *chain) endAtCleanup(t testing.TB, live *sync.WaitGroup, listeners ...io.Closer) {
 	t.Cleanup(func() {
-		ln.Close()
+		for _, l := range listeners {
+			l.Close()
+		}
 		ch.state().CloseAll(streamstate.ReasonShutdown)
 		done := make(chan struct{})
 		go func() { live.Wait(); close(done) }()
@@ -70,7 +80,6 @@ func startDetachChain(t *testing.T, guard *l4aegisguard.Handler, proxy *l4aegisp
 			t.Error("connections not ended 5s after they were closed")
 		}
 	})
-	return ch
 }
 
 // relayGoroutines counts the goroutines that run a relay.
