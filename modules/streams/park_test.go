@@ -29,6 +29,18 @@ func relayGoroutines() int {
 	return n
 }
 
+// parkingStream is a plain stream that stays on the chain's relay, and so
+// parks its quiet connections: a two-port range (the event loop takes no
+// range) to the upstream's one port. Clients dial the range's first port.
+func parkingStream(t *testing.T, upstreamPort int, extra map[string]any) (port int, h map[string]any) {
+	port = testenv.FreePortRange(t, 2)
+	e := map[string]any{"listen_port_end": port + 1, "upstream_port_fixed": true}
+	for k, v := range extra {
+		e[k] = v
+	}
+	return port, host(1, port, upstreamPort, e)
+}
+
 // waitParked waits until no goroutine runs a relay: the stream's quiet
 // connections are parked (about a second after their last byte).
 func waitParked(t *testing.T, what string) {
@@ -47,8 +59,8 @@ func TestParkedConnections(t *testing.T) {
 	checkNoLeaksOrFDs(t)
 	const n = 100
 	up := newUpstream(t, echo)
-	port := freePort(t)
-	inst := startCaddy(t, hosts(host(1, port, up.Port, nil)))
+	port, h := parkingStream(t, up.Port, nil)
+	inst := startCaddy(t, hosts(h))
 	before := runtime.NumGoroutine()
 	conns := make([]net.Conn, n)
 	var want uint64
@@ -59,6 +71,9 @@ func TestParkedConnections(t *testing.T) {
 			t.Fatalf("connection %d: echoed %q, want %q", i, got, msg)
 		}
 		want += uint64(len(msg))
+	}
+	if relayGoroutines() == 0 {
+		t.Fatal("no relay goroutine right after the round trips: the connections are not on the chain's relay, which parks")
 	}
 	waitParked(t, fmt.Sprintf("%d connections", n))
 	// The upstream's handlers (a goroutine per connection) are in this
@@ -115,8 +130,8 @@ func TestParkedConnections(t *testing.T) {
 func TestParkedIdleTimeout(t *testing.T) {
 	checkNoLeaksOrFDs(t)
 	up := newUpstream(t, echo)
-	port := freePort(t)
-	inst := startCaddy(t, hosts(host(1, port, up.Port, map[string]any{"idle_timeout_seconds": 2})))
+	port, h := parkingStream(t, up.Port, map[string]any{"idle_timeout_seconds": 2})
+	inst := startCaddy(t, hosts(h))
 	c := dial(t, port)
 	roundTrip(t, c, "x")
 	last := time.Now()
