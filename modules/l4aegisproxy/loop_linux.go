@@ -1,7 +1,6 @@
 package l4aegisproxy
 
 import (
-	"errors"
 	"net"
 	"net/netip"
 	"os"
@@ -313,7 +312,7 @@ func (d *Direct) Serve(a *Accepter, acc Accepted, done func()) {
 	var tried streamstate.Tried
 	up, i, err := d.dial(ss.Source.Addr(), &tried, start)
 	if err != nil {
-		d.dialFailed(ss, err)
+		d.h.dialFailed(ss, err)
 		rawClose(acc.fd)
 		ss.Finish()
 		return
@@ -429,26 +428,6 @@ func (d *Direct) upstreamFailed(i int, err error) bool {
 		d.h.logger.Debug("dialing upstream; trying the next", zap.String("upstream", d.h.picker.Peer(i).Addr), zap.Error(err))
 	}
 	return true
-}
-
-// dialFailed records a connection whose dial failed, with the reason
-// aegis_proxy's Handle gives it.
-func (d *Direct) dialFailed(ss *streamstate.Session, err error) {
-	h := d.h
-	loop := errors.Is(err, streamstate.ErrUpstreamLoop)
-	if loop {
-		ss.SetReason(streamstate.ReasonUpstreamLoop)
-	} else {
-		ss.SetReason(streamstate.ReasonDialFailed)
-	}
-	if h.state.Context().Err() == nil {
-		h.state.DialFailures.Add(1)
-	}
-	if loop {
-		h.state.UpstreamLoops.Add(1)
-		h.logLoop()
-	}
-	h.logger.Debug("dialing upstream", zap.String("upstream", h.Upstream), zap.Error(err))
 }
 
 // loops are the event loops, one per GOMAXPROCS; each starts with its
@@ -818,7 +797,7 @@ func (l *loop) connectFailedLocked(c *loopConn, err error, timedOut bool) {
 		}
 		err = derr
 	}
-	d.dialFailed(c.ss, err)
+	d.h.dialFailed(c.ss, err)
 	l.endLocked(c)
 }
 

@@ -227,22 +227,7 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	start := time.Now()
 	up, i, err := h.dialPicked(ctx, cx, ss, start)
 	if err != nil {
-		loop := errors.Is(err, streamstate.ErrUpstreamLoop)
-		if ss != nil {
-			if loop {
-				ss.SetReason(streamstate.ReasonUpstreamLoop)
-			} else {
-				ss.SetReason(streamstate.ReasonDialFailed)
-			}
-		}
-		if ctx.Err() == nil { // not the stream shutting down
-			h.state.DialFailures.Add(1)
-		}
-		if loop {
-			h.state.UpstreamLoops.Add(1)
-			h.logLoop()
-		}
-		h.logger.Debug("dialing upstream", zap.String("upstream", h.Upstream), zap.Error(err))
+		h.dialFailed(ss, err)
 		return nil
 	}
 	h.state.ObserveDial(time.Since(start))
@@ -327,6 +312,27 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	parked = r.run()
 	r.put()
 	return nil
+}
+
+// dialFailed records a connection (ss, if any) whose dial failed: its
+// reason, the stream's counters and the log.
+func (h *Handler) dialFailed(ss *streamstate.Session, err error) {
+	loop := errors.Is(err, streamstate.ErrUpstreamLoop)
+	if ss != nil {
+		if loop {
+			ss.SetReason(streamstate.ReasonUpstreamLoop)
+		} else {
+			ss.SetReason(streamstate.ReasonDialFailed)
+		}
+	}
+	if h.state.Context().Err() == nil { // not the stream shutting down
+		h.state.DialFailures.Add(1)
+	}
+	if loop {
+		h.state.UpstreamLoops.Add(1)
+		h.logLoop()
+	}
+	h.logger.Debug("dialing upstream", zap.String("upstream", h.Upstream), zap.Error(err))
 }
 
 // dialControl refuses an upstream address that is one of this process's
