@@ -195,7 +195,9 @@ func transfer(t *testing.T, start starter, guard *l4aegisguard.Handler, up, down
 	sentDown := make(chan [32]byte, 1)
 	u := newUpstream(t, "127.0.0.1:0", func(c net.Conn) {
 		_ = c.SetDeadline(time.Now().Add(20 * time.Second))
+		written := make(chan struct{})
 		go func() {
+			defer close(written)
 			h, err := stream(c, down, 2)
 			if err != nil {
 				t.Errorf("upstream writing: %v", err)
@@ -205,6 +207,9 @@ func transfer(t *testing.T, start starter, guard *l4aegisguard.Handler, up, down
 		}()
 		n, h, err := drain(c)
 		got <- result{n, h, err}
+		// The server closes c when this returns: an upload that ends
+		// first must not cut the download still being written.
+		<-written
 	})
 	// Each side half-closes when done and reads on to the other's end.
 	ch := start(t, "127.0.0.1:0", guard, &l4aegisproxy.Handler{Upstream: u.Addr, HalfClose: true})
