@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -19,13 +20,14 @@ import (
 )
 
 // The event loop serves a plain TCP stream's connections from accept to
-// close without a goroutine, a net.Conn or a buffer of their own: the
-// accept loop takes each connection from the listener's socket with
-// accept4 (Accepter), admits it by the guard's policy and starts a
-// non-blocking connect to the upstream the handler's picker chose
-// (Direct.Serve); from then on one of the loops (one per GOMAXPROCS) owns
-// both sockets. Each loop is one goroutine that waits for its epoll set
-// in Go's netpoller, as the parker does, and moves the bytes of its ready
+// close without a goroutine, a net.Conn or a buffer of their own: a loop
+// watches the listener's socket beside its connections, takes each new
+// connection with accept4 (Accepter), admits it by the guard's policy and
+// starts a non-blocking connect to the upstream the handler's picker
+// chose (Direct.Serve); from then on one of the loops (one per
+// GOMAXPROCS) owns both sockets. Each loop is one goroutine that waits
+// for its epoll set in Go's netpoller, as the parker does, so one wake
+// accepts and relays; it moves the bytes of its ready
 // connections through its one buffer (read/write), or through a pipe
 // (splice) once a direction reads bulkStep at once. A connection keeps
 // only the bytes it could not write yet (loopDir.pending).
@@ -152,67 +154,119 @@ func (acc Accepted) Conn() (net.Conn, error) {
 }
 
 // Accepter takes connections from a TCP listener's socket with accept4,
-// waiting for it in Go's netpoller: no net.Conn, and neither getsockname
-// nor getpeername (accept4 gives the client's address, the listener its
+// in an event loop: while Run runs, the listener is in the loop's epoll
+// set beside the loop's connections, so one wake of the loop both
+// accepts and relays. No net.Conn, and neither getsockname nor
+// getpeername (accept4 gives the client's address, the listener its
 // own). Accepted sockets inherit TCP_NODELAY and SO_KEEPALIVE from the
-// listener, which NewAccepter sets. It waits on a duplicate of the
-// listener's descriptor (a listener's SyscallConn cannot wait), so the
-// socket stays open until Close too. One goroutine uses it.
+// listener, which NewAccepter sets. It uses a duplicate of the
+// listener's descriptor, so the socket stays open until Close too.
 type Accepter struct {
-	f      *os.File
-	closed atomic.Bool
-	rc     syscall.RawConn
-	local  netip.AddrPort // the listener's; its address is unspecified for a wildcard listen
-	fn     func(uintptr) bool
+	fd    int
+	local netip.AddrPort // the listener's; its address is unspecified for a wildcard listen
+
+	// mu is held by the loop while it accepts and serves a batch, and by
+	// Run and Close: Close never closes fd under an accept4.
+	mu     sync.Mutex
+	closed bool
+	l      *loop // the loop watching fd while Run runs
+	slot   int   // fd's index in l.listeners
+	serve  func([]Accepted) bool
+	ended  chan error // Run's result
 	got    []Accepted
-	err    error
 	rsa    unix.RawSockaddrAny
 	rlen   uint32
 }
 
-// NewAccepter readies ln's socket for Accept.
+// NewAccepter readies ln's socket for Run.
 func NewAccepter(ln *net.TCPListener) (*Accepter, error) {
 	lrc, err := ln.SyscallConn()
 	if err != nil {
 		return nil, err
 	}
-	var serr error
-	if err := lrc.Control(func(fd uintptr) {
-		serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	fd, serr := -1, error(nil)
+	if err := lrc.Control(func(lfd uintptr) {
+		if serr = unix.SetsockoptInt(int(lfd), unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); serr == nil {
+			fd, serr = unix.FcntlInt(lfd, unix.F_DUPFD_CLOEXEC, 0)
+		}
 	}); err != nil {
 		return nil, err
 	}
 	if serr != nil {
 		return nil, serr
 	}
-	f, err := ln.File()
-	if err != nil {
-		return nil, err
-	}
-	rc, err := f.SyscallConn()
-	if err != nil {
-		f.Close()
-		return nil, err
-	}
-	a := &Accepter{f: f, rc: rc, got: make([]Accepted, 0, acceptBatch)}
+	a := &Accepter{fd: fd, got: make([]Accepted, 0, acceptBatch)}
 	if ta, ok := ln.Addr().(*net.TCPAddr); ok {
 		a.local = ta.AddrPort()
 	}
-	a.fn = a.acceptCB
 	return a, nil
 }
 
-// Close closes the Accepter's descriptor of the socket: a wait in Accept
-// returns (os.ErrClosed). Call it after closing the listener.
-func (a *Accepter) Close() error {
-	a.closed.Store(true)
-	return a.f.Close()
+// Run hands the listener to an event loop, which accepts connections as
+// they come and gives each batch (at most acceptBatch; the slice is
+// reused) to serve. It returns nil once serve returns false, the error of
+// accept4 (out of descriptors: the caller waits and runs again), or
+// os.ErrClosed after Close. One goroutine runs it at a time.
+func (a *Accepter) Run(serve func(got []Accepted) bool) error {
+	a.mu.Lock()
+	if a.closed {
+		a.mu.Unlock()
+		return os.ErrClosed
+	}
+	ended := make(chan error, 1)
+	a.serve, a.ended = serve, ended
+	if err := pickLoop().listen(a); err != nil {
+		a.mu.Unlock()
+		return err
+	}
+	a.mu.Unlock()
+	return <-ended
 }
 
-func (a *Accepter) acceptCB(fd uintptr) bool {
+// Close ends Run (os.ErrClosed) and closes the Accepter's descriptor of
+// the socket. Call it after closing the listener.
+func (a *Accepter) Close() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.closed {
+		return nil
+	}
+	a.closed = true
+	a.stopLocked(os.ErrClosed)
+	rawClose(a.fd)
+	return nil
+}
+
+// take accepts what is pending and serves it; the loop l calls it, with
+// no lock held, when the listener is readable.
+func (a *Accepter) take(l *loop) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.closed || a.l != l {
+		return // closed or moved since the event
+	}
+	a.got = a.got[:0]
+	err := a.accept()
+	keep := true
+	if len(a.got) > 0 {
+		keep = a.serve(a.got)
+		clear(a.got)
+	}
+	switch {
+	case err != nil:
+		a.stopLocked(err)
+	case !keep:
+		a.stopLocked(nil)
+	}
+}
+
+// accept takes at most acceptBatch connections into a.got; the listener
+// is level-triggered, so what it leaves comes back at the loop's next
+// turn.
+func (a *Accepter) accept() error {
 	for len(a.got) < cap(a.got) {
 		a.rlen = uint32(unsafe.Sizeof(a.rsa))
-		nfd, _, e := unix.RawSyscall6(unix.SYS_ACCEPT4, fd, uintptr(unsafe.Pointer(&a.rsa)), uintptr(unsafe.Pointer(&a.rlen)),
+		nfd, _, e := unix.RawSyscall6(unix.SYS_ACCEPT4, uintptr(a.fd), uintptr(unsafe.Pointer(&a.rsa)), uintptr(unsafe.Pointer(&a.rlen)),
 			unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0, 0)
 		switch e {
 		case 0:
@@ -221,12 +275,22 @@ func (a *Accepter) acceptCB(fd uintptr) bool {
 		case unix.EINTR, unix.ECONNABORTED:
 			continue
 		case unix.EAGAIN:
-			return len(a.got) > 0
+			return nil
 		}
-		a.err = os.NewSyscallError("accept4", e)
-		return true
+		return os.NewSyscallError("accept4", e)
 	}
-	return true
+	return nil
+}
+
+// stopLocked takes the listener out of its loop, if it is in one, and
+// ends Run with err. Under a.mu.
+func (a *Accepter) stopLocked(err error) {
+	if a.l == nil {
+		return
+	}
+	a.l.unlisten(a)
+	a.l = nil
+	a.ended <- err
 }
 
 // rawAddrPort is the address of a raw IPv4 or IPv6 socket address.
@@ -242,22 +306,6 @@ func rawAddrPort(rsa *unix.RawSockaddrAny) netip.AddrPort {
 		return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), uint16(p[0])<<8|uint16(p[1]))
 	}
 	return netip.AddrPort{}
-}
-
-// Accept waits for connections and returns those pending (at most
-// acceptBatch; the slice is reused by the next call). With an error (out
-// of descriptors, the listener closed) it may also return some.
-func (a *Accepter) Accept() ([]Accepted, error) {
-	a.got, a.err = a.got[:0], nil
-	if err := a.rc.Read(a.fn); err != nil {
-		if a.closed.Load() {
-			// The raw read's own error does not say it (poll's "use of
-			// closed file").
-			err = os.ErrClosed
-		}
-		return a.got, err
-	}
-	return a.got, a.err
 }
 
 // localAddr is the address the client connected to: the listener's, or
@@ -481,8 +529,15 @@ type loop struct {
 	ready   []*loopConn            // with events this wake
 	again   []*loopConn            // a direction used up its stepBudget: step again
 	ended   []*streamstate.Session // ended on the loop's goroutine, to finish
-	buf     []byte                 // the loop's one buffer, used within one step
-	now     int64
+	// listeners are the Accepters whose sockets are in the epoll set, by
+	// slot (-1-slot in an event); listening counts them. readable are
+	// those an event named this wake: the loop's goroutine takes them
+	// after the connections' steps, outside mu.
+	listeners []*Accepter
+	listening int
+	readable  []*Accepter
+	buf       []byte // the loop's one buffer, used within one step
+	now       int64
 }
 
 // loopConn is a connection owned by a loop: its session, its two
@@ -599,7 +654,7 @@ func (l *loop) run() {
 		if len(l.timers) > 0 {
 			until = l.timers.top().wake
 		}
-		if l.count == 0 {
+		if l.count == 0 && l.listening == 0 {
 			until = l.emptyAt + int64(loopLinger)
 			if until <= l.now {
 				l.running = false
@@ -635,6 +690,48 @@ func (l *loop) run() {
 		fin = l.takeEndedLocked(fin)
 		l.mu.Unlock()
 		finish(fin)
+		for i, a := range l.readable {
+			a.take(l)
+			l.readable[i] = nil
+		}
+		l.readable = l.readable[:0]
+	}
+}
+
+// listen puts a's socket in the loop's epoll set (level-triggered),
+// starting the loop if it is not running. Under a.mu.
+func (l *loop) listen(a *Accepter) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if !l.running {
+		if err := l.start(); err != nil {
+			return err
+		}
+	}
+	slot := slices.Index(l.listeners, nil)
+	if slot < 0 {
+		slot = len(l.listeners)
+		l.listeners = append(l.listeners, nil)
+	}
+	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(-1 - slot)}
+	if _, _, e := unix.RawSyscall6(unix.SYS_EPOLL_CTL, uintptr(l.epfd), unix.EPOLL_CTL_ADD, uintptr(a.fd), uintptr(unsafe.Pointer(&ev)), 0, 0); e != 0 {
+		return os.NewSyscallError("epoll_ctl", e)
+	}
+	l.listeners[slot] = a
+	l.listening++
+	a.l, a.slot = l, slot
+	return nil
+}
+
+// unlisten takes a's socket out of the epoll set. Under a.mu.
+func (l *loop) unlisten(a *Accepter) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	unix.RawSyscall6(unix.SYS_EPOLL_CTL, uintptr(l.epfd), unix.EPOLL_CTL_DEL, uintptr(a.fd), 0, 0, 0)
+	l.listeners[a.slot] = nil
+	if l.listening--; l.listening == 0 && l.count == 0 {
+		l.emptyAt = time.Now().UnixNano()
+		l.wakeAtLocked(l.emptyAt + int64(loopLinger))
 	}
 }
 
@@ -662,7 +759,13 @@ func (l *loop) dispatchLocked() {
 	l.round++
 	for _, ev := range l.events[:l.n] {
 		slot, side, gen := ev.Fd, int(ev.Pad&1), uint32(ev.Pad)>>1
-		if slot < 0 || int(slot) >= len(l.conns) {
+		if slot < 0 {
+			if i := int(-1 - slot); i < len(l.listeners) && l.listeners[i] != nil {
+				l.readable = append(l.readable, l.listeners[i])
+			}
+			continue
+		}
+		if int(slot) >= len(l.conns) {
 			continue
 		}
 		c := l.conns[slot]

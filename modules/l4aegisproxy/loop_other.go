@@ -27,8 +27,8 @@ func NewAccepter(*net.TCPListener) (*Accepter, error) { return nil, errors.ErrUn
 // Close is not used here.
 func (*Accepter) Close() error { return nil }
 
-// Accept is not used here.
-func (*Accepter) Accept() ([]Accepted, error) { return nil, errors.ErrUnsupported }
+// Run is not used here.
+func (*Accepter) Run(func([]Accepted) bool) error { return errors.ErrUnsupported }
 
 // Close is not used here.
 func (Accepted) Close() {}

@@ -47,16 +47,13 @@ func startLoop(t testing.TB, listen string, guard *l4aegisguard.Handler, proxy *
 	live.Add(1) // the accept loop
 	go func() {
 		defer live.Done()
-		for {
-			got, err := acc.Accept()
+		_ = acc.Run(func(got []l4aegisproxy.Accepted) bool {
 			for _, a := range got {
 				live.Add(1)
 				d.Serve(acc, a, live.Done)
 			}
-			if err != nil {
-				return
-			}
-		}
+			return true
+		})
 	}()
 	addr := ln.Addr().String()
 	if a := ln.Addr().(*net.TCPAddr); a.IP.IsUnspecified() {
@@ -492,8 +489,9 @@ func (c onClose) Close() error {
 	return c.TCPConn.Close()
 }
 
-// Closing an Accepter ends its wait with os.ErrClosed, which the streams
-// app's accept loop takes as its end (not an error to log and retry).
+// Closing an Accepter ends Run with os.ErrClosed, which the streams app's
+// accept loop takes as its end (not an error to log and retry); so does
+// Run after Close.
 func TestAccepterClose(t *testing.T) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -505,8 +503,7 @@ func TestAccepterClose(t *testing.T) {
 	}
 	ended := make(chan error, 1)
 	go func() {
-		_, err := acc.Accept()
-		ended <- err
+		ended <- acc.Run(func([]l4aegisproxy.Accepted) bool { return true })
 	}()
 	time.Sleep(50 * time.Millisecond)
 	ln.Close()
@@ -514,10 +511,53 @@ func TestAccepterClose(t *testing.T) {
 	select {
 	case err := <-ended:
 		if !errors.Is(err, os.ErrClosed) {
-			t.Fatalf("Accept after Close: %v, want os.ErrClosed", err)
+			t.Fatalf("Run after Close: %v, want os.ErrClosed", err)
 		}
 	case <-time.After(5 * time.Second):
-		t.Fatal("Accept still waiting 5s after Close")
+		t.Fatal("Run still waiting 5s after Close")
+	}
+	if err := acc.Run(func([]l4aegisproxy.Accepted) bool { return true }); !errors.Is(err, os.ErrClosed) {
+		t.Fatalf("Run of a closed Accepter: %v, want os.ErrClosed", err)
+	}
+}
+
+// Run returns nil once its serve says no more, leaving the connections
+// still pending in the listener's queue; a later Run takes them.
+func TestAccepterRunStops(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	acc, err := l4aegisproxy.NewAccepter(ln.(*net.TCPListener))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer acc.Close()
+	var served []l4aegisproxy.Accepted
+	take := func(got []l4aegisproxy.Accepted) bool {
+		served = append(served, got...)
+		return false
+	}
+	dial(t, ln.Addr().String())
+	if err := acc.Run(take); err != nil || len(served) != 1 {
+		t.Fatalf("Run: %v, %d connections; want nil after 1", err, len(served))
+	}
+	// Nothing pending: a second connection comes after Run began.
+	ran := make(chan error, 1)
+	go func() { ran <- acc.Run(take) }()
+	time.Sleep(50 * time.Millisecond)
+	dial(t, ln.Addr().String())
+	select {
+	case err := <-ran:
+		if err != nil || len(served) != 2 {
+			t.Fatalf("second Run: %v, %d connections; want nil after 2", err, len(served))
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("second Run took no connection within 5s")
+	}
+	for _, a := range served {
+		a.Close()
 	}
 }
 
@@ -537,9 +577,13 @@ func TestAcceptedSocketOptions(t *testing.T) {
 	}
 	defer acc.Close()
 	c := dial(t, ln.Addr().String())
-	got, err := acc.Accept()
+	var got []l4aegisproxy.Accepted
+	err = acc.Run(func(batch []l4aegisproxy.Accepted) bool {
+		got = append(got, batch...)
+		return false
+	})
 	if err != nil || len(got) != 1 {
-		t.Fatalf("Accept: %d connections, %v", len(got), err)
+		t.Fatalf("Run: %d connections, %v", len(got), err)
 	}
 	defer got[0].Close()
 	fd := l4aegisproxy.AcceptedFD(got[0])

@@ -756,10 +756,11 @@ func (sk *sockets) closeAccepter() {
 // accept runs the stream's accept loop of one listener until it is
 // closed, or stop is while it waits to try again. While the stream's
 // current chain has a direct path (chainBox.direct), connections are
-// taken from the socket with accept4 and served on the event loop, with
-// no goroutine of their own; otherwise each is a net.Conn that serve
-// runs through the chain on a goroutine. The path is chosen again for
-// each wait, and each connection checks the chain it finds.
+// taken from the socket with accept4 by an event loop (Accepter.Run) and
+// served there, with no goroutine of their own; otherwise each is a
+// net.Conn that serve runs through the chain on a goroutine. The path is
+// chosen again after each batch the loop takes, and after each wait in
+// ln.Accept; each connection checks the chain it finds.
 func (inst *instance) accept(sk *sockets, ln net.Listener, stop <-chan struct{}, done chan<- struct{}) {
 	defer close(done)
 	var acc *l4aegisproxy.Accepter // made at the first direct accept
@@ -774,7 +775,7 @@ func (inst *instance) accept(sk *sockets, ln net.Listener, stop <-chan struct{},
 					continue
 				}
 			}
-			err = inst.acceptDirect(acc)
+			err = acc.Run(func(got []l4aegisproxy.Accepted) bool { return inst.serveAccepted(acc, got) })
 		} else {
 			var c net.Conn
 			if c, err = ln.Accept(); err == nil {
@@ -804,11 +805,11 @@ func (inst *instance) accept(sk *sockets, ln net.Listener, stop <-chan struct{},
 	}
 }
 
-// acceptDirect waits for connections on the listener's socket and serves
-// each on the event loop, or through the chain if the stream's settings
-// changed meanwhile so that it needs it.
-func (inst *instance) acceptDirect(acc *l4aegisproxy.Accepter) error {
-	got, err := acc.Accept()
+// serveAccepted serves connections that an event loop took from the
+// listener's socket: each on the event loop, or through the chain if the
+// stream's settings changed meanwhile so that it needs it. False: the
+// chain serves the next ones, and the accept loop takes them from ln.
+func (inst *instance) serveAccepted(acc *l4aegisproxy.Accepter, got []l4aegisproxy.Accepted) bool {
 	for _, a := range got {
 		inst.state.ConnStarted()
 		if box := inst.chain.Load(); box != nil && box.direct != nil {
@@ -823,7 +824,8 @@ func (inst *instance) acceptDirect(acc *l4aegisproxy.Accepter) error {
 		}
 		go inst.serve(c)
 	}
-	return err
+	box := inst.chain.Load()
+	return box != nil && box.direct != nil
 }
 
 // serve runs one connection through the stream's current handler chain.
