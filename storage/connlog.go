@@ -144,17 +144,53 @@ func (b *connLogBoxes) millis(c int, t time.Time) any {
 // every column of connLogColumns (10 added upstream).
 const connLogVersion = 10
 
+// connLogSlice is the most entries one statement of AppendConnLogs
+// writes, or one transaction of PruneConnLogs deletes.
+const connLogSlice = 16
+
+// connLogPrunes is the most entries one transaction of PruneConnLogs
+// deletes: about as long as connLogSlice inserts.
+const connLogPrunes = 64
+
+// slicePause is how long the LogWriter pauses between the slices of a
+// write (pauseSlices): long enough that Go's scheduler, finding nothing
+// else to run, polls the network before it ends, so that the
+// connections' events are served between slices. (With GOMAXPROCS=1 a
+// goroutine that does not block holds back every other until it does.)
+const slicePause = 20 * time.Microsecond
+
+type logWriterKey struct{}
+
+// forLogWriter marks ctx as the LogWriter's: AppendConnLogs and
+// PruneConnLogs pause between their slices (pauseSlices), and SQLite
+// commits their transactions without a sync (SQLite.inTx).
+func forLogWriter(ctx context.Context) context.Context {
+	return context.WithValue(ctx, logWriterKey{}, true)
+}
+
+// isLogWriter reports whether ctx is the LogWriter's (forLogWriter).
+func isLogWriter(ctx context.Context) bool { return ctx.Value(logWriterKey{}) != nil }
+
+// pauseSlices pauses for slicePause in the LogWriter's writes.
+func pauseSlices(ctx context.Context) {
+	if isLogWriter(ctx) {
+		time.Sleep(slicePause)
+	}
+}
+
 // connLogInserts are the INSERT statements of the connection log: the
 // one at index k writes 1<<k entries. A batch is written as a sum of
-// them, the biggest first (100 entries: 64 + 32 + 4), so that a store
+// them, the biggest first (100 entries: 6×16 + 4), so that a store
 // runs a handful of fixed statements, which it keeps prepared
 // (writeTx.execKept), whatever the batch sizes: parsing a statement of
-// hundreds of parameters for each batch cost a fifth of its write. 64
-// entries of 15 parameters stay below either database's limit.
+// hundreds of parameters for each batch cost a fifth of its write. The
+// biggest, connLogSlice entries, is about 90 µs of SQLite's work: the
+// LogWriter pauses between statements (pauseSlices), so that no
+// connection's events wait behind more than one.
 var connLogInserts = func() []string {
 	row := "(?" + strings.Repeat(", ?", len(connLogColumns)-1) + ")"
 	head := `INSERT INTO conn_log (` + strings.Join(connLogColumns, ", ") + `) VALUES ` + row
-	out := make([]string, 7)
+	out := make([]string, bits.Len(connLogSlice))
 	for k := range out {
 		out[k] = head + strings.Repeat(", "+row, 1<<k-1)
 	}
@@ -174,6 +210,9 @@ func (s *core) AppendConnLogs(ctx context.Context, entries []ConnLog) error {
 		args := make([]any, 0, min(len(entries), 1<<(len(connLogInserts)-1))*len(connLogColumns))
 		boxes := newConnLogBoxes(s.node)
 		for rest := entries; len(rest) > 0; {
+			if len(rest) < len(entries) {
+				pauseSlices(ctx)
+			}
 			k := min(bits.Len(uint(len(rest)))-1, len(connLogInserts)-1)
 			args = args[:0]
 			for _, e := range rest[:1<<k] {
@@ -260,26 +299,47 @@ func (s *core) ConnLogs(ctx context.Context, q ConnLogQuery) ([]ConnLog, error) 
 }
 
 // PruneConnLogs keeps the newest keep entries of one stream; see Store.
+// It finds the newest entry beyond the ones to keep, then deletes it and
+// every older one in transactions of connLogPrunes entries (both walk the
+// (stream_id, id) index): a prune of thousands of entries in one
+// statement would hold the LogWriter's goroutine, and every connection
+// waiting for the scheduler behind it, for milliseconds, and the store's
+// write lock for as long. The LogWriter pauses between them
+// (pauseSlices). An error leaves the entries not yet deleted to the next
+// prune.
 func (s *core) PruneConnLogs(ctx context.Context, streamID int64, keep int) (int64, error) {
 	if keep < 0 {
 		return 0, fmt.Errorf("storage: pruning conn log of stream %d: keep %d: must be >= 0: %w", streamID, keep, ErrInvalid)
 	}
-	var n int64
-	err := s.be.inTx(ctx, false, func(tx writeTx) error {
-		// The subquery finds the newest entry beyond the ones to keep (NULL
-		// when there are no more than keep); it and every older one go.
-		// Both walk the (stream_id, id) index.
-		var err error
-		n, err = tx.exec(ctx, `DELETE FROM conn_log WHERE stream_id = ? AND id <= (
-			SELECT id FROM conn_log WHERE stream_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?)`,
-			streamID, streamID, keep)
+	var last int64
+	found := false
+	err := s.reads.queryEach(ctx, `SELECT id FROM conn_log WHERE stream_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?`,
+		[]any{streamID, keep}, func(r rowScanner) error {
+			found = true
+			return r.Scan(&last)
+		})
+	if err != nil || !found {
 		if err != nil {
-			return fmt.Errorf("deleting: %w", err)
+			err = fmt.Errorf("storage: pruning conn log of stream %d: finding the entries to delete: %w", streamID, err)
 		}
-		return nil
-	})
-	if err != nil {
-		return 0, fmt.Errorf("storage: pruning conn log of stream %d: %w", streamID, err)
+		return 0, err
 	}
-	return n, nil
+	var n int64
+	for {
+		var deleted int64
+		err := s.be.inTx(ctx, false, func(tx writeTx) error {
+			var err error
+			deleted, err = tx.exec(ctx, `DELETE FROM conn_log WHERE id IN (
+				SELECT id FROM conn_log WHERE stream_id = ? AND id <= ? ORDER BY id LIMIT ?)`,
+				streamID, last, connLogPrunes)
+			return err
+		})
+		if err != nil {
+			return n, fmt.Errorf("storage: pruning conn log of stream %d: deleting: %w", streamID, err)
+		}
+		if n += deleted; deleted < connLogPrunes {
+			return n, nil
+		}
+		pauseSlices(ctx)
+	}
 }

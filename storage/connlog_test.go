@@ -447,3 +447,52 @@ func testPruneConnLogs(t *testing.T, b testBackend) {
 		t.Errorf("keep -1: %v, want ErrInvalid", err)
 	}
 }
+
+// A prune of many more entries than one of its transactions deletes
+// (connLogPrunes) keeps exactly the newest, and only of its stream, with
+// the LogWriter's pauses between its transactions or without.
+func TestPruneConnLogsInSlices(t *testing.T) { eachBackend(t, testPruneConnLogsInSlices) }
+
+func testPruneConnLogsInSlices(t *testing.T, b testBackend) {
+	s := b.store(t)
+	ctx := context.Background()
+	var batch []ConnLog
+	for i := range 1000 {
+		batch = append(batch, ConnLog{StreamID: 1, Action: ActionAllowed, BytesSent: int64(i)})
+		if i%3 == 0 {
+			batch = append(batch, ConnLog{StreamID: 2, Action: ActionAllowed, BytesSent: int64(i)})
+		}
+	}
+	if err := s.AppendConnLogs(forLogWriter(ctx), batch); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		ctx     context.Context
+		keep    int
+		deleted int64
+	}{
+		{forLogWriter(ctx), 937, 1000 - 937},
+		{ctx, 37, 937 - 37},
+		{forLogWriter(ctx), 0, 37},
+	} {
+		n, err := s.PruneConnLogs(tc.ctx, 1, tc.keep)
+		if err != nil || n != tc.deleted {
+			t.Fatalf("keep %d: deleted %d, %v; want %d", tc.keep, n, err, tc.deleted)
+		}
+		es, err := s.ConnLogs(ctx, ConnLogQuery{StreamID: 1, Limit: MaxConnLogLimit})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(es) != tc.keep {
+			t.Fatalf("keep %d: %d entries left", tc.keep, len(es))
+		}
+		for i, e := range es {
+			if want := int64(999 - i); e.BytesSent != want {
+				t.Fatalf("keep %d: entry %d is %d, want %d (the newest kept)", tc.keep, i, e.BytesSent, want)
+			}
+		}
+	}
+	if es, err := s.ConnLogs(ctx, ConnLogQuery{StreamID: 2, Limit: MaxConnLogLimit}); err != nil || len(es) != 334 {
+		t.Fatalf("stream 2 after pruning stream 1: %d entries, %v; want 334", len(es), err)
+	}
+}

@@ -307,7 +307,7 @@ func (w *LogWriter) run() {
 func (w *LogWriter) write(batch []ConnLog, mayKeep bool) (kept bool, err error) {
 	ctx, cancel := context.WithTimeout(context.Background(), w.opts.WriteTimeout)
 	defer cancel()
-	if err := w.store.AppendConnLogs(ctx, batch); err != nil {
+	if err := w.store.AppendConnLogs(forLogWriter(ctx), batch); err != nil {
 		err = fmt.Errorf("writing a batch of %d connection-log entries: %w", len(batch), err)
 		if mayKeep && w.opts.Retry > 0 && errors.Is(err, ErrUnavailable) {
 			w.report(fmt.Errorf("%w; entries wait (up to %d, then they are dropped and counted) and are tried again every %v, and further failures are not reported",
@@ -345,7 +345,7 @@ func (w *LogWriter) prune(touched map[int64]int, least int) {
 		}
 		delete(touched, id)
 		ctx, cancel := context.WithTimeout(context.Background(), w.opts.WriteTimeout)
-		_, err := w.store.PruneConnLogs(ctx, id, w.opts.Retention)
+		_, err := w.store.PruneConnLogs(forLogWriter(ctx), id, w.opts.Retention)
 		cancel()
 		if err != nil {
 			w.report(err)

@@ -3,6 +3,8 @@ package storage
 import (
 	"context"
 	"errors"
+	"net"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -390,5 +392,71 @@ func TestLogWriterEnqueueDuringClose(t *testing.T) {
 	}
 	if accepted.Load() == 0 {
 		t.Error("nothing was accepted")
+	}
+}
+
+// With one P, the LogWriter's write of a big batch pauses between its
+// slices, so goroutines waiting for the network (connections' relays)
+// are served during it: a client and an echo server keep exchanging
+// datagrams while 4096 entries are written, about a round trip for every
+// two pauses. Without the pauses they got the P only when the runtime
+// preempted the writer, every 10 ms: a few round trips.
+func TestLogWriterLetsTheNetworkIn(t *testing.T) {
+	s := newStore(t)
+	batch := make([]ConnLog, 4096)
+	for i := range batch {
+		batch[i] = ConnLog{StreamID: 1, Action: ActionAllowed, BytesSent: int64(i)}
+	}
+	echo, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer echo.Close()
+	go func() {
+		buf := make([]byte, 16)
+		for {
+			n, from, err := echo.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			_, _ = echo.WriteTo(buf[:n], from)
+		}
+	}()
+	c, err := net.Dial("udp", echo.LocalAddr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+	roundTrip := func() {
+		if _, err := c.Write([]byte("x")); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Read(make([]byte, 16)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	roundTrip() // the echo goroutine now waits in the netpoller
+
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+	var written atomic.Bool
+	wrote := make(chan error, 1)
+	go func() {
+		err := s.AppendConnLogs(forLogWriter(context.Background()), batch)
+		written.Store(true)
+		wrote <- err
+	}()
+	trips := 0
+	for !written.Load() {
+		roundTrip()
+		trips++
+	}
+	if err := <-wrote; err != nil {
+		t.Fatal(err)
+	}
+	slices := len(batch) / connLogSlice
+	t.Logf("%d round trips during a write of %d slices", trips, slices)
+	if trips < slices/8 {
+		t.Fatalf("%d round trips during a write of %d slices, want at least %d: the writer held the only P", trips, slices, slices/8)
 	}
 }

@@ -124,3 +124,36 @@ func TestCloseTwice(t *testing.T) {
 		t.Error("ListHosts after Close succeeded")
 	}
 }
+
+// The LogWriter's transactions commit with synchronous=NORMAL (no fsync
+// each), every other with FULL, whatever ran before on the one write
+// connection.
+func TestSynchronousByWriter(t *testing.T) {
+	s := newStore(t)
+	ctx := context.Background()
+	level := func(ctx context.Context, tracked bool) int {
+		t.Helper()
+		var v int
+		if err := s.inTx(ctx, tracked, func(tx writeTx) error {
+			return tx.queryEach(ctx, "PRAGMA synchronous", nil, func(r rowScanner) error { return r.Scan(&v) })
+		}); err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	for i, tc := range []struct {
+		ctx     context.Context
+		tracked bool
+		want    int
+	}{
+		{ctx, true, 2},
+		{forLogWriter(ctx), false, 1},
+		{ctx, true, 2},
+		{forLogWriter(ctx), false, 1},
+		{ctx, false, 2}, // the key canary, ForgetKeys, the history
+	} {
+		if got := level(tc.ctx, tc.tracked); got != tc.want {
+			t.Errorf("%d: synchronous %d, want %d (1 NORMAL, 2 FULL)", i, got, tc.want)
+		}
+	}
+}
