@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -381,5 +382,69 @@ func TestLogLineAndSinkShareSourceIP(t *testing.T) {
 	}
 	if second["source_ip"] != "2001:db8::1" || second["protocol"] != "tcp" || len(second) != 10 {
 		t.Errorf("second line %v: want its own 10 fields, no upstream and no datagram counts", second)
+	}
+}
+
+// With one P, the log goroutine pauses between slices of a burst of
+// lines, so goroutines waiting for the network (connections' relays) are
+// served during it: a client and an echo server keep exchanging
+// datagrams while 2048 queued lines are written. Without the pauses they
+// got the P only when the runtime preempted the writer, every 10 ms.
+func TestLogBurstLetsTheNetworkIn(t *testing.T) {
+	echo, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer echo.Close()
+	go func() {
+		buf := make([]byte, 16)
+		for {
+			n, from, err := echo.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			_, _ = echo.WriteTo(buf[:n], from)
+		}
+	}()
+	c, err := net.Dial("udp", echo.LocalAddr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+	roundTrip := func() {
+		if _, err := c.Write([]byte("x")); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Read(make([]byte, 16)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	roundTrip() // the echo goroutine now waits in the netpoller
+
+	const lines = 2048
+	st := New(1)
+	defer func() {
+		st.cancel()
+		close(st.logStop)
+		<-st.logDone
+	}()
+	st.SetConnLogger(zap.New(zapcore.NewCore(zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig()), zapcore.AddSync(io.Discard), zap.InfoLevel)))
+	var logged atomic.Int64
+	st.SetLogSink(func(LogRecord) bool { logged.Add(1); return true })
+
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+	for i := range lines {
+		st.enqueueLog(logEntry{rec: LogRecord{StreamID: 1, Stream: "t", ConnID: uint64(i), Source: netip.MustParseAddrPort("192.0.2.9:53"), Upstream: "192.0.2.10:53"}})
+	}
+	trips := 0
+	for logged.Load() < lines {
+		roundTrip()
+		trips++
+	}
+	slices := lines / logSlice
+	t.Logf("%d round trips while %d lines were written in %d slices", trips, lines, slices)
+	if trips < slices/8 {
+		t.Fatalf("%d round trips while %d slices of lines were written, want at least %d: the log goroutine held the only P", trips, slices, slices/8)
 	}
 }
