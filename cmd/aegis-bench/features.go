@@ -470,7 +470,7 @@ func runFeatures(ps []proxy, cfg config, up *upstreams, tmp string) ([]result, [
 }
 
 // featRounds is how many rounds the features test takes turns in, as
-// udpRounds.
+// turnRounds.
 const featRounds = 3
 
 // featRound is the window of one test in one round, and the rounds:

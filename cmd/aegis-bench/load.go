@@ -216,14 +216,14 @@ func connRateMarked(addr string, workers int, w window, mark func()) (float64, i
 	return rate, failed.Load()
 }
 
-// latency runs n connections that each ping-pong 64-byte messages with the
-// echo through addr, and returns the round-trip time percentiles.
-func latency(addr string, n int, w window) (p50, p99 time.Duration, err error) {
+// latencySamples runs n connections that each ping-pong 64-byte messages
+// with the echo through addr, and returns the round-trip times, unsorted.
+func latencySamples(addr string, n int, w window) ([]time.Duration, error) {
 	end := time.Now().Add(w.warmup + w.dur)
 	countFrom := time.Now().Add(w.warmup)
 	conns, err := dialAll(addr, n, end)
 	if err != nil {
-		return 0, 0, err
+		return nil, err
 	}
 	samples := make([][]time.Duration, n)
 	var wg sync.WaitGroup
@@ -245,10 +245,9 @@ func latency(addr string, n int, w window) (p50, p99 time.Duration, err error) {
 	closeAll(conns)
 	all := slices.Concat(samples...)
 	if len(all) == 0 {
-		return 0, 0, errors.New("no round trip finished")
+		return nil, errors.New("no round trip finished")
 	}
-	slices.Sort(all)
-	return percentile(all, 50), percentile(all, 99), nil
+	return all, nil
 }
 
 // percentile is the nearest-rank percentile p (0–100] of sorted samples.

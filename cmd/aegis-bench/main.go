@@ -20,6 +20,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -168,15 +169,15 @@ func run(cfg config) (string, error) {
 
 	if cfg.tcp {
 		fmt.Printf("aegis-bench: TCP proxies on 127.0.0.1\n")
-		fmt.Printf("tests: %v counted after %v warm-up each; %s for short conns and latency; %s for memory\n",
-			cfg.w.dur, cfg.w.warmup, plural(cfg.workers, "worker"), plural(cfg.idle, "idle conn"))
+		fmt.Printf("tests: %v counted after %v warm-up each; %s for short conns and latency, which take turns between the proxies in %d rounds (%v counted in all); %s for memory\n",
+			cfg.w.dur, cfg.w.warmup, plural(cfg.workers, "worker"), turnRounds, turnRounds*turnWindow(cfg.w).dur, plural(cfg.idle, "idle conn"))
 	}
 	if cfg.udp {
 		if !cfg.tcp {
 			fmt.Printf("aegis-bench: UDP proxies on 127.0.0.1\n")
 		}
 		fmt.Printf("udp tests: %d-byte echo datagrams, %s x %d in flight (closed loop, batched), %d rounds taking turns between the proxies, %v counted in all after %v warm-up each; %d NAT entries for memory, each proxy restarted for it\n",
-			udpSize, plural(cfg.udpSockets, "socket"), cfg.udpWindow, udpRounds, udpRounds*udpRound(cfg.w).dur, cfg.w.warmup, cfg.udpEntries)
+			udpSize, plural(cfg.udpSockets, "socket"), cfg.udpWindow, turnRounds, turnRounds*turnWindow(cfg.w).dur, cfg.w.warmup, cfg.udpEntries)
 	}
 	if cfg.tls {
 		if !cfg.tcp && !cfg.udp {
@@ -216,10 +217,8 @@ func run(cfg config) (string, error) {
 
 	var results, udpResults, tlsResults, featResults []result
 	var tlsNotes, featNotes []string
-	for _, p := range proxies {
-		if cfg.tcp && (len(cfg.only) == 0 || cfg.only[p.name]) {
-			results = append(results, runOne(p, cfg, up, tmp))
-		}
+	if cfg.tcp {
+		results = runTCP(selected(cfg), cfg, up, tmp)
 	}
 	if cfg.udp {
 		udpResults = runUDP(selected(cfg), cfg, up, tmp)
@@ -330,103 +329,167 @@ func raiseFileLimit() error {
 
 func addr(port int) string { return fmt.Sprintf("127.0.0.1:%d", port) }
 
-// runOne starts a proxy, measures it, and stops it.
-func runOne(p proxy, cfg config, up *upstreams, tmp string) result {
-	res := result{name: p.name, values: map[string]float64{}}
-	direct := ports{Sink: up.sink.port(), Source: up.source.port(), Echo: up.echo.port()}
-	front := direct
-	var c *child
-	if p.start != nil {
-		bin, err := lookBinary(p.binary(&cfg))
-		if err != nil {
-			res.skipped = err.Error()
-			return res
-		}
-		fp, err := freePorts(3)
-		if err != nil {
-			res.skipped = err.Error()
-			return res
-		}
-		front = ports{Sink: fp[0], Source: fp[1], Echo: fp[2]}
-		s := setup{name: p.name, dir: filepath.Join(tmp, p.name), up: direct, front: front, binary: bin, pin: cfg.pin}
-		if err := os.Mkdir(s.dir, 0o755); err != nil {
-			res.skipped = err.Error()
-			return res
-		}
-		fmt.Fprintf(os.Stderr, "%s: starting\n", p.name)
-		if c, err = p.start(s); err != nil {
-			res.skipped = "start: " + err.Error()
-			return res
-		}
-		defer c.stop()
-		err = probe(c, front, up, cfg.startTimeout)
-		up.closeConns()
-		if err != nil {
-			res.skipped = err.Error()
-			return res
-		}
-	}
+// tcpRun is one proxy in the TCP tests.
+type tcpRun struct {
+	p     proxy
+	res   *result
+	c     *child // nil for direct
+	front ports
+	// What the short-connection and latency rounds measured.
+	rates   []float64
+	samples []time.Duration
+}
 
-	step := func(what string, f func() error) {
-		if c != nil && c.exited() {
-			return
+// runTCP measures the proxies over TCP. Each starts in turn and has its
+// idle memory, upload and download measured while the others wait; then
+// the short-connection and latency tests take turns between them for
+// turnRounds rounds, as the UDP rate test does, so that a change in the
+// machine's speed during the run weighs on all of them alike (these are
+// the figures closest to one another); then they stop.
+func runTCP(ps []proxy, cfg config, up *upstreams, tmp string) []result {
+	results := make([]result, len(ps))
+	var runs []*tcpRun
+	defer func() {
+		for _, r := range runs {
+			if r.c != nil {
+				r.c.stop()
+			}
 		}
-		fmt.Fprintf(os.Stderr, "%s: %s\n", p.name, what)
-		if err := f(); err != nil {
-			res.notes = append(res.notes, what+": "+err.Error())
-		}
-		up.closeConns()
-		if c != nil && c.exited() {
-			res.notes = append(res.notes, "died during "+what+": "+c.why())
+	}()
+	for i, p := range ps {
+		if r := startTCP(p, cfg, up, tmp, &results[i]); r != nil {
+			runs = append(runs, r)
+			r.measureAlone(cfg, up)
 		}
 	}
+	round := turnWindow(cfg.w)
+	for i := range turnRounds {
+		for _, r := range runs {
+			r.step(up, fmt.Sprintf("short conns, round %d of %d", i+1, turnRounds), func() error {
+				v, failed := connRate(addr(r.front.Echo), cfg.workers, round)
+				r.rates = append(r.rates, v)
+				if failed > 0 {
+					return fmt.Errorf("%d attempts failed", failed)
+				}
+				return nil
+			})
+		}
+	}
+	for i := range turnRounds {
+		for _, r := range runs {
+			r.step(up, fmt.Sprintf("latency, round %d of %d", i+1, turnRounds), func() error {
+				got, err := latencySamples(addr(r.front.Echo), cfg.workers, round)
+				r.samples = append(r.samples, got...)
+				return err
+			})
+		}
+	}
+	for _, r := range runs {
+		if len(r.rates) > 0 {
+			var sum float64
+			for _, v := range r.rates {
+				sum += v
+			}
+			r.res.values["cps"] = sum / float64(len(r.rates))
+		}
+		if len(r.samples) > 0 {
+			slices.Sort(r.samples)
+			r.res.values["p50"] = float64(percentile(r.samples, 50).Nanoseconds()) / 1e3
+			r.res.values["p99"] = float64(percentile(r.samples, 99).Nanoseconds()) / 1e3
+		}
+	}
+	return results
+}
+
+// startTCP starts proxy p (nothing for direct) and waits until data
+// passes through it; nil if it could not (res says why).
+func startTCP(p proxy, cfg config, up *upstreams, tmp string, res *result) *tcpRun {
+	*res = result{name: p.name, values: map[string]float64{}}
+	direct := ports{Sink: up.sink.port(), Source: up.source.port(), Echo: up.echo.port()}
+	r := &tcpRun{p: p, res: res, front: direct}
+	if p.start == nil {
+		return r
+	}
+	bin, err := lookBinary(p.binary(&cfg))
+	if err != nil {
+		res.skipped = err.Error()
+		return nil
+	}
+	fp, err := freePorts(3)
+	if err != nil {
+		res.skipped = err.Error()
+		return nil
+	}
+	r.front = ports{Sink: fp[0], Source: fp[1], Echo: fp[2]}
+	s := setup{name: p.name, dir: filepath.Join(tmp, p.name), up: direct, front: r.front, binary: bin, pin: cfg.pin}
+	if err := os.Mkdir(s.dir, 0o755); err != nil {
+		res.skipped = err.Error()
+		return nil
+	}
+	fmt.Fprintf(os.Stderr, "%s: starting\n", p.name)
+	c, err := p.start(s)
+	if err != nil {
+		res.skipped = "start: " + err.Error()
+		return nil
+	}
+	err = probe(c, r.front, up, cfg.startTimeout)
+	up.closeConns()
+	if err != nil {
+		c.stop()
+		res.skipped = err.Error()
+		return nil
+	}
+	r.c = c
+	return r
+}
+
+// step runs one test of r's proxy, unless it died, noting its error and
+// whether the proxy died during it.
+func (r *tcpRun) step(up *upstreams, what string, f func() error) {
+	if r.c != nil && r.c.exited() {
+		return
+	}
+	fmt.Fprintf(os.Stderr, "%s: %s\n", r.p.name, what)
+	if err := f(); err != nil {
+		r.res.notes = append(r.res.notes, what+": "+err.Error())
+	}
+	up.closeConns()
+	if r.c != nil && r.c.exited() {
+		r.res.notes = append(r.res.notes, "died during "+what+": "+r.c.why())
+	}
+}
+
+// measureAlone runs the tests that need the proxy to itself: idle memory
+// (first, while the proxy has seen little load), upload and download.
+func (r *tcpRun) measureAlone(cfg config, up *upstreams) {
 	record := func(key string, v float64, err error) error {
 		if err == nil {
-			res.values[key] = v
+			r.res.values[key] = v
 		}
 		return err
 	}
-
-	// Memory first, while the proxy has seen little load.
-	if c != nil {
-		step("idle memory", func() error {
-			pid, err := p.rssPID(c)
+	if r.c != nil {
+		r.step(up, "idle memory", func() error {
+			pid, err := r.p.rssPID(r.c)
 			if err != nil {
 				return err
 			}
-			v, err := idleMemory(addr(front.Echo), cfg.idle, func() (int64, error) { return rssKB(pid) })
+			v, err := idleMemory(addr(r.front.Echo), cfg.idle, func() (int64, error) { return rssKB(pid) })
 			return record("mem", v, err)
 		})
 	}
 	for _, n := range []int{1, 8} {
-		step("upload, "+plural(n, "conn"), func() error {
-			v, err := upload(addr(front.Sink), n, cfg.w, up.sink)
+		r.step(up, "upload, "+plural(n, "conn"), func() error {
+			v, err := upload(addr(r.front.Sink), n, cfg.w, up.sink)
 			return record(fmt.Sprintf("up%d", n), v, err)
 		})
 	}
 	for _, n := range []int{1, 8} {
-		step("download, "+plural(n, "conn"), func() error {
-			v, err := download(addr(front.Source), n, cfg.w)
+		r.step(up, "download, "+plural(n, "conn"), func() error {
+			v, err := download(addr(r.front.Source), n, cfg.w)
 			return record(fmt.Sprintf("down%d", n), v, err)
 		})
 	}
-	step("short conns", func() error {
-		v, failed := connRate(addr(front.Echo), cfg.workers, cfg.w)
-		res.values["cps"] = v
-		if failed > 0 {
-			return fmt.Errorf("%d attempts failed", failed)
-		}
-		return nil
-	})
-	step("latency", func() error {
-		p50, p99, err := latency(addr(front.Echo), cfg.workers, cfg.w)
-		if err == nil {
-			res.values["p50"] = float64(p50.Nanoseconds()) / 1e3
-			res.values["p99"] = float64(p99.Nanoseconds()) / 1e3
-		}
-		return err
-	})
-	return res
 }
 
 // probe waits until data passes through every front port of the proxy.
@@ -503,15 +566,16 @@ func probeWith(dial func(port int) (net.Conn, error), front ports, up *upstreams
 	return errors.New("sink: bytes did not arrive")
 }
 
-// udpRounds is how many rounds the UDP rate test takes turns in: each
-// proxy runs once per round, so that a change in the machine's speed
+// turnRounds is how many rounds the tests that take turns between the
+// proxies run (short connections, latency, UDP rate and new flows, TLS):
+// each proxy runs once per round, so that a change in the machine's speed
 // during the run weighs on all of them alike.
-const udpRounds = 3
+const turnRounds = 3
 
-// udpRound is the window of one round: -duration shared out between the
+// turnWindow is the window of one round: -duration shared out between the
 // rounds, each with the whole warm-up.
-func udpRound(w window) window {
-	return window{warmup: w.warmup, dur: max((w.dur / udpRounds).Round(time.Millisecond), 100*time.Millisecond)}
+func turnWindow(w window) window {
+	return window{warmup: w.warmup, dur: max((w.dur / turnRounds).Round(time.Millisecond), 100*time.Millisecond)}
 }
 
 // udpRun is one proxy in the UDP rate test.
@@ -527,7 +591,7 @@ type udpRun struct {
 }
 
 // runUDP measures the proxies over UDP. All of them start, the rate test
-// takes turns between them for udpRounds rounds, and they stop; then the
+// takes turns between them for turnRounds rounds, and they stop; then the
 // NAT entry test runs on a fresh process of each, so that neither test
 // sees what the other left in the proxy.
 func runUDP(ps []proxy, cfg config, up *upstreams, tmp string) []result {
@@ -563,13 +627,13 @@ func runUDP(ps []proxy, cfg config, up *upstreams, tmp string) []result {
 		}
 	}()
 
-	round := udpRound(cfg.w)
-	for i := range udpRounds {
+	round := turnWindow(cfg.w)
+	for i := range turnRounds {
 		for _, r := range runs {
 			if r.c != nil && r.c.exited() {
 				continue // noted when it died
 			}
-			udpStep(r.p, r.c, r.res, fmt.Sprintf("udp rate, round %d of %d", i+1, udpRounds), func() error {
+			udpStep(r.p, r.c, r.res, fmt.Sprintf("udp rate, round %d of %d", i+1, turnRounds), func() error {
 				st, err := udpLoad(addr(r.front), cfg.udpSockets, cfg.udpWindow, round, r.meter.mark)
 				r.st.add(st)
 				r.counted += round.dur

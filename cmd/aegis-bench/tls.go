@@ -234,7 +234,7 @@ func probeTLS(front ports, up *upstreams, bc *benchCert) error {
 
 // --- the test ---
 
-// tlsRounds is how many rounds the TLS tests take turns in, as udpRounds.
+// tlsRounds is how many rounds the TLS tests take turns in, as turnRounds.
 const tlsRounds = 3
 
 // tlsRound is the window of one test in one round: -duration shared out

@@ -16,7 +16,7 @@ var flowClients = []int{1, 8}
 // reads the answer and closes the socket, in a loop. The proxies end each
 // session after its one answer (aegis udp_responses 1, nginx
 // proxy_responses 1), so nothing piles up. They run at once, on fresh
-// processes, and take turns for udpRounds rounds.
+// processes, and take turns for turnRounds rounds.
 func flowsUDP(runs []*udpRun, cfg config, up *upstreams, tmp string) {
 	type flowRun struct {
 		r     *udpRun
@@ -41,14 +41,14 @@ func flowsUDP(runs []*udpRun, cfg config, up *upstreams, tmp string) {
 			}
 		}
 	}()
-	round := udpRound(cfg.w)
-	for i := range udpRounds {
+	round := turnWindow(cfg.w)
+	for i := range turnRounds {
 		for _, fr := range frs {
 			for _, clients := range flowClients {
 				if fr.c != nil && fr.c.exited() {
 					continue
 				}
-				udpStep(fr.r.p, fr.c, fr.r.res, fmt.Sprintf("new flows, %s, round %d of %d", plural(clients, "client"), i+1, udpRounds), func() error {
+				udpStep(fr.r.p, fr.c, fr.r.res, fmt.Sprintf("new flows, %s, round %d of %d", plural(clients, "client"), i+1, turnRounds), func() error {
 					n, err := flowLoad(addr(fr.front), clients, round)
 					fr.n[clients] += n
 					fr.dur[clients] += round.dur
