@@ -3,12 +3,13 @@ package storage
 import (
 	"context"
 	"errors"
-	"net"
 	"runtime"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/aegis-proxy/caddy-aegis/internal/loopback"
 )
 
 // fakeLogStore records what a LogWriter writes. Methods a LogWriter does
@@ -407,35 +408,7 @@ func TestLogWriterLetsTheNetworkIn(t *testing.T) {
 	for i := range batch {
 		batch[i] = ConnLog{StreamID: 1, Action: ActionAllowed, BytesSent: int64(i)}
 	}
-	echo, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer echo.Close()
-	go func() {
-		buf := make([]byte, 16)
-		for {
-			n, from, err := echo.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			_, _ = echo.WriteTo(buf[:n], from)
-		}
-	}()
-	c, err := net.Dial("udp", echo.LocalAddr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(30 * time.Second))
-	roundTrip := func() {
-		if _, err := c.Write([]byte("x")); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := c.Read(make([]byte, 16)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	roundTrip := loopback.UDPRoundTrip(t)
 	roundTrip() // the echo goroutine now waits in the netpoller
 
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))

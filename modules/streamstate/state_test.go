@@ -19,6 +19,7 @@ import (
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/aegis-proxy/caddy-aegis/internal/loopback"
 	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
 )
 
@@ -391,35 +392,7 @@ func TestLogLineAndSinkShareSourceIP(t *testing.T) {
 // datagrams while 2048 queued lines are written. Without the pauses they
 // got the P only when the runtime preempted the writer, every 10 ms.
 func TestLogBurstLetsTheNetworkIn(t *testing.T) {
-	echo, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer echo.Close()
-	go func() {
-		buf := make([]byte, 16)
-		for {
-			n, from, err := echo.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			_, _ = echo.WriteTo(buf[:n], from)
-		}
-	}()
-	c, err := net.Dial("udp", echo.LocalAddr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(30 * time.Second))
-	roundTrip := func() {
-		if _, err := c.Write([]byte("x")); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := c.Read(make([]byte, 16)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	roundTrip := loopback.UDPRoundTrip(t)
 	roundTrip() // the echo goroutine now waits in the netpoller
 
 	const lines = 2048
