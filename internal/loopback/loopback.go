@@ -144,30 +144,3 @@ func (s *UDPServer) Close(within time.Duration) bool {
 		return false
 	}
 }
-
-// UDPRoundTrip starts a UDP echo server on 127.0.0.1 and returns a
-// function that sends it one datagram from one client socket and reads
-// the echo (failing t after 30 s in all). Both close when the test ends.
-// Tests count round trips with it to see whether goroutines waiting for
-// the network get to run.
-func UDPRoundTrip(t testing.TB) func() {
-	t.Helper()
-	s := ServeUDP(t, "127.0.0.1:0", func(pc *net.UDPConn, p []byte, from netip.AddrPort) {
-		_, _ = pc.WriteToUDPAddrPort(p, from)
-	})
-	c, err := net.Dial("udp", s.Addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	_ = c.SetDeadline(time.Now().Add(30 * time.Second))
-	buf := make([]byte, 16)
-	return func() {
-		if _, err := c.Write([]byte("x")); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := c.Read(buf); err != nil {
-			t.Fatal(err)
-		}
-	}
-}
