@@ -152,6 +152,14 @@ func (inst *testCaddy) apiDo(method, path string) (int, []byte) {
 	}
 	client := http.Client{Timeout: 5 * time.Second}
 	resp, err := client.Do(req)
+	// Each config load replaces Caddy's admin server, which closes the
+	// connections of the one before; a GET that meets that close (EOF) is
+	// sent again on a new connection, up to 4 times.
+	for try := 0; err != nil && method == http.MethodGet && errors.Is(err, io.EOF) && try < 4; try++ {
+		time.Sleep(100 * time.Millisecond)
+		client.CloseIdleConnections()
+		resp, err = client.Do(req)
+	}
 	if err != nil {
 		inst.t.Fatal(err)
 	}
