@@ -145,11 +145,13 @@ func (b *connLogBoxes) millis(c int, t time.Time) any {
 const connLogVersion = 10
 
 // connLogSlice is the most entries one statement of AppendConnLogs
-// writes, or one transaction of PruneConnLogs deletes.
+// writes on a store that slices the log (core.logSliced): about 90 µs of
+// SQLite's work.
 const connLogSlice = 16
 
 // connLogPrunes is the most entries one transaction of PruneConnLogs
-// deletes: about as long as connLogSlice inserts.
+// deletes on a store that slices the log: about as long as connLogSlice
+// inserts.
 const connLogPrunes = 64
 
 // slicePause is how long the LogWriter pauses between the slices of a
@@ -171,26 +173,27 @@ func forLogWriter(ctx context.Context) context.Context {
 // isLogWriter reports whether ctx is the LogWriter's (forLogWriter).
 func isLogWriter(ctx context.Context) bool { return ctx.Value(logWriterKey{}) != nil }
 
-// pauseSlices pauses for slicePause in the LogWriter's writes.
-func pauseSlices(ctx context.Context) {
-	if isLogWriter(ctx) {
+// pauseSlices pauses for slicePause in the LogWriter's writes to a store
+// that slices the log.
+func (s *core) pauseSlices(ctx context.Context) {
+	if s.logSliced && isLogWriter(ctx) {
 		time.Sleep(slicePause)
 	}
 }
 
 // connLogInserts are the INSERT statements of the connection log: the
 // one at index k writes 1<<k entries. A batch is written as a sum of
-// them, the biggest first (100 entries: 6×16 + 4), so that a store
+// them, the biggest first (100 entries: 64 + 32 + 4; on a store that
+// slices the log, 6×16 + 4, with the LogWriter's pauses between, so that
+// no connection's events wait behind more than one), so that a store
 // runs a handful of fixed statements, which it keeps prepared
 // (writeTx.execKept), whatever the batch sizes: parsing a statement of
-// hundreds of parameters for each batch cost a fifth of its write. The
-// biggest, connLogSlice entries, is about 90 µs of SQLite's work: the
-// LogWriter pauses between statements (pauseSlices), so that no
-// connection's events wait behind more than one.
+// hundreds of parameters for each batch cost a fifth of its write. 64
+// entries of 15 parameters stay below either database's limit.
 var connLogInserts = func() []string {
 	row := "(?" + strings.Repeat(", ?", len(connLogColumns)-1) + ")"
 	head := `INSERT INTO conn_log (` + strings.Join(connLogColumns, ", ") + `) VALUES ` + row
-	out := make([]string, bits.Len(connLogSlice))
+	out := make([]string, 7)
 	for k := range out {
 		out[k] = head + strings.Repeat(", "+row, 1<<k-1)
 	}
@@ -209,11 +212,15 @@ func (s *core) AppendConnLogs(ctx context.Context, entries []ConnLog) error {
 	err := s.be.inTx(ctx, false, func(tx writeTx) error {
 		args := make([]any, 0, min(len(entries), 1<<(len(connLogInserts)-1))*len(connLogColumns))
 		boxes := newConnLogBoxes(s.node)
+		biggest := len(connLogInserts) - 1
+		if s.logSliced {
+			biggest = bits.Len(connLogSlice) - 1
+		}
 		for rest := entries; len(rest) > 0; {
 			if len(rest) < len(entries) {
-				pauseSlices(ctx)
+				s.pauseSlices(ctx)
 			}
-			k := min(bits.Len(uint(len(rest)))-1, len(connLogInserts)-1)
+			k := min(bits.Len(uint(len(rest)))-1, biggest)
 			args = args[:0]
 			for _, e := range rest[:1<<k] {
 				args = boxes.appendRow(args, e)
@@ -300,13 +307,13 @@ func (s *core) ConnLogs(ctx context.Context, q ConnLogQuery) ([]ConnLog, error) 
 
 // PruneConnLogs keeps the newest keep entries of one stream; see Store.
 // It finds the newest entry beyond the ones to keep, then deletes it and
-// every older one in transactions of connLogPrunes entries (both walk the
-// (stream_id, id) index): a prune of thousands of entries in one
-// statement would hold the LogWriter's goroutine, and every connection
-// waiting for the scheduler behind it, for milliseconds, and the store's
-// write lock for as long. The LogWriter pauses between them
-// (pauseSlices). An error leaves the entries not yet deleted to the next
-// prune.
+// every older one (both walk the (stream_id, id) index): on a store that
+// slices the log, in transactions of connLogPrunes entries with the
+// LogWriter's pauses between, since a prune of thousands of entries in
+// one statement would hold the LogWriter's goroutine, and every
+// connection waiting for the scheduler behind it, for milliseconds, and
+// the store's write lock for as long; otherwise in one. An error leaves
+// the entries not yet deleted to the next prune.
 func (s *core) PruneConnLogs(ctx context.Context, streamID int64, keep int) (int64, error) {
 	if keep < 0 {
 		return 0, fmt.Errorf("storage: pruning conn log of stream %d: keep %d: must be >= 0: %w", streamID, keep, ErrInvalid)
@@ -329,17 +336,21 @@ func (s *core) PruneConnLogs(ctx context.Context, streamID int64, keep int) (int
 		var deleted int64
 		err := s.be.inTx(ctx, false, func(tx writeTx) error {
 			var err error
-			deleted, err = tx.exec(ctx, `DELETE FROM conn_log WHERE id IN (
-				SELECT id FROM conn_log WHERE stream_id = ? AND id <= ? ORDER BY id LIMIT ?)`,
-				streamID, last, connLogPrunes)
+			if s.logSliced {
+				deleted, err = tx.exec(ctx, `DELETE FROM conn_log WHERE id IN (
+					SELECT id FROM conn_log WHERE stream_id = ? AND id <= ? ORDER BY id LIMIT ?)`,
+					streamID, last, connLogPrunes)
+			} else {
+				deleted, err = tx.exec(ctx, `DELETE FROM conn_log WHERE stream_id = ? AND id <= ?`, streamID, last)
+			}
 			return err
 		})
 		if err != nil {
 			return n, fmt.Errorf("storage: pruning conn log of stream %d: deleting: %w", streamID, err)
 		}
-		if n += deleted; deleted < connLogPrunes {
+		if n += deleted; !s.logSliced || deleted < connLogPrunes {
 			return n, nil
 		}
-		pauseSlices(ctx)
+		s.pauseSlices(ctx)
 	}
 }

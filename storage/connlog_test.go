@@ -448,9 +448,10 @@ func testPruneConnLogs(t *testing.T, b testBackend) {
 	}
 }
 
-// A prune of many more entries than one of its transactions deletes
-// (connLogPrunes) keeps exactly the newest, and only of its stream, with
-// the LogWriter's pauses between its transactions or without.
+// A prune of many more entries than one of SQLite's transactions deletes
+// (connLogPrunes; PostgreSQL's prune is one) keeps exactly the newest, and
+// only of its stream, with the LogWriter's pauses between its
+// transactions or without.
 func TestPruneConnLogsInSlices(t *testing.T) { eachBackend(t, testPruneConnLogsInSlices) }
 
 func testPruneConnLogsInSlices(t *testing.T, b testBackend) {

@@ -70,6 +70,14 @@ type core struct {
 	// node is the node name the store tags connection-log entries with.
 	node string
 
+	// logSliced: the store's statements run on this process's goroutine
+	// (SQLite), so the connection log is written and pruned in slices with
+	// the LogWriter's pauses between (connLogSlice, connLogPrunes).
+	// PostgreSQL's run on the server while the goroutine waits on the
+	// network, which lets the rest of the process run: slices would only
+	// add round trips.
+	logSliced bool
+
 	sealer sealer
 	now    func() time.Time
 }

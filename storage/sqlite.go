@@ -103,7 +103,7 @@ func openAt(path string, version int, opts OpenOptions) (*SQLite, error) {
 		return nil, fmt.Errorf("storage: open %s: %w", path, err)
 	}
 	s.core = core{be: s, reads: sqlConn{s.read}, settingSQL: `json_extract(settings, '$.%s')`,
-		node: opts.Node, now: time.Now}
+		node: opts.Node, now: time.Now, logSliced: true}
 	if err := migrate(context.Background(), s.write, migrations, version); err != nil {
 		s.Close()
 		return nil, fmt.Errorf("storage: open %s: %w", path, err)
@@ -365,7 +365,7 @@ func (s *SQLite) Close() error {
 //
 // The store is one node's: tracked writes are not recorded. The
 // LogWriter's transactions commit with synchronous=NORMAL, every other
-// with FULL (see OpenWith).
+// with FULL (see openPools).
 func (s *SQLite) inTx(ctx context.Context, _ bool, fn func(tx writeTx) error) error {
 	// The one write connection, held from its synchronous level to the
 	// commit.
