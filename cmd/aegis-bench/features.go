@@ -469,19 +469,15 @@ func runFeatures(ps []proxy, cfg config, up *upstreams, tmp string) ([]result, [
 	return results, notes
 }
 
-// featRounds is how many rounds the features test takes turns in, as
-// turnRounds.
-const featRounds = 3
-
 // featRound is the window of one test in one round, and the rounds:
-// -duration shared out between featRounds rounds after a warm-up of at
+// -duration shared out between turnRounds rounds after a warm-up of at
 // most 200 ms, or all of it in one round if that would be under 100 ms.
 func featRound(w window) (window, int) {
 	warmup := min(w.warmup, 200*time.Millisecond)
-	if w.dur/featRounds < 100*time.Millisecond {
+	if w.dur/turnRounds < 100*time.Millisecond {
 		return window{warmup: warmup, dur: w.dur}, 1
 	}
-	return window{warmup: warmup, dur: (w.dur / featRounds).Round(time.Millisecond)}, featRounds
+	return window{warmup: warmup, dur: (w.dur / turnRounds).Round(time.Millisecond)}, turnRounds
 }
 
 // record adds one round's value of key.
@@ -721,7 +717,7 @@ func (fr *featRun) checkRR() {
 		counts = append(counts, fmt.Sprint(n))
 		lo, hi = min(lo, n), max(hi, n)
 	}
-	if lo == 0 || hi-lo > max(2*featRounds, hi/1000) { // one or two per round
+	if lo == 0 || hi-lo > max(2*turnRounds, hi/1000) { // one or two per round
 		fr.res.notes = append(fr.res.notes, "check failed: round robin: uneven connections per upstream: "+strings.Join(counts, ", "))
 		return
 	}

@@ -185,7 +185,7 @@ func run(cfg config) (string, error) {
 		}
 		tw := tlsRound(cfg.w)
 		fmt.Printf("tls tests: ECDSA P-256 certificate for %s (leaf and CA), X25519, TLS 1.3 with TLS_AES_128_GCM_SHA256 (TLS 1.2: ECDHE-ECDSA-AES128-GCM-SHA256), full handshakes only; %s for handshakes; %d rounds taking turns between the proxies, %v counted in all after %v warm-up each\n",
-			tlsName, plural(cfg.workers, "worker"), tlsRounds, tlsRounds*tw.dur, tw.warmup)
+			tlsName, plural(cfg.workers, "worker"), turnRounds, turnRounds*tw.dur, tw.warmup)
 	}
 	if cfg.features {
 		if !cfg.tcp && !cfg.udp && !cfg.tls {
@@ -567,7 +567,8 @@ func probeWith(dial func(port int) (net.Conn, error), front ports, up *upstreams
 }
 
 // turnRounds is how many rounds the tests that take turns between the
-// proxies run (short connections, latency, UDP rate and new flows, TLS):
+// proxies run (short connections, latency, UDP rate and new flows, TLS,
+// stream settings):
 // each proxy runs once per round, so that a change in the machine's speed
 // during the run weighs on all of them alike.
 const turnRounds = 3

@@ -234,16 +234,13 @@ func probeTLS(front ports, up *upstreams, bc *benchCert) error {
 
 // --- the test ---
 
-// tlsRounds is how many rounds the TLS tests take turns in, as turnRounds.
-const tlsRounds = 3
-
 // tlsRound is the window of one test in one round: -duration shared out
 // between the rounds and halved (there are six tests), after a warm-up of
 // at most 200 ms.
 func tlsRound(w window) window {
 	return window{
 		warmup: min(w.warmup, 200*time.Millisecond),
-		dur:    max((w.dur / (2 * tlsRounds)).Round(time.Millisecond), 100*time.Millisecond),
+		dur:    max((w.dur / (2 * turnRounds)).Round(time.Millisecond), 100*time.Millisecond),
 	}
 }
 
@@ -282,7 +279,7 @@ type tlsRun struct {
 }
 
 // runTLS measures the proxies that can terminate TLS (direct cannot):
-// all of them start, the tests take turns between them for tlsRounds
+// all of them start, the tests take turns between them for turnRounds
 // rounds, and they stop.
 func runTLS(ps []proxy, cfg config, up *upstreams, tmp string) ([]result, []string) {
 	bc, err := newBenchCert(time.Now())
@@ -340,7 +337,7 @@ func runTLS(ps []proxy, cfg config, up *upstreams, tmp string) ([]result, []stri
 	}()
 
 	round := tlsRound(cfg.w)
-	for i := range tlsRounds {
+	for i := range turnRounds {
 		for _, t := range tests {
 			// Each round starts with another proxy.
 			for j := range runs {
@@ -348,7 +345,7 @@ func runTLS(ps []proxy, cfg config, up *upstreams, tmp string) ([]result, []stri
 				if r.c.exited() {
 					continue // noted when it died
 				}
-				udpStep(r.p, r.c, r.res, fmt.Sprintf("tls %s, round %d of %d", t.what, i+1, tlsRounds), func() error {
+				udpStep(r.p, r.c, r.res, fmt.Sprintf("tls %s, round %d of %d", t.what, i+1, turnRounds), func() error {
 					err := r.runTest(t, bc, cfg, up, round)
 					return newNote(r.errs, err)
 				})
