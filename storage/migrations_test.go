@@ -29,23 +29,29 @@ func TestMigrationsNumbered(t *testing.T) {
 
 func appliedVersions(t *testing.T, s *SQLite) []int {
 	t.Helper()
-	rows, err := s.read.Query(`SELECT version FROM schema_migrations ORDER BY version`)
+	return column[int](t, s, `SELECT version FROM schema_migrations ORDER BY version`)
+}
+
+// column is the one column that query selects, row by row.
+func column[T any](t *testing.T, s *SQLite, query string) []T {
+	t.Helper()
+	rows, err := s.read.Query(query)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer rows.Close()
-	var vs []int
+	var out []T
 	for rows.Next() {
-		var v int
+		var v T
 		if err := rows.Scan(&v); err != nil {
 			t.Fatal(err)
 		}
-		vs = append(vs, v)
+		out = append(out, v)
 	}
 	if err := rows.Err(); err != nil {
 		t.Fatal(err)
 	}
-	return vs
+	return out
 }
 
 // TestMigrateFromVersion1 builds a database as the first schema version
@@ -493,19 +499,7 @@ func TestMigrateSettingsToJSON(t *testing.T) {
 
 	// The columns: what the database indexes or constrains, and the rest
 	// in settings, which holds none of them.
-	var cols []string
-	rows, err := s.read.Query(`SELECT name FROM pragma_table_info('hosts') ORDER BY cid`)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for rows.Next() {
-		var c string
-		if err := rows.Scan(&c); err != nil {
-			t.Fatal(err)
-		}
-		cols = append(cols, c)
-	}
-	rows.Close()
+	cols := column[string](t, s, `SELECT name FROM pragma_table_info('hosts') ORDER BY cid`)
 	if want := []string{"id", "protocol", "listen_address", "listen_port", "enabled", "ssl_cert_id",
 		"settings", "created_at", "updated_at", "version"}; !reflect.DeepEqual(cols, want) {
 		t.Errorf("hosts columns %v, want %v", cols, want)
@@ -605,23 +599,7 @@ func TestMigrateDropsConnLogNodeIndex(t *testing.T) {
 	}
 	indexes := func(s *SQLite) []string {
 		t.Helper()
-		rows, err := s.read.Query(`SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'conn_log' AND sql IS NOT NULL ORDER BY name`)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer rows.Close()
-		var names []string
-		for rows.Next() {
-			var n string
-			if err := rows.Scan(&n); err != nil {
-				t.Fatal(err)
-			}
-			names = append(names, n)
-		}
-		if err := rows.Err(); err != nil {
-			t.Fatal(err)
-		}
-		return names
+		return column[string](t, s, `SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'conn_log' AND sql IS NOT NULL ORDER BY name`)
 	}
 	if got, want := indexes(old), []string{"conn_log_node_id", "conn_log_stream_id_id"}; !reflect.DeepEqual(got, want) {
 		t.Fatalf("indexes before the migration: %v, want %v", got, want)

@@ -4,8 +4,6 @@ package streams_test
 
 import (
 	"context"
-	"fmt"
-	"net"
 	"runtime"
 	"testing"
 	"time"
@@ -29,16 +27,7 @@ func TestPlainStreamOnTheEventLoop(t *testing.T) {
 	cfg := hosts(host(1, port, up.Port, nil))
 	inst := startCaddy(t, cfg)
 	before := runtime.NumGoroutine()
-	conns := make([]net.Conn, n)
-	var want uint64
-	for i := range conns {
-		conns[i] = dial(t, port)
-		msg := fmt.Sprintf("hello %d", i)
-		if got := roundTrip(t, conns[i], msg); got != msg {
-			t.Fatalf("connection %d: echoed %q, want %q", i, got, msg)
-		}
-		want += uint64(len(msg))
-	}
+	conns, want := openEchoed(t, port, n)
 	// At once, not after a park: the upstream's handlers are a goroutine
 	// per connection; the proxy adds none.
 	if grew := runtime.NumGoroutine() - before; grew > n+10 {

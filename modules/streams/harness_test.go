@@ -174,6 +174,24 @@ var (
 	udpRead      = testenv.UDPRead
 )
 
+// openEchoed opens n connections to port on 127.0.0.1, each with one
+// message ("hello i") echoed, and returns them with the bytes that moved
+// each way.
+func openEchoed(t *testing.T, port, n int) ([]net.Conn, uint64) {
+	t.Helper()
+	conns := make([]net.Conn, n)
+	var bytes uint64
+	for i := range conns {
+		conns[i] = dial(t, port)
+		msg := fmt.Sprintf("hello %d", i)
+		if got := roundTrip(t, conns[i], msg); got != msg {
+			t.Fatalf("connection %d: echoed %q, want %q", i, got, msg)
+		}
+		bytes += uint64(len(msg))
+	}
+	return conns, bytes
+}
+
 // dialFrom connects to port on 127.0.0.1 from the loopback address src,
 // closed when the test ends.
 func dialFrom(t *testing.T, src string, port int) net.Conn {

@@ -5,7 +5,6 @@ package streams_test
 import (
 	"fmt"
 	"io"
-	"net"
 	"runtime"
 	"strings"
 	"testing"
@@ -62,16 +61,7 @@ func TestParkedConnections(t *testing.T) {
 	port, h := parkingStream(t, up.Port, nil)
 	inst := startCaddy(t, hosts(h))
 	before := runtime.NumGoroutine()
-	conns := make([]net.Conn, n)
-	var want uint64
-	for i := range conns {
-		conns[i] = dial(t, port)
-		msg := fmt.Sprintf("hello %d", i)
-		if got := roundTrip(t, conns[i], msg); got != msg {
-			t.Fatalf("connection %d: echoed %q, want %q", i, got, msg)
-		}
-		want += uint64(len(msg))
-	}
+	conns, want := openEchoed(t, port, n)
 	if relayGoroutines() == 0 {
 		t.Fatal("no relay goroutine right after the round trips: the connections are not on the chain's relay, which parks")
 	}
