@@ -47,7 +47,7 @@ func BenchmarkConnLogSteady(b *testing.B) {
 	for _, bk := range backends {
 		b.Run(bk.name, func(b *testing.B) {
 			s := bk.store(b)
-			ctx := context.Background()
+			ctx := forLogWriter(context.Background())
 			// Start full: retention entries and a prune's worth more.
 			for range (DefaultLogRetention / len(batch)) + pruneEvery {
 				if err := s.AppendConnLogs(ctx, batch); err != nil {

@@ -109,7 +109,7 @@ func openAt(path string, version int, opts OpenOptions) (*SQLite, error) {
 		return nil, fmt.Errorf("storage: open %s: %w", path, err)
 	}
 	if version >= connLogVersion {
-		if err := s.prepareKept(connLogInserts); err != nil {
+		if err := s.prepareKept(append(connLogInserts[:len(connLogInserts):len(connLogInserts)], connLogPrune)); err != nil {
 			s.Close()
 			return nil, fmt.Errorf("storage: open %s: %w", path, err)
 		}
