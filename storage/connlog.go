@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
+	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 	"math/bits"
 	"strings"
 	"time"
@@ -145,46 +146,41 @@ func (b *connLogBoxes) millis(c int, t time.Time) any {
 const connLogVersion = 10
 
 // connLogSlice is the most entries one statement of AppendConnLogs
-// writes on a store that slices the log (core.logSliced): about 90 µs of
-// SQLite's work.
-const connLogSlice = 16
+// writes on a store that slices the log (core.logSliced): logpace.Slice,
+// about 12 µs of SQLite's work.
+const connLogSlice = logpace.Slice
 
 // connLogPrunes is the most entries one statement of PruneConnLogs
-// deletes on a store that slices the log: about as long as connLogSlice
-// inserts.
+// deletes on a store that slices the log: about as long as 16 inserts,
+// longer than an insert's slice, but a prune comes once per Retention
+// entries.
 const connLogPrunes = 64
-
-// slicePause is how long the LogWriter pauses between the slices of a
-// write (pauseSlices): long enough that Go's scheduler, finding nothing
-// else to run, polls the network before it ends, so that the
-// connections' events are served between slices. (With GOMAXPROCS=1 a
-// goroutine that does not block holds back every other until it does.)
-const slicePause = 20 * time.Microsecond
 
 type logWriterKey struct{}
 
-// forLogWriter marks ctx as the LogWriter's: AppendConnLogs and
-// PruneConnLogs pause between their slices (pauseSlices), and SQLite
-// commits their transactions without a sync (SQLite.inTx).
-func forLogWriter(ctx context.Context) context.Context {
-	return context.WithValue(ctx, logWriterKey{}, true)
+// forLogWriter marks ctx as the LogWriter's, with the pacer of its slices:
+// AppendConnLogs and PruneConnLogs pause between their slices
+// (pauseSlices), and SQLite commits their transactions without a sync
+// (SQLite.inTx).
+func forLogWriter(ctx context.Context, pace *logpace.Pacer) context.Context {
+	return context.WithValue(ctx, logWriterKey{}, pace)
 }
 
 // isLogWriter reports whether ctx is the LogWriter's (forLogWriter).
 func isLogWriter(ctx context.Context) bool { return ctx.Value(logWriterKey{}) != nil }
 
-// pauseSlices pauses for slicePause in the LogWriter's writes to a store
-// that slices the log.
+// pauseSlices pauses between two slices of the LogWriter's writes to a
+// store that slices the log (see logpace).
 func (s *core) pauseSlices(ctx context.Context) {
-	if s.logSliced && isLogWriter(ctx) {
-		time.Sleep(slicePause)
+	if pace, _ := ctx.Value(logWriterKey{}).(*logpace.Pacer); s.logSliced && pace != nil {
+		pace.Pause()
 	}
 }
 
 // connLogInserts are the INSERT statements of the connection log: the
 // one at index k writes 1<<k entries. A batch is written as a sum of
 // them, the biggest first (100 entries: 64 + 32 + 4; on a store that
-// slices the log, 6×16 + 4, with the LogWriter's pauses between, so that
+// slices the log, 50×2, with the LogWriter's pauses between, so that
 // no connection's events wait behind more than one), so that a store
 // runs a handful of fixed statements, which it keeps prepared
 // (writeTx.execKept), whatever the batch sizes: parsing a statement of

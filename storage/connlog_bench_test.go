@@ -4,6 +4,7 @@ package storage
 
 import (
 	"context"
+	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 	"syscall"
 	"testing"
 	"time"
@@ -47,7 +48,7 @@ func BenchmarkConnLogSteady(b *testing.B) {
 	for _, bk := range backends {
 		b.Run(bk.name, func(b *testing.B) {
 			s := bk.store(b)
-			ctx := forLogWriter(context.Background())
+			ctx := forLogWriter(context.Background(), new(logpace.Pacer))
 			// Start full: retention entries and a prune's worth more.
 			for range (DefaultLogRetention / len(batch)) + pruneEvery {
 				if err := s.AppendConnLogs(ctx, batch); err != nil {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 	"reflect"
 	"strings"
 	"testing"
@@ -464,7 +465,7 @@ func testPruneConnLogsInSlices(t *testing.T, b testBackend) {
 			batch = append(batch, ConnLog{StreamID: 2, Action: ActionAllowed, BytesSent: int64(i)})
 		}
 	}
-	if err := s.AppendConnLogs(forLogWriter(ctx), batch); err != nil {
+	if err := s.AppendConnLogs(forLogWriter(ctx, new(logpace.Pacer)), batch); err != nil {
 		t.Fatal(err)
 	}
 	for _, tc := range []struct {
@@ -472,9 +473,9 @@ func testPruneConnLogsInSlices(t *testing.T, b testBackend) {
 		keep    int
 		deleted int64
 	}{
-		{forLogWriter(ctx), 937, 1000 - 937},
+		{forLogWriter(ctx, new(logpace.Pacer)), 937, 1000 - 937},
 		{ctx, 37, 937 - 37},
-		{forLogWriter(ctx), 0, 37},
+		{forLogWriter(ctx, new(logpace.Pacer)), 0, 37},
 	} {
 		n, err := s.PruneConnLogs(tc.ctx, 1, tc.keep)
 		if err != nil || n != tc.deleted {

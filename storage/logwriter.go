@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -149,6 +150,9 @@ type LogWriter struct {
 	lost uint64
 	// droppedBefore is Dropped when the current failure began.
 	droppedBefore uint64
+	// pace paces the slices of the writer's writes (forLogWriter); only
+	// the writer's goroutine uses it.
+	pace logpace.Pacer
 }
 
 // NewLogWriter starts a LogWriter that writes to store. Close it to stop
@@ -307,7 +311,7 @@ func (w *LogWriter) run() {
 func (w *LogWriter) write(batch []ConnLog, mayKeep bool) (kept bool, err error) {
 	ctx, cancel := context.WithTimeout(context.Background(), w.opts.WriteTimeout)
 	defer cancel()
-	if err := w.store.AppendConnLogs(forLogWriter(ctx), batch); err != nil {
+	if err := w.store.AppendConnLogs(forLogWriter(ctx, &w.pace), batch); err != nil {
 		err = fmt.Errorf("writing a batch of %d connection-log entries: %w", len(batch), err)
 		if mayKeep && w.opts.Retry > 0 && errors.Is(err, ErrUnavailable) {
 			w.report(fmt.Errorf("%w; entries wait (up to %d, then they are dropped and counted) and are tried again every %v, and further failures are not reported",
@@ -345,7 +349,7 @@ func (w *LogWriter) prune(touched map[int64]int, least int) {
 		}
 		delete(touched, id)
 		ctx, cancel := context.WithTimeout(context.Background(), w.opts.WriteTimeout)
-		_, err := w.store.PruneConnLogs(forLogWriter(ctx), id, w.opts.Retention)
+		_, err := w.store.PruneConnLogs(forLogWriter(ctx, &w.pace), id, w.opts.Retention)
 		cancel()
 		if err != nil {
 			w.report(err)

@@ -3,6 +3,7 @@ package storage
 import (
 	"context"
 	"errors"
+	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 	"os"
 	"path/filepath"
 	"strings"
@@ -147,9 +148,9 @@ func TestSynchronousByWriter(t *testing.T) {
 		want    int
 	}{
 		{ctx, true, 2},
-		{forLogWriter(ctx), false, 1},
+		{forLogWriter(ctx, new(logpace.Pacer)), false, 1},
 		{ctx, true, 2},
-		{forLogWriter(ctx), false, 1},
+		{forLogWriter(ctx, new(logpace.Pacer)), false, 1},
 		{ctx, false, 2}, // the key canary, ForgetKeys, the history
 	} {
 		if got := level(tc.ctx, tc.tracked); got != tc.want {

@@ -15,6 +15,7 @@ package streamstate
 import (
 	"context"
 	"fmt"
+	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 	"net/netip"
 	"strconv"
 	"sync"
@@ -357,22 +358,13 @@ func (s *State) SetLogSink(f func(LogRecord) bool) {
 // logger. The line carries the stream's name and ID itself: l must not.
 func (s *State) SetConnLogger(l *zap.Logger) { s.connLog.Store(l) }
 
-// The log goroutine writes logSlice lines at a time (about 70 µs), with
-// a pause of logPause between: long enough that Go's scheduler, finding
-// nothing else to run, polls the network before it ends. Without it a
-// burst of entries (a stream's connections closed at once) would hold
-// every connection's events back until its last line (GOMAXPROCS=1).
-const (
-	logSlice = 16
-	logPause = 20 * time.Microsecond
-)
-
 // writeLogs writes queued connection-log entries off the data path until
 // the state is shut down, then flushes what is queued. The queue is never
 // closed, so a late entry is dropped instead of panicking.
 func (s *State) writeLogs() {
 	defer close(s.logDone)
 	var batch []logEntry
+	var pace logpace.Pacer // lines in slices (see logpace)
 	for {
 		stop := false
 		select {
@@ -382,8 +374,8 @@ func (s *State) writeLogs() {
 		}
 		batch = s.logq.take(batch)
 		for i, e := range batch {
-			if i > 0 && i%logSlice == 0 {
-				time.Sleep(logPause)
+			if i > 0 && i%logpace.Slice == 0 {
+				pace.Pause()
 			}
 			s.writeLog(e)
 		}
