@@ -4,12 +4,12 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
-	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 	"math/bits"
 	"strings"
 	"time"
 
 	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
+	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 )
 
 // validConnLog checks what the conn_log table requires of an entry.
@@ -147,7 +147,7 @@ const connLogVersion = 10
 
 // connLogSlice is the most entries one statement of AppendConnLogs
 // writes on a store that slices the log (core.logSliced): logpace.Slice,
-// about 12 µs of SQLite's work.
+// about 10 µs of SQLite's work.
 const connLogSlice = logpace.Slice
 
 // connLogPrunes is the most entries one statement of PruneConnLogs

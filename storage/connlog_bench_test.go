@@ -4,12 +4,12 @@ package storage
 
 import (
 	"context"
-	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
+	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 )
 
 // cpuTime is the CPU time this process has used, user and system.

@@ -4,13 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 	"reflect"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
+	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 )
 
 func TestConnLogRoundTrip(t *testing.T) { eachBackend(t, testConnLogRoundTrip) }

@@ -4,10 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 )
 
 // Defaults of LogWriterOptions.

@@ -3,12 +3,13 @@ package storage
 import (
 	"context"
 	"errors"
-	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 	"runtime"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 )
 
 // fakeLogStore records what a LogWriter writes. Methods a LogWriter does

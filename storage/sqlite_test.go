@@ -3,11 +3,12 @@ package storage
 import (
 	"context"
 	"errors"
-	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 )
 
 // newStore opens a store on a new file in t.TempDir, closed at cleanup.

@@ -15,7 +15,6 @@ package streamstate
 import (
 	"context"
 	"fmt"
-	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 	"net/netip"
 	"strconv"
 	"sync"
@@ -25,6 +24,8 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
+
+	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 )
 
 // DefaultGracePeriod is how long a stream that goes away waits for its open

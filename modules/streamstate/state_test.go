@@ -3,7 +3,6 @@ package streamstate
 import (
 	"bufio"
 	"encoding/json"
-	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 	"io"
 	"net"
 	"net/netip"
@@ -20,6 +19,7 @@ import (
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
 )
 
