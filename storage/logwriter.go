@@ -151,9 +151,10 @@ type LogWriter struct {
 	lost uint64
 	// droppedBefore is Dropped when the current failure began.
 	droppedBefore uint64
-	// pace paces the slices of the writer's writes (forLogWriter); only
-	// the writer's goroutine uses it.
-	pace logpace.Pacer
+	// pace paces the slices of the writer's writes (forLogWriter), and
+	// hurries them once Close was called; only the writer's goroutine
+	// uses it.
+	pace *logpace.Pacer
 }
 
 // NewLogWriter starts a LogWriter that writes to store. Close it to stop
@@ -166,6 +167,7 @@ func NewLogWriter(store Store, opts LogWriterOptions) *LogWriter {
 		queue: make(chan ConnLog, opts.QueueSize),
 		stop:  make(chan struct{}),
 		done:  make(chan struct{}),
+		pace:  new(logpace.Pacer),
 	}
 	go w.run()
 	return w
@@ -288,7 +290,8 @@ func (w *LogWriter) run() {
 		case <-w.stop:
 			// Enqueue sends nothing more: write what is left in one
 			// transaction, so that Close waits for one write, not for
-			// many batches.
+			// many batches, nor for a pause per slice.
+			w.pace = logpace.Hurried()
 			for drained := false; !drained; {
 				select {
 				case e := <-w.queue:
@@ -312,7 +315,7 @@ func (w *LogWriter) run() {
 func (w *LogWriter) write(batch []ConnLog, mayKeep bool) (kept bool, err error) {
 	ctx, cancel := context.WithTimeout(context.Background(), w.opts.WriteTimeout)
 	defer cancel()
-	if err := w.store.AppendConnLogs(forLogWriter(ctx, &w.pace), batch); err != nil {
+	if err := w.store.AppendConnLogs(forLogWriter(ctx, w.pace), batch); err != nil {
 		err = fmt.Errorf("writing a batch of %d connection-log entries: %w", len(batch), err)
 		if mayKeep && w.opts.Retry > 0 && errors.Is(err, ErrUnavailable) {
 			w.report(fmt.Errorf("%w; entries wait (up to %d, then they are dropped and counted) and are tried again every %v, and further failures are not reported",
@@ -350,7 +353,7 @@ func (w *LogWriter) prune(touched map[int64]int, least int) {
 		}
 		delete(touched, id)
 		ctx, cancel := context.WithTimeout(context.Background(), w.opts.WriteTimeout)
-		_, err := w.store.PruneConnLogs(forLogWriter(ctx, &w.pace), id, w.opts.Retention)
+		_, err := w.store.PruneConnLogs(forLogWriter(ctx, w.pace), id, w.opts.Retention)
 		cancel()
 		if err != nil {
 			w.report(err)

@@ -10,11 +10,10 @@
 // short-connection rate went from about 0.92 to 0.99 × HAProxy's in
 // alternating rounds (the clients sat idle while a slice of 16 ran).
 //
-// A sleep that ends much later than asked means nothing else wanted the
-// CPU (the scheduler waited in the network poller, whose timeout is in
-// milliseconds): the writer then writes the next entries without a pause,
-// so that a burst written while the process is idle (a stream stopped with
-// thousands of connections) is not spread over seconds of 1 ms sleeps.
+// When nothing else runs, a sleep lasts about a millisecond (the network
+// poller waits in whole milliseconds), so an idle writer drains a backlog
+// slowly; nothing else waits for it then. A writer that must finish soon
+// (its stream stops, the store closes) uses a Hurried pacer.
 package logpace
 
 import "time"
@@ -24,34 +23,33 @@ const (
 	Slice = 2
 	// Pause is how long a writer sleeps between two slices.
 	Pause = 20 * time.Microsecond
-	// idle is how late a sleep must end for the process to count as idle.
-	idle = 500 * time.Microsecond
-	// idleRun is how many slices follow an idle sleep without a pause.
-	idleRun = 32
+	// hurriedEvery is how many slices a Hurried pacer lets go between two
+	// pauses.
+	hurriedEvery = 32
 )
 
-// now and sleep are time.Now and time.Sleep, but in tests.
-var (
-	now   = time.Now
-	sleep = time.Sleep
-)
+// sleep is time.Sleep, but in tests.
+var sleep = time.Sleep
 
-// Pacer tells one writer when to pause. Its zero value is ready; it is
-// not safe for concurrent use.
+// Pacer tells one writer when to pause. Its zero value pauses between
+// every two slices. It is not safe for concurrent use.
 type Pacer struct {
-	free int // slices left to write without a pause
+	every int // pause once per this many slices; 0: every slice
+	n     int // slices since the last pause
 }
 
-// Pause is called between two slices: it sleeps for Pause unless the last
-// sleep found the process idle.
+// Hurried returns a pacer for a writer that must finish soon: it pauses
+// once per 32 slices, so that a stopping stream's backlog of thousands of
+// entries is written in tens of milliseconds, not seconds, and still no
+// connection waits behind more than a few hundred microseconds of it.
+func Hurried() *Pacer { return &Pacer{every: hurriedEvery} }
+
+// Pause is called between two slices: it sleeps for Pause, or for a
+// Hurried pacer, once per 32 calls.
 func (p *Pacer) Pause() {
-	if p.free > 0 {
-		p.free--
+	if p.n++; p.n < p.every {
 		return
 	}
-	start := now()
+	p.n = 0
 	sleep(Pause)
-	if now().Sub(start) >= idle {
-		p.free = idleRun
-	}
 }

@@ -359,6 +359,16 @@ func (s *State) SetLogSink(f func(LogRecord) bool) {
 // logger. The line carries the stream's name and ID itself: l must not.
 func (s *State) SetConnLogger(l *zap.Logger) { s.connLog.Store(l) }
 
+// stopping reports whether the state is shutting down (logStop closed).
+func (s *State) stopping() bool {
+	select {
+	case <-s.logStop:
+		return true
+	default:
+		return false
+	}
+}
+
 // writeLogs writes queued connection-log entries off the data path until
 // the state is shut down, then flushes what is queued. The queue is never
 // closed, so a late entry is dropped instead of panicking.
@@ -374,9 +384,13 @@ func (s *State) writeLogs() {
 			stop = true
 		}
 		batch = s.logq.take(batch)
+		p := &pace
 		for i, e := range batch {
 			if i > 0 && i%logpace.Slice == 0 {
-				pace.Pause()
+				if p == &pace && s.stopping() {
+					p = logpace.Hurried() // the stream waits for what is left
+				}
+				p.Pause()
 			}
 			s.writeLog(e)
 		}
