@@ -449,10 +449,10 @@ func testPruneConnLogs(t *testing.T, b testBackend) {
 	}
 }
 
-// A prune of many more entries than one of SQLite's transactions deletes
-// (connLogPrunes; PostgreSQL's prune is one) keeps exactly the newest, and
-// only of its stream, with the LogWriter's pauses between its
-// transactions or without.
+// A prune of many more entries than one of SQLite's DELETEs takes
+// (connLogPrunes; PostgreSQL's prune is one statement) keeps exactly the
+// newest, and only of its stream, with the LogWriter's pauses between its
+// statements or without.
 func TestPruneConnLogsInSlices(t *testing.T) { eachBackend(t, testPruneConnLogsInSlices) }
 
 func testPruneConnLogsInSlices(t *testing.T, b testBackend) {

@@ -433,3 +433,26 @@ func TestLogWriterYieldsBetweenSlices(t *testing.T) {
 		t.Fatalf("another goroutine ran %d times during a write of %d slices, want about one a pause: the writer held the only P", n, slices)
 	}
 }
+
+// Close writes what is queued in one transaction, and hurries it
+// (logpace.Hurried): a pause per 32 slices, not one per slice, which when
+// nothing else runs lasts about 1 ms. Here 4,096 entries wait for Close
+// (no batch fills, no flush comes due): its 2,048 INSERTs pause 63 times,
+// not 2,047, and there is nothing to prune.
+func TestLogWriterCloseHurries(t *testing.T) {
+	const entries = 4096
+	s := newStore(t)
+	w := NewLogWriter(s, LogWriterOptions{QueueSize: 2 * entries, BatchSize: 2 * entries, FlushInterval: time.Hour})
+	for i := range entries {
+		if !w.Enqueue(ConnLog{StreamID: 1, Action: ActionAllowed, BytesSent: int64(i)}) {
+			t.Fatalf("entry %d not queued", i)
+		}
+	}
+	if err := w.Close(); err != nil || w.Written() != entries {
+		t.Fatalf("Close: %v, %d of %d entries written", err, w.Written(), entries)
+	}
+	slices := entries / connLogSlice
+	if got, want := w.pace.Slept(), (slices-1)/32; got != want {
+		t.Fatalf("Close paused %d times between %d slices, want %d (once per 32)", got, slices, want)
+	}
+}

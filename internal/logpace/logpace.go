@@ -36,6 +36,7 @@ var sleep = time.Sleep
 type Pacer struct {
 	every int // pause once per this many slices; 0: every slice
 	n     int // slices since the last pause
+	slept int // pauses so far
 }
 
 // Hurried returns a pacer for a writer that must finish soon: it pauses
@@ -51,5 +52,9 @@ func (p *Pacer) Pause() {
 		return
 	}
 	p.n = 0
+	p.slept++
 	sleep(Pause)
 }
+
+// Slept is how many times the pacer paused.
+func (p *Pacer) Slept() int { return p.slept }

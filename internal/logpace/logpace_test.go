@@ -19,6 +19,9 @@ func pauses(t *testing.T, p *Pacer, n int) int {
 	for range n {
 		p.Pause()
 	}
+	if p.Slept() != slept {
+		t.Errorf("Slept() = %d, want %d", p.Slept(), slept)
+	}
 	return slept
 }
 

@@ -421,3 +421,45 @@ func TestLogBurstYieldsBetweenSlices(t *testing.T) {
 		t.Fatalf("another goroutine ran %d times while %d slices of lines were written, want about one a pause: the log goroutine held the only P", n, slices)
 	}
 }
+
+// A stopping stream waits for its log goroutine to write what is queued,
+// so that goroutine hurries (logpace.Hurried): a pause per 32 slices, not
+// one per slice, which when nothing else runs lasts about 1 ms, seconds
+// for a full queue. A goroutine that is always ready to run counts the
+// times it finds more lines written since its last turn, that is, the
+// writer's runs between two pauses (or preemptions): about 32 for 2,048
+// lines, against about a thousand with a pause per slice.
+func TestStoppingLogWriterHurries(t *testing.T) {
+	const lines = 2048
+	st := New(1)
+	st.SetConnLogger(zap.New(zapcore.NewCore(zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig()), zapcore.AddSync(io.Discard), zap.InfoLevel)))
+	var logged atomic.Int64
+	st.SetLogSink(func(LogRecord) bool { logged.Add(1); return true })
+
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+	for i := range lines {
+		st.enqueueLog(logEntry{rec: LogRecord{StreamID: 1, Stream: "t", ConnID: uint64(i), Source: netip.MustParseAddrPort("192.0.2.9:53"), Upstream: "192.0.2.10:53"}})
+	}
+	st.cancel()
+	close(st.logStop)
+	runs, seen := 0, int64(0)
+	for done := false; !done; {
+		select {
+		case <-st.logDone:
+			done = true
+		default:
+			if n := logged.Load(); n != seen {
+				runs, seen = runs+1, n
+			}
+			runtime.Gosched()
+		}
+	}
+	if n := logged.Load(); n != lines {
+		t.Fatalf("%d of %d queued lines written before the stop ended", n, lines)
+	}
+	slices := lines / logpace.Slice
+	t.Logf("the stopping stream's log goroutine wrote %d lines in %d slices and %d runs", lines, slices, runs)
+	if runs >= slices/4 {
+		t.Fatalf("a stopping stream wrote %d slices of lines in %d runs: it paused at about every slice, not once per 32", slices, runs)
+	}
+}
