@@ -48,7 +48,9 @@ func BenchmarkConnLogSteady(b *testing.B) {
 	for _, bk := range backends {
 		b.Run(bk.name, func(b *testing.B) {
 			s := bk.store(b)
-			ctx := forLogWriter(context.Background(), new(logpace.Pacer))
+			// A deadline, as the LogWriter's writes have.
+			ctx, cancel := context.WithTimeout(forLogWriter(context.Background(), new(logpace.Pacer)), time.Hour)
+			defer cancel()
 			// Start full: retention entries and a prune's worth more.
 			for range (DefaultLogRetention / len(batch)) + pruneEvery {
 				if err := s.AppendConnLogs(ctx, batch); err != nil {

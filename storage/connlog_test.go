@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+	"runtime/metrics"
 	"strings"
 	"testing"
 	"time"
@@ -496,5 +497,29 @@ func testPruneConnLogsInSlices(t *testing.T, b testBackend) {
 	}
 	if es, err := s.ConnLogs(ctx, ConnLogQuery{StreamID: 2, Limit: MaxConnLogLimit}); err != nil || len(es) != 334 {
 		t.Fatalf("stream 2 after pruning stream 1: %d entries, %v; want 334", len(es), err)
+	}
+}
+
+// The LogWriter's writes have a deadline, and for a statement whose
+// context can end, modernc.org/sqlite starts a goroutine to interrupt it.
+// The connection log's kept statements run without one: writing 512
+// entries (256 INSERTs of 2) starts a handful of goroutines (the
+// transaction's), not one per statement.
+func TestConnLogWritesStartNoGoroutinePerStatement(t *testing.T) {
+	s := newStore(t)
+	ctx, cancel := context.WithTimeout(forLogWriter(context.Background(), new(logpace.Pacer)), time.Minute)
+	defer cancel()
+	batch := udpFlowLogs(512)
+	created := func() uint64 {
+		m := []metrics.Sample{{Name: "/sched/goroutines-created:goroutines"}}
+		metrics.Read(m)
+		return m[0].Value.Uint64()
+	}
+	before := created()
+	if err := s.AppendConnLogs(ctx, batch); err != nil {
+		t.Fatal(err)
+	}
+	if n := created() - before; n > 16 {
+		t.Fatalf("writing %d entries in %d statements started %d goroutines, want a handful", len(batch), len(batch)/connLogSlice, n)
 	}
 }
