@@ -116,13 +116,22 @@ async function waitFor(what, fn, timeout = STEP_MS, interval = 100) {
   }
 }
 
-// freePort finds a loopback TCP port in 20000-32767 that nothing holds now.
+// handedOut holds every port freePort and threePorts returned in this run:
+// a port a test keeps closed (an upstream that must be down) is in no
+// S.ports, and must not be handed to the next stream.
+const handedOut = new Set();
+
+// freePort finds a loopback TCP port in 20000-32767 that nothing holds now
+// and that it has not returned before.
 async function freePort() {
   const taken = new Set(Object.values(S.ports));
   for (let i = 0; i < 200; i++) {
     const port = 20000 + Math.floor(Math.random() * 12768);
-    if (taken.has(port)) continue;
-    if (await canBind(port)) return port;
+    if (taken.has(port) || handedOut.has(port)) continue;
+    if (await canBind(port)) {
+      handedOut.add(port);
+      return port;
+    }
   }
   throw new Error('no free port in 20000-32767 after 200 tries');
 }
@@ -1213,7 +1222,10 @@ test('the cluster page says when the database cannot be read, and marks stale an
 async function threePorts() {
   for (let i = 0; i < 50; i++) {
     const p = await freePort();
-    if (p < 32000 && await canBind(p + 1) && await canBind(p + 2)) return p;
+    if (p < 32000 && !handedOut.has(p + 1) && !handedOut.has(p + 2) && await canBind(p + 1) && await canBind(p + 2)) {
+      handedOut.add(p + 1).add(p + 2);
+      return p;
+    }
   }
   throw new Error('no three free ports in a row after 50 tries');
 }
