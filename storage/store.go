@@ -143,8 +143,8 @@ type Store interface {
 
 	// PruneConnLogs deletes all but the newest keep entries of one stream's
 	// connection log and returns how many it deleted. keep 0 deletes them
-	// all; a negative keep is ErrInvalid. SQLite deletes them in several
-	// transactions: after an error, some may be deleted (and counted).
+	// all; a negative keep is ErrInvalid. The deletes are one transaction:
+	// after an error none are deleted, and 0 is returned.
 	PruneConnLogs(ctx context.Context, streamID int64, keep int) (int64, error)
 
 	// ListCertificates returns every certificate, ordered by ID, without

@@ -402,14 +402,7 @@ func TestLogBurstYieldsBetweenSlices(t *testing.T) {
 		close(st.logStop)
 		<-st.logDone
 	}()
-	st.SetConnLogger(zap.New(zapcore.NewCore(zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig()), zapcore.AddSync(io.Discard), zap.InfoLevel)))
-	var logged atomic.Int64
-	st.SetLogSink(func(LogRecord) bool { logged.Add(1); return true })
-
-	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
-	for i := range lines {
-		st.enqueueLog(logEntry{rec: LogRecord{StreamID: 1, Stream: "t", ConnID: uint64(i), Source: netip.MustParseAddrPort("192.0.2.9:53"), Upstream: "192.0.2.10:53"}})
-	}
+	logged := queueLines(t, st, lines)
 	var turns atomic.Int64
 	for logged.Load() < lines {
 		turns.Add(1)
@@ -422,6 +415,22 @@ func TestLogBurstYieldsBetweenSlices(t *testing.T) {
 	}
 }
 
+// queueLines sets GOMAXPROCS to 1 for the rest of the test and queues n
+// log entries on st, whose lines go nowhere; it returns the count of
+// entries st's log goroutine has written so far.
+func queueLines(t *testing.T, st *State, n int) *atomic.Int64 {
+	t.Helper()
+	st.SetConnLogger(zap.New(zapcore.NewCore(zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig()), zapcore.AddSync(io.Discard), zap.InfoLevel)))
+	logged := new(atomic.Int64)
+	st.SetLogSink(func(LogRecord) bool { logged.Add(1); return true })
+	procs := runtime.GOMAXPROCS(1)
+	t.Cleanup(func() { runtime.GOMAXPROCS(procs) })
+	for i := range n {
+		st.enqueueLog(logEntry{rec: LogRecord{StreamID: 1, Stream: "t", ConnID: uint64(i), Source: netip.MustParseAddrPort("192.0.2.9:53"), Upstream: "192.0.2.10:53"}})
+	}
+	return logged
+}
+
 // A stopping stream waits for its log goroutine to write what is queued,
 // so that goroutine hurries (logpace.Hurried): a pause per 32 slices, not
 // one per slice, which when nothing else runs lasts about 1 ms, seconds
@@ -432,14 +441,7 @@ func TestLogBurstYieldsBetweenSlices(t *testing.T) {
 func TestStoppingLogWriterHurries(t *testing.T) {
 	const lines = 2048
 	st := New(1)
-	st.SetConnLogger(zap.New(zapcore.NewCore(zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig()), zapcore.AddSync(io.Discard), zap.InfoLevel)))
-	var logged atomic.Int64
-	st.SetLogSink(func(LogRecord) bool { logged.Add(1); return true })
-
-	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
-	for i := range lines {
-		st.enqueueLog(logEntry{rec: LogRecord{StreamID: 1, Stream: "t", ConnID: uint64(i), Source: netip.MustParseAddrPort("192.0.2.9:53"), Upstream: "192.0.2.10:53"}})
-	}
+	logged := queueLines(t, st, lines)
 	st.cancel()
 	close(st.logStop)
 	runs, seen := 0, int64(0)
