@@ -130,6 +130,9 @@ type sqliteTx struct {
 	sqlConn
 	tx   *sql.Tx
 	kept map[string]*sql.Stmt // the store's prepared statements, by query
+	// inTx holds kept's statements bound to tx, made at their first use
+	// in it; the transaction's end closes them.
+	inTx map[*sql.Stmt]*sql.Stmt
 }
 
 func (sqliteTx) changed(context.Context, string, string, int64) error { return nil }
@@ -150,8 +153,11 @@ func (t sqliteTx) execKept(ctx context.Context, query string, args ...any) (int6
 	if !ok {
 		return t.exec(ctx, query, args...)
 	}
-	ts := t.tx.StmtContext(ctx, st)
-	defer ts.Close()
+	ts, ok := t.inTx[st]
+	if !ok {
+		ts = t.tx.StmtContext(ctx, st)
+		t.inTx[st] = ts
+	}
 	res, err := ts.ExecContext(ctx, args...)
 	if err != nil {
 		return 0, err

@@ -386,7 +386,7 @@ func (s *SQLite) inTx(ctx context.Context, _ bool, fn func(tx writeTx) error) er
 		return s.unavailable(fmt.Errorf("beginning transaction: %w", err))
 	}
 	defer tx.Rollback() // no-op after Commit; runs on a panic in fn too
-	if err := fn(sqliteTx{sqlConn: sqlConn{tx}, tx: tx, kept: s.kept}); err != nil {
+	if err := fn(sqliteTx{sqlConn: sqlConn{tx}, tx: tx, kept: s.kept, inTx: make(map[*sql.Stmt]*sql.Stmt, 2)}); err != nil {
 		return s.unavailable(err)
 	}
 	if err := tx.Commit(); err != nil {
