@@ -329,9 +329,6 @@ func (s *State) takeSlot(max int) bool {
 // the stream shuts down wakes Destruct, which waits for it.
 func (s *State) Leave() {
 	if s.Active.Add(-1) == 0 && s.draining.Load() {
-		select {
-		case s.idle <- struct{}{}:
-		default:
-		}
+		signal(s.idle)
 	}
 }

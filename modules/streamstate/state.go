@@ -33,11 +33,26 @@ import (
 const DefaultGracePeriod = 5 * time.Second
 
 // logQueueSize bounds the connection-log entries waiting to be written;
-// logQueueKeep is the most room a stream keeps for them between bursts.
+// logQueueKeep is the most room a stream keeps for them between bursts,
+// and the number of waiting entries that ends a burst's wait
+// (logBurstWait).
 const (
 	logQueueSize = 4096
 	logQueueKeep = 64
 )
+
+// logBurstWait is how long the log goroutine, woken by a burst's first
+// entry, waits for more before it writes them; logQueueKeep entries
+// waiting end the wait sooner, and a stop at once. Each line is a write()
+// system call, and on a process that was idle the first system call wakes
+// Go's monitor thread (sysmon) from its sleep: two more context switches
+// for each line of a quiet stream, on the proxy's CPU. Written in bursts,
+// it is once per burst. UDP new flows (a line each) from 1 client, per
+// flow: context switches 4.2 -> 2.5, futex calls 1.2 -> 0.08, CPU 159 ->
+// 138 µs; make bench, medians of 3 runs: 0.90 -> 0.96 × nginx's rate with
+// 1 client, 0.70 -> 0.74 with 8. The storage's LogWriter, fed from the
+// same goroutine, waits up to 200 ms for its batches anyway.
+const logBurstWait = 20 * time.Millisecond
 
 var pool = caddy.NewUsagePool()
 
@@ -135,6 +150,9 @@ type State struct {
 	logq    logQueue
 	logStop chan struct{}
 	logDone chan struct{}
+	// logWait is logBurstWait; a test may set another before the first
+	// entry is queued.
+	logWait time.Duration
 	sink    atomic.Pointer[func(LogRecord) bool]
 	// logFields is the writer goroutine's slice of a line's fields.
 	logFields []zap.Field
@@ -160,9 +178,10 @@ func New(id int64) *State {
 		ctx:     ctx,
 		cancel:  cancel,
 		idle:    make(chan struct{}, 1),
-		logq:    logQueue{wake: make(chan struct{}, 1)},
+		logq:    logQueue{wake: make(chan struct{}, 1), full: make(chan struct{}, 1)},
 		logStop: make(chan struct{}),
 		logDone: make(chan struct{}),
+		logWait: logBurstWait,
 		sources: NewSources(),
 	}
 	s.initMetrics()
@@ -376,10 +395,13 @@ func (s *State) writeLogs() {
 	defer close(s.logDone)
 	var batch []logEntry
 	var pace logpace.Pacer // lines in slices (see logpace)
+	burst := time.NewTimer(time.Hour)
+	burst.Stop()
 	for {
 		stop := false
 		select {
 		case <-s.logq.wake:
+			stop = s.awaitBurst(burst)
 		case <-s.logStop:
 			stop = true
 		}
@@ -404,6 +426,20 @@ func (s *State) writeLogs() {
 			return
 		}
 	}
+}
+
+// awaitBurst waits for the rest of a burst of entries (logBurstWait) with
+// the writer's timer, and reports whether the state stops meanwhile.
+func (s *State) awaitBurst(t *time.Timer) (stop bool) {
+	t.Reset(s.logWait)
+	defer t.Stop()
+	select {
+	case <-s.logq.full:
+	case <-t.C:
+	case <-s.logStop:
+		stop = true
+	}
+	return stop
 }
 
 func (s *State) writeLog(e logEntry) {
@@ -470,6 +506,7 @@ type logQueue struct {
 	mu      sync.Mutex
 	entries []logEntry
 	wake    chan struct{} // capacity 1: entries are waiting
+	full    chan struct{} // capacity 1: logQueueKeep entries are waiting
 }
 
 // push adds e, or reports false when the queue is full.
@@ -480,12 +517,21 @@ func (q *logQueue) push(e logEntry) bool {
 		return false
 	}
 	q.entries = append(q.entries, e)
+	n := len(q.entries)
 	q.mu.Unlock()
-	select {
-	case q.wake <- struct{}{}:
-	default:
+	signal(q.wake)
+	if n == logQueueKeep {
+		signal(q.full)
 	}
 	return true
+}
+
+// signal puts a token in c, a channel of capacity 1, unless one is there.
+func signal(c chan struct{}) {
+	select {
+	case c <- struct{}{}:
+	default:
+	}
 }
 
 // take returns the waiting entries and leaves the queue empty, with
@@ -494,6 +540,10 @@ func (q *logQueue) take(spare []logEntry) []logEntry {
 	q.mu.Lock()
 	out := q.entries
 	q.entries = spare[:0]
+	select {
+	case <-q.full: // about the entries taken
+	default:
+	}
 	q.mu.Unlock()
 	return out
 }

@@ -281,6 +281,66 @@ func TestLogQueueGivesMemoryBack(t *testing.T) {
 	}
 }
 
+// Lines wait for the rest of their burst: until logQueueKeep entries are
+// waiting, or a stop, which writes the rest at once.
+func TestLogLinesWaitForTheirBurst(t *testing.T) {
+	st := New(1)
+	st.logWait = time.Hour // before the first entry: the writer reads it after
+	var written atomic.Int64
+	st.SetLogSink(func(LogRecord) bool { written.Add(1); return true })
+	refuse := func(i int) {
+		st.LogBlocked(zap.NewNop(), "t", netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, byte(i >> 8), byte(i)}), 1), ReasonACLDenied, false)
+	}
+	for i := range 3 {
+		refuse(i)
+		time.Sleep(2 * time.Millisecond) // time enough for a writer that did not wait
+	}
+	time.Sleep(50 * time.Millisecond)
+	if got := written.Load(); got != 0 {
+		t.Fatalf("%d lines written before their burst was complete, want 0", got)
+	}
+	for i := 3; i < logQueueKeep; i++ {
+		refuse(i)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for written.Load() < logQueueKeep && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if got := written.Load(); got != logQueueKeep {
+		t.Fatalf("written %d lines after %d were queued, want all of them without waiting for logWait", got, logQueueKeep)
+	}
+	refuse(logQueueKeep)
+	st.cancel()
+	close(st.logStop)
+	select {
+	case <-st.logDone:
+	case <-time.After(5 * time.Second):
+		t.Fatal("a stop waited for the lone entry's burst")
+	}
+	if got := written.Load(); got != logQueueKeep+1 {
+		t.Fatalf("written %d lines after the stop, want %d", got, logQueueKeep+1)
+	}
+}
+
+// The queue signals a burst once logQueueKeep entries wait, and a take
+// clears the signal with them.
+func TestLogQueueSignalsAFullBurst(t *testing.T) {
+	q := logQueue{wake: make(chan struct{}, 1), full: make(chan struct{}, 1)}
+	for range logQueueKeep - 1 {
+		q.push(logEntry{})
+	}
+	if len(q.full) != 0 {
+		t.Fatalf("full signalled with %d entries waiting, want at %d", logQueueKeep-1, logQueueKeep)
+	}
+	q.push(logEntry{})
+	if len(q.full) != 1 {
+		t.Fatalf("full not signalled with %d entries waiting", logQueueKeep)
+	}
+	if got := len(q.take(nil)); got != logQueueKeep || len(q.full) != 0 {
+		t.Fatalf("take returned %d entries and left full at %d, want %d and 0", got, len(q.full), logQueueKeep)
+	}
+}
+
 // A side's error replaces that side's clean close, which the other
 // direction may have seen first, and nothing else.
 func TestSetFailure(t *testing.T) {
