@@ -107,6 +107,11 @@ func TestAegisConfig(t *testing.T) {
 		if w, _ := h["whitelist_cidrs"].([]any); len(w) != 1 || w[0] != "127.0.0.0/8" {
 			t.Errorf("host %d whitelist = %v", i, h["whitelist_cidrs"])
 		}
+		// Room for -idle 9000, which HAProxy's maxconn allows; the
+		// default would be a share of the open-file limit.
+		if h["max_connections"] != float64(natHardCap) {
+			t.Errorf("host %d max_connections = %v, want %d", i, h["max_connections"], natHardCap)
+		}
 	}
 }
 
@@ -150,6 +155,10 @@ func TestNginxConfig(t *testing.T) {
 	}
 	if strings.Count(cfg, "{") != strings.Count(cfg, "}") {
 		t.Errorf("unbalanced braces:\n%s", cfg)
+	}
+	// -idle 9000: two of worker_connections per connection.
+	if cfg, _ := nginxConfig("/tmp/n", "/mod.so", testUp, testFront, 9000); !strings.Contains(cfg, "worker_connections 19000;") || !strings.Contains(cfg, "worker_rlimit_nofile 20000;") {
+		t.Errorf("nginx config for 9000 idle connections:\n%s", cfg)
 	}
 }
 

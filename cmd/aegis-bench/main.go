@@ -421,7 +421,7 @@ func startTCP(p proxy, cfg config, up *upstreams, tmp string, res *result) *tcpR
 		return nil
 	}
 	r.front = ports{Sink: fp[0], Source: fp[1], Echo: fp[2]}
-	s := setup{name: p.name, dir: filepath.Join(tmp, p.name), up: direct, front: r.front, binary: bin, pin: cfg.pin}
+	s := setup{name: p.name, dir: filepath.Join(tmp, p.name), up: direct, front: r.front, binary: bin, pin: cfg.pin, idleConns: cfg.idle}
 	if err := os.Mkdir(s.dir, 0o755); err != nil {
 		res.skipped = err.Error()
 		return nil

@@ -40,6 +40,9 @@ type setup struct {
 	// udpEntries is how many UDP sessions the proxy must be able to hold
 	// (the NAT entry test), 0 if none.
 	udpEntries int
+	// idleConns is how many TCP connections the proxy must be able to hold
+	// at once (the idle memory test, -idle), 0 if none.
+	idleConns int
 	// udpResponses is the replies per datagram after which the proxy ends
 	// a UDP session (aegis udp_responses, nginx proxy_responses); 0: none.
 	udpResponses int
@@ -189,13 +192,17 @@ func aegisConfigOpts(adminPort int, logFile string, up, front ports, t *aegisTLS
 }
 
 // benchStream is a TCP stream from 127.0.0.1:front to 127.0.0.1:up with
-// the whitelist and the connection log, as every bench stream has.
+// the whitelist and the connection log, as every bench stream has. Its
+// max_connections leaves room for the idle test (-idle), as HAProxy's
+// maxconn and nginx's worker_connections do: by default a stream takes
+// a share of the open-file limit (4,375 connections at 20,000).
 func benchStream(id int64, name string, front, up int) spec.Stream {
 	return spec.Stream{
 		ID: id, Name: name, Protocol: spec.ProtocolTCP,
 		ListenAddress: "127.0.0.1", ListenPort: front,
 		UpstreamHost: "127.0.0.1", UpstreamPort: up, Enabled: true,
 		WhitelistCIDRs: []string{"127.0.0.0/8"}, LogConnections: true,
+		MaxConnections: natHardCap,
 	}
 }
 
@@ -406,19 +413,22 @@ stream {
 // nginxModule is where Debian's libnginx-mod-stream puts the module.
 const nginxModule = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
-// nginxConfig renders the nginx config; udpEntries is how many UDP
-// sessions it must hold at once, 0 if no such test runs.
-func nginxConfig(dir, module string, up, front ports, udpEntries int) (string, error) {
-	return nginxConfigWith(dir, module, up, front, udpEntries, 0)
+// nginxConfig renders the nginx config; sessions is how many UDP sessions
+// or TCP connections it must hold at once, 0 if no such test runs. Each
+// takes two of worker_connections (the client's side and the upstream's);
+// the open-file limit stays at 20,000 (the hard limit here), enough for
+// 9,000 TCP connections, HAProxy's maxconn.
+func nginxConfig(dir, module string, up, front ports, sessions int) (string, error) {
+	return nginxConfigWith(dir, module, up, front, sessions, 0)
 }
 
 // nginxConfigWith is nginxConfig with proxy_responses responses on UDP
 // (0: not set).
-func nginxConfigWith(dir, module string, up, front ports, udpEntries, responses int) (string, error) {
+func nginxConfigWith(dir, module string, up, front ports, sessions, responses int) (string, error) {
 	var b bytes.Buffer
 	err := nginxTmpl.Execute(&b, map[string]any{
 		"Dir": dir, "Module": module, "Routes": routes(up, front),
-		"Files": max(20000, udpEntries+1000), "Conns": max(10000, 2*udpEntries+1000),
+		"Files": max(20000, sessions+1000), "Conns": max(10000, 2*sessions+1000),
 		"UDPTimeout": udpIdleTimeout, "Responses": responses,
 	})
 	return b.String(), err
@@ -428,7 +438,7 @@ func startNginx(s setup) (*child, error) {
 	if _, err := os.Stat(nginxModule); err != nil {
 		return nil, fmt.Errorf("no stream module (apt-get install libnginx-mod-stream): %v", err)
 	}
-	cfg, err := nginxConfigWith(s.dir, nginxModule, s.up, s.front, s.udpEntries, s.udpResponses)
+	cfg, err := nginxConfigWith(s.dir, nginxModule, s.up, s.front, max(s.udpEntries, s.idleConns), s.udpResponses)
 	if err != nil {
 		return nil, err
 	}
