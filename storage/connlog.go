@@ -1,18 +1,18 @@
 package storage
 
 import (
+	"cmp"
 	"context"
-	"database/sql"
+	"errors"
 	"fmt"
-	"math/bits"
+	"math"
+	"slices"
 	"strings"
-	"time"
 
-	"github.com/aegis-proxy/caddy-aegis/internal/jsontime"
 	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 )
 
-// validConnLog checks what the conn_log table requires of an entry.
+// validConnLog checks what the connection log requires of an entry.
 func validConnLog(e ConnLog) error {
 	if e.StreamID <= 0 {
 		return fmt.Errorf("stream_id %d: must be > 0: %w", e.StreamID, ErrInvalid)
@@ -42,119 +42,13 @@ func checkConnLogs(entries []ConnLog) error {
 	return nil
 }
 
-// connLogColumns are the conn_log columns an entry is written to, in the
-// order of connLogBoxes.appendRow (and of its col constants).
-var connLogColumns = []string{"node", "stream_id", "source_ip", "source_port", "bytes_sent", "bytes_received",
-	"duration_ms", "action", "disconnect_reason", "started_at", "ended_at",
-	"protocol", "datagrams_sent", "datagrams_received", "upstream"}
+// connLogPagesVersion is the first SQLite schema version that stores the
+// connection log in pages (conn_log_pages, conn_log_ids).
+const connLogPagesVersion = 13
 
-// connLogBoxes turns a batch's entries into rows of values a driver takes
-// as they are (int64, string, nil for NULL): database/sql would otherwise
-// convert each sql.NullInt64 and *int64 through an interface call or
-// reflection, for every one of thousands of rows a second. Putting a
-// string, or an int64 of 256 or more, in an interface allocates, and the
-// rows of a batch mostly repeat their neighbours' node, stream, source,
-// action, reason, protocol and upstream, and often their times: so each
-// column keeps the previous row's value in its box and reuses the box
-// when the next row's value is the same (an interface compared with a
-// plain value allocates nothing). Use one per batch.
-type connLogBoxes struct {
-	last [connLogColumnCount]any
-}
-
-// Indexes of connLogColumns, for connLogBoxes.last.
-const (
-	colNode = iota
-	colStreamID
-	colSourceIP
-	colSourcePort
-	colBytesSent
-	colBytesReceived
-	colDurationMS
-	colAction
-	colReason
-	colStartedAt
-	colEndedAt
-	colProtocol
-	colDatagramsSent
-	colDatagramsReceived
-	colUpstream
-	connLogColumnCount // len(connLogColumns)
-)
-
-// newConnLogBoxes returns the boxes for one batch whose rows are tagged with node.
-func newConnLogBoxes(node string) connLogBoxes {
-	var b connLogBoxes
-	b.last[colNode] = node
-	return b
-}
-
-// appendRow appends e's row in connLogColumns order, tagged with the
-// store's node, to args.
-func (b *connLogBoxes) appendRow(args []any, e ConnLog) []any {
-	proto := e.Protocol
-	if proto == "" {
-		proto = ConnTCP
-	}
-	var port any
-	if e.SourcePort != 0 {
-		port = b.int(colSourcePort, int64(e.SourcePort))
-	}
-	return append(args, b.last[colNode], b.int(colStreamID, e.StreamID), b.str(colSourceIP, e.SourceIP), port,
-		b.int(colBytesSent, e.BytesSent), b.int(colBytesReceived, e.BytesReceived), b.int(colDurationMS, e.DurationMS),
-		b.str(colAction, e.Action), b.str(colReason, e.DisconnectReason),
-		b.millis(colStartedAt, e.StartedAt.Time), b.millis(colEndedAt, e.EndedAt.Time), b.str(colProtocol, proto),
-		b.ptr(colDatagramsSent, e.DatagramsSent), b.ptr(colDatagramsReceived, e.DatagramsReceived),
-		b.str(colUpstream, e.Upstream))
-}
-
-// int is v in an interface, column c's last box when it holds v.
-func (b *connLogBoxes) int(c int, v int64) any {
-	if b.last[c] != v {
-		b.last[c] = v
-	}
-	return b.last[c]
-}
-
-// str is s in an interface, column c's last box when it holds s.
-func (b *connLogBoxes) str(c int, s string) any {
-	if b.last[c] != s {
-		b.last[c] = s
-	}
-	return b.last[c]
-}
-
-// ptr is *p as an int64, or NULL (nil) for a nil p.
-func (b *connLogBoxes) ptr(c int, p *int64) any {
-	if p == nil {
-		return nil
-	}
-	return b.int(c, *p)
-}
-
-// millis is t in Unix milliseconds as an int64, or NULL (nil) for the zero
-// time.
-func (b *connLogBoxes) millis(c int, t time.Time) any {
-	if t.IsZero() {
-		return nil
-	}
-	return b.int(c, t.UnixMilli())
-}
-
-// connLogVersion is the first SQLite schema version whose conn_log has
-// every column of connLogColumns (10 added upstream).
-const connLogVersion = 10
-
-// connLogSlice is the most entries one statement of AppendConnLogs
-// writes on a store that slices the log (core.logSliced): logpace.Slice,
-// about 10 µs of SQLite's work.
-const connLogSlice = logpace.Slice
-
-// connLogPrunes is the most entries one statement of PruneConnLogs
-// deletes on a store that slices the log: about as long as 16 inserts,
-// longer than an insert's slice, but a prune comes once per Retention
-// entries.
-const connLogPrunes = 64
+// connLogPrunePages is the most pages one statement of PruneConnLogs
+// deletes on a store that slices the log.
+const connLogPrunePages = 8
 
 type logWriterKey struct{}
 
@@ -177,27 +71,25 @@ func (s *core) pauseSlices(ctx context.Context) {
 	}
 }
 
-// connLogInserts are the INSERT statements of the connection log: the
-// one at index k writes 1<<k entries. A batch is written as a sum of
-// them, the biggest first (100 entries: 64 + 32 + 4; on a store that
-// slices the log, 50×2, with the LogWriter's pauses between, so that
-// no connection's events wait behind more than one), so that a store
-// runs a handful of fixed statements, which it keeps prepared
-// (writeTx.execKept), whatever the batch sizes: parsing a statement of
-// hundreds of parameters for each batch cost a fifth of its write. 64
-// entries of 15 parameters stay below either database's limit.
-var connLogInserts = func() []string {
-	row := "(?" + strings.Repeat(", ?", len(connLogColumns)-1) + ")"
-	head := `INSERT INTO conn_log (` + strings.Join(connLogColumns, ", ") + `) VALUES ` + row
-	out := make([]string, 7)
-	for k := range out {
-		out[k] = head + strings.Repeat(", "+row, 1<<k-1)
-	}
-	return out
-}()
+// The fixed statements of the connection log, which each store keeps
+// prepared (writeTx.execKept).
+const (
+	connLogTakeIDs = `UPDATE conn_log_ids SET next = next + ? RETURNING next`
+	connLogInsert  = `INSERT INTO conn_log_pages (stream_id, last_id, first_id, n, node, entries) VALUES (?, ?, ?, ?, ?, ?)`
+	connLogDelete  = `DELETE FROM conn_log_pages WHERE stream_id = ? AND last_id BETWEEN ? AND ?`
+	connLogCut     = `UPDATE conn_log_pages SET first_id = ?, n = ?, entries = ? WHERE stream_id = ? AND last_id = ?`
+)
 
-// AppendConnLogs stores a batch of entries in one transaction, with
-// connLogInserts, tagged with the store's node name; see Store.
+// connLogKept are the statements a SQLite store prepares for execKept.
+var connLogKept = []string{connLogTakeIDs, connLogInsert, connLogDelete, connLogCut}
+
+// AppendConnLogs stores a batch of entries in one transaction, tagged
+// with the store's node name; see Store. It takes the batch's IDs at
+// once (conn_log_ids), in the batch's order, and writes each stream's
+// entries in pages of up to connLogPage (with the LogWriter's pauses
+// between pages and between a full page's encoding and its INSERT, on a
+// store that slices the log). The pages of one
+// stream never overlap; those of several streams of one batch may.
 func (s *core) AppendConnLogs(ctx context.Context, entries []ConnLog) error {
 	if len(entries) == 0 {
 		return nil
@@ -205,26 +97,40 @@ func (s *core) AppendConnLogs(ctx context.Context, entries []ConnLog) error {
 	if err := checkConnLogs(entries); err != nil {
 		return err
 	}
+	order := make([]int32, len(entries))
+	for i := range order {
+		order[i] = int32(i)
+	}
+	slices.SortStableFunc(order, func(a, b int32) int { return cmp.Compare(entries[a].StreamID, entries[b].StreamID) })
 	err := s.be.inTx(ctx, false, func(tx writeTx) error {
-		args := make([]any, 0, min(len(entries), 1<<(len(connLogInserts)-1))*len(connLogColumns))
-		boxes := newConnLogBoxes(s.node)
-		biggest := len(connLogInserts) - 1
-		if s.logSliced {
-			biggest = bits.Len(connLogSlice) - 1
+		var next int64
+		if err := tx.queryRowKept(ctx, connLogTakeIDs, len(entries)).Scan(&next); err != nil {
+			return fmt.Errorf("taking IDs: %w", err)
 		}
-		for rest := entries; len(rest) > 0; {
-			if len(rest) < len(entries) {
+		base := next - int64(len(entries)) // the ID of entries[0]
+		page := make([]byte, 0, 256*min(len(entries), connLogPage))
+		for start := 0; start < len(order); {
+			if start > 0 {
 				s.pauseSlices(ctx)
 			}
-			k := min(bits.Len(uint(len(rest)))-1, biggest)
-			args = args[:0]
-			for _, e := range rest[:1<<k] {
-				args = boxes.appendRow(args, e)
+			stream := entries[order[start]].StreamID
+			page = append(page[:0], '[')
+			end := start
+			for ; end < len(order) && end-start < connLogPage && entries[order[end]].StreamID == stream; end++ {
+				if end > start {
+					page = append(page, ',')
+				}
+				page = appendPageEntry(page, base+int64(order[end]), entries[order[end]])
 			}
-			if _, err := tx.execKept(ctx, connLogInserts[k], args...); err != nil {
+			page = append(page, ']')
+			if end-start > connLogPage/2 {
+				s.pauseSlices(ctx) // a full page is two slices: its encoding, its INSERT
+			}
+			first, last := base+int64(order[start]), base+int64(order[end-1])
+			if _, err := tx.execKept(ctx, connLogInsert, stream, last, first, end-start, s.node, string(page)); err != nil {
 				return fmt.Errorf("inserting: %w", err)
 			}
-			rest = rest[1<<k:]
+			start = end
 		}
 		return nil
 	})
@@ -234,7 +140,14 @@ func (s *core) AppendConnLogs(ctx context.Context, entries []ConnLog) error {
 	return nil
 }
 
-// ConnLogs returns entries newest first, as selected by q.
+// errEnoughPages stops the reading of pages once ConnLogs has its entries.
+var errEnoughPages = errors.New("enough pages")
+
+// ConnLogs returns entries newest first, as selected by q. It reads the
+// pages that may hold them, newest first (by their last ID), and decodes
+// and filters their entries until no page left can hold one of the
+// newest Limit: pages from several nodes may overlap, so an entry is
+// sure to be among those only once every page left ends below it.
 func (s *core) ConnLogs(ctx context.Context, q ConnLogQuery) ([]ConnLog, error) {
 	if q.StreamID < 0 {
 		return nil, fmt.Errorf("storage: reading conn log: stream_id %d: must be >= 0: %w", q.StreamID, ErrInvalid)
@@ -243,115 +156,145 @@ func (s *core) ConnLogs(ctx context.Context, q ConnLogQuery) ([]ConnLog, error) 
 		return nil, fmt.Errorf("storage: reading conn log: action %q: must be \"\", %q or %q: %w",
 			q.Action, ActionAllowed, ActionBlocked, ErrInvalid)
 	}
-	limit, where, args := pageQuery(q.Limit, DefaultConnLogLimit, MaxConnLogExportLimit, q.StreamID, q.Before)
-	if q.Action != "" {
-		where = append(where, "action = ?")
-		args = append(args, q.Action)
+	limit, where, args := pageQuery(q.Limit, DefaultConnLogLimit, MaxConnLogExportLimit, q.StreamID, 0)
+	if q.Before > 0 {
+		where = append(where, "first_id < ?")
+		args = append(args, q.Before)
 	}
 	if q.Node != "" {
 		where = append(where, "node = ?")
 		args = append(args, q.Node)
 	}
-	if q.Source.IsValid() {
-		where = append(where, "aegis_in_net(source_ip, ?)")
-		args = append(args, q.Source.Masked().String())
-	}
-	if q.Reason != "" {
-		where = append(where, "disconnect_reason = ?")
-		args = append(args, q.Reason)
-	}
-	if !q.Since.IsZero() {
-		where = append(where, "ended_at >= ?")
-		args = append(args, q.Since.UnixMilli())
-	}
-	if !q.Until.IsZero() {
-		where = append(where, "ended_at < ?")
-		args = append(args, q.Until.UnixMilli())
-	}
-	query := `SELECT id, node, stream_id, source_ip, source_port, bytes_sent, bytes_received,
-		duration_ms, action, disconnect_reason, started_at, ended_at,
-		protocol, datagrams_sent, datagrams_received, upstream FROM conn_log`
+	query := `SELECT stream_id, node, last_id, entries FROM conn_log_pages`
 	if len(where) > 0 {
 		query += " WHERE " + strings.Join(where, " AND ")
 	}
-	query += " ORDER BY id DESC LIMIT ?"
-	args = append(args, limit)
+	query += " ORDER BY last_id DESC"
 
-	var out []ConnLog
+	var (
+		out    []ConnLog
+		lowest int64 = math.MaxInt64 // the lowest ID in out
+		buf    []pageEntry
+	)
 	err := s.reads.queryEach(ctx, query, args, func(r rowScanner) error {
 		var (
-			e              ConnLog
-			port           sql.NullInt64
-			started, ended sql.NullInt64
+			stream, last int64
+			node, text   string
 		)
-		if err := r.Scan(&e.ID, &e.Node, &e.StreamID, &e.SourceIP, &port, &e.BytesSent, &e.BytesReceived,
-			&e.DurationMS, &e.Action, &e.DisconnectReason, &started, &ended,
-			&e.Protocol, &e.DatagramsSent, &e.DatagramsReceived, &e.Upstream); err != nil {
+		if err := r.Scan(&stream, &node, &last, &text); err != nil {
 			return err
 		}
-		e.SourcePort = int(port.Int64)
-		e.StartedAt = jsontime.Of(fromMillis(started))
-		e.EndedAt = jsontime.Of(fromMillis(ended))
-		out = append(out, e)
+		if above := len(out); above >= limit {
+			if lowest <= last { // pages overlap: count those above this one's
+				above = 0
+				for i := range out {
+					if out[i].ID > last {
+						above++
+					}
+				}
+			}
+			if above >= limit {
+				return errEnoughPages
+			}
+		}
+		var err error
+		if buf, err = decodePage(text, buf); err != nil {
+			return fmt.Errorf("stream %d, page of entry %d: %w", stream, last, err)
+		}
+		for i := len(buf) - 1; i >= 0; i-- {
+			if pe := &buf[i]; q.matches(pe) {
+				out = append(out, pe.connLog(stream, node))
+				lowest = min(lowest, pe.ID)
+			}
+		}
 		return nil
 	})
-	if err != nil {
+	if err != nil && !errors.Is(err, errEnoughPages) {
 		return nil, fmt.Errorf("storage: reading conn log: %w", err)
 	}
-	return out, nil
+	slices.SortFunc(out, func(a, b ConnLog) int { return cmp.Compare(b.ID, a.ID) })
+	return out[:min(len(out), limit)], nil
 }
 
 // PruneConnLogs keeps the newest keep entries of one stream; see Store.
-// It finds the newest entry beyond the ones to keep, then deletes it and
-// every older one (both walk the (stream_id, id) index) in one
-// transaction: on a store that slices the log, in statements of
-// connLogPrunes entries (connLogPrune, kept prepared) with the LogWriter's
-// pauses between, since one statement deleting thousands of entries would
-// hold the LogWriter's goroutine, and every connection waiting for the
-// scheduler behind it, for milliseconds. One transaction, not one per
-// slice, writes each page of the table and its index once, not once per
-// slice: a prune cost the steady log (BenchmarkConnLogSteady) a fifth of
-// its CPU more in transactions of connLogPrunes entries. An error deletes
-// nothing, and leaves the entries to the next prune.
+// It reads the stream's pages, newest first, and in one transaction
+// deletes those past the newest keep entries and cuts the oldest entries
+// off the page that holds the last one to keep. On a store that slices
+// the log it deletes connLogPrunePages pages per statement, with the
+// LogWriter's pauses between. An error deletes nothing, and leaves the
+// entries to the next prune.
 func (s *core) PruneConnLogs(ctx context.Context, streamID int64, keep int) (int64, error) {
 	if keep < 0 {
 		return 0, fmt.Errorf("storage: pruning conn log of stream %d: keep %d: must be >= 0: %w", streamID, keep, ErrInvalid)
 	}
-	var last int64
-	found := false
-	err := s.reads.queryEach(ctx, `SELECT id FROM conn_log WHERE stream_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?`,
-		[]any{streamID, keep}, func(r rowScanner) error {
-			found = true
-			return r.Scan(&last)
+	type page struct{ last, n int64 }
+	var (
+		pages []page
+		kept  int64 // entries in the pages before pages[cut]
+		cut   = -1  // the newest page with entries past keep
+	)
+	err := s.reads.queryEach(ctx, `SELECT last_id, n FROM conn_log_pages WHERE stream_id = ? ORDER BY last_id DESC`,
+		[]any{streamID}, func(r rowScanner) error {
+			var p page
+			if err := r.Scan(&p.last, &p.n); err != nil {
+				return err
+			}
+			if cut < 0 && kept+p.n > int64(keep) {
+				cut = len(pages)
+			}
+			if cut < 0 {
+				kept += p.n
+			}
+			pages = append(pages, p)
+			return nil
 		})
-	if err != nil || !found {
+	if err != nil || cut < 0 {
 		if err != nil {
 			err = fmt.Errorf("storage: pruning conn log of stream %d: finding the entries to delete: %w", streamID, err)
 		}
 		return 0, err
 	}
-	var n int64
+	var deleted int64
 	err = s.be.inTx(ctx, false, func(tx writeTx) error {
-		if !s.logSliced {
-			var err error
-			n, err = tx.exec(ctx, `DELETE FROM conn_log WHERE stream_id = ? AND id <= ?`, streamID, last)
-			return err
-		}
-		for {
-			deleted, err := tx.execKept(ctx, connLogPrune, streamID, last, connLogPrunes)
-			if n += deleted; err != nil || deleted < connLogPrunes {
+		deleted = 0
+		old := pages[cut:]
+		if left := int64(keep) - kept; left > 0 {
+			p := old[0]
+			var text string
+			if err := tx.queryRow(ctx, `SELECT entries FROM conn_log_pages WHERE stream_id = ? AND last_id = ?`,
+				streamID, p.last).Scan(&text); err != nil {
 				return err
 			}
-			s.pauseSlices(ctx)
+			rest, first, err := cutPage(text, int(p.n-left))
+			if err != nil {
+				return fmt.Errorf("page of entry %d: %w", p.last, err)
+			}
+			if _, err := tx.execKept(ctx, connLogCut, first, left, rest, streamID, p.last); err != nil {
+				return err
+			}
+			deleted += p.n - left
+			old = old[1:]
 		}
+		step := len(old)
+		if s.logSliced {
+			step = connLogPrunePages
+		}
+		for len(old) > 0 {
+			n := min(step, len(old))
+			if _, err := tx.execKept(ctx, connLogDelete, streamID, old[n-1].last, old[0].last); err != nil {
+				return err
+			}
+			for _, p := range old[:n] {
+				deleted += p.n
+			}
+			if old = old[n:]; len(old) > 0 {
+				s.pauseSlices(ctx)
+			}
+		}
+		return nil
 	})
 	if err != nil {
 		return 0, fmt.Errorf("storage: pruning conn log of stream %d: deleting: %w", streamID, err)
 	}
-	return n, nil
+	return deleted, nil
 }
-
-// connLogPrune deletes the oldest entries of a stream up to an id, at
-// most a given number, for PruneConnLogs on a store that slices the log.
-const connLogPrune = `DELETE FROM conn_log WHERE id IN (
-	SELECT id FROM conn_log WHERE stream_id = ? AND id <= ? ORDER BY id LIMIT ?)`

@@ -75,10 +75,10 @@ func testConnLogRoundTrip(t *testing.T, b testBackend) {
 
 func ptr[T any](v T) *T { return &v }
 
-// TestAppendConnLogsEverySize: a batch is written as several INSERTs of
-// fixed sizes (connLogInserts); whatever its size, every entry is stored
-// once, with its own fields, in order, and a statement that fails rolls
-// the whole batch back.
+// TestAppendConnLogsEverySize: a batch is written in pages of up to
+// connLogPage entries; whatever its size, every entry is stored once,
+// with its own fields, in order, and a statement that fails rolls the
+// whole batch back.
 func TestAppendConnLogsEverySize(t *testing.T) { eachBackend(t, testAppendConnLogsEverySize) }
 
 func testAppendConnLogsEverySize(t *testing.T, b testBackend) {
@@ -110,11 +110,11 @@ func testAppendConnLogsEverySize(t *testing.T, b testBackend) {
 			}
 		}
 	}
-	// A database that refuses the last entry's row takes none of the
-	// batch, though the first 64 went in an INSERT of their own.
-	refuse := `CREATE TRIGGER refuse BEFORE INSERT ON conn_log WHEN NEW.source_port = 4242 BEGIN SELECT RAISE(ABORT, 'refused'); END`
+	// A database that refuses the page of the last entry takes none of
+	// the batch, though the first 64 went in a page of their own.
+	refuse := `CREATE TRIGGER refuse BEFORE INSERT ON conn_log_pages WHEN NEW.entries LIKE '%"192.0.2.1",4242,%' BEGIN SELECT RAISE(ABORT, 'refused'); END`
 	if b.name == "postgres" {
-		refuse = `ALTER TABLE conn_log ADD CONSTRAINT refuse CHECK (source_port <> 4242)`
+		refuse = `ALTER TABLE conn_log_pages ADD CONSTRAINT refuse CHECK (entries NOT LIKE '%"192.0.2.1",4242,%')`
 	}
 	err := s.base().be.inTx(ctx, false, func(tx writeTx) error {
 		_, err := tx.exec(ctx, refuse)
@@ -136,29 +136,11 @@ func testAppendConnLogsEverySize(t *testing.T, b testBackend) {
 	}
 }
 
-// TestConnLogColumnIndexes: connLogBoxes' column constants name the
-// columns of connLogColumns.
-func TestConnLogColumnIndexes(t *testing.T) {
-	if len(connLogColumns) != connLogColumnCount {
-		t.Fatalf("%d columns, connLogColumnCount %d", len(connLogColumns), connLogColumnCount)
-	}
-	for c, name := range map[int]string{colNode: "node", colStreamID: "stream_id", colSourceIP: "source_ip",
-		colSourcePort: "source_port", colBytesSent: "bytes_sent", colBytesReceived: "bytes_received",
-		colDurationMS: "duration_ms", colAction: "action", colReason: "disconnect_reason",
-		colStartedAt: "started_at", colEndedAt: "ended_at", colProtocol: "protocol",
-		colDatagramsSent: "datagrams_sent", colDatagramsReceived: "datagrams_received", colUpstream: "upstream"} {
-		if connLogColumns[c] != name {
-			t.Errorf("column %d is %q, want %q", c, connLogColumns[c], name)
-		}
-	}
-}
-
-// TestAppendConnLogsVaried: a batch of 1,234 entries (19 INSERTs of 64
-// rows, then 16 and 2) whose fields vary with different periods, so that
-// a row repeats some of its neighbour's values and not others (which
-// connLogBoxes reuses), with NULLs (no port, no times, no datagram
-// counts) between equal values, big numbers, long names and both
-// protocols and actions, reads back exactly, every field, in order.
+// TestAppendConnLogsVaried: a batch of 1,234 entries of two streams
+// (pages of 64 of each, their IDs interleaved) whose fields vary with
+// different periods, with NULLs (no port, no times, no datagram counts)
+// between equal values, big numbers, long names and both protocols and
+// actions, reads back exactly, every field, in order.
 func TestAppendConnLogsVaried(t *testing.T) { eachBackend(t, testAppendConnLogsVaried) }
 
 func testAppendConnLogsVaried(t *testing.T, b testBackend) {
@@ -451,7 +433,7 @@ func testPruneConnLogs(t *testing.T, b testBackend) {
 }
 
 // A prune of many more entries than one of SQLite's DELETEs takes
-// (connLogPrunes; PostgreSQL's prune is one statement) keeps exactly the
+// (connLogPrunePages pages; PostgreSQL's prune is one statement) keeps exactly the
 // newest, and only of its stream, with the LogWriter's pauses between its
 // statements or without.
 func TestPruneConnLogsInSlices(t *testing.T) { eachBackend(t, testPruneConnLogsInSlices) }
@@ -520,6 +502,6 @@ func TestConnLogWritesStartNoGoroutinePerStatement(t *testing.T) {
 		t.Fatal(err)
 	}
 	if n := created() - before; n > 16 {
-		t.Fatalf("writing %d entries in %d statements started %d goroutines, want a handful", len(batch), len(batch)/connLogSlice, n)
+		t.Fatalf("writing %d entries in %d statements started %d goroutines, want a handful", len(batch), len(batch)/connLogPage, n)
 	}
 }

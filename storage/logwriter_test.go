@@ -397,8 +397,8 @@ func TestLogWriterEnqueueDuringClose(t *testing.T) {
 }
 
 // With one P, the LogWriter's write of a big batch lets the P go between
-// its slices (connLogSlice entries), so that other goroutines run during
-// it: the relays the network woke, once the scheduler, with the P free,
+// its slices (two per page of connLogPage entries), so that other
+// goroutines run during it: the relays the network woke, once the scheduler, with the P free,
 // polls it. Here a goroutine that is always ready to run counts its turns
 // while 4,096 entries are written: thousands, at least one per few pauses
 // (a sleep the machine delays skips some, see logpace).
@@ -427,7 +427,7 @@ func TestLogWriterYieldsBetweenSlices(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	slices := len(batch) / connLogSlice
+	slices := 2 * len(batch) / connLogPage
 	t.Logf("%d turns of another goroutine during a write of %d slices", turns.Load(), slices)
 	if n := turns.Load(); n < int64(slices/4) {
 		t.Fatalf("another goroutine ran %d times during a write of %d slices, want about one a pause: the writer held the only P", n, slices)
@@ -437,8 +437,8 @@ func TestLogWriterYieldsBetweenSlices(t *testing.T) {
 // Close writes what is queued in one transaction, and hurries it
 // (logpace.Hurried): a pause per 32 slices, not one per slice, which when
 // nothing else runs lasts about 1 ms. Here 4,096 entries wait for Close
-// (no batch fills, no flush comes due): its 2,048 INSERTs pause 63 times,
-// not 2,047, and there is nothing to prune.
+// (no batch fills, no flush comes due): its 64 pages, 128 slices, pause 3
+// times, not 127, and there is nothing to prune.
 func TestLogWriterCloseHurries(t *testing.T) {
 	const entries = 4096
 	s := newStore(t)
@@ -451,7 +451,7 @@ func TestLogWriterCloseHurries(t *testing.T) {
 	if err := w.Close(); err != nil || w.Written() != entries {
 		t.Fatalf("Close: %v, %d of %d entries written", err, w.Written(), entries)
 	}
-	slices := entries / connLogSlice
+	slices := 2 * entries / connLogPage
 	if got, want := w.pace.Slept(), (slices-1)/32; got != want {
 		t.Fatalf("Close paused %d times between %d slices, want %d (once per 32)", got, slices, want)
 	}

@@ -583,8 +583,8 @@ func TestMigrateConnLogNode(t *testing.T) {
 }
 
 // TestMigrateDropsConnLogNodeIndex: a database of the schema before the
-// drop has the (node, id) index; this version drops it, keeps the
-// (stream_id, id) one and every entry, and the node filter, alone or with
+// drop has the (node, id) index; the migrations drop it and then move the
+// log into pages, keeping every entry, and the node filter, alone or with
 // a stream and a page, still finds exactly the node's entries, newest
 // first.
 func TestMigrateDropsConnLogNodeIndex(t *testing.T) {
@@ -622,8 +622,10 @@ func TestMigrateDropsConnLogNodeIndex(t *testing.T) {
 	if got, want := appliedVersions(t, s), allVersions(); !reflect.DeepEqual(got, want) {
 		t.Errorf("versions after Open = %v, want %v", got, want)
 	}
-	if got, want := indexes(s), []string{"conn_log_stream_id_id"}; !reflect.DeepEqual(got, want) {
-		t.Errorf("indexes after the migration: %v, want %v", got, want)
+	// Then the log moved into pages (TestMigrateConnLogPages).
+	if got, want := column[string](t, s, `SELECT name FROM sqlite_master WHERE name LIKE 'conn_log%' AND sql IS NOT NULL ORDER BY name`),
+		[]string{"conn_log_ids", "conn_log_pages", "conn_log_pages_stream"}; !reflect.DeepEqual(got, want) {
+		t.Errorf("the log's tables and indexes after the migrations: %v, want %v", got, want)
 	}
 	ctx := context.Background()
 	if err := s.AppendConnLogs(ctx, []ConnLog{{StreamID: 1, Action: ActionAllowed, BytesSent: 5},

@@ -189,6 +189,35 @@ END
 $$`,
 		},
 	},
+	{
+		version: 5,
+		name:    "conn_log pages",
+		// The connection log in pages, as SQLite's migration 13; an
+		// index by node for the log's node filter. The source filter now
+		// runs in Go (ConnLogQuery.matches), so aegis_in_net goes.
+		stmts: []string{
+			`CREATE TABLE conn_log_pages (
+	last_id   BIGINT  PRIMARY KEY,
+	stream_id BIGINT  NOT NULL CHECK (stream_id > 0),
+	first_id  BIGINT  NOT NULL CHECK (first_id <= last_id),
+	n         INTEGER NOT NULL CHECK (n > 0),
+	node      TEXT    NOT NULL DEFAULT '',
+	entries   TEXT    NOT NULL
+)`,
+			`CREATE INDEX conn_log_pages_stream ON conn_log_pages (stream_id, last_id, n)`,
+			`CREATE INDEX conn_log_pages_node_last_id ON conn_log_pages (node, last_id)`,
+			`CREATE TABLE conn_log_ids (next BIGINT NOT NULL)`,
+			`INSERT INTO conn_log_ids (next) SELECT greatest(
+	coalesce((SELECT max(id) FROM conn_log), 0),
+	coalesce(pg_sequence_last_value(pg_get_serial_sequence('conn_log', 'id')::regclass), 0)) + 1`,
+			`INSERT INTO conn_log_pages (last_id, stream_id, first_id, n, node, entries)
+	SELECT max(id), stream_id, min(id), count(*), node,
+		json_agg(json_build_array(id, source_ip, source_port, bytes_sent, bytes_received, duration_ms, action, disconnect_reason, started_at, ended_at, protocol, datagrams_sent, datagrams_received, upstream) ORDER BY id)::text
+	FROM conn_log GROUP BY stream_id, node, id / 64`,
+			`DROP TABLE conn_log`,
+			`DROP FUNCTION aegis_in_net(TEXT, TEXT)`,
+		},
+	},
 }
 
 // migrate brings the schema up to the last of migs, on a connection of

@@ -480,11 +480,24 @@ var keptNumbered sync.Map // query → numbered(query)
 // statements it runs prepared on each connection, by their text, and the
 // numbered text is kept here, so that neither is made again per batch.
 func (t *pgTx) execKept(ctx context.Context, query string, args ...any) (int64, error) {
+	return t.execNumbered(ctx, keptText(query), args...)
+}
+
+// queryRowKept is queryRow as execKept runs its statement.
+func (t *pgTx) queryRowKept(ctx context.Context, query string, args ...any) rowScanner {
+	if err := t.ready(ctx); err != nil {
+		return errRow{err}
+	}
+	return pgRow{t.q.QueryRow(ctx, keptText(query), args...), t.p}
+}
+
+// keptText is the numbered text of a query run with execKept.
+func keptText(query string) string {
 	n, ok := keptNumbered.Load(query)
 	if !ok {
 		n, _ = keptNumbered.LoadOrStore(query, numbered(query))
 	}
-	return t.execNumbered(ctx, n.(string), args...)
+	return n.(string)
 }
 
 // numbered is query with its ? placeholders numbered, as PostgreSQL

@@ -38,9 +38,11 @@ type writeTx interface {
 	// Change) for the other nodes; the SQLite store has no one to tell.
 	changed(ctx context.Context, kind, op string, objectID int64) error
 	// execKept is exec for one of the few fixed statements the core runs
-	// for every batch (connLogInserts), which the store keeps prepared
-	// from one transaction to the next.
+	// for every batch (connLogKept), which the store keeps prepared from
+	// one transaction to the next.
 	execKept(ctx context.Context, query string, args ...any) (int64, error)
+	// queryRowKept is queryRow for such a statement.
+	queryRowKept(ctx context.Context, query string, args ...any) rowScanner
 }
 
 // backend is what a store does its own way.
@@ -149,18 +151,38 @@ func (sqliteTx) changed(context.Context, string, string, int64) error { return n
 // up after busyTimeout.
 func (t sqliteTx) execKept(ctx context.Context, query string, args ...any) (int64, error) {
 	ctx = context.WithoutCancel(ctx)
+	st := t.keptStmt(ctx, query)
+	if st == nil {
+		return t.exec(ctx, query, args...)
+	}
+	res, err := st.ExecContext(ctx, args...)
+	if err != nil {
+		return 0, err
+	}
+	return res.RowsAffected()
+}
+
+// queryRowKept is queryRow as execKept runs its statement.
+func (t sqliteTx) queryRowKept(ctx context.Context, query string, args ...any) rowScanner {
+	ctx = context.WithoutCancel(ctx)
+	st := t.keptStmt(ctx, query)
+	if st == nil {
+		return t.queryRow(ctx, query, args...)
+	}
+	return st.QueryRowContext(ctx, args...)
+}
+
+// keptStmt is the store's statement of query bound to the transaction,
+// or nil when the store keeps none.
+func (t sqliteTx) keptStmt(ctx context.Context, query string) *sql.Stmt {
 	st, ok := t.kept[query]
 	if !ok {
-		return t.exec(ctx, query, args...)
+		return nil
 	}
 	ts, ok := t.inTx[st]
 	if !ok {
 		ts = t.tx.StmtContext(ctx, st)
 		t.inTx[st] = ts
 	}
-	res, err := ts.ExecContext(ctx, args...)
-	if err != nil {
-		return 0, err
-	}
-	return res.RowsAffected()
+	return ts
 }

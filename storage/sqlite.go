@@ -108,8 +108,8 @@ func openAt(path string, version int, opts OpenOptions) (*SQLite, error) {
 		s.Close()
 		return nil, fmt.Errorf("storage: open %s: %w", path, err)
 	}
-	if version >= connLogVersion {
-		if err := s.prepareKept(append(connLogInserts[:len(connLogInserts):len(connLogInserts)], connLogPrune)); err != nil {
+	if version >= connLogPagesVersion {
+		if err := s.prepareKept(connLogKept); err != nil {
 			s.Close()
 			return nil, fmt.Errorf("storage: open %s: %w", path, err)
 		}

@@ -6,9 +6,10 @@
 // other from running, and a relay woken by the network waits until it
 // does. So a log writer works in small slices with a short sleep between:
 // long enough that Go's scheduler, finding nothing else to run, polls the
-// network before it ends. Small slices matter: with 2 entries, not 16, the
-// short-connection rate went from about 0.92 to 0.99 × HAProxy's in
-// alternating rounds (the clients sat idle while a slice of 16 ran).
+// network before it ends. Small slices matter: with INSERTs of 2 rows, not
+// 16, when the stored log had a row per entry, the short-connection rate
+// went from about 0.92 to 0.99 × HAProxy's in alternating rounds (the
+// clients sat idle while a slice of 16 ran).
 //
 // When nothing else runs, a sleep lasts about a millisecond (the network
 // poller waits in whole milliseconds), so an idle writer drains a backlog
@@ -19,7 +20,9 @@ package logpace
 import "time"
 
 const (
-	// Slice is how many entries a writer writes between two pauses.
+	// Slice is how many lines a stream's log goroutine writes between two
+	// pauses. (The storage's LogWriter pauses between the halves of its
+	// pages of entries instead, each about as long.)
 	Slice = 2
 	// Pause is how long a writer sleeps between two slices.
 	Pause = 20 * time.Microsecond
