@@ -72,7 +72,7 @@ func (s *core) pauseSlices(ctx context.Context) {
 }
 
 // The fixed statements of the connection log, which each store keeps
-// prepared (writeTx.execKept).
+// prepared (writeTx.execKept, writeTx.queryRowKept).
 const (
 	connLogTakeIDs = `UPDATE conn_log_ids SET next = next + ? RETURNING next`
 	connLogInsert  = `INSERT INTO conn_log_pages (stream_id, last_id, first_id, n, node, entries) VALUES (?, ?, ?, ?, ?, ?)`
@@ -80,7 +80,8 @@ const (
 	connLogCut     = `UPDATE conn_log_pages SET first_id = ?, n = ?, entries = ? WHERE stream_id = ? AND last_id = ?`
 )
 
-// connLogKept are the statements a SQLite store prepares for execKept.
+// connLogKept are the statements a SQLite store prepares for execKept and
+// queryRowKept.
 var connLogKept = []string{connLogTakeIDs, connLogInsert, connLogDelete, connLogCut}
 
 // AppendConnLogs stores a batch of entries in one transaction, tagged
@@ -88,8 +89,8 @@ var connLogKept = []string{connLogTakeIDs, connLogInsert, connLogDelete, connLog
 // once (conn_log_ids), in the batch's order, and writes each stream's
 // entries in pages of up to connLogPage (with the LogWriter's pauses
 // between pages and between a full page's encoding and its INSERT, on a
-// store that slices the log). The pages of one
-// stream never overlap; those of several streams of one batch may.
+// store that slices the log). The pages of one stream never overlap;
+// those of several streams of one batch may.
 func (s *core) AppendConnLogs(ctx context.Context, entries []ConnLog) error {
 	if len(entries) == 0 {
 		return nil
@@ -146,8 +147,9 @@ var errEnoughPages = errors.New("enough pages")
 // ConnLogs returns entries newest first, as selected by q. It reads the
 // pages that may hold them, newest first (by their last ID), and decodes
 // and filters their entries until no page left can hold one of the
-// newest Limit: pages from several nodes may overlap, so an entry is
-// sure to be among those only once every page left ends below it.
+// newest Limit: the pages of several streams of one batch may overlap,
+// so an entry is sure to be among those only once every page left ends
+// below it.
 func (s *core) ConnLogs(ctx context.Context, q ConnLogQuery) ([]ConnLog, error) {
 	if q.StreamID < 0 {
 		return nil, fmt.Errorf("storage: reading conn log: stream_id %d: must be >= 0: %w", q.StreamID, ErrInvalid)
