@@ -637,6 +637,51 @@ func testConnLogNode(t *testing.T, b testBackend) {
 	}
 }
 
+// TestConnLogNodesWriteAtOnce: stores of two nodes on one database that
+// append batches at the same time (both LogWriters under load) store
+// every entry once, with IDs no other entry has, each node's in the
+// order it wrote them, and read back in full through either store.
+func TestConnLogNodesWriteAtOnce(t *testing.T) { eachBackend(t, testConnLogNodesWriteAtOnce) }
+
+func testConnLogNodesWriteAtOnce(t *testing.T, b testBackend) {
+	ctx := context.Background()
+	db := b.newDB(t)
+	nodes := []testStore{b.openAs(t, db, nil, "x"), b.openAs(t, db, nil, "y")}
+	const batches, size = 40, 37
+	var wg sync.WaitGroup
+	for n, s := range nodes {
+		wg.Go(func() {
+			for i := range batches {
+				batch := make([]ConnLog, size)
+				for j := range batch {
+					batch[j] = ConnLog{StreamID: int64(1 + j%3), Action: ActionAllowed, BytesSent: int64(n<<20 | i*size + j)}
+				}
+				if err := s.AppendConnLogs(ctx, batch); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	for _, s := range nodes {
+		all, err := s.ConnLogs(ctx, ConnLogQuery{Limit: MaxConnLogExportLimit})
+		if err != nil || len(all) != 2*batches*size {
+			t.Fatalf("%d entries read (%v), want %d", len(all), err, 2*batches*size)
+		}
+		last := map[string]int64{"x": 1 << 40, "y": 1 << 40} // each node's entries, newest first
+		for i, e := range all {
+			if i > 0 && e.ID >= all[i-1].ID {
+				t.Fatalf("IDs %d then %d: not newest first, or one given twice", all[i-1].ID, e.ID)
+			}
+			if e.Node != []string{"x", "y"}[e.BytesSent>>20] || e.BytesSent >= last[e.Node] {
+				t.Fatalf("entry %d (node %s, bytes_sent %d) after %d: out of its node's order", e.ID, e.Node, e.BytesSent, last[e.Node])
+			}
+			last[e.Node] = e.BytesSent
+		}
+	}
+}
+
 // TestLogWriterRetryWhileUnreachable: with Retry, entries logged while
 // PostgreSQL is down wait (up to the queue's size) and are written once it
 // is back; only those beyond the queue are dropped.
