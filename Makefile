@@ -27,7 +27,10 @@ vet:
 test: test-needs postgres vet build e2e
 	$(GO) test -count=1 -run 'NotAllocate' ./modules/l4aegisproxy ./modules/udpnat
 	AEGIS_BIN=$(CURDIR)/$(BIN) $(GO) test -race -count=1 ./...
-	$(BIN) validate --config Caddyfile.example --adapter caddyfile
+	@# validate opens the storage it names (and migrates it): a throwaway
+	@# home, not the SQLite database of make run under ~/.local/share/caddy.
+	tmp=$$(mktemp -d) && XDG_DATA_HOME=$$tmp XDG_CONFIG_HOME=$$tmp $(BIN) validate --config Caddyfile.example --adapter caddyfile; \
+		rc=$$?; rm -rf "$$tmp"; exit $$rc
 
 # What make test needs besides Go and make, said in one line before any of
 # it runs: a C compiler (the race detector uses cgo), Node.js 20 or later
