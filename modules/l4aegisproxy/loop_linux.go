@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
+	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 )
 
@@ -598,6 +599,7 @@ func (l *loop) start() error {
 		ep.Close()
 		return err
 	}
+	_ = logpace.Watch(epfd) // the log's pacers ask it (see logpace)
 	l.epfd, l.ep, l.rc, l.running, l.sleep = epfd, ep, rc, true, 0
 	l.emptyAt = time.Now().UnixNano()
 	go l.run()
@@ -695,6 +697,7 @@ func (l *loop) run() {
 			l.readable[i] = nil
 		}
 		l.readable = l.readable[:0]
+		logpace.Served()
 	}
 }
 

@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 )
 
@@ -84,6 +85,7 @@ func (r *Relay) newPoller() (*poller, error) {
 		f.Close()
 		return nil, err
 	}
+	_ = logpace.Watch(fd) // see AddSocket
 	p := &poller{ep: f, epfd: fd, rc: rc, done: make(chan struct{})}
 	p.waitFn = p.wait
 	p.sendFn = p.send
@@ -179,6 +181,7 @@ func (p *poller) wait(fd uintptr) bool {
 			continue
 		}
 		if errno != 0 || n == 0 {
+			logpace.Served()
 			return false
 		}
 		rb := repliesPool.Get().(*replies)
@@ -195,6 +198,7 @@ func (p *poller) wait(fd uintptr) bool {
 		p.rb = nil
 		repliesPool.Put(rb)
 		if !p.more {
+			logpace.Served()
 			return false
 		}
 	}

@@ -7,6 +7,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 )
 
@@ -80,10 +81,12 @@ func (b *batch) recv(fd uintptr) bool {
 			b.backoff = 0
 			b.relay(int(n))
 			if n < readBatch {
+				logpace.Served()
 				return false
 			}
 		case unix.EINTR:
 		case unix.EAGAIN:
+			logpace.Served()
 			return false
 		default:
 			b.err = errno

@@ -32,6 +32,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
 
+	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 )
 
@@ -311,6 +312,9 @@ func (r *Relay) AddSocket(pc *net.UDPConn) error {
 	if err != nil {
 		return err
 	}
+	// The log's pacers ask whether the socket has datagrams waiting (see
+	// logpace); one that cannot be watched is paced blind.
+	_ = rc.Control(func(fd uintptr) { _ = logpace.Watch(int(fd)) })
 	local := pc.LocalAddr().(*net.UDPAddr).AddrPort()
 	s := &socket{r: r, pc: pc, rc: rc, local: local, v6: local.Addr().Is6() && !local.Addr().Is4In6(), wildcard: local.Addr().IsUnspecified(), done: make(chan struct{})}
 	r.mu.Lock()

@@ -1,0 +1,9 @@
+//go:build !linux
+
+package logpace
+
+// Watch does nothing here: pacers sleep between every two slices.
+func Watch(fd int) error { return nil }
+
+// Waiting reports Unwatched: nothing is watched here.
+func Waiting() Relays { return Unwatched }
