@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -255,11 +256,19 @@ func startAegisTLS(s setup) (*child, error) {
 		return nil, err
 	}
 	api := newAegisAPI(admin[0])
+	// The API answers before the streams app runs, and refuses an upload
+	// with 503 until it does: that, or no answer, is "not ready yet".
+	var upErr error
 	err = waitReady(c, s.startTimeout(), func() error {
-		return api.call("GET", "/api/v1/certificates", nil, http.StatusOK, nil)
+		t.certID, upErr = uploadAegisCert(api, s.cert)
+		var se *statusError
+		if errors.As(upErr, &se) && se.status != http.StatusServiceUnavailable {
+			return nil // answered for good; upErr says how
+		}
+		return upErr
 	})
 	if err == nil {
-		t.certID, err = uploadAegisCert(api, s.cert)
+		err = upErr
 	}
 	if err == nil {
 		cfg, err = aegisConfigWith(admin[0], logFile, s.up, s.front, t)

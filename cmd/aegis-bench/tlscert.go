@@ -142,7 +142,7 @@ func (bc *benchCert) verifyingConfig() *tls.Config {
 func uploadAegisCert(api *aegisAPI, bc *benchCert) (int64, error) {
 	var cs spec.CertStatus
 	if err := api.call("POST", "/api/v1/certificates", certInput("bench", bc), http.StatusCreated, &cs); err != nil {
-		return 0, fmt.Errorf("uploading the certificate: %v", err)
+		return 0, fmt.Errorf("uploading the certificate: %w", err)
 	}
 	if len(cs.Warnings) > 0 {
 		return 0, fmt.Errorf("the bench certificate: %v", cs.Warnings)
