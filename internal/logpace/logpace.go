@@ -27,10 +27,11 @@
 // waiting, whether anything is ready (Waiting). When nothing is, a pacer
 // lets the writer go on. When something is, the writer yields until a
 // relay says Served at the end of its wake-up (not a timer), so the P
-// never idles between the two, and yields again while one is ready, up to
-// Pause in all: under load the relays get the P as long as a sleep gave
-// them. Connections on goroutines of their own (TLS, rate limits) are not
-// watched: for them a pacer still sleeps once per blindSlices slices.
+// never idles between the two; if one is still ready then (under load),
+// the writer sleeps for the rest of Pause, so the relays get the P as long
+// as a sleep gave them. Connections on goroutines of their own (TLS, rate
+// limits) are not watched: for them a pacer still sleeps once per
+// blindSlices slices.
 package logpace
 
 import (
@@ -101,7 +102,7 @@ func (p *Pacer) Pause() {
 		case Ready:
 			p.n = 0
 			p.yielded++
-			p.yieldWhileReady()
+			p.yieldToRelays()
 			return
 		case Idle:
 			if p.n < blindSlices {
@@ -114,18 +115,19 @@ func (p *Pacer) Pause() {
 	sleep(Pause)
 }
 
-// yieldWhileReady yields to the relays until none is ready or Pause has
-// passed, whichever is first: under load the relays get the P for as long
-// as a sleep would give them, and it is never idle meanwhile.
-func (p *Pacer) yieldWhileReady() {
+// yieldToRelays yields until a relay has run. If one is still ready then
+// (under load), the writer sleeps for the rest of Pause: the relays have
+// the P meanwhile, as long as a sleep gave them, and it is not idle.
+func (p *Pacer) yieldToRelays() {
 	start := time.Now()
-	for {
-		if !p.yield() {
-			p.distrust = time.Now().Add(distrustFor)
-			return
-		}
-		if time.Since(start) >= Pause || relays() != Ready {
-			return
+	if !p.yield() {
+		p.distrust = time.Now().Add(distrustFor)
+		return
+	}
+	if relays() == Ready {
+		if rest := Pause - time.Since(start); rest > 0 {
+			p.slept++
+			sleep(rest)
 		}
 	}
 }
