@@ -23,8 +23,8 @@
 // (1 client of UDP new flows: 2.5 context switches per flow against
 // nginx's 2.0, about 6 µs of CPU). So the relays that run their own
 // sockets (the UDP relay's listeners and reply poller, the TCP event
-// loop) Watch their descriptors in one epoll set that pacers ask, without
-// waiting, whether anything is ready (Waiting). When nothing is, a pacer
+// loop) Watch their descriptors, and pacers ask them with one ppoll that
+// does not wait whether anything is ready (Waiting). When nothing is, a pacer
 // lets the writer go on. When something is, the writer yields until a
 // relay says Served at the end of its wake-up (not a timer), so the P
 // never idles between the two; if one is still ready then (under load),

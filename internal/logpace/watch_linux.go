@@ -1,7 +1,6 @@
 package logpace
 
 import (
-	"os"
 	"sync"
 	"sync/atomic"
 	"unsafe"
@@ -9,53 +8,69 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// watched is the epoll set of the relays' descriptors, made at the first
-// Watch. It is never waited on, only asked (Waiting); a descriptor leaves
-// it when its file is closed.
+// watched holds the relays' descriptors that pacers ask about. They are
+// asked with one ppoll that does not wait, not kept in an epoll set: a
+// set would be woken with every datagram that comes to a socket in it,
+// in the sender's softirq, which on loopback is the client's CPU.
 var watched struct {
-	once  sync.Once
-	fdAdd atomic.Int32 // the set's descriptor + 1; 0: not made
-	err   error
+	mu    sync.Mutex
+	count map[int32]int                 // Watch calls less Unwatch calls, by descriptor
+	fds   atomic.Pointer[[]unix.PollFd] // what Waiting asks: count's keys
 }
 
-// Watch adds fd, a relay's listening socket or epoll set, to the set that
-// pacers ask (level-triggered, for input). A descriptor already there is
-// left as it is.
-func Watch(fd int) error {
-	watched.once.Do(func() {
-		ep, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
-		if err != nil {
-			watched.err = os.NewSyscallError("epoll_create1", err)
-			return
-		}
-		watched.fdAdd.Store(int32(ep) + 1)
-	})
-	ep := int(watched.fdAdd.Load()) - 1
-	if ep < 0 {
-		return watched.err
+// Watch adds fd, a relay's listening socket or epoll set, to what pacers
+// ask. Its owner calls Unwatch before it closes fd; a descriptor that
+// two relays watch (a listening socket a reload hands on) stays watched
+// until both have called Unwatch.
+func Watch(fd int) {
+	watched.mu.Lock()
+	defer watched.mu.Unlock()
+	if watched.count == nil {
+		watched.count = make(map[int32]int)
 	}
-	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(fd)}
-	if err := unix.EpollCtl(ep, unix.EPOLL_CTL_ADD, fd, &ev); err != nil && err != unix.EEXIST {
-		return os.NewSyscallError("epoll_ctl", err)
+	watched.count[int32(fd)]++
+	storeWatched()
+}
+
+// Unwatch undoes one Watch of fd.
+func Unwatch(fd int) {
+	watched.mu.Lock()
+	defer watched.mu.Unlock()
+	if watched.count[int32(fd)]--; watched.count[int32(fd)] <= 0 {
+		delete(watched.count, int32(fd))
 	}
-	return nil
+	storeWatched()
+}
+
+// storeWatched publishes count's descriptors for Waiting. Under mu.
+func storeWatched() {
+	fds := make([]unix.PollFd, 0, len(watched.count))
+	for fd := range watched.count {
+		fds = append(fds, unix.PollFd{Fd: fd, Events: unix.POLLIN})
+	}
+	watched.fds.Store(&fds)
 }
 
 // Waiting reports whether a watched descriptor is ready, without waiting
 // (a raw system call: Go's scheduler need not know, and its monitor
-// thread is not woken).
+// thread is not woken). The pacers of one process take turns with the
+// shared poll array.
 func Waiting() Relays {
-	ep := watched.fdAdd.Load() - 1
-	if ep < 0 {
+	p := watched.fds.Load()
+	if p == nil || len(*p) == 0 {
 		return Unwatched
 	}
-	var ev [1]unix.EpollEvent
-	n, _, e := unix.RawSyscall6(unix.SYS_EPOLL_PWAIT, uintptr(ep), uintptr(unsafe.Pointer(&ev[0])), 1, 0, 0, 0)
-	switch {
-	case e != 0:
-		return Unwatched
-	case n > 0:
-		return Ready
+	var buf [8]unix.PollFd
+	fds := append(buf[:0], *p...) // ppoll writes the answers
+	var ts unix.Timespec
+	n, _, e := unix.RawSyscall6(unix.SYS_PPOLL, uintptr(unsafe.Pointer(&fds[0])), uintptr(len(fds)), uintptr(unsafe.Pointer(&ts)), 0, 0, 0)
+	if e != 0 || n == 0 {
+		return Idle
+	}
+	for _, f := range fds {
+		if f.Revents&unix.POLLIN != 0 {
+			return Ready
+		}
 	}
 	return Idle
 }

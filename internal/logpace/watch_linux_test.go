@@ -6,23 +6,26 @@ import (
 	"time"
 )
 
-// watchedSocket is a UDP socket on loopback in the watched set (until the
-// test ends and closes it), and a sender to it.
-func watchedSocket(t *testing.T) (ready func()) {
+// watchedSocket is a UDP socket on loopback, watched until the test ends
+// and closes it: a function that makes it ready, and its descriptor.
+func watchedSocket(t *testing.T) (ready func(), fd int) {
 	t.Helper()
 	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { pc.Close() })
 	rc, err := pc.(*net.UDPConn).SyscallConn()
 	if err != nil {
 		t.Fatal(err)
 	}
-	var werr error
-	if err := rc.Control(func(fd uintptr) { werr = Watch(int(fd)) }); err != nil || werr != nil {
-		t.Fatal(err, werr)
+	if err := rc.Control(func(s uintptr) { fd = int(s) }); err != nil {
+		t.Fatal(err)
 	}
+	Watch(fd)
+	t.Cleanup(func() {
+		Unwatch(fd)
+		pc.Close()
+	})
 	return func() {
 		c, err := net.Dial("udp", pc.LocalAddr().String())
 		if err != nil {
@@ -39,15 +42,24 @@ func watchedSocket(t *testing.T) (ready func()) {
 			}
 			time.Sleep(time.Millisecond)
 		}
-	}
+	}, fd
 }
 
 func TestWaitingSeesAWatchedSocket(t *testing.T) {
-	ready := watchedSocket(t)
-	if got := Waiting(); got != Idle {
-		t.Fatalf("Waiting() = %v with nothing to read, want Idle (%v)", got, Idle)
+	if got := Waiting(); got != Unwatched {
+		t.Fatalf("Waiting() = %v with nothing watched, want Unwatched (%v)", got, Unwatched)
 	}
-	ready()
+	t.Run("watched", func(t *testing.T) {
+		ready, _ := watchedSocket(t)
+		if got := Waiting(); got != Idle {
+			t.Fatalf("Waiting() = %v with nothing to read, want Idle (%v)", got, Idle)
+		}
+		ready()
+	})
+	// Unwatched when its test ended, before it was closed.
+	if got := Waiting(); got != Unwatched {
+		t.Fatalf("Waiting() = %v after Unwatch, want Unwatched (%v)", got, Unwatched)
+	}
 }
 
 func TestPacerGoesOnWhileWatchedRelaysAreIdle(t *testing.T) {
@@ -60,7 +72,7 @@ func TestPacerGoesOnWhileWatchedRelaysAreIdle(t *testing.T) {
 }
 
 func TestPacerYieldsToAReadyRelayUntilServed(t *testing.T) {
-	ready := watchedSocket(t)
+	ready, _ := watchedSocket(t)
 	ready()
 	yieldWait = time.Minute
 	t.Cleanup(func() { yieldWait = time.Millisecond })
@@ -97,7 +109,7 @@ func TestPacerYieldsToAReadyRelayUntilServed(t *testing.T) {
 }
 
 func TestPacerSleepsAfterAYieldNobodyServed(t *testing.T) {
-	ready := watchedSocket(t)
+	ready, _ := watchedSocket(t)
 	ready()
 	yieldWait = 5 * time.Millisecond
 	t.Cleanup(func() { yieldWait = time.Millisecond })
@@ -117,5 +129,17 @@ func TestPacerSleepsAfterAYieldNobodyServed(t *testing.T) {
 	}
 	if p.Yielded() != 1 {
 		t.Fatalf("yielded %d after an unserved yield, want still 1", p.Yielded())
+	}
+}
+
+func TestADescriptorWatchedTwiceStaysUntilBothUnwatch(t *testing.T) {
+	ready, fd := watchedSocket(t) // Unwatch at the end of the test
+	ready()
+	// The ready socket is watched a second time (a reload's new relay
+	// takes it on) and unwatched once (the old relay lets it go).
+	Watch(fd)
+	Unwatch(fd)
+	if got := Waiting(); got != Ready {
+		t.Fatalf("Waiting() = %v after one of two Unwatch calls, want Ready (%v): the socket is still watched", got, Ready)
 	}
 }

@@ -599,7 +599,7 @@ func (l *loop) start() error {
 		ep.Close()
 		return err
 	}
-	_ = logpace.Watch(epfd) // the log's pacers ask it (see logpace)
+	logpace.Watch(epfd) // the log's pacers ask it (see logpace), until run closes it
 	l.epfd, l.ep, l.rc, l.running, l.sleep = epfd, ep, rc, true, 0
 	l.emptyAt = time.Now().UnixNano()
 	go l.run()
@@ -660,6 +660,7 @@ func (l *loop) run() {
 			until = l.emptyAt + int64(loopLinger)
 			if until <= l.now {
 				l.running = false
+				logpace.Unwatch(l.epfd)
 				l.ep.Close()
 				l.ep, l.rc = nil, nil
 				// Every connection ended: what a burst left goes.

@@ -85,7 +85,7 @@ func (r *Relay) newPoller() (*poller, error) {
 		f.Close()
 		return nil, err
 	}
-	_ = logpace.Watch(fd) // see AddSocket
+	logpace.Watch(fd) // see AddSocket; close unwatches it
 	p := &poller{ep: f, epfd: fd, rc: rc, done: make(chan struct{})}
 	p.waitFn = p.wait
 	p.sendFn = p.send
@@ -158,6 +158,7 @@ func (p *poller) finish(e *entry, reason streamstate.Reason) {
 
 // close stops the poller once every entry has finished.
 func (p *poller) close() {
+	logpace.Unwatch(p.epfd)
 	p.ep.Close()
 	<-p.done
 }

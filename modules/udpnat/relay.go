@@ -313,8 +313,8 @@ func (r *Relay) AddSocket(pc *net.UDPConn) error {
 		return err
 	}
 	// The log's pacers ask whether the socket has datagrams waiting (see
-	// logpace); one that cannot be watched is paced blind.
-	_ = rc.Control(func(fd uintptr) { _ = logpace.Watch(int(fd)) })
+	// logpace), until RemoveSocket.
+	_ = rc.Control(func(fd uintptr) { logpace.Watch(int(fd)) })
 	local := pc.LocalAddr().(*net.UDPAddr).AddrPort()
 	s := &socket{r: r, pc: pc, rc: rc, local: local, v6: local.Addr().Is6() && !local.Addr().Is4In6(), wildcard: local.Addr().IsUnspecified(), done: make(chan struct{})}
 	r.mu.Lock()
@@ -344,6 +344,9 @@ func (r *Relay) RemoveSocket(pc *net.UDPConn, closeFn func() error) {
 	}
 	r.reply.Store(next)
 	r.mu.Unlock()
+	if rc, err := pc.SyscallConn(); err == nil {
+		_ = rc.Control(func(fd uintptr) { logpace.Unwatch(int(fd)) })
+	}
 	_ = closeFn()
 	if s != nil {
 		<-s.done
