@@ -53,8 +53,8 @@ func storeWatched() {
 
 // Waiting reports whether a watched descriptor is ready, without waiting
 // (a raw system call: Go's scheduler need not know, and its monitor
-// thread is not woken). The pacers of one process take turns with the
-// shared poll array.
+// thread is not woken). Each call polls a copy of the published array,
+// since ppoll writes its answers into it.
 func Waiting() Relays {
 	p := watched.fds.Load()
 	if p == nil || len(*p) == 0 {

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 )
 
@@ -121,5 +122,25 @@ func TestAnswerCountedAfterQuestion(t *testing.T) {
 		if st := tr.state.SinceReload(); st.BytesSent != want || st.BytesReceived != want {
 			t.Fatalf("responses %d, after %d flows of %d bytes each way: sent %d, received %d; want %d each", responses, flows, len(p), st.BytesSent, st.BytesReceived, want)
 		}
+	}
+}
+
+// A relay's listening socket and its reply poller are watched by the log's
+// pacers while the relay serves them, and no longer once it is gone: a
+// Watch without its Unwatch would leave a closed descriptor (or the next
+// file to get its number) in what every pacer asks.
+func TestRelaySocketsAreWatchedWhileTheyServe(t *testing.T) {
+	if got := logpace.Waiting(); got != logpace.Unwatched {
+		t.Fatalf("before any relay: Waiting() = %v, want Unwatched (%v)", got, logpace.Unwatched)
+	}
+	t.Run("serving", func(t *testing.T) {
+		tr := newTestRelay(t, Config{})
+		roundTrip(t, tr.client(t), []byte("query"), make([]byte, 64)) // starts the poller
+		if got := logpace.Waiting(); got == logpace.Unwatched {
+			t.Fatalf("while the relay serves: Waiting() = %v, want its sockets watched", got)
+		}
+	})
+	if got := logpace.Waiting(); got != logpace.Unwatched {
+		t.Fatalf("after the relay is gone: Waiting() = %v, want Unwatched (%v)", got, logpace.Unwatched)
 	}
 }

@@ -344,8 +344,8 @@ func (r *Relay) RemoveSocket(pc *net.UDPConn, closeFn func() error) {
 	}
 	r.reply.Store(next)
 	r.mu.Unlock()
-	if rc, err := pc.SyscallConn(); err == nil {
-		_ = rc.Control(func(fd uintptr) { logpace.Unwatch(int(fd)) })
+	if s != nil {
+		_ = s.rc.Control(func(fd uintptr) { logpace.Unwatch(int(fd)) }) // AddSocket's Watch
 	}
 	_ = closeFn()
 	if s != nil {
