@@ -8,12 +8,14 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
+	"maps"
 	"net"
 	"net/http"
 	"os"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -466,12 +468,23 @@ func TestUDPConfigs(t *testing.T) {
 	}
 
 	// The new-flow test's: one reply ends a session.
-	b, _ = aegisConfigOpts(2019, "/l", ports{UDP: 9004}, ports{UDP: 7004}, nil, 1)
+	b, _ = aegisConfigOpts(2019, "/l", ports{UDP: 9004}, ports{UDP: 7004}, nil, udpEnding{responses: 1})
 	if !strings.Contains(string(b), `"udp_responses": 1`) {
 		t.Errorf("new flows: aegis config lacks udp_responses 1:\n%s", b)
 	}
-	if n, _ := nginxConfigWith("/tmp/n", "/mod.so", ports{UDP: 9004}, ports{UDP: 7004}, 0, 1); !strings.Contains(n, "proxy_timeout 120s;\n        proxy_responses 1;\n") {
+	if n, _ := nginxConfigWith("/tmp/n", "/mod.so", ports{UDP: 9004}, ports{UDP: 7004}, 0, udpEnding{responses: 1}); !strings.Contains(n, "proxy_timeout 120s;\n        proxy_responses 1;\n") {
 		t.Errorf("new flows: nginx config lacks proxy_responses 1:\n%s", n)
+	}
+	// Its second part's: sessions live out an idle timeout of a second.
+	b, _ = aegisConfigOpts(2019, "/l", ports{UDP: 9004}, ports{UDP: 7004}, nil, udpEnding{idle: 1})
+	if err := json.Unmarshal(b, &cfg); err != nil || len(cfg.Apps.Streams.Hosts) != 1 {
+		t.Fatalf("kept flows: %v, %s", err, b)
+	}
+	if h := cfg.Apps.Streams.Hosts[0]; h["idle_timeout_seconds"] != 1.0 || h["udp_responses"] != nil {
+		t.Errorf("kept flows: aegis UDP host = %v", h)
+	}
+	if n, _ := nginxConfigWith("/tmp/n", "/mod.so", ports{UDP: 9004}, ports{UDP: 7004}, 19000, udpEnding{idle: 1}); !strings.Contains(n, "proxy_timeout 1s;\n        proxy_pass") || !strings.Contains(n, "worker_connections 39000;") {
+		t.Errorf("kept flows: nginx config:\n%s", n)
 	}
 
 	n, err := nginxConfig("/tmp/n", "/mod.so", ports{UDP: 9004}, ports{UDP: 7004}, 19000)
@@ -868,5 +881,58 @@ func TestParseCPUSoftirq(t *testing.T) {
 	got, err := parseCPUSoftirq(stat)
 	if err != nil || len(got) != 2 || got[0] != 5 || got[1] != 9 {
 		t.Errorf("parseCPUSoftirq = %v, %v; want cpu0 5, cpu1 9", got, err)
+	}
+}
+
+// TestFlowLoadSpreadsSources: with spread, the new-flow clients' queries
+// come from that many source addresses in turn, and each is answered;
+// without it, from the kernel's choice (127.0.0.1 here).
+func TestFlowLoadSpreadsSources(t *testing.T) {
+	pc, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	var mu sync.Mutex
+	seen := map[string]int{}
+	go func() {
+		buf := make([]byte, 64)
+		for {
+			n, from, err := pc.ReadFromUDP(buf)
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			seen[from.IP.String()]++
+			mu.Unlock()
+			pc.WriteToUDP(buf[:n], from)
+		}
+	}()
+	w := window{warmup: 20 * time.Millisecond, dur: 100 * time.Millisecond}
+	for _, c := range []struct {
+		spread int
+		want   []string
+	}{
+		{3, []string{"127.0.1.0", "127.0.1.1", "127.0.1.2"}},
+		{0, []string{"127.0.0.1"}},
+	} {
+		mu.Lock()
+		clear(seen)
+		mu.Unlock()
+		n, err := flowLoad(pc.LocalAddr().String(), 2, c.spread, w)
+		if err != nil || n < 10 {
+			t.Fatalf("spread %d: %d flows, %v", c.spread, n, err)
+		}
+		mu.Lock()
+		got := maps.Clone(seen)
+		mu.Unlock()
+		if len(got) != len(c.want) {
+			t.Errorf("spread %d: sources %v, want %v", c.spread, got, c.want)
+		}
+		for _, a := range c.want {
+			if got[a] < int(n)/len(c.want)/2 {
+				t.Errorf("spread %d: %d queries from %s of %d in all: %v", c.spread, got[a], a, n, got)
+			}
+		}
 	}
 }

@@ -605,7 +605,7 @@ func runUDP(ps []proxy, cfg config, up *upstreams, tmp string) []result {
 			res.na = p.noUDP
 			continue
 		}
-		c, front, err := launchUDP(p, cfg, up, tmp, "udp", 0, 0)
+		c, front, err := launchUDP(p, cfg, up, tmp, "udp", 0, udpEnding{})
 		if err != nil {
 			res.skipped = err.Error()
 			continue
@@ -714,7 +714,7 @@ func (r *udpRun) stepDown(cfg config) {
 // launchUDP starts p relaying a UDP port to the UDP echo, in a dir of its
 // own, and waits until an echo comes through. For direct it returns no
 // child and the echo's own port.
-func launchUDP(p proxy, cfg config, up *upstreams, tmp, phase string, entries, responses int) (*child, int, error) {
+func launchUDP(p proxy, cfg config, up *upstreams, tmp, phase string, entries int, end udpEnding) (*child, int, error) {
 	echo := up.udp.port()
 	if p.start == nil {
 		return nil, echo, nil
@@ -728,7 +728,7 @@ func launchUDP(p proxy, cfg config, up *upstreams, tmp, phase string, entries, r
 		return nil, 0, err
 	}
 	s := setup{name: p.name, dir: filepath.Join(tmp, p.name+"-"+phase), up: ports{UDP: echo}, front: ports{UDP: front},
-		binary: bin, pin: cfg.pin, udpEntries: entries, udpResponses: responses}
+		binary: bin, pin: cfg.pin, udpEntries: entries, udpEnd: end}
 	if err := os.Mkdir(s.dir, 0o755); err != nil {
 		return nil, 0, err
 	}
@@ -800,7 +800,7 @@ func udpStep(p proxy, c *child, res *result, what string, f func() error) {
 
 // natUDP measures memory per NAT entry on a fresh proxy process.
 func natUDP(p proxy, cfg config, up *upstreams, tmp string, res *result) {
-	c, front, err := launchUDP(p, cfg, up, tmp, "udp-nat", cfg.udpEntries, 0)
+	c, front, err := launchUDP(p, cfg, up, tmp, "udp-nat", cfg.udpEntries, udpEnding{})
 	if err != nil {
 		res.notes = append(res.notes, "NAT entries: "+err.Error())
 		return

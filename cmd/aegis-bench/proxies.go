@@ -44,9 +44,8 @@ type setup struct {
 	// idleConns is how many TCP connections the proxy must be able to hold
 	// at once (the idle memory test, -idle), 0 if none.
 	idleConns int
-	// udpResponses is the replies per datagram after which the proxy ends
-	// a UDP session (aegis udp_responses, nginx proxy_responses); 0: none.
-	udpResponses int
+	// udpEnd is when the proxy ends a UDP session.
+	udpEnd udpEnding
 	// cert is the certificate to terminate TLS with (the TLS test), nil
 	// for plain TCP and UDP.
 	cert *benchCert
@@ -152,6 +151,19 @@ const natHardCap = 100_000
 // traffic, for aegis (idle_timeout_seconds) and nginx (proxy_timeout) alike.
 const udpIdleTimeout = 120
 
+// udpEnding is when a proxy ends a UDP session: after responses replies
+// per datagram (aegis udp_responses, nginx proxy_responses; 0: not set),
+// or after idle seconds without traffic (0: udpIdleTimeout).
+type udpEnding struct{ responses, idle int }
+
+// idleSeconds is e's idle timeout in seconds.
+func (e udpEnding) idleSeconds() int {
+	if e.idle > 0 {
+		return e.idle
+	}
+	return udpIdleTimeout
+}
+
 // aegisConfig renders the Caddy JSON config for bin/aegis: one stream per
 // route, the TCP ones with ids 1-3 and the UDP echo with id 4. Every stream
 // has the whitelist and the connection log, like the allow/deny and the
@@ -163,18 +175,18 @@ func aegisConfig(adminPort int, logFile string, up, front ports) ([]byte, error)
 // aegisConfigWith is aegisConfig; with t, every TCP stream terminates TLS
 // with certificate t.certID, and the app's storage is t.dbPath.
 func aegisConfigWith(adminPort int, logFile string, up, front ports, t *aegisTLS) ([]byte, error) {
-	return aegisConfigOpts(adminPort, logFile, up, front, t, 0)
+	return aegisConfigOpts(adminPort, logFile, up, front, t, udpEnding{})
 }
 
-// aegisConfigOpts is aegisConfigWith; the UDP stream has udp_responses
-// responses.
-func aegisConfigOpts(adminPort int, logFile string, up, front ports, t *aegisTLS, responses int) ([]byte, error) {
+// aegisConfigOpts is aegisConfigWith; the UDP stream ends its sessions as
+// end says.
+func aegisConfigOpts(adminPort int, logFile string, up, front ports, t *aegisTLS, end udpEnding) ([]byte, error) {
 	var hosts []spec.Stream
 	for _, r := range routes(up, front) {
 		h := benchStream(int64(r.ID), "bench-"+r.Kind, r.Front, r.Up)
 		if r.UDP {
-			h.Protocol, h.IdleTimeoutSeconds = spec.ProtocolUDP, udpIdleTimeout
-			h.UDPResponses = responses
+			h.Protocol, h.IdleTimeoutSeconds = spec.ProtocolUDP, end.idleSeconds()
+			h.UDPResponses = end.responses
 			// As nginx's: room for the NAT test's entries, all from
 			// 127.0.0.1. By default one stream takes half of the
 			// open-file limit after a reserve, and one source an eighth
@@ -230,7 +242,7 @@ func startAegis(s setup) (*child, error) {
 	if err != nil {
 		return nil, err
 	}
-	cfg, err := aegisConfigOpts(admin[0], filepath.Join(s.dir, "aegis.log"), s.up, s.front, nil, s.udpResponses)
+	cfg, err := aegisConfigOpts(admin[0], filepath.Join(s.dir, "aegis.log"), s.up, s.front, nil, s.udpEnd)
 	if err != nil {
 		return nil, err
 	}
@@ -428,17 +440,16 @@ const nginxModule = "/usr/lib/nginx/modules/ngx_stream_module.so"
 // the open-file limit stays at 20,000 (the hard limit here), enough for
 // 9,000 TCP connections, HAProxy's maxconn.
 func nginxConfig(dir, module string, up, front ports, sessions int) (string, error) {
-	return nginxConfigWith(dir, module, up, front, sessions, 0)
+	return nginxConfigWith(dir, module, up, front, sessions, udpEnding{})
 }
 
-// nginxConfigWith is nginxConfig with proxy_responses responses on UDP
-// (0: not set).
-func nginxConfigWith(dir, module string, up, front ports, sessions, responses int) (string, error) {
+// nginxConfigWith is nginxConfig whose UDP sessions end as end says.
+func nginxConfigWith(dir, module string, up, front ports, sessions int, end udpEnding) (string, error) {
 	var b bytes.Buffer
 	err := nginxTmpl.Execute(&b, map[string]any{
 		"Dir": dir, "Module": module, "Routes": routes(up, front),
 		"Files": max(20000, sessions+1000), "Conns": max(10000, 2*sessions+1000),
-		"UDPTimeout": udpIdleTimeout, "Responses": responses,
+		"UDPTimeout": end.idleSeconds(), "Responses": end.responses,
 	})
 	return b.String(), err
 }
@@ -447,7 +458,7 @@ func startNginx(s setup) (*child, error) {
 	if _, err := os.Stat(nginxModule); err != nil {
 		return nil, fmt.Errorf("no stream module (apt-get install libnginx-mod-stream): %v", err)
 	}
-	cfg, err := nginxConfigWith(s.dir, nginxModule, s.up, s.front, max(s.udpEntries, s.idleConns), s.udpResponses)
+	cfg, err := nginxConfigWith(s.dir, nginxModule, s.up, s.front, max(s.udpEntries, s.idleConns), s.udpEnd)
 	if err != nil {
 		return nil, err
 	}

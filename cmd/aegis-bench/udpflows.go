@@ -11,13 +11,45 @@ import (
 // flowClients are the client counts of the new-flow test.
 var flowClients = []int{1, 8}
 
+// flowEndings are the two ways the new-flow test ends sessions: with
+// their one answer (aegis udp_responses 1, nginx proxy_responses 1), so
+// that nothing piles up; and, as a user who sets neither gets, after an
+// idle timeout of a second, the shortest aegis takes, so that each proxy
+// holds about a second's flows and ends each with its timer. key is what
+// the second's metric keys end with.
+//
+// Kept sessions are measured with 1 client only: 8 clients make about
+// 25,000 flows a second, and holding a second of them takes more sockets
+// than the open-file hard limit here (20,000) lets a proxy have. And their
+// queries come from kept.spread source addresses in turn: from one
+// address, the kernel's ephemeral ports (about 28,000) come round within
+// the idle timeout, and a third of the queries would find a live session
+// instead of making one.
+var flowEndings = []struct {
+	key, phase string
+	end        udpEnding
+	clients    []int
+	spread     int // source addresses the clients take in turn; 0: the kernel's choice
+}{
+	{"", "udp-flows", udpEnding{responses: 1}, flowClients, 0},
+	{"kept", "udp-flows-kept", udpEnding{idle: 1}, []int{1}, 256},
+}
+
 // flowsUDP measures new UDP flows per second, as a resolver in front of
 // DNS servers makes them: each client sends a query from a new socket,
-// reads the answer and closes the socket, in a loop. The proxies end each
-// session after its one answer (aegis udp_responses 1, nginx
-// proxy_responses 1), so nothing piles up. They run at once, on fresh
-// processes, and take turns for turnRounds rounds.
+// reads the answer and closes the socket, in a loop. For each of
+// flowEndings, the proxies run at once, on fresh processes, and take turns
+// for turnRounds rounds.
 func flowsUDP(runs []*udpRun, cfg config, up *upstreams, tmp string) {
+	for _, fe := range flowEndings {
+		flowsUDPEnding(runs, cfg, up, tmp, fe.phase, fe.key, fe.end, fe.clients, fe.spread)
+	}
+}
+
+// flowsUDPEnding is flowsUDP for sessions that end as end says, with each
+// of clients, from spread source addresses (see flowEndings); the values
+// go to the keys flows<clients><key>.
+func flowsUDPEnding(runs []*udpRun, cfg config, up *upstreams, tmp, phase, key string, end udpEnding, clients []int, spread int) {
 	type flowRun struct {
 		r     *udpRun
 		c     *child // nil for direct
@@ -25,11 +57,21 @@ func flowsUDP(runs []*udpRun, cfg config, up *upstreams, tmp string) {
 		n     map[int]int64
 		dur   map[int]time.Duration
 	}
+	what := "new flows"
+	if key != "" {
+		what += ", " + key
+	}
 	var frs []*flowRun
 	for _, r := range runs {
-		c, front, err := launchUDP(r.p, cfg, up, tmp, "udp-flows", 0, 1)
+		// Kept sessions pile up for their idle timeout: nginx gets room
+		// for as many as the NAT test's.
+		entries := 0
+		if end.responses == 0 {
+			entries = cfg.udpEntries
+		}
+		c, front, err := launchUDP(r.p, cfg, up, tmp, phase, entries, end)
 		if err != nil {
-			r.res.notes = append(r.res.notes, "new flows: "+err.Error())
+			r.res.notes = append(r.res.notes, what+": "+err.Error())
 			continue
 		}
 		frs = append(frs, &flowRun{r: r, c: c, front: front, n: map[int]int64{}, dur: map[int]time.Duration{}})
@@ -44,23 +86,23 @@ func flowsUDP(runs []*udpRun, cfg config, up *upstreams, tmp string) {
 	round := turnWindow(cfg.w)
 	for i := range turnRounds {
 		for _, fr := range frs {
-			for _, clients := range flowClients {
+			for _, k := range clients {
 				if fr.c != nil && fr.c.exited() {
 					continue
 				}
-				udpStep(fr.r.p, fr.c, fr.r.res, fmt.Sprintf("new flows, %s, round %d of %d", plural(clients, "client"), i+1, turnRounds), func() error {
-					n, err := flowLoad(addr(fr.front), clients, round)
-					fr.n[clients] += n
-					fr.dur[clients] += round.dur
+				udpStep(fr.r.p, fr.c, fr.r.res, fmt.Sprintf("%s, %s, round %d of %d", what, plural(k, "client"), i+1, turnRounds), func() error {
+					n, err := flowLoad(addr(fr.front), k, spread, round)
+					fr.n[k] += n
+					fr.dur[k] += round.dur
 					return err
 				})
 			}
 		}
 	}
 	for _, fr := range frs {
-		for _, clients := range flowClients {
-			if fr.dur[clients] > 0 && fr.n[clients] > 0 {
-				fr.r.res.values[fmt.Sprintf("flows%d", clients)] = float64(fr.n[clients]) / fr.dur[clients].Seconds()
+		for _, k := range clients {
+			if fr.dur[k] > 0 && fr.n[k] > 0 {
+				fr.r.res.values[fmt.Sprintf("flows%d%s", k, key)] = float64(fr.n[k]) / fr.dur[k].Seconds()
 			}
 		}
 	}
@@ -68,15 +110,17 @@ func flowsUDP(runs []*udpRun, cfg config, up *upstreams, tmp string) {
 
 // flowLoad runs clients loops of query, answer, close (a new UDP socket
 // each time) against addr for w, and returns the flows answered in the
-// counted part. A query whose answer does not come within a second counts
-// for nothing; more than 1% of them is an error.
-func flowLoad(addr string, clients int, w window) (int64, error) {
+// counted part. With spread > 0, the sockets are bound to the addresses
+// 127.0.1.0 and up, spread of them, in turn. A query whose answer does not
+// come within a second counts for nothing; more than 1% of them is an
+// error.
+func flowLoad(addr string, clients, spread int, w window) (int64, error) {
 	to, err := net.ResolveUDPAddr("udp4", addr)
 	if err != nil {
 		return 0, err
 	}
 	var counting, stop atomic.Bool
-	var done, lost atomic.Int64
+	var done, lost, next atomic.Int64
 	var mu sync.Mutex
 	var firstErr error
 	var wg sync.WaitGroup
@@ -85,7 +129,12 @@ func flowLoad(addr string, clients int, w window) (int64, error) {
 			msg := []byte("query")
 			buf := make([]byte, 64)
 			for !stop.Load() {
-				c, err := net.DialUDP("udp4", nil, to)
+				var from *net.UDPAddr
+				if spread > 0 {
+					i := next.Add(1) % int64(spread)
+					from = &net.UDPAddr{IP: net.IPv4(127, 0, 1+byte(i>>8), byte(i))}
+				}
+				c, err := net.DialUDP("udp4", from, to)
 				if err != nil {
 					mu.Lock()
 					if firstErr == nil {
