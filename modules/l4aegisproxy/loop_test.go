@@ -19,6 +19,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"golang.org/x/sys/unix"
 
+	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegisguard"
 	"github.com/aegis-proxy/caddy-aegis/modules/l4aegisproxy"
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
@@ -664,4 +665,63 @@ func TestLoopConnectTimeout(t *testing.T) {
 	if !strings.Contains(up.LastError(), "i/o timeout") {
 		t.Fatalf("upstream's last error %q, want the dial's timeout", up.LastError())
 	}
+}
+
+// TestLoopReleasesAYieldingPacer: a log pacer that finds bytes waiting on
+// a connection of the event loop yields until the loop, having relayed
+// them, says Served at the end of its turn; without Served it would wait
+// for its bound (logpace's yieldWait, a millisecond). The upstream here
+// only reads, so each write of the client wakes the loop once. With one P
+// the loop cannot run before the pacer asks. Out of 20 tries, some must be
+// released early: on a loaded machine one may still take the millisecond.
+func TestLoopReleasesAYieldingPacer(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+	got := make(chan []byte, 32)
+	u := newUpstream(t, "127.0.0.1:0", func(c net.Conn) {
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		for {
+			b := make([]byte, 64)
+			n, err := c.Read(b)
+			if err != nil {
+				return
+			}
+			got <- b[:n]
+		}
+	})
+	ch := startLoop(t, "127.0.0.1:0", &l4aegisguard.Handler{}, &l4aegisproxy.Handler{Upstream: u.Addr})
+	c := dial(t, ch.addr)
+	relayed := func(want string) {
+		t.Helper()
+		select {
+		case b := <-got:
+			if string(b) != want {
+				t.Fatalf("upstream read %q, want %q", b, want)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%q did not reach the upstream", want)
+		}
+	}
+	if _, err := c.Write([]byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	relayed("hello")
+
+	const tries, bound = 20, time.Millisecond
+	released := 0
+	for range tries {
+		if _, err := c.Write([]byte("x")); err != nil {
+			t.Fatal(err)
+		}
+		var p logpace.Pacer
+		start := time.Now()
+		p.Pause()
+		if took := time.Since(start); p.Yielded() == 1 && took < bound {
+			released++
+		}
+		relayed("x")
+	}
+	if released == 0 {
+		t.Fatalf("none of %d yields to the loop with bytes waiting was released before %v: it does not say Served", tries, bound)
+	}
+	t.Logf("%d of %d yields released", released, tries)
 }

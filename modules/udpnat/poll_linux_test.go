@@ -144,3 +144,85 @@ func TestRelaySocketsAreWatchedWhileTheyServe(t *testing.T) {
 		t.Fatalf("after the relay is gone: Waiting() = %v, want Unwatched (%v)", got, logpace.Unwatched)
 	}
 }
+
+// TestRelaysReleaseAYieldingPacer: a log pacer that finds a datagram
+// waiting on a relay's socket yields until the relay, having read it, says
+// Served at the end of its wake-up; without Served it would wait for its
+// bound (logpace's yieldWait, a millisecond). The listener's reader and
+// the reply poller each say it: the upstream here answers nothing by
+// itself, so a query wakes only the reader, and a datagram the test sends
+// from the upstream wakes only the poller. With one P the relay cannot
+// read before the pacer asks. Out of 20 tries, some must be released
+// early: on a loaded machine one may still take the millisecond.
+func TestRelaysReleaseAYieldingPacer(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+	up, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer up.Close()
+	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	state := streamstate.New(1)
+	r := Acquire(state, pc.LocalAddr().String())
+	r.SetConfig(Config{Upstream: up.LocalAddr().String()})
+	if err := r.AddSocket(pc); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		r.RemoveSocket(pc, pc.Close)
+		Release(r)
+		_ = state.Destruct()
+	}()
+	c, err := net.DialUDP("udp", nil, pc.LocalAddr().(*net.UDPAddr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	deadline := func() time.Time { return time.Now().Add(5 * time.Second) }
+	c.SetReadDeadline(deadline())
+	up.SetReadDeadline(deadline())
+	buf := make([]byte, 64)
+	// The first query makes the entry; the upstream learns its address.
+	if _, err := c.Write([]byte("query")); err != nil {
+		t.Fatal(err)
+	}
+	_, entry, err := up.ReadFromUDPAddrPort(buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	const tries, bound = 20, time.Millisecond
+	for _, side := range []struct {
+		name string
+		send func() error // a datagram for the relay to read
+		take func() error // where the relay puts it
+	}{
+		{"listener", func() error { _, err := c.Write([]byte("query")); return err },
+			func() error { _, _, err := up.ReadFromUDPAddrPort(buf); return err }},
+		{"reply poller", func() error { _, err := up.WriteToUDPAddrPort([]byte("reply"), entry); return err },
+			func() error { _, err := c.Read(buf); return err }},
+	} {
+		released := 0
+		for range tries {
+			if err := side.send(); err != nil {
+				t.Fatal(err)
+			}
+			var p logpace.Pacer
+			start := time.Now()
+			p.Pause()
+			if took := time.Since(start); p.Yielded() == 1 && took < bound {
+				released++
+			}
+			if err := side.take(); err != nil {
+				t.Fatalf("%s: the relay did not pass the datagram on: %v", side.name, err)
+			}
+		}
+		if released == 0 {
+			t.Errorf("%s: none of %d yields to it with a datagram waiting was released before %v: it does not say Served", side.name, tries, bound)
+		}
+		t.Logf("%s: %d of %d yields released", side.name, released, tries)
+	}
+}
