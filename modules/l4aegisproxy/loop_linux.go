@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
+	"github.com/aegis-proxy/caddy-aegis/internal/deadlineheap"
 	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 )
@@ -386,7 +387,7 @@ func (d *Direct) Serve(a *Accepter, acc Accepted, done func()) {
 	c.fd = [2]int32{int32(acc.fd), int32(up)}
 	c.connecting = true
 	c.wake = start + int64(d.h.dialer.Timeout)
-	l.timers.push(c)
+	l.timers.Push(c)
 	werr := l.watchLocked(c, sideClient)
 	if werr == nil {
 		werr = l.watchLocked(c, sideUpstream)
@@ -524,7 +525,7 @@ type loop struct {
 	count   int
 	gen     uint32
 	emptyAt int64
-	timers  deadlineHeap[*loopConn]
+	timers  deadlineheap.Heap[*loopConn]
 	sleep   int64
 	round   uint32
 	ready   []*loopConn            // with events this wake
@@ -580,8 +581,8 @@ type loopDir struct {
 	shut    bool // the end was passed on (half-close)
 }
 
-func (c *loopConn) deadline() int64 { return c.wake }
-func (c *loopConn) heapIndex() *int { return &c.heap }
+func (c *loopConn) Deadline() int64 { return c.wake }
+func (c *loopConn) HeapIndex() *int { return &c.heap }
 
 // start makes the loop's epoll set and starts its goroutine. Under mu.
 func (l *loop) start() error {
@@ -654,7 +655,7 @@ func (l *loop) run() {
 		l.expireLocked()
 		var until int64
 		if len(l.timers) > 0 {
-			until = l.timers.top().wake
+			until = l.timers.Top().wake
 		}
 		if l.count == 0 && l.listening == 0 {
 			until = l.emptyAt + int64(loopLinger)
@@ -816,14 +817,14 @@ func (l *loop) dispatchLocked() {
 // the connects whose timeout did; a deadline that moved with the bytes is
 // put back in its place.
 func (l *loop) expireLocked() {
-	for len(l.timers) > 0 && l.timers.top().wake <= l.now {
-		c := l.timers.top()
+	for len(l.timers) > 0 && l.timers.Top().wake <= l.now {
+		c := l.timers.Top()
 		switch {
 		case c.connecting:
 			l.connectFailedLocked(c, c.d.dialError(c.peer, os.ErrDeadlineExceeded), true)
 		case c.idle > 0 && c.last+c.idle > l.now:
 			c.wake = c.last + c.idle
-			l.timers.fix(0)
+			l.timers.Fix(0)
 		default:
 			c.ss.SetReason(streamstate.ReasonIdleTimeout)
 			l.endLocked(c)
@@ -879,10 +880,10 @@ func (l *loop) connectedLocked(c *loopConn) {
 	d.h.state.ObserveDial(time.Duration(l.now - c.start))
 	c.ss.SetPeer(peer.State, d.many)
 	c.last = l.now
-	l.timers.remove(c)
+	l.timers.Remove(c)
 	if c.idle > 0 {
 		c.wake = c.last + c.idle
-		l.timers.push(c)
+		l.timers.Push(c)
 	}
 }
 
@@ -1121,7 +1122,7 @@ func (l *loop) endLocked(c *loopConn) {
 // closeLocked closes c's sockets (which takes them out of the epoll set)
 // and gives back what it held; the caller finishes its session.
 func (l *loop) closeLocked(c *loopConn) {
-	l.timers.remove(c)
+	l.timers.Remove(c)
 	for side, fd := range c.fd {
 		if fd >= 0 {
 			rawClose(int(fd))

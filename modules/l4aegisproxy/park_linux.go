@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/aegis-proxy/caddy-aegis/internal/deadlineheap"
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 )
 
@@ -54,9 +55,9 @@ type parker struct {
 	free    []int32
 	gen     int32
 	count   int
-	emptyAt int64                     // when count became 0 (unix nanoseconds)
-	timers  deadlineHeap[*parkedConn] // parked connections with an idle timeout, soonest first
-	sleep   int64                     // the deadline the loop waits for (0: none)
+	emptyAt int64                          // when count became 0 (unix nanoseconds)
+	timers  deadlineheap.Heap[*parkedConn] // parked connections with an idle timeout, soonest first
+	sleep   int64                          // the deadline the loop waits for (0: none)
 }
 
 // parkedConn is a parked connection: what its relay needs when it
@@ -143,7 +144,7 @@ func (r *relay) park() bool {
 		// The idle timeout runs on while parked: no byte moves, so it
 		// falls when it would have without the park.
 		pc.wake = pc.last + int64(pc.idle)
-		p.timers.push(pc)
+		p.timers.Push(pc)
 		if p.sleep == 0 || pc.wake < p.sleep {
 			p.wakeAt(pc.wake)
 		}
@@ -244,7 +245,7 @@ func (p *parker) unparkLocked(pc *parkedConn) {
 			pc.fds[i] = -1
 		}
 	}
-	p.timers.remove(pc)
+	p.timers.Remove(pc)
 	p.slots[pc.slot] = nil
 	p.free = append(p.free, pc.slot)
 	pc.slot = -1
@@ -315,5 +316,5 @@ func (p *parker) loop() {
 	}
 }
 
-func (pc *parkedConn) deadline() int64 { return pc.wake }
-func (pc *parkedConn) heapIndex() *int { return &pc.heap }
+func (pc *parkedConn) Deadline() int64 { return pc.wake }
+func (pc *parkedConn) HeapIndex() *int { return &pc.heap }
