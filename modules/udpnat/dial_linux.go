@@ -15,7 +15,7 @@ import (
 // its relay time and give the entry nothing: the relay's own poller
 // watches the descriptor (poller.add).
 func (e *entry) dial(target netip.AddrPort) error {
-	e.fd = -1
+	e.fd, e.heap = -1, -1
 	// Raw system calls: neither blocks (a UDP connect only sets the
 	// peer), and Go's scheduler need not know.
 	var sa unix.RawSockaddrInet6 // or a RawSockaddrInet4 in its first bytes

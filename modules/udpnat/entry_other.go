@@ -5,6 +5,7 @@ package udpnat
 import (
 	"io"
 	"syscall"
+	"time"
 
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 )
@@ -60,4 +61,40 @@ func (e *entry) run() {
 	}
 	e.end(reason)
 	e.cfg.Policy.End(e.ss, reason)
+}
+
+// startSweep starts the goroutine that ends idle entries: here no poller
+// of the relay's own keeps their deadlines.
+func (r *Relay) startSweep() {
+	r.wg.Add(1)
+	go r.sweep()
+}
+
+// sweep evicts idle entries until the relay is destructed.
+func (r *Relay) sweep() {
+	defer r.wg.Done()
+	every := time.Second
+	t := time.NewTimer(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-r.ctx.Done():
+			return
+		case <-t.C:
+		}
+		now := time.Now().UnixNano()
+		r.entries.Range(func(_, v any) bool {
+			e := v.(*entry)
+			if now-e.last.Load() >= int64(e.cfg.idle) {
+				e.end(streamstate.ReasonIdleTimeout)
+			}
+			return true
+		})
+		// Check four times per idle timeout, at most once a second.
+		every = time.Second
+		if p := r.cfg.Load(); p != nil {
+			every = min(every, max(p.idle/4, 50*time.Millisecond))
+		}
+		t.Reset(every)
+	}
 }

@@ -1,20 +1,32 @@
 package udpnat
 
 import (
+	"errors"
 	"net"
 	"os"
 	"sync"
 	"syscall"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/aegis-proxy/caddy-aegis/internal/deadlineheap"
 	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 	"github.com/aegis-proxy/caddy-aegis/modules/streamstate"
 )
 
 // pollBatch is how many ready upstream sockets one epoll_wait returns.
 const pollBatch = 64
+
+// expireBatch is the most entries the poller ends for their idle timeout
+// in one go; more that are due (a backlog after a stall) wait
+// expirePause, so that the listener's reader gets a turn between two
+// batches.
+const (
+	expireBatch = 64
+	expirePause = 50 * time.Microsecond
+)
 
 // upSock is an entry's upstream socket on Linux: a raw non-blocking
 // descriptor connected to the upstream, which the relay's poller watches.
@@ -25,7 +37,17 @@ type upSock struct {
 	fd   int        // -1 once closed
 	slot int32      // the entry's place in its poller's table
 	gen  uint32     // tells the entry from the slot's earlier holders
+
+	// Under the poller's mu: the entry's place in the poller's expiry
+	// heap (-1: not in it), and when the poller looks at it next: its idle
+	// deadline (last datagram + idle timeout) as of the last look.
+	heap  int
+	check int64
 }
+
+// Deadline and HeapIndex order the entries in the poller's expiry heap.
+func (e *entry) Deadline() int64 { return e.check }
+func (e *entry) HeapIndex() *int { return &e.heap }
 
 // closeSock closes the entry's socket: the poller's (finish), or that of
 // an entry never registered.
@@ -99,16 +121,24 @@ func (r *Relay) newPoller() (*poller, error) {
 // is registered (level-triggered, for input) from its start until it is
 // closed. A ready socket is read once per wake-up, with one recvmmsg: what
 // is left is reported again, so no read comes back empty.
+//
+// It also ends the entries whose idle timeout passed: they are in a heap
+// by deadline, and the instance's read deadline is the soonest one, so
+// the goroutine wakes for it as it does for a reply. An entry is looked at
+// once per idle timeout at most, not on each datagram: one that moved
+// datagrams since goes back in with its new deadline.
 type poller struct {
 	ep   *os.File // the epoll instance
 	epfd int
 	rc   syscall.RawConn
 	done chan struct{}
 
-	mu    sync.Mutex
-	slots []*entry // the registered entries; nil: a free slot
-	free  []int32
-	gen   uint32
+	mu     sync.Mutex
+	slots  []*entry // the registered entries; nil: a free slot
+	free   []int32
+	gen    uint32
+	expiry deadlineheap.Heap[*entry] // the registered entries, by idle deadline
+	sleep  int64                     // the read deadline set (unix ns); 0: none, -1: spent
 
 	// The poller goroutine's own.
 	events [pollBatch]unix.EpollEvent
@@ -117,6 +147,7 @@ type poller struct {
 	burst  burst
 	waitFn func(uintptr) bool
 	sendFn func(uintptr) bool
+	ended  []*entry // the entries one expire ends
 }
 
 // add registers e's socket.
@@ -133,27 +164,86 @@ func (p *poller) add(e *entry) error {
 	p.gen++
 	e.slot, e.gen = slot, p.gen
 	p.slots[slot] = e
+	e.check = e.last.Load() + int64(e.cfg.idle)
+	p.expiry.Push(e)
+	if p.sleep <= 0 || e.check < p.sleep {
+		p.wakeAtLocked(e.check)
+	}
 	p.mu.Unlock()
 	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: slot, Pad: int32(e.gen)}
 	if _, _, errno := unix.RawSyscall6(unix.SYS_EPOLL_CTL, uintptr(p.epfd), unix.EPOLL_CTL_ADD, uintptr(e.fd), uintptr(unsafe.Pointer(&ev)), 0, 0); errno != 0 {
-		p.release(slot)
+		p.release(e)
 		return os.NewSyscallError("epoll_ctl", errno)
 	}
 	return nil
 }
 
-// release frees an entry's slot.
-func (p *poller) release(slot int32) {
+// release frees an entry's slot and takes it out of the expiry heap.
+func (p *poller) release(e *entry) {
 	p.mu.Lock()
-	p.slots[slot] = nil
-	p.free = append(p.free, slot)
+	p.slots[e.slot] = nil
+	p.free = append(p.free, e.slot)
+	p.expiry.Remove(e)
 	p.mu.Unlock()
 }
 
 // finish unregisters and finishes e.
 func (p *poller) finish(e *entry, reason streamstate.Reason) {
-	p.release(e.slot)
+	p.release(e)
 	e.finish(reason)
+}
+
+// wakeAtLocked sets the instance's read deadline to t (unix ns; 0: none),
+// unless it is set there already.
+func (p *poller) wakeAtLocked(t int64) {
+	if t == p.sleep {
+		return
+	}
+	p.sleep = t
+	if t == 0 {
+		_ = p.ep.SetReadDeadline(time.Time{})
+		return
+	}
+	_ = p.ep.SetReadDeadline(time.Unix(0, t))
+}
+
+// expire ends the entries whose idle timeout has passed (expireBatch at
+// most), and sets the read deadline for the next one: the poller
+// goroutine's, when the last deadline has passed.
+func (p *poller) expire() {
+	now := time.Now().UnixNano()
+	p.mu.Lock()
+	p.sleep = -1 // passed: the deadline must be set again
+	for len(p.expiry) > 0 && len(p.ended) < expireBatch {
+		e := p.expiry.Top()
+		if e.check > now {
+			break
+		}
+		if d := e.last.Load() + int64(e.cfg.idle); d > now {
+			e.check = d // a datagram moved since: look again then
+			p.expiry.Fix(0)
+			continue
+		}
+		p.expiry.Remove(e)
+		p.ended = append(p.ended, e)
+	}
+	var next int64
+	if len(p.ended) == expireBatch {
+		next = now + int64(expirePause)
+	} else if len(p.expiry) > 0 {
+		next = p.expiry.Top().check
+	}
+	p.wakeAtLocked(next)
+	p.mu.Unlock()
+	for i, e := range p.ended {
+		// One that ended meanwhile (end) has its socket shut down: the
+		// poller finishes it when it reports that.
+		if e.kill(streamstate.ReasonIdleTimeout) {
+			p.finish(e, streamstate.ReasonIdleTimeout)
+		}
+		p.ended[i] = nil
+	}
+	p.ended = p.ended[:0]
 }
 
 // close stops the poller once every entry has finished.
@@ -163,10 +253,18 @@ func (p *poller) close() {
 	<-p.done
 }
 
-// run handles wake-ups until the poller is closed.
+// startSweep does nothing: the poller ends idle entries (expire).
+func (r *Relay) startSweep() {}
+
+// run handles wake-ups and idle deadlines until the poller is closed.
 func (p *poller) run() {
 	defer close(p.done)
-	_ = p.rc.Read(p.waitFn)
+	for {
+		if err := p.rc.Read(p.waitFn); !errors.Is(err, os.ErrDeadlineExceeded) {
+			return
+		}
+		p.expire()
+	}
 }
 
 // wait is the epoll instance's raw read callback: it handles ready

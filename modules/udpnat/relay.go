@@ -132,7 +132,7 @@ type Relay struct {
 
 	ctx    context.Context
 	cancel context.CancelFunc
-	wg     sync.WaitGroup // entries, sweeper, resolvers
+	wg     sync.WaitGroup // entries, sweeper (not on Linux), resolvers
 }
 
 // Acquire returns the relay of stream state's address listen (host:port),
@@ -151,8 +151,7 @@ func newRelay(key string, state *streamstate.State) *Relay {
 	r := &Relay{key: key, state: state, ctx: ctx, cancel: cancel}
 	r.table.Max = HardCap
 	r.table.Default = int64(streamstate.Budget().NATCap)
-	r.wg.Add(1)
-	go r.sweep()
+	r.startSweep()
 	return r
 }
 
@@ -256,35 +255,6 @@ func (r *Relay) resolve(ctx context.Context, p *config, i int) {
 			return
 		case <-t.C:
 		}
-	}
-}
-
-// sweep evicts idle entries until the relay is destructed.
-func (r *Relay) sweep() {
-	defer r.wg.Done()
-	every := time.Second
-	t := time.NewTimer(every)
-	defer t.Stop()
-	for {
-		select {
-		case <-r.ctx.Done():
-			return
-		case <-t.C:
-		}
-		now := time.Now().UnixNano()
-		r.entries.Range(func(_, v any) bool {
-			e := v.(*entry)
-			if now-e.last.Load() >= int64(e.cfg.idle) {
-				e.end(streamstate.ReasonIdleTimeout)
-			}
-			return true
-		})
-		// Check four times per idle timeout, at most once a second.
-		every = time.Second
-		if p := r.cfg.Load(); p != nil {
-			every = min(every, max(p.idle/4, 50*time.Millisecond))
-		}
-		t.Reset(every)
 	}
 }
 

@@ -190,7 +190,8 @@ func TestProxyHeaderParsesBack(t *testing.T) {
 	}
 }
 
-func TestSweepEvictsIdleEntriesOnly(t *testing.T) {
+// The idle timeout ends an idle entry, not one that moves datagrams.
+func TestIdleTimeoutEndsIdleEntriesOnly(t *testing.T) {
 	tr := newTestRelay(t, Config{Policy: limits(t, streamstate.Limits{IdleTimeout: 300 * time.Millisecond, LogConnections: true})})
 	idle, busy := tr.client(t), tr.client(t)
 	_ = idle.SetDeadline(time.Now().Add(10 * time.Second))
