@@ -17,40 +17,22 @@ func TestFirstRefusalEndsEntry(t *testing.T) {
 	}
 	dead := up.LocalAddr().String()
 	up.Close()
-	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	state := streamstate.New(1)
-	r := Acquire(state, pc.LocalAddr().String())
-	r.SetConfig(Config{Upstream: dead, Policy: limits(t, streamstate.Limits{IdleTimeout: time.Minute})})
-	if err := r.AddSocket(pc); err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		r.RemoveSocket(pc, pc.Close)
-		Release(r)
-		_ = state.Destruct()
-	}()
-	c, err := net.DialUDP("udp", nil, pc.LocalAddr().(*net.UDPAddr))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	tr := startRelay(t, Config{Upstream: dead, Policy: limits(t, streamstate.Limits{IdleTimeout: time.Minute})})
+	c := tr.client(t)
 	if _, err := c.Write([]byte("x")); err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(3 * time.Second)
 	seen := false
 	for time.Now().Before(deadline) {
-		n := r.Entries()
+		n := tr.r.Entries()
 		if n == 1 {
 			seen = true
 		}
-		if (seen || state.Total.Load() > 0) && n == 0 {
+		if (seen || tr.state.Total.Load() > 0) && n == 0 {
 			return
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	t.Fatalf("entry still open 3s after its upstream refused: entries %d, active %d, seen %v", r.Entries(), state.Active.Load(), seen)
+	t.Fatalf("entry still open 3s after its upstream refused: entries %d, active %d, seen %v", tr.r.Entries(), tr.state.Active.Load(), seen)
 }

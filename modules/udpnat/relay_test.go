@@ -42,13 +42,24 @@ func newTestRelay(t testing.TB, cfg Config) *testRelay {
 			}
 		}
 	}()
+	t.Cleanup(func() { // after the relay's
+		up.Close()
+		<-upDone
+	})
+	cfg.Upstream = up.LocalAddr().String()
+	return startRelay(t, cfg)
+}
+
+// startRelay serves a relay with cfg on a socket of 127.0.0.1, torn down
+// with the test.
+func startRelay(t testing.TB, cfg Config) *testRelay {
+	t.Helper()
 	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
 		t.Fatal(err)
 	}
 	state := streamstate.New(1)
 	r := Acquire(state, pc.LocalAddr().String())
-	cfg.Upstream = up.LocalAddr().String()
 	r.SetConfig(cfg)
 	if err := r.AddSocket(pc); err != nil {
 		t.Fatal(err)
@@ -57,8 +68,6 @@ func newTestRelay(t testing.TB, cfg Config) *testRelay {
 		r.RemoveSocket(pc, pc.Close)
 		Release(r)
 		_ = state.Destruct()
-		up.Close()
-		<-upDone
 	})
 	return &testRelay{r: r, state: state, addr: pc.LocalAddr().(*net.UDPAddr)}
 }
