@@ -129,15 +129,15 @@ func TestAnsweredEntriesLeaveTheExpiryHeap(t *testing.T) {
 	}
 }
 
-// TestQueriesRelayedWhileManyEntriesExpire: 640 entries made within a few
-// milliseconds reach their idle timeout then, and each ends at its own
-// deadline, so a client's queries are relayed while they end, not held
+// TestQueriesRelayedWhileManyEntriesExpire: 640 entries made one after
+// another reach their idle timeout in the same order, each ends at its own
+// deadline, and a client's queries are relayed while they end, not held
 // back until the last one has. Before, a sweep every quarter of the idle
 // timeout ended all that were due at once, and the poller finished them
 // all in one wake-up: no query was answered while some of them were left
 // (at 6,000 new flows a second with a 1 s idle timeout, one query in a
-// thousand waited 4-8 ms). With one P,
-// what runs between two of them is only what the poller lets run.
+// thousand waited 4-8 ms). With one P, what runs between two of them is
+// only what the poller lets run.
 func TestQueriesRelayedWhileManyEntriesExpire(t *testing.T) {
 	const entries = 10 * expireBatch
 	const idle = 300 * time.Millisecond
@@ -257,9 +257,8 @@ func TestRelaysReleaseAYieldingPacer(t *testing.T) {
 	}
 	defer up.Close()
 	c := startRelay(t, Config{Upstream: up.LocalAddr().String()}).client(t)
-	deadline := func() time.Time { return time.Now().Add(5 * time.Second) }
-	c.SetReadDeadline(deadline())
-	up.SetReadDeadline(deadline())
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	up.SetReadDeadline(time.Now().Add(5 * time.Second))
 	buf := make([]byte, 64)
 	// The first query makes the entry; the upstream learns its address.
 	if _, err := c.Write([]byte("query")); err != nil {
