@@ -21,7 +21,7 @@ var flowClients = []int{1, 8}
 // Kept sessions are measured with 1 client only: 8 clients make about
 // 25,000 flows a second, and holding a second of them takes more sockets
 // than the open-file hard limit here (20,000) lets a proxy have. And their
-// queries come from kept.spread source addresses in turn: from one
+// queries come from 256 source addresses in turn (spread): from one
 // address, the kernel's ephemeral ports (about 28,000) come round within
 // the idle timeout, and a third of the queries would find a live session
 // instead of making one.
