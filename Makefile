@@ -25,7 +25,7 @@ vet:
 # the race detector, then every test with it (fuzz targets run their
 # committed seeds; the tests that run aegis as a command run bin/aegis).
 test: test-needs postgres vet build e2e
-	$(GO) test -count=1 -run 'NotAllocate' ./modules/l4aegisproxy ./modules/udpnat
+	$(GO) test -count=1 -run 'NotAllocate' ./internal/logpace ./modules/l4aegisproxy ./modules/udpnat
 	AEGIS_BIN=$(CURDIR)/$(BIN) $(GO) test -race -count=1 ./...
 	@# validate opens the storage it names (and migrates it): a throwaway
 	@# home, not the SQLite database of make run under ~/.local/share/caddy.

@@ -51,17 +51,24 @@ func storeWatched() {
 	watched.fds.Store(&fds)
 }
 
+// pollCopies are the copies of the published array that Waiting polls,
+// since ppoll writes its answers into the array: kept for the next call,
+// so that a call allocates nothing however many descriptors are watched
+// (each UDP stream has two, and there is a TCP loop per P).
+var pollCopies = sync.Pool{New: func() any { return new([]unix.PollFd) }}
+
 // Waiting reports whether a watched descriptor is ready, without waiting
 // (a raw system call: Go's scheduler need not know, and its monitor
-// thread is not woken). Each call polls a copy of the published array,
-// since ppoll writes its answers into it.
+// thread is not woken).
 func Waiting() Relays {
 	p := watched.fds.Load()
 	if p == nil || len(*p) == 0 {
 		return Unwatched
 	}
-	var buf [8]unix.PollFd
-	fds := append(buf[:0], *p...) // ppoll writes the answers
+	cp := pollCopies.Get().(*[]unix.PollFd)
+	defer pollCopies.Put(cp)
+	fds := append((*cp)[:0], *p...)
+	*cp = fds
 	var ts unix.Timespec
 	n, _, e := unix.RawSyscall6(unix.SYS_PPOLL, uintptr(unsafe.Pointer(&fds[0])), uintptr(len(fds)), uintptr(unsafe.Pointer(&ts)), 0, 0, 0)
 	if e != 0 || n == 0 {

@@ -2,6 +2,7 @@ package logpace
 
 import (
 	"net"
+	"strconv"
 	"testing"
 	"time"
 )
@@ -141,5 +142,27 @@ func TestADescriptorWatchedTwiceStaysUntilBothUnwatch(t *testing.T) {
 	Unwatch(fd)
 	if got := Waiting(); got != Ready {
 		t.Fatalf("Waiting() = %v after one of two Unwatch calls, want Ready (%v): the socket is still watched", got, Ready)
+	}
+}
+
+// TestWaitingDoesNotAllocate: a pacer asks between every two slices of
+// log lines, so the ask allocates nothing, with few descriptors watched
+// and with more than a small buffer on the stack would hold.
+func TestWaitingDoesNotAllocate(t *testing.T) {
+	if raceEnabled {
+		t.Skip("allocation counts mean nothing under the race detector")
+	}
+	for _, n := range []int{3, 40} {
+		t.Run(strconv.Itoa(n), func(t *testing.T) {
+			for range n {
+				watchedSocket(t)
+			}
+			if got := Waiting(); got != Idle {
+				t.Fatalf("Waiting() = %v with %d idle sockets watched, want Idle", got, n)
+			}
+			if a := testing.AllocsPerRun(100, func() { Waiting() }); a != 0 {
+				t.Fatalf("Waiting allocates %.1f times a call with %d descriptors watched, want none", a, n)
+			}
+		})
 	}
 }

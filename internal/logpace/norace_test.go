@@ -1,0 +1,5 @@
+//go:build !race
+
+package logpace
+
+const raceEnabled = false
