@@ -1,7 +1,32 @@
 // Package deadlineheap orders things by deadline, soonest first: the idle
 // and connect deadlines of the TCP event loop's and the parker's
-// connections, and the idle deadlines of the UDP relay's NAT entries.
+// connections, and the idle deadlines of the UDP relay's NAT entries. Its
+// SetWake sets the read deadline at which the goroutine that waits for
+// them wakes.
 package deadlineheap
+
+import (
+	"os"
+	"time"
+)
+
+// SetWake sets the read deadline of f, the epoll instance a goroutine
+// reads through its RawConn, to t (unix nanoseconds; 0: none), and *at to
+// t, unless *at is t already: the goroutine then wakes at the soonest
+// deadline of its Heap as it does for an event. A caller whose deadline
+// has passed sets *at to a value no deadline has (-1), so that the next
+// call sets the file's again.
+func SetWake(f *os.File, at *int64, t int64) {
+	if t == *at {
+		return
+	}
+	*at = t
+	if t == 0 {
+		_ = f.SetReadDeadline(time.Time{})
+		return
+	}
+	_ = f.SetReadDeadline(time.Unix(0, t))
+}
 
 // Timed is what a Heap orders: something with a deadline (unix
 // nanoseconds) and its place in the heap (-1: not in it), both kept in

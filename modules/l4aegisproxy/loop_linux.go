@@ -1153,15 +1153,9 @@ func (l *loop) closeLocked(c *loopConn) {
 // wakeAtLocked makes the loop's wait end at t (unix nanoseconds; 0: no
 // deadline).
 func (l *loop) wakeAtLocked(t int64) {
-	if l.ep == nil || t == l.sleep {
-		return
+	if l.ep != nil {
+		deadlineheap.SetWake(l.ep, &l.sleep, t)
 	}
-	l.sleep = t
-	if t == 0 {
-		_ = l.ep.SetReadDeadline(time.Time{})
-		return
-	}
-	_ = l.ep.SetReadDeadline(time.Unix(0, t))
 }
 
 // Wake ends c's connection at once (Session.Close): the loop would not

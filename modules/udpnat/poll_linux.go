@@ -167,7 +167,7 @@ func (p *poller) add(e *entry) error {
 	e.check = e.last.Load() + int64(e.cfg.idle)
 	p.expiry.Push(e)
 	if p.sleep <= 0 || e.check < p.sleep {
-		p.wakeAtLocked(e.check)
+		deadlineheap.SetWake(p.ep, &p.sleep, e.check)
 	}
 	p.mu.Unlock()
 	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: slot, Pad: int32(e.gen)}
@@ -191,20 +191,6 @@ func (p *poller) release(e *entry) {
 func (p *poller) finish(e *entry, reason streamstate.Reason) {
 	p.release(e)
 	e.finish(reason)
-}
-
-// wakeAtLocked sets the instance's read deadline to t (unix ns; 0: none),
-// unless it is set there already.
-func (p *poller) wakeAtLocked(t int64) {
-	if t == p.sleep {
-		return
-	}
-	p.sleep = t
-	if t == 0 {
-		_ = p.ep.SetReadDeadline(time.Time{})
-		return
-	}
-	_ = p.ep.SetReadDeadline(time.Unix(0, t))
 }
 
 // expire ends the entries whose idle timeout has passed (expireBatch at
@@ -233,7 +219,7 @@ func (p *poller) expire() {
 	} else if len(p.expiry) > 0 {
 		next = p.expiry.Top().check
 	}
-	p.wakeAtLocked(next)
+	deadlineheap.SetWake(p.ep, &p.sleep, next)
 	p.mu.Unlock()
 	for i, e := range p.ended {
 		// One that ended meanwhile (end) has its socket shut down: the
