@@ -169,9 +169,13 @@ func (p *poller) add(e *entry) error {
 	if p.sleep <= 0 || e.check < p.sleep {
 		deadlineheap.SetWake(p.ep, &p.sleep, e.check)
 	}
+	// Read before the poller can see the entry: an answer already waiting
+	// makes it ready as soon as it is registered, and the poller may have
+	// finished it (closed the socket) before epoll_ctl returns.
+	fd := e.fd
 	p.mu.Unlock()
 	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: slot, Pad: int32(e.gen)}
-	if _, _, errno := unix.RawSyscall6(unix.SYS_EPOLL_CTL, uintptr(p.epfd), unix.EPOLL_CTL_ADD, uintptr(e.fd), uintptr(unsafe.Pointer(&ev)), 0, 0); errno != 0 {
+	if _, _, errno := unix.RawSyscall6(unix.SYS_EPOLL_CTL, uintptr(p.epfd), unix.EPOLL_CTL_ADD, uintptr(fd), uintptr(unsafe.Pointer(&ev)), 0, 0); errno != 0 {
 		p.release(e)
 		return os.NewSyscallError("epoll_ctl", errno)
 	}

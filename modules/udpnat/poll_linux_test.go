@@ -5,8 +5,11 @@ import (
 	"net"
 	"os"
 	"runtime"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/aegis-proxy/caddy-aegis/internal/logpace"
 	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
@@ -285,5 +288,43 @@ func TestRelaysReleaseAYieldingPacer(t *testing.T) {
 			t.Errorf("%s: none of %d yields to it with a datagram waiting was released early: it does not say Served", side.name, tries)
 		}
 		t.Logf("%s: %d of %d yields released", side.name, released, tries)
+	}
+}
+
+// A new entry's first datagram goes upstream before its socket is
+// registered with the poller (the epoll_ctl is not on the query's way),
+// so its answer may be waiting in the socket by then: the poller must
+// relay it all the same, and the entry must end with it.
+func TestAnswerWaitingBeforeRegistrationIsRelayed(t *testing.T) {
+	const flows = 20
+	var waited atomic.Int32
+	t.Cleanup(func() { startEntry = (*Relay).start }) // after the relay's
+	startEntry = func(r *Relay, e *entry) error {
+		fds := []unix.PollFd{{Fd: int32(e.fd), Events: unix.POLLIN}}
+		if n, err := unix.Poll(fds, 2000); err == nil && n == 1 {
+			waited.Add(1)
+		}
+		return r.start(e)
+	}
+	tr := newTestRelay(t, Config{Responses: 1, Policy: limits(t, streamstate.Limits{MaxConnections: flows, MaxConnectionsPerIP: flows})})
+	p, buf := []byte("question"), make([]byte, 64)
+	for range flows {
+		c, err := net.DialUDP("udp", nil, tr.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+		roundTrip(t, c, p, buf)
+		c.Close()
+	}
+	if n := waited.Load(); n != flows {
+		t.Fatalf("%d of %d answers were waiting in the entry's socket when it was registered: the query must go upstream first", n, flows)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for tr.state.Active.Load() > 0 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if n := tr.state.Active.Load(); n != 0 {
+		t.Fatalf("%d entries left after %d answered flows with udp_responses 1", n, flows)
 	}
 }

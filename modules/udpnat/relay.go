@@ -359,14 +359,39 @@ func (r *Relay) datagram(s *socket, buf []byte, n int, src netip.AddrPort, oob [
 			return
 		}
 	}
-	if e == nil || !e.expect() {
-		// A new client, or its entry has ended (or got all its answers
-		// and is closing): a new entry.
-		if e = r.open(s, src, oob, pa); e == nil {
-			return
-		}
-		e.expect()
+	if e != nil && e.expect() {
+		r.forward(s, e, buf, n, off)
+		return
 	}
+	// A new client, or its entry has ended (or got all its answers and is
+	// closing): a new entry. Its socket is registered with the poller
+	// after its first datagram went upstream, so that the epoll_ctl is not
+	// on the query's way (a flow of DNS is one query); an answer that came
+	// meanwhile waits in the socket, and the poller (level-triggered) is
+	// told of it as soon as the socket is in.
+	e, opened := r.open(s, src, oob, pa)
+	if e == nil {
+		return
+	}
+	e.expect()
+	r.forward(s, e, buf, n, off)
+	if !opened {
+		return // another socket's, which starts it
+	}
+	if err := startEntry(r, e); err != nil {
+		// The datagram went, but no answer can be read: it is dropped.
+		r.logDialError(e.upstream(), err)
+		r.state.DropDatagrams(streamstate.DropUpstreamSocket, 1)
+		e.finish(streamstate.ReasonUpstreamError)
+	}
+}
+
+// startEntry is Relay.start, but in tests.
+var startEntry = (*Relay).start
+
+// forward sends the client datagram at buf[headroom+off:headroom+n] (off:
+// the PROXY header taken off) upstream on e, which expects it.
+func (r *Relay) forward(s *socket, e *entry, buf []byte, n, off int) {
 	now := time.Now()
 	e.last.Store(now.UnixNano())
 	size := n - off
@@ -396,13 +421,15 @@ func (r *Relay) datagram(s *socket, buf []byte, n int, src netip.AddrPort, oob [
 	}
 }
 
-// open creates the NAT entry of a new client, or returns nil when the
-// datagram is to be dropped. pa are the client's addresses from a front
-// proxy's PROXY header (invalid: src is the client).
-func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte, pa streamstate.ProxyAddrs) *entry {
+// open creates the NAT entry of a new client (opened), for the caller to
+// start, or returns the one another of the relay's sockets just stored for
+// it, or nil when the datagram is to be dropped. pa are the client's
+// addresses from a front proxy's PROXY header (invalid: src is the
+// client).
+func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte, pa streamstate.ProxyAddrs) (e *entry, opened bool) {
 	p := r.cfg.Load()
 	if p == nil {
-		return nil
+		return nil, false
 	}
 	ip := src.Addr().Unmap()
 	client := netip.AddrPortFrom(ip, src.Port())
@@ -412,7 +439,7 @@ func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte, pa streamstate.P
 	pol := p.Policy
 	adm, ok := pol.Admit(r.state, client, true, &r.table)
 	if !ok {
-		return nil
+		return nil, false
 	}
 	dst := s.local
 	if s.wildcard {
@@ -433,7 +460,6 @@ func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte, pa streamstate.P
 	var tried streamstate.Tried
 	drop := streamstate.DropUpstreamUnresolved
 	looped := false
-	var e *entry
 	for e == nil {
 		i := p.picker.Pick(client.Addr(), tried)
 		if i < 0 {
@@ -441,7 +467,7 @@ func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte, pa streamstate.P
 			if !looped {
 				r.state.DropDatagrams(drop, 1)
 			}
-			return nil
+			return nil, false
 		}
 		tried.Add(i)
 		target := p.targets[i].Load()
@@ -480,20 +506,14 @@ func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte, pa streamstate.P
 		}
 		if old := v.(*entry); !old.gone() {
 			e.discard()
-			return old
+			return old, false
 		}
 		r.entries.CompareAndDelete(src, v)
 	}
 	r.state.Total.Add(1)
 	r.wg.Add(1)
 	r.state.ConnStarted()
-	if err := r.start(e); err != nil {
-		r.logDialError(e.upstream(), err)
-		r.state.DropDatagrams(streamstate.DropUpstreamSocket, 1)
-		e.finish(streamstate.ReasonUpstreamError)
-		return nil
-	}
-	return e
+	return e, true
 }
 
 // logLoop logs an upstream loop at most once a second.
