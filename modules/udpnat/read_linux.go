@@ -81,11 +81,13 @@ func (b *batch) recv(fd uintptr) bool {
 			b.backoff = 0
 			b.relay(int(n))
 			if n < readBatch {
+				b.s.r.spare.refill()
 				logpace.Served()
 				return false
 			}
 		case unix.EINTR:
 		case unix.EAGAIN:
+			b.s.r.spare.refill()
 			logpace.Served()
 			return false
 		default:

@@ -125,7 +125,8 @@ type Relay struct {
 	socks []*socket
 	reply atomic.Pointer[socket] // the socket replies leave from
 
-	poll atomic.Pointer[poller] // reads the entries' replies (Linux), made with the first entry
+	poll  atomic.Pointer[poller] // reads the entries' replies (Linux), made with the first entry
+	spare spareSockets           // new entries' sockets, made ahead (Linux)
 
 	lastDialLog atomic.Int64
 	lastLoopLog atomic.Int64 // when an upstream loop was last logged
@@ -175,6 +176,7 @@ func (r *Relay) Destruct() error {
 	if p := r.poll.Load(); p != nil {
 		p.close()
 	}
+	r.spare.close()
 	return nil
 }
 
