@@ -124,13 +124,7 @@ func TestNewEntriesTakeSpareSockets(t *testing.T) {
 					t.Fatalf("no spare socket after flow %d", i)
 				}
 			}
-			c, err := net.DialUDP("udp", nil, tr.addr)
-			if err != nil {
-				t.Fatal(err)
-			}
-			_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-			roundTrip(t, c, p, buf)
-			c.Close()
+			tr.flow(t, p, buf)
 			if fd := <-started; i > 0 && int64(fd) != spare {
 				t.Errorf("flow %d: its entry has socket %d, not the spare %d", i+1, fd, spare)
 			}

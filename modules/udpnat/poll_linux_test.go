@@ -112,13 +112,7 @@ func TestAnsweredEntriesLeaveTheExpiryHeap(t *testing.T) {
 	tr := newTestRelay(t, Config{Responses: 1, Policy: limits(t, streamstate.Limits{IdleTimeout: time.Minute})})
 	buf := make([]byte, 64)
 	for i := range 1000 {
-		c, err := net.DialUDP("udp", nil, tr.addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-		roundTrip(t, c, fmt.Appendf(nil, "q%d", i), buf)
-		c.Close()
+		tr.flow(t, fmt.Appendf(nil, "q%d", i), buf)
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for tr.r.Entries() > 0 {
@@ -197,13 +191,7 @@ func TestAnswerCountedAfterQuestion(t *testing.T) {
 	for _, responses := range []int{0, 1} {
 		tr := newTestRelay(t, Config{Responses: responses, Policy: limits(t, streamstate.Limits{LogConnections: true, MaxConnections: 2 * flows, MaxConnectionsPerIP: 2 * flows})})
 		for i := range flows {
-			c, err := net.DialUDP("udp", nil, tr.addr)
-			if err != nil {
-				t.Fatal(err)
-			}
-			_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-			roundTrip(t, c, p, buf)
-			c.Close()
+			tr.flow(t, p, buf)
 			// (An entry that ends while the stats are read may be left
 			// out of that read: only open ones are checked each time.)
 			if st := tr.state.SinceReload(); responses == 0 && st.BytesSent < uint64((i+1)*len(p)) {
@@ -309,13 +297,7 @@ func TestAnswerWaitingBeforeRegistrationIsRelayed(t *testing.T) {
 	tr := newTestRelay(t, Config{Responses: 1, Policy: limits(t, streamstate.Limits{MaxConnections: flows, MaxConnectionsPerIP: flows})})
 	p, buf := []byte("question"), make([]byte, 64)
 	for range flows {
-		c, err := net.DialUDP("udp", nil, tr.addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-		roundTrip(t, c, p, buf)
-		c.Close()
+		tr.flow(t, p, buf)
 	}
 	if n := waited.Load(); n != flows {
 		t.Fatalf("%d of %d answers were waiting in the entry's socket when it was registered: the query must go upstream first", n, flows)

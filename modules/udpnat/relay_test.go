@@ -92,6 +92,19 @@ func (tr *testRelay) client(t testing.TB) *net.UDPConn {
 	return c
 }
 
+// flow is one flow as a resolver's client makes it: a new socket, one
+// round trip (p, its echo into buf), closed.
+func (tr *testRelay) flow(t testing.TB, p, buf []byte) {
+	t.Helper()
+	c, err := net.DialUDP("udp", nil, tr.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	roundTrip(t, c, p, buf)
+}
+
 // roundTrip sends p and reads the echo into buf.
 func roundTrip(t testing.TB, c *net.UDPConn, p, buf []byte) {
 	if _, err := c.Write(p); err != nil {
@@ -251,11 +264,6 @@ func BenchmarkRelayNewFlow(b *testing.B) {
 	p, buf := []byte("query"), make([]byte, 64)
 	b.ReportAllocs()
 	for b.Loop() {
-		c, err := net.DialUDP("udp", nil, tr.addr)
-		if err != nil {
-			b.Fatal(err)
-		}
-		roundTrip(b, c, p, buf)
-		c.Close()
+		tr.flow(b, p, buf)
 	}
 }
