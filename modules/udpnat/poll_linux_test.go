@@ -5,6 +5,7 @@ import (
 	"net"
 	"os"
 	"runtime"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -308,5 +309,51 @@ func TestAnswerWaitingBeforeRegistrationIsRelayed(t *testing.T) {
 	}
 	if n := tr.state.Active.Load(); n != 0 {
 		t.Fatalf("%d entries left after %d answered flows with udp_responses 1", n, flows)
+	}
+}
+
+// Two sockets of a relay (during a reload) may read the first datagrams
+// of one new client at once: one entry is stored and started, once; the
+// other socket's datagram goes through it; both are answered.
+func TestNewClientOnTwoSocketsAtOnce(t *testing.T) {
+	const clients = 300
+	tr := newTestRelay(t, Config{Policy: limits(t, streamstate.Limits{IdleTimeout: time.Minute, MaxConnections: 2 * clients, MaxConnectionsPerIP: 2 * clients})})
+	tr.r.mu.Lock()
+	s := tr.r.socks[0]
+	tr.r.mu.Unlock()
+	rb := make([]byte, 64)
+	for i := range clients {
+		c := tr.client(t)
+		src := c.LocalAddr().(*net.UDPAddr).AddrPort()
+		start := make(chan struct{})
+		var wg sync.WaitGroup
+		for k := range 2 {
+			wg.Go(func() {
+				buf := make([]byte, headroom+16)
+				n := copy(buf[headroom:], fmt.Sprintf("%d/%d", i, k))
+				<-start
+				tr.r.datagram(s, buf, n, src, nil)
+			})
+		}
+		close(start)
+		wg.Wait()
+		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		got := map[string]bool{}
+		for range 2 {
+			n, err := c.Read(rb)
+			if err != nil {
+				t.Fatalf("client %d: %d of its 2 datagrams answered: %v", i, len(got), err)
+			}
+			got[string(rb[:n])] = true
+		}
+		if !got[fmt.Sprintf("%d/0", i)] || !got[fmt.Sprintf("%d/1", i)] {
+			t.Fatalf("client %d: answers %v", i, got)
+		}
+		if n := tr.r.Entries(); n != i+1 {
+			t.Fatalf("after client %d: %d entries", i, n)
+		}
+	}
+	if n := tr.state.Total.Load(); n != clients {
+		t.Fatalf("%d entries counted for %d clients", n, clients)
 	}
 }
