@@ -6,7 +6,7 @@ BIN     := bin/aegis
 XCADDY  ?= $(shell $(GO) env GOPATH)/bin/xcaddy
 FUZZTIME ?= 60s
 
-.PHONY: all build run test test-needs vet fmt fuzz bench bench-cluster soak e2e postgres xcaddy clean
+.PHONY: all build run test test-needs vet cross fmt fuzz bench bench-cluster soak e2e postgres xcaddy clean
 
 all: build
 
@@ -20,11 +20,19 @@ vet:
 	@test -z "$$(gofmt -l .)" || { echo "gofmt would change:"; gofmt -l .; exit 1; }
 	$(GO) vet ./...
 
-# First a check of what it needs (test-needs), vet, and the web UI's tests
-# in a browser (e2e); then the allocation checks, which need a build without
+# The module builds where Caddy runs, not only on Linux: FreeBSD, macOS and
+# Windows (the commands and test helpers under cmd/ and internal/ are
+# Linux-only).
+cross:
+	GOOS=freebsd $(GO) build . ./modules/... ./admin/... ./storage/...
+	GOOS=darwin $(GO) build . ./modules/... ./admin/... ./storage/...
+	GOOS=windows $(GO) build . ./modules/... ./admin/... ./storage/...
+
+# First a check of what it needs (test-needs), vet, the builds for other
+# systems (cross), and the web UI's tests in a browser (e2e); then the allocation checks, which need a build without
 # the race detector, then every test with it (fuzz targets run their
 # committed seeds; the tests that run aegis as a command run bin/aegis).
-test: test-needs postgres vet build e2e
+test: test-needs postgres vet cross build e2e
 	$(GO) test -count=1 -run 'NotAllocate' ./internal/logpace ./modules/l4aegisproxy ./modules/udpnat
 	AEGIS_BIN=$(CURDIR)/$(BIN) $(GO) test -race -count=1 ./...
 	@# validate opens the storage it names (and migrates it): a throwaway

@@ -29,7 +29,7 @@ func checkOpenFiles(s *spec.Stream) error {
 	if fds, err := os.ReadDir("/proc/self/fd"); err == nil {
 		open = len(fds)
 	}
-	return openFilesError(s, lim.Cur, open)
+	return openFilesError(s, uint64(lim.Cur), open) // int64 on FreeBSD
 }
 
 // openFilesError is the error for a range of s under an open-file limit
