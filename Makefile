@@ -21,17 +21,18 @@ vet:
 	$(GO) vet ./...
 
 # The module builds where Caddy runs, not only on Linux: FreeBSD, macOS and
-# Windows (the commands and test helpers under cmd/ and internal/ are
-# Linux-only).
+# Windows (with the internal/ packages the modules import; cmd/aegis-bench
+# and the test helper internal/pgserver are Linux-only).
 cross:
 	GOOS=freebsd $(GO) build . ./modules/... ./admin/... ./storage/...
 	GOOS=darwin $(GO) build . ./modules/... ./admin/... ./storage/...
 	GOOS=windows $(GO) build . ./modules/... ./admin/... ./storage/...
 
 # First a check of what it needs (test-needs), vet, the builds for other
-# systems (cross), and the web UI's tests in a browser (e2e); then the allocation checks, which need a build without
-# the race detector, then every test with it (fuzz targets run their
-# committed seeds; the tests that run aegis as a command run bin/aegis).
+# systems (cross), and the web UI's tests in a browser (e2e); then the
+# allocation checks, which need a build without the race detector, then
+# every test with it (fuzz targets run their committed seeds; the tests
+# that run aegis as a command run bin/aegis).
 test: test-needs postgres vet cross build e2e
 	$(GO) test -count=1 -run 'NotAllocate' ./internal/logpace ./modules/l4aegisproxy ./modules/udpnat
 	AEGIS_BIN=$(CURDIR)/$(BIN) $(GO) test -race -count=1 ./...

@@ -25,14 +25,18 @@ var flowClients = []int{1, 8}
 // address, the kernel's ephemeral ports (about 28,000) come round within
 // the idle timeout, and a third of the queries would find a live session
 // instead of making one.
-var flowEndings = []struct {
+var flowEndings = []flowEnding{
+	{"", "udp-flows", udpEnding{responses: 1}, flowClients, 0},
+	{"kept", "udp-flows-kept", udpEnding{idle: 1}, []int{1}, 256},
+}
+
+// flowEnding is one way of ending the new-flow test's sessions (see
+// flowEndings).
+type flowEnding struct {
 	key, phase string
 	end        udpEnding
 	clients    []int
 	spread     int // source addresses the clients take in turn; 0: the kernel's choice
-}{
-	{"", "udp-flows", udpEnding{responses: 1}, flowClients, 0},
-	{"kept", "udp-flows-kept", udpEnding{idle: 1}, []int{1}, 256},
 }
 
 // flowsUDP measures new UDP flows per second, as a resolver in front of
@@ -42,14 +46,15 @@ var flowEndings = []struct {
 // for turnRounds rounds.
 func flowsUDP(runs []*udpRun, cfg config, up *upstreams, tmp string) {
 	for _, fe := range flowEndings {
-		flowsUDPEnding(runs, cfg, up, tmp, fe.phase, fe.key, fe.end, fe.clients, fe.spread)
+		flowsUDPEnding(runs, cfg, up, tmp, fe)
 	}
 }
 
-// flowsUDPEnding is flowsUDP for sessions that end as end says, with each
-// of clients, from spread source addresses (see flowEndings); the values
-// go to the keys flows<clients><key>.
-func flowsUDPEnding(runs []*udpRun, cfg config, up *upstreams, tmp, phase, key string, end udpEnding, clients []int, spread int) {
+// flowsUDPEnding is flowsUDP for sessions that end as fe says, with each
+// of its client counts, from its source addresses; the values go to the
+// keys flows<clients><key>.
+func flowsUDPEnding(runs []*udpRun, cfg config, up *upstreams, tmp string, fe flowEnding) {
+	key, end, clients, spread := fe.key, fe.end, fe.clients, fe.spread
 	type flowRun struct {
 		r     *udpRun
 		c     *child // nil for direct
@@ -69,7 +74,7 @@ func flowsUDPEnding(runs []*udpRun, cfg config, up *upstreams, tmp, phase, key s
 		if end.responses == 0 {
 			entries = cfg.udpEntries
 		}
-		c, front, err := launchUDP(r.p, cfg, up, tmp, phase, entries, end)
+		c, front, err := launchUDP(r.p, cfg, up, tmp, fe.phase, entries, end)
 		if err != nil {
 			r.res.notes = append(r.res.notes, what+": "+err.Error())
 			continue
