@@ -17,10 +17,3 @@ func ProxyState(h *Handler) *streamstate.State { return h.state }
 
 // AcceptedFD is the socket of an accepted connection.
 func AcceptedFD(a Accepted) int { return a.fd }
-
-// SetBeforeFirstWrite makes f run between the read of a new connection's
-// first bytes and their write upstream, until restore.
-func SetBeforeFirstWrite(f func()) (restore func()) {
-	beforeFirstWrite = f
-	return func() { beforeFirstWrite = func() {} }
-}

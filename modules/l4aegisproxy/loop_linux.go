@@ -388,7 +388,6 @@ func (d *Direct) Serve(a *Accepter, acc Accepted, done func()) {
 	c.connecting = true
 	c.wake = start + int64(d.h.dialer.Timeout)
 	l.timers.Push(c)
-	l.sendFirstLocked(c)
 	werr := l.watchLocked(c, sideClient)
 	if werr == nil {
 		werr = l.watchLocked(c, sideUpstream)
@@ -410,57 +409,6 @@ func (d *Direct) Serve(a *Accepter, acc Accepted, done func()) {
 		ss.Finish()
 	}
 }
-
-// sendFirstLocked passes on what the client sent with its connect, as
-// soon as the upstream's connect started and before either socket is
-// watched: a near upstream has accepted by now, and its first read finds
-// the bytes instead of waiting for them (as HAProxy's first send does).
-// A write that takes the bytes proves the connect done. One that would
-// block (the connect is under way) leaves them to the loop, to write when
-// the upstream is writable, as before; one that fails tells why the
-// connect failed, and the loop tries the next upstream with the bytes.
-// Read before the client's socket is watched, the client's bytes do not
-// come back as an event.
-func (l *loop) sendFirstLocked(c *loopConn) {
-	d := &c.dirs[dirUp]
-	n, err := rawRead(int(c.fd[sideClient]), l.buf)
-	switch {
-	case err == unix.EAGAIN || err == unix.EINTR:
-		return // nothing yet: the loop reads it (or the server speaks first)
-	case err != nil:
-		c.ss.SetFailure(streamstate.ReasonClientError, streamstate.ReasonClientClose)
-		d.eof = true
-		return
-	case n == 0:
-		d.eof = true
-		return
-	}
-	b := l.buf[:n]
-	if d.pending != nil { // the PROXY header goes first
-		b = append(d.pending[:len(d.pending):len(d.pending)], b...)
-	}
-	beforeFirstWrite()
-	w, werr := rawWrite(int(c.fd[sideUpstream]), b)
-	switch {
-	case w > 0:
-		l.now = time.Now().UnixNano()
-		l.connectedLocked(c)
-		c.moved(dirUp, w, l.now)
-	case werr != unix.EAGAIN && werr != unix.EINTR:
-		c.connErr = werr.(syscall.Errno)
-	}
-	if b = b[w:]; len(b) == 0 {
-		d.pending = nil
-	} else if d.pending == nil {
-		d.pending = append([]byte(nil), b...)
-	} else {
-		d.pending = b
-	}
-}
-
-// beforeFirstWrite runs in sendFirstLocked between the client's read and
-// the write upstream; a hook for tests.
-var beforeFirstWrite = func() {}
 
 // dial starts a non-blocking connect to the upstream the picker chooses
 // for client, trying the next one when the connect fails at once. It
@@ -603,10 +551,9 @@ type loopConn struct {
 	gen        uint32
 	d          *Direct
 	ss         *streamstate.Session
-	fd         [2]int32      // by side; -1: closed
-	ready      [2]uint8      // by side: canRead, canWrite until EAGAIN; peerEnded
-	hup        bool          // the upstream socket reported an error or hang-up
-	connErr    syscall.Errno // why the connect failed, if a write said so
+	fd         [2]int32 // by side; -1: closed
+	ready      [2]uint8 // by side: canRead, canWrite until EAGAIN; peerEnded
+	hup        bool     // the upstream socket reported an error or hang-up
 	connecting bool
 	half       bool
 	ending     bool // one side ended without half-close: flush, then end
@@ -894,11 +841,6 @@ func (l *loop) stepLocked(c *loopConn) {
 		// An error or hang-up: the connect failed, unless the socket says
 		// otherwise (it connected, then its peer went away: the relay
 		// sees that).
-		if c.hup && c.connErr != 0 {
-			// sendFirstLocked's write took the error from the socket.
-			l.connectFailedLocked(c, c.d.dialError(c.peer, os.NewSyscallError("connect", c.connErr)), false)
-			return
-		}
 		if c.hup {
 			v, gerr := unix.GetsockoptInt(int(c.fd[sideUpstream]), unix.SOL_SOCKET, unix.SO_ERROR)
 			if gerr != nil || v != 0 {
@@ -951,7 +893,7 @@ func (l *loop) connectFailedLocked(c *loopConn, err error, timedOut bool) {
 	d := c.d
 	rawClose(int(c.fd[sideUpstream]))
 	c.fd[sideUpstream] = -1
-	c.ready[sideUpstream], c.hup, c.connErr = 0, false, 0
+	c.ready[sideUpstream], c.hup = 0, false
 	if d.upstreamFailed(c.peer, err) && d.h.picker.Len() > 1 && !timedOut && l.now < c.start+int64(d.h.dialer.Timeout) {
 		up, i, derr := d.dial(c.ss.Source.Addr(), &c.tried, c.start)
 		if derr == nil {
@@ -1198,7 +1140,7 @@ func (l *loop) closeLocked(c *loopConn) {
 		}
 		*d = loopDir{}
 	}
-	c.ss, c.d, c.connecting, c.connErr = nil, nil, false, 0
+	c.ss, c.d, c.connecting = nil, nil, false
 	l.free = append(l.free, c.slot)
 	if l.count--; l.count == 0 {
 		l.emptyAt = time.Now().UnixNano()

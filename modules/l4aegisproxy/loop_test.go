@@ -3,10 +3,8 @@
 package l4aegisproxy_test
 
 import (
-	"bytes"
 	"crypto/sha256"
 	"errors"
-	"fmt"
 	"hash"
 	"io"
 	"net"
@@ -19,7 +17,6 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	proxyproto "github.com/pires/go-proxyproto"
 	"golang.org/x/sys/unix"
 
 	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
@@ -33,14 +30,6 @@ import (
 // Direct.Serve. Its cleanup closes what is open and fails the test if a
 // connection is not ended within 5 s.
 func startLoop(t testing.TB, listen string, guard *l4aegisguard.Handler, proxy *l4aegisproxy.Handler) *chain {
-	t.Helper()
-	return startLoopHeld(t, listen, guard, proxy, nil)
-}
-
-// startLoopHeld is startLoop, but each accepted connection is served by
-// hold(serve) on the loop's goroutine: hold decides when serve runs, and
-// the loop does nothing else until hold returns.
-func startLoopHeld(t testing.TB, listen string, guard *l4aegisguard.Handler, proxy *l4aegisproxy.Handler, hold func(serve func())) *chain {
 	t.Helper()
 	provisionChain(t, guard, proxy)
 	d := l4aegisproxy.NewDirect(guard.Policy(), guard.State(), proxy)
@@ -62,11 +51,7 @@ func startLoopHeld(t testing.TB, listen string, guard *l4aegisguard.Handler, pro
 		_ = acc.Run(func(got []l4aegisproxy.Accepted) bool {
 			for _, a := range got {
 				live.Add(1)
-				if hold != nil {
-					hold(func() { d.Serve(acc, a, live.Done) })
-				} else {
-					d.Serve(acc, a, live.Done)
-				}
+				d.Serve(acc, a, live.Done)
 			}
 			return true
 		})
@@ -733,171 +718,4 @@ func TestLoopReleasesAYieldingPacer(t *testing.T) {
 		t.Fatalf("none of %d yields to the loop with bytes waiting was released early: it does not say Served", tries)
 	}
 	t.Logf("%d of %d yields released", released, tries)
-}
-
-// readNow reads what c's socket holds, without waiting; nil if nothing.
-func readNow(t *testing.T, c net.Conn) []byte {
-	t.Helper()
-	rc, err := c.(*net.TCPConn).SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	buf := make([]byte, 512)
-	n := 0
-	var rerr error
-	if err := rc.Read(func(fd uintptr) bool {
-		n, _, rerr = unix.Recvfrom(int(fd), buf, unix.MSG_DONTWAIT)
-		return true
-	}); err != nil {
-		t.Fatal(err)
-	}
-	if rerr != nil {
-		return nil
-	}
-	return buf[:n]
-}
-
-// The bytes a client sends with its connect go upstream as the proxy
-// connects, before the loop waits for events: the upstream's first read,
-// made without waiting while the loop is held, finds them, after the
-// PROXY header if one is set. They are counted, and the connection then
-// relays as any other.
-func TestLoopSendsFirstBytesAtConnect(t *testing.T) {
-	for _, version := range []int{0, 2} {
-		t.Run(fmt.Sprint("proxy_protocol ", version), func(t *testing.T) {
-			upLn, err := net.Listen("tcp", "127.0.0.1:0")
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer upLn.Close()
-			sent, served, checked := make(chan struct{}), make(chan struct{}), make(chan struct{})
-			hold := func(serve func()) {
-				<-sent
-				serve()
-				served <- struct{}{}
-				<-checked // the loop waits while the upstream is read
-			}
-			ch := startLoopHeld(t, "127.0.0.1:0", &l4aegisguard.Handler{LogConnections: true},
-				&l4aegisproxy.Handler{Upstream: upLn.Addr().String(), ProxyProtocol: version}, hold)
-			logged := logSink(ch)
-			for i := range 10 {
-				msg := []byte(fmt.Sprintf("first bytes of connection %d", i))
-				c := dial(t, ch.addr)
-				if _, err := c.Write(msg); err != nil {
-					t.Fatal(err)
-				}
-				sent <- struct{}{}
-				<-served
-				_ = upLn.(*net.TCPListener).SetDeadline(time.Now().Add(5 * time.Second))
-				u, err := upLn.Accept()
-				if err != nil {
-					t.Fatal(err)
-				}
-				got := readNow(t, u)
-				checked <- struct{}{}
-				want := msg
-				if version > 0 {
-					h := proxyproto.HeaderProxyFromAddrs(byte(version), c.LocalAddr(), c.RemoteAddr())
-					hdr, err := h.Format()
-					if err != nil {
-						t.Fatal(err)
-					}
-					want = append(hdr, msg...)
-				}
-				if !bytes.Equal(got, want) {
-					t.Fatalf("connection %d: the upstream's first read found %q, want %q", i, got, want)
-				}
-				_ = u.SetDeadline(time.Now().Add(5 * time.Second))
-				if _, err := u.Write([]byte("answer")); err != nil {
-					t.Fatal(err)
-				}
-				answer := make([]byte, 6)
-				_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-				if _, err := io.ReadFull(c, answer); err != nil || string(answer) != "answer" {
-					t.Fatalf("connection %d: the client read %q, %v", i, answer, err)
-				}
-				c.Close()
-				wantEOF(t, u)
-				u.Close()
-				r := nextLog(t, logged)
-				if r.Reason != streamstate.ReasonClientClose || r.BytesSent != uint64(len(want)) || r.BytesReceived != 6 {
-					t.Fatalf("connection %d: log %+v: want client_close, %d bytes sent, 6 received", i, r, len(want))
-				}
-			}
-		})
-	}
-}
-
-// An upstream that resets the connection before the proxy's first write
-// counts as a failed connect, as when the loop finds the reset: the bytes
-// go to the next upstream, and the first one's error says why.
-func TestLoopFirstWriteFindsAReset(t *testing.T) {
-	good := newUpstream(t, "127.0.0.1:0", echo)
-	bad, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	badAddr := bad.Addr().String()
-	// Closing the listener resets the connection in its queue.
-	var once sync.Once
-	defer l4aegisproxy.SetBeforeFirstWrite(func() { once.Do(func() { bad.Close() }) })()
-	sent := make(chan struct{})
-	ch := startLoopHeld(t, "127.0.0.1:0", &l4aegisguard.Handler{LogConnections: true}, &l4aegisproxy.Handler{
-		LoadBalancing: "first",
-		Upstreams:     []l4aegisproxy.Upstream{{Address: badAddr}, {Address: good.Addr}},
-	}, func(serve func()) { <-sent; serve() })
-	logged := logSink(ch)
-	c := dial(t, ch.addr)
-	msg := []byte("sent with the connect")
-	if _, err := c.Write(msg); err != nil {
-		t.Fatal(err)
-	}
-	close(sent)
-	got := make([]byte, len(msg))
-	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-	if _, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, msg) {
-		t.Fatalf("echo through the second upstream: %q, %v", got, err)
-	}
-	c.Close()
-	if r := nextLog(t, logged); r.Reason != streamstate.ReasonClientClose || r.Upstream != good.Addr {
-		t.Fatalf("log: %+v, want client_close through %s", r, good.Addr)
-	}
-	badState := l4aegisproxy.ProxyState(ch.proxy).Upstream(badAddr)
-	if badState.DialFailures.Load() != 1 || !strings.Contains(badState.LastError(), "dial tcp "+badAddr+": connect: connection reset by peer") {
-		t.Fatalf("the resetting upstream: %d dial failures, last error %q: want one, a reset", badState.DialFailures.Load(), badState.LastError())
-	}
-}
-
-// A client that resets before the proxy reads it ends as client_error; one
-// that closes at once without a byte ends as client_close; the upstream
-// sees its connection end either way.
-func TestLoopClientGoneBeforeFirstRead(t *testing.T) {
-	for _, tc := range []struct {
-		name  string
-		reset bool
-		want  streamstate.Reason
-	}{{"reset", true, streamstate.ReasonClientError}, {"closed", false, streamstate.ReasonClientClose}} {
-		t.Run(tc.name, func(t *testing.T) {
-			ups := make(chan net.Conn, 1)
-			u := newUpstream(t, "127.0.0.1:0", func(c net.Conn) { ups <- c; wantEOF(t, c) })
-			gone := make(chan struct{})
-			ch := startLoopHeld(t, "127.0.0.1:0", &l4aegisguard.Handler{LogConnections: true},
-				&l4aegisproxy.Handler{Upstream: u.Addr}, func(serve func()) { <-gone; serve() })
-			logged := logSink(ch)
-			c := dial(t, ch.addr)
-			if tc.reset {
-				_ = c.SetLinger(0)
-			}
-			c.Close()
-			close(gone)
-			if r := nextLog(t, logged); r.Reason != tc.want || r.BytesSent != 0 {
-				t.Fatalf("log: %+v, want %s and no byte sent", r, tc.want)
-			}
-			select {
-			case <-ups:
-			case <-time.After(5 * time.Second):
-				t.Fatal("the upstream got no connection")
-			}
-		})
-	}
 }
