@@ -357,3 +357,42 @@ func TestNewClientOnTwoSocketsAtOnce(t *testing.T) {
 		t.Fatalf("%d entries counted for %d clients", n, clients)
 	}
 }
+
+// When the poller cannot take a new entry's socket (epoll_ctl fails: out
+// of memory or watches), the query is upstream already: the entry ends at
+// once as upstream_error with its datagram counted sent, not dropped; the
+// client's next datagram opens a new entry, which answers.
+func TestEntryThePollerCannotTake(t *testing.T) {
+	var fail atomic.Bool
+	fail.Store(true)
+	t.Cleanup(func() { startEntry = (*Relay).start }) // after the relay's
+	startEntry = func(r *Relay, e *entry) error {
+		if fail.Swap(false) {
+			return os.NewSyscallError("epoll_ctl", unix.ENOMEM)
+		}
+		return r.start(e)
+	}
+	tr := newTestRelay(t, Config{Responses: 1, Policy: limits(t, streamstate.Limits{LogConnections: true, MaxConnections: 4, MaxConnectionsPerIP: 4})})
+	logged := make(chan streamstate.LogRecord, 4)
+	tr.state.SetLogSink(func(r streamstate.LogRecord) bool { logged <- r; return true })
+	c := tr.client(t)
+	if _, err := c.Write([]byte("first")); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case r := <-logged:
+		if r.Reason != streamstate.ReasonUpstreamError || r.DatagramsSent != 1 || r.DatagramsReceived != 0 {
+			t.Fatalf("log: %+v; want upstream_error, 1 datagram sent, none received", r)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the entry the poller could not take did not end")
+	}
+	if n := tr.state.DatagramsDropped.Load(); n != 0 {
+		t.Fatalf("%d datagrams counted dropped; the one that went upstream is not", n)
+	}
+	if n := tr.r.Entries(); n != 0 {
+		t.Fatalf("%d entries left", n)
+	}
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	roundTrip(t, c, []byte("second"), make([]byte, 16))
+}

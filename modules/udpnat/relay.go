@@ -381,9 +381,9 @@ func (r *Relay) datagram(s *socket, buf []byte, n int, src netip.AddrPort, oob [
 		return // another socket's, which starts it
 	}
 	if err := startEntry(r, e); err != nil {
-		// The datagram went, but no answer can be read: it is dropped.
+		// The datagram went upstream (it is counted sent, not dropped),
+		// but no answer can be read: the entry ends.
 		r.logDialError(e.upstream(), err)
-		r.state.DropDatagrams(streamstate.DropUpstreamSocket, 1)
 		e.finish(streamstate.ReasonUpstreamError)
 	}
 }
