@@ -884,30 +884,47 @@ func TestParseCPUSoftirq(t *testing.T) {
 	}
 }
 
-// TestFlowLoadSpreadsSources: with spread, the new-flow clients' queries
-// come from that many source addresses in turn, and each is answered;
-// without it, from the kernel's choice (127.0.0.1 here).
-func TestFlowLoadSpreadsSources(t *testing.T) {
+// flowEcho is a UDP echo for flowLoad's tests: its address, and a count of
+// the queries it answered by source address, which reset empties.
+func flowEcho(t *testing.T) (addr string, seen func() map[string]int, reset func()) {
 	pc, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer pc.Close()
+	t.Cleanup(func() { pc.Close() })
 	var mu sync.Mutex
-	seen := map[string]int{}
+	from := map[string]int{}
 	go func() {
 		buf := make([]byte, 64)
 		for {
-			n, from, err := pc.ReadFromUDP(buf)
+			n, a, err := pc.ReadFromUDP(buf)
 			if err != nil {
 				return
 			}
 			mu.Lock()
-			seen[from.IP.String()]++
+			from[a.IP.String()]++
 			mu.Unlock()
-			pc.WriteToUDP(buf[:n], from)
+			pc.WriteToUDP(buf[:n], a)
 		}
 	}()
+	seen = func() map[string]int {
+		mu.Lock()
+		defer mu.Unlock()
+		return maps.Clone(from)
+	}
+	reset = func() {
+		mu.Lock()
+		defer mu.Unlock()
+		clear(from)
+	}
+	return pc.LocalAddr().String(), seen, reset
+}
+
+// TestFlowLoadSpreadsSources: with spread, the new-flow clients' queries
+// come from that many source addresses in turn, and each is answered;
+// without it, from the kernel's choice (127.0.0.1 here).
+func TestFlowLoadSpreadsSources(t *testing.T) {
+	echo, seen, clearSeen := flowEcho(t)
 	w := window{warmup: 20 * time.Millisecond, dur: 100 * time.Millisecond}
 	for _, c := range []struct {
 		spread int
@@ -916,16 +933,13 @@ func TestFlowLoadSpreadsSources(t *testing.T) {
 		{3, []string{"127.0.1.0", "127.0.1.1", "127.0.1.2"}},
 		{0, []string{"127.0.0.1"}},
 	} {
-		mu.Lock()
-		clear(seen)
-		mu.Unlock()
-		n, err := flowLoad(pc.LocalAddr().String(), 2, c.spread, w)
+		clearSeen()
+		res, err := flowLoad(echo, 2, c.spread, w, 0)
+		n := res.n
 		if err != nil || n < 10 {
 			t.Fatalf("spread %d: %d flows, %v", c.spread, n, err)
 		}
-		mu.Lock()
-		got := maps.Clone(seen)
-		mu.Unlock()
+		got := seen()
 		if len(got) != len(c.want) {
 			t.Errorf("spread %d: sources %v, want %v", c.spread, got, c.want)
 		}
@@ -934,5 +948,35 @@ func TestFlowLoadSpreadsSources(t *testing.T) {
 				t.Errorf("spread %d: %d queries from %s of %d in all: %v", c.spread, got[a], a, n, got)
 			}
 		}
+	}
+}
+
+// A bounded round (the kept-session test with 8 clients) stops at its cap
+// of flows, warm-up included, and counts only what came after the
+// warm-up; a cap reached within the warm-up is an error, not a rate.
+func TestFlowLoadStopsAtItsCap(t *testing.T) {
+	echo, seen, clearSeen := flowEcho(t)
+	const limit, clients = 20000, 4
+	w := window{warmup: 10 * time.Millisecond, dur: time.Minute}
+	res, err := flowLoad(echo, clients, 0, w, limit)
+	if err != nil {
+		t.Fatal(err)
+	}
+	queries := seen()["127.0.0.1"]
+	// Each client finishes the flow it has begun when another reaches the cap.
+	if queries < limit || queries > limit+clients-1 {
+		t.Errorf("the echo answered %d queries, want %d to %d", queries, limit, limit+clients-1)
+	}
+	if res.n <= 0 || res.n > int64(queries) || res.secs <= 0 || res.secs >= w.dur.Seconds() {
+		t.Errorf("counted %d flows in %.3fs of %d queries; want some, and a counted part that the cap ended before the %v window", res.n, res.secs, queries, w.dur)
+	}
+
+	clearSeen()
+	_, err = flowLoad(echo, clients, 0, window{warmup: time.Minute, dur: time.Minute}, 20)
+	if err == nil || !strings.Contains(err.Error(), "within the warm-up") {
+		t.Errorf("cap of 20 in a minute's warm-up: err %v, want one that says the cap came within the warm-up", err)
+	}
+	if q := seen()["127.0.0.1"]; q > 20+clients-1 {
+		t.Errorf("the echo answered %d queries after a cap of 20", q)
 	}
 }

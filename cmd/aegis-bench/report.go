@@ -50,6 +50,7 @@ func udpMetrics(sockets, win, entries int, stepDown bool) []metric {
 		metric{key: "flows1", label: "UDP new flows/s, 1 client (query, answer, close; a new socket each)", format: "%.0f"},
 		metric{key: "flows8", label: "UDP new flows/s, 8 clients", format: "%.0f"},
 		metric{key: "flows1kept", label: "UDP new flows/s, 1 client, no udp_responses (each entry lives out a 1 s idle timeout)", format: "%.0f"},
+		metric{key: "flows8kept", label: fmt.Sprintf("UDP new flows/s, 8 clients, no udp_responses (each round stops at %d entries held, before the first expires)", flowCap(entries)), format: "%.0f"},
 		metric{key: "nat", label: "NAT entries held", format: "%.0f", noRatio: true},
 		metric{key: "natfds", label: "proxy fds opened for them", format: "%.0f", noRatio: true},
 		metric{key: "natmem", label: fmt.Sprintf("KB per NAT entry, %d entries (lower is better)", entries), format: "%.2f"},
