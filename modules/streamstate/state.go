@@ -33,9 +33,10 @@ import (
 const DefaultGracePeriod = 5 * time.Second
 
 // logQueueSize bounds the connection-log entries waiting to be written;
-// logQueueKeep is the most room a stream keeps for them between bursts,
-// and the number of waiting entries that ends a burst's wait
-// (logBurstWait).
+// logQueueKeep is the number of waiting entries that ends a burst's wait
+// (logBurstWait), and the most room a quiet stream keeps for them. While
+// entries come faster than that (each wait ends full), the writer and the
+// queue swap the room they grew, so a busy stream makes none per entry.
 const (
 	logQueueSize = 4096
 	logQueueKeep = 64
@@ -398,12 +399,15 @@ func (s *State) writeLogs() {
 	burst := time.NewTimer(time.Hour)
 	burst.Stop()
 	for {
-		stop := false
+		stop, full := false, false
 		select {
 		case <-s.logq.wake:
-			stop = s.awaitBurst(burst)
+			stop, full = s.awaitBurst(burst)
 		case <-s.logStop:
 			stop = true
+		}
+		if !full && cap(batch) > logQueueKeep {
+			batch = nil // quiet: the queue gets no burst's room
 		}
 		batch = s.logq.take(batch)
 		p := &pace
@@ -416,10 +420,11 @@ func (s *State) writeLogs() {
 			}
 			s.writeLog(e)
 		}
-		// Done with the batch: it holds no logger, and one grown by a
-		// burst goes, so that a quiet stream holds no room for entries.
+		// Done with the batch: it holds no logger. Its room is the
+		// queue's next while the burst goes on; once it is over, room
+		// grown by it goes, so that a quiet stream holds none.
 		clear(batch)
-		if cap(batch) > logQueueKeep {
+		if !full && cap(batch) > logQueueKeep {
 			batch = nil
 		}
 		if stop {
@@ -429,17 +434,19 @@ func (s *State) writeLogs() {
 }
 
 // awaitBurst waits for the rest of a burst of entries (logBurstWait) with
-// the writer's timer, and reports whether the state stops meanwhile.
-func (s *State) awaitBurst(t *time.Timer) (stop bool) {
+// the writer's timer, and reports whether the state stops meanwhile, or
+// logQueueKeep entries came before the wait was over (full).
+func (s *State) awaitBurst(t *time.Timer) (stop, full bool) {
 	t.Reset(s.logWait)
 	defer t.Stop()
 	select {
 	case <-s.logq.full:
+		full = true
 	case <-t.C:
 	case <-s.logStop:
 		stop = true
 	}
-	return stop
+	return stop, full
 }
 
 func (s *State) writeLog(e logEntry) {

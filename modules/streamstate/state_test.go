@@ -3,6 +3,7 @@ package streamstate
 import (
 	"bufio"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -278,6 +279,67 @@ func TestLogQueueGivesMemoryBack(t *testing.T) {
 	st.logq.mu.Unlock()
 	if room > logQueueKeep {
 		t.Fatalf("the quiet queue keeps room for %d entries; want at most %d", room, logQueueKeep)
+	}
+}
+
+// While a burst goes on, the queue takes the room the writer's last batch
+// grew, rather than growing its own again for each batch: entries are
+// queued on the data path, and a grown queue is copied there.
+func TestLogQueueKeepsItsRoomThroughABurst(t *testing.T) {
+	st := New(1)
+	st.logWait = time.Hour // only logQueueKeep waiting entries end a wait
+	gate := make(chan struct{})
+	st.SetLogSink(func(LogRecord) bool { <-gate; return true })
+	defer func() {
+		close(gate)
+		st.cancel()
+		close(st.logStop)
+		<-st.logDone
+	}()
+	next := 0
+	refuse := func(n int) {
+		for range n {
+			next++
+			st.LogBlocked(zap.NewNop(), "t", netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, byte(next >> 8), byte(next)}), 1), ReasonACLDenied, false)
+		}
+	}
+	waitFor := func(what string, ok func() bool) {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		for !ok() {
+			if time.Now().After(deadline) {
+				t.Fatalf("timed out waiting for %s", what)
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+	queued := func() (n, room int) {
+		st.logq.mu.Lock()
+		defer st.logq.mu.Unlock()
+		return len(st.logq.entries), cap(st.logq.entries)
+	}
+	const more = logQueueKeep + logQueueKeep/2 // each batch outgrows logQueueKeep
+	// Batch 1 is taken; while the writer is held on its first line, the
+	// queue grows past logQueueKeep with batch 2.
+	refuse(logQueueKeep)
+	waitFor("batch 1 taken", func() bool { n, _ := queued(); return n == 0 })
+	refuse(more)
+	for b := 2; b <= 4; b++ {
+		// Let the writer finish the batch it holds; it takes the next,
+		// which waits full, and gives the queue its spare room.
+		for range logQueueKeep {
+			gate <- struct{}{}
+		}
+		if b > 2 {
+			for range more - logQueueKeep {
+				gate <- struct{}{}
+			}
+		}
+		waitFor(fmt.Sprintf("batch %d taken", b), func() bool { n, _ := queued(); return n == 0 })
+		if _, room := queued(); b > 2 && room < more {
+			t.Fatalf("batch %d: the queue has room for %d entries after the writer took a burst's batch of %d; want the room that batch grew", b, room, more)
+		}
+		refuse(more)
 	}
 }
 
