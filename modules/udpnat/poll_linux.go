@@ -150,7 +150,12 @@ type poller struct {
 	ended  []*entry // the entries one expire ends
 }
 
-// add registers e's socket.
+// add registers e's socket. The entry goes in the expiry heap only once
+// its socket is in the epoll instance: until then the poller cannot end
+// it for its idle timeout, so an expiry never closes a socket that
+// epoll_ctl is adding (whose number another socket may have taken by
+// then), nor ends an entry whose registration then fails and is ended
+// by its caller.
 func (p *poller) add(e *entry) error {
 	p.mu.Lock()
 	var slot int32
@@ -162,25 +167,34 @@ func (p *poller) add(e *entry) error {
 		p.slots = append(p.slots, nil)
 	}
 	p.gen++
-	e.slot, e.gen = slot, p.gen
+	e.slot, e.gen, e.heap = slot, p.gen, -1
 	p.slots[slot] = e
-	e.check = e.last.Load() + int64(e.cfg.idle)
-	p.expiry.Push(e)
-	if p.sleep <= 0 || e.check < p.sleep {
-		deadlineheap.SetWake(p.ep, &p.sleep, e.check)
-	}
 	// Read before the poller can see the entry: an answer already waiting
 	// makes it ready as soon as it is registered, and the poller may have
 	// finished it (closed the socket) before epoll_ctl returns.
 	fd := e.fd
 	p.mu.Unlock()
+	registering(e)
 	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: slot, Pad: int32(e.gen)}
 	if _, _, errno := unix.RawSyscall6(unix.SYS_EPOLL_CTL, uintptr(p.epfd), unix.EPOLL_CTL_ADD, uintptr(fd), uintptr(unsafe.Pointer(&ev)), 0, 0); errno != 0 {
 		p.release(e)
 		return os.NewSyscallError("epoll_ctl", errno)
 	}
+	p.mu.Lock()
+	if p.slots[slot] == e { // not finished meanwhile by its last answer
+		e.check = e.last.Load() + int64(e.cfg.idle)
+		p.expiry.Push(e)
+		if p.sleep <= 0 || e.check < p.sleep {
+			deadlineheap.SetWake(p.ep, &p.sleep, e.check)
+		}
+	}
+	p.mu.Unlock()
 	return nil
 }
+
+// registering is called between an entry's slot and its epoll_ctl: a
+// test's hook.
+var registering = func(*entry) {}
 
 // release frees an entry's slot and takes it out of the expiry heap.
 func (p *poller) release(e *entry) {

@@ -396,3 +396,50 @@ func TestEntryThePollerCannotTake(t *testing.T) {
 	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
 	roundTrip(t, c, []byte("second"), make([]byte, 16))
 }
+
+// An entry whose idle timeout passes while its socket is being registered
+// is ended once, by the poller after the registration; not by an expiry
+// that closes the socket epoll_ctl is adding, after which the failed
+// registration would end the entry a second time.
+func TestEntryExpiringAsItIsRegistered(t *testing.T) {
+	const idle = 200 * time.Millisecond
+	var held atomic.Bool
+	t.Cleanup(func() { registering = func(*entry) {} }) // after the relay's
+	registering = func(*entry) {
+		if held.CompareAndSwap(false, true) {
+			time.Sleep(3 * idle)
+		}
+	}
+	tr := newTestRelay(t, Config{Policy: limits(t, streamstate.Limits{IdleTimeout: idle, LogConnections: true, MaxConnections: 4, MaxConnectionsPerIP: 4})})
+	logged := make(chan streamstate.LogRecord, 4)
+	tr.state.SetLogSink(func(r streamstate.LogRecord) bool { logged <- r; return true })
+	c := tr.client(t)
+	if _, err := c.Write([]byte("first")); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case r := <-logged:
+		// Its answer may come first, or the expiry may find it waiting.
+		if r.Reason != streamstate.ReasonIdleTimeout || r.DatagramsSent != 1 {
+			t.Fatalf("log: %+v; want idle_timeout, 1 datagram sent", r)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the entry did not end")
+	}
+	select {
+	case r := <-logged:
+		t.Fatalf("the entry ended a second time: %+v", r)
+	case <-time.After(3 * idle):
+	}
+	if n, a := tr.r.Entries(), tr.state.Active.Load(); n != 0 || a != 0 {
+		t.Fatalf("%d entries, %d active after the entry ended", n, a)
+	}
+	// The first answer, if the poller relayed it, is read and let go.
+	buf := make([]byte, 16)
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Millisecond))
+	if n, err := c.Read(buf); err == nil && string(buf[:n]) != "first" {
+		t.Fatalf("read %q before the second query, want the first answer or nothing", buf[:n])
+	}
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	roundTrip(t, c, []byte("second"), buf)
+}
