@@ -101,15 +101,26 @@ func (e *entry) expect() bool {
 }
 
 // unexpect takes back what expect counted for a datagram that was
-// dropped: no reply will come for it.
-func (e *entry) unexpect() {
+// dropped: no reply will come for it. If that leaves nothing expected and
+// replies came (to the datagrams before it, while it was on its way), the
+// entry got its answers: it is marked closing, as answered would have,
+// and unexpect reports true, once, for the caller to end it.
+func (e *entry) unexpect() (answered bool) {
 	n := int64(e.cfg.Responses)
 	for n > 0 {
 		v := e.pending.Load()
-		if v <= 0 || e.pending.CompareAndSwap(v, max(v-n, 0)) {
-			return
+		if v <= 0 {
+			return false
+		}
+		left := max(v-n, 0)
+		if left == 0 && e.ss.DatagramsReceived() > 0 {
+			left = -1
+		}
+		if e.pending.CompareAndSwap(v, left) {
+			return left < 0
 		}
 	}
+	return false
 }
 
 // answered counts n replies from the upstream. It reports true, once, when
@@ -166,7 +177,9 @@ func (e *entry) finish(reason streamstate.Reason) {
 // kill records reason (the first one wins) and marks the entry ended, out
 // of the NAT table; it reports whether this call ended it.
 func (e *entry) kill(reason streamstate.Reason) bool {
-	if e.ss != nil {
+	// ReasonNone: the session's Close, which recorded its reason, and may
+	// come while open is still setting e.ss.
+	if reason != streamstate.ReasonNone && e.ss != nil {
 		e.ss.SetReason(reason)
 	}
 	if !e.dead.CompareAndSwap(false, true) {

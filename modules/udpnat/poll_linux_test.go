@@ -317,7 +317,17 @@ func TestAnswerWaitingBeforeRegistrationIsRelayed(t *testing.T) {
 // other socket's datagram goes through it; both are answered.
 func TestNewClientOnTwoSocketsAtOnce(t *testing.T) {
 	const clients = 300
-	tr := newTestRelay(t, Config{Policy: limits(t, streamstate.Limits{IdleTimeout: time.Minute, MaxConnections: 2 * clients, MaxConnectionsPerIP: 2 * clients})})
+	cfg := Config{Policy: limits(t, streamstate.Limits{IdleTimeout: time.Minute, MaxConnections: 2 * clients, MaxConnectionsPerIP: 2 * clients})}
+	tr := newTestRelay(t, cfg)
+	// A picker (a stream with several upstreams) counts each entry in its
+	// upstream's counters too: the one that went, not the twin that lost.
+	up := tr.r.cfg.Load().Upstream
+	picker, err := streamstate.NewPicker("", []streamstate.Peer{{Addr: up, State: tr.state.Upstream(up)}}, streamstate.DefaultFailTimeout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Upstream, cfg.Picker = up, picker
+	tr.r.SetConfig(cfg)
 	tr.r.mu.Lock()
 	s := tr.r.socks[0]
 	tr.r.mu.Unlock()
@@ -355,6 +365,9 @@ func TestNewClientOnTwoSocketsAtOnce(t *testing.T) {
 	}
 	if n := tr.state.Total.Load(); n != clients {
 		t.Fatalf("%d entries counted for %d clients", n, clients)
+	}
+	if n := tr.state.Upstream(up).Total.Load(); n != clients {
+		t.Fatalf("the upstream counted %d entries for %d clients", n, clients)
 	}
 }
 
@@ -442,4 +455,66 @@ func TestEntryExpiringAsItIsRegistered(t *testing.T) {
 	}
 	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
 	roundTrip(t, c, []byte("second"), buf)
+}
+
+// An entry made under the config that SetConfig is replacing, and stored
+// after SetConfig ended the entries the new one does not keep, is made
+// again under the new config: its client's datagrams go to the new
+// upstream, not to the removed one for as long as the client talks.
+func TestEntryStoredAsTheConfigChanges(t *testing.T) {
+	next := tagEcho(t, "next:")
+	var relay atomic.Pointer[Relay]
+	var swapped atomic.Bool
+	t.Cleanup(func() { storing = func(*entry) {} }) // after the relay's
+	storing = func(*entry) {
+		if r := relay.Load(); r != nil && swapped.CompareAndSwap(false, true) {
+			cfg := r.cfg.Load().Config
+			cfg.Upstream = next
+			r.SetConfig(cfg)
+		}
+	}
+	tr := newTestRelay(t, Config{Policy: limits(t, streamstate.Limits{IdleTimeout: time.Minute, MaxConnections: 4, MaxConnectionsPerIP: 4})})
+	relay.Store(tr.r)
+	c := tr.client(t)
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 64)
+	for _, q := range []string{"first", "second"} {
+		if _, err := c.Write([]byte(q)); err != nil {
+			t.Fatal(err)
+		}
+		n, err := c.Read(buf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := string(buf[:n]); got != "next:"+q {
+			t.Fatalf("answer %q, want %q from the new upstream", got, "next:"+q)
+		}
+	}
+	if n, a := tr.r.Entries(), tr.state.Active.Load(); n != 1 || a != 1 {
+		t.Fatalf("%d entries, %d active; want the one made again", n, a)
+	}
+}
+
+// tagEcho is a UDP upstream on 127.0.0.1 that answers each datagram with
+// tag in front of it; it returns its address.
+func tagEcho(t *testing.T, tag string) string {
+	t.Helper()
+	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, 2048)
+		for {
+			n, from, err := pc.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			_, _ = pc.WriteToUDPAddrPort(append([]byte(tag), buf[:n]...), from)
+		}
+	}()
+	t.Cleanup(func() { pc.Close(); <-done })
+	return pc.LocalAddr().String()
 }

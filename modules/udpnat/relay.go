@@ -216,11 +216,17 @@ func (r *Relay) SetConfig(c Config) {
 	}
 	old.cancel()
 	r.entries.Range(func(_, v any) bool {
-		if e := v.(*entry); !p.has(e.upstream()) || e.cfg.PortOffset != p.PortOffset {
+		if e := v.(*entry); !p.keeps(e) {
 			e.end(streamstate.ReasonConfigChanged)
 		}
 		return true
 	})
+}
+
+// keeps reports whether e, made with this config or an earlier one, may
+// go on under it: its upstream and port offset are still this config's.
+func (p *config) keeps(e *entry) bool {
+	return p.has(e.upstream()) && e.cfg.PortOffset == p.PortOffset
 }
 
 // resolve looks the upstream's host name up until ctx ends: at once, then
@@ -391,6 +397,9 @@ func (r *Relay) datagram(s *socket, buf []byte, n int, src netip.AddrPort, oob [
 // startEntry is Relay.start, but in tests.
 var startEntry = (*Relay).start
 
+// storing is called as a new entry is about to be stored: a test's hook.
+var storing = func(*entry) {}
+
 // forward sends the client datagram at buf[headroom+off:headroom+n] (off:
 // the PROXY header taken off) upstream on e, which expects it.
 func (r *Relay) forward(s *socket, e *entry, buf []byte, n, off int) {
@@ -399,7 +408,9 @@ func (r *Relay) forward(s *socket, e *entry, buf []byte, n, off int) {
 	size := n - off
 	if e.up != nil && !e.up.Allow(now, size) {
 		r.state.DropDatagrams(streamstate.DropRateLimit, 1)
-		e.unexpect()
+		if e.unexpect() {
+			e.end(streamstate.ReasonResponsesDone) // every answer expected came meanwhile
+		}
 		return
 	}
 	start := headroom + off
@@ -419,7 +430,9 @@ func (r *Relay) forward(s *socket, e *entry, buf []byte, n, off int) {
 	default:
 		// A full buffer, or the entry closed meanwhile: UDP drops.
 		r.state.DropDatagrams(streamstate.DropBufferFull, 1)
-		e.unexpect()
+		if e.unexpect() {
+			e.end(streamstate.ReasonResponsesDone) // every answer expected came meanwhile
+		}
 	}
 }
 
@@ -497,8 +510,8 @@ func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte, pa streamstate.P
 		e.peer = i
 	}
 	e.ss = pol.Open(r.state, e, client, true, adm)
-	e.ss.SetPeer(p.picker.Peer(e.peer).State, p.Picker != nil)
 	e.ss.SetListenPort(int(s.local.Port()))
+	storing(e)
 	// Two sockets of the relay (during a reload) may open the same client
 	// at once; the first one stored wins.
 	for {
@@ -512,6 +525,16 @@ func (r *Relay) open(s *socket, src netip.AddrPort, oob []byte, pa streamstate.P
 		}
 		r.entries.CompareAndDelete(src, v)
 	}
+	// SetConfig swaps the config and then ends the entries the new one
+	// does not keep: one stored after that sweep is held to its test
+	// here, and made again under the new config.
+	if np := r.cfg.Load(); np != p && !np.keeps(e) {
+		r.entries.CompareAndDelete(src, e)
+		e.discard()
+		return r.open(s, src, oob, pa)
+	}
+	// Counted once it is stored: a twin discarded above never went.
+	e.ss.SetPeer(p.picker.Peer(e.peer).State, p.Picker != nil)
 	r.state.Total.Add(1)
 	r.wg.Add(1)
 	r.state.ConnStarted()

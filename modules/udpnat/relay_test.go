@@ -267,3 +267,33 @@ func BenchmarkRelayNewFlow(b *testing.B) {
 		tr.flow(b, p, buf)
 	}
 }
+
+// With udp_responses, a datagram dropped after its entry's earlier
+// datagrams got their answers (one came while it was on its way) leaves
+// nothing expected: the entry has its answers and closes, as if the last
+// answer had come after the drop. A dropped datagram before any answer
+// leaves the entry open for the next.
+func TestDroppedDatagramAfterTheLastAnswerClosesTheEntry(t *testing.T) {
+	e := &entry{cfg: &config{Config: Config{Responses: 1}}, ss: new(streamstate.Session)}
+	e.expect() // the first query: one answer expected
+	e.expect() // the second: two
+	e.ss.AddDatagramReceived(5)
+	if e.answered(1) {
+		t.Fatal("one answer of two closed the entry")
+	}
+	if !e.unexpect() { // the second query is dropped
+		t.Fatal("the drop left no answer expected after one came, and the entry did not close")
+	}
+	if !e.gone() || e.unexpect() || e.answered(1) {
+		t.Fatal("the entry is not closing once, for good")
+	}
+
+	first := &entry{cfg: &config{Config: Config{Responses: 1}}, ss: new(streamstate.Session)}
+	first.expect()
+	if first.unexpect() || first.gone() {
+		t.Fatal("a first datagram dropped before any answer closed its entry")
+	}
+	if !first.expect() || !first.answered(1) {
+		t.Fatal("the entry did not take its next datagram and close on its answer")
+	}
+}
