@@ -412,7 +412,9 @@ func (d *Direct) Serve(a *Accepter, acc Accepted, done func()) {
 
 // dial starts a non-blocking connect to the upstream the picker chooses
 // for client, trying the next one when the connect fails at once. It
-// returns the socket and the upstream's index.
+// returns the socket and the upstream's index; or index -1 when it
+// started none, with the last connect's error, or with nil when every
+// upstream had been tried before the call.
 func (d *Direct) dial(client netip.Addr, tried *streamstate.Tried, start int64) (int, int, error) {
 	p := d.h.picker
 	var err error
@@ -896,14 +898,16 @@ func (l *loop) connectFailedLocked(c *loopConn, err error, timedOut bool) {
 	c.ready[sideUpstream], c.hup = 0, false
 	if d.upstreamFailed(c.peer, err) && d.h.picker.Len() > 1 && !timedOut && l.now < c.start+int64(d.h.dialer.Timeout) {
 		up, i, derr := d.dial(c.ss.Source.Addr(), &c.tried, c.start)
-		if derr == nil {
+		if i >= 0 {
 			c.fd[sideUpstream], c.peer = int32(up), i
 			if derr = l.watchLocked(c, sideUpstream); derr == nil {
 				return
 			}
 			derr = d.dialError(i, os.NewSyscallError("epoll_ctl", derr))
 		}
-		err = derr
+		if derr != nil { // nil: every upstream was tried, and err is the last one's
+			err = derr
+		}
 	}
 	d.h.dialFailed(c.ss, err)
 	l.endLocked(c)

@@ -330,6 +330,27 @@ func TestLoopDialFailureAndFailover(t *testing.T) {
 		c2 := dial(t, ch.addr)
 		roundTrip(t, c2, []byte("again"))
 	})
+	t.Run("every one refuses", func(t *testing.T) {
+		// Each refusal comes after its connect started: the second leaves
+		// no upstream to try, and the connection ends as dial_failed.
+		a, b := refusedAddr(t), refusedAddr(t)
+		ch := startLoop(t, "127.0.0.1:0", &l4aegisguard.Handler{LogConnections: true}, &l4aegisproxy.Handler{
+			LoadBalancing: "first",
+			Upstreams:     []l4aegisproxy.Upstream{{Address: a}, {Address: b}},
+		})
+		logged := logSink(ch)
+		for range 2 {
+			c := dial(t, ch.addr)
+			wantEOF(t, c)
+			if r := nextLog(t, logged); r.Reason != streamstate.ReasonDialFailed {
+				t.Fatalf("log: %+v, want dial_failed", r)
+			}
+		}
+		st := l4aegisproxy.ProxyState(ch.proxy)
+		if fa, fb := st.Upstream(a).DialFailures.Load(), st.Upstream(b).DialFailures.Load(); fa == 0 || fb == 0 {
+			t.Fatalf("dial failures: %d at %s, %d at %s; want both tried", fa, a, fb, b)
+		}
+	})
 }
 
 // With proxy_protocol, the PROXY header goes first, naming the client and
