@@ -17,3 +17,10 @@ func ProxyState(h *Handler) *streamstate.State { return h.state }
 
 // AcceptedFD is the socket of an accepted connection.
 func AcceptedFD(a Accepted) int { return a.fd }
+
+// SetParkedHook makes f run, under the parker's lock, as each connection's
+// sockets are parked; it returns the function that takes f away.
+func SetParkedHook(f func(*streamstate.Session)) (restore func()) {
+	parked = f
+	return func() { parked = func(*streamstate.Session) {} }
+}

@@ -106,8 +106,15 @@ func (r *relay) park() bool {
 	pc.done = r.done.Load() & 3
 	parkMu.Lock()
 	defer parkMu.Unlock()
-	// Close stores closed before it calls Wake, which takes parkMu: either
-	// this sees it, or Wake comes after and takes the connection out again.
+	first := r.pc == nil
+	if first {
+		// Before the check: Close stores closed and then calls the Waker,
+		// whose Wake takes parkMu (and does nothing while pc is not
+		// parked). So either this sees it closed, or Wake comes after and
+		// takes the connection out again; never a Close that finds no
+		// Waker and closes the sockets as they are parked.
+		r.ss.SetWaker(pc)
+	}
 	if r.ss.Closed() {
 		return false
 	}
@@ -149,13 +156,17 @@ func (r *relay) park() bool {
 			p.wakeAt(pc.wake)
 		}
 	}
-	if r.pc == nil { // the first park: the handlers return without ending it
+	parked(r.ss)
+	if first { // the handlers return without ending it
 		r.pc = pc
-		r.ss.SetWaker(pc)
 		r.ss.Detach()
 	}
 	return true
 }
+
+// parked is called under parkMu once a connection's sockets are in the
+// parker: a test's hook.
+var parked = func(*streamstate.Session) {}
 
 // resume relays the connection again on a relay from the pool, on the
 // parker's new goroutine, until it parks again or ends.

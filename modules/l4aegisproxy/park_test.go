@@ -216,6 +216,42 @@ func TestParkedSessionClose(t *testing.T) {
 	}
 }
 
+// A Close that comes as a connection is first parked (its sockets in the
+// parker, the handlers not yet told) ends it: it is not left parked with
+// closed sockets, holding its slot until the stream stops.
+func TestSessionClosedAsItParks(t *testing.T) {
+	t.Cleanup(l4aegisproxy.SetParkDelay(testParkDelay)) // after the chain's cleanup
+	var once atomic.Bool
+	t.Cleanup(l4aegisproxy.SetParkedHook(func(ss *streamstate.Session) {
+		if !once.CompareAndSwap(false, true) {
+			return
+		}
+		done := make(chan struct{})
+		go func() { ss.Close(streamstate.ReasonAdminClosed); close(done) }()
+		for !ss.Closed() {
+			runtime.Gosched()
+		}
+		// A Close that found the Waker waits for the parker's lock, which
+		// this holds: it goes on once the park is done.
+		select {
+		case <-done:
+		case <-time.After(50 * time.Millisecond):
+		}
+	}))
+	u := newUpstream(t, "127.0.0.1:0", echo)
+	ch := startDetachChain(t, &l4aegisguard.Handler{}, &l4aegisproxy.Handler{Upstream: u.Addr})
+	c := dial(t, ch.addr)
+	roundTrip(t, c, []byte("x"))
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := c.Read(make([]byte, 1)); n != 0 || err != io.EOF {
+		t.Fatalf("connection closed as it parked: read %d, %v; want EOF", n, err)
+	}
+	waitFor(t, "the session to end", func() bool { return ch.state().Active.Load() == 0 })
+	if n := l4aegisproxy.Parked(); n != 0 {
+		t.Fatalf("%d connections parked after the close", n)
+	}
+}
+
 // With half_close, a connection one side of which has ended parks with
 // the other, and that side's bytes and end still arrive.
 func TestParkHalfClose(t *testing.T) {
