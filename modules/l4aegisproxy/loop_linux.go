@@ -147,7 +147,9 @@ func (acc Accepted) Close() { rawClose(acc.fd) }
 
 // Conn hands the accepted socket to Go's net package, for a connection
 // that the handler chain serves after all (the stream's settings changed
-// while its listener was on the loop's path).
+// while its listener was on the loop's path). The accepted socket is
+// closed when it returns, whether it worked (the net.Conn has a duplicate)
+// or not: the caller must not Close it.
 func (acc Accepted) Conn() (net.Conn, error) {
 	f := os.NewFile(uintptr(acc.fd), "")
 	c, err := net.FileConn(f)

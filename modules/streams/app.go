@@ -816,9 +816,8 @@ func (inst *instance) serveAccepted(acc *l4aegisproxy.Accepter, got []l4aegispro
 			box.direct.Serve(acc, a, inst.connDone)
 			continue
 		}
-		c, cerr := a.Conn()
+		c, cerr := a.Conn() // it closes a's socket, even when it fails
 		if cerr != nil {
-			a.Close()
 			inst.state.ConnDone()
 			continue
 		}
