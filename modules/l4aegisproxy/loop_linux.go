@@ -385,7 +385,7 @@ func (d *Direct) Serve(a *Accepter, acc Accepted, done func()) {
 	c.d, c.ss, c.start, c.tried, c.peer = d, ss, start, tried, i
 	c.idle = int64(ss.IdleTimeout)
 	c.half = d.h.HalfClose
-	c.dirs[dirUp].pending = hdr
+	c.dirs[dirUp].pending, c.header = hdr, uint16(len(hdr))
 	c.fd = [2]int32{int32(acc.fd), int32(up)}
 	c.connecting = true
 	c.wake = start + int64(d.h.dialer.Timeout)
@@ -569,7 +569,8 @@ type loopConn struct {
 	wake       int64 // the deadline in the heap
 	heap       int
 	round      uint32
-	again      bool // in loop.again
+	again      bool   // in loop.again
+	header     uint16 // bytes of the PROXY header still at the head of dirs[dirUp]: not the client's
 	dirs       [2]loopDir
 }
 
@@ -1061,6 +1062,13 @@ func (l *loop) flushLocked(c *loopConn, dir, dst int) bool {
 func (c *loopConn) moved(dir, n int, now int64) {
 	c.last = now
 	if dir == dirUp {
+		if c.header > 0 { // the PROXY header, written first, is not counted
+			h := min(n, int(c.header))
+			c.header -= uint16(h)
+			if n -= h; n == 0 {
+				return
+			}
+		}
 		c.ss.AddSent(int64(n))
 	} else {
 		c.ss.AddReceived(int64(n))

@@ -513,8 +513,10 @@ func checkProxyHeaders(t *testing.T, start starter, cases []proxyCase) {
 				b, _ := io.ReadAll(c) // until the client's half-close reaches it
 				raw <- b
 			})
-			ch := start(t, tc.listen, &l4aegisguard.Handler{},
+			ch := start(t, tc.listen, &l4aegisguard.Handler{LogConnections: true},
 				&l4aegisproxy.Handler{Upstream: u.Addr, ProxyProtocol: tc.version})
+			logged := make(chan streamstate.LogRecord, 1)
+			ch.state().SetLogSink(func(r streamstate.LogRecord) bool { logged <- r; return true })
 			c := dial(t, ch.addr)
 			if _, err := c.Write(payload); err != nil {
 				t.Fatal(err)
@@ -545,6 +547,15 @@ func checkProxyHeaders(t *testing.T, start starter, cases []proxyCase) {
 			}
 			if rest, _ := io.ReadAll(br); !bytes.Equal(rest, payload) {
 				t.Fatalf("payload after the header: %q", rest)
+			}
+			// bytes_sent counts the client's bytes, not the header.
+			select {
+			case r := <-logged:
+				if r.BytesSent != uint64(len(payload)) {
+					t.Fatalf("bytes_sent %d, want the client's %d (the header is not the client's)", r.BytesSent, len(payload))
+				}
+			case <-time.After(5 * time.Second):
+				t.Fatal("the connection was not logged within 5s")
 			}
 		})
 	}
