@@ -150,11 +150,25 @@ func (p *Picker) Pick(client netip.Addr, tried Tried) int {
 			pe := &p.peers[i]
 			return !tried.Has(i) && pe.Backup == backup && (!up || pe.State.Up(now))
 		}
-		if i := p.pickIn(ok, client, backup); i >= 0 {
-			return i
+		// A tier with no peer to give takes no turn from the round
+		// robin: it would skew the next tier's turns.
+		if p.any(ok) {
+			if i := p.pickIn(ok, client, backup); i >= 0 {
+				return i
+			}
 		}
 	}
 	return -1
+}
+
+// any reports whether ok is true for one of the peers.
+func (p *Picker) any(ok func(int) bool) bool {
+	for i := range p.peers {
+		if ok(i) {
+			return true
+		}
+	}
+	return false
 }
 
 // pickIn picks one of the peers for which ok is true, by the method, or

@@ -46,6 +46,35 @@ func TestPickerRoundRobinWeights(t *testing.T) {
 	}
 }
 
+// With every primary down, the backups take turns: a tier with no peer
+// to give takes no turn from the round robin, which would otherwise give
+// every second turn to the same backup.
+func TestPickerRoundRobinBackupsTakeTurns(t *testing.T) {
+	for _, down := range [][]int{{0}, {0, 1}} {
+		p := testPicker(t, RoundRobin, Peer{Addr: "a:1"}, Peer{Addr: "b:1"},
+			Peer{Addr: "backup1:1", Backup: true}, Peer{Addr: "backup2:1", Backup: true})
+		if len(down) == 1 {
+			// One primary left: its tier takes every connection.
+			p.Failed(0, nil)
+			for range 10 {
+				if i := p.Pick(netip.Addr{}, 0); i != 1 {
+					t.Fatalf("with a down: picked %d, want b (1)", i)
+				}
+			}
+			continue
+		}
+		p.Failed(0, nil)
+		p.Failed(1, nil)
+		var n [4]int
+		for range 100 {
+			n[p.Pick(netip.Addr{}, 0)]++
+		}
+		if n[2] != 50 || n[3] != 50 {
+			t.Errorf("both primaries down: counts %v, want the backups 50 each", n)
+		}
+	}
+}
+
 func TestPickerTiersAndTried(t *testing.T) {
 	p := testPicker(t, First, Peer{Addr: "a:1"}, Peer{Addr: "b:1"}, Peer{Addr: "backup:1", Backup: true})
 	var tried Tried
