@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -488,4 +489,46 @@ func TestPostgresNumbers(t *testing.T) {
 		t.Fatal(err)
 	}
 	writes("SQLite")
+}
+
+// A stream another node creates on a port this node's own config stream
+// listens on is not run here: the change is logged and skipped, and the
+// config stream keeps every connection. (Bound here too, through
+// SO_REUSEPORT, it would take a share of them to its own upstream.)
+func TestPostgresChangeOnAPortThisNodeUses(t *testing.T) {
+	checkNoLeaks(t)
+	t.Setenv("XDG_DATA_HOME", t.TempDir())
+	dsn := pg.NewDatabase(t)
+	mine := newUpstream(t, echo)
+	theirs := newUpstream(t, func(c net.Conn) { _, _ = c.Write([]byte("theirs\n")); c.Close() })
+	p := freePort(t)
+	inst := startCaddy(t, postgresApp(dsn, "here", host(500, p, mine.Port, nil)))
+	ctx := context.Background()
+	other := otherNode(t, dsn, 0)
+	last, err := other.LastChange(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other.SetApplied(last)
+	stored, err := other.CreateHost(ctx, apiStream(0, p, theirs.Port), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !testenv.Within(5*time.Second, func() bool {
+		l := readFile(t, inst.logFile)
+		return strings.Contains(l, "applying a change made on another node") || strings.Contains(l, `"change applied"`)
+	}) {
+		t.Fatal("the change was not taken up within 5s")
+	}
+	for i := range 40 {
+		c := dial(t, p)
+		roundTrip(t, c, fmt.Sprintf("connection %d", i))
+		c.Close()
+	}
+	if _, err := streams.Running().HostStatus(stored.ID); err == nil {
+		t.Fatalf("stream %d runs here on the port of this node's config stream", stored.ID)
+	}
+	if l := readFile(t, inst.logFile); !strings.Contains(l, "cannot run on this node") {
+		t.Fatalf("no log line says the stream cannot run here:\n%s", l)
+	}
 }

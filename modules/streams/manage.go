@@ -410,8 +410,22 @@ func (a *App) removeInstance(inst *instance) {
 // running instance, the way a local edit would. The caller holds a.mu.
 func (a *App) applyHost(inst *instance, h storage.Stored) error {
 	s := &h.Stream
-	switch {
-	case inst == nil:
+	if inst != nil {
+		if inst.source != spec.SourceAPI {
+			return fmt.Errorf("%w: id %d is taken by %s, declared in this node's Caddy config", spec.ErrConflict, h.ID, spec.StreamLabel(inst.cfg.ID, inst.cfg.Name))
+		}
+		if inst.version == h.Version {
+			return nil
+		}
+	}
+	// The node that wrote it checked it against the streams it runs; this
+	// node's own config may hold others. Two of this process's listeners
+	// on one port would both bind (SO_REUSEPORT) and share its
+	// connections, so the stream is checked here as a local edit is.
+	if err := a.validateListen(s); err != nil {
+		return fmt.Errorf("%s cannot run on this node: %w", spec.StreamLabel(s.ID, s.Name), err)
+	}
+	if inst == nil {
 		ninst, err := a.newInstance(s, spec.SourceAPI)
 		if err != nil {
 			return err
@@ -424,10 +438,6 @@ func (a *App) applyHost(inst *instance, h storage.Stored) error {
 		a.serve(ninst)
 		a.streams = append(a.streams, ninst)
 		a.rehomeSNI()
-		return nil
-	case inst.source != spec.SourceAPI:
-		return fmt.Errorf("%w: id %d is taken by %s, declared in this node's Caddy config", spec.ErrConflict, h.ID, spec.StreamLabel(inst.cfg.ID, inst.cfg.Name))
-	case inst.version == h.Version:
 		return nil
 	}
 	next, err := a.newInstance(s, spec.SourceAPI)
