@@ -24,30 +24,39 @@ type testRelay struct {
 
 func newTestRelay(t testing.TB, cfg Config) *testRelay {
 	t.Helper()
-	up, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	cfg.Upstream = tagEcho(t, "")
+	return startRelay(t, cfg)
+}
+
+// tagEcho is a UDP upstream on 127.0.0.1, closed with the test, that
+// answers each datagram with tag in front of it; it returns its address.
+// It allocates nothing per datagram.
+func tagEcho(t testing.TB, tag string) string {
+	t.Helper()
+	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
 		t.Fatal(err)
 	}
-	upDone := make(chan struct{})
+	done := make(chan struct{})
 	go func() {
-		defer close(upDone)
+		defer close(done)
 		buf := make([]byte, 65535)
+		copy(buf, tag)
 		for {
-			n, from, err := up.ReadFromUDPAddrPort(buf)
+			n, from, err := pc.ReadFromUDPAddrPort(buf[len(tag):])
 			if errors.Is(err, net.ErrClosed) {
 				return
 			}
 			if err == nil {
-				_, _ = up.WriteToUDPAddrPort(buf[:n], from)
+				_, _ = pc.WriteToUDPAddrPort(buf[:len(tag)+n], from)
 			}
 		}
 	}()
 	t.Cleanup(func() { // after the relay's
-		up.Close()
-		<-upDone
+		pc.Close()
+		<-done
 	})
-	cfg.Upstream = up.LocalAddr().String()
-	return startRelay(t, cfg)
+	return pc.LocalAddr().String()
 }
 
 // startRelay serves a relay with cfg on a socket of 127.0.0.1, torn down
@@ -103,6 +112,26 @@ func (tr *testRelay) flow(t testing.TB, p, buf []byte) {
 	defer c.Close()
 	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
 	roundTrip(t, c, p, buf)
+}
+
+// logs makes the relay's stream log into the returned channel (room for
+// 4 records), in place of its storage.
+func (tr *testRelay) logs() <-chan streamstate.LogRecord {
+	logged := make(chan streamstate.LogRecord, 4)
+	tr.state.SetLogSink(func(r streamstate.LogRecord) bool { logged <- r; return true })
+	return logged
+}
+
+// nextLog waits up to 5 s for the log record of what (an entry) to end.
+func nextLog(t testing.TB, logged <-chan streamstate.LogRecord, what string) streamstate.LogRecord {
+	t.Helper()
+	select {
+	case r := <-logged:
+		return r
+	case <-time.After(5 * time.Second):
+		t.Fatalf("%s did not end within 5s", what)
+		return streamstate.LogRecord{}
+	}
 }
 
 // roundTrip sends p and reads the echo into buf.
