@@ -514,6 +514,9 @@ func (a *App) serveSettings(inst *instance) {
 
 // serve starts serving the stream's bound listeners.
 func (a *App) serve(inst *instance) {
+	if inst.cfg.Enabled {
+		inst.state.Enable() // it may have been disabled (replaceInstance)
+	}
 	a.serveSettings(inst)
 	keepUpstreams(inst)
 	if !inst.cfg.HealthCheckEnabled || !inst.cfg.Enabled {

@@ -386,7 +386,7 @@ func (a *App) replaceInstance(old, next *instance, h storage.Stored) {
 	a.serve(next)
 	old.closeListeners()
 	if !s.Enabled {
-		old.state.CloseAll(streamstate.ReasonStreamDisabled)
+		old.state.Disable(streamstate.ReasonStreamDisabled)
 	}
 	a.streams[slices.Index(a.streams, old)] = next
 	old.release()
@@ -398,7 +398,7 @@ func (a *App) replaceInstance(old, next *instance, h storage.Stored) {
 // (stream_removed).
 func (a *App) removeInstance(inst *instance) {
 	inst.closeListeners()
-	inst.state.CloseAll(streamstate.ReasonStreamRemoved)
+	inst.state.Disable(streamstate.ReasonStreamRemoved)
 	a.streams = slices.DeleteFunc(a.streams, func(x *instance) bool { return x == inst })
 	inst.logger.Info("stream deleted")
 	forgetHistory(inst.cfg.ID)

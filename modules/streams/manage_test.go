@@ -138,6 +138,52 @@ func TestLiveCreateUpdateDisableDelete(t *testing.T) {
 
 // A create or update that cannot be applied leaves storage, listeners and
 // connections as they were.
+// Disabling a stream closes a connection accepted before its listener
+// closed but not yet admitted (here, waiting for its PROXY header): it is
+// not relayed once its header comes, and ends as stream_disabled.
+// Deleting one ends the wait (as proxy_header_missing): it is not
+// relayed either.
+func TestTurnedOffStreamClosesAConnectionOnItsWayIn(t *testing.T) {
+	checkNoLeaks(t)
+	up := newUpstream(t, echo)
+	inst := startCaddy(t, hosts())
+	ctx := context.Background()
+	for _, tc := range []struct {
+		what string
+		off  func(id int64, s spec.Stream) error
+	}{
+		{"disabled", func(id int64, s spec.Stream) error {
+			s.Enabled = false
+			_, err := streams.UpdateHost(ctx, id, s)
+			return err
+		}},
+		{"deleted", func(id int64, _ spec.Stream) error { return streams.DeleteHost(ctx, id) }},
+	} {
+		p := freePort(t)
+		s := apiStream(0, p, up.Port)
+		s.AcceptProxyProtocol, s.TrustedProxyCIDRs, s.ProxyHeaderTimeoutSeconds = "required", []string{"127.0.0.1"}, 10
+		hs, err := streams.CreateHost(ctx, s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := dial(t, p)
+		time.Sleep(100 * time.Millisecond) // the stream's goroutine for c waits for its header
+		if err := tc.off(hs.ID, s); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Write([]byte("PROXY TCP4 192.0.2.1 127.0.0.1 5000 80\r\nping")); err != nil {
+			t.Fatal(err)
+		}
+		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if n, err := c.Read(make([]byte, 16)); err == nil || n > 0 {
+			t.Fatalf("%s: the connection on its way in was relayed (%d bytes back, %v)", tc.what, n, err)
+		}
+		if tc.what == "disabled" {
+			inst.waitLog(hs.ID, "stream_disabled", func(e logEntry) bool { return e.DisconnectReason == "stream_disabled" })
+		}
+	}
+}
+
 func TestLiveRejectedChangesNothing(t *testing.T) {
 	checkNoLeaks(t)
 	up := newUpstream(t, echo)

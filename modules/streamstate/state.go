@@ -283,6 +283,19 @@ func (s *State) CloseAll(r Reason) {
 	})
 }
 
+// Disable closes every open connection with r, and every one a handler
+// opens from now on (one accepted before its listener closed, still on
+// its way to Policy.Open, say waiting for its PROXY header), until
+// Enable: its stream was turned off.
+func (s *State) Disable(r Reason) {
+	s.closeReason.Store(uint32(r))
+	s.closing.Store(true)
+	s.CloseAll(r)
+}
+
+// Enable undoes Disable: its stream serves again.
+func (s *State) Enable() { s.closing.Store(false) }
+
 // Destruct shuts the state down: it waits up to the grace period for open
 // connections to end, closes the rest, waits for their goroutines and
 // flushes the connection log. It implements caddy.Destructor.
