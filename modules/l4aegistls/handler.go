@@ -21,6 +21,7 @@ import (
 	"net/netip"
 	"os"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -81,10 +82,14 @@ type Handler struct {
 	timeout time.Duration
 	max     int64
 	perIP   int
-	state   *streamstate.State // with a stream_id
-	hs      *streamstate.Handshakes
-	sources *streamstate.Sources // the stream's per-source table
-	logger  *zap.Logger
+	state   *streamstate.State // with a stream_id; set in Provision only
+	// released is set once Cleanup gave state back (made in Provision
+	// with it): Cleanup does not clear state, which the old chain's
+	// connections may still read.
+	released *atomic.Bool
+	hs       *streamstate.Handshakes
+	sources  *streamstate.Sources // the stream's per-source table
+	logger   *zap.Logger
 }
 
 // CaddyModule returns the Caddy module information.
@@ -141,7 +146,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	// context with no module of its own.
 	h.logger = ctx.Logger(h)
 	if h.StreamID > 0 {
-		h.state = streamstate.Acquire(h.StreamID)
+		h.state, h.released = streamstate.Acquire(h.StreamID), new(atomic.Bool)
 		h.hs = h.state.Handshakes()
 		h.hs.Attach()
 		h.sources = h.state.Sources()
@@ -154,10 +159,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 
 // Cleanup lets go of the stream's shared state.
 func (h *Handler) Cleanup() error {
-	if h.state != nil {
+	if h.state != nil && h.released.CompareAndSwap(false, true) {
 		h.hs.Detach()
 		streamstate.Release(h.StreamID)
-		h.state = nil
 	}
 	return nil
 }
