@@ -223,6 +223,15 @@ func remoteAddrPort(c net.Conn) netip.AddrPort {
 // logs its end.
 func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	st, p := h.state, h.policy
+	// The streams app counts each connection's goroutine (its accept loop
+	// calls ConnStarted) and lets the chain return early (DetachVar). On a
+	// plain layer4 route the guard counts it, so that the state's Destruct
+	// (a reload's Cleanup) waits for the connections it closes and writes
+	// their log lines before its log writer stops.
+	if _, ok := cx.GetVar(streamstate.DetachVar).(func()); !ok {
+		st.ConnStarted()
+		defer st.ConnDone()
+	}
 	st.Total.Add(1)
 	src := remoteAddrPort(cx.Conn)
 	// A front proxy's header names the client the rest of the chain sees.

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -171,6 +172,51 @@ func startChain(t *testing.T, listen, upstream string, guard *l4aegisguard.Handl
 	})
 	c := &chain{guard: guard, addr: srv.Addr}
 	return c
+}
+
+// On a plain layer4 route (no streams app), the guard's Cleanup (a
+// reload) closes its open connections and has written their log lines by
+// the time it returns, even when the rest of the chain takes a while to
+// end: none is queued after the log writer stopped.
+func TestGuardCleanupLogsOpenConnections(t *testing.T) {
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	defer cancel()
+	guard := &l4aegisguard.Handler{LogConnections: true}
+	if err := guard.Provision(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var logged atomic.Int64
+	guard.State().SetLogSink(func(streamstate.LogRecord) bool { logged.Add(1); return true })
+	read := make(chan struct{}, 1)
+	h := layer4.Handlers{guard, slowEnd{read}}.Compile()
+	srv := loopback.Serve(t, "127.0.0.1:0", func(conn net.Conn) {
+		_ = h.Handle(layer4.WrapConnection(conn, nil, zap.NewNop()))
+	})
+	c := dialFrom(t, "", srv.Addr)
+	if _, err := c.Write([]byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	<-read
+	_ = guard.Cleanup()
+	if n := logged.Load(); n != 1 {
+		t.Fatalf("%d log lines written when Cleanup returned, want the open connection's", n)
+	}
+}
+
+// slowEnd reads its connection until it is closed, then takes 200 ms to
+// return, as a relay with a slow end would.
+type slowEnd struct{ read chan<- struct{} }
+
+func (s slowEnd) Handle(cx *layer4.Connection, _ layer4.Handler) error {
+	b := make([]byte, 16)
+	for {
+		if _, err := cx.Read(b); err != nil {
+			break
+		}
+		s.read <- struct{}{}
+	}
+	time.Sleep(200 * time.Millisecond)
+	return nil
 }
 
 // echoUpstream serves an echo on listen and returns its address.
