@@ -228,7 +228,8 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	// plain layer4 route the guard counts it, so that the state's Destruct
 	// (a reload's Cleanup) waits for the connections it closes and writes
 	// their log lines before its log writer stops.
-	if _, ok := cx.GetVar(streamstate.DetachVar).(func()); !ok {
+	detachDone, underApp := cx.GetVar(streamstate.DetachVar).(func())
+	if !underApp {
 		st.ConnStarted()
 		defer st.ConnDone()
 	}
@@ -253,8 +254,8 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	ss := p.Open(st, cx.Conn, src, false, a)
 	// A caller that lets the connection outlive the chain (the streams
 	// app) lets the relay park it; the relay then ends it (Session.Finish).
-	if done, ok := cx.GetVar(streamstate.DetachVar).(func()); ok {
-		ss.AllowDetach(p, done)
+	if underApp {
+		ss.AllowDetach(p, detachDone)
 	}
 	defer endAttached(p, ss)
 	cx.SetVar(streamstate.SessionVar, ss)
