@@ -128,8 +128,12 @@ func flowsUDPEnding(runs []*udpRun, cfg config, up *upstreams, tmp string, fe fl
 				}
 				udpStep(fr.r.p, fr.c, fr.r.res, fmt.Sprintf("%s, %s, round %d of %d", what, plural(k, "client"), i+1, turnRounds), func() error {
 					if fr.fds != nil {
-						if err := waitFDs(fr.fds, fr.baseFDs+expiredSlack, expireWait); err != nil {
-							return fmt.Errorf("the last round's sessions did not expire: %v", err)
+						n, want := 0, fr.baseFDs+expiredSlack
+						if err := waitFor(expireWait, func() (ok bool, err error) {
+							n, err = fr.fds()
+							return n <= want, err
+						}); err != nil {
+							return fmt.Errorf("the last round's sessions did not expire: %d descriptors open after %v, want at most %d: %v", n, expireWait, want, err)
 						}
 					}
 					got, err := flowLoad(addr(fr.front), k, fe.spread, round, limit)
@@ -158,24 +162,6 @@ const (
 	expiredSlack = 16
 	expireWait   = 5 * time.Second
 )
-
-// waitFDs waits until fds reports at most want, for up to d.
-func waitFDs(fds func() (int, error), want int, d time.Duration) error {
-	end := time.Now().Add(d)
-	for {
-		n, err := fds()
-		if err != nil {
-			return err
-		}
-		if n <= want {
-			return nil
-		}
-		if time.Now().After(end) {
-			return fmt.Errorf("%d descriptors open after %v, want at most %d", n, d, want)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
 
 // flowLoad runs clients loops of query, answer, close (a new UDP socket
 // each time) against addr for w, and returns the flows answered in the
