@@ -303,16 +303,6 @@ func TestLogQueueKeepsItsRoomThroughABurst(t *testing.T) {
 			st.LogBlocked(zap.NewNop(), "t", netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, byte(next >> 8), byte(next)}), 1), ReasonACLDenied, false)
 		}
 	}
-	waitFor := func(what string, ok func() bool) {
-		t.Helper()
-		deadline := time.Now().Add(5 * time.Second)
-		for !ok() {
-			if time.Now().After(deadline) {
-				t.Fatalf("timed out waiting for %s", what)
-			}
-			time.Sleep(time.Millisecond)
-		}
-	}
 	queued := func() (n, room int) {
 		st.logq.mu.Lock()
 		defer st.logq.mu.Unlock()
@@ -322,7 +312,7 @@ func TestLogQueueKeepsItsRoomThroughABurst(t *testing.T) {
 	// Batch 1 is taken; while the writer is held on its first line, the
 	// queue grows past logQueueKeep with batch 2.
 	refuse(logQueueKeep)
-	waitFor("batch 1 taken", func() bool { n, _ := queued(); return n == 0 })
+	testenv.Eventually(t, "batch 1 taken", func() bool { n, _ := queued(); return n == 0 })
 	refuse(more)
 	for b := 2; b <= 4; b++ {
 		// Let the writer finish the batch it holds; it takes the next,
@@ -335,7 +325,7 @@ func TestLogQueueKeepsItsRoomThroughABurst(t *testing.T) {
 				gate <- struct{}{}
 			}
 		}
-		waitFor(fmt.Sprintf("batch %d taken", b), func() bool { n, _ := queued(); return n == 0 })
+		testenv.Eventually(t, fmt.Sprintf("batch %d taken", b), func() bool { n, _ := queued(); return n == 0 })
 		if _, room := queued(); b > 2 && room < more {
 			t.Fatalf("batch %d: the queue has room for %d entries after the writer took a burst's batch of %d; want the room that batch grew", b, room, more)
 		}
