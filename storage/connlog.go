@@ -3,6 +3,7 @@ package storage
 import (
 	"cmp"
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
 	"math"
@@ -75,14 +76,22 @@ func (s *core) pauseSlices(ctx context.Context) {
 // prepared (writeTx.execKept, writeTx.queryRowKept).
 const (
 	connLogTakeIDs = `UPDATE conn_log_ids SET next = next + ? RETURNING next`
-	connLogInsert  = `INSERT INTO conn_log_pages (stream_id, last_id, first_id, n, node, entries) VALUES (?, ?, ?, ?, ?, ?)`
-	connLogDelete  = `DELETE FROM conn_log_pages WHERE stream_id = ? AND last_id BETWEEN ? AND ?`
-	connLogCut     = `UPDATE conn_log_pages SET first_id = ?, n = ?, entries = ? WHERE stream_id = ? AND last_id = ?`
+	// connLogLock takes the lock of conn_log_ids, as connLogTakeIDs does,
+	// before a transaction that deletes pages (a prune, a stream's
+	// removal) touches them. On PostgreSQL two of those on one stream
+	// otherwise lock its pages in different orders and one fails with a
+	// deadlock; SQLite has one writer at a time.
+	connLogLock   = `UPDATE conn_log_ids SET next = next`
+	connLogInsert = `INSERT INTO conn_log_pages (stream_id, last_id, first_id, n, node, entries) VALUES (?, ?, ?, ?, ?, ?)`
+	connLogDelete = `DELETE FROM conn_log_pages WHERE stream_id = ? AND last_id BETWEEN ? AND ? RETURNING n`
+	// connLogCut changes a page only if it still holds the entries it
+	// was cut from (n), as read in the same transaction.
+	connLogCut = `UPDATE conn_log_pages SET first_id = ?, n = ?, entries = ? WHERE stream_id = ? AND last_id = ? AND n = ?`
 )
 
 // connLogKept are the statements a SQLite store prepares for execKept and
 // queryRowKept.
-var connLogKept = []string{connLogTakeIDs, connLogInsert, connLogDelete, connLogCut}
+var connLogKept = []string{connLogTakeIDs, connLogInsert, connLogCut, connLogLock}
 
 // AppendConnLogs stores a batch of entries in one transaction, tagged
 // with the store's node name; see Store. It takes the batch's IDs at
@@ -225,6 +234,13 @@ func (s *core) ConnLogs(ctx context.Context, q ConnLogQuery) ([]ConnLog, error) 
 // the log it deletes connLogPrunePages pages per statement, with the
 // LogWriter's pauses between. An error deletes nothing, and leaves the
 // entries to the next prune.
+//
+// The page list is read before the transaction, and another writer may
+// change those pages meanwhile: another node pruning the same shared
+// stream, or the stream's removal. So the transaction reads the page to
+// cut again and cuts it only as it finds it (a page gone or already cut
+// short enough is left alone), and counts the entries of the pages it
+// deletes as they are deleted, not as they were listed.
 func (s *core) PruneConnLogs(ctx context.Context, streamID int64, keep int) (int64, error) {
 	if keep < 0 {
 		return 0, fmt.Errorf("storage: pruning conn log of stream %d: keep %d: must be >= 0: %w", streamID, keep, ErrInvalid)
@@ -259,22 +275,16 @@ func (s *core) PruneConnLogs(ctx context.Context, streamID int64, keep int) (int
 	var deleted int64
 	err = s.be.inTx(ctx, false, func(tx writeTx) error {
 		deleted = 0
+		if _, err := tx.execKept(ctx, connLogLock); err != nil {
+			return err
+		}
 		old := pages[cut:]
 		if left := int64(keep) - kept; left > 0 {
-			p := old[0]
-			var text string
-			if err := tx.queryRow(ctx, `SELECT entries FROM conn_log_pages WHERE stream_id = ? AND last_id = ?`,
-				streamID, p.last).Scan(&text); err != nil {
-				return err
-			}
-			rest, first, err := cutPage(text, int(p.n-left))
+			cut, err := cutConnLogPage(ctx, tx, streamID, old[0].last, left)
 			if err != nil {
-				return fmt.Errorf("page of entry %d: %w", p.last, err)
-			}
-			if _, err := tx.execKept(ctx, connLogCut, first, left, rest, streamID, p.last); err != nil {
 				return err
 			}
-			deleted += p.n - left
+			deleted += cut
 			old = old[1:]
 		}
 		step := len(old)
@@ -283,11 +293,14 @@ func (s *core) PruneConnLogs(ctx context.Context, streamID int64, keep int) (int
 		}
 		for len(old) > 0 {
 			n := min(step, len(old))
-			if _, err := tx.execKept(ctx, connLogDelete, streamID, old[n-1].last, old[0].last); err != nil {
+			err := tx.queryEach(ctx, connLogDelete, []any{streamID, old[n-1].last, old[0].last}, func(r rowScanner) error {
+				var entries int64
+				err := r.Scan(&entries)
+				deleted += entries
 				return err
-			}
-			for _, p := range old[:n] {
-				deleted += p.n
+			})
+			if err != nil {
+				return err
 			}
 			if old = old[n:]; len(old) > 0 {
 				s.pauseSlices(ctx)
@@ -299,4 +312,34 @@ func (s *core) PruneConnLogs(ctx context.Context, streamID int64, keep int) (int
 		return 0, fmt.Errorf("storage: pruning conn log of stream %d: deleting: %w", streamID, err)
 	}
 	return deleted, nil
+}
+
+// cutConnLogPage cuts the oldest entries off one page of a stream, in
+// tx, so that it keeps its newest left, and returns how many it cut. It
+// reads the page in tx: a page that another writer deleted, or cut to
+// left entries or fewer, since the caller listed it is left as it is
+// (0 cut), and so is one changed between that read and the UPDATE
+// (connLogCut checks n).
+func cutConnLogPage(ctx context.Context, tx writeTx, streamID, last, left int64) (int64, error) {
+	var (
+		n    int64
+		text string
+	)
+	err := tx.queryRow(ctx, `SELECT n, entries FROM conn_log_pages WHERE stream_id = ? AND last_id = ?`,
+		streamID, last).Scan(&n, &text)
+	if errors.Is(err, sql.ErrNoRows) || err == nil && n <= left {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	rest, first, err := cutPage(text, int(n-left))
+	if err != nil {
+		return 0, fmt.Errorf("page of entry %d: %w", last, err)
+	}
+	changed, err := tx.execKept(ctx, connLogCut, first, left, rest, streamID, last, n)
+	if err != nil || changed == 0 {
+		return 0, err
+	}
+	return n - left, nil
 }

@@ -505,3 +505,103 @@ func TestConnLogWritesStartNoGoroutinePerStatement(t *testing.T) {
 		t.Fatalf("writing %d entries in %d statements started %d goroutines, want a handful", len(batch), len(batch)/connLogPage, n)
 	}
 }
+
+// pagesAgree fails t for each page of stream whose n is not the number of
+// entries it holds, and returns the stream's entries.
+func pagesAgree(t *testing.T, reads sqlDB, stream int64) int64 {
+	t.Helper()
+	var total int64
+	err := reads.queryEach(context.Background(), `SELECT last_id, n, entries FROM conn_log_pages WHERE stream_id = ?`,
+		[]any{stream}, func(r rowScanner) error {
+			var (
+				last, n int64
+				text    string
+			)
+			if err := r.Scan(&last, &n, &text); err != nil {
+				return err
+			}
+			es, err := decodePage(text, nil)
+			if err != nil {
+				return err
+			}
+			if int64(len(es)) != n {
+				t.Errorf("page of entry %d: n = %d, but it holds %d entries", last, n, len(es))
+			}
+			total += int64(len(es))
+			return nil
+		})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return total
+}
+
+// Two nodes prune one shared stream at once, to different retentions: each
+// works from the page list it read before its transaction, which the other
+// may have changed meanwhile. Neither fails, no page's count disagrees with
+// its entries, and the stream keeps at least the smaller retention.
+func TestPostgresPrunesOfOneStreamOnTwoNodes(t *testing.T) {
+	db := pg.NewDatabase(t)
+	a := openPostgres(t, db, PostgresOptions{Node: "a"})
+	b := openPostgres(t, db, PostgresOptions{Node: "b"})
+	ctx := context.Background()
+	for round := range 60 {
+		if err := a.AppendConnLogs(ctx, entriesOf(7, 200)); err != nil {
+			t.Fatal(err)
+		}
+		keepA, keepB := 100, 90+round%25
+		var errA, errB error
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			_, errB = b.PruneConnLogs(ctx, 7, keepB)
+		}()
+		_, errA = a.PruneConnLogs(ctx, 7, keepA)
+		<-done
+		if errA != nil || errB != nil {
+			t.Fatalf("round %d: prunes: %v; %v", round, errA, errB)
+		}
+		if n := pagesAgree(t, a.reads, 7); n < int64(min(keepA, keepB)) || n > int64(max(keepA, keepB)) {
+			t.Fatalf("round %d: %d entries left after prunes to %d and %d", round, n, keepA, keepB)
+		}
+	}
+}
+
+// A prune that races the removal of its stream (the API's delete, while
+// the LogWriter prunes) finds the pages it listed gone: that is nothing
+// left to do, not an error.
+func TestPruneConnLogsOfARemovedStream(t *testing.T) {
+	eachBackend(t, testPruneConnLogsOfARemovedStream)
+}
+
+func testPruneConnLogsOfARemovedStream(t *testing.T, b testBackend) {
+	s := b.store(t)
+	ctx := context.Background()
+	for round := range 40 {
+		h, err := s.CreateHost(ctx, genHost(0, round), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.AppendConnLogs(ctx, entriesOf(h.ID, 300)); err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() { done <- s.DeleteHost(ctx, h.ID, nil) }()
+		_, err = s.PruneConnLogs(ctx, h.ID, 100)
+		if derr := <-done; derr != nil {
+			t.Fatal(derr)
+		}
+		if err != nil {
+			t.Fatalf("round %d: prune racing the stream's removal: %v", round, err)
+		}
+	}
+}
+
+// entriesOf is n allowed entries of stream.
+func entriesOf(stream int64, n int) []ConnLog {
+	out := make([]ConnLog, n)
+	for i := range out {
+		out[i] = ConnLog{StreamID: stream, SourceIP: "192.0.2.1", SourcePort: 1000 + i, Action: ActionAllowed}
+	}
+	return out
+}

@@ -245,6 +245,9 @@ func (s *core) DeleteHost(ctx context.Context, id int64, apply func(old Stored) 
 		if err != nil {
 			return err
 		}
+		if _, err := tx.exec(ctx, connLogLock); err != nil {
+			return fmt.Errorf("deleting connection log: %w", err)
+		}
 		if _, err := tx.exec(ctx, `DELETE FROM conn_log_pages WHERE stream_id = ?`, id); err != nil {
 			return fmt.Errorf("deleting connection log: %w", err)
 		}
