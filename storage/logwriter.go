@@ -68,12 +68,14 @@ type LogWriterOptions struct {
 	WriteTimeout time.Duration
 
 	// OnError, when set, is called from the writer's goroutine with the
-	// first failed write or prune after the store last worked (or since
-	// the start): once per outage, not once per batch, so that a full disk
+	// first failed write after the store last worked (or since the
+	// start): once per outage, not once per batch, so that a full disk
 	// does not flood the log. The failures after it are not reported until
 	// a write succeeds again; their entries are counted in Dropped and
-	// passed to OnDrop. It must not block for long. Default: nil (errors
-	// are only counted).
+	// passed to OnDrop. A failed prune is reported the same way, apart:
+	// once until a prune succeeds again; it loses no entry, and the
+	// stream is pruned again at the next PruneInterval. It must not block
+	// for long. Default: nil (errors are only counted).
 	OnError func(error)
 
 	// OnDrop, when set, is called from the writer's goroutine with the
@@ -143,6 +145,9 @@ type LogWriter struct {
 	dropped atomic.Uint64
 	written atomic.Uint64
 
+	// pruneFailing is set from a reported failed prune until a prune
+	// succeeds; only the writer's goroutine uses it.
+	pruneFailing bool
 	// failing is set from a reported failure until a write succeeds; only
 	// the writer's goroutine uses it.
 	failing bool
@@ -355,8 +360,16 @@ func (w *LogWriter) prune(touched map[int64]int, least int) {
 		ctx, cancel := context.WithTimeout(context.Background(), w.opts.WriteTimeout)
 		_, err := w.store.PruneConnLogs(forLogWriter(ctx, w.pace), id, w.opts.Retention)
 		cancel()
-		if err != nil {
-			w.report(err)
+		if err == nil {
+			w.pruneFailing = false
+			continue
+		}
+		touched[id] = 0 // again at the next PruneInterval
+		if !w.pruneFailing {
+			w.pruneFailing = true
+			if w.opts.OnError != nil {
+				w.opts.OnError(fmt.Errorf("%w; the stream's older entries are kept until a prune works, and further prune failures are not reported", err))
+			}
 		}
 	}
 }

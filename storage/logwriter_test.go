@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -23,6 +24,8 @@ type fakeLogStore struct {
 	entered chan struct{}
 	// fail, when not nil, is returned by AppendConnLogs.
 	fail error
+	// pruneFails is how many of the next prunes fail.
+	pruneFails int
 
 	mu      sync.Mutex
 	batches [][]ConnLog
@@ -54,6 +57,10 @@ func (f *fakeLogStore) PruneConnLogs(ctx context.Context, streamID int64, keep i
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.prunes = append(f.prunes, streamID)
+	if f.pruneFails > 0 {
+		f.pruneFails--
+		return 0, errors.New("prune failed")
+	}
 	return 0, nil
 }
 
@@ -455,4 +462,48 @@ func TestLogWriterCloseHurries(t *testing.T) {
 	if got, want := w.pace.Slept(), (slices-1)/32; got != want {
 		t.Fatalf("Close paused %d times between %d slices, want %d (once per 32)", got, slices, want)
 	}
+}
+
+// A failed prune is reported on its own: once, and not as a write outage.
+// The next write that works is not a recovery, a write that fails after
+// it is reported, and the stream is pruned again at the next interval.
+func TestLogWriterPruneFailure(t *testing.T) {
+	f := &fakeLogStore{pruneFails: 2}
+	var mu sync.Mutex
+	var errs []string
+	recovered := 0
+	w := NewLogWriter(f, LogWriterOptions{BatchSize: 1, PruneInterval: 20 * time.Millisecond,
+		OnError:   func(err error) { mu.Lock(); errs = append(errs, err.Error()); mu.Unlock() },
+		OnRecover: func(uint64) { mu.Lock(); recovered++; mu.Unlock() }})
+	defer w.Close()
+	// The first flush prunes (and fails); the next interval's prune of the
+	// same stream, with no new entry of it, fails again; the third works.
+	w.Enqueue(entry(1, 0))
+	waitFor(t, "three prunes of stream 1", func() bool {
+		w.Enqueue(entry(2, 0)) // a flush, for the interval's prune to run
+		time.Sleep(5 * time.Millisecond)
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		n := 0
+		for _, id := range f.prunes {
+			if id == 1 {
+				n++
+			}
+		}
+		return n >= 3
+	})
+	mu.Lock()
+	if len(errs) != 1 || !strings.Contains(errs[0], "prune failed") || recovered != 0 {
+		t.Errorf("after two failed prunes and writes that worked: errors %q, recoveries %d; want the prune's error once and no recovery", errs, recovered)
+	}
+	mu.Unlock()
+	f.mu.Lock()
+	f.fail = errors.New("disk full")
+	f.mu.Unlock()
+	w.Enqueue(entry(1, 1))
+	waitFor(t, "the write failure reported", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(errs) == 2 && strings.Contains(errs[1], "disk full")
+	})
 }
