@@ -238,3 +238,27 @@ func TestUpdatesRefuseNothing(t *testing.T) {
 		t.Fatalf("status: %v", st)
 	}
 }
+
+// Listing a stream's open connections while it is edited in place reads
+// its config as the edit swaps it: go test -race finds a race if the list
+// reads it without the app's lock.
+func TestActiveConnectionsDuringEdits(t *testing.T) {
+	up := newServer(t, echo)
+	port := freePort(t)
+	inst := startCaddy(t, streamsApp(), nil)
+	sid := id(inst.create(stream(0, port, up.Port, nil)))
+	p := fmt.Sprintf("/api/v1/streams/%d", sid)
+	c := dial(t, port)
+	_ = roundTrip(t, c, "x")
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := range 30 {
+			inst.try("PATCH", p, fmt.Sprintf(`{"notes": "n%d"}`, i), ctMergePatch)
+		}
+	}()
+	for range 60 {
+		inst.call("GET", p+"/active", nil).want(t, 200)
+	}
+	<-done
+}

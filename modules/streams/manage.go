@@ -563,6 +563,10 @@ func (a *App) syncStoredLocked(ctx context.Context) error {
 func (a *App) ActiveConnections(id int64) ([]spec.ActiveConn, error) {
 	a.mu.Lock()
 	inst := a.find(id)
+	var cfg *spec.Stream
+	if inst != nil {
+		cfg = inst.cfg // an edit in place swaps it under a.mu
+	}
 	a.mu.Unlock()
 	if inst == nil {
 		return nil, fmt.Errorf("stream %d: %w", id, spec.ErrNotFound)
@@ -577,7 +581,7 @@ func (a *App) ActiveConnections(id int64) ([]spec.ActiveConn, error) {
 			ID: ss.ID, Protocol: proto, Source: ss.Source.String(), SourceIP: ss.Source.Addr().String(),
 			StartedAt: jsontime.Of(ss.Start), BytesSent: ss.Sent(), BytesReceived: ss.Received(),
 			DatagramsSent: ss.DatagramsSent(), DatagramsReceived: ss.DatagramsReceived(),
-			Upstream: peerAddr(ss), ListenPort: listenPort(inst.cfg, ss),
+			Upstream: peerAddr(ss), ListenPort: listenPort(cfg, ss),
 		})
 		return true
 	})
