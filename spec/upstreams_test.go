@@ -142,6 +142,9 @@ func TestSNIValidateAndMatch(t *testing.T) {
 		{"deep wildcard", func(s *Stream) { s.SNI = []string{"a.*.example.com"} }, []string{`sni "a.*.example.com": a wildcard must be the whole first label`}},
 		{"ip", func(s *Stream) { s.SNI = []string{"10.0.0.1"} }, []string{"an IP address is not a server name"}},
 		{"twice", func(s *Stream) { s.SNI = []string{"a.test", "A.test"} }, []string{`sni "A.test": given twice`}},
+		{"behind a PROXY reader", func(s *Stream) {
+			s.SNI, s.AcceptProxyProtocol, s.TrustedProxyCIDRs = []string{"a.test"}, ProxyAcceptRequired, []string{"127.0.0.1/32"}
+		}, []string{`accept_proxy_protocol "required": not with sni`, "use off, or leave sni empty"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s := validStream()

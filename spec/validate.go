@@ -450,6 +450,10 @@ func (s *Stream) validateSNI() []error {
 	if s.IsRange() {
 		bad(strings.Join(s.SNI, " "), "not with a port range (listen_port_end); give the stream one port")
 	}
+	if s.AcceptsProxy() {
+		errs = append(errs, &FieldError{ID: s.ID, Name: s.Name, Field: "accept_proxy_protocol", Value: s.AcceptProxyProtocol,
+			Reason: "not with sni: the server name is read from the first bytes, where a front proxy's PROXY header would be; use off, or leave sni empty"})
+	}
 	seen := map[string]bool{}
 	for _, n := range s.SNI {
 		if strings.HasPrefix(n, "*.") && strings.Count(n, "*") == 1 || !strings.Contains(n, "*") {

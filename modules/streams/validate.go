@@ -167,6 +167,10 @@ func (a *App) listenConflicts(s *spec.Stream, others []*spec.Stream) []error {
 		}
 		if sharesBySNI(s, o) {
 			// One port, the streams told apart by server name.
+			if len(s.SNI) == 0 && s.AcceptsProxy() {
+				errs = append(errs, &spec.FieldError{ID: s.ID, Name: s.Name, Field: "accept_proxy_protocol", Value: s.AcceptProxyProtocol,
+					Reason: fmt.Sprintf("not on a port shared by server name with %s: the server name is read from the first bytes, where a front proxy's PROXY header would be; use off, or another port", spec.StreamLabel(o.ID, o.Name))})
+			}
 			if mine, theirs, clash := sniClash(s, o); clash {
 				errs = append(errs, &spec.FieldError{ID: s.ID, Name: s.Name, Field: "sni", Value: mine,
 					Reason: fmt.Sprintf("overlaps %q of %s on the same port; give each server name to one stream", theirs, spec.StreamLabel(o.ID, o.Name))})

@@ -178,3 +178,18 @@ func TestValidateTLSCertificateChoice(t *testing.T) {
 		}
 	}
 }
+
+// A stream without sni that reads PROXY headers cannot share its port with
+// streams told apart by server name: the port's socket reads the
+// ClientHello from the first bytes, where the header is.
+func TestSNIPortRefusesAProxyReader(t *testing.T) {
+	named := host(1, "named", "tcp", "127.0.0.1", 8443)
+	named.SNI = []string{"a.test"}
+	def := host(2, "default", "tcp", "127.0.0.1", 8443)
+	def.AcceptProxyProtocol, def.TrustedProxyCIDRs = spec.ProxyAcceptOptional, []string{"127.0.0.1/32"}
+	err := (&App{Hosts: []*spec.Stream{named, def}}).Validate()
+	want := []string{`stream 2 ("default"): accept_proxy_protocol "optional"`, `not on a port shared by server name with stream 1 ("named")`, "use off, or another port"}
+	if err == nil || !testenv.OneErrorContains(err, want) {
+		t.Errorf("Validate() = %v\nwant an error containing %q", err, want)
+	}
+}
