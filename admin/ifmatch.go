@@ -40,13 +40,25 @@ func ifMatch(r *http.Request, id int64) ([]streams.Precondition, error) {
 			return nil
 		}
 		for _, t := range tags {
-			if t == etag(version) {
+			if withoutEncoding(t) == etag(version) {
 				return nil
 			}
 		}
 		return &apiError{Status: http.StatusPreconditionFailed, Message: fmt.Sprintf(
 			"stream %d was changed by someone else since you loaded it; load it again and redo your change", id)}
 	}}, nil
+}
+
+// withoutEncoding is tag without the suffix that Caddy's encode handler
+// puts in the ETag of a response it compresses ("2" → "2-gzip"), which
+// clients send back as it is; a version never has one.
+func withoutEncoding(tag string) string {
+	for _, enc := range []string{"-gzip", "-zstd", "-br"} {
+		if v, ok := strings.CutSuffix(tag, enc+`"`); ok {
+			return v + `"`
+		}
+	}
+	return tag
 }
 
 // parseETags parses an If-Match value: "*", or a comma-separated list of

@@ -278,3 +278,30 @@ func TestVersionsNeverComeBack(t *testing.T) {
 		}
 	}
 }
+
+// Behind Caddy's encode handler a compressed answer's ETag gets the
+// encoding as a suffix ("2-gzip"): sent back in If-Match it still names
+// the stream's version, and an old version still does not match.
+func TestIfMatchBehindEncode(t *testing.T) {
+	up := newServer(t, echo)
+	inst := newInstance(t)
+	site := freePort(t)
+	if err := inst.caddy.LoadCaddyfile(inst.caddyfile(`http://127.0.0.1:%d {
+	encode gzip
+	streams_admin
+}
+`, site)); err != nil {
+		t.Fatal(err)
+	}
+	base := fmt.Sprintf("http://127.0.0.1:%d", site)
+	// Long enough for encode to compress it.
+	notes := strings.Repeat("padding ", 40)
+	sid := id(doRequest(t, inst.client, "POST", base+"/api/v1/streams", stream(0, freePort(t), up.Port, obj{"notes": notes})).want(t, 201).obj(t))
+	p := fmt.Sprintf("%s/api/v1/streams/%d", base, sid)
+	tag := doRequest(t, inst.client, "GET", p, nil, hdr{"Accept-Encoding", "gzip"}).want(t, 200).header.Get("ETag")
+	if !strings.HasSuffix(tag, `-gzip"`) {
+		t.Fatalf("ETag %q: want a compressed answer's, ending in -gzip", tag)
+	}
+	doRequest(t, inst.client, "PATCH", p, `{"notes":"x"}`, ctMergePatch, hdr{"If-Match", tag}).want(t, 200)
+	doRequest(t, inst.client, "PATCH", p, `{"notes":"y"}`, ctMergePatch, hdr{"If-Match", tag}).want(t, 412)
+}
