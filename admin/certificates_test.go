@@ -535,3 +535,25 @@ func TestCertificatesThroughHandler(t *testing.T) {
 		t.Fatalf("list: %v", l)
 	}
 }
+
+// The errors of text that is not PEM say how to paste it, whole: the
+// redaction of secrets in messages (certcheck.Redact) takes anything from
+// "-----BEGIN" on, so they must not quote a PEM header.
+func TestPEMErrorsSayWhatToPaste(t *testing.T) {
+	inst := startCaddy(t, streamsApp(), nil)
+	for _, tc := range []struct {
+		path string
+		body obj
+		want string
+	}{
+		{"/api/v1/certificates", obj{"name": "c", "domains": []string{}},
+			"paste the certificate from its BEGIN CERTIFICATE line to its END CERTIFICATE line"},
+		{"/api/v1/streams", stream(0, freePort(t), 9, obj{"upstream_tls": true, "upstream_tls_ca": "not pem"}),
+			"paste the CA certificate(s), each from its BEGIN CERTIFICATE line to its END CERTIFICATE line"},
+	} {
+		r := inst.call("POST", tc.path, tc.body)
+		if e := r.apiErr(t, 400); !strings.Contains(r.String(), tc.want) || strings.Contains(r.String(), "redacted") {
+			t.Errorf("POST %s: %+v\nwant %q, whole", tc.path, e, tc.want)
+		}
+	}
+}

@@ -224,7 +224,7 @@ func parseChain(certPEM string) ([]*x509.Certificate, error) {
 		return nil, err
 	}
 	if len(blocks) == 0 {
-		return nil, fieldErr(FieldCertificate, "no PEM certificate found (expected -----BEGIN CERTIFICATE-----)")
+		return nil, fieldErr(FieldCertificate, "no PEM certificate found: paste the certificate from its BEGIN CERTIFICATE line to its END CERTIFICATE line")
 	}
 	if len(blocks) > MaxChainLength {
 		return nil, fieldErr(FieldCertificate, "%d certificates: at most %d are allowed", len(blocks), MaxChainLength)

@@ -151,7 +151,7 @@ func TestParseCustomErrors(t *testing.T) {
 		{"text between", leaf + "x\n" + inter, keyPEM, FieldCertificate, "after PEM block 1"},
 		{"damaged base64", string(damaged), keyPEM, FieldCertificate, "line 1 is malformed"},
 		{"truncated", truncated, keyPEM, FieldCertificate, "has no -----END line"},
-		{"damaged block then good", leaf[:len(leaf)-30] + "\n" + leaf, keyPEM, FieldCertificate, "before the next -----BEGIN line"},
+		{"damaged block then good", leaf[:len(leaf)-30] + "\n" + leaf, keyPEM, FieldCertificate, "before the next BEGIN line"},
 		{"not a certificate", notDER, keyPEM, FieldCertificate, "block 1 (line 1) is not a valid certificate"},
 		{"key in certificate field", leaf + keyPEM, keyPEM, FieldCertificate, fmt.Sprintf("block 2 (line %d) is a private key", lines(leaf)+1) + ", which belongs in the private_key field"},
 		{"other block type", leaf + "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n", keyPEM, FieldCertificate, fmt.Sprintf(`block 2 (line %d) is a "X509 CRL" block`, lines(leaf)+1)},

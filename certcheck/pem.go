@@ -59,7 +59,7 @@ func splitPEM(field, s string) ([]block, error) {
 		// With one BEGIN in the segment, pem.Decode cannot skip a damaged
 		// block and return a later one.
 		if strings.Count(trimmed[:n], beginMarker) != 1 {
-			return nil, fieldErr(field, "PEM block at line %d has no -----END line before the next -----BEGIN line", line)
+			return nil, fieldErr(field, "PEM block at line %d has no END line before the next BEGIN line", line)
 		}
 		b, after := pem.Decode([]byte(trimmed[:n]))
 		if b == nil || strings.TrimSpace(string(after)) != "" {
@@ -84,7 +84,7 @@ func parseKey(keyPEM string) (crypto.Signer, error) {
 		blocks = blocks[1:]
 	}
 	if len(blocks) == 0 {
-		return nil, fieldErr(FieldPrivateKey, "no PEM private key found (expected -----BEGIN PRIVATE KEY-----)")
+		return nil, fieldErr(FieldPrivateKey, "no PEM private key found: paste the key from its BEGIN line (BEGIN PRIVATE KEY, BEGIN EC PRIVATE KEY or BEGIN RSA PRIVATE KEY) to its END line")
 	}
 	if len(blocks) > 1 {
 		return nil, fieldErr(FieldPrivateKey, "%d PEM blocks; the field must hold exactly one private key", len(blocks))

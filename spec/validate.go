@@ -413,7 +413,7 @@ func ParseCAPEM(s string) (*x509.CertPool, error) {
 		pool.AddCert(c)
 	}
 	if n == 0 {
-		return nil, errors.New("no PEM certificate found; paste the CA certificate(s), from -----BEGIN CERTIFICATE----- to -----END CERTIFICATE-----")
+		return nil, errors.New("no PEM certificate found; paste the CA certificate(s), each from its BEGIN CERTIFICATE line to its END CERTIFICATE line")
 	}
 	if strings.TrimSpace(string(rest)) != "" {
 		return nil, errors.New("text after the last certificate is not PEM; give only CERTIFICATE blocks")
