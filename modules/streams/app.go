@@ -12,7 +12,6 @@ import (
 	"net"
 	"os"
 	"slices"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -850,10 +849,10 @@ func (inst *instance) serve(c net.Conn) {
 // reservedPorts finds the ports Caddy itself uses in this config.
 func reservedPorts(ctx caddy.Context) []reservedPort {
 	var out []reservedPort
-	if _, port, err := net.SplitHostPort(caddy.DefaultAdminListen); err == nil {
-		if p, err := strconv.Atoi(port); err == nil {
-			out = append(out, reservedPort{Port: p, Owner: "Caddy's admin endpoint"})
-		}
+	// The admin endpoint this config has (2019 unless admin says
+	// otherwise), none when it is off or on a unix socket.
+	if ae, ok := adminEndpointOf(ctx); ok {
+		out = append(out, reservedPort{Port: ae.port, Owner: "Caddy's admin endpoint"})
 	}
 	httpApp, err := ctx.AppIfConfigured("http")
 	if err != nil {

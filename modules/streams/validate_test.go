@@ -1,6 +1,8 @@
 package streams
 
 import (
+	"encoding/json"
+	"fmt"
 	"strconv"
 	"strings"
 	"testing"
@@ -191,5 +193,32 @@ func TestSNIPortRefusesAProxyReader(t *testing.T) {
 	want := []string{`stream 2 ("default"): accept_proxy_protocol "optional"`, `not on a port shared by server name with stream 1 ("named")`, "use off, or another port"}
 	if err == nil || !testenv.OneErrorContains(err, want) {
 		t.Errorf("Validate() = %v\nwant an error containing %q", err, want)
+	}
+}
+
+// The admin port a stream may not take is the config's admin endpoint:
+// 2019 only when admin is left at its default, none when admin is off.
+func TestReservedAdminPortIsTheConfigs(t *testing.T) {
+	for _, tc := range []struct {
+		admin string // the config's "admin" object
+		port  int
+		want  string // "": valid
+	}{
+		{`{"listen": "127.0.0.1:2999"}`, 2999, "listen_port 2999: port 2999 is Caddy's admin endpoint"},
+		{`{"listen": "127.0.0.1:2999"}`, 2019, ""},
+		{`{}`, 2019, "listen_port 2019: port 2019 is Caddy's admin endpoint"},
+		{`{"disabled": true}`, 2019, ""},
+	} {
+		cfgJSON := fmt.Sprintf(`{"admin": %s, "apps": {"streams": {"storage": {"disabled": true},
+			"hosts": [{"id": 1, "listen_address": "127.0.0.1", "listen_port": %d, "upstream_host": "10.0.0.1", "upstream_port": 1}]}}}`,
+			tc.admin, tc.port)
+		var cfg caddy.Config
+		if err := json.Unmarshal([]byte(cfgJSON), &cfg); err != nil {
+			t.Fatal(err)
+		}
+		err := caddy.Validate(&cfg)
+		if tc.want == "" && err != nil || tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)) {
+			t.Errorf("admin %s, stream on %d: Validate() = %v, want %q", tc.admin, tc.port, err, tc.want)
+		}
 	}
 }
