@@ -605,3 +605,31 @@ func entriesOf(stream int64, n int) []ConnLog {
 	}
 	return out
 }
+
+// Entries written for a stream after its deletion (its connections the
+// deletion closed, a queued batch) are not shown as the log of a new
+// stream given the same ID.
+func TestNewStreamUnderAnOldIDHasAnEmptyLog(t *testing.T) {
+	eachBackend(t, testNewStreamUnderAnOldIDHasAnEmptyLog)
+}
+
+func testNewStreamUnderAnOldIDHasAnEmptyLog(t *testing.T, b testBackend) {
+	s := b.store(t)
+	ctx := context.Background()
+	h, err := s.CreateHost(ctx, genHost(50, 1), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteHost(ctx, h.ID, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.AppendConnLogs(ctx, entriesOf(h.ID, 3)); err != nil { // late entries
+		t.Fatal(err)
+	}
+	if _, err := s.CreateHost(ctx, genHost(50, 2), nil); err != nil {
+		t.Fatal(err)
+	}
+	if es, err := s.ConnLogs(ctx, ConnLogQuery{StreamID: 50}); err != nil || len(es) != 0 {
+		t.Errorf("the new stream 50's log: %d entries, %v; want none", len(es), err)
+	}
+}

@@ -153,6 +153,16 @@ func (s *core) CreateHost(ctx context.Context, st spec.Stream, apply func(h Stor
 		if err := tx.queryRow(ctx, insertHost, append([]any{id}, hostValues(h, settings)...)...).Scan(&h.ID); err != nil {
 			return fmt.Errorf("inserting: %w", err)
 		}
+		// A new stream's log starts empty. A stream deleted under this ID
+		// may have left entries: those of its connections that its
+		// deletion closed, and those queued to the LogWriter, are written
+		// after its log was deleted.
+		if _, err := tx.exec(ctx, connLogLock); err != nil {
+			return fmt.Errorf("emptying the connection log: %w", err)
+		}
+		if _, err := tx.exec(ctx, `DELETE FROM conn_log_pages WHERE stream_id = ?`, h.ID); err != nil {
+			return fmt.Errorf("emptying the connection log: %w", err)
+		}
 		if err := tx.changed(ctx, ChangeStream, OpCreate, h.ID); err != nil {
 			return err
 		}
