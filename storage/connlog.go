@@ -150,6 +150,9 @@ func (s *core) AppendConnLogs(ctx context.Context, entries []ConnLog) error {
 	return nil
 }
 
+// connLogChunk is how many pages one query of ConnLogs reads.
+const connLogChunk = 32
+
 // errEnoughPages stops the reading of pages once ConnLogs has its entries.
 var errEnoughPages = errors.New("enough pages")
 
@@ -176,18 +179,23 @@ func (s *core) ConnLogs(ctx context.Context, q ConnLogQuery) ([]ConnLog, error) 
 		where = append(where, "node = ?")
 		args = append(args, q.Node)
 	}
-	query := `SELECT stream_id, node, last_id, entries FROM conn_log_pages`
-	if len(where) > 0 {
-		query += " WHERE " + strings.Join(where, " AND ")
-	}
-	query += " ORDER BY last_id DESC"
+	// The pages are read in chunks of connLogChunk, newest first: a query
+	// for all of them would have PostgreSQL send every page of the table
+	// even when the first few hold the answer (pgx reads a result to its
+	// end when it is closed early).
+	where = append(where, "last_id < ?")
+	query := `SELECT stream_id, node, last_id, entries FROM conn_log_pages WHERE ` + strings.Join(where, " AND ") +
+		fmt.Sprintf(" ORDER BY last_id DESC LIMIT %d", connLogChunk)
+	args = append(args, int64(math.MaxInt64))
+	cursor := &args[len(args)-1] // the lowest last_id read so far
 
 	var (
 		out    []ConnLog
 		lowest int64 = math.MaxInt64 // the lowest ID in out
 		buf    []pageEntry
+		pages  int // read by the current chunk's query
 	)
-	err := s.reads.queryEach(ctx, query, args, func(r rowScanner) error {
+	page := func(r rowScanner) error {
 		var (
 			stream, last int64
 			node, text   string
@@ -195,6 +203,8 @@ func (s *core) ConnLogs(ctx context.Context, q ConnLogQuery) ([]ConnLog, error) 
 		if err := r.Scan(&stream, &node, &last, &text); err != nil {
 			return err
 		}
+		pages++
+		*cursor = last
 		if above := len(out); above >= limit {
 			if lowest <= last { // pages overlap: count those above this one's
 				above = 0
@@ -219,9 +229,16 @@ func (s *core) ConnLogs(ctx context.Context, q ConnLogQuery) ([]ConnLog, error) 
 			}
 		}
 		return nil
-	})
-	if err != nil && !errors.Is(err, errEnoughPages) {
-		return nil, fmt.Errorf("storage: reading conn log: %w", err)
+	}
+	for {
+		pages = 0
+		err := s.reads.queryEach(ctx, query, args, page)
+		if err != nil && !errors.Is(err, errEnoughPages) {
+			return nil, fmt.Errorf("storage: reading conn log: %w", err)
+		}
+		if err != nil || pages < connLogChunk {
+			break
+		}
 	}
 	slices.SortFunc(out, func(a, b ConnLog) int { return cmp.Compare(b.ID, a.ID) })
 	return out[:min(len(out), limit)], nil

@@ -633,3 +633,41 @@ func testNewStreamUnderAnOldIDHasAnEmptyLog(t *testing.T, b testBackend) {
 		t.Errorf("the new stream 50's log: %d entries, %v; want none", len(es), err)
 	}
 }
+
+// ConnLogs reads the pages in chunks (connLogChunk): entries that only
+// pages past the first chunks hold are found, in order.
+func TestConnLogsPastTheFirstChunk(t *testing.T) { eachBackend(t, testConnLogsPastTheFirstChunk) }
+
+func testConnLogsPastTheFirstChunk(t *testing.T, b testBackend) {
+	s := b.store(t)
+	ctx := context.Background()
+	pages := 3*connLogChunk + 5
+	for i := range pages {
+		batch := entriesOf(1, connLogPage) // one full page
+		if i == 0 {
+			for j := range batch {
+				batch[j].Action = ActionBlocked
+			}
+		}
+		if err := s.AppendConnLogs(ctx, batch); err != nil {
+			t.Fatal(err)
+		}
+	}
+	es, err := s.ConnLogs(ctx, ConnLogQuery{StreamID: 1, Action: ActionBlocked, Limit: 10})
+	if err != nil || len(es) != 10 {
+		t.Fatalf("the 10 newest blocked entries, all in the oldest page: %d, %v", len(es), err)
+	}
+	for i, e := range es {
+		if want := int64(connLogPage - i); e.ID != want || e.Action != ActionBlocked {
+			t.Errorf("entry %d: id %d %s, want id %d blocked", i, e.ID, e.Action, want)
+		}
+	}
+	all, err := s.ConnLogs(ctx, ConnLogQuery{StreamID: 1, Limit: MaxConnLogLimit})
+	newest := int64(0)
+	if len(all) > 0 {
+		newest = all[0].ID
+	}
+	if want := min(MaxConnLogLimit, pages*connLogPage); err != nil || len(all) != want || newest != int64(pages*connLogPage) {
+		t.Fatalf("every entry: %d (newest %d), %v; want %d from id %d", len(all), newest, err, want, pages*connLogPage)
+	}
+}
