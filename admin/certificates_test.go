@@ -437,6 +437,12 @@ func TestTLSStream(t *testing.T) {
 	if !refused(t, badPort) {
 		t.Fatalf("port %d listens after a refused create", badPort)
 	}
+	// Disabled too: a certificate uploaded later would get that id and
+	// become the stream's without anyone choosing it.
+	e = kw.call("POST", "/api/v1/streams", stream(0, badPort, up.Port, obj{"enabled": false, "ssl_enabled": true, "ssl_cert_id": cert.ID + 100})).apiErr(t, 400)
+	if e.Field != "ssl_cert_id" || !strings.Contains(e.Error, "no such certificate") {
+		t.Fatalf("a disabled stream with a missing certificate: %+v", e)
+	}
 
 	// The stream terminates TLS: the client trusts the CA, the upstream
 	// gets plain bytes.

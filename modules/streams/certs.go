@@ -423,6 +423,19 @@ func (a *App) checkCert(ctx context.Context, id int64) error {
 	return a.publishStored(ctx, c)
 }
 
+// certExists is checkCert for a disabled stream: the certificate must
+// exist, and is not published.
+func (a *App) certExists(ctx context.Context, id int64) error {
+	if a.store == nil {
+		return errNoCert(false)
+	}
+	_, err := a.store.db.GetCertificate(ctx, id)
+	if errors.Is(err, storage.ErrNotFound) {
+		return errNoCert(true)
+	}
+	return err
+}
+
 // publish makes certificate c available to handshakes: a custom one from
 // its parsed key pair p, a managed one from Caddy's certificate cache,
 // after asking Caddy's TLS app to obtain and renew it.

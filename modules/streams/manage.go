@@ -148,13 +148,20 @@ func (a *App) checkNew(ctx context.Context, s *spec.Stream) error {
 		return &spec.FieldError{ID: s.ID, Name: s.Name, Field: field, Value: value,
 			Reason: "only for streams in the Caddy config; through the API, store the certificate (POST /api/v1/certificates, with domains for one Caddy manages) and use ssl_cert_id"}
 	}
-	if s.Enabled && s.SSLEnabled && s.HasTCP() {
-		if err := a.checkCert(ctx, s.SSLCertID); err != nil {
+	// An enabled stream's certificates are published for its handshakes; a
+	// disabled stream's must exist all the same, or a certificate uploaded
+	// later would take the ID and become its own.
+	check := a.checkCert
+	if !s.Enabled {
+		check = a.certExists
+	}
+	if s.SSLEnabled && s.HasTCP() {
+		if err := check(ctx, s.SSLCertID); err != nil {
 			return &spec.FieldError{ID: s.ID, Name: s.Name, Field: "ssl_cert_id", Value: s.SSLCertID, Reason: err.Error()}
 		}
 	}
-	if id := s.UpstreamTLSClientCertID; s.Enabled && s.UpstreamTLS && id > 0 {
-		if err := a.checkCert(ctx, id); err != nil {
+	if id := s.UpstreamTLSClientCertID; s.UpstreamTLS && id > 0 {
+		if err := check(ctx, id); err != nil {
 			return &spec.FieldError{ID: s.ID, Name: s.Name, Field: "upstream_tls_client_cert_id", Value: id, Reason: err.Error()}
 		}
 	}
