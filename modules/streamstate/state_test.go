@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -575,5 +576,39 @@ func TestStoppingLogWriterHurries(t *testing.T) {
 	t.Logf("the stopping stream's log goroutine wrote %d lines in %d slices and %d runs", lines, slices, runs)
 	if runs >= slices/4 {
 		t.Fatalf("a stopping stream wrote %d slices of lines in %d runs: it paused at about every slice, not once per 32", slices, runs)
+	}
+}
+
+// The web UI's log page suggests the disconnect reasons a log entry can
+// have: every reason's name, and no other but sni_no_match (which the
+// streams app gives a connection no stream on a shared port took).
+func TestUIOffersEveryReason(t *testing.T) {
+	src, err := os.ReadFile("../../ui/static/log.js")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile(`(?s)const REASONS = \[(.*?)\];`).FindSubmatch(src)
+	if m == nil {
+		t.Fatal("ui/static/log.js: no REASONS list")
+	}
+	offered := map[string]bool{}
+	for _, q := range regexp.MustCompile(`'([a-z_]+)'`).FindAllSubmatch(m[1], -1) {
+		offered[string(q[1])] = true
+	}
+	want := map[string]bool{"sni_no_match": true}
+	for _, name := range reasonNames {
+		if name != "" {
+			want[name] = true
+		}
+	}
+	for name := range want {
+		if !offered[name] {
+			t.Errorf("ui/static/log.js REASONS lacks %q", name)
+		}
+	}
+	for name := range offered {
+		if !want[name] {
+			t.Errorf("ui/static/log.js REASONS has %q, which no log entry has", name)
+		}
 	}
 }

@@ -9,9 +9,14 @@ import { clearFieldErrors, h, heading, pager, showFieldErrors, table } from './d
 import { csvPath, logFilterProblems, logQuery } from './lists.js';
 import { formatBytes, formatCount, formatDuration, hostPort, listenText, upstreamText } from './units.js';
 
-// REASONS are disconnect reasons offered as the filter's suggestions.
-const REASONS = ['client_close', 'upstream_close', 'idle_timeout', 'acl_denied', 'max_connections', 'max_connections_per_ip',
-  'rate_limited', 'dial_failed', 'upstream_refused', 'upstream_unresolved', 'upstream_tls', 'listener_closed', 'stream_disabled', 'responses_done'];
+// REASONS are the disconnect reasons a log entry can have, offered as the
+// filter's suggestions: the names of modules/streamstate's reasons (a Go
+// test there checks that the two lists agree), and sni_no_match.
+const REASONS = ['client_close', 'upstream_close', 'client_error', 'upstream_error', 'idle_timeout', 'dial_failed',
+  'acl_denied', 'max_connections', 'max_connections_per_ip', 'rate_limited', 'source_share', 'source_table_full',
+  'connection_cap', 'responses_done', 'admin_closed', 'stream_disabled', 'stream_removed', 'config_changed', 'shutdown',
+  'tls_handshake_failed', 'upstream_tls_failed', 'upstream_loop', 'proxy_header_failed', 'proxy_header_invalid',
+  'proxy_header_untrusted', 'proxy_header_missing', 'sni_no_match'];
 
 const PAGE = 50;
 
