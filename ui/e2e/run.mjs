@@ -747,6 +747,29 @@ test('saving the form after someone else changed the stream says so and keeps th
   await streamRow(page, S.streamId).waitFor();
 });
 
+test('the form shows a stream as the API stored it, and a Save that changes nothing changes nothing', { timeout: TEST_MS }, async () => {
+  needStream();
+  // As a script would write it: load_balancing by its name, no protocol,
+  // no accept_proxy_protocol.
+  const { body: current } = await api(`/api/v1/streams/${S.streamId}`);
+  const body = { ...current, load_balancing: 'round_robin' };
+  delete body.protocol;
+  delete body.accept_proxy_protocol;
+  await apiSend('PUT', `/api/v1/streams/${S.streamId}`, body);
+  const audit = async () => (await api(`/api/v1/audit?stream_id=${S.streamId}`)).body.entries;
+  const before = await audit();
+  await openHash(page, `/streams/${S.streamId}`);
+  await h1(page, 'Edit stream').waitFor();
+  const lb = page.getByLabel('Load balancing', { exact: true });
+  assert.equal(await lb.evaluate((el) => el.selectedOptions[0]?.textContent), 'Round robin (weighted)', 'load_balancing round_robin shows blank');
+  await page.getByRole('button', { name: 'Save', exact: true }).click();
+  await streamRow(page, S.streamId).waitFor();
+  // A write that changes nothing makes no audit entry.
+  const after = await audit();
+  assert.equal(after.length, before.length, `an unchanged Save changed ${JSON.stringify(after[0]?.changes)}`);
+  assert.equal((await api(`/api/v1/streams/${S.streamId}`)).body.load_balancing, 'round_robin');
+});
+
 test('the log page shows the connection, allowed, with its bytes', { timeout: TEST_MS }, async () => {
   needStream();
   const payload = Buffer.alloc(700, 'L'); // under 1 KiB, so any human format shows 700
@@ -2131,6 +2154,14 @@ test('deleting the stream asks first, then frees its port', { timeout: TEST_MS }
   await dialog.getByRole('button', { name: 'Cancel', exact: true }).click();
   await waitFor('the dialog to close', async () => (await openDialog(page).count()) === 0);
   assert.equal((await api(`/api/v1/streams/${S.streamId}`)).status, 200, 'Cancel deleted the stream');
+  // Leaving the page (Back, a link) cancels the question: no dialog stays
+  // over the next page to delete the stream from there.
+  await row.getByRole('button', { name: 'Delete', exact: true }).click();
+  await openDialog(page).waitFor();
+  await page.evaluate(() => { window.location.hash = '#/'; });
+  await waitFor('the dialog to close as the page is left', async () => (await openDialog(page).count()) === 0);
+  assert.equal((await api(`/api/v1/streams/${S.streamId}`)).status, 200, 'leaving the page deleted the stream');
+  await openHash(page, '/streams');
 
   await row.getByRole('button', { name: 'Delete', exact: true }).click();
   await openDialog(page).getByRole('button', { name: 'Delete', exact: true }).click();

@@ -3,7 +3,7 @@
 // problems first. Refreshed every 5 s while the tab is visible.
 
 import { displayName, get } from './api.js';
-import { fail, h, heading, poll, setText } from './dom.js';
+import { fail, h, heading, poll, setText, unfail } from './dom.js';
 import { SERIES, graph, isoSecond, mergePoints, problems, refreshSince } from './graph.js';
 import { streamLine, streamState } from './lists.js';
 import { formatBytes, formatCount } from './units.js';
@@ -38,8 +38,9 @@ export async function dashboardPage(ctx) {
     try {
       streams = await get('streams');
     } catch (err) {
-      if (ctx.alive() && err.message !== lastError) fail(`Could not load the streams: ${err.message}`);
-      lastError = err.message;
+      const msg = `Could not load the streams: ${err.message}`;
+      if (ctx.alive() && msg !== lastError) fail(msg);
+      lastError = msg;
       return;
     }
     // One request per stream, all at once; a stream whose history fails
@@ -58,6 +59,7 @@ export async function dashboardPage(ctx) {
     if (!ctx.alive()) return;
     held.clear();
     streams.forEach((s, i) => held.set(s.id, hist[i].points));
+    unfail(lastError);
     lastError = '';
     const count = { up: 0, down: 0, disabled: 0, unhealthy: 0, active: 0, throughput: 0 };
     const rows = streams.map((s, i) => {

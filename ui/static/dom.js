@@ -42,6 +42,14 @@ export function fail(msg) {
   alertEl().textContent = msg;
 }
 
+// unfail takes away the error msg that fail showed, if the alert region
+// still shows it: a refresh that works again clears its own error, not
+// another's.
+export function unfail(msg) {
+  const a = alertEl();
+  if (msg && a.textContent === msg) a.textContent = '';
+}
+
 // clearMessages empties both regions and takes the notices away.
 export function clearMessages() {
   status().textContent = '';
@@ -110,8 +118,9 @@ export function focusHeading() {
 let dialogs = 0;
 
 // confirmDialog asks in a modal <dialog> and resolves to true when the
-// user confirms. Cancel, Escape and closing resolve to false. Focus starts
-// on Cancel and returns to the element that had it (or the page's h1).
+// user confirms. Cancel, Escape, closing and leaving the page (the hash
+// route changes) resolve to false. Focus starts on Cancel and returns to
+// the element that had it (or the page's h1).
 export function confirmDialog({ title, text, confirm }) {
   return new Promise((resolve) => {
     const opener = document.activeElement;
@@ -122,9 +131,12 @@ export function confirmDialog({ title, text, confirm }) {
       h('h2', { id: `${id}-t` }, title),
       h('p', { id: `${id}-d` }, text),
       h('div', { class: 'actions' }, ok, cancel));
+    const leave = () => dlg.close('cancel');
     ok.addEventListener('click', () => dlg.close('ok'));
     cancel.addEventListener('click', () => dlg.close('cancel'));
+    window.addEventListener('hashchange', leave);
     dlg.addEventListener('close', () => {
+      window.removeEventListener('hashchange', leave);
       dlg.remove();
       if (opener && opener.isConnected && typeof opener.focus === 'function') opener.focus();
       else focusHeading();
@@ -143,6 +155,7 @@ export function poll(ctx, fn, every = 2000) {
   let running = false;
   let stopped = false;
   let last = 0;
+  let shown = ''; // the error the last tick showed
   const schedule = (wait) => {
     clearTimeout(timer);
     timer = setTimeout(tick, wait);
@@ -154,8 +167,11 @@ export function poll(ctx, fn, every = 2000) {
     last = Date.now();
     try {
       await fn();
+      unfail(shown);
+      shown = '';
     } catch (err) {
-      fail(err.message);
+      shown = `Could not refresh this page: ${err.message}`;
+      fail(shown);
     } finally {
       running = false;
     }

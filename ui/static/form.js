@@ -320,6 +320,12 @@ function fill(controls, s, certs) {
         break;
       case 'select':
         el.value = String(v ?? f.options[0][0]);
+        // A value the list spells otherwise (load_balancing
+        // "round_robin", the default's name) shows as the default.
+        if (el.selectedIndex < 0) el.value = String(f.options[0][0]);
+        // Until the user changes it, the select gives back what the stream
+        // had (value): a Save that changes nothing writes nothing.
+        el.loaded = { shown: el.value, value: v };
         break;
       case 'list':
       case 'names':
@@ -353,7 +359,7 @@ function value(name, controls) {
       v = el.checked;
       break;
     case 'select':
-      v = f.number ? Number(el.value) : el.value;
+      v = el.loaded && el.value === el.loaded.shown ? el.loaded.value : f.number ? Number(el.value) : el.value;
       break;
     case 'list':
       v = splitList(el.value);
@@ -386,7 +392,7 @@ function value(name, controls) {
   }
   const proto = controls.protocol.value;
   if (name === 'ssl_enabled' && v && proto === 'udp') bad('TLS needs TCP: choose protocol tcp or tcp+udp, or turn TLS termination off');
-  if (name === 'ssl_cert_id' && controls.ssl_enabled.checked && v === 0) bad('choose the certificate for TLS termination');
+  if (name === 'ssl_cert_id' && controls.ssl_enabled.checked && !v) bad('choose the certificate for TLS termination');
   if (name === 'proxy_protocol_version' && v === 1 && proto !== 'tcp') bad(`version 1 cannot describe UDP; use 2 or Off on a ${proto} stream`);
   if (name === 'trusted_proxy_cidrs' && v.length === 0 && controls.accept_proxy_protocol.value !== 'off') bad('list the front proxies that send the header (required unless Accept PROXY protocol is Off)');
   if (name === 'upstream_tls' && v && proto === 'udp') bad('TLS to the upstream needs TCP: choose protocol tcp or tcp+udp, or turn it off');

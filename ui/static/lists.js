@@ -177,20 +177,17 @@ export function auditWho(e) {
 export const EXPORT_FORMAT = 'aegis-streams-export';
 export const EXPORT_VERSION = 1;
 
-// exportFile is the stored streams (not the config's) and certificates
-// (without private keys: the API never gives them) in the format of aegis
-// streams export.
-export function exportFile(streams, certs, from, now = new Date()) {
+// exportFile is the stored streams (not the config's) in the format of
+// aegis streams export, without certificates: the API never gives their
+// private keys, and aegis streams import refuses a certificate without its
+// sealed key (aegis streams export on the server writes them).
+export function exportFile(streams, from, now = new Date()) {
   return {
     format: EXPORT_FORMAT,
     version: EXPORT_VERSION,
     exported_at: now.toISOString().replace(/\.\d+Z$/, 'Z'),
     from,
-    certificates: (certs || []).filter((c) => c.source !== 'config').map((c) => {
-      const out = { ...c };
-      delete out.private_key;
-      return out;
-    }),
+    certificates: [],
     streams: (streams || []).filter((s) => s.source !== 'config').map(streamBody),
   };
 }

@@ -4,7 +4,7 @@
 // embedded).
 
 import { displayName, get } from './api.js';
-import { h, heading, poll, setText, table } from './dom.js';
+import { fail, h, heading, poll, setText, table } from './dom.js';
 import { RANGES, SERIES, graph, problems, sinceFor, timeLabel } from './graph.js';
 import { streamLine, streamState } from './lists.js';
 import { activePage } from './active.js';
@@ -75,7 +75,7 @@ export async function streamPage(ctx) {
   function pick(i) {
     range = i;
     buttons.forEach((b, k) => b.setAttribute('aria-pressed', String(k === i)));
-    refresh().catch(() => {});
+    refresh().catch((err) => fail(`Could not load the history: ${err.message}`));
   }
 
   // The two embedded pages run on this page's context: they stop with it.

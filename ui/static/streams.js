@@ -7,7 +7,7 @@
 // aegis streams export.
 
 import { ApiError, del, displayName, get, patch, put, request, streamBody } from './api.js';
-import { confirmDialog, fail, focusHeading, h, heading, poll, say, setText, showWarnings, table } from './dom.js';
+import { confirmDialog, fail, focusHeading, h, heading, poll, say, setText, showWarnings, table, unfail } from './dom.js';
 import { exportFile, exportName, importPlan, matchStream, sortStreams } from './lists.js';
 import { formatBytes, formatCount, formatWhen, hostPort, listenText, upstreamText } from './units.js';
 
@@ -180,8 +180,7 @@ export async function streamsPage(ctx) {
 
   async function exportStreams() {
     try {
-      const [streams, certs] = await Promise.all([get('streams'), get('certificates').catch(() => [])]);
-      const data = exportFile(streams, Array.isArray(certs) ? certs : [], `the web UI at ${location.host}`);
+      const data = exportFile(await get('streams'), `the web UI at ${location.host}`);
       const url = URL.createObjectURL(new Blob([`${JSON.stringify(data, null, 2)}\n`], { type: 'application/json' }));
       const a = h('a', { href: url, download: exportName(), hidden: true });
       document.body.append(a);
@@ -241,16 +240,14 @@ export async function streamsPage(ctx) {
     try {
       list = await get('streams');
     } catch (err) {
-      if (ctx.alive() && err.message !== lastError) fail(`Could not load the streams: ${err.message}`);
-      lastError = err.message;
+      const msg = `Could not load the streams: ${err.message}`;
+      if (ctx.alive() && msg !== lastError) fail(msg);
+      lastError = msg;
       return;
     }
     if (!ctx.alive()) return;
-    if (lastError) {
-      const a = document.getElementById('alert');
-      if (a.textContent.startsWith('Could not load the streams')) a.textContent = '';
-      lastError = '';
-    }
+    unfail(lastError);
+    lastError = '';
     const seen = new Set();
     for (const s of list) {
       if (page.gone.has(s.id)) continue; // deleted while this list was on its way
