@@ -97,6 +97,11 @@ func TestStreamHistory(t *testing.T) {
 	if h.StreamID != sid || h.StepSeconds != 10 || len(h.Points) != 2 || h.Nodes != nil {
 		t.Fatalf("history: %+v", h)
 	}
+	// A since past the samples' clock (uint32 seconds: 2106 on) is after
+	// every sample; it does not wrap round to 1973 and give them all.
+	if late := inst.history(sid, "?since=2110-01-01T00:00:00Z"); len(late.Points) != 0 {
+		t.Errorf("history since 2110: %d points, want none", len(late.Points))
+	}
 	p := h.Points[1]
 	if !p.Time.Equal(base.Add(10*time.Second)) || !near(p.BytesSentPerSec, 30) || !near(p.BytesReceivedPerSec, 30) ||
 		!near(p.ConnectionsPerSec, 0.4) || p.ActiveConnections != 1 || p.BlockedPerSec != 0 || p.DialFailuresPerSec != 0 || p.Healthy != nil {

@@ -402,7 +402,9 @@ func (a *App) History(ctx context.Context, id int64, since time.Time, step int) 
 	var samples []storage.HistorySample
 	history.mu.Lock()
 	if h := history.streams[id]; h != nil {
-		s0 := uint32(max(since.Unix(), 0))
+		// Samples' times are uint32 seconds: a since past their range
+		// (year 2106 on) is after every sample, not a wrapped early time.
+		s0 := uint32(min(max(since.Unix(), 0), math.MaxUint32))
 		samples = make([]storage.HistorySample, 0, len(h.buf))
 		h.each(s0, func(s sample) { samples = append(samples, s.stored(id)) })
 	}
