@@ -44,6 +44,10 @@ func ifMatch(r *http.Request, id int64) ([]streams.Precondition, error) {
 				return nil
 			}
 		}
+		if len(tags) == 0 { // weak ones only
+			return &apiError{Status: http.StatusPreconditionFailed, Message: fmt.Sprintf(
+				"If-Match %q: a weak entity tag (W/...) never matches; send the ETag that GET %s/%d answered, without W/", strings.Join(vals, ", "), basePath, id)}
+		}
 		return &apiError{Status: http.StatusPreconditionFailed, Message: fmt.Sprintf(
 			"stream %d was changed by someone else since you loaded it; load it again and redo your change", id)}
 	}}, nil

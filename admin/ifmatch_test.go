@@ -109,6 +109,9 @@ func TestIfMatch(t *testing.T) {
 		if r.code == http.StatusBadRequest && !strings.Contains(r.apiErr(t, 400).Error, "If-Match") {
 			t.Fatalf("If-Match %s: %s does not name the header", tc.ifMatch, r)
 		}
+		if strings.HasPrefix(tc.ifMatch, "W/") && !strings.Contains(r.apiErr(t, 412).Error, "a weak entity tag (W/...) never matches") {
+			t.Fatalf("If-Match %s: %s does not say that weak tags never match", tc.ifMatch, r)
+		}
 		if r.code == http.StatusOK {
 			tag2 = r.header.Get("ETag")
 		}
