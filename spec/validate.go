@@ -690,6 +690,30 @@ func splitPort(hp string) (host string, port int, err error) {
 	return host, port, nil
 }
 
+// hostBits warns of each CIDR of list whose address has bits past its
+// prefix length ("10.0.0.5/8"): it is taken as the whole network, which is
+// seldom what was meant.
+func hostBits(field string, list []string) []string {
+	var w []string
+	for _, c := range list {
+		p, err := ParseCIDR(c)
+		if err != nil || !strings.Contains(c, "/") {
+			continue
+		}
+		raw, err := netip.ParsePrefix(strings.TrimSpace(c))
+		if err != nil || raw.Addr().Unmap() == p.Addr() {
+			continue
+		}
+		single := 32
+		if raw.Addr().Is6() && !raw.Addr().Is4In6() {
+			single = 128
+		}
+		w = append(w, fmt.Sprintf("%s %q: has bits set past /%d, so it means all of %s; write %s, or %s/%d for the one address",
+			field, c, p.Bits(), p, p, raw.Addr().Unmap(), single))
+	}
+	return w
+}
+
 // Warnings returns advice about a stream that is valid but may not work as
 // meant: a privileged port, or the well-known port of a common service that
 // may already be bound on this machine. Each message starts with the field
@@ -720,6 +744,9 @@ func (s *Stream) Warnings() []string {
 	if len(s.TrustedProxyCIDRs) > 0 && !s.AcceptsProxy() {
 		w = append(w, "trusted_proxy_cidrs: does nothing while accept_proxy_protocol is off")
 	}
+	w = append(w, hostBits("whitelist_cidrs", s.WhitelistCIDRs)...)
+	w = append(w, hostBits("blacklist_cidrs", s.BlacklistCIDRs)...)
+	w = append(w, hostBits("trusted_proxy_cidrs", s.TrustedProxyCIDRs)...)
 	if s.UpstreamTLS {
 		if s.UpstreamTLSInsecureSkipVerify {
 			w = append(w, "upstream_tls_insecure_skip_verify: the upstream's certificate is not checked, so anyone on the path can pose as the upstream; give its CA in upstream_tls_ca instead")

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 	"testing"
 
@@ -287,6 +288,16 @@ func TestStreamWarnings(t *testing.T) {
 	s.Protocol = ProtocolTCPUDP
 	if got := s.Warnings(); len(got) != 0 {
 		t.Errorf("tcp+udp stream with udp_responses: Warnings() = %q, want none", got)
+	}
+	// A CIDR with host bits means its whole network: said, not refused.
+	s = validStream()
+	s.ListenPort, s.WhitelistCIDRs, s.BlacklistCIDRs = 15432, []string{"10.0.0.5/8", "192.0.2.0/24", "10.1.2.3"}, []string{"2001:db8::1/32"}
+	want := []string{
+		`whitelist_cidrs "10.0.0.5/8": has bits set past /8, so it means all of 10.0.0.0/8; write 10.0.0.0/8, or 10.0.0.5/32 for the one address`,
+		`blacklist_cidrs "2001:db8::1/32": has bits set past /32, so it means all of 2001:db8::/32; write 2001:db8::/32, or 2001:db8::1/128 for the one address`,
+	}
+	if got := s.Warnings(); !slices.Equal(got, want) {
+		t.Errorf("CIDRs with host bits: Warnings() = %q\nwant %q", got, want)
 	}
 	// Per-source settings that can never apply.
 	s = validStream()
