@@ -214,6 +214,9 @@ func (a *api) serve(w http.ResponseWriter, r *http.Request, mount string) {
 		a.fail(w, r, err)
 		return
 	}
+	if a.allowListed(w, r, rt.allow()) {
+		return // a preflight of a listed origin
+	}
 	method := r.Method
 	if method == http.MethodOptions {
 		if _, ok := rt[http.MethodPatch]; ok {

@@ -95,8 +95,25 @@ http://127.0.0.1:%d {
 		t.Fatalf("Location %q", loc)
 	}
 
-	// Origins: allowed_origins lets a listed one in where it is set.
-	post(base+"/admin/api/v1/streams", stream(0, p3, up.Port, nil), hdr{"Origin", "https://ui.example.com"}).want(t, http.StatusCreated)
+	// Origins: allowed_origins lets a listed one in where it is set, with
+	// the answers to a browser's CORS checks: its preflight, then the
+	// headers that let the page read the answer.
+	pre := doRequest(t, inst.client, "OPTIONS", base+"/admin/api/v1/streams", nil, hdr{"Origin", "https://ui.example.com"},
+		hdr{"Access-Control-Request-Method", "POST"}, hdr{"Access-Control-Request-Headers", "content-type"}).want(t, http.StatusNoContent)
+	if h := pre.header; h.Get("Access-Control-Allow-Origin") != "https://ui.example.com" || !strings.Contains(h.Get("Access-Control-Allow-Methods"), "POST") ||
+		!strings.Contains(h.Get("Access-Control-Allow-Headers"), "Content-Type") || h.Get("Access-Control-Allow-Credentials") != "true" {
+		t.Errorf("preflight of a listed origin: %v", h)
+	}
+	for _, origin := range []string{"https://evil.example", base} {
+		r := doRequest(t, inst.client, "OPTIONS", base+"/admin/api/v1/streams", nil, hdr{"Origin", origin}, hdr{"Access-Control-Request-Method", "POST"})
+		if got := r.header.Get("Access-Control-Allow-Origin"); got != "" {
+			t.Errorf("preflight from %s: Access-Control-Allow-Origin %q, want none", origin, got)
+		}
+	}
+	r = post(base+"/admin/api/v1/streams", stream(0, p3, up.Port, nil), hdr{"Origin", "https://ui.example.com"}).want(t, http.StatusCreated)
+	if h := r.header; h.Get("Access-Control-Allow-Origin") != "https://ui.example.com" || !strings.Contains(h.Get("Access-Control-Expose-Headers"), "ETag") {
+		t.Errorf("a listed origin's POST: %v", h)
+	}
 	e := post(base+"/api/v1/streams", stream(0, freePort(t), up.Port, nil), hdr{"Origin", "https://ui.example.com"}).apiErr(t, http.StatusForbidden)
 	if !strings.Contains(e.Error, "https://ui.example.com") || !strings.Contains(e.Error, "allowed_origins") {
 		t.Errorf("foreign origin: %q", e.Error)
