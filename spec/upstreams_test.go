@@ -31,6 +31,12 @@ func TestUpstreamsValidate(t *testing.T) {
 		{"port bad", func(s *Stream) { three(s); s.Upstreams[0].Port = 0 }, []string{`upstreams "10.0.0.1:0": upstreams[0].port: 0: must be 1-65535`}},
 		{"weight", func(s *Stream) { three(s); s.Upstreams[1].Weight = 101 }, []string{"upstreams[1].weight: 101: must be 1-100"}},
 		{"twice", func(s *Stream) { three(s); s.Upstreams[2] = s.Upstreams[0] }, []string{`upstreams "10.0.0.1:5432": upstreams[2]: listed twice (also upstreams[0])`}},
+		{"twice, spelled otherwise", func(s *Stream) {
+			three(s)
+			s.Upstreams[1].Host, s.Upstreams[2] = "db.internal", Upstream{Host: "DB.internal.", Port: s.Upstreams[1].Port}
+		}, []string{`upstreams "DB.internal.:5432": upstreams[2]: listed twice (also upstreams[1])`}},
+		{"twice, mapped", func(s *Stream) { three(s); s.Upstreams[2] = Upstream{Host: "::ffff:10.0.0.1", Port: 5432} },
+			[]string{`upstreams "[::ffff:10.0.0.1]:5432": upstreams[2]: listed twice (also upstreams[0])`}},
 		{"only backups", func(s *Stream) {
 			three(s)
 			for i := range s.Upstreams {

@@ -5,6 +5,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"strconv"
 	"strings"
@@ -560,10 +561,10 @@ func (s *Stream) validateUpstreams() []error {
 		if u.Weight < 0 || u.Weight > MaxWeight {
 			item(".weight", fmt.Sprintf("%d: must be 1-%d (0 = 1)", u.Weight, MaxWeight))
 		}
-		if j, ok := seen[u.HostPort()]; ok {
+		if j, ok := seen[sameUpstream(u)]; ok {
 			item("", fmt.Sprintf("listed twice (also upstreams[%d]); give each upstream once and set its weight", j))
 		} else {
-			seen[u.HostPort()] = i
+			seen[sameUpstream(u)] = i
 		}
 		primary = primary || !u.Backup
 	}
@@ -596,6 +597,16 @@ func CheckListenAddress(a string) string {
 		return "an IP zone is not allowed here; " + want
 	}
 	return ""
+}
+
+// sameUpstream is u's host and port as one key for every spelling of
+// them: a name in any case, with or without its final dot; an address in
+// any of its forms (an IPv4-mapped one as IPv4).
+func sameUpstream(u Upstream) string {
+	if a, err := netip.ParseAddr(u.Host); err == nil {
+		return netip.AddrPortFrom(a.Unmap(), uint16(u.Port)).String()
+	}
+	return net.JoinHostPort(strings.ToLower(strings.TrimSuffix(u.Host, ".")), strconv.Itoa(u.Port))
 }
 
 // upstreamHostWant says what an upstream_host must be.
