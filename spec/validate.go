@@ -263,7 +263,7 @@ func (s *Stream) validate(limits bool) error {
 		zero  string
 	}{
 		{"connection_timeout_seconds", s.ConnectionTimeoutSeconds, "0 = 10s"},
-		{"idle_timeout_seconds", s.IdleTimeoutSeconds, "0 = never"},
+		{"idle_timeout_seconds", s.IdleTimeoutSeconds, "0 = TCP never, UDP 60s"},
 		{"health_check_interval_seconds", s.HealthCheckIntervalSeconds, "0 = 30s"},
 		{"connection_rate_window_seconds", s.ConnectionRateWindowSeconds, "0 = 60s"},
 	} {

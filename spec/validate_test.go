@@ -139,7 +139,7 @@ func TestStreamValidateErrors(t *testing.T) {
 		{"rate per ip negative", func(s *Stream) { s.ConnectionRatePerIP = -3 }, []string{"connection_rate_per_ip -3: must be 0-1000000 (0 = unlimited)"}},
 		{"rate window negative", func(s *Stream) { s.ConnectionRatePerIP = 5; s.ConnectionRateWindowSeconds = -1 }, []string{"connection_rate_window_seconds -1: must be 0-31536000", "0 = 60s"}},
 		{"connection timeout", func(s *Stream) { s.ConnectionTimeoutSeconds = -5 }, []string{"connection_timeout_seconds -5: must be 0-31536000"}},
-		{"idle timeout negative", func(s *Stream) { s.IdleTimeoutSeconds = -1 }, []string{"idle_timeout_seconds -1: must be 0-31536000"}},
+		{"idle timeout negative", func(s *Stream) { s.IdleTimeoutSeconds = -1 }, []string{"idle_timeout_seconds -1: must be 0-31536000", "(0 = TCP never, UDP 60s)"}},
 		{"idle timeout overflow", func(s *Stream) { s.IdleTimeoutSeconds = 1 << 40 }, []string{"idle_timeout_seconds 1099511627776: must be 0-31536000"}},
 		{"health interval", func(s *Stream) { s.HealthCheckIntervalSeconds = -30 }, []string{"health_check_interval_seconds -30: must be 0-31536000"}},
 		{"udp responses negative", func(s *Stream) { s.Protocol = "udp"; s.UDPResponses = -1 }, []string{"udp_responses -1: must be 0-1000"}},
