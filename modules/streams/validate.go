@@ -177,6 +177,15 @@ func (a *App) listenConflicts(s *spec.Stream, others []*spec.Stream) []error {
 			}
 			continue
 		}
+		if s.ListenAddress != o.ListenAddress && addr == oaddr && sharesBySNI(&spec.Stream{Protocol: s.Protocol, ListenPort: s.ListenPort, SNI: s.SNI},
+			&spec.Stream{Protocol: o.Protocol, ListenPort: o.ListenPort, SNI: o.SNI}) {
+			// One address written two ways: the streams would share the
+			// port by server name if they wrote it alike.
+			errs = append(errs, &spec.FieldError{ID: s.ID, Name: s.Name, Field: "listen_address", Value: s.ListenAddress,
+				Reason: fmt.Sprintf("is the address of %s (%q) written another way; to share port %d by server name, write it as %q",
+					spec.StreamLabel(o.ID, o.Name), o.ListenAddress, s.ListenPort, o.ListenAddress)})
+			continue
+		}
 		if !s.IsRange() && !o.IsRange() {
 			errs = append(errs, &spec.FieldError{
 				ID: s.ID, Name: s.Name, Field: "listen_port",

@@ -222,3 +222,20 @@ func TestReservedAdminPortIsTheConfigs(t *testing.T) {
 		}
 	}
 }
+
+// Two streams with sni on one address written two ways ("" and "::",
+// "::1" and "0::1") share a socket but not the registry of the port shared
+// by server name: the error says to write the address alike.
+func TestSNIOnOneAddressWrittenTwoWays(t *testing.T) {
+	for _, pair := range [][2]string{{"", "::"}, {"::1", "0::1"}} {
+		a := host(1, "a", "tcp", pair[0], 8443)
+		a.SNI = []string{"a.test"}
+		b := host(2, "b", "tcp", pair[1], 8443)
+		b.SNI = []string{"b.test"}
+		err := (&App{Hosts: []*spec.Stream{a, b}}).Validate()
+		want := []string{`stream 2 ("b"): listen_address`, fmt.Sprintf(`is the address of stream 1 ("a") (%q) written another way; to share port 8443 by server name, write it as %q`, pair[0], pair[0])}
+		if err == nil || !testenv.OneErrorContains(err, want) {
+			t.Errorf("%q and %q: Validate() = %v\nwant an error containing %q", pair[0], pair[1], err, want)
+		}
+	}
+}
