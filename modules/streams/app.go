@@ -242,7 +242,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 			return fmt.Errorf("subscribing to Caddy's started event: %v", err)
 		}
 	}
-	if err := a.validateHosts(a.Hosts, stored); err != nil {
+	if stored, err = a.validateHosts(a.Hosts, stored); err != nil {
 		return err
 	}
 	for _, h := range a.Hosts {

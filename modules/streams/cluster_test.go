@@ -531,4 +531,15 @@ func TestPostgresChangeOnAPortThisNodeUses(t *testing.T) {
 	if l := readFile(t, inst.logFile); !strings.Contains(l, "cannot run on this node") {
 		t.Fatalf("no log line says the stream cannot run here:\n%s", l)
 	}
+	// A reload of the same config (and so a restart) finds the shared
+	// stream stored, and leaves it to the other nodes again.
+	if err := inst.load(postgresApp(dsn, "here", host(500, p, mine.Port, nil))); err != nil {
+		t.Fatalf("reloading this node's config with another node's stream on its port: %v", err)
+	}
+	if got := roundTrip(t, dial(t, p), "after the reload"); got != "after the reload" {
+		t.Fatalf("the config stream after the reload: %q", got)
+	}
+	if _, err := streams.Running().HostStatus(stored.ID); err == nil {
+		t.Fatalf("stream %d runs here after the reload", stored.ID)
+	}
 }

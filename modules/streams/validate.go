@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
 
 	"github.com/aegis-proxy/caddy-aegis/spec"
 	"github.com/aegis-proxy/caddy-aegis/storage"
@@ -43,14 +44,21 @@ func (a *App) validate() error {
 }
 
 // validateHosts checks the config's hosts together with the stored ones:
-// ids and listen ports may not collide between the two.
-func (a *App) validateHosts(config []*spec.Stream, stored []storage.Stored) error {
+// ids and listen ports may not collide between the two. On a cluster it
+// returns the stored hosts without those that collide with this node's
+// config: other nodes stored them, and they run there, not here (as
+// applyHost does with a change made on another node); elsewhere a
+// collision is the config's error.
+func (a *App) validateHosts(config []*spec.Stream, stored []storage.Stored) ([]storage.Stored, error) {
 	if err := a.validate(); err != nil {
-		return err
+		return nil, err
 	}
 	a.validated = true
+	if a.store != nil && a.store.cluster != nil {
+		stored = a.runnableHere(config, stored)
+	}
 	if len(stored) == 0 {
-		return nil
+		return stored, nil
 	}
 	all := append([]*spec.Stream(nil), config...)
 	for _, h := range stored {
@@ -60,10 +68,43 @@ func (a *App) validateHosts(config []*spec.Stream, stored []storage.Stored) erro
 	// to the limits of name and notes, which came after some were stored:
 	// they run, and a write to them must keep to the limits.
 	if err := errors.Join(a.validateList(all, false)...); err != nil {
-		return fmt.Errorf("the config's streams and the %d stored through the API (in %s) do not fit together; change the config, or change or delete the stored stream through the API:\n%w",
+		return nil, fmt.Errorf("the config's streams and the %d stored through the API (in %s) do not fit together; change the config, or change or delete the stored stream through the API:\n%w",
 			len(stored), a.store.where, err)
 	}
-	return nil
+	return stored, nil
+}
+
+// runnableHere is stored without the hosts that take the id of one of
+// this node's config streams, or a port an enabled one listens on; each
+// left out is logged.
+func (a *App) runnableHere(config []*spec.Stream, stored []storage.Stored) []storage.Stored {
+	byID := make(map[int64]*spec.Stream, len(config))
+	var enabled []*spec.Stream
+	for _, s := range config {
+		if s == nil {
+			continue // validate reported it
+		}
+		byID[s.ID] = s
+		if s.Enabled {
+			enabled = append(enabled, s)
+		}
+	}
+	var kept []storage.Stored
+	for _, h := range stored {
+		var err error
+		if c := byID[h.ID]; c != nil {
+			err = fmt.Errorf("%w: id %d is taken by %s, declared in this node's Caddy config", spec.ErrConflict, h.ID, spec.StreamLabel(c.ID, c.Name))
+		} else if h.Enabled {
+			err = errors.Join(a.listenConflicts(&h.Stream, enabled)...)
+		}
+		if err != nil {
+			a.logger.Error("a stream stored through the API cannot run on this node; it runs on the nodes whose config leaves room for it",
+				zap.Int64("stream_id", h.ID), zap.String("stream", h.Name), zap.Error(err))
+			continue
+		}
+		kept = append(kept, h)
+	}
+	return kept
 }
 
 // validateList checks every host on its own (with the limits of name and
