@@ -294,11 +294,27 @@ func (a *App) syncCerts(ctx context.Context) error {
 		}
 	}
 	for id := range a.certRows {
-		if !seen[id] {
+		if !seen[id] && !a.keepForConfig(id) {
 			a.dropCert(id)
 		}
 	}
 	return nil
+}
+
+// keepForConfig reports whether a certificate that another node deleted
+// is one a stream of this node's Caddy config uses (the writing node
+// checked only its own streams): it keeps serving it, so the stream's
+// handshakes go on, and logs why; the node's next start needs it stored
+// again. The caller holds a.mu.
+func (a *App) keepForConfig(id int64) bool {
+	for _, inst := range a.streams {
+		if inst.source == spec.SourceConfig && usesCert(inst.cfg, id) {
+			a.logger.Error("a certificate this node's config uses was deleted on another node; this node keeps serving it until it restarts, which needs it stored again: upload it again, or change the stream",
+				zap.Int64("cert_id", id), zap.Int64("stream_id", inst.cfg.ID), zap.String("stream", inst.cfg.Name))
+			return true
+		}
+	}
+	return false
 }
 
 // applyCert makes the certificate registry match stored certificate id,
@@ -307,7 +323,7 @@ func (a *App) syncCerts(ctx context.Context) error {
 func (a *App) applyCert(ctx context.Context, id int64) error {
 	c, err := a.store.db.GetCertificate(ctx, id)
 	if errors.Is(err, storage.ErrNotFound) {
-		if _, ok := a.certRows[id]; ok {
+		if _, ok := a.certRows[id]; ok && !a.keepForConfig(id) {
 			a.dropCert(id)
 			a.logger.Info("certificate deleted", zap.Int64("cert_id", id))
 		}

@@ -543,3 +543,51 @@ func TestPostgresChangeOnAPortThisNodeUses(t *testing.T) {
 		t.Fatalf("stream %d runs here after the reload", stored.ID)
 	}
 }
+
+// A certificate that a stream of this node's config uses, deleted on a
+// node whose config does not use it (so the delete was allowed there):
+// this node keeps serving it, and says what to do.
+func TestPostgresDeletedCertificateThisNodeUses(t *testing.T) {
+	checkNoLeaks(t)
+	t.Setenv("XDG_DATA_HOME", t.TempDir())
+	dsn := pg.NewDatabase(t)
+	ctx := context.Background()
+	other := otherNode(t, dsn, 0)
+	cert := testenv.Cert(t, testenv.CertOptions{Names: []string{"web.example"}})
+	sc, err := other.CreateCertificate(ctx, spec.Certificate{Name: "web", Source: spec.SourceCustom, Domains: []string{"web.example"}, CertificatePEM: cert.CertPEM}, []byte(cert.KeyPEM), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	up := newUpstream(t, echo)
+	p := freePort(t)
+	inst := startCaddy(t, postgresApp(dsn, "here", host(500, p, up.Port, map[string]any{"ssl_enabled": true, "ssl_cert_id": sc.ID})))
+	handshake := func() error {
+		c, err := net.DialTimeout("tcp", "127.0.0.1:"+strconv.Itoa(p), time.Second)
+		if err != nil {
+			return err
+		}
+		tc := tls.Client(c, &tls.Config{ServerName: "web.example", RootCAs: cert.Pool()})
+		defer tc.Close()
+		_, err = testenv.TryRoundTrip(tc, "tls")
+		return err
+	}
+	if err := handshake(); err != nil {
+		t.Fatalf("TLS before the delete: %v", err)
+	}
+	last, err := other.LastChange(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other.SetApplied(last)
+	if err := other.DeleteCertificate(ctx, sc.ID, nil); err != nil {
+		t.Fatal(err)
+	}
+	if !testenv.Within(5*time.Second, func() bool {
+		return strings.Contains(readFile(t, inst.logFile), "a certificate this node's config uses was deleted on another node")
+	}) {
+		t.Fatalf("no log line says the deleted certificate is kept:\n%s", readFile(t, inst.logFile))
+	}
+	if err := handshake(); err != nil {
+		t.Fatalf("TLS after another node deleted the certificate: %v", err)
+	}
+}
