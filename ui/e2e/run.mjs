@@ -1756,6 +1756,11 @@ test('the stream page: graphs over 1 h, 6 h and 24 h with axes and a table, open
     for (let i = 0; i < 2; i++) await page.waitForResponse((r) => r.url().includes(`/streams/${S.multiId}/history?`));
     await page.waitForTimeout(200);
     assert.ok(await region.evaluate((el) => el === document.activeElement), 'a refresh took the focus off the Upstreams table');
+    // Another admin drops the backup: the line under the heading follows.
+    const { body: m } = await api(`/api/v1/streams/${S.multiId}`);
+    await apiSend('PATCH', `/api/v1/streams/${S.multiId}`, { upstreams: m.upstreams.filter((u) => !u.backup) });
+    const sub = page.locator('main p.sub').first();
+    await waitFor('the heading\'s line to say 2 upstreams', async () => /→ 2 upstreams/.test(await sub.innerText()), 12_000, 250);
   }
 });
 

@@ -30,13 +30,14 @@ export async function streamPage(ctx) {
     return { key, g, box: h('section', { class: 'graph-card', 'aria-label': label }, h('h3', {}, label), g.el) };
   });
   const stateEl = h('span', { class: 'state' });
+  const lineEl = document.createTextNode(`${streamLine(s)} · `); // refreshed: another admin may move it
   const bad = h('p', { class: 'problems-list bad', hidden: true });
   const dataBody = h('div');
   const nodesBox = h('div');
   const upBox = h('div');
   ctx.show(
     heading(`Stream: ${name}`),
-    h('p', { class: 'sub' }, `${streamLine(s)} · `, stateEl, ' · ',
+    h('p', { class: 'sub' }, lineEl, stateEl, ' · ',
       s.source === 'config' ? null : [h('a', { href: `#/streams/${s.id}` }, 'Edit'), ' · '],
       h('a', { href: '#/streams' }, 'All streams')),
     bad,
@@ -59,6 +60,7 @@ export async function streamPage(ctx) {
     ]);
     if (my !== seq || !ctx.alive()) return;
     s = st;
+    lineEl.textContent = `${streamLine(s)} · `;
     const points = hist.points || [];
     for (const g of graphs) g.g.update(points, seconds, hist.step_seconds || step);
     const state = streamState(s);
