@@ -25,9 +25,18 @@ func readClientHello(r io.Reader) (name string, read []byte, err error) {
 	buf := make([]byte, 0, 1024)
 	var msg []byte // the handshake message, across records
 	for {
-		// A record: type, version, length, then the fragment.
+		// A record: type, version, length, then the fragment. The type
+		// is read alone: a client that is not TLS (whose first message
+		// may be shorter than a record header) is told apart at once,
+		// not after the read times out.
 		start := len(buf)
-		if buf, err = readN(r, buf, 5); err != nil {
+		if buf, err = readN(r, buf, 1); err != nil {
+			return "", buf, err
+		}
+		if buf[start] != 22 {
+			return "", buf, errNotTLS
+		}
+		if buf, err = readN(r, buf, 4); err != nil {
 			return "", buf, err
 		}
 		hdr := buf[start:]
