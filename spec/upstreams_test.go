@@ -167,6 +167,12 @@ func TestSNIValidateAndMatch(t *testing.T) {
 			}
 		})
 	}
+	// Stored before that rule: it still loads.
+	stored := validStream()
+	stored.SNI, stored.AcceptProxyProtocol, stored.TrustedProxyCIDRs = []string{"a.test"}, ProxyAcceptRequired, []string{"127.0.0.1/32"}
+	if err := stored.ValidateStored(); err != nil {
+		t.Errorf("ValidateStored() of sni with accept_proxy_protocol = %v, want nil", err)
+	}
 	for _, tc := range []struct {
 		pattern, name string
 		want          bool

@@ -169,9 +169,9 @@ func ShortName(name string) string {
 // the streams app's job.
 func (s *Stream) Validate() error { return s.validate(true) }
 
-// ValidateStored is Validate without the limits of name and notes, which
-// came after some streams were stored: those run, and a write to them must
-// keep to the limits.
+// ValidateStored is Validate without the limits of name and notes, nor
+// the rule against sni with accept_proxy_protocol, which came after some
+// streams were stored: those run, and a write to them must keep to them.
 func (s *Stream) ValidateStored() error { return s.validate(false) }
 
 // validate is Validate, with the limits of name and notes checked only if
@@ -246,7 +246,7 @@ func (s *Stream) validate(limits bool) error {
 	}
 	errs = append(errs, s.validateUpstreams()...)
 	errs = append(errs, s.validateRange()...)
-	errs = append(errs, s.validateSNI()...)
+	errs = append(errs, s.validateSNI(limits)...)
 
 	if s.MaxConnections < 0 {
 		badInt("max_connections", int64(s.MaxConnections), "must be >= 0 (0 = unlimited)")
@@ -436,8 +436,9 @@ func hiddenChar(s string) (r rune, at int, ok bool) {
 	return 0, 0, false
 }
 
-// validateSNI checks the sni names.
-func (s *Stream) validateSNI() []error {
+// validateSNI checks the sni names; with limits, also that the stream
+// does not read PROXY headers, a rule that came after some were stored.
+func (s *Stream) validateSNI(limits bool) []error {
 	if len(s.SNI) == 0 {
 		return nil
 	}
@@ -451,7 +452,7 @@ func (s *Stream) validateSNI() []error {
 	if s.IsRange() {
 		bad(strings.Join(s.SNI, " "), "not with a port range (listen_port_end); give the stream one port")
 	}
-	if s.AcceptsProxy() {
+	if limits && s.AcceptsProxy() {
 		errs = append(errs, &FieldError{ID: s.ID, Name: s.Name, Field: "accept_proxy_protocol", Value: s.AcceptProxyProtocol,
 			Reason: "not with sni: the server name is read from the first bytes, where a front proxy's PROXY header would be; use off, or leave sni empty"})
 	}

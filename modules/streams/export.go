@@ -216,7 +216,7 @@ func importConflicts(ctx context.Context, db storage.Store, key []byte, keyName 
 			add("%s: ssl_cert_id %d: no such certificate in the file or the storage", label, s.SSLCertID)
 		}
 		if s.Enabled {
-			for _, err := range none.listenConflicts(s, enabled) {
+			for _, err := range none.listenConflicts(s, enabled, false) {
 				add("%v", err)
 			}
 			enabled = append(enabled, s)

@@ -95,7 +95,7 @@ func (a *App) runnableHere(config []*spec.Stream, stored []storage.Stored) []sto
 		if c := byID[h.ID]; c != nil {
 			err = fmt.Errorf("%w: id %d is taken by %s, declared in this node's Caddy config", spec.ErrConflict, h.ID, spec.StreamLabel(c.ID, c.Name))
 		} else if h.Enabled {
-			err = errors.Join(a.listenConflicts(&h.Stream, enabled)...)
+			err = errors.Join(a.listenConflicts(&h.Stream, enabled, false)...)
 		}
 		if err != nil {
 			a.logger.Error("a stream stored through the API cannot run on this node; it runs on the nodes whose config leaves room for it",
@@ -133,7 +133,7 @@ func (a *App) validateList(hosts []*spec.Stream, limits bool) []error {
 			byID[s.ID] = s
 		}
 		if s.Enabled {
-			errs = append(errs, a.listenConflicts(s, enabled)...)
+			errs = append(errs, a.listenConflicts(s, enabled, limits)...)
 			enabled = append(enabled, s)
 		}
 	}
@@ -164,7 +164,7 @@ func (a *App) validateListen(s *spec.Stream) error {
 			others = append(others, inst.cfg)
 		}
 	}
-	errs := a.listenConflicts(s, others)
+	errs := a.listenConflicts(s, others, true)
 	var local localAddrs
 	errs = append(errs, a.upstreamLoops(s, append(others, s), &local)...)
 	if into := relayedInto(s, others, &local); len(into) > 0 {
@@ -182,7 +182,10 @@ func (a *App) validateListen(s *spec.Stream) error {
 // listenConflicts returns an error for each of others that s would share a
 // socket with, and one if s takes a port reserved by Caddy. A stream whose
 // listen address or port is invalid is skipped: Stream.Validate reports it.
-func (a *App) listenConflicts(s *spec.Stream, others []*spec.Stream) []error {
+// With strict (a write, or the config), a port shared by server name may
+// not have a stream that reads PROXY headers: stored streams are not held
+// to that rule, which came after some were stored.
+func (a *App) listenConflicts(s *spec.Stream, others []*spec.Stream, strict bool) []error {
 	addr, ok := listenAddr(s)
 	if !ok {
 		return nil
@@ -208,9 +211,15 @@ func (a *App) listenConflicts(s *spec.Stream, others []*spec.Stream) []error {
 		}
 		if sharesBySNI(s, o) {
 			// One port, the streams told apart by server name.
-			if len(s.SNI) == 0 && s.AcceptsProxy() {
-				errs = append(errs, &spec.FieldError{ID: s.ID, Name: s.Name, Field: "accept_proxy_protocol", Value: s.AcceptProxyProtocol,
-					Reason: fmt.Sprintf("not on a port shared by server name with %s: the server name is read from the first bytes, where a front proxy's PROXY header would be; use off, or another port", spec.StreamLabel(o.ID, o.Name))})
+			// The one of the two without sni that reads them, whichever
+			// came first.
+			reader, other := s, o
+			if !readsProxyWithoutSNI(reader) {
+				reader, other = o, s
+			}
+			if strict && readsProxyWithoutSNI(reader) {
+				errs = append(errs, &spec.FieldError{ID: reader.ID, Name: reader.Name, Field: "accept_proxy_protocol", Value: reader.AcceptProxyProtocol,
+					Reason: fmt.Sprintf("not on a port shared by server name with %s: the server name is read from the first bytes, where a front proxy's PROXY header would be; use off, or another port", spec.StreamLabel(other.ID, other.Name))})
 			}
 			if mine, theirs, clash := sniClash(s, o); clash {
 				errs = append(errs, &spec.FieldError{ID: s.ID, Name: s.Name, Field: "sni", Value: mine,
@@ -262,6 +271,10 @@ func (a *App) listenConflicts(s *spec.Stream, others []*spec.Stream) []error {
 	}
 	return errs
 }
+
+// readsProxyWithoutSNI reports whether s is a port's stream without sni
+// that reads PROXY headers.
+func readsProxyWithoutSNI(s *spec.Stream) bool { return len(s.SNI) == 0 && s.AcceptsProxy() }
 
 // sharesBySNI reports whether s and o may share their listen address and
 // port, told apart by server name: both TCP, one port each, the same

@@ -189,10 +189,17 @@ func TestSNIPortRefusesAProxyReader(t *testing.T) {
 	named.SNI = []string{"a.test"}
 	def := host(2, "default", "tcp", "127.0.0.1", 8443)
 	def.AcceptProxyProtocol, def.TrustedProxyCIDRs = spec.ProxyAcceptOptional, []string{"127.0.0.1/32"}
-	err := (&App{Hosts: []*spec.Stream{named, def}}).Validate()
 	want := []string{`stream 2 ("default"): accept_proxy_protocol "optional"`, `not on a port shared by server name with stream 1 ("named")`, "use off, or another port"}
-	if err == nil || !testenv.OneErrorContains(err, want) {
-		t.Errorf("Validate() = %v\nwant an error containing %q", err, want)
+	for _, order := range [][]*spec.Stream{{named, def}, {def, named}} {
+		err := (&App{Hosts: order}).Validate()
+		if err == nil || !testenv.OneErrorContains(err, want) {
+			t.Errorf("stream %d first: Validate() = %v\nwant an error containing %q", order[0].ID, err, want)
+		}
+	}
+	// Stored so before the rule: they load (and log nothing new here).
+	app := &App{}
+	if errs := app.validateList([]*spec.Stream{def, named}, false); len(errs) != 0 {
+		t.Errorf("stored streams: %v, want no error", errs)
 	}
 }
 
