@@ -849,10 +849,10 @@ func (inst *instance) serve(c net.Conn) {
 // reservedPorts finds the ports Caddy itself uses in this config.
 func reservedPorts(ctx caddy.Context) []reservedPort {
 	var out []reservedPort
-	// The admin endpoint this config has (2019 unless admin says
-	// otherwise), none when it is off or on a unix socket.
-	if ae, ok := adminEndpointOf(ctx); ok {
-		out = append(out, reservedPort{Port: ae.port, Owner: "Caddy's admin endpoint"})
+	// The admin endpoint's port in this config (2019 unless admin says
+	// otherwise, on any host), none when it is off or on a unix socket.
+	if na, ok := adminListenAddress(ctx); ok {
+		out = append(out, reservedPort{Port: int(na.StartPort), Owner: "Caddy's admin endpoint"})
 	}
 	httpApp, err := ctx.AppIfConfigured("http")
 	if err != nil {

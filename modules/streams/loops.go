@@ -30,18 +30,15 @@ type adminEndpoint struct {
 	port  int
 }
 
-// adminEndpointOf finds the admin endpoint of the config being loaded.
-// Caddy keeps the config's admin settings out of the modules' reach, so
-// they are read from the context by reflection; a Caddy whose context is
-// laid out otherwise gives the default (caddy.DefaultAdminListen), and
-// TestUpstreamLoopRefused (package admin) fails. ok is false when the endpoint is off or
-// on a unix socket.
-func adminEndpointOf(ctx caddy.Context) (adminEndpoint, bool) {
+// adminListenAddress is the admin endpoint's network address in the config
+// being loaded (see adminEndpointOf); ok is false when it is off, or not
+// a TCP port (a unix socket).
+func adminListenAddress(ctx caddy.Context) (caddy.NetworkAddress, bool) {
 	listen := caddy.DefaultAdminListen
 	if cfg := reflect.ValueOf(ctx).FieldByName("cfg"); cfg.IsValid() && cfg.Kind() == reflect.Pointer && !cfg.IsNil() {
 		if adm := cfg.Elem().FieldByName("Admin"); adm.IsValid() && adm.Kind() == reflect.Pointer && !adm.IsNil() {
 			if d := adm.Elem().FieldByName("Disabled"); d.IsValid() && d.Kind() == reflect.Bool && d.Bool() {
-				return adminEndpoint{}, false
+				return caddy.NetworkAddress{}, false
 			}
 			if l := adm.Elem().FieldByName("Listen"); l.IsValid() && l.Kind() == reflect.String && l.String() != "" {
 				listen = l.String()
@@ -50,6 +47,20 @@ func adminEndpointOf(ctx caddy.Context) (adminEndpoint, bool) {
 	}
 	na, err := caddy.ParseNetworkAddress(listen)
 	if err != nil || na.IsUnixNetwork() || na.IsFdNetwork() || na.StartPort == 0 {
+		return caddy.NetworkAddress{}, false
+	}
+	return na, true
+}
+
+// adminEndpointOf finds the admin endpoint of the config being loaded.
+// Caddy keeps the config's admin settings out of the modules' reach, so
+// they are read from the context by reflection; a Caddy whose context is
+// laid out otherwise gives the default (caddy.DefaultAdminListen), and
+// TestUpstreamLoopRefused (package admin) fails. ok is false when the endpoint is off or
+// on a unix socket.
+func adminEndpointOf(ctx caddy.Context) (adminEndpoint, bool) {
+	na, ok := adminListenAddress(ctx)
+	if !ok {
 		return adminEndpoint{}, false
 	}
 	ae := adminEndpoint{where: net.JoinHostPort(na.Host, strconv.Itoa(int(na.StartPort))), port: int(na.StartPort)}

@@ -215,6 +215,7 @@ func TestReservedAdminPortIsTheConfigs(t *testing.T) {
 		{`{"listen": "127.0.0.1:2999"}`, 2019, ""},
 		{`{}`, 2019, "listen_port 2019: port 2019 is Caddy's admin endpoint"},
 		{`{"disabled": true}`, 2019, ""},
+		{`{"listen": "admin.internal:2999"}`, 2999, "listen_port 2999: port 2999 is Caddy's admin endpoint"},
 	} {
 		cfgJSON := fmt.Sprintf(`{"admin": %s, "apps": {"streams": {"storage": {"disabled": true},
 			"hosts": [{"id": 1, "listen_address": "127.0.0.1", "listen_port": %d, "upstream_host": "10.0.0.1", "upstream_port": 1}]}}}`,
