@@ -72,10 +72,10 @@ type LogWriterOptions struct {
 	// start): once per outage, not once per batch, so that a full disk
 	// does not flood the log. The failures after it are not reported until
 	// a write succeeds again; their entries are counted in Dropped and
-	// passed to OnDrop. A failed prune is reported the same way, apart:
-	// once until a prune succeeds again; it loses no entry, and the
-	// stream is pruned again at the next PruneInterval. It must not block
-	// for long. Default: nil (errors are only counted).
+	// passed to OnDrop. A failed prune is reported apart, once per stream
+	// until a prune of it succeeds; it loses no entry, and the stream is
+	// pruned again at the first flush after the next PruneInterval. It
+	// must not block for long. Default: nil (errors are only counted).
 	OnError func(error)
 
 	// OnDrop, when set, is called from the writer's goroutine with the
@@ -145,9 +145,9 @@ type LogWriter struct {
 	dropped atomic.Uint64
 	written atomic.Uint64
 
-	// pruneFailing is set from a reported failed prune until a prune
-	// succeeds; only the writer's goroutine uses it.
-	pruneFailing bool
+	// pruneFailing holds the streams whose failed prune was reported,
+	// until one of theirs succeeds; only the writer's goroutine uses it.
+	pruneFailing map[int64]bool
 	// failing is set from a reported failure until a write succeeds; only
 	// the writer's goroutine uses it.
 	failing bool
@@ -356,19 +356,22 @@ func (w *LogWriter) prune(touched map[int64]int, least int) {
 		if n < least {
 			continue
 		}
-		delete(touched, id)
 		ctx, cancel := context.WithTimeout(context.Background(), w.opts.WriteTimeout)
 		_, err := w.store.PruneConnLogs(forLogWriter(ctx, w.pace), id, w.opts.Retention)
 		cancel()
 		if err == nil {
-			w.pruneFailing = false
+			delete(touched, id)
+			delete(w.pruneFailing, id)
 			continue
 		}
-		touched[id] = 0 // again at the next PruneInterval
-		if !w.pruneFailing {
-			w.pruneFailing = true
+		touched[id] = 0 // again at the first flush after the next PruneInterval
+		if !w.pruneFailing[id] {
+			if w.pruneFailing == nil {
+				w.pruneFailing = map[int64]bool{}
+			}
+			w.pruneFailing[id] = true
 			if w.opts.OnError != nil {
-				w.opts.OnError(fmt.Errorf("%w; the stream's older entries are kept until a prune works, and further prune failures are not reported", err))
+				w.opts.OnError(fmt.Errorf("%w; the stream's older entries are kept until a prune of it works, and further failures of its prunes are not reported", err))
 			}
 		}
 	}

@@ -24,8 +24,10 @@ type fakeLogStore struct {
 	entered chan struct{}
 	// fail, when not nil, is returned by AppendConnLogs.
 	fail error
-	// pruneFails is how many of the next prunes fail.
-	pruneFails int
+	// pruneFails is how many of the next prunes fail; every prune of
+	// stream pruneBroken (> 0) fails.
+	pruneFails  int
+	pruneBroken int64
 
 	mu      sync.Mutex
 	batches [][]ConnLog
@@ -60,6 +62,9 @@ func (f *fakeLogStore) PruneConnLogs(ctx context.Context, streamID int64, keep i
 	if f.pruneFails > 0 {
 		f.pruneFails--
 		return 0, errors.New("prune failed")
+	}
+	if streamID == f.pruneBroken {
+		return 0, errors.New("prune of a broken stream failed")
 	}
 	return 0, nil
 }
@@ -506,4 +511,38 @@ func TestLogWriterPruneFailure(t *testing.T) {
 		defer mu.Unlock()
 		return len(errs) == 2 && strings.Contains(errs[1], "disk full")
 	})
+}
+
+// A stream whose prunes always fail, beside streams whose prunes work, is
+// reported once, not at every interval.
+func TestLogWriterPruneFailingForOneStream(t *testing.T) {
+	f := &fakeLogStore{pruneBroken: 3}
+	var mu sync.Mutex
+	var errs []string
+	w := NewLogWriter(f, LogWriterOptions{BatchSize: 1, PruneInterval: 5 * time.Millisecond,
+		OnError: func(err error) { mu.Lock(); errs = append(errs, err.Error()); mu.Unlock() }})
+	defer w.Close()
+	broken := func() int {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		n := 0
+		for _, id := range f.prunes {
+			if id == 3 {
+				n++
+			}
+		}
+		return n
+	}
+	for i := 0; broken() < 10; i++ {
+		w.Enqueue(entry(1+int64(i%3), i)) // streams 1, 2 and 3 in turn
+		time.Sleep(2 * time.Millisecond)
+		if i > 5000 {
+			t.Fatal("stream 3 was not pruned 10 times")
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(errs) != 1 || !strings.Contains(errs[0], "broken stream") {
+		t.Errorf("after 10 failed prunes of one stream among working ones: %d reports %q, want 1", len(errs), errs)
+	}
 }
