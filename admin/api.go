@@ -209,13 +209,14 @@ func allDigits(s string) bool {
 // front of the API that was stripped before the request got here (it goes
 // into Location headers); "" on the admin endpoint.
 func (a *api) serve(w http.ResponseWriter, r *http.Request, mount string) {
+	listed := a.allowListed(w, r)
 	rt, p, err := match(r.URL.Path)
 	if err != nil {
 		a.fail(w, r, err)
 		return
 	}
-	if a.allowListed(w, r, rt.allow()) {
-		return // a preflight of a listed origin
+	if listed && preflight(w, r, rt.allow()) {
+		return
 	}
 	method := r.Method
 	if method == http.MethodOptions {

@@ -110,6 +110,9 @@ http://127.0.0.1:%d {
 			t.Errorf("preflight from %s: Access-Control-Allow-Origin %q, want none", origin, got)
 		}
 	}
+	if h := get(base+"/admin/api/v1/streams/x", hdr{"Origin", "https://ui.example.com"}).want(t, http.StatusNotFound).header; h.Get("Access-Control-Allow-Origin") != "https://ui.example.com" {
+		t.Errorf("a listed origin's 404 cannot be read: %v", h)
+	}
 	r = post(base+"/admin/api/v1/streams", stream(0, p3, up.Port, nil), hdr{"Origin", "https://ui.example.com"}).want(t, http.StatusCreated)
 	if h := r.header; h.Get("Access-Control-Allow-Origin") != "https://ui.example.com" || !strings.Contains(h.Get("Access-Control-Expose-Headers"), "ETag") {
 		t.Errorf("a listed origin's POST: %v", h)

@@ -51,11 +51,9 @@ func (a *api) checkOrigin(r *http.Request) error {
 
 // allowListed answers a browser's CORS checks for an origin the handler
 // lists in allowed_origins (not for the API's own origin, which needs
-// none): the request's answer may be read there, with its ETag and
-// Location, and a preflight (OPTIONS) allows the route's methods with the
-// headers the API reads. It reports whether the request was a preflight,
-// which it has answered.
-func (a *api) allowListed(w http.ResponseWriter, r *http.Request, allow string) (answered bool) {
+// none): every answer, errors included, may be read there, with its ETag
+// and Location. It reports whether the origin is listed.
+func (a *api) allowListed(w http.ResponseWriter, r *http.Request) bool {
 	origin := r.Header.Get("Origin")
 	if origin == "" || len(a.origins) == 0 {
 		return false
@@ -68,12 +66,20 @@ func (a *api) allowListed(w http.ResponseWriter, r *http.Request, allow string) 
 	}
 	h.Set("Access-Control-Allow-Origin", origin)
 	h.Set("Access-Control-Allow-Credentials", "true") // a site's basic_auth
+	h.Set("Access-Control-Expose-Headers", "ETag, Location")
+	return true
+}
+
+// preflight answers a listed origin's CORS preflight (OPTIONS with
+// Access-Control-Request-Method) for a route that allows allow, with the
+// headers the API reads; it reports whether r was one.
+func preflight(w http.ResponseWriter, r *http.Request, allow string) bool {
 	if r.Method != http.MethodOptions || r.Header.Get("Access-Control-Request-Method") == "" {
-		h.Set("Access-Control-Expose-Headers", "ETag, Location")
 		return false
 	}
+	h := w.Header()
 	h.Set("Access-Control-Allow-Methods", allow)
-	h.Set("Access-Control-Allow-Headers", "Content-Type, If-Match")
+	h.Set("Access-Control-Allow-Headers", "Content-Type, If-Match, Authorization")
 	h.Set("Access-Control-Max-Age", "600")
 	w.WriteHeader(http.StatusNoContent)
 	return true
