@@ -24,9 +24,9 @@ type fakeLogStore struct {
 	entered chan struct{}
 	// fail, when not nil, is returned by AppendConnLogs.
 	fail error
-	// pruneFails is how many of the next prunes fail; every prune of
-	// stream pruneBroken (> 0) fails.
-	pruneFails  int
+	// pruneFails is how many of the next prunes of each stream fail;
+	// every prune of stream pruneBroken (> 0) fails.
+	pruneFails  map[int64]int
 	pruneBroken int64
 
 	mu      sync.Mutex
@@ -59,8 +59,8 @@ func (f *fakeLogStore) PruneConnLogs(ctx context.Context, streamID int64, keep i
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.prunes = append(f.prunes, streamID)
-	if f.pruneFails > 0 {
-		f.pruneFails--
+	if f.pruneFails[streamID] > 0 {
+		f.pruneFails[streamID]--
 		return 0, errors.New("prune failed")
 	}
 	if streamID == f.pruneBroken {
@@ -75,6 +75,19 @@ func (f *fakeLogStore) batchSizes() []int {
 	var n []int
 	for _, b := range f.batches {
 		n = append(n, len(b))
+	}
+	return n
+}
+
+// prunesOf is the number of prunes of stream id so far.
+func (f *fakeLogStore) prunesOf(id int64) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	n := 0
+	for _, p := range f.prunes {
+		if p == id {
+			n++
+		}
 	}
 	return n
 }
@@ -473,7 +486,7 @@ func TestLogWriterCloseHurries(t *testing.T) {
 // The next write that works is not a recovery, a write that fails after
 // it is reported, and the stream is pruned again at the next interval.
 func TestLogWriterPruneFailure(t *testing.T) {
-	f := &fakeLogStore{pruneFails: 2}
+	f := &fakeLogStore{pruneFails: map[int64]int{1: 2}}
 	var mu sync.Mutex
 	var errs []string
 	recovered := 0
@@ -487,15 +500,7 @@ func TestLogWriterPruneFailure(t *testing.T) {
 	waitFor(t, "three prunes of stream 1", func() bool {
 		w.Enqueue(entry(2, 0)) // a flush, for the interval's prune to run
 		time.Sleep(5 * time.Millisecond)
-		f.mu.Lock()
-		defer f.mu.Unlock()
-		n := 0
-		for _, id := range f.prunes {
-			if id == 1 {
-				n++
-			}
-		}
-		return n >= 3
+		return f.prunesOf(1) >= 3
 	})
 	mu.Lock()
 	if len(errs) != 1 || !strings.Contains(errs[0], "prune failed") || recovered != 0 {
@@ -522,18 +527,7 @@ func TestLogWriterPruneFailingForOneStream(t *testing.T) {
 	w := NewLogWriter(f, LogWriterOptions{BatchSize: 1, PruneInterval: 5 * time.Millisecond,
 		OnError: func(err error) { mu.Lock(); errs = append(errs, err.Error()); mu.Unlock() }})
 	defer w.Close()
-	broken := func() int {
-		f.mu.Lock()
-		defer f.mu.Unlock()
-		n := 0
-		for _, id := range f.prunes {
-			if id == 3 {
-				n++
-			}
-		}
-		return n
-	}
-	for i := 0; broken() < 10; i++ {
+	for i := 0; f.prunesOf(3) < 10; i++ {
 		w.Enqueue(entry(1+int64(i%3), i)) // streams 1, 2 and 3 in turn
 		time.Sleep(2 * time.Millisecond)
 		if i > 5000 {

@@ -426,13 +426,7 @@ func (a *App) publishStored(ctx context.Context, c spec.Certificate) error {
 // checkCert publishes certificate id for a stream about to use it, or says
 // why it cannot.
 func (a *App) checkCert(ctx context.Context, id int64) error {
-	if a.store == nil {
-		return errNoCert(false)
-	}
-	c, err := a.store.db.GetCertificate(ctx, id)
-	if errors.Is(err, storage.ErrNotFound) {
-		return errNoCert(true)
-	}
+	c, err := a.storedCert(ctx, id)
 	if err != nil {
 		return err
 	}
@@ -442,14 +436,21 @@ func (a *App) checkCert(ctx context.Context, id int64) error {
 // certExists is checkCert for a disabled stream: the certificate must
 // exist, and is not published.
 func (a *App) certExists(ctx context.Context, id int64) error {
-	if a.store == nil {
-		return errNoCert(false)
-	}
-	_, err := a.store.db.GetCertificate(ctx, id)
-	if errors.Is(err, storage.ErrNotFound) {
-		return errNoCert(true)
-	}
+	_, err := a.storedCert(ctx, id)
 	return err
+}
+
+// storedCert reads stored certificate id; the error says why a stream
+// cannot use it.
+func (a *App) storedCert(ctx context.Context, id int64) (spec.Certificate, error) {
+	if a.store == nil {
+		return spec.Certificate{}, errNoCert(false)
+	}
+	c, err := a.store.db.GetCertificate(ctx, id)
+	if errors.Is(err, storage.ErrNotFound) {
+		return c, errNoCert(true)
+	}
+	return c, err
 }
 
 // publish makes certificate c available to handshakes: a custom one from
