@@ -1731,6 +1731,16 @@ test('the stream page: graphs over 1 h, 6 h and 24 h with axes and a table, open
       await asked;
       assert.equal(await page.getByRole('button', { name: label, exact: true }).getAttribute('aria-pressed'), 'true');
     }
+    // A range whose history fails says so; the next refresh that works
+    // takes the error away.
+    const once = '**/api/v1/streams/*/history?*step=60*';
+    await page.route(once, (r) => r.fulfill({ status: 503, contentType: 'application/json', body: '{"error":"try later"}' }));
+    await page.getByRole('button', { name: '6 h', exact: true }).click();
+    const alert = page.locator('#alert');
+    await waitFor('the failed range\'s error', async () => /Could not load the history/.test(await alert.innerText()));
+    await page.unroute(once);
+    await waitFor('the error to go with the next refresh', async () => (await alert.innerText()) === '', 12_000, 250);
+    await page.getByRole('button', { name: '1 h', exact: true }).click();
     // The open connection and the log, on the same page.
     await page.getByRole('heading', { level: 2, name: 'Open connections' }).waitFor();
     await page.locator('tr[data-conn-id]').first().waitFor();

@@ -4,7 +4,7 @@
 // embedded).
 
 import { displayName, get } from './api.js';
-import { fail, h, heading, poll, setText, table } from './dom.js';
+import { fail, h, heading, poll, setText, table, unfail } from './dom.js';
 import { RANGES, SERIES, graph, problems, sinceFor, timeLabel } from './graph.js';
 import { streamLine, streamState } from './lists.js';
 import { activePage } from './active.js';
@@ -51,6 +51,7 @@ export async function streamPage(ctx) {
   ctx.show(conns, log);
 
   let seq = 0;
+  let rangeError = ''; // what a failed range change showed, until a refresh works
   async function refresh() {
     const my = ++seq;
     const [label, seconds, step] = RANGES[range];
@@ -59,6 +60,8 @@ export async function streamPage(ctx) {
       get(`streams/${s.id}/history?since=${encodeURIComponent(sinceFor(seconds))}&step=${step}`),
     ]);
     if (my !== seq || !ctx.alive()) return;
+    unfail(rangeError);
+    rangeError = '';
     s = st;
     lineEl.textContent = `${streamLine(s)} · `;
     const points = hist.points || [];
@@ -77,7 +80,11 @@ export async function streamPage(ctx) {
   function pick(i) {
     range = i;
     buttons.forEach((b, k) => b.setAttribute('aria-pressed', String(k === i)));
-    refresh().catch((err) => fail(`Could not load the history: ${err.message}`));
+    refresh().catch((err) => {
+      if (!ctx.alive()) return;
+      rangeError = `Could not load the history: ${err.message}`;
+      fail(rangeError);
+    });
   }
 
   // The two embedded pages run on this page's context: they stop with it.
