@@ -466,6 +466,7 @@ func (a *App) start() error {
 		inst.state.ResetTotals()
 		a.serve(inst)
 	}
+	a.openShared()
 	return nil
 }
 

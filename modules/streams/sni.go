@@ -42,6 +42,10 @@ type sniPort struct {
 	refs int // instances that joined and have not left; guarded by sniPorts
 	stop chan struct{}
 	done chan struct{}
+	// opened starts accepting (open), once the streams that share the port
+	// have joined: until then connections wait in the listen queue, not
+	// routed with a table that lacks some of them.
+	opened sync.Once
 
 	// mu is held for reading from a connection's pick of its stream to
 	// the stream's ConnStarted, and for writing to change the members: a
@@ -95,8 +99,13 @@ func sniJoin(ctx caddy.Context, s *spec.Stream) (*sniPort, error) {
 	p := &sniPort{key: key, cfg: s, ln: ln, refs: 1, stop: make(chan struct{}), done: make(chan struct{})}
 	p.table.Store(&sniTable{})
 	sniPorts.m[key] = p
-	go p.accept()
 	return p, nil
+}
+
+// open starts accepting connections, once; the app calls it when every
+// stream on the port has joined (App.openShared).
+func (p *sniPort) open() {
+	p.opened.Do(func() { go p.accept() })
 }
 
 // sniShared reports whether the port of s's address is a shared one now.
@@ -117,6 +126,7 @@ func (p *sniPort) leave() {
 	}
 	sniPorts.Unlock()
 	if last {
+		p.open() // its accept loop ends on the closed listener, and closes done
 		p.ln.Close()
 		unbind(p.cfg, "tcp")
 		close(p.stop)
@@ -324,6 +334,22 @@ func (a *App) rehomeSNI() {
 		inst.sni, inst.sniShared = p, true
 		a.serveShared(inst)
 		inst.closeOwnTCP()
+	}
+	a.openShared()
+}
+
+// openShared starts accepting on every shared port of the app's streams,
+// once they have all joined it: after the streams are served (Start),
+// and after a new or moved stream and those already on its port have
+// (rehomeSNI). A stream that makes a port shared joins it when it is
+// bound, inside its store transaction; the streams already on the port
+// join after the commit: accepting before would route their clients with
+// a table that lacks them (sni_no_match).
+func (a *App) openShared() {
+	for _, inst := range a.streams {
+		if inst.sni != nil && inst.sniServing {
+			inst.sni.open()
+		}
 	}
 }
 

@@ -7,6 +7,8 @@ import (
 	"io"
 	"net"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -214,5 +216,58 @@ func TestSNIConfigReload(t *testing.T) {
 	}
 	if !refusedAt(t, port) {
 		t.Error("the shared port listens after its streams went")
+	}
+}
+
+// A stream with sni joins the port of a stream that serves alone: the
+// shared socket that the new stream binds starts accepting only once the
+// old stream has joined it too, so none of the old stream's clients is
+// refused meanwhile (as sni_no_match) while the new stream is stored.
+func TestSNIJoinKeepsTheOtherStreamsClients(t *testing.T) {
+	checkNoLeaks(t)
+	plain := newUpstream(t, echo)
+	port := freePort(t)
+	startCaddy(t, hosts(host(9, freePort(t), plain.Port, nil)))
+	ctx := context.Background()
+	if _, err := streams.CreateHost(ctx, apiStream(3, port, plain.Port)); err != nil {
+		t.Fatal(err)
+	}
+	var ok, bad atomic.Int64
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Go(func() {
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), time.Second)
+				if err != nil {
+					bad.Add(1)
+					continue
+				}
+				_, err = testenv.TryRoundTrip(c, "hello plain client\n")
+				c.Close()
+				if err != nil {
+					bad.Add(1)
+				} else {
+					ok.Add(1)
+				}
+			}
+		})
+	}
+	time.Sleep(200 * time.Millisecond)
+	s := apiStream(1, port, plain.Port)
+	s.SNI = []string{"a.test"}
+	if _, err := streams.CreateHost(ctx, s); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond)
+	close(stop)
+	wg.Wait()
+	if bad.Load() > 0 || ok.Load() == 0 {
+		t.Errorf("the plain stream's clients while a stream with sni joined its port: %d failed, %d relayed; want none failed", bad.Load(), ok.Load())
 	}
 }
