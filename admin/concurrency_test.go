@@ -9,6 +9,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/aegis-proxy/caddy-aegis/internal/testenv"
 )
 
 // TestConcurrentWriters runs eight API clients at once, each creating,
@@ -162,36 +164,27 @@ func TestUpdatesRefuseNothing(t *testing.T) {
 	var attempts, failures atomic.Int64
 	var failMu sync.Mutex
 	var firstFailures []string
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		for {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			attempts.Add(1)
-			err := func() error {
-				c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), 5*time.Second)
-				if err != nil {
-					return err
-				}
-				defer c.Close()
-				got, err := tryRoundTrip(c, "x")
-				if err == nil && got != "x" {
-					err = fmt.Errorf("echo %q", got)
-				}
-				return err
-			}()
+	stop := testenv.Repeat(1, func() {
+		attempts.Add(1)
+		err := func() error {
+			c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), 5*time.Second)
 			if err != nil {
-				failures.Add(1)
-				failMu.Lock()
-				if len(firstFailures) < 5 {
-					firstFailures = append(firstFailures, err.Error())
-				}
-				failMu.Unlock()
+				return err
 			}
+			defer c.Close()
+			got, err := tryRoundTrip(c, "x")
+			if err == nil && got != "x" {
+				err = fmt.Errorf("echo %q", got)
+			}
+			return err
+		}()
+		if err != nil {
+			failures.Add(1)
+			failMu.Lock()
+			if len(firstFailures) < 5 {
+				firstFailures = append(firstFailures, err.Error())
+			}
+			failMu.Unlock()
 		}
 	})
 
@@ -211,8 +204,7 @@ func TestUpdatesRefuseNothing(t *testing.T) {
 	for n := attempts.Load(); attempts.Load() < n+10; {
 		time.Sleep(5 * time.Millisecond)
 	}
-	close(stop)
-	wg.Wait()
+	stop()
 	if n := failures.Load(); n != 0 {
 		t.Fatalf("%d of %d connection attempts failed during the updates, e.g. %v", n, attempts.Load(), firstFailures)
 	}

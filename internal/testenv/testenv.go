@@ -11,6 +11,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -94,6 +95,29 @@ func ownGoroutines() string {
 		}
 	}
 	return strings.Join(out, "\n\n")
+}
+
+// Repeat runs fn over and over on n goroutines, a client loop each, until
+// the stop it returns is called; stop returns once every loop has ended.
+func Repeat(n int, fn func()) (stop func()) {
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	for range n {
+		wg.Go(func() {
+			for {
+				select {
+				case <-done:
+					return
+				default:
+				}
+				fn()
+			}
+		})
+	}
+	return func() {
+		close(done)
+		wg.Wait()
+	}
 }
 
 // Within polls cond every 20ms until it holds or d has passed, and reports

@@ -21,3 +21,12 @@ func HoldWrites() (release func()) {
 	writeMu.Lock()
 	return writeMu.Unlock
 }
+
+// SetCreatedHook makes f run as each stream created through the API is
+// stored and bound, before it serves (and before the streams on its port
+// move to a port it shares with them).
+func SetCreatedHook(f func()) (restore func()) {
+	old := createdHook
+	createdHook = f
+	return func() { createdHook = old }
+}

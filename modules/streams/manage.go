@@ -231,6 +231,7 @@ func (a *App) createHost(ctx context.Context, s *spec.Stream) (spec.HostStatus, 
 		}
 		return spec.HostStatus{}, storeError(err)
 	}
+	createdHook()
 	inst.setStored(stored)
 	a.serve(inst)
 	a.streams = append(a.streams, inst)
@@ -238,6 +239,10 @@ func (a *App) createHost(ctx context.Context, s *spec.Stream) (spec.HostStatus, 
 	inst.logger.Info("stream created")
 	return a.hostStatus(inst), nil
 }
+
+// createdHook runs as a created stream is stored and bound, before it serves:
+// a test's hook.
+var createdHook = func() {}
 
 // highestHostID is the highest id db ever gave a host, if it tells.
 func highestHostID(ctx context.Context, db storage.Store) (int64, error) {

@@ -7,7 +7,6 @@ import (
 	"io"
 	"net"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -222,7 +221,7 @@ func TestSNIConfigReload(t *testing.T) {
 // A stream with sni joins the port of a stream that serves alone: the
 // shared socket that the new stream binds starts accepting only once the
 // old stream has joined it too, so none of the old stream's clients is
-// refused meanwhile (as sni_no_match) while the new stream is stored.
+// closed as sni_no_match while the new stream is stored.
 func TestSNIJoinKeepsTheOtherStreamsClients(t *testing.T) {
 	checkNoLeaks(t)
 	plain := newUpstream(t, echo)
@@ -233,41 +232,34 @@ func TestSNIJoinKeepsTheOtherStreamsClients(t *testing.T) {
 		t.Fatal(err)
 	}
 	var ok, bad atomic.Int64
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	for range 8 {
-		wg.Go(func() {
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), time.Second)
-				if err != nil {
-					bad.Add(1)
-					continue
-				}
-				_, err = testenv.TryRoundTrip(c, "hello plain client\n")
-				c.Close()
-				if err != nil {
-					bad.Add(1)
-				} else {
-					ok.Add(1)
-				}
-			}
-		})
-	}
+	stop := testenv.Repeat(8, func() {
+		c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), time.Second)
+		if err == nil {
+			_, err = testenv.TryRoundTrip(c, "hello plain client\n")
+			c.Close()
+		}
+		if err != nil {
+			bad.Add(1)
+		} else {
+			ok.Add(1)
+		}
+	})
 	time.Sleep(200 * time.Millisecond)
 	s := apiStream(1, port, plain.Port)
 	s.SNI = []string{"a.test"}
+	// The new stream's shared socket is bound; the plain stream has not
+	// moved to it yet. A slow store commit leaves it so this long.
+	defer streams.SetCreatedHook(func() { time.Sleep(150 * time.Millisecond) })()
 	if _, err := streams.CreateHost(ctx, s); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(200 * time.Millisecond)
-	close(stop)
-	wg.Wait()
-	if bad.Load() > 0 || ok.Load() == 0 {
-		t.Errorf("the plain stream's clients while a stream with sni joined its port: %d failed, %d relayed; want none failed", bad.Load(), ok.Load())
+	stop()
+	// A connection in the old listener's queue as it closes is reset by
+	// the kernel (no tcp_migrate_req): a few may fail that way. None is
+	// routed without its stream.
+	listen := fmt.Sprintf("127.0.0.1:%d", port)
+	if n := streams.SNINoMatch(listen); n > 0 || ok.Load() == 0 {
+		t.Errorf("the plain stream's clients while a stream with sni joined its port: %d closed as sni_no_match, %d failed, %d relayed; want none sni_no_match", n, bad.Load(), ok.Load())
 	}
 }

@@ -131,31 +131,20 @@ func TestUpstreamsFailover(t *testing.T) {
 	var ok, failed atomic.Int64
 	var afterKill sync.Map // names seen after b was killed
 	var killed atomic.Bool
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	for range 2 {
-		wg.Go(func() {
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				after := killed.Load() // b's own open connections end with it
-				name, err := whichUpstream(port, "")
-				if err != nil {
-					if after {
-						failed.Add(1)
-					}
-					continue
-				}
-				ok.Add(1)
-				if after {
-					afterKill.Store(name, true)
-				}
+	stop := testenv.Repeat(2, func() {
+		after := killed.Load() // b's own open connections end with it
+		name, err := whichUpstream(port, "")
+		if err != nil {
+			if after {
+				failed.Add(1)
 			}
-		})
-	}
+			return
+		}
+		ok.Add(1)
+		if after {
+			afterKill.Store(name, true)
+		}
+	})
 	testenv.Eventually(t, "100 connections before the kill", func() bool { return ok.Load() >= 100 })
 	if !b.Close(5 * time.Second) {
 		t.Fatal("closing upstream b")
@@ -163,8 +152,7 @@ func TestUpstreamsFailover(t *testing.T) {
 	killed.Store(true)
 	n := ok.Load()
 	testenv.Eventually(t, "200 connections after the kill", func() bool { return ok.Load() >= n+200 })
-	close(stop)
-	wg.Wait()
+	stop()
 	if f := failed.Load(); f != 0 {
 		t.Errorf("%d client connections started after the kill failed (of %d)", f, ok.Load()+f)
 	}
