@@ -167,6 +167,13 @@ func TestSNIValidateAndMatch(t *testing.T) {
 			}
 		})
 	}
+	// Stored before the check of two spellings: it still loads.
+	twice := validStream()
+	twice.Upstreams = []Upstream{{Host: "db.internal", Port: 5432}, {Host: "DB.internal", Port: 5432}}
+	twice.UpstreamHost, twice.UpstreamPort = "db.internal", 5432
+	if err := twice.ValidateStored(); err != nil {
+		t.Errorf("ValidateStored() of one upstream in two spellings = %v, want nil", err)
+	}
 	// Stored before that rule: it still loads.
 	stored := validStream()
 	stored.SNI, stored.AcceptProxyProtocol, stored.TrustedProxyCIDRs = []string{"a.test"}, ProxyAcceptRequired, []string{"127.0.0.1/32"}

@@ -169,9 +169,10 @@ func ShortName(name string) string {
 // the streams app's job.
 func (s *Stream) Validate() error { return s.validate(true) }
 
-// ValidateStored is Validate without the limits of name and notes, nor
-// the rule against sni with accept_proxy_protocol, which came after some
-// streams were stored: those run, and a write to them must keep to them.
+// ValidateStored is Validate without the limits of name and notes, the
+// rule against sni with accept_proxy_protocol, and the check of upstreams
+// listed twice in two spellings, which came after some streams were
+// stored: those run, and a write to them must keep to them.
 func (s *Stream) ValidateStored() error { return s.validate(false) }
 
 // validate is Validate, with the limits of name and notes checked only if
@@ -244,7 +245,7 @@ func (s *Stream) validate(limits bool) error {
 	case !ValidPort(s.UpstreamPort):
 		badInt("upstream_port", int64(s.UpstreamPort), "must be 1-65535")
 	}
-	errs = append(errs, s.validateUpstreams()...)
+	errs = append(errs, s.validateUpstreams(limits)...)
 	errs = append(errs, s.validateRange()...)
 	errs = append(errs, s.validateSNI(limits)...)
 
@@ -517,7 +518,7 @@ func (s *Stream) validateRange() []error {
 
 // validateUpstreams checks upstreams, load_balancing and
 // fail_timeout_seconds.
-func (s *Stream) validateUpstreams() []error {
+func (s *Stream) validateUpstreams(limits bool) []error {
 	var errs []error
 	bad := func(field string, value any, reason string) {
 		errs = append(errs, &FieldError{ID: s.ID, Name: s.Name, Field: field, Value: value, Reason: reason})
@@ -562,10 +563,16 @@ func (s *Stream) validateUpstreams() []error {
 		if u.Weight < 0 || u.Weight > MaxWeight {
 			item(".weight", fmt.Sprintf("%d: must be 1-%d (0 = 1)", u.Weight, MaxWeight))
 		}
-		if j, ok := seen[sameUpstream(u)]; ok {
+		// Spelled otherwise (a name's case, a mapped address) only with
+		// the limits: streams stored before that check keep loading.
+		key := u.HostPort()
+		if limits {
+			key = sameUpstream(u)
+		}
+		if j, ok := seen[key]; ok {
 			item("", fmt.Sprintf("listed twice (also upstreams[%d]); give each upstream once and set its weight", j))
 		} else {
-			seen[sameUpstream(u)] = i
+			seen[key] = i
 		}
 		primary = primary || !u.Backup
 	}

@@ -308,8 +308,9 @@ func (a *App) syncCerts(ctx context.Context) error {
 // again. The caller holds a.mu.
 func (a *App) keepForConfig(id int64) bool {
 	for _, inst := range a.streams {
-		if inst.source == spec.SourceConfig && usesCert(inst.cfg, id) {
-			a.logger.Error("a certificate this node's config uses was deleted on another node; this node keeps serving it until it restarts, which needs it stored again: upload it again, or change the stream",
+		s := inst.cfg
+		if inst.source == spec.SourceConfig && s.Enabled && (s.SSLEnabled && s.SSLCertID == id || s.UpstreamTLS && s.UpstreamTLSClientCertID == id) {
+			a.logger.Error("a certificate this node's config uses was deleted on another node; this node keeps serving it until it restarts, which needs a stored certificate: upload it again and give the stream its new id, or change the stream",
 				zap.Int64("cert_id", id), zap.Int64("stream_id", inst.cfg.ID), zap.String("stream", inst.cfg.Name))
 			return true
 		}

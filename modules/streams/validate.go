@@ -95,7 +95,7 @@ func (a *App) runnableHere(config []*spec.Stream, stored []storage.Stored) []sto
 		if c := byID[h.ID]; c != nil {
 			err = fmt.Errorf("%w: id %d is taken by %s, declared in this node's Caddy config", spec.ErrConflict, h.ID, spec.StreamLabel(c.ID, c.Name))
 		} else if h.Enabled {
-			err = errors.Join(a.listenConflicts(&h.Stream, enabled, false)...)
+			err = errors.Join(a.listenConflicts(&h.Stream, enabled, true)...) // as applyHost checks it
 		}
 		if err != nil {
 			a.logger.Error("a stream stored through the API cannot run on this node; it runs on the nodes whose config leaves room for it",
@@ -227,8 +227,8 @@ func (a *App) listenConflicts(s *spec.Stream, others []*spec.Stream, strict bool
 			}
 			continue
 		}
-		if s.ListenAddress != o.ListenAddress && addr == oaddr && sharesBySNI(&spec.Stream{Protocol: s.Protocol, ListenPort: s.ListenPort, SNI: s.SNI},
-			&spec.Stream{Protocol: o.Protocol, ListenPort: o.ListenPort, SNI: o.SNI}) {
+		if s.ListenAddress != o.ListenAddress && addr == oaddr && sharesBySNI(&spec.Stream{Protocol: s.Protocol, ListenPort: s.ListenPort, ListenPortEnd: s.ListenPortEnd, SNI: s.SNI},
+			&spec.Stream{Protocol: o.Protocol, ListenPort: o.ListenPort, ListenPortEnd: o.ListenPortEnd, SNI: o.SNI}) {
 			// One address written two ways: the streams would share the
 			// port by server name if they wrote it alike.
 			errs = append(errs, &spec.FieldError{ID: s.ID, Name: s.Name, Field: "listen_address", Value: s.ListenAddress,

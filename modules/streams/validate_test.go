@@ -235,6 +235,14 @@ func TestReservedAdminPortIsTheConfigs(t *testing.T) {
 // "::1" and "0::1") share a socket but not the registry of the port shared
 // by server name: the error says to write the address alike.
 func TestSNIOnOneAddressWrittenTwoWays(t *testing.T) {
+	// A range never shares a port by server name: the usual overlap.
+	r := host(1, "range", "tcp", "", 8443)
+	r.ListenPortEnd = 8450
+	n := host(2, "named", "tcp", "::", 8443)
+	n.SNI = []string{"a.test"}
+	if err := (&App{Hosts: []*spec.Stream{r, n}}).Validate(); err == nil || strings.Contains(err.Error(), "written another way") {
+		t.Errorf("a range beside an sni stream on \"::\": Validate() = %v, want the overlap, not \"written another way\"", err)
+	}
 	for _, pair := range [][2]string{{"", "::"}, {"::1", "0::1"}} {
 		a := host(1, "a", "tcp", pair[0], 8443)
 		a.SNI = []string{"a.test"}
