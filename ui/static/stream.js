@@ -55,10 +55,17 @@ export async function streamPage(ctx) {
   async function refresh() {
     const my = ++seq;
     const [label, seconds, step] = RANGES[range];
-    const [st, hist] = await Promise.all([
-      get(`streams/${s.id}`),
-      get(`streams/${s.id}/history?since=${encodeURIComponent(sinceFor(seconds))}&step=${step}`),
-    ]);
+    let st;
+    let hist;
+    try {
+      [st, hist] = await Promise.all([
+        get(`streams/${s.id}`),
+        get(`streams/${s.id}/history?since=${encodeURIComponent(sinceFor(seconds))}&step=${step}`),
+      ]);
+    } catch (err) {
+      if (my === seq) throw err; // a newer refresh's answer stands
+      return;
+    }
     if (my !== seq || !ctx.alive()) return;
     unfail(rangeError);
     rangeError = '';
