@@ -73,9 +73,10 @@ type LogWriterOptions struct {
 	// does not flood the log. The failures after it are not reported until
 	// a write succeeds again; their entries are counted in Dropped and
 	// passed to OnDrop. A failed prune is reported apart, once per stream
-	// until a prune of it succeeds; it loses no entry, and the stream is
-	// pruned again at the first flush after the next PruneInterval. It
-	// must not block for long. Default: nil (errors are only counted).
+	// until a prune of it succeeds, and not while writes fail too; it
+	// loses no entry, and the stream is pruned again at the first flush
+	// after the next PruneInterval. It must not block for long. Default:
+	// nil (errors are only counted).
 	OnError func(error)
 
 	// OnDrop, when set, is called from the writer's goroutine with the
@@ -365,7 +366,8 @@ func (w *LogWriter) prune(touched map[int64]int, least int) {
 			continue
 		}
 		touched[id] = 0 // again at the first flush after the next PruneInterval
-		if !w.pruneFailing[id] {
+		// While writes fail too, the store is out: that was reported.
+		if !w.pruneFailing[id] && !w.failing {
 			if w.pruneFailing == nil {
 				w.pruneFailing = map[int64]bool{}
 			}

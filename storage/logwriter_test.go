@@ -540,3 +540,25 @@ func TestLogWriterPruneFailingForOneStream(t *testing.T) {
 		t.Errorf("after 10 failed prunes of one stream among working ones: %d reports %q, want 1", len(errs), errs)
 	}
 }
+
+// With the store out (writes and prunes fail), the one report is the
+// write's: not one more per stream whose prune fails.
+func TestLogWriterOutageReportedOnce(t *testing.T) {
+	f := &fakeLogStore{fail: errors.New("database down"), pruneBroken: 2}
+	f.pruneFails = map[int64]int{1: 100, 3: 100}
+	var mu sync.Mutex
+	var errs []string
+	w := NewLogWriter(f, LogWriterOptions{BatchSize: 1, PruneInterval: time.Millisecond,
+		OnError: func(err error) { mu.Lock(); errs = append(errs, err.Error()); mu.Unlock() }})
+	for i := range 30 {
+		w.Enqueue(entry(1+int64(i%3), i))
+		time.Sleep(time.Millisecond)
+	}
+	waitFor(t, "30 drops", func() bool { return w.Dropped() == 30 })
+	w.Close()
+	mu.Lock()
+	defer mu.Unlock()
+	if len(errs) != 1 || !strings.Contains(errs[0], "database down") {
+		t.Errorf("an outage of writes and prunes: %d reports %q, want the write's alone", len(errs), errs)
+	}
+}
