@@ -162,6 +162,7 @@ func (h *Handler) healthLoop(ctx context.Context, every time.Duration) {
 // own, and records the stream as healthy while one of them is.
 func (h *Handler) checkHealth(ctx context.Context) {
 	n := h.picker.Len()
+	round := h.state.HealthRound()
 	res := streamstate.Health{LastCheck: time.Now()}
 	var errs []string
 	for i := range n {
@@ -180,7 +181,9 @@ func (h *Handler) checkHealth(ctx context.Context) {
 			}
 		}
 		prev := peer.State.Health()
-		peer.State.SetHealth(ph)
+		if !h.state.RecordHealth(round, peer.State, ph) {
+			return // checks were turned off meanwhile
+		}
 		res.Healthy = res.Healthy || ph.Healthy
 		if prev == nil || prev.Healthy != ph.Healthy {
 			if ph.Healthy {
@@ -191,7 +194,7 @@ func (h *Handler) checkHealth(ctx context.Context) {
 		}
 	}
 	res.LastError = strings.Join(errs, "; ")
-	h.state.SetHealth(res)
+	h.state.RecordHealth(round, nil, res)
 }
 
 // checkOne dials upstream i once. With ProxyProtocol it sends the LOCAL

@@ -159,8 +159,10 @@ type State struct {
 	logFields []zap.Field
 	connLog   atomic.Pointer[zap.Logger]
 
-	upMu      sync.Mutex
-	upstreams map[string]*Upstream // by host:port (upstreams.go)
+	upMu sync.Mutex
+	// healthRound counts ClearHealth calls; guarded by upMu.
+	healthRound uint64
+	upstreams   map[string]*Upstream // by host:port (upstreams.go)
 
 	blockedMu       sync.Mutex
 	blockedLogged   map[netip.Addr]time.Time // last log of a refused source
@@ -240,11 +242,40 @@ type Health struct {
 // SetHealth records a health check result.
 func (s *State) SetHealth(h Health) { s.health.Store(&h) }
 
-// ClearHealth forgets health results (checks were turned off), the
-// stream's and its upstreams'.
-func (s *State) ClearHealth() {
-	s.health.Store(nil)
+// HealthRound is the number of ClearHealth calls so far: a health check
+// takes it as it starts, and records its results with it (RecordHealth).
+func (s *State) HealthRound() uint64 {
 	s.upMu.Lock()
+	defer s.upMu.Unlock()
+	return s.healthRound
+}
+
+// RecordHealth records the result h of a check of upstream u (nil: the
+// stream's own result), unless ClearHealth ran since the check took round
+// from HealthRound: a check that ends as checks are turned off would
+// otherwise leave its result, which no later check corrects (an upstream
+// marked down for good). It reports whether it recorded.
+func (s *State) RecordHealth(round uint64, u *Upstream, h Health) bool {
+	s.upMu.Lock()
+	defer s.upMu.Unlock()
+	if round != s.healthRound {
+		return false
+	}
+	if u != nil {
+		u.SetHealth(h)
+	} else {
+		s.SetHealth(h)
+	}
+	return true
+}
+
+// ClearHealth forgets health results (checks were turned off), the
+// stream's and its upstreams', and those of checks under way
+// (RecordHealth).
+func (s *State) ClearHealth() {
+	s.upMu.Lock()
+	s.healthRound++
+	s.health.Store(nil)
 	for _, u := range s.upstreams {
 		u.health.Store(nil)
 	}

@@ -612,3 +612,22 @@ func TestUIOffersEveryReason(t *testing.T) {
 		}
 	}
 }
+
+// A health check that ends as checks are turned off (ClearHealth) records
+// nothing: no later check would correct what it left, and an upstream it
+// found down would stay skipped.
+func TestHealthOfACheckEndedByClearHealth(t *testing.T) {
+	s := New(1)
+	u := s.Upstream("127.0.0.1:1")
+	round := s.HealthRound()
+	if !s.RecordHealth(round, u, Health{Healthy: true}) || u.Health() == nil {
+		t.Fatal("a check of the current round was not recorded")
+	}
+	s.ClearHealth()
+	if s.RecordHealth(round, u, Health{Healthy: false, LastError: "refused"}) || s.RecordHealth(round, nil, Health{}) {
+		t.Error("a check that began before ClearHealth recorded its result")
+	}
+	if u.Health() != nil || s.Health() != nil || !u.Up(time.Now().UnixNano()) {
+		t.Errorf("after ClearHealth and a late check: upstream health %+v, stream health %+v; want none, and the upstream up", u.Health(), s.Health())
+	}
+}
