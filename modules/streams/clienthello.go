@@ -26,17 +26,21 @@ func readClientHello(r io.Reader) (name string, read []byte, err error) {
 	var msg []byte // the handshake message, across records
 	for {
 		// A record: type, version, length, then the fragment. The type
-		// is read alone: a client that is not TLS (whose first message
-		// may be shorter than a record header) is told apart at once,
-		// not after the read times out.
+		// is looked at as soon as a byte came: a client that is not TLS
+		// (whose first message may be shorter than a record header) is
+		// told apart at once, not after the read times out. A TLS
+		// client's header comes whole, in one read.
 		start := len(buf)
-		if buf, err = readN(r, buf, 1); err != nil {
+		buf = append(buf, make([]byte, 5)...)
+		m, err := io.ReadAtLeast(r, buf[start:], 1)
+		buf = buf[:start+m]
+		if err != nil {
 			return "", buf, err
 		}
 		if buf[start] != 22 {
 			return "", buf, errNotTLS
 		}
-		if buf, err = readN(r, buf, 4); err != nil {
+		if buf, err = readN(r, buf, 5-m); err != nil {
 			return "", buf, err
 		}
 		hdr := buf[start:]

@@ -51,8 +51,8 @@ func TestReadClientHello(t *testing.T) {
 	if name, _, err := readClientHello(bytes.NewReader(clientHello(t, ""))); err != nil || name != "" {
 		t.Errorf("without SNI: %q, %v", name, err)
 	}
-	if _, read, err := readClientHello(bytes.NewReader([]byte("GET / HTTP/1.1\r\n"))); !errors.Is(err, errNotTLS) || string(read) != "G" {
-		t.Errorf("plain text: %q, %v; want errNotTLS after its first byte", read, err)
+	if _, read, err := readClientHello(bytes.NewReader([]byte("GET / HTTP/1.1\r\n"))); !errors.Is(err, errNotTLS) || string(read) != "GET /" {
+		t.Errorf("plain text: %q, %v; want errNotTLS after the one read of a record header", read, err)
 	}
 	// A client whose first message is shorter than a record header, and
 	// that waits for an answer: told apart at once, not when the read of
@@ -62,8 +62,8 @@ func TestReadClientHello(t *testing.T) {
 	defer server.Close()
 	go client.Write([]byte("hi\n"))
 	_ = server.SetReadDeadline(time.Now().Add(2 * time.Second))
-	if _, read, err := readClientHello(server); !errors.Is(err, errNotTLS) || string(read) != "h" {
-		t.Errorf("3 bytes, then waiting: %q, %v; want errNotTLS after the first byte", read, err)
+	if _, read, err := readClientHello(server); !errors.Is(err, errNotTLS) || string(read) != "hi\n" {
+		t.Errorf("3 bytes, then waiting: %q, %v; want errNotTLS with the 3 bytes, at once", read, err)
 	}
 	// Past the bound: refused after the header.
 	big := []byte{22, 3, 1, 0x40, 0x01}
