@@ -227,8 +227,7 @@ func (a *App) listenConflicts(s *spec.Stream, others []*spec.Stream, strict bool
 			}
 			continue
 		}
-		if s.ListenAddress != o.ListenAddress && addr == oaddr && sharesBySNI(&spec.Stream{Protocol: s.Protocol, ListenPort: s.ListenPort, ListenPortEnd: s.ListenPortEnd, SNI: s.SNI},
-			&spec.Stream{Protocol: o.Protocol, ListenPort: o.ListenPort, ListenPortEnd: o.ListenPortEnd, SNI: o.SNI}) {
+		if s.ListenAddress != o.ListenAddress && addr == oaddr && sniPair(s, o) {
 			// One address written two ways: the streams would share the
 			// port by server name if they wrote it alike.
 			errs = append(errs, &spec.FieldError{ID: s.ID, Name: s.Name, Field: "listen_address", Value: s.ListenAddress,
@@ -280,9 +279,14 @@ func readsProxyWithoutSNI(s *spec.Stream) bool { return len(s.SNI) == 0 && s.Acc
 // port, told apart by server name: both TCP, one port each, the same
 // address, and at least one gives sni (at most one may leave it empty).
 func sharesBySNI(s, o *spec.Stream) bool {
+	return s.ListenAddress == o.ListenAddress && sniPair(s, o)
+}
+
+// sniPair is sharesBySNI but for the address as written: both TCP, one
+// and the same port, and at least one gives sni.
+func sniPair(s, o *spec.Stream) bool {
 	return s.EffectiveProtocol() == spec.ProtocolTCP && o.EffectiveProtocol() == spec.ProtocolTCP &&
-		!s.IsRange() && !o.IsRange() && s.ListenAddress == o.ListenAddress && s.ListenPort == o.ListenPort &&
-		(len(s.SNI) > 0 || len(o.SNI) > 0)
+		!s.IsRange() && !o.IsRange() && s.ListenPort == o.ListenPort && (len(s.SNI) > 0 || len(o.SNI) > 0)
 }
 
 // sniClash returns the first server names of s and o that one name could
