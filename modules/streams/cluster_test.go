@@ -208,16 +208,7 @@ func TestPostgresFollowsOtherNode(t *testing.T) {
 	tlsStream := apiStream(0, p3, up.Port)
 	tlsStream.SSLEnabled, tlsStream.SSLCertID = true, sc.ID
 	write(func() error { _, err := other.CreateHost(ctx, tlsStream, nil); return err })
-	within(time.Second, "TLS with the other node's certificate", func() bool {
-		c, err := net.DialTimeout("tcp", "127.0.0.1:"+strconv.Itoa(p3), time.Second)
-		if err != nil {
-			return false
-		}
-		tc := tls.Client(c, &tls.Config{ServerName: "web.example", RootCAs: cert.Pool()})
-		defer tc.Close()
-		_, err = testenv.TryRoundTrip(tc, "tls")
-		return err == nil
-	})
+	within(time.Second, "TLS with the other node's certificate", func() bool { return tlsRoundTrip(p3, cert) == nil })
 
 	// A reload keeps the store and its follower; the new app follows.
 	if err := inst.load(postgresApp(dsn, "here")); err != nil {
@@ -561,17 +552,7 @@ func TestPostgresDeletedCertificateThisNodeUses(t *testing.T) {
 	up := newUpstream(t, echo)
 	p := freePort(t)
 	inst := startCaddy(t, postgresApp(dsn, "here", host(500, p, up.Port, map[string]any{"ssl_enabled": true, "ssl_cert_id": sc.ID})))
-	handshake := func() error {
-		c, err := net.DialTimeout("tcp", "127.0.0.1:"+strconv.Itoa(p), time.Second)
-		if err != nil {
-			return err
-		}
-		tc := tls.Client(c, &tls.Config{ServerName: "web.example", RootCAs: cert.Pool()})
-		defer tc.Close()
-		_, err = testenv.TryRoundTrip(tc, "tls")
-		return err
-	}
-	if err := handshake(); err != nil {
+	if err := tlsRoundTrip(p, cert); err != nil {
 		t.Fatalf("TLS before the delete: %v", err)
 	}
 	last, err := other.LastChange(ctx)
@@ -587,7 +568,20 @@ func TestPostgresDeletedCertificateThisNodeUses(t *testing.T) {
 	}) {
 		t.Fatalf("no log line says the deleted certificate is kept:\n%s", readFile(t, inst.logFile))
 	}
-	if err := handshake(); err != nil {
+	if err := tlsRoundTrip(p, cert); err != nil {
 		t.Fatalf("TLS after another node deleted the certificate: %v", err)
 	}
+}
+
+// tlsRoundTrip makes a TLS connection to port for web.example, trusting
+// cert's CA, and sends one message through it.
+func tlsRoundTrip(port int, cert *testenv.Issued) error {
+	c, err := net.DialTimeout("tcp", "127.0.0.1:"+strconv.Itoa(port), time.Second)
+	if err != nil {
+		return err
+	}
+	tc := tls.Client(c, &tls.Config{ServerName: "web.example", RootCAs: cert.Pool()})
+	defer tc.Close()
+	_, err = testenv.TryRoundTrip(tc, "tls")
+	return err
 }
